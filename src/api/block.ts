@@ -1,0 +1,87 @@
+/**
+ * The block node contract (DESIGN.md §4). Drivers (raw, qcow2, nbd, memory) and filters implement
+ * it. Everything marked optional is optional: `completeNode()` in src/block/node.ts fills in the
+ * missing parts (zeroing emulated by writes, FUA emulated by flush, extents as "all data").
+ *
+ * Durability rule: when flush() resolves, every write that resolved before flush() was called is on
+ * stable storage, with all metadata it depends on. A write with `fua` is durable when it resolves.
+ *
+ * Offsets and lengths are JavaScript numbers (exact up to 2^53 bytes = 8 PiB).
+ */
+
+export interface BlockLimits {
+  /** smallest unit of I/O; a power of two, 1 … 65536 */
+  minimum: number;
+  /** preferred unit; a power of two ≥ max(minimum, 512) */
+  preferred: number;
+  /** largest READ/WRITE payload accepted */
+  maximum: number;
+}
+
+export interface Capabilities {
+  canWrite: boolean;
+  canFlush: boolean;
+  canFua: boolean;
+  canTrim: boolean;
+  canZero: boolean;
+  /** writeZeroes with `fast` can succeed (faster than writing zeros); else it fails ENOTSUP */
+  canFastZero: boolean;
+  /** flush on any connection makes writes from every connection durable */
+  canMultiConn: boolean;
+  canExtents: boolean;
+  canCache: boolean;
+}
+
+export interface IoOptions {
+  signal?: AbortSignal;
+}
+
+export interface WriteOptions extends IoOptions {
+  /** force unit access: durable before the call resolves */
+  fua?: boolean;
+}
+
+export interface ZeroOptions extends WriteOptions {
+  /** keep the range allocated (do not punch a hole) */
+  noHole?: boolean;
+  /** fail with ENOTSUP, changing nothing, unless zeroing is faster than writing zeros */
+  fast?: boolean;
+}
+
+/** One run of the extents map. */
+export interface Extent {
+  length: number;
+  /** not allocated (writes may need space) */
+  hole: boolean;
+  /** reads as zeros */
+  zero: boolean;
+  /** for stacks: 0 = unallocated in the whole chain, 1 = top layer, 2 = its backing, … */
+  depth?: number;
+}
+
+export interface BlockNode {
+  /** driver or filter name: "raw", "memory", … */
+  readonly driver: string;
+  /** human description of what is open (path, URI) */
+  readonly description: string;
+  readonly size: number;
+  readonly limits: BlockLimits;
+  readonly caps: Capabilities;
+
+  read(offset: number, length: number, options?: IoOptions): Promise<Buffer>;
+  write(offset: number, data: Buffer, options?: WriteOptions): Promise<void>;
+  writeZeroes?(offset: number, length: number, options?: ZeroOptions): Promise<void>;
+  trim?(offset: number, length: number, options?: WriteOptions): Promise<void>;
+  flush?(options?: IoOptions): Promise<void>;
+  /**
+   * Runs describing [offset, offset+length) in order, starting at `offset`. May describe less
+   * than asked (at least one run) or run past the end of the request, never past `size`.
+   */
+  extents?(offset: number, length: number, options?: IoOptions): Promise<Extent[]>;
+  /** prefetch hint; must not change what reads return */
+  cache?(offset: number, length: number, options?: IoOptions): Promise<void>;
+  close(): Promise<void>;
+}
+
+/** A node whose optional operations have all been filled in. */
+export type CompleteBlockNode = BlockNode & Required<Pick<BlockNode, 'writeZeroes' | 'trim' | 'flush' | 'extents' | 'cache'>>;

@@ -1,0 +1,3 @@
+export * from './errors.js';
+export type * from './block.js';
+export type * from './transport.js';

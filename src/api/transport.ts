@@ -1,0 +1,60 @@
+/**
+ * Transports listen and connect; they carry bytes and nothing else. TLS is not a transport (it is
+ * NBD_OPT_STARTTLS inside the handshake). Transport plugins export a factory and register it with
+ * the engine's registry through the `blkrep:register` oclif hook.
+ *
+ * Addresses are strings in the transport's own syntax: tcp "host:port" ("[::1]:10809"),
+ * unix a filesystem path.
+ */
+import type { Duplex } from 'node:stream';
+
+export interface TransportConnection {
+  /** the byte stream (a net.Socket for tcp and unix) */
+  readonly stream: Duplex;
+  /** who is on the other end, for logs and status ("127.0.0.1:51234", "unix") */
+  readonly peer: string;
+}
+
+export interface ListenOptions {
+  /** called once per accepted connection */
+  onConnection(connection: TransportConnection): void;
+  /** socket backlog */
+  backlog?: number;
+}
+
+export interface TransportListener {
+  /** the address actually bound (port 0 resolved) */
+  readonly address: string;
+  /** the NBD URI a client uses to reach `exportName` through this listener */
+  uri(exportName: string): string;
+  /** stop accepting; existing connections are left alone */
+  close(): Promise<void>;
+}
+
+export interface ConnectOptions {
+  signal?: AbortSignal;
+  /** give up after this many milliseconds */
+  timeoutMs?: number;
+}
+
+export interface Transport {
+  /** "tcp", "unix" */
+  readonly name: string;
+  readonly summary: string;
+  listen(address: string, options: ListenOptions): Promise<TransportListener>;
+  connect(address: string, options?: ConnectOptions): Promise<TransportConnection>;
+}
+
+export type TransportFactory = () => Transport;
+
+export interface TransportRegistry {
+  register(name: string, factory: TransportFactory): void;
+  get(name: string): Transport;
+  has(name: string): boolean;
+  names(): string[];
+}
+
+/** Options passed to the `blkrep:register` oclif hook. */
+export interface RegisterHookOptions {
+  transports: TransportRegistry;
+}

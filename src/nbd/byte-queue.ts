@@ -1,0 +1,83 @@
+/**
+ * A FIFO of received chunks. take(n) returns a slice without copying when the bytes lie in one
+ * chunk (the common case for request headers and small writes), and one copy otherwise.
+ */
+export class ByteQueue {
+  private chunks: Buffer[] = [];
+  private head = 0; // offset into chunks[0]
+  private total = 0;
+
+  get length(): number {
+    return this.total;
+  }
+
+  push(chunk: Buffer): void {
+    if (chunk.length === 0) return;
+    this.chunks.push(chunk);
+    this.total += chunk.length;
+  }
+
+  /** The first n bytes, without consuming them. Caller ensures n ≤ length. */
+  peek(n: number): Buffer {
+    const first = this.chunks[0]!;
+    if (first.length - this.head >= n) return first.subarray(this.head, this.head + n);
+    return this.gather(n, false);
+  }
+
+  take(n: number): Buffer {
+    if (n === 0) return Buffer.alloc(0);
+    const first = this.chunks[0]!;
+    const avail = first.length - this.head;
+    if (avail >= n) {
+      const out = first.subarray(this.head, this.head + n);
+      this.advance(n);
+      return out;
+    }
+    return this.gather(n, true);
+  }
+
+  /** Drop up to n bytes; returns how many were dropped. */
+  skip(n: number): number {
+    const k = Math.min(n, this.total);
+    this.advance(k);
+    return k;
+  }
+
+  clear(): void {
+    this.chunks = [];
+    this.head = 0;
+    this.total = 0;
+  }
+
+  private gather(n: number, consume: boolean): Buffer {
+    const out = Buffer.allocUnsafe(n);
+    let copied = 0;
+    let i = 0;
+    let off = this.head;
+    while (copied < n) {
+      const c = this.chunks[i]!;
+      const k = Math.min(c.length - off, n - copied);
+      c.copy(out, copied, off, off + k);
+      copied += k;
+      off = 0;
+      i++;
+    }
+    if (consume) this.advance(n);
+    return out;
+  }
+
+  private advance(n: number): void {
+    this.total -= n;
+    while (n > 0) {
+      const c = this.chunks[0]!;
+      const avail = c.length - this.head;
+      if (avail > n) {
+        this.head += n;
+        return;
+      }
+      n -= avail;
+      this.chunks.shift();
+      this.head = 0;
+    }
+  }
+}
