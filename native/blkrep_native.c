@@ -1,0 +1,349 @@
+/*
+ * blkrep_native: the few system calls Node does not expose and the raw driver needs for sparse
+ * files and block devices (DESIGN.md §4).
+ *
+ *   seekData(fd, offset) / seekHole(fd, offset)   lseek SEEK_DATA / SEEK_HOLE, synchronous;
+ *                                                 the offset, or -1 for ENXIO (no data/hole there)
+ *   punchHole(fd, offset, length)                 fallocate PUNCH_HOLE|KEEP_SIZE      → Promise<void>
+ *   zeroRange(fd, offset, length)                 fallocate ZERO_RANGE|KEEP_SIZE      → Promise<void>
+ *   allocate(fd, offset, length)                  fallocate KEEP_SIZE (mode 0)        → Promise<void>
+ *   discard(fd, offset, length)                   ioctl BLKDISCARD                    → Promise<void>
+ *   zeroOut(fd, offset, length)                   ioctl BLKZEROOUT                    → Promise<void>
+ *   blockDeviceSize(fd)                           ioctl BLKGETSIZE64, else lseek END  → Promise<number>
+ *   willNeed(fd, offset, length)                  posix_fadvise WILLNEED              → Promise<void>
+ *
+ * The asynchronous ones run on the libuv thread pool (napi_create_async_work): fallocate and the
+ * block ioctls can take a long time. Failures are Errors with `.code` = errno name ('EINVAL',
+ * 'ENOTSUP' — EOPNOTSUPP is reported as ENOTSUP), `.errno` = -errno (as Node's fs errors) and
+ * `.syscall`. A zero length is a successful no-op. Offsets and lengths are integers in
+ * [0, 2^53]; anything else is a TypeError.
+ *
+ * The caller must keep the fd open until the returned promise settles.
+ */
+#include <node_api.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+#ifdef __linux__
+#include <linux/falloc.h>
+#include <linux/fs.h>
+#include <sys/ioctl.h>
+#define BLKREP_HAVE_FALLOCATE 1
+#else
+#define BLKREP_HAVE_FALLOCATE 0
+#endif
+
+#define MAX_SAFE_INTEGER 9007199254740992.0 /* 2^53 */
+
+/* ------------------------------------------------------------------------------------------ */
+/* errors */
+
+static const char *errno_name(int e) {
+  switch (e) {
+    case EPERM: return "EPERM";
+    case ENOENT: return "ENOENT";
+    case EINTR: return "EINTR";
+    case EIO: return "EIO";
+    case ENXIO: return "ENXIO";
+    case EBADF: return "EBADF";
+    case EAGAIN: return "EAGAIN";
+    case ENOMEM: return "ENOMEM";
+    case EACCES: return "EACCES";
+    case EFAULT: return "EFAULT";
+    case EBUSY: return "EBUSY";
+    case EEXIST: return "EEXIST";
+    case ENODEV: return "ENODEV";
+    case ENOTDIR: return "ENOTDIR";
+    case EISDIR: return "EISDIR";
+    case EINVAL: return "EINVAL";
+    case ENFILE: return "ENFILE";
+    case EMFILE: return "EMFILE";
+    case ENOTTY: return "ENOTTY";
+    case ETXTBSY: return "ETXTBSY";
+    case EFBIG: return "EFBIG";
+    case ENOSPC: return "ENOSPC";
+    case ESPIPE: return "ESPIPE";
+    case EROFS: return "EROFS";
+    case ENOSYS: return "ENOSYS";
+    case EOVERFLOW: return "EOVERFLOW";
+    case ENOTSUP: return "ENOTSUP";
+#if defined(EOPNOTSUPP) && EOPNOTSUPP != ENOTSUP
+    case EOPNOTSUPP: return "ENOTSUP";
+#endif
+    case EDQUOT: return "EDQUOT";
+    case ESHUTDOWN: return "ESHUTDOWN";
+    case ETIMEDOUT: return "ETIMEDOUT";
+    case ENOLCK: return "ENOLCK";
+#ifdef ENOMEDIUM
+    case ENOMEDIUM: return "ENOMEDIUM";
+#endif
+#ifdef EREMOTEIO
+    case EREMOTEIO: return "EREMOTEIO";
+#endif
+    default: return "UNKNOWN";
+  }
+}
+
+/* An Error like Node's fs errors: "EINVAL: invalid argument, fallocate(PUNCH_HOLE)". */
+static napi_value make_error(napi_env env, int err, const char *syscall) {
+  char message[256];
+  const char *name = errno_name(err);
+  snprintf(message, sizeof message, "%s: %s, %s", name, strerror(err), syscall);
+  napi_value code, msg, error, value;
+  napi_create_string_utf8(env, name, NAPI_AUTO_LENGTH, &code);
+  napi_create_string_utf8(env, message, NAPI_AUTO_LENGTH, &msg);
+  napi_create_error(env, code, msg, &error);
+  napi_create_int32(env, -err, &value);
+  napi_set_named_property(env, error, "errno", value);
+  napi_create_string_utf8(env, syscall, NAPI_AUTO_LENGTH, &value);
+  napi_set_named_property(env, error, "syscall", value);
+  return error;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* arguments */
+
+/* Fetch exactly `want` arguments; throws a TypeError and returns 0 when there are too few. */
+static int get_args(napi_env env, napi_callback_info info, size_t want, napi_value *argv, const char *fn) {
+  size_t argc = want;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok) return 0;
+  if (argc < want) {
+    char message[128];
+    snprintf(message, sizeof message, "%s expects %zu arguments, got %zu", fn, want, argc);
+    napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", message);
+    return 0;
+  }
+  return 1;
+}
+
+/* An integer in [0, max]; throws a TypeError otherwise. */
+static int get_uint(napi_env env, napi_value v, double max, int64_t *out, const char *fn, const char *what) {
+  double d;
+  if (napi_get_value_double(env, v, &d) != napi_ok || !(d >= 0 && d <= max) || d != (double)(int64_t)d) {
+    char message[160];
+    snprintf(message, sizeof message, "%s: %s must be an integer between 0 and %.0f", fn, what, max);
+    napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", message);
+    return 0;
+  }
+  *out = (int64_t)d;
+  return 1;
+}
+
+static int get_fd(napi_env env, napi_value v, int *fd, const char *fn) {
+  int64_t value;
+  if (!get_uint(env, v, 2147483647.0, &value, fn, "fd")) return 0;
+  *fd = (int)value;
+  return 1;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* lseek SEEK_DATA / SEEK_HOLE (synchronous) */
+
+static napi_value do_seek(napi_env env, napi_callback_info info, int data, const char *fn) {
+  napi_value argv[2], result;
+  int fd;
+  int64_t offset;
+  if (!get_args(env, info, 2, argv, fn)) return NULL;
+  if (!get_fd(env, argv[0], &fd, fn) || !get_uint(env, argv[1], MAX_SAFE_INTEGER, &offset, fn, "offset")) return NULL;
+#if defined(SEEK_DATA) && defined(SEEK_HOLE)
+  off_t r = lseek(fd, (off_t)offset, data ? SEEK_DATA : SEEK_HOLE);
+  if (r < 0) {
+    if (errno == ENXIO) {
+      napi_create_int32(env, -1, &result);
+      return result;
+    }
+    napi_throw(env, make_error(env, errno, data ? "lseek(SEEK_DATA)" : "lseek(SEEK_HOLE)"));
+    return NULL;
+  }
+  napi_create_int64(env, (int64_t)r, &result);
+  return result;
+#else
+  napi_throw(env, make_error(env, ENOTSUP, data ? "lseek(SEEK_DATA)" : "lseek(SEEK_HOLE)"));
+  return NULL;
+#endif
+}
+
+static napi_value seek_data(napi_env env, napi_callback_info info) { return do_seek(env, info, 1, "seekData"); }
+static napi_value seek_hole(napi_env env, napi_callback_info info) { return do_seek(env, info, 0, "seekHole"); }
+
+/* ------------------------------------------------------------------------------------------ */
+/* asynchronous operations */
+
+typedef enum { OP_PUNCH_HOLE, OP_ZERO_RANGE, OP_ALLOCATE, OP_DISCARD, OP_ZERO_OUT, OP_DEVICE_SIZE, OP_WILL_NEED } op_t;
+
+typedef struct {
+  napi_async_work work;
+  napi_deferred deferred;
+  op_t op;
+  int fd;
+  int64_t offset;
+  int64_t length;
+  int err;             /* errno of the failure, 0 on success */
+  const char *syscall; /* what failed, for the message */
+  uint64_t result;     /* OP_DEVICE_SIZE */
+} job_t;
+
+#if BLKREP_HAVE_FALLOCATE
+static int fallocate_retry(int fd, int mode, int64_t offset, int64_t length) {
+  int r;
+  do r = fallocate(fd, mode, (off_t)offset, (off_t)length);
+  while (r < 0 && errno == EINTR);
+  return r < 0 ? errno : 0;
+}
+
+static int range_ioctl(int fd, unsigned long request, int64_t offset, int64_t length) {
+  uint64_t range[2] = {(uint64_t)offset, (uint64_t)length};
+  int r;
+  do r = ioctl(fd, request, range);
+  while (r < 0 && errno == EINTR);
+  return r < 0 ? errno : 0;
+}
+#endif
+
+static void execute(napi_env env, void *data) {
+  job_t *job = data;
+  if (job->op != OP_DEVICE_SIZE && job->length == 0) return;
+#if BLKREP_HAVE_FALLOCATE
+  switch (job->op) {
+    case OP_PUNCH_HOLE:
+      job->syscall = "fallocate(PUNCH_HOLE)";
+      job->err = fallocate_retry(job->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, job->offset, job->length);
+      break;
+    case OP_ZERO_RANGE:
+      job->syscall = "fallocate(ZERO_RANGE)";
+      job->err = fallocate_retry(job->fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, job->offset, job->length);
+      break;
+    case OP_ALLOCATE:
+      job->syscall = "fallocate(KEEP_SIZE)";
+      job->err = fallocate_retry(job->fd, FALLOC_FL_KEEP_SIZE, job->offset, job->length);
+      break;
+    case OP_DISCARD:
+      job->syscall = "ioctl(BLKDISCARD)";
+      job->err = range_ioctl(job->fd, BLKDISCARD, job->offset, job->length);
+      break;
+    case OP_ZERO_OUT:
+      job->syscall = "ioctl(BLKZEROOUT)";
+      job->err = range_ioctl(job->fd, BLKZEROOUT, job->offset, job->length);
+      break;
+    case OP_DEVICE_SIZE: {
+      uint64_t size = 0;
+      job->syscall = "ioctl(BLKGETSIZE64)";
+      if (ioctl(job->fd, BLKGETSIZE64, &size) == 0) {
+        job->result = size;
+      } else {
+        off_t end = lseek(job->fd, 0, SEEK_END);
+        job->syscall = "lseek(SEEK_END)";
+        if (end < 0) job->err = errno;
+        else job->result = (uint64_t)end;
+      }
+      break;
+    }
+    case OP_WILL_NEED:
+      job->syscall = "posix_fadvise(WILLNEED)";
+      job->err = posix_fadvise(job->fd, (off_t)job->offset, (off_t)job->length, POSIX_FADV_WILLNEED);
+      break;
+  }
+#else
+  if (job->op == OP_DEVICE_SIZE) {
+    off_t end = lseek(job->fd, 0, SEEK_END);
+    job->syscall = "lseek(SEEK_END)";
+    if (end < 0) job->err = errno;
+    else job->result = (uint64_t)end;
+  } else {
+    job->syscall = "fallocate";
+    job->err = ENOTSUP;
+  }
+#endif
+}
+
+static void complete(napi_env env, napi_status status, void *data) {
+  job_t *job = data;
+  napi_value value;
+  if (status != napi_ok) {
+    napi_value msg;
+    napi_create_string_utf8(env, "blkrep_native: operation cancelled", NAPI_AUTO_LENGTH, &msg);
+    napi_create_error(env, NULL, msg, &value);
+    napi_reject_deferred(env, job->deferred, value);
+  } else if (job->err != 0) {
+    napi_reject_deferred(env, job->deferred, make_error(env, job->err, job->syscall));
+  } else {
+    if (job->op == OP_DEVICE_SIZE) napi_create_double(env, (double)job->result, &value);
+    else napi_get_undefined(env, &value);
+    napi_resolve_deferred(env, job->deferred, value);
+  }
+  napi_delete_async_work(env, job->work);
+  free(job);
+}
+
+static napi_value queue(napi_env env, napi_callback_info info, op_t op, const char *fn) {
+  napi_value argv[3], promise, name;
+  size_t want = op == OP_DEVICE_SIZE ? 1 : 3;
+  int fd;
+  int64_t offset = 0, length = 0;
+  if (!get_args(env, info, want, argv, fn)) return NULL;
+  if (!get_fd(env, argv[0], &fd, fn)) return NULL;
+  if (want == 3) {
+    if (!get_uint(env, argv[1], MAX_SAFE_INTEGER, &offset, fn, "offset")) return NULL;
+    if (!get_uint(env, argv[2], MAX_SAFE_INTEGER - (double)offset, &length, fn, "length")) return NULL;
+  }
+  job_t *job = calloc(1, sizeof *job);
+  if (job == NULL) {
+    napi_throw_error(env, "ENOMEM", "blkrep_native: out of memory");
+    return NULL;
+  }
+  job->op = op;
+  job->fd = fd;
+  job->offset = offset;
+  job->length = length;
+  napi_create_string_utf8(env, fn, NAPI_AUTO_LENGTH, &name);
+  if (napi_create_promise(env, &job->deferred, &promise) != napi_ok ||
+      napi_create_async_work(env, NULL, name, execute, complete, job, &job->work) != napi_ok) {
+    free(job);
+    napi_throw_error(env, NULL, "blkrep_native: cannot create async work");
+    return NULL;
+  }
+  if (napi_queue_async_work(env, job->work) != napi_ok) {
+    napi_delete_async_work(env, job->work);
+    free(job);
+    napi_throw_error(env, NULL, "blkrep_native: cannot queue async work");
+    return NULL;
+  }
+  return promise;
+}
+
+static napi_value punch_hole(napi_env env, napi_callback_info info) { return queue(env, info, OP_PUNCH_HOLE, "punchHole"); }
+static napi_value zero_range(napi_env env, napi_callback_info info) { return queue(env, info, OP_ZERO_RANGE, "zeroRange"); }
+static napi_value allocate(napi_env env, napi_callback_info info) { return queue(env, info, OP_ALLOCATE, "allocate"); }
+static napi_value discard(napi_env env, napi_callback_info info) { return queue(env, info, OP_DISCARD, "discard"); }
+static napi_value zero_out(napi_env env, napi_callback_info info) { return queue(env, info, OP_ZERO_OUT, "zeroOut"); }
+static napi_value device_size(napi_env env, napi_callback_info info) { return queue(env, info, OP_DEVICE_SIZE, "blockDeviceSize"); }
+static napi_value will_need(napi_env env, napi_callback_info info) { return queue(env, info, OP_WILL_NEED, "willNeed"); }
+
+/* ------------------------------------------------------------------------------------------ */
+
+NAPI_MODULE_INIT() {
+  napi_value has_fallocate;
+  napi_get_boolean(env, BLKREP_HAVE_FALLOCATE, &has_fallocate);
+  napi_property_descriptor props[] = {
+    {"seekData", NULL, seek_data, NULL, NULL, NULL, napi_enumerable, NULL},
+    {"seekHole", NULL, seek_hole, NULL, NULL, NULL, napi_enumerable, NULL},
+    {"punchHole", NULL, punch_hole, NULL, NULL, NULL, napi_enumerable, NULL},
+    {"zeroRange", NULL, zero_range, NULL, NULL, NULL, napi_enumerable, NULL},
+    {"allocate", NULL, allocate, NULL, NULL, NULL, napi_enumerable, NULL},
+    {"discard", NULL, discard, NULL, NULL, NULL, napi_enumerable, NULL},
+    {"zeroOut", NULL, zero_out, NULL, NULL, NULL, napi_enumerable, NULL},
+    {"blockDeviceSize", NULL, device_size, NULL, NULL, NULL, napi_enumerable, NULL},
+    {"willNeed", NULL, will_need, NULL, NULL, NULL, napi_enumerable, NULL},
+    {"hasFallocate", NULL, NULL, NULL, NULL, has_fallocate, napi_enumerable, NULL},
+  };
+  if (napi_define_properties(env, exports, sizeof props / sizeof props[0], props) != napi_ok) return NULL;
+  return exports;
+}
