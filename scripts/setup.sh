@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Set up a fresh Debian machine for blkrep: the peers the tests and benchmarks run against
+# (qemu-utils, nbdkit, libnbd-bin, fio, groff for the man-page check), the npm dependencies,
+# the native addon and the TypeScript build. Safe to run again: it skips what is there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+for pair in qemu-utils:qemu-img qemu-utils:qemu-io qemu-utils:qemu-nbd nbdkit:nbdkit libnbd-bin:nbdinfo libnbd-bin:nbdcopy fio:fio groff-base:groff; do
+  command -v "${pair#*:}" >/dev/null 2>&1 || missing+=("${pair%%:*}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
+  echo "setup: installing Debian packages: ${missing[*]}" >&2
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [ -f package-lock.json ]; then npm ci --no-audit --no-fund; else npm install --no-audit --no-fund; fi
+npm run build
