@@ -1,0 +1,107 @@
+/**
+ * The native addon (native/blkrep_native.c): the sparse-file and block-device system calls Node
+ * does not expose. Optional — `loadNative()` returns null when the addon is not built (or when
+ * BLKREP_NO_NATIVE=1), and the raw driver falls back to portable code.
+ *
+ * The addon is found by looking upward from this module for `native/build/Release/…`, so it loads
+ * both from src/block/ (vitest) and from dist/src/block/ (the compiled CLI).
+ */
+import { existsSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+/**
+ * What the addon offers. Failures are Errors with `code` = errno name (EOPNOTSUPP is reported as
+ * 'ENOTSUP'). Offsets and lengths are integers in [0, 2^53]; a zero length is a no-op. The fd must
+ * stay open until a returned promise settles.
+ */
+export interface SparseOps {
+  /** lseek(SEEK_DATA): the first data offset ≥ offset, or -1 when there is none (ENXIO). */
+  seekData(fd: number, offset: number): number;
+  /** lseek(SEEK_HOLE): the first hole offset ≥ offset (EOF counts as a hole), or -1 past EOF. */
+  seekHole(fd: number, offset: number): number;
+  /** fallocate(PUNCH_HOLE | KEEP_SIZE): deallocate; reads as zeros. On a block device: zero, no fallback. */
+  punchHole(fd: number, offset: number, length: number): Promise<void>;
+  /** fallocate(ZERO_RANGE | KEEP_SIZE): zero, keeping the range allocated. */
+  zeroRange(fd: number, offset: number, length: number): Promise<void>;
+  /** fallocate(KEEP_SIZE): allocate without changing contents or size. */
+  allocate(fd: number, offset: number, length: number): Promise<void>;
+  /** ioctl(BLKDISCARD) on a block device. */
+  discard(fd: number, offset: number, length: number): Promise<void>;
+  /** ioctl(BLKZEROOUT) on a block device. */
+  zeroOut(fd: number, offset: number, length: number): Promise<void>;
+  /** ioctl(BLKGETSIZE64), falling back to lseek(SEEK_END). */
+  blockDeviceSize(fd: number): Promise<number>;
+  /** posix_fadvise(WILLNEED): start reading ahead. */
+  willNeed(fd: number, offset: number, length: number): Promise<void>;
+}
+
+export interface NativeStatus {
+  loaded: boolean;
+  /** the addon file, when found */
+  path?: string;
+  /** why it is not loaded */
+  reason?: string;
+}
+
+const ADDON = join('native', 'build', 'Release', 'blkrep_native.node');
+const FUNCTIONS: ReadonlyArray<keyof SparseOps> = [
+  'seekData', 'seekHole', 'punchHole', 'zeroRange', 'allocate', 'discard', 'zeroOut', 'blockDeviceSize', 'willNeed',
+];
+
+/** The addon file above `from` (default: this module's directory), or undefined. */
+export function findNativeAddon(from: string = dirname(fileURLToPath(import.meta.url))): string | undefined {
+  for (let dir = from; ; ) {
+    const candidate = join(dir, ADDON);
+    if (existsSync(candidate)) return candidate;
+    const parent = dirname(dir);
+    if (parent === dir) return undefined;
+    dir = parent;
+  }
+}
+
+/** True when BLKREP_NO_NATIVE asks for the portable fallback. */
+export function nativeDisabled(): boolean {
+  const v = process.env.BLKREP_NO_NATIVE;
+  return v !== undefined && v !== '' && v !== '0';
+}
+
+let loaded: SparseOps | null | undefined;
+let status: NativeStatus = { loaded: false, reason: 'not loaded yet' };
+
+function tryLoad(): SparseOps | null {
+  const path = findNativeAddon();
+  if (!path) {
+    status = { loaded: false, reason: `${ADDON} not found (run "npm install" or "node scripts/build-native.mjs")` };
+    return null;
+  }
+  let addon: Record<string, unknown>;
+  try {
+    addon = createRequire(import.meta.url)(path) as Record<string, unknown>;
+  } catch (err) {
+    status = { loaded: false, path, reason: `cannot load ${path}: ${err instanceof Error ? err.message.split('\n')[0] : String(err)}` };
+    return null;
+  }
+  const missing = FUNCTIONS.filter((f) => typeof addon[f] !== 'function');
+  if (missing.length > 0) {
+    status = { loaded: false, path, reason: `${path} is out of date (no ${missing.join(', ')}); rebuild it` };
+    return null;
+  }
+  status = { loaded: true, path };
+  return addon as unknown as SparseOps;
+}
+
+/** The addon, or null for the portable fallback (not built, failed to load, or BLKREP_NO_NATIVE=1). */
+export function loadNative(): SparseOps | null {
+  if (nativeDisabled()) return null;
+  if (loaded === undefined) loaded = tryLoad();
+  return loaded;
+}
+
+/** Whether the addon is in use and, if not, why (for `status` output and diagnostics). */
+export function nativeStatus(): NativeStatus {
+  if (nativeDisabled()) return { loaded: false, reason: 'disabled by BLKREP_NO_NATIVE' };
+  loadNative();
+  return { ...status };
+}
