@@ -1,0 +1,384 @@
+/**
+ * The daemon's control socket: a Unix socket, mode 0600, speaking JSON lines (README.md).
+ * Commands are registered by whoever owns the live state (`register`); events are pushed to the
+ * connections that asked for them (`publish`).
+ */
+import { chmod, lstat, unlink } from 'node:fs/promises';
+import net from 'node:net';
+import { resolve as resolvePath } from 'node:path';
+import { BlkrepError, toBlkrepError } from '../api/errors.js';
+import {
+  type ControlErrorBody,
+  type ControlReply,
+  isJsonObject,
+  LineSplitter,
+  MAX_REQUEST_LINE_BYTES,
+  toJsonLine,
+} from './protocol.js';
+
+export type ControlHandler = (args: unknown) => Promise<unknown> | unknown;
+
+export interface ControlServerOptions {
+  /** longest request line accepted (default 1 MiB); a longer one closes its connection */
+  maxLineBytes?: number;
+  /**
+   * Output a connection may leave unread (default 16 MiB) before it is dropped, so a subscriber
+   * that stops reading cannot make the daemon buffer events without bound.
+   */
+  maxUnreadBytes?: number;
+  /** on close(), how long a connection gets to take its last lines before it is cut (default 1 s) */
+  closeGraceMs?: number;
+}
+
+/** sun_path holds 108 bytes on Linux and 104 on the BSDs and macOS, the final NUL included. */
+const MAX_SOCKET_PATH_BYTES = process.platform === 'linux' ? 107 : 103;
+
+const BUILTIN_COMMANDS = ['subscribe'];
+
+interface Connection {
+  readonly socket: net.Socket;
+  readonly lines: LineSplitter;
+  /** undefined: not subscribed; null: every event; a set: those events */
+  subscription: Set<string> | null | undefined;
+}
+
+function systemCode(err: unknown): string | undefined {
+  const code = (err as { code?: unknown } | undefined)?.code;
+  return typeof code === 'string' ? code : undefined;
+}
+
+function badRequest(message: string): ControlErrorBody {
+  return { code: 'ERR_BAD_REQUEST', message };
+}
+
+export class ControlServer {
+  private readonly handlers = new Map<string, ControlHandler>();
+  private readonly connections = new Set<Connection>();
+  private readonly maxLineBytes: number;
+  private readonly maxUnreadBytes: number;
+  private readonly closeGraceMs: number;
+  private server: net.Server | undefined;
+  /** the socket file's inode, so close() never removes a socket someone else bound since */
+  private inode: bigint | undefined;
+  private closing: Promise<void> | undefined;
+
+  private constructor(
+    /** absolute path of the socket */
+    readonly path: string,
+    options: ControlServerOptions,
+  ) {
+    this.maxLineBytes = options.maxLineBytes ?? MAX_REQUEST_LINE_BYTES;
+    this.maxUnreadBytes = options.maxUnreadBytes ?? 16 << 20;
+    this.closeGraceMs = options.closeGraceMs ?? 1000;
+  }
+
+  /**
+   * Listen on `path`. A stale socket file there (nobody answers on it) is replaced; a live one,
+   * or a file that is not a socket, is an error.
+   */
+  static async listen(path: string, options: ControlServerOptions = {}): Promise<ControlServer> {
+    const bytes = Buffer.byteLength(path);
+    if (bytes === 0 || bytes > MAX_SOCKET_PATH_BYTES) {
+      throw new BlkrepError(
+        'ERR_CONTROL_BAD_PATH',
+        bytes === 0
+          ? 'control socket path is empty'
+          : `control socket path "${path}" is ${bytes} bytes long, the limit is ${MAX_SOCKET_PATH_BYTES}; use a shorter path`,
+        { errno: 'EINVAL', details: { path, bytes, limit: MAX_SOCKET_PATH_BYTES } },
+      );
+    }
+    const server = new ControlServer(resolvePath(path), options);
+    await server.start(path);
+    return server;
+  }
+
+  /** Make `cmd` answerable. Names are unique; `subscribe` is built in. */
+  register(cmd: string, handler: ControlHandler): void {
+    if (BUILTIN_COMMANDS.includes(cmd) || this.handlers.has(cmd)) {
+      throw new BlkrepError('ERR_INTERNAL', `control command "${cmd}" is registered twice`);
+    }
+    this.handlers.set(cmd, handler);
+  }
+
+  /** Every command a client may send, sorted. */
+  commands(): string[] {
+    return [...this.handlers.keys(), ...BUILTIN_COMMANDS].sort();
+  }
+
+  /** Send `{"event": name, ...data, "time"}` to every connection subscribed to `name`. */
+  publish(name: string, data: object = {}): void {
+    const subscribers = [...this.connections].filter((c) => c.subscription === null || c.subscription?.has(name));
+    if (subscribers.length === 0) return;
+    const time = new Date().toISOString();
+    let line: string;
+    try {
+      line = toJsonLine(Object.assign({ event: name }, data, { event: name, time }));
+    } catch (err) {
+      // Subscribers still learn that the event happened.
+      const reason = err instanceof Error ? err.message : String(err);
+      line = toJsonLine({ event: name, error: `event fields cannot be written as JSON: ${reason}`, time });
+    }
+    for (const c of subscribers) this.send(c, line);
+  }
+
+  /** publish() for an event that already carries its name: `emit({ event: 'ready', job })`. */
+  emit<E extends { event: string }>(event: E): void {
+    const { event: name, ...data } = event;
+    this.publish(name, data);
+  }
+
+  /** Stop listening, close every client connection, remove the socket file. Idempotent. */
+  close(): Promise<void> {
+    this.closing ??= this.shutdown();
+    return this.closing;
+  }
+
+  private async start(bindPath: string): Promise<void> {
+    try {
+      this.server = await this.bind(bindPath);
+    } catch (err) {
+      if (systemCode(err) !== 'EADDRINUSE') throw this.listenError(err);
+      await this.removeStale(err);
+      try {
+        this.server = await this.bind(bindPath);
+      } catch (again) {
+        if (systemCode(again) === 'EADDRINUSE') {
+          throw new BlkrepError('ERR_CONTROL_IN_USE', `control socket ${this.path} was taken by another process while starting`, {
+            cause: again,
+            details: { path: this.path },
+          });
+        }
+        throw this.listenError(again);
+      }
+    }
+    try {
+      // The umask already made it 0600 where the process may change its umask; this covers the
+      // rest (worker threads) and states the intent.
+      await chmod(this.path, 0o600);
+      this.inode = (await lstat(this.path, { bigint: true })).ino;
+    } catch (err) {
+      await this.close();
+      throw this.listenError(err);
+    }
+  }
+
+  private bind(path: string): Promise<net.Server> {
+    return new Promise((resolve, reject) => {
+      const server = net.createServer((socket) => this.accept(socket));
+      server.once('error', reject);
+      server.once('listening', () => {
+        server.off('error', reject);
+        // Failed accepts (EMFILE …) are transient and the server keeps listening.
+        server.on('error', () => {});
+        resolve(server);
+      });
+      // Bind under a umask that leaves the socket 0600 from its first moment: there is no window
+      // in which another user could connect. listen() binds synchronously, so the umask is
+      // restored before any other code runs.
+      let previous: number | undefined;
+      try {
+        previous = process.umask(0o177);
+      } catch {
+        // Worker threads may not change the umask; the chmod after listening still applies.
+      }
+      try {
+        server.listen(path);
+      } finally {
+        if (previous !== undefined) process.umask(previous);
+      }
+    });
+  }
+
+  private listenError(err: unknown): BlkrepError {
+    const sys = systemCode(err);
+    const reason = err instanceof Error ? err.message : String(err);
+    return new BlkrepError('ERR_CONTROL_LISTEN_FAILED', `cannot listen on control socket ${this.path}: ${reason}`, {
+      errno: sys === 'EACCES' || sys === 'EPERM' ? 'EPERM' : 'EIO',
+      cause: err,
+      details: { path: this.path },
+    });
+  }
+
+  /** The path is taken: remove it if it is a socket nobody answers on, else say why not. */
+  private async removeStale(bindError: unknown): Promise<void> {
+    let stat;
+    try {
+      stat = await lstat(this.path);
+    } catch (err) {
+      if (systemCode(err) === 'ENOENT') return; // gone meanwhile: just bind again
+      throw this.listenError(err);
+    }
+    if (!stat.isSocket()) {
+      throw new BlkrepError('ERR_CONTROL_PATH_EXISTS', `cannot listen on control socket ${this.path}: it exists and is not a socket; refusing to replace it`, {
+        cause: bindError,
+        details: { path: this.path },
+      });
+    }
+    if (await answers(this.path)) {
+      throw new BlkrepError(
+        'ERR_CONTROL_IN_USE',
+        `cannot listen on control socket ${this.path}: another process answers on it (is a blkrep daemon already running? try \`blkrep status --control ${this.path}\`)`,
+        { cause: bindError, details: { path: this.path } },
+      );
+    }
+    try {
+      await unlink(this.path);
+    } catch (err) {
+      if (systemCode(err) !== 'ENOENT') throw this.listenError(err);
+    }
+  }
+
+  private accept(socket: net.Socket): void {
+    if (this.closing) {
+      socket.destroy();
+      return;
+    }
+    const connection: Connection = { socket, lines: new LineSplitter(this.maxLineBytes), subscription: undefined };
+    this.connections.add(connection);
+    socket.on('close', () => this.connections.delete(connection));
+    socket.on('error', () => {}); // a client that vanishes (EPIPE, ECONNRESET) just goes away
+    socket.on('data', (chunk: Buffer) => {
+      const { lines, tooLong } = connection.lines.push(chunk);
+      for (const line of lines) void this.handle(connection, line);
+      if (tooLong) this.reject(connection);
+    });
+  }
+
+  /** A line too long: say so and hang up, since where the next request starts is unknown. */
+  private reject(connection: Connection): void {
+    const { socket } = connection;
+    if (!socket.writable) return;
+    const error = {
+      code: 'ERR_LINE_TOO_LONG',
+      message: `request line is longer than ${this.maxLineBytes} bytes; closing the connection`,
+    };
+    socket.end(toJsonLine({ id: null, ok: false, error } satisfies ControlReply), () => socket.destroy());
+  }
+
+  private async handle(connection: Connection, line: string): Promise<void> {
+    if (line.trim() === '') return;
+    let request: unknown;
+    try {
+      request = JSON.parse(line);
+    } catch (err) {
+      this.reply(connection, null, badRequest(`request is not valid JSON (${(err as Error).message})`));
+      return;
+    }
+    if (!isJsonObject(request)) {
+      this.reply(connection, null, badRequest('request must be a JSON object: {"id": …, "cmd": "…", "args": {…}}'));
+      return;
+    }
+    const id = request.id ?? null;
+    const { cmd } = request;
+    if (typeof cmd !== 'string' || cmd === '') {
+      this.reply(connection, id, badRequest('request has no "cmd" (a command name string)'));
+      return;
+    }
+    const args = request.args ?? {};
+    if (!isJsonObject(args)) {
+      this.reply(connection, id, badRequest(`"args" of command "${cmd}" must be an object`));
+      return;
+    }
+    if (cmd === 'subscribe') {
+      this.subscribe(connection, id, args);
+      return;
+    }
+    const handler = this.handlers.get(cmd);
+    if (!handler) {
+      this.reply(connection, id, {
+        code: 'ERR_UNKNOWN_COMMAND',
+        message: `unknown command "${cmd}"; known commands: ${this.commands().join(', ')}`,
+      });
+      return;
+    }
+    let result: unknown;
+    try {
+      result = await handler(args);
+    } catch (err) {
+      const e = toBlkrepError(err, `command "${cmd}" failed`);
+      this.reply(connection, id, { code: e.code, message: e.message });
+      return;
+    }
+    let reply: string;
+    try {
+      reply = toJsonLine({ id, ok: true, result: result ?? null } satisfies ControlReply);
+    } catch (err) {
+      this.reply(connection, id, {
+        code: 'ERR_INTERNAL',
+        message: `result of command "${cmd}" cannot be written as JSON: ${(err as Error).message}`,
+      });
+      return;
+    }
+    this.send(connection, reply);
+  }
+
+  private subscribe(connection: Connection, id: unknown, args: Record<string, unknown>): void {
+    const { events } = args;
+    if (events === undefined || events === null) {
+      connection.subscription = null;
+      this.send(connection, toJsonLine({ id, ok: true, result: { events: 'all' } } satisfies ControlReply));
+      return;
+    }
+    if (!Array.isArray(events) || !events.every((e): e is string => typeof e === 'string')) {
+      this.reply(connection, id, badRequest('"events" of command "subscribe" must be an array of event names'));
+      return;
+    }
+    connection.subscription = new Set(events);
+    this.send(connection, toJsonLine({ id, ok: true, result: { events: [...connection.subscription] } } satisfies ControlReply));
+  }
+
+  private reply(connection: Connection, id: unknown, error: ControlErrorBody): void {
+    // The id came from JSON, so it can be written back as JSON.
+    this.send(connection, toJsonLine({ id, ok: false, error } satisfies ControlReply));
+  }
+
+  private send(connection: Connection, line: string): void {
+    const { socket } = connection;
+    if (!socket.writable) return;
+    if (socket.writableLength > this.maxUnreadBytes) {
+      // It has stopped reading; holding more for it would only grow the daemon.
+      socket.destroy();
+      return;
+    }
+    socket.write(line);
+  }
+
+  private async shutdown(): Promise<void> {
+    const server = this.server;
+    if (server) {
+      const closed = new Promise<void>((resolve) => server.close(() => resolve()));
+      for (const { socket } of this.connections) {
+        // end() lets the last lines (a "shutdown" event, a reply) reach the client; a client that
+        // does not take them within the grace period is cut.
+        const cut = setTimeout(() => socket.destroy(), this.closeGraceMs);
+        cut.unref();
+        socket.once('close', () => clearTimeout(cut));
+        socket.end(() => socket.destroy());
+      }
+      await closed;
+    }
+    if (this.inode === undefined) return;
+    try {
+      const stat = await lstat(this.path, { bigint: true });
+      if (stat.isSocket() && stat.ino === this.inode) await unlink(this.path);
+    } catch (err) {
+      if (systemCode(err) !== 'ENOENT') throw toBlkrepError(err, `cannot remove control socket ${this.path}`);
+    }
+  }
+}
+
+/** Does a server answer on this socket? Only a refused or vanished socket counts as "no". */
+function answers(path: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const probe = net.connect({ path });
+    probe.once('connect', () => {
+      probe.destroy();
+      resolve(true);
+    });
+    probe.once('error', (err) => {
+      const code = systemCode(err);
+      // EAGAIN (a full backlog), EACCES …: someone is there, or we cannot tell; either way keep it.
+      resolve(!(code === 'ECONNREFUSED' || code === 'ENOENT'));
+    });
+  });
+}
