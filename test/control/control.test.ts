@@ -1,0 +1,344 @@
+import { lstat, mkdtemp, rename, rm, stat, writeFile } from 'node:fs/promises';
+import net from 'node:net';
+import os from 'node:os';
+import { join } from 'node:path';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { BlkrepError, isAbortError } from '../../src/api/errors.js';
+import { ControlClient } from '../../src/control/client.js';
+import { type ControlEvent, LineSplitter, MAX_REQUEST_LINE_BYTES } from '../../src/control/protocol.js';
+import { ControlServer } from '../../src/control/server.js';
+
+/** A client speaking raw lines, to send what ControlClient never would. */
+class RawClient {
+  private readonly queue: unknown[] = [];
+  private readonly waiting: Array<(line: unknown) => void> = [];
+  private readonly lines = new LineSplitter(64 << 20);
+  readonly ended: Promise<void>;
+
+  constructor(readonly socket: net.Socket) {
+    socket.on('data', (chunk: Buffer) => {
+      for (const line of this.lines.push(chunk).lines) {
+        const message: unknown = JSON.parse(line);
+        const waiter = this.waiting.shift();
+        if (waiter) waiter(message);
+        else this.queue.push(message);
+      }
+    });
+    socket.on('error', () => {}); // EPIPE when the server hangs up on an oversized line
+    this.ended = new Promise((resolve) => socket.once('close', () => resolve()));
+  }
+
+  static connect(path: string): Promise<RawClient> {
+    return new Promise((resolve, reject) => {
+      const socket = net.connect(path, () => resolve(new RawClient(socket)));
+      socket.once('error', reject);
+    });
+  }
+
+  send(text: string | Buffer): void {
+    this.socket.write(text);
+  }
+
+  /** The next line the server sends, parsed. */
+  next(): Promise<unknown> {
+    if (this.queue.length > 0) return Promise.resolve(this.queue.shift());
+    return new Promise((resolve) => this.waiting.push(resolve));
+  }
+}
+
+/** A socket file with nobody behind it, as a killed daemon leaves. */
+async function makeStaleSocket(path: string): Promise<void> {
+  const server = net.createServer();
+  const bound = `${path}.tmp`;
+  await new Promise<void>((resolve) => server.listen(bound, resolve));
+  // Moved away, the file outlives the server (which unlinks only the name it bound).
+  await rename(bound, path);
+  await new Promise<void>((resolve) => server.close(() => resolve()));
+}
+
+describe('control socket', () => {
+  let dir: string;
+  let path: string;
+  const cleanups: Array<() => unknown> = [];
+
+  beforeEach(async () => {
+    dir = await mkdtemp(join(os.tmpdir(), 'blkrep-control-'));
+    path = join(dir, 'ctl.sock');
+  });
+  afterEach(async () => {
+    for (const cleanup of cleanups.splice(0).reverse()) await cleanup();
+    await rm(dir, { recursive: true, force: true });
+  });
+
+  async function startServer(): Promise<ControlServer> {
+    const server = await ControlServer.listen(path);
+    cleanups.push(() => server.close());
+    return server;
+  }
+
+  async function client(): Promise<ControlClient> {
+    const c = await ControlClient.connect(path);
+    cleanups.push(() => c.close());
+    return c;
+  }
+
+  async function raw(): Promise<RawClient> {
+    const c = await RawClient.connect(path);
+    cleanups.push(() => c.socket.destroy());
+    return c;
+  }
+
+  describe('requests', () => {
+    it('answers a request with its handler result', async () => {
+      const server = await startServer();
+      server.register('add', (args) => {
+        const { a, b } = args as { a: number; b: number };
+        return { sum: a + b };
+      });
+      server.register('later', async () => 'done');
+      const c = await client();
+      await expect(c.request('add', { a: 2, b: 3 })).resolves.toEqual({ sum: 5 });
+      await expect(c.request('later')).resolves.toBe('done');
+    });
+
+    it('echoes any JSON id, and answers pipelined requests each by its id', async () => {
+      const server = await startServer();
+      server.register('echo', (args) => args);
+      const r = await raw();
+      r.send('{"id":"a","cmd":"echo","args":{"n":1}}\n{"id":[2],"cmd":"echo","args":{"n":2}}\r\n{"cmd":"echo"}\n');
+      const replies = [await r.next(), await r.next(), await r.next()];
+      expect(replies).toContainEqual({ id: 'a', ok: true, result: { n: 1 } });
+      expect(replies).toContainEqual({ id: [2], ok: true, result: { n: 2 } });
+      expect(replies).toContainEqual({ id: null, ok: true, result: {} });
+    });
+
+    it('writes bigints in results as numbers', async () => {
+      const server = await startServer();
+      server.register('size', () => ({ size: 1n << 40n, huge: 1n << 64n }));
+      const c = await client();
+      await expect(c.request('size')).resolves.toEqual({ size: 2 ** 40, huge: '18446744073709551616' });
+    });
+
+    it('keeps the connection after a bad request', async () => {
+      const server = await startServer();
+      server.register('ping', () => 'pong');
+      const r = await raw();
+      r.send('{not json\n');
+      expect(await r.next()).toMatchObject({ id: null, ok: false, error: { code: 'ERR_BAD_REQUEST', message: expect.stringContaining('not valid JSON') } });
+      r.send('[1,2]\n');
+      expect(await r.next()).toMatchObject({ id: null, ok: false, error: { code: 'ERR_BAD_REQUEST' } });
+      r.send('{"id":7}\n');
+      expect(await r.next()).toMatchObject({ id: 7, ok: false, error: { code: 'ERR_BAD_REQUEST', message: expect.stringContaining('"cmd"') } });
+      r.send('{"id":8,"cmd":"ping","args":[1]}\n');
+      expect(await r.next()).toMatchObject({ id: 8, ok: false, error: { code: 'ERR_BAD_REQUEST', message: expect.stringContaining('"args"') } });
+      r.send('{"id":9,"cmd":"ping"}\n');
+      expect(await r.next()).toEqual({ id: 9, ok: true, result: 'pong' });
+    });
+
+    it('names the known commands when the command is unknown', async () => {
+      const server = await startServer();
+      server.register('status', () => ({}));
+      server.register('checkpoint', () => ({}));
+      const c = await client();
+      const err = await c.request('frobnicate').catch((e: unknown) => e);
+      expect(err).toBeInstanceOf(BlkrepError);
+      expect(err).toMatchObject({ code: 'ERR_UNKNOWN_COMMAND' });
+      expect((err as Error).message).toBe('unknown command "frobnicate"; known commands: checkpoint, status, subscribe');
+    });
+
+    it("passes a handler's BlkrepError code and message to the client", async () => {
+      const server = await startServer();
+      server.register('fail', () => {
+        throw new BlkrepError('ERR_NO_EXPORT', 'no export named "disk0"', { errno: 'EINVAL' });
+      });
+      server.register('crash', async () => {
+        throw new Error('boom');
+      });
+      const c = await client();
+      await expect(c.request('fail')).rejects.toMatchObject({ name: 'BlkrepError', code: 'ERR_NO_EXPORT', message: 'no export named "disk0"' });
+      await expect(c.request('crash')).rejects.toMatchObject({ code: 'ERR_INTERNAL', message: expect.stringContaining('boom') });
+    });
+
+    it('refuses a second handler for the same command', async () => {
+      const server = await startServer();
+      server.register('status', () => ({}));
+      expect(() => server.register('status', () => ({}))).toThrow(/registered twice/);
+      expect(() => server.register('subscribe', () => ({}))).toThrow(/registered twice/);
+    });
+
+    it('answers a line over 1 MiB with an error, then hangs up', async () => {
+      const server = await startServer();
+      server.register('ping', () => 'pong');
+      const r = await raw();
+      r.send(Buffer.alloc(MAX_REQUEST_LINE_BYTES + 1, 0x20));
+      expect(await r.next()).toMatchObject({
+        id: null,
+        ok: false,
+        error: { code: 'ERR_LINE_TOO_LONG', message: expect.stringContaining(String(MAX_REQUEST_LINE_BYTES)) },
+      });
+      await r.ended;
+      // Other connections are not affected.
+      await expect((await client()).request('ping')).resolves.toBe('pong');
+    });
+
+    it('takes a line of exactly 1 MiB', async () => {
+      const server = await startServer();
+      server.register('echo', (args) => (args as { pad: string }).pad.length);
+      const c = await client();
+      const overhead = Buffer.byteLength(JSON.stringify({ id: 1, cmd: 'echo', args: { pad: '' } }));
+      const pad = 'x'.repeat(MAX_REQUEST_LINE_BYTES - overhead);
+      await expect(c.request('echo', { pad })).resolves.toBe(pad.length);
+      await expect(c.request('echo', { pad: pad + 'x' })).rejects.toMatchObject({ code: 'ERR_LINE_TOO_LONG' });
+    });
+
+    it('times out and aborts a request on the client side', async () => {
+      const server = await startServer();
+      let release!: () => void;
+      const held = new Promise<void>((resolve) => (release = resolve));
+      cleanups.push(() => release());
+      server.register('hang', () => held);
+      const c = await client();
+      const controller = new AbortController();
+      const pending = c.request('hang', {}, { signal: controller.signal });
+      controller.abort();
+      const err = await pending.catch((e: unknown) => e);
+      expect(isAbortError(err)).toBe(true);
+      await expect(c.request('hang', {}, { timeoutMs: 1 })).rejects.toMatchObject({ code: 'ERR_CONTROL_TIMEOUT' });
+    });
+  });
+
+  describe('events', () => {
+    it('reaches subscribers only, filtered by name, with fields and time', async () => {
+      const server = await startServer();
+      server.register('ping', () => 'pong');
+      const everything = await client();
+      const readyOnly = await client();
+      const bystander = await raw();
+      const all: ControlEvent[] = [];
+      const ready: ControlEvent[] = [];
+      let allGotTwo!: () => void;
+      const allDone = new Promise<void>((resolve) => (allGotTwo = resolve));
+      await everything.subscribe(undefined, (e) => {
+        all.push(e);
+        if (all.length === 2) allGotTwo();
+      });
+      const readyArrived = new Promise<void>((resolve) =>
+        void readyOnly.subscribe(['job.ready'], (e) => {
+          ready.push(e);
+          resolve();
+        }),
+      );
+      // subscribe() resolved for `readyOnly` once its reply came: wait for that before publishing.
+      await readyOnly.request('ping');
+
+      server.publish('job.status', { job: 'm0', status: 'running' });
+      server.emit({ event: 'job.ready', job: 'm0', synced: true });
+      await Promise.all([allDone, readyArrived]);
+
+      expect(all.map((e) => e.event)).toEqual(['job.status', 'job.ready']);
+      expect(all[0]).toMatchObject({ event: 'job.status', job: 'm0', status: 'running' });
+      expect(new Date(all[0]!.time).toISOString()).toBe(all[0]!.time);
+      expect(ready).toEqual([expect.objectContaining({ event: 'job.ready', job: 'm0', synced: true })]);
+      expect(Object.keys(ready[0]!)).toEqual(['event', 'job', 'synced', 'time']);
+
+      // Had the bystander been sent an event, it would come before this reply.
+      bystander.send('{"id":1,"cmd":"ping"}\n');
+      expect(await bystander.next()).toEqual({ id: 1, ok: true, result: 'pong' });
+    });
+
+    it('answers subscribe with the selection, and rejects a bad one', async () => {
+      await startServer();
+      const r = await raw();
+      r.send('{"id":1,"cmd":"subscribe"}\n{"id":2,"cmd":"subscribe","args":{"events":["a","b"]}}\n{"id":3,"cmd":"subscribe","args":{"events":"a"}}\n');
+      expect(await r.next()).toEqual({ id: 1, ok: true, result: { events: 'all' } });
+      expect(await r.next()).toEqual({ id: 2, ok: true, result: { events: ['a', 'b'] } });
+      expect(await r.next()).toMatchObject({ id: 3, ok: false, error: { code: 'ERR_BAD_REQUEST' } });
+    });
+  });
+
+  describe('socket file', () => {
+    it('is mode 0600', async () => {
+      const server = await startServer();
+      const s = await stat(server.path);
+      expect(s.isSocket()).toBe(true);
+      expect((s.mode & 0o777).toString(8)).toBe('600');
+    });
+
+    it('replaces a stale socket file', async () => {
+      await makeStaleSocket(path);
+      expect((await lstat(path)).isSocket()).toBe(true);
+      const server = await startServer();
+      server.register('ping', () => 'pong');
+      await expect((await client()).request('ping')).resolves.toBe('pong');
+    });
+
+    it('refuses to start where a server answers, and leaves that one working', async () => {
+      const first = await startServer();
+      first.register('ping', () => 'pong');
+      const err = await ControlServer.listen(path).catch((e: unknown) => e);
+      expect(err).toMatchObject({ code: 'ERR_CONTROL_IN_USE' });
+      expect((err as Error).message).toContain(path);
+      await expect((await client()).request('ping')).resolves.toBe('pong');
+    });
+
+    it('refuses to replace a file that is not a socket', async () => {
+      await writeFile(path, 'precious');
+      await expect(ControlServer.listen(path)).rejects.toMatchObject({ code: 'ERR_CONTROL_PATH_EXISTS' });
+      expect((await stat(path)).isFile()).toBe(true);
+    });
+
+    it('is removed by close(), which also hangs up on clients', async () => {
+      const server = await ControlServer.listen(path);
+      const c = await ControlClient.connect(path);
+      const events: string[] = [];
+      await c.subscribe(undefined, (e) => events.push(e.event));
+      server.publish('shutdown', { pid: process.pid });
+      await server.close();
+      await c.closed;
+      expect(events).toEqual(['shutdown']);
+      await expect(lstat(path)).rejects.toMatchObject({ code: 'ENOENT' });
+      await expect(c.request('status')).rejects.toMatchObject({ code: 'ERR_CONTROL_CLOSED' });
+      await server.close();
+    });
+  });
+
+  describe('client', () => {
+    it('reports a missing socket as unreachable, naming the path and how to start a daemon', async () => {
+      const err = await ControlClient.connect(path).catch((e: unknown) => e);
+      expect(err).toBeInstanceOf(BlkrepError);
+      expect(err).toMatchObject({ code: 'ERR_CONTROL_UNREACHABLE' });
+      expect((err as Error).message).toContain(path);
+      expect((err as Error).message).toContain(`blkrep serve-nbd --control ${path}`);
+    });
+
+    it('reports a stale socket as unreachable', async () => {
+      await makeStaleSocket(path);
+      await expect(ControlClient.connect(path)).rejects.toMatchObject({
+        code: 'ERR_CONTROL_UNREACHABLE',
+        message: expect.stringContaining('nothing answers'),
+      });
+    });
+
+    it('rejects the requests waiting when the daemon goes away', async () => {
+      const server = await ControlServer.listen(path);
+      cleanups.push(() => server.close());
+      let entered!: () => void;
+      const inHandler = new Promise<void>((resolve) => (entered = resolve));
+      server.register('hang', () => {
+        entered();
+        return new Promise(() => {});
+      });
+      const c = await client();
+      const rejected = expect(c.request('hang')).rejects.toMatchObject({ code: 'ERR_CONTROL_CLOSED' });
+      await inHandler;
+      await server.close();
+      await rejected;
+    });
+
+    it('cancels a connect whose signal is aborted', async () => {
+      await startServer();
+      const err = await ControlClient.connect(path, { signal: AbortSignal.abort() }).catch((e: unknown) => e);
+      expect(isAbortError(err)).toBe(true);
+    });
+  });
+});
