@@ -137,8 +137,9 @@ class UnixListener implements TransportListener {
 
   constructor(
     private readonly server: net.Server,
-    /** absolute, so close() finds the file whatever the working directory is by then */
     readonly address: string,
+    /** absolute, so close() finds the file whatever the working directory is by then */
+    private readonly file: string,
     /** the socket file's inode, so close() never removes a socket someone else bound since */
     private readonly inode: bigint,
   ) {}
@@ -154,10 +155,10 @@ class UnixListener implements TransportListener {
     // connection to end, and those are not ours to wait for.
     this.server.close();
     try {
-      const stat = await lstat(this.address, { bigint: true });
-      if (stat.isSocket() && stat.ino === this.inode) await unlink(this.address);
+      const stat = await lstat(this.file, { bigint: true });
+      if (stat.isSocket() && stat.ino === this.inode) await unlink(this.file);
     } catch (err) {
-      if (systemCode(err) !== 'ENOENT') throw listenError(this.address, err);
+      if (systemCode(err) !== 'ENOENT') throw listenError(this.file, err);
     }
   }
 }
@@ -246,7 +247,9 @@ class UnixTransport implements Transport {
       server.close();
       throw listenError(path, err);
     }
-    return new UnixListener(server, absolute, inode);
+    // Report the absolute path, unless only the relative one fits in a socket address.
+    const reported = Buffer.byteLength(absolute) <= MAX_PATH_BYTES ? absolute : path;
+    return new UnixListener(server, reported, absolute, inode);
   }
 
   async connect(address: string, options: ConnectOptions = {}): Promise<TransportConnection> {
