@@ -68,8 +68,11 @@ export function toBlkrepError(err: unknown, context?: string): BlkrepError {
   const sysCode = typeof sys?.code === 'string' ? sys.code : undefined;
   const errno: Errno = (sysCode && SYSTEM_ERRNO_MAP[sysCode]) || 'EIO';
   const base = err instanceof Error ? err.message : String(err);
-  return new BlkrepError(sysCode ? `ERR_SYSTEM_${sysCode}` : 'ERR_INTERNAL', context ? `${context}: ${base}` : base, {
-    errno,
+  // Plugins throw plain Errors that already carry a stable ERR_ code (and maybe an errno name).
+  const own = sysCode?.startsWith('ERR_') ? sysCode : undefined;
+  const ownErrno = typeof sys?.errno === 'string' && (sys.errno as string) in NBD_ERRNO ? (sys.errno as unknown as Errno) : undefined;
+  return new BlkrepError(own ?? (sysCode ? `ERR_SYSTEM_${sysCode}` : 'ERR_INTERNAL'), context ? `${context}: ${base}` : base, {
+    errno: ownErrno ?? errno,
     cause: err,
   });
 }

@@ -1,0 +1,67 @@
+/**
+ * The base of every blkrep command: --json (the result on stdout, errors as
+ * {"error":{"code","message"}}), and exit codes 0 success, 1 failure, 2 usage error.
+ */
+import { Command, Errors } from '@oclif/core';
+import { BlkrepError } from '../api/errors.js';
+import type { RegisterHookOptions } from '../api/transport.js';
+import { Transports } from '../engine/registry.js';
+
+export const EXIT_SUCCESS = 0;
+export const EXIT_FAILURE = 1;
+export const EXIT_USAGE = 2;
+
+/** True for oclif's argument/flag parsing errors. */
+function isUsageError(err: unknown): boolean {
+  const name = (err as { constructor?: { name?: string } })?.constructor?.name ?? '';
+  return /(Parse|Flag|Arg|Options|Exclusive|Dependency|Nonexistent|Unexpected|Required|FailedFlagValidation)Error/.test(name) || (err instanceof BlkrepError && err.code === 'ERR_USAGE');
+}
+
+export function errorCode(err: unknown): string {
+  if (err instanceof BlkrepError) return err.code;
+  if (isUsageError(err)) return 'ERR_USAGE';
+  const code = (err as { code?: unknown })?.code;
+  return typeof code === 'string' ? code : 'ERR_INTERNAL';
+}
+
+export abstract class BlkrepCommand extends Command {
+  static override enableJsonFlag = true;
+
+  /** Usage errors found after parsing (conflicting flags, bad specs) */
+  protected usageError(message: string): never {
+    throw new BlkrepError('ERR_USAGE', message, { errno: 'EINVAL' });
+  }
+
+  protected override toErrorJson(err: unknown): { error: { code: string; message: string } } {
+    const message = err instanceof Error ? err.message : String(err);
+    return { error: { code: errorCode(err), message } };
+  }
+
+  /** Print a single compact JSON line on stdout (for events while a command runs). */
+  protected jsonLine(value: unknown): void {
+    process.stdout.write(`${JSON.stringify(value)}\n`);
+  }
+
+  protected override async catch(err: Error & { exitCode?: number; oclif?: { exit?: number } }): Promise<unknown> {
+    if (err instanceof Errors.ExitError) throw err;
+    const usage = isUsageError(err);
+    process.exitCode = usage ? EXIT_USAGE : (err.oclif?.exit ?? EXIT_FAILURE);
+    if (this.jsonEnabled()) {
+      this.jsonLine(this.toErrorJson(err));
+      return;
+    }
+    // oclif prints the message and exits with the code we chose.
+    if (usage && !(err instanceof BlkrepError)) throw err;
+    this.logToStderr(`blkrep: ${err.message}`);
+  }
+}
+
+/** The transports the installed plugins provide (each registers itself in the blkrep:register hook). */
+export async function loadTransports(command: Command): Promise<Transports> {
+  const transports = new Transports();
+  const result = await command.config.runHook('blkrep:register', { transports } satisfies RegisterHookOptions);
+  for (const failure of result.failures) {
+    command.logToStderr?.(`blkrep: plugin ${failure.plugin.name} failed to register: ${failure.error.message}`);
+  }
+  return transports;
+}

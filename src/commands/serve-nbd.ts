@@ -1,0 +1,134 @@
+import { Args, Flags } from '@oclif/core';
+import { BlkrepCommand, loadTransports } from '../cli/base.js';
+import { secondsFlag, sizeFlag } from '../cli/flags.js';
+import { Daemon, type ExportSpec, type ListenSpec, type ListeningEvent } from '../serve/daemon.js';
+import type { LogLevel } from '../nbd/server.js';
+import { formatSize } from '../util/size.js';
+
+/** The embedded default: what `blkrep serve-nbd` serves when given no image. */
+export const DEFAULT_IMAGE = 'memory:1G';
+export const DEFAULT_PORT = 10809;
+
+export default class ServeNbd extends BlkrepCommand {
+  static override summary = 'Serve images over NBD.';
+
+  static override description = `Serves one image as the default export (name "", or --name), or several with --export, to any NBD client: qemu, nbdinfo, nbdcopy, nbdkit's nbd plugin, the kernel's nbd-client.
+With no image, serves the embedded default: a 1 GiB sparse in-memory disk.
+
+An image is a raw file or block device (holes are reported by block status and punched by trim and write-zeroes) or memory:SIZE.
+
+Listens on TCP 127.0.0.1:10809 unless --socket names a Unix socket (give --port too to listen on both). With --json, prints one line {"event":"listening","uris":[...],"pid":N} on stdout once clients can connect.
+
+SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, flushes every export and exits 0; a second signal exits at once.`;
+
+  static override examples = [
+    { description: 'Serve the embedded 1 GiB in-memory disk on 127.0.0.1:10809', command: '<%= config.bin %> <%= command.id %>' },
+    { description: 'Serve a raw file on a Unix socket', command: '<%= config.bin %> <%= command.id %> disk.img --socket /run/blkrep/nbd.sock' },
+    { description: 'Serve two exports read-only on port 10810, with a control socket', command: '<%= config.bin %> <%= command.id %> --export a=a.img --export b=/dev/vdb --read-only --port 10810 --control /run/blkrep/ctl.sock' },
+    { description: 'Start from a script and wait until it listens', command: '<%= config.bin %> <%= command.id %> disk.img --json --pid-file /run/blkrep.pid | head -n 1' },
+  ];
+
+  static override args = {
+    image: Args.string({ description: 'image to serve as the default export (a path, or memory:SIZE)', required: false }),
+  };
+
+  static override flags = {
+    name: Flags.string({ description: 'export name for IMAGE', default: '' }),
+    export: Flags.string({ char: 'e', description: 'serve IMAGE under NAME (repeatable)', helpValue: 'NAME=IMAGE', multiple: true }),
+    description: Flags.string({ char: 'D', description: 'description of the export(s), shown by nbdinfo' }),
+    socket: Flags.string({ char: 'k', description: 'listen on this Unix socket', helpValue: 'PATH' }),
+    port: Flags.integer({ char: 'p', description: `listen on this TCP port [default: ${DEFAULT_PORT}]`, min: 0, max: 65535 }),
+    bind: Flags.string({ char: 'b', description: 'TCP address to bind', default: '127.0.0.1', helpValue: 'ADDR' }),
+    'read-only': Flags.boolean({ char: 'r', description: 'refuse writes (exports are advertised read-only)', default: false }),
+    shared: Flags.integer({ char: 's', description: 'maximum simultaneous connections', default: 100, min: 1 }),
+    'handshake-timeout': secondsFlag({ description: 'close connections that have not finished the handshake after this many seconds', default: 10, helpValue: 'SECONDS' }),
+    'min-block-size': sizeFlag({ description: 'minimum block size advertised to clients (a power of two up to 64K; e.g. 4K for 4Kn devices)', helpValue: 'SIZE' }),
+    'pid-file': Flags.string({ description: 'write the process id here once listening; removed at exit', helpValue: 'PATH' }),
+    control: Flags.string({ description: 'control socket (JSON lines, mode 0600) for blkrep status and later commands', helpValue: 'PATH' }),
+    verbose: Flags.boolean({ char: 'v', description: 'log each connection to stderr', default: false }),
+  };
+
+  async run(): Promise<ListeningEvent | undefined> {
+    const { args, flags } = await this.parse(ServeNbd);
+    const exports = this.exportSpecs(args.image, flags.name, flags.export ?? [], flags.description);
+    const listen: ListenSpec[] = [];
+    if (flags.socket) listen.push({ transport: 'unix', address: flags.socket });
+    if (!flags.socket || flags.port !== undefined) {
+      const host = flags.bind.includes(':') && !flags.bind.startsWith('[') ? `[${flags.bind}]` : flags.bind;
+      listen.push({ transport: 'tcp', address: `${host}:${flags.port ?? DEFAULT_PORT}` });
+    }
+    const mbs = flags['min-block-size'];
+    if (mbs !== undefined && (mbs < 1 || mbs > 65536 || (mbs & (mbs - 1)) !== 0)) {
+      this.usageError(`--min-block-size ${mbs} is not a power of two between 1 and 65536`);
+    }
+    const json = this.jsonEnabled();
+    const log = (level: LogLevel, message: string): void => {
+      if (level === 'debug' && !flags.verbose) return;
+      process.stderr.write(`blkrep serve-nbd: ${message}\n`);
+    };
+
+    const daemon = await Daemon.start({
+      exports,
+      listen,
+      transports: await loadTransports(this),
+      readOnly: flags['read-only'],
+      maxConnections: flags.shared,
+      handshakeTimeoutMs: flags['handshake-timeout'] * 1000,
+      minimumBlockSize: mbs,
+      pidFile: flags['pid-file'],
+      controlPath: flags.control,
+      log,
+    });
+
+    let signals = 0;
+    const onSignal = (signal: NodeJS.Signals): void => {
+      signals++;
+      if (signals > 1) {
+        log('warn', `${signal} again: exiting without waiting for requests in flight`);
+        daemon.server.destroyAll();
+        process.exit(1);
+      }
+      log('info', `${signal}: finishing requests in flight, flushing, exiting`);
+      void daemon.stop();
+    };
+    process.on('SIGTERM', onSignal);
+    process.on('SIGINT', onSignal);
+
+    const listening = daemon.listening();
+    if (json) {
+      this.jsonLine(listening);
+    } else {
+      for (const e of daemon.server.listExports()) {
+        const what = e.node.driver === 'memory' ? 'in-memory, sparse' : e.node.driver;
+        this.log(`Serving ${e.node.description} (${formatSize(e.size)}, ${what}${e.readOnly ? ', read-only' : ''}) as export "${e.name}"`);
+      }
+      for (const uri of listening.uris) this.log(`  ${uri}`);
+      this.log(`Try: nbdinfo '${listening.uris[0]}'`);
+      if (flags.control) this.log(`Control socket: ${flags.control} (blkrep status --control ${flags.control})`);
+      this.log('Stop with Ctrl-C.');
+    }
+
+    await daemon.stopped;
+    process.off('SIGTERM', onSignal);
+    process.off('SIGINT', onSignal);
+    if (json) this.jsonLine({ event: 'stopped', pid: process.pid });
+    // The listening line was the result; nothing more for oclif to print.
+    return undefined;
+  }
+
+  private exportSpecs(image: string | undefined, name: string, pairs: string[], description: string | undefined): ExportSpec[] {
+    const specs: ExportSpec[] = [];
+    if (image !== undefined) specs.push({ name, image, description });
+    for (const pair of pairs) {
+      const eq = pair.indexOf('=');
+      if (eq < 0) this.usageError(`--export "${pair}" is not NAME=IMAGE`);
+      const spec: ExportSpec = { name: pair.slice(0, eq), image: pair.slice(eq + 1), description };
+      if (!spec.image) this.usageError(`--export "${pair}" names no image`);
+      if (specs.some((s) => s.name === spec.name)) this.usageError(`export "${spec.name}" is given twice`);
+      if (Buffer.byteLength(spec.name) > 4096) this.usageError(`export name of ${Buffer.byteLength(spec.name)} bytes is longer than the protocol's 4096`);
+      specs.push(spec);
+    }
+    if (specs.length === 0) specs.push({ name, image: DEFAULT_IMAGE, description: description ?? 'blkrep embedded default: 1 GiB sparse in-memory disk' });
+    return specs;
+  }
+}

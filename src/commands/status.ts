@@ -1,0 +1,54 @@
+import { Flags } from '@oclif/core';
+import { BlkrepCommand } from '../cli/base.js';
+import { ControlClient } from '../control/client.js';
+import type { ServerStatus } from '../nbd/server.js';
+import { formatSize } from '../util/size.js';
+
+type DaemonStatus = ServerStatus & { listeners?: Array<{ address: string }>; control?: string | null };
+
+export default class Status extends BlkrepCommand {
+  static override summary = 'Show what a running serve-nbd daemon is doing.';
+
+  static override description = `Asks the daemon behind a control socket for its exports, connections, and request and byte counters, and prints them (or, with --json, the daemon's status object as it is).`;
+
+  static override examples = [
+    { description: 'Show the status of the daemon started with --control /run/blkrep/ctl.sock', command: '<%= config.bin %> <%= command.id %> --control /run/blkrep/ctl.sock' },
+    { description: 'Count the open connections from a script', command: "<%= config.bin %> <%= command.id %> --control /run/blkrep/ctl.sock --json | jq '.connections | length'" },
+  ];
+
+  static override flags = {
+    control: Flags.string({ char: 'c', description: 'the daemon\'s control socket (serve-nbd --control)', required: true, helpValue: 'PATH' }),
+    timeout: Flags.integer({ description: 'give up after this many seconds', default: 10, min: 1, helpValue: 'SECONDS' }),
+  };
+
+  async run(): Promise<DaemonStatus> {
+    const { flags } = await this.parse(Status);
+    const client = await ControlClient.connect(flags.control, { timeoutMs: flags.timeout * 1000 });
+    let status: DaemonStatus;
+    try {
+      status = (await client.request('status')) as DaemonStatus;
+    } finally {
+      client.close();
+    }
+    if (!this.jsonEnabled()) this.print(status);
+    return status;
+  }
+
+  private print(s: DaemonStatus): void {
+    this.log(`blkrep serve-nbd, pid ${s.pid}, up ${s.uptimeSeconds} s${s.shuttingDown ? ', shutting down' : ''}`);
+    if (s.listeners?.length) this.log(`Listening on: ${s.listeners.map((l) => l.address).join(', ')}`);
+    this.log('');
+    this.log('Exports:');
+    for (const e of s.exports) {
+      const reqs = Object.entries(e.requests).filter(([, n]) => n > 0).map(([k, n]) => `${k} ${n}`).join(', ') || 'none';
+      this.log(`  "${e.name}"  ${e.image}  ${formatSize(e.size)}${e.readOnly ? '  read-only' : ''}`);
+      this.log(`      connections ${e.connections} (${e.totalConnections} since start), read ${formatSize(e.bytesRead)}, written ${formatSize(e.bytesWritten)}, errors ${e.errors}`);
+      this.log(`      requests: ${reqs}`);
+    }
+    this.log('');
+    this.log(`Connections: ${s.connections.length}`);
+    for (const c of s.connections) {
+      this.log(`  #${c.id}  ${c.peer}  export ${c.export === null ? '-' : `"${c.export}"`}  ${c.state}  in flight ${c.inFlight}  requests ${c.requests}`);
+    }
+  }
+}
