@@ -439,7 +439,14 @@ export class ServerSession {
 
   private finishIfIdle(): void {
     if (this.inflight > 0) return;
-    if (this.phase === 'closing' || (this.phase === 'transmission' && this.stopping && this.queue.length < REQUEST_LENGTH)) {
+    if (this.phase === 'transmission' && this.stopping) {
+      // Parsing stops while too many requests run, and the stream stays paused once stopping:
+      // answer (ESHUTDOWN) what is still queued, or the connection would never close. What is
+      // left after that is an incomplete request, dropped with the connection.
+      this.pump();
+      if (this.inflight > 0 || this.phase !== 'transmission') return;
+    }
+    if (this.phase === 'closing' || (this.phase === 'transmission' && this.stopping)) {
       this.phase = 'closing';
       const exp = this.exp;
       const flushed = exp && !exp.readOnly ? exp.node.flush().catch((err) => {
