@@ -34,7 +34,7 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
 
   static override flags = {
     name: Flags.string({ description: 'export name for IMAGE', default: '' }),
-    export: Flags.string({ char: 'e', description: 'serve IMAGE under NAME (repeatable)', helpValue: 'NAME=IMAGE', multiple: true }),
+    export: Flags.string({ char: 'e', description: 'serve IMAGE under NAME', helpValue: 'NAME=IMAGE', multiple: true }),
     description: Flags.string({ char: 'D', description: 'description of the export(s), shown by nbdinfo' }),
     socket: Flags.string({ char: 'k', description: 'listen on this Unix socket', helpValue: 'PATH' }),
     port: Flags.integer({ char: 'p', description: `listen on this TCP port [default: ${DEFAULT_PORT}]`, min: 0, max: 65535 }),

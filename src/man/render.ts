@@ -101,7 +101,9 @@ export function renderCommandPage(cmd: CommandDef, prose: string, date: string):
   out.push('.SH OPTIONS');
   for (const f of flags) {
     const names = [f.char ? `\\fB\\-${roff(f.char)}\\fR` : undefined, flagSynopsis(f)].filter(Boolean).join(', ');
-    let text = f.description ?? '';
+    let text = (f.description ?? '').trim();
+    if (text && !/[.!?]$/.test(text)) text += '.';
+    text = text.charAt(0).toUpperCase() + text.slice(1);
     if (f.multiple) text += ' May be given more than once.';
     if (f.default !== undefined && f.default !== false && f.default !== '') text += ` Default: ${String(f.default)}.`;
     out.push('.TP', names, roff(text.trim()));
