@@ -295,6 +295,15 @@ export class RawClient {
     this.socket.destroy();
   }
 
+  /** Stop reading from the socket (the kernel then pushes back on the server). */
+  pause(): void {
+    this.socket.pause();
+  }
+
+  resume(): void {
+    this.socket.resume();
+  }
+
   // -----------------------------------------------------------------------------------------------
   // handshake
 
