@@ -13,6 +13,11 @@ export const EXIT_USAGE = 2;
 
 /** True for oclif's argument/flag parsing errors. */
 function isUsageError(err: unknown): boolean {
+  // Every oclif parser error (CLIParseError: NonExistentFlagsError, RequiredArgsError …) carries `parse`.
+  if (err instanceof Errors.CLIError && 'parse' in err) return true;
+  // A flag's value that its parser rejects (--port abc, --min-block-size abc): oclif rethrows
+  // whatever the parser threw, with the message rewritten to start "Parsing --FLAG".
+  if (err instanceof Error && /^Parsing --[\w-]+ \n\t/.test(err.message)) return true;
   const name = (err as { constructor?: { name?: string } })?.constructor?.name ?? '';
   return /(Parse|Flag|Arg|Options|Exclusive|Dependency|Nonexistent|Unexpected|Required|FailedFlagValidation)Error/.test(name) || (err instanceof BlkrepError && err.code === 'ERR_USAGE');
 }
