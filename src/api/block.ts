@@ -30,6 +30,11 @@ export interface Capabilities {
   canMultiConn: boolean;
   canExtents: boolean;
   canCache: boolean;
+  /**
+   * extents() answers from metadata without reading data, so the server may ask it on every
+   * read to send holes as hole chunks. Absent means false.
+   */
+  cheapExtents?: boolean;
 }
 
 export interface IoOptions {
@@ -69,6 +74,12 @@ export interface BlockNode {
   readonly caps: Capabilities;
 
   read(offset: number, length: number, options?: IoOptions): Promise<Buffer>;
+  /** Read target.length bytes at offset into target, so callers can reuse buffers. */
+  readInto?(offset: number, target: Buffer, options?: IoOptions): Promise<void>;
+  /**
+   * The node must not keep `data` (or a view of it) once the promise settles: the caller may
+   * reuse the buffer. A node that needs the bytes later copies them.
+   */
   write(offset: number, data: Buffer, options?: WriteOptions): Promise<void>;
   writeZeroes?(offset: number, length: number, options?: ZeroOptions): Promise<void>;
   trim?(offset: number, length: number, options?: WriteOptions): Promise<void>;
@@ -84,4 +95,4 @@ export interface BlockNode {
 }
 
 /** A node whose optional operations have all been filled in. */
-export type CompleteBlockNode = BlockNode & Required<Pick<BlockNode, 'writeZeroes' | 'trim' | 'flush' | 'extents' | 'cache'>>;
+export type CompleteBlockNode = BlockNode & Required<Pick<BlockNode, 'readInto' | 'writeZeroes' | 'trim' | 'flush' | 'extents' | 'cache'>>;

@@ -23,7 +23,7 @@ export class MemoryNode implements BlockNode {
     const rw = !options.readOnly;
     this.caps = {
       canWrite: rw, canFlush: true, canFua: true, canTrim: rw, canZero: rw, canFastZero: rw,
-      canMultiConn: true, canExtents: true, canCache: true,
+      canMultiConn: true, canExtents: true, canCache: true, cheapExtents: true,
     };
   }
 
@@ -33,8 +33,14 @@ export class MemoryNode implements BlockNode {
   }
 
   async read(offset: number, length: number): Promise<Buffer> {
+    const out = Buffer.allocUnsafe(length);
+    await this.readInto(offset, out);
+    return out;
+  }
+
+  async readInto(offset: number, out: Buffer): Promise<void> {
+    const length = out.length;
     checkRange(this, offset, length, 'read');
-    const out = Buffer.alloc(length);
     let pos = offset;
     while (pos < offset + length) {
       const index = Math.floor(pos / PAGE);
@@ -42,9 +48,9 @@ export class MemoryNode implements BlockNode {
       const n = Math.min(PAGE - within, offset + length - pos);
       const page = this.pages.get(index);
       if (page) page.copy(out, pos - offset, within, within + n);
+      else out.fill(0, pos - offset, pos - offset + n);
       pos += n;
     }
-    return out;
   }
 
   async write(offset: number, data: Buffer, _o?: WriteOptions): Promise<void> {

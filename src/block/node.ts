@@ -60,6 +60,11 @@ export function completeNode(node: BlockNode): CompleteBlockNode {
       canCache: true,
     },
     read: node.read.bind(node),
+    readInto: node.readInto
+      ? node.readInto.bind(node)
+      : async (offset: number, target: Buffer, o?: IoOptions) => {
+          (await node.read(offset, target.length, o)).copy(target);
+        },
     write,
     writeZeroes,
     trim,

@@ -117,6 +117,8 @@ export class RawNode implements BlockNode {
     this.caps = {
       canWrite: rw, canFlush: true, canFua: true, canTrim: rw, canZero: rw, canFastZero: rw && native !== null,
       canMultiConn: true, canExtents: true, canCache: true,
+      // SEEK_DATA/SEEK_HOLE are cheap; the fallback has to read to find zeros.
+      cheapExtents: native !== null && !isBlockDevice,
     };
   }
 
@@ -164,6 +166,19 @@ export class RawNode implements BlockNode {
       return await this.readRaw(offset, length);
     } catch (err) {
       throw toBlkrepError(err, `read of ${length} bytes at offset ${offset} from ${this.path}`);
+    } finally {
+      this.end();
+    }
+  }
+
+  async readInto(offset: number, target: Buffer, o?: IoOptions): Promise<void> {
+    checkRange(this, offset, target.length, 'read');
+    o?.signal?.throwIfAborted();
+    this.begin();
+    try {
+      await this.readFull(offset, target);
+    } catch (err) {
+      throw toBlkrepError(err, `read of ${target.length} bytes at offset ${offset} from ${this.path}`);
     } finally {
       this.end();
     }
@@ -319,6 +334,12 @@ export class RawNode implements BlockNode {
   /** pread until done; past the end of a file that shrank since open reads zeros */
   private async readRaw(offset: number, length: number): Promise<Buffer> {
     const buffer = Buffer.allocUnsafe(length);
+    await this.readFull(offset, buffer);
+    return buffer;
+  }
+
+  private async readFull(offset: number, buffer: Buffer): Promise<void> {
+    const length = buffer.length;
     let done = 0;
     while (done < length) {
       const n = await readAt(this.fd, buffer, done, length - done, offset + done);
@@ -328,7 +349,6 @@ export class RawNode implements BlockNode {
       }
       done += n;
     }
-    return buffer;
   }
 
   /** pwrite until done */

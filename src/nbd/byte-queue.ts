@@ -24,7 +24,16 @@ export class ByteQueue {
     return this.gather(n, false);
   }
 
-  take(n: number): Buffer {
+  /** Whether the next n bytes lie in one received chunk (take(n) then copies nothing). */
+  contiguous(n: number): boolean {
+    return n === 0 || (this.chunks.length > 0 && this.chunks[0]!.length - this.head >= n);
+  }
+
+  /**
+   * Consume n bytes. When they span chunks they are copied into `into` (at least n bytes, e.g.
+   * from a buffer pool) or into a new buffer.
+   */
+  take(n: number, into?: Buffer): Buffer {
     if (n === 0) return Buffer.alloc(0);
     const first = this.chunks[0]!;
     const avail = first.length - this.head;
@@ -33,7 +42,7 @@ export class ByteQueue {
       this.advance(n);
       return out;
     }
-    return this.gather(n, true);
+    return this.gather(n, true, into);
   }
 
   /** Drop up to n bytes; returns how many were dropped. */
@@ -49,8 +58,8 @@ export class ByteQueue {
     this.total = 0;
   }
 
-  private gather(n: number, consume: boolean): Buffer {
-    const out = Buffer.allocUnsafe(n);
+  private gather(n: number, consume: boolean, into?: Buffer): Buffer {
+    const out = into ? into.subarray(0, n) : Buffer.allocUnsafe(n);
     let copied = 0;
     let i = 0;
     let off = this.head;

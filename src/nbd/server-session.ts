@@ -11,6 +11,7 @@ import type { Duplex } from 'node:stream';
 import { NBD_ERRNO, toBlkrepError, type Errno } from '../api/errors.js';
 import type { Extent } from '../api/block.js';
 import { ByteQueue } from './byte-queue.js';
+import { sharedPool } from './buffer-pool.js';
 import {
   CMD, CMD_FLAG, CMD_NAMES, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES,
   IHAVEOPT, INFO, MAX_OPTION_LENGTH, MAX_PAYLOAD, MAX_STRING, OPT, REP, REQUEST_MAGIC, TF,
@@ -177,6 +178,7 @@ export class ServerSession {
             return;
           }
           let payload: Buffer | undefined;
+          let pooled: Buffer | undefined;
           if (req.type === CMD.WRITE) {
             if (req.length > MAX_PAYLOAD) {
               // We cannot skip a payload this large without reading it; the spec allows a disconnect.
@@ -188,11 +190,12 @@ export class ServerSession {
               return;
             }
             this.queue.skip(REQUEST_LENGTH);
-            payload = this.queue.take(req.length);
+            if (!this.queue.contiguous(req.length)) pooled = sharedPool.acquire(req.length);
+            payload = this.queue.take(req.length, pooled);
           } else {
             this.queue.skip(REQUEST_LENGTH);
           }
-          this.onRequest(req, payload);
+          this.onRequest(req, payload, pooled);
           break;
         }
         default:
@@ -413,7 +416,8 @@ export class ServerSession {
     }
   }
 
-  private onRequest(req: Request, payload: Buffer | undefined): void {
+  /** `pooled`, when given, backs `payload` and goes back to the pool once the request is done. */
+  private onRequest(req: Request, payload: Buffer | undefined, pooled?: Buffer): void {
     const exp = this.exp!;
     this.counters.requests++;
     if (req.type === CMD.DISC) {
@@ -430,6 +434,7 @@ export class ServerSession {
     this.inflightBytes += bytes;
     this.updateFlow();
     void this.run(req, payload).finally(() => {
+      if (pooled) sharedPool.release(pooled);
       this.inflight--;
       this.inflightBytes -= bytes;
       this.updateFlow();
@@ -548,21 +553,25 @@ export class ServerSession {
   private async read(req: Request): Promise<void> {
     const node = this.exp!.node;
     const { offset, length, cookie } = req;
-    if (!this.structured) {
-      const data = length ? await node.read(offset, length) : Buffer.alloc(0);
-      this.send(encodeSimpleReply(0, cookie), data);
-      return;
-    }
     if (length === 0) {
-      this.send(encodeNoneChunk(cookie));
+      this.send(this.structured ? encodeNoneChunk(cookie) : encodeSimpleReply(0, cookie));
       return;
     }
     const df = (req.flags & CMD_FLAG.DF) !== 0;
     let runs: Extent[] | undefined;
-    if (!df && node.caps.canExtents) runs = clipExtents(await node.extents(offset, length), length);
+    if (this.structured && !df && node.caps.canExtents && node.caps.cheapExtents) runs = clipExtents(await node.extents(offset, length), length);
     if (!runs || runs.length === 0 || (runs.length === 1 && !runs[0]!.zero)) {
-      const data = await node.read(offset, length);
-      this.send(encodeDataChunkHeader(cookie, offset, length, true), data);
+      // One piece of data: read into a pooled buffer, returned once the socket has sent it.
+      const pooled = sharedPool.acquire(length);
+      const data = pooled.subarray(0, length);
+      try {
+        await node.readInto(offset, data);
+      } catch (err) {
+        sharedPool.release(pooled);
+        throw err;
+      }
+      const header = this.structured ? encodeDataChunkHeader(cookie, offset, length, true) : encodeSimpleReply(0, cookie);
+      if (!this.sendData(header, data, () => sharedPool.release(pooled))) sharedPool.release(pooled);
       return;
     }
     // Sparse read: holes as OFFSET_HOLE chunks, data runs read in parallel.
@@ -618,6 +627,19 @@ export class ServerSession {
     this.stream.cork();
     for (const b of buffers) if (b.length) this.stream.write(b);
     this.stream.uncork();
+  }
+
+  /**
+   * Send a header and a data buffer; `sent` runs once the socket is done with the data.
+   * Returns false (and never calls `sent`) when the connection is already gone.
+   */
+  private sendData(header: Buffer, data: Buffer, sent: () => void): boolean {
+    if (this.phase === 'closed' || this.stream.destroyed || this.stream.writableEnded) return false;
+    this.stream.cork();
+    this.stream.write(header);
+    this.stream.write(data, () => sent());
+    this.stream.uncork();
+    return true;
   }
 }
 

@@ -90,7 +90,7 @@ describe.each(modes)('RawNode with $name', ({ name, native: ops }) => {
         expect(node.limits).toEqual({ minimum: 1, preferred: 4096, maximum: 32 * MiB });
         expect(node.caps).toEqual({
           canWrite: true, canFlush: true, canFua: true, canTrim: true, canZero: true, canFastZero: sparse,
-          canMultiConn: true, canExtents: true, canCache: true,
+          canMultiConn: true, canExtents: true, canCache: true, cheapExtents: sparse,
         });
         expect(node.sparse).toBe(sparse);
         expect(node.isBlockDevice).toBe(false);
