@@ -74,6 +74,8 @@ export class ServerSession {
   private inflightBytes = 0;
   private paused = false;
   private stopping = false;
+  /** the final flush and close have started */
+  private finishing = false;
   private handshakeTimer: NodeJS.Timeout | undefined;
   private closeWaiters: Array<() => void> = [];
 
@@ -451,8 +453,10 @@ export class ServerSession {
       this.pump();
       if (this.inflight > 0 || this.phase !== 'transmission') return;
     }
+    if (this.finishing) return;
     if (this.phase === 'closing' || (this.phase === 'transmission' && this.stopping)) {
       this.phase = 'closing';
+      this.finishing = true;
       const exp = this.exp;
       const flushed = exp && !exp.readOnly ? exp.node.flush().catch((err) => {
         this.host.log('warn', `flush of export "${exp.name}" at disconnect failed: ${toBlkrepError(err).message}`);
