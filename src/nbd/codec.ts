@@ -131,9 +131,20 @@ export function encodeNoneChunk(cookie: bigint): Buffer {
   return encodeChunkHeader(REPLY_FLAG_DONE, CHUNK.NONE, cookie, 0);
 }
 
+/**
+ * A human-readable message as an NBD string: UTF-8 without NUL, at most `max` bytes, cut at a
+ * character boundary.
+ */
+export function encodeMessage(message: string, max = MAX_ERROR_MESSAGE): Buffer {
+  const b = Buffer.from(message.replace(/\0/g, '\ufffd'), 'utf8');
+  if (b.length <= max) return b;
+  let n = max;
+  while (n > 0 && (b[n]! & 0xc0) === 0x80) n--; // do not split a multi-byte sequence
+  return b.subarray(0, n);
+}
+
 export function encodeErrorChunk(cookie: bigint, error: number, message: string, offset?: number): Buffer {
-  let msg = Buffer.from(message, 'utf8');
-  if (msg.length > MAX_ERROR_MESSAGE) msg = msg.subarray(0, MAX_ERROR_MESSAGE);
+  const msg = encodeMessage(message);
   const withOffset = offset !== undefined;
   const payload = 6 + msg.length + (withOffset ? 8 : 0);
   const b = encodeChunkHeader(REPLY_FLAG_DONE, withOffset ? CHUNK.ERROR_OFFSET : CHUNK.ERROR, cookie, payload, payload);

@@ -18,7 +18,7 @@ import {
 } from './constants.js';
 import {
   decodeOptionHeader, decodeRequest, encodeBlockStatusChunk, encodeDataChunkHeader, encodeErrorChunk,
-  encodeGreeting, encodeHoleChunk, encodeNoneChunk, encodeOptionReply, encodeSimpleReply,
+  encodeGreeting, encodeHoleChunk, encodeMessage, encodeNoneChunk, encodeOptionReply, encodeSimpleReply,
   OPTION_HEADER_LENGTH, REQUEST_LENGTH, type Request,
 } from './codec.js';
 import type { Descriptor, Export } from './export.js';
@@ -239,7 +239,8 @@ export class ServerSession {
   }
 
   private replyError(option: number, type: number, message: string): void {
-    this.reply(option, type, Buffer.from(message, 'utf8'));
+    // The message may echo a client's name: keep it a valid NBD string (≤ 4096 bytes, no NUL).
+    this.reply(option, type, encodeMessage(message));
   }
 
   private onOption(option: number, data: Buffer): void {

@@ -90,6 +90,14 @@ function expectReplyHeader(r: OptionReplyFrame, option: number, type: number): v
   expect(r.option).toBe(option);
   expect(r.type >>> 0).toBe(type >>> 0);
   expect(r.data.length).toBe(r.length);
+  if (r.type & 0x80000000) expectNbdString(r.data);
+}
+
+/** An NBD string (error messages, names): valid UTF-8, no NUL, at most 4096 bytes. */
+function expectNbdString(b: Buffer): void {
+  expect(b.length).toBeLessThanOrEqual(4096);
+  expect(Buffer.from(b.toString('utf8'), 'utf8').equals(b)).toBe(true);
+  expect(b.includes(0)).toBe(false);
 }
 
 /** A GO on the default export must still work on this connection. */
@@ -115,6 +123,7 @@ function expectErrorChunk(r: Reply, errno: number): void {
   expect(c.payload.readUInt32BE(0)).toBe(errno);
   const msgLen = c.payload.readUInt16BE(4);
   expect(msgLen).toBeLessThanOrEqual(4096);
+  expectNbdString(c.payload.subarray(6, 6 + msgLen));
   expect(c.length).toBe(6 + msgLen + (c.type === CHUNK.ERROR_OFFSET ? 8 : 0));
 }
 
@@ -283,7 +292,7 @@ describe('A.15 server, handshake', () => {
 
   it('A.15-8 INFO on an unknown export → ERR_UNKNOWN and no REP_INFO', async () => {
     const c = await optionsPhase();
-    for (const name of ['nope', 'RO', ' ', 'x'.repeat(4096)]) {
+    for (const name of ['nope', 'RO', ' ', 'x'.repeat(4096), '€'.repeat(1365), 'a\u0000b']) {
       const r = await c.option(OPT.INFO, infoPayload(name, [INFO.NAME, INFO.BLOCK_SIZE]));
       expect(r.length).toBe(1);
       expectReplyHeader(r[0]!, OPT.INFO, REP.ERR_UNKNOWN);
