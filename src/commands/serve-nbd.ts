@@ -1,3 +1,4 @@
+import { rmSync } from 'node:fs';
 import { Args, Flags } from '@oclif/core';
 import { BlkrepCommand, loadTransports } from '../cli/base.js';
 import { secondsFlag, sizeFlag } from '../cli/flags.js';
@@ -86,6 +87,8 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
       if (signals > 1) {
         log('warn', `${signal} again: exiting without waiting for requests in flight`);
         daemon.server.destroyAll();
+        // "removed at exit" holds for this exit too: a stale pid file names a pid that may be reused
+        if (flags['pid-file']) rmSync(flags['pid-file'], { force: true });
         process.exit(1);
       }
       log('info', `${signal}: finishing requests in flight, flushing, exiting`);
