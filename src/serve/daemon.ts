@@ -86,7 +86,10 @@ export class Daemon {
         try {
           listeners.push(await transports[i]!.listen(spec.address, { onConnection: (c) => server.attach(c) }));
         } catch (err) {
-          throw toBlkrepError(err, `cannot listen on ${spec.transport} address ${spec.address}`);
+          // A plugin's own error (code ERR_…) already says "cannot listen on <transport> <address>".
+          const code = (err as { code?: unknown } | null)?.code;
+          const own = typeof code === 'string' && code.startsWith('ERR_');
+          throw own ? toBlkrepError(err) : toBlkrepError(err, `cannot listen on ${spec.transport} address ${spec.address}`);
         }
       }
       const daemon = new Daemon(server, listeners, undefined, options.pidFile);
