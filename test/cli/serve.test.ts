@@ -409,6 +409,10 @@ describe('errors a user can hit', () => {
     code: number;
     jsonCode?: string;
     message: (dir: string) => RegExp | string;
+    /** must not match (e.g. a message saying the same thing twice) */
+    notMessage?: RegExp;
+    /** prepare the temp dir before running */
+    setup?: (dir: string) => Promise<void>;
   }
   let heldPort = 0;
   const cases: Case[] = [
@@ -439,6 +443,16 @@ describe('errors a user can hit', () => {
       code: 1,
       jsonCode: 'ERR_ADDRESS_IN_USE',
       message: () => new RegExp(`127\\.0\\.0\\.1:${heldPort}.*in use`),
+      notMessage: /cannot listen[\s\S]*cannot listen/,
+    },
+    {
+      name: 'unix socket path taken by a regular file',
+      setup: (d) => writeFile(join(d, 'taken'), 'not a socket'),
+      args: (d) => ['serve-nbd', 'memory:1M', '--socket', join(d, 'taken')],
+      code: 1,
+      jsonCode: 'ERR_ADDRESS_IN_USE',
+      message: (d) => join(d, 'taken'),
+      notMessage: /cannot listen[\s\S]*cannot listen/,
     },
     {
       name: '--min-block-size 3000',
@@ -477,6 +491,7 @@ describe('errors a user can hit', () => {
         await new Promise<void>((resolve) => holder.listen(0, '127.0.0.1', resolve));
         heldPort = (holder.address() as net.AddressInfo).port;
       }
+      await c.setup?.(dir);
       try {
         const want = c.message(dir);
         const text = await runCli(c.args(dir), { timeoutMs: 15_000 });
@@ -484,6 +499,7 @@ describe('errors a user can hit', () => {
         expect(text.stdout).toBe('');
         if (typeof want === 'string') expect(text.stderr).toContain(want);
         else expect(text.stderr).toMatch(want);
+        if (c.notMessage) expect(text.stderr).not.toMatch(c.notMessage);
 
         const json = await runCli([...c.args(dir), '--json'], { timeoutMs: 15_000 });
         expect(json.code, json.stdout + json.stderr).toBe(c.code);
