@@ -423,6 +423,8 @@ export class ServerSession {
   private onRequest(req: Request, payload: Buffer | undefined, pooled?: Buffer): void {
     const exp = this.exp!;
     this.counters.requests++;
+    const name = CMD_NAMES[req.type];
+    if (name) exp.counters.requests[name] = (exp.counters.requests[name] ?? 0) + 1;
     if (req.type === CMD.DISC) {
       // No reply; finish what runs, make it durable, close.
       this.phase = 'closing';
@@ -430,8 +432,6 @@ export class ServerSession {
       this.finishIfIdle();
       return;
     }
-    const name = CMD_NAMES[req.type];
-    if (name) exp.counters.requests[name] = (exp.counters.requests[name] ?? 0) + 1;
     const bytes = payload?.length ?? (req.type === CMD.READ ? Math.min(req.length, MAX_PAYLOAD) : 0);
     this.inflight++;
     this.inflightBytes += bytes;
