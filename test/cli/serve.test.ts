@@ -373,7 +373,11 @@ describe('control socket and blkrep status', () => {
     q.child.stdin!.end(); // qemu-io exits: DISC
     await q.waitExit(15_000);
     await waitFor(async () => (await status(ctl)).connections.length === 0, 'the connection to close');
-    expect((await status(ctl)).exports[0]!.totalConnections).toBe(1);
+    const after = (await status(ctl)).exports[0]!;
+    expect(after.totalConnections).toBe(1);
+    expect(after.connections).toBe(0);
+    expect(after.requests.disc).toBe(1); // qemu-io says goodbye with NBD_CMD_DISC
+    expect(after.bytesWritten).toBe(MiB + 64 * KiB);
   });
 
   it('{"cmd":"shutdown"} stops the daemon: reply, then exit 0, pid file and sockets removed', async () => {
