@@ -978,6 +978,9 @@ describe('A.15 server, transmission', () => {
       p.copy(want, 65536);
       expect(data.equals(want.subarray(offset - base, offset - base + length))).toBe(true);
     }
+    // a DF read too large to send unfragmented → EOVERFLOW (75), connection usable
+    expectError(c, await c.request(CMD.READ, { offset: 0, length: 32 * MiB + 1, flags: CMD_FLAG.DF }), EOVERFLOW);
+    expect((await c.read(base, 4096, CMD_FLAG.DF)).length).toBe(4096);
     c.destroy();
   });
 

@@ -18,7 +18,8 @@ export async function startServer(options: NbdServerOptions): Promise<TestServer
   const dir = await mkdtemp(path.join(os.tmpdir(), 'blkrep-nbd-test-'));
   const socketPath = path.join(dir, 'nbd.sock');
   const srv = new NbdServer(options);
-  const listener = net.createServer((sock) => srv.attach({ stream: sock, peer: 'test' }));
+  // allowHalfOpen as the unix and tcp transports do: a client's EOF reaches the session as EOF.
+  const listener = net.createServer({ allowHalfOpen: true }, (sock) => srv.attach({ stream: sock, peer: 'test' }));
   await new Promise<void>((resolve, reject) => {
     listener.once('error', reject);
     listener.listen(socketPath, () => {
