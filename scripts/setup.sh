@@ -18,5 +18,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-if [ -f package-lock.json ]; then npm ci --no-audit --no-fund; else npm install --no-audit --no-fund; fi
+# npm install, not npm ci: the registry here serves only some platforms' optional packages
+# (rollup, esbuild), which npm ci counts as a lock-file mismatch.
+npm install --no-audit --no-fund
 npm run build
