@@ -12,6 +12,7 @@ import { NBD_ERRNO, toBlkrepError, type Errno } from '../api/errors.js';
 import type { Extent } from '../api/block.js';
 import { ByteQueue } from './byte-queue.js';
 import { sharedPool } from './buffer-pool.js';
+import { ReceiveGc } from '../util/gc.js';
 import {
   CMD, CMD_FLAG, CMD_NAMES, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES,
   IHAVEOPT, INFO, MAX_OPTION_LENGTH, MAX_PAYLOAD, MAX_STRING, OPT, REP, REQUEST_MAGIC, TF,
@@ -49,6 +50,9 @@ const KNOWN_CMD_FLAGS = CMD_FLAG.FUA | CMD_FLAG.NO_HOLE | CMD_FLAG.DF | CMD_FLAG
 
 let nextSessionId = 1;
 
+/** shared by every connection: what matters is the process's receive rate */
+const receiveGc = new ReceiveGc();
+
 export interface SessionCounters {
   requests: number;
   bytesRead: number;
@@ -85,6 +89,7 @@ export class ServerSession {
     readonly peer: string,
   ) {
     stream.on('data', (chunk: Buffer) => {
+      receiveGc.note(chunk.length);
       this.queue.push(chunk);
       this.pump();
     });
