@@ -27,6 +27,18 @@ describe('man pages', async () => {
     });
   }
 
+  const handWritten = readdirSync(path.join(ROOT, 'man')).filter((f) => /\.[57]$/.test(f));
+  it('has a page for each transport plugin', () => {
+    for (const dir of readdirSync(path.join(ROOT, 'plugins'))) expect(handWritten).toContain(`blkrep-${dir}.7`);
+  });
+  for (const file of handWritten) {
+    it(`man/${file} renders with groff -man -ww without warnings`, () => {
+      const r = spawnSync('groff', ['-man', '-ww', '-z', '-Tutf8', path.join(ROOT, 'man', file)], { encoding: 'utf8' });
+      expect(r.status).toBe(0);
+      expect(r.stderr).toBe('');
+    });
+  }
+
   it('documents every flag of serve-nbd with its exit status section', () => {
     const text = pages.get('blkrep-serve-nbd.1')!;
     for (const flag of ['--socket', '--port', '--bind', '--read-only', '--shared', '--handshake-timeout', '--pid-file', '--control', '--export', '--json']) {
