@@ -9,7 +9,7 @@ export class BufferPool {
 
   constructor(
     /** buffers kept for reuse at most, in bytes */
-    private readonly maxPooledBytes = 32 * 1024 * 1024,
+    private readonly maxPooledBytes = 16 * 1024 * 1024,
     /** smaller requests are not worth pooling */
     readonly minSize = 4096,
   ) {}
