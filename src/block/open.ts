@@ -19,6 +19,8 @@ export interface OpenImageOptions {
   readOnly?: boolean;
   /** the native addon for raw images; undefined = loadNative(), null = the portable fallback */
   native?: SparseOps | null;
+  /** the image's format; probed from its first bytes when not given */
+  format?: ImageFormat;
 }
 
 export type ImageFormat = 'raw' | 'qcow2';
@@ -59,8 +61,8 @@ export async function openImage(spec: string, options: OpenImageOptions = {}): P
   }
 
   const rawOptions = { readOnly, ...(options.native === undefined ? {} : { native: options.native }) };
-  if (spec.startsWith('raw:')) {
-    const path = spec.slice('raw:'.length);
+  if (spec.startsWith('raw:') || options.format === 'raw') {
+    const path = spec.startsWith('raw:') ? spec.slice('raw:'.length) : spec;
     if (path === '') throw badImage(spec, 'raw: needs a path');
     return RawNode.open(path, rawOptions);
   }
