@@ -168,3 +168,85 @@ export function encodeBlockStatusChunk(cookie: bigint, contextId: number, extent
   }
   return b;
 }
+
+// -------------------------------------------------------------------------------------------------
+// client side: option payloads it sends, replies it reads
+
+/** Payload of NBD_OPT_INFO / NBD_OPT_GO: u32 name length, name, u16 count, u16 info types. */
+export function encodeInfoRequest(exportName: string, infos: number[]): Buffer {
+  const name = Buffer.from(exportName, 'utf8');
+  const b = Buffer.alloc(4 + name.length + 2 + 2 * infos.length);
+  b.writeUInt32BE(name.length, 0);
+  name.copy(b, 4);
+  b.writeUInt16BE(infos.length, 4 + name.length);
+  infos.forEach((t, i) => b.writeUInt16BE(t, 6 + name.length + 2 * i));
+  return b;
+}
+
+/** Payload of NBD_OPT_SET/LIST_META_CONTEXT: u32 name length, name, u32 count, (u32 length, query)… */
+export function encodeMetaContextRequest(exportName: string, queries: string[]): Buffer {
+  const name = Buffer.from(exportName, 'utf8');
+  const qs = queries.map((q) => Buffer.from(q, 'utf8'));
+  const b = Buffer.alloc(8 + name.length + qs.reduce((n, q) => n + 4 + q.length, 0));
+  b.writeUInt32BE(name.length, 0);
+  name.copy(b, 4);
+  let p = 4 + name.length;
+  b.writeUInt32BE(qs.length, p);
+  p += 4;
+  for (const q of qs) {
+    b.writeUInt32BE(q.length, p);
+    q.copy(b, p + 4);
+    p += 4 + q.length;
+  }
+  return b;
+}
+
+export interface SimpleReplyHeader {
+  magic: number;
+  error: number;
+  cookie: bigint;
+}
+
+export function decodeSimpleReply(b: Buffer): SimpleReplyHeader {
+  return { magic: b.readUInt32BE(0), error: b.readUInt32BE(4), cookie: b.readBigUInt64BE(8) };
+}
+
+export interface ChunkHeader {
+  magic: number;
+  flags: number;
+  type: number;
+  cookie: bigint;
+  length: number;
+}
+
+export function decodeChunkHeader(b: Buffer): ChunkHeader {
+  return { magic: b.readUInt32BE(0), flags: b.readUInt16BE(4), type: b.readUInt16BE(6), cookie: b.readBigUInt64BE(8), length: b.readUInt32BE(16) };
+}
+
+/** BLOCK_STATUS chunk payload; a string is the reason it is malformed. */
+export function decodeBlockStatusPayload(p: Buffer): { contextId: number; descriptors: Array<[number, number]> } | string {
+  if (p.length < 12 || (p.length - 4) % 8 !== 0) return `block status payload of ${p.length} bytes is not 4 + 8·N bytes with N ≥ 1`;
+  const descriptors: Array<[number, number]> = [];
+  for (let at = 4; at < p.length; at += 8) {
+    const length = p.readUInt32BE(at);
+    if (length === 0) return `block status descriptor ${descriptors.length + 1} has length 0`;
+    descriptors.push([length, p.readUInt32BE(at + 4)]);
+  }
+  return { contextId: p.readUInt32BE(0), descriptors };
+}
+
+/**
+ * ERROR / ERROR_OFFSET chunk payload (u32 error, u16 message length, message[, u64 offset]).
+ * Unknown error types (bit 15) share the first fields. A string is the reason it is malformed.
+ */
+export function decodeErrorPayload(p: Buffer, withOffset: boolean): { error: number; message: string; offset?: bigint } | string {
+  if (p.length < 6) return `error chunk payload of ${p.length} bytes is shorter than 6`;
+  const error = p.readUInt32BE(0);
+  const msgLength = p.readUInt16BE(4);
+  const need = 6 + msgLength + (withOffset ? 8 : 0);
+  if (withOffset ? p.length !== need : p.length < need) {
+    return `error chunk payload of ${p.length} bytes does not match its message length ${msgLength}${withOffset ? ' and offset' : ''}`;
+  }
+  const message = p.toString('utf8', 6, 6 + msgLength);
+  return withOffset ? { error, message, offset: p.readBigUInt64BE(6 + msgLength) } : { error, message };
+}
