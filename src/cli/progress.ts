@@ -1,0 +1,39 @@
+/**
+ * A progress bar with rate and ETA on stderr — only when stderr is a terminal, the command is
+ * not printing JSON, and --no-progress was not given. Otherwise every call does nothing.
+ */
+import cliProgress from 'cli-progress';
+import { formatSize } from '../util/size.js';
+
+export interface Progress {
+  update(done: number): void;
+  stop(): void;
+}
+
+const silent: Progress = { update() {}, stop() {} };
+
+export function progressBar(label: string, total: number, options: { enabled: boolean }): Progress {
+  if (!options.enabled || !process.stderr.isTTY || total <= 0) return silent;
+  const started = Date.now();
+  const bar = new cliProgress.SingleBar(
+    {
+      stream: process.stderr,
+      format: `${label} [{bar}] {percentage}% | {done} of {total} | {rate}/s | ETA {eta_formatted}`,
+      hideCursor: true,
+      clearOnComplete: true,
+      etaBuffer: 50,
+      fps: 10,
+    },
+    cliProgress.Presets.shades_classic,
+  );
+  bar.start(total, 0, { done: formatSize(0), total: formatSize(total), rate: formatSize(0) });
+  return {
+    update(done: number) {
+      const seconds = Math.max((Date.now() - started) / 1000, 0.001);
+      bar.update(done, { done: formatSize(done), total: formatSize(total), rate: formatSize(Math.round(done / seconds)) });
+    },
+    stop() {
+      bar.stop();
+    },
+  };
+}
