@@ -468,10 +468,10 @@ export class NbdClient extends EventEmitter {
 
   private disconnectedError(what: string): BlkrepError {
     const shutdown = this.lastError?.errno === 'ESHUTDOWN';
-    const held = this.opts.reconnect && this.opts.holdMs > 0 ? ` for ${this.opts.holdMs} ms` : '';
+    const held = this.opts.reconnect && this.opts.holdMs > 0 ? ` came back within ${this.opts.holdMs} ms` : '';
     return new BlkrepError(
       'ERR_NBD_DISCONNECTED',
-      `${what}: no connection to ${this.uri.uri}${held ? ` came back within${held}` : ''}${this.lastError ? ` (${this.lastError.message})` : ''}`,
+      `${what}: no connection to ${this.uri.uri}${held}${this.lastError ? ` (${this.lastError.message})` : ''}`,
       { errno: shutdown ? 'ESHUTDOWN' : 'EIO', ...(this.lastError ? { cause: this.lastError } : {}), details: { uri: this.uri.uri } },
     );
   }
