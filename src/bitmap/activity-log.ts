@@ -1,0 +1,235 @@
+/**
+ * The activity log (after DRBD's): the set of "hot" extents — large regions of the disk that
+ * writes may be touching — kept durable in the bitmap file, so that after a crash the dirty set
+ * is the stored bitmap OR every hot extent.
+ *
+ * Rules that make this safe (each is needed; see the crash test):
+ * 1. A write may be issued only once every extent it touches is in a DURABLE transaction
+ *    (acquire() resolves). Writes to extents already hot cost nothing: no I/O, no wait.
+ * 2. Transactions are written one at a time and each holds the WHOLE hot set, so the newest
+ *    valid block is enough at recovery, and a torn newest block falls back to the previous one,
+ *    which still covers every write that was issued (rule 1: nothing was issued on the torn one).
+ * 3. An extent leaves the set (LRU) only when no write into it is in flight (refs = 0) and the
+ *    bitmap bits of every write into it are durable (touched ≤ the durable sync epoch). It is
+ *    removed from the in-memory set synchronously when the transaction dropping it is built, so
+ *    a new write into it waits for a later transaction that adds it back.
+ * 4. New extents are batched: requests arriving while a transaction is being written share the
+ *    next one (group commit), so a burst into N cold extents costs one or two syncs, not N.
+ * 5. A request waiting for the log pins nothing. Only writes that may proceed hold extents, and
+ *    they finish without the log, so the hot set always drains and no wait can deadlock. Waiting
+ *    requests are served in order (the first one that does not fit holds back the rest).
+ */
+
+export interface ActivityLogIo {
+  /** write a transaction holding `extents` (ascending) and make it durable */
+  commit(extents: number[]): Promise<void>;
+  /** make every bitmap bit set so far durable (advances durableEpoch()) */
+  syncBits(): Promise<void>;
+  /** the newest sync epoch whose bits are durable */
+  durableEpoch(): number;
+}
+
+interface Entry {
+  extent: number;
+  /** committing: in the transaction being written, not yet durable */
+  status: 'committing' | 'hot';
+  /** writes in flight into this extent */
+  refs: number;
+  /** sync epoch that will make the bits of the latest write into it durable */
+  touched: number;
+}
+
+interface Request {
+  first: number;
+  last: number;
+  resolve: () => void;
+  reject: (err: unknown) => void;
+}
+
+export interface ActivityLogStats {
+  /** transactions written */
+  transactions: number;
+  /** extents added to the hot set */
+  added: number;
+  /** extents retired from it */
+  retired: number;
+  /** bitmap syncs an eviction had to wait for */
+  evictionSyncs: number;
+}
+
+export class ActivityLog {
+  /** in LRU order: the least recently used first (Map keeps insertion order; touch = re-insert) */
+  private readonly entries = new Map<number, Entry>();
+  private readonly waiting: Request[] = [];
+  private running = false;
+  private again = false;
+  readonly stats: ActivityLogStats = { transactions: 0, added: 0, retired: 0, evictionSyncs: 0 };
+
+  constructor(
+    /** most extents in the hot set; every request spans at most this many */
+    readonly capacity: number,
+    private readonly io: ActivityLogIo,
+  ) {}
+
+  /** the extents currently durable in the log, ascending */
+  hotExtents(): number[] {
+    const out: number[] = [];
+    for (const x of this.entries.values()) if (x.status === 'hot') out.push(x.extent);
+    return out.sort((a, b) => a - b);
+  }
+
+  /** number of extents in the hot set */
+  get size(): number {
+    return this.entries.size;
+  }
+
+  /** writes in flight, counted per extent they pin */
+  pinned(): number {
+    let n = 0;
+    for (const x of this.entries.values()) n += x.refs;
+    return n;
+  }
+
+  /**
+   * Pin extents [first, last] for a write (at most `capacity` of them). Returns undefined when
+   * they are all hot (pinned now: the write may go ahead), else a promise that resolves once they
+   * are all durable in the log and pinned. On rejection nothing is pinned.
+   */
+  acquire(first: number, last: number): Promise<void> | undefined {
+    let hot = true;
+    for (let e = first; e <= last && hot; e++) hot = this.entries.get(e)?.status === 'hot';
+    if (hot) {
+      this.pin(first, last);
+      return undefined;
+    }
+    return new Promise<void>((resolve, reject) => {
+      this.waiting.push({ first, last, resolve, reject });
+      this.kick();
+    });
+  }
+
+  /** Unpin extents [first, last]; `touched` = the sync epoch that will make the write's bits durable. */
+  release(first: number, last: number, touched: number): void {
+    let kick = false;
+    for (let e = first; e <= last; e++) {
+      const x = this.entries.get(e);
+      if (!x || x.refs === 0) continue;
+      x.refs--;
+      if (touched > x.touched) x.touched = touched;
+      if (x.refs === 0 && this.waiting.length > 0) kick = true;
+    }
+    if (kick) this.kick();
+  }
+
+  private pin(first: number, last: number): void {
+    for (let e = first; e <= last; e++) {
+      const x = this.entries.get(e)!;
+      x.refs++;
+      this.entries.delete(e);
+      this.entries.set(e, x);
+    }
+  }
+
+  private kick(): void {
+    if (this.running) {
+      this.again = true;
+      return;
+    }
+    this.running = true;
+    void this.loop();
+  }
+
+  private async loop(): Promise<void> {
+    do {
+      this.again = false;
+      try {
+        while (await this.round());
+      } catch {
+        // delivered to the waiting requests; a later acquire() starts afresh
+      }
+    } while (this.again);
+    this.running = false;
+  }
+
+  /** the extents of a request not in the hot set */
+  private missing(r: Request, also?: Set<number>): number[] {
+    const out: number[] = [];
+    for (let e = r.first; e <= r.last; e++) if (!this.entries.has(e) && !also?.has(e)) out.push(e);
+    return out;
+  }
+
+  /** One transaction. True when it made progress or should be tried again at once. */
+  private async round(): Promise<boolean> {
+    if (this.waiting.length === 0) return false;
+    // Serve waiting requests in order while their new extents fit in the free room.
+    const add = new Set<number>();
+    let served = 0;
+    for (const r of this.waiting) {
+      const need = this.missing(r, add);
+      if (this.entries.size + add.size + need.length > this.capacity) break;
+      for (const e of need) add.add(e);
+      served++;
+    }
+    if (served === 0) {
+      // The first request needs room: retire the least recently used extents nobody writes to.
+      const head = this.waiting[0]!;
+      const need = this.missing(head);
+      const want = this.entries.size + need.length - this.capacity;
+      const victims: Entry[] = [];
+      for (const x of this.entries.values()) {
+        if (victims.length >= want) break;
+        if (x.status === 'hot' && x.refs === 0 && (x.extent < head.first || x.extent > head.last)) victims.push(x);
+      }
+      if (victims.length < want) return false; // a release() will kick us again
+      if (victims.some((v) => v.touched > this.io.durableEpoch())) {
+        // their bits must be stored before the log may forget them; then decide afresh
+        this.stats.evictionSyncs++;
+        try {
+          await this.io.syncBits();
+        } catch (err) {
+          this.failAll(err);
+          throw err;
+        }
+        return true;
+      }
+      for (const v of victims) {
+        this.entries.delete(v.extent);
+        this.stats.retired++;
+      }
+      for (const e of need) add.add(e);
+      served = 1;
+    }
+    if (add.size === 0) {
+      // everything they need became hot while they waited
+      for (const r of this.waiting.splice(0, served)) {
+        this.pin(r.first, r.last);
+        r.resolve();
+      }
+      return true;
+    }
+    // From deciding the set to the commit nothing awaits: the new hot set is one atomic step.
+    for (const e of add) this.entries.set(e, { extent: e, status: 'committing', refs: 0, touched: 0 });
+    const set = [...this.entries.keys()].sort((a, b) => a - b);
+    const batch = this.waiting.splice(0, served);
+    try {
+      await this.io.commit(set);
+    } catch (err) {
+      for (const e of add) this.entries.delete(e);
+      for (const r of batch) r.reject(err);
+      this.failAll(err);
+      throw err;
+    }
+    this.stats.transactions++;
+    this.stats.added += add.size;
+    for (const e of add) this.entries.get(e)!.status = 'hot';
+    for (const r of batch) {
+      this.pin(r.first, r.last);
+      r.resolve();
+    }
+    return true;
+  }
+
+  private failAll(err: unknown): void {
+    for (const r of this.waiting.splice(0)) r.reject(err);
+  }
+}
