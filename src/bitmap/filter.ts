@@ -1,0 +1,142 @@
+/**
+ * dirty-tracking — a filter that records every write, write-zeroes and trim passing through it
+ * in one or more bitmaps (DESIGN.md §5). Reads, extents and cache pass straight through.
+ *
+ * Order, for each modifying request, and why:
+ *   1. every tracker's beforeWrite(range) resolves — for a persistent bitmap the range is then
+ *      covered on disk (activity log or stored bits), so a crash from here on finds it dirty;
+ *   2. the request goes to `next`;
+ *   3. every tracker's afterWrite(ticket), whatever the outcome — a failed write may still have
+ *      changed part of the range.
+ * flush() flushes `next` and every tracker together and resolves when all are durable, so the
+ * bitmap is on stable storage before the FLUSH is acknowledged.
+ */
+import type { BlockNode, Capabilities, CompleteBlockNode, Extent, IoOptions, WriteOptions, ZeroOptions } from '../api/block.js';
+import { checkRange, completeNode } from '../block/node.js';
+import type { DirtyBitmap, Run } from './dirty-bitmap.js';
+
+/** What the filter needs from a bitmap. PersistentBitmap is one; volatileTracker() makes one of a DirtyBitmap. */
+export interface WriteTracker<T = unknown> {
+  /** resolves when a write to [offset, offset+length) may be issued */
+  beforeWrite(offset: number, length: number): Promise<T>;
+  /** the write of `ticket` is over, successfully or not */
+  afterWrite(ticket: T): void;
+  /** resolves when everything recorded so far is durable */
+  flush(): Promise<void>;
+}
+
+/** A DirtyBitmap as a tracker: nothing to make durable (an in-flight or volatile bitmap). */
+export function volatileTracker(bitmap: DirtyBitmap): WriteTracker<Run> {
+  return {
+    beforeWrite: (offset, length) => Promise.resolve({ offset, length }),
+    afterWrite: (t) => {
+      if (t.length > 0) bitmap.set(t.offset, t.length);
+    },
+    flush: () => Promise.resolve(),
+  };
+}
+
+export class DirtyTrackingNode implements BlockNode {
+  readonly driver = 'dirty-tracking';
+  readonly next: CompleteBlockNode;
+  private trackers: WriteTracker[];
+
+  constructor(next: BlockNode, trackers: WriteTracker[] = []) {
+    this.next = completeNode(next);
+    this.trackers = [...trackers];
+  }
+
+  get description(): string {
+    return this.next.description;
+  }
+  get size(): number {
+    return this.next.size;
+  }
+  get limits() {
+    return this.next.limits;
+  }
+  get caps(): Capabilities {
+    return this.next.caps;
+  }
+
+  /** Start recording into `tracker` (writes already in flight are not recorded by it). */
+  addTracker(tracker: WriteTracker): void {
+    if (!this.trackers.includes(tracker)) this.trackers = [...this.trackers, tracker];
+  }
+
+  /** Stop recording into `tracker`; writes in flight still complete their afterWrite on it. */
+  removeTracker(tracker: WriteTracker): void {
+    this.trackers = this.trackers.filter((t) => t !== tracker);
+  }
+
+  get trackerCount(): number {
+    return this.trackers.length;
+  }
+
+  read(offset: number, length: number, o?: IoOptions): Promise<Buffer> {
+    return this.next.read(offset, length, o);
+  }
+
+  readInto(offset: number, target: Buffer, o?: IoOptions): Promise<void> {
+    return this.next.readInto(offset, target, o);
+  }
+
+  extents(offset: number, length: number, o?: IoOptions): Promise<Extent[]> {
+    return this.next.extents(offset, length, o);
+  }
+
+  cache(offset: number, length: number, o?: IoOptions): Promise<void> {
+    return this.next.cache(offset, length, o);
+  }
+
+  write(offset: number, data: Buffer, o?: WriteOptions): Promise<void> {
+    return this.tracked(offset, data.length, 'write', () => this.next.write(offset, data, o));
+  }
+
+  writeZeroes(offset: number, length: number, o?: ZeroOptions): Promise<void> {
+    return this.tracked(offset, length, 'write-zeroes', () => this.next.writeZeroes(offset, length, o));
+  }
+
+  trim(offset: number, length: number, o?: WriteOptions): Promise<void> {
+    return this.tracked(offset, length, 'trim', () => this.next.trim(offset, length, o));
+  }
+
+  async flush(o?: IoOptions): Promise<void> {
+    const trackers = this.trackers;
+    if (trackers.length === 0) return this.next.flush(o);
+    await Promise.all([this.next.flush(o), ...trackers.map((t) => t.flush())]);
+  }
+
+  close(): Promise<void> {
+    return this.next.close();
+  }
+
+  private async tracked(offset: number, length: number, op: string, issue: () => Promise<void>): Promise<void> {
+    checkRange(this, offset, length, op);
+    const trackers = this.trackers;
+    if (trackers.length === 0) return issue();
+    if (trackers.length === 1) {
+      const tracker = trackers[0]!;
+      const ticket = await tracker.beforeWrite(offset, length);
+      try {
+        await issue();
+      } finally {
+        tracker.afterWrite(ticket);
+      }
+      return;
+    }
+    const settled = await Promise.allSettled(trackers.map((t) => t.beforeWrite(offset, length)));
+    const failure = settled.find((s): s is PromiseRejectedResult => s.status === 'rejected');
+    if (failure) {
+      settled.forEach((s, i) => {
+        if (s.status === 'fulfilled') trackers[i]!.afterWrite(s.value);
+      });
+      throw failure.reason;
+    }
+    try {
+      await issue();
+    } finally {
+      settled.forEach((s, i) => trackers[i]!.afterWrite((s as PromiseFulfilledResult<unknown>).value));
+    }
+  }
+}
