@@ -35,6 +35,11 @@ export interface Capabilities {
    * read to send holes as hole chunks. Absent means false.
    */
   cheapExtents?: boolean;
+  /**
+   * extents() fills in `depth` on every run (stacks such as qcow2 over a backing file), so the
+   * server can offer the `qemu:allocation-depth` meta context. Absent means false.
+   */
+  allocationDepth?: boolean;
 }
 
 export interface IoOptions {
@@ -91,6 +96,16 @@ export interface BlockNode {
   extents?(offset: number, length: number, options?: IoOptions): Promise<Extent[]>;
   /** prefetch hint; must not change what reads return */
   cache?(offset: number, length: number, options?: IoOptions): Promise<void>;
+  /**
+   * What the image is, for `blkrep info`: at least `format` and `virtualSize`; drivers add what
+   * they know, named after `qemu-img info --output=json` where the meaning matches.
+   */
+  info?(): Promise<Record<string, unknown>>;
+  /**
+   * Drop every allocation of this layer, so reads fall through to its backing (qcow2
+   * make-empty). Waits for requests in flight; durable when it resolves.
+   */
+  makeEmpty?(options?: IoOptions): Promise<void>;
   close(): Promise<void>;
 }
 

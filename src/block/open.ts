@@ -3,15 +3,17 @@
  *
  *   memory:SIZE     a sparse in-memory disk (SIZE as parseSize: 1G, 64M, 4096)
  *   raw:PATH        PATH as a raw file or block device, no format probe
- *   PATH            a file or block device; its format is probed (only raw so far)
+ *   PATH            a file or block device; its format is probed (qcow2 by its magic, else raw)
  *
- * Adding a format (qcow2): a case in probeFormat() recognising its header, and a case in
- * openProbed() opening it over (or instead of) the raw node.
+ * A qcow2 image opens its backing chain through openImage (read-only, the format its header
+ * names, at most MAX_CHAIN_DEPTH deep). Adding a format: a case in probeFormat() recognising its
+ * header, and a case in openProbed() opening it over (or instead of) the raw node.
  */
 import type { BlockNode } from '../api/block.js';
 import { BlkrepError } from '../api/errors.js';
 import { parseSize } from '../util/size.js';
 import { MemoryNode } from './memory.js';
+import { Qcow2Node } from './qcow2/node.js';
 import type { SparseOps } from './native.js';
 import { RawNode } from './raw.js';
 
@@ -21,7 +23,12 @@ export interface OpenImageOptions {
   native?: SparseOps | null;
   /** the image's format; probed from its first bytes when not given */
   format?: ImageFormat;
+  /** how deep in a backing chain this image is (set when opening backing files) */
+  chainDepth?: number;
 }
+
+/** Backing chains deeper than this are refused (they loop, or are made to exhaust us). */
+export const MAX_CHAIN_DEPTH = 64;
 
 export type ImageFormat = 'raw' | 'qcow2';
 
@@ -70,11 +77,33 @@ export async function openImage(spec: string, options: OpenImageOptions = {}): P
     throw badImage(spec, 'URIs are not supported as images (expected a path, raw:PATH or memory:SIZE)');
   }
 
+  if (options.format === 'qcow2') return openQcow2(spec, options);
   const raw = await RawNode.open(spec, rawOptions);
-  return openProbed(spec, raw);
+  return openProbed(spec, raw, options);
 }
 
-async function openProbed(spec: string, raw: RawNode): Promise<BlockNode> {
+/** A qcow2 image with its backing chain, each backing opened read-only through openImage. */
+async function openQcow2(path: string, options: OpenImageOptions): Promise<BlockNode> {
+  const depth = options.chainDepth ?? 0;
+  if (depth >= MAX_CHAIN_DEPTH) throw badImage(path, `the backing chain is deeper than ${MAX_CHAIN_DEPTH} images (does it loop?)`);
+  return Qcow2Node.open(path, {
+    readOnly: options.readOnly ?? false,
+    ...(options.native === undefined ? {} : { native: options.native }),
+    openBacking: async (spec, format) => {
+      if (format !== undefined && format !== 'raw' && format !== 'qcow2') {
+        throw badImage(spec, `backing format "${format}" is not supported (raw and qcow2 are)`);
+      }
+      return openImage(spec, {
+        readOnly: true,
+        chainDepth: depth + 1,
+        ...(format === undefined ? {} : { format }),
+        ...(options.native === undefined ? {} : { native: options.native }),
+      });
+    },
+  });
+}
+
+async function openProbed(spec: string, raw: RawNode, options: OpenImageOptions): Promise<BlockNode> {
   let format: ImageFormat;
   try {
     format = probeFormat(await raw.read(0, Math.min(PROBE_BYTES, raw.size)));
@@ -87,6 +116,6 @@ async function openProbed(spec: string, raw: RawNode): Promise<BlockNode> {
       return raw;
     case 'qcow2':
       await raw.close().catch(() => {});
-      throw badImage(spec, 'this is a qcow2 image, which this version cannot open yet (use raw:PATH to open its bytes as a raw image)');
+      return openQcow2(spec, options);
   }
 }

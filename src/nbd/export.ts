@@ -66,6 +66,7 @@ export class Export {
       bytesWritten: 0,
     };
     this.addMetaContext(allocationContext(this.node));
+    if (this.node.caps.allocationDepth) this.addMetaContext(allocationDepthContext(this.node));
   }
 
   get size(): number {
@@ -112,6 +113,29 @@ function allocationContext(node: CompleteBlockNode): MetaContextSource {
       if (!node.caps.canExtents) return [[length, 0]];
       const extents: Extent[] = await node.extents(offset, length);
       return extents.map((e) => [e.length, (e.hole ? STATE_HOLE : 0) | (e.zero ? STATE_ZERO : 0)]);
+    },
+  };
+}
+
+/** QEMU's context for allocation depth (reference part D) */
+export const QEMU_ALLOCATION_DEPTH = 'qemu:allocation-depth';
+
+/**
+ * qemu:allocation-depth: each descriptor's whole 32-bit value is the depth — 0 unallocated in
+ * the whole chain, 1 the top layer, 2 its backing, …
+ */
+function allocationDepthContext(node: CompleteBlockNode): MetaContextSource {
+  return {
+    name: QEMU_ALLOCATION_DEPTH,
+    async blockStatus(offset: number, length: number): Promise<Descriptor[]> {
+      const out: Descriptor[] = [];
+      for (const e of await node.extents(offset, length)) {
+        const depth = e.depth ?? 1;
+        const last = out[out.length - 1];
+        if (last && last[1] === depth) last[0] += e.length;
+        else out.push([e.length, depth]);
+      }
+      return out;
     },
   };
 }

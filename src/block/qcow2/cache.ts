@@ -1,0 +1,159 @@
+/**
+ * Cached metadata clusters (L2 tables, refcount blocks) with write-back.
+ *
+ * A table is dirty while its `gen` (bumped by every change) is ahead of `writtenGen` (the change
+ * count its last completed write carried). Writes of one table are chained, so a later snapshot
+ * of its contents never lands before an earlier one. Only clean, unpinned tables are evicted:
+ * when the cache is full of dirty tables it grows past its budget until a writeback cycle cleans
+ * them (the owner starts one when `overBudget`).
+ */
+import type { Qcow2Container } from './file.js';
+
+export class Table {
+  gen = 0;
+  writtenGen = 0;
+  /** requests holding a reference across an await; a pinned table is never evicted */
+  pins = 0;
+  private writes = 0;
+  private chain: Promise<void> = Promise.resolve();
+
+  constructor(
+    readonly offset: number,
+    readonly buf: Buffer,
+  ) {}
+
+  get dirty(): boolean {
+    return this.gen !== this.writtenGen;
+  }
+
+  get evictable(): boolean {
+    return !this.dirty && this.pins === 0 && this.writes === 0;
+  }
+
+  touch(): void {
+    this.gen++;
+  }
+
+  /** Force the table dirty (its last write may not be durable). */
+  markDirty(): void {
+    this.writtenGen = -1;
+  }
+
+  /** A copy of the contents now, to be written later with `write()`. */
+  capture(): Captured {
+    return { table: this, copy: Buffer.from(this.buf), gen: this.gen };
+  }
+
+  /** Write a captured copy, after any earlier write of this table. */
+  write(file: Qcow2Container, captured: Captured): Promise<void> {
+    this.writes++;
+    const done = this.chain.then(async () => {
+      try {
+        await file.write(this.offset, captured.copy);
+        if (captured.gen > this.writtenGen) this.writtenGen = captured.gen;
+      } finally {
+        this.writes--;
+      }
+    });
+    this.chain = done.catch(() => {});
+    return done;
+  }
+}
+
+export interface Captured {
+  table: Table;
+  copy: Buffer;
+  gen: number;
+}
+
+/** An LRU of tables keyed by host offset, bounded in bytes (clean tables only are evicted). */
+export class TableCache {
+  private readonly tables = new Map<number, Table>();
+  private readonly loading = new Map<number, Promise<Table>>();
+
+  constructor(
+    private readonly file: Qcow2Container,
+    private readonly tableBytes: number,
+    private readonly budgetBytes: number,
+  ) {}
+
+  get size(): number {
+    return this.tables.size;
+  }
+
+  get overBudget(): boolean {
+    return this.tables.size * this.tableBytes > this.budgetBytes;
+  }
+
+  /** The table if cached (marked most recently used), without I/O. */
+  peek(offset: number): Table | undefined {
+    const t = this.tables.get(offset);
+    if (t) {
+      this.tables.delete(offset);
+      this.tables.set(offset, t);
+    }
+    return t;
+  }
+
+  async get(offset: number): Promise<Table> {
+    const t = this.peek(offset);
+    if (t) return t;
+    let pending = this.loading.get(offset);
+    if (!pending) {
+      pending = (async () => {
+        const buf = Buffer.allocUnsafe(this.tableBytes);
+        try {
+          await this.file.read(offset, buf);
+        } finally {
+          this.loading.delete(offset);
+        }
+        // a concurrent add() (a new table at this offset) wins over what the disk had
+        const existing = this.tables.get(offset);
+        if (existing) return existing;
+        const table = new Table(offset, buf);
+        this.insert(table);
+        return table;
+      })();
+      this.loading.set(offset, pending);
+    }
+    return pending;
+  }
+
+  /** A new table (contents from the caller), dirty from the start. */
+  add(offset: number, buf: Buffer): Table {
+    const table = new Table(offset, buf);
+    table.touch();
+    this.insert(table);
+    return table;
+  }
+
+  dirtyTables(): Table[] {
+    const out: Table[] = [];
+    for (const t of this.tables.values()) if (t.dirty) out.push(t);
+    return out;
+  }
+
+  dirtyCount(): number {
+    let n = 0;
+    for (const t of this.tables.values()) if (t.dirty) n++;
+    return n;
+  }
+
+  /** Drop everything (make-empty): the tables no longer exist on disk. */
+  clear(): void {
+    this.tables.clear();
+  }
+
+  delete(offset: number): void {
+    this.tables.delete(offset);
+  }
+
+  private insert(table: Table): void {
+    this.tables.set(table.offset, table);
+    if (!this.overBudget) return;
+    for (const [offset, t] of this.tables) {
+      if (!this.overBudget) break;
+      if (t !== table && t.evictable) this.tables.delete(offset);
+    }
+  }
+}

@@ -1,0 +1,507 @@
+/**
+ * The metadata of an open qcow2 image: header, L1/L2 mapping, refcounts, and the writeback cycle
+ * that puts changes on disk in the order B.5 requires. The data path is in node.ts.
+ *
+ * Writeback cycle (flush(), FUA, close, or when the caches fill up). The cycle captures every
+ * dirty table at one instant, then:
+ *   1. writes refcount blocks, fsync          — new clusters are counted, their data is durable
+ *   2. writes new refcount table entries, fsync (only after blocks were added)
+ *   3. writes L2 tables, fsync                — now pointing at counted, written clusters
+ *   4. writes L1 entries, fsync (only after L2 tables were added)
+ *   5. applies the refcount decrements of clusters whose last pointer it just removed (in memory;
+ *      the next cycle writes them), after the requests that might still use them have finished.
+ * Without changes a cycle costs nothing; overwrites of allocated clusters cost one fsync, new
+ * allocations two.
+ */
+import { BlkrepError } from '../../api/errors.js';
+import type { Qcow2Container } from './file.js';
+import {
+  AUTOCLEAR_BITMAPS,
+  checkFeatures,
+  COMPAT_LAZY_REFCOUNTS,
+  corrupt,
+  H,
+  INCOMPAT_CORRUPT,
+  INCOMPAT_DIRTY,
+  l1EntriesFor,
+  MAX_BITMAP_DIRECTORY_BYTES,
+  MAX_L1_BYTES,
+  MAX_SNAPSHOT_TABLE_BYTES,
+  parseBitmapDirectory,
+  parseHeader,
+  parseSnapshots,
+  unsupported,
+  type BitmapInfo,
+  type Qcow2Header,
+  type SnapshotInfo,
+} from './format.js';
+import { Mutex, RangeLock, RequestGate } from './locks.js';
+import { ClusterMap, Kind } from './mapping.js';
+import { Refcounts, setRefcount } from './refcounts.js';
+
+export interface ImageOptions {
+  readOnly: boolean;
+  /** bytes of L2 tables to cache (default 16 MiB) */
+  l2CacheBytes?: number;
+  /** bytes of refcount blocks to cache (default 4 MiB) */
+  refcountCacheBytes?: number;
+}
+
+export const DEFAULT_L2_CACHE = 16 * 1024 * 1024;
+export const DEFAULT_REFCOUNT_CACHE = 4 * 1024 * 1024;
+/** a writeback cycle starts on its own once this many frees wait */
+const FREES_BEFORE_WRITEBACK = 4096;
+
+export class Qcow2Image {
+  readonly clusterSize: number;
+  readonly clusterBits: number;
+  readonly map: ClusterMap;
+  /** undefined when read-only */
+  readonly refcounts: Refcounts | undefined;
+  readonly metaLock = new Mutex();
+  readonly cycleLock = new Mutex();
+  readonly gate = new RequestGate();
+  readonly ranges = new RangeLock();
+  /** host byte ranges whose last pointer was removed in memory: decremented after writeback */
+  pendingFrees: Array<[number, number]> = [];
+  /** data was written since the last fsync */
+  unsynced = false;
+  private cycleRunning: Promise<void> | undefined;
+  private cycleQueued: Promise<void> | undefined;
+
+  private constructor(
+    readonly file: Qcow2Container,
+    readonly path: string,
+    readonly header: Qcow2Header,
+    readonly readOnly: boolean,
+    l1: Buffer,
+    refcounts: Refcounts | undefined,
+    readonly snapshots: SnapshotInfo[],
+    public bitmaps: BitmapInfo[],
+    l2CacheBytes: number,
+  ) {
+    this.clusterBits = header.clusterBits;
+    this.clusterSize = 2 ** header.clusterBits;
+    this.map = new ClusterMap(file, path, header.clusterBits, header.l1TableOffset, l1, l2CacheBytes);
+    this.refcounts = refcounts;
+  }
+
+  static async open(file: Qcow2Container, options: ImageOptions): Promise<Qcow2Image> {
+    const path = file.path;
+    const readOnly = options.readOnly;
+    // cluster_bits first, so the header cluster read is bounded (parseHeader rejects bad values)
+    const start = Buffer.alloc(Math.min(file.length, 512));
+    await file.read(0, start);
+    const bits = start.length >= 24 ? start.readUInt32BE(H.clusterBits) : 9;
+    const cluster0 = Buffer.alloc(Math.min(file.length, 2 ** (bits >= 9 && bits <= 21 ? bits : 9)));
+    await file.read(0, cluster0);
+    const header = parseHeader(path, cluster0);
+    checkFeatures(path, header, readOnly);
+    const cs = 2 ** header.clusterBits;
+
+    const l1 = Buffer.alloc(header.l1Size * 8);
+    if (l1.length > 0) await file.read(header.l1TableOffset, l1);
+
+    let snapshots: SnapshotInfo[] = [];
+    if (header.nbSnapshots > 0) {
+      if (header.snapshotsOffset >= file.length) {
+        throw corrupt(path, `snapshot table at ${header.snapshotsOffset} lies past the end of the file (${file.length} bytes)`, { snapshotsOffset: header.snapshotsOffset });
+      }
+      const table = Buffer.alloc(Math.min(MAX_SNAPSHOT_TABLE_BYTES, file.length - header.snapshotsOffset));
+      await file.read(header.snapshotsOffset, table);
+      snapshots = parseSnapshots(path, header, table);
+    }
+
+    let bitmaps: BitmapInfo[] = [];
+    if (header.bitmaps) {
+      const { directoryOffset, directorySize } = header.bitmaps;
+      if (directorySize > MAX_BITMAP_DIRECTORY_BYTES || directoryOffset + directorySize > file.length) {
+        throw corrupt(path, `bitmap directory at ${directoryOffset} of ${directorySize} bytes lies past the end of the file (${file.length} bytes)`, { directoryOffset, directorySize });
+      }
+      const dir = Buffer.alloc(directorySize);
+      await file.read(directoryOffset, dir);
+      bitmaps = parseBitmapDirectory(path, header.bitmaps, dir);
+    }
+
+    let refcounts: Refcounts | undefined;
+    if (!readOnly) {
+      const reftable = Buffer.alloc(header.refcountTableClusters * cs);
+      await file.read(header.refcountTableOffset, reftable);
+      refcounts = new Refcounts({
+        file,
+        path,
+        clusterBits: header.clusterBits,
+        refcountOrder: header.refcountOrder,
+        reftableOffset: header.refcountTableOffset,
+        reftableClusters: header.refcountTableClusters,
+        reftable,
+        cacheBytes: options.refcountCacheBytes ?? DEFAULT_REFCOUNT_CACHE,
+      });
+      await refcounts.init();
+    }
+    const image = new Qcow2Image(file, path, header, readOnly, l1, refcounts, snapshots, bitmaps, options.l2CacheBytes ?? DEFAULT_L2_CACHE);
+    if (!readOnly) await image.clearAutoclear();
+    return image;
+  }
+
+  /**
+   * A writer must clear the autoclear bits it does not understand (B.1). Bit 0 says the bitmaps
+   * are consistent: we do not record writes into bitmaps, so it is cleared when a bitmap is
+   * enabled ("auto", it would miss our writes) and kept when every bitmap is disabled or already
+   * in use (our writes change nothing for those, as with QEMU). The extension itself is never
+   * touched; QEMU drops it on its next header update once the bit is clear.
+   */
+  private async clearAutoclear(): Promise<void> {
+    const h = this.header;
+    let keep = 0n;
+    if (h.autoclear & AUTOCLEAR_BITMAPS && h.bitmaps && !this.bitmaps.some((b) => b.enabled && !b.inUse)) keep |= AUTOCLEAR_BITMAPS;
+    const next = h.autoclear & keep;
+    if (next === h.autoclear) return;
+    const field = Buffer.alloc(8);
+    field.writeBigUInt64BE(next);
+    await this.file.write(H.autoclear, field);
+    await this.file.sync();
+    h.autoclear = next;
+    if (!(next & AUTOCLEAR_BITMAPS)) {
+      h.bitmaps = undefined;
+      this.bitmaps = [];
+    }
+  }
+
+  get size(): number {
+    return this.header.size;
+  }
+
+  /** The refcounts, or an error for writes to a read-only image. */
+  get rc(): Refcounts {
+    if (!this.refcounts) throw new BlkrepError('ERR_READ_ONLY', `${this.path} is open read-only`, { errno: 'EPERM' });
+    return this.refcounts;
+  }
+
+  /**
+   * The L2 table for L1 index i, created when missing and owned (COPIED) by the active L1, so its
+   * entries may be changed in place. Callers re-acquire it with map.table() before changing it.
+   */
+  async ownedTable(i: number): Promise<void> {
+    const { offset, copied } = this.map.l1Entry(i);
+    if (offset !== 0 && copied) return;
+    await this.metaLock.run(async () => {
+      const now = this.map.l1Entry(i);
+      if (now.offset === 0) {
+        const a = await this.rc.allocate(1);
+        const at = a.cluster * this.clusterSize;
+        this.map.l2.add(at, Buffer.alloc(this.clusterSize));
+        this.map.setL1(i, at, true);
+        return;
+      }
+      if (!now.copied) {
+        const count = await this.rc.refcount(now.offset / this.clusterSize);
+        if (count !== 1) {
+          throw unsupported(this.path, 'shared L2 table', `L2 table at ${now.offset} (L1 index ${i}) is shared (refcount ${count}); writing to shared tables is not supported`, {
+            l1Index: i,
+            refcount: count,
+          });
+        }
+        this.map.setL1(i, now.offset, true);
+      }
+    });
+  }
+
+  /** A host cluster about to be written in place must be a data cluster inside the image. */
+  checkDataCluster(host: number, l2Offset: number, index: number): void {
+    const rc = this.refcounts;
+    if (!rc) return;
+    const c = host / this.clusterSize;
+    const cs = this.clusterSize;
+    const inside = (start: number, bytes: number): boolean => host >= start && host < start + Math.ceil(bytes / cs) * cs;
+    let what: string | undefined;
+    if (c === 0) what = 'the header';
+    else if (c >= rc.imageEnd) what = `past the end of the image (${rc.imageEnd * cs} bytes)`;
+    else if (inside(rc.reftableOffset, rc.reftableClusters * cs)) what = 'the refcount table';
+    else if (inside(this.map.l1Offset, this.map.l1Size * 8)) what = 'the L1 table';
+    if (what) {
+      throw corrupt(this.path, `data cluster ${host} (L2 table at ${l2Offset}, index ${index}) points into ${what}`, { host, l2Offset, index }, 'EIO');
+    }
+  }
+
+  // -----------------------------------------------------------------------------------------------
+  // writeback
+
+  /** Make every completed write durable, with the metadata it needs. Concurrent calls share cycles. */
+  flush(): Promise<void> {
+    if (this.readOnly) return Promise.resolve();
+    if (this.cycleQueued) return this.cycleQueued;
+    if (!this.cycleRunning) return this.startCycle();
+    this.cycleQueued = this.cycleRunning
+      .catch(() => {})
+      .then(() => {
+        this.cycleQueued = undefined;
+        return this.startCycle();
+      });
+    return this.cycleQueued;
+  }
+
+  private startCycle(): Promise<void> {
+    const p = this.cycleLock.run(() => this.writeback());
+    this.cycleRunning = p;
+    p.catch(() => {}).finally(() => {
+      if (this.cycleRunning === p) this.cycleRunning = undefined;
+    });
+    return p;
+  }
+
+  /** Start a cycle in the background when the caches are full of dirty tables. */
+  maybeWriteback(): void {
+    if (this.readOnly || this.cycleRunning || this.cycleQueued) return;
+    const rc = this.rc;
+    if (this.map.l2.overBudget || rc.blocks.overBudget || this.pendingFrees.length >= FREES_BEFORE_WRITEBACK) {
+      this.flush().catch(() => {
+        // the tables stay dirty; the next flush() reports the error
+      });
+    }
+  }
+
+  get dirty(): boolean {
+    const rc = this.refcounts;
+    if (!rc) return false;
+    return this.unsynced || this.pendingFrees.length > 0 || this.map.dirtyL1.size > 0 || rc.dirtyReftable.size > 0 || this.map.l2.dirtyCount() > 0 || rc.blocks.dirtyCount() > 0;
+  }
+
+  /** One writeback cycle; the caller holds cycleLock. */
+  async writeback(): Promise<void> {
+    const rc = this.rc;
+    const blocks = rc.captureBlocks();
+    const reftable = rc.captureReftable();
+    const l2 = this.map.l2.dirtyTables().map((t) => t.capture());
+    const l1 = this.map.captureL1();
+    const frees = this.pendingFrees;
+    this.pendingFrees = [];
+    const data = this.unsynced;
+    this.unsynced = false;
+    const epoch = this.gate.advance();
+    try {
+      if (blocks.length > 0) await Promise.all(blocks.map((c) => c.table.write(this.file, c)));
+      if (blocks.length > 0 || data) await this.file.sync();
+      if (reftable.entries.length > 0) {
+        await this.metaLock.run(() => rc.writeReftable(reftable));
+        await this.file.sync();
+      }
+      if (l2.length > 0) {
+        await Promise.all(l2.map((c) => c.table.write(this.file, c)));
+        await this.file.sync();
+      }
+      if (l1.length > 0) {
+        await this.map.writeL1(l1);
+        await this.file.sync();
+      }
+    } catch (err) {
+      for (const c of blocks) c.table.markDirty();
+      rc.restoreReftable(reftable);
+      for (const c of l2) c.table.markDirty();
+      for (const [i] of l1) this.map.dirtyL1.add(i);
+      this.pendingFrees.push(...frees);
+      this.unsynced = true;
+      throw err;
+    }
+    if (frees.length > 0) await this.applyFrees(frees, epoch);
+  }
+
+  /** Decrement the refcounts of freed ranges (their pointers are gone on disk). */
+  private async applyFrees(frees: Array<[number, number]>, epoch: number): Promise<void> {
+    await this.gate.drain(epoch);
+    const rc = this.rc;
+    const cs = this.clusterSize;
+    await this.metaLock.run(async () => {
+      const counts = new Map<number, number>();
+      for (const [start, length] of frees) {
+        for (let c = Math.floor(start / cs); c <= Math.floor((start + length - 1) / cs); c++) counts.set(c, (counts.get(c) ?? 0) + 1);
+      }
+      const clusters = [...counts.keys()].sort((a, b) => a - b);
+      // Give the space back before the clusters can be reused (nothing reads them any more).
+      const freed: number[] = [];
+      for (const c of clusters) if ((await rc.refcount(c)) <= counts.get(c)!) freed.push(c);
+      for (let i = 0; i < freed.length; ) {
+        let j = i + 1;
+        while (j < freed.length && freed[j] === freed[j - 1]! + 1) j++;
+        await this.file.punch(freed[i]! * cs, (j - i) * cs);
+        i = j;
+      }
+      for (const c of clusters) await rc.change(c, 1, -counts.get(c)!);
+    });
+  }
+
+  /** Cycles until nothing is dirty (close, make-empty). The caller holds cycleLock. */
+  async writebackAll(): Promise<void> {
+    for (let i = 0; i < 4 && this.dirty; i++) await this.writeback();
+  }
+
+  // -----------------------------------------------------------------------------------------------
+  // make-empty and resize (exclusive: no request in flight)
+
+  /**
+   * Every guest cluster unallocated (B.8). Without bitmaps: drop the L1 table and rebuild the
+   * refcounts of what is left (header, L1, refcount table and blocks), then give the rest of the
+   * file back. Crash safe without the dirty bit: the L1 is zeroed (and synced) first, so from then
+   * on nothing but metadata is referenced and every refcount change is a decrement of a leak.
+   * With bitmaps (whose clusters must stay): discard cluster by cluster, like QEMU's slow path.
+   */
+  async makeEmpty(): Promise<void> {
+    await this.gate.exclusive(() =>
+      this.cycleLock.run(async () => {
+        if (this.header.hasBitmapsExtension) await this.emptySlow();
+        else await this.emptyFast();
+      }),
+    );
+  }
+
+  private async emptySlow(): Promise<void> {
+    for (let i = 0; i < this.map.l1Size; i++) {
+      if (this.map.l1Entry(i).offset === 0) continue;
+      await this.ownedTable(i);
+      const t = (await this.map.table(i))!;
+      for (let j = 0; j < this.map.l2Entries; j++) {
+        const e = this.map.entry(t, j);
+        if (e.kind === Kind.Unallocated) continue;
+        const range = this.map.hostRange(e);
+        if (range) this.pendingFrees.push(range);
+        this.map.setEntry(t, j, Kind.Unallocated, 0);
+      }
+    }
+    await this.writebackAll();
+  }
+
+  private async emptyFast(): Promise<void> {
+    const rc = this.rc;
+    const cs = this.clusterSize;
+    const l1Bytes = this.map.l1Size * 8;
+    const l1Offset = this.map.l1Offset;
+    if (l1Bytes > 0 && l1Offset < this.file.length) {
+      await this.file.write(l1Offset, Buffer.alloc(Math.min(l1Bytes, this.file.length - l1Offset)));
+      await this.file.sync();
+    }
+    // what stays: header, L1, refcount table, and the refcount blocks that count them
+    const live = new Set<number>([0]);
+    const addRange = (offset: number, bytes: number): void => {
+      for (let c = offset / cs; c < Math.ceil((offset + bytes) / cs); c++) live.add(c);
+    };
+    if (l1Bytes > 0) addRange(l1Offset, l1Bytes);
+    addRange(rc.reftableOffset, rc.reftableClusters * cs);
+    const kept = new Map<number, number>(); // reftable index → block offset
+    for (let changed = true; changed; ) {
+      changed = false;
+      for (const c of [...live]) {
+        const index = Math.floor(c / rc.perBlock);
+        if (kept.has(index)) continue;
+        const offset = rc.blockOffset(index);
+        if (offset === 0) throw corrupt(this.path, `cluster ${c} holds metadata but has no refcount block (index ${index})`, { cluster: c, index }, 'EIO');
+        kept.set(index, offset);
+        live.add(offset / cs);
+        changed = true;
+      }
+    }
+    const reftable = Buffer.alloc(rc.reftable.length);
+    const blocks = new Map<number, Buffer>();
+    for (const [index, offset] of kept) {
+      rc.reftable.copy(reftable, index * 8, index * 8, index * 8 + 8);
+      blocks.set(offset, Buffer.alloc(cs));
+    }
+    for (const c of live) setRefcount(blocks.get(kept.get(Math.floor(c / rc.perBlock))!)!, c % rc.perBlock, rc.order, 1);
+    await Promise.all([...[...blocks].map(([offset, buf]) => this.file.write(offset, buf)), this.file.write(rc.reftableOffset, reftable)]);
+    await this.file.sync();
+
+    const end = Math.max(...live) + 1;
+    if (this.file.length > end * cs) await this.file.truncate(end * cs);
+    const sorted = [...live].sort((a, b) => a - b);
+    for (let i = 0; i + 1 < sorted.length; i++) {
+      if (sorted[i + 1]! > sorted[i]! + 1) await this.file.punch((sorted[i]! + 1) * cs, (sorted[i + 1]! - sorted[i]! - 1) * cs);
+    }
+
+    this.map.l1.fill(0);
+    this.map.dirtyL1.clear();
+    this.map.l2.clear();
+    this.pendingFrees = [];
+    this.unsynced = false;
+    rc.reset({ reftableOffset: rc.reftableOffset, reftableClusters: rc.reftableClusters, reftable, imageEnd: end, freshFrom: end });
+    for (const [offset, buf] of blocks) {
+      const t = rc.blocks.add(offset, buf);
+      t.writtenGen = t.gen;
+    }
+  }
+
+  /** Grow the virtual size (B.3: the L1 table grows when needed, QEMU's way). */
+  async resize(size: number): Promise<void> {
+    if (!Number.isSafeInteger(size) || size < this.header.size || size % 512 !== 0) {
+      throw new BlkrepError('ERR_USAGE', `cannot resize ${this.path} from ${this.header.size} to ${size} bytes: only growing to a multiple of 512 is supported`, {
+        errno: 'EINVAL',
+        details: { size, current: this.header.size },
+      });
+    }
+    const rc = this.rc;
+    await this.gate.exclusive(() =>
+      this.cycleLock.run(async () => {
+        await this.writebackAll();
+        const cs = this.clusterSize;
+        const need = l1EntriesFor(size, this.clusterBits);
+        if (need > this.map.l1Size) {
+          if (need * 8 > MAX_L1_BYTES) {
+            throw new BlkrepError('ERR_USAGE', `virtual size ${size} needs an L1 table of ${need * 8} bytes, above the limit of ${MAX_L1_BYTES}`, { errno: 'EINVAL' });
+          }
+          const a = await rc.allocate(Math.ceil((need * 8) / cs));
+          await this.writebackAll(); // the new clusters are counted on disk before the header points there
+          const l1 = Buffer.alloc(need * 8);
+          this.map.l1.copy(l1);
+          const at = a.cluster * cs;
+          await this.file.write(at, l1);
+          await this.file.sync();
+          const fields = Buffer.alloc(12);
+          fields.writeUInt32BE(need, 0);
+          fields.writeBigUInt64BE(BigInt(at), 4);
+          await this.file.write(H.l1Size, fields);
+          await this.file.sync();
+          const old = { offset: this.map.l1Offset, bytes: this.map.l1Size * 8 };
+          this.map.l1 = l1;
+          this.map.l1Offset = at;
+          this.header.l1Size = need;
+          this.header.l1TableOffset = at;
+          if (old.bytes > 0) {
+            const freed = await rc.change(old.offset / cs, Math.ceil(old.bytes / cs), -1);
+            for (const c of freed) await this.file.punch(c * cs, cs);
+          }
+        }
+        const field = Buffer.alloc(8);
+        field.writeBigUInt64BE(BigInt(size));
+        await this.file.write(H.size, field);
+        await this.file.sync();
+        this.header.size = size;
+        await this.writebackAll();
+      }),
+    );
+  }
+
+  /** Everything `blkrep info` shows, shaped after `qemu-img info --output=json` where it can be. */
+  info(): Record<string, unknown> {
+    const h = this.header;
+    const out: Record<string, unknown> = {
+      format: 'qcow2',
+      virtualSize: h.size,
+      clusterSize: this.clusterSize,
+      backingFile: h.backingFile,
+      backingFormat: h.backingFormat,
+      dirty: (h.incompatible & INCOMPAT_DIRTY) !== 0n,
+      corrupt: (h.incompatible & INCOMPAT_CORRUPT) !== 0n,
+      refcountBits: 2 ** h.refcountOrder,
+      compat: h.version === 3 ? '1.1' : '0.10',
+      lazyRefcounts: (h.compatible & COMPAT_LAZY_REFCOUNTS) !== 0n,
+      compressionType: 'zlib',
+      extendedL2: false,
+      fileLength: this.file.length,
+      readOnly: this.readOnly,
+    };
+    if (this.snapshots.length > 0) {
+      out.snapshots = this.snapshots.map((s) => ({ id: s.id, name: s.name, vmStateSize: s.vmStateSize, dateSeconds: s.dateSeconds, diskSize: s.diskSize }));
+    }
+    if (this.bitmaps.length > 0) out.bitmaps = this.bitmaps.map((b) => ({ name: b.name, granularity: b.granularity, flags: b.flags }));
+    return out;
+  }
+}
+
