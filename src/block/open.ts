@@ -3,6 +3,8 @@
  *
  *   memory:SIZE     a sparse in-memory disk (SIZE as parseSize: 1G, 64M, 4096)
  *   raw:PATH        PATH as a raw file or block device, no format probe
+ *   nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH
+ *                   an NBD export (src/block/nbd.ts; nbds:// is refused: no TLS yet)
  *   PATH            a file or block device; its format is probed (qcow2 by its magic, else raw)
  *
  * A qcow2 image opens its backing chain through openImage (read-only, the format its header
@@ -13,6 +15,8 @@ import type { BlockNode } from '../api/block.js';
 import { BlkrepError } from '../api/errors.js';
 import { parseSize } from '../util/size.js';
 import { MemoryNode } from './memory.js';
+import { isNbdUri } from '../nbd/uri.js';
+import { NbdNode, type NbdNodeOptions } from './nbd.js';
 import { Qcow2Node } from './qcow2/node.js';
 import type { SparseOps } from './native.js';
 import { RawNode } from './raw.js';
@@ -23,6 +27,8 @@ export interface OpenImageOptions {
   native?: SparseOps | null;
   /** the image's format; probed from its first bytes when not given */
   format?: ImageFormat;
+  /** for nbd:// and nbd+unix:// images: transports, connections, holdMs … (default: node:net, 1 connection) */
+  nbd?: Omit<NbdNodeOptions, 'readOnly'>;
   /** how deep in a backing chain this image is (set when opening backing files) */
   chainDepth?: number;
 }
@@ -66,6 +72,8 @@ export async function openImage(spec: string, options: OpenImageOptions = {}): P
     }
     return new MemoryNode(size, { readOnly });
   }
+
+  if (isNbdUri(spec)) return NbdNode.open(spec, { ...options.nbd, readOnly });
 
   const rawOptions = { readOnly, ...(options.native === undefined ? {} : { native: options.native }) };
   if (spec.startsWith('raw:') || options.format === 'raw') {

@@ -359,6 +359,21 @@ describe('opening', () => {
     expect(err.message).toMatch(/no export named "nope"/);
   });
 
+  it('openImage opens nbd+unix:// URIs (read-only passed on) and refuses nbds://', async () => {
+    const { openImage } = await import('../../src/block/open.js');
+    const s = await serve(memoryExport('disk', MiB));
+    const node = await openImage(s.uri('disk'), { readOnly: true, nbd: { holdMs: 0 } });
+    try {
+      expect(node.driver).toBe('nbd');
+      expect(node.caps.canWrite).toBe(false);
+      expect(node.size).toBe(MiB);
+    } finally {
+      await node.close();
+    }
+    const err = await rejection(openImage('nbds://example.com/disk'));
+    expect(err).toMatchObject({ code: 'ERR_TLS_UNSUPPORTED', errno: 'ENOTSUP' });
+  });
+
   it('nothing listening: ERR_NBD_CONNECT', async () => {
     const err = await rejection(NbdNode.open('nbd+unix:///x?socket=/nonexistent/blkrep.sock'));
     expect(err.code).toBe('ERR_NBD_CONNECT');
