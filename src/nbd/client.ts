@@ -93,6 +93,43 @@ export interface IoOptions {
   signal?: AbortSignal;
 }
 
+/** A connection was lost (`orphans`: its unanswered requests, queued again). */
+export interface DisconnectedEvent {
+  connection: number;
+  reason: string;
+  error: BlkrepError;
+  orphans: number;
+}
+
+/** Attempt `attempt` to bring connection `connection` back starts in `delayMs`. */
+export interface RetryingEvent {
+  connection: number;
+  attempt: number;
+  delayMs: number;
+  error: BlkrepError;
+}
+
+export interface ReconnectedEvent {
+  connection: number;
+  /** failed attempts before this one */
+  attempts: number;
+  downtimeMs: number;
+}
+
+export interface HoldExpiredEvent {
+  /** requests failed with ERR_NBD_DISCONNECTED */
+  failed: number;
+  error: BlkrepError | undefined;
+}
+
+export interface NbdClientEvents {
+  disconnected: [DisconnectedEvent];
+  retrying: [RetryingEvent];
+  reconnected: [ReconnectedEvent];
+  'hold-expired': [HoldExpiredEvent];
+  failed: [{ error: BlkrepError }];
+}
+
 export type ClientState = 'READY' | 'DISCONNECTED' | 'CLOSING' | 'CLOSED' | 'FAILED';
 
 export const CLIENT_TRANSITIONS: Readonly<Record<ClientState, readonly ClientState[]>> = {
@@ -216,7 +253,7 @@ function registryConnector(uri: NbdUri, transports: TransportRegistry): NbdConne
   };
 }
 
-export class NbdClient extends EventEmitter {
+export class NbdClient extends EventEmitter<NbdClientEvents> {
   readonly uri: NbdUri;
   private current: ClientState = 'DISCONNECTED';
   private exportInfo: ExportInfo | undefined;
@@ -309,7 +346,7 @@ export class NbdClient extends EventEmitter {
         inFlight: s.session?.inFlight ?? 0,
         attempt: s.attempt,
       })),
-      queued: this.queue.length - this.head,
+      queued: this.queue.slice(this.head).filter((op) => op !== undefined && !op.settled).length,
       lastError: this.lastError ? { code: this.lastError.code, message: this.lastError.message } : null,
     };
   }

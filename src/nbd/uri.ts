@@ -45,7 +45,6 @@ function badUri(uri: string, why: string): BlkrepError {
 
 /** NULs and control characters shown as escapes, so messages stay one readable line. */
 function printable(s: string): string {
-  // eslint-disable-next-line no-control-regex
   return s.replace(/[\u0000-\u001f\u007f]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`);
 }
 

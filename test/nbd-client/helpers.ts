@@ -119,7 +119,7 @@ export function memoryExport(name: string, size: number, tweak?: (node: Complete
 }
 
 /** The next `event` from `emitter`, or a rejection after `ms`. */
-export async function nextEvent<T = unknown>(emitter: EventEmitter, event: string, ms = 10_000): Promise<T> {
+export async function nextEvent<T = unknown>(emitter: EventEmitter<any>, event: string, ms = 10_000): Promise<T> {
   const [value] = await withTimeout(once(emitter, event), ms, `event "${event}"`);
   return value as T;
 }

@@ -254,6 +254,21 @@ describe('hostile server: legal but unusual replies', () => {
     expect(c.state).toBe('READY');
   });
 
+  it('backpressure: nothing more is sent while the socket buffer is full', async () => {
+    const c = await connect({ size: 16 * 1024 * 1024, onRequest: (conn, req) => conn.send(...reply.simple(req)) });
+    const conn = server!.connections[0]!;
+    conn.socket.pause(); // the server stops reading: the kernel buffers fill up
+    const big = Buffer.alloc(4 * 1024 * 1024, 1);
+    const writes = Array.from({ length: 20 }, (_, i) => c.write((i % 4) * big.length / 4, big.subarray(0, big.length / 4)));
+    await new Promise((resolve) => setTimeout(resolve, 100));
+    const st = c.status();
+    expect(st.connections[0]!.inFlight).toBeLessThan(20);
+    expect(st.queued).toBe(20 - st.connections[0]!.inFlight);
+    conn.socket.resume();
+    await Promise.all(writes);
+    expect(conn.requests.length).toBe(20);
+  });
+
   it('block status: descriptors per context, [length, flags]', async () => {
     const c = await connect({ onRequest: (conn, req) => conn.send(reply.blockStatus(req.cookie, 7, [[1024, 3], [3072, 0]], true)) });
     const map = await c.blockStatus(0, 4096);

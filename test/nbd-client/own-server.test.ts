@@ -232,7 +232,7 @@ describe('reconnect', () => {
     const s = await serve(e);
     const node = await open(s.uri('disk'), { ...fast, holdMs: 10_000 });
     const events: string[] = [];
-    for (const ev of ['disconnected', 'retrying', 'reconnected']) node.client.on(ev, () => events.push(ev));
+    for (const ev of ['disconnected', 'retrying', 'reconnected'] as const) node.client.on(ev, () => events.push(ev));
     await node.write(0, Buffer.alloc(4096, 1));
     const disconnected = nextEvent(node.client, 'disconnected');
     await s.stop();
