@@ -223,12 +223,13 @@ export interface AlTransaction {
 }
 
 /** One activity-log block of `blockSize` bytes: the complete hot set, not a delta. */
-export function encodeAlBlock(t: AlTransaction, blockSize: number): Buffer {
+export function encodeAlBlock(t: AlTransaction, extentSize: number, blockSize: number): Buffer {
   const b = Buffer.alloc(blockSize);
   b.writeUInt32BE(AL_MAGIC, 0);
   b.writeBigUInt64BE(BigInt(t.session), 8);
   b.writeBigUInt64BE(BigInt(t.sequence), 16);
   b.writeUInt32BE(t.extents.length, 24);
+  b.writeUInt8(Math.log2(extentSize), 28);
   let at = AL_HEADER_BYTES;
   for (const e of t.extents) {
     b.writeBigUInt64BE(BigInt(e), at);
@@ -242,21 +243,24 @@ export type AlBlockResult = { ok: true; transaction: AlTransaction } | { ok: fal
 
 /**
  * Decode an AL block. `{ok:false}` without `invalid`: not a complete transaction (never written,
- * torn, zeros) — expected after a crash. With `invalid`: the checksum holds but the contents are
- * impossible, which no torn write explains, so the caller must not fall back to older blocks.
- * Blocks of another session are stale: `{ok:false}`.
+ * torn, zeros) — expected after a crash. With `invalid`: the checksum holds but the contents
+ * contradict the header, which no torn write explains, so the caller must not fall back to
+ * older blocks.
  */
-export function decodeAlBlock(b: Buffer, session: number, extentCount: number, capacity: number): AlBlockResult {
+export function decodeAlBlock(b: Buffer, h: Pick<Header, 'session' | 'extentSize' | 'hotExtents'>, extentCount: number): AlBlockResult {
   if (b.length < AL_HEADER_BYTES || b.readUInt32BE(0) !== AL_MAGIC) return { ok: false };
   const stored = b.readUInt32BE(4);
   const copy = Buffer.from(b);
   copy.writeUInt32BE(0, 4);
   if (crc32c(copy) !== stored) return { ok: false };
-  const blockSession = u64(b, 8);
-  if (blockSession !== session) return { ok: false };
+  // Each session starts by zeroing the log, so a block of another session means that the header
+  // is not the one the log was written under (the newest header was lost, or a field is wrong).
+  const session = u64(b, 8);
+  if (session !== h.session) return { ok: false, invalid: `belongs to session ${session}, the header's is ${h.session}` };
   const n = b.readUInt32BE(24);
-  if (n > capacity || AL_HEADER_BYTES + 8 * n > b.length) return { ok: false, invalid: `holds ${n} extents, more than the ${capacity} allowed` };
-  if (b.readUInt32BE(28) !== 0) return { ok: false, invalid: 'reserved field is not zero' };
+  if (n > h.hotExtents || AL_HEADER_BYTES + 8 * n > b.length) return { ok: false, invalid: `holds ${n} extents, more than the ${h.hotExtents} allowed` };
+  if (2 ** b.readUInt8(28) !== h.extentSize) return { ok: false, invalid: `has extent size 2^${b.readUInt8(28)}, the header ${h.extentSize}` };
+  if (b.readUIntBE(29, 3) !== 0) return { ok: false, invalid: 'reserved field is not zero' };
   const sequence = u64(b, 16);
   if (!Number.isSafeInteger(sequence)) return { ok: false, invalid: 'sequence does not fit in 2^53' };
   const extents: number[] = [];
@@ -267,4 +271,27 @@ export function decodeAlBlock(b: Buffer, session: number, extentCount: number, c
     extents.push(e);
   }
   return { ok: true, transaction: { session, sequence, extents } };
+}
+
+// ------------------------------------------------------------------------------- data pages
+
+/**
+ * Checksums of data pages are seeded with the geometry and the page's index, so a page read
+ * under another size or granularity, or found at another place, does not pass.
+ */
+export class PageChecksum {
+  private readonly seed: number;
+  private readonly index = Buffer.alloc(8);
+
+  constructor(size: number, granularity: number) {
+    const g = Buffer.alloc(12);
+    g.writeBigUInt64BE(BigInt(size), 0);
+    g.writeUInt32BE(granularity, 8);
+    this.seed = crc32c(g);
+  }
+
+  of(page: Uint8Array, index: number): number {
+    this.index.writeBigUInt64BE(BigInt(index), 0);
+    return crc32c(page, crc32c(this.index, this.seed));
+  }
 }

@@ -14,11 +14,10 @@ import { randomBytes } from 'node:crypto';
 import { basename, dirname, join } from 'node:path';
 import { rename, unlink } from 'node:fs/promises';
 import { BlkrepError } from '../api/errors.js';
-import { crc32c } from './crc32c.js';
 import { DEFAULT_GRANULARITY, DirtyBitmap, PAGE_BYTES } from './dirty-bitmap.js';
 import { closeFd, openFd, readAt, syncDir, syncFd, truncateFd, writeAt } from './file-io.js';
 import {
-  AL_OFFSET, FLAG_ENABLED, FLAG_IN_USE, HEADER_SLOT_BYTES, computeLayout, decodeAlBlock, decodeHeader, encodeHeader,
+  AL_OFFSET, FLAG_ENABLED, FLAG_IN_USE, HEADER_SLOT_BYTES, PageChecksum, computeLayout, decodeAlBlock, decodeHeader, encodeHeader,
   type Header, type Layout,
 } from './format.js';
 
@@ -65,7 +64,6 @@ export interface ReadImageOptions {
 }
 
 const ZERO_PAGE = Buffer.alloc(PAGE_BYTES);
-const ZERO_PAGE_CRC = crc32c(ZERO_PAGE);
 
 /** Read and judge a bitmap file open on `fd`. Throws only for size mismatch or an unusable header with no size given. */
 export async function readImage(fd: number, fileLength: number, path: string, options: ReadImageOptions): Promise<FileImage> {
@@ -126,9 +124,24 @@ export async function readImage(fd: number, fileLength: number, path: string, op
   }
   const data = body.subarray(layout.crcTableLength);
   const badPages: number[] = [];
+  const checksum = new PageChecksum(h.size, h.granularity);
   for (let p = 0; p < layout.pages; p++) {
-    if (crc32c(data.subarray(p * PAGE_BYTES, (p + 1) * PAGE_BYTES)) !== pageCrcs[p]) badPages.push(p);
+    if (checksum.of(data.subarray(p * PAGE_BYTES, (p + 1) * PAGE_BYTES), p) !== pageCrcs[p]) badPages.push(p);
   }
+  // The activity log, also for a clean file: a transaction of another session means the header
+  // is not the one the log was written under (the newest header lost), which nothing else shows.
+  const al = Buffer.alloc(h.alSlots * layout.alBlockSize);
+  await readAt(fd, al, AL_OFFSET);
+  let newest: { sequence: number; extents: number[] } | undefined;
+  for (let s = 0; s < h.alSlots; s++) {
+    const r = decodeAlBlock(al.subarray(s * layout.alBlockSize, (s + 1) * layout.alBlockSize), h, layout.extents);
+    if (r.ok) {
+      if (!newest || r.transaction.sequence > newest.sequence) newest = r.transaction;
+    } else if (r.invalid) {
+      return allDirty('activity-log', `activity-log block ${s} (file offset ${AL_OFFSET + s * layout.alBlockSize}) ${r.invalid}`);
+    }
+  }
+
   const inUse = (h.flags & FLAG_IN_USE) !== 0;
   const bitmap = new DirtyBitmap(h.size, { granularity: h.granularity, enabled: (h.flags & FLAG_ENABLED) !== 0 });
 
@@ -157,17 +170,6 @@ export async function readImage(fd: number, fileLength: number, path: string, op
   const bitsPerPage = PAGE_BYTES * 8;
   for (const p of badPages) bitmap.setBits(p * bitsPerPage, Math.min((p + 1) * bitsPerPage, bitmap.bits));
 
-  const al = Buffer.alloc(h.alSlots * layout.alBlockSize);
-  await readAt(fd, al, AL_OFFSET);
-  let newest: { sequence: number; extents: number[] } | undefined;
-  for (let s = 0; s < h.alSlots; s++) {
-    const r = decodeAlBlock(al.subarray(s * layout.alBlockSize, (s + 1) * layout.alBlockSize), h.session, layout.extents, h.hotExtents);
-    if (r.ok) {
-      if (!newest || r.transaction.sequence > newest.sequence) newest = r.transaction;
-    } else if (r.invalid) {
-      return allDirty('activity-log', `activity-log block ${s} (file offset ${AL_OFFSET + s * layout.alBlockSize}) ${r.invalid}`);
-    }
-  }
   for (const e of newest?.extents ?? []) {
     const offset = e * h.extentSize;
     bitmap.fill(offset, Math.min(h.extentSize, h.size - offset));
@@ -193,6 +195,7 @@ export async function writeImage(path: string, header: Header, bitmap: DirtyBitm
     const h: Header = { ...header, alBlockSize: layout.alBlockSize, crcTableOffset: layout.crcTableOffset, dataOffset: layout.dataOffset, dataLength: layout.dataLength };
     await writeAt(fd, encodeHeader(h), (h.generation % 2) * HEADER_SLOT_BYTES);
     const table = Buffer.alloc(layout.crcTableLength);
+    const checksum = new PageChecksum(header.size, header.granularity);
     const CHUNK_PAGES = 256;
     const chunk = Buffer.alloc(CHUNK_PAGES * PAGE_BYTES);
     for (let p = 0; p < layout.pages; p += CHUNK_PAGES) {
@@ -202,9 +205,8 @@ export async function writeImage(path: string, header: Header, bitmap: DirtyBitm
       let allZero = true;
       for (let i = 0; i < count; i++) {
         const page = view.subarray(i * PAGE_BYTES, (i + 1) * PAGE_BYTES);
-        const crc = crc32c(page);
-        table.writeUInt32BE(crc, 4 * (p + i));
-        if (crc !== ZERO_PAGE_CRC || !page.equals(ZERO_PAGE)) allZero = false;
+        table.writeUInt32BE(checksum.of(page, p + i), 4 * (p + i));
+        if (allZero && !page.equals(ZERO_PAGE)) allZero = false;
       }
       // zeros need no write: the file was extended with a hole
       if (!allZero) await writeAt(fd, view, layout.dataOffset + p * PAGE_BYTES);

@@ -20,12 +20,11 @@ import { access, readdir, stat } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { BlkrepError, toBlkrepError } from '../api/errors.js';
 import { ActivityLog, type ActivityLogStats } from './activity-log.js';
-import { crc32c } from './crc32c.js';
 import { DEFAULT_GRANULARITY, DirtyBitmap, PAGE_BYTES } from './dirty-bitmap.js';
 import { closeFd, datasync, openFd, statFd, writeAt } from './file-io.js';
 import {
   AL_OFFSET, DEFAULT_AL_SLOTS, DEFAULT_EXTENT_SIZE, DEFAULT_HOT_EXTENTS, FLAG_ENABLED, FLAG_FROZEN, FLAG_IN_USE, HEADER_SLOT_BYTES,
-  computeLayout, encodeAlBlock, encodeHeader, type Header, type Layout,
+  PageChecksum, computeLayout, encodeAlBlock, encodeHeader, type Header, type Layout,
 } from './format.js';
 import { GroupCommit } from './group-commit.js';
 import { readImage, writeImage, type LoadState } from './image.js';
@@ -133,6 +132,7 @@ export class PersistentBitmap {
   private header: Header;
   private readonly layout: Layout;
   private readonly pageCrcs: Uint32Array;
+  private readonly checksum: PageChecksum;
   private readonly al: ActivityLog;
   private readonly syncer: GroupCommit;
   /** sync snapshots taken / made durable (see ActivityLog rule 3) */
@@ -157,6 +157,7 @@ export class PersistentBitmap {
     this.readOnly = readOnly;
     this.layout = computeLayout(header);
     this.pageCrcs = pageCrcs;
+    this.checksum = new PageChecksum(header.size, header.granularity);
     this.extentSize = header.extentSize;
     this.hotExtents = header.hotExtents;
     this.directLimit = Math.max(1, Math.floor(header.hotExtents / 4));
@@ -306,11 +307,16 @@ export class PersistentBitmap {
     return { bitmap: pb, loadState, ...(checkpointCompleted !== undefined ? { checkpointCompleted } : {}) };
   }
 
-  /** Store what a recovery added, then mark the file in use with a fresh activity-log session. */
+  /**
+   * Store what a recovery added, empty the activity log, then mark the file in use with a new
+   * session. In that order, a crash between any two steps loads what it loaded before.
+   */
   private async startSession(rewriteAll: boolean): Promise<void> {
     this.bitmap.trackChanges();
     if (!rewriteAll) this.bitmap.takeChangedPages();
     await this.syncer.request();
+    await writeAt(this.fd, Buffer.alloc(this.header.alSlots * this.layout.alBlockSize), AL_OFFSET);
+    await datasync(this.fd);
     await this.writeHeader({ flags: this.header.flags | FLAG_IN_USE, session: this.header.session + 1 });
   }
 
@@ -616,7 +622,7 @@ export class PersistentBitmap {
       const buf = Buffer.allocUnsafe((j - i) * PAGE_BYTES);
       this.bitmap.copyBytes(firstPage * PAGE_BYTES, buf, 0, buf.length);
       for (let k = 0; k < j - i; k++) {
-        this.pageCrcs[firstPage + k] = crc32c(buf.subarray(k * PAGE_BYTES, (k + 1) * PAGE_BYTES));
+        this.pageCrcs[firstPage + k] = this.checksum.of(buf.subarray(k * PAGE_BYTES, (k + 1) * PAGE_BYTES), firstPage + k);
         tablePages.add((firstPage + k) >>> 10);
       }
       writes.push([buf, this.layout.dataOffset + firstPage * PAGE_BYTES]);
@@ -641,7 +647,7 @@ export class PersistentBitmap {
   /** Write one activity-log transaction holding the whole hot set, durably. */
   private async commitTransaction(extents: number[]): Promise<void> {
     const sequence = ++this.alSequence;
-    const block = encodeAlBlock({ session: this.header.session, sequence, extents }, this.layout.alBlockSize);
+    const block = encodeAlBlock({ session: this.header.session, sequence, extents }, this.extentSize, this.layout.alBlockSize);
     const slot = sequence % this.header.alSlots;
     try {
       await writeAt(this.fd, block, AL_OFFSET + slot * this.layout.alBlockSize);
