@@ -174,6 +174,8 @@ class Request implements ClientOp {
   settled = false;
   /** the session it is on the wire with, if any */
   session: ClientSession | undefined;
+  /** when a lost connection first handed it back: retries end holdMs later */
+  heldSince: number | undefined;
   private cleanup: (() => void) | undefined;
 
   constructor(
@@ -226,6 +228,7 @@ export function netConnector(uri: NbdUri): NbdConnector {
       };
       const onConnect = (): void => {
         settle();
+        socket.on('error', () => {}); // reported through 'close' by whoever takes the stream
         if (uri.transport === 'tcp') socket.setNoDelay(true);
         resolve(socket);
       };
@@ -641,13 +644,22 @@ export class NbdClient extends EventEmitter<NbdClientEvents> {
     }
     this.lastError = end.cause;
     slot.downSince = Date.now();
-    // Unanswered requests go first, in their order, ahead of those still waiting.
-    const live = (end.orphans as Request[]).filter((op) => !op.settled);
+    // Unanswered requests go first, in their order, ahead of those still waiting. Each is retried
+    // for at most holdMs after it was first handed back, so a server that drops the connection on
+    // one request every time (or always answers ESHUTDOWN) cannot keep it going round forever.
+    const now = Date.now();
+    const live: Request[] = [];
+    for (const op of end.orphans as Request[]) {
+      if (op.settled) continue;
+      op.heldSince ??= now;
+      if (this.opts.reconnect && now - op.heldSince < this.opts.holdMs) live.push(op);
+      else op.fail(this.disconnectedError(`NBD ${describeCommand(op.spec)}`));
+    }
     if (live.length) {
       this.queue = [...live, ...this.queue.slice(this.head)];
       this.head = 0;
     }
-    this.emit('disconnected', { connection: slot.index, reason: end.cause.message, error: end.cause, orphans: live.length });
+    this.emit('disconnected', { connection: slot.index, reason: end.cause.message, error: end.cause, orphans: end.orphans.length });
     if (this.connectedCount === 0) this.startOutage();
     if (this.opts.reconnect) this.scheduleReconnect(slot, end.cause);
     this.pump();

@@ -293,6 +293,15 @@ describe('hostile server: legal but unusual replies', () => {
     expect(server!.connections[0]!.requests.map((r) => r.type)).toEqual([CMD.READ, CMD.DISC]);
   });
 
+  it('a server that always answers ESHUTDOWN: the request is retried for holdMs, then fails', async () => {
+    const c = await connect({ onRequest: (conn, req) => conn.send(...reply.simple(req, 108)) }, { reconnect: true, holdMs: 300, backoff: { initialMs: 10, maxMs: 20 } });
+    const t0 = Date.now();
+    const err = await rejection(c.read(0, Buffer.alloc(512)));
+    expect(err).toMatchObject({ code: 'ERR_NBD_DISCONNECTED', errno: 'ESHUTDOWN' });
+    expect(Date.now() - t0).toBeGreaterThanOrEqual(250);
+    expect(server!.connections.length).toBeGreaterThan(2);
+  });
+
   it('ESHUTDOWN without reconnect fails the request with ESHUTDOWN', async () => {
     const c = await connect({ onRequest: (conn, req) => conn.send(...reply.simple(req, 108)) });
     const err = await rejection(c.read(0, Buffer.alloc(512)));
