@@ -472,12 +472,17 @@ export class Qcow2Node implements BlockNode {
     // reaches the end of the image
     const alignedStart = Math.ceil(offset / cs) * cs;
     const alignedEnd = end === this.size ? Math.ceil(end / cs) * cs : Math.floor(end / cs) * cs;
+    const whole = alignedStart < alignedEnd;
+    // the partial clusters at the ends, one piece per cluster
     const partial: Array<[number, number]> = [];
-    if (alignedStart >= alignedEnd) {
-      partial.push([offset, length]);
-    } else {
-      if (offset < alignedStart) partial.push([offset, alignedStart - offset]);
-      if (alignedEnd < end) partial.push([alignedEnd, end - alignedEnd]);
+    for (let at = offset; at < end; ) {
+      if (whole && at === alignedStart) {
+        at = alignedEnd;
+        continue;
+      }
+      const next = Math.min(end, (Math.floor(at / cs) + 1) * cs, whole && at < alignedStart ? alignedStart : end);
+      partial.push([at, next - at]);
+      at = next;
     }
     const writes: Array<[number, number]> = [];
     for (const [at, n] of partial) {
@@ -491,7 +496,7 @@ export class Qcow2Node implements BlockNode {
       });
     }
     const jobs: Array<Promise<void>> = writes.map(([at, n]) => this.writeRange(at, Buffer.alloc(n)));
-    if (alignedStart < alignedEnd) jobs.push(this.changeClusters(alignedStart / cs, alignedEnd / cs - 1, o.noHole ? 'keep' : 'zero'));
+    if (whole) jobs.push(this.changeClusters(alignedStart / cs, alignedEnd / cs - 1, o.noHole ? 'keep' : 'zero'));
     await Promise.all(jobs);
   }
 
