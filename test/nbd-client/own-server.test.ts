@@ -241,8 +241,9 @@ describe('reconnect', () => {
     const held = node.write(4096, Buffer.alloc(4096, 2));
     const read = node.read(0, 8192);
     await nextEvent(node.client, 'retrying');
+    const back = nextEvent<{ connection: number; attempts: number; downtimeMs: number }>(node.client, 'reconnected');
     await s.start();
-    const reconnected = await nextEvent<{ connection: number; attempts: number; downtimeMs: number }>(node.client, 'reconnected');
+    const reconnected = await back;
     await held;
     const got = await read;
     expect(got.subarray(0, 4096).every((b) => b === 1)).toBe(true);
@@ -270,8 +271,9 @@ describe('reconnect', () => {
     const t1 = Date.now();
     expect((await rejection(node.read(0, 512))).code).toBe('ERR_NBD_DISCONNECTED');
     expect(Date.now() - t1).toBeLessThan(100);
+    const back = nextEvent(node.client, 'reconnected');
     await s.start();
-    await nextEvent(node.client, 'reconnected');
+    await back;
     await node.read(0, 512);
   });
 
@@ -297,8 +299,9 @@ describe('reconnect', () => {
     const node = await open(s.uri('disk'), { ...fast, holdMs: 10_000 });
     await node.write(0, Buffer.alloc(4096, 1));
     await s.stop();
+    const back = nextEvent(node.client, 'reconnected');
     await s.start();
-    await nextEvent(node.client, 'reconnected');
+    await back;
     const err = await rejection(node.flush());
     expect(err).toMatchObject({ code: 'ERR_NBD_WRITES_LOST', errno: 'EIO' });
     await node.flush();
@@ -306,8 +309,9 @@ describe('reconnect', () => {
     await node.write(0, Buffer.alloc(4096, 2));
     await node.flush();
     await s.stop();
+    const again = nextEvent(node.client, 'reconnected');
     await s.start();
-    await nextEvent(node.client, 'reconnected');
+    await again;
     await node.flush();
   });
 

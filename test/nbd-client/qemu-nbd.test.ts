@@ -166,8 +166,9 @@ describe.skipIf(!hasTool('qemu-nbd') || !hasTool('nbdinfo'))('NbdNode against qe
     const held = node.write(4096, Buffer.alloc(4096, 6), { fua: true });
     const heldRead = node.read(0, 4096);
     await nextEvent(node.client, 'retrying');
+    const back = nextEvent(node.client, 'reconnected'); // before the restart: it may come back at once
     q = await startQemuNbd(file, [], { socket: q.socket });
-    await nextEvent(node.client, 'reconnected');
+    await back;
     await held;
     expect((await heldRead).every((b) => b === 5)).toBe(true);
     const onDisk = await readFile(file);
