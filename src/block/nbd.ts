@@ -204,6 +204,7 @@ export class NbdNode implements BlockNode {
   private async patch(start: number, end: number, change: (buf: Buffer, base: number) => unknown, fua: boolean, signal?: AbortSignal): Promise<void> {
     const release = await this.locks.acquire(start, end);
     try {
+      signal?.throwIfAborted();
       const buf = Buffer.allocUnsafe(end - start);
       await this.readAligned(start, buf, signal);
       change(buf, start);

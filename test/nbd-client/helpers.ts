@@ -47,11 +47,11 @@ export async function startNbdkit(args: string[], options: { dir?: string; socke
  * `qemu-nbd -f raw -k SOCK -t -e 8 ARGS… FILE`, ready to accept: persistent, so probes do not stop
  * it, and shared by up to 8 clients (its default of 1 makes a second client wait for the first).
  */
-export async function startQemuNbd(file: string, args: string[] = [], options: { socket?: string; exportName?: string } = {}): Promise<PeerServer> {
+export async function startQemuNbd(file: string, args: string[] = [], options: { socket?: string; exportName?: string; format?: 'raw' | 'qcow2' } = {}): Promise<PeerServer> {
   const dir = options.socket ? '' : await makeTempDir();
   const socket = options.socket ?? join(dir, 'q.sock');
   const name = options.exportName ?? '';
-  const proc = start('qemu-nbd', ['-f', 'raw', '-k', socket, '-t', '-e', '8', ...(name ? ['-x', name] : []), ...args, file]);
+  const proc = start('qemu-nbd', ['-f', options.format ?? 'raw', '-k', socket, '-t', '-e', '8', ...(name ? ['-x', name] : []), ...args, file]);
   await waitFor(async () => (proc.child.exitCode === null ? answers(socket) : Promise.reject(new Error(`qemu-nbd exited: ${proc.stderr()}`))), 'qemu-nbd to listen', { timeoutMs: 10_000 });
   return { proc, socket, uri: `nbd+unix:///${encodeURIComponent(name)}?socket=${socket}`, dir };
 }

@@ -121,6 +121,30 @@ describe.skipIf(!hasTool('qemu-nbd') || !hasTool('nbdinfo'))('NbdNode against qe
     expect(raw[0]!.flags).toBe(perBlock(theirs, size)[256]);
   });
 
+  it('qemu:dirty-bitmap:NAME (-B) through metaContextStatus', async () => {
+    const dir = await makeTempDir();
+    const image = join(dir, 'b.qcow2');
+    for (const args of [['create', '-q', '-f', 'qcow2', image, '4M'], ['bitmap', '--add', image, 'b0']]) {
+      const r = await run('qemu-img', args);
+      expect(r.code, r.stderr).toBe(0);
+    }
+    const w = await run('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x55 1M 64k', image]);
+    expect(w.code, w.stderr).toBe(0);
+    const q = await startQemuNbd(image, ['-B', 'b0'], { format: 'qcow2' });
+    const node = await open(q.uri, { metaContexts: ['base:allocation', 'qemu:dirty-bitmap:b0'] });
+    const runs = await node.metaContextStatus('qemu:dirty-bitmap:b0', 0, node.size);
+    expect(runs).toEqual([
+      { length: 1 * MiB, flags: 0 },
+      { length: 64 * KiB, flags: 1 },
+      { length: 4 * MiB - 1 * MiB - 64 * KiB, flags: 0 },
+    ]);
+    const inside = await node.metaContextStatus('qemu:dirty-bitmap:b0', 1 * MiB + 100, 10);
+    expect(inside[0]!.flags).toBe(1);
+    expect(inside[0]!.length).toBeGreaterThanOrEqual(10); // from the offset asked, not the block start
+    expect(inside[0]!.length).toBeLessThanOrEqual(64 * KiB - 100);
+    expect((await rejection(node.metaContextStatus('qemu:dirty-bitmap:nope', 0, 512))).code).toBe('ERR_NBD_UNSUPPORTED');
+  });
+
   it('multi-conn (-e 4): four connections, many requests in flight, out-of-order completion', async () => {
     const size = 16 * MiB;
     const file = await sparseFile(size, []);
