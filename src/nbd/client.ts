@@ -16,8 +16,9 @@
  * - At most `maxInFlight` (default 64) requests per connection are on the wire, and none is sent
  *   while the socket's buffer is full; the rest wait in the queue, in order.
  * - Requests unanswered when a connection drops were not performed (as far as anyone knows) and
- *   are sent again on the next connection, first in line. A protocol violation fails them instead:
- *   the server's answers can no longer be trusted.
+ *   are sent again on the next connection, first in line, for at most `holdMs` after they were
+ *   first handed back. A protocol violation fails them instead: the server's answers can no longer
+ *   be trusted.
  * - Durability across reconnects: a write that completed but was not yet flushed may be lost if
  *   the server died. So when a connection drops while such writes exist, the next flush fails
  *   with ERR_NBD_WRITES_LOST (once): the caller learns that "flushed" cannot be promised, instead
@@ -34,20 +35,18 @@
  *   'failed'       { error }                                the client gave up for good
  */
 import { EventEmitter } from 'node:events';
-import net from 'node:net';
-import type { Duplex } from 'node:stream';
 import { BlkrepError, isAbortError, toBlkrepError } from '../api/errors.js';
 import type { TransportRegistry } from '../api/transport.js';
-import { BASE_ALLOCATION, CMD, CMD_FLAG, CMD_NAMES, MAX_PAYLOAD, TF } from './constants.js';
+import { BASE_ALLOCATION, CMD, CMD_FLAG, TF } from './constants.js';
+import { checkCommand, describeCommand } from './client-check.js';
+import { netConnector, registryConnector, type NbdConnector } from './client-connect.js';
 import { abortError } from './client-errors.js';
 import { negotiate, type ExportInfo } from './client-handshake.js';
 import { ClientSession, type ClientOp, type CommandReply, type CommandSpec, type SessionEnd, type SessionOwner } from './client-session.js';
 import { parseNbdUri, type NbdUri } from './uri.js';
 
 export type { ExportInfo, BlockSizeInfo } from './client-handshake.js';
-
-/** Opens a byte stream to the server. */
-export type NbdConnector = (options: { signal: AbortSignal; timeoutMs: number }) => Promise<Duplex>;
+export { netConnector, type NbdConnector } from './client-connect.js';
 
 export interface BackoffOptions {
   /** first retry delay before jitter (default 100 ms) */
@@ -205,57 +204,6 @@ class Request implements ClientOp {
   }
 }
 
-function describeCommand(spec: CommandSpec): string {
-  const name = CMD_NAMES[spec.cmd] ?? `command ${spec.cmd}`;
-  return spec.cmd === CMD.FLUSH ? name : `${name} of ${spec.length} bytes at offset ${spec.offset}`;
-}
-
-function unsupported(what: string, why: string): BlkrepError {
-  return new BlkrepError('ERR_NBD_UNSUPPORTED', `cannot send NBD ${what}: ${why}`, { errno: 'EINVAL' });
-}
-
-/** The default connector: node:net straight to the host or socket. */
-export function netConnector(uri: NbdUri): NbdConnector {
-  return ({ signal, timeoutMs }) =>
-    new Promise<Duplex>((resolve, reject) => {
-      const where = uri.transport === 'tcp' ? `tcp ${uri.address}` : `unix socket ${uri.address.replace(/\0/g, '@')}`;
-      if (signal.aborted) return reject(abortError(`connect to ${where}`, signal.reason));
-      const socket = uri.transport === 'tcp' ? net.connect({ host: uri.host!, port: uri.port! }) : net.connect({ path: uri.socket! });
-      const settle = (): void => {
-        socket.off('connect', onConnect);
-        socket.off('error', onError);
-        signal.removeEventListener('abort', onAbort);
-      };
-      const onConnect = (): void => {
-        settle();
-        socket.on('error', () => {}); // reported through 'close' by whoever takes the stream
-        if (uri.transport === 'tcp') socket.setNoDelay(true);
-        resolve(socket);
-      };
-      const onError = (err: NodeJS.ErrnoException): void => {
-        settle();
-        socket.destroy();
-        reject(new BlkrepError('ERR_NBD_CONNECT', `cannot connect to ${where}: ${err.message}`, { errno: 'EIO', cause: err, details: { uri: uri.uri } }));
-      };
-      const onAbort = (): void => {
-        settle();
-        socket.on('error', () => {});
-        socket.destroy();
-        reject(abortError(`connect to ${where} (limit ${timeoutMs} ms)`, signal.reason));
-      };
-      socket.once('connect', onConnect);
-      socket.once('error', onError);
-      signal.addEventListener('abort', onAbort, { once: true });
-    });
-}
-
-function registryConnector(uri: NbdUri, transports: TransportRegistry): NbdConnector {
-  return async ({ signal, timeoutMs }) => {
-    const connection = await transports.get(uri.transport).connect(uri.address, { signal, timeoutMs });
-    return connection.stream;
-  };
-}
-
 export class NbdClient extends EventEmitter<NbdClientEvents> {
   readonly uri: NbdUri;
   private current: ClientState = 'DISCONNECTED';
@@ -411,7 +359,7 @@ export class NbdClient extends EventEmitter<NbdClientEvents> {
       if (signal?.aborted) return reject(abortError(what, signal.reason));
       if (this.current === 'CLOSING' || this.current === 'CLOSED') return reject(this.closedError(what));
       if (this.fatal) return reject(this.fatal);
-      const invalid = this.check(this.info, spec);
+      const invalid = checkCommand(this.info, spec);
       if (invalid) return reject(invalid);
       if (this.current === 'DISCONNECTED' && this.holdExpired) return reject(this.disconnectedError(what));
       const writes = (spec.cmd === CMD.WRITE || spec.cmd === CMD.WRITE_ZEROES || spec.cmd === CMD.TRIM) && !(spec.flags & CMD_FLAG.FUA);
@@ -447,61 +395,6 @@ export class NbdClient extends EventEmitter<NbdClientEvents> {
     });
   }
 
-  /** Whether the export (as `info` describes it) takes this command; never send what it does not. */
-  private check(info: ExportInfo, spec: CommandSpec): BlkrepError | undefined {
-    const f = info.flags;
-    const what = describeCommand(spec);
-    const has = (flag: number) => (spec.flags & flag) !== 0;
-    if (has(CMD_FLAG.FUA) && !(f & TF.SEND_FUA)) return unsupported(what, 'the server does not offer FUA');
-    switch (spec.cmd) {
-      case CMD.READ:
-        if (has(CMD_FLAG.DF) && !(f & TF.SEND_DF && info.structured)) return unsupported(what, 'the server does not offer DF (unfragmented reads)');
-        break;
-      case CMD.WRITE:
-      case CMD.TRIM:
-      case CMD.WRITE_ZEROES:
-        if (f & TF.READ_ONLY) {
-          return new BlkrepError('ERR_NBD_READ_ONLY', `cannot send NBD ${what}: export "${info.exportName}" is read-only`, { errno: 'EPERM' });
-        }
-        if (spec.cmd === CMD.TRIM && !(f & TF.SEND_TRIM)) return unsupported(what, 'the server does not offer trim');
-        if (spec.cmd === CMD.WRITE_ZEROES && !(f & TF.SEND_WRITE_ZEROES)) return unsupported(what, 'the server does not offer write-zeroes');
-        if (has(CMD_FLAG.FAST_ZERO) && !(f & TF.SEND_FAST_ZERO)) return unsupported(what, 'the server does not offer fast zeroing');
-        break;
-      case CMD.FLUSH:
-        if (!(f & TF.SEND_FLUSH)) return unsupported(what, 'the server does not offer flush');
-        return undefined;
-      case CMD.CACHE:
-        if (!(f & TF.SEND_CACHE)) return unsupported(what, 'the server does not offer cache');
-        break;
-      case CMD.BLOCK_STATUS:
-        if (info.contexts.size === 0) return unsupported(what, 'no meta context was selected (the server offers no block status)');
-        break;
-      default:
-        return unsupported(what, 'unknown command');
-    }
-    if ((has(CMD_FLAG.NO_HOLE) || has(CMD_FLAG.FAST_ZERO)) && spec.cmd !== CMD.WRITE_ZEROES) return unsupported(what, 'NO_HOLE and FAST_ZERO apply to write-zeroes only');
-    if (has(CMD_FLAG.REQ_ONE) && spec.cmd !== CMD.BLOCK_STATUS) return unsupported(what, 'REQ_ONE applies to block status only');
-    if (!Number.isSafeInteger(spec.offset) || !Number.isSafeInteger(spec.length) || spec.offset < 0 || spec.length < 0 || spec.offset + spec.length > info.size) {
-      return new BlkrepError('ERR_OUT_OF_RANGE', `NBD ${what} is beyond the end of export "${info.exportName}" (size ${info.size})`, {
-        errno: spec.cmd === CMD.WRITE || spec.cmd === CMD.WRITE_ZEROES ? 'ENOSPC' : 'EINVAL',
-        details: { offset: spec.offset, length: spec.length, size: info.size },
-      });
-    }
-    if (spec.length > 0xffffffff) return unsupported(what, 'a request carries at most 4 GiB - 1');
-    const bs = info.blockSize;
-    if (spec.cmd === CMD.READ || spec.cmd === CMD.WRITE) {
-      const max = Math.min(bs && bs.maximum !== 0xffffffff ? bs.maximum : MAX_PAYLOAD, MAX_PAYLOAD);
-      if (spec.length > max) return unsupported(what, `the largest payload is ${max} bytes`);
-    }
-    if (bs && bs.minimum > 1) {
-      const end = spec.offset + spec.length;
-      if (spec.offset % bs.minimum !== 0 || (end % bs.minimum !== 0 && end !== info.size)) {
-        return unsupported(what, `the server's minimum block size is ${bs.minimum} and the request is not aligned to it`);
-      }
-    }
-    return undefined;
-  }
-
   private closedError(what: string): BlkrepError {
     return new BlkrepError('ERR_NBD_CLOSED', `${what}: the NBD client for ${this.uri.uri} is closed`, { errno: 'EIO' });
   }
@@ -526,7 +419,7 @@ export class NbdClient extends EventEmitter<NbdClientEvents> {
       const session = this.pickSession();
       if (!session) break;
       this.queue[this.head++] = undefined;
-      const invalid = this.check(session.info, op.spec);
+      const invalid = checkCommand(session.info, op.spec);
       if (invalid) {
         op.fail(invalid); // this connection's server offers less than the first one did
         continue;
