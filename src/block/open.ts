@@ -51,10 +51,11 @@ function badImage(spec: string, why: string, cause?: unknown): BlkrepError {
 
 /** The format of an image from its first bytes (fewer when the image is smaller). */
 export function probeFormat(header: Buffer): ImageFormat {
-  // qcow2: "QFI\xfb" then a big-endian version 2 or 3
+  // qcow2: "QFI\xfb" then a big-endian version ≥ 2 (as QEMU probes: the qcow2 driver then
+  // refuses versions it does not know, rather than serving the header as raw data)
   if (header.length >= 8 && header.readUInt32BE(0) === 0x514649fb) {
     const version = header.readUInt32BE(4);
-    if (version === 2 || version === 3) return 'qcow2';
+    if (version >= 2) return 'qcow2';
   }
   return 'raw';
 }
