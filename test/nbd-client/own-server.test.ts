@@ -421,6 +421,32 @@ describe('opening', () => {
     }
   });
 
+  it('through the real transport plugins (tcp and unix), listener URIs included', async () => {
+    const { Transports } = await import('../../src/engine/registry.js');
+    const { NbdServer } = await import('../../src/nbd/server.js');
+    const { createTcpTransport } = await import('../../plugins/transport-tcp/src/index.js');
+    const { createUnixTransport } = await import('../../plugins/transport-unix/src/index.js');
+    const { makeTempDir } = await import('../support/spawn.js');
+    const registry = new Transports();
+    registry.register('tcp', createTcpTransport);
+    registry.register('unix', createUnixTransport);
+    const srv = new NbdServer({ exports: [memoryExport('plug in', MiB)] });
+    const onConnection = (c: Parameters<typeof srv.attach>[0]) => srv.attach(c);
+    const tcp = await registry.get('tcp').listen('127.0.0.1:0', { onConnection });
+    const unix = await registry.get('unix').listen(`${await makeTempDir()}/p.sock`, { onConnection });
+    try {
+      const a = await open(tcp.uri('plug in'), { transports: registry });
+      const b = await open(unix.uri('plug in'), { transports: registry });
+      await a.write(0, Buffer.from('via tcp'), { fua: true });
+      expect((await b.read(0, 7)).toString()).toBe('via tcp');
+    } finally {
+      for (const n of nodes.splice(0)) await n.close();
+      srv.destroyAll();
+      await tcp.close();
+      await unix.close();
+    }
+  });
+
   it('an abstract Unix socket (socket=%00name)', async () => {
     if (process.platform !== 'linux') return;
     const { createServer } = await import('node:net');
