@@ -226,7 +226,7 @@ export class Refcounts {
 
   /**
    * Allocate `n` contiguous clusters with refcount 1 (plus whatever refcount blocks they need,
-   * placed right after them, as QEMU does). The caller must hold the metadata mutex.
+   * placed right after them). The caller must hold the metadata mutex.
    */
   async allocate(n: number): Promise<Allocation> {
     let extra = 0;
@@ -247,14 +247,28 @@ export class Refcounts {
         extra = missing.length;
         continue;
       }
-      // refcount blocks for the run go right after it
-      missing.forEach((index, j) => {
-        const offset = (p + n + j) * this.clusterSize;
+      // Refcount blocks for the run go right after it, in the order QEMU places them: a block
+      // for index i goes to the next cluster q; when q lies in another missing block's range,
+      // that block comes next (q+1) and counts q.
+      const wanted = new Set(missing);
+      const placed = new Map<number, number>();
+      let slot = p + n;
+      const place = (index: number): void => {
+        if (placed.has(index)) return;
+        const q = slot++;
+        placed.set(index, q);
+        const home = Math.floor(q / this.perBlock);
+        if (home !== index && wanted.has(home)) place(home);
+      };
+      for (let index = Math.floor(p / this.perBlock); index <= Math.floor((p + n - 1) / this.perBlock); index++) if (wanted.has(index)) place(index);
+      for (const index of missing) place(index);
+      for (const [index, q] of placed) {
+        const offset = q * this.clusterSize;
         this.blocks.add(offset, Buffer.alloc(this.clusterSize));
         this.setBlockOffset(this.reftable, index, offset);
         this.dirtyReftable.add(index);
-      });
-      const used = n + missing.length;
+      }
+      const used = n + placed.size;
       await this.change(p, used, 1);
       const fresh = p >= this.freshFrom;
       this.freshFrom = Math.max(this.freshFrom, p + used);
