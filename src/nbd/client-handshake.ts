@@ -441,6 +441,10 @@ export function negotiate(stream: Duplex, options: NegotiateOptions): Promise<{ 
       onAbort();
       return;
     }
+    if (stream.destroyed) {
+      fail(machine.eof('the connection was closed before the handshake began'), false);
+      return;
+    }
     stream.on('data', onData);
     stream.on('end', onEnd);
     stream.on('close', onEnd);

@@ -124,6 +124,8 @@ export interface SessionOptions {
   maxInFlight?: number;
   /** for messages: which server and connection ("nbd+unix:///x?socket=… #2") */
   label?: string;
+  /** after DISC, the server must close within this, or the connection is dropped (default 5000 ms) */
+  discTimeoutMs?: number;
 }
 
 export class ClientSession {
@@ -135,7 +137,9 @@ export class ClientSession {
   private shutdownSeen = false;
   private readonly orphans: ClientOp[] = [];
   private lastSocketError: Error | undefined;
+  private discTimer: NodeJS.Timeout | undefined;
   private readonly maxInFlight: number;
+  private readonly discTimeoutMs: number;
   readonly label: string;
   // reply parser
   private rstate: ReplyState = 'HEADER';
@@ -154,6 +158,7 @@ export class ClientSession {
     options: SessionOptions = {},
   ) {
     this.maxInFlight = options.maxInFlight ?? 64;
+    this.discTimeoutMs = options.discTimeoutMs ?? 5000;
     this.label = options.label ?? 'NBD server';
   }
 
@@ -245,6 +250,14 @@ export class ClientSession {
     if (this.discSent || this.stream.destroyed) return;
     this.discSent = true;
     this.stream.end(encodeRequest(0, CMD.DISC, BigInt(this.nextCookie++), 0, 0));
+    // A server that neither answers nor closes must not keep the connection (and its requests) forever.
+    this.discTimer = setTimeout(() => {
+      const cause = this.shutdownSeen
+        ? new BlkrepError('ERR_NBD_SHUTDOWN', `${this.label} is shutting down, and did not close within ${this.discTimeoutMs} ms of DISC`, { errno: 'ESHUTDOWN' })
+        : new BlkrepError('ERR_NBD_DISCONNECTED', `${this.label} did not close within ${this.discTimeoutMs} ms of DISC`, { errno: 'EIO' });
+      this.terminate(cause, false);
+    }, this.discTimeoutMs);
+    this.discTimer.unref?.();
   }
 
   private onSocketClosed(): void {
@@ -262,6 +275,7 @@ export class ClientSession {
   private terminate(cause: BlkrepError, violation: boolean): void {
     if (this.current === 'CLOSED') return;
     this.goto('CLOSED');
+    if (this.discTimer) clearTimeout(this.discTimer);
     this.stream.destroy();
     this.queue.clear();
     const unanswered = [...this.pending.values()];

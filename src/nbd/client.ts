@@ -84,6 +84,8 @@ export interface NbdClientOptions {
   connectTimeoutMs?: number;
   /** close() waits this long for requests and DISC before dropping connections (default 30 000 ms) */
   closeTimeoutMs?: number;
+  /** after DISC the server must close the connection within this (default 5000 ms) */
+  discTimeoutMs?: number;
   /** for jitter; tests inject it */
   random?: () => number;
 }
@@ -153,6 +155,7 @@ const DEFAULTS = {
   holdMs: 5000,
   connectTimeoutMs: 10_000,
   closeTimeoutMs: 30_000,
+  discTimeoutMs: 5000,
   backoff: { initialMs: 100, maxMs: 10_000, factor: 2 },
 };
 
@@ -243,6 +246,7 @@ export class NbdClient extends EventEmitter<NbdClientEvents> {
       holdMs: Math.max(0, options.holdMs ?? DEFAULTS.holdMs),
       connectTimeoutMs: options.connectTimeoutMs ?? DEFAULTS.connectTimeoutMs,
       closeTimeoutMs: options.closeTimeoutMs ?? DEFAULTS.closeTimeoutMs,
+      discTimeoutMs: options.discTimeoutMs ?? DEFAULTS.discTimeoutMs,
       random: options.random ?? Math.random,
       backoff: { ...DEFAULTS.backoff, ...options.backoff },
     };
@@ -477,7 +481,7 @@ export class NbdClient extends EventEmitter<NbdClientEvents> {
         metaContexts: this.opts.metaContexts,
         signal,
       });
-      return new ClientSession(stream, leftover, info, this.sessionOwner, { maxInFlight: this.opts.maxInFlight, label: this.label(slot) });
+      return new ClientSession(stream, leftover, info, this.sessionOwner, { maxInFlight: this.opts.maxInFlight, label: this.label(slot), discTimeoutMs: this.opts.discTimeoutMs });
     } catch (err) {
       if (timeout.aborted && !ac.signal.aborted && !outer?.aborted) {
         throw new BlkrepError('ERR_NBD_CONNECT', `cannot connect to ${this.uri.uri}: no answer within ${this.opts.connectTimeoutMs} ms`, {

@@ -35,6 +35,8 @@ export interface HostileOptions {
   contexts?: Array<[number, string]>;
   /** answer an option in place of the default; return true when handled */
   onOption?(conn: HostileConnection, option: number, data: Buffer): boolean;
+  /** on DISC keep the connection open instead of closing it */
+  ignoreDisc?: boolean;
   /** every request after the handshake (DISC included); `payload` for writes */
   onRequest?(conn: HostileConnection, req: Request, payload: Buffer | undefined): void;
 }
@@ -55,7 +57,8 @@ export async function startHostile(options: HostileOptions = {}): Promise<Hostil
   const connections: HostileConnection[] = [];
   const sockets = new Set<net.Socket>();
 
-  const server = net.createServer((socket) => {
+  // allowHalfOpen with ignoreDisc: the client's end() after DISC must not close our side for us.
+  const server = net.createServer({ allowHalfOpen: Boolean(options.ignoreDisc) }, (socket) => {
     sockets.add(socket);
     socket.on('close', () => sockets.delete(socket));
     socket.on('error', () => {});
@@ -144,7 +147,7 @@ export async function startHostile(options: HostileOptions = {}): Promise<Hostil
           const payload = req.type === CMD.WRITE ? Buffer.from(q.take(req.length)) : undefined;
           conn.requests.push(req);
           if (req.type === CMD.DISC) {
-            socket.end();
+            if (!options.ignoreDisc) socket.end();
             return;
           }
           options.onRequest?.(conn, req, payload);

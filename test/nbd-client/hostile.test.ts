@@ -293,6 +293,24 @@ describe('hostile server: legal but unusual replies', () => {
     expect(server!.connections[0]!.requests.map((r) => r.type)).toEqual([CMD.READ, CMD.DISC]);
   });
 
+  it('ESHUTDOWN from a server that then ignores DISC: the connection is dropped after discTimeoutMs', async () => {
+    const c = await connect(
+      {
+        ignoreDisc: true,
+        onRequest: (conn, req) => {
+          if (server!.connections.indexOf(conn) === 0) conn.send(...reply.simple(req, 108));
+          else conn.send(...reply.simple(req));
+        },
+      },
+      { reconnect: true, holdMs: 5000, discTimeoutMs: 200, backoff: { initialMs: 10, maxMs: 50 } },
+    );
+    const t0 = Date.now();
+    await c.write(0, Buffer.alloc(512));
+    expect(Date.now() - t0).toBeGreaterThanOrEqual(150);
+    expect(server!.connections.length).toBe(2);
+    expect(server!.connections[0]!.socket.destroyed || server!.connections[0]!.socket.readableEnded).toBe(true);
+  });
+
   it('a server that always answers ESHUTDOWN: the request is retried for holdMs, then fails', async () => {
     const c = await connect({ onRequest: (conn, req) => conn.send(...reply.simple(req, 108)) }, { reconnect: true, holdMs: 300, backoff: { initialMs: 10, maxMs: 20 } });
     const t0 = Date.now();
