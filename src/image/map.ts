@@ -3,6 +3,7 @@
  * present (allocated somewhere in the chain), zero (reads as zeros) and data.
  */
 import type { BlockNode } from '../api/block.js';
+import { chainSizes, nextSizeBoundary, unallocatedDepth } from './chain.js';
 
 export interface MapEntry {
   start: number;
@@ -28,6 +29,15 @@ export async function mapImage(node: BlockNode, options: MapOptions = {}): Promi
   const start = options.start ?? 0;
   const end = Math.min(node.size, start + (options.length ?? node.size));
   const out: MapEntry[] = [];
+  const sizes = chainSizes(node);
+  const push = (entry: MapEntry): void => {
+    const last = out[out.length - 1];
+    if (last && last.depth === entry.depth && last.present === entry.present && last.zero === entry.zero && last.data === entry.data) {
+      last.length += entry.length;
+    } else {
+      out.push(entry);
+    }
+  };
   let pos = start;
   while (pos < end) {
     options.signal?.throwIfAborted();
@@ -37,22 +47,24 @@ export async function mapImage(node: BlockNode, options: MapOptions = {}): Promi
     for (const e of extents) {
       const n = Math.min(e.length, end - pos);
       if (n <= 0) break;
-      // Our depth: 0 = unallocated in the whole chain, 1 = top layer. Nodes without layers
-      // (raw, memory, nbd) are "present" everywhere, as qemu-img map shows a raw file.
-      const depth = e.depth === undefined ? 0 : Math.max(e.depth - 1, 0);
-      const entry: MapEntry = {
-        start: pos,
-        length: n,
-        depth,
-        present: e.depth === undefined ? true : e.depth > 0,
-        zero: e.zero,
-        data: !e.hole && !e.zero,
-      };
-      const last = out[out.length - 1];
-      if (last && last.depth === entry.depth && last.present === entry.present && last.zero === entry.zero && last.data === entry.data) {
-        last.length += n;
+      if (e.depth === 0) {
+        // Allocated nowhere: qemu-img puts the run at the deepest layer whose size covers it.
+        for (let at = pos; at < pos + n; ) {
+          const to = nextSizeBoundary(sizes, at, pos + n);
+          push({ start: at, length: to - at, depth: unallocatedDepth(sizes, at), present: false, zero: e.zero, data: false });
+          at = to;
+        }
       } else {
-        out.push(entry);
+        // Our depth: 1 = top layer, 2 = its backing … Nodes without layers (raw, memory, nbd)
+        // are "present" everywhere at depth 0, as qemu-img map shows a raw file.
+        push({
+          start: pos,
+          length: n,
+          depth: e.depth === undefined ? 0 : e.depth - 1,
+          present: true,
+          zero: e.zero,
+          data: !e.hole && !e.zero,
+        });
       }
       pos += n;
       if (pos >= end) break;

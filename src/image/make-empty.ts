@@ -1,0 +1,116 @@
+/**
+ * Make qcow2 images empty (B.8): afterwards every cluster is unallocated, so reads fall through to
+ * the backing file; size, backing file name and format, and header extensions stay. Several images
+ * are emptied in the order given (the secondary drops its buffers with
+ * `make-empty active.qcow2 hidden.qcow2`).
+ *
+ * Every image is opened and checked before the first is touched, so a wrong argument changes
+ * nothing. An image with nothing allocated is left alone (`changed: false`), so running the
+ * command again changes nothing. Raw images are refused: a raw file has no allocation map and no
+ * backing file, so there is nothing to fall through to — emptying one would mean destroying its data.
+ */
+import { stat } from 'node:fs/promises';
+import type { BlockNode } from '../api/block.js';
+import { BlkrepError } from '../api/errors.js';
+import { Qcow2Node } from '../block/qcow2/node.js';
+import { filePath, isFileSpec, openLayer, sameImage } from './chain.js';
+
+export interface MadeEmpty {
+  filename: string;
+  format: 'qcow2';
+  /** false when nothing was allocated (the image was left alone) */
+  changed: boolean;
+  /** the backing file reads now fall through to, or null (they read zeros) */
+  backingFilename: string | null;
+  /** bytes allocated in the top layer before (its extents at depth 1) */
+  allocatedBytes: number;
+  /** disk space given back: actual size before minus after */
+  freedBytes: number;
+}
+
+export interface MakeEmptyResult {
+  changed: boolean;
+  images: MadeEmpty[];
+  seconds: number;
+}
+
+export interface MakeEmptyOptions {
+  signal?: AbortSignal;
+  /** after each image: how many are done */
+  onProgress?(done: number, total: number): void;
+}
+
+async function diskUsage(spec: string): Promise<number> {
+  if (!isFileSpec(spec)) return 0;
+  const st = await stat(filePath(spec)).catch(() => undefined);
+  return st ? st.blocks * 512 : 0;
+}
+
+/** Bytes allocated in this layer (extents at depth 1). */
+async function allocatedBytes(node: BlockNode): Promise<number> {
+  let total = 0;
+  for (let pos = 0; pos < node.size; ) {
+    const runs = await node.extents!(pos, node.size - pos);
+    if (runs.length === 0) break;
+    for (const r of runs) {
+      const n = Math.min(r.length, node.size - pos);
+      if (r.depth === 1) total += n;
+      pos += n;
+    }
+  }
+  return total;
+}
+
+async function openForEmpty(spec: string): Promise<Qcow2Node> {
+  const { node, format } = await openLayer(spec, { readOnly: false });
+  if (node instanceof Qcow2Node) return node;
+  await node.close().catch(() => {});
+  if (format === 'raw' && isFileSpec(spec)) {
+    throw new BlkrepError(
+      'ERR_UNSUPPORTED_FORMAT',
+      `${spec} is a raw image: make-empty drops the clusters a qcow2 overlay allocates so reads fall through to its backing file, and a raw image has no allocation map and no backing file to fall through to (emptying it would only destroy its data; blkrep create --force replaces it if that is what you want)`,
+      { errno: 'ENOTSUP', details: { image: spec, format } },
+    );
+  }
+  throw new BlkrepError('ERR_UNSUPPORTED_FORMAT', `${spec} is ${format === 'memory' ? 'a memory image' : 'an NBD export'}, not a qcow2 image: make-empty works on qcow2 files (run it where the image is)`, {
+    errno: 'ENOTSUP',
+    details: { image: spec, format },
+  });
+}
+
+export async function makeEmpty(specs: readonly string[], o: MakeEmptyOptions = {}): Promise<MakeEmptyResult> {
+  const started = Date.now();
+  if (specs.length === 0) throw new BlkrepError('ERR_USAGE', 'no image given', { errno: 'EINVAL' });
+  for (let i = 0; i < specs.length; i++) {
+    for (let j = 0; j < i; j++) {
+      if (await sameImage(specs[i]!, specs[j]!)) throw new BlkrepError('ERR_USAGE', `${specs[i]} is given twice`, { errno: 'EINVAL', details: { image: specs[i] } });
+    }
+  }
+  const nodes: Qcow2Node[] = [];
+  try {
+    for (const spec of specs) nodes.push(await openForEmpty(spec));
+    const images: MadeEmpty[] = [];
+    for (let i = 0; i < nodes.length; i++) {
+      o.signal?.throwIfAborted();
+      const node = nodes[i]!;
+      const spec = specs[i]!;
+      const info = await node.info();
+      const allocated = await allocatedBytes(node);
+      const before = await diskUsage(spec);
+      if (allocated > 0) await node.makeEmpty(o.signal ? { signal: o.signal } : undefined);
+      await node.close();
+      images.push({
+        filename: spec,
+        format: 'qcow2',
+        changed: allocated > 0,
+        backingFilename: typeof info.backingFile === 'string' ? info.backingFile : null,
+        allocatedBytes: allocated,
+        freedBytes: Math.max(0, before - (await diskUsage(spec))),
+      });
+      o.onProgress?.(i + 1, nodes.length);
+    }
+    return { changed: images.some((m) => m.changed), images, seconds: (Date.now() - started) / 1000 };
+  } finally {
+    for (const n of nodes) await n.close().catch(() => {});
+  }
+}
