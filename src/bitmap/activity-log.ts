@@ -17,7 +17,8 @@
  *    next one (group commit), so a burst into N cold extents costs one or two syncs, not N.
  * 5. A request waiting for the log pins nothing. Only writes that may proceed hold extents, and
  *    they finish without the log, so the hot set always drains and no wait can deadlock. Waiting
- *    requests are served in order (the first one that does not fit holds back the rest).
+ *    requests are served in order, as many per transaction as fit (the first one that does not
+ *    fit holds back the rest).
  */
 
 export interface ActivityLogIo {
@@ -161,28 +162,47 @@ export class ActivityLog {
   /** One transaction. True when it made progress or should be tried again at once. */
   private async round(): Promise<boolean> {
     if (this.waiting.length === 0) return false;
-    // Serve waiting requests in order while their new extents fit in the free room.
+    // Serve the longest prefix of the waiting requests whose new extents fit in the free room
+    // plus what can be retired: hot extents nobody writes to and no served request wants.
+    const candidates = new Set<number>();
+    for (const x of this.entries.values()) if (x.status === 'hot' && x.refs === 0) candidates.add(x.extent);
     const add = new Set<number>();
+    const wanted = new Set<number>();
+    let retirable = candidates.size;
     let served = 0;
     for (const r of this.waiting) {
       const need = this.missing(r, add);
-      if (this.entries.size + add.size + need.length > this.capacity) break;
+      const newlyWanted: number[] = [];
+      for (let e = r.first; e <= r.last; e++) {
+        if (wanted.has(e)) continue;
+        wanted.add(e);
+        newlyWanted.push(e);
+        if (candidates.has(e)) retirable--;
+      }
+      if (this.entries.size + add.size + need.length - this.capacity > retirable) {
+        for (const e of newlyWanted) {
+          wanted.delete(e);
+          if (candidates.has(e)) retirable++;
+        }
+        break;
+      }
       for (const e of need) add.add(e);
       served++;
     }
-    if (served === 0) {
-      // The first request needs room: retire the least recently used extents nobody writes to.
-      const head = this.waiting[0]!;
-      const need = this.missing(head);
-      const want = this.entries.size + need.length - this.capacity;
+    if (served === 0) return false; // a release() will kick us again
+    const over = this.entries.size + add.size - this.capacity;
+    if (over > 0) {
+      // Retire the least recently used, preferring those whose bits are stored already: the log
+      // may forget an extent only then.
+      const durable = this.io.durableEpoch();
       const victims: Entry[] = [];
-      for (const x of this.entries.values()) {
-        if (victims.length >= want) break;
-        if (x.status === 'hot' && x.refs === 0 && (x.extent < head.first || x.extent > head.last)) victims.push(x);
+      for (const pass of [true, false]) {
+        for (const x of this.entries.values()) {
+          if (victims.length >= over) break;
+          if (candidates.has(x.extent) && !wanted.has(x.extent) && (x.touched <= durable) === pass) victims.push(x);
+        }
       }
-      if (victims.length < want) return false; // a release() will kick us again
-      if (victims.some((v) => v.touched > this.io.durableEpoch())) {
-        // their bits must be stored before the log may forget them; then decide afresh
+      if (victims.some((v) => v.touched > durable)) {
         this.stats.evictionSyncs++;
         try {
           await this.io.syncBits();
@@ -190,14 +210,12 @@ export class ActivityLog {
           this.failAll(err);
           throw err;
         }
-        return true;
+        return true; // anything may have changed meanwhile: decide afresh
       }
       for (const v of victims) {
         this.entries.delete(v.extent);
         this.stats.retired++;
       }
-      for (const e of need) add.add(e);
-      served = 1;
     }
     if (add.size === 0) {
       // everything they need became hot while they waited

@@ -38,7 +38,7 @@ export interface CreateOptions {
   granularity?: number;
   /** activity-log extent: power of two 4 KiB … 1 TiB, default 4 MiB */
   extentSize?: number;
-  /** most extents kept hot (1 … 8192), default 256 */
+  /** most extents kept hot (1 … 8192), default 1024 (4 GiB of 4 MiB extents) */
   hotExtents?: number;
   /** activity-log ring slots (2 … 64), default 4 */
   alSlots?: number;
@@ -139,6 +139,8 @@ export class PersistentBitmap {
   private snapEpoch = 0;
   private durable = 0;
   private alSequence = 0;
+  /** the activity-log transaction the next page sync writes: [block, file offset] */
+  private alBlock: [Buffer, number] | undefined;
   /** a request touching more extents than this pre-marks its bits instead of logging extents */
   private readonly directLimit: number;
   private readonly inflight = new Set<Ticket>();
@@ -607,12 +609,14 @@ export class PersistentBitmap {
     while (this.barrier) await this.barrier;
     const snap = ++this.snapEpoch;
     const pages = this.bitmap.takeChangedPages();
-    if (pages.length === 0) {
+    const al = this.alBlock;
+    this.alBlock = undefined;
+    if (pages.length === 0 && !al) {
       this.durable = snap;
       return;
     }
     // Copy now, synchronously: later changes must not slip half into this write.
-    const writes: Array<[Buffer, number]> = [];
+    const writes: Array<[Buffer, number]> = al ? [al] : [];
     const tablePages = new Set<number>();
     const MAX_RUN = 256;
     for (let i = 0; i < pages.length; ) {
@@ -644,14 +648,18 @@ export class PersistentBitmap {
     this.durable = snap;
   }
 
-  /** Write one activity-log transaction holding the whole hot set, durably. */
+  /**
+   * Write one activity-log transaction holding the whole hot set, durably. It rides on the next
+   * page sync: one fdatasync stores the transaction and the changed pages, which makes the
+   * extents written so far retirable by the next transaction without a sync of their own. (Safe:
+   * this transaction retires only extents whose pages were durable before it.)
+   */
   private async commitTransaction(extents: number[]): Promise<void> {
     const sequence = ++this.alSequence;
     const block = encodeAlBlock({ session: this.header.session, sequence, extents }, this.extentSize, this.layout.alBlockSize);
-    const slot = sequence % this.header.alSlots;
+    this.alBlock = [block, AL_OFFSET + (sequence % this.header.alSlots) * this.layout.alBlockSize];
     try {
-      await writeAt(this.fd, block, AL_OFFSET + slot * this.layout.alBlockSize);
-      await datasync(this.fd);
+      await this.syncer.request();
     } catch (err) {
       throw toBlkrepError(err, `write of the activity log of bitmap file "${this.path}"`);
     }
