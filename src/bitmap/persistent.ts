@@ -16,7 +16,7 @@
  * clear() never clears a granule under a write in flight: that write is about to dirty it, and
  * clearing it meanwhile could let a flush store "clean" for data that is changing.
  */
-import { access, readdir, stat } from 'node:fs/promises';
+import { access, readdir, stat, unlink } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { BlkrepError, toBlkrepError } from '../api/errors.js';
 import { ActivityLog, type ActivityLogStats } from './activity-log.js';
@@ -89,6 +89,8 @@ class Ticket implements WriteTicket {
 export interface CheckpointInfo {
   /** checkpoint number (epoch) */
   number: number;
+  /** set when the checkpoint file cannot be loaded; the other numbers are then 0 */
+  error?: string;
   path: string;
   /** when it was frozen (ISO 8601) */
   createdAt: string;
@@ -241,6 +243,7 @@ export class PersistentBitmap {
         details: { path, fault: loadState.fault },
       });
     }
+    if (!readOnly) await removeStaleTemporaries(path);
     const header = image.header;
     if (header && (header.flags & FLAG_FROZEN) !== 0 && !readOnly) {
       await closeFd(fd).catch(() => {});
@@ -556,7 +559,16 @@ export class PersistentBitmap {
     for (const name of await readdir(dir)) {
       if (!name.startsWith(prefix) || !/^\d+$/.test(name.slice(prefix.length))) continue;
       const file = join(dir, name);
-      const { bitmap: ck } = await PersistentBitmap.open(file, { readOnly: true, strict: true });
+      let ck: PersistentBitmap;
+      try {
+        ({ bitmap: ck } = await PersistentBitmap.open(file, { readOnly: true, strict: true }));
+      } catch (err) {
+        const number = Number(name.slice(prefix.length));
+        const fileBytes = await statFile(file).catch(() => 0);
+        const error = err instanceof Error ? err.message : String(err);
+        out.push({ number, error, path: file, createdAt: new Date(0).toISOString(), size: 0, granularity: 0, dirtyGranules: 0, dirtyBytes: 0, fileBytes });
+        continue;
+      }
       try {
         out.push({
           number: ck.header.epoch,
@@ -723,6 +735,33 @@ function syntheticHeader(bitmap: DirtyBitmap): Header {
     dataOffset: layout.dataOffset,
     dataLength: layout.dataLength,
   };
+}
+
+/** Remove `.NAME.tmp-PID-HEX` files left beside `path` by processes that no longer run. */
+async function removeStaleTemporaries(path: string): Promise<void> {
+  const dir = dirname(path);
+  const prefix = `.${basename(path)}.tmp-`;
+  let names: string[];
+  try {
+    names = await readdir(dir);
+  } catch {
+    return;
+  }
+  for (const name of names) {
+    if (!name.startsWith(prefix)) continue;
+    const pid = Number(name.slice(prefix.length).split('-')[0]);
+    if (!Number.isSafeInteger(pid) || pid === process.pid || alive(pid)) continue;
+    await unlink(join(dir, name)).catch(() => {});
+  }
+}
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
 }
 
 async function exists(path: string): Promise<boolean> {

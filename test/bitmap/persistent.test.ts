@@ -4,7 +4,7 @@
 // A crash is simulated by copying the file while the bitmap is open: a process killed at that
 // moment leaves exactly those bytes (the kernel keeps what was written). The real kill -9 test is
 // crash.test.ts.
-import { copyFileSync, existsSync, mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import fc from 'fast-check';
@@ -281,7 +281,6 @@ describe('persistent bitmap: crash safety of the write path', () => {
     const buf = readFileSync(crashed);
     const dataOffset = info.size - Math.ceil((1024 * MiB) / 512 / 8 / 4096) * 4096;
     buf.fill(0x00, dataOffset, dataOffset + 2048);
-    const { writeFileSync } = await import('node:fs');
     writeFileSync(crashed, buf);
     const { bitmap, loadState } = await PersistentBitmap.open(crashed, { readOnly: true });
     expect(loadState).toMatchObject({ state: 'recovered', pagesDistrusted: 1 });
@@ -343,5 +342,36 @@ describe('persistent bitmap: checkpoints', () => {
     await bitmap.close();
     expect(existsSync(`${path}.ckpt-1`)).toBe(true);
     expect((await PersistentBitmap.listCheckpoints(path)).map((c) => c.number)).toEqual([1]);
+  });
+
+  it('lists a damaged checkpoint with its error instead of failing the listing', async () => {
+    const path = fresh('ck');
+    const pb = await PersistentBitmap.create(path, { size: MiB });
+    await pb.checkpoint();
+    await pb.checkpoint();
+    await pb.close();
+    writeFileSync(`${path}.ckpt-1`, 'garbage');
+    const list = await PersistentBitmap.listCheckpoints(path);
+    expect(list.map((c) => [c.number, c.error === undefined])).toEqual([[1, false], [2, true]]);
+    expect(list[0]!.error).toMatch(/cannot be trusted/);
+  });
+});
+
+describe('persistent bitmap: temporary files', () => {
+  it('removes temporaries of dead processes on a read-write open, keeps those of live ones', async () => {
+    const path = fresh('tmp');
+    const pb = await PersistentBitmap.create(path, { size: MiB });
+    await pb.close();
+    const base = path.slice(path.lastIndexOf('/') + 1);
+    const deadPid = 2 ** 22 + 12345; // above pid_max on Linux by default: never alive
+    const dead = join(dir, `.${base}.tmp-${deadPid}-0011aabb`);
+    const live = join(dir, `.${base}.tmp-${process.pid}-0011aabb`);
+    writeFileSync(dead, 'x');
+    writeFileSync(live, 'x');
+    const { bitmap } = await PersistentBitmap.open(path);
+    expect(existsSync(dead)).toBe(false);
+    expect(existsSync(live)).toBe(true);
+    await bitmap.close();
+    rmSync(live);
   });
 });
