@@ -243,6 +243,14 @@ export class PersistentBitmap {
         details: { path, fault: loadState.fault },
       });
     }
+    if (loadState.state === 'all-dirty' && loadState.fault === 'unknown-version' && !readOnly) {
+      // Probably written by a newer blkrep: loading it all-dirty is fine, overwriting it is not.
+      await closeFd(fd).catch(() => {});
+      throw new BlkrepError('ERR_BITMAP_VERSION', `bitmap file "${path}" cannot be opened for writing: ${loadState.reason}; remove it or use a newer blkrep`, {
+        errno: 'EINVAL',
+        details: { path, fault: loadState.fault },
+      });
+    }
     if (!readOnly) await removeStaleTemporaries(path);
     const header = image.header;
     if (header && (header.flags & FLAG_FROZEN) !== 0 && !readOnly) {
@@ -531,8 +539,11 @@ export class PersistentBitmap {
       this.barrier = undefined;
       open();
     }
+    // From now on this is epoch N+1, stored or not: another checkpoint must never rewrite N's
+    // file (a load that finds PATH.ckpt-N with the header still at N completes the step).
+    this.header = { ...this.header, epoch: n + 1 };
     await this.syncer.request();
-    await this.writeHeader({ epoch: n + 1 });
+    await this.writeHeader({});
     const st = await statFile(path);
     return {
       number: n,

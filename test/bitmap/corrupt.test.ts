@@ -161,6 +161,10 @@ describe('every header byte', () => {
     });
     expect(await judge(path)).toMatchObject({ kind: 'all-dirty', reason: expect.stringMatching(/unknown version 2/) });
     expect(await judge(path, { size: SIZE, strict: true })).toMatchObject({ kind: 'error', err: { code: 'ERR_BITMAP_CORRUPT' } });
+    // and it is never overwritten
+    const before = readFileSync(path);
+    await expect(PersistentBitmap.open(path, { size: SIZE })).rejects.toMatchObject({ code: 'ERR_BITMAP_VERSION' });
+    expect(readFileSync(path).equals(before)).toBe(true);
   });
 
   it('the wrong disk size is a clean error', async () => {
