@@ -288,9 +288,8 @@ function parseExtensions(path: string, cluster0: Buffer, h: Qcow2Header): void {
       throw corrupt(path, `header extension 0x${type.toString(16)} at ${at} has length ${length}, past the end of the extension area (${end})`, { type, length, at });
     }
     const data = cluster0.subarray(dataAt, dataAt + length);
-    if (seen.has(type) && type !== EXT_END) {
-      throw corrupt(path, `header extension 0x${type.toString(16)} appears twice`, { type });
-    }
+    const known = type === EXT_BACKING_FORMAT || type === EXT_FEATURE_TABLE || type === EXT_BITMAPS || type === EXT_CRYPTO || type === EXT_DATA_FILE;
+    if (known && seen.has(type)) throw corrupt(path, `header extension 0x${type.toString(16)} appears twice`, { type });
     seen.add(type);
     switch (type) {
       case EXT_BACKING_FORMAT:
