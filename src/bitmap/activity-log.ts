@@ -97,6 +97,9 @@ export class ActivityLog {
    * are all durable in the log and pinned. On rejection nothing is pinned.
    */
   acquire(first: number, last: number): Promise<void> | undefined {
+    if (last - first + 1 > this.capacity) {
+      throw new RangeError(`a request spans ${last - first + 1} extents, more than the activity log's ${this.capacity}`);
+    }
     let hot = true;
     for (let e = first; e <= last && hot; e++) hot = this.entries.get(e)?.status === 'hot';
     if (hot) {

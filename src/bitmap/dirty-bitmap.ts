@@ -492,7 +492,7 @@ export class DirtyBitmap {
 
   private markChanged(w0: number, w1: number): void {
     const c = this.changed;
-    if (!c) return;
+    if (!c || w1 < w0) return;
     for (let p = w0 >>> WORDS_PER_PAGE_SHIFT, last = w1 >>> WORDS_PER_PAGE_SHIFT; p <= last; p++) c[p] = 1;
     this.anyChanged = true;
   }

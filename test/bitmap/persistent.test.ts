@@ -107,6 +107,19 @@ describe('persistent bitmap: create, close, open', () => {
     await pb.close();
   });
 
+  it('covers a disk of 0 bytes and of one byte', async () => {
+    for (const size of [0, 1]) {
+      const path = fresh();
+      const pb = await PersistentBitmap.create(path, { size, granularity: 512 });
+      await write(pb, 0, size);
+      await pb.close();
+      const { bitmap, loadState } = await PersistentBitmap.open(path, { size });
+      expect(loadState.state).toBe('clean');
+      expect(bitmap.bitmap.dirtyBytes).toBe(size);
+      await bitmap.close();
+    }
+  });
+
   it('after close every operation fails ERR_BITMAP_CLOSED', async () => {
     const pb = await PersistentBitmap.create(fresh(), { size: MiB });
     await pb.close();
