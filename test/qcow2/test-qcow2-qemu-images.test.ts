@@ -12,7 +12,7 @@ import { describe, expect, it } from 'vitest';
 import type { BlockNode, Extent } from '../../src/api/block.js';
 import { openImage } from '../../src/block/open.js';
 import { makeTempDir } from '../support/spawn.js';
-import { expectSame, pattern, qemuContents, qemuMap, tool, type MapEntry, KiB, MiB } from './helpers.js';
+import { expectClean, expectSame, pattern, qemuContents, qemuMap, tool, type MapEntry, KiB, MiB } from './helpers.js';
 
 async function qemuIo(path: string, fmt: string, commands: string[]): Promise<void> {
   await tool('qemu-io', ['-f', fmt, ...commands.flatMap((c) => ['-c', c]), path]);
@@ -131,6 +131,48 @@ describe('qcow2 images made by qemu-img and qemu-io', () => {
       } finally {
         await node.close();
       }
+    }
+  }, 60_000);
+
+  it('our writes into qemu-made images (compressed, preallocated, zero clusters) match the same writes by qemu-io', async () => {
+    const dir = await makeTempDir();
+    const raw = Buffer.alloc(4 * MiB);
+    for (let at = 0; at < raw.length; at += 64 * KiB) raw.write(`block ${at} `.repeat(5000), at, 64 * KiB, 'latin1');
+    await writeFile(join(dir, 'src.raw'), raw);
+    const images: Array<[string, string[]]> = [
+      ['compressed', ['convert', '-c', '-f', 'raw', '-O', 'qcow2', join(dir, 'src.raw')]],
+      ['metadata-prealloc', ['create', '-f', 'qcow2', '-o', 'preallocation=metadata']],
+      ['zero-clusters', ['create', '-f', 'qcow2']],
+    ];
+    const ops: Array<[string, number, number]> = [
+      ['write', 100, 5000], // partial, inside the first cluster
+      ['write', 64 * KiB - 10, 128 * KiB + 20], // across three clusters
+      ['zero', 256 * KiB + 512, 4096],
+      ['zero', 512 * KiB, 128 * KiB],
+      ['discard', 1024 * KiB, 192 * KiB],
+      ['write', 1024 * KiB + 4096, 8192],
+      ['write', 3 * MiB - 7, 9],
+    ];
+    for (const [name, make] of images) {
+      const ours = join(dir, `${name}-ours.qcow2`);
+      const theirs = join(dir, `${name}-theirs.qcow2`);
+      for (const path of [ours, theirs]) {
+        await tool('qemu-img', [...make, '-q', path, ...(make[0] === 'create' ? ['4M'] : [])]);
+        if (name === 'zero-clusters') await qemuIo(path, 'qcow2', ['write -P 0x5c 0 2M', 'write -z 0 1M', 'write -z -u 1M 512k']);
+      }
+      const node = await openImage(ours);
+      const qemuCommands: string[] = [];
+      for (const [op, at, n] of ops) {
+        const data = Buffer.alloc(n, 0x40 + at % 50);
+        if (op === 'write') await node.write(at, data);
+        else if (op === 'zero') await node.writeZeroes!(at, n);
+        else await node.trim!(at, n);
+        qemuCommands.push(op === 'write' ? `write -P ${0x40 + at % 50} ${at} ${n}` : op === 'zero' ? `write -z ${at} ${n}` : `discard ${at} ${n}`);
+      }
+      await node.close();
+      await qemuIo(theirs, 'qcow2', qemuCommands);
+      await expectClean(ours);
+      expectSame(await qemuContents(ours, join(dir, 'a.raw')), await qemuContents(theirs, join(dir, 'b.raw')), name);
     }
   }, 60_000);
 
