@@ -68,7 +68,7 @@ export class CrashContainer implements Qcow2Container {
 
   /** The disk after a crash now: durable data plus a random subset of pending sectors. */
   crashImage(random: () => number): Buffer {
-    let image = Buffer.from(this.durable);
+    let image: Buffer = Buffer.from(this.durable);
     for (const p of this.pending) {
       for (let at = 0; at < p.data.length; at += SECTOR) {
         if (random() < 0.5) image = apply(image, p.offset + at, p.data.subarray(at, Math.min(p.data.length, at + SECTOR)));
