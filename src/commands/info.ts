@@ -31,7 +31,8 @@ An NBD export (nbd://, nbd+unix://) is shown as qemu-img shows one: format raw, 
     const result = await imageInfo(args.image, {
       backingChain: flags['backing-chain'],
       ...(flags.format === undefined ? {} : { format: flags.format }),
-      onWarning: (m) => this.logToStderr(`blkrep: warning: ${m}`),
+      // on stderr even with --json (oclif silences logToStderr then)
+      onWarning: (m) => process.stderr.write(`blkrep: warning: ${m}\n`),
     });
     if (!this.jsonEnabled()) {
       const layers = Array.isArray(result) ? result : [result];

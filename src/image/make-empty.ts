@@ -62,6 +62,12 @@ async function allocatedBytes(node: BlockNode): Promise<number> {
 }
 
 async function openForEmpty(spec: string): Promise<Qcow2Node> {
+  if (!isFileSpec(spec)) {
+    throw new BlkrepError('ERR_UNSUPPORTED_FORMAT', `${spec} is ${spec.startsWith('memory:') ? 'a memory image' : 'an NBD export'}, not a qcow2 file: make-empty works on qcow2 files (run it where the image file is)`, {
+      errno: 'ENOTSUP',
+      details: { image: spec },
+    });
+  }
   const { node, format } = await openLayer(spec, { readOnly: false });
   if (node instanceof Qcow2Node) return node;
   await node.close().catch(() => {});
@@ -72,10 +78,7 @@ async function openForEmpty(spec: string): Promise<Qcow2Node> {
       { errno: 'ENOTSUP', details: { image: spec, format } },
     );
   }
-  throw new BlkrepError('ERR_UNSUPPORTED_FORMAT', `${spec} is ${format === 'memory' ? 'a memory image' : 'an NBD export'}, not a qcow2 image: make-empty works on qcow2 files (run it where the image is)`, {
-    errno: 'ENOTSUP',
-    details: { image: spec, format },
-  });
+  throw new BlkrepError('ERR_UNSUPPORTED_FORMAT', `${spec} is not a qcow2 image`, { errno: 'ENOTSUP', details: { image: spec, format } });
 }
 
 export async function makeEmpty(specs: readonly string[], o: MakeEmptyOptions = {}): Promise<MakeEmptyResult> {
