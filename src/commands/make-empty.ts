@@ -39,7 +39,7 @@ Only qcow2 images can be emptied: a raw image has no allocation map and no backi
     if (!this.jsonEnabled()) {
       for (const m of result.images) {
         const target = m.backingFilename === null ? 'it has no backing file, so it reads as zeros' : `reads fall through to ${m.backingFilename}`;
-        this.log(m.changed ? `${m.filename}: emptied (${formatSize(m.allocatedBytes)} were allocated, ${formatSize(m.freedBytes)} of disk given back); ${target}.` : `${m.filename}: already empty; left unchanged.`);
+        this.log(m.changed ? `${m.filename}: emptied (${formatSize(m.freedBytes)} of disk given back); ${target}.` : `${m.filename}: already empty; left unchanged.`);
       }
     }
     return result;

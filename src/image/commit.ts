@@ -19,7 +19,7 @@
  */
 import { truncate } from 'node:fs/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
-import type { BlockNode } from '../api/block.js';
+import type { BlockNode, IoOptions } from '../api/block.js';
 import { BlkrepError } from '../api/errors.js';
 import { openImage } from '../block/open.js';
 import { Qcow2Node } from '../block/qcow2/node.js';
@@ -104,7 +104,7 @@ async function findLayers(image: string, base: string | undefined): Promise<Chai
 async function openChain(layers: ChainLayer[], keep: boolean): Promise<{ top: Qcow2Node; base: BlockNode }> {
   const b = layers[layers.length - 1]!;
   const base = await openImage(b.filename, { readOnly: false, ...(b.format === 'raw' || b.format === 'qcow2' ? { format: b.format } : {}) });
-  let below: BlockNode = base;
+  let below: BlockNode = opaqueBelow(base);
   try {
     for (let i = layers.length - 2; i >= 0; i--) {
       below = await Qcow2Node.open(layers[i]!.filename, { readOnly: i > 0 || keep, backing: below });
@@ -114,6 +114,29 @@ async function openChain(layers: ChainLayer[], keep: boolean): Promise<{ top: Qc
     throw err;
   }
   return { top: below as Qcow2Node, base };
+}
+
+/**
+ * BASE as the layers above it see it, except that its extents are one run "present, below": the
+ * commit never looks into BASE's allocation (ranges that reach BASE stay as they are), so asking
+ * BASE and its own chain (SEEK_DATA on a raw file, its L2 tables) for every gap is wasted work.
+ */
+function opaqueBelow(base: BlockNode): BlockNode {
+  return {
+    driver: base.driver,
+    description: base.description,
+    get size() {
+      return base.size;
+    },
+    limits: base.limits,
+    caps: { ...base.caps, canExtents: true, cheapExtents: true, allocationDepth: false },
+    read: (offset, length, o) => base.read(offset, length, o),
+    ...(base.readInto ? { readInto: (offset: number, target: Buffer, o?: IoOptions) => base.readInto!(offset, target, o) } : {}),
+    write: (offset, data, o) => base.write(offset, data, o),
+    ...(base.flush ? { flush: (o?: IoOptions) => base.flush!(o) } : {}),
+    extents: async (_offset, length) => [{ length, hole: false, zero: false }],
+    close: () => base.close(),
+  };
 }
 
 /** A run to write into BASE. */
@@ -127,8 +150,8 @@ interface Job {
  * The runs of the overlay's view that come from a layer above BASE (index k in the chain): data
  * and zero clusters at depth 1 … k, and zeros where a layer above BASE ends early.
  */
-async function planCommit(top: BlockNode, k: number, baseSize: number, signal: AbortSignal | undefined): Promise<{ jobs: Job[]; topAllocated: boolean }> {
-  const sizes = chainSizes(top);
+async function planCommit(top: BlockNode, k: number, sizes: readonly number[], signal: AbortSignal | undefined): Promise<{ jobs: Job[]; topAllocated: boolean }> {
+  const baseSize = sizes[k]!;
   const jobs: Job[] = [];
   let topAllocated = false;
   const add = (offset: number, length: number, zero: boolean): void => {
@@ -258,11 +281,14 @@ export async function commitImage(image: string, o: CommitOptions = {}): Promise
   const { top, base } = await openChain(layers, keep);
   let result: CommitResult;
   try {
+    // The sizes before BASE grows: where the overlay reads zeros past a layer's end, BASE must
+    // be given them too (unless it reads zeros there anyway).
+    const sizes = [...layers.map((l) => l.size), ...chainSizes(base).slice(1)];
+    const { jobs, topAllocated } = await planCommit(top, k, sizes, o.signal);
     if (b.size < topSize && base instanceof Qcow2Node) {
       await base.resize(Math.ceil(topSize / 512) * 512);
       baseGrownFrom = b.size;
     }
-    const { jobs, topAllocated } = await planCommit(top, k, b.size, o.signal);
     let dataBytes = 0;
     let zeroBytes = 0;
     for (const job of jobs) {

@@ -77,6 +77,18 @@ const chains: Chain[] = [
     images: [['top.qcow2', 'qcow2'], ['base.qcow2', 'qcow2']],
   },
   {
+    name: 'the overlay is larger than its qcow2 backing, which has a longer backing of its own (zeros must go into the grown base)',
+    build: [
+      ['qemu-img', 'create', '-f', 'raw', 'bottom.raw', '8M'],
+      io('raw', 'bottom.raw', 'write -P 160 0 8M'),
+      qcow2('base.qcow2', '3M', ['bottom.raw', 'raw']),
+      io('qcow2', 'base.qcow2', 'write -P 170 1M 1M'),
+      qcow2('top.qcow2', '8M', ['base.qcow2', 'qcow2']),
+      io('qcow2', 'top.qcow2', 'write -P 1 0 64k', 'write -P 4 7M 64k'),
+    ],
+    images: [['top.qcow2', 'qcow2'], ['base.qcow2', 'qcow2'], ['bottom.raw', 'raw']],
+  },
+  {
     name: '--keep (qemu-img commit -d)',
     build: [['qemu-img', 'create', '-f', 'raw', 'base.raw', '8M'], io('raw', 'base.raw', 'write -P 170 0 8M'), qcow2('top.qcow2', '', ['base.raw', 'raw']), io('qcow2', 'top.qcow2', ...TOP_WRITES)],
     images: [['top.qcow2', 'qcow2'], ['base.raw', 'raw']],
@@ -251,7 +263,6 @@ describe('blkrep make-empty', () => {
     expect(result.changed).toBe(true);
     expect(result.images).toHaveLength(1);
     expect(result.images[0]).toMatchObject({ filename: 'top.qcow2', format: 'qcow2', changed: true, backingFilename: 'base.raw' });
-    expect(result.images[0].allocatedBytes).toBeGreaterThan(16 * MiB);
     expect(result.images[0].freedBytes).toBeGreaterThan(15 * MiB);
     // qemu-img commit empties the overlay after writing into the base: compare the overlays' maps.
     expect((await run('qemu-img', ['commit', 'top.qcow2'], { cwd: theirs })).code).toBe(0);
@@ -273,7 +284,7 @@ describe('blkrep make-empty', () => {
     const fresh = join(ours, 'fresh.qcow2');
     await sh(ours, qcow2('fresh.qcow2', '', ['base.raw', 'raw']));
     const again = await runCli(['make-empty', fresh, '--json']);
-    expect(JSON.parse(again.stdout)).toMatchObject({ changed: false, images: [{ changed: false, allocatedBytes: 0 }] });
+    expect(JSON.parse(again.stdout)).toMatchObject({ changed: false, images: [{ changed: false, freedBytes: 0 }] });
   });
 
   it('a qcow2 image with a persistent bitmap (the cluster-by-cluster path): empty, no corruption', async () => {
