@@ -3,6 +3,7 @@ import { Args, Flags } from '@oclif/core';
 import { BlkrepCommand, loadTransports } from '../cli/base.js';
 import { secondsFlag, sizeFlag } from '../cli/flags.js';
 import { Daemon, type ExportSpec, type ListenSpec, type ListeningEvent } from '../serve/daemon.js';
+import type { BitmapLoad } from '../bitmap/export-bitmaps.js';
 import type { LogLevel } from '../nbd/server.js';
 import { formatSize } from '../util/size.js';
 
@@ -20,13 +21,17 @@ An image is a raw file or block device (holes are reported by block status and p
 
 Listens on TCP 127.0.0.1:10809 unless --socket names a Unix socket (give --port too to listen on both). With --json, prints one line {"event":"listening","uris":[...],"pid":N} on stdout once clients can connect.
 
-SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, flushes every export and exits 0; a second signal exits at once.`;
+Dirty bitmaps: --bitmap NAME records every write, write-zeroes and trim of the export in a bitmap, offered to clients as the meta context qemu:dirty-bitmap:NAME (nbdinfo --map=qemu:dirty-bitmap:NAME). It is kept in the file IMAGE.NAME.bitmap beside the image (created when missing), or in FILE with --bitmap NAME=FILE; an in-memory image (or an NBD URI) keeps it in memory unless FILE is given. With several exports, say whose: --bitmap EXPORT:NAME[=FILE]. Every bitmap file beside an image (IMAGE.*.bitmap) is loaded too, unless --no-auto-bitmaps. A bitmap that was not closed cleanly is recovered from its activity log, and one that cannot be trusted is loaded all-dirty; either is said on stderr and in the --json listening line ("bitmaps": [...]). The blkrep bitmap commands work on them through --control.
+
+SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, flushes every export and its bitmaps and exits 0; a second signal exits at once.`;
 
   static override examples = [
     { description: 'Serve the embedded 1 GiB in-memory disk on 127.0.0.1:10809', command: '<%= config.bin %> <%= command.id %>' },
     { description: 'Serve a raw file on a Unix socket', command: '<%= config.bin %> <%= command.id %> disk.img --socket /run/blkrep/nbd.sock' },
     { description: 'Serve two exports read-only on port 10810, with a control socket', command: '<%= config.bin %> <%= command.id %> --export a=a.img --export b=/dev/vdb --read-only --port 10810 --control /run/blkrep/ctl.sock' },
     { description: 'Start from a script and wait until it listens', command: '<%= config.bin %> <%= command.id %> disk.img --json --pid-file /run/blkrep.pid | head -n 1' },
+    { description: 'Track writes in the dirty bitmap disk.img.b0.bitmap and offer it as qemu:dirty-bitmap:b0', command: '<%= config.bin %> <%= command.id %> disk.img --bitmap b0 --socket /run/blkrep/nbd.sock --control /run/blkrep/ctl.sock' },
+    { description: 'A bitmap per export, one in a file of its own choosing', command: '<%= config.bin %> <%= command.id %> --export a=a.img --export b=/dev/vdb --bitmap a:b0 --bitmap b:b0=/var/lib/blkrep/vdb.b0.bitmap' },
   ];
 
   static override args = {
@@ -47,11 +52,24 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
     'pid-file': Flags.string({ description: 'write the process id here once listening; removed at exit', helpValue: 'PATH' }),
     control: Flags.string({ description: 'control socket (JSON lines, mode 0600) for blkrep status and later commands', helpValue: 'PATH' }),
     verbose: Flags.boolean({ char: 'v', description: 'log each connection to stderr', default: false }),
+    bitmap: Flags.string({
+      char: 'B',
+      description: 'record writes in dirty bitmap NAME (file IMAGE.NAME.bitmap, or FILE) and offer it as qemu:dirty-bitmap:NAME; EXPORT: says whose with several exports',
+      helpValue: '[EXPORT:]NAME[=FILE]',
+      multiple: true,
+    }),
+    'bitmap-granularity': sizeFlag({ description: 'bytes per bit of bitmaps created at start (a power of two, 512 to 64M) [default: 64K]', helpValue: 'SIZE' }),
+    'auto-bitmaps': Flags.boolean({ description: 'load every bitmap file beside an image (IMAGE.*.bitmap); --no-auto-bitmaps loads only those given with --bitmap', default: true, allowNo: true }),
   };
 
   async run(): Promise<ListeningEvent | undefined> {
     const { args, flags } = await this.parse(ServeNbd);
     const exports = this.exportSpecs(args.image, flags.name, flags.export ?? [], flags.description);
+    this.bitmapSpecs(exports, flags.bitmap ?? []);
+    const bg = flags['bitmap-granularity'];
+    if (bg !== undefined && (bg < 512 || bg > 64 * 1024 * 1024 || (bg & (bg - 1)) !== 0)) {
+      this.usageError(`--bitmap-granularity ${bg} is not a power of two between 512 and 64M`);
+    }
     const listen: ListenSpec[] = [];
     if (flags.socket) listen.push({ transport: 'unix', address: flags.socket });
     if (!flags.socket || flags.port !== undefined) {
@@ -79,6 +97,8 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
       pidFile: flags['pid-file'],
       controlPath: flags.control,
       log,
+      autoBitmaps: flags['auto-bitmaps'],
+      ...(bg === undefined ? {} : { bitmapGranularity: bg }),
     });
 
     let signals = 0;
@@ -98,12 +118,20 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
     process.on('SIGINT', onSignal);
 
     const listening = daemon.listening();
+    // A bitmap that could not be loaded as it was stored is said on stderr, whatever the output.
+    for (const b of listening.bitmaps ?? []) if (b.state !== 'clean') log('warn', describeLoad(b));
     if (json) {
       this.jsonLine(listening);
     } else {
       for (const e of daemon.server.listExports()) {
-        const what = e.node.driver === 'memory' ? 'in-memory, sparse' : e.node.driver;
+        const driver = daemon.imageDriver(e.name);
+        const what = driver === 'memory' ? 'in-memory, sparse' : driver;
         this.log(`Serving ${e.node.description} (${formatSize(e.size)}, ${what}${e.readOnly ? ', read-only' : ''}) as export "${e.name}"`);
+        for (const b of listening.bitmaps ?? []) {
+          if (b.export !== e.name) continue;
+          const where = b.file === null ? 'in memory' : b.file;
+          this.log(`  dirty bitmap "${b.name}" (${where}, ${b.created ? 'created' : b.state}) as qemu:dirty-bitmap:${b.name}`);
+        }
       }
       for (const uri of listening.uris) this.log(`  ${uri}`);
       this.log(`Try: nbdinfo '${listening.uris[0]}'`);
@@ -117,6 +145,28 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
     if (json) this.jsonLine({ event: 'stopped', pid: process.pid });
     // The listening line was the result; nothing more for oclif to print.
     return undefined;
+  }
+
+  /** --bitmap [EXPORT:]NAME[=FILE] → the bitmaps of each export. */
+  private bitmapSpecs(exports: ExportSpec[], specs: string[]): void {
+    for (const spec of specs) {
+      const eq = spec.indexOf('=');
+      const left = eq < 0 ? spec : spec.slice(0, eq);
+      const file = eq < 0 ? undefined : spec.slice(eq + 1);
+      if (file === '') this.usageError(`--bitmap "${spec}" names no file after "="`);
+      const colon = left.indexOf(':');
+      let target = colon >= 0 ? exports.find((e) => e.name === left.slice(0, colon)) : undefined;
+      let name = target ? left.slice(colon + 1) : left;
+      if (!target) {
+        if (exports.length > 1) {
+          this.usageError(`--bitmap "${spec}": with several exports, say whose bitmap it is: EXPORT:NAME[=FILE] (exports: ${exports.map((e) => `"${e.name}"`).join(', ')})`);
+        }
+        target = exports[0]!;
+        name = left;
+      }
+      if (name === '') this.usageError(`--bitmap "${spec}" names no bitmap`);
+      (target.bitmaps ??= []).push({ name, ...(file === undefined ? {} : { file }) });
+    }
   }
 
   private exportSpecs(image: string | undefined, name: string, pairs: string[], description: string | undefined): ExportSpec[] {
@@ -134,4 +184,13 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
     if (specs.length === 0) specs.push({ name, image: DEFAULT_IMAGE, description: description ?? 'blkrep embedded default: 1 GiB sparse in-memory disk' });
     return specs;
   }
+}
+
+/** One line for stderr about a bitmap that did not load clean. */
+export function describeLoad(b: BitmapLoad): string {
+  const what = `dirty bitmap "${b.name}" of export "${b.export}" (${b.file ?? 'in memory'})`;
+  if (b.state === 'recovered') {
+    return `${what} was not closed cleanly (crash or kill): recovered from its activity log (${b.extentsReplayed ?? 0} extents replayed, ${b.pagesDistrusted ?? 0} pages distrusted); every region written since it was last cleared is dirty`;
+  }
+  return `${what} cannot be trusted (${b.reason ?? b.fault ?? 'unknown reason'}): loaded as ALL DIRTY, so the next copy is a full one`;
 }

@@ -8,6 +8,10 @@ import type { BlockNode } from '../api/block.js';
 import type { TransportListener, TransportRegistry } from '../api/transport.js';
 import { completeNode } from '../block/node.js';
 import { openImage } from '../block/open.js';
+import { registerBitmapVerbs } from '../bitmap/control-verbs.js';
+import { ExportBitmaps, type BitmapLoad, type BitmapSpec } from '../bitmap/export-bitmaps.js';
+import { DirtyTrackingNode } from '../bitmap/filter.js';
+import type { BitmapInfo } from '../bitmap/ops.js';
 import { ControlServer } from '../control/server.js';
 import { NbdServer, type Logger, type ServerStatus } from '../nbd/server.js';
 
@@ -15,6 +19,8 @@ export interface ExportSpec {
   name: string;
   image: string;
   description?: string;
+  /** dirty bitmaps to open or create for this export (--bitmap NAME[=FILE]) */
+  bitmaps?: BitmapSpec[];
 }
 
 export interface ListenSpec {
@@ -33,12 +39,18 @@ export interface DaemonOptions {
   pidFile?: string;
   controlPath?: string;
   log?: Logger;
+  /** load every bitmap file beside each image (IMAGE.NAME.bitmap); default true */
+  autoBitmaps?: boolean;
+  /** granularity of bitmaps created at start (default 64 KiB) */
+  bitmapGranularity?: number;
 }
 
 export interface ListeningEvent {
   event: 'listening';
   uris: string[];
   pid: number;
+  /** how each dirty bitmap was loaded (only when there are bitmaps) */
+  bitmaps?: BitmapLoad[];
 }
 
 export class Daemon {
@@ -52,6 +64,9 @@ export class Daemon {
     readonly listeners: TransportListener[],
     readonly control: ControlServer | undefined,
     private readonly pidFile: string | undefined,
+    /** the dirty bitmaps of each export, by export name */
+    readonly bitmaps: Map<string, ExportBitmaps> = new Map(),
+    private readonly log: Logger = () => {},
   ) {}
 
   static async start(options: DaemonOptions): Promise<Daemon> {
@@ -66,14 +81,34 @@ export class Daemon {
 
     const nodes: BlockNode[] = [];
     const listeners: TransportListener[] = [];
+    const bitmaps = new Map<string, ExportBitmaps>();
     let control: ControlServer | undefined;
     try {
       for (const e of options.exports) nodes.push(await openImage(e.image, { readOnly: options.readOnly }));
+      // Every export goes through a dirty-tracking filter (no cost without bitmaps), so bitmaps
+      // can be added at run time; its bitmaps are opened before anything can write.
+      const tracking = nodes.map((n) => new DirtyTrackingNode(n));
+      const claimed = new Set<string>();
+      for (const [i, e] of options.exports.entries()) {
+        bitmaps.set(
+          e.name,
+          await ExportBitmaps.open({
+            exportName: e.name,
+            image: e.image,
+            node: tracking[i]!,
+            specs: e.bitmaps ?? [],
+            discover: options.autoBitmaps ?? true,
+            ...(options.bitmapGranularity === undefined ? {} : { granularity: options.bitmapGranularity }),
+            claimed,
+            publish: (event, fields) => control?.publish(event, fields),
+          }),
+        );
+      }
       const server = new NbdServer({
         exports: options.exports.map((e, i) => ({
           name: e.name,
           description: e.description,
-          node: completeNode(nodes[i]!),
+          node: completeNode(tracking[i]!),
           readOnly: options.readOnly,
           minimumBlockSize: options.minimumBlockSize,
         })),
@@ -81,6 +116,7 @@ export class Daemon {
         handshakeTimeoutMs: options.handshakeTimeoutMs,
         log: options.log,
       });
+      for (const [name, eb] of bitmaps) eb.attach(server.findExport(name)!);
       for (let i = 0; i < transports.length; i++) {
         const spec = options.listen[i]!;
         try {
@@ -92,7 +128,7 @@ export class Daemon {
           throw own ? toBlkrepError(err) : toBlkrepError(err, `cannot listen on ${spec.transport} address ${spec.address}`);
         }
       }
-      const daemon = new Daemon(server, listeners, undefined, options.pidFile);
+      const daemon = new Daemon(server, listeners, undefined, options.pidFile, bitmaps, options.log);
       if (options.controlPath) {
         control = await ControlServer.listen(options.controlPath);
         (daemon as { control: ControlServer | undefined }).control = control;
@@ -104,6 +140,7 @@ export class Daemon {
       await control?.close().catch(() => {});
       await Promise.all(listeners.map((l) => l.close().catch(() => {})));
       await Promise.all(nodes.map((n) => n.close().catch(() => {})));
+      await Promise.all([...bitmaps.values()].map((b) => b.close().catch(() => {})));
       throw err;
     }
   }
@@ -115,14 +152,24 @@ export class Daemon {
   }
 
   listening(): ListeningEvent {
-    return { event: 'listening', uris: this.uris, pid: process.pid };
+    const loads = [...this.bitmaps.values()].flatMap((b) => b.loads());
+    return { event: 'listening', uris: this.uris, pid: process.pid, ...(loads.length ? { bitmaps: loads } : {}) };
   }
 
-  status(): ServerStatus & { listeners: Array<{ address: string }>; control: string | null } {
+  /** The driver of an export's image (under its dirty-tracking filter). */
+  imageDriver(exportName: string): string {
+    const node = this.bitmaps.get(exportName)?.node;
+    return node ? node.next.driver : (this.server.findExport(exportName)?.node.driver ?? 'unknown');
+  }
+
+  status(): ServerStatus & { listeners: Array<{ address: string }>; control: string | null; bitmaps: BitmapInfo[] } {
+    const s = this.server.status();
     return {
-      ...this.server.status(),
+      ...s,
+      exports: s.exports.map((e) => ({ ...e, driver: this.imageDriver(e.name) })),
       listeners: this.listeners.map((l) => ({ address: l.address })),
       control: this.control?.path ?? null,
+      bitmaps: [...this.bitmaps.values()].flatMap((b) => b.list()),
     };
   }
 
@@ -134,6 +181,10 @@ export class Daemon {
       try {
         await this.server.shutdown();
       } finally {
+        // After the nodes are flushed and closed: store every bitmap and mark its file clean.
+        for (const b of this.bitmaps.values()) {
+          await b.close().catch((err: unknown) => this.log('warn', `${(err as Error).message}; the bitmap will load as recovered next time`));
+        }
         await this.control?.close().catch(() => {});
         if (this.pidFile) await rm(this.pidFile, { force: true }).catch(() => {});
         this.resolveStopped();
@@ -149,6 +200,19 @@ export class Daemon {
       setImmediate(() => void this.stop());
       return { stopping: true };
     });
+    registerBitmapVerbs(
+      control,
+      (name) => {
+        if (name === undefined) {
+          if (this.bitmaps.size === 1) return [...this.bitmaps.values()][0]!;
+          throw new BlkrepError('ERR_BAD_REQUEST', `the daemon serves ${this.bitmaps.size} exports: say which with "export" (${[...this.bitmaps.keys()].map((n) => `"${n}"`).join(', ')})`, { errno: 'EINVAL' });
+        }
+        const eb = this.bitmaps.get(name);
+        if (!eb) throw new BlkrepError('ERR_NO_EXPORT', `the daemon has no export "${name}" (it has ${[...this.bitmaps.keys()].map((n) => `"${n}"`).join(', ')})`, { errno: 'EINVAL', details: { export: name } });
+        return eb;
+      },
+      () => [...this.bitmaps.values()],
+    );
     this.server.on('connection', (e) => control.publish('connection', e));
     this.server.on('disconnect', (e) => control.publish('disconnect', e));
     this.server.on('refused', (e) => control.publish('refused', e));
