@@ -235,7 +235,7 @@ export class ExportBitmaps {
             details: { export: this.exportName, name },
           });
         }
-        return { changed: false, bitmap: this.info(existing) };
+        return { name, changed: false, bitmap: this.info(existing) };
       }
       let file: string | null;
       if (options.file !== undefined) file = options.file;
@@ -263,7 +263,7 @@ export class ExportBitmaps {
       this.exp?.addMetaContext(dirtyBitmapContext(name, () => t.bitmap));
       const info = this.info(t);
       this.publish('bitmap-added', { export: this.exportName, name, file: t.file, persistent: info.persistent, granularity: info.granularity, enabled: info.enabled });
-      return { changed: true, bitmap: info };
+      return { name, changed: true, bitmap: info };
     });
   }
 
@@ -271,7 +271,7 @@ export class ExportBitmaps {
     return this.serial(async () => {
       const t = this.bitmaps.get(name);
       if (!t) {
-        if (options.ifExists) return { changed: false, bitmap: null };
+        if (options.ifExists) return { name, changed: false, bitmap: null };
         throw notFound(this.exportName, name, [...this.bitmaps.keys()]);
       }
       this.bitmaps.delete(name);
@@ -284,7 +284,7 @@ export class ExportBitmaps {
       }
       if (t.file) await removeBitmapFiles(t.file);
       this.publish('bitmap-removed', { export: this.exportName, name, file: t.file });
-      return { changed: true, bitmap: null };
+      return { name, changed: true, bitmap: null };
     });
   }
 
@@ -300,7 +300,7 @@ export class ExportBitmaps {
         await t.persistent?.flush();
         this.publish('bitmap-cleared', { export: this.exportName, name, ranges: ranges?.length ?? null, dirtyBytes: t.bitmap.dirtyBytes });
       }
-      return { changed, bitmap: this.info(t) };
+      return { name, changed, bitmap: this.info(t) };
     });
   }
 
@@ -313,7 +313,7 @@ export class ExportBitmaps {
         else t.bitmap.enabled = enabled;
         this.publish(enabled ? 'bitmap-enabled' : 'bitmap-disabled', { export: this.exportName, name });
       }
-      return { changed, bitmap: this.info(t) };
+      return { name, changed, bitmap: this.info(t) };
     });
   }
 
@@ -341,7 +341,7 @@ export class ExportBitmaps {
         await t.persistent?.flush();
         this.publish('bitmap-merged', { export: this.exportName, name, source: what, dirtyBytes: t.bitmap.dirtyBytes });
       }
-      return { changed, bitmap: this.info(t) };
+      return { name, changed, bitmap: this.info(t) };
     });
   }
 
@@ -362,7 +362,7 @@ export class ExportBitmaps {
         await t.persistent?.flush();
         this.publish('bitmap-filled', { export: this.exportName, name, dirtyBytes: t.bitmap.dirtyBytes });
       }
-      return { changed, bitmap: this.info(t) };
+      return { name, changed, bitmap: this.info(t) };
     });
   }
 
@@ -463,6 +463,8 @@ export class ExportBitmaps {
 
   private async openOne(name: string, file: string | null, o: { granularity: number; enabled: boolean; mayCreate: boolean }): Promise<Tracked> {
     const size = this.node.size;
+    // Absolute, so that what the control socket reports means the same to a client elsewhere.
+    if (file !== null) file = resolvePath(file);
     let t: Tracked;
     if (file === null) {
       const bitmap = new DirtyBitmap(size, { granularity: o.granularity, enabled: o.enabled });

@@ -37,6 +37,7 @@ export interface BitmapInfo {
 
 /** The result of a command that may change a bitmap: whether it did (scripts rely on this for idempotence). */
 export interface BitmapChange {
+  name: string;
   changed: boolean;
   /** the bitmap afterwards (null once removed) */
   bitmap: BitmapInfo | null;
@@ -57,8 +58,10 @@ export interface AddOptions {
 export interface MergeSource {
   /** a bitmap of the same store */
   name?: string;
-  /** a blkrep bitmap file (or checkpoint file) */
+  /** a blkrep bitmap file (or checkpoint file), or an image whose bitmap `name` it is */
   file?: string;
+  /** bits in memory (callers in this process) */
+  bits?: DirtyBitmap;
 }
 
 export type { CheckpointInfo, LoadState };
@@ -178,7 +181,7 @@ export function describeLoadState(s: LoadState): string {
     case 'clean':
       return 'clean';
     case 'recovered':
-      return `recovered after its writer stopped without closing it (${s.extentsReplayed} activity-log extent${s.extentsReplayed === 1 ? '' : 's'} replayed, ${s.pagesDistrusted} page${s.pagesDistrusted === 1 ? '' : 's'} distrusted): every region written since it was last cleared is dirty`;
+      return `marked in use when loaded (its writer died, or still has it open), so recovered (${s.extentsReplayed} activity-log extent${s.extentsReplayed === 1 ? '' : 's'} replayed, ${s.pagesDistrusted} page${s.pagesDistrusted === 1 ? '' : 's'} distrusted): every region written since it was last cleared is dirty`;
     case 'all-dirty':
       return `NOT TRUSTED (${s.reason}): loaded as all-dirty, so the next copy is a full one`;
   }
