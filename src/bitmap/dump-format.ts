@@ -30,45 +30,111 @@ export function rangeTotals(bitmap: DirtyBitmap, start: number, end: number): Ra
 }
 
 /**
+ * ASCII output built in 1 MiB buffers: numbers written digit by digit and constant pieces
+ * copied byte by byte — several times faster than a template string per line.
+ */
+const CHUNK = 1 << 20;
+
+class AsciiOut {
+  private buf = Buffer.allocUnsafe(CHUNK);
+  private o = 0;
+
+  /** Room for `n` more bytes; returns the full chunk to emit first, if any. */
+  reserve(n: number): Buffer | undefined {
+    if (this.o + n <= this.buf.length) return undefined;
+    return this.take(Math.max(CHUNK, n));
+  }
+
+  /** What has been written so far; the writer starts a new buffer. */
+  take(next = CHUNK): Buffer {
+    const out = this.buf.subarray(0, this.o);
+    this.buf = Buffer.allocUnsafe(next);
+    this.o = 0;
+    return out;
+  }
+
+  bytes(b: Uint8Array): void {
+    const buf = this.buf;
+    let o = this.o;
+    for (let i = 0; i < b.length; i++) buf[o++] = b[i]!;
+    this.o = o;
+  }
+
+  /** A non-negative integer below 2^53, right-aligned in `width` columns (0: as it is). */
+  num(n: number, width = 0): void {
+    const buf = this.buf;
+    let digits = 1;
+    for (let p = 10; p <= n; p *= 10) digits++;
+    for (let pad = width - digits; pad > 0; pad--) buf[this.o++] = 0x20;
+    let o = this.o + digits;
+    this.o = o;
+    do {
+      const q = Math.floor(n / 10);
+      buf[--o] = 0x30 + (n - q * 10);
+      n = q;
+    } while (n > 0);
+  }
+}
+
+const ascii = (s: string): Uint8Array => Buffer.from(s, 'latin1');
+const J_OPEN = ascii('{ "offset": ');
+const J_LENGTH = ascii(', "length": ');
+const J_DIRTY = ascii(', "type": 1, "description": "dirty"}');
+const J_CLEAN = ascii(', "type": 0, "description": "clean"}');
+const J_SEP = ascii(',\n');
+const NL = ascii('\n');
+const TWO_SPACES = ascii('  ');
+
+/**
  * `nbdinfo --map=qemu:dirty-bitmap:NAME --json` of [start, end): an array of
  * `{ "offset": N, "length": N, "type": 0|1, "description": "clean"|"dirty"}`, one per line.
  */
-export function* nbdinfoJsonChunks(bitmap: DirtyBitmap, start: number, end: number, dirtyOnly: boolean): Generator<string> {
-  const lines: string[] = [];
+export function* nbdinfoJsonChunks(bitmap: DirtyBitmap, start: number, end: number, dirtyOnly: boolean): Generator<Buffer> {
+  const out = new AsciiOut();
   let first = true;
+  const entry = function* (offset: number, length: number, dirty: boolean): Generator<Buffer> {
+    const full = out.reserve(128);
+    if (full) yield full;
+    if (!first) out.bytes(J_SEP);
+    first = false;
+    out.bytes(J_OPEN);
+    out.num(offset);
+    out.bytes(J_LENGTH);
+    out.num(length);
+    out.bytes(dirty ? J_DIRTY : J_CLEAN);
+  };
+  out.bytes(ascii('[\n'));
   let pos = start;
-  const CHUNK = 65536;
-  yield '[\n';
   if (end > start) {
-    for (const [length, dirty] of bitmap.statusRuns(start, end - start)) {
-      if (dirty || !dirtyOnly) {
-        lines.push(`${first ? '' : ',\n'}{ "offset": ${pos}, "length": ${length}, "type": ${dirty ? 1 : 0}, "description": "${dirty ? 'dirty' : 'clean'}"}`);
-        first = false;
-        if (lines.length >= CHUNK) yield lines.splice(0).join('');
-      }
-      pos += length;
+    for (const r of bitmap.dirtyRuns(start, end - start)) {
+      if (r.offset > pos && !dirtyOnly) yield* entry(pos, r.offset - pos, false);
+      yield* entry(r.offset, r.length, true);
+      pos = r.offset + r.length;
     }
+    if (pos < end && !dirtyOnly) yield* entry(pos, end - pos, false);
   }
-  lines.push('\n]\n');
-  yield lines.join('');
+  const full = out.reserve(8);
+  if (full) yield full;
+  out.bytes(ascii('\n]\n'));
+  yield out.take(0);
 }
 
 /** The dirty runs of [start, end) as a table: offset and length right-aligned. */
-export function* runTableChunks(bitmap: DirtyBitmap, start: number, end: number): Generator<string> {
+export function* runTableChunks(bitmap: DirtyBitmap, start: number, end: number): Generator<Buffer> {
   const w = Math.max(String(end).length, 6);
-  const pad = ' '.repeat(w);
-  const col = (n: number): string => {
-    const s = String(n);
-    return s.length >= w ? s : pad.slice(s.length) + s;
-  };
-  const lines: string[] = [`${'Offset'.padStart(w)}  ${'Length'.padStart(w)}\n`];
+  const out = new AsciiOut();
+  out.bytes(ascii(`${'Offset'.padStart(w)}  ${'Length'.padStart(w)}\n`));
   if (end > start) {
     for (const r of bitmap.dirtyRuns(start, end - start)) {
-      lines.push(`${col(r.offset)}  ${col(r.length)}\n`);
-      if (lines.length >= 65536) yield lines.splice(0).join('');
+      const full = out.reserve(2 * w + 8);
+      if (full) yield full;
+      out.num(r.offset, w);
+      out.bytes(TWO_SPACES);
+      out.num(r.length, w);
+      out.bytes(NL);
     }
   }
-  yield lines.join('');
+  yield out.take(0);
 }
 
 /** Characters of the picture: clean, then up to 1/8, 2/8 … all dirty. */

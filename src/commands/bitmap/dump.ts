@@ -126,7 +126,7 @@ With --json, the runs are printed exactly as nbdinfo --map=qemu:dirty-bitmap:NAM
 
   private printHeader(s: DumpSummary, where: string, bitmap: DirtyBitmap, start: number, end: number): void {
     const what = s.checkpoint === null ? `Bitmap "${s.name}"` : `Checkpoint ${s.checkpoint} of bitmap "${s.name}"`;
-    this.log(`${what} of ${where}${s.file ? ` (${s.file})` : ' (in memory)'}`);
+    this.log(`${what} of ${where}${s.file === null ? ' (in memory)' : where.endsWith(s.file) ? '' : ` (${s.file})`}`);
     const state = s.frozen ? 'frozen' : s.enabled ? 'enabled' : 'disabled';
     const recording = s.epoch !== null ? `, recording checkpoint ${s.epoch}` : '';
     this.log(`  disk ${sizeWithBytes(s.size)}, granularity ${formatSize(s.granularity)}, ${state}${recording}`);
@@ -146,7 +146,7 @@ With --json, the runs are printed exactly as nbdinfo --map=qemu:dirty-bitmap:NAM
 }
 
 /** Write big output in a few chunks; a reader that goes away (| head) ends the command quietly. */
-function writeOut(chunks: Iterable<string>): void {
+function writeOut(chunks: Iterable<Buffer>): void {
   process.stdout.on('error', (err: NodeJS.ErrnoException) => {
     if (err.code === 'EPIPE') process.exit(0);
   });
