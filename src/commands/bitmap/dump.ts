@@ -34,9 +34,9 @@ export interface DumpSummary {
 export default class BitmapDump extends BitmapCommand {
   static override summary = 'Show the dirty regions of a dirty bitmap.';
 
-  static override description = `Prints the bitmap's dirty runs (offset and length in bytes), the totals (runs, bytes, share of the disk), and a one-line picture of the disk in 64 cells, each showing how much of its slice is dirty: ${PICTURE_CLEAN} clean, ${PICTURE_LEVELS.join(' ')} up to an eighth, a quarter … all of it dirty (any dirty byte shows).
+  static override description = `Prints the bitmap's dirty runs (offset and length in bytes), the totals (runs, bytes, share of the disk), and a one-line picture of the disk in 64 cells, each showing how much of its slice is dirty: a middle dot for a clean slice, then the block characters from lower one eighth block (up to an eighth dirty) to full block (all of it dirty); any dirty byte shows.
 
-With --json, the runs are printed exactly as nbdinfo --map=qemu:dirty-bitmap:NAME --json prints them, clean and dirty runs alternating over the whole range: [{ "offset": N, "length": N, "type": 1, "description": "dirty"}, …] with type 0 and "clean" for clean runs (--dirty-only leaves those out). --summary prints only the totals; with --json, an object {name, file, persistent, checkpoint, size, granularity, enabled, frozen, epoch, loadState, start, length, runs, dirtyBytes, percent}.
+With --json, the runs are printed exactly as nbdinfo --map=qemu:dirty-bitmap:NAME --json prints them, clean and dirty runs alternating over the whole range: [{ "offset": N, "length": N, "type": 1, "description": "dirty"}, ...] with type 0 and "clean" for clean runs (--dirty-only leaves those out). --summary prints only the totals; with --json, an object {name, file, persistent, checkpoint, size, granularity, enabled, frozen, epoch, loadState, start, length, runs, dirtyBytes, percent}.
 
 --start and --length limit everything to a range. --checkpoint N shows checkpoint N instead of the bitmap. A bitmap file marked in use (a daemon has it open, or its writer died) is shown as it would be recovered; one that cannot be trusted is shown all dirty, and stderr says why.`;
 
