@@ -163,6 +163,13 @@ export class RateLimiter {
     return this.tokens >= 0 ? 0 : Math.ceil((-this.tokens * 1000) / this.rate);
   }
 
+  /** Take `bytes` tokens whatever the bucket holds (it may go into debt). */
+  take(bytes: number): void {
+    if (this.rate === 0) return;
+    this.refill();
+    this.tokens -= bytes;
+  }
+
   /** Take `bytes` tokens if the bucket is not in debt; returns 0 when taken, else the ms to wait. */
   tryReserve(bytes: number): number {
     const wait = this.delay();
@@ -358,6 +365,7 @@ export abstract class Job extends EventEmitter {
   }
 
   query(): JobInfo {
+    this.beforeQuery();
     const rate = this.rate();
     const eta = this._remaining === 0 ? 0 : rate > 0 ? this._remaining / rate : null;
     return {
@@ -443,6 +451,7 @@ export abstract class Job extends EventEmitter {
     this.onComplete(options);
     await this.concludedP;
     if (this.failure) throw this.failure;
+    if (this.hardCancel) throw new BlkrepError('ERR_JOB_CANCELLED', `job ${this.id} was cancelled before it completed`, { errno: 'ESHUTDOWN', details: { id: this.id } });
   }
 
   /**
@@ -521,6 +530,8 @@ export abstract class Job extends EventEmitter {
   protected extraInfo(): Record<string, unknown> {
     return {};
   }
+  /** query() is about to read the progress: bring it up to date. */
+  protected beforeQuery(): void {}
 
   /** The driver is idle and a pause was asked for: status → paused. */
   protected reachedPausePoint(): void {

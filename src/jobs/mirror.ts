@@ -1,0 +1,1024 @@
+/**
+ * mirror — keep a target in step with a source that may be written meanwhile (DESIGN.md §5, §6;
+ * model/README.md).
+ *
+ * Writes to the source must go through `job.node` (the front end): it forwards them to the
+ * source wrapped in a DirtyTrackingNode whose tracker the job owns, so every completed source
+ * write sets its granules in the dirty bitmap and clears them in the in-flight bitmap. After the
+ * job, the front end forwards to the target (completed with a pivot) or to the source.
+ *
+ * The bitmaps (one bit per granule):
+ *   dirty      the "persistent" dirty bitmap of §5: granules that may differ from the target
+ *   inflight   §5's in-flight bitmap: set by a copy before it reads, cleared by every source write
+ *   locked     a copy (or a write-blocking write) of the granule is in flight — model finding 2:
+ *              the in-flight bit cannot be this lock, since writes clear it
+ *   unstable   granules cleared from `dirty` since the target was last flushed — model finding 1:
+ *              a cleared bit may reach stable storage only once the target holds the data
+ *              stably, so whoever persists the bitmap stores persistedView() = dirty | unstable;
+ *              a target flush forgets exactly the unstable bits recorded when it was issued (two
+ *              bitmaps swap at the issue) and, if it fails, puts them back into dirty.
+ *
+ * A copy operation: pick a run of granules dirty and not locked (from a cursor that sweeps the
+ * disk, at most `bufSize` bytes), set locked and inflight, THEN ask the source's extents (so a
+ * write landing meanwhile clears inflight and keeps the granule dirty), read the data parts,
+ * write them to the target — granules wholly zero go as write-zeroes (holes may be punched),
+ * never as data, and so does a data part that reads as zeros. Its completion runs in one
+ * callback (no await): for each granule whose inflight bit is still set, clear dirty and set
+ * unstable; clear inflight and locked. Up to `maxOps` operations are in flight.
+ *
+ * When nothing is dirty and no copy is in flight, the target is flushed; a flush issued at such
+ * a moment is a consistency point once it completes: the stable target is the source as of the
+ * issue, writes in flight then being either there or not. The first one makes the job ready.
+ *
+ * Copy modes: background (writes only mark dirty), write-blocking (a source write completes
+ * only once the target has it: it takes the granule lock, writes the source, writes the same
+ * bytes to the target, then clears the granules it wholly covers — the partial ones stay dirty
+ * for the copy loop), auto (background; write-blocking once no consistency point came for
+ * `maxLagMs`; background again at the next one). Each switch is a copy-mode event. Writes of one
+ * mode drain before writes of the other start, so a write-blocking write never races a
+ * background one. While the job is paused, writes are background writes.
+ *
+ * complete (ready only) and cancel of a ready job without force drain: new front-end writes wait,
+ * the ones in flight finish, everything dirty is copied and the target flushed; then (pending)
+ * the `onConsistent` hook runs — the target equals the source — and, for complete with pivot,
+ * the `pivot` hook; then the front end forwards to the target (pivot) or to the source, and the
+ * waiting writes go on. A pause or an error with policy stop during the drain lets writes
+ * through to the source until resume. A hard cancel (before ready, or force) aborts the I/O in
+ * flight: the target is not a usable copy.
+ *
+ * Errors: source extents/read are the source side, target write/write-zeroes/flush the target
+ * side; the side's policy decides (job.ts). A failed copy leaves its granules dirty; ignore
+ * retries them later (backing off from 10 ms to 1 s while errors repeat); a failed target flush
+ * makes its unstable granules dirty again. A target error of a write-blocking write never fails
+ * the write (the source has it; the granules stay dirty). After ready, an error that is ignored
+ * or stops the job is a ready(synced false) event and the job is running again until the next
+ * consistency point.
+ */
+import type { BlockNode, CompleteBlockNode, Extent, IoOptions, WriteOptions, ZeroOptions } from '../api/block.js';
+import { BlkrepError, toBlkrepError } from '../api/errors.js';
+import { completeNode, coalesceExtents } from '../block/node.js';
+import { DirtyBitmap, DEFAULT_GRANULARITY, checkGranularity } from '../bitmap/dirty-bitmap.js';
+import { DirtyTrackingNode, type WriteTracker } from '../bitmap/filter.js';
+import type { PersistentBitmap } from '../bitmap/persistent.js';
+import { Job, type JobOptions, type JobSide } from './job.js';
+
+export const MIRROR_SYNC_MODES = ['full', 'top', 'none', 'bitmap'] as const;
+export type MirrorSync = (typeof MIRROR_SYNC_MODES)[number];
+export const COPY_MODES = ['background', 'write-blocking', 'auto'] as const;
+export type CopyMode = (typeof COPY_MODES)[number];
+export const BITMAP_MODES = ['on-success', 'always', 'never'] as const;
+export type BitmapMode = (typeof BITMAP_MODES)[number];
+
+export const DEFAULT_BUF_SIZE = 1 << 20;
+export const DEFAULT_MAX_OPS = 16;
+export const DEFAULT_MAX_LAG_MS = 10_000;
+export const DEFAULT_FLUSH_INTERVAL_MS = 100;
+const MAX_BUF_SIZE = 64 << 20;
+const EXTENTS_SCAN = 1 << 30;
+
+export interface MirrorOptions extends Omit<JobOptions, 'id'> {
+  id?: string;
+  source: BlockNode;
+  target: BlockNode;
+  /** full (default), top (what the source's top layer holds), none (new writes only), bitmap */
+  sync?: MirrorSync;
+  /** sync=bitmap: the granules to copy (its granularity is the job's unless given) */
+  bitmap?: DirtyBitmap | PersistentBitmap;
+  /** sync=bitmap: clear the copied granules from `bitmap` on success (default), always, or never */
+  bitmapMode?: BitmapMode;
+  /** bytes per bit, power of two 512 B … 64 MiB; default the bitmap's or 64 KiB */
+  granularity?: number;
+  /** most bytes one copy operation moves (default 1 MiB) */
+  bufSize?: number;
+  /** copy operations in flight (default 16) */
+  maxOps?: number;
+  /** the target reads as zeros: zero ranges of the source are not copied at the start */
+  targetIsZero?: boolean;
+  copyMode?: CopyMode;
+  /** auto: write-blocking once no consistency point came for this long (default 10 s) */
+  maxLagMs?: number;
+  /** least time between two flushes of the target once ready and not draining (default 100 ms) */
+  flushIntervalMs?: number;
+  /** complete with pivot: make the target the disk (an export switches to it); may fail */
+  pivot?: (ctx: { source: BlockNode; target: BlockNode }) => Promise<void>;
+  /** complete and soft cancel: called while writes wait and the target equals the source */
+  onConsistent?: (reason: 'complete' | 'cancel') => Promise<void>;
+}
+
+interface CopyOp {
+  first: number;
+  end: number;
+  offset: number;
+  length: number;
+}
+
+interface Segment {
+  offset: number;
+  length: number;
+  zero: boolean;
+  hole: boolean;
+}
+
+type FrontKind = 'write' | 'write-zeroes' | 'trim';
+
+function badOption(message: string, details: Record<string, unknown> = {}): BlkrepError {
+  return new BlkrepError('ERR_JOB_INVALID', message, { errno: 'EINVAL', details });
+}
+
+function isZero(buf: Buffer): boolean {
+  // compare 8 KiB at a time against a zero buffer (memcmp)
+  const step = ZEROS.length;
+  for (let i = 0; i < buf.length; i += step) {
+    const n = Math.min(step, buf.length - i);
+    if (buf.compare(ZEROS, 0, n, i, i + n) !== 0) return false;
+  }
+  return true;
+}
+const ZEROS = Buffer.alloc(8192);
+
+export class MirrorJob extends Job {
+  readonly type = 'mirror';
+  readonly source: BlockNode;
+  readonly target: CompleteBlockNode;
+  /** the source with the job's tracker: writes through `node` reach it */
+  readonly tracking: DirtyTrackingNode;
+  /** the front end: write the source through it (see the file comment) */
+  readonly node: BlockNode;
+  readonly sync: MirrorSync;
+  readonly granularity: number;
+  readonly bufSize: number;
+  readonly maxOps: number;
+  readonly targetIsZero: boolean;
+  readonly maxLagMs: number;
+  readonly flushIntervalMs: number;
+  readonly copyModeSetting: CopyMode;
+
+  private readonly size: number;
+  private readonly bits: number;
+  private readonly dirty: DirtyBitmap;
+  private readonly inflight: DirtyBitmap;
+  private readonly locked: DirtyBitmap;
+  private unstableCur: DirtyBitmap;
+  private unstableFlushing: DirtyBitmap;
+  private readonly tracker: WriteTracker<{ offset: number; length: number; blocking: boolean }>;
+  /** set around the synchronous start of a write-blocking write's source request (see blockingWrite) */
+  private blockingTicket = false;
+  private readonly syncBitmap: DirtyBitmap | PersistentBitmap | undefined;
+  private readonly bitmapMode: BitmapMode;
+  private syncBitmapStart: DirtyBitmap | undefined;
+  private readonly pivotHook: MirrorOptions['pivot'];
+  private readonly consistentHook: MirrorOptions['onConsistent'];
+
+  private copyModeNow: CopyMode;
+  /** writing through the front end: 'tracked' while the job runs, then 'source' or 'target' */
+  private backend: 'tracked' | 'source' | 'target' = 'tracked';
+  private running = false;
+  private ops = 0;
+  private opBytes = 0;
+  private activeTargetWrites = 0;
+  private frontWrites = 0;
+  private modeWrites = { background: 0, blocking: 0 };
+  private modeWaiters: Array<() => void> = [];
+  private lockWaiters: Array<{ first: number; end: number; grant: () => void }> = [];
+  private flushing = false;
+  private flushFinal = false;
+  private lastFlushIssue = -Infinity;
+  private changed = true;
+  private cursor = 0;
+  private bytesDone = 0;
+  private lastConsistentAt: number;
+  private holdUntil = 0;
+  private backoffMs = 0;
+  private wakeTimer: NodeJS.Timeout | undefined;
+  private lagTimer: NodeJS.Timeout | undefined;
+  private draining: 'complete' | 'cancel' | undefined;
+  private pivotWanted = true;
+  private gate: { promise: Promise<void>; open: () => void } | undefined;
+  private ending = false;
+  private endError: BlkrepError | undefined;
+  private finishFns: { resolve: () => void; reject: (e: unknown) => void } | undefined;
+  private finished = false;
+  private freeBuffers: Buffer[] = [];
+  /** target requests, for tests and stats */
+  targetWrites = 0;
+
+  constructor(options: MirrorOptions) {
+    super({ ...options, id: options.id ?? 'mirror0' });
+    const source = options.source;
+    const target = options.target;
+    if (source.size !== target.size) {
+      throw new BlkrepError('ERR_SIZE_MISMATCH', `the source ${source.description} is ${source.size} bytes and the target ${target.description} is ${target.size}: a mirror needs the same size`, {
+        errno: 'EINVAL',
+        details: { sourceSize: source.size, targetSize: target.size },
+      });
+    }
+    if (!target.caps.canWrite) throw new BlkrepError('ERR_READ_ONLY', `the target ${target.description} is read-only`, { errno: 'EPERM' });
+    this.sync = options.sync ?? 'full';
+    if (!(MIRROR_SYNC_MODES as readonly string[]).includes(this.sync)) throw badOption(`sync "${this.sync}" is not one of ${MIRROR_SYNC_MODES.join(', ')}`);
+    this.syncBitmap = options.bitmap;
+    const bitmapBits = options.bitmap ? ('path' in options.bitmap ? options.bitmap.bitmap : options.bitmap) : undefined;
+    if (this.sync === 'bitmap' && !bitmapBits) throw badOption('sync bitmap needs a bitmap');
+    if (this.sync !== 'bitmap' && bitmapBits) throw badOption(`a bitmap is only used with sync bitmap, not ${this.sync}`);
+    this.bitmapMode = options.bitmapMode ?? 'on-success';
+    if (!(BITMAP_MODES as readonly string[]).includes(this.bitmapMode)) throw badOption(`bitmap mode "${this.bitmapMode}" is not one of ${BITMAP_MODES.join(', ')}`);
+    this.granularity = options.granularity ?? bitmapBits?.granularity ?? DEFAULT_GRANULARITY;
+    checkGranularity(this.granularity);
+    if (bitmapBits && (bitmapBits.granularity !== this.granularity || bitmapBits.size !== source.size)) {
+      throw badOption(`the bitmap covers ${bitmapBits.size} bytes at granularity ${bitmapBits.granularity}; the mirror needs ${source.size} bytes at ${this.granularity}`);
+    }
+    this.bufSize = options.bufSize ?? DEFAULT_BUF_SIZE;
+    if (!Number.isSafeInteger(this.bufSize) || this.bufSize < 512 || this.bufSize > MAX_BUF_SIZE) throw badOption(`buffer size ${this.bufSize} is not from 512 bytes to ${MAX_BUF_SIZE}`);
+    this.maxOps = options.maxOps ?? DEFAULT_MAX_OPS;
+    if (!Number.isSafeInteger(this.maxOps) || this.maxOps < 1 || this.maxOps > 1024) throw badOption(`${this.maxOps} copy operations in flight: expected 1 to 1024`);
+    this.targetIsZero = options.targetIsZero ?? false;
+    this.copyModeSetting = options.copyMode ?? 'background';
+    if (!(COPY_MODES as readonly string[]).includes(this.copyModeSetting)) throw badOption(`copy mode "${this.copyModeSetting}" is not one of ${COPY_MODES.join(', ')}`);
+    this.copyModeNow = this.copyModeSetting === 'write-blocking' ? 'write-blocking' : 'background';
+    this.maxLagMs = options.maxLagMs ?? DEFAULT_MAX_LAG_MS;
+    if (!(this.maxLagMs > 0)) throw badOption(`max lag ${this.maxLagMs} ms is not positive`);
+    this.flushIntervalMs = options.flushIntervalMs ?? DEFAULT_FLUSH_INTERVAL_MS;
+    this.pivotHook = options.pivot;
+    this.consistentHook = options.onConsistent;
+
+    this.source = source;
+    this.target = completeNode(target);
+    this.size = source.size;
+    const geometry = { granularity: this.granularity };
+    this.dirty = new DirtyBitmap(this.size, geometry);
+    this.inflight = new DirtyBitmap(this.size, geometry);
+    this.locked = new DirtyBitmap(this.size, geometry);
+    this.unstableCur = new DirtyBitmap(this.size, geometry);
+    this.unstableFlushing = new DirtyBitmap(this.size, geometry);
+    this.bits = this.dirty.bits;
+    if (bitmapBits) this.syncBitmapStart = bitmapBits.clone();
+    const g = this.granularity;
+    this.tracker = {
+      beforeWrite: (offset, length) => {
+        const blocking = this.blockingTicket;
+        this.blockingTicket = false;
+        return Promise.resolve({ offset, length, blocking });
+      },
+      afterWrite: ({ offset, length, blocking }) => {
+        if (length === 0 || this.backend !== 'tracked') return;
+        const first = Math.floor(offset / g);
+        const end = Math.ceil((offset + length) / g);
+        // a write-blocking write makes the same change on the target itself (it holds the lock)
+        if (!blocking) this.dirty.setBits(first, end);
+        this.inflight.clearBits(first, end);
+        this.changed = true;
+        this.pump();
+      },
+      flush: () => Promise.resolve(),
+    };
+    this.tracking = source instanceof DirtyTrackingNode ? source : new DirtyTrackingNode(source);
+    this.tracking.addTracker(this.tracker);
+    this.node = new MirrorFrontEnd(this);
+    this.lastConsistentAt = this.clock.now();
+  }
+
+  // --------------------------------------------------------------------------- what it shows
+
+  /** What a persisting caller must store as the bitmap: dirty | unstable (model finding 1). */
+  persistedView(): DirtyBitmap {
+    const view = this.dirty.clone();
+    view.merge(this.unstableCur);
+    view.merge(this.unstableFlushing);
+    return view;
+  }
+
+  /** granules that may differ from the target right now */
+  get dirtyBytes(): number {
+    return this.dirty.dirtyBytes;
+  }
+
+  /** the copy mode in force now (auto shows as background or write-blocking) */
+  get copyMode(): 'background' | 'write-blocking' {
+    return this.copyModeNow === 'write-blocking' ? 'write-blocking' : 'background';
+  }
+
+  protected override extraInfo(): Record<string, unknown> {
+    return {
+      sync: this.sync,
+      copyModeSetting: this.copyModeSetting,
+      copyMode: this.copyMode,
+      granularity: this.granularity,
+      bufSize: this.bufSize,
+      maxOps: this.maxOps,
+      opsInFlight: this.ops,
+      dirtyBytes: this.dirty.dirtyBytes,
+      unstableBytes: this.unstableCur.dirtyBytes + this.unstableFlushing.dirtyBytes,
+      targetIsZero: this.targetIsZero,
+    };
+  }
+
+  protected override beforeQuery(): void {
+    this.updateProgress();
+  }
+
+  private updateProgress(): void {
+    this.progress(this.bytesDone, this.dirty.dirtyBytes);
+  }
+
+  /** Change the copy mode (QEMU's block-job-change). */
+  setCopyMode(mode: CopyMode): void {
+    this.checkVerb('change');
+    if (!(COPY_MODES as readonly string[]).includes(mode)) throw badOption(`copy mode "${mode}" is not one of ${COPY_MODES.join(', ')}`);
+    (this as { copyModeSetting: CopyMode }).copyModeSetting = mode;
+    if (mode !== 'auto') this.switchMode(mode, 'user');
+  }
+
+  // ---------------------------------------------------------------------------- the driver
+
+  protected async execute(): Promise<void> {
+    await this.initDirty();
+    this.running = true;
+    this.updateProgress();
+    const done = new Promise<void>((resolve, reject) => (this.finishFns = { resolve, reject }));
+    this.lagTimer = setInterval(() => this.checkLag(), Math.max(10, Math.min(1000, this.maxLagMs / 4)));
+    this.lagTimer.unref();
+    this.pump();
+    return done;
+  }
+
+  /** The dirty bitmap at the start, by sync mode. The tracker is already recording writes. */
+  private async initDirty(): Promise<void> {
+    switch (this.sync) {
+      case 'none':
+        return;
+      case 'bitmap':
+        this.dirty.merge(this.syncBitmapStart!);
+        return;
+      case 'full':
+        if (!this.targetIsZero || !this.source.caps.canExtents) {
+          this.dirty.setAll();
+          return;
+        }
+        await this.scanExtents((e) => !e.zero);
+        return;
+      case 'top':
+        if (!this.source.caps.allocationDepth || !this.source.caps.canExtents) {
+          if (this.targetIsZero && this.source.caps.canExtents) await this.scanExtents((e) => !e.zero);
+          else this.dirty.setAll();
+          return;
+        }
+        await this.scanExtents((e) => e.depth === 1 && !(this.targetIsZero && e.zero));
+        return;
+    }
+  }
+
+  private async scanExtents(wanted: (e: Extent) => boolean): Promise<void> {
+    let offset = 0;
+    while (offset < this.size) {
+      if (this.signal.aborted) return;
+      const runs = await this.tracking.extents(offset, Math.min(EXTENTS_SCAN, this.size - offset), { signal: this.signal });
+      for (const e of runs) {
+        const length = Math.min(e.length, this.size - offset);
+        if (length <= 0) break;
+        if (wanted(e)) this.dirty.fill(offset, length);
+        offset += length;
+      }
+    }
+  }
+
+  /** Start as many copy operations as allowed; then see whether a flush or an end is due. */
+  private pump(): void {
+    if (!this.running || this.finished) return;
+    if (!this.ending && !this.pauseRequested) {
+      const now = this.clock.now();
+      while (this.ops < this.maxOps) {
+        if (now < this.holdUntil) {
+          this.wakeAt(this.holdUntil - now);
+          break;
+        }
+        const wait = this.limiter.delay();
+        if (wait > 0) {
+          this.wakeAt(wait);
+          break;
+        }
+        const op = this.pick();
+        if (!op) break;
+        this.limiter.take(op.length);
+        this.ops++;
+        this.opBytes += op.length;
+        void this.copy(op);
+      }
+    }
+    this.checkIdle();
+  }
+
+  private wakeAt(ms: number): void {
+    if (this.wakeTimer) return;
+    this.wakeTimer = setTimeout(() => {
+      this.wakeTimer = undefined;
+      this.pump();
+    }, Math.max(1, Math.ceil(ms)));
+  }
+
+  /** the first dirty, unlocked granule in [from, to), or -1 */
+  private findFree(from: number, to: number): number {
+    let b = from;
+    while (b < to) {
+      const d = this.dirty.nextDirtyBit(b, to);
+      if (d < 0) return -1;
+      if (!this.locked.testBit(d)) return d;
+      const c = this.locked.nextCleanBit(d, to);
+      if (c < 0) return -1;
+      b = c;
+    }
+    return -1;
+  }
+
+  private pick(): CopyOp | undefined {
+    if (this.dirty.dirtyGranules === 0) return undefined;
+    let first = this.findFree(this.cursor, this.bits);
+    if (first < 0) first = this.findFree(0, Math.min(this.cursor, this.bits));
+    if (first < 0) return undefined;
+    const most = Math.max(1, Math.floor(this.bufSize / this.granularity));
+    let end = Math.min(this.bits, first + most);
+    const clean = this.dirty.nextCleanBit(first, end);
+    if (clean >= 0) end = clean;
+    const taken = this.locked.nextDirtyBit(first, end);
+    if (taken >= 0) end = taken;
+    this.cursor = end >= this.bits ? 0 : end;
+    this.locked.setBits(first, end);
+    this.inflight.setBits(first, end);
+    const offset = first * this.granularity;
+    return { first, end, offset, length: Math.min(end * this.granularity, this.size) - offset };
+  }
+
+  private takeBuffer(length: number): Buffer {
+    if (length <= this.bufSize) {
+      const b = this.freeBuffers.pop() ?? Buffer.allocUnsafe(this.bufSize);
+      return b;
+    }
+    return Buffer.allocUnsafe(length);
+  }
+
+  private giveBuffer(b: Buffer): void {
+    if (b.length === this.bufSize && this.freeBuffers.length < this.maxOps) this.freeBuffers.push(b);
+  }
+
+  /** The op's range as data and zero segments, granule-aligned (a granule is zero only if wholly zero). */
+  private async segments(op: CopyOp): Promise<Segment[]> {
+    if (!this.source.caps.canExtents) return [{ offset: op.offset, length: op.length, zero: false, hole: false }];
+    const end = op.offset + op.length;
+    const runs: Array<{ start: number; end: number; zero: boolean; hole: boolean }> = [];
+    let pos = op.offset;
+    while (pos < end) {
+      const got = coalesceExtents(await this.tracking.extents(pos, end - pos, { signal: this.signal }));
+      if (got.length === 0) break;
+      for (const e of got) {
+        if (pos >= end) break;
+        const length = Math.min(e.length, this.size - pos);
+        if (length <= 0) break;
+        runs.push({ start: pos, end: Math.min(pos + length, end), zero: e.zero, hole: e.hole });
+        pos += length;
+      }
+    }
+    // granule-aligned zero spans, inward; the rest data
+    const g = this.granularity;
+    const out: Segment[] = [];
+    const push = (offset: number, length: number, zero: boolean, hole: boolean): void => {
+      if (length <= 0) return;
+      const last = out[out.length - 1];
+      if (last && last.zero === zero && last.offset + last.length === offset && (!zero || last.hole === hole)) last.length += length;
+      else out.push({ offset, length, zero, hole });
+    };
+    let at = op.offset;
+    for (let i = 0; i < runs.length; i++) {
+      const r = runs[i]!;
+      if (!r.zero) continue;
+      // merge consecutive zero runs
+      let zEnd = r.end;
+      let hole = r.hole;
+      while (i + 1 < runs.length && runs[i + 1]!.zero) {
+        i++;
+        zEnd = runs[i]!.end;
+        hole = hole && runs[i]!.hole;
+      }
+      const zStart = Math.ceil(r.start / g) * g;
+      const zStop = zEnd === this.size ? zEnd : Math.floor(zEnd / g) * g;
+      if (zStop <= zStart || zStart < at) continue;
+      push(at, zStart - at, false, false);
+      push(zStart, zStop - zStart, true, hole);
+      at = zStop;
+    }
+    push(at, end - at, false, false);
+    return out;
+  }
+
+  private async copy(op: CopyOp): Promise<void> {
+    let side: JobSide = 'source';
+    let operation = 'extents';
+    let buffer: Buffer | undefined;
+    let failed: unknown;
+    try {
+      const segs = await this.segments(op);
+      const data = segs.filter((s) => !s.zero);
+      const dataBytes = data.reduce((n, s) => n + s.length, 0);
+      // the speed counts data only: give back what the extents say is zero
+      if (dataBytes < op.length) this.limiter.take(dataBytes - op.length);
+      if (dataBytes > 0) {
+        buffer = this.takeBuffer(op.length);
+        operation = 'read';
+        const reads = data.map((s) => this.tracking.readInto(s.offset, buffer!.subarray(s.offset - op.offset, s.offset - op.offset + s.length), { signal: this.signal }));
+        const settled = await Promise.allSettled(reads);
+        const bad = settled.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+        if (bad) throw bad.reason;
+      }
+      side = 'target';
+      const writes = this.splitZeros(segs, op, buffer).map((s) => {
+        const piece = s.zero ? undefined : buffer!.subarray(s.offset - op.offset, s.offset - op.offset + s.length);
+        this.targetWrites++;
+        if (piece) {
+          return this.target.write(s.offset, piece, { signal: this.signal }).catch((e: unknown) => Promise.reject(Object.assign(toBlkrepError(e), { op: 'write' })));
+        }
+        return this.target
+          .writeZeroes(s.offset, s.length, { noHole: !s.hole, signal: this.signal })
+          .catch((e: unknown) => Promise.reject(Object.assign(toBlkrepError(e), { op: 'write-zeroes' })));
+      });
+      operation = 'write';
+      const settled = await Promise.allSettled(writes);
+      const bad = settled.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+      if (bad) {
+        operation = (bad.reason as { op?: string }).op ?? 'write';
+        throw bad.reason;
+      }
+      // completion: one synchronous step (model: d_step)
+      this.completeCopy(op);
+    } catch (err) {
+      failed = err;
+      this.inflight.clearBits(op.first, op.end);
+      this.locked.clearBits(op.first, op.end);
+    } finally {
+      if (buffer) this.giveBuffer(buffer);
+      this.ops--;
+      this.opBytes -= op.length;
+    }
+    if (failed !== undefined) this.ioError(side, operation, op.offset, op.length, failed);
+    else if (this.backoffMs > 0) this.backoffMs = 0;
+    this.grantLocks();
+    this.pump();
+  }
+
+  /** Data segments cut where whole granules read as zeros: those go as write-zeroes too. */
+  private splitZeros(segs: Segment[], op: CopyOp, buffer: Buffer | undefined): Segment[] {
+    if (!buffer) return segs;
+    const g = this.granularity;
+    const out: Segment[] = [];
+    const push = (offset: number, length: number, zero: boolean): void => {
+      const last = out[out.length - 1];
+      if (last && last.zero === zero && !last.hole && last.offset + last.length === offset) last.length += length;
+      else out.push({ offset, length, zero, hole: false });
+    };
+    for (const s of segs) {
+      if (s.zero) {
+        out.push({ ...s });
+        continue;
+      }
+      for (let at = s.offset; at < s.offset + s.length; ) {
+        const next = Math.min(s.offset + s.length, (Math.floor(at / g) + 1) * g);
+        const piece = buffer.subarray(at - op.offset, next - op.offset);
+        // only whole granules (or the disk's last, partial one) become zero segments
+        const whole = at % g === 0 && (next % g === 0 || next === this.size);
+        push(at, next - at, whole && isZero(piece));
+        at = next;
+      }
+    }
+    return out;
+  }
+
+  private completeCopy(op: CopyOp): void {
+    let b = op.first;
+    while (b < op.end) {
+      const s = this.inflight.nextDirtyBit(b, op.end);
+      if (s < 0) break;
+      let e = this.inflight.nextCleanBit(s, op.end);
+      if (e < 0) e = op.end;
+      this.dirty.clearBits(s, e);
+      this.unstableCur.setBits(s, e);
+      b = e;
+    }
+    this.inflight.clearBits(op.first, op.end);
+    this.locked.clearBits(op.first, op.end);
+    this.bytesDone += op.length;
+    this.changed = true;
+  }
+
+  /** Nothing in flight: pause, end, flush or finish the drain, as due. */
+  private checkIdle(): void {
+    if (!this.running || this.finished) return;
+    const idle = this.ops === 0 && this.activeTargetWrites === 0 && !this.flushing;
+    if (this.ending) {
+      if (idle) this.finish();
+      return;
+    }
+    if (this.pauseRequested) {
+      if (idle) this.reachedPausePoint();
+      return;
+    }
+    if (this.ops > 0 || this.flushing || this.dirty.dirtyGranules > 0) return;
+    const final = this.draining !== undefined && this.gate !== undefined && this.frontWrites === 0;
+    if (!this.changed) {
+      if (final && this.activeTargetWrites === 0) this.finish();
+      return;
+    }
+    const now = this.clock.now();
+    if (this.isReady && !this.draining && now - this.lastFlushIssue < this.flushIntervalMs) {
+      this.wakeAt(this.lastFlushIssue + this.flushIntervalMs - now);
+      return;
+    }
+    this.startFlush(final && this.activeTargetWrites === 0);
+  }
+
+  private startFlush(final: boolean): void {
+    this.flushing = true;
+    this.flushFinal = final;
+    this.changed = false;
+    this.lastFlushIssue = this.clock.now();
+    const issuedAt = this.lastFlushIssue;
+    const covering = this.unstableCur;
+    this.unstableCur = this.unstableFlushing;
+    this.unstableFlushing = covering;
+    this.targetWrites++;
+    this.target.flush({ signal: this.signal }).then(
+      () => {
+        this.unstableFlushing.clearAll();
+        this.flushing = false;
+        this.consistencyPoint(issuedAt);
+        this.pump();
+      },
+      (err: unknown) => {
+        // the bits it was to make stable may not be: dirty again
+        this.dirty.merge(this.unstableFlushing);
+        this.unstableFlushing.clearAll();
+        this.flushing = false;
+        this.changed = true;
+        this.ioError('target', 'flush', 0, 0, err);
+        this.pump();
+      },
+    );
+  }
+
+  private consistencyPoint(issuedAt: number): void {
+    if (this.ending) return;
+    this.lastConsistentAt = issuedAt;
+    this.updateProgress();
+    if (this.copyModeSetting === 'auto' && this.copyModeNow === 'write-blocking') this.switchMode('background', 'converged');
+    if (!this.isReady) this.setReady(true);
+    if (this.flushFinal && !this.changed && this.frontWrites === 0) this.finish();
+  }
+
+  private finish(): void {
+    if (this.finished || !this.finishFns) return;
+    const idle = this.ops === 0 && this.activeTargetWrites === 0 && !this.flushing;
+    if (!idle) return;
+    this.finished = true;
+    this.stopTimers();
+    this.updateProgress();
+    if (this.endError) this.finishFns.reject(this.endError);
+    else this.finishFns.resolve();
+  }
+
+  private endWith(err?: BlkrepError): void {
+    if (!this.ending) {
+      this.ending = true;
+      this.endError = err;
+    }
+    this.openGate();
+    this.wakeModeWaiters();
+    if (!this.running && !this.finishFns) return;
+    this.checkIdle();
+  }
+
+  private ioError(side: JobSide, operation: string, offset: number, length: number, err: unknown): void {
+    if (this.signal.aborted || this.ending) return;
+    const action = this.handleIoError({ side, operation, offset, length, error: err });
+    if (action === 'report') {
+      this.endWith(this.error ?? toBlkrepError(err));
+      return;
+    }
+    if (action === 'ignore') {
+      this.backoffMs = this.backoffMs === 0 ? 10 : Math.min(1000, this.backoffMs * 2);
+      this.holdUntil = this.clock.now() + this.backoffMs;
+    }
+    if (this.isReady) this.setReady(false);
+  }
+
+  private checkLag(): void {
+    if (this.finished || this.ending || this.copyModeSetting !== 'auto' || this.copyModeNow !== 'background') return;
+    if (this.clock.now() - this.lastConsistentAt > this.maxLagMs && (this.dirty.dirtyGranules > 0 || this.changed)) this.switchMode('write-blocking', 'lag');
+  }
+
+  private switchMode(to: 'background' | 'write-blocking', reason: string): void {
+    const from = this.copyModeNow;
+    if (from === to) return;
+    this.copyModeNow = to;
+    this.emitEvent({ event: 'copy-mode', from, to, reason });
+    this.wakeModeWaiters();
+  }
+
+  private stopTimers(): void {
+    if (this.wakeTimer) clearTimeout(this.wakeTimer);
+    this.wakeTimer = undefined;
+    if (this.lagTimer) clearInterval(this.lagTimer);
+    this.lagTimer = undefined;
+  }
+
+  // ------------------------------------------------------------------------- verbs' hooks
+
+  protected override onPauseRequested(): void {
+    this.openGate();
+    this.wakeModeWaiters();
+    this.checkIdle();
+  }
+
+  protected override onResume(): void {
+    this.holdUntil = 0;
+    this.backoffMs = 0;
+    if (this.draining) this.closeGate();
+    this.wakeModeWaiters();
+    this.pump();
+  }
+
+  protected override onSpeedChanged(): void {
+    if (this.wakeTimer) {
+      clearTimeout(this.wakeTimer);
+      this.wakeTimer = undefined;
+    }
+    this.pump();
+  }
+
+  protected override supportsSoftCancel(): boolean {
+    return true;
+  }
+
+  protected override onComplete(options: Record<string, unknown>): void {
+    this.pivotWanted = options.pivot !== false;
+    this.startDrain('complete');
+  }
+
+  protected override onCancel(hard: boolean): void {
+    if (hard) this.endWith();
+    else this.startDrain('cancel');
+  }
+
+  private startDrain(reason: 'complete' | 'cancel'): void {
+    this.draining = reason;
+    if (!this.pauseRequested) this.closeGate();
+    this.changed = true; // one more flush, issued with writes held
+    this.pump();
+  }
+
+  protected override async prepare(): Promise<void> {
+    if (!this.draining) return;
+    if (this.consistentHook) await this.consistentHook(this.draining);
+    if (this.draining === 'complete' && this.pivotWanted && this.pivotHook) await this.pivotHook({ source: this.source, target: this.target });
+  }
+
+  protected override async commit(): Promise<void> {
+    this.backend = this.draining === 'complete' && this.pivotWanted ? 'target' : 'source';
+    this.applyBitmapMode(true);
+  }
+
+  protected override async abort(): Promise<void> {
+    this.backend = 'source';
+    this.applyBitmapMode(false);
+  }
+
+  protected override async clean(): Promise<void> {
+    this.finished = true;
+    this.stopTimers();
+    if (this.backend === 'tracked') this.backend = 'source';
+    this.tracking.removeTracker(this.tracker);
+    this.openGate();
+    this.wakeModeWaiters();
+    for (const w of this.lockWaiters.splice(0)) w.grant();
+  }
+
+  /** sync=bitmap: clear from the bitmap the granules the target now holds stably. */
+  private applyBitmapMode(success: boolean): void {
+    const start = this.syncBitmapStart;
+    const bitmap = this.syncBitmap;
+    if (!start || !bitmap || this.bitmapMode === 'never' || (!success && this.bitmapMode !== 'always')) return;
+    const still = this.persistedView();
+    const g = this.granularity;
+    let b = 0;
+    while (b < this.bits) {
+      const s = start.nextDirtyBit(b);
+      if (s < 0) break;
+      let e = start.nextCleanBit(s);
+      if (e < 0) e = this.bits;
+      for (let i = s; i < e; i++) {
+        if (!still.testBit(i)) {
+          let j = i + 1;
+          while (j < e && !still.testBit(j)) j++;
+          const offset = i * g;
+          bitmap.clear(offset, Math.min(j * g, this.size) - offset);
+          i = j;
+        }
+      }
+      b = e;
+    }
+  }
+
+  // ------------------------------------------------------------------------ the front end
+
+  private closeGate(): void {
+    if (this.gate) return;
+    let open!: () => void;
+    const promise = new Promise<void>((resolve) => (open = resolve));
+    this.gate = { promise, open };
+  }
+
+  private openGate(): void {
+    const g = this.gate;
+    this.gate = undefined;
+    g?.open();
+  }
+
+  private wakeModeWaiters(): void {
+    for (const w of this.modeWaiters.splice(0)) w();
+  }
+
+  private blockingNow(): boolean {
+    return this.copyModeNow === 'write-blocking' && !this.pauseRequested && !this.ending && !this.finished && this.running && (this.status === 'running' || this.status === 'ready');
+  }
+
+  /** The node front-end reads and extents go to. */
+  backendNode(): CompleteBlockNode {
+    return this.backend === 'target' ? this.target : this.tracking;
+  }
+
+  async frontWrite(kind: FrontKind, offset: number, length: number, o: ZeroOptions | undefined, data?: Buffer): Promise<void> {
+    while (this.gate) await this.gate.promise;
+    const toNode = (node: CompleteBlockNode): Promise<void> =>
+      kind === 'write' ? node.write(offset, data!, o) : kind === 'write-zeroes' ? node.writeZeroes(offset, length, o) : node.trim(offset, length, o);
+    if (this.backend !== 'tracked') return toNode(this.backendNode());
+    this.frontWrites++;
+    let blocking = false;
+    let counted = false;
+    try {
+      for (;;) {
+        blocking = this.blockingNow() && kind !== 'trim';
+        const other = blocking ? this.modeWrites.background : this.modeWrites.blocking;
+        if (other === 0 || this.backend !== 'tracked') break;
+        await new Promise<void>((resolve) => this.modeWaiters.push(resolve));
+      }
+      if (this.backend !== 'tracked') return await toNode(this.backendNode());
+      if (blocking) this.modeWrites.blocking++;
+      else this.modeWrites.background++;
+      counted = true;
+      if (!blocking) return await toNode(this.tracking);
+      await this.blockingWrite(kind, offset, length, o, data, () => toNode(this.tracking));
+    } finally {
+      if (counted) {
+        if (blocking) this.modeWrites.blocking--;
+        else this.modeWrites.background--;
+        if ((blocking ? this.modeWrites.blocking : this.modeWrites.background) === 0) this.wakeModeWaiters();
+      }
+      this.frontWrites--;
+      this.checkIdle();
+    }
+  }
+
+  /** write-blocking: lock, source, target with the same bytes, clear what it wholly covered. */
+  private async blockingWrite(kind: FrontKind, offset: number, length: number, o: ZeroOptions | undefined, data: Buffer | undefined, toSource: () => Promise<void>): Promise<void> {
+    const g = this.granularity;
+    if (length === 0) return toSource();
+    const first = Math.floor(offset / g);
+    const end = Math.ceil((offset + length) / g);
+    await this.lock(first, end);
+    try {
+      // The tracker does not set dirty bits for this write (the ticket says blocking): the same
+      // bytes go to the target below, so granules clean before stay clean. That needs the
+      // tracker's beforeWrite to run synchronously inside toSource(); if it did not, the
+      // ticket is an ordinary one and the granules are marked dirty — safe, only slower.
+      let p: Promise<void>;
+      this.blockingTicket = true;
+      try {
+        p = toSource();
+      } finally {
+        this.blockingTicket = false;
+      }
+      try {
+        await p;
+      } catch (err) {
+        if (this.backend === 'tracked') this.dirty.setBits(first, end);
+        throw err;
+      }
+      if (this.backend !== 'tracked') return;
+      if (this.ending) {
+        this.dirty.setBits(first, end);
+        return;
+      }
+      const c0 = Math.ceil(offset / g);
+      const c1 = offset + length === this.size ? this.bits : Math.floor((offset + length) / g);
+      this.activeTargetWrites++;
+      this.targetWrites++;
+      try {
+        if (kind === 'write') await this.target.write(offset, data!, { signal: this.signal });
+        else await this.target.writeZeroes(offset, length, { noHole: o?.noHole ?? false, signal: this.signal });
+        if (this.backend === 'tracked') {
+          // the lock keeps copies and other writes off these granules: the change is on both
+          // sides; the wholly covered ones are equal now; all of them wait for a target flush
+          if (c1 > c0) this.dirty.clearBits(c0, c1);
+          this.unstableCur.setBits(first, end);
+          this.changed = true;
+        }
+        this.bytesDone += length;
+      } catch (err) {
+        if (this.backend === 'tracked') {
+          this.dirty.setBits(first, end);
+          this.changed = true;
+        }
+        this.ioError('target', kind, offset, length, err);
+      } finally {
+        this.activeTargetWrites--;
+      }
+    } finally {
+      this.unlock(first, end);
+      this.pump();
+    }
+  }
+
+  private lockFree(first: number, end: number): boolean {
+    return this.locked.nextDirtyBit(first, end) < 0;
+  }
+
+  private lock(first: number, end: number): Promise<void> {
+    const overlapsWaiter = this.lockWaiters.some((w) => w.first < end && first < w.end);
+    if (!overlapsWaiter && this.lockFree(first, end)) {
+      this.locked.setBits(first, end);
+      return Promise.resolve();
+    }
+    return new Promise((grant) => this.lockWaiters.push({ first, end, grant }));
+  }
+
+  private unlock(first: number, end: number): void {
+    this.locked.clearBits(first, end);
+    this.grantLocks();
+  }
+
+  /** Grant waiting locks in order; a waiter never overtakes an earlier one it overlaps. */
+  private grantLocks(): void {
+    if (this.lockWaiters.length === 0) return;
+    const blocked: Array<[number, number]> = [];
+    for (const w of [...this.lockWaiters]) {
+      if (blocked.some(([a, b]) => a < w.end && w.first < b) || !this.lockFree(w.first, w.end)) {
+        blocked.push([w.first, w.end]);
+        continue;
+      }
+      this.locked.setBits(w.first, w.end);
+      this.lockWaiters.splice(this.lockWaiters.indexOf(w), 1);
+      w.grant();
+    }
+  }
+
+  frontFlush(o?: IoOptions): Promise<void> {
+    return this.backendNode().flush(o);
+  }
+}
+
+/** The node writes go through while a mirror runs (job.node). close() closes nothing: the caller owns source and target. */
+class MirrorFrontEnd implements BlockNode {
+  readonly driver = 'mirror';
+  constructor(private readonly job: MirrorJob) {}
+  get description(): string {
+    return this.job.backendNode().description;
+  }
+  get size(): number {
+    return this.job.source.size;
+  }
+  get limits() {
+    return this.job.backendNode().limits;
+  }
+  get caps() {
+    return this.job.backendNode().caps;
+  }
+  read(offset: number, length: number, o?: IoOptions): Promise<Buffer> {
+    return this.job.backendNode().read(offset, length, o);
+  }
+  readInto(offset: number, target: Buffer, o?: IoOptions): Promise<void> {
+    return this.job.backendNode().readInto(offset, target, o);
+  }
+  write(offset: number, data: Buffer, o?: WriteOptions): Promise<void> {
+    return this.job.frontWrite('write', offset, data.length, o, data);
+  }
+  writeZeroes(offset: number, length: number, o?: ZeroOptions): Promise<void> {
+    return this.job.frontWrite('write-zeroes', offset, length, o);
+  }
+  trim(offset: number, length: number, o?: WriteOptions): Promise<void> {
+    return this.job.frontWrite('trim', offset, length, o);
+  }
+  flush(o?: IoOptions): Promise<void> {
+    return this.job.frontFlush(o);
+  }
+  extents(offset: number, length: number, o?: IoOptions): Promise<Extent[]> {
+    return this.job.backendNode().extents(offset, length, o);
+  }
+  cache(offset: number, length: number, o?: IoOptions): Promise<void> {
+    return this.job.backendNode().cache(offset, length, o);
+  }
+  async close(): Promise<void> {}
+}
