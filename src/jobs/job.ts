@@ -35,7 +35,7 @@
  * except 'error', which is emitted as 'io-error' because an EventEmitter throws an 'error' event
  * that nobody listens to.
  */
-import { EventEmitter } from 'node:events';
+import { EventEmitter, setMaxListeners } from 'node:events';
 import { BlkrepError, toBlkrepError, type Errno } from '../api/errors.js';
 
 // ------------------------------------------------------------------------------ states and verbs
@@ -319,6 +319,8 @@ export abstract class Job extends EventEmitter {
     this.clock = options.clock ?? systemClock;
     this.limiter = new RateLimiter(options.speed ?? 0, this.clock);
     this.concludedP = new Promise((resolve) => (this.resolveDone = resolve));
+    // every request in flight listens on the signal
+    setMaxListeners(0, this.abortController.signal);
   }
 
   // ------------------------------------------------------------------------------- what it is

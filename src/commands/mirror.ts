@@ -1,0 +1,217 @@
+import { Args, Flags } from '@oclif/core';
+import type { BlockNode } from '../api/block.js';
+import { BlkrepError } from '../api/errors.js';
+import { PersistentBitmap } from '../bitmap/persistent.js';
+import { BlkrepCommand } from '../cli/base.js';
+import { sizeFlag, secondsFlag } from '../cli/flags.js';
+import { openForCommand } from '../cli/image.js';
+import { progressBar, type Progress } from '../cli/progress.js';
+import { ERROR_POLICIES, type ErrorPolicy, type JobEvent } from '../jobs/job.js';
+import { BITMAP_MODES, COPY_MODES, DEFAULT_BUF_SIZE, DEFAULT_MAX_OPS, MirrorJob, type BitmapMode, type CopyMode, type MirrorSync } from '../jobs/mirror.js';
+import { formatSize } from '../util/size.js';
+
+export interface MirrorResult {
+  source: string;
+  target: string;
+  sync: string;
+  granularity: number;
+  /** bytes the job processed (data copied and zero ranges written) */
+  bytes: number;
+  /** bytes of the disk */
+  size: number;
+  seconds: number;
+  /** bytes per second */
+  rate: number;
+  /** target requests sent */
+  targetRequests: number;
+  errors: Array<{ side: string; operation: string; errno: string; action: string; offset: number; length: number; message: string }>;
+  /** sync=bitmap: how the bitmap file loaded */
+  bitmapLoad?: string;
+}
+
+export default class Mirror extends BlkrepCommand {
+  static override summary = 'Copy an image onto another, offline, with the mirror job.';
+
+  static override description = `Runs a mirror job from SOURCE to TARGET and exits when TARGET is a consistent copy of SOURCE: everything copied, then the target flushed. The source is opened read-only; the target must exist and have the source's size.
+Ranges the source reports as zeros or holes are sent as write-zeroes (holes may be punched on the target), never as data, and so are granules of data that read as zeros. With --target-is-zero, zero ranges are not sent at all.
+Up to --max-ops copy operations of up to --buf-size bytes are in flight at once. --speed limits the data rate.
+Errors follow --on-source-error and --on-target-error: report (the default: stop with an error), ignore (retry the region later), stop or enospc (offline there is nobody to resume the job, so a stop ends it with an error too).
+A progress bar with the rate and the time left is shown on a terminal. With --json the result is printed as JSON.`;
+
+  static override examples = [
+    { description: 'Copy a disk image to an NBD server', command: '<%= config.bin %> <%= command.id %> disk.img nbd+unix:///disk?socket=/run/replica.sock' },
+    { description: 'Onto a fresh, all-zero target: skip the zeros', command: '<%= config.bin %> <%= command.id %> disk.img nbd://replica/disk --target-is-zero' },
+    { description: 'Only the regions a bitmap marks dirty, at most 100 MiB/s', command: '<%= config.bin %> <%= command.id %> disk.img nbd://replica/disk --sync bitmap:disk.img.bitmap --speed 100M' },
+  ];
+
+  static override args = {
+    source: Args.string({ description: 'the image to copy (a path, nbd:// URI, or memory:SIZE)', required: true }),
+    target: Args.string({ description: 'the image to copy onto (same size as the source)', required: true }),
+  };
+
+  static override flags = {
+    format: Flags.string({ char: 'f', description: 'format of the source (probed when not given)', options: ['raw', 'qcow2'], helpValue: 'FORMAT' }),
+    'target-format': Flags.string({ char: 'F', description: 'format of the target (probed when not given)', options: ['raw', 'qcow2'], helpValue: 'FORMAT' }),
+    sync: Flags.string({
+      description: 'what to copy: full, top (what the top layer of the source holds), none (nothing offline), bitmap:PATH (the regions dirty in the bitmap file PATH)',
+      default: 'full',
+      helpValue: 'MODE',
+    }),
+    'bitmap-mode': Flags.string({ description: 'sync bitmap: clear the copied regions from the bitmap on success, always, or never', options: [...BITMAP_MODES], default: 'on-success' }),
+    granularity: sizeFlag({ description: 'bytes per dirty bit: a power of two from 512 to 64M (default 64K, or the bitmap\'s)', helpValue: 'SIZE' }),
+    'buf-size': sizeFlag({ description: `most bytes one copy operation moves (default ${formatSize(DEFAULT_BUF_SIZE)})`, helpValue: 'SIZE' }),
+    'max-ops': Flags.integer({ description: `copy operations in flight (default ${DEFAULT_MAX_OPS})`, min: 1, max: 1024, helpValue: 'N' }),
+    speed: sizeFlag({ description: 'limit the data rate to SIZE bytes per second (0: no limit)', helpValue: 'SIZE' }),
+    'target-is-zero': Flags.boolean({ description: 'the target reads as zeros: do not write the zero ranges', default: false }),
+    'copy-mode': Flags.string({ description: 'background, write-blocking or auto (they differ only when the source is written while the job runs)', options: [...COPY_MODES], default: 'background' }),
+    'max-lag': secondsFlag({ description: 'copy mode auto: switch to write-blocking when no consistency point came for this many seconds (default 10)', helpValue: 'SECONDS' }),
+    'on-source-error': Flags.string({ description: 'what a source read error does', options: [...ERROR_POLICIES], default: 'report' }),
+    'on-target-error': Flags.string({ description: 'what a target write error does', options: [...ERROR_POLICIES], default: 'report' }),
+    'no-progress': Flags.boolean({ description: 'no progress bar, even on a terminal', default: false }),
+  };
+
+  async run(): Promise<MirrorResult> {
+    const { args, flags } = await this.parse(Mirror);
+    let sync: MirrorSync;
+    let bitmapPath: string | undefined;
+    if (flags.sync.startsWith('bitmap:')) {
+      sync = 'bitmap';
+      bitmapPath = flags.sync.slice('bitmap:'.length);
+      if (bitmapPath === '') this.usageError('--sync bitmap:PATH needs the path of a bitmap file');
+    } else if (flags.sync === 'full' || flags.sync === 'top' || flags.sync === 'none') {
+      sync = flags.sync;
+    } else {
+      this.usageError(`--sync ${flags.sync}: expected full, top, none or bitmap:PATH`);
+    }
+    if (flags.sync === 'bitmap') this.usageError('--sync bitmap needs the bitmap file: --sync bitmap:PATH');
+
+    const source = await openForCommand(args.source, { readOnly: true, format: flags.format });
+    const closers: Array<() => Promise<void>> = [() => source.close()];
+    const closeAll = async (): Promise<void> => {
+      for (const c of closers.reverse()) await c().catch(() => {});
+    };
+    let result: MirrorResult;
+    try {
+      const target: BlockNode = await openForCommand(args.target, { readOnly: false, format: flags['target-format'] });
+      closers.push(() => target.close());
+      let bitmap: PersistentBitmap | undefined;
+      let bitmapLoad: string | undefined;
+      const bitmapMode = flags['bitmap-mode'] as BitmapMode;
+      if (bitmapPath !== undefined) {
+        const opened = await PersistentBitmap.open(bitmapPath, { size: source.size, readOnly: bitmapMode === 'never' });
+        bitmap = opened.bitmap;
+        closers.push(() => opened.bitmap.close());
+        bitmapLoad = opened.loadState.state;
+        if (opened.loadState.state === 'all-dirty') this.logToStderr(`blkrep: warning: bitmap ${bitmapPath} cannot be trusted (${opened.loadState.reason}): copying everything`);
+        else if (opened.loadState.state === 'recovered') this.logToStderr(`blkrep: bitmap ${bitmapPath} was in use when its writer stopped; recovered from its activity log`);
+      }
+      result = await this.mirror(source, target, { ...flags, sync, bitmap, bitmapMode, bitmapLoad, sourceSpec: args.source, targetSpec: args.target, bitmapSpec: flags.sync });
+      if (bitmap && !bitmap.readOnly) await bitmap.flush();
+    } finally {
+      await closeAll();
+    }
+    if (!this.jsonEnabled()) {
+      this.log(`Mirrored ${formatSize(result.bytes)} of ${formatSize(result.size)} in ${result.seconds.toFixed(1)} s (${formatSize(Math.round(result.rate))}/s).`);
+    }
+    return result;
+  }
+
+  private async mirror(
+    source: BlockNode,
+    target: BlockNode,
+    o: {
+      sync: MirrorSync;
+      bitmap?: PersistentBitmap;
+      bitmapMode: BitmapMode;
+      bitmapLoad?: string;
+      sourceSpec: string;
+      targetSpec: string;
+      bitmapSpec: string;
+      granularity?: number;
+      'buf-size'?: number;
+      'max-ops'?: number;
+      speed?: number;
+      'target-is-zero': boolean;
+      'copy-mode': string;
+      'max-lag'?: number;
+      'on-source-error': string;
+      'on-target-error': string;
+      'no-progress': boolean;
+    },
+  ): Promise<MirrorResult> {
+    const job = new MirrorJob({
+      id: 'mirror0',
+      source,
+      target,
+      sync: o.sync,
+      ...(o.bitmap ? { bitmap: o.bitmap, bitmapMode: o.bitmapMode } : {}),
+      ...(o.granularity !== undefined ? { granularity: o.granularity } : {}),
+      ...(o['buf-size'] !== undefined ? { bufSize: o['buf-size'] } : {}),
+      ...(o['max-ops'] !== undefined ? { maxOps: o['max-ops'] } : {}),
+      ...(o.speed !== undefined ? { speed: o.speed } : {}),
+      targetIsZero: o['target-is-zero'],
+      copyMode: o['copy-mode'] as CopyMode,
+      ...(o['max-lag'] !== undefined ? { maxLagMs: o['max-lag'] * 1000 } : {}),
+      onSourceError: o['on-source-error'] as ErrorPolicy,
+      onTargetError: o['on-target-error'] as ErrorPolicy,
+    });
+    const errors: MirrorResult['errors'] = [];
+    job.on('io-error', (e: Extract<JobEvent, { event: 'error' }>) => {
+      errors.push({ side: e.side, operation: e.operation, errno: e.errno, action: e.action, offset: e.offset, length: e.length, message: e.message });
+      if (!this.jsonEnabled()) this.logToStderr(`blkrep: ${e.side} ${e.operation} error (${e.errno}), ${e.action === 'ignore' ? 'will retry' : e.action === 'stop' ? 'stopping' : 'giving up'}: ${e.message}`);
+      // offline nobody can resume a stopped job: end it
+      if (e.action === 'stop') setImmediate(() => void job.cancel({ force: true }).catch(() => {}));
+    });
+    let stopReason: string | undefined;
+    job.on('io-error', (e: Extract<JobEvent, { event: 'error' }>) => {
+      if (e.action === 'stop') stopReason ??= `${e.side} ${e.operation} error (${e.errno}) with policy ${e.side === 'source' ? o['on-source-error'] : o['on-target-error']}: ${e.message}`;
+    });
+    const onSignal = (): void => {
+      stopReason ??= 'interrupted';
+      void job.cancel({ force: true }).catch(() => {});
+    };
+    process.once('SIGINT', onSignal);
+    process.once('SIGTERM', onSignal);
+    const started = performance.now();
+    let bar: Progress | undefined;
+    const showProgress = !this.jsonEnabled() && !o['no-progress'];
+    const ticker = setInterval(() => {
+      const q = job.query();
+      if (!showProgress || q.length === 0) return;
+      bar ??= progressBar('mirror', q.length, { enabled: true });
+      bar.update(q.offset);
+    }, 200);
+    try {
+      // offline nothing writes the source: complete (no pivot) as soon as the target has caught up
+      job.on('status-change', (e: Extract<JobEvent, { event: 'status-change' }>) => {
+        if (e.status === 'ready') setImmediate(() => void job.complete({ pivot: false }).catch(() => {}));
+      });
+      job.start();
+      await job.whenConcluded();
+    } finally {
+      clearInterval(ticker);
+      bar?.stop();
+      process.off('SIGINT', onSignal);
+      process.off('SIGTERM', onSignal);
+    }
+    if (job.error) throw job.error;
+    if (job.isHardCancelled || stopReason) {
+      throw new BlkrepError('ERR_JOB_CANCELLED', `mirror stopped before the target was a consistent copy: ${stopReason ?? 'cancelled'}`, { errno: 'EIO' });
+    }
+    const seconds = (performance.now() - started) / 1000;
+    const q = job.query();
+    return {
+      source: o.sourceSpec,
+      target: o.targetSpec,
+      sync: o.bitmap ? o.bitmapSpec : o.sync,
+      granularity: job.granularity,
+      bytes: q.offset,
+      size: source.size,
+      seconds: Math.round(seconds * 1000) / 1000,
+      rate: seconds > 0 ? Math.round(q.offset / seconds) : 0,
+      targetRequests: job.targetWrites,
+      errors,
+      ...(o.bitmapLoad ? { bitmapLoad: o.bitmapLoad } : {}),
+    };
+  }
+}
