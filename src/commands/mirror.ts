@@ -4,7 +4,7 @@ import { BlkrepError } from '../api/errors.js';
 import { PersistentBitmap } from '../bitmap/persistent.js';
 import { BlkrepCommand } from '../cli/base.js';
 import { sizeFlag, secondsFlag } from '../cli/flags.js';
-import { openForCommand } from '../cli/image.js';
+import { openImage, type ImageFormat } from '../block/open.js';
 import { progressBar, type Progress } from '../cli/progress.js';
 import { ERROR_POLICIES, type ErrorPolicy, type JobEvent } from '../jobs/job.js';
 import { BITMAP_MODES, COPY_MODES, DEFAULT_BUF_SIZE, DEFAULT_MAX_OPS, MirrorJob, type BitmapMode, type CopyMode, type MirrorSync } from '../jobs/mirror.js';
@@ -67,6 +67,7 @@ A progress bar with the rate and the time left is shown on a terminal. With --js
     'max-lag': secondsFlag({ description: 'copy mode auto: switch to write-blocking when no consistency point came for this many seconds (default 10)', helpValue: 'SECONDS' }),
     'on-source-error': Flags.string({ description: 'what a source read error does', options: [...ERROR_POLICIES], default: 'report' }),
     'on-target-error': Flags.string({ description: 'what a target write error does', options: [...ERROR_POLICIES], default: 'report' }),
+    connections: Flags.integer({ description: 'connections to an NBD source or target that allows several (multi-conn)', min: 1, max: 16, default: 4, helpValue: 'N' }),
     'no-progress': Flags.boolean({ description: 'no progress bar, even on a terminal', default: false }),
   };
 
@@ -85,14 +86,16 @@ A progress bar with the rate and the time left is shown on a terminal. With --js
     }
     if (flags.sync === 'bitmap') this.usageError('--sync bitmap needs the bitmap file: --sync bitmap:PATH');
 
-    const source = await openForCommand(args.source, { readOnly: true, format: flags.format });
+    const open = (spec: string, readOnly: boolean, format: string | undefined): Promise<BlockNode> =>
+      openImage(spec, { readOnly, ...(format ? { format: format as ImageFormat } : {}), nbd: { connections: flags.connections } });
+    const source = await open(args.source, true, flags.format);
     const closers: Array<() => Promise<void>> = [() => source.close()];
     const closeAll = async (): Promise<void> => {
       for (const c of closers.reverse()) await c().catch(() => {});
     };
     let result: MirrorResult;
     try {
-      const target: BlockNode = await openForCommand(args.target, { readOnly: false, format: flags['target-format'] });
+      const target = await open(args.target, false, flags['target-format']);
       closers.push(() => target.close());
       let bitmap: PersistentBitmap | undefined;
       let bitmapLoad: string | undefined;

@@ -125,8 +125,10 @@ function badOption(message: string, details: Record<string, unknown> = {}): Blkr
   return new BlkrepError('ERR_JOB_INVALID', message, { errno: 'EINVAL', details });
 }
 
+const ZEROS = Buffer.alloc(64 * 1024);
+
 function isZero(buf: Buffer): boolean {
-  // compare 8 KiB at a time against a zero buffer (memcmp)
+  // memcmp against a zero buffer, 64 KiB at a time
   const step = ZEROS.length;
   for (let i = 0; i < buf.length; i += step) {
     const n = Math.min(step, buf.length - i);
@@ -134,7 +136,6 @@ function isZero(buf: Buffer): boolean {
   }
   return true;
 }
-const ZEROS = Buffer.alloc(8192);
 
 export class MirrorJob extends Job {
   readonly type = 'mirror';
