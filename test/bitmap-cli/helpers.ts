@@ -52,7 +52,8 @@ export async function ok<T = Record<string, unknown>>(args: string[], options: {
 export async function fails(args: string[], exitCode: number, errCode: string, message?: RegExp): Promise<string> {
   const r = await blk([...args, '--json']);
   expect(r.code, `blkrep ${args.join(' ')}: ${r.stdout} ${r.stderr}`).toBe(exitCode);
-  const body = r.json as { error: { code: string; message: string } };
+  const body = r.json as { error: { code: string; message: string } } | undefined;
+  if (body === undefined) throw new Error(`blkrep ${args.join(' ')} printed no JSON\nstdout: ${r.stdout}\nstderr: ${r.stderr}`);
   expect(Object.keys(body)).toEqual(['error']);
   expect(body.error.code).toBe(errCode);
   if (message) expect(body.error.message).toMatch(message);
