@@ -325,6 +325,22 @@ describe('mirror', () => {
     await job.cancel();
   });
 
+  it('write-blocking reaches consistency points under a writer that never pauses; background alone would not', async () => {
+    const source = await seededSource(16 * MiB, 17);
+    const target = new TestDisk(16 * MiB);
+    const job = new MirrorJob({ source, target, copyMode: 'write-blocking' });
+    const writer = new RandomWriter(job.node, await readAll(source), rng(17), 4, 0).start();
+    job.start();
+    await within(whenReady(job), 20_000, 'ready under load');
+    const before = writer.writes;
+    await writer.waitWrites(300);
+    expect(writer.writes).toBeGreaterThan(before);
+    await within(job.complete(), 20_000, 'complete under load');
+    await writer.waitWrites(10);
+    await writer.stop();
+    expect(firstDifference(await readAll(target.disk), writer.expected)).toBe(-1);
+  });
+
   it('auto copy mode switches to write-blocking when lagging and back when caught up, with events', async () => {
     const source = await seededSource(8 * MiB, 11);
     const target = new TestDisk(8 * MiB);
