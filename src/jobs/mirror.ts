@@ -75,6 +75,10 @@ export const DEFAULT_MAX_LAG_MS = 10_000;
 export const DEFAULT_FLUSH_INTERVAL_MS = 100;
 const MAX_BUF_SIZE = 64 << 20;
 const EXTENTS_SCAN = 1 << 30;
+/** most bytes one operation covers when the source reported them as zeros */
+const ZERO_OP_MAX = 1 << 30;
+/** most zero regions remembered as hints for shaping operations */
+const MAX_ZERO_HINTS = 1 << 20;
 
 export interface MirrorOptions extends Omit<JobOptions, 'id'> {
   id?: string;
@@ -110,6 +114,8 @@ interface CopyOp {
   end: number;
   offset: number;
   length: number;
+  /** speed tokens taken when it started */
+  reserved: number;
 }
 
 interface Segment {
@@ -200,6 +206,8 @@ export class MirrorJob extends Job {
   private finishFns: { resolve: () => void; reject: (e: unknown) => void } | undefined;
   private finished = false;
   private freeBuffers: Buffer[] = [];
+  /** [start, end) pairs, sorted: regions the source reported as zeros when the job started */
+  private zeroHints: number[] = [];
   /** target requests, for tests and stats */
   targetWrites = 0;
 
@@ -350,8 +358,14 @@ export class MirrorJob extends Job {
         this.dirty.merge(this.syncBitmapStart!);
         return;
       case 'full':
-        if (!this.targetIsZero || !this.source.caps.canExtents) {
+        if (!this.source.caps.canExtents) {
           this.dirty.setAll();
+          return;
+        }
+        if (!this.targetIsZero) {
+          // everything is dirty; the zero regions become hints for large write-zeroes operations
+          this.dirty.setAll();
+          await this.scanExtents(() => false, true);
           return;
         }
         await this.scanExtents((e) => !e.zero);
@@ -367,8 +381,13 @@ export class MirrorJob extends Job {
     }
   }
 
-  private async scanExtents(wanted: (e: Extent) => boolean): Promise<void> {
+  private async scanExtents(wanted: (e: Extent) => boolean, hints = false): Promise<void> {
     let offset = 0;
+    const hint = (start: number, end: number): void => {
+      const h = this.zeroHints;
+      if (h.length > 0 && h[h.length - 1] === start) h[h.length - 1] = end;
+      else if (h.length < 2 * MAX_ZERO_HINTS) h.push(start, end);
+    };
     while (offset < this.size) {
       if (this.signal.aborted) return;
       const runs = await this.tracking.extents(offset, Math.min(EXTENTS_SCAN, this.size - offset), { signal: this.signal });
@@ -376,6 +395,7 @@ export class MirrorJob extends Job {
         const length = Math.min(e.length, this.size - offset);
         if (length <= 0) break;
         if (wanted(e)) this.dirty.fill(offset, length);
+        if (hints && e.zero) hint(offset, offset + length);
         offset += length;
       }
     }
@@ -398,7 +418,8 @@ export class MirrorJob extends Job {
         }
         const op = this.pick();
         if (!op) break;
-        this.limiter.take(op.length);
+        op.reserved = Math.min(op.length, this.bufSize);
+        this.limiter.take(op.reserved);
         this.ops++;
         this.opBytes += op.length;
         void this.copy(op);
@@ -436,6 +457,13 @@ export class MirrorJob extends Job {
     if (first < 0) return undefined;
     const most = Math.max(1, Math.floor(this.bufSize / this.granularity));
     let end = Math.min(this.bits, first + most);
+    // a region the source reported as zeros at the start: one operation for up to 1 GiB of it
+    // (only a hint: the operation asks the extents again once its in-flight bits are set)
+    const hint = this.zeroHintEnd(first * this.granularity);
+    if (hint > 0) {
+      const hintBits = hint === this.size ? this.bits : Math.floor(hint / this.granularity);
+      end = Math.max(end, Math.min(this.bits, hintBits, first + Math.max(1, Math.floor(ZERO_OP_MAX / this.granularity))));
+    }
     const clean = this.dirty.nextCleanBit(first, end);
     if (clean >= 0) end = clean;
     const taken = this.locked.nextDirtyBit(first, end);
@@ -444,7 +472,21 @@ export class MirrorJob extends Job {
     this.locked.setBits(first, end);
     this.inflight.setBits(first, end);
     const offset = first * this.granularity;
-    return { first, end, offset, length: Math.min(end * this.granularity, this.size) - offset };
+    return { first, end, offset, length: Math.min(end * this.granularity, this.size) - offset, reserved: 0 };
+  }
+
+  /** The end of the zero hint holding `offset`, or -1. */
+  private zeroHintEnd(offset: number): number {
+    const h = this.zeroHints;
+    let lo = 0;
+    let hi = h.length / 2 - 1;
+    while (lo <= hi) {
+      const mid = (lo + hi) >> 1;
+      if (h[2 * mid + 1]! <= offset) lo = mid + 1;
+      else if (h[2 * mid]! > offset) hi = mid - 1;
+      else return h[2 * mid + 1]!;
+    }
+    return -1;
   }
 
   private takeBuffer(length: number): Buffer {
@@ -513,42 +555,53 @@ export class MirrorJob extends Job {
     let operation = 'extents';
     let buffer: Buffer | undefined;
     let failed: unknown;
-    try {
-      const segs = await this.segments(op);
-      const data = segs.filter((s) => !s.zero);
-      const dataBytes = data.reduce((n, s) => n + s.length, 0);
-      // the speed counts data only: give back what the extents say is zero
-      if (dataBytes < op.length) this.limiter.take(dataBytes - op.length);
-      if (dataBytes > 0) {
-        buffer = this.takeBuffer(op.length);
-        operation = 'read';
-        const reads = data.map((s) => this.tracking.readInto(s.offset, buffer!.subarray(s.offset - op.offset, s.offset - op.offset + s.length), { signal: this.signal }));
-        const settled = await Promise.allSettled(reads);
-        const bad = settled.find((r): r is PromiseRejectedResult => r.status === 'rejected');
-        if (bad) throw bad.reason;
-      }
-      side = 'target';
-      const writes = this.splitZeros(segs, op, buffer).map((s) => {
-        const piece = s.zero ? undefined : buffer!.subarray(s.offset - op.offset, s.offset - op.offset + s.length);
-        this.targetWrites++;
-        if (piece) {
-          return this.target.write(s.offset, piece, { signal: this.signal }).catch((e: unknown) => Promise.reject(Object.assign(toBlkrepError(e), { op: 'write' })));
-        }
-        return this.target
-          .writeZeroes(s.offset, s.length, { noHole: !s.hole, signal: this.signal })
-          .catch((e: unknown) => Promise.reject(Object.assign(toBlkrepError(e), { op: 'write-zeroes' })));
-      });
-      operation = 'write';
-      const settled = await Promise.allSettled(writes);
+    let zeroWrites: Array<Promise<void>> = [];
+    const tag = (p: Promise<void>, name: string): Promise<void> => p.catch((e: unknown) => Promise.reject(Object.assign(toBlkrepError(e), { op: name })));
+    const settle = async (ps: Array<Promise<void>>): Promise<void> => {
+      const settled = await Promise.allSettled(ps);
       const bad = settled.find((r): r is PromiseRejectedResult => r.status === 'rejected');
       if (bad) {
-        operation = (bad.reason as { op?: string }).op ?? 'write';
+        operation = (bad.reason as { op?: string }).op ?? operation;
         throw bad.reason;
       }
+    };
+    try {
+      const segs = await this.segments(op);
+      const data = segs.filter((x) => !x.zero);
+      const dataBytes = data.reduce((n, x) => n + x.length, 0);
+      // the speed counts data only: settle what pump() reserved against the data found
+      this.limiter.take(dataBytes - op.reserved);
+      side = 'target';
+      zeroWrites = segs
+        .filter((x) => x.zero)
+        .map((x) => {
+          this.targetWrites++;
+          return tag(this.target.writeZeroes(x.offset, x.length, { noHole: !x.hole, signal: this.signal }), 'write-zeroes');
+        });
+      for (const w of this.windows(data)) {
+        side = 'source';
+        operation = 'read';
+        buffer ??= this.takeBuffer(Math.min(op.length, Math.max(this.bufSize, this.granularity)));
+        await settle(w.pieces.map((x) => this.tracking.readInto(x.offset, buffer!.subarray(x.offset - w.offset, x.offset - w.offset + x.length), { signal: this.signal })));
+        side = 'target';
+        operation = 'write';
+        await settle(
+          this.splitZeros(w.pieces, w.offset, buffer).map((x) => {
+            this.targetWrites++;
+            if (x.zero) return tag(this.target.writeZeroes(x.offset, x.length, { noHole: true, signal: this.signal }), 'write-zeroes');
+            return tag(this.target.write(x.offset, buffer!.subarray(x.offset - w.offset, x.offset - w.offset + x.length), { signal: this.signal }), 'write');
+          }),
+        );
+      }
+      side = 'target';
+      operation = 'write-zeroes';
+      await settle(zeroWrites);
       // completion: one synchronous step (model: d_step)
       this.completeCopy(op);
     } catch (err) {
       failed = err;
+      // nothing of this op may still be writing the target when its lock goes (finding 2)
+      await Promise.allSettled(zeroWrites);
       this.inflight.clearBits(op.first, op.end);
       this.locked.clearBits(op.first, op.end);
     } finally {
@@ -562,9 +615,28 @@ export class MirrorJob extends Job {
     this.pump();
   }
 
+  /** Data segments in windows of at most bufSize bytes (one granule when granules are larger), in order. */
+  private windows(data: Segment[]): Array<{ offset: number; length: number; pieces: Segment[] }> {
+    const limit = Math.max(this.bufSize, this.granularity);
+    const out: Array<{ offset: number; length: number; pieces: Segment[] }> = [];
+    for (const seg of data) {
+      for (let at = seg.offset; at < seg.offset + seg.length; ) {
+        let w = out[out.length - 1];
+        if (!w || at + 1 - w.offset > limit) {
+          w = { offset: at, length: 0, pieces: [] };
+          out.push(w);
+        }
+        const n = Math.min(seg.offset + seg.length - at, w.offset + limit - at);
+        w.pieces.push({ offset: at, length: n, zero: false, hole: false });
+        w.length = at + n - w.offset;
+        at += n;
+      }
+    }
+    return out;
+  }
+
   /** Data segments cut where whole granules read as zeros: those go as write-zeroes too. */
-  private splitZeros(segs: Segment[], op: CopyOp, buffer: Buffer | undefined): Segment[] {
-    if (!buffer) return segs;
+  private splitZeros(segs: Segment[], base: number, buffer: Buffer): Segment[] {
     const g = this.granularity;
     const out: Segment[] = [];
     const push = (offset: number, length: number, zero: boolean): void => {
@@ -579,7 +651,7 @@ export class MirrorJob extends Job {
       }
       for (let at = s.offset; at < s.offset + s.length; ) {
         const next = Math.min(s.offset + s.length, (Math.floor(at / g) + 1) * g);
-        const piece = buffer.subarray(at - op.offset, next - op.offset);
+        const piece = buffer.subarray(at - base, next - base);
         // only whole granules (or the disk's last, partial one) become zero segments
         const whole = at % g === 0 && (next % g === 0 || next === this.size);
         push(at, next - at, whole && isZero(piece));

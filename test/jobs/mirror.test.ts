@@ -238,6 +238,26 @@ describe('mirror', () => {
     }
   });
 
+  it('large zero regions go as few large write-zeroes; data written into them meanwhile is still copied, in buffer-sized windows', async () => {
+    const source = new MemoryNode(64 * MiB);
+    await source.write(0, Buffer.alloc(MiB, 1));
+    await source.write(40 * MiB, Buffer.alloc(3 * MiB + 5, 2));
+    const target = new TestDisk(64 * MiB);
+    await target.disk.write(0, Buffer.alloc(64 * MiB, 0xee));
+    target.holdAll = true;
+    const job = new MirrorJob({ source, target, maxOps: 4 });
+    job.start();
+    await ticks(50);
+    // into a region the start-up scan saw as zeros
+    await job.node.write(20 * MiB + 7, Buffer.alloc(5 * MiB, 3));
+    target.release();
+    await whenReady(job);
+    await job.complete();
+    expect(firstDifference(await readAll(source), await readAll(target.disk))).toBe(-1);
+    expect(target.counts.writeZeroes).toBeLessThan(40);
+    expect(target.counts.writeBytes).toBeLessThanOrEqual(12 * MiB);
+  });
+
   it('a data range that reads as zeros goes as write-zeroes (source without extents)', async () => {
     const mem = new MemoryNode(4 * MiB);
     await mem.write(0, Buffer.alloc(1000, 1));
