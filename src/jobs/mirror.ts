@@ -578,6 +578,7 @@ export class MirrorJob extends Job {
           this.targetWrites++;
           return tag(this.target.writeZeroes(x.offset, x.length, { noHole: !x.hole, signal: this.signal }), 'write-zeroes');
         });
+      for (const z of zeroWrites) z.catch(() => {}); // settled below, maybe after a data window failed
       for (const w of this.windows(data)) {
         side = 'source';
         operation = 'read';
@@ -856,6 +857,17 @@ export class MirrorJob extends Job {
 
   protected override async abort(): Promise<void> {
     this.backend = 'source';
+    if (this.syncBitmap && this.bitmapMode === 'always' && !this.flushing) {
+      // what was copied counts once the target holds it stably: try one flush
+      try {
+        const covering = this.unstableCur;
+        await this.target.flush();
+        covering.clearAll();
+        this.unstableFlushing.clearAll();
+      } catch {
+        // the copied granules stay in the bitmap
+      }
+    }
     this.applyBitmapMode(false);
   }
 

@@ -8,7 +8,7 @@ import { MirrorJob, type MirrorOptions } from '../../src/jobs/mirror.js';
 import { MiB, RandomWriter, TestDisk, countDifferent, firstDifference, readAll, rng, seededSource } from './helpers.js';
 
 const SIZE = 64 * MiB;
-const RUNS = Number(process.env.BLKREP_MIRROR_RUNS ?? 4);
+const RUNS = Number(process.env.BLKREP_MIRROR_RUNS ?? 8);
 
 function events(job: MirrorJob): JobEvent[] {
   const out: JobEvent[] = [];
@@ -298,6 +298,26 @@ describe('mirror', () => {
     expect(t.subarray(0, 128 * 1024).equals(s.subarray(0, 128 * 1024))).toBe(true);
     expect(t.subarray(5 * MiB, 5 * MiB + 256 * 1024).equals(s.subarray(5 * MiB, 5 * MiB + 256 * 1024))).toBe(true);
     expect(bitmap.dirtyGranules).toBe(0);
+  });
+
+  it('bitmap mode: always clears what was copied even when the job fails; never leaves the bitmap alone', async () => {
+    const source = await seededSource(4 * MiB, 18);
+    for (const mode of ['always', 'never', 'on-success'] as const) {
+      const bitmap = new DirtyBitmap(4 * MiB);
+      bitmap.setAll();
+      const target = new TestDisk(4 * MiB);
+      // the second half fails: the first half is copied
+      target.faults.push({ op: 'write', errno: 'EIO', times: Infinity, range: [2 * MiB, 4 * MiB] }, { op: 'writeZeroes', errno: 'EIO', times: Infinity, range: [2 * MiB, 4 * MiB] });
+      const job = new MirrorJob({ source, target, sync: 'bitmap', bitmap, bitmapMode: mode, maxOps: 1 });
+      job.start();
+      await job.whenConcluded();
+      expect(job.error?.code).toBe('ERR_INJECTED');
+      const left = bitmap.dirtyBytes;
+      if (mode === 'always') {
+        expect(left).toBeLessThan(4 * MiB);
+        expect(bitmap.isDirty(2 * MiB, 2 * MiB)).toBe(true);
+      } else expect(left).toBe(4 * MiB);
+    }
   });
 
   it('sync top copies only what the top layer holds (allocation depth 1)', async () => {
