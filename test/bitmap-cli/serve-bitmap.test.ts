@@ -6,6 +6,7 @@
  * errors a user can hit, and the control socket's bitmap events.
  */
 import { existsSync } from 'node:fs';
+import { truncate, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { ControlClient } from '../../src/control/client.js';
@@ -188,6 +189,44 @@ describe.skipIf(!hasPeers)('serve-nbd --bitmap', () => {
     const gran = await runCli(['serve-nbd', image, '--bitmap', 'b0', '--bitmap-granularity', '3K', '--socket', sock]);
     expect(gran.code).toBe(2);
     expect(gran.stderr).toMatch(/--bitmap-granularity 3072 is not a power of two/);
+  });
+
+  it('a bitmap file that cannot be trusted loads all dirty, and says why', async () => {
+    const { image, sock } = await setup();
+    await ok(['bitmap', 'add', image, '--name', 'b0']);
+    await truncate(`${image}.b0.bitmap`, 20000);
+    const s = await serve([image, '--socket', sock]);
+    const [load] = loads(s);
+    expect(load).toMatchObject({ name: 'b0', state: 'all-dirty', created: false });
+    expect(load!.reason).toMatch(/truncated/);
+    expect(s.stderr()).toMatch(/dirty bitmap "b0" of export "" .* cannot be trusted \(.*truncated.*\): loaded as ALL DIRTY/);
+    const map = JSON.parse(await nbdinfoMapText(unixUri(sock), 'qemu:dirty-bitmap:b0')) as NbdinfoEntry[];
+    expect(map).toEqual([{ offset: 0, length: SIZE, type: 1, description: 'dirty' }]);
+    expect(await s.stop()).toBe(0);
+    // rewritten whole: trusted (and all dirty) from now on
+    expect(await ok(['bitmap', 'dump', image, '--summary'])).toMatchObject({ loadState: { state: 'clean' }, dirtyBytes: SIZE });
+  });
+
+  it('many ranges go in several requests, and a dump comes in pages', async () => {
+    const dir = await makeTempDir();
+    const sock = join(dir, 's.sock');
+    const ctl = join(dir, 'c.sock');
+    const size = 128 * MiB;
+    const s = await serve(['memory:128M', '--bitmap', 'm', '--bitmap-granularity', '512', '--socket', sock, '--control', ctl]);
+    // every other granule: 131072 runs
+    const entries = Array.from({ length: size / 1024 }, (_, i) => ({ offset: i * 1024, length: 512, type: 1, description: 'dirty' }));
+    await writeFile(join(dir, 'map.json'), JSON.stringify(entries));
+    expect(await ok(['bitmap', 'fill', '--control', ctl, '--from-json', join(dir, 'map.json')])).toMatchObject({ changed: true, bitmap: { dirtyBytes: size / 2 } });
+    const page = await control<{ runs: Array<[number, number]>; next: number | null; end: number }>(ctl, 'bitmap-dump', { name: 'm', start: 1024, limit: 3 });
+    expect(page.runs).toEqual([[1024, 512], [2048, 512], [3072, 512]]);
+    expect(page.next).toBe(4096);
+    expect(page.end).toBe(4096);
+    const dump = await blk(['bitmap', 'dump', '--control', ctl, '--json', '--dirty-only']);
+    expect(dump.code).toBe(0);
+    const got = JSON.parse(dump.stdout) as NbdinfoEntry[];
+    expect(got.length).toBe(131072);
+    expect(got).toEqual(entries);
+    expect(await s.stop()).toBe(0);
   });
 
   it('publishes bitmap events on the control socket, only for changes', async () => {

@@ -8,6 +8,8 @@ export default class BitmapAdd extends BitmapCommand {
 
   static override description = `Creates an empty dirty bitmap NAME, recording writes unless --disabled, as qemu-img bitmap --add does. On a raw image it is the file IMAGE.NAME.bitmap beside it, which serve-nbd loads whenever it serves the image; given a path that does not exist and --size, it is a bitmap file of its own. With --control, the bitmap is added to an export of a running serve-nbd and records its writes from this moment on (kept in IMAGE.NAME.bitmap, or --file, or in memory for in-memory images).
 
+Add a bitmap to an image that serve-nbd is serving through --control, not offline: the running daemon does not record writes in a file it has not loaded, so an offline bitmap would miss them until the daemon is restarted.
+
 Adding a bitmap that exists with the settings asked for succeeds and changes nothing ("changed": false), so a script may run it again; one that exists with other settings (granularity, enabled or disabled, size) is an error naming the difference.`;
 
   static override examples = [
