@@ -18,7 +18,7 @@ export function progressBar(label: string, total: number, options: { enabled: bo
   const bar = new cliProgress.SingleBar(
     {
       stream: process.stderr,
-      format: `${label} [{bar}] {percentage}% | {done} of {total} | {rate}/s | ETA {eta_formatted}`,
+      format: `${label} [{bar}] {percentage}% | {done} of {size} | {rate}/s | ETA {eta_formatted}`,
       hideCursor: true,
       clearOnComplete: true,
       etaBuffer: 50,
@@ -26,11 +26,11 @@ export function progressBar(label: string, total: number, options: { enabled: bo
     },
     cliProgress.Presets.shades_classic,
   );
-  bar.start(total, 0, { done: formatSize(0), total: formatSize(total), rate: formatSize(0) });
+  bar.start(total, 0, { done: formatSize(0), size: formatSize(total), rate: formatSize(0) });
   return {
     update(done: number) {
       const seconds = Math.max((Date.now() - started) / 1000, 0.001);
-      bar.update(done, { done: formatSize(done), total: formatSize(total), rate: formatSize(Math.round(done / seconds)) });
+      bar.update(done, { done: formatSize(done), size: formatSize(total), rate: formatSize(Math.round(done / seconds)) });
     },
     stop() {
       bar.stop();
