@@ -108,10 +108,13 @@ export class TableCache {
           this.loading.delete(offset);
         }
         // a concurrent add() (a new table at this offset) wins over what the disk had
-        const existing = this.tables.get(offset);
-        if (existing) return existing;
-        const table = new Table(offset, buf);
-        this.insert(table);
+        const table = this.tables.get(offset) ?? new Table(offset, buf);
+        // Pinned until the callers waiting for it have run (they resume in microtasks, before
+        // any macrotask): otherwise a concurrent load could evict it first, and two loaders
+        // evicting each other's tables could keep reloading forever.
+        table.pins++;
+        setImmediate(() => table.pins--);
+        if (!this.tables.has(offset)) this.insert(table);
         return table;
       })();
       this.loading.set(offset, pending);

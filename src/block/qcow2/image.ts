@@ -5,7 +5,8 @@
  * Writeback cycle (flush(), FUA, close, or when the caches fill up). The cycle captures every
  * dirty table at one instant, then:
  *   1. writes refcount blocks, fsync          — new clusters are counted, their data is durable
- *   2. writes new refcount table entries, fsync (only after blocks were added)
+ *   2. writes new refcount table entries, fsync (only after blocks were added; in two rounds
+ *      when a new block is counted by another new block)
  *   3. writes L2 tables, fsync                — now pointing at counted, written clusters
  *   4. writes L1 entries, fsync (only after L2 tables were added)
  *   5. applies the refcount decrements of clusters whose last pointer it just removed (in memory;

@@ -262,6 +262,30 @@ export class Refcounts {
       };
       for (let index = Math.floor(p / this.perBlock); index <= Math.floor((p + n - 1) / this.perBlock); index++) if (wanted.has(index)) place(index);
       for (const index of missing) place(index);
+      // Each new block must be counted by itself, by an existing block, or by a new block that
+      // counts itself: then writing the table entries in two rounds (image.ts) never exposes a
+      // block whose own count is not on disk. QEMU's order can make two new blocks count each
+      // other (at a range boundary); then every block whose range holds a slot takes its first
+      // slot (counting itself), and the others fill the remaining slots.
+      const selfCounted = (index: number): boolean => Math.floor(placed.get(index)! / this.perBlock) === index;
+      const sound = [...placed].every(([index, q]) => {
+        const home = Math.floor(q / this.perBlock);
+        return home === index || !wanted.has(home) || selfCounted(home);
+      });
+      if (!sound) {
+        const slots = Array.from({ length: placed.size }, (_, i) => p + n + i);
+        const taken = new Set<number>();
+        placed.clear();
+        for (const q of slots) {
+          const home = Math.floor(q / this.perBlock);
+          if (wanted.has(home) && !placed.has(home)) {
+            placed.set(home, q);
+            taken.add(q);
+          }
+        }
+        const free = slots.filter((q) => !taken.has(q));
+        for (const index of missing) if (!placed.has(index)) placed.set(index, free.shift()!);
+      }
       for (const [index, q] of placed) {
         const offset = q * this.clusterSize;
         this.blocks.add(offset, Buffer.alloc(this.clusterSize));
@@ -331,9 +355,24 @@ export class Refcounts {
   }
 
   /** Write captured reftable entries (their blocks are durable). Caller holds the mutex. */
+  /**
+   * Write captured reftable entries (their blocks are durable), each only once the block that
+   * counts the block it points to is reachable: entries of blocks counted by themselves or by
+   * blocks already in the table first, then a sync, then the entries of blocks counted by those.
+   * The caller holds the mutex and syncs after the last round.
+   */
   async writeReftable(captured: { gen: number; entries: Array<[number, Buffer]> }): Promise<void> {
     if (captured.gen !== this.reftableGen) return; // the table moved: the new one has them all
-    await Promise.all(captured.entries.map(([index, bytes]) => this.file.write(this.reftableOffset + index * 8, bytes)));
+    let remaining = captured.entries;
+    while (remaining.length > 0) {
+      const pending = new Set(remaining.map(([index]) => index));
+      const homeOf = (bytes: Buffer): number => Math.floor(Number(bytes.readBigUInt64BE(0) & ~0x1ffn) / this.clusterSize / this.perBlock);
+      let round = remaining.filter(([index, bytes]) => homeOf(bytes) === index || !pending.has(homeOf(bytes)));
+      if (round.length === 0) round = remaining; // cannot happen with allocate()'s placement
+      await Promise.all(round.map(([index, bytes]) => this.file.write(this.reftableOffset + index * 8, bytes)));
+      remaining = remaining.filter((e) => !round.includes(e));
+      if (remaining.length > 0) await this.file.sync();
+    }
   }
 
   /** Put captured entries back after a failed cycle. */
