@@ -59,18 +59,17 @@ export class LiveStore implements BitmapStore {
   }
 
   async read(name: string, options: ReadOptions = {}): Promise<{ info: BitmapInfo; bitmap: DirtyBitmap }> {
-    let bitmap: DirtyBitmap | undefined;
-    let page: DumpPage;
-    let start = options.start ?? 0;
-    const end = options.length === undefined ? undefined : start + options.length;
-    do {
-      page = await this.request<DumpPage>('bitmap-dump', { name, start, ...(end === undefined ? {} : { length: end - start }) });
-      bitmap ??= new DirtyBitmap(page.size, { granularity: page.granularity, enabled: page.enabled });
-      for (const [offset, length] of page.runs) bitmap.fill(offset, length);
-      start = page.next ?? start;
-    } while (page.next !== null);
-    // The info after the pages: its counts are the daemon's of that moment.
     const info = await this.info(name);
+    const bitmap = new DirtyBitmap(info.size, { granularity: info.granularity, enabled: info.enabled });
+    // The range clipped to the disk, as a bitmap file's would be.
+    let start = Math.min(options.start ?? 0, info.size);
+    const end = Math.min(info.size, options.length === undefined ? info.size : start + options.length);
+    for (;;) {
+      const page = await this.request<DumpPage>('bitmap-dump', { name, start, length: Math.max(0, end - start) });
+      for (const [offset, length] of page.runs) bitmap.fill(offset, length);
+      if (page.next === null) break;
+      start = page.next;
+    }
     return { info, bitmap };
   }
 
