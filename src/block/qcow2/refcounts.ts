@@ -109,6 +109,8 @@ export class Refcounts {
   freshFrom = 0;
   /** every cluster below this has refcount > 0 */
   private hint = 0;
+  /** no run of `n` free clusters lies below `from` (until something is freed) */
+  private tail = { n: Infinity, from: 0 };
 
   constructor(o: RefcountOptions) {
     this.file = o.file;
@@ -215,6 +217,7 @@ export class Refcounts {
         if (next === 0) {
           freed.push(c);
           if (c < this.hint) this.hint = c;
+          this.tail = { n: Infinity, from: 0 };
         } else if (c >= this.imageEnd) {
           this.imageEnd = c + 1;
         }
@@ -304,10 +307,13 @@ export class Refcounts {
 
   /** The first run of `n` clusters with refcount 0 at or after the hint. */
   private async findFree(n: number): Promise<number> {
-    let c = this.hint;
+    // Runs of `tail.n` clusters or more were last found only at `tail.from` (the free space at
+    // the end): start there, rather than rescanning a fragmented image for every large write.
+    const fromTail = n >= this.tail.n && this.tail.from > this.hint;
+    let c = fromTail ? this.tail.from : this.hint;
     let runStart = -1;
     let runLength = 0;
-    let allUsed = true;
+    let allUsed = !fromTail;
     while (c < this.imageEnd) {
       const index = Math.floor(c / this.perBlock);
       const blockEnd = Math.min(this.imageEnd, (index + 1) * this.perBlock);
@@ -339,7 +345,10 @@ export class Refcounts {
       }
     }
     if (allUsed) this.hint = this.imageEnd;
-    return runStart >= 0 ? runStart : this.imageEnd;
+    const at = runStart >= 0 ? runStart : this.imageEnd;
+    // no run of n lies below `at`; smaller runs may, so only a smaller or equal n narrows it
+    if (n <= this.tail.n) this.tail = { n, from: at };
+    return at;
   }
 
   /** Capture dirty blocks and reftable entries for a writeback cycle. */
@@ -494,5 +503,6 @@ export class Refcounts {
     this.imageEnd = state.imageEnd;
     this.freshFrom = state.freshFrom;
     this.hint = 0;
+    this.tail = { n: Infinity, from: 0 };
   }
 }
