@@ -13,11 +13,47 @@ interface Pending {
   data: Buffer;
 }
 
+/** A byte array that grows by doubling (the image grows a cluster at a time). */
+class Bytes {
+  buf: Buffer;
+  length: number;
+
+  constructor(initial: Buffer) {
+    this.buf = Buffer.from(initial);
+    this.length = initial.length;
+  }
+
+  write(offset: number, data: Buffer): void {
+    const end = offset + data.length;
+    if (end > this.buf.length) {
+      const bigger = Buffer.alloc(Math.max(end, this.buf.length * 2));
+      this.buf.copy(bigger, 0, 0, this.length);
+      this.buf = bigger;
+    }
+    data.copy(this.buf, offset);
+    if (end > this.length) this.length = end;
+  }
+
+  resize(length: number): void {
+    if (length > this.buf.length) this.write(length, Buffer.alloc(0));
+    if (length < this.length) this.buf.fill(0, length, this.length);
+    this.length = length;
+  }
+
+  copy(): Bytes {
+    return new Bytes(this.buf.subarray(0, this.length));
+  }
+
+  bytes(): Buffer {
+    return Buffer.from(this.buf.subarray(0, this.length));
+  }
+}
+
 export class CrashContainer implements Qcow2Container {
   readonly readOnly = false;
-  private durable: Buffer;
+  private durable: Bytes;
   private pending: Pending[] = [];
-  private view: Buffer;
+  private view: Bytes;
   /** called before every write and sync: the moment a crash could happen */
   onCrashPoint: (() => void) | undefined;
 
@@ -25,8 +61,8 @@ export class CrashContainer implements Qcow2Container {
     readonly path: string,
     initial: Buffer,
   ) {
-    this.durable = Buffer.from(initial);
-    this.view = Buffer.from(initial);
+    this.durable = new Bytes(initial);
+    this.view = new Bytes(initial);
   }
 
   get length(): number {
@@ -35,27 +71,26 @@ export class CrashContainer implements Qcow2Container {
 
   async read(offset: number, target: Buffer): Promise<void> {
     target.fill(0);
-    if (offset < this.view.length) this.view.copy(target, 0, offset, Math.min(this.view.length, offset + target.length));
+    if (offset < this.view.length) this.view.buf.copy(target, 0, offset, Math.min(this.view.length, offset + target.length));
   }
 
   async write(offset: number, data: Buffer): Promise<void> {
     this.onCrashPoint?.();
     this.pending.push({ offset, data: Buffer.from(data) });
-    this.view = apply(this.view, offset, data);
+    this.view.write(offset, data);
     await Promise.resolve();
   }
 
   async sync(): Promise<void> {
     this.onCrashPoint?.();
-    for (const p of this.pending) this.durable = apply(this.durable, p.offset, p.data);
+    for (const p of this.pending) this.durable.write(p.offset, p.data);
     this.pending = [];
   }
 
   async truncate(length: number): Promise<void> {
     // modelled as durable at once (only make-empty truncates, after a sync)
-    const resize = (b: Buffer): Buffer => (length <= b.length ? Buffer.from(b.subarray(0, length)) : Buffer.concat([b, Buffer.alloc(length - b.length)]));
-    this.durable = resize(this.durable);
-    this.view = resize(this.view);
+    this.durable.resize(length);
+    this.view.resize(length);
     this.pending = this.pending.filter((p) => p.offset < length);
   }
 
@@ -68,24 +103,17 @@ export class CrashContainer implements Qcow2Container {
 
   /** The disk after a crash now: durable data plus a random subset of pending sectors. */
   crashImage(random: () => number): Buffer {
-    let image: Buffer = Buffer.from(this.durable);
+    const image = this.durable.copy();
     for (const p of this.pending) {
       for (let at = 0; at < p.data.length; at += SECTOR) {
-        if (random() < 0.5) image = apply(image, p.offset + at, p.data.subarray(at, Math.min(p.data.length, at + SECTOR)));
+        if (random() < 0.5) image.write(p.offset + at, p.data.subarray(at, Math.min(p.data.length, at + SECTOR)));
       }
     }
-    return image;
+    return image.bytes();
   }
 
   /** Everything written so far, as if synced (the state a clean shutdown leaves). */
   current(): Buffer {
-    return Buffer.from(this.view);
+    return this.view.bytes();
   }
-}
-
-function apply(target: Buffer, offset: number, data: Buffer): Buffer {
-  let out = target;
-  if (offset + data.length > out.length) out = Buffer.concat([out, Buffer.alloc(offset + data.length - out.length)]);
-  data.copy(out, offset);
-  return out;
 }
