@@ -151,12 +151,17 @@ export class TableCache {
     this.tables.delete(offset);
   }
 
-  private insert(table: Table): void {
-    this.tables.set(table.offset, table);
+  /** Evict clean tables, least recently used first, while over budget (after a writeback). */
+  trim(keep?: Table): void {
     if (!this.overBudget) return;
     for (const [offset, t] of this.tables) {
       if (!this.overBudget) break;
-      if (t !== table && t.evictable) this.tables.delete(offset);
+      if (t !== keep && t.evictable) this.tables.delete(offset);
     }
+  }
+
+  private insert(table: Table): void {
+    this.tables.set(table.offset, table);
+    this.trim(table);
   }
 }

@@ -305,6 +305,8 @@ export class Qcow2Image {
       throw err;
     }
     if (frees.length > 0) await this.applyFrees(frees, epoch);
+    this.map.l2.trim();
+    rc.blocks.trim();
   }
 
   /** Decrement the refcounts of freed ranges (their pointers are gone on disk). */
