@@ -105,6 +105,7 @@ async function openQcow2(path: string, options: OpenImageOptions): Promise<Block
       return openImage(spec, {
         readOnly: true,
         chainDepth: depth + 1,
+        ...(options.nbd === undefined ? {} : { nbd: options.nbd }),
         ...(format === undefined ? {} : { format }),
         ...(options.native === undefined ? {} : { native: options.native }),
       });

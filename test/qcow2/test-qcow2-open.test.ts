@@ -8,7 +8,8 @@ import { describe, expect, it } from 'vitest';
 import { BlkrepError } from '../../src/api/errors.js';
 import { MAX_CHAIN_DEPTH, openImage } from '../../src/block/open.js';
 import { Qcow2Node } from '../../src/block/qcow2/index.js';
-import { makeTempDir } from '../support/spawn.js';
+import { existsSync } from 'node:fs';
+import { hasTool, makeTempDir, start, waitFor } from '../support/spawn.js';
 import { pattern, tool, KiB, MiB } from './helpers.js';
 
 async function rejection(p: Promise<unknown>): Promise<BlkrepError> {
@@ -69,6 +70,30 @@ describe('openImage and qcow2', () => {
     const m = await openImage(join(dir, 'on-memory.qcow2'));
     expect((await m.extents!(0, MiB))[0]).toMatchObject({ depth: 2 });
     await m.close();
+  });
+
+  it.skipIf(!hasTool('qemu-nbd'))('a qcow2 overlay over an NBD export (qemu-nbd) reads, writes and maps through it', async () => {
+    const dir = await makeTempDir();
+    const base = pattern(2 * MiB, 8);
+    base.fill(0, MiB, MiB + 256 * KiB);
+    await writeFile(join(dir, 'base.raw'), base);
+    const sock = join(dir, 'q.sock');
+    start('qemu-nbd', ['-r', '-f', 'raw', '-k', sock, '-t', join(dir, 'base.raw')]);
+    await waitFor(() => existsSync(sock), 'qemu-nbd to listen');
+    const uri = `nbd+unix:///?socket=${sock}`;
+    await Qcow2Node.create(join(dir, 'top.qcow2'), { size: 3 * MiB, backing: uri, backingFormat: 'raw' });
+    const top = await openImage(join(dir, 'top.qcow2'));
+    const data = pattern(5000, 9);
+    await top.write(300 * KiB + 11, data); // copy-on-write from the NBD export
+    const expected = Buffer.alloc(3 * MiB);
+    base.copy(expected);
+    data.copy(expected, 300 * KiB + 11);
+    expect((await top.read(0, 3 * MiB)).equals(expected)).toBe(true);
+    const extents = await top.extents!(0, 3 * MiB);
+    expect(extents[0]).toMatchObject({ depth: 2, hole: false });
+    expect(extents.find((e) => e.depth === 1)).toBeDefined();
+    expect(extents[extents.length - 1]).toMatchObject({ depth: 0, hole: true, zero: true });
+    await top.close();
   });
 
   it('a missing backing file, an unsupported backing format and a loop are clean errors', async () => {
