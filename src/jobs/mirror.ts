@@ -840,7 +840,8 @@ export class MirrorJob extends Job {
   private startDrain(reason: 'complete' | 'cancel'): void {
     this.draining = reason;
     if (!this.pauseRequested) this.closeGate();
-    this.changed = true; // one more flush, issued with writes held
+    // no extra flush when nothing changed since the last one was issued: that flush was issued
+    // with nothing dirty and no copy in flight, and every write since would have set `changed`
     this.pump();
   }
 
