@@ -57,8 +57,8 @@ describe.skipIf(!hasTool('qemu-nbd') || !hasTool('qemu-img'))('blkrep mirror ont
     const dst = await blankRaw(dir, 'dst.raw', 48 * MiB, 0xa5); // garbage that must be overwritten
     const { uri } = await qemuNbd(dir, dst);
     const r = await runCli(['mirror', src, uri, '--json'], { timeoutMs: 60_000 });
+    expect(r.code, r.stdout + r.stderr).toBe(0);
     expect(r.stderr).toBe('');
-    expect(r.code).toBe(0);
     const result = JSON.parse(r.stdout);
     expect(result).toMatchObject({ source: src, target: uri, sync: 'full', granularity: 65536, size: 48 * MiB, errors: [] });
     expect(result.bytes).toBe(48 * MiB);
