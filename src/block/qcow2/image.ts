@@ -46,6 +46,11 @@ export interface ImageOptions {
   l2CacheBytes?: number;
   /** bytes of refcount blocks to cache (default 4 MiB) */
   refcountCacheBytes?: number;
+  /**
+   * The caller edits the bitmaps itself and writes no guest data (bitmaps.ts): autoclear bit 0
+   * is left as it is on a read-write open.
+   */
+  keepBitmaps?: boolean;
 }
 
 export const DEFAULT_L2_CACHE = 16 * 1024 * 1024;
@@ -141,7 +146,7 @@ export class Qcow2Image {
       await refcounts.init();
     }
     const image = new Qcow2Image(file, path, header, readOnly, l1, refcounts, snapshots, bitmaps, options.l2CacheBytes ?? DEFAULT_L2_CACHE);
-    if (!readOnly) await image.clearAutoclear();
+    if (!readOnly && !options.keepBitmaps) await image.clearAutoclear();
     return image;
   }
 
