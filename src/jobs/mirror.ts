@@ -107,6 +107,13 @@ export interface MirrorOptions extends Omit<JobOptions, 'id'> {
   pivot?: (ctx: { source: BlockNode; target: BlockNode }) => Promise<void>;
   /** complete and soft cancel: called while writes wait and the target equals the source */
   onConsistent?: (reason: 'complete' | 'cancel') => Promise<void>;
+  /**
+   * Called (synchronously) when a target flush completes, with the granules that flush made
+   * stable and that are clean now (not dirty again, not copied again since the flush was issued,
+   * not locked): a caller persisting the dirty set may clear exactly these (model finding 1).
+   * The bitmap is the job's own: read it during the call only.
+   */
+  onStable?: (granules: DirtyBitmap) => void;
 }
 
 interface CopyOp {
@@ -175,6 +182,7 @@ export class MirrorJob extends Job {
   private syncBitmapStart: DirtyBitmap | undefined;
   private readonly pivotHook: MirrorOptions['pivot'];
   private readonly consistentHook: MirrorOptions['onConsistent'];
+  private readonly stableHook: MirrorOptions['onStable'];
 
   private copyModeNow: CopyMode;
   /** writing through the front end: 'tracked' while the job runs, then 'source' or 'target' */
@@ -248,6 +256,7 @@ export class MirrorJob extends Job {
     this.flushIntervalMs = options.flushIntervalMs ?? DEFAULT_FLUSH_INTERVAL_MS;
     this.pivotHook = options.pivot;
     this.consistentHook = options.onConsistent;
+    this.stableHook = options.onStable;
 
     this.source = source;
     this.target = completeNode(target);
@@ -717,6 +726,7 @@ export class MirrorJob extends Job {
     this.targetWrites++;
     this.target.flush({ signal: this.signal }).then(
       () => {
+        if (this.stableHook) this.reportStable();
         this.unstableFlushing.clearAll();
         this.flushing = false;
         this.consistencyPoint(issuedAt);
@@ -732,6 +742,25 @@ export class MirrorJob extends Job {
         this.pump();
       },
     );
+  }
+
+  /** onStable: the granules the completed flush made stable, less those dirty, unstable again or locked. */
+  private reportStable(): void {
+    const stable = this.unstableFlushing;
+    let b = 0;
+    while (b < this.bits) {
+      const s = stable.nextDirtyBit(b);
+      if (s < 0) break;
+      let e = stable.nextCleanBit(s);
+      if (e < 0) e = this.bits;
+      for (let i = s; i < e; i++) if (this.dirty.testBit(i) || this.unstableCur.testBit(i) || this.locked.testBit(i)) stable.clearBits(i, i + 1);
+      b = e;
+    }
+    try {
+      this.stableHook!(stable);
+    } catch {
+      // the caller keeps the granules dirty: safe
+    }
   }
 
   private consistencyPoint(issuedAt: number): void {
