@@ -733,12 +733,17 @@ export class MirrorJob extends Job {
         this.pump();
       },
       (err: unknown) => {
-        // the bits it was to make stable may not be: dirty again
+        // the bits it was to make stable may not be: dirty again, and so are those of writes
+        // completed since the issue (a connection that dropped may have lost them too)
         this.dirty.merge(this.unstableFlushing);
         this.unstableFlushing.clearAll();
+        this.dirty.merge(this.unstableCur);
+        this.unstableCur.clearAll();
         this.flushing = false;
         this.changed = true;
-        this.ioError('target', 'flush', 0, 0, err);
+        // the NBD client reconnected after a drop that may have lost unflushed writes: not an
+        // error of the target; what it may have lost is dirty again and is copied once more
+        if ((err as { code?: unknown } | null)?.code !== 'ERR_NBD_WRITES_LOST' || this.signal.aborted) this.ioError('target', 'flush', 0, 0, err);
         this.pump();
       },
     );
