@@ -32,7 +32,9 @@ export type BitmapFault =
   | 'data-checksum'
   | 'tail-bits'
   | 'dirty-count'
-  | 'activity-log';
+  | 'activity-log'
+  /** a qcow2 bitmap flagged in_use: its writer did not close the image (store-qcow2.ts) */
+  | 'in-use';
 
 export type LoadState =
   | { state: 'clean' }
