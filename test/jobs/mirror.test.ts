@@ -1,5 +1,6 @@
 // The mirror job: copies under a concurrent random writer (background and write-blocking),
 // complete and cancel, pause, zeros, sync modes, error policies, and the model's findings.
+import { createCipheriv } from 'node:crypto';
 import { describe, expect, it } from 'vitest';
 import { MemoryNode } from '../../src/block/memory.js';
 import { DirtyBitmap } from '../../src/bitmap/dirty-bitmap.js';
@@ -8,7 +9,30 @@ import { MirrorJob, type MirrorOptions } from '../../src/jobs/mirror.js';
 import { MiB, RandomWriter, TestDisk, countDifferent, firstDifference, readAll, rng, seededSource } from './helpers.js';
 
 const SIZE = 64 * MiB;
-const RUNS = Number(process.env.BLKREP_MIRROR_RUNS ?? 8);
+// seeded runs per copy mode: 50 × 2 = the issue's 100 runs of a 64 MiB export under a random
+// writer (30% of its writes are 1 byte at an unaligned offset; see RandomWriter). About 0.7 s a
+// run on 2 cores; BLKREP_MIRROR_RUNS changes it.
+const RUNS = Number(process.env.BLKREP_MIRROR_RUNS ?? 50);
+
+/**
+ * As seededSource (data, allocated zeros and holes, sizes from rng(seed)), with the data from
+ * AES-CTR keyed by the seed: as deterministic, 50 times faster (it was a third of a run's time).
+ */
+async function fastSeededSource(size: number, seed: number): Promise<MemoryNode> {
+  const r = rng(seed);
+  const key = Buffer.alloc(16);
+  key.writeUInt32LE(seed >>> 0, 0);
+  const stream = createCipheriv('aes-128-ctr', key, Buffer.alloc(16));
+  const node = new MemoryNode(size);
+  for (let off = 0; off < size; ) {
+    const len = Math.min(size - off, (1 + Math.floor(r() * 32)) * 64 * 1024 + Math.floor(r() * 3000));
+    const kind = r();
+    if (kind < 0.45) await node.write(off, stream.update(Buffer.alloc(len)));
+    else if (kind < 0.55) await node.writeZeroes(off, len, { noHole: true });
+    off += len;
+  }
+  return node;
+}
 
 function events(job: MirrorJob): JobEvent[] {
   const out: JobEvent[] = [];
@@ -66,7 +90,7 @@ describe.each(['background', 'write-blocking'] as const)('mirror under a random 
   for (let run = 0; run < RUNS; run++) {
     const seed = 1000 + run * 7919 + (copyMode === 'background' ? 0 : 1);
     it(`seed ${seed}: after complete 0 bytes differ; at the pivot source and target are equal`, async () => {
-      const source = await seededSource(SIZE, seed);
+      const source = await fastSeededSource(SIZE, seed);
       const target = new TestDisk(SIZE);
       const job = new MirrorJob({
         source,
@@ -96,7 +120,7 @@ describe.each(['background', 'write-blocking'] as const)('mirror under a random 
       expect(writer.errors).toEqual([]);
       expect(pivots).toBe(1);
       const t = await readAll(target.disk);
-      expect(countDifferent(t, writer.expected), `bytes differing (first at ${firstDifference(t, writer.expected)})`).toBe(0);
+      expect(t.equals(writer.expected) ? 0 : countDifferent(t, writer.expected), `bytes differing (first at ${firstDifference(t, writer.expected)})`).toBe(0);
       expect(violationsAtPivot).toEqual([]);
       const s = summary(evs);
       expect(s.slice(0, 3)).toEqual(['running', 'ready(true)', 'ready']);
