@@ -13,6 +13,10 @@ import { ExportBitmaps, type BitmapLoad, type BitmapSpec } from '../bitmap/expor
 import { DirtyTrackingNode } from '../bitmap/filter.js';
 import type { BitmapInfo } from '../bitmap/ops.js';
 import { ControlServer } from '../control/server.js';
+import { DaemonJobs, type JobExport } from '../jobs/daemon-jobs.js';
+import '../jobs/daemon-job-types.js';
+import { sidecarBase } from '../bitmap/names.js';
+import { SwitchNode } from './switch-node.js';
 import { NbdServer, type Logger, type ServerStatus } from '../nbd/server.js';
 
 export interface ExportSpec {
@@ -67,6 +71,10 @@ export class Daemon {
     /** the dirty bitmaps of each export, by export name */
     readonly bitmaps: Map<string, ExportBitmaps> = new Map(),
     private readonly log: Logger = () => {},
+    /** the daemon's jobs (job-* control verbs) */
+    readonly jobs: DaemonJobs | undefined = undefined,
+    /** every image node the daemon opened for its exports (closed at stop) */
+    private readonly images: BlockNode[] = [],
   ) {}
 
   static async start(options: DaemonOptions): Promise<Daemon> {
@@ -83,11 +91,16 @@ export class Daemon {
     const listeners: TransportListener[] = [];
     const bitmaps = new Map<string, ExportBitmaps>();
     let control: ControlServer | undefined;
+    let jobs: DaemonJobs | undefined;
     try {
       for (const e of options.exports) nodes.push(await openImage(e.image, { readOnly: options.readOnly }));
       // Every export goes through a dirty-tracking filter (no cost without bitmaps), so bitmaps
-      // can be added at run time; its bitmaps are opened before anything can write.
-      const tracking = nodes.map((n) => new DirtyTrackingNode(n));
+      // can be added at run time; its bitmaps are opened before anything can write. A switch
+      // below it lets a mirror pivot the export onto its target (the bitmaps keep recording),
+      // a switch above it routes the export through a job's front end.
+      const lower = nodes.map((n) => new SwitchNode(n));
+      const tracking = lower.map((n) => new DirtyTrackingNode(n));
+      const upper = tracking.map((n) => new SwitchNode(n));
       const claimed = new Set<string>();
       for (const [i, e] of options.exports.entries()) {
         bitmaps.set(
@@ -108,7 +121,7 @@ export class Daemon {
         exports: options.exports.map((e, i) => ({
           name: e.name,
           description: e.description,
-          node: completeNode(tracking[i]!),
+          node: completeNode(upper[i]!),
           readOnly: options.readOnly,
           minimumBlockSize: options.minimumBlockSize,
         })),
@@ -117,6 +130,35 @@ export class Daemon {
         log: options.log,
       });
       for (const [name, eb] of bitmaps) eb.attach(server.findExport(name)!);
+      // Jobs: those persisted by an earlier run are loaded (paused, their writes tracked) before
+      // any client can connect.
+      const jobExports = new Map<string, JobExport>();
+      for (const [i, e] of options.exports.entries()) {
+        const base = await sidecarBase(e.image);
+        const lo = lower[i]!;
+        const up = upper[i]!;
+        const tr = tracking[i]!;
+        jobExports.set(e.name, {
+          name: e.name,
+          image: e.image,
+          imagePath: base.path,
+          readOnly: options.readOnly ?? false,
+          size: tr.size,
+          tracking: tr,
+          bitmaps: bitmaps.get(e.name)!,
+          get front() {
+            return up.backend;
+          },
+          get imageNode() {
+            return lo.backend;
+          },
+          switchFront: (node) => up.switchTo(node),
+          switchImage: (node) => lo.switchTo(node),
+          keepOpen: (node) => nodes.push(node),
+        });
+      }
+      jobs = new DaemonJobs({ exports: jobExports, publish: (event, fields) => control?.publish(event, fields), log: options.log });
+      await jobs.loadPersisted();
       for (let i = 0; i < transports.length; i++) {
         const spec = options.listen[i]!;
         try {
@@ -128,7 +170,7 @@ export class Daemon {
           throw own ? toBlkrepError(err) : toBlkrepError(err, `cannot listen on ${spec.transport} address ${spec.address}`);
         }
       }
-      const daemon = new Daemon(server, listeners, undefined, options.pidFile, bitmaps, options.log);
+      const daemon = new Daemon(server, listeners, undefined, options.pidFile, bitmaps, options.log, jobs, nodes);
       if (options.controlPath) {
         control = await ControlServer.listen(options.controlPath);
         (daemon as { control: ControlServer | undefined }).control = control;
@@ -139,6 +181,7 @@ export class Daemon {
     } catch (err) {
       await control?.close().catch(() => {});
       await Promise.all(listeners.map((l) => l.close().catch(() => {})));
+      await jobs?.shutdown().catch(() => {});
       await Promise.all(nodes.map((n) => n.close().catch(() => {})));
       await Promise.all([...bitmaps.values()].map((b) => b.close().catch(() => {})));
       throw err;
@@ -158,8 +201,8 @@ export class Daemon {
 
   /** The driver of an export's image (under its dirty-tracking filter). */
   imageDriver(exportName: string): string {
-    const node = this.bitmaps.get(exportName)?.node;
-    return node ? node.next.driver : (this.server.findExport(exportName)?.node.driver ?? 'unknown');
+    const image = this.jobs?.exportNode(exportName);
+    return image ? image.driver : (this.server.findExport(exportName)?.node.driver ?? 'unknown');
   }
 
   status(): ServerStatus & { listeners: Array<{ address: string }>; control: string | null; bitmaps: BitmapInfo[] } {
@@ -181,6 +224,9 @@ export class Daemon {
       try {
         await this.server.shutdown();
       } finally {
+        // Jobs after the export nodes were flushed: a persistent one pauses and saves its state.
+        await this.jobs?.shutdown().catch((err: unknown) => this.log('warn', `jobs: ${(err as Error).message}`));
+        await Promise.all(this.images.map((n) => n.close().catch(() => {})));
         // After the nodes are flushed and closed: store every bitmap and mark its file clean.
         for (const b of this.bitmaps.values()) {
           await b.close().catch((err: unknown) => this.log('warn', `${(err as Error).message}; the bitmap will load as recovered next time`));
@@ -213,6 +259,7 @@ export class Daemon {
       },
       () => [...this.bitmaps.values()],
     );
+    this.jobs?.register(control);
     this.server.on('connection', (e) => control.publish('connection', e));
     this.server.on('disconnect', (e) => control.publish('disconnect', e));
     this.server.on('refused', (e) => control.publish('refused', e));

@@ -1,0 +1,408 @@
+/**
+ * Jobs on the serve-nbd daemon: the registry of job types, the daemon's JobManager, the `job-*`
+ * control verbs, the relay of job events to control subscribers, and the job state files that
+ * let a job survive a crash or a restart.
+ *
+ * ## Adding a job type
+ *
+ * 1. In a file of its own (e.g. `src/jobs/live-backup.ts`), call
+ *
+ *        registerJobType('backup', {
+ *          start: async (ctx) => new BackupJob({ id: ctx.id, source: ctx.export.tracking, … }),
+ *          load: async (ctx, saved) => …,   // optional: a job persisted by an earlier run
+ *        });
+ *
+ *    `start` gets a JobContext: the job's id, the export (its name, image, the tracking filter
+ *    every write of the export passes through, its bitmaps, and `switchFront()` / `switchImage()`
+ *    to route the export through the job or onto another image), the parsed `args` of the
+ *    `job-start` request, where its files go (`stateBase`), `publish()` and `onStop()`. It
+ *    returns the job CREATED, not started: the registry adds it to the manager (which relays its
+ *    events) and starts it. Throw BlkrepError('ERR_BAD_REQUEST' | 'ERR_JOB_INVALID', …) for bad
+ *    args; close what you opened before throwing.
+ * 2. Add `import './live-backup.js';` to `src/jobs/daemon-job-types.ts` — the one list of
+ *    side-effect imports the daemon loads, so every type registers before the control socket
+ *    answers.
+ *
+ * A type that persists its state writes `saveJobState()` to `jobStatePath(stateBase)` and is
+ * given the saved state back in `load()` when the daemon starts again; it must come back
+ * paused (ask for the pause before the registry starts it: `void job.pause()` on a created job).
+ *
+ * ## Events
+ *
+ * Every job event goes to control subscribers as `job-EVENT` with the job's `id`, `type` and
+ * `export`: job-status-change, job-ready, job-copy-mode, job-error, job-completed,
+ * job-cancelled; and job-loaded (`status`, `file`) for a job found on disk at start.
+ */
+import { open, readdir, readFile, rename, rm } from 'node:fs/promises';
+import { basename, dirname, join } from 'node:path';
+import { BlkrepError, toBlkrepError } from '../api/errors.js';
+import type { BlockNode } from '../api/block.js';
+import type { ExportBitmaps } from '../bitmap/export-bitmaps.js';
+import type { DirtyTrackingNode } from '../bitmap/filter.js';
+import type { ControlServer } from '../control/server.js';
+import type { Logger } from '../nbd/server.js';
+import { Job, JobManager, type JobEvent, type JobInfo } from './job.js';
+
+// ------------------------------------------------------------------------------- the contract
+
+/** An export of the daemon, as a job sees it. */
+export interface JobExport {
+  readonly name: string;
+  /** the image spec the export was started with (a path, memory:SIZE, an NBD URI) */
+  readonly image: string;
+  /** the image's file path when it is a regular file (job files go beside it), else undefined */
+  readonly imagePath: string | undefined;
+  readonly readOnly: boolean;
+  readonly size: number;
+  /** every write of the export passes through it (its bitmaps record them): a job's source */
+  readonly tracking: DirtyTrackingNode;
+  readonly bitmaps: ExportBitmaps;
+  /** what the export forwards to now (above the tracking filter) */
+  readonly front: BlockNode;
+  /** the image under the tracking filter now (another one after a pivot) */
+  readonly imageNode: BlockNode;
+  /** Route the export's requests through `node` (a job's front end), or back to `tracking`. Resolves when the requests in flight on the old one finished. */
+  switchFront(node: BlockNode): Promise<void>;
+  /** Put `node` under the tracking filter in place of the image (a pivot): the export's bitmaps keep recording. */
+  switchImage(node: BlockNode): Promise<void>;
+  /** The daemon closes `node` when it stops (the export's image after a pivot). */
+  keepOpen(node: BlockNode): void;
+}
+
+export interface JobContext {
+  id: string;
+  type: string;
+  export: JobExport;
+  /** the job-start request's args, less type, export and id */
+  args: Record<string, unknown>;
+  /** prefix of the job's files, `IMAGE.job-ID` beside a file image; undefined: nothing persists */
+  stateBase: string | undefined;
+  publish(event: string, fields: object): void;
+  log: Logger;
+  /**
+   * What to do when the daemon stops while the job is not concluded (default: cancel with
+   * force). A persistent job pauses and saves its state instead, to be loaded at the next start.
+   */
+  onStop(fn: () => Promise<void>): void;
+}
+
+export interface SavedJobState {
+  version: 1;
+  id: string;
+  type: string;
+  export: string;
+  status: string;
+  /** incremented at every save */
+  generation: number;
+  savedAt: string;
+  /** what the type needs to load it again (target, options …) */
+  options: Record<string, unknown>;
+}
+
+export interface JobType {
+  /** A new job from a job-start request: created, not started. */
+  start(ctx: JobContext): Promise<Job>;
+  /** A job persisted by an earlier run of the daemon: created, with a pause asked for. */
+  load?(ctx: JobContext, saved: SavedJobState, file: string): Promise<Job>;
+}
+
+const registry = new Map<string, JobType>();
+
+/** Make a job type startable with `job-start {type}` (see the file comment). */
+export function registerJobType(type: string, jobType: JobType): void {
+  if (!/^[a-z][a-z0-9-]{0,31}$/.test(type)) throw new BlkrepError('ERR_INTERNAL', `job type "${type}" is not a lowercase name`);
+  if (registry.has(type)) throw new BlkrepError('ERR_INTERNAL', `job type "${type}" is registered twice`);
+  registry.set(type, jobType);
+}
+
+export function jobTypes(): string[] {
+  return [...registry.keys()].sort();
+}
+
+// ------------------------------------------------------------------------------- state files
+
+const STATE_MARK = '.job-';
+const STATE_SUFFIX = '.json';
+
+/** `IMAGE.job-ID` */
+export function jobStateBase(imagePath: string, id: string): string {
+  return `${imagePath}${STATE_MARK}${id}`;
+}
+
+/** `IMAGE.job-ID.json` */
+export function jobStatePath(stateBase: string): string {
+  return `${stateBase}${STATE_SUFFIX}`;
+}
+
+/** Write `state` to `path` atomically and durably: a temporary file, fsync, rename, fsync of the directory. */
+export async function saveJobState(path: string, state: SavedJobState): Promise<void> {
+  const tmp = `${path}.tmp-${process.pid}`;
+  const fh = await open(tmp, 'w', 0o600);
+  try {
+    await fh.writeFile(`${JSON.stringify(state, null, 2)}\n`);
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+  await rename(tmp, path);
+  const dir = await open(dirname(path), 'r');
+  try {
+    await dir.sync();
+  } finally {
+    await dir.close();
+  }
+}
+
+/** The job state files beside an image. */
+export async function findJobStates(imagePath: string): Promise<string[]> {
+  const prefix = `${basename(imagePath)}${STATE_MARK}`;
+  let entries: string[];
+  try {
+    entries = await readdir(dirname(imagePath));
+  } catch {
+    return [];
+  }
+  return entries
+    .filter((e) => e.startsWith(prefix) && e.endsWith(STATE_SUFFIX))
+    .sort()
+    .map((e) => join(dirname(imagePath), e));
+}
+
+export async function readJobState(path: string): Promise<SavedJobState> {
+  let state: SavedJobState;
+  try {
+    state = JSON.parse(await readFile(path, 'utf8')) as SavedJobState;
+  } catch (err) {
+    throw toBlkrepError(err, `cannot read job state file "${path}"`);
+  }
+  if (state?.version !== 1 || typeof state.id !== 'string' || typeof state.type !== 'string' || typeof state.options !== 'object') {
+    throw new BlkrepError('ERR_JOB_INVALID', `job state file "${path}" is not a blkrep job state (version 1)`, { errno: 'EINVAL', details: { path } });
+  }
+  return state;
+}
+
+export async function removeJobFiles(stateBase: string, suffixes: string[]): Promise<void> {
+  for (const s of [STATE_SUFFIX, ...suffixes]) await rm(`${stateBase}${s}`, { force: true });
+}
+
+// -------------------------------------------------------------------------------- the registry
+
+function badRequest(message: string): BlkrepError {
+  return new BlkrepError('ERR_BAD_REQUEST', message, { errno: 'EINVAL' });
+}
+
+function argsObject(args: unknown): Record<string, unknown> {
+  return (args && typeof args === 'object' ? args : {}) as Record<string, unknown>;
+}
+
+function idArg(args: Record<string, unknown>): string {
+  const id = args.id;
+  if (typeof id !== 'string' || id === '') throw badRequest('"id" (the job id, a string) is required');
+  return id;
+}
+
+/** How many concluded jobs job-query still answers for. */
+const KEEP_CONCLUDED = 32;
+
+export interface DaemonJobsOptions {
+  exports: Map<string, JobExport>;
+  publish: (event: string, fields: object) => void;
+  log?: Logger;
+}
+
+/** The daemon's jobs (one JobManager) and their control verbs. */
+export class DaemonJobs {
+  readonly manager = new JobManager();
+  private readonly exports: Map<string, JobExport>;
+  private readonly publish: (event: string, fields: object) => void;
+  private readonly log: Logger;
+  /** job id → export name */
+  private readonly exportOf = new Map<string, string>();
+  /** export name → the job routing it */
+  private readonly owner = new Map<string, string>();
+  private readonly stoppers = new Map<string, () => Promise<void>>();
+  private readonly concluded = new Map<string, Job>();
+  private stopping = false;
+
+  constructor(options: DaemonJobsOptions) {
+    this.exports = options.exports;
+    this.publish = options.publish;
+    this.log = options.log ?? (() => {});
+    this.manager.on('event', (e: JobEvent) => {
+      const { event, ...fields } = e;
+      this.publish(`job-${event}`, { ...fields, export: this.exportOf.get(e.id) ?? null });
+    });
+  }
+
+  private findExport(name: unknown): JobExport {
+    if (name === undefined) {
+      if (this.exports.size === 1) return [...this.exports.values()][0]!;
+      throw badRequest(`the daemon serves ${this.exports.size} exports: say which with "export" (${[...this.exports.keys()].map((n) => `"${n}"`).join(', ')})`);
+    }
+    if (typeof name !== 'string') throw badRequest('"export" must be a string');
+    const e = this.exports.get(name);
+    if (!e) throw new BlkrepError('ERR_NO_EXPORT', `the daemon has no export "${name}" (it has ${[...this.exports.keys()].map((n) => `"${n}"`).join(', ')})`, { errno: 'EINVAL', details: { export: name } });
+    return e;
+  }
+
+  /** The image under an export's tracking filter now. */
+  exportNode(name: string): BlockNode | undefined {
+    return this.exports.get(name)?.imageNode;
+  }
+
+  /** A job by id: a live one, or one concluded recently (its verbs then fail ERR_JOB_STATE). */
+  job(id: string): Job {
+    if (this.manager.has(id)) return this.manager.get(id);
+    const done = this.concluded.get(id);
+    if (done) return done;
+    return this.manager.get(id); // throws ERR_JOB_NOT_FOUND
+  }
+
+  query(id: string): JobInfo {
+    return { ...this.job(id).query(), export: this.exportOf.get(id) ?? null };
+  }
+
+  list(exportName?: string): JobInfo[] {
+    return this.manager
+      .list()
+      .map((q) => ({ ...q, export: this.exportOf.get(q.id) ?? null }))
+      .filter((q) => exportName === undefined || q.export === exportName);
+  }
+
+  private context(id: string, type: string, exp: JobExport, args: Record<string, unknown>): JobContext {
+    return {
+      id,
+      type,
+      export: exp,
+      args,
+      stateBase: exp.imagePath === undefined ? undefined : jobStateBase(exp.imagePath, id),
+      publish: this.publish,
+      log: this.log,
+      onStop: (fn) => this.stoppers.set(id, fn),
+    };
+  }
+
+  private adopt(job: Job, exp: JobExport): void {
+    this.exportOf.set(job.id, exp.name);
+    this.owner.set(exp.name, job.id);
+    void job.whenConcluded().then(() => {
+      if (this.owner.get(exp.name) === job.id) this.owner.delete(exp.name);
+      this.stoppers.delete(job.id);
+      this.concluded.set(job.id, job);
+      while (this.concluded.size > KEEP_CONCLUDED) this.concluded.delete(this.concluded.keys().next().value!);
+    });
+    this.manager.add(job);
+  }
+
+  /** job-start: {type, export?, id?, …args} → the job's query. */
+  async start(raw: unknown): Promise<JobInfo> {
+    if (this.stopping) throw new BlkrepError('ERR_SHUTTING_DOWN', 'the daemon is stopping', { errno: 'ESHUTDOWN' });
+    const { type, export: exportName, id: wantedId, ...args } = argsObject(raw);
+    if (typeof type !== 'string') throw badRequest(`"type" (the job type: ${jobTypes().join(', ') || 'none registered'}) is required`);
+    const jobType = registry.get(type);
+    if (!jobType) throw new BlkrepError('ERR_JOB_INVALID', `no job type "${type}" (types: ${jobTypes().join(', ') || 'none'})`, { errno: 'EINVAL', details: { type } });
+    const exp = this.findExport(exportName);
+    if (wantedId !== undefined && typeof wantedId !== 'string') throw badRequest('"id" must be a string');
+    const id = wantedId ?? this.manager.newId(type);
+    if (this.manager.has(id)) throw new BlkrepError('ERR_JOB_EXISTS', `a job with id ${id} exists already`, { errno: 'EINVAL', details: { id } });
+    const busy = this.owner.get(exp.name);
+    if (busy !== undefined) {
+      throw new BlkrepError('ERR_EXPORT_BUSY', `export "${exp.name}" is in use by job ${busy}: one job per export at a time`, { errno: 'EINVAL', details: { export: exp.name, job: busy } });
+    }
+    this.concluded.delete(id);
+    const job = await jobType.start(this.context(id, type, exp, args));
+    this.adopt(job, exp);
+    return this.query(id);
+  }
+
+  /** At start: load every job state file beside each export's image, as a paused job. */
+  async loadPersisted(): Promise<void> {
+    for (const exp of this.exports.values()) {
+      if (exp.imagePath === undefined) continue;
+      for (const file of await findJobStates(exp.imagePath)) {
+        try {
+          const saved = await readJobState(file);
+          const jobType = registry.get(saved.type);
+          if (!jobType?.load) throw new BlkrepError('ERR_JOB_INVALID', `job type "${saved.type}" cannot be loaded from a state file`, { errno: 'EINVAL' });
+          if (saved.export !== exp.name) this.log('warn', `job state file ${file} names export "${saved.export}"; loading it for export "${exp.name}" whose image it is beside`);
+          if (this.owner.has(exp.name)) throw new BlkrepError('ERR_EXPORT_BUSY', `export "${exp.name}" already has job ${this.owner.get(exp.name)}`, { errno: 'EINVAL' });
+          const job = await jobType.load(this.context(saved.id, saved.type, exp, {}), saved, file);
+          this.adopt(job, exp);
+          this.publish('job-loaded', { id: job.id, type: job.type, export: exp.name, status: job.status, file });
+          this.log('info', `job ${job.id} (${job.type} of export "${exp.name}") loaded from ${file}, paused: resume it with blkrep job resume ${job.id}`);
+        } catch (err) {
+          this.log('warn', `job state file ${file} not loaded: ${(err as Error).message}`);
+        }
+      }
+    }
+  }
+
+  /** Daemon stop: each job's onStop (persistent jobs pause and save), the others cancelled with force. */
+  async shutdown(): Promise<void> {
+    this.stopping = true;
+    await Promise.all(
+      this.manager.list().map(async (q) => {
+        const job = this.manager.get(q.id);
+        const stop = this.stoppers.get(q.id);
+        try {
+          if (stop) await stop();
+          else if (job.status !== 'concluded') await job.cancel({ force: true });
+        } catch (err) {
+          this.log('warn', `job ${q.id}: ${(err as Error).message}`);
+        }
+      }),
+    );
+  }
+
+  /** The job-* control verbs. */
+  register(control: ControlServer): void {
+    control.register('job-start', (a) => this.start(a));
+    control.register('job-list', (a) => {
+      const { export: e } = argsObject(a);
+      if (e !== undefined && typeof e !== 'string') throw badRequest('"export" must be a string');
+      return this.list(e);
+    });
+    control.register('job-types', () => jobTypes());
+    control.register('job-query', (a) => this.query(idArg(argsObject(a))));
+    control.register('job-pause', async (a) => {
+      const id = idArg(argsObject(a));
+      await this.job(id).pause();
+      return this.query(id);
+    });
+    control.register('job-resume', (a) => {
+      const id = idArg(argsObject(a));
+      this.job(id).resume();
+      return this.query(id);
+    });
+    control.register('job-set-speed', (a) => {
+      const args = argsObject(a);
+      const id = idArg(args);
+      if (typeof args.speed !== 'number') throw badRequest('"speed" (bytes per second, 0 = unlimited) is required');
+      this.job(id).setSpeed(args.speed);
+      return this.query(id);
+    });
+    control.register('job-set-copy-mode', (a) => {
+      const args = argsObject(a);
+      const id = idArg(args);
+      if (typeof args.mode !== 'string') throw badRequest('"mode" (background, write-blocking or auto) is required');
+      const job = this.job(id) as Job & { setCopyMode?: (m: string) => void };
+      if (typeof job.setCopyMode !== 'function') throw new BlkrepError('ERR_JOB_UNSUPPORTED', `a ${job.type} job has no copy mode`, { errno: 'ENOTSUP', details: { id } });
+      job.setCopyMode(args.mode);
+      return this.query(id);
+    });
+    control.register('job-complete', async (a) => {
+      const args = argsObject(a);
+      const id = idArg(args);
+      if (args.pivot !== undefined && typeof args.pivot !== 'boolean') throw badRequest('"pivot" must be true or false');
+      await this.job(id).complete(args.pivot === undefined ? {} : { pivot: args.pivot });
+      return this.query(id);
+    });
+    control.register('job-cancel', async (a) => {
+      const args = argsObject(a);
+      const id = idArg(args);
+      if (args.force !== undefined && typeof args.force !== 'boolean') throw badRequest('"force" must be true or false');
+      await this.job(id).cancel({ force: args.force === true });
+      return this.query(id);
+    });
+  }
+}

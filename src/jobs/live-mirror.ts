@@ -1,0 +1,332 @@
+/**
+ * The live mirror: job type `mirror` of the serve-nbd daemon (`job-start {type: "mirror",
+ * export, target, …}`, `blkrep mirror --control PATH --export NAME TARGET`).
+ *
+ * The source is the export's dirty-tracking filter, so its bitmaps go on recording every write;
+ * the export is switched to the job's front end (job.node) for the job's life. The target is an
+ * image path or NBD URI the daemon opens. complete with pivot puts the target under the export's
+ * tracking filter (the export serves the target from then on; its bitmaps keep recording);
+ * complete without pivot and cancel leave the export on its image.
+ *
+ * Persistence (an export whose image is a regular file): beside the image,
+ *   IMAGE.job-ID.json    the job's state (type, export, target, options, status, generation),
+ *                        written atomically at every status change;
+ *   IMAGE.job-ID.dirty   a blkrep persistent bitmap (crash-safe through its activity log): every
+ *                        write of the export sets its granules before it is issued, and the
+ *                        mirror clears granules only once a target flush made them stable
+ *                        (MirrorJob's onStable hook: model finding 1). At any moment it covers
+ *                        every region where the target may differ from the source.
+ * At the next start of the daemon the job is loaded paused; `job resume` copies what the bitmap
+ * holds (sync bitmap). Both files are removed when the job concludes.
+ */
+import type { BlockNode, CompleteBlockNode, Extent, IoOptions, WriteOptions, ZeroOptions } from '../api/block.js';
+import { BlkrepError } from '../api/errors.js';
+import { completeNode } from '../block/node.js';
+import { openImage, type ImageFormat } from '../block/open.js';
+import { DirtyBitmap, DEFAULT_GRANULARITY } from '../bitmap/dirty-bitmap.js';
+import { PersistentBitmap } from '../bitmap/persistent.js';
+import { ERROR_POLICIES, type ErrorPolicy } from './job.js';
+import { BITMAP_MODES, COPY_MODES, MirrorJob, type BitmapMode, type CopyMode } from './mirror.js';
+import { jobStatePath, registerJobType, removeJobFiles, saveJobState, type JobContext, type SavedJobState } from './daemon-jobs.js';
+
+export const DIRTY_SUFFIX = '.dirty';
+
+/** What job-start {type: "mirror"} takes (besides export and id), and what the state file keeps. */
+export interface LiveMirrorOptions {
+  target: string;
+  targetFormat?: ImageFormat;
+  /** full (default), top, none, or bitmap (with `bitmap`: a bitmap of the export) */
+  sync: 'full' | 'top' | 'none' | 'bitmap';
+  bitmap?: string;
+  bitmapMode?: BitmapMode;
+  granularity?: number;
+  bufSize?: number;
+  maxOps?: number;
+  speed?: number;
+  targetIsZero?: boolean;
+  copyMode?: CopyMode;
+  maxLagMs?: number;
+  onSourceError?: ErrorPolicy;
+  onTargetError?: ErrorPolicy;
+  /** connections to an NBD target (multi-conn) */
+  connections?: number;
+  /** keep state and dirty bitmap beside the image (default true when it is a file) */
+  persist?: boolean;
+}
+
+function bad(message: string): BlkrepError {
+  return new BlkrepError('ERR_BAD_REQUEST', message, { errno: 'EINVAL' });
+}
+
+/** job-start's args → options, every field checked. */
+export function parseLiveMirrorArgs(args: Record<string, unknown>): LiveMirrorOptions {
+  const str = (k: string): string | undefined => {
+    const v = args[k];
+    if (v === undefined) return undefined;
+    if (typeof v !== 'string') throw bad(`"${k}" must be a string`);
+    return v;
+  };
+  const num = (k: string): number | undefined => {
+    const v = args[k];
+    if (v === undefined) return undefined;
+    if (typeof v !== 'number' || !Number.isFinite(v)) throw bad(`"${k}" must be a number`);
+    return v;
+  };
+  const bool = (k: string): boolean | undefined => {
+    const v = args[k];
+    if (v === undefined) return undefined;
+    if (typeof v !== 'boolean') throw bad(`"${k}" must be true or false`);
+    return v;
+  };
+  const oneOf = <T extends string>(k: string, allowed: readonly T[]): T | undefined => {
+    const v = str(k);
+    if (v !== undefined && !(allowed as readonly string[]).includes(v)) throw bad(`"${k}" must be one of ${allowed.join(', ')}, not "${v}"`);
+    return v as T | undefined;
+  };
+  const target = str('target');
+  if (!target) throw bad('"target" (an image path or NBD URI to mirror onto) is required');
+  const sync = oneOf('sync', ['full', 'top', 'none', 'bitmap'] as const) ?? 'full';
+  const bitmap = str('bitmap');
+  if (sync === 'bitmap' && !bitmap) throw bad('sync bitmap needs "bitmap": the name of a bitmap of the export');
+  if (sync !== 'bitmap' && bitmap) throw bad(`"bitmap" is only used with sync bitmap, not ${sync}`);
+  const o: LiveMirrorOptions = { target, sync };
+  const set = <K extends keyof LiveMirrorOptions>(k: K, v: LiveMirrorOptions[K] | undefined): void => {
+    if (v !== undefined) o[k] = v;
+  };
+  set('targetFormat', oneOf('targetFormat', ['raw', 'qcow2'] as const));
+  set('bitmap', bitmap);
+  set('bitmapMode', oneOf('bitmapMode', BITMAP_MODES));
+  set('granularity', num('granularity'));
+  set('bufSize', num('bufSize'));
+  set('maxOps', num('maxOps'));
+  set('speed', num('speed'));
+  set('targetIsZero', bool('targetIsZero'));
+  set('copyMode', oneOf('copyMode', COPY_MODES));
+  set('maxLagMs', num('maxLagMs'));
+  set('onSourceError', oneOf('onSourceError', ERROR_POLICIES));
+  set('onTargetError', oneOf('onTargetError', ERROR_POLICIES));
+  set('connections', num('connections'));
+  set('persist', bool('persist'));
+  return o;
+}
+
+/**
+ * The target as the mirror sees it. After the pivot its writes (those the front end had held
+ * back during the drain) go through the export's tracking filter — which then forwards to the
+ * target — so the export's bitmaps record them too.
+ */
+class PivotTarget implements BlockNode {
+  readonly driver: string;
+  private via: CompleteBlockNode;
+  constructor(readonly inner: CompleteBlockNode) {
+    this.via = inner;
+    this.driver = inner.driver;
+  }
+  redirect(node: BlockNode): void {
+    this.via = completeNode(node);
+  }
+  get description(): string {
+    return this.inner.description;
+  }
+  get size(): number {
+    return this.inner.size;
+  }
+  get limits() {
+    return this.inner.limits;
+  }
+  get caps() {
+    return this.inner.caps;
+  }
+  read(offset: number, length: number, o?: IoOptions): Promise<Buffer> {
+    return this.via.read(offset, length, o);
+  }
+  readInto(offset: number, target: Buffer, o?: IoOptions): Promise<void> {
+    return this.via.readInto(offset, target, o);
+  }
+  write(offset: number, data: Buffer, o?: WriteOptions): Promise<void> {
+    return this.via.write(offset, data, o);
+  }
+  writeZeroes(offset: number, length: number, o?: ZeroOptions): Promise<void> {
+    return this.via.writeZeroes(offset, length, o);
+  }
+  trim(offset: number, length: number, o?: WriteOptions): Promise<void> {
+    return this.via.trim(offset, length, o);
+  }
+  flush(o?: IoOptions): Promise<void> {
+    return this.via.flush(o);
+  }
+  extents(offset: number, length: number, o?: IoOptions): Promise<Extent[]> {
+    return this.via.extents(offset, length, o);
+  }
+  cache(offset: number, length: number, o?: IoOptions): Promise<void> {
+    return this.via.cache(offset, length, o);
+  }
+  close(): Promise<void> {
+    return this.inner.close();
+  }
+}
+
+/** The dirty bits of an export bitmap (sync bitmap), read page by page. */
+function exportBitmapBits(ctx: JobContext, name: string): DirtyBitmap {
+  const info = ctx.export.bitmaps.get(name);
+  const bits = new DirtyBitmap(info.size, { granularity: info.granularity });
+  let start: number | null = 0;
+  while (start !== null) {
+    const page = ctx.export.bitmaps.dump(name, { start });
+    for (const [offset, length] of page.runs) bits.set(offset, length);
+    start = page.next;
+  }
+  return bits;
+}
+
+function clearStable(pb: PersistentBitmap, granules: DirtyBitmap): void {
+  const g = granules.granularity;
+  let b = 0;
+  const bits = granules.bits;
+  while (b < bits) {
+    const s = granules.nextDirtyBit(b);
+    if (s < 0) break;
+    let e = granules.nextCleanBit(s);
+    if (e < 0) e = bits;
+    const offset = s * g;
+    pb.clear(offset, Math.min(e * g, granules.size) - offset);
+    b = e;
+  }
+}
+
+async function createLiveMirror(ctx: JobContext, o: LiveMirrorOptions, resume?: { saved: SavedJobState }): Promise<MirrorJob> {
+  const exp = ctx.export;
+  if (exp.readOnly) throw new BlkrepError('ERR_READ_ONLY', `export "${exp.name}" is read-only: nothing writes it, mirror it offline with blkrep mirror SOURCE TARGET`, { errno: 'EPERM' });
+  const raw = await openImage(o.target, { ...(o.targetFormat ? { format: o.targetFormat } : {}), nbd: { connections: o.connections ?? 4 } });
+  const target = new PivotTarget(completeNode(raw));
+  const stateBase = o.persist === false ? undefined : ctx.stateBase;
+  let pb: PersistentBitmap | undefined;
+  let job: MirrorJob;
+  let pivoted = false;
+  try {
+    let seed: DirtyBitmap | undefined;
+    if (stateBase !== undefined) {
+      const path = `${stateBase}${DIRTY_SUFFIX}`;
+      if (resume) {
+        try {
+          const opened = await PersistentBitmap.open(path, { size: exp.size });
+          pb = opened.bitmap;
+          if (opened.loadState.state !== 'clean') ctx.log('warn', `job ${ctx.id}: dirty bitmap ${path} loaded ${opened.loadState.state}${opened.loadState.state === 'all-dirty' ? ` (${opened.loadState.reason}): everything is copied again` : ''}`);
+        } catch (err) {
+          ctx.log('warn', `job ${ctx.id}: dirty bitmap ${path} cannot be opened (${(err as Error).message}): everything is copied again`);
+          pb = await PersistentBitmap.create(path, { size: exp.size, granularity: o.granularity ?? DEFAULT_GRANULARITY, overwrite: true });
+          pb.setAll();
+        }
+      } else {
+        pb = await PersistentBitmap.create(path, { size: exp.size, granularity: o.granularity ?? (o.sync === 'bitmap' ? exp.bitmaps.get(o.bitmap!).granularity : DEFAULT_GRANULARITY), overwrite: true });
+        if (o.sync === 'full' || o.sync === 'top') pb.setAll();
+        else if (o.sync === 'bitmap') pb.merge(exportBitmapBits(ctx, o.bitmap!));
+      }
+      await pb.flush();
+      // from now on every write of the export is recorded in it before it is issued
+      exp.tracking.addTracker(pb);
+      if (resume) seed = pb.bitmap.clone();
+    } else if (resume) {
+      throw new BlkrepError('ERR_JOB_INVALID', `job ${ctx.id} has no state to resume from`, { errno: 'EINVAL' });
+    }
+    if (!resume && o.sync === 'bitmap') seed = exportBitmapBits(ctx, o.bitmap!);
+    const persistent = pb;
+    job = new MirrorJob({
+      id: ctx.id,
+      source: exp.tracking,
+      target,
+      sync: seed ? 'bitmap' : o.sync,
+      ...(seed ? { bitmap: seed, bitmapMode: 'never' as const } : {}),
+      ...(o.granularity !== undefined || persistent ? { granularity: persistent ? persistent.bitmap.granularity : o.granularity } : {}),
+      ...(o.bufSize !== undefined ? { bufSize: o.bufSize } : {}),
+      ...(o.maxOps !== undefined ? { maxOps: o.maxOps } : {}),
+      ...(o.speed !== undefined ? { speed: o.speed } : {}),
+      targetIsZero: resume ? false : (o.targetIsZero ?? false),
+      ...(o.copyMode ? { copyMode: o.copyMode } : {}),
+      ...(o.maxLagMs !== undefined ? { maxLagMs: o.maxLagMs } : {}),
+      ...(o.onSourceError ? { onSourceError: o.onSourceError } : {}),
+      ...(o.onTargetError ? { onTargetError: o.onTargetError } : {}),
+      ...(persistent ? { onStable: (granules: DirtyBitmap) => clearStable(persistent, granules) } : {}),
+      pivot: async () => {
+        // writes wait at the front end; the target equals the source. New requests go through
+        // the tracking filter onto the target; the held-back ones too (PivotTarget).
+        void exp.switchImage(raw);
+        target.redirect(exp.tracking);
+        void exp.switchFront(exp.tracking);
+        pivoted = true;
+      },
+    });
+  } catch (err) {
+    if (pb) {
+      exp.tracking.removeTracker(pb);
+      await pb.close().catch(() => {});
+      if (!resume && stateBase) await removeJobFiles(stateBase, [DIRTY_SUFFIX]).catch(() => {});
+    }
+    await raw.close().catch(() => {});
+    throw err;
+  }
+
+  // ---------------------------------------------------------------- state file
+  const statePath = stateBase === undefined ? undefined : jobStatePath(stateBase);
+  let generation = resume?.saved.generation ?? 0;
+  let chain: Promise<void> = Promise.resolve();
+  let gone = false;
+  const save = (status: string): Promise<void> => {
+    if (!statePath) return chain;
+    chain = chain.then(async () => {
+      if (gone) return;
+      generation++;
+      await saveJobState(statePath, { version: 1, id: ctx.id, type: 'mirror', export: exp.name, status, generation, savedAt: new Date().toISOString(), options: { ...o } }).catch((err: unknown) =>
+        ctx.log('warn', `job ${ctx.id}: cannot save its state in ${statePath}: ${(err as Error).message}`),
+      );
+    });
+    return chain;
+  };
+  job.on('status-change', (e: { status: string }) => {
+    if (e.status !== 'concluded' && e.status !== 'created') void save(e.status);
+  });
+  await save(resume ? 'paused' : 'created');
+
+  // ---------------------------------------------------------------- daemon stop: pause and keep
+  let stopped = false;
+  ctx.onStop(async () => {
+    stopped = true;
+    if (!job.pauseRequested && ['created', 'running', 'ready'].includes(job.status)) {
+      await Promise.race([job.pause().catch(() => {}), new Promise((r) => setTimeout(r, 10_000).unref())]);
+    }
+    await save('paused');
+    if (pb) {
+      exp.tracking.removeTracker(pb);
+      await pb.close().catch((err: unknown) => ctx.log('warn', `job ${ctx.id}: ${(err as Error).message}`));
+    }
+    await raw.close().catch(() => {});
+  });
+
+  // ---------------------------------------------------------------- conclusion
+  void job.whenConcluded().then(async () => {
+    if (stopped) return;
+    if (pb) exp.tracking.removeTracker(pb);
+    if (!pivoted) await exp.switchFront(exp.tracking);
+    gone = true;
+    await chain;
+    if (pb) await pb.close().catch(() => {});
+    if (stateBase !== undefined) await removeJobFiles(stateBase, [DIRTY_SUFFIX]).catch(() => {});
+    if (pivoted) exp.keepOpen(raw);
+    else await raw.close().catch(() => {});
+  });
+
+  // the export's writes go through the job from now on
+  await exp.switchFront(job.node);
+  return job;
+}
+
+registerJobType('mirror', {
+  start: async (ctx) => createLiveMirror(ctx, parseLiveMirrorArgs(ctx.args)),
+  load: async (ctx, saved) => {
+    const o = parseLiveMirrorArgs(saved.options);
+    const job = await createLiveMirror(ctx, o, { saved });
+    // loaded paused: it starts copying on job resume
+    void job.pause().catch(() => {});
+    return job;
+  },
+});
