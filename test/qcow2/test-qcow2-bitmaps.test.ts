@@ -1,0 +1,339 @@
+/**
+ * qcow2's own persistent bitmaps (reference part C) through `blkrep bitmap …`, against QEMU in
+ * both directions:
+ *   - bitmaps QEMU made and filled (qemu-img bitmap, writes through qemu-io, which records them
+ *     in enabled bitmaps and stores them at close) read by blkrep exactly as qemu-nbd -B exports
+ *     them (nbdinfo --map=qemu:dirty-bitmap:NAME), at 512 B … 1 MiB granularity, over several
+ *     data clusters;
+ *   - bitmaps blkrep made and changed seen by qemu-img info (names, granularities, flags), clean
+ *     for qemu-img check, exported by qemu-nbd with exactly blkrep's bits, and changed further
+ *     by qemu-img bitmap and qemu-io;
+ *   - idempotence, in-use bitmaps (only removable, as with QEMU), limits and a corrupt directory
+ *     (clean errors), and the autoclear rule when blkrep writes guest data.
+ */
+import { existsSync } from 'node:fs';
+import { open } from 'node:fs/promises';
+import { dirname, join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { Qcow2Node } from '../../src/block/qcow2/node.js';
+import { hasTool, makeTempDir, run, start, waitFor } from '../support/spawn.js';
+import { entriesOf, fails, model, nbdinfoMapText, ok, type NbdinfoEntry } from '../bitmap-cli/helpers.js';
+import { expectClean, KiB, MiB, qemuCheck, qemuInfo, tool } from './helpers.js';
+
+const hasPeers = hasTool('qemu-img') && hasTool('qemu-io') && hasTool('qemu-nbd') && hasTool('nbdinfo');
+const SIZE = 16 * MiB;
+
+interface Change {
+  name: string;
+  changed: boolean;
+  bitmap: { name: string; granularity: number; enabled: boolean; dirtyBytes: number } | null;
+}
+interface Listed {
+  name: string;
+  granularity: number;
+  enabled: boolean;
+  dirtyBytes: number;
+  size: number;
+  loadState: { state: string; fault?: string };
+}
+type Run = { offset: number; length: number };
+
+async function image(dir: string, options: string[] = [], name = 'd.qcow2'): Promise<string> {
+  const path = join(dir, name);
+  await tool('qemu-img', ['create', '-q', '-f', 'qcow2', ...options, path, String(SIZE)]);
+  return path;
+}
+
+/** The bitmaps qemu-img info lists. */
+async function qemuBitmaps(path: string): Promise<Array<{ name: string; granularity: number; flags: string[] }>> {
+  const info = (await qemuInfo(path)) as { 'format-specific': { data: { bitmaps?: Array<{ name: string; granularity: number; flags: string[] }> } } };
+  return info['format-specific'].data.bitmaps ?? [];
+}
+
+/** Each bitmap as qemu-nbd -r -B NAME exports it (nbdinfo --map --json), qemu-nbd stopped after. */
+async function qemuMaps(path: string, names: string[]): Promise<Record<string, NbdinfoEntry[]>> {
+  const sock = join(dirname(path), `q${Math.floor(Math.random() * 1e6)}.sock`);
+  const nbd = start('qemu-nbd', ['-r', '-f', 'qcow2', '-k', sock, '-t', ...names.flatMap((n) => ['-B', n]), path]);
+  try {
+    await waitFor(() => existsSync(sock) || nbd.child.exitCode !== null, 'qemu-nbd to listen', { timeoutMs: 10_000 });
+    if (!existsSync(sock)) throw new Error(`qemu-nbd exited: ${nbd.stderr()}`);
+    const out: Record<string, NbdinfoEntry[]> = {};
+    for (const n of names) out[n] = JSON.parse(await nbdinfoMapText(`nbd+unix:///?socket=${sock}`, `qemu:dirty-bitmap:${n}`)) as NbdinfoEntry[];
+    return out;
+  } finally {
+    await nbd.stop();
+  }
+}
+
+async function dump(path: string, name: string): Promise<NbdinfoEntry[]> {
+  return ok<NbdinfoEntry[]>(['bitmap', 'dump', path, '--name', name]);
+}
+
+async function qemuIo(path: string, commands: string[]): Promise<void> {
+  await tool('qemu-io', ['-f', 'qcow2', path, ...commands.flatMap((c) => ['-c', c])]);
+}
+
+/** The bits blkrep and qemu-nbd see are both exactly `expected`. */
+async function expectBits(path: string, expected: Record<string, NbdinfoEntry[]>): Promise<void> {
+  const qemu = await qemuMaps(path, Object.keys(expected));
+  for (const [name, entries] of Object.entries(expected)) {
+    expect(await dump(path, name), `blkrep's view of ${name}`).toEqual(entries);
+    expect(qemu[name], `qemu-nbd's view of ${name}`).toEqual(entries);
+  }
+}
+
+describe.skipIf(!hasPeers)('qcow2 persistent bitmaps', () => {
+  it('reads what QEMU wrote: qemu-io writes recorded at 512 B, 64 KiB and 1 MiB granularity over many data clusters; disabled and merged bitmaps', async () => {
+    const dir = await makeTempDir();
+    const img = await image(dir, ['-o', 'cluster_size=512']);
+    await tool('qemu-img', ['bitmap', '--add', '-g', '512', img, 'b512']);
+    await tool('qemu-img', ['bitmap', '--add', '-g', '64K', img, 'b64k']);
+    await tool('qemu-img', ['bitmap', '--add', '-g', '1M', img, 'b1m']);
+    await tool('qemu-img', ['bitmap', '--add', '--disable', '-g', '64K', img, 'off']);
+    const writes: Run[] = [
+      { offset: 0, length: 512 },
+      { offset: MiB, length: 4 * KiB },
+      { offset: 7 * MiB - 512, length: 1536 },
+      { offset: 12 * MiB, length: 64 * KiB },
+      { offset: 15 * MiB + 3 * 512, length: 512 },
+      { offset: SIZE - 512, length: 512 },
+    ];
+    await qemuIo(img, [...writes.slice(0, 3).map((w) => `write ${w.offset} ${w.length}`), `write -z ${writes[3]!.offset} ${writes[3]!.length}`, ...writes.slice(4).map((w) => `write ${w.offset} ${w.length}`)]);
+    const want = {
+      b512: entriesOf(model(SIZE, 512, writes)),
+      b64k: entriesOf(model(SIZE, 64 * KiB, writes)),
+      b1m: entriesOf(model(SIZE, MiB, writes)),
+      off: entriesOf(model(SIZE, 64 * KiB)),
+    };
+    await expectBits(img, want);
+
+    const list = await ok<Listed[]>(['bitmap', 'list', img]);
+    expect(list.map((b) => [b.name, b.granularity, b.enabled, b.dirtyBytes, b.loadState.state])).toEqual([
+      ['b512', 512, true, model(SIZE, 512, writes).dirtyBytes, 'clean'],
+      ['b64k', 64 * KiB, true, model(SIZE, 64 * KiB, writes).dirtyBytes, 'clean'],
+      ['b1m', MiB, true, model(SIZE, MiB, writes).dirtyBytes, 'clean'],
+      ['off', 64 * KiB, false, 0, 'clean'],
+    ]);
+    // blkrep info lists the bitmaps as qemu-img info does
+    const info = await ok<{ 'format-specific': { data: { bitmaps: unknown[] } } }>(['info', img]);
+    expect(info['format-specific'].data.bitmaps).toEqual(await qemuBitmaps(img));
+
+    // QEMU merges a finer bitmap into the disabled one
+    await tool('qemu-img', ['bitmap', '--merge', 'b512', img, 'off']);
+    expect(await dump(img, 'off')).toEqual(want.b64k);
+  });
+
+  it('the bitmap commands on a qcow2 image: exact ranges, idempotent, and what QEMU sees after each step', async () => {
+    const dir = await makeTempDir();
+    const img = await image(dir);
+    const t = [img, '--name', 'b0'];
+    expect(await ok<Change>(['bitmap', 'add', ...t])).toMatchObject({ name: 'b0', changed: true, bitmap: { granularity: 64 * KiB, enabled: true, dirtyBytes: 0 } });
+    expect(await ok<Change>(['bitmap', 'add', ...t])).toMatchObject({ changed: false });
+    expect(await ok<Change>(['bitmap', 'add', ...t, '--granularity', '64K'])).toMatchObject({ changed: false });
+    await fails(['bitmap', 'add', ...t, '--granularity', '4K'], 1, 'ERR_BITMAP_EXISTS', /granularity/);
+    await fails(['bitmap', 'add', ...t, '--disabled'], 1, 'ERR_BITMAP_EXISTS', /enabled/);
+    expect(await qemuBitmaps(img)).toEqual([{ name: 'b0', granularity: 64 * KiB, flags: ['auto'] }]);
+
+    expect(await ok<Change>(['bitmap', 'fill', ...t, '--range', '1M:1', '--range', '3M:128K'])).toMatchObject({ changed: true });
+    expect(await ok<Change>(['bitmap', 'fill', ...t, '--range', '3M:64K'])).toMatchObject({ changed: false });
+    expect(await dump(img, 'b0')).toEqual(entriesOf(model(SIZE, 64 * KiB, [{ offset: MiB, length: 1 }, { offset: 3 * MiB, length: 128 * KiB }])));
+    expect(await ok<Change>(['bitmap', 'clear', ...t, '--range', `${3 * MiB + 32 * KiB}:96K`])).toMatchObject({ changed: true });
+    expect(await ok<Change>(['bitmap', 'clear', ...t, '--range', `${3 * MiB + 32 * KiB}:96K`])).toMatchObject({ changed: false });
+
+    expect(await ok<Change>(['bitmap', 'disable', ...t])).toMatchObject({ changed: true, bitmap: { enabled: false } });
+    expect(await ok<Change>(['bitmap', 'disable', ...t])).toMatchObject({ changed: false });
+    expect(await qemuBitmaps(img)).toEqual([{ name: 'b0', granularity: 64 * KiB, flags: [] }]);
+    expect(await ok<Change>(['bitmap', 'enable', ...t])).toMatchObject({ changed: true, bitmap: { enabled: true } });
+    expect(await ok<Change>(['bitmap', 'enable', ...t])).toMatchObject({ changed: false });
+
+    // merge a bitmap file of another granularity, then a bitmap of the same image
+    const src = join(dir, 'src.bitmap');
+    await ok(['bitmap', 'add', src, '--size', '16M', '--granularity', '4K']);
+    await ok(['bitmap', 'fill', src, '--range', '8M:4K']);
+    expect(await ok<Change>(['bitmap', 'merge', ...t, '--source-file', src])).toMatchObject({ changed: true });
+    expect(await ok<Change>(['bitmap', 'merge', ...t, '--source-file', src])).toMatchObject({ changed: false });
+    await ok(['bitmap', 'add', img, '--name', 'b1', '--granularity', '1M', '--disabled']);
+    expect(await ok<Change>(['bitmap', 'merge', img, '--name', 'b1', '--source', 'b0'])).toMatchObject({ changed: true, bitmap: { dirtyBytes: 3 * MiB } });
+    const b0 = model(SIZE, 64 * KiB, [{ offset: MiB, length: 1 }, { offset: 3 * MiB, length: 1 }, { offset: 8 * MiB, length: 1 }]);
+    const b1 = model(SIZE, MiB, [{ offset: MiB, length: 1 }, { offset: 3 * MiB, length: 1 }, { offset: 8 * MiB, length: 1 }]);
+    await expectBits(img, { b0: entriesOf(b0), b1: entriesOf(b1) });
+    // and the other way: a qcow2 bitmap merged into a bitmap file
+    const dst = join(dir, 'dst.bitmap');
+    await ok(['bitmap', 'add', dst, '--size', '16M', '--granularity', '4K']);
+    expect(await ok<Change>(['bitmap', 'merge', dst, '--source-file', img, '--source', 'b0'])).toMatchObject({ changed: true, bitmap: { dirtyBytes: 3 * 64 * KiB } });
+
+    const list = await ok<Listed[]>(['bitmap', 'list', img]);
+    expect(list.map((b) => [b.name, b.dirtyBytes, b.size, b.enabled])).toEqual([
+      ['b0', 3 * 64 * KiB, SIZE, true],
+      ['b1', 3 * MiB, SIZE, false],
+    ]);
+    expect(await qemuBitmaps(img)).toEqual([
+      { name: 'b0', granularity: 64 * KiB, flags: ['auto'] },
+      { name: 'b1', granularity: MiB, flags: [] },
+    ]);
+    await expectClean(img);
+
+    expect(await ok<Change>(['bitmap', 'clear', ...t])).toMatchObject({ changed: true, bitmap: { dirtyBytes: 0 } });
+    expect(await ok<Change>(['bitmap', 'clear', ...t])).toMatchObject({ changed: false });
+    expect(await ok<Change>(['bitmap', 'fill', ...t, '--all'])).toMatchObject({ changed: true, bitmap: { dirtyBytes: SIZE } });
+    await expectBits(img, { b0: [{ offset: 0, length: SIZE, type: 1, description: 'dirty' }] });
+    expect(await ok<Change>(['bitmap', 'remove', ...t])).toEqual({ name: 'b0', changed: true, bitmap: null });
+    await fails(['bitmap', 'remove', ...t], 1, 'ERR_BITMAP_NOT_FOUND');
+    expect(await ok<Change>(['bitmap', 'remove', ...t, '--if-exists'])).toEqual({ name: 'b0', changed: false, bitmap: null });
+    expect(await ok<Change>(['bitmap', 'remove', img, '--name', 'b1'])).toMatchObject({ changed: true });
+    expect(await qemuBitmaps(img)).toEqual([]);
+    expect(await ok<Listed[]>(['bitmap', 'list', img])).toEqual([]);
+    await expectClean(img);
+  });
+
+  it('QEMU works on what blkrep wrote: qemu-io records into it, qemu-img bitmap merges, clears, enables, removes; names of 1 and 1023 bytes', async () => {
+    const dir = await makeTempDir();
+    const img = await image(dir, ['-o', 'cluster_size=4K']);
+    const long = 'n'.repeat(1023);
+    await ok(['bitmap', 'add', img, '--name', 'x', '--granularity', '4K']);
+    await ok(['bitmap', 'add', img, '--name', long, '--granularity', '512', '--disabled']);
+    await ok(['bitmap', 'add', img, '--name', 'y', '--granularity', '1M', '--disabled']);
+    await ok(['bitmap', 'fill', img, '--name', 'x', '--range', '100K:1', '--range', '10M:300K']);
+    await ok(['bitmap', 'fill', img, '--name', long, '--range', `${SIZE - 1}:1`]);
+    expect(await qemuBitmaps(img)).toEqual([
+      { name: 'x', granularity: 4 * KiB, flags: ['auto'] },
+      { name: long, granularity: 512, flags: [] },
+      { name: 'y', granularity: MiB, flags: [] },
+    ]);
+    await expectClean(img);
+    await expectBits(img, { [long]: entriesOf(model(SIZE, 512, [{ offset: SIZE - 1, length: 1 }])) });
+
+    await qemuIo(img, ['write 5M 8K']);
+    const x = model(SIZE, 4 * KiB, [{ offset: 100 * KiB, length: 1 }, { offset: 10 * MiB, length: 300 * KiB }, { offset: 5 * MiB, length: 8 * KiB }]);
+    expect(await dump(img, 'x')).toEqual(entriesOf(x));
+    expect(await dump(img, 'y')).toEqual(entriesOf(model(SIZE, MiB)));
+    await tool('qemu-img', ['bitmap', '--merge', 'x', '--enable', img, 'y']);
+    const y = model(SIZE, MiB, [{ offset: 0, length: 1 }, { offset: 5 * MiB, length: 1 }, { offset: 10 * MiB, length: 1 }]);
+    expect(await dump(img, 'y')).toEqual(entriesOf(y));
+    expect((await ok<Listed[]>(['bitmap', 'list', img])).map((b) => [b.name.length, b.enabled])).toEqual([
+      [1, true],
+      [1023, false],
+      [1, true],
+    ]);
+    await tool('qemu-img', ['bitmap', '--clear', img, 'x']);
+    await tool('qemu-img', ['bitmap', '--remove', img, long]);
+    expect(await dump(img, 'x')).toEqual(entriesOf(model(SIZE, 4 * KiB)));
+    expect((await ok<Listed[]>(['bitmap', 'list', img])).map((b) => b.name)).toEqual(['x', 'y']);
+    await ok(['bitmap', 'fill', img, '--name', 'x', '--range', '2M:4K']);
+    await expectBits(img, { x: entriesOf(model(SIZE, 4 * KiB, [{ offset: 2 * MiB, length: 1 }])), y: entriesOf(y) });
+    await expectClean(img);
+  });
+
+  it('an in-use bitmap (its writer was killed) is listed as all-dirty and can only be removed, as with qemu-img', async () => {
+    const dir = await makeTempDir();
+    const img = await image(dir);
+    await tool('qemu-img', ['bitmap', '--add', img, 'bm']);
+    await run('qemu-io', ['-f', 'qcow2', img, '-c', 'write 0 64k', '-c', 'abort'], { timeoutMs: 20_000 });
+    // a bitmap added beside it (the directory is rewritten with the in-use entry as it was)
+    await ok(['bitmap', 'add', img, '--name', 'ok', '--disabled']);
+    expect(await qemuBitmaps(img)).toEqual([
+      { name: 'bm', granularity: 64 * KiB, flags: ['in-use', 'auto'] },
+      { name: 'ok', granularity: 64 * KiB, flags: [] },
+    ]);
+    const list = await ok<Listed[]>(['bitmap', 'list', img]);
+    expect(list[0]).toMatchObject({ name: 'bm', dirtyBytes: SIZE, loadState: { state: 'all-dirty', fault: 'in-use' } });
+    expect(list[1]).toMatchObject({ name: 'ok', dirtyBytes: 0, loadState: { state: 'clean' } });
+    const t = [img, '--name', 'bm'];
+    for (const args of [
+      ['dump', ...t],
+      ['clear', ...t],
+      ['fill', ...t, '--range', '0:1'],
+      ['enable', ...t],
+      ['disable', ...t],
+      ['add', ...t],
+      ['merge', ...t, '--source', 'ok'],
+      ['merge', img, '--name', 'ok', '--source', 'bm'],
+    ]) {
+      await fails(['bitmap', ...args], 1, 'ERR_BITMAP_IN_USE', /inconsistent.*only be removed/);
+    }
+    // qemu-img refuses the same
+    const q = await run('qemu-img', ['bitmap', '--clear', img, 'bm'], { timeoutMs: 20_000 });
+    expect(q.code).toBe(1);
+    expect(q.stderr).toMatch(/inconsistent/);
+    expect(await ok<Change>(['bitmap', 'remove', ...t])).toEqual({ name: 'bm', changed: true, bitmap: null });
+    expect(await qemuBitmaps(img)).toEqual([{ name: 'ok', granularity: 64 * KiB, flags: [] }]);
+    await expectClean(img);
+  });
+
+  it('limits, checkpoints and a corrupt directory are clean errors', async () => {
+    const dir = await makeTempDir();
+    const img = await image(dir);
+    await fails(['bitmap', 'add', img, '--name', 'n'.repeat(1024)], 1, 'ERR_BITMAP_NAME', /1023/);
+    await fails(['bitmap', 'add', img, '--name', 'a', '--size', '8M'], 2, 'ERR_USAGE', /differs from the image's size/);
+    await fails(['bitmap', 'add', img, '--name', 'a', '--granularity', '256'], 2, 'ERR_USAGE', /granularity/);
+    await fails(['bitmap', 'dump', img], 1, 'ERR_BITMAP_NOT_FOUND', /has no bitmaps/);
+    await ok(['bitmap', 'add', img, '--name', 'a']);
+    await ok(['bitmap', 'add', img, '--name', 'b']);
+    await fails(['bitmap', 'dump', img], 2, 'ERR_USAGE', /2 bitmaps: say which/);
+    await fails(['bitmap', 'dump', img, '--name', 'c'], 1, 'ERR_BITMAP_NOT_FOUND', /no bitmap "c"/);
+    await fails(['bitmap', 'checkpoint', img, '--name', 'a'], 1, 'ERR_NOT_SUPPORTED', /no checkpoints.*merge/);
+    await fails(['bitmap', 'checkpoints', img, '--name', 'a'], 1, 'ERR_NOT_SUPPORTED', /no checkpoints/);
+
+    // the directory's place, from the bitmaps extension
+    const h = await open(img, 'r+');
+    try {
+      const head = Buffer.alloc(4096);
+      await h.read(head, 0, head.length, 0);
+      let at = head.readUInt32BE(100);
+      while (head.readUInt32BE(at) !== 0x23852875) at += 8 + Math.ceil(head.readUInt32BE(at + 4) / 8) * 8;
+      const dirAt = Number(head.readBigUInt64BE(at + 8 + 16));
+      const poke = async (offset: number, bytes: Buffer, re: RegExp): Promise<void> => {
+        const old = Buffer.alloc(bytes.length);
+        await h.read(old, 0, old.length, offset);
+        await h.write(bytes, 0, bytes.length, offset);
+        await h.sync();
+        await fails(['bitmap', 'list', img], 1, 'ERR_QCOW2_CORRUPT', re);
+        await h.write(old, 0, old.length, offset);
+        await h.sync();
+      };
+      await poke(dirAt + 16, Buffer.from([2]), /type 2/);
+      await poke(dirAt + 12, Buffer.from([0, 0, 0, 6]), /reserved flags/);
+      await poke(dirAt + 17, Buffer.from([40]), /granularity_bits 40/);
+      await poke(dirAt + 8, Buffer.from([0, 0, 0, 2]), /needs 1/);
+      await poke(dirAt + 18, Buffer.from([0x10, 0]), /past the end of the directory/);
+      await poke(dirAt + 32 + 24, Buffer.from('a'), /repeats the name "a"/);
+      const size = Buffer.alloc(8);
+      size.writeBigUInt64BE(72n);
+      await poke(at + 8 + 8, size, /holds 64 bytes of 2 entries, but the bitmaps extension says 72/);
+    } finally {
+      await h.close();
+    }
+    expect((await ok<Listed[]>(['bitmap', 'list', img])).map((b) => b.name)).toEqual(['a', 'b']);
+    await expectClean(img);
+  });
+
+  it('blkrep writing guest data keeps the autoclear rule: enabled bitmaps it does not update are dropped for QEMU, disabled ones stay', async () => {
+    const dir = await makeTempDir();
+    const a = await image(dir, [], 'a.qcow2');
+    await ok(['bitmap', 'add', a, '--name', 'on']);
+    await ok(['bitmap', 'add', a, '--name', 'off', '--disabled']);
+    const b = await image(dir, [], 'b.qcow2');
+    await ok(['bitmap', 'add', b, '--name', 'off', '--disabled']);
+    await ok(['bitmap', 'fill', b, '--name', 'off', '--range', '1M:1']);
+    for (const path of [a, b]) {
+      const node = await Qcow2Node.open(path);
+      await node.write(4 * MiB, Buffer.alloc(64 * KiB, 0x5a));
+      await node.close();
+    }
+    // a: an enabled bitmap missed the write, so autoclear bit 0 went and QEMU trusts none of them
+    expect(await qemuBitmaps(a)).toEqual([]);
+    expect(await ok<Listed[]>(['bitmap', 'list', a])).toEqual([]);
+    // b: a disabled bitmap misses nothing
+    expect(await qemuBitmaps(b)).toEqual([{ name: 'off', granularity: 64 * KiB, flags: [] }]);
+    await expectBits(b, { off: entriesOf(model(SIZE, 64 * KiB, [{ offset: MiB, length: 1 }])) });
+    await expectClean(b);
+    // a new bitmap on a: the stale extension is replaced (its clusters stay leaked, as with QEMU)
+    await ok(['bitmap', 'add', a, '--name', 'new', '--granularity', '4K']);
+    expect(await qemuBitmaps(a)).toEqual([{ name: 'new', granularity: 4 * KiB, flags: ['auto'] }]);
+    const check = await qemuCheck(a);
+    expect({ corruptions: check.corruptions, checkErrors: check.checkErrors }).toEqual({ corruptions: 0, checkErrors: 0 });
+    await qemuIo(a, ['write 6M 4K']);
+    expect(await dump(a, 'new')).toEqual(entriesOf(model(SIZE, 4 * KiB, [{ offset: 6 * MiB, length: 4 * KiB }])));
+  });
+});
+
