@@ -1,0 +1,1010 @@
+/**
+ * backup — a point-in-time copy of a source that may be written meanwhile (DESIGN.md §1.3, §6):
+ * QEMU's drive-backup with its copy-before-write filter and snapshot-access (fleecing) node.
+ *
+ * Writes to the source must go through `job.node` (the front end, the copy-before-write filter).
+ * The point in time is the call of start(): from then on, a write, write-zeroes or trim first
+ * copies into the target the old content of every granule it touches that the job still has to
+ * copy, then goes to the source. The target thus ends up holding the source as it was at start,
+ * however the source is written meanwhile.
+ *
+ * The bitmaps (one bit per granule):
+ *   todo      granules whose start-time content the target must still receive. By sync mode:
+ *             full — every granule; top — the granules the source's top layer holds (allocation
+ *             depth 1; every granule when the source cannot tell); none — every granule, but
+ *             the background copy copies nothing: only copy-before-write fills the target
+ *             (QEMU's sync=none, the COLO hidden disk); incremental — the granules dirty in a
+ *             bitmap at start.
+ *   locked    a copy of the granule is in flight (background or copy-before-write)
+ *   copied    the target holds the granule's start-time content (set when its copy completed)
+ *   written   a write through the front end touched the granule since start
+ *
+ * A copy operation locks a run of todo granules, asks the source which parts are zeros, reads
+ * the rest and writes it to the target — zeros go as write-zeroes, never as data (with
+ * `targetIsZero` not at all) — and completes in one synchronous step: todo cleared, copied set,
+ * lock released. A granule leaves todo only there, so it is copied at most once, and a write
+ * reaches the source only once none of its granules is in todo (copy-before-write waits for the
+ * copies in flight on them, copies the others itself, and looks again): so no granule is ever
+ * copied after it was overwritten, and concurrent writers of one granule share one copy.
+ *
+ * Background copy: up to `maxOps` operations of at most `bufSize` bytes in flight (a run the
+ * source reported as zeros at start goes in one operation of up to 1 GiB), at `speed` (data
+ * bytes; copy-before-write is never throttled — it holds a guest write). When todo is empty and
+ * nothing is in flight, the target is flushed and the job ends by itself: running → waiting →
+ * pending → concluded, never ready. sync=none has no background copy: it runs until cancelled.
+ *
+ * Errors of the background copy follow the job's policies (source: extents, read; target:
+ * write, write-zeroes, flush): report ends the job, ignore retries the granules later (backing
+ * off 10 ms … 1 s), stop pauses it. A copy-before-write that fails follows `onCbwError`:
+ * break-guest-write — the guest write fails with the error and nothing of it reaches the source
+ * (the granules stay to do; the snapshot stays valid); break-snapshot — the guest write goes on,
+ * the snapshot is broken: the job fails (ERR_SNAPSHOT_BROKEN) and the snapshot view fails every
+ * read with EIO from then on. Both emit an error event (operation cbw-read, cbw-write …).
+ *
+ * The snapshot view (`job.snapshotNode`, read-only; an NBD export of it is image fleecing): a
+ * granule copied reads from the target, any other from the source — while no write can reach
+ * the source on it (a write waits for the view's source reads of its granules). With a temporary
+ * target and sync=none this is the point-in-time image. A granule that is not to be copied
+ * (top, incremental) and has been written since start cannot be served: EIO. After the job
+ * ended, granules copied still read from the target (a finished full backup: the whole image),
+ * the others fail with EIO; after a failure or a broken snapshot every read fails with EIO.
+ *
+ * bitmap (incremental, or full to start a chain), bitmapMode: on-success — when the job
+ * succeeds, the granules the target holds are cleared from the bitmap, except those written
+ * since start (the next incremental needs them); always — also when it fails; never.
+ */
+import type { BlockNode, CompleteBlockNode, Extent, IoOptions, WriteOptions, ZeroOptions } from '../api/block.js';
+import { BlkrepError, toBlkrepError } from '../api/errors.js';
+import { completeNode, coalesceExtents } from '../block/node.js';
+import { DirtyBitmap, DEFAULT_GRANULARITY, checkGranularity } from '../bitmap/dirty-bitmap.js';
+import type { PersistentBitmap } from '../bitmap/persistent.js';
+import { Job, type JobOptions, type JobSide } from './job.js';
+
+export const BACKUP_SYNC_MODES = ['full', 'top', 'none', 'incremental'] as const;
+export type BackupSync = (typeof BACKUP_SYNC_MODES)[number];
+export const CBW_ERROR_POLICIES = ['break-guest-write', 'break-snapshot'] as const;
+export type CbwErrorPolicy = (typeof CBW_ERROR_POLICIES)[number];
+export const BACKUP_BITMAP_MODES = ['on-success', 'always', 'never'] as const;
+export type BackupBitmapMode = (typeof BACKUP_BITMAP_MODES)[number];
+
+export const DEFAULT_BACKUP_BUF_SIZE = 1 << 20;
+export const DEFAULT_BACKUP_MAX_OPS = 16;
+const MAX_BUF_SIZE = 64 << 20;
+const EXTENTS_SCAN = 1 << 30;
+const ZERO_OP_MAX = 1 << 30;
+const MAX_ZERO_HINTS = 1 << 20;
+
+export interface BackupOptions extends Omit<JobOptions, 'id'> {
+  id?: string;
+  source: BlockNode;
+  target: BlockNode;
+  /** full (default), top, none, incremental */
+  sync?: BackupSync;
+  /** incremental: the granules to copy; full: a bitmap to clear (start of a chain) */
+  bitmap?: DirtyBitmap | PersistentBitmap;
+  bitmapMode?: BackupBitmapMode;
+  /** bytes per bit, power of two 512 B … 64 MiB; default the bitmap's or 64 KiB */
+  granularity?: number;
+  /** most bytes one background copy operation moves (default 1 MiB) */
+  bufSize?: number;
+  /** background copy operations in flight (default 16) */
+  maxOps?: number;
+  /** the target reads as zeros: zero ranges of the source are not written */
+  targetIsZero?: boolean;
+  /** what a failed copy-before-write does (default break-guest-write) */
+  onCbwError?: CbwErrorPolicy;
+}
+
+type OpKind = 'background' | 'cbw';
+
+interface CopyOp {
+  first: number;
+  end: number;
+  offset: number;
+  length: number;
+  kind: OpKind;
+  promise: Promise<void>;
+  /** speed tokens taken when a background copy started */
+  reserved: number;
+}
+
+interface Segment {
+  offset: number;
+  length: number;
+  zero: boolean;
+  hole: boolean;
+}
+
+type FrontKind = 'write' | 'write-zeroes' | 'trim';
+type Mode = 'before' | 'starting' | 'cbw' | 'passthrough';
+export type SnapshotState = 'pending' | 'live' | 'ended' | 'broken';
+
+/** An error tagged with the side and operation of the copy step that failed. */
+class CopyError extends Error {
+  constructor(
+    readonly side: JobSide,
+    readonly operation: string,
+    readonly inner: unknown,
+  ) {
+    super(inner instanceof Error ? inner.message : String(inner));
+  }
+}
+
+function badOption(message: string, details: Record<string, unknown> = {}): BlkrepError {
+  return new BlkrepError('ERR_JOB_INVALID', message, { errno: 'EINVAL', details });
+}
+
+const ZEROS = Buffer.alloc(64 * 1024);
+
+function isZero(buf: Buffer): boolean {
+  const step = ZEROS.length;
+  for (let i = 0; i < buf.length; i += step) {
+    const n = Math.min(step, buf.length - i);
+    if (buf.compare(ZEROS, 0, n, i, i + n) !== 0) return false;
+  }
+  return true;
+}
+
+export class BackupJob extends Job {
+  readonly type = 'backup';
+  readonly source: CompleteBlockNode;
+  readonly target: CompleteBlockNode;
+  /** the front end, the copy-before-write filter: write the source through it */
+  readonly node: BlockNode;
+  /** the point-in-time view (read-only): what an image-fleecing export serves */
+  readonly snapshotNode: BlockNode;
+  readonly sync: BackupSync;
+  readonly granularity: number;
+  readonly bufSize: number;
+  readonly maxOps: number;
+  readonly targetIsZero: boolean;
+  readonly onCbwError: CbwErrorPolicy;
+  readonly bitmapMode: BackupBitmapMode;
+
+  private readonly size: number;
+  private readonly bits: number;
+  private readonly todo: DirtyBitmap;
+  private readonly locked: DirtyBitmap;
+  private readonly copied: DirtyBitmap;
+  private readonly written: DirtyBitmap;
+  private readonly syncBitmap: DirtyBitmap | PersistentBitmap | undefined;
+
+  private mode: Mode = 'before';
+  private snapshot: SnapshotState = 'pending';
+  private startGate: { promise: Promise<void>; open: () => void } | undefined;
+  private frontWrites = 0;
+  private drainWaiters: Array<() => void> = [];
+  private readonly ops = new Set<CopyOp>();
+  private backgroundOps = 0;
+  private viewReads: Array<{ first: number; end: number }> = [];
+  private viewWaiters: Array<{ first: number; end: number; wake: () => void }> = [];
+  private running = false;
+  private ending = false;
+  private endError: BlkrepError | undefined;
+  private finishFns: { resolve: () => void; reject: (e: unknown) => void } | undefined;
+  private finished = false;
+  private flushing = false;
+  private flushed = false;
+  private succeeded = false;
+  private cursor = 0;
+  private holdUntil = 0;
+  private backoffMs = 0;
+  private wakeTimer: NodeJS.Timeout | undefined;
+  private zeroHints: number[] = [];
+  private totalTodoBytes = 0;
+  private bytesDone = 0;
+  private brokenBy: BlkrepError | undefined;
+  /** statistics, for tests and the command's result */
+  readonly stats = { backgroundCopies: 0, cbwCopies: 0, cbwWaits: 0, targetRequests: 0, dataBytes: 0, zeroBytes: 0 };
+
+  constructor(options: BackupOptions) {
+    super({ ...options, id: options.id ?? 'backup0' });
+    const { source, target } = options;
+    if (source.size !== target.size) {
+      throw new BlkrepError('ERR_SIZE_MISMATCH', `the source ${source.description} is ${source.size} bytes and the target ${target.description} is ${target.size}: a backup needs the same size`, {
+        errno: 'EINVAL',
+        details: { sourceSize: source.size, targetSize: target.size },
+      });
+    }
+    if (!target.caps.canWrite) throw new BlkrepError('ERR_READ_ONLY', `the target ${target.description} is read-only`, { errno: 'EPERM' });
+    this.sync = options.sync ?? 'full';
+    if (!(BACKUP_SYNC_MODES as readonly string[]).includes(this.sync)) throw badOption(`sync "${this.sync}" is not one of ${BACKUP_SYNC_MODES.join(', ')}`);
+    this.syncBitmap = options.bitmap;
+    const bitmapBits = options.bitmap ? ('path' in options.bitmap ? options.bitmap.bitmap : options.bitmap) : undefined;
+    if (this.sync === 'incremental' && !bitmapBits) throw badOption('sync incremental needs a bitmap');
+    if (bitmapBits && this.sync !== 'incremental' && this.sync !== 'full') throw badOption(`a bitmap is used with sync incremental or full, not ${this.sync}`);
+    this.bitmapMode = options.bitmapMode ?? 'on-success';
+    if (!(BACKUP_BITMAP_MODES as readonly string[]).includes(this.bitmapMode)) throw badOption(`bitmap mode "${this.bitmapMode}" is not one of ${BACKUP_BITMAP_MODES.join(', ')}`);
+    this.onCbwError = options.onCbwError ?? 'break-guest-write';
+    if (!(CBW_ERROR_POLICIES as readonly string[]).includes(this.onCbwError)) throw badOption(`copy-before-write error policy "${this.onCbwError}" is not one of ${CBW_ERROR_POLICIES.join(', ')}`);
+    this.granularity = options.granularity ?? bitmapBits?.granularity ?? DEFAULT_GRANULARITY;
+    checkGranularity(this.granularity);
+    if (bitmapBits && (bitmapBits.granularity !== this.granularity || bitmapBits.size !== source.size)) {
+      throw badOption(`the bitmap covers ${bitmapBits.size} bytes at granularity ${bitmapBits.granularity}; the backup needs ${source.size} bytes at ${this.granularity}`);
+    }
+    this.bufSize = options.bufSize ?? DEFAULT_BACKUP_BUF_SIZE;
+    if (!Number.isSafeInteger(this.bufSize) || this.bufSize < 512 || this.bufSize > MAX_BUF_SIZE) throw badOption(`buffer size ${this.bufSize} is not from 512 bytes to ${MAX_BUF_SIZE}`);
+    this.maxOps = options.maxOps ?? DEFAULT_BACKUP_MAX_OPS;
+    if (!Number.isSafeInteger(this.maxOps) || this.maxOps < 1 || this.maxOps > 1024) throw badOption(`${this.maxOps} copy operations in flight: expected 1 to 1024`);
+    this.targetIsZero = options.targetIsZero ?? false;
+
+    this.source = completeNode(source);
+    this.target = completeNode(target);
+    this.size = source.size;
+    const geometry = { granularity: this.granularity };
+    this.todo = new DirtyBitmap(this.size, geometry);
+    this.locked = new DirtyBitmap(this.size, geometry);
+    this.copied = new DirtyBitmap(this.size, geometry);
+    this.written = new DirtyBitmap(this.size, geometry);
+    this.bits = this.todo.bits;
+    this.node = new CbwFrontEnd(this);
+    this.snapshotNode = new SnapshotAccessNode(this);
+  }
+
+  // --------------------------------------------------------------------------- what it shows
+
+  /** pending (not started), live, ended (copied granules still readable), broken */
+  get snapshotState(): SnapshotState {
+    return this.snapshot;
+  }
+
+  /** bytes still to copy */
+  get todoBytes(): number {
+    return this.todo.dirtyBytes;
+  }
+
+  /** bytes of the disk the target holds as of the start */
+  get copiedBytes(): number {
+    return this.copied.dirtyBytes;
+  }
+
+  /** a copy of the granules the target holds (as of the start) */
+  copiedBitmap(): DirtyBitmap {
+    return this.copied.clone();
+  }
+
+  protected override extraInfo(): Record<string, unknown> {
+    return {
+      sync: this.sync,
+      granularity: this.granularity,
+      bufSize: this.bufSize,
+      maxOps: this.maxOps,
+      opsInFlight: this.ops.size,
+      todoBytes: this.todo.dirtyBytes,
+      todoBytesAtStart: this.totalTodoBytes,
+      copiedBytes: this.copied.dirtyBytes,
+      cbwCopies: this.stats.cbwCopies,
+      onCbwError: this.onCbwError,
+      snapshot: this.snapshot,
+      targetIsZero: this.targetIsZero,
+    };
+  }
+
+  protected override beforeQuery(): void {
+    this.updateProgress();
+  }
+
+  private updateProgress(): void {
+    this.progress(this.bytesDone, this.sync === 'none' ? 0 : this.todo.dirtyBytes);
+  }
+
+  // ---------------------------------------------------------------------------- the driver
+
+  protected async execute(): Promise<void> {
+    // the point in time: writes from now on wait until copy-before-write is in place
+    let open!: () => void;
+    const promise = new Promise<void>((resolve) => (open = resolve));
+    this.startGate = { promise, open };
+    this.mode = 'starting';
+    try {
+      while (this.frontWrites > 0) await new Promise<void>((resolve) => this.drainWaiters.push(resolve));
+      await this.initTodo();
+    } catch (err) {
+      this.mode = 'passthrough';
+      this.snapshot = 'broken';
+      this.openStartGate();
+      throw err;
+    }
+    if (this.signal.aborted || this.ending) {
+      this.mode = 'passthrough';
+      this.openStartGate();
+      return;
+    }
+    this.mode = 'cbw';
+    this.snapshot = 'live';
+    this.totalTodoBytes = this.todo.dirtyBytes;
+    this.openStartGate();
+    this.running = true;
+    this.updateProgress();
+    const done = new Promise<void>((resolve, reject) => (this.finishFns = { resolve, reject }));
+    this.pump();
+    return done;
+  }
+
+  private openStartGate(): void {
+    const g = this.startGate;
+    this.startGate = undefined;
+    g?.open();
+  }
+
+  private async initTodo(): Promise<void> {
+    switch (this.sync) {
+      case 'none':
+        this.todo.setAll();
+        return;
+      case 'incremental': {
+        const bits = 'path' in this.syncBitmap! ? this.syncBitmap.bitmap : this.syncBitmap!;
+        this.todo.merge(bits);
+        return;
+      }
+      case 'full':
+        this.todo.setAll();
+        if (this.source.caps.canExtents) await this.scanExtents(() => false, true);
+        return;
+      case 'top':
+        if (!this.source.caps.allocationDepth || !this.source.caps.canExtents) {
+          this.todo.setAll();
+          return;
+        }
+        await this.scanExtents((e) => e.depth === 1, false);
+        return;
+    }
+  }
+
+  private async scanExtents(wanted: (e: Extent) => boolean, hints: boolean): Promise<void> {
+    let offset = 0;
+    const hint = (start: number, end: number): void => {
+      const h = this.zeroHints;
+      if (h.length > 0 && h[h.length - 1] === start) h[h.length - 1] = end;
+      else if (h.length < 2 * MAX_ZERO_HINTS) h.push(start, end);
+    };
+    while (offset < this.size) {
+      if (this.signal.aborted) return;
+      const runs = await this.source.extents(offset, Math.min(EXTENTS_SCAN, this.size - offset), { signal: this.signal });
+      if (runs.length === 0) break;
+      for (const e of runs) {
+        const length = Math.min(e.length, this.size - offset);
+        if (length <= 0) break;
+        if (wanted(e)) this.todo.fill(offset, length);
+        if (hints && e.zero) hint(offset, offset + length);
+        offset += length;
+      }
+    }
+  }
+
+  /** Start background copies as allowed; then see whether the job is idle. */
+  private pump(): void {
+    if (!this.running || this.finished) return;
+    if (!this.ending && !this.pauseRequested && this.sync !== 'none') {
+      const now = this.clock.now();
+      while (this.backgroundOps < this.maxOps) {
+        if (now < this.holdUntil) {
+          this.wakeAt(this.holdUntil - now);
+          break;
+        }
+        const wait = this.limiter.delay();
+        if (wait > 0) {
+          this.wakeAt(wait);
+          break;
+        }
+        const range = this.pick();
+        if (!range) break;
+        const op = this.startOp(range[0], range[1], 'background');
+        op.reserved = Math.min(op.length, this.bufSize);
+        this.limiter.take(op.reserved);
+        this.backgroundOps++;
+        this.stats.backgroundCopies++;
+        op.promise.then(
+          () => {
+            this.backgroundOps--;
+            if (this.backoffMs > 0) this.backoffMs = 0;
+            this.pump();
+          },
+          (err: unknown) => {
+            this.backgroundOps--;
+            const e = err instanceof CopyError ? err : new CopyError('source', 'read', err);
+            this.ioError(e.side, e.operation, op.offset, op.length, e.inner);
+            this.pump();
+          },
+        );
+      }
+    }
+    this.checkIdle();
+  }
+
+  private wakeAt(ms: number): void {
+    if (this.wakeTimer) return;
+    this.wakeTimer = setTimeout(() => {
+      this.wakeTimer = undefined;
+      this.pump();
+    }, Math.max(1, Math.ceil(ms)));
+  }
+
+  /** the first todo, unlocked granule in [from, to), or -1 */
+  private findFree(from: number, to: number): number {
+    let b = from;
+    while (b < to) {
+      const d = this.todo.nextDirtyBit(b, to);
+      if (d < 0) return -1;
+      if (!this.locked.testBit(d)) return d;
+      const c = this.locked.nextCleanBit(d, to);
+      if (c < 0) return -1;
+      b = c;
+    }
+    return -1;
+  }
+
+  private pick(): [number, number] | undefined {
+    if (this.todo.dirtyGranules === 0) return undefined;
+    let first = this.findFree(this.cursor, this.bits);
+    if (first < 0) first = this.findFree(0, Math.min(this.cursor, this.bits));
+    if (first < 0) return undefined;
+    const g = this.granularity;
+    let end = Math.min(this.bits, first + Math.max(1, Math.floor(this.bufSize / g)));
+    const hint = this.zeroHintEnd(first * g);
+    if (hint > 0) {
+      const hintBits = hint === this.size ? this.bits : Math.floor(hint / g);
+      end = Math.max(end, Math.min(this.bits, hintBits, first + Math.max(1, Math.floor(ZERO_OP_MAX / g))));
+    }
+    const clean = this.todo.nextCleanBit(first, end);
+    if (clean >= 0) end = clean;
+    const taken = this.locked.nextDirtyBit(first, end);
+    if (taken >= 0) end = taken;
+    this.cursor = end >= this.bits ? 0 : end;
+    return [first, end];
+  }
+
+  private zeroHintEnd(offset: number): number {
+    const h = this.zeroHints;
+    let lo = 0;
+    let hi = h.length / 2 - 1;
+    while (lo <= hi) {
+      const mid = (lo + hi) >> 1;
+      if (h[2 * mid + 1]! <= offset) lo = mid + 1;
+      else if (h[2 * mid]! > offset) hi = mid - 1;
+      else return h[2 * mid + 1]!;
+    }
+    return -1;
+  }
+
+  /** Lock [first, end) (all todo, all unlocked) and copy it; the promise settles after the completion step. */
+  private startOp(first: number, end: number, kind: OpKind): CopyOp {
+    const g = this.granularity;
+    const offset = first * g;
+    const op: CopyOp = { first, end, offset, length: Math.min(end * g, this.size) - offset, kind, promise: Promise.resolve(), reserved: 0 };
+    this.locked.setBits(first, end);
+    this.ops.add(op);
+    op.promise = this.copy(op).then(
+      () => {
+        // completion: one synchronous step. After the job ended, writes no longer wait for
+        // copies, so what this copy read may be newer than the start: do not count it.
+        if (this.mode === 'cbw') {
+          this.todo.clearBits(first, end);
+          this.copied.setBits(first, end);
+          this.bytesDone += op.length;
+        }
+        this.locked.clearBits(first, end);
+        this.ops.delete(op);
+        if (kind === 'cbw') this.pump();
+      },
+      (err: unknown) => {
+        this.locked.clearBits(first, end);
+        this.ops.delete(op);
+        if (kind === 'cbw') queueMicrotask(() => this.pump());
+        throw err;
+      },
+    );
+    return op;
+  }
+
+  /** The op's range as granule-aligned zero segments and data segments. */
+  private async segments(op: CopyOp): Promise<Segment[]> {
+    if (!this.source.caps.canExtents) return [{ offset: op.offset, length: op.length, zero: false, hole: false }];
+    const end = op.offset + op.length;
+    const runs: Array<{ start: number; end: number; zero: boolean; hole: boolean }> = [];
+    let pos = op.offset;
+    while (pos < end) {
+      const got = coalesceExtents(await this.source.extents(pos, end - pos, { signal: this.signal }));
+      if (got.length === 0) break;
+      for (const e of got) {
+        if (pos >= end) break;
+        const length = Math.min(e.length, this.size - pos);
+        if (length <= 0) break;
+        runs.push({ start: pos, end: Math.min(pos + length, end), zero: e.zero, hole: e.hole });
+        pos += length;
+      }
+    }
+    const g = this.granularity;
+    const out: Segment[] = [];
+    const push = (offset: number, length: number, zero: boolean, hole: boolean): void => {
+      if (length <= 0) return;
+      const last = out[out.length - 1];
+      if (last && last.zero === zero && last.offset + last.length === offset && (!zero || last.hole === hole)) last.length += length;
+      else out.push({ offset, length, zero, hole });
+    };
+    let at = op.offset;
+    for (let i = 0; i < runs.length; i++) {
+      const r = runs[i]!;
+      if (!r.zero) continue;
+      let zEnd = r.end;
+      let hole = r.hole;
+      while (i + 1 < runs.length && runs[i + 1]!.zero) {
+        i++;
+        zEnd = runs[i]!.end;
+        hole = hole && runs[i]!.hole;
+      }
+      const zStart = Math.ceil(r.start / g) * g;
+      const zStop = zEnd === this.size ? zEnd : Math.floor(zEnd / g) * g;
+      if (zStop <= zStart || zStart < at) continue;
+      push(at, zStart - at, false, false);
+      push(zStart, zStop - zStart, true, hole);
+      at = zStop;
+    }
+    push(at, end - at, false, false);
+    return out;
+  }
+
+  private async writeZeroTarget(offset: number, length: number, hole: boolean): Promise<void> {
+    this.stats.zeroBytes += length;
+    if (this.targetIsZero) return;
+    this.stats.targetRequests++;
+    try {
+      await this.target.writeZeroes(offset, length, { noHole: !hole, signal: this.signal });
+    } catch (err) {
+      throw new CopyError('target', 'write-zeroes', err);
+    }
+  }
+
+  private async copy(op: CopyOp): Promise<void> {
+    let segs: Segment[];
+    try {
+      segs = await this.segments(op);
+    } catch (err) {
+      throw new CopyError('source', 'extents', err);
+    }
+    const dataBytes = segs.reduce((n, s) => n + (s.zero ? 0 : s.length), 0);
+    // the speed counts data only: settle what pump() reserved against the data found
+    if (op.kind === 'background') this.limiter.take(dataBytes - op.reserved);
+    const g = this.granularity;
+    const window = Math.max(this.bufSize, g);
+    let buffer: Buffer | undefined;
+    for (const s of segs) {
+      if (s.zero) {
+        await this.writeZeroTarget(s.offset, s.length, s.hole);
+        continue;
+      }
+      for (let at = s.offset; at < s.offset + s.length; ) {
+        const n = Math.min(window, s.offset + s.length - at);
+        buffer ??= Buffer.allocUnsafe(Math.min(window, dataBytes));
+        const view = buffer.subarray(0, n);
+        try {
+          await this.source.readInto(at, view, { signal: this.signal });
+        } catch (err) {
+          throw new CopyError('source', 'read', err);
+        }
+        // whole granules that read as zeros go as write-zeroes
+        for (let p = at; p < at + n; ) {
+          const next = Math.min(at + n, (Math.floor(p / g) + 1) * g);
+          const piece = view.subarray(p - at, next - at);
+          const whole = p % g === 0 && (next % g === 0 || next === this.size);
+          let q = next;
+          if (whole && isZero(piece)) {
+            // extend over following whole zero granules
+            while (q < at + n) {
+              const nn = Math.min(at + n, q + g);
+              if (!(nn % g === 0 || nn === this.size) || !isZero(view.subarray(q - at, nn - at))) break;
+              q = nn;
+            }
+            await this.writeZeroTarget(p, q - p, false);
+          } else {
+            while (q < at + n) {
+              const nn = Math.min(at + n, q + g);
+              const w = q % g === 0 && (nn % g === 0 || nn === this.size);
+              if (w && isZero(view.subarray(q - at, nn - at))) break;
+              q = nn;
+            }
+            this.stats.targetRequests++;
+            this.stats.dataBytes += q - p;
+            try {
+              await this.target.write(p, view.subarray(p - at, q - at), { signal: this.signal });
+            } catch (err) {
+              throw new CopyError('target', 'write', err);
+            }
+          }
+          p = q;
+        }
+        at += n;
+      }
+    }
+  }
+
+  /** Nothing in flight: pause, end, or flush the target and finish, as due. */
+  private checkIdle(): void {
+    if (!this.running || this.finished) return;
+    if (this.ending) {
+      if (this.ops.size === 0 && !this.flushing) this.finish();
+      return;
+    }
+    if (this.pauseRequested) {
+      if (this.backgroundOps === 0 && !this.flushing) this.reachedPausePoint();
+      return;
+    }
+    if (this.sync === 'none') return; // copy-before-write only: runs until cancelled
+    if (this.todo.dirtyGranules > 0 || this.ops.size > 0 || this.flushing) return;
+    if (this.flushed) {
+      this.succeeded = true;
+      this.finish();
+      return;
+    }
+    this.flushing = true;
+    this.stats.targetRequests++;
+    this.target.flush({ signal: this.signal }).then(
+      () => {
+        this.flushing = false;
+        this.flushed = true;
+        this.pump();
+      },
+      (err: unknown) => {
+        this.flushing = false;
+        this.ioError('target', 'flush', 0, 0, err);
+        this.pump();
+      },
+    );
+  }
+
+  private finish(): void {
+    if (this.finished || !this.finishFns) return;
+    this.finished = true;
+    this.stopTimers();
+    this.updateProgress();
+    if (this.endError) this.finishFns.reject(this.endError);
+    else this.finishFns.resolve();
+  }
+
+  private endWith(err?: BlkrepError): void {
+    if (!this.ending) {
+      this.ending = true;
+      this.endError = err;
+    }
+    if (!this.running) return;
+    this.checkIdle();
+  }
+
+  private ioError(side: JobSide, operation: string, offset: number, length: number, err: unknown): void {
+    if (this.signal.aborted || this.ending) return;
+    const action = this.handleIoError({ side, operation, offset, length, error: err });
+    if (action === 'report') {
+      this.stopSnapshot('broken');
+      this.endWith(this.error ?? toBlkrepError(err));
+      return;
+    }
+    if (action === 'ignore') {
+      this.backoffMs = this.backoffMs === 0 ? 10 : Math.min(1000, this.backoffMs * 2);
+      this.holdUntil = this.clock.now() + this.backoffMs;
+    }
+  }
+
+  private stopTimers(): void {
+    if (this.wakeTimer) clearTimeout(this.wakeTimer);
+    this.wakeTimer = undefined;
+  }
+
+  /** Copy-before-write ends: writes pass straight to the source from now on. */
+  private stopSnapshot(state: 'ended' | 'broken'): void {
+    if (this.mode !== 'passthrough') this.mode = 'passthrough';
+    if (this.snapshot !== 'broken') this.snapshot = state;
+    this.openStartGate();
+    for (const w of this.viewWaiters.splice(0)) w.wake();
+  }
+
+  // ------------------------------------------------------------------------- verbs' hooks
+
+  protected override onPauseRequested(): void {
+    this.checkIdle();
+  }
+
+  protected override onResume(): void {
+    this.holdUntil = 0;
+    this.backoffMs = 0;
+    this.pump();
+  }
+
+  protected override onSpeedChanged(): void {
+    if (this.wakeTimer) {
+      clearTimeout(this.wakeTimer);
+      this.wakeTimer = undefined;
+    }
+    this.pump();
+  }
+
+  protected override onCancel(): void {
+    this.stopSnapshot('ended');
+    this.endWith();
+  }
+
+  protected override async commit(): Promise<void> {
+    this.stopSnapshot('ended');
+    this.applyBitmapMode(true);
+  }
+
+  protected override async abort(): Promise<void> {
+    this.stopSnapshot(this.isHardCancelled && !this.brokenBy ? 'ended' : 'broken');
+    this.applyBitmapMode(false);
+  }
+
+  protected override async clean(): Promise<void> {
+    this.finished = true;
+    this.stopTimers();
+    this.stopSnapshot(this.succeeded || this.isHardCancelled ? 'ended' : 'broken');
+  }
+
+  /** Clear from the bitmap the granules the target holds, except those written since start. */
+  private applyBitmapMode(success: boolean): void {
+    const bitmap = this.syncBitmap;
+    if (!bitmap || this.bitmapMode === 'never' || (!success && this.bitmapMode !== 'always')) return;
+    const g = this.granularity;
+    let b = 0;
+    while (b < this.bits) {
+      const s = this.copied.nextDirtyBit(b);
+      if (s < 0) break;
+      let e = this.copied.nextCleanBit(s);
+      if (e < 0) e = this.bits;
+      for (let i = s; i < e; ) {
+        if (this.written.testBit(i)) {
+          const c = this.written.nextCleanBit(i, e);
+          i = c < 0 ? e : c;
+          continue;
+        }
+        let j = this.written.nextDirtyBit(i, e);
+        if (j < 0) j = e;
+        const offset = i * g;
+        bitmap.clear(offset, Math.min(j * g, this.size) - offset);
+        i = j;
+      }
+      b = e;
+    }
+  }
+
+  // ------------------------------------------------------------------------ the front end
+
+  async frontWrite(kind: FrontKind, offset: number, length: number, o: ZeroOptions | undefined, data?: Buffer): Promise<void> {
+    const toSource = (): Promise<void> =>
+      kind === 'write' ? this.source.write(offset, data!, o) : kind === 'write-zeroes' ? this.source.writeZeroes(offset, length, o) : this.source.trim(offset, length, o);
+    while (this.mode === 'starting' && this.startGate) await this.startGate.promise;
+    if (this.mode !== 'cbw') {
+      if (this.mode === 'passthrough') return toSource();
+      // before start: counted, so the start waits for it
+      this.frontWrites++;
+      try {
+        return await toSource();
+      } finally {
+        this.frontWrites--;
+        if (this.frontWrites === 0) for (const w of this.drainWaiters.splice(0)) w();
+      }
+    }
+    if (length === 0 || offset < 0 || offset + length > this.size) return toSource(); // the source reports a bad range
+    const g = this.granularity;
+    const first = Math.floor(offset / g);
+    const end = Math.ceil((offset + length) / g);
+    this.written.setBits(first, end);
+    await this.copyBeforeWrite(first, end, offset, length, kind);
+    await this.waitViewReads(first, end);
+    return toSource();
+  }
+
+  /**
+   * Until no granule of [first, end) is to do: copy the free ones, wait for the copies in flight
+   * on the others, look again. Throws (break-guest-write) when a copy of its own failed.
+   */
+  private async copyBeforeWrite(first: number, end: number, offset: number, length: number, kind: FrontKind): Promise<void> {
+    for (;;) {
+      if (this.mode !== 'cbw') return;
+      const mine: CopyOp[] = [];
+      const theirs = new Set<Promise<void>>();
+      let b = first;
+      while (b < end) {
+        const d = this.todo.nextDirtyBit(b, end);
+        if (d < 0) break;
+        let e = this.todo.nextCleanBit(d, end);
+        if (e < 0) e = end;
+        for (let x = d; x < e; ) {
+          if (this.locked.testBit(x)) {
+            const c = this.locked.nextCleanBit(x, e);
+            const y = c < 0 ? e : c;
+            for (const op of this.ops) if (op.first < y && x < op.end) theirs.add(op.promise.catch(() => {}));
+            x = y;
+          } else {
+            const c = this.locked.nextDirtyBit(x, e);
+            const y = c < 0 ? e : c;
+            mine.push(this.startOp(x, y, 'cbw'));
+            x = y;
+          }
+        }
+        b = e;
+      }
+      if (mine.length === 0 && theirs.size === 0) return;
+      this.stats.cbwCopies += mine.length;
+      if (theirs.size > 0) this.stats.cbwWaits++;
+      const settled = await Promise.allSettled([...mine.map((op) => op.promise), ...theirs]);
+      const bad = settled.find((s): s is PromiseRejectedResult => s.status === 'rejected');
+      if (bad) {
+        if (this.mode !== 'cbw' || this.signal.aborted) return;
+        const e = bad.reason instanceof CopyError ? bad.reason : new CopyError('source', 'read', bad.reason);
+        const err = toBlkrepError(e.inner);
+        const breakGuest = this.onCbwError === 'break-guest-write';
+        this.emitEvent({
+          event: 'error',
+          side: e.side,
+          operation: `cbw-${e.operation}`,
+          errno: err.errno,
+          action: breakGuest ? 'ignore' : 'report',
+          offset,
+          length,
+          message: `copy-before-write of a ${kind} of ${length} bytes at offset ${offset}: ${err.message}`,
+        });
+        if (breakGuest) throw err;
+        this.breakSnapshot(err);
+        return;
+      }
+      this.pump();
+    }
+  }
+
+  private breakSnapshot(cause: BlkrepError): void {
+    const err = new BlkrepError('ERR_SNAPSHOT_BROKEN', `job ${this.id}: a copy-before-write failed, the snapshot is broken: ${cause.message}`, { errno: cause.errno, cause });
+    this.brokenBy = err;
+    this.fail(err);
+    this.stopSnapshot('broken');
+    this.endWith(err);
+  }
+
+  /** Wait until no read of the snapshot view is reading the source on [first, end). */
+  private async waitViewReads(first: number, end: number): Promise<void> {
+    while (this.mode === 'cbw' && this.viewReads.some((r) => r.first < end && first < r.end)) {
+      await new Promise<void>((wake) => this.viewWaiters.push({ first, end, wake }));
+    }
+  }
+
+  frontFlush(o?: IoOptions): Promise<void> {
+    return this.source.flush(o);
+  }
+
+  // ------------------------------------------------------------------- the snapshot view
+
+  private snapshotError(code: string, why: string, offset: number, length: number): BlkrepError {
+    return new BlkrepError(code, `snapshot of job ${this.id}: read of ${length} bytes at offset ${offset}: ${why}`, { errno: 'EIO', details: { offset, length } });
+  }
+
+  /** Read the point-in-time view into `out`. */
+  async snapshotRead(offset: number, out: Buffer, o?: IoOptions): Promise<void> {
+    const length = out.length;
+    if (offset < 0 || offset + length > this.size || !Number.isSafeInteger(offset)) {
+      throw new BlkrepError('ERR_OUT_OF_RANGE', `read of ${length} bytes at offset ${offset} is beyond the end of the snapshot (size ${this.size})`, { errno: 'EINVAL', details: { offset, length, size: this.size } });
+    }
+    if (length === 0) return;
+    if (this.snapshot === 'broken') throw this.snapshotError('ERR_SNAPSHOT_BROKEN', `the snapshot is broken${this.brokenBy ? ` (${this.brokenBy.message})` : ''}`, offset, length);
+    if (this.snapshot === 'pending') throw this.snapshotError('ERR_SNAPSHOT_PENDING', 'the job has not started', offset, length);
+    while (this.mode === 'starting' && this.startGate) await this.startGate.promise;
+    const g = this.granularity;
+    const first = Math.floor(offset / g);
+    const end = Math.ceil((offset + length) / g);
+    // decide every granule's side now, synchronously; reads of the source hold writes off
+    const pieces: Array<{ from: 'target' | 'source'; start: number; stop: number }> = [];
+    const live = this.mode === 'cbw';
+    for (let b = first; b < end; ) {
+      const isCopied = this.copied.testBit(b);
+      const c = isCopied ? this.copied.nextCleanBit(b, end) : this.copied.nextDirtyBit(b, end);
+      const e = c < 0 ? end : c;
+      if (!isCopied) {
+        if (!live) throw this.snapshotError('ERR_SNAPSHOT_ENDED', `the job has ended and granules ${b}…${e - 1} were not copied`, offset, length);
+        // a granule not to be copied that has been written since start no longer holds the start's data
+        for (let x = b; x < e; x++) {
+          if (this.written.testBit(x) && !this.todo.testBit(x)) {
+            throw this.snapshotError('ERR_SNAPSHOT_STALE', `granule ${x} is not part of this ${this.sync} backup and has been written since the job started`, offset, length);
+          }
+        }
+      }
+      pieces.push({ from: isCopied ? 'target' : 'source', start: Math.max(offset, b * g), stop: Math.min(offset + length, e * g) });
+      b = e;
+    }
+    const reader = live ? { first, end } : undefined;
+    if (reader) this.viewReads.push(reader);
+    try {
+      await Promise.all(
+        pieces.map((p) => (p.from === 'target' ? this.target : this.source).readInto(p.start, out.subarray(p.start - offset, p.stop - offset), o)),
+      );
+    } finally {
+      if (reader) {
+        this.viewReads.splice(this.viewReads.indexOf(reader), 1);
+        const waiters = this.viewWaiters.splice(0);
+        for (const w of waiters) w.wake();
+      }
+    }
+    // broken while reading: what was read may not be the start's data
+    if ((this.snapshot as SnapshotState) === 'broken') throw this.snapshotError('ERR_SNAPSHOT_BROKEN', 'the snapshot broke during the read', offset, length);
+  }
+}
+
+/** job.node: the copy-before-write filter. close() closes nothing: the caller owns source and target. */
+class CbwFrontEnd implements BlockNode {
+  readonly driver = 'copy-before-write';
+  constructor(private readonly job: BackupJob) {}
+  get description(): string {
+    return this.job.source.description;
+  }
+  get size(): number {
+    return this.job.source.size;
+  }
+  get limits() {
+    return this.job.source.limits;
+  }
+  get caps() {
+    return this.job.source.caps;
+  }
+  read(offset: number, length: number, o?: IoOptions): Promise<Buffer> {
+    return this.job.source.read(offset, length, o);
+  }
+  readInto(offset: number, target: Buffer, o?: IoOptions): Promise<void> {
+    return this.job.source.readInto(offset, target, o);
+  }
+  write(offset: number, data: Buffer, o?: WriteOptions): Promise<void> {
+    return this.job.frontWrite('write', offset, data.length, o, data);
+  }
+  writeZeroes(offset: number, length: number, o?: ZeroOptions): Promise<void> {
+    return this.job.frontWrite('write-zeroes', offset, length, o);
+  }
+  trim(offset: number, length: number, o?: WriteOptions): Promise<void> {
+    return this.job.frontWrite('trim', offset, length, o);
+  }
+  flush(o?: IoOptions): Promise<void> {
+    return this.job.frontFlush(o);
+  }
+  extents(offset: number, length: number, o?: IoOptions): Promise<Extent[]> {
+    return this.job.source.extents(offset, length, o);
+  }
+  cache(offset: number, length: number, o?: IoOptions): Promise<void> {
+    return this.job.source.cache(offset, length, o);
+  }
+  async close(): Promise<void> {}
+}
+
+/** job.snapshotNode: the point-in-time view, read-only (QEMU's snapshot-access). close() closes nothing. */
+class SnapshotAccessNode implements BlockNode {
+  readonly driver = 'snapshot-access';
+  constructor(private readonly job: BackupJob) {}
+  get description(): string {
+    return `snapshot of ${this.job.source.description} (job ${this.job.id})`;
+  }
+  get size(): number {
+    return this.job.source.size;
+  }
+  get limits() {
+    return this.job.source.limits;
+  }
+  get caps() {
+    return {
+      canWrite: false,
+      canFlush: true,
+      canFua: false,
+      canTrim: false,
+      canZero: false,
+      canFastZero: false,
+      canMultiConn: true,
+      canExtents: false,
+      canCache: false,
+    };
+  }
+  async read(offset: number, length: number, o?: IoOptions): Promise<Buffer> {
+    const out = Buffer.allocUnsafe(length);
+    await this.job.snapshotRead(offset, out, o);
+    return out;
+  }
+  readInto(offset: number, target: Buffer, o?: IoOptions): Promise<void> {
+    return this.job.snapshotRead(offset, target, o);
+  }
+  async write(offset: number, data: Buffer): Promise<void> {
+    throw new BlkrepError('ERR_READ_ONLY', `the snapshot of job ${this.job.id} is read-only (write of ${data.length} bytes at offset ${offset})`, { errno: 'EPERM' });
+  }
+  async flush(): Promise<void> {}
+  async close(): Promise<void> {}
+}
