@@ -1,0 +1,150 @@
+/**
+ * The live mirror on serve-nbd (job type mirror): an export written by a client over NBD during
+ * the whole job, mirrored onto a raw file; pivot, complete without pivot, cancel before and
+ * after ready; the job's files beside the image; kill -9 mid-mirror, restart, resume.
+ */
+import { existsSync } from 'node:fs';
+import { readFile, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { makeTempDir, serve, unixUri, waitFor } from '../support/spawn.js';
+import { control, emptyImage, eventLog, MiB, qemuCompare, rawImage, Writer } from './live-helpers.js';
+
+const SIZE = 64 * MiB;
+
+interface Q {
+  id: string;
+  status: string;
+  ready: boolean;
+  offset: number;
+  length: number;
+  export: string;
+  dirtyBytes: number;
+}
+
+async function setup(): Promise<{ dir: string; src: string; dst: string; ctl: string; uri: string; content: Buffer }> {
+  const dir = await makeTempDir();
+  const src = join(dir, 'src.img');
+  const dst = join(dir, 'dst.img');
+  const content = await rawImage(src, SIZE, 3);
+  await emptyImage(dst, SIZE);
+  return { dir, src, dst, ctl: join(dir, 'ctl'), uri: unixUri(join(dir, 'nbd'), 'disk'), content };
+}
+
+const jobEvents = (events: Array<{ event: string }>) =>
+  events
+    .filter((e) => e.event.startsWith('job-'))
+    .map((e) => {
+      const { time: _t, ...rest } = e as Record<string, unknown>;
+      return rest;
+    });
+
+describe('live mirror', () => {
+  it('a client writes during the whole job; complete pivots the export onto the target, which then holds every write byte for byte', async () => {
+    const s = await setup();
+    await serve(['--export', `disk=${s.src}`, '--socket', join(s.dir, 'nbd'), '--control', s.ctl]);
+    const log = await eventLog(s.ctl);
+    const writer = await Writer.start(s.uri, Buffer.from(s.content));
+    await writer.waitWrites(20);
+    const started = await control<Q>(s.ctl, 'job-start', { type: 'mirror', export: 'disk', target: s.dst });
+    expect(started).toMatchObject({ id: 'mirror0', type: 'mirror', export: 'disk' });
+    // the job's files beside the image while it runs
+    expect(existsSync(`${s.src}.job-mirror0.json`)).toBe(true);
+    expect(existsSync(`${s.src}.job-mirror0.dirty`)).toBe(true);
+    await log.waitFor('job-ready');
+    const before = writer.writes;
+    await writer.waitWrites(50);
+    const done = await control<Q>(s.ctl, 'job-complete', { id: 'mirror0' });
+    expect(done).toMatchObject({ id: 'mirror0', status: 'concluded' });
+    // writes after the pivot go to the target
+    await writer.waitWrites(50);
+    await writer.stop();
+    expect(writer.writes - before).toBeGreaterThanOrEqual(100);
+    await writeFile(join(s.dir, 'expected.img'), writer.expected);
+    expect(await qemuCompare(join(s.dir, 'expected.img'), s.dst)).toMatchObject({ code: 0 });
+    // the source stopped at the pivot: it differs from what the client wrote since
+    expect((await readFile(s.src)).equals(writer.expected)).toBe(false);
+    expect(jobEvents(log.events)).toEqual([
+      { event: 'job-status-change', id: 'mirror0', type: 'mirror', export: 'disk', status: 'running', previous: 'created' },
+      { event: 'job-ready', id: 'mirror0', type: 'mirror', export: 'disk', synced: true },
+      { event: 'job-status-change', id: 'mirror0', type: 'mirror', export: 'disk', status: 'ready', previous: 'running' },
+      { event: 'job-status-change', id: 'mirror0', type: 'mirror', export: 'disk', status: 'waiting', previous: 'ready' },
+      { event: 'job-status-change', id: 'mirror0', type: 'mirror', export: 'disk', status: 'pending', previous: 'waiting' },
+      expect.objectContaining({ event: 'job-completed', id: 'mirror0', type: 'mirror', export: 'disk' }),
+      { event: 'job-status-change', id: 'mirror0', type: 'mirror', export: 'disk', status: 'concluded', previous: 'pending' },
+    ]);
+    expect((jobEvents(log.events)[5] as { error?: unknown }).error).toBeUndefined();
+    // files removed once concluded
+    await waitFor(() => !existsSync(`${s.src}.job-mirror0.json`) && !existsSync(`${s.src}.job-mirror0.dirty`), 'the job files to go');
+    expect(await control(s.ctl, 'job-list')).toEqual([]);
+    await log.close();
+  });
+
+  it('complete with pivot false: the target is the source as of the complete; the export stays on the source', async () => {
+    const s = await setup();
+    await serve(['--export', `disk=${s.src}`, '--socket', join(s.dir, 'nbd'), '--control', s.ctl]);
+    const log = await eventLog(s.ctl);
+    const writer = await Writer.start(s.uri, Buffer.from(s.content));
+    await control<Q>(s.ctl, 'job-start', { type: 'mirror', export: 'disk', target: s.dst });
+    await log.waitFor('job-ready');
+    await writer.waitWrites(30);
+    await writer.stop();
+    const done = await control<Q>(s.ctl, 'job-complete', { id: 'mirror0', pivot: false });
+    expect(done.status).toBe('concluded');
+    await writeFile(join(s.dir, 'expected.img'), writer.expected);
+    expect(await qemuCompare(join(s.dir, 'expected.img'), s.dst)).toMatchObject({ code: 0 });
+    // the export still writes the source, not the target
+    const w2 = await Writer.start(s.uri, Buffer.from(writer.expected), { seed: 9 });
+    await w2.waitWrites(20);
+    await w2.stop();
+    await writeFile(join(s.dir, 'expected2.img'), w2.expected);
+    expect(await qemuCompare(join(s.dir, 'expected2.img'), s.src)).toMatchObject({ code: 0 });
+    expect((await qemuCompare(join(s.dir, 'expected2.img'), s.dst)).code).toBe(1);
+    await log.close();
+  });
+
+  it('before ready: complete (with or without pivot) fails ERR_JOB_STATE and keeps the job; cancel ends it, target not consistent', async () => {
+    const s = await setup();
+    await serve(['--export', `disk=${s.src}`, '--socket', join(s.dir, 'nbd'), '--control', s.ctl]);
+    const log = await eventLog(s.ctl);
+    await control<Q>(s.ctl, 'job-start', { type: 'mirror', export: 'disk', target: s.dst, speed: 1 * MiB });
+    for (const pivot of [false, true]) {
+      await expect(control(s.ctl, 'job-complete', { id: 'mirror0', pivot })).rejects.toMatchObject({ code: 'ERR_JOB_STATE', message: 'job mirror0 is running: complete needs it to be ready' });
+    }
+    expect(await control<Q>(s.ctl, 'job-query', { id: 'mirror0' })).toMatchObject({ status: 'running', ready: false });
+    await expect(control(s.ctl, 'job-resume', { id: 'mirror0' })).rejects.toMatchObject({ code: 'ERR_JOB_STATE', message: 'job mirror0 is not paused' });
+    expect(await control<Q>(s.ctl, 'job-pause', { id: 'mirror0' })).toMatchObject({ status: 'paused' });
+    await expect(control(s.ctl, 'job-pause', { id: 'mirror0' })).rejects.toMatchObject({ code: 'ERR_JOB_STATE', message: 'job mirror0 is paused: pause needs it to be created or running or ready' });
+    expect(await control<Q>(s.ctl, 'job-resume', { id: 'mirror0' })).toMatchObject({ status: 'running' });
+    expect(await control<Q>(s.ctl, 'job-set-speed', { id: 'mirror0', speed: 2 * MiB })).toMatchObject({ speed: 2 * MiB });
+    await expect(control(s.ctl, 'job-set-speed', { id: 'mirror0', speed: -1 })).rejects.toMatchObject({ code: 'ERR_JOB_INVALID' });
+    expect(await control<Q>(s.ctl, 'job-cancel', { id: 'mirror0' })).toMatchObject({ status: 'concluded' });
+    expect(jobEvents(log.events).filter((e) => e.event === 'job-cancelled')).toEqual([expect.objectContaining({ id: 'mirror0', consistent: false })]);
+    // a concluded job: verbs fail ERR_JOB_STATE, query answers
+    await expect(control(s.ctl, 'job-cancel', { id: 'mirror0' })).rejects.toMatchObject({ code: 'ERR_JOB_STATE', message: 'job mirror0 is concluded: cancel needs it to be created or running or paused or ready or waiting or pending' });
+    await waitFor(() => !existsSync(`${s.src}.job-mirror0.json`), 'the state file to go');
+    // the export is back on its image
+    const w = await Writer.start(s.uri, Buffer.from(s.content));
+    await w.waitWrites(10);
+    await w.stop();
+    await writeFile(join(s.dir, 'expected.img'), w.expected);
+    expect(await qemuCompare(join(s.dir, 'expected.img'), s.src)).toMatchObject({ code: 0 });
+    await log.close();
+  });
+
+  it('cancel after ready: the target is a consistent copy as of the cancel', async () => {
+    const s = await setup();
+    await serve(['--export', `disk=${s.src}`, '--socket', join(s.dir, 'nbd'), '--control', s.ctl]);
+    const log = await eventLog(s.ctl);
+    const writer = await Writer.start(s.uri, Buffer.from(s.content));
+    await control<Q>(s.ctl, 'job-start', { type: 'mirror', export: 'disk', target: s.dst });
+    await log.waitFor('job-ready');
+    await writer.waitWrites(30);
+    await writer.stop();
+    await control<Q>(s.ctl, 'job-cancel', { id: 'mirror0' });
+    expect(jobEvents(log.events).filter((e) => e.event === 'job-cancelled')).toEqual([expect.objectContaining({ id: 'mirror0', consistent: true })]);
+    await writeFile(join(s.dir, 'expected.img'), writer.expected);
+    expect(await qemuCompare(join(s.dir, 'expected.img'), s.dst)).toMatchObject({ code: 0 });
+    await log.close();
+  });
+});
