@@ -662,6 +662,20 @@ export class Qcow2Node implements BlockNode {
     await this.image.makeEmpty();
   }
 
+  /**
+   * Put `node` in place of the backing node — the same image reopened, e.g. read-write for a
+   * live commit into it — once every request in flight has finished (new ones wait meanwhile).
+   * Returns the old backing node: the caller closes it.
+   */
+  async replaceBacking(node: BlockNode): Promise<BlockNode | undefined> {
+    if (this.closed) throw this.closedError();
+    return this.image.gate.exclusive(async () => {
+      const old = this.backing;
+      (this as { backing: BlockNode | undefined }).backing = node;
+      return old;
+    });
+  }
+
   /** Grow the virtual size (a multiple of 512). */
   async resize(size: number): Promise<void> {
     this.checkWritable('resize');
