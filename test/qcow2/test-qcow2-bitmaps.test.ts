@@ -75,11 +75,13 @@ async function qemuIo(path: string, commands: string[]): Promise<void> {
 
 /** The bits blkrep and qemu-nbd see are both exactly `expected`. */
 async function expectBits(path: string, expected: Record<string, NbdinfoEntry[]>): Promise<void> {
-  const qemu = await qemuMaps(path, Object.keys(expected));
-  for (const [name, entries] of Object.entries(expected)) {
-    expect(await dump(path, name), `blkrep's view of ${name}`).toEqual(entries);
-    expect(qemu[name], `qemu-nbd's view of ${name}`).toEqual(entries);
-  }
+  // both only read the image (qemu-nbd -r shares it): run at once
+  const names = Object.keys(expected);
+  const [qemu, ...ours] = await Promise.all([qemuMaps(path, names), ...names.map((n) => dump(path, n))]);
+  names.forEach((name, i) => {
+    expect(ours[i], `blkrep's view of ${name}`).toEqual(expected[name]);
+    expect(qemu[name], `qemu-nbd's view of ${name}`).toEqual(expected[name]);
+  });
 }
 
 describe.skipIf(!hasPeers)('qcow2 persistent bitmaps', () => {
@@ -239,6 +241,8 @@ describe.skipIf(!hasPeers)('qcow2 persistent bitmaps', () => {
     expect(list[0]).toMatchObject({ name: 'bm', dirtyBytes: SIZE, loadState: { state: 'all-dirty', fault: 'in-use' } });
     expect(list[1]).toMatchObject({ name: 'ok', dirtyBytes: 0, loadState: { state: 'clean' } });
     const t = [img, '--name', 'bm'];
+    // each refusal writes nothing, so they may run at once
+    const refused: Array<Promise<string>> = [];
     for (const args of [
       ['dump', ...t],
       ['clear', ...t],
@@ -249,8 +253,9 @@ describe.skipIf(!hasPeers)('qcow2 persistent bitmaps', () => {
       ['merge', ...t, '--source', 'ok'],
       ['merge', img, '--name', 'ok', '--source', 'bm'],
     ]) {
-      await fails(['bitmap', ...args], 1, 'ERR_BITMAP_IN_USE', /inconsistent.*only be removed/);
+      refused.push(fails(['bitmap', ...args], 1, 'ERR_BITMAP_IN_USE', /inconsistent.*only be removed/));
     }
+    await Promise.all(refused);
     // qemu-img refuses the same
     const q = await run('qemu-img', ['bitmap', '--clear', img, 'bm'], { timeoutMs: 20_000 });
     expect(q.code).toBe(1);
@@ -263,16 +268,21 @@ describe.skipIf(!hasPeers)('qcow2 persistent bitmaps', () => {
   it('limits, checkpoints and a corrupt directory are clean errors', async () => {
     const dir = await makeTempDir();
     const img = await image(dir);
-    await fails(['bitmap', 'add', img, '--name', 'n'.repeat(1024)], 1, 'ERR_BITMAP_NAME', /1023/);
-    await fails(['bitmap', 'add', img, '--name', 'a', '--size', '8M'], 2, 'ERR_USAGE', /differs from the image's size/);
-    await fails(['bitmap', 'add', img, '--name', 'a', '--granularity', '256'], 2, 'ERR_USAGE', /granularity/);
-    await fails(['bitmap', 'dump', img], 1, 'ERR_BITMAP_NOT_FOUND', /has no bitmaps/);
+    // refusals write nothing: at once
+    await Promise.all([
+      fails(['bitmap', 'add', img, '--name', 'n'.repeat(1024)], 1, 'ERR_BITMAP_NAME', /1023/),
+      fails(['bitmap', 'add', img, '--name', 'a', '--size', '8M'], 2, 'ERR_USAGE', /differs from the image's size/),
+      fails(['bitmap', 'add', img, '--name', 'a', '--granularity', '256'], 2, 'ERR_USAGE', /granularity/),
+      fails(['bitmap', 'dump', img], 1, 'ERR_BITMAP_NOT_FOUND', /has no bitmaps/),
+    ]);
     await ok(['bitmap', 'add', img, '--name', 'a']);
     await ok(['bitmap', 'add', img, '--name', 'b']);
-    await fails(['bitmap', 'dump', img], 2, 'ERR_USAGE', /2 bitmaps: say which/);
-    await fails(['bitmap', 'dump', img, '--name', 'c'], 1, 'ERR_BITMAP_NOT_FOUND', /no bitmap "c"/);
-    await fails(['bitmap', 'checkpoint', img, '--name', 'a'], 1, 'ERR_NOT_SUPPORTED', /no checkpoints.*merge/);
-    await fails(['bitmap', 'checkpoints', img, '--name', 'a'], 1, 'ERR_NOT_SUPPORTED', /no checkpoints/);
+    await Promise.all([
+      fails(['bitmap', 'dump', img], 2, 'ERR_USAGE', /2 bitmaps: say which/),
+      fails(['bitmap', 'dump', img, '--name', 'c'], 1, 'ERR_BITMAP_NOT_FOUND', /no bitmap "c"/),
+      fails(['bitmap', 'checkpoint', img, '--name', 'a'], 1, 'ERR_NOT_SUPPORTED', /no checkpoints.*merge/),
+      fails(['bitmap', 'checkpoints', img, '--name', 'a'], 1, 'ERR_NOT_SUPPORTED', /no checkpoints/),
+    ]);
 
     // the directory's place, from the bitmaps extension
     const h = await open(img, 'r+');
