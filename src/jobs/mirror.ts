@@ -374,7 +374,11 @@ export class MirrorJob extends Job {
         if (!this.targetIsZero) {
           // everything is dirty; the zero regions become hints for large write-zeroes operations
           this.dirty.setAll();
-          await this.scanExtents(() => false, true);
+          // only hints: when it fails (a flaky source), copy without the rest of them; the copy
+          // operations ask the extents again, and their errors go through the source's policy
+          await this.scanExtents(() => false, true).catch((err: unknown) => {
+            if (this.signal.aborted) throw err;
+          });
           return;
         }
         await this.scanExtents((e) => !e.zero);
