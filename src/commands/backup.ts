@@ -1,0 +1,208 @@
+import { Args, Flags } from '@oclif/core';
+import type { BlockNode } from '../api/block.js';
+import { BlkrepError } from '../api/errors.js';
+import { PersistentBitmap } from '../bitmap/persistent.js';
+import { BlkrepCommand } from '../cli/base.js';
+import { resolveBackupBitmap } from '../cli/backup-bitmap.js';
+import { sizeFlag } from '../cli/flags.js';
+import { progressBar, type Progress } from '../cli/progress.js';
+import { openImage, type ImageFormat } from '../block/open.js';
+import {
+  BACKUP_BITMAP_MODES, BACKUP_SYNC_MODES, BackupJob, CBW_ERROR_POLICIES, DEFAULT_BACKUP_BUF_SIZE, DEFAULT_BACKUP_MAX_OPS,
+  type BackupBitmapMode, type BackupSync, type CbwErrorPolicy,
+} from '../jobs/backup.js';
+import { ERROR_POLICIES, type ErrorPolicy, type JobEvent } from '../jobs/job.js';
+import { formatSize } from '../util/size.js';
+
+export interface BackupResult {
+  source: string;
+  target: string;
+  sync: string;
+  granularity: number;
+  /** bytes the job processed (data copied and zero ranges written) */
+  bytes: number;
+  /** bytes of data written to the target */
+  dataBytes: number;
+  /** bytes of the disk */
+  size: number;
+  seconds: number;
+  /** bytes per second */
+  rate: number;
+  /** target requests sent */
+  targetRequests: number;
+  errors: Array<{ side: string; operation: string; errno: string; action: string; offset: number; length: number; message: string }>;
+  /** the bitmap file used (incremental, or full starting a chain) */
+  bitmap?: string;
+  /** how the bitmap file loaded */
+  bitmapLoad?: string;
+}
+
+export default class Backup extends BlkrepCommand {
+  static override summary = 'Make a point-in-time copy of an image: full, top, or incremental from a bitmap.';
+
+  static override description = `Runs a backup job from SOURCE to TARGET and exits when TARGET holds SOURCE as it was when the job started, flushed. The source is opened read-only; the target must exist and have the source's size.
+--sync full copies everything, top only what the top layer of the source holds, incremental only the regions dirty in --bitmap (a bitmap file, or the NAME of a bitmap beside SOURCE: SOURCE.NAME.bitmap), none nothing (copy-before-write only: meaningful on a live export, where the target fills with the old content of what is overwritten).
+With --bitmap and --bitmap-mode on-success (the default), the regions copied are cleared from the bitmap when the backup succeeds, so the next incremental backup copies what changed since; --sync full --bitmap starts such a chain.
+Ranges that read as zeros are sent as write-zeroes, never as data; with --target-is-zero they are not sent at all. --speed limits the data rate.
+Errors follow --on-source-error and --on-target-error: report (the default), ignore (retry the region later), stop or enospc (offline nobody can resume the job: the command ends with an error). --on-cbw-error says what a failed copy-before-write does on a live export.
+A progress bar with the rate and the time left is shown on a terminal. With --json the result is printed as JSON.`;
+
+  static override examples = [
+    { description: 'A full backup of a disk image onto an NBD server', command: '<%= config.bin %> <%= command.id %> disk.img nbd+unix:///backup?socket=/run/backup.sock' },
+    { description: 'Start an incremental chain: a full backup that clears the bitmap disk.img.daily.bitmap', command: '<%= config.bin %> <%= command.id %> disk.img full.img --sync full --bitmap daily' },
+    { description: 'Then each day: what changed, into an overlay of the previous backup', command: '<%= config.bin %> <%= command.id %> disk.img inc1.qcow2 --sync incremental --bitmap daily' },
+  ];
+
+  static override args = {
+    source: Args.string({ description: 'the image to back up (a path, nbd:// URI, or memory:SIZE)', required: true }),
+    target: Args.string({ description: 'the image to copy onto (same size as the source)', required: true }),
+  };
+
+  static override flags = {
+    format: Flags.string({ char: 'f', description: 'format of the source (probed when not given)', options: ['raw', 'qcow2'], helpValue: 'FORMAT' }),
+    'target-format': Flags.string({ char: 'F', description: 'format of the target (probed when not given)', options: ['raw', 'qcow2'], helpValue: 'FORMAT' }),
+    sync: Flags.string({ description: 'what to copy: full, top (what the top layer of the source holds), none (copy-before-write only), incremental (the regions dirty in --bitmap)', options: [...BACKUP_SYNC_MODES], default: 'full' }),
+    bitmap: Flags.string({ description: 'a bitmap file, or the NAME of a bitmap beside SOURCE (SOURCE.NAME.bitmap): the regions to copy (incremental), or the bitmap to clear (full)', helpValue: 'FILE|NAME' }),
+    'bitmap-mode': Flags.string({ description: 'clear the copied regions from the bitmap on success, always, or never', options: [...BACKUP_BITMAP_MODES], default: 'on-success' }),
+    granularity: sizeFlag({ description: "bytes per copy granule: a power of two from 512 to 64M (default 64K, or the bitmap's)", helpValue: 'SIZE' }),
+    'buf-size': sizeFlag({ description: `most bytes one copy operation moves (default ${formatSize(DEFAULT_BACKUP_BUF_SIZE)})`, helpValue: 'SIZE' }),
+    'max-ops': Flags.integer({ description: `copy operations in flight (default ${DEFAULT_BACKUP_MAX_OPS})`, min: 1, max: 1024, helpValue: 'N' }),
+    speed: sizeFlag({ description: 'limit the data rate to SIZE bytes per second (0: no limit)', helpValue: 'SIZE' }),
+    'target-is-zero': Flags.boolean({ description: 'the target reads as zeros: do not write the zero ranges', default: false }),
+    'on-source-error': Flags.string({ description: 'what a source read error does', options: [...ERROR_POLICIES], default: 'report' }),
+    'on-target-error': Flags.string({ description: 'what a target write error does', options: [...ERROR_POLICIES], default: 'report' }),
+    'on-cbw-error': Flags.string({
+      description: 'what a failed copy-before-write does: fail the guest write (the snapshot stays valid), or let it through and break the snapshot',
+      options: [...CBW_ERROR_POLICIES],
+      default: 'break-guest-write',
+    }),
+    connections: Flags.integer({ description: 'connections to an NBD source or target that allows several (multi-conn)', min: 1, max: 16, default: 4, helpValue: 'N' }),
+    'no-progress': Flags.boolean({ description: 'no progress bar, even on a terminal', default: false }),
+  };
+
+  async run(): Promise<BackupResult> {
+    const { args, flags } = await this.parse(Backup);
+    const sync = flags.sync as BackupSync;
+    if (sync === 'incremental' && flags.bitmap === undefined) this.usageError('--sync incremental needs --bitmap FILE|NAME: the regions to copy');
+    if (flags.bitmap !== undefined && sync !== 'incremental' && sync !== 'full') this.usageError(`--bitmap is used with --sync incremental or full, not ${sync}`);
+    const bitmapMode = flags['bitmap-mode'] as BackupBitmapMode;
+
+    const open = (spec: string, readOnly: boolean, format: string | undefined): Promise<BlockNode> =>
+      openImage(spec, { readOnly, ...(format ? { format: format as ImageFormat } : {}), nbd: { connections: flags.connections } });
+    const source = await open(args.source, true, flags.format);
+    const closers: Array<() => Promise<void>> = [() => source.close()];
+    const closeAll = async (): Promise<void> => {
+      for (const c of closers.reverse()) await c().catch(() => {});
+    };
+    let result: BackupResult;
+    try {
+      const target = await open(args.target, false, flags['target-format']);
+      closers.push(() => target.close());
+      let bitmap: PersistentBitmap | undefined;
+      let bitmapPath: string | undefined;
+      let bitmapLoad: string | undefined;
+      if (flags.bitmap !== undefined) {
+        bitmapPath = await resolveBackupBitmap(flags.bitmap, args.source);
+        const opened = await PersistentBitmap.open(bitmapPath, { size: source.size, readOnly: bitmapMode === 'never' });
+        bitmap = opened.bitmap;
+        closers.push(() => opened.bitmap.close());
+        bitmapLoad = opened.loadState.state;
+        if (opened.loadState.state === 'all-dirty') this.logToStderr(`blkrep: warning: bitmap ${bitmapPath} cannot be trusted (${opened.loadState.reason}): copying everything`);
+        else if (opened.loadState.state === 'recovered') this.logToStderr(`blkrep: bitmap ${bitmapPath} was in use when its writer stopped; recovered from its activity log`);
+      }
+      const job = new BackupJob({
+        id: 'backup0',
+        source,
+        target,
+        sync,
+        ...(bitmap ? { bitmap, bitmapMode } : {}),
+        ...(flags.granularity !== undefined ? { granularity: flags.granularity } : {}),
+        ...(flags['buf-size'] !== undefined ? { bufSize: flags['buf-size'] } : {}),
+        ...(flags['max-ops'] !== undefined ? { maxOps: flags['max-ops'] } : {}),
+        ...(flags.speed !== undefined ? { speed: flags.speed } : {}),
+        targetIsZero: flags['target-is-zero'],
+        onSourceError: flags['on-source-error'] as ErrorPolicy,
+        onTargetError: flags['on-target-error'] as ErrorPolicy,
+        onCbwError: flags['on-cbw-error'] as CbwErrorPolicy,
+      });
+      result = await this.runJob(job, !flags['no-progress'], { sourceSpec: args.source, targetSpec: args.target, bitmapPath, bitmapLoad, size: source.size, policies: flags });
+      if (bitmap && !bitmap.readOnly) await bitmap.flush();
+    } finally {
+      await closeAll();
+    }
+    if (!this.jsonEnabled()) {
+      this.log(`Backed up ${formatSize(result.bytes)} of ${formatSize(result.size)} (${formatSize(result.dataBytes)} of data) in ${result.seconds.toFixed(1)} s (${formatSize(Math.round(result.rate))}/s).`);
+    }
+    return result;
+  }
+
+  private async runJob(
+    job: BackupJob,
+    progress: boolean,
+    o: { sourceSpec: string; targetSpec: string; bitmapPath?: string; bitmapLoad?: string; size: number; policies: { 'on-source-error': string; 'on-target-error': string } },
+  ): Promise<BackupResult> {
+    const errors: BackupResult['errors'] = [];
+    let stopReason: string | undefined;
+    job.on('io-error', (e: Extract<JobEvent, { event: 'error' }>) => {
+      errors.push({ side: e.side, operation: e.operation, errno: e.errno, action: e.action, offset: e.offset, length: e.length, message: e.message });
+      if (!this.jsonEnabled()) this.logToStderr(`blkrep: ${e.side} ${e.operation} error (${e.errno}), ${e.action === 'ignore' ? 'will retry' : e.action === 'stop' ? 'stopping' : 'giving up'}: ${e.message}`);
+      if (e.action === 'stop') {
+        // offline nobody can resume a stopped job: end it
+        stopReason ??= `${e.side} ${e.operation} error (${e.errno}) with policy ${e.side === 'source' ? o.policies['on-source-error'] : o.policies['on-target-error']}: ${e.message}`;
+        setImmediate(() => void job.cancel({ force: true }).catch(() => {}));
+      }
+    });
+    const onSignal = (): void => {
+      stopReason ??= 'interrupted';
+      void job.cancel({ force: true }).catch(() => {});
+    };
+    process.once('SIGINT', onSignal);
+    process.once('SIGTERM', onSignal);
+    const started = performance.now();
+    let bar: Progress | undefined;
+    const showProgress = !this.jsonEnabled() && progress;
+    const ticker = setInterval(() => {
+      const q = job.query();
+      if (!showProgress || q.length === 0) return;
+      bar ??= progressBar('backup', q.length, { enabled: true });
+      bar.update(q.offset);
+    }, 200);
+    let noneEnded = false;
+    try {
+      job.start();
+      if (job.sync === 'none') {
+        // offline nothing writes the source: copy-before-write has nothing to do
+        await new Promise((resolve) => setImmediate(resolve));
+        noneEnded = true;
+        await job.cancel().catch(() => {});
+      }
+      await job.whenConcluded();
+    } finally {
+      clearInterval(ticker);
+      bar?.stop();
+      process.off('SIGINT', onSignal);
+      process.off('SIGTERM', onSignal);
+    }
+    if (job.error) throw job.error;
+    if ((job.isHardCancelled && !noneEnded) || stopReason) {
+      throw new BlkrepError('ERR_JOB_CANCELLED', `backup stopped before the target was complete: ${stopReason ?? 'cancelled'}`, { errno: 'EIO' });
+    }
+    const seconds = (performance.now() - started) / 1000;
+    const q = job.query();
+    return {
+      source: o.sourceSpec,
+      target: o.targetSpec,
+      sync: job.sync,
+      granularity: job.granularity,
+      bytes: q.offset,
+      dataBytes: job.stats.dataBytes,
+      size: o.size,
+      seconds: Math.round(seconds * 1000) / 1000,
+      rate: seconds > 0 ? Math.round(q.offset / seconds) : 0,
+      targetRequests: job.stats.targetRequests,
+      errors,
+      ...(o.bitmapPath ? { bitmap: o.bitmapPath } : {}),
+      ...(o.bitmapLoad ? { bitmapLoad: o.bitmapLoad } : {}),
+    };
+  }
+}
