@@ -22,7 +22,7 @@
  */
 import { BlkrepError } from '../../api/errors.js';
 import { DirtyBitmap, MAX_GRANULARITY, MIN_GRANULARITY } from '../../bitmap/dirty-bitmap.js';
-import { HostFile } from './file.js';
+import { HostFile, type Qcow2Container } from './file.js';
 import {
   AUTOCLEAR_BITMAPS,
   BME_AUTO,
@@ -253,7 +253,11 @@ export class Qcow2BitmapDirectory {
    * from the bitmaps (autoclear bit 0 is not cleared: keepBitmaps).
    */
   static async open(path: string, options: { readOnly: boolean }): Promise<Qcow2BitmapDirectory> {
-    const file = await HostFile.open(path, { readOnly: options.readOnly });
+    return Qcow2BitmapDirectory.openContainer(await HostFile.open(path, { readOnly: options.readOnly }), options);
+  }
+
+  /** The same in any container (tests use one that simulates crashes); closes it on failure. */
+  static async openContainer(file: Qcow2Container, options: { readOnly: boolean }): Promise<Qcow2BitmapDirectory> {
     try {
       const image = await Qcow2Image.open(file, { readOnly: options.readOnly, keepBitmaps: true, l2CacheBytes: 1024 * 1024, refcountCacheBytes: 1024 * 1024 });
       return new Qcow2BitmapDirectory(image, await readDirectory(image));
