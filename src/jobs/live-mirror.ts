@@ -203,6 +203,8 @@ async function createLiveMirror(ctx: JobContext, o: LiveMirrorOptions, resume?: 
   let pb: PersistentBitmap | undefined;
   let job: MirrorJob;
   let pivoted = false;
+  let stopped = false;
+  let gone = false;
   try {
     let seed: DirtyBitmap | undefined;
     if (stateBase !== undefined) {
@@ -246,7 +248,15 @@ async function createLiveMirror(ctx: JobContext, o: LiveMirrorOptions, resume?: 
       ...(o.maxLagMs !== undefined ? { maxLagMs: o.maxLagMs } : {}),
       ...(o.onSourceError ? { onSourceError: o.onSourceError } : {}),
       ...(o.onTargetError ? { onTargetError: o.onTargetError } : {}),
-      ...(persistent ? { onStable: (granules: DirtyBitmap) => clearStable(persistent, granules) } : {}),
+      ...(persistent
+        ? {
+            onStable: (granules: DirtyBitmap) => {
+              clearStable(persistent, granules);
+              // store the clears now (syncs in flight are grouped: at most one waits behind another)
+              if (!stopped && !gone) persistent.flush().catch((err: unknown) => ctx.log('warn', `job ${ctx.id}: ${(err as Error).message}`));
+            },
+          }
+        : {}),
       pivot: async () => {
         // writes wait at the front end; the target equals the source. New requests go through
         // the tracking filter onto the target; the held-back ones too (PivotTarget).
@@ -270,7 +280,6 @@ async function createLiveMirror(ctx: JobContext, o: LiveMirrorOptions, resume?: 
   const statePath = stateBase === undefined ? undefined : jobStatePath(stateBase);
   let generation = resume?.saved.generation ?? 0;
   let chain: Promise<void> = Promise.resolve();
-  let gone = false;
   const save = (status: string): Promise<void> => {
     if (!statePath) return chain;
     chain = chain.then(async () => {
@@ -288,7 +297,6 @@ async function createLiveMirror(ctx: JobContext, o: LiveMirrorOptions, resume?: 
   await save(resume ? 'paused' : 'created');
 
   // ---------------------------------------------------------------- daemon stop: pause and keep
-  let stopped = false;
   ctx.onStop(async () => {
     stopped = true;
     if (!job.pauseRequested && ['created', 'running', 'ready'].includes(job.status)) {

@@ -84,7 +84,7 @@ export class Writer {
   async stop(options: { flush?: boolean; ignoreErrors?: boolean } = {}): Promise<void> {
     this.stopFlag = true;
     await Promise.all(this.loops);
-    if (options.flush !== false && !this.error) await this.node.flush();
+    if (options.flush !== false && !this.error) await this.node.flush?.();
     await this.node.close().catch(() => {});
     if (this.error && !options.ignoreErrors) throw this.error;
   }
