@@ -11,7 +11,7 @@ import type { BitmapChange, BitmapInfo } from './ops.js';
 import { openBitmapStore, type BitmapStore } from './store.js';
 
 export const targetArg = Args.string({
-  description: 'a blkrep bitmap file, or a raw image (its bitmaps are the files IMAGE.NAME.bitmap beside it); left out with --control',
+  description: "a blkrep bitmap file, a qcow2 image (its own persistent bitmaps, as qemu-img bitmap sees them), or a raw image (its bitmaps are the files IMAGE.NAME.bitmap beside it); left out with --control",
   required: false,
 });
 

@@ -5,7 +5,7 @@ import type { BitmapChange } from '../../bitmap/ops.js';
 export default class BitmapMerge extends BitmapCommand {
   static override summary = 'Merge one dirty bitmap into another.';
 
-  static override description = `ORs the bits of a source bitmap into bitmap NAME, as qemu-img bitmap --merge SOURCE [-b SOURCE_FILE] does: a region dirty in either is dirty afterwards. The source is bitmap SOURCE of the same target, or, with --source-file, of another one: a bitmap file (a checkpoint file too), or a raw image whose bitmap SOURCE is IMAGE.SOURCE.bitmap. The two must cover disks of the same size; their granularities may differ (every granule of NAME that a dirty region of the source touches becomes dirty).
+  static override description = `ORs the bits of a source bitmap into bitmap NAME, as qemu-img bitmap --merge SOURCE [-b SOURCE_FILE] does: a region dirty in either is dirty afterwards. The source is bitmap SOURCE of the same target, or, with --source-file, of another one: a bitmap file (a checkpoint file too), a qcow2 image (its bitmap SOURCE), or a raw image whose bitmap SOURCE is IMAGE.SOURCE.bitmap. The two must cover disks of the same size; their granularities may differ (every granule of NAME that a dirty region of the source touches becomes dirty).
 
 Merging bits that are already there succeeds and changes nothing ("changed": false).`;
 
@@ -21,7 +21,7 @@ Merging bits that are already there succeeds and changes nothing ("changed": fal
     ...storeFlags,
     name: nameFlag('the bitmap merged into (default: the only one there is)'),
     source: Flags.string({ char: 's', aliases: ['merge'], description: 'the bitmap merged from: of the same target, or of --source-file', helpValue: 'SOURCE' }),
-    'source-file': Flags.string({ char: 'b', description: 'take the source from this bitmap file or raw image', helpValue: 'FILE' }),
+    'source-file': Flags.string({ char: 'b', description: 'take the source from this bitmap file, qcow2 image or raw image', helpValue: 'FILE' }),
     force: forceFlag,
   };
 
