@@ -5,7 +5,8 @@
  *
  * Rules that make this safe (each is needed; see the crash test):
  * 1. A write may be issued only once every extent it touches is in a DURABLE transaction
- *    (acquire() resolves). Writes to extents already hot cost nothing: no I/O, no wait.
+ *    (acquire() resolves). Writes to extents already hot cost nothing: no I/O, no wait, not
+ *    even a promise (tryAcquire() pins them synchronously).
  * 2. Transactions are written one at a time and each holds the WHOLE hot set, so the newest
  *    valid block is enough at recovery, and a torn newest block falls back to the previous one,
  *    which still covers every write that was issued (rule 1: nothing was issued on the torn one).
@@ -38,6 +39,8 @@ interface Entry {
   refs: number;
   /** sync epoch that will make the bits of the latest write into it durable */
   touched: number;
+  /** when it was last pinned or added (the log's use clock): the LRU order */
+  used: number;
 }
 
 interface Request {
@@ -59,8 +62,10 @@ export interface ActivityLogStats {
 }
 
 export class ActivityLog {
-  /** in LRU order: the least recently used first (Map keeps insertion order; touch = re-insert) */
+  /** the hot set by extent; LRU order is by `used` (a pin costs a counter bump, not a re-insert) */
   private readonly entries = new Map<number, Entry>();
+  /** the use clock: bumped at every pin and every addition */
+  private clock = 0;
   private readonly waiting: Request[] = [];
   private running = false;
   private again = false;
@@ -100,16 +105,31 @@ export class ActivityLog {
     if (last - first + 1 > this.capacity) {
       throw new RangeError(`a request spans ${last - first + 1} extents, more than the activity log's ${this.capacity}`);
     }
-    let hot = true;
-    for (let e = first; e <= last && hot; e++) hot = this.entries.get(e)?.status === 'hot';
-    if (hot) {
-      this.pin(first, last);
-      return undefined;
-    }
+    if (this.tryAcquire(first, last)) return undefined;
     return new Promise<void>((resolve, reject) => {
       this.waiting.push({ first, last, resolve, reject });
       this.kick();
     });
+  }
+
+  /**
+   * The write path's fast case, synchronous and allocation-free: when extents [first, last] are
+   * all hot (durable in the log), pin them and return true; otherwise change nothing and return
+   * false (the caller then goes through acquire()).
+   */
+  tryAcquire(first: number, last: number): boolean {
+    const entries = this.entries;
+    if (first === last) {
+      const x = entries.get(first);
+      if (x === undefined || x.status !== 'hot') return false;
+      x.refs++;
+      x.used = ++this.clock;
+      return true;
+    }
+    if (last - first + 1 > this.capacity) return false;
+    for (let e = first; e <= last; e++) if (entries.get(e)?.status !== 'hot') return false;
+    this.pin(first, last);
+    return true;
   }
 
   /** Unpin extents [first, last]; `touched` = the sync epoch that will make the write's bits durable. */
@@ -129,9 +149,13 @@ export class ActivityLog {
     for (let e = first; e <= last; e++) {
       const x = this.entries.get(e)!;
       x.refs++;
-      this.entries.delete(e);
-      this.entries.set(e, x);
+      x.used = ++this.clock;
     }
+  }
+
+  /** the entries, least recently used first */
+  private byAge(): Entry[] {
+    return [...this.entries.values()].sort((a, b) => a.used - b.used);
   }
 
   private kick(): void {
@@ -199,8 +223,9 @@ export class ActivityLog {
       // may forget an extent only then.
       const durable = this.io.durableEpoch();
       const victims: Entry[] = [];
+      const lru = this.byAge();
       for (const pass of [true, false]) {
-        for (const x of this.entries.values()) {
+        for (const x of lru) {
           if (victims.length >= over) break;
           if (candidates.has(x.extent) && !wanted.has(x.extent) && (x.touched <= durable) === pass) victims.push(x);
         }
@@ -229,7 +254,7 @@ export class ActivityLog {
       return true;
     }
     // From deciding the set to the commit nothing awaits: the new hot set is one atomic step.
-    for (const e of add) this.entries.set(e, { extent: e, status: 'committing', refs: 0, touched: 0 });
+    for (const e of add) this.entries.set(e, { extent: e, status: 'committing', refs: 0, touched: 0, used: ++this.clock });
     const set = [...this.entries.keys()].sort((a, b) => a - b);
     const batch = this.waiting.splice(0, served);
     try {

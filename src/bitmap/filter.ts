@@ -19,6 +19,12 @@ import type { DirtyBitmap, Run } from './dirty-bitmap.js';
 export interface WriteTracker<T = unknown> {
   /** resolves when a write to [offset, offset+length) may be issued */
   beforeWrite(offset: number, length: number): Promise<T>;
+  /**
+   * Optional fast path: the ticket at once when a write to [offset, offset+length) may be issued
+   * without waiting, else undefined having changed nothing (the filter then calls beforeWrite).
+   * A ticket is never undefined.
+   */
+  beforeWriteSync?(offset: number, length: number): T | undefined;
   /** the write of `ticket` is over, successfully or not */
   afterWrite(ticket: T): void;
   /** resolves when everything recorded so far is durable */
@@ -29,6 +35,7 @@ export interface WriteTracker<T = unknown> {
 export function volatileTracker(bitmap: DirtyBitmap): WriteTracker<Run> {
   return {
     beforeWrite: (offset, length) => Promise.resolve({ offset, length }),
+    beforeWriteSync: (offset, length) => ({ offset, length }),
     afterWrite: (t) => {
       if (t.length > 0) bitmap.set(t.offset, t.length);
     },
@@ -90,15 +97,15 @@ export class DirtyTrackingNode implements BlockNode {
   }
 
   write(offset: number, data: Buffer, o?: WriteOptions): Promise<void> {
-    return this.tracked(offset, data.length, 'write', () => this.next.write(offset, data, o));
+    return this.tracked(WRITE, offset, data.length, data, o);
   }
 
   writeZeroes(offset: number, length: number, o?: ZeroOptions): Promise<void> {
-    return this.tracked(offset, length, 'write-zeroes', () => this.next.writeZeroes(offset, length, o));
+    return this.tracked(WRITE_ZEROES, offset, length, undefined, o);
   }
 
   trim(offset: number, length: number, o?: WriteOptions): Promise<void> {
-    return this.tracked(offset, length, 'trim', () => this.next.trim(offset, length, o));
+    return this.tracked(TRIM, offset, length, undefined, o);
   }
 
   async flush(o?: IoOptions): Promise<void> {
@@ -111,21 +118,71 @@ export class DirtyTrackingNode implements BlockNode {
     return this.next.close();
   }
 
-  private async tracked(offset: number, length: number, op: string, issue: () => Promise<void>): Promise<void> {
-    checkRange(this, offset, length, op);
+  /** the request itself, to `next` */
+  private issue(kind: Kind, offset: number, length: number, data: Buffer | undefined, o: WriteOptions | ZeroOptions | undefined): Promise<void> {
+    if (kind === WRITE) return this.next.write(offset, data!, o);
+    if (kind === WRITE_ZEROES) return this.next.writeZeroes(offset, length, o);
+    return this.next.trim(offset, length, o);
+  }
+
+  /**
+   * Called for every modifying request. Not async itself: the common cases — no tracker, or one
+   * tracker whose extent is already hot — issue the request synchronously, with one promise (the
+   * request's own) and one await at most. Every tracker's beforeWrite/beforeWriteSync runs
+   * synchronously inside this call (the mirror's write-blocking relies on it).
+   */
+  private tracked(kind: Kind, offset: number, length: number, data: Buffer | undefined, o: WriteOptions | ZeroOptions | undefined): Promise<void> {
+    try {
+      checkRange(this, offset, length, OP_NAMES[kind]);
+    } catch (err) {
+      return Promise.reject(err);
+    }
     const trackers = this.trackers;
-    if (trackers.length === 0) return issue();
+    if (trackers.length === 0) {
+      try {
+        return this.issue(kind, offset, length, data, o);
+      } catch (err) {
+        return Promise.reject(err);
+      }
+    }
     if (trackers.length === 1) {
       const tracker = trackers[0]!;
-      const ticket = await tracker.beforeWrite(offset, length);
+      const ticket = tracker.beforeWriteSync?.(offset, length);
+      if (ticket !== undefined) return this.issueThenRelease(tracker, ticket, kind, offset, length, data, o);
+      let waiting: Promise<unknown>;
       try {
-        await issue();
-      } finally {
-        tracker.afterWrite(ticket);
+        waiting = tracker.beforeWrite(offset, length);
+      } catch (err) {
+        return Promise.reject(err);
       }
-      return;
+      return waiting.then((t) => this.issueThenRelease(tracker, t, kind, offset, length, data, o));
     }
-    const settled = await Promise.allSettled(trackers.map((t) => t.beforeWrite(offset, length)));
+    return this.trackedByMany(trackers, kind, offset, length, data, o);
+  }
+
+  private async issueThenRelease(
+    tracker: WriteTracker, ticket: unknown, kind: Kind, offset: number, length: number, data: Buffer | undefined, o: WriteOptions | ZeroOptions | undefined,
+  ): Promise<void> {
+    try {
+      await this.issue(kind, offset, length, data, o);
+    } finally {
+      tracker.afterWrite(ticket);
+    }
+  }
+
+  private async trackedByMany(
+    trackers: WriteTracker[], kind: Kind, offset: number, length: number, data: Buffer | undefined, o: WriteOptions | ZeroOptions | undefined,
+  ): Promise<void> {
+    // Every tracker is asked synchronously, before the first await.
+    const tickets: unknown[] = trackers.map((t) => {
+      try {
+        const ticket = t.beforeWriteSync?.(offset, length);
+        return ticket !== undefined ? ticket : t.beforeWrite(offset, length);
+      } catch (err) {
+        return Promise.reject(err);
+      }
+    });
+    const settled = await Promise.allSettled(tickets);
     const failure = settled.find((s): s is PromiseRejectedResult => s.status === 'rejected');
     if (failure) {
       settled.forEach((s, i) => {
@@ -134,9 +191,15 @@ export class DirtyTrackingNode implements BlockNode {
       throw failure.reason;
     }
     try {
-      await issue();
+      await this.issue(kind, offset, length, data, o);
     } finally {
       settled.forEach((s, i) => trackers[i]!.afterWrite((s as PromiseFulfilledResult<unknown>).value));
     }
   }
 }
+
+type Kind = 0 | 1 | 2;
+const WRITE: Kind = 0;
+const WRITE_ZEROES: Kind = 1;
+const TRIM: Kind = 2;
+const OP_NAMES = ['write', 'write-zeroes', 'trim'] as const;

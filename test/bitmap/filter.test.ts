@@ -117,6 +117,35 @@ describe('DirtyTrackingNode', () => {
     expect(events).toEqual([]);
   });
 
+  it('waits for the activity log only on the first write into a cold extent; into a hot one the write is issued at once', async () => {
+    const events: string[] = [];
+    const pb = await PersistentBitmap.create(join(dir, `sync-${counter++}.bitmap`), { size: 4 * MiB, granularity: 4096, extentSize: MiB });
+    const bitmap = new DirtyBitmap(4 * MiB, { granularity: 4096 });
+    const single = new DirtyTrackingNode(spyNode(events, 4 * MiB), [pb]);
+    try {
+      const first = single.write(0, Buffer.alloc(512, 1));
+      expect(events).toEqual([]); // extent 0 is cold: the write waits for a log transaction
+      await first;
+      expect(pb.info().activityLog.transactions).toBe(1);
+      const hot = single.write(8192, Buffer.alloc(512, 2));
+      expect(events).toEqual(['node:write 0+512', 'node:write 8192+512']); // issued inside write()
+      await hot;
+      const both = new DirtyTrackingNode(spyNode(events, 4 * MiB), [pb, volatileTracker(bitmap)]);
+      const zero = both.writeZeroes(MiB - 4096, 8192); // extents 0 (hot) and 1 (cold)
+      expect(events).toHaveLength(2);
+      await zero;
+      await both.trim(16384, 4096); // hot in both: no further transaction
+      expect(events.slice(2)).toEqual([`node:zero ${MiB - 4096}+8192`, 'node:trim 16384+4096']);
+      expect(pb.info().activityLog.transactions).toBe(2);
+      expect([...pb.bitmap.dirtyRuns()]).toEqual([
+        { offset: 0, length: 4096 }, { offset: 8192, length: 4096 }, { offset: 16384, length: 4096 }, { offset: MiB - 4096, length: 8192 },
+      ]);
+      expect([...bitmap.dirtyRuns()]).toEqual([{ offset: 16384, length: 4096 }, { offset: MiB - 4096, length: 8192 }]);
+    } finally {
+      await pb.close();
+    }
+  });
+
   it('flush resolves only when the image and every bitmap are flushed', async () => {
     const events: string[] = [];
     const a = spyTracker(events, 'a');
