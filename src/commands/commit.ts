@@ -4,9 +4,19 @@ import { BlkrepCommand } from '../cli/base.js';
 import { sizeFlag } from '../cli/flags.js';
 import { progressBar, type Progress } from '../cli/progress.js';
 import { commitImage, type CommitResult } from '../image/commit.js';
+import { ControlClient } from '../control/client.js';
 import type { CommitJob } from '../jobs/commit.js';
-import { ERROR_POLICIES, type ErrorPolicy, type JobEvent } from '../jobs/job.js';
+import { ERROR_POLICIES, type ErrorPolicy, type JobEvent, type JobInfo } from '../jobs/job.js';
 import { formatSize } from '../util/size.js';
+
+/** blkrep commit --control: the job's query (at the start, or once it concluded with --wait). */
+interface LiveCommitOutput {
+  live: true;
+  export: string | null;
+  job: JobInfo;
+  /** --wait: the overlay was made empty (complete); false after --keep (cancel once ready) */
+  emptied?: boolean;
+}
 
 type CommitOutput = CommitResult & { errors: Array<{ side: string; operation: string; errno: string; action: string; offset: number; length: number; message: string }> };
 
@@ -19,17 +29,21 @@ With -b BASE the data goes into BASE further down OVERLAY's backing chain, and e
 
 A crash or an interruption is harmless: until OVERLAY is emptied it shadows everything already written into the base, and the commit can be run again.
 
+With --control PATH the commit runs in a serve-nbd daemon, on the image of its export --export NAME (a qcow2 overlay) while clients keep writing it: an active commit into the overlay's own backing file (job type commit; --base, if given, must name that file). Without --wait the command starts the job and prints it; blkrep job pause, resume, cancel and complete then work on it, and complete makes the overlay empty once the base has caught up (the writes wait meanwhile, then go on to the empty overlay). With --wait the command follows the job with a progress bar, completes it as soon as it is ready (with --keep it cancels it instead: the base is then a consistent copy and the overlay is kept), and exits when it has concluded.
+
 The commit runs as a job (the engine of blkrep mirror): --on-source-error and --on-target-error choose what a read error of the overlay or a write error of the base does (report ends the commit, ignore retries the range later; stop, offline, ends it too, as nobody can resume it). A progress bar with the rate and the time left is shown on a terminal.`;
 
   static override examples = [
     { description: 'Fold an overlay into its backing file', command: '<%= config.bin %> <%= command.id %> active.qcow2' },
     { description: 'Commit the whole chain above base.img, at most 100 MiB/s', command: '<%= config.bin %> <%= command.id %> active.qcow2 -b base.img --speed 100M' },
+    { description: "Commit a live export's overlay into its backing file, following it to the end", command: '<%= config.bin %> <%= command.id %> --control /run/blkrep/ctl.sock --export disk --wait' },
+    { description: 'Start it only; complete it later with blkrep job complete', command: '<%= config.bin %> <%= command.id %> --control /run/blkrep/ctl.sock --export disk --speed 50M --json' },
     { description: 'Retry ranges the base fails to write instead of giving up', command: '<%= config.bin %> <%= command.id %> hidden.qcow2 --on-target-error ignore' },
     { description: 'Keep the overlay; report as JSON', command: "<%= config.bin %> <%= command.id %> active.qcow2 --keep --json | jq '.dataBytes'" },
   ];
 
   static override args = {
-    overlay: Args.string({ description: 'the qcow2 overlay to commit', required: true }),
+    overlay: Args.string({ description: 'the qcow2 overlay to commit (not with --control)', required: false }),
   };
 
   static override flags = {
@@ -40,11 +54,23 @@ The commit runs as a job (the engine of blkrep mirror): --on-source-error and --
     'on-target-error': Flags.string({ description: 'what a write error of the base does', options: [...ERROR_POLICIES], default: 'report' }),
     keep: Flags.boolean({ char: 'd', description: 'do not make OVERLAY empty afterwards', default: false }),
     'no-progress': Flags.boolean({ description: 'no progress bar, even on a terminal', default: false }),
+    control: Flags.string({ char: 'c', description: "commit a live export: the serve-nbd daemon's control socket", helpValue: 'PATH' }),
+    export: Flags.string({ description: 'with --control: the export whose image is committed (default: the only one)', helpValue: 'NAME' }),
+    id: Flags.string({ description: 'with --control: the job id (default: commit0, commit1, and so on)', helpValue: 'ID' }),
+    wait: Flags.boolean({ description: 'with --control: follow the job, complete it once ready (cancel it with --keep), exit when it has concluded', default: false }),
   };
 
-  async run(): Promise<CommitOutput> {
+  async run(): Promise<CommitOutput | LiveCommitOutput> {
     const { args, flags } = await this.parse(Commit);
     if (flags.rate !== undefined && flags.rate <= 0) this.usageError(`--rate must be a positive number of bytes per second, not ${flags.rate}`);
+    if (flags.control !== undefined) {
+      if (args.overlay !== undefined) this.usageError(`with --control the image of an export is committed: name it with --export, not as ${args.overlay}`);
+      if (flags.keep && !flags.wait) this.usageError('--keep with --control needs --wait (the job keeps the overlay when it is cancelled once ready)');
+      return this.live(flags);
+    }
+    for (const f of ['export', 'id'] as const) if (flags[f] !== undefined) this.usageError(`--${f} needs --control`);
+    if (flags.wait) this.usageError('--wait needs --control');
+    if (args.overlay === undefined) this.usageError('the overlay to commit is missing (or give --control PATH --export NAME for a live export)');
     let bar: Progress | undefined;
     let ticker: NodeJS.Timeout | undefined;
     let job: CommitJob | undefined;
@@ -59,7 +85,7 @@ The commit runs as a job (the engine of blkrep mirror): --on-source-error and --
     process.once('SIGTERM', onSignal);
     let committed: CommitResult;
     try {
-      committed = await commitImage(args.overlay, {
+      committed = await commitImage(args.overlay!, {
         ...(flags.base === undefined ? {} : { base: flags.base }),
         ...(flags.rate === undefined ? {} : { rate: flags.rate }),
         ...(flags.speed === undefined ? {} : { speed: flags.speed }),
@@ -108,5 +134,74 @@ The commit runs as a job (the engine of blkrep mirror): --on-source-error and --
       }
     }
     return result;
+  }
+
+  /** blkrep commit --control: a commit job in the daemon. */
+  private async live(flags: {
+    control?: string;
+    export?: string;
+    id?: string;
+    base?: string;
+    rate?: number;
+    speed?: number;
+    keep: boolean;
+    wait: boolean;
+    'on-source-error': string;
+    'on-target-error': string;
+    'no-progress': boolean;
+  }): Promise<LiveCommitOutput> {
+    const client = await ControlClient.connect(flags.control!, { timeoutMs: 10_000 });
+    try {
+      const speed = flags.speed ?? flags.rate;
+      let info = (await client.request('job-start', {
+        type: 'commit',
+        ...(flags.export === undefined ? {} : { export: flags.export }),
+        ...(flags.id === undefined ? {} : { id: flags.id }),
+        ...(flags.base === undefined ? {} : { base: flags.base }),
+        ...(speed === undefined ? {} : { speed }),
+        onSourceError: flags['on-source-error'],
+        onTargetError: flags['on-target-error'],
+      })) as JobInfo;
+      const exportName = (info['export'] as string | null | undefined) ?? flags.export ?? null;
+      if (!flags.wait) {
+        if (!this.jsonEnabled()) {
+          this.log(`Started commit job ${info.id} of export "${exportName}" (${info['top']} into ${info['base']}).`);
+          this.log(`Once it is ready: blkrep job complete ${info.id} --control ${flags.control} (the overlay is then made empty).`);
+        }
+        return { live: true, export: exportName, job: info };
+      }
+      const id = info.id;
+      const showProgress = !this.jsonEnabled() && !flags['no-progress'];
+      let bar: Progress | undefined;
+      let emptied: boolean | undefined;
+      try {
+        for (;;) {
+          info = (await client.request('job-query', { id })) as JobInfo;
+          if (showProgress && info.length > 0) {
+            bar ??= progressBar('commit', info.length, { enabled: true });
+            bar.update(Math.min(info.offset, info.length));
+          }
+          if (info.status === 'concluded') break;
+          if (info.status === 'ready') {
+            // complete resolves (or fails) once the job has concluded; cancel of a ready job too
+            await client.request(flags.keep ? 'job-cancel' : 'job-complete', { id });
+            emptied = !flags.keep;
+            info = (await client.request('job-query', { id })) as JobInfo;
+            break;
+          }
+          await new Promise((resolve) => setTimeout(resolve, 200));
+        }
+      } finally {
+        bar?.stop();
+      }
+      if (info.error) throw new BlkrepError(info.error.code, `commit job ${id} failed: ${info.error.message}`, { errno: info.error.errno });
+      if (emptied === undefined) throw new BlkrepError('ERR_JOB_CANCELLED', `commit job ${id} was cancelled before the base had caught up (the overlay still shadows what was written)`, { errno: 'ESHUTDOWN', details: { id } });
+      if (!this.jsonEnabled()) {
+        this.log(emptied ? `Committed the image of export "${exportName}" into ${info['base']}: the overlay is empty, writes go on to it.` : `The base ${info['base']} of export "${exportName}" is a consistent copy; the overlay was kept (--keep).`);
+      }
+      return { live: true, export: exportName, job: info, emptied };
+    } finally {
+      await client.close();
+    }
   }
 }

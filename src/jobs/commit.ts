@@ -418,6 +418,11 @@ export interface ActiveCommitOptions extends Omit<MirrorOptions, 'source' | 'tar
   overlay: BlockNode;
   /** BASE: must be the overlay's backing node, writable (default: that node) */
   base?: BlockNode;
+  /**
+   * What writes go through to reach the overlay, read as the overlay (default: the overlay). A
+   * daemon gives its export's dirty-tracking filter, so the export's bitmaps keep recording.
+   */
+  via?: BlockNode;
 }
 
 /** The node an overlay reads through (a qcow2 image's backing), if any. */
@@ -461,7 +466,7 @@ export class ActiveCommitJob extends MirrorJob {
     super({
       ...options,
       id: options.id ?? 'commit0',
-      source: overlay,
+      source: options.via ?? overlay,
       target: base,
       sync: 'top',
       ...(granularity === undefined ? {} : { granularity }),
