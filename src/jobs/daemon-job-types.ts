@@ -4,4 +4,3 @@
  */
 import './live-mirror.js';
 import './commit-daemon.js';
-import './backup-daemon.js';
