@@ -350,18 +350,11 @@ export class Qcow2BitmapDirectory {
     const data = await this.readBytes(e);
     const g = granularityOf(e);
     let granules = 0;
-    let bytes = 0;
-    for (let i = 0; i < data.length; i++) {
-      let b = data[i]!;
-      while (b !== 0) {
-        const bit = 31 - Math.clz32(b & -b);
-        b &= b - 1;
-        const n = i * 8 + bit;
-        granules++;
-        bytes += Math.min(g, this.size - n * g);
-      }
-    }
-    return { granules, bytes };
+    for (let i = 0; i < data.length; i++) granules += POPCOUNT[data[i]!]!;
+    // only the last granule may be short
+    const bits = Math.ceil(this.size / g);
+    const lastSet = bits > 0 && (data[(bits - 1) >>> 3]! >>> ((bits - 1) & 7)) & 1;
+    return { granules, bytes: granules * g - (lastSet ? bits * g - this.size : 0) };
   }
 
   /**
@@ -501,6 +494,11 @@ async function readDirectory(image: Qcow2Image): Promise<DirEntry[]> {
 }
 
 const ZEROS = Buffer.alloc(64 * 1024);
+const POPCOUNT = Uint8Array.from({ length: 256 }, (_, b) => {
+  let n = 0;
+  for (let x = b; x !== 0; x &= x - 1) n++;
+  return n;
+});
 
 function isZero(b: Buffer): boolean {
   for (let i = 0; i < b.length; i += ZEROS.length) {
