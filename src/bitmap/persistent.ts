@@ -80,10 +80,45 @@ class Ticket implements WriteTicket {
   mode = NOT_RECORDED;
   first = 0;
   last = -1;
+  /** links of the in-flight list (Inflight): no hashing, no allocation per write */
+  prev: Ticket | undefined = undefined;
+  next: Ticket | undefined = undefined;
+  listed = false;
   constructor(
     readonly offset: number,
     readonly length: number,
   ) {}
+}
+
+/** The writes in flight: an intrusive doubly linked list of tickets. */
+class Inflight {
+  private head: Ticket | undefined;
+  size = 0;
+
+  add(t: Ticket): void {
+    t.listed = true;
+    t.prev = undefined;
+    t.next = this.head;
+    if (this.head) this.head.prev = t;
+    this.head = t;
+    this.size++;
+  }
+
+  /** false when `t` is not in the list (already removed) */
+  delete(t: Ticket): boolean {
+    if (!t.listed) return false;
+    t.listed = false;
+    if (t.prev) t.prev.next = t.next;
+    else this.head = t.next;
+    if (t.next) t.next.prev = t.prev;
+    t.prev = t.next = undefined;
+    this.size--;
+    return true;
+  }
+
+  *[Symbol.iterator](): Generator<Ticket> {
+    for (let t = this.head; t; t = t.next) yield t;
+  }
 }
 
 export interface CheckpointInfo {
@@ -145,7 +180,7 @@ export class PersistentBitmap {
   private alBlock: [Buffer, number] | undefined;
   /** a request touching more extents than this pre-marks its bits instead of logging extents */
   private readonly directLimit: number;
-  private readonly inflight = new Set<Ticket>();
+  private readonly inflight = new Inflight();
   private idle: (() => void) | undefined;
   /** set while a checkpoint's file is being written: bitmap syncs wait (they would store the cleared bits) */
   private barrier: Promise<void> | undefined;
@@ -425,7 +460,11 @@ export class PersistentBitmap {
   afterWrite(ticket: WriteTicket): void {
     const t = ticket as Ticket;
     if (!this.inflight.delete(t)) return;
-    if (t.mode !== NOT_RECORDED && t.length > 0) this.bitmap.fill(t.offset, t.length);
+    // the range was checked by beforeWrite: set the bits directly
+    if (t.mode !== NOT_RECORDED && t.length > 0) {
+      const g = this.bitmap.granularity;
+      this.bitmap.setBits(Math.floor(t.offset / g), Math.ceil((t.offset + t.length) / g));
+    }
     // bits set now are stored by the next sync snapshot
     if (t.mode === LOGGED) this.al.release(t.first, t.last, this.snapEpoch + 1);
     this.maybeIdle();
