@@ -9,6 +9,9 @@ import { progressBar, type Progress } from '../cli/progress.js';
 import { ERROR_POLICIES, type ErrorPolicy, type JobEvent } from '../jobs/job.js';
 import { BITMAP_MODES, COPY_MODES, DEFAULT_BUF_SIZE, DEFAULT_MAX_OPS, MirrorJob, type BitmapMode, type CopyMode, type MirrorSync } from '../jobs/mirror.js';
 import { formatSize } from '../util/size.js';
+import { ControlClient } from '../control/client.js';
+import type { ControlEvent } from '../control/protocol.js';
+import { followJob, type JobQuery } from '../jobs/job-command.js';
 
 export interface MirrorResult {
   source: string;
@@ -30,23 +33,27 @@ export interface MirrorResult {
 }
 
 export default class Mirror extends BlkrepCommand {
-  static override summary = 'Copy an image onto another, offline, with the mirror job.';
+  static override summary = 'Copy an image onto another with the mirror job: offline, or live on an export of serve-nbd.';
 
   static override description = `Runs a mirror job from SOURCE to TARGET and exits when TARGET is a consistent copy of SOURCE: everything copied, then the target flushed. The source is opened read-only; the target must exist and have the source's size.
 Ranges the source reports as zeros or holes are sent as write-zeroes (holes may be punched on the target), never as data, and so are granules of data that read as zeros. With --target-is-zero, zero ranges are not sent at all.
 Up to --max-ops copy operations of up to --buf-size bytes are in flight at once. --speed limits the data rate.
 Errors follow --on-source-error and --on-target-error: report (the default: stop with an error), ignore (retry the region later), stop or enospc (offline there is nobody to resume the job, so a stop ends it with an error too).
-A progress bar with the rate and the time left is shown on a terminal. With --json the result is printed as JSON.`;
+A progress bar with the rate and the time left is shown on a terminal. With --json the result is printed as JSON.
+
+Live: with --control PATH [--export NAME] TARGET, the serve-nbd daemon behind PATH mirrors the export while its clients keep writing it. The job copies (copy phase), then is ready — the target is in step — and from then on every new write follows. It runs until blkrep job complete (pivot: the export serves TARGET from then on; --no-pivot: a consistent copy is left) or blkrep job cancel. The command starts it and prints its id (--json: the job's query object); --wait ready or --wait done follows it (a progress bar on a terminal) and exits once it is ready or has concluded. --sync bitmap:NAME names a bitmap of the export. When the export's image is a file, the job's state and dirty bitmap are kept beside it (IMAGE.job-ID.json, IMAGE.job-ID.dirty): after a crash or a restart the daemon loads the job paused, and blkrep job resume copies only what is still dirty.
+Exit status: 0 done (live: started, or ready/done with --wait); 1 failure (live: the job failed or was cancelled while waited for, ERR_JOB_EXISTS, ERR_EXPORT_BUSY, the daemon not reachable); 2 usage error.`;
 
   static override examples = [
     { description: 'Copy a disk image to an NBD server', command: '<%= config.bin %> <%= command.id %> disk.img nbd+unix:///disk?socket=/run/replica.sock' },
     { description: 'Onto a fresh, all-zero target: skip the zeros', command: '<%= config.bin %> <%= command.id %> disk.img nbd://replica/disk --target-is-zero' },
     { description: 'Only the regions a bitmap marks dirty, at most 100 MiB/s', command: '<%= config.bin %> <%= command.id %> disk.img nbd://replica/disk --sync bitmap:disk.img.bitmap --speed 100M' },
+    { description: 'Live: mirror export "disk" of a running daemon onto a new disk, wait until it is in step, then pivot', command: '<%= config.bin %> <%= command.id %> --control /run/blkrep/ctl.sock --export disk /var/lib/new.img --wait ready && <%= config.bin %> job complete mirror0 --control /run/blkrep/ctl.sock' },
   ];
 
   static override args = {
-    source: Args.string({ description: 'the image to copy (a path, nbd:// URI, or memory:SIZE)', required: true }),
-    target: Args.string({ description: 'the image to copy onto (same size as the source)', required: true }),
+    source: Args.string({ description: 'the image to copy (a path, nbd:// URI, or memory:SIZE); left out with --control', required: false }),
+    target: Args.string({ description: 'the image to copy onto (same size as the source)', required: false }),
   };
 
   static override flags = {
@@ -69,10 +76,19 @@ A progress bar with the rate and the time left is shown on a terminal. With --js
     'on-target-error': Flags.string({ description: 'what a target write error does', options: [...ERROR_POLICIES], default: 'report' }),
     connections: Flags.integer({ description: 'connections to an NBD source or target that allows several (multi-conn)', min: 1, max: 16, default: 4, helpValue: 'N' }),
     'no-progress': Flags.boolean({ description: 'no progress bar, even on a terminal', default: false }),
+    control: Flags.string({ char: 'c', description: "live: mirror an export of the serve-nbd daemon behind this control socket (give only TARGET)", helpValue: 'PATH' }),
+    export: Flags.string({ char: 'e', description: "live: the export to mirror (default: the daemon's only export)", helpValue: 'NAME' }),
+    'job-id': Flags.string({ description: 'live: the job id (default mirror0, mirror1 …)', helpValue: 'ID' }),
+    wait: Flags.string({ description: 'live: wait until the job is ready, or done (concluded), before exiting', options: ['ready', 'done'], helpValue: 'ready|done' }),
+    timeout: Flags.integer({ description: 'live: give up on the daemon (or the --wait) after this many seconds', min: 1, helpValue: 'SECONDS' }),
   };
 
-  async run(): Promise<MirrorResult> {
+  async run(): Promise<MirrorResult | JobQuery> {
     const { args, flags } = await this.parse(Mirror);
+    if (flags.control !== undefined) return this.live(args, flags);
+    for (const f of ['export', 'job-id', 'wait', 'timeout'] as const) if (flags[f] !== undefined) this.usageError(`--${f} is for a live mirror: give --control PATH too`);
+    if (args.source === undefined || args.target === undefined) this.usageError('SOURCE and TARGET are required (or --control PATH and TARGET for a live mirror)');
+    const { source: sourceSpec, target: targetSpec } = args as { source: string; target: string };
     let sync: MirrorSync;
     let bitmapPath: string | undefined;
     if (flags.sync.startsWith('bitmap:')) {
@@ -88,14 +104,14 @@ A progress bar with the rate and the time left is shown on a terminal. With --js
 
     const open = (spec: string, readOnly: boolean, format: string | undefined): Promise<BlockNode> =>
       openImage(spec, { readOnly, ...(format ? { format: format as ImageFormat } : {}), nbd: { connections: flags.connections } });
-    const source = await open(args.source, true, flags.format);
+    const source = await open(sourceSpec, true, flags.format);
     const closers: Array<() => Promise<void>> = [() => source.close()];
     const closeAll = async (): Promise<void> => {
       for (const c of closers.reverse()) await c().catch(() => {});
     };
     let result: MirrorResult;
     try {
-      const target = await open(args.target, false, flags['target-format']);
+      const target = await open(targetSpec, false, flags['target-format']);
       closers.push(() => target.close());
       let bitmap: PersistentBitmap | undefined;
       let bitmapLoad: string | undefined;
@@ -108,7 +124,7 @@ A progress bar with the rate and the time left is shown on a terminal. With --js
         if (opened.loadState.state === 'all-dirty') this.logToStderr(`blkrep: warning: bitmap ${bitmapPath} cannot be trusted (${opened.loadState.reason}): copying everything`);
         else if (opened.loadState.state === 'recovered') this.logToStderr(`blkrep: bitmap ${bitmapPath} was in use when its writer stopped; recovered from its activity log`);
       }
-      result = await this.mirror(source, target, { ...flags, sync, bitmap, bitmapMode, bitmapLoad, sourceSpec: args.source, targetSpec: args.target, bitmapSpec: flags.sync });
+      result = await this.mirror(source, target, { ...flags, sync, bitmap, bitmapMode, bitmapLoad, sourceSpec, targetSpec, bitmapSpec: flags.sync });
       if (bitmap && !bitmap.readOnly) await bitmap.flush();
     } finally {
       await closeAll();
@@ -117,6 +133,75 @@ A progress bar with the rate and the time left is shown on a terminal. With --js
       this.log(`Mirrored ${formatSize(result.bytes)} of ${formatSize(result.size)} in ${result.seconds.toFixed(1)} s (${formatSize(Math.round(result.rate))}/s).`);
     }
     return result;
+  }
+
+  /** --control: start the job on the daemon; --wait: follow it. */
+  private async live(
+    args: { source?: string; target?: string },
+    flags: Record<string, unknown> & { control?: string; sync: string; wait?: string; timeout?: number; 'no-progress': boolean },
+  ): Promise<JobQuery> {
+    if (args.target !== undefined) this.usageError('with --control, give only TARGET: the source is the export');
+    const target = args.source;
+    if (target === undefined) this.usageError('TARGET is required: the image or NBD URI to mirror the export onto');
+    if (flags.format !== undefined) this.usageError('--format is the source image\'s: with --control the source is the export');
+    const start: Record<string, unknown> = { type: 'mirror', target };
+    if (flags.sync.startsWith('bitmap:')) {
+      start.sync = 'bitmap';
+      start.bitmap = flags.sync.slice('bitmap:'.length);
+      if (start.bitmap === '') this.usageError('--sync bitmap:NAME needs the name of a bitmap of the export');
+    } else if (['full', 'top', 'none'].includes(flags.sync)) start.sync = flags.sync;
+    else this.usageError(`--sync ${flags.sync}: expected full, top, none or bitmap:NAME`);
+    const map: Array<[string, string, (v: unknown) => unknown]> = [
+      ['export', 'export', (v) => v],
+      ['job-id', 'id', (v) => v],
+      ['target-format', 'targetFormat', (v) => v],
+      ['granularity', 'granularity', (v) => v],
+      ['buf-size', 'bufSize', (v) => v],
+      ['max-ops', 'maxOps', (v) => v],
+      ['speed', 'speed', (v) => v],
+      ['copy-mode', 'copyMode', (v) => v],
+      ['max-lag', 'maxLagMs', (v) => (v as number) * 1000],
+      ['on-source-error', 'onSourceError', (v) => v],
+      ['on-target-error', 'onTargetError', (v) => v],
+      ['connections', 'connections', (v) => v],
+    ];
+    for (const [flag, key, conv] of map) if (flags[flag] !== undefined) start[key] = conv(flags[flag]);
+    if (flags['target-is-zero'] === true) start.targetIsZero = true;
+    if (start.sync === 'bitmap' && flags['bitmap-mode'] !== 'on-success') start.bitmapMode = flags['bitmap-mode'];
+    const timeoutMs = (flags.timeout ?? 10) * 1000;
+    const client = await ControlClient.connect(flags.control!, { timeoutMs });
+    try {
+      const events: ControlEvent[] = [];
+      const hook: { listener?: () => void } = {};
+      if (flags.wait) {
+        await client.subscribe(['job-ready', 'job-completed', 'job-cancelled'], (e) => {
+          events.push(e);
+          hook.listener?.();
+        });
+      }
+      const q = (await client.request('job-start', start, { timeoutMs })) as JobQuery;
+      if (!flags.wait) {
+        if (!this.jsonEnabled()) this.log(`Started job ${q.id}: mirror of export "${q.export}" onto ${target}. Follow it with: blkrep job show ${q.id} --control ${flags.control}`);
+        return q;
+      }
+      const follow = followJob(client, events, hook, q.id, flags.wait as 'ready' | 'done', { progress: !this.jsonEnabled() && !flags['no-progress'] });
+      const limited = flags.timeout === undefined
+        ? follow
+        : Promise.race([
+            follow,
+            new Promise<never>((_, reject) =>
+              setTimeout(() => reject(new BlkrepError('ERR_TIMEOUT', `job ${q.id} was not ${flags.wait} after ${flags.timeout} s (it goes on)`, { errno: 'EIO' })), timeoutMs).unref(),
+            ),
+          ]);
+      await limited;
+      const final = (await client.request('job-query', { id: q.id }, { timeoutMs })) as JobQuery;
+      if (!this.jsonEnabled()) {
+        this.log(flags.wait === 'ready' ? `Job ${q.id} is ready: the target is in step. Complete it with: blkrep job complete ${q.id} --control ${flags.control}` : `Job ${q.id} is done (${final.status}).`);
+      }
+      return final;
+    } finally {
+      await client.close().catch(() => {});
+    }
   }
 
   private async mirror(
