@@ -339,6 +339,17 @@ describe.skipIf(!hasPeers)('qcow2 persistent bitmaps', () => {
     }
     expect((await ok<Listed[]>(['bitmap', 'list', img])).map((b) => b.name)).toEqual(['a', 'b']);
     await expectClean(img);
+
+    // QEMU allows granularities up to 2 GiB, blkrep's bitmaps up to 64 MiB: listed, not loaded
+    await tool('qemu-img', ['bitmap', '--add', '-g', '128M', img, 'huge']);
+    await qemuIo(img, ['write 15M 4K']);
+    await withStore(img, async (s) => {
+      expect((await s.list()).find((b) => b.name === 'huge')).toMatchObject({ granularity: 128 * MiB, dirtyGranules: 1, dirtyBytes: SIZE, loadState: { state: 'clean' } });
+      await expect(s.read('huge')).rejects.toMatchObject({ code: 'ERR_NOT_SUPPORTED', message: expect.stringMatching(/granularity of 134217728 bytes/) });
+      await expect(s.merge('a', { name: 'huge' })).rejects.toMatchObject({ code: 'ERR_NOT_SUPPORTED' });
+      expect(await s.remove('huge', {})).toMatchObject({ changed: true });
+    });
+    await expectClean(img);
   });
 
   it('blkrep writing guest data keeps the autoclear rule: enabled bitmaps it does not update are dropped for QEMU, disabled ones stay', async () => {
