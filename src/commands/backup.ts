@@ -3,6 +3,7 @@ import type { BlockNode } from '../api/block.js';
 import { BlkrepError } from '../api/errors.js';
 import { PersistentBitmap } from '../bitmap/persistent.js';
 import { BlkrepCommand } from '../cli/base.js';
+import { ControlClient } from '../control/client.js';
 import { resolveBackupBitmap } from '../cli/backup-bitmap.js';
 import { sizeFlag } from '../cli/flags.js';
 import { progressBar, type Progress } from '../cli/progress.js';
@@ -11,7 +12,7 @@ import {
   BACKUP_BITMAP_MODES, BACKUP_SYNC_MODES, BackupJob, CBW_ERROR_POLICIES, DEFAULT_BACKUP_BUF_SIZE, DEFAULT_BACKUP_MAX_OPS,
   type BackupBitmapMode, type BackupSync, type CbwErrorPolicy,
 } from '../jobs/backup.js';
-import { ERROR_POLICIES, type ErrorPolicy, type JobEvent } from '../jobs/job.js';
+import { ERROR_POLICIES, type ErrorPolicy, type JobEvent, type JobInfo } from '../jobs/job.js';
 import { formatSize } from '../util/size.js';
 
 export interface BackupResult {
@@ -37,6 +38,15 @@ export interface BackupResult {
   bitmapLoad?: string;
 }
 
+/** blkrep backup --control: the job's query (at the start, or once it concluded with --wait). */
+export interface LiveBackupOutput {
+  live: true;
+  export: string | null;
+  job: JobInfo;
+  /** the fleecing export, when one was asked for: {export, socket, uri} */
+  fleecing?: unknown;
+}
+
 export default class Backup extends BlkrepCommand {
   static override summary = 'Make a point-in-time copy of an image: full, top, or incremental from a bitmap.';
 
@@ -45,17 +55,23 @@ export default class Backup extends BlkrepCommand {
 With --bitmap and --bitmap-mode on-success (the default), the regions copied are cleared from the bitmap when the backup succeeds, so the next incremental backup copies what changed since; --sync full --bitmap starts such a chain.
 Ranges that read as zeros are sent as write-zeroes, never as data; with --target-is-zero they are not sent at all. --speed limits the data rate.
 Errors follow --on-source-error and --on-target-error: report (the default), ignore (retry the region later), stop or enospc (offline nobody can resume the job: the command ends with an error). --on-cbw-error says what a failed copy-before-write does on a live export.
-A progress bar with the rate and the time left is shown on a terminal. With --json the result is printed as JSON.`;
+A progress bar with the rate and the time left is shown on a terminal. With --json the result is printed as JSON.
+With --control PATH the backup runs in a serve-nbd daemon, of its export --export NAME, while clients keep writing it: the only argument is TARGET (opened by the daemon), and --bitmap names a bitmap of the export. The export's writes go through a copy-before-write filter, so TARGET receives the export as it was when the job started. --fleecing-export NAME serves that point-in-time view read-only, as export NAME on a Unix socket of its own (--fleecing-socket, default IMAGE.job-ID.sock beside the image), while the job runs. Without --wait the command starts the job and prints it (blkrep job pause, resume, cancel work on it; a --sync none job runs until cancelled); with --wait it follows the job with a progress bar and exits when it has concluded.`;
 
   static override examples = [
     { description: 'A full backup of a disk image onto an NBD server', command: '<%= config.bin %> <%= command.id %> disk.img nbd+unix:///backup?socket=/run/backup.sock' },
     { description: 'Start an incremental chain: a full backup that clears the bitmap disk.img.daily.bitmap', command: '<%= config.bin %> <%= command.id %> disk.img full.img --sync full --bitmap daily' },
     { description: 'Then each day: what changed, into an overlay of the previous backup', command: '<%= config.bin %> <%= command.id %> disk.img inc1.qcow2 --sync incremental --bitmap daily' },
+    { description: "A live export's point in time, while clients write it", command: '<%= config.bin %> <%= command.id %> --control /run/blkrep/ctl.sock --export disk /backup/disk.img --wait' },
+    {
+      description: 'Image fleecing: a read-only snapshot of a live export, costing only the old content of what is overwritten',
+      command: '<%= config.bin %> <%= command.id %> --control /run/blkrep/ctl.sock --export disk /tmp/fleece.img --sync none --fleecing-export disk-snap --fleecing-socket /run/blkrep/snap.sock',
+    },
   ];
 
   static override args = {
-    source: Args.string({ description: 'the image to back up (a path, nbd:// URI, or memory:SIZE)', required: true }),
-    target: Args.string({ description: 'the image to copy onto (same size as the source)', required: true }),
+    source: Args.string({ description: 'the image to back up (a path, nbd:// URI, or memory:SIZE); with --control, the only argument is TARGET', required: false }),
+    target: Args.string({ description: 'the image to copy onto (same size as the source)', required: false }),
   };
 
   static override flags = {
@@ -78,31 +94,46 @@ A progress bar with the rate and the time left is shown on a terminal. With --js
     }),
     connections: Flags.integer({ description: 'connections to an NBD source or target that allows several (multi-conn)', min: 1, max: 16, default: 4, helpValue: 'N' }),
     'no-progress': Flags.boolean({ description: 'no progress bar, even on a terminal', default: false }),
+    control: Flags.string({ char: 'c', description: "back up a live export: the serve-nbd daemon's control socket", helpValue: 'PATH' }),
+    export: Flags.string({ description: 'with --control: the export to back up (default: the only one)', helpValue: 'NAME', dependsOn: ['control'] }),
+    id: Flags.string({ description: 'with --control: the job id (default: backup0, backup1, ...)', helpValue: 'ID', dependsOn: ['control'] }),
+    wait: Flags.boolean({ description: 'with --control: follow the job and exit when it has concluded', dependsOn: ['control'] }),
+    'fleecing-export': Flags.string({ description: 'with --control: serve the point-in-time view read-only under this export name while the job runs', helpValue: 'NAME', dependsOn: ['control'] }),
+    'fleecing-socket': Flags.string({ description: 'with --fleecing-export: the Unix socket to serve it on (default IMAGE.job-ID.sock)', helpValue: 'PATH', dependsOn: ['fleecing-export'] }),
   };
 
-  async run(): Promise<BackupResult> {
+  async run(): Promise<BackupResult | LiveBackupOutput> {
     const { args, flags } = await this.parse(Backup);
     const sync = flags.sync as BackupSync;
+    if (flags.control !== undefined) {
+      if (args.source === undefined || args.target !== undefined) this.usageError('with --control, give only TARGET (the source is the export --export NAME)');
+      if (sync === 'incremental' && flags.bitmap === undefined) this.usageError('--sync incremental needs --bitmap NAME: a bitmap of the export');
+      if (flags.bitmap !== undefined && sync !== 'incremental' && sync !== 'full') this.usageError(`--bitmap is used with --sync incremental or full, not ${sync}`);
+      return this.live(args.source, flags);
+    }
+    if (args.source === undefined || args.target === undefined) this.usageError('give SOURCE and TARGET (or --control PATH and TARGET)');
     if (sync === 'incremental' && flags.bitmap === undefined) this.usageError('--sync incremental needs --bitmap FILE|NAME: the regions to copy');
     if (flags.bitmap !== undefined && sync !== 'incremental' && sync !== 'full') this.usageError(`--bitmap is used with --sync incremental or full, not ${sync}`);
     const bitmapMode = flags['bitmap-mode'] as BackupBitmapMode;
+    const sourceSpec: string = args.source;
+    const targetSpec: string = args.target;
 
     const open = (spec: string, readOnly: boolean, format: string | undefined): Promise<BlockNode> =>
       openImage(spec, { readOnly, ...(format ? { format: format as ImageFormat } : {}), nbd: { connections: flags.connections } });
-    const source = await open(args.source, true, flags.format);
+    const source = await open(sourceSpec, true, flags.format);
     const closers: Array<() => Promise<void>> = [() => source.close()];
     const closeAll = async (): Promise<void> => {
       for (const c of closers.reverse()) await c().catch(() => {});
     };
     let result: BackupResult;
     try {
-      const target = await open(args.target, false, flags['target-format']);
+      const target = await open(targetSpec, false, flags['target-format']);
       closers.push(() => target.close());
       let bitmap: PersistentBitmap | undefined;
       let bitmapPath: string | undefined;
       let bitmapLoad: string | undefined;
       if (flags.bitmap !== undefined) {
-        bitmapPath = await resolveBackupBitmap(flags.bitmap, args.source);
+        bitmapPath = await resolveBackupBitmap(flags.bitmap, sourceSpec);
         const opened = await PersistentBitmap.open(bitmapPath, { size: source.size, readOnly: bitmapMode === 'never' });
         bitmap = opened.bitmap;
         closers.push(() => opened.bitmap.close());
@@ -125,7 +156,7 @@ A progress bar with the rate and the time left is shown on a terminal. With --js
         onTargetError: flags['on-target-error'] as ErrorPolicy,
         onCbwError: flags['on-cbw-error'] as CbwErrorPolicy,
       });
-      result = await this.runJob(job, !flags['no-progress'], { sourceSpec: args.source, targetSpec: args.target, bitmapPath, bitmapLoad, size: source.size, policies: flags });
+      result = await this.runJob(job, !flags['no-progress'], { sourceSpec, targetSpec, bitmapPath, bitmapLoad, size: source.size, policies: flags });
       if (bitmap && !bitmap.readOnly) await bitmap.flush();
     } finally {
       await closeAll();
@@ -134,6 +165,90 @@ A progress bar with the rate and the time left is shown on a terminal. With --js
       this.log(`Backed up ${formatSize(result.bytes)} of ${formatSize(result.size)} (${formatSize(result.dataBytes)} of data) in ${result.seconds.toFixed(1)} s (${formatSize(Math.round(result.rate))}/s).`);
     }
     return result;
+  }
+
+  private async live(
+    target: string,
+    flags: {
+      control?: string;
+      export?: string;
+      id?: string;
+      wait?: boolean;
+      sync: string;
+      bitmap?: string;
+      'bitmap-mode': string;
+      'target-format'?: string;
+      granularity?: number;
+      'buf-size'?: number;
+      'max-ops'?: number;
+      speed?: number;
+      'target-is-zero': boolean;
+      'on-source-error': string;
+      'on-target-error': string;
+      'on-cbw-error': string;
+      connections: number;
+      'fleecing-export'?: string;
+      'fleecing-socket'?: string;
+      'no-progress': boolean;
+    },
+  ): Promise<LiveBackupOutput> {
+    const client = await ControlClient.connect(flags.control!, { timeoutMs: 10_000 });
+    try {
+      const opt = <T>(key: string, v: T | undefined): Record<string, T> => (v === undefined ? {} : { [key]: v });
+      let info = (await client.request('job-start', {
+        type: 'backup',
+        ...opt('export', flags.export),
+        ...opt('id', flags.id),
+        target,
+        ...opt('targetFormat', flags['target-format']),
+        sync: flags.sync,
+        ...opt('bitmap', flags.bitmap),
+        ...(flags.bitmap !== undefined ? { bitmapMode: flags['bitmap-mode'] } : {}),
+        ...opt('granularity', flags.granularity),
+        ...opt('bufSize', flags['buf-size']),
+        ...opt('maxOps', flags['max-ops']),
+        ...opt('speed', flags.speed),
+        targetIsZero: flags['target-is-zero'],
+        onSourceError: flags['on-source-error'],
+        onTargetError: flags['on-target-error'],
+        onCbwError: flags['on-cbw-error'],
+        connections: flags.connections,
+        ...opt('fleecingExport', flags['fleecing-export']),
+        ...opt('fleecingSocket', flags['fleecing-socket']),
+      })) as JobInfo;
+      const exportName = (info['export'] as string | null | undefined) ?? flags.export ?? null;
+      const fleecing = info['fleecing'] as { uri?: string } | undefined;
+      if (!flags.wait) {
+        if (!this.jsonEnabled()) {
+          this.log(`Started backup job ${info.id} of export "${exportName}" onto ${target} (sync ${flags.sync}).`);
+          if (fleecing?.uri) this.log(`Its point-in-time view is served read-only at ${fleecing.uri} while it runs.`);
+          if (flags.sync === 'none') this.log(`It runs until cancelled: blkrep job cancel ${info.id} --control ${flags.control}`);
+        }
+        return { live: true, export: exportName, job: info, ...(fleecing ? { fleecing } : {}) };
+      }
+      const id = info.id;
+      const showProgress = !this.jsonEnabled() && !flags['no-progress'];
+      let bar: Progress | undefined;
+      try {
+        for (;;) {
+          info = (await client.request('job-query', { id })) as JobInfo;
+          if (showProgress && info.length > 0) {
+            bar ??= progressBar('backup', info.length, { enabled: true });
+            bar.update(Math.min(info.offset, info.length));
+          }
+          if (info.status === 'concluded') break;
+          await new Promise((resolve) => setTimeout(resolve, 200));
+        }
+      } finally {
+        bar?.stop();
+      }
+      if (info.error) throw new BlkrepError(info.error.code, `backup job ${id} failed: ${info.error.message}`, { errno: info.error.errno });
+      if (info['cancelled'] === true && flags.sync !== 'none') throw new BlkrepError('ERR_JOB_CANCELLED', `backup job ${id} was cancelled: ${target} is not a usable backup`, { errno: 'ESHUTDOWN', details: { id } });
+      if (!this.jsonEnabled()) this.log(`Backed up export "${exportName}" onto ${target}: ${formatSize(info.offset)} copied.`);
+      return { live: true, export: exportName, job: info, ...(fleecing ? { fleecing } : {}) };
+    } finally {
+      await client.close();
+    }
   }
 
   private async runJob(

@@ -56,7 +56,7 @@
 import type { BlockNode, CompleteBlockNode, Extent, IoOptions, WriteOptions, ZeroOptions } from '../api/block.js';
 import { BlkrepError, toBlkrepError } from '../api/errors.js';
 import { completeNode, coalesceExtents } from '../block/node.js';
-import { DirtyBitmap, DEFAULT_GRANULARITY, checkGranularity } from '../bitmap/dirty-bitmap.js';
+import { DirtyBitmap, DEFAULT_GRANULARITY, checkGranularity, type Run } from '../bitmap/dirty-bitmap.js';
 import type { PersistentBitmap } from '../bitmap/persistent.js';
 import { Job, type JobOptions, type JobSide } from './job.js';
 
@@ -93,6 +93,16 @@ export interface BackupOptions extends Omit<JobOptions, 'id'> {
   targetIsZero?: boolean;
   /** what a failed copy-before-write does (default break-guest-write) */
   onCbwError?: CbwErrorPolicy;
+  /**
+   * Where bitmap-mode clears go instead of `bitmap.clear()` (a daemon export's bitmap, changed
+   * asynchronously): `clear` the runs, then `fill` again the runs written meanwhile.
+   */
+  bitmapSink?: BackupBitmapSink;
+}
+
+export interface BackupBitmapSink {
+  clear(runs: Run[]): Promise<void>;
+  fill(runs: Run[]): Promise<void>;
 }
 
 type OpKind = 'background' | 'cbw';
@@ -168,6 +178,9 @@ export class BackupJob extends Job {
   private readonly copied: DirtyBitmap;
   private readonly written: DirtyBitmap;
   private readonly syncBitmap: DirtyBitmap | PersistentBitmap | undefined;
+  private readonly bitmapSink: BackupBitmapSink | undefined;
+  /** set by whoever serves the snapshot view (shown by query()) */
+  fleecing: Record<string, unknown> | undefined;
 
   private mode: Mode = 'before';
   private snapshot: SnapshotState = 'pending';
@@ -183,6 +196,8 @@ export class BackupJob extends Job {
   private endError: BlkrepError | undefined;
   private finishFns: { resolve: () => void; reject: (e: unknown) => void } | undefined;
   private finished = false;
+  /** front-end writes are recorded in `written` (until the job has concluded) */
+  private recording = true;
   private flushing = false;
   private flushed = false;
   private succeeded = false;
@@ -210,6 +225,7 @@ export class BackupJob extends Job {
     this.sync = options.sync ?? 'full';
     if (!(BACKUP_SYNC_MODES as readonly string[]).includes(this.sync)) throw badOption(`sync "${this.sync}" is not one of ${BACKUP_SYNC_MODES.join(', ')}`);
     this.syncBitmap = options.bitmap;
+    this.bitmapSink = options.bitmapSink;
     const bitmapBits = options.bitmap ? ('path' in options.bitmap ? options.bitmap.bitmap : options.bitmap) : undefined;
     if (this.sync === 'incremental' && !bitmapBits) throw badOption('sync incremental needs a bitmap');
     if (bitmapBits && this.sync !== 'incremental' && this.sync !== 'full') throw badOption(`a bitmap is used with sync incremental or full, not ${this.sync}`);
@@ -276,7 +292,9 @@ export class BackupJob extends Job {
       cbwCopies: this.stats.cbwCopies,
       onCbwError: this.onCbwError,
       snapshot: this.snapshot,
+      cancelled: this.isHardCancelled,
       targetIsZero: this.targetIsZero,
+      ...(this.fleecing ? { fleecing: this.fleecing } : {}),
     };
   }
 
@@ -298,6 +316,7 @@ export class BackupJob extends Job {
     this.mode = 'starting';
     try {
       while (this.frontWrites > 0) await new Promise<void>((resolve) => this.drainWaiters.push(resolve));
+      this.written.clearAll();
       await this.initTodo();
     } catch (err) {
       this.mode = 'passthrough';
@@ -724,45 +743,83 @@ export class BackupJob extends Job {
 
   protected override async commit(): Promise<void> {
     this.stopSnapshot('ended');
-    this.applyBitmapMode(true);
+    await this.applyBitmapMode(true);
   }
 
   protected override async abort(): Promise<void> {
     this.stopSnapshot(this.isHardCancelled && !this.brokenBy ? 'ended' : 'broken');
-    this.applyBitmapMode(false);
+    await this.applyBitmapMode(false);
   }
 
   protected override async clean(): Promise<void> {
     this.finished = true;
+    this.recording = false;
     this.stopTimers();
     this.stopSnapshot(this.succeeded || this.isHardCancelled ? 'ended' : 'broken');
   }
 
-  /** Clear from the bitmap the granules the target holds, except those written since start. */
-  private applyBitmapMode(success: boolean): void {
+  /**
+   * Clear from the bitmap the granules the target holds, except those written since start (front
+   * end writes are recorded in `written` until the job has concluded, after the clear).
+   */
+  private async applyBitmapMode(success: boolean): Promise<void> {
     const bitmap = this.syncBitmap;
-    if (!bitmap || this.bitmapMode === 'never' || (!success && this.bitmapMode !== 'always')) return;
+    if ((!bitmap && !this.bitmapSink) || this.bitmapMode === 'never' || (!success && this.bitmapMode !== 'always')) return;
+    const before = this.written.clone();
+    const runs = this.runsOf(this.copied, before);
+    if (runs.length === 0) return;
+    if (!this.bitmapSink) {
+      for (const r of runs) bitmap!.clear(r.offset, r.length);
+      return;
+    }
+    await this.bitmapSink.clear(runs);
+    // a write that landed while the clear was on its way may have had its bit cleared: fill it again
+    const meanwhile = this.written.clone();
+    const again: Run[] = [];
+    const g = this.granularity;
+    for (const r of runs) {
+      const first = r.offset / g;
+      const end = Math.ceil((r.offset + r.length) / g);
+      for (let b = first; b < end; ) {
+        const d = meanwhile.nextDirtyBit(b, end);
+        if (d < 0) break;
+        let e = meanwhile.nextCleanBit(d, end);
+        if (e < 0) e = end;
+        if (before.nextCleanBit(d, e) >= 0) again.push({ offset: d * g, length: Math.min(e * g, this.size) - d * g });
+        b = e;
+      }
+    }
+    if (again.length > 0) await this.bitmapSink.fill(again);
+  }
+
+  /** Runs of granules set in `a` and clear in `minus`. */
+  private runsOf(a: DirtyBitmap, minus: DirtyBitmap): Run[] {
+    const out: Run[] = [];
     const g = this.granularity;
     let b = 0;
     while (b < this.bits) {
-      const s = this.copied.nextDirtyBit(b);
+      const s = a.nextDirtyBit(b);
       if (s < 0) break;
-      let e = this.copied.nextCleanBit(s);
+      let e = a.nextCleanBit(s);
       if (e < 0) e = this.bits;
       for (let i = s; i < e; ) {
-        if (this.written.testBit(i)) {
-          const c = this.written.nextCleanBit(i, e);
+        if (minus.testBit(i)) {
+          const c = minus.nextCleanBit(i, e);
           i = c < 0 ? e : c;
           continue;
         }
-        let j = this.written.nextDirtyBit(i, e);
+        let j = minus.nextDirtyBit(i, e);
         if (j < 0) j = e;
         const offset = i * g;
-        bitmap.clear(offset, Math.min(j * g, this.size) - offset);
+        const last = out[out.length - 1];
+        const length = Math.min(j * g, this.size) - offset;
+        if (last && last.offset + last.length === offset) last.length += length;
+        else out.push({ offset, length });
         i = j;
       }
       b = e;
     }
+    return out;
   }
 
   // ------------------------------------------------------------------------ the front end
@@ -771,6 +828,10 @@ export class BackupJob extends Job {
     const toSource = (): Promise<void> =>
       kind === 'write' ? this.source.write(offset, data!, o) : kind === 'write-zeroes' ? this.source.writeZeroes(offset, length, o) : this.source.trim(offset, length, o);
     while (this.mode === 'starting' && this.startGate) await this.startGate.promise;
+    // every write is recorded until the job has concluded (bitmap mode needs them after the end too)
+    if (length > 0 && offset >= 0 && offset + length <= this.size && this.recording) {
+      this.written.setBits(Math.floor(offset / this.granularity), Math.ceil((offset + length) / this.granularity));
+    }
     if (this.mode !== 'cbw') {
       if (this.mode === 'passthrough') return toSource();
       // before start: counted, so the start waits for it
@@ -786,7 +847,6 @@ export class BackupJob extends Job {
     const g = this.granularity;
     const first = Math.floor(offset / g);
     const end = Math.ceil((offset + length) / g);
-    this.written.setBits(first, end);
     await this.copyBeforeWrite(first, end, offset, length, kind);
     await this.waitViewReads(first, end);
     return toSource();

@@ -1,0 +1,190 @@
+/**
+ * The live backup: job type `backup` of the serve-nbd daemon (`job-start {type: "backup", export,
+ * target, …}`, `blkrep backup --control PATH --export NAME TARGET`).
+ *
+ * The source is the export's dirty-tracking filter (its bitmaps go on recording every write);
+ * the export is switched to the job's front end — the copy-before-write filter — for the job's
+ * life, so the target receives the export's content as it was when the job started, however
+ * clients write meanwhile. The target is an image path or NBD URI the daemon opens.
+ *
+ * sync incremental copies the granules dirty in one of the export's bitmaps (`bitmap`: its
+ * name) when the job starts; with bitmapMode on-success (default) they are cleared from that
+ * bitmap when the job succeeds, except those written while it ran. sync full with `bitmap`
+ * clears it likewise (the start of a chain).
+ *
+ * Fleecing: with `fleecingExport: NAME` the job's point-in-time view is served read-only as
+ * export NAME on a Unix socket of its own (`fleecingSocket`, default `IMAGE.job-ID.sock` beside
+ * a file image), for as long as the job runs; its URI is in the job's query (`fleecing`). The
+ * daemon's own NbdServer takes no exports at run time (see src/jobs/fleecing.ts).
+ *
+ * Nothing persists: a backup interrupted by a daemon stop is cancelled (its target is not a
+ * usable backup); start it again.
+ */
+import type { BlockNode } from '../api/block.js';
+import { BlkrepError } from '../api/errors.js';
+import { openImage, type ImageFormat } from '../block/open.js';
+import { DirtyBitmap } from '../bitmap/dirty-bitmap.js';
+import { ERROR_POLICIES, type ErrorPolicy } from './job.js';
+import { BACKUP_BITMAP_MODES, BACKUP_SYNC_MODES, BackupJob, CBW_ERROR_POLICIES, type BackupBitmapMode, type BackupSync, type CbwErrorPolicy } from './backup.js';
+import { registerJobType, type JobContext } from './daemon-jobs.js';
+import { serveSnapshot, type FleecingServer } from './fleecing.js';
+
+/** What job-start {type: "backup"} takes besides type, export and id. */
+export interface LiveBackupOptions {
+  target: string;
+  targetFormat?: ImageFormat;
+  sync: BackupSync;
+  /** the name of a bitmap of the export (incremental: what to copy; full: what to clear) */
+  bitmap?: string;
+  bitmapMode?: BackupBitmapMode;
+  granularity?: number;
+  bufSize?: number;
+  maxOps?: number;
+  speed?: number;
+  targetIsZero?: boolean;
+  onSourceError?: ErrorPolicy;
+  onTargetError?: ErrorPolicy;
+  onCbwError?: CbwErrorPolicy;
+  connections?: number;
+  /** serve the point-in-time view read-only under this export name */
+  fleecingExport?: string;
+  /** the Unix socket of the fleecing export */
+  fleecingSocket?: string;
+}
+
+function bad(message: string): BlkrepError {
+  return new BlkrepError('ERR_BAD_REQUEST', message, { errno: 'EINVAL' });
+}
+
+/** job-start's args → options, every field checked. */
+export function parseLiveBackupArgs(args: Record<string, unknown>): LiveBackupOptions {
+  const known = new Set([
+    'target', 'targetFormat', 'sync', 'bitmap', 'bitmapMode', 'granularity', 'bufSize', 'maxOps', 'speed', 'targetIsZero',
+    'onSourceError', 'onTargetError', 'onCbwError', 'connections', 'fleecingExport', 'fleecingSocket',
+  ]);
+  for (const k of Object.keys(args)) if (!known.has(k)) throw bad(`job type backup takes no "${k}" (it takes ${[...known].join(', ')})`);
+  const str = (k: string): string | undefined => {
+    const v = args[k];
+    if (v === undefined) return undefined;
+    if (typeof v !== 'string' || v === '') throw bad(`"${k}" must be a non-empty string`);
+    return v;
+  };
+  const num = (k: string): number | undefined => {
+    const v = args[k];
+    if (v === undefined) return undefined;
+    if (typeof v !== 'number' || !Number.isFinite(v)) throw bad(`"${k}" must be a number`);
+    return v;
+  };
+  const bool = (k: string): boolean | undefined => {
+    const v = args[k];
+    if (v === undefined) return undefined;
+    if (typeof v !== 'boolean') throw bad(`"${k}" must be true or false`);
+    return v;
+  };
+  const oneOf = <T extends string>(k: string, allowed: readonly T[]): T | undefined => {
+    const v = str(k);
+    if (v !== undefined && !(allowed as readonly string[]).includes(v)) throw bad(`"${k}" must be one of ${allowed.join(', ')}, not "${v}"`);
+    return v as T | undefined;
+  };
+  const target = str('target');
+  if (!target) throw bad('"target" (an image path or NBD URI to back up onto) is required');
+  const sync = oneOf('sync', BACKUP_SYNC_MODES) ?? 'full';
+  const bitmap = str('bitmap');
+  if (sync === 'incremental' && !bitmap) throw bad('sync incremental needs "bitmap": the name of a bitmap of the export');
+  if (bitmap && sync !== 'incremental' && sync !== 'full') throw bad(`"bitmap" is used with sync incremental or full, not ${sync}`);
+  const o: LiveBackupOptions = { target, sync };
+  const set = <K extends keyof LiveBackupOptions>(k: K, v: LiveBackupOptions[K] | undefined): void => {
+    if (v !== undefined) o[k] = v;
+  };
+  set('targetFormat', oneOf('targetFormat', ['raw', 'qcow2'] as const));
+  set('bitmap', bitmap);
+  set('bitmapMode', oneOf('bitmapMode', BACKUP_BITMAP_MODES));
+  set('granularity', num('granularity'));
+  set('bufSize', num('bufSize'));
+  set('maxOps', num('maxOps'));
+  set('speed', num('speed'));
+  set('targetIsZero', bool('targetIsZero'));
+  set('onSourceError', oneOf('onSourceError', ERROR_POLICIES));
+  set('onTargetError', oneOf('onTargetError', ERROR_POLICIES));
+  set('onCbwError', oneOf('onCbwError', CBW_ERROR_POLICIES));
+  set('connections', num('connections'));
+  set('fleecingExport', str('fleecingExport'));
+  set('fleecingSocket', str('fleecingSocket'));
+  if (o.fleecingSocket && !o.fleecingExport) throw bad('"fleecingSocket" needs "fleecingExport": the name to serve the snapshot under');
+  return o;
+}
+
+/** The dirty bits of an export bitmap, read page by page. */
+function exportBitmapBits(ctx: JobContext, name: string): DirtyBitmap {
+  const info = ctx.export.bitmaps.get(name);
+  const bits = new DirtyBitmap(info.size, { granularity: info.granularity });
+  let start: number | null = 0;
+  while (start !== null) {
+    const page = ctx.export.bitmaps.dump(name, { start });
+    for (const [offset, length] of page.runs) bits.fill(offset, length);
+    start = page.next;
+  }
+  return bits;
+}
+
+async function createLiveBackup(ctx: JobContext, o: LiveBackupOptions): Promise<BackupJob> {
+  const exp = ctx.export;
+  const bits = o.bitmap ? exportBitmapBits(ctx, o.bitmap) : undefined; // throws ERR_BITMAP_NOT_FOUND first
+  let fleecingSocket = o.fleecingSocket;
+  if (o.fleecingExport && !fleecingSocket) {
+    if (ctx.stateBase === undefined) throw bad(`export "${exp.name}" is not a file image: say where to serve the snapshot with "fleecingSocket"`);
+    fleecingSocket = `${ctx.stateBase}.sock`;
+  }
+  const target: BlockNode = await openImage(o.target, { ...(o.targetFormat ? { format: o.targetFormat } : {}), nbd: { connections: o.connections ?? 4 } });
+  let job: BackupJob;
+  let fleece: FleecingServer | undefined;
+  try {
+    const name = o.bitmap;
+    job = new BackupJob({
+      id: ctx.id,
+      source: exp.tracking,
+      target,
+      sync: o.sync,
+      ...(bits && name
+        ? {
+            bitmap: bits,
+            bitmapSink: {
+              clear: async (runs) => void (await exp.bitmaps.clear(name, runs)),
+              fill: async (runs) => void (await exp.bitmaps.fill(name, { ranges: runs })),
+            },
+          }
+        : {}),
+      ...(o.bitmapMode ? { bitmapMode: o.bitmapMode } : {}),
+      ...(o.granularity !== undefined ? { granularity: o.granularity } : {}),
+      ...(o.bufSize !== undefined ? { bufSize: o.bufSize } : {}),
+      ...(o.maxOps !== undefined ? { maxOps: o.maxOps } : {}),
+      ...(o.speed !== undefined ? { speed: o.speed } : {}),
+      targetIsZero: o.targetIsZero ?? false,
+      ...(o.onSourceError ? { onSourceError: o.onSourceError } : {}),
+      ...(o.onTargetError ? { onTargetError: o.onTargetError } : {}),
+      ...(o.onCbwError ? { onCbwError: o.onCbwError } : {}),
+    });
+    if (o.fleecingExport) {
+      fleece = await serveSnapshot(job.snapshotNode, { name: o.fleecingExport, socket: fleecingSocket!, log: ctx.log });
+      job.fleecing = { export: fleece.name, socket: fleece.socket, uri: fleece.uri };
+    }
+  } catch (err) {
+    await fleece?.close().catch(() => {});
+    await target.close().catch(() => {});
+    throw err;
+  }
+  const served = fleece;
+  void job.whenConcluded().then(async () => {
+    await exp.switchFront(exp.tracking);
+    if (served) await served.close().catch(() => {});
+    await target.close().catch(() => {});
+  });
+  // the export's writes go through the copy-before-write filter from now on; the point in time
+  // is the job's start, when the registry starts it
+  await exp.switchFront(job.node);
+  return job;
+}
+
+registerJobType('backup', {
+  start: async (ctx) => createLiveBackup(ctx, parseLiveBackupArgs(ctx.args)),
+});
