@@ -4,3 +4,4 @@
  */
 import './live-mirror.js';
 import './commit-daemon.js';
+import './backup-daemon.js';
