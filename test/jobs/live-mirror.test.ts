@@ -193,3 +193,39 @@ describe('live mirror: persisted state', () => {
     await log2.close();
   });
 });
+
+describe('live mirror: daemon stop', () => {
+  it('SIGTERM pauses the job and keeps its files; the next start loads it paused; resume and complete with pivot', async () => {
+    const s = await setup();
+    const args = ['--export', `disk=${s.src}`, '--socket', join(s.dir, 'nbd'), '--control', s.ctl];
+    const first = await serve(args);
+    const log = await eventLog(s.ctl);
+    await control<Q>(s.ctl, 'job-start', { type: 'mirror', export: 'disk', target: s.dst, id: 'm1' });
+    await log.waitFor('job-ready');
+    const writer = await Writer.start(s.uri, Buffer.from(s.content));
+    await writer.waitWrites(30);
+    await writer.stop();
+    await log.close();
+    expect(await first.stop('SIGTERM')).toBe(0);
+    const state = JSON.parse(await readFile(`${s.src}.job-m1.json`, 'utf8')) as Record<string, unknown>;
+    expect(state).toMatchObject({ id: 'm1', type: 'mirror', export: 'disk', status: 'paused' });
+    expect(existsSync(`${s.src}.job-m1.dirty`)).toBe(true);
+
+    await serve(args);
+    expect(await control<Q[]>(s.ctl, 'job-list')).toEqual([expect.objectContaining({ id: 'm1', status: 'paused', ioStatus: 'ok' })]);
+    const log2 = await eventLog(s.ctl);
+    await control(s.ctl, 'job-resume', { id: 'm1' });
+    await log2.waitFor('job-ready');
+    expect(await control<Q>(s.ctl, 'job-complete', { id: 'm1' })).toMatchObject({ status: 'concluded' });
+    await writeFile(join(s.dir, 'expected.img'), writer.expected);
+    expect(await qemuCompare(join(s.dir, 'expected.img'), s.dst)).toMatchObject({ code: 0 });
+    // the export serves the target now
+    const w2 = await Writer.start(s.uri, Buffer.from(writer.expected), { seed: 21 });
+    await w2.waitWrites(10);
+    await w2.stop();
+    await writeFile(join(s.dir, 'expected2.img'), w2.expected);
+    expect(await qemuCompare(join(s.dir, 'expected2.img'), s.dst)).toMatchObject({ code: 0 });
+    await waitFor(() => !existsSync(`${s.src}.job-m1.json`) && !existsSync(`${s.src}.job-m1.dirty`), 'the job files to go');
+    await log2.close();
+  });
+});
