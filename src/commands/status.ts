@@ -1,15 +1,27 @@
 import { Flags } from '@oclif/core';
+import { summary } from '../bitmap/command.js';
+import type { BitmapInfo, LoadState } from '../bitmap/ops.js';
 import { BlkrepCommand } from '../cli/base.js';
 import { ControlClient } from '../control/client.js';
 import type { ServerStatus } from '../nbd/server.js';
 import { formatSize } from '../util/size.js';
 
-type DaemonStatus = ServerStatus & { listeners?: Array<{ address: string }>; control?: string | null };
+type DaemonStatus = ServerStatus & { listeners?: Array<{ address: string }>; control?: string | null; bitmaps?: BitmapInfo[] };
+
+/** How a bitmap was loaded, for a person: "loaded clean", "recovered after a crash (…)", "ALL-DIRTY (…)". */
+function describeLoad(l: LoadState): string {
+  if (l.state === 'clean') return 'loaded clean';
+  if (l.state === 'recovered') {
+    const distrusted = l.pagesDistrusted ? `, ${l.pagesDistrusted} damaged page${l.pagesDistrusted === 1 ? '' : 's'} loaded all-dirty` : '';
+    return `recovered after an unclean stop (${l.extentsReplayed} activity-log extent${l.extentsReplayed === 1 ? '' : 's'} replayed${distrusted})`;
+  }
+  return `loaded ALL-DIRTY (${l.fault}): ${l.reason}`;
+}
 
 export default class Status extends BlkrepCommand {
   static override summary = 'Show what a running serve-nbd daemon is doing.';
 
-  static override description = `Asks the daemon behind a control socket for its exports, connections, and request and byte counters, and prints them (or, with --json, the daemon's status object as it is).`;
+  static override description = `Asks the daemon behind a control socket for its exports, connections, dirty bitmaps, and request and byte counters, and prints them (or, with --json, the daemon's status object as it is).`;
 
   static override examples = [
     { description: 'Show the status of the daemon started with --control /run/blkrep/ctl.sock', command: '<%= config.bin %> <%= command.id %> --control /run/blkrep/ctl.sock' },
@@ -44,6 +56,14 @@ export default class Status extends BlkrepCommand {
       this.log(`  "${e.name}"  ${e.image}  ${formatSize(e.size)}${e.readOnly ? '  read-only' : ''}`);
       this.log(`      connections ${e.connections} (${e.totalConnections} since start), read ${formatSize(e.bytesRead)}, written ${formatSize(e.bytesWritten)}, errors ${e.errors}`);
       this.log(`      requests: ${reqs}`);
+    }
+    const bitmaps = s.bitmaps ?? [];
+    this.log('');
+    this.log(`Bitmaps: ${bitmaps.length || 'none'}`);
+    for (const b of bitmaps) {
+      this.log(`  "${b.name}"  export "${b.export ?? ''}"  ${summary(b)}`);
+      const where = b.persistent && b.file !== null ? `file ${b.file}` : 'in memory only (lost when the daemon stops)';
+      this.log(`      ${where}${b.epoch !== null ? `, recording checkpoint ${b.epoch}` : ''}, ${describeLoad(b.loadState)}`);
     }
     this.log('');
     this.log(`Connections: ${s.connections.length}`);
