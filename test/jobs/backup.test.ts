@@ -11,7 +11,7 @@ import { DirtyTrackingNode, volatileTracker } from '../../src/bitmap/filter.js';
 import type { JobEvent } from '../../src/jobs/job.js';
 import { BackupJob, type BackupOptions } from '../../src/jobs/backup.js';
 import { Gate, hookNode } from '../support/fault-node.js';
-import { MiB, TestDisk, firstDifference, randomBytes, readAll, rng, seededSource } from './helpers.js';
+import { MiB, RandomWriter, TestDisk, firstDifference, randomBytes, readAll, rng, seededSource } from './helpers.js';
 
 function events(job: BackupJob): JobEvent[] {
   const out: JobEvent[] = [];
@@ -246,6 +246,37 @@ describe('backup: copy-before-write under overwrites while the background copy r
   });
 });
 
+describe('backup under a random writer (unaligned, 1-byte, 4 KiB, up to 256 KiB writes, write-zeroes)', () => {
+  const RUNS = Number(process.env.BLKREP_BACKUP_RUNS ?? 6);
+  for (let run = 0; run < RUNS; run++) {
+    const seed = 5000 + run * 7919;
+    const g = [4096, 65536, 1 << 20][run % 3]!;
+    it(`seed ${seed}, granularity ${g}: target == source at start; the view == start while the job runs; the source has every write`, async () => {
+      const source = await seededSource(SIZE, seed);
+      const original = await readAll(source);
+      const disk = new TestDisk(SIZE, g);
+      const target = countingTarget(disk, g);
+      const job = new BackupJob({ source, target, granularity: g, maxOps: 4, bufSize: Math.max(g, 512 * 1024), speed: 32 * MiB });
+      const writer = new RandomWriter(job.node, original, rng(seed), 4, 1);
+      job.start();
+      writer.start();
+      await writer.waitWrites(100);
+      // a view read of everything while writes go on
+      const view = await readAll(job.snapshotNode);
+      expect(firstDifference(view, original), 'view vs the start').toBe(-1);
+      await within(job.whenConcluded(), 30_000, 'backup');
+      await writer.stop();
+      expect(writer.errors).toEqual([]);
+      expect(job.error).toBeUndefined();
+      expect(firstDifference(await readAll(disk.disk), original), 'target vs the start').toBe(-1);
+      expect(firstDifference(await readAll(source), writer.expected), 'source vs the writes').toBe(-1);
+      expect([...target.perGranule.values()].filter((n) => n > 1)).toEqual([]);
+      expect(disk.overlapViolations).toEqual([]);
+      expect(job.stats.cbwCopies).toBeGreaterThan(0);
+    });
+  }
+});
+
 describe('backup: sync modes, zeros, the end', () => {
   it('full: zeros and holes go as write-zeroes, never as data; target-is-zero skips them; the stable target is flushed at the end', async () => {
     const source = await seededSource(SIZE, 11);
@@ -415,6 +446,39 @@ describe('backup: an incremental chain', () => {
     const fullT2 = await readAll(fullAtT2!);
     expect(firstDifference(fullT2, atT2!), 'full backup at t2 vs the source at t2').toBe(-1);
     expect(firstDifference(restored, fullT2), 'full+inc1+inc2 vs full at t2').toBe(-1);
+  });
+
+  it('a bitmap changed asynchronously (the bitmap of a daemon export): writes landing during the clear are filled in again', async () => {
+    const g = 65536;
+    const source = await seededSource(2 * MiB, 23);
+    const bits = new DirtyBitmap(2 * MiB, { granularity: g });
+    bits.fill(0, 2 * MiB);
+    let job!: BackupJob;
+    const calls: string[] = [];
+    const sink = {
+      clear: async (runs: Array<{ offset: number; length: number }>) => {
+        calls.push(`clear ${runs.map((r) => `${r.offset}+${r.length}`).join(',')}`);
+        for (const r of runs) bits.clear(r.offset, r.length);
+        // a write through the front end while the clear is on its way (after the job computed it)
+        await job.node.write(5 * g + 1, Buffer.from('late'));
+        bits.fill(5 * g + 1, 4); // what the export's tracking filter records
+        bits.clear(5 * g, g); // ... and a clear that raced it
+      },
+      fill: async (runs: Array<{ offset: number; length: number }>) => {
+        calls.push(`fill ${runs.map((r) => `${r.offset}+${r.length}`).join(',')}`);
+        for (const r of runs) bits.fill(r.offset, r.length);
+      },
+    };
+    job = new BackupJob({ source, target: new MemoryNode(2 * MiB), sync: 'incremental', bitmap: bits.clone(), bitmapSink: sink, granularity: g });
+    job.start();
+    await job.node.write(3 * g, Buffer.from('during'));
+    await within(job.whenConcluded(), 10_000, 'backup');
+    expect(job.error).toBeUndefined();
+    expect(calls).toEqual([`clear 0+${3 * g},${4 * g}+${28 * g}`, `fill ${5 * g}+${g}`]);
+    expect([...bits.dirtyRuns()]).toEqual([
+      { offset: 3 * g, length: g },
+      { offset: 5 * g, length: g },
+    ]);
   });
 
   it('bitmap modes: on-success keeps the bitmap when the job fails, always clears what was copied, never leaves it', async () => {
