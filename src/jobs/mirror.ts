@@ -748,6 +748,7 @@ export class MirrorJob extends Job {
         // the NBD client reconnected after a drop that may have lost unflushed writes: not an
         // error of the target; what it may have lost is dirty again and is copied once more
         if ((err as { code?: unknown } | null)?.code !== 'ERR_NBD_WRITES_LOST' || this.signal.aborted) this.ioError('target', 'flush', 0, 0, err);
+        else if (this.isReady && !this.ending) this.setReady(false);
         this.pump();
       },
     );
