@@ -281,4 +281,34 @@ describe.skipIf(!hasTool('qemu-nbd') || !hasTool('qemu-img'))('mirror with the t
       await target.close();
     }
   });
+  it('ready, a copied write not yet flushed, the target killed and back: complete copies it again (ready false, no error event), equal', async () => {
+    const dir = await makeTempDir();
+    const tgt = join(dir, 'tgt.raw');
+    const sock = join(dir, 't.sock');
+    await writeFile(tgt, Buffer.alloc(0));
+    await run('truncate', ['-s', String(8 * MiB), tgt]);
+    let server = await startQemuNbd(tgt, [], { socket: sock });
+    const target = await NbdNode.open(`nbd+unix:///?socket=${sock}`);
+    try {
+      const source = await seededSource(8 * MiB, 33);
+      // no flush while ready and not draining: the write below stays unflushed on the target
+      const job = new MirrorJob({ source, target, flushIntervalMs: 3_600_000 });
+      const evs = events(job);
+      job.start();
+      await whenStatus(job, 'ready');
+      await job.node.write(2 * MiB + 5, Buffer.alloc(100_000, 0x5a));
+      await waitFor(() => job.query().dirtyBytes === 0 && Number(job.query().unstableBytes) > 0, 'the write copied, not flushed', { timeoutMs: 10_000, intervalMs: 5 });
+      await server.proc.stop('SIGKILL');
+      await new Promise((resolve) => setTimeout(resolve, 1000));
+      server = await startQemuNbd(tgt, [], { socket: sock });
+      await withTimeout(job.complete({ pivot: false }), 20_000, 'complete');
+      const s = summary(evs);
+      expect(s.filter((x) => x.startsWith('error'))).toEqual([]);
+      expect(s).toContain('ready(false)');
+      expect(s.slice(-4)).toEqual(['waiting', 'pending', 'completed', 'concluded']);
+      expect(firstDifference(await readAll(source), await readAll(target))).toBe(-1);
+    } finally {
+      await target.close();
+    }
+  });
 });
