@@ -73,6 +73,8 @@ describe('blkrep mirror --control, blkrep job, blkrep events', () => {
     expect(show.stdout).toMatch(/\n {2}progress +.* of .*\(\d+\.\d%\)\n {2}rate +.*\/s, ETA /);
 
     expect((await cliJson(['job', 'set-speed', 'mirror0', '64M', '--control', s.ctl])).out).toMatchObject({ id: 'mirror0', speed: 64 * MiB });
+    expect((await cliJson(['job', 'set-copy-mode', 'mirror0', 'write-blocking', '--control', s.ctl])).out).toMatchObject({ id: 'mirror0', copyModeSetting: 'write-blocking', copyMode: 'write-blocking' });
+    expect((await cliJson(['job', 'set-copy-mode', 'mirror0', 'background', '--control', s.ctl])).out).toMatchObject({ id: 'mirror0', copyModeSetting: 'background', copyMode: 'background' });
     expect((await cliJson(['job', 'pause', 'mirror0', '--control', s.ctl])).out).toMatchObject({ id: 'mirror0', status: 'paused', paused: true });
     const again = await cliJson(['job', 'pause', 'mirror0', '--control', s.ctl]);
     expect(again).toMatchObject({ code: 1, out: { error: { code: 'ERR_JOB_STATE', message: 'job mirror0 is paused: pause needs it to be created or running or ready' } } });
@@ -98,6 +100,8 @@ describe('blkrep mirror --control, blkrep job, blkrep events', () => {
       ['job-status-change', 'running'],
       ['job-ready', true],
       ['job-status-change', 'ready'],
+      ['job-copy-mode', null],
+      ['job-copy-mode', null],
       ['job-status-change', 'paused'],
       ['job-status-change', 'ready'],
       ['job-status-change', 'waiting'],
@@ -105,6 +109,10 @@ describe('blkrep mirror --control, blkrep job, blkrep events', () => {
       ['job-completed', null],
     ]);
     expect(got.every((e) => e.id === 'mirror0' && e.type === 'mirror' && e.export === 'disk')).toBe(true);
+    expect(got.filter((e) => e.event === 'job-copy-mode')).toEqual([
+      expect.objectContaining({ from: 'background', to: 'write-blocking', reason: 'user' }),
+      expect.objectContaining({ from: 'write-blocking', to: 'background', reason: 'user' }),
+    ]);
 
     // a concluded job: ERR_JOB_STATE; an unknown one: ERR_JOB_NOT_FOUND
     expect(await cliJson(['job', 'complete', 'mirror0', '--control', s.ctl])).toMatchObject({ code: 1, out: { error: { code: 'ERR_JOB_STATE', message: 'job mirror0 is concluded: complete needs it to be ready' } } });
@@ -113,6 +121,17 @@ describe('blkrep mirror --control, blkrep job, blkrep events', () => {
       expect(r).toMatchObject({ code: 1, out: { error: { code: 'ERR_JOB_NOT_FOUND', message: 'no job with id nope (jobs: none)' } } });
     }
     expect((await cliJson(['job', 'list', '--control', s.ctl])).out).toEqual([]);
+  });
+
+  it('mirror --wait done follows the job until it concludes (here: completed with pivot by job complete)', async () => {
+    const s = await setup();
+    await serve(['--export', `disk=${s.src}`, '--socket', join(s.dir, 'nbd'), '--control', s.ctl]);
+    const follower = start('node', [BIN, 'mirror', '--control', s.ctl, s.dst, '--wait', 'done', '--json']);
+    await waitFor(async () => (await cliJson(['job', 'show', 'mirror0', '--control', s.ctl])).out.status === 'ready', 'mirror0 to be ready', { timeoutMs: 30_000, intervalMs: 200 });
+    expect(await cliJson(['job', 'complete', 'mirror0', '--control', s.ctl])).toMatchObject({ code: 0, out: { status: 'concluded' } });
+    expect(await follower.waitExit(30_000)).toEqual({ code: 0, signal: null });
+    expect(JSON.parse(follower.stdout())).toMatchObject({ id: 'mirror0', status: 'concluded', export: 'disk' });
+    expect(await qemuCompare(s.src, s.dst)).toMatchObject({ code: 0 });
   });
 
   it('complete before ready fails ERR_JOB_STATE and keeps the job; a second mirror of a busy export fails ERR_EXPORT_BUSY; cancel --force', async () => {
