@@ -368,6 +368,11 @@ export class Qcow2BitmapDirectory {
     const file = image.file;
     if (next.length > MAX_BITMAPS) throw new BlkrepError('ERR_NO_SPACE', `qcow2 image "${this.path}" cannot hold more than ${MAX_BITMAPS} bitmaps`, { errno: 'ENOSPC' });
     const allocate = (n: number): Promise<number> => image.metaLock.run(async () => (await rc.allocate(n)).cluster * cs);
+    // the header must have room for the extension before anything is allocated (else leaks)
+    const h = image.header;
+    const cluster0 = Buffer.alloc(cs);
+    await file.read(0, cluster0);
+    if (next.length > 0) rebuildHeader(this.path, cluster0, h, { nbBitmaps: next.length, directorySize: 0, directoryOffset: 0 });
 
     // 1. data and tables
     const entries: DirEntry[] = [];
@@ -413,10 +418,7 @@ export class Qcow2BitmapDirectory {
     await image.cycleLock.run(() => image.writebackAll());
 
     // 4. the header switches to the new directory
-    const h = image.header;
     const oldExt = h.bitmaps;
-    const cluster0 = Buffer.alloc(cs);
-    await file.read(0, cluster0);
     const header = rebuildHeader(this.path, cluster0, h, ext);
     let first = 0;
     while (first < cs && header[first] === cluster0[first]) first++;
