@@ -1,3 +1,4 @@
+import { resolve } from 'node:path';
 import { Args, Flags } from '@oclif/core';
 import { BlkrepError } from '../api/errors.js';
 import { BlkrepCommand } from '../cli/base.js';
@@ -29,7 +30,7 @@ With -b BASE the data goes into BASE further down OVERLAY's backing chain, and e
 
 A crash or an interruption is harmless: until OVERLAY is emptied it shadows everything already written into the base, and the commit can be run again.
 
-With --control PATH the commit runs in a serve-nbd daemon, on the image of its export --export NAME (a qcow2 overlay) while clients keep writing it: an active commit into the overlay's own backing file (job type commit; --base, if given, must name that file). Without --wait the command starts the job and prints it; blkrep job pause, resume, cancel and complete then work on it, and complete makes the overlay empty once the base has caught up (the writes wait meanwhile, then go on to the empty overlay). With --wait the command follows the job with a progress bar, completes it as soon as it is ready (with --keep it cancels it instead: the base is then a consistent copy and the overlay is kept), and exits when it has concluded.
+With --control PATH the commit runs in a serve-nbd daemon, on the image of its export --export NAME (a qcow2 overlay) while clients keep writing it: an active commit into the overlay's backing file (job type commit; with --base further down, the layers between must be empty: commit them first with --top). With --top LAYER a layer below the export's image is committed instead (and those down to above BASE), while the export goes on writing its image: an intermediate commit, which ends by itself and makes the committed layers empty. A secondary's failover, active over hidden over disk, is --top hidden.qcow2 then --base disk.img. Without --wait the command starts the job and prints it; blkrep job pause, resume, cancel and complete then work on it, and complete makes the overlay empty once the base has caught up (the writes wait meanwhile, then go on to the empty overlay). With --wait the command follows the job with a progress bar, completes it as soon as it is ready (with --keep it cancels it instead: the base is then a consistent copy and the overlay is kept), and exits when it has concluded.
 
 The commit runs as a job (the engine of blkrep mirror): --on-source-error and --on-target-error choose what a read error of the overlay or a write error of the base does (report ends the commit, ignore retries the range later; stop, offline, ends it too, as nobody can resume it). A progress bar with the rate and the time left is shown on a terminal.`;
 
@@ -57,6 +58,7 @@ The commit runs as a job (the engine of blkrep mirror): --on-source-error and --
     control: Flags.string({ char: 'c', description: "commit a live export: the serve-nbd daemon's control socket", helpValue: 'PATH' }),
     export: Flags.string({ description: 'with --control: the export whose image is committed (default: the only one)', helpValue: 'NAME' }),
     id: Flags.string({ description: 'with --control: the job id (default: commit0, commit1, and so on)', helpValue: 'ID' }),
+    top: Flags.string({ description: "with --control: commit this layer of the export's backing chain (and those down to above BASE) instead of the export's image: an intermediate commit, which ends by itself and makes them empty", helpValue: 'LAYER' }),
     wait: Flags.boolean({ description: 'with --control: follow the job, complete it once ready (cancel it with --keep), exit when it has concluded', default: false }),
   };
 
@@ -68,7 +70,7 @@ The commit runs as a job (the engine of blkrep mirror): --on-source-error and --
       if (flags.keep && !flags.wait) this.usageError('--keep with --control needs --wait (the job keeps the overlay when it is cancelled once ready)');
       return this.live(flags);
     }
-    for (const f of ['export', 'id'] as const) if (flags[f] !== undefined) this.usageError(`--${f} needs --control`);
+    for (const f of ['export', 'id', 'top'] as const) if (flags[f] !== undefined) this.usageError(`--${f} needs --control`);
     if (flags.wait) this.usageError('--wait needs --control');
     if (args.overlay === undefined) this.usageError('the overlay to commit is missing (or give --control PATH --export NAME for a live export)');
     let bar: Progress | undefined;
@@ -142,6 +144,7 @@ The commit runs as a job (the engine of blkrep mirror): --on-source-error and --
     export?: string;
     id?: string;
     base?: string;
+    top?: string;
     rate?: number;
     speed?: number;
     keep: boolean;
@@ -153,11 +156,15 @@ The commit runs as a job (the engine of blkrep mirror): --on-source-error and --
     const client = await ControlClient.connect(flags.control!, { timeoutMs: 10_000 });
     try {
       const speed = flags.speed ?? flags.rate;
+      // the daemon resolves paths against its own directory: send them absolute
+      const abs = (spec: string): string => (/^[a-z][a-z0-9+.-]*:/i.test(spec) ? spec : resolve(spec));
       let info = (await client.request('job-start', {
         type: 'commit',
         ...(flags.export === undefined ? {} : { export: flags.export }),
         ...(flags.id === undefined ? {} : { id: flags.id }),
-        ...(flags.base === undefined ? {} : { base: flags.base }),
+        ...(flags.base === undefined ? {} : { base: abs(flags.base) }),
+        ...(flags.top === undefined ? {} : { top: abs(flags.top) }),
+        ...(flags.keep ? { keep: true } : {}),
         ...(speed === undefined ? {} : { speed }),
         onSourceError: flags['on-source-error'],
         onTargetError: flags['on-target-error'],
@@ -166,7 +173,8 @@ The commit runs as a job (the engine of blkrep mirror): --on-source-error and --
       if (!flags.wait) {
         if (!this.jsonEnabled()) {
           this.log(`Started commit job ${info.id} of export "${exportName}" (${info['top']} into ${info['base']}).`);
-          this.log(`Once it is ready: blkrep job complete ${info.id} --control ${flags.control} (the overlay is then made empty).`);
+          if (info['active'] === false) this.log(`It ends by itself once ${info['base']} holds everything; it then makes ${(info['makeEmpty'] as string[]).join(', ')} empty.`);
+          else this.log(`Once it is ready: blkrep job complete ${info.id} --control ${flags.control} (the overlay is then made empty).`);
         }
         return { live: true, export: exportName, job: info };
       }
@@ -181,7 +189,11 @@ The commit runs as a job (the engine of blkrep mirror): --on-source-error and --
             bar ??= progressBar('commit', info.length, { enabled: true });
             bar.update(Math.min(info.offset, info.length));
           }
-          if (info.status === 'concluded') break;
+          if (info.status === 'concluded') {
+            // an intermediate commit ends by itself, having emptied the layers it committed
+            if (info['active'] === false && !info.error) emptied = ((info['makeEmpty'] as unknown[] | undefined)?.length ?? 0) > 0;
+            break;
+          }
           if (info.status === 'ready') {
             // complete resolves (or fails) once the job has concluded; cancel of a ready job too
             await client.request(flags.keep ? 'job-cancel' : 'job-complete', { id });
@@ -197,7 +209,8 @@ The commit runs as a job (the engine of blkrep mirror): --on-source-error and --
       if (info.error) throw new BlkrepError(info.error.code, `commit job ${id} failed: ${info.error.message}`, { errno: info.error.errno });
       if (emptied === undefined) throw new BlkrepError('ERR_JOB_CANCELLED', `commit job ${id} was cancelled before the base had caught up (the overlay still shadows what was written)`, { errno: 'ESHUTDOWN', details: { id } });
       if (!this.jsonEnabled()) {
-        this.log(emptied ? `Committed the image of export "${exportName}" into ${info['base']}: the overlay is empty, writes go on to it.` : `The base ${info['base']} of export "${exportName}" is a consistent copy; the overlay was kept (--keep).`);
+        if (info['active'] === false) this.log(`Committed ${info['top']} of export "${exportName}" into ${info['base']}; ${(info['makeEmpty'] as string[]).join(', ')} made empty.`);
+        else this.log(emptied ? `Committed the image of export "${exportName}" into ${info['base']}: the overlay is empty, writes go on to it.` : `The base ${info['base']} of export "${exportName}" is a consistent copy; the overlay was kept (--keep).`);
       }
       return { live: true, export: exportName, job: info, emptied };
     } finally {

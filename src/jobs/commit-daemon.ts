@@ -1,38 +1,49 @@
 /**
  * The live commit: job type `commit` of the serve-nbd daemon (`job-start {type: "commit",
- * export, base?, …}`, `blkrep commit --control PATH --export NAME`).
+ * export, top?, base?, …}`, `blkrep commit --control PATH --export NAME`).
  *
- * The export's image must be a qcow2 overlay (the active layer). Its backing node, opened
- * read-only with the chain, is reopened read-write and put in its place under the overlay
- * (Qcow2Node.replaceBacking, while no request is in flight), so the node the commit writes is
- * the very node the overlay reads through. Then an ActiveCommitJob (src/jobs/commit.ts): a
- * sync-top mirror of the overlay into that node, the export's writes routed through the job's
- * front end and, below it, the export's dirty-tracking filter (its bitmaps keep recording).
- * Ready once the base has caught up; `job complete` drains (writes wait), flushes the base,
- * makes the overlay empty, and the writes flow on to the (now empty) overlay. `job cancel`
- * before ready leaves the base with part of the data, shadowed by the overlay; after ready, the
- * base is a consistent copy as of the cancel and the overlay is kept.
+ * The export's image must be a qcow2 overlay. What the job writes into, and the layers it
+ * empties, are reopened read-write (the base with its own chain, the layers between over it) and
+ * the new chain is put under the export's image (Qcow2Node.replaceBacking, while no request is
+ * in flight), so the nodes the job writes are the very nodes the export reads through.
  *
- * Not persisted: a daemon stop cancels the job (with force); the overlay still shadows whatever
- * reached the base, so starting it again is safe. The base stays open read-write under the
- * overlay afterwards (as it is after the commit).
+ * - Active commit (no `top`): an ActiveCommitJob (src/jobs/commit.ts), a sync-top mirror of the
+ *   export's image into the base, the export's writes routed through the job's front end and,
+ *   below it, the export's dirty-tracking filter (its bitmaps keep recording). Ready once the
+ *   base has caught up; `job complete` drains (writes wait), flushes the base, makes the image
+ *   empty, and the writes flow on to it. `job cancel` before ready leaves the base with part of
+ *   the data, shadowed by the image; after ready the base is a consistent copy as of the cancel
+ *   and the image is kept. A base further down needs the layers between to be empty
+ *   (ERR_NOT_EMPTY otherwise): commit them first with `top`.
+ * - Intermediate commit (`top`: a layer below the export's image): a CommitJob of `top` and the
+ *   layers down to above the base into the base, while the export goes on writing its image;
+ *   it ends by itself and makes the committed layers empty (unless `keep`). A secondary's
+ *   failover (active → hidden → disk, DESIGN.md §7): `top: hidden` (into disk), then an active
+ *   commit with `base: disk`.
  *
- * args: base? (the backing file's path or name, as a check: only the overlay's own backing can
- * be committed into live), speed?, bufSize?, maxOps?, granularity?, copyMode?, maxLagMs?,
- * onSourceError?, onTargetError?.
+ * Not persisted: a daemon stop cancels the job (with force); the upper layers still shadow
+ * whatever reached the base, so starting it again is safe. The reopened nodes stay read-write
+ * under the image afterwards.
+ *
+ * args: top?, base? (absolute paths of layers of the export's chain), keep?, speed?, bufSize?,
+ * maxOps?, granularity?, copyMode?, maxLagMs?, onSourceError?, onTargetError?.
  */
 import type { BlockNode } from '../api/block.js';
 import { BlkrepError } from '../api/errors.js';
 import { openImage, type ImageFormat } from '../block/open.js';
-import { Qcow2Node, resolveBackingSpec } from '../block/qcow2/node.js';
+import { Qcow2Node } from '../block/qcow2/node.js';
 import { sameImage } from '../image/chain.js';
-import { ActiveCommitJob } from './commit.js';
+import { ActiveCommitJob, CommitJob } from './commit.js';
 import { registerJobType, type JobContext } from './daemon-jobs.js';
 import { ERROR_POLICIES, type ErrorPolicy } from './job.js';
 import { COPY_MODES, type CopyMode } from './mirror.js';
 
 export interface LiveCommitOptions {
+  /** a layer below the export's image: an intermediate commit of it (and the layers down to above the base) */
+  top?: string;
   base?: string;
+  /** intermediate commit: do not make the committed layers empty */
+  keep?: boolean;
   speed?: number;
   bufSize?: number;
   maxOps?: number;
@@ -49,7 +60,7 @@ function bad(message: string): BlkrepError {
 
 /** job-start's args → options, every field checked. */
 export function parseLiveCommitArgs(args: Record<string, unknown>): LiveCommitOptions {
-  const known = new Set(['base', 'speed', 'bufSize', 'maxOps', 'granularity', 'copyMode', 'maxLagMs', 'onSourceError', 'onTargetError']);
+  const known = new Set(['top', 'base', 'keep', 'speed', 'bufSize', 'maxOps', 'granularity', 'copyMode', 'maxLagMs', 'onSourceError', 'onTargetError']);
   for (const k of Object.keys(args)) if (!known.has(k)) throw bad(`"${k}" is not an argument of a commit job (it takes ${[...known].join(', ')})`);
   const o: LiveCommitOptions = {};
   const str = (k: string): string | undefined => {
@@ -69,6 +80,12 @@ export function parseLiveCommitArgs(args: Record<string, unknown>): LiveCommitOp
     if (v !== undefined && !(allowed as readonly string[]).includes(v)) throw bad(`"${k}" must be one of ${allowed.join(', ')}, not "${v}"`);
     return v as T | undefined;
   };
+  if (args.keep !== undefined) {
+    if (typeof args.keep !== 'boolean') throw bad('"keep" must be true or false');
+    o.keep = args.keep;
+  }
+  const top = str('top');
+  if (top !== undefined) o.top = top;
   const base = str('base');
   if (base !== undefined) o.base = base;
   for (const k of ['speed', 'bufSize', 'maxOps', 'granularity', 'maxLagMs'] as const) num(k);
@@ -81,61 +98,113 @@ export function parseLiveCommitArgs(args: Record<string, unknown>): LiveCommitOp
   return o;
 }
 
-/** The overlay's backing node, reopened read-write and put under it (unless it is writable already). */
-async function writableBacking(overlay: Qcow2Node): Promise<BlockNode> {
-  const current = overlay.backing!;
-  if (current.caps.canWrite) return current;
-  const header = overlay.image.header;
-  const spec = resolveBackingSpec(overlay.description, header.backingFile!);
-  const format = header.backingFormat === 'raw' || header.backingFormat === 'qcow2' ? (header.backingFormat as ImageFormat) : undefined;
-  const rw = await openImage(spec, { readOnly: false, ...(format ? { format } : {}) });
-  if (rw.size !== current.size) {
-    await rw.close().catch(() => {});
-    throw new BlkrepError('ERR_BACKING', `the backing file ${spec} reopened read-write is ${rw.size} bytes, not ${current.size}`, { errno: 'EIO', details: { spec } });
-  }
-  const old = await overlay.replaceBacking(rw);
-  await old?.close().catch(() => {});
-  return rw;
+/** The export's chain: the overlay first, each node's backing after it. */
+function chainOf(overlay: BlockNode): BlockNode[] {
+  const out: BlockNode[] = [];
+  for (let n: BlockNode | undefined = overlay; n; n = n instanceof Qcow2Node ? n.backing : undefined) out.push(n);
+  return out;
 }
 
-async function createLiveCommit(ctx: JobContext, o: LiveCommitOptions): Promise<ActiveCommitJob> {
+/** Index in `chain` (≥ 1) of the image `spec` names, or -1. */
+async function findLayer(chain: BlockNode[], spec: string): Promise<number> {
+  for (let i = 1; i < chain.length; i++) {
+    const d = chain[i]!.description;
+    if (d === spec || (await sameImage(spec, d).catch(() => false))) return i;
+  }
+  return -1;
+}
+
+/**
+ * Make chain[b] (the base) and chain[t..b-1] (the layers an intermediate commit empties)
+ * writable: reopen chain[1..b] — the base read-write with its own chain, the layers above it
+ * over it — and put the new chain under the overlay (Qcow2Node.replaceBacking, while no request
+ * is in flight), then close the old one. Returns the new chain.
+ */
+async function reopenWritable(chain: BlockNode[], t: number, b: number): Promise<BlockNode[]> {
+  const needsRw = (i: number): boolean => i === b || (i >= t && i < b);
+  if (chain.every((n, i) => i === 0 || !needsRw(i) || n.caps.canWrite)) return chain;
+  // a node left writable by an earlier commit holds no dirty metadata once flushed, so closing it later writes nothing
+  for (let i = 1; i <= b; i++) if (chain[i]!.caps.canWrite) await chain[i]!.flush?.();
+  const overlay = chain[0] as Qcow2Node;
+  const opened: BlockNode[] = [];
+  try {
+    const old = chain[b]!;
+    const base = await openImage(old.description, { readOnly: false, format: old.driver === 'qcow2' ? 'qcow2' : ('raw' as ImageFormat) });
+    opened.unshift(base);
+    if (base.size !== old.size) throw new BlkrepError('ERR_BACKING', `${old.description} reopened read-write is ${base.size} bytes, not ${old.size}`, { errno: 'EIO', details: { image: old.description } });
+    for (let i = b - 1; i >= 1; i--) opened.unshift(await Qcow2Node.open(chain[i]!.description, { readOnly: !needsRw(i), backing: opened[0]! }));
+  } catch (err) {
+    // closing the top of what was opened closes the rest below it
+    await opened[0]?.close().catch(() => {});
+    throw err;
+  }
+  const oldBacking = await overlay.replaceBacking(opened[0]!);
+  await oldBacking?.close().catch(() => {});
+  return chainOf(overlay);
+}
+
+async function createLiveCommit(ctx: JobContext, o: LiveCommitOptions): Promise<ActiveCommitJob | CommitJob> {
   const exp = ctx.export;
   if (exp.readOnly) throw new BlkrepError('ERR_READ_ONLY', `export "${exp.name}" is read-only: commit its image offline with blkrep commit IMAGE`, { errno: 'EPERM', details: { export: exp.name } });
   const overlay = exp.imageNode;
   if (!(overlay instanceof Qcow2Node)) {
     throw new BlkrepError('ERR_NO_BACKING', `export "${exp.name}" serves ${exp.image}, a ${overlay.driver} image: only a qcow2 overlay has a backing file to commit into`, { errno: 'EINVAL', details: { export: exp.name, driver: overlay.driver } });
   }
-  const backingName = overlay.image.header.backingFile;
-  if (backingName === undefined || !overlay.backing) {
+  let chain = chainOf(overlay);
+  if (chain.length < 2) {
     throw new BlkrepError('ERR_NO_BACKING', `${overlay.description} (export "${exp.name}") has no backing file: there is nothing to commit it into`, { errno: 'EINVAL', details: { export: exp.name } });
   }
-  const backingSpec = resolveBackingSpec(overlay.description, backingName);
-  if (o.base !== undefined && o.base !== backingName && o.base !== backingSpec && !(await sameImage(o.base, backingSpec).catch(() => false))) {
-    throw new BlkrepError('ERR_NOT_IN_CHAIN', `"${o.base}" is not the backing file of ${overlay.description} (${backingSpec}): a live commit writes into the overlay's own backing file (commit deeper layers offline, or one level at a time)`, {
+  const names = chain.map((n) => n.description);
+  // t: the top of what is committed (0: the overlay itself, an active commit); b: the base
+  let t = 0;
+  if (o.top !== undefined && o.top !== overlay.description && !(await sameImage(o.top, overlay.description).catch(() => false))) {
+    t = await findLayer(chain, o.top);
+    if (t < 0) throw new BlkrepError('ERR_NOT_IN_CHAIN', `"${o.top}" is not in the backing chain of export "${exp.name}" (${names.join(' → ')})`, { errno: 'EINVAL', details: { export: exp.name, top: o.top, chain: names } });
+  }
+  let b = t + 1;
+  if (o.base !== undefined) {
+    b = await findLayer(chain, o.base);
+    if (b < 0) throw new BlkrepError('ERR_NOT_IN_CHAIN', `"${o.base}" is not in the backing chain of export "${exp.name}" (${names.join(' → ')})`, { errno: 'EINVAL', details: { export: exp.name, base: o.base, chain: names } });
+    if (b <= t) throw new BlkrepError('ERR_NOT_IN_CHAIN', `the base "${o.base}" is not below the top "${o.top}" in the chain of export "${exp.name}" (${names.join(' → ')})`, { errno: 'EINVAL', details: { export: exp.name, base: o.base, top: o.top ?? null } });
+  }
+  if (b >= chain.length) throw new BlkrepError('ERR_NO_BACKING', `${chain[t]!.description} has no backing file: there is nothing to commit it into`, { errno: 'EINVAL', details: { export: exp.name } });
+  if (chain[b]!.driver !== 'qcow2' && chain[b]!.driver !== 'raw') {
+    throw new BlkrepError('ERR_UNSUPPORTED_FORMAT', `the base ${chain[b]!.description} is a ${chain[b]!.driver} node: a live commit writes into a raw or qcow2 file`, { errno: 'ENOTSUP', details: { base: chain[b]!.description } });
+  }
+  if (t === 0 && chain[b]!.size !== overlay.size) {
+    throw new BlkrepError('ERR_SIZE_MISMATCH', `the base ${chain[b]!.description} is ${chain[b]!.size} bytes and ${overlay.description} is ${overlay.size}: a live commit of the active layer needs the same size (grow the base offline)`, {
       errno: 'EINVAL',
-      details: { export: exp.name, base: o.base, backing: backingSpec },
+      details: { baseSize: chain[b]!.size, size: overlay.size },
     });
   }
-  if (overlay.backing.size !== overlay.size) {
-    throw new BlkrepError('ERR_SIZE_MISMATCH', `the backing file ${backingSpec} is ${overlay.backing.size} bytes and ${overlay.description} is ${overlay.size}: a live commit needs the same size (grow the backing file offline)`, {
-      errno: 'EINVAL',
-      details: { backingSize: overlay.backing.size, size: overlay.size },
-    });
-  }
-  const base = await writableBacking(overlay);
-  const job = new ActiveCommitJob({
+  chain = await reopenWritable(chain, t, b);
+  const base = chain[b]!;
+  const common = {
     id: ctx.id,
-    overlay,
-    base,
-    via: exp.tracking,
     ...(o.speed !== undefined ? { speed: o.speed } : {}),
     ...(o.bufSize !== undefined ? { bufSize: o.bufSize } : {}),
     ...(o.maxOps !== undefined ? { maxOps: o.maxOps } : {}),
+    ...(o.onSourceError ? { onSourceError: o.onSourceError } : {}),
+    ...(o.onTargetError ? { onTargetError: o.onTargetError } : {}),
+  };
+  if (t > 0) {
+    // intermediate: nothing writes chain[t..b-1] (the export writes the overlay above them);
+    // the job ends by itself, having emptied them
+    const top = chain[t]!;
+    const job = new CommitJob({ ...common, top, base, layers: b - t, makeEmpty: o.keep ? [] : chain.slice(t, b) });
+    void job.whenConcluded().then(() => {
+      if (job.emptied.length > 0) ctx.log('info', `job ${ctx.id}: ${chain.slice(t, b).map((n) => n.description).join(', ')} committed into ${base.description} and made empty`);
+    });
+    return job;
+  }
+  const job = new ActiveCommitJob({
+    ...common,
+    overlay,
+    base,
+    via: exp.tracking,
     ...(o.granularity !== undefined ? { granularity: o.granularity } : {}),
     ...(o.copyMode ? { copyMode: o.copyMode } : {}),
     ...(o.maxLagMs !== undefined ? { maxLagMs: o.maxLagMs } : {}),
-    ...(o.onSourceError ? { onSourceError: o.onSourceError } : {}),
-    ...(o.onTargetError ? { onTargetError: o.onTargetError } : {}),
   });
   void job.whenConcluded().then(async () => {
     await exp.switchFront(exp.tracking);

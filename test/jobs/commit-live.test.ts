@@ -155,4 +155,51 @@ describe('live commit (job type commit)', () => {
     await daemon.stop();
     await qemuCheckClean('top.qcow2', s.dir);
   });
+
+  it('failover (active over hidden over disk): --top hidden into disk while the client writes, then the active layer into disk through the empty hidden; disk alone holds every byte', async () => {
+    const dir = await makeTempDir();
+    await sh(
+      dir,
+      qcow2('disk.qcow2', `${SIZE}`),
+      io('qcow2', 'disk.qcow2', 'write -P 170 0 8M', 'write -P 171 20M 4M'),
+      qcow2('hidden.qcow2', '', ['disk.qcow2', 'qcow2']),
+      io('qcow2', 'hidden.qcow2', 'write -P 3 2M 2M', 'write -z 22M 1M', 'write -P 4 27M 65k'),
+      qcow2('active.qcow2', '', ['hidden.qcow2', 'qcow2']),
+      io('qcow2', 'active.qcow2', 'write -P 5 3M 2M', 'write -P 6 28M 1M'),
+      ['qemu-img', 'convert', '-O', 'raw', 'active.qcow2', 'view.raw'],
+    );
+    const view = await openImage(join(dir, 'view.raw'), { readOnly: true, format: 'raw' });
+    const content = await readAll(view);
+    await view.close();
+    const ctl = join(dir, 'ctl');
+    const daemon = await serve(['--export', `disk=${join(dir, 'active.qcow2')}`, '--socket', join(dir, 'nbd'), '--control', ctl]);
+    const writer = await Writer.start(unixUri(join(dir, 'nbd'), 'disk'), Buffer.from(content), { pauseMs: 1 });
+    await writer.waitWrites(10);
+    // the active layer into disk while hidden still holds data: refused when the job starts
+    const early = await runCli(['commit', '--control', ctl, '--base', join(dir, 'disk.qcow2'), '--wait', '--json']);
+    expect(early.code, early.stdout + early.stderr).toBe(1);
+    expect(JSON.parse(early.stdout)).toMatchObject({ error: { code: 'ERR_NOT_EMPTY' } });
+    const hidden = await runCli(['commit', '--control', ctl, '--top', 'hidden.qcow2', '--wait', '--json'], { cwd: dir });
+    expect(hidden.code, hidden.stdout + hidden.stderr).toBe(0);
+    expect(JSON.parse(hidden.stdout)).toMatchObject({
+      live: true,
+      emptied: true,
+      job: { status: 'concluded', active: false, top: join(dir, 'hidden.qcow2'), base: join(dir, 'disk.qcow2'), makeEmpty: [join(dir, 'hidden.qcow2')] },
+    });
+    await writer.waitWrites(20);
+    await writer.stop();
+    const active = await runCli(['commit', '--control', ctl, '--base', 'disk.qcow2', '--wait', '--json'], { cwd: dir });
+    expect(active.code, active.stdout + active.stderr).toBe(0);
+    expect(JSON.parse(active.stdout)).toMatchObject({ emptied: true, job: { active: true, layers: 2, base: join(dir, 'disk.qcow2') } });
+    const reader = await openImage(unixUri(join(dir, 'nbd'), 'disk'));
+    expect((await readAll(reader)).equals(writer.expected)).toBe(true);
+    await reader.close();
+    await daemon.stop();
+    await writeFile(join(dir, 'expected.raw'), writer.expected);
+    const cmp = await run('qemu-img', ['compare', '-f', 'raw', '-F', 'qcow2', 'expected.raw', 'disk.qcow2'], { cwd: dir });
+    expect(cmp.code, cmp.stdout + cmp.stderr).toBe(0);
+    expect(await ownRanges('hidden.qcow2', dir)).toEqual([]);
+    expect(await ownRanges('active.qcow2', dir)).toEqual([]);
+    for (const f of ['disk.qcow2', 'hidden.qcow2', 'active.qcow2']) await qemuCheckClean(f, dir);
+  });
 });
