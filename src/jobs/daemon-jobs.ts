@@ -331,7 +331,11 @@ export class DaemonJobs {
           this.publish('job-loaded', { id: job.id, type: job.type, export: exp.name, status: job.status, file });
           this.log('info', `job ${job.id} (${job.type} of export "${exp.name}") loaded from ${file}, paused: resume it with blkrep job resume ${job.id}`);
         } catch (err) {
-          this.log('warn', `job state file ${file} not loaded: ${(err as Error).message}`);
+          // Its files missed every write since: never load them later. Kept for a look, renamed.
+          const kept = `${file}.failed`;
+          await rename(file, kept).catch(() => {});
+          this.log('warn', `job state file ${file} not loaded (${(err as Error).message}); renamed ${kept}: start the job anew`);
+          this.publish('job-load-failed', { file, error: toBlkrepError(err).message });
         }
       }
     }

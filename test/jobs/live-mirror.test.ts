@@ -229,3 +229,17 @@ describe('live mirror: daemon stop', () => {
     await log2.close();
   });
 });
+
+describe('live mirror: a state file that cannot be loaded', () => {
+  it('is renamed IMAGE.job-ID.json.failed with a warning; the daemon serves the export without the job', async () => {
+    const s = await setup();
+    const state = { version: 1, id: 'm9', type: 'mirror', export: 'disk', status: 'paused', generation: 3, savedAt: '2026-01-01T00:00:00.000Z', options: { target: join(s.dir, 'gone.img'), sync: 'full' } };
+    await writeFile(`${s.src}.job-m9.json`, JSON.stringify(state));
+    const d = await serve(['--export', `disk=${s.src}`, '--socket', join(s.dir, 'nbd'), '--control', s.ctl]);
+    expect(await control(s.ctl, 'job-list')).toEqual([]);
+    expect(existsSync(`${s.src}.job-m9.json`)).toBe(false);
+    expect(JSON.parse(await readFile(`${s.src}.job-m9.json.failed`, 'utf8'))).toEqual(state);
+    expect(d.stderr()).toContain(`job state file ${s.src}.job-m9.json not loaded (`);
+    expect(d.stderr()).toContain(`renamed ${s.src}.job-m9.json.failed: start the job anew`);
+  });
+});
