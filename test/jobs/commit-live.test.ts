@@ -202,4 +202,43 @@ describe('live commit (job type commit)', () => {
     expect(await ownRanges('active.qcow2', dir)).toEqual([]);
     for (const f of ['disk.qcow2', 'hidden.qcow2', 'active.qcow2']) await qemuCheckClean(f, dir);
   });
+
+  it('blkrep job pause, set-speed, resume, complete work on a commit job; blkrep job cancel on a second one after ready keeps the overlay', async () => {
+    const s = await setup();
+    const daemon = await serve(['--export', `disk=${join(s.dir, 'top.qcow2')}`, '--socket', join(s.dir, 'nbd'), '--control', s.ctl]);
+    const job = async (...a: string[]) => {
+      const r = await runCli(['job', ...a, '--control', s.ctl, '--json']);
+      expect(r.code, r.stdout + r.stderr).toBe(0);
+      return JSON.parse(r.stdout) as Q;
+    };
+    const started = await runCli(['commit', '--control', s.ctl, '--speed', '256K', '--json']);
+    expect(started.code, started.stdout + started.stderr).toBe(0);
+    expect(await job('pause', 'commit0')).toMatchObject({ id: 'commit0', type: 'commit', status: 'paused' });
+    expect(await job('set-speed', 'commit0', '0')).toMatchObject({ speed: 0, status: 'paused' });
+    expect(await job('resume', 'commit0')).toMatchObject({ status: 'running', paused: false });
+    const log = await eventLog(s.ctl);
+    if ((await control<Q>(s.ctl, 'job-query', { id: 'commit0' })).status !== 'ready') await log.waitFor('job-ready', (e) => e['id'] === 'commit0');
+    expect(await job('complete', 'commit0')).toMatchObject({ id: 'commit0', status: 'concluded' });
+    // a second commit of the now empty overlay, after a client wrote it: cancel once ready
+    const writer = await Writer.start(s.uri, Buffer.from(s.content), { pauseMs: 1 });
+    await writer.waitWrites(20);
+    await writer.stop();
+    const again = await runCli(['commit', '--control', s.ctl, '--id', 'again', '--json']);
+    expect(again.code, again.stdout + again.stderr).toBe(0);
+    if ((await control<Q>(s.ctl, 'job-query', { id: 'again' })).status !== 'ready') await log.waitFor('job-ready', (e) => e['id'] === 'again');
+    expect(await job('cancel', 'again')).toMatchObject({ id: 'again', status: 'concluded' });
+    expect(log.events.find((e) => e.event === 'job-cancelled')).toMatchObject({ id: 'again', consistent: true });
+    const reader = await openImage(s.uri);
+    expect((await readAll(reader)).equals(writer.expected)).toBe(true);
+    await reader.close();
+    await log.close();
+    await daemon.stop();
+    // the base is a consistent copy of what the client wrote; the overlay still holds its writes
+    await writeFile(join(s.dir, 'expected.raw'), writer.expected);
+    const cmp = await run('qemu-img', ['compare', '-f', 'raw', '-F', 'qcow2', 'expected.raw', 'base.qcow2'], { cwd: s.dir });
+    expect(cmp.code, cmp.stdout + cmp.stderr).toBe(0);
+    expect((await ownRanges('top.qcow2', s.dir)).length).toBeGreaterThan(0);
+    await qemuCheckClean('base.qcow2', s.dir);
+    await qemuCheckClean('top.qcow2', s.dir);
+  });
 });
