@@ -41,7 +41,7 @@ Up to --max-ops copy operations of up to --buf-size bytes are in flight at once.
 Errors follow --on-source-error and --on-target-error: report (the default: stop with an error), ignore (retry the region later), stop or enospc (offline there is nobody to resume the job, so a stop ends it with an error too).
 A progress bar with the rate and the time left is shown on a terminal. With --json the result is printed as JSON.
 
-Live: with --control PATH [--export NAME] TARGET, the serve-nbd daemon behind PATH mirrors the export while its clients keep writing it. The job copies (copy phase), then is ready — the target is in step — and from then on every new write follows. It runs until blkrep job complete (pivot: the export serves TARGET from then on; --no-pivot: a consistent copy is left) or blkrep job cancel. The command starts it and prints its id (--json: the job's query object); --wait ready or --wait done follows it (a progress bar on a terminal) and exits once it is ready or has concluded. --sync bitmap:NAME names a bitmap of the export. When the export's image is a file, the job's state and dirty bitmap are kept beside it (IMAGE.job-ID.json, IMAGE.job-ID.dirty): after a crash or a restart the daemon loads the job paused, and blkrep job resume copies only what is still dirty.
+Live: with --control PATH [--export NAME] TARGET, the serve-nbd daemon behind PATH mirrors the export while its clients keep writing it. The job copies (copy phase), then is ready (the target is in step), and from then on every new write follows. It runs until blkrep job complete (pivot: the export serves TARGET from then on; --no-pivot: a consistent copy is left) or blkrep job cancel. The command starts it and prints its id (--json: the job's query object); --wait ready or --wait done follows it (a progress bar on a terminal) and exits once it is ready or has concluded. --sync bitmap:NAME names a bitmap of the export. When the export's image is a file, the job's state and dirty bitmap are kept beside it (IMAGE.job-ID.json, IMAGE.job-ID.dirty): after a crash or a restart the daemon loads the job paused, and blkrep job resume copies only what is still dirty.
 Exit status: 0 done (live: started, or ready/done with --wait); 1 failure (live: the job failed or was cancelled while waited for, ERR_JOB_EXISTS, ERR_EXPORT_BUSY, the daemon not reachable); 2 usage error.`;
 
   static override examples = [
@@ -78,7 +78,7 @@ Exit status: 0 done (live: started, or ready/done with --wait); 1 failure (live:
     'no-progress': Flags.boolean({ description: 'no progress bar, even on a terminal', default: false }),
     control: Flags.string({ char: 'c', description: "live: mirror an export of the serve-nbd daemon behind this control socket (give only TARGET)", helpValue: 'PATH' }),
     export: Flags.string({ char: 'e', description: "live: the export to mirror (default: the daemon's only export)", helpValue: 'NAME' }),
-    'job-id': Flags.string({ description: 'live: the job id (default mirror0, mirror1 …)', helpValue: 'ID' }),
+    'job-id': Flags.string({ description: 'live: the job id (default mirror0, mirror1 ...)', helpValue: 'ID' }),
     wait: Flags.string({ description: 'live: wait until the job is ready, or done (concluded), before exiting', options: ['ready', 'done'], helpValue: 'ready|done' }),
     timeout: Flags.integer({ description: 'live: give up on the daemon (or the --wait) after this many seconds', min: 1, helpValue: 'SECONDS' }),
   };

@@ -4,7 +4,7 @@ import { idArg, JOB_EXIT_CODES, JobCommand, jobFlags, type JobQuery } from '../.
 export default class JobComplete extends JobCommand {
   static override summary = 'Complete a ready job: a mirror pivots the export onto its target.';
 
-  static override description = `Only a ready job can be completed. A mirror first holds new writes of the export back, copies what is still dirty and flushes the target — the target then equals the source — then pivots: the export serves the target from then on (its dirty bitmaps keep recording every write), and the held writes go on. Returns once the job has concluded.
+  static override description = `Only a ready job can be completed. A mirror first holds new writes of the export back, copies what is still dirty and flushes the target (the target then equals the source), then pivots: the export serves the target from then on (its dirty bitmaps keep recording every write), and the held writes go on. Returns once the job has concluded.
 With --no-pivot the export stays on its image and the target is left a consistent copy as of the complete.
 A job that is not ready (still copying, or fallen out of step after an error) is left as it is: exit 1 with ERR_JOB_STATE.
 ${JOB_EXIT_CODES}`;

@@ -3,7 +3,7 @@ import { idArg, JOB_EXIT_CODES, JobCommand, jobDetails, jobFlags, type JobQuery 
 export default class JobShow extends JobCommand {
   static override summary = 'Show one job of a running serve-nbd daemon: status, progress, rate, ETA.';
 
-  static override description = `Prints the job's status, bytes done of bytes to do, the rate over the last seconds and the time left at that rate, its speed limit and io-status, then what its type adds (a mirror: sync, copy mode, granularity, dirty bytes …). With --json, the query object as the daemon answers job-query.
+  static override description = `Prints the job's status, bytes done of bytes to do, the rate over the last seconds and the time left at that rate, its speed limit and io-status, then what its type adds (a mirror: sync, copy mode, granularity, dirty bytes ...). With --json, the query object as the daemon answers job-query.
 A job that concluded a short while ago is still shown (status concluded).
 ${JOB_EXIT_CODES}`;
 
