@@ -143,6 +143,16 @@ describe('blkrep mirror --control, blkrep job, blkrep events', () => {
       expect(await cliJson(['job', 'complete', 'slow', ...extra, '--control', s.ctl])).toMatchObject({ code: 1, out: { error: { code: 'ERR_JOB_STATE', message: 'job slow is running: complete needs it to be ready' } } });
     }
     expect((await cliJson(['job', 'show', 'slow', '--control', s.ctl])).out).toMatchObject({ id: 'slow', status: 'running' });
+    // events --job keeps one job's events: pause/resume until it got one (it exits after --count 1)
+    const ev = start('node', [BIN, 'events', '--control', s.ctl, '--job', 'slow', '--event', 'job-status-change', '--count', '1']);
+    await waitFor(async () => {
+      if (ev.child.exitCode !== null) return true;
+      await cliJson(['job', 'pause', 'slow', '--control', s.ctl]);
+      await cliJson(['job', 'resume', 'slow', '--control', s.ctl]);
+      return ev.child.exitCode !== null;
+    }, 'blkrep events --count 1 to exit', { timeoutMs: 30_000, intervalMs: 50 });
+    expect(await ev.waitExit()).toEqual({ code: 0, signal: null });
+    expect(lines(ev.stdout())).toEqual([expect.objectContaining({ event: 'job-status-change', id: 'slow', type: 'mirror', export: 'disk' })]);
     const busy = await cliJson(['mirror', '--control', s.ctl, join(s.dir, 'other.img')]);
     expect(busy).toMatchObject({ code: 1, out: { error: { code: 'ERR_EXPORT_BUSY', message: 'export "disk" is in use by job slow: one job per export at a time' } } });
     expect(await cliJson(['job', 'cancel', 'slow', '--force', '--control', s.ctl])).toMatchObject({ code: 0, out: { id: 'slow', status: 'concluded' } });

@@ -243,3 +243,27 @@ describe('live mirror: a state file that cannot be loaded', () => {
     expect(d.stderr()).toContain(`renamed ${s.src}.job-m9.json.failed: start the job anew`);
   });
 });
+
+describe('live mirror: sync bitmap', () => {
+  it('copies only the regions dirty in a bitmap of the export onto a target that was a copy of the image before', async () => {
+    const s = await setup();
+    await writeFile(s.dst, await readFile(s.src));
+    await serve(['--export', `disk=${s.src}`, '--socket', join(s.dir, 'nbd'), '--control', s.ctl, '--bitmap', 'b0']);
+    const writer = await Writer.start(s.uri, Buffer.from(s.content), { region: [16 * MiB, 20 * MiB] });
+    await writer.waitWrites(40);
+    await writer.stop();
+    const log = await eventLog(s.ctl);
+    const q = await control<Q>(s.ctl, 'job-start', { type: 'mirror', target: s.dst, sync: 'bitmap', bitmap: 'b0' });
+    expect(q).toMatchObject({ sync: 'bitmap', export: 'disk' });
+    expect(q.length).toBeLessThanOrEqual(4 * MiB);
+    await log.waitFor('job-ready');
+    const end = await control<Q>(s.ctl, 'job-complete', { id: q.id, pivot: false });
+    expect(end.offset).toBeGreaterThan(0);
+    expect(end.offset).toBeLessThanOrEqual(4 * MiB);
+    await writeFile(join(s.dir, 'expected.img'), writer.expected);
+    expect(await qemuCompare(join(s.dir, 'expected.img'), s.dst)).toMatchObject({ code: 0 });
+    await expect(control(s.ctl, 'job-start', { type: 'mirror', target: s.dst, sync: 'bitmap', bitmap: 'nope' })).rejects.toMatchObject({ code: 'ERR_BITMAP_NOT_FOUND' });
+    await expect(control(s.ctl, 'job-start', { type: 'mirror', target: s.dst, sync: 'bitmap' })).rejects.toMatchObject({ code: 'ERR_BAD_REQUEST', message: 'sync bitmap needs "bitmap": the name of a bitmap of the export' });
+    await log.close();
+  });
+});
