@@ -206,6 +206,8 @@ export class BackupJob extends Job {
   private backoffMs = 0;
   private wakeTimer: NodeJS.Timeout | undefined;
   private zeroHints: number[] = [];
+  /** copy buffers of `window` bytes, reused (at most maxOps kept) */
+  private freeBuffers: Buffer[] = [];
   private totalTodoBytes = 0;
   private bytesDone = 0;
   private brokenBy: BlkrepError | undefined;
@@ -587,6 +589,15 @@ export class BackupJob extends Job {
     const g = this.granularity;
     const window = Math.max(this.bufSize, g);
     let buffer: Buffer | undefined;
+    try {
+      await this.copySegments(segs, window, () => (buffer ??= this.freeBuffers.pop() ?? Buffer.allocUnsafe(window)));
+    } finally {
+      if (buffer && this.freeBuffers.length < this.maxOps) this.freeBuffers.push(buffer);
+    }
+  }
+
+  private async copySegments(segs: Segment[], window: number, take: () => Buffer): Promise<void> {
+    const g = this.granularity;
     for (const s of segs) {
       if (s.zero) {
         await this.writeZeroTarget(s.offset, s.length, s.hole);
@@ -594,8 +605,7 @@ export class BackupJob extends Job {
       }
       for (let at = s.offset; at < s.offset + s.length; ) {
         const n = Math.min(window, s.offset + s.length - at);
-        buffer ??= Buffer.allocUnsafe(Math.min(window, dataBytes));
-        const view = buffer.subarray(0, n);
+        const view = take().subarray(0, n);
         try {
           await this.source.readInto(at, view, { signal: this.signal });
         } catch (err) {
