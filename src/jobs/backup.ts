@@ -952,9 +952,10 @@ export class BackupJob extends Job {
       throw new BlkrepError('ERR_OUT_OF_RANGE', `read of ${length} bytes at offset ${offset} is beyond the end of the snapshot (size ${this.size})`, { errno: 'EINVAL', details: { offset, length, size: this.size } });
     }
     if (length === 0) return;
+    // started, copy-before-write not in place yet (a sync top scan): wait for it
+    while (this.mode === 'starting' && this.startGate) await this.startGate.promise;
     if (this.snapshot === 'broken') throw this.snapshotError('ERR_SNAPSHOT_BROKEN', `the snapshot is broken${this.brokenBy ? ` (${this.brokenBy.message})` : ''}`, offset, length);
     if (this.snapshot === 'pending') throw this.snapshotError('ERR_SNAPSHOT_PENDING', 'the job has not started', offset, length);
-    while (this.mode === 'starting' && this.startGate) await this.startGate.promise;
     const g = this.granularity;
     const first = Math.floor(offset / g);
     const end = Math.ceil((offset + length) / g);

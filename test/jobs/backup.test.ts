@@ -365,6 +365,26 @@ describe('backup: sync modes, zeros, the end', () => {
     expect(() => new BackupJob({ source: a, target: new MemoryNode(MiB), maxOps: 0 })).toThrow(expect.objectContaining({ code: 'ERR_JOB_INVALID' }));
   });
 
+  it('writes and view reads between start() and copy-before-write in place (the start scan) wait, then see the start', async () => {
+    const mem = await randomSource(MiB, 15);
+    const original = await readAll(mem);
+    const gate = new Gate();
+    const source = hookNode(mem, { gate, gateOps: ['extents'] });
+    gate.close();
+    const job = new BackupJob({ source, target: new MemoryNode(MiB), sync: 'full' });
+    job.start();
+    await gate.waitEntered(1); // the start scan asks the extents
+    const write = job.node.write(100, Buffer.from('new'));
+    const view = job.snapshotNode.read(0, 200);
+    await ticks(20);
+    expect((await mem.read(100, 3)).equals(original.subarray(100, 103))).toBe(true);
+    gate.open();
+    await write;
+    expect((await view).equals(original.subarray(0, 200))).toBe(true);
+    await within(job.whenConcluded(), 10_000, 'backup');
+    expect((await readAll(job.target)).equals(original)).toBe(true);
+  });
+
   it('the fleecing view is read-only and reports the range', async () => {
     const source = await seededSource(MiB, 14);
     const job = new BackupJob({ source, target: new MemoryNode(MiB), sync: 'none' });
