@@ -151,6 +151,13 @@ export async function sourceBitmapFile(file: string, name: string | undefined): 
   const store = await openBitmapStore(file);
   try {
     const n = await store.resolve(name);
+    if (store.kind === 'qcow2') {
+      throw new BlkrepError(
+        'ERR_NOT_SUPPORTED',
+        `the daemon merges bitmap files, not the bitmaps of a qcow2 image (${file}); copy bitmap "${n}" into a bitmap file first (blkrep bitmap add FILE --size SIZE, blkrep bitmap merge FILE --source-file ${file} --source ${n}) and give that FILE`,
+        { errno: 'ENOTSUP', details: { file, name: n } },
+      );
+    }
     const info = (await store.list()).find((b) => b.name === n);
     if (!info?.file) throw new BlkrepError('ERR_BITMAP_NOT_FOUND', `${store.description} has no bitmap "${n}"`, { errno: 'EINVAL' });
     return info.file;
