@@ -21,8 +21,8 @@ import { inUse, Qcow2BitmapDirectory, type NextEntry } from '../../src/block/qco
 import { BME_AUTO } from '../../src/block/qcow2/format.js';
 import { Qcow2Node } from '../../src/block/qcow2/node.js';
 import { CrashContainer } from './crash-container.js';
-import { hasTool, makeTempDir, run, start, waitFor } from '../support/spawn.js';
-import { entriesOf, fails, model, nbdinfoMapText, ok, type NbdinfoEntry } from '../bitmap-cli/helpers.js';
+import { hasTool, makeTempDir, run, serve, start, waitFor } from '../support/spawn.js';
+import { entriesOf, fails, model, nbdinfoMapText, ok, zeroFile, type NbdinfoEntry } from '../bitmap-cli/helpers.js';
 import { expectClean, KiB, MiB, qemuCheck, qemuInfo, tool } from './helpers.js';
 
 const hasPeers = hasTool('qemu-img') && hasTool('qemu-io') && hasTool('qemu-nbd') && hasTool('nbdinfo');
@@ -389,6 +389,19 @@ describe.skipIf(!hasPeers)('qcow2 persistent bitmaps', () => {
       expect(await s.remove('huge', {})).toMatchObject({ changed: true });
     });
     await expectClean(img);
+  });
+
+  it("a live export takes bitmap files to merge: a qcow2 image's bitmap is refused, naming the way round", async () => {
+    const dir = await makeTempDir();
+    const img = await image(dir);
+    await withStore(img, (s) => s.add('q', {}));
+    const raw = join(dir, 'disk.img');
+    await zeroFile(raw, SIZE);
+    const ctl = join(dir, 'c.sock');
+    const served = await serve([raw, '--socket', join(dir, 's.sock'), '--control', ctl]);
+    await ok(['bitmap', 'add', '--control', ctl, '--name', 'b0']);
+    await fails(['bitmap', 'merge', '--control', ctl, '--name', 'b0', '--source-file', img, '--source', 'q'], 1, 'ERR_NOT_SUPPORTED', /copy bitmap "q" into a bitmap file first/);
+    expect(await served.stop()).toBe(0);
   });
 
   it('blkrep writing guest data keeps the autoclear rule: enabled bitmaps it does not update are dropped for QEMU, disabled ones stay', async () => {
