@@ -114,6 +114,13 @@ export interface MirrorOptions extends Omit<JobOptions, 'id'> {
    * The bitmap is the job's own: read it during the call only.
    */
   onStable?: (granules: DirtyBitmap) => void;
+  /**
+   * While granules are still dirty, flush the target at least this often (ms; default 0: only
+   * at consistency points). Such a flush is not a consistency point; it makes the copies done so
+   * far stable, so onStable can report them (a persisted dirty set then keeps the progress of a
+   * long copy across a crash).
+   */
+  stableIntervalMs?: number;
 }
 
 interface CopyOp {
@@ -183,6 +190,7 @@ export class MirrorJob extends Job {
   private readonly pivotHook: MirrorOptions['pivot'];
   private readonly consistentHook: MirrorOptions['onConsistent'];
   private readonly stableHook: MirrorOptions['onStable'];
+  private readonly stableIntervalMs: number;
 
   private copyModeNow: CopyMode;
   /** writing through the front end: 'tracked' while the job runs, then 'source' or 'target' */
@@ -257,6 +265,7 @@ export class MirrorJob extends Job {
     this.pivotHook = options.pivot;
     this.consistentHook = options.onConsistent;
     this.stableHook = options.onStable;
+    this.stableIntervalMs = options.stableIntervalMs ?? 0;
 
     this.source = source;
     this.target = completeNode(target);
@@ -437,6 +446,7 @@ export class MirrorJob extends Job {
         this.opBytes += op.length;
         void this.copy(op);
       }
+      if (this.stableIntervalMs > 0) this.maybeStableFlush();
     }
     this.checkIdle();
   }
@@ -718,10 +728,20 @@ export class MirrorJob extends Job {
     this.startFlush(final && this.activeTargetWrites === 0);
   }
 
-  private startFlush(final: boolean): void {
+  /** stableIntervalMs: a flush that is not a consistency point, while granules are still dirty. */
+  private maybeStableFlush(): void {
+    if (this.flushing || this.draining || this.finished || this.unstableCur.dirtyGranules === 0 || this.dirty.dirtyGranules === 0) return;
+    const wait = this.lastFlushIssue + this.stableIntervalMs - this.clock.now();
+    if (wait > 0) this.wakeAt(wait);
+    else this.startFlush(false, false);
+  }
+
+  /** `point`: issued with nothing dirty and no copy in flight (a consistency point once it completes). */
+  private startFlush(final: boolean, point = true): void {
     this.flushing = true;
     this.flushFinal = final;
-    this.changed = false;
+    // a flush issued while granules are dirty proves nothing about `changed`
+    if (point) this.changed = false;
     this.lastFlushIssue = this.clock.now();
     const issuedAt = this.lastFlushIssue;
     const covering = this.unstableCur;
@@ -733,7 +753,7 @@ export class MirrorJob extends Job {
         if (this.stableHook) this.reportStable();
         this.unstableFlushing.clearAll();
         this.flushing = false;
-        this.consistencyPoint(issuedAt);
+        if (point) this.consistencyPoint(issuedAt);
         this.pump();
       },
       (err: unknown) => {
