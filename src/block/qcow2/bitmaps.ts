@@ -385,15 +385,21 @@ export class Qcow2BitmapDirectory {
       const data = n.bits.serialize();
       const tableSize = tableEntries(this.size, n.entry.granularityBits, image.clusterBits);
       const table = Buffer.alloc(Math.ceil((tableSize * 8) / cs) * cs);
+      let writes: Array<Promise<void>> = [];
       for (let i = 0; i < tableSize; i++) {
         const chunk = data.subarray(i * cs, (i + 1) * cs);
         if (isZero(chunk)) continue;
         const at = await allocate(1);
         const cluster = Buffer.alloc(cs);
         chunk.copy(cluster);
-        await file.write(at, cluster);
+        writes.push(file.write(at, cluster));
+        if (writes.length >= 32) {
+          await Promise.all(writes);
+          writes = [];
+        }
         table.writeBigUInt64BE(BigInt(at), i * 8);
       }
+      await Promise.all(writes);
       const tableAt = await allocate(table.length / cs);
       await file.write(tableAt, table);
       entries.push({ ...n.entry, tableOffset: tableAt, tableSize });
