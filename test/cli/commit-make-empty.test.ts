@@ -2,9 +2,10 @@
 // commit on copies of the same chain (qemu-img compare on the bases and on the overlays read
 // through their chains, the same allocation map of the overlays, qemu-img check clean).
 import { cpSync, existsSync, statSync } from 'node:fs';
+import { rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { makeTempDir, run, runCli } from '../support/spawn.js';
+import { BIN, hasTool, makeTempDir, run, runCli, start, waitFor } from '../support/spawn.js';
 import { io, qcow2, qemuCheckClean, qemuMap, qemuSame, sh } from './image-helpers.js';
 
 const KiB = 1024;
@@ -372,5 +373,52 @@ describe('blkrep make-empty', () => {
     const nbd = await runCli(['make-empty', 'nbd://localhost:1/x', '--json'], { cwd: dir });
     expect(nbd.code).toBe(1);
     expect(JSON.parse(nbd.stdout).error).toMatchObject({ code: 'ERR_UNSUPPORTED_FORMAT' });
+  });
+});
+
+describe.skipIf(!hasTool('nbdkit'))('blkrep commit: error policies against a base that fails writes (nbdkit --filter=error memory 8M)', () => {
+  /** top.qcow2 over an nbdkit memory disk whose writes fail with EIO while the file "inject" exists */
+  async function failingBase() {
+    const dir = await makeTempDir();
+    await writeFile(join(dir, 'inject'), '');
+    const socket = join(dir, 'k.sock');
+    const uri = `nbd+unix:///?socket=${socket}`;
+    const server = start('nbdkit', ['-f', '-U', socket, '--filter=error', 'memory', '8M', 'error-pwrite=EIO', 'error-pwrite-rate=100%', `error-pwrite-file=${join(dir, 'inject')}`]);
+    await waitFor(() => existsSync(socket), 'nbdkit to listen');
+    await sh(dir, ['qemu-img', 'create', '-f', 'qcow2', '-b', uri, '-F', 'raw', 'top.qcow2', '8M'], io('qcow2', 'top.qcow2', 'write -P 1 0 1M', 'write -z 2M 64k', 'write -P 2 5M 3k'), ['qemu-img', 'convert', '-O', 'raw', 'top.qcow2', 'view.raw']);
+    return { dir, uri, server, errorsOff: () => rm(join(dir, 'inject'), { force: true }) };
+  }
+
+  it('report (the default): exit 1 with the write error; stop: exit 1, ERR_JOB_CANCELLED naming the policy; the overlay is kept', async () => {
+    const b = await failingBase();
+    const r = await runCli(['commit', 'top.qcow2', '--json'], { cwd: b.dir });
+    expect(r.code).toBe(1);
+    expect(JSON.parse(r.stdout)).toEqual({ error: { code: 'ERR_NBD_SERVER_ERROR', message: 'NBD write of 1048576 bytes at offset 0 failed on the server: EIO (5)' } });
+    const s = await runCli(['commit', 'top.qcow2', '--on-target-error', 'stop', '--json'], { cwd: b.dir });
+    expect(s.code).toBe(1);
+    const err = JSON.parse(s.stdout).error;
+    expect(err.code).toBe('ERR_JOB_CANCELLED');
+    expect(err.message).toContain('base write error (EIO) with policy stop: NBD write of');
+    expect(await qemuSame(['view.raw', 'raw'], ['top.qcow2', 'qcow2'], b.dir)).toBe(true);
+    expect((await qemuMap('top.qcow2', b.dir)).some((e) => e.depth === 0 && e.present)).toBe(true);
+    await b.server.stop();
+  });
+
+  it('ignore: the failed ranges are retried until the base takes them; the errors are in the JSON result; the base then holds the view', async () => {
+    const b = await failingBase();
+    const p = start('node', [BIN, 'commit', 'top.qcow2', '--on-target-error', 'ignore', '--speed', '0', '--json'], { cwd: b.dir });
+    // the commit retries (backing off) until the base works again
+    await waitFor(() => b.server.stderr().includes('injecting EIO error into pwrite'), 'a failed write');
+    await b.errorsOff();
+    const exit = await p.waitExit(30_000);
+    expect(exit.code, p.stderr()).toBe(0);
+    const result = JSON.parse(p.stdout());
+    expect(result).toMatchObject({ emptied: true, dataBytes: MiB + 64 * KiB, zeroBytes: 64 * KiB });
+    expect(result.errors.length).toBeGreaterThan(0);
+    for (const e of result.errors) expect(e).toMatchObject({ side: 'target', operation: 'write', errno: 'EIO', action: 'ignore' });
+    expect(await qemuSame(['view.raw', 'raw'], [b.uri, 'raw'], b.dir)).toBe(true);
+    expect(await qemuSame(['view.raw', 'raw'], ['top.qcow2', 'qcow2'], b.dir)).toBe(true);
+    await qemuCheckClean('top.qcow2', b.dir);
+    await b.server.stop();
   });
 });
