@@ -945,13 +945,14 @@ export class BackupJob extends Job {
     return new BlkrepError(code, `snapshot of job ${this.id}: read of ${length} bytes at offset ${offset}: ${why}`, { errno: 'EIO', details: { offset, length } });
   }
 
-  /** Read the point-in-time view into `out`. */
-  async snapshotRead(offset: number, out: Buffer, o?: IoOptions): Promise<void> {
-    const length = out.length;
-    if (offset < 0 || offset + length > this.size || !Number.isSafeInteger(offset)) {
-      throw new BlkrepError('ERR_OUT_OF_RANGE', `read of ${length} bytes at offset ${offset} is beyond the end of the snapshot (size ${this.size})`, { errno: 'EINVAL', details: { offset, length, size: this.size } });
+  /**
+   * Which side each granule run of [offset, offset+length) of the view is read from, decided
+   * synchronously after the checks; `live`: reads of the source must hold writes off.
+   */
+  private async planView(offset: number, length: number, op: string): Promise<{ pieces: Array<{ from: 'target' | 'source'; start: number; stop: number }>; live: boolean; first: number; end: number }> {
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > this.size) {
+      throw new BlkrepError('ERR_OUT_OF_RANGE', `${op} of ${length} bytes at offset ${offset} is beyond the end of the snapshot (size ${this.size})`, { errno: 'EINVAL', details: { offset, length, size: this.size } });
     }
-    if (length === 0) return;
     // started, copy-before-write not in place yet (a sync top scan): wait for it
     while (this.mode === 'starting' && this.startGate) await this.startGate.promise;
     if (this.snapshot === 'broken') throw this.snapshotError('ERR_SNAPSHOT_BROKEN', `the snapshot is broken${this.brokenBy ? ` (${this.brokenBy.message})` : ''}`, offset, length);
@@ -959,7 +960,6 @@ export class BackupJob extends Job {
     const g = this.granularity;
     const first = Math.floor(offset / g);
     const end = Math.ceil((offset + length) / g);
-    // decide every granule's side now, synchronously; reads of the source hold writes off
     const pieces: Array<{ from: 'target' | 'source'; start: number; stop: number }> = [];
     const live = this.mode === 'cbw';
     for (let b = first; b < end; ) {
@@ -978,12 +978,15 @@ export class BackupJob extends Job {
       pieces.push({ from: isCopied ? 'target' : 'source', start: Math.max(offset, b * g), stop: Math.min(offset + length, e * g) });
       b = e;
     }
+    return { pieces, live, first, end };
+  }
+
+  /** Run `fn` while writes to [first, end) of the source wait (when live). */
+  private async holdingWrites<T>(live: boolean, first: number, end: number, fn: () => Promise<T>): Promise<T> {
     const reader = live ? { first, end } : undefined;
     if (reader) this.viewReads.push(reader);
     try {
-      await Promise.all(
-        pieces.map((p) => (p.from === 'target' ? this.target : this.source).readInto(p.start, out.subarray(p.start - offset, p.stop - offset), o)),
-      );
+      return await fn();
     } finally {
       if (reader) {
         this.viewReads.splice(this.viewReads.indexOf(reader), 1);
@@ -991,8 +994,41 @@ export class BackupJob extends Job {
         for (const w of waiters) w.wake();
       }
     }
+  }
+
+  /** Read the point-in-time view into `out`. */
+  async snapshotRead(offset: number, out: Buffer, o?: IoOptions): Promise<void> {
+    const length = out.length;
+    if (length === 0 && offset >= 0 && offset <= this.size) return;
+    const { pieces, live, first, end } = await this.planView(offset, length, 'read');
+    await this.holdingWrites(live, first, end, () =>
+      Promise.all(pieces.map((p) => (p.from === 'target' ? this.target : this.source).readInto(p.start, out.subarray(p.start - offset, p.stop - offset), o))),
+    );
     // broken while reading: what was read may not be the start's data
     if ((this.snapshot as SnapshotState) === 'broken') throw this.snapshotError('ERR_SNAPSHOT_BROKEN', 'the snapshot broke during the read', offset, length);
+  }
+
+  /** The view's extents: copied granules as the target reports them, the others as the source does (no depth). */
+  async snapshotExtents(offset: number, length: number, o?: IoOptions): Promise<Extent[]> {
+    const { pieces, live, first, end } = await this.planView(offset, Math.max(1, Math.min(length, this.size - offset)), 'extents');
+    const out: Extent[] = [];
+    await this.holdingWrites(live, first, end, async () => {
+      for (const p of pieces.slice(0, 64)) {
+        const node = p.from === 'target' ? this.target : this.source;
+        for (let at = p.start; at < p.stop; ) {
+          const runs = await node.extents(at, p.stop - at, o);
+          if (runs.length === 0) throw this.snapshotError('ERR_INTERNAL', `${node.description} described no extents at ${at}`, offset, length);
+          for (const r of runs) {
+            if (at >= p.stop) break;
+            const n = Math.min(r.length, p.stop - at);
+            out.push({ length: n, hole: r.hole, zero: r.zero });
+            at += n;
+          }
+        }
+      }
+    });
+    if ((this.snapshot as SnapshotState) === 'broken') throw this.snapshotError('ERR_SNAPSHOT_BROKEN', 'the snapshot broke during the extents', offset, length);
+    return coalesceExtents(out);
   }
 }
 
@@ -1061,7 +1097,7 @@ class SnapshotAccessNode implements BlockNode {
       canZero: false,
       canFastZero: false,
       canMultiConn: true,
-      canExtents: false,
+      canExtents: true,
       canCache: false,
     };
   }
@@ -1075,6 +1111,9 @@ class SnapshotAccessNode implements BlockNode {
   }
   async write(offset: number, data: Buffer): Promise<void> {
     throw new BlkrepError('ERR_READ_ONLY', `the snapshot of job ${this.job.id} is read-only (write of ${data.length} bytes at offset ${offset})`, { errno: 'EPERM' });
+  }
+  extents(offset: number, length: number, o?: IoOptions): Promise<Extent[]> {
+    return this.job.snapshotExtents(offset, length, o);
   }
   async flush(): Promise<void> {}
   async close(): Promise<void> {}

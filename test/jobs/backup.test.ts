@@ -385,6 +385,38 @@ describe('backup: sync modes, zeros, the end', () => {
     expect((await readAll(job.target)).equals(original)).toBe(true);
   });
 
+  it('the view\'s extents: zero where the start was zero (target for copied granules, source for the others), whatever was written since', async () => {
+    const g = 65536;
+    const source = await seededSource(8 * MiB, 16);
+    const original = await readAll(source);
+    const job = new BackupJob({ source, target: new MemoryNode(8 * MiB), sync: 'none', granularity: g });
+    job.start();
+    // overwrite zero and data regions alike: data into holes, zeros over data
+    const r = rng(16);
+    for (let i = 0; i < 40; i++) {
+      const off = Math.floor(r() * (8 * MiB - 3 * g));
+      if (i % 2) await job.node.write(off, randomBytes(r, 1 + Math.floor(r() * 2 * g)));
+      else await job.node.writeZeroes!(off, 1 + Math.floor(r() * 2 * g));
+    }
+    expect(job.copiedBytes).toBeGreaterThan(0);
+    let at = 0;
+    let zeroSeen = 0;
+    while (at < 8 * MiB) {
+      const runs = await job.snapshotNode.extents!(at, 8 * MiB - at);
+      expect(runs.length).toBeGreaterThan(0);
+      for (const e of runs) {
+        if (e.zero) {
+          expect(original.subarray(at, at + e.length).every((b) => b === 0), `zero run at ${at}+${e.length}`).toBe(true);
+          zeroSeen += e.length;
+        }
+        at += e.length;
+      }
+    }
+    expect(at).toBe(8 * MiB);
+    expect(zeroSeen).toBeGreaterThan(0);
+    await job.cancel();
+  });
+
   it('the fleecing view is read-only and reports the range', async () => {
     const source = await seededSource(MiB, 14);
     const job = new BackupJob({ source, target: new MemoryNode(MiB), sync: 'none' });
