@@ -289,6 +289,43 @@ describe.skipIf(!hasPeers)('qcow2 persistent bitmaps', () => {
     expect(await backing(tight)).toBe(longName);
   });
 
+  it('bitmap table entries: "all ones" clusters read as QEMU reads them; reserved bits are a clean error', async () => {
+    const dir = await makeTempDir();
+    const img = await image(dir, ['-o', 'cluster_size=512']);
+    await tool('qemu-img', ['bitmap', '--add', '-g', '512', img, 'b']);
+    // 16 MiB at 512 B: 4 KiB of bits, a table of 8 entries for 512-byte clusters, all zero
+    const h = await open(img, 'r+');
+    const entryAt = async (i: number): Promise<number> => {
+      const head = Buffer.alloc(512);
+      await h.read(head, 0, 512, 0);
+      let at = head.readUInt32BE(100);
+      while (head.readUInt32BE(at) !== 0x23852875) at += 8 + Math.ceil(head.readUInt32BE(at + 4) / 8) * 8;
+      const dirent = Buffer.alloc(24);
+      await h.read(dirent, 0, 24, Number(head.readBigUInt64BE(at + 8 + 16)));
+      expect(dirent.readUInt32BE(8)).toBe(8);
+      return Number(dirent.readBigUInt64BE(0)) + i * 8;
+    };
+    const set = async (i: number, v: bigint): Promise<void> => {
+      const b = Buffer.alloc(8);
+      b.writeBigUInt64BE(v);
+      await h.write(b, 0, 8, await entryAt(i));
+      await h.sync();
+    };
+    try {
+      // cluster 2 of the bits: bytes 1024 … 1535, granules 8192 … 12287, guest 4 MiB … 6 MiB
+      await set(2, 1n);
+      const want = entriesOf(model(SIZE, 512, [{ offset: 4 * MiB, length: 2 * MiB }]));
+      await expectBits(img, { b: want });
+      await set(2, 1n << 60n);
+      await expect(bitsOf(img, 'b')).rejects.toMatchObject({ code: 'ERR_QCOW2_CORRUPT', message: expect.stringMatching(/entry 2 of the bitmap table of "b" .* has reserved bits set/) });
+      await set(2, 0n);
+    } finally {
+      await h.close();
+    }
+    expect(await bitsOf(img, 'b')).toEqual(entriesOf(model(SIZE, 512)));
+    await expectClean(img);
+  });
+
   it('an in-use bitmap (its writer was killed) is listed as all-dirty and can only be removed, as with qemu-img', async () => {
     const dir = await makeTempDir();
     const img = await image(dir);
