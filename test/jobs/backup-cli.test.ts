@@ -188,3 +188,33 @@ describe.skipIf(!hasTool('qemu-nbd') || !hasTool('qemu-img'))('blkrep backup', (
     expect(JSON.parse(r.stdout).error.code).toBe('ERR_READ_ONLY');
   });
 });
+
+describe.skipIf(!hasTool('nbdkit') || !hasTool('qemu-img'))('blkrep backup onto a faulty target (nbdkit error filter, 10% EIO)', () => {
+  async function faultyTarget(dir: string, file: string): Promise<string> {
+    const sock = join(dir, `${Math.random().toString(36).slice(2, 8)}.sock`);
+    start('nbdkit', ['-f', '-U', sock, '--filter=error', 'file', file, 'error=EIO', 'error-rate=10%']);
+    await waitFor(() => existsSync(sock), 'nbdkit socket');
+    return unixUri(sock, '');
+  }
+
+  it('ignore: every error is retried and reported, the backup is identical; report and stop: exit 1 with the error', async () => {
+    const dir = await makeTempDir();
+    const src = await sparseFile(dir, 'src.raw', 8 * MiB, 5);
+    const dst = await blankRaw(dir, 'dst.raw', 8 * MiB, 0x11);
+    const ignore = await runCli(['backup', src, await faultyTarget(dir, dst), '--on-target-error', 'ignore', '--max-ops', '4', '--buf-size', '64K', '--json'], { timeoutMs: 90_000 });
+    expect(ignore.code, ignore.stdout + ignore.stderr).toBe(0);
+    const result = JSON.parse(ignore.stdout);
+    expect(result.errors.length).toBeGreaterThan(0);
+    for (const e of result.errors) expect(e).toMatchObject({ side: 'target', errno: 'EIO', action: 'ignore' });
+    await compare(src, dst);
+
+    const report = await runCli(['backup', src, await faultyTarget(dir, dst), '--buf-size', '64K', '--json'], { timeoutMs: 60_000 });
+    expect(report.code, report.stdout).toBe(1);
+    expect(JSON.parse(report.stdout).error.message).toMatch(/EIO|Input\/output error/i);
+
+    const stop = await runCli(['backup', src, await faultyTarget(dir, dst), '--on-target-error', 'stop', '--buf-size', '64K'], { timeoutMs: 60_000 });
+    expect(stop.code, stop.stdout + stop.stderr).toBe(1);
+    expect(stop.stderr).toMatch(/stopping/);
+    expect(stop.stderr).toMatch(/backup stopped before the target was complete/);
+  });
+});
