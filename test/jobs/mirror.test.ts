@@ -34,6 +34,13 @@ async function fastSeededSource(size: number, seed: number): Promise<MemoryNode>
   return node;
 }
 
+/** A memory disk's content in one copy (readAll copies twice, 16 MiB at a time: 2× slower). */
+async function snapshot(node: MemoryNode): Promise<Buffer> {
+  const out = Buffer.allocUnsafe(node.size);
+  await node.readInto(0, out);
+  return out;
+}
+
 function events(job: MirrorJob): JobEvent[] {
   const out: JobEvent[] = [];
   job.on('event', (e: JobEvent) => out.push(e));
@@ -97,7 +104,7 @@ describe.each(['background', 'write-blocking'] as const)('mirror under a random 
         target,
         copyMode,
         onConsistent: async () => {
-          const [s, t] = [await readAll(source), await readAll(target.disk)];
+          const [s, t] = [await snapshot(source), await snapshot(target.disk)];
           expect(firstDifference(s, t), 'source vs target at the consistency point').toBe(-1);
         },
         pivot: async () => {
@@ -109,7 +116,7 @@ describe.each(['background', 'write-blocking'] as const)('mirror under a random 
       let pivots = 0;
       let violationsAtPivot: string[] = ['pivot not reached'];
       const evs = events(job);
-      const writer = new RandomWriter(job.node, await readAll(source), rng(seed), 4);
+      const writer = new RandomWriter(job.node, await snapshot(source), rng(seed), 4);
       writer.start();
       job.start();
       await within(whenReady(job), 30_000, 'ready');
@@ -119,7 +126,7 @@ describe.each(['background', 'write-blocking'] as const)('mirror under a random 
       await writer.stop();
       expect(writer.errors).toEqual([]);
       expect(pivots).toBe(1);
-      const t = await readAll(target.disk);
+      const t = await snapshot(target.disk);
       expect(t.equals(writer.expected) ? 0 : countDifferent(t, writer.expected), `bytes differing (first at ${firstDifference(t, writer.expected)})`).toBe(0);
       expect(violationsAtPivot).toEqual([]);
       const s = summary(evs);
