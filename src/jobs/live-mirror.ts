@@ -30,6 +30,8 @@ import { BITMAP_MODES, COPY_MODES, MirrorJob, type BitmapMode, type CopyMode } f
 import { jobStatePath, registerJobType, removeJobFiles, saveJobState, type JobContext, type SavedJobState } from './daemon-jobs.js';
 
 export const DIRTY_SUFFIX = '.dirty';
+/** while copying, the target is flushed (and the dirty file cleared of what it made stable) this often */
+const STABLE_INTERVAL_MS = 1000;
 
 /** What job-start {type: "mirror"} takes (besides export and id), and what the state file keeps. */
 export interface LiveMirrorOptions {
@@ -250,6 +252,8 @@ async function createLiveMirror(ctx: JobContext, o: LiveMirrorOptions, resume?: 
       ...(o.onTargetError ? { onTargetError: o.onTargetError } : {}),
       ...(persistent
         ? {
+            // the copy's progress reaches the dirty file at least this often, not only at ready
+            stableIntervalMs: STABLE_INTERVAL_MS,
             onStable: (granules: DirtyBitmap) => {
               clearStable(persistent, granules);
               // store the clears now (syncs in flight are grouped: at most one waits behind another)
