@@ -3,8 +3,9 @@
  * in one or more bitmaps (DESIGN.md §5). Reads, extents and cache pass straight through.
  *
  * Order, for each modifying request, and why:
- *   1. every tracker's beforeWrite(range) resolves — for a persistent bitmap the range is then
- *      covered on disk (activity log or stored bits), so a crash from here on finds it dirty;
+ *   1. every tracker's beforeWrite(range) resolves (or its beforeWriteSync(range) returns a
+ *      ticket at once) — for a persistent bitmap the range is then covered on disk (activity
+ *      log or stored bits), so a crash from here on finds it dirty;
  *   2. the request goes to `next`;
  *   3. every tracker's afterWrite(ticket), whatever the outcome — a failed write may still have
  *      changed part of the range.

@@ -4,7 +4,8 @@
  *
  * The write path (DESIGN.md §5, with DRBD's activity log making a crash survivable):
  *
- *   t = await beforeWrite(off, len)   extents of the range durable in the activity log
+ *   t = beforeWriteSync(off, len)     the common case: the extents are hot already; else
+ *   t ??= await beforeWrite(off, len) extents of the range durable in the activity log
  *   … the write to the image …         (or, for huge ranges, the bits themselves durable)
  *   afterWrite(t)                     bits set in memory; extents unpinned
  *   await flush()                     changed bitmap pages written and fdatasync'd
