@@ -228,6 +228,11 @@ describe('blkrep commit', () => {
     { name: 'a missing backing file', setup: [['qemu-img', 'create', '-f', 'raw', 'base.raw', '1M'], qcow2('top.qcow2', '', ['base.raw', 'raw']), ['rm', 'base.raw']], args: ['top.qcow2'], code: 1, error: 'ERR_OPEN', message: 'base.raw' },
     { name: 'a rate of zero', setup: [], args: ['top.qcow2', '--rate', '0'], code: 2, error: 'ERR_USAGE', message: '--rate' },
     { name: 'a rate that is not a size', setup: [], args: ['top.qcow2', '--rate', 'fast'], code: 2, error: 'ERR_BAD_SIZE', message: 'fast' },
+    { name: 'no overlay and no --control', setup: [], args: [], code: 2, error: 'ERR_USAGE', message: 'the overlay to commit is missing' },
+    { name: '--wait without --control', setup: [], args: ['top.qcow2', '--wait'], code: 2, error: 'ERR_USAGE', message: '--wait needs --control' },
+    { name: '--top without --control', setup: [], args: ['top.qcow2', '--top', 'mid.qcow2'], code: 2, error: 'ERR_USAGE', message: '--top needs --control' },
+    { name: '--keep with --control but not --wait', setup: [], args: ['--control', 'ctl.sock', '--keep'], code: 2, error: 'ERR_USAGE', message: '--keep with --control needs --wait' },
+    { name: 'a daemon that is not there', setup: [], args: ['--control', 'ctl.sock'], code: 1, error: 'ERR_CONTROL_UNREACHABLE', message: 'ctl.sock' },
   ];
   for (const f of failures) {
     it(`${f.name}: exit ${f.code}, ${f.error}, message; the --json error object`, async () => {
