@@ -98,6 +98,30 @@ describe.skipIf(!hasTool('qemu-img'))('live backup', () => {
     expect(await qemuCompare(join(s.dir, 'expected.img'), s.src)).toMatchObject({ code: 0 });
   });
 
+  it('the COLO hidden disk: sync none into a qcow2 overlay of the export\'s own image; read through its backing it is the export at the start', async () => {
+    const s = await setup(8);
+    await serve(['--export', `disk=${s.src}`, '--socket', join(s.dir, 'nbd'), '--control', s.ctl]);
+    const hidden = join(s.dir, 'hidden.qcow2');
+    expect((await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', s.src, '-F', 'raw', hidden])).code).toBe(0);
+    const started = await runCli(['backup', '--control', s.ctl, hidden, '--sync', 'none', '--json'], { timeoutMs: 30_000 });
+    expect(started.code, started.stdout + started.stderr).toBe(0);
+    expect(JSON.parse(started.stdout)).toMatchObject({ live: true, export: 'disk', job: { id: 'backup0', sync: 'none', status: 'running' } });
+    const writer = await Writer.start(s.uri, Buffer.from(s.content), { workers: 4 });
+    await writer.waitWrites(60);
+    await writer.stop();
+    const q = await control<Q>(s.ctl, 'job-query', { id: 'backup0' });
+    expect(q.copiedBytes).toBeGreaterThan(0);
+    // only what was overwritten went into the hidden disk
+    expect(q.copiedBytes).toBeLessThan(SIZE);
+    await control(s.ctl, 'job-cancel', { id: 'backup0' });
+    await writeFile(join(s.dir, 'start.img'), s.content);
+    // the job closes the overlay once concluded; then qemu-img reads it through its backing
+    await waitFor(async () => (await run('qemu-img', ['compare', '-f', 'raw', '-F', 'qcow2', join(s.dir, 'start.img'), hidden])).code === 0, 'the hidden disk to read as the start', { timeoutMs: 20_000 });
+    expect((await run('qemu-img', ['check', '-q', hidden])).code).toBe(0);
+    await writeFile(join(s.dir, 'expected.img'), writer.expected);
+    expect(await qemuCompare(join(s.dir, 'expected.img'), s.src)).toMatchObject({ code: 0 });
+  });
+
   it('blkrep backup --control: full with the export bitmap (clears it), then incremental into a qcow2 overlay of it: the overlay reads as the export', async () => {
     const s = await setup(7);
     await serve(['--export', `disk=${s.src}`, '--socket', join(s.dir, 'nbd'), '--control', s.ctl, '--bitmap', 'daily']);
