@@ -190,17 +190,19 @@ describe('blkrep commit', () => {
     expect(statSync(join(dir, 'base.raw')).blocks * 512).toBeLessThanOrEqual(4 * 64 * KiB);
   });
 
-  it('--rate limits the data copied per second', async () => {
-    const dir = await makeTempDir();
-    await sh(dir, ['qemu-img', 'create', '-f', 'raw', 'base.raw', '16M'], qcow2('top.qcow2', '', ['base.raw', 'raw']), io('qcow2', 'top.qcow2', 'write -P 1 0 6M'));
-    const r = await runCli(['commit', 'top.qcow2', '--rate', '8M', '--json'], { cwd: dir });
-    expect(r.code, r.stderr).toBe(0);
-    const result = JSON.parse(r.stdout);
-    expect(result.dataBytes).toBe(6 * MiB);
-    // 6 MiB at 8 MiB/s: the last chunk may start after 5/8 s at the earliest
-    expect(result.seconds).toBeGreaterThanOrEqual(0.6);
-    expect(await qemuSame([join(dir, 'top.qcow2'), 'qcow2'], [join(dir, 'base.raw'), 'raw'], dir)).toBe(true);
-  });
+  for (const flag of ['--rate', '--speed']) {
+    it(`${flag} limits the data copied per second`, async () => {
+      const dir = await makeTempDir();
+      await sh(dir, ['qemu-img', 'create', '-f', 'raw', 'base.raw', '16M'], qcow2('top.qcow2', '', ['base.raw', 'raw']), io('qcow2', 'top.qcow2', 'write -P 1 0 6M'));
+      const r = await runCli(['commit', 'top.qcow2', flag, '8M', '--json'], { cwd: dir });
+      expect(r.code, r.stderr).toBe(0);
+      const result = JSON.parse(r.stdout);
+      expect(result.dataBytes).toBe(6 * MiB);
+      // 6 MiB at 8 MiB/s: the last chunk may start after 5/8 s at the earliest
+      expect(result.seconds).toBeGreaterThanOrEqual(0.6);
+      expect(await qemuSame([join(dir, 'top.qcow2'), 'qcow2'], [join(dir, 'base.raw'), 'raw'], dir)).toBe(true);
+    });
+  }
 
   it('text output: what moved and where; no progress bar when stderr is not a terminal', async () => {
     const dir = await makeTempDir();
