@@ -23,7 +23,9 @@ Listens on TCP 127.0.0.1:10809 unless --socket names a Unix socket (give --port 
 
 Dirty bitmaps: --bitmap NAME records every write, write-zeroes and trim of the export in a bitmap, offered to clients as the meta context qemu:dirty-bitmap:NAME (nbdinfo --map=qemu:dirty-bitmap:NAME). It is kept in the file IMAGE.NAME.bitmap beside the image (created when missing), or in FILE with --bitmap NAME=FILE; an in-memory image (or an NBD URI) keeps it in memory unless FILE is given. With several exports, say whose: --bitmap EXPORT:NAME[=FILE]. Every bitmap file beside an image (IMAGE.*.bitmap) is loaded too, unless --no-auto-bitmaps. A bitmap that was not closed cleanly is recovered from its activity log, and one that cannot be trusted is loaded all-dirty; either is said on stderr and in the --json listening line ("bitmaps": [...]). The blkrep bitmap commands work on them through --control.
 
-SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, flushes every export and its bitmaps and exits 0; a second signal exits at once.`;
+Jobs: with --control, blkrep mirror --control starts a live mirror of an export, and the blkrep job commands steer it (blkrep events prints the job events). A job of an export whose image is a file keeps its state and dirty bitmap beside the image (IMAGE.job-ID.json, IMAGE.job-ID.dirty); at start, every such job is loaded paused before any client connects (its writes are tracked from the first one), listed in the --json listening line ("jobs": [...]) and said on stderr; blkrep job resume continues it, copying only what is still dirty. A state file that cannot be loaded is renamed IMAGE.job-ID.json.failed.
+
+SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, flushes every export and its bitmaps, pauses every job (a persistent one keeps its files for the next start) and exits 0; a second signal exits at once.`;
 
   static override examples = [
     { description: 'Serve the embedded 1 GiB in-memory disk on 127.0.0.1:10809', command: '<%= config.bin %> <%= command.id %>' },

@@ -55,6 +55,8 @@ export interface ListeningEvent {
   pid: number;
   /** how each dirty bitmap was loaded (only when there are bitmaps) */
   bitmaps?: BitmapLoad[];
+  /** jobs loaded (paused) from their state files beside the images (only when there are some) */
+  jobs?: Array<{ id: string; type: string; export: string | null; status: string }>;
 }
 
 export class Daemon {
@@ -196,7 +198,8 @@ export class Daemon {
 
   listening(): ListeningEvent {
     const loads = [...this.bitmaps.values()].flatMap((b) => b.loads());
-    return { event: 'listening', uris: this.uris, pid: process.pid, ...(loads.length ? { bitmaps: loads } : {}) };
+    const jobs = (this.jobs?.list() ?? []).map((q) => ({ id: q.id, type: q.type, export: (q.export as string | null) ?? null, status: q.status }));
+    return { event: 'listening', uris: this.uris, pid: process.pid, ...(loads.length ? { bitmaps: loads } : {}), ...(jobs.length ? { jobs } : {}) };
   }
 
   /** The driver of an export's image (under its dirty-tracking filter). */

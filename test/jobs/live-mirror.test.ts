@@ -211,7 +211,8 @@ describe('live mirror: daemon stop', () => {
     expect(state).toMatchObject({ id: 'm1', type: 'mirror', export: 'disk', status: 'paused' });
     expect(existsSync(`${s.src}.job-m1.dirty`)).toBe(true);
 
-    await serve(args);
+    const second = await serve(args);
+    expect(JSON.parse(second.listeningLine).jobs).toEqual([{ id: 'm1', type: 'mirror', export: 'disk', status: 'paused' }]);
     expect(await control<Q[]>(s.ctl, 'job-list')).toEqual([expect.objectContaining({ id: 'm1', status: 'paused', ioStatus: 'ok' })]);
     const log2 = await eventLog(s.ctl);
     await control(s.ctl, 'job-resume', { id: 'm1' });
