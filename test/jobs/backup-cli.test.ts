@@ -137,6 +137,23 @@ describe.skipIf(!hasTool('qemu-nbd') || !hasTool('qemu-img'))('blkrep backup', (
     await compare(full2, full);
   });
 
+  it('--sync top of a qcow2 overlay copies only what the overlay holds: onto an overlay of the same base it reads the same', async () => {
+    const dir = await makeTempDir();
+    const base = await sparseFile(dir, 'base.raw', 16 * MiB, 6);
+    const top = join(dir, 'top.qcow2');
+    const copy = join(dir, 'copy.qcow2');
+    for (const f of [top, copy]) expect((await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', base, '-F', 'raw', f])).code).toBe(0);
+    const io = await run('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x61 1M 300K', '-c', 'write -P 0x62 9M 64K', '-c', 'write -z 12M 128K', top]);
+    expect(io.code, io.stderr).toBe(0);
+    const r = await runCli(['backup', top, copy, '--sync', 'top', '--json'], { timeoutMs: 60_000 });
+    expect(r.code, r.stdout + r.stderr).toBe(0);
+    const result = JSON.parse(r.stdout);
+    // 300K at 1M covers granules 16..20 (5 × 64K); 64K at 9M one; 128K of zeros two
+    expect(result).toMatchObject({ sync: 'top', bytes: 8 * 65536 });
+    await compare(top, copy, 'qcow2', 'qcow2');
+    expect((await run('qemu-img', ['check', '-q', copy])).code).toBe(0);
+  });
+
   it('text output, small granularity and buffers, speed; sync none does nothing offline', async () => {
     const dir = await makeTempDir();
     const src = await sparseFile(dir, 'src.raw', 8 * MiB, 3);
