@@ -4,10 +4,10 @@
  * after ready; the job's files beside the image; kill -9 mid-mirror, restart, resume.
  */
 import { existsSync } from 'node:fs';
-import { readFile, writeFile } from 'node:fs/promises';
+import { readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { makeTempDir, serve, unixUri, waitFor } from '../support/spawn.js';
+import { makeTempDir, serve, start, unixUri, waitFor } from '../support/spawn.js';
 import { control, emptyImage, eventLog, MiB, qemuCompare, rawImage, Writer } from './live-helpers.js';
 
 const SIZE = 64 * MiB;
@@ -305,5 +305,32 @@ describe('live mirror: kill -9 in the copy phase', () => {
     expect(end.offset).toBeLessThanOrEqual(SIZE - before.offset + 8 * MiB);
     expect(await qemuCompare(s.src, s.dst)).toMatchObject({ code: 0 });
     await log.close();
+  });
+});
+
+describe('live mirror: target errors', () => {
+  it('with on-target-error stop, a failing target pauses the job (job-error, io-status failed); resume after the fault goes finishes the copy', async () => {
+    const s = await setup();
+    const inject = join(s.dir, 'inject');
+    const tsock = join(s.dir, 'target.sock');
+    const nbdkit = start('nbdkit', ['-f', '-U', tsock, '--filter=error', 'memory', String(SIZE), 'error-pwrite=EIO', 'error-pwrite-rate=100%', `error-pwrite-file=${inject}`, 'error-zero=EIO', 'error-zero-rate=100%', `error-zero-file=${inject}`]);
+    await waitFor(() => existsSync(tsock), 'nbdkit to listen');
+    await writeFile(inject, '');
+    await serve(['--export', `disk=${s.src}`, '--socket', join(s.dir, 'nbd'), '--control', s.ctl]);
+    const log = await eventLog(s.ctl);
+    const target = unixUri(tsock);
+    await control<Q>(s.ctl, 'job-start', { type: 'mirror', export: 'disk', target, onTargetError: 'stop' });
+    const err = await log.waitFor('job-error');
+    expect(err).toMatchObject({ id: 'mirror0', type: 'mirror', export: 'disk', side: 'target', errno: 'EIO', action: 'stop' });
+    expect(['write', 'write-zeroes']).toContain(err.operation);
+    await log.waitFor('job-status-change', (e) => e.status === 'paused');
+    expect(await control<Q>(s.ctl, 'job-query', { id: 'mirror0' })).toMatchObject({ status: 'paused', ioStatus: 'failed' });
+    await rm(inject);
+    expect(await control<Q>(s.ctl, 'job-resume', { id: 'mirror0' })).toMatchObject({ ioStatus: 'ok' });
+    await log.waitFor('job-ready');
+    await control<Q>(s.ctl, 'job-complete', { id: 'mirror0', pivot: false });
+    expect(await qemuCompare(s.src, target)).toMatchObject({ code: 0 });
+    await log.close();
+    await nbdkit.stop();
   });
 });
