@@ -224,7 +224,8 @@ describe('persistent bitmap: crash safety of the write path', () => {
               const length = Math.min(s.length, size - s.offset);
               // leave some in flight for a while, as a real server does
               while (inflight.length > maxInflight) pb.afterWrite(inflight.shift()!);
-              const t = await pb.beforeWrite(s.offset, length);
+              // the fast path first, as the filter takes it
+              const t = pb.beforeWriteSync(s.offset, length) ?? (await pb.beforeWrite(s.offset, length));
               written.push([s.offset, length]);
               inflight.push(t);
               expect(pb.info().activityLog.hot).toBeLessThanOrEqual(hot);
@@ -243,6 +244,42 @@ describe('persistent bitmap: crash safety of the write path', () => {
       ),
       { seed: SEED, numRuns: 25 },
     );
+  });
+
+  it('beforeWriteSync: a ticket at once for hot extents, in flight like any other; undefined with nothing changed for cold, huge, out-of-range or closed', async () => {
+    const path = fresh();
+    const pb = await PersistentBitmap.create(path, { size: 64 * MiB, granularity: 64 * KiB, extentSize: 4 * MiB, hotExtents: 8 });
+    expect(pb.beforeWriteSync(5 * MiB, 4096)).toBeUndefined(); // extent 1 is cold
+    expect(pb.info().activityLog).toMatchObject({ transactions: 0, hot: 0 });
+    pb.afterWrite(await pb.beforeWrite(5 * MiB, 4096)); // now it is hot
+    expect(pb.beforeWriteSync(0, 64 * MiB)).toBeUndefined(); // 16 extents: pre-marked, through beforeWrite
+    expect(pb.beforeWriteSync(64 * MiB, 1)).toBeUndefined();
+    await expect(pb.beforeWrite(64 * MiB, 1)).rejects.toMatchObject({ code: 'ERR_OUT_OF_RANGE' });
+    expect(pb.info().activityLog).toMatchObject({ transactions: 1, hot: 1 });
+
+    const t = pb.beforeWriteSync(6 * MiB, 100)!;
+    expect(t).toMatchObject({ offset: 6 * MiB, length: 100 });
+    pb.clear(0, 64 * MiB);
+    expect(covers(pb.bitmap, 6 * MiB, 100)).toBe(true); // under a write in flight: kept dirty
+    expect(pb.bitmap.dirtyGranules).toBe(1);
+    const crashed = await PersistentBitmap.open(crashCopy(path), { readOnly: true });
+    expect(covers(crashed.bitmap.bitmap, 6 * MiB, 100)).toBe(true); // the log covers it
+    await crashed.bitmap.close();
+    const ck = await pb.checkpoint();
+    expect(ck.dirtyGranules).toBe(1);
+    pb.afterWrite(t);
+    pb.afterWrite(t); // a second afterWrite of the same ticket changes nothing
+    expect(pb.bitmap.dirtyGranules).toBe(1); // in N+1 as well
+    expect(pb.info().activityLog.transactions).toBe(1);
+
+    await pb.setEnabled(false);
+    const d = pb.beforeWriteSync(40 * MiB, 1)!; // not recording: a ticket, no log, no bits
+    expect(d).toBeDefined();
+    pb.afterWrite(d);
+    expect(covers(pb.bitmap, 40 * MiB, 1)).toBe(false);
+    expect(pb.info().activityLog).toMatchObject({ transactions: 1, hot: 1 });
+    await pb.close();
+    expect(pb.beforeWriteSync(5 * MiB, 1)).toBeUndefined();
   });
 
   it('a huge request (e.g. trim of the disk) stores its bits before it may be issued', async () => {
