@@ -78,7 +78,7 @@ With --control PATH the backup runs in a serve-nbd daemon, of its export --expor
     format: Flags.string({ char: 'f', description: 'format of the source (probed when not given)', options: ['raw', 'qcow2'], helpValue: 'FORMAT' }),
     'target-format': Flags.string({ char: 'F', description: 'format of the target (probed when not given)', options: ['raw', 'qcow2'], helpValue: 'FORMAT' }),
     sync: Flags.string({ description: 'what to copy: full, top (what the top layer of the source holds), none (copy-before-write only), incremental (the regions dirty in --bitmap)', options: [...BACKUP_SYNC_MODES], default: 'full' }),
-    bitmap: Flags.string({ description: 'a bitmap file, or the NAME of a bitmap beside SOURCE (SOURCE.NAME.bitmap): the regions to copy (incremental), or the bitmap to clear (full)', helpValue: 'FILE|NAME' }),
+    bitmap: Flags.string({ description: 'a bitmap file, or the NAME of a bitmap beside SOURCE (SOURCE.NAME.bitmap); with --control, the NAME of a bitmap of the export: the regions to copy (incremental), or the bitmap to clear (full)', helpValue: 'FILE|NAME' }),
     'bitmap-mode': Flags.string({ description: 'clear the copied regions from the bitmap on success, always, or never', options: [...BACKUP_BITMAP_MODES], default: 'on-success' }),
     granularity: sizeFlag({ description: "bytes per copy granule: a power of two from 512 to 64M (default 64K, or the bitmap's)", helpValue: 'SIZE' }),
     'buf-size': sizeFlag({ description: `most bytes one copy operation moves (default ${formatSize(DEFAULT_BACKUP_BUF_SIZE)})`, helpValue: 'SIZE' }),
