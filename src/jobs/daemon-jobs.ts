@@ -84,6 +84,8 @@ export interface JobContext {
    * force). A persistent job pauses and saves its state instead, to be loaded at the next start.
    */
   onStop(fn: () => Promise<void>): void;
+  /** Fields the daemon adds to the job's query (job-query, job-list): target, state files … */
+  describe(fn: () => Record<string, unknown>): void;
 }
 
 export interface SavedJobState {
@@ -221,6 +223,7 @@ export class DaemonJobs {
   /** export name → the job routing it */
   private readonly owner = new Map<string, string>();
   private readonly stoppers = new Map<string, () => Promise<void>>();
+  private readonly describers = new Map<string, () => Record<string, unknown>>();
   private readonly concluded = new Map<string, Job>();
   private stopping = false;
 
@@ -258,14 +261,24 @@ export class DaemonJobs {
     return this.manager.get(id); // throws ERR_JOB_NOT_FOUND
   }
 
+  private withDaemonFields(q: JobInfo): JobInfo {
+    let extra: Record<string, unknown> = {};
+    try {
+      extra = this.describers.get(q.id)?.() ?? {};
+    } catch {
+      // a query never fails for the extras
+    }
+    return { ...q, ...extra, export: this.exportOf.get(q.id) ?? null };
+  }
+
   query(id: string): JobInfo {
-    return { ...this.job(id).query(), export: this.exportOf.get(id) ?? null };
+    return this.withDaemonFields(this.job(id).query());
   }
 
   list(exportName?: string): JobInfo[] {
     return this.manager
       .list()
-      .map((q) => ({ ...q, export: this.exportOf.get(q.id) ?? null }))
+      .map((q) => this.withDaemonFields(q))
       .filter((q) => exportName === undefined || q.export === exportName);
   }
 
@@ -279,6 +292,7 @@ export class DaemonJobs {
       publish: this.publish,
       log: this.log,
       onStop: (fn) => this.stoppers.set(id, fn),
+      describe: (fn) => this.describers.set(id, fn),
     };
   }
 
@@ -310,6 +324,7 @@ export class DaemonJobs {
       throw new BlkrepError('ERR_EXPORT_BUSY', `export "${exp.name}" is in use by job ${busy}: one job per export at a time`, { errno: 'EINVAL', details: { export: exp.name, job: busy } });
     }
     this.concluded.delete(id);
+    this.describers.delete(id);
     const job = await jobType.start(this.context(id, type, exp, args));
     this.adopt(job, exp);
     return this.query(id);

@@ -300,6 +300,8 @@ async function createLiveMirror(ctx: JobContext, o: LiveMirrorOptions, resume?: 
   });
   await save(resume ? 'paused' : 'created');
 
+  ctx.describe(() => ({ target: o.target, pivoted, stateFile: gone ? null : (statePath ?? null), dirtyFile: gone || !pb ? null : pb.path }));
+
   // ---------------------------------------------------------------- daemon stop: pause and keep
   ctx.onStop(async () => {
     stopped = true;

@@ -47,7 +47,7 @@ describe('live mirror', () => {
     const writer = await Writer.start(s.uri, Buffer.from(s.content));
     await writer.waitWrites(20);
     const started = await control<Q>(s.ctl, 'job-start', { type: 'mirror', export: 'disk', target: s.dst });
-    expect(started).toMatchObject({ id: 'mirror0', type: 'mirror', export: 'disk' });
+    expect(started).toMatchObject({ id: 'mirror0', type: 'mirror', export: 'disk', target: s.dst, pivoted: false, stateFile: `${s.src}.job-mirror0.json`, dirtyFile: `${s.src}.job-mirror0.dirty` });
     // the job's files beside the image while it runs
     expect(existsSync(`${s.src}.job-mirror0.json`)).toBe(true);
     expect(existsSync(`${s.src}.job-mirror0.dirty`)).toBe(true);
@@ -55,7 +55,7 @@ describe('live mirror', () => {
     const before = writer.writes;
     await writer.waitWrites(50);
     const done = await control<Q>(s.ctl, 'job-complete', { id: 'mirror0' });
-    expect(done).toMatchObject({ id: 'mirror0', status: 'concluded' });
+    expect(done).toMatchObject({ id: 'mirror0', status: 'concluded', pivoted: true });
     // writes after the pivot go to the target
     await writer.waitWrites(50);
     await writer.stop();
