@@ -15,7 +15,8 @@
  *    `start` gets a JobContext: the job's id, the export (its name, image, the tracking filter
  *    every write of the export passes through, its bitmaps, and `switchFront()` / `switchImage()`
  *    to route the export through the job or onto another image), the parsed `args` of the
- *    `job-start` request, where its files go (`stateBase`), `publish()` and `onStop()`. It
+ *    `job-start` request, where its files go (`stateBase`), `publish()`, `onStop()` and
+ *    `describe()` (fields added to the job's query). It
  *    returns the job CREATED, not started: the registry adds it to the manager (which relays its
  *    events) and starts it. Throw BlkrepError('ERR_BAD_REQUEST' | 'ERR_JOB_INVALID', …) for bad
  *    args; close what you opened before throwing.
