@@ -98,6 +98,8 @@ export function parseLiveMirrorArgs(args: Record<string, unknown>): LiveMirrorOp
   set('targetFormat', oneOf('targetFormat', ['raw', 'qcow2'] as const));
   set('bitmap', bitmap);
   set('bitmapMode', oneOf('bitmapMode', BITMAP_MODES));
+  if (o.bitmapMode !== undefined && sync !== 'bitmap') throw bad(`"bitmapMode" is only used with sync bitmap, not ${sync}`);
+  if (o.bitmapMode === 'always') throw bad('bitmapMode "always" is for an offline mirror: live, the export bitmap is cleared when the target is a consistent copy (on-success) or never');
   set('granularity', num('granularity'));
   set('bufSize', num('bufSize'));
   set('maxOps', num('maxOps'));
@@ -258,6 +260,15 @@ async function createLiveMirror(ctx: JobContext, o: LiveMirrorOptions, resume?: 
               clearStable(persistent, granules);
               // store the clears now (syncs in flight are grouped: at most one waits behind another)
               if (!stopped && !gone) persistent.flush().catch((err: unknown) => ctx.log('warn', `job ${ctx.id}: ${(err as Error).message}`));
+            },
+          }
+        : {}),
+      // sync bitmap, on-success: once the target equals the source (writes wait), every region
+      // the export bitmap marks is in step: clear it
+      ...(o.sync === 'bitmap' && o.bitmapMode !== 'never'
+        ? {
+            onConsistent: async () => {
+              await exp.bitmaps.clear(o.bitmap!).catch((err: unknown) => ctx.log('warn', `job ${ctx.id}: bitmap "${o.bitmap}" not cleared: ${(err as Error).message}`));
             },
           }
         : {}),

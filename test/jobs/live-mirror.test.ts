@@ -263,6 +263,10 @@ describe('live mirror: sync bitmap', () => {
     expect(end.offset).toBeLessThanOrEqual(4 * MiB);
     await writeFile(join(s.dir, 'expected.img'), writer.expected);
     expect(await qemuCompare(join(s.dir, 'expected.img'), s.dst)).toMatchObject({ code: 0 });
+    // bitmap mode on-success (the default): the export bitmap was cleared at the consistency point
+    expect(await control(s.ctl, 'bitmap-list', { export: 'disk' })).toEqual([expect.objectContaining({ name: 'b0', dirtyBytes: 0 })]);
+    await expect(control(s.ctl, 'job-start', { type: 'mirror', target: s.dst, sync: 'bitmap', bitmap: 'b0', bitmapMode: 'always' })).rejects.toMatchObject({ code: 'ERR_BAD_REQUEST' });
+    await expect(control(s.ctl, 'job-start', { type: 'mirror', target: s.dst, bitmapMode: 'never' })).rejects.toMatchObject({ code: 'ERR_BAD_REQUEST', message: '"bitmapMode" is only used with sync bitmap, not full' });
     await expect(control(s.ctl, 'job-start', { type: 'mirror', target: s.dst, sync: 'bitmap', bitmap: 'nope' })).rejects.toMatchObject({ code: 'ERR_BITMAP_NOT_FOUND' });
     await expect(control(s.ctl, 'job-start', { type: 'mirror', target: s.dst, sync: 'bitmap' })).rejects.toMatchObject({ code: 'ERR_BAD_REQUEST', message: 'sync bitmap needs "bitmap": the name of a bitmap of the export' });
     await log.close();
