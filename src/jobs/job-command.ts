@@ -57,15 +57,15 @@ export function jobLine(q: JobQuery): string {
 /** `job show`: every field, progress with rate and ETA first. */
 export function jobDetails(q: JobQuery): string[] {
   const lines = [
-    `Job ${q.id} (${q.type} of export ${q.export === null || q.export === undefined ? '-' : `"${q.export}"`}): ${q.status}${q.ready ? ', ready' : ''}${q.paused && q.status !== 'paused' ? ', pausing' : ''}`,
-    `  progress   ${formatSize(q.offset)} of ${formatSize(q.length)} (${percent(q)})`,
-    `  rate       ${formatSize(q.rate)}/s, ETA ${seconds(q.eta)}`,
-    `  speed      ${q.speed === 0 ? 'unlimited' : `${formatSize(q.speed)}/s`}`,
-    `  io-status  ${q.ioStatus}`,
+    `Job ${q.id} (${q.type} of export ${q.export === null || q.export === undefined ? '-' : `"${q.export}"`}): ${q.status}${q.ready && q.status === 'paused' ? ' (in step: resumes into ready)' : ''}${q.paused && q.status !== 'paused' ? ', pausing' : ''}`,
+    `  progress        ${formatSize(q.offset)} of ${formatSize(q.length)} (${percent(q)})`,
+    `  rate            ${formatSize(q.rate)}/s, ETA ${seconds(q.eta)}`,
+    `  speed           ${q.speed === 0 ? 'unlimited' : `${formatSize(q.speed)}/s`}`,
+    `  io-status       ${q.ioStatus}`,
   ];
-  if (q.error) lines.push(`  error      ${q.error.code}: ${q.error.message}`);
+  if (q.error) lines.push(`  error           ${q.error.code}: ${q.error.message}`);
   const shown = new Set(['id', 'type', 'export', 'status', 'ready', 'paused', 'offset', 'length', 'rate', 'eta', 'speed', 'ioStatus', 'error']);
-  for (const [k, v] of Object.entries(q)) if (!shown.has(k)) lines.push(`  ${k.padEnd(10)} ${typeof v === 'object' ? JSON.stringify(v) : String(v)}`);
+  for (const [k, v] of Object.entries(q)) if (!shown.has(k)) lines.push(`  ${k.padEnd(15)} ${typeof v === 'object' ? JSON.stringify(v) : String(v)}`);
   return lines;
 }
 
