@@ -26,6 +26,8 @@ import {
   type CheckpointInfo, type LoadState,
 } from './ops.js';
 import { PersistentBitmap } from './persistent.js';
+import { Qcow2LiveBitmaps, type Qcow2LiveEntry } from './qcow2-live.js';
+import type { BlockNode } from '../api/block.js';
 
 /** A bitmap asked for on the command line: `--bitmap NAME[=FILE]`. */
 export interface BitmapSpec {
@@ -47,6 +49,13 @@ export interface ExportBitmapsOptions {
   claimed: Set<string>;
   /** publish an event on the control socket */
   publish?: (event: string, fields: object) => void;
+  /**
+   * the export's image node, below the tracking node: a qcow2 image's own bitmaps are served
+   * (qcow2-live.ts); must not have served a request yet
+   */
+  imageNode?: BlockNode;
+  /** where warnings go */
+  log?: (message: string) => void;
 }
 
 interface Tracked {
@@ -60,6 +69,8 @@ interface Tracked {
   loadState: LoadState;
   created: boolean;
   checkpointCompleted?: number;
+  /** a bitmap of the qcow2 image itself (file is the image) */
+  qcow2?: Qcow2LiveEntry;
 }
 
 /** What the listening line and the log say about each bitmap at start. */
@@ -119,6 +130,8 @@ export class ExportBitmaps {
   /** management operations run one at a time */
   private chain: Promise<unknown> = Promise.resolve();
   private closing: Promise<void> | undefined;
+  /** the qcow2 image's own bitmaps, when it has some */
+  private qcow2: Qcow2LiveBitmaps | undefined;
 
   private constructor(options: ExportBitmapsOptions) {
     this.exportName = options.exportName;
@@ -166,6 +179,22 @@ export class ExportBitmaps {
               { errno: 'EINVAL', details: { name: found.name, file: given.file, found: found.path } },
             );
           }
+        }
+      }
+      if (options.imageNode) {
+        eb.qcow2 = await Qcow2LiveBitmaps.open(options.imageNode, options.log ? { log: options.log } : {});
+        for (const q of eb.qcow2?.entries.values() ?? []) {
+          const w = wanted.find((x) => x.name === q.name);
+          if (w) {
+            throw new BlkrepError(
+              'ERR_BITMAP_EXISTS',
+              `bitmap "${q.name}" of export "${eb.exportName}" is a bitmap of the qcow2 image ${eb.qcow2!.path} and ${w.file === null ? 'an in-memory bitmap' : `the bitmap file ${w.file}`} too; rename or remove one of them`,
+              { errno: 'EINVAL', details: { name: q.name, file: w.file, image: eb.qcow2!.path } },
+            );
+          }
+          const t: Tracked = { name: q.name, file: eb.qcow2!.path, claim: null, persistent: undefined, bitmap: q.bitmap, tracker: q.tracker ?? NO_TRACKER, loadState: q.loadState, created: false, qcow2: q };
+          eb.bitmaps.set(q.name, t);
+          if (q.tracker) eb.node.addTracker(q.tracker);
         }
       }
       for (const w of wanted) await eb.openOne(w.name, w.file, { granularity: eb.granularity, enabled: true, mayCreate: true });
@@ -274,6 +303,7 @@ export class ExportBitmaps {
         if (options.ifExists) return { name, changed: false, bitmap: null };
         throw notFound(this.exportName, name, [...this.bitmaps.keys()]);
       }
+      if (t.qcow2) await this.qcow2!.remove(name);
       this.bitmaps.delete(name);
       this.node.removeTracker(t.tracker);
       this.exp?.removeMetaContext(DIRTY_BITMAP_CONTEXT_PREFIX + name);
@@ -282,7 +312,7 @@ export class ExportBitmaps {
       } finally {
         if (t.claim) this.claimed.delete(t.claim);
       }
-      if (t.file) await removeBitmapFiles(t.file);
+      if (t.file && !t.qcow2) await removeBitmapFiles(t.file);
       this.publish('bitmap-removed', { export: this.exportName, name, file: t.file });
       return { name, changed: true, bitmap: null };
     });
@@ -294,6 +324,7 @@ export class ExportBitmaps {
       if (ranges) checkRanges(ranges, t.bitmap.size);
       const changed = anyClearable(t.bitmap, ranges);
       if (changed) {
+        await this.prepareQcow2(t);
         const target = t.persistent ?? t.bitmap;
         if (ranges) for (const r of ranges) target.clear(r.offset, r.length);
         else target.clearAll();
@@ -309,6 +340,7 @@ export class ExportBitmaps {
       const t = this.find(name);
       const changed = t.bitmap.enabled !== enabled;
       if (changed) {
+        await this.prepareQcow2(t);
         if (t.persistent) await t.persistent.setEnabled(enabled);
         else t.bitmap.enabled = enabled;
         this.publish(enabled ? 'bitmap-enabled' : 'bitmap-disabled', { export: this.exportName, name });
@@ -335,6 +367,7 @@ export class ExportBitmaps {
         throw new BlkrepError('ERR_BAD_REQUEST', 'bitmap-merge needs "source" (a bitmap of the export) or "sourceFile" (a bitmap file)', { errno: 'EINVAL' });
       }
       const before = t.bitmap.dirtyGranules;
+      await this.prepareQcow2(t);
       mergeInto(t.persistent ?? t.bitmap, t.bitmap, bits);
       const changed = t.bitmap.dirtyGranules !== before;
       if (changed) {
@@ -351,6 +384,7 @@ export class ExportBitmaps {
       const t = this.find(name);
       const target = t.persistent ?? t.bitmap;
       const before = t.bitmap.dirtyGranules;
+      await this.prepareQcow2(t);
       if (what.all) target.setAll();
       else {
         const ranges = what.ranges ?? [];
@@ -369,6 +403,13 @@ export class ExportBitmaps {
   checkpoint(name: string): Promise<CheckpointInfo> {
     return this.serial(async () => {
       const t = this.find(name);
+      if (t.qcow2) {
+        throw new BlkrepError(
+          'ERR_NOT_SUPPORTED',
+          `bitmap "${name}" of export "${this.exportName}" is a bitmap of the qcow2 image ${t.file}, which has no checkpoints; freeze a copy as QEMU does: bitmap add --name ${name}-1 --disabled, bitmap merge --name ${name}-1 --source ${name}, bitmap clear --name ${name}`,
+          { errno: 'ENOTSUP', details: { export: this.exportName, name } },
+        );
+      }
       if (!t.persistent) throw notPersistent(this.exportName, name);
       const info = await t.persistent.checkpoint();
       this.publish('bitmap-checkpoint', { export: this.exportName, name, number: info.number, path: info.path, dirtyBytes: info.dirtyBytes });
@@ -436,6 +477,11 @@ export class ExportBitmaps {
 
   // ------------------------------------------------------------------------ helpers
 
+  /** A qcow2 bitmap about to change: refused when inconsistent or read-only, else marked in use. */
+  private async prepareQcow2(t: Tracked): Promise<void> {
+    if (t.qcow2) await this.qcow2!.prepareChange(t.name);
+  }
+
   private find(name: string): Tracked {
     const t = this.bitmaps.get(name);
     if (!t) throw notFound(this.exportName, name, [...this.bitmaps.keys()]);
@@ -443,6 +489,11 @@ export class ExportBitmaps {
   }
 
   private info(t: Tracked): BitmapInfo {
+    if (t.qcow2) {
+      const info = bitmapInfo(t.name, t.bitmap, { export: this.exportName, persistent: true, file: t.file, loadState: t.loadState });
+      // what keeps it: the bitmap NAME inside the qcow2 image `file`
+      return Object.assign(info, { qcow2: { image: t.file, name: t.name } });
+    }
     return bitmapInfo(t.name, t.bitmap, {
       export: this.exportName,
       persistent: t.persistent !== undefined,
@@ -510,6 +561,13 @@ export class ExportBitmaps {
     return t;
   }
 }
+
+/** The tracker of an inconsistent qcow2 bitmap: all-dirty already, records nothing. */
+const NO_TRACKER: WriteTracker<undefined> = {
+  beforeWrite: () => Promise.resolve(undefined),
+  afterWrite: () => {},
+  flush: () => Promise.resolve(),
+};
 
 function notPersistent(exportName: string, name: string): BlkrepError {
   return new BlkrepError('ERR_BITMAP_NOT_PERSISTENT', `bitmap "${name}" of export "${exportName}" is kept in memory only; checkpoints need a bitmap file`, {

@@ -267,6 +267,14 @@ export class Qcow2BitmapDirectory {
     }
   }
 
+  /**
+   * The bitmaps of an image already open (a served Qcow2Node: src/bitmap/qcow2-live.ts). Its
+   * close() must not be called: the node closes the image.
+   */
+  static async forImage(image: Qcow2Image): Promise<Qcow2BitmapDirectory> {
+    return new Qcow2BitmapDirectory(image, await readDirectory(image));
+  }
+
   get path(): string {
     return this.image.path;
   }

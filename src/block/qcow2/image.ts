@@ -66,12 +66,17 @@ export class Qcow2Image {
   readonly refcounts: Refcounts | undefined;
   readonly metaLock = new Mutex();
   readonly cycleLock = new Mutex();
-  readonly gate = new RequestGate();
+  readonly gate: RequestGate = new GuardedGate(() => this.bitmapsGuard());
   readonly ranges = new RangeLock();
   /** host byte ranges whose last pointer was removed in memory: decremented after writeback */
   pendingFrees: Array<[number, number]> = [];
   /** data was written since the last fsync */
   unsynced = false;
+  /**
+   * Autoclear bit 0 waits to be cleared (a read-write open found an enabled, consistent bitmap):
+   * before the first request, unless adoptBitmaps() says someone tracks them (src/bitmap/qcow2-live.ts).
+   */
+  private autoclearPending: Promise<void> | 'pending' | undefined;
   private cycleRunning: Promise<void> | undefined;
   private cycleQueued: Promise<void> | undefined;
 
@@ -151,16 +156,53 @@ export class Qcow2Image {
   }
 
   /**
+   * The caller records every write into each enabled, consistent bitmap, marks them in use and
+   * stores them at close (src/bitmap/qcow2-live.ts): autoclear bit 0 stays set. Only before the
+   * first request; false when it is too late (the bit is gone or going).
+   */
+  adoptBitmaps(): boolean {
+    if (this.autoclearPending === 'pending') this.autoclearPending = undefined;
+    return this.autoclearPending === undefined && (this.header.autoclear & AUTOCLEAR_BITMAPS) !== 0n;
+  }
+
+  /**
+   * Before any request or whole-image change (not close: nothing was written then): clear
+   * autoclear bit 0 if it still waits to be.
+   */
+  private bitmapsGuard(): Promise<void> | undefined {
+    if (this.autoclearPending === undefined) return undefined;
+    if (this.autoclearPending === 'pending') this.autoclearPending = this.dropBitmapsBit();
+    return this.autoclearPending;
+  }
+
+  private async dropBitmapsBit(): Promise<void> {
+    const h = this.header;
+    const next = h.autoclear & ~AUTOCLEAR_BITMAPS;
+    const field = Buffer.alloc(8);
+    field.writeBigUInt64BE(next);
+    await this.file.write(H.autoclear, field);
+    await this.file.sync();
+    h.autoclear = next;
+    h.bitmaps = undefined;
+    this.bitmaps = [];
+  }
+
+  /**
    * A writer must clear the autoclear bits it does not understand (B.1). Bit 0 says the bitmaps
    * are consistent: we do not record writes into bitmaps, so it is cleared when a bitmap is
    * enabled ("auto", it would miss our writes) and kept when every bitmap is disabled or already
    * in use (our writes change nothing for those, as with QEMU). The extension itself is never
-   * touched; QEMU drops it on its next header update once the bit is clear.
+   * touched; QEMU drops it on its next header update once the bit is clear. With an enabled
+   * bitmap, bit 0 is cleared before the first request (bitmapsGuard), so that a daemon that
+   * tracks the bitmaps can keep it (adoptBitmaps).
    */
   private async clearAutoclear(): Promise<void> {
     const h = this.header;
     let keep = 0n;
-    if (h.autoclear & AUTOCLEAR_BITMAPS && h.bitmaps && !this.bitmaps.some((b) => b.enabled && !b.inUse)) keep |= AUTOCLEAR_BITMAPS;
+    if (h.autoclear & AUTOCLEAR_BITMAPS && h.bitmaps) {
+      keep |= AUTOCLEAR_BITMAPS;
+      if (this.bitmaps.some((b) => b.enabled && !b.inUse)) this.autoclearPending = 'pending';
+    }
     const next = h.autoclear & keep;
     if (next === h.autoclear) return;
     const field = Buffer.alloc(8);
@@ -354,6 +396,7 @@ export class Qcow2Image {
    * With bitmaps (whose clusters must stay): discard cluster by cluster, like QEMU's slow path.
    */
   async makeEmpty(): Promise<void> {
+    await this.bitmapsGuard();
     await this.gate.exclusive(() =>
       this.cycleLock.run(async () => {
         if (this.header.hasBitmapsExtension) await this.emptySlow();
@@ -438,6 +481,7 @@ export class Qcow2Image {
 
   /** Grow the virtual size (B.3: the L1 table grows when needed, QEMU's way). */
   async resize(size: number): Promise<void> {
+    await this.bitmapsGuard();
     if (!Number.isSafeInteger(size) || size < this.header.size || size % 512 !== 0) {
       throw new BlkrepError('ERR_USAGE', `cannot resize ${this.path} from ${this.header.size} to ${size} bytes: only growing to a multiple of 512 is supported`, {
         errno: 'EINVAL',
@@ -513,3 +557,15 @@ export class Qcow2Image {
   }
 }
 
+
+/** A request gate that runs a guard (autoclear bit 0, above) before letting a request in. */
+class GuardedGate extends RequestGate {
+  constructor(private readonly guard: () => Promise<void> | undefined) {
+    super();
+  }
+  override async begin(): Promise<number> {
+    const g = this.guard();
+    if (g) await g;
+    return super.begin();
+  }
+}
