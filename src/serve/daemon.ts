@@ -116,6 +116,9 @@ export class Daemon {
             ...(options.bitmapGranularity === undefined ? {} : { granularity: options.bitmapGranularity }),
             claimed,
             publish: (event, fields) => control?.publish(event, fields),
+            // a qcow2 image's own bitmaps are loaded, marked in use and tracked (bitmap/qcow2-live.ts)
+            imageNode: nodes[i]!,
+            log: (message) => options.log?.('warn', message),
           }),
         );
       }
@@ -212,7 +215,8 @@ export class Daemon {
     const s = this.server.status();
     return {
       ...s,
-      exports: s.exports.map((e) => ({ ...e, driver: this.imageDriver(e.name) })),
+      // the image under the tracking filter now (another one after a mirror's pivot)
+      exports: s.exports.map((e) => ({ ...e, image: this.jobs?.exportNode(e.name)?.description ?? e.image, driver: this.imageDriver(e.name) })),
       listeners: this.listeners.map((l) => ({ address: l.address })),
       control: this.control?.path ?? null,
       bitmaps: [...this.bitmaps.values()].flatMap((b) => b.list()),
