@@ -153,9 +153,11 @@ export class ActivityLog {
     }
   }
 
-  /** the entries, least recently used first */
-  private byAge(): Entry[] {
-    return [...this.entries.values()].sort((a, b) => a.used - b.used);
+  /** the entries that pass `keep`, least recently used first */
+  private byAge(keep: (x: Entry) => boolean): Entry[] {
+    const out: Entry[] = [];
+    for (const x of this.entries.values()) if (keep(x)) out.push(x);
+    return out.sort((a, b) => a.used - b.used);
   }
 
   private kick(): void {
@@ -223,11 +225,11 @@ export class ActivityLog {
       // may forget an extent only then.
       const durable = this.io.durableEpoch();
       const victims: Entry[] = [];
-      const lru = this.byAge();
+      const lru = this.byAge((x) => candidates.has(x.extent) && !wanted.has(x.extent));
       for (const pass of [true, false]) {
         for (const x of lru) {
           if (victims.length >= over) break;
-          if (candidates.has(x.extent) && !wanted.has(x.extent) && (x.touched <= durable) === pass) victims.push(x);
+          if ((x.touched <= durable) === pass) victims.push(x);
         }
       }
       if (victims.some((v) => v.touched > durable)) {
