@@ -56,6 +56,7 @@ describe('live mirror', () => {
     await writer.waitWrites(50);
     const done = await control<Q>(s.ctl, 'job-complete', { id: 'mirror0' });
     expect(done).toMatchObject({ id: 'mirror0', status: 'concluded', pivoted: true });
+    expect((await control<{ exports: Array<{ name: string; image: string }> }>(s.ctl, 'status')).exports).toEqual([expect.objectContaining({ name: 'disk', image: expect.stringContaining('dst.img') })]);
     // writes after the pivot go to the target
     await writer.waitWrites(50);
     await writer.stop();
