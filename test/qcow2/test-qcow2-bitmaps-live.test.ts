@@ -195,6 +195,16 @@ describe.skipIf(!hasPeers)('qcow2 persistent bitmaps served live', () => {
     expect({ corruptions: check.corruptions, checkErrors: check.checkErrors }).toEqual({ corruptions: 0, checkErrors: 0 });
   });
 
+  it('a bitmap file of the same name as a qcow2 bitmap is refused at start, and the image is left as it was (not in use)', async () => {
+    const dir = await makeTempDir();
+    const img = await image(dir);
+    await tool('qemu-img', ['bitmap', '--add', img, 'b0']);
+    await fails(['serve-nbd', img, '--socket', join(dir, 's.sock'), '--bitmap', `b0=${join(dir, 'b0.bitmap')}`], 1, 'ERR_BITMAP_EXISTS', /bitmap "b0" of export "" is a bitmap of the qcow2 image .* and the bitmap file .*b0\.bitmap too/);
+    expect(await qemuBitmaps(img)).toEqual([{ name: 'b0', granularity: 64 * KiB, flags: ['auto'] }]);
+    expect(existsSync(join(dir, 'b0.bitmap'))).toBe(false);
+    await expectClean(img);
+  });
+
   it('read-only: the bitmaps are offered as stored and nothing in the image changes', async () => {
     const dir = await makeTempDir();
     const img = await image(dir);
