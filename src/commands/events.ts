@@ -9,7 +9,7 @@ export default class Events extends BlkrepCommand {
   static override summary = "Print a running serve-nbd daemon's events as JSON lines.";
 
   static override description = `Subscribes to the events of the daemon behind --control and prints each on stdout as one JSON object per line (NDJSON), as the daemon sends it: {"event": NAME, ...fields, "time": ISO-8601}.
-Job events are job-status-change (status, previous), job-ready (synced true: caught up; false: fell out of step), job-copy-mode (from, to, reason), job-error (side, operation, errno, action, offset, length, message), job-completed (length, offset, speed, error?), job-cancelled (consistent) and job-loaded (a job found on disk at start); each carries the job's id, type and export. The daemon also sends connection, disconnect, refused, bitmap-... and shutdown events.
+Job events are job-status-change (status, previous), job-ready (synced true: caught up; false: fell out of step), job-copy-mode (from, to, reason), job-error (side, operation, errno, action, offset, length, message), job-completed (length, offset, speed, error?), and job-cancelled (consistent); each carries the job's id, type and export. The daemon also sends connection, disconnect, refused, bitmap-... and shutdown events.
 --job ID keeps only the events of that job; --event NAME (repeatable) only those events. --until NAME stops after the first such event (of the job, with --job) and exits 0, so a script can wait for a mirror to be ready; --count N stops after N events. --timeout gives up (exit 1) after that many seconds.
 Exit status: 0 when the --until event (or the --count-th event) arrived, or on SIGINT/SIGTERM; 1 on timeout, when the daemon goes away, or when it cannot be reached; 2 usage error.`;
 

@@ -32,7 +32,8 @@
  *
  * Every job event goes to control subscribers as `job-EVENT` with the job's `id`, `type` and
  * `export`: job-status-change, job-ready, job-copy-mode, job-error, job-completed,
- * job-cancelled; and job-loaded (`status`, `file`) for a job found on disk at start.
+ * job-cancelled. Jobs loaded from their state files at start are loaded before the control
+ * socket answers (nobody could see an event): the daemon's listening line lists them.
  */
 import { open, readdir, readFile, rename, rm } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
@@ -344,14 +345,12 @@ export class DaemonJobs {
           if (this.owner.has(exp.name)) throw new BlkrepError('ERR_EXPORT_BUSY', `export "${exp.name}" already has job ${this.owner.get(exp.name)}`, { errno: 'EINVAL' });
           const job = await jobType.load(this.context(saved.id, saved.type, exp, {}), saved, file);
           this.adopt(job, exp);
-          this.publish('job-loaded', { id: job.id, type: job.type, export: exp.name, status: job.status, file });
           this.log('info', `job ${job.id} (${job.type} of export "${exp.name}") loaded from ${file}, paused: resume it with blkrep job resume ${job.id}`);
         } catch (err) {
           // Its files missed every write since: never load them later. Kept for a look, renamed.
           const kept = `${file}.failed`;
           await rename(file, kept).catch(() => {});
           this.log('warn', `job state file ${file} not loaded (${(err as Error).message}); renamed ${kept}: start the job anew`);
-          this.publish('job-load-failed', { file, error: toBlkrepError(err).message });
         }
       }
     }
