@@ -24,7 +24,7 @@
 import { resolve as resolvePath } from 'node:path';
 import { BlkrepError } from '../api/errors.js';
 import type { BlockNode } from '../api/block.js';
-import { BME_AUTO, BME_IN_USE } from '../block/qcow2/format.js';
+import { BME_AUTO, BME_IN_USE, parseHeader } from '../block/qcow2/format.js';
 import {
   checkSupported, enabled, granularityOf, inconsistent, inUse, Qcow2BitmapDirectory, type DirEntry,
 } from '../block/qcow2/bitmaps.js';
@@ -141,6 +141,7 @@ export class Qcow2LiveBitmaps {
       if (this.readOnly) {
         throw new BlkrepError('ERR_READ_ONLY', `bitmap "${name}" of qcow2 image ${this.path} cannot be removed: the image is served read-only`, { errno: 'EPERM', details: { path: this.path, name } });
       }
+      await this.checkUnchanged();
       await this.dir.commit(this.dir.entries.filter((e) => e.name !== name).map((entry) => ({ entry })));
       this.entries.delete(name);
     });
@@ -151,6 +152,7 @@ export class Qcow2LiveBitmaps {
     this.stored ??= this.serial(async () => {
       const owned = new Set([...this.entries.values()].filter((t) => t.owned).map((t) => t.name));
       if (owned.size === 0) return;
+      await this.checkUnchanged();
       await this.dir.commit(
         this.dir.entries.map((e) => {
           if (!owned.has(e.name)) return { entry: e };
@@ -164,8 +166,32 @@ export class Qcow2LiveBitmaps {
     return this.stored;
   }
 
+  /**
+   * The bitmap directory on disk is still the one this process wrote or read: another program
+   * (qemu-img bitmap, an offline blkrep bitmap command) did not change it meanwhile. Nothing
+   * locks the image, so that is checked before each change: writing our directory over theirs
+   * could point at clusters they freed. On a mismatch nothing is written (ours stay in use).
+   */
+  private async checkUnchanged(): Promise<void> {
+    const image = this.dir.image;
+    const cluster0 = Buffer.alloc(image.clusterSize);
+    await image.file.read(0, cluster0);
+    const now = parseHeader(image.path, cluster0);
+    const a = now.bitmaps;
+    const b = image.header.bitmaps;
+    const same = now.autoclear === image.header.autoclear && a?.directoryOffset === b?.directoryOffset && a?.directorySize === b?.directorySize && a?.nbBitmaps === b?.nbBitmaps;
+    if (!same) {
+      throw new BlkrepError(
+        'ERR_BITMAP_CONFLICT',
+        `the bitmaps of qcow2 image ${this.path} were changed by another program while blkrep serves it (qemu-img bitmap or an offline blkrep bitmap command; use --control while it is served): blkrep leaves them as they are, its own stay in use`,
+        { errno: 'EIO', details: { path: this.path } },
+      );
+    }
+  }
+
   private async markInUse(list: Qcow2LiveEntry[]): Promise<void> {
     const names = new Set(list.map((t) => t.name));
+    await this.checkUnchanged();
     await this.dir.commit(this.dir.entries.map((e) => ({ entry: names.has(e.name) ? { ...e, flags: e.flags | BME_IN_USE } : e })));
     for (const t of list) t.owned = true;
   }

@@ -205,6 +205,26 @@ describe.skipIf(!hasPeers)('qcow2 persistent bitmaps served live', () => {
     await expectClean(img);
   });
 
+  it('bitmaps changed behind its back (qemu-img bitmap while served): nothing is written over them, its own stay in use and it says why', async () => {
+    const dir = await makeTempDir();
+    const img = await image(dir);
+    await tool('qemu-img', ['bitmap', '--add', img, 'b0']);
+    const sock = join(dir, 's.sock');
+    const served = await serve([img, '--socket', sock]);
+    await qemuIo(`nbd+unix:///?socket=${sock}`, ['write -P 1 1M 4k']);
+    // blkrep takes no image lock: qemu-img can change the directory meanwhile
+    await tool('qemu-img', ['bitmap', '--add', img, 'other']);
+    expect(await served.stop('SIGTERM')).toBe(0);
+    expect(served.stderr()).toContain(
+      `qcow2 image ${img}: storing its bitmaps failed (the bitmaps of qcow2 image ${img} were changed by another program while blkrep serves it (qemu-img bitmap or an offline blkrep bitmap command; use --control while it is served): blkrep leaves them as they are, its own stay in use); they stay in use, so they load all-dirty next time`,
+    );
+    expect(await qemuBitmaps(img)).toEqual([
+      { name: 'b0', granularity: 64 * KiB, flags: ['in-use', 'auto'] },
+      { name: 'other', granularity: 64 * KiB, flags: ['auto'] },
+    ]);
+    expect((await qemuCheck(img)).corruptions).toBe(0);
+  });
+
   it('read-only: the bitmaps are offered as stored and nothing in the image changes', async () => {
     const dir = await makeTempDir();
     const img = await image(dir);
