@@ -189,7 +189,8 @@ export class CommitJob extends Job {
   private readonly toEmpty: readonly BlockNode[];
   private readonly waker = new Waker();
   private inflight = 0;
-  private fresh: Piece[] = [];
+  /** the next piece not started yet: run index, offset within it, piece size for zero runs */
+  private cursor = { run: 0, within: 0, zeroPiece: ZERO_PIECE };
   private retry: Piece[] = [];
   private fatal: BlkrepError | undefined;
   private backoffMs = 0;
@@ -298,12 +299,7 @@ export class CommitJob extends Job {
     this.progress(0, this.total);
     if (this.onPlanned) await this.onPlanned(plan);
     const base = completeNode(this.base);
-    const zeroPiece = this.base.writeZeroes && this.base.caps.canZero ? ZERO_PIECE : this.bufSize;
-    for (const r of plan.runs) {
-      const limit = r.zero ? zeroPiece : this.bufSize;
-      for (let at = 0; at < r.length; at += limit) this.fresh.push({ offset: r.offset + at, length: Math.min(limit, r.length - at), zero: r.zero, holdUntil: 0 });
-    }
-    this.fresh.reverse(); // popped from the end: in order
+    this.cursor = { run: 0, within: 0, zeroPiece: this.base.writeZeroes && this.base.caps.canZero ? ZERO_PIECE : this.bufSize };
     await this.copyAll(base);
     await this.withPolicy('target', 'flush', 0, 0, () => base.flush({ signal: this.signal }));
   }
@@ -316,9 +312,24 @@ export class CommitJob extends Job {
       if (p.holdUntil <= now) return this.retry.splice(i, 1)[0]!;
       soonest = Math.min(soonest, p.holdUntil);
     }
-    const p = this.fresh.pop();
+    const p = this.nextFresh();
     if (p) return p;
     return soonest === Infinity ? undefined : soonest - now;
+  }
+
+  /** The plan's runs cut, as they are reached, into pieces of at most bufSize (zeros: 256 MiB). */
+  private nextFresh(): Piece | undefined {
+    const c = this.cursor;
+    const r = this.plan?.runs[c.run];
+    if (!r) return undefined;
+    const length = Math.min(r.zero ? c.zeroPiece : this.bufSize, r.length - c.within);
+    const piece = { offset: r.offset + c.within, length, zero: r.zero, holdUntil: 0 };
+    c.within += length;
+    if (c.within >= r.length) {
+      c.run++;
+      c.within = 0;
+    }
+    return piece;
   }
 
   private async copyAll(base: ReturnType<typeof completeNode>): Promise<void> {
