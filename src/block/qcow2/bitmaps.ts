@@ -527,7 +527,7 @@ function isZero(b: Buffer): boolean {
 export function inconsistent(path: string, name: string): BlkrepError {
   return new BlkrepError(
     'ERR_BITMAP_IN_USE',
-    `bitmap "${name}" of qcow2 image ${path} is inconsistent (flag in-use: the program that had the image open for writing did not close it, so writes may be missing from it); as with QEMU, it can only be removed: blkrep bitmap remove ${path} --name ${name}`,
+    `bitmap "${name}" of qcow2 image ${path} is inconsistent (flag in-use: the program that had the image open for writing did not close it, so writes may be missing from it — or it still runs: then change the bitmap through it, e.g. blkrep bitmap … --control for serve-nbd); as with QEMU, it can only be removed: blkrep bitmap remove ${path} --name ${name}`,
     { errno: 'EPERM', details: { path, name } },
   );
 }
