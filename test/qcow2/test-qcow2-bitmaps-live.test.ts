@@ -16,6 +16,7 @@ import { readFile } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { IN_USE_REASON } from '../../src/bitmap/qcow2-live.js';
+import { Qcow2Node } from '../../src/block/qcow2/node.js';
 import { hasTool, makeTempDir, serve, start, waitFor } from '../support/spawn.js';
 import { entriesOf, fails, model, nbdinfoMapText, ok, qemuIo, type NbdinfoEntry } from '../bitmap-cli/helpers.js';
 import { expectClean, KiB, MiB, qemuCheck, qemuInfo, tool } from './helpers.js';
@@ -223,6 +224,33 @@ describe.skipIf(!hasPeers)('qcow2 persistent bitmaps served live', () => {
       { name: 'other', granularity: 64 * KiB, flags: ['auto'] },
     ]);
     expect((await qemuCheck(img)).corruptions).toBe(0);
+  });
+
+  it('a read-write open drops autoclear bit 0 before its first request (not at open), unless the bitmaps were adopted first', async () => {
+    const dir = await makeTempDir();
+    const img = await image(dir);
+    await tool('qemu-img', ['bitmap', '--add', img, 'b0']);
+    const bit0 = async (): Promise<bigint> => (await readFile(img)).readBigUInt64BE(88) & 1n;
+    // opened and closed without a request: nothing was written, QEMU may keep trusting b0
+    let node = await Qcow2Node.open(img);
+    expect(await bit0()).toBe(1n);
+    await node.close();
+    expect(await bit0()).toBe(1n);
+    // a first request (even a read) by a writer that does not track the bitmaps: the bit goes first
+    node = await Qcow2Node.open(img);
+    await node.read(0, 512);
+    expect(await bit0()).toBe(0n);
+    expect(node.image.adoptBitmaps()).toBe(false);
+    await node.close();
+    expect(await qemuBitmaps(img)).toEqual([]);
+    // adopted before any request: kept (the caller, qcow2-live.ts, then marks the bitmaps in use and tracks them)
+    const img2 = await image(dir, 'e.qcow2');
+    await tool('qemu-img', ['bitmap', '--add', img2, 'b0']);
+    node = await Qcow2Node.open(img2);
+    expect(node.image.adoptBitmaps()).toBe(true);
+    await node.write(0, Buffer.alloc(4096, 1));
+    await node.close();
+    expect((await readFile(img2)).readBigUInt64BE(88) & 1n).toBe(1n);
   });
 
   it('read-only: the bitmaps are offered as stored and nothing in the image changes', async () => {
