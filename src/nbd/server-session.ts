@@ -116,6 +116,11 @@ export class ServerSession {
     return this.exp?.name;
   }
 
+  /** the export chosen by GO / EXPORT_NAME (undefined in the handshake) */
+  get attachedExport(): Export | undefined {
+    return this.exp;
+  }
+
   get state(): Phase {
     return this.phase;
   }

@@ -3,6 +3,7 @@
  * connections (attach); it knows nothing of sockets beyond a Duplex stream.
  */
 import { EventEmitter } from 'node:events';
+import { BlkrepError } from '../api/errors.js';
 import type { TransportConnection } from '../api/transport.js';
 import { Export, type ExportOptions } from './export.js';
 import { ServerSession, type SessionHost } from './server-session.js';
@@ -87,6 +88,35 @@ export class NbdServer extends EventEmitter implements SessionHost {
 
   listExports(): Export[] {
     return [...this.exportsByName.values()];
+  }
+
+  /**
+   * Serve one more export from now on (NBD_OPT_LIST, INFO and GO show it to new connections).
+   * A name that exists is refused: BlkrepError ERR_EXPORT_EXISTS.
+   */
+  addExport(options: ExportOptions): Export {
+    if (this.stopping) throw new BlkrepError('ERR_SHUTTING_DOWN', `cannot add export "${options.name}": the server is stopping`, { errno: 'ESHUTDOWN' });
+    if (this.exportsByName.has(options.name)) {
+      throw new BlkrepError('ERR_EXPORT_EXISTS', `the server has an export "${options.name}" already`, { errno: 'EINVAL', details: { export: options.name } });
+    }
+    const exp = new Export(options);
+    this.exportsByName.set(exp.name, exp);
+    this.log('info', `export "${exp.name}" added`);
+    return exp;
+  }
+
+  /**
+   * Stop serving an export: new connections can no longer choose it, and the sessions attached
+   * to it are disconnected at once (as destroyAll does), with `reason`. Its node is not flushed
+   * nor closed: it is the caller's. Returns false when there was no such export.
+   */
+  removeExport(name: string, reason = `export "${name}" removed`): boolean {
+    const exp = this.exportsByName.get(name);
+    if (!exp) return false;
+    this.exportsByName.delete(name);
+    for (const s of [...this.sessions]) if (s.attachedExport === exp) s.close(reason);
+    this.log('info', `export "${name}" removed (${reason})`);
+    return true;
   }
 
   log(level: LogLevel, message: string): void {
