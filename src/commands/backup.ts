@@ -43,7 +43,7 @@ export interface LiveBackupOutput {
   live: true;
   export: string | null;
   job: JobInfo;
-  /** the fleecing export, when one was asked for: {export, socket, uri} */
+  /** the fleecing export, when one was asked for: {export, uri, uris} on the daemon's listeners, or {export, socket, uri} on a socket of its own */
   fleecing?: unknown;
 }
 
@@ -56,7 +56,7 @@ With --bitmap and --bitmap-mode on-success (the default), the regions copied are
 Ranges that read as zeros are sent as write-zeroes, never as data; with --target-is-zero they are not sent at all. --speed limits the data rate.
 Errors follow --on-source-error and --on-target-error: report (the default), ignore (retry the region later), stop or enospc (offline nobody can resume the job: the command ends with an error). --on-cbw-error says what a failed copy-before-write does on a live export.
 A progress bar with the rate and the time left is shown on a terminal. With --json the result is printed as JSON.
-With --control PATH the backup runs in a serve-nbd daemon, of its export --export NAME, while clients keep writing it: the only argument is TARGET (opened by the daemon), and --bitmap names a bitmap of the export. The export's writes go through a copy-before-write filter, so TARGET receives the export as it was when the job started. --fleecing-export NAME serves that point-in-time view read-only, as export NAME on a Unix socket of its own (--fleecing-socket, default IMAGE.job-ID.sock beside the image), while the job runs. Without --wait the command starts the job and prints it (blkrep job pause, resume, cancel work on it; a --sync none job runs until cancelled); with --wait it follows the job with a progress bar and exits when it has concluded.`;
+With --control PATH the backup runs in a serve-nbd daemon, of its export --export NAME, while clients keep writing it: the only argument is TARGET (opened by the daemon), and --bitmap names a bitmap of the export. The export's writes go through a copy-before-write filter, so TARGET receives the export as it was when the job started. --fleecing-export NAME serves that point-in-time view read-only while the job runs, as export NAME of the daemon itself: on every listener it has (TCP, Unix socket), beside its other exports (nbdinfo --list shows it; it is removed, its clients disconnected, when the job concludes). With --fleecing-socket PATH it is served instead on a Unix socket of its own. Without --wait the command starts the job and prints it (blkrep job pause, resume, cancel work on it; a --sync none job runs until cancelled); with --wait it follows the job with a progress bar and exits when it has concluded.`;
 
   static override examples = [
     { description: 'A full backup of a disk image onto an NBD server', command: '<%= config.bin %> <%= command.id %> disk.img nbd+unix:///backup?socket=/run/backup.sock' },
@@ -65,7 +65,7 @@ With --control PATH the backup runs in a serve-nbd daemon, of its export --expor
     { description: "A live export's point in time, while clients write it", command: '<%= config.bin %> <%= command.id %> --control /run/blkrep/ctl.sock --export disk /backup/disk.img --wait' },
     {
       description: 'Image fleecing: a read-only snapshot of a live export, costing only the old content of what is overwritten',
-      command: '<%= config.bin %> <%= command.id %> --control /run/blkrep/ctl.sock --export disk /tmp/fleece.img --sync none --fleecing-export disk-snap --fleecing-socket /run/blkrep/snap.sock',
+      command: '<%= config.bin %> <%= command.id %> --control /run/blkrep/ctl.sock --export disk /tmp/fleece.img --sync none --fleecing-export disk-snap',
     },
   ];
 
@@ -98,8 +98,8 @@ With --control PATH the backup runs in a serve-nbd daemon, of its export --expor
     export: Flags.string({ description: 'with --control: the export to back up (default: the only one)', helpValue: 'NAME', dependsOn: ['control'] }),
     id: Flags.string({ description: 'with --control: the job id (default: backup0, backup1, ...)', helpValue: 'ID', dependsOn: ['control'] }),
     wait: Flags.boolean({ description: 'with --control: follow the job and exit when it has concluded', dependsOn: ['control'] }),
-    'fleecing-export': Flags.string({ description: 'with --control: serve the point-in-time view read-only under this export name while the job runs', helpValue: 'NAME', dependsOn: ['control'] }),
-    'fleecing-socket': Flags.string({ description: 'with --fleecing-export: the Unix socket to serve it on (default IMAGE.job-ID.sock)', helpValue: 'PATH', dependsOn: ['fleecing-export'] }),
+    'fleecing-export': Flags.string({ description: "with --control: serve the point-in-time view read-only as export NAME of the daemon (on its listeners) while the job runs", helpValue: 'NAME', dependsOn: ['control'] }),
+    'fleecing-socket': Flags.string({ description: "with --fleecing-export: serve it on this Unix socket of its own instead of the daemon's listeners", helpValue: 'PATH', dependsOn: ['fleecing-export'] }),
   };
 
   async run(): Promise<BackupResult | LiveBackupOutput> {
@@ -217,11 +217,12 @@ With --control PATH the backup runs in a serve-nbd daemon, of its export --expor
         ...opt('fleecingSocket', flags['fleecing-socket']),
       })) as JobInfo;
       const exportName = (info['export'] as string | null | undefined) ?? flags.export ?? null;
-      const fleecing = info['fleecing'] as { uri?: string } | undefined;
+      const fleecing = info['fleecing'] as { uri?: string; uris?: string[] } | undefined;
       if (!flags.wait) {
         if (!this.jsonEnabled()) {
           this.log(`Started backup job ${info.id} of export "${exportName}" onto ${target} (sync ${flags.sync}).`);
-          if (fleecing?.uri) this.log(`Its point-in-time view is served read-only at ${fleecing.uri} while it runs.`);
+          const at = fleecing?.uris?.length ? fleecing.uris : fleecing?.uri ? [fleecing.uri] : [];
+          if (at.length) this.log(`Its point-in-time view is served read-only at ${at.join(' and ')} while it runs.`);
           if (flags.sync === 'none') this.log(`It runs until cancelled: blkrep job cancel ${info.id} --control ${flags.control}`);
         }
         return { live: true, export: exportName, job: info, ...(fleecing ? { fleecing } : {}) };

@@ -13,9 +13,10 @@
  * clears it likewise (the start of a chain).
  *
  * Fleecing: with `fleecingExport: NAME` the job's point-in-time view is served read-only as
- * export NAME on a Unix socket of its own (`fleecingSocket`, default `IMAGE.job-ID.sock` beside
- * a file image), for as long as the job runs; its URI is in the job's query (`fleecing`). The
- * daemon's own NbdServer takes no exports at run time (see src/jobs/fleecing.ts).
+ * export NAME of the daemon's own NBD server, on every listener of the daemon (TCP, Unix …),
+ * for as long as the job runs (ctx.addExport; removed when the job concludes, its clients
+ * disconnected). With `fleecingSocket: PATH` as well it is served instead on a Unix socket of
+ * its own (src/jobs/fleecing.ts). The job's query gives the URIs (`fleecing`).
  *
  * Nothing persists: a backup interrupted by a daemon stop is cancelled (its target is not a
  * usable backup); start it again.
@@ -26,7 +27,7 @@ import { openImage, type ImageFormat } from '../block/open.js';
 import { DirtyBitmap } from '../bitmap/dirty-bitmap.js';
 import { ERROR_POLICIES, type ErrorPolicy } from './job.js';
 import { BACKUP_BITMAP_MODES, BACKUP_SYNC_MODES, BackupJob, CBW_ERROR_POLICIES, type BackupBitmapMode, type BackupSync, type CbwErrorPolicy } from './backup.js';
-import { registerJobType, type JobContext } from './daemon-jobs.js';
+import { registerJobType, type JobContext, type JobServedExport } from './daemon-jobs.js';
 import { serveSnapshot, type FleecingServer } from './fleecing.js';
 
 /** What job-start {type: "backup"} takes besides type, export and id. */
@@ -48,7 +49,7 @@ export interface LiveBackupOptions {
   connections?: number;
   /** serve the point-in-time view read-only under this export name */
   fleecingExport?: string;
-  /** the Unix socket of the fleecing export */
+  /** serve the fleecing export on this Unix socket of its own, not on the daemon's listeners */
   fleecingSocket?: string;
 }
 
@@ -130,14 +131,10 @@ function exportBitmapBits(ctx: JobContext, name: string): DirtyBitmap {
 async function createLiveBackup(ctx: JobContext, o: LiveBackupOptions): Promise<BackupJob> {
   const exp = ctx.export;
   const bits = o.bitmap ? exportBitmapBits(ctx, o.bitmap) : undefined; // throws ERR_BITMAP_NOT_FOUND first
-  let fleecingSocket = o.fleecingSocket;
-  if (o.fleecingExport && !fleecingSocket) {
-    if (ctx.stateBase === undefined) throw bad(`export "${exp.name}" is not a file image: say where to serve the snapshot with "fleecingSocket"`);
-    fleecingSocket = `${ctx.stateBase}.sock`;
-  }
   const target: BlockNode = await openImage(o.target, { ...(o.targetFormat ? { format: o.targetFormat } : {}), nbd: { connections: o.connections ?? 4 } });
   let job: BackupJob;
   let fleece: FleecingServer | undefined;
+  let served: JobServedExport | undefined;
   try {
     const name = o.bitmap;
     job = new BackupJob({
@@ -164,19 +161,26 @@ async function createLiveBackup(ctx: JobContext, o: LiveBackupOptions): Promise<
       ...(o.onTargetError ? { onTargetError: o.onTargetError } : {}),
       ...(o.onCbwError ? { onCbwError: o.onCbwError } : {}),
     });
-    if (o.fleecingExport) {
-      fleece = await serveSnapshot(job.snapshotNode, { name: o.fleecingExport, socket: fleecingSocket!, log: ctx.log });
+    if (o.fleecingExport && o.fleecingSocket) {
+      fleece = await serveSnapshot(job.snapshotNode, { name: o.fleecingExport, socket: o.fleecingSocket, log: ctx.log });
       job.fleecing = { export: fleece.name, socket: fleece.socket, uri: fleece.uri };
+    } else if (o.fleecingExport) {
+      // an export of the daemon's own server, on its listeners (ERR_EXPORT_EXISTS for a name in use)
+      served = ctx.addExport(o.fleecingExport, job.snapshotNode, `point-in-time view of export "${exp.name}" (backup job ${ctx.id})`);
+      job.fleecing = { export: served.name, uri: served.uris[0] ?? null, uris: served.uris };
     }
   } catch (err) {
+    served?.remove(`backup job ${ctx.id} did not start`);
     await fleece?.close().catch(() => {});
     await target.close().catch(() => {});
     throw err;
   }
-  const served = fleece;
+  const socketServer = fleece;
+  const daemonExport = served;
   void job.whenConcluded().then(async () => {
+    daemonExport?.remove(`backup job ${ctx.id} concluded`);
     await exp.switchFront(exp.tracking);
-    if (served) await served.close().catch(() => {});
+    if (socketServer) await socketServer.close().catch(() => {});
     await target.close().catch(() => {});
   });
   // the export's writes go through the copy-before-write filter from now on; the point in time

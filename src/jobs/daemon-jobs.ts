@@ -15,8 +15,9 @@
  *    `start` gets a JobContext: the job's id, the export (its name, image, the tracking filter
  *    every write of the export passes through, its bitmaps, and `switchFront()` / `switchImage()`
  *    to route the export through the job or onto another image), the parsed `args` of the
- *    `job-start` request, where its files go (`stateBase`), `publish()`, `onStop()` and
- *    `describe()` (fields added to the job's query). It
+ *    `job-start` request, where its files go (`stateBase`), `publish()`, `onStop()`,
+ *    `describe()` (fields added to the job's query) and `addExport()` (serve a node read-only
+ *    as one more export of the daemon's own NBD server, on its listeners). It
  *    returns the job CREATED, not started: the registry adds it to the manager (which relays its
  *    events) and starts it. Throw BlkrepError('ERR_BAD_REQUEST' | 'ERR_JOB_INVALID', …) for bad
  *    args; close what you opened before throwing.
@@ -71,6 +72,21 @@ export interface JobExport {
   keepOpen(node: BlockNode): void;
 }
 
+/** A read-only export a job added to the daemon's own NBD server (JobContext.addExport). */
+export interface JobServedExport {
+  readonly name: string;
+  /** the URIs a client uses: one per listener of the daemon (TCP, Unix …) */
+  readonly uris: string[];
+  /**
+   * Stop serving it: new connections no longer see it (LIST, INFO and GO), the clients attached
+   * to it are disconnected. Idempotent; the node is not closed (it is the job's).
+   */
+  remove(reason?: string): void;
+}
+
+/** How the daemon serves a job's export: on its NbdServer, read-only. Throws ERR_EXPORT_EXISTS for a name in use. */
+export type ServeJobExport = (name: string, node: BlockNode, description: string | undefined) => JobServedExport;
+
 export interface JobContext {
   id: string;
   type: string;
@@ -88,6 +104,13 @@ export interface JobContext {
   onStop(fn: () => Promise<void>): void;
   /** Fields the daemon adds to the job's query (job-query, job-list): target, state files … */
   describe(fn: () => Record<string, unknown>): void;
+  /**
+   * Serve `node` read-only as export `name` of the daemon's own NBD server, on every listener
+   * the daemon has, until the returned export's remove() — or, at the latest, until the job
+   * concludes. A name the server has already is refused (ERR_EXPORT_EXISTS); a daemon without an
+   * NBD server for jobs (a test's) refuses with ERR_JOB_UNSUPPORTED.
+   */
+  addExport(name: string, node: BlockNode, description?: string): JobServedExport;
 }
 
 export interface SavedJobState {
@@ -212,6 +235,8 @@ export interface DaemonJobsOptions {
   exports: Map<string, JobExport>;
   publish: (event: string, fields: object) => void;
   log?: Logger;
+  /** serve a job's node as an export of the daemon's NBD server (JobContext.addExport) */
+  serveExport?: ServeJobExport;
 }
 
 /** The daemon's jobs (one JobManager) and their control verbs. */
@@ -220,6 +245,9 @@ export class DaemonJobs {
   private readonly exports: Map<string, JobExport>;
   private readonly publish: (event: string, fields: object) => void;
   private readonly log: Logger;
+  private readonly serveExport: ServeJobExport | undefined;
+  /** job id → the exports it added to the daemon's server (removed when it concludes, at the latest) */
+  private readonly served = new Map<string, Set<JobServedExport>>();
   /** job id → export name */
   private readonly exportOf = new Map<string, string>();
   /** export name → the job routing it */
@@ -233,6 +261,7 @@ export class DaemonJobs {
     this.exports = options.exports;
     this.publish = options.publish;
     this.log = options.log ?? (() => {});
+    this.serveExport = options.serveExport;
     this.manager.on('event', (e: JobEvent) => {
       const { event, ...fields } = e;
       this.publish(`job-${event}`, { ...fields, export: this.exportOf.get(e.id) ?? null });
@@ -295,7 +324,32 @@ export class DaemonJobs {
       log: this.log,
       onStop: (fn) => this.stoppers.set(id, fn),
       describe: (fn) => this.describers.set(id, fn),
+      addExport: (name, node, description) => {
+        if (!this.serveExport) throw new BlkrepError('ERR_JOB_UNSUPPORTED', `this daemon cannot serve export "${name}" for job ${id}`, { errno: 'ENOTSUP', details: { id, export: name } });
+        const served = this.serveExport(name, node, description);
+        let set = this.served.get(id);
+        if (!set) this.served.set(id, (set = new Set()));
+        const own = set;
+        own.add(served);
+        return {
+          name: served.name,
+          get uris() {
+            return served.uris;
+          },
+          remove: (reason) => {
+            own.delete(served);
+            served.remove(reason);
+          },
+        };
+      },
     };
+  }
+
+  /** Remove what a job still serves on the daemon's server. */
+  private unserve(id: string, reason: string): void {
+    const set = this.served.get(id);
+    this.served.delete(id);
+    for (const s of set ?? []) s.remove(reason);
   }
 
   private adopt(job: Job, exp: JobExport): void {
@@ -303,6 +357,7 @@ export class DaemonJobs {
     this.owner.set(exp.name, job.id);
     void job.whenConcluded().then(() => {
       if (this.owner.get(exp.name) === job.id) this.owner.delete(exp.name);
+      this.unserve(job.id, `job ${job.id} concluded`);
       this.stoppers.delete(job.id);
       this.concluded.set(job.id, job);
       while (this.concluded.size > KEEP_CONCLUDED) this.concluded.delete(this.concluded.keys().next().value!);
@@ -327,7 +382,13 @@ export class DaemonJobs {
     }
     this.concluded.delete(id);
     this.describers.delete(id);
-    const job = await jobType.start(this.context(id, type, exp, args));
+    let job: Job;
+    try {
+      job = await jobType.start(this.context(id, type, exp, args));
+    } catch (err) {
+      this.unserve(id, `job ${id} did not start`);
+      throw err;
+    }
     this.adopt(job, exp);
     return this.query(id);
   }

@@ -1,10 +1,12 @@
 /**
- * Image fleecing: serve a backup job's point-in-time view (BackupJob.snapshotNode) read-only
- * over NBD on a Unix socket of its own, for as long as the job runs.
+ * Image fleecing on a socket of its own: serve a backup job's point-in-time view
+ * (BackupJob.snapshotNode) read-only over NBD on a Unix socket, for as long as the job runs.
  *
- * The serve-nbd daemon's NbdServer takes its exports when it is made (src/nbd/server.ts has no
- * way to add one at run time, and a job is not given the server), so the view gets a small
- * server of its own: one export, read-only, on `socket` (mode 0600, refused if the path exists).
+ * This is the `--fleecing-socket PATH` case only. By default (`--fleecing-export NAME` alone) the
+ * view is an export of the serve-nbd daemon itself, on the daemon's own listeners: the job adds
+ * it with JobContext.addExport (NbdServer.addExport) and it is removed when the job concludes —
+ * see src/jobs/backup-daemon.ts. Here the view gets a small server of its own: one export,
+ * read-only, on `socket` (mode 0600, refused if the path exists).
  */
 import { chmod, lstat } from 'node:fs/promises';
 import net from 'node:net';

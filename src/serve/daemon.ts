@@ -162,7 +162,31 @@ export class Daemon {
           keepOpen: (node) => nodes.push(node),
         });
       }
-      jobs = new DaemonJobs({ exports: jobExports, publish: (event, fields) => control?.publish(event, fields), log: options.log });
+      jobs = new DaemonJobs({
+        exports: jobExports,
+        publish: (event, fields) => control?.publish(event, fields),
+        log: options.log,
+        // a job's export (a backup's fleecing view): read-only, on the daemon's own listeners
+        serveExport: (name, node, description) => {
+          const added = server.addExport({
+            name,
+            node: completeNode(node),
+            readOnly: true,
+            ...(description === undefined ? {} : { description }),
+            ...(options.minimumBlockSize === undefined ? {} : { minimumBlockSize: options.minimumBlockSize }),
+          });
+          return {
+            name,
+            // listeners opened later (a job loaded at start) count too
+            get uris() {
+              return listeners.map((l) => l.uri(name));
+            },
+            remove: (reason) => {
+              if (server.findExport(name) === added) server.removeExport(name, reason);
+            },
+          };
+        },
+      });
       await jobs.loadPersisted();
       for (let i = 0; i < transports.length; i++) {
         const spec = options.listen[i]!;

@@ -1,7 +1,8 @@
 /**
  * The live backup on serve-nbd (job type backup): clients write the export over NBD while the
  * job runs; the target holds the export as it was at the start; image fleecing (a read-only NBD
- * export of the point-in-time view, read by qemu-img while the export is overwritten); an
+ * export of the point-in-time view — on a socket of its own, or an export of the daemon itself on
+ * its Unix and TCP listeners — read by qemu-img while the export is overwritten); an
  * incremental backup from an export bitmap into a qcow2 overlay; the CLI with --control.
  */
 import { existsSync } from 'node:fs';
@@ -23,7 +24,7 @@ interface Q {
   cancelled: boolean;
   copiedBytes: number;
   cbwCopies: number;
-  fleecing?: { export: string; socket: string; uri: string };
+  fleecing?: { export: string; socket?: string; uri: string; uris?: string[] };
 }
 
 async function setup(seed: number): Promise<{ dir: string; src: string; dst: string; ctl: string; uri: string; content: Buffer }> {
@@ -93,6 +94,64 @@ describe.skipIf(!hasTool('qemu-img'))('live backup', () => {
     expect(q.copiedBytes).toBeGreaterThan(0);
     await control(s.ctl, 'job-cancel', { id: 'backup0' });
     await waitFor(() => !existsSync(snapSock), 'the fleecing socket to go');
+    // the export has every write
+    await writeFile(join(s.dir, 'expected.img'), writer.expected);
+    expect(await qemuCompare(join(s.dir, 'expected.img'), s.src)).toMatchObject({ code: 0 });
+  });
+
+  it('image fleecing on the daemon itself: --fleecing-export without a socket serves the view on the daemon\'s Unix and TCP listeners; read-only; gone after cancel', async () => {
+    const s = await setup(9);
+    const nbdSock = join(s.dir, 'nbd');
+    const d = await serve(['--export', `disk=${s.src}`, '--export', 'other=memory:1M', '--socket', nbdSock, '--port', '0', '--control', s.ctl]);
+    const tcpBase = d.uris.find((u) => u.startsWith('nbd://') && u.endsWith('/disk'));
+    expect(tcpBase, d.listeningLine).toBeDefined();
+    const tcpSnap = tcpBase!.replace(/\/disk$/, '/snap');
+    const unixSnap = unixUri(nbdSock, 'snap');
+    const r = await runCli(['backup', '--control', s.ctl, '--export', 'disk', s.dst, '--sync', 'none', '--fleecing-export', 'snap', '--json'], { timeoutMs: 30_000 });
+    expect(r.code, r.stdout + r.stderr).toBe(0);
+    const out1 = JSON.parse(r.stdout) as { job: Q; fleecing: Q['fleecing'] };
+    expect(out1.fleecing).toEqual({ export: 'snap', uri: unixSnap, uris: [unixSnap, tcpSnap] });
+    expect(out1.job).toMatchObject({ id: 'backup0', status: 'running', fleecing: out1.fleecing });
+    // no socket of its own
+    expect(existsSync(`${s.src}.job-backup0.sock`)).toBe(false);
+    const listed = await run('nbdinfo', ['--list', '--json', unixUri(nbdSock)]);
+    expect(listed.code, listed.stderr).toBe(0);
+    const exports = (JSON.parse(listed.stdout) as { exports: Array<{ 'export-name': string; 'is_read_only': boolean }> }).exports;
+    expect(exports.map((e) => e['export-name']).sort()).toEqual(['disk', 'other', 'snap']);
+    expect(exports.find((e) => e['export-name'] === 'snap')!.is_read_only).toBe(true);
+
+    const writer = await Writer.start(s.uri, Buffer.from(s.content), { workers: 4 });
+    await writer.waitWrites(100);
+    const viaUnix = join(s.dir, 'fleeced-unix.img');
+    const viaTcp = join(s.dir, 'fleeced-tcp.img');
+    const conv = await run('qemu-img', ['convert', '-O', 'raw', unixSnap, viaUnix], { timeoutMs: 60_000 });
+    expect(conv.code, conv.stderr).toBe(0);
+    await writer.waitWrites(100);
+    const conv2 = await run('qemu-img', ['convert', '-O', 'raw', tcpSnap, viaTcp], { timeoutMs: 60_000 });
+    expect(conv2.code, conv2.stderr).toBe(0);
+    await writer.waitWrites(50);
+    await writer.stop();
+    expect((await readFile(viaUnix)).equals(s.content)).toBe(true);
+    expect((await readFile(viaTcp)).equals(s.content)).toBe(true);
+    // the view refuses writes
+    const w = await run('qemu-io', ['-f', 'raw', '-c', 'write 0 512', unixSnap]);
+    expect(w.stdout + w.stderr).toMatch(/read-only|Operation not permitted|Permission denied/i);
+    const status = await control<{ exports: Array<{ name: string; readOnly: boolean }> }>(s.ctl, 'status');
+    expect(status.exports.find((e) => e.name === 'snap')).toMatchObject({ readOnly: true });
+    // a job of the other export cannot take a name in use
+    const clash = await control<Q>(s.ctl, 'job-start', { type: 'backup', export: 'other', target: 'memory:1M', sync: 'none', fleecingExport: 'snap' }).catch((e: unknown) => e);
+    expect(clash).toMatchObject({ code: 'ERR_EXPORT_EXISTS' });
+    expect((await control<Q[]>(s.ctl, 'job-list', { export: 'other' })).length).toBe(0);
+
+    await control(s.ctl, 'job-cancel', { id: 'backup0' });
+    await concluded(s.ctl, 'backup0');
+    await waitFor(async () => {
+      const l = await run('nbdinfo', ['--list', '--json', unixUri(nbdSock)]);
+      return l.code === 0 && !(JSON.parse(l.stdout) as { exports: Array<{ 'export-name': string }> }).exports.some((e) => e['export-name'] === 'snap');
+    }, 'snap to be gone from the export list');
+    expect((await control<{ exports: Array<{ name: string }> }>(s.ctl, 'status')).exports.map((e) => e.name).sort()).toEqual(['disk', 'other']);
+    const after = await run('nbdinfo', ['--size', unixSnap]);
+    expect(after.code).not.toBe(0);
     // the export has every write
     await writeFile(join(s.dir, 'expected.img'), writer.expected);
     expect(await qemuCompare(join(s.dir, 'expected.img'), s.src)).toMatchObject({ code: 0 });
