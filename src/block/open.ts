@@ -16,8 +16,9 @@ import { BlkrepError } from '../api/errors.js';
 import { parseSize } from '../util/size.js';
 import { MemoryNode } from './memory.js';
 import { isNbdUri } from '../nbd/uri.js';
-import { NbdNode, type NbdNodeOptions } from './nbd.js';
-import { Qcow2Node } from './qcow2/node.js';
+// the NBD client and the qcow2 driver load only for the images that need them (a command opening
+// raw files and an NBD export does not compile the qcow2 driver at its start)
+import type { NbdNodeOptions } from './nbd.js';
 import type { SparseOps } from './native.js';
 import { RawNode } from './raw.js';
 
@@ -74,7 +75,10 @@ export async function openImage(spec: string, options: OpenImageOptions = {}): P
     return new MemoryNode(size, { readOnly });
   }
 
-  if (isNbdUri(spec)) return NbdNode.open(spec, { ...options.nbd, readOnly });
+  if (isNbdUri(spec)) {
+    const { NbdNode } = await import('./nbd.js');
+    return NbdNode.open(spec, { ...options.nbd, readOnly });
+  }
 
   const rawOptions = { readOnly, ...(options.native === undefined ? {} : { native: options.native }) };
   if (spec.startsWith('raw:') || options.format === 'raw') {
@@ -95,6 +99,7 @@ export async function openImage(spec: string, options: OpenImageOptions = {}): P
 async function openQcow2(path: string, options: OpenImageOptions): Promise<BlockNode> {
   const depth = options.chainDepth ?? 0;
   if (depth >= MAX_CHAIN_DEPTH) throw badImage(path, `the backing chain is deeper than ${MAX_CHAIN_DEPTH} images (does it loop?)`);
+  const { Qcow2Node } = await import('./qcow2/node.js');
   return Qcow2Node.open(path, {
     readOnly: options.readOnly ?? false,
     ...(options.native === undefined ? {} : { native: options.native }),

@@ -5,13 +5,14 @@ import { PersistentBitmap } from '../bitmap/persistent.js';
 import { BlkrepCommand } from '../cli/base.js';
 import { sizeFlag, secondsFlag } from '../cli/flags.js';
 import { openImage, type ImageFormat } from '../block/open.js';
-import { progressBar, type Progress } from '../cli/progress.js';
+import type { Progress } from '../cli/progress.js';
 import { ERROR_POLICIES, type ErrorPolicy, type JobEvent } from '../jobs/job.js';
 import { BITMAP_MODES, COPY_MODES, DEFAULT_BUF_SIZE, DEFAULT_MAX_OPS, MirrorJob, type BitmapMode, type CopyMode, type MirrorSync } from '../jobs/mirror.js';
 import { formatSize } from '../util/size.js';
-import { ControlClient } from '../control/client.js';
 import type { ControlEvent } from '../control/protocol.js';
-import { followJob, type JobQuery } from '../jobs/job-command.js';
+import type { JobQuery } from '../jobs/job-command.js';
+// the control client, the job follower and the progress bar load only when used (--control; a
+// terminal): an offline mirror starts without compiling them
 
 export interface MirrorResult {
   source: string;
@@ -104,22 +105,32 @@ Exit status: 0 done (live: started, or ready/done with --wait); 1 failure (live:
 
     const open = (spec: string, readOnly: boolean, format: string | undefined): Promise<BlockNode> =>
       openImage(spec, { readOnly, ...(format ? { format: format as ImageFormat } : {}), nbd: { connections: flags.connections } });
-    const source = await open(sourceSpec, true, flags.format);
-    const closers: Array<() => Promise<void>> = [() => source.close()];
+    const bitmapMode = flags['bitmap-mode'] as BitmapMode;
+    // the target (an NBD handshake) is opened while the source and then the bitmap file (it needs
+    // the source's size) are; when one of them fails, the others that opened are closed again
+    const sourceOpening = open(sourceSpec, true, flags.format);
+    const targetOpening = open(targetSpec, false, flags['target-format']);
+    const bitmapOpening =
+      bitmapPath === undefined ? Promise.resolve(undefined) : sourceOpening.then((s) => PersistentBitmap.open(bitmapPath, { size: s.size, readOnly: bitmapMode === 'never' }));
+    const [sourceR, targetR, bitmapR] = await Promise.allSettled([sourceOpening, targetOpening, bitmapOpening]);
+    const closers: Array<() => Promise<void>> = [];
+    if (sourceR.status === 'fulfilled') closers.push(() => sourceR.value.close());
+    if (targetR.status === 'fulfilled') closers.push(() => targetR.value.close());
+    if (bitmapR.status === 'fulfilled' && bitmapR.value) closers.push(() => bitmapR.value!.bitmap.close());
     const closeAll = async (): Promise<void> => {
       for (const c of closers.reverse()) await c().catch(() => {});
     };
     let result: MirrorResult;
     try {
-      const target = await open(targetSpec, false, flags['target-format']);
-      closers.push(() => target.close());
+      // the first failure in the order they were opened before: source, target, bitmap
+      for (const r of [sourceR, targetR, bitmapR]) if (r.status === 'rejected') throw r.reason;
+      const source = (sourceR as PromiseFulfilledResult<BlockNode>).value;
+      const target = (targetR as PromiseFulfilledResult<BlockNode>).value;
       let bitmap: PersistentBitmap | undefined;
       let bitmapLoad: string | undefined;
-      const bitmapMode = flags['bitmap-mode'] as BitmapMode;
-      if (bitmapPath !== undefined) {
-        const opened = await PersistentBitmap.open(bitmapPath, { size: source.size, readOnly: bitmapMode === 'never' });
+      const opened = (bitmapR as PromiseFulfilledResult<Awaited<ReturnType<typeof PersistentBitmap.open>> | undefined>).value;
+      if (opened) {
         bitmap = opened.bitmap;
-        closers.push(() => opened.bitmap.close());
         bitmapLoad = opened.loadState.state;
         if (opened.loadState.state === 'all-dirty') this.logToStderr(`blkrep: warning: bitmap ${bitmapPath} cannot be trusted (${opened.loadState.reason}): copying everything`);
         else if (opened.loadState.state === 'recovered') this.logToStderr(`blkrep: bitmap ${bitmapPath} was in use when its writer stopped; recovered from its activity log`);
@@ -169,6 +180,7 @@ Exit status: 0 done (live: started, or ready/done with --wait); 1 failure (live:
     if (flags['target-is-zero'] === true) start.targetIsZero = true;
     if (start.sync === 'bitmap' && flags['bitmap-mode'] !== 'on-success') start.bitmapMode = flags['bitmap-mode'];
     const timeoutMs = (flags.timeout ?? 10) * 1000;
+    const [{ ControlClient }, { followJob }] = await Promise.all([import('../control/client.js'), import('../jobs/job-command.js')]);
     const client = await ControlClient.connect(flags.control!, { timeoutMs });
     try {
       const events: ControlEvent[] = [];
@@ -227,6 +239,8 @@ Exit status: 0 done (live: started, or ready/done with --wait); 1 failure (live:
       'no-progress': boolean;
     },
   ): Promise<MirrorResult> {
+    const showProgress = !this.jsonEnabled() && !o['no-progress'];
+    const progressBar = showProgress ? (await import('../cli/progress.js')).progressBar : undefined;
     const job = new MirrorJob({
       id: 'mirror0',
       source,
@@ -260,12 +274,11 @@ Exit status: 0 done (live: started, or ready/done with --wait); 1 failure (live:
     };
     process.once('SIGINT', onSignal);
     process.once('SIGTERM', onSignal);
-    const started = performance.now();
     let bar: Progress | undefined;
-    const showProgress = !this.jsonEnabled() && !o['no-progress'];
+    const started = performance.now();
     const ticker = setInterval(() => {
       const q = job.query();
-      if (!showProgress || q.length === 0) return;
+      if (!progressBar || q.length === 0) return;
       bar ??= progressBar('mirror', q.length, { enabled: true });
       bar.update(q.offset);
     }, 200);
