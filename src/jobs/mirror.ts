@@ -56,11 +56,12 @@
  */
 import type { BlockNode, CompleteBlockNode, Extent, IoOptions, WriteOptions, ZeroOptions } from '../api/block.js';
 import { BlkrepError, toBlkrepError } from '../api/errors.js';
-import { completeNode, coalesceExtents } from '../block/node.js';
+import { completeNode } from '../block/node.js';
 import { DirtyBitmap, DEFAULT_GRANULARITY, checkGranularity } from '../bitmap/dirty-bitmap.js';
 import { DirtyTrackingNode, type WriteTracker } from '../bitmap/filter.js';
 import type { PersistentBitmap } from '../bitmap/persistent.js';
 import { Job, type JobOptions, type JobSide } from './job.js';
+import { copySegments, type Segment } from './segments.js';
 
 export const MIRROR_SYNC_MODES = ['full', 'top', 'none', 'bitmap'] as const;
 export type MirrorSync = (typeof MIRROR_SYNC_MODES)[number];
@@ -130,13 +131,6 @@ interface CopyOp {
   length: number;
   /** speed tokens taken when it started */
   reserved: number;
-}
-
-interface Segment {
-  offset: number;
-  length: number;
-  zero: boolean;
-  hole: boolean;
 }
 
 type FrontKind = 'write' | 'write-zeroes' | 'trim';
@@ -525,52 +519,9 @@ export class MirrorJob extends Job {
   }
 
   /** The op's range as data and zero segments, granule-aligned (a granule is zero only if wholly zero). */
-  private async segments(op: CopyOp): Promise<Segment[]> {
-    if (!this.source.caps.canExtents) return [{ offset: op.offset, length: op.length, zero: false, hole: false }];
-    const end = op.offset + op.length;
-    const runs: Array<{ start: number; end: number; zero: boolean; hole: boolean }> = [];
-    let pos = op.offset;
-    while (pos < end) {
-      const got = coalesceExtents(await this.tracking.extents(pos, end - pos, { signal: this.signal }));
-      if (got.length === 0) break;
-      for (const e of got) {
-        if (pos >= end) break;
-        const length = Math.min(e.length, this.size - pos);
-        if (length <= 0) break;
-        runs.push({ start: pos, end: Math.min(pos + length, end), zero: e.zero, hole: e.hole });
-        pos += length;
-      }
-    }
-    // granule-aligned zero spans, inward; the rest data
-    const g = this.granularity;
-    const out: Segment[] = [];
-    const push = (offset: number, length: number, zero: boolean, hole: boolean): void => {
-      if (length <= 0) return;
-      const last = out[out.length - 1];
-      if (last && last.zero === zero && last.offset + last.length === offset && (!zero || last.hole === hole)) last.length += length;
-      else out.push({ offset, length, zero, hole });
-    };
-    let at = op.offset;
-    for (let i = 0; i < runs.length; i++) {
-      const r = runs[i]!;
-      if (!r.zero) continue;
-      // merge consecutive zero runs
-      let zEnd = r.end;
-      let hole = r.hole;
-      while (i + 1 < runs.length && runs[i + 1]!.zero) {
-        i++;
-        zEnd = runs[i]!.end;
-        hole = hole && runs[i]!.hole;
-      }
-      const zStart = Math.ceil(r.start / g) * g;
-      const zStop = zEnd === this.size ? zEnd : Math.floor(zEnd / g) * g;
-      if (zStop <= zStart || zStart < at) continue;
-      push(at, zStart - at, false, false);
-      push(zStart, zStop - zStart, true, hole);
-      at = zStop;
-    }
-    push(at, end - at, false, false);
-    return out;
+  private segments(op: CopyOp): Promise<Segment[]> {
+    if (!this.source.caps.canExtents) return Promise.resolve([{ offset: op.offset, length: op.length, zero: false, hole: false }]);
+    return copySegments(this.tracking, op.offset, op.length, { granularity: this.granularity, size: this.size, signal: this.signal });
   }
 
   private async copy(op: CopyOp): Promise<void> {
