@@ -59,7 +59,7 @@ import { completeNode, coalesceExtents } from '../block/node.js';
 import { DirtyBitmap, DEFAULT_GRANULARITY, checkGranularity, type Run } from '../bitmap/dirty-bitmap.js';
 import type { PersistentBitmap } from '../bitmap/persistent.js';
 import { Job, type JobOptions, type JobSide } from './job.js';
-import { copySegments, type Segment } from './segments.js';
+import { copySegments, isZero, nextRun, scanExtents, ZeroHints, type Segment } from './segments.js';
 
 export const BACKUP_SYNC_MODES = ['full', 'top', 'none', 'incremental'] as const;
 export type BackupSync = (typeof BACKUP_SYNC_MODES)[number];
@@ -71,9 +71,6 @@ export type BackupBitmapMode = (typeof BACKUP_BITMAP_MODES)[number];
 export const DEFAULT_BACKUP_BUF_SIZE = 1 << 20;
 export const DEFAULT_BACKUP_MAX_OPS = 16;
 const MAX_BUF_SIZE = 64 << 20;
-const EXTENTS_SCAN = 1 << 30;
-const ZERO_OP_MAX = 1 << 30;
-const MAX_ZERO_HINTS = 1 << 20;
 
 export interface BackupOptions extends Omit<JobOptions, 'id'> {
   id?: string;
@@ -138,17 +135,6 @@ function badOption(message: string, details: Record<string, unknown> = {}): Blkr
   return new BlkrepError('ERR_JOB_INVALID', message, { errno: 'EINVAL', details });
 }
 
-const ZEROS = Buffer.alloc(64 * 1024);
-
-function isZero(buf: Buffer): boolean {
-  const step = ZEROS.length;
-  for (let i = 0; i < buf.length; i += step) {
-    const n = Math.min(step, buf.length - i);
-    if (buf.compare(ZEROS, 0, n, i, i + n) !== 0) return false;
-  }
-  return true;
-}
-
 export class BackupJob extends Job {
   readonly type = 'backup';
   readonly source: CompleteBlockNode;
@@ -199,7 +185,7 @@ export class BackupJob extends Job {
   private holdUntil = 0;
   private backoffMs = 0;
   private wakeTimer: NodeJS.Timeout | undefined;
-  private zeroHints: number[] = [];
+  private readonly zeroHints = new ZeroHints();
   /** copy buffers of `window` bytes, reused (at most maxOps kept) */
   private freeBuffers: Buffer[] = [];
   private totalTodoBytes = 0;
@@ -366,25 +352,11 @@ export class BackupJob extends Job {
     }
   }
 
-  private async scanExtents(wanted: (e: Extent) => boolean, hints: boolean): Promise<void> {
-    let offset = 0;
-    const hint = (start: number, end: number): void => {
-      const h = this.zeroHints;
-      if (h.length > 0 && h[h.length - 1] === start) h[h.length - 1] = end;
-      else if (h.length < 2 * MAX_ZERO_HINTS) h.push(start, end);
-    };
-    while (offset < this.size) {
-      if (this.signal.aborted) return;
-      const runs = await this.source.extents(offset, Math.min(EXTENTS_SCAN, this.size - offset), { signal: this.signal });
-      if (runs.length === 0) break;
-      for (const e of runs) {
-        const length = Math.min(e.length, this.size - offset);
-        if (length <= 0) break;
-        if (wanted(e)) this.todo.fill(offset, length);
-        if (hints && e.zero) hint(offset, offset + length);
-        offset += length;
-      }
-    }
+  private scanExtents(wanted: (e: Extent) => boolean, hints: boolean): Promise<void> {
+    return scanExtents(this.source, this.size, this.signal, (offset, length, e) => {
+      if (wanted(e)) this.todo.fill(offset, length);
+      if (hints && e.zero) this.zeroHints.add(offset, offset + length);
+    });
   }
 
   /** Start background copies as allowed; then see whether the job is idle. */
@@ -435,51 +407,11 @@ export class BackupJob extends Job {
     }, Math.max(1, Math.ceil(ms)));
   }
 
-  /** the first todo, unlocked granule in [from, to), or -1 */
-  private findFree(from: number, to: number): number {
-    let b = from;
-    while (b < to) {
-      const d = this.todo.nextDirtyBit(b, to);
-      if (d < 0) return -1;
-      if (!this.locked.testBit(d)) return d;
-      const c = this.locked.nextCleanBit(d, to);
-      if (c < 0) return -1;
-      b = c;
-    }
-    return -1;
-  }
-
   private pick(): [number, number] | undefined {
-    if (this.todo.dirtyGranules === 0) return undefined;
-    let first = this.findFree(this.cursor, this.bits);
-    if (first < 0) first = this.findFree(0, Math.min(this.cursor, this.bits));
-    if (first < 0) return undefined;
-    const g = this.granularity;
-    let end = Math.min(this.bits, first + Math.max(1, Math.floor(this.bufSize / g)));
-    const hint = this.zeroHintEnd(first * g);
-    if (hint > 0) {
-      const hintBits = hint === this.size ? this.bits : Math.floor(hint / g);
-      end = Math.max(end, Math.min(this.bits, hintBits, first + Math.max(1, Math.floor(ZERO_OP_MAX / g))));
-    }
-    const clean = this.todo.nextCleanBit(first, end);
-    if (clean >= 0) end = clean;
-    const taken = this.locked.nextDirtyBit(first, end);
-    if (taken >= 0) end = taken;
-    this.cursor = end >= this.bits ? 0 : end;
-    return [first, end];
-  }
-
-  private zeroHintEnd(offset: number): number {
-    const h = this.zeroHints;
-    let lo = 0;
-    let hi = h.length / 2 - 1;
-    while (lo <= hi) {
-      const mid = (lo + hi) >> 1;
-      if (h[2 * mid + 1]! <= offset) lo = mid + 1;
-      else if (h[2 * mid]! > offset) hi = mid - 1;
-      else return h[2 * mid + 1]!;
-    }
-    return -1;
+    const run = nextRun({ todo: this.todo, locked: this.locked, cursor: this.cursor, granularity: this.granularity, size: this.size, bufSize: this.bufSize, hints: this.zeroHints });
+    if (!run) return undefined;
+    this.cursor = run.cursor;
+    return [run.first, run.end];
   }
 
   /** Lock [first, end) (all todo, all unlocked) and copy it; the promise settles after the completion step. */

@@ -61,7 +61,7 @@ import { DirtyBitmap, DEFAULT_GRANULARITY, checkGranularity } from '../bitmap/di
 import { DirtyTrackingNode, type WriteTracker } from '../bitmap/filter.js';
 import type { PersistentBitmap } from '../bitmap/persistent.js';
 import { Job, type JobOptions, type JobSide } from './job.js';
-import { copySegments, type Segment } from './segments.js';
+import { copySegments, isZero, nextRun, scanExtents, ZeroHints, type Segment } from './segments.js';
 
 export const MIRROR_SYNC_MODES = ['full', 'top', 'none', 'bitmap'] as const;
 export type MirrorSync = (typeof MIRROR_SYNC_MODES)[number];
@@ -75,11 +75,6 @@ export const DEFAULT_MAX_OPS = 16;
 export const DEFAULT_MAX_LAG_MS = 10_000;
 export const DEFAULT_FLUSH_INTERVAL_MS = 100;
 const MAX_BUF_SIZE = 64 << 20;
-const EXTENTS_SCAN = 1 << 30;
-/** most bytes one operation covers when the source reported them as zeros */
-const ZERO_OP_MAX = 1 << 30;
-/** most zero regions remembered as hints for shaping operations */
-const MAX_ZERO_HINTS = 1 << 20;
 
 export interface MirrorOptions extends Omit<JobOptions, 'id'> {
   id?: string;
@@ -137,18 +132,6 @@ type FrontKind = 'write' | 'write-zeroes' | 'trim';
 
 function badOption(message: string, details: Record<string, unknown> = {}): BlkrepError {
   return new BlkrepError('ERR_JOB_INVALID', message, { errno: 'EINVAL', details });
-}
-
-const ZEROS = Buffer.alloc(64 * 1024);
-
-function isZero(buf: Buffer): boolean {
-  // memcmp against a zero buffer, 64 KiB at a time
-  const step = ZEROS.length;
-  for (let i = 0; i < buf.length; i += step) {
-    const n = Math.min(step, buf.length - i);
-    if (buf.compare(ZEROS, 0, n, i, i + n) !== 0) return false;
-  }
-  return true;
 }
 
 export class MirrorJob extends Job {
@@ -217,7 +200,7 @@ export class MirrorJob extends Job {
   private finished = false;
   private freeBuffers: Buffer[] = [];
   /** [start, end) pairs, sorted: regions the source reported as zeros when the job started */
-  private zeroHints: number[] = [];
+  private readonly zeroHints = new ZeroHints();
   /** target requests, for tests and stats */
   targetWrites = 0;
 
@@ -397,24 +380,11 @@ export class MirrorJob extends Job {
     }
   }
 
-  private async scanExtents(wanted: (e: Extent) => boolean, hints = false): Promise<void> {
-    let offset = 0;
-    const hint = (start: number, end: number): void => {
-      const h = this.zeroHints;
-      if (h.length > 0 && h[h.length - 1] === start) h[h.length - 1] = end;
-      else if (h.length < 2 * MAX_ZERO_HINTS) h.push(start, end);
-    };
-    while (offset < this.size) {
-      if (this.signal.aborted) return;
-      const runs = await this.tracking.extents(offset, Math.min(EXTENTS_SCAN, this.size - offset), { signal: this.signal });
-      for (const e of runs) {
-        const length = Math.min(e.length, this.size - offset);
-        if (length <= 0) break;
-        if (wanted(e)) this.dirty.fill(offset, length);
-        if (hints && e.zero) hint(offset, offset + length);
-        offset += length;
-      }
-    }
+  private scanExtents(wanted: (e: Extent) => boolean, hints = false): Promise<void> {
+    return scanExtents(this.tracking, this.size, this.signal, (offset, length, e) => {
+      if (wanted(e)) this.dirty.fill(offset, length);
+      if (hints && e.zero) this.zeroHints.add(offset, offset + length);
+    });
   }
 
   /** Start as many copy operations as allowed; then see whether a flush or an end is due. */
@@ -453,57 +423,17 @@ export class MirrorJob extends Job {
     }, Math.max(1, Math.ceil(ms)));
   }
 
-  /** the first dirty, unlocked granule in [from, to), or -1 */
-  private findFree(from: number, to: number): number {
-    let b = from;
-    while (b < to) {
-      const d = this.dirty.nextDirtyBit(b, to);
-      if (d < 0) return -1;
-      if (!this.locked.testBit(d)) return d;
-      const c = this.locked.nextCleanBit(d, to);
-      if (c < 0) return -1;
-      b = c;
-    }
-    return -1;
-  }
-
   private pick(): CopyOp | undefined {
-    if (this.dirty.dirtyGranules === 0) return undefined;
-    let first = this.findFree(this.cursor, this.bits);
-    if (first < 0) first = this.findFree(0, Math.min(this.cursor, this.bits));
-    if (first < 0) return undefined;
-    const most = Math.max(1, Math.floor(this.bufSize / this.granularity));
-    let end = Math.min(this.bits, first + most);
     // a region the source reported as zeros at the start: one operation for up to 1 GiB of it
     // (only a hint: the operation asks the extents again once its in-flight bits are set)
-    const hint = this.zeroHintEnd(first * this.granularity);
-    if (hint > 0) {
-      const hintBits = hint === this.size ? this.bits : Math.floor(hint / this.granularity);
-      end = Math.max(end, Math.min(this.bits, hintBits, first + Math.max(1, Math.floor(ZERO_OP_MAX / this.granularity))));
-    }
-    const clean = this.dirty.nextCleanBit(first, end);
-    if (clean >= 0) end = clean;
-    const taken = this.locked.nextDirtyBit(first, end);
-    if (taken >= 0) end = taken;
-    this.cursor = end >= this.bits ? 0 : end;
+    const run = nextRun({ todo: this.dirty, locked: this.locked, cursor: this.cursor, granularity: this.granularity, size: this.size, bufSize: this.bufSize, hints: this.zeroHints });
+    if (!run) return undefined;
+    const { first, end } = run;
+    this.cursor = run.cursor;
     this.locked.setBits(first, end);
     this.inflight.setBits(first, end);
     const offset = first * this.granularity;
     return { first, end, offset, length: Math.min(end * this.granularity, this.size) - offset, reserved: 0 };
-  }
-
-  /** The end of the zero hint holding `offset`, or -1. */
-  private zeroHintEnd(offset: number): number {
-    const h = this.zeroHints;
-    let lo = 0;
-    let hi = h.length / 2 - 1;
-    while (lo <= hi) {
-      const mid = (lo + hi) >> 1;
-      if (h[2 * mid + 1]! <= offset) lo = mid + 1;
-      else if (h[2 * mid]! > offset) hi = mid - 1;
-      else return h[2 * mid + 1]!;
-    }
-    return -1;
   }
 
   private takeBuffer(length: number): Buffer {
