@@ -22,12 +22,11 @@
  * usable backup); start it again.
  */
 import type { BlockNode } from '../api/block.js';
-import { BlkrepError } from '../api/errors.js';
 import { openImage, type ImageFormat } from '../block/open.js';
 import { DirtyBitmap } from '../bitmap/dirty-bitmap.js';
 import { ERROR_POLICIES, type ErrorPolicy } from './job.js';
 import { BACKUP_BITMAP_MODES, BACKUP_SYNC_MODES, BackupJob, CBW_ERROR_POLICIES, type BackupBitmapMode, type BackupSync, type CbwErrorPolicy } from './backup.js';
-import { registerJobType, type JobContext, type JobServedExport } from './daemon-jobs.js';
+import { badJobArg, jobArgReaders, registerJobType, type JobContext, type JobServedExport } from './daemon-jobs.js';
 import { serveSnapshot, type FleecingServer } from './fleecing.js';
 
 /** What job-start {type: "backup"} takes besides type, export and id. */
@@ -53,9 +52,7 @@ export interface LiveBackupOptions {
   fleecingSocket?: string;
 }
 
-function bad(message: string): BlkrepError {
-  return new BlkrepError('ERR_BAD_REQUEST', message, { errno: 'EINVAL' });
-}
+const bad = badJobArg;
 
 /** job-start's args → options, every field checked. */
 export function parseLiveBackupArgs(args: Record<string, unknown>): LiveBackupOptions {
@@ -64,29 +61,7 @@ export function parseLiveBackupArgs(args: Record<string, unknown>): LiveBackupOp
     'onSourceError', 'onTargetError', 'onCbwError', 'connections', 'fleecingExport', 'fleecingSocket',
   ]);
   for (const k of Object.keys(args)) if (!known.has(k)) throw bad(`job type backup takes no "${k}" (it takes ${[...known].join(', ')})`);
-  const str = (k: string): string | undefined => {
-    const v = args[k];
-    if (v === undefined) return undefined;
-    if (typeof v !== 'string' || v === '') throw bad(`"${k}" must be a non-empty string`);
-    return v;
-  };
-  const num = (k: string): number | undefined => {
-    const v = args[k];
-    if (v === undefined) return undefined;
-    if (typeof v !== 'number' || !Number.isFinite(v)) throw bad(`"${k}" must be a number`);
-    return v;
-  };
-  const bool = (k: string): boolean | undefined => {
-    const v = args[k];
-    if (v === undefined) return undefined;
-    if (typeof v !== 'boolean') throw bad(`"${k}" must be true or false`);
-    return v;
-  };
-  const oneOf = <T extends string>(k: string, allowed: readonly T[]): T | undefined => {
-    const v = str(k);
-    if (v !== undefined && !(allowed as readonly string[]).includes(v)) throw bad(`"${k}" must be one of ${allowed.join(', ')}, not "${v}"`);
-    return v as T | undefined;
-  };
+  const { str, num, bool, oneOf } = jobArgReaders(args);
   const target = str('target');
   if (!target) throw bad('"target" (an image path or NBD URI to back up onto) is required');
   const sync = oneOf('sync', BACKUP_SYNC_MODES) ?? 'full';

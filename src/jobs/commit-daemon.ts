@@ -34,7 +34,7 @@ import { openImage, type ImageFormat } from '../block/open.js';
 import { Qcow2Node } from '../block/qcow2/node.js';
 import { sameImage } from '../image/chain.js';
 import { ActiveCommitJob, CommitJob } from './commit.js';
-import { registerJobType, type JobContext } from './daemon-jobs.js';
+import { badJobArg, jobArgReaders, registerJobType, type JobContext } from './daemon-jobs.js';
 import { ERROR_POLICIES, type ErrorPolicy } from './job.js';
 import { COPY_MODES, type CopyMode } from './mirror.js';
 
@@ -54,41 +54,24 @@ export interface LiveCommitOptions {
   onTargetError?: ErrorPolicy;
 }
 
-function bad(message: string): BlkrepError {
-  return new BlkrepError('ERR_BAD_REQUEST', message, { errno: 'EINVAL' });
-}
+const bad = badJobArg;
 
 /** job-start's args → options, every field checked. */
 export function parseLiveCommitArgs(args: Record<string, unknown>): LiveCommitOptions {
   const known = new Set(['top', 'base', 'keep', 'speed', 'bufSize', 'maxOps', 'granularity', 'copyMode', 'maxLagMs', 'onSourceError', 'onTargetError']);
   for (const k of Object.keys(args)) if (!known.has(k)) throw bad(`"${k}" is not an argument of a commit job (it takes ${[...known].join(', ')})`);
   const o: LiveCommitOptions = {};
-  const str = (k: string): string | undefined => {
-    const v = args[k];
-    if (v === undefined) return undefined;
-    if (typeof v !== 'string' || v === '') throw bad(`"${k}" must be a non-empty string`);
-    return v;
-  };
-  const num = (k: 'speed' | 'bufSize' | 'maxOps' | 'granularity' | 'maxLagMs'): void => {
-    const v = args[k];
-    if (v === undefined) return;
-    if (typeof v !== 'number' || !Number.isFinite(v)) throw bad(`"${k}" must be a number`);
-    o[k] = v;
-  };
-  const oneOf = <T extends string>(k: string, allowed: readonly T[]): T | undefined => {
-    const v = str(k);
-    if (v !== undefined && !(allowed as readonly string[]).includes(v)) throw bad(`"${k}" must be one of ${allowed.join(', ')}, not "${v}"`);
-    return v as T | undefined;
-  };
-  if (args.keep !== undefined) {
-    if (typeof args.keep !== 'boolean') throw bad('"keep" must be true or false');
-    o.keep = args.keep;
-  }
+  const { str, num, bool, oneOf } = jobArgReaders(args);
+  const keep = bool('keep');
+  if (keep !== undefined) o.keep = keep;
   const top = str('top');
   if (top !== undefined) o.top = top;
   const base = str('base');
   if (base !== undefined) o.base = base;
-  for (const k of ['speed', 'bufSize', 'maxOps', 'granularity', 'maxLagMs'] as const) num(k);
+  for (const k of ['speed', 'bufSize', 'maxOps', 'granularity', 'maxLagMs'] as const) {
+    const v = num(k);
+    if (v !== undefined) o[k] = v;
+  }
   const copyMode = oneOf('copyMode', COPY_MODES);
   if (copyMode) o.copyMode = copyMode;
   const se = oneOf('onSourceError', ERROR_POLICIES);

@@ -486,3 +486,43 @@ export class DaemonJobs {
     });
   }
 }
+
+/** A job-start argument that is wrong (ERR_BAD_REQUEST, EINVAL). */
+export function badJobArg(message: string): BlkrepError {
+  return new BlkrepError('ERR_BAD_REQUEST', message, { errno: 'EINVAL' });
+}
+
+/** Typed readers of job-start's args for a job type's parser: undefined when absent, badJobArg naming the field when of the wrong type. */
+export function jobArgReaders(args: Record<string, unknown>): {
+  str(k: string): string | undefined;
+  num(k: string): number | undefined;
+  bool(k: string): boolean | undefined;
+  oneOf<T extends string>(k: string, allowed: readonly T[]): T | undefined;
+} {
+  const str = (k: string): string | undefined => {
+    const v = args[k];
+    if (v === undefined) return undefined;
+    if (typeof v !== 'string' || v === '') throw badJobArg(`"${k}" must be a non-empty string`);
+    return v;
+  };
+  return {
+    str,
+    num(k) {
+      const v = args[k];
+      if (v === undefined) return undefined;
+      if (typeof v !== 'number' || !Number.isFinite(v)) throw badJobArg(`"${k}" must be a number`);
+      return v;
+    },
+    bool(k) {
+      const v = args[k];
+      if (v === undefined) return undefined;
+      if (typeof v !== 'boolean') throw badJobArg(`"${k}" must be true or false`);
+      return v;
+    },
+    oneOf<T extends string>(k: string, allowed: readonly T[]): T | undefined {
+      const v = str(k);
+      if (v !== undefined && !(allowed as readonly string[]).includes(v)) throw badJobArg(`"${k}" must be one of ${allowed.join(', ')}, not "${v}"`);
+      return v as T | undefined;
+    },
+  };
+}

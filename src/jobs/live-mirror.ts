@@ -27,7 +27,7 @@ import { DirtyBitmap, DEFAULT_GRANULARITY } from '../bitmap/dirty-bitmap.js';
 import { PersistentBitmap } from '../bitmap/persistent.js';
 import { ERROR_POLICIES, type ErrorPolicy } from './job.js';
 import { BITMAP_MODES, COPY_MODES, MirrorJob, type BitmapMode, type CopyMode } from './mirror.js';
-import { jobStatePath, registerJobType, removeJobFiles, saveJobState, type JobContext, type SavedJobState } from './daemon-jobs.js';
+import { badJobArg, jobArgReaders, jobStatePath, registerJobType, removeJobFiles, saveJobState, type JobContext, type SavedJobState } from './daemon-jobs.js';
 
 export const DIRTY_SUFFIX = '.dirty';
 /** while copying, the target is flushed (and the dirty file cleared of what it made stable) this often */
@@ -56,35 +56,11 @@ export interface LiveMirrorOptions {
   persist?: boolean;
 }
 
-function bad(message: string): BlkrepError {
-  return new BlkrepError('ERR_BAD_REQUEST', message, { errno: 'EINVAL' });
-}
+const bad = badJobArg;
 
 /** job-start's args → options, every field checked. */
 export function parseLiveMirrorArgs(args: Record<string, unknown>): LiveMirrorOptions {
-  const str = (k: string): string | undefined => {
-    const v = args[k];
-    if (v === undefined) return undefined;
-    if (typeof v !== 'string') throw bad(`"${k}" must be a string`);
-    return v;
-  };
-  const num = (k: string): number | undefined => {
-    const v = args[k];
-    if (v === undefined) return undefined;
-    if (typeof v !== 'number' || !Number.isFinite(v)) throw bad(`"${k}" must be a number`);
-    return v;
-  };
-  const bool = (k: string): boolean | undefined => {
-    const v = args[k];
-    if (v === undefined) return undefined;
-    if (typeof v !== 'boolean') throw bad(`"${k}" must be true or false`);
-    return v;
-  };
-  const oneOf = <T extends string>(k: string, allowed: readonly T[]): T | undefined => {
-    const v = str(k);
-    if (v !== undefined && !(allowed as readonly string[]).includes(v)) throw bad(`"${k}" must be one of ${allowed.join(', ')}, not "${v}"`);
-    return v as T | undefined;
-  };
+  const { str, num, bool, oneOf } = jobArgReaders(args);
   const target = str('target');
   if (!target) throw bad('"target" (an image path or NBD URI to mirror onto) is required');
   const sync = oneOf('sync', ['full', 'top', 'none', 'bitmap'] as const) ?? 'full';
