@@ -4,7 +4,8 @@ import { BlkrepCommand, loadTransports } from '../cli/base.js';
 import { secondsFlag, sizeFlag } from '../cli/flags.js';
 import { Daemon, type ExportSpec, type ListenSpec, type ListeningEvent } from '../serve/daemon.js';
 import type { BitmapLoad } from '../bitmap/export-bitmaps.js';
-import type { LogLevel } from '../nbd/server.js';
+import { DEFAULT_MAX_BUFFER, type LogLevel } from '../nbd/server.js';
+import { MAX_PAYLOAD } from '../nbd/constants.js';
 import { formatSize } from '../util/size.js';
 
 /** The embedded default: what `blkrep serve-nbd` serves when given no image. */
@@ -49,7 +50,9 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
     bind: Flags.string({ char: 'b', description: 'TCP address to bind', default: '127.0.0.1', helpValue: 'ADDR' }),
     'read-only': Flags.boolean({ char: 'r', description: 'refuse writes (exports are advertised read-only)', default: false }),
     shared: Flags.integer({ char: 's', description: 'maximum simultaneous connections', default: 100, min: 1 }),
-    'handshake-timeout': secondsFlag({ description: 'close connections that have not finished the handshake after this many seconds', default: 10, helpValue: 'SECONDS' }),
+    'handshake-timeout': secondsFlag({ description: 'close connections that have not finished the handshake after this many seconds; when --shared is reached, a new connection takes the place of the oldest one still in the handshake', default: 10, helpValue: 'SECONDS' }),
+    'max-buffer': sizeFlag({ description: 'memory all connections may hold for request payloads and unsent replies together (at least 32M); when it is used up, connections are not read until there is room, first come first served [default: 256M]', helpValue: 'SIZE' }),
+    'stall-timeout': Flags.string({ description: 'disconnect a client that makes the server hold over 1 MiB (replies it does not read, a write payload it stopped sending) and makes no progress for this many seconds; 0: never', default: '60', helpValue: 'SECONDS' }),
     'min-block-size': sizeFlag({ description: 'minimum block size advertised to clients (a power of two up to 64K; e.g. 4K for 4Kn devices)', helpValue: 'SIZE' }),
     'pid-file': Flags.string({ description: 'write the process id here once listening; removed at exit', helpValue: 'PATH' }),
     control: Flags.string({ description: 'control socket (JSON lines, mode 0600) for blkrep status and later commands', helpValue: 'PATH' }),
@@ -83,6 +86,12 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
     if (mbs !== undefined && (mbs < 1 || mbs > 65536 || (mbs & (mbs - 1)) !== 0)) {
       this.usageError(`--min-block-size ${mbs} is not a power of two between 1 and 65536`);
     }
+    const maxBuffer = flags['max-buffer'] ?? DEFAULT_MAX_BUFFER;
+    if (maxBuffer < MAX_PAYLOAD) this.usageError(`--max-buffer ${maxBuffer} is below 32M, the largest request a client may send`);
+    const stall = Number(flags['stall-timeout']);
+    if (flags['stall-timeout'].trim() === '' || !Number.isFinite(stall) || stall < 0) {
+      this.usageError(`--stall-timeout "${flags['stall-timeout']}" is not a number of seconds (0 or more)`);
+    }
     const json = this.jsonEnabled();
     const log = (level: LogLevel, message: string): void => {
       if (level === 'debug' && !flags.verbose) return;
@@ -96,6 +105,8 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
       readOnly: flags['read-only'],
       maxConnections: flags.shared,
       handshakeTimeoutMs: flags['handshake-timeout'] * 1000,
+      maxBufferBytes: maxBuffer,
+      stallTimeoutMs: stall * 1000,
       minimumBlockSize: mbs,
       pidFile: flags['pid-file'],
       controlPath: flags.control,

@@ -67,6 +67,10 @@ export default class Status extends BlkrepCommand {
     }
     this.log('');
     this.log(`Connections: ${s.connections.length}`);
+    if (s.buffers) {
+      const b = s.buffers;
+      this.log(`  buffers: ${formatSize(b.used)} held of ${formatSize(b.limit)} (--max-buffer)${b.waiting ? `, ${b.waiting} connection(s) waiting for room` : ''}`);
+    }
     for (const c of s.connections) {
       this.log(`  #${c.id}  ${c.peer}  export ${c.export === null ? '-' : `"${c.export}"`}  ${c.state}  in flight ${c.inFlight}  requests ${c.requests}`);
     }

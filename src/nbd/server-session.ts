@@ -11,6 +11,7 @@ import type { Duplex } from 'node:stream';
 import { NBD_ERRNO, toBlkrepError, type Errno } from '../api/errors.js';
 import type { Extent } from '../api/block.js';
 import { ByteQueue } from './byte-queue.js';
+import type { BudgetWaiter, BufferBudget } from './server-budget.js';
 import { sharedPool } from './buffer-pool.js';
 import { ReceiveGc } from '../util/gc.js';
 import {
@@ -28,6 +29,8 @@ import type { Descriptor, Export } from './export.js';
 export interface SessionHost {
   readonly shuttingDown: boolean;
   readonly handshakeTimeoutMs: number;
+  /** the memory all connections share */
+  readonly budget: BufferBudget;
   findExport(name: string): Export | undefined;
   listExports(): Export[];
   log(level: 'debug' | 'info' | 'warn', message: string): void;
@@ -43,6 +46,13 @@ const MAX_INFLIGHT = 64;
 const MAX_INFLIGHT_BYTES = 64 * 1024 * 1024;
 /** … or while this many reply bytes wait in the socket's send buffer. */
 const MAX_SEND_BUFFER = 64 * 1024 * 1024;
+/** In the handshake, options are not read while this many reply bytes wait to be sent. */
+const MAX_HANDSHAKE_SEND_BUFFER = 256 * 1024;
+/**
+ * A connection holding more than this (replies the client does not read, or a write payload it
+ * stopped sending midway) is disconnected when it makes no progress for the stall timeout.
+ */
+export const STALL_MIN_BYTES = 1024 * 1024;
 /**
  * Reads shorter than this are sent as data without asking the node for holes: a hole chunk
  * would save little, and the extents lookup (two lseeks on the event loop for a raw file)
@@ -66,7 +76,7 @@ export interface SessionCounters {
   errors: number;
 }
 
-export class ServerSession {
+export class ServerSession implements BudgetWaiter {
   readonly id = nextSessionId++;
   readonly openedAt = new Date();
   readonly counters: SessionCounters = { requests: 0, bytesRead: 0, bytesWritten: 0, errors: 0 };
@@ -83,6 +93,16 @@ export class ServerSession {
   private inflight = 0;
   private inflightBytes = 0;
   private paused = false;
+  /** bytes reserved in the budget for the request at the head of the queue (not started yet) */
+  private reserved = 0;
+  /** reply bytes charged to the budget: the socket's writableLength when last looked at */
+  private unsent = 0;
+  /** waiting in the budget's line, socket not read */
+  private waitingBudget = false;
+  /** bytes received and bytes handed to the socket, for the stall check */
+  private received = 0;
+  private queuedOut = 0;
+  private stallMark = { received: 0, sent: 0, since: 0 };
   private stopping = false;
   /** the final flush and close have started */
   private finishing = false;
@@ -96,19 +116,24 @@ export class ServerSession {
   ) {
     stream.on('data', (chunk: Buffer) => {
       receiveGc.note(chunk.length);
+      this.received += chunk.length;
       this.queue.push(chunk);
       this.pump();
     });
     stream.on('end', () => this.onEnd());
     stream.on('error', (err) => this.close(`socket error: ${err.message}`));
     stream.on('close', () => this.close('connection closed'));
-    stream.on('drain', () => this.updateFlow());
+    stream.on('drain', () => {
+      this.noteUnsent();
+      this.updateFlow();
+    });
     this.host.sessionOpened(this);
     this.handshakeTimer = setTimeout(() => {
       this.host.log('warn', `connection ${this.id} from ${this.peer}: handshake not finished within ${this.host.handshakeTimeoutMs} ms, closing`);
       this.close('handshake timeout');
     }, this.host.handshakeTimeoutMs);
     this.handshakeTimer.unref?.();
+    this.stallMark.since = Date.now();
     this.send(encodeGreeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES));
   }
 
@@ -155,6 +180,11 @@ export class ServerSession {
     if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
     this.queue.clear();
     this.stream.destroy();
+    // What in-flight requests hold is given back as each one finishes.
+    if (this.waitingBudget) this.host.budget.forget(this);
+    this.host.budget.release(this.reserved + this.unsent);
+    this.reserved = 0;
+    this.unsent = 0;
     if (wasTransmission && this.exp) this.exp.counters.connections--;
     this.host.sessionClosed(this, reason);
     for (const w of this.closeWaiters.splice(0)) w();
@@ -171,6 +201,11 @@ export class ServerSession {
           this.onClientFlags(this.queue.take(4).readUInt32BE(0));
           break;
         case 'options': {
+          if (this.overloaded()) {
+            // A client that sends options without reading the replies: stop reading it.
+            this.updateFlow();
+            return;
+          }
           if (this.queue.length < OPTION_HEADER_LENGTH) return;
           const h = decodeOptionHeader(this.queue.peek(OPTION_HEADER_LENGTH));
           if (h.magic !== IHAVEOPT) {
@@ -197,12 +232,22 @@ export class ServerSession {
           }
           let payload: Buffer | undefined;
           let pooled: Buffer | undefined;
-          if (req.type === CMD.WRITE) {
-            if (req.length > MAX_PAYLOAD) {
-              // We cannot skip a payload this large without reading it; the spec allows a disconnect.
-              this.protocolError(`write of ${req.length} bytes at offset ${req.rawOffset} exceeds the maximum payload of ${MAX_PAYLOAD} bytes`);
+          if (req.type === CMD.WRITE && req.length > MAX_PAYLOAD) {
+            // We cannot skip a payload this large without reading it; the spec allows a disconnect.
+            this.protocolError(`write of ${req.length} bytes at offset ${req.rawOffset} exceeds the maximum payload of ${MAX_PAYLOAD} bytes`);
+            return;
+          }
+          if (this.reserved === 0 && !this.stopping) {
+            // The payload (a write) or the data (a read) is reserved before it is read.
+            const bytes = req.type === CMD.WRITE ? req.length : req.type === CMD.READ ? Math.min(req.length, MAX_PAYLOAD) : 0;
+            if (bytes !== 0 && !this.host.budget.reserve(this, this.reserved + this.inflightBytes + this.unsent, bytes)) {
+              this.waitingBudget = true;
+              this.updateFlow();
               return;
             }
+            this.reserved = bytes;
+          }
+          if (req.type === CMD.WRITE) {
             if (this.queue.length < REQUEST_LENGTH + req.length) {
               // Let the socket keep flowing until the payload is complete.
               return;
@@ -419,7 +464,55 @@ export class ServerSession {
   // transmission
 
   private overloaded(): boolean {
-    return this.inflight >= MAX_INFLIGHT || this.inflightBytes >= MAX_INFLIGHT_BYTES || this.stream.writableLength >= MAX_SEND_BUFFER;
+    if (this.phase === 'options') return this.stream.writableLength >= MAX_HANDSHAKE_SEND_BUFFER;
+    return this.waitingBudget || this.inflight >= MAX_INFLIGHT || this.inflightBytes >= MAX_INFLIGHT_BYTES || this.stream.writableLength >= MAX_SEND_BUFFER;
+  }
+
+  /** The budget made the reservation this connection waited for: read on. */
+  granted(bytes: number): void {
+    this.waitingBudget = false;
+    if (this.phase !== 'transmission') {
+      this.host.budget.release(bytes);
+      return;
+    }
+    this.reserved = bytes;
+    this.updateFlow();
+  }
+
+  /**
+   * Called by the server about once a second: take a fresh look at the reply bytes held, and
+   * disconnect a connection that holds more than STALL_MIN_BYTES and has made no progress
+   * (sent nothing it was owed, read nothing of a payload it started) for `timeoutMs`.
+   */
+  checkStall(now: number, timeoutMs: number): void {
+    if (this.phase === 'closed') return;
+    this.noteUnsent();
+    const sent = this.queuedOut - this.stream.writableLength;
+    const mark = this.stallMark;
+    // a payload partly received, while this side reads the socket
+    const partial = this.reserved !== 0 && !this.paused ? this.queue.length : 0;
+    if (sent !== mark.sent || this.received !== mark.received || Math.max(this.unsent, partial) <= STALL_MIN_BYTES) {
+      mark.sent = sent;
+      mark.received = this.received;
+      mark.since = now;
+      return;
+    }
+    if (now - mark.since < timeoutMs) return;
+    const why = this.unsent > STALL_MIN_BYTES
+      ? `stall timeout: the client read none of ${this.unsent} bytes of replies for ${timeoutMs / 1000} s`
+      : `stall timeout: the client sent none of the rest of a ${this.reserved}-byte write payload for ${timeoutMs / 1000} s (${partial} bytes received)`;
+    this.host.log('warn', `connection ${this.id} from ${this.peer}: ${why}; disconnecting`);
+    this.close(why);
+  }
+
+  /** Charge the budget with the reply bytes the socket holds now. */
+  private noteUnsent(): void {
+    if (this.phase === 'closed') return;
+    const now = this.stream.writableLength;
+    const delta = now - this.unsent;
+    if (delta === 0) return;
+    this.unsent = now;
+    this.host.budget.adjust(delta);
   }
 
   private updateFlow(): void {
@@ -448,7 +541,9 @@ export class ServerSession {
       this.finishIfIdle();
       return;
     }
-    const bytes = payload?.length ?? (req.type === CMD.READ ? Math.min(req.length, MAX_PAYLOAD) : 0);
+    // the bytes reserved for this request are held until it is done
+    const bytes = this.reserved;
+    this.reserved = 0;
     this.inflight++;
     this.inflightBytes += bytes;
     this.updateFlow();
@@ -456,6 +551,7 @@ export class ServerSession {
       if (pooled) sharedPool.release(pooled);
       this.inflight--;
       this.inflightBytes -= bytes;
+      if (bytes !== 0) this.host.budget.release(bytes);
       this.updateFlow();
       this.finishIfIdle();
     });
@@ -642,12 +738,19 @@ export class ServerSession {
   private send(...buffers: Buffer[]): void {
     if (this.phase === 'closed' || this.stream.destroyed || this.stream.writableEnded) return;
     if (buffers.length === 1) {
+      this.queuedOut += buffers[0]!.length;
       this.stream.write(buffers[0]);
+      this.noteUnsent();
       return;
     }
     this.stream.cork();
-    for (const b of buffers) if (b.length) this.stream.write(b);
+    for (const b of buffers) {
+      if (!b.length) continue;
+      this.queuedOut += b.length;
+      this.stream.write(b);
+    }
     this.stream.uncork();
+    this.noteUnsent();
   }
 
   /**
@@ -660,6 +763,8 @@ export class ServerSession {
     this.stream.write(header);
     this.stream.write(data, () => sent());
     this.stream.uncork();
+    this.queuedOut += header.length + data.length;
+    this.noteUnsent();
     return true;
   }
 }

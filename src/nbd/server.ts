@@ -5,8 +5,17 @@
 import { EventEmitter } from 'node:events';
 import { BlkrepError } from '../api/errors.js';
 import type { TransportConnection } from '../api/transport.js';
+import { MAX_PAYLOAD } from './constants.js';
 import { Export, type ExportOptions } from './export.js';
+import { BufferBudget, type BufferBudgetStatus } from './server-budget.js';
 import { ServerSession, type SessionHost } from './server-session.js';
+
+/** default budget for the payloads and replies of all connections together */
+export const DEFAULT_MAX_BUFFER = 256 * 1024 * 1024;
+/** what each connection may hold beyond the budget (small requests never wait) */
+export const BUFFER_ALLOWANCE = 256 * 1024;
+/** default stall timeout */
+export const DEFAULT_STALL_TIMEOUT_MS = 60_000;
 
 export type LogLevel = 'debug' | 'info' | 'warn';
 export type Logger = (level: LogLevel, message: string) => void;
@@ -15,8 +24,21 @@ export interface NbdServerOptions {
   exports: ExportOptions[];
   /** maximum simultaneous connections (default 100); more are refused */
   maxConnections?: number;
-  /** a connection must finish the handshake within this time (default 10 s) */
+  /**
+   * a connection must finish the handshake within this time (default 10 s); when the server is
+   * full, a new connection takes the place of the oldest one still in the handshake
+   */
   handshakeTimeoutMs?: number;
+  /**
+   * bytes of request payloads, read data and unsent replies all connections may hold together
+   * (default 256 MiB, at least MAX_PAYLOAD); over it, connections stop being read until there is room
+   */
+  maxBufferBytes?: number;
+  /**
+   * a connection that holds over 1 MiB (replies it does not read, a write payload it stopped
+   * sending) and makes no progress for this long is disconnected (default 60 s; 0: never)
+   */
+  stallTimeoutMs?: number;
   log?: Logger;
 }
 
@@ -53,6 +75,8 @@ export interface ServerStatus {
   startedAt: string;
   uptimeSeconds: number;
   shuttingDown: boolean;
+  /** memory held for connections (--max-buffer) */
+  buffers: BufferBudgetStatus;
   connections: ConnectionStatus[];
   exports: ExportStatus[];
 }
@@ -64,7 +88,10 @@ export interface ServerStatus {
 export class NbdServer extends EventEmitter implements SessionHost {
   readonly handshakeTimeoutMs: number;
   readonly maxConnections: number;
+  readonly stallTimeoutMs: number;
+  readonly budget: BufferBudget;
   readonly startedAt = new Date();
+  private stallTimer: NodeJS.Timeout | undefined;
   private readonly exportsByName = new Map<string, Export>();
   private readonly sessions = new Set<ServerSession>();
   private readonly logger: Logger;
@@ -74,6 +101,15 @@ export class NbdServer extends EventEmitter implements SessionHost {
     super();
     this.handshakeTimeoutMs = options.handshakeTimeoutMs ?? 10_000;
     this.maxConnections = options.maxConnections ?? 100;
+    this.stallTimeoutMs = options.stallTimeoutMs ?? DEFAULT_STALL_TIMEOUT_MS;
+    const maxBuffer = options.maxBufferBytes ?? DEFAULT_MAX_BUFFER;
+    if (!Number.isSafeInteger(maxBuffer) || maxBuffer < MAX_PAYLOAD) {
+      throw new BlkrepError('ERR_USAGE', `a buffer budget of ${maxBuffer} bytes is below the ${MAX_PAYLOAD} bytes one request may need`, {
+        errno: 'EINVAL',
+        details: { maxBuffer, minimum: MAX_PAYLOAD },
+      });
+    }
+    this.budget = new BufferBudget(maxBuffer, BUFFER_ALLOWANCE);
     this.logger = options.log ?? (() => {});
     for (const e of options.exports) this.exportsByName.set(e.name, new Export(e));
   }
@@ -129,6 +165,7 @@ export class NbdServer extends EventEmitter implements SessionHost {
       connection.stream.destroy();
       return;
     }
+    if (this.sessions.size >= this.maxConnections) this.evictHandshake();
     if (this.sessions.size >= this.maxConnections) {
       const reason = `already serving ${this.sessions.size} connections (--shared ${this.maxConnections})`;
       this.log('warn', `refusing connection from ${connection.peer}: ${reason}`);
@@ -139,14 +176,42 @@ export class NbdServer extends EventEmitter implements SessionHost {
     new ServerSession(this, connection.stream, connection.peer);
   }
 
+  /**
+   * The server is full: the oldest connection still in the handshake makes room. Idle sockets
+   * then cannot lock clients out; a connection that handshakes at once (every real client)
+   * loses its place only to a flood faster than its handshake.
+   */
+  private evictHandshake(): void {
+    for (const s of this.sessions) {
+      if (s.state !== 'flags' && s.state !== 'options') continue;
+      const reason = `handshake not finished after ${Date.now() - s.openedAt.getTime()} ms; its place was taken by a new connection (--shared ${this.maxConnections} reached)`;
+      this.log('warn', `connection ${s.id} from ${s.peer}: ${reason}; closing`);
+      s.close(reason);
+      return;
+    }
+  }
+
   sessionOpened(session: ServerSession): void {
     this.sessions.add(session);
+    if (!this.stallTimer && this.stallTimeoutMs > 0) {
+      this.stallTimer = setInterval(() => this.checkStalls(), Math.min(1000, Math.max(50, this.stallTimeoutMs / 4)));
+      this.stallTimer.unref?.();
+    }
     this.emit('connection', { id: session.id, peer: session.peer });
   }
 
   sessionClosed(session: ServerSession, reason: string): void {
     this.sessions.delete(session);
+    if (this.sessions.size === 0 && this.stallTimer) {
+      clearInterval(this.stallTimer);
+      this.stallTimer = undefined;
+    }
     this.emit('disconnect', { id: session.id, peer: session.peer, export: session.exportName ?? null, reason });
+  }
+
+  private checkStalls(): void {
+    const now = Date.now();
+    for (const s of [...this.sessions]) s.checkStall(now, this.stallTimeoutMs);
   }
 
   status(): ServerStatus {
@@ -155,6 +220,7 @@ export class NbdServer extends EventEmitter implements SessionHost {
       startedAt: this.startedAt.toISOString(),
       uptimeSeconds: Math.round((Date.now() - this.startedAt.getTime()) / 1000),
       shuttingDown: this.stopping,
+      buffers: this.budget.status(),
       connections: [...this.sessions].map((s) => ({
         id: s.id,
         peer: s.peer,

@@ -39,6 +39,10 @@ export interface DaemonOptions {
   readOnly?: boolean;
   maxConnections?: number;
   handshakeTimeoutMs?: number;
+  /** bytes of payloads and replies all NBD connections may hold together (--max-buffer) */
+  maxBufferBytes?: number;
+  /** disconnect a client that holds over 1 MiB and makes no progress this long (--stall-timeout) */
+  stallTimeoutMs?: number;
   minimumBlockSize?: number;
   pidFile?: string;
   controlPath?: string;
@@ -132,6 +136,8 @@ export class Daemon {
         })),
         maxConnections: options.maxConnections,
         handshakeTimeoutMs: options.handshakeTimeoutMs,
+        maxBufferBytes: options.maxBufferBytes,
+        stallTimeoutMs: options.stallTimeoutMs,
         log: options.log,
       });
       for (const [name, eb] of bitmaps) eb.attach(server.findExport(name)!);

@@ -330,22 +330,28 @@ describe('timeouts, magic, dying clients, limits', () => {
     }
   });
 
-  it('--shared limit: with maxConnections 2 a third connection is closed; after one closes a new one is accepted', async () => {
+  it('--shared limit: with maxConnections 2 a third connection takes the place of one still in the handshake; with both served it is refused', async () => {
     const T = await startServer({ maxConnections: 2, handshakeTimeoutMs: 5000, exports: [{ name: '', node: completeNode(new MemoryNode(SIZE)) }] });
     const refused: string[] = [];
+    const gone: string[] = [];
     T.srv.on('refused', (e: { reason: string }) => refused.push(e.reason));
+    T.srv.on('disconnect', (e: { reason: string }) => gone.push(e.reason));
     try {
       const { client: a } = await RawClient.open(T.path); // in transmission
       const b = await RawClient.connect(T.path); // in the handshake
       await b.readGreeting();
-      const c = await RawClient.connect(T.path);
-      expect((await c.expectEof()).length).toBe(0);
-      expect(refused.length).toBe(1);
-      // the two served connections are unaffected
+      const { client: c } = await RawClient.open(T.path); // takes b's place
+      expect((await b.expectEof()).length).toBe(0);
+      expect(refused).toEqual([]);
+      expect(gone).toHaveLength(1);
+      expect(gone[0]).toMatch(/^handshake not finished after \d+ ms; its place was taken by a new connection \(--shared 2 reached\)$/);
+      // the two served connections are unaffected; a third is refused
       expect((await a.read(0, 512)).length).toBe(512);
-      b.sendClientFlags(FLAG_C_FIXED_NEWSTYLE);
-      expect((await b.option(OPT.LIST)).pop()!.type).toBe(REP.ACK);
-      a.destroy();
+      expect((await c.read(0, 512)).length).toBe(512);
+      const b2 = await RawClient.connect(T.path);
+      expect((await b2.expectEof()).length).toBe(0);
+      expect(refused).toEqual(['already serving 2 connections (--shared 2)']);
+      c.destroy();
       await waitConnections(T.srv, 1);
       const { client: d } = await RawClient.open(T.path);
       expect((await d.read(0, 512)).length).toBe(512);
@@ -353,7 +359,7 @@ describe('timeouts, magic, dying clients, limits', () => {
       expect((await e.expectEof()).length).toBe(0);
       expect(refused.length).toBe(2);
       d.destroy();
-      b.destroy();
+      a.destroy();
       await withTimeout(waitIdle(T.srv), 5000, 'idle');
     } finally {
       await T.close();
