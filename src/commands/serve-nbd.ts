@@ -87,7 +87,7 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
       this.usageError(`--min-block-size ${mbs} is not a power of two between 1 and 65536`);
     }
     const maxBuffer = flags['max-buffer'] ?? DEFAULT_MAX_BUFFER;
-    if (maxBuffer < MAX_PAYLOAD) this.usageError(`--max-buffer ${maxBuffer} is below 32M, the largest request a client may send`);
+    if (maxBuffer < MAX_PAYLOAD) this.usageError(`--max-buffer ${formatSize(maxBuffer)} is below ${formatSize(MAX_PAYLOAD)}, the largest request a client may send`);
     const stall = Number(flags['stall-timeout']);
     if (flags['stall-timeout'].trim() === '' || !Number.isFinite(stall) || stall < 0) {
       this.usageError(`--stall-timeout "${flags['stall-timeout']}" is not a number of seconds (0 or more)`);
