@@ -14,6 +14,12 @@ import { ServerSession, type SessionHost } from './server-session.js';
 export const DEFAULT_MAX_BUFFER = 256 * 1024 * 1024;
 /** what each connection may hold beyond the budget (small requests never wait) */
 export const BUFFER_ALLOWANCE = 256 * 1024;
+/**
+ * A connection in the handshake makes room for a new one only once it is this old (or half the
+ * handshake timeout): a client reconnecting at once when closed then cannot evict, in a loop,
+ * a client that is still handshaking (which takes milliseconds).
+ */
+export const HANDSHAKE_EVICT_AGE_MS = 1000;
 /** default stall timeout */
 export const DEFAULT_STALL_TIMEOUT_MS = 60_000;
 
@@ -29,6 +35,8 @@ export interface NbdServerOptions {
    * full, a new connection takes the place of the oldest one still in the handshake
    */
   handshakeTimeoutMs?: number;
+  /** a connection in the handshake is evicted for a new one only once this old (default 1 s) */
+  handshakeEvictAgeMs?: number;
   /**
    * bytes of request payloads, read data and unsent replies all connections may hold together
    * (default 256 MiB, at least MAX_PAYLOAD); over it, connections stop being read until there is room
@@ -89,6 +97,7 @@ export class NbdServer extends EventEmitter implements SessionHost {
   readonly handshakeTimeoutMs: number;
   readonly maxConnections: number;
   readonly stallTimeoutMs: number;
+  private readonly evictAgeMs: number;
   readonly budget: BufferBudget;
   readonly startedAt = new Date();
   private stallTimer: NodeJS.Timeout | undefined;
@@ -102,6 +111,7 @@ export class NbdServer extends EventEmitter implements SessionHost {
     this.handshakeTimeoutMs = options.handshakeTimeoutMs ?? 10_000;
     this.maxConnections = options.maxConnections ?? 100;
     this.stallTimeoutMs = options.stallTimeoutMs ?? DEFAULT_STALL_TIMEOUT_MS;
+    this.evictAgeMs = Math.min(options.handshakeEvictAgeMs ?? HANDSHAKE_EVICT_AGE_MS, this.handshakeTimeoutMs / 2);
     const maxBuffer = options.maxBufferBytes ?? DEFAULT_MAX_BUFFER;
     if (!Number.isSafeInteger(maxBuffer) || maxBuffer < MAX_PAYLOAD) {
       throw new BlkrepError('ERR_USAGE', `a buffer budget of ${maxBuffer} bytes is below the ${MAX_PAYLOAD} bytes one request may need`, {
@@ -178,13 +188,17 @@ export class NbdServer extends EventEmitter implements SessionHost {
 
   /**
    * The server is full: the oldest connection still in the handshake makes room. Idle sockets
-   * then cannot lock clients out; a connection that handshakes at once (every real client)
-   * loses its place only to a flood faster than its handshake.
+   * then cannot lock clients out; a connection younger than HANDSHAKE_EVICT_AGE_MS is not
+   * evicted, so one that handshakes at once (every real client) keeps its place.
    */
   private evictHandshake(): void {
+    const now = Date.now();
     for (const s of this.sessions) {
       if (s.state !== 'flags' && s.state !== 'options') continue;
-      const reason = `handshake not finished after ${Date.now() - s.openedAt.getTime()} ms; its place was taken by a new connection (--shared ${this.maxConnections} reached)`;
+      // sessions are in the order they connected: the first in the handshake is the oldest
+      const age = now - s.openedAt.getTime();
+      if (age < this.evictAgeMs) return;
+      const reason = `handshake not finished after ${age} ms; its place was taken by a new connection (--shared ${this.maxConnections} reached)`;
       this.log('warn', `connection ${s.id} from ${s.peer}: ${reason}; closing`);
       s.close(reason);
       return;

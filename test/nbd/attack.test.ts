@@ -330,8 +330,27 @@ describe('timeouts, magic, dying clients, limits', () => {
     }
   });
 
+  it('a full server does not evict a connection younger than handshakeEvictAgeMs: the new one is refused', async () => {
+    const T = await startServer({ maxConnections: 1, handshakeTimeoutMs: 5000, handshakeEvictAgeMs: 60_000, exports: [{ name: '', node: completeNode(new MemoryNode(SIZE)) }] });
+    const refused: string[] = [];
+    T.srv.on('refused', (e: { reason: string }) => refused.push(e.reason));
+    try {
+      const a = await RawClient.connect(T.path);
+      await a.readGreeting();
+      const b = await RawClient.connect(T.path);
+      expect((await b.expectEof()).length).toBe(0);
+      expect(refused).toEqual(['already serving 1 connections (--shared 1)']);
+      // the young one finishes its handshake and is served
+      a.sendClientFlags(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
+      expect((await a.option(OPT.LIST)).pop()!.type).toBe(REP.ACK);
+      a.destroy();
+    } finally {
+      await T.close();
+    }
+  });
+
   it('--shared limit: with maxConnections 2 a third connection takes the place of one still in the handshake; with both served it is refused', async () => {
-    const T = await startServer({ maxConnections: 2, handshakeTimeoutMs: 5000, exports: [{ name: '', node: completeNode(new MemoryNode(SIZE)) }] });
+    const T = await startServer({ maxConnections: 2, handshakeTimeoutMs: 5000, handshakeEvictAgeMs: 0, exports: [{ name: '', node: completeNode(new MemoryNode(SIZE)) }] });
     const refused: string[] = [];
     const gone: string[] = [];
     T.srv.on('refused', (e: { reason: string }) => refused.push(e.reason));

@@ -210,19 +210,36 @@ describe('serve-nbd memory budget (--max-buffer)', () => {
 });
 
 describe('serve-nbd idle connections', () => {
-  it('--shared 20 filled with idle sockets: nbdinfo and a client still get in, taking the places of the oldest idle ones', async () => {
+  it('--shared 20 filled with idle sockets that reconnect when closed: nbdinfo and a client still get in, each taking the place of the oldest idle one', async () => {
     const { d, sock, ctl } = await startDaemon(['--shared', '20', '--handshake-timeout', '60']);
-    const idle: RawClient[] = [];
-    for (let i = 0; i < 20; i++) idle.push(await RawClient.connect(sock));
+    let live = true;
+    let reconnects = 0;
+    const holders: RawClient[] = [];
+    const hold = async (): Promise<void> => {
+      while (live) {
+        const c = await RawClient.connect(sock);
+        holders.push(c);
+        await waitFor(() => c.closed || !live, 'close', { timeoutMs: 120_000, intervalMs: 20 });
+        c.destroy();
+        if (live) reconnects++;
+      }
+    };
+    const running = Array.from({ length: 20 }, hold);
     await waitFor(async () => (await status(ctl)).connections.length === 20, '20 connections');
-    const nbdinfoMs = await probeNbdinfo(sock);
-    const ioMs = await probeIo(sock, 0, 0x55);
-    // the oldest idle socket made room for nbdinfo; the probe after it found the place nbdinfo left
-    await idle[0]!.expectEof(5000);
-    expect(idle.slice(1).every((c) => !c.closed)).toBe(true);
+    // an idle socket makes room only once it is a second old (a young one is never evicted)
+    const oldest = Date.now();
+    await waitFor(() => Date.now() - oldest >= 1100, 'the idle sockets to be 1 s old', { timeoutMs: 5000 });
+    const times: number[] = [];
+    for (let i = 0; i < 3; i++) {
+      times.push(await probeNbdinfo(sock));
+      times.push(await probeIo(sock, i * 4096, 0x55 + i));
+    }
+    expect(reconnects).toBeGreaterThanOrEqual(1);
     expect(d.stderr()).toMatch(/handshake not finished after \d+ ms; its place was taken by a new connection \(--shared 20 reached\); closing/);
-    console.log(`idle connections: nbdinfo ${nbdinfoMs.toFixed(0)} ms, 4K write+read ${ioMs.toFixed(0)} ms`);
-    for (const c of idle) c.destroy();
+    console.log(`idle connections: probes ${times.map((t) => t.toFixed(0)).join(', ')} ms; idle sockets evicted ${reconnects}`);
+    live = false;
+    for (const c of holders) c.destroy();
+    await Promise.all(running);
     expect(await d.stop()).toBe(0);
   });
 
