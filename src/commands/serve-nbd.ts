@@ -26,6 +26,8 @@ Dirty bitmaps: --bitmap NAME records every write, write-zeroes and trim of the e
 
 Jobs: with --control, blkrep mirror --control starts a live mirror of an export, and the blkrep job commands steer it (blkrep events prints the job events). A job of an export whose image is a file keeps its state and dirty bitmap beside the image (IMAGE.job-ID.json, IMAGE.job-ID.dirty); at start, every such job is loaded paused before any client connects (its writes are tracked from the first one), listed in the --json listening line ("jobs": [...]) and said on stderr; blkrep job resume continues it, copying only what is still dirty. A state file that cannot be loaded is renamed IMAGE.job-ID.json.failed.
 
+Limits: at most --shared connections; when full, a new connection takes the place of the oldest one still in the handshake (if at least a second old). Request payloads and unsent replies of all connections together stay under --max-buffer: over it, connections are not read until there is room, first come first served (each may hold 256 KiB beyond it, so small requests never wait). A client that makes the server hold over 1 MiB (replies it does not read, a write payload it stopped sending) and makes no progress for --stall-timeout seconds is disconnected, with the reason on stderr and in the disconnect event.
+
 SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, flushes every export and its bitmaps, pauses every job (a persistent one keeps its files for the next start) and exits 0; a second signal exits at once.`;
 
   static override examples = [
@@ -34,6 +36,7 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
     { description: 'Serve two exports read-only on port 10810, with a control socket', command: '<%= config.bin %> <%= command.id %> --export a=a.img --export b=/dev/vdb --read-only --port 10810 --control /run/blkrep/ctl.sock' },
     { description: 'Start from a script and wait until it listens', command: '<%= config.bin %> <%= command.id %> disk.img --json --pid-file /run/blkrep.pid | head -n 1' },
     { description: 'Track writes in the dirty bitmap disk.img.b0.bitmap and offer it as qemu:dirty-bitmap:b0', command: '<%= config.bin %> <%= command.id %> disk.img --bitmap b0 --socket /run/blkrep/nbd.sock --control /run/blkrep/ctl.sock' },
+    { description: 'Let clients hold up to 1 GiB of payloads and replies together; disconnect one that stops reading its replies for 5 minutes', command: '<%= config.bin %> <%= command.id %> disk.img --socket /run/blkrep/nbd.sock --max-buffer 1G --stall-timeout 300' },
     { description: 'A bitmap per export, one in a file of its own choosing', command: '<%= config.bin %> <%= command.id %> --export a=a.img --export b=/dev/vdb --bitmap a:b0 --bitmap b:b0=/var/lib/blkrep/vdb.b0.bitmap' },
   ];
 
