@@ -45,6 +45,11 @@ export class ByteQueue {
     return this.gather(n, true, into);
   }
 
+  /** Consume n bytes (n ≤ length) by copying them into `into`, so the chunks they came in can go. */
+  takeCopy(n: number, into: Buffer): void {
+    if (n !== 0) this.gather(n, true, into);
+  }
+
   /** Drop up to n bytes; returns how many were dropped. */
   skip(n: number): number {
     const k = Math.min(n, this.total);

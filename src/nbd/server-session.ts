@@ -54,6 +54,11 @@ const MAX_HANDSHAKE_SEND_BUFFER = 256 * 1024;
  */
 export const STALL_MIN_BYTES = 1024 * 1024;
 /**
+ * A write payload at least this large that arrives over many socket reads is copied into its
+ * buffer as it comes, so the received chunks are not held beside the copy (twice the memory).
+ */
+const FILL_MIN = 1024 * 1024;
+/**
  * Reads shorter than this are sent as data without asking the node for holes: a hole chunk
  * would save little, and the extents lookup (two lseeks on the event loop for a raw file)
  * costs a quarter of the rate of 4 KiB random reads.
@@ -103,6 +108,8 @@ export class ServerSession implements BudgetWaiter {
   private received = 0;
   private queuedOut = 0;
   private stallMark = { received: 0, sent: 0, since: 0 };
+  /** a large write whose payload is being copied into its buffer as it arrives */
+  private filling: { req: Request; pooled: Buffer; got: number } | undefined;
   private stopping = false;
   /** the final flush and close have started */
   private finishing = false;
@@ -179,6 +186,8 @@ export class ServerSession implements BudgetWaiter {
     this.phase = 'closed';
     if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
     this.queue.clear();
+    if (this.filling) sharedPool.release(this.filling.pooled);
+    this.filling = undefined;
     this.stream.destroy();
     // What in-flight requests hold is given back as each one finishes.
     if (this.waitingBudget) this.host.budget.forget(this);
@@ -224,6 +233,10 @@ export class ServerSession implements BudgetWaiter {
         }
         case 'transmission': {
           if (this.overloaded()) return;
+          if (this.filling) {
+            if (!this.fill()) return;
+            break;
+          }
           if (this.queue.length < REQUEST_LENGTH) return;
           const req = decodeRequest(this.queue.peek(REQUEST_LENGTH));
           if (req.magic !== REQUEST_MAGIC) {
@@ -250,7 +263,11 @@ export class ServerSession implements BudgetWaiter {
           if (req.type === CMD.WRITE) {
             if (this.queue.length < REQUEST_LENGTH + req.length) {
               // Let the socket keep flowing until the payload is complete.
-              return;
+              if (req.length < FILL_MIN) return;
+              this.queue.skip(REQUEST_LENGTH);
+              this.filling = { req, pooled: sharedPool.acquire(req.length), got: 0 };
+              if (!this.fill()) return;
+              break;
             }
             this.queue.skip(REQUEST_LENGTH);
             if (!this.queue.contiguous(req.length)) pooled = sharedPool.acquire(req.length);
@@ -265,6 +282,18 @@ export class ServerSession implements BudgetWaiter {
           return;
       }
     }
+  }
+
+  /** Copy what arrived of a large write's payload; true once it is complete and started. */
+  private fill(): boolean {
+    const f = this.filling!;
+    const n = Math.min(this.queue.length, f.req.length - f.got);
+    this.queue.takeCopy(n, f.pooled.subarray(f.got));
+    f.got += n;
+    if (f.got < f.req.length) return false;
+    this.filling = undefined;
+    this.onRequest(f.req, f.pooled.subarray(0, f.req.length), f.pooled);
+    return true;
   }
 
   private onEnd(): void {
@@ -490,7 +519,7 @@ export class ServerSession implements BudgetWaiter {
     const sent = this.queuedOut - this.stream.writableLength;
     const mark = this.stallMark;
     // a payload partly received, while this side reads the socket
-    const partial = this.reserved !== 0 && !this.paused ? this.queue.length : 0;
+    const partial = this.paused ? 0 : this.filling ? this.filling.got : this.reserved !== 0 ? this.queue.length : 0;
     if (sent !== mark.sent || this.received !== mark.received || Math.max(this.unsent, partial) <= STALL_MIN_BYTES) {
       mark.sent = sent;
       mark.received = this.received;
