@@ -330,6 +330,33 @@ describe('timeouts, magic, dying clients, limits', () => {
     }
   });
 
+  it('options sent without reading the replies: at most 256 KiB of replies are queued, the socket is not read meanwhile, all are answered later', async () => {
+    const before = S.srv.status().buffers.used;
+    const c = await optionsPhase();
+    c.pause();
+    const N = 20_000;
+    c.write(Buffer.concat(Array.from({ length: N }, () => optionFrame(OPT.LIST))));
+    // per LIST: SERVER "" (20 + 4 bytes), SERVER "gated" (20 + 9), ACK (20)
+    const perList = 73;
+    let last = -1;
+    let same = 0;
+    const deadline = Date.now() + 10_000;
+    while (same < 5 && Date.now() < deadline) {
+      await new Promise((r) => setTimeout(r, 50));
+      const used = S.srv.status().buffers.used - before;
+      same = used === last ? same + 1 : 0;
+      last = used;
+    }
+    expect(same).toBe(5);
+    expect(last).toBeGreaterThanOrEqual(128 * 1024);
+    expect(last).toBeLessThanOrEqual(256 * 1024 + perList);
+    c.resume();
+    expect((await c.readExact(N * perList, 20_000)).length).toBe(N * perList);
+    c.destroy();
+    await withTimeout(waitIdle(S.srv), 5000, 'the connection to close');
+    expect(S.srv.status().buffers.used).toBe(before);
+  });
+
   it('a full server does not evict a connection younger than handshakeEvictAgeMs: the new one is refused', async () => {
     const T = await startServer({ maxConnections: 1, handshakeTimeoutMs: 5000, handshakeEvictAgeMs: 60_000, exports: [{ name: '', node: completeNode(new MemoryNode(SIZE)) }] });
     const refused: string[] = [];
