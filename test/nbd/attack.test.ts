@@ -303,6 +303,30 @@ describe('timeouts, magic, dying clients, limits', () => {
     await waitIdle(S.srv);
   });
 
+  it('a client that half-closes while parsing is stopped (64 requests running) still gets every reply, then EOF', async () => {
+    const { client } = await RawClient.open(S.path, { exportName: 'gated' });
+    gate.close();
+    try {
+      const entered = gate.entered;
+      const cookies: bigint[] = [];
+      for (let i = 0; i < 100; i++) cookies.push(client.send(CMD.READ, { offset: i * 4096, length: 4096 }));
+      client.end();
+      await gate.waitEntered(entered + 64);
+      gate.open();
+      const got = new Set<bigint>();
+      for (let i = 0; i < 100; i++) {
+        const r = await client.readReply();
+        expect(replyError(r)).toBe(0);
+        got.add(r.cookie);
+      }
+      expect(got.size).toBe(100);
+      expect((await client.expectEof()).length).toBe(0);
+    } finally {
+      gate.open();
+      client.destroy();
+    }
+  });
+
   it('pipelining many requests without reading replies: at most 64 run at once, all are answered later', async () => {
     const { client } = await RawClient.open(S.path, { exportName: 'gated' });
     gate.close();
