@@ -591,7 +591,12 @@ export class ServerSession implements BudgetWaiter {
     if (this.phase === 'transmission' && this.stopping) {
       // Parsing stops while too many requests run, and the stream stays paused once stopping:
       // answer (ESHUTDOWN) what is still queued, or the connection would never close. What is
-      // left after that is an incomplete request, dropped with the connection.
+      // left after that is an incomplete request, dropped with the connection. Answering
+      // ESHUTDOWN needs no buffer: a connection waiting for the budget leaves the line.
+      if (this.waitingBudget) {
+        this.host.budget.forget(this);
+        this.waitingBudget = false;
+      }
       this.pump();
       if (this.inflight > 0 || this.phase !== 'transmission') return;
     }

@@ -381,6 +381,34 @@ describe('timeouts, magic, dying clients, limits', () => {
     expect(S.srv.status().buffers.used).toBe(before);
   });
 
+  it('a connection waiting for buffer room when the server shuts down gets ESHUTDOWN for its request, then EOF', async () => {
+    const g = new Gate();
+    const T = await startServer({ maxBufferBytes: 32 * MiB, exports: [{ name: '', node: completeNode(hookNode(new MemoryNode(64 * MiB), { gate: g, gateOps: ['read'] })) }] });
+    try {
+      g.close();
+      const { client: holder } = await RawClient.open(T.path);
+      const held = holder.send(CMD.READ, { offset: 0, length: 32 * MiB });
+      await g.waitEntered(1);
+      const { client: waiter } = await RawClient.open(T.path);
+      const w = waiter.send(CMD.READ, { offset: 0, length: MiB });
+      const waiting = async (): Promise<void> => {
+        while (T.srv.status().buffers.waiting !== 1) await new Promise((r) => setTimeout(r, 10));
+      };
+      await withTimeout(waiting(), 5000, 'the second connection to wait for room');
+      const down = T.srv.shutdown();
+      const r = await waiter.readReply(w);
+      expect(replyError(r)).toBe(108); // ESHUTDOWN
+      expect((await waiter.expectEof()).length).toBe(0);
+      g.open();
+      expect(replyError(await holder.readReply(held, 20_000))).toBe(0);
+      await withTimeout(down, 10_000, 'shutdown');
+      expect(T.srv.status().buffers).toMatchObject({ used: 0, waiting: 0 });
+    } finally {
+      g.open();
+      await T.close();
+    }
+  });
+
   it('a full server does not evict a connection younger than handshakeEvictAgeMs: the new one is refused', async () => {
     const T = await startServer({ maxConnections: 1, handshakeTimeoutMs: 5000, handshakeEvictAgeMs: 60_000, exports: [{ name: '', node: completeNode(new MemoryNode(SIZE)) }] });
     const refused: string[] = [];
