@@ -106,6 +106,44 @@ describe('blkrep check', () => {
     expect({ ...mine, filename: 'IMG' }).toEqual({ ...theirs, filename: 'IMG' });
   });
 
+  it('an image with an internal snapshot, compressed clusters and a persistent bitmap holding dirty bits: the same report as qemu-img check', async () => {
+    const path = join(dir, 'rich.qcow2');
+    await tool('qemu-img', ['create', '-q', '-f', 'qcow2', path, '64M']);
+    await tool('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x5a 0 1M', path]);
+    await tool('qemu-img', ['snapshot', '-c', 's1', path]);
+    await tool('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x33 0 256k', '-c', 'write -c -P 0x44 8M 64k', path]);
+    await tool('qemu-img', ['bitmap', '--add', path, 'b0']);
+    await tool('qemu-io', ['-f', 'qcow2', '-c', 'write 4M 1M', path]);
+    const info = JSON.parse(await tool('qemu-img', ['info', '--output=json', path])) as { snapshots?: unknown[]; 'format-specific': { data: { bitmaps?: unknown[] } } };
+    expect(info.snapshots).toHaveLength(1);
+    expect(info['format-specific'].data.bitmaps).toHaveLength(1);
+    const r = await both(path);
+    expect(r.qemu.code).toBe(0);
+    expect(r.blkrep.code, r.blkrep.stderr).toBe(0);
+    expect(strip(r.blkrep.stdout, r.b)).toBe(strip(r.qemu.stdout, r.q));
+    expect(r.blkrep.stdout).toMatch(/compressed clusters/);
+    // a leak among them is found as qemu-img check finds it, and freed keeping the snapshot and
+    // the bitmap. (QEMU 7.2's own check -r leaks on this image counts the snapshot's clusters as
+    // leaks and drops the snapshot, so the repair is compared with qemu-img check afterwards.)
+    const b = await readFile(path);
+    const l = layoutOf(b);
+    const end = Math.ceil(b.length / CS);
+    b.writeUInt16BE(1, l.refblock + end * 2);
+    const leaky = join(dir, 'rich-leak.qcow2');
+    await writeFile(leaky, Buffer.concat([b, Buffer.alloc(end * CS - b.length), Buffer.alloc(CS, 1)]));
+    const found = await both(leaky);
+    expect([found.blkrep.code, found.qemu.code]).toEqual([3, 3]);
+    expect(strip(found.blkrep.stdout, found.b)).toBe(strip(found.qemu.stdout, found.q));
+    expect(strip(found.blkrep.stderr, found.b)).toBe(`Leaked cluster ${end} refcount=1 reference=0\n`);
+    const repaired = await runCli(['check', '--repair', 'leaks', leaky]);
+    expect(repaired.code, repaired.stdout + repaired.stderr).toBe(0);
+    expect(repaired.stderr).toBe(`Leaked cluster ${end} refcount=1 reference=0\nRepairing cluster ${end} refcount=1 reference=0\n`);
+    await expectClean(leaky);
+    const after = JSON.parse(await tool('qemu-img', ['info', '--output=json', leaky])) as typeof info;
+    expect(after.snapshots).toEqual(info.snapshots);
+    expect(after['format-specific'].data.bitmaps).toEqual(info['format-specific'].data.bitmaps);
+  });
+
   it.each([
     ['leaks', 'leaks', 0],
     ['leaks', 'all', 0],
