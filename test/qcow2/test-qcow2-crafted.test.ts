@@ -13,8 +13,8 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { BlkrepError } from '../../src/api/errors.js';
 import { Qcow2Node } from '../../src/block/qcow2/index.js';
-import { makeTempDir, run } from '../support/spawn.js';
-import { qemuCheck, tool, KiB, MiB } from './helpers.js';
+import { makeTempDir, run, runCli } from '../support/spawn.js';
+import { expectClean, qemuCheck, tool, KiB, MiB } from './helpers.js';
 
 const CS = 64 * KiB;
 
@@ -28,9 +28,11 @@ interface Layout {
   bitmapDir: number;
 }
 
+type Base = 'plain' | 'snapshot' | 'bitmap' | 'refcount1' | 'cluster4k';
+
 interface Case {
   name: string;
-  base: 'plain' | 'snapshot' | 'bitmap';
+  base: Base;
   mutate: (b: Buffer, l: Layout) => void;
   /** what blkrep must do on a read-write open: refuse it, or open it */
   rw: 'refuse' | 'open';
@@ -161,6 +163,12 @@ const CASES: Case[] = [
   { name: 'snapshots_offset past EOF', rwCode: 'ERR_QCOW2_UNSUPPORTED', base: 'snapshot', mutate: (b) => u64(b, 64, PAST_EOF), rw: 'refuse', roRefused: true },
   { name: 'snapshots_offset unaligned', base: 'snapshot', mutate: (b, l) => u64(b, 64, l.snapshots + 8), rw: 'refuse', roRefused: true },
   { name: 'snapshot table on the L1 table', rwCode: 'ERR_QCOW2_UNSUPPORTED', base: 'snapshot', mutate: (b, l) => { b.copy(b, l.l1 + CS * 0, 0, 0); u64(b, 64, l.l1); }, rw: 'refuse', roRefused: true },
+  // other refcount widths and cluster sizes
+  { name: '1-bit refcounts: refcount table past EOF', base: 'refcount1', mutate: (b) => u64(b, 48, PAST_EOF), rw: 'refuse' },
+  { name: '1-bit refcounts: refcount_table[0] on the L1 table', base: 'refcount1', mutate: (b, l) => u64(b, l.reftable, l.l1), rw: 'refuse' },
+  { name: '4 KiB clusters: refcount table past EOF', base: 'cluster4k', mutate: (b) => u64(b, 48, PAST_EOF), rw: 'refuse' },
+  { name: '4 KiB clusters: L1 table on refcount block 0', base: 'cluster4k', mutate: (b, l) => u64(b, 40, l.refblock0), rw: 'refuse' },
+  { name: '4 KiB clusters: L1[0] on the header', base: 'cluster4k', mutate: (b, l) => u64(b, l.l1, entry(0x200)), rw: 'refuse' },
   // bitmaps
   { name: 'bitmap directory past EOF', base: 'bitmap', mutate: (b) => u64(b, bitmapExtAt(b) + 16, PAST_EOF), rw: 'refuse', roRefused: true },
   { name: 'bitmap directory unaligned', base: 'bitmap', mutate: (b, l) => u64(b, bitmapExtAt(b) + 16, l.bitmapDir + 8), rw: 'refuse', roRefused: true },
@@ -209,9 +217,10 @@ const WRITE = Buffer.alloc(64 * KiB, 0x33);
 /** guest offset of the second write: unallocated in the base images, so it allocates */
 const UNALLOCATED_AT = 8 * MiB;
 
-async function makeBase(name: 'plain' | 'snapshot' | 'bitmap'): Promise<Buffer> {
+async function makeBase(name: Base): Promise<Buffer> {
   const path = join(dir, `base-${name}.qcow2`);
-  await tool('qemu-img', ['create', '-q', '-f', 'qcow2', path, '64M']);
+  const options = name === 'refcount1' ? ['-o', 'refcount_bits=1'] : name === 'cluster4k' ? ['-o', 'cluster_size=4096'] : [];
+  await tool('qemu-img', ['create', '-q', '-f', 'qcow2', ...options, path, '64M']);
   await tool('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x5a 0 1M', '-c', 'write -P 0x6b 32M 64k', path]);
   if (name === 'snapshot') await tool('qemu-img', ['snapshot', '-c', 's1', path]);
   if (name === 'bitmap') await tool('qemu-img', ['bitmap', '--add', path, 'b0']);
@@ -278,7 +287,7 @@ async function qemuRun(original: Buffer): Promise<{ check: string; write: string
 describe('crafted qcow2 images', () => {
   beforeAll(async () => {
     dir = await makeTempDir('file');
-    for (const b of ['plain', 'snapshot', 'bitmap'] as const) bases.set(b, await makeBase(b));
+    for (const b of ['plain', 'snapshot', 'bitmap', 'refcount1', 'cluster4k'] as const) bases.set(b, await makeBase(b));
   }, 60_000);
 
   afterAll(async () => {
@@ -301,7 +310,7 @@ describe('crafted qcow2 images', () => {
     expect(err).toBeInstanceOf(BlkrepError);
     expect((err as BlkrepError).code).toBe('ERR_QCOW2_CORRUPT');
     expect((err as BlkrepError).message).toBe(
-      `qcow2 image "${path}" is corrupt: the refcount table (refcount_table_offset) at offset ${PAST_EOF} of ${CS} bytes lies past the end of the file (${original.length} bytes); it can only be opened read-only`,
+      `qcow2 image "${path}" is corrupt: the refcount table (refcount_table_offset) at offset ${PAST_EOF} of ${CS} bytes lies past the end of the file (${original.length} bytes); it can only be opened read-only (see "blkrep check ${path}"; "--repair all" rebuilds a refcount structure that lies outside the file)`,
     );
     expect((err as BlkrepError).details).toMatchObject({ field: 'refcount_table_offset', offset: PAST_EOF, bytes: CS, fileLength: original.length });
     const warnings: string[] = [];
@@ -315,6 +324,19 @@ describe('crafted qcow2 images', () => {
       `qcow2 image "${path}": the refcount table (refcount_table_offset) at offset ${PAST_EOF} of ${CS} bytes lies past the end of the file (${original.length} bytes) (opened read-only; writing to it would be refused)`,
     ]);
     expect((await readFile(path)).equals(original)).toBe(true);
+    // the way out: blkrep check --repair all rebuilds the refcount structure; then it opens and takes writes
+    const repaired = await runCli(['check', '--repair', 'all', path]);
+    expect(repaired.code, repaired.stdout + repaired.stderr).toBe(0);
+    await expectClean(path);
+    const rw = await Qcow2Node.open(path, { backing: null });
+    try {
+      await rw.write(UNALLOCATED_AT, WRITE);
+      await rw.flush();
+      expect((await rw.read(0, 64 * KiB)).equals(Buffer.alloc(64 * KiB, 0x5a))).toBe(true);
+    } finally {
+      await rw.close();
+    }
+    await expectClean(path);
   });
 
   it('a write that would allocate over metadata fails with EIO, marks the image corrupt and writes nothing else', async () => {

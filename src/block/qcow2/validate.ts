@@ -130,5 +130,8 @@ export function validateLayout(path: string, input: LayoutInput, readOnly: boole
   }
   const first = problems[0]!;
   const more = problems.length > 1 ? ` (and ${problems.length - 1} more problem${problems.length > 2 ? 's' : ''})` : '';
-  throw corrupt(path, `${first.message}${more}; it can only be opened read-only`, { ...first.details, problems: problems.length });
+  throw corrupt(path, `${first.message}${more}; it can only be opened read-only (see "blkrep check ${path}"; "--repair all" rebuilds a refcount structure that lies outside the file)`, {
+    ...first.details,
+    problems: problems.length,
+  });
 }
