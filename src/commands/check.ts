@@ -1,3 +1,4 @@
+import { open } from 'node:fs/promises';
 import { Args, Flags } from '@oclif/core';
 import { BlkrepError } from '../api/errors.js';
 import { BlkrepCommand, errorCode, EXIT_FAILURE } from '../cli/base.js';
@@ -46,18 +47,7 @@ Do not repair an image that another program has open for writing.`;
 
   async run(): Promise<CheckReport & { messages: string[] }> {
     const { args, flags } = await this.parse(Check);
-    const head = await import('node:fs/promises').then(async (fs) => {
-      const h = await fs.open(args.image, 'r').catch((err: NodeJS.ErrnoException) => {
-        throw new BlkrepError('ERR_OPEN', `cannot open "${args.image}": ${err.message}`, { errno: 'EIO', cause: err, details: { path: args.image, syscode: err.code } });
-      });
-      try {
-        const b = Buffer.alloc(PROBE_BYTES);
-        const { bytesRead } = await h.read(b, 0, b.length, 0);
-        return b.subarray(0, bytesRead);
-      } finally {
-        await h.close();
-      }
-    });
+    const head = await readHead(args.image);
     if (probeFormat(head) !== 'qcow2') {
       throw new BlkrepError('ERR_CHECK_UNSUPPORTED', `"${args.image}" is not a qcow2 image: this image format does not support checks`, { errno: 'ENOTSUP', details: { path: args.image } });
     }
@@ -68,5 +58,19 @@ Do not repair an image that another program has open for writing.`;
     if (!this.jsonEnabled()) this.log(formatCheck(result));
     process.exitCode = result.exitCode;
     return { ...result.report, messages: result.messages };
+  }
+}
+
+/** The first bytes of the file, to tell a qcow2 image from anything else. */
+async function readHead(path: string): Promise<Buffer> {
+  const h = await open(path, 'r').catch((err: NodeJS.ErrnoException) => {
+    throw new BlkrepError('ERR_OPEN', `cannot open "${path}": ${err.message}`, { errno: 'EIO', cause: err, details: { path, syscode: err.code } });
+  });
+  try {
+    const b = Buffer.alloc(PROBE_BYTES);
+    const { bytesRead } = await h.read(b, 0, b.length, 0);
+    return b.subarray(0, bytesRead);
+  } finally {
+    await h.close();
   }
 }

@@ -36,7 +36,7 @@ function layoutOf(b: Buffer): Layout {
 }
 
 async function crafted(name: string, mutate: (b: Buffer, l: Layout) => unknown): Promise<string> {
-  let b = Buffer.from(base);
+  let b: Buffer = Buffer.from(base);
   const grown = mutate(b, layoutOf(b));
   if (Buffer.isBuffer(grown)) b = grown;
   const path = join(dir, name);
