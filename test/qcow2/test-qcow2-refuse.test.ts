@@ -258,23 +258,35 @@ describe('malformed qcow2 headers and tables', () => {
     }
   });
 
-  it('bad L1 and L2 entries give an I/O error when used, not a crash', async () => {
+  it('bad L1 and L2 entries give an I/O error when used, not a crash; a bad L2 entry marks the image corrupt as QEMU does', async () => {
     const dir = await makeTempDir();
     const good = await readFile(await sample(dir, 'good.qcow2'));
     const l1 = Number(good.readBigUInt64BE(40));
     const l2 = Number(good.readBigUInt64BE(l1) & 0x00fffffffffffe00n);
     const bad = join(dir, 'bad.qcow2');
-    const cases: Array<[string, number, Buffer, RegExp]> = [
-      ['L2 entry with a huge offset', l2, u64(0x80ffffffffff0000n), /data cluster offset \d+ .* too large/],
-      ['L2 entry not cluster aligned', l2, u64(0x8000000000050200n), /data cluster offset 328192 .* not cluster aligned/],
-      ['L1 entry with a huge offset', l1, u64(0x80ffffffffff0000n), /L2 table offset \d+ \(L1 index 0\)/],
-      ['L1 entry not cluster aligned', l1, u64(0x8000000000040200n), /L2 table offset 262656 \(L1 index 0\)/],
-      ['compressed entry pointing at garbage', l2, u64(0x4000000000000000n | 0x200n), /compressed cluster at 512/],
+    // [name, where, bytes, message, the image is marked corrupt by the failed request]
+    const cases: Array<[string, number, Buffer, RegExp, boolean]> = [
+      ['L2 entry with a huge offset', l2, u64(0x80ffffffffff0000n), /data cluster offset \d+ .* too large/, true],
+      ['L2 entry not cluster aligned', l2, u64(0x8000000000050200n), /data cluster offset 328192 .* not cluster aligned/, true],
+      ['L1 entry with a huge offset', l1, u64(0x80ffffffffff0000n), /L2 table offset \d+ \(L1 index 0\)/, false],
+      ['L1 entry not cluster aligned', l1, u64(0x8000000000040200n), /L2 table offset 262656 \(L1 index 0\)/, false],
+      ['compressed entry pointing at garbage', l2, u64(0x4000000000000000n | 0x200n), /compressed cluster at 512/, false],
     ];
-    for (const [name, offset, bytes, message] of cases) {
+    for (const [name, offset, bytes, message, marks] of cases) {
       await writeBytes(bad, good, offset, bytes);
       for (const readOnly of [true, false]) {
-        const node = await Qcow2Node.open(bad, { readOnly });
+        if (!readOnly && offset === l1) {
+          // the L2 table lies outside the file: a read-write open is refused, naming the entry
+          const err = await Qcow2Node.open(bad).then(
+            (n) => n.close(),
+            (e: unknown) => e,
+          );
+          expect(err, name).toBeInstanceOf(BlkrepError);
+          expect((err as BlkrepError).code, name).toBe('ERR_QCOW2_CORRUPT');
+          expect((err as BlkrepError).message, name).toMatch(/L2 table of L1 entry 0 \(L1\[0\]\) at offset \d+ .*(past the end of the file|not aligned)/);
+          continue;
+        }
+        const node = await Qcow2Node.open(bad, { readOnly, onWarning: () => {} });
         try {
           const err = await node.read(0, 4096).then(
             () => undefined,
@@ -285,13 +297,18 @@ describe('malformed qcow2 headers and tables', () => {
           expect((err as BlkrepError).errno, name).toBe('EIO');
           expect((err as BlkrepError).message, name).toMatch(message);
           if (!readOnly) {
-            // a write there fails the same way; elsewhere (with a sound L1 entry) writes work
             await expect(node.write(0, Buffer.alloc(512, 1))).rejects.toBeInstanceOf(BlkrepError);
-            if (offset === l2) await node.write(512 * 1024, Buffer.alloc(512, 1));
+            if (marks) {
+              // QEMU's answer to a corrupt entry: marked corrupt, no later write goes through
+              await expect(node.write(512 * 1024, Buffer.alloc(512, 1))).rejects.toMatchObject({ code: 'ERR_QCOW2_CORRUPT', errno: 'EIO' });
+            } else {
+              await node.write(512 * 1024, Buffer.alloc(512, 1));
+            }
           }
         } finally {
           await node.close();
         }
+        if (!readOnly) expect((await readFile(bad)).readBigUInt64BE(72) & 2n, `${name}: corrupt bit`).toBe(marks ? 2n : 0n);
       }
     }
     expect((await stat(bad)).size).toBeLessThan(1024 * 1024);

@@ -409,6 +409,8 @@ export interface SnapshotInfo {
   vmStateSize: number;
   dateSeconds: number;
   diskSize: number | undefined;
+  /** bytes of its entry in the snapshot table, padded to 8 */
+  entryBytes: number;
 }
 
 /** Parse the snapshot table from its bytes (the caller reads at most MAX_SNAPSHOT_TABLE_BYTES). */
@@ -444,6 +446,7 @@ export function parseSnapshots(path: string, h: Qcow2Header, table: Buffer): Sna
       vmStateSize,
       dateSeconds,
       diskSize,
+      entryBytes: Math.ceil(entryLength / 8) * 8,
     });
     at += Math.ceil(entryLength / 8) * 8;
   }

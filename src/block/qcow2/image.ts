@@ -39,6 +39,7 @@ import {
 import { Mutex, RangeLock, RequestGate } from './locks.js';
 import { ClusterMap, Kind } from './mapping.js';
 import { Refcounts, setRefcount } from './refcounts.js';
+import { validateLayout } from './validate.js';
 
 export interface ImageOptions {
   readOnly: boolean;
@@ -51,6 +52,12 @@ export interface ImageOptions {
    * is left as it is on a read-write open.
    */
   keepBitmaps?: boolean;
+  /** where warnings go (a read-only open of an image with an unsound layout); default stderr */
+  onWarning?: (message: string) => void;
+}
+
+function warnStderr(message: string): void {
+  process.stderr.write(`blkrep: warning: ${message}\n`);
 }
 
 export const DEFAULT_L2_CACHE = 16 * 1024 * 1024;
@@ -77,6 +84,12 @@ export class Qcow2Image {
    * before the first request, unless adoptBitmaps() says someone tracks them (src/bitmap/qcow2-live.ts).
    */
   private autoclearPending: Promise<void> | 'pending' | undefined;
+  /**
+   * Set when a write would have landed on metadata (QEMU's overlap check): the image is marked
+   * corrupt on disk and nothing more is written to it; every later write and flush fails with it.
+   */
+  corruption: BlkrepError | undefined;
+  private marking: Promise<void> | undefined;
   private cycleRunning: Promise<void> | undefined;
   private cycleQueued: Promise<void> | undefined;
 
@@ -95,6 +108,8 @@ export class Qcow2Image {
     this.clusterSize = 2 ** header.clusterBits;
     this.map = new ClusterMap(file, path, header.clusterBits, header.l1TableOffset, l1, l2CacheBytes);
     this.refcounts = refcounts;
+    if (refcounts) refcounts.guard = (first, count) => this.guardAllocation(first, count);
+    this.map.fail = (what, details) => this.signalCorruption(what, details);
   }
 
   static async open(file: Qcow2Container, options: ImageOptions): Promise<Qcow2Image> {
@@ -134,10 +149,14 @@ export class Qcow2Image {
       bitmaps = parseBitmapDirectory(path, header.bitmaps, dir);
     }
 
+    // the whole refcount table (≤ 8 MiB, parseHeader bounds it): its blocks are part of the layout
+    const reftable = Buffer.alloc(header.refcountTableClusters * cs);
+    await file.read(header.refcountTableOffset, reftable);
+    const snapshotTableBytes = snapshots.reduce((n, s) => n + s.entryBytes, 0);
+    validateLayout(path, { header, fileLength: file.length, l1, reftable, snapshots, snapshotTableBytes, bitmaps }, readOnly, options.onWarning ?? warnStderr);
+
     let refcounts: Refcounts | undefined;
     if (!readOnly) {
-      const reftable = Buffer.alloc(header.refcountTableClusters * cs);
-      await file.read(header.refcountTableOffset, reftable);
       refcounts = new Refcounts({
         file,
         path,
@@ -255,21 +274,93 @@ export class Qcow2Image {
     });
   }
 
+  /**
+   * What metadata occupies host cluster `c`, or undefined (QEMU's overlap-check=cached: header,
+   * L1, refcount table and blocks, active L2 tables, snapshot table and L1s, bitmap directory and
+   * tables). `self` leaves out one kind: the table being written.
+   */
+  metadataAt(c: number, self?: 'l2' | 'refblock'): string | undefined {
+    if (c === 0) return 'the header';
+    const cs = this.clusterSize;
+    const inside = (start: number, bytes: number): boolean => bytes > 0 && c >= Math.floor(start / cs) && c < Math.ceil((start + bytes) / cs);
+    const h = this.header;
+    if (inside(this.map.l1Offset, this.map.l1Size * 8)) return 'the L1 table';
+    const rc = this.refcounts;
+    if (rc && inside(rc.reftableOffset, rc.reftableClusters * cs)) return 'the refcount table';
+    if (h.nbSnapshots > 0 && inside(h.snapshotsOffset, Math.max(1, this.snapshots.reduce((n, s) => n + s.entryBytes, 0)))) return 'the snapshot table';
+    for (const s of this.snapshots) if (inside(s.l1TableOffset, s.l1Size * 8)) return `the L1 table of snapshot "${s.id}"`;
+    if (h.bitmaps && inside(h.bitmaps.directoryOffset, h.bitmaps.directorySize)) return 'the bitmap directory';
+    for (const b of this.bitmaps) if (inside(b.tableOffset, b.tableSize * 8)) return `the table of bitmap "${b.name}"`;
+    if (self !== 'refblock' && rc?.isBlock(c)) return 'a refcount block';
+    if (self !== 'l2' && this.map.isL2(c)) return 'an L2 table';
+    return undefined;
+  }
+
   /** A host cluster about to be written in place must be a data cluster inside the image. */
   checkDataCluster(host: number, l2Offset: number, index: number): void {
     const rc = this.refcounts;
     if (!rc) return;
+    if (this.corruption) throw this.corruption;
     const c = host / this.clusterSize;
-    const cs = this.clusterSize;
-    const inside = (start: number, bytes: number): boolean => host >= start && host < start + Math.ceil(bytes / cs) * cs;
-    let what: string | undefined;
-    if (c === 0) what = 'the header';
-    else if (c >= rc.imageEnd) what = `past the end of the image (${rc.imageEnd * cs} bytes)`;
-    else if (inside(rc.reftableOffset, rc.reftableClusters * cs)) what = 'the refcount table';
-    else if (inside(this.map.l1Offset, this.map.l1Size * 8)) what = 'the L1 table';
+    const what = c >= rc.imageEnd ? `past the end of the image (${rc.imageEnd * this.clusterSize} bytes)` : this.metadataAt(c);
     if (what) {
-      throw corrupt(this.path, `data cluster ${host} (L2 table at ${l2Offset}, index ${index}) points into ${what}`, { host, l2Offset, index }, 'EIO');
+      throw this.signalCorruption(`data cluster ${host} (L2 table at ${l2Offset}, index ${index}) points into ${what}: writing there was refused`, { host, l2Offset, index });
     }
+  }
+
+  /** Clusters [first, first+count) about to be allocated (their refcounts say free) must hold no metadata. */
+  guardAllocation(first: number, count: number): void {
+    if (this.corruption) throw this.corruption;
+    for (let c = first; c < first + count; c++) {
+      const what = this.metadataAt(c);
+      if (what) {
+        throw this.signalCorruption(`cluster ${c} (offset ${c * this.clusterSize}) holds ${what} but its refcount is 0: allocating it for new data was refused`, {
+          cluster: c,
+          offset: c * this.clusterSize,
+          metadata: what,
+        });
+      }
+    }
+  }
+
+  /** A metadata table about to be written back must not lie on other metadata. */
+  private guardTable(offset: number, kind: 'l2' | 'refblock'): void {
+    const what = this.metadataAt(offset / this.clusterSize, kind);
+    if (what) {
+      const name = kind === 'l2' ? 'an L2 table' : 'a refcount block';
+      throw this.signalCorruption(`${name} at offset ${offset} lies on ${what}: writing it was refused`, { offset, metadata: what });
+    }
+  }
+
+  /**
+   * QEMU's qcow2_signal_corruption: mark the image corrupt on disk (incompatible bit 1, synced),
+   * write nothing else to it from now on; returns the error for the request that found it.
+   */
+  signalCorruption(what: string, details: Record<string, unknown>): BlkrepError {
+    if (this.readOnly) return corrupt(this.path, what, details, 'EIO');
+    const err = corrupt(
+      this.path,
+      `${what}; the image is marked corrupt (incompatible feature bit 1) and nothing more is written to it; repair it with "blkrep check --repair all ${this.path}" or "qemu-img check -r all ${this.path}"`,
+      details,
+      'EIO',
+    );
+    if (!this.corruption) {
+      this.corruption = err;
+      this.marking = this.markCorrupt().catch(() => {
+        // the in-memory state refuses writes whether or not the bit reached the disk
+      });
+    }
+    return err;
+  }
+
+  private async markCorrupt(): Promise<void> {
+    if (this.header.version !== 3) return;
+    const next = this.header.incompatible | INCOMPAT_CORRUPT;
+    const field = Buffer.alloc(8);
+    field.writeBigUInt64BE(next);
+    await this.file.write(H.incompatible, field);
+    await this.file.sync();
+    this.header.incompatible = next;
   }
 
   // -----------------------------------------------------------------------------------------------
@@ -317,6 +408,7 @@ export class Qcow2Image {
 
   /** One writeback cycle; the caller holds cycleLock. */
   async writeback(): Promise<void> {
+    if (this.corruption) throw this.corruption;
     const rc = this.rc;
     const blocks = rc.captureBlocks();
     const reftable = rc.captureReftable();
@@ -328,6 +420,8 @@ export class Qcow2Image {
     this.unsynced = false;
     const epoch = this.gate.advance();
     try {
+      for (const c of blocks) this.guardTable(c.table.offset, 'refblock');
+      for (const c of l2) this.guardTable(c.table.offset, 'l2');
       if (blocks.length > 0) await Promise.all(blocks.map((c) => c.table.write(this.file, c)));
       if (blocks.length > 0 || data) await this.file.sync();
       if (reftable.entries.length > 0) {
@@ -366,7 +460,10 @@ export class Qcow2Image {
       for (const [start, length] of frees) {
         for (let c = Math.floor(start / cs); c <= Math.floor((start + length - 1) / cs); c++) counts.set(c, (counts.get(c) ?? 0) + 1);
       }
-      const clusters = [...counts.keys()].sort((a, b) => a - b);
+      // A crafted entry can point into metadata (a compressed cluster on the header): the
+      // metadata keeps its count and its bytes (QEMU would drop the count to 0 and leave a
+      // corruption for check; punching it would destroy the header).
+      const clusters = [...counts.keys()].filter((c) => this.metadataAt(c) === undefined).sort((a, b) => a - b);
       // Give the space back before the clusters can be reused (nothing reads them any more).
       const freed: number[] = [];
       for (const c of clusters) if ((await rc.refcount(c)) <= counts.get(c)!) freed.push(c);
@@ -382,6 +479,10 @@ export class Qcow2Image {
 
   /** Cycles until nothing is dirty (close, make-empty). The caller holds cycleLock. */
   async writebackAll(): Promise<void> {
+    if (this.corruption) {
+      await this.marking;
+      return;
+    }
     for (let i = 0; i < 4 && this.dirty; i++) await this.writeback();
   }
 
@@ -468,6 +569,7 @@ export class Qcow2Image {
     }
 
     this.map.l1.fill(0);
+    this.map.invalidateL2Set();
     this.map.dirtyL1.clear();
     this.map.l2.clear();
     this.pendingFrees = [];

@@ -72,12 +72,38 @@ export class ClusterMap {
     const lo = this.l1.readUInt32BE(i * 8 + 4);
     const offset = (hi & 0x00ffffff) * 0x100000000 + ((lo & ~0x1ff) >>> 0);
     if (offset !== 0 && ((hi & 0x00ffffff) > 0x1fffff || offset % this.clusterSize !== 0)) {
-      throw corrupt(this.path, `L2 table offset ${offset} (L1 index ${i}) is not cluster aligned or too large`, { l1Index: i, offset }, 'EIO');
+      throw this.fail(`L2 table offset ${offset} (L1 index ${i}) is not cluster aligned or too large`, { l1Index: i, offset });
     }
     return { offset, copied: (hi & COPIED_HI) !== 0 };
   }
 
+  /**
+   * Turns a malformed entry into the error for the request (image.ts sets it to QEMU's
+   * signal-corruption: the image is marked corrupt and written no more).
+   */
+  fail: (what: string, details: Record<string, unknown>) => Error = (what, details) => corrupt(this.path, what, details, 'EIO');
+  private l2Set: { l1: Buffer; set: Set<number> } | undefined;
+
+  /** Host cluster c holds an active L2 table (the set is rebuilt after the L1 changes). */
+  isL2(c: number): boolean {
+    if (!this.l2Set || this.l2Set.l1 !== this.l1) {
+      const set = new Set<number>();
+      for (let i = 0; i < this.l1Size; i++) {
+        const hi = this.l1.readUInt32BE(i * 8) & 0x00ffffff;
+        const offset = hi * 0x100000000 + ((this.l1.readUInt32BE(i * 8 + 4) & ~0x1ff) >>> 0);
+        if (offset !== 0) set.add(Math.floor(offset / this.clusterSize));
+      }
+      this.l2Set = { l1: this.l1, set };
+    }
+    return this.l2Set.set.has(c);
+  }
+
+  invalidateL2Set(): void {
+    this.l2Set = undefined;
+  }
+
   setL1(i: number, offset: number, copied: boolean): void {
+    this.l2Set = undefined;
     this.l1.writeUInt32BE(((copied ? COPIED_HI : 0) | Math.floor(offset / 0x100000000)) >>> 0, i * 8);
     this.l1.writeUInt32BE(offset >>> 0, i * 8 + 4);
     this.dirtyL1.add(i);
@@ -112,7 +138,7 @@ export class ClusterMap {
     const zero = (lo & ZERO_LO) !== 0;
     if (host === 0) return zero ? ZERO_PLAIN : UNALLOCATED;
     if (hostHi > 0x1fffff || host % this.clusterSize !== 0) {
-      throw corrupt(this.path, `data cluster offset ${host} (L2 table at ${t.offset}, index ${index}) is not cluster aligned or too large`, { l2Offset: t.offset, index, host }, 'EIO');
+      throw this.fail(`data cluster offset ${host} (L2 table at ${t.offset}, index ${index}) is not cluster aligned or too large`, { l2Offset: t.offset, index, host });
     }
     return { kind: zero ? Kind.ZeroAlloc : Kind.Normal, host, copied, csize: 0 };
   }
@@ -124,7 +150,7 @@ export class ClusterMap {
     const host = v & ((1n << BigInt(x)) - 1n);
     const sectors = Number((v >> BigInt(x)) & ((1n << BigInt(this.clusterBits - 8)) - 1n)) + 1;
     if (host > BigInt(Number.MAX_SAFE_INTEGER - 4 * this.clusterSize)) {
-      throw corrupt(this.path, `compressed cluster offset ${host} (L2 table at ${l2Offset}, index ${index}) is too large`, { l2Offset, index }, 'EIO');
+      throw this.fail(`compressed cluster offset ${host} (L2 table at ${l2Offset}, index ${index}) is too large`, { l2Offset, index });
     }
     const h = Number(host);
     return { kind: Kind.Compressed, host: h, copied: false, csize: sectors * 512 - (h & 511) };

@@ -33,6 +33,8 @@ export interface Qcow2OpenOptions {
   native?: SparseOps | null;
   l2CacheBytes?: number;
   refcountCacheBytes?: number;
+  /** where warnings go (a read-only open of an image whose layout is unsound); default stderr */
+  onWarning?: (message: string) => void;
 }
 
 /** extents() stops after this many clusters (it may describe less than asked) */
@@ -104,6 +106,7 @@ export class Qcow2Node implements BlockNode {
         readOnly: options.readOnly ?? file.readOnly,
         ...(options.l2CacheBytes === undefined ? {} : { l2CacheBytes: options.l2CacheBytes }),
         ...(options.refcountCacheBytes === undefined ? {} : { refcountCacheBytes: options.refcountCacheBytes }),
+        ...(options.onWarning === undefined ? {} : { onWarning: options.onWarning }),
       });
     } catch (err) {
       await file.close().catch(() => {});
@@ -722,6 +725,7 @@ export class Qcow2Node implements BlockNode {
     if (this.image.readOnly) {
       throw new BlkrepError('ERR_READ_ONLY', `${op} refused: ${this.image.path} is open read-only`, { errno: 'EPERM', details: { path: this.image.path } });
     }
+    if (this.image.corruption) throw this.image.corruption;
   }
 }
 

@@ -107,6 +107,12 @@ export class Refcounts {
   imageEnd = 0;
   /** every cluster from here on was never written: it reads as zeros */
   freshFrom = 0;
+  /**
+   * Called with every run about to be allocated (and the area a grown table takes): throws when
+   * it holds metadata (the image's overlap check, image.ts).
+   */
+  guard: ((first: number, count: number) => void) | undefined;
+  private blockSet: { table: Buffer; set: Set<number> } | undefined;
   /** every cluster below this has refcount > 0 */
   private hint = 0;
   /** no run of `n` free clusters lies below `from` (until something is freed) */
@@ -143,7 +149,22 @@ export class Refcounts {
     return offset;
   }
 
+  /** Host cluster c holds a refcount block. */
+  isBlock(c: number): boolean {
+    if (!this.blockSet || this.blockSet.table !== this.reftable) {
+      const set = new Set<number>();
+      for (let i = 0; i < this.reftableEntries; i++) {
+        const hi = this.reftable.readUInt32BE(i * 8) & 0x00ffffff;
+        const offset = hi * 0x100000000 + ((this.reftable.readUInt32BE(i * 8 + 4) & ~0x1ff) >>> 0);
+        if (offset !== 0) set.add(Math.floor(offset / this.clusterSize));
+      }
+      this.blockSet = { table: this.reftable, set };
+    }
+    return this.blockSet.set.has(c);
+  }
+
   private setBlockOffset(table: Buffer, index: number, offset: number): void {
+    this.blockSet = undefined;
     table.writeUInt32BE(Math.floor(offset / 0x100000000), index * 8);
     table.writeUInt32BE(offset >>> 0, index * 8 + 4);
   }
@@ -289,6 +310,7 @@ export class Refcounts {
         const free = slots.filter((q) => !taken.has(q));
         for (const index of missing) if (!placed.has(index)) placed.set(index, free.shift()!);
       }
+      this.guard?.(p, n + placed.size);
       for (const [index, q] of placed) {
         const offset = q * this.clusterSize;
         this.blocks.add(offset, Buffer.alloc(this.clusterSize));
@@ -441,6 +463,7 @@ export class Refcounts {
     const tableClusters = entries / perCluster;
     const tableStart = areaStart + newBlocks.length;
     const areaEnd = tableStart + tableClusters;
+    this.guard?.(areaStart, areaEnd - areaStart);
 
     const table = Buffer.alloc(entries * 8);
     this.reftable.copy(table);
