@@ -8,8 +8,9 @@
  *   PATH            a file or block device; its format is probed (qcow2 by its magic, else raw)
  *
  * A qcow2 image opens its backing chain through openImage (read-only, the format its header
- * names, at most MAX_CHAIN_DEPTH deep). Adding a format: a case in probeFormat() recognising its
- * header, and a case in openProbed() opening it over (or instead of) the raw node.
+ * names, at most MAX_CHAIN_DEPTH deep). Formats are a table (formats.ts): adding one is one
+ * registerImageFormat() entry with its probe and a lazy loader of its driver; the driver
+ * imports formats.ts, never this file.
  */
 import type { BlockNode } from '../api/block.js';
 import { BlkrepError } from '../api/errors.js';
@@ -21,6 +22,9 @@ import { isNbdUri } from '../nbd/uri.js';
 import type { NbdNodeOptions } from './nbd.js';
 import type { SparseOps } from './native.js';
 import { RawNode } from './raw.js';
+import { imageFormat, PROBE_BYTES, probeFormat, provideImageOpener, registerImageFormat, type ImageFormat } from './formats.js';
+
+export { PROBE_BYTES, probeFormat, registerImageFormat, type ImageFormat, type ImageFormatDriver } from './formats.js';
 
 export interface OpenImageOptions {
   readOnly?: boolean;
@@ -37,11 +41,6 @@ export interface OpenImageOptions {
 /** Backing chains deeper than this are refused (they loop, or are made to exhaust us). */
 export const MAX_CHAIN_DEPTH = 64;
 
-export type ImageFormat = 'raw' | 'qcow2';
-
-/** bytes read from the start of an image for probing */
-export const PROBE_BYTES = 512;
-
 function badImage(spec: string, why: string, cause?: unknown): BlkrepError {
   return new BlkrepError('ERR_BAD_IMAGE', `invalid image "${spec}": ${why}`, {
     errno: 'EINVAL',
@@ -50,16 +49,17 @@ function badImage(spec: string, why: string, cause?: unknown): BlkrepError {
   });
 }
 
-/** The format of an image from its first bytes (fewer when the image is smaller). */
-export function probeFormat(header: Buffer): ImageFormat {
-  // qcow2: "QFI\xfb" then a big-endian version ≥ 2 (as QEMU probes: the qcow2 driver then
-  // refuses versions it does not know, rather than serving the header as raw data)
-  if (header.length >= 8 && header.readUInt32BE(0) === 0x514649fb) {
-    const version = header.readUInt32BE(4);
-    if (version >= 2) return 'qcow2';
-  }
-  return 'raw';
-}
+// qcow2: "QFI\xfb" then a big-endian version ≥ 2 (as QEMU probes: the qcow2 driver then refuses
+// versions it does not know, rather than serving the header as raw data)
+const isQcow2Header = (header: Buffer) => header.length >= 8 && header.readUInt32BE(0) === 0x514649fb && header.readUInt32BE(4) >= 2;
+
+registerImageFormat({ name: 'raw', probe: () => true, open: (path, o) => RawNode.open(path, o) });
+registerImageFormat({
+  name: 'qcow2',
+  probe: isQcow2Header,
+  open: async (path, o) => (await import('./qcow2/node.js')).Qcow2Node.open(path, o),
+});
+provideImageOpener((spec, o) => openImage(spec, o));
 
 export async function openImage(spec: string, options: OpenImageOptions = {}): Promise<BlockNode> {
   const readOnly = options.readOnly ?? false;
@@ -90,28 +90,29 @@ export async function openImage(spec: string, options: OpenImageOptions = {}): P
     throw badImage(spec, 'URIs are not supported as images (expected a path, raw:PATH or memory:SIZE)');
   }
 
-  if (options.format === 'qcow2') return openQcow2(spec, options);
+  if (options.format !== undefined) return openFormat(options.format, spec, options);
   const raw = await RawNode.open(spec, rawOptions);
   return openProbed(spec, raw, options);
 }
 
-/** A qcow2 image with its backing chain, each backing opened read-only through openImage. */
-async function openQcow2(path: string, options: OpenImageOptions): Promise<BlockNode> {
+/** An image of a format from the table, its backing chain opened read-only through openImage. */
+async function openFormat(format: ImageFormat, path: string, options: OpenImageOptions): Promise<BlockNode> {
   const depth = options.chainDepth ?? 0;
   if (depth >= MAX_CHAIN_DEPTH) throw badImage(path, `the backing chain is deeper than ${MAX_CHAIN_DEPTH} images (does it loop?)`);
-  const { Qcow2Node } = await import('./qcow2/node.js');
-  return Qcow2Node.open(path, {
+  const driver = imageFormat(format);
+  if (driver === undefined) throw badImage(path, `format "${format}" is not supported`);
+  return driver.open(path, {
     readOnly: options.readOnly ?? false,
     ...(options.native === undefined ? {} : { native: options.native }),
-    openBacking: async (spec, format) => {
-      if (format !== undefined && format !== 'raw' && format !== 'qcow2') {
-        throw badImage(spec, `backing format "${format}" is not supported (raw and qcow2 are)`);
+    openBacking: async (spec, backingFormat) => {
+      if (backingFormat !== undefined && imageFormat(backingFormat as ImageFormat) === undefined) {
+        throw badImage(spec, `backing format "${backingFormat}" is not supported (raw and qcow2 are)`);
       }
       return openImage(spec, {
         readOnly: true,
         chainDepth: depth + 1,
         ...(options.nbd === undefined ? {} : { nbd: options.nbd }),
-        ...(format === undefined ? {} : { format }),
+        ...(backingFormat === undefined ? {} : { format: backingFormat as ImageFormat }),
         ...(options.native === undefined ? {} : { native: options.native }),
       });
     },
@@ -126,11 +127,7 @@ async function openProbed(spec: string, raw: RawNode, options: OpenImageOptions)
     await raw.close().catch(() => {});
     throw err;
   }
-  switch (format) {
-    case 'raw':
-      return raw;
-    case 'qcow2':
-      await raw.close().catch(() => {});
-      return openQcow2(spec, options);
-  }
+  if (format === 'raw') return raw;
+  await raw.close().catch(() => {});
+  return openFormat(format, spec, options);
 }

@@ -3,7 +3,7 @@ import { BlkrepError } from '../api/errors.js';
 import { BlkrepCommand } from '../cli/base.js';
 import { ControlClient } from '../control/client.js';
 import type { ControlEvent } from '../control/protocol.js';
-import { controlFlag } from '../jobs/job-command.js';
+import { controlFlag } from '../cli/job-command.js';
 
 export default class Events extends BlkrepCommand {
   static override summary = "Print a running serve-nbd daemon's events as JSON lines.";

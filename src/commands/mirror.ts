@@ -10,7 +10,7 @@ import { ERROR_POLICIES, type ErrorPolicy, type JobEvent } from '../jobs/job.js'
 import { BITMAP_MODES, COPY_MODES, DEFAULT_BUF_SIZE, DEFAULT_MAX_OPS, MirrorJob, type BitmapMode, type CopyMode, type MirrorSync } from '../jobs/mirror.js';
 import { formatSize } from '../util/size.js';
 import type { ControlEvent } from '../control/protocol.js';
-import type { JobQuery } from '../jobs/job-command.js';
+import type { JobQuery } from '../cli/job-command.js';
 // the control client, the job follower and the progress bar load only when used (--control; a
 // terminal): an offline mirror starts without compiling them
 
@@ -180,7 +180,7 @@ Exit status: 0 done (live: started, or ready/done with --wait); 1 failure (live:
     if (flags['target-is-zero'] === true) start.targetIsZero = true;
     if (start.sync === 'bitmap' && flags['bitmap-mode'] !== 'on-success') start.bitmapMode = flags['bitmap-mode'];
     const timeoutMs = (flags.timeout ?? 10) * 1000;
-    const [{ ControlClient }, { followJob }] = await Promise.all([import('../control/client.js'), import('../jobs/job-command.js')]);
+    const [{ ControlClient }, { followJob }] = await Promise.all([import('../control/client.js'), import('../cli/job-command.js')]);
     const client = await ControlClient.connect(flags.control!, { timeoutMs });
     try {
       const events: ControlEvent[] = [];

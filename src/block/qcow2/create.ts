@@ -8,7 +8,9 @@
 import { open as openFile } from 'node:fs/promises';
 import type { BlockNode } from '../../api/block.js';
 import { BlkrepError } from '../../api/errors.js';
+import { openBackingImage } from '../formats.js';
 import type { SparseOps } from '../native.js';
+import { resolveBackingSpec } from './backing-spec.js';
 import { HostFile } from './file.js';
 import { buildHeaderCluster, l1EntriesFor, MAX_L1_BYTES } from './format.js';
 import { Qcow2Image } from './image.js';
@@ -53,12 +55,8 @@ export async function createQcow2(path: string, o: Qcow2CreateOptions = {}): Pro
       throw usage(`backing format "${backingFormat}" is not supported (raw and qcow2 are)`);
     }
     if (size === undefined || backingFormat === undefined) {
-      const { resolveBackingSpec } = await import('./node.js');
       const spec = resolveBackingSpec(path, o.backing);
-      const opener = o.openBacking ?? (async (s: string, f: string | undefined) => {
-        const { openImage } = await import('../open.js');
-        return openImage(s, { readOnly: true, ...(f === 'raw' || f === 'qcow2' ? { format: f } : {}) });
-      });
+      const opener = o.openBacking ?? openBackingImage;
       const node = await opener(spec, backingFormat);
       try {
         size ??= node.size;

@@ -9,13 +9,16 @@
  * range lock on it, and allocation holds the metadata mutex. Metadata is written back in ordered
  * cycles (image.ts), so flush() costs one or two fsyncs whatever the number of writes before it.
  */
-import { dirname, isAbsolute, resolve } from 'node:path';
 import type { BlockNode, Capabilities, Extent, IoOptions, WriteOptions, ZeroOptions } from '../../api/block.js';
 import { BlkrepError } from '../../api/errors.js';
 import { MAX_PAYLOAD } from '../memory.js';
 import type { SparseOps } from '../native.js';
 import { checkRange, coalesceExtents } from '../node.js';
+import { openBackingImage } from '../formats.js';
+import { resolveBackingSpec } from './backing-spec.js';
 import { createQcow2, type Qcow2CreateOptions } from './create.js';
+
+export { resolveBackingSpec } from './backing-spec.js';
 import { HostFile, type Qcow2Container } from './file.js';
 import { Qcow2Image } from './image.js';
 import { Kind, type Entry } from './mapping.js';
@@ -28,7 +31,7 @@ export interface Qcow2OpenOptions {
    * null = no backing node, whatever the header says (unallocated clusters read as zeros).
    */
   backing?: BlockNode | null;
-  /** opens a backing image read-only; default: openImage() (src/block/open.ts) */
+  /** opens a backing image read-only; default: openImage() (src/block/open.ts), through formats.ts */
   openBacking?: (spec: string, format: string | undefined) => Promise<BlockNode>;
   native?: SparseOps | null;
   l2CacheBytes?: number;
@@ -37,16 +40,6 @@ export interface Qcow2OpenOptions {
 
 /** extents() stops after this many clusters (it may describe less than asked) */
 const EXTENT_SCAN_CLUSTERS = 1 << 20;
-
-/**
- * Where a backing file name points, as QEMU resolves it: absolute paths and URIs (anything with a
- * protocol prefix like nbd: or nbd+unix:) as they are, relative paths against the directory of
- * the image that names them.
- */
-export function resolveBackingSpec(imagePath: string, backing: string): string {
-  if (isAbsolute(backing) || /^[a-z][a-z0-9+.-]*:/i.test(backing)) return backing;
-  return resolve(dirname(imagePath), backing);
-}
 
 export class Qcow2Node implements BlockNode {
   readonly driver = 'qcow2';
@@ -115,7 +108,7 @@ export class Qcow2Node implements BlockNode {
         backing = options.backing ?? undefined;
       } else if (image.header.backingFile !== undefined) {
         const spec = resolveBackingSpec(file.path, image.header.backingFile);
-        const opener = options.openBacking ?? defaultOpener;
+        const opener = options.openBacking ?? openBackingImage;
         try {
           backing = await opener(spec, image.header.backingFormat);
         } catch (err) {
@@ -723,10 +716,4 @@ export class Qcow2Node implements BlockNode {
       throw new BlkrepError('ERR_READ_ONLY', `${op} refused: ${this.image.path} is open read-only`, { errno: 'EPERM', details: { path: this.image.path } });
     }
   }
-}
-
-async function defaultOpener(spec: string, format: string | undefined): Promise<BlockNode> {
-  const { openImage } = await import('../open.js');
-  const f = format === 'raw' || format === 'qcow2' ? format : undefined;
-  return openImage(spec, { readOnly: true, ...(f ? { format: f } : {}) });
 }

@@ -1,6 +1,6 @@
 import { Flags } from '@oclif/core';
 import { BlkrepError } from '../../api/errors.js';
-import { BitmapCommand, forceFlag, nameFlag, storeFlags, targetArg } from '../../bitmap/command.js';
+import { BitmapCommand, forceFlag, nameFlag, storeFlags, targetArg } from '../../cli/bitmap-command.js';
 import type { BitmapChange } from '../../bitmap/ops.js';
 import { allocationRuns, parseRange, rangesFromJsonFile } from '../../bitmap/ranges.js';
 import type { Run } from '../../bitmap/dirty-bitmap.js';
