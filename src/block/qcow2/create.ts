@@ -8,7 +8,7 @@
 import { open as openFile } from 'node:fs/promises';
 import type { BlockNode } from '../../api/block.js';
 import { BlkrepError } from '../../api/errors.js';
-import { openBackingImage } from '../formats.js';
+import { openImage } from '../formats.js';
 import type { SparseOps } from '../native.js';
 import { resolveBackingSpec } from './backing-spec.js';
 import { HostFile } from './file.js';
@@ -56,7 +56,7 @@ export async function createQcow2(path: string, o: Qcow2CreateOptions = {}): Pro
     }
     if (size === undefined || backingFormat === undefined) {
       const spec = resolveBackingSpec(path, o.backing);
-      const opener = o.openBacking ?? openBackingImage;
+      const opener = o.openBacking ?? defaultOpener;
       const node = await opener(spec, backingFormat);
       try {
         size ??= node.size;
@@ -102,4 +102,10 @@ export async function createQcow2(path: string, o: Qcow2CreateOptions = {}): Pro
   } finally {
     await file.close();
   }
+}
+
+/** A backing image read-only, in the format its parent names (probed when none or unknown). */
+function defaultOpener(spec: string, format: string | undefined): Promise<BlockNode> {
+  const f = format === 'raw' || format === 'qcow2' ? format : undefined;
+  return openImage(spec, { readOnly: true, ...(f ? { format: f } : {}) });
 }

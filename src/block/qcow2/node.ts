@@ -14,7 +14,7 @@ import { BlkrepError } from '../../api/errors.js';
 import { MAX_PAYLOAD } from '../memory.js';
 import type { SparseOps } from '../native.js';
 import { checkRange, coalesceExtents } from '../node.js';
-import { openBackingImage } from '../formats.js';
+import { openImage, registerImageFormat } from '../formats.js';
 import { resolveBackingSpec } from './backing-spec.js';
 import { createQcow2, type Qcow2CreateOptions } from './create.js';
 
@@ -22,6 +22,7 @@ export { resolveBackingSpec } from './backing-spec.js';
 import { HostFile, type Qcow2Container } from './file.js';
 import { Qcow2Image } from './image.js';
 import { Kind, type Entry } from './mapping.js';
+import { isQcow2Header } from './probe.js';
 
 export interface Qcow2OpenOptions {
   readOnly?: boolean;
@@ -108,7 +109,7 @@ export class Qcow2Node implements BlockNode {
         backing = options.backing ?? undefined;
       } else if (image.header.backingFile !== undefined) {
         const spec = resolveBackingSpec(file.path, image.header.backingFile);
-        const opener = options.openBacking ?? openBackingImage;
+        const opener = options.openBacking ?? defaultOpener;
         try {
           backing = await opener(spec, image.header.backingFormat);
         } catch (err) {
@@ -717,3 +718,12 @@ export class Qcow2Node implements BlockNode {
     }
   }
 }
+
+/** A backing image read-only, in the format its parent names (probed when none or unknown). */
+function defaultOpener(spec: string, format: string | undefined): Promise<BlockNode> {
+  const f = format === 'raw' || format === 'qcow2' ? format : undefined;
+  return openImage(spec, { readOnly: true, ...(f ? { format: f } : {}) });
+}
+
+// the driver registers itself in the table of image formats (open.ts has a lazy entry for it)
+registerImageFormat({ name: 'qcow2', probe: isQcow2Header, open: (path, o) => Qcow2Node.open(path, o) });
