@@ -72,7 +72,7 @@ export interface OpenImageOptions {
   native?: SparseOps | null;
   /** the image's format; probed from its first bytes when not given */
   format?: ImageFormat;
-  /** for nbd:// and nbd+unix:// images: transports, connections, holdMs … (default: node:net, 1 connection) */
+  /** for nbd:// and nbd+unix:// images: transports, connections, holdMs … (default: the built-in tcp and unix transports, 1 connection) */
   nbd?: Omit<NbdNodeOptions, 'readOnly'>;
   /** how deep in a backing chain this image is (set when opening backing files) */
   chainDepth?: number;

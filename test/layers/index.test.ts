@@ -49,4 +49,10 @@ describe('src/index.ts', () => {
     expect(r.stderr).toBe('');
     expect(JSON.parse(r.stdout)).toEqual(['function', 'function', 'function']);
   });
+
+  it('exports the transport compliance suite for third-party plugins (blkrep/testing/transport-compliance)', async () => {
+    const r = await run(process.execPath, ['--input-type=module', '-e', "console.log(import.meta.resolve('blkrep/testing/transport-compliance'))"], { cwd: REPO_ROOT });
+    expect(r.stderr).toBe('');
+    expect(r.stdout.trim()).toBe(`file://${join(REPO_ROOT, 'dist/src/testing/transport-compliance.js')}`);
+  });
 });
