@@ -96,7 +96,7 @@ With --control PATH the backup runs in a serve-nbd daemon, of its export --expor
     'no-progress': Flags.boolean({ description: 'no progress bar, even on a terminal', default: false }),
     control: Flags.string({ char: 'c', description: "back up a live export: the serve-nbd daemon's control socket", helpValue: 'PATH' }),
     export: Flags.string({ description: 'with --control: the export to back up (default: the only one)', helpValue: 'NAME', dependsOn: ['control'] }),
-    id: Flags.string({ description: 'with --control: the job id (default: backup0, backup1, ...)', helpValue: 'ID', dependsOn: ['control'] }),
+    'job-id': Flags.string({ char: 'j', aliases: ['id'], description: 'with --control: the job id (default: backup0, backup1, ...)', helpValue: 'ID', dependsOn: ['control'] }),
     wait: Flags.boolean({ description: 'with --control: follow the job and exit when it has concluded', dependsOn: ['control'] }),
     'fleecing-export': Flags.string({ description: "with --control: serve the point-in-time view read-only as export NAME of the daemon (on its listeners) while the job runs", helpValue: 'NAME', dependsOn: ['control'] }),
     'fleecing-socket': Flags.string({ description: "with --fleecing-export: serve it on this Unix socket of its own instead of the daemon's listeners", helpValue: 'PATH', dependsOn: ['fleecing-export'] }),
@@ -172,7 +172,7 @@ With --control PATH the backup runs in a serve-nbd daemon, of its export --expor
     flags: {
       control?: string;
       export?: string;
-      id?: string;
+      'job-id'?: string;
       wait?: boolean;
       sync: string;
       bitmap?: string;
@@ -198,7 +198,7 @@ With --control PATH the backup runs in a serve-nbd daemon, of its export --expor
       let info = (await client.request('job-start', {
         type: 'backup',
         ...opt('export', flags.export),
-        ...opt('id', flags.id),
+        ...opt('id', flags['job-id']),
         target,
         ...opt('targetFormat', flags['target-format']),
         sync: flags.sync,

@@ -57,7 +57,7 @@ The commit runs as a job (the engine of blkrep mirror): --on-source-error and --
     'no-progress': Flags.boolean({ description: 'no progress bar, even on a terminal', default: false }),
     control: Flags.string({ char: 'c', description: "commit a live export: the serve-nbd daemon's control socket", helpValue: 'PATH' }),
     export: Flags.string({ description: 'with --control: the export whose image is committed (default: the only one)', helpValue: 'NAME' }),
-    id: Flags.string({ description: 'with --control: the job id (default: commit0, commit1, and so on)', helpValue: 'ID' }),
+    'job-id': Flags.string({ char: 'j', aliases: ['id'], description: 'with --control: the job id (default: commit0, commit1, and so on)', helpValue: 'ID' }),
     top: Flags.string({ description: "with --control: commit this layer of the export's backing chain (and those down to above BASE) instead of the export's image: an intermediate commit, which ends by itself and makes them empty", helpValue: 'LAYER' }),
     wait: Flags.boolean({ description: 'with --control: follow the job, complete it once ready (cancel it with --keep), exit when it has concluded', default: false }),
   };
@@ -142,7 +142,7 @@ The commit runs as a job (the engine of blkrep mirror): --on-source-error and --
   private async live(flags: {
     control?: string;
     export?: string;
-    id?: string;
+    'job-id'?: string;
     base?: string;
     top?: string;
     rate?: number;
@@ -161,7 +161,7 @@ The commit runs as a job (the engine of blkrep mirror): --on-source-error and --
       let info = (await client.request('job-start', {
         type: 'commit',
         ...(flags.export === undefined ? {} : { export: flags.export }),
-        ...(flags.id === undefined ? {} : { id: flags.id }),
+        ...(flags['job-id'] === undefined ? {} : { id: flags['job-id'] }),
         ...(flags.base === undefined ? {} : { base: abs(flags.base) }),
         ...(flags.top === undefined ? {} : { top: abs(flags.top) }),
         ...(flags.keep ? { keep: true } : {}),

@@ -79,7 +79,7 @@ Exit status: 0 done (live: started, or ready/done with --wait); 1 failure (live:
     'no-progress': Flags.boolean({ description: 'no progress bar, even on a terminal', default: false }),
     control: Flags.string({ char: 'c', description: "live: mirror an export of the serve-nbd daemon behind this control socket (give only TARGET)", helpValue: 'PATH' }),
     export: Flags.string({ char: 'e', description: "live: the export to mirror (default: the daemon's only export)", helpValue: 'NAME' }),
-    'job-id': Flags.string({ description: 'live: the job id (default mirror0, mirror1 ...)', helpValue: 'ID' }),
+    'job-id': Flags.string({ char: 'j', description: 'live: the job id (default mirror0, mirror1 ...)', helpValue: 'ID' }),
     wait: Flags.string({ description: 'live: wait until the job is ready, or done (concluded), before exiting', options: ['ready', 'done'], helpValue: 'ready|done' }),
     timeout: Flags.integer({ description: 'live: give up on the daemon (or the --wait) after this many seconds', min: 1, helpValue: 'SECONDS' }),
   };

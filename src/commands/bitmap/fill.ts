@@ -32,7 +32,7 @@ Filling regions that are dirty already succeeds and changes nothing ("changed": 
   static override flags = {
     ...storeFlags,
     name: nameFlag(),
-    range: Flags.string({ char: 'r', description: 'dirty OFFSET:LENGTH (sizes take suffixes: 1G:64K)', helpValue: 'OFFSET:LENGTH', multiple: true, multipleNonGreedy: true }),
+    range: Flags.string({ charAliases: ['r'], description: 'dirty OFFSET:LENGTH (sizes take suffixes: 1G:64K)', helpValue: 'OFFSET:LENGTH', multiple: true, multipleNonGreedy: true }),
     all: Flags.boolean({ description: 'dirty the whole disk', default: false }),
     'from-allocation': Flags.string({ description: 'dirty what IMAGE allocates (above --base)', helpValue: 'IMAGE' }),
     base: Flags.string({ description: 'with --from-allocation: only what lies above BASE in the backing chain', helpValue: 'BASE', dependsOn: ['from-allocation'] }),
