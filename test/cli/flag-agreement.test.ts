@@ -6,6 +6,7 @@
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
+import { withBareWait } from '../../src/cli/flags.js';
 import { REPO_ROOT, runCli } from '../support/spawn.js';
 
 interface ManifestFlag {
@@ -46,6 +47,29 @@ describe('flags of sibling commands', () => {
     expect(flags.filter((f) => f.name === 'id' || f.name === 'job')).toEqual([]);
     const aliases = Object.fromEntries(jobIds.map((f) => [f.command, f.aliases ?? []]));
     expect(aliases).toEqual({ backup: ['id'], commit: ['id'], events: ['job'], mirror: [] });
+  });
+
+  it('--wait is ready|done in every command that starts a job; a bare --wait means done', () => {
+    const waits = flags.filter((f) => f.name === 'wait');
+    expect(waits.map((f) => [f.command, f.type, f.options]).sort()).toEqual([
+      ['backup', 'option', ['ready', 'done']],
+      ['commit', 'option', ['ready', 'done']],
+      ['mirror', 'option', ['ready', 'done']],
+    ]);
+    expect(withBareWait(['--control', 'c', '--wait'])).toEqual(['--control', 'c', '--wait=done']);
+    expect(withBareWait(['--wait', '--json'])).toEqual(['--wait=done', '--json']);
+    expect(withBareWait(['--wait', 'ready', '--wait', 'done'])).toEqual(['--wait', 'ready', '--wait', 'done']);
+    expect(withBareWait(['--', '--wait'])).toEqual(['--', '--wait']);
+  });
+
+  it('--wait ready where a job has no ready state, or --keep without done, is a usage error (exit 2)', async () => {
+    const ctl = join(REPO_ROOT, 'no-such.sock');
+    const backup = await runCli(['backup', '--control', ctl, '--export', 'disk', '/tmp/t.img', '--wait', 'ready', '--json']);
+    expect(backup.code).toBe(2);
+    expect(JSON.parse(backup.stdout)).toMatchObject({ error: { code: 'ERR_USAGE', message: expect.stringContaining('no ready state') } });
+    const commit = await runCli(['commit', '--control', ctl, '--export', 'disk', '--keep', '--wait', 'ready', '--json']);
+    expect(commit.code).toBe(2);
+    expect(JSON.parse(commit.stdout)).toMatchObject({ error: { code: 'ERR_USAGE', message: expect.stringContaining('--wait done') } });
   });
 
   it('every timeout is in seconds', () => {
