@@ -1,3 +1,4 @@
 export * from './errors.js';
 export type * from './block.js';
 export type * from './transport.js';
+export type * from './control.js';

@@ -54,7 +54,61 @@ export interface TransportRegistry {
   names(): string[];
 }
 
-/** Options passed to the `blkrep:register` oclif hook. */
+/**
+ * A connection upgrade: takes a connected byte stream and returns the upgraded one (TLS after
+ * NBD_OPT_STARTTLS, on the server and on the client). Encryption is an upgrade, not a transport.
+ */
+export interface ConnectionUpgrader {
+  /** "tls" */
+  readonly name: string;
+  readonly summary: string;
+  /** the server side of a connection: after the server accepted NBD_OPT_STARTTLS */
+  server(connection: TransportConnection, options?: UpgradeOptions): Promise<TransportConnection>;
+  /** the client side: after the server answered NBD_OPT_STARTTLS with ACK */
+  client(connection: TransportConnection, options?: UpgradeOptions): Promise<TransportConnection>;
+}
+
+export interface UpgradeOptions {
+  signal?: AbortSignal;
+  /** give up after this many milliseconds */
+  timeoutMs?: number;
+  /** the upgrader's own settings (certificates, PSK file …), as the user gave them */
+  settings?: Readonly<Record<string, string>>;
+}
+
+export type UpgraderFactory = () => ConnectionUpgrader;
+
+export interface UpgraderRegistry {
+  register(name: string, factory: UpgraderFactory): void;
+  get(name: string): ConnectionUpgrader;
+  has(name: string): boolean;
+  names(): string[];
+}
+
+/**
+ * A heartbeat backend: how the two hosts of a replication pair watch each other (DESIGN §7).
+ * Only the slot exists yet; its methods will be added (this contract is only ever added to).
+ */
+export interface HeartbeatBackend {
+  /** "udp", "disk" … */
+  readonly name: string;
+  readonly summary: string;
+}
+
+export type HeartbeatFactory = () => HeartbeatBackend;
+
+export interface HeartbeatRegistry {
+  register(name: string, factory: HeartbeatFactory): void;
+  get(name: string): HeartbeatBackend;
+  has(name: string): boolean;
+  names(): string[];
+}
+
+/** Options passed to the `blkrep:register` oclif hook: the registries a plugin may add to. */
 export interface RegisterHookOptions {
   transports: TransportRegistry;
+  /** connection upgraders (TLS); absent in engines older than this slot */
+  upgraders?: UpgraderRegistry;
+  /** heartbeat backends; absent in engines older than this slot */
+  heartbeats?: HeartbeatRegistry;
 }

@@ -4,7 +4,7 @@
  * -checkpoints. Each takes `export` (optional when the daemon serves one export) and `name`.
  */
 import { BlkrepError } from '../api/errors.js';
-import type { ControlServer } from '../control/server.js';
+import type { ControlVerbRegistry as ControlServer } from '../api/control.js';
 import { isJsonObject } from '../control/protocol.js';
 import type { Run } from './dirty-bitmap.js';
 import type { ExportBitmaps } from './export-bitmaps.js';

@@ -19,7 +19,7 @@ import {
   type BitmapInfo, type CheckpointInfo, type LoadState, type MergeSource,
 } from './ops.js';
 import { PersistentBitmap } from './persistent.js';
-import type { BitmapStore, ReadOptions } from './store.js';
+import { readSource, type BitmapStore, type OpenBitmapStore, type OpenStoreOptions, type ReadOptions } from './store-base.js';
 
 async function exists(path: string): Promise<boolean> {
   try {
@@ -33,6 +33,8 @@ async function exists(path: string): Promise<boolean> {
 interface FileStoreOptions {
   exists: boolean;
   force: boolean;
+  /** opens another target (a merge source) */
+  open: OpenBitmapStore;
   /** the bitmap's name (default: from the file's name) */
   name?: string;
   /** the disk's size, when the file must cover it (a bitmap beside an image) */
@@ -263,7 +265,7 @@ export class FileStore implements BitmapStore {
 
   private async sourceBits(name: string, source: MergeSource): Promise<DirtyBitmap> {
     if (source.bits) return source.bits;
-    if (source.file !== undefined) return readSource(source.file, source.name);
+    if (source.file !== undefined) return readSource(this.options.open, source.file, source.name);
     // a bitmap of this store: only itself, which a merge leaves as it is
     await this.resolve(source.name ?? name);
     return (await this.read(this.name)).bitmap;
@@ -275,15 +277,27 @@ export class FileStore implements BitmapStore {
   }
 }
 
-/** The bits of bitmap `name` (or the only one) of another target: a bitmap file or an image. */
-export async function readSource(file: string, name: string | undefined): Promise<DirtyBitmap> {
-  const { openBitmapStore } = await import('./store.js');
-  const store = await openBitmapStore(file);
-  try {
-    return (await store.read(await store.resolve(name))).bitmap;
-  } finally {
-    await store.close();
+/** A blkrep bitmap file (a checkpoint file too). */
+export function openFileStore(path: string, options: OpenStoreOptions, open: OpenBitmapStore): Promise<BitmapStore> {
+  return FileStore.open(path, { exists: true, force: options.force ?? false, open });
+}
+
+/** A bitmap file still to be created (only `add --size` does that). */
+export function openNewFileStore(path: string, options: OpenStoreOptions, open: OpenBitmapStore): Promise<BitmapStore> {
+  return FileStore.open(path, { exists: false, force: options.force ?? false, open });
+}
+
+/** A raw image, whose bitmaps are the files beside it. */
+export async function openImageStore(path: string, options: OpenStoreOptions, open: OpenBitmapStore): Promise<BitmapStore> {
+  const st = await stat(path);
+  if (!st.isFile()) {
+    throw new BlkrepError(
+      'ERR_USAGE',
+      `"${path}" is not a regular file: the bitmaps of a block device are kept in files named when serving it (serve-nbd --bitmap NAME=FILE); give such a FILE as TARGET`,
+      { errno: 'EINVAL', details: { path } },
+    );
   }
+  return ImageStore.open(path, { force: options.force ?? false, open });
 }
 
 /** A raw image's bitmaps: the files IMAGE.NAME.bitmap beside it. */
@@ -295,13 +309,14 @@ export class ImageStore implements BitmapStore {
     readonly path: string,
     readonly size: number,
     private readonly force: boolean,
+    private readonly open: OpenBitmapStore,
   ) {
     this.description = `image ${path}`;
   }
 
-  static async open(path: string, options: { force: boolean }): Promise<ImageStore> {
+  static async open(path: string, options: { force: boolean; open: OpenBitmapStore }): Promise<ImageStore> {
     const st = await stat(path);
-    return new ImageStore(path, st.size, options.force);
+    return new ImageStore(path, st.size, options.force, options.open);
   }
 
   async list(): Promise<BitmapInfo[]> {
@@ -371,6 +386,7 @@ export class ImageStore implements BitmapStore {
     return FileStore.open(path, {
       exists: await exists(path),
       force: this.force,
+      open: this.open,
       name,
       size: this.size,
       description: `image ${this.path}`,

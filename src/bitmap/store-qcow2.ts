@@ -23,20 +23,24 @@ import { checkGranularity, DirtyBitmap, type Run } from './dirty-bitmap.js';
 import {
   anyClearable, bitmapInfo, checkRanges, mergeInto, percentOf, type AddOptions, type BitmapChange, type BitmapInfo, type CheckpointInfo, type MergeSource,
 } from './ops.js';
-import type { BitmapStore, OpenStoreOptions, ReadOptions } from './store.js';
+import { readSource, type BitmapStore, type OpenBitmapStore, type OpenStoreOptions, type ReadOptions } from './store-base.js';
 
-export async function openQcow2BitmapStore(path: string, _options: OpenStoreOptions): Promise<BitmapStore> {
+export async function openQcow2BitmapStore(path: string, _options: OpenStoreOptions, open: OpenBitmapStore): Promise<BitmapStore> {
   // open once now, so that an image that cannot be read (or whose directory is corrupt) fails here
   const dir = await Qcow2BitmapDirectory.open(path, { readOnly: true });
   await dir.close();
-  return new Qcow2Store(path);
+  return new Qcow2Store(path, open);
 }
 
 export class Qcow2Store implements BitmapStore {
   readonly kind = 'qcow2' as const;
   readonly description: string;
 
-  constructor(readonly path: string) {
+  constructor(
+    readonly path: string,
+    /** opens another target (a merge source) */
+    private readonly open: OpenBitmapStore,
+  ) {
     this.description = `qcow2 image ${path}`;
   }
 
@@ -156,8 +160,7 @@ export class Qcow2Store implements BitmapStore {
   async merge(name: string, source: MergeSource): Promise<BitmapChange> {
     let bits = source.bits;
     if (!bits && source.file !== undefined) {
-      const { readSource } = await import('./store-file.js');
-      bits = await readSource(source.file, source.name);
+      bits = await readSource(this.open, source.file, source.name);
     }
     return this.change(name, async (b, dir) => {
       let from = bits;

@@ -8,65 +8,50 @@
  *   live     --control PATH [--export NAME]           the export's bitmaps in the daemon (store-live.ts)
  *   qcow2    a qcow2 image                            qcow2's own persistent bitmaps (store-qcow2.ts)
  *
- * openBitmapStore() decides which from the target itself (its first bytes), never from its name.
- * A new kind of target is a class implementing BitmapStore and a case in openBitmapStore().
+ * openBitmapStore() decides which from the target itself (its first bytes), never from its name,
+ * and opens it through a table of lazy loaders: a new kind of target is a class implementing
+ * BitmapStore (store-base.ts) and one registerBitmapStore() entry. The live store is a client of
+ * the control socket, so the engine does not load it: the CLI registers it (src/cli/).
  *
  * Every method that may change something reports `changed`, so that commands are idempotent for
  * scripts (adding a bitmap that exists as asked, clearing a clean one, … change nothing).
  */
-import { open as openFile, stat } from 'node:fs/promises';
+import { open as openFile } from 'node:fs/promises';
 import { BlkrepError } from '../api/errors.js';
 import { isNbdUri } from '../nbd/uri.js';
 import { probeFormat, PROBE_BYTES } from '../block/open.js';
-import type { DirtyBitmap, Run } from './dirty-bitmap.js';
 import { HEADER_SLOT_BYTES, MAGIC } from './format.js';
-import type { AddOptions, BitmapChange, BitmapInfo, CheckpointInfo, MergeSource } from './ops.js';
+import { sourceBitmapFile as sourceFileVia, type BitmapStore, type OpenStoreOptions, type TargetKind } from './store-base.js';
 
-export type StoreKind = 'file' | 'image' | 'live' | 'qcow2';
+export type { BitmapStore, OpenBitmapStore, OpenStoreOptions, ReadOptions, StoreKind, TargetKind } from './store-base.js';
 
-export interface ReadOptions {
-  /** only the bits of [start, start+length) are needed (a live store fetches only those) */
-  start?: number;
-  length?: number;
+/** Opens one kind of target; `open` is openBitmapStore, for a store that reads another (a merge source). */
+export type StoreOpener = (target: string, options: OpenStoreOptions, open: typeof openBitmapStore) => Promise<BitmapStore>;
+
+/** The slots of the table: a kind of target as probeTarget names it, and `live` (target: the control socket). */
+export type StoreSlot = TargetKind | 'live';
+
+const stores = new Map<StoreSlot, () => Promise<StoreOpener>>();
+
+/** Fill (or replace) a slot with a loader of its opener, called on first use. */
+export function registerBitmapStore(slot: StoreSlot, load: () => Promise<StoreOpener>): void {
+  stores.set(slot, load);
 }
 
-export interface BitmapStore {
-  readonly kind: StoreKind;
-  /** what the store is, for messages: `bitmap file X`, `image X`, `export "e" of the daemon at P` */
-  readonly description: string;
-  list(): Promise<BitmapInfo[]>;
-  /** The bitmap a command means: `name`, or the only one there is when undefined. */
-  resolve(name: string | undefined): Promise<string>;
-  /** The bits of a bitmap, as a moment's copy. */
-  read(name: string, options?: ReadOptions): Promise<{ info: BitmapInfo; bitmap: DirtyBitmap }>;
-  add(name: string, options: AddOptions): Promise<BitmapChange>;
-  remove(name: string, options: { ifExists?: boolean }): Promise<BitmapChange>;
-  /** Clean the whole bitmap, or the granules wholly inside `ranges`. */
-  clear(name: string, ranges?: Run[]): Promise<BitmapChange>;
-  setEnabled(name: string, enabled: boolean): Promise<BitmapChange>;
-  merge(name: string, source: MergeSource): Promise<BitmapChange>;
-  /** Dirty the ranges (any number of them), or every granule. */
-  fill(name: string, what: { ranges?: Run[]; all?: boolean }): Promise<BitmapChange>;
-  checkpoint(name: string): Promise<CheckpointInfo>;
-  checkpoints(name: string): Promise<CheckpointInfo[]>;
-  /** The bits of checkpoint `n` of a bitmap. */
-  readCheckpoint(name: string, n: number): Promise<{ info: CheckpointInfo; bitmap: DirtyBitmap }>;
-  close(): Promise<void>;
-}
+registerBitmapStore('bitmap-file', async () => (await import('./store-file.js')).openFileStore);
+registerBitmapStore('missing', async () => (await import('./store-file.js')).openNewFileStore);
+registerBitmapStore('raw', async () => (await import('./store-file.js')).openImageStore);
+registerBitmapStore('qcow2', async () => (await import('./store-qcow2.js')).openQcow2BitmapStore);
 
-export interface OpenStoreOptions {
-  /** the daemon's control socket: the target is then a live export */
-  control?: string;
-  /** the export (with `control`); the daemon's only export when not given */
-  export?: string;
-  /** give up on the daemon after this many milliseconds (default 10 s) */
-  timeoutMs?: number;
-  /** change a bitmap file that is marked in use (its writer died, or a daemon has it open) */
-  force?: boolean;
+async function openSlot(slot: StoreSlot, target: string, options: OpenStoreOptions): Promise<BitmapStore> {
+  const load = stores.get(slot);
+  if (load === undefined) {
+    throw new BlkrepError('ERR_NOT_SUPPORTED', slot === 'live'
+      ? `bitmaps of a live export (--control ${target}) are reached through the control socket, and no live bitmap store is loaded here (the blkrep CLI loads one)`
+      : `no bitmap store is loaded for a target of kind ${slot} ("${target}")`, { errno: 'ENOTSUP', details: { target, kind: slot } });
+  }
+  return (await load())(target, options, openBitmapStore);
 }
-
-/** What a target is, from its first bytes: a bitmap file, a qcow2 image, a raw image, or nothing yet. */
-export type TargetKind = 'bitmap-file' | 'qcow2' | 'raw' | 'missing';
 
 export async function probeTarget(path: string): Promise<TargetKind> {
   let handle;
@@ -103,8 +88,7 @@ export async function openBitmapStore(target: string | undefined, options: OpenS
     if (target !== undefined) {
       throw new BlkrepError('ERR_USAGE', `give either TARGET ("${target}") or --control, not both: with --control the bitmaps are those of the export the daemon serves`, { errno: 'EINVAL' });
     }
-    const { LiveStore } = await import('./store-live.js');
-    return LiveStore.connect(options.control, options.export, { timeoutMs: options.timeoutMs ?? 10_000 });
+    return openSlot('live', options.control, options);
   }
   if (options.export !== undefined) throw new BlkrepError('ERR_USAGE', '--export needs --control (the daemon serving the export)', { errno: 'EINVAL' });
   if (target === undefined || target === '') {
@@ -119,49 +103,14 @@ export async function openBitmapStore(target: string | undefined, options: OpenS
   }
   const path = target.startsWith('raw:') ? target.slice('raw:'.length) : target;
   const kind = target.startsWith('raw:') ? 'raw' : await probeTarget(path);
-  const { FileStore, ImageStore } = await import('./store-file.js');
-  switch (kind) {
-    case 'bitmap-file':
-    case 'missing':
-      return FileStore.open(path, { exists: kind === 'bitmap-file', force: options.force ?? false });
-    case 'qcow2': {
-      const { openQcow2BitmapStore } = await import('./store-qcow2.js');
-      return openQcow2BitmapStore(path, options);
-    }
-    case 'raw': {
-      const st = await stat(path);
-      if (!st.isFile()) {
-        throw new BlkrepError(
-          'ERR_USAGE',
-          `"${path}" is not a regular file: the bitmaps of a block device are kept in files named when serving it (serve-nbd --bitmap NAME=FILE); give such a FILE as TARGET`,
-          { errno: 'EINVAL', details: { path } },
-        );
-      }
-      return ImageStore.open(path, { force: options.force ?? false });
-    }
-  }
+  return openSlot(kind, path, options);
 }
 
 /**
  * A merge source given on the command line (`--source NAME`, `--source-file FILE`) as the path
  * of the bitmap file that holds it: FILE itself when it is a bitmap file, FILE.NAME.bitmap when
- * it is an image. Used by stores that hand the file to someone else (the daemon).
+ * it is an image.
  */
-export async function sourceBitmapFile(file: string, name: string | undefined): Promise<string> {
-  const store = await openBitmapStore(file);
-  try {
-    const n = await store.resolve(name);
-    if (store.kind === 'qcow2') {
-      throw new BlkrepError(
-        'ERR_NOT_SUPPORTED',
-        `the daemon merges bitmap files, not the bitmaps of a qcow2 image (${file}); copy bitmap "${n}" into a bitmap file first (blkrep bitmap add FILE --size SIZE, blkrep bitmap merge FILE --source-file ${file} --source ${n}) and give that FILE`,
-        { errno: 'ENOTSUP', details: { file, name: n } },
-      );
-    }
-    const info = (await store.list()).find((b) => b.name === n);
-    if (!info?.file) throw new BlkrepError('ERR_BITMAP_NOT_FOUND', `${store.description} has no bitmap "${n}"`, { errno: 'EINVAL' });
-    return info.file;
-  } finally {
-    await store.close();
-  }
+export function sourceBitmapFile(file: string, name: string | undefined): Promise<string> {
+  return sourceFileVia(openBitmapStore, file, name);
 }

@@ -5,7 +5,7 @@
 import { Command, Errors } from '@oclif/core';
 import { BlkrepError } from '../api/errors.js';
 import type { RegisterHookOptions } from '../api/transport.js';
-import { Transports } from '../engine/registry.js';
+import { Heartbeats, Transports, Upgraders } from '../engine/registry.js';
 
 export const EXIT_SUCCESS = 0;
 export const EXIT_FAILURE = 1;
@@ -61,12 +61,17 @@ export abstract class BlkrepCommand extends Command {
   }
 }
 
-/** The transports the installed plugins provide (each registers itself in the blkrep:register hook). */
-export async function loadTransports(command: Command): Promise<Transports> {
-  const transports = new Transports();
-  const result = await command.config.runHook('blkrep:register', { transports } satisfies RegisterHookOptions);
+/** What the installed plugins provide: transports, connection upgraders, heartbeat backends (each registers itself in the blkrep:register hook). */
+export async function loadRegistries(command: Command): Promise<Required<RegisterHookOptions>> {
+  const registries = { transports: new Transports(), upgraders: new Upgraders(), heartbeats: new Heartbeats() };
+  const result = await command.config.runHook('blkrep:register', registries satisfies RegisterHookOptions);
   for (const failure of result.failures) {
     command.logToStderr?.(`blkrep: plugin ${failure.plugin.name} failed to register: ${failure.error.message}`);
   }
-  return transports;
+  return registries;
+}
+
+/** The transports the installed plugins provide. */
+export async function loadTransports(command: Command): Promise<Transports> {
+  return (await loadRegistries(command)).transports as Transports;
 }

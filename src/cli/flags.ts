@@ -13,3 +13,17 @@ export const secondsFlag = Flags.custom<number>({
     return v;
   },
 });
+
+/**
+ * `--wait ready|done`, one shape for every command that starts a job (mirror, backup, commit):
+ * ready = exit once the job is in step (it keeps running), done = exit once it has concluded.
+ * A bare `--wait` (the boolean that backup and commit had) means done: see withBareWait.
+ */
+export const waitFlag = (description: string, extra: { dependsOn?: string[] } = {}) =>
+  Flags.string({ description, options: ['ready', 'done'], helpValue: 'ready|done', ...extra });
+
+/** argv with a bare `--wait` (last, or before another flag) spelled `--wait=done`, so old scripts keep working. */
+export function withBareWait(argv: string[]): string[] {
+  const end = argv.indexOf('--');
+  return argv.map((a, i) => (a === '--wait' && (end === -1 || i < end) && (i + 1 === argv.length || argv[i + 1]!.startsWith('-')) ? '--wait=done' : a));
+}

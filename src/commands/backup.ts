@@ -5,7 +5,7 @@ import { PersistentBitmap } from '../bitmap/persistent.js';
 import { BlkrepCommand } from '../cli/base.js';
 import { ControlClient } from '../control/client.js';
 import { resolveBackupBitmap } from '../cli/backup-bitmap.js';
-import { sizeFlag } from '../cli/flags.js';
+import { sizeFlag, waitFlag, withBareWait } from '../cli/flags.js';
 import { progressBar, type Progress } from '../cli/progress.js';
 import { openImage, type ImageFormat } from '../block/open.js';
 import {
@@ -96,14 +96,15 @@ With --control PATH the backup runs in a serve-nbd daemon, of its export --expor
     'no-progress': Flags.boolean({ description: 'no progress bar, even on a terminal', default: false }),
     control: Flags.string({ char: 'c', description: "back up a live export: the serve-nbd daemon's control socket", helpValue: 'PATH' }),
     export: Flags.string({ description: 'with --control: the export to back up (default: the only one)', helpValue: 'NAME', dependsOn: ['control'] }),
-    id: Flags.string({ description: 'with --control: the job id (default: backup0, backup1, ...)', helpValue: 'ID', dependsOn: ['control'] }),
-    wait: Flags.boolean({ description: 'with --control: follow the job and exit when it has concluded', dependsOn: ['control'] }),
+    'job-id': Flags.string({ char: 'j', aliases: ['id'], description: 'with --control: the job id (default: backup0, backup1, ...)', helpValue: 'ID', dependsOn: ['control'] }),
+    wait: waitFlag('with --control: follow the job and exit when it has concluded (done; a bare --wait is done; a backup has no ready state)', { dependsOn: ['control'] }),
     'fleecing-export': Flags.string({ description: "with --control: serve the point-in-time view read-only as export NAME of the daemon (on its listeners) while the job runs", helpValue: 'NAME', dependsOn: ['control'] }),
     'fleecing-socket': Flags.string({ description: "with --fleecing-export: serve it on this Unix socket of its own instead of the daemon's listeners", helpValue: 'PATH', dependsOn: ['fleecing-export'] }),
   };
 
   async run(): Promise<BackupResult | LiveBackupOutput> {
-    const { args, flags } = await this.parse(Backup);
+    const { args, flags } = await this.parse(Backup, withBareWait(this.argv));
+    if (flags.wait === 'ready') this.usageError('a backup job has no ready state (it concludes once TARGET holds the point in time): use --wait done, or a bare --wait');
     const sync = flags.sync as BackupSync;
     if (flags.control !== undefined) {
       if (args.source === undefined || args.target !== undefined) this.usageError('with --control, give only TARGET (the source is the export --export NAME)');
@@ -172,8 +173,8 @@ With --control PATH the backup runs in a serve-nbd daemon, of its export --expor
     flags: {
       control?: string;
       export?: string;
-      id?: string;
-      wait?: boolean;
+      'job-id'?: string;
+      wait?: string;
       sync: string;
       bitmap?: string;
       'bitmap-mode': string;
@@ -198,7 +199,7 @@ With --control PATH the backup runs in a serve-nbd daemon, of its export --expor
       let info = (await client.request('job-start', {
         type: 'backup',
         ...opt('export', flags.export),
-        ...opt('id', flags.id),
+        ...opt('id', flags['job-id']),
         target,
         ...opt('targetFormat', flags['target-format']),
         sync: flags.sync,

@@ -2,7 +2,7 @@ import { resolve } from 'node:path';
 import { Args, Flags } from '@oclif/core';
 import { BlkrepError } from '../api/errors.js';
 import { BlkrepCommand } from '../cli/base.js';
-import { sizeFlag } from '../cli/flags.js';
+import { sizeFlag, waitFlag, withBareWait } from '../cli/flags.js';
 import { progressBar, type Progress } from '../cli/progress.js';
 import { commitImage, type CommitResult } from '../image/commit.js';
 import { ControlClient } from '../control/client.js';
@@ -57,17 +57,17 @@ The commit runs as a job (the engine of blkrep mirror): --on-source-error and --
     'no-progress': Flags.boolean({ description: 'no progress bar, even on a terminal', default: false }),
     control: Flags.string({ char: 'c', description: "commit a live export: the serve-nbd daemon's control socket", helpValue: 'PATH' }),
     export: Flags.string({ description: 'with --control: the export whose image is committed (default: the only one)', helpValue: 'NAME' }),
-    id: Flags.string({ description: 'with --control: the job id (default: commit0, commit1, and so on)', helpValue: 'ID' }),
+    'job-id': Flags.string({ char: 'j', aliases: ['id'], description: 'with --control: the job id (default: commit0, commit1, and so on)', helpValue: 'ID' }),
     top: Flags.string({ description: "with --control: commit this layer of the export's backing chain (and those down to above BASE) instead of the export's image: an intermediate commit, which ends by itself and makes them empty", helpValue: 'LAYER' }),
-    wait: Flags.boolean({ description: 'with --control: follow the job, complete it once ready (cancel it with --keep), exit when it has concluded', default: false }),
+    wait: waitFlag('with --control: follow the job; ready: exit once it is ready (it keeps running); done (or a bare --wait): complete it once ready (cancel it with --keep), exit when it has concluded'),
   };
 
   async run(): Promise<CommitOutput | LiveCommitOutput> {
-    const { args, flags } = await this.parse(Commit);
+    const { args, flags } = await this.parse(Commit, withBareWait(this.argv));
     if (flags.rate !== undefined && flags.rate <= 0) this.usageError(`--rate must be a positive number of bytes per second, not ${flags.rate}`);
     if (flags.control !== undefined) {
       if (args.overlay !== undefined) this.usageError(`with --control the image of an export is committed: name it with --export, not as ${args.overlay}`);
-      if (flags.keep && !flags.wait) this.usageError('--keep with --control needs --wait (the job keeps the overlay when it is cancelled once ready)');
+      if (flags.keep && flags.wait !== 'done') this.usageError('--keep with --control needs --wait done (the job keeps the overlay when it is cancelled once ready)');
       return this.live(flags);
     }
     for (const f of ['export', 'id', 'top'] as const) if (flags[f] !== undefined) this.usageError(`--${f} needs --control`);
@@ -142,13 +142,13 @@ The commit runs as a job (the engine of blkrep mirror): --on-source-error and --
   private async live(flags: {
     control?: string;
     export?: string;
-    id?: string;
+    'job-id'?: string;
     base?: string;
     top?: string;
     rate?: number;
     speed?: number;
     keep: boolean;
-    wait: boolean;
+    wait?: string;
     'on-source-error': string;
     'on-target-error': string;
     'no-progress': boolean;
@@ -161,7 +161,7 @@ The commit runs as a job (the engine of blkrep mirror): --on-source-error and --
       let info = (await client.request('job-start', {
         type: 'commit',
         ...(flags.export === undefined ? {} : { export: flags.export }),
-        ...(flags.id === undefined ? {} : { id: flags.id }),
+        ...(flags['job-id'] === undefined ? {} : { id: flags['job-id'] }),
         ...(flags.base === undefined ? {} : { base: abs(flags.base) }),
         ...(flags.top === undefined ? {} : { top: abs(flags.top) }),
         ...(flags.keep ? { keep: true } : {}),
@@ -194,6 +194,7 @@ The commit runs as a job (the engine of blkrep mirror): --on-source-error and --
             if (info['active'] === false && !info.error) emptied = ((info['makeEmpty'] as unknown[] | undefined)?.length ?? 0) > 0;
             break;
           }
+          if (info.status === 'ready' && flags.wait === 'ready') return { live: true, export: exportName, job: info };
           if (info.status === 'ready') {
             // complete resolves (or fails) once the job has concluded; cancel of a ready job too
             await client.request(flags.keep ? 'job-cancel' : 'job-complete', { id });

@@ -3,28 +3,28 @@ import { BlkrepError } from '../api/errors.js';
 import { BlkrepCommand } from '../cli/base.js';
 import { ControlClient } from '../control/client.js';
 import type { ControlEvent } from '../control/protocol.js';
-import { controlFlag } from '../jobs/job-command.js';
+import { controlFlag } from '../cli/job-command.js';
 
 export default class Events extends BlkrepCommand {
   static override summary = "Print a running serve-nbd daemon's events as JSON lines.";
 
   static override description = `Subscribes to the events of the daemon behind --control and prints each on stdout as one JSON object per line (NDJSON), as the daemon sends it: {"event": NAME, ...fields, "time": ISO-8601}.
 Job events are job-status-change (status, previous), job-ready (synced true: caught up; false: fell out of step), job-copy-mode (from, to, reason), job-error (side, operation, errno, action, offset, length, message), job-completed (length, offset, speed, error?), and job-cancelled (consistent); each carries the job's id, type and export. The daemon also sends connection, disconnect, refused, bitmap-... and shutdown events.
---job ID keeps only the events of that job; --event NAME (repeatable) only those events. --until NAME stops after the first such event (of the job, with --job) and exits 0, so a script can wait for a mirror to be ready; --count N stops after N events. --timeout gives up (exit 1) after that many seconds.
+--job-id ID keeps only the events of that job; --event NAME (repeatable) only those events. --until NAME stops after the first such event (of the job, with --job-id) and exits 0, so a script can wait for a mirror to be ready; --count N stops after N events. --timeout gives up (exit 1) after that many seconds.
 Exit status: 0 when the --until event (or the --count-th event) arrived, or on SIGINT/SIGTERM; 1 on timeout, when the daemon goes away, or when it cannot be reached; 2 usage error.`;
 
   static override examples = [
     { description: 'Watch everything the daemon does', command: '<%= config.bin %> <%= command.id %> --control /run/blkrep/ctl.sock' },
-    { description: 'Wait (at most 10 minutes) until mirror0 is ready, then complete it', command: '<%= config.bin %> <%= command.id %> --control /run/blkrep/ctl.sock --job mirror0 --until job-ready --timeout 600 && <%= config.bin %> job complete mirror0 --control /run/blkrep/ctl.sock' },
+    { description: 'Wait (at most 10 minutes) until mirror0 is ready, then complete it', command: '<%= config.bin %> <%= command.id %> --control /run/blkrep/ctl.sock --job-id mirror0 --until job-ready --timeout 600 && <%= config.bin %> job complete mirror0 --control /run/blkrep/ctl.sock' },
     { description: 'Only the errors of every job', command: '<%= config.bin %> <%= command.id %> --control /run/blkrep/ctl.sock --event job-error' },
   ];
 
   static override flags = {
     control: controlFlag,
-    job: Flags.string({ char: 'j', description: 'only the events of this job', helpValue: 'ID' }),
+    'job-id': Flags.string({ char: 'j', aliases: ['job'], description: 'only the events of this job', helpValue: 'ID' }),
     event: Flags.string({ description: 'only events of this name (repeatable)', multiple: true, helpValue: 'NAME' }),
     until: Flags.string({ char: 'u', description: 'exit 0 after the first event of this name (e.g. job-ready, job-completed)', helpValue: 'NAME' }),
-    count: Flags.integer({ char: 'n', description: 'exit 0 after this many events', min: 1, helpValue: 'N' }),
+    count: Flags.integer({ charAliases: ['n'], description: 'exit 0 after this many events', min: 1, helpValue: 'N' }),
     timeout: Flags.integer({ description: 'exit 1 when the --until event has not come after this many seconds', min: 1, helpValue: 'SECONDS' }),
   };
 
@@ -42,7 +42,7 @@ Exit status: 0 when the --until event (or the --count-th event) arrived, or on S
     const onEvent = (e: ControlEvent): void => {
       // nothing after the --until (or --count-th) event, even when more came in the same read
       if (over) return;
-      if (flags.job !== undefined && e.id !== flags.job) return;
+      if (flags['job-id'] !== undefined && e.id !== flags['job-id']) return;
       if (flags.event && !flags.event.includes(e.event) && e.event !== flags.until) return;
       process.stdout.write(`${JSON.stringify(e)}\n`);
       n++;
@@ -55,7 +55,7 @@ Exit status: 0 when the --until event (or the --count-th event) arrived, or on S
     const timer =
       flags.timeout === undefined
         ? undefined
-        : setTimeout(() => finish(new BlkrepError('ERR_TIMEOUT', `no ${flags.until ?? 'event'}${flags.job ? ` of job ${flags.job}` : ''} after ${flags.timeout} s`, { errno: 'EIO' })), flags.timeout * 1000);
+        : setTimeout(() => finish(new BlkrepError('ERR_TIMEOUT', `no ${flags.until ?? 'event'}${flags['job-id'] ? ` of job ${flags['job-id']}` : ''} after ${flags.timeout} s`, { errno: 'EIO' })), flags.timeout * 1000);
     void client.closed.then(() => finish(new BlkrepError('ERR_CONTROL_CLOSED', `the daemon at ${flags.control} went away`, { errno: 'ESHUTDOWN' })));
     try {
       await client.subscribe(flags.event && !flags.until ? flags.event : flags.event ? [...flags.event, flags.until!] : undefined, onEvent);

@@ -3,14 +3,14 @@ import type { BlockNode } from '../api/block.js';
 import { BlkrepError } from '../api/errors.js';
 import { PersistentBitmap } from '../bitmap/persistent.js';
 import { BlkrepCommand } from '../cli/base.js';
-import { sizeFlag, secondsFlag } from '../cli/flags.js';
+import { sizeFlag, secondsFlag, waitFlag, withBareWait } from '../cli/flags.js';
 import { openImage, type ImageFormat } from '../block/open.js';
 import type { Progress } from '../cli/progress.js';
 import { ERROR_POLICIES, type ErrorPolicy, type JobEvent } from '../jobs/job.js';
 import { BITMAP_MODES, COPY_MODES, DEFAULT_BUF_SIZE, DEFAULT_MAX_OPS, MirrorJob, type BitmapMode, type CopyMode, type MirrorSync } from '../jobs/mirror.js';
 import { formatSize } from '../util/size.js';
 import type { ControlEvent } from '../control/protocol.js';
-import type { JobQuery } from '../jobs/job-command.js';
+import type { JobQuery } from '../cli/job-command.js';
 // the control client, the job follower and the progress bar load only when used (--control; a
 // terminal): an offline mirror starts without compiling them
 
@@ -79,13 +79,13 @@ Exit status: 0 done (live: started, or ready/done with --wait); 1 failure (live:
     'no-progress': Flags.boolean({ description: 'no progress bar, even on a terminal', default: false }),
     control: Flags.string({ char: 'c', description: "live: mirror an export of the serve-nbd daemon behind this control socket (give only TARGET)", helpValue: 'PATH' }),
     export: Flags.string({ char: 'e', description: "live: the export to mirror (default: the daemon's only export)", helpValue: 'NAME' }),
-    'job-id': Flags.string({ description: 'live: the job id (default mirror0, mirror1 ...)', helpValue: 'ID' }),
-    wait: Flags.string({ description: 'live: wait until the job is ready, or done (concluded), before exiting', options: ['ready', 'done'], helpValue: 'ready|done' }),
+    'job-id': Flags.string({ char: 'j', description: 'live: the job id (default mirror0, mirror1 ...)', helpValue: 'ID' }),
+    wait: waitFlag('live: wait until the job is ready, or done (concluded), before exiting (a bare --wait is done)'),
     timeout: Flags.integer({ description: 'live: give up on the daemon (or the --wait) after this many seconds', min: 1, helpValue: 'SECONDS' }),
   };
 
   async run(): Promise<MirrorResult | JobQuery> {
-    const { args, flags } = await this.parse(Mirror);
+    const { args, flags } = await this.parse(Mirror, withBareWait(this.argv));
     if (flags.control !== undefined) return this.live(args, flags);
     for (const f of ['export', 'job-id', 'wait', 'timeout'] as const) if (flags[f] !== undefined) this.usageError(`--${f} is for a live mirror: give --control PATH too`);
     if (args.source === undefined || args.target === undefined) this.usageError('SOURCE and TARGET are required (or --control PATH and TARGET for a live mirror)');
@@ -180,7 +180,7 @@ Exit status: 0 done (live: started, or ready/done with --wait); 1 failure (live:
     if (flags['target-is-zero'] === true) start.targetIsZero = true;
     if (start.sync === 'bitmap' && flags['bitmap-mode'] !== 'on-success') start.bitmapMode = flags['bitmap-mode'];
     const timeoutMs = (flags.timeout ?? 10) * 1000;
-    const [{ ControlClient }, { followJob }] = await Promise.all([import('../control/client.js'), import('../jobs/job-command.js')]);
+    const [{ ControlClient }, { followJob }] = await Promise.all([import('../control/client.js'), import('../cli/job-command.js')]);
     const client = await ControlClient.connect(flags.control!, { timeoutMs });
     try {
       const events: ControlEvent[] = [];

@@ -1,5 +1,5 @@
 import { Flags } from '@oclif/core';
-import { summary } from '../bitmap/command.js';
+import { summary } from '../cli/bitmap-command.js';
 import type { BitmapInfo, LoadState } from '../bitmap/ops.js';
 import { BlkrepCommand } from '../cli/base.js';
 import { ControlClient } from '../control/client.js';

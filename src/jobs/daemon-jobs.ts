@@ -42,7 +42,7 @@ import { BlkrepError, toBlkrepError } from '../api/errors.js';
 import type { BlockNode } from '../api/block.js';
 import type { ExportBitmaps } from '../bitmap/export-bitmaps.js';
 import type { DirtyTrackingNode } from '../bitmap/filter.js';
-import type { ControlServer } from '../control/server.js';
+import type { ControlVerbRegistry as ControlServer } from '../api/control.js';
 import type { Logger } from '../nbd/server.js';
 import { Job, JobManager, type JobEvent, type JobInfo } from './job.js';
 

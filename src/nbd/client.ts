@@ -39,14 +39,14 @@ import { BlkrepError, isAbortError, toBlkrepError } from '../api/errors.js';
 import type { TransportRegistry } from '../api/transport.js';
 import { BASE_ALLOCATION, CMD, CMD_FLAG, TF } from './constants.js';
 import { checkCommand, describeCommand } from './client-check.js';
-import { netConnector, registryConnector, type NbdConnector } from './client-connect.js';
+import { registryConnector, type NbdConnector } from './client-connect.js';
 import { abortError } from './client-errors.js';
 import { negotiate, type ExportInfo } from './client-handshake.js';
 import { ClientSession, type ClientOp, type CommandReply, type CommandSpec, type SessionEnd, type SessionOwner } from './client-session.js';
 import { parseNbdUri, type NbdUri } from './uri.js';
 
 export type { ExportInfo, BlockSizeInfo } from './client-handshake.js';
-export { netConnector, type NbdConnector } from './client-connect.js';
+export { registryConnector, type NbdConnector } from './client-connect.js';
 
 export interface BackoffOptions {
   /** first retry delay before jitter (default 100 ms) */
@@ -60,11 +60,9 @@ export interface BackoffOptions {
 export interface NbdClientOptions {
   /** the export */
   uri: string | NbdUri;
-  /** how to reach the server; takes precedence over `transports` */
-  connect?: NbdConnector;
   /**
-   * the engine's transports (tcp, unix). Without this or `connect`, node:net is used directly
-   * for tcp and unix, so openImage() works without the plugin machinery.
+   * the registry the connection goes through (the CLI's, filled by the plugins' hook). Without
+   * it, the built-in tcp and unix plugins (src/engine/default-transports.ts).
    */
   transports?: TransportRegistry;
   /** connections to open when the server advertises CAN_MULTI_CONN (default 1) */
@@ -227,12 +225,12 @@ export class NbdClient extends EventEmitter<NbdClientEvents> {
   private flushedUpTo = 0;
   private lossCount = 0;
   private pendingLoss = false;
-  private readonly opts: Required<Omit<NbdClientOptions, 'uri' | 'connect' | 'transports' | 'backoff'>> & { backoff: Required<BackoffOptions> };
+  private readonly opts: Required<Omit<NbdClientOptions, 'uri' | 'transports' | 'backoff'>> & { backoff: Required<BackoffOptions> };
 
   private constructor(options: NbdClientOptions) {
     super();
     this.uri = typeof options.uri === 'string' ? parseNbdUri(options.uri) : options.uri;
-    this.connector = options.connect ?? (options.transports?.has(this.uri.transport) ? registryConnector(this.uri, options.transports) : netConnector(this.uri));
+    this.connector = registryConnector(this.uri, options.transports);
     const connections = options.connections ?? DEFAULTS.connections;
     if (!Number.isInteger(connections) || connections < 1 || connections > 64) {
       throw new BlkrepError('ERR_BAD_OPTION', `connections must be an integer from 1 to 64, not ${connections}`, { errno: 'EINVAL' });

@@ -3,7 +3,7 @@ import os from 'node:os';
 import { afterEach, describe, expect, it, vi } from 'vitest';
 import type { TransportConnection } from '../../../src/api/index.js';
 import { Transports } from '../../../src/engine/registry.js';
-import { runTransportCompliance } from '../../../test/support/transport-compliance.js';
+import { runTransportCompliance } from '../../../src/testing/transport-compliance.js';
 import hook from '../src/hook.js';
 import { createTcpTransport, parseTcpAddress } from '../src/index.js';
 

@@ -5,7 +5,7 @@ import os from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { Transports } from '../../../src/engine/registry.js';
-import { runTransportCompliance } from '../../../test/support/transport-compliance.js';
+import { runTransportCompliance } from '../../../src/testing/transport-compliance.js';
 import hook from '../src/hook.js';
 import { createUnixTransport } from '../src/index.js';
 

@@ -8,7 +8,9 @@
 import { open as openFile } from 'node:fs/promises';
 import type { BlockNode } from '../../api/block.js';
 import { BlkrepError } from '../../api/errors.js';
+import { openImage } from '../formats.js';
 import type { SparseOps } from '../native.js';
+import { resolveBackingSpec } from './backing-spec.js';
 import { HostFile } from './file.js';
 import { buildHeaderCluster, l1EntriesFor, MAX_L1_BYTES } from './format.js';
 import { Qcow2Image } from './image.js';
@@ -53,12 +55,8 @@ export async function createQcow2(path: string, o: Qcow2CreateOptions = {}): Pro
       throw usage(`backing format "${backingFormat}" is not supported (raw and qcow2 are)`);
     }
     if (size === undefined || backingFormat === undefined) {
-      const { resolveBackingSpec } = await import('./node.js');
       const spec = resolveBackingSpec(path, o.backing);
-      const opener = o.openBacking ?? (async (s: string, f: string | undefined) => {
-        const { openImage } = await import('../open.js');
-        return openImage(s, { readOnly: true, ...(f === 'raw' || f === 'qcow2' ? { format: f } : {}) });
-      });
+      const opener = o.openBacking ?? defaultOpener;
       const node = await opener(spec, backingFormat);
       try {
         size ??= node.size;
@@ -104,4 +102,10 @@ export async function createQcow2(path: string, o: Qcow2CreateOptions = {}): Pro
   } finally {
     await file.close();
   }
+}
+
+/** A backing image read-only, in the format its parent names (probed when none or unknown). */
+function defaultOpener(spec: string, format: string | undefined): Promise<BlockNode> {
+  const f = format === 'raw' || format === 'qcow2' ? format : undefined;
+  return openImage(spec, { readOnly: true, ...(f ? { format: f } : {}) });
 }

@@ -9,16 +9,20 @@
  * range lock on it, and allocation holds the metadata mutex. Metadata is written back in ordered
  * cycles (image.ts), so flush() costs one or two fsyncs whatever the number of writes before it.
  */
-import { dirname, isAbsolute, resolve } from 'node:path';
 import type { BlockNode, Capabilities, Extent, IoOptions, WriteOptions, ZeroOptions } from '../../api/block.js';
 import { BlkrepError } from '../../api/errors.js';
 import { MAX_PAYLOAD } from '../memory.js';
 import type { SparseOps } from '../native.js';
 import { checkRange, coalesceExtents } from '../node.js';
+import { openImage, registerImageFormat } from '../formats.js';
+import { resolveBackingSpec } from './backing-spec.js';
 import { createQcow2, type Qcow2CreateOptions } from './create.js';
+
+export { resolveBackingSpec } from './backing-spec.js';
 import { HostFile, type Qcow2Container } from './file.js';
 import { Qcow2Image } from './image.js';
 import { Kind, type Entry } from './mapping.js';
+import { isQcow2Header } from './probe.js';
 
 export interface Qcow2OpenOptions {
   readOnly?: boolean;
@@ -28,7 +32,7 @@ export interface Qcow2OpenOptions {
    * null = no backing node, whatever the header says (unallocated clusters read as zeros).
    */
   backing?: BlockNode | null;
-  /** opens a backing image read-only; default: openImage() (src/block/open.ts) */
+  /** opens a backing image read-only; default: openImage() (src/block/open.ts), through formats.ts */
   openBacking?: (spec: string, format: string | undefined) => Promise<BlockNode>;
   native?: SparseOps | null;
   l2CacheBytes?: number;
@@ -39,16 +43,6 @@ export interface Qcow2OpenOptions {
 
 /** extents() stops after this many clusters (it may describe less than asked) */
 const EXTENT_SCAN_CLUSTERS = 1 << 20;
-
-/**
- * Where a backing file name points, as QEMU resolves it: absolute paths and URIs (anything with a
- * protocol prefix like nbd: or nbd+unix:) as they are, relative paths against the directory of
- * the image that names them.
- */
-export function resolveBackingSpec(imagePath: string, backing: string): string {
-  if (isAbsolute(backing) || /^[a-z][a-z0-9+.-]*:/i.test(backing)) return backing;
-  return resolve(dirname(imagePath), backing);
-}
 
 export class Qcow2Node implements BlockNode {
   readonly driver = 'qcow2';
@@ -729,8 +723,11 @@ export class Qcow2Node implements BlockNode {
   }
 }
 
-async function defaultOpener(spec: string, format: string | undefined): Promise<BlockNode> {
-  const { openImage } = await import('../open.js');
+/** A backing image read-only, in the format its parent names (probed when none or unknown). */
+function defaultOpener(spec: string, format: string | undefined): Promise<BlockNode> {
   const f = format === 'raw' || format === 'qcow2' ? format : undefined;
   return openImage(spec, { readOnly: true, ...(f ? { format: f } : {}) });
 }
+
+// the driver registers itself in the table of image formats (open.ts has a lazy entry for it)
+registerImageFormat({ name: 'qcow2', probe: isQcow2Header, open: (path, o) => Qcow2Node.open(path, o) });

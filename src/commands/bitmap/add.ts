@@ -1,5 +1,5 @@
 import { Flags } from '@oclif/core';
-import { BitmapCommand, forceFlag, nameFlag, storeFlags, summary, targetArg } from '../../bitmap/command.js';
+import { BitmapCommand, forceFlag, nameFlag, storeFlags, summary, targetArg } from '../../cli/bitmap-command.js';
 import type { BitmapChange } from '../../bitmap/ops.js';
 import { sizeFlag } from '../../cli/flags.js';
 

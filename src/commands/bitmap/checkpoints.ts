@@ -1,4 +1,4 @@
-import { BitmapCommand, nameFlag, storeFlags, targetArg } from '../../bitmap/command.js';
+import { BitmapCommand, nameFlag, storeFlags, targetArg } from '../../cli/bitmap-command.js';
 import type { CheckpointInfo } from '../../bitmap/ops.js';
 import { formatPercent } from '../../bitmap/dump-format.js';
 import { formatSize } from '../../util/size.js';

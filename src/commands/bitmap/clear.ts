@@ -1,5 +1,5 @@
 import { Flags } from '@oclif/core';
-import { BitmapCommand, forceFlag, nameFlag, storeFlags, targetArg } from '../../bitmap/command.js';
+import { BitmapCommand, forceFlag, nameFlag, storeFlags, targetArg } from '../../cli/bitmap-command.js';
 import type { BitmapChange } from '../../bitmap/ops.js';
 import { parseRange } from '../../bitmap/ranges.js';
 
@@ -20,7 +20,7 @@ Clearing a bitmap that is already clean there succeeds and changes nothing ("cha
   static override flags = {
     ...storeFlags,
     name: nameFlag(),
-    range: Flags.string({ char: 'r', description: 'clear only the granules wholly inside OFFSET:LENGTH (sizes take suffixes: 1G:64K)', helpValue: 'OFFSET:LENGTH', multiple: true, multipleNonGreedy: true }),
+    range: Flags.string({ charAliases: ['r'], description: 'clear only the granules wholly inside OFFSET:LENGTH (sizes take suffixes: 1G:64K)', helpValue: 'OFFSET:LENGTH', multiple: true, multipleNonGreedy: true }),
     force: forceFlag,
   };
 

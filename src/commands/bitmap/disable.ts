@@ -1,4 +1,4 @@
-import { BitmapCommand, forceFlag, nameFlag, storeFlags, targetArg } from '../../bitmap/command.js';
+import { BitmapCommand, forceFlag, nameFlag, storeFlags, targetArg } from '../../cli/bitmap-command.js';
 import type { BitmapChange } from '../../bitmap/ops.js';
 
 export default class BitmapDisable extends BitmapCommand {

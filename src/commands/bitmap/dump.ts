@@ -1,5 +1,5 @@
 import { Flags } from '@oclif/core';
-import { BitmapCommand, nameFlag, storeFlags, targetArg } from '../../bitmap/command.js';
+import { BitmapCommand, nameFlag, storeFlags, targetArg } from '../../cli/bitmap-command.js';
 import type { DirtyBitmap } from '../../bitmap/dirty-bitmap.js';
 import {
   formatPercent, nbdinfoJsonChunks, picture, PICTURE_CLEAN, PICTURE_LEVELS, rangeTotals, runTableChunks, sizeWithBytes,

@@ -1,6 +1,6 @@
 import { Flags } from '@oclif/core';
 import { BlkrepError } from '../../api/errors.js';
-import { BitmapCommand, forceFlag, nameFlag, storeFlags, targetArg } from '../../bitmap/command.js';
+import { BitmapCommand, forceFlag, nameFlag, storeFlags, targetArg } from '../../cli/bitmap-command.js';
 import type { BitmapChange } from '../../bitmap/ops.js';
 import { allocationRuns, parseRange, rangesFromJsonFile } from '../../bitmap/ranges.js';
 import type { Run } from '../../bitmap/dirty-bitmap.js';
@@ -32,7 +32,7 @@ Filling regions that are dirty already succeeds and changes nothing ("changed": 
   static override flags = {
     ...storeFlags,
     name: nameFlag(),
-    range: Flags.string({ char: 'r', description: 'dirty OFFSET:LENGTH (sizes take suffixes: 1G:64K)', helpValue: 'OFFSET:LENGTH', multiple: true, multipleNonGreedy: true }),
+    range: Flags.string({ charAliases: ['r'], description: 'dirty OFFSET:LENGTH (sizes take suffixes: 1G:64K)', helpValue: 'OFFSET:LENGTH', multiple: true, multipleNonGreedy: true }),
     all: Flags.boolean({ description: 'dirty the whole disk', default: false }),
     'from-allocation': Flags.string({ description: 'dirty what IMAGE allocates (above --base)', helpValue: 'IMAGE' }),
     base: Flags.string({ description: 'with --from-allocation: only what lies above BASE in the backing chain', helpValue: 'BASE', dependsOn: ['from-allocation'] }),

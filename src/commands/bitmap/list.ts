@@ -1,4 +1,4 @@
-import { BitmapCommand, storeFlags, targetArg } from '../../bitmap/command.js';
+import { BitmapCommand, storeFlags, targetArg } from '../../cli/bitmap-command.js';
 import { formatPercent } from '../../bitmap/dump-format.js';
 import type { BitmapInfo } from '../../bitmap/ops.js';
 import { formatSize } from '../../util/size.js';

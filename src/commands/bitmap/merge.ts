@@ -1,5 +1,5 @@
 import { Flags } from '@oclif/core';
-import { BitmapCommand, forceFlag, nameFlag, storeFlags, targetArg } from '../../bitmap/command.js';
+import { BitmapCommand, forceFlag, nameFlag, storeFlags, targetArg } from '../../cli/bitmap-command.js';
 import type { BitmapChange } from '../../bitmap/ops.js';
 
 export default class BitmapMerge extends BitmapCommand {
@@ -20,7 +20,7 @@ Merging bits that are already there succeeds and changes nothing ("changed": fal
   static override flags = {
     ...storeFlags,
     name: nameFlag('the bitmap merged into (default: the only one there is)'),
-    source: Flags.string({ char: 's', aliases: ['merge'], description: 'the bitmap merged from: of the same target, or of --source-file', helpValue: 'SOURCE' }),
+    source: Flags.string({ charAliases: ['s'], aliases: ['merge'], description: 'the bitmap merged from: of the same target, or of --source-file', helpValue: 'SOURCE' }),
     'source-file': Flags.string({ char: 'b', description: 'take the source from this bitmap file, qcow2 image or raw image', helpValue: 'FILE' }),
     force: forceFlag,
   };

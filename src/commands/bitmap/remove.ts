@@ -1,5 +1,5 @@
 import { Flags } from '@oclif/core';
-import { BitmapCommand, forceFlag, nameFlag, storeFlags, targetArg } from '../../bitmap/command.js';
+import { BitmapCommand, forceFlag, nameFlag, storeFlags, targetArg } from '../../cli/bitmap-command.js';
 import type { BitmapChange } from '../../bitmap/ops.js';
 
 export default class BitmapRemove extends BitmapCommand {

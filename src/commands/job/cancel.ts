@@ -1,5 +1,5 @@
 import { Flags } from '@oclif/core';
-import { idArg, JOB_EXIT_CODES, JobCommand, jobFlags, type JobQuery } from '../../jobs/job-command.js';
+import { idArg, JOB_EXIT_CODES, JobCommand, jobFlags, type JobQuery } from '../../cli/job-command.js';
 
 export default class JobCancel extends JobCommand {
   static override summary = 'Cancel a job of a running serve-nbd daemon.';

@@ -1,5 +1,5 @@
 import { Flags } from '@oclif/core';
-import { idArg, JOB_EXIT_CODES, JobCommand, jobFlags, type JobQuery } from '../../jobs/job-command.js';
+import { idArg, JOB_EXIT_CODES, JobCommand, jobFlags, type JobQuery } from '../../cli/job-command.js';
 
 /** What completing a job of this type did, for a person. */
 function completion(type: string, pivot: boolean): string {

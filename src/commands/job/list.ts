@@ -1,5 +1,5 @@
 import { Flags } from '@oclif/core';
-import { JOB_EXIT_CODES, JobCommand, jobFlags, jobLine, type JobQuery } from '../../jobs/job-command.js';
+import { JOB_EXIT_CODES, JobCommand, jobFlags, jobLine, type JobQuery } from '../../cli/job-command.js';
 
 export default class JobList extends JobCommand {
   static override summary = 'List the jobs of a running serve-nbd daemon.';

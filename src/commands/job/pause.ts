@@ -1,4 +1,4 @@
-import { idArg, JOB_EXIT_CODES, JobCommand, jobFlags, type JobQuery } from '../../jobs/job-command.js';
+import { idArg, JOB_EXIT_CODES, JobCommand, jobFlags, type JobQuery } from '../../cli/job-command.js';
 
 export default class JobPause extends JobCommand {
   static override summary = 'Pause a job of a running serve-nbd daemon.';

@@ -1,4 +1,4 @@
-import { idArg, JOB_EXIT_CODES, JobCommand, jobFlags, type JobQuery } from '../../jobs/job-command.js';
+import { idArg, JOB_EXIT_CODES, JobCommand, jobFlags, type JobQuery } from '../../cli/job-command.js';
 
 export default class JobResume extends JobCommand {
   static override summary = 'Resume a paused job of a running serve-nbd daemon.';

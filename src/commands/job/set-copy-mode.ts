@@ -1,5 +1,5 @@
 import { Args } from '@oclif/core';
-import { idArg, JOB_EXIT_CODES, JobCommand, jobFlags, type JobQuery } from '../../jobs/job-command.js';
+import { idArg, JOB_EXIT_CODES, JobCommand, jobFlags, type JobQuery } from '../../cli/job-command.js';
 
 export default class JobSetCopyMode extends JobCommand {
   static override summary = "Change a live mirror's copy mode.";

@@ -1,4 +1,4 @@
-import { idArg, JOB_EXIT_CODES, JobCommand, jobDetails, jobFlags, type JobQuery } from '../../jobs/job-command.js';
+import { idArg, JOB_EXIT_CODES, JobCommand, jobDetails, jobFlags, type JobQuery } from '../../cli/job-command.js';
 
 export default class JobShow extends JobCommand {
   static override summary = 'Show one job of a running serve-nbd daemon: status, progress, rate, ETA.';

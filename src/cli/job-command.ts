@@ -5,12 +5,12 @@
  */
 import { Args, Flags } from '@oclif/core';
 import { BlkrepError } from '../api/errors.js';
-import { BlkrepCommand } from '../cli/base.js';
-import { progressBar, type Progress } from '../cli/progress.js';
+import { BlkrepCommand } from './base.js';
+import { progressBar, type Progress } from './progress.js';
 import { ControlClient } from '../control/client.js';
 import type { ControlEvent } from '../control/protocol.js';
 import { formatSize } from '../util/size.js';
-import type { JobInfo } from './job.js';
+import type { JobInfo } from '../jobs/job.js';
 
 export const controlFlag = Flags.string({ char: 'c', description: "the daemon's control socket (serve-nbd --control)", required: true, helpValue: 'PATH' });
 

@@ -1,17 +1,18 @@
 /**
  * The bitmaps of an export of a running serve-nbd, through its control socket (the bitmap-*
- * verbs of src/control/README.md). Paths sent to the daemon are made absolute (its working
+ * verbs of src/control/README.md). A client of the control socket, so not part of the engine:
+ * the bitmap commands register it in the table of bitmap stores (registerLiveBitmapStore). Paths sent to the daemon are made absolute (its working
  * directory is not ours); long lists of ranges go in several requests, and a dump comes in pages.
  */
 import { resolve as resolvePath } from 'node:path';
 import { BlkrepError } from '../api/errors.js';
 import { ControlClient } from '../control/client.js';
-import { MAX_RANGES_PER_REQUEST } from './control-verbs.js';
-import { DirtyBitmap, type Run } from './dirty-bitmap.js';
-import type { DumpPage } from './export-bitmaps.js';
-import type { AddOptions, BitmapChange, BitmapInfo, CheckpointInfo, MergeSource } from './ops.js';
-import { PersistentBitmap } from './persistent.js';
-import { sourceBitmapFile, type BitmapStore, type ReadOptions } from './store.js';
+import { MAX_RANGES_PER_REQUEST } from '../bitmap/control-verbs.js';
+import { DirtyBitmap, type Run } from '../bitmap/dirty-bitmap.js';
+import type { DumpPage } from '../bitmap/export-bitmaps.js';
+import type { AddOptions, BitmapChange, BitmapInfo, CheckpointInfo, MergeSource } from '../bitmap/ops.js';
+import { PersistentBitmap } from '../bitmap/persistent.js';
+import { sourceBitmapFile, type BitmapStore, type OpenBitmapStore, type OpenStoreOptions, type ReadOptions } from '../bitmap/store-base.js';
 
 export class LiveStore implements BitmapStore {
   readonly kind = 'live' as const;
@@ -22,13 +23,14 @@ export class LiveStore implements BitmapStore {
     readonly controlPath: string,
     readonly exportName: string | undefined,
     private readonly timeoutMs: number,
+    private readonly open: OpenBitmapStore,
   ) {
     this.description = exportName === undefined ? `the export of the daemon at ${controlPath}` : `export "${exportName}" of the daemon at ${controlPath}`;
   }
 
-  static async connect(path: string, exportName: string | undefined, options: { timeoutMs: number }): Promise<LiveStore> {
+  static async connect(path: string, exportName: string | undefined, options: { timeoutMs: number; open: OpenBitmapStore }): Promise<LiveStore> {
     const client = await ControlClient.connect(path, { timeoutMs: options.timeoutMs });
-    return new LiveStore(client, path, exportName, options.timeoutMs);
+    return new LiveStore(client, path, exportName, options.timeoutMs, options.open);
   }
 
   private request<T>(cmd: string, args: Record<string, unknown> = {}): Promise<T> {
@@ -99,7 +101,7 @@ export class LiveStore implements BitmapStore {
   async merge(name: string, source: MergeSource): Promise<BitmapChange> {
     if (source.bits) return this.batched('bitmap-fill', name, [...source.bits.dirtyRuns()]);
     if (source.file !== undefined) {
-      const file = await sourceBitmapFile(source.file, source.name);
+      const file = await sourceBitmapFile(this.open, source.file, source.name);
       return this.request<BitmapChange>('bitmap-merge', { name, sourceFile: resolvePath(file) });
     }
     return this.request<BitmapChange>('bitmap-merge', { name, source: source.name ?? name });
@@ -149,4 +151,9 @@ export class LiveStore implements BitmapStore {
     }
     return { ...result!, changed };
   }
+}
+
+/** The live store as an opener of the table of bitmap stores (target: the control socket). */
+export function openLiveStore(control: string, options: OpenStoreOptions, open: OpenBitmapStore): Promise<BitmapStore> {
+  return LiveStore.connect(control, options.export, { timeoutMs: options.timeoutMs ?? 10_000, open });
 }

@@ -1,14 +1,18 @@
 /**
  * What the `blkrep bitmap …` commands share: the target (a bitmap file, an image, or
  * `--control PATH [--export NAME]`), the bitmap's name, and how a change is reported.
- * (Not in src/commands/bitmap/: every file there is a command.)
+ * (Not in src/commands/bitmap/: every file there is a command.) It fills the `live` slot of the
+ * table of bitmap stores: the live store is a client of the control socket.
  */
 import { Args, Flags } from '@oclif/core';
-import { BlkrepCommand } from '../cli/base.js';
+import { BlkrepCommand } from './base.js';
 import { formatSize } from '../util/size.js';
-import { formatPercent } from './dump-format.js';
-import type { BitmapChange, BitmapInfo } from './ops.js';
-import { openBitmapStore, type BitmapStore } from './store.js';
+import { formatPercent } from '../bitmap/dump-format.js';
+import type { BitmapChange, BitmapInfo } from '../bitmap/ops.js';
+import { openBitmapStore, registerBitmapStore, type BitmapStore } from '../bitmap/store.js';
+
+// the bitmaps of a live export are reached through the control socket, which the engine does not load
+registerBitmapStore('live', async () => (await import('./live-bitmap-store.js')).openLiveStore);
 
 export const targetArg = Args.string({
   description: "a blkrep bitmap file, a qcow2 image (its own persistent bitmaps, as qemu-img bitmap sees them), or a raw image (its bitmaps are the files IMAGE.NAME.bitmap beside it); left out with --control",

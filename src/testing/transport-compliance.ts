@@ -1,6 +1,11 @@
 /**
  * The behaviour every transport plugin must have, as one vitest suite each plugin runs against
- * itself (after js-libp2p's transport compliance tests).
+ * itself (after js-libp2p's transport compliance tests). A third-party plugin imports it from
+ * `blkrep/testing/transport-compliance` in a vitest test file (vitest is then its dev dependency):
+ *
+ *   runTransportCompliance('quic', createQuicTransport, () => '127.0.0.1:0', { uriScheme: 'nbd+quic:' });
+ *
+ * The tcp, unix and in-memory transports run it (the plugins' test folders, test/engine/transport-memory.test.ts).
  *
  * `address()` returns a fresh address to listen on (tcp "127.0.0.1:0", unix a path in a private
  * directory). Errors are checked by their stable codes: ERR_CONNECT_FAILED for nothing
@@ -9,7 +14,7 @@
 import { randomBytes } from 'node:crypto';
 import type { Duplex } from 'node:stream';
 import { afterEach, describe, expect, it } from 'vitest';
-import type { Transport, TransportConnection, TransportListener } from '../../src/api/index.js';
+import type { Transport, TransportConnection, TransportListener } from '../api/index.js';
 
 export interface ComplianceOptions {
   /** the scheme of `listener.uri()`, with its colon as URL.protocol has it ("nbd:", "nbd+unix:") */
