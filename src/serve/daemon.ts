@@ -10,13 +10,13 @@ import { completeNode } from '../block/node.js';
 import { openImage } from '../block/open.js';
 import { registerBitmapVerbs } from '../bitmap/control-verbs.js';
 import { ExportBitmaps, type BitmapLoad, type BitmapSpec } from '../bitmap/export-bitmaps.js';
-import { DirtyTrackingNode } from '../bitmap/filter.js';
+import { DirtyTrackingNode } from '../block/filters/tracking.js';
 import type { BitmapInfo } from '../bitmap/ops.js';
 import { ControlServer } from '../control/server.js';
 import { DaemonJobs, type JobExport } from '../jobs/daemon-jobs.js';
 import '../jobs/daemon-job-types.js';
 import { sidecarBase } from '../bitmap/names.js';
-import { SwitchNode } from './switch-node.js';
+import { SwitchNode } from '../block/filters/switch.js';
 import { NbdServer, type Logger, type ServerStatus } from '../nbd/server.js';
 
 export interface ExportSpec {
@@ -126,7 +126,7 @@ export class Daemon {
         exports: options.exports.map((e, i) => ({
           name: e.name,
           description: e.description,
-          node: completeNode(upper[i]!),
+          node: upper[i]!,
           readOnly: options.readOnly,
           minimumBlockSize: options.minimumBlockSize,
         })),
