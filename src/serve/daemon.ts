@@ -17,6 +17,7 @@ import { DaemonJobs, type JobExport } from '../jobs/daemon-jobs.js';
 import '../jobs/daemon-job-types.js';
 import { sidecarBase } from '../bitmap/names.js';
 import { SwitchNode } from '../block/filters/switch.js';
+import { stackFilters, type FilterSpec } from '../block/filters/spec.js';
 import { NbdServer, type Logger, type ServerStatus } from '../nbd/server.js';
 
 export interface ExportSpec {
@@ -47,6 +48,8 @@ export interface DaemonOptions {
   autoBitmaps?: boolean;
   /** granularity of bitmaps created at start (default 64 KiB) */
   bitmapGranularity?: number;
+  /** filters over every export, between the clients and the export (the first outermost): --filter */
+  filters?: readonly FilterSpec[];
 }
 
 export interface ListeningEvent {
@@ -126,7 +129,7 @@ export class Daemon {
         exports: options.exports.map((e, i) => ({
           name: e.name,
           description: e.description,
-          node: upper[i]!,
+          node: completeNode(stackFilters(upper[i]!, options.filters ?? [])),
           readOnly: options.readOnly,
           minimumBlockSize: options.minimumBlockSize,
         })),
