@@ -282,3 +282,17 @@ describe('man/blkrep-filters.7', () => {
     expect(text).toContain('ERR_INJECTED');
   });
 });
+
+describe('caps of the fault-injection filters', () => {
+  it('a filter that fails or delays block-status does not announce cheap extents (the server would ask it on every large read); others keep them', () => {
+    const mem = new MemoryNode(MiB);
+    expect(mem.caps.cheapExtents).toBe(true);
+    expect(new ErrorFilter(mem, { ops: ['block-status'] }).caps.cheapExtents).toBe(false);
+    expect(new ErrorFilter(mem, {}).caps.cheapExtents).toBe(false);
+    expect(new DelayFilter(mem, { 'block-status': 1 }).caps.cheapExtents).toBe(false);
+    const writes = new ErrorFilter(mem, { ops: ['write'] });
+    expect(writes.caps.cheapExtents).toBe(true);
+    expect(writes.caps).toEqual(completeNode(mem).caps);
+    expect(new DelayFilter(mem, { read: 1 }).caps.cheapExtents).toBe(true);
+  });
+});

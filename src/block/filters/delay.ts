@@ -2,9 +2,10 @@
  * delay — slow requests down, as nbdkit's delay filter: a request of a delayed kind reaches
  * `next` that many milliseconds after it was issued (requests are not serialised: each waits
  * on its own). Kinds without a delay pass straight through. An abort signal that fires while a
- * request waits fails it with the signal's reason, before it reaches `next`.
+ * request waits fails it with the signal's reason, before it reaches `next`. A delayed
+ * block-status is not announced as cheap (the NBD server would delay every large read by it).
  */
-import type { BlockNode, Extent, IoOptions, WriteOptions, ZeroOptions } from '../../api/block.js';
+import type { BlockNode, Capabilities, Extent, IoOptions, WriteOptions, ZeroOptions } from '../../api/block.js';
 import { Filter } from '../filter.js';
 import type { FaultOp } from './error.js';
 
@@ -28,10 +29,16 @@ function sleep(ms: number, signal: AbortSignal | undefined): Promise<void> {
 export class DelayFilter extends Filter {
   readonly driver = 'delay';
   private readonly ms: Readonly<Record<FaultOp, number>>;
+  private readonly filteredCaps: Capabilities;
 
   constructor(next: BlockNode, delays: DelayFilterOptions = {}) {
     super(next);
     this.ms = { read: 0, write: 0, zero: 0, trim: 0, flush: 0, 'block-status': 0, ...delays };
+    this.filteredCaps = this.ms['block-status'] > 0 ? { ...this.next.caps, cheapExtents: false } : this.next.caps;
+  }
+
+  override get caps(): Capabilities {
+    return this.filteredCaps;
   }
 
   override read(offset: number, length: number, o?: IoOptions): Promise<Buffer> {

@@ -9,8 +9,11 @@
  *              (the same seed and the same requests in the same order fail the same way);
  *   neither    every matching request.
  * Requests that do not match pass straight through and are not counted.
+ *
+ * When block-status may fail, the filter does not announce cheap extents: the NBD server would
+ * otherwise ask block status on every large read, and the reads would fail too.
  */
-import type { BlockNode, Extent, IoOptions, WriteOptions, ZeroOptions } from '../../api/block.js';
+import type { BlockNode, Capabilities, Extent, IoOptions, WriteOptions, ZeroOptions } from '../../api/block.js';
 import { BlkrepError, type Errno } from '../../api/errors.js';
 import { Filter } from '../filter.js';
 
@@ -57,6 +60,7 @@ export class ErrorFilter extends Filter {
   private readonly every: number;
   private readonly rate: number;
   private readonly random: () => number;
+  private readonly filteredCaps: Capabilities;
 
   constructor(next: BlockNode, options: ErrorFilterOptions = {}) {
     super(next);
@@ -66,6 +70,11 @@ export class ErrorFilter extends Filter {
     this.every = options.every ?? 0;
     this.rate = options.rate ?? 1;
     this.random = seededRandom(options.seed ?? 1);
+    this.filteredCaps = this.ops.has('block-status') ? { ...this.next.caps, cheapExtents: false } : this.next.caps;
+  }
+
+  override get caps(): Capabilities {
+    return this.filteredCaps;
   }
 
   /** the error to fail this request with, or undefined to let it through */
