@@ -28,7 +28,8 @@ export { Transports } from './engine/registry.js';
 // dirty bitmaps
 export { DirtyBitmap, DEFAULT_GRANULARITY, type Run } from './bitmap/dirty-bitmap.js';
 export { PersistentBitmap } from './bitmap/persistent.js';
-export { DirtyTrackingNode } from './bitmap/filter.js';
+export { DirtyTrackingNode } from './block/filters/tracking.js';
+export { Filter } from './block/filter.js';
 export { openBitmapStore, registerBitmapStore, type BitmapStore, type OpenStoreOptions, type StoreOpener } from './bitmap/store.js';
 
 // jobs

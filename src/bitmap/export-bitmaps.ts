@@ -18,7 +18,7 @@ import { BlkrepError, toBlkrepError } from '../api/errors.js';
 import type { Export } from '../nbd/export.js';
 import { isNbdUri } from '../nbd/uri.js';
 import { checkGranularity, DEFAULT_GRANULARITY, DirtyBitmap, type Run } from './dirty-bitmap.js';
-import { volatileTracker, type DirtyTrackingNode, type WriteTracker } from './filter.js';
+import { volatileTracker, type DirtyTrackingNode, type WriteTracker } from '../block/filters/tracking.js';
 import { dirtyBitmapContext, DIRTY_BITMAP_CONTEXT_PREFIX } from './meta-context.js';
 import { checkName, findSidecars, sidecarBase, sidecarPath } from './names.js';
 import {

@@ -6,7 +6,7 @@ export {
   PersistentBitmap, type CheckpointInfo, type CreateOptions, type OpenOptions, type OpenResult, type PersistentBitmapInfo, type WriteTicket,
   type LoadState, type BitmapFault,
 } from './persistent.js';
-export { DirtyTrackingNode, volatileTracker, type WriteTracker } from './filter.js';
+export { DirtyTrackingNode, volatileTracker, type WriteTracker } from '../block/filters/tracking.js';
 export { dirtyBitmapContext, DIRTY_BITMAP_CONTEXT_PREFIX, STATE_DIRTY, MAX_DESCRIPTORS, type DirtyBitmapContextOptions } from './meta-context.js';
 export {
   DEFAULT_EXTENT_SIZE, DEFAULT_HOT_EXTENTS, DEFAULT_AL_SLOTS, MAGIC, VERSION, FLAG_ENABLED, FLAG_IN_USE, FLAG_FROZEN,

@@ -30,7 +30,7 @@ import {
 } from '../block/qcow2/bitmaps.js';
 import { Qcow2Node } from '../block/qcow2/node.js';
 import { DirtyBitmap, MAX_GRANULARITY, MIN_GRANULARITY } from './dirty-bitmap.js';
-import { volatileTracker, type WriteTracker } from './filter.js';
+import { volatileTracker, type WriteTracker } from '../block/filters/tracking.js';
 import type { LoadState } from './persistent.js';
 
 export interface Qcow2LiveEntry {

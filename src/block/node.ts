@@ -14,11 +14,16 @@ export function checkRange(node: Pick<BlockNode, 'size' | 'description'>, offset
   }
 }
 
+/** set (on the prototype) by nodes that are complete by construction: filters (src/block/filter.ts) */
+const COMPLETE = Symbol.for('blkrep.completeNode');
+
 /**
  * Fill in what a node leaves out, as nbdkit's server does for plugins: zeroing by writing zeros,
- * trim as a no-op, FUA by a flush after the write, extents as one allocated run.
+ * trim as a no-op, FUA by a flush after the write, extents as one allocated run. A node that is
+ * complete by construction (every filter) is returned as it is.
  */
 export function completeNode(node: BlockNode): CompleteBlockNode {
+  if ((node as { [COMPLETE]?: boolean })[COMPLETE] === true) return node as CompleteBlockNode;
   const flush = node.flush ? node.flush.bind(node) : async (_o?: IoOptions) => {};
   const emulateFua = !node.caps.canFua && node.caps.canFlush;
   const write = emulateFua

@@ -19,7 +19,7 @@ function isUsageError(err: unknown): boolean {
   // whatever the parser threw, with the message rewritten to start "Parsing --FLAG".
   if (err instanceof Error && /^Parsing --[\w-]+ \n\t/.test(err.message)) return true;
   const name = (err as { constructor?: { name?: string } })?.constructor?.name ?? '';
-  return /(Parse|Flag|Arg|Options|Exclusive|Dependency|Nonexistent|Unexpected|Required|FailedFlagValidation)Error/.test(name) || (err instanceof BlkrepError && err.code === 'ERR_USAGE');
+  return /(Parse|Flag|Arg|Options|Exclusive|Dependency|Nonexistent|Unexpected|Required|FailedFlagValidation)Error/.test(name) || (err instanceof BlkrepError && (err.code === 'ERR_USAGE' || err.code === 'ERR_BAD_FILTER'));
 }
 
 export function errorCode(err: unknown): string {

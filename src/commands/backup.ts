@@ -7,7 +7,8 @@ import { ControlClient } from '../control/client.js';
 import { resolveBackupBitmap } from '../cli/backup-bitmap.js';
 import { sizeFlag, waitFlag, withBareWait } from '../cli/flags.js';
 import { progressBar, type Progress } from '../cli/progress.js';
-import { openImage, type ImageFormat } from '../block/open.js';
+import type { ImageFormat } from '../block/open.js';
+import { filterFlag, openImageWithFilters, parseFilters } from '../cli/image.js';
 import {
   BACKUP_BITMAP_MODES, BACKUP_SYNC_MODES, BackupJob, CBW_ERROR_POLICIES, DEFAULT_BACKUP_BUF_SIZE, DEFAULT_BACKUP_MAX_OPS,
   type BackupBitmapMode, type BackupSync, type CbwErrorPolicy,
@@ -61,6 +62,7 @@ With --control PATH the backup runs in a serve-nbd daemon, of its export --expor
   static override examples = [
     { description: 'A full backup of a disk image onto an NBD server', command: '<%= config.bin %> <%= command.id %> disk.img nbd+unix:///backup?socket=/run/backup.sock' },
     { description: 'Start an incremental chain: a full backup that clears the bitmap disk.img.daily.bitmap', command: '<%= config.bin %> <%= command.id %> disk.img full.img --sync full --bitmap daily' },
+    { description: 'A backup onto a slow target (each write 20 ms later; see blkrep-filters(7))', command: '<%= config.bin %> <%= command.id %> disk.img full.img --target-filter delay:write=20' },
     { description: 'Then each day: what changed, into an overlay of the previous backup', command: '<%= config.bin %> <%= command.id %> disk.img inc1.qcow2 --sync incremental --bitmap daily' },
     { description: "A live export's point in time, while clients write it", command: '<%= config.bin %> <%= command.id %> --control /run/blkrep/ctl.sock --export disk /backup/disk.img --wait' },
     {
@@ -77,6 +79,8 @@ With --control PATH the backup runs in a serve-nbd daemon, of its export --expor
   static override flags = {
     format: Flags.string({ char: 'f', description: 'format of the source (probed when not given)', options: ['raw', 'qcow2'], helpValue: 'FORMAT' }),
     'target-format': Flags.string({ char: 'F', description: 'format of the target (probed when not given)', options: ['raw', 'qcow2'], helpValue: 'FORMAT' }),
+    filter: filterFlag('stack a filter on the source (error, delay; see blkrep-filters(7)); repeatable, the first outermost'),
+    'target-filter': filterFlag('stack a filter on the target; repeatable, the first outermost'),
     sync: Flags.string({ description: 'what to copy: full, top (what the top layer of the source holds), none (copy-before-write only), incremental (the regions dirty in --bitmap)', options: [...BACKUP_SYNC_MODES], default: 'full' }),
     bitmap: Flags.string({ description: 'a bitmap file, or the NAME of a bitmap beside SOURCE (SOURCE.NAME.bitmap); with --control, the NAME of a bitmap of the export: the regions to copy (incremental), or the bitmap to clear (full)', helpValue: 'FILE|NAME' }),
     'bitmap-mode': Flags.string({ description: 'clear the copied regions from the bitmap on success, always, or never', options: [...BACKUP_BITMAP_MODES], default: 'on-success' }),
@@ -107,6 +111,7 @@ With --control PATH the backup runs in a serve-nbd daemon, of its export --expor
     if (flags.wait === 'ready') this.usageError('a backup job has no ready state (it concludes once TARGET holds the point in time): use --wait done, or a bare --wait');
     const sync = flags.sync as BackupSync;
     if (flags.control !== undefined) {
+      for (const f of ['filter', 'target-filter'] as const) if (flags[f] !== undefined) this.usageError(`--${f} is for an offline backup: a live backup's source is the export (give serve-nbd --filter)`);
       if (args.source === undefined || args.target !== undefined) this.usageError('with --control, give only TARGET (the source is the export --export NAME)');
       if (sync === 'incremental' && flags.bitmap === undefined) this.usageError('--sync incremental needs --bitmap NAME: a bitmap of the export');
       if (flags.bitmap !== undefined && sync !== 'incremental' && sync !== 'full') this.usageError(`--bitmap is used with --sync incremental or full, not ${sync}`);
@@ -119,16 +124,17 @@ With --control PATH the backup runs in a serve-nbd daemon, of its export --expor
     const sourceSpec: string = args.source;
     const targetSpec: string = args.target;
 
-    const open = (spec: string, readOnly: boolean, format: string | undefined): Promise<BlockNode> =>
-      openImage(spec, { readOnly, ...(format ? { format: format as ImageFormat } : {}), nbd: { connections: flags.connections } });
-    const source = await open(sourceSpec, true, flags.format);
+    parseFilters([...(flags.filter ?? []), ...(flags['target-filter'] ?? [])]);
+    const open = (spec: string, readOnly: boolean, format: string | undefined, filters: string[] | undefined): Promise<BlockNode> =>
+      openImageWithFilters(spec, { readOnly, ...(format ? { format: format as ImageFormat } : {}), nbd: { connections: flags.connections } }, filters);
+    const source = await open(sourceSpec, true, flags.format, flags.filter);
     const closers: Array<() => Promise<void>> = [() => source.close()];
     const closeAll = async (): Promise<void> => {
       for (const c of closers.reverse()) await c().catch(() => {});
     };
     let result: BackupResult;
     try {
-      const target = await open(targetSpec, false, flags['target-format']);
+      const target = await open(targetSpec, false, flags['target-format'], flags['target-filter']);
       closers.push(() => target.close());
       let bitmap: PersistentBitmap | undefined;
       let bitmapPath: string | undefined;

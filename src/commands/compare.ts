@@ -1,6 +1,6 @@
 import { Args, Flags } from '@oclif/core';
 import { BlkrepCommand, EXIT_FAILURE, EXIT_USAGE } from '../cli/base.js';
-import { openForCommand } from '../cli/image.js';
+import { filterFlag, openForCommand, parseFilters } from '../cli/image.js';
 import { progressBar } from '../cli/progress.js';
 import { compareImages, type CompareResult } from '../image/compare.js';
 
@@ -12,6 +12,7 @@ Ranges that both images report as zeros are skipped without reading. When the si
 
   static override examples = [
     { description: 'Check a replica against its source', command: '<%= config.bin %> <%= command.id %> disk.img /mnt/replica/disk.img' },
+    { description: 'Compare through a filter: reads of the first image fail in its first MiB (see blkrep-filters(7))', command: '<%= config.bin %> <%= command.id %> a.img b.img --filter-a error:ops=read,range=0-1M' },
     { description: 'In a script', command: '<%= config.bin %> <%= command.id %> a.img b.qcow2 --json | jq .identical' },
   ];
 
@@ -23,6 +24,8 @@ Ranges that both images report as zeros are skipped without reading. When the si
   static override flags = {
     'format-a': Flags.string({ char: 'f', description: 'format of the first image (probed when not given)', options: ['raw', 'qcow2'], helpValue: 'FORMAT' }),
     'format-b': Flags.string({ char: 'F', description: 'format of the second image (probed when not given)', options: ['raw', 'qcow2'], helpValue: 'FORMAT' }),
+    'filter-a': filterFlag('stack a filter on the first image (error, delay; see blkrep-filters(7)); repeatable, the first outermost'),
+    'filter-b': filterFlag('stack a filter on the second image; repeatable, the first outermost'),
     strict: Flags.boolean({ char: 's', description: 'images of different sizes are different', default: false }),
     'no-progress': Flags.boolean({ description: 'no progress bar, even on a terminal', default: false }),
   };
@@ -38,10 +41,11 @@ Ranges that both images report as zeros are skipped without reading. When the si
 
   async run(): Promise<CompareResult> {
     const { args, flags } = await this.parse(Compare);
-    const a = await openForCommand(args.a, { readOnly: true, format: flags['format-a'] });
+    parseFilters(flags['filter-b']);
+    const a = await openForCommand(args.a, { readOnly: true, format: flags['format-a'], filters: flags['filter-a'] });
     let result: CompareResult;
     try {
-      const b = await openForCommand(args.b, { readOnly: true, format: flags['format-b'] });
+      const b = await openForCommand(args.b, { readOnly: true, format: flags['format-b'], filters: flags['filter-b'] });
       try {
         const bar = progressBar('compare', Math.max(a.size, b.size), { enabled: !this.jsonEnabled() && !flags['no-progress'] });
         try {

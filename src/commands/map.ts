@@ -1,6 +1,6 @@
 import { Args, Flags } from '@oclif/core';
 import { BlkrepCommand } from '../cli/base.js';
-import { formatFlag, openForCommand } from '../cli/image.js';
+import { filterFlag, formatFlag, openForCommand } from '../cli/image.js';
 import { sizeFlag } from '../cli/flags.js';
 import { progressBar } from '../cli/progress.js';
 import { mapImage, type MapEntry } from '../image/map.js';
@@ -14,6 +14,7 @@ With --json, the runs are printed in the shape of qemu-img map --output=json: st
   static override examples = [
     { description: 'Where a sparse disk holds data', command: '<%= config.bin %> <%= command.id %> disk.img' },
     { description: 'The same as JSON, for a script', command: "<%= config.bin %> <%= command.id %> disk.img --json | jq '[.[] | select(.data)] | length'" },
+    { description: 'How a tool copes when block status fails (see blkrep-filters(7))', command: '<%= config.bin %> <%= command.id %> disk.img --filter error:ops=block-status' },
     { description: 'Only the first gigabyte', command: '<%= config.bin %> <%= command.id %> disk.img --start 0 --length 1G' },
   ];
 
@@ -23,6 +24,7 @@ With --json, the runs are printed in the shape of qemu-img map --output=json: st
 
   static override flags = {
     format: formatFlag(),
+    filter: filterFlag(),
     start: sizeFlag({ description: 'map from this offset', helpValue: 'OFFSET' }),
     length: sizeFlag({ description: 'map this many bytes', helpValue: 'LENGTH' }),
     'no-progress': Flags.boolean({ description: 'no progress bar, even on a terminal', default: false }),
@@ -30,7 +32,7 @@ With --json, the runs are printed in the shape of qemu-img map --output=json: st
 
   async run(): Promise<MapEntry[]> {
     const { args, flags } = await this.parse(MapCommand);
-    const node = await openForCommand(args.image, { readOnly: true, format: flags.format });
+    const node = await openForCommand(args.image, { readOnly: true, format: flags.format, filters: flags.filter });
     let entries: MapEntry[];
     try {
       if (flags.start !== undefined && flags.start > node.size) this.usageError(`--start ${flags.start} is beyond the end of the image (size ${node.size})`);

@@ -4,7 +4,8 @@ import { BlkrepError } from '../api/errors.js';
 import { PersistentBitmap } from '../bitmap/persistent.js';
 import { BlkrepCommand } from '../cli/base.js';
 import { sizeFlag, secondsFlag, waitFlag, withBareWait } from '../cli/flags.js';
-import { openImage, type ImageFormat } from '../block/open.js';
+import type { ImageFormat } from '../block/open.js';
+import { filterFlag, openImageWithFilters, parseFilters } from '../cli/image.js';
 import type { Progress } from '../cli/progress.js';
 import { ERROR_POLICIES, type ErrorPolicy, type JobEvent } from '../jobs/job.js';
 import { BITMAP_MODES, COPY_MODES, DEFAULT_BUF_SIZE, DEFAULT_MAX_OPS, MirrorJob, type BitmapMode, type CopyMode, type MirrorSync } from '../jobs/mirror.js';
@@ -48,6 +49,7 @@ Exit status: 0 done (live: started, or ready/done with --wait); 1 failure (live:
   static override examples = [
     { description: 'Copy a disk image to an NBD server', command: '<%= config.bin %> <%= command.id %> disk.img nbd+unix:///disk?socket=/run/replica.sock' },
     { description: 'Onto a fresh, all-zero target: skip the zeros', command: '<%= config.bin %> <%= command.id %> disk.img nbd://replica/disk --target-is-zero' },
+    { description: 'Rehearse a flaky target: one write in ten fails (seeded), retried later', command: '<%= config.bin %> <%= command.id %> disk.img replica.img --target-filter error:ops=write,rate=0.1,seed=7 --on-target-error ignore' },
     { description: 'Only the regions a bitmap marks dirty, at most 100 MiB/s', command: '<%= config.bin %> <%= command.id %> disk.img nbd://replica/disk --sync bitmap:disk.img.bitmap --speed 100M' },
     { description: 'Live: mirror export "disk" of a running daemon onto a new disk, wait until it is in step, then pivot', command: '<%= config.bin %> <%= command.id %> --control /run/blkrep/ctl.sock --export disk /var/lib/new.img --wait ready && <%= config.bin %> job complete mirror0 --control /run/blkrep/ctl.sock' },
   ];
@@ -60,6 +62,8 @@ Exit status: 0 done (live: started, or ready/done with --wait); 1 failure (live:
   static override flags = {
     format: Flags.string({ char: 'f', description: 'format of the source (probed when not given)', options: ['raw', 'qcow2'], helpValue: 'FORMAT' }),
     'target-format': Flags.string({ char: 'F', description: 'format of the target (probed when not given)', options: ['raw', 'qcow2'], helpValue: 'FORMAT' }),
+    filter: filterFlag('stack a filter on the source (error, delay; see blkrep-filters(7)); repeatable, the first outermost'),
+    'target-filter': filterFlag('stack a filter on the target; repeatable, the first outermost'),
     sync: Flags.string({
       description: 'what to copy: full, top (what the top layer of the source holds), none (nothing offline), bitmap:PATH (the regions dirty in the bitmap file PATH)',
       default: 'full',
@@ -86,7 +90,10 @@ Exit status: 0 done (live: started, or ready/done with --wait); 1 failure (live:
 
   async run(): Promise<MirrorResult | JobQuery> {
     const { args, flags } = await this.parse(Mirror, withBareWait(this.argv));
-    if (flags.control !== undefined) return this.live(args, flags);
+    if (flags.control !== undefined) {
+      for (const f of ['filter', 'target-filter'] as const) if (flags[f] !== undefined) this.usageError(`--${f} is for an offline mirror: a live mirror's source is the export (give serve-nbd --filter)`);
+      return this.live(args, flags);
+    }
     for (const f of ['export', 'job-id', 'wait', 'timeout'] as const) if (flags[f] !== undefined) this.usageError(`--${f} is for a live mirror: give --control PATH too`);
     if (args.source === undefined || args.target === undefined) this.usageError('SOURCE and TARGET are required (or --control PATH and TARGET for a live mirror)');
     const { source: sourceSpec, target: targetSpec } = args as { source: string; target: string };
@@ -103,13 +110,14 @@ Exit status: 0 done (live: started, or ready/done with --wait); 1 failure (live:
     }
     if (flags.sync === 'bitmap') this.usageError('--sync bitmap needs the bitmap file: --sync bitmap:PATH');
 
-    const open = (spec: string, readOnly: boolean, format: string | undefined): Promise<BlockNode> =>
-      openImage(spec, { readOnly, ...(format ? { format: format as ImageFormat } : {}), nbd: { connections: flags.connections } });
+    parseFilters([...(flags.filter ?? []), ...(flags['target-filter'] ?? [])]);
+    const open = (spec: string, readOnly: boolean, format: string | undefined, filters: string[] | undefined): Promise<BlockNode> =>
+      openImageWithFilters(spec, { readOnly, ...(format ? { format: format as ImageFormat } : {}), nbd: { connections: flags.connections } }, filters);
     const bitmapMode = flags['bitmap-mode'] as BitmapMode;
     // the target (an NBD handshake) is opened while the source and then the bitmap file (it needs
     // the source's size) are; when one of them fails, the others that opened are closed again
-    const sourceOpening = open(sourceSpec, true, flags.format);
-    const targetOpening = open(targetSpec, false, flags['target-format']);
+    const sourceOpening = open(sourceSpec, true, flags.format, flags.filter);
+    const targetOpening = open(targetSpec, false, flags['target-format'], flags['target-filter']);
     const bitmapOpening =
       bitmapPath === undefined ? Promise.resolve(undefined) : sourceOpening.then((s) => PersistentBitmap.open(bitmapPath, { size: s.size, readOnly: bitmapMode === 'never' }));
     const [sourceR, targetR, bitmapR] = await Promise.allSettled([sourceOpening, targetOpening, bitmapOpening]);

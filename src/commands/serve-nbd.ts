@@ -2,6 +2,7 @@ import { rmSync } from 'node:fs';
 import { Args, Flags } from '@oclif/core';
 import { BlkrepCommand, loadTransports } from '../cli/base.js';
 import { secondsFlag, sizeFlag } from '../cli/flags.js';
+import { filterFlag, parseFilters } from '../cli/image.js';
 import { Daemon, type ExportSpec, type ListenSpec, type ListeningEvent } from '../serve/daemon.js';
 import type { BitmapLoad } from '../bitmap/export-bitmaps.js';
 import { DEFAULT_MAX_BUFFER, type LogLevel } from '../nbd/server.js';
@@ -33,6 +34,7 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
   static override examples = [
     { description: 'Serve the embedded 1 GiB in-memory disk on 127.0.0.1:10809', command: '<%= config.bin %> <%= command.id %>' },
     { description: 'Serve a raw file on a Unix socket', command: '<%= config.bin %> <%= command.id %> disk.img --socket /run/blkrep/nbd.sock' },
+    { description: 'Test a client against a failing disk: writes into the second MiB fail with ENOSPC (see blkrep-filters(7))', command: '<%= config.bin %> <%= command.id %> disk.img --socket /tmp/nbd.sock --filter error:ops=write,range=1M-2M,errno=ENOSPC' },
     { description: 'Serve two exports read-only on port 10810, with a control socket', command: '<%= config.bin %> <%= command.id %> --export a=a.img --export b=/dev/vdb --read-only --port 10810 --control /run/blkrep/ctl.sock' },
     { description: 'Start from a script and wait until it listens', command: '<%= config.bin %> <%= command.id %> disk.img --json --pid-file /run/blkrep.pid | head -n 1' },
     { description: 'Track writes in the dirty bitmap disk.img.b0.bitmap and offer it as qemu:dirty-bitmap:b0', command: '<%= config.bin %> <%= command.id %> disk.img --bitmap b0 --socket /run/blkrep/nbd.sock --control /run/blkrep/ctl.sock' },
@@ -68,11 +70,13 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
       multipleNonGreedy: true,
     }),
     'bitmap-granularity': sizeFlag({ description: 'bytes per bit of bitmaps created at start (a power of two, 512 to 64M) [default: 64K]', helpValue: 'SIZE' }),
+    filter: filterFlag('stack a filter on every export, between the clients and the export (error, delay; see blkrep-filters(7)); repeatable, the first outermost'),
     'auto-bitmaps': Flags.boolean({ description: 'load every bitmap file beside an image (IMAGE.*.bitmap); --no-auto-bitmaps loads only those given with --bitmap', default: true, allowNo: true }),
   };
 
   async run(): Promise<ListeningEvent | undefined> {
     const { args, flags } = await this.parse(ServeNbd);
+    const filters = parseFilters(flags.filter);
     const exports = this.exportSpecs(args.image, flags.name, flags.export ?? [], flags.description);
     this.bitmapSpecs(exports, flags.bitmap ?? []);
     const bg = flags['bitmap-granularity'];
@@ -116,6 +120,7 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
       log,
       autoBitmaps: flags['auto-bitmaps'],
       ...(bg === undefined ? {} : { bitmapGranularity: bg }),
+      ...(filters.length > 0 ? { filters } : {}),
     });
 
     let signals = 0;

@@ -53,11 +53,13 @@
  * succeeds, the granules the target holds are cleared from the bitmap, except those written
  * since start (the next incremental needs them); always — also when it fails; never.
  */
-import type { BlockNode, CompleteBlockNode, Extent, IoOptions, WriteOptions, ZeroOptions } from '../api/block.js';
+import type { BlockNode, CompleteBlockNode, Extent, IoOptions, ZeroOptions } from '../api/block.js';
 import { BlkrepError, toBlkrepError } from '../api/errors.js';
 import { completeNode, coalesceExtents } from '../block/node.js';
 import { DirtyBitmap, DEFAULT_GRANULARITY, checkGranularity, type Run } from '../bitmap/dirty-bitmap.js';
 import type { PersistentBitmap } from '../bitmap/persistent.js';
+import { FrontEnd } from '../block/filters/front-end.js';
+import type { ModifyOp } from '../block/filters/tracking.js';
 import { Job, type JobOptions, type JobSide } from './job.js';
 import { copySegments, isZero, nextRun, scanExtents, ZeroHints, type Segment } from './segments.js';
 
@@ -116,7 +118,7 @@ interface CopyOp {
   reserved: number;
 }
 
-type FrontKind = 'write' | 'write-zeroes' | 'trim';
+type FrontKind = ModifyOp;
 type Mode = 'before' | 'starting' | 'cbw' | 'passthrough';
 export type SnapshotState = 'pending' | 'live' | 'ended' | 'broken';
 
@@ -235,7 +237,7 @@ export class BackupJob extends Job {
     this.copied = new DirtyBitmap(this.size, geometry);
     this.written = new DirtyBitmap(this.size, geometry);
     this.bits = this.todo.bits;
-    this.node = new CbwFrontEnd(this);
+    this.node = new FrontEnd('copy-before-write', this.source, this);
     this.snapshotNode = new SnapshotAccessNode(this);
   }
 
@@ -914,49 +916,6 @@ export class BackupJob extends Job {
     if ((this.snapshot as SnapshotState) === 'broken') throw this.snapshotError('ERR_SNAPSHOT_BROKEN', 'the snapshot broke during the extents', offset, length);
     return coalesceExtents(out);
   }
-}
-
-/** job.node: the copy-before-write filter. close() closes nothing: the caller owns source and target. */
-class CbwFrontEnd implements BlockNode {
-  readonly driver = 'copy-before-write';
-  constructor(private readonly job: BackupJob) {}
-  get description(): string {
-    return this.job.source.description;
-  }
-  get size(): number {
-    return this.job.source.size;
-  }
-  get limits() {
-    return this.job.source.limits;
-  }
-  get caps() {
-    return this.job.source.caps;
-  }
-  read(offset: number, length: number, o?: IoOptions): Promise<Buffer> {
-    return this.job.source.read(offset, length, o);
-  }
-  readInto(offset: number, target: Buffer, o?: IoOptions): Promise<void> {
-    return this.job.source.readInto(offset, target, o);
-  }
-  write(offset: number, data: Buffer, o?: WriteOptions): Promise<void> {
-    return this.job.frontWrite('write', offset, data.length, o, data);
-  }
-  writeZeroes(offset: number, length: number, o?: ZeroOptions): Promise<void> {
-    return this.job.frontWrite('write-zeroes', offset, length, o);
-  }
-  trim(offset: number, length: number, o?: WriteOptions): Promise<void> {
-    return this.job.frontWrite('trim', offset, length, o);
-  }
-  flush(o?: IoOptions): Promise<void> {
-    return this.job.frontFlush(o);
-  }
-  extents(offset: number, length: number, o?: IoOptions): Promise<Extent[]> {
-    return this.job.source.extents(offset, length, o);
-  }
-  cache(offset: number, length: number, o?: IoOptions): Promise<void> {
-    return this.job.source.cache(offset, length, o);
-  }
-  async close(): Promise<void> {}
 }
 
 /** job.snapshotNode: the point-in-time view, read-only (QEMU's snapshot-access). close() closes nothing. */

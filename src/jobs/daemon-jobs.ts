@@ -41,7 +41,7 @@ import { basename, dirname, join } from 'node:path';
 import { BlkrepError, toBlkrepError } from '../api/errors.js';
 import type { BlockNode } from '../api/block.js';
 import type { ExportBitmaps } from '../bitmap/export-bitmaps.js';
-import type { DirtyTrackingNode } from '../bitmap/filter.js';
+import type { DirtyTrackingNode } from '../block/filters/tracking.js';
 import type { ControlVerbRegistry as ControlServer } from '../api/control.js';
 import type { Logger } from '../nbd/server.js';
 import { Job, JobManager, type JobEvent, type JobInfo } from './job.js';

@@ -19,9 +19,8 @@
  * At the next start of the daemon the job is loaded paused; `job resume` copies what the bitmap
  * holds (sync bitmap). Both files are removed when the job concludes.
  */
-import type { BlockNode, CompleteBlockNode, Extent, IoOptions, WriteOptions, ZeroOptions } from '../api/block.js';
 import { BlkrepError } from '../api/errors.js';
-import { completeNode } from '../block/node.js';
+import { PivotTarget } from '../block/filters/pivot.js';
 import { openImage, type ImageFormat } from '../block/open.js';
 import { DirtyBitmap, DEFAULT_GRANULARITY } from '../bitmap/dirty-bitmap.js';
 import { PersistentBitmap } from '../bitmap/persistent.js';
@@ -90,62 +89,6 @@ export function parseLiveMirrorArgs(args: Record<string, unknown>): LiveMirrorOp
   return o;
 }
 
-/**
- * The target as the mirror sees it. After the pivot its writes (those the front end had held
- * back during the drain) go through the export's tracking filter — which then forwards to the
- * target — so the export's bitmaps record them too.
- */
-class PivotTarget implements BlockNode {
-  readonly driver: string;
-  private via: CompleteBlockNode;
-  constructor(readonly inner: CompleteBlockNode) {
-    this.via = inner;
-    this.driver = inner.driver;
-  }
-  redirect(node: BlockNode): void {
-    this.via = completeNode(node);
-  }
-  get description(): string {
-    return this.inner.description;
-  }
-  get size(): number {
-    return this.inner.size;
-  }
-  get limits() {
-    return this.inner.limits;
-  }
-  get caps() {
-    return this.inner.caps;
-  }
-  read(offset: number, length: number, o?: IoOptions): Promise<Buffer> {
-    return this.via.read(offset, length, o);
-  }
-  readInto(offset: number, target: Buffer, o?: IoOptions): Promise<void> {
-    return this.via.readInto(offset, target, o);
-  }
-  write(offset: number, data: Buffer, o?: WriteOptions): Promise<void> {
-    return this.via.write(offset, data, o);
-  }
-  writeZeroes(offset: number, length: number, o?: ZeroOptions): Promise<void> {
-    return this.via.writeZeroes(offset, length, o);
-  }
-  trim(offset: number, length: number, o?: WriteOptions): Promise<void> {
-    return this.via.trim(offset, length, o);
-  }
-  flush(o?: IoOptions): Promise<void> {
-    return this.via.flush(o);
-  }
-  extents(offset: number, length: number, o?: IoOptions): Promise<Extent[]> {
-    return this.via.extents(offset, length, o);
-  }
-  cache(offset: number, length: number, o?: IoOptions): Promise<void> {
-    return this.via.cache(offset, length, o);
-  }
-  close(): Promise<void> {
-    return this.inner.close();
-  }
-}
-
 /** The dirty bits of an export bitmap (sync bitmap), read page by page. */
 function exportBitmapBits(ctx: JobContext, name: string): DirtyBitmap {
   const info = ctx.export.bitmaps.get(name);
@@ -178,7 +121,7 @@ async function createLiveMirror(ctx: JobContext, o: LiveMirrorOptions, resume?: 
   const exp = ctx.export;
   if (exp.readOnly) throw new BlkrepError('ERR_READ_ONLY', `export "${exp.name}" is read-only: nothing writes it, mirror it offline with blkrep mirror SOURCE TARGET`, { errno: 'EPERM' });
   const raw = await openImage(o.target, { ...(o.targetFormat ? { format: o.targetFormat } : {}), nbd: { connections: o.connections ?? 4 } });
-  const target = new PivotTarget(completeNode(raw));
+  const target = new PivotTarget(raw);
   const stateBase = o.persist === false ? undefined : ctx.stateBase;
   let pb: PersistentBitmap | undefined;
   let job: MirrorJob;

@@ -54,11 +54,12 @@
  * or stops the job is a ready(synced false) event and the job is running again until the next
  * consistency point.
  */
-import type { BlockNode, CompleteBlockNode, Extent, IoOptions, WriteOptions, ZeroOptions } from '../api/block.js';
+import type { BlockNode, CompleteBlockNode, Extent, IoOptions, ZeroOptions } from '../api/block.js';
 import { BlkrepError, toBlkrepError } from '../api/errors.js';
 import { completeNode } from '../block/node.js';
 import { DirtyBitmap, DEFAULT_GRANULARITY, checkGranularity } from '../bitmap/dirty-bitmap.js';
-import { DirtyTrackingNode, type WriteTracker } from '../bitmap/filter.js';
+import { DirtyTrackingNode, type ModifyOp, type WriteTag, type WriteTracker } from '../block/filters/tracking.js';
+import { FrontEnd } from '../block/filters/front-end.js';
 import type { PersistentBitmap } from '../bitmap/persistent.js';
 import { Job, type JobOptions, type JobSide } from './job.js';
 import { copySegments, isZero, nextRun, scanExtents, ZeroHints, type Segment } from './segments.js';
@@ -128,7 +129,10 @@ interface CopyOp {
   reserved: number;
 }
 
-type FrontKind = 'write' | 'write-zeroes' | 'trim';
+type FrontKind = ModifyOp;
+
+/** the tag of a write-blocking write (its tracker ticket must not mark the granules dirty) */
+const BLOCKING: WriteTag = Symbol('write-blocking');
 
 function badOption(message: string, details: Record<string, unknown> = {}): BlkrepError {
   return new BlkrepError('ERR_JOB_INVALID', message, { errno: 'EINVAL', details });
@@ -141,7 +145,7 @@ export class MirrorJob extends Job {
   /** the source with the job's tracker: writes through `node` reach it */
   readonly tracking: DirtyTrackingNode;
   /** the front end: write the source through it (see the file comment) */
-  readonly node: BlockNode;
+  readonly node: FrontEnd;
   readonly sync: MirrorSync;
   readonly granularity: number;
   readonly bufSize: number;
@@ -159,8 +163,6 @@ export class MirrorJob extends Job {
   private unstableCur: DirtyBitmap;
   private unstableFlushing: DirtyBitmap;
   private readonly tracker: WriteTracker<{ offset: number; length: number; blocking: boolean }>;
-  /** set around the synchronous start of a write-blocking write's source request (see blockingWrite) */
-  private blockingTicket = false;
   private readonly syncBitmap: DirtyBitmap | PersistentBitmap | undefined;
   private readonly bitmapMode: BitmapMode;
   private syncBitmapStart: DirtyBitmap | undefined;
@@ -257,11 +259,7 @@ export class MirrorJob extends Job {
     if (bitmapBits) this.syncBitmapStart = bitmapBits.clone();
     const g = this.granularity;
     this.tracker = {
-      beforeWrite: (offset, length) => {
-        const blocking = this.blockingTicket;
-        this.blockingTicket = false;
-        return Promise.resolve({ offset, length, blocking });
-      },
+      beforeWrite: (offset, length, tag) => Promise.resolve({ offset, length, blocking: tag === BLOCKING }),
       afterWrite: ({ offset, length, blocking }) => {
         if (length === 0 || this.backend !== 'tracked') return;
         const first = Math.floor(offset / g);
@@ -276,7 +274,7 @@ export class MirrorJob extends Job {
     };
     this.tracking = source instanceof DirtyTrackingNode ? source : new DirtyTrackingNode(source);
     this.tracking.addTracker(this.tracker);
-    this.node = new MirrorFrontEnd(this);
+    this.node = new FrontEnd('mirror', this.tracking, this);
     this.lastConsistentAt = this.clock.now();
   }
 
@@ -792,12 +790,12 @@ export class MirrorJob extends Job {
   }
 
   protected override async commit(): Promise<void> {
-    this.backend = this.draining === 'complete' && this.pivotWanted ? 'target' : 'source';
+    this.setBackend(this.draining === 'complete' && this.pivotWanted ? 'target' : 'source');
     this.applyBitmapMode(true);
   }
 
   protected override async abort(): Promise<void> {
-    this.backend = 'source';
+    this.setBackend('source');
     if (this.syncBitmap && this.bitmapMode === 'always' && !this.flushing) {
       // what was copied counts once the target holds it stably: try one flush
       try {
@@ -815,7 +813,7 @@ export class MirrorJob extends Job {
   protected override async clean(): Promise<void> {
     this.finished = true;
     this.stopTimers();
-    if (this.backend === 'tracked') this.backend = 'source';
+    if (this.backend === 'tracked') this.setBackend('source');
     this.tracking.removeTracker(this.tracker);
     this.openGate();
     this.wakeModeWaiters();
@@ -876,10 +874,16 @@ export class MirrorJob extends Job {
     return this.backend === 'target' ? this.target : this.tracking;
   }
 
+  private setBackend(backend: 'source' | 'target'): void {
+    this.backend = backend;
+    this.node.route(this.backendNode());
+  }
+
   async frontWrite(kind: FrontKind, offset: number, length: number, o: ZeroOptions | undefined, data?: Buffer): Promise<void> {
     while (this.gate) await this.gate.promise;
     const toNode = (node: CompleteBlockNode): Promise<void> =>
       kind === 'write' ? node.write(offset, data!, o) : kind === 'write-zeroes' ? node.writeZeroes(offset, length, o) : node.trim(offset, length, o);
+    const tracking = this.tracking;
     if (this.backend !== 'tracked') return toNode(this.backendNode());
     this.frontWrites++;
     let blocking = false;
@@ -895,8 +899,8 @@ export class MirrorJob extends Job {
       if (blocking) this.modeWrites.blocking++;
       else this.modeWrites.background++;
       counted = true;
-      if (!blocking) return await toNode(this.tracking);
-      await this.blockingWrite(kind, offset, length, o, data, () => toNode(this.tracking));
+      if (!blocking) return await toNode(tracking);
+      await this.blockingWrite(kind, offset, length, o, data, () => tracking.modify(kind, offset, length, data, o, BLOCKING));
     } finally {
       if (counted) {
         if (blocking) this.modeWrites.blocking--;
@@ -916,19 +920,11 @@ export class MirrorJob extends Job {
     const end = Math.ceil((offset + length) / g);
     await this.lock(first, end);
     try {
-      // The tracker does not set dirty bits for this write (the ticket says blocking): the same
-      // bytes go to the target below, so granules clean before stay clean. That needs the
-      // tracker's beforeWrite to run synchronously inside toSource(); if it did not, the
-      // ticket is an ordinary one and the granules are marked dirty — safe, only slower.
-      let p: Promise<void>;
-      this.blockingTicket = true;
+      // The tracker does not set dirty bits for this write (toSource tags it BLOCKING, and the
+      // tracker's ticket says so): the same bytes go to the target below, so granules clean
+      // before stay clean.
       try {
-        p = toSource();
-      } finally {
-        this.blockingTicket = false;
-      }
-      try {
-        await p;
+        await toSource();
       } catch (err) {
         if (this.backend === 'tracked') this.dirty.setBits(first, end);
         throw err;
@@ -1004,47 +1000,4 @@ export class MirrorJob extends Job {
   frontFlush(o?: IoOptions): Promise<void> {
     return this.backendNode().flush(o);
   }
-}
-
-/** The node writes go through while a mirror runs (job.node). close() closes nothing: the caller owns source and target. */
-class MirrorFrontEnd implements BlockNode {
-  readonly driver = 'mirror';
-  constructor(private readonly job: MirrorJob) {}
-  get description(): string {
-    return this.job.backendNode().description;
-  }
-  get size(): number {
-    return this.job.source.size;
-  }
-  get limits() {
-    return this.job.backendNode().limits;
-  }
-  get caps() {
-    return this.job.backendNode().caps;
-  }
-  read(offset: number, length: number, o?: IoOptions): Promise<Buffer> {
-    return this.job.backendNode().read(offset, length, o);
-  }
-  readInto(offset: number, target: Buffer, o?: IoOptions): Promise<void> {
-    return this.job.backendNode().readInto(offset, target, o);
-  }
-  write(offset: number, data: Buffer, o?: WriteOptions): Promise<void> {
-    return this.job.frontWrite('write', offset, data.length, o, data);
-  }
-  writeZeroes(offset: number, length: number, o?: ZeroOptions): Promise<void> {
-    return this.job.frontWrite('write-zeroes', offset, length, o);
-  }
-  trim(offset: number, length: number, o?: WriteOptions): Promise<void> {
-    return this.job.frontWrite('trim', offset, length, o);
-  }
-  flush(o?: IoOptions): Promise<void> {
-    return this.job.frontFlush(o);
-  }
-  extents(offset: number, length: number, o?: IoOptions): Promise<Extent[]> {
-    return this.job.backendNode().extents(offset, length, o);
-  }
-  cache(offset: number, length: number, o?: IoOptions): Promise<void> {
-    return this.job.backendNode().cache(offset, length, o);
-  }
-  async close(): Promise<void> {}
 }

@@ -10,13 +10,14 @@ import { completeNode } from '../block/node.js';
 import { openImage } from '../block/open.js';
 import { registerBitmapVerbs } from '../bitmap/control-verbs.js';
 import { ExportBitmaps, type BitmapLoad, type BitmapSpec } from '../bitmap/export-bitmaps.js';
-import { DirtyTrackingNode } from '../bitmap/filter.js';
+import { DirtyTrackingNode } from '../block/filters/tracking.js';
 import type { BitmapInfo } from '../bitmap/ops.js';
 import { ControlServer } from '../control/server.js';
 import { DaemonJobs, type JobExport } from '../jobs/daemon-jobs.js';
 import '../jobs/daemon-job-types.js';
 import { sidecarBase } from '../bitmap/names.js';
-import { SwitchNode } from './switch-node.js';
+import { SwitchNode } from '../block/filters/switch.js';
+import { stackFilters, type FilterSpec } from '../block/filters/spec.js';
 import { NbdServer, type Logger, type ServerStatus } from '../nbd/server.js';
 
 export interface ExportSpec {
@@ -51,6 +52,8 @@ export interface DaemonOptions {
   autoBitmaps?: boolean;
   /** granularity of bitmaps created at start (default 64 KiB) */
   bitmapGranularity?: number;
+  /** filters over every export, between the clients and the export (the first outermost): --filter */
+  filters?: readonly FilterSpec[];
 }
 
 export interface ListeningEvent {
@@ -130,7 +133,7 @@ export class Daemon {
         exports: options.exports.map((e, i) => ({
           name: e.name,
           description: e.description,
-          node: completeNode(upper[i]!),
+          node: completeNode(stackFilters(upper[i]!, options.filters ?? [])),
           readOnly: options.readOnly,
           minimumBlockSize: options.minimumBlockSize,
         })),

@@ -8,7 +8,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { BlockNode, Capabilities } from '../../src/api/block.js';
 import { BlkrepError } from '../../src/api/errors.js';
 import { DirtyBitmap } from '../../src/bitmap/dirty-bitmap.js';
-import { DirtyTrackingNode, volatileTracker, type WriteTracker } from '../../src/bitmap/filter.js';
+import { DirtyTrackingNode, volatileTracker, type WriteTracker } from '../../src/block/filters/tracking.js';
 import { dirtyBitmapContext } from '../../src/bitmap/meta-context.js';
 import { PersistentBitmap } from '../../src/bitmap/persistent.js';
 import { MemoryNode } from '../../src/block/memory.js';

@@ -7,7 +7,7 @@ import { describe, expect, it } from 'vitest';
 import type { BlockNode, Extent, IoOptions, WriteOptions, ZeroOptions } from '../../src/api/block.js';
 import { MemoryNode } from '../../src/block/memory.js';
 import { DirtyBitmap } from '../../src/bitmap/dirty-bitmap.js';
-import { DirtyTrackingNode, volatileTracker } from '../../src/bitmap/filter.js';
+import { DirtyTrackingNode, volatileTracker } from '../../src/block/filters/tracking.js';
 import type { JobEvent } from '../../src/jobs/job.js';
 import { BackupJob, type BackupOptions } from '../../src/jobs/backup.js';
 import { Gate, hookNode } from '../support/fault-node.js';

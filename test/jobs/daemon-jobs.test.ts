@@ -5,7 +5,7 @@
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { MemoryNode } from '../../src/block/memory.js';
-import { SwitchNode } from '../../src/serve/switch-node.js';
+import { SwitchNode } from '../../src/block/filters/switch.js';
 import { ControlClient } from '../../src/control/client.js';
 import { makeTempDir, serve } from '../support/spawn.js';
 import type { BlockNode } from '../../src/api/block.js';

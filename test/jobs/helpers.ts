@@ -5,20 +5,12 @@
 import { BlkrepError, type Errno } from '../../src/api/errors.js';
 import type { BlockNode, Capabilities, Extent, IoOptions, WriteOptions, ZeroOptions } from '../../src/api/block.js';
 import { MemoryNode } from '../../src/block/memory.js';
+import { seededRandom } from '../../src/block/filters/error.js';
 
 export const MiB = 1 << 20;
 
-/** mulberry32 */
-export function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+/** mulberry32, the generator of the error filter's seeded rate */
+export const rng = seededRandom;
 
 export function randomBytes(r: () => number, n: number): Buffer {
   const b = Buffer.allocUnsafe(n);

@@ -9,31 +9,36 @@
  *
  * size, limits and caps are the first backend's (an NBD export announces them once, at the
  * handshake); a later backend must have the same size. close() closes nothing: whoever opened a
- * backend closes it.
+ * backend closes it. Every operation is overridden: each one counts itself in flight on its backend.
  */
-import type { BlockNode, Capabilities, BlockLimits, CompleteBlockNode, Extent, IoOptions, WriteOptions, ZeroOptions } from '../api/block.js';
-import { BlkrepError } from '../api/errors.js';
-import { completeNode } from '../block/node.js';
+import type { BlockNode, Capabilities, BlockLimits, CompleteBlockNode, Extent, IoOptions, WriteOptions, ZeroOptions } from '../../api/block.js';
+import { BlkrepError } from '../../api/errors.js';
+import { Filter } from '../filter.js';
 
-export class SwitchNode implements BlockNode {
+export class SwitchNode extends Filter {
   readonly driver = 'switch';
-  readonly size: number;
-  readonly limits: BlockLimits;
-  readonly caps: Capabilities;
-  private current: CompleteBlockNode;
+  private readonly fixedSize: number;
+  private readonly fixedLimits: BlockLimits;
+  private readonly fixedCaps: Capabilities;
   private currentRaw: BlockNode;
   private readonly inFlight = new Map<CompleteBlockNode, { n: number; idle: Array<() => void> }>();
 
   constructor(initial: BlockNode) {
+    super(initial);
     this.currentRaw = initial;
-    this.current = completeNode(initial);
-    this.size = initial.size;
-    this.limits = initial.limits;
-    this.caps = initial.caps;
+    this.fixedSize = initial.size;
+    this.fixedLimits = initial.limits;
+    this.fixedCaps = initial.caps;
   }
 
-  get description(): string {
-    return this.current.description;
+  override get size(): number {
+    return this.fixedSize;
+  }
+  override get limits(): BlockLimits {
+    return this.fixedLimits;
+  }
+  override get caps(): Capabilities {
+    return this.fixedCaps;
   }
 
   /** the backend new requests go to */
@@ -49,16 +54,16 @@ export class SwitchNode implements BlockNode {
     if (node.size !== this.size) {
       throw new BlkrepError('ERR_SIZE_MISMATCH', `cannot switch an export of ${this.size} bytes to ${node.description} of ${node.size} bytes`, { errno: 'EINVAL', details: { size: this.size, newSize: node.size } });
     }
-    const old = this.current;
+    const old = this.next;
     this.currentRaw = node;
-    this.current = completeNode(node);
+    this.setNext(node);
     const entry = this.inFlight.get(old);
     if (!entry || entry.n === 0) return Promise.resolve();
     return new Promise((resolve) => entry.idle.push(resolve));
   }
 
   private run<T>(fn: (node: CompleteBlockNode) => Promise<T>): Promise<T> {
-    const node = this.current;
+    const node = this.next;
     let entry = this.inFlight.get(node);
     if (!entry) {
       entry = { n: 0, idle: [] };
@@ -82,30 +87,30 @@ export class SwitchNode implements BlockNode {
     return p.finally(done);
   }
 
-  read(offset: number, length: number, o?: IoOptions): Promise<Buffer> {
+  override read(offset: number, length: number, o?: IoOptions): Promise<Buffer> {
     return this.run((n) => n.read(offset, length, o));
   }
-  readInto(offset: number, target: Buffer, o?: IoOptions): Promise<void> {
+  override readInto(offset: number, target: Buffer, o?: IoOptions): Promise<void> {
     return this.run((n) => n.readInto(offset, target, o));
   }
-  write(offset: number, data: Buffer, o?: WriteOptions): Promise<void> {
+  override write(offset: number, data: Buffer, o?: WriteOptions): Promise<void> {
     return this.run((n) => n.write(offset, data, o));
   }
-  writeZeroes(offset: number, length: number, o?: ZeroOptions): Promise<void> {
+  override writeZeroes(offset: number, length: number, o?: ZeroOptions): Promise<void> {
     return this.run((n) => n.writeZeroes(offset, length, o));
   }
-  trim(offset: number, length: number, o?: WriteOptions): Promise<void> {
+  override trim(offset: number, length: number, o?: WriteOptions): Promise<void> {
     return this.run((n) => n.trim(offset, length, o));
   }
-  flush(o?: IoOptions): Promise<void> {
+  override flush(o?: IoOptions): Promise<void> {
     return this.run((n) => n.flush(o));
   }
-  extents(offset: number, length: number, o?: IoOptions): Promise<Extent[]> {
+  override extents(offset: number, length: number, o?: IoOptions): Promise<Extent[]> {
     return this.run((n) => n.extents(offset, length, o));
   }
-  cache(offset: number, length: number, o?: IoOptions): Promise<void> {
+  override cache(offset: number, length: number, o?: IoOptions): Promise<void> {
     return this.run((n) => n.cache(offset, length, o));
   }
   /** Closes nothing: the backends belong to whoever opened them. */
-  async close(): Promise<void> {}
+  override async close(): Promise<void> {}
 }

@@ -9,23 +9,34 @@
  *   2. the request goes to `next`;
  *   3. every tracker's afterWrite(ticket), whatever the outcome — a failed write may still have
  *      changed part of the range.
+ * modify() is write/writeZeroes/trim with a tag, passed to every tracker's beforeWrite.
  * flush() flushes `next` and every tracker together and resolves when all are durable, so the
  * bitmap is on stable storage before the FLUSH is acknowledged.
  */
-import type { BlockNode, Capabilities, CompleteBlockNode, Extent, IoOptions, WriteOptions, ZeroOptions } from '../api/block.js';
-import { checkRange, completeNode } from '../block/node.js';
-import type { DirtyBitmap, Run } from './dirty-bitmap.js';
+import type { BlockNode, IoOptions, WriteOptions, ZeroOptions } from '../../api/block.js';
+import { checkRange } from '../node.js';
+import { Filter } from '../filter.js';
+import type { DirtyBitmap, Run } from '../../bitmap/dirty-bitmap.js';
+
+/** the requests that change data */
+export type ModifyOp = 'write' | 'write-zeroes' | 'trim';
+
+/**
+ * What the caller of modify() says about a request, handed to every tracker's beforeWrite (the
+ * mirror tags its write-blocking writes so its own tracker does not mark them dirty).
+ */
+export type WriteTag = symbol | undefined;
 
 /** What the filter needs from a bitmap. PersistentBitmap is one; volatileTracker() makes one of a DirtyBitmap. */
 export interface WriteTracker<T = unknown> {
   /** resolves when a write to [offset, offset+length) may be issued */
-  beforeWrite(offset: number, length: number): Promise<T>;
+  beforeWrite(offset: number, length: number, tag?: WriteTag): Promise<T>;
   /**
    * Optional fast path: the ticket at once when a write to [offset, offset+length) may be issued
    * without waiting, else undefined having changed nothing (the filter then calls beforeWrite).
    * A ticket is never undefined.
    */
-  beforeWriteSync?(offset: number, length: number): T | undefined;
+  beforeWriteSync?(offset: number, length: number, tag?: WriteTag): T | undefined;
   /** the write of `ticket` is over, successfully or not */
   afterWrite(ticket: T): void;
   /** resolves when everything recorded so far is durable */
@@ -44,27 +55,13 @@ export function volatileTracker(bitmap: DirtyBitmap): WriteTracker<Run> {
   };
 }
 
-export class DirtyTrackingNode implements BlockNode {
+export class DirtyTrackingNode extends Filter {
   readonly driver = 'dirty-tracking';
-  readonly next: CompleteBlockNode;
   private trackers: WriteTracker[];
 
   constructor(next: BlockNode, trackers: WriteTracker[] = []) {
-    this.next = completeNode(next);
+    super(next);
     this.trackers = [...trackers];
-  }
-
-  get description(): string {
-    return this.next.description;
-  }
-  get size(): number {
-    return this.next.size;
-  }
-  get limits() {
-    return this.next.limits;
-  }
-  get caps(): Capabilities {
-    return this.next.caps;
   }
 
   /** Start recording into `tracker` (writes already in flight are not recorded by it). */
@@ -81,60 +78,44 @@ export class DirtyTrackingNode implements BlockNode {
     return this.trackers.length;
   }
 
-  read(offset: number, length: number, o?: IoOptions): Promise<Buffer> {
-    return this.next.read(offset, length, o);
+  override write(offset: number, data: Buffer, o?: WriteOptions): Promise<void> {
+    return this.tracked('write', offset, data.length, data, o, undefined);
   }
 
-  readInto(offset: number, target: Buffer, o?: IoOptions): Promise<void> {
-    return this.next.readInto(offset, target, o);
+  override writeZeroes(offset: number, length: number, o?: ZeroOptions): Promise<void> {
+    return this.tracked('write-zeroes', offset, length, undefined, o, undefined);
   }
 
-  extents(offset: number, length: number, o?: IoOptions): Promise<Extent[]> {
-    return this.next.extents(offset, length, o);
+  override trim(offset: number, length: number, o?: WriteOptions): Promise<void> {
+    return this.tracked('trim', offset, length, undefined, o, undefined);
   }
 
-  cache(offset: number, length: number, o?: IoOptions): Promise<void> {
-    return this.next.cache(offset, length, o);
+  /** write (with `data`), write-zeroes or trim, with `tag` handed to every tracker's beforeWrite */
+  modify(op: ModifyOp, offset: number, length: number, data: Buffer | undefined, o: WriteOptions | ZeroOptions | undefined, tag: WriteTag): Promise<void> {
+    return this.tracked(op, offset, op === 'write' ? data!.length : length, data, o, tag);
   }
 
-  write(offset: number, data: Buffer, o?: WriteOptions): Promise<void> {
-    return this.tracked(WRITE, offset, data.length, data, o);
-  }
-
-  writeZeroes(offset: number, length: number, o?: ZeroOptions): Promise<void> {
-    return this.tracked(WRITE_ZEROES, offset, length, undefined, o);
-  }
-
-  trim(offset: number, length: number, o?: WriteOptions): Promise<void> {
-    return this.tracked(TRIM, offset, length, undefined, o);
-  }
-
-  async flush(o?: IoOptions): Promise<void> {
+  override async flush(o?: IoOptions): Promise<void> {
     const trackers = this.trackers;
     if (trackers.length === 0) return this.next.flush(o);
     await Promise.all([this.next.flush(o), ...trackers.map((t) => t.flush())]);
   }
 
-  close(): Promise<void> {
-    return this.next.close();
-  }
-
   /** the request itself, to `next` */
-  private issue(kind: Kind, offset: number, length: number, data: Buffer | undefined, o: WriteOptions | ZeroOptions | undefined): Promise<void> {
-    if (kind === WRITE) return this.next.write(offset, data!, o);
-    if (kind === WRITE_ZEROES) return this.next.writeZeroes(offset, length, o);
+  private issue(kind: ModifyOp, offset: number, length: number, data: Buffer | undefined, o: WriteOptions | ZeroOptions | undefined): Promise<void> {
+    if (kind === 'write') return this.next.write(offset, data!, o);
+    if (kind === 'write-zeroes') return this.next.writeZeroes(offset, length, o);
     return this.next.trim(offset, length, o);
   }
 
   /**
    * Called for every modifying request. Not async itself: the common cases — no tracker, or one
    * tracker whose extent is already hot — issue the request synchronously, with one promise (the
-   * request's own) and one await at most. Every tracker's beforeWrite/beforeWriteSync runs
-   * synchronously inside this call (the mirror's write-blocking relies on it).
+   * request's own) and one await at most.
    */
-  private tracked(kind: Kind, offset: number, length: number, data: Buffer | undefined, o: WriteOptions | ZeroOptions | undefined): Promise<void> {
+  private tracked(kind: ModifyOp, offset: number, length: number, data: Buffer | undefined, o: WriteOptions | ZeroOptions | undefined, tag: WriteTag): Promise<void> {
     try {
-      checkRange(this, offset, length, OP_NAMES[kind]);
+      checkRange(this, offset, length, kind);
     } catch (err) {
       return Promise.reject(err);
     }
@@ -148,22 +129,22 @@ export class DirtyTrackingNode implements BlockNode {
     }
     if (trackers.length === 1) {
       const tracker = trackers[0]!;
-      const ticket = tracker.beforeWriteSync?.(offset, length);
+      const ticket = tracker.beforeWriteSync?.(offset, length, tag);
       if (ticket !== undefined) return this.issueThenRelease(tracker, ticket, kind, offset, length, data, o);
       let waiting: Promise<unknown>;
       try {
-        waiting = tracker.beforeWrite(offset, length);
+        waiting = tracker.beforeWrite(offset, length, tag);
       } catch (err) {
         return Promise.reject(err);
       }
       return waiting.then((t) => this.issueThenRelease(tracker, t, kind, offset, length, data, o));
     }
-    return this.trackedByMany(trackers, kind, offset, length, data, o);
+    return this.trackedByMany(trackers, kind, offset, length, data, o, tag);
   }
 
   /** issue, then afterWrite whatever the outcome (two closures and one promise: cheaper than an async function) */
   private issueThenRelease(
-    tracker: WriteTracker, ticket: unknown, kind: Kind, offset: number, length: number, data: Buffer | undefined, o: WriteOptions | ZeroOptions | undefined,
+    tracker: WriteTracker, ticket: unknown, kind: ModifyOp, offset: number, length: number, data: Buffer | undefined, o: WriteOptions | ZeroOptions | undefined,
   ): Promise<void> {
     let issued: Promise<void>;
     try {
@@ -182,13 +163,13 @@ export class DirtyTrackingNode implements BlockNode {
   }
 
   private async trackedByMany(
-    trackers: WriteTracker[], kind: Kind, offset: number, length: number, data: Buffer | undefined, o: WriteOptions | ZeroOptions | undefined,
+    trackers: WriteTracker[], kind: ModifyOp, offset: number, length: number, data: Buffer | undefined, o: WriteOptions | ZeroOptions | undefined, tag: WriteTag,
   ): Promise<void> {
-    // Every tracker is asked synchronously, before the first await.
+    // Every tracker is asked before the first await.
     const tickets: unknown[] = trackers.map((t) => {
       try {
-        const ticket = t.beforeWriteSync?.(offset, length);
-        return ticket !== undefined ? ticket : t.beforeWrite(offset, length);
+        const ticket = t.beforeWriteSync?.(offset, length, tag);
+        return ticket !== undefined ? ticket : t.beforeWrite(offset, length, tag);
       } catch (err) {
         return Promise.reject(err);
       }
@@ -208,9 +189,3 @@ export class DirtyTrackingNode implements BlockNode {
     }
   }
 }
-
-type Kind = 0 | 1 | 2;
-const WRITE: Kind = 0;
-const WRITE_ZEROES: Kind = 1;
-const TRIM: Kind = 2;
-const OP_NAMES = ['write', 'write-zeroes', 'trim'] as const;

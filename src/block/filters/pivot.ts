@@ -1,0 +1,43 @@
+/**
+ * The live mirror's target as the mirror sees it. Until the pivot, requests go to the target
+ * itself; redirect() then sends them through another node that forwards to the target (the
+ * export's tracking filter), so the writes the mirror's front end held back during the drain are
+ * recorded by the export's bitmaps too. It shows the target's description, size, limits and caps
+ * throughout, and close() closes the target.
+ */
+import type { BlockLimits, BlockNode, Capabilities, CompleteBlockNode } from '../../api/block.js';
+import { completeNode } from '../node.js';
+import { Filter } from '../filter.js';
+
+export class PivotTarget extends Filter {
+  readonly driver: string;
+  readonly inner: CompleteBlockNode;
+
+  constructor(target: BlockNode) {
+    const inner = completeNode(target);
+    super(inner);
+    this.inner = inner;
+    this.driver = inner.driver;
+  }
+
+  /** Requests go through `node` from now on (it must forward to the target). */
+  redirect(node: BlockNode): void {
+    this.setNext(node);
+  }
+
+  override get description(): string {
+    return this.inner.description;
+  }
+  override get size(): number {
+    return this.inner.size;
+  }
+  override get limits(): BlockLimits {
+    return this.inner.limits;
+  }
+  override get caps(): Capabilities {
+    return this.inner.caps;
+  }
+  override close(): Promise<void> {
+    return this.inner.close();
+  }
+}
