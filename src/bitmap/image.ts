@@ -35,7 +35,11 @@ export type BitmapFault =
   | 'dirty-count'
   | 'activity-log'
   /** a qcow2 bitmap flagged in_use: its writer did not close the image (store-qcow2.ts) */
-  | 'in-use';
+  | 'in-use'
+  /** the file is owned by another user (not root): trust.ts */
+  | 'foreign-owner'
+  /** the file is writable by its group or by others: trust.ts */
+  | 'writable-by-others';
 
 export type LoadState =
   | { state: 'clean' }
@@ -64,6 +68,8 @@ export interface ReadImageOptions {
   size?: number;
   /** granularity for an all-dirty bitmap when the header is unusable (default 64 KiB) */
   granularity?: number;
+  /** the file cannot be trusted whatever it holds (trust.ts): load it all-dirty for this reason */
+  distrust?: { fault: BitmapFault; reason: string };
 }
 
 const ZERO_PAGE = Buffer.alloc(PAGE_BYTES);
@@ -113,6 +119,7 @@ export async function readImage(fd: number, fileLength: number, path: string, op
     bitmap.setAll();
     return { header: h, bitmap, pageCrcs: undefined, loadState: { state: 'all-dirty', fault, reason } };
   };
+  if (options.distrust) return allDirty(options.distrust.fault, options.distrust.reason);
   if (fileLength < layout.fileLength) {
     return allDirty('truncated', `the file is truncated: ${fileLength} bytes, the header says ${layout.fileLength}`);
   }
