@@ -26,7 +26,7 @@ import { openImage, type ImageFormat } from '../block/open.js';
 import { DirtyBitmap, DEFAULT_GRANULARITY } from '../bitmap/dirty-bitmap.js';
 import { PersistentBitmap } from '../bitmap/persistent.js';
 import { ERROR_POLICIES, type ErrorPolicy } from './job.js';
-import { BITMAP_MODES, COPY_MODES, MirrorJob, type BitmapMode, type CopyMode } from './mirror.js';
+import { BITMAP_MODES, COPY_MODES, MirrorJob, type BitmapMode, type CopyMode, type Reconnectable } from './mirror.js';
 import { badJobArg, jobArgReaders, jobStatePath, registerJobType, removeJobFiles, saveJobState, type JobContext, type SavedJobState } from './daemon-jobs.js';
 
 export const DIRTY_SUFFIX = '.dirty';
@@ -98,9 +98,17 @@ export function parseLiveMirrorArgs(args: Record<string, unknown>): LiveMirrorOp
 class PivotTarget implements BlockNode {
   readonly driver: string;
   private via: CompleteBlockNode;
-  constructor(readonly inner: CompleteBlockNode) {
+  constructor(
+    readonly inner: CompleteBlockNode,
+    /** the node as opened (an NbdNode can try its lost connection again at once) */
+    private readonly opened?: BlockNode & Partial<Reconnectable>,
+  ) {
     this.via = inner;
     this.driver = inner.driver;
+  }
+  /** Reconnectable: the opened target's lost connection tried again now (true at once for a file). */
+  retryNow(): Promise<boolean> {
+    return typeof this.opened?.retryNow === 'function' ? this.opened.retryNow() : Promise.resolve(true);
   }
   redirect(node: BlockNode): void {
     this.via = completeNode(node);
@@ -178,7 +186,7 @@ async function createLiveMirror(ctx: JobContext, o: LiveMirrorOptions, resume?: 
   const exp = ctx.export;
   if (exp.readOnly) throw new BlkrepError('ERR_READ_ONLY', `export "${exp.name}" is read-only: nothing writes it, mirror it offline with blkrep mirror SOURCE TARGET`, { errno: 'EPERM' });
   const raw = await openImage(o.target, { ...(o.targetFormat ? { format: o.targetFormat } : {}), nbd: { connections: o.connections ?? 4 } });
-  const target = new PivotTarget(completeNode(raw));
+  const target = new PivotTarget(completeNode(raw), raw);
   const stateBase = o.persist === false ? undefined : ctx.stateBase;
   let pb: PersistentBitmap | undefined;
   let job: MirrorJob;
