@@ -35,6 +35,23 @@ describe('serve-nbd files under umask 000', () => {
     expect(await readdir(dir)).toEqual([]);
   });
 
+  it('a backup\'s --fleecing-socket is 0600 too', async () => {
+    const dir = await makeTempDir();
+    const [src, dst, ctl, snap] = [join(dir, 'src.img'), join(dir, 'dst.img'), join(dir, 'ctl.sock'), join(dir, 'snap.sock')];
+    await emptyImage(src, MiB);
+    await emptyImage(dst, MiB);
+    const s = await serveUnder(0, ['--export', `disk=${src}`, '--socket', join(dir, 'nbd.sock'), '--control', ctl]);
+    const previous = process.umask(0);
+    try {
+      await control(ctl, 'job-start', { type: 'backup', target: dst, sync: 'none', fleecingExport: 'snap', fleecingSocket: snap });
+    } finally {
+      process.umask(previous);
+    }
+    expect(await mode(snap)).toBe(0o600);
+    await control(ctl, 'job-cancel', { id: 'backup0' });
+    expect(await s.stop()).toBe(0);
+  });
+
   it('--socket-mode 0660 widens the NBD socket on purpose (the control socket stays 0600)', async () => {
     const dir = await makeTempDir();
     const [sock, ctl] = [join(dir, 'nbd.sock'), join(dir, 'ctl.sock')];
