@@ -137,7 +137,7 @@ async function oneRun(policy, seed, keep) {
     await waitUntil(() => existsSync(tsock), 'qemu-nbd socket', 10_000);
     daemon = startProc(process.execPath, [BIN, 'serve-nbd', '--export', `disk=${src}`, '--socket', join(dir, 'nbd'), '--control', ctl, '--json']);
     procs.push(daemon);
-    await waitUntil(() => daemon.out().includes('"listening"'), 'serve-nbd listening', 20_000);
+    await waitUntil(() => daemon.out().includes('"listening"'), 'serve-nbd listening', 60_000);
     client = await ControlClient.connect(ctl, { timeoutMs: 5000 });
     const waiters = [];
     await client.subscribe(undefined, (e) => {
