@@ -114,6 +114,16 @@ Exit status: 0 done (live: started, or ready/done with --wait); 1 failure (ERR_T
     const bitmapMode = flags['bitmap-mode'] as BitmapMode;
     // the target (an NBD handshake) is opened while the source and then the bitmap file (it needs
     // the source's size) are; when one of them fails, the others that opened are closed again
+    // a target that holds data is overwritten only with --existing; asked on a read-only open of
+    // its own, so that the mirror's connection to it starts fresh
+    if (!flags.existing) {
+      const probe = await open(targetSpec, true, flags['target-format']);
+      try {
+        await checkTargetEmpty(probe, targetSpec, false, 'Give --existing');
+      } finally {
+        await probe.close().catch(() => {});
+      }
+    }
     const sourceOpening = open(sourceSpec, true, flags.format);
     const targetOpening = open(targetSpec, false, flags['target-format']);
     const bitmapOpening =
@@ -141,7 +151,6 @@ Exit status: 0 done (live: started, or ready/done with --wait); 1 failure (ERR_T
         if (opened.loadState.state === 'all-dirty') this.logToStderr(`blkrep: warning: bitmap ${bitmapPath} cannot be trusted (${opened.loadState.reason}): copying everything`);
         else if (opened.loadState.state === 'recovered') this.logToStderr(`blkrep: bitmap ${bitmapPath} was in use when its writer stopped; recovered from its activity log`);
       }
-      await checkTargetEmpty(target, targetSpec, flags.existing, 'Give --existing');
       result = await this.mirror(source, target, { ...flags, sync, bitmap, bitmapMode, bitmapLoad, sourceSpec, targetSpec, bitmapSpec: flags.sync });
       if (bitmap && !bitmap.readOnly) await bitmap.flush();
     } finally {
