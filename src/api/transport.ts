@@ -20,6 +20,11 @@ export interface ListenOptions {
   onConnection(connection: TransportConnection): void;
   /** socket backlog */
   backlog?: number;
+  /**
+   * For an address that is a file (unix): the socket file's permission bits, set whatever the
+   * umask (default 0600: only the daemon's user can connect). Other transports ignore it.
+   */
+  mode?: number;
 }
 
 export interface TransportListener {

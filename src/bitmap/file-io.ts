@@ -5,7 +5,7 @@
  */
 import { close, fdatasync, fstat, fsync, ftruncate, open, read, write, type Stats } from 'node:fs';
 
-export function openFd(path: string, flags: string, mode = 0o644): Promise<number> {
+export function openFd(path: string, flags: string | number, mode = 0o644): Promise<number> {
   return new Promise((resolve, reject) => open(path, flags, mode, (err, fd) => (err ? reject(err) : resolve(fd))));
 }
 

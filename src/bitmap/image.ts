@@ -10,12 +10,13 @@
  * - no usable header, unknown version, impossible field, truncated file: all-dirty, with the
  *   reason (the caller must know the disk's size then), or an error when asked to be strict.
  */
-import { randomBytes } from 'node:crypto';
-import { basename, dirname, join } from 'node:path';
-import { rename, unlink } from 'node:fs/promises';
 import { BlkrepError } from '../api/errors.js';
 import { DEFAULT_GRANULARITY, DirtyBitmap, PAGE_BYTES } from './dirty-bitmap.js';
-import { closeFd, openFd, readAt, syncDir, syncFd, truncateFd, writeAt } from './file-io.js';
+import { readAt, truncateFd, writeAt } from './file-io.js';
+import { replaceWith } from '../util/safe-file.js';
+
+/** a bitmap file's mode, whatever the umask: writable by its owner only (bitmap/trust.ts) */
+export const BITMAP_FILE_MODE = 0o644;
 import {
   AL_OFFSET, FLAG_ENABLED, FLAG_IN_USE, HEADER_SLOT_BYTES, PageChecksum, computeLayout, decodeAlBlock, decodeHeader, encodeHeader,
   type Header, type Layout,
@@ -34,7 +35,11 @@ export type BitmapFault =
   | 'dirty-count'
   | 'activity-log'
   /** a qcow2 bitmap flagged in_use: its writer did not close the image (store-qcow2.ts) */
-  | 'in-use';
+  | 'in-use'
+  /** the file is owned by another user (not root): trust.ts */
+  | 'foreign-owner'
+  /** the file is writable by its group or by others: trust.ts */
+  | 'writable-by-others';
 
 export type LoadState =
   | { state: 'clean' }
@@ -63,6 +68,8 @@ export interface ReadImageOptions {
   size?: number;
   /** granularity for an all-dirty bitmap when the header is unusable (default 64 KiB) */
   granularity?: number;
+  /** the file cannot be trusted whatever it holds (trust.ts): load it all-dirty for this reason */
+  distrust?: { fault: BitmapFault; reason: string };
 }
 
 const ZERO_PAGE = Buffer.alloc(PAGE_BYTES);
@@ -112,6 +119,7 @@ export async function readImage(fd: number, fileLength: number, path: string, op
     bitmap.setAll();
     return { header: h, bitmap, pageCrcs: undefined, loadState: { state: 'all-dirty', fault, reason } };
   };
+  if (options.distrust) return allDirty(options.distrust.fault, options.distrust.reason);
   if (fileLength < layout.fileLength) {
     return allDirty('truncated', `the file is truncated: ${fileLength} bytes, the header says ${layout.fileLength}`);
   }
@@ -190,9 +198,9 @@ export async function readImage(fd: number, fileLength: number, path: string, op
  */
 export async function writeImage(path: string, header: Header, bitmap: DirtyBitmap): Promise<Layout> {
   const layout = computeLayout(header);
-  const tmp = join(dirname(path), `.${basename(path)}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`);
-  const fd = await openFd(tmp, 'wx');
-  try {
+  // a random temporary name, O_EXCL|O_NOFOLLOW, mode 0644 whatever the umask (a file writable by
+  // others would load all-dirty: bitmap/trust.ts)
+  await replaceWith(path, BITMAP_FILE_MODE, async (fd) => {
     await truncateFd(fd, layout.fileLength);
     const h: Header = { ...header, alBlockSize: layout.alBlockSize, crcTableOffset: layout.crcTableOffset, dataOffset: layout.dataOffset, dataLength: layout.dataLength };
     await writeAt(fd, encodeHeader(h), (h.generation % 2) * HEADER_SLOT_BYTES);
@@ -214,19 +222,6 @@ export async function writeImage(path: string, header: Header, bitmap: DirtyBitm
       if (!allZero) await writeAt(fd, view, layout.dataOffset + p * PAGE_BYTES);
     }
     await writeAt(fd, table, layout.crcTableOffset);
-    await syncFd(fd);
-  } catch (err) {
-    await closeFd(fd).catch(() => {});
-    await unlink(tmp).catch(() => {});
-    throw err;
-  }
-  await closeFd(fd);
-  try {
-    await rename(tmp, path);
-  } catch (err) {
-    await unlink(tmp).catch(() => {});
-    throw err;
-  }
-  await syncDir(dirname(path));
+  });
   return layout;
 }

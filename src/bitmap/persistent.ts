@@ -29,6 +29,7 @@ import {
 } from './format.js';
 import { GroupCommit } from './group-commit.js';
 import { readImage, writeImage, type LoadState } from './image.js';
+import { trustProblem } from './trust.js';
 
 export type { LoadState, BitmapFault } from './image.js';
 
@@ -266,7 +267,9 @@ export class PersistentBitmap {
     try {
       const st = await statFd(fd);
       if (!st.isFile()) throw new BlkrepError('ERR_BITMAP_OPEN', `bitmap file "${path}" is not a regular file`, { errno: 'EINVAL', details: { path } });
-      image = await readImage(fd, st.size, path, options);
+      // a file another user could have written loads all-dirty, whatever it holds (trust.ts)
+      const distrust = trustProblem(st);
+      image = await readImage(fd, st.size, path, distrust ? { ...options, distrust } : options);
     } catch (err) {
       await closeFd(fd).catch(() => {});
       throw toBlkrepError(err, `cannot load bitmap file "${path}"`);

@@ -340,6 +340,11 @@ export class NbdNode implements BlockNode {
     return [start, await this.client.blockStatus(start, end - start, { signal })];
   }
 
+  /** Try a lost connection now, skipping the backoff: true when connected (NbdClient.retryNow). */
+  retryNow(): Promise<boolean> {
+    return this.client.retryNow();
+  }
+
   async close(): Promise<void> {
     await this.client.close();
   }

@@ -9,6 +9,7 @@ import { filterFlag, openImageWithFilters, parseFilters } from '../cli/image.js'
 import type { Progress } from '../cli/progress.js';
 import { ERROR_POLICIES, type ErrorPolicy, type JobEvent } from '../jobs/job.js';
 import { BITMAP_MODES, COPY_MODES, DEFAULT_BUF_SIZE, DEFAULT_MAX_OPS, MirrorJob, type BitmapMode, type CopyMode, type MirrorSync } from '../jobs/mirror.js';
+import { checkTargetEmpty } from '../jobs/target-check.js';
 import { formatSize } from '../util/size.js';
 import type { ControlEvent } from '../control/protocol.js';
 import type { JobQuery } from '../cli/job-command.js';
@@ -38,19 +39,20 @@ export default class Mirror extends BlkrepCommand {
   static override summary = 'Copy an image onto another with the mirror job: offline, or live on an export of serve-nbd.';
 
   static override description = `Runs a mirror job from SOURCE to TARGET and exits when TARGET is a consistent copy of SOURCE: everything copied, then the target flushed. The source is opened read-only; the target must exist and have the source's size.
+A target that already holds data (an allocated, non-zero extent: SEEK_DATA for a file, the qcow2 allocation, NBD block status; its size alone does not count) is overwritten only with --existing, as QEMU's mode=existing: otherwise the command (live: the job start) fails with ERR_TARGET_NOT_EMPTY naming the target and where its data starts. A target that cannot report its allocation counts as holding data. --sync bitmap onto an earlier copy needs --existing.
 Ranges the source reports as zeros or holes are sent as write-zeroes (holes may be punched on the target), never as data, and so are granules of data that read as zeros. With --target-is-zero, zero ranges are not sent at all.
 Up to --max-ops copy operations of up to --buf-size bytes are in flight at once. --speed limits the data rate.
 Errors follow --on-source-error and --on-target-error: report (the default: stop with an error), ignore (retry the region later), stop or enospc (offline there is nobody to resume the job, so a stop ends it with an error too).
 A progress bar with the rate and the time left is shown on a terminal. With --json the result is printed as JSON.
 
 Live: with --control PATH [--export NAME] TARGET, the serve-nbd daemon behind PATH mirrors the export while its clients keep writing it. The job copies (copy phase), then is ready (the target is in step), and from then on every new write follows. It runs until blkrep job complete (pivot: the export serves TARGET from then on; --no-pivot: a consistent copy is left) or blkrep job cancel. The command starts it and prints its id (--json: the job's query object); --wait ready or --wait done follows it (a progress bar on a terminal) and exits once it is ready or has concluded. --sync bitmap:NAME names a bitmap of the export; with --bitmap-mode on-success (the default) it is cleared once the target is a consistent copy (at complete, or at the cancel of a ready job), never leaves it alone, always is refused. When the export's image is a file, the job's state and dirty bitmap are kept beside it (IMAGE.job-ID.json, IMAGE.job-ID.dirty): after a crash or a restart the daemon loads the job paused, and blkrep job resume copies only what is still dirty.
-Exit status: 0 done (live: started, or ready/done with --wait); 1 failure (live: the job failed or was cancelled while waited for, ERR_JOB_EXISTS, ERR_EXPORT_BUSY, the daemon not reachable); 2 usage error.`;
+Exit status: 0 done (live: started, or ready/done with --wait); 1 failure (ERR_TARGET_NOT_EMPTY; live: the job failed or was cancelled while waited for, ERR_JOB_EXISTS, ERR_JOB_ID, ERR_EXPORT_BUSY, the daemon not reachable); 2 usage error.`;
 
   static override examples = [
     { description: 'Copy a disk image to an NBD server', command: '<%= config.bin %> <%= command.id %> disk.img nbd+unix:///disk?socket=/run/replica.sock' },
     { description: 'Onto a fresh, all-zero target: skip the zeros', command: '<%= config.bin %> <%= command.id %> disk.img nbd://replica/disk --target-is-zero' },
     { description: 'Rehearse a flaky target: one write in ten fails (seeded), retried later', command: '<%= config.bin %> <%= command.id %> disk.img replica.img --target-filter error:ops=write,rate=0.1,seed=7 --on-target-error ignore' },
-    { description: 'Only the regions a bitmap marks dirty, at most 100 MiB/s', command: '<%= config.bin %> <%= command.id %> disk.img nbd://replica/disk --sync bitmap:disk.img.bitmap --speed 100M' },
+    { description: 'Only the regions a bitmap marks dirty, onto the earlier copy, at most 100 MiB/s', command: '<%= config.bin %> <%= command.id %> disk.img nbd://replica/disk --sync bitmap:disk.img.bitmap --existing --speed 100M' },
     { description: 'Live: mirror export "disk" of a running daemon onto a new disk, wait until it is in step, then pivot', command: '<%= config.bin %> <%= command.id %> --control /run/blkrep/ctl.sock --export disk /var/lib/new.img --wait ready && <%= config.bin %> job complete mirror0 --control /run/blkrep/ctl.sock' },
   ];
 
@@ -74,6 +76,10 @@ Exit status: 0 done (live: started, or ready/done with --wait); 1 failure (live:
     'buf-size': sizeFlag({ description: `most bytes one copy operation moves (default ${formatSize(DEFAULT_BUF_SIZE)})`, helpValue: 'SIZE' }),
     'max-ops': Flags.integer({ description: `copy operations in flight (default ${DEFAULT_MAX_OPS})`, min: 1, max: 1024, helpValue: 'N' }),
     speed: sizeFlag({ description: 'limit the data rate to SIZE bytes per second (0: no limit)', helpValue: 'SIZE' }),
+    existing: Flags.boolean({
+      description: 'TARGET may hold data already: mirror onto it, overwriting it (as QEMU mode=existing); without it a target with data is refused (ERR_TARGET_NOT_EMPTY)',
+      default: false,
+    }),
     'target-is-zero': Flags.boolean({ description: 'the target reads as zeros: do not write the zero ranges', default: false }),
     'copy-mode': Flags.string({ description: 'background, write-blocking or auto (they differ only when the source is written while the job runs)', options: [...COPY_MODES], default: 'background' }),
     'max-lag': secondsFlag({ description: 'copy mode auto: switch to write-blocking when no consistency point came for this many seconds (default 10)', helpValue: 'SECONDS' }),
@@ -116,6 +122,16 @@ Exit status: 0 done (live: started, or ready/done with --wait); 1 failure (live:
     const bitmapMode = flags['bitmap-mode'] as BitmapMode;
     // the target (an NBD handshake) is opened while the source and then the bitmap file (it needs
     // the source's size) are; when one of them fails, the others that opened are closed again
+    // a target that holds data is overwritten only with --existing; asked on a read-only open of
+    // its own, so that the mirror's connection to it starts fresh
+    if (!flags.existing) {
+      const probe = await open(targetSpec, true, flags['target-format'], undefined);
+      try {
+        await checkTargetEmpty(probe, targetSpec, false, 'Give --existing');
+      } finally {
+        await probe.close().catch(() => {});
+      }
+    }
     const sourceOpening = open(sourceSpec, true, flags.format, flags.filter);
     const targetOpening = open(targetSpec, false, flags['target-format'], flags['target-filter']);
     const bitmapOpening =
@@ -186,6 +202,7 @@ Exit status: 0 done (live: started, or ready/done with --wait); 1 failure (live:
     ];
     for (const [flag, key, conv] of map) if (flags[flag] !== undefined) start[key] = conv(flags[flag]);
     if (flags['target-is-zero'] === true) start.targetIsZero = true;
+    if (flags.existing === true) start.existing = true;
     if (start.sync === 'bitmap' && flags['bitmap-mode'] !== 'on-success') start.bitmapMode = flags['bitmap-mode'];
     const timeoutMs = (flags.timeout ?? 10) * 1000;
     const [{ ControlClient }, { followJob }] = await Promise.all([import('../control/client.js'), import('../cli/job-command.js')]);

@@ -21,7 +21,7 @@ With no image, serves the embedded default: a 1 GiB sparse in-memory disk.
 
 An image is a raw file or block device (holes are reported by block status and punched by trim and write-zeroes) or memory:SIZE.
 
-Listens on TCP 127.0.0.1:10809 unless --socket names a Unix socket (give --port too to listen on both). With --json, prints one line {"event":"listening","uris":[...],"pid":N} on stdout once clients can connect.
+Listens on TCP 127.0.0.1:10809 unless --socket names a Unix socket (give --port too to listen on both). The socket file and the --pid-file are created mode 0600 whatever the umask, so only the daemon's user can connect or read them; --socket-mode widens the socket's deliberately (0660: its group too). The pid file is written under a random temporary name and renamed into place: a symlink planted at its path is replaced, never followed. Export names (--name, --export) may not hold a control character, start with "/" or hold ".." as a path component (error ERR_EXPORT_NAME). With --json, prints one line {"event":"listening","uris":[...],"pid":N} on stdout once clients can connect.
 
 Dirty bitmaps: --bitmap NAME records every write, write-zeroes and trim of the export in a bitmap, offered to clients as the meta context qemu:dirty-bitmap:NAME (nbdinfo --map=qemu:dirty-bitmap:NAME). It is kept in the file IMAGE.NAME.bitmap beside the image (created when missing), or in FILE with --bitmap NAME=FILE; an in-memory image (or an NBD URI) keeps it in memory unless FILE is given. With several exports, say whose: --bitmap EXPORT:NAME[=FILE]. Every bitmap file beside an image (IMAGE.*.bitmap) is loaded too, unless --no-auto-bitmaps. A bitmap that was not closed cleanly is recovered from its activity log, and one that cannot be trusted is loaded all-dirty; either is said on stderr and in the --json listening line ("bitmaps": [...]). The blkrep bitmap commands work on them through --control.
 
@@ -35,6 +35,7 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
     { description: 'Serve the embedded 1 GiB in-memory disk on 127.0.0.1:10809', command: '<%= config.bin %> <%= command.id %>' },
     { description: 'Serve a raw file on a Unix socket', command: '<%= config.bin %> <%= command.id %> disk.img --socket /run/blkrep/nbd.sock' },
     { description: 'Test a client against a failing disk: writes into the second MiB fail with ENOSPC (see blkrep-filters(7))', command: '<%= config.bin %> <%= command.id %> disk.img --socket /tmp/nbd.sock --filter error:ops=write,range=1M-2M,errno=ENOSPC' },
+    { description: "Serve on a Unix socket the daemon's group may connect to", command: '<%= config.bin %> <%= command.id %> disk.img --socket /run/blkrep/nbd.sock --socket-mode 0660' },
     { description: 'Serve two exports read-only on port 10810, with a control socket', command: '<%= config.bin %> <%= command.id %> --export a=a.img --export b=/dev/vdb --read-only --port 10810 --control /run/blkrep/ctl.sock' },
     { description: 'Start from a script and wait until it listens', command: '<%= config.bin %> <%= command.id %> disk.img --json --pid-file /run/blkrep.pid | head -n 1' },
     { description: 'Track writes in the dirty bitmap disk.img.b0.bitmap and offer it as qemu:dirty-bitmap:b0', command: '<%= config.bin %> <%= command.id %> disk.img --bitmap b0 --socket /run/blkrep/nbd.sock --control /run/blkrep/ctl.sock' },
@@ -50,7 +51,8 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
     name: Flags.string({ description: 'export name for IMAGE', default: '' }),
     export: Flags.string({ char: 'e', description: 'serve IMAGE under NAME', helpValue: 'NAME=IMAGE', multiple: true }),
     description: Flags.string({ char: 'D', description: 'description of the export(s), shown by nbdinfo' }),
-    socket: Flags.string({ char: 'k', description: 'listen on this Unix socket', helpValue: 'PATH' }),
+    socket: Flags.string({ char: 'k', description: 'listen on this Unix socket (mode 0600 whatever the umask)', helpValue: 'PATH' }),
+    'socket-mode': Flags.string({ description: 'permission bits of the --socket file, in octal (e.g. 0660 to let the group connect) [default: 0600]', helpValue: 'MODE', dependsOn: ['socket'] }),
     port: Flags.integer({ char: 'p', description: `listen on this TCP port [default: ${DEFAULT_PORT}]`, min: 0, max: 65535 }),
     bind: Flags.string({ char: 'b', description: 'TCP address to bind', default: '127.0.0.1', helpValue: 'ADDR' }),
     'read-only': Flags.boolean({ char: 'r', description: 'refuse writes (exports are advertised read-only)', default: false }),
@@ -59,7 +61,7 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
     'max-buffer': sizeFlag({ description: 'memory all connections may hold for request payloads and unsent replies together (at least 32M); when it is used up, connections are not read until there is room, first come first served [default: 256M]', helpValue: 'SIZE' }),
     'stall-timeout': Flags.string({ description: 'disconnect a client that makes the server hold over 1 MiB (replies it does not read, a write payload it stopped sending) and makes no progress for this many seconds; 0: never', default: '60', helpValue: 'SECONDS' }),
     'min-block-size': sizeFlag({ description: 'minimum block size advertised to clients (a power of two up to 64K; e.g. 4K for 4Kn devices)', helpValue: 'SIZE' }),
-    'pid-file': Flags.string({ description: 'write the process id here once listening; removed at exit', helpValue: 'PATH' }),
+    'pid-file': Flags.string({ description: 'write the process id here (mode 0600) once listening; removed at exit', helpValue: 'PATH' }),
     control: Flags.string({ description: 'control socket (JSON lines, mode 0600) for blkrep status and later commands', helpValue: 'PATH' }),
     verbose: Flags.boolean({ char: 'v', description: 'log each connection to stderr', default: false }),
     bitmap: Flags.string({
@@ -83,6 +85,7 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
     if (bg !== undefined && (bg < 512 || bg > 64 * 1024 * 1024 || (bg & (bg - 1)) !== 0)) {
       this.usageError(`--bitmap-granularity ${bg} is not a power of two between 512 and 64M`);
     }
+    const socketMode = flags['socket-mode'] === undefined ? undefined : parseMode(flags['socket-mode'], (m) => this.usageError(m));
     const listen: ListenSpec[] = [];
     if (flags.socket) listen.push({ transport: 'unix', address: flags.socket });
     if (!flags.socket || flags.port !== undefined) {
@@ -116,6 +119,7 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
       stallTimeoutMs: stall * 1000,
       minimumBlockSize: mbs,
       pidFile: flags['pid-file'],
+      ...(socketMode === undefined ? {} : { socketMode }),
       controlPath: flags.control,
       log,
       autoBitmaps: flags['auto-bitmaps'],
@@ -206,6 +210,15 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
     if (specs.length === 0) specs.push({ name, image: DEFAULT_IMAGE, description: description ?? 'blkrep embedded default: 1 GiB sparse in-memory disk' });
     return specs;
   }
+}
+
+/** --socket-mode MODE: octal permission bits, at most 0777 (no setuid, setgid or sticky bit). */
+export function parseMode(text: string, fail: (message: string) => never): number {
+  if (!/^[0-7]{1,4}$/.test(text)) fail(`--socket-mode "${text}" is not an octal mode such as 0600 or 0660`);
+  const mode = Number.parseInt(text, 8);
+  if (mode > 0o777) fail(`--socket-mode ${text} sets the setuid, setgid or sticky bit; give permission bits only (at most 0777)`);
+  if ((mode & 0o600) !== 0o600) fail(`--socket-mode ${text} does not let the daemon's own user connect (it needs 0600)`);
+  return mode;
 }
 
 /** One line for stderr about a bitmap that did not load clean. */

@@ -11,9 +11,10 @@
  * the command again; when it differs it is an error naming what differs.
  */
 import { lstat, open as openFile, rename, rm } from 'node:fs/promises';
-import { basename, dirname, join } from 'node:path';
+import { dirname } from 'node:path';
 import { BlkrepError } from '../api/errors.js';
 import { Qcow2Node } from '../block/qcow2/node.js';
+import { CREATE_NEW_FLAGS, tempPathBeside } from '../util/safe-file.js';
 import { parseSize } from '../util/size.js';
 import { combineBackingName, isFileSpec, openLayer, sameImage } from './chain.js';
 import { layerInfo, type ImageInfo } from './info.js';
@@ -143,10 +144,10 @@ export async function createImage(path: string, o: CreateOptions): Promise<Creat
   }
 
   // Write the image under a temporary name in the same directory, then rename it into place.
-  const tmp = join(dirname(path), `.${basename(path)}.blkrep-create-${process.pid}-${Date.now().toString(36)}`);
+  const tmp = tempPathBeside(path);
   try {
     if (o.format === 'raw') {
-      const handle = await openFile(tmp, 'wx');
+      const handle = await openFile(tmp, CREATE_NEW_FLAGS, 0o644);
       try {
         await handle.truncate(size);
         await handle.datasync();

@@ -36,8 +36,10 @@
  * job-cancelled. Jobs loaded from their state files at start are loaded before the control
  * socket answers (nobody could see an event): the daemon's listening line lists them.
  */
-import { open, readdir, readFile, rename, rm } from 'node:fs/promises';
+import { readdir, readFile, rename, rm } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
+import { checkExportName, checkJobId } from '../util/names.js';
+import { replaceFile } from '../util/safe-file.js';
 import { BlkrepError, toBlkrepError } from '../api/errors.js';
 import type { BlockNode } from '../api/block.js';
 import type { ExportBitmaps } from '../bitmap/export-bitmaps.js';
@@ -161,23 +163,12 @@ export function jobStatePath(stateBase: string): string {
   return `${stateBase}${STATE_SUFFIX}`;
 }
 
-/** Write `state` to `path` atomically and durably: a temporary file, fsync, rename, fsync of the directory. */
+/**
+ * Write `state` to `path` atomically and durably, mode 0600: a temporary file of a random name
+ * (O_EXCL|O_NOFOLLOW), fsync, rename, fsync of the directory (util/safe-file.ts).
+ */
 export async function saveJobState(path: string, state: SavedJobState): Promise<void> {
-  const tmp = `${path}.tmp-${process.pid}`;
-  const fh = await open(tmp, 'w', 0o600);
-  try {
-    await fh.writeFile(`${JSON.stringify(state, null, 2)}\n`);
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-  await rename(tmp, path);
-  const dir = await open(dirname(path), 'r');
-  try {
-    await dir.sync();
-  } finally {
-    await dir.close();
-  }
+  await replaceFile(path, `${JSON.stringify(state, null, 2)}\n`, { mode: 0o600, what: 'job state file' });
 }
 
 /** The job state files beside an image. */
@@ -325,6 +316,7 @@ export class DaemonJobs {
       onStop: (fn) => this.stoppers.set(id, fn),
       describe: (fn) => this.describers.set(id, fn),
       addExport: (name, node, description) => {
+        checkExportName(name);
         if (!this.serveExport) throw new BlkrepError('ERR_JOB_UNSUPPORTED', `this daemon cannot serve export "${name}" for job ${id}`, { errno: 'ENOTSUP', details: { id, export: name } });
         const served = this.serveExport(name, node, description);
         let set = this.served.get(id);
@@ -374,7 +366,8 @@ export class DaemonJobs {
     if (!jobType) throw new BlkrepError('ERR_JOB_INVALID', `no job type "${type}" (types: ${jobTypes().join(', ') || 'none'})`, { errno: 'EINVAL', details: { type } });
     const exp = this.findExport(exportName);
     if (wantedId !== undefined && typeof wantedId !== 'string') throw badRequest('"id" must be a string');
-    const id = wantedId ?? this.manager.newId(type);
+    // the id becomes part of the job's file names (IMAGE.job-ID.json)
+    const id = wantedId === undefined ? this.manager.newId(type) : checkJobId(wantedId);
     if (this.manager.has(id)) throw new BlkrepError('ERR_JOB_EXISTS', `a job with id ${id} exists already`, { errno: 'EINVAL', details: { id } });
     const busy = this.owner.get(exp.name);
     if (busy !== undefined) {
@@ -400,6 +393,11 @@ export class DaemonJobs {
       for (const file of await findJobStates(exp.imagePath)) {
         try {
           const saved = await readJobState(file);
+          // the id names the job's files: it must be the one in the file's own name
+          checkJobId(saved.id);
+          if (basename(file) !== basename(jobStatePath(jobStateBase(exp.imagePath, saved.id)))) {
+            throw new BlkrepError('ERR_JOB_INVALID', `job state file ${file} holds job id "${saved.id}", which is not the one in its name`, { errno: 'EINVAL', details: { path: file, id: saved.id } });
+          }
           const jobType = registry.get(saved.type);
           if (!jobType?.load) throw new BlkrepError('ERR_JOB_INVALID', `job type "${saved.type}" cannot be loaded from a state file`, { errno: 'EINVAL' });
           if (saved.export !== exp.name) this.log('warn', `job state file ${file} names export "${saved.export}"; loading it for export "${exp.name}" whose image it is beside`);

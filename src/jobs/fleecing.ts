@@ -38,7 +38,18 @@ export async function serveSnapshot(node: BlockNode, options: { name: string; so
   const listener = net.createServer((stream) => server.attach({ stream, peer: 'unix' }));
   await new Promise<void>((resolve, reject) => {
     listener.once('error', (err) => reject(new BlkrepError('ERR_LISTEN', `cannot serve the snapshot on ${socket}: ${err.message}`, { errno: 'EIO', cause: err })));
-    listener.listen({ path: socket }, () => resolve());
+    // bound under umask 0177: the socket is 0600 from its first moment (the snapshot is the disk's data)
+    let previous: number | undefined;
+    try {
+      previous = process.umask(0o177);
+    } catch {
+      // worker threads may not change the umask; the chmod below still applies
+    }
+    try {
+      listener.listen({ path: socket }, () => resolve());
+    } finally {
+      if (previous !== undefined) process.umask(previous);
+    }
   });
   await chmod(socket, 0o600).catch(() => {});
   let closing: Promise<void> | undefined;

@@ -25,6 +25,7 @@ import { openImage, type ImageFormat } from '../block/open.js';
 import { DirtyBitmap, DEFAULT_GRANULARITY } from '../bitmap/dirty-bitmap.js';
 import { PersistentBitmap } from '../bitmap/persistent.js';
 import { ERROR_POLICIES, type ErrorPolicy } from './job.js';
+import { checkTargetEmpty } from './target-check.js';
 import { BITMAP_MODES, COPY_MODES, MirrorJob, type BitmapMode, type CopyMode } from './mirror.js';
 import { badJobArg, jobArgReaders, jobStatePath, registerJobType, removeJobFiles, saveJobState, type JobContext, type SavedJobState } from './daemon-jobs.js';
 
@@ -53,6 +54,8 @@ export interface LiveMirrorOptions {
   connections?: number;
   /** keep state and dirty bitmap beside the image (default true when it is a file) */
   persist?: boolean;
+  /** the target may hold data: mirror onto it anyway (QEMU mode=existing); else such a target is refused */
+  existing?: boolean;
 }
 
 const bad = badJobArg;
@@ -86,6 +89,7 @@ export function parseLiveMirrorArgs(args: Record<string, unknown>): LiveMirrorOp
   set('onTargetError', oneOf('onTargetError', ERROR_POLICIES));
   set('connections', num('connections'));
   set('persist', bool('persist'));
+  set('existing', bool('existing'));
   return o;
 }
 
@@ -129,6 +133,8 @@ async function createLiveMirror(ctx: JobContext, o: LiveMirrorOptions, resume?: 
   let stopped = false;
   let gone = false;
   try {
+    // a target with data is overwritten only when asked for (a job loaded at start wrote it itself)
+    if (!resume) await checkTargetEmpty(raw, o.target, o.existing === true, 'Give --existing (job-start "existing": true)');
     let seed: DirtyBitmap | undefined;
     if (stateBase !== undefined) {
       const path = `${stateBase}${DIRTY_SUFFIX}`;

@@ -77,6 +77,12 @@ export const DEFAULT_MAX_LAG_MS = 10_000;
 export const DEFAULT_FLUSH_INTERVAL_MS = 100;
 const MAX_BUF_SIZE = 64 << 20;
 
+/** A target whose lost connection can be tried again at once (an NBD node: NbdNode.retryNow). */
+export interface Reconnectable {
+  /** resolves true when connected, false when still unreachable */
+  retryNow(): Promise<boolean>;
+}
+
 export interface MirrorOptions extends Omit<JobOptions, 'id'> {
   id?: string;
   source: BlockNode;
@@ -190,6 +196,9 @@ export class MirrorJob extends Job {
   private bytesDone = 0;
   private lastConsistentAt: number;
   private holdUntil = 0;
+  /** a resume is trying the target's lost connection again first (Reconnectable): no copy starts meanwhile */
+  private reconnecting = false;
+  private readonly reconnectable: Reconnectable | undefined;
   private backoffMs = 0;
   private wakeTimer: NodeJS.Timeout | undefined;
   private lagTimer: NodeJS.Timeout | undefined;
@@ -248,6 +257,7 @@ export class MirrorJob extends Job {
 
     this.source = source;
     this.target = completeNode(target);
+    this.reconnectable = typeof (target as Partial<Reconnectable>).retryNow === 'function' ? (target as BlockNode & Reconnectable) : undefined;
     this.size = source.size;
     const geometry = { granularity: this.granularity };
     this.dirty = new DirtyBitmap(this.size, geometry);
@@ -388,7 +398,7 @@ export class MirrorJob extends Job {
   /** Start as many copy operations as allowed; then see whether a flush or an end is due. */
   private pump(): void {
     if (!this.running || this.finished) return;
-    if (!this.ending && !this.pauseRequested) {
+    if (!this.ending && !this.pauseRequested && !this.reconnecting) {
       const now = this.clock.now();
       while (this.ops < this.maxOps) {
         if (now < this.holdUntil) {
@@ -593,6 +603,7 @@ export class MirrorJob extends Job {
       if (idle) this.reachedPausePoint();
       return;
     }
+    if (this.reconnecting) return;
     if (this.ops > 0 || this.flushing || this.dirty.dirtyGranules > 0) return;
     const final = this.draining !== undefined && this.gate !== undefined && this.frontWrites === 0;
     if (!this.changed) {
@@ -750,6 +761,22 @@ export class MirrorJob extends Job {
     this.backoffMs = 0;
     if (this.draining) this.closeGate();
     this.wakeModeWaiters();
+    // A target that lost its connection (an NBD server that went away) retries it first, now:
+    // otherwise the first copy after the resume fails at once while the client waits out its
+    // backoff (up to 10 s), and with on-target-error stop the job pauses again although the
+    // server is back (issue 14, defect 7). Whether it connects or not, copying resumes after.
+    const target = this.reconnectable;
+    if (target && !this.reconnecting) {
+      this.reconnecting = true;
+      void target
+        .retryNow()
+        .catch(() => false)
+        .then(() => {
+          this.reconnecting = false;
+          this.pump();
+        });
+      return;
+    }
     this.pump();
   }
 

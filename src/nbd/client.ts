@@ -598,6 +598,47 @@ export class NbdClient extends EventEmitter<NbdClientEvents> {
     slot.timer.unref?.();
   }
 
+  /**
+   * Try every lost connection now, without waiting out the backoff (a job resumed by its user
+   * after the server came back must not fail again at once because the next attempt is seconds
+   * away). Resolves true when a connection is up (or none was lost), false when this attempt
+   * failed too (the backoff then goes on) or the client is closing or failed.
+   */
+  async retryNow(): Promise<boolean> {
+    if (this.current === 'READY') return true;
+    if (this.current !== 'DISCONNECTED') return false;
+    const attempts: Array<Promise<void>> = [];
+    for (const slot of this.slots) {
+      if (slot.session) continue;
+      if (slot.connecting) {
+        attempts.push(this.nextOutcome(slot));
+      } else {
+        if (slot.timer) clearTimeout(slot.timer);
+        slot.timer = undefined;
+        attempts.push(this.reconnect(slot));
+      }
+    }
+    await Promise.all(attempts);
+    return (this.current as ClientState) === 'READY';
+  }
+
+  /** Resolves when the attempt under way on `slot` has succeeded or failed. */
+  private nextOutcome(slot: Slot): Promise<void> {
+    return new Promise((resolve) => {
+      const done = (e?: { connection: number }): void => {
+        if (e !== undefined && e.connection !== slot.index) return;
+        this.off('reconnected', done);
+        this.off('retrying', done);
+        this.off('failed', settle);
+        resolve();
+      };
+      const settle = (): void => done();
+      this.on('reconnected', done);
+      this.on('retrying', done);
+      this.on('failed', settle);
+    });
+  }
+
   private async reconnect(slot: Slot): Promise<void> {
     let session: ClientSession;
     try {

@@ -2,7 +2,7 @@
  * The serve-nbd daemon as a library: open the images, serve them on the requested listeners,
  * answer the control socket, stop cleanly. The command is a thin shell around startDaemon().
  */
-import { writeFile, rm } from 'node:fs/promises';
+import { rm } from 'node:fs/promises';
 import { BlkrepError, toBlkrepError } from '../api/errors.js';
 import type { BlockNode } from '../api/block.js';
 import type { TransportListener, TransportRegistry } from '../api/transport.js';
@@ -19,6 +19,8 @@ import { sidecarBase } from '../bitmap/names.js';
 import { SwitchNode } from '../block/filters/switch.js';
 import { stackFilters, type FilterSpec } from '../block/filters/spec.js';
 import { NbdServer, type Logger, type ServerStatus } from '../nbd/server.js';
+import { checkExportName } from '../util/names.js';
+import { replaceFile } from '../util/safe-file.js';
 
 export interface ExportSpec {
   name: string;
@@ -46,6 +48,8 @@ export interface DaemonOptions {
   stallTimeoutMs?: number;
   minimumBlockSize?: number;
   pidFile?: string;
+  /** mode of a Unix socket listener, whatever the umask (default 0600) */
+  socketMode?: number;
   controlPath?: string;
   log?: Logger;
   /** load every bitmap file beside each image (IMAGE.NAME.bitmap); default true */
@@ -89,6 +93,7 @@ export class Daemon {
   static async start(options: DaemonOptions): Promise<Daemon> {
     const names = new Set<string>();
     for (const e of options.exports) {
+      checkExportName(e.name);
       if (names.has(e.name)) throw new BlkrepError('ERR_USAGE', `export "${e.name}" is given twice`, { errno: 'EINVAL' });
       names.add(e.name);
     }
@@ -200,7 +205,9 @@ export class Daemon {
       for (let i = 0; i < transports.length; i++) {
         const spec = options.listen[i]!;
         try {
-          listeners.push(await transports[i]!.listen(spec.address, { onConnection: (c) => server.attach(c) }));
+          listeners.push(
+            await transports[i]!.listen(spec.address, { onConnection: (c) => server.attach(c), ...(options.socketMode === undefined ? {} : { mode: options.socketMode }) }),
+          );
         } catch (err) {
           // A plugin's own error (code ERR_…) already says "cannot listen on <transport> <address>".
           const code = (err as { code?: unknown } | null)?.code;
@@ -214,7 +221,8 @@ export class Daemon {
         (daemon as { control: ControlServer | undefined }).control = control;
         daemon.wireControl(control);
       }
-      if (options.pidFile) await writeFile(options.pidFile, `${process.pid}\n`);
+      // mode 0600 whatever the umask; a symlink planted at the path is replaced, never followed
+      if (options.pidFile) await replaceFile(options.pidFile, `${process.pid}\n`, { mode: 0o600, what: 'pid file' });
       return daemon;
     } catch (err) {
       await control?.close().catch(() => {});

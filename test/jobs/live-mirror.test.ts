@@ -255,7 +255,9 @@ describe('live mirror: sync bitmap', () => {
     await writer.waitWrites(40);
     await writer.stop();
     const log = await eventLog(s.ctl);
-    const q = await control<Q>(s.ctl, 'job-start', { type: 'mirror', target: s.dst, sync: 'bitmap', bitmap: 'b0' });
+    // the target holds the image as it was: mirroring onto it needs "existing" (as QEMU mode=existing)
+    await expect(control(s.ctl, 'job-start', { type: 'mirror', target: s.dst, sync: 'bitmap', bitmap: 'b0' })).rejects.toMatchObject({ code: 'ERR_TARGET_NOT_EMPTY' });
+    const q = await control<Q>(s.ctl, 'job-start', { type: 'mirror', target: s.dst, sync: 'bitmap', bitmap: 'b0', existing: true });
     expect(q).toMatchObject({ sync: 'bitmap', export: 'disk' });
     expect(q.length).toBeLessThanOrEqual(4 * MiB);
     await log.waitFor('job-ready');
@@ -268,7 +270,7 @@ describe('live mirror: sync bitmap', () => {
     expect(await control(s.ctl, 'bitmap-list', { export: 'disk' })).toEqual([expect.objectContaining({ name: 'b0', dirtyBytes: 0 })]);
     await expect(control(s.ctl, 'job-start', { type: 'mirror', target: s.dst, sync: 'bitmap', bitmap: 'b0', bitmapMode: 'always' })).rejects.toMatchObject({ code: 'ERR_BAD_REQUEST' });
     await expect(control(s.ctl, 'job-start', { type: 'mirror', target: s.dst, bitmapMode: 'never' })).rejects.toMatchObject({ code: 'ERR_BAD_REQUEST', message: '"bitmapMode" is only used with sync bitmap, not full' });
-    await expect(control(s.ctl, 'job-start', { type: 'mirror', target: s.dst, sync: 'bitmap', bitmap: 'nope' })).rejects.toMatchObject({ code: 'ERR_BITMAP_NOT_FOUND' });
+    await expect(control(s.ctl, 'job-start', { type: 'mirror', target: s.dst, sync: 'bitmap', bitmap: 'nope', existing: true })).rejects.toMatchObject({ code: 'ERR_BITMAP_NOT_FOUND' });
     await expect(control(s.ctl, 'job-start', { type: 'mirror', target: s.dst, sync: 'bitmap' })).rejects.toMatchObject({ code: 'ERR_BAD_REQUEST', message: 'sync bitmap needs "bitmap": the name of a bitmap of the export' });
     await log.close();
   });

@@ -56,7 +56,11 @@ describe.skipIf(!hasTool('qemu-nbd') || !hasTool('qemu-img'))('blkrep mirror ont
     const src = await sparseFile(dir, 'src.raw', 48 * MiB, 1);
     const dst = await blankRaw(dir, 'dst.raw', 48 * MiB, 0xa5); // garbage that must be overwritten
     const { uri } = await qemuNbd(dir, dst);
-    const r = await runCli(['mirror', src, uri, '--json'], { timeoutMs: 60_000 });
+    // a target with data: refused unless --existing (as QEMU mode=existing)
+    const refused = await runCli(['mirror', src, uri, '--json'], { timeoutMs: 60_000 });
+    expect(refused.code).toBe(1);
+    expect(JSON.parse(refused.stdout)).toMatchObject({ error: { code: 'ERR_TARGET_NOT_EMPTY' } });
+    const r = await runCli(['mirror', src, uri, '--json', '--existing'], { timeoutMs: 60_000 });
     expect(r.code, r.stdout + r.stderr).toBe(0);
     expect(r.stderr).toBe('');
     const result = JSON.parse(r.stdout);

@@ -161,7 +161,7 @@ describe.skipIf(!hasTool('nbdkit') || !hasTool('qemu-img'))('no silent corruptio
           await sparseFile(src, image(seed));
           await sparseFile(tgt, image(seed + 1));
           const server = await faulty(dir, side === 'source' ? src : tgt, side === 'source');
-          const res = await runCli(['mirror', side === 'source' ? server.uri : src, side === 'source' ? tgt : server.uri, '--json', '--no-progress', `--on-${side}-error`, policy]);
+          const res = await runCli(['mirror', side === 'source' ? server.uri : src, side === 'source' ? tgt : server.uri, '--json', '--no-progress', '--existing', `--on-${side}-error`, policy]);
           await server.proc.stop();
           const cmp = await run('qemu-img', ['compare', '-q', '-f', 'raw', '-F', 'raw', src, tgt]);
           if (res.code === 0) {

@@ -8,7 +8,7 @@
  * fields as the engine's BlkrepError (`code`, `errno`, `details`); the engine adopts them as they are.
  * Aborted connects reject with the standard AbortError (`name` "AbortError", `code` "ABORT_ERR").
  */
-import { lstat, unlink } from 'node:fs/promises';
+import { chmod, lstat, unlink } from 'node:fs/promises';
 import net from 'node:net';
 import { resolve as resolvePath } from 'node:path';
 import type { ConnectOptions, ListenOptions, Transport, TransportConnection, TransportListener } from 'blkrep/api';
@@ -28,6 +28,9 @@ export class UnixTransportError extends Error {
     this.details = options.details ?? {};
   }
 }
+
+/** the socket file's mode unless ListenOptions.mode says otherwise: only the daemon's user connects */
+const DEFAULT_MODE = 0o600;
 
 /** sun_path holds 108 bytes on Linux and 104 on the BSDs and macOS, the final NUL included. */
 const MAX_PATH_BYTES = process.platform === 'linux' ? 107 : 103;
@@ -72,14 +75,27 @@ function bind(path: string, backlog: number | undefined, onSocket: (socket: net.
     const server = net.createServer({ allowHalfOpen: true }, onSocket);
     const onError = (err: Error): void => reject(err);
     server.once('error', onError);
-    server.listen({ path, backlog }, () => {
-      server.off('error', onError);
-      // After listening, the only server errors are failed accepts (EMFILE …); the listener keeps
-      // accepting afterwards, and the contract has no channel for them, so they must not crash
-      // the daemon.
-      server.on('error', () => {});
-      resolve(server);
-    });
+    // Bind under a umask that leaves the socket 0600 from its first moment: no window in which
+    // another user could connect. listen() binds synchronously, so the umask is restored before
+    // any other code runs; the chmod after listening sets the mode asked for.
+    let previous: number | undefined;
+    try {
+      previous = process.umask(0o177);
+    } catch {
+      // worker threads may not change the umask; the chmod after listening still applies
+    }
+    try {
+      server.listen({ path, backlog }, () => {
+        server.off('error', onError);
+        // After listening, the only server errors are failed accepts (EMFILE …); the listener keeps
+        // accepting afterwards, and the contract has no channel for them, so they must not crash
+        // the daemon.
+        server.on('error', () => {});
+        resolve(server);
+      });
+    } finally {
+      if (previous !== undefined) process.umask(previous);
+    }
   });
 }
 
@@ -242,6 +258,7 @@ class UnixTransport implements Transport {
     }
     let inode: bigint;
     try {
+      await chmod(absolute, options.mode ?? DEFAULT_MODE);
       inode = (await lstat(absolute, { bigint: true })).ino;
     } catch (err) {
       server.close();

@@ -13,11 +13,16 @@ export class PivotTarget extends Filter {
   readonly driver: string;
   readonly inner: CompleteBlockNode;
 
-  constructor(target: BlockNode) {
-    const inner = completeNode(target);
+  constructor(private readonly opened: BlockNode & { retryNow?: () => Promise<boolean> }) {
+    const inner = completeNode(opened);
     super(inner);
     this.inner = inner;
     this.driver = inner.driver;
+  }
+
+  /** Reconnectable (jobs/mirror.ts): the target's lost connection tried again now (true at once for a file). */
+  retryNow(): Promise<boolean> {
+    return typeof this.opened.retryNow === 'function' ? this.opened.retryNow() : Promise.resolve(true);
   }
 
   /** Requests go through `node` from now on (it must forward to the target). */

@@ -5,6 +5,7 @@
  * opened and grown to its size, which allocates the L1 table (cluster 3 onwards) through the
  * normal allocator and writes only its used bytes, as QEMU does.
  */
+import { constants } from 'node:fs';
 import { open as openFile } from 'node:fs/promises';
 import type { BlockNode } from '../../api/block.js';
 import { BlkrepError } from '../../api/errors.js';
@@ -84,7 +85,8 @@ export async function createQcow2(path: string, o: Qcow2CreateOptions = {}): Pro
   const tables = Buffer.alloc(2 * clusterSize);
   tables.writeBigUInt64BE(BigInt(2 * clusterSize), 0); // refcount table → block in cluster 2
   for (let c = 0; c < 3; c++) setRefcount(tables.subarray(clusterSize), c, refcountOrder, 1);
-  const handle = await openFile(path, 'w').catch((err: unknown) => {
+  // never through a symlink planted at the name
+  const handle = await openFile(path, constants.O_WRONLY | constants.O_CREAT | constants.O_TRUNC | constants.O_NOFOLLOW, 0o644).catch((err: unknown) => {
     throw new BlkrepError('ERR_OPEN', `cannot create "${path}": ${(err as Error).message}`, { errno: 'EPERM', cause: err, details: { path } });
   });
   try {
