@@ -32,7 +32,7 @@ const QEMU_LETTERS: Record<string, string[]> = {
   f: ['format', 'format-a'],
   F: ['backing-format', 'format-b', 'target-format'],
   b: ['backing', 'base', 'bind', 'source-file'],
-  r: ['rate', 'read-only'],
+  r: ['rate', 'read-only', 'repair'], // check -r as qemu-img check -r
 };
 
 describe('flags of sibling commands', () => {
