@@ -8,7 +8,8 @@
  *   PATH            a file or block device; its format is probed (qcow2 by its magic, else raw)
  *
  * A qcow2 image opens its backing chain through openImage (read-only, the format its header
- * names, at most MAX_CHAIN_DEPTH deep). Adding a format: a case in probeFormat() recognising its
+ * names, at most MAX_CHAIN_DEPTH deep). Files are locked as QEMU locks them (src/block/image-lock.ts):
+ * an image another process holds in a conflicting way fails ERR_IMAGE_LOCKED. Adding a format: a case in probeFormat() recognising its
  * header, and a case in openProbed() opening it over (or instead of) the raw node.
  */
 import type { BlockNode } from '../api/block.js';
@@ -20,6 +21,7 @@ import { isNbdUri } from '../nbd/uri.js';
 // raw files and an NBD export does not compile the qcow2 driver at its start)
 import type { NbdNodeOptions } from './nbd.js';
 import type { SparseOps } from './native.js';
+import { lockPerms } from './image-lock.js';
 import { RawNode } from './raw.js';
 
 export interface OpenImageOptions {
@@ -32,6 +34,12 @@ export interface OpenImageOptions {
   nbd?: Omit<NbdNodeOptions, 'readOnly'>;
   /** how deep in a backing chain this image is (set when opening backing files) */
   chainDepth?: number;
+  /**
+   * read-only opens only: share every permission with other users of the file (qemu-img -U), so
+   * an image QEMU or blkrep holds for writing opens (and may read inconsistent data). Inherited
+   * by the backing chain.
+   */
+  forceShare?: boolean;
 }
 
 /** Backing chains deeper than this are refused (they loop, or are made to exhaust us). */
@@ -64,6 +72,12 @@ export function probeFormat(header: Buffer): ImageFormat {
 export async function openImage(spec: string, options: OpenImageOptions = {}): Promise<BlockNode> {
   const readOnly = options.readOnly ?? false;
   if (spec.trim() === '') throw badImage(spec, 'empty image name: expected a path or memory:SIZE');
+  if (options.forceShare && !readOnly) {
+    throw new BlkrepError('ERR_USAGE', `cannot open "${spec}" read-write with --force-share: sharing every permission is for read-only inspection (as qemu-img -U)`, {
+      errno: 'EINVAL',
+      details: { spec },
+    });
+  }
 
   if (spec.startsWith('memory:')) {
     let size: number;
@@ -80,7 +94,8 @@ export async function openImage(spec: string, options: OpenImageOptions = {}): P
     return NbdNode.open(spec, { ...options.nbd, readOnly });
   }
 
-  const rawOptions = { readOnly, ...(options.native === undefined ? {} : { native: options.native }) };
+  const native = options.native === undefined ? {} : { native: options.native };
+  const rawOptions = { readOnly, ...native, lock: lockPerms({ format: 'raw', ...lockRole(options) }) };
   if (spec.startsWith('raw:') || options.format === 'raw') {
     const path = spec.startsWith('raw:') ? spec.slice('raw:'.length) : spec;
     if (path === '') throw badImage(spec, 'raw: needs a path');
@@ -91,8 +106,25 @@ export async function openImage(spec: string, options: OpenImageOptions = {}): P
   }
 
   if (options.format === 'qcow2') return openQcow2(spec, options);
-  const raw = await RawNode.open(spec, rawOptions);
-  return openProbed(spec, raw, options);
+  // probed without a lock: the lock depends on the format (a qcow2 image does not share writes)
+  const probe = await RawNode.open(spec, { readOnly: true, ...native, lock: null });
+  let format: ImageFormat;
+  try {
+    format = probeFormat(await probe.read(0, Math.min(PROBE_BYTES, probe.size)));
+  } finally {
+    await probe.close().catch(() => {});
+  }
+  switch (format) {
+    case 'raw':
+      return RawNode.open(spec, rawOptions);
+    case 'qcow2':
+      return openQcow2(spec, options);
+  }
+}
+
+/** How the lock of an image is chosen (src/block/image-lock.ts lockPerms), less its format. */
+function lockRole(options: OpenImageOptions): { readOnly: boolean; forceShare: boolean; backing: boolean } {
+  return { readOnly: options.readOnly ?? false, forceShare: options.forceShare === true, backing: (options.chainDepth ?? 0) > 0 };
 }
 
 /** A qcow2 image with its backing chain, each backing opened read-only through openImage. */
@@ -102,6 +134,7 @@ async function openQcow2(path: string, options: OpenImageOptions): Promise<Block
   const { Qcow2Node } = await import('./qcow2/node.js');
   return Qcow2Node.open(path, {
     readOnly: options.readOnly ?? false,
+    lock: lockPerms({ format: 'qcow2', ...lockRole(options) }),
     ...(options.native === undefined ? {} : { native: options.native }),
     openBacking: async (spec, format) => {
       if (format !== undefined && format !== 'raw' && format !== 'qcow2') {
@@ -110,27 +143,11 @@ async function openQcow2(path: string, options: OpenImageOptions): Promise<Block
       return openImage(spec, {
         readOnly: true,
         chainDepth: depth + 1,
+        ...(options.forceShare ? { forceShare: true } : {}),
         ...(options.nbd === undefined ? {} : { nbd: options.nbd }),
         ...(format === undefined ? {} : { format }),
         ...(options.native === undefined ? {} : { native: options.native }),
       });
     },
   });
-}
-
-async function openProbed(spec: string, raw: RawNode, options: OpenImageOptions): Promise<BlockNode> {
-  let format: ImageFormat;
-  try {
-    format = probeFormat(await raw.read(0, Math.min(PROBE_BYTES, raw.size)));
-  } catch (err) {
-    await raw.close().catch(() => {});
-    throw err;
-  }
-  switch (format) {
-    case 'raw':
-      return raw;
-    case 'qcow2':
-      await raw.close().catch(() => {});
-      return openQcow2(spec, options);
-  }
 }

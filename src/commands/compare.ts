@@ -1,6 +1,6 @@
 import { Args, Flags } from '@oclif/core';
 import { BlkrepCommand, EXIT_FAILURE, EXIT_USAGE } from '../cli/base.js';
-import { openForCommand } from '../cli/image.js';
+import { forceShareFlag, openForCommand } from '../cli/image.js';
 import { progressBar } from '../cli/progress.js';
 import { compareImages, type CompareResult } from '../image/compare.js';
 
@@ -23,6 +23,7 @@ Ranges that both images report as zeros are skipped without reading. When the si
   static override flags = {
     'format-a': Flags.string({ char: 'f', description: 'format of the first image (probed when not given)', options: ['raw', 'qcow2'], helpValue: 'FORMAT' }),
     'format-b': Flags.string({ char: 'F', description: 'format of the second image (probed when not given)', options: ['raw', 'qcow2'], helpValue: 'FORMAT' }),
+    'force-share': forceShareFlag(),
     strict: Flags.boolean({ char: 's', description: 'images of different sizes are different', default: false }),
     'no-progress': Flags.boolean({ description: 'no progress bar, even on a terminal', default: false }),
   };
@@ -38,10 +39,10 @@ Ranges that both images report as zeros are skipped without reading. When the si
 
   async run(): Promise<CompareResult> {
     const { args, flags } = await this.parse(Compare);
-    const a = await openForCommand(args.a, { readOnly: true, format: flags['format-a'] });
+    const a = await openForCommand(args.a, { readOnly: true, format: flags['format-a'], forceShare: flags['force-share'] });
     let result: CompareResult;
     try {
-      const b = await openForCommand(args.b, { readOnly: true, format: flags['format-b'] });
+      const b = await openForCommand(args.b, { readOnly: true, format: flags['format-b'], forceShare: flags['force-share'] });
       try {
         const bar = progressBar('compare', Math.max(a.size, b.size), { enabled: !this.jsonEnabled() && !flags['no-progress'] });
         try {

@@ -1,6 +1,6 @@
 import { Args, Flags } from '@oclif/core';
 import { BlkrepCommand } from '../cli/base.js';
-import { formatFlag, openForCommand } from '../cli/image.js';
+import { forceShareFlag, formatFlag, openForCommand } from '../cli/image.js';
 import { sizeFlag } from '../cli/flags.js';
 import { progressBar } from '../cli/progress.js';
 import { mapImage, type MapEntry } from '../image/map.js';
@@ -23,6 +23,7 @@ With --json, the runs are printed in the shape of qemu-img map --output=json: st
 
   static override flags = {
     format: formatFlag(),
+    'force-share': forceShareFlag(),
     start: sizeFlag({ description: 'map from this offset', helpValue: 'OFFSET' }),
     length: sizeFlag({ description: 'map this many bytes', helpValue: 'LENGTH' }),
     'no-progress': Flags.boolean({ description: 'no progress bar, even on a terminal', default: false }),
@@ -30,7 +31,7 @@ With --json, the runs are printed in the shape of qemu-img map --output=json: st
 
   async run(): Promise<MapEntry[]> {
     const { args, flags } = await this.parse(MapCommand);
-    const node = await openForCommand(args.image, { readOnly: true, format: flags.format });
+    const node = await openForCommand(args.image, { readOnly: true, format: flags.format, forceShare: flags['force-share'] });
     let entries: MapEntry[];
     try {
       if (flags.start !== undefined && flags.start > node.size) this.usageError(`--start ${flags.start} is beyond the end of the image (size ${node.size})`);

@@ -13,6 +13,7 @@ import { dirname, isAbsolute, resolve } from 'node:path';
 import type { BlockNode, Capabilities, Extent, IoOptions, WriteOptions, ZeroOptions } from '../../api/block.js';
 import { BlkrepError } from '../../api/errors.js';
 import { MAX_PAYLOAD } from '../memory.js';
+import type { ImageLock, LockPerms } from '../image-lock.js';
 import type { SparseOps } from '../native.js';
 import { checkRange, coalesceExtents } from '../node.js';
 import { createQcow2, type Qcow2CreateOptions } from './create.js';
@@ -31,6 +32,8 @@ export interface Qcow2OpenOptions {
   /** opens a backing image read-only; default: openImage() (src/block/open.ts) */
   openBacking?: (spec: string, format: string | undefined) => Promise<BlockNode>;
   native?: SparseOps | null;
+  /** the image lock on the file (src/block/image-lock.ts); default: a qcow2 image's; null: none */
+  lock?: LockPerms | null;
   l2CacheBytes?: number;
   refcountCacheBytes?: number;
 }
@@ -92,7 +95,11 @@ export class Qcow2Node implements BlockNode {
   /** Open a qcow2 file, and its backing chain unless told otherwise. */
   static async open(path: string, options: Qcow2OpenOptions = {}): Promise<Qcow2Node> {
     const readOnly = options.readOnly ?? false;
-    const file = await HostFile.open(path, { readOnly, ...(options.native === undefined ? {} : { native: options.native }) });
+    const file = await HostFile.open(path, {
+      readOnly,
+      ...(options.native === undefined ? {} : { native: options.native }),
+      ...(options.lock === undefined ? {} : { lock: options.lock }),
+    });
     return Qcow2Node.openContainer(file, options);
   }
 
@@ -140,6 +147,11 @@ export class Qcow2Node implements BlockNode {
 
   get readOnly(): boolean {
     return this.image.readOnly;
+  }
+
+  /** the lock held on the image file (undefined without the addon or in a test container) */
+  get imageLock(): ImageLock | undefined {
+    return this.image.file.imageLock;
   }
 
   // -----------------------------------------------------------------------------------------------
@@ -728,5 +740,5 @@ export class Qcow2Node implements BlockNode {
 async function defaultOpener(spec: string, format: string | undefined): Promise<BlockNode> {
   const { openImage } = await import('../open.js');
   const f = format === 'raw' || format === 'qcow2' ? format : undefined;
-  return openImage(spec, { readOnly: true, ...(f ? { format: f } : {}) });
+  return openImage(spec, { readOnly: true, chainDepth: 1, ...(f ? { format: f } : {}) });
 }
