@@ -1,5 +1,5 @@
 /**
- * The native addon (native/blkrep_native.c): the sparse-file and block-device system calls Node
+ * The native addon (native/blkrep_native.c): the sparse-file, block-device and OFD-lock system calls Node
  * does not expose. Optional — `loadNative()` returns null when the addon is not built (or when
  * BLKREP_NO_NATIVE=1), and the raw driver falls back to portable code.
  *
