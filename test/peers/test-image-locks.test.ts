@@ -156,3 +156,46 @@ describe.skipIf(!hasPeers)('image locks: blkrep holds, QEMU refuses', () => {
     expect(await d.stop('SIGTERM')).toBe(0);
   });
 });
+
+describe.skipIf(!hasPeers)('image locks through live jobs', () => {
+  it('live commit reopens the base read-write: its lock is upgraded (qemu-img info on it is then refused); released at stop', async () => {
+    const s = await setup();
+    const io = await run('qemu-io', ['-f', 'qcow2', s.top, '-c', 'write -P 5 0 1M'], { timeoutMs: 20_000 });
+    expect(io.code).toBe(0);
+    const ctl = join(s.dir, 'ctl');
+    const d = await serve(['--export', `disk=${s.top}`, '--socket', join(s.dir, 'b.sock'), '--control', ctl]);
+    // served: the backing file is only read, qemu-img may read it too
+    expect((await run('qemu-img', ['info', s.base], { timeoutMs: 20_000 })).code).toBe(0);
+    const c = await runCli(['commit', '--control', ctl, '--export', 'disk', '--wait', '--json'], { timeoutMs: 60_000 });
+    expect(c.code, c.stderr).toBe(0);
+    // the base is now held for writing by the daemon: a reader that does not share writing is refused
+    const info = await run('qemu-img', ['info', s.base], { timeoutMs: 20_000 });
+    expect(info.code).toBe(1);
+    expect(info.stderr).toContain('Failed to get shared "write" lock');
+    expect(await d.stop('SIGTERM')).toBe(0);
+    expect((await run('qemu-img', ['info', s.base], { timeoutMs: 20_000 })).code).toBe(0);
+    const check = await run('qemu-io', ['-f', 'qcow2', '-r', s.base, '-c', 'read -P 5 0 1M'], { timeoutMs: 20_000 });
+    expect(check.code).toBe(0);
+    expect(check.stdout).not.toContain('Pattern verification failed');
+  });
+
+  it('live mirror: the target is held from the start of the job and, after the pivot, by the export; released at stop', async () => {
+    const s = await setup();
+    const target = join(s.dir, 'target.qcow2');
+    await qemuImg(['create', '-q', '-f', 'qcow2', target, '8M']);
+    const ctl = join(s.dir, 'ctl');
+    const d = await serve(['--export', `disk=${s.raw}`, '--socket', join(s.dir, 'b.sock'), '--control', ctl]);
+    const m = await runCli(['mirror', '--control', ctl, '--export', 'disk', target, '--wait', 'ready', '--json'], { timeoutMs: 60_000 });
+    expect(m.code, m.stderr).toBe(0);
+    const during = await run('qemu-img', ['info', target], { timeoutMs: 20_000 });
+    expect(during.code).toBe(1);
+    expect(during.stderr).toContain('Failed to get shared "write" lock');
+    const done = await runCli(['job', 'complete', 'mirror0', '--control', ctl, '--json'], { timeoutMs: 60_000 });
+    expect(done.code, done.stderr).toBe(0);
+    const after = await run('qemu-io', ['-f', 'qcow2', target, '-c', 'write 0 4k'], { timeoutMs: 20_000 });
+    expect(after.code).toBe(1);
+    expect(after.stderr).toContain('Failed to get "write" lock');
+    expect(await d.stop('SIGTERM')).toBe(0);
+    expect((await run('qemu-img', ['info', target], { timeoutMs: 20_000 })).code).toBe(0);
+  });
+});
