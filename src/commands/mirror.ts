@@ -77,6 +77,11 @@ Exit status: 0 done (live: started, or ready/done with --wait); 1 failure (live:
     'on-target-error': Flags.string({ description: 'what a target write error does', options: [...ERROR_POLICIES], default: 'report' }),
     connections: Flags.integer({ description: 'connections to an NBD source or target that allows several (multi-conn)', min: 1, max: 16, default: 4, helpValue: 'N' }),
     'no-progress': Flags.boolean({ description: 'no progress bar, even on a terminal', default: false }),
+    'force-share': Flags.boolean({
+      char: 'U',
+      description: 'offline: open the source even when another process (QEMU, a blkrep serve-nbd) holds it for writing, sharing every permission as qemu-img convert -U does; the copy is then of a disk that may be changing',
+      default: false,
+    }),
     control: Flags.string({ char: 'c', description: "live: mirror an export of the serve-nbd daemon behind this control socket (give only TARGET)", helpValue: 'PATH' }),
     export: Flags.string({ char: 'e', description: "live: the export to mirror (default: the daemon's only export)", helpValue: 'NAME' }),
     'job-id': Flags.string({ description: 'live: the job id (default mirror0, mirror1 ...)', helpValue: 'ID' }),
@@ -86,7 +91,10 @@ Exit status: 0 done (live: started, or ready/done with --wait); 1 failure (live:
 
   async run(): Promise<MirrorResult | JobQuery> {
     const { args, flags } = await this.parse(Mirror);
-    if (flags.control !== undefined) return this.live(args, flags);
+    if (flags.control !== undefined) {
+      if (flags['force-share']) this.usageError('--force-share is for an offline mirror: a live mirror reads the export itself');
+      return this.live(args, flags);
+    }
     for (const f of ['export', 'job-id', 'wait', 'timeout'] as const) if (flags[f] !== undefined) this.usageError(`--${f} is for a live mirror: give --control PATH too`);
     if (args.source === undefined || args.target === undefined) this.usageError('SOURCE and TARGET are required (or --control PATH and TARGET for a live mirror)');
     const { source: sourceSpec, target: targetSpec } = args as { source: string; target: string };
@@ -108,7 +116,12 @@ Exit status: 0 done (live: started, or ready/done with --wait); 1 failure (live:
     const bitmapMode = flags['bitmap-mode'] as BitmapMode;
     // the target (an NBD handshake) is opened while the source and then the bitmap file (it needs
     // the source's size) are; when one of them fails, the others that opened are closed again
-    const sourceOpening = open(sourceSpec, true, flags.format);
+    const sourceOpening = openImage(sourceSpec, {
+      readOnly: true,
+      forceShare: flags['force-share'],
+      ...(flags.format ? { format: flags.format as ImageFormat } : {}),
+      nbd: { connections: flags.connections },
+    });
     const targetOpening = open(targetSpec, false, flags['target-format']);
     const bitmapOpening =
       bitmapPath === undefined ? Promise.resolve(undefined) : sourceOpening.then((s) => PersistentBitmap.open(bitmapPath, { size: s.size, readOnly: bitmapMode === 'never' }));

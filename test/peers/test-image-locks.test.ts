@@ -102,6 +102,30 @@ describe.skipIf(!hasPeers)('image locks: QEMU holds, blkrep refuses', () => {
   });
 });
 
+describe.skipIf(!hasPeers)('image locks: reading a held image on purpose', () => {
+  it('mirror and backup copy a source qemu-nbd writes only with -U; create -b reads a held backing file as qemu-img create does; -U with --control is a usage error', async () => {
+    const s = await setup();
+    const copy = join(s.dir, 'copy.raw');
+    await writeFile(copy, Buffer.alloc(8 << 20));
+    const q = await qemuNbd(s.dir, ['-f', 'qcow2', s.top]);
+    for (const cmd of ['mirror', 'backup']) {
+      const e = await refused([cmd, s.top, copy, '--no-progress']);
+      expect(e.code).toBe('ERR_IMAGE_LOCKED');
+      expect(e.message).toContain(`image "${s.top}" is in use: failed to get shared "write" lock: pid ${q.pid}`);
+      const r = await runCli([cmd, '-U', s.top, copy, '--no-progress', '--json'], { timeoutMs: 60_000 });
+      expect(r.code, r.stderr).toBe(0);
+    }
+    const created = await runCli(['create', '-f', 'qcow2', '-b', s.top, '-F', 'qcow2', join(s.dir, 'next.qcow2'), '--json'], { timeoutMs: 30_000 });
+    expect(created.code, created.stderr).toBe(0);
+    await q.stop();
+    for (const cmd of ['mirror', 'backup']) {
+      const u = await runCli([cmd, '-U', '--control', join(s.dir, 'ctl'), copy, '--json'], { timeoutMs: 30_000 });
+      expect(u.code).toBe(2);
+      expect(u.stdout).toContain(`--force-share is for an offline ${cmd}`);
+    }
+  });
+});
+
 describe.skipIf(!hasPeers)('image locks: blkrep holds, QEMU refuses', () => {
   it('serve-nbd on an overlay: qemu-io writes and qemu-img (no -U) are refused on it and its backing file, -U reads; a second serve-nbd is refused; after stop qemu-io writes', async () => {
     const s = await setup();

@@ -57,7 +57,8 @@ export async function createQcow2(path: string, o: Qcow2CreateOptions = {}): Pro
       const spec = resolveBackingSpec(path, o.backing);
       const opener = o.openBacking ?? (async (s: string, f: string | undefined) => {
         const { openImage } = await import('../open.js');
-        return openImage(s, { readOnly: true, ...(f === 'raw' || f === 'qcow2' ? { format: f } : {}) });
+        // as qemu-img create: the backing file is only asked its size and format, sharing everything
+        return openImage(s, { readOnly: true, forceShare: true, ...(f === 'raw' || f === 'qcow2' ? { format: f } : {}) });
       });
       const node = await opener(spec, backingFormat);
       try {
