@@ -40,6 +40,12 @@ export interface OpenImageOptions {
    * by the backing chain.
    */
   forceShare?: boolean;
+  /**
+   * open the backing chain sharing every permission (the image itself is locked as usual): for a
+   * job's target whose backing file is an image this process serves and writes (a live backup
+   * into a COLO hidden disk over the export's own image, where QEMU would reference the export's node)
+   */
+  backingForceShare?: boolean;
 }
 
 /** Backing chains deeper than this are refused (they loop, or are made to exhaust us). */
@@ -143,7 +149,7 @@ async function openQcow2(path: string, options: OpenImageOptions): Promise<Block
       return openImage(spec, {
         readOnly: true,
         chainDepth: depth + 1,
-        ...(options.forceShare ? { forceShare: true } : {}),
+        ...(options.forceShare || options.backingForceShare ? { forceShare: true } : {}),
         ...(options.nbd === undefined ? {} : { nbd: options.nbd }),
         ...(format === undefined ? {} : { format }),
         ...(options.native === undefined ? {} : { native: options.native }),
