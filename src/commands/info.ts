@@ -15,6 +15,7 @@ An NBD export (nbd://, nbd+unix://) is shown as qemu-img shows one: format raw, 
     { description: 'An overlay and the chain below it', command: '<%= config.bin %> <%= command.id %> active.qcow2' },
     { description: 'Every layer, as JSON', command: "<%= config.bin %> <%= command.id %> active.qcow2 --backing-chain --json | jq '.[].filename'" },
     { description: 'An NBD export', command: "<%= config.bin %> <%= command.id %> 'nbd+unix:///?socket=/run/blkrep.sock'" },
+    { description: 'An image a running QEMU or serve-nbd is writing (as qemu-img info -U)', command: '<%= config.bin %> <%= command.id %> -U vm.qcow2' },
   ];
 
   static override args = {
