@@ -12,6 +12,7 @@ import { loadNative } from '../../src/block/native.js';
 import { hasTool, makeTempDir, run, runCli, serve, start, waitFor, type Started } from '../support/spawn.js';
 
 const hasPeers = loadNative() !== null && hasTool('qemu-nbd') && hasTool('qemu-io') && hasTool('qemu-img');
+// every test runs a dozen CLI commands and peers: bounded, but not by the 60 s default on a loaded machine
 
 async function qemuImg(args: string[]): Promise<void> {
   const r = await run('qemu-img', args, { timeoutMs: 20_000 });
@@ -49,7 +50,7 @@ async function setup(): Promise<{ dir: string; base: string; top: string; raw: s
   return { dir, base, top, raw };
 }
 
-describe.skipIf(!hasPeers)('image locks: QEMU holds, blkrep refuses', () => {
+describe.skipIf(!hasPeers)('image locks: QEMU holds, blkrep refuses', { timeout: 180_000 }, () => {
   it('qemu-nbd serving a qcow2 image: serve-nbd, info, map, compare, bitmap list refuse with ERR_IMAGE_LOCKED naming qemu-nbd; -U reads', async () => {
     const s = await setup();
     const q = await qemuNbd(s.dir, ['-f', 'qcow2', s.top]);
@@ -102,7 +103,7 @@ describe.skipIf(!hasPeers)('image locks: QEMU holds, blkrep refuses', () => {
   });
 });
 
-describe.skipIf(!hasPeers)('image locks: reading a held image on purpose', () => {
+describe.skipIf(!hasPeers)('image locks: reading a held image on purpose', { timeout: 180_000 }, () => {
   it('mirror and backup copy a source qemu-nbd writes only with -U; create -b reads a held backing file as qemu-img create does; -U with --control is a usage error', async () => {
     const s = await setup();
     const copy = join(s.dir, 'copy.raw');
@@ -126,7 +127,7 @@ describe.skipIf(!hasPeers)('image locks: reading a held image on purpose', () =>
   });
 });
 
-describe.skipIf(!hasPeers)('image locks: blkrep holds, QEMU refuses', () => {
+describe.skipIf(!hasPeers)('image locks: blkrep holds, QEMU refuses', { timeout: 180_000 }, () => {
   it('serve-nbd on an overlay: qemu-io writes and qemu-img (no -U) are refused on it and its backing file, -U reads; a second serve-nbd is refused; after stop qemu-io writes', async () => {
     const s = await setup();
     const d = await serve([s.top, '--socket', join(s.dir, 'b.sock')]);
@@ -181,7 +182,7 @@ describe.skipIf(!hasPeers)('image locks: blkrep holds, QEMU refuses', () => {
   });
 });
 
-describe.skipIf(!hasPeers)('image locks through live jobs', () => {
+describe.skipIf(!hasPeers)('image locks through live jobs', { timeout: 180_000 }, () => {
   it('live commit reopens the base read-write: its lock is upgraded (qemu-img info on it is then refused); released at stop', async () => {
     const s = await setup();
     const io = await run('qemu-io', ['-f', 'qcow2', s.top, '-c', 'write -P 5 0 1M'], { timeoutMs: 20_000 });
