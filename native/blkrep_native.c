@@ -11,6 +11,18 @@
  *   zeroOut(fd, offset, length)                   ioctl BLKZEROOUT                    → Promise<void>
  *   blockDeviceSize(fd)                           ioctl BLKGETSIZE64, else lseek END  → Promise<number>
  *   willNeed(fd, offset, length)                  posix_fadvise WILLNEED              → Promise<void>
+ *   setLock(fd, start, length, type)              fcntl F_OFD_SETLK, synchronous; type 'read',
+ *                                                 'write' or 'unlock'; EAGAIN when another open
+ *                                                 file description holds a conflicting lock
+ *   getLock(fd, start, length, type)              fcntl F_OFD_GETLK, synchronous: null when a
+ *                                                 `type` lock could be set, else the first
+ *                                                 conflicting lock {type, start, length, pid}
+ *                                                 (pid -1 for an OFD lock: the kernel does not
+ *                                                 say which process holds one)
+ *
+ * The image locks (src/block/image-lock.ts) are open-file-description locks as QEMU takes them:
+ * they belong to the fd's open file description, so they conflict with locks taken through any
+ * other open() of the file — in this process too — and go away when that description is closed.
  *
  * The asynchronous ones run on the libuv thread pool (napi_create_async_work): fallocate and the
  * block ioctls can take a long time. Failures are Errors with `.code` = errno name ('EINVAL',
@@ -328,6 +340,97 @@ static napi_value device_size(napi_env env, napi_callback_info info) { return qu
 static napi_value will_need(napi_env env, napi_callback_info info) { return queue(env, info, OP_WILL_NEED, "willNeed"); }
 
 /* ------------------------------------------------------------------------------------------ */
+/* fcntl F_OFD_SETLK / F_OFD_GETLK (synchronous: neither waits) */
+
+/* 'read' → F_RDLCK, 'write' → F_WRLCK, 'unlock' → F_UNLCK; throws a TypeError otherwise. */
+static int get_lock_type(napi_env env, napi_value v, short *type, const char *fn) {
+  char buf[8];
+  size_t n = 0;
+  if (napi_get_value_string_utf8(env, v, buf, sizeof buf, &n) == napi_ok) {
+    if (strcmp(buf, "read") == 0) { *type = F_RDLCK; return 1; }
+    if (strcmp(buf, "write") == 0) { *type = F_WRLCK; return 1; }
+    if (strcmp(buf, "unlock") == 0) { *type = F_UNLCK; return 1; }
+  }
+  char message[128];
+  snprintf(message, sizeof message, "%s: type must be 'read', 'write' or 'unlock'", fn);
+  napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", message);
+  return 0;
+}
+
+static int get_lock_args(napi_env env, napi_callback_info info, int *fd, struct flock *fl, const char *fn) {
+  napi_value argv[4];
+  int64_t start, length;
+  short type;
+  if (!get_args(env, info, 4, argv, fn)) return 0;
+  if (!get_fd(env, argv[0], fd, fn) || !get_uint(env, argv[1], MAX_SAFE_INTEGER, &start, fn, "start") ||
+      !get_uint(env, argv[2], MAX_SAFE_INTEGER - (double)start, &length, fn, "length") || !get_lock_type(env, argv[3], &type, fn)) {
+    return 0;
+  }
+  memset(fl, 0, sizeof *fl);
+  fl->l_type = type;
+  fl->l_whence = SEEK_SET;
+  fl->l_start = (off_t)start;
+  fl->l_len = (off_t)length;
+  fl->l_pid = 0; /* F_OFD_* require 0 */
+  return 1;
+}
+
+static napi_value set_lock(napi_env env, napi_callback_info info) {
+  int fd;
+  struct flock fl;
+  if (!get_lock_args(env, info, &fd, &fl, "setLock")) return NULL;
+#ifdef F_OFD_SETLK
+  int r;
+  do r = fcntl(fd, F_OFD_SETLK, &fl);
+  while (r < 0 && errno == EINTR);
+  if (r < 0) {
+    /* POSIX lets a conflict be EACCES or EAGAIN: report one */
+    napi_throw(env, make_error(env, errno == EACCES ? EAGAIN : errno, "fcntl(F_OFD_SETLK)"));
+    return NULL;
+  }
+  napi_value result;
+  napi_get_undefined(env, &result);
+  return result;
+#else
+  napi_throw(env, make_error(env, ENOTSUP, "fcntl(F_OFD_SETLK)"));
+  return NULL;
+#endif
+}
+
+static napi_value get_lock(napi_env env, napi_callback_info info) {
+  int fd;
+  struct flock fl;
+  if (!get_lock_args(env, info, &fd, &fl, "getLock")) return NULL;
+#ifdef F_OFD_GETLK
+  int r;
+  do r = fcntl(fd, F_OFD_GETLK, &fl);
+  while (r < 0 && errno == EINTR);
+  if (r < 0) {
+    napi_throw(env, make_error(env, errno, "fcntl(F_OFD_GETLK)"));
+    return NULL;
+  }
+  napi_value result, value;
+  if (fl.l_type == F_UNLCK) {
+    napi_get_null(env, &result);
+    return result;
+  }
+  napi_create_object(env, &result);
+  napi_create_string_utf8(env, fl.l_type == F_WRLCK ? "write" : "read", NAPI_AUTO_LENGTH, &value);
+  napi_set_named_property(env, result, "type", value);
+  napi_create_double(env, (double)fl.l_start, &value);
+  napi_set_named_property(env, result, "start", value);
+  napi_create_double(env, (double)fl.l_len, &value);
+  napi_set_named_property(env, result, "length", value);
+  napi_create_int32(env, (int32_t)fl.l_pid, &value);
+  napi_set_named_property(env, result, "pid", value);
+  return result;
+#else
+  napi_throw(env, make_error(env, ENOTSUP, "fcntl(F_OFD_GETLK)"));
+  return NULL;
+#endif
+}
+
+/* ------------------------------------------------------------------------------------------ */
 
 NAPI_MODULE_INIT() {
   napi_value has_fallocate;
@@ -342,6 +445,8 @@ NAPI_MODULE_INIT() {
     {"zeroOut", NULL, zero_out, NULL, NULL, NULL, napi_enumerable, NULL},
     {"blockDeviceSize", NULL, device_size, NULL, NULL, NULL, napi_enumerable, NULL},
     {"willNeed", NULL, will_need, NULL, NULL, NULL, napi_enumerable, NULL},
+    {"setLock", NULL, set_lock, NULL, NULL, NULL, napi_enumerable, NULL},
+    {"getLock", NULL, get_lock, NULL, NULL, NULL, napi_enumerable, NULL},
     {"hasFallocate", NULL, NULL, NULL, NULL, has_fallocate, napi_enumerable, NULL},
   };
   if (napi_define_properties(env, exports, sizeof props / sizeof props[0], props) != napi_ok) return NULL;

@@ -48,6 +48,8 @@ export interface OpenStoreOptions {
   timeoutMs?: number;
   /** change a bitmap file that is marked in use (its writer died, or a daemon has it open) */
   force?: boolean;
+  /** read a qcow2 image's bitmaps although another process holds the image for writing (qemu-img -U); changes are refused */
+  forceShare?: boolean;
 }
 
 /** What a target is, from its first bytes: a bitmap file, a qcow2 image, a raw image, or nothing yet. */

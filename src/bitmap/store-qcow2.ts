@@ -10,8 +10,9 @@
  * (as all-dirty) and removable, nothing else — QEMU's rule. Checkpoints have no qcow2
  * counterpart and are refused, naming the way to freeze a qcow2 bitmap instead.
  *
- * Like `qemu-img bitmap` this must not run while another program (qemu-nbd, QEMU, blkrep
- * serve-nbd) has the image open for writing; blkrep takes no image locks (QEMU does).
+ * Like `qemu-img bitmap` this does not run while another program (qemu-nbd, QEMU, blkrep
+ * serve-nbd) has the image open for writing: the image lock (src/block/image-lock.ts) refuses it
+ * (ERR_IMAGE_LOCKED). With forceShare, reading (list, dump) works anyway, as qemu-img info -U.
  */
 import { BlkrepError } from '../api/errors.js';
 import { BME_AUTO, BME_IN_USE } from '../block/qcow2/format.js';
@@ -25,11 +26,12 @@ import {
 } from './ops.js';
 import { readSource, type BitmapStore, type OpenBitmapStore, type OpenStoreOptions, type ReadOptions } from './store-base.js';
 
-export async function openQcow2BitmapStore(path: string, _options: OpenStoreOptions, open: OpenBitmapStore): Promise<BitmapStore> {
+export async function openQcow2BitmapStore(path: string, options: OpenStoreOptions, open: OpenBitmapStore): Promise<BitmapStore> {
+  const forceShare = options.forceShare === true;
   // open once now, so that an image that cannot be read (or whose directory is corrupt) fails here
-  const dir = await Qcow2BitmapDirectory.open(path, { readOnly: true });
+  const dir = await Qcow2BitmapDirectory.open(path, { readOnly: true, forceShare });
   await dir.close();
-  return new Qcow2Store(path, open);
+  return new Qcow2Store(path, open, forceShare);
 }
 
 export class Qcow2Store implements BitmapStore {
@@ -40,6 +42,8 @@ export class Qcow2Store implements BitmapStore {
     readonly path: string,
     /** opens another target (a merge source) */
     private readonly open: OpenBitmapStore,
+    /** read-only opens share every permission (qemu-img -U) */
+    private readonly forceShare = false,
   ) {
     this.description = `qcow2 image ${path}`;
   }
@@ -229,7 +233,7 @@ export class Qcow2Store implements BitmapStore {
   }
 
   private async withDir<T>(readOnly: boolean, fn: (dir: Qcow2BitmapDirectory) => Promise<T>): Promise<T> {
-    const dir = await Qcow2BitmapDirectory.open(this.path, { readOnly });
+    const dir = await Qcow2BitmapDirectory.open(this.path, { readOnly, forceShare: readOnly && this.forceShare });
     let result: T;
     try {
       result = await fn(dir);

@@ -14,7 +14,10 @@
  *   PATH            a file or block device; its format is probed (the table's probes, else raw)
  *
  * A qcow2 image opens its backing chain through openImage (read-only, the format its header
- * names, at most MAX_CHAIN_DEPTH deep).
+ * names, at most MAX_CHAIN_DEPTH deep). Files are locked as QEMU locks them
+ * (src/block/image-lock.ts): an image another process holds in a conflicting way fails
+ * ERR_IMAGE_LOCKED. The format is probed without a lock, then the image opened with the lock its
+ * format needs.
  */
 import type { BlockNode } from '../api/block.js';
 import { BlkrepError } from '../api/errors.js';
@@ -24,6 +27,7 @@ import { MemoryNode } from './memory.js';
 // the NBD client loads only for the images that need it
 import type { NbdNodeOptions } from './nbd.js';
 import type { SparseOps } from './native.js';
+import { lockPerms, type LockPerms } from './image-lock.js';
 import { RawNode } from './raw.js';
 
 /** bytes read from the start of an image for probing */
@@ -37,6 +41,8 @@ export interface FormatOpenOptions {
   readOnly: boolean;
   /** the native addon for host files; undefined = loadNative(), null = the portable fallback */
   native?: SparseOps | null;
+  /** the image lock to take on the file (src/block/image-lock.ts) */
+  lock: LockPerms;
   /** opens an image this one depends on (a backing file) read-only, one level deeper */
   openBacking(spec: string, format: string | undefined): Promise<BlockNode>;
 }
@@ -76,6 +82,18 @@ export interface OpenImageOptions {
   nbd?: Omit<NbdNodeOptions, 'readOnly'>;
   /** how deep in a backing chain this image is (set when opening backing files) */
   chainDepth?: number;
+  /**
+   * read-only opens only: share every permission with other users of the file (qemu-img -U), so
+   * an image QEMU or blkrep holds for writing opens (and may read inconsistent data). Inherited
+   * by the backing chain.
+   */
+  forceShare?: boolean;
+  /**
+   * open the backing chain sharing every permission (the image itself is locked as usual): for a
+   * job's target whose backing file is an image this process serves and writes (a live backup
+   * into a COLO hidden disk over the export's own image, where QEMU would reference the export's node)
+   */
+  backingForceShare?: boolean;
 }
 
 /** Backing chains deeper than this are refused (they loop, or are made to exhaust us). */
@@ -94,6 +112,12 @@ registerImageFormat({ name: 'raw', probe: () => true, open: (path, o) => RawNode
 export async function openImage(spec: string, options: OpenImageOptions = {}): Promise<BlockNode> {
   const readOnly = options.readOnly ?? false;
   if (spec.trim() === '') throw badImage(spec, 'empty image name: expected a path or memory:SIZE');
+  if (options.forceShare && !readOnly) {
+    throw new BlkrepError('ERR_USAGE', `cannot open "${spec}" read-write with --force-share: sharing every permission is for read-only inspection (as qemu-img -U)`, {
+      errno: 'EINVAL',
+      details: { spec },
+    });
+  }
 
   if (spec.startsWith('memory:')) {
     let size: number;
@@ -110,7 +134,8 @@ export async function openImage(spec: string, options: OpenImageOptions = {}): P
     return NbdNode.open(spec, { ...options.nbd, readOnly });
   }
 
-  const rawOptions = { readOnly, ...(options.native === undefined ? {} : { native: options.native }) };
+  const native = options.native === undefined ? {} : { native: options.native };
+  const rawOptions = { readOnly, ...native, lock: lockPerms({ format: 'raw', ...lockRole(options) }) };
   if (spec.startsWith('raw:') || options.format === 'raw') {
     const path = spec.startsWith('raw:') ? spec.slice('raw:'.length) : spec;
     if (path === '') throw badImage(spec, 'raw: needs a path');
@@ -121,8 +146,21 @@ export async function openImage(spec: string, options: OpenImageOptions = {}): P
   }
 
   if (options.format !== undefined) return openFormat(options.format, spec, options);
-  const raw = await RawNode.open(spec, rawOptions);
-  return openProbed(spec, raw, options);
+  // probed without a lock: the lock depends on the format (a qcow2 image does not share writes)
+  const probe = await RawNode.open(spec, { readOnly: true, ...native, lock: null });
+  let format: ImageFormat;
+  try {
+    format = probeFormat(await probe.read(0, Math.min(PROBE_BYTES, probe.size)));
+  } finally {
+    await probe.close().catch(() => {});
+  }
+  if (format === 'raw') return RawNode.open(spec, rawOptions);
+  return openFormat(format, spec, options);
+}
+
+/** How the lock of an image is chosen (src/block/image-lock.ts lockPerms), less its format. */
+function lockRole(options: OpenImageOptions): { readOnly: boolean; forceShare: boolean; backing: boolean } {
+  return { readOnly: options.readOnly ?? false, forceShare: options.forceShare === true, backing: (options.chainDepth ?? 0) > 0 };
 }
 
 /** An image of a format from the table, its backing chain opened read-only through openImage. */
@@ -133,6 +171,7 @@ async function openFormat(format: ImageFormat, path: string, options: OpenImageO
   if (driver === undefined) throw badImage(path, `format "${format}" is not supported`);
   return driver.open(path, {
     readOnly: options.readOnly ?? false,
+    lock: lockPerms({ format: format === 'qcow2' ? 'qcow2' : 'raw', ...lockRole(options) }),
     ...(options.native === undefined ? {} : { native: options.native }),
     openBacking: async (spec, backingFormat) => {
       if (backingFormat !== undefined && formats.get(backingFormat as ImageFormat) === undefined) {
@@ -141,23 +180,11 @@ async function openFormat(format: ImageFormat, path: string, options: OpenImageO
       return openImage(spec, {
         readOnly: true,
         chainDepth: depth + 1,
+        ...(options.forceShare || options.backingForceShare ? { forceShare: true } : {}),
         ...(options.nbd === undefined ? {} : { nbd: options.nbd }),
         ...(backingFormat === undefined ? {} : { format: backingFormat as ImageFormat }),
         ...(options.native === undefined ? {} : { native: options.native }),
       });
     },
   });
-}
-
-async function openProbed(spec: string, raw: RawNode, options: OpenImageOptions): Promise<BlockNode> {
-  let format: ImageFormat;
-  try {
-    format = probeFormat(await raw.read(0, Math.min(PROBE_BYTES, raw.size)));
-  } catch (err) {
-    await raw.close().catch(() => {});
-    throw err;
-  }
-  if (format === 'raw') return raw;
-  await raw.close().catch(() => {});
-  return openFormat(format, spec, options);
 }

@@ -1,5 +1,5 @@
 /**
- * The native addon (native/blkrep_native.c): the sparse-file and block-device system calls Node
+ * The native addon (native/blkrep_native.c): the sparse-file, block-device and OFD-lock system calls Node
  * does not expose. Optional — `loadNative()` returns null when the addon is not built (or when
  * BLKREP_NO_NATIVE=1), and the raw driver falls back to portable code.
  *
@@ -35,6 +35,22 @@ export interface SparseOps {
   blockDeviceSize(fd: number): Promise<number>;
   /** posix_fadvise(WILLNEED): start reading ahead. */
   willNeed(fd: number, offset: number, length: number): Promise<void>;
+  /**
+   * fcntl(F_OFD_SETLK): set ('read', 'write') or remove ('unlock') an open-file-description lock
+   * on [start, start+length), without waiting; EAGAIN when another description holds a conflicting one.
+   */
+  setLock(fd: number, start: number, length: number, type: 'read' | 'write' | 'unlock'): void;
+  /** fcntl(F_OFD_GETLK): null when a `type` lock could be set, else the first conflicting lock (pid -1 for an OFD lock). */
+  getLock(fd: number, start: number, length: number, type: 'read' | 'write'): HeldLock | null;
+}
+
+/** A lock another open file description holds, as F_OFD_GETLK reports it. */
+export interface HeldLock {
+  type: 'read' | 'write';
+  start: number;
+  length: number;
+  /** the holder of a classic POSIX lock; -1 for an OFD lock (see src/block/image-lock.ts) */
+  pid: number;
 }
 
 export interface NativeStatus {
@@ -48,6 +64,7 @@ export interface NativeStatus {
 const ADDON = join('native', 'build', 'Release', 'blkrep_native.node');
 const FUNCTIONS: ReadonlyArray<keyof SparseOps> = [
   'seekData', 'seekHole', 'punchHole', 'zeroRange', 'allocate', 'discard', 'zeroOut', 'blockDeviceSize', 'willNeed',
+  'setLock', 'getLock',
 ];
 
 /** The addon file above `from` (default: this module's directory), or undefined. */

@@ -12,6 +12,7 @@ import { close, fdatasync, fstat, open, read, write, type Stats } from 'node:fs'
 import type { BlockNode, Capabilities, Extent, IoOptions, WriteOptions, ZeroOptions } from '../api/block.js';
 import { BlkrepError, toBlkrepError } from '../api/errors.js';
 import { MAX_PAYLOAD } from './memory.js';
+import { ImageLock, lockPerms, type LockPerms } from './image-lock.js';
 import { loadNative, type SparseOps } from './native.js';
 import { checkRange, coalesceExtents } from './node.js';
 
@@ -92,6 +93,11 @@ export interface RawOpenOptions {
   readOnly?: boolean;
   /** the addon; undefined = loadNative(), null = force the portable fallback */
   native?: SparseOps | null;
+  /**
+   * the image lock (src/block/image-lock.ts) to take; default: a raw image's, read-only or
+   * read-write; null: none (a file blkrep locks by other means). Without the addon nothing is locked.
+   */
+  lock?: LockPerms | null;
 }
 
 export class RawNode implements BlockNode {
@@ -111,6 +117,8 @@ export class RawNode implements BlockNode {
     readonly readOnly: boolean,
     readonly isBlockDevice: boolean,
     private readonly native: SparseOps | null,
+    /** the image lock held on fd (undefined without the addon, or when asked for none) */
+    readonly imageLock?: ImageLock,
   ) {
     this.description = path;
     const rw = !readOnly;
@@ -146,7 +154,9 @@ export class RawNode implements BlockNode {
       if (!Number.isSafeInteger(size)) {
         throw new BlkrepError('ERR_OPEN', `cannot open "${path}": size ${size} is not below 2^53`, { errno: 'EOVERFLOW', details: { path, size } });
       }
-      return new RawNode(path, fd, size, readOnly, st.isBlockDevice(), native);
+      const want = options.lock === undefined ? lockPerms({ format: 'raw', readOnly }) : options.lock;
+      const lock = want === null ? undefined : await ImageLock.acquire(native, fd, path, want);
+      return new RawNode(path, fd, size, readOnly, st.isBlockDevice(), native, lock);
     } catch (err) {
       await closeFd(fd).catch(() => {});
       throw err instanceof BlkrepError ? err : openError(path, readOnly, err);

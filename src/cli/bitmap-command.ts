@@ -37,6 +37,7 @@ export interface StoreFlags {
   export?: string;
   timeout: number;
   force?: boolean;
+  'force-share'?: boolean;
 }
 
 export abstract class BitmapCommand extends BlkrepCommand {
@@ -47,6 +48,7 @@ export abstract class BitmapCommand extends BlkrepCommand {
       ...(flags.export === undefined ? {} : { export: flags.export }),
       timeoutMs: flags.timeout * 1000,
       force: flags.force ?? false,
+      ...(flags['force-share'] ? { forceShare: true } : {}),
     });
     try {
       return await fn(store);

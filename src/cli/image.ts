@@ -10,6 +10,17 @@ import { parseFilterSpec, stackFilters, type FilterSpec } from '../block/filters
 export const formatFlag = (description = 'the image format (probed when not given)') =>
   Flags.string({ char: 'f', description, options: ['raw', 'qcow2'], helpValue: 'FORMAT' });
 
+/**
+ * -U/--force-share, for commands that only read an image (as qemu-img info -U): open it although
+ * another process (QEMU, blkrep serve-nbd) holds it for writing.
+ */
+export const forceShareFlag = () =>
+  Flags.boolean({
+    char: 'U',
+    description: 'open the image even when another process (QEMU, a blkrep serve-nbd) holds it for writing, sharing every permission as qemu-img -U does; what is read may be changing under it',
+    default: false,
+  });
+
 /** --filter NAME:KEY=VALUE,... (repeatable, the first outermost): a filter over the image */
 export const filterFlag = (description = 'stack a filter on the image (error, delay; see blkrep-filters(7)); repeatable, the first outermost') =>
   Flags.string({ description, helpValue: 'NAME:KEY=VALUE,...', multiple: true });
@@ -29,6 +40,6 @@ export async function openImageWithFilters(spec: string, options: OpenImageOptio
   return stackFilters(node, parsed);
 }
 
-export async function openForCommand(spec: string, options: { readOnly: boolean; format?: string; filters?: readonly string[] }): Promise<BlockNode> {
-  return openImageWithFilters(spec, { readOnly: options.readOnly, format: options.format as ImageFormat | undefined }, options.filters);
+export async function openForCommand(spec: string, options: { readOnly: boolean; format?: string; filters?: readonly string[]; forceShare?: boolean }): Promise<BlockNode> {
+  return openImageWithFilters(spec, { readOnly: options.readOnly, format: options.format as ImageFormat | undefined, ...(options.forceShare ? { forceShare: true } : {}) }, options.filters);
 }

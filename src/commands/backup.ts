@@ -98,6 +98,11 @@ With --control PATH the backup runs in a serve-nbd daemon, of its export --expor
     }),
     connections: Flags.integer({ description: 'connections to an NBD source or target that allows several (multi-conn)', min: 1, max: 16, default: 4, helpValue: 'N' }),
     'no-progress': Flags.boolean({ description: 'no progress bar, even on a terminal', default: false }),
+    'force-share': Flags.boolean({
+      char: 'U',
+      description: 'offline: open the source even when another process (QEMU, a blkrep serve-nbd) holds it for writing, sharing every permission as qemu-img convert -U does; the backup is then of a disk that may be changing',
+      default: false,
+    }),
     control: Flags.string({ char: 'c', description: "back up a live export: the serve-nbd daemon's control socket", helpValue: 'PATH' }),
     export: Flags.string({ description: 'with --control: the export to back up (default: the only one)', helpValue: 'NAME', dependsOn: ['control'] }),
     'job-id': Flags.string({ char: 'j', aliases: ['id'], description: 'with --control: the job id (default: backup0, backup1, ...)', helpValue: 'ID', dependsOn: ['control'] }),
@@ -112,6 +117,7 @@ With --control PATH the backup runs in a serve-nbd daemon, of its export --expor
     const sync = flags.sync as BackupSync;
     if (flags.control !== undefined) {
       for (const f of ['filter', 'target-filter'] as const) if (flags[f] !== undefined) this.usageError(`--${f} is for an offline backup: a live backup's source is the export (give serve-nbd --filter)`);
+      if (flags['force-share']) this.usageError('--force-share is for an offline backup: a live backup reads the export itself');
       if (args.source === undefined || args.target !== undefined) this.usageError('with --control, give only TARGET (the source is the export --export NAME)');
       if (sync === 'incremental' && flags.bitmap === undefined) this.usageError('--sync incremental needs --bitmap NAME: a bitmap of the export');
       if (flags.bitmap !== undefined && sync !== 'incremental' && sync !== 'full') this.usageError(`--bitmap is used with --sync incremental or full, not ${sync}`);
@@ -127,7 +133,12 @@ With --control PATH the backup runs in a serve-nbd daemon, of its export --expor
     parseFilters([...(flags.filter ?? []), ...(flags['target-filter'] ?? [])]);
     const open = (spec: string, readOnly: boolean, format: string | undefined, filters: string[] | undefined): Promise<BlockNode> =>
       openImageWithFilters(spec, { readOnly, ...(format ? { format: format as ImageFormat } : {}), nbd: { connections: flags.connections } }, filters);
-    const source = await open(sourceSpec, true, flags.format, flags.filter);
+    const source = await openImageWithFilters(sourceSpec, {
+      readOnly: true,
+      forceShare: flags['force-share'],
+      ...(flags.format ? { format: flags.format as ImageFormat } : {}),
+      nbd: { connections: flags.connections },
+    }, flags.filter);
     const closers: Array<() => Promise<void>> = [() => source.close()];
     const closeAll = async (): Promise<void> => {
       for (const c of closers.reverse()) await c().catch(() => {});

@@ -1,6 +1,6 @@
 import { Args, Flags } from '@oclif/core';
 import { BlkrepCommand, EXIT_FAILURE, EXIT_USAGE } from '../cli/base.js';
-import { filterFlag, openForCommand, parseFilters } from '../cli/image.js';
+import { filterFlag, forceShareFlag, openForCommand, parseFilters } from '../cli/image.js';
 import { progressBar } from '../cli/progress.js';
 import { compareImages, type CompareResult } from '../image/compare.js';
 
@@ -26,6 +26,7 @@ Ranges that both images report as zeros are skipped without reading. When the si
     'format-b': Flags.string({ char: 'F', description: 'format of the second image (probed when not given)', options: ['raw', 'qcow2'], helpValue: 'FORMAT' }),
     'filter-a': filterFlag('stack a filter on the first image (error, delay; see blkrep-filters(7)); repeatable, the first outermost'),
     'filter-b': filterFlag('stack a filter on the second image; repeatable, the first outermost'),
+    'force-share': forceShareFlag(),
     strict: Flags.boolean({ char: 's', description: 'images of different sizes are different', default: false }),
     'no-progress': Flags.boolean({ description: 'no progress bar, even on a terminal', default: false }),
   };
@@ -42,10 +43,10 @@ Ranges that both images report as zeros are skipped without reading. When the si
   async run(): Promise<CompareResult> {
     const { args, flags } = await this.parse(Compare);
     parseFilters(flags['filter-b']);
-    const a = await openForCommand(args.a, { readOnly: true, format: flags['format-a'], filters: flags['filter-a'] });
+    const a = await openForCommand(args.a, { readOnly: true, format: flags['format-a'], filters: flags['filter-a'], forceShare: flags['force-share'] });
     let result: CompareResult;
     try {
-      const b = await openForCommand(args.b, { readOnly: true, format: flags['format-b'], filters: flags['filter-b'] });
+      const b = await openForCommand(args.b, { readOnly: true, format: flags['format-b'], filters: flags['filter-b'], forceShare: flags['force-share'] });
       try {
         const bar = progressBar('compare', Math.max(a.size, b.size), { enabled: !this.jsonEnabled() && !flags['no-progress'] });
         try {

@@ -1,6 +1,6 @@
 import { Args, Flags } from '@oclif/core';
 import { BlkrepCommand } from '../cli/base.js';
-import { formatFlag } from '../cli/image.js';
+import { forceShareFlag, formatFlag } from '../cli/image.js';
 import { imageInfo, type ImageInfo } from '../image/info.js';
 import { formatSize } from '../util/size.js';
 
@@ -15,6 +15,7 @@ An NBD export (nbd://, nbd+unix://) is shown as qemu-img shows one: format raw, 
     { description: 'An overlay and the chain below it', command: '<%= config.bin %> <%= command.id %> active.qcow2' },
     { description: 'Every layer, as JSON', command: "<%= config.bin %> <%= command.id %> active.qcow2 --backing-chain --json | jq '.[].filename'" },
     { description: 'An NBD export', command: "<%= config.bin %> <%= command.id %> 'nbd+unix:///?socket=/run/blkrep.sock'" },
+    { description: 'An image a running QEMU or serve-nbd is writing (as qemu-img info -U)', command: '<%= config.bin %> <%= command.id %> -U vm.qcow2' },
   ];
 
   static override args = {
@@ -24,12 +25,14 @@ An NBD export (nbd://, nbd+unix://) is shown as qemu-img shows one: format raw, 
   static override flags = {
     format: formatFlag(),
     'backing-chain': Flags.boolean({ description: 'show every layer of the backing chain', default: false }),
+    'force-share': forceShareFlag(),
   };
 
   async run(): Promise<ImageInfo | ImageInfo[]> {
     const { args, flags } = await this.parse(Info);
     const result = await imageInfo(args.image, {
       backingChain: flags['backing-chain'],
+      forceShare: flags['force-share'],
       ...(flags.format === undefined ? {} : { format: flags.format }),
       // on stderr even with --json (oclif silences logToStderr then)
       onWarning: (m) => process.stderr.write(`blkrep: warning: ${m}\n`),

@@ -1,6 +1,6 @@
 import { Args, Flags } from '@oclif/core';
 import { BlkrepCommand } from '../cli/base.js';
-import { filterFlag, formatFlag, openForCommand } from '../cli/image.js';
+import { filterFlag, forceShareFlag, formatFlag, openForCommand } from '../cli/image.js';
 import { sizeFlag } from '../cli/flags.js';
 import { progressBar } from '../cli/progress.js';
 import { mapImage, type MapEntry } from '../image/map.js';
@@ -25,6 +25,7 @@ With --json, the runs are printed in the shape of qemu-img map --output=json: st
   static override flags = {
     format: formatFlag(),
     filter: filterFlag(),
+    'force-share': forceShareFlag(),
     start: sizeFlag({ description: 'map from this offset', helpValue: 'OFFSET' }),
     length: sizeFlag({ description: 'map this many bytes', helpValue: 'LENGTH' }),
     'no-progress': Flags.boolean({ description: 'no progress bar, even on a terminal', default: false }),
@@ -32,7 +33,7 @@ With --json, the runs are printed in the shape of qemu-img map --output=json: st
 
   async run(): Promise<MapEntry[]> {
     const { args, flags } = await this.parse(MapCommand);
-    const node = await openForCommand(args.image, { readOnly: true, format: flags.format, filters: flags.filter });
+    const node = await openForCommand(args.image, { readOnly: true, format: flags.format, filters: flags.filter, forceShare: flags['force-share'] });
     let entries: MapEntry[];
     try {
       if (flags.start !== undefined && flags.start > node.size) this.usageError(`--start ${flags.start} is beyond the end of the image (size ${node.size})`);

@@ -87,6 +87,11 @@ Exit status: 0 done (live: started, or ready/done with --wait); 1 failure (ERR_T
     'on-target-error': Flags.string({ description: 'what a target write error does', options: [...ERROR_POLICIES], default: 'report' }),
     connections: Flags.integer({ description: 'connections to an NBD source or target that allows several (multi-conn)', min: 1, max: 16, default: 4, helpValue: 'N' }),
     'no-progress': Flags.boolean({ description: 'no progress bar, even on a terminal', default: false }),
+    'force-share': Flags.boolean({
+      char: 'U',
+      description: 'offline: open the source even when another process (QEMU, a blkrep serve-nbd) holds it for writing, sharing every permission as qemu-img convert -U does; the copy is then of a disk that may be changing',
+      default: false,
+    }),
     control: Flags.string({ char: 'c', description: "live: mirror an export of the serve-nbd daemon behind this control socket (give only TARGET)", helpValue: 'PATH' }),
     export: Flags.string({ char: 'e', description: "live: the export to mirror (default: the daemon's only export)", helpValue: 'NAME' }),
     'job-id': Flags.string({ char: 'j', description: 'live: the job id (default mirror0, mirror1 ...)', helpValue: 'ID' }),
@@ -98,6 +103,7 @@ Exit status: 0 done (live: started, or ready/done with --wait); 1 failure (ERR_T
     const { args, flags } = await this.parse(Mirror, withBareWait(this.argv));
     if (flags.control !== undefined) {
       for (const f of ['filter', 'target-filter'] as const) if (flags[f] !== undefined) this.usageError(`--${f} is for an offline mirror: a live mirror's source is the export (give serve-nbd --filter)`);
+      if (flags['force-share']) this.usageError('--force-share is for an offline mirror: a live mirror reads the export itself');
       return this.live(args, flags);
     }
     for (const f of ['export', 'job-id', 'wait', 'timeout'] as const) if (flags[f] !== undefined) this.usageError(`--${f} is for a live mirror: give --control PATH too`);
@@ -132,7 +138,12 @@ Exit status: 0 done (live: started, or ready/done with --wait); 1 failure (ERR_T
         await probe.close().catch(() => {});
       }
     }
-    const sourceOpening = open(sourceSpec, true, flags.format, flags.filter);
+    const sourceOpening = openImageWithFilters(sourceSpec, {
+      readOnly: true,
+      forceShare: flags['force-share'],
+      ...(flags.format ? { format: flags.format as ImageFormat } : {}),
+      nbd: { connections: flags.connections },
+    }, flags.filter);
     const targetOpening = open(targetSpec, false, flags['target-format'], flags['target-filter']);
     const bitmapOpening =
       bitmapPath === undefined ? Promise.resolve(undefined) : sourceOpening.then((s) => PersistentBitmap.open(bitmapPath, { size: s.size, readOnly: bitmapMode === 'never' }));

@@ -7,6 +7,7 @@ import { open as openFile, realpath } from 'node:fs/promises';
 import { isAbsolute, resolve } from 'node:path';
 import type { BlockNode } from '../api/block.js';
 import { BlkrepError } from '../api/errors.js';
+import { lockPerms } from '../block/image-lock.js';
 import { openImage, probeFormat, PROBE_BYTES, type ImageFormat } from '../block/open.js';
 import { Qcow2Node } from '../block/qcow2/node.js';
 import { isNbdUri } from '../nbd/uri.js';
@@ -97,17 +98,23 @@ export interface OpenedLayer {
  * One image without its backing chain (a qcow2 image's unallocated clusters then read as zeros):
  * what info and make-empty need, and it works when the backing file is missing.
  */
-export async function openLayer(spec: string, options: { readOnly: boolean; format?: string }): Promise<OpenedLayer> {
+export async function openLayer(spec: string, options: { readOnly: boolean; format?: string; forceShare?: boolean }): Promise<OpenedLayer> {
+  const forceShare = options.forceShare === true;
   if (!isFileSpec(spec) || spec.startsWith('raw:')) {
-    const node = await openImage(spec, { readOnly: options.readOnly });
+    const node = await openImage(spec, { readOnly: options.readOnly, forceShare });
     return { node, format: node.driver === 'memory' ? 'memory' : 'raw' };
   }
   if (options.format !== undefined && options.format !== 'raw' && options.format !== 'qcow2') {
     throw new BlkrepError('ERR_BAD_IMAGE', `image "${spec}": format "${options.format}" is not supported (raw and qcow2 are)`, { errno: 'EINVAL', details: { spec } });
   }
   const format = (options.format as ImageFormat | undefined) ?? (await probeFile(spec));
-  if (format === 'qcow2') return { node: await Qcow2Node.open(spec, { readOnly: options.readOnly, backing: null }), format };
-  return { node: await openImage(spec, { readOnly: options.readOnly, format: 'raw' }), format };
+  if (forceShare && !options.readOnly) {
+    throw new BlkrepError('ERR_USAGE', `cannot open "${spec}" read-write with --force-share: sharing every permission is for read-only inspection (as qemu-img -U)`, { errno: 'EINVAL', details: { spec } });
+  }
+  if (format === 'qcow2') {
+    return { node: await Qcow2Node.open(spec, { readOnly: options.readOnly, backing: null, lock: lockPerms({ format: 'qcow2', readOnly: options.readOnly, forceShare }) }), format };
+  }
+  return { node: await openImage(spec, { readOnly: options.readOnly, format: 'raw', forceShare }), format };
 }
 
 /** One layer of a chain, found by reading the headers from the top down. */

@@ -68,7 +68,8 @@ async function plan(path: string, o: CreateOptions): Promise<{ size: number; bac
   if (isFileSpec(spec) && (await sameImage(spec, path))) throw usage(`"${o.backing}" is the image itself: an image cannot be its own backing file`);
   let layer;
   try {
-    layer = await openLayer(spec, { readOnly: true, ...(o.backingFormat === undefined ? {} : { format: o.backingFormat }) });
+    // as qemu-img create: the backing file is only asked its size and format, sharing everything
+    layer = await openLayer(spec, { readOnly: true, forceShare: true, ...(o.backingFormat === undefined ? {} : { format: o.backingFormat }) });
   } catch (err) {
     const why = err instanceof Error ? err.message : String(err);
     throw new BlkrepError('ERR_BACKING', `cannot open the backing file "${o.backing}" (as ${spec}): ${why}`, {

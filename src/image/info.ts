@@ -61,8 +61,12 @@ const BITMAP_FLAGS: Array<[number, string]> = [
 ];
 
 /** The info of one image, opened alone. */
-export async function layerInfo(spec: string, options: { format?: string } = {}): Promise<ImageInfo> {
-  const { node, format } = await openLayer(spec, { readOnly: true, ...(options.format === undefined ? {} : { format: options.format }) });
+export async function layerInfo(spec: string, options: { format?: string; forceShare?: boolean } = {}): Promise<ImageInfo> {
+  const { node, format } = await openLayer(spec, {
+    readOnly: true,
+    ...(options.format === undefined ? {} : { format: options.format }),
+    ...(options.forceShare ? { forceShare: true } : {}),
+  });
   try {
     const out: ImageInfo = { 'virtual-size': node.size, filename: spec, format };
     const actual = await actualSize(spec);
@@ -116,6 +120,8 @@ export interface InfoOptions {
   /** every layer (an array, top first), as qemu-img info --backing-chain */
   backingChain?: boolean;
   maxDepth?: number;
+  /** open every layer sharing every permission (qemu-img info -U): works on images others hold for writing */
+  forceShare?: boolean;
   /** a backing file that cannot be opened, without --backing-chain */
   onWarning?(message: string): void;
 }
@@ -123,7 +129,8 @@ export interface InfoOptions {
 /** The info of each layer, top first, as far as the walk gets; `error` says why it stopped early. */
 async function walkChain(spec: string, options: InfoOptions): Promise<{ layers: ImageInfo[]; error?: BlkrepError }> {
   const maxDepth = options.maxDepth ?? 64;
-  const layers: ImageInfo[] = [await layerInfo(spec, options.format === undefined ? {} : { format: options.format })];
+  const share = options.forceShare ? { forceShare: true } : {};
+  const layers: ImageInfo[] = [await layerInfo(spec, { ...share, ...(options.format === undefined ? {} : { format: options.format }) })];
   for (;;) {
     const last = layers[layers.length - 1]!;
     const next = last['full-backing-filename'];
@@ -134,7 +141,7 @@ async function walkChain(spec: string, options: InfoOptions): Promise<{ layers: 
     }
     try {
       const format = last['backing-filename-format'];
-      layers.push(await layerInfo(next, format === undefined ? {} : { format }));
+      layers.push(await layerInfo(next, { ...share, ...(format === undefined ? {} : { format }) }));
     } catch (err) {
       const why = err instanceof Error ? err.message : String(err);
       const error = new BlkrepError('ERR_BACKING', `cannot open the backing file "${last['backing-filename']}" of ${last.filename}: ${why}`, {

@@ -106,7 +106,13 @@ function exportBitmapBits(ctx: JobContext, name: string): DirtyBitmap {
 async function createLiveBackup(ctx: JobContext, o: LiveBackupOptions): Promise<BackupJob> {
   const exp = ctx.export;
   const bits = o.bitmap ? exportBitmapBits(ctx, o.bitmap) : undefined; // throws ERR_BITMAP_NOT_FOUND first
-  const target: BlockNode = await openImage(o.target, { ...(o.targetFormat ? { format: o.targetFormat } : {}), nbd: { connections: o.connections ?? 4 } });
+  // the target's backing chain may be the export's own image (a COLO hidden disk), which this
+  // daemon holds for writing: it is read sharing every permission (the target itself is locked)
+  const target: BlockNode = await openImage(o.target, {
+    backingForceShare: true,
+    ...(o.targetFormat ? { format: o.targetFormat } : {}),
+    nbd: { connections: o.connections ?? 4 },
+  });
   let job: BackupJob;
   let fleece: FleecingServer | undefined;
   let served: JobServedExport | undefined;

@@ -28,6 +28,7 @@
  * args: top?, base? (absolute paths of layers of the export's chain), keep?, speed?, bufSize?,
  * maxOps?, granularity?, copyMode?, maxLagMs?, onSourceError?, onTargetError?.
  */
+import { lockOf, PERM_ALL, PERM_CONSISTENT_READ, type ImageLock, type LockPerms } from '../block/image-lock.js';
 import type { BlockNode } from '../api/block.js';
 import { BlkrepError } from '../api/errors.js';
 import { openImage, type ImageFormat } from '../block/open.js';
@@ -110,6 +111,10 @@ async function reopenWritable(chain: BlockNode[], t: number, b: number): Promise
   for (let i = 1; i <= b; i++) if (chain[i]!.caps.canWrite) await chain[i]!.flush?.();
   const overlay = chain[0] as Qcow2Node;
   const opened: BlockNode[] = [];
+  // the old chain's locks do not share writing: relax them to a plain reader's (as QEMU updates the
+  // permissions of the nodes it reopens) so the read-write opens below are not refused by our own
+  // files; they are restored if the reopen fails, and go with the old chain once it is replaced
+  const relaxed = await relaxLocks(chain.slice(1, b + 1));
   try {
     const old = chain[b]!;
     const base = await openImage(old.description, { readOnly: false, format: old.driver === 'qcow2' ? 'qcow2' : ('raw' as ImageFormat) });
@@ -119,11 +124,28 @@ async function reopenWritable(chain: BlockNode[], t: number, b: number): Promise
   } catch (err) {
     // closing the top of what was opened closes the rest below it
     await opened[0]?.close().catch(() => {});
+    await relaxed.restore();
     throw err;
   }
   const oldBacking = await overlay.replaceBacking(opened[0]!);
   await oldBacking?.close().catch(() => {});
   return chainOf(overlay);
+}
+
+/** Let the nodes' files be opened read-write elsewhere (they keep reading); restore() undoes it. */
+async function relaxLocks(nodes: BlockNode[]): Promise<{ restore(): Promise<void> }> {
+  const held: Array<[ImageLock, LockPerms]> = [];
+  for (const n of nodes) {
+    const lock = lockOf(n);
+    if (!lock) continue;
+    held.push([lock, lock.perms]);
+    await lock.update({ perm: PERM_CONSISTENT_READ, shared: PERM_ALL });
+  }
+  return {
+    async restore() {
+      for (const [lock, perms] of held) await lock.update(perms).catch(() => {});
+    },
+  };
 }
 
 async function createLiveCommit(ctx: JobContext, o: LiveCommitOptions): Promise<ActiveCommitJob | CommitJob> {

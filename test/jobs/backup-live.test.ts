@@ -174,9 +174,10 @@ describe.skipIf(!hasTool('qemu-img'))('live backup', () => {
     expect(q.copiedBytes).toBeLessThan(SIZE);
     await control(s.ctl, 'job-cancel', { id: 'backup0' });
     await writeFile(join(s.dir, 'start.img'), s.content);
-    // the job closes the overlay once concluded; then qemu-img reads it through its backing
-    await waitFor(async () => (await run('qemu-img', ['compare', '-f', 'raw', '-F', 'qcow2', join(s.dir, 'start.img'), hidden])).code === 0, 'the hidden disk to read as the start', { timeoutMs: 20_000 });
-    expect((await run('qemu-img', ['check', '-q', hidden])).code).toBe(0);
+    // the job closes the overlay once concluded; then qemu-img reads it through its backing, the
+    // export's image, which the daemon still holds for writing: -U, as QEMU needs for any reader of it
+    await waitFor(async () => (await run('qemu-img', ['compare', '-U', '-f', 'raw', '-F', 'qcow2', join(s.dir, 'start.img'), hidden])).code === 0, 'the hidden disk to read as the start', { timeoutMs: 20_000 });
+    expect((await run('qemu-img', ['check', '-U', '-q', hidden])).code).toBe(0);
     await writeFile(join(s.dir, 'expected.img'), writer.expected);
     expect(await qemuCompare(join(s.dir, 'expected.img'), s.src)).toMatchObject({ code: 0 });
   });

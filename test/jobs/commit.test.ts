@@ -277,7 +277,8 @@ describe('ActiveCommitJob (the overlay is written meanwhile)', () => {
     const dir = await makeTempDir();
     await chain(dir);
     const { top, base } = await openChain(dir);
-    const other = await openImage(join(dir, 'base.qcow2'), { readOnly: true, format: 'qcow2' });
+    // a second node of the same file (sharing every permission: the chain holds it read-write)
+    const other = await openImage(join(dir, 'base.qcow2'), { readOnly: true, format: 'qcow2', forceShare: true });
     expect(() => new ActiveCommitJob({ overlay: top, base: other })).toThrow(expect.objectContaining({ code: 'ERR_JOB_INVALID' }));
     expect(new ActiveCommitJob({ overlay: top, base }).type).toBe('commit');
     await other.close();

@@ -17,7 +17,7 @@ import { dirname, join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { IN_USE_REASON } from '../../src/bitmap/qcow2-live.js';
 import { Qcow2Node } from '../../src/block/qcow2/node.js';
-import { hasTool, makeTempDir, serve, start, waitFor } from '../support/spawn.js';
+import { hasTool, makeTempDir, run, serve, start, waitFor } from '../support/spawn.js';
 import { entriesOf, fails, model, nbdinfoMapText, ok, qemuIo, type NbdinfoEntry } from '../bitmap-cli/helpers.js';
 import { expectClean, KiB, MiB, qemuCheck, qemuInfo, tool } from './helpers.js';
 
@@ -213,8 +213,12 @@ describe.skipIf(!hasPeers)('qcow2 persistent bitmaps served live', () => {
     const sock = join(dir, 's.sock');
     const served = await serve([img, '--socket', sock]);
     await qemuIo(`nbd+unix:///?socket=${sock}`, ['write -P 1 1M 4k']);
-    // blkrep takes no image lock: qemu-img can change the directory meanwhile
-    await tool('qemu-img', ['bitmap', '--add', img, 'other']);
+    // the image lock keeps qemu-img out (as qemu-nbd's would) ...
+    const refused = await run('qemu-img', ['bitmap', '--add', img, 'other'], { timeoutMs: 20_000 });
+    expect(refused.code).toBe(1);
+    expect(refused.stderr).toContain('Failed to get "write" lock');
+    // ... unless told to ignore locks: then it changes the directory meanwhile
+    await tool('qemu-img', ['bitmap', '--add', '--image-opts', `driver=qcow2,file.driver=file,file.filename=${img},file.locking=off`, 'other']);
     expect(await served.stop('SIGTERM')).toBe(0);
     expect(served.stderr()).toContain(
       `qcow2 image ${img}: storing its bitmaps failed (the bitmaps of qcow2 image ${img} were changed by another program while blkrep serves it (qemu-img bitmap or an offline blkrep bitmap command; use --control while it is served): blkrep leaves them as they are, its own stay in use); they stay in use, so they load all-dirty next time`,

@@ -20,6 +20,7 @@
  * A crash before 4 leaves the old directory in force and leaks the new clusters; after it, leaks
  * the old ones — never a directory pointing at unwritten clusters.
  */
+import { lockPerms } from '../image-lock.js';
 import { BlkrepError } from '../../api/errors.js';
 import { DirtyBitmap, MAX_GRANULARITY, MIN_GRANULARITY } from '../../bitmap/dirty-bitmap.js';
 import { HostFile, type Qcow2Container } from './file.js';
@@ -252,8 +253,9 @@ export class Qcow2BitmapDirectory {
    * Open an image to read or change its bitmaps. Read-write, the image is left as it is apart
    * from the bitmaps (autoclear bit 0 is not cleared: keepBitmaps).
    */
-  static async open(path: string, options: { readOnly: boolean }): Promise<Qcow2BitmapDirectory> {
-    return Qcow2BitmapDirectory.openContainer(await HostFile.open(path, { readOnly: options.readOnly }), options);
+  static async open(path: string, options: { readOnly: boolean; forceShare?: boolean }): Promise<Qcow2BitmapDirectory> {
+    const lock = lockPerms({ format: 'qcow2', readOnly: options.readOnly, forceShare: options.forceShare === true && options.readOnly });
+    return Qcow2BitmapDirectory.openContainer(await HostFile.open(path, { readOnly: options.readOnly, lock }), options);
   }
 
   /** The same in any container (tests use one that simulates crashes); closes it on failure. */

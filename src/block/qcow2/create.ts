@@ -109,5 +109,6 @@ export async function createQcow2(path: string, o: Qcow2CreateOptions = {}): Pro
 /** A backing image read-only, in the format its parent names (probed when none or unknown). */
 function defaultOpener(spec: string, format: string | undefined): Promise<BlockNode> {
   const f = format === 'raw' || format === 'qcow2' ? format : undefined;
-  return openImage(spec, { readOnly: true, ...(f ? { format: f } : {}) });
+  // as qemu-img create: the backing file is only asked its size and format, sharing everything
+  return openImage(spec, { readOnly: true, forceShare: true, ...(f ? { format: f } : {}) });
 }

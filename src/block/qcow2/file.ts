@@ -9,6 +9,7 @@
  */
 import { close, fdatasync, fstat, ftruncate, open, read, write } from 'node:fs';
 import { BlkrepError, toBlkrepError } from '../../api/errors.js';
+import { ImageLock, lockPerms, type LockPerms } from '../image-lock.js';
 import { loadNative, type SparseOps } from '../native.js';
 
 /** What the qcow2 driver needs from the file it lives in (a test can supply another one). */
@@ -26,6 +27,8 @@ export interface Qcow2Container {
   /** deallocate a range so it reads as zeros; best effort (may do nothing) */
   punch(offset: number, length: number): Promise<void>;
   close(): Promise<void>;
+  /** the image lock held on the file, if any (src/block/image-lock.ts) */
+  readonly imageLock?: ImageLock;
 }
 
 function readAt(fd: number, buffer: Buffer, offset: number, length: number, position: number): Promise<number> {
@@ -42,9 +45,15 @@ export class HostFile implements Qcow2Container {
     private size: number,
     readonly readOnly: boolean,
     private readonly native: SparseOps | null,
+    /** the image lock held on the file (undefined without the addon, or when asked for none) */
+    readonly imageLock?: ImageLock,
   ) {}
 
-  static async open(path: string, options: { readOnly?: boolean; native?: SparseOps | null } = {}): Promise<HostFile> {
+  /**
+   * Open the file, taking `lock` (src/block/image-lock.ts; default: a qcow2 image's, read-only or
+   * read-write; null: none). Without the addon nothing is locked.
+   */
+  static async open(path: string, options: { readOnly?: boolean; native?: SparseOps | null; lock?: LockPerms | null } = {}): Promise<HostFile> {
     const readOnly = options.readOnly ?? false;
     const native = options.native === undefined ? loadNative() : options.native;
     const fd = await new Promise<number>((resolve, reject) =>
@@ -60,7 +69,9 @@ export class HostFile implements Qcow2Container {
     try {
       const st = await new Promise<import('node:fs').Stats>((resolve, reject) => fstat(fd, (err, s) => (err ? reject(err) : resolve(s))));
       if (!st.isFile()) throw new BlkrepError('ERR_OPEN', `cannot open "${path}" as a qcow2 image: not a regular file`, { errno: 'EINVAL', details: { path } });
-      return new HostFile(path, fd, st.size, readOnly, native);
+      const want = options.lock === undefined ? lockPerms({ format: 'qcow2', readOnly }) : options.lock;
+      const lock = want === null ? undefined : await ImageLock.acquire(native, fd, path, want);
+      return new HostFile(path, fd, st.size, readOnly, native, lock);
     } catch (err) {
       await new Promise<void>((resolve) => close(fd, () => resolve()));
       throw toBlkrepError(err, `open of ${path}`);

@@ -12,6 +12,7 @@
 import type { BlockNode, Capabilities, Extent, IoOptions, WriteOptions, ZeroOptions } from '../../api/block.js';
 import { BlkrepError } from '../../api/errors.js';
 import { MAX_PAYLOAD } from '../memory.js';
+import type { ImageLock, LockPerms } from '../image-lock.js';
 import type { SparseOps } from '../native.js';
 import { checkRange, coalesceExtents } from '../node.js';
 import { openImage, registerImageFormat } from '../formats.js';
@@ -35,6 +36,8 @@ export interface Qcow2OpenOptions {
   /** opens a backing image read-only; default: openImage() (src/block/open.ts), through formats.ts */
   openBacking?: (spec: string, format: string | undefined) => Promise<BlockNode>;
   native?: SparseOps | null;
+  /** the image lock on the file (src/block/image-lock.ts); default: a qcow2 image's; null: none */
+  lock?: LockPerms | null;
   l2CacheBytes?: number;
   refcountCacheBytes?: number;
   /** where warnings go (a read-only open of an image whose layout is unsound); default stderr */
@@ -88,7 +91,11 @@ export class Qcow2Node implements BlockNode {
   /** Open a qcow2 file, and its backing chain unless told otherwise. */
   static async open(path: string, options: Qcow2OpenOptions = {}): Promise<Qcow2Node> {
     const readOnly = options.readOnly ?? false;
-    const file = await HostFile.open(path, { readOnly, ...(options.native === undefined ? {} : { native: options.native }) });
+    const file = await HostFile.open(path, {
+      readOnly,
+      ...(options.native === undefined ? {} : { native: options.native }),
+      ...(options.lock === undefined ? {} : { lock: options.lock }),
+    });
     return Qcow2Node.openContainer(file, options);
   }
 
@@ -137,6 +144,11 @@ export class Qcow2Node implements BlockNode {
 
   get readOnly(): boolean {
     return this.image.readOnly;
+  }
+
+  /** the lock held on the image file (undefined without the addon or in a test container) */
+  get imageLock(): ImageLock | undefined {
+    return this.image.file.imageLock;
   }
 
   // -----------------------------------------------------------------------------------------------
@@ -726,7 +738,7 @@ export class Qcow2Node implements BlockNode {
 /** A backing image read-only, in the format its parent names (probed when none or unknown). */
 function defaultOpener(spec: string, format: string | undefined): Promise<BlockNode> {
   const f = format === 'raw' || format === 'qcow2' ? format : undefined;
-  return openImage(spec, { readOnly: true, ...(f ? { format: f } : {}) });
+  return openImage(spec, { readOnly: true, chainDepth: 1, ...(f ? { format: f } : {}) });
 }
 
 // the driver registers itself in the table of image formats (open.ts has a lazy entry for it)

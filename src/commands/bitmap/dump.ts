@@ -1,3 +1,4 @@
+import { forceShareFlag } from '../../cli/image.js';
 import { Flags } from '@oclif/core';
 import { BitmapCommand, nameFlag, storeFlags, targetArg } from '../../cli/bitmap-command.js';
 import type { DirtyBitmap } from '../../bitmap/dirty-bitmap.js';
@@ -51,6 +52,7 @@ With --json, the runs are printed exactly as nbdinfo --map=qemu:dirty-bitmap:NAM
 
   static override flags = {
     ...storeFlags,
+    'force-share': forceShareFlag(),
     name: nameFlag(),
     summary: Flags.boolean({ description: 'only the totals (and the picture)', default: false }),
     'dirty-only': Flags.boolean({ description: 'with --json: leave the clean runs out', default: false }),

@@ -1,4 +1,5 @@
 import { BitmapCommand, storeFlags, targetArg } from '../../cli/bitmap-command.js';
+import { forceShareFlag } from '../../cli/image.js';
 import { formatPercent } from '../../bitmap/dump-format.js';
 import type { BitmapInfo } from '../../bitmap/ops.js';
 import { formatSize } from '../../util/size.js';
@@ -17,7 +18,7 @@ With --json, an array of {name, export?, persistent, file, size, granularity, en
 
   static override args = { target: targetArg };
 
-  static override flags = { ...storeFlags };
+  static override flags = { ...storeFlags, 'force-share': forceShareFlag() };
 
   async run(): Promise<BitmapInfo[]> {
     const { args, flags } = await this.parse(BitmapList);
