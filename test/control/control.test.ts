@@ -101,15 +101,33 @@ describe('control socket', () => {
       await expect(c.request('later')).resolves.toBe('done');
     });
 
-    it('echoes any JSON id, and answers pipelined requests each by its id', async () => {
+    it('echoes a string or number id, and answers pipelined requests each by its id', async () => {
       const server = await startServer();
       server.register('echo', (args) => args);
       const r = await raw();
-      r.send('{"id":"a","cmd":"echo","args":{"n":1}}\n{"id":[2],"cmd":"echo","args":{"n":2}}\r\n{"cmd":"echo"}\n');
+      r.send('{"id":"a","cmd":"echo","args":{"n":1}}\n{"id":2.5,"cmd":"echo","args":{"n":2}}\r\n{"cmd":"echo"}\n');
       const replies = [await r.next(), await r.next(), await r.next()];
       expect(replies).toContainEqual({ id: 'a', ok: true, result: { n: 1 } });
-      expect(replies).toContainEqual({ id: [2], ok: true, result: { n: 2 } });
+      expect(replies).toContainEqual({ id: 2.5, ok: true, result: { n: 2 } });
       expect(replies).toContainEqual({ id: null, ok: true, result: {} });
+    });
+
+    it('never echoes an id that is not a string or a number: id null and ERR_BAD_REQUEST, the command not run', async () => {
+      const server = await startServer();
+      let runs = 0;
+      server.register('count', () => ++runs);
+      const r = await raw();
+      const deep = `${'['.repeat(3000)}${']'.repeat(3000)}`;
+      for (const id of ['[2]', '{"a":1}', 'true', deep]) {
+        r.send(`{"id":${id},"cmd":"count"}\n`);
+        expect(await r.next()).toEqual({
+          id: null,
+          ok: false,
+          error: { code: 'ERR_BAD_REQUEST', message: expect.stringMatching(/^"id" must be a string or a number, got (an array of 1|an object|true); the reply's id is null$/) },
+        });
+      }
+      r.send('{"id":1,"cmd":"count"}\n');
+      expect(await r.next()).toEqual({ id: 1, ok: true, result: 1 });
     });
 
     it('writes bigints in results as numbers', async () => {
