@@ -150,6 +150,11 @@ export class ControlServer {
     return this.connections.size;
   }
 
+  /** Each connection's load: requests waiting and in flight, unread output, whether reading is paused. */
+  clients(): Array<{ queued: number; inFlight: number; unreadBytes: number; paused: boolean }> {
+    return [...this.connections].map((c) => ({ queued: c.queue.length, inFlight: c.inFlight, unreadBytes: c.socket.writableLength, paused: c.socket.isPaused() }));
+  }
+
   /** Send `{"event": name, ...data, "time"}` to every connection subscribed to `name`. */
   publish(name: string, data: object = {}): void {
     const subscribers = [...this.connections].filter((c) => c.subscription === null || c.subscription?.has(name));
@@ -282,8 +287,7 @@ export class ControlServer {
     if (this.connections.size >= this.maxClients) {
       const error = { code: 'ERR_CONTROL_BUSY', message: `the daemon has ${this.connections.size} control connections, the limit is ${this.maxClients}; try again later` };
       this.log('warn', `control: refused a connection: ${this.connections.size} of ${this.maxClients} open`);
-      socket.end(toJsonLine({ id: null, ok: false, error } satisfies ControlReply), () => socket.destroy());
-      setTimeout(() => socket.destroy(), this.closeGraceMs).unref();
+      this.hangUp(socket, toJsonLine({ id: null, ok: false, error } satisfies ControlReply));
       return;
     }
     const connection: Connection = { socket, lines: new LineSplitter(this.maxLineBytes), subscription: undefined, queue: [], inFlight: 0 };
@@ -331,7 +335,20 @@ export class ControlServer {
       return;
     }
     const error = { code: 'ERR_INTERNAL', message: `the daemon failed to answer a request (${reason.slice(0, 200)}); closing the connection` };
-    socket.end(toJsonLine({ id: null, ok: false, error } satisfies ControlReply), () => socket.destroy());
+    this.hangUp(socket, toJsonLine({ id: null, ok: false, error } satisfies ControlReply));
+  }
+
+  /**
+   * Send a last line and close. What the client still sends is read and dropped until it closes
+   * too (or the grace period ends): closing with unread input would reset the connection, and
+   * the client could lose the line that says why.
+   */
+  private hangUp(socket: net.Socket, line: string): void {
+    socket.removeAllListeners('data');
+    socket.on('data', () => {});
+    socket.once('end', () => socket.destroy());
+    socket.end(line);
+    socket.resume();
     setTimeout(() => socket.destroy(), this.closeGraceMs).unref();
   }
 
@@ -344,8 +361,7 @@ export class ControlServer {
       code: 'ERR_LINE_TOO_LONG',
       message: `request line is longer than ${this.maxLineBytes} bytes; closing the connection`,
     };
-    socket.end(toJsonLine({ id: null, ok: false, error } satisfies ControlReply), () => socket.destroy());
-    setTimeout(() => socket.destroy(), this.closeGraceMs).unref();
+    this.hangUp(socket, toJsonLine({ id: null, ok: false, error } satisfies ControlReply));
   }
 
   private async handle(connection: Connection, line: string): Promise<void> {
