@@ -14,6 +14,7 @@ export const DEFAULT_CONTROL_LIMITS = {
   maxPendingRequests: 16,
   pauseAtUnreadBytes: 256 << 10,
   maxUnreadBytes: 4 << 20,
+  stallTimeoutMs: 30_000,
 } as const;
 
 /** What a reply may echo: a string, a finite number, or null (absent, or not echoable). */

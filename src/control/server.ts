@@ -52,6 +52,11 @@ export interface ControlServerOptions {
    * that does not read its replies stops being served instead of growing the daemon.
    */
   pauseAtUnreadBytes?: number;
+  /**
+   * How long a connection may leave pauseAtUnreadBytes of output unread before it is
+   * disconnected (default 30 s), so clients that never read cannot hold every place.
+   */
+  stallTimeoutMs?: number;
   /** where a failure inside one connection is reported (it closes only that connection) */
   log?: Logger;
 }
@@ -70,6 +75,8 @@ interface Connection {
   readonly queue: string[];
   /** requests being handled */
   inFlight: number;
+  /** running while the client leaves too much output unread */
+  stall: NodeJS.Timeout | undefined;
 }
 
 function systemCode(err: unknown): string | undefined {
@@ -86,6 +93,7 @@ export class ControlServer {
   private readonly maxClients: number;
   private readonly maxPendingRequests: number;
   private readonly pauseAtUnreadBytes: number;
+  private readonly stallTimeoutMs: number;
   private readonly log: Logger;
   private server: net.Server | undefined;
   /** the socket file's inode, so close() never removes a socket someone else bound since */
@@ -104,6 +112,7 @@ export class ControlServer {
     this.maxClients = options.maxClients ?? d.maxClients;
     this.maxPendingRequests = options.maxPendingRequests ?? d.maxPendingRequests;
     this.pauseAtUnreadBytes = options.pauseAtUnreadBytes ?? d.pauseAtUnreadBytes;
+    this.stallTimeoutMs = options.stallTimeoutMs ?? d.stallTimeoutMs;
     this.log = options.log ?? (() => {});
   }
 
@@ -290,9 +299,12 @@ export class ControlServer {
       this.hangUp(socket, toJsonLine({ id: null, ok: false, error } satisfies ControlReply));
       return;
     }
-    const connection: Connection = { socket, lines: new LineSplitter(this.maxLineBytes), subscription: undefined, queue: [], inFlight: 0 };
+    const connection: Connection = { socket, lines: new LineSplitter(this.maxLineBytes), subscription: undefined, queue: [], inFlight: 0, stall: undefined };
     this.connections.add(connection);
-    socket.on('close', () => this.connections.delete(connection));
+    socket.on('close', () => {
+      this.connections.delete(connection);
+      clearTimeout(connection.stall);
+    });
     socket.on('drain', () => this.pump(connection));
     socket.on('data', (chunk: Buffer) => {
       const { lines, tooLong } = connection.lines.push(chunk);
@@ -322,6 +334,23 @@ export class ControlServer {
     if (socket.destroyed) return;
     if (queue.length > 0) socket.pause();
     else if (socket.isPaused()) socket.resume();
+    this.watchStall(connection);
+  }
+
+  /** Disconnect a client that leaves its output unread for stallTimeoutMs. */
+  private watchStall(connection: Connection): void {
+    const { socket } = connection;
+    const stalled = socket.writableLength >= this.pauseAtUnreadBytes;
+    if (!stalled) {
+      clearTimeout(connection.stall);
+      connection.stall = undefined;
+    } else if (connection.stall === undefined) {
+      connection.stall = setTimeout(() => {
+        this.log('warn', `control: disconnecting a client that left ${socket.writableLength} bytes unread for ${this.stallTimeoutMs} ms`);
+        socket.destroy();
+      }, this.stallTimeoutMs);
+      connection.stall.unref();
+    }
   }
 
   /** Anything a request's handling threw past its own error replies: log it, say so if possible, close this connection only. */
@@ -432,6 +461,7 @@ export class ControlServer {
       return;
     }
     socket.write(line);
+    this.watchStall(connection);
   }
 
   private async shutdown(): Promise<void> {

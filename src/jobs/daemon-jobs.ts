@@ -8,19 +8,23 @@
  * 1. In a file of its own (e.g. `src/jobs/live-backup.ts`), call
  *
  *        registerJobType('backup', {
+ *          summary: 'Copy a point-in-time view of the export onto a target …',
+ *          args: LIVE_BACKUP_ARGS,   // z.strictObject({ target: arg.name().describe(…), … })
  *          start: async (ctx) => new BackupJob({ id: ctx.id, source: ctx.export.tracking, … }),
  *          load: async (ctx, saved) => …,   // optional: a job persisted by an earlier run
  *        });
  *
  *    `start` gets a JobContext: the job's id, the export (its name, image, the tracking filter
  *    every write of the export passes through, its bitmaps, and `switchFront()` / `switchImage()`
- *    to route the export through the job or onto another image), the parsed `args` of the
- *    `job-start` request, where its files go (`stateBase`), `publish()`, `onStop()`,
+ *    to route the export through the job or onto another image), the `args` of the
+ *    `job-start` request (already checked against the type's `args` schema: every field's type
+ *    is right; checks of several fields together are the type's own), where its files go (`stateBase`), `publish()`, `onStop()`,
  *    `describe()` (fields added to the job's query) and `addExport()` (serve a node read-only
  *    as one more export of the daemon's own NBD server, on its listeners). It
  *    returns the job CREATED, not started: the registry adds it to the manager (which relays its
- *    events) and starts it. Throw BlkrepError('ERR_BAD_REQUEST' | 'ERR_JOB_INVALID', …) for bad
- *    args; close what you opened before throwing.
+ *    events) and starts it. Throw badJobArg(…) or BlkrepError('ERR_JOB_INVALID', …) for args
+ *    that do not fit together; close what you opened before throwing. The schema's fields and
+ *    descriptions appear in blkrep-control(7) (run `npm run man`).
  * 2. Add `import './live-backup.js';` to `src/jobs/daemon-job-types.ts` — the one list of
  *    side-effect imports the daemon loads, so every type registers before the control socket
  *    answers.

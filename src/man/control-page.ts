@@ -22,7 +22,7 @@ export interface ControlPageInput {
   /** every verb, in the order the page lists them */
   verbs: readonly VerbSpec[];
   jobTypes: readonly JobTypeDoc[];
-  limits: { maxLineBytes: number; maxClients: number; maxPendingRequests: number; pauseAtUnreadBytes: number; maxUnreadBytes: number };
+  limits: { maxLineBytes: number; maxClients: number; maxPendingRequests: number; pauseAtUnreadBytes: number; maxUnreadBytes: number; stallTimeoutMs: number };
 }
 
 type Json = Record<string, unknown>;
@@ -151,7 +151,10 @@ export function renderControlPage(input: ControlPageInput, prose: string, date: 
     roff('Further requests wait, unread, in the socket.'),
     '.TP',
     roff(`unread replies per connection: ${size(l.pauseAtUnreadBytes)}`),
-    roff('Once this much output waits for a client that does not read it, the daemon stops reading that client\'s requests until it reads (back-pressure).'),
+    roff(
+      `Once this much output waits for a client that does not read it, the daemon stops reading that client's requests until it reads (back-pressure); ` +
+        `a client that leaves it unread for ${l.stallTimeoutMs / 1000} s is disconnected, so clients that never read cannot hold every place.`,
+    ),
     '.TP',
     roff(`unread output per connection: ${size(l.maxUnreadBytes)}`),
     roff('A connection that leaves more unread (a subscriber that stopped reading its events) is disconnected.'),

@@ -367,6 +367,22 @@ describe('control socket', () => {
       expect(handled).toBe(total);
     });
 
+    it('disconnects a client that leaves its replies unread for stallTimeoutMs, and says so in the log', async () => {
+      const logged: string[] = [];
+      const server = await ControlServer.listen(path, { pauseAtUnreadBytes: 16 << 10, stallTimeoutMs: 200, log: (level, message) => logged.push(`${level}: ${message}`) });
+      cleanups.push(() => server.close());
+      server.register('big', () => 'z'.repeat(4096));
+      const r = await raw();
+      r.socket.pause();
+      r.send('{"id":1,"cmd":"big"}\n'.repeat(2000));
+      await waitFor(() => server.clientCount === 0, 'the stalled client to be disconnected');
+      expect(logged).toEqual([expect.stringMatching(/^warn: control: disconnecting a client that left \d+ bytes unread for 200 ms$/)]);
+      // one that reads is not disconnected
+      const c = await client();
+      server.register('ping', () => 'pong');
+      await expect(c.request('ping')).resolves.toBe('pong');
+    });
+
     it('refuses a connection over maxClients with ERR_CONTROL_BUSY; a place freed is taken again', async () => {
       const server = await ControlServer.listen(path, { maxClients: 2 });
       cleanups.push(() => server.close());
