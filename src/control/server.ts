@@ -16,9 +16,9 @@ import {
   DEFAULT_CONTROL_LIMITS,
   LineSplitter,
   MAX_REQUEST_LINE_BYTES,
-  parseEnvelope,
   toJsonLine,
 } from './protocol.js';
+import { parseEnvelope } from './envelope.js';
 import { arg, type ControlVerb, parseVerbArgs, verb, type VerbSpec } from './verb.js';
 
 export type ControlHandler = (args: unknown) => Promise<unknown> | unknown;
