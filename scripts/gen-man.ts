@@ -7,6 +7,13 @@ import { readdir, readFile, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { describeCommand, renderCommandPage, renderIndexPage, type CommandDef } from '../src/man/render.js';
+import { renderControlPage } from '../src/man/control-page.js';
+import { BITMAP_VERB_SPECS } from '../src/bitmap/control-verbs.js';
+import { DEFAULT_CONTROL_LIMITS, MAX_REQUEST_LINE_BYTES } from '../src/control/protocol.js';
+import { SUBSCRIBE_VERB } from '../src/control/server.js';
+import '../src/jobs/daemon-job-types.js';
+import { JOB_VERB_SPECS, jobTypeSpec, jobTypes } from '../src/jobs/daemon-jobs.js';
+import { DAEMON_VERB_SPECS } from '../src/serve/daemon-verbs.js';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 /** the repository root, whether run from dist/scripts or scripts */
@@ -50,7 +57,17 @@ export async function renderAll(): Promise<Map<string, string>> {
     const page = `blkrep-${c.id.replace(/ /g, '-')}`;
     pages.set(`${page}.1`, renderCommandPage(c, await readProse(page), MAN_DATE));
   }
+  pages.set('blkrep-control.7', renderControlPage(controlPageInput(), await readProse('blkrep-control'), MAN_DATE));
   return pages;
+}
+
+/** Every verb of the serve-nbd daemon's control socket, and its job types, as the tables define them. */
+export function controlPageInput(): Parameters<typeof renderControlPage>[0] {
+  return {
+    verbs: [SUBSCRIBE_VERB, ...Object.values(DAEMON_VERB_SPECS), ...Object.values(BITMAP_VERB_SPECS), ...Object.values(JOB_VERB_SPECS)],
+    jobTypes: jobTypes().map((type) => ({ type, ...jobTypeSpec(type)! })),
+    limits: { maxLineBytes: MAX_REQUEST_LINE_BYTES, ...DEFAULT_CONTROL_LIMITS },
+  };
 }
 
 async function main(): Promise<void> {

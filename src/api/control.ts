@@ -7,7 +7,16 @@
 /** Handles one verb: takes the request's `args` (unchecked JSON), returns the reply's result. */
 export type ControlHandler = (args: unknown) => Promise<unknown> | unknown;
 
+/** A verb with its argument schema and handler, as src/control/verb.ts builds it (verb()). */
+export interface ControlVerbLike {
+  readonly name: string;
+}
+
 export interface ControlVerbRegistry {
-  /** Offer `verb`; registering a verb twice is an error. */
-  register(verb: string, handler: ControlHandler): void;
+  /**
+   * Offer a verb: one built by verb() (its arguments checked against its schema before the
+   * handler runs), or a name and a handler taking the arguments as they came. Registering a
+   * verb twice is an error.
+   */
+  register(verb: ControlVerbLike | string, handler?: ControlHandler): void;
 }

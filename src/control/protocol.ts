@@ -6,9 +6,21 @@
 /** A request line the server accepts. 1 MiB per line at most. */
 export const MAX_REQUEST_LINE_BYTES = 1 << 20;
 
+/** The server's caps per control connection and on their number (ControlServerOptions). */
+export const DEFAULT_CONTROL_LIMITS = {
+  maxClients: 64,
+  maxPendingRequests: 16,
+  pauseAtUnreadBytes: 256 << 10,
+  maxUnreadBytes: 4 << 20,
+  stallTimeoutMs: 30_000,
+} as const;
+
+/** What a reply may echo: a string, a finite number, or null (absent, or not echoable). */
+export type ControlRequestId = string | number | null;
+
 export interface ControlRequest {
-  /** any JSON value; echoed in the reply (null when absent) */
-  id?: unknown;
+  /** a string or a number, echoed in the reply (null when absent) */
+  id?: ControlRequestId;
   cmd: string;
   args?: Record<string, unknown>;
 }

@@ -6,17 +6,32 @@
 import { chmod, lstat, unlink } from 'node:fs/promises';
 import net from 'node:net';
 import { resolve as resolvePath } from 'node:path';
+import { z } from 'zod';
 import { BlkrepError, toBlkrepError } from '../api/errors.js';
+import type { Logger } from '../nbd/server.js';
 import {
   type ControlErrorBody,
   type ControlReply,
-  isJsonObject,
+  type ControlRequestId,
+  DEFAULT_CONTROL_LIMITS,
   LineSplitter,
   MAX_REQUEST_LINE_BYTES,
   toJsonLine,
 } from './protocol.js';
+import { parseEnvelope } from './envelope.js';
+import { arg, type ControlVerb, parseVerbArgs, verb, type VerbSpec } from './verb.js';
 
 export type ControlHandler = (args: unknown) => Promise<unknown> | unknown;
+
+/** The built-in verb: choose the events this connection receives. */
+export const SUBSCRIBE_VERB = {
+  name: 'subscribe',
+  summary: 'Receive events on this connection: the ones named, or all of them. Subscribing again replaces the selection.',
+  args: z.object({
+    events: z.array(arg.string(), { error: 'must be an array of event names' }).nullish().describe('event names; absent or null: every event'),
+  }),
+  result: '{events}: the names subscribed to, or "all"',
+} satisfies VerbSpec;
 
 export interface ControlServerOptions {
   /** longest request line accepted (default 1 MiB); a longer one closes its connection */
@@ -28,6 +43,22 @@ export interface ControlServerOptions {
   maxUnreadBytes?: number;
   /** on close(), how long a connection gets to take its last lines before it is cut (default 1 s) */
   closeGraceMs?: number;
+  /** control connections at once (default 64); one more is told ERR_CONTROL_BUSY and closed */
+  maxClients?: number;
+  /** requests of one connection handled at once (default 16); the rest wait unread in the socket */
+  maxPendingRequests?: number;
+  /**
+   * Unread output at which a connection's requests stop being read (default 256 KiB): a client
+   * that does not read its replies stops being served instead of growing the daemon.
+   */
+  pauseAtUnreadBytes?: number;
+  /**
+   * How long a connection may leave pauseAtUnreadBytes of output unread before it is
+   * disconnected (default 30 s), so clients that never read cannot hold every place.
+   */
+  stallTimeoutMs?: number;
+  /** where a failure inside one connection is reported (it closes only that connection) */
+  log?: Logger;
 }
 
 /** sun_path holds 108 bytes on Linux and 104 on the BSDs and macOS, the final NUL included. */
@@ -40,6 +71,12 @@ interface Connection {
   readonly lines: LineSplitter;
   /** undefined: not subscribed; null: every event; a set: those events */
   subscription: Set<string> | null | undefined;
+  /** request lines read and not handled yet (at most one chunk's worth: reading pauses) */
+  readonly queue: string[];
+  /** requests being handled */
+  inFlight: number;
+  /** running while the client leaves too much output unread */
+  stall: NodeJS.Timeout | undefined;
 }
 
 function systemCode(err: unknown): string | undefined {
@@ -47,16 +84,17 @@ function systemCode(err: unknown): string | undefined {
   return typeof code === 'string' ? code : undefined;
 }
 
-function badRequest(message: string): ControlErrorBody {
-  return { code: 'ERR_BAD_REQUEST', message };
-}
-
 export class ControlServer {
-  private readonly handlers = new Map<string, ControlHandler>();
+  private readonly verbs = new Map<string, ControlVerb>();
   private readonly connections = new Set<Connection>();
   private readonly maxLineBytes: number;
   private readonly maxUnreadBytes: number;
   private readonly closeGraceMs: number;
+  private readonly maxClients: number;
+  private readonly maxPendingRequests: number;
+  private readonly pauseAtUnreadBytes: number;
+  private readonly stallTimeoutMs: number;
+  private readonly log: Logger;
   private server: net.Server | undefined;
   /** the socket file's inode, so close() never removes a socket someone else bound since */
   private inode: bigint | undefined;
@@ -67,9 +105,15 @@ export class ControlServer {
     readonly path: string,
     options: ControlServerOptions,
   ) {
+    const d = DEFAULT_CONTROL_LIMITS;
     this.maxLineBytes = options.maxLineBytes ?? MAX_REQUEST_LINE_BYTES;
-    this.maxUnreadBytes = options.maxUnreadBytes ?? 16 << 20;
+    this.maxUnreadBytes = options.maxUnreadBytes ?? d.maxUnreadBytes;
     this.closeGraceMs = options.closeGraceMs ?? 1000;
+    this.maxClients = options.maxClients ?? d.maxClients;
+    this.maxPendingRequests = options.maxPendingRequests ?? d.maxPendingRequests;
+    this.pauseAtUnreadBytes = options.pauseAtUnreadBytes ?? d.pauseAtUnreadBytes;
+    this.stallTimeoutMs = options.stallTimeoutMs ?? d.stallTimeoutMs;
+    this.log = options.log ?? (() => {});
   }
 
   /**
@@ -92,17 +136,32 @@ export class ControlServer {
     return server;
   }
 
-  /** Make `cmd` answerable. Names are unique; `subscribe` is built in. */
-  register(cmd: string, handler: ControlHandler): void {
-    if (BUILTIN_COMMANDS.includes(cmd) || this.handlers.has(cmd)) {
-      throw new BlkrepError('ERR_INTERNAL', `control command "${cmd}" is registered twice`);
+  /**
+   * Make a verb answerable: its arguments are checked against its schema before the handler
+   * runs. `register(name, handler)` registers a verb without a schema (any object of
+   * arguments, passed as it came). Names are unique; `subscribe` is built in.
+   */
+  register(verbOrName: ControlVerb | string, handler?: ControlHandler): void {
+    const v = typeof verbOrName === 'string' ? untypedVerb(verbOrName, handler ?? (() => null)) : verbOrName;
+    if (BUILTIN_COMMANDS.includes(v.name) || this.verbs.has(v.name)) {
+      throw new BlkrepError('ERR_INTERNAL', `control command "${v.name}" is registered twice`);
     }
-    this.handlers.set(cmd, handler);
+    this.verbs.set(v.name, v);
   }
 
   /** Every command a client may send, sorted. */
   commands(): string[] {
-    return [...this.handlers.keys(), ...BUILTIN_COMMANDS].sort();
+    return [...this.verbs.keys(), ...BUILTIN_COMMANDS].sort();
+  }
+
+  /** How many control connections are open. */
+  get clientCount(): number {
+    return this.connections.size;
+  }
+
+  /** Each connection's load: requests waiting and in flight, unread output, whether reading is paused. */
+  clients(): Array<{ queued: number; inFlight: number; unreadBytes: number; paused: boolean }> {
+    return [...this.connections].map((c) => ({ queued: c.queue.length, inFlight: c.inFlight, unreadBytes: c.socket.writableLength, paused: c.socket.isPaused() }));
   }
 
   /** Send `{"event": name, ...data, "time"}` to every connection subscribed to `name`. */
@@ -233,67 +292,137 @@ export class ControlServer {
       socket.destroy();
       return;
     }
-    const connection: Connection = { socket, lines: new LineSplitter(this.maxLineBytes), subscription: undefined };
-    this.connections.add(connection);
-    socket.on('close', () => this.connections.delete(connection));
     socket.on('error', () => {}); // a client that vanishes (EPIPE, ECONNRESET) just goes away
+    if (this.connections.size >= this.maxClients) {
+      const error = { code: 'ERR_CONTROL_BUSY', message: `the daemon has ${this.connections.size} control connections, the limit is ${this.maxClients}; try again later` };
+      this.log('warn', `control: refused a connection: ${this.connections.size} of ${this.maxClients} open`);
+      this.hangUp(socket, toJsonLine({ id: null, ok: false, error } satisfies ControlReply));
+      return;
+    }
+    const connection: Connection = { socket, lines: new LineSplitter(this.maxLineBytes), subscription: undefined, queue: [], inFlight: 0, stall: undefined };
+    this.connections.add(connection);
+    socket.on('close', () => {
+      this.connections.delete(connection);
+      clearTimeout(connection.stall);
+    });
+    socket.on('drain', () => this.pump(connection));
     socket.on('data', (chunk: Buffer) => {
       const { lines, tooLong } = connection.lines.push(chunk);
-      for (const line of lines) void this.handle(connection, line);
+      for (const line of lines) if (line.trim() !== '') connection.queue.push(line);
+      this.pump(connection);
       if (tooLong) this.reject(connection);
     });
+  }
+
+  /**
+   * Handle queued requests while the connection has room: fewer than maxPendingRequests in
+   * flight and less than pauseAtUnreadBytes of output it has not read. Otherwise stop reading
+   * its socket until a request finishes or its output drains.
+   */
+  private pump(connection: Connection): void {
+    const { socket, queue } = connection;
+    while (queue.length > 0 && connection.inFlight < this.maxPendingRequests && socket.writableLength < this.pauseAtUnreadBytes && !socket.destroyed) {
+      const line = queue.shift()!;
+      connection.inFlight++;
+      this.handle(connection, line)
+        .catch((err: unknown) => this.fail(connection, err))
+        .finally(() => {
+          connection.inFlight--;
+          this.pump(connection);
+        });
+    }
+    if (socket.destroyed) return;
+    if (queue.length > 0) socket.pause();
+    else if (socket.isPaused()) socket.resume();
+    this.watchStall(connection);
+  }
+
+  /** Disconnect a client that leaves its output unread for stallTimeoutMs. */
+  private watchStall(connection: Connection): void {
+    const { socket } = connection;
+    const stalled = socket.writableLength >= this.pauseAtUnreadBytes;
+    if (!stalled) {
+      clearTimeout(connection.stall);
+      connection.stall = undefined;
+    } else if (connection.stall === undefined) {
+      connection.stall = setTimeout(() => {
+        this.log('warn', `control: disconnecting a client that left ${socket.writableLength} bytes unread for ${this.stallTimeoutMs} ms`);
+        socket.destroy();
+      }, this.stallTimeoutMs);
+      connection.stall.unref();
+    }
+  }
+
+  /** Anything a request's handling threw past its own error replies: log it, say so if possible, close this connection only. */
+  private fail(connection: Connection, err: unknown): void {
+    const reason = err instanceof Error ? `${err.name}: ${err.message}` : String(err);
+    this.log('warn', `control: closing a connection after an internal error: ${reason}`);
+    const { socket } = connection;
+    connection.queue.length = 0;
+    if (!socket.writable) {
+      socket.destroy();
+      return;
+    }
+    const error = { code: 'ERR_INTERNAL', message: `the daemon failed to answer a request (${reason.slice(0, 200)}); closing the connection` };
+    this.hangUp(socket, toJsonLine({ id: null, ok: false, error } satisfies ControlReply));
+  }
+
+  /**
+   * Send a last line and close. What the client still sends is read and dropped until it closes
+   * too (or the grace period ends): closing with unread input would reset the connection, and
+   * the client could lose the line that says why.
+   */
+  private hangUp(socket: net.Socket, line: string): void {
+    socket.removeAllListeners('data');
+    socket.on('data', () => {});
+    socket.once('end', () => socket.destroy());
+    socket.end(line);
+    socket.resume();
+    setTimeout(() => socket.destroy(), this.closeGraceMs).unref();
   }
 
   /** A line too long: say so and hang up, since where the next request starts is unknown. */
   private reject(connection: Connection): void {
     const { socket } = connection;
+    connection.queue.length = 0;
     if (!socket.writable) return;
     const error = {
       code: 'ERR_LINE_TOO_LONG',
       message: `request line is longer than ${this.maxLineBytes} bytes; closing the connection`,
     };
-    socket.end(toJsonLine({ id: null, ok: false, error } satisfies ControlReply), () => socket.destroy());
+    this.hangUp(socket, toJsonLine({ id: null, ok: false, error } satisfies ControlReply));
   }
 
   private async handle(connection: Connection, line: string): Promise<void> {
-    if (line.trim() === '') return;
-    let request: unknown;
-    try {
-      request = JSON.parse(line);
-    } catch (err) {
-      this.reply(connection, null, badRequest(`request is not valid JSON (${(err as Error).message})`));
+    const envelope = parseEnvelope(line);
+    if (!envelope.ok) {
+      this.reply(connection, envelope.id, envelope.error);
       return;
     }
-    if (!isJsonObject(request)) {
-      this.reply(connection, null, badRequest('request must be a JSON object: {"id": …, "cmd": "…", "args": {…}}'));
-      return;
-    }
-    const id = request.id ?? null;
-    const { cmd } = request;
-    if (typeof cmd !== 'string' || cmd === '') {
-      this.reply(connection, id, badRequest('request has no "cmd" (a command name string)'));
-      return;
-    }
-    const args = request.args ?? {};
-    if (!isJsonObject(args)) {
-      this.reply(connection, id, badRequest(`"args" of command "${cmd}" must be an object`));
-      return;
-    }
+    const { id, cmd, args: rawArgs } = envelope;
     if (cmd === 'subscribe') {
-      this.subscribe(connection, id, args);
+      let args;
+      try {
+        args = parseVerbArgs('subscribe', SUBSCRIBE_VERB.args, rawArgs);
+      } catch (err) {
+        const e = toBlkrepError(err, 'subscribe failed');
+        this.reply(connection, id, { code: e.code, message: e.message });
+        return;
+      }
+      this.subscribe(connection, id, args.events ?? null);
       return;
     }
-    const handler = this.handlers.get(cmd);
-    if (!handler) {
+    const v = this.verbs.get(cmd);
+    if (!v) {
       this.reply(connection, id, {
         code: 'ERR_UNKNOWN_COMMAND',
-        message: `unknown command "${cmd}"; known commands: ${this.commands().join(', ')}`,
+        message: `unknown command "${cmd.length > 64 ? `${cmd.slice(0, 64)}…` : cmd}"; known commands: ${this.commands().join(', ')}`,
       });
       return;
     }
     let result: unknown;
     try {
-      result = await handler(args);
+      result = await v.handler(parseVerbArgs(cmd, v.args, rawArgs));
     } catch (err) {
       const e = toBlkrepError(err, `command "${cmd}" failed`);
       this.reply(connection, id, { code: e.code, message: e.message });
@@ -312,23 +441,14 @@ export class ControlServer {
     this.send(connection, reply);
   }
 
-  private subscribe(connection: Connection, id: unknown, args: Record<string, unknown>): void {
-    const { events } = args;
-    if (events === undefined || events === null) {
-      connection.subscription = null;
-      this.send(connection, toJsonLine({ id, ok: true, result: { events: 'all' } } satisfies ControlReply));
-      return;
-    }
-    if (!Array.isArray(events) || !events.every((e): e is string => typeof e === 'string')) {
-      this.reply(connection, id, badRequest('"events" of command "subscribe" must be an array of event names'));
-      return;
-    }
-    connection.subscription = new Set(events);
-    this.send(connection, toJsonLine({ id, ok: true, result: { events: [...connection.subscription] } } satisfies ControlReply));
+  private subscribe(connection: Connection, id: ControlRequestId, events: string[] | null): void {
+    connection.subscription = events === null ? null : new Set(events);
+    const result = { events: events === null ? 'all' : [...connection.subscription!] };
+    this.send(connection, toJsonLine({ id, ok: true, result } satisfies ControlReply));
   }
 
-  private reply(connection: Connection, id: unknown, error: ControlErrorBody): void {
-    // The id came from JSON, so it can be written back as JSON.
+  private reply(connection: Connection, id: ControlRequestId, error: ControlErrorBody): void {
+    // The id is a string, a finite number or null (parseEnvelope), so it can be written back.
     this.send(connection, toJsonLine({ id, ok: false, error } satisfies ControlReply));
   }
 
@@ -341,6 +461,7 @@ export class ControlServer {
       return;
     }
     socket.write(line);
+    this.watchStall(connection);
   }
 
   private async shutdown(): Promise<void> {
@@ -365,6 +486,11 @@ export class ControlServer {
       if (systemCode(err) !== 'ENOENT') throw toBlkrepError(err, `cannot remove control socket ${this.path}`);
     }
   }
+}
+
+/** A verb registered by name only: any object of arguments, passed on as it came. */
+function untypedVerb(name: string, handler: ControlHandler): ControlVerb {
+  return verb({ name, summary: '', args: z.looseObject({}), result: '' }, handler);
 }
 
 /** Does a server answer on this socket? Only a refused or vanished socket counts as "no". */

@@ -26,8 +26,10 @@ import { openImage, type ImageFormat } from '../block/open.js';
 import { DirtyBitmap } from '../bitmap/dirty-bitmap.js';
 import { ERROR_POLICIES, type ErrorPolicy } from './job.js';
 import { BACKUP_BITMAP_MODES, BACKUP_SYNC_MODES, BackupJob, CBW_ERROR_POLICIES, type BackupBitmapMode, type BackupSync, type CbwErrorPolicy } from './backup.js';
-import { badJobArg, jobArgReaders, registerJobType, type JobContext, type JobServedExport } from './daemon-jobs.js';
+import { badJobArg, definedFields, registerJobType, type JobContext, type JobServedExport } from './daemon-jobs.js';
 import { serveSnapshot, type FleecingServer } from './fleecing.js';
+import { arg, parseVerbArgs } from '../control/verb.js';
+import { z } from 'zod';
 
 /** What job-start {type: "backup"} takes besides type, export and id. */
 export interface LiveBackupOptions {
@@ -54,38 +56,34 @@ export interface LiveBackupOptions {
 
 const bad = badJobArg;
 
-/** job-start's args → options, every field checked. */
+/** job-start's args of a backup (an unknown field is refused). */
+export const LIVE_BACKUP_ARGS = z.strictObject({
+  target: arg.name().describe('an image path or NBD URI to back up onto'),
+  targetFormat: arg.oneOf(['raw', 'qcow2']).optional().describe('the format of a target path (default: probed)'),
+  sync: arg.oneOf(BACKUP_SYNC_MODES).optional().describe('what to copy (default full); incremental: the dirty bits of "bitmap"'),
+  bitmap: arg.name().optional().describe('a bitmap of the export, with sync incremental or full'),
+  bitmapMode: arg.oneOf(BACKUP_BITMAP_MODES).optional().describe('when the export bitmap is cleared'),
+  granularity: arg.number().optional().describe('bytes per bit of the copy bitmap'),
+  bufSize: arg.number().optional().describe('bytes of copy buffers'),
+  maxOps: arg.number().optional().describe('copy operations in flight'),
+  speed: arg.number().optional().describe('bytes per second, 0 = unlimited'),
+  targetIsZero: arg.bool().optional().describe('the target reads as zeros: skip zero ranges'),
+  onSourceError: arg.oneOf(ERROR_POLICIES).optional().describe('what a read error of the source does'),
+  onTargetError: arg.oneOf(ERROR_POLICIES).optional().describe('what a write error of the target does'),
+  onCbwError: arg.oneOf(CBW_ERROR_POLICIES).optional().describe('what a failed copy-before-write does'),
+  connections: arg.number().optional().describe('connections to an NBD target (multi-conn)'),
+  fleecingExport: arg.name().optional().describe('also serve the point-in-time view read-only under this export name'),
+  fleecingSocket: arg.name().optional().describe('serve the fleecing export on this Unix socket of its own'),
+});
+
+/** job-start's args → options: the schema, then what the fields mean together. */
 export function parseLiveBackupArgs(args: Record<string, unknown>): LiveBackupOptions {
-  const known = new Set([
-    'target', 'targetFormat', 'sync', 'bitmap', 'bitmapMode', 'granularity', 'bufSize', 'maxOps', 'speed', 'targetIsZero',
-    'onSourceError', 'onTargetError', 'onCbwError', 'connections', 'fleecingExport', 'fleecingSocket',
-  ]);
-  for (const k of Object.keys(args)) if (!known.has(k)) throw bad(`job type backup takes no "${k}" (it takes ${[...known].join(', ')})`);
-  const { str, num, bool, oneOf } = jobArgReaders(args);
-  const target = str('target');
-  if (!target) throw bad('"target" (an image path or NBD URI to back up onto) is required');
-  const sync = oneOf('sync', BACKUP_SYNC_MODES) ?? 'full';
-  const bitmap = str('bitmap');
+  const a = parseVerbArgs('job-start', LIVE_BACKUP_ARGS, args, 'job type backup');
+  const sync = a.sync ?? 'full';
+  const { bitmap } = a;
   if (sync === 'incremental' && !bitmap) throw bad('sync incremental needs "bitmap": the name of a bitmap of the export');
   if (bitmap && sync !== 'incremental' && sync !== 'full') throw bad(`"bitmap" is used with sync incremental or full, not ${sync}`);
-  const o: LiveBackupOptions = { target, sync };
-  const set = <K extends keyof LiveBackupOptions>(k: K, v: LiveBackupOptions[K] | undefined): void => {
-    if (v !== undefined) o[k] = v;
-  };
-  set('targetFormat', oneOf('targetFormat', ['raw', 'qcow2'] as const));
-  set('bitmap', bitmap);
-  set('bitmapMode', oneOf('bitmapMode', BACKUP_BITMAP_MODES));
-  set('granularity', num('granularity'));
-  set('bufSize', num('bufSize'));
-  set('maxOps', num('maxOps'));
-  set('speed', num('speed'));
-  set('targetIsZero', bool('targetIsZero'));
-  set('onSourceError', oneOf('onSourceError', ERROR_POLICIES));
-  set('onTargetError', oneOf('onTargetError', ERROR_POLICIES));
-  set('onCbwError', oneOf('onCbwError', CBW_ERROR_POLICIES));
-  set('connections', num('connections'));
-  set('fleecingExport', str('fleecingExport'));
-  set('fleecingSocket', str('fleecingSocket'));
+  const o: LiveBackupOptions = { ...definedFields(a), sync };
   if (o.fleecingSocket && !o.fleecingExport) throw bad('"fleecingSocket" needs "fleecingExport": the name to serve the snapshot under');
   return o;
 }
@@ -171,5 +169,7 @@ async function createLiveBackup(ctx: JobContext, o: LiveBackupOptions): Promise<
 }
 
 registerJobType('backup', {
+  summary: "Copy a point-in-time view of the export onto a target (copy-before-write), while it is written to.",
+  args: LIVE_BACKUP_ARGS,
   start: async (ctx) => createLiveBackup(ctx, parseLiveBackupArgs(ctx.args)),
 });

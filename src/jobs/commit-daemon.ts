@@ -35,9 +35,11 @@ import { openImage, type ImageFormat } from '../block/open.js';
 import { Qcow2Node } from '../block/qcow2/node.js';
 import { sameImage } from '../image/chain.js';
 import { ActiveCommitJob, CommitJob } from './commit.js';
-import { badJobArg, jobArgReaders, registerJobType, type JobContext } from './daemon-jobs.js';
+import { definedFields, registerJobType, type JobContext } from './daemon-jobs.js';
 import { ERROR_POLICIES, type ErrorPolicy } from './job.js';
 import { COPY_MODES, type CopyMode } from './mirror.js';
+import { arg, parseVerbArgs } from '../control/verb.js';
+import { z } from 'zod';
 
 export interface LiveCommitOptions {
   /** a layer below the export's image: an intermediate commit of it (and the layers down to above the base) */
@@ -55,31 +57,25 @@ export interface LiveCommitOptions {
   onTargetError?: ErrorPolicy;
 }
 
-const bad = badJobArg;
 
-/** job-start's args → options, every field checked. */
+/** job-start's args of a commit (an unknown field is refused). */
+export const LIVE_COMMIT_ARGS = z.strictObject({
+  top: arg.name().optional().describe('the layer to commit from (default: the overlay: an active commit)'),
+  base: arg.name().optional().describe('the layer to commit into (default: the bottom of the chain)'),
+  keep: arg.bool().optional().describe('keep the emptied layers in the chain'),
+  speed: arg.number().optional().describe('bytes per second, 0 = unlimited'),
+  bufSize: arg.number().optional().describe('bytes of copy buffers'),
+  maxOps: arg.number().optional().describe('copy operations in flight'),
+  granularity: arg.number().optional().describe('bytes per dirty bit'),
+  copyMode: arg.oneOf(COPY_MODES).optional().describe('background, write-blocking or auto (active commit)'),
+  maxLagMs: arg.number().optional().describe('with copyMode auto: the lag at which writes block'),
+  onSourceError: arg.oneOf(ERROR_POLICIES).optional().describe('what a read error does'),
+  onTargetError: arg.oneOf(ERROR_POLICIES).optional().describe('what a write error of the base does'),
+});
+
+/** job-start's args → options, every field checked by the schema. */
 export function parseLiveCommitArgs(args: Record<string, unknown>): LiveCommitOptions {
-  const known = new Set(['top', 'base', 'keep', 'speed', 'bufSize', 'maxOps', 'granularity', 'copyMode', 'maxLagMs', 'onSourceError', 'onTargetError']);
-  for (const k of Object.keys(args)) if (!known.has(k)) throw bad(`"${k}" is not an argument of a commit job (it takes ${[...known].join(', ')})`);
-  const o: LiveCommitOptions = {};
-  const { str, num, bool, oneOf } = jobArgReaders(args);
-  const keep = bool('keep');
-  if (keep !== undefined) o.keep = keep;
-  const top = str('top');
-  if (top !== undefined) o.top = top;
-  const base = str('base');
-  if (base !== undefined) o.base = base;
-  for (const k of ['speed', 'bufSize', 'maxOps', 'granularity', 'maxLagMs'] as const) {
-    const v = num(k);
-    if (v !== undefined) o[k] = v;
-  }
-  const copyMode = oneOf('copyMode', COPY_MODES);
-  if (copyMode) o.copyMode = copyMode;
-  const se = oneOf('onSourceError', ERROR_POLICIES);
-  if (se) o.onSourceError = se;
-  const te = oneOf('onTargetError', ERROR_POLICIES);
-  if (te) o.onTargetError = te;
-  return o;
+  return definedFields(parseVerbArgs('job-start', LIVE_COMMIT_ARGS, args, 'job type commit'));
 }
 
 /** The export's chain: the overlay first, each node's backing after it. */
@@ -221,5 +217,7 @@ async function createLiveCommit(ctx: JobContext, o: LiveCommitOptions): Promise<
 }
 
 registerJobType('commit', {
+  summary: "Commit layers of the export's qcow2 chain into a layer below, while it is written to.",
+  args: LIVE_COMMIT_ARGS,
   start: async (ctx) => createLiveCommit(ctx, parseLiveCommitArgs(ctx.args)),
 });

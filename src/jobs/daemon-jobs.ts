@@ -8,19 +8,23 @@
  * 1. In a file of its own (e.g. `src/jobs/live-backup.ts`), call
  *
  *        registerJobType('backup', {
+ *          summary: 'Copy a point-in-time view of the export onto a target …',
+ *          args: LIVE_BACKUP_ARGS,   // z.strictObject({ target: arg.name().describe(…), … })
  *          start: async (ctx) => new BackupJob({ id: ctx.id, source: ctx.export.tracking, … }),
  *          load: async (ctx, saved) => …,   // optional: a job persisted by an earlier run
  *        });
  *
  *    `start` gets a JobContext: the job's id, the export (its name, image, the tracking filter
  *    every write of the export passes through, its bitmaps, and `switchFront()` / `switchImage()`
- *    to route the export through the job or onto another image), the parsed `args` of the
- *    `job-start` request, where its files go (`stateBase`), `publish()`, `onStop()`,
+ *    to route the export through the job or onto another image), the `args` of the
+ *    `job-start` request (already checked against the type's `args` schema: every field's type
+ *    is right; checks of several fields together are the type's own), where its files go (`stateBase`), `publish()`, `onStop()`,
  *    `describe()` (fields added to the job's query) and `addExport()` (serve a node read-only
  *    as one more export of the daemon's own NBD server, on its listeners). It
  *    returns the job CREATED, not started: the registry adds it to the manager (which relays its
- *    events) and starts it. Throw BlkrepError('ERR_BAD_REQUEST' | 'ERR_JOB_INVALID', …) for bad
- *    args; close what you opened before throwing.
+ *    events) and starts it. Throw badJobArg(…) or BlkrepError('ERR_JOB_INVALID', …) for args
+ *    that do not fit together; close what you opened before throwing. The schema's fields and
+ *    descriptions appear in blkrep-control(7) (run `npm run man`).
  * 2. Add `import './live-backup.js';` to `src/jobs/daemon-job-types.ts` — the one list of
  *    side-effect imports the daemon loads, so every type registers before the control socket
  *    answers.
@@ -38,6 +42,7 @@
  */
 import { readdir, readFile, rename, rm } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
+import { z } from 'zod';
 import { checkExportName, checkJobId } from '../util/names.js';
 import { replaceFile } from '../util/safe-file.js';
 import { BlkrepError, toBlkrepError } from '../api/errors.js';
@@ -45,6 +50,7 @@ import type { BlockNode } from '../api/block.js';
 import type { ExportBitmaps } from '../bitmap/export-bitmaps.js';
 import type { DirtyTrackingNode } from '../block/filters/tracking.js';
 import type { ControlVerbRegistry as ControlServer } from '../api/control.js';
+import { arg, NO_ARGS, parseVerbArgs, verb, type VerbSpec } from '../control/verb.js';
 import type { Logger } from '../nbd/server.js';
 import { Job, JobManager, type JobEvent, type JobInfo } from './job.js';
 
@@ -129,6 +135,13 @@ export interface SavedJobState {
 }
 
 export interface JobType {
+  /** one line for blkrep-control(7): what a job of this type does */
+  summary: string;
+  /**
+   * The schema of job-start's args for this type (less type, export and id): checked before
+   * start() runs, which gets them parsed in `ctx.args`. A strict object refuses unknown fields.
+   */
+  args: z.ZodObject;
   /** A new job from a job-start request: created, not started. */
   start(ctx: JobContext): Promise<Job>;
   /** A job persisted by an earlier run of the daemon: created, with a pause asked for. */
@@ -146,6 +159,11 @@ export function registerJobType(type: string, jobType: JobType): void {
 
 export function jobTypes(): string[] {
   return [...registry.keys()].sort();
+}
+
+/** A registered type's summary and argument schema (for blkrep-control(7)). */
+export function jobTypeSpec(type: string): Pick<JobType, 'summary' | 'args'> | undefined {
+  return registry.get(type);
 }
 
 // ------------------------------------------------------------------------------- state files
@@ -209,15 +227,71 @@ function badRequest(message: string): BlkrepError {
   return new BlkrepError('ERR_BAD_REQUEST', message, { errno: 'EINVAL' });
 }
 
-function argsObject(args: unknown): Record<string, unknown> {
-  return (args && typeof args === 'object' ? args : {}) as Record<string, unknown>;
-}
+// ------------------------------------------------------------------------------ the job verbs
 
-function idArg(args: Record<string, unknown>): string {
-  const id = args.id;
-  if (typeof id !== 'string' || id === '') throw badRequest('"id" (the job id, a string) is required');
-  return id;
-}
+const idArg = arg.name().describe('the job id, a string');
+const byId = z.object({ id: idArg });
+const QUERY = "the job's query";
+const NOT_FOUND = ['ERR_JOB_NOT_FOUND'] as const;
+const ID_AND_STATE = ['ERR_JOB_NOT_FOUND', 'ERR_JOB_STATE'] as const;
+const STATUS_EVENTS = ['job-status-change'] as const;
+
+/** The job verbs without their handlers: what blkrep-control(7) documents. */
+export const JOB_VERB_SPECS = {
+  'job-start': {
+    name: 'job-start',
+    summary: 'Start a job on an export. The other fields are the arguments of the job type (below).',
+    args: z.looseObject({
+      type: z.string({ error: 'must be a job type name' }).describe('the job type: mirror, backup, commit'),
+      export: arg.string().optional().describe('the export; may be left out when the daemon serves one'),
+      id: arg.name().optional().describe('the job id (default: the type and a number)'),
+    }),
+    result: QUERY,
+    events: ['job-status-change', 'job-ready', 'job-copy-mode', 'job-error', 'job-completed', 'job-cancelled'],
+    errors: ['ERR_JOB_INVALID', 'ERR_NO_EXPORT', 'ERR_JOB_EXISTS', 'ERR_EXPORT_BUSY', 'ERR_SHUTTING_DOWN', 'ERR_SIZE_MISMATCH'],
+  },
+  'job-list': {
+    name: 'job-list',
+    summary: 'The query of every job not concluded, of one export or of all.',
+    args: z.object({ export: arg.string().optional().describe('only the jobs of this export') }),
+    result: 'the queries, one per job',
+  },
+  'job-types': { name: 'job-types', summary: 'The job types job-start knows.', args: NO_ARGS, result: 'the type names, e.g. ["backup", "commit", "mirror"]' },
+  'job-query': { name: 'job-query', summary: 'One job, also one concluded a short while ago.', args: byId, result: QUERY, errors: NOT_FOUND },
+  'job-pause': { name: 'job-pause', summary: 'Pause a job; answers once it has paused.', args: byId, result: QUERY, events: STATUS_EVENTS, errors: ID_AND_STATE },
+  'job-resume': { name: 'job-resume', summary: 'Resume a paused job.', args: byId, result: QUERY, events: STATUS_EVENTS, errors: ID_AND_STATE },
+  'job-set-speed': {
+    name: 'job-set-speed',
+    summary: "Change a job's speed limit.",
+    args: byId.extend({ speed: arg.number().describe('bytes per second, 0 = unlimited') }),
+    result: QUERY,
+    errors: ID_AND_STATE,
+  },
+  'job-set-copy-mode': {
+    name: 'job-set-copy-mode',
+    summary: "Change a mirror's copy mode.",
+    args: byId.extend({ mode: arg.string().describe('background, write-blocking or auto') }),
+    result: QUERY,
+    events: ['job-copy-mode'],
+    errors: [...ID_AND_STATE, 'ERR_JOB_UNSUPPORTED', 'ERR_JOB_INVALID'],
+  },
+  'job-complete': {
+    name: 'job-complete',
+    summary: 'Complete a ready job (a mirror drains, then pivots); answers once it has concluded.',
+    args: byId.extend({ pivot: arg.bool().optional().describe('false: leave the export on its image') }),
+    result: QUERY,
+    events: [...STATUS_EVENTS, 'job-completed'],
+    errors: ID_AND_STATE,
+  },
+  'job-cancel': {
+    name: 'job-cancel',
+    summary: 'Cancel a job; answers once it has concluded.',
+    args: byId.extend({ force: arg.bool().optional().describe('true: stop at once, the target is not consistent') }),
+    result: QUERY,
+    events: [...STATUS_EVENTS, 'job-cancelled'],
+    errors: ID_AND_STATE,
+  },
+} as const satisfies Record<string, VerbSpec>;
 
 /** How many concluded jobs job-query still answers for. */
 const KEEP_CONCLUDED = 32;
@@ -360,12 +434,11 @@ export class DaemonJobs {
   /** job-start: {type, export?, id?, …args} → the job's query. */
   async start(raw: unknown): Promise<JobInfo> {
     if (this.stopping) throw new BlkrepError('ERR_SHUTTING_DOWN', 'the daemon is stopping', { errno: 'ESHUTDOWN' });
-    const { type, export: exportName, id: wantedId, ...args } = argsObject(raw);
-    if (typeof type !== 'string') throw badRequest(`"type" (the job type: ${jobTypes().join(', ') || 'none registered'}) is required`);
+    const { type, export: exportName, id: wantedId, ...rest } = parseVerbArgs('job-start', JOB_VERB_SPECS['job-start'].args, raw);
     const jobType = registry.get(type);
     if (!jobType) throw new BlkrepError('ERR_JOB_INVALID', `no job type "${type}" (types: ${jobTypes().join(', ') || 'none'})`, { errno: 'EINVAL', details: { type } });
+    const args = parseVerbArgs('job-start', jobType.args, rest, `job type ${type}`);
     const exp = this.findExport(exportName);
-    if (wantedId !== undefined && typeof wantedId !== 'string') throw badRequest('"id" must be a string');
     // the id becomes part of the job's file names (IMAGE.job-ID.json)
     const id = wantedId === undefined ? this.manager.newId(type) : checkJobId(wantedId);
     if (this.manager.has(id)) throw new BlkrepError('ERR_JOB_EXISTS', `a job with id ${id} exists already`, { errno: 'EINVAL', details: { id } });
@@ -434,93 +507,51 @@ export class DaemonJobs {
 
   /** The job-* control verbs. */
   register(control: ControlServer): void {
-    control.register('job-start', (a) => this.start(a));
-    control.register('job-list', (a) => {
-      const { export: e } = argsObject(a);
-      if (e !== undefined && typeof e !== 'string') throw badRequest('"export" must be a string');
-      return this.list(e);
-    });
-    control.register('job-types', () => jobTypes());
-    control.register('job-query', (a) => this.query(idArg(argsObject(a))));
-    control.register('job-pause', async (a) => {
-      const id = idArg(argsObject(a));
+    const on = <K extends keyof typeof JOB_VERB_SPECS>(name: K, handler: (args: z.output<(typeof JOB_VERB_SPECS)[K]['args']>) => unknown): void => {
+      control.register(verb(JOB_VERB_SPECS[name] as VerbSpec, (a) => handler(a as z.output<(typeof JOB_VERB_SPECS)[K]['args']>)));
+    };
+    on('job-start', (a) => this.start(a));
+    on('job-list', (a) => this.list(a.export));
+    on('job-types', () => jobTypes());
+    on('job-query', (a) => this.query(a.id));
+    on('job-pause', async ({ id }) => {
       await this.job(id).pause();
       return this.query(id);
     });
-    control.register('job-resume', (a) => {
-      const id = idArg(argsObject(a));
+    on('job-resume', ({ id }) => {
       this.job(id).resume();
       return this.query(id);
     });
-    control.register('job-set-speed', (a) => {
-      const args = argsObject(a);
-      const id = idArg(args);
-      if (typeof args.speed !== 'number') throw badRequest('"speed" (bytes per second, 0 = unlimited) is required');
-      this.job(id).setSpeed(args.speed);
+    on('job-set-speed', ({ id, speed }) => {
+      this.job(id).setSpeed(speed);
       return this.query(id);
     });
-    control.register('job-set-copy-mode', (a) => {
-      const args = argsObject(a);
-      const id = idArg(args);
-      if (typeof args.mode !== 'string') throw badRequest('"mode" (background, write-blocking or auto) is required');
+    on('job-set-copy-mode', ({ id, mode }) => {
       const job = this.job(id) as Job & { setCopyMode?: (m: string) => void };
       if (typeof job.setCopyMode !== 'function') throw new BlkrepError('ERR_JOB_UNSUPPORTED', `a ${job.type} job has no copy mode`, { errno: 'ENOTSUP', details: { id } });
-      job.setCopyMode(args.mode);
+      job.setCopyMode(mode);
       return this.query(id);
     });
-    control.register('job-complete', async (a) => {
-      const args = argsObject(a);
-      const id = idArg(args);
-      if (args.pivot !== undefined && typeof args.pivot !== 'boolean') throw badRequest('"pivot" must be true or false');
-      await this.job(id).complete(args.pivot === undefined ? {} : { pivot: args.pivot });
+    on('job-complete', async ({ id, pivot }) => {
+      await this.job(id).complete(pivot === undefined ? {} : { pivot });
       return this.query(id);
     });
-    control.register('job-cancel', async (a) => {
-      const args = argsObject(a);
-      const id = idArg(args);
-      if (args.force !== undefined && typeof args.force !== 'boolean') throw badRequest('"force" must be true or false');
-      await this.job(id).cancel({ force: args.force === true });
+    on('job-cancel', async ({ id, force }) => {
+      await this.job(id).cancel({ force: force === true });
       return this.query(id);
     });
   }
 }
 
-/** A job-start argument that is wrong (ERR_BAD_REQUEST, EINVAL). */
+/**
+ * A job-start argument that is wrong in a way its schema cannot say (a combination of fields):
+ * ERR_BAD_REQUEST, EINVAL.
+ */
 export function badJobArg(message: string): BlkrepError {
-  return new BlkrepError('ERR_BAD_REQUEST', message, { errno: 'EINVAL' });
+  return badRequest(message);
 }
 
-/** Typed readers of job-start's args for a job type's parser: undefined when absent, badJobArg naming the field when of the wrong type. */
-export function jobArgReaders(args: Record<string, unknown>): {
-  str(k: string): string | undefined;
-  num(k: string): number | undefined;
-  bool(k: string): boolean | undefined;
-  oneOf<T extends string>(k: string, allowed: readonly T[]): T | undefined;
-} {
-  const str = (k: string): string | undefined => {
-    const v = args[k];
-    if (v === undefined) return undefined;
-    if (typeof v !== 'string' || v === '') throw badJobArg(`"${k}" must be a non-empty string`);
-    return v;
-  };
-  return {
-    str,
-    num(k) {
-      const v = args[k];
-      if (v === undefined) return undefined;
-      if (typeof v !== 'number' || !Number.isFinite(v)) throw badJobArg(`"${k}" must be a number`);
-      return v;
-    },
-    bool(k) {
-      const v = args[k];
-      if (v === undefined) return undefined;
-      if (typeof v !== 'boolean') throw badJobArg(`"${k}" must be true or false`);
-      return v;
-    },
-    oneOf<T extends string>(k: string, allowed: readonly T[]): T | undefined {
-      const v = str(k);
-      if (v !== undefined && !(allowed as readonly string[]).includes(v)) throw badJobArg(`"${k}" must be one of ${allowed.join(', ')}, not "${v}"`);
-      return v as T | undefined;
-    },
-  };
+/** A parsed object without its undefined fields (optional fields stay absent). */
+export function definedFields<T extends object>(o: T): { [K in keyof T]: Exclude<T[K], undefined> } {
+  return Object.fromEntries(Object.entries(o).filter(([, v]) => v !== undefined)) as { [K in keyof T]: Exclude<T[K], undefined> };
 }

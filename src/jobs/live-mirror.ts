@@ -27,7 +27,9 @@ import { PersistentBitmap } from '../bitmap/persistent.js';
 import { ERROR_POLICIES, type ErrorPolicy } from './job.js';
 import { checkTargetEmpty } from './target-check.js';
 import { BITMAP_MODES, COPY_MODES, MirrorJob, type BitmapMode, type CopyMode } from './mirror.js';
-import { badJobArg, jobArgReaders, jobStatePath, registerJobType, removeJobFiles, saveJobState, type JobContext, type SavedJobState } from './daemon-jobs.js';
+import { arg, parseVerbArgs } from '../control/verb.js';
+import { z } from 'zod';
+import { badJobArg, definedFields, jobStatePath, registerJobType, removeJobFiles, saveJobState, type JobContext, type SavedJobState } from './daemon-jobs.js';
 
 export const DIRTY_SUFFIX = '.dirty';
 /** while copying, the target is flushed (and the dirty file cleared of what it made stable) this often */
@@ -60,36 +62,37 @@ export interface LiveMirrorOptions {
 
 const bad = badJobArg;
 
-/** job-start's args → options, every field checked. */
+/** job-start's args of a mirror (unknown fields are ignored). */
+export const LIVE_MIRROR_ARGS = z.object({
+  target: arg.name().describe('an image path or NBD URI to mirror onto'),
+  targetFormat: arg.oneOf(['raw', 'qcow2']).optional().describe('the format of a target path (default: probed)'),
+  sync: arg.oneOf(['full', 'top', 'none', 'bitmap']).optional().describe('what to copy (default full); bitmap: the dirty bits of "bitmap"'),
+  bitmap: arg.name().optional().describe('a bitmap of the export, with sync bitmap'),
+  bitmapMode: arg.oneOf(BITMAP_MODES).optional().describe('with sync bitmap: on-success (default) or never clears the export bitmap'),
+  granularity: arg.number().optional().describe('bytes per dirty bit of the mirror'),
+  bufSize: arg.number().optional().describe('bytes of copy buffers'),
+  maxOps: arg.number().optional().describe('copy operations in flight'),
+  speed: arg.number().optional().describe('bytes per second, 0 = unlimited'),
+  targetIsZero: arg.bool().optional().describe('the target reads as zeros: skip zero ranges'),
+  copyMode: arg.oneOf(COPY_MODES).optional().describe('background, write-blocking or auto'),
+  maxLagMs: arg.number().optional().describe('with copyMode auto: the lag at which writes block'),
+  onSourceError: arg.oneOf(ERROR_POLICIES).optional().describe('what a read error of the source does'),
+  onTargetError: arg.oneOf(ERROR_POLICIES).optional().describe('what a write error of the target does'),
+  connections: arg.number().optional().describe('connections to an NBD target (multi-conn)'),
+  persist: arg.bool().optional().describe('keep the job state and dirty bitmap beside the image (default true for a file)'),
+  existing: arg.bool().optional().describe('the target may hold data already and is overwritten (as QEMU mode=existing); without it a target with data is refused (ERR_TARGET_NOT_EMPTY)'),
+});
+
+/** job-start's args → options: the schema, then what the fields mean together. */
 export function parseLiveMirrorArgs(args: Record<string, unknown>): LiveMirrorOptions {
-  const { str, num, bool, oneOf } = jobArgReaders(args);
-  const target = str('target');
-  if (!target) throw bad('"target" (an image path or NBD URI to mirror onto) is required');
-  const sync = oneOf('sync', ['full', 'top', 'none', 'bitmap'] as const) ?? 'full';
-  const bitmap = str('bitmap');
+  const a = parseVerbArgs('job-start', LIVE_MIRROR_ARGS, args, 'job type mirror');
+  const sync = a.sync ?? 'full';
+  const { bitmap } = a;
   if (sync === 'bitmap' && !bitmap) throw bad('sync bitmap needs "bitmap": the name of a bitmap of the export');
   if (sync !== 'bitmap' && bitmap) throw bad(`"bitmap" is only used with sync bitmap, not ${sync}`);
-  const o: LiveMirrorOptions = { target, sync };
-  const set = <K extends keyof LiveMirrorOptions>(k: K, v: LiveMirrorOptions[K] | undefined): void => {
-    if (v !== undefined) o[k] = v;
-  };
-  set('targetFormat', oneOf('targetFormat', ['raw', 'qcow2'] as const));
-  set('bitmap', bitmap);
-  set('bitmapMode', oneOf('bitmapMode', BITMAP_MODES));
+  const o: LiveMirrorOptions = { ...definedFields(a), sync };
   if (o.bitmapMode !== undefined && sync !== 'bitmap') throw bad(`"bitmapMode" is only used with sync bitmap, not ${sync}`);
   if (o.bitmapMode === 'always') throw bad('bitmapMode "always" is for an offline mirror: live, the export bitmap is cleared when the target is a consistent copy (on-success) or never');
-  set('granularity', num('granularity'));
-  set('bufSize', num('bufSize'));
-  set('maxOps', num('maxOps'));
-  set('speed', num('speed'));
-  set('targetIsZero', bool('targetIsZero'));
-  set('copyMode', oneOf('copyMode', COPY_MODES));
-  set('maxLagMs', num('maxLagMs'));
-  set('onSourceError', oneOf('onSourceError', ERROR_POLICIES));
-  set('onTargetError', oneOf('onTargetError', ERROR_POLICIES));
-  set('connections', num('connections'));
-  set('persist', bool('persist'));
-  set('existing', bool('existing'));
   return o;
 }
 
@@ -271,6 +274,8 @@ async function createLiveMirror(ctx: JobContext, o: LiveMirrorOptions, resume?: 
 }
 
 registerJobType('mirror', {
+  summary: 'Copy the export onto a target while it is written to; complete pivots the export onto the target.',
+  args: LIVE_MIRROR_ARGS,
   start: async (ctx) => createLiveMirror(ctx, parseLiveMirrorArgs(ctx.args)),
   load: async (ctx, saved) => {
     const o = parseLiveMirrorArgs(saved.options);

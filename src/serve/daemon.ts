@@ -13,6 +13,8 @@ import { ExportBitmaps, type BitmapLoad, type BitmapSpec } from '../bitmap/expor
 import { DirtyTrackingNode } from '../block/filters/tracking.js';
 import type { BitmapInfo } from '../bitmap/ops.js';
 import { ControlServer } from '../control/server.js';
+import { verb } from '../control/verb.js';
+import { DAEMON_VERB_SPECS } from './daemon-verbs.js';
 import { DaemonJobs, type JobExport } from '../jobs/daemon-jobs.js';
 import '../jobs/daemon-job-types.js';
 import { sidecarBase } from '../bitmap/names.js';
@@ -217,7 +219,7 @@ export class Daemon {
       }
       const daemon = new Daemon(server, listeners, undefined, options.pidFile, bitmaps, options.log, jobs, nodes);
       if (options.controlPath) {
-        control = await ControlServer.listen(options.controlPath);
+        control = await ControlServer.listen(options.controlPath, { ...(options.log ? { log: options.log } : {}) });
         (daemon as { control: ControlServer | undefined }).control = control;
         daemon.wireControl(control);
       }
@@ -288,12 +290,14 @@ export class Daemon {
   }
 
   private wireControl(control: ControlServer): void {
-    control.register('status', () => this.status());
-    control.register('shutdown', () => {
-      // Reply first, then stop.
-      setImmediate(() => void this.stop());
-      return { stopping: true };
-    });
+    control.register(verb(DAEMON_VERB_SPECS.status, () => this.status()));
+    control.register(
+      verb(DAEMON_VERB_SPECS.shutdown, () => {
+        // Reply first, then stop.
+        setImmediate(() => void this.stop());
+        return { stopping: true };
+      }),
+    );
     registerBitmapVerbs(
       control,
       (name) => {

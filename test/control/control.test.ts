@@ -7,6 +7,7 @@ import { BlkrepError, isAbortError } from '../../src/api/errors.js';
 import { ControlClient } from '../../src/control/client.js';
 import { type ControlEvent, LineSplitter, MAX_REQUEST_LINE_BYTES } from '../../src/control/protocol.js';
 import { ControlServer } from '../../src/control/server.js';
+import { waitFor, withTimeout } from '../support/spawn.js';
 
 /** A client speaking raw lines, to send what ControlClient never would. */
 class RawClient {
@@ -101,15 +102,33 @@ describe('control socket', () => {
       await expect(c.request('later')).resolves.toBe('done');
     });
 
-    it('echoes any JSON id, and answers pipelined requests each by its id', async () => {
+    it('echoes a string or number id, and answers pipelined requests each by its id', async () => {
       const server = await startServer();
       server.register('echo', (args) => args);
       const r = await raw();
-      r.send('{"id":"a","cmd":"echo","args":{"n":1}}\n{"id":[2],"cmd":"echo","args":{"n":2}}\r\n{"cmd":"echo"}\n');
+      r.send('{"id":"a","cmd":"echo","args":{"n":1}}\n{"id":2.5,"cmd":"echo","args":{"n":2}}\r\n{"cmd":"echo"}\n');
       const replies = [await r.next(), await r.next(), await r.next()];
       expect(replies).toContainEqual({ id: 'a', ok: true, result: { n: 1 } });
-      expect(replies).toContainEqual({ id: [2], ok: true, result: { n: 2 } });
+      expect(replies).toContainEqual({ id: 2.5, ok: true, result: { n: 2 } });
       expect(replies).toContainEqual({ id: null, ok: true, result: {} });
+    });
+
+    it('never echoes an id that is not a string or a number: id null and ERR_BAD_REQUEST, the command not run', async () => {
+      const server = await startServer();
+      let runs = 0;
+      server.register('count', () => ++runs);
+      const r = await raw();
+      const deep = `${'['.repeat(3000)}${']'.repeat(3000)}`;
+      for (const id of ['[2]', '{"a":1}', 'true', deep]) {
+        r.send(`{"id":${id},"cmd":"count"}\n`);
+        expect(await r.next()).toEqual({
+          id: null,
+          ok: false,
+          error: { code: 'ERR_BAD_REQUEST', message: expect.stringMatching(/^"id" must be a string or a number, got (an array of 1|an object|true); the reply's id is null$/) },
+        });
+      }
+      r.send('{"id":1,"cmd":"count"}\n');
+      expect(await r.next()).toEqual({ id: 1, ok: true, result: 1 });
     });
 
     it('writes bigints in results as numbers', async () => {
@@ -299,6 +318,105 @@ describe('control socket', () => {
       await expect(lstat(path)).rejects.toMatchObject({ code: 'ENOENT' });
       await expect(c.request('status')).rejects.toMatchObject({ code: 'ERR_CONTROL_CLOSED' });
       await server.close();
+    });
+  });
+
+  describe('caps per connection and on connections', () => {
+    it('drops a subscriber that leaves more than maxUnreadBytes of events unread; the others are served', async () => {
+      const server = await ControlServer.listen(path, { maxUnreadBytes: 64 << 10 });
+      cleanups.push(() => server.close());
+      server.register('ping', () => 'pong');
+      const r = await raw();
+      r.send('{"id":1,"cmd":"subscribe"}\n');
+      expect(await r.next()).toEqual({ id: 1, ok: true, result: { events: 'all' } });
+      r.socket.pause();
+      const pad = 'x'.repeat(1024);
+      for (let i = 0; i < 4096; i++) server.publish('tick', { i, pad });
+      await waitFor(() => server.clientCount === 0, 'the server to drop the subscriber');
+      r.socket.resume();
+      await withTimeout(r.ended, 10_000, 'the subscriber to see the end');
+      await expect((await client()).request('ping')).resolves.toBe('pong');
+    });
+
+    it('stops reading the requests of a client that does not read its replies, and loses none of them', async () => {
+      const server = await ControlServer.listen(path, { pauseAtUnreadBytes: 16 << 10, maxPendingRequests: 4 });
+      cleanups.push(() => server.close());
+      let handled = 0;
+      server.register('n', (args) => {
+        handled++;
+        return { n: (args as { n: number }).n, pad: 'y'.repeat(1000) };
+      });
+      const r = await raw();
+      r.socket.pause();
+      const total = 5000;
+      let text = '';
+      for (let n = 0; n < total; n++) text += `{"id":${n},"cmd":"n","args":{"n":${n}}}\n`;
+      r.send(text);
+      await waitFor(() => server.clients()[0]?.paused, 'the server to stop reading the client');
+      const atPause = handled;
+      expect(atPause).toBeLessThan(total);
+      expect(server.clients()[0]!.inFlight).toBeLessThanOrEqual(4);
+      r.socket.resume();
+      const seen = new Set<number>();
+      while (seen.size < total) {
+        const reply = (await withTimeout(r.next(), 10_000, `reply ${seen.size + 1} of ${total}`)) as { id: number; ok: boolean; result: { n: number } };
+        expect(reply.ok).toBe(true);
+        expect(reply.result.n).toBe(reply.id);
+        seen.add(reply.id);
+      }
+      expect(handled).toBe(total);
+    });
+
+    it('disconnects a client that leaves its replies unread for stallTimeoutMs, and says so in the log', async () => {
+      const logged: string[] = [];
+      const server = await ControlServer.listen(path, { pauseAtUnreadBytes: 16 << 10, stallTimeoutMs: 200, log: (level, message) => logged.push(`${level}: ${message}`) });
+      cleanups.push(() => server.close());
+      server.register('big', () => 'z'.repeat(4096));
+      const r = await raw();
+      r.socket.pause();
+      r.send('{"id":1,"cmd":"big"}\n'.repeat(2000));
+      await waitFor(() => server.clientCount === 0, 'the stalled client to be disconnected');
+      expect(logged).toEqual([expect.stringMatching(/^warn: control: disconnecting a client that left \d+ bytes unread for 200 ms$/)]);
+      // one that reads is not disconnected
+      const c = await client();
+      server.register('ping', () => 'pong');
+      await expect(c.request('ping')).resolves.toBe('pong');
+    });
+
+    it('refuses a connection over maxClients with ERR_CONTROL_BUSY; a place freed is taken again', async () => {
+      const server = await ControlServer.listen(path, { maxClients: 2 });
+      cleanups.push(() => server.close());
+      server.register('ping', () => 'pong');
+      const a = await raw();
+      await raw();
+      await waitFor(() => server.clientCount === 2, 'two connections');
+      const third = await raw();
+      expect(await third.next()).toEqual({ id: null, ok: false, error: { code: 'ERR_CONTROL_BUSY', message: 'the daemon has 2 control connections, the limit is 2; try again later' } });
+      await withTimeout(third.ended, 5000, 'the refused connection to close');
+      const c = await ControlClient.connect(path);
+      cleanups.push(() => c.close());
+      await expect(c.request('ping')).rejects.toMatchObject({ code: 'ERR_CONTROL_BUSY' });
+      a.socket.destroy();
+      await waitFor(() => server.clientCount === 1, 'the server to see the close');
+      await expect((await client()).request('ping')).resolves.toBe('pong');
+    });
+
+    it('closes only the connection whose request failed beyond its error reply, and logs why', async () => {
+      const logged: string[] = [];
+      const server = await ControlServer.listen(path, { log: (level, message) => logged.push(`${level}: ${message}`) });
+      cleanups.push(() => server.close());
+      server.register('ping', () => 'pong');
+      server.register('evil', () => {
+        // a thrown value that throws on every look: toBlkrepError cannot read it
+        throw new Proxy({}, { get: () => { throw new RangeError('no looking'); }, getPrototypeOf: () => { throw new RangeError('no looking'); } });
+      });
+      const bystander = await client();
+      const r = await raw();
+      r.send('{"id":1,"cmd":"evil"}\n');
+      expect(await r.next()).toMatchObject({ id: null, ok: false, error: { code: 'ERR_INTERNAL', message: expect.stringContaining('closing the connection') } });
+      await withTimeout(r.ended, 5000, 'the failed connection to close');
+      expect(logged).toEqual([expect.stringMatching(/^warn: control: closing a connection after an internal error: /)]);
+      await expect(bystander.request('ping')).resolves.toBe('pong');
     });
   });
 

@@ -74,14 +74,14 @@ describe('job-* control verbs', () => {
     expect(types.ok && (types.result as string[]).includes('mirror')).toBe(true);
     for (const cmd of ['job-query', 'job-pause', 'job-resume', 'job-complete', 'job-cancel']) {
       expect(await request(ctl, cmd, { id: 'nope' })).toEqual({ ok: false, code: 'ERR_JOB_NOT_FOUND', message: 'no job with id nope (jobs: none)' });
-      expect(await request(ctl, cmd, {})).toEqual({ ok: false, code: 'ERR_BAD_REQUEST', message: '"id" (the job id, a string) is required' });
+      expect(await request(ctl, cmd, {})).toEqual({ ok: false, code: 'ERR_BAD_REQUEST', message: `${cmd}: "id" (the job id, a string) is required` });
     }
     expect(await request(ctl, 'job-set-speed', { id: 'nope', speed: 1 })).toMatchObject({ ok: false, code: 'ERR_JOB_NOT_FOUND' });
     expect(await request(ctl, 'job-set-speed', { id: 'nope' })).toMatchObject({ ok: false, code: 'ERR_BAD_REQUEST' });
     expect(await request(ctl, 'job-start', {})).toMatchObject({ ok: false, code: 'ERR_BAD_REQUEST' });
     expect(await request(ctl, 'job-start', { type: 'nope' })).toMatchObject({ ok: false, code: 'ERR_JOB_INVALID', message: expect.stringMatching(/^no job type "nope" \(types: .*mirror/) });
     expect(await request(ctl, 'job-start', { type: 'mirror', export: 'x', target: 'memory:16M' })).toMatchObject({ ok: false, code: 'ERR_NO_EXPORT' });
-    expect(await request(ctl, 'job-start', { type: 'mirror' })).toEqual({ ok: false, code: 'ERR_BAD_REQUEST', message: '"target" (an image path or NBD URI to mirror onto) is required' });
+    expect(await request(ctl, 'job-start', { type: 'mirror' })).toEqual({ ok: false, code: 'ERR_BAD_REQUEST', message: 'job-start: "target" (an image path or NBD URI to mirror onto) is required' });
     expect(await request(ctl, 'job-start', { type: 'mirror', target: 'memory:8M' })).toMatchObject({ ok: false, code: 'ERR_SIZE_MISMATCH' });
     expect(await request(ctl, 'job-list')).toEqual({ ok: true, result: [] });
   });
