@@ -189,6 +189,29 @@ describe('blkrep check', () => {
     expect(usage.stderr).toMatch(/Expected --repair=some to be one of: leaks, all/);
   });
 
+  it('an image served read-write is locked: check refuses it (ERR_IMAGE_LOCKED), -U checks it anyway, -U with --repair is refused; once served no more, a repair runs', async () => {
+    const image = join(dir, 'served.qcow2');
+    await copyFile(join(dir, 'base.qcow2'), image);
+    const s = await serve([image, '--socket', join(dir, 'served.sock')]);
+    try {
+      const locked = await runCli(['check', '--json', image]);
+      expect(locked.code).toBe(1);
+      const err = JSON.parse(locked.stdout).error as { code: string; message: string };
+      expect(err.code).toBe('ERR_IMAGE_LOCKED');
+      expect(err.message).toContain(`pid ${s.pid}`);
+      const shared = await runCli(['check', '-U', '--json', image]);
+      expect(shared.code, shared.stderr).toBe(0);
+      expect(JSON.parse(shared.stdout)).toMatchObject({ filename: image, 'check-errors': 0 });
+      const repair = await runCli(['check', '-U', '--repair', 'leaks', image]);
+      expect(repair.code).toBe(1);
+      expect(repair.stderr).toContain('--force-share cannot be used with --repair');
+    } finally {
+      await s.stop();
+    }
+    const after = await runCli(['check', '--repair', 'leaks', image]);
+    expect(after.code, after.stdout + after.stderr).toBe(0);
+  }, 60_000);
+
   it('leaks left by kill -9 of serve-nbd under writes: blkrep check and qemu-img check count the same after each kill; --repair leaks cleans them', async () => {
     const image = join(dir, 'killed.qcow2');
     await tool('qemu-img', ['create', '-q', '-f', 'qcow2', image, '64M']);

@@ -15,6 +15,7 @@
  */
 import { BlkrepError } from '../../api/errors.js';
 import { HostFile, type Qcow2Container } from './file.js';
+import { lockPerms } from '../image-lock.js';
 import {
   AUTOCLEAR_BITMAPS,
   corrupt,
@@ -449,8 +450,13 @@ class Checker {
  * Check a qcow2 image (and repair it with `repair`). Opens the file itself: read-only to check,
  * read-write to repair. A header that cannot be parsed is an error (the check did not run).
  */
-export async function checkQcow2(path: string, options: { repair?: RepairMode; file?: Qcow2Container } = {}): Promise<CheckResult> {
-  const file = options.file ?? (await HostFile.open(path, { readOnly: options.repair === undefined }));
+export async function checkQcow2(path: string, options: { repair?: RepairMode; file?: Qcow2Container; forceShare?: boolean } = {}): Promise<CheckResult> {
+  if (options.forceShare && options.repair !== undefined) {
+    throw new BlkrepError('ERR_USAGE', `cannot repair "${path}" with --force-share: a repair writes the image, which needs it to be held by nobody else (as qemu-img check -r refuses -U)`, { errno: 'EINVAL', details: { path } });
+  }
+  // locked as QEMU locks it (image-lock.ts): a check reads consistently, a repair writes
+  const lock = lockPerms({ format: 'qcow2', readOnly: options.repair === undefined, forceShare: options.forceShare === true });
+  const file = options.file ?? (await HostFile.open(path, { readOnly: options.repair === undefined, lock }));
   try {
     const start = Buffer.alloc(Math.min(file.length, 512));
     await file.read(0, start);
