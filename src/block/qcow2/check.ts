@@ -25,7 +25,7 @@ import {
   MAX_BITMAP_DIRECTORY_BYTES,
   MAX_SNAPSHOT_TABLE_BYTES,
   parseBitmapDirectory,
-  parseHeader,
+  readHeader,
   parseSnapshots,
   type BitmapInfo,
   type Qcow2Header,
@@ -458,12 +458,7 @@ export async function checkQcow2(path: string, options: { repair?: RepairMode; f
   const lock = lockPerms({ format: 'qcow2', readOnly: options.repair === undefined, forceShare: options.forceShare === true });
   const file = options.file ?? (await HostFile.open(path, { readOnly: options.repair === undefined, lock }));
   try {
-    const start = Buffer.alloc(Math.min(file.length, 512));
-    await file.read(0, start);
-    const bits = start.length >= 24 ? start.readUInt32BE(H.clusterBits) : 9;
-    const cluster0 = Buffer.alloc(Math.min(file.length, 2 ** (bits >= 9 && bits <= 21 ? bits : 9)));
-    await file.read(0, cluster0);
-    const h = parseHeader(path, cluster0);
+    const h = await readHeader(file);
     if (options.repair !== undefined && h.version !== 3) {
       throw new BlkrepError('ERR_QCOW2_UNSUPPORTED', `cannot repair "${path}": only qcow2 version 3 images are repaired`, { errno: 'ENOTSUP', details: { path, version: h.version } });
     }

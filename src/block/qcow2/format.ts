@@ -5,6 +5,7 @@
  * allocated from it.
  */
 import { BlkrepError } from '../../api/errors.js';
+import type { Qcow2Container } from './file.js';
 
 export const QCOW2_MAGIC = 0x514649fb;
 
@@ -152,6 +153,19 @@ export function l1EntriesFor(size: number, clusterBits: number): number {
  * Parse and check the header (the first cluster of the file, or as much of it as exists).
  * `fileLength` bounds tables that must lie inside the file.
  */
+/**
+ * Read and parse the header of an image: cluster_bits first, so that the read of the header
+ * cluster is bounded (parseHeader then rejects a bad value).
+ */
+export async function readHeader(file: Qcow2Container): Promise<Qcow2Header> {
+  const start = Buffer.alloc(Math.min(file.length, 512));
+  await file.read(0, start);
+  const bits = start.length >= 24 ? start.readUInt32BE(H.clusterBits) : 9;
+  const cluster0 = Buffer.alloc(Math.min(file.length, 2 ** (bits >= 9 && bits <= 21 ? bits : 9)));
+  await file.read(0, cluster0);
+  return parseHeader(file.path, cluster0);
+}
+
 export function parseHeader(path: string, cluster0: Buffer): Qcow2Header {
   if (cluster0.length < V2_HEADER_LENGTH || cluster0.readUInt32BE(H.magic) !== QCOW2_MAGIC) {
     throw corrupt(path, 'no qcow2 magic (QFI\\xfb) at offset 0, or the file is shorter than a qcow2 header (72 bytes)', { length: cluster0.length });

@@ -29,7 +29,7 @@ import {
   MAX_L1_BYTES,
   MAX_SNAPSHOT_TABLE_BYTES,
   parseBitmapDirectory,
-  parseHeader,
+  readHeader,
   parseSnapshots,
   unsupported,
   type BitmapInfo,
@@ -115,13 +115,7 @@ export class Qcow2Image {
   static async open(file: Qcow2Container, options: ImageOptions): Promise<Qcow2Image> {
     const path = file.path;
     const readOnly = options.readOnly;
-    // cluster_bits first, so the header cluster read is bounded (parseHeader rejects bad values)
-    const start = Buffer.alloc(Math.min(file.length, 512));
-    await file.read(0, start);
-    const bits = start.length >= 24 ? start.readUInt32BE(H.clusterBits) : 9;
-    const cluster0 = Buffer.alloc(Math.min(file.length, 2 ** (bits >= 9 && bits <= 21 ? bits : 9)));
-    await file.read(0, cluster0);
-    const header = parseHeader(path, cluster0);
+    const header = await readHeader(file);
     checkFeatures(path, header, readOnly);
     const cs = 2 ** header.clusterBits;
 
