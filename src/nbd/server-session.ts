@@ -36,6 +36,27 @@ export interface SessionHost {
   log(level: 'debug' | 'info' | 'warn', message: string): void;
   sessionOpened(session: ServerSession): void;
   sessionClosed(session: ServerSession, reason: string): void;
+  /** a blkrep extension option this server takes (the replication pair's link), if any */
+  optionExtension?(option: number): OptionExtension | undefined;
+}
+
+/**
+ * An NBD option outside the spec that hands the connection over to another protocol once
+ * acknowledged, as STARTTLS hands it to TLS. The pair link uses it (src/pair): one listener,
+ * one transport and one TLS set-up serve both the replica export and the link. A server that
+ * does not know the option answers NBD_REP_ERR_UNSUP, so a client learns it talks to a plain
+ * NBD server.
+ */
+export interface OptionExtension {
+  /** for logs: "pair link" */
+  readonly name: string;
+  /**
+   * Decide on the option. A string refuses it (NBD_REP_ERR_POLICY with that message; the
+   * handshake goes on). A function takes the connection: the server replies ACK, stops reading
+   * the stream (it is left paused: the new owner calls `resume()`), forgets the connection, and
+   * calls the function with the stream and any bytes the client sent after the option.
+   */
+  accept(data: Buffer, peer: string): string | ((stream: Duplex, rest: Buffer) => void);
 }
 
 type Phase = 'flags' | 'options' | 'transmission' | 'closing' | 'closed';
@@ -115,25 +136,30 @@ export class ServerSession implements BudgetWaiter {
   private finishing = false;
   private handshakeTimer: NodeJS.Timeout | undefined;
   private closeWaiters: Array<() => void> = [];
+  /** what the session listens to on the stream (removed when an extension takes it over) */
+  private readonly listeners: Record<string, (...args: never[]) => void>;
 
   constructor(
     private readonly host: SessionHost,
     private readonly stream: Duplex,
     readonly peer: string,
   ) {
-    stream.on('data', (chunk: Buffer) => {
-      receiveGc.note(chunk.length);
-      this.received += chunk.length;
-      this.queue.push(chunk);
-      this.pump();
-    });
-    stream.on('end', () => this.onEnd());
-    stream.on('error', (err) => this.close(`socket error: ${err.message}`));
-    stream.on('close', () => this.close('connection closed'));
-    stream.on('drain', () => {
-      this.noteUnsent();
-      this.updateFlow();
-    });
+    this.listeners = {
+      data: (chunk: Buffer) => {
+        receiveGc.note(chunk.length);
+        this.received += chunk.length;
+        this.queue.push(chunk);
+        this.pump();
+      },
+      end: () => this.onEnd(),
+      error: (err: Error) => this.close(`socket error: ${err.message}`),
+      close: () => this.close('connection closed'),
+      drain: () => {
+        this.noteUnsent();
+        this.updateFlow();
+      },
+    };
+    for (const [event, fn] of Object.entries(this.listeners)) stream.on(event, fn as (...args: unknown[]) => void);
     this.host.sessionOpened(this);
     this.handshakeTimer = setTimeout(() => {
       this.host.log('warn', `connection ${this.id} from ${this.peer}: handshake not finished within ${this.host.handshakeTimeoutMs} ms, closing`);
@@ -367,9 +393,31 @@ export class ServerSession implements BudgetWaiter {
         return this.onMetaContext(option, data);
       case OPT.EXTENDED_HEADERS:
         return this.replyError(option, REP.ERR_UNSUP, 'extended headers are not supported');
-      default:
+      default: {
+        const extension = this.host.optionExtension?.(option);
+        if (extension) return this.onExtension(option, extension, data);
         return this.replyError(option, REP.ERR_UNSUP, `option ${option} is not supported`);
+      }
     }
+  }
+
+  private onExtension(option: number, extension: OptionExtension, data: Buffer): void {
+    const decision = extension.accept(data, this.peer);
+    if (typeof decision === 'string') return this.replyError(option, REP.ERR_POLICY, decision);
+    this.reply(option, REP.ACK);
+    this.stream.pause();
+    for (const [event, fn] of Object.entries(this.listeners)) this.stream.off(event, fn as (...args: unknown[]) => void);
+    const rest = this.queue.take(this.queue.length);
+    this.phase = 'closed';
+    if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
+    if (this.waitingBudget) this.host.budget.forget(this);
+    this.host.budget.release(this.reserved + this.unsent);
+    this.reserved = 0;
+    this.unsent = 0;
+    this.host.log('debug', `connection ${this.id} from ${this.peer}: taken over by the ${extension.name}`);
+    this.host.sessionClosed(this, `taken over by the ${extension.name}`);
+    for (const w of this.closeWaiters.splice(0)) w();
+    decision(this.stream, rest);
   }
 
   private onExportName(data: Buffer): void {

@@ -8,7 +8,7 @@ import type { TransportConnection } from '../api/transport.js';
 import { MAX_PAYLOAD } from './constants.js';
 import { Export, type ExportOptions } from './export.js';
 import { BufferBudget, type BufferBudgetStatus } from './server-budget.js';
-import { ServerSession, type SessionHost } from './server-session.js';
+import { ServerSession, type OptionExtension, type SessionHost } from './server-session.js';
 
 /** default budget for the payloads and replies of all connections together */
 export const DEFAULT_MAX_BUFFER = 256 * 1024 * 1024;
@@ -48,6 +48,8 @@ export interface NbdServerOptions {
    */
   stallTimeoutMs?: number;
   log?: Logger;
+  /** blkrep extension options, by option number (the pair link: src/nbd/option-takeover.ts) */
+  optionExtensions?: ReadonlyMap<number, OptionExtension>;
 }
 
 export interface ConnectionStatus {
@@ -104,6 +106,7 @@ export class NbdServer extends EventEmitter implements SessionHost {
   private readonly exportsByName = new Map<string, Export>();
   private readonly sessions = new Set<ServerSession>();
   private readonly logger: Logger;
+  private readonly extensions: ReadonlyMap<number, OptionExtension>;
   private stopping = false;
 
   constructor(options: NbdServerOptions) {
@@ -121,6 +124,7 @@ export class NbdServer extends EventEmitter implements SessionHost {
     }
     this.budget = new BufferBudget(maxBuffer, BUFFER_ALLOWANCE);
     this.logger = options.log ?? (() => {});
+    this.extensions = options.optionExtensions ?? new Map();
     for (const e of options.exports) this.exportsByName.set(e.name, new Export(e));
   }
 
@@ -203,6 +207,10 @@ export class NbdServer extends EventEmitter implements SessionHost {
       s.close(reason);
       return;
     }
+  }
+
+  optionExtension(option: number): OptionExtension | undefined {
+    return this.extensions.get(option);
   }
 
   sessionOpened(session: ServerSession): void {

@@ -1,0 +1,168 @@
+/**
+ * The client side of an extension option (server-session.ts `OptionExtension`): the
+ * fixed-newstyle greeting, the client flags, one option; on ACK the connection belongs to the
+ * caller's protocol (the replication pair's link, src/pair). Nothing else of the handshake is
+ * done here, so this stays apart from the NBD client's state machine.
+ *
+ * `prepare` runs after the greeting and the flags, before the option: the place for STARTTLS
+ * and the TLS upgrade, which then carries the option too.
+ */
+import type { Duplex } from 'node:stream';
+import { BlkrepError } from '../api/errors.js';
+import type { TransportConnection } from '../api/transport.js';
+import { FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, FLAG_FIXED_NEWSTYLE, IHAVEOPT, NBDMAGIC, OPTION_REPLY_MAGIC, REP } from './constants.js';
+import { encodeOption, GREETING_LENGTH } from './codec.js';
+
+/** The pair link's option number: ASCII "bkrp", far from the spec's numbers. */
+export const OPT_BLKREP_PAIR_LINK = 0x626b7270;
+
+export interface ExtensionOpenOptions {
+  /** give up after this many milliseconds (default 10 s) */
+  timeoutMs?: number;
+  signal?: AbortSignal;
+  /**
+   * Runs after the greeting and the client flags, before the option is sent; may replace the
+   * connection (a TLS upgrade after STARTTLS). Bytes it reads are its own.
+   */
+  prepare?: (connection: TransportConnection, io: HandshakeIo) => Promise<TransportConnection>;
+}
+
+/** Reading exact byte counts from a stream during a handshake. */
+export interface HandshakeIo {
+  read(n: number): Promise<Buffer>;
+  write(b: Buffer): void;
+}
+
+export interface OpenedExtension {
+  /** the connection, now speaking the extension's protocol; paused (call `resume()` after attaching) */
+  readonly connection: TransportConnection;
+  /** bytes that arrived after the server's ACK (the extension's first bytes, if any) */
+  readonly rest: Buffer;
+}
+
+/**
+ * Open `option` on a fresh connection. Throws ERR_NBD_UNSUPPORTED when the server does not know
+ * the option (a plain NBD server: qemu-nbd, nbdkit), ERR_NBD_SERVER_ERROR with the server's message
+ * when it refuses it, ERR_NBD_HANDSHAKE on anything malformed, ERR_NBD_CONNECT on a timeout.
+ */
+export async function openExtension(connection: TransportConnection, option: number, data: Buffer, options: ExtensionOpenOptions = {}): Promise<OpenedExtension> {
+  const timeoutMs = options.timeoutMs ?? 10_000;
+  let conn = connection;
+  const timer = setTimeout(() => conn.stream.destroy(new BlkrepError('ERR_NBD_CONNECT', `${conn.peer}: no answer to the handshake within ${timeoutMs} ms`, { errno: 'EIO' })), timeoutMs);
+  const onAbort = () => conn.stream.destroy(new BlkrepError('ERR_NBD_CONNECT', `${conn.peer}: handshake aborted`, { errno: 'EIO' }));
+  options.signal?.addEventListener('abort', onAbort, { once: true });
+  try {
+    let reader = new ExactReader(conn.stream);
+    const greeting = await reader.read(GREETING_LENGTH);
+    if (greeting.readBigUInt64BE(0) !== NBDMAGIC || greeting.readBigUInt64BE(8) !== IHAVEOPT) {
+      throw new BlkrepError('ERR_NBD_HANDSHAKE', `${conn.peer} is not a newstyle NBD server (greeting ${greeting.subarray(0, 16).toString('hex')})`);
+    }
+    const serverFlags = greeting.readUInt16BE(16);
+    if ((serverFlags & FLAG_FIXED_NEWSTYLE) === 0) throw new BlkrepError('ERR_NBD_HANDSHAKE', `${conn.peer} does not speak fixed newstyle NBD`);
+    const flags = Buffer.alloc(4);
+    flags.writeUInt32BE(FLAG_C_FIXED_NEWSTYLE | (serverFlags & FLAG_C_NO_ZEROES));
+    conn.stream.write(flags);
+    if (options.prepare) {
+      const before = conn;
+      conn = await options.prepare(conn, reader);
+      if (conn !== before) {
+        reader.detach();
+        reader = new ExactReader(conn.stream);
+      }
+    }
+    conn.stream.write(encodeOption(option, data));
+    const header = await reader.read(20);
+    if (header.readBigUInt64BE(0) !== OPTION_REPLY_MAGIC || header.readUInt32BE(8) !== option >>> 0) {
+      throw new BlkrepError('ERR_NBD_HANDSHAKE', `${conn.peer} answered option 0x${option.toString(16)} with a malformed reply`);
+    }
+    const type = header.readUInt32BE(12);
+    const length = header.readUInt32BE(16);
+    if (length > 65536) throw new BlkrepError('ERR_NBD_HANDSHAKE', `${conn.peer} sent an option reply of ${length} bytes`);
+    const payload = await reader.read(length);
+    if (type === REP.ACK) {
+      const rest = reader.detach();
+      conn.stream.pause();
+      return { connection: conn, rest };
+    }
+    const message = payload.length > 4 ? payload.toString('utf8') : '';
+    if (type === REP.ERR_UNSUP) {
+      throw new BlkrepError('ERR_NBD_UNSUPPORTED', `${conn.peer} is a plain NBD server: it does not know blkrep's option 0x${option.toString(16)}${message ? ` (${message})` : ''}`, { errno: 'ENOTSUP' });
+    }
+    throw new BlkrepError('ERR_NBD_SERVER_ERROR', `${conn.peer} refused option 0x${option.toString(16)}: ${message || `reply type 0x${type.toString(16)}`}`, {
+      errno: 'EPERM',
+      details: { replyType: type },
+    });
+  } catch (err) {
+    conn.stream.destroy();
+    throw err;
+  } finally {
+    clearTimeout(timer);
+    options.signal?.removeEventListener('abort', onAbort);
+  }
+}
+
+/** Buffers a stream's data and hands out exact byte counts. */
+class ExactReader implements HandshakeIo {
+  private chunks: Buffer[] = [];
+  private length = 0;
+  private waiter: { n: number; resolve: (b: Buffer) => void; reject: (e: Error) => void } | undefined;
+  private failure: Error | undefined;
+  private readonly onData = (chunk: Buffer) => {
+    this.chunks.push(chunk);
+    this.length += chunk.length;
+    this.settle();
+  };
+  private readonly onEnd = () => this.fail(new BlkrepError('ERR_NBD_HANDSHAKE', 'the server closed the connection in the handshake'));
+  private readonly onError = (err: Error) => this.fail(err instanceof BlkrepError ? err : new BlkrepError('ERR_NBD_CONNECT', `connection failed in the handshake: ${err.message}`, { cause: err }));
+
+  constructor(private readonly stream: Duplex) {
+    stream.on('data', this.onData);
+    stream.on('end', this.onEnd);
+    stream.on('close', this.onEnd);
+    stream.on('error', this.onError);
+  }
+
+  read(n: number): Promise<Buffer> {
+    if (this.waiter) return Promise.reject(new Error('one read at a time'));
+    return new Promise((resolve, reject) => {
+      this.waiter = { n, resolve, reject };
+      this.settle();
+    });
+  }
+
+  write(b: Buffer): void {
+    this.stream.write(b);
+  }
+
+  /** stop listening; returns what was read beyond the reads */
+  detach(): Buffer {
+    this.stream.off('data', this.onData);
+    this.stream.off('end', this.onEnd);
+    this.stream.off('close', this.onEnd);
+    this.stream.off('error', this.onError);
+    const rest = Buffer.concat(this.chunks);
+    this.chunks = [];
+    this.length = 0;
+    return rest;
+  }
+
+  private fail(err: Error): void {
+    this.failure ??= err;
+    this.settle();
+  }
+
+  private settle(): void {
+    const w = this.waiter;
+    if (!w) return;
+    if (this.length >= w.n) {
+      this.waiter = undefined;
+      const all = Buffer.concat(this.chunks);
+      this.chunks = all.length > w.n ? [all.subarray(w.n)] : [];
+      this.length = all.length - w.n;
+      w.resolve(all.subarray(0, w.n));
+    } else if (this.failure) {
+      this.waiter = undefined;
+      w.reject(this.failure);
+    }
+  }
+}
