@@ -1,0 +1,180 @@
+/**
+ * The pair link: JSON lines between the two daemons of a replication pair, on a connection
+ * opened with blkrep's NBD extension option (src/nbd/option-takeover.ts), so the link shares the
+ * replica export's listener, transport and TLS. Each line is one message, at most MAX_LINE bytes.
+ *
+ * Requests carry `seq` (the sender's counter); the answer carries `re` = that seq. Messages
+ * without `seq` are one-way (event, ping).
+ *
+ *   P → S  hello        who I am, my generations and epoch; S answers welcome or refuse
+ *   P → S  checkpoint   checkpoint N (replication.md §2 steps 3–7); S answers done or failed
+ *   P → S  abort        give up checkpoint N (timeout on P); S answers done (epoch unchanged)
+ *   S → P  event        something the HA side must know (case 3/4 of the failure table)
+ *   both   ping / pong  liveness on the link (heartbeat backend "link")
+ *   S → P  demote       S was promoted: the link closes, the primary must stop forwarding
+ */
+import type { Duplex } from 'node:stream';
+import { BlkrepError } from '../api/errors.js';
+import type { GenerationTuple } from './generations.js';
+
+export const PAIR_LINK_VERSION = 1;
+/** one message line, newline included */
+export const MAX_LINE = 64 * 1024;
+
+export type DiskState = 'UpToDate' | 'Consistent' | 'Outdated' | 'Inconsistent' | 'Failed';
+
+export interface NodeSummary {
+  nodeId: string;
+  role: 'primary' | 'secondary';
+  /** generations as hex strings (64-bit values do not fit a JSON number) */
+  gi: GenerationTuple;
+  /** last committed epoch */
+  epoch: number;
+  diskState: DiskState;
+  /** this node was a primary and did not stop cleanly (its activity log must be resynced) */
+  crashedPrimary: boolean;
+  /** bytes this node has marked dirty for its peer since the generations diverged */
+  bitmapBytes: number;
+}
+
+export type PairMessage =
+  | ({ type: 'hello'; seq: number; version: number; exportName: string; size: number; protocol: 'sync' | 'async' } & NodeSummary)
+  | ({ type: 'welcome'; re: number; version: number; size: number } & NodeSummary & { decision: LinkDecision })
+  | { type: 'refuse'; re: number; code: string; message: string; decision?: LinkDecision }
+  | { type: 'checkpoint'; seq: number; n: number }
+  | { type: 'abort'; seq: number; n: number }
+  | { type: 'done'; re: number; n: number; epoch: number }
+  | { type: 'failed'; re: number; n: number; code: string; message: string }
+  | { type: 'event'; name: string; fields: Record<string, unknown> }
+  | { type: 'ping'; t: number }
+  | { type: 'pong'; t: number }
+  | { type: 'demote'; reason: string };
+
+/** what the secondary decided on hello (the generation table, replication.md §5) */
+export interface LinkDecision {
+  rule: number;
+  /** none: in step; resync: primary → secondary by bitmap or full; refuse: split brain, unrelated, wrong direction */
+  action: 'none' | 'resync-bitmap' | 'resync-full' | 'refuse';
+  explanation: string;
+}
+
+export type PairMessageType = PairMessage['type'];
+
+const TYPES = new Set<string>(['hello', 'welcome', 'refuse', 'checkpoint', 'abort', 'done', 'failed', 'event', 'ping', 'pong', 'demote']);
+
+export function encodeMessage(m: PairMessage): Buffer {
+  const line = Buffer.from(JSON.stringify(m) + '\n', 'utf8');
+  if (line.length > MAX_LINE) throw new BlkrepError('ERR_PAIR_PROTOCOL', `pair link message "${m.type}" is ${line.length} bytes, over the limit of ${MAX_LINE}`);
+  return line;
+}
+
+/** Parse one line (without its newline). Throws ERR_PAIR_PROTOCOL naming what is wrong. */
+export function decodeMessage(line: string): PairMessage {
+  let v: unknown;
+  try {
+    v = JSON.parse(line);
+  } catch {
+    throw new BlkrepError('ERR_PAIR_PROTOCOL', `pair link line is not JSON: ${JSON.stringify(line.slice(0, 80))}`);
+  }
+  if (typeof v !== 'object' || v === null || Array.isArray(v)) throw new BlkrepError('ERR_PAIR_PROTOCOL', 'pair link line is not a JSON object');
+  const type = (v as { type?: unknown }).type;
+  if (typeof type !== 'string' || !TYPES.has(type)) throw new BlkrepError('ERR_PAIR_PROTOCOL', `pair link message has unknown type ${JSON.stringify(type)}`);
+  return v as PairMessage;
+}
+
+/**
+ * A pair link over a stream: sends messages, delivers received ones in order, and matches
+ * answers to requests. Closing (either side, or a protocol error) rejects every pending request
+ * with ERR_PAIR_LINK_DOWN and calls onClose once.
+ */
+export class PairChannel {
+  private buffered = '';
+  private seq = 0;
+  private readonly pending = new Map<number, { resolve: (m: PairMessage) => void; reject: (e: Error) => void; timer: NodeJS.Timeout }>();
+  private closed: Error | undefined;
+  private readonly closeHandlers: Array<(why: Error) => void> = [];
+
+  constructor(
+    readonly stream: Duplex,
+    readonly peer: string,
+    private readonly onMessage: (m: PairMessage, channel: PairChannel) => void,
+    rest: Buffer = Buffer.alloc(0),
+  ) {
+    stream.setEncoding?.('utf8');
+    stream.on('data', (chunk: string | Buffer) => this.onData(typeof chunk === 'string' ? chunk : chunk.toString('utf8')));
+    stream.on('end', () => this.close(new BlkrepError('ERR_PAIR_LINK_DOWN', `pair link to ${peer} closed by the peer`)));
+    stream.on('close', () => this.close(new BlkrepError('ERR_PAIR_LINK_DOWN', `pair link to ${peer} closed`)));
+    stream.on('error', (err) => this.close(new BlkrepError('ERR_PAIR_LINK_DOWN', `pair link to ${peer} failed: ${err.message}`, { cause: err })));
+    if (rest.length) queueMicrotask(() => this.onData(rest.toString('utf8')));
+    stream.resume();
+  }
+
+  get isOpen(): boolean {
+    return this.closed === undefined;
+  }
+
+  onClose(fn: (why: Error) => void): void {
+    if (this.closed) fn(this.closed);
+    else this.closeHandlers.push(fn);
+  }
+
+  /** one-way message or an answer (with `re`) */
+  send(m: PairMessage): void {
+    if (this.closed) throw this.closed;
+    this.stream.write(encodeMessage(m));
+  }
+
+  /** a request: `seq` is filled in; resolves with the answer whose `re` matches */
+  request<T extends PairMessage>(m: Omit<Extract<PairMessage, { seq: number }>, 'seq'>, timeoutMs: number): Promise<T> {
+    if (this.closed) return Promise.reject(this.closed);
+    const seq = ++this.seq;
+    return new Promise<T>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.pending.delete(seq);
+        reject(new BlkrepError('ERR_PAIR_TIMEOUT', `pair link to ${this.peer}: no answer to "${m.type}" within ${timeoutMs} ms`, { details: { type: m.type, timeoutMs } }));
+      }, timeoutMs);
+      this.pending.set(seq, { resolve: resolve as (m: PairMessage) => void, reject, timer });
+      this.send({ ...m, seq } as PairMessage);
+    });
+  }
+
+  close(why: Error = new BlkrepError('ERR_PAIR_LINK_DOWN', `pair link to ${this.peer} closed`)): void {
+    if (this.closed) return;
+    this.closed = why;
+    for (const [, p] of this.pending) {
+      clearTimeout(p.timer);
+      p.reject(why);
+    }
+    this.pending.clear();
+    this.stream.destroy();
+    for (const fn of this.closeHandlers.splice(0)) fn(why);
+  }
+
+  private onData(text: string): void {
+    this.buffered += text;
+    for (;;) {
+      const nl = this.buffered.indexOf('\n');
+      if (nl < 0) break;
+      const line = this.buffered.slice(0, nl);
+      this.buffered = this.buffered.slice(nl + 1);
+      let m: PairMessage;
+      try {
+        m = decodeMessage(line);
+      } catch (err) {
+        this.close(err as Error);
+        return;
+      }
+      const re = (m as { re?: unknown }).re;
+      if (typeof re === 'number' && this.pending.has(re)) {
+        const p = this.pending.get(re)!;
+        this.pending.delete(re);
+        clearTimeout(p.timer);
+        p.resolve(m);
+      } else {
+        this.onMessage(m, this);
+      }
+      if (this.closed) return;
+    }
+    if (Buffer.byteLength(this.buffered) > MAX_LINE) this.close(new BlkrepError('ERR_PAIR_PROTOCOL', `pair link line from ${this.peer} is over ${MAX_LINE} bytes`));
+  }
+}
