@@ -1,13 +1,18 @@
 /**
  * A node's pair state, kept durably beside its disk (IMAGE.pair.json, written by atomic replace +
  * fsync): node id, role, generations, the committed epoch and the checkpoint step in progress —
- * what the crash rules of replication.md §2 read after a restart.
+ * what the crash rules of replication.md §2 read after a restart (`restartPlan`).
+ *
+ * The daemon keeps `cleanShutdown` false while it serves as primary (`markRunning` before the
+ * first write is accepted, `markStopped` after the last flush of a clean stop), so a restart
+ * after a crash knows the node crashed as primary; that fact stays in `crashedPrimary` until the
+ * activity-log resync it calls for is done (`clearCrashedPrimary`), even across more restarts.
  */
 import { randomUUID } from 'node:crypto';
 import { readFile } from 'node:fs/promises';
 import { BlkrepError } from '../api/errors.js';
 import { replaceFile } from '../util/safe-file.js';
-import { freshTuple, type GenerationTuple } from './generations.js';
+import { checkTuple, freshTuple, type GenerationTuple } from './generations.js';
 import type { DiskState } from './messages.js';
 
 export interface PairState {
@@ -22,6 +27,110 @@ export interface PairState {
   diskState: DiskState;
   /** false while a primary serves; true after a clean stop (a crashed primary resyncs its activity log) */
   cleanShutdown: boolean;
+  /** this node crashed as primary and its activity-log resync is not done yet (absent = false) */
+  crashedPrimary?: boolean;
+  /** when this node last became primary (ms since the epoch; for discard-younger-primary); absent = never */
+  primarySince?: number | null;
+}
+
+const ROLES = ['primary', 'secondary', 'none'];
+const DISK_STATES = ['UpToDate', 'Consistent', 'Outdated', 'Inconsistent', 'Failed'];
+
+/** Check every field of a state read from `path`; throws ERR_PAIR_STATE naming the field and value. */
+export function validateState(v: unknown, path: string): PairState {
+  const bad = (why: string) => new BlkrepError('ERR_PAIR_STATE', `the pair state ${path} ${why}`, { details: { path } });
+  if (typeof v !== 'object' || v === null || Array.isArray(v)) throw bad('is not a JSON object');
+  const s = v as Partial<PairState>;
+  if (s.version !== 1 || typeof s.nodeId !== 'string' || typeof s.epoch !== 'number') throw bad('is not a version 1 blkrep pair state');
+  if (s.nodeId === '') throw bad('has an empty nodeId');
+  if (!ROLES.includes(s.role as string)) throw bad(`has role ${JSON.stringify(s.role)} (one of ${ROLES.join(', ')})`);
+  if (!Number.isSafeInteger(s.epoch) || s.epoch < 0) throw bad(`has epoch ${s.epoch}, not a non-negative integer`);
+  if (s.committing !== null && s.committing !== s.epoch + 1) {
+    throw bad(`has checkpoint ${JSON.stringify(s.committing)} committing with epoch ${s.epoch}: a checkpoint being committed is always epoch + 1 (${s.epoch + 1})`);
+  }
+  if (!DISK_STATES.includes(s.diskState as string)) throw bad(`has disk state ${JSON.stringify(s.diskState)} (one of ${DISK_STATES.join(', ')})`);
+  if (typeof s.cleanShutdown !== 'boolean') throw bad(`has cleanShutdown ${JSON.stringify(s.cleanShutdown)}, not true or false`);
+  if (s.crashedPrimary !== undefined && typeof s.crashedPrimary !== 'boolean') throw bad(`has crashedPrimary ${JSON.stringify(s.crashedPrimary)}, not true or false`);
+  if (s.primarySince !== undefined && s.primarySince !== null && !Number.isSafeInteger(s.primarySince)) throw bad(`has primarySince ${JSON.stringify(s.primarySince)}, not a time in ms`);
+  checkTuple(s.gi, `the pair state ${path}`, 'ERR_PAIR_STATE');
+  return s as PairState;
+}
+
+/** What a restarted node does before it serves (replication.md §2 crash rules, §4 activity log). */
+export type RestartAction =
+  /** crashed between steps 5 and 7 of checkpoint n: the disk is CP_n; redo step 6 (reset the CBW bitmap, empty active, then hidden: they are garbage and never read), then commit epoch n (step 7) */
+  | { kind: 'finish-checkpoint'; n: number }
+  /** nothing in flight was durable, or a checkpoint crashed before step 5: the view (active → hidden → disk) is CP_epoch plus the node's own writes; keep the overlays */
+  | { kind: 'keep-restore-point'; epoch: number }
+  /** the hidden disk was lost (volatile storage) after an unclean stop: the disk holds writes of an unfinished epoch without their old data: Inconsistent until resynced */
+  | { kind: 'mark-inconsistent'; reason: string }
+  /** the node crashed as primary: announce crashedPrimary on hello and resync the persisted windows ∪ activity-log extents to the peer */
+  | { kind: 'activity-log-resync' };
+
+export interface RestartPlan {
+  actions: RestartAction[];
+  /** the state to persist once the actions are done */
+  next: PairState;
+  /** the committed epoch the node's data stands at after the actions */
+  restorePoint: number;
+  explanation: string;
+}
+
+export interface RestartFacts {
+  /** the hidden overlay did not survive (tmpfs after a host crash, or deleted) */
+  hiddenLost?: boolean;
+}
+
+/**
+ * The crash rules as a pure function of the persisted state after a restart. Throws
+ * ERR_PAIR_STATE for a state no crash can leave (validateState).
+ */
+export function restartPlan(state: PairState, facts: RestartFacts = {}, path = 'pair state'): RestartPlan {
+  validateState(state, path);
+  const next: PairState = structuredClone(state);
+  const actions: RestartAction[] = [];
+  const why: string[] = [];
+  if (state.committing !== null) {
+    const n = state.committing;
+    actions.push({ kind: 'finish-checkpoint', n });
+    next.epoch = n;
+    next.committing = null;
+    why.push(`checkpoint ${n} was being committed (steps 5–7): the disk is CP_${n}, so step 6 is redone and epoch ${n} committed`);
+  } else if (state.role === 'secondary' && !state.cleanShutdown && facts.hiddenLost) {
+    const reason = `the hidden disk did not survive the unclean stop, so writes of epoch ${state.epoch + 1} on the disk cannot be rolled back to CP_${state.epoch}`;
+    actions.push({ kind: 'mark-inconsistent', reason });
+    next.diskState = 'Inconsistent';
+    why.push(`${reason}: Inconsistent until resynced from the primary`);
+  } else {
+    actions.push({ kind: 'keep-restore-point', epoch: state.epoch });
+    why.push(state.cleanShutdown ? `clean stop at epoch ${state.epoch}` : `no checkpoint was being committed: the restore point is CP_${state.epoch} (a checkpoint cut before step 5 is not committed)`);
+  }
+  if (state.crashedPrimary === true || (state.role === 'primary' && !state.cleanShutdown)) {
+    actions.push({ kind: 'activity-log-resync' });
+    next.crashedPrimary = true;
+    why.push('the node crashed as primary: its persisted windows and activity-log extents are resynced to the peer');
+  }
+  return { actions, next, restorePoint: next.epoch, explanation: why.join('; ') };
+}
+
+/** The node becomes primary (promotion, failover) at `now` (ms since the epoch). */
+export function markPromoted(s: PairState, now: number): PairState {
+  return { ...s, role: 'primary', primarySince: now };
+}
+
+/** The node starts serving as primary: a crash from now on is a crashed primary. */
+export function markRunning(s: PairState): PairState {
+  return { ...s, cleanShutdown: false };
+}
+
+/** A clean stop: everything is flushed. */
+export function markStopped(s: PairState): PairState {
+  return { ...s, cleanShutdown: true };
+}
+
+/** The activity-log resync of a crashed primary finished. */
+export function clearCrashedPrimary(s: PairState): PairState {
+  return { ...s, crashedPrimary: false };
 }
 
 export function pairStatePath(imagePath: string): string {
@@ -57,10 +166,7 @@ export class PairStateFile {
     } catch {
       throw new BlkrepError('ERR_PAIR_STATE', `the pair state ${path} is not JSON (not written by blkrep, or damaged)`);
     }
-    if (v?.version !== 1 || typeof v.nodeId !== 'string' || typeof v.epoch !== 'number') {
-      throw new BlkrepError('ERR_PAIR_STATE', `the pair state ${path} is not a version 1 blkrep pair state`);
-    }
-    return new PairStateFile(path, v);
+    return new PairStateFile(path, validateState(v, path));
   }
 
   get state(): Readonly<PairState> {
