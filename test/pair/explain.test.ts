@@ -1,0 +1,178 @@
+// test-pair-explain: explainConnect (status, the pair link's welcome/refuse) and explainFailover
+// (failover --dry-run): rule, direction, full or bitmap, bytes, RPO, refusals with their stable
+// codes, and the text — for the cases an operator meets.
+import { describe, expect, it } from 'vitest';
+import { EMPTY, mint, type GenerationTuple } from '../../src/pair/generations.js';
+import { explainConnect, explainFailover, linkDecision, type ConnectSide, type FailoverInput } from '../../src/pair/explain.js';
+
+const MiB = 1024 * 1024;
+const C = 'a000000000000001';
+const N = 'b000000000000002';
+const M = 'c000000000000003';
+const t = (current: string, bitmap = EMPTY, history: string[] = []): GenerationTuple => ({ current, bitmap, history });
+
+function side(o: Partial<ConnectSide> & { nodeId: string }): ConnectSide {
+  return { role: 'secondary', gi: t(C), diskState: 'UpToDate', crashedPrimary: false, bitmapBytes: 0, ...o };
+}
+
+describe('explainConnect', () => {
+  it('in step: rule 40, nothing to copy; the link is welcomed with action none', () => {
+    const e = explainConnect(side({ nodeId: 's' }), side({ nodeId: 'p', role: 'primary' }), { size: 64 * MiB });
+    expect(e).toMatchObject({ rule: 40, result: 'no-sync', direction: 'none', mode: 'none', bytes: 0, bytesExact: true });
+    expect(e.refused).toBeUndefined();
+    expect(linkDecision(e)).toMatchObject({ rule: 40, action: 'none' });
+    expect(e.text).toBe(
+      [
+        `this node: current ${C}, bitmap ${EMPTY}, history []`,
+        `peer:      current ${C}, bitmap ${EMPTY}, history []`,
+        'rule 40: same generation and neither node crashed as primary: the disks are in step',
+        'nothing to copy',
+      ].join('\n'),
+    );
+  });
+
+  it('the primary lost the secondary and wrote: rule 50 on the secondary, bitmap resync from the peer, bytes = union or at most the sum', () => {
+    const s = side({ nodeId: 's' });
+    const p = side({ nodeId: 'p', role: 'primary', gi: mint(t(C), N), bitmapBytes: 3 * MiB });
+    const e = explainConnect(s, p, { size: 64 * MiB });
+    expect(e).toMatchObject({ rule: 50, result: 'target-bitmap', direction: 'from-peer', mode: 'bitmap', bytes: 3 * MiB, bytesExact: false });
+    expect(e.text).toContain('bitmap resync from the peer to this node: at most 3 MiB (3145728 bytes)');
+    expect(explainConnect(s, p, { size: 64 * MiB, unionBytes: 2 * MiB })).toMatchObject({ bytes: 2 * MiB, bytesExact: true });
+    expect(linkDecision(e)).toMatchObject({ rule: 50, action: 'resync-bitmap' });
+  });
+
+  it('a new secondary: rule 20, full copy of the disk size', () => {
+    const e = explainConnect(side({ nodeId: 's', gi: t('0000000000000004'), diskState: 'Inconsistent' }), side({ nodeId: 'p', role: 'primary' }), { size: 64 * MiB });
+    expect(e).toMatchObject({ rule: 20, direction: 'from-peer', mode: 'full', bytes: 64 * MiB, bytesExact: true });
+    expect(linkDecision(e).action).toBe('resync-full');
+  });
+
+  it('split brain, default policy: refused with ERR_PAIR_SPLIT_BRAIN, both tuples and the rule in the text', () => {
+    const e = explainConnect(side({ nodeId: 's', role: 'primary', gi: mint(t(C), N), bitmapBytes: MiB }), side({ nodeId: 'p', role: 'primary', gi: mint(t(C), M), bitmapBytes: 2 * MiB }), { size: 64 * MiB });
+    expect(e).toMatchObject({ rule: 90, result: 'split-brain', direction: 'none', mode: 'none', bytes: 0, refused: { code: 'ERR_PAIR_SPLIT_BRAIN' }, splitBrain: { primaries: 2, source: null } });
+    expect(e.text).toContain(`this node: current ${N}, bitmap ${C}`);
+    expect(e.text).toContain(`peer:      current ${M}, bitmap ${C}`);
+    expect(e.text).toContain('rule 90: both nodes went on from the same generation');
+    expect(e.text).toContain('refused (ERR_PAIR_SPLIT_BRAIN): nothing is copied');
+    expect(linkDecision(e)).toMatchObject({ rule: 90, action: 'refuse' });
+  });
+
+  it('split brain resolved by discard-least-changes: the node with fewer changes is the target of a bitmap resync', () => {
+    const e = explainConnect(side({ nodeId: 's', gi: mint(t(C), N), bitmapBytes: MiB }), side({ nodeId: 'p', gi: mint(t(C), M), bitmapBytes: 2 * MiB }), {
+      size: 64 * MiB,
+      policies: { zeroPrimaries: { policy: 'discard-least-changes' } },
+    });
+    expect(e).toMatchObject({ rule: 90, result: 'target-bitmap', direction: 'from-peer', mode: 'bitmap', bytes: 3 * MiB, splitBrain: { policy: 'discard-least-changes', victim: 'self' } });
+    expect(e.refused).toBeUndefined();
+  });
+
+  it('unrelated data and a stale primary are refused with their codes; the secondary never becomes the source on the link', () => {
+    expect(explainConnect(side({ nodeId: 's', gi: t(N) }), side({ nodeId: 'p', gi: t(M) }), { size: MiB })).toMatchObject({ rule: -1000, refused: { code: 'ERR_PAIR_UNRELATED' } });
+    const stale = explainConnect(side({ nodeId: 's', role: 'primary', gi: mint(t(C), N) }), side({ nodeId: 'p', role: 'primary' }), { size: MiB });
+    expect(stale).toMatchObject({ rule: 70, result: 'refused', refused: { code: 'ERR_PAIR_ROLE' } });
+    const wrongWay = explainConnect(side({ nodeId: 's', gi: mint(t(C), N), bitmapBytes: MiB }), side({ nodeId: 'p', role: 'primary', crashedPrimary: false, diskState: 'Outdated' }), { size: MiB });
+    expect(wrongWay.direction).toBe('to-peer');
+    expect(linkDecision(wrongWay)).toMatchObject({ action: 'refuse', explanation: expect.stringContaining('the primary is always the source on the pair link') });
+  });
+
+  it('negative or fractional numbers are a usage error naming the field', () => {
+    expect(() => explainConnect(side({ nodeId: 's', bitmapBytes: -1 }), side({ nodeId: 'p' }), { size: MiB })).toThrow(expect.objectContaining({ code: 'ERR_USAGE', message: 'this node bitmapBytes is -1, not a byte count or count ≥ 0' }));
+  });
+});
+
+const secondary = (o: Partial<FailoverInput> = {}): FailoverInput => ({
+  role: 'secondary',
+  to: 'checkpoint',
+  force: false,
+  gi: t(C, EMPTY, ['d000000000000004']),
+  epoch: 7,
+  committing: null,
+  diskState: 'Consistent',
+  protocol: 'sync',
+  linkUp: false,
+  resyncSinceCheckpoint: false,
+  hiddenBytes: 4 * MiB,
+  activeBytes: MiB,
+  writesSinceCheckpoint: 120,
+  peerGi: t(C, EMPTY, ['d000000000000004']),
+  size: 64 * MiB,
+  newGeneration: N,
+  ...o,
+});
+
+describe('explainFailover on a secondary', () => {
+  it('--to checkpoint: commit hidden+active, RPO = writes since the checkpoint, failback by rule 70 bitmap', () => {
+    const e = explainFailover(secondary());
+    expect(e).toMatchObject({
+      allowed: true,
+      epoch: 7,
+      commitBytes: 5 * MiB,
+      rpoWrites: 120,
+      rpoExact: true,
+      gi: { after: t(N, C, ['d000000000000004']) },
+      rule: 70,
+      direction: 'to-peer',
+      mode: 'bitmap',
+      bytes: 5 * MiB,
+      alternative: { rule: 90, result: 'split-brain' },
+    });
+    expect(e.text.split('\n')[0]).toBe('failover --to checkpoint would promote this secondary at epoch 7; RPO: 120 acknowledged writes lost');
+    expect(e.text).toContain('rule 70 (');
+    expect(e.text).toContain('bitmap resync from this node to the peer: at least 5 MiB');
+  });
+
+  it('--to latest in sync mode loses nothing and commits only active', () => {
+    expect(explainFailover(secondary({ to: 'latest' }))).toMatchObject({ allowed: true, commitBytes: MiB, rpoWrites: 0, rpoExact: true });
+  });
+
+  it('async: --to checkpoint gives a lower bound; --to latest after a resync is refused', () => {
+    expect(explainFailover(secondary({ protocol: 'async' }))).toMatchObject({ allowed: true, rpoWrites: 120, rpoExact: false });
+    expect(explainFailover(secondary({ protocol: 'async', to: 'latest' }))).toMatchObject({ allowed: true, rpoWrites: null, rpoExact: false });
+    expect(explainFailover(secondary({ protocol: 'async', to: 'latest', resyncSinceCheckpoint: true }))).toMatchObject({ allowed: false, refused: { code: 'ERR_PAIR_STATE', message: expect.stringContaining('not an ordered copy') } });
+  });
+
+  it('an Outdated secondary needs --force (ERR_PAIR_OUTDATED)', () => {
+    const e = explainFailover(secondary({ diskState: 'Outdated' }));
+    expect(e).toMatchObject({ allowed: false, refused: { code: 'ERR_PAIR_OUTDATED' } });
+    expect(e.text.split('\n')[0]).toBe('failover refused (ERR_PAIR_OUTDATED): this secondary is Outdated (forwarding stopped after checkpoint 7): its data misses acknowledged writes; --force to promote it anyway');
+    expect(explainFailover(secondary({ diskState: 'Outdated', force: true })).allowed).toBe(true);
+  });
+
+  it('a connected primary: refused without --force (ERR_PAIR_ROLE); with --force the reconnect is a split brain (rule 90)', () => {
+    expect(explainFailover(secondary({ linkUp: true }))).toMatchObject({ allowed: false, refused: { code: 'ERR_PAIR_ROLE' } });
+    const forced = explainFailover(secondary({ linkUp: true, force: true }));
+    expect(forced).toMatchObject({ allowed: true, rule: 90, direction: 'none', mode: 'none' });
+    expect(forced.alternative).toBeUndefined();
+  });
+
+  it('during a checkpoint commit: the disk is CP_N+1, nothing to commit, nothing lost; --to latest refused', () => {
+    expect(explainFailover(secondary({ committing: 8 }))).toMatchObject({ allowed: true, epoch: 8, commitBytes: 0, rpoWrites: 0 });
+    expect(explainFailover(secondary({ committing: 8, to: 'latest' }))).toMatchObject({ allowed: false, refused: { code: 'ERR_PAIR_STATE' } });
+  });
+
+  it('a Failed disk, a lost hidden disk, or latest while Inconsistent are refused with ERR_PAIR_STATE', () => {
+    expect(explainFailover(secondary({ diskState: 'Failed' })).refused?.code).toBe('ERR_PAIR_STATE');
+    expect(explainFailover(secondary({ hiddenLost: true })).refused?.message).toBe('the hidden disk was lost: checkpoint 7 cannot be restored; resync from the primary first');
+    expect(explainFailover(secondary({ diskState: 'Inconsistent', to: 'latest' })).refused?.code).toBe('ERR_PAIR_STATE');
+    expect(explainFailover(secondary({ diskState: 'Inconsistent' })).allowed).toBe(true); // the hidden disk keeps CP_N during a resync
+  });
+});
+
+describe('explainFailover on a primary', () => {
+  it('stops forwarding, keeps serving, mints; the secondary reconnecting gives rule 70 by the peer bitmap; promoted meanwhile: 90', () => {
+    const e = explainFailover({ ...secondary(), role: 'primary', bitmapBytes: 2 * MiB });
+    expect(e).toMatchObject({
+      allowed: true,
+      role: 'primary',
+      commitBytes: 0,
+      rpoWrites: 0,
+      gi: { after: t(N, C, ['d000000000000004']) },
+      rule: 70,
+      direction: 'to-peer',
+      mode: 'bitmap',
+      bytes: 2 * MiB,
+      alternative: { rule: 90, result: 'split-brain' },
+    });
+    expect(e.text.split('\n')[0]).toBe('failover on the primary: the secondary is given up; no acknowledged write is lost');
+  });
+});
