@@ -12,7 +12,7 @@
 import { BlkrepError } from '../api/errors.js';
 import { formatSize } from '../util/size.js';
 import { decide, newGeneration, onLineageEvent, type Decision, type DecisionResult, type GenerationTuple } from './generations.js';
-import type { DiskState, LinkDecision } from './messages.js';
+import type { DiskState, LinkDecision, NodeSummary } from './messages.js';
 import { resolveSplitBrain, type SplitBrainPolicies, type SplitBrainResolution } from './split-brain.js';
 
 /** One node as the connect decision sees it. */
@@ -31,6 +31,21 @@ export interface ConnectSide {
   primarySince?: number | null;
   /** the operator marked it the victim of a split brain */
   discardMyData?: boolean;
+}
+
+/** A hello/welcome's node summary as a ConnectSide (the optional policy fields carried over). */
+export function connectSideOf(n: NodeSummary): ConnectSide {
+  return {
+    nodeId: n.nodeId,
+    name: n.name ?? n.nodeId,
+    role: n.role,
+    gi: n.gi,
+    diskState: n.diskState,
+    crashedPrimary: n.crashedPrimary,
+    bitmapBytes: n.bitmapBytes,
+    primarySince: n.primarySince ?? null,
+    ...(n.discardMyData ? { discardMyData: true } : {}),
+  };
 }
 
 export interface ConnectOptions {
@@ -167,7 +182,7 @@ export interface FailoverInput {
   committing: number | null;
   diskState: DiskState;
   protocol: 'sync' | 'async' | null;
-  /** the pair link to the peer is up: the peer is alive and (for a secondary) its primary */
+  /** the pair link to the peer is up: a secondary's primary is alive and is told to demote (a planned switchover) */
   linkUp: boolean;
   /** async: a resync ran since the last checkpoint, so the disk is not an ordered prefix (--to latest unsafe) */
   resyncSinceCheckpoint: boolean;
@@ -217,7 +232,6 @@ export interface FailoverExplanation {
 function refusal(input: FailoverInput): { code: string; message: string } | undefined {
   if (input.role === 'primary') return undefined;
   if (input.diskState === 'Failed') return { code: 'ERR_PAIR_STATE', message: 'the disk has Failed: this secondary cannot be promoted' };
-  if (input.linkUp && !input.force) return { code: 'ERR_PAIR_ROLE', message: 'the primary is connected and serving: promoting this node now would split the brain (stop the primary, or --force)' };
   if (input.hiddenLost) return { code: 'ERR_PAIR_STATE', message: `the hidden disk was lost: checkpoint ${input.epoch} cannot be restored; resync from the primary first` };
   if (input.diskState === 'Outdated' && !input.force) return { code: 'ERR_PAIR_OUTDATED', message: `this secondary is Outdated (forwarding stopped after checkpoint ${input.epoch}): its data misses acknowledged writes; --force to promote it anyway` };
   if (input.to === 'latest') {
@@ -248,9 +262,9 @@ function secondaryFailover(input: FailoverInput, g: string, peerGi: GenerationTu
   const epoch = committing ? input.committing! : input.epoch;
   const commitBytes = committing ? 0 : input.to === 'checkpoint' ? input.hiddenBytes + input.activeBytes : input.activeBytes;
   const failbackBytes = Math.min(input.size, input.hiddenBytes + input.activeBytes);
-  const back = decide({ gi: after, crashedPrimary: false, role: 'primary' }, { gi: peerGi, crashedPrimary: true, role: 'secondary' });
+  // the old primary comes back as a secondary: crashed (link down now), or demoted over the link
+  const mainDecision = decide({ gi: after, crashedPrimary: false, role: 'primary' }, { gi: peerGi, crashedPrimary: !input.linkUp, role: 'secondary' });
   const alive = decide({ gi: after, crashedPrimary: false, role: 'primary' }, { gi: onLineageEvent(peerGi, { kind: 'peer-lost', role: 'primary' }, newGeneration()), crashedPrimary: false, role: 'secondary' });
-  const mainDecision = input.linkUp ? alive : back;
   let rpoWrites: number | null;
   let rpoExact: boolean;
   if (input.to === 'latest') {
@@ -261,7 +275,7 @@ function secondaryFailover(input: FailoverInput, g: string, peerGi: GenerationTu
     rpoExact = input.protocol === 'sync' && rpoWrites !== null;
   }
   const steps = [
-    'close the replica export and refuse the old primary (its token is void)',
+    input.linkUp ? 'tell the connected primary to demote (stop forwarding), close the pair link and the replica export' : 'close the replica export and refuse the old primary (its token is void)',
     committing
       ? `finish checkpoint ${input.committing}: the disk already is CP_${input.committing}; discard both overlays`
       : input.to === 'checkpoint'
@@ -275,7 +289,7 @@ function secondaryFailover(input: FailoverInput, g: string, peerGi: GenerationTu
   const rpo = rpoWrites === null ? 'unknown (writes still queued on the old primary are lost)' : `${rpoExact ? '' : 'at least '}${rpoWrites} acknowledged write${rpoWrites === 1 ? '' : 's'} lost`;
   const head = refused ? `failover refused (${refused.code}): ${refused.message}` : `failover --to ${input.to} would promote this secondary at epoch ${epoch}; RPO: ${rpo}`;
   const backText = `when the old primary returns as a secondary: rule ${mainDecision.rule} (${mainDecision.explanation}), ${describeResync(directionOf(mainDecision.result), modeOf(mainDecision.result), failbackBytes, false).replace('at most', 'at least')}`;
-  const aliveText = input.linkUp ? undefined : `if the old primary is still running and writes, it minted a generation of its own: rule ${alive.rule} (${alive.result}) on reconnect`;
+  const aliveText = `if the old primary goes on writing as a primary, it mints a generation of its own: rule ${alive.rule} (${alive.result}) on reconnect`;
   return {
     allowed: refused === undefined,
     ...(refused ? { refused } : {}),
@@ -290,9 +304,9 @@ function secondaryFailover(input: FailoverInput, g: string, peerGi: GenerationTu
     direction: directionOf(mainDecision.result),
     mode: modeOf(mainDecision.result),
     bytes: modeOf(mainDecision.result) === 'full' ? input.size : modeOf(mainDecision.result) === 'none' ? 0 : failbackBytes,
-    ...(aliveText ? { alternative: { when: 'the old primary is still running and writes', rule: alive.rule, result: alive.result } } : {}),
+    alternative: { when: 'the old primary goes on writing as a primary', rule: alive.rule, result: alive.result },
     steps,
-    text: [head, ...(refused ? [] : steps.map((s, i) => `  ${i + 1}. ${s}`)), backText, ...(aliveText ? [aliveText] : [])].join('\n'),
+    text: [head, ...(refused ? [] : steps.map((s, i) => `  ${i + 1}. ${s}`)), backText, aliveText].join('\n'),
   };
 }
 

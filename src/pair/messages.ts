@@ -35,6 +35,12 @@ export interface NodeSummary {
   crashedPrimary: boolean;
   /** bytes this node has marked dirty for its peer since the generations diverged */
   bitmapBytes: number;
+  /** the node's name, for the discard-node=NAME split-brain policy (absent: the nodeId) */
+  name?: string;
+  /** when it last became primary (ms since the epoch), for discard-younger/older-primary; absent/null: never */
+  primarySince?: number | null;
+  /** the operator marked this node the victim of a split brain (DRBD's --discard-my-data) */
+  discardMyData?: boolean;
 }
 
 export type PairMessage =

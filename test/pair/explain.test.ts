@@ -3,7 +3,7 @@
 // codes, and the text — for the cases an operator meets.
 import { describe, expect, it } from 'vitest';
 import { EMPTY, mint, type GenerationTuple } from '../../src/pair/generations.js';
-import { explainConnect, explainFailover, linkDecision, type ConnectSide, type FailoverInput } from '../../src/pair/explain.js';
+import { connectSideOf, explainConnect, explainFailover, linkDecision, type ConnectSide, type FailoverInput } from '../../src/pair/explain.js';
 
 const MiB = 1024 * 1024;
 const C = 'a000000000000001';
@@ -75,6 +75,12 @@ describe('explainConnect', () => {
     expect(linkDecision(wrongWay)).toMatchObject({ action: 'refuse', explanation: expect.stringContaining('the primary is always the source on the pair link') });
   });
 
+  it('a hello summary becomes a connect side with its policy fields', () => {
+    const hello = { nodeId: 'n1', role: 'primary' as const, gi: t(C), epoch: 3, diskState: 'UpToDate' as const, crashedPrimary: true, bitmapBytes: 7, name: 'db-1', primarySince: 42 };
+    expect(connectSideOf(hello)).toEqual({ nodeId: 'n1', name: 'db-1', role: 'primary', gi: t(C), diskState: 'UpToDate', crashedPrimary: true, bitmapBytes: 7, primarySince: 42 });
+    expect(connectSideOf({ ...hello, name: undefined, primarySince: undefined, discardMyData: true })).toMatchObject({ name: 'n1', primarySince: null, discardMyData: true });
+  });
+
   it('negative or fractional numbers are a usage error naming the field', () => {
     expect(() => explainConnect(side({ nodeId: 's', bitmapBytes: -1 }), side({ nodeId: 'p' }), { size: MiB })).toThrow(expect.objectContaining({ code: 'ERR_USAGE', message: 'this node bitmapBytes is -1, not a byte count or count ≥ 0' }));
   });
@@ -138,11 +144,10 @@ describe('explainFailover on a secondary', () => {
     expect(explainFailover(secondary({ diskState: 'Outdated', force: true })).allowed).toBe(true);
   });
 
-  it('a connected primary: refused without --force (ERR_PAIR_ROLE); with --force the reconnect is a split brain (rule 90)', () => {
-    expect(explainFailover(secondary({ linkUp: true }))).toMatchObject({ allowed: false, refused: { code: 'ERR_PAIR_ROLE' } });
-    const forced = explainFailover(secondary({ linkUp: true, force: true }));
-    expect(forced).toMatchObject({ allowed: true, rule: 90, direction: 'none', mode: 'none' });
-    expect(forced.alternative).toBeUndefined();
+  it('a connected primary is told to demote (planned switchover): failback by rule 70; if it goes on writing, rule 90', () => {
+    const e = explainFailover(secondary({ linkUp: true, hiddenBytes: 0, activeBytes: 0, writesSinceCheckpoint: 0 }));
+    expect(e).toMatchObject({ allowed: true, rpoWrites: 0, commitBytes: 0, rule: 70, direction: 'to-peer', mode: 'bitmap', bytes: 0, alternative: { rule: 90, result: 'split-brain' } });
+    expect(e.steps[0]).toBe('tell the connected primary to demote (stop forwarding), close the pair link and the replica export');
   });
 
   it('during a checkpoint commit: the disk is CP_N+1, nothing to commit, nothing lost; --to latest refused', () => {
