@@ -28,7 +28,9 @@
  */
 import { randomBytes } from 'node:crypto';
 import { BlkrepError } from '../api/errors.js';
-import type { DiskState } from './messages.js';
+
+/** messages.ts's DiskState, spelled out here because messages.ts imports this file (no cycles) */
+type DiskState = 'UpToDate' | 'Consistent' | 'Outdated' | 'Inconsistent' | 'Failed';
 
 export const EMPTY = '0000000000000000';
 /** DRBD's UUID_JUST_CREATED: a disk nobody has written as part of a pair */
