@@ -129,8 +129,13 @@ export function explainConnect(self: ConnectSide, peer: ConnectSide, options: Co
     const side = (s: ConnectSide) => ({ nodeId: s.nodeId, name: s.name ?? s.nodeId, role: s.role, gi: s.gi, changedBytes: s.bitmapBytes, primarySince: s.primarySince ?? null, ...(s.discardMyData ? { discardMyData: true } : {}) });
     splitBrain = resolveSplitBrain(decision, side(self), side(peer), options.policies);
     why += `\n${splitBrain.explanation}`;
+    const victim = splitBrain.victim === 'self' ? self : splitBrain.victim === 'peer' ? peer : undefined;
     if (splitBrain.source === null) {
       refused = { code: 'ERR_PAIR_SPLIT_BRAIN', message: splitBrain.explanation };
+    } else if (victim?.role === 'primary') {
+      // rr-conflict after the policy, as DRBD: a serving primary is never overwritten
+      refused = { code: 'ERR_PAIR_ROLE', message: `${splitBrain.explanation}; but ${victim === self ? 'this node' : 'the peer'} is a primary serving its data: refused` };
+      why += `\n${refused.message}`;
     } else {
       result = `${splitBrain.source === 'self' ? 'source' : 'target'}-${splitBrain.mode}` as DecisionResult;
     }

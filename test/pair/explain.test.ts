@@ -66,6 +66,12 @@ describe('explainConnect', () => {
     expect(e.refused).toBeUndefined();
   });
 
+  it('discard-my-data naming a serving primary as the victim is refused (rr-conflict after the policy)', () => {
+    const e = explainConnect(side({ nodeId: 's', role: 'primary', gi: mint(t(C), N), discardMyData: true }), side({ nodeId: 'p', gi: mint(t(C), M) }), { size: MiB });
+    expect(e).toMatchObject({ rule: 90, direction: 'none', mode: 'none', bytes: 0, refused: { code: 'ERR_PAIR_ROLE' }, splitBrain: { policy: 'discard-my-data', victim: 'self' } });
+    expect(e.text).toContain('but this node is a primary serving its data: refused');
+  });
+
   it('unrelated data and a stale primary are refused with their codes; the secondary never becomes the source on the link', () => {
     expect(explainConnect(side({ nodeId: 's', gi: t(N) }), side({ nodeId: 'p', gi: t(M) }), { size: MiB })).toMatchObject({ rule: -1000, refused: { code: 'ERR_PAIR_UNRELATED' } });
     const stale = explainConnect(side({ nodeId: 's', role: 'primary', gi: mint(t(C), N) }), side({ nodeId: 'p', role: 'primary' }), { size: MiB });
