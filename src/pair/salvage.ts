@@ -15,7 +15,7 @@
  * final name (never replacing a file) and the directory synced; so a listed salvage overlay is
  * always complete. A leftover temporary (a crash mid-copy) is listed as incomplete.
  */
-import { link, readdir, stat, unlink } from 'node:fs/promises';
+import { link, readdir, rename, stat, unlink } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import type { BlockNode } from '../api/block.js';
 import { BlkrepError, toBlkrepError } from '../api/errors.js';
@@ -120,13 +120,7 @@ export async function salvage(source: BlockNode, ranges: SalvageRange[], path: s
     await node.flush();
     await node.close();
     node = undefined;
-    try {
-      await link(temp, path);
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code === 'EEXIST') throw new BlkrepError('ERR_EXISTS', `the salvage overlay ${path} appeared while it was being written: a salvage is never replaced`, { errno: 'EINVAL', details: { path } });
-      throw err;
-    }
-    await unlink(temp);
+    await publish(temp, path);
     await syncDirectory(dirname(path));
     return { path, ranges: plan, bytes };
   } catch (err) {
@@ -134,6 +128,22 @@ export async function salvage(source: BlockNode, ranges: SalvageRange[], path: s
     await unlink(temp).catch(() => {});
     throw err instanceof BlkrepError ? err : toBlkrepError(err, `salvage into ${path}`);
   }
+}
+
+/** Give the finished overlay its name without ever replacing a file: link (atomic), or rename where links are not supported. */
+async function publish(temp: string, path: string): Promise<void> {
+  const appeared = () => new BlkrepError('ERR_EXISTS', `the salvage overlay ${path} appeared while it was being written: a salvage is never replaced`, { errno: 'EINVAL', details: { path } });
+  try {
+    await link(temp, path);
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'EEXIST') throw appeared();
+    if (code !== 'EPERM' && code !== 'ENOTSUP' && code !== 'EOPNOTSUPP' && code !== 'ENOSYS') throw err;
+    if (await exists(path)) throw appeared();
+    await rename(temp, path);
+    return;
+  }
+  await unlink(temp);
 }
 
 function wrap(err: unknown, context: string, details: Record<string, unknown>): BlkrepError {

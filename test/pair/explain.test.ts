@@ -187,3 +187,23 @@ describe('explainFailover on a primary', () => {
     expect(e.text.split('\n')[0]).toBe('failover on the primary: the secondary is given up; no acknowledged write is lost');
   });
 });
+
+describe('both nodes explain the same connect', () => {
+  const pairs: Array<[string, ConnectSide, ConnectSide]> = [
+    ['in step', side({ nodeId: 'a' }), side({ nodeId: 'b', role: 'primary' })],
+    ['failback', side({ nodeId: 'a', gi: t(C), crashedPrimary: true }), side({ nodeId: 'b', role: 'primary', gi: mint(t(C), N), bitmapBytes: MiB })],
+    ['split brain, least changes', side({ nodeId: 'a', gi: mint(t(C), N), bitmapBytes: MiB }), side({ nodeId: 'b', gi: mint(t(C), M), bitmapBytes: 2 * MiB })],
+    ['split brain, default', side({ nodeId: 'a', role: 'primary', gi: mint(t(C), N) }), side({ nodeId: 'b', gi: mint(t(C), M) })],
+    ['unrelated', side({ nodeId: 'a', gi: t(N) }), side({ nodeId: 'b', gi: t(M) })],
+    ['new disk', side({ nodeId: 'a', gi: t('0000000000000004'), diskState: 'Inconsistent' }), side({ nodeId: 'b', role: 'primary' })],
+  ];
+  const flip = { 'to-peer': 'from-peer', 'from-peer': 'to-peer', none: 'none' } as const;
+  for (const [name, a, b] of pairs) {
+    it(name, () => {
+      const o = { size: 64 * MiB, policies: { zeroPrimaries: { policy: 'discard-least-changes' as const } } };
+      const x = explainConnect(a, b, o);
+      const y = explainConnect(b, a, o);
+      expect({ direction: y.direction, mode: y.mode, bytes: y.bytes, code: y.refused?.code }).toEqual({ direction: flip[x.direction], mode: x.mode, bytes: x.bytes, code: x.refused?.code });
+    });
+  }
+});
