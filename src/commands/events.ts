@@ -4,6 +4,7 @@ import { BlkrepCommand } from '../cli/base.js';
 import { ControlClient } from '../control/client.js';
 import type { ControlEvent } from '../control/protocol.js';
 import { controlFlag } from '../cli/job-command.js';
+import { findControl } from '../cli/control-path.js';
 import type { JobInfo } from '../jobs/job.js';
 
 /** What is true now, as the events that made it so, each marked "now": true. */
@@ -46,7 +47,8 @@ Exit status: 0 when the --until event (or the --count-th event) arrived, or on S
 
   async run(): Promise<undefined> {
     const { flags } = await this.parse(Events);
-    const client = await ControlClient.connect(flags.control, { timeoutMs: 10_000 });
+    const control = await findControl(flags.control);
+    const client = await ControlClient.connect(control, { timeoutMs: 10_000 });
     let n = 0;
     let over = false;
     let resolveDone!: (err?: BlkrepError) => void;
@@ -72,7 +74,7 @@ Exit status: 0 when the --until event (or the --count-th event) arrived, or on S
       flags.timeout === undefined
         ? undefined
         : setTimeout(() => finish(new BlkrepError('ERR_TIMEOUT', `no ${flags.until ?? 'event'}${flags['job-id'] ? ` of job ${flags['job-id']}` : ''} after ${flags.timeout} s`, { errno: 'EIO' })), flags.timeout * 1000);
-    void client.closed.then(() => finish(new BlkrepError('ERR_CONTROL_CLOSED', `the daemon at ${flags.control} went away`, { errno: 'ESHUTDOWN' })));
+    void client.closed.then(() => finish(new BlkrepError('ERR_CONTROL_CLOSED', `the daemon at ${control} went away`, { errno: 'ESHUTDOWN' })));
     try {
       await client.subscribe(flags.event && !flags.until ? flags.event : flags.event ? [...flags.event, flags.until!] : undefined, onEvent);
       // Subscribed first, then the current state: nothing can fall between the two.
