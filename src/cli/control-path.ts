@@ -28,17 +28,22 @@ export function controlPathFor(given: string, env: NodeJS.ProcessEnv = process.e
 /** For serve-nbd: the socket's path; RUNDIR is created (mode 0700) when the path is in it. */
 export async function prepareControlPath(given: string, env: NodeJS.ProcessEnv = process.env): Promise<string> {
   const path = controlPathFor(given, env);
+  await ensureRunDirFor(path, env);
+  return path;
+}
+
+/** Create RUNDIR (mode 0700, not its parents) when `path` is a file directly in it. */
+export async function ensureRunDirFor(path: string, env: NodeJS.ProcessEnv = process.env): Promise<void> {
   const dir = runDir(env);
   if (path.startsWith(`${dir}/`) && !path.slice(dir.length + 1).includes('/')) {
     try {
       await mkdir(dir, { mode: 0o700 });
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code !== 'EEXIST') {
-        throw new BlkrepError('ERR_FILE_CREATE', `cannot create the control socket directory ${dir}: ${(err as Error).message}`, { cause: err });
+        throw new BlkrepError('ERR_FILE_CREATE', `cannot create the runtime directory ${dir}: ${(err as Error).message}`, { cause: err });
       }
     }
   }
-  return path;
 }
 
 /** For the live commands: the socket of the daemon meant, or a usage error saying how to name it. */

@@ -3,7 +3,7 @@ import { Args, Flags } from '@oclif/core';
 import { BlkrepCommand, loadTransports } from '../cli/base.js';
 import { secondsFlag, sizeFlag } from '../cli/flags.js';
 import { filterFlag, parseFilters } from '../cli/image.js';
-import { prepareControlPath } from '../cli/control-path.js';
+import { ensureRunDirFor, prepareControlPath } from '../cli/control-path.js';
 import { Daemon, type ExportSpec, type ListenSpec, type ListeningEvent } from '../serve/daemon.js';
 import type { BitmapLoad } from '../bitmap/export-bitmaps.js';
 import { DEFAULT_MAX_BUFFER, type LogLevel } from '../nbd/server.js';
@@ -88,7 +88,10 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
     }
     const socketMode = flags['socket-mode'] === undefined ? undefined : parseMode(flags['socket-mode'], (m) => this.usageError(m));
     const listen: ListenSpec[] = [];
-    if (flags.socket) listen.push({ transport: 'unix', address: flags.socket });
+    if (flags.socket) {
+      await ensureRunDirFor(flags.socket);
+      listen.push({ transport: 'unix', address: flags.socket });
+    }
     if (!flags.socket || flags.port !== undefined) {
       const host = flags.bind.includes(':') && !flags.bind.startsWith('[') ? `[${flags.bind}]` : flags.bind;
       listen.push({ transport: 'tcp', address: `${host}:${flags.port ?? DEFAULT_PORT}` });

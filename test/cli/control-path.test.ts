@@ -18,16 +18,21 @@ describe('control socket by name, from the environment, or the only one', () => 
   it('--control NAME puts the socket in RUNDIR (created 0700); status finds it by NAME, by $BLKREP_CONTROL, and as the only one', async () => {
     const dir = await makeTempDir();
     const run = join(dir, 'run');
-    const env = { ...process.env, BLKREP_RUN_DIR: run };
+    const env: NodeJS.ProcessEnv = { ...process.env, BLKREP_RUN_DIR: run };
     delete env['BLKREP_CONTROL'];
-    const d = await serve(['memory:1M', '--socket', join(dir, 'nbd.sock'), '--control', 'disk1'], { env });
+    // the runtime directory is created for a --socket directly in it too (and only RUNDIR itself)
+    const d = await serve(['memory:1M', '--socket', join(run, 'nbd.sock'), '--control', 'disk1'], { env });
     expect(statSync(run).mode & 0o777).toBe(0o700);
+    expect(statSync(join(run, 'nbd.sock')).isSocket()).toBe(true);
     expect(statSync(join(run, 'disk1.ctl')).isSocket()).toBe(true);
     const byName = await statusJson(['--control', 'disk1'], env);
     expect(byName.code).toBe(0);
     expect(byName.out['control']).toBe(join(run, 'disk1.ctl'));
     expect((await statusJson([], { ...env, BLKREP_CONTROL: 'disk1' })).out['control']).toBe(join(run, 'disk1.ctl'));
     expect((await statusJson([], env)).out['control']).toBe(join(run, 'disk1.ctl'));
+    const bitmaps = await runCli(['bitmap', 'list', '--control', 'disk1', '--json'], { env });
+    expect(bitmaps.code).toBe(0);
+    expect(JSON.parse(bitmaps.stdout)).toEqual([]);
     // a second daemon: without --control the command cannot choose
     const d2 = await serve(['memory:1M', '--socket', join(dir, 'nbd2.sock'), '--control', 'disk2'], { env });
     const two = await statusJson([], env);
