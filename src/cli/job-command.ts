@@ -88,6 +88,7 @@ export async function followJob(
   options: { progress: boolean },
 ): Promise<ControlEvent> {
   let bar: Progress | undefined;
+  let interrupt: (() => void) | undefined;
   const ticker = options.progress
     ? setInterval(() => {
         client.request('job-query', { id }).then(
@@ -121,9 +122,16 @@ export async function followJob(
       };
       if (check()) return;
       onEvent.listener = () => void check();
+      // Ctrl-C stops the waiting, not the job: say so, and let the bar restore the terminal.
+      interrupt = () => {
+        const err = new BlkrepError('ERR_INTERRUPTED', `interrupted: stopped waiting; job ${id} keeps running in the daemon (blkrep job show ${id}, blkrep job cancel ${id})`, { errno: 'EIO' });
+        reject(Object.assign(err, { oclif: { exit: 130 } }));
+      };
+      process.once('SIGINT', interrupt);
       client.closed.then(() => reject(new BlkrepError('ERR_CONTROL_CLOSED', `the daemon went away before job ${id} was ${until}`, { errno: 'ESHUTDOWN' })));
     });
   } finally {
+    if (interrupt) process.off('SIGINT', interrupt);
     if (ticker) clearInterval(ticker);
     bar?.stop();
   }
