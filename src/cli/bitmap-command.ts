@@ -20,7 +20,7 @@ export const targetArg = Args.string({
 });
 
 export const storeFlags = {
-  control: Flags.string({ char: 'c', description: "a running serve-nbd's control socket: the bitmaps of an export it serves", helpValue: 'PATH' }),
+  control: Flags.string({ char: 'c', description: "a running serve-nbd's control socket (a path, or a NAME for /run/blkrep/NAME.ctl): the bitmaps of an export it serves", helpValue: 'PATH|NAME' }),
   export: Flags.string({ char: 'e', description: "the export, with --control (default: the daemon's only export)", helpValue: 'NAME' }),
   timeout: Flags.integer({ description: 'give up on the daemon after this many seconds', default: 10, min: 1, helpValue: 'SECONDS' }),
 };

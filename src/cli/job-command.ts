@@ -8,11 +8,16 @@ import { BlkrepError } from '../api/errors.js';
 import { BlkrepCommand } from './base.js';
 import { progressBar, type Progress } from './progress.js';
 import { ControlClient } from '../control/client.js';
+import { findControl } from './control-path.js';
 import type { ControlEvent } from '../control/protocol.js';
 import { formatSize } from '../util/size.js';
 import type { JobInfo } from '../jobs/job.js';
 
-export const controlFlag = Flags.string({ char: 'c', description: "the daemon's control socket (serve-nbd --control)", required: true, helpValue: 'PATH' });
+export const controlFlag = Flags.string({
+  char: 'c',
+  description: `the daemon's control socket (serve-nbd --control): a path, or a NAME for ${'RUNDIR'}/NAME.ctl [default: $BLKREP_CONTROL, else the only socket in RUNDIR (/run/blkrep for root)]`,
+  helpValue: 'PATH|NAME',
+});
 
 export const jobFlags = {
   control: controlFlag,
@@ -28,8 +33,8 @@ export const JOB_EXIT_CODES = `Exit status: 0 done; 1 failure (unknown job: ERR_
 
 export abstract class JobCommand extends BlkrepCommand {
   /** One request on the control socket. */
-  protected async request<T>(control: string, cmd: string, args: Record<string, unknown>, timeoutSeconds: number): Promise<T> {
-    const client = await ControlClient.connect(control, { timeoutMs: timeoutSeconds * 1000 });
+  protected async request<T>(control: string | undefined, cmd: string, args: Record<string, unknown>, timeoutSeconds: number): Promise<T> {
+    const client = await ControlClient.connect(await findControl(control), { timeoutMs: timeoutSeconds * 1000 });
     try {
       return (await client.request(cmd, args, { timeoutMs: timeoutSeconds * 1000 })) as T;
     } finally {
@@ -83,6 +88,7 @@ export async function followJob(
   options: { progress: boolean },
 ): Promise<ControlEvent> {
   let bar: Progress | undefined;
+  let interrupt: (() => void) | undefined;
   const ticker = options.progress
     ? setInterval(() => {
         client.request('job-query', { id }).then(
@@ -116,9 +122,16 @@ export async function followJob(
       };
       if (check()) return;
       onEvent.listener = () => void check();
+      // Ctrl-C stops the waiting, not the job: say so, and let the bar restore the terminal.
+      interrupt = () => {
+        const err = new BlkrepError('ERR_INTERRUPTED', `interrupted: stopped waiting; job ${id} keeps running in the daemon (blkrep job show ${id}, blkrep job cancel ${id})`, { errno: 'EIO' });
+        reject(Object.assign(err, { oclif: { exit: 130 } }));
+      };
+      process.once('SIGINT', interrupt);
       client.closed.then(() => reject(new BlkrepError('ERR_CONTROL_CLOSED', `the daemon went away before job ${id} was ${until}`, { errno: 'ESHUTDOWN' })));
     });
   } finally {
+    if (interrupt) process.off('SIGINT', interrupt);
     if (ticker) clearInterval(ticker);
     bar?.stop();
   }

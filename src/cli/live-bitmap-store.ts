@@ -7,6 +7,7 @@
 import { resolve as resolvePath } from 'node:path';
 import { BlkrepError } from '../api/errors.js';
 import { ControlClient } from '../control/client.js';
+import { controlPathFor } from './control-path.js';
 import { MAX_RANGES_PER_REQUEST } from '../bitmap/control-verbs.js';
 import { DirtyBitmap, type Run } from '../bitmap/dirty-bitmap.js';
 import type { DumpPage } from '../bitmap/export-bitmaps.js';
@@ -29,7 +30,7 @@ export class LiveStore implements BitmapStore {
   }
 
   static async connect(path: string, exportName: string | undefined, options: { timeoutMs: number; open: OpenBitmapStore }): Promise<LiveStore> {
-    const client = await ControlClient.connect(path, { timeoutMs: options.timeoutMs });
+    const client = await ControlClient.connect(controlPathFor(path), { timeoutMs: options.timeoutMs });
     return new LiveStore(client, path, exportName, options.timeoutMs, options.open);
   }
 

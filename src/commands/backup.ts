@@ -4,6 +4,7 @@ import { BlkrepError } from '../api/errors.js';
 import { PersistentBitmap } from '../bitmap/persistent.js';
 import { BlkrepCommand } from '../cli/base.js';
 import { ControlClient } from '../control/client.js';
+import { controlPathFor } from '../cli/control-path.js';
 import { resolveBackupBitmap } from '../cli/backup-bitmap.js';
 import { sizeFlag, waitFlag, withBareWait } from '../cli/flags.js';
 import { progressBar, type Progress } from '../cli/progress.js';
@@ -103,7 +104,7 @@ With --control PATH the backup runs in a serve-nbd daemon, of its export --expor
       description: 'offline: open the source even when another process (QEMU, a blkrep serve-nbd) holds it for writing, sharing every permission as qemu-img convert -U does; the backup is then of a disk that may be changing',
       default: false,
     }),
-    control: Flags.string({ char: 'c', description: "back up a live export: the serve-nbd daemon's control socket", helpValue: 'PATH' }),
+    control: Flags.string({ char: 'c', description: "back up a live export: the serve-nbd daemon's control socket (a path, or a NAME for /run/blkrep/NAME.ctl as serve-nbd --control NAME)", helpValue: 'PATH|NAME' }),
     export: Flags.string({ description: 'with --control: the export to back up (default: the only one)', helpValue: 'NAME', dependsOn: ['control'] }),
     'job-id': Flags.string({ char: 'j', aliases: ['id'], description: 'with --control: the job id (default: backup0, backup1, ...)', helpValue: 'ID', dependsOn: ['control'] }),
     wait: waitFlag('with --control: follow the job and exit when it has concluded (done; a bare --wait is done; a backup has no ready state)', { dependsOn: ['control'] }),
@@ -210,7 +211,7 @@ With --control PATH the backup runs in a serve-nbd daemon, of its export --expor
       'no-progress': boolean;
     },
   ): Promise<LiveBackupOutput> {
-    const client = await ControlClient.connect(flags.control!, { timeoutMs: 10_000 });
+    const client = await ControlClient.connect(controlPathFor(flags.control!), { timeoutMs: 10_000 });
     try {
       const opt = <T>(key: string, v: T | undefined): Record<string, T> => (v === undefined ? {} : { [key]: v });
       let info = (await client.request('job-start', {

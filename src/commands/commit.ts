@@ -6,6 +6,7 @@ import { sizeFlag, waitFlag, withBareWait } from '../cli/flags.js';
 import { progressBar, type Progress } from '../cli/progress.js';
 import { commitImage, type CommitResult } from '../image/commit.js';
 import { ControlClient } from '../control/client.js';
+import { controlPathFor } from '../cli/control-path.js';
 import type { CommitJob } from '../jobs/commit.js';
 import { ERROR_POLICIES, type ErrorPolicy, type JobEvent, type JobInfo } from '../jobs/job.js';
 import { formatSize } from '../util/size.js';
@@ -55,7 +56,7 @@ The commit runs as a job (the engine of blkrep mirror): --on-source-error and --
     'on-target-error': Flags.string({ description: 'what a write error of the base does', options: [...ERROR_POLICIES], default: 'report' }),
     keep: Flags.boolean({ char: 'd', description: 'do not make OVERLAY empty afterwards', default: false }),
     'no-progress': Flags.boolean({ description: 'no progress bar, even on a terminal', default: false }),
-    control: Flags.string({ char: 'c', description: "commit a live export: the serve-nbd daemon's control socket", helpValue: 'PATH' }),
+    control: Flags.string({ char: 'c', description: "commit a live export: the serve-nbd daemon's control socket (a path, or a NAME for /run/blkrep/NAME.ctl as serve-nbd --control NAME)", helpValue: 'PATH|NAME' }),
     export: Flags.string({ description: 'with --control: the export whose image is committed (default: the only one)', helpValue: 'NAME' }),
     'job-id': Flags.string({ char: 'j', aliases: ['id'], description: 'with --control: the job id (default: commit0, commit1, and so on)', helpValue: 'ID' }),
     top: Flags.string({ description: "with --control: commit this layer of the export's backing chain (and those down to above BASE) instead of the export's image: an intermediate commit, which ends by itself and makes them empty", helpValue: 'LAYER' }),
@@ -153,7 +154,7 @@ The commit runs as a job (the engine of blkrep mirror): --on-source-error and --
     'on-target-error': string;
     'no-progress': boolean;
   }): Promise<LiveCommitOutput> {
-    const client = await ControlClient.connect(flags.control!, { timeoutMs: 10_000 });
+    const client = await ControlClient.connect(controlPathFor(flags.control!), { timeoutMs: 10_000 });
     try {
       const speed = flags.speed ?? flags.rate;
       // the daemon resolves paths against its own directory: send them absolute

@@ -13,6 +13,7 @@ import { checkTargetEmpty } from '../jobs/target-check.js';
 import { formatSize } from '../util/size.js';
 import type { ControlEvent } from '../control/protocol.js';
 import type { JobQuery } from '../cli/job-command.js';
+import { controlPathFor } from '../cli/control-path.js';
 // the control client, the job follower and the progress bar load only when used (--control; a
 // terminal): an offline mirror starts without compiling them
 
@@ -92,7 +93,7 @@ Exit status: 0 done (live: started, or ready/done with --wait); 1 failure (ERR_T
       description: 'offline: open the source even when another process (QEMU, a blkrep serve-nbd) holds it for writing, sharing every permission as qemu-img convert -U does; the copy is then of a disk that may be changing',
       default: false,
     }),
-    control: Flags.string({ char: 'c', description: "live: mirror an export of the serve-nbd daemon behind this control socket (give only TARGET)", helpValue: 'PATH' }),
+    control: Flags.string({ char: 'c', description: "live: mirror an export of the serve-nbd daemon behind this control socket (give only TARGET) (a path, or a NAME for /run/blkrep/NAME.ctl as serve-nbd --control NAME)", helpValue: 'PATH|NAME' }),
     export: Flags.string({ char: 'e', description: "live: the export to mirror (default: the daemon's only export)", helpValue: 'NAME' }),
     'job-id': Flags.string({ char: 'j', description: 'live: the job id (default mirror0, mirror1 ...)', helpValue: 'ID' }),
     wait: waitFlag('live: wait until the job is ready, or done (concluded), before exiting (a bare --wait is done)'),
@@ -217,7 +218,7 @@ Exit status: 0 done (live: started, or ready/done with --wait); 1 failure (ERR_T
     if (start.sync === 'bitmap' && flags['bitmap-mode'] !== 'on-success') start.bitmapMode = flags['bitmap-mode'];
     const timeoutMs = (flags.timeout ?? 10) * 1000;
     const [{ ControlClient }, { followJob }] = await Promise.all([import('../control/client.js'), import('../cli/job-command.js')]);
-    const client = await ControlClient.connect(flags.control!, { timeoutMs });
+    const client = await ControlClient.connect(controlPathFor(flags.control!), { timeoutMs });
     try {
       const events: ControlEvent[] = [];
       const hook: { listener?: () => void } = {};

@@ -3,6 +3,7 @@ import { Args, Flags } from '@oclif/core';
 import { BlkrepCommand, loadTransports } from '../cli/base.js';
 import { secondsFlag, sizeFlag } from '../cli/flags.js';
 import { filterFlag, parseFilters } from '../cli/image.js';
+import { ensureRunDirFor, prepareControlPath } from '../cli/control-path.js';
 import { Daemon, type ExportSpec, type ListenSpec, type ListeningEvent } from '../serve/daemon.js';
 import type { BitmapLoad } from '../bitmap/export-bitmaps.js';
 import { DEFAULT_MAX_BUFFER, type LogLevel } from '../nbd/server.js';
@@ -62,7 +63,7 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
     'stall-timeout': Flags.string({ description: 'disconnect a client that makes the server hold over 1 MiB (replies it does not read, a write payload it stopped sending) and makes no progress for this many seconds; 0: never', default: '60', helpValue: 'SECONDS' }),
     'min-block-size': sizeFlag({ description: 'minimum block size advertised to clients (a power of two up to 64K; e.g. 4K for 4Kn devices)', helpValue: 'SIZE' }),
     'pid-file': Flags.string({ description: 'write the process id here (mode 0600) once listening; removed at exit', helpValue: 'PATH' }),
-    control: Flags.string({ description: 'control socket (JSON lines, mode 0600) for blkrep status and later commands', helpValue: 'PATH' }),
+    control: Flags.string({ description: 'control socket (JSON lines, mode 0600) for blkrep status and later commands: a PATH, or a NAME for RUNDIR/NAME.ctl (RUNDIR /run/blkrep for root, else $XDG_RUNTIME_DIR/blkrep; created mode 0700), which the live commands find without --control', helpValue: 'PATH|NAME' }),
     verbose: Flags.boolean({ char: 'v', description: 'log each connection to stderr', default: false }),
     bitmap: Flags.string({
       char: 'B',
@@ -87,7 +88,10 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
     }
     const socketMode = flags['socket-mode'] === undefined ? undefined : parseMode(flags['socket-mode'], (m) => this.usageError(m));
     const listen: ListenSpec[] = [];
-    if (flags.socket) listen.push({ transport: 'unix', address: flags.socket });
+    if (flags.socket) {
+      await ensureRunDirFor(flags.socket);
+      listen.push({ transport: 'unix', address: flags.socket });
+    }
     if (!flags.socket || flags.port !== undefined) {
       const host = flags.bind.includes(':') && !flags.bind.startsWith('[') ? `[${flags.bind}]` : flags.bind;
       listen.push({ transport: 'tcp', address: `${host}:${flags.port ?? DEFAULT_PORT}` });
@@ -108,6 +112,7 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
       process.stderr.write(`blkrep serve-nbd: ${message}\n`);
     };
 
+    const controlPath = flags.control === undefined ? undefined : await prepareControlPath(flags.control);
     const daemon = await Daemon.start({
       exports,
       listen,
@@ -120,7 +125,7 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
       minimumBlockSize: mbs,
       pidFile: flags['pid-file'],
       ...(socketMode === undefined ? {} : { socketMode }),
-      controlPath: flags.control,
+      controlPath,
       log,
       autoBitmaps: flags['auto-bitmaps'],
       ...(bg === undefined ? {} : { bitmapGranularity: bg }),
@@ -142,6 +147,15 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
     };
     process.on('SIGTERM', onSignal);
     process.on('SIGINT', onSignal);
+    // SIGHUP reloads (as systemd's ExecReload sends it): what can be re-read is, nothing stops.
+    const onHangup = (): void => {
+      log('info', 'SIGHUP: reloading');
+      void daemon.reload().then(
+        (what) => log('info', what.length ? `reloaded: ${what.join('; ')}` : 'reloaded (nothing to re-read)'),
+        (err: Error) => log('warn', `reload failed, still serving as before: ${err.message}`),
+      );
+    };
+    process.on('SIGHUP', onHangup);
 
     const listening = daemon.listening();
     // A bitmap that could not be loaded as it was stored is said on stderr, whatever the output.
@@ -161,13 +175,14 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
       }
       for (const uri of listening.uris) this.log(`  ${uri}`);
       this.log(`Try: nbdinfo '${listening.uris[0]}'`);
-      if (flags.control) this.log(`Control socket: ${flags.control} (blkrep status --control ${flags.control})`);
+      if (controlPath) this.log(`Control socket: ${controlPath} (blkrep status --control ${flags.control})`);
       this.log('Stop with Ctrl-C.');
     }
 
     await daemon.stopped;
     process.off('SIGTERM', onSignal);
     process.off('SIGINT', onSignal);
+    process.off('SIGHUP', onHangup);
     if (json) this.jsonLine({ event: 'stopped', pid: process.pid });
     // The listening line was the result; nothing more for oclif to print.
     return undefined;

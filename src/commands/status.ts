@@ -3,6 +3,8 @@ import { summary } from '../cli/bitmap-command.js';
 import type { BitmapInfo, LoadState } from '../bitmap/ops.js';
 import { BlkrepCommand } from '../cli/base.js';
 import { ControlClient } from '../control/client.js';
+import { findControl } from '../cli/control-path.js';
+import { controlFlag } from '../cli/job-command.js';
 import type { ServerStatus } from '../nbd/server.js';
 import { formatSize } from '../util/size.js';
 
@@ -29,13 +31,13 @@ export default class Status extends BlkrepCommand {
   ];
 
   static override flags = {
-    control: Flags.string({ char: 'c', description: 'the daemon\'s control socket (serve-nbd --control)', required: true, helpValue: 'PATH' }),
+    control: controlFlag,
     timeout: Flags.integer({ description: 'give up after this many seconds', default: 10, min: 1, helpValue: 'SECONDS' }),
   };
 
   async run(): Promise<DaemonStatus> {
     const { flags } = await this.parse(Status);
-    const client = await ControlClient.connect(flags.control, { timeoutMs: flags.timeout * 1000 });
+    const client = await ControlClient.connect(await findControl(flags.control), { timeoutMs: flags.timeout * 1000 });
     let status: DaemonStatus;
     try {
       status = (await client.request('status')) as DaemonStatus;

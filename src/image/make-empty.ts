@@ -36,6 +36,12 @@ export interface MakeEmptyOptions {
   signal?: AbortSignal;
   /** after each image: how many are done */
   onProgress?(done: number, total: number): void;
+  /**
+   * Called once every image is open and checked, before any is changed, with the images that
+   * hold data and have no backing file (emptying them destroys their data). Resolve false to
+   * change nothing (the command then fails ERR_NOT_CONFIRMED).
+   */
+  confirmDestroy?(images: readonly string[]): Promise<boolean>;
 }
 
 async function diskUsage(spec: string): Promise<number> {
@@ -97,6 +103,17 @@ export async function makeEmpty(specs: readonly string[], o: MakeEmptyOptions = 
   const nodes: Qcow2Node[] = [];
   try {
     for (const spec of specs) nodes.push(await openForEmpty(spec));
+    const destroyed: string[] = [];
+    for (let i = 0; i < nodes.length; i++) {
+      const info = await nodes[i]!.info();
+      if (typeof info.backingFile !== 'string' && (await allocatesAnything(nodes[i]!))) destroyed.push(specs[i]!);
+    }
+    if (destroyed.length > 0 && o.confirmDestroy && !(await o.confirmDestroy(destroyed))) {
+      throw new BlkrepError('ERR_NOT_CONFIRMED', `not emptied: ${destroyed.join(', ')} ${destroyed.length === 1 ? 'has' : 'have'} no backing file, so emptying would destroy the data (give --force to do it anyway)`, {
+        errno: 'EPERM',
+        details: { images: destroyed },
+      });
+    }
     const images: MadeEmpty[] = [];
     for (let i = 0; i < nodes.length; i++) {
       o.signal?.throwIfAborted();

@@ -703,12 +703,15 @@ export abstract class Job extends EventEmitter {
  */
 export class JobManager extends EventEmitter {
   private readonly jobs = new Map<string, Job>();
-  private counter = 0;
+  /** per type, so the first backup is backup0 whatever ran before it */
+  private readonly counters = new Map<string, number>();
 
-  /** An id not in use, "mirror0", "mirror1" … */
+  /** An id not in use, "mirror0", "mirror1" …, numbered per type. */
   newId(type: string): string {
     for (;;) {
-      const id = `${type}${this.counter++}`;
+      const n = this.counters.get(type) ?? 0;
+      this.counters.set(type, n + 1);
+      const id = `${type}${n}`;
       if (!this.jobs.has(id)) return id;
     }
   }

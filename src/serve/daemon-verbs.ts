@@ -26,4 +26,5 @@ export const DAEMON_EVENTS: ReadonlyArray<{ name: string; fields: string }> = [
   { name: 'disconnect', fields: 'an NBD client went away: id, peer, export, reason' },
   { name: 'refused', fields: 'an NBD connection was refused: peer, reason' },
   { name: 'shutdown', fields: 'the daemon is stopping: pid' },
+  { name: 'reload', fields: 'SIGHUP re-read what can be re-read: what (done), failed (messages); serving goes on either way' },
 ];

@@ -266,6 +266,33 @@ export class Daemon {
     };
   }
 
+  private readonly reloaders: Array<() => Promise<string | undefined>> = [];
+
+  /** Something SIGHUP re-reads (TLS allow-lists …); resolves with what it did, for the log. */
+  onReload(fn: () => Promise<string | undefined>): void {
+    this.reloaders.push(fn);
+  }
+
+  /**
+   * SIGHUP: every reloader runs; one that fails leaves its old settings and the others still
+   * run. Nothing stops serving. Publishes `reload` (what, failed) and resolves with what was done.
+   */
+  async reload(): Promise<string[]> {
+    const done: string[] = [];
+    const failed: string[] = [];
+    for (const fn of this.reloaders) {
+      try {
+        const what = await fn();
+        if (what) done.push(what);
+      } catch (err) {
+        failed.push((err as Error).message);
+      }
+    }
+    this.control?.publish('reload', { what: done, failed });
+    if (failed.length) throw new BlkrepError('ERR_RELOAD', failed.join('; '));
+    return done;
+  }
+
   /** Stop accepting, finish the requests in flight, flush, close everything. Idempotent. */
   stop(): Promise<void> {
     this.stopping ??= (async () => {

@@ -343,10 +343,17 @@ describe('blkrep make-empty', () => {
     expect(t.stdout).toContain('hidden.qcow2: already empty');
   });
 
-  it('an image without a backing file reads as zeros afterwards', async () => {
+  it('an image without a backing file: refused without --force off a terminal (nothing changed); with --force it reads as zeros afterwards', async () => {
     const dir = await makeTempDir();
     await sh(dir, qcow2('solo.qcow2', '4M'), io('qcow2', 'solo.qcow2', 'write -P 1 0 1M'));
-    const r = await runCli(['make-empty', 'solo.qcow2'], { cwd: dir });
+    const before = await qemuMap('solo.qcow2', dir);
+    const refused = await runCli(['make-empty', 'solo.qcow2', '--json'], { cwd: dir });
+    expect(refused.code).toBe(1);
+    expect(JSON.parse(refused.stdout)).toEqual({
+      error: { code: 'ERR_NOT_CONFIRMED', message: 'not emptied: solo.qcow2 has no backing file, so emptying would destroy the data (give --force to do it anyway)' },
+    });
+    expect(await qemuMap('solo.qcow2', dir)).toEqual(before);
+    const r = await runCli(['make-empty', 'solo.qcow2', '--force'], { cwd: dir });
     expect(r.code, r.stderr).toBe(0);
     expect(r.stdout).toContain('reads as zeros');
     expect(await qemuMap('solo.qcow2', dir)).toEqual([{ start: 0, length: 4 * MiB, depth: 0, present: false, zero: true, data: false }]);

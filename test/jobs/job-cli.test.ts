@@ -87,6 +87,16 @@ describe('blkrep mirror --control, blkrep job, blkrep events', () => {
     await writer.stop();
     // wait until in step again after the resume, then complete without pivot
     await waitFor(async () => (await cliJson(['job', 'show', 'mirror0', '--control', s.ctl])).out.status === 'ready', 'mirror0 to be ready again', { timeoutMs: 30_000, intervalMs: 200 });
+    // a job that is already ready: --until looks at the current state first; --now prints it
+    const already = await runCli(['events', '--control', s.ctl, '--job-id', 'mirror0', '--until', 'job-ready', '--timeout', '5']);
+    expect(already.code).toBe(0);
+    expect(lines(already.stdout)).toEqual([expect.objectContaining({ event: 'job-ready', id: 'mirror0', type: 'mirror', export: 'disk', synced: true, now: true })]);
+    const now = await runCli(['events', '--control', s.ctl, '--now', '--count', '2']);
+    expect(now.code).toBe(0);
+    expect(lines(now.stdout).map((e) => [e.event, e.id, e.status ?? e.synced, e.now])).toEqual([
+      ['job-status-change', 'mirror0', 'ready', true],
+      ['job-ready', 'mirror0', true, true],
+    ]);
     const done = await cliJson(['job', 'complete', 'mirror0', '--no-pivot', '--control', s.ctl]);
     expect(done).toMatchObject({ code: 0, out: { id: 'mirror0', status: 'concluded' } });
     await writeFile(join(s.dir, 'expected.img'), writer.expected);

@@ -409,6 +409,16 @@ describe('RateLimiter', () => {
 });
 
 describe('JobManager', () => {
+  it('numbers ids per type (the first backup is backup0 after any mirrors); a taken id is skipped', () => {
+    const m = new JobManager();
+    expect(m.newId('mirror')).toBe('mirror0');
+    expect(m.newId('mirror')).toBe('mirror1');
+    expect(m.newId('backup')).toBe('backup0');
+    m.add(new StepJob({ id: 'backup1' }), { start: false });
+    expect(m.newId('backup')).toBe('backup2');
+    expect(m.newId('mirror')).toBe('mirror2');
+  });
+
   it('unique ids, list, unknown ids, relay of events, auto-dismiss', async () => {
     const m = new JobManager();
     const events: JobEvent[] = [];

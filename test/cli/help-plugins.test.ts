@@ -1,0 +1,49 @@
+/**
+ * The oclif conventions operators expect: `blkrep help`, `-h`, a typo answered with a pointer to
+ * help and exit 127, shell completion scripts.
+ */
+import { describe, expect, it } from 'vitest';
+import { makeTempDir, runCli } from '../support/spawn.js';
+
+describe('help, -h, not-found, autocomplete', () => {
+  it('blkrep help lists the topics that have commands (bitmap, job — not the map command) and every command', async () => {
+    const r = await runCli(['help']);
+    expect(r.code).toBe(0);
+    const topics = r.stdout.slice(r.stdout.indexOf('TOPICS'), r.stdout.indexOf('COMMANDS'));
+    expect(topics).toMatch(/^ {2}bitmap /m);
+    expect(topics).toMatch(/^ {2}job /m);
+    expect(topics).not.toMatch(/^ {2}map /m);
+    const commands = r.stdout.slice(r.stdout.indexOf('COMMANDS'));
+    for (const c of ['backup', 'demo', 'info', 'map', 'mirror', 'serve-nbd', 'status']) expect(commands).toMatch(new RegExp(`^ {2}${c} `, 'm'));
+  });
+
+  it('-h and help COMMAND show the command\'s usage', async () => {
+    const short = await runCli(['info', '-h']);
+    expect(short.code).toBe(0);
+    expect(short.stdout).toContain('$ blkrep info IMAGE');
+    const long = await runCli(['help', 'bitmap', 'dump']);
+    expect(long.code).toBe(0);
+    expect(long.stdout).toContain('$ blkrep bitmap dump');
+  });
+
+  it('a mistyped command: exit 127, says it is not a command and where the list is', async () => {
+    const r = await runCli(['mirorr', 'a.img']);
+    expect(r.code).toBe(127);
+    expect(r.stderr).toMatch(/mirorr( a.img)? is not a blkrep command/);
+    expect(r.stderr).toContain('blkrep help');
+  });
+
+  it('autocomplete script bash|zsh prints a completion script that names blkrep', async () => {
+    const home = await makeTempDir();
+    const env = { ...process.env, HOME: home, XDG_CACHE_HOME: `${home}/.cache` };
+    for (const shell of ['bash', 'zsh']) {
+      const r = await runCli(['autocomplete', 'script', shell], { env });
+      expect(r.code).toBe(0);
+      expect(r.stdout).toContain('blkrep');
+      expect(r.stdout).toContain('autocomplete');
+    }
+    const how = await runCli(['autocomplete', 'bash'], { env });
+    expect(how.code).toBe(0);
+    expect(how.stdout).toContain('blkrep autocomplete');
+  });
+});
