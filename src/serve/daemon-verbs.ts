@@ -26,4 +26,9 @@ export const DAEMON_EVENTS: ReadonlyArray<{ name: string; fields: string }> = [
   { name: 'disconnect', fields: 'an NBD client went away: id, peer, export, reason' },
   { name: 'refused', fields: 'an NBD connection was refused: peer, reason' },
   { name: 'shutdown', fields: 'the daemon is stopping: pid' },
+  { name: 'peer-alive', fields: 'the heartbeat peer is heard (first beat, or back): peer, from, silentMs, paths [{path, state, lastBeatAgoMs, phi}]' },
+  { name: 'peer-suspect', fields: 'the heartbeat peer is late on every path (fixed: a beat over an interval late; phi: half the threshold): peer, from, silentMs, paths' },
+  { name: 'peer-dead', fields: 'every heartbeat path is silent past its bound: peer, from, silentMs, paths' },
+  { name: 'fence', fields: 'the fence hook ran (--auto-failover): peer, verdict, exitCode, signal, proceed, durationMs' },
+  { name: 'auto-failover', fields: 'automatic failover after a peer death: peer, failedOver, fence, code, reason' },
 ];
