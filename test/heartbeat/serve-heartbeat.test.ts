@@ -42,18 +42,24 @@ interface Pair {
   ctlB: string;
 }
 
-/** Daemons "alpha" and "beta" beating to each other on one udp path (plus `extraB` flags on beta). */
-async function startPair(flags: string[], extraB: string[] = []): Promise<Pair> {
+/** Daemons "alpha" and "beta" beating to each other on one udp path (plus `extraB` flags on beta; `keyB` another key for beta). */
+async function startPair(flags: string[], extraB: string[] = [], keyB?: string): Promise<Pair> {
   const dir = await makeTempDir();
   const key = join(dir, 'pair.key');
   await writeFile(key, 'a pair key of thirty-two bytes!!');
   await chmod(key, 0o600);
+  let bKey = key;
+  if (keyB !== undefined) {
+    bKey = join(dir, 'b.key');
+    await writeFile(bKey, keyB);
+    await chmod(bKey, 0o600);
+  }
   const [pa, pb] = [await freeUdpPort(), await freeUdpPort()];
   const ctlA = join(dir, 'a.ctl');
   const ctlB = join(dir, 'b.ctl');
-  const common = ['memory:1M', '--heartbeat-key', key, ...flags];
-  const a = await serve([...common, '--socket', join(dir, 'a.sock'), '--control', ctlA, '--node-id', 'alpha', '--peer-id', 'beta', '--heartbeat', `udp://127.0.0.1:${pb}?listen=127.0.0.1:${pa}`]);
-  const b = await serve([...common, '--socket', join(dir, 'b.sock'), '--control', ctlB, '--node-id', 'beta', '--peer-id', 'alpha', '--heartbeat', `udp://127.0.0.1:${pa}?listen=127.0.0.1:${pb}`, ...extraB]);
+  const common = ['memory:1M', ...flags];
+  const a = await serve([...common, '--heartbeat-key', key, '--socket', join(dir, 'a.sock'), '--control', ctlA, '--node-id', 'alpha', '--peer-id', 'beta', '--heartbeat', `udp://127.0.0.1:${pb}?listen=127.0.0.1:${pa}`]);
+  const b = await serve([...common, '--heartbeat-key', bKey, '--socket', join(dir, 'b.sock'), '--control', ctlB, '--node-id', 'beta', '--peer-id', 'alpha', '--heartbeat', `udp://127.0.0.1:${pa}?listen=127.0.0.1:${pb}`, ...extraB]);
   return { dir, a, b, ctlA, ctlB };
 }
 
@@ -144,6 +150,41 @@ describe('serve-nbd --heartbeat between two daemons', () => {
       expect(dead.silentMs as number).toBeLessThan(3_000);
     } finally {
       await w.client.close();
+    }
+  });
+
+  it('--detector phi: status shows phi per path; kill -9 is declared dead well under 3 s, never within 300 ms', async () => {
+    const { a, ctlB } = await startPair(['--heartbeat-interval', '0.1', '--detector', 'phi'], []);
+    const w = await watch(ctlB);
+    try {
+      await heard(w);
+      const st = (await w.client.request('status')) as { heartbeat: { detector: unknown; paths: Array<{ phi: unknown }> } };
+      expect(st.heartbeat.detector).toEqual({ kind: 'phi', intervalMs: 100, threshold: 8 });
+      expect(typeof st.heartbeat.paths[0]!.phi).toBe('number');
+      const mark = w.events.length;
+      a.child.kill('SIGKILL');
+      const dead = await waitFor(() => after(w, mark, 'peer-dead'), 'peer-dead on beta', { timeoutMs: 10_000 });
+      // φ = 8 with σ ≥ 100 ms lies about 0.52 s past the mean interval; jitter here only widens σ
+      expect(dead.silentMs as number).toBeGreaterThan(300);
+      expect(dead.silentMs as number).toBeLessThan(3_000);
+    } finally {
+      await w.client.close();
+    }
+  });
+
+  it('beats signed with another key are refused and counted: the peer is never heard, and the daemon says why on stderr', async () => {
+    const { b, ctlB } = await startPair(['--heartbeat-interval', '0.1'], [], 'another key, also thirty-two b!!');
+    const client = await ControlClient.connect(ctlB, { timeoutMs: 10_000 });
+    try {
+      const st = await waitFor(async () => {
+        const s = (await client.request('status')) as { heartbeat: { state: string; paths: Array<{ rejected: Record<string, number>; beats: number }> } };
+        return (s.heartbeat.paths[0]!.rejected['bad-mac'] ?? 0) >= 5 ? s : undefined;
+      }, 'five refused beats');
+      expect(st.heartbeat.state).toBe('unknown');
+      expect(st.heartbeat.paths[0]!.beats).toBe(0);
+      expect(b.stderr()).toContain('refused (bad-mac): the HMAC does not match: the sender has another --heartbeat-key');
+    } finally {
+      await client.close();
     }
   });
 
