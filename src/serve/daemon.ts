@@ -274,13 +274,13 @@ export class Daemon {
   status(): ServerStatus & { listeners: Array<{ address: string }>; control: string | null; bitmaps: BitmapInfo[]; heartbeat?: HeartbeatStatus } {
     const s = this.server.status();
     return {
-      ...(this.heartbeat ? { heartbeat: this.heartbeat.status() } : {}),
       ...s,
       // the image under the tracking filter now (another one after a mirror's pivot)
       exports: s.exports.map((e) => ({ ...e, image: this.jobs?.exportNode(e.name)?.description ?? e.image, driver: this.imageDriver(e.name) })),
       listeners: this.listeners.map((l) => ({ address: l.address })),
       control: this.control?.path ?? null,
       bitmaps: [...this.bitmaps.values()].flatMap((b) => b.list()),
+      ...(this.heartbeat ? { heartbeat: this.heartbeat.status() } : {}),
     };
   }
 
