@@ -132,6 +132,23 @@ describe('peer monitor', () => {
     expect(back).toMatchObject({ event: 'peer-alive', from: 'dead' });
   });
 
+  it.each(['fixed', 'phi'] as const)('%s: 30 %% random loss on one path of two for 60 s never declares the peer dead', (kind) => {
+    const seed = 0x10555;
+    const random = prng(seed);
+    const events: string[] = [];
+    const spec = kind === 'fixed' ? fixed : { kind: 'phi' as const, intervalMs: 100 };
+    const m = new PeerMonitor('b', ['udp://lossy', 'udp://clean'], spec, (e) => events.push(e.event));
+    let lost = 0;
+    for (let t = 0; t < 60_000; t += 100) {
+      if (random() >= 0.3) m.beat(0, t);
+      else lost++;
+      m.beat(1, t + 1);
+      for (let c = t + 10; c < t + 100; c += 10) m.check(c);
+    }
+    expect(lost).toBeGreaterThan(150);
+    expect({ seed, events }).toEqual({ seed, events: ['peer-alive'] });
+  });
+
   it('a peer never heard is unknown, never dead (wait for all)', () => {
     const events: PeerEvent[] = [];
     const m = new PeerMonitor('b', ['udp://x'], fixed, (e) => events.push(e));
