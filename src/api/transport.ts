@@ -7,6 +7,7 @@
  * unix a filesystem path.
  */
 import type { Duplex } from 'node:stream';
+import type { HeartbeatCaps, HeartbeatOpenOptions, HeartbeatPath } from './heartbeat.js';
 
 export interface TransportConnection {
   /** the byte stream (a net.Socket for tcp and unix) */
@@ -92,12 +93,19 @@ export interface UpgraderRegistry {
 
 /**
  * A heartbeat backend: how the two hosts of a replication pair watch each other (DESIGN §7).
- * Only the slot exists yet; its methods will be added (this contract is only ever added to).
+ * It opens paths (src/api/heartbeat.ts) that carry beat frames and decide nothing. Registered
+ * under its URI scheme: `--heartbeat udp://…` uses the backend named "udp".
  */
 export interface HeartbeatBackend {
-  /** "udp", "disk" … */
+  /** the URI scheme it serves: "udp", "tcp", "file", "exec" */
   readonly name: string;
   readonly summary: string;
+  readonly caps: HeartbeatCaps;
+  /**
+   * One path for a `--heartbeat` URI. Checks the URI at once (a coded error, ERR_BAD_HEARTBEAT,
+   * naming the URI and what is wrong) and opens nothing until start().
+   */
+  open(uri: string, options: HeartbeatOpenOptions): HeartbeatPath;
 }
 
 export type HeartbeatFactory = () => HeartbeatBackend;

@@ -1,6 +1,7 @@
 import { rmSync } from 'node:fs';
 import { Args, Flags } from '@oclif/core';
-import { BlkrepCommand, loadTransports } from '../cli/base.js';
+import { BlkrepCommand, loadRegistries } from '../cli/base.js';
+import { heartbeatFlags, parseHeartbeatFlags } from '../cli/heartbeat-flags.js';
 import { secondsFlag, sizeFlag } from '../cli/flags.js';
 import { filterFlag, parseFilters } from '../cli/image.js';
 import { ensureRunDirFor, prepareControlPath } from '../cli/control-path.js';
@@ -30,6 +31,8 @@ Jobs: with --control, blkrep mirror --control starts a live mirror of an export,
 
 Limits: at most --shared connections; when full, a new connection takes the place of the oldest one still in the handshake (if at least a second old). Request payloads and unsent replies of all connections together stay under --max-buffer: over it, connections are not read until there is room, first come first served (each may hold 256 KiB beyond it, so small requests never wait). A client that makes the server hold over 1 MiB (replies it does not read, a write payload it stopped sending) and makes no progress for --stall-timeout seconds is disconnected, with the reason on stderr and in the disconnect event.
 
+Heartbeat: with --heartbeat URI (repeatable, one per path) and --peer-id, the daemon beats to its peer once per --heartbeat-interval and watches the peer's beats: udp://PEER:PORT (the default kind; several NICs are several paths), tcp://PEER:PORT, file:///PATH (a slot each in a shared file) or exec:COMMAND (a probe: exit 0 is a beat). Beats carry the node id, an incarnation, a sequence number, the epoch and the generation, signed with HMAC-SHA256 and --heartbeat-key; a beat with another key, from another node, or replayed is refused and counted. The peer is suspect when it is late and dead only when every path is silent: after --heartbeat-misses intervals (--detector fixed, the default: 0.5 s x 5, so a dead peer is declared within 3 s) or at --phi-threshold (--detector phi). A peer never heard is "unknown", never dead. blkrep status shows each path's last beat, phi and state; blkrep events prints peer-alive, peer-suspect and peer-dead. With --auto-failover, a dead peer is fenced by --fence-hook (DRBD fence-peer exit codes; only 4 "outdated" and 7 "fenced" go on) and then the failover verb is called, never forced; a daemon that is not a pair's secondary has no failover verb and says so (event auto-failover, code ERR_NO_FAILOVER).
+
 SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, flushes every export and its bitmaps, pauses every job (a persistent one keeps its files for the next start) and exits 0; a second signal exits at once.`;
 
   static override examples = [
@@ -41,6 +44,8 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
     { description: 'Start from a script and wait until it listens', command: '<%= config.bin %> <%= command.id %> disk.img --json --pid-file /run/blkrep.pid | head -n 1' },
     { description: 'Track writes in the dirty bitmap disk.img.b0.bitmap and offer it as qemu:dirty-bitmap:b0', command: '<%= config.bin %> <%= command.id %> disk.img --bitmap b0 --socket /run/blkrep/nbd.sock --control /run/blkrep/ctl.sock' },
     { description: 'Let clients hold up to 1 GiB of payloads and replies together; disconnect one that stops reading its replies for 5 minutes', command: '<%= config.bin %> <%= command.id %> disk.img --socket /run/blkrep/nbd.sock --max-buffer 1G --stall-timeout 300' },
+    { description: 'Watch the peer over two NICs by udp, with signed beats; a dead peer is declared within 3 s', command: '<%= config.bin %> <%= command.id %> disk.img --control /run/blkrep/ctl.sock --node-id nodeB --peer-id nodeA --heartbeat udp://10.0.0.1:7000 --heartbeat udp://10.1.0.1:7000 --heartbeat-key /etc/blkrep/pair.key' },
+    { description: 'Fence a dead peer through a DRBD-style handler, then fail over to this node', command: "<%= config.bin %> <%= command.id %> disk.img --control /run/blkrep/ctl.sock --peer-id nodeA --heartbeat udp://10.0.0.1:7000 --detector phi --auto-failover --fence-hook '/usr/lib/drbd/stonith_admin-fence-peer.sh'" },
     { description: 'A bitmap per export, one in a file of its own choosing', command: '<%= config.bin %> <%= command.id %> --export a=a.img --export b=/dev/vdb --bitmap a:b0 --bitmap b:b0=/var/lib/blkrep/vdb.b0.bitmap' },
   ];
 
@@ -75,6 +80,7 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
     'bitmap-granularity': sizeFlag({ description: 'bytes per bit of bitmaps created at start (a power of two, 512 to 64M) [default: 64K]', helpValue: 'SIZE' }),
     filter: filterFlag('stack a filter on every export, between the clients and the export (error, delay; see blkrep-filters(7)); repeatable, the first outermost'),
     'auto-bitmaps': Flags.boolean({ description: 'load every bitmap file beside an image (IMAGE.*.bitmap); --no-auto-bitmaps loads only those given with --bitmap', default: true, allowNo: true }),
+    ...heartbeatFlags,
   };
 
   async run(): Promise<ListeningEvent | undefined> {
@@ -106,6 +112,7 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
     if (flags['stall-timeout'].trim() === '' || !Number.isFinite(stall) || stall < 0) {
       this.usageError(`--stall-timeout "${flags['stall-timeout']}" is not a number of seconds (0 or more)`);
     }
+    const heartbeat = await parseHeartbeatFlags(flags);
     const json = this.jsonEnabled();
     const log = (level: LogLevel, message: string): void => {
       if (level === 'debug' && !flags.verbose) return;
@@ -113,10 +120,12 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
     };
 
     const controlPath = flags.control === undefined ? undefined : await prepareControlPath(flags.control);
+    const registries = await loadRegistries(this);
     const daemon = await Daemon.start({
       exports,
       listen,
-      transports: await loadTransports(this),
+      transports: registries.transports,
+      ...(heartbeat ? { heartbeat, heartbeats: registries.heartbeats } : {}),
       readOnly: flags['read-only'],
       maxConnections: flags.shared,
       handshakeTimeoutMs: flags['handshake-timeout'] * 1000,

@@ -6,9 +6,10 @@ import { ControlClient } from '../control/client.js';
 import { findControl } from '../cli/control-path.js';
 import { controlFlag } from '../cli/job-command.js';
 import type { ServerStatus } from '../nbd/server.js';
+import type { HeartbeatStatus } from '../heartbeat/service.js';
 import { formatSize } from '../util/size.js';
 
-type DaemonStatus = ServerStatus & { listeners?: Array<{ address: string }>; control?: string | null; bitmaps?: BitmapInfo[] };
+type DaemonStatus = ServerStatus & { listeners?: Array<{ address: string }>; control?: string | null; bitmaps?: BitmapInfo[]; heartbeat?: HeartbeatStatus };
 
 /** How a bitmap was loaded, for a person: "loaded clean", "recovered after a crash (…)", "ALL-DIRTY (…)". */
 function describeLoad(l: LoadState): string {
@@ -48,6 +49,18 @@ export default class Status extends BlkrepCommand {
     return status;
   }
 
+  private printHeartbeat(h: HeartbeatStatus): void {
+    const d = h.detector;
+    const detector = d.kind === 'fixed' ? `fixed, ${d.intervalMs} ms x ${d.misses}` : `phi, ${d.intervalMs} ms, threshold ${d.threshold ?? 8}`;
+    this.log('');
+    this.log(`Heartbeat: node "${h.node}", peer "${h.peer}" ${h.state.toUpperCase()} (${detector}${h.keyed ? ', signed' : ', NOT signed: no --heartbeat-key'})`);
+    for (const p of h.paths) {
+      const last = p.lastBeatAgoMs === null ? 'never heard' : `last beat ${p.lastBeatAgoMs} ms ago`;
+      const refused = Object.entries(p.rejected).map(([why, n]) => `${why} ${n}`).join(', ');
+      this.log(`  ${p.uri}  ${p.state}  ${last}${p.phi === null ? '' : `, phi ${p.phi}`}, ${p.beats} beats${refused ? `, refused: ${refused}` : ''}${p.errors ? `, ${p.errors} errors (${p.lastError ?? ''})` : ''}`);
+    }
+  }
+
   private print(s: DaemonStatus): void {
     this.log(`blkrep serve-nbd, pid ${s.pid}, up ${s.uptimeSeconds} s${s.shuttingDown ? ', shutting down' : ''}`);
     if (s.listeners?.length) this.log(`Listening on: ${s.listeners.map((l) => l.address).join(', ')}`);
@@ -67,6 +80,7 @@ export default class Status extends BlkrepCommand {
       const where = b.persistent && b.file !== null ? `file ${b.file}` : 'in memory only (lost when the daemon stops)';
       this.log(`      ${where}${b.epoch !== null ? `, recording checkpoint ${b.epoch}` : ''}, ${describeLoad(b.loadState)}`);
     }
+    if (s.heartbeat) this.printHeartbeat(s.heartbeat);
     this.log('');
     this.log(`Connections: ${s.connections.length}`);
     if (s.buffers) {

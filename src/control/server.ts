@@ -149,6 +149,21 @@ export class ControlServer {
     this.verbs.set(v.name, v);
   }
 
+  /** Is a verb of this name registered? */
+  has(name: string): boolean {
+    return this.verbs.has(name);
+  }
+
+  /**
+   * Run a registered verb in-process, its arguments checked as a client's would be (the daemon
+   * itself acting, e.g. automatic failover calling `failover`). ERR_UNKNOWN_COMMAND when absent.
+   */
+  async call(name: string, args: unknown = {}): Promise<unknown> {
+    const v = this.verbs.get(name);
+    if (!v) throw new BlkrepError('ERR_UNKNOWN_COMMAND', `unknown command "${name}"; known commands: ${this.commands().join(', ')}`, { errno: 'EINVAL', details: { command: name } });
+    return v.handler(parseVerbArgs(name, v.args, args));
+  }
+
   /** Every command a client may send, sorted. */
   commands(): string[] {
     return [...this.verbs.keys(), ...BUILTIN_COMMANDS].sort();

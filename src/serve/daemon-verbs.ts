@@ -9,7 +9,7 @@ export const DAEMON_VERB_SPECS = {
     name: 'status',
     summary: "The daemon's state: exports, NBD connections, listeners, the control socket, bitmaps.",
     args: NO_ARGS,
-    result: '{exports, connections, listeners: [{address}], control, bitmaps: BitmapInfo[], …}',
+    result: '{exports, connections, listeners: [{address}], control, bitmaps: BitmapInfo[], heartbeat? (with --heartbeat: node, peer, state, detector, paths [{uri, state, lastBeatAgoMs, phi, beats, rejected}]), …}',
   },
   shutdown: {
     name: 'shutdown',
@@ -27,4 +27,9 @@ export const DAEMON_EVENTS: ReadonlyArray<{ name: string; fields: string }> = [
   { name: 'refused', fields: 'an NBD connection was refused: peer, reason' },
   { name: 'shutdown', fields: 'the daemon is stopping: pid' },
   { name: 'reload', fields: 'SIGHUP re-read what can be re-read: what (done), failed (messages); serving goes on either way' },
+  { name: 'peer-alive', fields: 'the heartbeat peer is heard (first beat, or back): peer, from, silentMs, paths [{path, state, lastBeatAgoMs, phi}]' },
+  { name: 'peer-suspect', fields: 'the heartbeat peer is late on every path (fixed: a beat over an interval late; phi: half the threshold): peer, from, silentMs, paths' },
+  { name: 'peer-dead', fields: 'every heartbeat path is silent past its bound: peer, from, silentMs, paths' },
+  { name: 'fence', fields: 'the fence hook ran (--auto-failover): peer, verdict, exitCode, signal, proceed, durationMs' },
+  { name: 'auto-failover', fields: 'automatic failover after a peer death: peer, failedOver, fence, code, reason' },
 ];

@@ -5,7 +5,7 @@
 import { rm } from 'node:fs/promises';
 import { BlkrepError, toBlkrepError } from '../api/errors.js';
 import type { BlockNode } from '../api/block.js';
-import type { TransportListener, TransportRegistry } from '../api/transport.js';
+import type { HeartbeatRegistry, TransportListener, TransportRegistry } from '../api/transport.js';
 import { completeNode } from '../block/node.js';
 import { openImage } from '../block/open.js';
 import { registerBitmapVerbs } from '../bitmap/control-verbs.js';
@@ -23,6 +23,8 @@ import { stackFilters, type FilterSpec } from '../block/filters/spec.js';
 import { NbdServer, type Logger, type ServerStatus } from '../nbd/server.js';
 import { checkExportName } from '../util/names.js';
 import { replaceFile } from '../util/safe-file.js';
+import { HeartbeatService, type HeartbeatServiceOptions, type HeartbeatStatus } from '../heartbeat/service.js';
+import { AutoFailover } from '../heartbeat/auto-failover.js';
 
 export interface ExportSpec {
   name: string;
@@ -60,7 +62,17 @@ export interface DaemonOptions {
   bitmapGranularity?: number;
   /** filters over every export, between the clients and the export (the first outermost): --filter */
   filters?: readonly FilterSpec[];
+  /** watch the peer over these heartbeat paths (--heartbeat …); needs `heartbeats` */
+  heartbeat?: DaemonHeartbeat;
+  /** the heartbeat backends the installed plugins provide */
+  heartbeats?: HeartbeatRegistry;
 }
+
+/** --heartbeat and its companions, as serve-nbd parsed them (src/cli/heartbeat-flags.ts). */
+export type DaemonHeartbeat = Omit<HeartbeatServiceOptions, 'registry' | 'publish' | 'log' | 'onPeerEvent'> & {
+  /** --auto-failover with --fence-hook: fence the dead peer, then call the failover verb */
+  autoFailover?: { fenceHook: string; fenceTimeoutMs?: number };
+};
 
 export interface ListeningEvent {
   event: 'listening';
@@ -74,6 +86,8 @@ export interface ListeningEvent {
 
 export class Daemon {
   private stopping: Promise<void> | undefined;
+  /** the heartbeat to the peer (--heartbeat), set once started */
+  heartbeat: HeartbeatService | undefined;
   private resolveStopped: () => void = () => {};
   /** Resolves once stop() has finished, whoever called it (a signal, the control socket). */
   readonly stopped = new Promise<void>((resolve) => (this.resolveStopped = resolve));
@@ -108,6 +122,7 @@ export class Daemon {
     const bitmaps = new Map<string, ExportBitmaps>();
     let control: ControlServer | undefined;
     let jobs: DaemonJobs | undefined;
+    let heartbeat: HeartbeatService | undefined;
     try {
       for (const e of options.exports) nodes.push(await openImage(e.image, { readOnly: options.readOnly }));
       // Every export goes through a dirty-tracking filter (no cost without bitmaps), so bitmaps
@@ -223,10 +238,12 @@ export class Daemon {
         (daemon as { control: ControlServer | undefined }).control = control;
         daemon.wireControl(control);
       }
+      if (options.heartbeat) heartbeat = await daemon.startHeartbeat(options.heartbeat, options.heartbeats, options.exports);
       // mode 0600 whatever the umask; a symlink planted at the path is replaced, never followed
       if (options.pidFile) await replaceFile(options.pidFile, `${process.pid}\n`, { mode: 0o600, what: 'pid file' });
       return daemon;
     } catch (err) {
+      await heartbeat?.stop().catch(() => {});
       await control?.close().catch(() => {});
       await Promise.all(listeners.map((l) => l.close().catch(() => {})));
       await jobs?.shutdown().catch(() => {});
@@ -254,7 +271,7 @@ export class Daemon {
     return image ? image.driver : (this.server.findExport(exportName)?.node.driver ?? 'unknown');
   }
 
-  status(): ServerStatus & { listeners: Array<{ address: string }>; control: string | null; bitmaps: BitmapInfo[] } {
+  status(): ServerStatus & { listeners: Array<{ address: string }>; control: string | null; bitmaps: BitmapInfo[]; heartbeat?: HeartbeatStatus } {
     const s = this.server.status();
     return {
       ...s,
@@ -263,6 +280,7 @@ export class Daemon {
       listeners: this.listeners.map((l) => ({ address: l.address })),
       control: this.control?.path ?? null,
       bitmaps: [...this.bitmaps.values()].flatMap((b) => b.list()),
+      ...(this.heartbeat ? { heartbeat: this.heartbeat.status() } : {}),
     };
   }
 
@@ -297,6 +315,8 @@ export class Daemon {
   stop(): Promise<void> {
     this.stopping ??= (async () => {
       this.control?.publish('shutdown', { pid: process.pid });
+      // the peer hears this node stop beating first: a stopping daemon no longer answers for its data
+      await this.heartbeat?.stop().catch(() => {});
       await Promise.all(this.listeners.map((l) => l.close().catch(() => {})));
       try {
         await this.server.shutdown();
@@ -314,6 +334,34 @@ export class Daemon {
       }
     })();
     return this.stopping;
+  }
+
+  /** Start beating to the peer; with auto-failover, a death fences it and calls `failover`. */
+  private async startHeartbeat(options: DaemonHeartbeat, registry: HeartbeatRegistry | undefined, exports: ExportSpec[]): Promise<HeartbeatService> {
+    if (!registry) throw new BlkrepError('ERR_NO_HEARTBEAT', 'no heartbeat backends are installed', { errno: 'EINVAL' });
+    const { autoFailover, ...service } = options;
+    const control = this.control;
+    const publish = (event: string, fields: Record<string, unknown>): void => control?.publish(event, fields);
+    const log = (level: 'info' | 'warn' | 'error' | 'debug', message: string): void => this.log(level === 'error' ? 'warn' : level, message);
+    const auto = autoFailover
+      ? new AutoFailover({
+          node: service.self,
+          peer: service.peer,
+          fenceHook: autoFailover.fenceHook,
+          ...(autoFailover.fenceTimeoutMs === undefined ? {} : { fenceTimeoutMs: autoFailover.fenceTimeoutMs }),
+          peerAddresses: service.uris,
+          resource: exports.map((e) => e.name).join(' '),
+          ...(service.epoch ? { epoch: service.epoch } : {}),
+          ...(service.generation ? { generation: service.generation } : {}),
+          hasFailover: () => control?.has('failover') ?? false,
+          // never forced: only the operator forces a takeover
+          failover: () => control!.call('failover', {}),
+          publish,
+          log,
+        })
+      : undefined;
+    this.heartbeat = await HeartbeatService.start({ ...service, registry, publish, log, onPeerEvent: (e) => void auto?.onPeerEvent(e) });
+    return this.heartbeat;
   }
 
   private wireControl(control: ControlServer): void {

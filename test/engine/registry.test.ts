@@ -32,7 +32,7 @@ describe('registries', () => {
     expect(() => new Upgraders().get('tls')).toThrow(expect.objectContaining({ code: 'ERR_NO_UPGRADER', message: 'no connection upgrader named "tls" is installed (installed: none)' }));
     const heartbeats = new Heartbeats();
     expect(() => heartbeats.get('udp')).toThrow(expect.objectContaining({ code: 'ERR_NO_HEARTBEAT', details: { name: 'udp', installed: [] } }));
-    heartbeats.register('udp', () => ({ name: 'udp', summary: 'test' }));
+    heartbeats.register('udp', () => ({ name: 'udp', summary: 'test', caps: { frames: true, independentPath: false, authoritative: false }, open: () => { throw new Error('unused'); } }));
     expect(heartbeats.get('udp').name).toBe('udp');
   });
 

@@ -28,8 +28,8 @@ async function cruise(cwd: string, paths: string[]): Promise<Violation[]> {
 const describeAll = (vs: Violation[]) => vs.map((v) => `${v.rule.name}: ${v.from} → ${v.to}${v.cycle ? ` (cycle ${v.cycle.map((c) => c.name).join(' → ')})` : ''}`);
 
 describe('layers', () => {
-  it('src/ and the transport plugins break no layering rule', async () => {
-    const violations = await cruise(REPO_ROOT, ['src', 'plugins/transport-tcp/src', 'plugins/transport-unix/src']);
+  it('src/ and the transport and heartbeat plugins break no layering rule', async () => {
+    const violations = await cruise(REPO_ROOT, ['src', 'plugins/transport-tcp/src', 'plugins/transport-unix/src', 'plugins/heartbeat-udp/src', 'plugins/heartbeat-tcp/src', 'plugins/heartbeat-file/src', 'plugins/heartbeat-exec/src']);
     expect(describeAll(violations)).toEqual([]);
   });
 

@@ -1,0 +1,98 @@
+/**
+ * Automatic failover (--auto-failover, on the secondary): when the peer is declared dead, fence it
+ * with the fence hook, and only if the hook confirms (4 outdated, 7 fenced) call the `failover`
+ * verb, never forced. One attempt per death: the peer must be heard again before another.
+ *
+ * Each step is an event on the control socket: `fence` (the hook's verdict) and `auto-failover`
+ * (done, or why not). The failover verb belongs to the replication pair's secondary; a daemon
+ * without one says so (ERR_NO_FAILOVER) instead of pretending.
+ */
+import { toBlkrepError } from '../api/errors.js';
+import { describeFence, runFenceHook, type FenceResult } from './fence.js';
+import type { PeerEvent } from './monitor.js';
+import type { HeartbeatLog } from './service.js';
+
+export interface AutoFailoverOptions {
+  node: string;
+  peer: string;
+  /** the fence hook (required: an automatic takeover never skips fencing) */
+  fenceHook: string;
+  fenceTimeoutMs?: number;
+  /** the heartbeat URIs, for the hook's BLKREP_PEER_ADDRESSES */
+  peerAddresses?: readonly string[];
+  resource?: string;
+  epoch?: () => bigint;
+  generation?: () => string;
+  /** is there a `failover` verb to call? */
+  hasFailover: () => boolean;
+  /** call it (never with force) */
+  failover: () => Promise<unknown>;
+  publish?: (event: string, fields: Record<string, unknown>) => void;
+  log?: HeartbeatLog;
+}
+
+export interface AutoFailoverOutcome {
+  fence: FenceResult | null;
+  failedOver: boolean;
+  /** why not, when not */
+  reason: string | null;
+  code: string | null;
+}
+
+export class AutoFailover {
+  /** the attempt under way, or done for this death */
+  private attempt: Promise<AutoFailoverOutcome> | undefined;
+
+  constructor(private readonly options: AutoFailoverOptions) {}
+
+  /** Feed every peer transition; a death starts one attempt, a return makes the next possible. */
+  onPeerEvent(e: PeerEvent): Promise<AutoFailoverOutcome> | undefined {
+    if (e.event === 'peer-alive') {
+      this.attempt = undefined;
+      return undefined;
+    }
+    if (e.event !== 'peer-dead' || this.attempt) return undefined;
+    this.attempt = this.run();
+    return this.attempt;
+  }
+
+  private async run(): Promise<AutoFailoverOutcome> {
+    const o = this.options;
+    const log = o.log ?? (() => {});
+    if (!o.hasFailover()) {
+      // said before fencing: fencing a peer nobody takes over from would only make an outage
+      return this.refuse(null, 'ERR_NO_FAILOVER', `peer "${o.peer}" is dead but this daemon has no failover verb (it is not the secondary of a replication pair): nothing fenced, nothing taken over`);
+    }
+    const fence = await runFenceHook({
+      command: o.fenceHook,
+      node: o.node,
+      peer: o.peer,
+      ...(o.peerAddresses ? { peerAddresses: o.peerAddresses } : {}),
+      ...(o.resource === undefined ? {} : { resource: o.resource }),
+      ...(o.epoch ? { epoch: o.epoch() } : {}),
+      ...(o.generation ? { generation: o.generation() } : {}),
+      ...(o.fenceTimeoutMs === undefined ? {} : { timeoutMs: o.fenceTimeoutMs }),
+      force: false,
+    });
+    const line = describeFence(fence, o.peer);
+    log(fence.proceed ? 'info' : 'warn', line + (fence.stderr.trim() ? `; hook said: ${fence.stderr.trim().split('\n').slice(-1)[0]}` : ''));
+    o.publish?.('fence', { peer: o.peer, verdict: fence.verdict, exitCode: fence.exitCode, signal: fence.signal, proceed: fence.proceed, durationMs: fence.durationMs });
+    if (!fence.proceed) return this.refuse(fence, 'ERR_NOT_FENCED', line);
+    try {
+      await o.failover();
+    } catch (err) {
+      const e = toBlkrepError(err);
+      return this.refuse(fence, e.code, `failover after fencing peer "${o.peer}" failed: ${e.message}`);
+    }
+    log('warn', `peer "${o.peer}" was fenced (${fence.verdict}); this node took over`);
+    o.publish?.('auto-failover', { peer: o.peer, failedOver: true, fence: fence.verdict, code: null, reason: null });
+    return { fence, failedOver: true, reason: null, code: null };
+  }
+
+  private refuse(fence: FenceResult | null, code: string, reason: string): AutoFailoverOutcome {
+    this.options.log?.('error', `automatic failover not done: ${reason}`);
+    this.options.publish?.('auto-failover', { peer: this.options.peer, failedOver: false, fence: fence?.verdict ?? null, code, reason });
+    return { fence, failedOver: false, reason, code };
+  }
+}
+

@@ -1,0 +1,38 @@
+/**
+ * The pair key (--heartbeat-key FILE): the bytes of a file both nodes hold, at least 16 of them
+ * (e.g. `head -c 32 /dev/urandom > /etc/blkrep/pair.key`). Like ssh with a private key, a file
+ * that other users may read is refused: anyone who can read it can forge beats.
+ */
+import { open } from 'node:fs/promises';
+import { BlkrepError } from '../api/errors.js';
+
+export const MIN_KEY_BYTES = 16;
+export const MAX_KEY_BYTES = 4096;
+
+export async function readHeartbeatKey(path: string): Promise<Buffer> {
+  let handle;
+  try {
+    handle = await open(path, 'r');
+  } catch (err) {
+    const code = (err as { code?: string }).code ?? 'EIO';
+    throw new BlkrepError('ERR_HEARTBEAT_KEY', `cannot read the heartbeat key ${path}: ${code}`, { errno: 'EINVAL', cause: err, details: { path, code } });
+  }
+  try {
+    const st = await handle.stat();
+    if (!st.isFile()) throw keyError(path, 'is not a regular file', {});
+    if ((st.mode & 0o077) !== 0) {
+      const mode = (st.mode & 0o777).toString(8).padStart(4, '0');
+      throw keyError(path, `has mode ${mode}: other users may read it; chmod 0600 it`, { mode });
+    }
+    if (st.size > MAX_KEY_BYTES) throw keyError(path, `is ${st.size} bytes, more than ${MAX_KEY_BYTES}: not a key file`, { bytes: st.size });
+    const key = await handle.readFile();
+    if (key.length < MIN_KEY_BYTES) throw keyError(path, `holds ${key.length} bytes, at least ${MIN_KEY_BYTES} are needed (head -c 32 /dev/urandom > ${path})`, { bytes: key.length });
+    return key;
+  } finally {
+    await handle.close();
+  }
+}
+
+function keyError(path: string, what: string, details: Record<string, unknown>): BlkrepError {
+  return new BlkrepError('ERR_HEARTBEAT_KEY', `the heartbeat key ${path} ${what}`, { errno: 'EINVAL', details: { path, ...details } });
+}

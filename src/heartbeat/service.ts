@@ -1,0 +1,262 @@
+/**
+ * The daemon's heartbeat: opens one path per `--heartbeat URI` through the backend registered
+ * for its scheme, sends this node's signed beat on every path once per interval, checks every
+ * frame that comes back (signature, peer id, replay order), feeds the accepted ones to the peer
+ * monitor, and publishes its transitions (peer-alive, peer-suspect, peer-dead).
+ *
+ * Time is the monotonic clock (performance.now, injectable); the wall clock appears only in
+ * `lastBeatAt` for people reading status.
+ */
+import { BlkrepError, toBlkrepError } from '../api/errors.js';
+import type { HeartbeatPath, HeartbeatReport } from '../api/heartbeat.js';
+import type { HeartbeatBackend, HeartbeatRegistry } from '../api/transport.js';
+import { decodeBeat, encodeBeat, ReplayGuard, type Beat, type RejectReason } from './beat.js';
+import type { PathState } from './detector.js';
+import { PeerMonitor, type DetectorSpec, type PeerEvent } from './monitor.js';
+
+export type HeartbeatLog = (level: 'info' | 'warn' | 'error' | 'debug', message: string) => void;
+
+export interface HeartbeatServiceOptions {
+  /** the --heartbeat URIs, one path each */
+  uris: readonly string[];
+  registry: HeartbeatRegistry;
+  /** this node's id (--node-id) and the peer's (--peer-id) */
+  self: string;
+  peer: string;
+  /** the pair key (--heartbeat-key); without one beats are not authenticated */
+  key?: Buffer;
+  intervalMs: number;
+  detector: DetectorSpec;
+  /** the fencing epoch and generation this node announces (the pair's; 0 and EMPTY without one) */
+  epoch?: () => bigint;
+  generation?: () => string;
+  /** the monotonic clock in ms (default performance.now) */
+  clock?: () => number;
+  /** a control-socket event */
+  publish?: (event: string, fields: Record<string, unknown>) => void;
+  log?: HeartbeatLog;
+  /** called on every peer transition, after it is published */
+  onPeerEvent?: (event: PeerEvent) => void;
+}
+
+export interface HeartbeatPathStatus {
+  uri: string;
+  backend: string;
+  state: PathState;
+  /** milliseconds since the last accepted beat on this path (null before the first) */
+  lastBeatAgoMs: number | null;
+  /** the wall-clock time of that beat, ISO 8601 */
+  lastBeatAt: string | null;
+  /** φ now (phi detector; null with fixed) */
+  phi: number | null;
+  /** beats accepted */
+  beats: number;
+  /** beats refused, by reason (bad-mac, unkeyed, keyed, replay, self, unknown-node, malformed) */
+  rejected: Partial<Record<RejectReason, number>>;
+  /** send/receive errors of the path (the last one's message in lastError) */
+  errors: number;
+  lastError: string | null;
+  /** where the last accepted beat came from, as the backend says */
+  lastFrom: string | null;
+  /** false for probe paths (exec), whose beats cannot be signed */
+  authenticated: boolean;
+}
+
+export interface HeartbeatStatus {
+  node: string;
+  peer: string;
+  state: PathState;
+  detector: DetectorSpec;
+  keyed: boolean;
+  /** this node's incarnation and beats sent */
+  incarnation: string;
+  sent: number;
+  /** what the peer last announced (null before its first signed beat) */
+  peerAnnounced: { incarnation: string; epoch: string; generation: string } | null;
+  paths: HeartbeatPathStatus[];
+}
+
+interface PathSlot {
+  uri: string;
+  backend: HeartbeatBackend;
+  path: HeartbeatPath;
+  guard: ReplayGuard;
+  beats: number;
+  lastBeatWall: number | null;
+  lastFrom: string | null;
+  rejected: Partial<Record<RejectReason, number>>;
+  /** when each reject reason was last logged (monotonic), so a flood logs once a minute */
+  rejectLogged: Map<RejectReason, number>;
+  errors: number;
+  lastError: string | null;
+}
+
+const REJECT_LOG_EVERY_MS = 60_000;
+
+/** "udp" of "udp://…", "exec" of "exec:…" */
+export function heartbeatScheme(uri: string): string {
+  const m = /^([a-z][a-z0-9+.-]*):/i.exec(uri);
+  if (!m) throw new BlkrepError('ERR_BAD_HEARTBEAT', `invalid heartbeat URI "${uri}": no scheme (udp://PEER:PORT, tcp://PEER:PORT, file:///PATH, exec:COMMAND)`, { errno: 'EINVAL', details: { uri } });
+  return m[1]!.toLowerCase();
+}
+
+export class HeartbeatService {
+  private readonly slots: PathSlot[] = [];
+  private readonly monitor: PeerMonitor;
+  private readonly clock: () => number;
+  private readonly log: HeartbeatLog;
+  private readonly incarnation = BigInt(Date.now());
+  private seq = 0n;
+  private sendTimer: NodeJS.Timeout | undefined;
+  private checkTimer: NodeJS.Timeout | undefined;
+  private peerAnnounced: HeartbeatStatus['peerAnnounced'] = null;
+  private stopped = false;
+
+  private constructor(private readonly options: HeartbeatServiceOptions) {
+    this.clock = options.clock ?? (() => performance.now());
+    this.log = options.log ?? (() => {});
+    this.monitor = new PeerMonitor(options.peer, options.uris, options.detector, (e) => this.transition(e));
+  }
+
+  /** Open every path (a bad URI or a missing backend fails before anything starts), start them, start beating. */
+  static async start(options: HeartbeatServiceOptions): Promise<HeartbeatService> {
+    if (options.uris.length === 0) throw new BlkrepError('ERR_USAGE', 'no heartbeat path given', { errno: 'EINVAL' });
+    if (options.self === options.peer) {
+      throw new BlkrepError('ERR_USAGE', `this node and its peer have the same id "${options.self}": give each node its own --node-id`, { errno: 'EINVAL', details: { node: options.self } });
+    }
+    const service = new HeartbeatService(options);
+    const seen = new Set<string>();
+    for (const uri of options.uris) {
+      if (seen.has(uri)) throw new BlkrepError('ERR_USAGE', `heartbeat path "${uri}" is given twice`, { errno: 'EINVAL', details: { uri } });
+      seen.add(uri);
+      const backend = options.registry.get(heartbeatScheme(uri));
+      let path: HeartbeatPath;
+      try {
+        path = backend.open(uri, { self: options.self, peer: options.peer, intervalMs: options.intervalMs });
+      } catch (err) {
+        throw toBlkrepError(err);
+      }
+      service.slots.push({ uri, backend, path, guard: new ReplayGuard(options.self, options.peer), beats: 0, lastBeatWall: null, lastFrom: null, rejected: {}, rejectLogged: new Map(), errors: 0, lastError: null });
+    }
+    try {
+      for (const [i, slot] of service.slots.entries()) {
+        slot.path.onBeat((r) => service.receive(i, r));
+        slot.path.onError((err) => {
+          slot.errors++;
+          slot.lastError = err.message;
+          service.log('debug', `heartbeat ${slot.uri}: ${err.message}`);
+        });
+        await slot.path.start().catch((err: unknown) => Promise.reject(toBlkrepError(err, `cannot start heartbeat path ${slot.uri}`)));
+      }
+    } catch (err) {
+      await service.stop();
+      throw err;
+    }
+    service.beat();
+    service.sendTimer = setInterval(() => service.beat(), options.intervalMs);
+    // re-evaluated ten times per interval: a death is declared within a tenth of an interval of its bound
+    service.checkTimer = setInterval(() => service.monitor.check(service.clock()), Math.max(10, Math.floor(options.intervalMs / 10)));
+    return service;
+  }
+
+  private beat(): void {
+    if (this.stopped) return;
+    this.seq++;
+    const frame = encodeBeat(
+      {
+        node: this.options.self,
+        incarnation: this.incarnation,
+        seq: this.seq,
+        epoch: this.options.epoch?.() ?? 0n,
+        generation: this.options.generation?.() ?? '0000000000000000',
+      },
+      this.options.key,
+    );
+    for (const slot of this.slots) slot.path.send(frame);
+  }
+
+  private receive(index: number, report: HeartbeatReport): void {
+    if (this.stopped) return;
+    const slot = this.slots[index]!;
+    if (slot.backend.caps.frames) {
+      const decoded = decodeBeat(report.frame, this.options.key);
+      const checked = decoded.ok ? slot.guard.check(decoded.beat) : decoded;
+      if (!checked.ok) {
+        this.reject(slot, checked.reason, checked.detail, report.from);
+        return;
+      }
+      this.announce(checked.beat);
+    }
+    slot.beats++;
+    slot.lastBeatWall = Date.now();
+    slot.lastFrom = report.from;
+    this.monitor.beat(index, this.clock());
+  }
+
+  private announce(beat: Beat): void {
+    this.peerAnnounced = { incarnation: beat.incarnation.toString(), epoch: beat.epoch.toString(), generation: beat.generation };
+  }
+
+  private reject(slot: PathSlot, reason: RejectReason, detail: string, from: string): void {
+    slot.rejected[reason] = (slot.rejected[reason] ?? 0) + 1;
+    const now = this.clock();
+    const last = slot.rejectLogged.get(reason);
+    if (last !== undefined && now - last < REJECT_LOG_EVERY_MS) return;
+    slot.rejectLogged.set(reason, now);
+    // a wrong key or a stranger is a configuration error worth a warning; a reordered datagram is not
+    const level = reason === 'replay' ? 'debug' : 'warn';
+    this.log(level, `heartbeat ${slot.uri}: beat from ${from} refused (${reason}): ${detail}${last === undefined ? '' : ' (said once a minute)'}`);
+  }
+
+  private transition(e: PeerEvent): void {
+    const level = e.event === 'peer-alive' ? 'info' : 'warn';
+    const silent = e.silentMs === null ? '' : ` after ${Math.round(e.silentMs)} ms of silence`;
+    this.log(level, `peer "${e.peer}" is ${e.event.slice('peer-'.length)}${e.event === 'peer-alive' ? '' : silent} (paths: ${e.paths.map((p) => `${p.path} ${p.state}`).join(', ')})`);
+    this.options.publish?.(e.event, { peer: e.peer, from: e.from, silentMs: e.silentMs === null ? null : Math.round(e.silentMs), paths: e.paths.map((p) => ({ ...p, lastBeatAgoMs: p.lastBeatAgoMs === null ? null : Math.round(p.lastBeatAgoMs) })) });
+    this.options.onPeerEvent?.(e);
+  }
+
+  /** The peer's state now. */
+  get peerState(): PathState {
+    return this.monitor.state(this.clock());
+  }
+
+  status(): HeartbeatStatus {
+    const now = this.clock();
+    const views = this.monitor.view(now);
+    return {
+      node: this.options.self,
+      peer: this.options.peer,
+      state: this.monitor.state(now),
+      detector: this.options.detector,
+      keyed: this.options.key !== undefined,
+      incarnation: this.incarnation.toString(),
+      sent: Number(this.seq),
+      peerAnnounced: this.peerAnnounced,
+      paths: this.slots.map((s, i) => {
+        const v = views[i]!;
+        return {
+          uri: s.uri,
+          backend: s.backend.name,
+          state: v.state,
+          lastBeatAgoMs: v.lastBeatAgoMs === null ? null : Math.round(v.lastBeatAgoMs),
+          lastBeatAt: s.lastBeatWall === null ? null : new Date(s.lastBeatWall).toISOString(),
+          phi: v.phi,
+          beats: s.beats,
+          rejected: { ...s.rejected },
+          errors: s.errors,
+          lastError: s.lastError,
+          lastFrom: s.lastFrom,
+          authenticated: s.backend.caps.frames,
+        };
+      }),
+    };
+  }
+
+  async stop(): Promise<void> {
+    this.stopped = true;
+    if (this.sendTimer) clearInterval(this.sendTimer);
+    if (this.checkTimer) clearInterval(this.checkTimer);
+    await Promise.all(this.slots.map((s) => s.path.stop().catch(() => {})));
+  }
+}
