@@ -18,6 +18,8 @@ function isUsageError(err: unknown): boolean {
   // A flag's value that its parser rejects (--port abc, --min-block-size abc): oclif rethrows
   // whatever the parser threw, with the message rewritten to start "Parsing --FLAG".
   if (err instanceof Error && /^Parsing --[\w-]+ \n\t/.test(err.message)) return true;
+  // oclif's "Flag --X can only be specified once" is a plain Error
+  if (err instanceof Error && /^Flag --[\w-]+ can only be specified once/.test(err.message)) return true;
   const name = (err as { constructor?: { name?: string } })?.constructor?.name ?? '';
   return /(Parse|Flag|Arg|Options|Exclusive|Dependency|Nonexistent|Unexpected|Required|FailedFlagValidation)Error/.test(name) || (err instanceof BlkrepError && (err.code === 'ERR_USAGE' || err.code === 'ERR_BAD_FILTER'));
 }

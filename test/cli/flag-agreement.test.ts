@@ -72,6 +72,12 @@ describe('flags of sibling commands', () => {
     expect(JSON.parse(commit.stdout)).toMatchObject({ error: { code: 'ERR_USAGE', message: expect.stringContaining('--wait done') } });
   });
 
+  it('a flag given twice that takes one value is a usage error (ERR_USAGE, exit 2), not an internal one', async () => {
+    const r = await runCli(['info', '-f', 'raw', '-f', 'qcow2', '/nonexistent.img', '--json']);
+    expect(r.code).toBe(2);
+    expect(JSON.parse(r.stdout)).toEqual({ error: { code: 'ERR_USAGE', message: 'Flag --format can only be specified once' } });
+  });
+
   it('every timeout is in seconds', () => {
     const timeouts = flags.filter((f) => /timeout/.test(f.name));
     expect(timeouts.length).toBeGreaterThan(20);
