@@ -193,6 +193,8 @@ class ServerSide {
   }
 
   private settle(t: tls.TLSSocket, err: Error | undefined): void {
+    // whatever happens to it later (a late alert, a reset), it must not become an uncaught error
+    t.on('error', () => {});
     const found = this.take(t);
     if (!found) {
       t.destroy();
@@ -230,7 +232,6 @@ class ServerSide {
       t.destroy();
       throw new TlsError('ERR_TLS_AUTHZ', `TLS: refused client ${peer}: ${refusal}`, { errno: 'EPERM', details: { peer, identity: identity ?? null, reason: 'authz' } });
     }
-    t.on('error', () => {}); // the NBD session reports the stream's end; nobody else must crash on it
     return { stream: t, peer: identity ? `${peer} (${identity})` : peer };
   }
 
