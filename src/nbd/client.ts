@@ -44,6 +44,7 @@ import { abortError } from './client-errors.js';
 import { negotiate, type ExportInfo } from './client-handshake.js';
 import { ClientSession, type ClientOp, type CommandReply, type CommandSpec, type SessionEnd, type SessionOwner } from './client-session.js';
 import { parseNbdUri, type NbdUri } from './uri.js';
+import { StateMachine } from '../util/state-machine.js';
 
 export type { ExportInfo, BlockSizeInfo } from './client-handshake.js';
 export { registryConnector, type NbdConnector } from './client-connect.js';
@@ -207,7 +208,8 @@ class Request implements ClientOp {
 
 export class NbdClient extends EventEmitter<NbdClientEvents> {
   readonly uri: NbdUri;
-  private current: ClientState = 'DISCONNECTED';
+  /** the client's connection states (CLIENT_TRANSITIONS) */
+  private readonly machine = new StateMachine<ClientState>({ name: 'NbdClient', transitions: CLIENT_TRANSITIONS }, 'DISCONNECTED');
   private exportInfo: ExportInfo | undefined;
   private readonly connector: NbdConnector;
   private readonly slots: Slot[] = [];
@@ -455,10 +457,12 @@ export class NbdClient extends EventEmitter<NbdClientEvents> {
   // ---------------------------------------------------------------------------------------------
   // connections
 
+  private get current(): ClientState {
+    return this.machine.state;
+  }
+
   private goto(next: ClientState): void {
-    if (this.current === next) return;
-    if (!CLIENT_TRANSITIONS[this.current].includes(next)) throw new Error(`NbdClient: transition ${this.current} → ${next} is not allowed`);
-    this.current = next;
+    this.machine.goto(next);
   }
 
   private label(slot: Slot): string {
