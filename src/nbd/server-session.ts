@@ -25,6 +25,7 @@ import {
   encodeGreeting, encodeHoleChunk, encodeNoneChunk, encodeSimpleReply, OPTION_HEADER_LENGTH, REQUEST_LENGTH, type Request,
 } from './codec.js';
 import type { Descriptor, Export } from './export.js';
+import { StateMachine, type MachineSpec } from '../util/state-machine.js';
 import { ServerHandshake, type HandshakeHost, type HandshakeStep, type TlsMode } from './server-handshake.js';
 
 export { parseMetaContextRequest, type OptionExtension } from './server-handshake.js';
@@ -50,6 +51,20 @@ export interface SessionTls {
 }
 
 type Phase = 'flags' | 'options' | 'starttls' | 'transmission' | 'closing' | 'closed';
+
+/** A connection's phases; the handshake's decisions within 'options' are ServerHandshake's. */
+export const SESSION_PHASES: MachineSpec<Phase> = {
+  name: 'server session',
+  transitions: {
+    flags: ['options', 'closed'],
+    // closing: OPT_ABORT; closed: a hard close, or an extension took the connection
+    options: ['starttls', 'transmission', 'closing', 'closed'],
+    starttls: ['options', 'closed'],
+    transmission: ['closing', 'closed'],
+    closing: ['closed'],
+    closed: [],
+  },
+};
 
 /** Parsing stops while this many requests are running on one connection … */
 const MAX_INFLIGHT = 64;
@@ -96,7 +111,7 @@ export class ServerSession implements BudgetWaiter {
   readonly id = nextSessionId++;
   readonly openedAt = new Date();
   readonly counters: SessionCounters = { requests: 0, bytesRead: 0, bytesWritten: 0, errors: 0 };
-  private phase: Phase = 'flags';
+  private readonly machine = new StateMachine(SESSION_PHASES, 'flags');
   private readonly queue = new ByteQueue();
   private readonly handshake: ServerHandshake;
   /** what the handshake agreed, for the transmission phase */
@@ -173,7 +188,11 @@ export class ServerSession implements BudgetWaiter {
   }
 
   get state(): Phase {
-    return this.phase;
+    return this.machine.state;
+  }
+
+  private get phase(): Phase {
+    return this.machine.state;
   }
 
   /** the TLS phase of the handshake: 'tls' once STARTTLS succeeded */
@@ -215,7 +234,7 @@ export class ServerSession implements BudgetWaiter {
   close(reason: string): void {
     if (this.phase === 'closed') return;
     const wasTransmission = this.phase === 'transmission' || this.phase === 'closing';
-    this.phase = 'closed';
+    this.machine.goto('closed');
     this.handshake.closed();
     this.upgradeAbort?.abort();
     this.upgradeAbort = undefined;
@@ -242,7 +261,7 @@ export class ServerSession implements BudgetWaiter {
       switch (this.phase) {
         case 'flags':
           if (this.queue.length < 4) return;
-          this.phase = 'options';
+          this.machine.goto('options');
           this.carryOut(this.handshake.clientFlags(this.queue.take(4).readUInt32BE(0)));
           break;
         case 'options': {
@@ -336,7 +355,7 @@ export class ServerSession implements BudgetWaiter {
   private onEnd(): void {
     // Client half-closed: finish what runs, then close (a DISC without the DISC).
     if (this.phase === 'transmission') {
-      this.phase = 'closing';
+      this.machine.goto('closing');
       this.finishIfIdle();
     } else if (this.phase !== 'closing') {
       this.close('client closed the connection');
@@ -362,7 +381,7 @@ export class ServerSession implements BudgetWaiter {
       case 'close':
         return this.protocolError(d.reason);
       case 'abort':
-        this.phase = 'closing';
+        this.machine.goto('closing');
         this.stream.end();
         return;
       case 'takeover':
@@ -380,7 +399,7 @@ export class ServerSession implements BudgetWaiter {
   private startTls(replies: Buffer[]): void {
     const tls = this.host.tls!; // the handshake accepts STARTTLS only when TLS is configured
     const raw = this.stream;
-    this.phase = 'starttls';
+    this.machine.goto('starttls');
     this.unlisten(raw);
     raw.pause();
     const ack = Buffer.concat(replies);
@@ -412,7 +431,7 @@ export class ServerSession implements BudgetWaiter {
     this.stream = up.stream;
     this.listen(up.stream);
     this.handshake.tlsUp();
-    this.phase = 'options';
+    this.machine.goto('options');
     this.paused = false;
     this.host.log('debug', `connection ${this.id} from ${this.peer}: TLS is on`);
     up.stream.resume();
@@ -425,7 +444,7 @@ export class ServerSession implements BudgetWaiter {
     this.stream.pause();
     this.unlisten(this.stream);
     const rest = this.queue.take(this.queue.length);
-    this.phase = 'closed';
+    this.machine.goto('closed');
     if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
     if (this.waitingBudget) this.host.budget.forget(this);
     this.host.budget.release(this.reserved + this.unsent);
@@ -442,7 +461,7 @@ export class ServerSession implements BudgetWaiter {
     this.tflags = tflags;
     this.structured = structured;
     this.selected = contexts;
-    this.phase = 'transmission';
+    this.machine.goto('transmission');
     if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
     this.handshakeTimer = undefined;
     exp.counters.connections++;
@@ -526,7 +545,7 @@ export class ServerSession implements BudgetWaiter {
     if (name) exp.counters.requests[name] = (exp.counters.requests[name] ?? 0) + 1;
     if (req.type === CMD.DISC) {
       // No reply; finish what runs, make it durable, close.
-      this.phase = 'closing';
+      this.machine.goto('closing');
       this.updateFlow();
       this.finishIfIdle();
       return;
@@ -563,7 +582,7 @@ export class ServerSession implements BudgetWaiter {
     }
     if (this.finishing) return;
     if (this.phase === 'closing' || (this.phase === 'transmission' && this.stopping)) {
-      this.phase = 'closing';
+      this.machine.goto('closing');
       this.finishing = true;
       const exp = this.exp;
       const flushed = exp && !exp.readOnly ? exp.node.flush().catch((err) => {

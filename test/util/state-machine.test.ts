@@ -9,6 +9,7 @@ import { HANDSHAKE_TRANSITIONS } from '../../src/nbd/client-handshake.js';
 import { CLIENT_TRANSITIONS } from '../../src/nbd/client.js';
 import { SESSION_TRANSITIONS } from '../../src/nbd/client-session.js';
 import { HANDSHAKE_STATES } from '../../src/nbd/server-handshake.js';
+import { SESSION_PHASES } from '../../src/nbd/server-session.js';
 import { TRANSITIONS, VERBS } from '../../src/jobs/job.js';
 
 type Door = 'closed' | 'open' | 'locked';
@@ -79,7 +80,7 @@ describe('StateMachine', () => {
 
   it("every table in the engine names only its own states, and the job's verbs only job states", () => {
     const tables: Array<Readonly<Record<string, readonly string[]>>> = [
-      HANDSHAKE_TRANSITIONS, CLIENT_TRANSITIONS, SESSION_TRANSITIONS, HANDSHAKE_STATES.transitions, TRANSITIONS,
+      HANDSHAKE_TRANSITIONS, CLIENT_TRANSITIONS, SESSION_TRANSITIONS, HANDSHAKE_STATES.transitions, SESSION_PHASES.transitions, TRANSITIONS,
     ];
     for (const t of tables) {
       const states = Object.keys(t);
