@@ -57,7 +57,7 @@ async function server(mode: 'off' | 'on' | 'require' | undefined, extra: Partial
     ...(mode ? { tls: { mode, upgrader } } : {}),
     ...extra,
   });
-  return { upgrader };
+  return { upgrader, node };
 }
 
 /** greeting read, fixed-newstyle + NO_ZEROES sent */
@@ -266,6 +266,18 @@ describe('real peers over TLS', () => {
     const want = Buffer.alloc(SIZE);
     want.write('secret');
     expect((await readFile(out)).equals(want)).toBe(true);
+  });
+
+  it('qemu-io (GnuTLS, tls-creds-x509) writes and reads back over TLS; the bytes are in the export', async () => {
+    const { node } = await server('require');
+    const r = await run('qemu-io', [
+      '--object', `tls-creds-x509,id=tls0,endpoint=client,dir=${pki.dir}`,
+      '--image-opts', `driver=nbd,path=${S!.path},tls-creds=tls0,tls-hostname=localhost`,
+      '-c', 'write -P 0x5a 65536 65536', '-c', 'read -P 0x5a 65536 65536', '-c', 'read -P 0 131072 4096',
+    ], { timeoutMs: 30_000 });
+    expect(r.code, r.stdout + r.stderr).toBe(0);
+    expect(r.stdout).not.toContain('Pattern verification failed');
+    expect((await node.read(65536, 65536)).equals(Buffer.alloc(65536, 0x5a))).toBe(true);
   });
 
   it('nbdinfo without TLS is refused by a require server', async () => {
