@@ -27,6 +27,7 @@ import {
 } from './constants.js';
 import { decodeOptionReplyHeader, encodeInfoRequest, encodeMetaContextRequest, encodeOption, GREETING_LENGTH } from './codec.js';
 import { abortError } from './client-errors.js';
+import { StateMachine } from '../util/state-machine.js';
 
 export type HandshakeState =
   | 'GREETING'
@@ -115,7 +116,8 @@ function isPowerOfTwo(n: number): boolean {
 }
 
 export class HandshakeMachine {
-  private current: HandshakeState = 'GREETING';
+  /** the states and HANDSHAKE_TRANSITIONS; a transition not listed is a bug here, not in the server */
+  private readonly machine = new StateMachine<HandshakeState>({ name: 'handshake', transitions: HANDSHAKE_TRANSITIONS }, 'GREETING');
   private out: Buffer[] = [];
   private failure: BlkrepError | undefined;
   /** the reply header of the option reply whose payload is awaited */
@@ -175,11 +177,12 @@ export class HandshakeMachine {
     return err;
   }
 
+  private get current(): HandshakeState {
+    return this.machine.state;
+  }
+
   private goto(next: HandshakeState): void {
-    if (!HANDSHAKE_TRANSITIONS[this.current].includes(next)) {
-      throw new Error(`handshake: transition ${this.current} → ${next} is not allowed`); // a bug here, not in the server
-    }
-    this.current = next;
+    this.machine.goto(next);
   }
 
   /** Fail; `abort` sends OPT_ABORT first so the server sees a soft disconnect. */

@@ -45,6 +45,7 @@ import { negotiate, type ExportInfo } from './client-handshake.js';
 import { ClientSession, type ClientOp, type CommandReply, type CommandSpec, type SessionEnd, type SessionOwner } from './client-session.js';
 import { greetAndStartTls, type Greeting } from './starttls.js';
 import { parseNbdUri, type NbdUri } from './uri.js';
+import { StateMachine } from '../util/state-machine.js';
 
 export type { ExportInfo, BlockSizeInfo } from './client-handshake.js';
 export { registryConnector, type NbdConnector } from './client-connect.js';
@@ -210,7 +211,8 @@ class Request implements ClientOp {
 
 export class NbdClient extends EventEmitter<NbdClientEvents> {
   readonly uri: NbdUri;
-  private current: ClientState = 'DISCONNECTED';
+  /** the client's connection states (CLIENT_TRANSITIONS) */
+  private readonly machine = new StateMachine<ClientState>({ name: 'NbdClient', transitions: CLIENT_TRANSITIONS }, 'DISCONNECTED');
   private exportInfo: ExportInfo | undefined;
   private readonly connector: NbdConnector;
   private readonly slots: Slot[] = [];
@@ -460,10 +462,12 @@ export class NbdClient extends EventEmitter<NbdClientEvents> {
   // ---------------------------------------------------------------------------------------------
   // connections
 
+  private get current(): ClientState {
+    return this.machine.state;
+  }
+
   private goto(next: ClientState): void {
-    if (this.current === next) return;
-    if (!CLIENT_TRANSITIONS[this.current].includes(next)) throw new Error(`NbdClient: transition ${this.current} → ${next} is not allowed`);
-    this.current = next;
+    this.machine.goto(next);
   }
 
   private label(slot: Slot): string {
