@@ -1,9 +1,10 @@
-import { rmSync } from 'node:fs';
+import { existsSync, rmSync } from 'node:fs';
 import { Args, Flags } from '@oclif/core';
-import { BlkrepCommand, loadTransports } from '../cli/base.js';
+import { BlkrepCommand, loadRegistries } from '../cli/base.js';
 import { secondsFlag, sizeFlag } from '../cli/flags.js';
 import { filterFlag, parseFilters } from '../cli/image.js';
-import { Daemon, type ExportSpec, type ListenSpec, type ListeningEvent } from '../serve/daemon.js';
+import { Daemon, type DaemonTls, type ExportSpec, type ListenSpec, type ListeningEvent } from '../serve/daemon.js';
+import type { UpgraderRegistry } from '../api/transport.js';
 import type { BitmapLoad } from '../bitmap/export-bitmaps.js';
 import { DEFAULT_MAX_BUFFER, type LogLevel } from '../nbd/server.js';
 import { MAX_PAYLOAD } from '../nbd/constants.js';
@@ -29,6 +30,8 @@ Jobs: with --control, blkrep mirror --control starts a live mirror of an export,
 
 Limits: at most --shared connections; when full, a new connection takes the place of the oldest one still in the handshake (if at least a second old). Request payloads and unsent replies of all connections together stay under --max-buffer: over it, connections are not read until there is room, first come first served (each may hold 256 KiB beyond it, so small requests never wait). A client that makes the server hold over 1 MiB (replies it does not read, a write payload it stopped sending) and makes no progress for --stall-timeout seconds is disconnected, with the reason on stderr and in the disconnect event.
 
+TLS (as qemu-nbd --tls-creds and nbdkit --tls): --tls-certificates DIR (x509: ca-cert.pem, server-cert.pem, server-key.pem, as qemu's tls-creds-x509 dir= expects) or --tls-psk FILE (psktool's username:hexkey lines) turns on --tls require: every option but STARTTLS and ABORT is refused with NBD_REP_ERR_TLS_REQD until TLS is up, so nothing leaves in clear (--tls on also lets clients stay in clear; --tls off never offers TLS). Clients connect with nbds:// URIs (nbdinfo "nbds://localhost?tls-certificates=DIR"; qemu with --object tls-creds-x509,...,endpoint=client). TLS 1.3, or 1.2 at least. --tls-verify-peer asks every client for a certificate signed by ca-cert.pem; --tls-authz lets in only the clients named in a file (one per line: the certificate's DN as qemu writes it, C=GB,O=blkrep,CN=replica-a, or a PSK user name; re-read whenever it changes, so no signal is needed) or given directly; it implies --tls-verify-peer with x509. A refused client is logged on stderr with its address and the reason (a certificate not signed by the CA, a DN or PSK user not allowed, a wrong PSK key), never key material. Credentials are checked at start (error ERR_TLS_CREDENTIALS); a certificate that expires within 30 days is warned about on stderr and in the --json listening line ("tls": {"mode", "kind", "notAfter", "warnings"}); with --tls require the listening line's URIs are nbds:// ones. blkrep status says the mode for each export.
+
 SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, flushes every export and its bitmaps, pauses every job (a persistent one keeps its files for the next start) and exits 0; a second signal exits at once.`;
 
   static override examples = [
@@ -40,6 +43,9 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
     { description: 'Start from a script and wait until it listens', command: '<%= config.bin %> <%= command.id %> disk.img --json --pid-file /run/blkrep.pid | head -n 1' },
     { description: 'Track writes in the dirty bitmap disk.img.b0.bitmap and offer it as qemu:dirty-bitmap:b0', command: '<%= config.bin %> <%= command.id %> disk.img --bitmap b0 --socket /run/blkrep/nbd.sock --control /run/blkrep/ctl.sock' },
     { description: 'Let clients hold up to 1 GiB of payloads and replies together; disconnect one that stops reading its replies for 5 minutes', command: '<%= config.bin %> <%= command.id %> disk.img --socket /run/blkrep/nbd.sock --max-buffer 1G --stall-timeout 300' },
+    { description: 'Serve over TLS with x509 certificates (qemu tls-creds-x509 layout); clients use nbds://', command: '<%= config.bin %> <%= command.id %> disk.img --bind 0.0.0.0 --tls-certificates /etc/pki/blkrep' },
+    { description: 'Only let in the replica whose client certificate has this DN', command: "<%= config.bin %> <%= command.id %> disk.img --bind 0.0.0.0 --tls-certificates /etc/pki/blkrep --tls-authz 'C=GB,O=blkrep,CN=replica-a'" },
+    { description: "TLS with a pre-shared key (psktool -u alice -p keys.psk); nbdinfo 'nbds://alice@host?tls-psk-file=keys.psk'", command: '<%= config.bin %> <%= command.id %> disk.img --bind 0.0.0.0 --tls-psk /etc/blkrep/keys.psk' },
     { description: 'A bitmap per export, one in a file of its own choosing', command: '<%= config.bin %> <%= command.id %> --export a=a.img --export b=/dev/vdb --bitmap a:b0 --bitmap b:b0=/var/lib/blkrep/vdb.b0.bitmap' },
   ];
 
@@ -74,6 +80,20 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
     'bitmap-granularity': sizeFlag({ description: 'bytes per bit of bitmaps created at start (a power of two, 512 to 64M) [default: 64K]', helpValue: 'SIZE' }),
     filter: filterFlag('stack a filter on every export, between the clients and the export (error, delay; see blkrep-filters(7)); repeatable, the first outermost'),
     'auto-bitmaps': Flags.boolean({ description: 'load every bitmap file beside an image (IMAGE.*.bitmap); --no-auto-bitmaps loads only those given with --bitmap', default: true, allowNo: true }),
+    tls: Flags.string({
+      description: 'off: no TLS; on: STARTTLS offered, clear text allowed; require: nothing but STARTTLS before TLS is up [default: require when --tls-certificates or --tls-psk is given, else off]',
+      options: ['off', 'on', 'require'],
+      helpValue: 'MODE',
+    }),
+    'tls-certificates': Flags.string({ description: 'x509 credentials: a directory with ca-cert.pem, server-cert.pem, server-key.pem (as qemu tls-creds-x509 dir=)', helpValue: 'DIR', exclusive: ['tls-psk'] }),
+    'tls-psk': Flags.string({ description: "PSK credentials: psktool's file of username:hexkey lines", helpValue: 'FILE' }),
+    'tls-verify-peer': Flags.boolean({ description: 'x509: clients must present a certificate signed by ca-cert.pem (implied by --tls-authz)', default: false }),
+    'tls-authz': Flags.string({
+      description: 'let in only these clients: a file (a path) of certificate DNs (C=GB,O=blkrep,CN=replica-a) or PSK user names, one per line, re-read when it changes; or a DN or user name itself; repeatable',
+      helpValue: 'FILE|DN|USER',
+      multiple: true,
+      multipleNonGreedy: true,
+    }),
   };
 
   async run(): Promise<ListeningEvent | undefined> {
@@ -108,10 +128,13 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
       process.stderr.write(`blkrep serve-nbd: ${message}\n`);
     };
 
+    const registries = await loadRegistries(this);
+    const tls = await this.tlsOptions(flags, registries.upgraders, log);
     const daemon = await Daemon.start({
       exports,
       listen,
-      transports: await loadTransports(this),
+      transports: registries.transports,
+      ...(tls ? { tls } : {}),
       readOnly: flags['read-only'],
       maxConnections: flags.shared,
       handshakeTimeoutMs: flags['handshake-timeout'] * 1000,
@@ -142,6 +165,9 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
     };
     process.on('SIGTERM', onSignal);
     process.on('SIGINT', onSignal);
+    // operators send SIGHUP to make daemons re-read their allow-lists; ours is re-read whenever it
+    // changes, so SIGHUP only must not kill the daemon
+    process.on('SIGHUP', () => log('info', 'SIGHUP: nothing to reload (the --tls-authz file is re-read whenever it changes)'));
 
     const listening = daemon.listening();
     // A bitmap that could not be loaded as it was stored is said on stderr, whatever the output.
@@ -174,6 +200,43 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
   }
 
   /** --bitmap [EXPORT:]NAME[=FILE] → the bitmaps of each export. */
+  /** The --tls* flags as the daemon's TLS (undefined: off); credentials are checked here, before anything is opened. */
+  private async tlsOptions(
+    flags: { tls?: string; 'tls-certificates'?: string; 'tls-psk'?: string; 'tls-verify-peer': boolean; 'tls-authz'?: string[] },
+    upgraders: UpgraderRegistry,
+    log: (level: LogLevel, message: string) => void,
+  ): Promise<DaemonTls | undefined> {
+    const creds = flags['tls-certificates'] ?? flags['tls-psk'];
+    const mode = (flags.tls ?? (creds === undefined ? 'off' : 'require')) as DaemonTls['mode'];
+    if (creds === undefined) {
+      if (mode !== 'off') this.usageError(`--tls ${mode} needs credentials: --tls-certificates DIR (x509) or --tls-psk FILE`);
+      if (flags['tls-verify-peer'] || flags['tls-authz']) this.usageError('--tls-verify-peer and --tls-authz need --tls-certificates DIR or --tls-psk FILE');
+      return undefined;
+    }
+    if (mode === 'off') this.usageError('--tls off and TLS credentials contradict each other: drop the credentials, or say --tls on|require');
+    const settings: Record<string, string> = flags['tls-certificates'] !== undefined ? { 'tls-certificates': flags['tls-certificates'] } : { 'tls-psk-file': flags['tls-psk']! };
+    if (flags['tls-verify-peer']) {
+      if (flags['tls-psk'] !== undefined) this.usageError('--tls-verify-peer is for x509 client certificates; with --tls-psk every client proves the key already');
+      settings['tls-verify-peer'] = 'true';
+    }
+    const entries: string[] = [];
+    for (const value of flags['tls-authz'] ?? []) {
+      // a path names the file; anything else (a DN, a PSK user name) is an entry itself
+      if (value.includes('/') || existsSync(value)) {
+        if (settings['tls-authz'] !== undefined) this.usageError(`--tls-authz: one allow-list file at most (${settings['tls-authz']} and ${value}); give further clients as entries or lines of the file`);
+        if (!existsSync(value)) this.usageError(`--tls-authz ${value}: no such file`);
+        settings['tls-authz'] = value;
+      } else {
+        entries.push(value);
+      }
+    }
+    if (entries.length) settings['tls-authz-list'] = entries.join('\n');
+    const upgrader = upgraders.get('tls');
+    const checked = upgrader.check ? await upgrader.check('server', settings) : { kind: flags['tls-psk'] ? 'psk' : 'x509', warnings: [] };
+    for (const w of checked.warnings) log('warn', `TLS: ${w}`);
+    return { mode, upgrader, settings, kind: checked.kind, ...(checked.notAfter ? { notAfter: checked.notAfter } : {}), warnings: checked.warnings };
+  }
+
   private bitmapSpecs(exports: ExportSpec[], specs: string[]): void {
     for (const spec of specs) {
       const eq = spec.indexOf('=');
