@@ -158,6 +158,9 @@ describe('serve-nbd --tls-certificates --tls-authz (client certificates)', () =>
     // the node trap: a certificate from another CA with exactly the allowed DN
     expect((await refusal(`nbds://localhost:${port}/?tls-certificates=${pki.rogue}`)).code).toMatch(/^ERR_TLS_(REJECTED|HANDSHAKE)$/);
     await writeFile(list, 'C=GB,O=blkrep,CN=replica-b\n'); // re-read at the next connection
+    s.child.kill('SIGHUP'); // what operators send after editing it: harmless, the daemon stays
+    await waitFor(() => s.stderr().includes('SIGHUP: nothing to reload'), 'the SIGHUP line');
+    expect(s.child.exitCode).toBeNull();
     expect(await refusal(`nbds://localhost:${port}/?tls-certificates=${pki.client}`)).toMatchObject({ code: 'ERR_TLS_REJECTED' });
     await waitFor(() => s.stderr().includes(`its certificate's DN "${CLIENT_DN}" is not in the authz allow-list`), 'the authz refusal on stderr');
     expect(s.stderr()).toMatch(/connection \d+ from 127\.0\.0\.1:\d+: TLS handshake failed/);
