@@ -19,6 +19,7 @@ export { completeNode } from './block/node.js';
 
 // NBD
 export { NbdServer, type NbdServerOptions, type ServerStatus, type Logger } from './nbd/server.js';
+export { type TlsMode, type OptionExtension } from './nbd/server-handshake.js';
 export { NbdClient, type NbdClientOptions, type ClientStatus } from './nbd/client.js';
 export { parseNbdUri, isNbdUri, NBD_DEFAULT_PORT, type NbdUri } from './nbd/uri.js';
 

@@ -71,9 +71,12 @@ export function toBlkrepError(err: unknown, context?: string): BlkrepError {
   // Plugins throw plain Errors that already carry a stable ERR_ code (and maybe an errno name).
   const own = sysCode?.startsWith('ERR_') ? sysCode : undefined;
   const ownErrno = typeof sys?.errno === 'string' && (sys.errno as string) in NBD_ERRNO ? (sys.errno as unknown as Errno) : undefined;
+  const details = (err as { details?: unknown } | undefined)?.details;
   return new BlkrepError(own ?? (sysCode ? `ERR_SYSTEM_${sysCode}` : 'ERR_INTERNAL'), context ? `${context}: ${base}` : base, {
     errno: ownErrno ?? errno,
     cause: err,
+    // and their details (peer, reason …), as the engine's own errors carry them
+    ...(own && details !== null && typeof details === 'object' ? { details: details as Record<string, unknown> } : {}),
   });
 }
 

@@ -72,6 +72,22 @@ export interface ConnectionUpgrader {
   server(connection: TransportConnection, options?: UpgradeOptions): Promise<TransportConnection>;
   /** the client side: after the server answered NBD_OPT_STARTTLS with ACK */
   client(connection: TransportConnection, options?: UpgradeOptions): Promise<TransportConnection>;
+  /**
+   * Check the settings before any connection (files there and readable, keys that match their
+   * certificates): a daemon calls it at start so that bad credentials fail then, not at the first
+   * client. Optional (added after the slot).
+   */
+  check?(role: 'server' | 'client', settings: Readonly<Record<string, string>>): Promise<UpgraderCheck>;
+}
+
+/** What an upgrader's check() found. */
+export interface UpgraderCheck {
+  /** the kind of credentials, for status and logs ("x509", "x509+verify-peer", "psk") */
+  readonly kind: string;
+  /** things an operator should know (a certificate expiring within 30 days …) */
+  readonly warnings: readonly string[];
+  /** the earliest expiry among the certificates, ISO 8601, if any */
+  readonly notAfter?: string;
 }
 
 export interface UpgradeOptions {

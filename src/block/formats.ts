@@ -10,7 +10,7 @@
  *   memory:SIZE     a sparse in-memory disk (SIZE as parseSize: 1G, 64M, 4096)
  *   raw:PATH        PATH as a raw file or block device, no format probe
  *   nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH
- *                   an NBD export (src/block/nbd.ts; nbds:// is refused: no TLS yet)
+ *                   an NBD export (src/block/nbd.ts; nbds:// over TLS through the tls upgrader)
  *   PATH            a file or block device; its format is probed (the table's probes, else raw)
  *
  * A qcow2 image opens its backing chain through openImage (read-only, the format its header

@@ -1,11 +1,12 @@
-import { rmSync } from 'node:fs';
+import { existsSync, rmSync } from 'node:fs';
 import { Args, Flags } from '@oclif/core';
 import { BlkrepCommand, loadRegistries } from '../cli/base.js';
 import { heartbeatFlags, parseHeartbeatFlags } from '../cli/heartbeat-flags.js';
 import { secondsFlag, sizeFlag } from '../cli/flags.js';
 import { filterFlag, parseFilters } from '../cli/image.js';
 import { ensureRunDirFor, prepareControlPath } from '../cli/control-path.js';
-import { Daemon, type ExportSpec, type ListenSpec, type ListeningEvent } from '../serve/daemon.js';
+import { Daemon, type DaemonTls, type ExportSpec, type ListenSpec, type ListeningEvent } from '../serve/daemon.js';
+import type { UpgraderRegistry } from '../api/transport.js';
 import type { BitmapLoad } from '../bitmap/export-bitmaps.js';
 import { DEFAULT_MAX_BUFFER, type LogLevel } from '../nbd/server.js';
 import { MAX_PAYLOAD } from '../nbd/constants.js';
@@ -32,6 +33,7 @@ Jobs: with --control, blkrep mirror --control starts a live mirror of an export,
 Limits: at most --shared connections; when full, a new connection takes the place of the oldest one still in the handshake (if at least a second old). Request payloads and unsent replies of all connections together stay under --max-buffer: over it, connections are not read until there is room, first come first served (each may hold 256 KiB beyond it, so small requests never wait). A client that makes the server hold over 1 MiB (replies it does not read, a write payload it stopped sending) and makes no progress for --stall-timeout seconds is disconnected, with the reason on stderr and in the disconnect event.
 
 Heartbeat: with --heartbeat URI (repeatable, one per path) and --peer-id, the daemon beats to its peer once per --heartbeat-interval and watches the peer's beats: udp://PEER:PORT (the default kind; several NICs are several paths), tcp://PEER:PORT, file:///PATH (a slot each in a shared file) or exec:COMMAND (a probe: exit 0 is a beat). Beats carry the node id, an incarnation, a sequence number, the epoch and the generation, signed with HMAC-SHA256 and --heartbeat-key; a beat with another key, from another node, or replayed is refused and counted. The peer is suspect when it is late and dead only when every path is silent: after --heartbeat-misses intervals (--detector fixed, the default: 0.5 s x 5, so a dead peer is declared within 3 s) or at --phi-threshold (--detector phi). A peer never heard is "unknown", never dead. blkrep status shows each path's last beat, phi and state; blkrep events prints peer-alive, peer-suspect and peer-dead. With --auto-failover, a dead peer is fenced by --fence-hook (DRBD fence-peer exit codes; only 4 "outdated" and 7 "fenced" go on) and then the failover verb is called, never forced; a daemon that is not a pair's secondary has no failover verb and says so (event auto-failover, code ERR_NO_FAILOVER).
+TLS (as qemu-nbd --tls-creds and nbdkit --tls): --tls-certificates DIR (x509: ca-cert.pem, server-cert.pem, server-key.pem, as qemu's tls-creds-x509 dir= expects) or --tls-psk FILE (psktool's username:hexkey lines) turns on --tls require: every option but STARTTLS and ABORT is refused with NBD_REP_ERR_TLS_REQD until TLS is up, so nothing leaves in clear (--tls on also lets clients stay in clear; --tls off never offers TLS). Clients connect with nbds:// URIs (nbdinfo "nbds://localhost?tls-certificates=DIR"; qemu with --object tls-creds-x509,...,endpoint=client). TLS 1.3, or 1.2 at least. --tls-verify-peer asks every client for a certificate signed by ca-cert.pem; --tls-authz lets in only the clients named in a file (one per line: the certificate's DN as qemu writes it, C=GB,O=blkrep,CN=replica-a, or a PSK user name; re-read whenever it changes, so no signal is needed) or given directly; it implies --tls-verify-peer with x509. A refused client is logged on stderr with its address and the reason (a certificate not signed by the CA, a DN or PSK user not allowed, a wrong PSK key), never key material. Credentials are checked at start (error ERR_TLS_CREDENTIALS); a certificate that expires within 30 days is warned about on stderr and in the --json listening line ("tls": {"mode", "kind", "notAfter", "warnings"}); with --tls require the listening line's URIs are nbds:// ones. blkrep status says the mode for each export.
 
 SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, flushes every export and its bitmaps, pauses every job (a persistent one keeps its files for the next start) and exits 0; a second signal exits at once.`;
 
@@ -46,6 +48,9 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
     { description: 'Let clients hold up to 1 GiB of payloads and replies together; disconnect one that stops reading its replies for 5 minutes', command: '<%= config.bin %> <%= command.id %> disk.img --socket /run/blkrep/nbd.sock --max-buffer 1G --stall-timeout 300' },
     { description: 'Watch the peer over two NICs by udp, with signed beats; a dead peer is declared within 3 s', command: '<%= config.bin %> <%= command.id %> disk.img --control /run/blkrep/ctl.sock --node-id nodeB --peer-id nodeA --heartbeat udp://10.0.0.1:7000 --heartbeat udp://10.1.0.1:7000 --heartbeat-key /etc/blkrep/pair.key' },
     { description: 'Fence a dead peer through a DRBD-style handler, then fail over to this node', command: "<%= config.bin %> <%= command.id %> disk.img --control /run/blkrep/ctl.sock --peer-id nodeA --heartbeat udp://10.0.0.1:7000 --detector phi --auto-failover --fence-hook '/usr/lib/drbd/stonith_admin-fence-peer.sh'" },
+    { description: 'Serve over TLS with x509 certificates (qemu tls-creds-x509 layout); clients use nbds://', command: '<%= config.bin %> <%= command.id %> disk.img --bind 0.0.0.0 --tls-certificates /etc/pki/blkrep' },
+    { description: 'Only let in the replica whose client certificate has this DN', command: "<%= config.bin %> <%= command.id %> disk.img --bind 0.0.0.0 --tls-certificates /etc/pki/blkrep --tls-authz 'C=GB,O=blkrep,CN=replica-a'" },
+    { description: "TLS with a pre-shared key (psktool -u alice -p keys.psk); nbdinfo 'nbds://alice@host?tls-psk-file=keys.psk'", command: '<%= config.bin %> <%= command.id %> disk.img --bind 0.0.0.0 --tls-psk /etc/blkrep/keys.psk' },
     { description: 'A bitmap per export, one in a file of its own choosing', command: '<%= config.bin %> <%= command.id %> --export a=a.img --export b=/dev/vdb --bitmap a:b0 --bitmap b:b0=/var/lib/blkrep/vdb.b0.bitmap' },
   ];
 
@@ -81,6 +86,20 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
     filter: filterFlag('stack a filter on every export, between the clients and the export (error, delay; see blkrep-filters(7)); repeatable, the first outermost'),
     'auto-bitmaps': Flags.boolean({ description: 'load every bitmap file beside an image (IMAGE.*.bitmap); --no-auto-bitmaps loads only those given with --bitmap', default: true, allowNo: true }),
     ...heartbeatFlags,
+    tls: Flags.string({
+      description: 'off: no TLS; on: STARTTLS offered, clear text allowed; require: nothing but STARTTLS before TLS is up [default: require when --tls-certificates or --tls-psk is given, else off]',
+      options: ['off', 'on', 'require'],
+      helpValue: 'MODE',
+    }),
+    'tls-certificates': Flags.string({ description: 'x509 credentials: a directory with ca-cert.pem, server-cert.pem, server-key.pem (as qemu tls-creds-x509 dir=)', helpValue: 'DIR', exclusive: ['tls-psk'] }),
+    'tls-psk': Flags.string({ description: "PSK credentials: psktool's file of username:hexkey lines", helpValue: 'FILE' }),
+    'tls-verify-peer': Flags.boolean({ description: 'x509: clients must present a certificate signed by ca-cert.pem (implied by --tls-authz)', default: false }),
+    'tls-authz': Flags.string({
+      description: 'let in only these clients: a file (a path) of certificate DNs (C=GB,O=blkrep,CN=replica-a) or PSK user names, one per line, re-read when it changes; or a DN or user name itself; repeatable',
+      helpValue: 'FILE|DN|USER',
+      multiple: true,
+      multipleNonGreedy: true,
+    }),
   };
 
   async run(): Promise<ListeningEvent | undefined> {
@@ -121,11 +140,13 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
 
     const controlPath = flags.control === undefined ? undefined : await prepareControlPath(flags.control);
     const registries = await loadRegistries(this);
+    const tls = await this.tlsOptions(flags, registries.upgraders, log);
     const daemon = await Daemon.start({
       exports,
       listen,
       transports: registries.transports,
       ...(heartbeat ? { heartbeat, heartbeats: registries.heartbeats } : {}),
+      ...(tls ? { tls } : {}),
       readOnly: flags['read-only'],
       maxConnections: flags.shared,
       handshakeTimeoutMs: flags['handshake-timeout'] * 1000,
@@ -198,6 +219,43 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
   }
 
   /** --bitmap [EXPORT:]NAME[=FILE] → the bitmaps of each export. */
+  /** The --tls* flags as the daemon's TLS (undefined: off); credentials are checked here, before anything is opened. */
+  private async tlsOptions(
+    flags: { tls?: string; 'tls-certificates'?: string; 'tls-psk'?: string; 'tls-verify-peer': boolean; 'tls-authz'?: string[] },
+    upgraders: UpgraderRegistry,
+    log: (level: LogLevel, message: string) => void,
+  ): Promise<DaemonTls | undefined> {
+    const creds = flags['tls-certificates'] ?? flags['tls-psk'];
+    const mode = (flags.tls ?? (creds === undefined ? 'off' : 'require')) as DaemonTls['mode'];
+    if (creds === undefined) {
+      if (mode !== 'off') this.usageError(`--tls ${mode} needs credentials: --tls-certificates DIR (x509) or --tls-psk FILE`);
+      if (flags['tls-verify-peer'] || flags['tls-authz']) this.usageError('--tls-verify-peer and --tls-authz need --tls-certificates DIR or --tls-psk FILE');
+      return undefined;
+    }
+    if (mode === 'off') this.usageError('--tls off and TLS credentials contradict each other: drop the credentials, or say --tls on|require');
+    const settings: Record<string, string> = flags['tls-certificates'] !== undefined ? { 'tls-certificates': flags['tls-certificates'] } : { 'tls-psk-file': flags['tls-psk']! };
+    if (flags['tls-verify-peer']) {
+      if (flags['tls-psk'] !== undefined) this.usageError('--tls-verify-peer is for x509 client certificates; with --tls-psk every client proves the key already');
+      settings['tls-verify-peer'] = 'true';
+    }
+    const entries: string[] = [];
+    for (const value of flags['tls-authz'] ?? []) {
+      // a path names the file; anything else (a DN, a PSK user name) is an entry itself
+      if (value.includes('/') || existsSync(value)) {
+        if (settings['tls-authz'] !== undefined) this.usageError(`--tls-authz: one allow-list file at most (${settings['tls-authz']} and ${value}); give further clients as entries or lines of the file`);
+        if (!existsSync(value)) this.usageError(`--tls-authz ${value}: no such file`);
+        settings['tls-authz'] = value;
+      } else {
+        entries.push(value);
+      }
+    }
+    if (entries.length) settings['tls-authz-list'] = entries.join('\n');
+    const upgrader = upgraders.get('tls');
+    const checked = upgrader.check ? await upgrader.check('server', settings) : { kind: flags['tls-psk'] ? 'psk' : 'x509', warnings: [] };
+    for (const w of checked.warnings) log('warn', `TLS: ${w}`);
+    return { mode, upgrader, settings, kind: checked.kind, ...(checked.notAfter ? { notAfter: checked.notAfter } : {}), warnings: checked.warnings };
+  }
+
   private bitmapSpecs(exports: ExportSpec[], specs: string[]): void {
     for (const spec of specs) {
       const eq = spec.indexOf('=');

@@ -9,7 +9,7 @@ import type { ServerStatus } from '../nbd/server.js';
 import type { HeartbeatStatus } from '../heartbeat/service.js';
 import { formatSize } from '../util/size.js';
 
-type DaemonStatus = ServerStatus & { listeners?: Array<{ address: string }>; control?: string | null; bitmaps?: BitmapInfo[]; heartbeat?: HeartbeatStatus };
+type DaemonStatus = ServerStatus & { listeners?: Array<{ address: string }>; control?: string | null; bitmaps?: BitmapInfo[]; heartbeat?: HeartbeatStatus; tls?: { mode: string; kind?: string; notAfter?: string } };
 
 /** How a bitmap was loaded, for a person: "loaded clean", "recovered after a crash (…)", "ALL-DIRTY (…)". */
 function describeLoad(l: LoadState): string {
@@ -64,6 +64,7 @@ export default class Status extends BlkrepCommand {
   private print(s: DaemonStatus): void {
     this.log(`blkrep serve-nbd, pid ${s.pid}, up ${s.uptimeSeconds} s${s.shuttingDown ? ', shutting down' : ''}`);
     if (s.listeners?.length) this.log(`Listening on: ${s.listeners.map((l) => l.address).join(', ')}`);
+    if (s.tls && s.tls.mode !== 'off') this.log(`TLS: ${s.tls.mode} for every export (${s.tls.kind ?? 'tls'}${s.tls.notAfter ? `, certificates valid until ${s.tls.notAfter}` : ''})`);
     this.log('');
     this.log('Exports:');
     for (const e of s.exports) {

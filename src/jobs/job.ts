@@ -37,6 +37,7 @@
  */
 import { EventEmitter, setMaxListeners } from 'node:events';
 import { BlkrepError, toBlkrepError, type Errno } from '../api/errors.js';
+import { StateMachine, type MachineSpec } from '../util/state-machine.js';
 
 // ------------------------------------------------------------------------------ states and verbs
 
@@ -269,10 +270,23 @@ export interface IoErrorReport {
 
 const RATE_WINDOW_MS = 5000;
 
-function stateError(job: Job, verb: JobVerb, why?: string): BlkrepError {
-  const allowed = VERBS[verb];
-  const message = why ?? `job ${job.id} is ${job.status}: ${verb} needs it to be ${allowed.join(' or ')}`;
-  return new BlkrepError('ERR_JOB_STATE', message, { errno: 'EINVAL', details: { id: job.id, verb, status: job.status, allowed: [...allowed] } });
+/**
+ * A job's state machine (src/util/state-machine.ts): TRANSITIONS and VERBS; a verb in a state
+ * that does not allow it is ERR_JOB_STATE, a transition not in the table ERR_JOB_INTERNAL.
+ */
+function jobMachine(job: Job): MachineSpec<JobStatus, JobVerb> {
+  return {
+    name: `job ${job.id}`,
+    transitions: TRANSITIONS,
+    calls: VERBS,
+    wrongState: (verb, status, allowed, why) => {
+      const message = why ?? `job ${job.id} is ${status}: ${verb} needs it to be ${allowed.join(' or ')}`;
+      return new BlkrepError('ERR_JOB_STATE', message, { errno: 'EINVAL', details: { id: job.id, verb, status, allowed: [...allowed] } });
+    },
+    badTransition: (from, to) => {
+      return new BlkrepError('ERR_JOB_INTERNAL', `job ${job.id}: no transition from ${from} to ${to}`, { errno: 'EINVAL', details: { from, to } });
+    },
+  };
 }
 
 // ----------------------------------------------------------------------------------------- Job
@@ -287,7 +301,9 @@ export abstract class Job extends EventEmitter {
   readonly limiter: RateLimiter;
   protected readonly clock: Clock;
 
-  private _status: JobStatus = 'created';
+  private readonly machine = new StateMachine(jobMachine(this), 'created', (status, previous) => {
+    this.emitEvent({ event: 'status-change', status, previous });
+  });
   private _ready = false;
   private _ioStatus: IoStatus = 'ok';
   private _pauseRequested = false;
@@ -326,7 +342,11 @@ export abstract class Job extends EventEmitter {
   // ------------------------------------------------------------------------------- what it is
 
   get status(): JobStatus {
-    return this._status;
+    return this.machine.state;
+  }
+
+  private get _status(): JobStatus {
+    return this.machine.state;
   }
 
   /** the job has caught up at least once and is in step now (a mirror's complete is possible) */
@@ -393,7 +413,7 @@ export abstract class Job extends EventEmitter {
 
   /** Throws ERR_JOB_STATE unless `verb` is allowed in the current state. */
   protected checkVerb(verb: JobVerb): void {
-    if (!VERBS[verb].includes(this._status)) throw stateError(this, verb);
+    this.machine.check(verb);
   }
 
   /** created → running: execute() starts. */
@@ -411,7 +431,7 @@ export abstract class Job extends EventEmitter {
    */
   pause(): Promise<void> {
     this.checkVerb('pause');
-    if (this._pauseRequested) throw stateError(this, 'pause', `job ${this.id} is already paused`);
+    if (this._pauseRequested) throw this.machine.wrongState('pause', `job ${this.id} is already paused`);
     return this.requestPause();
   }
 
@@ -430,7 +450,7 @@ export abstract class Job extends EventEmitter {
   /** Resume a paused job (or withdraw a pause not yet reached); clears the io-status. */
   resume(): void {
     this.checkVerb('resume');
-    if (!this._pauseRequested) throw stateError(this, 'resume', `job ${this.id} is not paused`);
+    if (!this._pauseRequested) throw this.machine.wrongState('resume', `job ${this.id} is not paused`);
     this._pauseRequested = false;
     this._ioStatus = 'ok';
     for (const w of this.pauseWaiters.splice(0)) w.reject(new BlkrepError('ERR_JOB_RESUMED', `job ${this.id} was resumed before it paused`, { errno: 'EINVAL' }));
@@ -449,7 +469,7 @@ export abstract class Job extends EventEmitter {
   /** Complete a ready job (a mirror pivots). Resolves when the job has concluded; rejects with its error. */
   async complete(options: Record<string, unknown> = {}): Promise<void> {
     this.checkVerb('complete');
-    if (this.cancelRequested) throw stateError(this, 'complete', `job ${this.id} is being cancelled`);
+    if (this.cancelRequested) throw this.machine.wrongState('complete', `job ${this.id} is being cancelled`);
     this.onComplete(options);
     await this.concludedP;
     if (this.failure) throw this.failure;
@@ -619,13 +639,7 @@ export abstract class Job extends EventEmitter {
   // ------------------------------------------------------------------------------ internals
 
   private transition(to: JobStatus): void {
-    const from = this._status;
-    if (from === to) return;
-    if (!canTransition(from, to)) {
-      throw new BlkrepError('ERR_JOB_INTERNAL', `job ${this.id}: no transition from ${from} to ${to}`, { errno: 'EINVAL', details: { from, to } });
-    }
-    this._status = to;
-    this.emitEvent({ event: 'status-change', status: to, previous: from });
+    this.machine.goto(to);
   }
 
   private async runToEnd(): Promise<void> {

@@ -4,8 +4,8 @@
  * (TLS after NBD_OPT_STARTTLS) come from the same place when the handshake asks for them.
  */
 import type { Duplex } from 'node:stream';
-import type { TransportRegistry } from '../api/transport.js';
-import { defaultTransports } from '../engine/default-transports.js';
+import type { ConnectionUpgrader, TransportRegistry, UpgraderRegistry } from '../api/transport.js';
+import { defaultTransports, defaultUpgraders } from '../engine/default-transports.js';
 import type { NbdUri } from './uri.js';
 
 /** Opens a byte stream to the server. */
@@ -18,4 +18,9 @@ export function registryConnector(uri: NbdUri, transports?: TransportRegistry): 
     const connection = await registry.get(uri.transport).connect(uri.address, { signal, timeoutMs });
     return connection.stream;
   };
+}
+
+/** The named connection upgrader from `upgraders`, or from the built-in plugins when none is given. */
+export async function upgraderOf(name: string, upgraders?: UpgraderRegistry): Promise<ConnectionUpgrader> {
+  return (upgraders ?? (await defaultUpgraders())).get(name);
 }

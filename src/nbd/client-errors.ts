@@ -4,7 +4,14 @@
  *   ERR_NBD_CONNECT         the transport could not connect (EIO)
  *   ERR_NBD_HANDSHAKE       the server refused or broke the handshake (EIO)
  *   ERR_NBD_NO_EXPORT       the server has no such export (EINVAL)
- *   ERR_NBD_TLS_REQUIRED    the server requires TLS, which this version does not speak (EPERM)
+ *   ERR_NBD_TLS_REQUIRED    the server requires TLS and the URI is not nbds:// (EPERM)
+ *   ERR_NBD_TLS_UNSUPPORTED nbds://, and the server does not offer TLS (EPERM; never falls back to clear)
+ *   ERR_NBD_TLS_REFUSED     nbds://, and the server refused STARTTLS otherwise (EPERM)
+ *   ERR_NBD_TLS_INJECTION   clear bytes after the server's STARTTLS ACK: dropped (EPERM)
+ *   ERR_TLS_REJECTED        the server closed the connection right after the TLS handshake: it
+ *                           refused our client certificate or identity (EPERM)
+ *   ERR_TLS_*               from the tls upgrader: ERR_TLS_HANDSHAKE (certificate, name, PSK key),
+ *                           ERR_TLS_CREDENTIALS, ERR_TLS_SETTINGS, ERR_TLS_TIMEOUT
  *   ERR_NBD_SHUTDOWN        the server is shutting down (ESHUTDOWN)
  *   ERR_NBD_PROTOCOL        the server broke the protocol; the connection was dropped (EIO)
  *   ERR_NBD_SERVER_ERROR    the server failed the request; errno is the server's (unknown → EINVAL)

@@ -27,6 +27,7 @@ import {
 } from './constants.js';
 import { decodeOptionReplyHeader, encodeInfoRequest, encodeMetaContextRequest, encodeOption, GREETING_LENGTH } from './codec.js';
 import { abortError } from './client-errors.js';
+import { StateMachine } from '../util/state-machine.js';
 
 export type HandshakeState =
   | 'GREETING'
@@ -69,6 +70,11 @@ export interface HandshakeOptions {
   metaContexts?: readonly string[];
   /** ask for the export's NAME and DESCRIPTION in GO (default true) */
   fullInfo?: boolean;
+  /**
+   * the greeting was already read and the client flags sent (STARTTLS ran first, starttls.ts):
+   * the machine starts with its first option, on the upgraded stream
+   */
+  greeted?: { fixedNewstyle: boolean; noZeroes: boolean };
 }
 
 export interface BlockSizeInfo {
@@ -110,7 +116,8 @@ function isPowerOfTwo(n: number): boolean {
 }
 
 export class HandshakeMachine {
-  private current: HandshakeState = 'GREETING';
+  /** the states and HANDSHAKE_TRANSITIONS; a transition not listed is a bug here, not in the server */
+  private readonly machine = new StateMachine<HandshakeState>({ name: 'handshake', transitions: HANDSHAKE_TRANSITIONS }, 'GREETING');
   private out: Buffer[] = [];
   private failure: BlkrepError | undefined;
   /** the reply header of the option reply whose payload is awaited */
@@ -120,14 +127,16 @@ export class HandshakeMachine {
   private readonly fullInfo: boolean;
   private readonly info: ExportInfo;
   private haveExportInfo = false;
+  private readonly greeted: boolean;
 
   constructor(options: HandshakeOptions) {
+    this.greeted = options.greeted !== undefined;
     this.structuredWanted = options.structuredReplies ?? true;
     this.contextsWanted = options.metaContexts ?? [];
     this.fullInfo = options.fullInfo ?? true;
     this.info = {
       exportName: options.exportName, size: 0, flags: 0, structured: false, contexts: new Map(),
-      fixedNewstyle: false, noZeroes: false, viaExportName: false,
+      fixedNewstyle: options.greeted?.fixedNewstyle ?? false, noZeroes: options.greeted?.noZeroes ?? false, viaExportName: false,
     };
   }
 
@@ -168,11 +177,12 @@ export class HandshakeMachine {
     return err;
   }
 
+  private get current(): HandshakeState {
+    return this.machine.state;
+  }
+
   private goto(next: HandshakeState): void {
-    if (!HANDSHAKE_TRANSITIONS[this.current].includes(next)) {
-      throw new Error(`handshake: transition ${this.current} → ${next} is not allowed`); // a bug here, not in the server
-    }
-    this.current = next;
+    this.machine.goto(next);
   }
 
   /** Fail; `abort` sends OPT_ABORT first so the server sees a soft disconnect. */
@@ -201,6 +211,10 @@ export class HandshakeMachine {
   }
 
   private onGreeting(q: ByteQueue): boolean {
+    if (this.greeted) {
+      this.firstOption();
+      return true;
+    }
     if (q.length >= 8 && q.peek(8).readBigUInt64BE(0) !== NBDMAGIC) {
       return this.fail(handshakeError('this is not an NBD server (its first 8 bytes are not "NBDMAGIC")'), false);
     }
@@ -219,6 +233,11 @@ export class HandshakeMachine {
     const cf = Buffer.alloc(4);
     cf.writeUInt32BE(clientFlags, 0);
     this.out.push(cf);
+    this.firstOption();
+    return true;
+  }
+
+  private firstOption(): void {
     if (!this.info.fixedNewstyle) {
       // Plain newstyle: a server that cannot answer options with errors; EXPORT_NAME is all there is.
       this.sendExportName();
@@ -227,7 +246,6 @@ export class HandshakeMachine {
     } else {
       this.sendGo();
     }
-    return true;
   }
 
   private sendOption(next: HandshakeState, option: number, data?: Buffer): void {
@@ -324,7 +342,13 @@ export class HandshakeMachine {
       return this.fail(new BlkrepError('ERR_NBD_NO_EXPORT', `the NBD server has no export named "${exportName}"${said}`, { errno: 'EINVAL', details: { exportName } }), true);
     }
     if (type === REP.ERR_TLS_REQD) {
-      return this.fail(new BlkrepError('ERR_NBD_TLS_REQUIRED', `the NBD server requires TLS for export "${exportName}", which is not supported yet${said}`, { errno: 'EPERM', details: { exportName } }), true);
+      return this.fail(
+        new BlkrepError('ERR_NBD_TLS_REQUIRED', `the NBD server requires TLS for export "${exportName}"${said}: connect with nbds:// (or nbds+unix://) and tls-certificates=DIR or tls-psk-file=FILE`, {
+          errno: 'EPERM',
+          details: { exportName },
+        }),
+        true,
+      );
     }
     return this.fail(handshakeError(`the NBD server refused export "${exportName}" with ${name}${said}`, { exportName, reply: type }), true);
   }
@@ -450,6 +474,8 @@ export function negotiate(stream: Duplex, options: NegotiateOptions): Promise<{ 
     stream.on('close', onEnd);
     stream.on('error', onError);
     signal?.addEventListener('abort', onAbort, { once: true });
+    // after STARTTLS the client speaks first: its first option goes out without waiting for bytes
+    if (options.greeted) onData(Buffer.alloc(0));
     stream.resume();
   });
 }

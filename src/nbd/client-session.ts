@@ -29,6 +29,7 @@ import {
 import { CHUNK, CMD, CMD_NAMES, REPLY_FLAG_DONE, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC } from './constants.js';
 import { protocolError, serverError } from './client-errors.js';
 import type { ExportInfo } from './client-handshake.js';
+import { StateMachine } from '../util/state-machine.js';
 
 /** One NBD command as it goes on the wire. */
 export interface CommandSpec {
@@ -129,7 +130,8 @@ export interface SessionOptions {
 }
 
 export class ClientSession {
-  private current: SessionState = 'READY';
+  /** the session's states (SESSION_TRANSITIONS) */
+  private readonly machine = new StateMachine<SessionState>({ name: 'ClientSession', transitions: SESSION_TRANSITIONS }, 'READY');
   private readonly pending = new Map<number, InFlight>();
   private nextCookie = 1;
   private blocked = false;
@@ -241,9 +243,12 @@ export class ClientSession {
     this.terminate(cause, false);
   }
 
+  private get current(): SessionState {
+    return this.machine.state;
+  }
+
   private goto(next: SessionState): void {
-    if (!SESSION_TRANSITIONS[this.current].includes(next)) throw new Error(`ClientSession: transition ${this.current} → ${next} is not allowed`);
-    this.current = next;
+    this.machine.goto(next);
   }
 
   private sendDisc(): void {

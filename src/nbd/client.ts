@@ -36,14 +36,16 @@
  */
 import { EventEmitter } from 'node:events';
 import { BlkrepError, isAbortError, toBlkrepError } from '../api/errors.js';
-import type { TransportRegistry } from '../api/transport.js';
+import type { TransportRegistry, UpgraderRegistry } from '../api/transport.js';
 import { BASE_ALLOCATION, CMD, CMD_FLAG, TF } from './constants.js';
 import { checkCommand, describeCommand } from './client-check.js';
-import { registryConnector, type NbdConnector } from './client-connect.js';
+import { registryConnector, upgraderOf, type NbdConnector } from './client-connect.js';
 import { abortError } from './client-errors.js';
 import { negotiate, type ExportInfo } from './client-handshake.js';
 import { ClientSession, type ClientOp, type CommandReply, type CommandSpec, type SessionEnd, type SessionOwner } from './client-session.js';
+import { greetAndStartTls, type Greeting } from './starttls.js';
 import { parseNbdUri, type NbdUri } from './uri.js';
+import { StateMachine } from '../util/state-machine.js';
 
 export type { ExportInfo, BlockSizeInfo } from './client-handshake.js';
 export { registryConnector, type NbdConnector } from './client-connect.js';
@@ -65,6 +67,8 @@ export interface NbdClientOptions {
    * it, the built-in tcp and unix plugins (src/engine/default-transports.ts).
    */
   transports?: TransportRegistry;
+  /** the upgraders for nbds:// URIs (the CLI's); without it, the built-in tls plugin */
+  upgraders?: UpgraderRegistry;
   /** connections to open when the server advertises CAN_MULTI_CONN (default 1) */
   connections?: number;
   /** requests on the wire per connection (default 64) */
@@ -207,7 +211,8 @@ class Request implements ClientOp {
 
 export class NbdClient extends EventEmitter<NbdClientEvents> {
   readonly uri: NbdUri;
-  private current: ClientState = 'DISCONNECTED';
+  /** the client's connection states (CLIENT_TRANSITIONS) */
+  private readonly machine = new StateMachine<ClientState>({ name: 'NbdClient', transitions: CLIENT_TRANSITIONS }, 'DISCONNECTED');
   private exportInfo: ExportInfo | undefined;
   private readonly connector: NbdConnector;
   private readonly slots: Slot[] = [];
@@ -225,12 +230,14 @@ export class NbdClient extends EventEmitter<NbdClientEvents> {
   private flushedUpTo = 0;
   private lossCount = 0;
   private pendingLoss = false;
-  private readonly opts: Required<Omit<NbdClientOptions, 'uri' | 'transports' | 'backoff'>> & { backoff: Required<BackoffOptions> };
+  private readonly upgraders: UpgraderRegistry | undefined;
+  private readonly opts: Required<Omit<NbdClientOptions, 'uri' | 'transports' | 'upgraders' | 'backoff'>> & { backoff: Required<BackoffOptions> };
 
   private constructor(options: NbdClientOptions) {
     super();
     this.uri = typeof options.uri === 'string' ? parseNbdUri(options.uri) : options.uri;
     this.connector = registryConnector(this.uri, options.transports);
+    this.upgraders = options.upgraders;
     const connections = options.connections ?? DEFAULTS.connections;
     if (!Number.isInteger(connections) || connections < 1 || connections > 64) {
       throw new BlkrepError('ERR_BAD_OPTION', `connections must be an integer from 1 to 64, not ${connections}`, { errno: 'EINVAL' });
@@ -455,10 +462,12 @@ export class NbdClient extends EventEmitter<NbdClientEvents> {
   // ---------------------------------------------------------------------------------------------
   // connections
 
+  private get current(): ClientState {
+    return this.machine.state;
+  }
+
   private goto(next: ClientState): void {
-    if (this.current === next) return;
-    if (!CLIENT_TRANSITIONS[this.current].includes(next)) throw new Error(`NbdClient: transition ${this.current} → ${next} is not allowed`);
-    this.current = next;
+    this.machine.goto(next);
   }
 
   private label(slot: Slot): string {
@@ -472,12 +481,23 @@ export class NbdClient extends EventEmitter<NbdClientEvents> {
     const timeout = AbortSignal.timeout(this.opts.connectTimeoutMs);
     const signal = AbortSignal.any(outer ? [ac.signal, timeout, outer] : [ac.signal, timeout]);
     try {
-      const stream = await this.connector({ signal, timeoutMs: this.opts.connectTimeoutMs });
+      let stream = await this.connector({ signal, timeoutMs: this.opts.connectTimeoutMs });
+      let greeted: Greeting | undefined;
+      if (this.uri.tls) {
+        // nbds://: STARTTLS before anything else; no option ever travels in clear
+        const upgrader = await upgraderOf('tls', this.upgraders);
+        const upgraded = await greetAndStartTls({ stream, peer: this.uri.address }, upgrader, this.uri.tls.settings, { signal, timeoutMs: this.opts.connectTimeoutMs });
+        stream = upgraded.connection.stream;
+        greeted = upgraded.greeting;
+      }
       const { info, leftover } = await negotiate(stream, {
         exportName: this.uri.exportName,
         structuredReplies: this.opts.structuredReplies,
         metaContexts: this.opts.metaContexts,
         signal,
+        ...(greeted ? { greeted } : {}),
+      }).catch((err: unknown) => {
+        throw greeted ? tlsRejection(this.uri.uri, err) : err;
       });
       return new ClientSession(stream, leftover, info, this.sessionOwner, { maxInFlight: this.opts.maxInFlight, label: this.label(slot), discTimeoutMs: this.opts.discTimeoutMs });
     } catch (err) {
@@ -742,4 +762,18 @@ export class NbdClient extends EventEmitter<NbdClientEvents> {
     this.goto('CLOSED');
     for (const w of this.closeWaiters.splice(0)) w();
   }
+}
+
+/**
+ * In TLS 1.3 a server that refuses our client certificate (or its authz list refuses our DN) says
+ * so after the handshake completed on our side: our first read finds the connection closed.
+ */
+function tlsRejection(uri: string, err: unknown): unknown {
+  const e = toBlkrepError(err);
+  if (e.code !== 'ERR_NBD_HANDSHAKE' || e.details.state === undefined) return err;
+  return new BlkrepError(
+    'ERR_TLS_REJECTED',
+    `${uri}: the server closed the connection right after the TLS handshake: it refused our credentials (a client certificate it does not trust, a DN or PSK user not in its allow-list, or none where it needs one)`,
+    { errno: 'EPERM', cause: err, details: { uri } },
+  );
 }

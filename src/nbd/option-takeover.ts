@@ -7,11 +7,14 @@
  * `prepare` runs after the greeting and the flags, before the option: the place for STARTTLS
  * and the TLS upgrade, which then carries the option too.
  */
-import type { Duplex } from 'node:stream';
 import { BlkrepError } from '../api/errors.js';
-import type { TransportConnection } from '../api/transport.js';
+import type { ConnectionUpgrader, TransportConnection } from '../api/transport.js';
 import { FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, FLAG_FIXED_NEWSTYLE, IHAVEOPT, NBDMAGIC, OPTION_REPLY_MAGIC, REP } from './constants.js';
 import { encodeOption, GREETING_LENGTH } from './codec.js';
+import { ExactReader, type HandshakeIo } from './handshake-io.js';
+import { startTls } from './starttls.js';
+
+export type { HandshakeIo } from './handshake-io.js';
 
 /** The pair link's option number: ASCII "bkrp", far from the spec's numbers. */
 export const OPT_BLKREP_PAIR_LINK = 0x626b7270;
@@ -25,12 +28,6 @@ export interface ExtensionOpenOptions {
    * connection (a TLS upgrade after STARTTLS). Bytes it reads are its own.
    */
   prepare?: (connection: TransportConnection, io: HandshakeIo) => Promise<TransportConnection>;
-}
-
-/** Reading exact byte counts from a stream during a handshake. */
-export interface HandshakeIo {
-  read(n: number): Promise<Buffer>;
-  write(b: Buffer): void;
 }
 
 export interface OpenedExtension {
@@ -101,68 +98,16 @@ export async function openExtension(connection: TransportConnection, option: num
   }
 }
 
-/** Buffers a stream's data and hands out exact byte counts. */
-class ExactReader implements HandshakeIo {
-  private chunks: Buffer[] = [];
-  private length = 0;
-  private waiter: { n: number; resolve: (b: Buffer) => void; reject: (e: Error) => void } | undefined;
-  private failure: Error | undefined;
-  private readonly onData = (chunk: Buffer) => {
-    this.chunks.push(chunk);
-    this.length += chunk.length;
-    this.settle();
-  };
-  private readonly onEnd = () => this.fail(new BlkrepError('ERR_NBD_HANDSHAKE', 'the server closed the connection in the handshake'));
-  private readonly onError = (err: Error) => this.fail(err instanceof BlkrepError ? err : new BlkrepError('ERR_NBD_CONNECT', `connection failed in the handshake: ${err.message}`, { cause: err }));
-
-  constructor(private readonly stream: Duplex) {
-    stream.on('data', this.onData);
-    stream.on('end', this.onEnd);
-    stream.on('close', this.onEnd);
-    stream.on('error', this.onError);
-  }
-
-  read(n: number): Promise<Buffer> {
-    if (this.waiter) return Promise.reject(new Error('one read at a time'));
-    return new Promise((resolve, reject) => {
-      this.waiter = { n, resolve, reject };
-      this.settle();
-    });
-  }
-
-  write(b: Buffer): void {
-    this.stream.write(b);
-  }
-
-  /** stop listening; returns what was read beyond the reads */
-  detach(): Buffer {
-    this.stream.off('data', this.onData);
-    this.stream.off('end', this.onEnd);
-    this.stream.off('close', this.onEnd);
-    this.stream.off('error', this.onError);
-    const rest = Buffer.concat(this.chunks);
-    this.chunks = [];
-    this.length = 0;
-    return rest;
-  }
-
-  private fail(err: Error): void {
-    this.failure ??= err;
-    this.settle();
-  }
-
-  private settle(): void {
-    const w = this.waiter;
-    if (!w) return;
-    if (this.length >= w.n) {
-      this.waiter = undefined;
-      const all = Buffer.concat(this.chunks);
-      this.chunks = all.length > w.n ? [all.subarray(w.n)] : [];
-      this.length = all.length - w.n;
-      w.resolve(all.subarray(0, w.n));
-    } else if (this.failure) {
-      this.waiter = undefined;
-      w.reject(this.failure);
-    }
-  }
+/**
+ * A ready-made `prepare` for openExtension: NBD_OPT_STARTTLS, then the TLS upgrade through
+ * `upgrader` (the registry's "tls") with `settings` (the tls-* keys of an nbds:// URI, see
+ * uri.ts); the extension option then travels inside TLS. Any refusal ends the connection: the
+ * option is never sent in clear.
+ */
+export function startTlsPrepare(
+  upgrader: ConnectionUpgrader,
+  settings: Readonly<Record<string, string>>,
+  options: { timeoutMs?: number; signal?: AbortSignal } = {},
+): (connection: TransportConnection, io: HandshakeIo) => Promise<TransportConnection> {
+  return (connection, io) => startTls(connection, io, upgrader, settings, options);
 }

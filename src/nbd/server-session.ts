@@ -1,6 +1,8 @@
 /**
  * One client connection to the NBD server: the fixed-newstyle handshake, then the transmission
- * phase. Phases, in order: flags → options → transmission → closing → closed.
+ * phase. Phases, in order: flags → options (→ starttls → options) → transmission → closing → closed.
+ * The handshake's decisions are made by the pure ServerHandshake (server-handshake.ts): this
+ * class carries them out on the stream (send, close, upgrade to TLS, hand over, serve).
  *
  * Bytes arrive in a ByteQueue and are parsed as far as they go (pump). Requests run concurrently
  * and reply as they finish, so replies may be out of order. Backpressure both ways: parsing stops
@@ -8,6 +10,7 @@
  * the socket is paused so the kernel pushes back on the client.
  */
 import type { Duplex } from 'node:stream';
+import type { ConnectionUpgrader } from '../api/transport.js';
 import { NBD_ERRNO, toBlkrepError, type Errno } from '../api/errors.js';
 import type { Extent } from '../api/block.js';
 import { ByteQueue } from './byte-queue.js';
@@ -15,51 +18,53 @@ import type { BudgetWaiter, BufferBudget } from './server-budget.js';
 import { sharedPool } from './buffer-pool.js';
 import { ReceiveGc } from '../util/gc.js';
 import {
-  CMD, CMD_FLAG, CMD_NAMES, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES,
-  IHAVEOPT, INFO, MAX_OPTION_LENGTH, MAX_PAYLOAD, MAX_STRING, OPT, REP, REQUEST_MAGIC, TF,
+  CMD, CMD_FLAG, CMD_NAMES, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, MAX_OPTION_LENGTH, MAX_PAYLOAD, REQUEST_MAGIC, TF,
 } from './constants.js';
 import {
   decodeOptionHeader, decodeRequest, encodeBlockStatusChunk, encodeDataChunkHeader, encodeErrorChunk,
-  encodeGreeting, encodeHoleChunk, encodeMessage, encodeNoneChunk, encodeOptionReply, encodeSimpleReply,
-  OPTION_HEADER_LENGTH, REQUEST_LENGTH, type Request,
+  encodeGreeting, encodeHoleChunk, encodeNoneChunk, encodeSimpleReply, OPTION_HEADER_LENGTH, REQUEST_LENGTH, type Request,
 } from './codec.js';
 import type { Descriptor, Export } from './export.js';
+import { StateMachine, type MachineSpec } from '../util/state-machine.js';
+import { ServerHandshake, type HandshakeHost, type HandshakeStep, type TlsMode } from './server-handshake.js';
+
+export { parseMetaContextRequest, type OptionExtension } from './server-handshake.js';
 
 /** The server side a session needs; implemented by NbdServer. */
-export interface SessionHost {
-  readonly shuttingDown: boolean;
+export interface SessionHost extends HandshakeHost {
   readonly handshakeTimeoutMs: number;
   /** the memory all connections share */
   readonly budget: BufferBudget;
-  findExport(name: string): Export | undefined;
-  listExports(): Export[];
+  /** TLS on this server (undefined: none; STARTTLS gets ERR_POLICY) */
+  readonly tls?: SessionTls;
   log(level: 'debug' | 'info' | 'warn', message: string): void;
   sessionOpened(session: ServerSession): void;
   sessionClosed(session: ServerSession, reason: string): void;
-  /** a blkrep extension option this server takes (the replication pair's link), if any */
-  optionExtension?(option: number): OptionExtension | undefined;
 }
 
-/**
- * An NBD option outside the spec that hands the connection over to another protocol once
- * acknowledged, as STARTTLS hands it to TLS. The pair link uses it (src/pair): one listener,
- * one transport and one TLS set-up serve both the replica export and the link. A server that
- * does not know the option answers NBD_REP_ERR_UNSUP, so a client learns it talks to a plain
- * NBD server.
- */
-export interface OptionExtension {
-  /** for logs: "pair link" */
-  readonly name: string;
-  /**
-   * Decide on the option. A string refuses it (NBD_REP_ERR_POLICY with that message; the
-   * handshake goes on). A function takes the connection: the server replies ACK, stops reading
-   * the stream (it is left paused: the new owner calls `resume()`), forgets the connection, and
-   * calls the function with the stream and any bytes the client sent after the option.
-   */
-  accept(data: Buffer, peer: string): string | ((stream: Duplex, rest: Buffer) => void);
+/** STARTTLS on the server: the mode, and the upgrader that turns a stream into a TLS one. */
+export interface SessionTls {
+  readonly mode: TlsMode;
+  readonly upgrader: ConnectionUpgrader;
+  /** the upgrader's settings (certificates …), passed to it as given */
+  readonly settings?: Readonly<Record<string, string>>;
 }
 
-type Phase = 'flags' | 'options' | 'transmission' | 'closing' | 'closed';
+type Phase = 'flags' | 'options' | 'starttls' | 'transmission' | 'closing' | 'closed';
+
+/** A connection's phases; the handshake's decisions within 'options' are ServerHandshake's. */
+export const SESSION_PHASES: MachineSpec<Phase> = {
+  name: 'server session',
+  transitions: {
+    flags: ['options', 'closed'],
+    // closing: OPT_ABORT; closed: a hard close, or an extension took the connection
+    options: ['starttls', 'transmission', 'closing', 'closed'],
+    starttls: ['options', 'closed'],
+    transmission: ['closing', 'closed'],
+    closing: ['closed'],
+    closed: [],
+  },
+};
 
 /** Parsing stops while this many requests are running on one connection … */
 const MAX_INFLIGHT = 64;
@@ -106,14 +111,13 @@ export class ServerSession implements BudgetWaiter {
   readonly id = nextSessionId++;
   readonly openedAt = new Date();
   readonly counters: SessionCounters = { requests: 0, bytesRead: 0, bytesWritten: 0, errors: 0 };
-  private phase: Phase = 'flags';
+  private readonly machine = new StateMachine(SESSION_PHASES, 'flags');
   private readonly queue = new ByteQueue();
-  private noZeroes = false;
+  private readonly handshake: ServerHandshake;
+  /** what the handshake agreed, for the transmission phase */
   private structured = false;
-  /** export named by the last SET_META_CONTEXT, and the contexts it selected (id → name) */
-  private metaExport: string | undefined;
+  /** the meta contexts selected for the export served (id → name) */
   private selected = new Map<number, string>();
-  private nextContextId = 1;
   private exp: Export | undefined;
   private tflags = 0;
   private inflight = 0;
@@ -135,15 +139,19 @@ export class ServerSession implements BudgetWaiter {
   /** the final flush and close have started */
   private finishing = false;
   private handshakeTimer: NodeJS.Timeout | undefined;
+  /** aborts the TLS upgrade in progress (phase starttls) when the connection closes */
+  private upgradeAbort: AbortController | undefined;
   private closeWaiters: Array<() => void> = [];
   /** what the session listens to on the stream (removed when an extension takes it over) */
   private readonly listeners: Record<string, (...args: never[]) => void>;
 
   constructor(
     private readonly host: SessionHost,
-    private readonly stream: Duplex,
+    /** the connection's stream; after STARTTLS, the TLS stream over it */
+    private stream: Duplex,
     readonly peer: string,
   ) {
+    this.handshake = new ServerHandshake(host, { tls: host.tls?.mode, peer });
     this.listeners = {
       data: (chunk: Buffer) => {
         receiveGc.note(chunk.length);
@@ -159,7 +167,7 @@ export class ServerSession implements BudgetWaiter {
         this.updateFlow();
       },
     };
-    for (const [event, fn] of Object.entries(this.listeners)) stream.on(event, fn as (...args: unknown[]) => void);
+    this.listen(stream);
     this.host.sessionOpened(this);
     this.handshakeTimer = setTimeout(() => {
       this.host.log('warn', `connection ${this.id} from ${this.peer}: handshake not finished within ${this.host.handshakeTimeoutMs} ms, closing`);
@@ -180,7 +188,24 @@ export class ServerSession implements BudgetWaiter {
   }
 
   get state(): Phase {
-    return this.phase;
+    return this.machine.state;
+  }
+
+  private get phase(): Phase {
+    return this.machine.state;
+  }
+
+  /** the TLS phase of the handshake: 'tls' once STARTTLS succeeded */
+  get tlsPhase(): string {
+    return this.handshake.tlsPhase;
+  }
+
+  private listen(stream: Duplex): void {
+    for (const [event, fn] of Object.entries(this.listeners)) stream.on(event, fn as (...args: unknown[]) => void);
+  }
+
+  private unlisten(stream: Duplex): void {
+    for (const [event, fn] of Object.entries(this.listeners)) stream.off(event, fn as (...args: unknown[]) => void);
   }
 
   get requestsInFlight(): number {
@@ -209,7 +234,10 @@ export class ServerSession implements BudgetWaiter {
   close(reason: string): void {
     if (this.phase === 'closed') return;
     const wasTransmission = this.phase === 'transmission' || this.phase === 'closing';
-    this.phase = 'closed';
+    this.machine.goto('closed');
+    this.handshake.closed();
+    this.upgradeAbort?.abort();
+    this.upgradeAbort = undefined;
     if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
     this.queue.clear();
     if (this.filling) sharedPool.release(this.filling.pooled);
@@ -233,7 +261,8 @@ export class ServerSession implements BudgetWaiter {
       switch (this.phase) {
         case 'flags':
           if (this.queue.length < 4) return;
-          this.onClientFlags(this.queue.take(4).readUInt32BE(0));
+          this.machine.goto('options');
+          this.carryOut(this.handshake.clientFlags(this.queue.take(4).readUInt32BE(0)));
           break;
         case 'options': {
           if (this.overloaded()) {
@@ -254,7 +283,8 @@ export class ServerSession implements BudgetWaiter {
           }
           if (this.queue.length < OPTION_HEADER_LENGTH + h.length) return;
           this.queue.skip(OPTION_HEADER_LENGTH);
-          this.onOption(h.option, this.queue.take(h.length));
+          const data = this.queue.take(h.length);
+          this.carryOut(this.handshake.option(h.option, data, this.queue.length));
           break;
         }
         case 'transmission': {
@@ -325,7 +355,7 @@ export class ServerSession implements BudgetWaiter {
   private onEnd(): void {
     // Client half-closed: finish what runs, then close (a DISC without the DISC).
     if (this.phase === 'transmission') {
-      this.phase = 'closing';
+      this.machine.goto('closing');
       this.finishIfIdle();
     } else if (this.phase !== 'closing') {
       this.close('client closed the connection');
@@ -340,196 +370,98 @@ export class ServerSession implements BudgetWaiter {
   // ---------------------------------------------------------------------------------------------
   // handshake
 
-  private onClientFlags(flags: number): void {
-    const known = FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES;
-    if ((flags & ~known) !== 0) {
-      this.protocolError(`client flags 0x${flags.toString(16)} include bits the server did not offer`);
-      return;
-    }
-    this.noZeroes = (flags & FLAG_C_NO_ZEROES) !== 0;
-    this.phase = 'options';
-  }
-
-  private reply(option: number, type: number, data?: Buffer): void {
-    this.send(encodeOptionReply(option, type, data));
-  }
-
-  private replyError(option: number, type: number, message: string): void {
-    // The message may echo a client's name: keep it a valid NBD string (≤ 4096 bytes, no NUL).
-    this.reply(option, type, encodeMessage(message));
-  }
-
-  private onOption(option: number, data: Buffer): void {
-    if (this.host.shuttingDown && option !== OPT.ABORT) {
-      if (option === OPT.EXPORT_NAME) {
-        this.close('server shutting down');
+  /** Carry out what the handshake decided, after sending its replies. */
+  private carryOut(step: HandshakeStep): void {
+    const d = step.decision;
+    if (d.kind === 'starttls') return this.startTls(step.replies);
+    if (step.replies.length) this.send(...step.replies);
+    switch (d.kind) {
+      case 'next':
         return;
-      }
-      this.replyError(option, REP.ERR_SHUTDOWN, 'server is shutting down');
-      return;
-    }
-    switch (option) {
-      case OPT.EXPORT_NAME:
-        return this.onExportName(data);
-      case OPT.ABORT:
-        this.reply(option, REP.ACK);
-        this.phase = 'closing';
+      case 'close':
+        return this.protocolError(d.reason);
+      case 'abort':
+        this.machine.goto('closing');
         this.stream.end();
         return;
-      case OPT.LIST:
-        return this.onList(data);
-      case OPT.STARTTLS:
-        if (data.length) return this.replyError(option, REP.ERR_INVALID, 'STARTTLS must carry no data');
-        return this.replyError(option, REP.ERR_POLICY, 'TLS is not configured on this server');
-      case OPT.INFO:
-      case OPT.GO:
-        return this.onInfoGo(option, data);
-      case OPT.STRUCTURED_REPLY:
-        if (data.length) return this.replyError(option, REP.ERR_INVALID, 'STRUCTURED_REPLY must carry no data');
-        this.structured = true;
-        return this.reply(option, REP.ACK);
-      case OPT.LIST_META_CONTEXT:
-      case OPT.SET_META_CONTEXT:
-        return this.onMetaContext(option, data);
-      case OPT.EXTENDED_HEADERS:
-        return this.replyError(option, REP.ERR_UNSUP, 'extended headers are not supported');
-      default: {
-        const extension = this.host.optionExtension?.(option);
-        if (extension) return this.onExtension(option, extension, data);
-        return this.replyError(option, REP.ERR_UNSUP, `option ${option} is not supported`);
-      }
+      case 'takeover':
+        return this.takeOver(d.name, d.take);
+      case 'serve':
+        return this.enterTransmission(d.export, d.transmissionFlags, d.structured, d.contexts);
     }
   }
 
-  private onExtension(option: number, extension: OptionExtension, data: Buffer): void {
-    const decision = extension.accept(data, this.peer);
-    if (typeof decision === 'string') return this.replyError(option, REP.ERR_POLICY, decision);
-    this.reply(option, REP.ACK);
+  /**
+   * STARTTLS accepted: send the ACK, stop reading in clear, and once the ACK is written hand the
+   * stream to the upgrader; the handshake goes on over the TLS stream it returns. The handshake
+   * timer keeps running: a TLS handshake that does not finish in time closes the connection.
+   */
+  private startTls(replies: Buffer[]): void {
+    const tls = this.host.tls!; // the handshake accepts STARTTLS only when TLS is configured
+    const raw = this.stream;
+    this.machine.goto('starttls');
+    this.unlisten(raw);
+    raw.pause();
+    const ack = Buffer.concat(replies);
+    this.queuedOut += ack.length;
+    const abort = new AbortController();
+    this.upgradeAbort = abort;
+    raw.write(ack, () => void this.upgrade(tls, raw, abort.signal));
+  }
+
+  private async upgrade(tls: SessionTls, raw: Duplex, signal: AbortSignal): Promise<void> {
+    if (this.phase !== 'starttls') return;
+    let up;
+    try {
+      const timeoutMs = Math.max(1, this.host.handshakeTimeoutMs - (Date.now() - this.openedAt.getTime()));
+      up = await tls.upgrader.server({ stream: raw, peer: this.peer }, { signal, timeoutMs, ...(tls.settings ? { settings: tls.settings } : {}) });
+    } catch (err) {
+      if (this.phase !== 'starttls') return;
+      // one line: OpenSSL's messages end in a newline
+      const why = `TLS handshake failed: ${toBlkrepError(err).message.replace(/\s+/g, ' ').trim()}`;
+      this.host.log('warn', `connection ${this.id} from ${this.peer}: ${why}; disconnecting`);
+      this.close(why);
+      return;
+    }
+    if (this.phase !== 'starttls') {
+      up.stream.destroy();
+      return;
+    }
+    this.upgradeAbort = undefined;
+    this.stream = up.stream;
+    this.listen(up.stream);
+    this.handshake.tlsUp();
+    this.machine.goto('options');
+    this.paused = false;
+    this.host.log('debug', `connection ${this.id} from ${this.peer}: TLS is on`);
+    up.stream.resume();
+    this.noteUnsent();
+    this.pump();
+  }
+
+  /** An extension option took the connection: let go of the stream and of this session. */
+  private takeOver(name: string, take: (stream: Duplex, rest: Buffer) => void): void {
     this.stream.pause();
-    for (const [event, fn] of Object.entries(this.listeners)) this.stream.off(event, fn as (...args: unknown[]) => void);
+    this.unlisten(this.stream);
     const rest = this.queue.take(this.queue.length);
-    this.phase = 'closed';
+    this.machine.goto('closed');
     if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
     if (this.waitingBudget) this.host.budget.forget(this);
     this.host.budget.release(this.reserved + this.unsent);
     this.reserved = 0;
     this.unsent = 0;
-    this.host.log('debug', `connection ${this.id} from ${this.peer}: taken over by the ${extension.name}`);
-    this.host.sessionClosed(this, `taken over by the ${extension.name}`);
+    this.host.log('debug', `connection ${this.id} from ${this.peer}: taken over by the ${name}`);
+    this.host.sessionClosed(this, `taken over by the ${name}`);
     for (const w of this.closeWaiters.splice(0)) w();
-    decision(this.stream, rest);
+    take(this.stream, rest);
   }
 
-  private onExportName(data: Buffer): void {
-    const name = data.toString('utf8');
-    const exp = data.length <= MAX_STRING ? this.host.findExport(name) : undefined;
-    if (!exp) {
-      // EXPORT_NAME has no error reply: the only answer is to close.
-      this.protocolError(`EXPORT_NAME asked for unknown export "${name.slice(0, 256)}"`);
-      return;
-    }
-    const b = Buffer.alloc(this.noZeroes ? 10 : 134);
-    b.writeBigUInt64BE(BigInt(exp.size), 0);
-    this.enterTransmission(exp);
-    b.writeUInt16BE(this.tflags, 8);
-    this.send(b);
-  }
-
-  private onList(data: Buffer): void {
-    if (data.length) return this.replyError(OPT.LIST, REP.ERR_INVALID, 'LIST must carry no data');
-    for (const exp of this.host.listExports()) {
-      const name = Buffer.from(exp.name, 'utf8');
-      const desc = Buffer.from(exp.description ?? '', 'utf8');
-      const b = Buffer.alloc(4 + name.length + desc.length);
-      b.writeUInt32BE(name.length, 0);
-      name.copy(b, 4);
-      desc.copy(b, 4 + name.length);
-      this.reply(OPT.LIST, REP.SERVER, b);
-    }
-    this.reply(OPT.LIST, REP.ACK);
-  }
-
-  private onInfoGo(option: number, data: Buffer): void {
-    const what = option === OPT.GO ? 'GO' : 'INFO';
-    if (data.length < 6) return this.replyError(option, REP.ERR_INVALID, `${what} data is ${data.length} bytes, at least 6 are needed`);
-    const nameLength = data.readUInt32BE(0);
-    if (nameLength > data.length - 6) {
-      return this.replyError(option, REP.ERR_INVALID, `${what} name length ${nameLength} exceeds the option length ${data.length} less 6`);
-    }
-    if (nameLength > MAX_STRING) return this.replyError(option, REP.ERR_INVALID, `export name of ${nameLength} bytes is longer than ${MAX_STRING}`);
-    const name = data.toString('utf8', 4, 4 + nameLength);
-    const count = data.readUInt16BE(4 + nameLength);
-    if (data.length !== 6 + nameLength + 2 * count) {
-      return this.replyError(option, REP.ERR_INVALID, `${what} asks for ${count} information types but carries ${data.length - 6 - nameLength} bytes for them`);
-    }
-    const requested = new Set<number>();
-    for (let i = 0; i < count; i++) requested.add(data.readUInt16BE(6 + nameLength + 2 * i));
-    const exp = this.host.findExport(name);
-    if (!exp) return this.replyError(option, REP.ERR_UNKNOWN, `no export named "${name}"`);
-
-    const flags = exp.transmissionFlags(this.structured);
-    const info = Buffer.alloc(12);
-    info.writeUInt16BE(INFO.EXPORT, 0);
-    info.writeBigUInt64BE(BigInt(exp.size), 2);
-    info.writeUInt16BE(flags, 10);
-    this.reply(option, REP.INFO, info);
-    if (requested.has(INFO.NAME)) {
-      this.reply(option, REP.INFO, Buffer.concat([u16(INFO.NAME), Buffer.from(exp.name, 'utf8')]));
-    }
-    if (requested.has(INFO.DESCRIPTION) && exp.description !== undefined) {
-      this.reply(option, REP.INFO, Buffer.concat([u16(INFO.DESCRIPTION), Buffer.from(exp.description, 'utf8')]));
-    }
-    // Block size is sent whether asked or not: it costs nothing and lets clients do better.
-    const bs = Buffer.alloc(14);
-    bs.writeUInt16BE(INFO.BLOCK_SIZE, 0);
-    bs.writeUInt32BE(exp.minimum, 2);
-    bs.writeUInt32BE(exp.preferred, 6);
-    bs.writeUInt32BE(Math.min(exp.maximum, MAX_PAYLOAD), 10);
-    this.reply(option, REP.INFO, bs);
-    this.reply(option, REP.ACK);
-    if (option === OPT.GO) this.enterTransmission(exp);
-  }
-
-  private onMetaContext(option: number, data: Buffer): void {
-    const set = option === OPT.SET_META_CONTEXT;
-    const what = set ? 'SET_META_CONTEXT' : 'LIST_META_CONTEXT';
-    if (set) {
-      // SET replaces earlier selections even when it fails.
-      this.selected = new Map();
-      this.metaExport = undefined;
-    }
-    if (!this.structured) return this.replyError(option, REP.ERR_INVALID, `${what} needs STRUCTURED_REPLY first`);
-    const parsed = parseMetaContextRequest(data);
-    if (typeof parsed === 'string') return this.replyError(option, REP.ERR_INVALID, `${what}: ${parsed}`);
-    const exp = this.host.findExport(parsed.exportName);
-    if (!exp) return this.replyError(option, REP.ERR_UNKNOWN, `no export named "${parsed.exportName}"`);
-    const available = exp.metaContextNames();
-    const matches: string[] = [];
-    if (!set && parsed.queries.length === 0) matches.push(...available);
-    for (const q of parsed.queries) {
-      for (const name of available) {
-        // In LIST a query ending in ':' is a wildcard for everything under it ("base:" → "base:allocation").
-        const hit = name === q || (!set && q.endsWith(':') && name.startsWith(q));
-        if (hit && !matches.includes(name)) matches.push(name);
-      }
-    }
-    for (const name of matches) {
-      const id = set ? this.nextContextId++ : 0;
-      if (set) this.selected.set(id, name);
-      const b = Buffer.alloc(4 + Buffer.byteLength(name));
-      b.writeUInt32BE(id, 0);
-      b.write(name, 4, 'utf8');
-      this.reply(option, REP.META_CONTEXT, b);
-    }
-    if (set) this.metaExport = exp.name;
-    this.reply(option, REP.ACK);
-  }
-
-  private enterTransmission(exp: Export): void {
+  private enterTransmission(exp: Export, tflags: number, structured: boolean, contexts: Map<number, string>): void {
     this.exp = exp;
-    this.tflags = exp.transmissionFlags(this.structured);
-    if (this.metaExport !== exp.name) this.selected = new Map();
-    this.phase = 'transmission';
+    this.tflags = tflags;
+    this.structured = structured;
+    this.selected = contexts;
+    this.machine.goto('transmission');
     if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
     this.handshakeTimer = undefined;
     exp.counters.connections++;
@@ -593,7 +525,7 @@ export class ServerSession implements BudgetWaiter {
   }
 
   private updateFlow(): void {
-    if (this.phase === 'closed') return;
+    if (this.phase === 'closed' || this.phase === 'starttls') return;
     const stop = this.overloaded() || this.phase === 'closing' || this.stopping;
     if (stop && !this.paused) {
       this.paused = true;
@@ -613,7 +545,7 @@ export class ServerSession implements BudgetWaiter {
     if (name) exp.counters.requests[name] = (exp.counters.requests[name] ?? 0) + 1;
     if (req.type === CMD.DISC) {
       // No reply; finish what runs, make it durable, close.
-      this.phase = 'closing';
+      this.machine.goto('closing');
       this.updateFlow();
       this.finishIfIdle();
       return;
@@ -650,7 +582,7 @@ export class ServerSession implements BudgetWaiter {
     }
     if (this.finishing) return;
     if (this.phase === 'closing' || (this.phase === 'transmission' && this.stopping)) {
-      this.phase = 'closing';
+      this.machine.goto('closing');
       this.finishing = true;
       const exp = this.exp;
       const flushed = exp && !exp.readOnly ? exp.node.flush().catch((err) => {
@@ -849,36 +781,6 @@ export class ServerSession implements BudgetWaiter {
     this.noteUnsent();
     return true;
   }
-}
-
-function u16(v: number): Buffer {
-  const b = Buffer.alloc(2);
-  b.writeUInt16BE(v, 0);
-  return b;
-}
-
-/** Parse the payload of LIST/SET_META_CONTEXT; a string is the reason it is malformed. */
-export function parseMetaContextRequest(data: Buffer): { exportName: string; queries: string[] } | string {
-  if (data.length < 8) return `payload of ${data.length} bytes is shorter than the 8 bytes of its fixed fields`;
-  const nameLength = data.readUInt32BE(0);
-  if (nameLength > data.length - 8) return `export name length ${nameLength} runs past the payload of ${data.length} bytes`;
-  if (nameLength > MAX_STRING) return `export name of ${nameLength} bytes is longer than ${MAX_STRING}`;
-  const exportName = data.toString('utf8', 4, 4 + nameLength);
-  let p = 4 + nameLength;
-  const count = data.readUInt32BE(p);
-  p += 4;
-  const queries: string[] = [];
-  for (let i = 0; i < count; i++) {
-    if (p + 4 > data.length) return `query ${i + 1} of ${count} runs past the payload of ${data.length} bytes`;
-    const len = data.readUInt32BE(p);
-    p += 4;
-    if (len > data.length - p) return `query ${i + 1} of ${count} (length ${len}) runs past the payload of ${data.length} bytes`;
-    if (len > MAX_STRING) return `query ${i + 1} is ${len} bytes, longer than ${MAX_STRING}`;
-    queries.push(data.toString('utf8', p, p + len));
-    p += len;
-  }
-  if (p !== data.length) return `${data.length - p} bytes left over after ${count} queries`;
-  return { exportName, queries };
 }
 
 /** Runs from the node, clipped to the request and merged where the read reply treats them alike. */

@@ -4,11 +4,12 @@
  */
 import { EventEmitter } from 'node:events';
 import { BlkrepError } from '../api/errors.js';
-import type { TransportConnection } from '../api/transport.js';
+import type { ConnectionUpgrader, TransportConnection } from '../api/transport.js';
 import { MAX_PAYLOAD } from './constants.js';
 import { Export, type ExportOptions } from './export.js';
 import { BufferBudget, type BufferBudgetStatus } from './server-budget.js';
-import { ServerSession, type OptionExtension, type SessionHost } from './server-session.js';
+import type { TlsMode } from './server-handshake.js';
+import { ServerSession, type OptionExtension, type SessionHost, type SessionTls } from './server-session.js';
 
 /** default budget for the payloads and replies of all connections together */
 export const DEFAULT_MAX_BUFFER = 256 * 1024 * 1024;
@@ -50,6 +51,13 @@ export interface NbdServerOptions {
   log?: Logger;
   /** blkrep extension options, by option number (the pair link: src/nbd/option-takeover.ts) */
   optionExtensions?: ReadonlyMap<number, OptionExtension>;
+  /**
+   * NBD_OPT_STARTTLS (src/nbd/server-handshake.ts). Without it, or with mode 'off', STARTTLS
+   * gets ERR_POLICY. 'on': TLS is offered, options are also served in clear. 'require': before
+   * STARTTLS every option but STARTTLS and ABORT gets ERR_TLS_REQD (EXPORT_NAME: hang-up).
+   * After STARTTLS's ACK the connection goes to `upgrader.server()` with `settings`.
+   */
+  tls?: { mode: TlsMode; upgrader: ConnectionUpgrader; settings?: Record<string, string> };
 }
 
 export interface ConnectionStatus {
@@ -107,6 +115,7 @@ export class NbdServer extends EventEmitter implements SessionHost {
   private readonly sessions = new Set<ServerSession>();
   private readonly logger: Logger;
   private readonly extensions: ReadonlyMap<number, OptionExtension>;
+  readonly tls: SessionTls | undefined;
   private stopping = false;
 
   constructor(options: NbdServerOptions) {
@@ -125,6 +134,7 @@ export class NbdServer extends EventEmitter implements SessionHost {
     this.budget = new BufferBudget(maxBuffer, BUFFER_ALLOWANCE);
     this.logger = options.log ?? (() => {});
     this.extensions = options.optionExtensions ?? new Map();
+    this.tls = options.tls && options.tls.mode !== 'off' ? options.tls : undefined;
     for (const e of options.exports) this.exportsByName.set(e.name, new Export(e));
   }
 
@@ -198,7 +208,7 @@ export class NbdServer extends EventEmitter implements SessionHost {
   private evictHandshake(): void {
     const now = Date.now();
     for (const s of this.sessions) {
-      if (s.state !== 'flags' && s.state !== 'options') continue;
+      if (s.state !== 'flags' && s.state !== 'options' && s.state !== 'starttls') continue;
       // sessions are in the order they connected: the first in the handshake is the oldest
       const age = now - s.openedAt.getTime();
       if (age < this.evictAgeMs) return;

@@ -3,7 +3,12 @@
  *
  *   nbd://host[:port]/export           TCP, port 10809 unless given; IPv6 hosts in brackets
  *   nbd+unix:///export?socket=PATH     Unix socket; `socket=%00name` is an abstract socket (Linux)
- *   nbds://…, nbds+unix://…            TLS, which this version does not support: a clear error
+ *   nbds://…, nbds+unix://…            TLS required (STARTTLS first, nothing in clear), with the
+ *                                      libnbd query keys tls-certificates=DIR, tls-psk-file=FILE,
+ *                                      tls-username=NAME (else the URI's user, else the login name),
+ *                                      tls-verify-peer=true|false (default true), tls-hostname=NAME
+ *                                      (the name the server's certificate must hold; default the
+ *                                      host, "localhost" over a Unix socket)
  *
  * The export name is the path without its leading "/", percent-decoded ("nbd://h//disk" names
  * "/disk"; no path names the default export ""). Query values are percent-decoded; "+" is a plus
@@ -20,7 +25,7 @@ export type NbdTransportName = 'tcp' | 'unix';
 export interface NbdUri {
   /** the URI as given */
   readonly uri: string;
-  readonly scheme: 'nbd' | 'nbd+unix';
+  readonly scheme: 'nbd' | 'nbd+unix' | 'nbds' | 'nbds+unix';
   readonly transport: NbdTransportName;
   /** export name, decoded ("" = the server's default export) */
   readonly exportName: string;
@@ -32,12 +37,14 @@ export interface NbdUri {
   readonly socket?: string;
   /** the transport's address syntax: "host:port", "[v6]:port", or the socket path */
   readonly address: string;
-  /** userinfo, decoded (only meaningful for TLS, kept for completeness) */
+  /** userinfo, decoded (the PSK user name unless tls-username is given) */
   readonly user?: string;
+  /** nbds://, nbds+unix://: TLS is required; the upgrader's settings (the tls-* query keys) */
+  readonly tls?: { readonly settings: Readonly<Record<string, string>> };
 }
 
 const URI_RE = /^([A-Za-z][A-Za-z0-9+.-]*):(?:\/\/([^/?#]*))?([^?#]*)(?:\?([^#]*))?(?:#(.*))?$/;
-const TLS_KEYS = new Set(['tls-type', 'tls-hostname', 'tls-verify-peer', 'tls-certificates', 'tls-psk-file']);
+const TLS_KEYS = new Set(['tls-hostname', 'tls-verify-peer', 'tls-certificates', 'tls-psk-file', 'tls-username']);
 
 function badUri(uri: string, why: string): BlkrepError {
   return new BlkrepError('ERR_BAD_URI', `invalid NBD URI "${printable(uri)}": ${why}`, { errno: 'EINVAL', details: { uri } });
@@ -71,17 +78,12 @@ export function parseNbdUri(uri: string): NbdUri {
   const query = m[4];
   const fragment = m[5];
 
-  if (scheme === 'nbds' || scheme === 'nbds+unix') {
-    throw new BlkrepError(
-      'ERR_TLS_UNSUPPORTED',
-      `cannot use NBD URI "${printable(uri)}": TLS (${scheme}://) is not supported yet; use ${scheme === 'nbds' ? 'nbd' : 'nbd+unix'}:// for an unencrypted connection`,
-      { errno: 'ENOTSUP', details: { uri } },
-    );
+  if (scheme !== 'nbd' && scheme !== 'nbd+unix' && scheme !== 'nbds' && scheme !== 'nbds+unix') {
+    throw badUri(uri, `scheme "${scheme}" is not supported (use nbd://, nbd+unix://, or nbds://, nbds+unix:// for TLS)`);
   }
-  if (scheme !== 'nbd' && scheme !== 'nbd+unix') {
-    throw badUri(uri, `scheme "${scheme}" is not supported (use nbd:// or nbd+unix://)`);
-  }
-  if (authority === undefined) throw badUri(uri, `expected "${scheme}://" followed by ${scheme === 'nbd' ? 'a host' : '"/export?socket=PATH"'}`);
+  const tls = scheme === 'nbds' || scheme === 'nbds+unix';
+  const unix = scheme === 'nbd+unix' || scheme === 'nbds+unix';
+  if (authority === undefined) throw badUri(uri, `expected "${scheme}://" followed by ${!unix ? 'a host' : '"/export?socket=PATH"'}`);
   if (fragment !== undefined) throw badUri(uri, 'a fragment ("#…") has no meaning in an NBD URI');
   if (path !== '' && !path.startsWith('/')) throw badUri(uri, 'the export name must follow a "/"');
 
@@ -104,9 +106,11 @@ export function parseNbdUri(uri: string): NbdUri {
   }
   for (const key of params.keys()) {
     if (key.startsWith('x-')) continue;
-    if (TLS_KEYS.has(key)) throw badUri(uri, `"${key}" needs TLS, which is not supported yet`);
-    if (key === 'socket' && scheme === 'nbd+unix') continue;
-    if (key === 'socket') throw badUri(uri, '"socket" belongs to nbd+unix:// URIs; nbd:// connects over TCP to the host');
+    if (TLS_KEYS.has(key) && tls) continue;
+    if (TLS_KEYS.has(key)) throw badUri(uri, `"${key}" is a TLS setting: use ${unix ? 'nbds+unix' : 'nbds'}:// (TLS required) to give it`);
+    if (key === 'tls-type') throw badUri(uri, '"tls-type" is not supported: give tls-certificates=DIR (x509) or tls-psk-file=FILE (PSK)');
+    if (key === 'socket' && unix) continue;
+    if (key === 'socket') throw badUri(uri, `"socket" belongs to ${scheme}+unix:// URIs; ${scheme}:// connects over TCP to the host`);
     throw badUri(uri, `unknown query parameter "${key}"`);
   }
 
@@ -118,12 +122,16 @@ export function parseNbdUri(uri: string): NbdUri {
     hostPort = authority.slice(at + 1);
   }
 
-  if (scheme === 'nbd+unix') {
-    if (hostPort !== '') throw badUri(uri, `nbd+unix:// URIs take no host (found "${hostPort}"); write nbd+unix:///export?socket=PATH`);
+  if (unix) {
+    if (hostPort !== '') throw badUri(uri, `${scheme}:// URIs take no host (found "${hostPort}"); write ${scheme}:///export?socket=PATH`);
     const socket = params.get('socket');
-    if (socket === undefined || socket === '') throw badUri(uri, 'nbd+unix:// needs the socket path: ?socket=PATH');
+    if (socket === undefined || socket === '') throw badUri(uri, `${scheme}:// needs the socket path: ?socket=PATH`);
     if (socket === '\0') throw badUri(uri, 'the abstract socket name after %00 is empty');
-    return { uri, scheme, transport: 'unix', exportName, socket, address: socket, ...(user !== undefined ? { user } : {}) };
+    return {
+      uri, scheme, transport: 'unix', exportName, socket, address: socket,
+      ...(user !== undefined ? { user } : {}),
+      ...(tls ? { tls: { settings: tlsSettings(uri, params, user, 'localhost') } } : {}),
+    };
   }
 
   // nbd://: host is a reg-name, an IPv4 address or [IPv6], then an optional :port
@@ -144,5 +152,26 @@ export function parseNbdUri(uri: string): NbdUri {
     if (!Number.isInteger(port) || port < 1 || port > 65535) throw badUri(uri, `port ${hm[2]} is not between 1 and 65535`);
   }
   const address = host.includes(':') ? `[${host}]:${port}` : `${host}:${port}`;
-  return { uri, scheme, transport: 'tcp', exportName, host, port, address, ...(user !== undefined ? { user } : {}) };
+  return {
+    uri, scheme, transport: 'tcp', exportName, host, port, address,
+    ...(user !== undefined ? { user } : {}),
+    ...(tls ? { tls: { settings: tlsSettings(uri, params, user, host) } } : {}),
+  };
+}
+
+/** The tls-* query keys as the upgrader's settings, with the user and the host as defaults. */
+function tlsSettings(uri: string, params: ReadonlyMap<string, string>, user: string | undefined, host: string): Record<string, string> {
+  const settings: Record<string, string> = {};
+  for (const [key, value] of params) if (TLS_KEYS.has(key)) settings[key] = value;
+  const verify = settings['tls-verify-peer'];
+  if (verify !== undefined && !/^(true|false)$/i.test(verify)) throw badUri(uri, `tls-verify-peer is "${verify}"; expected true or false`);
+  if (settings['tls-certificates'] !== undefined && settings['tls-psk-file'] !== undefined) {
+    throw badUri(uri, 'give tls-certificates (x509) or tls-psk-file (PSK), not both');
+  }
+  for (const key of ['tls-certificates', 'tls-psk-file', 'tls-hostname', 'tls-username']) {
+    if (settings[key] === '') throw badUri(uri, `${key} is empty`);
+  }
+  if (settings['tls-username'] === undefined && user !== undefined && user !== '') settings['tls-username'] = user;
+  settings['tls-hostname'] ??= host;
+  return settings;
 }

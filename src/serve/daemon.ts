@@ -5,7 +5,7 @@
 import { rm } from 'node:fs/promises';
 import { BlkrepError, toBlkrepError } from '../api/errors.js';
 import type { BlockNode } from '../api/block.js';
-import type { HeartbeatRegistry, TransportListener, TransportRegistry } from '../api/transport.js';
+import type { ConnectionUpgrader, HeartbeatRegistry, TransportListener, TransportRegistry } from '../api/transport.js';
 import { completeNode } from '../block/node.js';
 import { openImage } from '../block/open.js';
 import { registerBitmapVerbs } from '../bitmap/control-verbs.js';
@@ -66,6 +66,27 @@ export interface DaemonOptions {
   heartbeat?: DaemonHeartbeat;
   /** the heartbeat backends the installed plugins provide */
   heartbeats?: HeartbeatRegistry;
+  /** TLS for every export and listener (--tls*): the mode, the upgrader, its settings, what check() found */
+  tls?: DaemonTls;
+}
+
+export interface DaemonTls {
+  mode: 'off' | 'on' | 'require';
+  upgrader: ConnectionUpgrader;
+  settings: Record<string, string>;
+  /** "x509", "x509+verify-peer", "psk" (the upgrader's check()) */
+  kind: string;
+  /** the earliest certificate expiry, ISO 8601 */
+  notAfter?: string;
+  warnings?: readonly string[];
+}
+
+/** What the listening line and status say about TLS (per export: every export has the daemon's mode). */
+export interface TlsReport {
+  mode: 'off' | 'on' | 'require';
+  kind?: string;
+  notAfter?: string;
+  warnings?: readonly string[];
 }
 
 /** --heartbeat and its companions, as serve-nbd parsed them (src/cli/heartbeat-flags.ts). */
@@ -82,6 +103,8 @@ export interface ListeningEvent {
   bitmaps?: BitmapLoad[];
   /** jobs loaded (paused) from their state files beside the images (only when there are some) */
   jobs?: Array<{ id: string; type: string; export: string | null; status: string }>;
+  /** TLS (only when it is on): with "require" the uris are nbds:// ones */
+  tls?: TlsReport;
 }
 
 export class Daemon {
@@ -164,6 +187,7 @@ export class Daemon {
         maxBufferBytes: options.maxBufferBytes,
         stallTimeoutMs: options.stallTimeoutMs,
         log: options.log,
+        ...(options.tls && options.tls.mode !== 'off' ? { tls: { mode: options.tls.mode, upgrader: options.tls.upgrader, settings: options.tls.settings } } : {}),
       });
       for (const [name, eb] of bitmaps) eb.attach(server.findExport(name)!);
       // Jobs: those persisted by an earlier run are loaded (paused, their writes tracked) before
@@ -233,6 +257,10 @@ export class Daemon {
         }
       }
       const daemon = new Daemon(server, listeners, undefined, options.pidFile, bitmaps, options.log, jobs, nodes);
+      if (options.tls && options.tls.mode !== 'off') {
+        const { mode, kind, notAfter, warnings } = options.tls;
+        daemon.tls = { mode, kind, ...(notAfter ? { notAfter } : {}), ...(warnings?.length ? { warnings } : {}) };
+      }
       if (options.controlPath) {
         control = await ControlServer.listen(options.controlPath, { ...(options.log ? { log: options.log } : {}) });
         (daemon as { control: ControlServer | undefined }).control = control;
@@ -253,16 +281,23 @@ export class Daemon {
     }
   }
 
-  /** URIs a client uses, one per listener and export. */
+  /** TLS as configured (undefined: off) */
+  tls: TlsReport | undefined;
+
+  /** URIs a client uses, one per listener and export (nbds:// ones when TLS is required). */
   get uris(): string[] {
     const exports = this.server.listExports();
-    return this.listeners.flatMap((l) => exports.map((e) => l.uri(e.name)));
+    const uris = this.listeners.flatMap((l) => exports.map((e) => l.uri(e.name)));
+    return this.tls?.mode === 'require' ? uris.map((u) => u.replace(/^nbd(\+unix)?:/, 'nbds$1:')) : uris;
   }
 
   listening(): ListeningEvent {
     const loads = [...this.bitmaps.values()].flatMap((b) => b.loads());
     const jobs = (this.jobs?.list() ?? []).map((q) => ({ id: q.id, type: q.type, export: (q.export as string | null) ?? null, status: q.status }));
-    return { event: 'listening', uris: this.uris, pid: process.pid, ...(loads.length ? { bitmaps: loads } : {}), ...(jobs.length ? { jobs } : {}) };
+    return {
+      event: 'listening', uris: this.uris, pid: process.pid,
+      ...(loads.length ? { bitmaps: loads } : {}), ...(jobs.length ? { jobs } : {}), ...(this.tls ? { tls: this.tls } : {}),
+    };
   }
 
   /** The driver of an export's image (under its dirty-tracking filter). */
@@ -271,12 +306,15 @@ export class Daemon {
     return image ? image.driver : (this.server.findExport(exportName)?.node.driver ?? 'unknown');
   }
 
-  status(): ServerStatus & { listeners: Array<{ address: string }>; control: string | null; bitmaps: BitmapInfo[]; heartbeat?: HeartbeatStatus } {
+  status(): ServerStatus & { listeners: Array<{ address: string }>; control: string | null; bitmaps: BitmapInfo[]; heartbeat?: HeartbeatStatus; tls: TlsReport } {
     const s = this.server.status();
+    const tls: TlsReport = this.tls ?? { mode: 'off' };
     return {
       ...s,
-      // the image under the tracking filter now (another one after a mirror's pivot)
-      exports: s.exports.map((e) => ({ ...e, image: this.jobs?.exportNode(e.name)?.description ?? e.image, driver: this.imageDriver(e.name) })),
+      // the image under the tracking filter now (another one after a mirror's pivot); tls: the
+      // daemon's mode, which every export has
+      exports: s.exports.map((e) => ({ ...e, image: this.jobs?.exportNode(e.name)?.description ?? e.image, driver: this.imageDriver(e.name), tls: tls.mode })),
+      tls,
       listeners: this.listeners.map((l) => ({ address: l.address })),
       control: this.control?.path ?? null,
       bitmaps: [...this.bitmaps.values()].flatMap((b) => b.list()),

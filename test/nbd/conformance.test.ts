@@ -266,8 +266,8 @@ describe('A.15 server, handshake', () => {
     c.destroy();
   });
 
-  // A.15-7 (FORCEDTLS) is N/A: TLS is not implemented, the server runs in NOTLS mode. What NOTLS
-  // mode requires instead is that ERR_TLS_REQD is never sent, whatever the option.
+  // A.15-7 (FORCEDTLS) is N/A here: this server has no TLS configured (NOTLS mode), which requires
+  // that ERR_TLS_REQD is never sent, whatever the option. FORCEDTLS: test/nbd/server-starttls.test.ts.
   it('A.15-7 N/A (NOTLS mode): no option ever gets ERR_TLS_REQD, EXPORT_NAME is served without TLS', async () => {
     const c = await optionsPhase();
     const probes: Array<[number, Buffer]> = [

@@ -67,6 +67,8 @@ export interface HandshakeOptions {
   infoRequests?: number[];
   /** finish with EXPORT_NAME instead of GO */
   useExportName?: boolean;
+  /** start with the options: greeting and flags were exchanged already (after STARTTLS); handshakeFlags is then 0 */
+  optionsOnly?: boolean;
   timeoutMs?: number;
 }
 
@@ -182,6 +184,11 @@ export class RawClient {
       };
       socket.once('error', onError);
     });
+  }
+
+  /** A client over a socket already connected (the TLS socket after STARTTLS). */
+  static over(socket: net.Socket): RawClient {
+    return new RawClient(socket);
   }
 
   /** Connect and do the whole handshake. */
@@ -348,9 +355,12 @@ export class RawClient {
   async handshake(o: HandshakeOptions = {}): Promise<HandshakeResult> {
     const t = o.timeoutMs ?? DEFAULT_TIMEOUT_MS;
     const noZeroes = o.noZeroes ?? true;
-    const g = await this.readGreeting(t);
-    if (g.magic !== 0x4e42444d41474943n || g.ihaveopt !== IHAVEOPT) throw new Error('bad greeting');
-    this.sendClientFlags(FLAG_C_FIXED_NEWSTYLE | (noZeroes ? FLAG_C_NO_ZEROES : 0));
+    const g = o.optionsOnly ? { flags: 0 } : await this.readGreeting(t);
+    if (!o.optionsOnly) {
+      const greeting = g as Awaited<ReturnType<RawClient['readGreeting']>>;
+      if (greeting.magic !== 0x4e42444d41474943n || greeting.ihaveopt !== IHAVEOPT) throw new Error('bad greeting');
+      this.sendClientFlags(FLAG_C_FIXED_NEWSTYLE | (noZeroes ? FLAG_C_NO_ZEROES : 0));
+    }
     const exportName = o.exportName ?? '';
     const contexts = new Map<number, string>();
     if (o.structured) {
