@@ -104,7 +104,7 @@ const ALL: readonly TlsPhase[] = ['no-tls', 'tls-offered', 'tls-required', 'tls'
 /** where options are served: everywhere but before TLS on a server that requires it */
 const SERVED: readonly TlsPhase[] = ['no-tls', 'tls-offered', 'tls'];
 
-/** The option table. Options not in it are UNKNOWN_ROW (or an extension row). */
+/** The option table. An option not in it gets unknownRow() (or extensionRow()). */
 export const OPTIONS: readonly OptionRow[] = [
   { option: OPT.EXPORT_NAME, name: 'EXPORT_NAME', phases: SERVED, handler: (hs, data) => hs.exportName(data) },
   { option: OPT.ABORT, name: 'ABORT', phases: ALL, handler: (hs) => hs.abort() },
@@ -186,6 +186,12 @@ export class ServerHandshake {
     const known = FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES;
     if ((flags & ~known) !== 0) return this.close(`client flags 0x${flags.toString(16)} include bits the server did not offer`);
     this.noZeroes = (flags & FLAG_C_NO_ZEROES) !== 0;
+    if ((flags & FLAG_C_FIXED_NEWSTYLE) === 0 && this.tls !== 'no-tls') {
+      // TLS needs fixed newstyle on both sides (doc/proto.md): such a client is served in clear
+      // where TLS is only offered, and not at all where it is required.
+      if (this.tls === 'tls-required') return this.close('the client did not set FIXED_NEWSTYLE, which TLS needs, on a server that requires TLS');
+      this.tls = 'no-tls';
+    }
     return { replies: [], decision: NEXT };
   }
 
