@@ -366,7 +366,7 @@ export class NbdClient extends EventEmitter<NbdClientEvents> {
     return new Promise<CommandReply>((resolve, reject) => {
       const what = `NBD ${describeCommand(spec)}`;
       if (signal?.aborted) return reject(abortError(what, signal.reason));
-      if (this.current === 'CLOSING' || this.current === 'CLOSED') return reject(this.closedError(what));
+      if (this.machine.is('CLOSING', 'CLOSED')) return reject(this.closedError(what));
       if (this.fatal) return reject(this.fatal);
       const invalid = checkCommand(this.info, spec);
       if (invalid) return reject(invalid);
@@ -551,7 +551,7 @@ export class NbdClient extends EventEmitter<NbdClientEvents> {
       this.lossCount++;
       this.pendingLoss = true;
     }
-    if (this.current === 'CLOSING' || this.current === 'CLOSED' || this.current === 'FAILED') {
+    if (this.machine.is('CLOSING', 'CLOSED', 'FAILED')) {
       const err = this.fatal ?? this.closedError(`NBD request`);
       for (const op of end.orphans) op.fail(err);
       this.pump();
@@ -605,7 +605,7 @@ export class NbdClient extends EventEmitter<NbdClientEvents> {
 
   private scheduleReconnect(slot: Slot, error: BlkrepError): void {
     if (slot.timer || slot.connecting || slot.session) return;
-    if (this.current === 'CLOSING' || this.current === 'CLOSED' || this.current === 'FAILED') return;
+    if (this.machine.is('CLOSING', 'CLOSED', 'FAILED')) return;
     slot.downSince ??= Date.now();
     const attempt = slot.attempt + 1;
     const delayMs = this.backoffDelay(slot.attempt);
@@ -670,7 +670,7 @@ export class NbdClient extends EventEmitter<NbdClientEvents> {
       this.scheduleReconnect(slot, e);
       return;
     }
-    if (this.current === 'CLOSING' || this.current === 'CLOSED' || this.current === 'FAILED') {
+    if (this.machine.is('CLOSING', 'CLOSED', 'FAILED')) {
       session.start();
       session.disconnect();
       return;

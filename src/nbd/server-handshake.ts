@@ -17,6 +17,7 @@
  * STARTTLS waits for the upgrade; tlsUp() forgets every negotiated state (structured replies,
  * meta contexts) and enters phase 'tls'.
  */
+import type { Duplex } from 'node:stream';
 import { StateMachine, type MachineSpec } from '../util/state-machine.js';
 import { FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, INFO, MAX_PAYLOAD, MAX_STRING, OPT, REP } from './constants.js';
 import { encodeMessage, encodeOptionReply } from './codec.js';
@@ -57,7 +58,7 @@ export interface OptionExtension {
    * the stream (it is left paused: the new owner calls `resume()`), forgets the connection, and
    * calls the function with the stream and any bytes the client sent after the option.
    */
-  accept(data: Buffer, peer: string): string | ((stream: import('node:stream').Duplex, rest: Buffer) => void);
+  accept(data: Buffer, peer: string): string | ((stream: Duplex, rest: Buffer) => void);
 }
 
 /** What the handshake asks of the server it runs in. */
@@ -80,7 +81,7 @@ export type HandshakeDecision =
   /** STARTTLS accepted: the ACK is in the replies; upgrade the stream, then call tlsUp() */
   | { kind: 'starttls' }
   /** an extension took the connection: the ACK is in the replies; hand the stream to `take` */
-  | { kind: 'takeover'; name: string; take: (stream: import('node:stream').Duplex, rest: Buffer) => void }
+  | { kind: 'takeover'; name: string; take: (stream: Duplex, rest: Buffer) => void }
   /** the handshake is over: serve `export` (for EXPORT_NAME the export's reply is in the replies) */
   | { kind: 'serve'; export: Export; transmissionFlags: number; structured: boolean; contexts: Map<number, string> };
 
@@ -103,7 +104,7 @@ const ALL: readonly TlsPhase[] = ['no-tls', 'tls-offered', 'tls-required', 'tls'
 /** where options are served: everywhere but before TLS on a server that requires it */
 const SERVED: readonly TlsPhase[] = ['no-tls', 'tls-offered', 'tls'];
 
-/** The option table. Options not in it are UNKNOWN_ROW (or an extension row). */
+/** The option table. An option not in it gets unknownRow() (or extensionRow()). */
 export const OPTIONS: readonly OptionRow[] = [
   { option: OPT.EXPORT_NAME, name: 'EXPORT_NAME', phases: SERVED, handler: (hs, data) => hs.exportName(data) },
   { option: OPT.ABORT, name: 'ABORT', phases: ALL, handler: (hs) => hs.abort() },
@@ -185,6 +186,12 @@ export class ServerHandshake {
     const known = FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES;
     if ((flags & ~known) !== 0) return this.close(`client flags 0x${flags.toString(16)} include bits the server did not offer`);
     this.noZeroes = (flags & FLAG_C_NO_ZEROES) !== 0;
+    if ((flags & FLAG_C_FIXED_NEWSTYLE) === 0 && this.tls !== 'no-tls') {
+      // TLS needs fixed newstyle on both sides (doc/proto.md): such a client is served in clear
+      // where TLS is only offered, and not at all where it is required.
+      if (this.tls === 'tls-required') return this.close('the client did not set FIXED_NEWSTYLE, which TLS needs, on a server that requires TLS');
+      this.tls = 'no-tls';
+    }
     return { replies: [], decision: NEXT };
   }
 

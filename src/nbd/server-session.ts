@@ -401,6 +401,9 @@ export class ServerSession implements BudgetWaiter {
     const raw = this.stream;
     this.machine.goto('starttls');
     this.unlisten(raw);
+    // The upgrader owns the stream from now on; an error on it fails the upgrade (or shows on
+    // the TLS stream), and must not go unheard and end the process.
+    raw.on('error', (err: Error) => this.host.log('debug', `connection ${this.id} from ${this.peer}: ${err.message} under TLS`));
     raw.pause();
     const ack = Buffer.concat(replies);
     this.queuedOut += ack.length;

@@ -143,9 +143,22 @@ describe('ServerHandshake: STARTTLS', () => {
     expect(hs.state).toBe('DONE');
   });
 
+  it('a client without FIXED_NEWSTYLE: served in clear (no TLS) where TLS is offered, closed where it is required', () => {
+    const offered = new ServerHandshake(host([]), { tls: 'on' });
+    expect(offered.clientFlags(FLAG_C_NO_ZEROES).decision.kind).toBe('next');
+    expect(offered.tlsPhase).toBe('no-tls');
+    expect(outcome(offered.option(OPT.STARTTLS, Buffer.alloc(0)))).toEqual([[REP.ERR_POLICY], 'next']);
+    const required = new ServerHandshake(host([]), { tls: 'require' });
+    expect(required.clientFlags(FLAG_C_NO_ZEROES).decision).toEqual({
+      kind: 'close', reason: 'the client did not set FIXED_NEWSTYLE, which TLS needs, on a server that requires TLS',
+    });
+    const plain = new ServerHandshake(host([]));
+    expect(plain.clientFlags(0).decision.kind).toBe('next');
+  });
+
   it('a server shutting down answers ERR_SHUTDOWN before any phase rule', () => {
     const hs = new ServerHandshake(host([], true), { tls: 'require' });
-    hs.clientFlags(0);
+    hs.clientFlags(FLAG_C_FIXED_NEWSTYLE);
     expect(outcome(hs.option(OPT.LIST, Buffer.alloc(0)))).toEqual([[REP.ERR_SHUTDOWN], 'next']);
     expect(outcome(hs.option(OPT.ABORT, Buffer.alloc(0)))).toEqual([[REP.ACK], 'abort']);
   });

@@ -11,11 +11,13 @@ import { MemoryNode } from '../../src/block/memory.js';
 import { completeNode } from '../../src/block/node.js';
 import { CMD, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, INFO, OPT, REP, TF } from '../../src/nbd/constants.js';
 import type { OptionExtension } from '../../src/nbd/server-session.js';
-import type { NbdServerOptions } from '../../src/nbd/server.js';
-import { RawClient, infoPayload, metaPayload, optionFrame, replyError, type OptionReplyFrame } from '../support/raw-client.js';
+import { NbdServer, type NbdServerOptions } from '../../src/nbd/server.js';
+import { memoryStreamPair } from '../../src/engine/transport-memory.js';
+import type { Duplex } from 'node:stream';
+import { RawClient, infoPayload, metaPayload, optionFrame, replyError, u32, type OptionReplyFrame } from '../support/raw-client.js';
 import { makeTempDir, run } from '../support/spawn.js';
 import { makeTestPki, testUpgrader, tlsClient, type TestPki } from '../support/tls-test.js';
-import { startServer, waitIdle, type TestServer } from './helpers.js';
+import { startServer, waitIdle, withTimeout, type TestServer } from './helpers.js';
 
 vi.setConfig({ testTimeout: 30_000, hookTimeout: 30_000 });
 
@@ -249,6 +251,58 @@ describe('without TLS', () => {
     });
   }
 });
+
+describe('over a stream that is not a socket', () => {
+  it('STARTTLS works over the in-memory transport (node:tls over a plain Duplex)', async () => {
+    const node = new MemoryNode(SIZE);
+    await node.write(0, Buffer.from('secret'));
+    const srv = new NbdServer({ exports: [{ name: '', node: completeNode(node) }], tls: { mode: 'require', upgrader: testUpgrader(pki) } });
+    const [serverSide, clientSide] = memoryStreamPair();
+    try {
+      srv.attach({ stream: serverSide, peer: 'memory' });
+      const read = bytesOf(clientSide);
+      expect((await read(18)).readUInt16BE(16)).toBe(3); // FIXED_NEWSTYLE | NO_ZEROES
+      clientSide.write(Buffer.concat([u32(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES), optionFrame(OPT.STARTTLS)]));
+      const ack = await read(20);
+      expect([ack.readUInt32BE(8), ack.readUInt32BE(12), ack.readUInt32BE(16)]).toEqual([OPT.STARTTLS, REP.ACK, 0]);
+      read.stop();
+      const t = RawClient.over(await tlsClient(clientSide, pki));
+      clients.push(t);
+      await t.handshake({ optionsOnly: true });
+      expect((await t.read(0, 6)).toString()).toBe('secret');
+    } finally {
+      srv.destroyAll('test finished');
+      await srv.shutdown();
+    }
+  });
+});
+
+/** exact reads from a stream, until stop() hands the stream on (nothing unread may be left) */
+function bytesOf(stream: Duplex): ((n: number) => Promise<Buffer>) & { stop(): void } {
+  let got = Buffer.alloc(0);
+  let waiter: (() => void) | undefined;
+  const onData = (b: Buffer) => {
+    got = Buffer.concat([got, b]);
+    waiter?.();
+  };
+  stream.on('data', onData);
+  const read = async (n: number) => {
+    await withTimeout(new Promise<void>((resolve) => {
+      waiter = () => got.length >= n && resolve();
+      waiter();
+    }), 5000, `${n} bytes`);
+    const out = got.subarray(0, n);
+    got = got.subarray(n);
+    return out;
+  };
+  return Object.assign(read, {
+    stop() {
+      stream.off('data', onData);
+      stream.pause();
+      expect(got.length).toBe(0);
+    },
+  });
+}
 
 describe('real peers over TLS', () => {
   it('nbdinfo and nbdcopy (libnbd, GnuTLS) read the export through nbds+unix://', async () => {

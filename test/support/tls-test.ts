@@ -77,7 +77,7 @@ export function testUpgrader(pki: TestPki): ConnectionUpgrader & { upgrades: num
 }
 
 /** The client side of STARTTLS on a raw socket whose ACK has been read: trust the test CA only. */
-export function tlsClient(socket: import('node:net').Socket, pki: TestPki, timeoutMs = 5000): Promise<tls.TLSSocket> {
+export function tlsClient(socket: Duplex, pki: TestPki, timeoutMs = 5000): Promise<tls.TLSSocket> {
   return new Promise((resolve, reject) => {
     const t = tls.connect({ socket, ca: pki.ca, servername: 'localhost' });
     const timer = setTimeout(() => {
