@@ -9,7 +9,7 @@ export const DAEMON_VERB_SPECS = {
     name: 'status',
     summary: "The daemon's state: exports, NBD connections, listeners, the control socket, bitmaps.",
     args: NO_ARGS,
-    result: '{exports, connections, listeners: [{address}], control, bitmaps: BitmapInfo[], …}',
+    result: '{exports (each with stack: its occupied slots top to bottom, [{slot, driver}]), connections, listeners: [{address}], control, bitmaps: BitmapInfo[], …}',
   },
   shutdown: {
     name: 'shutdown',

@@ -19,7 +19,7 @@ import { DaemonJobs, type JobExport } from '../jobs/daemon-jobs.js';
 import '../jobs/daemon-job-types.js';
 import { sidecarBase } from '../bitmap/names.js';
 import type { FilterSpec } from '../block/filters/spec.js';
-import { ExportStack } from './export-stack.js';
+import { ExportStack, type Slot } from './export-stack.js';
 import { NbdServer, type Logger, type ServerStatus } from '../nbd/server.js';
 import { checkExportName } from '../util/names.js';
 import { replaceFile } from '../util/safe-file.js';
@@ -268,12 +268,21 @@ export class Daemon {
     return image ? image.driver : (this.server.findExport(exportName)?.node.driver ?? 'unknown');
   }
 
-  status(): ServerStatus & { listeners: Array<{ address: string }>; control: string | null; bitmaps: BitmapInfo[] } {
+  status(): Omit<ServerStatus, 'exports'> & {
+    exports: Array<ServerStatus['exports'][number] & { stack?: Array<{ slot: Slot; driver: string }> }>;
+    listeners: Array<{ address: string }>;
+    control: string | null;
+    bitmaps: BitmapInfo[];
+  } {
     const s = this.server.status();
     return {
       ...s,
-      // the image under the tracking filter now (another one after a mirror's pivot)
-      exports: s.exports.map((e) => ({ ...e, image: this.jobs?.exportNode(e.name)?.description ?? e.image, driver: this.imageDriver(e.name) })),
+      // the image under the tracking filter now (another one after a mirror's pivot), and the
+      // occupied slots of the export's stack, top to bottom (a job's export has none)
+      exports: s.exports.map((e) => {
+        const stack = this.stacks.get(e.name);
+        return { ...e, image: this.jobs?.exportNode(e.name)?.description ?? e.image, driver: this.imageDriver(e.name), ...(stack ? { stack: stack.layers() } : {}) };
+      }),
       listeners: this.listeners.map((l) => ({ address: l.address })),
       control: this.control?.path ?? null,
       bitmaps: [...this.bitmaps.values()].flatMap((b) => b.list()),

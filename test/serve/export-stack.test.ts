@@ -284,7 +284,7 @@ describe('export stack: pivot', () => {
     const tracking = (await stack.insert('tracking', (below) => new DirtyTrackingNode(below))) as DirtyTrackingNode;
     const seen: string[] = [];
     const job = {
-      frontWrite: (op: string, offset: number, length: number, o: unknown, data?: Buffer) => {
+      frontWrite: (op: string, offset: number, _length: number, _o: unknown, data?: Buffer) => {
         seen.push(`${op}@${offset}`);
         return tracking.write(offset, data!);
       },
