@@ -25,7 +25,7 @@
  * A slot's factory gets `below` (the node of the next occupied slot under it) and returns the
  * slot's node: a filter over `below` (a Filter: the stack relinks it when the slots under it
  * change), or, in the pivot slot, the new image itself. The size never changes (an NBD export
- * announces it once); nor do the limits and capabilities the entry reports.
+ * announces it once); nor do the limits and capabilities the entry reports (the image's).
  *
  * The stack closes nothing: the image, a pivot's target and each slot's filter belong to whoever
  * opened them (the daemon closes its images and pivoted targets when it stops; whoever inserted
@@ -33,9 +33,10 @@
  * rest of the stack). The entry's close() does nothing, so the NBD server's close at shutdown
  * closes the user filters only.
  */
-import type { BlockLimits, BlockNode, Capabilities, CompleteBlockNode, Extent, IoOptions, WriteOptions, ZeroOptions } from '../api/block.js';
+import type { BlockNode, CompleteBlockNode, Extent, IoOptions, WriteOptions, ZeroOptions } from '../api/block.js';
 import { BlkrepError } from '../api/errors.js';
 import { Filter } from '../block/filter.js';
+import { PinnedFilter } from '../block/filters/pinned.js';
 import { stackFilters, type FilterSpec } from '../block/filters/spec.js';
 import { completeNode } from '../block/node.js';
 
@@ -82,33 +83,14 @@ class Epoch {
 
 /**
  * The stack's entry: forwards every request to the top occupied slot, counting it in the epoch
- * it entered. Its size, limits and caps are the first top's (announced once, at the handshake).
+ * it entered (read before the request is issued, counted before anything else can run). Its
+ * size, limits and caps are the image's (PinnedFilter).
  */
-class StackEntry extends Filter {
+class StackEntry extends PinnedFilter {
   readonly driver = 'export-stack';
-  private readonly fixedSize: number;
-  private readonly fixedLimits: BlockLimits;
-  private readonly fixedCaps: Capabilities;
   epoch = new Epoch();
   /** epochs whose requests may still be in flight */
   private retired: Epoch[] = [];
-
-  constructor(top: CompleteBlockNode) {
-    super(top);
-    this.fixedSize = top.size;
-    this.fixedLimits = top.limits;
-    this.fixedCaps = top.caps;
-  }
-
-  override get size(): number {
-    return this.fixedSize;
-  }
-  override get limits(): BlockLimits {
-    return this.fixedLimits;
-  }
-  override get caps(): Capabilities {
-    return this.fixedCaps;
-  }
 
   /** A new shape: new requests count in a new epoch; resolves when every older one is idle. */
   turn(): Promise<void> {
@@ -119,88 +101,35 @@ class StackEntry extends Filter {
     return Promise.all(busy.map((e) => e.drained())).then(() => {});
   }
 
-  override read(offset: number, length: number, o?: IoOptions): Promise<Buffer> {
-    const e = this.epoch;
+  private count<T>(e: Epoch, p: Promise<T>): Promise<T> {
     e.n++;
-    try {
-      return this.next.read(offset, length, o).finally(e.release);
-    } catch (err) {
-      e.release();
-      return Promise.reject(err);
-    }
+    return p.finally(e.release);
+  }
+
+  override read(offset: number, length: number, o?: IoOptions): Promise<Buffer> {
+    return this.count(this.epoch, this.next.read(offset, length, o));
   }
   override readInto(offset: number, target: Buffer, o?: IoOptions): Promise<void> {
-    const e = this.epoch;
-    e.n++;
-    try {
-      return this.next.readInto(offset, target, o).finally(e.release);
-    } catch (err) {
-      e.release();
-      return Promise.reject(err);
-    }
+    return this.count(this.epoch, this.next.readInto(offset, target, o));
   }
   override write(offset: number, data: Buffer, o?: WriteOptions): Promise<void> {
-    const e = this.epoch;
-    e.n++;
-    try {
-      return this.next.write(offset, data, o).finally(e.release);
-    } catch (err) {
-      e.release();
-      return Promise.reject(err);
-    }
+    return this.count(this.epoch, this.next.write(offset, data, o));
   }
   override writeZeroes(offset: number, length: number, o?: ZeroOptions): Promise<void> {
-    const e = this.epoch;
-    e.n++;
-    try {
-      return this.next.writeZeroes(offset, length, o).finally(e.release);
-    } catch (err) {
-      e.release();
-      return Promise.reject(err);
-    }
+    return this.count(this.epoch, this.next.writeZeroes(offset, length, o));
   }
   override trim(offset: number, length: number, o?: WriteOptions): Promise<void> {
-    const e = this.epoch;
-    e.n++;
-    try {
-      return this.next.trim(offset, length, o).finally(e.release);
-    } catch (err) {
-      e.release();
-      return Promise.reject(err);
-    }
+    return this.count(this.epoch, this.next.trim(offset, length, o));
   }
   override flush(o?: IoOptions): Promise<void> {
-    const e = this.epoch;
-    e.n++;
-    try {
-      return this.next.flush(o).finally(e.release);
-    } catch (err) {
-      e.release();
-      return Promise.reject(err);
-    }
+    return this.count(this.epoch, this.next.flush(o));
   }
   override extents(offset: number, length: number, o?: IoOptions): Promise<Extent[]> {
-    const e = this.epoch;
-    e.n++;
-    try {
-      return this.next.extents(offset, length, o).finally(e.release);
-    } catch (err) {
-      e.release();
-      return Promise.reject(err);
-    }
+    return this.count(this.epoch, this.next.extents(offset, length, o));
   }
   override cache(offset: number, length: number, o?: IoOptions): Promise<void> {
-    const e = this.epoch;
-    e.n++;
-    try {
-      return this.next.cache(offset, length, o).finally(e.release);
-    } catch (err) {
-      e.release();
-      return Promise.reject(err);
-    }
+    return this.count(this.epoch, this.next.cache(offset, length, o));
   }
-  /** Closes nothing: see the file comment. */
-  override async close(): Promise<void> {}
 }
 
 export class ExportStack {
@@ -214,7 +143,8 @@ export class ExportStack {
     this.name = options.name ?? image.description;
     const node = completeNode(image);
     this.held[IMAGE] = { opened: image, node };
-    this.entry = new StackEntry(node);
+    // the image's own caps are announced (what it does itself), as before the stack
+    this.entry = new StackEntry(node, image);
     this.top = completeNode(stackFilters(this.entry, options.filters ?? []));
   }
 

@@ -111,7 +111,7 @@ describe('export stack: slots', () => {
     expect(SLOTS).toEqual(['front', 'tracking', 'replication', 'cbw', 'pivot', 'image']);
   });
 
-  it('user filters (--filter) sit above the front slot; the entry reports the first size, limits and caps', async () => {
+  it("user filters (--filter) sit above the front slot; the stack announces the image's size, limits and caps", async () => {
     const image = new MemoryNode(SIZE);
     const stack = new ExportStack(image, { name: 'disk', filters: [parseFilterSpec('delay:write=0'), parseFilterSpec('error:ops=trim,every=1')] });
     await stack.insert('front', (below) => new Mark('front', below));
@@ -121,6 +121,7 @@ describe('export stack: slots', () => {
     await expect(stack.top.trim(0, 4 * KiB)).rejects.toMatchObject({ errno: 'EIO' });
     expect(stack.top.size).toBe(SIZE);
     expect(stack.top.limits).toEqual(image.limits);
+    expect(stack.top.caps).toEqual(image.caps);
   });
 });
 
