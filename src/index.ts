@@ -49,6 +49,7 @@ export { makeEmpty, type MakeEmptyOptions, type MakeEmptyResult } from './image/
 
 // the serve-nbd daemon
 export { Daemon, type DaemonOptions, type ExportSpec, type ListenSpec } from './serve/daemon.js';
+export { ExportStack, SLOTS, type Slot, type MovableSlot, type SlotFactory } from './serve/export-stack.js';
 
 // sizes as the CLI writes them (64K, 1G)
 export { parseSize, formatSize } from './util/size.js';

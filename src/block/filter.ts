@@ -40,6 +40,14 @@ export abstract class Filter implements CompleteBlockNode {
     return complete;
   }
 
+  /**
+   * Link `filter` onto `node` from outside (the export stack, src/serve/export-stack.ts, when it
+   * inserts or removes the slot under `filter`): as setNext().
+   */
+  static relink(filter: Filter, node: BlockNode): CompleteBlockNode {
+    return filter.setNext(node);
+  }
+
   get description(): string {
     return this.next.description;
   }

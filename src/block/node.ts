@@ -14,7 +14,7 @@ export function checkRange(node: Pick<BlockNode, 'size' | 'description'>, offset
   }
 }
 
-/** set (on the prototype) by nodes that are complete by construction: filters (src/block/filter.ts) */
+/** set by nodes that are complete by construction: filters (src/block/filter.ts, on the prototype) and what completeNode() returns */
 const COMPLETE = Symbol.for('blkrep.completeNode');
 
 /**
@@ -78,6 +78,8 @@ export function completeNode(node: BlockNode): CompleteBlockNode {
     cache,
     close: node.close.bind(node),
   };
+  // complete already: completed again (a filter over it, the export stack's slots) it stays one hop
+  Object.defineProperty(complete, COMPLETE, { value: true });
   return complete;
 }
 

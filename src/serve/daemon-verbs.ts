@@ -9,7 +9,7 @@ export const DAEMON_VERB_SPECS = {
     name: 'status',
     summary: "The daemon's state: exports, NBD connections, listeners, the control socket, bitmaps.",
     args: NO_ARGS,
-    result: '{exports, connections, listeners: [{address}], control, bitmaps: BitmapInfo[], heartbeat? (with --heartbeat: node, peer, state, detector, paths [{uri, state, lastBeatAgoMs, phi, beats, rejected}]), …}',
+    result: '{exports (each with stack: its occupied slots top to bottom, [{slot, driver}]; tls: the mode), connections, listeners: [{address}], control, bitmaps: BitmapInfo[], tls: {mode, kind?, notAfter?, warnings?}, heartbeat? (with --heartbeat: node, peer, state, detector, paths [{uri, state, lastBeatAgoMs, phi, beats, rejected}]), …}',
   },
   shutdown: {
     name: 'shutdown',

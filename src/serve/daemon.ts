@@ -18,8 +18,8 @@ import { DAEMON_VERB_SPECS } from './daemon-verbs.js';
 import { DaemonJobs, type JobExport } from '../jobs/daemon-jobs.js';
 import '../jobs/daemon-job-types.js';
 import { sidecarBase } from '../bitmap/names.js';
-import { SwitchNode } from '../block/filters/switch.js';
-import { stackFilters, type FilterSpec } from '../block/filters/spec.js';
+import type { FilterSpec } from '../block/filters/spec.js';
+import { ExportStack, type Slot } from './export-stack.js';
 import { NbdServer, type Logger, type ServerStatus } from '../nbd/server.js';
 import { checkExportName } from '../util/names.js';
 import { replaceFile } from '../util/safe-file.js';
@@ -127,6 +127,8 @@ export class Daemon {
     readonly jobs: DaemonJobs | undefined = undefined,
     /** every image node the daemon opened for its exports (closed at stop) */
     private readonly images: BlockNode[] = [],
+    /** the stack of each export, by export name */
+    private readonly stacks: Map<string, ExportStack> = new Map(),
   ) {}
 
   static async start(options: DaemonOptions): Promise<Daemon> {
@@ -141,6 +143,7 @@ export class Daemon {
     const transports = options.listen.map((l) => options.transports.get(l.transport));
 
     const nodes: BlockNode[] = [];
+    const stacks = new Map<string, ExportStack>();
     const listeners: TransportListener[] = [];
     const bitmaps = new Map<string, ExportBitmaps>();
     let control: ControlServer | undefined;
@@ -148,13 +151,20 @@ export class Daemon {
     let heartbeat: HeartbeatService | undefined;
     try {
       for (const e of options.exports) nodes.push(await openImage(e.image, { readOnly: options.readOnly }));
-      // Every export goes through a dirty-tracking filter (no cost without bitmaps), so bitmaps
-      // can be added at run time; its bitmaps are opened before anything can write. A switch
-      // below it lets a mirror pivot the export onto its target (the bitmaps keep recording),
-      // a switch above it routes the export through a job's front end.
-      const lower = nodes.map((n) => new SwitchNode(n));
-      const tracking = lower.map((n) => new DirtyTrackingNode(n));
-      const upper = tracking.map((n) => new SwitchNode(n));
+      // Each export is a stack of slots (export-stack.ts). Its tracking slot holds a dirty-tracking
+      // filter from the start (no cost without bitmaps), so bitmaps can be added at run time; its
+      // bitmaps are opened before anything can write. A job puts its front end into the front
+      // slot, a mirror's pivot its target into the pivot slot (the bitmaps keep recording).
+      const tracking: DirtyTrackingNode[] = [];
+      for (const [i, e] of options.exports.entries()) {
+        const stack = new ExportStack(nodes[i]!, { name: e.name, filters: options.filters ?? [] });
+        void stack.insert('tracking', (below) => {
+          const t = new DirtyTrackingNode(below);
+          tracking.push(t);
+          return t;
+        });
+        stacks.set(e.name, stack);
+      }
       const claimed = new Set<string>();
       for (const [i, e] of options.exports.entries()) {
         bitmaps.set(
@@ -175,10 +185,10 @@ export class Daemon {
         );
       }
       const server = new NbdServer({
-        exports: options.exports.map((e, i) => ({
+        exports: options.exports.map((e) => ({
           name: e.name,
           description: e.description,
-          node: completeNode(stackFilters(upper[i]!, options.filters ?? [])),
+          node: stacks.get(e.name)!.top,
           readOnly: options.readOnly,
           minimumBlockSize: options.minimumBlockSize,
         })),
@@ -195,8 +205,7 @@ export class Daemon {
       const jobExports = new Map<string, JobExport>();
       for (const [i, e] of options.exports.entries()) {
         const base = await sidecarBase(e.image);
-        const lo = lower[i]!;
-        const up = upper[i]!;
+        const stack = stacks.get(e.name)!;
         const tr = tracking[i]!;
         jobExports.set(e.name, {
           name: e.name,
@@ -207,13 +216,13 @@ export class Daemon {
           tracking: tr,
           bitmaps: bitmaps.get(e.name)!,
           get front() {
-            return up.backend;
+            return stack.opened('front') ?? tr;
           },
           get imageNode() {
-            return lo.backend;
+            return stack.image;
           },
-          switchFront: (node) => up.switchTo(node),
-          switchImage: (node) => lo.switchTo(node),
+          switchFront: (node) => routeFront(stack, tr, node),
+          switchImage: (node) => stack.replace('pivot', () => node).then(() => {}),
           keepOpen: (node) => nodes.push(node),
         });
       }
@@ -256,7 +265,7 @@ export class Daemon {
           throw own ? toBlkrepError(err) : toBlkrepError(err, `cannot listen on ${spec.transport} address ${spec.address}`);
         }
       }
-      const daemon = new Daemon(server, listeners, undefined, options.pidFile, bitmaps, options.log, jobs, nodes);
+      const daemon = new Daemon(server, listeners, undefined, options.pidFile, bitmaps, options.log, jobs, nodes, stacks);
       if (options.tls && options.tls.mode !== 'off') {
         const { mode, kind, notAfter, warnings } = options.tls;
         daemon.tls = { mode, kind, ...(notAfter ? { notAfter } : {}), ...(warnings?.length ? { warnings } : {}) };
@@ -284,6 +293,11 @@ export class Daemon {
   /** TLS as configured (undefined: off) */
   tls: TlsReport | undefined;
 
+  /** The stack of an export (its slots: export-stack.ts), or undefined for a name it does not serve. */
+  exportStack(name: string): ExportStack | undefined {
+    return this.stacks.get(name);
+  }
+
   /** URIs a client uses, one per listener and export (nbds:// ones when TLS is required). */
   get uris(): string[] {
     const exports = this.server.listExports();
@@ -306,14 +320,25 @@ export class Daemon {
     return image ? image.driver : (this.server.findExport(exportName)?.node.driver ?? 'unknown');
   }
 
-  status(): ServerStatus & { listeners: Array<{ address: string }>; control: string | null; bitmaps: BitmapInfo[]; heartbeat?: HeartbeatStatus; tls: TlsReport } {
+  status(): Omit<ServerStatus, 'exports'> & {
+    exports: Array<ServerStatus['exports'][number] & { stack?: Array<{ slot: Slot; driver: string }>; tls: TlsReport['mode'] }>;
+    listeners: Array<{ address: string }>;
+    control: string | null;
+    bitmaps: BitmapInfo[];
+    heartbeat?: HeartbeatStatus;
+    tls: TlsReport;
+  } {
     const s = this.server.status();
     const tls: TlsReport = this.tls ?? { mode: 'off' };
     return {
       ...s,
-      // the image under the tracking filter now (another one after a mirror's pivot); tls: the
-      // daemon's mode, which every export has
-      exports: s.exports.map((e) => ({ ...e, image: this.jobs?.exportNode(e.name)?.description ?? e.image, driver: this.imageDriver(e.name), tls: tls.mode })),
+      // the image under the tracking filter now (another one after a mirror's pivot), the
+      // occupied slots of the export's stack, top to bottom (a job's export has none), and tls:
+      // the daemon's mode, which every export has
+      exports: s.exports.map((e) => {
+        const stack = this.stacks.get(e.name);
+        return { ...e, image: this.jobs?.exportNode(e.name)?.description ?? e.image, driver: this.imageDriver(e.name), tls: tls.mode, ...(stack ? { stack: stack.layers() } : {}) };
+      }),
       tls,
       listeners: this.listeners.map((l) => ({ address: l.address })),
       control: this.control?.path ?? null,
@@ -429,4 +454,13 @@ export class Daemon {
     this.server.on('disconnect', (e) => control.publish('disconnect', e));
     this.server.on('refused', (e) => control.publish('refused', e));
   }
+}
+
+/**
+ * JobExport.switchFront on the stack: a job's front end into the front slot, or (`node` is the
+ * tracking filter) the front slot emptied. Resolves when the requests on the old path finished.
+ */
+function routeFront(stack: ExportStack, tracking: DirtyTrackingNode, node: BlockNode): Promise<void> {
+  if (node === tracking) return stack.has('front') ? stack.remove('front').then(() => {}) : Promise.resolve();
+  return stack.replace('front', () => node).then(() => {});
 }

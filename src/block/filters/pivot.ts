@@ -3,19 +3,19 @@
  * itself; redirect() then sends them through another node that forwards to the target (the
  * export's tracking filter), so the writes the mirror's front end held back during the drain are
  * recorded by the export's bitmaps too. It shows the target's description, size, limits and caps
- * throughout, and close() closes the target.
+ * throughout (PinnedFilter), and close() closes the target.
  */
-import type { BlockLimits, BlockNode, Capabilities, CompleteBlockNode } from '../../api/block.js';
+import type { BlockNode, CompleteBlockNode } from '../../api/block.js';
 import { completeNode } from '../node.js';
-import { Filter } from '../filter.js';
+import { PinnedFilter } from './pinned.js';
 
-export class PivotTarget extends Filter {
+export class PivotTarget extends PinnedFilter {
   readonly driver: string;
   readonly inner: CompleteBlockNode;
 
   constructor(private readonly opened: BlockNode & { retryNow?: () => Promise<boolean> }) {
     const inner = completeNode(opened);
-    super(inner);
+    super(inner, inner);
     this.inner = inner;
     this.driver = inner.driver;
   }
@@ -32,15 +32,6 @@ export class PivotTarget extends Filter {
 
   override get description(): string {
     return this.inner.description;
-  }
-  override get size(): number {
-    return this.inner.size;
-  }
-  override get limits(): BlockLimits {
-    return this.inner.limits;
-  }
-  override get caps(): Capabilities {
-    return this.inner.caps;
   }
   override close(): Promise<void> {
     return this.inner.close();

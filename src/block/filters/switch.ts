@@ -9,36 +9,20 @@
  *
  * size, limits and caps are the first backend's (an NBD export announces them once, at the
  * handshake); a later backend must have the same size. close() closes nothing: whoever opened a
- * backend closes it. Every operation is overridden: each one counts itself in flight on its backend.
+ * backend closes it (PinnedFilter). Every operation is overridden: each one counts itself in flight on its backend.
  */
-import type { BlockNode, Capabilities, BlockLimits, CompleteBlockNode, Extent, IoOptions, WriteOptions, ZeroOptions } from '../../api/block.js';
+import type { BlockNode, CompleteBlockNode, Extent, IoOptions, WriteOptions, ZeroOptions } from '../../api/block.js';
 import { BlkrepError } from '../../api/errors.js';
-import { Filter } from '../filter.js';
+import { PinnedFilter } from './pinned.js';
 
-export class SwitchNode extends Filter {
+export class SwitchNode extends PinnedFilter {
   readonly driver = 'switch';
-  private readonly fixedSize: number;
-  private readonly fixedLimits: BlockLimits;
-  private readonly fixedCaps: Capabilities;
   private currentRaw: BlockNode;
   private readonly inFlight = new Map<CompleteBlockNode, { n: number; idle: Array<() => void> }>();
 
   constructor(initial: BlockNode) {
     super(initial);
     this.currentRaw = initial;
-    this.fixedSize = initial.size;
-    this.fixedLimits = initial.limits;
-    this.fixedCaps = initial.caps;
-  }
-
-  override get size(): number {
-    return this.fixedSize;
-  }
-  override get limits(): BlockLimits {
-    return this.fixedLimits;
-  }
-  override get caps(): Capabilities {
-    return this.fixedCaps;
   }
 
   /** the backend new requests go to */
@@ -111,6 +95,4 @@ export class SwitchNode extends Filter {
   override cache(offset: number, length: number, o?: IoOptions): Promise<void> {
     return this.run((n) => n.cache(offset, length, o));
   }
-  /** Closes nothing: the backends belong to whoever opened them. */
-  override async close(): Promise<void> {}
 }

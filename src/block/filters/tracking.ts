@@ -13,7 +13,7 @@
  * flush() flushes `next` and every tracker together and resolves when all are durable, so the
  * bitmap is on stable storage before the FLUSH is acknowledged.
  */
-import type { BlockNode, IoOptions, WriteOptions, ZeroOptions } from '../../api/block.js';
+import type { BlockNode, CompleteBlockNode, IoOptions, WriteOptions, ZeroOptions } from '../../api/block.js';
 import { checkRange } from '../node.js';
 import { Filter } from '../filter.js';
 import type { DirtyBitmap, Run } from '../../bitmap/dirty-bitmap.js';
@@ -101,17 +101,18 @@ export class DirtyTrackingNode extends Filter {
     await Promise.all([this.next.flush(o), ...trackers.map((t) => t.flush())]);
   }
 
-  /** the request itself, to `next` */
-  private issue(kind: ModifyOp, offset: number, length: number, data: Buffer | undefined, o: WriteOptions | ZeroOptions | undefined): Promise<void> {
-    if (kind === 'write') return this.next.write(offset, data!, o);
-    if (kind === 'write-zeroes') return this.next.writeZeroes(offset, length, o);
-    return this.next.trim(offset, length, o);
+  /** the request itself, to `next` as it was when the request arrived */
+  private issue(next: CompleteBlockNode, kind: ModifyOp, offset: number, length: number, data: Buffer | undefined, o: WriteOptions | ZeroOptions | undefined): Promise<void> {
+    if (kind === 'write') return next.write(offset, data!, o);
+    if (kind === 'write-zeroes') return next.writeZeroes(offset, length, o);
+    return next.trim(offset, length, o);
   }
 
   /**
    * Called for every modifying request. Not async itself: the common cases — no tracker, or one
    * tracker whose extent is already hot — issue the request synchronously, with one promise (the
-   * request's own) and one await at most.
+   * request's own) and one await at most. `next` is read once, on arrival: a request waiting for
+   * its trackers when the export stack relinks this filter still goes where it would have gone.
    */
   private tracked(kind: ModifyOp, offset: number, length: number, data: Buffer | undefined, o: WriteOptions | ZeroOptions | undefined, tag: WriteTag): Promise<void> {
     try {
@@ -119,10 +120,11 @@ export class DirtyTrackingNode extends Filter {
     } catch (err) {
       return Promise.reject(err);
     }
+    const next = this.next;
     const trackers = this.trackers;
     if (trackers.length === 0) {
       try {
-        return this.issue(kind, offset, length, data, o);
+        return this.issue(next, kind, offset, length, data, o);
       } catch (err) {
         return Promise.reject(err);
       }
@@ -130,25 +132,25 @@ export class DirtyTrackingNode extends Filter {
     if (trackers.length === 1) {
       const tracker = trackers[0]!;
       const ticket = tracker.beforeWriteSync?.(offset, length, tag);
-      if (ticket !== undefined) return this.issueThenRelease(tracker, ticket, kind, offset, length, data, o);
+      if (ticket !== undefined) return this.issueThenRelease(next, tracker, ticket, kind, offset, length, data, o);
       let waiting: Promise<unknown>;
       try {
         waiting = tracker.beforeWrite(offset, length, tag);
       } catch (err) {
         return Promise.reject(err);
       }
-      return waiting.then((t) => this.issueThenRelease(tracker, t, kind, offset, length, data, o));
+      return waiting.then((t) => this.issueThenRelease(next, tracker, t, kind, offset, length, data, o));
     }
-    return this.trackedByMany(trackers, kind, offset, length, data, o, tag);
+    return this.trackedByMany(next, trackers, kind, offset, length, data, o, tag);
   }
 
   /** issue, then afterWrite whatever the outcome (two closures and one promise: cheaper than an async function) */
   private issueThenRelease(
-    tracker: WriteTracker, ticket: unknown, kind: ModifyOp, offset: number, length: number, data: Buffer | undefined, o: WriteOptions | ZeroOptions | undefined,
+    next: CompleteBlockNode, tracker: WriteTracker, ticket: unknown, kind: ModifyOp, offset: number, length: number, data: Buffer | undefined, o: WriteOptions | ZeroOptions | undefined,
   ): Promise<void> {
     let issued: Promise<void>;
     try {
-      issued = this.issue(kind, offset, length, data, o);
+      issued = this.issue(next, kind, offset, length, data, o);
     } catch (err) {
       tracker.afterWrite(ticket);
       return Promise.reject(err);
@@ -163,7 +165,7 @@ export class DirtyTrackingNode extends Filter {
   }
 
   private async trackedByMany(
-    trackers: WriteTracker[], kind: ModifyOp, offset: number, length: number, data: Buffer | undefined, o: WriteOptions | ZeroOptions | undefined, tag: WriteTag,
+    next: CompleteBlockNode, trackers: WriteTracker[], kind: ModifyOp, offset: number, length: number, data: Buffer | undefined, o: WriteOptions | ZeroOptions | undefined, tag: WriteTag,
   ): Promise<void> {
     // Every tracker is asked before the first await.
     const tickets: unknown[] = trackers.map((t) => {
@@ -183,7 +185,7 @@ export class DirtyTrackingNode extends Filter {
       throw failure.reason;
     }
     try {
-      await this.issue(kind, offset, length, data, o);
+      await this.issue(next, kind, offset, length, data, o);
     } finally {
       settled.forEach((s, i) => trackers[i]!.afterWrite((s as PromiseFulfilledResult<unknown>).value));
     }
