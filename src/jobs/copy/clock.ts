@@ -12,16 +12,20 @@ export interface TimerClock extends Clock {
   clearTimeout(handle: TimerHandle): void;
 }
 
-/** performance.now() and Node's timers, unref'd (a pending wake-up never keeps a process alive on its own). */
+/**
+ * performance.now() and Node's timers. A pending wake-up keeps the process alive (an offline
+ * job waiting out its speed limit or a backoff must not exit); see unrefTimer().
+ */
 export const systemTimerClock: TimerClock = {
   now: () => performance.now(),
-  setTimeout: (fn, ms) => {
-    const t = setTimeout(fn, ms);
-    t.unref?.();
-    return t;
-  },
+  setTimeout: (fn, ms) => setTimeout(fn, ms),
   clearTimeout: (handle) => clearTimeout(handle as NodeJS.Timeout),
 };
+
+/** Let a system timer not keep the process alive (a periodic check); a fake clock's handle is left alone. */
+export function unrefTimer(handle: TimerHandle): void {
+  (handle as { unref?: () => void } | null)?.unref?.();
+}
 
 /** `clock` itself when it has timers, else its now() with the system's timers. */
 export function withTimers(clock: Clock): TimerClock {

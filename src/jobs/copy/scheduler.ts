@@ -23,7 +23,7 @@ export interface CopyFeed<Op> {
   /** bytes charged to the speed limit when `op` starts */
   cost(op: Op): number;
   /** Start `op` (asynchronously); call the scheduler's done() when it leaves the in-flight count. */
-  start(op: Op): void;
+  run(op: Op): void;
 }
 
 export interface SchedulerOptions {
@@ -100,7 +100,7 @@ export class CopyScheduler<Op> {
       this.limiter.take(this.feed.cost(next));
       this.ops++;
       this.started++;
-      this.feed.start(next);
+      this.feed.run(next);
     }
   }
 

@@ -38,7 +38,7 @@ class Feed implements CopyFeed<Op> {
   cost(op: Op): number {
     return op.bytes;
   }
-  start(op: Op): void {
+  run(op: Op): void {
     this.started.push([op.n, this.clock.now()]);
     if (this.auto) {
       this.sched.done();
