@@ -1,7 +1,8 @@
 import { rmSync } from 'node:fs';
 import { Args, Flags } from '@oclif/core';
 import { BlkrepCommand, loadTransports } from '../cli/base.js';
-import { secondsFlag, sizeFlag } from '../cli/flags.js';
+import { durationFlag, secondsFlag, sizeFlag } from '../cli/flags.js';
+import { parseNbdUri } from '../nbd/uri.js';
 import { filterFlag, parseFilters } from '../cli/image.js';
 import { Daemon, type ExportSpec, type ListenSpec, type ListeningEvent } from '../serve/daemon.js';
 import type { BitmapLoad } from '../bitmap/export-bitmaps.js';
@@ -29,6 +30,8 @@ Jobs: with --control, blkrep mirror --control starts a live mirror of an export,
 
 Limits: at most --shared connections; when full, a new connection takes the place of the oldest one still in the handshake (if at least a second old). Request payloads and unsent replies of all connections together stay under --max-buffer: over it, connections are not read until there is room, first come first served (each may hold 256 KiB beyond it, so small requests never wait). A client that makes the server hold over 1 MiB (replies it does not read, a write payload it stopped sending) and makes no progress for --stall-timeout seconds is disconnected, with the reason on stderr and in the disconnect event.
 
+Replication (the primary of a pair, see blkrep-replicate(1)): --replicate-to URI forwards every write, write-zeroes and trim to the secondary's replica export; reads stay local. --protocol sync completes a write when both disks have it (a FLUSH is end to end); async completes it after the local write and forwards in order through a bounded --queue (the secondary's disk is always a state this disk was in). A forwarding failure never fails a client's write: forwarding stops, the regions the secondary misses are kept in the peer bitmap IMAGE.pair.dirty (crash-safe), the event replication-degraded says why, and the daemon reconnects (100 ms doubling to 10 s, ±20 %) and resyncs by that bitmap before forwarding again. The first replication of a disk copies it whole. A plain NBD server as the target (qemu-nbd, nbdkit) works without checkpoints, said on stderr. The pair state is kept in IMAGE.pair.json. blkrep status --json shows exports[i].pair.
+
 SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, flushes every export and its bitmaps, pauses every job (a persistent one keeps its files for the next start) and exits 0; a second signal exits at once.`;
 
   static override examples = [
@@ -40,6 +43,8 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
     { description: 'Start from a script and wait until it listens', command: '<%= config.bin %> <%= command.id %> disk.img --json --pid-file /run/blkrep.pid | head -n 1' },
     { description: 'Track writes in the dirty bitmap disk.img.b0.bitmap and offer it as qemu:dirty-bitmap:b0', command: '<%= config.bin %> <%= command.id %> disk.img --bitmap b0 --socket /run/blkrep/nbd.sock --control /run/blkrep/ctl.sock' },
     { description: 'Let clients hold up to 1 GiB of payloads and replies together; disconnect one that stops reading its replies for 5 minutes', command: '<%= config.bin %> <%= command.id %> disk.img --socket /run/blkrep/nbd.sock --max-buffer 1G --stall-timeout 300' },
+    { description: 'Be the primary of a replication pair: every write also goes to the secondary, a checkpoint every 20 s', command: '<%= config.bin %> <%= command.id %> disk.img --socket /run/blkrep/nbd.sock --control /run/blkrep/ctl.sock --replicate-to nbd://backup-host:10809/disk --checkpoint-interval 20s' },
+    { description: 'Replicate asynchronously to a plain qemu-nbd (no checkpoints), with a 256 MiB queue', command: '<%= config.bin %> <%= command.id %> disk.img --control /run/blkrep/ctl.sock --replicate-to nbd+unix:///?socket=/run/qemu-nbd.sock --protocol async --queue 256M' },
     { description: 'A bitmap per export, one in a file of its own choosing', command: '<%= config.bin %> <%= command.id %> --export a=a.img --export b=/dev/vdb --bitmap a:b0 --bitmap b:b0=/var/lib/blkrep/vdb.b0.bitmap' },
   ];
 
@@ -74,6 +79,10 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
     'bitmap-granularity': sizeFlag({ description: 'bytes per bit of bitmaps created at start (a power of two, 512 to 64M) [default: 64K]', helpValue: 'SIZE' }),
     filter: filterFlag('stack a filter on every export, between the clients and the export (error, delay; see blkrep-filters(7)); repeatable, the first outermost'),
     'auto-bitmaps': Flags.boolean({ description: 'load every bitmap file beside an image (IMAGE.*.bitmap); --no-auto-bitmaps loads only those given with --bitmap', default: true, allowNo: true }),
+    'replicate-to': Flags.string({ description: "be the primary of a replication pair: forward every write to this NBD URI, the secondary's replica export (blkrep serve-nbd --secondary, or a plain NBD server: then without checkpoints)", helpValue: 'URI' }),
+    protocol: Flags.string({ description: 'with --replicate-to: sync (a write completes when both disks have it) or async (after the local write; forwarded in order through the queue)', options: ['sync', 'async'], default: 'sync', helpValue: 'sync|async', dependsOn: ['replicate-to'] }),
+    queue: sizeFlag({ description: 'with --protocol async: bytes of writes waiting to be forwarded; over it, replication degrades and resyncs [default: 64M]', helpValue: 'SIZE', dependsOn: ['replicate-to'] }),
+    'checkpoint-interval': durationFlag({ description: 'with --replicate-to: take a checkpoint this often (e.g. 20s; default: only by blkrep checkpoint)', helpValue: 'DURATION', dependsOn: ['replicate-to'] }),
   };
 
   async run(): Promise<ListeningEvent | undefined> {
@@ -102,6 +111,12 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
     if (flags['stall-timeout'].trim() === '' || !Number.isFinite(stall) || stall < 0) {
       this.usageError(`--stall-timeout "${flags['stall-timeout']}" is not a number of seconds (0 or more)`);
     }
+    const replicateTo = flags['replicate-to'];
+    if (replicateTo !== undefined) {
+      parseNbdUri(replicateTo);
+      if (exports.length !== 1) this.usageError(`--replicate-to replicates one export; this daemon serves ${exports.length} (use blkrep replicate --export NAME for the others)`);
+    }
+    if (flags.queue !== undefined && flags.queue < 1024 * 1024) this.usageError(`--queue ${formatSize(flags.queue)} is below 1M`);
     const json = this.jsonEnabled();
     const log = (level: LogLevel, message: string): void => {
       if (level === 'debug' && !flags.verbose) return;
@@ -125,6 +140,16 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
       autoBitmaps: flags['auto-bitmaps'],
       ...(bg === undefined ? {} : { bitmapGranularity: bg }),
       ...(filters.length > 0 ? { filters } : {}),
+      ...(replicateTo === undefined
+        ? {}
+        : {
+            replication: {
+              uri: replicateTo,
+              protocol: flags.protocol as 'sync' | 'async',
+              ...(flags.queue === undefined ? {} : { queueBytes: flags.queue }),
+              ...(flags['checkpoint-interval'] === undefined ? {} : { checkpointIntervalMs: flags['checkpoint-interval'] }),
+            },
+          }),
     });
 
     let signals = 0;

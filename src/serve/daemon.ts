@@ -23,6 +23,9 @@ import { stackFilters, type FilterSpec } from '../block/filters/spec.js';
 import { NbdServer, type Logger, type ServerStatus } from '../nbd/server.js';
 import { checkExportName } from '../util/names.js';
 import { replaceFile } from '../util/safe-file.js';
+import { ReplicationFilter } from '../pair/replication-filter.js';
+import { PrimaryHost, type PairExport, type ReplicationSpec } from '../pair/primary-host.js';
+import type { PairRole } from '../pair/role.js';
 
 export interface ExportSpec {
   name: string;
@@ -60,6 +63,8 @@ export interface DaemonOptions {
   bitmapGranularity?: number;
   /** filters over every export, between the clients and the export (the first outermost): --filter */
   filters?: readonly FilterSpec[];
+  /** replicate an export to a secondary (serve-nbd --replicate-to; src/pair/primary.ts) */
+  replication?: ReplicationSpec;
 }
 
 export interface ListeningEvent {
@@ -90,6 +95,10 @@ export class Daemon {
     readonly jobs: DaemonJobs | undefined = undefined,
     /** every image node the daemon opened for its exports (closed at stop) */
     private readonly images: BlockNode[] = [],
+    /** the primary's side of replication pairs (replicate, checkpoint, failover verbs) */
+    readonly pairHost: PrimaryHost | undefined = undefined,
+    /** every export in a replication pair: its role, by export name */
+    readonly pair: Map<string, PairRole> = new Map(),
   ) {}
 
   static async start(options: DaemonOptions): Promise<Daemon> {
@@ -108,6 +117,8 @@ export class Daemon {
     const bitmaps = new Map<string, ExportBitmaps>();
     let control: ControlServer | undefined;
     let jobs: DaemonJobs | undefined;
+    let pairHost: PrimaryHost | undefined;
+    const pair = new Map<string, PairRole>();
     try {
       for (const e of options.exports) nodes.push(await openImage(e.image, { readOnly: options.readOnly }));
       // Every export goes through a dirty-tracking filter (no cost without bitmaps), so bitmaps
@@ -115,7 +126,9 @@ export class Daemon {
       // below it lets a mirror pivot the export onto its target (the bitmaps keep recording),
       // a switch above it routes the export through a job's front end.
       const lower = nodes.map((n) => new SwitchNode(n));
-      const tracking = lower.map((n) => new DirtyTrackingNode(n));
+      // The replication filter (detached until replicating) sits above the image, below tracking.
+      const replication = lower.map((n) => new ReplicationFilter(n, { protocol: 'sync' }));
+      const tracking = replication.map((n) => new DirtyTrackingNode(n));
       const upper = tracking.map((n) => new SwitchNode(n));
       const claimed = new Set<string>();
       for (const [i, e] of options.exports.entries()) {
@@ -204,6 +217,7 @@ export class Daemon {
         },
       });
       await jobs.loadPersisted();
+      pairHost = await startPairHost(options, replication, pair, (event, fields) => control?.publish(event, fields));
       for (let i = 0; i < transports.length; i++) {
         const spec = options.listen[i]!;
         try {
@@ -217,7 +231,7 @@ export class Daemon {
           throw own ? toBlkrepError(err) : toBlkrepError(err, `cannot listen on ${spec.transport} address ${spec.address}`);
         }
       }
-      const daemon = new Daemon(server, listeners, undefined, options.pidFile, bitmaps, options.log, jobs, nodes);
+      const daemon = new Daemon(server, listeners, undefined, options.pidFile, bitmaps, options.log, jobs, nodes, pairHost, pair);
       if (options.controlPath) {
         control = await ControlServer.listen(options.controlPath, { ...(options.log ? { log: options.log } : {}) });
         (daemon as { control: ControlServer | undefined }).control = control;
@@ -230,6 +244,7 @@ export class Daemon {
       await control?.close().catch(() => {});
       await Promise.all(listeners.map((l) => l.close().catch(() => {})));
       await jobs?.shutdown().catch(() => {});
+      await pairHost?.close().catch(() => {});
       await Promise.all(nodes.map((n) => n.close().catch(() => {})));
       await Promise.all([...bitmaps.values()].map((b) => b.close().catch(() => {})));
       throw err;
@@ -259,7 +274,10 @@ export class Daemon {
     return {
       ...s,
       // the image under the tracking filter now (another one after a mirror's pivot)
-      exports: s.exports.map((e) => ({ ...e, image: this.jobs?.exportNode(e.name)?.description ?? e.image, driver: this.imageDriver(e.name) })),
+      exports: s.exports.map((e) => {
+        const pair = this.pair.get(e.name)?.status();
+        return { ...e, image: this.jobs?.exportNode(e.name)?.description ?? e.image, driver: this.imageDriver(e.name), ...(pair ? { pair } : {}) };
+      }),
       listeners: this.listeners.map((l) => ({ address: l.address })),
       control: this.control?.path ?? null,
       bitmaps: [...this.bitmaps.values()].flatMap((b) => b.list()),
@@ -276,6 +294,7 @@ export class Daemon {
       } finally {
         // Jobs after the export nodes were flushed: a persistent one pauses and saves its state.
         await this.jobs?.shutdown().catch((err: unknown) => this.log('warn', `jobs: ${(err as Error).message}`));
+        await this.pairHost?.close().catch((err: unknown) => this.log('warn', `replication: ${(err as Error).message}`));
         await Promise.all(this.images.map((n) => n.close().catch(() => {})));
         // After the nodes are flushed and closed: store every bitmap and mark its file clean.
         for (const b of this.bitmaps.values()) {
@@ -312,8 +331,30 @@ export class Daemon {
       () => [...this.bitmaps.values()],
     );
     this.jobs?.register(control);
+    this.pairHost?.register(control);
     this.server.on('connection', (e) => control.publish('connection', e));
     this.server.on('disconnect', (e) => control.publish('disconnect', e));
     this.server.on('refused', (e) => control.publish('refused', e));
   }
+}
+
+/** The primary's side of replication: each writable export's filter; --replicate-to started. */
+async function startPairHost(
+  options: DaemonOptions,
+  filters: ReplicationFilter[],
+  roles: Map<string, PairRole>,
+  publish: (event: string, fields: Record<string, unknown>) => void,
+): Promise<PrimaryHost | undefined> {
+  if (options.readOnly) {
+    if (options.replication) throw new BlkrepError('ERR_USAGE', 'a read-only daemon cannot replicate: its exports take no writes', { errno: 'EINVAL' });
+    return undefined;
+  }
+  const exports = new Map<string, PairExport>();
+  for (const [i, e] of options.exports.entries()) {
+    const base = await sidecarBase(e.image);
+    exports.set(e.name, { filter: filters[i]!, imagePath: base.path, ...(base.path === undefined ? { why: base.why } : {}) });
+  }
+  const host = new PrimaryHost({ exports, roles, transports: options.transports, publish, log: (level, message) => options.log?.(level, message) });
+  if (options.replication) await host.replicate(options.replication);
+  return host;
 }
