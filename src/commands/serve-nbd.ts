@@ -80,7 +80,7 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
     filter: filterFlag('stack a filter on every export, between the clients and the export (error, delay; see blkrep-filters(7)); repeatable, the first outermost'),
     'auto-bitmaps': Flags.boolean({ description: 'load every bitmap file beside an image (IMAGE.*.bitmap); --no-auto-bitmaps loads only those given with --bitmap', default: true, allowNo: true }),
     'replicate-to': Flags.string({ description: "be the primary of a replication pair: forward every write to this NBD URI, the secondary's replica export (blkrep serve-nbd --secondary, or a plain NBD server: then without checkpoints)", helpValue: 'URI' }),
-    protocol: Flags.string({ description: 'with --replicate-to: sync (a write completes when both disks have it) or async (after the local write; forwarded in order through the queue)', options: ['sync', 'async'], default: 'sync', helpValue: 'sync|async', dependsOn: ['replicate-to'] }),
+    protocol: Flags.string({ description: 'with --replicate-to: sync (default: a write completes when both disks have it) or async (after the local write; forwarded in order through the queue)', options: ['sync', 'async'], helpValue: 'sync|async', dependsOn: ['replicate-to'] }),
     queue: sizeFlag({ description: 'with --protocol async: bytes of writes waiting to be forwarded; over it, replication degrades and resyncs [default: 64M]', helpValue: 'SIZE', dependsOn: ['replicate-to'] }),
     'checkpoint-interval': durationFlag({ description: 'with --replicate-to: take a checkpoint this often (e.g. 20s; default: only by blkrep checkpoint)', helpValue: 'DURATION', dependsOn: ['replicate-to'] }),
   };
@@ -145,7 +145,7 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
         : {
             replication: {
               uri: replicateTo,
-              protocol: flags.protocol as 'sync' | 'async',
+              protocol: (flags.protocol ?? 'sync') as 'sync' | 'async',
               ...(flags.queue === undefined ? {} : { queueBytes: flags.queue }),
               ...(flags['checkpoint-interval'] === undefined ? {} : { checkpointIntervalMs: flags['checkpoint-interval'] }),
             },

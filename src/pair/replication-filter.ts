@@ -5,7 +5,8 @@
  * and, while the filter forwards, to the secondary (`target`, an NBD client's node):
  *
  *   sync    the request completes when both replied; a FLUSH is a local flush plus a forwarded
- *           FLUSH; FUA is forwarded as FUA.
+ *           FLUSH; FUA is forwarded as FUA. A trim is forwarded as write-zeroes (a target may
+ *           ignore a trim, and both disks must read the same).
  *   async   the request completes after the local write; a copy goes into a bounded queue
  *           (`queueBytes`), forwarded in order with write-order fidelity: barrier groups as DRBD's
  *           epochs — a group closes when any of its writes completes to the client, on a FLUSH,
@@ -297,7 +298,9 @@ export class ReplicationFilter extends Filter {
     try {
       if (item.op === 'write') await target.write(item.offset, item.data!, item.fua ? { fua: true } : {});
       else if (item.op === 'write-zeroes') await target.writeZeroes(item.offset, item.length, { ...(item.fua ? { fua: true } : {}), ...(item.noHole ? { noHole: true } : {}) });
-      else if (item.op === 'trim') await target.trim(item.offset, item.length, item.fua ? { fua: true } : {});
+      // a trim is advisory (the target may ignore it: qemu-nbd without --discard=unmap): forwarded
+      // as write-zeroes, which may punch holes, so both disks read the same after it
+      else if (item.op === 'trim') await target.writeZeroes(item.offset, item.length, item.fua ? { fua: true } : {});
       else await this.forwardFlush(target);
       if (item.op !== 'flush') {
         this.stats.forwardedWrites++;
