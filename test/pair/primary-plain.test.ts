@@ -80,7 +80,7 @@ describe('primary → qemu-nbd (a plain NBD target)', () => {
       const r = await runCli(['status', '--control', control, '--json']);
       expect(r.code).toBe(0);
       const st = (JSON.parse(r.stdout) as { exports: Array<{ pair?: PairStatus }> }).exports[0]!.pair!;
-      expect(st).toMatchObject({ role: 'primary', protocol, link: 'connected', peerKind: 'plain', peer: unixUri(ssock), epoch: 0, queueBytes: 0, diskState: 'UpToDate' });
+      expect(st).toMatchObject({ role: 'primary', protocol, link: 'connected', peerKind: 'plain', peer: unixUri(ssock), epoch: 0, diskState: 'UpToDate' });
       expect(await d.stop()).toBe(0);
       expect(await q.stop()).toBe(0);
       const cmp = await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', p, s]);
