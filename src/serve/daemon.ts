@@ -23,6 +23,10 @@ import { stackFilters, type FilterSpec } from '../block/filters/spec.js';
 import { NbdServer, type Logger, type ServerStatus } from '../nbd/server.js';
 import { checkExportName } from '../util/names.js';
 import { replaceFile } from '../util/safe-file.js';
+import type { CompleteBlockNode } from '../api/block.js';
+import type { OptionExtension } from '../nbd/server-session.js';
+import type { PairRole } from '../pair/role.js';
+import { registerPairVerbs } from '../pair/control-verbs.js';
 
 export interface ExportSpec {
   name: string;
@@ -60,6 +64,31 @@ export interface DaemonOptions {
   bitmapGranularity?: number;
   /** filters over every export, between the clients and the export (the first outermost): --filter */
   filters?: readonly FilterSpec[];
+  /** exports in a replication pair: each makes its PairRole (src/pair) before anything listens */
+  pair?: PairSetup[];
+}
+
+/** What a pair role gets from the daemon to build itself on (src/pair/secondary.ts, primary.ts). */
+export interface PairContext {
+  exportName: string;
+  /** the export's image spec (a path) */
+  image: string;
+  /** the node the export serves (filters, tracking, the image) */
+  exportNode: CompleteBlockNode;
+  /** the image's driver node (under the tracking filter) */
+  imageNode: BlockNode;
+  server: NbdServer;
+  bitmaps: ExportBitmaps;
+  /** blkrep extension options of the server (the pair link), by option number */
+  extensions: Map<number, OptionExtension>;
+  minimumBlockSize: number | undefined;
+  publish(event: string, fields: Record<string, unknown>): void;
+  log: Logger;
+}
+
+export interface PairSetup {
+  export: string;
+  start(ctx: PairContext): Promise<PairRole>;
 }
 
 export interface ListeningEvent {
@@ -90,6 +119,8 @@ export class Daemon {
     readonly jobs: DaemonJobs | undefined = undefined,
     /** every image node the daemon opened for its exports (closed at stop) */
     private readonly images: BlockNode[] = [],
+    /** the pair role of each paired export, by export name */
+    readonly pair: Map<string, PairRole> = new Map(),
   ) {}
 
   static async start(options: DaemonOptions): Promise<Daemon> {
@@ -108,6 +139,7 @@ export class Daemon {
     const bitmaps = new Map<string, ExportBitmaps>();
     let control: ControlServer | undefined;
     let jobs: DaemonJobs | undefined;
+    const pair = new Map<string, PairRole>();
     try {
       for (const e of options.exports) nodes.push(await openImage(e.image, { readOnly: options.readOnly }));
       // Every export goes through a dirty-tracking filter (no cost without bitmaps), so bitmaps
@@ -136,7 +168,9 @@ export class Daemon {
           }),
         );
       }
+      const extensions = new Map<number, OptionExtension>();
       const server = new NbdServer({
+        optionExtensions: extensions,
         exports: options.exports.map((e, i) => ({
           name: e.name,
           description: e.description,
@@ -204,6 +238,23 @@ export class Daemon {
         },
       });
       await jobs.loadPersisted();
+      for (const p of options.pair ?? []) {
+        const i = options.exports.findIndex((e) => e.name === p.export);
+        if (i < 0) throw new BlkrepError('ERR_NO_EXPORT', `the pair names export "${p.export}", which the daemon does not serve`, { errno: 'EINVAL' });
+        const role = await p.start({
+          exportName: p.export,
+          image: options.exports[i]!.image,
+          exportNode: server.findExport(p.export)!.node,
+          imageNode: nodes[i]!,
+          server,
+          bitmaps: bitmaps.get(p.export)!,
+          extensions,
+          minimumBlockSize: options.minimumBlockSize,
+          publish: (event, fields) => control?.publish(event, fields),
+          log: options.log ?? (() => {}),
+        });
+        pair.set(p.export, role);
+      }
       for (let i = 0; i < transports.length; i++) {
         const spec = options.listen[i]!;
         try {
@@ -217,7 +268,7 @@ export class Daemon {
           throw own ? toBlkrepError(err) : toBlkrepError(err, `cannot listen on ${spec.transport} address ${spec.address}`);
         }
       }
-      const daemon = new Daemon(server, listeners, undefined, options.pidFile, bitmaps, options.log, jobs, nodes);
+      const daemon = new Daemon(server, listeners, undefined, options.pidFile, bitmaps, options.log, jobs, nodes, pair);
       if (options.controlPath) {
         control = await ControlServer.listen(options.controlPath, { ...(options.log ? { log: options.log } : {}) });
         (daemon as { control: ControlServer | undefined }).control = control;
@@ -230,6 +281,7 @@ export class Daemon {
       await control?.close().catch(() => {});
       await Promise.all(listeners.map((l) => l.close().catch(() => {})));
       await jobs?.shutdown().catch(() => {});
+      await Promise.all([...pair.values()].map((r) => r.close().catch(() => {})));
       await Promise.all(nodes.map((n) => n.close().catch(() => {})));
       await Promise.all([...bitmaps.values()].map((b) => b.close().catch(() => {})));
       throw err;
@@ -259,7 +311,14 @@ export class Daemon {
     return {
       ...s,
       // the image under the tracking filter now (another one after a mirror's pivot)
-      exports: s.exports.map((e) => ({ ...e, image: this.jobs?.exportNode(e.name)?.description ?? e.image, driver: this.imageDriver(e.name) })),
+      exports: [
+        ...s.exports.map((e) => {
+          const pair = this.pair.get(e.name);
+          return { ...e, image: this.jobs?.exportNode(e.name)?.description ?? e.image, driver: this.imageDriver(e.name), ...(pair ? { pair: pair.status() } : {}) };
+        }),
+        // a secondary's replica export exists only while a primary holds the link: still listed
+        ...[...this.pair].filter(([name]) => !s.exports.some((e) => e.name === name)).map(([name, role]) => ({ name, present: false, pair: role.status() }) as unknown as (typeof s.exports)[number]),
+      ],
       listeners: this.listeners.map((l) => ({ address: l.address })),
       control: this.control?.path ?? null,
       bitmaps: [...this.bitmaps.values()].flatMap((b) => b.list()),
@@ -276,6 +335,7 @@ export class Daemon {
       } finally {
         // Jobs after the export nodes were flushed: a persistent one pauses and saves its state.
         await this.jobs?.shutdown().catch((err: unknown) => this.log('warn', `jobs: ${(err as Error).message}`));
+        for (const r of this.pair.values()) await r.close().catch((err: unknown) => this.log('warn', `pair: ${(err as Error).message}`));
         await Promise.all(this.images.map((n) => n.close().catch(() => {})));
         // After the nodes are flushed and closed: store every bitmap and mark its file clean.
         for (const b of this.bitmaps.values()) {
@@ -312,6 +372,7 @@ export class Daemon {
       () => [...this.bitmaps.values()],
     );
     this.jobs?.register(control);
+    registerPairVerbs(control, this.pair);
     this.server.on('connection', (e) => control.publish('connection', e));
     this.server.on('disconnect', (e) => control.publish('disconnect', e));
     this.server.on('refused', (e) => control.publish('refused', e));
