@@ -9,6 +9,7 @@ import type { BitmapLoad } from '../bitmap/export-bitmaps.js';
 import { DEFAULT_MAX_BUFFER, type LogLevel } from '../nbd/server.js';
 import { MAX_PAYLOAD } from '../nbd/constants.js';
 import { formatSize } from '../util/size.js';
+import { secondarySetup } from '../pair/secondary.js';
 
 /** The embedded default: what `blkrep serve-nbd` serves when given no image. */
 export const DEFAULT_IMAGE = 'memory:1G';
@@ -79,10 +80,16 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
     'bitmap-granularity': sizeFlag({ description: 'bytes per bit of bitmaps created at start (a power of two, 512 to 64M) [default: 64K]', helpValue: 'SIZE' }),
     filter: filterFlag('stack a filter on every export, between the clients and the export (error, delay; see blkrep-filters(7)); repeatable, the first outermost'),
     'auto-bitmaps': Flags.boolean({ description: 'load every bitmap file beside an image (IMAGE.*.bitmap); --no-auto-bitmaps loads only those given with --bitmap', default: true, allowNo: true }),
-    'replicate-to': Flags.string({ description: "be the primary of a replication pair: forward every write to this NBD URI, the secondary's replica export (blkrep serve-nbd --secondary, or a plain NBD server: then without checkpoints)", helpValue: 'URI' }),
+    'replicate-to': Flags.string({ exclusive: ['secondary'], description: "be the primary of a replication pair: forward every write to this NBD URI, the secondary's replica export (blkrep serve-nbd --secondary, or a plain NBD server: then without checkpoints)", helpValue: 'URI' }),
     protocol: Flags.string({ description: 'with --replicate-to: sync (default: a write completes when both disks have it) or async (after the local write; forwarded in order through the queue)', options: ['sync', 'async'], helpValue: 'sync|async', dependsOn: ['replicate-to'] }),
     queue: sizeFlag({ description: 'with --protocol async: bytes of writes waiting to be forwarded; over it, replication degrades and resyncs [default: 64M]', helpValue: 'SIZE', dependsOn: ['replicate-to'] }),
     'checkpoint-interval': durationFlag({ description: 'with --replicate-to: take a checkpoint this often (e.g. 20s; default: only by blkrep checkpoint)', helpValue: 'DURATION', dependsOn: ['replicate-to'] }),
+    secondary: Flags.boolean({ description: "serve IMAGE as a replication pair's secondary: the replica export (copy-before-write into the hidden disk) for the primary that holds the pair link", default: false, exclusive: ['export', 'read-only'] }),
+    hidden: Flags.string({ description: 'the secondary\'s hidden disk, a qcow2 overlay of IMAGE created if absent [default: IMAGE.hidden.qcow2]', helpValue: 'FILE', dependsOn: ['secondary'] }),
+    active: Flags.string({ description: 'the secondary\'s active disk, a qcow2 overlay of the hidden disk created if absent [default: IMAGE.active.qcow2]', helpValue: 'FILE', dependsOn: ['secondary'] }),
+    'view-export': Flags.string({ description: "serve the secondary's view (active over hidden over disk) under NAME", helpValue: 'NAME', dependsOn: ['secondary'] }),
+    'view-read-only': Flags.boolean({ description: 'serve the view export read-only', dependsOn: ['view-export'] }),
+    'accept-plain-primary': Flags.boolean({ description: 'serve the replica export without a pair link, for a plain NBD primary (QEMU, nbdcopy); checkpoints are then taken on the secondary', dependsOn: ['secondary'] }),
   };
 
   async run(): Promise<ListeningEvent | undefined> {
@@ -123,8 +130,23 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
       process.stderr.write(`blkrep serve-nbd: ${message}\n`);
     };
 
+    if (flags.secondary && flags['view-export'] !== undefined && flags['view-export'] === exports[0]!.name) {
+      this.usageError(`--view-export "${flags['view-export']}" is the replica export's name too (--name); give them different names`);
+    }
+    const pair = flags.secondary
+      ? [
+          secondarySetup(exports[0]!.name, {
+            ...(flags.hidden === undefined ? {} : { hidden: flags.hidden }),
+            ...(flags.active === undefined ? {} : { active: flags.active }),
+            ...(flags['view-export'] === undefined ? {} : { viewExport: flags['view-export'] }),
+            viewReadOnly: flags['view-read-only'] === true,
+            acceptPlainPrimary: flags['accept-plain-primary'] === true,
+          }),
+        ]
+      : undefined;
     const daemon = await Daemon.start({
       exports,
+      ...(pair ? { pair } : {}),
       listen,
       transports: await loadTransports(this),
       readOnly: flags['read-only'],

@@ -6,7 +6,7 @@
  *
  *   checkpoint {export?}                          → {export, epoch}    (the role's checkpoint())
  *   replicate  {export?, uri, protocol?, queue?}  → PairStatus          (starts a PrimaryRole)
- *   failover   {export?, to?, dryRun?, force?}    → FailoverResult      (the role's failover())
+ * (`failover` is control-verbs.ts's: it calls PrimaryRole.failover() on a primary.)
  */
 import { z } from 'zod';
 import { BlkrepError } from '../api/errors.js';
@@ -36,7 +36,7 @@ export interface PairExport {
 
 const exportArg = arg.string().nullish().describe('the export; may be left out when the daemon serves one');
 
-export const PAIR_VERB_SPECS = {
+export const PRIMARY_VERB_SPECS = {
   checkpoint: {
     name: 'checkpoint',
     summary: "One checkpoint of a replication pair, driven from the primary: cut, drain, flush both, the secondary empties its overlays, both record the epoch. Replies with the epoch.",
@@ -57,19 +57,6 @@ export const PAIR_VERB_SPECS = {
     result: 'PairStatus: {role, peer, protocol, link, epoch, gi, diskState, queueBytes, bytesBehind, lastCheckpointAgeMs, peerKind}',
     events: ['replication-connected', 'replication-degraded', 'resync-started', 'resync-done', 'pair-refused'],
     errors: ['ERR_NO_EXPORT', 'ERR_BAD_URI', 'ERR_PAIR_STATE', 'ERR_PAIR_SIZE', 'ERR_PAIR_ROLE', 'ERR_READ_ONLY'],
-  },
-  failover: {
-    name: 'failover',
-    summary: 'On a secondary: promote it. On a primary: the secondary is gone — stop forwarding, keep serving, track the writes for a later resync.',
-    args: z.object({
-      export: exportArg,
-      to: arg.oneOf(['checkpoint', 'latest']).nullish().describe('the state to fail over to (default checkpoint)'),
-      dryRun: arg.bool().nullish().describe('change nothing; explain what would happen'),
-      force: arg.bool().nullish().describe('fail over an Outdated secondary'),
-    }),
-    result: 'FailoverResult: {role, dryRun, to, epoch, gi, bytes, ms, explanation}',
-    events: ['failover-started', 'failover-done', 'failover-failed'],
-    errors: ['ERR_NO_EXPORT', 'ERR_PAIR_ROLE', 'ERR_PAIR_OUTDATED', 'ERR_PAIR_STATE'],
   },
 } as const satisfies Record<string, VerbSpec>;
 
@@ -146,14 +133,14 @@ export class PrimaryHost {
 
   register(control: ControlVerbRegistry): void {
     control.register(
-      verb(PAIR_VERB_SPECS.checkpoint, async (a) => {
+      verb(PRIMARY_VERB_SPECS.checkpoint, async (a) => {
         const { name, role } = this.role(a.export, 'checkpoint');
         if (!role.checkpoint) throw new BlkrepError('ERR_PAIR_ROLE', `checkpoint: export "${name}" is a ${role.role}; checkpoints are driven from the primary`, { errno: 'EINVAL' });
         return { export: name, ...(await role.checkpoint()) };
       }),
     );
     control.register(
-      verb(PAIR_VERB_SPECS.replicate, async (a) => {
+      verb(PRIMARY_VERB_SPECS.replicate, async (a) => {
         const role = await this.replicate({
           ...(a.export === undefined || a.export === null ? {} : { exportName: a.export }),
           uri: a.uri,
@@ -161,12 +148,6 @@ export class PrimaryHost {
           ...(a.queue === undefined || a.queue === null ? {} : { queueBytes: a.queue }),
         });
         return role.status();
-      }),
-    );
-    control.register(
-      verb(PAIR_VERB_SPECS.failover, async (a) => {
-        const { role } = this.role(a.export, 'failover');
-        return role.failover({ to: a.to ?? 'checkpoint', dryRun: a.dryRun ?? false, force: a.force ?? false });
       }),
     );
   }

@@ -26,6 +26,9 @@ import { replaceFile } from '../util/safe-file.js';
 import { ReplicationFilter } from '../pair/replication-filter.js';
 import { PrimaryHost, type PairExport, type ReplicationSpec } from '../pair/primary-host.js';
 import type { PairRole } from '../pair/role.js';
+import type { CompleteBlockNode } from '../api/block.js';
+import type { OptionExtension } from '../nbd/server-session.js';
+import { registerPairVerbs } from '../pair/control-verbs.js';
 
 export interface ExportSpec {
   name: string;
@@ -65,6 +68,31 @@ export interface DaemonOptions {
   filters?: readonly FilterSpec[];
   /** replicate an export to a secondary (serve-nbd --replicate-to; src/pair/primary.ts) */
   replication?: ReplicationSpec;
+  /** exports in a replication pair: each makes its PairRole (src/pair) before anything listens */
+  pair?: PairSetup[];
+}
+
+/** What a pair role gets from the daemon to build itself on (src/pair/secondary.ts, primary.ts). */
+export interface PairContext {
+  exportName: string;
+  /** the export's image spec (a path) */
+  image: string;
+  /** the node the export serves (filters, tracking, the image) */
+  exportNode: CompleteBlockNode;
+  /** the image's driver node (under the tracking filter) */
+  imageNode: BlockNode;
+  server: NbdServer;
+  bitmaps: ExportBitmaps;
+  /** blkrep extension options of the server (the pair link), by option number */
+  extensions: Map<number, OptionExtension>;
+  minimumBlockSize: number | undefined;
+  publish(event: string, fields: Record<string, unknown>): void;
+  log: Logger;
+}
+
+export interface PairSetup {
+  export: string;
+  start(ctx: PairContext): Promise<PairRole>;
 }
 
 export interface ListeningEvent {
@@ -149,7 +177,9 @@ export class Daemon {
           }),
         );
       }
+      const extensions = new Map<number, OptionExtension>();
       const server = new NbdServer({
+        optionExtensions: extensions,
         exports: options.exports.map((e, i) => ({
           name: e.name,
           description: e.description,
@@ -217,6 +247,23 @@ export class Daemon {
         },
       });
       await jobs.loadPersisted();
+      for (const p of options.pair ?? []) {
+        const i = options.exports.findIndex((e) => e.name === p.export);
+        if (i < 0) throw new BlkrepError('ERR_NO_EXPORT', `the pair names export "${p.export}", which the daemon does not serve`, { errno: 'EINVAL' });
+        const role = await p.start({
+          exportName: p.export,
+          image: options.exports[i]!.image,
+          exportNode: server.findExport(p.export)!.node,
+          imageNode: nodes[i]!,
+          server,
+          bitmaps: bitmaps.get(p.export)!,
+          extensions,
+          minimumBlockSize: options.minimumBlockSize,
+          publish: (event, fields) => control?.publish(event, fields),
+          log: options.log ?? (() => {}),
+        });
+        pair.set(p.export, role);
+      }
       pairHost = await startPairHost(options, replication, pair, (event, fields) => control?.publish(event, fields));
       for (let i = 0; i < transports.length; i++) {
         const spec = options.listen[i]!;
@@ -245,6 +292,7 @@ export class Daemon {
       await Promise.all(listeners.map((l) => l.close().catch(() => {})));
       await jobs?.shutdown().catch(() => {});
       await pairHost?.close().catch(() => {});
+      await Promise.all([...pair.values()].map((r) => r.close().catch(() => {})));
       await Promise.all(nodes.map((n) => n.close().catch(() => {})));
       await Promise.all([...bitmaps.values()].map((b) => b.close().catch(() => {})));
       throw err;
@@ -274,10 +322,14 @@ export class Daemon {
     return {
       ...s,
       // the image under the tracking filter now (another one after a mirror's pivot)
-      exports: s.exports.map((e) => {
-        const pair = this.pair.get(e.name)?.status();
-        return { ...e, image: this.jobs?.exportNode(e.name)?.description ?? e.image, driver: this.imageDriver(e.name), ...(pair ? { pair } : {}) };
-      }),
+      exports: [
+        ...s.exports.map((e) => {
+          const pair = this.pair.get(e.name);
+          return { ...e, image: this.jobs?.exportNode(e.name)?.description ?? e.image, driver: this.imageDriver(e.name), ...(pair ? { pair: pair.status() } : {}) };
+        }),
+        // a secondary's replica export exists only while a primary holds the link: still listed
+        ...[...this.pair].filter(([name]) => !s.exports.some((e) => e.name === name)).map(([name, role]) => ({ name, present: false, pair: role.status() }) as unknown as (typeof s.exports)[number]),
+      ],
       listeners: this.listeners.map((l) => ({ address: l.address })),
       control: this.control?.path ?? null,
       bitmaps: [...this.bitmaps.values()].flatMap((b) => b.list()),
@@ -295,6 +347,7 @@ export class Daemon {
         // Jobs after the export nodes were flushed: a persistent one pauses and saves its state.
         await this.jobs?.shutdown().catch((err: unknown) => this.log('warn', `jobs: ${(err as Error).message}`));
         await this.pairHost?.close().catch((err: unknown) => this.log('warn', `replication: ${(err as Error).message}`));
+        for (const r of this.pair.values()) await r.close().catch((err: unknown) => this.log('warn', `pair: ${(err as Error).message}`));
         await Promise.all(this.images.map((n) => n.close().catch(() => {})));
         // After the nodes are flushed and closed: store every bitmap and mark its file clean.
         for (const b of this.bitmaps.values()) {
@@ -331,6 +384,7 @@ export class Daemon {
       () => [...this.bitmaps.values()],
     );
     this.jobs?.register(control);
+    registerPairVerbs(control, this.pair);
     this.pairHost?.register(control);
     this.server.on('connection', (e) => control.publish('connection', e));
     this.server.on('disconnect', (e) => control.publish('disconnect', e));
