@@ -10,7 +10,9 @@
  * (a normal NBD client of the same URI; its size must equal the disk's: ERR_PAIR_SIZE), then a
  * resync by the peer bitmap (all of it for a full resync: a first replication, a decision that
  * says full) through a mirror job (src/jobs/mirror.ts, sync=bitmap) whose consistent instant
- * makes the filter forward (event replication-connected).
+ * makes the filter forward (event replication-connected), then a checkpoint (with a blkrep
+ * secondary: its restore point is the synced disk, and it adopts the primary's generations). An
+ * initial full sync starts a generation.
  *
  * Link down (a forward failed, the queue overflowed, the link closed): the filter degraded
  * (writes set peer bits), event replication-degraded {reason}; reconnect with jittered
@@ -33,7 +35,7 @@ import { defaultTransports } from '../engine/default-transports.js';
 import { MirrorJob } from '../jobs/mirror.js';
 import { openExtension, OPT_BLKREP_PAIR_LINK } from '../nbd/option-takeover.js';
 import { parseNbdUri, type NbdUri } from '../nbd/uri.js';
-import { mint, type GenerationTuple } from './generations.js';
+import { EMPTY, JUST_CREATED, mint, newGeneration, type GenerationTuple } from './generations.js';
 import { PAIR_LINK_VERSION, PairChannel, type PairMessage } from './messages.js';
 import type { FailoverOptions, FailoverResult, PairLinkState, PairRole, PairStatus } from './role.js';
 import { PairStateFile, initialState, pairStatePath } from './state.js';
@@ -114,19 +116,22 @@ export class PrimaryRole implements PairRole {
       throw new BlkrepError('ERR_PAIR_ROLE', `${options.imagePath} is a secondary's disk (its pair state ${state.path} says so): fail it over before replicating from it`, { errno: 'EPERM' });
     }
     const crashed = state.state.role === 'primary' && !state.state.cleanShutdown;
-    await state.update((s) => ({ ...s, role: 'primary', cleanShutdown: false, diskState: 'UpToDate' }));
+    // a disk that never was in a pair starts a lineage (its first replication is a full sync,
+    // replication.md §5); the secondary adopts it at the first checkpoint after that sync
+    const fresh = state.state.gi.current === JUST_CREATED || state.state.gi.current === EMPTY;
+    await state.update((s) => ({ ...s, role: 'primary', cleanShutdown: false, diskState: 'UpToDate', ...(fresh ? { gi: { ...s.gi, current: newGeneration() } } : {}) }));
     const size = options.filter.size;
     const path = peerBitmapPath(options.imagePath);
     let bitmap: PersistentBitmap;
-    let fresh = false;
+    let freshBitmap = false;
     if (await exists(path)) {
       bitmap = (await PersistentBitmap.open(path, { size })).bitmap;
     } else {
       bitmap = await PersistentBitmap.create(path, { size });
-      fresh = true;
+      freshBitmap = true;
     }
     const role = new PrimaryRole(options, state, bitmap);
-    role.freshBitmap = fresh;
+    role.freshBitmap = freshBitmap || fresh;
     void crashed;
     options.filter.configure({
       protocol: role.protocol,
@@ -292,6 +297,8 @@ export class PrimaryRole implements PairRole {
     const copied = job.query().offset;
     this.publish('resync-done', { export: this.options.exportName, peer: this.uri.uri, bytes: copied, dirtyBytes: bytes, ms: Date.now() - started });
     this.publish('replication-connected', { export: this.options.exportName, peer: this.uri.uri, protocol: this.protocol, peerKind: this.peerKind });
+    // then a checkpoint (replication.md §3): the secondary's restore point is the synced disk, and it adopts the generations
+    if (this.peerKind === 'blkrep') this.checkpoint().catch((err: unknown) => this.log('warn', `checkpoint after the resync: ${(err as Error).message}`));
   }
 
   private onMessage(m: PairMessage): void {
@@ -309,7 +316,7 @@ export class PrimaryRole implements PairRole {
   }
 
   private onDegraded(reason: string, error: BlkrepError | undefined): void {
-    if (reason === 'starting') return;
+    if (reason === 'starting' || reason === 'stopping') return;
     const wasConnected = this.link === 'connected';
     this.link = this.stopped ? 'none' : 'degraded';
     this.lastError = error ? `${error.code}: ${error.message}` : reason;
@@ -321,7 +328,7 @@ export class PrimaryRole implements PairRole {
     void data?.close().catch(() => {});
     this.publish('replication-degraded', { export: this.options.exportName, peer: this.uri.uri, reason, ...(error ? { code: error.code } : {}) });
     // a primary losing its peer starts a new generation (replication.md §5)
-    if (wasConnected) void this.state.update((s) => ({ ...s, gi: mint(s.gi), diskState: 'UpToDate' })).catch(() => {});
+    if (wasConnected && reason !== 'failover' && reason !== 'stopping') void this.state.update((s) => ({ ...s, gi: mint(s.gi), diskState: 'UpToDate' })).catch(() => {});
     if (!this.stopped && reason !== 'failover') this.scheduleRetry(error);
   }
 

@@ -58,7 +58,8 @@ async function startPair(protocol: 'sync' | 'async'): Promise<Pair> {
   // secondary first (replication.md §2 "Start")
   const s = await serve([join(dir, 's.img'), '--secondary', '--socket', sSock, '--control', sControl, '--view-export', 'view']);
   const p = await serve([join(dir, 'p.img'), '--socket', pSock, '--control', pControl, '--replicate-to', unixUri(sSock), '--protocol', protocol]);
-  await waitFor(async () => (await pairOf(pControl)).link === 'connected', 'the pair link to be connected', { timeoutMs: 30_000 });
+  // connected, and checkpoint 1 — the one after the initial sync — committed
+  await waitFor(async () => (await pairOf(pControl)).epoch === 1, 'checkpoint 1 after the initial sync', { timeoutMs: 30_000 });
   return { dir, s, p, sControl, pControl, sSock, pSock };
 }
 
@@ -89,7 +90,7 @@ describe('two daemons: test-replication.c secondary scenarios', () => {
     // fill "local" with 0x11 (through the primary), checkpoint: the secondary's restore point
     await pc.write(0, pattern(0x11, SIZE));
     await pc.flush();
-    expect(await request<{ epoch: number }>(pair.pControl, 'checkpoint')).toEqual({ export: '', epoch: 1 });
+    expect(await request<{ epoch: number }>(pair.pControl, 'checkpoint')).toEqual({ export: '', epoch: 2 });
     const view = await client(pair.sSock, 'view');
     expect(mismatch(await read(view, 0, SIZE), 0x11)).toBe(-1);
     // write 0x22 "local" [½,1): the view still reads 0x11 there (the hidden disk has the old data)
@@ -106,7 +107,7 @@ describe('two daemons: test-replication.c secondary scenarios', () => {
     pair.p.child.kill('SIGKILL');
     await pair.p.waitExit();
     const fo = await request<{ role: string; epoch: number; to: string }>(pair.sControl, 'failover', {});
-    expect(fo).toMatchObject({ role: 'primary', epoch: 1, to: 'checkpoint' });
+    expect(fo).toMatchObject({ role: 'primary', epoch: 2, to: 'checkpoint' });
     const sc = await client(pair.sSock);
     const all = await read(sc, 0, SIZE);
     expect(mismatch(all.subarray(0, HALF), 0x33)).toBe(-1);
@@ -119,15 +120,15 @@ describe('two daemons: test-replication.c secondary scenarios', () => {
     const pc = await client(pair.pSock);
     await pc.write(0, pattern(0x11, SIZE));
     await pc.flush();
-    expect((await request<{ epoch: number }>(pair.pControl, 'checkpoint')).epoch).toBe(1);
+    expect((await request<{ epoch: number }>(pair.pControl, 'checkpoint')).epoch).toBe(2);
     await pc.write(HALF, pattern(0x22, HALF));
     await pc.flush();
     const view = await client(pair.sSock, 'view');
     expect(mismatch(await read(view, HALF, HALF), 0x11)).toBe(-1);
-    expect((await request<{ epoch: number }>(pair.pControl, 'checkpoint')).epoch).toBe(2);
+    expect((await request<{ epoch: number }>(pair.pControl, 'checkpoint')).epoch).toBe(3);
     expect(mismatch(await read(view, HALF, HALF), 0x22)).toBe(-1);
     expect(mismatch(await read(view, 0, HALF), 0x11)).toBe(-1);
-    expect(await pairOf(pair.pControl)).toMatchObject({ role: 'primary', epoch: 2, link: 'connected', peerKind: 'blkrep', protocol: 'async' });
+    expect(await pairOf(pair.pControl)).toMatchObject({ role: 'primary', epoch: 3, link: 'connected', peerKind: 'blkrep', protocol: 'async' });
     await view.close();
     await pc.close();
   });
@@ -170,11 +171,11 @@ describe('two daemons: random-instant failover (seeded sample)', () => {
       const pc = await client(pair.pSock);
       const versions = new Uint32Array(BLOCKS);
       /** the model at each committed epoch */
-      const snapshots = new Map<number, Uint32Array>([[0, versions.slice()]]);
+      const snapshots = new Map<number, Uint32Array>([[1, versions.slice()]]);
       const total = 120 + Math.floor(random() * 120);
       const every = 10 + Math.floor(random() * 20);
       const killAt = 20 + Math.floor(random() * (total - 20));
-      let epoch = 0;
+      let epoch = 1;
       for (let n = 1; n <= total; n++) {
         const block = Math.floor(random() * BLOCKS);
         const version = versions[block]! + 1;
