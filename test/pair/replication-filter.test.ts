@@ -225,3 +225,14 @@ describe('replication filter, sync cut', () => {
     await peer.close();
   });
 });
+
+describe('reconnect backoff', () => {
+  it('is 100 ms × 2^k, at most 10 s, jittered ±20 %', async () => {
+    const { backoffDelay } = await import('../../src/pair/primary.js');
+    expect([0, 1, 2, 3, 6, 7, 20].map((k) => backoffDelay(k, () => 0.5))).toEqual([100, 200, 400, 800, 6400, 10_000, 10_000]);
+    expect(backoffDelay(0, () => 0)).toBe(80);
+    expect(backoffDelay(0, () => 1)).toBe(120);
+    expect(backoffDelay(10, () => 0)).toBe(8000);
+    expect(backoffDelay(10, () => 1)).toBe(12_000);
+  });
+});
