@@ -89,6 +89,8 @@ export class PrimaryRole implements PairRole {
   private checkpointing: Promise<{ epoch: number }> | undefined;
   private lastCheckpointAt: number | null = null;
   private freshBitmap = false;
+  /** the last run of this primary did not stop cleanly (said in hello until a resync is done) */
+  private crashed = false;
   private lastError: string | null = null;
   private readonly publish: NonNullable<PrimaryOptions['publish']>;
   private readonly log: NonNullable<PrimaryOptions['log']>;
@@ -132,7 +134,7 @@ export class PrimaryRole implements PairRole {
     }
     const role = new PrimaryRole(options, state, bitmap);
     role.freshBitmap = freshBitmap || fresh;
-    void crashed;
+    role.crashed = crashed;
     options.filter.configure({
       protocol: role.protocol,
       ...(options.queueBytes === undefined ? {} : { queueBytes: options.queueBytes }),
@@ -206,7 +208,7 @@ export class PrimaryRole implements PairRole {
           gi: s.gi,
           epoch: s.epoch,
           diskState: s.diskState,
-          crashedPrimary: false,
+          crashedPrimary: this.crashed,
           bitmapBytes: this.peerBitmap.bitmap.dirtyBytes,
         }),
         LINK_TIMEOUT_MS,
@@ -291,6 +293,7 @@ export class PrimaryRole implements PairRole {
     this.resyncJob = undefined;
     await this.peerBitmap.flush().catch(() => {});
     this.freshBitmap = false;
+    this.crashed = false;
     this.attempt = 0;
     this.lastError = null;
     this.link = 'connected';

@@ -86,7 +86,7 @@ describe('the primary on a scripted secondary', () => {
       expect(hello.gi.current).toMatch(/^[0-9a-f]{16}$/);
       expect(hello.gi.current).not.toBe(freshTuple().current);
       // the checkpoint after the initial (full) resync
-      await waitFor(() => p.status().epoch === 1, 'checkpoint 1');
+      await waitFor(() => events.some((e) => e.event === 'checkpoint'), 'checkpoint 1 (its event: the checkpoint has ended)');
       expect(events.map((e) => e.event)).toEqual(['resync-started', 'resync-done', 'replication-connected', 'checkpoint']);
       expect(events[0]).toMatchObject({ full: true, bytes: SIZE });
       expect(await p.checkpoint()).toEqual({ epoch: 2 });
@@ -107,7 +107,7 @@ describe('the primary on a scripted secondary', () => {
     const events: Array<{ event: string; [k: string]: unknown }> = [];
     const p = await primary(dir, s.uri, events);
     try {
-      await waitFor(() => p.status().epoch === 1, 'checkpoint 1');
+      await waitFor(() => events.some((e) => e.event === 'checkpoint'), 'checkpoint 1 (its event: the checkpoint has ended)');
       fail = true;
       await expect(p.checkpoint()).rejects.toMatchObject({ code: 'ERR_INJECTED', message: 'the secondary failed checkpoint 2: scripted failure' });
       expect(events.at(-1)).toMatchObject({ event: 'checkpoint-failed', n: 2, code: 'ERR_INJECTED' });
@@ -131,7 +131,7 @@ describe('the primary on a scripted secondary', () => {
     const events: Array<{ event: string; [k: string]: unknown }> = [];
     const p = await primary(dir, s.uri, events);
     try {
-      await waitFor(() => p.status().epoch === 1, 'checkpoint 1');
+      await waitFor(() => events.some((e) => e.event === 'checkpoint'), 'checkpoint 1 (its event: the checkpoint has ended)');
       answer = false;
       await expect(p.checkpoint()).rejects.toMatchObject({ code: 'ERR_PAIR_TIMEOUT' });
       expect(s.received.filter((m) => m.type === 'abort')).toEqual([expect.objectContaining({ type: 'abort', n: 2 })]);

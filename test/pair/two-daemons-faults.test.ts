@@ -50,7 +50,11 @@ describe('two daemons: the secondary dies inside a checkpoint', () => {
     await ec.subscribe(undefined, (e) => events.push(e as unknown as Ev));
     const next = (name: string, from: number) => waitFor(() => events.slice(from).find((e) => e.event === name), `event ${name}`, { timeoutMs: 30_000 });
     // the initial full sync is followed by checkpoint 1
-    await waitFor(async () => (await pairOf(pControl)).epoch === 1, 'checkpoint 1 after the initial sync', { timeoutMs: 30_000 });
+    await waitFor(async () => {
+      // lastCheckpointAgeMs is set once the checkpoint has ended (a request before would join it)
+      const st = await pairOf(pControl);
+      return st.epoch === 1 && st.lastCheckpointAgeMs !== null;
+    }, 'checkpoint 1 after the initial sync', { timeoutMs: 30_000 });
     const pc = await NbdClient.connect({ uri: unixUri(pSock), reconnect: false, closeTimeoutMs: 2000 });
     try {
       // the secondary dies between checkpoints: the client never sees it; a checkpoint is refused

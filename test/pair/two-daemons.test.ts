@@ -59,7 +59,11 @@ async function startPair(protocol: 'sync' | 'async'): Promise<Pair> {
   const s = await serve([join(dir, 's.img'), '--secondary', '--socket', sSock, '--control', sControl, '--view-export', 'view']);
   const p = await serve([join(dir, 'p.img'), '--socket', pSock, '--control', pControl, '--replicate-to', unixUri(sSock), '--protocol', protocol]);
   // connected, and checkpoint 1 — the one after the initial sync — committed
-  await waitFor(async () => (await pairOf(pControl)).epoch === 1, 'checkpoint 1 after the initial sync', { timeoutMs: 30_000 });
+  await waitFor(async () => {
+      // lastCheckpointAgeMs is set once the checkpoint has ended (a request before would join it)
+      const st = await pairOf(pControl);
+      return st.epoch === 1 && st.lastCheckpointAgeMs !== null;
+    }, 'checkpoint 1 after the initial sync', { timeoutMs: 30_000 });
   return { dir, s, p, sControl, pControl, sSock, pSock };
 }
 
