@@ -13,7 +13,9 @@ import { DEFAULT_CONTROL_LIMITS, MAX_REQUEST_LINE_BYTES } from '../src/control/p
 import { SUBSCRIBE_VERB } from '../src/control/server.js';
 import '../src/jobs/daemon-job-types.js';
 import { JOB_VERB_SPECS, jobTypeSpec, jobTypes } from '../src/jobs/daemon-jobs.js';
+import { PRIMARY_VERB_SPECS } from '../src/pair/primary-host.js';
 import { DAEMON_VERB_SPECS } from '../src/serve/daemon-verbs.js';
+import { PAIR_VERB_SPECS } from '../src/pair/control-verbs.js';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 /** the repository root, whether run from dist/scripts or scripts */
@@ -64,7 +66,7 @@ export async function renderAll(): Promise<Map<string, string>> {
 /** Every verb of the serve-nbd daemon's control socket, and its job types, as the tables define them. */
 export function controlPageInput(): Parameters<typeof renderControlPage>[0] {
   return {
-    verbs: [SUBSCRIBE_VERB, ...Object.values(DAEMON_VERB_SPECS), ...Object.values(BITMAP_VERB_SPECS), ...Object.values(JOB_VERB_SPECS)],
+    verbs: [SUBSCRIBE_VERB, ...Object.values(DAEMON_VERB_SPECS), ...Object.values(BITMAP_VERB_SPECS), ...Object.values(JOB_VERB_SPECS), ...Object.values(PAIR_VERB_SPECS), ...Object.values(PRIMARY_VERB_SPECS)],
     jobTypes: jobTypes().map((type) => ({ type, ...jobTypeSpec(type)! })),
     limits: { maxLineBytes: MAX_REQUEST_LINE_BYTES, ...DEFAULT_CONTROL_LIMITS },
   };

@@ -27,3 +27,17 @@ export function withBareWait(argv: string[]): string[] {
   const end = argv.indexOf('--');
   return argv.map((a, i) => (a === '--wait' && (end === -1 || i < end) && (i + 1 === argv.length || argv[i + 1]!.startsWith('-')) ? '--wait=done' : a));
 }
+
+/** A duration: 500ms, 20s, 2m, 1h, or a bare number of seconds; positive. */
+export function parseDuration(input: string): number {
+  const m = /^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$/.exec(input);
+  const unit = { ms: 1, s: 1000, m: 60_000, h: 3_600_000 }[(m?.[2] ?? 's') as 'ms' | 's' | 'm' | 'h'];
+  const ms = m ? Math.round(Number(m[1]) * unit) : NaN;
+  if (!Number.isFinite(ms) || ms <= 0) throw new Error(`expected a duration such as 500ms, 20s, 2m or 1h, got "${input}"`);
+  return ms;
+}
+
+/** a duration flag, in milliseconds */
+export const durationFlag = Flags.custom<number>({
+  parse: async (input) => parseDuration(input),
+});

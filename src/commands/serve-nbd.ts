@@ -2,7 +2,8 @@ import { existsSync, rmSync } from 'node:fs';
 import { Args, Flags } from '@oclif/core';
 import { BlkrepCommand, loadRegistries } from '../cli/base.js';
 import { heartbeatFlags, parseHeartbeatFlags } from '../cli/heartbeat-flags.js';
-import { secondsFlag, sizeFlag } from '../cli/flags.js';
+import { durationFlag, secondsFlag, sizeFlag } from '../cli/flags.js';
+import { parseNbdUri } from '../nbd/uri.js';
 import { filterFlag, parseFilters } from '../cli/image.js';
 import { ensureRunDirFor, prepareControlPath } from '../cli/control-path.js';
 import { Daemon, type DaemonTls, type ExportSpec, type ListenSpec, type ListeningEvent } from '../serve/daemon.js';
@@ -11,6 +12,7 @@ import type { BitmapLoad } from '../bitmap/export-bitmaps.js';
 import { DEFAULT_MAX_BUFFER, type LogLevel } from '../nbd/server.js';
 import { MAX_PAYLOAD } from '../nbd/constants.js';
 import { formatSize } from '../util/size.js';
+import { secondarySetup } from '../pair/secondary.js';
 
 /** The embedded default: what `blkrep serve-nbd` serves when given no image. */
 export const DEFAULT_IMAGE = 'memory:1G';
@@ -34,6 +36,7 @@ Limits: at most --shared connections; when full, a new connection takes the plac
 
 Heartbeat: with --heartbeat URI (repeatable, one per path) and --peer-id, the daemon beats to its peer once per --heartbeat-interval and watches the peer's beats: udp://PEER:PORT (the default kind; several NICs are several paths), tcp://PEER:PORT, file:///PATH (a slot each in a shared file) or exec:COMMAND (a probe: exit 0 is a beat). Beats carry the node id, an incarnation, a sequence number, the epoch and the generation, signed with HMAC-SHA256 and --heartbeat-key; a beat with another key, from another node, or replayed is refused and counted. The peer is suspect when it is late and dead only when every path is silent: after --heartbeat-misses intervals (--detector fixed, the default: 0.5 s x 5, so a dead peer is declared within 3 s) or at --phi-threshold (--detector phi). A peer never heard is "unknown", never dead. blkrep status shows each path's last beat, phi and state; blkrep events prints peer-alive, peer-suspect and peer-dead. With --auto-failover, a dead peer is fenced by --fence-hook (DRBD fence-peer exit codes; only 4 "outdated" and 7 "fenced" go on) and then the failover verb is called, never forced; a daemon that is not a pair's secondary has no failover verb and says so (event auto-failover, code ERR_NO_FAILOVER).
 TLS (as qemu-nbd --tls-creds and nbdkit --tls): --tls-certificates DIR (x509: ca-cert.pem, server-cert.pem, server-key.pem, as qemu's tls-creds-x509 dir= expects) or --tls-psk FILE (psktool's username:hexkey lines) turns on --tls require: every option but STARTTLS and ABORT is refused with NBD_REP_ERR_TLS_REQD until TLS is up, so nothing leaves in clear (--tls on also lets clients stay in clear; --tls off never offers TLS). Clients connect with nbds:// URIs (nbdinfo "nbds://localhost?tls-certificates=DIR"; qemu with --object tls-creds-x509,...,endpoint=client). TLS 1.3, or 1.2 at least. --tls-verify-peer asks every client for a certificate signed by ca-cert.pem; --tls-authz lets in only the clients named in a file (one per line: the certificate's DN as qemu writes it, C=GB,O=blkrep,CN=replica-a, or a PSK user name; re-read whenever it changes, so no signal is needed) or given directly; it implies --tls-verify-peer with x509. A refused client is logged on stderr with its address and the reason (a certificate not signed by the CA, a DN or PSK user not allowed, a wrong PSK key), never key material. Credentials are checked at start (error ERR_TLS_CREDENTIALS); a certificate that expires within 30 days is warned about on stderr and in the --json listening line ("tls": {"mode", "kind", "notAfter", "warnings"}); with --tls require the listening line's URIs are nbds:// ones. blkrep status says the mode for each export.
+Replication (the primary of a pair, see blkrep-replicate(1)): --replicate-to URI forwards every write, write-zeroes and trim to the secondary's replica export; reads stay local. --protocol sync completes a write when both disks have it (a FLUSH is end to end); async completes it after the local write and forwards in order through a bounded --queue (the secondary's disk is always a state this disk was in). A forwarding failure never fails a client's write: forwarding stops, the regions the secondary misses are kept in the peer bitmap IMAGE.pair.dirty (crash-safe), the event replication-degraded says why, and the daemon reconnects (100 ms doubling to 10 s, ±20 %) and resyncs by that bitmap before forwarding again. The first replication of a disk copies it whole. A plain NBD server as the target (qemu-nbd, nbdkit) works without checkpoints, said on stderr. The pair state is kept in IMAGE.pair.json. blkrep status --json shows exports[i].pair.
 
 SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, flushes every export and its bitmaps, pauses every job (a persistent one keeps its files for the next start) and exits 0; a second signal exits at once.`;
 
@@ -51,6 +54,8 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
     { description: 'Serve over TLS with x509 certificates (qemu tls-creds-x509 layout); clients use nbds://', command: '<%= config.bin %> <%= command.id %> disk.img --bind 0.0.0.0 --tls-certificates /etc/pki/blkrep' },
     { description: 'Only let in the replica whose client certificate has this DN', command: "<%= config.bin %> <%= command.id %> disk.img --bind 0.0.0.0 --tls-certificates /etc/pki/blkrep --tls-authz 'C=GB,O=blkrep,CN=replica-a'" },
     { description: "TLS with a pre-shared key (psktool -u alice -p keys.psk); nbdinfo 'nbds://alice@host?tls-psk-file=keys.psk'", command: '<%= config.bin %> <%= command.id %> disk.img --bind 0.0.0.0 --tls-psk /etc/blkrep/keys.psk' },
+    { description: 'Be the primary of a replication pair: every write also goes to the secondary, a checkpoint every 20 s', command: '<%= config.bin %> <%= command.id %> disk.img --socket /run/blkrep/nbd.sock --control /run/blkrep/ctl.sock --replicate-to nbd://backup-host:10809/disk --checkpoint-interval 20s' },
+    { description: 'Replicate asynchronously to a plain qemu-nbd (no checkpoints), with a 256 MiB queue', command: '<%= config.bin %> <%= command.id %> disk.img --control /run/blkrep/ctl.sock --replicate-to nbd+unix:///?socket=/run/qemu-nbd.sock --protocol async --queue 256M' },
     { description: 'A bitmap per export, one in a file of its own choosing', command: '<%= config.bin %> <%= command.id %> --export a=a.img --export b=/dev/vdb --bitmap a:b0 --bitmap b:b0=/var/lib/blkrep/vdb.b0.bitmap' },
   ];
 
@@ -100,6 +105,16 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
       multiple: true,
       multipleNonGreedy: true,
     }),
+    'replicate-to': Flags.string({ exclusive: ['secondary'], description: "be the primary of a replication pair: forward every write to this NBD URI, the secondary's replica export (blkrep serve-nbd --secondary, or a plain NBD server: then without checkpoints)", helpValue: 'URI' }),
+    protocol: Flags.string({ description: 'with --replicate-to: sync (default: a write completes when both disks have it) or async (after the local write; forwarded in order through the queue)', options: ['sync', 'async'], helpValue: 'sync|async', dependsOn: ['replicate-to'] }),
+    queue: sizeFlag({ description: 'with --protocol async: bytes of writes waiting to be forwarded; over it, replication degrades and resyncs [default: 64M]', helpValue: 'SIZE', dependsOn: ['replicate-to'] }),
+    'checkpoint-interval': durationFlag({ description: 'with --replicate-to: take a checkpoint this often (e.g. 20s; default: only by blkrep checkpoint)', helpValue: 'DURATION', dependsOn: ['replicate-to'] }),
+    secondary: Flags.boolean({ description: "serve IMAGE as a replication pair's secondary: the replica export (copy-before-write into the hidden disk) for the primary that holds the pair link", default: false, exclusive: ['export', 'read-only'] }),
+    hidden: Flags.string({ description: 'the secondary\'s hidden disk, a qcow2 overlay of IMAGE created if absent [default: IMAGE.hidden.qcow2]', helpValue: 'FILE', dependsOn: ['secondary'] }),
+    active: Flags.string({ description: 'the secondary\'s active disk, a qcow2 overlay of the hidden disk created if absent [default: IMAGE.active.qcow2]', helpValue: 'FILE', dependsOn: ['secondary'] }),
+    'view-export': Flags.string({ description: "serve the secondary's view (active over hidden over disk) under NAME", helpValue: 'NAME', dependsOn: ['secondary'] }),
+    'view-read-only': Flags.boolean({ description: 'serve the view export read-only', dependsOn: ['view-export'] }),
+    'accept-plain-primary': Flags.boolean({ description: 'serve the replica export without a pair link, for a plain NBD primary (QEMU, nbdcopy); checkpoints are then taken on the secondary', dependsOn: ['secondary'] }),
   };
 
   async run(): Promise<ListeningEvent | undefined> {
@@ -132,6 +147,12 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
       this.usageError(`--stall-timeout "${flags['stall-timeout']}" is not a number of seconds (0 or more)`);
     }
     const heartbeat = await parseHeartbeatFlags(flags);
+    const replicateTo = flags['replicate-to'];
+    if (replicateTo !== undefined) {
+      parseNbdUri(replicateTo);
+      if (exports.length !== 1) this.usageError(`--replicate-to replicates one export; this daemon serves ${exports.length} (use blkrep replicate --export NAME for the others)`);
+    }
+    if (flags.queue !== undefined && flags.queue < 1024 * 1024) this.usageError(`--queue ${formatSize(flags.queue)} is below 1M`);
     const json = this.jsonEnabled();
     const log = (level: LogLevel, message: string): void => {
       if (level === 'debug' && !flags.verbose) return;
@@ -141,8 +162,23 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
     const controlPath = flags.control === undefined ? undefined : await prepareControlPath(flags.control);
     const registries = await loadRegistries(this);
     const tls = await this.tlsOptions(flags, registries.upgraders, log);
+    if (flags.secondary && flags['view-export'] !== undefined && flags['view-export'] === exports[0]!.name) {
+      this.usageError(`--view-export "${flags['view-export']}" is the replica export's name too (--name); give them different names`);
+    }
+    const pair = flags.secondary
+      ? [
+          secondarySetup(exports[0]!.name, {
+            ...(flags.hidden === undefined ? {} : { hidden: flags.hidden }),
+            ...(flags.active === undefined ? {} : { active: flags.active }),
+            ...(flags['view-export'] === undefined ? {} : { viewExport: flags['view-export'] }),
+            viewReadOnly: flags['view-read-only'] === true,
+            acceptPlainPrimary: flags['accept-plain-primary'] === true,
+          }),
+        ]
+      : undefined;
     const daemon = await Daemon.start({
       exports,
+      ...(pair ? { pair } : {}),
       listen,
       transports: registries.transports,
       ...(heartbeat ? { heartbeat, heartbeats: registries.heartbeats } : {}),
@@ -160,6 +196,16 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
       autoBitmaps: flags['auto-bitmaps'],
       ...(bg === undefined ? {} : { bitmapGranularity: bg }),
       ...(filters.length > 0 ? { filters } : {}),
+      ...(replicateTo === undefined
+        ? {}
+        : {
+            replication: {
+              uri: replicateTo,
+              protocol: (flags.protocol ?? 'sync') as 'sync' | 'async',
+              ...(flags.queue === undefined ? {} : { queueBytes: flags.queue }),
+              ...(flags['checkpoint-interval'] === undefined ? {} : { checkpointIntervalMs: flags['checkpoint-interval'] }),
+            },
+          }),
     });
 
     let signals = 0;

@@ -8,6 +8,14 @@ import { controlFlag } from '../cli/job-command.js';
 import type { ServerStatus } from '../nbd/server.js';
 import type { HeartbeatStatus } from '../heartbeat/service.js';
 import { formatSize } from '../util/size.js';
+import type { PairStatus } from '../pair/role.js';
+
+/** One line of an export's pair state. */
+export function pairLine(p: PairStatus): string {
+  const age = p.lastCheckpointAgeMs === null ? 'no checkpoint yet' : `last checkpoint ${(p.lastCheckpointAgeMs / 1000).toFixed(1)} s ago`;
+  const kind = p.peerKind === 'plain' ? ' (plain NBD: no checkpoints)' : '';
+  return `${p.role} → ${p.peer ?? 'no peer'}${kind}, ${p.protocol ?? '-'}, link ${p.link}, epoch ${p.epoch}, ${age}, disk ${p.diskState}, queue ${formatSize(p.queueBytes)}, behind ${formatSize(p.bytesBehind)}, generation ${p.gi.current}`;
+}
 
 type DaemonStatus = ServerStatus & { listeners?: Array<{ address: string }>; control?: string | null; bitmaps?: BitmapInfo[]; heartbeat?: HeartbeatStatus; tls?: { mode: string; kind?: string; notAfter?: string } };
 
@@ -72,6 +80,8 @@ export default class Status extends BlkrepCommand {
       this.log(`  "${e.name}"  ${e.image}  ${formatSize(e.size)}${e.readOnly ? '  read-only' : ''}`);
       this.log(`      connections ${e.connections} (${e.totalConnections} since start), read ${formatSize(e.bytesRead)}, written ${formatSize(e.bytesWritten)}, errors ${e.errors}`);
       this.log(`      requests: ${reqs}`);
+      const pair = (e as { pair?: PairStatus }).pair;
+      if (pair) this.log(`      pair: ${pairLine(pair)}`);
     }
     const bitmaps = s.bitmaps ?? [];
     this.log('');

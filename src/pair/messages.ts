@@ -66,6 +66,9 @@ export interface LinkDecision {
 
 export type PairMessageType = PairMessage['type'];
 
+/** a request as request() takes it: any message with a seq, without the seq (distributes over the union) */
+export type RequestWithoutSeq = Extract<PairMessage, { seq: number }> extends infer R ? (R extends unknown ? Omit<R, 'seq'> : never) : never;
+
 const TYPES = new Set<string>(['hello', 'welcome', 'refuse', 'checkpoint', 'abort', 'done', 'failed', 'event', 'ping', 'pong', 'demote']);
 
 export function encodeMessage(m: PairMessage): Buffer {
@@ -131,7 +134,7 @@ export class PairChannel {
   }
 
   /** a request: `seq` is filled in; resolves with the answer whose `re` matches */
-  request<T extends PairMessage>(m: Omit<Extract<PairMessage, { seq: number }>, 'seq'>, timeoutMs: number): Promise<T> {
+  request<T extends PairMessage>(m: RequestWithoutSeq, timeoutMs: number): Promise<T> {
     if (this.closed) return Promise.reject(this.closed);
     const seq = ++this.seq;
     return new Promise<T>((resolve, reject) => {

@@ -25,6 +25,12 @@ import { checkExportName } from '../util/names.js';
 import { replaceFile } from '../util/safe-file.js';
 import { HeartbeatService, type HeartbeatServiceOptions, type HeartbeatStatus } from '../heartbeat/service.js';
 import { AutoFailover } from '../heartbeat/auto-failover.js';
+import { ReplicationFilter } from '../pair/replication-filter.js';
+import { PrimaryHost, type PairExport, type ReplicationSpec } from '../pair/primary-host.js';
+import type { PairRole } from '../pair/role.js';
+import type { CompleteBlockNode } from '../api/block.js';
+import type { OptionExtension } from '../nbd/server-session.js';
+import { registerPairVerbs } from '../pair/control-verbs.js';
 
 export interface ExportSpec {
   name: string;
@@ -68,6 +74,33 @@ export interface DaemonOptions {
   heartbeats?: HeartbeatRegistry;
   /** TLS for every export and listener (--tls*): the mode, the upgrader, its settings, what check() found */
   tls?: DaemonTls;
+  /** replicate an export to a secondary (serve-nbd --replicate-to; src/pair/primary.ts) */
+  replication?: ReplicationSpec;
+  /** exports in a replication pair: each makes its PairRole (src/pair) before anything listens */
+  pair?: PairSetup[];
+}
+
+/** What a pair role gets from the daemon to build itself on (src/pair/secondary.ts, primary.ts). */
+export interface PairContext {
+  exportName: string;
+  /** the export's image spec (a path) */
+  image: string;
+  /** the node the export serves (filters, tracking, the image) */
+  exportNode: CompleteBlockNode;
+  /** the image's driver node (under the tracking filter) */
+  imageNode: BlockNode;
+  server: NbdServer;
+  bitmaps: ExportBitmaps;
+  /** blkrep extension options of the server (the pair link), by option number */
+  extensions: Map<number, OptionExtension>;
+  minimumBlockSize: number | undefined;
+  publish(event: string, fields: Record<string, unknown>): void;
+  log: Logger;
+}
+
+export interface PairSetup {
+  export: string;
+  start(ctx: PairContext): Promise<PairRole>;
 }
 
 export interface DaemonTls {
@@ -129,6 +162,10 @@ export class Daemon {
     private readonly images: BlockNode[] = [],
     /** the stack of each export, by export name */
     private readonly stacks: Map<string, ExportStack> = new Map(),
+    /** the primary's side of replication pairs (replicate, checkpoint, failover verbs) */
+    readonly pairHost: PrimaryHost | undefined = undefined,
+    /** every export in a replication pair: its role, by export name */
+    readonly pair: Map<string, PairRole> = new Map(),
   ) {}
 
   static async start(options: DaemonOptions): Promise<Daemon> {
@@ -149,15 +186,25 @@ export class Daemon {
     let control: ControlServer | undefined;
     let jobs: DaemonJobs | undefined;
     let heartbeat: HeartbeatService | undefined;
+    let pairHost: PrimaryHost | undefined;
+    const pair = new Map<string, PairRole>();
     try {
       for (const e of options.exports) nodes.push(await openImage(e.image, { readOnly: options.readOnly }));
       // Each export is a stack of slots (export-stack.ts). Its tracking slot holds a dirty-tracking
       // filter from the start (no cost without bitmaps), so bitmaps can be added at run time; its
       // bitmaps are opened before anything can write. A job puts its front end into the front
-      // slot, a mirror's pivot its target into the pivot slot (the bitmaps keep recording).
+      // slot, a mirror's pivot its target into the pivot slot (the bitmaps keep recording). The
+      // replication slot holds the pair's replication filter (detached, passing everything
+      // through, until the export replicates: serve-nbd --replicate-to, blkrep replicate).
       const tracking: DirtyTrackingNode[] = [];
+      const replication: ReplicationFilter[] = [];
       for (const [i, e] of options.exports.entries()) {
         const stack = new ExportStack(nodes[i]!, { name: e.name, filters: options.filters ?? [] });
+        void stack.insert('replication', (below) => {
+          const r = new ReplicationFilter(below, { protocol: 'sync' });
+          replication.push(r);
+          return r;
+        });
         void stack.insert('tracking', (below) => {
           const t = new DirtyTrackingNode(below);
           tracking.push(t);
@@ -184,7 +231,9 @@ export class Daemon {
           }),
         );
       }
+      const extensions = new Map<number, OptionExtension>();
       const server = new NbdServer({
+        optionExtensions: extensions,
         exports: options.exports.map((e) => ({
           name: e.name,
           description: e.description,
@@ -252,6 +301,24 @@ export class Daemon {
         },
       });
       await jobs.loadPersisted();
+      for (const p of options.pair ?? []) {
+        const i = options.exports.findIndex((e) => e.name === p.export);
+        if (i < 0) throw new BlkrepError('ERR_NO_EXPORT', `the pair names export "${p.export}", which the daemon does not serve`, { errno: 'EINVAL' });
+        const role = await p.start({
+          exportName: p.export,
+          image: options.exports[i]!.image,
+          exportNode: server.findExport(p.export)!.node,
+          imageNode: nodes[i]!,
+          server,
+          bitmaps: bitmaps.get(p.export)!,
+          extensions,
+          minimumBlockSize: options.minimumBlockSize,
+          publish: (event, fields) => control?.publish(event, fields),
+          log: options.log ?? (() => {}),
+        });
+        pair.set(p.export, role);
+      }
+      pairHost = await startPairHost(options, replication, pair, (event, fields) => control?.publish(event, fields));
       for (let i = 0; i < transports.length; i++) {
         const spec = options.listen[i]!;
         try {
@@ -265,7 +332,7 @@ export class Daemon {
           throw own ? toBlkrepError(err) : toBlkrepError(err, `cannot listen on ${spec.transport} address ${spec.address}`);
         }
       }
-      const daemon = new Daemon(server, listeners, undefined, options.pidFile, bitmaps, options.log, jobs, nodes, stacks);
+      const daemon = new Daemon(server, listeners, undefined, options.pidFile, bitmaps, options.log, jobs, nodes, stacks, pairHost, pair);
       if (options.tls && options.tls.mode !== 'off') {
         const { mode, kind, notAfter, warnings } = options.tls;
         daemon.tls = { mode, kind, ...(notAfter ? { notAfter } : {}), ...(warnings?.length ? { warnings } : {}) };
@@ -284,6 +351,8 @@ export class Daemon {
       await control?.close().catch(() => {});
       await Promise.all(listeners.map((l) => l.close().catch(() => {})));
       await jobs?.shutdown().catch(() => {});
+      await pairHost?.close().catch(() => {});
+      await Promise.all([...pair.values()].map((r) => r.close().catch(() => {})));
       await Promise.all(nodes.map((n) => n.close().catch(() => {})));
       await Promise.all([...bitmaps.values()].map((b) => b.close().catch(() => {})));
       throw err;
@@ -333,12 +402,17 @@ export class Daemon {
     return {
       ...s,
       // the image under the tracking filter now (another one after a mirror's pivot), the
-      // occupied slots of the export's stack, top to bottom (a job's export has none), and tls:
-      // the daemon's mode, which every export has
-      exports: s.exports.map((e) => {
-        const stack = this.stacks.get(e.name);
-        return { ...e, image: this.jobs?.exportNode(e.name)?.description ?? e.image, driver: this.imageDriver(e.name), tls: tls.mode, ...(stack ? { stack: stack.layers() } : {}) };
-      }),
+      // occupied slots of the export's stack, top to bottom (a job's export has none), tls: the
+      // daemon's mode, which every export has, and the export's pair role
+      exports: [
+        ...s.exports.map((e) => {
+          const stack = this.stacks.get(e.name);
+          const pair = this.pair.get(e.name);
+          return { ...e, image: this.jobs?.exportNode(e.name)?.description ?? e.image, driver: this.imageDriver(e.name), tls: tls.mode, ...(stack ? { stack: stack.layers() } : {}), ...(pair ? { pair: pair.status() } : {}) };
+        }),
+        // a secondary's replica export exists only while a primary holds the link: still listed
+        ...[...this.pair].filter(([name]) => !s.exports.some((e) => e.name === name)).map(([name, role]) => ({ name, present: false, tls: tls.mode, pair: role.status() }) as unknown as (typeof s.exports)[number] & { tls: TlsReport['mode'] }),
+      ],
       tls,
       listeners: this.listeners.map((l) => ({ address: l.address })),
       control: this.control?.path ?? null,
@@ -386,6 +460,8 @@ export class Daemon {
       } finally {
         // Jobs after the export nodes were flushed: a persistent one pauses and saves its state.
         await this.jobs?.shutdown().catch((err: unknown) => this.log('warn', `jobs: ${(err as Error).message}`));
+        await this.pairHost?.close().catch((err: unknown) => this.log('warn', `replication: ${(err as Error).message}`));
+        for (const r of this.pair.values()) await r.close().catch((err: unknown) => this.log('warn', `pair: ${(err as Error).message}`));
         await Promise.all(this.images.map((n) => n.close().catch(() => {})));
         // After the nodes are flushed and closed: store every bitmap and mark its file clean.
         for (const b of this.bitmaps.values()) {
@@ -450,6 +526,8 @@ export class Daemon {
       () => [...this.bitmaps.values()],
     );
     this.jobs?.register(control);
+    registerPairVerbs(control, this.pair);
+    this.pairHost?.register(control);
     this.server.on('connection', (e) => control.publish('connection', e));
     this.server.on('disconnect', (e) => control.publish('disconnect', e));
     this.server.on('refused', (e) => control.publish('refused', e));
@@ -463,4 +541,25 @@ export class Daemon {
 function routeFront(stack: ExportStack, tracking: DirtyTrackingNode, node: BlockNode): Promise<void> {
   if (node === tracking) return stack.has('front') ? stack.remove('front').then(() => {}) : Promise.resolve();
   return stack.replace('front', () => node).then(() => {});
+}
+
+/** The primary's side of replication: each writable export's filter; --replicate-to started. */
+async function startPairHost(
+  options: DaemonOptions,
+  filters: ReplicationFilter[],
+  roles: Map<string, PairRole>,
+  publish: (event: string, fields: Record<string, unknown>) => void,
+): Promise<PrimaryHost | undefined> {
+  if (options.readOnly) {
+    if (options.replication) throw new BlkrepError('ERR_USAGE', 'a read-only daemon cannot replicate: its exports take no writes', { errno: 'EINVAL' });
+    return undefined;
+  }
+  const exports = new Map<string, PairExport>();
+  for (const [i, e] of options.exports.entries()) {
+    const base = await sidecarBase(e.image);
+    exports.set(e.name, { filter: filters[i]!, imagePath: base.path, ...(base.path === undefined ? { why: base.why } : {}) });
+  }
+  const host = new PrimaryHost({ exports, roles, transports: options.transports, publish, log: (level, message) => options.log?.(level, message) });
+  if (options.replication) await host.replicate(options.replication);
+  return host;
 }

@@ -1,0 +1,15 @@
+/**
+ * The test fault hook of the checkpoint's crash rules (PAIR-SPEC): with the environment variable
+ * BLKREP_TEST_CRASH_AT=checkpoint-step-4|5|6|7, the daemon kills itself with SIGKILL at the end of
+ * that step of a checkpoint on the secondary (replication.md §2), as a power cut there would.
+ * Without the variable this does nothing. It is a test hook, not a feature: never set it in
+ * production.
+ */
+export type CrashPoint = 'checkpoint-step-4' | 'checkpoint-step-5' | 'checkpoint-step-6' | 'checkpoint-step-7';
+
+export function crashPoint(point: CrashPoint): void {
+  if (process.env.BLKREP_TEST_CRASH_AT !== point) return;
+  process.kill(process.pid, 'SIGKILL');
+  // nothing more may happen in this process while the signal lands
+  Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 10_000);
+}

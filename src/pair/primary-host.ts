@@ -1,0 +1,168 @@
+/**
+ * The daemon's side of the pair, for the primary (PAIR-SPEC "Roles in the daemon"): every
+ * writable export has a replication filter (detached: a pass-through) so `replicate` can start
+ * replicating a running export; the export's pair role objects are kept by export name in
+ * `roles` (shared with the secondary's side), and the pair verbs are registered here:
+ *
+ *   checkpoint {export?}                          → {export, epoch}    (the role's checkpoint())
+ *   replicate  {export?, uri, protocol?, queue?}  → PairStatus          (starts a PrimaryRole)
+ * (`failover` is control-verbs.ts's: it calls PrimaryRole.failover() on a primary.)
+ */
+import { z } from 'zod';
+import { BlkrepError } from '../api/errors.js';
+import type { ControlVerbRegistry } from '../api/control.js';
+import type { TransportRegistry } from '../api/transport.js';
+import { arg, verb, type VerbSpec } from '../control/verb.js';
+import { PrimaryRole, type PrimaryOptions } from './primary.js';
+import type { ReplicationFilter, ReplicationProtocol } from './replication-filter.js';
+import type { PairRole } from './role.js';
+
+export interface ReplicationSpec {
+  /** the export to replicate (default: the only one) */
+  exportName?: string;
+  uri: string;
+  protocol?: ReplicationProtocol;
+  queueBytes?: number;
+  checkpointIntervalMs?: number;
+}
+
+export interface PairExport {
+  filter: ReplicationFilter;
+  /** the disk's path; undefined for an image that is no regular file (memory, NBD) */
+  imagePath: string | undefined;
+  /** why there is no path */
+  why?: string;
+}
+
+const exportArg = arg.string().nullish().describe('the export; may be left out when the daemon serves one');
+
+export const PRIMARY_VERB_SPECS = {
+  checkpoint: {
+    name: 'checkpoint',
+    summary: "One checkpoint of a replication pair, driven from the primary: cut, drain, flush both, the secondary empties its overlays, both record the epoch. Replies with the epoch.",
+    args: z.object({ export: exportArg }),
+    result: '{export, epoch}',
+    events: ['checkpoint', 'checkpoint-failed'],
+    errors: ['ERR_NO_EXPORT', 'ERR_PAIR_ROLE', 'ERR_PAIR_NO_CHECKPOINT', 'ERR_PAIR_LINK_DOWN', 'ERR_PAIR_TIMEOUT'],
+  },
+  replicate: {
+    name: 'replicate',
+    summary: 'Start replicating a running export to a secondary (an NBD URI): resync by the peer bitmap, then forward every write.',
+    args: z.object({
+      export: exportArg,
+      uri: arg.name().describe("the secondary's replica export, an NBD URI"),
+      protocol: arg.oneOf(['sync', 'async']).nullish().describe('sync (default): a write completes when both have it; async: after the local write'),
+      queue: arg.uint().nullish().describe('async: bytes the forwarding queue holds (default 64 MiB)'),
+    }),
+    result: 'PairStatus: {role, peer, protocol, link, epoch, gi, diskState, queueBytes, bytesBehind, lastCheckpointAgeMs, peerKind}',
+    events: ['replication-connected', 'replication-degraded', 'resync-started', 'resync-done', 'pair-refused'],
+    errors: ['ERR_NO_EXPORT', 'ERR_BAD_URI', 'ERR_PAIR_STATE', 'ERR_PAIR_SIZE', 'ERR_PAIR_ROLE', 'ERR_READ_ONLY'],
+  },
+} as const satisfies Record<string, VerbSpec>;
+
+export const PAIR_EVENTS: ReadonlyArray<{ name: string; fields: string }> = [
+  { name: 'replication-connected', fields: 'forwarding started: export, peer, protocol, peerKind' },
+  { name: 'replication-degraded', fields: 'forwarding stopped, writes are tracked: export, peer, reason, code' },
+  { name: 'replication-plain', fields: 'the secondary is a plain NBD server (no checkpoints): export, peer' },
+  { name: 'resync-started', fields: 'export, peer, bytes (dirty), full' },
+  { name: 'resync-done', fields: 'export, peer, bytes (copied), dirtyBytes, ms' },
+];
+
+export interface PrimaryHostOptions {
+  exports: Map<string, PairExport>;
+  /** every paired export's role, by export name (the secondary's side adds its own) */
+  roles: Map<string, PairRole>;
+  transports?: TransportRegistry;
+  publish?: PrimaryOptions['publish'];
+  log?: PrimaryOptions['log'];
+}
+
+export class PrimaryHost {
+  constructor(private readonly o: PrimaryHostOptions) {}
+
+  /** Start replicating an export (serve-nbd --replicate-to, the replicate verb). */
+  async replicate(spec: ReplicationSpec): Promise<PrimaryRole> {
+    const name = this.exportName(spec.exportName);
+    const ex = this.o.exports.get(name)!;
+    const existing = this.o.roles.get(name);
+    if (existing && !(existing instanceof PrimaryRole && existing.isStopped)) {
+      const st = existing.status();
+      throw new BlkrepError('ERR_PAIR_STATE', `export "${name}" is already in a pair (${st.role}, peer ${st.peer ?? 'none'}, link ${st.link})`, { errno: 'EINVAL', details: { export: name } });
+    }
+    if (ex.imagePath === undefined) {
+      throw new BlkrepError('ERR_PAIR_STATE', `export "${name}" cannot be replicated: ${ex.why ?? 'its image is no regular file'} (the peer bitmap and the pair state live beside the disk)`, { errno: 'EINVAL' });
+    }
+    if (existing) {
+      await existing.close();
+      this.o.roles.delete(name);
+    }
+    const role = await PrimaryRole.start({
+      exportName: name,
+      imagePath: ex.imagePath,
+      filter: ex.filter,
+      uri: spec.uri,
+      ...(spec.protocol ? { protocol: spec.protocol } : {}),
+      ...(spec.queueBytes === undefined ? {} : { queueBytes: spec.queueBytes }),
+      ...(spec.checkpointIntervalMs === undefined ? {} : { checkpointIntervalMs: spec.checkpointIntervalMs }),
+      ...(this.o.transports ? { transports: this.o.transports } : {}),
+      ...(this.o.publish ? { publish: this.o.publish } : {}),
+      ...(this.o.log ? { log: this.o.log } : {}),
+    });
+    this.o.roles.set(name, role);
+    return role;
+  }
+
+  /** The export a verb means: the one named, or the only one. */
+  exportName(name: string | null | undefined): string {
+    if (name === undefined || name === null) {
+      if (this.o.exports.size === 1) return [...this.o.exports.keys()][0]!;
+      throw new BlkrepError('ERR_BAD_REQUEST', `the daemon serves ${this.o.exports.size} exports: say which with "export" (${[...this.o.exports.keys()].map((n) => `"${n}"`).join(', ')})`, { errno: 'EINVAL' });
+    }
+    if (!this.o.exports.has(name)) {
+      throw new BlkrepError('ERR_NO_EXPORT', `the daemon has no writable export "${name}" (it has ${[...this.o.exports.keys()].map((n) => `"${n}"`).join(', ') || 'none'})`, { errno: 'EINVAL', details: { export: name } });
+    }
+    return name;
+  }
+
+  private role(name: string | null | undefined, verbName: string): { name: string; role: PairRole } {
+    const n = name === undefined || name === null ? (this.o.roles.size === 1 ? [...this.o.roles.keys()][0]! : this.exportName(name)) : name;
+    const role = this.o.roles.get(n);
+    if (!role) throw new BlkrepError('ERR_PAIR_ROLE', `${verbName}: export "${n}" is not in a replication pair (start one with serve-nbd --replicate-to or blkrep replicate)`, { errno: 'EINVAL', details: { export: n } });
+    return { name: n, role };
+  }
+
+  register(control: ControlVerbRegistry): void {
+    control.register(
+      verb(PRIMARY_VERB_SPECS.checkpoint, async (a) => {
+        const { name, role } = this.role(a.export, 'checkpoint');
+        if (!role.checkpoint) throw new BlkrepError('ERR_PAIR_ROLE', `checkpoint: export "${name}" is a ${role.role}; checkpoints are driven from the primary`, { errno: 'EINVAL' });
+        return { export: name, ...(await role.checkpoint()) };
+      }),
+    );
+    control.register(
+      verb(PRIMARY_VERB_SPECS.replicate, async (a) => {
+        const role = await this.replicate({
+          ...(a.export === undefined || a.export === null ? {} : { exportName: a.export }),
+          uri: a.uri,
+          ...(a.protocol ? { protocol: a.protocol } : {}),
+          ...(a.queue === undefined || a.queue === null ? {} : { queueBytes: a.queue }),
+        });
+        return role.status();
+      }),
+    );
+  }
+
+  /** the pair status of each export in a pair, for `status` */
+  statuses(): Map<string, ReturnType<PairRole['status']>> {
+    return new Map([...this.o.roles].map(([n, r]) => [n, r.status()]));
+  }
+
+  async close(): Promise<void> {
+    for (const [name, role] of this.o.roles) {
+      if (role instanceof PrimaryRole) {
+        await role.close().catch(() => {});
+        this.o.roles.delete(name);
+      }
+    }
+  }
+}

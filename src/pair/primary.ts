@@ -1,0 +1,507 @@
+/**
+ * The primary of a replication pair, for one export (PAIR-SPEC, replication.md §2–4): it owns
+ * the export's replication filter (replication-filter.ts), the pair link to the secondary, the
+ * data connection, the peer bitmap, reconnection with backoff, resync and checkpoints.
+ *
+ * Link up (connect()): open blkrep's extension option on the URI's server and say hello; the
+ * secondary answers welcome (with its decision on the generations) or refuse. A plain NBD server
+ * (qemu-nbd, nbdkit) answers ERR_UNSUP: the primary replicates to it without a pair link and
+ * without checkpoints, and says so (warning, status peerKind "plain"). Then the data connection
+ * (a normal NBD client of the same URI; its size must equal the disk's: ERR_PAIR_SIZE), then a
+ * resync by the peer bitmap (all of it for a full resync: a first replication, a decision that
+ * says full) through a mirror job (src/jobs/mirror.ts, sync=bitmap) whose consistent instant
+ * makes the filter forward (event replication-connected), then a checkpoint (with a blkrep
+ * secondary: its restore point is the synced disk, and it adopts the primary's generations). An
+ * initial full sync starts a generation.
+ *
+ * Link down (a forward failed, the queue overflowed, the link closed): the filter degraded
+ * (writes set peer bits), event replication-degraded {reason}; reconnect with jittered
+ * exponential backoff 100 ms × 2^k ≤ 10 s (±20 %), then resync as above.
+ *
+ * Checkpoint N = epoch+1 (steps 1–3 and 8): the filter's cut (sync: hold writes; async: stop
+ * sending after the cut) and both flushed; checkpoint{N} on the link; done → the epoch is
+ * recorded durably, the cut released; failed → released, event checkpoint-failed; no answer in
+ * 5 s → abort{N}, ERR_PAIR_TIMEOUT.
+ *
+ * Failover on the primary: the secondary is gone — stop forwarding, keep serving, track (peer
+ * bitmap), a new generation; `replicate` starts again.
+ */
+import { access, rm } from 'node:fs/promises';
+import { BlkrepError, toBlkrepError } from '../api/errors.js';
+import type { TransportRegistry } from '../api/transport.js';
+import { PersistentBitmap } from '../bitmap/persistent.js';
+import { NbdNode } from '../block/nbd.js';
+import { defaultTransports } from '../engine/default-transports.js';
+import { MirrorJob } from '../jobs/mirror.js';
+import { openExtension, OPT_BLKREP_PAIR_LINK } from '../nbd/option-takeover.js';
+import { parseNbdUri, type NbdUri } from '../nbd/uri.js';
+import { EMPTY, JUST_CREATED, mint, newGeneration, type GenerationTuple } from './generations.js';
+import { PAIR_LINK_VERSION, PairChannel, type PairMessage } from './messages.js';
+import type { FailoverOptions, FailoverResult, PairLinkState, PairRole, PairStatus } from './role.js';
+import { PairStateFile, initialState, pairStatePath } from './state.js';
+import { ReplicationFilter, type ReplicationProtocol } from './replication-filter.js';
+
+export const CHECKPOINT_TIMEOUT_MS = 5000;
+export const LINK_TIMEOUT_MS = 10_000;
+export const BACKOFF = { initialMs: 100, maxMs: 10_000, jitter: 0.2 };
+
+/** the peer bitmap beside the disk (a blkrep bitmap file; not IMAGE.*.bitmap, which the daemon loads as an export bitmap) */
+export function peerBitmapPath(imagePath: string): string {
+  return `${imagePath}.pair.dirty`;
+}
+
+/** jittered exponential backoff: 100 ms × 2^k, at most 10 s, ±20 % */
+export function backoffDelay(attempt: number, random: () => number = Math.random): number {
+  const base = Math.min(BACKOFF.maxMs, BACKOFF.initialMs * 2 ** Math.min(attempt, 20));
+  return Math.round(base * (1 - BACKOFF.jitter + 2 * BACKOFF.jitter * random()));
+}
+
+export interface PrimaryOptions {
+  exportName: string;
+  /** the disk's path (the pair state and the peer bitmap live beside it) */
+  imagePath: string;
+  filter: ReplicationFilter;
+  uri: string;
+  protocol?: ReplicationProtocol;
+  queueBytes?: number;
+  checkpointIntervalMs?: number;
+  transports?: TransportRegistry;
+  publish?: (event: string, fields: Record<string, unknown>) => void;
+  log?: (level: 'info' | 'warn', message: string) => void;
+  /** for tests: the backoff's random source */
+  random?: () => number;
+}
+
+export class PrimaryRole implements PairRole {
+  readonly role = 'primary' as const;
+  readonly uri: NbdUri;
+  readonly protocol: ReplicationProtocol;
+  private link: PairLinkState = 'connecting';
+  private peerKind: 'blkrep' | 'plain' | undefined;
+  private channel: PairChannel | undefined;
+  private data: NbdNode | undefined;
+  private resyncJob: MirrorJob | undefined;
+  private stopped = false;
+  private attempt = 0;
+  private retryTimer: NodeJS.Timeout | undefined;
+  private intervalTimer: NodeJS.Timeout | undefined;
+  private connecting: Promise<void> | undefined;
+  private checkpointing: Promise<{ epoch: number }> | undefined;
+  private lastCheckpointAt: number | null = null;
+  private freshBitmap = false;
+  /** the last run of this primary did not stop cleanly (said in hello until a resync is done) */
+  private crashed = false;
+  private lastError: string | null = null;
+  private readonly publish: NonNullable<PrimaryOptions['publish']>;
+  private readonly log: NonNullable<PrimaryOptions['log']>;
+
+  private constructor(
+    private readonly options: PrimaryOptions,
+    readonly state: PairStateFile,
+    readonly peerBitmap: PersistentBitmap,
+  ) {
+    this.uri = parseNbdUri(options.uri);
+    this.protocol = options.protocol ?? 'sync';
+    this.publish = options.publish ?? (() => {});
+    this.log = options.log ?? (() => {});
+  }
+
+  /**
+   * Open the pair state and the peer bitmap, make the filter track, and try the first link.
+   * Fails (closing what it opened) on a bad URI, a size mismatch or a refusal; an unreachable
+   * secondary is not an error: the primary serves degraded and keeps trying.
+   */
+  static async start(options: PrimaryOptions): Promise<PrimaryRole> {
+    const uri = parseNbdUri(options.uri);
+    const state = await PairStateFile.open(pairStatePath(options.imagePath), () => initialState('primary'));
+    if (state.state.role === 'secondary') {
+      throw new BlkrepError('ERR_PAIR_ROLE', `${options.imagePath} is a secondary's disk (its pair state ${state.path} says so): fail it over before replicating from it`, { errno: 'EPERM' });
+    }
+    const crashed = state.state.role === 'primary' && !state.state.cleanShutdown;
+    // a disk that never was in a pair starts a lineage (its first replication is a full sync,
+    // replication.md §5); the secondary adopts it at the first checkpoint after that sync
+    const fresh = state.state.gi.current === JUST_CREATED || state.state.gi.current === EMPTY;
+    await state.update((s) => ({ ...s, role: 'primary', cleanShutdown: false, diskState: 'UpToDate', ...(fresh ? { gi: { ...s.gi, current: newGeneration() } } : {}) }));
+    const size = options.filter.size;
+    const path = peerBitmapPath(options.imagePath);
+    let bitmap: PersistentBitmap;
+    let freshBitmap = false;
+    if (await exists(path)) {
+      bitmap = (await PersistentBitmap.open(path, { size })).bitmap;
+    } else {
+      bitmap = await PersistentBitmap.create(path, { size });
+      freshBitmap = true;
+    }
+    const role = new PrimaryRole(options, state, bitmap);
+    role.freshBitmap = freshBitmap || fresh;
+    role.crashed = crashed;
+    options.filter.configure({
+      protocol: role.protocol,
+      ...(options.queueBytes === undefined ? {} : { queueBytes: options.queueBytes }),
+      peerBitmap: bitmap,
+      onDegraded: (reason, error) => role.onDegraded(reason, error),
+    });
+    // until the first link is up, writes are tracked only
+    options.filter.resync(options.filter.next);
+    options.filter.degrade('starting');
+    try {
+      await role.connect();
+    } catch (err) {
+      const e = toBlkrepError(err);
+      if (isFatal(e)) {
+        await role.close();
+        throw e;
+      }
+      role.scheduleRetry(e);
+    }
+    if (options.checkpointIntervalMs) role.startInterval(options.checkpointIntervalMs);
+    void uri;
+    return role;
+  }
+
+  status(): PairStatus {
+    const s = this.state.state;
+    return {
+      role: 'primary',
+      peer: this.uri.uri,
+      protocol: this.protocol,
+      link: this.link,
+      epoch: s.epoch,
+      gi: s.gi,
+      diskState: s.diskState,
+      queueBytes: this.options.filter.queueBytes,
+      bytesBehind: this.peerBitmap.bitmap.dirtyBytes,
+      lastCheckpointAgeMs: this.lastCheckpointAt === null ? null : Date.now() - this.lastCheckpointAt,
+      ...(this.peerKind ? { peerKind: this.peerKind } : {}),
+      ...(this.lastError ? { lastError: this.lastError } : {}),
+    } as PairStatus;
+  }
+
+  // ------------------------------------------------------------------------------------ link
+
+  /** One attempt: link, data connection, resync, forwarding. */
+  private connect(): Promise<void> {
+    this.connecting ??= this.connectNow().finally(() => (this.connecting = undefined));
+    return this.connecting;
+  }
+
+  private async connectNow(): Promise<void> {
+    const filter = this.options.filter;
+    this.link = 'connecting';
+    const transports = this.options.transports ?? (await defaultTransports());
+    let full = this.freshBitmap;
+    let channel: PairChannel | undefined;
+    try {
+      const conn = await transports.get(this.uri.transport).connect(this.uri.address, { timeoutMs: LINK_TIMEOUT_MS });
+      const opened = await openExtension(conn, OPT_BLKREP_PAIR_LINK, Buffer.from(JSON.stringify({ exportName: this.uri.exportName }), 'utf8'), { timeoutMs: LINK_TIMEOUT_MS });
+      channel = new PairChannel(opened.connection.stream, this.uri.uri, (m) => this.onMessage(m), opened.rest);
+      const s = this.state.state;
+      const answer = await channel.request<PairMessage>(
+        asRequest({
+          type: 'hello',
+          version: PAIR_LINK_VERSION,
+          exportName: this.uri.exportName,
+          size: filter.size,
+          protocol: this.protocol,
+          nodeId: s.nodeId,
+          role: 'primary',
+          gi: s.gi,
+          epoch: s.epoch,
+          diskState: s.diskState,
+          crashedPrimary: this.crashed,
+          bitmapBytes: this.peerBitmap.bitmap.dirtyBytes,
+        }),
+        LINK_TIMEOUT_MS,
+      );
+      if (answer.type === 'refuse') {
+        this.publish('pair-refused', { export: this.options.exportName, peer: this.uri.uri, code: answer.code, message: answer.message, ...(answer.decision ? { decision: answer.decision } : {}) });
+        throw new BlkrepError(answer.code, `the secondary ${this.uri.uri} refused the pair link: ${answer.message}`, { errno: 'EPERM', details: { decision: answer.decision } });
+      }
+      if (answer.type !== 'welcome') throw new BlkrepError('ERR_PAIR_PROTOCOL', `the secondary answered hello with "${answer.type}"`);
+      if (answer.size !== filter.size) throw sizeError(this.uri.uri, filter.size, answer.size);
+      if (answer.decision.action === 'refuse') throw new BlkrepError('ERR_PAIR_SPLIT_BRAIN', `the secondary refuses: ${answer.decision.explanation} (rule ${answer.decision.rule})`, { errno: 'EPERM' });
+      if (answer.decision.action === 'resync-full') full = true;
+      this.peerKind = 'blkrep';
+    } catch (err) {
+      const e = toBlkrepError(err);
+      channel?.close();
+      if (e.code !== 'ERR_NBD_UNSUPPORTED') throw e;
+      if (this.peerKind !== 'plain') {
+        this.log('warn', `${this.uri.uri} is a plain NBD server (no blkrep pair link): replicating without checkpoints`);
+        this.publish('replication-plain', { export: this.options.exportName, peer: this.uri.uri });
+      }
+      this.peerKind = 'plain';
+      channel = undefined;
+    }
+    let data: NbdNode | undefined;
+    try {
+      data = await NbdNode.open(this.uri, { ...(this.options.transports ? { transports: this.options.transports } : {}), reconnect: false, holdMs: 0, connectTimeoutMs: LINK_TIMEOUT_MS });
+      if (data.size !== filter.size) throw sizeError(this.uri.uri, filter.size, data.size);
+      if (!data.caps.canWrite) throw new BlkrepError('ERR_READ_ONLY', `the secondary ${this.uri.uri} is read-only`, { errno: 'EPERM' });
+    } catch (err) {
+      channel?.close();
+      await data?.close().catch(() => {});
+      throw err;
+    }
+    if (this.stopped) {
+      channel?.close();
+      await data.close().catch(() => {});
+      return;
+    }
+    this.channel = channel;
+    this.data = data;
+    channel?.onClose((why) => {
+      if (this.channel === channel) {
+        this.channel = undefined;
+        filter.degrade('link-down', toBlkrepError(why));
+      }
+    });
+    await this.resync(data, full);
+  }
+
+  /** Resync by the peer bitmap with a mirror job; at its consistent instant, forward. */
+  private async resync(target: NbdNode, full: boolean): Promise<void> {
+    const filter = this.options.filter;
+    if (full) this.peerBitmap.setAll();
+    const bytes = this.peerBitmap.bitmap.dirtyBytes;
+    this.link = 'resyncing';
+    this.publish('resync-started', { export: this.options.exportName, peer: this.uri.uri, bytes, full });
+    const started = Date.now();
+    const job = new MirrorJob({
+      id: `resync-${this.options.exportName || 'default'}`,
+      source: filter.next,
+      target,
+      sync: 'bitmap',
+      bitmap: this.peerBitmap,
+      bitmapMode: 'never',
+      onConsistent: async () => {
+        // the secondary equals the disk and writes wait: forward from here on
+        await target.flush();
+        this.peerBitmap.clearAll();
+        filter.attach(target);
+      },
+    });
+    this.resyncJob = job;
+    filter.resync(job.node);
+    try {
+      await runResync(job);
+    } catch (err) {
+      this.resyncJob = undefined;
+      if (filter.mode === 'resyncing') filter.degrade(`resync-failed: ${toBlkrepError(err).message}`, toBlkrepError(err));
+      throw err;
+    }
+    this.resyncJob = undefined;
+    await this.peerBitmap.flush().catch(() => {});
+    this.freshBitmap = false;
+    this.crashed = false;
+    this.attempt = 0;
+    this.lastError = null;
+    this.link = 'connected';
+    const copied = job.query().offset;
+    this.publish('resync-done', { export: this.options.exportName, peer: this.uri.uri, bytes: copied, dirtyBytes: bytes, ms: Date.now() - started });
+    this.publish('replication-connected', { export: this.options.exportName, peer: this.uri.uri, protocol: this.protocol, peerKind: this.peerKind });
+    // then a checkpoint (replication.md §3): the secondary's restore point is the synced disk, and it adopts the generations
+    if (this.peerKind === 'blkrep') this.checkpoint().catch((err: unknown) => this.log('warn', `checkpoint after the resync: ${(err as Error).message}`));
+  }
+
+  private onMessage(m: PairMessage): void {
+    if (m.type === 'demote') {
+      this.options.filter.degrade(`peer-promoted: ${m.reason}`);
+    } else if (m.type === 'event') {
+      this.publish(m.name, { ...m.fields, export: this.options.exportName, from: 'secondary' });
+    } else if (m.type === 'ping') {
+      try {
+        this.channel?.send({ type: 'pong', t: m.t });
+      } catch {
+        /* the link is closing */
+      }
+    }
+  }
+
+  private onDegraded(reason: string, error: BlkrepError | undefined): void {
+    if (reason === 'starting' || reason === 'stopping') return;
+    const wasConnected = this.link === 'connected';
+    this.link = this.stopped ? 'none' : 'degraded';
+    this.lastError = error ? `${error.code}: ${error.message}` : reason;
+    const channel = this.channel;
+    this.channel = undefined;
+    channel?.close();
+    const data = this.data;
+    this.data = undefined;
+    void data?.close().catch(() => {});
+    this.publish('replication-degraded', { export: this.options.exportName, peer: this.uri.uri, reason, ...(error ? { code: error.code } : {}) });
+    // a primary losing its peer starts a new generation (replication.md §5)
+    if (wasConnected && reason !== 'failover' && reason !== 'stopping') void this.state.update((s) => ({ ...s, gi: mint(s.gi), diskState: 'UpToDate' })).catch(() => {});
+    if (!this.stopped && reason !== 'failover') this.scheduleRetry(error);
+  }
+
+  private scheduleRetry(error: BlkrepError | undefined): void {
+    if (this.stopped || this.retryTimer || this.connecting) return;
+    this.link = 'degraded';
+    if (error) this.lastError = `${error.code}: ${error.message}`;
+    const delay = backoffDelay(this.attempt++, this.options.random);
+    this.retryTimer = setTimeout(() => {
+      this.retryTimer = undefined;
+      if (this.stopped) return;
+      this.connect().catch((err: unknown) => {
+        const e = toBlkrepError(err);
+        if (isFatal(e)) this.log('warn', `replication to ${this.uri.uri}: ${e.message}`);
+        this.scheduleRetry(e);
+      });
+    }, delay);
+    this.retryTimer.unref?.();
+  }
+
+  // ------------------------------------------------------------------------------ checkpoint
+
+  checkpoint(): Promise<{ epoch: number }> {
+    if (this.peerKind === 'plain') {
+      return Promise.reject(new BlkrepError('ERR_PAIR_NO_CHECKPOINT', `${this.uri.uri} is a plain NBD server: no checkpoints (they need a blkrep secondary with a pair link)`, { errno: 'ENOTSUP' }));
+    }
+    this.checkpointing ??= this.checkpointNow().finally(() => (this.checkpointing = undefined));
+    return this.checkpointing;
+  }
+
+  private async checkpointNow(): Promise<{ epoch: number }> {
+    const filter = this.options.filter;
+    const channel = this.channel;
+    if (this.link !== 'connected' || !channel) {
+      throw new BlkrepError('ERR_PAIR_LINK_DOWN', `no checkpoint: the link to ${this.uri.uri} is ${this.link}`, { errno: 'EIO', details: { link: this.link } });
+    }
+    const n = this.state.state.epoch + 1;
+    const started = Date.now();
+    try {
+      await filter.cut();
+      const answer = await channel.request<PairMessage>(asRequest({ type: 'checkpoint', n }), CHECKPOINT_TIMEOUT_MS).catch(async (err: unknown) => {
+        const e = toBlkrepError(err);
+        if (e.code === 'ERR_PAIR_TIMEOUT' && channel.isOpen) await channel.request(asRequest({ type: 'abort', n }), CHECKPOINT_TIMEOUT_MS).catch(() => {});
+        throw e;
+      });
+      if (answer.type === 'failed') throw new BlkrepError(answer.code, `the secondary failed checkpoint ${n}: ${answer.message}`, { details: { n } });
+      if (answer.type !== 'done' || answer.n !== n) throw new BlkrepError('ERR_PAIR_PROTOCOL', `the secondary answered checkpoint ${n} with ${JSON.stringify(answer).slice(0, 120)}`);
+      await this.state.update((s) => ({ ...s, epoch: n, diskState: 'UpToDate' }));
+    } catch (err) {
+      const e = toBlkrepError(err);
+      this.publish('checkpoint-failed', { export: this.options.exportName, n, code: e.code, message: e.message });
+      throw e;
+    } finally {
+      filter.release();
+    }
+    const ms = Date.now() - started;
+    this.lastCheckpointAt = Date.now();
+    this.publish('checkpoint', { export: this.options.exportName, epoch: n, ms });
+    return { epoch: n };
+  }
+
+  private startInterval(ms: number): void {
+    this.intervalTimer = setInterval(() => {
+      if (this.link !== 'connected' || this.peerKind !== 'blkrep' || this.checkpointing) return;
+      this.checkpoint().catch((err: unknown) => this.log('warn', `periodic checkpoint: ${(err as Error).message}`));
+    }, ms);
+    this.intervalTimer.unref?.();
+  }
+
+  // -------------------------------------------------------------------------------- failover
+
+  /** The secondary is gone: stop forwarding, keep serving, track; a new generation. */
+  async failover(o: FailoverOptions): Promise<FailoverResult> {
+    const started = Date.now();
+    const s = this.state.state;
+    const explanation = `primary: stop forwarding to ${this.uri.uri}, keep serving export "${this.options.exportName}" read-write, track every write in the peer bitmap for a later resync (blkrep replicate); a new generation is minted`;
+    if (o.dryRun) return { role: 'primary', dryRun: true, to: o.to, epoch: s.epoch, gi: s.gi, bytes: 0, ms: 0, explanation };
+    this.publish('failover-started', { export: this.options.exportName, role: 'primary' });
+    this.stopped = true;
+    this.stopTimers();
+    this.options.filter.degrade('failover');
+    this.link = 'none';
+    await this.resyncJob?.cancel({ force: true }).catch(() => {});
+    await this.state.update((st) => ({ ...st, gi: mint(st.gi) }));
+    const gi: GenerationTuple = this.state.state.gi;
+    const ms = Date.now() - started;
+    this.publish('failover-done', { export: this.options.exportName, role: 'primary', epoch: s.epoch, ms });
+    return { role: 'primary', dryRun: false, to: o.to, epoch: s.epoch, gi, bytes: 0, ms, explanation };
+  }
+
+  /** true once failover stopped it (replicate may start another) */
+  get isStopped(): boolean {
+    return this.stopped;
+  }
+
+  private stopTimers(): void {
+    clearTimeout(this.retryTimer);
+    this.retryTimer = undefined;
+    clearInterval(this.intervalTimer);
+    this.intervalTimer = undefined;
+  }
+
+  /** Stop replicating; the disk and the peer bitmap are closed cleanly (a clean shutdown). */
+  async close(): Promise<void> {
+    this.stopped = true;
+    this.stopTimers();
+    await this.connecting?.catch(() => {});
+    await this.resyncJob?.cancel({ force: true }).catch(() => {});
+    const filter = this.options.filter;
+    await filter.idle();
+    // what was not replied yet stays in the peer bitmap
+    filter.degrade('stopping');
+    filter.detach();
+    this.channel?.close();
+    await this.data?.close().catch(() => {});
+    await this.peerBitmap.close().catch(() => {});
+    await this.state.update((s) => ({ ...s, cleanShutdown: true })).catch(() => {});
+  }
+
+  /** Forget the peer bitmap (a new replication to another secondary starts with a full copy). */
+  static async forgetPeer(imagePath: string): Promise<void> {
+    await rm(peerBitmapPath(imagePath), { force: true });
+  }
+}
+
+function sizeError(uri: string, size: number, peerSize: number): BlkrepError {
+  return new BlkrepError('ERR_PAIR_SIZE', `the secondary ${uri} is ${peerSize} bytes and the disk is ${size}: a pair needs the same size`, {
+    errno: 'EINVAL',
+    details: { size, peerSize },
+  });
+}
+
+/** errors a retry cannot fix: the start fails on them */
+function isFatal(e: BlkrepError): boolean {
+  return ['ERR_PAIR_SIZE', 'ERR_PAIR_ROLE', 'ERR_PAIR_PROTOCOL', 'ERR_PAIR_SPLIT_BRAIN', 'ERR_PAIR_UNRELATED', 'ERR_READ_ONLY', 'ERR_PAIR_BUSY', 'ERR_NBD_URI', 'ERR_BAD_URI'].includes(e.code);
+}
+
+async function exists(path: string): Promise<boolean> {
+  try {
+    await access(path);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** Start the mirror, wait until it is in step, complete it without a pivot (its consistent instant attaches the filter). */
+async function runResync(job: MirrorJob): Promise<void> {
+  const ready = new Promise<void>((resolve, reject) => {
+    const onEvent = (e: { event: string; synced?: boolean }) => {
+      if (e.event === 'ready' && e.synced) {
+        job.off('event', onEvent);
+        resolve();
+      }
+    };
+    job.on('event', onEvent);
+    job.whenConcluded().then(() => {
+      job.off('event', onEvent);
+      reject(job.error ?? new BlkrepError('ERR_PAIR_LINK_DOWN', 'the resync ended before it was in step'));
+    }, reject);
+  });
+  job.start();
+  await ready;
+  await job.complete({ pivot: false });
+}
+
+type RequestMessage = Extract<PairMessage, { seq: number }>;
+type WithoutSeq<T> = T extends unknown ? Omit<T, 'seq'> : never;
+
+/** a request without its seq (PairChannel.request fills it in) */
+function asRequest(m: WithoutSeq<RequestMessage>): Parameters<PairChannel['request']>[0] {
+  return m as Parameters<PairChannel['request']>[0];
+}

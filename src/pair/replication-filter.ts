@@ -1,0 +1,462 @@
+/**
+ * The replication filter: the primary's side of the pair's data path (replication.md §2–3).
+ * It sits above the export's image and below its dirty-tracking filter; reads, extents and cache
+ * go to the local disk (`next`) only. Every write, write-zeroes and trim goes to the local disk
+ * and, while the filter forwards, to the secondary (`target`, an NBD client's node):
+ *
+ *   sync    the request completes when both replied; a FLUSH is a local flush plus a forwarded
+ *           FLUSH; FUA is forwarded as FUA. A trim is forwarded as write-zeroes (a target may
+ *           ignore a trim, and both disks must read the same).
+ *   async   the request completes after the local write; a copy goes into a bounded queue
+ *           (`queueBytes`), forwarded in order with write-order fidelity: barrier groups as DRBD's
+ *           epochs — a group closes when any of its writes completes to the client, on a FLUSH,
+ *           or at 2048 writes, and group g+1 is sent only once every write of g was replied. So
+ *           the secondary's disk is always a state the primary's disk was in, only older.
+ *
+ * The peer bitmap (a PersistentBitmap beside the disk, crash-safe through its activity log)
+ * covers every region the secondary may miss: each request takes a ticket (beforeWrite: the
+ * region is durable in the log before the local write is issued) and gives it back
+ * (afterWrite: the bits are set) once the forward was replied or dropped. A forwarded FLUSH that
+ * succeeds clears the granules replied before it was sent and not written since (the mirror's
+ * "unstable" rule: a cleared bit is stored only once the secondary holds the data stably).
+ *
+ * A forwarding failure (a forward rejected, the queue full) never fails the client's request:
+ * the filter degrades — forwarding stops, what was queued is dropped (its bits are set), later
+ * writes only set bits — and calls `onDegraded(reason)`. The primary (primary.ts) reconnects and
+ * resyncs by the peer bitmap with a mirror job: while it runs, writes go through the job's front
+ * end (resync()), and in the job's consistent instant attach() makes the filter forward again.
+ *
+ * Modes: detached (no peer: a pass-through with no cost), forwarding, degraded, resyncing.
+ */
+import type { BlockNode, CompleteBlockNode, IoOptions, WriteOptions, ZeroOptions } from '../api/block.js';
+import { BlkrepError, toBlkrepError } from '../api/errors.js';
+import { DirtyBitmap } from '../bitmap/dirty-bitmap.js';
+import type { PersistentBitmap, WriteTicket } from '../bitmap/persistent.js';
+import { Filter } from '../block/filter.js';
+import { completeNode } from '../block/node.js';
+
+export type ReplicationProtocol = 'sync' | 'async';
+export type ReplicationMode = 'detached' | 'forwarding' | 'degraded' | 'resyncing';
+
+export const DEFAULT_QUEUE_BYTES = 64 * 1024 * 1024;
+/** DRBD's max-epoch-size: a barrier group closes at this many writes */
+export const MAX_GROUP_WRITES = 2048;
+
+type Op = 'write' | 'write-zeroes' | 'trim' | 'flush';
+
+interface Item {
+  op: Op;
+  offset: number;
+  length: number;
+  data?: Buffer;
+  fua?: boolean;
+  noHole?: boolean;
+  ticket?: WriteTicket;
+  sent: boolean;
+  done: boolean;
+}
+
+interface Group {
+  id: number;
+  /** writes of the group still in their local write */
+  pendingLocal: number;
+  /** writes of the group (for the 2048 limit) */
+  members: number;
+  items: Item[];
+  closed: boolean;
+}
+
+export interface ReplicationFilterOptions {
+  protocol: ReplicationProtocol;
+  /** the async queue's bound in bytes (default 64 MiB) */
+  queueBytes?: number;
+  /** the peer bitmap; the filter takes a ticket for every modifying request */
+  peerBitmap?: PersistentBitmap;
+  /** forwarding stopped: why (queue-full, forward-failed: …, detached) */
+  onDegraded?: (reason: string, error: BlkrepError | undefined) => void;
+}
+
+export class ReplicationFilter extends Filter {
+  readonly driver = 'replication';
+  protocol: ReplicationProtocol;
+  queueLimit: number;
+  private peer: PersistentBitmap | undefined;
+  private target: CompleteBlockNode | undefined;
+  private resyncFront: CompleteBlockNode | undefined;
+  private current: ReplicationMode = 'detached';
+  private onDegraded: ReplicationFilterOptions['onDegraded'];
+  /** bumped at every mode change: a request compares it to learn it raced one */
+  private era = 0;
+
+  // async queue
+  private groups: Group[] = [];
+  private open: Group;
+  private nextGroupId = 1;
+  private queued = 0;
+  /** sending stops after this group (a checkpoint's cut) */
+  private pauseAfter: number | undefined;
+  private drainWaiters: Array<{ group: number; resolve: () => void; reject: (e: Error) => void }> = [];
+
+  // sync holding (a checkpoint's cut) and requests in flight
+  private holding: { promise: Promise<void>; release: () => void } | undefined;
+  private inFlight = 0;
+  private idleWaiters: Array<() => void> = [];
+
+  // granules replied since the last forwarded FLUSH was sent (cleared from the peer bitmap when it succeeds)
+  private replied: DirtyBitmap | undefined;
+
+  /** counters, for status and tests */
+  readonly stats = { forwardedWrites: 0, forwardedBytes: 0, forwardedFlushes: 0, degradations: 0 };
+
+  constructor(next: BlockNode, options: ReplicationFilterOptions) {
+    super(next);
+    this.protocol = options.protocol;
+    this.queueLimit = options.queueBytes ?? DEFAULT_QUEUE_BYTES;
+    this.onDegraded = options.onDegraded;
+    this.open = this.newGroup();
+    if (options.peerBitmap) this.setPeerBitmap(options.peerBitmap);
+  }
+
+  get mode(): ReplicationMode {
+    return this.current;
+  }
+
+  /** bytes waiting in the async queue (sent or not, not yet replied) */
+  get queueBytes(): number {
+    return this.queued;
+  }
+
+  get peerBitmap(): PersistentBitmap | undefined {
+    return this.peer;
+  }
+
+  /** Configure for a new replication (detached only). */
+  configure(options: ReplicationFilterOptions): void {
+    if (this.current !== 'detached') throw new BlkrepError('ERR_PAIR_STATE', `the replication filter is ${this.current}: detach it first`);
+    this.protocol = options.protocol;
+    this.queueLimit = options.queueBytes ?? DEFAULT_QUEUE_BYTES;
+    this.onDegraded = options.onDegraded;
+    if (options.peerBitmap) this.setPeerBitmap(options.peerBitmap);
+  }
+
+  private setPeerBitmap(b: PersistentBitmap): void {
+    if (b.bitmap.size !== this.size) throw new BlkrepError('ERR_PAIR_SIZE', `the peer bitmap ${b.path} covers ${b.bitmap.size} bytes, the disk is ${this.size}`, { errno: 'EINVAL' });
+    this.peer = b;
+    this.replied = new DirtyBitmap(this.size, { granularity: b.bitmap.granularity });
+  }
+
+  /** Start forwarding to `target` (after the secondary equals the disk: a resync's consistent instant). */
+  attach(target: BlockNode): void {
+    if (target.size !== this.size) {
+      throw new BlkrepError('ERR_PAIR_SIZE', `the secondary ${target.description} is ${target.size} bytes and the disk is ${this.size}: a pair needs the same size`, {
+        errno: 'EINVAL',
+        details: { size: this.size, peerSize: target.size },
+      });
+    }
+    this.target = completeNode(target);
+    this.resyncFront = undefined;
+    this.setMode('forwarding');
+    this.replied?.clearAll();
+  }
+
+  /** Writes go through `front` (a resync mirror's front end) and set peer bits until attach(). */
+  resync(front: BlockNode): void {
+    this.resyncFront = completeNode(front);
+    this.setMode('resyncing');
+  }
+
+  /** Back to resyncing's predecessor after a failed resync: writes set bits only. */
+  degrade(reason: string, error?: BlkrepError): void {
+    if (this.current === 'degraded' || this.current === 'detached') return;
+    this.stopForwarding();
+    this.setMode('degraded');
+    this.stats.degradations++;
+    this.peer?.flush().catch(() => {});
+    this.onDegraded?.(reason, error);
+  }
+
+  /** Stop everything: no forwarding, no bits (the peer bitmap is the caller's to close). */
+  detach(): void {
+    this.stopForwarding();
+    this.resyncFront = undefined;
+    this.setMode('detached');
+    this.peer = undefined;
+    this.replied = undefined;
+  }
+
+  private setMode(m: ReplicationMode): void {
+    this.current = m;
+    this.era++;
+  }
+
+  private stopForwarding(): void {
+    this.target = undefined;
+    for (const g of this.groups) for (const it of g.items) this.settleItem(it);
+    this.groups = [];
+    this.open = this.newGroup();
+    this.queued = 0;
+    this.pauseAfter = undefined;
+    const err = new BlkrepError('ERR_PAIR_LINK_DOWN', 'forwarding to the secondary stopped');
+    for (const w of this.drainWaiters.splice(0)) w.reject(err);
+    this.releaseHold();
+  }
+
+  // ------------------------------------------------------------------------- modifying requests
+
+  override write(offset: number, data: Buffer, o?: WriteOptions): Promise<void> {
+    if (this.current === 'detached') return this.next.write(offset, data, o);
+    return this.modify('write', offset, data.length, data, o);
+  }
+
+  override writeZeroes(offset: number, length: number, o?: ZeroOptions): Promise<void> {
+    if (this.current === 'detached') return this.next.writeZeroes(offset, length, o);
+    return this.modify('write-zeroes', offset, length, undefined, o);
+  }
+
+  override trim(offset: number, length: number, o?: WriteOptions): Promise<void> {
+    if (this.current === 'detached') return this.next.trim(offset, length, o);
+    return this.modify('trim', offset, length, undefined, o);
+  }
+
+  private local(node: CompleteBlockNode, op: Op, offset: number, length: number, data: Buffer | undefined, o: ZeroOptions | undefined): Promise<void> {
+    if (op === 'write') return node.write(offset, data!, o);
+    if (op === 'write-zeroes') return node.writeZeroes(offset, length, o);
+    return node.trim(offset, length, o);
+  }
+
+  private async modify(op: Op, offset: number, length: number, data: Buffer | undefined, o: ZeroOptions | undefined): Promise<void> {
+    while (this.holding) await this.holding.promise;
+    // counted before the ticket, so a checkpoint's cut waits for a write waiting on the log too
+    this.inFlight++;
+    try {
+      const peer = this.peer;
+      const ticket = peer ? (peer.beforeWriteSync(offset, length) ?? (await peer.beforeWrite(offset, length))) : undefined;
+      if (this.current === 'forwarding' && this.protocol === 'sync') return await this.syncWrite(op, offset, length, data, o, ticket);
+      if (this.current === 'forwarding') return await this.asyncWrite(op, offset, length, data, o, ticket);
+      const era = this.era;
+      const node = this.current === 'resyncing' && this.resyncFront ? this.resyncFront : this.next;
+      try {
+        await this.local(node, op, offset, length, data, o);
+      } finally {
+        if (ticket) peer!.afterWrite(ticket);
+      }
+      // Forwarding started while this write was waiting in the resync's drain: the secondary
+      // was made equal without it, so forward it now (its bits stay set until a forwarded flush).
+      if (era !== this.era && (this.current as ReplicationMode) === 'forwarding' && this.target) {
+        await this.forwardOne({ op, offset, length, ...(data ? { data } : {}), ...(o?.fua ? { fua: true } : {}), ...(o?.noHole ? { noHole: true } : {}), sent: false, done: false }).catch(() => {});
+      }
+    } finally {
+      this.inFlight--;
+      if (this.inFlight === 0) for (const w of this.idleWaiters.splice(0)) w();
+    }
+  }
+
+  private async syncWrite(op: Op, offset: number, length: number, data: Buffer | undefined, o: ZeroOptions | undefined, ticket: WriteTicket | undefined): Promise<void> {
+    const item: Item = { op, offset, length, ...(data ? { data } : {}), ...(o?.fua ? { fua: true } : {}), ...(o?.noHole ? { noHole: true } : {}), ...(ticket ? { ticket } : {}), sent: false, done: false };
+    const [localResult] = await Promise.allSettled([this.local(this.next, op, offset, length, data, o), this.forwardOne(item).catch(() => {})]);
+    this.settleItem(item);
+    if (localResult.status === 'rejected') throw localResult.reason;
+  }
+
+  private async asyncWrite(op: Op, offset: number, length: number, data: Buffer | undefined, o: ZeroOptions | undefined, ticket: WriteTicket | undefined): Promise<void> {
+    const g = this.open;
+    g.pendingLocal++;
+    g.members++;
+    if (g.members >= MAX_GROUP_WRITES) this.closeOpenGroup();
+    let ok = false;
+    try {
+      await this.local(this.next, op, offset, length, data, o);
+      ok = true;
+    } finally {
+      g.pendingLocal--;
+      const item: Item = { op, offset, length, ...(o?.fua ? { fua: true } : {}), ...(o?.noHole ? { noHole: true } : {}), ...(ticket ? { ticket } : {}), sent: false, done: false };
+      if (!ok || this.current !== 'forwarding' || !this.groups.includes(g)) {
+        // not forwarded: the bits say the secondary may miss it
+        this.settleItem(item);
+      } else {
+        if (data) item.data = Buffer.from(data);
+        const bytes = op === 'write' ? length : 0;
+        if (this.queued + bytes > this.queueLimit) {
+          this.settleItem(item);
+          this.degrade('queue-full', new BlkrepError('ERR_PAIR_QUEUE_FULL', `the forwarding queue is full (${this.queued} + ${bytes} bytes over the limit of ${this.queueLimit})`, { details: { queueBytes: this.queued, limit: this.queueLimit } }));
+        } else {
+          this.queued += bytes;
+          g.items.push(item);
+          // a write completing to the client closes the open group: later writes may depend on it
+          if (this.open.members > 0) this.closeOpenGroup();
+        }
+      }
+      this.pump();
+    }
+  }
+
+  /** Forward one request to the target; a failure degrades the filter (and rejects). */
+  private async forwardOne(item: Item): Promise<void> {
+    const target = this.target;
+    if (!target) return;
+    item.sent = true;
+    try {
+      if (item.op === 'write') await target.write(item.offset, item.data!, item.fua ? { fua: true } : {});
+      else if (item.op === 'write-zeroes') await target.writeZeroes(item.offset, item.length, { ...(item.fua ? { fua: true } : {}), ...(item.noHole ? { noHole: true } : {}) });
+      // a trim is advisory (the target may ignore it: qemu-nbd without --discard=unmap): forwarded
+      // as write-zeroes, which may punch holes, so both disks read the same after it
+      else if (item.op === 'trim') await target.writeZeroes(item.offset, item.length, item.fua ? { fua: true } : {});
+      else await this.forwardFlush(target);
+      if (item.op !== 'flush') {
+        this.stats.forwardedWrites++;
+        this.stats.forwardedBytes += item.op === 'write' ? item.length : 0;
+        if (this.target === target) this.replied?.set(item.offset, item.length);
+      }
+    } catch (err) {
+      const e = toBlkrepError(err, `forwarding a ${item.op} of ${item.length} bytes at offset ${item.offset} to ${target.description}`);
+      if (this.target === target) this.degrade(`forward-failed: ${e.code}: ${e.message}`, e);
+      throw e;
+    }
+  }
+
+  /** A FLUSH to the target; on success, clear the granules replied before it was sent and not written since. */
+  private async forwardFlush(target: CompleteBlockNode): Promise<void> {
+    const snapshot = this.replied;
+    if (snapshot) this.replied = new DirtyBitmap(this.size, { granularity: snapshot.granularity });
+    try {
+      await target.flush();
+    } catch (err) {
+      if (snapshot && this.replied) this.replied.merge(snapshot);
+      throw err;
+    }
+    this.stats.forwardedFlushes++;
+    const peer = this.peer;
+    if (!snapshot || !peer || this.target !== target) return;
+    const replied = this.replied!;
+    for (const run of [...snapshot.dirtyRuns()]) {
+      // granules replied again since the flush was sent stay set, for the next one
+      let s = run.offset;
+      const end = run.offset + run.length;
+      while (s < end) {
+        const again = replied.nextDirty(s, end);
+        const stop = again < 0 ? end : again;
+        if (stop > s) peer.clear(s, stop - s);
+        if (again < 0) break;
+        const clean = replied.nextClean(again, end);
+        if (clean < 0) break;
+        s = clean;
+      }
+    }
+  }
+
+  private settleItem(item: Item): void {
+    if (item.done) return;
+    item.done = true;
+    if (item.ticket) this.peer?.afterWrite(item.ticket);
+  }
+
+  // --------------------------------------------------------------------------- the async queue
+
+  private newGroup(): Group {
+    const g: Group = { id: this.nextGroupId++, pendingLocal: 0, members: 0, items: [], closed: false };
+    this.groups.push(g);
+    return g;
+  }
+
+  private closeOpenGroup(): void {
+    this.open.closed = true;
+    this.open = this.newGroup();
+  }
+
+  /** Send what the head group holds; move on once it is closed, complete and replied. */
+  private pump(): void {
+    while (this.groups.length > 0 && this.target) {
+      const head = this.groups[0]!;
+      if (this.pauseAfter !== undefined && head.id > this.pauseAfter) break;
+      for (const item of head.items) {
+        if (item.sent) continue;
+        item.sent = true;
+        const target = this.target;
+        this.forwardOne(item).then(
+          () => {
+            if (item.op === 'write') this.queued -= item.length;
+            this.settleItem(item);
+            if (this.target === target) this.pump();
+          },
+          () => this.settleItem(item),
+        );
+        item.sent = true;
+      }
+      if (!head.closed || head.pendingLocal > 0 || head.items.some((i) => !i.done)) break;
+      this.groups.shift();
+      for (const w of this.drainWaiters.filter((w) => w.group <= head.id)) {
+        this.drainWaiters.splice(this.drainWaiters.indexOf(w), 1);
+        w.resolve();
+      }
+    }
+  }
+
+  // ------------------------------------------------------------------------------------ flush
+
+  override async flush(o?: IoOptions): Promise<void> {
+    if (this.current === 'detached') return this.next.flush(o);
+    const peerFlush = this.peer ? this.peer.flush() : Promise.resolve();
+    if (this.current === 'forwarding' && this.protocol === 'sync' && this.target) {
+      const [local] = await Promise.allSettled([this.next.flush(o), this.forwardOne({ op: 'flush', offset: 0, length: 0, sent: false, done: false }).catch(() => {}), peerFlush]);
+      if (local.status === 'rejected') throw local.reason;
+      return;
+    }
+    if (this.current === 'forwarding') {
+      // async: the FLUSH is a group of its own, sent once everything before it was replied
+      this.closeOpenGroup();
+      const g = this.open;
+      g.items.push({ op: 'flush', offset: 0, length: 0, sent: false, done: false });
+      this.closeOpenGroup();
+      this.pump();
+    }
+    const node = this.current === 'resyncing' && this.resyncFront ? this.resyncFront : this.next;
+    await Promise.all([node.flush(o), peerFlush]);
+  }
+
+  // ------------------------------------------------------------------------- checkpoint's cut
+
+  /**
+   * Checkpoint steps 1–2 (replication.md §2): cut — sync: hold new writes; async: close the open
+   * group and send nothing after it — then wait until every forwarded write before the cut was
+   * replied, flush locally and forward a FLUSH. Rejects ERR_PAIR_LINK_DOWN when forwarding stops
+   * meanwhile. release() ends the cut (whatever happened).
+   */
+  async cut(): Promise<void> {
+    if (this.current !== 'forwarding' || !this.target) throw new BlkrepError('ERR_PAIR_LINK_DOWN', `the filter is ${this.current}, not forwarding: no checkpoint`);
+    if (this.protocol === 'sync') {
+      let release!: () => void;
+      const promise = new Promise<void>((r) => (release = r));
+      this.holding = { promise, release };
+      if (this.inFlight > 0) await new Promise<void>((r) => this.idleWaiters.push(r));
+    } else {
+      this.closeOpenGroup();
+      const last = this.open.id - 1;
+      this.pauseAfter = last;
+      await new Promise<void>((resolve, reject) => {
+        this.drainWaiters.push({ group: last, resolve, reject });
+        this.pump();
+      });
+    }
+    const target = this.target;
+    if (this.current !== 'forwarding' || !target) throw new BlkrepError('ERR_PAIR_LINK_DOWN', 'forwarding stopped during the checkpoint');
+    await Promise.all([this.next.flush(), this.forwardOne({ op: 'flush', offset: 0, length: 0, sent: false, done: false }), this.peer?.flush()]);
+  }
+
+  /** End the cut: held writes go on, queued ones are sent. */
+  release(): void {
+    this.releaseHold();
+    this.pauseAfter = undefined;
+    this.pump();
+  }
+
+  private releaseHold(): void {
+    const h = this.holding;
+    this.holding = undefined;
+    h?.release();
+  }
+
+  /** Requests in flight finished (for a clean stop). */
+  async idle(): Promise<void> {
+    if (this.inFlight > 0) await new Promise<void>((r) => this.idleWaiters.push(r));
+  }
+}

@@ -1,0 +1,64 @@
+/**
+ * The role an export plays in a replication pair, as the daemon sees it (PAIR-SPEC): one object
+ * per paired export, kept by the daemon by export name. The primary's side (src/pair/primary*.ts)
+ * and the secondary's side (src/pair/secondary*.ts) each implement it; the control verbs
+ * (`status`, `failover`, `checkpoint`) only call through this interface.
+ */
+import type { GenerationTuple } from './generations.js';
+import type { DiskState } from './messages.js';
+
+export type PairLinkState = 'connecting' | 'connected' | 'degraded' | 'resyncing' | 'split-brain' | 'none';
+
+/** what `status --json` shows under exports[i].pair */
+export interface PairStatus {
+  role: 'primary' | 'secondary';
+  /** the peer's address (the primary's URI of the secondary; the secondary's view of the link's peer) */
+  peer: string | null;
+  protocol: 'sync' | 'async' | null;
+  link: PairLinkState;
+  /** last committed epoch */
+  epoch: number;
+  gi: GenerationTuple;
+  diskState: DiskState;
+  /** bytes waiting in the forwarding queue (primary; 0 on a secondary) */
+  queueBytes: number;
+  /** bytes the peer misses (the peer bitmap's weight; 0 on a secondary) */
+  bytesBehind: number;
+  /** milliseconds since the last committed checkpoint, null before the first */
+  lastCheckpointAgeMs: number | null;
+  /** what the primary replicates to: a blkrep secondary with a pair link, or a plain NBD server */
+  peerKind?: 'blkrep' | 'plain';
+}
+
+export interface FailoverOptions {
+  to: 'checkpoint' | 'latest';
+  dryRun: boolean;
+  force: boolean;
+}
+
+export interface FailoverResult {
+  /** the role after the failover (on a dry run: the role it would have) */
+  role: 'primary' | 'secondary';
+  dryRun: boolean;
+  to: 'checkpoint' | 'latest';
+  /** the epoch the disk holds (the checkpoint failed over to) */
+  epoch: number;
+  /** the generation tuple after the failover (on a dry run: unchanged) */
+  gi: GenerationTuple;
+  /** bytes moved (committed into the disk); on a dry run the bytes that would be */
+  bytes: number;
+  /** milliseconds from the request to the disk served read-write */
+  ms: number;
+  /** what was done (or would be), for people */
+  explanation: string;
+  /** extra fields a side adds (the dry run's explanation object, …) */
+  [extra: string]: unknown;
+}
+
+export interface PairRole {
+  readonly role: 'primary' | 'secondary';
+  status(): PairStatus;
+  failover(o: FailoverOptions): Promise<FailoverResult>;
+  checkpoint?(): Promise<{ epoch: number }>;
+  close(): Promise<void>;
+}

@@ -1,0 +1,90 @@
+/**
+ * What a secondary's failover would do, as data and as a sentence (failover --dry-run). Pure.
+ * gen writes the pair-wide explanation (src/pair/explain.ts, explainFailover); this is the
+ * secondary's own minimal one: the rule that decides, the direction, the bytes committed.
+ */
+import type { GenerationTuple } from './generations.js';
+import type { DiskState } from './messages.js';
+
+export interface SecondaryFailoverFacts {
+  exportName: string;
+  to: 'checkpoint' | 'latest';
+  force: boolean;
+  epoch: number;
+  gi: GenerationTuple;
+  diskState: DiskState;
+  committing: number | null;
+  linkUp: boolean;
+  protocol: 'sync' | 'async' | null;
+  hiddenRuns: Array<{ offset: number; length: number }>;
+  activeRuns: Array<{ offset: number; length: number }>;
+  hiddenBytes: number;
+  activeBytes: number;
+}
+
+export interface SecondaryFailoverExplanation {
+  role: 'primary';
+  dryRun: boolean;
+  to: 'checkpoint' | 'latest';
+  epoch: number;
+  gi: GenerationTuple;
+  bytes: number;
+  ms: number;
+  explanation: string;
+  /** which rule decided: failover-to-checkpoint, failover-to-latest, refused-outdated, refused-latest, refused-failed */
+  rule: string;
+  direction: string;
+  hiddenBytes: number;
+  activeBytes: number;
+  /** bytes the primary wrote after the checkpoint that the failover drops (upper bound: hidden's clusters) */
+  droppedBytes: number;
+  allowed: boolean;
+  refusal?: { code: string; message: string };
+}
+
+export function explainSecondaryFailover(f: SecondaryFailoverFacts, dryRun = true): SecondaryFailoverExplanation {
+  const base = {
+    role: 'primary' as const,
+    dryRun,
+    to: f.to,
+    epoch: f.epoch,
+    gi: f.gi,
+    ms: 0,
+    hiddenBytes: f.hiddenBytes,
+    activeBytes: f.activeBytes,
+    direction: `this node (secondary of "${f.exportName}") becomes the primary; the old primary must resync from it (failback bitmap "failback")`,
+  };
+  const refused = (rule: string, code: string, message: string): SecondaryFailoverExplanation => ({
+    ...base,
+    rule,
+    bytes: 0,
+    droppedBytes: 0,
+    allowed: false,
+    refusal: { code, message },
+    explanation: `refused: ${message}`,
+  });
+  if (f.diskState === 'Failed') return refused('refused-failed', 'ERR_PAIR_STATE', 'the secondary\'s disk has Failed (an I/O error): it is not promotable');
+  if (f.diskState === 'Outdated' && !f.force) {
+    return refused('refused-outdated', 'ERR_PAIR_OUTDATED', `the secondary is Outdated (the primary degraded after checkpoint ${f.epoch}): failing over loses the primary's writes since; add --force to fail over anyway`);
+  }
+  if (f.to === 'latest') {
+    if (f.protocol !== 'sync') return refused('refused-latest', 'ERR_PAIR_STATE', `--to latest needs a primary that replicated with --protocol sync (it was ${f.protocol ?? 'unknown: no primary connected since the start'}): only then is the disk a state the primary acknowledged; fail over --to checkpoint`);
+    if (f.diskState === 'Inconsistent') return refused('refused-latest', 'ERR_PAIR_STATE', 'the disk is Inconsistent (a resync was running): --to latest is not a state the primary was in; fail over --to checkpoint');
+    return {
+      ...base,
+      rule: 'failover-to-latest',
+      bytes: f.activeBytes,
+      droppedBytes: 0,
+      allowed: true,
+      explanation: `fail over to the latest write: the hidden disk (${f.hiddenBytes} bytes of checkpoint ${f.epoch}'s old data) is dropped, the active disk (${f.activeBytes} bytes of the secondary's own writes) is committed into the disk; a new generation; the disk is served read-write as "${f.exportName}"`,
+    };
+  }
+  return {
+    ...base,
+    rule: 'failover-to-checkpoint',
+    bytes: f.hiddenBytes + f.activeBytes,
+    droppedBytes: f.hiddenBytes,
+    allowed: true,
+    explanation: `fail over to checkpoint ${f.epoch}: the hidden disk (${f.hiddenBytes} bytes) and then the active disk (${f.activeBytes} bytes) are committed into the disk, dropping up to ${f.hiddenBytes} bytes the primary wrote after checkpoint ${f.epoch}; a new generation; the disk is served read-write as "${f.exportName}"${f.linkUp ? '; the connected primary is demoted' : ''}`,
+  };
+}

@@ -1,0 +1,477 @@
+/**
+ * The secondary of a replication pair (replication.md §1–4, PAIR-SPEC): the replica export
+ * (copy-before-write over the disk) for the one primary that holds the pair link, the view export
+ * (active → hidden → disk), checkpoint steps 4–7 with their crash rules, and failover.
+ *
+ *   serve-nbd DISK --secondary [--hidden FILE] [--active FILE] [--view-export NAME]
+ *
+ * The replica export is served only while a primary holds the link (or always, with
+ * acceptPlainPrimary); every role change and the link's end close its connections, so a stale
+ * primary cannot write. Checkpoints and failover run one at a time.
+ */
+import type { Duplex } from 'node:stream';
+import type { BlockNode, CompleteBlockNode, WriteOptions, ZeroOptions } from '../api/block.js';
+import { BlkrepError, toBlkrepError } from '../api/errors.js';
+import { Filter } from '../block/filter.js';
+import { OPT_BLKREP_PAIR_LINK } from '../nbd/option-takeover.js';
+import type { PairContext, PairSetup } from '../serve/daemon.js';
+import { CbwFilter } from './cbw-filter.js';
+import { crashPoint } from './crash-hook.js';
+import { decide, mint, type Decision, type GenerationTuple } from './generations.js';
+import { PAIR_LINK_VERSION, PairChannel, type DiskState, type LinkDecision, type NodeSummary, type PairMessage } from './messages.js';
+import type { FailoverOptions, FailoverResult, PairRole, PairStatus } from './role.js';
+import { allocatedRuns, openSecondaryImages, OVERLAY_CLUSTER, type SecondaryImages } from './secondary-images.js';
+import { explainSecondaryFailover, type SecondaryFailoverFacts } from './secondary-explain.js';
+import { initialState, pairStatePath, PairStateFile } from './state.js';
+import { gated, WriteGate } from './write-gate.js';
+
+export interface SecondaryOptions {
+  /** the hidden disk (default DISK.hidden.qcow2) */
+  hidden?: string;
+  /** the active disk (default DISK.active.qcow2) */
+  active?: string;
+  /** serve the view (active → hidden → disk) under this name */
+  viewExport?: string;
+  viewReadOnly?: boolean;
+  /** serve the replica export without a pair link (a plain NBD primary: QEMU, nbdcopy …) */
+  acceptPlainPrimary?: boolean;
+}
+
+/** The failback bitmap a promoted secondary starts (blkrep replicate resyncs the old primary by it). */
+export const FAILBACK_BITMAP = 'failback';
+
+export function secondarySetup(exportName: string, o: SecondaryOptions): PairSetup {
+  return { export: exportName, start: (ctx) => SecondaryRole.start(ctx, o) };
+}
+
+type Run = { offset: number; length: number };
+
+/** The view export's node: writes wait while a checkpoint holds them. */
+class ViewNode extends Filter {
+  readonly driver = 'secondary-view';
+  constructor(
+    next: BlockNode,
+    private readonly gate: WriteGate,
+  ) {
+    super(next);
+  }
+  override write(offset: number, data: Buffer, o?: WriteOptions): Promise<void> {
+    return gated(this.gate, () => this.next.write(offset, data, o));
+  }
+  override writeZeroes(offset: number, length: number, o?: ZeroOptions): Promise<void> {
+    return gated(this.gate, () => this.next.writeZeroes(offset, length, o));
+  }
+  override trim(offset: number, length: number, o?: WriteOptions): Promise<void> {
+    return gated(this.gate, () => this.next.trim(offset, length, o));
+  }
+  override close(): Promise<void> {
+    return Promise.resolve();
+  }
+}
+
+function diskPathOf(image: string): string {
+  if (image.startsWith('memory:') || /^nbds?(\+\w+)?:\/\//.test(image)) {
+    throw new BlkrepError('ERR_USAGE', `--secondary needs a disk file (its pair state, hidden and active disks live beside it), not "${image}"`, { errno: 'EINVAL' });
+  }
+  return image.startsWith('raw:') ? image.slice('raw:'.length) : image;
+}
+
+function sum(runs: readonly Run[]): number {
+  return runs.reduce((n, r) => n + r.length, 0);
+}
+
+export class SecondaryRole implements PairRole {
+  private link: PairChannel | undefined;
+  /** what the primary said in its hello */
+  private peerHello: { gi: GenerationTuple; protocol: 'sync' | 'async'; nodeId: string } | undefined;
+  private lastCheckpointAt: number | null = null;
+  private queue: Promise<unknown> = Promise.resolve();
+  private promoted = false;
+  private closing: Promise<void> | undefined;
+  private readonly viewGate = new WriteGate();
+  private readonly cbw: CbwFilter | undefined;
+  private readonly view: ViewNode | undefined;
+
+  private constructor(
+    private readonly ctx: PairContext,
+    private readonly o: SecondaryOptions,
+    private readonly state: PairStateFile,
+    private readonly images: SecondaryImages | undefined,
+  ) {
+    if (images) {
+      this.cbw = new CbwFilter(ctx.exportNode, images.hiddenNode, OVERLAY_CLUSTER, (err) => this.onCopyError(err));
+      this.view = new ViewNode(images.activeNode, this.viewGate);
+    }
+  }
+
+  static async start(ctx: PairContext, o: SecondaryOptions): Promise<SecondaryRole> {
+    const diskPath = diskPathOf(ctx.image);
+    const state = await PairStateFile.open(pairStatePath(diskPath), () => initialState('secondary'));
+    if (state.state.role !== 'secondary') {
+      // the command line decides: an old primary comes back as a secondary for failback
+      if (state.state.role === 'primary') ctx.log('warn', `${diskPath} was a primary${state.state.cleanShutdown ? '' : ' and did not stop cleanly'}; it starts as a secondary (--secondary)`);
+      await state.update((s) => ({ ...s, role: 'secondary' }));
+    }
+    const images = await openSecondaryImages(diskPath, ctx.imageNode, o);
+    const role = new SecondaryRole(ctx, o, state, images);
+    try {
+      await role.recover();
+      for (const r of await allocatedRuns(images.hiddenNode)) role.cbw!.markCopied(r.offset, r.length);
+      ctx.server.removeExport(ctx.exportName, 'the replica export waits for a primary');
+      if (o.acceptPlainPrimary) role.addReplicaExport();
+      if (o.viewExport !== undefined) {
+        ctx.server.addExport({
+          name: o.viewExport,
+          node: role.view!,
+          readOnly: o.viewReadOnly ?? false,
+          description: `view of ${diskPath} (active → hidden → disk)`,
+          ...(ctx.minimumBlockSize === undefined ? {} : { minimumBlockSize: ctx.minimumBlockSize }),
+        });
+      }
+      ctx.extensions.set(OPT_BLKREP_PAIR_LINK, { name: 'pair link', accept: (data, peer) => role.acceptLink(data, peer) });
+    } catch (err) {
+      await role.close().catch(() => {});
+      throw err;
+    }
+    return role;
+  }
+
+  get role(): 'primary' | 'secondary' {
+    return this.promoted ? 'primary' : 'secondary';
+  }
+
+  status(): PairStatus & { secondary: Record<string, unknown> } {
+    const s = this.state.state;
+    return {
+      role: this.role,
+      peer: this.link?.peer ?? null,
+      protocol: this.link ? (this.peerHello?.protocol ?? null) : null,
+      link: this.link ? (s.diskState === 'Inconsistent' ? 'resyncing' : 'connected') : 'none',
+      epoch: s.epoch,
+      gi: s.gi,
+      diskState: s.diskState,
+      queueBytes: 0,
+      bytesBehind: 0,
+      lastCheckpointAgeMs: this.lastCheckpointAt === null ? null : Date.now() - this.lastCheckpointAt,
+      peerKind: this.link ? 'blkrep' : this.o.acceptPlainPrimary ? 'plain' : undefined,
+      secondary: {
+        hidden: this.images?.hiddenPath ?? null,
+        active: this.images?.activePath ?? null,
+        viewExport: this.promoted ? null : (this.o.viewExport ?? null),
+        copiedClusters: this.cbw?.copiedClusters ?? 0,
+        committing: s.committing,
+        replicaExport: this.ctx.server.findExport(this.ctx.exportName) !== undefined,
+      },
+    };
+  }
+
+  /** A checkpoint taken on the secondary itself (a plain primary, --accept-plain-primary). */
+  checkpoint(): Promise<{ epoch: number }> {
+    if (this.promoted) return Promise.reject(this.roleError('take a checkpoint as a secondary'));
+    return this.serial(async () => ({ epoch: await this.applyCheckpoint(this.state.state.epoch + 1) }));
+  }
+
+  async failover(o: FailoverOptions): Promise<FailoverResult> {
+    if (this.promoted) throw this.roleError('fail over');
+    const t0 = Date.now();
+    return this.serial(async () => {
+      const facts = await this.failoverFacts(o);
+      const explained = explainSecondaryFailover(facts, o.dryRun);
+      if (o.dryRun) return { ...explained, ms: Date.now() - t0 };
+      if (explained.refusal) throw new BlkrepError(explained.refusal.code, explained.refusal.message, { errno: 'EPERM', details: { diskState: facts.diskState, to: o.to } });
+      this.ctx.publish('failover-started', { export: this.ctx.exportName, to: o.to, epoch: facts.epoch });
+      try {
+        await this.promote(o, facts);
+      } catch (err) {
+        const e = toBlkrepError(err);
+        this.ctx.publish('failover-failed', { export: this.ctx.exportName, code: e.code, message: e.message });
+        throw e;
+      }
+      const ms = Date.now() - t0;
+      const result: FailoverResult = { ...explained, role: 'primary', gi: this.state.state.gi, ms, failbackBitmap: FAILBACK_BITMAP };
+      this.ctx.publish('failover-done', { export: this.ctx.exportName, to: o.to, epoch: facts.epoch, bytes: result.bytes, ms });
+      return result;
+    });
+  }
+
+  close(): Promise<void> {
+    this.closing ??= (async () => {
+      if (this.ctx.extensions.get(OPT_BLKREP_PAIR_LINK)) this.ctx.extensions.delete(OPT_BLKREP_PAIR_LINK);
+      this.link?.close(new BlkrepError('ERR_PAIR_LINK_DOWN', 'the secondary is stopping'));
+      this.link = undefined;
+      await this.queue.catch(() => {});
+      if (this.images) {
+        await this.images.active.close().catch((err: unknown) => this.ctx.log('warn', `active disk: ${(err as Error).message}`));
+        await this.images.hidden.close().catch((err: unknown) => this.ctx.log('warn', `hidden disk: ${(err as Error).message}`));
+      }
+      if (this.promoted) await this.state.update((s) => ({ ...s, cleanShutdown: true })).catch(() => {});
+    })();
+    return this.closing;
+  }
+
+  // ------------------------------------------------------------------------------ the link
+
+  private acceptLink(data: Buffer, peer: string): string | ((stream: Duplex, rest: Buffer) => void) {
+    let name: unknown;
+    try {
+      name = (JSON.parse(data.toString('utf8')) as { exportName?: unknown }).exportName;
+    } catch {
+      return 'the pair link option carries JSON {"exportName": NAME}';
+    }
+    if (name !== this.ctx.exportName) return `no replica export ${JSON.stringify(name)} here (this secondary replicates "${this.ctx.exportName}")`;
+    return (stream, rest) => {
+      const channel = new PairChannel(stream, peer, (m, ch) => this.onMessage(m, ch), rest);
+      channel.onClose((why) => this.onLinkClosed(channel, why));
+    };
+  }
+
+  private onMessage(m: PairMessage, ch: PairChannel): void {
+    switch (m.type) {
+      case 'hello':
+        return this.onHello(m, ch);
+      case 'checkpoint':
+        if (ch !== this.link) return this.answerFailed(ch, m.seq, m.n, new BlkrepError('ERR_PAIR_PROTOCOL', 'checkpoint before a welcomed hello'));
+        void this.serial(() => this.applyCheckpoint(m.n)).then(
+          (epoch) => ch.isOpen && ch.send({ type: 'done', re: m.seq, n: m.n, epoch }),
+          (err: unknown) => this.answerFailed(ch, m.seq, m.n, toBlkrepError(err)),
+        );
+        return;
+      case 'abort':
+        // a checkpoint runs to its end once started (steps 5–7 cannot be undone): the answer says which epoch holds
+        void this.serial(async () => this.state.state.epoch).then((epoch) => ch.isOpen && ch.send({ type: 'done', re: m.seq, n: m.n, epoch }));
+        return;
+      case 'event':
+        if (ch === this.link && m.name === 'replication-degraded') void this.setDiskState('Outdated');
+        return;
+      case 'ping':
+        if (ch.isOpen) ch.send({ type: 'pong', t: m.t });
+        return;
+      default:
+        return;
+    }
+  }
+
+  private answerFailed(ch: PairChannel, re: number, n: number, e: BlkrepError): void {
+    this.ctx.publish('checkpoint-failed', { export: this.ctx.exportName, n, code: e.code, message: e.message });
+    if (ch.isOpen) ch.send({ type: 'failed', re, n, code: e.code, message: e.message });
+  }
+
+  private summary(): NodeSummary {
+    const s = this.state.state;
+    return { nodeId: s.nodeId, role: 'secondary', gi: s.gi, epoch: s.epoch, diskState: s.diskState, crashedPrimary: false, bitmapBytes: 0 };
+  }
+
+  private onHello(m: Extract<PairMessage, { type: 'hello' }>, ch: PairChannel): void {
+    const refuse = (code: string, message: string, decision?: LinkDecision): void => {
+      this.ctx.publish('pair-refused', { export: this.ctx.exportName, peer: ch.peer, code, message, ...(decision ? { rule: decision.rule } : {}) });
+      ch.send({ type: 'refuse', re: m.seq, code, message, ...(decision ? { decision } : {}) });
+      ch.stream.end();
+      setTimeout(() => ch.close(), 2000).unref();
+    };
+    if (m.version !== PAIR_LINK_VERSION) return refuse('ERR_PAIR_PROTOCOL', `pair link version ${m.version} is not ${PAIR_LINK_VERSION}`);
+    if (this.promoted) return refuse('ERR_PAIR_ROLE', `this node was promoted (failover): it is a primary now and takes no primary's writes`);
+    if (this.link?.isOpen) return refuse('ERR_PAIR_BUSY', `a primary holds the pair link already (${this.link.peer}); one at a time`);
+    if (m.role !== 'primary') return refuse('ERR_PAIR_ROLE', `the peer says it is a ${m.role}: only a primary replicates to a secondary`);
+    const size = this.ctx.exportNode.size;
+    if (m.size !== size) return refuse('ERR_PAIR_SIZE', `the primary's disk is ${m.size} bytes, this secondary's ${size}: they must be the same length`);
+    const s = this.state.state;
+    const d = decide({ gi: s.gi, crashedPrimary: false }, { gi: m.gi, crashedPrimary: m.crashedPrimary });
+    const decision = linkDecision(d);
+    if (decision.action === 'refuse') {
+      if (d.result === 'split-brain' || d.result === 'split-brain-manual') this.ctx.publish('split-brain', { export: this.ctx.exportName, rule: d.rule, explanation: d.explanation });
+      const code = d.result === 'unrelated' ? 'ERR_PAIR_UNRELATED' : d.result.startsWith('split-brain') ? 'ERR_PAIR_SPLIT_BRAIN' : 'ERR_PAIR_ROLE';
+      return refuse(code, `rule ${d.rule}: ${d.explanation}`, decision);
+    }
+    this.link = ch;
+    this.peerHello = { gi: m.gi, protocol: m.protocol, nodeId: m.nodeId };
+    void (async () => {
+      const next: DiskState = decision.action === 'none' ? (s.diskState === 'Outdated' || s.diskState === 'Failed' ? s.diskState : 'UpToDate') : 'Inconsistent';
+      await this.setDiskState(next);
+      if (!ch.isOpen || this.link !== ch) return;
+      this.addReplicaExport();
+      ch.send({ type: 'welcome', re: m.seq, version: PAIR_LINK_VERSION, size, ...this.summary(), decision });
+      this.ctx.publish('replication-connected', { export: this.ctx.exportName, peer: ch.peer, role: 'secondary', rule: d.rule, action: decision.action, protocol: m.protocol });
+    })().catch((err: unknown) => ch.close(toBlkrepError(err)));
+  }
+
+  private onLinkClosed(ch: PairChannel, why: Error): void {
+    if (ch !== this.link) return;
+    this.link = undefined;
+    if (!this.o.acceptPlainPrimary && !this.promoted) this.ctx.server.removeExport(this.ctx.exportName, 'the primary\'s pair link went away');
+    if (this.state.state.diskState === 'UpToDate') void this.setDiskState('Consistent').catch(() => {});
+    this.ctx.publish('replication-degraded', { export: this.ctx.exportName, role: 'secondary', reason: why.message });
+  }
+
+  private addReplicaExport(): void {
+    if (this.ctx.server.findExport(this.ctx.exportName)) return;
+    const exp = this.ctx.server.addExport({
+      name: this.ctx.exportName,
+      node: this.promoted ? this.ctx.exportNode : this.cbw!,
+      ...(this.ctx.minimumBlockSize === undefined ? {} : { minimumBlockSize: this.ctx.minimumBlockSize }),
+    });
+    this.ctx.bitmaps.attach(exp);
+  }
+
+  private onCopyError(err: BlkrepError): void {
+    this.ctx.publish('replication-degraded', { export: this.ctx.exportName, role: 'secondary', reason: err.message, code: err.code });
+    if (this.link?.isOpen) this.link.send({ type: 'event', name: 'cbw-failed', fields: { code: err.code, message: err.message } });
+  }
+
+  private async setDiskState(d: DiskState): Promise<void> {
+    if (this.state.state.diskState !== d) await this.state.update((s) => ({ ...s, diskState: d }));
+  }
+
+  // ------------------------------------------------------------------------------ checkpoints
+
+  /** One checkpoint or failover at a time. */
+  private serial<T>(fn: () => Promise<T>): Promise<T> {
+    const run = this.queue.then(fn, fn);
+    this.queue = run.catch(() => {});
+    return run;
+  }
+
+  /** Crash rule: a restart between steps 5 and 7 redoes step 6 and commits (the disk is CP_N already). */
+  private async recover(): Promise<void> {
+    const n = this.state.state.committing;
+    if (n === null) return;
+    this.ctx.log('warn', `checkpoint ${n} was committing when the secondary stopped: emptying the hidden and active disks again and committing epoch ${n}`);
+    await this.emptyOverlays();
+    await this.state.update((s) => ({ ...s, epoch: n, committing: null }));
+  }
+
+  private async emptyOverlays(): Promise<void> {
+    this.cbw!.reset();
+    // QEMU's order: active, then hidden
+    await this.images!.active.makeEmpty();
+    await this.images!.hidden.makeEmpty();
+  }
+
+  /** Steps 4–7 of checkpoint n (replication.md §2). Resolves with the committed epoch. */
+  private async applyCheckpoint(n: number): Promise<number> {
+    if (this.promoted) throw this.roleError('take a checkpoint as a secondary');
+    const epoch = this.state.state.epoch;
+    if (!Number.isSafeInteger(n) || n < 1) throw new BlkrepError('ERR_PAIR_PROTOCOL', `checkpoint number ${n} is not a positive integer`);
+    if (n <= epoch) return epoch; // committed already: a retry whose DONE was lost
+    const t0 = Date.now();
+    const cbw = this.cbw!;
+    // step 4: stop taking replica writes, hold the view's writes, flush the disk
+    await cbw.gate.hold();
+    await this.viewGate.hold();
+    try {
+      await this.ctx.exportNode.flush();
+      crashPoint('checkpoint-step-4');
+      // step 5: durably "checkpoint n committing"
+      await this.state.update((s) => ({ ...s, committing: n }));
+      crashPoint('checkpoint-step-5');
+      // step 6: reset the CBW bits, empty active, then hidden
+      await this.emptyOverlays();
+      crashPoint('checkpoint-step-6');
+      // step 7: durably "epoch n committed"; a resync ended with this checkpoint: adopt the primary's generations
+      const gi = this.peerHello?.gi;
+      await this.state.update((s) => ({ ...s, epoch: n, committing: null, ...(gi && this.link ? { gi, diskState: 'UpToDate' as const } : {}) }));
+      crashPoint('checkpoint-step-7');
+    } finally {
+      this.viewGate.release();
+      cbw.gate.release();
+    }
+    this.lastCheckpointAt = Date.now();
+    this.ctx.publish('checkpoint', { export: this.ctx.exportName, role: 'secondary', epoch: n, ms: this.lastCheckpointAt - t0 });
+    return n;
+  }
+
+  // ------------------------------------------------------------------------------ failover
+
+  private async failoverFacts(o: FailoverOptions): Promise<SecondaryFailoverFacts> {
+    const s = this.state.state;
+    const images = this.images!;
+    const hiddenRuns = await allocatedRuns(images.hiddenNode);
+    const activeRuns = await allocatedRuns(images.activeNode);
+    return {
+      exportName: this.ctx.exportName,
+      to: o.to,
+      force: o.force,
+      epoch: s.epoch,
+      gi: s.gi,
+      diskState: s.diskState,
+      committing: s.committing,
+      linkUp: this.link !== undefined,
+      protocol: this.peerHello?.protocol ?? null,
+      hiddenRuns,
+      activeRuns,
+      hiddenBytes: sum(hiddenRuns),
+      activeBytes: sum(activeRuns),
+    };
+  }
+
+  /** replication.md §2 "Failover on S". */
+  private async promote(o: FailoverOptions, f: SecondaryFailoverFacts): Promise<void> {
+    const { server, exportName, exportNode, bitmaps } = this.ctx;
+    const images = this.images!;
+    // refuse the old primary: demote on the link, close the replica and view exports' connections
+    const link = this.link;
+    this.link = undefined;
+    if (link?.isOpen) {
+      link.send({ type: 'demote', reason: `the secondary fails over to ${o.to === 'latest' ? 'the latest write' : `checkpoint ${f.epoch}`}` });
+      link.stream.end();
+      setTimeout(() => link.close(), 2000).unref();
+    }
+    server.removeExport(exportName, 'failover: the secondary is being promoted');
+    if (this.o.viewExport !== undefined) server.removeExport(this.o.viewExport, 'failover: the view is committed into the disk');
+    await this.cbw!.gate.hold();
+    await this.viewGate.hold();
+    try {
+      // the failback bitmap: every cluster the old primary may hold differently (active ∪ hidden)
+      await bitmaps.add(FAILBACK_BITMAP).catch((err: unknown) => {
+        if ((err as { code?: string }).code !== 'ERR_BITMAP_EXISTS') throw err;
+      });
+      const seed = [...f.hiddenRuns, ...f.activeRuns];
+      if (seed.length) await bitmaps.fill(FAILBACK_BITMAP, { ranges: seed });
+      // commit the view: hidden's clusters (the checkpoint's old data), then active's on top
+      if (o.to === 'checkpoint') await copyRuns(images.hiddenNode, exportNode, f.hiddenRuns);
+      await copyRuns(images.activeNode, exportNode, f.activeRuns);
+      await exportNode.flush();
+      await this.emptyOverlays();
+      await this.state.update((s) => ({ ...s, role: 'primary', gi: mint(s.gi), committing: null, diskState: 'UpToDate', cleanShutdown: false }));
+      this.promoted = true;
+    } catch (err) {
+      // reads of the view still show the checkpoint (failure case 7)
+      if (this.o.viewExport !== undefined && !server.findExport(this.o.viewExport)) server.addExport({ name: this.o.viewExport, node: this.view!, readOnly: this.o.viewReadOnly ?? false });
+      throw err;
+    } finally {
+      this.viewGate.release();
+      this.cbw!.gate.release();
+    }
+    this.addReplicaExport();
+  }
+
+  private roleError(what: string): BlkrepError {
+    return new BlkrepError('ERR_PAIR_ROLE', `cannot ${what}: export "${this.ctx.exportName}" was promoted and is a primary now`, { errno: 'EPERM' });
+  }
+}
+
+function linkDecision(d: Decision): LinkDecision {
+  switch (d.result) {
+    case 'no-sync':
+      return { rule: d.rule, action: 'none', explanation: d.explanation };
+    case 'target-bitmap':
+      return { rule: d.rule, action: 'resync-bitmap', explanation: d.explanation };
+    case 'target-full':
+      return { rule: d.rule, action: 'resync-full', explanation: d.explanation };
+    case 'source-bitmap':
+    case 'source-full':
+      return { rule: d.rule, action: 'refuse', explanation: `${d.explanation}; this secondary holds newer data than the primary: it must be the source (fail over here, or resync it from the primary by hand)` };
+    default:
+      return { rule: d.rule, action: 'refuse', explanation: d.explanation };
+  }
+}
+
+/** Copy what `from` holds in `runs` onto `to`, 1 MiB at a time. */
+async function copyRuns(from: CompleteBlockNode, to: CompleteBlockNode, runs: readonly Run[]): Promise<void> {
+  const CHUNK = 1024 * 1024;
+  for (const r of runs) {
+    for (let at = r.offset; at < r.offset + r.length; at += CHUNK) {
+      const len = Math.min(CHUNK, r.offset + r.length - at);
+      await to.write(at, await from.read(at, len));
+    }
+  }
+}

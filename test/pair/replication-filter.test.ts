@@ -1,0 +1,238 @@
+/**
+ * The replication filter against in-process secondaries (memory nodes with a gate and faults):
+ * sync and async completion, write-order fidelity, a failing forward never failing the client's
+ * write, queue overflow, the peer bitmap, a checkpoint's cut.
+ */
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { BlkrepError } from '../../src/api/errors.js';
+import { PersistentBitmap } from '../../src/bitmap/persistent.js';
+import { MemoryNode } from '../../src/block/memory.js';
+import { ReplicationFilter, type ReplicationProtocol } from '../../src/pair/replication-filter.js';
+import { Gate, hookNode, type HookOptions } from '../support/fault-node.js';
+import { makeTempDir, withTimeout } from '../support/spawn.js';
+
+const SIZE = 16 << 20;
+const G = 64 << 10;
+
+function fill(byte: number, length: number): Buffer {
+  return Buffer.alloc(length, byte);
+}
+
+async function setup(protocol: ReplicationProtocol, hooks: HookOptions = {}, queueBytes?: number) {
+  const dir = await makeTempDir();
+  const local = new MemoryNode(SIZE);
+  const remote = new MemoryNode(SIZE);
+  const target = hookNode(remote, hooks);
+  const peer = await PersistentBitmap.create(join(dir, 'peer.bitmap'), { size: SIZE, granularity: G });
+  const degraded: Array<{ reason: string; code: string | undefined }> = [];
+  const filter = new ReplicationFilter(local, {
+    protocol,
+    peerBitmap: peer,
+    ...(queueBytes === undefined ? {} : { queueBytes }),
+    onDegraded: (reason, error) => degraded.push({ reason, code: error?.code }),
+  });
+  filter.attach(target);
+  return { local, remote, target, peer, filter, degraded };
+}
+
+/** let queued microtasks and promise chains run (no timers) */
+async function settle(): Promise<void> {
+  for (let i = 0; i < 20; i++) await new Promise<void>((r) => setImmediate(r));
+}
+
+describe('replication filter, sync', () => {
+  it('completes a write only once the secondary replied; both disks hold the bytes', async () => {
+    const gate = new Gate();
+    const { local, remote, filter, peer } = await setup('sync', { gate, gateOps: ['write'] });
+    gate.close();
+    let done = false;
+    const w = filter.write(G, fill(0x11, 8192)).then(() => (done = true));
+    await gate.waitEntered(1);
+    await settle();
+    expect(done).toBe(false);
+    expect((await local.read(G, 8192)).equals(fill(0x11, 8192))).toBe(true);
+    gate.open();
+    await w;
+    expect((await remote.read(G, 8192)).equals(fill(0x11, 8192))).toBe(true);
+    // replied but not yet flushed on the secondary: the granule stays in the peer bitmap
+    expect(peer.bitmap.isDirty(G, 8192)).toBe(true);
+    await filter.flush();
+    expect(peer.bitmap.dirtyBytes).toBe(0);
+    await peer.close();
+  });
+
+  it('forwards FUA as FUA and a FLUSH as a FLUSH; reads stay local', async () => {
+    const { target, filter, peer } = await setup('sync');
+    await filter.write(0, fill(0x22, 4096), { fua: true });
+    await filter.flush();
+    await filter.read(0, 4096);
+    expect(target.log.map((r) => [r.op, r.fua ?? false])).toEqual([
+      ['write', true],
+      ['flush', false],
+    ]);
+    await peer.close();
+  });
+
+  it('a failing forward never fails the write: the filter degrades, the region is in the peer bitmap', async () => {
+    const { local, remote, filter, peer, degraded, target } = await setup('sync', { failWrites: [[2 * G, 3 * G]] });
+    await filter.write(0, fill(0x11, 4096));
+    await filter.flush();
+    await expect(filter.write(2 * G, fill(0x33, 4096))).resolves.toBeUndefined();
+    expect(filter.mode).toBe('degraded');
+    expect(degraded).toHaveLength(1);
+    expect(degraded[0]!.reason).toMatch(/^forward-failed: ERR_INJECTED: /);
+    expect(degraded[0]!.code).toBe('ERR_INJECTED');
+    expect((await local.read(2 * G, 4096)).equals(fill(0x33, 4096))).toBe(true);
+    // later writes go to the local disk only, and are tracked
+    const forwarded = target.log.length;
+    await filter.write(5 * G, fill(0x44, 4096));
+    expect(target.log.length).toBe(forwarded);
+    expect((await remote.read(5 * G, 4096)).equals(Buffer.alloc(4096))).toBe(true);
+    expect([...peer.bitmap.dirtyRuns()]).toEqual([
+      { offset: 2 * G, length: G },
+      { offset: 5 * G, length: G },
+    ]);
+    await peer.close();
+  });
+
+  it('a local write error fails the request (the disk\'s error), replication goes on', async () => {
+    const dir = await makeTempDir();
+    const local = hookNode(new MemoryNode(SIZE), { failWrites: [[0, G]] });
+    const remote = new MemoryNode(SIZE);
+    const peer = await PersistentBitmap.create(join(dir, 'peer.bitmap'), { size: SIZE, granularity: G });
+    const filter = new ReplicationFilter(local, { protocol: 'sync', peerBitmap: peer });
+    filter.attach(remote);
+    const err = await filter.write(0, fill(1, 512)).catch((e: unknown) => e);
+    expect((err as BlkrepError).code).toBe('ERR_INJECTED');
+    expect(filter.mode).toBe('forwarding');
+    // the secondary may hold it: the granule is in the peer bitmap
+    expect(peer.bitmap.isDirty(0, 512)).toBe(true);
+    await peer.close();
+  });
+
+  it('refuses a secondary of another size with ERR_PAIR_SIZE', async () => {
+    const filter = new ReplicationFilter(new MemoryNode(SIZE), { protocol: 'sync' });
+    expect(() => filter.attach(new MemoryNode(SIZE + 4096))).toThrow(expect.objectContaining({ code: 'ERR_PAIR_SIZE' }));
+  });
+});
+
+describe('replication filter, async', () => {
+  it('completes after the local write; a write issued after another completed is sent only once that one was replied', async () => {
+    const gate = new Gate();
+    const { remote, target, filter, peer } = await setup('async', { gate, gateOps: ['write'] });
+    gate.close();
+    await filter.write(0, fill(0xa1, 4096)); // completes without the secondary
+    await gate.waitEntered(1);
+    await filter.write(0, fill(0xa2, 4096)); // depends on the first: a new barrier group
+    await settle();
+    expect(target.log.filter((r) => r.op === 'write')).toHaveLength(1);
+    expect(filter.queueBytes).toBe(8192);
+    gate.open();
+    await withTimeout(
+      (async () => {
+        while (filter.queueBytes > 0) await settle();
+      })(),
+      5000,
+      'the queue to drain',
+    );
+    expect(target.log.filter((r) => r.op === 'write')).toHaveLength(2);
+    expect((await remote.read(0, 4096)).equals(fill(0xa2, 4096))).toBe(true);
+    await peer.close();
+  });
+
+  it('writes in flight together form one group and are sent together', async () => {
+    const gate = new Gate();
+    const localGate = new Gate();
+    const dir = await makeTempDir();
+    const local = hookNode(new MemoryNode(SIZE), { gate: localGate, gateOps: ['write'] });
+    const target = hookNode(new MemoryNode(SIZE), { gate, gateOps: ['write'] });
+    const peer = await PersistentBitmap.create(join(dir, 'peer.bitmap'), { size: SIZE, granularity: G });
+    const filter = new ReplicationFilter(local, { protocol: 'async', peerBitmap: peer });
+    filter.attach(target);
+    localGate.close();
+    gate.close();
+    const a = filter.write(0, fill(1, 4096));
+    const b = filter.write(G, fill(2, 4096));
+    await localGate.waitEntered(2);
+    localGate.open();
+    await Promise.all([a, b]);
+    await gate.waitEntered(2);
+    expect(target.log.filter((r) => r.op === 'write').map((r) => r.offset).sort((x, y) => x - y)).toEqual([0, G]);
+    gate.open();
+    await peer.close();
+  });
+
+  it('a full queue degrades replication; every write still succeeds and is in the peer bitmap', async () => {
+    const gate = new Gate();
+    const { filter, peer, degraded, local } = await setup('async', { gate, gateOps: ['write'] }, 1 << 20);
+    gate.close();
+    for (let i = 0; i < 4; i++) await expect(filter.write(i * (512 << 10), fill(0x10 + i, 512 << 10))).resolves.toBeUndefined();
+    expect(filter.mode).toBe('degraded');
+    expect(degraded.map((d) => [d.reason, d.code])).toEqual([['queue-full', 'ERR_PAIR_QUEUE_FULL']]);
+    expect(filter.queueBytes).toBe(0);
+    expect([...peer.bitmap.dirtyRuns()]).toEqual([{ offset: 0, length: 2 << 20 }]);
+    for (let i = 0; i < 4; i++) expect((await local.read(i * (512 << 10), 512 << 10)).equals(fill(0x10 + i, 512 << 10))).toBe(true);
+    gate.open();
+    await peer.close();
+  });
+
+  it("a checkpoint's cut sends nothing written after it until release, and flushes both", async () => {
+    const { target, filter, peer } = await setup('async');
+    await filter.write(0, fill(1, 4096));
+    await filter.cut();
+    const before = target.log.map((r) => r.op);
+    expect(before).toEqual(['write', 'flush']);
+    await filter.write(G, fill(2, 4096));
+    await settle();
+    expect(target.log.map((r) => r.op)).toEqual(before);
+    filter.release();
+    await withTimeout(
+      (async () => {
+        while (filter.queueBytes > 0) await settle();
+      })(),
+      5000,
+      'the queue to drain',
+    );
+    expect(target.log.map((r) => [r.op, r.offset])).toEqual([
+      ['write', 0],
+      ['flush', 0],
+      ['write', G],
+    ]);
+    await peer.close();
+  });
+});
+
+describe('replication filter, sync cut', () => {
+  it('holds new writes during the cut, lets them go at release', async () => {
+    const { target, filter, peer } = await setup('sync');
+    await filter.cut();
+    let done = false;
+    const w = filter.write(0, fill(9, 4096)).then(() => (done = true));
+    await settle();
+    expect(done).toBe(false);
+    expect(target.log.map((r) => r.op)).toEqual(['flush']);
+    filter.release();
+    await w;
+    expect(target.log.map((r) => r.op)).toEqual(['flush', 'write']);
+    await peer.close();
+  });
+
+  it('a cut while degraded fails with ERR_PAIR_LINK_DOWN', async () => {
+    const { filter, peer } = await setup('sync');
+    filter.degrade('test');
+    await expect(filter.cut()).rejects.toMatchObject({ code: 'ERR_PAIR_LINK_DOWN' });
+    await peer.close();
+  });
+});
+
+describe('reconnect backoff', () => {
+  it('is 100 ms × 2^k, at most 10 s, jittered ±20 %', async () => {
+    const { backoffDelay } = await import('../../src/pair/primary.js');
+    expect([0, 1, 2, 3, 6, 7, 20].map((k) => backoffDelay(k, () => 0.5))).toEqual([100, 200, 400, 800, 6400, 10_000, 10_000]);
+    expect(backoffDelay(0, () => 0)).toBe(80);
+    expect(backoffDelay(0, () => 1)).toBe(120);
+    expect(backoffDelay(10, () => 0)).toBe(8000);
+    expect(backoffDelay(10, () => 1)).toBe(12_000);
+  });
+});

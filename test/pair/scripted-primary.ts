@@ -1,0 +1,71 @@
+/**
+ * A primary stand-in for the secondary's tests: opens the pair link on a secondary's socket,
+ * says hello, and opens the data connection (a plain NbdClient) once welcomed.
+ */
+import net from 'node:net';
+import { randomUUID } from 'node:crypto';
+import { NbdClient } from '../../src/nbd/client.js';
+import { openExtension, OPT_BLKREP_PAIR_LINK } from '../../src/nbd/option-takeover.js';
+import { freshTuple, type GenerationTuple } from '../../src/pair/generations.js';
+import { PAIR_LINK_VERSION, PairChannel, type PairMessage } from '../../src/pair/messages.js';
+import { unixUri } from '../support/spawn.js';
+
+export function connectUnix(socket: string): Promise<{ stream: net.Socket; peer: string }> {
+  return new Promise((resolve, reject) => {
+    const s = net.connect(socket, () => resolve({ stream: s, peer: socket }));
+    s.once('error', reject);
+  });
+}
+
+export interface LinkOptions {
+  exportName?: string;
+  size: number;
+  gi?: GenerationTuple;
+  protocol?: 'sync' | 'async';
+  role?: 'primary' | 'secondary';
+}
+
+export interface ScriptedPrimary {
+  channel: PairChannel;
+  answer: PairMessage;
+  /** one-way messages the secondary sent (event, demote, …) */
+  received: PairMessage[];
+  checkpoint(n: number, timeoutMs?: number): Promise<PairMessage>;
+  close(): void;
+}
+
+/** Open the link and say hello; resolves with the answer (welcome or refuse). */
+export async function openLink(socket: string, o: LinkOptions): Promise<ScriptedPrimary> {
+  const exportName = o.exportName ?? '';
+  const opened = await openExtension(await connectUnix(socket), OPT_BLKREP_PAIR_LINK, Buffer.from(JSON.stringify({ exportName })));
+  const received: PairMessage[] = [];
+  const channel = new PairChannel(opened.connection.stream, socket, (m) => received.push(m), opened.rest);
+  const answer = await channel.request<PairMessage>(
+    {
+      type: 'hello',
+      version: PAIR_LINK_VERSION,
+      exportName,
+      size: o.size,
+      protocol: o.protocol ?? 'sync',
+      nodeId: randomUUID(),
+      role: o.role ?? 'primary',
+      gi: o.gi ?? freshTuple(),
+      epoch: 0,
+      diskState: 'UpToDate',
+      crashedPrimary: false,
+      bitmapBytes: 0,
+    },
+    5000,
+  );
+  return {
+    channel,
+    answer,
+    received,
+    checkpoint: (n, timeoutMs = 10_000) => channel.request<PairMessage>({ type: 'checkpoint', n }, timeoutMs),
+    close: () => channel.close(),
+  };
+}
+
+export function dataClient(socket: string, exportName = ''): Promise<NbdClient> {
+  return NbdClient.connect({ uri: unixUri(socket, exportName), reconnect: false, closeTimeoutMs: 2000 });
+}

@@ -1,0 +1,77 @@
+/**
+ * The secondary's pair link against a real `serve-nbd --secondary` process, with a scripted
+ * primary (PairChannel + NbdClient): welcome, the replica export present only while the link is
+ * up, checkpoint → done, one link at a time, refusals with their codes.
+ */
+import { join } from 'node:path';
+import { readFile, writeFile } from 'node:fs/promises';
+import { describe, expect, it } from 'vitest';
+import { makeTempDir, serve, waitFor } from '../support/spawn.js';
+import { dataClient, openLink } from './scripted-primary.js';
+import { ControlClient } from '../../src/control/client.js';
+
+const MiB = 1024 * 1024;
+
+async function secondary(extra: string[] = [], size = 4 * MiB) {
+  const dir = await makeTempDir();
+  const disk = join(dir, 'disk.img');
+  await writeFile(disk, Buffer.alloc(size, 0x11));
+  const socket = join(dir, 'nbd.sock');
+  const control = join(dir, 'ctl.sock');
+  const p = await serve([disk, '--secondary', '--socket', socket, '--control', control, ...extra]);
+  return { dir, disk, socket, control, p, size };
+}
+
+async function status(control: string): Promise<{ exports: Array<{ name: string; present?: boolean; pair?: Record<string, unknown> }> }> {
+  const c = await ControlClient.connect(control, { timeoutMs: 5000 });
+  try {
+    return (await c.request('status', {}, { timeoutMs: 5000 })) as never;
+  } finally {
+    await c.close();
+  }
+}
+
+describe('serve-nbd --secondary: the pair link', () => {
+  it('welcomes a primary, serves the replica export while the link is up, commits a checkpoint', async () => {
+    const s = await secondary();
+    // no primary: no replica export
+    await expect(dataClient(s.socket)).rejects.toThrow();
+    const before = await status(s.control);
+    expect(before.exports.find((e) => e.name === '')).toMatchObject({ present: false, pair: { role: 'secondary', link: 'none', epoch: 0 } });
+
+    const link = await openLink(s.socket, { size: s.size });
+    expect(link.answer).toMatchObject({ type: 'welcome', size: s.size, role: 'secondary', decision: { rule: 10, action: 'none' } });
+    const c = await dataClient(s.socket);
+    await c.write(MiB, Buffer.alloc(65536, 0x22));
+    await c.flush();
+    expect((await status(s.control)).exports.find((e) => e.name === '')!.pair).toMatchObject({ link: 'connected', protocol: 'sync', secondary: { copiedClusters: 1 } });
+    const done = await link.checkpoint(1);
+    expect(done).toMatchObject({ type: 'done', n: 1, epoch: 1 });
+    const disk = await readFile(s.disk);
+    expect(disk.subarray(MiB, MiB + 65536).equals(Buffer.alloc(65536, 0x22))).toBe(true);
+    expect(JSON.parse(await readFile(`${s.disk}.pair.json`, 'utf8'))).toMatchObject({ role: 'secondary', epoch: 1, committing: null });
+    // a retried checkpoint whose done was lost answers the same epoch
+    expect(await link.checkpoint(1)).toMatchObject({ type: 'done', n: 1, epoch: 1 });
+
+    // the link goes: the replica export goes, its connections are closed
+    link.close();
+    await waitFor(async () => (await status(s.control)).exports.find((e) => e.name === '')?.present === false, { timeoutMs: 5000, what: 'the replica export to go' });
+    await expect(c.write(0, Buffer.alloc(512, 1))).rejects.toThrow();
+    await c.close().catch(() => {});
+  });
+
+  it('refuses a second link while one is up (ERR_PAIR_BUSY), a wrong size (ERR_PAIR_SIZE), a peer that is not a primary (ERR_PAIR_ROLE)', async () => {
+    const s = await secondary();
+    const first = await openLink(s.socket, { size: s.size });
+    expect(first.answer.type).toBe('welcome');
+    const second = await openLink(s.socket, { size: s.size });
+    expect(second.answer).toMatchObject({ type: 'refuse', code: 'ERR_PAIR_BUSY' });
+    first.close();
+    await waitFor(async () => (await status(s.control)).exports.find((e) => e.name === '')?.pair?.link === 'none', { timeoutMs: 5000, what: 'the link to go' });
+    const wrongSize = await openLink(s.socket, { size: s.size * 2 });
+    expect(wrongSize.answer).toMatchObject({ type: 'refuse', code: 'ERR_PAIR_SIZE' });
+    expect((wrongSize.answer as { message: string }).message).toContain(`${s.size * 2} bytes`);
+    const notPrimary = await openLink(s.socket, { size: s.size, role: 'secondary' });
+    expect(notPrimary.answer).toMatchObject({ type: 'refuse', code: 'ERR_PAIR_ROLE' });
+  });
+});

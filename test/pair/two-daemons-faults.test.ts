@@ -1,0 +1,104 @@
+/**
+ * The primary when its secondary dies inside a checkpoint (the secondary's fault hook
+ * BLKREP_TEST_CRASH_AT, separate processes): the checkpoint fails with ERR_PAIR_LINK_DOWN (exit 1),
+ * the events say so, the primary's epoch is unchanged, client writes keep succeeding; once the
+ * secondary is back the primary reconnects, resyncs by its peer bitmap, and the two disks are
+ * byte-equal (qemu-img compare).
+ */
+import { join } from 'node:path';
+import { truncate, writeFile } from 'node:fs/promises';
+import { describe, expect, it } from 'vitest';
+import { ControlClient } from '../../src/control/client.js';
+import { NbdClient } from '../../src/nbd/client.js';
+import type { PairStatus } from '../../src/pair/role.js';
+import { makeTempDir, run, runCli, serve, unixUri, waitFor } from '../support/spawn.js';
+
+const MiB = 1 << 20;
+const SIZE = 16 * MiB;
+
+interface Ev {
+  event: string;
+  [k: string]: unknown;
+}
+
+async function pairOf(control: string): Promise<PairStatus> {
+  const c = await ControlClient.connect(control);
+  try {
+    const s = (await c.request('status')) as { exports: Array<{ pair?: PairStatus }> };
+    return s.exports.find((e) => e.pair)!.pair!;
+  } finally {
+    await c.close();
+  }
+}
+
+describe('two daemons: the secondary dies inside a checkpoint', () => {
+  it('checkpoint fails ERR_PAIR_LINK_DOWN, writes go on, the secondary is resynced when back; disks equal', async () => {
+    const dir = await makeTempDir();
+    for (const f of ['p.img', 's.img']) {
+      await writeFile(join(dir, f), Buffer.alloc(0));
+      await truncate(join(dir, f), SIZE);
+    }
+    const sSock = join(dir, 's.sock');
+    const pSock = join(dir, 'p.sock');
+    const sControl = join(dir, 's.ctl');
+    const pControl = join(dir, 'p.ctl');
+    const sArgs = [join(dir, 's.img'), '--secondary', '--socket', sSock, '--control', sControl];
+    const s1 = await serve(sArgs);
+    const p = await serve([join(dir, 'p.img'), '--socket', pSock, '--control', pControl, '--replicate-to', unixUri(sSock)]);
+    const events: Ev[] = [];
+    const ec = await ControlClient.connect(pControl);
+    await ec.subscribe(undefined, (e) => events.push(e as unknown as Ev));
+    const next = (name: string, from: number) => waitFor(() => events.slice(from).find((e) => e.event === name), `event ${name}`, { timeoutMs: 30_000 });
+    // the initial full sync is followed by checkpoint 1
+    await waitFor(async () => {
+      // lastCheckpointAgeMs is set once the checkpoint has ended (a request before would join it)
+      const st = await pairOf(pControl);
+      return st.epoch === 1 && st.lastCheckpointAgeMs !== null;
+    }, 'checkpoint 1 after the initial sync', { timeoutMs: 30_000 });
+    const pc = await NbdClient.connect({ uri: unixUri(pSock), reconnect: false, closeTimeoutMs: 2000 });
+    try {
+      // the secondary dies between checkpoints: the client never sees it; a checkpoint is refused
+      let mark = events.length;
+      s1.child.kill('SIGKILL');
+      await s1.waitExit();
+      await pc.write(4 * MiB, Buffer.alloc(2 * MiB, 0x22));
+      await pc.flush();
+      await next('replication-degraded', mark);
+      const r = await runCli(['checkpoint', '--control', pControl, '--json']);
+      expect(r.code).toBe(1);
+      expect(JSON.parse(r.stdout).error.code).toBe('ERR_PAIR_LINK_DOWN');
+      // back, with the fault hook: the resync copies what it missed, not the disk; the checkpoint
+      // after the resync kills it at step 4
+      mark = events.length;
+      const s2 = await serve(sArgs, { env: { ...process.env, BLKREP_TEST_CRASH_AT: 'checkpoint-step-4' } });
+      const started = await next('resync-started', mark);
+      const done = await next('resync-done', mark);
+      expect(started.full).toBe(false);
+      expect(done.bytes as number).toBeGreaterThanOrEqual(2 * MiB);
+      expect(done.bytes as number).toBeLessThanOrEqual(1.1 * (started.bytes as number));
+      expect(done.bytes as number).toBeLessThan(SIZE / 2);
+      const failed = await next('checkpoint-failed', mark);
+      expect(failed).toMatchObject({ n: 2, code: 'ERR_PAIR_LINK_DOWN' });
+      await s2.waitExit();
+      expect(s2.child.signalCode).toBe('SIGKILL');
+      await next('replication-degraded', mark);
+      expect(await pairOf(pControl)).toMatchObject({ epoch: 1 });
+      await pc.write(10 * MiB, Buffer.alloc(MiB, 0x33));
+      await pc.flush();
+      // back for good: resync, checkpoint 2
+      mark = events.length;
+      await serve(sArgs);
+      await next('resync-done', mark);
+      await next('checkpoint', mark);
+      expect(await pairOf(pControl)).toMatchObject({ epoch: 2, link: 'connected' });
+      await pc.write(12 * MiB, Buffer.alloc(MiB, 0x44));
+      await pc.flush();
+    } finally {
+      await pc.close().catch(() => {});
+      await ec.close();
+    }
+    expect(await p.stop()).toBe(0);
+    const cmp = await run('qemu-img', ['compare', '-U', '-f', 'raw', '-F', 'raw', join(dir, 'p.img'), join(dir, 's.img')]);
+    expect(cmp.stdout).toContain('Images are identical.');
+  });
+});

@@ -1,0 +1,219 @@
+/**
+ * The pair on two daemons, separate processes (serve-nbd --secondary, serve-nbd --replicate-to),
+ * with kill -9 of the primary:
+ * - QEMU's tests/unit/test-replication.c secondary scenarios as far as both sides allow
+ *   (replication.md §7 A), patterns 0x11/0x22/0x33, exact byte equality. The images are 16 MiB
+ *   (QEMU's are 64 MiB; the halves are what matter): "local" writes are the primary's forwarded
+ *   writes, "top" is the secondary's view export.
+ * - a seeded random-instant failover sample: a writer stamps every 4 KiB block with (offset,
+ *   version), a checkpoint every N writes, kill -9 of the primary at a seeded instant, failover:
+ *   the secondary holds exactly the state of the checkpoint it failed over to (its epoch).
+ */
+import { join } from 'node:path';
+import { truncate, writeFile } from 'node:fs/promises';
+import { describe, expect, it } from 'vitest';
+import { ControlClient } from '../../src/control/client.js';
+import { NbdClient } from '../../src/nbd/client.js';
+import type { PairStatus } from '../../src/pair/role.js';
+import { makeTempDir, serve, unixUri, waitFor, withTimeout, type Served } from '../support/spawn.js';
+
+const MiB = 1 << 20;
+const SIZE = 16 * MiB;
+const HALF = SIZE / 2;
+
+async function request<T>(control: string, cmd: string, args: Record<string, unknown> = {}): Promise<T> {
+  const c = await ControlClient.connect(control);
+  try {
+    return (await c.request(cmd, args, { timeoutMs: 30_000 })) as T;
+  } finally {
+    await c.close();
+  }
+}
+
+async function pairOf(control: string): Promise<PairStatus> {
+  const s = await request<{ exports: Array<{ name: string; pair?: PairStatus }> }>(control, 'status');
+  return s.exports.find((e) => e.pair)!.pair!;
+}
+
+interface Pair {
+  dir: string;
+  s: Served;
+  p: Served;
+  sControl: string;
+  pControl: string;
+  sSock: string;
+  pSock: string;
+}
+
+async function startPair(protocol: 'sync' | 'async'): Promise<Pair> {
+  const dir = await makeTempDir();
+  for (const f of ['p.img', 's.img']) {
+    await writeFile(join(dir, f), Buffer.alloc(0));
+    await truncate(join(dir, f), SIZE);
+  }
+  const sSock = join(dir, 's.sock');
+  const pSock = join(dir, 'p.sock');
+  const sControl = join(dir, 's.ctl');
+  const pControl = join(dir, 'p.ctl');
+  // secondary first (replication.md §2 "Start")
+  const s = await serve([join(dir, 's.img'), '--secondary', '--socket', sSock, '--control', sControl, '--view-export', 'view']);
+  const p = await serve([join(dir, 'p.img'), '--socket', pSock, '--control', pControl, '--replicate-to', unixUri(sSock), '--protocol', protocol]);
+  // connected, and checkpoint 1 — the one after the initial sync — committed
+  await waitFor(async () => {
+      // lastCheckpointAgeMs is set once the checkpoint has ended (a request before would join it)
+      const st = await pairOf(pControl);
+      return st.epoch === 1 && st.lastCheckpointAgeMs !== null;
+    }, 'checkpoint 1 after the initial sync', { timeoutMs: 30_000 });
+  return { dir, s, p, sControl, pControl, sSock, pSock };
+}
+
+async function client(socket: string, name = ''): Promise<NbdClient> {
+  return NbdClient.connect({ uri: unixUri(socket, name), reconnect: false, closeTimeoutMs: 2000 });
+}
+
+async function read(c: NbdClient, offset: number, length: number): Promise<Buffer> {
+  const b = Buffer.alloc(length);
+  await c.read(offset, b);
+  return b;
+}
+
+function pattern(byte: number, length: number): Buffer {
+  return Buffer.alloc(length, byte);
+}
+
+/** first offset where `b` is not all `byte`, or -1 */
+function mismatch(b: Buffer, byte: number): number {
+  for (let i = 0; i < b.length; i++) if (b[i] !== byte) return i;
+  return -1;
+}
+
+describe('two daemons: test-replication.c secondary scenarios', () => {
+  it('s/start, s/stop: view = checkpoint + own writes; failover to the checkpoint: [0,½) = 0x33, [½,1) = 0x11', async () => {
+    const pair = await startPair('sync');
+    const pc = await client(pair.pSock);
+    // fill "local" with 0x11 (through the primary), checkpoint: the secondary's restore point
+    await pc.write(0, pattern(0x11, SIZE));
+    await pc.flush();
+    expect(await request<{ epoch: number }>(pair.pControl, 'checkpoint')).toEqual({ export: '', epoch: 2 });
+    const view = await client(pair.sSock, 'view');
+    expect(mismatch(await read(view, 0, SIZE), 0x11)).toBe(-1);
+    // write 0x22 "local" [½,1): the view still reads 0x11 there (the hidden disk has the old data)
+    await pc.write(HALF, pattern(0x22, HALF));
+    await pc.flush();
+    expect(mismatch(await read(view, HALF, HALF), 0x11)).toBe(-1);
+    // write 0x33 "top" [0,½)
+    await view.write(0, pattern(0x33, HALF));
+    await view.flush();
+    expect(mismatch(await read(view, 0, HALF), 0x33)).toBe(-1);
+    await view.close();
+    await pc.close().catch(() => {});
+    // s/stop: the primary dies; failover commits the view into the disk
+    pair.p.child.kill('SIGKILL');
+    await pair.p.waitExit();
+    const fo = await request<{ role: string; epoch: number; to: string }>(pair.sControl, 'failover', {});
+    expect(fo).toMatchObject({ role: 'primary', epoch: 2, to: 'checkpoint' });
+    const sc = await client(pair.sSock);
+    const all = await read(sc, 0, SIZE);
+    expect(mismatch(all.subarray(0, HALF), 0x33)).toBe(-1);
+    expect(mismatch(all.subarray(HALF), 0x11)).toBe(-1);
+    await sc.close();
+  });
+
+  it('s/do_checkpoint: a checkpoint makes the view show the primary\'s second half (0x22)', async () => {
+    const pair = await startPair('async');
+    const pc = await client(pair.pSock);
+    await pc.write(0, pattern(0x11, SIZE));
+    await pc.flush();
+    expect((await request<{ epoch: number }>(pair.pControl, 'checkpoint')).epoch).toBe(2);
+    await pc.write(HALF, pattern(0x22, HALF));
+    await pc.flush();
+    const view = await client(pair.sSock, 'view');
+    expect(mismatch(await read(view, HALF, HALF), 0x11)).toBe(-1);
+    expect((await request<{ epoch: number }>(pair.pControl, 'checkpoint')).epoch).toBe(3);
+    expect(mismatch(await read(view, HALF, HALF), 0x22)).toBe(-1);
+    expect(mismatch(await read(view, 0, HALF), 0x11)).toBe(-1);
+    expect(await pairOf(pair.pControl)).toMatchObject({ role: 'primary', epoch: 3, link: 'connected', peerKind: 'blkrep', protocol: 'async' });
+    await view.close();
+    await pc.close();
+  });
+});
+
+// ------------------------------------------------------------------------------------------------
+
+/** mulberry32: a small seeded generator (the seed is in the test name) */
+function rng(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+const BLOCK = 4096;
+const REGION = 4 * MiB;
+const BLOCKS = REGION / BLOCK;
+
+/** a 4 KiB block stamped with (offset, version), repeated */
+function stamp(offset: number, version: number): Buffer {
+  const b = Buffer.alloc(BLOCK);
+  for (let i = 0; i < BLOCK; i += 16) {
+    b.writeBigUInt64BE(BigInt(offset), i);
+    b.writeUInt32BE(version, i + 8);
+    b.writeUInt32BE(0x5eed5eed, i + 12);
+  }
+  return b;
+}
+
+describe('two daemons: random-instant failover (seeded sample)', () => {
+  for (const seed of [1, 7, 42]) {
+    it(`seed ${seed}: after kill -9 of the primary and failover, the secondary holds exactly the checkpoint it failed over to`, async () => {
+      const random = rng(seed);
+      const pair = await startPair(seed % 2 ? 'sync' : 'async');
+      const pc = await client(pair.pSock);
+      const versions = new Uint32Array(BLOCKS);
+      /** the model at each committed epoch */
+      const snapshots = new Map<number, Uint32Array>([[1, versions.slice()]]);
+      const total = 120 + Math.floor(random() * 120);
+      const every = 10 + Math.floor(random() * 20);
+      const killAt = 20 + Math.floor(random() * (total - 20));
+      let epoch = 1;
+      for (let n = 1; n <= total; n++) {
+        const block = Math.floor(random() * BLOCKS);
+        const version = versions[block]! + 1;
+        const write = pc.write(block * BLOCK, stamp(block * BLOCK, version));
+        if (n === killAt) {
+          // the instant: a write in flight, the primary killed
+          pair.p.child.kill('SIGKILL');
+          await write.catch(() => {});
+          break;
+        }
+        await write;
+        versions[block] = version;
+        if (n % every === 0) {
+          epoch = (await request<{ epoch: number }>(pair.pControl, 'checkpoint')).epoch;
+          snapshots.set(epoch, versions.slice());
+        }
+      }
+      await pair.p.waitExit();
+      await pc.close().catch(() => {});
+      const fo = await withTimeout(request<{ epoch: number; role: string }>(pair.sControl, 'failover', {}), 30_000, 'failover');
+      expect(fo.role).toBe('primary');
+      // the secondary may have committed the checkpoint whose answer the kill cut off
+      expect([epoch, epoch + 1]).toContain(fo.epoch);
+      const expected = snapshots.get(fo.epoch);
+      expect(expected, `the writer saw epoch ${fo.epoch} committed`).toBeDefined();
+      const sc = await client(pair.sSock);
+      const disk = await read(sc, 0, REGION);
+      await sc.close();
+      const wrong: number[] = [];
+      for (let b = 0; b < BLOCKS; b++) {
+        const want = expected![b]! === 0 ? Buffer.alloc(BLOCK) : stamp(b * BLOCK, expected![b]!);
+        if (!disk.subarray(b * BLOCK, (b + 1) * BLOCK).equals(want)) wrong.push(b);
+      }
+      expect(wrong, `seed ${seed}: blocks differing from checkpoint ${fo.epoch} (writes ${total}, checkpoint every ${every}, kill at ${killAt})`).toEqual([]);
+    });
+  }
+});
