@@ -52,10 +52,18 @@ export default class Status extends BlkrepCommand {
     this.log('');
     this.log('Exports:');
     for (const e of s.exports) {
+      const pair = (e as { pair?: { role: string; link: string; peer: string | null; epoch: number; diskState: string; gi: { current: string } } }).pair;
+      const pairLine = pair ? `      pair: ${pair.role}, link ${pair.link}${pair.peer ? ` (${pair.peer})` : ''}, epoch ${pair.epoch}, disk ${pair.diskState}, generation ${pair.gi.current}` : undefined;
+      if ((e as { present?: boolean }).present === false) {
+        this.log(`  "${e.name}"  (not served: a secondary's replica export waits for a primary)`);
+        if (pairLine) this.log(pairLine);
+        continue;
+      }
       const reqs = Object.entries(e.requests).filter(([, n]) => n > 0).map(([k, n]) => `${k} ${n}`).join(', ') || 'none';
       this.log(`  "${e.name}"  ${e.image}  ${formatSize(e.size)}${e.readOnly ? '  read-only' : ''}`);
       this.log(`      connections ${e.connections} (${e.totalConnections} since start), read ${formatSize(e.bytesRead)}, written ${formatSize(e.bytesWritten)}, errors ${e.errors}`);
       this.log(`      requests: ${reqs}`);
+      if (pairLine) this.log(pairLine);
     }
     const bitmaps = s.bitmaps ?? [];
     this.log('');

@@ -6,7 +6,7 @@
 import { join } from 'node:path';
 import { readFile, writeFile } from 'node:fs/promises';
 import { describe, expect, it } from 'vitest';
-import { makeTempDir, serve, waitFor } from '../support/spawn.js';
+import { makeTempDir, run, runCli, serve, waitFor } from '../support/spawn.js';
 import { dataClient, openLink } from './scripted-primary.js';
 import { ControlClient } from '../../src/control/client.js';
 
@@ -38,6 +38,10 @@ describe('serve-nbd --secondary: the pair link', () => {
     await expect(dataClient(s.socket)).rejects.toThrow();
     const before = await status(s.control);
     expect(before.exports.find((e) => e.name === '')).toMatchObject({ present: false, pair: { role: 'secondary', link: 'none', epoch: 0 } });
+    const text = await runCli(['status', '--control', s.control]);
+    expect(text.code, text.stderr).toBe(0);
+    expect(text.stdout).toContain('""  (not served: a secondary\'s replica export waits for a primary)');
+    expect(text.stdout).toMatch(/pair: secondary, link none, epoch 0, disk Inconsistent, generation 0000000000000004/);
 
     const link = await openLink(s.socket, { size: s.size });
     expect(link.answer).toMatchObject({ type: 'welcome', size: s.size, role: 'secondary', decision: { rule: 10, action: 'none' } });
@@ -74,4 +78,18 @@ describe('serve-nbd --secondary: the pair link', () => {
     const notPrimary = await openLink(s.socket, { size: s.size, role: 'secondary' });
     expect(notPrimary.answer).toMatchObject({ type: 'refuse', code: 'ERR_PAIR_ROLE' });
   });
+
+  it('--accept-plain-primary: the replica export is always there, for a plain NBD primary (nbdcopy), still copy-before-write', async () => {
+    const s = await secondary(['--accept-plain-primary', '--view-export', 'view', '--view-read-only']);
+    const src = `${s.dir}/src.img`;
+    await writeFile(src, Buffer.alloc(s.size, 0x22));
+    const w = await run('nbdcopy', [src, `nbd+unix:///?socket=${s.socket}`]);
+    expect(w.code, w.stderr).toBe(0);
+    expect((await readFile(s.disk)).equals(Buffer.alloc(s.size, 0x22))).toBe(true);
+    const out = `${s.dir}/view.raw`;
+    expect((await run('nbdcopy', [`nbd+unix:///view?socket=${s.socket}`, out])).code).toBe(0);
+    expect((await readFile(out)).equals(Buffer.alloc(s.size, 0x11))).toBe(true);
+    expect((await status(s.control)).exports.find((e) => e.name === '')!.pair).toMatchObject({ link: 'none', peerKind: 'plain' });
+  });
 });
+
