@@ -91,5 +91,30 @@ describe('serve-nbd --secondary: the pair link', () => {
     expect((await readFile(out)).equals(Buffer.alloc(s.size, 0x11))).toBe(true);
     expect((await status(s.control)).exports.find((e) => e.name === '')!.pair).toMatchObject({ link: 'none', peerKind: 'plain' });
   });
+
+  it('failover --to latest after a sync primary: the hidden disk is dropped, the active disk committed; the failback bitmap holds active ∪ hidden', async () => {
+    const s = await secondary(['--view-export', 'view']);
+    const link = await openLink(s.socket, { size: s.size, protocol: 'sync' });
+    const c = await dataClient(s.socket);
+    await c.write(MiB, Buffer.alloc(MiB, 0x22));
+    await c.flush();
+    await c.close();
+    const v = await dataClient(s.socket, 'view');
+    await v.write(3 * MiB, Buffer.alloc(65536, 0x33));
+    await v.flush();
+    await v.close();
+    const r = await runCli(['failover', '--control', s.control, '--to', 'latest', '--json']);
+    expect(r.code, r.stderr).toBe(0);
+    expect(JSON.parse(r.stdout)).toMatchObject({ role: 'primary', to: 'latest', rule: 'failover-to-latest', bytes: 65536, hiddenBytes: MiB, activeBytes: 65536 });
+    const expected = Buffer.alloc(s.size, 0x11);
+    expected.fill(0x22, MiB, 2 * MiB);
+    expected.fill(0x33, 3 * MiB, 3 * MiB + 65536);
+    expect((await readFile(s.disk)).equals(expected)).toBe(true);
+    const c2 = await ControlClient.connect(s.control, { timeoutMs: 5000 });
+    const dump = (await c2.request('bitmap-dump', { name: 'failback' })) as { dirtyBytes: number; runs: Array<[number, number]> };
+    await c2.close();
+    expect(dump).toMatchObject({ dirtyBytes: MiB + 65536, runs: [[MiB, MiB], [3 * MiB, 65536]] });
+    expect(link.received.some((m) => m.type === 'demote')).toBe(true);
+  });
 });
 
