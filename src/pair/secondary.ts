@@ -465,13 +465,20 @@ function linkDecision(d: Decision): LinkDecision {
   }
 }
 
-/** Copy what `from` holds in `runs` onto `to`, 1 MiB at a time. */
+/** Copy what `from` holds in `runs` onto `to`: 1 MiB pieces, COPY_PARALLEL in flight. */
+const COPY_CHUNK = 1024 * 1024;
+const COPY_PARALLEL = 8;
 async function copyRuns(from: CompleteBlockNode, to: CompleteBlockNode, runs: readonly Run[]): Promise<void> {
-  const CHUNK = 1024 * 1024;
+  const pieces: Run[] = [];
   for (const r of runs) {
-    for (let at = r.offset; at < r.offset + r.length; at += CHUNK) {
-      const len = Math.min(CHUNK, r.offset + r.length - at);
-      await to.write(at, await from.read(at, len));
-    }
+    for (let at = r.offset; at < r.offset + r.length; at += COPY_CHUNK) pieces.push({ offset: at, length: Math.min(COPY_CHUNK, r.offset + r.length - at) });
   }
+  let next = 0;
+  const worker = async (): Promise<void> => {
+    while (next < pieces.length) {
+      const p = pieces[next++]!;
+      await to.write(p.offset, await from.read(p.offset, p.length));
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(COPY_PARALLEL, pieces.length) }, worker));
 }
