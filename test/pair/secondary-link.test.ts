@@ -116,5 +116,34 @@ describe('serve-nbd --secondary: the pair link', () => {
     expect(dump).toMatchObject({ dirtyBytes: MiB + 65536, runs: [[MiB, MiB], [3 * MiB, 65536]] });
     expect(link.received.some((m) => m.type === 'demote')).toBe(true);
   });
+
+  it('a malformed hello is refused with ERR_PAIR_PROTOCOL naming the field; the daemon keeps serving', async () => {
+    const s = await secondary();
+    const bad = await openLink(s.socket, { size: s.size, gi: { current: 'not hex', bitmap: '0', history: [] } });
+    expect(bad.answer).toMatchObject({ type: 'refuse', code: 'ERR_PAIR_PROTOCOL' });
+    expect((bad.answer as { message: string }).message).toContain('"gi" must be');
+    const good = await openLink(s.socket, { size: s.size });
+    expect(good.answer.type).toBe('welcome');
+  });
+
+  it('an I/O error on the secondary\'s disk (failure case 4): the request fails, the disk is Failed, not promotable, no checkpoint', async () => {
+    const s = await secondary(['--filter', 'error:ops=write,range=1M-2M,errno=EIO']);
+    const link = await openLink(s.socket, { size: s.size });
+    const c = await dataClient(s.socket);
+    await c.write(0, Buffer.alloc(4096, 0x22));
+    await expect(c.write(MiB, Buffer.alloc(4096, 0x22))).rejects.toMatchObject({ errno: 'EIO' });
+    await c.close().catch(() => {});
+    await waitFor(async () => (await status(s.control)).exports.find((e) => e.name === '')?.pair?.diskState === 'Failed', { timeoutMs: 5000, what: 'the disk to be Failed' });
+    const pair = (await status(s.control)).exports.find((e) => e.name === '')!.pair as { secondary: { failedReason: string } };
+    expect(pair.secondary.failedReason).toContain('a write to the disk failed');
+    await expect.poll(() => link.received.some((m) => m.type === 'event' && m.name === 'secondary-failed'), { timeout: 5000 }).toBe(true);
+    expect(await link.checkpoint(1)).toMatchObject({ type: 'failed', n: 1, code: 'ERR_PAIR_STATE' });
+    const f = await runCli(['failover', '--control', s.control, '--json']);
+    expect(f.code).toBe(1);
+    expect(JSON.parse(f.stdout).error.code).toBe('ERR_PAIR_STATE');
+    const disk = await readFile(s.disk);
+    expect(disk.subarray(MiB, MiB + 4096).equals(Buffer.alloc(4096, 0x11))).toBe(true);
+    expect(disk.subarray(0, 4096).equals(Buffer.alloc(4096, 0x22))).toBe(true);
+  });
 });
 
