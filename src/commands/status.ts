@@ -76,12 +76,18 @@ export default class Status extends BlkrepCommand {
     this.log('');
     this.log('Exports:');
     for (const e of s.exports) {
+      const pair = (e as { pair?: PairStatus }).pair;
+      const pairText = pair ? `      pair: ${pairLine(pair)}` : undefined;
+      if ((e as { present?: boolean }).present === false) {
+        this.log(`  "${e.name}"  (not served: a secondary's replica export waits for a primary)`);
+        if (pairText) this.log(pairText);
+        continue;
+      }
       const reqs = Object.entries(e.requests).filter(([, n]) => n > 0).map(([k, n]) => `${k} ${n}`).join(', ') || 'none';
       this.log(`  "${e.name}"  ${e.image}  ${formatSize(e.size)}${e.readOnly ? '  read-only' : ''}`);
       this.log(`      connections ${e.connections} (${e.totalConnections} since start), read ${formatSize(e.bytesRead)}, written ${formatSize(e.bytesWritten)}, errors ${e.errors}`);
       this.log(`      requests: ${reqs}`);
-      const pair = (e as { pair?: PairStatus }).pair;
-      if (pair) this.log(`      pair: ${pairLine(pair)}`);
+      if (pairText) this.log(pairText);
     }
     const bitmaps = s.bitmaps ?? [];
     this.log('');

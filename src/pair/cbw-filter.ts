@@ -28,6 +28,8 @@ export class CbwFilter extends Filter {
     readonly clusterSize: number,
     /** a copy into the hidden disk failed (failure case 3: an event for the HA side) */
     private readonly onCopyError: (err: BlkrepError) => void = () => {},
+    /** the disk write itself failed (failure case 4: the secondary's disk is Failed) */
+    private readonly onDiskError: (err: Error) => void = () => {},
   ) {
     super(next);
     this.copied = new Uint8Array(Math.ceil(this.next.size / clusterSize));
@@ -55,22 +57,31 @@ export class CbwFilter extends Filter {
   override write(offset: number, data: Buffer, o?: WriteOptions): Promise<void> {
     return gated(this.gate, async () => {
       await this.copyOld(offset, data.length);
-      await this.next.write(offset, data, o);
+      await this.toDisk(() => this.next.write(offset, data, o));
     });
   }
 
   override writeZeroes(offset: number, length: number, o?: ZeroOptions): Promise<void> {
     return gated(this.gate, async () => {
       await this.copyOld(offset, length);
-      await this.next.writeZeroes(offset, length, o);
+      await this.toDisk(() => this.next.writeZeroes(offset, length, o));
     });
   }
 
   override trim(offset: number, length: number, o?: WriteOptions): Promise<void> {
     return gated(this.gate, async () => {
       await this.copyOld(offset, length);
-      await this.next.trim(offset, length, o);
+      await this.toDisk(() => this.next.trim(offset, length, o));
     });
+  }
+
+  private async toDisk(op: () => Promise<void>): Promise<void> {
+    try {
+      await op();
+    } catch (err) {
+      this.onDiskError(err as Error);
+      throw err;
+    }
   }
 
   /** The daemon owns the disk; the secondary owns the hidden disk. */

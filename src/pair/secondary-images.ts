@@ -6,7 +6,7 @@
  * All three have the same length, or start fails with ERR_PAIR_SIZE naming the three.
  */
 import { access } from 'node:fs/promises';
-import { basename, dirname, relative, resolve } from 'node:path';
+import { dirname, relative, resolve } from 'node:path';
 import type { BlockNode, CompleteBlockNode } from '../api/block.js';
 import { BlkrepError, toBlkrepError } from '../api/errors.js';
 import { Filter } from '../block/filter.js';
@@ -51,7 +51,7 @@ async function exists(path: string): Promise<boolean> {
 /** The backing name to store: relative when beside, absolute otherwise (as the user would type it). */
 function backingName(overlay: string, backing: string): string {
   const rel = relative(dirname(resolve(overlay)), resolve(backing));
-  return rel.startsWith('..') ? resolve(backing) : rel === basename(backing) ? rel : rel;
+  return rel.startsWith('..') ? resolve(backing) : rel;
 }
 
 async function create(what: 'hidden' | 'active', path: string, backing: string, backingFormat: string, size: number): Promise<void> {

@@ -85,6 +85,8 @@ export class SecondaryRole implements PairRole {
   /** what the primary said in its hello */
   private peerHello: { gi: GenerationTuple; protocol: 'sync' | 'async'; nodeId: string } | undefined;
   private lastCheckpointAt: number | null = null;
+  /** why the disk is Failed (this run) */
+  private failedReason: string | null = null;
   private queue: Promise<unknown> = Promise.resolve();
   private promoted = false;
   private closing: Promise<void> | undefined;
@@ -99,7 +101,13 @@ export class SecondaryRole implements PairRole {
     private readonly images: SecondaryImages | undefined,
   ) {
     if (images) {
-      this.cbw = new CbwFilter(ctx.exportNode, images.hiddenNode, OVERLAY_CLUSTER, (err) => this.onCopyError(err));
+      this.cbw = new CbwFilter(
+        ctx.exportNode,
+        images.hiddenNode,
+        OVERLAY_CLUSTER,
+        (err) => this.onCopyError(err),
+        (err) => this.onDiskError(err),
+      );
       this.view = new ViewNode(images.activeNode, this.viewGate);
     }
   }
@@ -160,6 +168,7 @@ export class SecondaryRole implements PairRole {
         viewExport: this.promoted ? null : (this.o.viewExport ?? null),
         copiedClusters: this.cbw?.copiedClusters ?? 0,
         committing: s.committing,
+        failedReason: s.diskState === 'Failed' ? (this.failedReason ?? 'a write to the disk failed in an earlier run') : null,
         replicaExport: this.ctx.server.findExport(this.ctx.exportName) !== undefined,
       },
     };
@@ -220,7 +229,21 @@ export class SecondaryRole implements PairRole {
     }
     if (name !== this.ctx.exportName) return `no replica export ${JSON.stringify(name)} here (this secondary replicates "${this.ctx.exportName}")`;
     return (stream, rest) => {
-      const channel = new PairChannel(stream, peer, (m, ch) => this.onMessage(m, ch), rest);
+      const channel = new PairChannel(
+        stream,
+        peer,
+        (m, ch) => {
+          // a malformed message closes this link, never the daemon
+          try {
+            this.onMessage(m, ch);
+          } catch (err) {
+            const e = toBlkrepError(err);
+            this.ctx.log('warn', `pair link from ${peer}: ${e.message}`);
+            ch.close(new BlkrepError('ERR_PAIR_PROTOCOL', `pair link from ${peer}: bad "${m.type}" message: ${e.message}`));
+          }
+        },
+        rest,
+      );
       channel.onClose((why) => this.onLinkClosed(channel, why));
     };
   }
@@ -268,6 +291,11 @@ export class SecondaryRole implements PairRole {
       ch.stream.end();
       setTimeout(() => ch.close(), 2000).unref();
     };
+    try {
+      checkHello(m);
+    } catch (err) {
+      return refuse('ERR_PAIR_PROTOCOL', (err as Error).message);
+    }
     if (m.version !== PAIR_LINK_VERSION) return refuse('ERR_PAIR_PROTOCOL', `pair link version ${m.version} is not ${PAIR_LINK_VERSION}`);
     if (this.promoted) return refuse('ERR_PAIR_ROLE', `this node was promoted (failover): it is a primary now and takes no primary's writes`);
     if (this.link?.isOpen) return refuse('ERR_PAIR_BUSY', `a primary holds the pair link already (${this.link.peer}); one at a time`);
@@ -317,6 +345,15 @@ export class SecondaryRole implements PairRole {
     if (this.link?.isOpen) this.link.send({ type: 'event', name: 'cbw-failed', fields: { code: err.code, message: err.message } });
   }
 
+  /** Failure case 4: the disk is Failed, not promotable, until an operator repairs it (status says why). */
+  private onDiskError(err: Error): void {
+    const e = toBlkrepError(err);
+    this.failedReason = `a write to the disk failed: ${e.message}`;
+    void this.setDiskState('Failed').catch(() => {});
+    this.ctx.publish('replication-degraded', { export: this.ctx.exportName, role: 'secondary', reason: this.failedReason, code: e.code, diskState: 'Failed' });
+    if (this.link?.isOpen) this.link.send({ type: 'event', name: 'secondary-failed', fields: { code: e.code, message: e.message } });
+  }
+
   private async setDiskState(d: DiskState): Promise<void> {
     if (this.state.state.diskState !== d) await this.state.update((s) => ({ ...s, diskState: d }));
   }
@@ -352,6 +389,9 @@ export class SecondaryRole implements PairRole {
     const epoch = this.state.state.epoch;
     if (!Number.isSafeInteger(n) || n < 1) throw new BlkrepError('ERR_PAIR_PROTOCOL', `checkpoint number ${n} is not a positive integer`);
     if (n <= epoch) return epoch; // committed already: a retry whose DONE was lost
+    if (this.state.state.diskState === 'Failed') {
+      throw new BlkrepError('ERR_PAIR_STATE', `checkpoint ${n} refused: the secondary's disk has Failed (${this.failedReason ?? 'a write failed'}); epoch stays ${epoch}`);
+    }
     const t0 = Date.now();
     const cbw = this.cbw!;
     // step 4: stop taking replica writes, hold the view's writes, flush the disk
@@ -449,6 +489,23 @@ export class SecondaryRole implements PairRole {
   }
 }
 
+const GI = /^[0-9a-f]{16}$/;
+
+/** The fields of a hello this side reads, checked: ERR_PAIR_PROTOCOL naming the field. */
+function checkHello(m: Extract<PairMessage, { type: 'hello' }>): void {
+  const bad = (field: string, expected: string): never => {
+    throw new BlkrepError('ERR_PAIR_PROTOCOL', `hello: "${field}" must be ${expected}`);
+  };
+  if (typeof m.seq !== 'number') bad('seq', 'a number');
+  if (!Number.isSafeInteger(m.size) || m.size < 0) bad('size', 'a byte count');
+  if (m.protocol !== 'sync' && m.protocol !== 'async') bad('protocol', '"sync" or "async"');
+  if (typeof m.nodeId !== 'string') bad('nodeId', 'a string');
+  const gi = m.gi as Partial<GenerationTuple> | undefined;
+  if (typeof gi !== 'object' || gi === null || typeof gi.current !== 'string' || !GI.test(gi.current) || typeof gi.bitmap !== 'string' || !GI.test(gi.bitmap) || !Array.isArray(gi.history) || !gi.history.every((h) => typeof h === 'string' && GI.test(h))) {
+    bad('gi', '{current, bitmap, history[]} of 16 hex digits each');
+  }
+}
+
 function linkDecision(d: Decision): LinkDecision {
   switch (d.result) {
     case 'no-sync':
@@ -465,13 +522,20 @@ function linkDecision(d: Decision): LinkDecision {
   }
 }
 
-/** Copy what `from` holds in `runs` onto `to`, 1 MiB at a time. */
+/** Copy what `from` holds in `runs` onto `to`: 1 MiB pieces, COPY_PARALLEL in flight. */
+const COPY_CHUNK = 1024 * 1024;
+const COPY_PARALLEL = 8;
 async function copyRuns(from: CompleteBlockNode, to: CompleteBlockNode, runs: readonly Run[]): Promise<void> {
-  const CHUNK = 1024 * 1024;
+  const pieces: Run[] = [];
   for (const r of runs) {
-    for (let at = r.offset; at < r.offset + r.length; at += CHUNK) {
-      const len = Math.min(CHUNK, r.offset + r.length - at);
-      await to.write(at, await from.read(at, len));
-    }
+    for (let at = r.offset; at < r.offset + r.length; at += COPY_CHUNK) pieces.push({ offset: at, length: Math.min(COPY_CHUNK, r.offset + r.length - at) });
   }
+  let next = 0;
+  const worker = async (): Promise<void> => {
+    while (next < pieces.length) {
+      const p = pieces[next++]!;
+      await to.write(p.offset, await from.read(p.offset, p.length));
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(COPY_PARALLEL, pieces.length) }, worker));
 }

@@ -6,7 +6,7 @@
 import { join } from 'node:path';
 import { readFile, writeFile } from 'node:fs/promises';
 import { describe, expect, it } from 'vitest';
-import { makeTempDir, serve, waitFor } from '../support/spawn.js';
+import { makeTempDir, run, runCli, serve, waitFor } from '../support/spawn.js';
 import { dataClient, openLink } from './scripted-primary.js';
 import { ControlClient } from '../../src/control/client.js';
 
@@ -38,6 +38,10 @@ describe('serve-nbd --secondary: the pair link', () => {
     await expect(dataClient(s.socket)).rejects.toThrow();
     const before = await status(s.control);
     expect(before.exports.find((e) => e.name === '')).toMatchObject({ present: false, pair: { role: 'secondary', link: 'none', epoch: 0 } });
+    const text = await runCli(['status', '--control', s.control]);
+    expect(text.code, text.stderr).toBe(0);
+    expect(text.stdout).toContain('""  (not served: a secondary\'s replica export waits for a primary)');
+    expect(text.stdout).toMatch(/pair: secondary, link none, epoch 0, disk Inconsistent, generation 0000000000000004/);
 
     const link = await openLink(s.socket, { size: s.size });
     expect(link.answer).toMatchObject({ type: 'welcome', size: s.size, role: 'secondary', decision: { rule: 10, action: 'none' } });
@@ -55,7 +59,7 @@ describe('serve-nbd --secondary: the pair link', () => {
 
     // the link goes: the replica export goes, its connections are closed
     link.close();
-    await waitFor(async () => (await status(s.control)).exports.find((e) => e.name === '')?.present === false, { timeoutMs: 5000, what: 'the replica export to go' });
+    await waitFor(async () => (await status(s.control)).exports.find((e) => e.name === '')?.present === false, 'the replica export to go', { timeoutMs: 5000 });
     await expect(c.write(0, Buffer.alloc(512, 1))).rejects.toThrow();
     await c.close().catch(() => {});
   });
@@ -67,11 +71,79 @@ describe('serve-nbd --secondary: the pair link', () => {
     const second = await openLink(s.socket, { size: s.size });
     expect(second.answer).toMatchObject({ type: 'refuse', code: 'ERR_PAIR_BUSY' });
     first.close();
-    await waitFor(async () => (await status(s.control)).exports.find((e) => e.name === '')?.pair?.link === 'none', { timeoutMs: 5000, what: 'the link to go' });
+    await waitFor(async () => (await status(s.control)).exports.find((e) => e.name === '')?.pair?.link === 'none', 'the link to go', { timeoutMs: 5000 });
     const wrongSize = await openLink(s.socket, { size: s.size * 2 });
     expect(wrongSize.answer).toMatchObject({ type: 'refuse', code: 'ERR_PAIR_SIZE' });
     expect((wrongSize.answer as { message: string }).message).toContain(`${s.size * 2} bytes`);
     const notPrimary = await openLink(s.socket, { size: s.size, role: 'secondary' });
     expect(notPrimary.answer).toMatchObject({ type: 'refuse', code: 'ERR_PAIR_ROLE' });
   });
+
+  it('--accept-plain-primary: the replica export is always there, for a plain NBD primary (nbdcopy), still copy-before-write', async () => {
+    const s = await secondary(['--accept-plain-primary', '--view-export', 'view', '--view-read-only']);
+    const src = `${s.dir}/src.img`;
+    await writeFile(src, Buffer.alloc(s.size, 0x22));
+    const w = await run('nbdcopy', [src, `nbd+unix:///?socket=${s.socket}`]);
+    expect(w.code, w.stderr).toBe(0);
+    expect((await readFile(s.disk)).equals(Buffer.alloc(s.size, 0x22))).toBe(true);
+    const out = `${s.dir}/view.raw`;
+    expect((await run('nbdcopy', [`nbd+unix:///view?socket=${s.socket}`, out])).code).toBe(0);
+    expect((await readFile(out)).equals(Buffer.alloc(s.size, 0x11))).toBe(true);
+    expect((await status(s.control)).exports.find((e) => e.name === '')!.pair).toMatchObject({ link: 'none', peerKind: 'plain' });
+  });
+
+  it('failover --to latest after a sync primary: the hidden disk is dropped, the active disk committed; the failback bitmap holds active ∪ hidden', async () => {
+    const s = await secondary(['--view-export', 'view']);
+    const link = await openLink(s.socket, { size: s.size, protocol: 'sync' });
+    const c = await dataClient(s.socket);
+    await c.write(MiB, Buffer.alloc(MiB, 0x22));
+    await c.flush();
+    await c.close();
+    const v = await dataClient(s.socket, 'view');
+    await v.write(3 * MiB, Buffer.alloc(65536, 0x33));
+    await v.flush();
+    await v.close();
+    const r = await runCli(['failover', '--control', s.control, '--to', 'latest', '--json']);
+    expect(r.code, r.stderr).toBe(0);
+    expect(JSON.parse(r.stdout)).toMatchObject({ role: 'primary', to: 'latest', rule: 'failover-to-latest', bytes: 65536, hiddenBytes: MiB, activeBytes: 65536 });
+    const expected = Buffer.alloc(s.size, 0x11);
+    expected.fill(0x22, MiB, 2 * MiB);
+    expected.fill(0x33, 3 * MiB, 3 * MiB + 65536);
+    expect((await readFile(s.disk)).equals(expected)).toBe(true);
+    const c2 = await ControlClient.connect(s.control, { timeoutMs: 5000 });
+    const dump = (await c2.request('bitmap-dump', { name: 'failback' })) as { dirtyBytes: number; runs: Array<[number, number]> };
+    await c2.close();
+    expect(dump).toMatchObject({ dirtyBytes: MiB + 65536, runs: [[MiB, MiB], [3 * MiB, 65536]] });
+    expect(link.received.some((m) => m.type === 'demote')).toBe(true);
+  });
+
+  it('a malformed hello is refused with ERR_PAIR_PROTOCOL naming the field; the daemon keeps serving', async () => {
+    const s = await secondary();
+    const bad = await openLink(s.socket, { size: s.size, gi: { current: 'not hex', bitmap: '0', history: [] } });
+    expect(bad.answer).toMatchObject({ type: 'refuse', code: 'ERR_PAIR_PROTOCOL' });
+    expect((bad.answer as { message: string }).message).toContain('"gi" must be');
+    const good = await openLink(s.socket, { size: s.size });
+    expect(good.answer.type).toBe('welcome');
+  });
+
+  it('an I/O error on the secondary\'s disk (failure case 4): the request fails, the disk is Failed, not promotable, no checkpoint', async () => {
+    const s = await secondary(['--filter', 'error:ops=write,range=1M-2M,errno=EIO']);
+    const link = await openLink(s.socket, { size: s.size });
+    const c = await dataClient(s.socket);
+    await c.write(0, Buffer.alloc(4096, 0x22));
+    await expect(c.write(MiB, Buffer.alloc(4096, 0x22))).rejects.toMatchObject({ errno: 'EIO' });
+    await c.close().catch(() => {});
+    await waitFor(async () => (await status(s.control)).exports.find((e) => e.name === '')?.pair?.diskState === 'Failed', 'the disk to be Failed', { timeoutMs: 5000 });
+    const pair = (await status(s.control)).exports.find((e) => e.name === '')!.pair as { secondary: { failedReason: string } };
+    expect(pair.secondary.failedReason).toContain('a write to the disk failed');
+    await expect.poll(() => link.received.some((m) => m.type === 'event' && m.name === 'secondary-failed'), { timeout: 5000 }).toBe(true);
+    expect(await link.checkpoint(1)).toMatchObject({ type: 'failed', n: 1, code: 'ERR_PAIR_STATE' });
+    const f = await runCli(['failover', '--control', s.control, '--json']);
+    expect(f.code).toBe(1);
+    expect(JSON.parse(f.stdout).error.code).toBe('ERR_PAIR_STATE');
+    const disk = await readFile(s.disk);
+    expect(disk.subarray(MiB, MiB + 4096).equals(Buffer.alloc(4096, 0x11))).toBe(true);
+    expect(disk.subarray(0, 4096).equals(Buffer.alloc(4096, 0x22))).toBe(true);
+  });
 });
+

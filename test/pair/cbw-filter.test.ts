@@ -1,0 +1,107 @@
+/**
+ * The copy-before-write filter alone (in-process, memory nodes): the first write of an epoch to a
+ * cluster copies its old content to hidden (FUA) before the disk is written; a failed copy fails
+ * the request and leaves the disk unchanged (failure case 3); concurrent writers to one cluster
+ * copy once; reset() starts a new epoch; the gate holds writes.
+ */
+import { describe, expect, it } from 'vitest';
+import { MemoryNode } from '../../src/block/memory.js';
+import { completeNode } from '../../src/block/node.js';
+import { CbwFilter } from '../../src/pair/cbw-filter.js';
+import { Gate, hookNode } from '../support/fault-node.js';
+import type { BlkrepError } from '../../src/api/errors.js';
+
+const C = 65536;
+
+function setup(hooks: Parameters<typeof hookNode>[1] = {}) {
+  const disk = new MemoryNode(8 * C);
+  const hiddenMem = new MemoryNode(8 * C);
+  const hidden = hookNode(hiddenMem, hooks);
+  const errors: BlkrepError[] = [];
+  const cbw = new CbwFilter(disk, completeNode(hidden), C, (e) => errors.push(e));
+  return { disk, hiddenMem, hidden, cbw, errors };
+}
+
+async function fill(node: MemoryNode, byte: number): Promise<void> {
+  await node.write(0, Buffer.alloc(node.size, byte));
+}
+
+describe('copy-before-write filter', () => {
+  it('copies the old cluster to hidden (FUA) once per epoch, then writes the disk', async () => {
+    const { disk, hiddenMem, hidden, cbw } = setup();
+    await fill(disk, 0x11);
+    await cbw.write(C + 100, Buffer.alloc(200, 0x22));
+    expect((await hiddenMem.read(C, C)).equals(Buffer.alloc(C, 0x11))).toBe(true);
+    expect((await disk.read(C + 100, 200)).equals(Buffer.alloc(200, 0x22))).toBe(true);
+    expect(hidden.log.filter((r) => r.op === 'write')).toEqual([{ op: 'write', offset: C, length: C, fua: true, done: true }]);
+    // the same cluster again in this epoch: no second copy (hidden keeps the checkpoint's data)
+    await cbw.write(C, Buffer.alloc(C, 0x33));
+    expect(hidden.log.filter((r) => r.op === 'write')).toHaveLength(1);
+    expect((await hiddenMem.read(C, C)).equals(Buffer.alloc(C, 0x11))).toBe(true);
+    // a write across two clusters copies both; zeroes and trims copy too
+    await cbw.write(3 * C - 10, Buffer.alloc(20, 0x44));
+    await cbw.writeZeroes(5 * C, 10);
+    await cbw.trim(6 * C, C);
+    expect(hidden.log.filter((r) => r.op === 'write').map((r) => r.offset)).toEqual([C, 2 * C, 3 * C, 5 * C, 6 * C]);
+    expect(cbw.copiedClusters).toBe(5);
+    // a new epoch copies again
+    cbw.reset();
+    await cbw.write(C, Buffer.alloc(10, 0x55));
+    expect(hidden.log.filter((r) => r.op === 'write').map((r) => r.offset)).toEqual([C, 2 * C, 3 * C, 5 * C, 6 * C, C]);
+    expect((await hiddenMem.read(C, C)).equals(Buffer.alloc(C, 0x33))).toBe(true);
+  });
+
+  it('a failed copy fails the request with ERR_PAIR_CBW and leaves the disk unchanged', async () => {
+    const { disk, cbw, errors } = setup({ failWrites: [[2 * C, 3 * C]] });
+    await fill(disk, 0x11);
+    await expect(cbw.write(2 * C + 5, Buffer.alloc(100, 0x22))).rejects.toMatchObject({ code: 'ERR_PAIR_CBW', errno: 'EIO', details: { cluster: 2, offset: 2 * C, length: C } });
+    expect((await disk.read(2 * C, C)).equals(Buffer.alloc(C, 0x11))).toBe(true);
+    expect(errors.map((e) => e.code)).toEqual(['ERR_PAIR_CBW']);
+    // a write spanning a good and the bad cluster fails whole: the disk is not written at all
+    await expect(cbw.write(2 * C - 100, Buffer.alloc(200, 0x22))).rejects.toMatchObject({ code: 'ERR_PAIR_CBW' });
+    expect((await disk.read(C, 2 * C)).equals(Buffer.alloc(2 * C, 0x11))).toBe(true);
+    // the bit stays clear: the next attempt copies again
+    expect(cbw.copiedClusters).toBe(1);
+  });
+
+  it('concurrent writers to one cluster wait for one copy', async () => {
+    const gate = new Gate();
+    const { disk, hiddenMem, hidden, cbw } = setup({ gate, gateOps: ['write'] });
+    await fill(disk, 0x11);
+    gate.close();
+    const a = cbw.write(4 * C, Buffer.alloc(10, 0x22));
+    const b = cbw.write(4 * C + 100, Buffer.alloc(10, 0x33));
+    await gate.waitEntered(1);
+    // neither reached the disk while the copy is held
+    expect((await disk.read(4 * C, 200)).equals(Buffer.alloc(200, 0x11))).toBe(true);
+    gate.open();
+    await Promise.all([a, b]);
+    expect(hidden.log.filter((r) => r.op === 'write')).toHaveLength(1);
+    expect((await hiddenMem.read(4 * C, C)).equals(Buffer.alloc(C, 0x11))).toBe(true);
+    expect((await disk.read(4 * C, 10)).equals(Buffer.alloc(10, 0x22))).toBe(true);
+    expect((await disk.read(4 * C + 100, 10)).equals(Buffer.alloc(10, 0x33))).toBe(true);
+  });
+
+  it('the gate holds new writes until released; hold() waits for those in flight', async () => {
+    const gate = new Gate();
+    const { disk, cbw } = setup({ gate, gateOps: ['write'] });
+    gate.close();
+    const inflight = cbw.write(0, Buffer.alloc(10, 0x22));
+    await gate.waitEntered(1);
+    let held = false;
+    const holding = cbw.gate.hold().then(() => (held = true));
+    await Promise.resolve();
+    expect(held).toBe(false);
+    gate.open();
+    await inflight;
+    await holding;
+    let late = false;
+    const w = cbw.write(C, Buffer.alloc(10, 0x33)).then(() => (late = true));
+    await new Promise((r) => setImmediate(r));
+    expect(late).toBe(false);
+    expect((await disk.read(C, 10)).equals(Buffer.alloc(10, 0))).toBe(true);
+    cbw.gate.release();
+    await w;
+    expect((await disk.read(C, 10)).equals(Buffer.alloc(10, 0x33))).toBe(true);
+  });
+});

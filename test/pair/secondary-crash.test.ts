@@ -1,0 +1,75 @@
+/**
+ * Crash of the secondary inside a checkpoint (replication.md §2 crash rules, §7 B.3): the fault
+ * hook BLKREP_TEST_CRASH_AT=checkpoint-step-K kills serve-nbd --secondary with SIGKILL at the end
+ * of step K; after a restart the view is exactly CP_{N-1} (step 4) or CP_N (steps 5–7), never a
+ * mix, and the pair state says which.
+ */
+import { join } from 'node:path';
+import { readFile, writeFile } from 'node:fs/promises';
+import { describe, expect, it } from 'vitest';
+import { makeTempDir, run, serve } from '../support/spawn.js';
+import { dataClient, openLink } from './scripted-primary.js';
+
+const MiB = 1024 * 1024;
+const SIZE = 4 * MiB;
+
+async function readView(dir: string, socket: string, tag: string): Promise<Buffer> {
+  const out = join(dir, `view-${tag}.raw`);
+  const r = await run('nbdcopy', [`nbd+unix:///view?socket=${socket}`, out]);
+  expect(r.code, r.stderr).toBe(0);
+  return readFile(out);
+}
+
+describe('secondary crash inside a checkpoint (kill -9 by the fault hook)', () => {
+  const cp0 = Buffer.alloc(SIZE, 0x11);
+  const cp1 = Buffer.from(cp0);
+  cp1.fill(0x22, MiB, 2 * MiB);
+  // 100 KiB into the second MiB: a write that starts and ends inside clusters
+  cp1.fill(0x23, 3 * MiB + 1000, 3 * MiB + 1000 + 100 * 1024);
+
+  it.each([
+    ['checkpoint-step-4', 0],
+    ['checkpoint-step-5', 1],
+    ['checkpoint-step-6', 1],
+    ['checkpoint-step-7', 1],
+  ] as const)('%s → after restart the view is CP_%i exactly', async (step, epoch) => {
+    const dir = await makeTempDir();
+    const disk = join(dir, 'disk.img');
+    await writeFile(disk, cp0);
+    const socket = join(dir, 'nbd.sock');
+    const args = [disk, '--secondary', '--socket', socket, '--view-export', 'view', '--view-read-only'];
+    const p = await serve(args, { env: { ...process.env, BLKREP_TEST_CRASH_AT: step } });
+    const link = await openLink(socket, { size: SIZE });
+    const c = await dataClient(socket);
+    await c.write(MiB, Buffer.alloc(MiB, 0x22));
+    await c.write(3 * MiB + 1000, Buffer.alloc(100 * 1024, 0x23));
+    await c.flush();
+    await expect(link.checkpoint(1)).rejects.toMatchObject({ code: 'ERR_PAIR_LINK_DOWN' });
+    expect((await p.waitExit(10_000)).signal).toBe('SIGKILL');
+    await c.close().catch(() => {});
+
+    const again = await serve(args);
+    const view = await readView(dir, socket, 'after');
+    const expected = epoch === 0 ? cp0 : cp1;
+    expect(view.equals(expected)).toBe(true);
+    expect(JSON.parse(await readFile(`${disk}.pair.json`, 'utf8'))).toMatchObject({ epoch, committing: null });
+    // the disk holds the primary's writes in every case
+    expect((await readFile(disk)).equals(cp1)).toBe(true);
+
+    // the pair goes on: a write into a cluster the hidden disk kept does not overwrite its old data
+    const link2 = await openLink(socket, { size: SIZE });
+    expect(link2.answer.type).toBe('welcome');
+    const c2 = await dataClient(socket);
+    await c2.write(MiB, Buffer.alloc(65536, 0x44));
+    await c2.flush();
+    const mid = await readView(dir, socket, 'mid');
+    expect(mid.equals(expected)).toBe(true);
+    expect(await link2.checkpoint(2)).toMatchObject({ type: 'done', n: 2, epoch: 2 });
+    const cp2 = Buffer.from(cp1);
+    cp2.fill(0x44, MiB, MiB + 65536);
+    expect((await readView(dir, socket, 'cp2')).equals(cp2)).toBe(true);
+    await c2.close();
+    link2.close();
+    await again.stop();
+  });
+});
