@@ -85,7 +85,10 @@ export class PrimaryHost {
     const name = this.exportName(spec.exportName);
     const ex = this.o.exports.get(name)!;
     const existing = this.o.roles.get(name);
-    if (existing && !(existing instanceof PrimaryRole && existing.isStopped)) {
+    // A stopped primary's role is replaced; so is a promoted secondary's (failover made it the
+    // primary: replicating now protects it, and fails back onto the old primary).
+    const replaceable = existing instanceof PrimaryRole ? existing.isStopped : existing?.role === 'primary';
+    if (existing && !replaceable) {
       const st = existing.status();
       throw new BlkrepError('ERR_PAIR_STATE', `export "${name}" is already in a pair (${st.role}, peer ${st.peer ?? 'none'}, link ${st.link})`, { errno: 'EINVAL', details: { export: name } });
     }
