@@ -492,7 +492,9 @@ export class Daemon {
           resource: exports.map((e) => e.name).join(' '),
           ...(service.epoch ? { epoch: service.epoch } : {}),
           ...(service.generation ? { generation: service.generation } : {}),
-          hasFailover: () => control?.has('failover') ?? false,
+          // a secondary of a pair to promote: the failover verb exists in every daemon (a
+          // primary's failover means "stop forwarding"), which is no takeover
+          hasFailover: () => (control?.has('failover') ?? false) && [...this.pair.values()].some((r) => r.role === 'secondary'),
           // never forced: only the operator forces a takeover
           failover: () => control!.call('failover', {}),
           publish,
