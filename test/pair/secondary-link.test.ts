@@ -41,7 +41,7 @@ describe('serve-nbd --secondary: the pair link', () => {
     const text = await runCli(['status', '--control', s.control]);
     expect(text.code, text.stderr).toBe(0);
     expect(text.stdout).toContain('""  (not served: a secondary\'s replica export waits for a primary)');
-    expect(text.stdout).toMatch(/pair: secondary, link none, epoch 0, disk Inconsistent, generation 0000000000000004/);
+    expect(text.stdout).toMatch(/pair: secondary → no peer, -, link none, epoch 0, no checkpoint yet, disk Inconsistent, queue 0 B, behind 0 B, generation 0000000000000004/);
 
     const link = await openLink(s.socket, { size: s.size });
     expect(link.answer).toMatchObject({ type: 'welcome', size: s.size, role: 'secondary', decision: { rule: 10, action: 'none' } });
