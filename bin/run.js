@@ -46,5 +46,9 @@ if (manifestStale()) {
   }
 }
 
+// `--version --json` (oclif's --version has no JSON form): the version command's JSON.
+const argv = process.argv.slice(2);
+const args = argv.length === 2 && argv.includes('--version') && argv.includes('--json') ? ['version', '--json'] : undefined;
+
 const { execute } = await import('@oclif/core');
-await execute({ dir: import.meta.url });
+await execute({ dir: import.meta.url, ...(args ? { args } : {}) });

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 missing=()
-for pair in qemu-utils:qemu-img qemu-utils:qemu-io qemu-utils:qemu-nbd nbdkit:nbdkit libnbd-bin:nbdinfo libnbd-bin:nbdcopy fio:fio groff-base:groff spin:spin; do
+for pair in qemu-utils:qemu-img qemu-utils:qemu-io qemu-utils:qemu-nbd nbdkit:nbdkit libnbd-bin:nbdinfo libnbd-bin:nbdcopy fio:fio groff-base:groff spin:spin tmux:tmux; do
   command -v "${pair#*:}" >/dev/null 2>&1 || missing+=("${pair%%:*}")
 done
 if [ ${#missing[@]} -gt 0 ]; then

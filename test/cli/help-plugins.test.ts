@@ -48,3 +48,18 @@ describe('help, -h, not-found, autocomplete', () => {
     expect(how.stdout).toContain('blkrep autocomplete');
   });
 });
+
+describe('version', () => {
+  it('--version is one line; --version --json and version --json are the version object with the addon and plugins', async () => {
+    const line = await runCli(['--version']);
+    expect(line.code).toBe(0);
+    expect(line.stdout).toMatch(/^blkrep\/\d+\.\d+\.\d+ linux-x64 node-v\d+/);
+    for (const args of [['--version', '--json'], ['version', '--json']]) {
+      const r = await runCli(args);
+      expect(r.code).toBe(0);
+      const v = JSON.parse(r.stdout) as { name: string; version: string; node: string; native: { loaded: boolean }; plugins: Array<{ name: string }> };
+      expect(v).toMatchObject({ name: 'blkrep', version: expect.stringMatching(/^\d+\.\d+\.\d+$/), node: process.versions.node, native: { loaded: true } });
+      expect(v.plugins.map((p) => p.name)).toEqual(expect.arrayContaining(['@blkrep/transport-tcp', '@blkrep/transport-unix']));
+    }
+  });
+});
