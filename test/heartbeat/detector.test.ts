@@ -5,18 +5,8 @@
 import { describe, expect, it } from 'vitest';
 import { FixedDetector, PhiDetector, phiOf } from '../../src/heartbeat/detector.js';
 import { PeerMonitor, type PeerEvent } from '../../src/heartbeat/monitor.js';
+import { seededRandom as prng } from '../../src/block/filters/error.js';
 
-/** A deterministic PRNG (mulberry32), so a failing run can be replayed from its seed. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 /** The first instant, stepping 1 ms from `from`, at which `dead` holds (bounded). */
 function firstDead(dead: (now: number) => boolean, from: number, limit = 10_000): number {

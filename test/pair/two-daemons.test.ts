@@ -16,6 +16,7 @@ import { ControlClient } from '../../src/control/client.js';
 import { NbdClient } from '../../src/nbd/client.js';
 import type { PairStatus } from '../../src/pair/role.js';
 import { makeTempDir, serve, unixUri, waitFor, withTimeout, type Served } from '../support/spawn.js';
+import { seededRandom as rng } from '../../src/block/filters/error.js';
 
 const MiB = 1 << 20;
 const SIZE = 16 * MiB;
@@ -140,17 +141,6 @@ describe('two daemons: test-replication.c secondary scenarios', () => {
 
 // ------------------------------------------------------------------------------------------------
 
-/** mulberry32: a small seeded generator (the seed is in the test name) */
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 const BLOCK = 4096;
 const REGION = 4 * MiB;
