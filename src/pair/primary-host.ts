@@ -27,7 +27,9 @@ export interface ReplicationSpec {
 }
 
 export interface PairExport {
-  filter: ReplicationFilter;
+  /** the export's replication filter, put into its stack's replication slot on first use (an
+   * export that never replicates pays no hop for it) */
+  filter: () => Promise<ReplicationFilter>;
   /** the disk's path; undefined for an image that is no regular file (memory, NBD) */
   imagePath: string | undefined;
   /** why there is no path */
@@ -102,7 +104,7 @@ export class PrimaryHost {
     const role = await PrimaryRole.start({
       exportName: name,
       imagePath: ex.imagePath,
-      filter: ex.filter,
+      filter: await ex.filter(),
       uri: spec.uri,
       ...(spec.protocol ? { protocol: spec.protocol } : {}),
       ...(spec.queueBytes === undefined ? {} : { queueBytes: spec.queueBytes }),

@@ -194,16 +194,16 @@ export class Daemon {
       // filter from the start (no cost without bitmaps), so bitmaps can be added at run time; its
       // bitmaps are opened before anything can write. A job puts its front end into the front
       // slot, a mirror's pivot its target into the pivot slot (the bitmaps keep recording). The
-      // replication slot holds the pair's replication filter (detached, passing everything
-      // through, until the export replicates: serve-nbd --replicate-to, blkrep replicate).
+      // replication slot takes the pair's replication filter when the export starts to replicate
+      // (serve-nbd --replicate-to, blkrep replicate): until then writes pay no hop for it.
       const tracking: DirtyTrackingNode[] = [];
-      const replication: ReplicationFilter[] = [];
+      const replication: Array<() => Promise<ReplicationFilter>> = [];
       for (const [i, e] of options.exports.entries()) {
         const stack = new ExportStack(nodes[i]!, { name: e.name, filters: options.filters ?? [] });
-        void stack.insert('replication', (below) => {
-          const r = new ReplicationFilter(below, { protocol: 'sync' });
-          replication.push(r);
-          return r;
+        let filter: Promise<ReplicationFilter> | undefined;
+        replication.push(() => {
+          filter ??= stack.insert('replication', (below) => new ReplicationFilter(below, { protocol: 'sync' })).then(() => stack.opened('replication') as ReplicationFilter);
+          return filter;
         });
         void stack.insert('tracking', (below) => {
           const t = new DirtyTrackingNode(below);
@@ -548,7 +548,7 @@ function routeFront(stack: ExportStack, tracking: DirtyTrackingNode, node: Block
 /** The primary's side of replication: each writable export's filter; --replicate-to started. */
 async function startPairHost(
   options: DaemonOptions,
-  filters: ReplicationFilter[],
+  filters: Array<() => Promise<ReplicationFilter>>,
   roles: Map<string, PairRole>,
   publish: (event: string, fields: Record<string, unknown>) => void,
 ): Promise<PrimaryHost | undefined> {

@@ -79,8 +79,10 @@ describe('primary → qemu-nbd (a plain NBD target)', () => {
       await qemuIo(unixUri(psock), ['write -P 0x11 0 1M', 'write -P 0x22 3M 64k', 'write -z 8M 1M', 'discard 12M 1M', 'flush']);
       const r = await runCli(['status', '--control', control, '--json']);
       expect(r.code).toBe(0);
-      const st = (JSON.parse(r.stdout) as { exports: Array<{ pair?: PairStatus }> }).exports[0]!.pair!;
-      expect(st).toMatchObject({ role: 'primary', protocol, link: 'connected', peerKind: 'plain', peer: unixUri(ssock), epoch: 0, diskState: 'UpToDate' });
+      const ex = (JSON.parse(r.stdout) as { exports: Array<{ pair?: PairStatus; stack?: Array<{ slot: string; driver: string }> }> }).exports[0]!;
+      expect(ex.pair).toMatchObject({ role: 'primary', protocol, link: 'connected', peerKind: 'plain', peer: unixUri(ssock), epoch: 0, diskState: 'UpToDate' });
+      // the replication filter sits in its slot once the export replicates (absent before: no hop)
+      expect(ex.stack?.map((l) => l.slot)).toContain('replication');
       expect(await d.stop()).toBe(0);
       expect(await q.stop()).toBe(0);
       const cmp = await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', p, s]);

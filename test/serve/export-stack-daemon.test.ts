@@ -49,10 +49,9 @@ describe('export stack in the daemon', () => {
     const sock = join(dir, 'nbd.sock');
     daemon = await Daemon.start({ exports: [{ name: 'disk', image }], listen: [{ transport: 'unix', address: sock }], transports: await defaultTransports(), autoBitmaps: false });
     const stack = daemon.exportStack('disk')!;
-    // the replication slot holds the pair's filter from the start (detached until replicating)
+    // the replication slot stays empty until the export replicates (no hop for a daemon without a pair)
     expect(daemon.status().exports[0]!.stack).toEqual([
       { slot: 'tracking', driver: 'dirty-tracking' },
-      { slot: 'replication', driver: 'replication' },
       { slot: 'image', driver: 'raw' },
     ]);
 
@@ -64,12 +63,12 @@ describe('export stack in the daemon', () => {
     const io = start('qemu-io', ['-f', 'raw', ...writes, '-c', 'aio_flush', unixUri(sock, 'disk')]);
     await gate.waitEntered(1, 60_000);
     let inserted = false;
-    // the front slot (the replication slot is the pair's, occupied from the start)
+    // the front slot, where a job's front end goes
     const replicating = stack.insert('front', (below) => new Counting('counting', below)).then((n) => {
       inserted = true;
       return n as Counting;
     });
-    expect(daemon.status().exports[0]!.stack!.map((l) => l.slot)).toEqual(['front', 'tracking', 'replication', 'cbw', 'image']);
+    expect(daemon.status().exports[0]!.stack!.map((l) => l.slot)).toEqual(['front', 'tracking', 'cbw', 'image']);
     await Promise.resolve();
     expect(inserted).toBe(false);
     gate.open();
@@ -81,7 +80,7 @@ describe('export stack in the daemon', () => {
 
     expect(await stack.remove('cbw')).toBe(cbw);
     expect(await stack.remove('front')).toBe(replication);
-    expect(daemon.status().exports[0]!.stack!.map((l) => l.slot)).toEqual(['tracking', 'replication', 'image']);
+    expect(daemon.status().exports[0]!.stack!.map((l) => l.slot)).toEqual(['tracking', 'image']);
     const more = await run('qemu-io', ['-f', 'raw', '-c', `write -P 0x77 ${12 * MiB} 64k`, unixUri(sock, 'disk')]);
     expect(more.code, more.stderr).toBe(0);
     expect(cbw.writes).toBe(N);
