@@ -62,8 +62,8 @@ export interface LiveMirrorOptions {
 
 const bad = badJobArg;
 
-/** job-start's args of a mirror (unknown fields are ignored). */
-export const LIVE_MIRROR_ARGS = z.object({
+/** job-start's args of a mirror (an unknown field is refused: a misspelt option never passes unseen). */
+export const LIVE_MIRROR_ARGS = z.strictObject({
   target: arg.name().describe('an image path or NBD URI to mirror onto'),
   targetFormat: arg.oneOf(['raw', 'qcow2']).optional().describe('the format of a target path (default: probed)'),
   sync: arg.oneOf(['full', 'top', 'none', 'bitmap']).optional().describe('what to copy (default full); bitmap: the dirty bits of "bitmap"'),

@@ -113,6 +113,11 @@ describe('the verbs of serve-nbd', () => {
         { type: 'backup', target: 'x', nope: 1 },
         'job-start: job type backup takes no "nope" (it takes target, targetFormat, sync, bitmap, bitmapMode, granularity, bufSize, maxOps, speed, targetIsZero, onSourceError, onTargetError, onCbwError, connections, fleecingExport, fleecingSocket)',
       ],
+      [
+        'job-start',
+        { type: 'mirror', target: 'x', maxops: 4 },
+        'job-start: job type mirror takes no "maxops" (it takes target, targetFormat, sync, bitmap, bitmapMode, granularity, bufSize, maxOps, speed, targetIsZero, copyMode, maxLagMs, onSourceError, onTargetError, connections, persist, existing)',
+      ],
       ['job-start', { type: 'commit', keep: 1 }, 'job-start: "keep" must be true or false, got 1'],
       ['bitmap-add', { name: 5 }, 'bitmap-add: "name" must be a string, got 5'],
       ['bitmap-add', { name: 'b1', granularity: 1.5 }, 'bitmap-add: "granularity" must be a non-negative integer, got 1.5'],
