@@ -19,6 +19,18 @@
  *                                                 conflicting lock {type, start, length, pid}
  *                                                 (pid -1 for an OFD lock: the kernel does not
  *                                                 say which process holds one)
+ *   preadNowait(fd, buffer, bufOffset, length, position)
+ *   pwriteNowait(fd, buffer, bufOffset, length, position)
+ *                                                 preadv2/pwritev2 with RWF_NOWAIT, synchronous:
+ *                                                 the bytes done (0 at EOF for a read); -1 when
+ *                                                 the kernel would have to wait (EAGAIN: pages not
+ *                                                 cached, writeback throttling, a lock); -2 when
+ *                                                 it does not offer RWF_NOWAIT for this file
+ *                                                 (EOPNOTSUPP — ext4's buffered writes —, ENOSYS,
+ *                                                 EINVAL from an older kernel); other failures
+ *                                                 throw. Never blocks: the raw driver tries it on
+ *                                                 the event loop and goes to the thread pool on
+ *                                                 -1, and stops trying on -2.
  *
  * The image locks (src/block/image-lock.ts) are open-file-description locks as QEMU takes them:
  * they belong to the fd's open file description, so they conflict with locks taken through any
@@ -185,6 +197,59 @@ static napi_value do_seek(napi_env env, napi_callback_info info, int data, const
 
 static napi_value seek_data(napi_env env, napi_callback_info info) { return do_seek(env, info, 1, "seekData"); }
 static napi_value seek_hole(napi_env env, napi_callback_info info) { return do_seek(env, info, 0, "seekHole"); }
+
+/* ------------------------------------------------------------------------------------------ */
+/* preadv2 / pwritev2 with RWF_NOWAIT (synchronous, never blocking) */
+
+#if defined(__linux__) && defined(RWF_NOWAIT)
+#include <sys/uio.h>
+#define BLKREP_HAVE_NOWAIT 1
+#else
+#define BLKREP_HAVE_NOWAIT 0
+#endif
+
+static napi_value do_nowait(napi_env env, napi_callback_info info, int write, const char *fn) {
+  napi_value argv[5], result;
+  int fd;
+  int64_t buf_offset, length, position;
+  void *data;
+  size_t size;
+  if (!get_args(env, info, 5, argv, fn)) return NULL;
+  if (!get_fd(env, argv[0], &fd, fn)) return NULL;
+  if (napi_get_buffer_info(env, argv[1], &data, &size) != napi_ok) {
+    napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "buffer must be a Buffer");
+    return NULL;
+  }
+  if (!get_uint(env, argv[2], (double)size, &buf_offset, fn, "bufOffset") ||
+      !get_uint(env, argv[3], (double)size, &length, fn, "length") ||
+      !get_uint(env, argv[4], MAX_SAFE_INTEGER, &position, fn, "position")) return NULL;
+  if (buf_offset + length > (int64_t)size) {
+    napi_throw_range_error(env, "ERR_OUT_OF_RANGE", "bufOffset + length is past the end of the buffer");
+    return NULL;
+  }
+#if BLKREP_HAVE_NOWAIT
+  struct iovec iov = {(char *)data + buf_offset, (size_t)length};
+  ssize_t r;
+  do r = write ? pwritev2(fd, &iov, 1, (off_t)position, RWF_NOWAIT) : preadv2(fd, &iov, 1, (off_t)position, RWF_NOWAIT);
+  while (r < 0 && errno == EINTR);
+  if (r < 0) {
+    int e = errno;
+    if (e == EAGAIN || e == EOPNOTSUPP || e == ENOTSUP || e == ENOSYS || e == EINVAL) {
+      napi_create_int32(env, e == EAGAIN ? -1 : -2, &result);
+      return result;
+    }
+    napi_throw(env, make_error(env, e, write ? "pwritev2(RWF_NOWAIT)" : "preadv2(RWF_NOWAIT)"));
+    return NULL;
+  }
+  napi_create_int64(env, (int64_t)r, &result);
+#else
+  napi_create_int32(env, -2, &result);
+#endif
+  return result;
+}
+
+static napi_value pread_nowait(napi_env env, napi_callback_info info) { return do_nowait(env, info, 0, "preadNowait"); }
+static napi_value pwrite_nowait(napi_env env, napi_callback_info info) { return do_nowait(env, info, 1, "pwriteNowait"); }
 
 /* ------------------------------------------------------------------------------------------ */
 /* asynchronous operations */
@@ -447,6 +512,8 @@ NAPI_MODULE_INIT() {
     {"willNeed", NULL, will_need, NULL, NULL, NULL, napi_enumerable, NULL},
     {"setLock", NULL, set_lock, NULL, NULL, NULL, napi_enumerable, NULL},
     {"getLock", NULL, get_lock, NULL, NULL, NULL, napi_enumerable, NULL},
+    {"preadNowait", NULL, pread_nowait, NULL, NULL, NULL, napi_enumerable, NULL},
+    {"pwriteNowait", NULL, pwrite_nowait, NULL, NULL, NULL, napi_enumerable, NULL},
     {"hasFallocate", NULL, NULL, NULL, NULL, has_fallocate, napi_enumerable, NULL},
   };
   if (napi_define_properties(env, exports, sizeof props / sizeof props[0], props) != napi_ok) return NULL;

@@ -42,6 +42,14 @@ export interface SparseOps {
   setLock(fd: number, start: number, length: number, type: 'read' | 'write' | 'unlock'): void;
   /** fcntl(F_OFD_GETLK): null when a `type` lock could be set, else the first conflicting lock (pid -1 for an OFD lock). */
   getLock(fd: number, start: number, length: number, type: 'read' | 'write'): HeldLock | null;
+  /**
+   * preadv2(RWF_NOWAIT) into buffer[bufOffset, bufOffset+length), synchronous and never blocking:
+   * the bytes read (0 at EOF), -1 when the kernel would have to wait (not in the page cache),
+   * -2 when it offers no RWF_NOWAIT for this file. Absent in an addon built before it.
+   */
+  preadNowait?(fd: number, buffer: Buffer, bufOffset: number, length: number, position: number): number;
+  /** pwritev2(RWF_NOWAIT), as preadNowait (ext4's buffered writes answer -2). */
+  pwriteNowait?(fd: number, buffer: Buffer, bufOffset: number, length: number, position: number): number;
 }
 
 /** A lock another open file description holds, as F_OFD_GETLK reports it. */

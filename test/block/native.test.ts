@@ -1,4 +1,4 @@
-import { closeSync, fstatSync, mkdtempSync, openSync, rmSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, fstatSync, mkdtempSync, openSync, readFileSync, rmSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -168,5 +168,42 @@ describe.skipIf(ops === null)('the addon', () => {
     for (let i = 0; i < 64; i++) {
       expect(n.seekData(fd, i * 64 * KiB)).toBe(i * 64 * KiB + 32 * KiB);
     }
+  });
+});
+
+describe.runIf(loadNative() !== null)('preadNowait / pwriteNowait (RWF_NOWAIT on the event loop)', () => {
+  it('preadNowait reads cached bytes into the buffer at bufOffset, and 0 at EOF', () => {
+    const n = loadNative()!;
+    const { fd, path } = sparseFd(0);
+    const data = Buffer.from('0123456789abcdef');
+    writeFileSync(path, data); // just written: in the page cache
+    const into = Buffer.alloc(20, 0xee);
+    expect(n.preadNowait!(fd, into, 2, 10, 3)).toBe(10);
+    expect(into.subarray(2, 12).toString()).toBe('3456789abc');
+    expect(into[0]).toBe(0xee);
+    expect(into[12]).toBe(0xee);
+    expect(n.preadNowait!(fd, into, 0, 4, 16)).toBe(0);
+  });
+
+  it('pwriteNowait writes the bytes, or answers -2 where the file system has no RWF_NOWAIT for buffered writes (ext4)', () => {
+    const n = loadNative()!;
+    const { fd, path } = sparseFd(8);
+    const r = n.pwriteNowait!(fd, Buffer.from('xxABCDxx'), 2, 4, 1);
+    expect([4, -2]).toContain(r);
+    const after = readFileSync(path);
+    expect(after.subarray(1, 5).toString()).toBe(r === 4 ? 'ABCD' : '\0\0\0\0');
+  });
+
+  it('bad arguments are TypeErrors or RangeErrors with codes; a bad fd is the errno error', () => {
+    const n = loadNative()!;
+    const { fd } = sparseFd(4096);
+    const b = Buffer.alloc(16);
+    expect(() => n.preadNowait!(fd, b, 0, 17, 0)).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARG_TYPE' }));
+    expect(() => n.preadNowait!(fd, b, 8, 9, 0)).toThrow(expect.objectContaining({ code: 'ERR_OUT_OF_RANGE' }));
+    expect(() => n.preadNowait!(fd, 'nope' as unknown as Buffer, 0, 1, 0)).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARG_TYPE' }));
+    expect(() => n.preadNowait!(fd, b, 0, 1, -1)).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARG_TYPE' }));
+    const closed = openSync(join(dir, 'closed'), 'w');
+    closeSync(closed);
+    expect(() => n.preadNowait!(closed, b, 0, 1, 0)).toThrow(expect.objectContaining({ code: 'EBADF', syscall: 'preadv2(RWF_NOWAIT)' }));
   });
 });

@@ -485,3 +485,78 @@ describe('openImage', () => {
     await raw.close();
   });
 });
+
+describe.runIf(native !== null)('RawNode: reads and writes ≤ 64 KiB tried with RWF_NOWAIT on the loop first', () => {
+  /** the real addon, with preadNowait/pwriteNowait replaced by `nowait` and their calls counted */
+  function spy(nowait: (real: (...a: Parameters<NonNullable<SparseOps['preadNowait']>>) => number, ...a: Parameters<NonNullable<SparseOps['preadNowait']>>) => number) {
+    const calls = { read: 0, write: 0 };
+    const ops: SparseOps = {
+      ...native!,
+      preadNowait: (...a) => (calls.read++, nowait(native!.preadNowait!, ...a)),
+      pwriteNowait: (...a) => (calls.write++, nowait(native!.pwriteNowait!, ...a)),
+    };
+    return { ops, calls };
+  }
+
+  it('a cached 4 KiB read is answered on the loop: the bytes, one call, none for a 1 MiB read', async () => {
+    const data = randomBytes(2 * MiB);
+    const path = makeFile(2 * MiB, data);
+    const { ops, calls } = spy((real, ...a) => real(...a));
+    const node = await RawNode.open(path, { readOnly: true, native: ops });
+    expect((await node.read(12345, 4096)).equals(data.subarray(12345, 12345 + 4096))).toBe(true);
+    expect(calls.read).toBe(1);
+    expect((await node.read(0, MiB)).equals(data.subarray(0, MiB))).toBe(true);
+    expect(calls.read).toBe(1);
+    await node.close();
+  });
+
+  it('EAGAIN (-1) and a short read go on through the thread pool, with the same bytes', async () => {
+    const data = randomBytes(64 * KiB);
+    const path = makeFile(64 * KiB, data);
+    // first call: a short read of 1000 bytes; every later one: would block
+    const { ops, calls } = spy((real, fd, buf, at, len, pos) => (calls.read === 1 ? real(fd, buf, at, Math.min(len, 1000), pos) : -1));
+    const node = await RawNode.open(path, { native: ops });
+    expect((await node.read(100, 8192)).equals(data.subarray(100, 100 + 8192))).toBe(true);
+    expect(calls.read).toBe(2);
+    await node.write(0, Buffer.alloc(4096, 7));
+    expect((await node.read(0, 4096)).equals(Buffer.alloc(4096, 7))).toBe(true);
+    await node.close();
+  });
+
+  it('-2 (no RWF_NOWAIT for this file) stops the attempts for that node', async () => {
+    const path = makeFile(64 * KiB, randomBytes(64 * KiB));
+    const { ops, calls } = spy(() => -2);
+    const node = await RawNode.open(path, { native: ops });
+    for (let i = 0; i < 3; i++) await node.read(i * 4096, 4096);
+    for (let i = 0; i < 3; i++) await node.write(i * 4096, Buffer.alloc(4096, i));
+    expect(calls).toEqual({ read: 1, write: 1 });
+    expect((await node.read(8192, 4096)).equals(Buffer.alloc(4096, 2))).toBe(true);
+    await node.close();
+  });
+
+  it('BLKREP_NO_NOWAIT=1: every read and write through the pool', async () => {
+    const path = makeFile(64 * KiB, randomBytes(64 * KiB));
+    const { ops, calls } = spy((real, ...a) => real(...a));
+    process.env.BLKREP_NO_NOWAIT = '1';
+    let node: RawNode;
+    try {
+      node = await RawNode.open(path, { native: ops });
+    } finally {
+      delete process.env.BLKREP_NO_NOWAIT;
+    }
+    await node.write(0, Buffer.alloc(4096, 1));
+    await node.read(0, 4096);
+    expect(calls).toEqual({ read: 0, write: 0 });
+    await node.close();
+  });
+
+  it('an error from preadv2 itself is the read error (ERR_SYSTEM_EIO, errno EIO, naming the file), not a crash', async () => {
+    const path = makeFile(64 * KiB);
+    const { ops } = spy(() => {
+      throw Object.assign(new Error('EIO: i/o error, preadv2(RWF_NOWAIT)'), { code: 'EIO', errno: -5, syscall: 'preadv2(RWF_NOWAIT)' });
+    });
+    const node = await RawNode.open(path, { native: ops });
+    await expect(node.read(0, 4096)).rejects.toMatchObject({ code: 'ERR_SYSTEM_EIO', errno: 'EIO', message: expect.stringContaining(path) });
+    await node.close();
+  });
+});
