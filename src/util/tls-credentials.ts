@@ -13,7 +13,7 @@
  *
  * Modes: directories 0700, keys and keys.psk 0600, certificates 0644. DIR must not exist, or be
  * an empty directory: nothing is ever overwritten. Errors: ERR_EXISTS (DIR has files),
- * ERR_BAD_ARGUMENT (a name openssl or a URI cannot carry), ERR_TLS_GENERATE (openssl failed: its
+ * ERR_USAGE (a name openssl or a URI cannot carry), ERR_TLS_GENERATE (openssl failed: its
  * message).
  */
 import { execFile } from 'node:child_process';
@@ -53,7 +53,7 @@ const PSK_USER = /^[A-Za-z0-9._-]{1,64}$/;
 const EC = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes'];
 
 function badArgument(message: string, details: Record<string, unknown>): BlkrepError {
-  return new BlkrepError('ERR_BAD_ARGUMENT', message, { errno: 'EINVAL', details });
+  return new BlkrepError('ERR_USAGE', message, { errno: 'EINVAL', details });
 }
 
 function checkOptions(options: PairCredentialsOptions): number {

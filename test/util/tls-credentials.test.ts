@@ -91,17 +91,17 @@ describe('generatePairCredentials', () => {
     }
   });
 
-  it('refuses a directory with files (ERR_EXISTS, nothing touched), a bad name or validity (ERR_BAD_ARGUMENT); an empty directory is fine', async () => {
+  it('refuses a directory with files (ERR_EXISTS, nothing touched), a bad name or validity (ERR_USAGE); an empty directory is fine', async () => {
     const dir = await makeTempDir();
     await writeFile(join(dir, 'keys.psk'), 'old:00\n');
     await expect(generatePairCredentials(dir, { kind: 'psk', names: ['a'] })).rejects.toMatchObject({ code: 'ERR_EXISTS', details: { path: dir } });
     expect(await readFile(join(dir, 'keys.psk'), 'utf8')).toBe('old:00\n');
     const fresh = join(dir, 'new');
-    await expect(generatePairCredentials(fresh, { kind: 'x509', names: ['bad name/'] })).rejects.toMatchObject({ code: 'ERR_BAD_ARGUMENT', details: { name: 'bad name/' } });
-    await expect(generatePairCredentials(fresh, { kind: 'psk', names: ['a:b'] })).rejects.toMatchObject({ code: 'ERR_BAD_ARGUMENT' });
-    await expect(generatePairCredentials(fresh, { kind: 'psk', names: [] })).rejects.toMatchObject({ code: 'ERR_BAD_ARGUMENT' });
-    await expect(generatePairCredentials(fresh, { kind: 'psk', names: ['a', 'a'] })).rejects.toMatchObject({ code: 'ERR_BAD_ARGUMENT' });
-    await expect(generatePairCredentials(fresh, { kind: 'x509', names: ['a'], days: 0 })).rejects.toMatchObject({ code: 'ERR_BAD_ARGUMENT' });
+    await expect(generatePairCredentials(fresh, { kind: 'x509', names: ['bad name/'] })).rejects.toMatchObject({ code: 'ERR_USAGE', details: { name: 'bad name/' } });
+    await expect(generatePairCredentials(fresh, { kind: 'psk', names: ['a:b'] })).rejects.toMatchObject({ code: 'ERR_USAGE' });
+    await expect(generatePairCredentials(fresh, { kind: 'psk', names: [] })).rejects.toMatchObject({ code: 'ERR_USAGE' });
+    await expect(generatePairCredentials(fresh, { kind: 'psk', names: ['a', 'a'] })).rejects.toMatchObject({ code: 'ERR_USAGE' });
+    await expect(generatePairCredentials(fresh, { kind: 'x509', names: ['a'], days: 0 })).rejects.toMatchObject({ code: 'ERR_USAGE' });
     await expect(stat(fresh)).rejects.toMatchObject({ code: 'ENOENT' });
     const empty = await makeTempDir();
     const creds = await generatePairCredentials(empty, { kind: 'psk', names: ['a'] });
