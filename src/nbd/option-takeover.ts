@@ -40,7 +40,8 @@ export interface OpenedExtension {
 /**
  * Open `option` on a fresh connection. Throws ERR_NBD_UNSUPPORTED when the server does not know
  * the option (a plain NBD server: qemu-nbd, nbdkit), ERR_NBD_SERVER_ERROR with the server's message
- * when it refuses it, ERR_NBD_HANDSHAKE on anything malformed, ERR_NBD_CONNECT on a timeout.
+ * when it refuses it, ERR_NBD_HANDSHAKE on anything malformed, ERR_NBD_CONNECT on a timeout,
+ * ERR_TLS_REJECTED when `prepare` upgraded to TLS and the server then hung up at once.
  */
 export async function openExtension(connection: TransportConnection, option: number, data: Buffer, options: ExtensionOpenOptions = {}): Promise<OpenedExtension> {
   const timeoutMs = options.timeoutMs ?? 10_000;
@@ -59,16 +60,20 @@ export async function openExtension(connection: TransportConnection, option: num
     const flags = Buffer.alloc(4);
     flags.writeUInt32BE(FLAG_C_FIXED_NEWSTYLE | (serverFlags & FLAG_C_NO_ZEROES));
     conn.stream.write(flags);
+    let upgraded = false;
     if (options.prepare) {
       const before = conn;
       conn = await options.prepare(conn, reader);
       if (conn !== before) {
+        upgraded = true;
         reader.detach();
         reader = new ExactReader(conn.stream);
       }
     }
     conn.stream.write(encodeOption(option, data));
-    const header = await reader.read(20);
+    const header = await reader.read(20).catch((err: unknown) => {
+      throw upgraded ? tlsRejected(conn.peer, err) : err;
+    });
     if (header.readBigUInt64BE(0) !== OPTION_REPLY_MAGIC || header.readUInt32BE(8) !== option >>> 0) {
       throw new BlkrepError('ERR_NBD_HANDSHAKE', `${conn.peer} answered option 0x${option.toString(16)} with a malformed reply`);
     }
@@ -96,6 +101,20 @@ export async function openExtension(connection: TransportConnection, option: num
     clearTimeout(timer);
     options.signal?.removeEventListener('abort', onAbort);
   }
+}
+
+/**
+ * In TLS 1.3 a server that refuses our client certificate (or our DN, or PSK user) says so after
+ * the handshake completed on our side: the first read finds the connection closed (as client.ts).
+ */
+function tlsRejected(peer: string, err: unknown): unknown {
+  const e = err instanceof BlkrepError ? err : undefined;
+  if (!e || (e.code !== 'ERR_NBD_HANDSHAKE' && e.code !== 'ERR_NBD_CONNECT')) return err;
+  return new BlkrepError(
+    'ERR_TLS_REJECTED',
+    `${peer}: the server closed the connection right after the TLS handshake: it refused our credentials (a client certificate it does not trust, a DN or PSK user not in its allow-list, or none where it needs one)`,
+    { errno: 'EPERM', cause: err, details: { peer } },
+  );
 }
 
 /**

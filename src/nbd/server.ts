@@ -115,7 +115,7 @@ export class NbdServer extends EventEmitter implements SessionHost {
   private readonly sessions = new Set<ServerSession>();
   private readonly logger: Logger;
   private readonly extensions: ReadonlyMap<number, OptionExtension>;
-  readonly tls: SessionTls | undefined;
+  private tlsConfig: SessionTls | undefined;
   private stopping = false;
 
   constructor(options: NbdServerOptions) {
@@ -134,7 +134,7 @@ export class NbdServer extends EventEmitter implements SessionHost {
     this.budget = new BufferBudget(maxBuffer, BUFFER_ALLOWANCE);
     this.logger = options.log ?? (() => {});
     this.extensions = options.optionExtensions ?? new Map();
-    this.tls = options.tls && options.tls.mode !== 'off' ? options.tls : undefined;
+    this.tlsConfig = options.tls && options.tls.mode !== 'off' ? options.tls : undefined;
     for (const e of options.exports) this.exportsByName.set(e.name, new Export(e));
   }
 
@@ -177,6 +177,20 @@ export class NbdServer extends EventEmitter implements SessionHost {
     for (const s of [...this.sessions]) if (s.attachedExport === exp) s.close(reason);
     this.log('info', `export "${name}" removed (${reason})`);
     return true;
+  }
+
+  /** TLS as configured (undefined: off); a session reads it when its client sends STARTTLS */
+  get tls(): SessionTls | undefined {
+    return this.tlsConfig;
+  }
+
+  /**
+   * New upgrader settings for the connections that start TLS from now on (SIGHUP: renewed
+   * certificates, a new PSK file); the mode stays, and connections already in TLS are untouched.
+   */
+  setTlsSettings(settings: Readonly<Record<string, string>>): void {
+    if (!this.tlsConfig) throw new BlkrepError('ERR_USAGE', 'this server has no TLS to change', { errno: 'EINVAL' });
+    this.tlsConfig = { ...this.tlsConfig, settings };
   }
 
   log(level: LogLevel, message: string): void {

@@ -33,7 +33,8 @@ import { PersistentBitmap } from '../bitmap/persistent.js';
 import { NbdNode } from '../block/nbd.js';
 import { defaultTransports } from '../engine/default-transports.js';
 import { MirrorJob } from '../jobs/mirror.js';
-import { openExtension, OPT_BLKREP_PAIR_LINK } from '../nbd/option-takeover.js';
+import { upgraderOf } from '../nbd/client-connect.js';
+import { openExtension, OPT_BLKREP_PAIR_LINK, startTlsPrepare } from '../nbd/option-takeover.js';
 import { parseNbdUri, type NbdUri } from '../nbd/uri.js';
 import { EMPTY, JUST_CREATED, mint, newGeneration, type GenerationTuple } from './generations.js';
 import { PAIR_LINK_VERSION, PairChannel, type PairMessage } from './messages.js';
@@ -92,6 +93,7 @@ export class PrimaryRole implements PairRole {
   /** the last run of this primary did not stop cleanly (said in hello until a resync is done) */
   private crashed = false;
   private lastError: string | null = null;
+  private lastTlsRefusal: string | undefined;
   private readonly publish: NonNullable<PrimaryOptions['publish']>;
   private readonly log: NonNullable<PrimaryOptions['log']>;
 
@@ -113,6 +115,11 @@ export class PrimaryRole implements PairRole {
    */
   static async start(options: PrimaryOptions): Promise<PrimaryRole> {
     const uri = parseNbdUri(options.uri);
+    if (uri.tls) {
+      // nbds://: the URI's credentials are checked before anything is opened (ERR_TLS_CREDENTIALS)
+      const checked = await (await upgraderOf('tls')).check?.('client', uri.tls.settings);
+      for (const w of checked?.warnings ?? []) options.log?.('warn', `replication to ${uri.uri}: TLS: ${w}`);
+    }
     const state = await PairStateFile.open(pairStatePath(options.imagePath), () => initialState('primary'));
     if (state.state.role === 'secondary') {
       throw new BlkrepError('ERR_PAIR_ROLE', `${options.imagePath} is a secondary's disk (its pair state ${state.path} says so): fail it over before replicating from it`, { errno: 'EPERM' });
@@ -152,6 +159,7 @@ export class PrimaryRole implements PairRole {
         await role.close();
         throw e;
       }
+      role.tlsRefused(e);
       role.scheduleRetry(e);
     }
     if (options.checkpointIntervalMs) role.startInterval(options.checkpointIntervalMs);
@@ -193,7 +201,12 @@ export class PrimaryRole implements PairRole {
     let channel: PairChannel | undefined;
     try {
       const conn = await transports.get(this.uri.transport).connect(this.uri.address, { timeoutMs: LINK_TIMEOUT_MS });
-      const opened = await openExtension(conn, OPT_BLKREP_PAIR_LINK, Buffer.from(JSON.stringify({ exportName: this.uri.exportName }), 'utf8'), { timeoutMs: LINK_TIMEOUT_MS });
+      // nbds://: STARTTLS first, so the link's option and messages never travel in clear
+      const prepare = this.uri.tls ? startTlsPrepare(await upgraderOf('tls'), this.uri.tls.settings, { timeoutMs: LINK_TIMEOUT_MS }) : undefined;
+      const opened = await openExtension(conn, OPT_BLKREP_PAIR_LINK, Buffer.from(JSON.stringify({ exportName: this.uri.exportName }), 'utf8'), {
+        timeoutMs: LINK_TIMEOUT_MS,
+        ...(prepare ? { prepare } : {}),
+      });
       channel = new PairChannel(opened.connection.stream, this.uri.uri, (m) => this.onMessage(m), opened.rest);
       const s = this.state.state;
       const answer = await channel.request<PairMessage>(
@@ -296,6 +309,7 @@ export class PrimaryRole implements PairRole {
     this.crashed = false;
     this.attempt = 0;
     this.lastError = null;
+    this.lastTlsRefusal = undefined;
     this.link = 'connected';
     const copied = job.query().offset;
     this.publish('resync-done', { export: this.options.exportName, peer: this.uri.uri, bytes: copied, dirtyBytes: bytes, ms: Date.now() - started });
@@ -335,6 +349,20 @@ export class PrimaryRole implements PairRole {
     if (!this.stopped && reason !== 'failover') this.scheduleRetry(error);
   }
 
+  /**
+   * nbds://: a TLS refusal (certificate, name, PSK key or user, authz, a secondary without TLS) is
+   * an event pair-refused at each attempt, and said on stderr each time it changes; the link keeps
+   * retrying (the credentials may be fixed meanwhile), and nothing went out in clear.
+   */
+  private tlsRefused(e: BlkrepError): void {
+    if (!/^ERR_(NBD_)?TLS_/.test(e.code)) return;
+    this.publish('pair-refused', { export: this.options.exportName, peer: this.uri.uri, code: e.code, message: e.message });
+    const said = `${e.code}: ${e.message}`;
+    if (said === this.lastTlsRefusal) return;
+    this.lastTlsRefusal = said;
+    this.log('warn', `replication to ${this.uri.uri}: ${e.message}`);
+  }
+
   private scheduleRetry(error: BlkrepError | undefined): void {
     if (this.stopped || this.retryTimer || this.connecting) return;
     this.link = 'degraded';
@@ -346,6 +374,7 @@ export class PrimaryRole implements PairRole {
       this.connect().catch((err: unknown) => {
         const e = toBlkrepError(err);
         if (isFatal(e)) this.log('warn', `replication to ${this.uri.uri}: ${e.message}`);
+        this.tlsRefused(e);
         this.scheduleRetry(e);
       });
     }, delay);
@@ -466,7 +495,7 @@ function sizeError(uri: string, size: number, peerSize: number): BlkrepError {
 
 /** errors a retry cannot fix: the start fails on them */
 function isFatal(e: BlkrepError): boolean {
-  return ['ERR_PAIR_SIZE', 'ERR_PAIR_ROLE', 'ERR_PAIR_PROTOCOL', 'ERR_PAIR_SPLIT_BRAIN', 'ERR_PAIR_UNRELATED', 'ERR_READ_ONLY', 'ERR_PAIR_BUSY', 'ERR_NBD_URI', 'ERR_BAD_URI'].includes(e.code);
+  return ['ERR_PAIR_SIZE', 'ERR_PAIR_ROLE', 'ERR_PAIR_PROTOCOL', 'ERR_PAIR_SPLIT_BRAIN', 'ERR_PAIR_UNRELATED', 'ERR_READ_ONLY', 'ERR_PAIR_BUSY', 'ERR_NBD_URI', 'ERR_BAD_URI', 'ERR_TLS_SETTINGS', 'ERR_TLS_CREDENTIALS'].includes(e.code);
 }
 
 async function exists(path: string): Promise<boolean> {

@@ -27,6 +27,7 @@ export const DAEMON_EVENTS: ReadonlyArray<{ name: string; fields: string }> = [
   { name: 'refused', fields: 'an NBD connection was refused: peer, reason' },
   { name: 'shutdown', fields: 'the daemon is stopping: pid' },
   { name: 'reload', fields: 'SIGHUP re-read what can be re-read: what (done), failed (messages); serving goes on either way' },
+  { name: 'tls-expiry', fields: 'a TLS certificate of the daemon expires within 30 days (or has): notAfter, warnings; when the control socket is up, at each SIGHUP, once a day' },
   { name: 'peer-alive', fields: 'the heartbeat peer is heard (first beat, or back): peer, from, silentMs, paths [{path, state, lastBeatAgoMs, phi}]' },
   { name: 'peer-suspect', fields: 'the heartbeat peer is late on every path (fixed: a beat over an interval late; phi: half the threshold): peer, from, silentMs, paths' },
   { name: 'peer-dead', fields: 'every heartbeat path is silent past its bound: peer, from, silentMs, paths' },

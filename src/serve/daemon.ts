@@ -342,6 +342,7 @@ export class Daemon {
         (daemon as { control: ControlServer | undefined }).control = control;
         daemon.wireControl(control);
       }
+      if (options.tls && options.tls.mode !== 'off') daemon.watchTls(options.tls);
       if (options.heartbeat) heartbeat = await daemon.startHeartbeat(options.heartbeat, options.heartbeats, options.exports);
       // mode 0600 whatever the umask; a symlink planted at the path is replaced, never followed
       if (options.pidFile) await replaceFile(options.pidFile, `${process.pid}\n`, { mode: 0o600, what: 'pid file' });
@@ -423,6 +424,36 @@ export class Daemon {
 
   private readonly reloaders: Array<() => Promise<string | undefined>> = [];
 
+  /**
+   * TLS credentials: SIGHUP re-reads them (renewed certificates, a new PSK file or allow-list;
+   * checked first: bad ones leave the old in place, ERR_TLS_CREDENTIALS in the reload's failed),
+   * and certificates that expire within 30 days are event tls-expiry (with the warnings) once
+   * the control socket is up, at each reload, and once a day.
+   */
+  private watchTls(tls: DaemonTls): void {
+    let settings: Readonly<Record<string, string>> = tls.settings;
+    const check = async (fresh: Readonly<Record<string, string>>): Promise<void> => {
+      const checked = tls.upgrader.check ? await tls.upgrader.check('server', fresh) : undefined;
+      if (!checked) return;
+      this.tls = { mode: tls.mode, kind: checked.kind, ...(checked.notAfter ? { notAfter: checked.notAfter } : {}), ...(checked.warnings.length ? { warnings: checked.warnings } : {}) };
+      if (checked.warnings.length) this.control?.publish('tls-expiry', { ...(checked.notAfter ? { notAfter: checked.notAfter } : {}), warnings: checked.warnings });
+    };
+    this.onReload(async () => {
+      // a new settings object: the upgrader loads the files again for the connections from now on
+      const fresh = { ...settings };
+      await check(fresh);
+      for (const w of this.tls?.warnings ?? []) this.log('warn', `TLS: ${w}`);
+      settings = fresh;
+      this.server.setTlsSettings(fresh);
+      return 'TLS credentials';
+    });
+    queueMicrotask(() => void check(settings).catch(() => {}));
+    this.tlsTimer = setInterval(() => void check(settings).catch((err: unknown) => this.log('warn', `TLS: ${(err as Error).message}`)), 86_400_000);
+    this.tlsTimer.unref();
+  }
+
+  private tlsTimer: NodeJS.Timeout | undefined;
+
   /** Something SIGHUP re-reads (TLS allow-lists …); resolves with what it did, for the log. */
   onReload(fn: () => Promise<string | undefined>): void {
     this.reloaders.push(fn);
@@ -451,6 +482,7 @@ export class Daemon {
   /** Stop accepting, finish the requests in flight, flush, close everything. Idempotent. */
   stop(): Promise<void> {
     this.stopping ??= (async () => {
+      clearInterval(this.tlsTimer);
       this.control?.publish('shutdown', { pid: process.pid });
       // the peer hears this node stop beating first: a stopping daemon no longer answers for its data
       await this.heartbeat?.stop().catch(() => {});

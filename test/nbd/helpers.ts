@@ -5,19 +5,69 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { mkdtemp, rm } from 'node:fs/promises';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { NbdServer, type NbdServerOptions } from '../../src/nbd/server.js';
+import { createTlsUpgrader } from '../../plugins/transport-tls/src/index.js';
+import { startTlsProxy } from '../support/tls-proxy.js';
+import { makePki, type Pki } from '../support/tls-pki.js';
+
+/**
+ * How a suite's raw clients reach the server: in clear, or through a proxy that does STARTTLS
+ * first (test/support/tls-proxy.ts) with x509 client certificates the server checks, or a PSK.
+ */
+export type NbdTestTransport = 'plain' | 'x509' | 'psk';
+
+interface TlsSides {
+  server: Record<string, string>;
+  client: Record<string, string>;
+}
+
+let pki: Pki | undefined;
+const tlsSides = new Map<NbdTestTransport, TlsSides>();
+const upgrader = createTlsUpgrader();
+
+/** One PKI per test process (openssl takes a while), removed at exit. */
+function sidesOf(transport: 'x509' | 'psk'): TlsSides {
+  if (!pki) {
+    const root = mkdtempSync(path.join(os.tmpdir(), 'blkrep-nbd-pki-'));
+    process.once('exit', () => rmSync(root, { recursive: true, force: true }));
+    pki = makePki(root);
+  }
+  let sides = tlsSides.get(transport);
+  if (!sides) {
+    // the same settings objects every time: the upgrader keeps one tls.Server per object
+    sides =
+      transport === 'x509'
+        ? { server: { 'tls-certificates': pki.good, 'tls-verify-peer': 'true' }, client: { 'tls-certificates': pki.client } }
+        : { server: { 'tls-psk-file': pki.psk }, client: { 'tls-psk-file': pki.psk, 'tls-username': 'alice' } };
+    tlsSides.set(transport, sides);
+  }
+  return sides;
+}
 
 export interface TestServer {
   srv: NbdServer;
   path: string;
+  /** connections whose TLS handshake the server completed (0 in clear) */
+  readonly tlsUpgrades: number;
   /** drop every connection, shut the server down, close the listener, remove the directory */
   close(): Promise<void>;
 }
 
-export async function startServer(options: NbdServerOptions): Promise<TestServer> {
+/**
+ * An NbdServer on a Unix socket; with transport x509 or psk the server requires TLS and `path`
+ * is the STARTTLS proxy's socket (the raw clients speak clear NBD to it).
+ */
+export async function startServer(options: NbdServerOptions, transport: NbdTestTransport = 'plain'): Promise<TestServer> {
   const dir = await mkdtemp(path.join(os.tmpdir(), 'blkrep-nbd-test-'));
   const socketPath = path.join(dir, 'nbd.sock');
-  const srv = new NbdServer(options);
+  const sides = transport === 'plain' ? undefined : sidesOf(transport);
+  let tlsUpgrades = 0;
+  const log: NbdServerOptions['log'] = (level, message) => {
+    if (/: TLS is on$/.test(message)) tlsUpgrades++;
+    options.log?.(level, message);
+  };
+  const srv = new NbdServer(sides ? { ...options, log, tls: { mode: 'require', upgrader, settings: sides.server } } : options);
   // allowHalfOpen as the unix and tcp transports do: a client's EOF reaches the session as EOF.
   const listener = net.createServer({ allowHalfOpen: true }, (sock) => srv.attach({ stream: sock, peer: 'test' }));
   await new Promise<void>((resolve, reject) => {
@@ -27,16 +77,21 @@ export async function startServer(options: NbdServerOptions): Promise<TestServer
       resolve();
     });
   });
+  const proxy = sides ? await startTlsProxy(path.join(dir, 'tls-proxy.sock'), socketPath, upgrader, sides.client) : undefined;
   let closed = false;
   return {
     srv,
-    path: socketPath,
+    path: proxy?.path ?? socketPath,
+    get tlsUpgrades() {
+      return tlsUpgrades;
+    },
     async close() {
       if (closed) return;
       closed = true;
       srv.destroyAll('test finished');
       await withTimeout(srv.shutdown(), 5000, 'server shutdown').catch(() => {});
       await new Promise<void>((resolve) => listener.close(() => resolve()));
+      await proxy?.close();
       await rm(dir, { recursive: true, force: true });
     },
   };

@@ -5,10 +5,11 @@
  * client, the reason and the peer on the server's stderr, and nothing served (no byte read).
  */
 import { randomBytes } from 'node:crypto';
-import { writeFile } from 'node:fs/promises';
+import { copyFile, mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import type { BlkrepError } from '../../src/api/errors.js';
+import { ControlClient } from '../../src/control/client.js';
 import { NbdClient } from '../../src/nbd/client.js';
 import { hasTool, makeTempDir, run, runCli, serve, waitFor, type Served } from '../support/spawn.js';
 import { CLIENT_DN, freePort, makePki, type Pki } from '../support/tls-pki.js';
@@ -214,5 +215,45 @@ describe('serve-nbd --tls flags: usage and credential errors', () => {
     const out = JSON.parse(r.stdout) as { error: { code: string; message: string } };
     expect(out.error.code).toBe(code);
     expect(out.error.message).toMatch(message);
+  });
+});
+
+describe('serve-nbd TLS and SIGHUP', () => {
+  it('SIGHUP re-reads the certificates (an expired one replaced: clients get in; events reload and tls-expiry); bad ones are refused and the old stay', async () => {
+    const dir = await makeTempDir();
+    const certs = join(dir, 'certs');
+    await mkdir(certs);
+    for (const f of ['ca-cert.pem', 'server-cert.pem', 'server-key.pem']) await copyFile(join(pki.expired, f), join(certs, f));
+    const { s, port, control } = await serveTls(['--tls-certificates', certs]);
+    expect(s.stderr()).toMatch(/server-cert\.pem expired on/);
+    expect(await refusal(`nbds://localhost:${port}/?tls-certificates=${pki.noclient}`)).toMatchObject({ code: 'ERR_TLS_HANDSHAKE', details: { reason: 'CERT_HAS_EXPIRED' } });
+
+    const events: Array<Record<string, unknown>> = [];
+    const sub = await ControlClient.connect(control);
+    try {
+      await sub.subscribe(['reload', 'tls-expiry'], (e: Record<string, unknown>) => void events.push(e));
+      // the renewed certificate (valid two days: still under 30, so tls-expiry says so)
+      for (const f of ['server-cert.pem', 'server-key.pem']) await copyFile(join(pki.server, f), join(certs, f));
+      s.child.kill('SIGHUP');
+      await waitFor(() => events.some((e) => e.event === 'reload'), 'the reload event');
+      expect(events.find((e) => e.event === 'reload')).toMatchObject({ what: ['TLS credentials'], failed: [] });
+      const expiry = events.find((e) => e.event === 'tls-expiry');
+      expect(expiry).toMatchObject({ event: 'tls-expiry', warnings: expect.arrayContaining([expect.stringMatching(/server-cert\.pem expires in [01] days/)]) });
+      await roundTrip(`nbds://localhost:${port}/?tls-certificates=${pki.noclient}`);
+      expect((await status(control)).tls).toMatchObject({ mode: 'require', kind: 'x509', notAfter: expiry!.notAfter });
+
+      // a broken key: the reload fails with the reason, serving goes on with the certificate loaded before
+      events.length = 0;
+      await writeFile(join(certs, 'server-key.pem'), 'not a key\n');
+      s.child.kill('SIGHUP');
+      await waitFor(() => events.some((e) => e.event === 'reload'), 'the second reload event');
+      const failed = events.find((e) => e.event === 'reload') as { what: string[]; failed: string[] };
+      expect(failed.what).toEqual([]);
+      expect(failed.failed.join('\n')).toMatch(/server-key\.pem: not a valid unencrypted PEM private key/);
+      await waitFor(() => /reload failed, still serving as before: .*server-key\.pem/.test(s.stderr()), 'the failed reload on stderr');
+      await roundTrip(`nbds://localhost:${port}/?tls-certificates=${pki.noclient}`);
+    } finally {
+      await sub.close();
+    }
   });
 });
