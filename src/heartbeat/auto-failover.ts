@@ -23,6 +23,8 @@ export interface AutoFailoverOptions {
   resource?: string;
   epoch?: () => bigint;
   generation?: () => string;
+  /** the checkpoint being committed now, if any: the failover waits for it (it cannot be undone half-way) */
+  checkpointInFlight?: () => number | null;
   /** is there a `failover` verb to call? */
   hasFailover: () => boolean;
   /** call it (never with force) */
@@ -78,6 +80,12 @@ export class AutoFailover {
     log(fence.proceed ? 'info' : 'warn', line + (fence.stderr.trim() ? `; hook said: ${fence.stderr.trim().split('\n').slice(-1)[0]}` : ''));
     o.publish?.('fence', { peer: o.peer, verdict: fence.verdict, exitCode: fence.exitCode, signal: fence.signal, proceed: fence.proceed, durationMs: fence.durationMs });
     if (!fence.proceed) return this.refuse(fence, 'ERR_NOT_FENCED', line);
+    const inFlight = o.checkpointInFlight?.() ?? null;
+    if (inFlight !== null) {
+      // the failover verb runs after it (one checkpoint or failover at a time): say so, it is why the takeover is later
+      log('warn', `peer "${o.peer}" was fenced; checkpoint ${inFlight} is being committed: the failover waits for it`);
+      o.publish?.('failover-deferred', { peer: o.peer, checkpoint: inFlight });
+    }
     try {
       await o.failover();
     } catch (err) {
