@@ -19,7 +19,7 @@ import { ControlClient } from '../../src/control/client.js';
 import type { ControlEvent } from '../../src/control/protocol.js';
 import { NbdClient } from '../../src/nbd/client.js';
 import { seededRandom } from '../../src/block/filters/error.js';
-import { makeTempDir, run, serve, unixUri, waitFor, type Served } from '../support/spawn.js';
+import { makeTempDir, run, runCli, serve, start, unixUri, waitFor, type Served } from '../support/spawn.js';
 
 const MiB = 1 << 20;
 const SIZE = 8 * MiB;
@@ -101,6 +101,8 @@ interface PairOptions {
   /** a second udp path through a relay dropping this share of datagrams */
   lossy?: number;
   interval?: string;
+  /** the primary's --fencing, with its own hook exiting `exit` */
+  pFencing?: { policy: string; exit: number };
 }
 
 async function startPair(o: PairOptions = {}): Promise<Pair> {
@@ -116,6 +118,13 @@ async function startPair(o: PairOptions = {}): Promise<Pair> {
   const hook = join(dir, 'fence.sh');
   await writeFile(hook, `#!/bin/sh\necho "$BLKREP_NODE fenced $BLKREP_PEER" >> ${fenced}\nexit ${o.fenceExit ?? 7}\n`);
   await chmod(hook, 0o700);
+  const pFence: string[] = [];
+  if (o.pFencing) {
+    const pHook = join(dir, 'p-fence.sh');
+    await writeFile(pHook, `#!/bin/sh\necho "$BLKREP_NODE fenced $BLKREP_PEER" >> ${fenced}\nexit ${o.pFencing.exit}\n`);
+    await chmod(pHook, 0o700);
+    pFence.push('--fencing', o.pFencing.policy, '--fence-hook', pHook);
+  }
   const [pa, pb] = [await freeUdpPort(), await freeUdpPort()];
   const pPaths = ['--heartbeat', `udp://127.0.0.1:${pb}?listen=127.0.0.1:${pa}`];
   const sPaths = ['--heartbeat', `udp://127.0.0.1:${pa}?listen=127.0.0.1:${pb}`];
@@ -133,7 +142,7 @@ async function startPair(o: PairOptions = {}): Promise<Pair> {
   const sCtl = join(dir, 's.ctl');
   const pCtl = join(dir, 'p.ctl');
   const s = await serve([join(dir, 's.img'), '--secondary', '--socket', sSock, '--control', sCtl, '--node-id', 'beta', '--peer-id', 'alpha', ...sPaths, ...beat, '--auto-failover', '--fence-hook', hook, ...(o.s ?? [])]);
-  const p = await serve([join(dir, 'p.img'), '--socket', pSock, '--control', pCtl, '--replicate-to', unixUri(sSock), '--protocol', 'sync', '--node-id', 'alpha', '--peer-id', 'beta', ...pPaths, ...beat, ...(o.p ?? [])]);
+  const p = await serve([join(dir, 'p.img'), '--socket', pSock, '--control', pCtl, '--replicate-to', unixUri(sSock), '--protocol', 'sync', '--node-id', 'alpha', '--peer-id', 'beta', ...pPaths, ...beat, ...pFence, ...(o.p ?? [])]);
   await waitFor(async () => {
     const st = await pairOf(pCtl);
     return st.epoch === 1 && (st as { lastCheckpointAgeMs?: number | null }).lastCheckpointAgeMs !== null;
@@ -287,5 +296,140 @@ describe('automatic failover with the pair (two daemons, udp heartbeat)', () => 
       await w.client.close();
       await pw.client.close();
     }
+  });
+});
+
+describe('fencing on the primary (--fencing, --on-no-quorum, resume-io) seen by qemu-io', () => {
+  async function peerKilled(pair: Pair): Promise<void> {
+    pair.s.child.kill('SIGKILL');
+    await pair.s.waitExit();
+    await waitFor(async () => (await status(pair.pCtl)).heartbeat.state === 'dead', 'the primary to declare its peer dead', { timeoutMs: 10_000 });
+  }
+
+  it('resource-and-stonith, hook exit 5 (unreachable): writes freeze; qemu-io waits until blkrep resume-io, then its write lands', async () => {
+    const pair = await startPair({ pFencing: { policy: 'resource-and-stonith', exit: 5 } });
+    const pw = await watch(pair.pCtl);
+    try {
+      await peerKilled(pair);
+      await waitFor(() => pw.events.find((e) => e.event === 'fence'), 'the primary\'s fence hook');
+      expect(names(pw)).toEqual(['peer-suspect', 'peer-dead', 'io-suspended', 'fence']);
+      expect(pw.events.find((e) => e.event === 'fence')).toMatchObject({ verdict: 'unreachable', exitCode: 5, proceed: false, policy: 'resource-and-stonith' });
+      const q = start('qemu-io', ['-f', 'raw', unixUri(pair.pSock), '-c', 'write -P 0x5a 1M 64k']);
+      await waitFor(async () => (await status(pair.pCtl)).heartbeat.io?.state === 'suspended' && ((await status(pair.pCtl)).heartbeat.io as { waiting: number }).waiting === 1, 'qemu-io\'s write to wait');
+      expect(q.child.exitCode).toBeNull();
+      const r = await runCli(['resume-io', '--control', pair.pCtl, '--json']);
+      expect(r.code, r.stderr).toBe(0);
+      expect(JSON.parse(r.stdout)).toEqual({ resumed: true, waiting: 1 });
+      expect((await q.waitExit()).code).toBe(0);
+      expect(q.stdout()).toContain('wrote 65536/65536 bytes at offset 1048576');
+      const disk = await readFile(join(pair.dir, 'p.img'));
+      expect(firstNot(disk.subarray(MiB, MiB + 65536), 0x5a)).toBe(-1);
+      expect(pw.events.find((e) => e.event === 'io-resumed')).toMatchObject({ by: 'resume-io', waiting: 1 });
+      // nothing left to resume
+      const again = await runCli(['resume-io', '--control', pair.pCtl]);
+      expect(again.stdout).toContain('Writes were not suspended: nothing to resume.');
+    } finally {
+      await pw.client.close();
+    }
+  });
+
+  it('resource-and-stonith, hook exit 7 (fenced): writes freeze while the hook runs and go again by themselves', async () => {
+    const pair = await startPair({ pFencing: { policy: 'resource-and-stonith', exit: 7 } });
+    const pw = await watch(pair.pCtl);
+    try {
+      await peerKilled(pair);
+      await waitFor(() => pw.events.find((e) => e.event === 'io-resumed'), 'writes resumed after the hook');
+      expect(names(pw)).toEqual(['peer-suspect', 'peer-dead', 'io-suspended', 'fence', 'io-resumed']);
+      expect(pw.events.find((e) => e.event === 'io-resumed')).toMatchObject({ by: 'fence' });
+      const q = await run('qemu-io', ['-f', 'raw', unixUri(pair.pSock), '-c', 'write -P 0x5b 0 64k']);
+      expect(q.code, q.stderr).toBe(0);
+      expect(await readFile(pair.fenced, 'utf8')).toBe('alpha fenced beta\n');
+    } finally {
+      await pw.client.close();
+    }
+  });
+
+  it('resource-only: the hook runs, writes never freeze', async () => {
+    const pair = await startPair({ pFencing: { policy: 'resource-only', exit: 5 } });
+    const pw = await watch(pair.pCtl);
+    try {
+      await peerKilled(pair);
+      await waitFor(() => pw.events.find((e) => e.event === 'fence'), 'the fence hook');
+      expect(names(pw)).toEqual(['peer-suspect', 'peer-dead', 'fence']);
+      const q = await run('qemu-io', ['-f', 'raw', unixUri(pair.pSock), '-c', 'write -P 0x5c 0 64k']);
+      expect(q.code, q.stderr).toBe(0);
+    } finally {
+      await pw.client.close();
+    }
+  });
+
+  it('--on-no-quorum suspend-io: with the peer silent, qemu-io waits; resume-io lets it go', async () => {
+    const pair = await startPair({ p: ['--on-no-quorum', 'suspend-io'] });
+    const pw = await watch(pair.pCtl);
+    try {
+      await peerKilled(pair);
+      const q = start('qemu-io', ['-f', 'raw', unixUri(pair.pSock), '-c', 'write -P 0x5d 2M 64k']);
+      await waitFor(() => pw.events.find((e) => e.event === 'io-suspended'), 'io-suspended');
+      expect(pw.events.find((e) => e.event === 'io-suspended')!.reason).toMatch(/^no-quorum/);
+      await waitFor(async () => ((await status(pair.pCtl)).heartbeat.io as { waiting: number }).waiting === 1, 'the write to wait');
+      expect(q.child.exitCode).toBeNull();
+      expect(await request(pair.pCtl, 'resume-io')).toEqual({ resumed: true, waiting: 1 });
+      expect((await q.waitExit()).code).toBe(0);
+      // quorum is waived until the peer is heard again: the next write goes at once
+      const next = await run('qemu-io', ['-f', 'raw', unixUri(pair.pSock), '-c', 'write -P 0x5e 0 64k']);
+      expect(next.code, next.stderr).toBe(0);
+    } finally {
+      await pw.client.close();
+    }
+  });
+
+  it('--on-no-quorum io-error: with the peer silent, qemu-io gets EIO and nothing is written', async () => {
+    const pair = await startPair({ p: ['--on-no-quorum', 'io-error'] });
+    await peerKilled(pair);
+    const before = sha(await readFile(join(pair.dir, 'p.img')));
+    const q = await run('qemu-io', ['-f', 'raw', unixUri(pair.pSock), '-c', 'write -P 0x5f 0 64k']);
+    expect(q.stdout + q.stderr).toContain('write failed: Input/output error');
+    expect(sha(await readFile(join(pair.dir, 'p.img')))).toBe(before);
+  });
+});
+
+describe('fencing flags', () => {
+  const usage = async (args: string[]) => {
+    const r = await runCli(['serve-nbd', 'memory:1M', '--json', ...args]);
+    return { code: r.code, error: JSON.parse(r.stdout.trim().split('\n')[0]!).error as { code: string; message: string } };
+  };
+  const hb = ['--heartbeat', 'udp://127.0.0.1:9', '--peer-id', 'b', '--node-id', 'a'];
+
+  it('--fencing resource-only|resource-and-stonith needs --fence-hook', async () => {
+    for (const policy of ['resource-only', 'resource-and-stonith']) {
+      const r = await usage([...hb, '--fencing', policy]);
+      expect(r.code).toBe(2);
+      expect(r.error).toMatchObject({ code: 'ERR_USAGE', message: `--fencing ${policy} needs --fence-hook: the command that fences the peer` });
+    }
+  });
+
+  it('--fence-hook alone (no --auto-failover, --fencing dont-care) is a usage error saying who runs it', async () => {
+    const r = await usage([...hb, '--fence-hook', 'true']);
+    expect(r.code).toBe(2);
+    expect(r.error.message).toContain('--fence-hook is run by --auto-failover (on a secondary) or --fencing resource-only|resource-and-stonith (on a primary)');
+  });
+
+  it('bad values of --fencing and --on-no-quorum are refused with the allowed ones', async () => {
+    const f = await runCli(['serve-nbd', 'memory:1M', ...hb, '--fencing', 'stonith']);
+    expect(f.code).toBe(2);
+    const flat = (t: string): string => t.replace(/\s*›\s*/g, ' ');
+    expect(flat(f.stderr)).toContain('Expected --fencing=stonith to be one of: dont-care, resource-only, resource-and-stonith');
+    const q = await runCli(['serve-nbd', 'memory:1M', ...hb, '--on-no-quorum', 'freeze']);
+    expect(q.code).toBe(2);
+    expect(flat(q.stderr)).toContain('Expected --on-no-quorum=freeze to be one of: suspend-io, io-error');
+  });
+
+  it('resume-io on a daemon without --heartbeat: ERR_NO_HEARTBEAT, exit 1', async () => {
+    const dir = await makeTempDir();
+    const ctl = join(dir, 'c.ctl');
+    await serve(['memory:1M', '--socket', join(dir, 's.sock'), '--control', ctl]);
+    const r = await runCli(['resume-io', '--control', ctl, '--json']);
+    expect(r.code).toBe(1);
+    expect(JSON.parse(r.stdout).error).toMatchObject({ code: 'ERR_NO_HEARTBEAT' });
   });
 });
