@@ -38,6 +38,8 @@ export interface IoFenceOptions {
   onNoQuorum?: OnNoQuorum;
   /** is there quorum now (read synchronously on every write) */
   quorum: () => boolean;
+  /** --lease: does this primary hold the etcd leader key before its local deadline (false: EIO) */
+  lease?: () => boolean;
   publish?: (event: string, fields: Record<string, unknown>) => void;
   log?: (level: 'info' | 'warn' | 'error', message: string) => void;
 }
@@ -82,6 +84,9 @@ export class IoFence {
   admit(): Promise<void> | undefined {
     if (this.stateNow === 'demoted') return Promise.reject(this.demotedError());
     if (!this.options.active()) return undefined;
+    if (this.options.lease && !this.options.lease()) {
+      return Promise.reject(new BlkrepError('ERR_LEASE_LOST', 'write refused: this primary does not hold the etcd leader key (or its keep-alive deadline passed)', { errno: 'EIO' }));
+    }
     if (this.stateNow === 'open' && this.options.onNoQuorum !== undefined && !this.waived && !this.options.quorum()) {
       if (this.options.onNoQuorum === 'io-error') {
         return Promise.reject(new BlkrepError('ERR_NO_QUORUM', 'write refused: this primary has not heard its peer or a witness within the bound (--on-no-quorum io-error)', { errno: 'EIO' }));

@@ -43,5 +43,7 @@ export const DAEMON_EVENTS: ReadonlyArray<{ name: string; fields: string }> = [
   { name: 'failover-deferred', fields: 'automatic failover waits for the checkpoint in flight to commit: peer, checkpoint' },
   { name: 'io-suspended', fields: "the primary's writes wait (no quorum, or --fencing resource-and-stonith while the hook runs): reason" },
   { name: 'io-resumed', fields: "the primary's writes go again: by (quorum, fence, resume-io), waiting" },
+  { name: 'lease-acquired', fields: 'this node leads on etcd (--lease): key, revision, ttlS' },
+  { name: 'lease-lost', fields: 'this node no longer leads on etcd: its deadline passed or etcd said the lease expired; writes fail with EIO: key, reason' },
   { name: 'demoted', fields: 'the peer announced itself primary with a higher term: every write fails with EIO: reason, refusedWaiting' },
 ];

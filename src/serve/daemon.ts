@@ -30,6 +30,7 @@ import { IoFence, IoFenceFilter, type FencingPolicy, type IoFenceStatus, type On
 import type { Beat } from '../heartbeat/beat.js';
 import type { PeerEvent } from '../heartbeat/monitor.js';
 import { PrimaryRole } from '../pair/primary.js';
+import { EtcdLease, type EtcdTarget, type LeaseStatus } from '../heartbeat/etcd-lease.js';
 import { ReplicationFilter } from '../pair/replication-filter.js';
 import { PrimaryHost, type PairExport, type ReplicationSpec } from '../pair/primary-host.js';
 import type { PairRole } from '../pair/role.js';
@@ -130,11 +131,13 @@ export interface TlsReport {
 /** --heartbeat and its companions, as serve-nbd parsed them (src/cli/heartbeat-flags.ts). */
 export type DaemonHeartbeat = Omit<HeartbeatServiceOptions, 'registry' | 'publish' | 'log' | 'onPeerEvent'> & {
   /** --auto-failover with --fence-hook: fence the dead peer, then call the failover verb */
-  autoFailover?: { fenceHook: string; fenceTimeoutMs?: number };
+  autoFailover?: { fenceHook?: string; fenceTimeoutMs?: number };
   /** on a primary (--replicate-to): --fencing, with the hook it runs */
   fencing?: { policy: FencingPolicy; fenceHook?: string; fenceTimeoutMs?: number };
   /** on a primary: --on-no-quorum */
   onNoQuorum?: OnNoQuorum;
+  /** --lease etcd://…: the primary holds the leader key, the secondary takes it before a failover */
+  lease?: { target: EtcdTarget; ttlS: number };
 };
 
 export interface ListeningEvent {
@@ -155,6 +158,8 @@ export class Daemon {
   heartbeat: HeartbeatService | undefined;
   /** the primary's write gate (with --heartbeat) */
   ioFence: IoFence | undefined;
+  /** --lease: leadership on etcd */
+  lease: EtcdLease | undefined;
   /** this node's fencing token (the term its beats carry) and the highest its peer announced */
   private term = 0n;
   private peerTerm = 0n;
@@ -255,6 +260,7 @@ export class Daemon {
             active: () => fenceRef.daemon?.replicatingPrimary() ?? false,
             ...(options.heartbeat.onNoQuorum ? { onNoQuorum: options.heartbeat.onNoQuorum } : {}),
             quorum: () => fenceRef.daemon?.quorate() ?? false,
+            ...(options.heartbeat.lease ? { lease: () => fenceRef.daemon?.lease?.valid() ?? false } : {}),
             publish: (event, fields) => control?.publish(event, fields),
             log: (level, message) => options.log?.(level === 'error' ? 'warn' : level, message),
           })
@@ -424,7 +430,7 @@ export class Daemon {
     listeners: Array<{ address: string }>;
     control: string | null;
     bitmaps: BitmapInfo[];
-    heartbeat?: HeartbeatStatus & { term: string; io: IoFenceStatus | null };
+    heartbeat?: HeartbeatStatus & { term: string; io: IoFenceStatus | null; lease: LeaseStatus | null };
     tls: TlsReport;
   } {
     const s = this.server.status();
@@ -447,7 +453,7 @@ export class Daemon {
       listeners: this.listeners.map((l) => ({ address: l.address })),
       control: this.control?.path ?? null,
       bitmaps: [...this.bitmaps.values()].flatMap((b) => b.list()),
-      ...(this.heartbeat ? { heartbeat: { ...this.heartbeat.status(), term: this.term.toString(), io: this.ioFence?.status() ?? null } } : {}),
+      ...(this.heartbeat ? { heartbeat: { ...this.heartbeat.status(), term: this.term.toString(), io: this.ioFence?.status() ?? null, lease: this.lease?.status() ?? null } } : {}),
     };
   }
 
@@ -508,7 +514,7 @@ export class Daemon {
   /** Start beating to the peer; with auto-failover, a death fences it and calls `failover`. */
   private async startHeartbeat(options: DaemonHeartbeat, registry: HeartbeatRegistry | undefined, exports: ExportSpec[]): Promise<HeartbeatService> {
     if (!registry) throw new BlkrepError('ERR_NO_HEARTBEAT', 'no heartbeat backends are installed', { errno: 'EINVAL' });
-    const { autoFailover, fencing, onNoQuorum: _onNoQuorum, ...service } = options;
+    const { autoFailover, fencing, onNoQuorum: _onNoQuorum, lease: leaseSpec, ...service } = options;
     const control = this.control;
     const publish = (event: string, fields: Record<string, unknown>): void => control?.publish(event, fields);
     const log = (level: 'info' | 'warn' | 'error' | 'debug', message: string): void => this.log(level === 'error' ? 'warn' : level, message);
@@ -517,11 +523,18 @@ export class Daemon {
     this.quorumMs = d.kind === 'fixed' ? d.intervalMs * Math.max(1, d.misses - 1) : Infinity;
     const epoch = service.epoch ?? (() => this.currentTerm());
     const generation = service.generation ?? (() => this.firstRole()?.status().gi.current ?? '0000000000000000');
+    if (leaseSpec) {
+      this.lease = new EtcdLease({ target: leaseSpec.target, node: service.self, ttlS: leaseSpec.ttlS, publish, log: (level, m) => log(level, m) });
+      // a primary from the start campaigns at once and keeps trying; a secondary takes the key only to fail over
+      if (this.replicatingPrimary()) this.lease.hold();
+    }
+    const lease = this.lease;
     const auto = autoFailover
       ? new AutoFailover({
           node: service.self,
           peer: service.peer,
-          fenceHook: autoFailover.fenceHook,
+          ...(autoFailover.fenceHook === undefined ? {} : { fenceHook: autoFailover.fenceHook }),
+          ...(lease ? { acquireLease: () => lease.acquire(leaseSpec!.ttlS * 2000 + 2000) } : {}),
           ...(autoFailover.fenceTimeoutMs === undefined ? {} : { fenceTimeoutMs: autoFailover.fenceTimeoutMs }),
           peerAddresses: service.uris,
           resource: exports.map((e) => e.name).join(' '),
