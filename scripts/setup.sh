@@ -2,7 +2,8 @@
 # Set up a fresh Debian machine for blkrep: the peers the tests and benchmarks run against
 # (qemu-utils, nbdkit, libnbd-bin, fio, groff for the man-page check; etcd-server and etcd-client
 # for the lease tests, which start their own etcd on tmpfs and free ports, never the packaged
-# service; nftables for partition rules), the npm dependencies, the native addon and the TypeScript build. Safe to run again: it skips what is there.
+# service; nftables for partition rules), the npm dependencies, the native addon and the
+# TypeScript build. Safe to run again: it skips what is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
