@@ -12,6 +12,8 @@ import { BlkrepError } from '../api/errors.js';
 import { MAX_NODE_ID_BYTES } from '../heartbeat/beat.js';
 import { readHeartbeatKey } from '../heartbeat/key.js';
 import type { DetectorSpec } from '../heartbeat/monitor.js';
+import { DEFAULT_LEASE_TTL_S, parseLeaseUri } from '../heartbeat/etcd-lease.js';
+import { FENCING_POLICIES, ON_NO_QUORUM, type FencingPolicy, type OnNoQuorum } from '../heartbeat/io-fence.js';
 import type { DaemonHeartbeat } from '../serve/daemon.js';
 
 export const DEFAULT_HEARTBEAT_INTERVAL_S = 0.5;
@@ -34,8 +36,12 @@ export const heartbeatFlags = {
   detector: Flags.string({ description: 'how silence is judged: fixed (interval x misses) or phi (phi-accrual, adapts to the observed jitter) [default: fixed]', options: ['fixed', 'phi'], helpValue: 'fixed|phi', dependsOn: ['heartbeat'] }),
   'phi-threshold': Flags.string({ description: `--detector phi: the peer is dead at this phi (suspect at half); 8 as Akka and Cassandra, 10-12 on noisy networks [default: ${DEFAULT_PHI_THRESHOLD}]`, helpValue: 'PHI', dependsOn: ['heartbeat'] }),
   'heartbeat-key': Flags.string({ description: 'sign and check beats with HMAC-SHA256 and the key in FILE (at least 16 bytes, mode 0600, the same on both nodes)', helpValue: 'FILE', dependsOn: ['heartbeat'] }),
-  'auto-failover': Flags.boolean({ description: 'when the peer is dead, run --fence-hook and, only if it says the peer is outdated (4) or fenced (7), call failover (never forced)', dependsOn: ['heartbeat', 'fence-hook'] }),
-  'fence-hook': Flags.string({ description: 'command run before an automatic failover, with the peer in BLKREP_PEER (and DRBD_PEER); DRBD fence-peer exit codes: 3 inconsistent, 4 outdated, 5 unreachable, 6 refused, 7 fenced', helpValue: 'CMD', dependsOn: ['auto-failover'] }),
+  'auto-failover': Flags.boolean({ description: 'when the peer is dead, run --fence-hook and, only if it says the peer is outdated (4) or fenced (7), call failover (never forced); with --lease, take the etcd leader key first (the lease fences: --fence-hook may be left out)', dependsOn: ['heartbeat'] }),
+  lease: Flags.string({ description: 'leadership on etcd (its v3 JSON gateway): the primary holds a lease and the key PREFIX/leader and stops writing at its own deadline (last keep-alive + TTL - TTL/4) when it loses them; the secondary fails over only after taking the key', helpValue: 'etcd://HOST:PORT/PREFIX', dependsOn: ['heartbeat'] }),
+  'lease-ttl': Flags.string({ description: `--lease: the lease's TTL in seconds (1 to 60) [default: ${DEFAULT_LEASE_TTL_S}]`, helpValue: 'SECONDS', dependsOn: ['lease'] }),
+  'fence-hook': Flags.string({ description: 'command that fences the peer (before an automatic failover; on a primary with --fencing, when the peer is dead), with the peer in BLKREP_PEER (and DRBD_PEER); DRBD fence-peer exit codes: 3 inconsistent, 4 outdated, 5 unreachable, 6 refused, 7 fenced', helpValue: 'CMD', dependsOn: ['heartbeat'] }),
+  fencing: Flags.string({ description: 'on a primary (--replicate-to), when the peer is dead: dont-care (keep writing), resource-only (run --fence-hook), resource-and-stonith (freeze writes, run --fence-hook, resume when it says 4 or 7, else on blkrep resume-io) [default: dont-care]', options: [...FENCING_POLICIES], helpValue: 'POLICY', dependsOn: ['heartbeat'] }),
+  'on-no-quorum': Flags.string({ description: 'on a primary (--replicate-to): when neither the peer nor a witness (any --heartbeat path) was heard within the bound, suspend-io (writes wait for a beat or blkrep resume-io) or io-error (writes fail with EIO) [default: keep writing]', options: [...ON_NO_QUORUM], helpValue: 'ACTION', dependsOn: ['heartbeat'] }),
   'fence-timeout': Flags.string({ description: `kill the fence hook after this many seconds (then it counts as not fenced) [default: ${DEFAULT_FENCE_TIMEOUT_S}]`, helpValue: 'SECONDS', dependsOn: ['fence-hook'] }),
 };
 
@@ -51,6 +57,10 @@ export interface HeartbeatFlagValues {
   'auto-failover'?: boolean;
   'fence-hook'?: string;
   'fence-timeout'?: string;
+  fencing?: string;
+  'on-no-quorum'?: string;
+  lease?: string;
+  'lease-ttl'?: string;
 }
 
 function usage(message: string, details: Record<string, unknown> = {}): never {
@@ -91,7 +101,11 @@ export async function parseHeartbeatFlags(flags: HeartbeatFlagValues): Promise<D
   }
   const key = flags['heartbeat-key'] === undefined ? undefined : await readHeartbeatKey(flags['heartbeat-key']);
   const fenceHook = flags['fence-hook'];
-  if (flags['auto-failover'] && (fenceHook === undefined || fenceHook.trim() === '')) usage('--auto-failover needs --fence-hook: a takeover never skips fencing');
+  if (flags['auto-failover'] && flags.lease === undefined && (fenceHook === undefined || fenceHook.trim() === '')) usage('--auto-failover needs --fence-hook (or --lease, whose expiry fences): a takeover never skips fencing');
+  const lease = flags.lease === undefined ? undefined : { target: parseLeaseUri(flags.lease), ttlS: seconds('lease-ttl', flags['lease-ttl'] ?? String(DEFAULT_LEASE_TTL_S), 1, 60) };
+  const policy = (flags.fencing ?? 'dont-care') as FencingPolicy;
+  if (policy !== 'dont-care' && (fenceHook === undefined || fenceHook.trim() === '')) usage(`--fencing ${policy} needs --fence-hook: the command that fences the peer`);
+  if (fenceHook !== undefined && !flags['auto-failover'] && policy === 'dont-care') usage('--fence-hook is run by --auto-failover (on a secondary) or --fencing resource-only|resource-and-stonith (on a primary): give one of them');
   const fenceTimeoutMs = flags['fence-timeout'] === undefined ? undefined : Math.round(seconds('fence-timeout', flags['fence-timeout'], 0.1, 3600) * 1000);
   return {
     uris,
@@ -100,6 +114,9 @@ export async function parseHeartbeatFlags(flags: HeartbeatFlagValues): Promise<D
     intervalMs,
     detector,
     ...(key ? { key } : {}),
-    ...(flags['auto-failover'] ? { autoFailover: { fenceHook: fenceHook!, ...(fenceTimeoutMs === undefined ? {} : { fenceTimeoutMs }) } } : {}),
+    ...(flags['auto-failover'] ? { autoFailover: { ...(fenceHook === undefined ? {} : { fenceHook }), ...(fenceTimeoutMs === undefined ? {} : { fenceTimeoutMs }) } } : {}),
+    ...(lease ? { lease } : {}),
+    ...(policy === 'dont-care' ? {} : { fencing: { policy, fenceHook: fenceHook!, ...(fenceTimeoutMs === undefined ? {} : { fenceTimeoutMs }) } }),
+    ...(flags['on-no-quorum'] === undefined ? {} : { onNoQuorum: flags['on-no-quorum'] as OnNoQuorum }),
   };
 }

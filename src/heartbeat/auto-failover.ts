@@ -15,14 +15,18 @@ import type { HeartbeatLog } from './service.js';
 export interface AutoFailoverOptions {
   node: string;
   peer: string;
-  /** the fence hook (required: an automatic takeover never skips fencing) */
-  fenceHook: string;
+  /** the fence hook (required unless the etcd lease fences: an automatic takeover never skips fencing) */
+  fenceHook?: string;
+  /** --lease: take the leader key before failing over (resolves false when it stays held) */
+  acquireLease?: () => Promise<boolean>;
   fenceTimeoutMs?: number;
   /** the heartbeat URIs, for the hook's BLKREP_PEER_ADDRESSES */
   peerAddresses?: readonly string[];
   resource?: string;
   epoch?: () => bigint;
   generation?: () => string;
+  /** the checkpoint being committed now, if any: the failover waits for it (it cannot be undone half-way) */
+  checkpointInFlight?: () => number | null;
   /** is there a `failover` verb to call? */
   hasFailover: () => boolean;
   /** call it (never with force) */
@@ -63,8 +67,37 @@ export class AutoFailover {
       // said before fencing: fencing a peer nobody takes over from would only make an outage
       return this.refuse(null, 'ERR_NO_FAILOVER', `peer "${o.peer}" is dead but this daemon has no failover verb (it is not the secondary of a replication pair): nothing fenced, nothing taken over`);
     }
+    let fence: FenceResult | null = null;
+    if (o.fenceHook !== undefined) {
+      fence = await this.fence(o.fenceHook);
+      if (!fence.proceed) return this.refuse(fence, 'ERR_NOT_FENCED', describeFence(fence, o.peer));
+    }
+    if (o.acquireLease) {
+      log('info', `peer "${o.peer}" is dead: waiting for its etcd lease to expire to take the leader key`);
+      if (!(await o.acquireLease())) return this.refuse(fence, 'ERR_LEASE_HELD', `peer "${o.peer}" is dead here but the etcd leader key is still held (or etcd is unreachable): not taking over`);
+    }
+    const inFlight = o.checkpointInFlight?.() ?? null;
+    if (inFlight !== null) {
+      // the failover verb runs after it (one checkpoint or failover at a time): say so, it is why the takeover is later
+      log('warn', `peer "${o.peer}" was fenced; checkpoint ${inFlight} is being committed: the failover waits for it`);
+      o.publish?.('failover-deferred', { peer: o.peer, checkpoint: inFlight });
+    }
+    try {
+      await o.failover();
+    } catch (err) {
+      const e = toBlkrepError(err);
+      return this.refuse(fence, e.code, `failover after fencing peer "${o.peer}" failed: ${e.message}`);
+    }
+    log('warn', `peer "${o.peer}" was fenced (${fence?.verdict ?? 'its etcd lease expired'}); this node took over`);
+    o.publish?.('auto-failover', { peer: o.peer, failedOver: true, fence: fence?.verdict ?? null, code: null, reason: null });
+    return { fence, failedOver: true, reason: null, code: null };
+  }
+
+  private async fence(command: string): Promise<FenceResult> {
+    const o = this.options;
+    const log = o.log ?? (() => {});
     const fence = await runFenceHook({
-      command: o.fenceHook,
+      command,
       node: o.node,
       peer: o.peer,
       ...(o.peerAddresses ? { peerAddresses: o.peerAddresses } : {}),
@@ -77,16 +110,7 @@ export class AutoFailover {
     const line = describeFence(fence, o.peer);
     log(fence.proceed ? 'info' : 'warn', line + (fence.stderr.trim() ? `; hook said: ${fence.stderr.trim().split('\n').slice(-1)[0]}` : ''));
     o.publish?.('fence', { peer: o.peer, verdict: fence.verdict, exitCode: fence.exitCode, signal: fence.signal, proceed: fence.proceed, durationMs: fence.durationMs });
-    if (!fence.proceed) return this.refuse(fence, 'ERR_NOT_FENCED', line);
-    try {
-      await o.failover();
-    } catch (err) {
-      const e = toBlkrepError(err);
-      return this.refuse(fence, e.code, `failover after fencing peer "${o.peer}" failed: ${e.message}`);
-    }
-    log('warn', `peer "${o.peer}" was fenced (${fence.verdict}); this node took over`);
-    o.publish?.('auto-failover', { peer: o.peer, failedOver: true, fence: fence.verdict, code: null, reason: null });
-    return { fence, failedOver: true, reason: null, code: null };
+    return fence;
   }
 
   private refuse(fence: FenceResult | null, code: string, reason: string): AutoFailoverOutcome {

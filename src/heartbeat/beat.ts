@@ -4,12 +4,12 @@
  *
  *   0  magic "BKHB"             4 bytes
  *   4  version (1)              u8
- *   5  flags (bit 0: keyed)     u8
+ *   5  flags                    u8   bit 0: keyed; bit 1: the sender is primary
  *   6  node id length (1..64)   u8
  *   7  reserved (0)             u8
  *   8  incarnation              u64  the sender's start (ms since the epoch): orders restarts
  *  16  seq                      u64  per incarnation, from 1, +1 per beat
- *  24  epoch                    u64  the fencing token (the pair's epoch)
+ *  24  epoch                    u64  the fencing token (the sender's term: +1 at each takeover)
  *  32  generation               u64  the sender's current generation (16 hex digits)
  *  40  node id                  UTF-8
  *  ..  HMAC-SHA256(key, all bytes before it)  32 bytes
@@ -26,6 +26,7 @@ export const MAX_NODE_ID_BYTES = 64;
 const HEADER_BYTES = 40;
 const MAC_BYTES = 32;
 const FLAG_KEYED = 1;
+const FLAG_PRIMARY = 2;
 
 export interface Beat {
   node: string;
@@ -34,6 +35,8 @@ export interface Beat {
   epoch: bigint;
   /** 16 lowercase hex digits */
   generation: string;
+  /** the sender serves its disk read-write (a pair's primary); absent: it does not */
+  primary?: boolean;
 }
 
 export type RejectReason =
@@ -70,7 +73,7 @@ export function encodeBeat(beat: Beat, key: Buffer | undefined): Buffer {
   const frame = Buffer.alloc(HEADER_BYTES + id.length + MAC_BYTES);
   BEAT_MAGIC.copy(frame, 0);
   frame[4] = BEAT_VERSION;
-  frame[5] = key && key.length > 0 ? FLAG_KEYED : 0;
+  frame[5] = (key && key.length > 0 ? FLAG_KEYED : 0) | (beat.primary ? FLAG_PRIMARY : 0);
   frame[6] = id.length;
   frame.writeBigUInt64BE(beat.incarnation, 8);
   frame.writeBigUInt64BE(beat.seq, 16);
@@ -110,6 +113,7 @@ export function decodeBeat(frame: Buffer, key: Buffer | undefined): Decoded {
       seq: frame.readBigUInt64BE(16),
       epoch: frame.readBigUInt64BE(24),
       generation: frame.toString('hex', 32, 40),
+      ...((frame[5]! & FLAG_PRIMARY) !== 0 ? { primary: true } : {}),
     },
   };
 }

@@ -98,6 +98,12 @@ export class PeerMonitor {
     return e;
   }
 
+  /** milliseconds since the last beat on any path at `now`, null before the first */
+  silenceMs(now: number): number | null {
+    const last = Math.max(...this.detectors.map((d) => d.lastBeat ?? -Infinity));
+    return Number.isFinite(last) ? now - last : null;
+  }
+
   get peerState(): PathState {
     return this.current;
   }

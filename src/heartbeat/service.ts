@@ -30,6 +30,10 @@ export interface HeartbeatServiceOptions {
   /** the fencing epoch and generation this node announces (the pair's; 0 and EMPTY without one) */
   epoch?: () => bigint;
   generation?: () => string;
+  /** is this node primary now (announced in every beat) */
+  primary?: () => boolean;
+  /** every accepted signed beat of the peer, after it counted (the fencing token, the role) */
+  onPeerBeat?: (beat: Beat) => void;
   /** the monotonic clock in ms (default performance.now) */
   clock?: () => number;
   /** a control-socket event */
@@ -72,7 +76,7 @@ export interface HeartbeatStatus {
   incarnation: string;
   sent: number;
   /** what the peer last announced (null before its first signed beat) */
-  peerAnnounced: { incarnation: string; epoch: string; generation: string } | null;
+  peerAnnounced: { incarnation: string; epoch: string; generation: string; primary: boolean } | null;
   paths: HeartbeatPathStatus[];
 }
 
@@ -169,6 +173,7 @@ export class HeartbeatService {
         seq: this.seq,
         epoch: this.options.epoch?.() ?? 0n,
         generation: this.options.generation?.() ?? '0000000000000000',
+        ...(this.options.primary?.() ? { primary: true } : {}),
       },
       this.options.key,
     );
@@ -191,10 +196,23 @@ export class HeartbeatService {
     slot.lastBeatWall = Date.now();
     slot.lastFrom = report.from;
     this.monitor.beat(index, this.clock());
+    if (slot.backend.caps.frames && this.peerBeat) this.options.onPeerBeat?.(this.peerBeat);
+  }
+
+  private peerBeat: Beat | undefined;
+
+  /**
+   * Milliseconds since the peer was last heard on any path (null: never heard), read from the
+   * clock now: the write path asks this synchronously, so a node that was frozen (SIGSTOP, a
+   * long pause) sees its silence at once, before any timer has run.
+   */
+  silenceMs(): number | null {
+    return this.monitor.silenceMs(this.clock());
   }
 
   private announce(beat: Beat): void {
-    this.peerAnnounced = { incarnation: beat.incarnation.toString(), epoch: beat.epoch.toString(), generation: beat.generation };
+    this.peerBeat = beat;
+    this.peerAnnounced = { incarnation: beat.incarnation.toString(), epoch: beat.epoch.toString(), generation: beat.generation, primary: beat.primary === true };
   }
 
   private reject(slot: PathSlot, reason: RejectReason, detail: string, from: string): void {

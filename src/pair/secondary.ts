@@ -85,6 +85,8 @@ export class SecondaryRole implements PairRole {
   /** what the primary said in its hello */
   private peerHello: { gi: GenerationTuple; protocol: 'sync' | 'async'; nodeId: string } | undefined;
   private lastCheckpointAt: number | null = null;
+  /** the checkpoint whose steps 4–7 run now (null: none), for status and a deferred automatic failover */
+  private checkpointing: number | null = null;
   /** why the disk is Failed (this run) */
   private failedReason: string | null = null;
   private queue: Promise<unknown> = Promise.resolve();
@@ -168,6 +170,7 @@ export class SecondaryRole implements PairRole {
         viewExport: this.promoted ? null : (this.o.viewExport ?? null),
         copiedClusters: this.cbw?.copiedClusters ?? 0,
         committing: s.committing,
+        checkpointing: this.checkpointing,
         failedReason: s.diskState === 'Failed' ? (this.failedReason ?? 'a write to the disk failed in an earlier run') : null,
         replicaExport: this.ctx.server.findExport(this.ctx.exportName) !== undefined,
       },
@@ -394,6 +397,7 @@ export class SecondaryRole implements PairRole {
     }
     const t0 = Date.now();
     const cbw = this.cbw!;
+    this.checkpointing = n;
     // step 4: stop taking replica writes, hold the view's writes, flush the disk
     await cbw.gate.hold();
     await this.viewGate.hold();
@@ -411,6 +415,7 @@ export class SecondaryRole implements PairRole {
       await this.state.update((s) => ({ ...s, epoch: n, committing: null, ...(gi && this.link ? { gi, diskState: 'UpToDate' as const } : {}) }));
       crashPoint('checkpoint-step-7');
     } finally {
+      this.checkpointing = null;
       this.viewGate.release();
       cbw.gate.release();
     }

@@ -18,6 +18,14 @@ export const DAEMON_VERB_SPECS = {
     result: '{stopping: true}',
     events: ['shutdown'],
   },
+  'resume-io': {
+    name: 'resume-io',
+    summary: "Let a primary's suspended writes go again (--fencing resource-and-stonith after a fence hook that did not confirm, --on-no-quorum suspend-io): as drbdadm resume-io. Refused on a demoted node.",
+    args: NO_ARGS,
+    result: '{resumed (false: nothing was suspended), waiting (writes let go)}',
+    events: ['io-resumed'],
+    errors: ['ERR_DEMOTED', 'ERR_NO_HEARTBEAT'],
+  },
 } as const satisfies Record<string, VerbSpec>;
 
 /** Events the daemon publishes that no verb causes. */
@@ -33,4 +41,10 @@ export const DAEMON_EVENTS: ReadonlyArray<{ name: string; fields: string }> = [
   { name: 'peer-dead', fields: 'every heartbeat path is silent past its bound: peer, from, silentMs, paths' },
   { name: 'fence', fields: 'the fence hook ran (--auto-failover): peer, verdict, exitCode, signal, proceed, durationMs' },
   { name: 'auto-failover', fields: 'automatic failover after a peer death: peer, failedOver, fence, code, reason' },
+  { name: 'failover-deferred', fields: 'automatic failover waits for the checkpoint in flight to commit: peer, checkpoint' },
+  { name: 'io-suspended', fields: "the primary's writes wait (no quorum, or --fencing resource-and-stonith while the hook runs): reason" },
+  { name: 'io-resumed', fields: "the primary's writes go again: by (quorum, fence, resume-io), waiting" },
+  { name: 'lease-acquired', fields: 'this node leads on etcd (--lease): key, revision, ttlS' },
+  { name: 'lease-lost', fields: 'this node no longer leads on etcd: its deadline passed or etcd said the lease expired; writes fail with EIO: key, reason' },
+  { name: 'demoted', fields: 'the peer announced itself primary with a higher term: every write fails with EIO: reason, refusedWaiting' },
 ];

@@ -25,6 +25,12 @@ import { checkExportName } from '../util/names.js';
 import { replaceFile } from '../util/safe-file.js';
 import { HeartbeatService, type HeartbeatServiceOptions, type HeartbeatStatus } from '../heartbeat/service.js';
 import { AutoFailover } from '../heartbeat/auto-failover.js';
+import { describeFence, runFenceHook } from '../heartbeat/fence.js';
+import { IoFence, IoFenceFilter, type FencingPolicy, type IoFenceStatus, type OnNoQuorum } from '../heartbeat/io-fence.js';
+import type { Beat } from '../heartbeat/beat.js';
+import type { PeerEvent } from '../heartbeat/monitor.js';
+import { PrimaryRole } from '../pair/primary.js';
+import { EtcdLease, type EtcdTarget, type LeaseStatus } from '../heartbeat/etcd-lease.js';
 import { ReplicationFilter } from '../pair/replication-filter.js';
 import { PrimaryHost, type PairExport, type ReplicationSpec } from '../pair/primary-host.js';
 import type { PairRole } from '../pair/role.js';
@@ -125,7 +131,13 @@ export interface TlsReport {
 /** --heartbeat and its companions, as serve-nbd parsed them (src/cli/heartbeat-flags.ts). */
 export type DaemonHeartbeat = Omit<HeartbeatServiceOptions, 'registry' | 'publish' | 'log' | 'onPeerEvent'> & {
   /** --auto-failover with --fence-hook: fence the dead peer, then call the failover verb */
-  autoFailover?: { fenceHook: string; fenceTimeoutMs?: number };
+  autoFailover?: { fenceHook?: string; fenceTimeoutMs?: number };
+  /** on a primary (--replicate-to): --fencing, with the hook it runs */
+  fencing?: { policy: FencingPolicy; fenceHook?: string; fenceTimeoutMs?: number };
+  /** on a primary: --on-no-quorum */
+  onNoQuorum?: OnNoQuorum;
+  /** --lease etcd://…: the primary holds the leader key, the secondary takes it before a failover */
+  lease?: { target: EtcdTarget; ttlS: number };
 };
 
 export interface ListeningEvent {
@@ -144,6 +156,16 @@ export class Daemon {
   private stopping: Promise<void> | undefined;
   /** the heartbeat to the peer (--heartbeat), set once started */
   heartbeat: HeartbeatService | undefined;
+  /** the primary's write gate (with --heartbeat) */
+  ioFence: IoFence | undefined;
+  /** --lease: leadership on etcd */
+  lease: EtcdLease | undefined;
+  /** this node's fencing token (the term its beats carry) and the highest its peer announced */
+  private term = 0n;
+  private peerTerm = 0n;
+  private termPrimary = false;
+  /** silence after which a primary has no quorum (ms) */
+  private quorumMs = Infinity;
   private resolveStopped: () => void = () => {};
   /** Resolves once stop() has finished, whoever called it (a signal, the control socket). */
   readonly stopped = new Promise<void>((resolve) => (this.resolveStopped = resolve));
@@ -231,13 +253,25 @@ export class Daemon {
           }),
         );
       }
+      // with a heartbeat, writes pass the primary's fencing gate (io-fence.ts): demotion, quorum, --fencing
+      const fenceRef: { daemon?: Daemon } = {};
+      const ioFence = options.heartbeat
+        ? new IoFence({
+            active: () => fenceRef.daemon?.replicatingPrimary() ?? false,
+            ...(options.heartbeat.onNoQuorum ? { onNoQuorum: options.heartbeat.onNoQuorum } : {}),
+            quorum: () => fenceRef.daemon?.quorate() ?? false,
+            ...(options.heartbeat.lease ? { lease: () => fenceRef.daemon?.lease?.valid() ?? false } : {}),
+            publish: (event, fields) => control?.publish(event, fields),
+            log: (level, message) => options.log?.(level === 'error' ? 'warn' : level, message),
+          })
+        : undefined;
       const extensions = new Map<number, OptionExtension>();
       const server = new NbdServer({
         optionExtensions: extensions,
         exports: options.exports.map((e) => ({
           name: e.name,
           description: e.description,
-          node: stacks.get(e.name)!.top,
+          node: ioFence ? new IoFenceFilter(stacks.get(e.name)!.top, ioFence) : stacks.get(e.name)!.top,
           readOnly: options.readOnly,
           minimumBlockSize: options.minimumBlockSize,
         })),
@@ -333,6 +367,8 @@ export class Daemon {
         }
       }
       const daemon = new Daemon(server, listeners, undefined, options.pidFile, bitmaps, options.log, jobs, nodes, stacks, pairHost, pair);
+      fenceRef.daemon = daemon;
+      daemon.ioFence = ioFence;
       if (options.tls && options.tls.mode !== 'off') {
         const { mode, kind, notAfter, warnings } = options.tls;
         daemon.tls = { mode, kind, ...(notAfter ? { notAfter } : {}), ...(warnings?.length ? { warnings } : {}) };
@@ -395,7 +431,7 @@ export class Daemon {
     listeners: Array<{ address: string }>;
     control: string | null;
     bitmaps: BitmapInfo[];
-    heartbeat?: HeartbeatStatus;
+    heartbeat?: HeartbeatStatus & { term: string; io: IoFenceStatus | null; lease: LeaseStatus | null };
     tls: TlsReport;
   } {
     const s = this.server.status();
@@ -418,7 +454,7 @@ export class Daemon {
       listeners: this.listeners.map((l) => ({ address: l.address })),
       control: this.control?.path ?? null,
       bitmaps: [...this.bitmaps.values()].flatMap((b) => b.list()),
-      ...(this.heartbeat ? { heartbeat: this.heartbeat.status() } : {}),
+      ...(this.heartbeat ? { heartbeat: { ...this.heartbeat.status(), term: this.term.toString(), io: this.ioFence?.status() ?? null, lease: this.lease?.status() ?? null } } : {}),
     };
   }
 
@@ -510,35 +546,151 @@ export class Daemon {
   /** Start beating to the peer; with auto-failover, a death fences it and calls `failover`. */
   private async startHeartbeat(options: DaemonHeartbeat, registry: HeartbeatRegistry | undefined, exports: ExportSpec[]): Promise<HeartbeatService> {
     if (!registry) throw new BlkrepError('ERR_NO_HEARTBEAT', 'no heartbeat backends are installed', { errno: 'EINVAL' });
-    const { autoFailover, ...service } = options;
+    const { autoFailover, fencing, onNoQuorum: _onNoQuorum, lease: leaseSpec, ...service } = options;
     const control = this.control;
     const publish = (event: string, fields: Record<string, unknown>): void => control?.publish(event, fields);
     const log = (level: 'info' | 'warn' | 'error' | 'debug', message: string): void => this.log(level === 'error' ? 'warn' : level, message);
+    const d = service.detector;
+    // a primary stops writing one interval before its peer may declare it dead (fixed); phi: at its dead threshold
+    this.quorumMs = d.kind === 'fixed' ? d.intervalMs * Math.max(1, d.misses - 1) : Infinity;
+    const epoch = service.epoch ?? (() => this.currentTerm());
+    const generation = service.generation ?? (() => this.firstRole()?.status().gi.current ?? '0000000000000000');
+    if (leaseSpec) {
+      this.lease = new EtcdLease({ target: leaseSpec.target, node: service.self, ttlS: leaseSpec.ttlS, publish, log: (level, m) => log(level, m) });
+      // a primary from the start campaigns at once and keeps trying; a secondary takes the key only to fail over
+      if (this.replicatingPrimary()) this.lease.hold();
+    }
+    const lease = this.lease;
     const auto = autoFailover
       ? new AutoFailover({
           node: service.self,
           peer: service.peer,
-          fenceHook: autoFailover.fenceHook,
+          ...(autoFailover.fenceHook === undefined ? {} : { fenceHook: autoFailover.fenceHook }),
+          ...(lease ? { acquireLease: () => lease.acquire(leaseSpec!.ttlS * 2000 + 2000) } : {}),
           ...(autoFailover.fenceTimeoutMs === undefined ? {} : { fenceTimeoutMs: autoFailover.fenceTimeoutMs }),
           peerAddresses: service.uris,
           resource: exports.map((e) => e.name).join(' '),
-          ...(service.epoch ? { epoch: service.epoch } : {}),
-          ...(service.generation ? { generation: service.generation } : {}),
+          epoch,
+          generation,
           // a secondary of a pair to promote: the failover verb exists in every daemon (a
           // primary's failover means "stop forwarding"), which is no takeover
           hasFailover: () => (control?.has('failover') ?? false) && [...this.pair.values()].some((r) => r.role === 'secondary'),
+          checkpointInFlight: () => this.checkpointInFlight(),
           // never forced: only the operator forces a takeover
           failover: () => control!.call('failover', {}),
           publish,
           log,
         })
       : undefined;
-    this.heartbeat = await HeartbeatService.start({ ...service, registry, publish, log, onPeerEvent: (e) => void auto?.onPeerEvent(e) });
+    const onPeerEvent = (e: PeerEvent): void => {
+      void auto?.onPeerEvent(e);
+      if (e.event === 'peer-dead' && fencing && fencing.policy !== 'dont-care' && this.replicatingPrimary()) void this.fencePeer(fencing, service.self, service.peer, service.uris, epoch, publish, log);
+    };
+    this.heartbeat = await HeartbeatService.start({
+      ...service,
+      epoch,
+      generation,
+      primary: () => this.isPrimary(),
+      registry,
+      publish,
+      log,
+      onPeerEvent,
+      onPeerBeat: (b) => this.onPeerBeat(b, service.peer),
+    });
     return this.heartbeat;
+  }
+
+  private firstRole(): PairRole | undefined {
+    return this.pair.values().next().value;
+  }
+
+  private isPrimary(): boolean {
+    return [...this.pair.values()].some((r) => r.role === 'primary');
+  }
+
+  /** A primary from the start (--replicate-to, replicate): the one quorum and --fencing apply to. */
+  replicatingPrimary(): boolean {
+    return [...this.pair.values()].some((r) => r instanceof PrimaryRole);
+  }
+
+  private checkpointInFlight(): number | null {
+    for (const r of this.pair.values()) {
+      const sec = (r.status() as { secondary?: { checkpointing?: number | null; committing?: number | null } }).secondary;
+      const n = sec?.checkpointing ?? sec?.committing ?? null;
+      if (n !== null) return n;
+    }
+    return null;
+  }
+
+  /**
+   * The term this node's beats carry: a node that becomes primary takes the highest term it
+   * heard + 1 (a primary from the start: 1), so the node that took over always announces more
+   * than the one it replaced.
+   */
+  private currentTerm(): bigint {
+    const primary = this.isPrimary();
+    if (primary && !this.termPrimary) this.term = (this.term > this.peerTerm ? this.term : this.peerTerm) + 1n;
+    this.termPrimary = primary;
+    return this.term;
+  }
+
+  /** Has this primary heard its peer (or a witness) recently enough to write? Read on each write. */
+  quorate(): boolean {
+    const hb = this.heartbeat;
+    if (!hb) return false;
+    const silence = hb.silenceMs();
+    if (silence === null) return false;
+    return Number.isFinite(this.quorumMs) ? silence < this.quorumMs : hb.peerState !== 'dead';
+  }
+
+  private onPeerBeat(beat: Beat, peer: string): void {
+    if (beat.epoch > this.peerTerm) this.peerTerm = beat.epoch;
+    const fence = this.ioFence;
+    if (!fence) return;
+    if (beat.primary && this.isPrimary() && beat.epoch > this.currentTerm()) {
+      fence.demote(`peer "${peer}" announces itself primary with term ${beat.epoch}, this node's is ${this.term}`);
+      return;
+    }
+    fence.quorumBack();
+  }
+
+  /** --fencing on a primary whose peer is dead: resource-and-stonith freezes writes until the hook confirms or resume-io. */
+  private async fencePeer(
+    fencing: NonNullable<DaemonHeartbeat['fencing']>,
+    node: string,
+    peer: string,
+    uris: readonly string[],
+    epoch: () => bigint,
+    publish: (event: string, fields: Record<string, unknown>) => void,
+    log: (level: 'info' | 'warn' | 'error' | 'debug', message: string) => void,
+  ): Promise<void> {
+    const freeze = fencing.policy === 'resource-and-stonith';
+    if (freeze) this.ioFence?.suspend(`--fencing resource-and-stonith: peer "${peer}" is dead, the fence hook runs`);
+    const r = await runFenceHook({
+      command: fencing.fenceHook!,
+      node,
+      peer,
+      peerAddresses: uris,
+      resource: [...this.pair.keys()].join(' '),
+      epoch: epoch(),
+      ...(fencing.fenceTimeoutMs === undefined ? {} : { timeoutMs: fencing.fenceTimeoutMs }),
+    });
+    const line = describeFence(r, peer);
+    log(r.proceed ? 'info' : 'warn', line);
+    publish('fence', { peer, verdict: r.verdict, exitCode: r.exitCode, signal: r.signal, proceed: r.proceed, durationMs: r.durationMs, policy: fencing.policy });
+    if (!freeze) return;
+    if (r.proceed && this.ioFence?.state === 'suspended') this.ioFence.resume('fence');
+    else if (!r.proceed) log('warn', `writes stay suspended until the peer is fenced: run "blkrep resume-io" once it cannot write`);
   }
 
   private wireControl(control: ControlServer): void {
     control.register(verb(DAEMON_VERB_SPECS.status, () => this.status()));
+    control.register(
+      verb(DAEMON_VERB_SPECS['resume-io'], () => {
+        if (!this.ioFence) throw new BlkrepError('ERR_NO_HEARTBEAT', 'this daemon has no heartbeat (--heartbeat): its writes are never suspended', { errno: 'EINVAL' });
+        return this.ioFence.resume('resume-io');
+      }),
+    );
     control.register(
       verb(DAEMON_VERB_SPECS.shutdown, () => {
         // Reply first, then stop.

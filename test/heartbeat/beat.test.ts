@@ -19,6 +19,16 @@ describe('beat frame', () => {
     }
   });
 
+  it('carries the primary flag (bit 1 of the flags, under the MAC): a forged flag is refused', () => {
+    const frame = encodeBeat(beat({ primary: true }), KEY);
+    expect(frame[5]).toBe(0b11);
+    expect(decodeBeat(frame, KEY)).toEqual({ ok: true, beat: beat({ primary: true }) });
+    expect(decodeBeat(encodeBeat(beat(), KEY), KEY)).toEqual({ ok: true, beat: beat() });
+    const forged = Buffer.from(encodeBeat(beat(), KEY));
+    forged[5] = 0b11;
+    expect(decodeBeat(forged, KEY)).toMatchObject({ ok: false, reason: 'bad-mac' });
+  });
+
   it('refuses a wrong key, a missing key and an unexpected key, each with its reason', () => {
     const frame = encodeBeat(beat(), KEY);
     expect(decodeBeat(frame, Buffer.from('another key of 16 bytes'))).toMatchObject({ ok: false, reason: 'bad-mac' });

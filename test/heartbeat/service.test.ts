@@ -127,7 +127,7 @@ describe('heartbeat service', () => {
     const st = b.status();
     expect(st.paths[0]!.beats).toBe(1);
     expect(st.paths[0]!.rejected).toMatchObject({ replay: 1, 'unknown-node': 1 });
-    expect(st.peerAnnounced).toEqual({ incarnation: '1', epoch: '3', generation: '00000000000000ab' });
+    expect(st.peerAnnounced).toEqual({ incarnation: '1', epoch: '3', generation: '00000000000000ab', primary: false });
   });
 
   it('refuses bad configuration with coded errors before anything starts', async () => {

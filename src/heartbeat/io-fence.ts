@@ -1,0 +1,184 @@
+/**
+ * The primary's side of fencing (replication.md §6, DRBD's `fencing` and `quorum` options): a gate
+ * on the export's writes that the heartbeat opens and closes.
+ *
+ * - **Demotion.** Beats carry a fencing token, the term: a node that takes over announces its
+ *   peer's term + 1. A primary that hears its peer announce itself primary with a higher term
+ *   has been replaced: it is demoted, and from then on every write, zero, trim and flush fails
+ *   with EIO (ERR_DEMOTED), whatever else is configured; nothing lifts it but a restart (then as a
+ *   secondary, or after a resync). A frozen primary (SIGSTOP, a long pause) that wakes up cannot
+ *   write in between: the write path reads the silence from the clock itself (`quorum()`), before
+ *   any timer has run.
+ * - **Quorum** (`--on-no-quorum suspend-io|io-error`): the primary has quorum while it heard the
+ *   peer or a witness (any heartbeat path) within the bound the peer's detector uses, less one
+ *   interval, so it stops writing before the peer can declare it dead. Without quorum, writes
+ *   wait (suspend-io) until a beat comes back or `resume-io`, or fail with EIO (io-error). Like
+ *   corosync's wait_for_all, a primary that never heard its peer has no quorum.
+ * - **Fencing** (`--fencing resource-and-stonith`): when the peer is dead, writes are frozen and
+ *   the fence hook runs; they resume when the hook says 4 or 7, else stay frozen until
+ *   `resume-io`. `resource-only` runs the hook and freezes nothing; `dont-care` does nothing.
+ *
+ * Reads always pass: a demoted or frozen primary may still be read.
+ */
+import type { BlockNode, WriteOptions, ZeroOptions, IoOptions } from '../api/block.js';
+import { BlkrepError } from '../api/errors.js';
+import { Filter } from '../block/filter.js';
+
+export type OnNoQuorum = 'suspend-io' | 'io-error';
+export type FencingPolicy = 'dont-care' | 'resource-only' | 'resource-and-stonith';
+export const FENCING_POLICIES: readonly FencingPolicy[] = ['dont-care', 'resource-only', 'resource-and-stonith'];
+export const ON_NO_QUORUM: readonly OnNoQuorum[] = ['suspend-io', 'io-error'];
+
+export type IoFenceState = 'open' | 'suspended' | 'demoted';
+
+export interface IoFenceOptions {
+  /** true while this node may write as primary (false: not primary, the gate always passes) */
+  active: () => boolean;
+  /** --on-no-quorum; undefined: quorum is not checked */
+  onNoQuorum?: OnNoQuorum;
+  /** is there quorum now (read synchronously on every write) */
+  quorum: () => boolean;
+  /** --lease: does this primary hold the etcd leader key before its local deadline (false: EIO) */
+  lease?: () => boolean;
+  publish?: (event: string, fields: Record<string, unknown>) => void;
+  log?: (level: 'info' | 'warn' | 'error', message: string) => void;
+}
+
+export interface IoFenceStatus {
+  state: IoFenceState;
+  /** why writes are held or refused (null when open) */
+  reason: string | null;
+  /** writes waiting now */
+  waiting: number;
+  onNoQuorum: OnNoQuorum | null;
+}
+
+interface Waiter {
+  resolve: () => void;
+  reject: (err: BlkrepError) => void;
+}
+
+export class IoFence {
+  private stateNow: IoFenceState = 'open';
+  private reasonNow: string | null = null;
+  /** the suspension is for quorum only: a beat lifts it (a fencing freeze needs the hook or resume-io) */
+  private quorumOnly = false;
+  /** resume-io lifted a quorum suspension: quorum is not checked again until the peer is heard */
+  private waived = false;
+  private waiters: Waiter[] = [];
+
+  constructor(private readonly options: IoFenceOptions) {}
+
+  get state(): IoFenceState {
+    return this.stateNow;
+  }
+
+  status(): IoFenceStatus {
+    return { state: this.stateNow, reason: this.reasonNow, waiting: this.waiters.length, onNoQuorum: this.options.onNoQuorum ?? null };
+  }
+
+  /**
+   * May a write go now? undefined: yes, at once (the common case costs two calls and no promise);
+   * otherwise a promise that resolves when it may, or rejects with EIO.
+   */
+  admit(): Promise<void> | undefined {
+    if (this.stateNow === 'demoted') return Promise.reject(this.demotedError());
+    if (!this.options.active()) return undefined;
+    if (this.options.lease && !this.options.lease()) {
+      return Promise.reject(new BlkrepError('ERR_LEASE_LOST', 'write refused: this primary does not hold the etcd leader key (or its keep-alive deadline passed)', { errno: 'EIO' }));
+    }
+    if (this.stateNow === 'open' && this.options.onNoQuorum !== undefined && !this.waived && !this.options.quorum()) {
+      if (this.options.onNoQuorum === 'io-error') {
+        return Promise.reject(new BlkrepError('ERR_NO_QUORUM', 'write refused: this primary has not heard its peer or a witness within the bound (--on-no-quorum io-error)', { errno: 'EIO' }));
+      }
+      this.suspend('no-quorum: the peer and every witness are silent', true);
+    }
+    if (this.stateNow === 'open') return undefined;
+    return new Promise<void>((resolve, reject) => this.waiters.push({ resolve, reject }));
+  }
+
+  /** Hold writes until resume() (or, for quorum, until the peer is heard: quorumBack()). */
+  suspend(reason: string, quorumOnly = false): void {
+    if (this.stateNow !== 'open') return;
+    this.stateNow = 'suspended';
+    this.reasonNow = reason;
+    this.quorumOnly = quorumOnly;
+    this.options.log?.('warn', `writes suspended: ${reason}`);
+    this.options.publish?.('io-suspended', { reason });
+  }
+
+  /** A beat came: a suspension for quorum alone ends. */
+  quorumBack(): void {
+    this.waived = false;
+    if (this.stateNow === 'suspended' && this.quorumOnly) this.resume('quorum');
+  }
+
+  /** Let writes go again (resume-io, a fence hook that confirmed, quorum back). Refused when demoted. */
+  resume(by: string): { resumed: boolean; waiting: number } {
+    if (this.stateNow === 'demoted') throw this.demotedError();
+    if (this.stateNow === 'open') return { resumed: false, waiting: 0 };
+    if (by === 'resume-io') this.waived = true;
+    const waiting = this.waiters.length;
+    this.stateNow = 'open';
+    const reason = this.reasonNow;
+    this.reasonNow = null;
+    this.quorumOnly = false;
+    for (const w of this.waiters.splice(0)) w.resolve();
+    this.options.log?.('info', `writes resumed (${by}; they were suspended: ${reason ?? 'no reason'}); ${waiting} waiting`);
+    this.options.publish?.('io-resumed', { by, waiting });
+    return { resumed: true, waiting };
+  }
+
+  /** The peer took over: refuse every write from now on, those waiting included. */
+  demote(reason: string): void {
+    if (this.stateNow === 'demoted') return;
+    this.stateNow = 'demoted';
+    this.reasonNow = reason;
+    const err = this.demotedError();
+    const waiting = this.waiters.length;
+    for (const w of this.waiters.splice(0)) w.reject(err);
+    this.options.log?.('error', `this node is demoted: ${reason}; every write fails with EIO from now on`);
+    this.options.publish?.('demoted', { reason, refusedWaiting: waiting });
+  }
+
+  private demotedError(): BlkrepError {
+    return new BlkrepError('ERR_DEMOTED', `write refused: this node was primary and its peer took over (${this.reasonNow ?? 'demoted'}); restart it as a secondary`, { errno: 'EIO' });
+  }
+}
+
+/** The gate as a filter over the export: writes, zeroes, trims and flushes pass admit() first. */
+export class IoFenceFilter extends Filter {
+  readonly driver = 'io-fence';
+
+  constructor(
+    next: BlockNode,
+    private readonly fence: IoFence,
+  ) {
+    super(next);
+  }
+
+  override write(offset: number, data: Buffer, o?: WriteOptions): Promise<void> {
+    const wait = this.fence.admit();
+    return wait === undefined ? this.next.write(offset, data, o) : wait.then(() => this.next.write(offset, data, o));
+  }
+
+  override writeZeroes(offset: number, length: number, o?: ZeroOptions): Promise<void> {
+    const wait = this.fence.admit();
+    return wait === undefined ? this.next.writeZeroes(offset, length, o) : wait.then(() => this.next.writeZeroes(offset, length, o));
+  }
+
+  override trim(offset: number, length: number, o?: WriteOptions): Promise<void> {
+    const wait = this.fence.admit();
+    return wait === undefined ? this.next.trim(offset, length, o) : wait.then(() => this.next.trim(offset, length, o));
+  }
+
+  override flush(o?: IoOptions): Promise<void> {
+    const wait = this.fence.admit();
+    return wait === undefined ? this.next.flush(o) : wait.then(() => this.next.flush(o));
+  }
+
+  /** the export's stack is not this filter's to close */
+  override close(): Promise<void> {
+    return Promise.resolve();
+  }
+}

@@ -1,0 +1,227 @@
+/**
+ * Leadership on a real etcd (Debian etcd-server, started here on tmpfs and free ports):
+ * - the lease client: one leader, the other sees the holder; a leader that dies without revoking
+ *   is replaced once its lease expires; revoking hands over at once; a frozen etcd (SIGSTOP) makes
+ *   the leader stop at its own deadline (last keep-alive + TTL − margin), before etcd's expiry.
+ * - two daemons with --lease: kill -9 the primary, the secondary takes the key and fails over
+ *   (no fence hook: the lease fences); a frozen etcd makes the primary's writes fail (qemu-io EIO).
+ */
+import { createHash } from 'node:crypto';
+import dgram from 'node:dgram';
+import net from 'node:net';
+import { mkdtemp, readFile, rm, truncate, writeFile, chmod } from 'node:fs/promises';
+import { join } from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
+import { ControlClient } from '../../src/control/client.js';
+import type { ControlEvent } from '../../src/control/protocol.js';
+import { EtcdLease, parseLeaseUri } from '../../src/heartbeat/etcd-lease.js';
+import { makeTempDir, run, runCli, serve, start, unixUri, waitFor, type Started } from '../support/spawn.js';
+
+async function freeTcpPort(): Promise<number> {
+  const s = net.createServer();
+  await new Promise<void>((resolve) => s.listen(0, '127.0.0.1', resolve));
+  const port = (s.address() as net.AddressInfo).port;
+  await new Promise<void>((resolve) => s.close(() => resolve()));
+  return port;
+}
+
+async function freeUdpPort(): Promise<number> {
+  const s = dgram.createSocket('udp4');
+  await new Promise<void>((resolve) => s.bind(0, '127.0.0.1', resolve));
+  const port = s.address().port;
+  await new Promise<void>((resolve) => s.close(() => resolve()));
+  return port;
+}
+
+interface Etcd {
+  endpoint: string;
+  uri: (prefix: string) => string;
+  proc: Started;
+}
+
+const cleanups: Array<() => Promise<void>> = [];
+afterEach(async () => {
+  for (const c of cleanups.splice(0).reverse()) await c().catch(() => {});
+});
+
+/** A one-node etcd on tmpfs (3.4 has no --unsafe-no-fsync), on free ports; stopped after the test. */
+async function startEtcd(): Promise<Etcd> {
+  const dir = await mkdtemp('/dev/shm/blkrep-etcd-');
+  const [c, p] = [await freeTcpPort(), await freeTcpPort()];
+  const proc = start('etcd', ['--name', 'n1', '--data-dir', dir, '--listen-client-urls', `http://127.0.0.1:${c}`, '--advertise-client-urls', `http://127.0.0.1:${c}`, '--listen-peer-urls', `http://127.0.0.1:${p}`, '--initial-advertise-peer-urls', `http://127.0.0.1:${p}`, '--initial-cluster', `n1=http://127.0.0.1:${p}`, '--initial-cluster-state', 'new', '--log-level', 'error']);
+  cleanups.push(async () => {
+    proc.child.kill('SIGCONT');
+    await proc.stop('SIGKILL');
+    await rm(dir, { recursive: true, force: true });
+  });
+  const endpoint = `http://127.0.0.1:${c}`;
+  await waitFor(async () => (await fetch(`${endpoint}/health`).then((r) => r.json()).catch(() => null))?.health === 'true', `etcd on ${endpoint}; stderr: ${proc.stderr()}`, { timeoutMs: 20_000, intervalMs: 50 });
+  return { endpoint, uri: (prefix) => `etcd://127.0.0.1:${c}${prefix}`, proc };
+}
+
+function lease(etcd: Etcd, node: string, ttlS = 2, events: Array<[string, Record<string, unknown>]> = []): EtcdLease {
+  const l = new EtcdLease({ target: parseLeaseUri(etcd.uri('/pair1')), node, ttlS, publish: (e, f) => events.push([e, f]) });
+  cleanups.push(() => l.stop(false));
+  return l;
+}
+
+describe('etcd lease URI', () => {
+  it.each([
+    ['http://127.0.0.1:2379/p', 'the scheme is not etcd://'],
+    ['etcd://127.0.0.1/p', 'no port'],
+    ['etcd://127.0.0.1:2379', 'no key prefix'],
+    ['etcd://127.0.0.1:2379/', 'no key prefix'],
+    ['etcd://127.0.0.1:2379/p?x=1', 'no query'],
+    ['etcd://127.0.0.1:99999/p', 'not a URL'],
+  ])('%s → ERR_BAD_LEASE (%s)', (uri, why) => {
+    expect(() => parseLeaseUri(uri)).toThrow(expect.objectContaining({ code: 'ERR_BAD_LEASE', message: expect.stringContaining(why) }));
+  });
+
+  it('parses host, port and prefix', () => {
+    expect(parseLeaseUri('etcd://10.0.0.5:2379/blkrep/pair1/')).toEqual({ endpoint: 'http://10.0.0.5:2379', prefix: '/blkrep/pair1' });
+  });
+});
+
+describe('etcd lease on a real etcd', () => {
+  it('one leader; a leader killed without revoking is replaced only once its lease expired; revoking hands over at once', async () => {
+    const etcd = await startEtcd();
+    const a = lease(etcd, 'alpha');
+    const b = lease(etcd, 'beta');
+    expect(await a.campaign()).toBe(true);
+    expect(a.status()).toMatchObject({ state: 'leader', holder: 'alpha', key: '/pair1/leader', ttlS: 2 });
+    expect(a.valid()).toBe(true);
+    expect(await b.campaign()).toBe(false);
+    expect(b.status()).toMatchObject({ state: 'follower', holder: 'alpha' });
+    // alpha "crashes": no more keep-alives, no revoke
+    await a.stop(false);
+    const t0 = performance.now();
+    expect(await b.acquire(10_000, 100)).toBe(true);
+    const waited = performance.now() - t0;
+    // not before the lease could expire: at most one keep-alive period (TTL/3) had passed since the last
+    expect(waited).toBeGreaterThan(2000 - 2000 / 3 - 100);
+    expect(BigInt(b.status().revision!)).toBeGreaterThan(BigInt(a.status().revision ?? '0'));
+    // a clean stop revokes: the next node leads at once
+    await b.stop(true);
+    const c = lease(etcd, 'gamma');
+    expect(await c.campaign()).toBe(true);
+  });
+
+  it('etcd frozen (SIGSTOP): the leader stops at its own deadline (last keep-alive + TTL − TTL/4), says lease-lost, and leads again once etcd is back', async () => {
+    const etcd = await startEtcd();
+    const events: Array<[string, Record<string, unknown>]> = [];
+    const a = lease(etcd, 'alpha', 2, events);
+    a.hold();
+    await waitFor(() => a.valid(), 'alpha to lead');
+    const frozenAt = performance.now();
+    etcd.proc.child.kill('SIGSTOP');
+    await waitFor(() => !a.valid(), 'the local deadline', { timeoutMs: 5000, intervalMs: 10 });
+    // the deadline comes before the TTL counted from the freeze could end on the server
+    expect(performance.now() - frozenAt).toBeLessThan(2000);
+    await waitFor(() => events.find((e) => e[0] === 'lease-lost'), 'lease-lost', { timeoutMs: 5000 });
+    expect(a.state).toBe('lost');
+    etcd.proc.child.kill('SIGCONT');
+    await waitFor(() => a.valid(), 'alpha to lead again', { timeoutMs: 15_000, intervalMs: 50 });
+    expect(events.map((e) => e[0])).toEqual(['lease-acquired', 'lease-lost', 'lease-acquired']);
+  });
+});
+
+// ------------------------------------------------------------------------------------------------
+
+const MiB = 1 << 20;
+const SIZE = 4 * MiB;
+
+async function request<T>(control: string, cmd: string, args: Record<string, unknown> = {}): Promise<T> {
+  const c = await ControlClient.connect(control);
+  try {
+    return (await c.request(cmd, args, { timeoutMs: 30_000 })) as T;
+  } finally {
+    await c.close();
+  }
+}
+
+interface Status {
+  exports: Array<{ pair?: { role: string; epoch: number; lastCheckpointAgeMs: number | null } }>;
+  heartbeat: { state: string; lease: { state: string; holder: string | null } | null };
+}
+const status = (ctl: string) => request<Status>(ctl, 'status');
+const pairOf = async (ctl: string) => (await status(ctl)).exports.find((e) => e.pair)!.pair!;
+
+describe('two daemons with --lease', () => {
+  async function startPair(etcd: Etcd) {
+    const dir = await makeTempDir();
+    for (const f of ['p.img', 's.img']) {
+      await writeFile(join(dir, f), Buffer.alloc(0));
+      await truncate(join(dir, f), SIZE);
+    }
+    const key = join(dir, 'pair.key');
+    await writeFile(key, 'a pair key of thirty-two bytes!!');
+    await chmod(key, 0o600);
+    const [pa, pb] = [await freeUdpPort(), await freeUdpPort()];
+    const common = ['--heartbeat-key', key, '--heartbeat-interval', '0.1', '--lease', etcd.uri('/pairs/p1'), '--lease-ttl', '2'];
+    const sSock = join(dir, 's.sock');
+    const pSock = join(dir, 'p.sock');
+    const sCtl = join(dir, 's.ctl');
+    const pCtl = join(dir, 'p.ctl');
+    const s = await serve([join(dir, 's.img'), '--secondary', '--socket', sSock, '--control', sCtl, '--node-id', 'beta', '--peer-id', 'alpha', '--heartbeat', `udp://127.0.0.1:${pa}?listen=127.0.0.1:${pb}`, ...common, '--auto-failover']);
+    const p = await serve([join(dir, 'p.img'), '--socket', pSock, '--control', pCtl, '--replicate-to', unixUri(sSock), '--node-id', 'alpha', '--peer-id', 'beta', '--heartbeat', `udp://127.0.0.1:${pb}?listen=127.0.0.1:${pa}`, ...common]);
+    await waitFor(async () => {
+      const st = await pairOf(pCtl);
+      return st.epoch === 1 && st.lastCheckpointAgeMs !== null;
+    }, 'checkpoint 1', { timeoutMs: 30_000 });
+    await waitFor(async () => (await status(pCtl)).heartbeat.lease?.state === 'leader' && (await status(sCtl)).heartbeat.state === 'alive', 'the primary to lead on etcd');
+    return { dir, s, p, sSock, pSock, sCtl, pCtl };
+  }
+
+  it('kill -9 the primary: the secondary takes the leader key once the lease expired, then fails over (no fence hook)', async () => {
+    const etcd = await startEtcd();
+    const pair = await startPair(etcd);
+    expect((await status(pair.sCtl)).heartbeat.lease).toMatchObject({ state: 'none' });
+    const w = await ControlClient.connect(pair.sCtl, { timeoutMs: 10_000 });
+    const events: ControlEvent[] = [];
+    await w.subscribe(['peer-suspect', 'peer-dead', 'fence', 'lease-acquired', 'failover-started', 'failover-done', 'auto-failover'], (e) => events.push(e));
+    try {
+      const wr = await run('qemu-io', ['-f', 'raw', unixUri(pair.pSock), '-c', 'write -P 0x31 0 1M', '-c', 'flush']);
+      expect(wr.code, wr.stderr).toBe(0);
+      expect((await request<{ epoch: number }>(pair.pCtl, 'checkpoint')).epoch).toBe(2);
+      pair.p.child.kill('SIGKILL');
+      const done = await waitFor(() => events.find((e) => e.event === 'auto-failover'), 'auto-failover', { timeoutMs: 20_000 });
+      expect(done).toMatchObject({ failedOver: true, fence: null });
+      expect(events.map((e) => e.event)).toEqual(['peer-suspect', 'peer-dead', 'lease-acquired', 'failover-started', 'failover-done', 'auto-failover']);
+      expect((await status(pair.sCtl)).heartbeat.lease).toMatchObject({ state: 'leader', holder: 'beta' });
+      const rd = await run('qemu-io', ['-f', 'raw', '-r', unixUri(pair.sSock), '-c', 'read -P 0x31 0 1M']);
+      expect(rd.code, rd.stderr).toBe(0);
+      expect(rd.stdout).not.toContain('Pattern verification failed');
+    } finally {
+      await w.close();
+    }
+  });
+
+  it('etcd frozen: the primary stops writing at its deadline (qemu-io gets EIO, the disk is unchanged), and writes again once etcd is back', async () => {
+    const etcd = await startEtcd();
+    const pair = await startPair(etcd);
+    const uri = unixUri(pair.pSock);
+    expect((await run('qemu-io', ['-f', 'raw', uri, '-c', 'write -P 0x41 0 64k'])).code).toBe(0);
+    const before = createHash('sha256').update(await readFile(join(pair.dir, 'p.img'))).digest('hex');
+    etcd.proc.child.kill('SIGSTOP');
+    await waitFor(async () => (await status(pair.pCtl)).heartbeat.lease?.state === 'lost', 'the primary to lose its lease', { timeoutMs: 10_000 });
+    const late = await run('qemu-io', ['-f', 'raw', uri, '-c', 'write -P 0x42 0 64k']);
+    expect(late.stdout + late.stderr).toContain('write failed: Input/output error');
+    expect(createHash('sha256').update(await readFile(join(pair.dir, 'p.img'))).digest('hex')).toBe(before);
+    etcd.proc.child.kill('SIGCONT');
+    await waitFor(async () => (await status(pair.pCtl)).heartbeat.lease?.state === 'leader', 'the primary to lead again', { timeoutMs: 20_000 });
+    expect((await run('qemu-io', ['-f', 'raw', uri, '-c', 'write -P 0x43 0 64k'])).code).toBe(0);
+  });
+
+  it('flags: a bad --lease URI is ERR_BAD_LEASE (exit 1); --auto-failover without --fence-hook or --lease is a usage error', async () => {
+    const hb = ['serve-nbd', 'memory:1M', '--json', '--heartbeat', 'udp://127.0.0.1:9', '--peer-id', 'b', '--node-id', 'a'];
+    const r = await runCli([...hb, '--lease', 'etcd://127.0.0.1/p']);
+    expect(r.code).toBe(1);
+    expect(JSON.parse(r.stdout.trim().split('\n')[0]!).error).toMatchObject({ code: 'ERR_BAD_LEASE', message: expect.stringContaining('no port') });
+    const t = await runCli([...hb, '--lease', 'etcd://127.0.0.1:2/p', '--lease-ttl', '0']);
+    expect(t.code).toBe(2);
+    expect(JSON.parse(t.stdout.trim().split('\n')[0]!).error.message).toContain('--lease-ttl "0" is not a number of seconds from 1 to 60');
+    const u = await runCli([...hb, '--auto-failover']);
+    expect(u.code).toBe(2);
+    expect(JSON.parse(u.stdout.trim().split('\n')[0]!).error.message).toContain('--auto-failover needs --fence-hook (or --lease, whose expiry fences)');
+  });
+});
