@@ -18,10 +18,11 @@ export const PAIR_VERB_SPECS = {
       to: arg.oneOf(['checkpoint', 'latest']).nullish().describe('checkpoint (default): the last committed checkpoint plus the secondary\'s own writes; latest: what the primary last wrote (sync mode only)'),
       dryRun: arg.bool().nullish().describe('change nothing, explain what would happen'),
       force: arg.bool().nullish().describe('fail over an Outdated secondary'),
+      retry: arg.bool().nullish().describe('finish a failover that failed halfway (failover-failed), with the target it recorded'),
     }),
     result: 'FailoverResult {role, dryRun, to, epoch, gi, bytes, ms, explanation, …}',
     events: ['failover-started', 'failover-done', 'failover-failed'],
-    errors: ['ERR_PAIR_ROLE', 'ERR_PAIR_OUTDATED', 'ERR_PAIR_STATE', 'ERR_NO_EXPORT'],
+    errors: ['ERR_PAIR_ROLE', 'ERR_PAIR_OUTDATED', 'ERR_PAIR_STATE', 'ERR_PAIR_FAILOVER_FAILED', 'ERR_NO_EXPORT'],
   },
 } as const satisfies Record<string, VerbSpec>;
 
@@ -39,6 +40,12 @@ export function findRole(roles: ReadonlyMap<string, PairRole>, name: string | nu
 
 export function registerPairVerbs(control: ControlVerbRegistry, roles: ReadonlyMap<string, PairRole>): void {
   control.register(
-    verb(PAIR_VERB_SPECS.failover, (a) => findRole(roles, a.export).failover({ to: a.to ?? 'checkpoint', dryRun: a.dryRun ?? false, force: a.force ?? false })),
+    verb(PAIR_VERB_SPECS.failover, (a) => {
+      const role = findRole(roles, a.export);
+      if (a.retry && role.role === 'primary') {
+        throw new BlkrepError('ERR_PAIR_STATE', `no failover is half done on export "${a.export ?? [...roles.keys()][0]}": it is a primary (failover --retry finishes a secondary's failed failover)`, { errno: 'EINVAL' });
+      }
+      return role.failover({ to: a.to ?? 'checkpoint', dryRun: a.dryRun ?? false, force: a.force ?? false, retry: a.retry ?? false });
+    }),
   );
 }

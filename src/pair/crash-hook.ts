@@ -5,6 +5,8 @@
  * Without the variable this does nothing. It is a test hook, not a feature: never set it in
  * production.
  */
+import { BlkrepError } from '../api/errors.js';
+
 export type CrashPoint = 'checkpoint-step-4' | 'checkpoint-step-5' | 'checkpoint-step-6' | 'checkpoint-step-7';
 
 export function crashPoint(point: CrashPoint): void {
@@ -12,4 +14,17 @@ export function crashPoint(point: CrashPoint): void {
   process.kill(process.pid, 'SIGKILL');
   // nothing more may happen in this process while the signal lands
   Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 10_000);
+}
+
+/**
+ * The failover's fault hook (replication.md §4 failure case 7): with BLKREP_TEST_FAIL_AT set to a
+ * step of the failover (`failover-<step>`, FailoverStep), that step fails with an I/O error the
+ * first time it runs in the process, as a disk failing once would (so a retry can succeed).
+ * Without the variable this does nothing; a test hook, not a feature.
+ */
+const fired = new Set<string>();
+export function faultPoint(point: string): void {
+  if (process.env.BLKREP_TEST_FAIL_AT !== point || fired.has(point)) return;
+  fired.add(point);
+  throw new BlkrepError('ERR_TEST_FAULT', `injected fault at ${point} (BLKREP_TEST_FAIL_AT)`, { errno: 'EIO' });
 }

@@ -34,6 +34,8 @@ export interface FailoverOptions {
   to: 'checkpoint' | 'latest';
   dryRun: boolean;
   force: boolean;
+  /** finish a failover that failed halfway (the target it recorded; the secondary only) */
+  retry?: boolean;
 }
 
 export interface FailoverResult {

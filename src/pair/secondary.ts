@@ -16,7 +16,7 @@ import { Filter } from '../block/filter.js';
 import { OPT_BLKREP_PAIR_LINK } from '../nbd/option-takeover.js';
 import type { PairContext, PairSetup } from '../serve/daemon.js';
 import { CbwFilter } from './cbw-filter.js';
-import { crashPoint } from './crash-hook.js';
+import { crashPoint, faultPoint } from './crash-hook.js';
 import { decide, mint, type Decision, type GenerationTuple } from './generations.js';
 import { PAIR_LINK_VERSION, PairChannel, type DiskState, type LinkDecision, type NodeSummary, type PairMessage } from './messages.js';
 import type { FailoverOptions, FailoverResult, PairRole, PairStatus } from './role.js';
@@ -45,6 +45,9 @@ export function secondarySetup(exportName: string, o: SecondaryOptions): PairSet
 }
 
 type Run = { offset: number; length: number };
+
+/** The steps of a secondary's failover, in order (failover-failed names the one that failed). */
+export type FailoverStep = 'record-intent' | 'seed-failback-bitmap' | 'commit-hidden' | 'commit-active' | 'flush' | 'empty-overlays' | 'record-generation';
 
 /** The view export's node: writes wait while a checkpoint holds them. */
 class ViewNode extends Filter {
@@ -91,6 +94,8 @@ export class SecondaryRole implements PairRole {
   private failedReason: string | null = null;
   private queue: Promise<unknown> = Promise.resolve();
   private promoted = false;
+  /** a failover failed halfway (this run, or the pair state says one was under way): primaries are refused until failover --retry */
+  private failoverFailed: { step: FailoverStep | 'restart'; code: string; message: string } | null = null;
   private closing: Promise<void> | undefined;
   private readonly viewGate = new WriteGate();
   private readonly cbw: CbwFilter | undefined;
@@ -126,9 +131,14 @@ export class SecondaryRole implements PairRole {
     const role = new SecondaryRole(ctx, o, state, images);
     try {
       await role.recover();
+      const fo = state.state.failingOver;
+      if (fo) {
+        role.failoverFailed = { step: 'restart', code: 'ERR_PAIR_FAILOVER_FAILED', message: `the daemon stopped during a failover to ${fo.to === 'latest' ? 'the latest write' : `checkpoint ${fo.epoch}`}` };
+        ctx.log('warn', `a failover of "${ctx.exportName}" did not finish before the daemon stopped: primaries are refused; finish it with blkrep failover --retry`);
+      }
       for (const r of await allocatedRuns(images.hiddenNode)) role.cbw!.markCopied(r.offset, r.length);
       ctx.server.removeExport(ctx.exportName, 'the replica export waits for a primary');
-      if (o.acceptPlainPrimary) role.addReplicaExport();
+      if (o.acceptPlainPrimary && !role.failoverFailed) role.addReplicaExport();
       if (o.viewExport !== undefined) {
         ctx.server.addExport({
           name: o.viewExport,
@@ -171,6 +181,7 @@ export class SecondaryRole implements PairRole {
         copiedClusters: this.cbw?.copiedClusters ?? 0,
         committing: s.committing,
         checkpointing: this.checkpointing,
+        failoverFailed: this.failoverFailed,
         failedReason: s.diskState === 'Failed' ? (this.failedReason ?? 'a write to the disk failed in an earlier run') : null,
         replicaExport: this.ctx.server.findExport(this.ctx.exportName) !== undefined,
       },
@@ -187,21 +198,36 @@ export class SecondaryRole implements PairRole {
     if (this.promoted) throw this.roleError('fail over');
     const t0 = Date.now();
     return this.serial(async () => {
-      const facts = await this.failoverFacts(o);
+      const pending = this.state.state.failingOver ?? null;
+      const name = this.ctx.exportName;
+      if (o.retry && !pending) throw new BlkrepError('ERR_PAIR_STATE', `no failover of export "${name}" is half done: nothing to retry (fail over without --retry)`, { errno: 'EINVAL' });
+      if (pending && !o.retry && o.to !== pending.to) {
+        throw new BlkrepError('ERR_PAIR_STATE', `a failover of export "${name}" to ${pending.to === 'latest' ? 'the latest write' : `checkpoint ${pending.epoch}`} is half done; it cannot change to --to ${o.to}: finish it with failover --retry`, {
+          errno: 'EINVAL',
+          details: { failingOver: pending },
+        });
+      }
+      const to = pending?.to ?? o.to;
+      const facts = await this.failoverFacts({ ...o, to });
       const explained = explainSecondaryFailover(facts, o.dryRun);
-      if (o.dryRun) return { ...explained, ms: Date.now() - t0 };
-      if (explained.refusal) throw new BlkrepError(explained.refusal.code, explained.refusal.message, { errno: 'EPERM', details: { diskState: facts.diskState, to: o.to } });
-      this.ctx.publish('failover-started', { export: this.ctx.exportName, to: o.to, epoch: facts.epoch });
+      if (o.dryRun) return { ...explained, ms: Date.now() - t0, ...(pending ? { retry: true, failoverFailed: this.failoverFailed } : {}) };
+      // a retry was allowed when its failover started (maybe with --force): only its target counts now
+      if (explained.refusal && !pending) throw new BlkrepError(explained.refusal.code, explained.refusal.message, { errno: 'EPERM', details: { diskState: facts.diskState, to } });
+      this.ctx.publish('failover-started', { export: name, to, epoch: facts.epoch, retry: pending !== null });
       try {
-        await this.promote(o, facts);
+        await this.promote(to, facts, pending?.committed ?? false);
       } catch (err) {
         const e = toBlkrepError(err);
-        this.ctx.publish('failover-failed', { export: this.ctx.exportName, code: e.code, message: e.message });
+        const step = (e.details as { step?: FailoverStep } | undefined)?.step ?? 'record-intent';
+        const cause = e.code === 'ERR_PAIR_FAILOVER_FAILED' ? ((e.details as { code?: string }).code ?? e.code) : e.code;
+        this.failoverFailed = { step, code: cause, message: e.message };
+        this.ctx.publish('failover-failed', { export: name, to, epoch: facts.epoch, step, code: cause, message: e.message });
         throw e;
       }
+      this.failoverFailed = null;
       const ms = Date.now() - t0;
-      const result: FailoverResult = { ...explained, role: 'primary', gi: this.state.state.gi, ms, failbackBitmap: FAILBACK_BITMAP };
-      this.ctx.publish('failover-done', { export: this.ctx.exportName, to: o.to, epoch: facts.epoch, bytes: result.bytes, ms });
+      const result: FailoverResult = { ...explained, role: 'primary', gi: this.state.state.gi, ms, failbackBitmap: FAILBACK_BITMAP, ...(pending ? { retry: true } : {}) };
+      this.ctx.publish('failover-done', { export: name, to, epoch: facts.epoch, bytes: result.bytes, ms });
       return result;
     });
   }
@@ -301,6 +327,7 @@ export class SecondaryRole implements PairRole {
     }
     if (m.version !== PAIR_LINK_VERSION) return refuse('ERR_PAIR_PROTOCOL', `pair link version ${m.version} is not ${PAIR_LINK_VERSION}`);
     if (this.promoted) return refuse('ERR_PAIR_ROLE', `this node was promoted (failover): it is a primary now and takes no primary's writes`);
+    if (this.failoverFailed) return refuse('ERR_PAIR_STATE', `a failover of this secondary failed halfway (step ${this.failoverFailed.step}): it takes no primary's writes; finish it with blkrep failover --retry`);
     if (this.link?.isOpen) return refuse('ERR_PAIR_BUSY', `a primary holds the pair link already (${this.link.peer}); one at a time`);
     if (m.role !== 'primary') return refuse('ERR_PAIR_ROLE', `the peer says it is a ${m.role}: only a primary replicates to a secondary`);
     const size = this.ctx.exportNode.size;
@@ -392,6 +419,7 @@ export class SecondaryRole implements PairRole {
     const epoch = this.state.state.epoch;
     if (!Number.isSafeInteger(n) || n < 1) throw new BlkrepError('ERR_PAIR_PROTOCOL', `checkpoint number ${n} is not a positive integer`);
     if (n <= epoch) return epoch; // committed already: a retry whose DONE was lost
+    if (this.failoverFailed) throw new BlkrepError('ERR_PAIR_STATE', `checkpoint ${n} refused: a failover of this secondary failed halfway (step ${this.failoverFailed.step}); finish it with blkrep failover --retry`);
     if (this.state.state.diskState === 'Failed') {
       throw new BlkrepError('ERR_PAIR_STATE', `checkpoint ${n} refused: the secondary's disk has Failed (${this.failedReason ?? 'a write failed'}); epoch stays ${epoch}`);
     }
@@ -448,40 +476,67 @@ export class SecondaryRole implements PairRole {
     };
   }
 
-  /** replication.md §2 "Failover on S". */
-  private async promote(o: FailoverOptions, f: SecondaryFailoverFacts): Promise<void> {
+  /**
+   * replication.md §2 "Failover on S". Crash-safe and retryable: the intent (target, epoch) is
+   * durable before the disk is written; the overlays are only emptied after the commit is flushed
+   * and recorded (`committed`), so redoing the commit from the overlays is idempotent and a retry
+   * after `committed` only empties them. Until it ends, primaries are refused and the view (writes
+   * to the active disk) is served again.
+   */
+  private async promote(to: 'checkpoint' | 'latest', f: SecondaryFailoverFacts, committed: boolean): Promise<void> {
     const { server, exportName, exportNode, bitmaps } = this.ctx;
     const images = this.images!;
     // refuse the old primary: demote on the link, close the replica and view exports' connections
     const link = this.link;
     this.link = undefined;
     if (link?.isOpen) {
-      link.send({ type: 'demote', reason: `the secondary fails over to ${o.to === 'latest' ? 'the latest write' : `checkpoint ${f.epoch}`}` });
+      link.send({ type: 'demote', reason: `the secondary fails over to ${to === 'latest' ? 'the latest write' : `checkpoint ${f.epoch}`}` });
       link.stream.end();
       setTimeout(() => link.close(), 2000).unref();
     }
     server.removeExport(exportName, 'failover: the secondary is being promoted');
     if (this.o.viewExport !== undefined) server.removeExport(this.o.viewExport, 'failover: the view is committed into the disk');
+    let step: FailoverStep = 'record-intent';
+    const at = (s: FailoverStep): void => {
+      step = s;
+      faultPoint(`failover-${s}`);
+    };
     await this.cbw!.gate.hold();
     await this.viewGate.hold();
     try {
+      at('record-intent');
+      if (!this.state.state.failingOver) await this.state.update((s) => ({ ...s, failingOver: { to, epoch: f.epoch, committed: false } }));
       // the failback bitmap: every cluster the old primary may hold differently (active ∪ hidden)
+      at('seed-failback-bitmap');
       await bitmaps.add(FAILBACK_BITMAP).catch((err: unknown) => {
         if ((err as { code?: string }).code !== 'ERR_BITMAP_EXISTS') throw err;
       });
       const seed = [...f.hiddenRuns, ...f.activeRuns];
       if (seed.length) await bitmaps.fill(FAILBACK_BITMAP, { ranges: seed });
-      // commit the view: hidden's clusters (the checkpoint's old data), then active's on top
-      if (o.to === 'checkpoint') await copyRuns(images.hiddenNode, exportNode, f.hiddenRuns);
-      await copyRuns(images.activeNode, exportNode, f.activeRuns);
-      await exportNode.flush();
+      if (!committed) {
+        // commit the view: hidden's clusters (the checkpoint's old data) where active has none, then active's on top
+        at('commit-hidden');
+        if (to === 'checkpoint') await copyRuns(images.hiddenNode, exportNode, subtractRuns(f.hiddenRuns, f.activeRuns));
+        at('commit-active');
+        await copyRuns(images.activeNode, exportNode, f.activeRuns);
+        at('flush');
+        await exportNode.flush();
+        await this.state.update((s) => ({ ...s, failingOver: { to, epoch: f.epoch, committed: true } }));
+      }
+      at('empty-overlays');
       await this.emptyOverlays();
-      await this.state.update((s) => ({ ...s, role: 'primary', gi: mint(s.gi), committing: null, diskState: 'UpToDate', cleanShutdown: false }));
+      at('record-generation');
+      await this.state.update((s) => ({ ...s, role: 'primary', gi: mint(s.gi), committing: null, diskState: 'UpToDate', cleanShutdown: false, failingOver: null }));
       this.promoted = true;
     } catch (err) {
-      // reads of the view still show the checkpoint (failure case 7)
+      // failure case 7: reads of the view still show the checkpoint; its writes go to the active disk (committed by the retry)
       if (this.o.viewExport !== undefined && !server.findExport(this.o.viewExport)) server.addExport({ name: this.o.viewExport, node: this.view!, readOnly: this.o.viewReadOnly ?? false });
-      throw err;
+      const e = toBlkrepError(err);
+      throw new BlkrepError(
+        'ERR_PAIR_FAILOVER_FAILED',
+        `failover of "${exportName}" failed at step ${step}: ${e.message}; primaries are refused${this.o.viewExport !== undefined ? ` and the view "${this.o.viewExport}" shows ${to === 'latest' ? 'the latest state' : `checkpoint ${f.epoch}`}` : ''}; fix the cause and run blkrep failover --retry`,
+        { errno: e.errno ?? 'EIO', cause: err, details: { step, code: e.code, to, epoch: f.epoch } },
+      );
     } finally {
       this.viewGate.release();
       this.cbw!.gate.release();
@@ -525,6 +580,24 @@ function linkDecision(d: Decision): LinkDecision {
     default:
       return { rule: d.rule, action: 'refuse', explanation: d.explanation };
   }
+}
+
+/** `runs` less what `minus` covers (both sorted, each without overlaps). */
+export function subtractRuns(runs: readonly Run[], minus: readonly Run[]): Run[] {
+  const out: Run[] = [];
+  let j = 0;
+  for (const r of runs) {
+    let at = r.offset;
+    const end = r.offset + r.length;
+    while (j < minus.length && minus[j]!.offset + minus[j]!.length <= at) j++;
+    for (let k = j; k < minus.length && minus[k]!.offset < end; k++) {
+      const m = minus[k]!;
+      if (m.offset > at) out.push({ offset: at, length: m.offset - at });
+      at = Math.max(at, m.offset + m.length);
+    }
+    if (at < end) out.push({ offset: at, length: end - at });
+  }
+  return out;
 }
 
 /** Copy what `from` holds in `runs` onto `to`: 1 MiB pieces, COPY_PARALLEL in flight. */

@@ -31,6 +31,12 @@ export interface PairState {
   crashedPrimary?: boolean;
   /** when this node last became primary (ms since the epoch; for discard-younger-primary); absent = never */
   primarySince?: number | null;
+  /**
+   * a failover of this secondary began and did not finish (replication.md §4 case 7): its target,
+   * the epoch it fails over to, and whether the view was committed and flushed into the disk
+   * already (then a retry only empties the overlays). Absent or null = none.
+   */
+  failingOver?: { to: 'checkpoint' | 'latest'; epoch: number; committed: boolean } | null;
 }
 
 const ROLES = ['primary', 'secondary', 'none'];
@@ -52,6 +58,10 @@ export function validateState(v: unknown, path: string): PairState {
   if (typeof s.cleanShutdown !== 'boolean') throw bad(`has cleanShutdown ${JSON.stringify(s.cleanShutdown)}, not true or false`);
   if (s.crashedPrimary !== undefined && typeof s.crashedPrimary !== 'boolean') throw bad(`has crashedPrimary ${JSON.stringify(s.crashedPrimary)}, not true or false`);
   if (s.primarySince !== undefined && s.primarySince !== null && !Number.isSafeInteger(s.primarySince)) throw bad(`has primarySince ${JSON.stringify(s.primarySince)}, not a time in ms`);
+  const fo = s.failingOver;
+  if (fo !== undefined && fo !== null && (typeof fo !== 'object' || (fo.to !== 'checkpoint' && fo.to !== 'latest') || !Number.isSafeInteger(fo.epoch) || typeof fo.committed !== 'boolean')) {
+    throw bad(`has failingOver ${JSON.stringify(fo)}, not {to: "checkpoint"|"latest", epoch, committed}`);
+  }
   checkTuple(s.gi, `the pair state ${path}`, 'ERR_PAIR_STATE');
   return s as PairState;
 }
