@@ -22,8 +22,8 @@ function validate(schema: z.ZodType, value: unknown, what: string): void {
 }
 
 /** `blkrep ID ARGS --json`: exit 0 and stdout valid for the command's schema. */
-async function ok(id: string, args: string[], cwd?: string): Promise<any> {
-  const r = await runCli([...id.split(' '), ...args, '--json'], cwd === undefined ? {} : { cwd });
+async function ok(id: string, args: string[], timeoutMs = 60_000): Promise<any> {
+  const r = await runCli([...id.split(' '), ...args, '--json'], { timeoutMs });
   expect(r.code, `blkrep ${id} ${args.join(' ')}: ${r.stderr}${r.stdout}`).toBe(0);
   const value = JSON.parse(r.stdout);
   validate(OUTPUT_SCHEMAS[id]!, value, `blkrep ${id} --json`);
@@ -132,7 +132,7 @@ describe('every command --json matches its schema', () => {
     await ok('checkpoint', ['--control', p('pctl')]);
     await ok('failover', ['--control', p('sctl'), '--dry-run']);
     await mkdir(p('demo'));
-    await ok('demo', ['--size', '4M', '--dir', p('demo')]);
+    await ok('demo', ['--size', '4M', '--dir', p('demo')], 180_000);
   }, 600_000);
 
   it('covers every command, and schemas/ is what src/cli/output-schemas.ts generates', () => {
