@@ -1,3 +1,4 @@
+import { createTarget } from '../cli/create-target.js';
 import { Args, Flags } from '@oclif/core';
 import type { BlockNode } from '../api/block.js';
 import { BlkrepError } from '../api/errors.js';
@@ -55,6 +56,7 @@ export default class Backup extends BlkrepCommand {
   static override description = `Runs a backup job from SOURCE to TARGET and exits when TARGET holds SOURCE as it was when the job started, flushed. The source is opened read-only; the target must exist and have the source's size.
 --sync full copies everything, top only what the top layer of the source holds, incremental only the regions dirty in --bitmap (a bitmap file, or the NAME of a bitmap beside SOURCE: SOURCE.NAME.bitmap), none nothing (copy-before-write only: meaningful on a live export, where the target fills with the old content of what is overwritten).
 With --bitmap and --bitmap-mode on-success (the default), the regions copied are cleared from the bitmap when the backup succeeds, so the next incremental backup copies what changed since; --sync full --bitmap starts such a chain.
+--create (offline) makes TARGET first, as qemu-img convert does: a new image of the source's size in --target-format or the source's format (raw or qcow2); a TARGET that exists is never replaced (ERR_EXISTS).
 Ranges that read as zeros are sent as write-zeroes, never as data; with --target-is-zero they are not sent at all. --speed limits the data rate.
 Errors follow --on-source-error and --on-target-error: report (the default), ignore (retry the region later), stop or enospc (offline nobody can resume the job: the command ends with an error). --on-cbw-error says what a failed copy-before-write does on a live export.
 A progress bar with the rate and the time left is shown on a terminal. With --json the result is printed as JSON.
@@ -63,6 +65,7 @@ With --control PATH the backup runs in a serve-nbd daemon, of its export --expor
   static override examples = [
     { description: 'A full backup of a disk image onto an NBD server', command: '<%= config.bin %> <%= command.id %> disk.img nbd+unix:///backup?socket=/run/backup.sock' },
     { description: 'Start an incremental chain: a full backup that clears the bitmap disk.img.daily.bitmap', command: '<%= config.bin %> <%= command.id %> disk.img full.img --sync full --bitmap daily' },
+    { description: 'Into a new raw image of the source\'s size (refused if it exists)', command: '<%= config.bin %> <%= command.id %> disk.img backup.img --create' },
     { description: 'A backup onto a slow target (each write 20 ms later; see blkrep-filters(7))', command: '<%= config.bin %> <%= command.id %> disk.img full.img --target-filter delay:write=20' },
     { description: 'Then each day: what changed, into an overlay of the previous backup', command: '<%= config.bin %> <%= command.id %> disk.img inc1.qcow2 --sync incremental --bitmap daily' },
     { description: "A live export's point in time, while clients write it", command: '<%= config.bin %> <%= command.id %> --control /run/blkrep/ctl.sock --export disk /backup/disk.img --wait' },
@@ -89,6 +92,7 @@ With --control PATH the backup runs in a serve-nbd daemon, of its export --expor
     'buf-size': sizeFlag({ description: `most bytes one copy operation moves (default ${formatSize(DEFAULT_BACKUP_BUF_SIZE)})`, helpValue: 'SIZE' }),
     'max-ops': Flags.integer({ description: `copy operations in flight (default ${DEFAULT_BACKUP_MAX_OPS})`, min: 1, max: 1024, helpValue: 'N' }),
     speed: sizeFlag({ description: 'limit the data rate to SIZE bytes per second (0: no limit)', helpValue: 'SIZE' }),
+    create: Flags.boolean({ description: "offline: create TARGET first (as qemu-img convert): the source's size, --target-format or the source's format; refused when TARGET exists (ERR_EXISTS)", default: false }),
     'target-is-zero': Flags.boolean({ description: 'the target reads as zeros: do not write the zero ranges', default: false }),
     'on-source-error': Flags.string({ description: 'what a source read error does', options: [...ERROR_POLICIES], default: 'report' }),
     'on-target-error': Flags.string({ description: 'what a target write error does', options: [...ERROR_POLICIES], default: 'report' }),
@@ -119,6 +123,7 @@ With --control PATH the backup runs in a serve-nbd daemon, of its export --expor
     if (flags.control !== undefined) {
       for (const f of ['filter', 'target-filter'] as const) if (flags[f] !== undefined) this.usageError(`--${f} is for an offline backup: a live backup's source is the export (give serve-nbd --filter)`);
       if (flags['force-share']) this.usageError('--force-share is for an offline backup: a live backup reads the export itself');
+      if (flags.create) this.usageError('--create is for an offline backup: create a live backup\'s target with blkrep create first');
       if (args.source === undefined || args.target !== undefined) this.usageError('with --control, give only TARGET (the source is the export --export NAME)');
       if (sync === 'incremental' && flags.bitmap === undefined) this.usageError('--sync incremental needs --bitmap NAME: a bitmap of the export');
       if (flags.bitmap !== undefined && sync !== 'incremental' && sync !== 'full') this.usageError(`--bitmap is used with --sync incremental or full, not ${sync}`);
@@ -132,6 +137,11 @@ With --control PATH the backup runs in a serve-nbd daemon, of its export --expor
     const targetSpec: string = args.target;
 
     parseFilters([...(flags.filter ?? []), ...(flags['target-filter'] ?? [])]);
+    if (flags.create) {
+      await createTarget(sourceSpec, targetSpec, { ...(flags['target-format'] ? { targetFormat: flags['target-format'] } : {}), ...(flags.format ? { sourceFormat: flags.format } : {}), forceShare: flags['force-share'], ...(flags.filter ? { filters: flags.filter } : {}) });
+      // a new image reads as zeros
+      flags['target-is-zero'] = true;
+    }
     const open = (spec: string, readOnly: boolean, format: string | undefined, filters: string[] | undefined): Promise<BlockNode> =>
       openImageWithFilters(spec, { readOnly, ...(format ? { format: format as ImageFormat } : {}), nbd: { connections: flags.connections } }, filters);
     const source = await openImageWithFilters(sourceSpec, {

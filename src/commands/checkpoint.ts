@@ -1,3 +1,4 @@
+import { withSpinner } from '../cli/spinner.js';
 import { Flags } from '@oclif/core';
 import { JobCommand, jobFlags } from '../cli/job-command.js';
 
@@ -27,7 +28,7 @@ Exit status: 0 the checkpoint is committed on both; 1 failure (ERR_PAIR_NO_CHECK
 
   async run(): Promise<CheckpointResult> {
     const { flags } = await this.parse(Checkpoint);
-    const r = await this.request<CheckpointResult>(flags.control, 'checkpoint', flags.export === undefined ? {} : { export: flags.export }, flags.timeout);
+    const r = await withSpinner('checkpoint: committing…', { enabled: !this.jsonEnabled() }, () => this.request<CheckpointResult>(flags.control, 'checkpoint', flags.export === undefined ? {} : { export: flags.export }, flags.timeout));
     if (!this.jsonEnabled()) this.log(`Checkpoint ${r.epoch} of export "${r.export}" committed.`);
     return r;
   }

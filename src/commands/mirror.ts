@@ -10,6 +10,7 @@ import type { Progress } from '../cli/progress.js';
 import { ERROR_POLICIES, type ErrorPolicy, type JobEvent } from '../jobs/job.js';
 import { BITMAP_MODES, COPY_MODES, DEFAULT_BUF_SIZE, DEFAULT_MAX_OPS, MirrorJob, type BitmapMode, type CopyMode, type MirrorSync } from '../jobs/mirror.js';
 import { checkTargetEmpty } from '../jobs/target-check.js';
+import { createTarget } from '../cli/create-target.js';
 import { formatSize } from '../util/size.js';
 import type { ControlEvent } from '../control/protocol.js';
 import type { JobQuery } from '../cli/job-command.js';
@@ -40,7 +41,7 @@ export default class Mirror extends BlkrepCommand {
   static override summary = 'Copy an image onto another with the mirror job: offline, or live on an export of serve-nbd.';
 
   static override description = `Runs a mirror job from SOURCE to TARGET and exits when TARGET is a consistent copy of SOURCE: everything copied, then the target flushed. The source is opened read-only; the target must exist and have the source's size.
-A target that already holds data (an allocated, non-zero extent: SEEK_DATA for a file, the qcow2 allocation, NBD block status; its size alone does not count) is overwritten only with --existing, as QEMU's mode=existing: otherwise the command (live: the job start) fails with ERR_TARGET_NOT_EMPTY naming the target and where its data starts. A target that cannot report its allocation counts as holding data. --sync bitmap onto an earlier copy needs --existing.
+A target that already holds data (an allocated, non-zero extent: SEEK_DATA for a file, the qcow2 allocation, NBD block status; its size alone does not count) is overwritten only with --existing, as QEMU's mode=existing: otherwise the command (live: the job start) fails with ERR_TARGET_NOT_EMPTY naming the target and where its data starts. A target that cannot report its allocation counts as holding data. --sync bitmap onto an earlier copy needs --existing. --create (offline) makes TARGET first, as qemu-img convert and QEMU's mode=absolute-paths do: a new image of the source's size in --target-format or the source's format (raw or qcow2); a TARGET that exists is never replaced (ERR_EXISTS), and --create with --existing is a usage error.
 Ranges the source reports as zeros or holes are sent as write-zeroes (holes may be punched on the target), never as data, and so are granules of data that read as zeros. With --target-is-zero, zero ranges are not sent at all.
 Up to --max-ops copy operations of up to --buf-size bytes are in flight at once. --speed limits the data rate.
 Errors follow --on-source-error and --on-target-error: report (the default: stop with an error), ignore (retry the region later), stop or enospc (offline there is nobody to resume the job, so a stop ends it with an error too).
@@ -51,6 +52,7 @@ Exit status: 0 done (live: started, or ready/done with --wait); 1 failure (ERR_T
 
   static override examples = [
     { description: 'Copy a disk image to an NBD server', command: '<%= config.bin %> <%= command.id %> disk.img nbd+unix:///disk?socket=/run/replica.sock' },
+    { description: 'Into a new qcow2 image of the source\'s size (refused if it exists)', command: '<%= config.bin %> <%= command.id %> disk.img copy.qcow2 --create --target-format qcow2' },
     { description: 'Onto a fresh, all-zero target: skip the zeros', command: '<%= config.bin %> <%= command.id %> disk.img nbd://replica/disk --target-is-zero' },
     { description: 'Rehearse a flaky target: one write in ten fails (seeded), retried later', command: '<%= config.bin %> <%= command.id %> disk.img replica.img --target-filter error:ops=write,rate=0.1,seed=7 --on-target-error ignore' },
     { description: 'Only the regions a bitmap marks dirty, onto the earlier copy, at most 100 MiB/s', command: '<%= config.bin %> <%= command.id %> disk.img nbd://replica/disk --sync bitmap:disk.img.bitmap --existing --speed 100M' },
@@ -77,6 +79,7 @@ Exit status: 0 done (live: started, or ready/done with --wait); 1 failure (ERR_T
     'buf-size': sizeFlag({ description: `most bytes one copy operation moves (default ${formatSize(DEFAULT_BUF_SIZE)})`, helpValue: 'SIZE' }),
     'max-ops': Flags.integer({ description: `copy operations in flight (default ${DEFAULT_MAX_OPS})`, min: 1, max: 1024, helpValue: 'N' }),
     speed: sizeFlag({ description: 'limit the data rate to SIZE bytes per second (0: no limit)', helpValue: 'SIZE' }),
+    create: Flags.boolean({ description: "offline: create TARGET first (as qemu-img convert): the source's size, --target-format or the source's format; refused when TARGET exists (ERR_EXISTS)", default: false }),
     existing: Flags.boolean({
       description: 'TARGET may hold data already: mirror onto it, overwriting it (as QEMU mode=existing); without it a target with data is refused (ERR_TARGET_NOT_EMPTY)',
       default: false,
@@ -105,6 +108,7 @@ Exit status: 0 done (live: started, or ready/done with --wait); 1 failure (ERR_T
     if (flags.control !== undefined) {
       for (const f of ['filter', 'target-filter'] as const) if (flags[f] !== undefined) this.usageError(`--${f} is for an offline mirror: a live mirror's source is the export (give serve-nbd --filter)`);
       if (flags['force-share']) this.usageError('--force-share is for an offline mirror: a live mirror reads the export itself');
+      if (flags.create) this.usageError('--create is for an offline mirror: create a live mirror\'s target with blkrep create first');
       return this.live(args, flags);
     }
     for (const f of ['export', 'job-id', 'wait', 'timeout'] as const) if (flags[f] !== undefined) this.usageError(`--${f} is for a live mirror: give --control PATH too`);
@@ -122,6 +126,12 @@ Exit status: 0 done (live: started, or ready/done with --wait); 1 failure (ERR_T
       this.usageError(`--sync ${flags.sync}: expected full, top, none or bitmap:PATH`);
     }
     if (flags.sync === 'bitmap') this.usageError('--sync bitmap needs the bitmap file: --sync bitmap:PATH');
+    if (flags.create) {
+      if (flags.existing) this.usageError('--create and --existing contradict each other: --create makes a new TARGET, --existing copies onto one that holds data');
+      await createTarget(sourceSpec, targetSpec, { ...(flags['target-format'] ? { targetFormat: flags['target-format'] } : {}), ...(flags.format ? { sourceFormat: flags.format } : {}), forceShare: flags['force-share'], ...(flags.filter ? { filters: flags.filter } : {}) });
+      // a new image reads as zeros
+      flags['target-is-zero'] = true;
+    }
 
     parseFilters([...(flags.filter ?? []), ...(flags['target-filter'] ?? [])]);
     const open = (spec: string, readOnly: boolean, format: string | undefined, filters: string[] | undefined): Promise<BlockNode> =>

@@ -13,6 +13,8 @@ import { DEFAULT_MAX_BUFFER, type LogLevel } from '../nbd/server.js';
 import { MAX_PAYLOAD } from '../nbd/constants.js';
 import { formatSize } from '../util/size.js';
 import { secondarySetup } from '../pair/secondary.js';
+import { parseMetricsAddress } from '../serve/metrics.js';
+import { daemonLogger, type LogFormat } from '../cli/log-format.js';
 
 /** The embedded default: what `blkrep serve-nbd` serves when given no image. */
 export const DEFAULT_IMAGE = 'memory:1G';
@@ -38,6 +40,8 @@ Heartbeat: with --heartbeat URI (repeatable, one per path) and --peer-id, the da
 TLS (as qemu-nbd --tls-creds and nbdkit --tls): --tls-certificates DIR (x509: ca-cert.pem, server-cert.pem, server-key.pem, as qemu's tls-creds-x509 dir= expects) or --tls-psk FILE (psktool's username:hexkey lines) turns on --tls require: every option but STARTTLS and ABORT is refused with NBD_REP_ERR_TLS_REQD until TLS is up, so nothing leaves in clear (--tls on also lets clients stay in clear; --tls off never offers TLS). Clients connect with nbds:// URIs (nbdinfo "nbds://localhost?tls-certificates=DIR"; qemu with --object tls-creds-x509,...,endpoint=client). TLS 1.3, or 1.2 at least. --tls-verify-peer asks every client for a certificate signed by ca-cert.pem; --tls-authz lets in only the clients named in a file (one per line: the certificate's DN as qemu writes it, C=GB,O=blkrep,CN=replica-a, or a PSK user name; re-read whenever it changes) or given directly; it implies --tls-verify-peer with x509. A refused client is logged on stderr with its address and the reason (a certificate not signed by the CA, a DN or PSK user not allowed, a wrong PSK key), never key material. Credentials are checked at start (error ERR_TLS_CREDENTIALS); a certificate that expires within 30 days is warned about on stderr and in the --json listening line ("tls": {"mode", "kind", "notAfter", "warnings"}); with --tls require the listening line's URIs are nbds:// ones. blkrep status says the mode for each export. SIGHUP re-reads the credentials (renewed certificates, the PSK file, the allow-list) for the connections from then on; bad ones are refused (event reload, failed) and the old stay. Event tls-expiry (notAfter, warnings) says a certificate expires within 30 days: at each SIGHUP and once a day. The pair over TLS: --replicate-to nbds://HOST/EXPORT?tls-certificates=DIR (client-cert.pem in DIR for a secondary with --tls-verify-peer or --tls-authz) or ?tls-psk-file=FILE&tls-username=NAME; the pair link and the data connection send STARTTLS first and never fall back to clear text; a refusal is said on stderr and as event pair-refused, and the primary keeps retrying.
 Replication (the primary of a pair, see blkrep-replicate(1)): --replicate-to URI forwards every write, write-zeroes and trim to the secondary's replica export; reads stay local. --protocol sync completes a write when both disks have it (a FLUSH is end to end); async completes it after the local write and forwards in order through a bounded --queue (the secondary's disk is always a state this disk was in). A forwarding failure never fails a client's write: forwarding stops, the regions the secondary misses are kept in the peer bitmap IMAGE.pair.dirty (crash-safe), the event replication-degraded says why, and the daemon reconnects (100 ms doubling to 10 s, ±20 %) and resyncs by that bitmap before forwarding again. The first replication of a disk copies it whole. A plain NBD server as the target (qemu-nbd, nbdkit) works without checkpoints, said on stderr. The pair state is kept in IMAGE.pair.json. blkrep status --json shows exports[i].pair.
 
+Metrics: --metrics HOST:PORT (or unix:PATH) serves Prometheus text on GET /metrics: per export requests, bytes, errors, connections and a request latency histogram; dirty bitmap bytes; job progress; the pair's link state, queue, bytes behind, epoch and checkpoint age; heartbeat state and phi; the process's CPU and memory (names in README "Metrics and logs"). The listening line says where ("metrics"). --log-format json writes each stderr log line as one JSON object with the keys time, level, pid and message.
+
 SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, flushes every export and its bitmaps, pauses every job (a persistent one keeps its files for the next start) and exits 0; a second signal exits at once.`;
 
   static override examples = [
@@ -56,6 +60,7 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
     { description: "TLS with a pre-shared key (psktool -u alice -p keys.psk); nbdinfo 'nbds://alice@host?tls-psk-file=keys.psk'", command: '<%= config.bin %> <%= command.id %> disk.img --bind 0.0.0.0 --tls-psk /etc/blkrep/keys.psk' },
     { description: 'Be the primary of a replication pair: every write also goes to the secondary, a checkpoint every 20 s', command: '<%= config.bin %> <%= command.id %> disk.img --socket /run/blkrep/nbd.sock --control /run/blkrep/ctl.sock --replicate-to nbd://backup-host:10809/disk --checkpoint-interval 20s' },
     { description: 'Replicate asynchronously to a plain qemu-nbd (no checkpoints), with a 256 MiB queue', command: '<%= config.bin %> <%= command.id %> disk.img --control /run/blkrep/ctl.sock --replicate-to nbd+unix:///?socket=/run/qemu-nbd.sock --protocol async --queue 256M' },
+    { description: 'Prometheus metrics on port 9101 and JSON log lines (for journald, Loki, jq)', command: '<%= config.bin %> <%= command.id %> disk.img --control disk --metrics 127.0.0.1:9101 --log-format json' },
     { description: 'A bitmap per export, one in a file of its own choosing', command: '<%= config.bin %> <%= command.id %> --export a=a.img --export b=/dev/vdb --bitmap a:b0 --bitmap b:b0=/var/lib/blkrep/vdb.b0.bitmap' },
   ];
 
@@ -114,6 +119,9 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
     active: Flags.string({ description: 'the secondary\'s active disk, a qcow2 overlay of the hidden disk created if absent [default: IMAGE.active.qcow2]', helpValue: 'FILE', dependsOn: ['secondary'] }),
     'view-export': Flags.string({ description: "serve the secondary's view (active over hidden over disk) under NAME", helpValue: 'NAME', dependsOn: ['secondary'] }),
     'view-read-only': Flags.boolean({ description: 'serve the view export read-only', dependsOn: ['view-export'] }),
+    // operations (ops): metrics and the log's format
+    metrics: Flags.string({ description: 'serve Prometheus metrics on GET /metrics at this address: HOST:PORT, [IPV6]:PORT, :PORT (127.0.0.1) or unix:PATH (mode as --socket-mode, 0600 by default)', helpValue: 'ADDR:PORT|unix:PATH' }),
+    'log-format': Flags.string({ description: 'stderr log lines: text ("blkrep serve-nbd: MESSAGE") or json (one object per line: time, level, pid, message)', options: ['text', 'json'], default: 'text', helpValue: 'text|json' }),
     'accept-plain-primary': Flags.boolean({ description: 'serve the replica export without a pair link, for a plain NBD primary (QEMU, nbdcopy); checkpoints are then taken on the secondary', dependsOn: ['secondary'] }),
   };
 
@@ -154,10 +162,8 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
     }
     if (flags.queue !== undefined && flags.queue < 1024 * 1024) this.usageError(`--queue ${formatSize(flags.queue)} is below 1M`);
     const json = this.jsonEnabled();
-    const log = (level: LogLevel, message: string): void => {
-      if (level === 'debug' && !flags.verbose) return;
-      process.stderr.write(`blkrep serve-nbd: ${message}\n`);
-    };
+    const log = daemonLogger(flags['log-format'] as LogFormat, flags.verbose);
+    const metrics = flags.metrics === undefined ? undefined : parseMetricsAddress(flags.metrics);
 
     const controlPath = flags.control === undefined ? undefined : await prepareControlPath(flags.control);
     const registries = await loadRegistries(this);
@@ -196,6 +202,7 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
       autoBitmaps: flags['auto-bitmaps'],
       ...(bg === undefined ? {} : { bitmapGranularity: bg }),
       ...(filters.length > 0 ? { filters } : {}),
+      ...(metrics ? { metrics } : {}),
       ...(replicateTo === undefined
         ? {}
         : {
@@ -251,6 +258,7 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
       }
       for (const uri of listening.uris) this.log(`  ${uri}`);
       this.log(`Try: nbdinfo '${listening.uris[0]}'`);
+      if (listening.metrics) this.log(`Metrics: ${listening.metrics}`);
       if (controlPath) this.log(`Control socket: ${controlPath} (blkrep status --control ${flags.control})`);
       this.log('Stop with Ctrl-C.');
     }

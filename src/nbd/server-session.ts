@@ -40,7 +40,12 @@ export interface SessionHost extends HandshakeHost {
   log(level: 'debug' | 'info' | 'warn', message: string): void;
   sessionOpened(session: ServerSession): void;
   sessionClosed(session: ServerSession, reason: string): void;
+  /** told of every request once it is answered (serve-nbd --metrics); undefined: nothing is timed */
+  readonly requestObserver?: RequestObserver | undefined;
 }
+
+/** (export, command name, seconds from the parsed request to its reply queued) */
+export type RequestObserver = (exportName: string, command: string, seconds: number) => void;
 
 /** STARTTLS on the server: the mode, and the upgrader that turns a stream into a TLS one. */
 export interface SessionTls {
@@ -559,7 +564,10 @@ export class ServerSession implements BudgetWaiter {
     this.inflight++;
     this.inflightBytes += bytes;
     this.updateFlow();
+    const observe = this.host.requestObserver;
+    const started = observe ? performance.now() : 0;
     void this.run(req, payload).finally(() => {
+      if (observe) observe(exp.name, name ?? 'unknown', (performance.now() - started) / 1000);
       if (pooled) sharedPool.release(pooled);
       this.inflight--;
       this.inflightBytes -= bytes;

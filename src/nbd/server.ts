@@ -9,7 +9,7 @@ import { MAX_PAYLOAD } from './constants.js';
 import { Export, type ExportOptions } from './export.js';
 import { BufferBudget, type BufferBudgetStatus } from './server-budget.js';
 import type { TlsMode } from './server-handshake.js';
-import { ServerSession, type OptionExtension, type SessionHost, type SessionTls } from './server-session.js';
+import { ServerSession, type OptionExtension, type RequestObserver, type SessionHost, type SessionTls } from './server-session.js';
 
 /** default budget for the payloads and replies of all connections together */
 export const DEFAULT_MAX_BUFFER = 256 * 1024 * 1024;
@@ -117,6 +117,8 @@ export class NbdServer extends EventEmitter implements SessionHost {
   private readonly extensions: ReadonlyMap<number, OptionExtension>;
   private tlsConfig: SessionTls | undefined;
   private stopping = false;
+  /** times every request (serve-nbd --metrics); set before clients connect */
+  requestObserver: RequestObserver | undefined;
 
   constructor(options: NbdServerOptions) {
     super();

@@ -37,6 +37,7 @@ import type { PairRole } from '../pair/role.js';
 import type { CompleteBlockNode } from '../api/block.js';
 import type { OptionExtension } from '../nbd/server-session.js';
 import { registerPairVerbs } from '../pair/control-verbs.js';
+import { Metrics, type MetricsAddress } from './metrics.js';
 
 export interface ExportSpec {
   name: string;
@@ -84,6 +85,8 @@ export interface DaemonOptions {
   replication?: ReplicationSpec;
   /** exports in a replication pair: each makes its PairRole (src/pair) before anything listens */
   pair?: PairSetup[];
+  /** serve Prometheus metrics on GET /metrics here (serve-nbd --metrics; src/serve/metrics.ts) */
+  metrics?: MetricsAddress;
 }
 
 /** What a pair role gets from the daemon to build itself on (src/pair/secondary.ts, primary.ts). */
@@ -150,6 +153,8 @@ export interface ListeningEvent {
   jobs?: Array<{ id: string; type: string; export: string | null; status: string }>;
   /** TLS (only when it is on): with "require" the uris are nbds:// ones */
   tls?: TlsReport;
+  /** where the Prometheus metrics are (only with --metrics) */
+  metrics?: string;
 }
 
 export class Daemon {
@@ -166,6 +171,8 @@ export class Daemon {
   private termPrimary = false;
   /** silence after which a primary has no quorum (ms) */
   private quorumMs = Infinity;
+  /** the Prometheus metrics (--metrics), set once listening */
+  metrics: Metrics | undefined;
   private resolveStopped: () => void = () => {};
   /** Resolves once stop() has finished, whoever called it (a signal, the control socket). */
   readonly stopped = new Promise<void>((resolve) => (this.resolveStopped = resolve));
@@ -209,6 +216,7 @@ export class Daemon {
     let jobs: DaemonJobs | undefined;
     let heartbeat: HeartbeatService | undefined;
     let pairHost: PrimaryHost | undefined;
+    let metrics: Metrics | undefined;
     const pair = new Map<string, PairRole>();
     try {
       for (const e of options.exports) nodes.push(await openImage(e.image, { readOnly: options.readOnly }));
@@ -380,10 +388,17 @@ export class Daemon {
       }
       if (options.tls && options.tls.mode !== 'off') daemon.watchTls(options.tls);
       if (options.heartbeat) heartbeat = await daemon.startHeartbeat(options.heartbeat, options.heartbeats, options.exports);
+      if (options.metrics) {
+        metrics = new Metrics({ status: () => daemon.status(), jobs: () => jobs?.list() ?? [] });
+        await metrics.listen(options.metrics, options.socketMode === undefined ? {} : { socketMode: options.socketMode });
+        server.requestObserver = metrics.observe;
+        daemon.metrics = metrics;
+      }
       // mode 0600 whatever the umask; a symlink planted at the path is replaced, never followed
       if (options.pidFile) await replaceFile(options.pidFile, `${process.pid}\n`, { mode: 0o600, what: 'pid file' });
       return daemon;
     } catch (err) {
+      await metrics?.close().catch(() => {});
       await heartbeat?.stop().catch(() => {});
       await control?.close().catch(() => {});
       await Promise.all(listeners.map((l) => l.close().catch(() => {})));
@@ -417,6 +432,7 @@ export class Daemon {
     return {
       event: 'listening', uris: this.uris, pid: process.pid,
       ...(loads.length ? { bitmaps: loads } : {}), ...(jobs.length ? { jobs } : {}), ...(this.tls ? { tls: this.tls } : {}),
+      ...(this.metrics ? { metrics: this.metrics.url } : {}),
     };
   }
 
@@ -522,6 +538,7 @@ export class Daemon {
       this.control?.publish('shutdown', { pid: process.pid });
       // the peer hears this node stop beating first: a stopping daemon no longer answers for its data
       await this.heartbeat?.stop().catch(() => {});
+      await this.metrics?.close().catch(() => {});
       await Promise.all(this.listeners.map((l) => l.close().catch(() => {})));
       try {
         await this.server.shutdown();

@@ -1,4 +1,5 @@
 import { Flags } from '@oclif/core';
+import { withSpinner } from '../../cli/spinner.js';
 import { idArg, JOB_EXIT_CODES, JobCommand, jobFlags, type JobQuery } from '../../cli/job-command.js';
 
 export default class JobCancel extends JobCommand {
@@ -21,7 +22,7 @@ ${JOB_EXIT_CODES}`;
 
   async run(): Promise<JobQuery> {
     const { args, flags } = await this.parse(JobCancel);
-    const q = await this.request<JobQuery>(flags.control, 'job-cancel', { id: args.id, force: flags.force }, flags.timeout);
+    const q = await withSpinner(`job ${args.id}: cancelling…`, { enabled: !this.jsonEnabled() }, () => this.request<JobQuery>(flags.control, 'job-cancel', { id: args.id, force: flags.force }, flags.timeout));
     if (!this.jsonEnabled()) this.log(`Job ${q.id} cancelled.`);
     return q;
   }

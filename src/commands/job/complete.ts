@@ -1,4 +1,5 @@
 import { Flags } from '@oclif/core';
+import { withSpinner } from '../../cli/spinner.js';
 import { idArg, JOB_EXIT_CODES, JobCommand, jobFlags, type JobQuery } from '../../cli/job-command.js';
 
 /** What completing a job of this type did, for a person. */
@@ -31,7 +32,7 @@ ${JOB_EXIT_CODES}`;
 
   async run(): Promise<JobQuery> {
     const { args, flags } = await this.parse(JobComplete);
-    const q = await this.request<JobQuery>(flags.control, 'job-complete', { id: args.id, pivot: flags.pivot }, flags.timeout);
+    const q = await withSpinner(`job ${args.id}: completing…`, { enabled: !this.jsonEnabled() }, () => this.request<JobQuery>(flags.control, 'job-complete', { id: args.id, pivot: flags.pivot }, flags.timeout));
     if (!this.jsonEnabled()) this.log(`Job ${q.id} completed${completion(q.type, flags.pivot)}.`);
     return q;
   }

@@ -1,0 +1,58 @@
+/**
+ * The wait spinner (src/cli/spinner.ts, ora): drawn only on a terminal, never with --json or
+ * TERM=dumb; cleared and the cursor shown again when the wait ends, by success or by failure.
+ */
+import { Writable } from 'node:stream';
+import { afterEach, describe, expect, it } from 'vitest';
+import { spinnerShown, withSpinner } from '../../src/cli/spinner.js';
+
+/** A fake stderr: a terminal or not, keeping what was written. */
+function fakeStream(isTTY: boolean): NodeJS.WriteStream & { text(): string } {
+  let out = '';
+  const w = new Writable({
+    write(chunk, _enc, cb) {
+      out += String(chunk);
+      cb();
+    },
+  }) as unknown as NodeJS.WriteStream & { text(): string };
+  Object.assign(w, { isTTY, columns: 80, rows: 24, cursorTo: () => true, clearLine: () => true, moveCursor: () => true, text: () => out });
+  return w;
+}
+
+const term = process.env.TERM;
+afterEach(() => {
+  if (term === undefined) delete process.env.TERM;
+  else process.env.TERM = term;
+});
+
+describe('withSpinner', () => {
+  it('on a terminal: draws the text, hides the cursor, then clears the line and shows the cursor again', async () => {
+    process.env.TERM = 'xterm-256color';
+    const s = fakeStream(true);
+    const r = await withSpinner('job mirror0: completing…', { enabled: true, stream: s }, async () => 42);
+    expect(r).toBe(42);
+    const t = s.text();
+    expect(t).toContain('job mirror0: completing…');
+    expect(t).toContain('\x1b[?25l');
+    expect(t.endsWith('\x1b[?25h')).toBe(true);
+  });
+
+  it('clears up the same way when the wait fails, and passes the error on', async () => {
+    process.env.TERM = 'xterm';
+    const s = fakeStream(true);
+    const err = Object.assign(new Error('no such job'), { code: 'ERR_JOB_NOT_FOUND' });
+    await expect(withSpinner('waiting', { enabled: true, stream: s }, async () => Promise.reject(err))).rejects.toBe(err);
+    expect(s.text().endsWith('\x1b[?25h')).toBe(true);
+  });
+
+  it('writes nothing off a terminal, with --json (enabled false) or with TERM=dumb', async () => {
+    process.env.TERM = 'xterm';
+    for (const [isTTY, enabled, termValue] of [[false, true, 'xterm'], [true, false, 'xterm'], [true, true, 'dumb']] as const) {
+      process.env.TERM = termValue;
+      const s = fakeStream(isTTY);
+      expect(spinnerShown({ enabled, stream: s })).toBe(false);
+      expect(await withSpinner('waiting', { enabled, stream: s }, async () => 'done')).toBe('done');
+      expect(s.text()).toBe('');
+    }
+  });
+});
