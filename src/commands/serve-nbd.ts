@@ -13,6 +13,7 @@ import { DEFAULT_MAX_BUFFER, type LogLevel } from '../nbd/server.js';
 import { MAX_PAYLOAD } from '../nbd/constants.js';
 import { formatSize } from '../util/size.js';
 import { secondarySetup } from '../pair/secondary.js';
+import { applyConfig, type CommandShape } from '../config/file.js';
 
 /** The embedded default: what `blkrep serve-nbd` serves when given no image. */
 export const DEFAULT_IMAGE = 'memory:1G';
@@ -38,9 +39,12 @@ Heartbeat: with --heartbeat URI (repeatable, one per path) and --peer-id, the da
 TLS (as qemu-nbd --tls-creds and nbdkit --tls): --tls-certificates DIR (x509: ca-cert.pem, server-cert.pem, server-key.pem, as qemu's tls-creds-x509 dir= expects) or --tls-psk FILE (psktool's username:hexkey lines) turns on --tls require: every option but STARTTLS and ABORT is refused with NBD_REP_ERR_TLS_REQD until TLS is up, so nothing leaves in clear (--tls on also lets clients stay in clear; --tls off never offers TLS). Clients connect with nbds:// URIs (nbdinfo "nbds://localhost?tls-certificates=DIR"; qemu with --object tls-creds-x509,...,endpoint=client). TLS 1.3, or 1.2 at least. --tls-verify-peer asks every client for a certificate signed by ca-cert.pem; --tls-authz lets in only the clients named in a file (one per line: the certificate's DN as qemu writes it, C=GB,O=blkrep,CN=replica-a, or a PSK user name; re-read whenever it changes, so no signal is needed) or given directly; it implies --tls-verify-peer with x509. A refused client is logged on stderr with its address and the reason (a certificate not signed by the CA, a DN or PSK user not allowed, a wrong PSK key), never key material. Credentials are checked at start (error ERR_TLS_CREDENTIALS); a certificate that expires within 30 days is warned about on stderr and in the --json listening line ("tls": {"mode", "kind", "notAfter", "warnings"}); with --tls require the listening line's URIs are nbds:// ones. blkrep status says the mode for each export.
 Replication (the primary of a pair, see blkrep-replicate(1)): --replicate-to URI forwards every write, write-zeroes and trim to the secondary's replica export; reads stay local. --protocol sync completes a write when both disks have it (a FLUSH is end to end); async completes it after the local write and forwards in order through a bounded --queue (the secondary's disk is always a state this disk was in). A forwarding failure never fails a client's write: forwarding stops, the regions the secondary misses are kept in the peer bitmap IMAGE.pair.dirty (crash-safe), the event replication-degraded says why, and the daemon reconnects (100 ms doubling to 10 s, ±20 %) and resyncs by that bitmap before forwarding again. The first replication of a disk copies it whole. A plain NBD server as the target (qemu-nbd, nbdkit) works without checkpoints, said on stderr. The pair state is kept in IMAGE.pair.json. blkrep status --json shows exports[i].pair.
 
+Config file: --config FILE reads flags from a YAML (or JSON, for a .json name) mapping whose keys are the long flag names and "image" (e.g. image: /dev/vdb, port: 10809, secondary: true, heartbeat: [udp://10.0.0.1:7000]); a flag given on the command line replaces the file's value (a repeatable flag: its whole list). A bad file is refused before anything starts, with the file, line, key and what was expected (error ERR_CONFIG, exit 2); blkrep config check FILE checks one without starting. blkrep setup writes one, with a systemd unit that runs serve-nbd --config /etc/blkrep/NAME.yaml.
+
 SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, flushes every export and its bitmaps, pauses every job (a persistent one keeps its files for the next start) and exits 0; a second signal exits at once.`;
 
   static override examples = [
+    { description: 'Serve what /etc/blkrep/pair0.yaml says (as blkrep@pair0.service does), but on another port', command: '<%= config.bin %> <%= command.id %> --config /etc/blkrep/pair0.yaml --port 10810' },
     { description: 'Serve the embedded 1 GiB in-memory disk on 127.0.0.1:10809', command: '<%= config.bin %> <%= command.id %>' },
     { description: 'Serve a raw file on a Unix socket', command: '<%= config.bin %> <%= command.id %> disk.img --socket /run/blkrep/nbd.sock' },
     { description: 'Test a client against a failing disk: writes into the second MiB fail with ENOSPC (see blkrep-filters(7))', command: '<%= config.bin %> <%= command.id %> disk.img --socket /tmp/nbd.sock --filter error:ops=write,range=1M-2M,errno=ENOSPC' },
@@ -64,6 +68,7 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
   };
 
   static override flags = {
+    config: Flags.string({ description: 'read flags from this YAML or JSON file (keys are the long flag names, "image" the image; see blkrep-config-check(1)); flags given on the command line win', helpValue: 'FILE' }),
     name: Flags.string({ description: 'export name for IMAGE', default: '' }),
     export: Flags.string({ char: 'e', description: 'serve IMAGE under NAME', helpValue: 'NAME=IMAGE', multiple: true }),
     description: Flags.string({ char: 'D', description: 'description of the export(s), shown by nbdinfo' }),
@@ -118,7 +123,9 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
   };
 
   async run(): Promise<ListeningEvent | undefined> {
-    const { args, flags } = await this.parse(ServeNbd);
+    // --config FILE: the file's keys are flags; those given here win (src/config/file.ts)
+    const { argv } = await applyConfig(this.argv, ServeNbd as unknown as CommandShape);
+    const { args, flags } = await this.parse(ServeNbd, argv);
     const filters = parseFilters(flags.filter);
     const exports = this.exportSpecs(args.image, flags.name, flags.export ?? [], flags.description);
     this.bitmapSpecs(exports, flags.bitmap ?? []);
