@@ -14,6 +14,7 @@ import { MAX_PAYLOAD } from '../nbd/constants.js';
 import { formatSize } from '../util/size.js';
 import { secondarySetup } from '../pair/secondary.js';
 import { applyConfig, type CommandShape } from '../config/file.js';
+import { notifySystemd } from '../cli/systemd-notify.js';
 
 /** The embedded default: what `blkrep serve-nbd` serves when given no image. */
 export const DEFAULT_IMAGE = 'memory:1G';
@@ -261,6 +262,8 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
       if (controlPath) this.log(`Control socket: ${controlPath} (blkrep status --control ${flags.control})`);
       this.log('Stop with Ctrl-C.');
     }
+    // systemd's Type=notify (blkrep@.service): ready once clients can connect
+    notifySystemd('READY=1', (m) => log('warn', m));
 
     await daemon.stopped;
     process.off('SIGTERM', onSignal);
