@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Set up a fresh Debian machine for blkrep: the peers the tests and benchmarks run against
-# (qemu-utils, nbdkit, libnbd-bin, fio, groff for the man-page check), the npm dependencies,
+# (qemu-utils, nbdkit, libnbd-bin, fio, groff for the man-page check; tmux, ansible-core, systemd-analyze
+# and openssl for the setup wizard's tests), the npm dependencies,
 # the native addon and the TypeScript build. Safe to run again: it skips what is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 missing=()
-for pair in qemu-utils:qemu-img qemu-utils:qemu-io qemu-utils:qemu-nbd nbdkit:nbdkit libnbd-bin:nbdinfo libnbd-bin:nbdcopy fio:fio groff-base:groff spin:spin tmux:tmux; do
+for pair in qemu-utils:qemu-img qemu-utils:qemu-io qemu-utils:qemu-nbd nbdkit:nbdkit libnbd-bin:nbdinfo libnbd-bin:nbdcopy fio:fio groff-base:groff spin:spin tmux:tmux ansible-core:ansible-playbook systemd:systemd-analyze openssl:openssl; do
   command -v "${pair#*:}" >/dev/null 2>&1 || missing+=("${pair%%:*}")
 done
 if [ ${#missing[@]} -gt 0 ]; then
