@@ -3,10 +3,10 @@
  * serves what it says (checked with nbdinfo), flags on the command line win, a bad file is
  * refused before anything listens (exit 2, ERR_CONFIG, file:line:column and the key).
  */
-import { writeFile } from 'node:fs/promises';
+import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { hasTool, makeTempDir, run, runCli, serve } from '../support/spawn.js';
+import { hasTool, makeTempDir, run, runCli, serve, start, waitFor } from '../support/spawn.js';
 
 describe('blkrep config check', () => {
   it('a valid file: exit 0, the equivalent command line', async () => {
@@ -85,5 +85,21 @@ describe('serve-nbd --config', () => {
     const r = await runCli(['serve-nbd', '--config', file, '--read-only', '--json']);
     expect(r.code).toBe(2);
     expect(JSON.parse(r.stdout)).toEqual({ error: { code: 'ERR_CONFIG', message: `${file}:2:1: key "secondary": cannot be used with "read-only" (as --secondary cannot with --read-only)` } });
+  });
+});
+
+describe.runIf(hasTool('python3') && hasTool('systemd-notify'))('serve-nbd under systemd (Type=notify)', () => {
+  it('sends READY=1 with its pid to $NOTIFY_SOCKET once it listens', async () => {
+    const dir = await makeTempDir();
+    const notify = join(dir, 'notify.sock');
+    const got = join(dir, 'got');
+    // a datagram socket as systemd's: print the first message into a file
+    const receiver = start('python3', ['-c', `import socket,sys\ns=socket.socket(socket.AF_UNIX,socket.SOCK_DGRAM)\ns.bind(sys.argv[1])\nprint('bound',flush=True)\nopen(sys.argv[2],'wb').write(s.recv(4096))`, notify, got]);
+    await waitFor(() => (receiver.stdout().includes('bound') ? true : undefined), 'the notify socket', { timeoutMs: 20_000, intervalMs: 50 });
+    const s = await serve(['memory:1M', '--socket', join(dir, 'nbd.sock')], { env: { ...process.env, NOTIFY_SOCKET: notify } });
+    await receiver.waitExit(20_000);
+    const message = (await readFile(got, 'utf8')).split('\n').filter(Boolean).sort();
+    expect(message).toEqual([`MAINPID=${s.pid}`, 'READY=1']);
+    expect(await s.stop()).toBe(0);
   });
 });
