@@ -33,7 +33,7 @@ export default class Setup extends BlkrepCommand {
 
   static override description = `Asks for this node's role (primary or secondary), its disk, the peer's address, the transport (the secondary's address and port) and TLS (x509 certificates, a pre-shared key, or none), the heartbeat (udp, tcp or none), and on the primary the checkpoint interval and the protocol (sync or async); checks on the spot what it can: the disk exists and its size (and equals the peer's, with --peer-disk-size), the port is free, the peer answers; writes CONFIG-DIR/NAME.yaml (serve-nbd's flags; blkrep config check), the pair's keys under CONFIG-DIR/NAME/ (made on the first node, copied to the second: a file that exists is never replaced), and the systemd template unit blkrep@.service; and prints the exact commands to run next, on the peer too.
 Every question has a flag; --yes takes the defaults for the rest and never asks (Ansible, CI); without a terminal, --yes is needed (error ERR_USAGE). Running it again with the same answers changes nothing ("changed": false).
-Exit status: 0 done; 1 a check refused (ERR_SETUP_DISK: no such disk; ERR_SETUP_SIZE: the peer's disk has another size; ERR_SETUP_TLS: credentials could not be made), nothing written; 2 usage (a flag missing with --yes, no terminal).`;
+Exit status: 0 done; 1 a check refused (ERR_SETUP_DISK: no such disk; ERR_SETUP_SIZE: the peer's disk has another size; both before anything is written) or ERR_SETUP_TLS (openssl could not make the certificates; the heartbeat key may be written already, a re-run keeps it); 2 usage (a flag missing with --yes, no terminal).`;
 
   static override examples = [
     { description: 'Ask everything on a terminal', command: '<%= config.bin %> <%= command.id %>' },
