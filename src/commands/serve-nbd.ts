@@ -15,6 +15,8 @@ import { formatSize } from '../util/size.js';
 import { secondarySetup } from '../pair/secondary.js';
 import { parseMetricsAddress } from '../serve/metrics.js';
 import { daemonLogger, type LogFormat } from '../cli/log-format.js';
+import { applyConfig, type CommandShape } from '../config/file.js';
+import { notifySystemd } from '../cli/systemd-notify.js';
 
 /** The embedded default: what `blkrep serve-nbd` serves when given no image. */
 export const DEFAULT_IMAGE = 'memory:1G';
@@ -41,10 +43,12 @@ TLS (as qemu-nbd --tls-creds and nbdkit --tls): --tls-certificates DIR (x509: ca
 Replication (the primary of a pair, see blkrep-replicate(1)): --replicate-to URI forwards every write, write-zeroes and trim to the secondary's replica export; reads stay local. --protocol sync completes a write when both disks have it (a FLUSH is end to end); async completes it after the local write and forwards in order through a bounded --queue (the secondary's disk is always a state this disk was in). A forwarding failure never fails a client's write: forwarding stops, the regions the secondary misses are kept in the peer bitmap IMAGE.pair.dirty (crash-safe), the event replication-degraded says why, and the daemon reconnects (100 ms doubling to 10 s, ±20 %) and resyncs by that bitmap before forwarding again. The first replication of a disk copies it whole. A plain NBD server as the target (qemu-nbd, nbdkit) works without checkpoints, said on stderr. The pair state is kept in IMAGE.pair.json. blkrep status --json shows exports[i].pair.
 
 Metrics: --metrics HOST:PORT (or unix:PATH) serves Prometheus text on GET /metrics: per export requests, bytes, errors, connections and a request latency histogram; dirty bitmap bytes; job progress; the pair's link state, queue, bytes behind, epoch and checkpoint age; heartbeat state and phi; the process's CPU and memory (names in README "Metrics and logs"). The listening line says where ("metrics"). --log-format json writes each stderr log line as one JSON object with the keys time, level, pid and message.
+Config file: --config FILE reads flags from a YAML (or JSON, for a .json name) mapping whose keys are the long flag names and "image" (e.g. image: /dev/vdb, port: 10809, secondary: true, heartbeat: [udp://10.0.0.1:7000]); a flag given on the command line replaces the file's value (a repeatable flag: its whole list). A bad file is refused before anything starts, with the file, line, key and what was expected (error ERR_CONFIG, exit 2); blkrep config check FILE checks one without starting. blkrep setup writes one, with a systemd unit that runs serve-nbd --config /etc/blkrep/NAME.yaml.
 
 SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, flushes every export and its bitmaps, pauses every job (a persistent one keeps its files for the next start) and exits 0; a second signal exits at once.`;
 
   static override examples = [
+    { description: 'Serve what /etc/blkrep/pair0.yaml says (as blkrep@pair0.service does), but on another port', command: '<%= config.bin %> <%= command.id %> --config /etc/blkrep/pair0.yaml --port 10810' },
     { description: 'Serve the embedded 1 GiB in-memory disk on 127.0.0.1:10809', command: '<%= config.bin %> <%= command.id %>' },
     { description: 'Serve a raw file on a Unix socket', command: '<%= config.bin %> <%= command.id %> disk.img --socket /run/blkrep/nbd.sock' },
     { description: 'Test a client against a failing disk: writes into the second MiB fail with ENOSPC (see blkrep-filters(7))', command: '<%= config.bin %> <%= command.id %> disk.img --socket /tmp/nbd.sock --filter error:ops=write,range=1M-2M,errno=ENOSPC' },
@@ -69,6 +73,7 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
   };
 
   static override flags = {
+    config: Flags.string({ description: 'read flags from this YAML or JSON file (keys are the long flag names, "image" the image; see blkrep-config-check(1)); flags given on the command line win', helpValue: 'FILE' }),
     name: Flags.string({ description: 'export name for IMAGE', default: '' }),
     export: Flags.string({ char: 'e', description: 'serve IMAGE under NAME', helpValue: 'NAME=IMAGE', multiple: true }),
     description: Flags.string({ char: 'D', description: 'description of the export(s), shown by nbdinfo' }),
@@ -126,7 +131,9 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
   };
 
   async run(): Promise<ListeningEvent | undefined> {
-    const { args, flags } = await this.parse(ServeNbd);
+    // --config FILE: the file's keys are flags; those given here win (src/config/file.ts)
+    const { argv } = await applyConfig(this.argv, ServeNbd as unknown as CommandShape);
+    const { args, flags } = await this.parse(ServeNbd, argv);
     const filters = parseFilters(flags.filter);
     const exports = this.exportSpecs(args.image, flags.name, flags.export ?? [], flags.description);
     this.bitmapSpecs(exports, flags.bitmap ?? []);
@@ -262,6 +269,8 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
       if (controlPath) this.log(`Control socket: ${controlPath} (blkrep status --control ${flags.control})`);
       this.log('Stop with Ctrl-C.');
     }
+    // systemd's Type=notify (blkrep@.service): ready once clients can connect
+    notifySystemd('READY=1', (m) => log('warn', m));
 
     await daemon.stopped;
     process.off('SIGTERM', onSignal);
