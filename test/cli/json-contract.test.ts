@@ -45,6 +45,10 @@ describe('every command --json matches its schema', () => {
     const dir = await makeTempDir();
     const p = (f: string) => join(dir, f);
     await ok('version', []);
+    await writeFile(p('c.yaml'), 'image: memory:1M\nsocket: /tmp/x.sock\n');
+    await ok('config check', [p('c.yaml')]);
+    await writeFile(p('disk.img'), Buffer.alloc(4 * MiB));
+    await ok('setup', ['--yes', '--role', 'secondary', '--disk', p('disk.img'), '--peer', '127.0.0.1', '--port', '20961', '--node-id', 'b', '--peer-id', 'a', '--root', p('root'), '--no-check']);
     await ok('create', ['-f', 'raw', p('a.raw'), '8M']);
     await ok('create', ['-f', 'qcow2', p('base.qcow2'), '8M']);
     await ok('create', ['-f', 'qcow2', '-b', p('base.qcow2'), '-F', 'qcow2', p('top.qcow2')]);
@@ -131,6 +135,9 @@ describe('every command --json matches its schema', () => {
     await waitFor(async () => JSON.parse((await runCli(['status', '--control', p('pctl'), '--json'])).stdout).exports[0].pair?.link === 'connected', 'the pair link');
     await ok('checkpoint', ['--control', p('pctl')]);
     await ok('failover', ['--control', p('sctl'), '--dry-run']);
+    // resume-io needs a daemon with a heartbeat (the peer need not exist: nothing is suspended)
+    await serve(['memory:1M', '--socket', p('h.sock'), '--control', p('hctl'), '--heartbeat', 'udp://127.0.0.1:9', '--peer-id', 'b', '--node-id', 'a']);
+    expect(await ok('resume-io', ['--control', p('hctl')])).toEqual({ resumed: false, waiting: 0 });
     await mkdir(p('demo'));
     await ok('demo', ['--size', '4M', '--dir', p('demo')], 180_000);
   }, 600_000);

@@ -55,7 +55,7 @@ async function startEtcd(): Promise<Etcd> {
     await rm(dir, { recursive: true, force: true });
   });
   const endpoint = `http://127.0.0.1:${c}`;
-  await waitFor(async () => (await fetch(`${endpoint}/health`).then((r) => r.json()).catch(() => null))?.health === 'true', `etcd on ${endpoint}; stderr: ${proc.stderr()}`, { timeoutMs: 20_000, intervalMs: 50 });
+  await waitFor(async () => (await fetch(`${endpoint}/health`).then((r) => r.json() as Promise<{ health?: string }>).catch(() => null))?.health === 'true', `etcd on ${endpoint}; stderr: ${proc.stderr()}`, { timeoutMs: 20_000, intervalMs: 50 });
   return { endpoint, uri: (prefix) => `etcd://127.0.0.1:${c}${prefix}`, proc };
 }
 

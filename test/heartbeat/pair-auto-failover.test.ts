@@ -315,7 +315,7 @@ describe('fencing on the primary (--fencing, --on-no-quorum, resume-io) seen by 
       expect(names(pw)).toEqual(['peer-suspect', 'peer-dead', 'io-suspended', 'fence']);
       expect(pw.events.find((e) => e.event === 'fence')).toMatchObject({ verdict: 'unreachable', exitCode: 5, proceed: false, policy: 'resource-and-stonith' });
       const q = start('qemu-io', ['-f', 'raw', unixUri(pair.pSock), '-c', 'write -P 0x5a 1M 64k']);
-      await waitFor(async () => (await status(pair.pCtl)).heartbeat.io?.state === 'suspended' && ((await status(pair.pCtl)).heartbeat.io as { waiting: number }).waiting === 1, 'qemu-io\'s write to wait');
+      await waitFor(async () => (await status(pair.pCtl)).heartbeat.io?.state === 'suspended' && ((await status(pair.pCtl)).heartbeat.io as unknown as { waiting: number }).waiting === 1, 'qemu-io\'s write to wait');
       expect(q.child.exitCode).toBeNull();
       const r = await runCli(['resume-io', '--control', pair.pCtl, '--json']);
       expect(r.code, r.stderr).toBe(0);
@@ -371,7 +371,7 @@ describe('fencing on the primary (--fencing, --on-no-quorum, resume-io) seen by 
       const q = start('qemu-io', ['-f', 'raw', unixUri(pair.pSock), '-c', 'write -P 0x5d 2M 64k']);
       await waitFor(() => pw.events.find((e) => e.event === 'io-suspended'), 'io-suspended');
       expect(pw.events.find((e) => e.event === 'io-suspended')!.reason).toMatch(/^no-quorum/);
-      await waitFor(async () => ((await status(pair.pCtl)).heartbeat.io as { waiting: number }).waiting === 1, 'the write to wait');
+      await waitFor(async () => ((await status(pair.pCtl)).heartbeat.io as unknown as { waiting: number }).waiting === 1, 'the write to wait');
       expect(q.child.exitCode).toBeNull();
       expect(await request(pair.pCtl, 'resume-io')).toEqual({ resumed: true, waiting: 1 });
       expect((await q.waitExit()).code).toBe(0);
