@@ -12,6 +12,9 @@
  *   S → P  event        something the HA side must know (case 3/4 of the failure table)
  *   both   ping / pong  liveness on the link (heartbeat backend "link")
  *   S → P  demote       S was promoted: the link closes, the primary must stop forwarding
+ *   P → S  bitmap       after a welcome deciding a bitmap resync: the regions S marks for itself
+ *                       (an old primary's peer bitmap with its activity log), a page of runs from
+ *                       `from`; S answers runs {runs, next} (next null: the last page)
  */
 import type { Duplex } from 'node:stream';
 import { BlkrepError } from '../api/errors.js';
@@ -54,7 +57,12 @@ export type PairMessage =
   | { type: 'event'; name: string; fields: Record<string, unknown> }
   | { type: 'ping'; t: number }
   | { type: 'pong'; t: number }
-  | { type: 'demote'; reason: string };
+  | { type: 'demote'; reason: string }
+  | { type: 'bitmap'; seq: number; from: number }
+  | { type: 'runs'; re: number; runs: Array<[number, number]>; next: number | null };
+
+/** runs per `runs` page: [offset, length] pairs of up to 2×16 digits fit MAX_LINE */
+export const RUNS_PER_PAGE = 1500;
 
 /** what the secondary decided on hello (the generation table, replication.md §5) */
 export interface LinkDecision {
@@ -69,7 +77,7 @@ export type PairMessageType = PairMessage['type'];
 /** a request as request() takes it: any message with a seq, without the seq (distributes over the union) */
 export type RequestWithoutSeq = Extract<PairMessage, { seq: number }> extends infer R ? (R extends unknown ? Omit<R, 'seq'> : never) : never;
 
-const TYPES = new Set<string>(['hello', 'welcome', 'refuse', 'checkpoint', 'abort', 'done', 'failed', 'event', 'ping', 'pong', 'demote']);
+const TYPES = new Set<string>(['hello', 'welcome', 'refuse', 'checkpoint', 'abort', 'done', 'failed', 'event', 'ping', 'pong', 'demote', 'bitmap', 'runs']);
 
 export function encodeMessage(m: PairMessage): Buffer {
   const line = Buffer.from(JSON.stringify(m) + '\n', 'utf8');

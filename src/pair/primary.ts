@@ -37,7 +37,7 @@ import { openExtension, OPT_BLKREP_PAIR_LINK } from '../nbd/option-takeover.js';
 import { parseNbdUri, type NbdUri } from '../nbd/uri.js';
 import { EMPTY, JUST_CREATED, mint, newGeneration, type GenerationTuple } from './generations.js';
 import { PAIR_LINK_VERSION, PairChannel, type PairMessage } from './messages.js';
-import type { FailoverOptions, FailoverResult, PairLinkState, PairRole, PairStatus } from './role.js';
+import type { FailoverOptions, FailoverResult, HandOff, PairLinkState, PairRole, PairStatus } from './role.js';
 import { PairStateFile, initialState, pairStatePath } from './state.js';
 import { ReplicationFilter, type ReplicationProtocol } from './replication-filter.js';
 
@@ -70,6 +70,8 @@ export interface PrimaryOptions {
   log?: (level: 'info' | 'warn', message: string) => void;
   /** for tests: the backoff's random source */
   random?: () => number;
+  /** what the role this one replaces hands over (replicate on a promoted secondary): OR'ed into the peer bitmap */
+  handOff?: HandOff;
 }
 
 export class PrimaryRole implements PairRole {
@@ -131,6 +133,13 @@ export class PrimaryRole implements PairRole {
     } else {
       bitmap = await PersistentBitmap.create(path, { size });
       freshBitmap = true;
+    }
+    if (options.handOff) {
+      // the regions the peer may miss are known (a failback bitmap): durable before anything is written
+      for (const r of options.handOff.dirty) bitmap.fill(r.offset, r.length);
+      await bitmap.flush();
+      freshBitmap = false;
+      options.log?.('info', `replicating export "${options.exportName}": the peer bitmap starts from ${options.handOff.what} (${bitmap.bitmap.dirtyBytes} bytes)`);
     }
     const role = new PrimaryRole(options, state, bitmap);
     role.freshBitmap = freshBitmap || fresh;
@@ -221,6 +230,8 @@ export class PrimaryRole implements PairRole {
       if (answer.size !== filter.size) throw sizeError(this.uri.uri, filter.size, answer.size);
       if (answer.decision.action === 'refuse') throw new BlkrepError('ERR_PAIR_SPLIT_BRAIN', `the secondary refuses: ${answer.decision.explanation} (rule ${answer.decision.rule})`, { errno: 'EPERM' });
       if (answer.decision.action === 'resync-full') full = true;
+      // the peer's own marks (an old primary's peer bitmap and activity log): the resync copies the union
+      else if (!full && answer.bitmapBytes > 0) await this.takePeerRuns(channel);
       this.peerKind = 'blkrep';
     } catch (err) {
       const e = toBlkrepError(err);
@@ -257,6 +268,25 @@ export class PrimaryRole implements PairRole {
       }
     });
     await this.resync(data, full);
+  }
+
+  /** OR the regions the secondary marks for itself into the peer bitmap (durable before the resync starts). */
+  private async takePeerRuns(channel: PairChannel): Promise<void> {
+    const size = this.options.filter.size;
+    for (let from: number | null = 0; from !== null; ) {
+      const page: PairMessage = await channel.request<PairMessage>(asRequest({ type: 'bitmap', from }), LINK_TIMEOUT_MS);
+      if (page.type !== 'runs' || !Array.isArray(page.runs)) throw new BlkrepError('ERR_PAIR_PROTOCOL', `the secondary answered "bitmap" with "${page.type}"`);
+      for (const run of page.runs) {
+        const [offset, length] = Array.isArray(run) ? run : [];
+        if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset! < 0 || length! <= 0 || offset! + length! > size) {
+          throw new BlkrepError('ERR_PAIR_PROTOCOL', `the secondary's bitmap run ${JSON.stringify(run)} is not inside the disk (${size} bytes)`);
+        }
+        this.peerBitmap.fill(offset!, length!);
+      }
+      if (page.next !== null && (!Number.isSafeInteger(page.next) || page.next <= from)) throw new BlkrepError('ERR_PAIR_PROTOCOL', `the secondary's bitmap page from ${from} goes on at ${JSON.stringify(page.next)}`);
+      from = page.next;
+    }
+    await this.peerBitmap.flush();
   }
 
   /** Resync by the peer bitmap with a mirror job; at its consistent instant, forward. */
@@ -425,6 +455,17 @@ export class PrimaryRole implements PairRole {
   /** true once failover stopped it (replicate may start another) */
   get isStopped(): boolean {
     return this.stopped;
+  }
+
+  /** replicate replaces a primary that failover stopped */
+  get replaceable(): boolean {
+    return this.stopped;
+  }
+
+  /** Close; what the next peer misses is in the peer bitmap beside the disk, which the next role opens. */
+  async handOff(): Promise<HandOff> {
+    await this.close();
+    return { dirty: [], what: peerBitmapPath(this.options.imagePath), taken: () => Promise.resolve() };
   }
 
   private stopTimers(): void {

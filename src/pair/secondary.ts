@@ -9,17 +9,20 @@
  * acceptPlainPrimary); every role change and the link's end close its connections, so a stale
  * primary cannot write. Checkpoints and failover run one at a time.
  */
+import { access } from 'node:fs/promises';
 import type { Duplex } from 'node:stream';
 import type { BlockNode, CompleteBlockNode, WriteOptions, ZeroOptions } from '../api/block.js';
 import { BlkrepError, toBlkrepError } from '../api/errors.js';
+import { PersistentBitmap } from '../bitmap/persistent.js';
 import { Filter } from '../block/filter.js';
 import { OPT_BLKREP_PAIR_LINK } from '../nbd/option-takeover.js';
 import type { PairContext, PairSetup } from '../serve/daemon.js';
 import { CbwFilter } from './cbw-filter.js';
 import { crashPoint } from './crash-hook.js';
 import { decide, mint, type Decision, type GenerationTuple } from './generations.js';
-import { PAIR_LINK_VERSION, PairChannel, type DiskState, type LinkDecision, type NodeSummary, type PairMessage } from './messages.js';
-import type { FailoverOptions, FailoverResult, PairRole, PairStatus } from './role.js';
+import { PAIR_LINK_VERSION, PairChannel, RUNS_PER_PAGE, type DiskState, type LinkDecision, type NodeSummary, type PairMessage } from './messages.js';
+import { peerBitmapPath } from './primary.js';
+import type { FailoverOptions, FailoverResult, HandOff, PairRole, PairStatus } from './role.js';
 import { allocatedRuns, openSecondaryImages, OVERLAY_CLUSTER, type SecondaryImages } from './secondary-images.js';
 import { explainSecondaryFailover, type SecondaryFailoverFacts } from './secondary-explain.js';
 import { initialState, pairStatePath, PairStateFile } from './state.js';
@@ -93,6 +96,12 @@ export class SecondaryRole implements PairRole {
   private readonly viewGate = new WriteGate();
   private readonly cbw: CbwFilter | undefined;
   private readonly view: ViewNode | undefined;
+  /**
+   * An old primary's peer bitmap (DISK.pair.dirty, its activity log replayed): the regions this
+   * disk may hold that the new primary lacks. Offered on the link (bitmapBytes, the `bitmap`
+   * request) and cleared at the checkpoint that ends the resync.
+   */
+  private ownDirty: PersistentBitmap | undefined;
 
   private constructor(
     private readonly ctx: PairContext,
@@ -123,6 +132,7 @@ export class SecondaryRole implements PairRole {
     const images = await openSecondaryImages(diskPath, ctx.imageNode, o);
     const role = new SecondaryRole(ctx, o, state, images);
     try {
+      await role.openOwnDirty(diskPath);
       await role.recover();
       for (const r of await allocatedRuns(images.hiddenNode)) role.cbw!.markCopied(r.offset, r.length);
       ctx.server.removeExport(ctx.exportName, 'the replica export waits for a primary');
@@ -146,6 +156,57 @@ export class SecondaryRole implements PairRole {
 
   get role(): 'primary' | 'secondary' {
     return this.promoted ? 'primary' : 'secondary';
+  }
+
+  /** a promoted secondary is a primary that does not replicate: `replicate` replaces it */
+  get replaceable(): boolean {
+    return this.promoted;
+  }
+
+  /** An old primary's peer bitmap beside the disk, when it marks something (else closed at once). */
+  private async openOwnDirty(diskPath: string): Promise<void> {
+    const path = peerBitmapPath(diskPath);
+    if (!(await access(path).then(() => true, () => false))) return;
+    const b = (await PersistentBitmap.open(path, { size: this.ctx.exportNode.size })).bitmap;
+    if (b.bitmap.dirtyBytes === 0) return b.close();
+    this.ownDirty = b;
+    this.ctx.log('info', `${path} marks ${b.bitmap.dirtyBytes} bytes this disk wrote as a primary: offered to the primary for the resync`);
+  }
+
+  /**
+   * replicate on a promoted secondary: close, and hand over the failback bitmap (every cluster
+   * the old primary may hold differently: active ∪ hidden at failover, and every write since)
+   * ∪ the old peer bitmap of this disk.
+   */
+  async handOff(): Promise<HandOff> {
+    if (!this.promoted) throw this.roleError('be replaced by a primary role', 'is a secondary');
+    const size = this.ctx.exportNode.size;
+    const dirty: Run[] = [];
+    let what = `failback bitmap "${FAILBACK_BITMAP}"`;
+    try {
+      for (let from: number | null = 0; from !== null; ) {
+        const page: ReturnType<PairContext['bitmaps']['dump']> = this.ctx.bitmaps.dump(FAILBACK_BITMAP, { start: from, length: size - from });
+        for (const [offset, length] of page.runs) dirty.push({ offset, length });
+        from = page.next;
+      }
+    } catch (err) {
+      if ((err as { code?: string }).code !== 'ERR_BITMAP_NOT_FOUND') throw err;
+      // nothing says what the old primary may hold differently: all of it
+      dirty.splice(0, dirty.length, { offset: 0, length: size });
+      what = `the whole disk (the failback bitmap "${FAILBACK_BITMAP}" is gone)`;
+    }
+    if (this.ownDirty) {
+      for (const r of this.ownDirty.bitmap.dirtyRuns()) dirty.push({ offset: r.offset, length: r.length });
+      what += ` ∪ ${this.ownDirty.path}`;
+    }
+    await this.close();
+    return {
+      dirty,
+      what,
+      taken: async () => {
+        await this.ctx.bitmaps.remove(FAILBACK_BITMAP, { ifExists: true });
+      },
+    };
   }
 
   status(): PairStatus & { secondary: Record<string, unknown> } {
@@ -213,6 +274,8 @@ export class SecondaryRole implements PairRole {
         await this.images.active.close().catch((err: unknown) => this.ctx.log('warn', `active disk: ${(err as Error).message}`));
         await this.images.hidden.close().catch((err: unknown) => this.ctx.log('warn', `hidden disk: ${(err as Error).message}`));
       }
+      await this.ownDirty?.close().catch((err: unknown) => this.ctx.log('warn', `old peer bitmap: ${(err as Error).message}`));
+      this.ownDirty = undefined;
       if (this.promoted) await this.state.update((s) => ({ ...s, cleanShutdown: true })).catch(() => {});
     })();
     return this.closing;
@@ -269,6 +332,10 @@ export class SecondaryRole implements PairRole {
       case 'ping':
         if (ch.isOpen) ch.send({ type: 'pong', t: m.t });
         return;
+      case 'bitmap':
+        if (ch !== this.link) return;
+        ch.send({ type: 'runs', re: m.seq, ...this.ownRuns(m.from) });
+        return;
       default:
         return;
     }
@@ -281,7 +348,20 @@ export class SecondaryRole implements PairRole {
 
   private summary(): NodeSummary {
     const s = this.state.state;
-    return { nodeId: s.nodeId, role: 'secondary', gi: s.gi, epoch: s.epoch, diskState: s.diskState, crashedPrimary: false, bitmapBytes: 0 };
+    return { nodeId: s.nodeId, role: 'secondary', gi: s.gi, epoch: s.epoch, diskState: s.diskState, crashedPrimary: false, bitmapBytes: this.ownDirty?.bitmap.dirtyBytes ?? 0 };
+  }
+
+  /** one page of the old peer bitmap's runs, from `from` */
+  private ownRuns(from: number): { runs: Array<[number, number]>; next: number | null } {
+    const b = this.ownDirty?.bitmap;
+    const start = Number.isSafeInteger(from) && from >= 0 ? from : 0;
+    if (!b || start >= b.size) return { runs: [], next: null };
+    const runs: Array<[number, number]> = [];
+    for (const r of b.dirtyRuns(start, b.size - start)) {
+      if (runs.length === RUNS_PER_PAGE) return { runs, next: r.offset };
+      runs.push([r.offset, r.length]);
+    }
+    return { runs, next: null };
   }
 
   private onHello(m: Extract<PairMessage, { type: 'hello' }>, ch: PairChannel): void {
@@ -410,6 +490,8 @@ export class SecondaryRole implements PairRole {
       const gi = this.peerHello?.gi;
       await this.state.update((s) => ({ ...s, epoch: n, committing: null, ...(gi && this.link ? { gi, diskState: 'UpToDate' as const } : {}) }));
       crashPoint('checkpoint-step-7');
+      // the resync before this checkpoint copied what the old peer bitmap marked (the primary took it on hello)
+      if (gi && this.link && this.ownDirty) await this.dropOwnDirty();
     } finally {
       this.viewGate.release();
       cbw.gate.release();
@@ -484,8 +566,15 @@ export class SecondaryRole implements PairRole {
     this.addReplicaExport();
   }
 
-  private roleError(what: string): BlkrepError {
-    return new BlkrepError('ERR_PAIR_ROLE', `cannot ${what}: export "${this.ctx.exportName}" was promoted and is a primary now`, { errno: 'EPERM' });
+  private async dropOwnDirty(): Promise<void> {
+    const b = this.ownDirty!;
+    this.ownDirty = undefined;
+    b.clearAll();
+    await b.close();
+  }
+
+  private roleError(what: string, is = 'was promoted and is a primary now'): BlkrepError {
+    return new BlkrepError('ERR_PAIR_ROLE', `cannot ${what}: export "${this.ctx.exportName}" ${is}`, { errno: 'EPERM' });
   }
 }
 
