@@ -13,6 +13,7 @@ import { DEFAULT_MAX_BUFFER, type LogLevel } from '../nbd/server.js';
 import { MAX_PAYLOAD } from '../nbd/constants.js';
 import { formatSize } from '../util/size.js';
 import { secondarySetup } from '../pair/secondary.js';
+import { parseAfterSb0, type AfterSb0Policy } from '../pair/split-brain.js';
 
 /** The embedded default: what `blkrep serve-nbd` serves when given no image. */
 export const DEFAULT_IMAGE = 'memory:1G';
@@ -114,6 +115,12 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
     active: Flags.string({ description: 'the secondary\'s active disk, a qcow2 overlay of the hidden disk created if absent [default: IMAGE.active.qcow2]', helpValue: 'FILE', dependsOn: ['secondary'] }),
     'view-export': Flags.string({ description: "serve the secondary's view (active over hidden over disk) under NAME", helpValue: 'NAME', dependsOn: ['secondary'] }),
     'view-read-only': Flags.boolean({ description: 'serve the view export read-only', dependsOn: ['view-export'] }),
+    'after-split-brain': Flags.string({
+      description: "with --secondary: which side's data a split brain keeps (both disks written apart): disconnect (default: refuse and explain), discard-zero-changes, discard-least-changes, discard-younger-primary, discard-older-primary, discard-node=NAME; the losing disk's clusters are kept in a salvage overlay IMAGE.salvage-TIME.qcow2 first",
+      helpValue: 'POLICY',
+      dependsOn: ['secondary'],
+    }),
+    'node-name': Flags.string({ description: "this node's name in a replication pair, for --after-split-brain discard-node=NAME (kept in IMAGE.pair.json) [default: the host name]", helpValue: 'NAME' }),
     'accept-plain-primary': Flags.boolean({ description: 'serve the replica export without a pair link, for a plain NBD primary (QEMU, nbdcopy); checkpoints are then taken on the secondary', dependsOn: ['secondary'] }),
   };
 
@@ -165,6 +172,13 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
     if (flags.secondary && flags['view-export'] !== undefined && flags['view-export'] === exports[0]!.name) {
       this.usageError(`--view-export "${flags['view-export']}" is the replica export's name too (--name); give them different names`);
     }
+    let afterSplitBrain: AfterSb0Policy | undefined;
+    try {
+      if (flags['after-split-brain'] !== undefined) afterSplitBrain = parseAfterSb0(flags['after-split-brain']);
+    } catch (err) {
+      this.usageError(`--after-split-brain: ${(err as Error).message}`);
+    }
+    if (flags['node-name'] !== undefined && flags['node-name'].trim() === '') this.usageError('--node-name is empty');
     const pair = flags.secondary
       ? [
           secondarySetup(exports[0]!.name, {
@@ -173,6 +187,8 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
             ...(flags['view-export'] === undefined ? {} : { viewExport: flags['view-export'] }),
             viewReadOnly: flags['view-read-only'] === true,
             acceptPlainPrimary: flags['accept-plain-primary'] === true,
+            ...(afterSplitBrain === undefined ? {} : { afterSplitBrain }),
+            ...(flags['node-name'] === undefined ? {} : { nodeName: flags['node-name'] }),
           }),
         ]
       : undefined;
@@ -204,6 +220,7 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
               protocol: (flags.protocol ?? 'sync') as 'sync' | 'async',
               ...(flags.queue === undefined ? {} : { queueBytes: flags.queue }),
               ...(flags['checkpoint-interval'] === undefined ? {} : { checkpointIntervalMs: flags['checkpoint-interval'] }),
+              ...(flags['node-name'] === undefined ? {} : { nodeName: flags['node-name'] }),
             },
           }),
     });

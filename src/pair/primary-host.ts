@@ -24,6 +24,8 @@ export interface ReplicationSpec {
   protocol?: ReplicationProtocol;
   queueBytes?: number;
   checkpointIntervalMs?: number;
+  /** this node's name (serve-nbd --node-name) */
+  nodeName?: string;
 }
 
 export interface PairExport {
@@ -104,6 +106,7 @@ export class PrimaryHost {
       ...(spec.protocol ? { protocol: spec.protocol } : {}),
       ...(spec.queueBytes === undefined ? {} : { queueBytes: spec.queueBytes }),
       ...(spec.checkpointIntervalMs === undefined ? {} : { checkpointIntervalMs: spec.checkpointIntervalMs }),
+      ...(spec.nodeName === undefined ? {} : { nodeName: spec.nodeName }),
       ...(this.o.transports ? { transports: this.o.transports } : {}),
       ...(this.o.publish ? { publish: this.o.publish } : {}),
       ...(this.o.log ? { log: this.o.log } : {}),

@@ -36,7 +36,7 @@ import { MirrorJob } from '../jobs/mirror.js';
 import { openExtension, OPT_BLKREP_PAIR_LINK } from '../nbd/option-takeover.js';
 import { parseNbdUri, type NbdUri } from '../nbd/uri.js';
 import { EMPTY, JUST_CREATED, mint, newGeneration, type GenerationTuple } from './generations.js';
-import { PAIR_LINK_VERSION, PairChannel, type PairMessage } from './messages.js';
+import { fetchRuns, PAIR_LINK_VERSION, PairChannel, runsPage, type PairMessage } from './messages.js';
 import type { FailoverOptions, FailoverResult, HandOff, PairLinkState, PairRole, PairStatus } from './role.js';
 import { PairStateFile, initialState, pairStatePath } from './state.js';
 import { ReplicationFilter, type ReplicationProtocol } from './replication-filter.js';
@@ -70,6 +70,8 @@ export interface PrimaryOptions {
   log?: (level: 'info' | 'warn', message: string) => void;
   /** for tests: the backoff's random source */
   random?: () => number;
+  /** this node's name for a secondary's discard-node=NAME (kept in the pair state) */
+  nodeName?: string;
   /** what the role this one replaces hands over (replicate on a promoted secondary): OR'ed into the peer bitmap */
   handOff?: HandOff;
 }
@@ -123,7 +125,16 @@ export class PrimaryRole implements PairRole {
     // a disk that never was in a pair starts a lineage (its first replication is a full sync,
     // replication.md §5); the secondary adopts it at the first checkpoint after that sync
     const fresh = state.state.gi.current === JUST_CREATED || state.state.gi.current === EMPTY;
-    await state.update((s) => ({ ...s, role: 'primary', cleanShutdown: false, diskState: 'UpToDate', ...(fresh ? { gi: { ...s.gi, current: newGeneration() } } : {}) }));
+    await state.update((s) => ({
+      ...s,
+      role: 'primary',
+      cleanShutdown: false,
+      diskState: 'UpToDate',
+      // when it became primary (discard-younger-primary): kept across restarts as primary
+      primarySince: s.role === 'primary' && s.primarySince ? s.primarySince : Date.now(),
+      ...(options.nodeName === undefined ? {} : { name: options.nodeName }),
+      ...(fresh ? { gi: { ...s.gi, current: newGeneration() } } : {}),
+    }));
     const size = options.filter.size;
     const path = peerBitmapPath(options.imagePath);
     let bitmap: PersistentBitmap;
@@ -203,7 +214,7 @@ export class PrimaryRole implements PairRole {
     try {
       const conn = await transports.get(this.uri.transport).connect(this.uri.address, { timeoutMs: LINK_TIMEOUT_MS });
       const opened = await openExtension(conn, OPT_BLKREP_PAIR_LINK, Buffer.from(JSON.stringify({ exportName: this.uri.exportName }), 'utf8'), { timeoutMs: LINK_TIMEOUT_MS });
-      channel = new PairChannel(opened.connection.stream, this.uri.uri, (m) => this.onMessage(m), opened.rest);
+      channel = new PairChannel(opened.connection.stream, this.uri.uri, (m, ch) => this.onMessage(m, ch), opened.rest);
       const s = this.state.state;
       const answer = await channel.request<PairMessage>(
         asRequest({
@@ -219,6 +230,8 @@ export class PrimaryRole implements PairRole {
           diskState: s.diskState,
           crashedPrimary: this.crashed,
           bitmapBytes: this.peerBitmap.bitmap.dirtyBytes,
+          ...(s.name === undefined ? {} : { name: s.name }),
+          primarySince: s.primarySince ?? null,
         }),
         LINK_TIMEOUT_MS,
       );
@@ -272,20 +285,7 @@ export class PrimaryRole implements PairRole {
 
   /** OR the regions the secondary marks for itself into the peer bitmap (durable before the resync starts). */
   private async takePeerRuns(channel: PairChannel): Promise<void> {
-    const size = this.options.filter.size;
-    for (let from: number | null = 0; from !== null; ) {
-      const page: PairMessage = await channel.request<PairMessage>(asRequest({ type: 'bitmap', from }), LINK_TIMEOUT_MS);
-      if (page.type !== 'runs' || !Array.isArray(page.runs)) throw new BlkrepError('ERR_PAIR_PROTOCOL', `the secondary answered "bitmap" with "${page.type}"`);
-      for (const run of page.runs) {
-        const [offset, length] = Array.isArray(run) ? run : [];
-        if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset! < 0 || length! <= 0 || offset! + length! > size) {
-          throw new BlkrepError('ERR_PAIR_PROTOCOL', `the secondary's bitmap run ${JSON.stringify(run)} is not inside the disk (${size} bytes)`);
-        }
-        this.peerBitmap.fill(offset!, length!);
-      }
-      if (page.next !== null && (!Number.isSafeInteger(page.next) || page.next <= from)) throw new BlkrepError('ERR_PAIR_PROTOCOL', `the secondary's bitmap page from ${from} goes on at ${JSON.stringify(page.next)}`);
-      from = page.next;
-    }
+    for (const r of await fetchRuns(channel, this.options.filter.size, LINK_TIMEOUT_MS)) this.peerBitmap.fill(r.offset, r.length);
     await this.peerBitmap.flush();
   }
 
@@ -334,11 +334,14 @@ export class PrimaryRole implements PairRole {
     if (this.peerKind === 'blkrep') this.checkpoint().catch((err: unknown) => this.log('warn', `checkpoint after the resync: ${(err as Error).message}`));
   }
 
-  private onMessage(m: PairMessage): void {
+  private onMessage(m: PairMessage, ch: PairChannel): void {
     if (m.type === 'demote') {
       this.options.filter.degrade(`peer-promoted: ${m.reason}`);
     } else if (m.type === 'event') {
       this.publish(m.name, { ...m.fields, export: this.options.exportName, from: 'secondary' });
+    } else if (m.type === 'bitmap') {
+      // a secondary resolving a split brain salvages what this side's resync will overwrite
+      if (ch.isOpen) ch.send({ type: 'runs', re: m.seq, ...runsPage(this.peerBitmap.bitmap, m.from) });
     } else if (m.type === 'ping') {
       try {
         this.channel?.send({ type: 'pong', t: m.t });

@@ -31,6 +31,8 @@ export interface PairState {
   crashedPrimary?: boolean;
   /** when this node last became primary (ms since the epoch; for discard-younger-primary); absent = never */
   primarySince?: number | null;
+  /** the node's name for discard-node=NAME (serve-nbd --node-name); absent = the host name */
+  name?: string;
 }
 
 const ROLES = ['primary', 'secondary', 'none'];
@@ -52,6 +54,7 @@ export function validateState(v: unknown, path: string): PairState {
   if (typeof s.cleanShutdown !== 'boolean') throw bad(`has cleanShutdown ${JSON.stringify(s.cleanShutdown)}, not true or false`);
   if (s.crashedPrimary !== undefined && typeof s.crashedPrimary !== 'boolean') throw bad(`has crashedPrimary ${JSON.stringify(s.crashedPrimary)}, not true or false`);
   if (s.primarySince !== undefined && s.primarySince !== null && !Number.isSafeInteger(s.primarySince)) throw bad(`has primarySince ${JSON.stringify(s.primarySince)}, not a time in ms`);
+  if (s.name !== undefined && (typeof s.name !== 'string' || s.name === '')) throw bad(`has name ${JSON.stringify(s.name)}, not a non-empty string`);
   checkTuple(s.gi, `the pair state ${path}`, 'ERR_PAIR_STATE');
   return s as PairState;
 }
