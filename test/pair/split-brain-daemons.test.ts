@@ -13,7 +13,7 @@ import { describe, expect, it } from 'vitest';
 import { ControlClient } from '../../src/control/client.js';
 import { NbdClient } from '../../src/nbd/client.js';
 import type { PairStatus } from '../../src/pair/role.js';
-import { makeTempDir, run, runCli, serve, unixUri, waitFor, type Served } from '../support/spawn.js';
+import { makeTempDir, run, runCli, serve, unixUri, waitFor } from '../support/spawn.js';
 
 const MiB = 1 << 20;
 const SIZE = 32 * MiB;
@@ -83,7 +83,6 @@ describe('split brain on two daemons: policies and salvage', () => {
     const aBefore = join(dir, 'a-before.img');
     await copyFile(aImg, aBefore);
 
-    const t0 = Date.now();
     const aArgs = [aImg, '--secondary', '--socket', aSock, '--control', aCtl, '--node-name', 'a'];
     const replicate = () => runCli(['replicate', '--control', bCtl, unixUri(aSock), '--json']);
     const refusedWith = async (extra: string[]): Promise<{ message: string; status: SecondaryStatus; events: Ev[]; dry: { explanation: string; splitBrain?: unknown } }> => {
