@@ -96,6 +96,8 @@ export class PrimaryRole implements PairRole {
   /** the last run of this primary did not stop cleanly (said in hello until a resync is done) */
   private crashed = false;
   private lastError: string | null = null;
+  /** the last resync that ended (status: a resync at start ends before anything can subscribe to events) */
+  private lastResync: { bytes: number; dirtyBytes: number; full: boolean; ms: number } | null = null;
   private readonly publish: NonNullable<PrimaryOptions['publish']>;
   private readonly log: NonNullable<PrimaryOptions['log']>;
 
@@ -194,6 +196,7 @@ export class PrimaryRole implements PairRole {
       lastCheckpointAgeMs: this.lastCheckpointAt === null ? null : Date.now() - this.lastCheckpointAt,
       ...(this.peerKind ? { peerKind: this.peerKind } : {}),
       ...(this.lastError ? { lastError: this.lastError } : {}),
+      ...(this.lastResync ? { lastResync: this.lastResync } : {}),
     } as PairStatus;
   }
 
@@ -328,6 +331,7 @@ export class PrimaryRole implements PairRole {
     this.lastError = null;
     this.link = 'connected';
     const copied = job.query().offset;
+    this.lastResync = { bytes: copied, dirtyBytes: bytes, full, ms: Date.now() - started };
     this.publish('resync-done', { export: this.options.exportName, peer: this.uri.uri, bytes: copied, dirtyBytes: bytes, ms: Date.now() - started });
     this.publish('replication-connected', { export: this.options.exportName, peer: this.uri.uri, protocol: this.protocol, peerKind: this.peerKind });
     // then a checkpoint (replication.md §3): the secondary's restore point is the synced disk, and it adopts the generations
