@@ -253,6 +253,11 @@ export class PrimaryRole implements PairRole {
       const e = toBlkrepError(err);
       channel?.close();
       if (e.code !== 'ERR_NBD_UNSUPPORTED') throw e;
+      // a blkrep secondary that stops offering the pair link was promoted (or replaced): never
+      // fall back to writing into it as a plain server — that would be a stale primary writing
+      if (this.peerKind === 'blkrep' || this.state.state.epoch > 0) {
+        throw new BlkrepError('ERR_PAIR_ROLE', `${this.uri.uri} was a blkrep secondary (epoch ${this.state.state.epoch}) and no longer offers the pair link (promoted?): not replicating to it as a plain NBD server (to do so on purpose, stop this daemon and remove ${this.state.path})`, { errno: 'EPERM' });
+      }
       if (this.peerKind !== 'plain') {
         this.log('warn', `${this.uri.uri} is a plain NBD server (no blkrep pair link): replicating without checkpoints`);
         this.publish('replication-plain', { export: this.options.exportName, peer: this.uri.uri });
