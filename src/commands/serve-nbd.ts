@@ -17,6 +17,7 @@ import { parseMetricsAddress } from '../serve/metrics.js';
 import { daemonLogger, type LogFormat } from '../cli/log-format.js';
 import { applyConfig, type CommandShape } from '../config/file.js';
 import { notifySystemd } from '../cli/systemd-notify.js';
+import { parseAfterSb0, type AfterSb0Policy } from '../pair/split-brain.js';
 
 /** The embedded default: what `blkrep serve-nbd` serves when given no image. */
 export const DEFAULT_IMAGE = 'memory:1G';
@@ -63,6 +64,7 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
     { description: 'Only let in the replica whose client certificate has this DN', command: "<%= config.bin %> <%= command.id %> disk.img --bind 0.0.0.0 --tls-certificates /etc/pki/blkrep --tls-authz 'C=GB,O=blkrep,CN=replica-a'" },
     { description: "TLS with a pre-shared key (psktool -u alice -p keys.psk); nbdinfo 'nbds://alice@host?tls-psk-file=keys.psk'", command: '<%= config.bin %> <%= command.id %> disk.img --bind 0.0.0.0 --tls-psk /etc/blkrep/keys.psk' },
     { description: 'Be the primary of a replication pair: every write also goes to the secondary, a checkpoint every 20 s', command: '<%= config.bin %> <%= command.id %> disk.img --socket /run/blkrep/nbd.sock --control /run/blkrep/ctl.sock --replicate-to nbd://backup-host:10809/disk --checkpoint-interval 20s' },
+    { description: 'Be a secondary that, after a split brain, keeps the data of the side that changed more (its own diverged clusters are salvaged first)', command: '<%= config.bin %> <%= command.id %> disk.img --secondary --control /run/blkrep/ctl.sock --port 10809 --node-name east --after-split-brain discard-least-changes' },
     { description: 'Replicate asynchronously to a plain qemu-nbd (no checkpoints), with a 256 MiB queue', command: '<%= config.bin %> <%= command.id %> disk.img --control /run/blkrep/ctl.sock --replicate-to nbd+unix:///?socket=/run/qemu-nbd.sock --protocol async --queue 256M' },
     { description: 'Prometheus metrics on port 9101 and JSON log lines (for journald, Loki, jq)', command: '<%= config.bin %> <%= command.id %> disk.img --control disk --metrics 127.0.0.1:9101 --log-format json' },
     { description: 'A bitmap per export, one in a file of its own choosing', command: '<%= config.bin %> <%= command.id %> --export a=a.img --export b=/dev/vdb --bitmap a:b0 --bitmap b:b0=/var/lib/blkrep/vdb.b0.bitmap' },
@@ -127,6 +129,12 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
     // operations (ops): metrics and the log's format
     metrics: Flags.string({ description: 'serve Prometheus metrics on GET /metrics at this address: HOST:PORT, [IPV6]:PORT, :PORT (127.0.0.1) or unix:PATH (mode as --socket-mode, 0600 by default)', helpValue: 'ADDR:PORT|unix:PATH' }),
     'log-format': Flags.string({ description: 'stderr log lines: text ("blkrep serve-nbd: MESSAGE") or json (one object per line: time, level, pid, message)', options: ['text', 'json'], default: 'text', helpValue: 'text|json' }),
+    'after-split-brain': Flags.string({
+      description: "with --secondary: which side's data a split brain keeps (both disks written apart): disconnect (default: refuse and explain), discard-zero-changes, discard-least-changes, discard-younger-primary, discard-older-primary, discard-node=NAME; the losing disk's clusters are kept in a salvage overlay IMAGE.salvage-TIME.qcow2 first",
+      helpValue: 'POLICY',
+      dependsOn: ['secondary'],
+    }),
+    'node-name': Flags.string({ description: "this node's name in a replication pair, for --after-split-brain discard-node=NAME (kept in IMAGE.pair.json) [default: the host name]", helpValue: 'NAME' }),
     'accept-plain-primary': Flags.boolean({ description: 'serve the replica export without a pair link, for a plain NBD primary (QEMU, nbdcopy); checkpoints are then taken on the secondary', dependsOn: ['secondary'] }),
   };
 
@@ -178,6 +186,13 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
     if (flags.secondary && flags['view-export'] !== undefined && flags['view-export'] === exports[0]!.name) {
       this.usageError(`--view-export "${flags['view-export']}" is the replica export's name too (--name); give them different names`);
     }
+    let afterSplitBrain: AfterSb0Policy | undefined;
+    try {
+      if (flags['after-split-brain'] !== undefined) afterSplitBrain = parseAfterSb0(flags['after-split-brain']);
+    } catch (err) {
+      this.usageError(`--after-split-brain: ${(err as Error).message}`);
+    }
+    if (flags['node-name'] !== undefined && flags['node-name'].trim() === '') this.usageError('--node-name is empty');
     const pair = flags.secondary
       ? [
           secondarySetup(exports[0]!.name, {
@@ -186,6 +201,8 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
             ...(flags['view-export'] === undefined ? {} : { viewExport: flags['view-export'] }),
             viewReadOnly: flags['view-read-only'] === true,
             acceptPlainPrimary: flags['accept-plain-primary'] === true,
+            ...(afterSplitBrain === undefined ? {} : { afterSplitBrain }),
+            ...(flags['node-name'] === undefined ? {} : { nodeName: flags['node-name'] }),
           }),
         ]
       : undefined;
@@ -218,6 +235,7 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
               protocol: (flags.protocol ?? 'sync') as 'sync' | 'async',
               ...(flags.queue === undefined ? {} : { queueBytes: flags.queue }),
               ...(flags['checkpoint-interval'] === undefined ? {} : { checkpointIntervalMs: flags['checkpoint-interval'] }),
+              ...(flags['node-name'] === undefined ? {} : { nodeName: flags['node-name'] }),
             },
           }),
     });

@@ -12,9 +12,13 @@
  *   S → P  event        something the HA side must know (case 3/4 of the failure table)
  *   both   ping / pong  liveness on the link (heartbeat backend "link")
  *   S → P  demote       S was promoted: the link closes, the primary must stop forwarding
+ *   P → S  bitmap       after a welcome deciding a bitmap resync: the regions S marks for itself
+ *                       (an old primary's peer bitmap with its activity log), a page of runs from
+ *                       `from`; S answers runs {runs, next} (next null: the last page)
  */
 import type { Duplex } from 'node:stream';
 import { BlkrepError } from '../api/errors.js';
+import type { DirtyBitmap } from '../bitmap/dirty-bitmap.js';
 import type { GenerationTuple } from './generations.js';
 
 export const PAIR_LINK_VERSION = 1;
@@ -54,7 +58,12 @@ export type PairMessage =
   | { type: 'event'; name: string; fields: Record<string, unknown> }
   | { type: 'ping'; t: number }
   | { type: 'pong'; t: number }
-  | { type: 'demote'; reason: string };
+  | { type: 'demote'; reason: string }
+  | { type: 'bitmap'; seq: number; from: number }
+  | { type: 'runs'; re: number; runs: Array<[number, number]>; next: number | null };
+
+/** runs per `runs` page: [offset, length] pairs of up to 2×16 digits fit MAX_LINE */
+export const RUNS_PER_PAGE = 1500;
 
 /** what the secondary decided on hello (the generation table, replication.md §5) */
 export interface LinkDecision {
@@ -69,7 +78,7 @@ export type PairMessageType = PairMessage['type'];
 /** a request as request() takes it: any message with a seq, without the seq (distributes over the union) */
 export type RequestWithoutSeq = Extract<PairMessage, { seq: number }> extends infer R ? (R extends unknown ? Omit<R, 'seq'> : never) : never;
 
-const TYPES = new Set<string>(['hello', 'welcome', 'refuse', 'checkpoint', 'abort', 'done', 'failed', 'event', 'ping', 'pong', 'demote']);
+const TYPES = new Set<string>(['hello', 'welcome', 'refuse', 'checkpoint', 'abort', 'done', 'failed', 'event', 'ping', 'pong', 'demote', 'bitmap', 'runs']);
 
 export function encodeMessage(m: PairMessage): Buffer {
   const line = Buffer.from(JSON.stringify(m) + '\n', 'utf8');
@@ -186,4 +195,35 @@ export class PairChannel {
     }
     if (Buffer.byteLength(this.buffered) > MAX_LINE) this.close(new BlkrepError('ERR_PAIR_PROTOCOL', `pair link line from ${this.peer} is over ${MAX_LINE} bytes`));
   }
+}
+
+/** One `runs` page of a bitmap's dirty runs from `from` (the answer to a `bitmap` request). */
+export function runsPage(b: DirtyBitmap | undefined, from: number): { runs: Array<[number, number]>; next: number | null } {
+  const start = Number.isSafeInteger(from) && from >= 0 ? from : 0;
+  if (!b || start >= b.size) return { runs: [], next: null };
+  const runs: Array<[number, number]> = [];
+  for (const r of b.dirtyRuns(start, b.size - start)) {
+    if (runs.length === RUNS_PER_PAGE) return { runs, next: r.offset };
+    runs.push([r.offset, r.length]);
+  }
+  return { runs, next: null };
+}
+
+/** Every run the peer's bitmap marks, page by page (`bitmap` requests), each checked inside `size`. */
+export async function fetchRuns(channel: PairChannel, size: number, timeoutMs: number): Promise<Array<{ offset: number; length: number }>> {
+  const out: Array<{ offset: number; length: number }> = [];
+  for (let from: number | null = 0; from !== null; ) {
+    const page: PairMessage = await channel.request<PairMessage>({ type: 'bitmap', from }, timeoutMs);
+    if (page.type !== 'runs' || !Array.isArray(page.runs)) throw new BlkrepError('ERR_PAIR_PROTOCOL', `${channel.peer} answered "bitmap" with "${page.type}"`);
+    for (const run of page.runs) {
+      const [offset, length] = Array.isArray(run) ? run : [];
+      if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset! < 0 || length! <= 0 || offset! + length! > size) {
+        throw new BlkrepError('ERR_PAIR_PROTOCOL', `${channel.peer}: bitmap run ${JSON.stringify(run)} is not inside the disk (${size} bytes)`);
+      }
+      out.push({ offset: offset!, length: length! });
+    }
+    if (page.next !== null && (!Number.isSafeInteger(page.next) || page.next <= from)) throw new BlkrepError('ERR_PAIR_PROTOCOL', `${channel.peer}: the bitmap page from ${from} goes on at ${JSON.stringify(page.next)}`);
+    from = page.next;
+  }
+  return out;
 }

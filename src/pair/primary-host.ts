@@ -24,6 +24,8 @@ export interface ReplicationSpec {
   protocol?: ReplicationProtocol;
   queueBytes?: number;
   checkpointIntervalMs?: number;
+  /** this node's name (serve-nbd --node-name) */
+  nodeName?: string;
 }
 
 export interface PairExport {
@@ -87,20 +89,17 @@ export class PrimaryHost {
     const name = this.exportName(spec.exportName);
     const ex = this.o.exports.get(name)!;
     const existing = this.o.roles.get(name);
-    // A stopped primary's role is replaced; so is a promoted secondary's (failover made it the
-    // primary: replicating now protects it, and fails back onto the old primary).
-    const replaceable = existing instanceof PrimaryRole ? existing.isStopped : existing?.role === 'primary';
-    if (existing && !replaceable) {
+    // a role that is a primary no longer replicating (a stopped primary, a promoted secondary:
+    // failback) is replaced; it hands over the regions the new peer may miss
+    if (existing && !(existing.replaceable && existing.handOff)) {
       const st = existing.status();
       throw new BlkrepError('ERR_PAIR_STATE', `export "${name}" is already in a pair (${st.role}, peer ${st.peer ?? 'none'}, link ${st.link})`, { errno: 'EINVAL', details: { export: name } });
     }
     if (ex.imagePath === undefined) {
       throw new BlkrepError('ERR_PAIR_STATE', `export "${name}" cannot be replicated: ${ex.why ?? 'its image is no regular file'} (the peer bitmap and the pair state live beside the disk)`, { errno: 'EINVAL' });
     }
-    if (existing) {
-      await existing.close();
-      this.o.roles.delete(name);
-    }
+    const handOff = existing ? await existing.handOff!() : undefined;
+    if (existing) this.o.roles.delete(name);
     const role = await PrimaryRole.start({
       exportName: name,
       imagePath: ex.imagePath,
@@ -109,11 +108,14 @@ export class PrimaryHost {
       ...(spec.protocol ? { protocol: spec.protocol } : {}),
       ...(spec.queueBytes === undefined ? {} : { queueBytes: spec.queueBytes }),
       ...(spec.checkpointIntervalMs === undefined ? {} : { checkpointIntervalMs: spec.checkpointIntervalMs }),
+      ...(spec.nodeName === undefined ? {} : { nodeName: spec.nodeName }),
       ...(this.o.transports ? { transports: this.o.transports } : {}),
       ...(this.o.publish ? { publish: this.o.publish } : {}),
       ...(this.o.log ? { log: this.o.log } : {}),
+      ...(handOff ? { handOff } : {}),
     });
     this.o.roles.set(name, role);
+    await handOff?.taken().catch((err: unknown) => this.o.log?.('warn', `replicate: ${(err as Error).message}`));
     return role;
   }
 

@@ -37,8 +37,8 @@ import { upgraderOf } from '../nbd/client-connect.js';
 import { openExtension, OPT_BLKREP_PAIR_LINK, startTlsPrepare } from '../nbd/option-takeover.js';
 import { parseNbdUri, type NbdUri } from '../nbd/uri.js';
 import { EMPTY, JUST_CREATED, mint, newGeneration, type GenerationTuple } from './generations.js';
-import { PAIR_LINK_VERSION, PairChannel, type PairMessage } from './messages.js';
-import type { FailoverOptions, FailoverResult, PairLinkState, PairRole, PairStatus } from './role.js';
+import { fetchRuns, PAIR_LINK_VERSION, PairChannel, runsPage, type PairMessage } from './messages.js';
+import type { FailoverOptions, FailoverResult, HandOff, PairLinkState, PairRole, PairStatus } from './role.js';
 import { PairStateFile, initialState, pairStatePath } from './state.js';
 import { ReplicationFilter, type ReplicationProtocol } from './replication-filter.js';
 
@@ -71,6 +71,10 @@ export interface PrimaryOptions {
   log?: (level: 'info' | 'warn', message: string) => void;
   /** for tests: the backoff's random source */
   random?: () => number;
+  /** this node's name for a secondary's discard-node=NAME (kept in the pair state) */
+  nodeName?: string;
+  /** what the role this one replaces hands over (replicate on a promoted secondary): OR'ed into the peer bitmap */
+  handOff?: HandOff;
 }
 
 export class PrimaryRole implements PairRole {
@@ -94,6 +98,8 @@ export class PrimaryRole implements PairRole {
   private crashed = false;
   private lastError: string | null = null;
   private lastTlsRefusal: string | undefined;
+  /** the last resync that ended (status: a resync at start ends before anything can subscribe to events) */
+  private lastResync: { bytes: number; dirtyBytes: number; full: boolean; ms: number } | null = null;
   private readonly publish: NonNullable<PrimaryOptions['publish']>;
   private readonly log: NonNullable<PrimaryOptions['log']>;
 
@@ -128,7 +134,16 @@ export class PrimaryRole implements PairRole {
     // a disk that never was in a pair starts a lineage (its first replication is a full sync,
     // replication.md §5); the secondary adopts it at the first checkpoint after that sync
     const fresh = state.state.gi.current === JUST_CREATED || state.state.gi.current === EMPTY;
-    await state.update((s) => ({ ...s, role: 'primary', cleanShutdown: false, diskState: 'UpToDate', ...(fresh ? { gi: { ...s.gi, current: newGeneration() } } : {}) }));
+    await state.update((s) => ({
+      ...s,
+      role: 'primary',
+      cleanShutdown: false,
+      diskState: 'UpToDate',
+      // when it became primary (discard-younger-primary): kept across restarts as primary
+      primarySince: s.role === 'primary' && s.primarySince ? s.primarySince : Date.now(),
+      ...(options.nodeName === undefined ? {} : { name: options.nodeName }),
+      ...(fresh ? { gi: { ...s.gi, current: newGeneration() } } : {}),
+    }));
     const size = options.filter.size;
     const path = peerBitmapPath(options.imagePath);
     let bitmap: PersistentBitmap;
@@ -138,6 +153,13 @@ export class PrimaryRole implements PairRole {
     } else {
       bitmap = await PersistentBitmap.create(path, { size });
       freshBitmap = true;
+    }
+    if (options.handOff) {
+      // the regions the peer may miss are known (a failback bitmap): durable before anything is written
+      for (const r of options.handOff.dirty) bitmap.fill(r.offset, r.length);
+      await bitmap.flush();
+      freshBitmap = false;
+      options.log?.('info', `replicating export "${options.exportName}": the peer bitmap starts from ${options.handOff.what} (${bitmap.bitmap.dirtyBytes} bytes)`);
     }
     const role = new PrimaryRole(options, state, bitmap);
     role.freshBitmap = freshBitmap || fresh;
@@ -182,6 +204,7 @@ export class PrimaryRole implements PairRole {
       lastCheckpointAgeMs: this.lastCheckpointAt === null ? null : Date.now() - this.lastCheckpointAt,
       ...(this.peerKind ? { peerKind: this.peerKind } : {}),
       ...(this.lastError ? { lastError: this.lastError } : {}),
+      ...(this.lastResync ? { lastResync: this.lastResync } : {}),
     } as PairStatus;
   }
 
@@ -207,7 +230,7 @@ export class PrimaryRole implements PairRole {
         timeoutMs: LINK_TIMEOUT_MS,
         ...(prepare ? { prepare } : {}),
       });
-      channel = new PairChannel(opened.connection.stream, this.uri.uri, (m) => this.onMessage(m), opened.rest);
+      channel = new PairChannel(opened.connection.stream, this.uri.uri, (m, ch) => this.onMessage(m, ch), opened.rest);
       const s = this.state.state;
       const answer = await channel.request<PairMessage>(
         asRequest({
@@ -223,6 +246,8 @@ export class PrimaryRole implements PairRole {
           diskState: s.diskState,
           crashedPrimary: this.crashed,
           bitmapBytes: this.peerBitmap.bitmap.dirtyBytes,
+          ...(s.name === undefined ? {} : { name: s.name }),
+          primarySince: s.primarySince ?? null,
         }),
         LINK_TIMEOUT_MS,
       );
@@ -234,11 +259,18 @@ export class PrimaryRole implements PairRole {
       if (answer.size !== filter.size) throw sizeError(this.uri.uri, filter.size, answer.size);
       if (answer.decision.action === 'refuse') throw new BlkrepError('ERR_PAIR_SPLIT_BRAIN', `the secondary refuses: ${answer.decision.explanation} (rule ${answer.decision.rule})`, { errno: 'EPERM' });
       if (answer.decision.action === 'resync-full') full = true;
+      // the peer's own marks (an old primary's peer bitmap and activity log): the resync copies the union
+      else if (!full && answer.bitmapBytes > 0) await this.takePeerRuns(channel);
       this.peerKind = 'blkrep';
     } catch (err) {
       const e = toBlkrepError(err);
       channel?.close();
       if (e.code !== 'ERR_NBD_UNSUPPORTED') throw e;
+      // a blkrep secondary that stops offering the pair link was promoted (or replaced): never
+      // fall back to writing into it as a plain server — that would be a stale primary writing
+      if (this.peerKind === 'blkrep' || this.state.state.epoch > 0) {
+        throw new BlkrepError('ERR_PAIR_ROLE', `${this.uri.uri} was a blkrep secondary (epoch ${this.state.state.epoch}) and no longer offers the pair link (promoted?): not replicating to it as a plain NBD server (to do so on purpose, stop this daemon and remove ${this.state.path})`, { errno: 'EPERM' });
+      }
       if (this.peerKind !== 'plain') {
         this.log('warn', `${this.uri.uri} is a plain NBD server (no blkrep pair link): replicating without checkpoints`);
         this.publish('replication-plain', { export: this.options.exportName, peer: this.uri.uri });
@@ -270,6 +302,12 @@ export class PrimaryRole implements PairRole {
       }
     });
     await this.resync(data, full);
+  }
+
+  /** OR the regions the secondary marks for itself into the peer bitmap (durable before the resync starts). */
+  private async takePeerRuns(channel: PairChannel): Promise<void> {
+    for (const r of await fetchRuns(channel, this.options.filter.size, LINK_TIMEOUT_MS)) this.peerBitmap.fill(r.offset, r.length);
+    await this.peerBitmap.flush();
   }
 
   /** Resync by the peer bitmap with a mirror job; at its consistent instant, forward. */
@@ -312,17 +350,21 @@ export class PrimaryRole implements PairRole {
     this.lastTlsRefusal = undefined;
     this.link = 'connected';
     const copied = job.query().offset;
+    this.lastResync = { bytes: copied, dirtyBytes: bytes, full, ms: Date.now() - started };
     this.publish('resync-done', { export: this.options.exportName, peer: this.uri.uri, bytes: copied, dirtyBytes: bytes, ms: Date.now() - started });
     this.publish('replication-connected', { export: this.options.exportName, peer: this.uri.uri, protocol: this.protocol, peerKind: this.peerKind });
     // then a checkpoint (replication.md §3): the secondary's restore point is the synced disk, and it adopts the generations
     if (this.peerKind === 'blkrep') this.checkpoint().catch((err: unknown) => this.log('warn', `checkpoint after the resync: ${(err as Error).message}`));
   }
 
-  private onMessage(m: PairMessage): void {
+  private onMessage(m: PairMessage, ch: PairChannel): void {
     if (m.type === 'demote') {
       this.options.filter.degrade(`peer-promoted: ${m.reason}`);
     } else if (m.type === 'event') {
       this.publish(m.name, { ...m.fields, export: this.options.exportName, from: 'secondary' });
+    } else if (m.type === 'bitmap') {
+      // a secondary resolving a split brain salvages what this side's resync will overwrite
+      if (ch.isOpen) ch.send({ type: 'runs', re: m.seq, ...runsPage(this.peerBitmap.bitmap, m.from) });
     } else if (m.type === 'ping') {
       try {
         this.channel?.send({ type: 'pong', t: m.t });
@@ -454,6 +496,17 @@ export class PrimaryRole implements PairRole {
   /** true once failover stopped it (replicate may start another) */
   get isStopped(): boolean {
     return this.stopped;
+  }
+
+  /** replicate replaces a primary that failover stopped */
+  get replaceable(): boolean {
+    return this.stopped;
+  }
+
+  /** Close; what the next peer misses is in the peer bitmap beside the disk, which the next role opens. */
+  async handOff(): Promise<HandOff> {
+    await this.close();
+    return { dirty: [], what: peerBitmapPath(this.options.imagePath), taken: () => Promise.resolve() };
   }
 
   private stopTimers(): void {

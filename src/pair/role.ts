@@ -57,10 +57,28 @@ export interface FailoverResult {
   [extra: string]: unknown;
 }
 
+/**
+ * What a role leaves to the primary role that replaces it (`blkrep replicate` on an export whose
+ * role is a primary no longer replicating: a promoted secondary, a stopped primary). The one way
+ * a new PrimaryRole gets the regions its peer may miss beyond its own peer bitmap.
+ */
+export interface HandOff {
+  /** regions the next peer may miss (a promoted secondary: its failback bitmap ∪ the old peer bitmap) */
+  dirty: Array<{ offset: number; length: number }>;
+  /** what they are, for the log and the resync event */
+  what: string;
+  /** the next role holds them durably (its peer bitmap is flushed): the old record may go */
+  taken(): Promise<void>;
+}
+
 export interface PairRole {
   readonly role: 'primary' | 'secondary';
   status(): PairStatus;
   failover(o: FailoverOptions): Promise<FailoverResult>;
   checkpoint?(): Promise<{ epoch: number }>;
+  /** a primary role may replace this one now (it is a primary that does not replicate) */
+  readonly replaceable?: boolean;
+  /** close this role and hand over what the replacing primary role needs (only when replaceable) */
+  handOff?(): Promise<HandOff>;
   close(): Promise<void>;
 }

@@ -9,17 +9,24 @@
  * acceptPlainPrimary); every role change and the link's end close its connections, so a stale
  * primary cannot write. Checkpoints and failover run one at a time.
  */
+import { access } from 'node:fs/promises';
+import { hostname } from 'node:os';
+import { basename } from 'node:path';
 import type { Duplex } from 'node:stream';
 import type { BlockNode, CompleteBlockNode, WriteOptions, ZeroOptions } from '../api/block.js';
 import { BlkrepError, toBlkrepError } from '../api/errors.js';
+import { PersistentBitmap } from '../bitmap/persistent.js';
 import { Filter } from '../block/filter.js';
 import { OPT_BLKREP_PAIR_LINK } from '../nbd/option-takeover.js';
 import type { PairContext, PairSetup } from '../serve/daemon.js';
 import { CbwFilter } from './cbw-filter.js';
 import { crashPoint, faultPoint } from './crash-hook.js';
 import { decide, mint, type Decision, type GenerationTuple } from './generations.js';
-import { PAIR_LINK_VERSION, PairChannel, type DiskState, type LinkDecision, type NodeSummary, type PairMessage } from './messages.js';
-import type { FailoverOptions, FailoverResult, PairRole, PairStatus } from './role.js';
+import { listSalvage, salvage, salvagePath, type SalvageEntry } from './salvage.js';
+import { resolveSplitBrain, type AfterSb0Policy, type SplitBrainResolution, type SplitBrainSide } from './split-brain.js';
+import { fetchRuns, PAIR_LINK_VERSION, PairChannel, runsPage, type DiskState, type LinkDecision, type NodeSummary, type PairMessage } from './messages.js';
+import { peerBitmapPath } from './primary.js';
+import type { FailoverOptions, FailoverResult, HandOff, PairRole, PairStatus } from './role.js';
 import { allocatedRuns, openSecondaryImages, OVERLAY_CLUSTER, type SecondaryImages } from './secondary-images.js';
 import { explainSecondaryFailover, type SecondaryFailoverFacts } from './secondary-explain.js';
 import { initialState, pairStatePath, PairStateFile } from './state.js';
@@ -35,7 +42,14 @@ export interface SecondaryOptions {
   viewReadOnly?: boolean;
   /** serve the replica export without a pair link (a plain NBD primary: QEMU, nbdcopy …) */
   acceptPlainPrimary?: boolean;
+  /** --after-split-brain: which side's data a split brain keeps (default disconnect: refuse and explain) */
+  afterSplitBrain?: AfterSb0Policy;
+  /** --node-name: this node's name for discard-node=NAME (kept in the pair state; default the host name) */
+  nodeName?: string;
 }
+
+/** how long the primary's bitmap may take to arrive for a salvage */
+const SALVAGE_TIMEOUT_MS = 30_000;
 
 /** The failback bitmap a promoted secondary starts (blkrep replicate resyncs the old primary by it). */
 export const FAILBACK_BITMAP = 'failback';
@@ -96,10 +110,22 @@ export class SecondaryRole implements PairRole {
   private promoted = false;
   /** a failover failed halfway (this run, or the pair state says one was under way): primaries are refused until failover --retry */
   private failoverFailed: { step: FailoverStep | 'restart'; code: string; message: string } | null = null;
+  /** a failover is under way: no hello is welcomed from its first step on */
+  private promoting = false;
   private closing: Promise<void> | undefined;
   private readonly viewGate = new WriteGate();
   private readonly cbw: CbwFilter | undefined;
   private readonly view: ViewNode | undefined;
+  /**
+   * An old primary's peer bitmap (DISK.pair.dirty, its activity log replayed): the regions this
+   * disk may hold that the new primary lacks. Offered on the link (bitmapBytes, the `bitmap`
+   * request) and cleared at the checkpoint that ends the resync.
+   */
+  private ownDirty: PersistentBitmap | undefined;
+  /** the last split brain met on hello, for status and `failover --dry-run` */
+  private splitBrain: { at: string; rule: number; policy: string; keeps: 'primary' | 'secondary' | null; changedBytes: { secondary: number; primary: number }; explanation: string } | undefined;
+  /** salvage overlays beside the disk */
+  private salvaged: SalvageEntry[] = [];
 
   private constructor(
     private readonly ctx: PairContext,
@@ -130,6 +156,9 @@ export class SecondaryRole implements PairRole {
     const images = await openSecondaryImages(diskPath, ctx.imageNode, o);
     const role = new SecondaryRole(ctx, o, state, images);
     try {
+      await role.openOwnDirty(diskPath);
+      role.salvaged = await listSalvage(diskPath);
+      if (o.nodeName !== undefined && o.nodeName !== state.state.name) await state.update((s) => ({ ...s, name: o.nodeName! }));
       await role.recover();
       const fo = state.state.failingOver;
       if (fo) {
@@ -160,13 +189,64 @@ export class SecondaryRole implements PairRole {
     return this.promoted ? 'primary' : 'secondary';
   }
 
+  /** a promoted secondary is a primary that does not replicate: `replicate` replaces it */
+  get replaceable(): boolean {
+    return this.promoted;
+  }
+
+  /** An old primary's peer bitmap beside the disk, when it marks something (else closed at once). */
+  private async openOwnDirty(diskPath: string): Promise<void> {
+    const path = peerBitmapPath(diskPath);
+    if (!(await access(path).then(() => true, () => false))) return;
+    const b = (await PersistentBitmap.open(path, { size: this.ctx.exportNode.size })).bitmap;
+    if (b.bitmap.dirtyBytes === 0) return b.close();
+    this.ownDirty = b;
+    this.ctx.log('info', `${path} marks ${b.bitmap.dirtyBytes} bytes this disk wrote as a primary: offered to the primary for the resync`);
+  }
+
+  /**
+   * replicate on a promoted secondary: close, and hand over the failback bitmap (every cluster
+   * the old primary may hold differently: active ∪ hidden at failover, and every write since)
+   * ∪ the old peer bitmap of this disk.
+   */
+  async handOff(): Promise<HandOff> {
+    if (!this.promoted) throw this.roleError('be replaced by a primary role', 'is a secondary');
+    const size = this.ctx.exportNode.size;
+    const dirty: Run[] = [];
+    let what = `failback bitmap "${FAILBACK_BITMAP}"`;
+    try {
+      for (let from: number | null = 0; from !== null; ) {
+        const page: ReturnType<PairContext['bitmaps']['dump']> = this.ctx.bitmaps.dump(FAILBACK_BITMAP, { start: from, length: size - from });
+        for (const [offset, length] of page.runs) dirty.push({ offset, length });
+        from = page.next;
+      }
+    } catch (err) {
+      if ((err as { code?: string }).code !== 'ERR_BITMAP_NOT_FOUND') throw err;
+      // nothing says what the old primary may hold differently: all of it
+      dirty.splice(0, dirty.length, { offset: 0, length: size });
+      what = `the whole disk (the failback bitmap "${FAILBACK_BITMAP}" is gone)`;
+    }
+    if (this.ownDirty) {
+      for (const r of this.ownDirty.bitmap.dirtyRuns()) dirty.push({ offset: r.offset, length: r.length });
+      what += ` ∪ ${this.ownDirty.path}`;
+    }
+    await this.close();
+    return {
+      dirty,
+      what,
+      taken: async () => {
+        await this.ctx.bitmaps.remove(FAILBACK_BITMAP, { ifExists: true });
+      },
+    };
+  }
+
   status(): PairStatus & { secondary: Record<string, unknown> } {
     const s = this.state.state;
     return {
       role: this.role,
       peer: this.link?.peer ?? null,
       protocol: this.link ? (this.peerHello?.protocol ?? null) : null,
-      link: this.link ? (s.diskState === 'Inconsistent' ? 'resyncing' : 'connected') : 'none',
+      link: this.link ? (s.diskState === 'Inconsistent' ? 'resyncing' : 'connected') : this.splitBrain && this.splitBrain.keeps !== 'primary' ? 'split-brain' : 'none',
       epoch: s.epoch,
       gi: s.gi,
       diskState: s.diskState,
@@ -184,6 +264,8 @@ export class SecondaryRole implements PairRole {
         failoverFailed: this.failoverFailed,
         failedReason: s.diskState === 'Failed' ? (this.failedReason ?? 'a write to the disk failed in an earlier run') : null,
         replicaExport: this.ctx.server.findExport(this.ctx.exportName) !== undefined,
+        splitBrain: this.splitBrain ?? null,
+        salvage: this.salvaged,
       },
     };
   }
@@ -210,7 +292,16 @@ export class SecondaryRole implements PairRole {
       const to = pending?.to ?? o.to;
       const facts = await this.failoverFacts({ ...o, to });
       const explained = explainSecondaryFailover(facts, o.dryRun);
-      if (o.dryRun) return { ...explained, ms: Date.now() - t0, ...(pending ? { retry: true, failoverFailed: this.failoverFailed } : {}) };
+      if (o.dryRun) {
+        // a split brain met on the link is part of what a failover here decides
+        const sb = this.splitBrain;
+        return {
+          ...explained,
+          ms: Date.now() - t0,
+          ...(pending ? { retry: true, failoverFailed: this.failoverFailed } : {}),
+          ...(sb ? { splitBrain: sb, explanation: `${explained.explanation}\n${sb.explanation}` } : {}),
+        };
+      }
       // a retry was allowed when its failover started (maybe with --force): only its target counts now
       if (explained.refusal && !pending) throw new BlkrepError(explained.refusal.code, explained.refusal.message, { errno: 'EPERM', details: { diskState: facts.diskState, to } });
       this.ctx.publish('failover-started', { export: name, to, epoch: facts.epoch, retry: pending !== null });
@@ -242,6 +333,8 @@ export class SecondaryRole implements PairRole {
         await this.images.active.close().catch((err: unknown) => this.ctx.log('warn', `active disk: ${(err as Error).message}`));
         await this.images.hidden.close().catch((err: unknown) => this.ctx.log('warn', `hidden disk: ${(err as Error).message}`));
       }
+      await this.ownDirty?.close().catch((err: unknown) => this.ctx.log('warn', `old peer bitmap: ${(err as Error).message}`));
+      this.ownDirty = undefined;
       if (this.promoted) await this.state.update((s) => ({ ...s, cleanShutdown: true })).catch(() => {});
     })();
     return this.closing;
@@ -298,6 +391,10 @@ export class SecondaryRole implements PairRole {
       case 'ping':
         if (ch.isOpen) ch.send({ type: 'pong', t: m.t });
         return;
+      case 'bitmap':
+        if (ch !== this.link) return;
+        ch.send({ type: 'runs', re: m.seq, ...runsPage(this.ownDirty?.bitmap, m.from) });
+        return;
       default:
         return;
     }
@@ -310,7 +407,7 @@ export class SecondaryRole implements PairRole {
 
   private summary(): NodeSummary {
     const s = this.state.state;
-    return { nodeId: s.nodeId, role: 'secondary', gi: s.gi, epoch: s.epoch, diskState: s.diskState, crashedPrimary: false, bitmapBytes: 0 };
+    return { nodeId: s.nodeId, role: 'secondary', gi: s.gi, epoch: s.epoch, diskState: s.diskState, crashedPrimary: false, bitmapBytes: this.ownDirty?.bitmap.dirtyBytes ?? 0 };
   }
 
   private onHello(m: Extract<PairMessage, { type: 'hello' }>, ch: PairChannel): void {
@@ -326,7 +423,7 @@ export class SecondaryRole implements PairRole {
       return refuse('ERR_PAIR_PROTOCOL', (err as Error).message);
     }
     if (m.version !== PAIR_LINK_VERSION) return refuse('ERR_PAIR_PROTOCOL', `pair link version ${m.version} is not ${PAIR_LINK_VERSION}`);
-    if (this.promoted) return refuse('ERR_PAIR_ROLE', `this node was promoted (failover): it is a primary now and takes no primary's writes`);
+    if (this.promoted || this.promoting) return refuse('ERR_PAIR_ROLE', `this node ${this.promoted ? 'was promoted' : 'is being promoted'} (failover): it is a primary now and takes no primary's writes`);
     if (this.failoverFailed) return refuse('ERR_PAIR_STATE', `a failover of this secondary failed halfway (step ${this.failoverFailed.step}): it takes no primary's writes; finish it with blkrep failover --retry`);
     if (this.link?.isOpen) return refuse('ERR_PAIR_BUSY', `a primary holds the pair link already (${this.link.peer}); one at a time`);
     if (m.role !== 'primary') return refuse('ERR_PAIR_ROLE', `the peer says it is a ${m.role}: only a primary replicates to a secondary`);
@@ -334,15 +431,30 @@ export class SecondaryRole implements PairRole {
     if (m.size !== size) return refuse('ERR_PAIR_SIZE', `the primary's disk is ${m.size} bytes, this secondary's ${size}: they must be the same length`);
     const s = this.state.state;
     const d = decide({ gi: s.gi, crashedPrimary: false }, { gi: m.gi, crashedPrimary: m.crashedPrimary });
-    const decision = linkDecision(d);
-    if (decision.action === 'refuse') {
-      if (d.result === 'split-brain' || d.result === 'split-brain-manual') this.ctx.publish('split-brain', { export: this.ctx.exportName, rule: d.rule, explanation: d.explanation });
-      const code = d.result === 'unrelated' ? 'ERR_PAIR_UNRELATED' : d.result.startsWith('split-brain') ? 'ERR_PAIR_SPLIT_BRAIN' : 'ERR_PAIR_ROLE';
+    let decision = linkDecision(d);
+    let salvageFirst = false;
+    if (d.result === 'split-brain' || d.result === 'split-brain-manual') {
+      const r = this.resolveSplitBrain(d, m);
+      if (r.source !== 'peer') return refuse('ERR_PAIR_SPLIT_BRAIN', this.splitBrain!.explanation, { rule: d.rule, action: 'refuse', explanation: this.splitBrain!.explanation });
+      // the primary's data is kept: this disk's diverged clusters go to a salvage overlay first
+      decision = { rule: d.rule, action: r.mode === 'full' ? 'resync-full' : 'resync-bitmap', explanation: r.explanation };
+      salvageFirst = true;
+    } else if (decision.action === 'refuse') {
+      const code = d.result === 'unrelated' ? 'ERR_PAIR_UNRELATED' : 'ERR_PAIR_ROLE';
       return refuse(code, `rule ${d.rule}: ${d.explanation}`, decision);
     }
     this.link = ch;
     this.peerHello = { gi: m.gi, protocol: m.protocol, nodeId: m.nodeId };
     void (async () => {
+      if (salvageFirst) {
+        try {
+          await this.salvageBeforeResync(ch, decision.action === 'resync-full');
+        } catch (err) {
+          const e = toBlkrepError(err);
+          this.link = undefined;
+          return refuse('ERR_PAIR_SPLIT_BRAIN', `split brain resolved, but the salvage of this disk's diverged clusters failed, so nothing is overwritten: ${e.code}: ${e.message}`);
+        }
+      }
       const next: DiskState = decision.action === 'none' ? (s.diskState === 'Outdated' || s.diskState === 'Failed' ? s.diskState : 'UpToDate') : 'Inconsistent';
       await this.setDiskState(next);
       if (!ch.isOpen || this.link !== ch) return;
@@ -350,6 +462,48 @@ export class SecondaryRole implements PairRole {
       ch.send({ type: 'welcome', re: m.seq, version: PAIR_LINK_VERSION, size, ...this.summary(), decision });
       this.ctx.publish('replication-connected', { export: this.ctx.exportName, peer: ch.peer, role: 'secondary', rule: d.rule, action: decision.action, protocol: m.protocol });
     })().catch((err: unknown) => ch.close(toBlkrepError(err)));
+  }
+
+  /**
+   * A split brain on hello (rule 90, or 100/41 resolved by hand): the policy of
+   * --after-split-brain decides which side's data is kept. Both sides are judged as DRBD's
+   * after-sb-0pri judges them (by their data, not by today's roles: the link always has one
+   * primary). Recorded for status and `failover --dry-run`; event split-brain.
+   */
+  private resolveSplitBrain(d: Decision, m: Extract<PairMessage, { type: 'hello' }>): SplitBrainResolution {
+    const s = this.state.state;
+    const self: SplitBrainSide = { nodeId: s.nodeId, name: s.name ?? hostname(), role: 'none', gi: s.gi, changedBytes: this.ownDirty?.bitmap.dirtyBytes ?? 0, primarySince: s.primarySince ?? null };
+    const peer: SplitBrainSide = { nodeId: m.nodeId, name: m.name ?? m.nodeId, role: 'none', gi: m.gi, changedBytes: m.bitmapBytes, primarySince: m.primarySince ?? null };
+    const policy = this.o.afterSplitBrain ?? { policy: 'disconnect' };
+    const r = resolveSplitBrain(d, self, peer, { zeroPrimaries: policy });
+    const keeps = r.source === null ? null : r.source === 'self' ? 'secondary' : 'primary';
+    const advice =
+      r.source === null
+        ? `; nothing was copied. Resolve it: restart this secondary with --after-split-brain POLICY (discard-zero-changes, discard-least-changes, discard-younger-primary, discard-older-primary, discard-node=NAME), or keep this disk by failing it over (blkrep failover) and restarting the other node as its secondary`
+        : r.source === 'self'
+          ? `; this secondary keeps its data, so it must be the source: fail it over here (blkrep failover) and restart the other node as its secondary`
+          : `; this disk's diverged clusters are kept in a salvage overlay beside it before the resync`;
+    this.splitBrain = { at: new Date().toISOString(), rule: d.rule, policy: r.policy, keeps, changedBytes: { secondary: self.changedBytes, primary: peer.changedBytes }, explanation: `split brain with ${m.name ?? m.nodeId}: ${r.explanation}${advice}` };
+    this.ctx.publish('split-brain', { export: this.ctx.exportName, peer: m.name ?? m.nodeId, rule: d.rule, policy: r.policy, keeps, resolved: r.source === 'peer', explanation: this.splitBrain.explanation });
+    return r;
+  }
+
+  /**
+   * Before a resolved split brain's resync overwrites this disk: every range the resync will write
+   * (this side's bitmap ∪ the primary's, asked on the link; all of it for a full copy) is copied
+   * into DISK.salvage-TIME.qcow2, backed by the disk (salvage.ts).
+   */
+  private async salvageBeforeResync(ch: PairChannel, full: boolean): Promise<void> {
+    const size = this.ctx.exportNode.size;
+    const ranges: Run[] = full ? [{ offset: 0, length: size }] : await fetchRuns(ch, size, SALVAGE_TIMEOUT_MS);
+    if (!full && this.ownDirty) for (const r of this.ownDirty.bitmap.dirtyRuns()) ranges.push({ offset: r.offset, length: r.length });
+    if (ranges.length === 0) return;
+    const diskPath = diskPathOf(this.ctx.image);
+    const format = this.ctx.imageNode.driver === 'qcow2' ? 'qcow2' : 'raw';
+    const done = await salvage(this.ctx.exportNode, ranges, salvagePath(diskPath, new Date()), { backing: { file: basename(diskPath), format } });
+    this.salvaged = await listSalvage(diskPath);
+    this.ctx.publish('salvage', { export: this.ctx.exportName, path: done.path, bytes: done.bytes });
+    this.ctx.log('warn', `split brain: ${done.bytes} bytes of this disk that the resync overwrites are kept in ${done.path}`);
   }
 
   private onLinkClosed(ch: PairChannel, why: Error): void {
@@ -442,6 +596,8 @@ export class SecondaryRole implements PairRole {
       const gi = this.peerHello?.gi;
       await this.state.update((s) => ({ ...s, epoch: n, committing: null, ...(gi && this.link ? { gi, diskState: 'UpToDate' as const } : {}) }));
       crashPoint('checkpoint-step-7');
+      // the resync before this checkpoint copied what the old peer bitmap marked (the primary took it on hello)
+      if (gi && this.link && this.ownDirty) await this.dropOwnDirty();
     } finally {
       this.checkpointing = null;
       this.viewGate.release();
@@ -484,6 +640,16 @@ export class SecondaryRole implements PairRole {
    * to the active disk) is served again.
    */
   private async promote(to: 'checkpoint' | 'latest', f: SecondaryFailoverFacts, committed: boolean): Promise<void> {
+    // no hello is welcomed from the first step on (a retrying old primary would write into the promoted disk)
+    this.promoting = true;
+    try {
+      await this.promoteNow(to, f, committed);
+    } finally {
+      this.promoting = false;
+    }
+  }
+
+  private async promoteNow(to: 'checkpoint' | 'latest', f: SecondaryFailoverFacts, committed: boolean): Promise<void> {
     const { server, exportName, exportNode, bitmaps } = this.ctx;
     const images = this.images!;
     // refuse the old primary: demote on the link, close the replica and view exports' connections
@@ -526,7 +692,7 @@ export class SecondaryRole implements PairRole {
       at('empty-overlays');
       await this.emptyOverlays();
       at('record-generation');
-      await this.state.update((s) => ({ ...s, role: 'primary', gi: mint(s.gi), committing: null, diskState: 'UpToDate', cleanShutdown: false, failingOver: null }));
+      await this.state.update((s) => ({ ...s, role: 'primary', gi: mint(s.gi), committing: null, diskState: 'UpToDate', cleanShutdown: false, failingOver: null, primarySince: Date.now() }));
       this.promoted = true;
     } catch (err) {
       // failure case 7: reads of the view still show the checkpoint; its writes go to the active disk (committed by the retry)
@@ -541,11 +707,20 @@ export class SecondaryRole implements PairRole {
       this.viewGate.release();
       this.cbw!.gate.release();
     }
+    // whatever holds the name now, the promoted disk is served (connections of the old one close)
+    if (server.findExport(exportName)) server.removeExport(exportName, 'failover: the promoted disk is served');
     this.addReplicaExport();
   }
 
-  private roleError(what: string): BlkrepError {
-    return new BlkrepError('ERR_PAIR_ROLE', `cannot ${what}: export "${this.ctx.exportName}" was promoted and is a primary now`, { errno: 'EPERM' });
+  private async dropOwnDirty(): Promise<void> {
+    const b = this.ownDirty!;
+    this.ownDirty = undefined;
+    b.clearAll();
+    await b.close();
+  }
+
+  private roleError(what: string, is = 'was promoted and is a primary now'): BlkrepError {
+    return new BlkrepError('ERR_PAIR_ROLE', `cannot ${what}: export "${this.ctx.exportName}" ${is}`, { errno: 'EPERM' });
   }
 }
 

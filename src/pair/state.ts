@@ -37,6 +37,8 @@ export interface PairState {
    * already (then a retry only empties the overlays). Absent or null = none.
    */
   failingOver?: { to: 'checkpoint' | 'latest'; epoch: number; committed: boolean } | null;
+  /** the node's name for discard-node=NAME (serve-nbd --node-name); absent = the host name */
+  name?: string;
 }
 
 const ROLES = ['primary', 'secondary', 'none'];
@@ -62,6 +64,7 @@ export function validateState(v: unknown, path: string): PairState {
   if (fo !== undefined && fo !== null && (typeof fo !== 'object' || (fo.to !== 'checkpoint' && fo.to !== 'latest') || !Number.isSafeInteger(fo.epoch) || typeof fo.committed !== 'boolean')) {
     throw bad(`has failingOver ${JSON.stringify(fo)}, not {to: "checkpoint"|"latest", epoch, committed}`);
   }
+  if (s.name !== undefined && (typeof s.name !== 'string' || s.name === '')) throw bad(`has name ${JSON.stringify(s.name)}, not a non-empty string`);
   checkTuple(s.gi, `the pair state ${path}`, 'ERR_PAIR_STATE');
   return s as PairState;
 }

@@ -11,6 +11,7 @@ import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { ControlClient } from '../../src/control/client.js';
 import type { PairStatus } from '../../src/pair/role.js';
+import { initialState } from '../../src/pair/state.js';
 import { makeTempDir, run, runCli, serve, start, unixUri, waitFor, withTimeout, type Started } from '../support/spawn.js';
 
 const MiB = 1 << 20;
@@ -187,6 +188,21 @@ describe('serve-nbd --replicate-to: errors', () => {
     const r = await runCli(['serve-nbd', 'memory:1M', '--socket', join(dir, 'p.sock'), '--replicate-to', 'http://example.com/x', '--json']);
     expect(r.code).toBe(1);
     expect(JSON.parse(r.stdout.trim().split('\n').pop()!).error.code).toBe('ERR_BAD_URI');
+  });
+
+  it('a disk that checkpointed with a blkrep secondary never falls back to a plain server at the same place: ERR_PAIR_ROLE, exit 1', async () => {
+    const dir = await makeTempDir();
+    const { p, s } = await setupDisks(dir);
+    // the pair state of a primary that took checkpoints (epoch 3) with a blkrep secondary, now promoted elsewhere
+    const st = initialState('primary');
+    await writeFile(`${p}.pair.json`, JSON.stringify({ ...st, epoch: 3, diskState: 'UpToDate', gi: { ...st.gi, current: '1234567890abcdef' } }));
+    const ssock = join(dir, 's.sock');
+    await qemuNbd(s, ssock);
+    const r = await withTimeout(runCli(['serve-nbd', p, '--socket', join(dir, 'p.sock'), '--replicate-to', unixUri(ssock), '--json']), 30_000, 'serve-nbd to fail');
+    expect(r.code).toBe(1);
+    const err = JSON.parse(r.stdout.trim().split('\n').pop()!).error;
+    expect(err.code).toBe('ERR_PAIR_ROLE');
+    expect(err.message).toMatch(/no longer offers the pair link/);
   });
 
   it('a secondary of another size: ERR_PAIR_SIZE with both sizes, exit 1', async () => {
