@@ -16,6 +16,7 @@ import { ControlClient } from '../../src/control/client.js';
 import type { ControlEvent } from '../../src/control/protocol.js';
 import { EtcdLease, parseLeaseUri } from '../../src/heartbeat/etcd-lease.js';
 import { makeTempDir, run, runCli, serve, start, unixUri, waitFor, type Started } from '../support/spawn.js';
+import { controlRequest as request } from '../support/control.js';
 
 async function freeTcpPort(): Promise<number> {
   const s = net.createServer();
@@ -129,15 +130,6 @@ describe('etcd lease on a real etcd', () => {
 
 const MiB = 1 << 20;
 const SIZE = 4 * MiB;
-
-async function request<T>(control: string, cmd: string, args: Record<string, unknown> = {}): Promise<T> {
-  const c = await ControlClient.connect(control);
-  try {
-    return (await c.request(cmd, args, { timeoutMs: 30_000 })) as T;
-  } finally {
-    await c.close();
-  }
-}
 
 interface Status {
   exports: Array<{ pair?: { role: string; epoch: number; lastCheckpointAgeMs: number | null } }>;

@@ -18,6 +18,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { ControlClient } from '../../src/control/client.js';
 import type { ControlEvent } from '../../src/control/protocol.js';
 import { BIN, makeTempDir, run, serve, start, unixUri, waitFor, type Started } from '../support/spawn.js';
+import { controlRequest as request } from '../support/control.js';
 
 const tag = `hb${process.pid % 100000}`;
 const NS = `${tag}ns`;
@@ -67,15 +68,6 @@ async function serveInNs(args: string[]): Promise<Started> {
   const p = start('ip', ['netns', 'exec', NS, process.execPath, BIN, 'serve-nbd', ...args, '--json']);
   await waitFor(() => p.stdout().includes('"listening"') || (p.child.exitCode !== null && Promise.reject(new Error(`serve-nbd in ${NS} exited: ${p.stderr()}`))), `serve-nbd in ${NS}`, { timeoutMs: 30_000 });
   return p;
-}
-
-async function request<T>(control: string, cmd: string, args: Record<string, unknown> = {}): Promise<T> {
-  const c = await ControlClient.connect(control);
-  try {
-    return (await c.request(cmd, args, { timeoutMs: 30_000 })) as T;
-  } finally {
-    await c.close();
-  }
 }
 
 interface Status {

@@ -20,6 +20,7 @@ import type { ControlEvent } from '../../src/control/protocol.js';
 import { NbdClient } from '../../src/nbd/client.js';
 import { seededRandom } from '../../src/block/filters/error.js';
 import { makeTempDir, run, runCli, serve, start, unixUri, waitFor, type Served } from '../support/spawn.js';
+import { controlRequest as request } from '../support/control.js';
 
 const MiB = 1 << 20;
 const SIZE = 8 * MiB;
@@ -32,15 +33,6 @@ async function freeUdpPort(): Promise<number> {
   const port = s.address().port;
   await new Promise<void>((resolve) => s.close(() => resolve()));
   return port;
-}
-
-async function request<T>(control: string, cmd: string, args: Record<string, unknown> = {}): Promise<T> {
-  const c = await ControlClient.connect(control);
-  try {
-    return (await c.request(cmd, args, { timeoutMs: 30_000 })) as T;
-  } finally {
-    await c.close();
-  }
 }
 
 interface Status {

@@ -15,25 +15,16 @@
 import { join } from 'node:path';
 import { truncate, writeFile } from 'node:fs/promises';
 import { describe, expect, it } from 'vitest';
-import { ControlClient } from '../../src/control/client.js';
 import { NbdClient } from '../../src/nbd/client.js';
 import type { PairStatus } from '../../src/pair/role.js';
 import { makeTempDir, serve, start, unixUri, waitFor } from '../support/spawn.js';
+import { controlRequest as request } from '../support/control.js';
 
 const MiB = 1 << 20;
 const SIZE = 16 * MiB;
 const BLOCK = 4096;
 const BLOCKS = SIZE / BLOCK;
 const CHECKPOINTS = 8;
-
-async function request<T>(control: string, cmd: string): Promise<T> {
-  const c = await ControlClient.connect(control);
-  try {
-    return (await c.request(cmd, {}, { timeoutMs: 30_000 })) as T;
-  } finally {
-    await c.close();
-  }
-}
 
 function fioArgs(socket: string, extra: string[]): string[] {
   return ['--name=cp', '--ioengine=nbd', `--uri=${unixUri(socket)}`, '--rw=write', `--bs=${BLOCK}`, '--iodepth=16', `--size=${SIZE}`, '--verify=crc32c', '--do_verify=0', '--output=/dev/null', ...extra];

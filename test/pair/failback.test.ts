@@ -12,6 +12,7 @@ import { ControlClient } from '../../src/control/client.js';
 import { NbdClient } from '../../src/nbd/client.js';
 import type { PairStatus } from '../../src/pair/role.js';
 import { makeTempDir, run, serve, unixUri, waitFor, type Served } from '../support/spawn.js';
+import { controlRequest as request, pairOf } from '../support/control.js';
 
 const MiB = 1 << 20;
 const SIZE = 64 * MiB;
@@ -21,20 +22,6 @@ const EXTENT = 4 * MiB;
 interface Ev {
   event: string;
   [k: string]: unknown;
-}
-
-async function request<T>(control: string, cmd: string, args: Record<string, unknown> = {}): Promise<T> {
-  const c = await ControlClient.connect(control);
-  try {
-    return (await c.request(cmd, args, { timeoutMs: 60_000 })) as T;
-  } finally {
-    await c.close();
-  }
-}
-
-async function pairOf(control: string): Promise<PairStatus> {
-  const s = await request<{ exports: Array<{ pair?: PairStatus }> }>(control, 'status');
-  return s.exports.find((e) => e.pair)!.pair!;
 }
 
 async function events(control: string): Promise<{ list: Ev[]; next: (name: string) => Promise<Ev>; close: () => Promise<void> }> {

@@ -14,6 +14,7 @@ import { ControlClient } from '../../src/control/client.js';
 import { NbdClient } from '../../src/nbd/client.js';
 import type { PairStatus } from '../../src/pair/role.js';
 import { makeTempDir, run, runCli, serve, unixUri, waitFor } from '../support/spawn.js';
+import { controlRequest as request, pairOf } from '../support/control.js';
 
 const MiB = 1 << 20;
 const SIZE = 32 * MiB;
@@ -29,20 +30,6 @@ type SecondaryStatus = PairStatus & {
     salvage: Array<{ path: string; complete: boolean; createdAt: string | null }>;
   };
 };
-
-async function request<T>(control: string, cmd: string, args: Record<string, unknown> = {}): Promise<T> {
-  const c = await ControlClient.connect(control);
-  try {
-    return (await c.request(cmd, args, { timeoutMs: 60_000 })) as T;
-  } finally {
-    await c.close();
-  }
-}
-
-async function pairOf<T = PairStatus>(control: string): Promise<T> {
-  const s = await request<{ exports: Array<{ pair?: PairStatus }> }>(control, 'status');
-  return s.exports.find((e) => e.pair)!.pair! as T;
-}
 
 async function writeThrough(socket: string, offset: number, byte: number, length: number): Promise<void> {
   const c = await NbdClient.connect({ uri: unixUri(socket), reconnect: false, closeTimeoutMs: 2000 });

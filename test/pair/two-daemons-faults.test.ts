@@ -10,8 +10,8 @@ import { truncate, writeFile } from 'node:fs/promises';
 import { describe, expect, it } from 'vitest';
 import { ControlClient } from '../../src/control/client.js';
 import { NbdClient } from '../../src/nbd/client.js';
-import type { PairStatus } from '../../src/pair/role.js';
 import { makeTempDir, run, runCli, serve, unixUri, waitFor } from '../support/spawn.js';
+import { pairOf } from '../support/control.js';
 
 const MiB = 1 << 20;
 const SIZE = 16 * MiB;
@@ -19,16 +19,6 @@ const SIZE = 16 * MiB;
 interface Ev {
   event: string;
   [k: string]: unknown;
-}
-
-async function pairOf(control: string): Promise<PairStatus> {
-  const c = await ControlClient.connect(control);
-  try {
-    const s = (await c.request('status')) as { exports: Array<{ pair?: PairStatus }> };
-    return s.exports.find((e) => e.pair)!.pair!;
-  } finally {
-    await c.close();
-  }
 }
 
 describe('two daemons: the secondary dies inside a checkpoint', () => {

@@ -14,11 +14,10 @@
 import { join } from 'node:path';
 import { truncate, writeFile } from 'node:fs/promises';
 import { describe, expect, it } from 'vitest';
-import { ControlClient } from '../../src/control/client.js';
 import { NbdClient } from '../../src/nbd/client.js';
-import type { PairStatus } from '../../src/pair/role.js';
 import { makeTempDir, serve, unixUri, waitFor, withTimeout, type Served } from '../support/spawn.js';
 import { seededRandom as rng } from '../../src/block/filters/error.js';
+import { controlRequest as request, pairOf } from '../support/control.js';
 
 const MiB = 1 << 20;
 const SIZE = 16 * MiB;
@@ -43,20 +42,6 @@ function seedsFrom(spec: string | undefined): number[] {
 function variant(seed: number): { protocol: 'sync' | 'async'; to: 'checkpoint' | 'latest' } {
   const protocol = seed % 2 === 1 ? 'sync' : 'async';
   return { protocol, to: protocol === 'sync' && seed % 4 === 3 ? 'latest' : 'checkpoint' };
-}
-
-async function request<T>(control: string, cmd: string, args: Record<string, unknown> = {}): Promise<T> {
-  const c = await ControlClient.connect(control);
-  try {
-    return (await c.request(cmd, args, { timeoutMs: 30_000 })) as T;
-  } finally {
-    await c.close();
-  }
-}
-
-async function pairOf(control: string): Promise<PairStatus> {
-  const s = await request<{ exports: Array<{ name: string; pair?: PairStatus }> }>(control, 'status');
-  return s.exports.find((e) => e.pair)!.pair!;
 }
 
 async function startPair(protocol: 'sync' | 'async'): Promise<{ p: Served; sControl: string; pControl: string; sSock: string; pSock: string }> {

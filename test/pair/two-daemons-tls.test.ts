@@ -16,6 +16,7 @@ import { IHAVEOPT, OPT } from '../../src/nbd/constants.js';
 import type { PairStatus } from '../../src/pair/role.js';
 import { makeTempDir, serve, waitFor, withTimeout, type Served } from '../support/spawn.js';
 import { CLIENT_DN, makePki, type Pki } from '../support/tls-pki.js';
+import { controlRequest as request, pairOf } from '../support/control.js';
 
 const MiB = 1 << 20;
 const SIZE = 8 * MiB;
@@ -70,20 +71,6 @@ async function recorder(path: string, target: string): Promise<Recorder> {
   return r;
 }
 
-async function request<T>(control: string, cmd: string, args: Record<string, unknown> = {}): Promise<T> {
-  const c = await ControlClient.connect(control);
-  try {
-    return (await c.request(cmd, args, { timeoutMs: 30_000 })) as T;
-  } finally {
-    await c.close();
-  }
-}
-
-async function pairOf(control: string): Promise<PairStatus & { lastError?: string }> {
-  const s = await request<{ exports: Array<{ pair?: PairStatus }> }>(control, 'status');
-  return s.exports.find((e) => e.pair)!.pair!;
-}
-
 interface TlsPair {
   dir: string;
   s: Served;
@@ -114,7 +101,7 @@ async function startPair(secondaryTls: string[], query: string, connected: boole
   const p = await serve([join(dir, 'p.img'), '--socket', pSock, '--control', pControl, '--replicate-to', `nbds+unix:///?socket=${rec.path}&${query}`]);
   if (connected) {
     await waitFor(async () => {
-      const st = await pairOf(pControl);
+      const st = await pairOf<PairStatus & { lastError?: string }>(pControl);
       return st.epoch === 1 && st.lastCheckpointAgeMs !== null;
     }, 'checkpoint 1 after the initial sync over TLS', { timeoutMs: 30_000 });
   }
@@ -156,7 +143,7 @@ async function replicateAndCheck(pair: TlsPair, viewQuery: string): Promise<void
   await view.read(MiB, back);
   await view.close();
   expect(back.equals(data)).toBe(true);
-  expect(await pairOf(pair.pControl)).toMatchObject({ role: 'primary', link: 'connected', peerKind: 'blkrep', epoch: 2 });
+  expect(await pairOf<PairStatus & { lastError?: string }>(pair.pControl)).toMatchObject({ role: 'primary', link: 'connected', peerKind: 'blkrep', epoch: 2 });
   // both the pair link and the data connection went through the proxy, inside TLS
   expect(pair.rec.sent.length).toBeGreaterThanOrEqual(2);
   expectStartTlsFirst(pair.rec);
@@ -202,7 +189,7 @@ describe('the pair over nbds:// (two daemons)', () => {
     expect(event).toMatchObject({ export: '', code: expect.stringMatching(/^ERR_TLS_(REJECTED|HANDSHAKE)$/) });
     await waitFor(() => /replication to nbds\+unix:.*TLS/.test(pair.p.stderr()), 'the refusal on the primary\'s stderr');
     await waitFor(() => /TLS handshake failed/.test(pair.s.stderr()), 'the refusal on the secondary\'s stderr');
-    const st = await pairOf(pair.pControl);
+    const st = await pairOf<PairStatus & { lastError?: string }>(pair.pControl);
     expect(st.link).toBe('degraded');
     expect(st.lastError).toMatch(/^ERR_TLS_(REJECTED|HANDSHAKE): /);
     expectStartTlsFirst(pair.rec);
@@ -214,7 +201,7 @@ describe('the pair over nbds:// (two daemons)', () => {
     const pair = await startPair(['--tls-psk', pki.psk], `tls-psk-file=${pki.wrongPsk}&tls-username=alice`, false);
     const event = await nextEvent(pair.pControl, 'pair-refused');
     expect(event).toMatchObject({ export: '', code: 'ERR_TLS_HANDSHAKE' });
-    const st = await pairOf(pair.pControl);
+    const st = await pairOf<PairStatus & { lastError?: string }>(pair.pControl);
     expect(st.link).toBe('degraded');
     expect(st.lastError).toMatch(/^ERR_TLS_HANDSHAKE: /);
     expect(pair.p.stderr()).not.toContain(pki.pskKeyHex);
@@ -226,7 +213,7 @@ describe('the pair over nbds:// (two daemons)', () => {
     const pair = await startPair([], `tls-certificates=${pki.client}`, false);
     const event = await nextEvent(pair.pControl, 'pair-refused');
     expect(event).toMatchObject({ export: '', code: 'ERR_NBD_TLS_UNSUPPORTED' });
-    expect((await pairOf(pair.pControl)).link).toBe('degraded');
+    expect((await pairOf<PairStatus & { lastError?: string }>(pair.pControl)).link).toBe('degraded');
     expectStartTlsFirst(pair.rec);
   });
 

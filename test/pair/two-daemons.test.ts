@@ -10,28 +10,13 @@
 import { join } from 'node:path';
 import { truncate, writeFile } from 'node:fs/promises';
 import { describe, expect, it } from 'vitest';
-import { ControlClient } from '../../src/control/client.js';
 import { NbdClient } from '../../src/nbd/client.js';
-import type { PairStatus } from '../../src/pair/role.js';
 import { makeTempDir, serve, unixUri, waitFor, type Served } from '../support/spawn.js';
+import { controlRequest as request, pairOf } from '../support/control.js';
 
 const MiB = 1 << 20;
 const SIZE = 16 * MiB;
 const HALF = SIZE / 2;
-
-async function request<T>(control: string, cmd: string, args: Record<string, unknown> = {}): Promise<T> {
-  const c = await ControlClient.connect(control);
-  try {
-    return (await c.request(cmd, args, { timeoutMs: 30_000 })) as T;
-  } finally {
-    await c.close();
-  }
-}
-
-async function pairOf(control: string): Promise<PairStatus> {
-  const s = await request<{ exports: Array<{ name: string; pair?: PairStatus }> }>(control, 'status');
-  return s.exports.find((e) => e.pair)!.pair!;
-}
 
 interface Pair {
   dir: string;
