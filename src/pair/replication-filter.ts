@@ -54,6 +54,8 @@ interface Item {
   ticket?: WriteTicket;
   sent: boolean;
   done: boolean;
+  /** bytes this item counts in the queue (0 once sent and replied, or dropped with the queue) */
+  queuedBytes?: number;
 }
 
 interface Group {
@@ -191,7 +193,12 @@ export class ReplicationFilter extends Filter {
 
   private stopForwarding(): void {
     this.target = undefined;
-    for (const g of this.groups) for (const it of g.items) this.settleItem(it);
+    for (const g of this.groups) {
+      for (const it of g.items) {
+        it.queuedBytes = 0; // a forward still in flight no longer counts when it completes
+        this.settleItem(it);
+      }
+    }
     this.groups = [];
     this.open = this.newGroup();
     this.queued = 0;
@@ -281,6 +288,7 @@ export class ReplicationFilter extends Filter {
           this.degrade('queue-full', new BlkrepError('ERR_PAIR_QUEUE_FULL', `the forwarding queue is full (${this.queued} + ${bytes} bytes over the limit of ${this.queueLimit})`, { details: { queueBytes: this.queued, limit: this.queueLimit } }));
         } else {
           this.queued += bytes;
+          item.queuedBytes = bytes;
           g.items.push(item);
           // a write completing to the client closes the open group: later writes may depend on it
           if (this.open.members > 0) this.closeOpenGroup();
@@ -374,7 +382,8 @@ export class ReplicationFilter extends Filter {
         const target = this.target;
         this.forwardOne(item).then(
           () => {
-            if (item.op === 'write') this.queued -= item.length;
+            this.queued -= item.queuedBytes ?? 0;
+            item.queuedBytes = 0;
             this.settleItem(item);
             if (this.target === target) this.pump();
           },
