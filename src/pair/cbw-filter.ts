@@ -9,11 +9,22 @@
  *
  * The bits are reset at each checkpoint (step 6), when the hidden disk is emptied; at start they
  * are the clusters the hidden disk holds, so a restart never overwrites a kept old cluster.
+ *
+ * Order: the disk writes are applied in the order the requests arrived (the NBD server calls
+ * write() in the order of its connection; the primary uses one connection). Copies into the
+ * hidden disk start at once and run concurrently (their fsyncs are shared by the qcow2 writeback
+ * cycle), but a request's disk write is issued only after the one before it has completed; once
+ * one fails, the requests queued behind it fail too (ERR_PAIR_ORDER) until none is left. So the
+ * disk is always a prefix of what the primary sent, and an async primary may send its barrier
+ * groups without waiting for the replies of the one before (replication-filter.ts, `ordered`).
  */
 import type { BlockNode, CompleteBlockNode, WriteOptions, ZeroOptions } from '../api/block.js';
 import { BlkrepError } from '../api/errors.js';
 import { Filter } from '../block/filter.js';
 import { gated, WriteGate } from './write-gate.js';
+
+/** cluster buffers kept for copies (64 × 64 KiB = 4 MiB) */
+const SPARE_BUFFERS = 64;
 
 export class CbwFilter extends Filter {
   readonly driver = 'copy-before-write';
@@ -21,6 +32,15 @@ export class CbwFilter extends Filter {
   private readonly copied: Uint8Array;
   private readonly copying = new Map<number, Promise<void>>();
   readonly gate = new WriteGate();
+  /** the last request's disk write: true when it was applied (the order chain) */
+  private tail: Promise<boolean> = Promise.resolve(true);
+  /** requests in the order chain */
+  private queued = 0;
+  /**
+   * Cluster buffers for the copies, used again: a resync copies every cluster it writes, and
+   * fresh 64 KiB buffers each time are garbage the GC lets pile up (the secondary's peak RSS).
+   */
+  private readonly spare: Buffer[] = [];
 
   constructor(
     next: BlockNode,
@@ -55,23 +75,40 @@ export class CbwFilter extends Filter {
   }
 
   override write(offset: number, data: Buffer, o?: WriteOptions): Promise<void> {
-    return gated(this.gate, async () => {
-      await this.copyOld(offset, data.length);
-      await this.toDisk(() => this.next.write(offset, data, o));
-    });
+    return this.apply(offset, data.length, () => this.next.write(offset, data, o));
   }
 
   override writeZeroes(offset: number, length: number, o?: ZeroOptions): Promise<void> {
-    return gated(this.gate, async () => {
-      await this.copyOld(offset, length);
-      await this.toDisk(() => this.next.writeZeroes(offset, length, o));
-    });
+    return this.apply(offset, length, () => this.next.writeZeroes(offset, length, o));
   }
 
   override trim(offset: number, length: number, o?: WriteOptions): Promise<void> {
+    return this.apply(offset, length, () => this.next.trim(offset, length, o));
+  }
+
+  /** Copy the old clusters, then write the disk once the request before this one is applied. */
+  private apply(offset: number, length: number, op: () => Promise<void>): Promise<void> {
+    // the place in the chain is taken now, in the caller's order (before any await)
+    const before = this.tail;
+    let applied!: (ok: boolean) => void;
+    this.tail = new Promise<boolean>((r) => (applied = r));
+    this.queued++;
+    let ok = false;
     return gated(this.gate, async () => {
       await this.copyOld(offset, length);
-      await this.toDisk(() => this.next.trim(offset, length, o));
+      if (!(await before)) {
+        throw new BlkrepError('ERR_PAIR_ORDER', `a replica write before this one (${length} bytes at offset ${offset}) failed: later writes are not applied, so the disk stays a state the primary's was in`, {
+          errno: 'EIO',
+          details: { offset, length },
+        });
+      }
+      await this.toDisk(op);
+      ok = true;
+    }).finally(() => {
+      this.queued--;
+      // the chain is empty: the next request starts a new one (a failure poisons only its followers)
+      if (this.queued === 0) this.tail = Promise.resolve(true);
+      applied(ok);
     });
   }
 
@@ -109,9 +146,13 @@ export class CbwFilter extends Filter {
   private async copyCluster(c: number): Promise<void> {
     const at = c * this.clusterSize;
     const length = Math.min(this.clusterSize, this.next.size - at);
+    const buf = this.spare.pop() ?? Buffer.allocUnsafe(this.clusterSize);
     try {
-      const old = await this.next.read(at, length);
+      const old = buf.subarray(0, length);
+      await this.next.readInto(at, old);
       await this.hidden.write(at, old, { fua: true });
+      // only after a success: a failed write may still hold the buffer
+      if (this.spare.length < SPARE_BUFFERS) this.spare.push(buf);
     } catch (err) {
       const e = new BlkrepError('ERR_PAIR_CBW', `copy-before-write of cluster ${c} (bytes ${at}–${at + length}) into the hidden disk failed: ${(err as Error).message}; the disk was not written`, {
         errno: (err as { errno?: string }).errno === 'ENOSPC' ? 'ENOSPC' : 'EIO',

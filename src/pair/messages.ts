@@ -49,7 +49,7 @@ export interface NodeSummary {
 
 export type PairMessage =
   | ({ type: 'hello'; seq: number; version: number; exportName: string; size: number; protocol: 'sync' | 'async' } & NodeSummary)
-  | ({ type: 'welcome'; re: number; version: number; size: number } & NodeSummary & { decision: LinkDecision })
+  | ({ type: 'welcome'; re: number; version: number; size: number; ordered?: boolean } & NodeSummary & { decision: LinkDecision })
   | { type: 'refuse'; re: number; code: string; message: string; decision?: LinkDecision }
   | { type: 'checkpoint'; seq: number; n: number }
   | { type: 'abort'; seq: number; n: number }

@@ -221,6 +221,8 @@ export class PrimaryRole implements PairRole {
     this.link = 'connecting';
     const transports = this.options.transports ?? (await defaultTransports());
     let full = this.freshBitmap;
+    /** the secondary applies the data connection's writes in arrival order (its welcome says so) */
+    let ordered = false;
     let channel: PairChannel | undefined;
     try {
       const conn = await transports.get(this.uri.transport).connect(this.uri.address, { timeoutMs: LINK_TIMEOUT_MS });
@@ -262,6 +264,7 @@ export class PrimaryRole implements PairRole {
       // the peer's own marks (an old primary's peer bitmap and activity log): the resync copies the union
       else if (!full && answer.bitmapBytes > 0) await this.takePeerRuns(channel);
       this.peerKind = 'blkrep';
+      ordered = answer.ordered === true;
     } catch (err) {
       const e = toBlkrepError(err);
       channel?.close();
@@ -301,7 +304,7 @@ export class PrimaryRole implements PairRole {
         filter.degrade('link-down', toBlkrepError(why));
       }
     });
-    await this.resync(data, full);
+    await this.resync(data, full, ordered);
   }
 
   /** OR the regions the secondary marks for itself into the peer bitmap (durable before the resync starts). */
@@ -311,7 +314,7 @@ export class PrimaryRole implements PairRole {
   }
 
   /** Resync by the peer bitmap with a mirror job; at its consistent instant, forward. */
-  private async resync(target: NbdNode, full: boolean): Promise<void> {
+  private async resync(target: NbdNode, full: boolean, ordered = false): Promise<void> {
     const filter = this.options.filter;
     if (full) this.peerBitmap.setAll();
     const bytes = this.peerBitmap.bitmap.dirtyBytes;
@@ -329,7 +332,7 @@ export class PrimaryRole implements PairRole {
         // the secondary equals the disk and writes wait: forward from here on
         await target.flush();
         this.peerBitmap.clearAll();
-        filter.attach(target);
+        filter.attach(target, { ordered });
       },
     });
     this.resyncJob = job;

@@ -12,6 +12,11 @@
  *           epochs — a group closes when any of its writes completes to the client, on a FLUSH,
  *           or at 2048 writes, and group g+1 is sent only once every write of g was replied. So
  *           the secondary's disk is always a state the primary's disk was in, only older.
+ *           `ordered` (a blkrep secondary says so in its welcome: it applies one connection's
+ *           writes in arrival order, cbw-filter.ts): writes are sent as their local writes
+ *           complete, without waiting for the group before — a write that may depend on another
+ *           (started after it completed) completes after it, so it is sent after it, and the
+ *           secondary applies it after it. Only a FLUSH still waits for every reply before it.
  *
  * The peer bitmap (a PersistentBitmap beside the disk, crash-safe through its activity log)
  * covers every region the secondary may miss: each request takes a ticket (beforeWrite: the
@@ -46,6 +51,8 @@ type Op = 'write' | 'write-zeroes' | 'trim' | 'flush';
 
 interface Item {
   op: Op;
+  /** the barrier group (async) */
+  group?: number;
   offset: number;
   length: number;
   data?: Buffer;
@@ -66,6 +73,8 @@ interface Group {
   members: number;
   items: Item[];
   closed: boolean;
+  /** dropped with the queue (forwarding stopped) */
+  dropped?: boolean;
 }
 
 export interface ReplicationFilterOptions {
@@ -90,8 +99,13 @@ export class ReplicationFilter extends Filter {
   /** bumped at every mode change: a request compares it to learn it raced one */
   private era = 0;
 
-  // async queue
+  // async queue: groups[groupsHead…] are the live groups, oldest first
   private groups: Group[] = [];
+  private groupsHead = 0;
+  /** ordered target: items in the order their local writes completed, sendQueue[sendHead…] not yet looked at */
+  private ordered = false;
+  private sendQueue: Item[] = [];
+  private sendHead = 0;
   private open: Group;
   private nextGroupId = 1;
   private queued = 0;
@@ -147,8 +161,11 @@ export class ReplicationFilter extends Filter {
     this.replied = new DirtyBitmap(this.size, { granularity: b.bitmap.granularity });
   }
 
-  /** Start forwarding to `target` (after the secondary equals the disk: a resync's consistent instant). */
-  attach(target: BlockNode): void {
+  /**
+   * Start forwarding to `target` (after the secondary equals the disk: a resync's consistent
+   * instant). `ordered`: the target applies the writes of its one connection in arrival order.
+   */
+  attach(target: BlockNode, o: { ordered?: boolean } = {}): void {
     if (target.size !== this.size) {
       throw new BlkrepError('ERR_PAIR_SIZE', `the secondary ${target.description} is ${target.size} bytes and the disk is ${this.size}: a pair needs the same size`, {
         errno: 'EINVAL',
@@ -156,6 +173,7 @@ export class ReplicationFilter extends Filter {
       });
     }
     this.target = completeNode(target);
+    this.ordered = o.ordered === true;
     this.resyncFront = undefined;
     this.setMode('forwarding');
     this.replied?.clearAll();
@@ -193,13 +211,17 @@ export class ReplicationFilter extends Filter {
 
   private stopForwarding(): void {
     this.target = undefined;
-    for (const g of this.groups) {
+    for (const g of this.liveGroups()) {
+      g.dropped = true;
       for (const it of g.items) {
         it.queuedBytes = 0; // a forward still in flight no longer counts when it completes
         this.settleItem(it);
       }
     }
     this.groups = [];
+    this.groupsHead = 0;
+    this.sendQueue = [];
+    this.sendHead = 0;
     this.open = this.newGroup();
     this.queued = 0;
     this.pauseAfter = undefined;
@@ -277,7 +299,7 @@ export class ReplicationFilter extends Filter {
     } finally {
       g.pendingLocal--;
       const item: Item = { op, offset, length, ...(o?.fua ? { fua: true } : {}), ...(o?.noHole ? { noHole: true } : {}), ...(ticket ? { ticket } : {}), sent: false, done: false };
-      if (!ok || this.current !== 'forwarding' || !this.groups.includes(g)) {
+      if (!ok || this.current !== 'forwarding' || g.dropped) {
         // not forwarded: the bits say the secondary may miss it
         this.settleItem(item);
       } else {
@@ -289,7 +311,9 @@ export class ReplicationFilter extends Filter {
         } else {
           this.queued += bytes;
           item.queuedBytes = bytes;
+          item.group = g.id;
           g.items.push(item);
+          if (this.ordered) this.sendQueue.push(item);
           // a write completing to the client closes the open group: later writes may depend on it
           if (this.open.members > 0) this.closeOpenGroup();
         }
@@ -371,32 +395,64 @@ export class ReplicationFilter extends Filter {
     this.open = this.newGroup();
   }
 
+  private liveGroups(): Group[] {
+    return this.groups.slice(this.groupsHead);
+  }
+
+  /** Send one queued item; on its reply, pump again. */
+  private send(item: Item): void {
+    item.sent = true;
+    const target = this.target;
+    this.forwardOne(item).then(
+      () => {
+        this.queued -= item.queuedBytes ?? 0;
+        item.queuedBytes = 0;
+        this.settleItem(item);
+        if (this.target === target) this.pump();
+      },
+      () => this.settleItem(item),
+    );
+  }
+
+  /**
+   * An ordered target: send the writes in the order their local writes completed, up to the
+   * checkpoint's cut. A FLUSH is left to the head loop (sent once everything before it was
+   * replied); items of a group before the cut that wait behind the cut are sent by the head loop too.
+   */
+  private sendInOrder(): void {
+    while (this.sendHead < this.sendQueue.length && this.target) {
+      const item = this.sendQueue[this.sendHead]!;
+      if (!item.sent && item.op !== 'flush') {
+        if (this.pauseAfter !== undefined && (item.group ?? 0) > this.pauseAfter) break;
+        this.send(item);
+      }
+      this.sendHead++;
+    }
+    if (this.sendHead > 1024 && this.sendHead * 2 > this.sendQueue.length) {
+      this.sendQueue = this.sendQueue.slice(this.sendHead);
+      this.sendHead = 0;
+    }
+  }
+
   /** Send what the head group holds; move on once it is closed, complete and replied. */
   private pump(): void {
-    while (this.groups.length > 0 && this.target) {
-      const head = this.groups[0]!;
+    if (this.ordered) this.sendInOrder();
+    while (this.groupsHead < this.groups.length && this.target) {
+      const head = this.groups[this.groupsHead]!;
       if (this.pauseAfter !== undefined && head.id > this.pauseAfter) break;
-      for (const item of head.items) {
-        if (item.sent) continue;
-        item.sent = true;
-        const target = this.target;
-        this.forwardOne(item).then(
-          () => {
-            this.queued -= item.queuedBytes ?? 0;
-            item.queuedBytes = 0;
-            this.settleItem(item);
-            if (this.target === target) this.pump();
-          },
-          () => this.settleItem(item),
-        );
-        item.sent = true;
-      }
+      for (const item of head.items) if (!item.sent) this.send(item);
       if (!head.closed || head.pendingLocal > 0 || head.items.some((i) => !i.done)) break;
-      this.groups.shift();
-      for (const w of this.drainWaiters.filter((w) => w.group <= head.id)) {
-        this.drainWaiters.splice(this.drainWaiters.indexOf(w), 1);
-        w.resolve();
+      this.groupsHead++;
+      if (this.drainWaiters.length > 0) {
+        for (const w of this.drainWaiters.filter((w) => w.group <= head.id)) {
+          this.drainWaiters.splice(this.drainWaiters.indexOf(w), 1);
+          w.resolve();
+        }
       }
+    }
+    if (this.groupsHead > 1024 && this.groupsHead * 2 > this.groups.length) {
+      this.groups = this.groups.slice(this.groupsHead);
+      this.groupsHead = 0;
     }
   }
 
@@ -414,7 +470,9 @@ export class ReplicationFilter extends Filter {
       // async: the FLUSH is a group of its own, sent once everything before it was replied
       this.closeOpenGroup();
       const g = this.open;
-      g.items.push({ op: 'flush', offset: 0, length: 0, sent: false, done: false });
+      const item: Item = { op: 'flush', offset: 0, length: 0, group: g.id, sent: false, done: false };
+      g.items.push(item);
+      if (this.ordered) this.sendQueue.push(item);
       this.closeOpenGroup();
       this.pump();
     }

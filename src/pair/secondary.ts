@@ -459,7 +459,8 @@ export class SecondaryRole implements PairRole {
       await this.setDiskState(next);
       if (!ch.isOpen || this.link !== ch) return;
       this.addReplicaExport();
-      ch.send({ type: 'welcome', re: m.seq, version: PAIR_LINK_VERSION, size, ...this.summary(), decision });
+      // ordered: the replica export applies one connection's writes in arrival order (cbw-filter.ts)
+      ch.send({ type: 'welcome', re: m.seq, version: PAIR_LINK_VERSION, size, ordered: true, ...this.summary(), decision });
       this.ctx.publish('replication-connected', { export: this.ctx.exportName, peer: ch.peer, role: 'secondary', rule: d.rule, action: decision.action, protocol: m.protocol });
     })().catch((err: unknown) => ch.close(toBlkrepError(err)));
   }

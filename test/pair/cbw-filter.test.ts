@@ -2,7 +2,8 @@
  * The copy-before-write filter alone (in-process, memory nodes): the first write of an epoch to a
  * cluster copies its old content to hidden (FUA) before the disk is written; a failed copy fails
  * the request and leaves the disk unchanged (failure case 3); concurrent writers to one cluster
- * copy once; reset() starts a new epoch; the gate holds writes.
+ * copy once; reset() starts a new epoch; the gate holds writes; disk writes are applied in arrival
+ * order, and a failure fails the requests queued behind it.
  */
 import { describe, expect, it } from 'vitest';
 import { MemoryNode } from '../../src/block/memory.js';
@@ -103,5 +104,39 @@ describe('copy-before-write filter', () => {
     cbw.gate.release();
     await w;
     expect((await disk.read(C, 10)).equals(Buffer.alloc(10, 0x33))).toBe(true);
+  });
+
+  it('applies disk writes in arrival order: a request needing no copy waits for the one before it', async () => {
+    const gate = new Gate();
+    const { disk, cbw } = setup({ gate, gateOps: ['write'] });
+    await fill(disk, 0x11);
+    cbw.markCopied(2 * C, C);
+    gate.close();
+    const a = cbw.write(C, Buffer.alloc(10, 0x22)); // its copy into hidden is held
+    const b = cbw.write(2 * C, Buffer.alloc(10, 0x33)); // nothing to copy, but it came after a
+    await gate.waitEntered(1);
+    for (let i = 0; i < 10; i++) await new Promise((r) => setImmediate(r));
+    expect((await disk.read(2 * C, 10)).equals(Buffer.alloc(10, 0x11))).toBe(true);
+    gate.open();
+    await Promise.all([a, b]);
+    expect((await disk.read(C, 10)).equals(Buffer.alloc(10, 0x22))).toBe(true);
+    expect((await disk.read(2 * C, 10)).equals(Buffer.alloc(10, 0x33))).toBe(true);
+  });
+
+  it('a failed request fails those queued behind it with ERR_PAIR_ORDER (disk not written); the next one after them is applied', async () => {
+    const { disk, cbw, errors } = setup({ failWrites: [[C, 2 * C]] });
+    await fill(disk, 0x11);
+    cbw.markCopied(2 * C, 2 * C);
+    const a = cbw.write(C, Buffer.alloc(10, 0x22));
+    const b = cbw.write(2 * C, Buffer.alloc(10, 0x33));
+    const c = cbw.writeZeroes(3 * C, 10);
+    await expect(a).rejects.toMatchObject({ code: 'ERR_PAIR_CBW' });
+    await expect(b).rejects.toMatchObject({ code: 'ERR_PAIR_ORDER', errno: 'EIO', details: { offset: 2 * C, length: 10 } });
+    await expect(c).rejects.toMatchObject({ code: 'ERR_PAIR_ORDER', details: { offset: 3 * C, length: 10 } });
+    expect((await disk.read(C, 3 * C)).equals(Buffer.alloc(3 * C, 0x11))).toBe(true);
+    // only the copy failure is an event: the others were refused for it
+    expect(errors.map((e) => e.code)).toEqual(['ERR_PAIR_CBW']);
+    await cbw.write(2 * C, Buffer.alloc(10, 0x44));
+    expect((await disk.read(2 * C, 10)).equals(Buffer.alloc(10, 0x44))).toBe(true);
   });
 });

@@ -141,6 +141,63 @@ describe('replication filter, async', () => {
     await peer.close();
   });
 
+  it('to an ordered target (a blkrep secondary) a dependent write is sent before the reply to the one before; a FLUSH waits for every reply', async () => {
+    const gate = new Gate();
+    const { remote, target, filter, peer } = await setup('async', { gate, gateOps: ['write'] });
+    filter.attach(target, { ordered: true });
+    gate.close();
+    await filter.write(0, fill(0xa1, 4096));
+    await filter.write(G, fill(0xa2, 4096)); // depends on the first: sent at once all the same
+    await filter.write(0, fill(0xa3, 4096));
+    await gate.waitEntered(3);
+    expect(target.log.filter((r) => r.op === 'write').map((r) => r.offset)).toEqual([0, G, 0]);
+    await filter.flush(); // the local flush; the forwarded one waits for the replies
+    await settle();
+    expect(target.log.map((r) => r.op)).toEqual(['write', 'write', 'write']);
+    gate.open();
+    await withTimeout(
+      (async () => {
+        while (!target.log.some((r) => r.op === 'flush' && r.done)) await settle();
+      })(),
+      5000,
+      'the forwarded flush',
+    );
+    expect(target.log.map((r) => r.op)).toEqual(['write', 'write', 'write', 'flush']);
+    expect(filter.queueBytes).toBe(0);
+    expect((await remote.read(0, 4096)).equals(fill(0xa3, 4096))).toBe(true);
+    expect((await remote.read(G, 4096)).equals(fill(0xa2, 4096))).toBe(true);
+    // the flush made them stable on the secondary: the peer bitmap is clean
+    expect([...peer.bitmap.dirtyRuns()]).toEqual([]);
+    await peer.close();
+  });
+
+  it("to an ordered target a checkpoint's cut still sends nothing written after it until release", async () => {
+    const { target, filter, peer } = await setup('async');
+    filter.attach(target, { ordered: true });
+    await filter.write(0, fill(1, 4096));
+    await filter.cut();
+    expect(target.log.map((r) => r.op)).toEqual(['write', 'flush']);
+    await filter.write(G, fill(2, 4096));
+    await filter.write(2 * G, fill(3, 4096));
+    await settle();
+    expect(target.log.map((r) => r.op)).toEqual(['write', 'flush']);
+    filter.release();
+    await withTimeout(
+      (async () => {
+        while (filter.queueBytes > 0) await settle();
+      })(),
+      5000,
+      'the queue to drain',
+    );
+    expect(target.log.map((r) => [r.op, r.offset])).toEqual([
+      ['write', 0],
+      ['flush', 0],
+      ['write', G],
+      ['write', 2 * G],
+    ]);
+    await peer.close();
+  });
+
   it('writes in flight together form one group and are sent together', async () => {
     const gate = new Gate();
     const localGate = new Gate();
