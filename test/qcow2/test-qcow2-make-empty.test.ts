@@ -120,4 +120,24 @@ describe('qcow2 make-empty', () => {
     expectSame(await check.read(0, check.size), expected, 'contents');
     await check.close();
   });
+
+  it('mapsNothing: true for a new overlay and after make-empty, false once a cluster is mapped (a zero cluster too)', async () => {
+    const dir = await makeTempDir();
+    await writeFile(join(dir, 'base.raw'), Buffer.alloc(4 * MiB, 1));
+    const top = join(dir, 'top.qcow2');
+    await Qcow2Node.create(top, { clusterSize: 64 * KiB, backing: 'base.raw', backingFormat: 'raw' });
+    const node = await Qcow2Node.open(top);
+    try {
+      expect(node.mapsNothing).toBe(true);
+      await node.writeZeroes(3 * MiB, 64 * KiB);
+      expect(node.mapsNothing).toBe(false);
+      await node.makeEmpty();
+      expect(node.mapsNothing).toBe(true);
+      await node.write(0, pattern(512, 1));
+      expect(node.mapsNothing).toBe(false);
+    } finally {
+      await node.close();
+    }
+  });
 });
+

@@ -664,6 +664,16 @@ export class Qcow2Node implements BlockNode {
   }
 
   /** Every cluster unallocated, so reads fall through to the backing chain (B.8). */
+  /**
+   * No guest cluster is mapped (every L1 entry is zero): the image reads as its backing node, and
+   * makeEmpty() would change nothing a reader sees (it would only reclaim leaked clusters).
+   */
+  get mapsNothing(): boolean {
+    const map = this.image.map;
+    for (let i = 0; i < map.l1Size; i++) if (map.l1Entry(i).offset !== 0) return false;
+    return true;
+  }
+
   async makeEmpty(o?: IoOptions): Promise<void> {
     this.checkWritable('make-empty');
     o?.signal?.throwIfAborted();
