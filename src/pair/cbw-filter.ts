@@ -10,13 +10,19 @@
  * The bits are reset at each checkpoint (step 6), when the hidden disk is emptied; at start they
  * are the clusters the hidden disk holds, so a restart never overwrites a kept old cluster.
  *
- * Order: the disk writes are applied in the order the requests arrived (the NBD server calls
+ * Order: the disk writes are issued in the order the requests arrived (the NBD server calls
  * write() in the order of its connection; the primary uses one connection). Copies into the
  * hidden disk start at once and run concurrently (their fsyncs are shared by the qcow2 writeback
- * cycle), but a request's disk write is issued only after the one before it has completed; once
- * one fails, the requests queued behind it fail too (ERR_PAIR_ORDER) until none is left. So the
- * disk is always a prefix of what the primary sent, and an async primary may send its barrier
- * groups without waiting for the replies of the one before (replication-filter.ts, `ordered`).
+ * cycle), but a request's disk write is issued only after the one before it was issued, and
+ * only after every earlier disk write it overlaps has completed (two writes of one block in
+ * flight could otherwise land in either order). Once a request fails before its disk write, the
+ * requests queued behind it fail too (ERR_PAIR_ORDER) until none is left. So once the requests
+ * received have completed — the primary gone, the secondary alive — the disk holds a prefix of
+ * what the primary sent, and an async primary may send its barrier groups without waiting for
+ * the replies of the one before (replication-filter.ts, `ordered`). A crash of the secondary
+ * itself may leave non-overlapping writes of the moment applied in any order (the page cache
+ * never promised more): that disk is resynced by the primary's peer bitmap, and the hidden disk
+ * still holds the checkpoint.
  */
 import type { BlockNode, CompleteBlockNode, WriteOptions, ZeroOptions } from '../api/block.js';
 import { BlkrepError } from '../api/errors.js';
@@ -32,8 +38,10 @@ export class CbwFilter extends Filter {
   private readonly copied: Uint8Array;
   private readonly copying = new Map<number, Promise<void>>();
   readonly gate = new WriteGate();
-  /** the last request's disk write: true when it was applied (the order chain) */
+  /** the last request's disk write: true once issued, false when the request failed before it (the order chain) */
   private tail: Promise<boolean> = Promise.resolve(true);
+  /** disk writes issued and not yet completed */
+  private readonly onDisk = new Set<{ offset: number; end: number; done: Promise<unknown> }>();
   /** requests in the order chain */
   private queued = 0;
   /**
@@ -86,14 +94,13 @@ export class CbwFilter extends Filter {
     return this.apply(offset, length, () => this.next.trim(offset, length, o));
   }
 
-  /** Copy the old clusters, then write the disk once the request before this one is applied. */
+  /** Copy the old clusters, then write the disk once the request before this one was issued. */
   private apply(offset: number, length: number, op: () => Promise<void>): Promise<void> {
     // the place in the chain is taken now, in the caller's order (before any await)
     const before = this.tail;
-    let applied!: (ok: boolean) => void;
-    this.tail = new Promise<boolean>((r) => (applied = r));
+    let issued!: (ok: boolean) => void;
+    this.tail = new Promise<boolean>((r) => (issued = r));
     this.queued++;
-    let ok = false;
     return gated(this.gate, async () => {
       await this.copyOld(offset, length);
       if (!(await before)) {
@@ -102,13 +109,25 @@ export class CbwFilter extends Filter {
           details: { offset, length },
         });
       }
-      await this.toDisk(op);
-      ok = true;
+      const end = offset + length;
+      for (;;) {
+        const overlap = [...this.onDisk].filter((w) => w.offset < end && offset < w.end);
+        if (overlap.length === 0) break;
+        await Promise.allSettled(overlap.map((w) => w.done));
+      }
+      const write = { offset, end, done: this.toDisk(op) };
+      this.onDisk.add(write);
+      issued(true);
+      try {
+        await write.done;
+      } finally {
+        this.onDisk.delete(write);
+      }
     }).finally(() => {
       this.queued--;
       // the chain is empty: the next request starts a new one (a failure poisons only its followers)
       if (this.queued === 0) this.tail = Promise.resolve(true);
-      applied(ok);
+      issued(false); // no effect once issued
     });
   }
 

@@ -7,6 +7,8 @@
  * without `seq` are one-way (event, ping).
  *
  *   P → S  hello        who I am, my generations and epoch; S answers welcome or refuse
+ *                       (welcome `ordered`: S applies the data connection's writes in arrival
+ *                       order, so an async P may pipeline them; absent from older secondaries)
  *   P → S  checkpoint   checkpoint N (replication.md §2 steps 3–7); S answers done or failed
  *   P → S  abort        give up checkpoint N (timeout on P); S answers done (epoch unchanged)
  *   S → P  event        something the HA side must know (case 3/4 of the failure table)

@@ -2,8 +2,8 @@
  * The copy-before-write filter alone (in-process, memory nodes): the first write of an epoch to a
  * cluster copies its old content to hidden (FUA) before the disk is written; a failed copy fails
  * the request and leaves the disk unchanged (failure case 3); concurrent writers to one cluster
- * copy once; reset() starts a new epoch; the gate holds writes; disk writes are applied in arrival
- * order, and a failure fails the requests queued behind it.
+ * copy once; reset() starts a new epoch; the gate holds writes; disk writes are issued in arrival
+ * order (overlapping ones completed in it), and a failure fails the requests queued behind it.
  */
 import { describe, expect, it } from 'vitest';
 import { MemoryNode } from '../../src/block/memory.js';
@@ -106,7 +106,7 @@ describe('copy-before-write filter', () => {
     expect((await disk.read(C, 10)).equals(Buffer.alloc(10, 0x33))).toBe(true);
   });
 
-  it('applies disk writes in arrival order: a request needing no copy waits for the one before it', async () => {
+  it('issues disk writes in arrival order: a request needing no copy waits for the one before it', async () => {
     const gate = new Gate();
     const { disk, cbw } = setup({ gate, gateOps: ['write'] });
     await fill(disk, 0x11);
@@ -139,4 +139,25 @@ describe('copy-before-write filter', () => {
     await cbw.write(2 * C, Buffer.alloc(10, 0x44));
     expect((await disk.read(2 * C, 10)).equals(Buffer.alloc(10, 0x44))).toBe(true);
   });
+
+  it('issues a disk write once the one before it was issued; one overlapping a disk write in flight waits for it to complete', async () => {
+    const gate = new Gate();
+    const diskMem = new MemoryNode(8 * C);
+    await fill(diskMem, 0x11);
+    const disk = hookNode(diskMem, { gate, gateOps: ['write'] });
+    const cbw = new CbwFilter(disk, completeNode(new MemoryNode(8 * C)), C);
+    cbw.markCopied(0, 8 * C);
+    gate.close();
+    const a = cbw.write(C, Buffer.alloc(10, 0x22)); // held in the disk
+    const b = cbw.write(3 * C, Buffer.alloc(10, 0x33)); // no overlap: issued meanwhile
+    const c = cbw.write(C + 5, Buffer.alloc(10, 0x44)); // overlaps a: waits for a to complete
+    await gate.waitEntered(2);
+    for (let i = 0; i < 10; i++) await new Promise((r) => setImmediate(r));
+    expect(disk.log.filter((r) => r.op === 'write').map((r) => r.offset)).toEqual([C, 3 * C]);
+    gate.open();
+    await Promise.all([a, b, c]);
+    expect(disk.log.filter((r) => r.op === 'write').map((r) => r.offset)).toEqual([C, 3 * C, C + 5]);
+    expect((await diskMem.read(C, 15)).equals(Buffer.concat([Buffer.alloc(5, 0x22), Buffer.alloc(10, 0x44)]))).toBe(true);
+  });
 });
+
