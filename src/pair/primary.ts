@@ -453,6 +453,9 @@ export class PrimaryRole implements PairRole {
       });
       if (answer.type === 'failed') throw new BlkrepError(answer.code, `the secondary failed checkpoint ${n}: ${answer.message}`, { details: { n } });
       if (answer.type !== 'done' || answer.n !== n) throw new BlkrepError('ERR_PAIR_PROTOCOL', `the secondary answered checkpoint ${n} with ${JSON.stringify(answer).slice(0, 120)}`);
+      // the secondary holds CP_N: held writes go on now, not after our own state write (a crash
+      // before that write leaves epoch N-1 here whether or not writes went on meanwhile)
+      filter.release();
       await this.state.update((s) => ({ ...s, epoch: n, diskState: 'UpToDate' }));
     } catch (err) {
       const e = toBlkrepError(err);
