@@ -3,7 +3,9 @@
  * the old primary restarts as `--secondary` of the promoted one and `blkrep replicate` resyncs
  * only the new primary's failback bitmap ∪ the old primary's peer bitmap (its activity log
  * replayed after kill -9), never the whole disk; the disks are equal byte for byte afterwards
- * (cmp of the image files after a clean stop). A planned switchover copies nothing.
+ * (cmp of the image files after a clean stop). A planned switchover copies nothing. The crash
+ * case runs over nbds:// with x509 client certificates too (tls-links.ts): each daemon is the
+ * link's TLS server, then its client.
  */
 import { join } from 'node:path';
 import { readFile, writeFile } from 'node:fs/promises';
@@ -13,6 +15,7 @@ import { NbdClient } from '../../src/nbd/client.js';
 import type { PairStatus } from '../../src/pair/role.js';
 import { makeTempDir, run, serve, unixUri, waitFor, type Served } from '../support/spawn.js';
 import { controlRequest as request, pairOf } from '../support/control.js';
+import { pairLink, requiresTls, type LinkKind, type PairLink } from './tls-links.js';
 
 const MiB = 1 << 20;
 const SIZE = 64 * MiB;
@@ -35,8 +38,8 @@ async function events(control: string): Promise<{ list: Ev[]; next: (name: strin
   };
 }
 
-async function writeThrough(socket: string, offset: number, byte: number, length = MiB): Promise<void> {
-  const c = await NbdClient.connect({ uri: unixUri(socket), reconnect: false, closeTimeoutMs: 2000 });
+async function writeThrough(socket: string, offset: number, byte: number, length = MiB, link?: PairLink): Promise<void> {
+  const c = await NbdClient.connect({ uri: link ? link.uri(socket) : unixUri(socket), reconnect: false, closeTimeoutMs: 2000 });
   try {
     await c.write(offset, Buffer.alloc(length, byte));
     await c.flush();
@@ -55,10 +58,12 @@ interface Pair {
   bSock: string;
   aCtl: string;
   bCtl: string;
+  link: PairLink;
 }
 
 /** A (primary) replicating to B (secondary); A's disk starts with one byte value per MiB; checkpoint 1 done. */
-async function startPair(protocol: 'sync' | 'async' = 'sync'): Promise<Pair> {
+async function startPair(protocol: 'sync' | 'async' = 'sync', kind: LinkKind = 'clear'): Promise<Pair> {
+  const link = await pairLink(kind);
   const dir = await makeTempDir();
   const aImg = join(dir, 'a.img');
   const bImg = join(dir, 'b.img');
@@ -66,9 +71,10 @@ async function startPair(protocol: 'sync' | 'async' = 'sync'): Promise<Pair> {
   for (let m = 0; m < SIZE / MiB; m++) content.fill(m + 1, m * MiB, (m + 1) * MiB);
   await writeFile(aImg, content);
   await writeFile(bImg, Buffer.alloc(SIZE));
-  const p = { dir, aImg, bImg, aSock: join(dir, 'a.sock'), bSock: join(dir, 'b.sock'), aCtl: join(dir, 'a.ctl'), bCtl: join(dir, 'b.ctl') };
-  const b = await serve([bImg, '--secondary', '--socket', p.bSock, '--control', p.bCtl]);
-  const a = await serve([aImg, '--socket', p.aSock, '--control', p.aCtl, '--replicate-to', unixUri(p.bSock), '--protocol', protocol]);
+  const p = { dir, aImg, bImg, aSock: join(dir, 'a.sock'), bSock: join(dir, 'b.sock'), aCtl: join(dir, 'a.ctl'), bCtl: join(dir, 'b.ctl'), link };
+  const b = await serve([bImg, '--secondary', '--socket', p.bSock, '--control', p.bCtl, ...link.serverArgs]);
+  expect(requiresTls(b.listeningLine, link)).toBe(true);
+  const a = await serve([aImg, '--socket', p.aSock, '--control', p.aCtl, '--replicate-to', link.uri(p.bSock), '--protocol', protocol]);
   await waitFor(async () => {
     const st = await pairOf(p.aCtl);
     return st.epoch === 1 && st.lastCheckpointAgeMs !== null;
@@ -78,10 +84,11 @@ async function startPair(protocol: 'sync' | 'async' = 'sync'): Promise<Pair> {
 
 /** B (promoted) replicates to A restarted as its secondary: the resync's two events. */
 async function failBack(p: Pair): Promise<{ a2: Served; started: Ev; done: Ev }> {
-  const a2 = await serve([p.aImg, '--secondary', '--socket', p.aSock, '--control', p.aCtl]);
+  const a2 = await serve([p.aImg, '--secondary', '--socket', p.aSock, '--control', p.aCtl, ...p.link.serverArgs]);
+  expect(requiresTls(a2.listeningLine, p.link)).toBe(true);
   const ev = await events(p.bCtl);
   try {
-    const st = await request<PairStatus>(p.bCtl, 'replicate', { uri: unixUri(p.aSock), protocol: 'sync' });
+    const st = await request<PairStatus>(p.bCtl, 'replicate', { uri: p.link.uri(p.aSock), protocol: 'sync' });
     expect(st).toMatchObject({ role: 'primary', peerKind: 'blkrep' });
     const started = await ev.next('resync-started');
     const done = await ev.next('resync-done');
@@ -98,8 +105,8 @@ async function cmp(x: string, y: string): Promise<number> {
 }
 
 describe('failback by bitmaps (two daemons, kill -9)', () => {
-  it('crash of the primary, failover, failback: copies failback bitmap ∪ the old primary\'s activity log, disks equal', async () => {
-    const p = await startPair();
+  it.each<LinkKind>(['clear', 'x509'])('(link %s) crash of the primary, failover, failback: copies failback bitmap ∪ the old primary\'s activity log, disks equal', async (kind) => {
+    const p = await startPair('sync', kind);
     // a write before the checkpoint (forwarded, flushed), checkpoint 2, one after (forwarded, then lost at failover)
     await writeThrough(p.aSock, 0, 0xa1);
     expect((await request<{ epoch: number }>(p.aCtl, 'checkpoint')).epoch).toBe(2);
@@ -109,7 +116,7 @@ describe('failback by bitmaps (two daemons, kill -9)', () => {
     const fo = await request<{ role: string; epoch: number; bytes: number }>(p.bCtl, 'failover', {});
     expect(fo).toMatchObject({ role: 'primary', epoch: 2 });
     // the new primary writes elsewhere
-    await writeThrough(p.bSock, 40 * MiB, 0xb1);
+    await writeThrough(p.bSock, 40 * MiB, 0xb1, MiB, p.link);
     const { a2, started, done } = await failBack(p);
     // dirty: B's failback bitmap (A's write at 8 MiB that B rolled back, B's write at 40 MiB: 1 MiB each)
     // ∪ A's peer bitmap after its activity log was replayed (the hot extents [0,4) and [8,12) MiB)

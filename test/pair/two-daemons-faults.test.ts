@@ -3,7 +3,8 @@
  * BLKREP_TEST_CRASH_AT, separate processes): the checkpoint fails with ERR_PAIR_LINK_DOWN (exit 1),
  * the events say so, the primary's epoch is unchanged, client writes keep succeeding; once the
  * secondary is back the primary reconnects, resyncs by its peer bitmap, and the two disks are
- * byte-equal (qemu-img compare).
+ * byte-equal (qemu-img compare). In clear and over nbds:// with PSK (tls-links.ts): each return
+ * of the secondary is a new TLS handshake on the link.
  */
 import { join } from 'node:path';
 import { truncate, writeFile } from 'node:fs/promises';
@@ -12,6 +13,7 @@ import { ControlClient } from '../../src/control/client.js';
 import { NbdClient } from '../../src/nbd/client.js';
 import { makeTempDir, run, runCli, serve, unixUri, waitFor } from '../support/spawn.js';
 import { pairOf } from '../support/control.js';
+import { pairLink, requiresTls, type LinkKind } from './tls-links.js';
 
 const MiB = 1 << 20;
 const SIZE = 16 * MiB;
@@ -21,8 +23,9 @@ interface Ev {
   [k: string]: unknown;
 }
 
-describe('two daemons: the secondary dies inside a checkpoint', () => {
+describe.each<LinkKind>(['clear', 'psk'])('two daemons (link %s): the secondary dies inside a checkpoint', (kind) => {
   it('checkpoint fails ERR_PAIR_LINK_DOWN, writes go on, the secondary is resynced when back; disks equal', async () => {
+    const link = await pairLink(kind);
     const dir = await makeTempDir();
     for (const f of ['p.img', 's.img']) {
       await writeFile(join(dir, f), Buffer.alloc(0));
@@ -32,9 +35,10 @@ describe('two daemons: the secondary dies inside a checkpoint', () => {
     const pSock = join(dir, 'p.sock');
     const sControl = join(dir, 's.ctl');
     const pControl = join(dir, 'p.ctl');
-    const sArgs = [join(dir, 's.img'), '--secondary', '--socket', sSock, '--control', sControl];
+    const sArgs = [join(dir, 's.img'), '--secondary', '--socket', sSock, '--control', sControl, ...link.serverArgs];
     const s1 = await serve(sArgs);
-    const p = await serve([join(dir, 'p.img'), '--socket', pSock, '--control', pControl, '--replicate-to', unixUri(sSock)]);
+    expect(requiresTls(s1.listeningLine, link)).toBe(true);
+    const p = await serve([join(dir, 'p.img'), '--socket', pSock, '--control', pControl, '--replicate-to', link.uri(sSock)]);
     const events: Ev[] = [];
     const ec = await ControlClient.connect(pControl);
     await ec.subscribe(undefined, (e) => events.push(e as unknown as Ev));

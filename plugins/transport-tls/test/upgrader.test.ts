@@ -5,7 +5,7 @@
  * certificate the server's CA did not sign), TLS 1.2 PSK.
  */
 import { randomBytes } from 'node:crypto';
-import { writeFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import { join } from 'node:path';
 import tls from 'node:tls';
@@ -92,6 +92,26 @@ describe('tls upgrader: x509', () => {
     await echoOnce(sc, c);
     expect((c.stream as tls.TLSSocket).getProtocol()).toBe('TLSv1.3');
     expect(sc.peer).toMatch(/^127\.0\.0\.1:\d+$/);
+    expect((c.stream as tls.TLSSocket).getCipher().name).toBe('TLS_AES_128_GCM_SHA256');
+  });
+
+  it('the server picks AES-128-GCM over a client that prefers AES-256 (node\'s and GnuTLS\'s order), and serves TLS 1.2 clients', async () => {
+    const s = await listen({ 'tls-certificates': pki.server });
+    const ca = readFileSync(join(pki.server, 'ca-cert.pem'));
+    const cases: Array<[tls.ConnectionOptions, string, string]> = [
+      [{ ciphers: 'TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_GCM_SHA256' }, 'TLSv1.3', 'TLS_AES_128_GCM_SHA256'],
+      [{ ciphers: 'TLS_AES_256_GCM_SHA384' }, 'TLSv1.3', 'TLS_AES_256_GCM_SHA384'],
+      [{ maxVersion: 'TLSv1.2', ciphers: 'ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-AES128-GCM-SHA256' }, 'TLSv1.2', 'ECDHE-ECDSA-AES128-GCM-SHA256'],
+    ];
+    for (const [i, [options, protocol, cipher]] of cases.entries()) {
+      const socket = await rawConnect(s.port);
+      const t = tls.connect({ socket, ca, servername: 'localhost', ...options });
+      closers.push(() => t.destroy());
+      t.on('error', () => {});
+      await withTimeout(new Promise((r) => t.once('secureConnect', r)), 5000, `handshake ${i}`);
+      expect([t.getProtocol(), t.getCipher().name]).toEqual([protocol, cipher]);
+      await echoOnce(await waitResult(s, i), { stream: t, peer: 'client' });
+    }
   });
 
   it('five handshakes at once each get their own connection', async () => {
@@ -170,6 +190,7 @@ describe('tls upgrader: PSK', () => {
     const c = await client(s.port, { 'tls-psk-file': pki.psk, 'tls-username': 'alice' });
     await echoOnce(await waitResult(s, 0), c);
     expect((c.stream as tls.TLSSocket).getProtocol()).toBe('TLSv1.3');
+    expect((c.stream as tls.TLSSocket).getCipher().name).toBe('TLS_AES_128_GCM_SHA256');
     const socket = await rawConnect(s.port);
     const t12 = tls.connect({
       socket,
