@@ -12,7 +12,7 @@ if (!process.env.UV_THREADPOOL_SIZE) process.env.UV_THREADPOOL_SIZE = '16';
 // command is stale (dist/ rebuilt by tsc alone): write it again first, when the tree is writable.
 import { existsSync, readFileSync, readdirSync, renameSync, statSync, unlinkSync, writeFileSync } from 'node:fs';
 import Module, { createRequire } from 'node:module';
-import { dirname, join } from 'node:path';
+import { dirname, join, sep } from 'node:path';
 import vm from 'node:vm';
 import { fileURLToPath } from 'node:url';
 
@@ -79,7 +79,7 @@ function writeCodeCaches() {
 if (bundled) {
   const plain = Module._extensions['.js'];
   Module._extensions['.cjs'] = (module, filename) =>
-    dirname(filename) === vendorDir ? compileCached(module, filename) : plain(module, filename);
+    filename.startsWith(vendorDir + sep) ? compileCached(module, filename) : plain(module, filename);
   process.once('exit', writeCodeCaches);
   try {
     const index = require.resolve('@oclif/core');
@@ -129,5 +129,39 @@ if (manifestStale()) {
 const argv = process.argv.slice(2);
 const args = argv.length === 2 && argv.includes('--version') && argv.includes('--json') ? ['version', '--json'] : undefined;
 
-const { execute } = await import('@oclif/core');
+// dist/vendor/commands/ID.cjs (scripts/bundle-oclif.mjs): each command with everything it imports
+// from dist/src and node_modules in one file, compiled with the code cache like the oclif bundle.
+// oclif finds a command through the root plugin's manifest; for the command it is about to load,
+// its entry is pointed at the bundle when the bundle is at least as new as every dist/src file
+// it was built from (a tree rebuilt by tsc alone runs its new modules, not an old bundle).
+function useCommandBundles(Plugin) {
+  const dir = join(vendorDir, 'commands');
+  let index;
+  try {
+    index = JSON.parse(readFileSync(join(dir, 'index.json'), 'utf8')).commands;
+  } catch {
+    return; // no bundles: the modules in dist/src
+  }
+  const mtime = (file) => statSync(file, { throwIfNoEntry: false })?.mtimeMs;
+  const fresh = ({ file, inputs }) => {
+    const built = mtime(join(dir, file));
+    return built !== undefined && inputs.every((input) => (mtime(join(root, input)) ?? Infinity) <= built);
+  };
+  const findCommand = Plugin.prototype.findCommand;
+  Plugin.prototype.findCommand = function (id, options) {
+    const entry = this.isRoot && !this.options.ignoreManifest ? this.manifest?.commands?.[id] : undefined;
+    const bundle = Object.hasOwn(index, id) ? index[id] : undefined;
+    if (entry && bundle && entry.isESM !== false && fresh(bundle)) {
+      entry.relativePath = ['dist', 'vendor', 'commands', bundle.file];
+      entry.isESM = false;
+    }
+    return findCommand.call(this, id, options);
+  };
+}
+
+// require, not import(): @oclif/core is CommonJS, and import() of it parses its source for its
+// export names (~10 ms for the bundle) where require returns the loaded module.
+const oclif = require('@oclif/core');
+if (bundled) useCommandBundles(oclif.Plugin);
+const { execute } = oclif;
 await execute({ dir: import.meta.url, ...(args ? { args } : {}) });

@@ -44,7 +44,10 @@ for (const old of readdirSync(path.dirname(outfile))) {
 // - finding the oclif.plugins among the dependencies ran minimatch (a new compiled pattern)
 //   for every plugin × dependency pair (~10 ms for our 10 plugins); a name without glob
 //   characters now is compared as a string, which is what minimatch concludes for it.
+// The commands' bundles (below) load these at first use too: node:crypto, node:tls … that a
+// module imports for one function a short command may never call.
 const LAZY_BUILTINS = /^(node:)?(child_process|perf_hooks|readline)$/;
+const LAZY_BUILTINS_COMMANDS = /^(node:)?(child_process|perf_hooks|readline|crypto|tls|zlib|http|https|dgram|dns|worker_threads|v8|inspector)$/;
 function lazyBuiltin(name) {
   const names = Object.keys(require(name)).filter((k) => k !== 'default');
   return `"use strict";
@@ -61,10 +64,10 @@ module.exports = new Proxy({}, {
 `;
 }
 const PLUGIN_MATCH = '(0, minimatch_1.minimatch)(p, w)';
-const startupPlugin = {
+const startupPlugin = (lazy) => ({
   name: 'blkrep-startup',
   setup(build) {
-    build.onResolve({ filter: LAZY_BUILTINS }, (args) =>
+    build.onResolve({ filter: lazy }, (args) =>
       args.namespace === 'lazy-builtin' ? undefined : { path: args.path.replace(/^node:/, ''), namespace: 'lazy-builtin' });
     build.onLoad({ filter: /.*/, namespace: 'lazy-builtin' }, (args) => ({ contents: lazyBuiltin(args.path), loader: 'js' }));
     build.onLoad({ filter: /[\\/]@oclif[\\/]core[\\/]lib[\\/]config[\\/]plugin-loader\.js$/ }, (args) => {
@@ -79,9 +82,9 @@ const startupPlugin = {
       };
     });
   },
-};
+});
 await esbuild.build({
-  plugins: [startupPlugin],
+  plugins: [startupPlugin(LAZY_BUILTINS)],
   entryPoints: [require.resolve('@oclif/core')],
   outfile,
   bundle: true,
@@ -96,15 +99,63 @@ await esbuild.build({
 // with node's experimental vm-modules API (and its warning on stderr). oclif import()s the ESM
 // commands and hooks: each import(...) calls __import(...) instead, a parameter of the wrapper
 // bin/run.js compiles the bundle in, which import()s from bin/run.js's own module.
-const code = readFileSync(outfile, 'utf8');
-let imports = 0;
-const rewritten = code.replace(/(?<![\w$."'`])import\((?!\))/g, () => {
-  imports++;
-  return '__import(';
-});
-if (imports === 0) throw new Error(`${outfile}: no import( found to rewrite; has @oclif/core changed how it loads commands?`);
-writeFileSync(outfile, rewritten);
+function rewriteImports(file) {
+  let imports = 0;
+  const code = readFileSync(file, 'utf8').replace(/(?<![\w$."'`])import\((?!\))/g, () => {
+    imports++;
+    return '__import(';
+  });
+  writeFileSync(file, code);
+  return imports;
+}
+if (rewriteImports(outfile) === 0) throw new Error(`${outfile}: no import( found to rewrite; has @oclif/core changed how it loads commands?`);
 console.log(`wrote ${path.relative(process.cwd(), outfile)}`);
+
+// Each command as one file too: dist/vendor/commands/ID.cjs (ID with . for :), the command's
+// module with all it imports from dist/src and from node_modules (zod, yaml …), minified
+// CommonJS. Importing a command from dist/src resolves, reads and compiles its 10–70 modules
+// as ESM (which node 20 cannot code-cache); bin/run.js loads this file instead, with V8's code
+// cache, unless a module it was built from is newer than it (dist/ rebuilt by tsc alone) or
+// BLKREP_OCLIF_BUNDLE=0. Outside stay: @oclif/core (the one copy above, which the oclif plugins
+// share), the plugins (@blkrep/*, loaded by their hooks and by name), the native addon.
+// index.json lists, per command id, its file and the files it was built from.
+const commandsDir = path.join(root, 'dist', 'vendor', 'commands');
+rmSync(commandsDir, { recursive: true, force: true });
+const manifest = JSON.parse(readFileSync(path.join(root, 'oclif.manifest.json'), 'utf8'));
+const idOf = new Map(Object.keys(manifest.commands).map((id) => [`${id.replaceAll(':', '.')}.cjs`, id]));
+const entryPoints = Object.fromEntries(
+  Object.entries(manifest.commands).map(([id, c]) => [id.replaceAll(':', '.'), path.join(root, ...c.relativePath)]),
+);
+const built = await esbuild.build({
+  plugins: [startupPlugin(LAZY_BUILTINS_COMMANDS)],
+  entryPoints,
+  outdir: commandsDir,
+  outExtension: { '.js': '.cjs' },
+  bundle: true,
+  platform: 'node',
+  format: 'cjs',
+  target: 'node20',
+  minify: true,
+  keepNames: true,
+  external: ['@oclif/core', '@blkrep/*', '*.node'],
+  // native.ts finds the addon above its own directory and require()s it from there
+  define: { 'import.meta.url': '__importMetaUrl' },
+  banner: { js: 'var __importMetaUrl = require("node:url").pathToFileURL(__filename).href;' },
+  metafile: true,
+  logLevel: 'error',
+});
+const index = { commands: {} };
+for (const [out, meta] of Object.entries(built.metafile.outputs)) {
+  if (!meta.entryPoint) continue;
+  const file = path.basename(out);
+  const id = idOf.get(file);
+  if (!id) throw new Error(`${out}: not the bundle of a command in oclif.manifest.json`);
+  const inputs = Object.keys(meta.inputs).filter((i) => !i.includes('node_modules')).map((i) => path.relative(root, path.resolve(i)));
+  index.commands[id] = { file, inputs };
+  rewriteImports(path.join(commandsDir, file));
+}
+writeFileSync(path.join(commandsDir, 'index.json'), JSON.stringify(index) + '\n');
+console.log(`wrote ${path.relative(process.cwd(), commandsDir)}/: ${Object.keys(index.commands).length} commands`);
 
 // V8's code cache for the bundle (bin/run.js writes it at the exit of a run without one): made
 // here by one run of the bin as an operator runs it (its shebang's node flags), so that an install
