@@ -94,13 +94,15 @@ if (bundled) {
   }
 }
 
+// dist/.tsbuildinfo (tsconfig.build.json: incremental) is rewritten by every tsc run that emits:
+// a manifest or a command bundle newer than it is current without looking at each compiled file.
+const mtime = (file) => statSync(file, { throwIfNoEntry: false })?.mtimeMs;
+const compiled = mtime(join(root, 'dist', '.tsbuildinfo'));
+
 function manifestStale() {
-  let built;
-  try {
-    built = statSync(join(root, 'oclif.manifest.json')).mtimeMs;
-  } catch {
-    return false; // none: oclif finds the commands itself
-  }
+  const built = mtime(join(root, 'oclif.manifest.json'));
+  if (built === undefined) return false; // none: oclif finds the commands itself
+  if (compiled !== undefined && compiled <= built) return false;
   const newer = (dir) => {
     let entries;
     try {
@@ -142,10 +144,11 @@ function useCommandBundles(Plugin) {
   } catch {
     return; // no bundles: the modules in dist/src
   }
-  const mtime = (file) => statSync(file, { throwIfNoEntry: false })?.mtimeMs;
   const fresh = ({ file, inputs }) => {
     const built = mtime(join(dir, file));
-    return built !== undefined && inputs.every((input) => (mtime(join(root, input)) ?? Infinity) <= built);
+    if (built === undefined) return false;
+    if (compiled !== undefined && compiled <= built) return true;
+    return inputs.every((input) => (mtime(join(root, input)) ?? Infinity) <= built);
   };
   const findCommand = Plugin.prototype.findCommand;
   Plugin.prototype.findCommand = function (id, options) {

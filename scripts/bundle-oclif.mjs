@@ -150,7 +150,8 @@ for (const [out, meta] of Object.entries(built.metafile.outputs)) {
   const file = path.basename(out);
   const id = idOf.get(file);
   if (!id) throw new Error(`${out}: not the bundle of a command in oclif.manifest.json`);
-  const inputs = Object.keys(meta.inputs).filter((i) => !i.includes('node_modules')).map((i) => path.relative(root, path.resolve(i)));
+  // the files of dist/src (not node_modules', not the lazy builtins' made-up modules)
+  const inputs = Object.keys(meta.inputs).filter((i) => !i.includes('node_modules') && !i.includes(':')).map((i) => path.relative(root, path.resolve(i)));
   index.commands[id] = { file, inputs };
   rewriteImports(path.join(commandsDir, file));
 }
