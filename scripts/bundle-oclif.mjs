@@ -44,6 +44,10 @@ for (const old of readdirSync(path.dirname(outfile))) {
 // - finding the oclif.plugins among the dependencies ran minimatch (a new compiled pattern)
 //   for every plugin × dependency pair (~10 ms for our 10 plugins); a name without glob
 //   characters now is compared as a string, which is what minimatch concludes for it.
+// And one that is no change at all: @oclif/core's index checks node's version against the
+// engines of the package.json beside its lib/ (`require(__dirname/../package.json)`), which in
+// the bundle is dist/package.json, absent, so the check always ended in its catch; it is not
+// called (nor semver loaded for it). blkrep's own engines (node >= 20) are npm's to check.
 // The commands' bundles (below) load these at first use too: node:crypto, node:tls … that a
 // module imports for one function a short command may never call.
 const LAZY_BUILTINS = /^(node:)?(child_process|perf_hooks|readline)$/;
@@ -64,12 +68,18 @@ module.exports = new Proxy({}, {
 `;
 }
 const PLUGIN_MATCH = '(0, minimatch_1.minimatch)(p, w)';
+const NODE_CHECK = '\ncheckNodeVersion();\n';
 const startupPlugin = (lazy) => ({
   name: 'blkrep-startup',
   setup(build) {
     build.onResolve({ filter: lazy }, (args) =>
       args.namespace === 'lazy-builtin' ? undefined : { path: args.path.replace(/^node:/, ''), namespace: 'lazy-builtin' });
     build.onLoad({ filter: /.*/, namespace: 'lazy-builtin' }, (args) => ({ contents: lazyBuiltin(args.path), loader: 'js' }));
+    build.onLoad({ filter: /[\\/]@oclif[\\/]core[\\/]lib[\\/]index\.js$/ }, (args) => {
+      const source = readFileSync(args.path, 'utf8');
+      if (!source.includes(NODE_CHECK)) return undefined;
+      return { contents: source.replace(NODE_CHECK, '\n'), loader: 'js' };
+    });
     build.onLoad({ filter: /[\\/]@oclif[\\/]core[\\/]lib[\\/]config[\\/]plugin-loader\.js$/ }, (args) => {
       const source = readFileSync(args.path, 'utf8');
       if (!source.includes(PLUGIN_MATCH)) {

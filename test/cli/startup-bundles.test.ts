@@ -6,7 +6,7 @@
  * NODE_DEBUG=module makes node name each CommonJS file it loads on stderr, which is how these
  * tests see which copy of a command ran.
  */
-import { cpSync, existsSync, readFileSync, readdirSync, symlinkSync, utimesSync } from 'node:fs';
+import { cpSync, existsSync, readFileSync, readdirSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { BIN, REPO_ROOT, makeTempDir, run, runCli, start, unixUri, waitFor } from '../support/spawn.js';
@@ -59,13 +59,9 @@ describe('command bundles', () => {
   });
 
   it('after a newer compile, a command runs from dist/src, not from its older bundle', async () => {
-    // a copy of the built tree (timestamps kept) whose dist/src/commands/info.js and
-    // dist/.tsbuildinfo a "tsc run" made newer than the bundles
-    const copy = await makeTempDir();
-    for (const entry of ['bin', 'dist', 'package.json', 'oclif.manifest.json']) {
-      cpSync(join(REPO_ROOT, entry), join(copy, entry), { recursive: true, preserveTimestamps: true });
-    }
-    for (const entry of ['node_modules', 'native', 'plugins']) symlinkSync(join(REPO_ROOT, entry), join(copy, entry));
+    // a copy of the built tree whose dist/src/commands/info.js and dist/.tsbuildinfo a "tsc run"
+    // made newer than the bundles
+    const copy = await copyOfBuild();
     const later = new Date(Date.now() + 60_000);
     for (const f of [join(copy, 'dist', 'src', 'commands', 'info.js'), join(copy, 'dist', '.tsbuildinfo')]) utimesSync(f, later, later);
 
@@ -83,6 +79,23 @@ describe('command bundles', () => {
     expect(loaded(version.stderr, join(copy, 'dist', 'vendor', 'commands', 'version.cjs'))).toBe(true);
   });
 
+  it('a code cache V8 refuses (not one) is ignored, and replaced at exit', async () => {
+    const copy = await copyOfBuild();
+    const commands = join(copy, 'dist', 'vendor', 'commands');
+    const run1 = await run(process.execPath, [join(copy, 'bin', 'run.js'), 'version', '--json'], { env: debugEnv() });
+    expect(run1.code).toBe(0);
+    const caches = readdirSync(commands).filter((f) => /^version\.cjs\.[0-9a-f]{8}\.v8cache$/.test(f));
+    expect(caches).toHaveLength(1); // the one for this node's flags (node bin/run.js)
+    const cache = join(commands, caches[0]!);
+    writeFileSync(cache, Buffer.alloc(4096, 0x5a));
+    const run2 = await run(process.execPath, [join(copy, 'bin', 'run.js'), 'version', '--json'], { env: debugEnv() });
+    expect(run2.code).toBe(0);
+    expect(run2.stderr).not.toMatch(/warning|error/i);
+    expect(loaded(run2.stderr, join(commands, 'version.cjs'))).toBe(true);
+    expect(JSON.parse(run2.stdout)).toEqual(JSON.parse(run1.stdout));
+    expect(readFileSync(cache).equals(Buffer.alloc(4096, 0x5a))).toBe(false);
+  });
+
   it('bin/run.js runs as a program (its shebang), bundled', async () => {
     const r = await run(BIN, ['version', '--json'], { env: debugEnv() });
     expect(r.code).toBe(0);
@@ -90,6 +103,16 @@ describe('command bundles', () => {
     expect(loaded(r.stderr, join(VENDOR, 'commands', 'version.cjs'))).toBe(true);
   });
 });
+
+/** A copy of the built tree (timestamps kept; no code caches), node_modules and the addon linked. */
+async function copyOfBuild(): Promise<string> {
+  const copy = await makeTempDir();
+  for (const entry of ['bin', 'dist', 'package.json', 'oclif.manifest.json']) {
+    cpSync(join(REPO_ROOT, entry), join(copy, entry), { recursive: true, preserveTimestamps: true, filter: (f) => !f.endsWith('.v8cache') });
+  }
+  for (const entry of ['node_modules', 'native']) symlinkSync(join(REPO_ROOT, entry), join(copy, entry));
+  return copy;
+}
 
 function oclifVersion(): string {
   return (JSON.parse(readFileSync(join(REPO_ROOT, 'node_modules', '@oclif', 'core', 'package.json'), 'utf8')) as { version: string }).version;
