@@ -10,9 +10,10 @@ if (!process.env.UV_THREADPOOL_SIZE) process.env.UV_THREADPOOL_SIZE = '16';
 // oclif.manifest.json (written by `npm run build`) lets oclif import only the command that runs
 // instead of every command (about 50 ms of CPU at each start). A manifest older than a compiled
 // command is stale (dist/ rebuilt by tsc alone): write it again first, when the tree is writable.
-import { existsSync, readFileSync, readdirSync, statSync } from 'node:fs';
-import { createRequire } from 'node:module';
-import { dirname, join } from 'node:path';
+import { existsSync, readFileSync, readdirSync, renameSync, statSync, unlinkSync, writeFileSync } from 'node:fs';
+import Module, { createRequire } from 'node:module';
+import { dirname, join, sep } from 'node:path';
+import vm from 'node:vm';
 import { fileURLToPath } from 'node:url';
 
 const root = fileURLToPath(new URL('..', import.meta.url));
@@ -22,12 +23,68 @@ const root = fileURLToPath(new URL('..', import.meta.url));
 // require's cache under the installed index's own path, so every import of '@oclif/core' — blkrep's
 // commands, the oclif plugins — gets this one copy. Only the bundle of the installed version;
 // BLKREP_OCLIF_BUNDLE=0 loads node_modules' files instead (bench/cli-startup compares the two).
-if (process.env.BLKREP_OCLIF_BUNDLE !== '0') {
-  const require = createRequire(import.meta.url);
+//
+// Files in dist/vendor/ are compiled with V8's code cache (FILE.FLAGS.v8cache beside them):
+// compiling the bundle and the functions a command runs is about half of loading it. The cache is
+// written once, at the exit of the first run without one (npm run build makes one), and only where
+// the directory is writable; V8 refuses a cache from another node or other V8 flags (hence FLAGS,
+// a hash of node's version and flags: the bin's own --max-semi-space-size vs `node bin/run.js`),
+// and then the file is simply compiled.
+const bundled = process.env.BLKREP_OCLIF_BUNDLE !== '0';
+const vendorDir = join(root, 'dist', 'vendor');
+const require = createRequire(import.meta.url);
+
+function flagsKey() {
+  const text = [process.version, process.arch, ...process.execArgv, process.env.NODE_OPTIONS ?? ''].join('\0');
+  let h = 0x811c9dc5; // FNV-1a
+  for (let i = 0; i < text.length; i++) h = Math.imul(h ^ text.charCodeAt(i), 0x01000193);
+  return (h >>> 0).toString(16).padStart(8, '0');
+}
+
+const uncached = [];
+function compileCached(module, filename) {
+  const source = readFileSync(filename, 'utf8');
+  const cacheFile = `${filename}.${flagsKey()}.v8cache`;
+  let cachedData;
+  try {
+    cachedData = readFileSync(cacheFile);
+  } catch {
+    // none yet
+  }
+  // __import: the bundle's import() calls (scripts/bundle-oclif.mjs rewrites them), since import()
+  // in a vm.Script needs node's experimental vm-modules API
+  const wrapped = `(function (exports, require, module, __filename, __dirname, __import) {${source}\n})`;
+  const script = new vm.Script(wrapped, { filename, cachedData });
+  if (!cachedData || script.cachedDataRejected) uncached.push({ script, cacheFile });
+  const wrapper = script.runInThisContext();
+  const importer = (specifier) => import(specifier);
+  wrapper.call(module.exports, module.exports, createRequire(filename), module, filename, dirname(filename), importer);
+}
+function writeCodeCaches() {
+  for (const { script, cacheFile } of uncached) {
+    const tmp = `${cacheFile}.${process.pid}.tmp`;
+    try {
+      writeFileSync(tmp, script.createCachedData());
+      renameSync(tmp, cacheFile);
+    } catch {
+      try {
+        unlinkSync(tmp);
+      } catch {
+        // read-only install: nothing written
+      }
+    }
+  }
+}
+
+if (bundled) {
+  const plain = Module._extensions['.js'];
+  Module._extensions['.cjs'] = (module, filename) =>
+    filename.startsWith(vendorDir + sep) ? compileCached(module, filename) : plain(module, filename);
+  process.once('exit', writeCodeCaches);
   try {
     const index = require.resolve('@oclif/core');
     const { version } = JSON.parse(readFileSync(join(dirname(index), '..', 'package.json'), 'utf8'));
-    const bundle = join(root, 'dist', 'vendor', `oclif-core-${version}.cjs`);
+    const bundle = join(vendorDir, `oclif-core-${version}.cjs`);
     if (!require.cache[index] && existsSync(bundle)) {
       require(bundle);
       require.cache[index] = require.cache[bundle];
@@ -37,13 +94,15 @@ if (process.env.BLKREP_OCLIF_BUNDLE !== '0') {
   }
 }
 
+// dist/.tsbuildinfo (tsconfig.build.json: incremental) is rewritten by every tsc run that emits:
+// a manifest or a command bundle newer than it is current without looking at each compiled file.
+const mtime = (file) => statSync(file, { throwIfNoEntry: false })?.mtimeMs;
+const compiled = mtime(join(root, 'dist', '.tsbuildinfo'));
+
 function manifestStale() {
-  let built;
-  try {
-    built = statSync(join(root, 'oclif.manifest.json')).mtimeMs;
-  } catch {
-    return false; // none: oclif finds the commands itself
-  }
+  const built = mtime(join(root, 'oclif.manifest.json'));
+  if (built === undefined) return false; // none: oclif finds the commands itself
+  if (compiled !== undefined && compiled <= built) return false;
   const newer = (dir) => {
     let entries;
     try {
@@ -72,5 +131,40 @@ if (manifestStale()) {
 const argv = process.argv.slice(2);
 const args = argv.length === 2 && argv.includes('--version') && argv.includes('--json') ? ['version', '--json'] : undefined;
 
-const { execute } = await import('@oclif/core');
+// dist/vendor/commands/ID.cjs (scripts/bundle-oclif.mjs): each command with everything it imports
+// from dist/src and node_modules in one file, compiled with the code cache like the oclif bundle.
+// oclif finds a command through the root plugin's manifest; for the command it is about to load,
+// its entry is pointed at the bundle when the bundle is at least as new as every dist/src file
+// it was built from (a tree rebuilt by tsc alone runs its new modules, not an old bundle).
+function useCommandBundles(Plugin) {
+  const dir = join(vendorDir, 'commands');
+  let index;
+  try {
+    index = JSON.parse(readFileSync(join(dir, 'index.json'), 'utf8')).commands;
+  } catch {
+    return; // no bundles: the modules in dist/src
+  }
+  const fresh = ({ file, inputs }) => {
+    const built = mtime(join(dir, file));
+    if (built === undefined) return false;
+    if (compiled !== undefined && compiled <= built) return true;
+    return inputs.every((input) => (mtime(join(root, input)) ?? Infinity) <= built);
+  };
+  const findCommand = Plugin.prototype.findCommand;
+  Plugin.prototype.findCommand = function (id, options) {
+    const entry = this.isRoot && !this.options.ignoreManifest ? this.manifest?.commands?.[id] : undefined;
+    const bundle = Object.hasOwn(index, id) ? index[id] : undefined;
+    if (entry && bundle && entry.isESM !== false && fresh(bundle)) {
+      entry.relativePath = ['dist', 'vendor', 'commands', bundle.file];
+      entry.isESM = false;
+    }
+    return findCommand.call(this, id, options);
+  };
+}
+
+// require, not import(): @oclif/core is CommonJS, and import() of it parses its source for its
+// export names (~10 ms for the bundle) where require returns the loaded module.
+const oclif = require('@oclif/core');
+if (bundled) useCommandBundles(oclif.Plugin);
+const { execute } = oclif;
 await execute({ dir: import.meta.url, ...(args ? { args } : {}) });

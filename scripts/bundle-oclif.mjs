@@ -9,7 +9,9 @@
 // build without esbuild, an upgraded @oclif/core not yet rebuilt).
 // `npm run build` runs it. typescript/ts-node/tsx stay outside: oclif loads them only to run
 // commands from .ts sources in development.
-import { mkdirSync, readdirSync, rmSync } from 'node:fs';
+// It also removes the code caches of the old bundle (they name it) and makes the new one's.
+import { spawnSync } from 'node:child_process';
+import { mkdirSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -34,7 +36,65 @@ mkdirSync(path.dirname(outfile), { recursive: true });
 for (const old of readdirSync(path.dirname(outfile))) {
   if (old.startsWith('oclif-core-')) rmSync(path.join(path.dirname(outfile), old));
 }
+// Two changes to what oclif runs at every start, both the same behaviour for less CPU:
+// - node:child_process, node:perf_hooks and node:readline (with the streams they pull in, ~10 ms)
+//   are loaded at their first use instead of at start: oclif requires them at the top of modules
+//   that a short command never calls into (os.getShell, Performance when OCLIF_PERFORMANCE is
+//   unset, ux prompts). The module each gets is a proxy that loads the real one on first access.
+// - finding the oclif.plugins among the dependencies ran minimatch (a new compiled pattern)
+//   for every plugin × dependency pair (~10 ms for our 10 plugins); a name without glob
+//   characters now is compared as a string, which is what minimatch concludes for it.
+// And one that is no change at all: @oclif/core's index checks node's version against the
+// engines of the package.json beside its lib/ (`require(__dirname/../package.json)`), which in
+// the bundle is dist/package.json, absent, so the check always ended in its catch; it is not
+// called (nor semver loaded for it). blkrep's own engines (node >= 20) are npm's to check.
+// The commands' bundles (below) load these at first use too: node:crypto, node:tls … that a
+// module imports for one function a short command may never call.
+const LAZY_BUILTINS = /^(node:)?(child_process|perf_hooks|readline)$/;
+const LAZY_BUILTINS_COMMANDS = /^(node:)?(child_process|perf_hooks|readline|crypto|tls|zlib|http|https|dgram|dns|worker_threads|v8|inspector)$/;
+function lazyBuiltin(name) {
+  const names = Object.keys(require(name)).filter((k) => k !== 'default');
+  return `"use strict";
+let real;
+const load = () => (real ??= require("node:${name}"));
+const names = ${JSON.stringify(names)};
+module.exports = new Proxy({}, {
+  get: (_, key) => load()[key],
+  has: (_, key) => key in load(),
+  ownKeys: () => names,
+  getOwnPropertyDescriptor: (_, key) =>
+    names.includes(key) ? { configurable: true, enumerable: true, get: () => load()[key] } : undefined,
+});
+`;
+}
+const PLUGIN_MATCH = '(0, minimatch_1.minimatch)(p, w)';
+const NODE_CHECK = '\ncheckNodeVersion();\n';
+const startupPlugin = (lazy) => ({
+  name: 'blkrep-startup',
+  setup(build) {
+    build.onResolve({ filter: lazy }, (args) =>
+      args.namespace === 'lazy-builtin' ? undefined : { path: args.path.replace(/^node:/, ''), namespace: 'lazy-builtin' });
+    build.onLoad({ filter: /.*/, namespace: 'lazy-builtin' }, (args) => ({ contents: lazyBuiltin(args.path), loader: 'js' }));
+    build.onLoad({ filter: /[\\/]@oclif[\\/]core[\\/]lib[\\/]index\.js$/ }, (args) => {
+      const source = readFileSync(args.path, 'utf8');
+      if (!source.includes(NODE_CHECK)) return undefined;
+      return { contents: source.replace(NODE_CHECK, '\n'), loader: 'js' };
+    });
+    build.onLoad({ filter: /[\\/]@oclif[\\/]core[\\/]lib[\\/]config[\\/]plugin-loader\.js$/ }, (args) => {
+      const source = readFileSync(args.path, 'utf8');
+      if (!source.includes(PLUGIN_MATCH)) {
+        console.log(`${args.path}: no ${PLUGIN_MATCH} (a newer @oclif/core?): plugins matched by minimatch as before`);
+        return undefined;
+      }
+      return {
+        contents: source.replaceAll(PLUGIN_MATCH, `(/[*?[\\]{}()!+\\\\]/.test(w) ? ${PLUGIN_MATCH} : p === w)`),
+        loader: 'js',
+      };
+    });
+  },
+});
 await esbuild.build({
+  plugins: [startupPlugin(LAZY_BUILTINS)],
   entryPoints: [require.resolve('@oclif/core')],
   outfile,
   bundle: true,
@@ -45,4 +105,71 @@ await esbuild.build({
   external: ['typescript', 'ts-node', 'tsx'],
   logLevel: 'error',
 });
+// bin/run.js compiles the bundle as a vm.Script (for V8's code cache), where import() works only
+// with node's experimental vm-modules API (and its warning on stderr). oclif import()s the ESM
+// commands and hooks: each import(...) calls __import(...) instead, a parameter of the wrapper
+// bin/run.js compiles the bundle in, which import()s from bin/run.js's own module.
+function rewriteImports(file) {
+  let imports = 0;
+  const code = readFileSync(file, 'utf8').replace(/(?<![\w$."'`])import\((?!\))/g, () => {
+    imports++;
+    return '__import(';
+  });
+  writeFileSync(file, code);
+  return imports;
+}
+if (rewriteImports(outfile) === 0) throw new Error(`${outfile}: no import( found to rewrite; has @oclif/core changed how it loads commands?`);
 console.log(`wrote ${path.relative(process.cwd(), outfile)}`);
+
+// Each command as one file too: dist/vendor/commands/ID.cjs (ID with . for :), the command's
+// module with all it imports from dist/src and from node_modules (zod, yaml …), minified
+// CommonJS. Importing a command from dist/src resolves, reads and compiles its 10–70 modules
+// as ESM (which node 20 cannot code-cache); bin/run.js loads this file instead, with V8's code
+// cache, unless a module it was built from is newer than it (dist/ rebuilt by tsc alone) or
+// BLKREP_OCLIF_BUNDLE=0. Outside stay: @oclif/core (the one copy above, which the oclif plugins
+// share), the plugins (@blkrep/*, loaded by their hooks and by name), the native addon.
+// index.json lists, per command id, its file and the files it was built from.
+const commandsDir = path.join(root, 'dist', 'vendor', 'commands');
+rmSync(commandsDir, { recursive: true, force: true });
+const manifest = JSON.parse(readFileSync(path.join(root, 'oclif.manifest.json'), 'utf8'));
+const idOf = new Map(Object.keys(manifest.commands).map((id) => [`${id.replaceAll(':', '.')}.cjs`, id]));
+const entryPoints = Object.fromEntries(
+  Object.entries(manifest.commands).map(([id, c]) => [id.replaceAll(':', '.'), path.join(root, ...c.relativePath)]),
+);
+const built = await esbuild.build({
+  plugins: [startupPlugin(LAZY_BUILTINS_COMMANDS)],
+  entryPoints,
+  outdir: commandsDir,
+  outExtension: { '.js': '.cjs' },
+  bundle: true,
+  platform: 'node',
+  format: 'cjs',
+  target: 'node20',
+  minify: true,
+  keepNames: true,
+  external: ['@oclif/core', '@blkrep/*', '*.node'],
+  // native.ts finds the addon above its own directory and require()s it from there
+  define: { 'import.meta.url': '__importMetaUrl' },
+  banner: { js: 'var __importMetaUrl = require("node:url").pathToFileURL(__filename).href;' },
+  metafile: true,
+  logLevel: 'error',
+});
+const index = { commands: {} };
+for (const [out, meta] of Object.entries(built.metafile.outputs)) {
+  if (!meta.entryPoint) continue;
+  const file = path.basename(out);
+  const id = idOf.get(file);
+  if (!id) throw new Error(`${out}: not the bundle of a command in oclif.manifest.json`);
+  // the files of dist/src (not node_modules', not the lazy builtins' made-up modules)
+  const inputs = Object.keys(meta.inputs).filter((i) => !i.includes('node_modules') && !i.includes(':')).map((i) => path.relative(root, path.resolve(i)));
+  index.commands[id] = { file, inputs };
+  rewriteImports(path.join(commandsDir, file));
+}
+writeFileSync(path.join(commandsDir, 'index.json'), JSON.stringify(index) + '\n');
+console.log(`wrote ${path.relative(process.cwd(), commandsDir)}/: ${Object.keys(index.commands).length} commands`);
+
+// V8's code cache for the bundle (bin/run.js writes it at the exit of a run without one): made
+// here by one run of the bin as an operator runs it (its shebang's node flags), so that an install
+// that is read-only at run time has it too.
+const warm = spawnSync(path.join(root, 'bin', 'run.js'), ['version', '--json'], { stdio: ['ignore', 'ignore', 'inherit'] });
+if (warm.status !== 0) console.log(`bin/run.js version --json exited with ${warm.status ?? warm.signal}: no code cache for the bundle yet`);

@@ -1,0 +1,119 @@
+/**
+ * The start-up path of bin/run.js (scripts/bundle-oclif.mjs): every command also built as one
+ * CommonJS file in dist/vendor/commands/, loaded with V8's code cache when no tsc run emitted
+ * after it; a plugin's `blkrep:register` hook still fills the registries a bundled command uses;
+ * BLKREP_OCLIF_BUNDLE=0 and a newer compile both give the modules in dist/src.
+ * NODE_DEBUG=module makes node name each CommonJS file it loads on stderr, which is how these
+ * tests see which copy of a command ran.
+ */
+import { cpSync, existsSync, readFileSync, readdirSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { BIN, REPO_ROOT, makeTempDir, run, runCli, start, unixUri, waitFor } from '../support/spawn.js';
+
+const VENDOR = join(REPO_ROOT, 'dist', 'vendor');
+const loaded = (stderr: string, file: string): boolean => stderr.includes(`load "${file}"`);
+const debugEnv = (extra: NodeJS.ProcessEnv = {}): NodeJS.ProcessEnv => ({ ...process.env, NODE_DEBUG: 'module', ...extra });
+
+/** qemu-nbd serving a 20 MiB raw image with 4 KiB of 0xa5 at 1 MiB, on a Unix socket. */
+async function qemuNbd(): Promise<string> {
+  const dir = await makeTempDir();
+  const img = join(dir, 'disk.raw');
+  await run('qemu-img', ['create', '-q', '-f', 'raw', img, '20M']);
+  expect((await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0xa5 1M 4k', img])).code).toBe(0);
+  const sock = join(dir, 'q.sock');
+  start('qemu-nbd', ['-f', 'raw', '-k', sock, '-t', img]);
+  await waitFor(() => existsSync(sock), 'the qemu-nbd socket');
+  return unixUri(sock);
+}
+
+describe('command bundles', () => {
+  it('every command of the manifest has a bundle, built from files that exist', () => {
+    const manifest = JSON.parse(readFileSync(join(REPO_ROOT, 'oclif.manifest.json'), 'utf8')) as { commands: Record<string, unknown> };
+    const index = JSON.parse(readFileSync(join(VENDOR, 'commands', 'index.json'), 'utf8')) as {
+      commands: Record<string, { file: string; inputs: string[] }>;
+    };
+    expect(Object.keys(index.commands).sort()).toEqual(Object.keys(manifest.commands).sort());
+    for (const { file, inputs } of Object.values(index.commands)) {
+      expect(existsSync(join(VENDOR, 'commands', file))).toBe(true);
+      expect(inputs.length).toBeGreaterThan(0);
+      for (const input of inputs) expect(existsSync(join(REPO_ROOT, input)), input).toBe(true);
+    }
+  });
+
+  it('a bundled command reaches qemu-nbd through the unix transport plugin, the same as the unbundled one', async () => {
+    const uri = await qemuNbd();
+    const bundled = await runCli(['map', uri, '--json'], { env: debugEnv() });
+    expect(bundled.code).toBe(0);
+    expect(loaded(bundled.stderr, join(VENDOR, 'commands', 'map.cjs'))).toBe(true);
+    expect(readdirSync(join(VENDOR, 'commands')).some((f) => /^map\.cjs\.[0-9a-f]{8}\.v8cache$/.test(f))).toBe(true);
+    // what qemu-nbd reports: the 4 KiB written at 1 MiB is data, and the extents cover 20 MiB
+    const extents = JSON.parse(bundled.stdout) as Array<{ start: number; length: number; data: boolean }>;
+    expect(extents).toContainEqual(expect.objectContaining({ start: 1 << 20, length: 4096, data: true }));
+    expect(extents.reduce((sum, e) => sum + e.length, 0)).toBe(20 * (1 << 20));
+
+    const unbundled = await runCli(['map', uri, '--json'], { env: debugEnv({ BLKREP_OCLIF_BUNDLE: '0' }) });
+    expect(unbundled.code).toBe(0);
+    expect(unbundled.stderr).not.toContain(VENDOR);
+    expect(unbundled.stdout).toBe(bundled.stdout);
+  });
+
+  it('after a newer compile, a command runs from dist/src, not from its older bundle', async () => {
+    // a copy of the built tree whose dist/src/commands/info.js and dist/.tsbuildinfo a "tsc run"
+    // made newer than the bundles
+    const copy = await copyOfBuild();
+    const later = new Date(Date.now() + 60_000);
+    for (const f of [join(copy, 'dist', 'src', 'commands', 'info.js'), join(copy, 'dist', '.tsbuildinfo')]) utimesSync(f, later, later);
+
+    const img = join(copy, 'disk.qcow2');
+    await run('qemu-img', ['create', '-q', '-f', 'qcow2', img, '3M']);
+    const info = await run(process.execPath, [join(copy, 'bin', 'run.js'), 'info', img, '--json'], { env: debugEnv() });
+    expect(info.code).toBe(0);
+    expect(JSON.parse(info.stdout)).toMatchObject({ 'virtual-size': 3 * (1 << 20), format: 'qcow2' });
+    expect(info.stderr).not.toContain(join(copy, 'dist', 'vendor', 'commands'));
+    expect(loaded(info.stderr, join(copy, 'dist', 'vendor', 'oclif-core-' + oclifVersion() + '.cjs'))).toBe(true);
+
+    // a command whose files that compile did not touch still runs from its bundle
+    const version = await run(process.execPath, [join(copy, 'bin', 'run.js'), 'version', '--json'], { env: debugEnv() });
+    expect(version.code).toBe(0);
+    expect(loaded(version.stderr, join(copy, 'dist', 'vendor', 'commands', 'version.cjs'))).toBe(true);
+  });
+
+  it('a code cache V8 refuses (not one) is ignored, and replaced at exit', async () => {
+    const copy = await copyOfBuild();
+    const commands = join(copy, 'dist', 'vendor', 'commands');
+    const run1 = await run(process.execPath, [join(copy, 'bin', 'run.js'), 'version', '--json'], { env: debugEnv() });
+    expect(run1.code).toBe(0);
+    const caches = readdirSync(commands).filter((f) => /^version\.cjs\.[0-9a-f]{8}\.v8cache$/.test(f));
+    expect(caches).toHaveLength(1); // the one for this node's flags (node bin/run.js)
+    const cache = join(commands, caches[0]!);
+    writeFileSync(cache, Buffer.alloc(4096, 0x5a));
+    const run2 = await run(process.execPath, [join(copy, 'bin', 'run.js'), 'version', '--json'], { env: debugEnv() });
+    expect(run2.code).toBe(0);
+    expect(run2.stderr).not.toMatch(/warning|error/i);
+    expect(loaded(run2.stderr, join(commands, 'version.cjs'))).toBe(true);
+    expect(JSON.parse(run2.stdout)).toEqual(JSON.parse(run1.stdout));
+    expect(readFileSync(cache).equals(Buffer.alloc(4096, 0x5a))).toBe(false);
+  });
+
+  it('bin/run.js runs as a program (its shebang), bundled', async () => {
+    const r = await run(BIN, ['version', '--json'], { env: debugEnv() });
+    expect(r.code).toBe(0);
+    expect(JSON.parse(r.stdout)).toMatchObject({ name: 'blkrep', native: { loaded: true } });
+    expect(loaded(r.stderr, join(VENDOR, 'commands', 'version.cjs'))).toBe(true);
+  });
+});
+
+/** A copy of the built tree (timestamps kept; no code caches), node_modules and the addon linked. */
+async function copyOfBuild(): Promise<string> {
+  const copy = await makeTempDir();
+  for (const entry of ['bin', 'dist', 'package.json', 'oclif.manifest.json']) {
+    cpSync(join(REPO_ROOT, entry), join(copy, entry), { recursive: true, preserveTimestamps: true, filter: (f) => !f.endsWith('.v8cache') });
+  }
+  for (const entry of ['node_modules', 'native']) symlinkSync(join(REPO_ROOT, entry), join(copy, entry));
+  return copy;
+}
+
+function oclifVersion(): string {
+  return (JSON.parse(readFileSync(join(REPO_ROOT, 'node_modules', '@oclif', 'core', 'package.json'), 'utf8')) as { version: string }).version;
+}
