@@ -197,9 +197,12 @@ describe('two daemons with --lease', () => {
       expect(BigInt(back.term)).toBeGreaterThan(BigInt(term1));
       expect((await run('qemu-io', ['-f', 'raw', uri, '-c', 'write -P 0x53 0 64k'])).code).toBe(0);
       await waitFor(async () => (await status(pair.sCtl)).heartbeat.paths.every((x) => x.state === 'alive'), 'both paths alive again');
-      expect(wp.events.map((e) => e.event)).toEqual(['lease-lost', 'lease-acquired']);
-      expect(wp.events[1]).toMatchObject({ revision: back.term });
-      expect(ws.events.map((e) => e.event)).toEqual([]);
+      // a loaded machine may delay a beat past the suspicion bound (two intervals): suspicion
+      // changes no role, so peer-suspect/peer-alive are left out; nobody is ever declared dead
+      const roleEvents = (w: typeof wp): string[] => w.events.map((e) => e.event).filter((e) => e !== 'peer-suspect' && e !== 'peer-alive');
+      expect(roleEvents(wp)).toEqual(['lease-lost', 'lease-acquired']);
+      expect(wp.events.find((e) => e.event === 'lease-acquired')).toMatchObject({ revision: back.term });
+      expect(roleEvents(ws)).toEqual([]);
       expect((await status(pair.sCtl)).heartbeat.peerAnnounced).toMatchObject({ epoch: back.term, primary: true });
     } finally {
       sampling = false;
