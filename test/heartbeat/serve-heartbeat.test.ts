@@ -198,7 +198,7 @@ describe('serve-nbd heartbeat flags', () => {
     [['--heartbeat', 'udp://127.0.0.1:7000', '--peer-id', 'x', '--auto-failover'], 2, 'ERR_USAGE', 'fence-hook'],
     [['--heartbeat', 'udp://127.0.0.1:7000', '--peer-id', 'x'.repeat(65)], 2, 'ERR_USAGE', 'is not a node id (1 to 64 bytes'],
     [['--heartbeat', 'udp://127.0.0.1:7000', '--peer-id', 'x', '--auto-failover', '--fence-hook', 'true', '--fence-timeout', 'soon'], 2, 'ERR_USAGE', '--fence-timeout "soon"'],
-    [['--heartbeat', 'quic://127.0.0.1:7000', '--peer-id', 'x'], 1, 'ERR_NO_HEARTBEAT', 'no heartbeat backend named "quic" is installed (installed: exec, file, tcp, udp)'],
+    [['--heartbeat', 'quic://127.0.0.1:7000', '--peer-id', 'x'], 1, 'ERR_NO_HEARTBEAT', 'no heartbeat backend named "quic" is installed (installed: etcd, exec, file, tcp, udp)'],
     [['--heartbeat', 'udp://127.0.0.1', '--peer-id', 'x'], 1, 'ERR_BAD_HEARTBEAT', 'invalid heartbeat URI "udp://127.0.0.1"'],
     [['--heartbeat', 'udp://127.0.0.1:7000', '--peer-id', 'x', '--heartbeat-key', '/nonexistent/key'], 1, 'ERR_HEARTBEAT_KEY', '/nonexistent/key'],
   ] as const)('%j → exit %i %s', async (args, exit, code, text) => {
