@@ -23,7 +23,7 @@ export const DEFAULT_FENCE_TIMEOUT_S = 60;
 
 export const heartbeatFlags = {
   heartbeat: Flags.string({
-    description: 'watch the peer over this path (repeatable, one per path; the peer is dead only when every path is silent): udp://PEER:PORT[?listen=ADDR:PORT], tcp://PEER:PORT[?listen=ADDR:PORT], file:///PATH, exec:COMMAND',
+    description: 'watch the peer over this path (repeatable, one per path; the peer is dead only when every path is silent): udp://PEER:PORT[?listen=ADDR:PORT], tcp://PEER:PORT[?listen=ADDR:PORT], file:///PATH, exec:COMMAND, etcd://HOST:PORT/PREFIX',
     helpValue: 'URI',
     multiple: true,
     multipleNonGreedy: true,

@@ -103,6 +103,11 @@ export class EtcdLease {
     return this.o.marginMs ?? (this.o.ttlS * 1000) / 4;
   }
 
+  /** The leader key's create revision while this node leads (the fencing term), else null. */
+  leaderRevision(): bigint | null {
+    return this.stateNow === 'leader' && this.revision !== null ? BigInt(this.revision) : null;
+  }
+
   /** May this node write as leader now? (its own deadline, read from the clock) */
   valid(): boolean {
     return this.stateNow === 'leader' && this.clock() < this.lastAck + this.o.ttlS * 1000 - this.marginMs;

@@ -100,7 +100,7 @@ const REJECT_LOG_EVERY_MS = 60_000;
 /** "udp" of "udp://…", "exec" of "exec:…" */
 export function heartbeatScheme(uri: string): string {
   const m = /^([a-z][a-z0-9+.-]*):/i.exec(uri);
-  if (!m) throw new BlkrepError('ERR_BAD_HEARTBEAT', `invalid heartbeat URI "${uri}": no scheme (udp://PEER:PORT, tcp://PEER:PORT, file:///PATH, exec:COMMAND)`, { errno: 'EINVAL', details: { uri } });
+  if (!m) throw new BlkrepError('ERR_BAD_HEARTBEAT', `invalid heartbeat URI "${uri}": no scheme (udp://PEER:PORT, tcp://PEER:PORT, file:///PATH, exec:COMMAND, etcd://HOST:PORT/PREFIX)`, { errno: 'EINVAL', details: { uri } });
   return m[1]!.toLowerCase();
 }
 

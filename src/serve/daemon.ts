@@ -31,6 +31,7 @@ import type { Beat } from '../heartbeat/beat.js';
 import type { PeerEvent } from '../heartbeat/monitor.js';
 import { PrimaryRole } from '../pair/primary.js';
 import { EtcdLease, type EtcdTarget, type LeaseStatus } from '../heartbeat/etcd-lease.js';
+import { loadTerms, saveTerms, termFilePath, type Terms } from '../heartbeat/term-file.js';
 import { ReplicationFilter } from '../pair/replication-filter.js';
 import { PrimaryHost, type PairExport, type ReplicationSpec } from '../pair/primary-host.js';
 import type { PairRole } from '../pair/role.js';
@@ -169,6 +170,10 @@ export class Daemon {
   private term = 0n;
   private peerTerm = 0n;
   private termPrimary = false;
+  /** the highest term the peer announced as primary (above this.term: this node was replaced) */
+  private primarySeen = 0n;
+  /** where the terms are kept across restarts (undefined: an image with no directory, memory:) */
+  private termFile: string | undefined;
   /** silence after which a primary has no quorum (ms) */
   private quorumMs = Infinity;
   /** the Prometheus metrics (--metrics), set once listening */
@@ -361,6 +366,13 @@ export class Daemon {
         pair.set(p.export, role);
       }
       pairHost = await startPairHost(options, replication, pair, (event, fields) => control?.publish(event, fields));
+      // the fencing terms kept across restarts, read before any client can write: a primary that
+      // was replaced (its peer announced itself primary with a higher term) starts demoted
+      const terms = options.heartbeat ? await openTerms(options.exports) : undefined;
+      const startsPrimary = [...pair.values()].some((r) => r.role === 'primary');
+      if (terms && startsPrimary && terms.terms.primarySeen > terms.terms.term) {
+        ioFence!.demote(`the term file ${terms.path} says the peer announced itself primary with term ${terms.terms.primarySeen}, above this node's ${terms.terms.term}`);
+      }
       for (let i = 0; i < transports.length; i++) {
         const spec = options.listen[i]!;
         try {
@@ -376,6 +388,7 @@ export class Daemon {
       }
       const daemon = new Daemon(server, listeners, undefined, options.pidFile, bitmaps, options.log, jobs, nodes, stacks, pairHost, pair);
       fenceRef.daemon = daemon;
+      if (terms) daemon.initTerms(terms.path, terms.terms, startsPrimary);
       daemon.ioFence = ioFence;
       if (options.tls && options.tls.mode !== 'off') {
         const { mode, kind, notAfter, warnings } = options.tls;
@@ -447,7 +460,7 @@ export class Daemon {
     listeners: Array<{ address: string }>;
     control: string | null;
     bitmaps: BitmapInfo[];
-    heartbeat?: HeartbeatStatus & { term: string; io: IoFenceStatus | null; lease: LeaseStatus | null };
+    heartbeat?: HeartbeatStatus & { term: string; termFile: string | null; io: IoFenceStatus | null; lease: LeaseStatus | null };
     tls: TlsReport;
   } {
     const s = this.server.status();
@@ -470,7 +483,7 @@ export class Daemon {
       listeners: this.listeners.map((l) => ({ address: l.address })),
       control: this.control?.path ?? null,
       bitmaps: [...this.bitmaps.values()].flatMap((b) => b.list()),
-      ...(this.heartbeat ? { heartbeat: { ...this.heartbeat.status(), term: this.term.toString(), io: this.ioFence?.status() ?? null, lease: this.lease?.status() ?? null } } : {}),
+      ...(this.heartbeat ? { heartbeat: { ...this.heartbeat.status(), term: this.currentTerm().toString(), termFile: this.termFile ?? null, io: this.ioFence?.status() ?? null, lease: this.lease?.status() ?? null } } : {}),
     };
   }
 
@@ -639,15 +652,47 @@ export class Daemon {
     return null;
   }
 
+  /** The terms kept across restarts (term-file.ts); a primary from the start keeps its own term (at least 1). */
+  initTerms(path: string | undefined, terms: Terms, startsPrimary: boolean): void {
+    this.termFile = path;
+    this.term = terms.term;
+    this.peerTerm = terms.seen;
+    this.primarySeen = terms.primarySeen;
+    this.termPrimary = startsPrimary;
+    if (startsPrimary && this.term === 0n) this.saveTerms({ term: 1n });
+  }
+
+  /** Change terms, durably first (a sync save: terms change only at a takeover or a higher peer term). */
+  private saveTerms(change: Partial<Terms>): void {
+    const next: Terms = { term: change.term ?? this.term, seen: change.seen ?? this.peerTerm, primarySeen: change.primarySeen ?? this.primarySeen };
+    if (this.termFile) {
+      try {
+        saveTerms(this.termFile, next);
+      } catch (err) {
+        this.log('warn', `${(err as Error).message}: term ${next.term} is not kept across a restart`);
+      }
+    }
+    this.term = next.term;
+    this.peerTerm = next.seen;
+    this.primarySeen = next.primarySeen;
+  }
+
   /**
-   * The term this node's beats carry: a node that becomes primary takes the highest term it
-   * heard + 1 (a primary from the start: 1), so the node that took over always announces more
-   * than the one it replaced.
+   * The term this node's beats carry, the fencing token. A node promoted while running takes the
+   * highest term it ever heard + 1, so the node that took over announces more than the one it
+   * replaced. With --lease, a leader's term is at least the create revision of the leader key it
+   * holds: etcd's revisions only grow and each creation has its own, so two leaders never share
+   * a term. A primary from the start keeps the term it had (initTerms): coming back, it never
+   * outbids the node that replaced it. Terms only grow.
    */
   private currentTerm(): bigint {
     const primary = this.isPrimary();
-    if (primary && !this.termPrimary) this.term = (this.term > this.peerTerm ? this.term : this.peerTerm) + 1n;
+    let next = this.term;
+    if (primary && !this.termPrimary) next = (this.term > this.peerTerm ? this.term : this.peerTerm) + 1n;
     this.termPrimary = primary;
+    const revision = primary ? (this.lease?.leaderRevision() ?? null) : null;
+    if (revision !== null && revision > next) next = revision;
+    if (next !== this.term) this.saveTerms({ term: next });
     return this.term;
   }
 
@@ -661,7 +706,8 @@ export class Daemon {
   }
 
   private onPeerBeat(beat: Beat, peer: string): void {
-    if (beat.epoch > this.peerTerm) this.peerTerm = beat.epoch;
+    const primarySeen = beat.primary && beat.epoch > this.primarySeen ? beat.epoch : this.primarySeen;
+    if (beat.epoch > this.peerTerm || primarySeen !== this.primarySeen) this.saveTerms({ seen: beat.epoch > this.peerTerm ? beat.epoch : this.peerTerm, primarySeen });
     const fence = this.ioFence;
     if (!fence) return;
     if (beat.primary && this.isPrimary() && beat.epoch > this.currentTerm()) {
@@ -765,4 +811,16 @@ async function startPairHost(
   const host = new PrimaryHost({ exports, roles, transports: options.transports, publish, log: (level, message) => options.log?.(level, message) });
   if (options.replication) await host.replicate(options.replication);
   return host;
+}
+
+/** The term file of the first export kept in a file (term-file.ts); none for memory: or NBD images. */
+async function openTerms(exports: readonly ExportSpec[]): Promise<{ path: string | undefined; terms: Terms }> {
+  for (const e of exports) {
+    const base = await sidecarBase(e.image);
+    if (base.path !== undefined) {
+      const path = termFilePath(base.path);
+      return { path, terms: loadTerms(path) };
+    }
+  }
+  return { path: undefined, terms: { term: 0n, seen: 0n, primarySeen: 0n } };
 }

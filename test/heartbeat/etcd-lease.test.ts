@@ -3,62 +3,28 @@
  * - the lease client: one leader, the other sees the holder; a leader that dies without revoking
  *   is replaced once its lease expires; revoking hands over at once; a frozen etcd (SIGSTOP) makes
  *   the leader stop at its own deadline (last keep-alive + TTL − margin), before etcd's expiry.
- * - two daemons with --lease: kill -9 the primary, the secondary takes the key and fails over
- *   (no fence hook: the lease fences); a frozen etcd makes the primary's writes fail (qemu-io EIO).
+ * - two daemons with --lease (and a second heartbeat path through the same etcd): kill -9 the
+ *   primary, the secondary takes the key and fails over, its term the key's create revision
+ *   (no fence hook: the lease fences); a frozen etcd makes the primary's writes fail (qemu-io EIO);
+ *   etcd killed and restarted: the primary stops writing and leads again under a higher revision,
+ *   the secondary never promotes (roles sampled all along).
  */
 import { createHash } from 'node:crypto';
-import dgram from 'node:dgram';
-import net from 'node:net';
-import { mkdtemp, readFile, rm, truncate, writeFile, chmod } from 'node:fs/promises';
+import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { ControlClient } from '../../src/control/client.js';
 import type { ControlEvent } from '../../src/control/protocol.js';
 import { EtcdLease, parseLeaseUri } from '../../src/heartbeat/etcd-lease.js';
-import { makeTempDir, run, runCli, serve, start, unixUri, waitFor, type Started } from '../support/spawn.js';
+import { run, runCli, unixUri, waitFor } from '../support/spawn.js';
 import { controlRequest as request } from '../support/control.js';
-
-async function freeTcpPort(): Promise<number> {
-  const s = net.createServer();
-  await new Promise<void>((resolve) => s.listen(0, '127.0.0.1', resolve));
-  const port = (s.address() as net.AddressInfo).port;
-  await new Promise<void>((resolve) => s.close(() => resolve()));
-  return port;
-}
-
-async function freeUdpPort(): Promise<number> {
-  const s = dgram.createSocket('udp4');
-  await new Promise<void>((resolve) => s.bind(0, '127.0.0.1', resolve));
-  const port = s.address().port;
-  await new Promise<void>((resolve) => s.close(() => resolve()));
-  return port;
-}
-
-interface Etcd {
-  endpoint: string;
-  uri: (prefix: string) => string;
-  proc: Started;
-}
+import { startEtcd, type Etcd } from '../support/etcd.js';
+import { startHeartbeatPair, watch } from '../support/heartbeat.js';
 
 const cleanups: Array<() => Promise<void>> = [];
 afterEach(async () => {
   for (const c of cleanups.splice(0).reverse()) await c().catch(() => {});
 });
-
-/** A one-node etcd on tmpfs (3.4 has no --unsafe-no-fsync), on free ports; stopped after the test. */
-async function startEtcd(): Promise<Etcd> {
-  const dir = await mkdtemp('/dev/shm/blkrep-etcd-');
-  const [c, p] = [await freeTcpPort(), await freeTcpPort()];
-  const proc = start('etcd', ['--name', 'n1', '--data-dir', dir, '--listen-client-urls', `http://127.0.0.1:${c}`, '--advertise-client-urls', `http://127.0.0.1:${c}`, '--listen-peer-urls', `http://127.0.0.1:${p}`, '--initial-advertise-peer-urls', `http://127.0.0.1:${p}`, '--initial-cluster', `n1=http://127.0.0.1:${p}`, '--initial-cluster-state', 'new', '--log-level', 'error']);
-  cleanups.push(async () => {
-    proc.child.kill('SIGCONT');
-    await proc.stop('SIGKILL');
-    await rm(dir, { recursive: true, force: true });
-  });
-  const endpoint = `http://127.0.0.1:${c}`;
-  await waitFor(async () => (await fetch(`${endpoint}/health`).then((r) => r.json() as Promise<{ health?: string }>).catch(() => null))?.health === 'true', `etcd on ${endpoint}; stderr: ${proc.stderr()}`, { timeoutMs: 20_000, intervalMs: 50 });
-  return { endpoint, uri: (prefix) => `etcd://127.0.0.1:${c}${prefix}`, proc };
-}
 
 function lease(etcd: Etcd, node: string, ttlS = 2, events: Array<[string, Record<string, unknown>]> = []): EtcdLease {
   const l = new EtcdLease({ target: parseLeaseUri(etcd.uri('/pair1')), node, ttlS, publish: (e, f) => events.push([e, f]) });
@@ -133,35 +99,19 @@ const SIZE = 4 * MiB;
 
 interface Status {
   exports: Array<{ pair?: { role: string; epoch: number; lastCheckpointAgeMs: number | null } }>;
-  heartbeat: { state: string; lease: { state: string; holder: string | null } | null };
+  heartbeat: { state: string; term: string; peerAnnounced: { epoch: string; primary: boolean } | null; paths: Array<{ uri: string; state: string; backend: string }>; lease: { state: string; holder: string | null; revision: string | null } | null };
 }
 const status = (ctl: string) => request<Status>(ctl, 'status');
-const pairOf = async (ctl: string) => (await status(ctl)).exports.find((e) => e.pair)!.pair!;
+const roleOf = (st: Status): string => st.exports.find((e) => e.pair)!.pair!.role;
 
 describe('two daemons with --lease', () => {
+  /** the pair of test/support/heartbeat.ts, with --lease and a second heartbeat path through the same etcd */
   async function startPair(etcd: Etcd) {
-    const dir = await makeTempDir();
-    for (const f of ['p.img', 's.img']) {
-      await writeFile(join(dir, f), Buffer.alloc(0));
-      await truncate(join(dir, f), SIZE);
-    }
-    const key = join(dir, 'pair.key');
-    await writeFile(key, 'a pair key of thirty-two bytes!!');
-    await chmod(key, 0o600);
-    const [pa, pb] = [await freeUdpPort(), await freeUdpPort()];
-    const common = ['--heartbeat-key', key, '--heartbeat-interval', '0.1', '--lease', etcd.uri('/pairs/p1'), '--lease-ttl', '2'];
-    const sSock = join(dir, 's.sock');
-    const pSock = join(dir, 'p.sock');
-    const sCtl = join(dir, 's.ctl');
-    const pCtl = join(dir, 'p.ctl');
-    const s = await serve([join(dir, 's.img'), '--secondary', '--socket', sSock, '--control', sCtl, '--node-id', 'beta', '--peer-id', 'alpha', '--heartbeat', `udp://127.0.0.1:${pa}?listen=127.0.0.1:${pb}`, ...common, '--auto-failover']);
-    const p = await serve([join(dir, 'p.img'), '--socket', pSock, '--control', pCtl, '--replicate-to', unixUri(sSock), '--node-id', 'alpha', '--peer-id', 'beta', '--heartbeat', `udp://127.0.0.1:${pb}?listen=127.0.0.1:${pa}`, ...common]);
-    await waitFor(async () => {
-      const st = await pairOf(pCtl);
-      return st.epoch === 1 && st.lastCheckpointAgeMs !== null;
-    }, 'checkpoint 1', { timeoutMs: 30_000 });
-    await waitFor(async () => (await status(pCtl)).heartbeat.lease?.state === 'leader' && (await status(sCtl)).heartbeat.state === 'alive', 'the primary to lead on etcd');
-    return { dir, s, p, sSock, pSock, sCtl, pCtl };
+    const onEtcd = ['--lease', etcd.uri('/pairs/p1'), '--lease-ttl', '2', '--heartbeat', etcd.uri('/pairs/p1')];
+    const pair = await startHeartbeatPair({ size: SIZE, beat: ['--heartbeat-interval', '0.1'], s: [...onEtcd, '--auto-failover'], p: onEtcd });
+    await waitFor(async () => (await status(pair.pCtl)).heartbeat.lease?.state === 'leader', 'the primary to lead on etcd');
+    await waitFor(async () => (await status(pair.sCtl)).heartbeat.paths.every((x) => x.state === 'alive'), 'both paths alive on the secondary');
+    return pair;
   }
 
   it('kill -9 the primary: the secondary takes the leader key once the lease expired, then fails over (no fence hook)', async () => {
@@ -175,11 +125,17 @@ describe('two daemons with --lease', () => {
       const wr = await run('qemu-io', ['-f', 'raw', unixUri(pair.pSock), '-c', 'write -P 0x31 0 1M', '-c', 'flush']);
       expect(wr.code, wr.stderr).toBe(0);
       expect((await request<{ epoch: number }>(pair.pCtl, 'checkpoint')).epoch).toBe(2);
+      const oldTerm = (await status(pair.pCtl)).heartbeat.term;
+      expect(oldTerm).toBe((await status(pair.pCtl)).heartbeat.lease!.revision);
       pair.p.child.kill('SIGKILL');
       const done = await waitFor(() => events.find((e) => e.event === 'auto-failover'), 'auto-failover', { timeoutMs: 20_000 });
       expect(done).toMatchObject({ failedOver: true, fence: null });
       expect(events.map((e) => e.event)).toEqual(['peer-suspect', 'peer-dead', 'lease-acquired', 'failover-started', 'failover-done', 'auto-failover']);
-      expect((await status(pair.sCtl)).heartbeat.lease).toMatchObject({ state: 'leader', holder: 'beta' });
+      const after = (await status(pair.sCtl)).heartbeat;
+      expect(after.lease).toMatchObject({ state: 'leader', holder: 'beta' });
+      // the new primary's term is the create revision of the leader key it holds: above the old one's
+      expect(after.term).toBe(after.lease!.revision);
+      expect(BigInt(after.term)).toBeGreaterThan(BigInt(oldTerm));
       const rd = await run('qemu-io', ['-f', 'raw', '-r', unixUri(pair.sSock), '-c', 'read -P 0x31 0 1M']);
       expect(rd.code, rd.stderr).toBe(0);
       expect(rd.stdout).not.toContain('Pattern verification failed');
@@ -202,6 +158,59 @@ describe('two daemons with --lease', () => {
     etcd.proc.child.kill('SIGCONT');
     await waitFor(async () => (await status(pair.pCtl)).heartbeat.lease?.state === 'leader', 'the primary to lead again', { timeoutMs: 20_000 });
     expect((await run('qemu-io', ['-f', 'raw', uri, '-c', 'write -P 0x43 0 64k'])).code).toBe(0);
+  });
+
+  it('etcd killed (-9) and restarted while the pair runs: the primary stops writing, leads again under a higher revision (its new term); the secondary never promotes: never two primaries', async () => {
+    const etcd = await startEtcd();
+    const pair = await startPair(etcd);
+    const uri = unixUri(pair.pSock);
+    const term1 = (await status(pair.pCtl)).heartbeat.term;
+    expect(term1).toBe((await status(pair.pCtl)).heartbeat.lease!.revision);
+    const watched = ['peer-suspect', 'peer-dead', 'peer-alive', 'lease-acquired', 'lease-lost', 'failover-started', 'failover-done', 'auto-failover', 'demoted'];
+    const [wp, ws] = [await watch(pair.pCtl, watched), await watch(pair.sCtl, watched)];
+    // the roles on both sides, sampled all along
+    const roles = new Set<string>();
+    let sampling = true;
+    const sampler = (async () => {
+      while (sampling) {
+        const [p, s] = [await status(pair.pCtl), await status(pair.sCtl)];
+        roles.add(`${roleOf(p)}/${roleOf(s)}`);
+        await new Promise((r) => setTimeout(r, 50));
+      }
+    })();
+    try {
+      expect((await run('qemu-io', ['-f', 'raw', uri, '-c', 'write -P 0x51 0 64k'])).code).toBe(0);
+      const before = createHash('sha256').update(await readFile(join(pair.dir, 'p.img'))).digest('hex');
+      await etcd.kill();
+      await waitFor(async () => (await status(pair.pCtl)).heartbeat.lease?.state === 'lost', 'the primary to lose its lease', { timeoutMs: 10_000 });
+      const late = await run('qemu-io', ['-f', 'raw', uri, '-c', 'write -P 0x52 0 64k']);
+      expect(late.stdout + late.stderr).toContain('write failed: Input/output error');
+      expect(createHash('sha256').update(await readFile(join(pair.dir, 'p.img'))).digest('hex')).toBe(before);
+      // the etcd path is dead on both sides, the udp one carries the peer: nobody is suspected
+      await waitFor(async () => (await status(pair.sCtl)).heartbeat.paths.find((x) => x.backend === 'etcd')?.state === 'dead', 'the etcd path dead on the secondary');
+      expect((await status(pair.sCtl)).heartbeat.state).toBe('alive');
+      await etcd.restart();
+      await waitFor(async () => (await status(pair.pCtl)).heartbeat.lease?.state === 'leader', 'the primary to lead again', { timeoutMs: 20_000 });
+      const back = (await status(pair.pCtl)).heartbeat;
+      expect(back.lease!.holder).toBe('alpha');
+      expect(back.term).toBe(back.lease!.revision);
+      expect(BigInt(back.term)).toBeGreaterThan(BigInt(term1));
+      expect((await run('qemu-io', ['-f', 'raw', uri, '-c', 'write -P 0x53 0 64k'])).code).toBe(0);
+      await waitFor(async () => (await status(pair.sCtl)).heartbeat.paths.every((x) => x.state === 'alive'), 'both paths alive again');
+      // a loaded machine may delay a beat past the suspicion bound (two intervals): suspicion
+      // changes no role, so peer-suspect/peer-alive are left out; nobody is ever declared dead
+      const roleEvents = (w: typeof wp): string[] => w.events.map((e) => e.event).filter((e) => e !== 'peer-suspect' && e !== 'peer-alive');
+      expect(roleEvents(wp)).toEqual(['lease-lost', 'lease-acquired']);
+      expect(wp.events.find((e) => e.event === 'lease-acquired')).toMatchObject({ revision: back.term });
+      expect(roleEvents(ws)).toEqual([]);
+      expect((await status(pair.sCtl)).heartbeat.peerAnnounced).toMatchObject({ epoch: back.term, primary: true });
+    } finally {
+      sampling = false;
+      await sampler;
+      await wp.client.close();
+      await ws.client.close();
+    }
+    expect([...roles]).toEqual(['primary/secondary']);
   });
 
   it('flags: a bad --lease URI is ERR_BAD_LEASE (exit 1); --auto-failover without --fence-hook or --lease is a usage error', async () => {

@@ -12,28 +12,19 @@
  */
 import dgram from 'node:dgram';
 import { createHash } from 'node:crypto';
-import { chmod, readFile, truncate, writeFile } from 'node:fs/promises';
+import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { ControlClient } from '../../src/control/client.js';
-import type { ControlEvent } from '../../src/control/protocol.js';
 import { NbdClient } from '../../src/nbd/client.js';
 import { seededRandom } from '../../src/block/filters/error.js';
-import { makeTempDir, run, runCli, serve, start, unixUri, waitFor, type Served } from '../support/spawn.js';
+import { makeTempDir, run, runCli, serve, start, unixUri, waitFor } from '../support/spawn.js';
 import { controlRequest as request } from '../support/control.js';
+import { fenceHook, freeUdpPort, pairKey, sparseImages, watch as watchEvents, type HeartbeatPair, type Watched } from '../support/heartbeat.js';
 
 const MiB = 1 << 20;
 const SIZE = 8 * MiB;
 const HALF = SIZE / 2;
 const EVENTS = ['peer-alive', 'peer-suspect', 'peer-dead', 'fence', 'failover-deferred', 'failover-started', 'failover-done', 'failover-failed', 'auto-failover', 'demoted', 'io-suspended', 'io-resumed', 'checkpoint'];
-
-async function freeUdpPort(): Promise<number> {
-  const s = dgram.createSocket('udp4');
-  await new Promise<void>((resolve) => s.bind(0, '127.0.0.1', resolve));
-  const port = s.address().port;
-  await new Promise<void>((resolve) => s.close(() => resolve()));
-  return port;
-}
 
 interface Status {
   exports: Array<{ name: string; pair?: { role: string; epoch: number; gi: { current: string }; secondary?: { checkpointing: number | null } } }>;
@@ -43,17 +34,7 @@ interface Status {
 const status = (control: string): Promise<Status> => request<Status>(control, 'status');
 const pairOf = async (control: string) => (await status(control)).exports.find((e) => e.pair)!.pair!;
 
-interface Watched {
-  events: Array<ControlEvent & { at: number }>;
-  client: ControlClient;
-}
-
-async function watch(control: string): Promise<Watched> {
-  const client = await ControlClient.connect(control, { timeoutMs: 10_000 });
-  const events: Watched['events'] = [];
-  await client.subscribe(EVENTS, (e) => events.push({ ...e, at: performance.now() }));
-  return { events, client };
-}
+const watch = (control: string): Promise<Watched> => watchEvents(control, EVENTS);
 
 const names = (w: Watched, from = 0, except = ['peer-alive', 'checkpoint']): string[] => w.events.slice(from).map((e) => e.event).filter((n) => !except.includes(n));
 
@@ -73,14 +54,7 @@ async function lossyRelay(listenPort: number, target: number, loss: number, seed
   return { close: () => new Promise((resolve) => sock.close(() => resolve())), dropped: () => dropped };
 }
 
-interface Pair {
-  dir: string;
-  p: Served;
-  s: Served;
-  pCtl: string;
-  sCtl: string;
-  pSock: string;
-  sSock: string;
+interface Pair extends Omit<HeartbeatPair, 'pArgs' | 'sArgs'> {
   fenced: string;
   relays: Array<{ close: () => Promise<void>; dropped: () => number }>;
 }
@@ -99,24 +73,12 @@ interface PairOptions {
 
 async function startPair(o: PairOptions = {}): Promise<Pair> {
   const dir = await makeTempDir();
-  for (const f of ['p.img', 's.img']) {
-    await writeFile(join(dir, f), Buffer.alloc(0));
-    await truncate(join(dir, f), SIZE);
-  }
-  const key = join(dir, 'pair.key');
-  await writeFile(key, 'a pair key of thirty-two bytes!!');
-  await chmod(key, 0o600);
+  await sparseImages(dir, SIZE);
+  const key = await pairKey(dir);
   const fenced = join(dir, 'fenced');
-  const hook = join(dir, 'fence.sh');
-  await writeFile(hook, `#!/bin/sh\necho "$BLKREP_NODE fenced $BLKREP_PEER" >> ${fenced}\nexit ${o.fenceExit ?? 7}\n`);
-  await chmod(hook, 0o700);
+  const hook = await fenceHook(dir, o.fenceExit ?? 7, fenced);
   const pFence: string[] = [];
-  if (o.pFencing) {
-    const pHook = join(dir, 'p-fence.sh');
-    await writeFile(pHook, `#!/bin/sh\necho "$BLKREP_NODE fenced $BLKREP_PEER" >> ${fenced}\nexit ${o.pFencing.exit}\n`);
-    await chmod(pHook, 0o700);
-    pFence.push('--fencing', o.pFencing.policy, '--fence-hook', pHook);
-  }
+  if (o.pFencing) pFence.push('--fencing', o.pFencing.policy, '--fence-hook', await fenceHook(dir, o.pFencing.exit, fenced, 'p-fence.sh'));
   const [pa, pb] = [await freeUdpPort(), await freeUdpPort()];
   const pPaths = ['--heartbeat', `udp://127.0.0.1:${pb}?listen=127.0.0.1:${pa}`];
   const sPaths = ['--heartbeat', `udp://127.0.0.1:${pa}?listen=127.0.0.1:${pb}`];

@@ -4,7 +4,6 @@
  * -CONT makes it suspect then alive again; the defaults declare a dead peer within 3 s; status
  * --json shows each path; bad flags are clear errors; --auto-failover without a pair says so.
  */
-import dgram from 'node:dgram';
 import { existsSync } from 'node:fs';
 import { chmod, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -12,27 +11,9 @@ import { describe, expect, it } from 'vitest';
 import { ControlClient } from '../../src/control/client.js';
 import type { ControlEvent } from '../../src/control/protocol.js';
 import { makeTempDir, runCli, serve, waitFor, type Served } from '../support/spawn.js';
+import { freeUdpPort, pairKey, watch as watchEvents, type Watched } from '../support/heartbeat.js';
 
-async function freeUdpPort(): Promise<number> {
-  const s = dgram.createSocket('udp4');
-  await new Promise<void>((resolve) => s.bind(0, '127.0.0.1', resolve));
-  const port = s.address().port;
-  await new Promise<void>((resolve) => s.close(() => resolve()));
-  return port;
-}
-
-interface Watched {
-  events: Array<ControlEvent & { at: number }>;
-  client: ControlClient;
-}
-
-/** Subscribe to a daemon's events, each stamped with its arrival on this process's monotonic clock. */
-async function watch(control: string): Promise<Watched> {
-  const client = await ControlClient.connect(control, { timeoutMs: 10_000 });
-  const events: Watched['events'] = [];
-  await client.subscribe(['peer-alive', 'peer-suspect', 'peer-dead', 'fence', 'auto-failover'], (e) => events.push({ ...e, at: performance.now() }));
-  return { events, client };
-}
+const watch = (control: string): Promise<Watched> => watchEvents(control, ['peer-alive', 'peer-suspect', 'peer-dead', 'fence', 'auto-failover']);
 
 interface Pair {
   dir: string;
@@ -45,15 +26,8 @@ interface Pair {
 /** Daemons "alpha" and "beta" beating to each other on one udp path (plus `extraB` flags on beta; `keyB` another key for beta). */
 async function startPair(flags: string[], extraB: string[] = [], keyB?: string): Promise<Pair> {
   const dir = await makeTempDir();
-  const key = join(dir, 'pair.key');
-  await writeFile(key, 'a pair key of thirty-two bytes!!');
-  await chmod(key, 0o600);
-  let bKey = key;
-  if (keyB !== undefined) {
-    bKey = join(dir, 'b.key');
-    await writeFile(bKey, keyB);
-    await chmod(bKey, 0o600);
-  }
+  const key = await pairKey(dir);
+  const bKey = keyB === undefined ? key : await pairKey(dir, 'b.key', keyB);
   const [pa, pb] = [await freeUdpPort(), await freeUdpPort()];
   const ctlA = join(dir, 'a.ctl');
   const ctlB = join(dir, 'b.ctl');
@@ -224,7 +198,7 @@ describe('serve-nbd heartbeat flags', () => {
     [['--heartbeat', 'udp://127.0.0.1:7000', '--peer-id', 'x', '--auto-failover'], 2, 'ERR_USAGE', 'fence-hook'],
     [['--heartbeat', 'udp://127.0.0.1:7000', '--peer-id', 'x'.repeat(65)], 2, 'ERR_USAGE', 'is not a node id (1 to 64 bytes'],
     [['--heartbeat', 'udp://127.0.0.1:7000', '--peer-id', 'x', '--auto-failover', '--fence-hook', 'true', '--fence-timeout', 'soon'], 2, 'ERR_USAGE', '--fence-timeout "soon"'],
-    [['--heartbeat', 'quic://127.0.0.1:7000', '--peer-id', 'x'], 1, 'ERR_NO_HEARTBEAT', 'no heartbeat backend named "quic" is installed (installed: exec, file, tcp, udp)'],
+    [['--heartbeat', 'quic://127.0.0.1:7000', '--peer-id', 'x'], 1, 'ERR_NO_HEARTBEAT', 'no heartbeat backend named "quic" is installed (installed: etcd, exec, file, tcp, udp)'],
     [['--heartbeat', 'udp://127.0.0.1', '--peer-id', 'x'], 1, 'ERR_BAD_HEARTBEAT', 'invalid heartbeat URI "udp://127.0.0.1"'],
     [['--heartbeat', 'udp://127.0.0.1:7000', '--peer-id', 'x', '--heartbeat-key', '/nonexistent/key'], 1, 'ERR_HEARTBEAT_KEY', '/nonexistent/key'],
   ] as const)('%j → exit %i %s', async (args, exit, code, text) => {

@@ -1,0 +1,112 @@
+/**
+ * What the heartbeat tests with real daemons share: free ports, the pair key, sparse images, a
+ * fence hook, event watching, and a primary/secondary pair beating over udp.
+ */
+import dgram from 'node:dgram';
+import net from 'node:net';
+import { chmod, truncate, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { ControlClient } from '../../src/control/client.js';
+import type { ControlEvent } from '../../src/control/protocol.js';
+import { controlRequest, pairOf } from './control.js';
+import { makeTempDir, serve, unixUri, waitFor, type Served } from './spawn.js';
+
+export async function freeTcpPort(): Promise<number> {
+  const s = net.createServer();
+  await new Promise<void>((resolve) => s.listen(0, '127.0.0.1', resolve));
+  const port = (s.address() as net.AddressInfo).port;
+  await new Promise<void>((resolve) => s.close(() => resolve()));
+  return port;
+}
+
+export async function freeUdpPort(): Promise<number> {
+  const s = dgram.createSocket('udp4');
+  await new Promise<void>((resolve) => s.bind(0, '127.0.0.1', resolve));
+  const port = s.address().port;
+  await new Promise<void>((resolve) => s.close(() => resolve()));
+  return port;
+}
+
+/** DIR/pair.key, 32 bytes, mode 0600 */
+export async function pairKey(dir: string, name = 'pair.key', text = 'a pair key of thirty-two bytes!!'): Promise<string> {
+  const key = join(dir, name);
+  await writeFile(key, text);
+  await chmod(key, 0o600);
+  return key;
+}
+
+/** Sparse raw images DIR/NAME of `size` bytes. */
+export async function sparseImages(dir: string, size: number, names: string[] = ['p.img', 's.img']): Promise<void> {
+  for (const f of names) {
+    await writeFile(join(dir, f), Buffer.alloc(0));
+    await truncate(join(dir, f), size);
+  }
+}
+
+/** A fence hook exiting `exit` (DRBD's codes), appending "NODE fenced PEER" to `log` when given. */
+export async function fenceHook(dir: string, exit: number, log?: string, name = 'fence.sh'): Promise<string> {
+  const hook = join(dir, name);
+  await writeFile(hook, `#!/bin/sh\n${log ? `echo "$BLKREP_NODE fenced $BLKREP_PEER" >> ${log}\n` : ''}exit ${exit}\n`);
+  await chmod(hook, 0o700);
+  return hook;
+}
+
+export interface Watched {
+  events: Array<ControlEvent & { at: number }>;
+  client: ControlClient;
+}
+
+/** Subscribe to a daemon's events, each stamped with its arrival on this process's monotonic clock. */
+export async function watch(control: string, events: string[]): Promise<Watched> {
+  const client = await ControlClient.connect(control, { timeoutMs: 10_000 });
+  const seen: Watched['events'] = [];
+  await client.subscribe(events, (e) => seen.push({ ...e, at: performance.now() }));
+  return { events: seen, client };
+}
+
+export interface HeartbeatPair {
+  dir: string;
+  p: Served;
+  s: Served;
+  pCtl: string;
+  sCtl: string;
+  pSock: string;
+  sSock: string;
+  /** serve-nbd's arguments for each, to start one again */
+  pArgs: string[];
+  sArgs: string[];
+}
+
+export interface HeartbeatPairOptions {
+  size: number;
+  /** flags of both, after the key and the udp path (default: --heartbeat-interval 0.1 --heartbeat-misses 5) */
+  beat?: string[];
+  /** extra flags of each */
+  p?: string[];
+  s?: string[];
+}
+
+/**
+ * A pair: "beta" (--secondary) and "alpha" (--replicate-to beta), each on DIR/{p,s}.img, one udp
+ * heartbeat path on 127.0.0.1, signed with DIR/pair.key. Resolves once checkpoint 1 is taken and
+ * both hear each other.
+ */
+export async function startHeartbeatPair(o: HeartbeatPairOptions): Promise<HeartbeatPair> {
+  const dir = await makeTempDir();
+  await sparseImages(dir, o.size);
+  const key = await pairKey(dir);
+  const [pa, pb] = [await freeUdpPort(), await freeUdpPort()];
+  const beat = ['--heartbeat-key', key, ...(o.beat ?? ['--heartbeat-interval', '0.1', '--heartbeat-misses', '5'])];
+  const [sSock, pSock, sCtl, pCtl] = ['s.sock', 'p.sock', 's.ctl', 'p.ctl'].map((f) => join(dir, f)) as [string, string, string, string];
+  const sArgs = [join(dir, 's.img'), '--secondary', '--socket', sSock, '--control', sCtl, '--node-id', 'beta', '--peer-id', 'alpha', '--heartbeat', `udp://127.0.0.1:${pa}?listen=127.0.0.1:${pb}`, ...beat, ...(o.s ?? [])];
+  const pArgs = [join(dir, 'p.img'), '--socket', pSock, '--control', pCtl, '--replicate-to', unixUri(sSock), '--node-id', 'alpha', '--peer-id', 'beta', '--heartbeat', `udp://127.0.0.1:${pb}?listen=127.0.0.1:${pa}`, ...beat, ...(o.p ?? [])];
+  const s = await serve(sArgs);
+  const p = await serve(pArgs);
+  await waitFor(async () => {
+    const st = await pairOf<{ epoch: number; lastCheckpointAgeMs: number | null }>(pCtl);
+    return st.epoch === 1 && st.lastCheckpointAgeMs !== null;
+  }, 'checkpoint 1 after the initial sync', { timeoutMs: 30_000 });
+  const hbState = async (ctl: string): Promise<string> => (await controlRequest<{ heartbeat: { state: string } }>(ctl, 'status')).heartbeat.state;
+  await waitFor(async () => (await hbState(sCtl)) === 'alive' && (await hbState(pCtl)) === 'alive', 'both to hear each other');
+  return { dir, p, s, pCtl, sCtl, pSock, sSock, pArgs, sArgs };
+}
