@@ -61,7 +61,7 @@ export function replicaUri(a: SetupAnswers): string {
   const dir = secretsDir(a);
   const at = hostPort(a.peer, a.port);
   const name = encodeURIComponent(a.name);
-  if (a.tls === 'x509') return `nbds://${at}/${name}?tls-certificates=${join(dir, 'tls')}`;
+  if (a.tls === 'x509') return `nbds://${at}/${name}?tls-certificates=${join(dir, 'tls')}&tls-hostname=${encodeURIComponent(a.peerId)}`;
   if (a.tls === 'psk') return `nbds://${encodeURIComponent(pskUser(a))}@${at}/${name}?tls-psk-file=${join(dir, 'keys.psk')}`;
   return `nbd://${at}/${name}`;
 }
