@@ -244,6 +244,7 @@ export const OUTPUT_SCHEMAS: Record<string, z.ZodType> = {
     unit: z.string(),
     files: z.array(obj({ path: z.string(), changed: z.boolean() })),
     disk: obj({ path: z.string(), size: bytes }),
+    clock: obj({ synchronized: z.boolean().nullable(), source: z.string() }),
     warnings: z.array(z.string()),
     next: z.array(z.string()),
   }),

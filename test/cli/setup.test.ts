@@ -4,7 +4,7 @@
  * and found by its primary over TLS, and the wizard driven in a real terminal (tmux).
  */
 import { spawnSync } from 'node:child_process';
-import { cp, readdir, readFile, stat, writeFile } from 'node:fs/promises';
+import { cp, mkdir, readdir, readFile, stat, writeFile } from 'node:fs/promises';
 import { X509Certificate } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
@@ -136,6 +136,39 @@ describe('blkrep setup --yes', () => {
     const pri = await runCli(['setup', '--yes', '--json', '--name', 'p1', '--role', 'primary', '--disk', img, '--peer', '10.0.0.2', '--node-id', 'nodeA', '--peer-id', 'nodeB', '--heartbeat', 'none', '--root', join(dir, 'rootA'), '--no-check']);
     expect(pri.code, pri.stderr).toBe(0);
     expect(await readFile(join(dir, 'rootA/etc/blkrep/p1.yaml'), 'utf8')).toContain(`replicate-to: nbds://10.0.0.2:10809/p1?tls-certificates=${join(dir, 'rootA/etc/blkrep/p1/tls')}&tls-hostname=nodeB\n`);
+  });
+
+  it('checks that the clock is synchronised (timedatectl, else chronyc): a warning when not, null when nothing says', async () => {
+    const dir = await makeTempDir();
+    const img = await disk(dir, 'b.img', MiB);
+    const bin = join(dir, 'bin');
+    await mkdir(bin);
+    const fake = async (name: string, script: string): Promise<void> => {
+      await writeFile(join(bin, name), `#!/bin/sh\n${script}\n`, { mode: 0o755 });
+    };
+    const setup = async (n: number): Promise<SetupJson & { clock: { synchronized: boolean | null; source: string } }> => {
+      const r = await runCli([...secondaryArgs(join(dir, `root${n}`), img, 20940 + n * 2), '--tls', 'none', '--heartbeat', 'none'], { env: { ...process.env, PATH: `${bin}:/usr/bin:/bin` } });
+      expect(r.code, r.stderr).toBe(0);
+      return JSON.parse(r.stdout);
+    };
+    await fake('timedatectl', 'echo no');
+    const no = await setup(1);
+    expect(no.clock).toEqual({ synchronized: false, source: 'timedatectl: NTPSynchronized=no' });
+    expect(no.warnings).toEqual([expect.stringMatching(/^this node's clock is not synchronised \(timedatectl: NTPSynchronized=no\); .*enable NTP on both/)]);
+    await fake('timedatectl', 'echo yes');
+    const yes = await setup(2);
+    expect(yes.clock).toEqual({ synchronized: true, source: 'timedatectl: NTPSynchronized=yes' });
+    expect(yes.warnings).toEqual([]);
+    // no systemd (a container): chronyc says
+    await fake('timedatectl', 'echo "System has not been booted with systemd" >&2; exit 1');
+    await fake('chronyc', 'printf "Reference ID    : 00000000 ()\\nLeap status     : Not synchronised\\n"');
+    const chrony = await setup(3);
+    expect(chrony.clock).toEqual({ synchronized: false, source: 'chronyc tracking: leap status Not synchronised' });
+    expect(chrony.warnings).toHaveLength(1);
+    await fake('chronyc', 'echo "506 Cannot talk to daemon" >&2; exit 1');
+    const none = await setup(4);
+    expect(none.clock).toEqual({ synchronized: null, source: 'cannot tell: neither timedatectl nor chronyc answered' });
+    expect(none.warnings).toEqual([]);
   });
 
   it.runIf(hasTool('systemd-analyze'))('the unit passes systemd-analyze verify (and the check sees a broken key)', async () => {
