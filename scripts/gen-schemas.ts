@@ -15,14 +15,14 @@ const DIR = path.join(ROOT, 'schemas');
 
 const check = process.argv.includes('--check');
 const wanted = new Map(schemaFiles().map((e) => [e.file, jsonSchemaText(e)]));
-const present = await readdir(DIR).catch(() => [] as string[]);
+const present = (await readdir(DIR, { recursive: true }).catch(() => [] as string[])).map((f) => f.split(path.sep).join('/'));
 const stale: string[] = [];
 for (const [file, text] of wanted) {
   const old = await readFile(path.join(DIR, file), 'utf8').catch(() => undefined);
   if (old === text) continue;
   stale.push(file);
   if (!check) {
-    await mkdir(DIR, { recursive: true });
+    await mkdir(path.dirname(path.join(DIR, file)), { recursive: true });
     await writeFile(path.join(DIR, file), text);
   }
 }

@@ -7,6 +7,7 @@ import { Args, Flags } from '@oclif/core';
 import { BlkrepError } from '../api/errors.js';
 import { BlkrepCommand } from './base.js';
 import { progressBar, type Progress } from './progress.js';
+import { startSpinner } from './spinner.js';
 import { ControlClient } from '../control/client.js';
 import { findControl } from './control-path.js';
 import type { ControlEvent } from '../control/protocol.js';
@@ -85,16 +86,19 @@ export async function followJob(
   onEvent: { listener?: () => void },
   id: string,
   until: 'ready' | 'done',
-  options: { progress: boolean },
+  options: { progress: boolean; stream?: NodeJS.WriteStream },
 ): Promise<ControlEvent> {
   let bar: Progress | undefined;
   let interrupt: (() => void) | undefined;
+  // until the job reports how much it copies (and the bar takes over), a spinner says what is awaited
+  const spinner = options.progress ? startSpinner(`job ${id}: waiting until ${until}…`, { enabled: true, ...(options.stream ? { stream: options.stream } : {}) }) : undefined;
   const ticker = options.progress
     ? setInterval(() => {
         client.request('job-query', { id }).then(
           (r) => {
             const q = r as JobQuery;
             if (q.length === 0) return;
+            spinner?.stop();
             bar ??= progressBar(`job ${id}`, q.length, { enabled: true });
             bar.update(q.offset);
           },
@@ -133,6 +137,7 @@ export async function followJob(
   } finally {
     if (interrupt) process.off('SIGINT', interrupt);
     if (ticker) clearInterval(ticker);
+    spinner?.stop();
     bar?.stop();
   }
 }

@@ -128,15 +128,73 @@ const exportStatus = obj({
 const failoverResult = obj({ role: z.enum(['primary', 'secondary']), dryRun: z.boolean(), to: z.enum(['checkpoint', 'latest']), epoch: int, gi, bytes, ms: z.number().nonnegative(), explanation: z.string() });
 
 /**
- * One event line (blkrep events --json, the control socket's events, serve-nbd's stopped line):
- * an object with `event` and, from the daemon, `time`. The job events carry `id` and `type`.
+ * The events, one schema each (blkrep events --json, the control socket's events): every line
+ * has `event` and `time` (ISO 8601), and with --now `now: true` on the lines that tell the current
+ * state. Fields that only some lines carry are optional. An event the daemon learns of through the
+ * pair link (from the secondary) carries `from: "secondary"`.
  */
-export const eventSchema = z.union([
-  listening,
-  obj({ event: z.literal('stopped'), pid: int }),
-  obj({ event: z.enum(['job-created', 'job-status-change', 'job-ready', 'job-completed', 'job-cancelled', 'job-error']), time: z.string(), id: z.string(), type: z.string().optional() }),
-  obj({ event: z.string().regex(/^[a-z][a-z0-9-]*$/), time: z.string() }),
-]);
+const time = z.string().describe('ISO 8601, UTC');
+const ev = <N extends string, T extends z.ZodRawShape>(name: N, shape: T, description: string) =>
+  obj({ event: z.literal(name), time, now: z.literal(true).optional(), ...shape }).describe(description);
+const jobBase = { id: z.string(), type: z.string(), export: z.string().nullable() };
+const errFields = { code: z.string(), message: z.string() };
+const pathView = obj({ path: z.string(), state: z.string(), lastBeatAgoMs: bytes.nullable(), phi: z.number().nullable() });
+const peerEvent = { peer: z.string(), from: z.string(), silentMs: bytes.nullable(), paths: z.array(pathView) };
+
+export const EVENT_SCHEMAS = {
+  'job-status-change': ev('job-status-change', { ...jobBase, status: jobStatus, previous: jobStatus.nullable() }, 'a job changed status (--now: previous null)'),
+  'job-ready': ev('job-ready', { ...jobBase, synced: z.boolean() }, 'a mirror or commit is in step: job complete pivots'),
+  'job-copy-mode': ev('job-copy-mode', { ...jobBase, from: z.string(), to: z.string(), reason: z.string() }, 'a mirror switched between background and write-blocking'),
+  'job-error': ev('job-error', { ...jobBase, side: z.string(), operation: z.string(), errno: z.string(), action: z.string(), offset: bytes, length: bytes, message: z.string() }, 'an I/O error of a job, and what the job did (action)'),
+  'job-completed': ev('job-completed', { ...jobBase, length: bytes, offset: bytes, speed: z.number(), error: obj({ ...errFields, errno: z.string() }).optional() }, 'a job ended (error: it failed)'),
+  'job-cancelled': ev('job-cancelled', { ...jobBase, length: bytes, offset: bytes, speed: z.number(), consistent: z.boolean() }, 'a job was cancelled'),
+  'bitmap-added': ev('bitmap-added', { export: z.string(), name: z.string(), file: z.string().nullable(), persistent: z.boolean(), granularity: bytes, enabled: z.boolean() }, 'bitmap add'),
+  'bitmap-removed': ev('bitmap-removed', { export: z.string(), name: z.string(), file: z.string().nullable() }, 'bitmap remove'),
+  'bitmap-cleared': ev('bitmap-cleared', { export: z.string(), name: z.string(), ranges: bytes.nullable(), dirtyBytes: bytes }, 'bitmap clear (ranges: how many, null: all)'),
+  'bitmap-enabled': ev('bitmap-enabled', { export: z.string(), name: z.string() }, 'bitmap enable'),
+  'bitmap-disabled': ev('bitmap-disabled', { export: z.string(), name: z.string() }, 'bitmap disable'),
+  'bitmap-merged': ev('bitmap-merged', { export: z.string(), name: z.string(), source: z.unknown(), dirtyBytes: bytes }, 'bitmap merge'),
+  'bitmap-filled': ev('bitmap-filled', { export: z.string(), name: z.string(), dirtyBytes: bytes }, 'bitmap fill'),
+  'bitmap-checkpoint': ev('bitmap-checkpoint', { export: z.string(), name: z.string(), number: int, path: z.string().nullable(), dirtyBytes: bytes }, 'bitmap checkpoint'),
+  connection: ev('connection', { id: int, peer: z.string() }, 'an NBD client connected'),
+  disconnect: ev('disconnect', { id: int, peer: z.string(), export: z.string().nullable(), reason: z.string() }, 'an NBD client went away'),
+  refused: ev('refused', { peer: z.string(), reason: z.string() }, 'an NBD connection was refused before the handshake'),
+  reload: ev('reload', { what: z.array(z.string()), failed: z.unknown() }, 'SIGHUP: what was re-read'),
+  shutdown: ev('shutdown', { pid: int }, 'the daemon is stopping'),
+  'tls-expiry': ev('tls-expiry', { notAfter: z.string().optional(), warnings: z.array(z.string()) }, 'the TLS certificate expires soon'),
+  fence: ev('fence', { peer: z.string(), verdict: z.string(), exitCode: int.nullable(), signal: z.string().nullable(), proceed: z.boolean(), durationMs: z.number(), policy: z.string() }, 'the fence hook ran'),
+  'replication-connected': ev('replication-connected', { export: z.string(), peer: z.string(), protocol: z.enum(['sync', 'async']), peerKind: z.string().optional(), role: z.literal('secondary').optional(), rule: z.unknown().optional(), action: z.string().optional() }, 'the pair link is up and forwarding'),
+  'replication-degraded': ev('replication-degraded', { export: z.string(), peer: z.string().optional(), role: z.literal('secondary').optional(), reason: z.string(), code: z.string().optional(), diskState: z.string().optional() }, 'forwarding stopped; the peer bitmap keeps what the secondary misses'),
+  'replication-plain': ev('replication-plain', { export: z.string(), peer: z.string() }, 'the target is a plain NBD server: no checkpoints'),
+  'resync-started': ev('resync-started', { export: z.string(), peer: z.string(), bytes, full: z.boolean() }, 'the primary copies what the secondary misses'),
+  'resync-done': ev('resync-done', { export: z.string(), peer: z.string(), bytes, dirtyBytes: bytes, ms: z.number() }, 'the resync finished'),
+  'pair-refused': ev('pair-refused', { export: z.string(), peer: z.string(), ...errFields, decision: z.unknown().optional(), rule: z.unknown().optional() }, 'the peer refused the pair (or this node refused the peer)'),
+  checkpoint: ev('checkpoint', { export: z.string(), epoch: int, ms: z.number(), role: z.literal('secondary').optional() }, 'a checkpoint was committed'),
+  'checkpoint-failed': ev('checkpoint-failed', { export: z.string(), n: int, ...errFields }, 'a checkpoint failed'),
+  'failover-started': ev('failover-started', { export: z.string(), role: z.literal('primary').optional(), to: z.string().optional(), epoch: int.optional(), retry: z.boolean().optional() }, 'a failover began'),
+  'failover-done': ev('failover-done', { export: z.string(), role: z.literal('primary').optional(), to: z.string().optional(), epoch: int, bytes: bytes.optional(), ms: z.number() }, 'a failover finished'),
+  'failover-failed': ev('failover-failed', { export: z.string(), to: z.string(), epoch: int, step: z.string(), ...errFields }, 'a failover failed at a step'),
+  'split-brain': ev('split-brain', { export: z.string(), peer: z.string(), rule: z.unknown(), policy: z.unknown(), keeps: z.unknown(), resolved: z.boolean(), explanation: z.unknown() }, 'the generations say split brain; the policy and what it keeps'),
+  salvage: ev('salvage', { export: z.string(), path: z.string(), bytes }, 'the regions a resync overwrites were saved as a qcow2 overlay'),
+  'cbw-failed': ev('cbw-failed', { export: z.string(), from: z.literal('secondary'), ...errFields }, 'the secondary could not keep the old data of a write (relayed by the primary)'),
+  'secondary-failed': ev('secondary-failed', { export: z.string(), from: z.literal('secondary'), ...errFields }, 'the secondary failed its disk (relayed by the primary)'),
+  'peer-alive': ev('peer-alive', peerEvent, 'heartbeat: the peer answers'),
+  'peer-suspect': ev('peer-suspect', peerEvent, 'heartbeat: the peer is late'),
+  'peer-dead': ev('peer-dead', peerEvent, 'heartbeat: the peer is silent past the limit'),
+  'lease-acquired': ev('lease-acquired', { key: z.string(), revision: int, ttlS: z.number() }, 'heartbeat-etcd: this node holds the lease'),
+  'lease-lost': ev('lease-lost', { key: z.string(), reason: z.string() }, 'heartbeat-etcd: the lease is gone'),
+  'io-suspended': ev('io-suspended', { reason: z.string() }, 'writes are held (quorum lost)'),
+  'io-resumed': ev('io-resumed', { by: z.string(), waiting: bytes }, 'held writes go on'),
+  demoted: ev('demoted', { reason: z.string(), refusedWaiting: bytes }, 'this primary stepped down'),
+  'failover-deferred': ev('failover-deferred', { peer: z.string(), checkpoint: z.unknown() }, 'auto failover waits for a checkpoint in flight'),
+  'auto-failover': ev('auto-failover', { peer: z.string(), failedOver: z.boolean(), fence: z.string().nullable(), code: z.string().nullable(), reason: z.string().nullable() }, 'the heartbeat decided on a failover, and whether it happened'),
+} as const;
+
+/**
+ * One event line (blkrep events --json, the control socket's events, serve-nbd's listening and
+ * stopped lines): each known event by its own schema (EVENT_SCHEMAS, schemas/events/NAME.json).
+ */
+export const eventSchema = z.union([listening, obj({ event: z.literal('stopped'), pid: int }), ...Object.values(EVENT_SCHEMAS)]);
 
 /** Each command's --json result on success, by command id (topics spelled with spaces); events: each line. */
 export const OUTPUT_SCHEMAS: Record<string, z.ZodType> = {
@@ -186,6 +244,7 @@ export const OUTPUT_SCHEMAS: Record<string, z.ZodType> = {
     unit: z.string(),
     files: z.array(obj({ path: z.string(), changed: z.boolean() })),
     disk: obj({ path: z.string(), size: bytes }),
+    clock: obj({ synchronized: z.boolean().nullable(), source: z.string() }),
     warnings: z.array(z.string()),
     next: z.array(z.string()),
   }),
@@ -210,6 +269,7 @@ export const OUTPUT_SCHEMAS: Record<string, z.ZodType> = {
 export function schemaFiles(): Array<{ file: string; schema: z.ZodType; title: string }> {
   const files = Object.entries(OUTPUT_SCHEMAS).map(([id, schema]) => ({ file: `${id.replaceAll(' ', '-')}.json`, schema, title: id === 'events' ? 'blkrep events --json: each line (also serve-nbd --json lines, control socket events)' : `blkrep ${id} --json` }));
   files.push({ file: 'error.json', schema: errorSchema, title: 'blkrep COMMAND --json, on failure' });
+  for (const [name, schema] of Object.entries(EVENT_SCHEMAS)) files.push({ file: `events/${name}.json`, schema, title: `blkrep events --json: the event "${name}"` });
   return files;
 }
 

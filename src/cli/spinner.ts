@@ -31,3 +31,26 @@ export async function withSpinner<T>(text: string, options: SpinnerOptions, work
     spinner.stop();
   }
 }
+
+export interface Spinner {
+  /** clear it (and show the cursor again); idempotent */
+  stop(): void;
+}
+
+/**
+ * A spinner that runs until stop(): for a wait whose end comes from elsewhere (a job that has
+ * not reported its length yet, before the progress bar takes over). Nothing is drawn where
+ * spinnerShown() says no.
+ */
+export function startSpinner(text: string, options: SpinnerOptions): Spinner {
+  if (!spinnerShown(options)) return { stop() {} };
+  const spinner = ora({ text, stream: options.stream ?? process.stderr, discardStdin: false, isEnabled: true, hideCursor: true }).start();
+  let stopped = false;
+  return {
+    stop() {
+      if (stopped) return;
+      stopped = true;
+      spinner.stop();
+    },
+  };
+}

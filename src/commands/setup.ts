@@ -1,3 +1,4 @@
+import { execFile } from 'node:child_process';
 import { createConnection, createServer } from 'node:net';
 import { readFile, mkdir, realpath, stat, writeFile, rename, chmod } from 'node:fs/promises';
 import { basename, dirname, isAbsolute, join, resolve } from 'node:path';
@@ -18,10 +19,19 @@ interface SetupResult {
   unit: string;
   files: Array<{ path: string; changed: boolean }>;
   disk: { path: string; size: number };
+  /** this node's clock: synchronised by NTP (true/false), or null when no tool says (timedatectl, chronyc) */
+  clock: ClockState;
   warnings: string[];
   next: string[];
 }
 
+interface ClockState {
+  synchronized: boolean | null;
+  /** which tool said it, or why nothing could */
+  source: string;
+}
+
+const HOST_NAME_RE = /^[A-Za-z0-9](?:[A-Za-z0-9.-]{0,62}[A-Za-z0-9])?$/;
 const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/;
 
 function setupError(code: string, message: string, details: Record<string, unknown> = {}): BlkrepError {
@@ -31,9 +41,9 @@ function setupError(code: string, message: string, details: Record<string, unkno
 export default class Setup extends BlkrepCommand {
   static override summary = 'Set up this node of a replication pair: config file, keys, systemd unit.';
 
-  static override description = `Asks for this node's role (primary or secondary), its disk, the peer's address, the transport (the secondary's address and port) and TLS (x509 certificates, a pre-shared key, or none), the heartbeat (udp, tcp or none), and on the primary the checkpoint interval and the protocol (sync or async); checks on the spot what it can: the disk exists and its size (and equals the peer's, with --peer-disk-size), the port is free, the peer answers; writes CONFIG-DIR/NAME.yaml (serve-nbd's flags; blkrep config check), the pair's keys under CONFIG-DIR/NAME/ (made on the first node, copied to the second: a file that exists is never replaced), and the systemd template unit blkrep@.service; and prints the exact commands to run next, on the peer too.
+  static override description = `Asks for this node's role (primary or secondary), its disk, the peer's address, the transport (the secondary's address and port) and TLS (x509 certificates, a pre-shared key, or none), the heartbeat (udp, tcp or none), and on the primary the checkpoint interval and the protocol (sync or async); checks on the spot what it can: the disk exists and its size (and equals the peer's, with --peer-disk-size), the port is free, the peer answers, this node's clock is synchronised by NTP (timedatectl, else chronyc; a warning when it is not: the peer's clock cannot be read before the pair runs, so each node's setup checks its own; "clock" in --json); writes CONFIG-DIR/NAME.yaml (serve-nbd's flags; blkrep config check), the pair's keys under CONFIG-DIR/NAME/ (made on the first node, copied to the second: a file that exists is never replaced; x509 by the same code as every blkrep pair credential: a CA, and per node a server certificate for its node id, which must then be a host name, and a client certificate O=blkrep,CN=ID that the secondary's --tls-authz allows; the primary's URI names the peer's id as tls-hostname=), and the systemd template unit blkrep@.service; and prints the exact commands to run next, on the peer too.
 Every question has a flag; --yes takes the defaults for the rest and never asks (Ansible, CI); without a terminal, --yes is needed (error ERR_USAGE). Running it again with the same answers changes nothing ("changed": false).
-Exit status: 0 done; 1 a check refused (ERR_SETUP_DISK: no such disk; ERR_SETUP_SIZE: the peer's disk has another size; both before anything is written) or ERR_SETUP_TLS (openssl could not make the certificates; the heartbeat key may be written already, a re-run keeps it); 2 usage (a flag missing with --yes, no terminal).`;
+Exit status: 0 done; 1 a check refused (ERR_SETUP_DISK: no such disk; ERR_SETUP_SIZE: the peer's disk has another size; both before anything is written) or ERR_SETUP_TLS (openssl could not make the certificates: its message; the heartbeat key may be written already, a re-run keeps it); 2 usage (a flag missing with --yes, no terminal).`;
 
   static override examples = [
     { description: 'Ask everything on a terminal', command: '<%= config.bin %> <%= command.id %>' },
@@ -105,6 +115,11 @@ Exit status: 0 done; 1 a check refused (ERR_SETUP_DISK: no such disk; ERR_SETUP_
     for (const [flag, id] of [['node-id', nodeId], ['peer-id', peerId]] as const) {
       if (!/^[^\s\u0000-\u001f\u007f,=/]{1,64}$/.test(id)) this.usageError(`--${flag} "${id}" is not a node id (1 to 64 characters, no spaces, control characters, ",", "=" or "/")`);
     }
+    if (tls === 'x509') {
+      for (const [flag, id] of [['node-id', nodeId], ['peer-id', peerId]] as const) {
+        if (!HOST_NAME_RE.test(id)) this.usageError(`--${flag} "${id}": with --tls x509 a node id is also the name in its certificate, so it must be a host name (letters, digits, "." and "-", not starting or ending with "." or "-")`);
+      }
+    }
     if (nodeId === peerId) this.usageError(`--node-id and --peer-id are both "${nodeId}": each node needs its own id`);
 
     // the checks: the disk, the peer's disk size, the port, the peer
@@ -125,10 +140,14 @@ Exit status: 0 done; 1 a check refused (ERR_SETUP_DISK: no such disk; ERR_SETUP_
     const unitPath = join(answers.unitDir, 'blkrep@.service');
     const confPath = configPath(answers);
     const rerun = (await readFile(confPath, 'utf8').catch(() => '')) === configText(answers);
+    const clock: ClockState = flags['no-check'] ? { synchronized: null, source: 'not checked (--no-check)' } : await clockState();
     if (!flags['no-check']) {
       if (role === 'secondary' && !rerun) {
         const busy = await portBusy(listen, port);
         if (busy) warnings.push(`port ${port} on ${listen} is in use (${busy}): the daemon cannot listen there until it is free`);
+      }
+      if (clock.synchronized === false) {
+        warnings.push(`this node's clock is not synchronised (${clock.source}); the pair's checkpoint ages, events, logs and certificate validity compare times of two nodes: enable NTP on both (systemd-timesyncd or chrony)`);
       }
       if (role === 'primary') {
         const err = await reachable(peer, port, 2000);
@@ -143,7 +162,7 @@ Exit status: 0 done; 1 a check refused (ERR_SETUP_DISK: no such disk; ERR_SETUP_
     if (heartbeat !== 'none') files.push({ path: join(dir, 'heartbeat.key'), changed: await makeHeartbeatKey(join(dir, 'heartbeat.key')) });
     if (tls === 'psk') files.push({ path: join(dir, 'keys.psk'), changed: await makePsk(join(dir, 'keys.psk'), pskUser(answers)) });
     if (tls === 'x509') {
-      const made = await makeX509(join(dir, 'ca'), { id: nodeId, addresses: listen === '0.0.0.0' || listen === '::' ? [] : [listen] }, join(dir, 'tls'), { id: peerId, addresses: [peer] }, join(dir, 'peer-tls'));
+      const made = await makeX509(join(dir, 'ca'), { id: nodeId }, join(dir, 'tls'), { id: peerId }, join(dir, 'peer-tls'));
       files.push({ path: join(dir, 'tls'), changed: made.length > 0 });
     }
     files.push({ path: confPath, changed: await writeIfChanged(confPath, configText(answers), 0o644) });
@@ -153,7 +172,7 @@ Exit status: 0 done; 1 a check refused (ERR_SETUP_DISK: no such disk; ERR_SETUP_
     const madeHere = files.some((f) => f.changed && f.path.startsWith(dir));
     const peerCommand = madeHere ? this.peerCommand(answers, size) : undefined;
     const next = nextCommands(answers, peerCommand);
-    const result: SetupResult = { changed, role, name, config: confPath, unit: unitPath, files, disk: { path: disk, size }, warnings, next };
+    const result: SetupResult = { changed, role, name, config: confPath, unit: unitPath, files, disk: { path: disk, size }, clock, warnings, next };
     for (const w of warnings) this.logToStderr(`blkrep setup: warning: ${w}`);
     if (!this.jsonEnabled()) {
       this.log(`${role} of pair "${name}": disk ${disk} (${size} bytes, ${formatSize(size)})`);
@@ -247,6 +266,27 @@ function reachable(host: string, port: number, timeoutMs: number): Promise<strin
       done(err.code ?? err.message);
     });
   });
+}
+
+function tool(command: string, args: string[]): Promise<{ ok: boolean; out: string }> {
+  return new Promise((done) => {
+    execFile(command, args, { timeout: 3000, env: { ...process.env, LC_ALL: 'C' } }, (err, stdout) => done({ ok: !err, out: String(stdout) }));
+  });
+}
+
+/**
+ * Whether this node's clock is synchronised, as timedatectl (systemd-timesyncd, or any NTP
+ * daemon systemd knows of) or else chronyc says. The peer's clock cannot be read before the pair
+ * runs (NBD and the pair link carry no time), so the check is that each node keeps NTP time:
+ * setup on the peer checks the peer.
+ */
+async function clockState(): Promise<ClockState> {
+  const t = await tool('timedatectl', ['show', '-p', 'NTPSynchronized', '--value']);
+  if (t.ok && /^(yes|no)$/.test(t.out.trim())) return { synchronized: t.out.trim() === 'yes', source: `timedatectl: NTPSynchronized=${t.out.trim()}` };
+  const c = await tool('chronyc', ['-n', 'tracking']);
+  const leap = /^Leap status\s*:\s*(.+)$/m.exec(c.out)?.[1]?.trim();
+  if (c.ok && leap !== undefined) return { synchronized: leap !== 'Not synchronised', source: `chronyc tracking: leap status ${leap}` };
+  return { synchronized: null, source: 'cannot tell: neither timedatectl nor chronyc answered' };
 }
 
 /** How the unit runs blkrep: this node and this bin/run.js (or the blkrep on PATH it is). */

@@ -3,29 +3,31 @@
  *   heartbeat.key       32 random bytes (mode 0600), for --heartbeat-key
  *   keys.psk            psktool's "user:hexkey" line (mode 0600), for --tls-psk / tls-psk-file=
  *   tls/, peer-tls/     x509 in qemu's tls-creds-x509 layout, one directory per node: the CA
- *                       certificate, and the node's certificate (serverAuth and clientAuth, so
- *                       after a failover the same files serve the other role) as
- *                       server-cert.pem/server-key.pem and client-cert.pem/client-key.pem
+ *                       certificate, the node's server certificate (CN and subjectAltName = the
+ *                       node id, which the primary's URI names as tls-hostname=) and its client
+ *                       certificate (DN O=blkrep,CN=<node id>, for --tls-authz); after a failover
+ *                       the same files serve the other role
  *   ca/                 the CA's key, to issue further certificates; not needed by the daemon
  *
- * A file that exists is never replaced (re-running setup changes nothing; a key copied from the
- * peer is kept). x509 is made with openssl, behind makeX509 alone: the tls helper's
- * generatePairCredentials had not landed when this was written; swap it in there.
+ * x509 is made by src/util/tls-credentials.ts generatePairCredentials (the one way blkrep makes
+ * pair credentials) in a scratch directory, then moved into place; tls/ is moved last, so its
+ * presence says the set is complete. A file that exists is never replaced (re-running setup
+ * changes nothing; a key copied from the peer is kept), except the leftovers of a run that
+ * stopped before tls/ was in place.
  */
-import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { chmod, copyFile, mkdir, mkdtemp, rm, stat, writeFile } from 'node:fs/promises';
+import { chmod, mkdir, mkdtemp, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { promisify } from 'node:util';
 import { BlkrepError } from '../api/errors.js';
+import { generatePairCredentials } from '../util/tls-credentials.js';
 
-const run = promisify(execFile);
+/** validity of the pair's certificates (as before: a pair link must not stop on an expiry nobody watches; renew from ca/) */
+const DAYS = 3650;
+
 
 export interface NodeIdentity {
-  /** node id, the certificate's CN */
+  /** node id: the certificates' CN and the server certificate's subjectAltName (a host name) */
   id: string;
-  /** addresses the certificate is valid for (IPs and DNS names) */
-  addresses: string[];
 }
 
 /** The DN of a node's certificate, as qemu and --tls-authz write it. */
@@ -57,66 +59,36 @@ export async function makePsk(path: string, user: string): Promise<boolean> {
   return secretFile(path, `${user}:${randomBytes(32).toString('hex')}\n`);
 }
 
-async function openssl(cwd: string, args: string[]): Promise<void> {
-  try {
-    await run('openssl', args, { cwd });
-  } catch (err) {
-    const e = err as NodeJS.ErrnoException & { stderr?: string };
-    const why = e.code === 'ENOENT' ? 'openssl is not installed' : (e.stderr ?? e.message).trim().split('\n')[0];
-    throw new BlkrepError('ERR_SETUP_TLS', `cannot make the x509 credentials: ${why}`, { errno: 'EIO', cause: err });
-  }
-}
-
-const EC = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes'];
-const DAYS = '3650';
-
-function san(addresses: string[]): string {
-  const unique = [...new Set(addresses)];
-  return unique.map((a) => (/^[\d.]+$/.test(a) || a.includes(':') ? `IP:${a}` : `DNS:${a}`)).join(',');
-}
-
 /**
- * x509 for both nodes (own → dir, peer → peerDir), signed by a new CA whose key goes to caDir.
- * Nothing is made when dir already has ca-cert.pem (credentials copied from the peer, or an
- * earlier run). Returns the files written.
+ * x509 for both nodes (own → dir, peer → peerDir), signed by a new CA whose key goes to caDir,
+ * all made by generatePairCredentials. Nothing is made when dir already has ca-cert.pem
+ * (credentials copied from the peer, or an earlier run). Returns the files written.
+ * Errors: ERR_SETUP_TLS (openssl failed or a node id is not a host name: its message).
  */
 export async function makeX509(caDir: string, self: NodeIdentity, dir: string, peer: NodeIdentity, peerDir: string): Promise<string[]> {
   if (await exists(join(dir, 'ca-cert.pem'))) return [];
-  await mkdir(caDir, { recursive: true, mode: 0o700 });
-  const work = await mkdtemp(join(caDir, '.make-'));
-  const written: string[] = [];
+  const parent = join(caDir, '..');
+  await mkdir(parent, { recursive: true, mode: 0o700 });
+  const work = await mkdtemp(join(parent, '.x509-'));
   try {
-    if (!(await exists(join(caDir, 'ca-key.pem')))) {
-      await openssl(work, ['req', '-x509', ...EC, '-days', DAYS, '-subj', '/O=blkrep/CN=blkrep pair CA', '-addext', 'basicConstraints=critical,CA:TRUE', '-addext', 'keyUsage=critical,keyCertSign,cRLSign', '-keyout', 'ca-key.pem', '-out', 'ca-cert.pem']);
-      await copyFile(join(work, 'ca-key.pem'), join(caDir, 'ca-key.pem'));
-      await chmod(join(caDir, 'ca-key.pem'), 0o600);
-      await copyFile(join(work, 'ca-cert.pem'), join(caDir, 'ca-cert.pem'));
-      written.push(join(caDir, 'ca-key.pem'), join(caDir, 'ca-cert.pem'));
-    } else {
-      await copyFile(join(caDir, 'ca-key.pem'), join(work, 'ca-key.pem'));
-      await copyFile(join(caDir, 'ca-cert.pem'), join(work, 'ca-cert.pem'));
+    let made;
+    try {
+      made = await generatePairCredentials(join(work, 'set'), { kind: 'x509', names: [self.id, peer.id], days: DAYS });
+    } catch (err) {
+      throw new BlkrepError('ERR_SETUP_TLS', `cannot make the x509 credentials: ${(err as Error).message}`, { errno: 'EIO', cause: err });
     }
-    for (const [node, out] of [[self, dir], [peer, peerDir]] as const) {
-      if (await exists(join(out, 'ca-cert.pem'))) continue;
-      const ext = `subjectAltName=${san([...node.addresses, 'localhost', '127.0.0.1'])}\nextendedKeyUsage=serverAuth,clientAuth\nbasicConstraints=CA:FALSE\n`;
-      await writeFile(join(work, 'node.ext'), ext);
-      await openssl(work, ['req', ...EC, '-subj', `/O=blkrep/CN=${node.id}`, '-keyout', 'node-key.pem', '-out', 'node.csr']);
-      await openssl(work, ['x509', '-req', '-in', 'node.csr', '-CA', 'ca-cert.pem', '-CAkey', 'ca-key.pem', '-CAcreateserial', '-days', DAYS, '-extfile', 'node.ext', '-out', 'node-cert.pem']);
-      await mkdir(out, { recursive: true, mode: 0o700 });
-      for (const [from, to, mode] of [
-        ['ca-cert.pem', 'ca-cert.pem', 0o644],
-        ['node-cert.pem', 'server-cert.pem', 0o644],
-        ['node-key.pem', 'server-key.pem', 0o600],
-        ['node-cert.pem', 'client-cert.pem', 0o644],
-        ['node-key.pem', 'client-key.pem', 0o600],
-      ] as const) {
-        await copyFile(join(work, from), join(out, to));
-        await chmod(join(out, to), mode);
-        written.push(join(out, to));
-      }
+    const written: string[] = [];
+    for (const [from, to] of [
+      [made.caDir!, caDir],
+      [made.nodes![peer.id]!, peerDir],
+      [made.nodes![self.id]!, dir],
+    ] as const) {
+      await rm(to, { recursive: true, force: true }); // only leftovers: dir (the marker) was checked above
+      await rename(from, to);
+      written.push(to);
     }
+    return written;
   } finally {
     await rm(work, { recursive: true, force: true });
   }
-  return written;
 }

@@ -61,7 +61,7 @@ export function replicaUri(a: SetupAnswers): string {
   const dir = secretsDir(a);
   const at = hostPort(a.peer, a.port);
   const name = encodeURIComponent(a.name);
-  if (a.tls === 'x509') return `nbds://${at}/${name}?tls-certificates=${join(dir, 'tls')}`;
+  if (a.tls === 'x509') return `nbds://${at}/${name}?tls-certificates=${join(dir, 'tls')}&tls-hostname=${encodeURIComponent(a.peerId)}`;
   if (a.tls === 'psk') return `nbds://${encodeURIComponent(pskUser(a))}@${at}/${name}?tls-psk-file=${join(dir, 'keys.psk')}`;
   return `nbd://${at}/${name}`;
 }
@@ -103,8 +103,8 @@ export function configText(a: SetupAnswers): string {
  * The template unit: one instance per pair (blkrep@NAME reads NAME.yaml). Type=notify: serve-nbd
  * says READY=1 once it listens (systemd-notify, hence NotifyAccess=all). Reload is SIGHUP
  * (serve-nbd re-reads what it can and keeps serving). The hardening keeps what the daemon needs:
- * the disk (a block device, so no PrivateDevices), /run/blkrep, the image's directory for
- * bitmaps and pair state, which ProtectSystem=full leaves writable (it makes /usr, /boot and /etc
+ * the disk (a block device, so no PrivateDevices), /run/blkrep, /var/lib/blkrep (StateDirectory=: the pair
+ * state of a block device), the image's directory for bitmaps and a file disk's pair state, which ProtectSystem=full leaves writable (it makes /usr, /boot and /etc
  * read-only); ProtectHome=read-only refuses images under /home. No PrivateDevices, no
  * CapabilityBoundingSet: the disk is a device node the daemon opens as root.
  */
@@ -134,6 +134,9 @@ RestartSec=2s
 RuntimeDirectory=blkrep
 RuntimeDirectoryMode=0700
 RuntimeDirectoryPreserve=yes
+# the pair files of a block device (DISK.pair.json …) live here, not in /dev: $STATE_DIRECTORY
+StateDirectory=blkrep
+StateDirectoryMode=0700
 UMask=0077
 LimitNOFILE=65536
 NoNewPrivileges=yes

@@ -41,6 +41,7 @@ import { fetchRuns, PAIR_LINK_VERSION, PairChannel, runsPage, type PairMessage }
 import type { FailoverOptions, FailoverResult, HandOff, PairLinkState, PairRole, PairStatus } from './role.js';
 import { PairStateFile, initialState, pairStatePath } from './state.js';
 import { ReplicationFilter, type ReplicationProtocol } from './replication-filter.js';
+import { sideFileBase } from '../util/state-dir.js';
 
 export const CHECKPOINT_TIMEOUT_MS = 5000;
 export const LINK_TIMEOUT_MS = 10_000;
@@ -48,7 +49,7 @@ export const BACKOFF = { initialMs: 100, maxMs: 10_000, jitter: 0.2 };
 
 /** the peer bitmap beside the disk (a blkrep bitmap file; not IMAGE.*.bitmap, which the daemon loads as an export bitmap) */
 export function peerBitmapPath(imagePath: string): string {
-  return `${imagePath}.pair.dirty`;
+  return `${sideFileBase(imagePath)}.pair.dirty`;
 }
 
 /** jittered exponential backoff: 100 ms × 2^k, at most 10 s, ±20 % */

@@ -21,6 +21,7 @@ import type { BlockNode } from '../api/block.js';
 import { BlkrepError, toBlkrepError } from '../api/errors.js';
 import { Qcow2Node } from '../block/qcow2/index.js';
 import { syncDirectory, tempPathBeside } from '../util/safe-file.js';
+import { sideFileBase } from '../util/state-dir.js';
 
 export interface SalvageRange {
   offset: number;
@@ -63,7 +64,7 @@ function stamp(d: Date): string {
 
 /** `DISK.salvage-YYYYMMDDTHHMMSSZ.qcow2` beside the disk, for the time `now` (UTC). */
 export function salvagePath(diskPath: string, now: Date): string {
-  return `${diskPath}.salvage-${stamp(now)}.qcow2`;
+  return `${sideFileBase(diskPath)}.salvage-${stamp(now)}.qcow2`;
 }
 
 /** Validate, sort, merge, and round out the ranges to `cluster` bytes (the last one to `size`). */
@@ -163,8 +164,9 @@ async function exists(path: string): Promise<boolean> {
 
 /** The salvage overlays beside `diskPath` (for `status`), oldest first; incomplete temporaries last. */
 export async function listSalvage(diskPath: string): Promise<SalvageEntry[]> {
-  const dir = dirname(diskPath);
-  const prefix = `${basename(diskPath)}.salvage-`;
+  const base = sideFileBase(diskPath);
+  const dir = dirname(base);
+  const prefix = `${basename(base)}.salvage-`;
   let names: string[];
   try {
     names = await readdir(dir);

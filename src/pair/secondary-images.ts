@@ -13,6 +13,7 @@ import { Filter } from '../block/filter.js';
 import { completeNode } from '../block/node.js';
 import { createQcow2 } from '../block/qcow2/create.js';
 import { Qcow2Node } from '../block/qcow2/node.js';
+import { sideFileBase } from '../util/state-dir.js';
 
 export const OVERLAY_CLUSTER = 65536;
 
@@ -36,7 +37,8 @@ export interface SecondaryImages {
 }
 
 export function defaultOverlayPaths(disk: string): { hidden: string; active: string } {
-  return { hidden: `${disk}.hidden.qcow2`, active: `${disk}.active.qcow2` };
+  const base = sideFileBase(disk);
+  return { hidden: `${base}.hidden.qcow2`, active: `${base}.active.qcow2` };
 }
 
 async function exists(path: string): Promise<boolean> {

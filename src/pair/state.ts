@@ -14,6 +14,7 @@ import { BlkrepError } from '../api/errors.js';
 import { replaceFile } from '../util/safe-file.js';
 import { checkTuple, freshTuple, type GenerationTuple } from './generations.js';
 import type { DiskState } from './messages.js';
+import { sideFileBase } from '../util/state-dir.js';
 
 export interface PairState {
   version: 1;
@@ -147,7 +148,7 @@ export function clearCrashedPrimary(s: PairState): PairState {
 }
 
 export function pairStatePath(imagePath: string): string {
-  return `${imagePath}.pair.json`;
+  return `${sideFileBase(imagePath)}.pair.json`;
 }
 
 export function initialState(role: PairState['role']): PairState {

@@ -18,6 +18,7 @@ import { DAEMON_VERB_SPECS } from './daemon-verbs.js';
 import { DaemonJobs, type JobExport } from '../jobs/daemon-jobs.js';
 import '../jobs/daemon-job-types.js';
 import { sidecarBase } from '../bitmap/names.js';
+import { filePath, isFileSpec } from '../image/chain.js';
 import type { FilterSpec } from '../block/filters/spec.js';
 import { ExportStack, type Slot } from './export-stack.js';
 import { NbdServer, type Logger, type ServerStatus } from '../nbd/server.js';
@@ -805,7 +806,8 @@ async function startPairHost(
   }
   const exports = new Map<string, PairExport>();
   for (const [i, e] of options.exports.entries()) {
-    const base = await sidecarBase(e.image);
+    // a block device can be replicated too: its pair files go to the state directory (util/state-dir.ts)
+    const base = isFileSpec(e.image) ? { path: filePath(e.image) } : await sidecarBase(e.image);
     exports.set(e.name, { filter: filters[i]!, imagePath: base.path, ...(base.path === undefined ? { why: base.why } : {}) });
   }
   const host = new PrimaryHost({ exports, roles, transports: options.transports, publish, log: (level, message) => options.log?.(level, message) });

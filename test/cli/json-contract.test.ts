@@ -5,13 +5,13 @@
  * event schema. The last test checks that no command of the manifest went unchecked and that
  * schemas/ is what the schemas generate.
  */
-import { readFileSync } from 'node:fs';
+import { readdirSync, readFileSync } from 'node:fs';
 import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { z } from 'zod';
-import { OUTPUT_SCHEMAS, errorSchema, eventSchema, jsonSchemaText, schemaFiles } from '../../src/cli/output-schemas.js';
-import { REPO_ROOT, makeTempDir, run, runCli, serve, unixUri, waitFor } from '../support/spawn.js';
+import { EVENT_SCHEMAS, OUTPUT_SCHEMAS, errorSchema, eventSchema, jsonSchemaText, schemaFiles } from '../../src/cli/output-schemas.js';
+import { BIN, REPO_ROOT, makeTempDir, run, runCli, serve, start, unixUri, waitFor } from '../support/spawn.js';
 
 const MiB = 1024 * 1024;
 const checked = new Set<string>();
@@ -29,6 +29,31 @@ async function ok(id: string, args: string[], timeoutMs = 60_000): Promise<any> 
   validate(OUTPUT_SCHEMAS[id]!, value, `blkrep ${id} --json`);
   checked.add(id);
   return value;
+}
+
+/** Every event of a daemon from now on (blkrep events --json); done() stops and checks each line by its own schema. */
+async function eventsOf(ctl: string, nbdUri: string): Promise<{ done: () => Promise<string[]> }> {
+  const e = start(process.execPath, [BIN, 'events', '--control', ctl, '--json']);
+  // subscribed once an NBD connection shows up as an event
+  await waitFor(async () => {
+    await run('nbdinfo', ['--size', nbdUri]);
+    return e.stdout().includes('"event":"connection"') ? true : undefined;
+  }, `blkrep events on ${ctl} to see a connection`, { timeoutMs: 30_000, intervalMs: 200 });
+  return {
+    done: async () => {
+      await e.stop();
+      const names: string[] = [];
+      for (const line of e.stdout().trim().split('\n').filter((l) => l !== '')) {
+        const value = JSON.parse(line) as { event: string };
+        const schema = (EVENT_SCHEMAS as Record<string, z.ZodType>)[value.event];
+        expect(schema, `event "${value.event}" has a schema in EVENT_SCHEMAS: ${line}`).toBeDefined();
+        validate(schema!, value, `event line ${line}`);
+        validate(eventSchema, value, `event line ${line}`);
+        names.push(value.event);
+      }
+      return [...new Set(names)].sort();
+    },
+  };
 }
 
 /** A failing command: exit 1 or 2 and stdout valid for the error schema. */
@@ -97,6 +122,7 @@ describe('every command --json matches its schema', () => {
     validate(OUTPUT_SCHEMAS['serve-nbd']!, JSON.parse(d.listeningLine), 'serve-nbd listening line');
     checked.add('serve-nbd');
     await ok('status', ['--control', ctl]);
+    const all = await eventsOf(ctl, unixUri(p('nbd'), 'disk'));
     await ok('mirror', ['--control', ctl, '--export', 'disk', p('t.raw'), '--wait', 'ready']);
     // --now: mirror0's status and its job-ready, as events
     const ev = await runCli(['events', '--control', ctl, '--now', '--count', '2', '--json']);
@@ -119,6 +145,7 @@ describe('every command --json matches its schema', () => {
     await ok('bitmap list', ['--control', ctl]);
     await ok('bitmap checkpoint', ['--control', ctl, '--export', 'disk', '--name', 'b0']);
     await fails(['job', 'show', 'nosuch', '--control', ctl], 'ERR_JOB_NOT_FOUND');
+    expect(await all.done()).toEqual(expect.arrayContaining(['bitmap-checkpoint', 'job-cancelled', 'job-completed', 'job-copy-mode', 'job-ready', 'job-status-change']));
 
     expect(await d.stop()).toBe(0);
     for (const line of d.stdout().trim().split('\n')) validate(eventSchema, JSON.parse(line), `serve-nbd line ${line}`);
@@ -131,16 +158,36 @@ describe('every command --json matches its schema', () => {
     await writeFile(p('s.img'), Buffer.alloc(4 * MiB));
     await serve([p('s.img'), '--secondary', '--socket', p('s.sock'), '--control', p('sctl')]);
     await serve([p('p.img'), '--socket', p('p.sock'), '--control', p('pctl')]);
+    const primaryEvents = await eventsOf(p('pctl'), unixUri(p('p.sock')));
+    const secondaryEvents = await eventsOf(p('sctl'), unixUri(p('s.sock')));
     await ok('replicate', ['--control', p('pctl'), unixUri(p('s.sock'))]);
     await waitFor(async () => JSON.parse((await runCli(['status', '--control', p('pctl'), '--json'])).stdout).exports[0].pair?.link === 'connected', 'the pair link');
     await ok('checkpoint', ['--control', p('pctl')]);
     await ok('failover', ['--control', p('sctl'), '--dry-run']);
+    expect(await primaryEvents.done()).toEqual(expect.arrayContaining(['checkpoint', 'replication-connected', 'resync-done', 'resync-started']));
+    expect(await secondaryEvents.done()).toEqual(expect.arrayContaining(['checkpoint', 'connection', 'replication-connected']));
     // resume-io needs a daemon with a heartbeat (the peer need not exist: nothing is suspended)
     await serve(['memory:1M', '--socket', p('h.sock'), '--control', p('hctl'), '--heartbeat', 'udp://127.0.0.1:9', '--peer-id', 'b', '--node-id', 'a']);
     expect(await ok('resume-io', ['--control', p('hctl')])).toEqual({ resumed: false, waiting: 0 });
     await mkdir(p('demo'));
     await ok('demo', ['--size', '4M', '--dir', p('demo')], 180_000);
   }, 600_000);
+
+  it('every event the code publishes has a schema (the names in publish calls of src/)', () => {
+    const names = new Set<string>();
+    const walk = (d: string): void => {
+      for (const f of readdirSync(d, { withFileTypes: true })) {
+        if (f.isDirectory()) walk(join(d, f.name));
+        else if (f.name.endsWith('.ts')) for (const m of readFileSync(join(d, f.name), 'utf8').matchAll(/publish\??\.?\(\s*'([a-z][a-z0-9-]*)'/g)) names.add(m[1]!);
+      }
+    };
+    walk(join(REPO_ROOT, 'src'));
+    for (const n of ['peer-alive', 'peer-suspect', 'peer-dead', 'cbw-failed', 'secondary-failed', 'bitmap-enabled', 'bitmap-disabled']) names.add(n);
+    for (const n of ['status-change', 'ready', 'copy-mode', 'error', 'completed', 'cancelled']) names.add(`job-${n}`);
+    expect(names.size).toBeGreaterThan(30);
+    expect([...names].filter((n) => !(n in EVENT_SCHEMAS)).sort()).toEqual([]);
+    expect(Object.keys(EVENT_SCHEMAS).filter((n) => !names.has(n)).sort()).toEqual([]);
+  });
 
   it('covers every command, and schemas/ is what src/cli/output-schemas.ts generates', () => {
     const manifest = JSON.parse(readFileSync(join(REPO_ROOT, 'oclif.manifest.json'), 'utf8')) as { commands: Record<string, unknown> };

@@ -4,7 +4,8 @@
  */
 import { Writable } from 'node:stream';
 import { afterEach, describe, expect, it } from 'vitest';
-import { spinnerShown, withSpinner } from '../../src/cli/spinner.js';
+import { spinnerShown, startSpinner, withSpinner } from '../../src/cli/spinner.js';
+import { followJob } from '../../src/cli/job-command.js';
 
 /** A fake stderr: a terminal or not, keeping what was written. */
 function fakeStream(isTTY: boolean): NodeJS.WriteStream & { text(): string } {
@@ -54,5 +55,38 @@ describe('withSpinner', () => {
       expect(await withSpinner('waiting', { enabled, stream: s }, async () => 'done')).toBe('done');
       expect(s.text()).toBe('');
     }
+  });
+});
+
+describe('--wait: a spinner until the job reports its length', () => {
+  it('followJob draws "waiting until done" while the job has no length yet, and clears it when the job ends', async () => {
+    process.env.TERM = 'xterm';
+    const s = fakeStream(true);
+    const events: Array<Record<string, unknown>> = [];
+    const hook: { listener?: () => void } = {};
+    let closed!: () => void;
+    const client = { request: async () => ({ offset: 0, length: 0 }), closed: new Promise<void>((r) => (closed = r)) };
+    const follow = followJob(client as never, events as never, hook, 'backup0', 'done', { progress: true, stream: s });
+    expect(s.text()).toContain('job backup0: waiting until done…');
+    expect(s.text()).toContain('\x1b[?25l');
+    events.push({ event: 'job-completed', id: 'backup0', type: 'backup' });
+    hook.listener!();
+    await expect(follow).resolves.toMatchObject({ event: 'job-completed' });
+    expect(s.text().endsWith('\x1b[?25h')).toBe(true);
+    closed();
+  });
+
+  it('startSpinner: nothing off a terminal; stop() twice is harmless', () => {
+    const off = fakeStream(false);
+    startSpinner('x', { enabled: true, stream: off }).stop();
+    expect(off.text()).toBe('');
+    process.env.TERM = 'xterm';
+    const on = fakeStream(true);
+    const sp = startSpinner('waiting', { enabled: true, stream: on });
+    sp.stop();
+    const after = on.text();
+    sp.stop();
+    expect(on.text()).toBe(after);
+    expect(after).toContain('waiting');
   });
 });

@@ -5,14 +5,15 @@
  * --log-format json.
  */
 import { request } from 'node:http';
-import { existsSync } from 'node:fs';
-import { stat } from 'node:fs/promises';
+import { spawn } from 'node:child_process';
+import { closeSync, existsSync, fstatSync, openSync } from 'node:fs';
+import { readFile, stat } from 'node:fs/promises';
 import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { formatLogLine } from '../../src/cli/log-format.js';
+import { formatLogLine, isJournalStream } from '../../src/cli/log-format.js';
 import { parseMetricsAddress } from '../../src/serve/metrics.js';
-import { makeTempDir, run, runCli, serve, start, unixUri, waitFor } from '../support/spawn.js';
+import { BIN, makeTempDir, run, runCli, serve, start, unixUri, waitFor } from '../support/spawn.js';
 import { emptyImage, rawImage } from '../jobs/live-helpers.js';
 
 const MiB = 1024 * 1024;
@@ -204,12 +205,51 @@ describe('serve-nbd --log-format', () => {
     expect(lines.map((l) => JSON.parse(l).message)).toContain('SIGTERM: finishing requests in flight, flushing, exiting');
   });
 
-  it('text is the plain line; json escapes what would break a line', () => {
+  it('text: an ISO 8601 time and the level first (under the journal: the <P> priority, no time); json escapes what would break a line', () => {
     const t = new Date('2026-01-02T03:04:05.678Z');
-    expect(formatLogLine('text', 'warn', 'disk full')).toBe('blkrep serve-nbd: disk full\n');
-    const line = formatLogLine('json', 'warn', 'a "quoted"\nname', t);
+    expect(formatLogLine('text', 'warn', 'disk full', { now: t })).toBe('2026-01-02T03:04:05.678Z warn blkrep serve-nbd: disk full\n');
+    expect(formatLogLine('text', 'info', 'listening', { now: t })).toBe('2026-01-02T03:04:05.678Z info blkrep serve-nbd: listening\n');
+    expect(formatLogLine('text', 'warn', 'disk full', { now: t, journal: true })).toBe('<4>blkrep serve-nbd: disk full\n');
+    expect(formatLogLine('text', 'debug', 'x', { journal: true })).toBe('<7>blkrep serve-nbd: x\n');
+    expect(formatLogLine('json', 'info', 'x', { now: t, journal: true })).toBe(`{"time":"2026-01-02T03:04:05.678Z","level":"info","pid":${process.pid},"message":"x"}\n`);
+    const line = formatLogLine('json', 'warn', 'a "quoted"\nname', { now: t });
     expect(line.split('\n')).toHaveLength(2);
     expect(JSON.parse(line)).toEqual({ time: '2026-01-02T03:04:05.678Z', level: 'warn', pid: process.pid, message: 'a "quoted"\nname' });
+  });
+
+  it('the journal is recognised by JOURNAL_STREAM = the device:inode of stderr, not by the variable alone', async () => {
+    const dir = await makeTempDir();
+    const file = join(dir, 'stderr.log');
+    const fd = openSync(file, 'w');
+    try {
+      const st = fstatSync(fd);
+      expect(isJournalStream(fd, { JOURNAL_STREAM: `${st.dev}:${st.ino}` })).toBe(true);
+      expect(isJournalStream(fd, { JOURNAL_STREAM: `${st.dev}:${st.ino + 1}` })).toBe(false);
+      expect(isJournalStream(fd, {})).toBe(false);
+      expect(isJournalStream(fd, { JOURNAL_STREAM: 'garbage' })).toBe(false);
+    } finally {
+      closeSync(fd);
+    }
+  });
+
+  it('the daemon\'s text lines carry the time and level: stderr a file, then the same file announced as the journal', async () => {
+    const dir = await makeTempDir();
+    for (const journal of [false, true]) {
+      const file = join(dir, `stderr-${journal}.log`);
+      const fd = openSync(file, 'w');
+      const st = fstatSync(fd);
+      const env = { ...process.env, JOURNAL_STREAM: journal ? `${st.dev}:${st.ino}` : '' };
+      const child = spawn(process.execPath, [BIN, 'serve-nbd', 'memory:1M', '--socket', join(dir, `s-${journal}.sock`), '--json'], { stdio: ['ignore', 'pipe', fd], env });
+      closeSync(fd);
+      await new Promise<void>((done) => child.stdout!.once('data', () => done()));
+      child.kill('SIGTERM');
+      await new Promise((done) => child.once('exit', done));
+      const lines = (await readFile(file, 'utf8')).trim().split('\n');
+      const stop = lines.find((l) => l.endsWith('SIGTERM: finishing requests in flight, flushing, exiting'));
+      expect(stop, lines.join('\n')).toBeDefined();
+      if (journal) expect(stop).toBe('<6>blkrep serve-nbd: SIGTERM: finishing requests in flight, flushing, exiting');
+      else expect(stop).toMatch(/^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z info blkrep serve-nbd: SIGTERM: finishing requests in flight, flushing, exiting$/);
+    }
   });
 
   it('refuses another format (exit 2)', async () => {
