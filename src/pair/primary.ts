@@ -41,6 +41,7 @@ import { fetchRuns, PAIR_LINK_VERSION, PairChannel, runsPage, type PairMessage }
 import type { FailoverOptions, FailoverResult, HandOff, PairLinkState, PairRole, PairStatus } from './role.js';
 import { PairStateFile, initialState, pairStatePath } from './state.js';
 import { ReplicationFilter, type ReplicationProtocol } from './replication-filter.js';
+import { replicaWriterExport } from './data-token.js';
 
 export const CHECKPOINT_TIMEOUT_MS = 5000;
 export const LINK_TIMEOUT_MS = 10_000;
@@ -222,6 +223,8 @@ export class PrimaryRole implements PairRole {
     const transports = this.options.transports ?? (await defaultTransports());
     let full = this.freshBitmap;
     let channel: PairChannel | undefined;
+    /** the welcome's writer token: the data connection's export (data-token.ts) */
+    let dataToken: string | undefined;
     try {
       const conn = await transports.get(this.uri.transport).connect(this.uri.address, { timeoutMs: LINK_TIMEOUT_MS });
       // nbds://: STARTTLS first, so the link's option and messages never travel in clear
@@ -257,6 +260,10 @@ export class PrimaryRole implements PairRole {
       }
       if (answer.type !== 'welcome') throw new BlkrepError('ERR_PAIR_PROTOCOL', `the secondary answered hello with "${answer.type}"`);
       if (answer.size !== filter.size) throw sizeError(this.uri.uri, filter.size, answer.size);
+      if (answer.dataToken !== undefined && (typeof answer.dataToken !== 'string' || !/^[0-9a-f]{32}$/.test(answer.dataToken))) {
+        throw new BlkrepError('ERR_PAIR_PROTOCOL', `the secondary's welcome carries a bad dataToken ${JSON.stringify(answer.dataToken).slice(0, 80)}`);
+      }
+      dataToken = answer.dataToken;
       if (answer.decision.action === 'refuse') throw new BlkrepError('ERR_PAIR_SPLIT_BRAIN', `the secondary refuses: ${answer.decision.explanation} (rule ${answer.decision.rule})`, { errno: 'EPERM' });
       if (answer.decision.action === 'resync-full') full = true;
       // the peer's own marks (an old primary's peer bitmap and activity log): the resync copies the union
@@ -280,7 +287,8 @@ export class PrimaryRole implements PairRole {
     }
     let data: NbdNode | undefined;
     try {
-      data = await NbdNode.open(this.uri, { ...(this.options.transports ? { transports: this.options.transports } : {}), reconnect: false, holdMs: 0, connectTimeoutMs: LINK_TIMEOUT_MS });
+      const target = dataToken === undefined ? this.uri : { ...this.uri, exportName: replicaWriterExport(this.uri.exportName, dataToken) };
+      data = await NbdNode.open(target, { ...(this.options.transports ? { transports: this.options.transports } : {}), reconnect: false, holdMs: 0, connectTimeoutMs: LINK_TIMEOUT_MS });
       if (data.size !== filter.size) throw sizeError(this.uri.uri, filter.size, data.size);
       if (!data.caps.canWrite) throw new BlkrepError('ERR_READ_ONLY', `the secondary ${this.uri.uri} is read-only`, { errno: 'EPERM' });
     } catch (err) {
