@@ -76,6 +76,15 @@ export interface PrimaryOptions {
   nodeName?: string;
   /** what the role this one replaces hands over (replicate on a promoted secondary): OR'ed into the peer bitmap */
   handOff?: HandOff;
+  /** the start failed on a refusal a retry cannot fix: the role's last status, taken before it closed */
+  onStartFailed?: (status: PairStatus) => void;
+}
+
+/** a split brain the secondary refused the link for (status `splitBrain`, link `split-brain`) */
+export interface RefusedSplitBrain {
+  at: string;
+  rule: number | null;
+  explanation: string;
 }
 
 export class PrimaryRole implements PairRole {
@@ -101,6 +110,8 @@ export class PrimaryRole implements PairRole {
   private lastTlsRefusal: string | undefined;
   /** the last resync that ended (status: a resync at start ends before anything can subscribe to events) */
   private lastResync: { bytes: number; dirtyBytes: number; full: boolean; ms: number } | null = null;
+  /** the secondary refused the link for a split brain (until a link is welcomed) */
+  private splitBrain: RefusedSplitBrain | undefined;
   private readonly publish: NonNullable<PrimaryOptions['publish']>;
   private readonly log: NonNullable<PrimaryOptions['log']>;
 
@@ -179,7 +190,9 @@ export class PrimaryRole implements PairRole {
     } catch (err) {
       const e = toBlkrepError(err);
       if (isFatal(e)) {
+        const last = role.status();
         await role.close();
+        options.onStartFailed?.(last);
         throw e;
       }
       role.tlsRefused(e);
@@ -196,7 +209,8 @@ export class PrimaryRole implements PairRole {
       role: 'primary',
       peer: this.uri.uri,
       protocol: this.protocol,
-      link: this.link,
+      // refused for a split brain and not linked since: that is the link's state, with the reason
+      link: this.splitBrain && this.link !== 'connected' && this.link !== 'resyncing' ? 'split-brain' : this.link,
       epoch: s.epoch,
       gi: s.gi,
       diskState: s.diskState,
@@ -206,6 +220,7 @@ export class PrimaryRole implements PairRole {
       ...(this.peerKind ? { peerKind: this.peerKind } : {}),
       ...(this.lastError ? { lastError: this.lastError } : {}),
       ...(this.lastResync ? { lastResync: this.lastResync } : {}),
+      ...(this.splitBrain ? { splitBrain: this.splitBrain } : {}),
     } as PairStatus;
   }
 
@@ -256,6 +271,7 @@ export class PrimaryRole implements PairRole {
       );
       if (answer.type === 'refuse') {
         this.publish('pair-refused', { export: this.options.exportName, peer: this.uri.uri, code: answer.code, message: answer.message, ...(answer.decision ? { decision: answer.decision } : {}) });
+        if (answer.code === 'ERR_PAIR_SPLIT_BRAIN') this.refusedForSplitBrain(answer.message, answer.decision?.rule ?? null);
         throw new BlkrepError(answer.code, `the secondary ${this.uri.uri} refused the pair link: ${answer.message}`, { errno: 'EPERM', details: { decision: answer.decision } });
       }
       if (answer.type !== 'welcome') throw new BlkrepError('ERR_PAIR_PROTOCOL', `the secondary answered hello with "${answer.type}"`);
@@ -265,6 +281,7 @@ export class PrimaryRole implements PairRole {
       }
       dataToken = answer.dataToken;
       if (answer.decision.action === 'refuse') throw new BlkrepError('ERR_PAIR_SPLIT_BRAIN', `the secondary refuses: ${answer.decision.explanation} (rule ${answer.decision.rule})`, { errno: 'EPERM' });
+      this.splitBrain = undefined;
       if (answer.decision.action === 'resync-full') full = true;
       // the peer's own marks (an old primary's peer bitmap and activity log): the resync copies the union
       else if (!full && answer.bitmapBytes > 0) await this.takePeerRuns(channel);
@@ -310,6 +327,17 @@ export class PrimaryRole implements PairRole {
       }
     });
     await this.resync(data, full);
+  }
+
+  /**
+   * The secondary refused the link for a split brain: status shows link `split-brain` with the
+   * explanation, and this side's event stream says it too (event split-brain, once per reason:
+   * a retry that meets the same refusal says nothing new).
+   */
+  private refusedForSplitBrain(explanation: string, rule: number | null): void {
+    const same = this.splitBrain?.explanation === explanation;
+    this.splitBrain = { at: same ? this.splitBrain!.at : new Date().toISOString(), rule, explanation };
+    if (!same) this.publish('split-brain', { export: this.options.exportName, peer: this.uri.uri, side: 'primary', rule, resolved: false, explanation });
   }
 
   /** OR the regions the secondary marks for itself into the peer bitmap (durable before the resync starts). */
