@@ -17,6 +17,20 @@ export function pairLine(p: PairStatus): string {
   return `${p.role} → ${p.peer ?? 'no peer'}${kind}, ${p.protocol ?? '-'}, link ${p.link}, epoch ${p.epoch}, ${age}, disk ${p.diskState}, queue ${formatSize(p.queueBytes)}, behind ${formatSize(p.bytesBehind)}, generation ${p.gi.current}`;
 }
 
+/** Lines under the pair line: a split brain that holds the link (either side), a refused replicate. */
+export function pairNotes(p: PairStatus): string[] {
+  const x = p as PairStatus & {
+    splitBrain?: { explanation: string };
+    secondary?: { splitBrain?: { keeps: string | null; explanation: string } | null };
+    refused?: { code: string; message: string };
+  };
+  const sb = x.splitBrain ?? (x.secondary?.splitBrain && x.secondary.splitBrain.keeps !== 'primary' ? x.secondary.splitBrain : undefined);
+  const notes: string[] = [];
+  if (p.link === 'split-brain' && sb) notes.push(`split brain: ${sb.explanation}`);
+  if (x.refused && x.refused.code !== 'ERR_PAIR_SPLIT_BRAIN') notes.push(`replicate refused: ${x.refused.code}: ${x.refused.message}`);
+  return notes;
+}
+
 type DaemonStatus = ServerStatus & { listeners?: Array<{ address: string }>; control?: string | null; bitmaps?: BitmapInfo[]; heartbeat?: HeartbeatStatus; tls?: { mode: string; kind?: string; notAfter?: string } };
 
 /** How a bitmap was loaded, for a person: "loaded clean", "recovered after a crash (…)", "ALL-DIRTY (…)". */
@@ -77,7 +91,7 @@ export default class Status extends BlkrepCommand {
     this.log('Exports:');
     for (const e of s.exports) {
       const pair = (e as { pair?: PairStatus }).pair;
-      const pairText = pair ? `      pair: ${pairLine(pair)}` : undefined;
+      const pairText = pair ? [`      pair: ${pairLine(pair)}`, ...pairNotes(pair).map((n) => `      ${n}`)].join('\n') : undefined;
       if ((e as { present?: boolean }).present === false) {
         this.log(`  "${e.name}"  (not served: a secondary's replica export waits for a primary)`);
         if (pairText) this.log(pairText);

@@ -26,6 +26,13 @@ export interface ExportOptions {
   readOnly?: boolean;
   /** smallest I/O unit clients must respect; defaults to the node's */
   minimumBlockSize?: number;
+  /** not in NBD_OPT_LIST: only a client that knows the name reaches it (the pair's writer export) */
+  hidden?: boolean;
+  /**
+   * Checked when a client picks the export (NBD_OPT_GO/INFO, EXPORT_NAME): a string refuses it,
+   * NBD_REP_ERR_POLICY with that message (EXPORT_NAME: the connection is closed)
+   */
+  admit?: () => string | undefined;
 }
 
 export interface ExportCounters {
@@ -42,6 +49,8 @@ export class Export {
   readonly description: string | undefined;
   readonly node: CompleteBlockNode;
   readonly readOnly: boolean;
+  readonly hidden: boolean;
+  readonly admit: (() => string | undefined) | undefined;
   readonly minimum: number;
   readonly preferred: number;
   readonly maximum: number;
@@ -53,6 +62,8 @@ export class Export {
     this.description = options.description;
     this.node = options.node;
     this.readOnly = Boolean(options.readOnly) || !options.node.caps.canWrite;
+    this.hidden = options.hidden ?? false;
+    this.admit = options.admit;
     const limits = options.node.limits;
     this.minimum = Math.max(limits.minimum, options.minimumBlockSize ?? 1);
     this.preferred = Math.max(limits.preferred, this.minimum, 512);

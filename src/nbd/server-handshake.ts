@@ -292,6 +292,8 @@ export class ServerHandshake {
     const exp = data.length <= MAX_STRING ? this.host.findExport(name) : undefined;
     // EXPORT_NAME has no error reply: the only answer is to close.
     if (!exp) return this.close(`EXPORT_NAME asked for unknown export "${name.slice(0, 256)}"`);
+    const refused = exp.admit?.();
+    if (refused !== undefined) return this.close(`EXPORT_NAME "${name.slice(0, 256)}": ${refused}`);
     const serve = this.serve(exp);
     const b = Buffer.alloc(this.noZeroes ? 10 : 134);
     b.writeBigUInt64BE(BigInt(exp.size), 0);
@@ -332,6 +334,8 @@ export class ServerHandshake {
     for (let i = 0; i < count; i++) requested.add(data.readUInt16BE(6 + nameLength + 2 * i));
     const exp = this.host.findExport(name);
     if (!exp) return this.error(option, REP.ERR_UNKNOWN, `no export named "${name}"`);
+    const refused = exp.admit?.();
+    if (refused !== undefined) return this.error(option, REP.ERR_POLICY, refused);
 
     const replies: Buffer[] = [];
     const info = Buffer.alloc(12);

@@ -148,8 +148,10 @@ export class NbdServer extends EventEmitter implements SessionHost {
     return this.exportsByName.get(name);
   }
 
-  listExports(): Export[] {
-    return [...this.exportsByName.values()];
+  /** the exports a client may list (hidden ones only with `hidden: true`) */
+  listExports(o: { hidden?: boolean } = {}): Export[] {
+    const all = [...this.exportsByName.values()];
+    return o.hidden ? all : all.filter((e) => !e.hidden);
   }
 
   /**

@@ -9,6 +9,8 @@
  *   P → S  hello        who I am, my generations and epoch; S answers welcome or refuse
  *                       (welcome `ordered`: S applies the data connection's writes in arrival
  *                       order, so an async P may pipeline them; absent from older secondaries)
+ *                       (welcome.dataToken: the data connection's export is NAME@pair-token=TOKEN,
+ *                       data-token.ts; every role change retires it)
  *   P → S  checkpoint   checkpoint N (replication.md §2 steps 3–7); S answers done or failed
  *   P → S  abort        give up checkpoint N (timeout on P); S answers done (epoch unchanged)
  *   S → P  event        something the HA side must know (case 3/4 of the failure table)
@@ -51,7 +53,7 @@ export interface NodeSummary {
 
 export type PairMessage =
   | ({ type: 'hello'; seq: number; version: number; exportName: string; size: number; protocol: 'sync' | 'async' } & NodeSummary)
-  | ({ type: 'welcome'; re: number; version: number; size: number; ordered?: boolean } & NodeSummary & { decision: LinkDecision })
+  | ({ type: 'welcome'; re: number; version: number; size: number; ordered?: boolean } & NodeSummary & { decision: LinkDecision; dataToken?: string })
   | { type: 'refuse'; re: number; code: string; message: string; decision?: LinkDecision }
   | { type: 'checkpoint'; seq: number; n: number }
   | { type: 'abort'; seq: number; n: number }

@@ -9,13 +9,13 @@
  * (`failover` is control-verbs.ts's: it calls PrimaryRole.failover() on a primary.)
  */
 import { z } from 'zod';
-import { BlkrepError } from '../api/errors.js';
+import { BlkrepError, toBlkrepError } from '../api/errors.js';
 import type { ControlVerbRegistry } from '../api/control.js';
 import type { TransportRegistry } from '../api/transport.js';
 import { arg, verb, type VerbSpec } from '../control/verb.js';
 import { PrimaryRole, type PrimaryOptions } from './primary.js';
 import type { ReplicationFilter, ReplicationProtocol } from './replication-filter.js';
-import type { PairRole } from './role.js';
+import type { FailoverOptions, FailoverResult, HandOff, PairRole, PairStatus } from './role.js';
 
 export interface ReplicationSpec {
   /** the export to replicate (default: the only one) */
@@ -59,8 +59,8 @@ export const PRIMARY_VERB_SPECS = {
       queue: arg.uint().nullish().describe('async: bytes the forwarding queue holds (default 64 MiB)'),
     }),
     result: 'PairStatus: {role, peer, protocol, link, epoch, gi, diskState, queueBytes, bytesBehind, lastCheckpointAgeMs, peerKind}',
-    events: ['replication-connected', 'replication-degraded', 'resync-started', 'resync-done', 'pair-refused'],
-    errors: ['ERR_NO_EXPORT', 'ERR_BAD_URI', 'ERR_PAIR_STATE', 'ERR_PAIR_SIZE', 'ERR_PAIR_ROLE', 'ERR_READ_ONLY'],
+    events: ['replication-connected', 'replication-degraded', 'resync-started', 'resync-done', 'pair-refused', 'split-brain'],
+    errors: ['ERR_NO_EXPORT', 'ERR_BAD_URI', 'ERR_PAIR_STATE', 'ERR_PAIR_SIZE', 'ERR_PAIR_ROLE', 'ERR_PAIR_SPLIT_BRAIN', 'ERR_PAIR_UNRELATED', 'ERR_READ_ONLY'],
   },
 } as const satisfies Record<string, VerbSpec>;
 
@@ -70,6 +70,7 @@ export const PAIR_EVENTS: ReadonlyArray<{ name: string; fields: string }> = [
   { name: 'replication-plain', fields: 'the secondary is a plain NBD server (no checkpoints): export, peer' },
   { name: 'resync-started', fields: 'export, peer, bytes (dirty), full' },
   { name: 'resync-done', fields: 'export, peer, bytes (copied), dirtyBytes, ms' },
+  { name: 'split-brain', fields: 'the secondary refused the link for a split brain (on the primary: side "primary"): export, peer, side, rule, resolved (false), explanation' },
 ];
 
 export interface PrimaryHostOptions {
@@ -100,7 +101,9 @@ export class PrimaryHost {
     }
     const handOff = existing ? await existing.handOff!() : undefined;
     if (existing) this.o.roles.delete(name);
+    let last: PairStatus | undefined;
     const role = await PrimaryRole.start({
+      onStartFailed: (st) => (last = st),
       exportName: name,
       imagePath: ex.imagePath,
       filter: await ex.filter(),
@@ -113,6 +116,12 @@ export class PrimaryHost {
       ...(this.o.publish ? { publish: this.o.publish } : {}),
       ...(this.o.log ? { log: this.o.log } : {}),
       ...(handOff ? { handOff } : {}),
+    }).catch((err: unknown) => {
+      // refused (a split brain, …) after the old role was closed: the export stays in the pair's
+      // status, with the refusal, and a later replicate takes over what the old role handed over
+      const e = toBlkrepError(err);
+      if (last && (handOff || e.code === 'ERR_PAIR_SPLIT_BRAIN')) this.o.roles.set(name, new RefusedRole(last, e, handOff));
+      throw err;
     });
     this.o.roles.set(name, role);
     await handOff?.taken().catch((err: unknown) => this.o.log?.('warn', `replicate: ${(err as Error).message}`));
@@ -171,5 +180,50 @@ export class PrimaryHost {
         this.o.roles.delete(name);
       }
     }
+  }
+}
+
+/**
+ * An export whose `replicate` was refused (a split brain, unrelated data, …): a primary that does
+ * not replicate. `status` keeps showing the pair (link `split-brain` with the explanation for a
+ * split brain; `none` and the error otherwise) instead of dropping it; the next `replicate`
+ * replaces it and takes over what the role before it handed over (the failback bitmap is kept
+ * until a role holds it durably).
+ */
+export class RefusedRole implements PairRole {
+  readonly role = 'primary' as const;
+  readonly replaceable = true;
+  private readonly at = new Date().toISOString();
+
+  constructor(
+    private readonly last: PairStatus,
+    private readonly refusal: BlkrepError,
+    private readonly handedOver: HandOff | undefined,
+  ) {}
+
+  status(): PairStatus {
+    const splitBrain = this.refusal.code === 'ERR_PAIR_SPLIT_BRAIN';
+    return {
+      ...this.last,
+      link: splitBrain ? 'split-brain' : 'none',
+      queueBytes: 0,
+      lastError: `${this.refusal.code}: ${this.refusal.message}`,
+      refused: { at: this.at, code: this.refusal.code, message: this.refusal.message },
+    } as PairStatus;
+  }
+
+  failover(o: FailoverOptions): Promise<FailoverResult> {
+    const st = this.last;
+    const explanation = `primary: export not replicating (replicate to ${st.peer ?? 'the peer'} was refused: ${this.refusal.code}: ${this.refusal.message}); it keeps serving read-write and tracks every write for a later replicate: nothing to do`;
+    const sb = (st as { splitBrain?: unknown }).splitBrain;
+    return Promise.resolve({ role: 'primary', dryRun: o.dryRun, to: o.to, epoch: st.epoch, gi: st.gi, bytes: 0, ms: 0, explanation, ...(sb ? { splitBrain: sb } : {}) });
+  }
+
+  handOff(): Promise<HandOff> {
+    return Promise.resolve(this.handedOver ?? { dirty: [], what: 'the peer bitmap', taken: () => Promise.resolve() });
+  }
+
+  close(): Promise<void> {
+    return Promise.resolve();
   }
 }

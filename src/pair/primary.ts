@@ -42,6 +42,7 @@ import type { FailoverOptions, FailoverResult, HandOff, PairLinkState, PairRole,
 import { PairStateFile, initialState, pairStatePath } from './state.js';
 import { ReplicationFilter, type ReplicationProtocol } from './replication-filter.js';
 import { sideFileBase } from '../util/state-dir.js';
+import { replicaWriterExport } from './data-token.js';
 
 export const CHECKPOINT_TIMEOUT_MS = 5000;
 export const LINK_TIMEOUT_MS = 10_000;
@@ -76,6 +77,15 @@ export interface PrimaryOptions {
   nodeName?: string;
   /** what the role this one replaces hands over (replicate on a promoted secondary): OR'ed into the peer bitmap */
   handOff?: HandOff;
+  /** the start failed on a refusal a retry cannot fix: the role's last status, taken before it closed */
+  onStartFailed?: (status: PairStatus) => void;
+}
+
+/** a split brain the secondary refused the link for (status `splitBrain`, link `split-brain`) */
+export interface RefusedSplitBrain {
+  at: string;
+  rule: number | null;
+  explanation: string;
 }
 
 export class PrimaryRole implements PairRole {
@@ -101,6 +111,8 @@ export class PrimaryRole implements PairRole {
   private lastTlsRefusal: string | undefined;
   /** the last resync that ended (status: a resync at start ends before anything can subscribe to events) */
   private lastResync: { bytes: number; dirtyBytes: number; full: boolean; ms: number } | null = null;
+  /** the secondary refused the link for a split brain (until a link is welcomed) */
+  private splitBrain: RefusedSplitBrain | undefined;
   private readonly publish: NonNullable<PrimaryOptions['publish']>;
   private readonly log: NonNullable<PrimaryOptions['log']>;
 
@@ -179,7 +191,9 @@ export class PrimaryRole implements PairRole {
     } catch (err) {
       const e = toBlkrepError(err);
       if (isFatal(e)) {
+        const last = role.status();
         await role.close();
+        options.onStartFailed?.(last);
         throw e;
       }
       role.tlsRefused(e);
@@ -196,7 +210,8 @@ export class PrimaryRole implements PairRole {
       role: 'primary',
       peer: this.uri.uri,
       protocol: this.protocol,
-      link: this.link,
+      // refused for a split brain and not linked since: that is the link's state, with the reason
+      link: this.splitBrain && this.link !== 'connected' && this.link !== 'resyncing' ? 'split-brain' : this.link,
       epoch: s.epoch,
       gi: s.gi,
       diskState: s.diskState,
@@ -206,6 +221,7 @@ export class PrimaryRole implements PairRole {
       ...(this.peerKind ? { peerKind: this.peerKind } : {}),
       ...(this.lastError ? { lastError: this.lastError } : {}),
       ...(this.lastResync ? { lastResync: this.lastResync } : {}),
+      ...(this.splitBrain ? { splitBrain: this.splitBrain } : {}),
     } as PairStatus;
   }
 
@@ -225,6 +241,8 @@ export class PrimaryRole implements PairRole {
     /** the secondary applies the data connection's writes in arrival order (its welcome says so) */
     let ordered = false;
     let channel: PairChannel | undefined;
+    /** the welcome's writer token: the data connection's export (data-token.ts) */
+    let dataToken: string | undefined;
     try {
       const conn = await transports.get(this.uri.transport).connect(this.uri.address, { timeoutMs: LINK_TIMEOUT_MS });
       // nbds://: STARTTLS first, so the link's option and messages never travel in clear
@@ -256,11 +274,17 @@ export class PrimaryRole implements PairRole {
       );
       if (answer.type === 'refuse') {
         this.publish('pair-refused', { export: this.options.exportName, peer: this.uri.uri, code: answer.code, message: answer.message, ...(answer.decision ? { decision: answer.decision } : {}) });
+        if (answer.code === 'ERR_PAIR_SPLIT_BRAIN') this.refusedForSplitBrain(answer.message, answer.decision?.rule ?? null);
         throw new BlkrepError(answer.code, `the secondary ${this.uri.uri} refused the pair link: ${answer.message}`, { errno: 'EPERM', details: { decision: answer.decision } });
       }
       if (answer.type !== 'welcome') throw new BlkrepError('ERR_PAIR_PROTOCOL', `the secondary answered hello with "${answer.type}"`);
       if (answer.size !== filter.size) throw sizeError(this.uri.uri, filter.size, answer.size);
+      if (answer.dataToken !== undefined && (typeof answer.dataToken !== 'string' || !/^[0-9a-f]{32}$/.test(answer.dataToken))) {
+        throw new BlkrepError('ERR_PAIR_PROTOCOL', `the secondary's welcome carries a bad dataToken ${JSON.stringify(answer.dataToken).slice(0, 80)}`);
+      }
+      dataToken = answer.dataToken;
       if (answer.decision.action === 'refuse') throw new BlkrepError('ERR_PAIR_SPLIT_BRAIN', `the secondary refuses: ${answer.decision.explanation} (rule ${answer.decision.rule})`, { errno: 'EPERM' });
+      this.splitBrain = undefined;
       if (answer.decision.action === 'resync-full') full = true;
       // the peer's own marks (an old primary's peer bitmap and activity log): the resync copies the union
       else if (!full && answer.bitmapBytes > 0) await this.takePeerRuns(channel);
@@ -284,7 +308,8 @@ export class PrimaryRole implements PairRole {
     }
     let data: NbdNode | undefined;
     try {
-      data = await NbdNode.open(this.uri, { ...(this.options.transports ? { transports: this.options.transports } : {}), reconnect: false, holdMs: 0, connectTimeoutMs: LINK_TIMEOUT_MS });
+      const target = dataToken === undefined ? this.uri : { ...this.uri, exportName: replicaWriterExport(this.uri.exportName, dataToken) };
+      data = await NbdNode.open(target, { ...(this.options.transports ? { transports: this.options.transports } : {}), reconnect: false, holdMs: 0, connectTimeoutMs: LINK_TIMEOUT_MS });
       if (data.size !== filter.size) throw sizeError(this.uri.uri, filter.size, data.size);
       if (!data.caps.canWrite) throw new BlkrepError('ERR_READ_ONLY', `the secondary ${this.uri.uri} is read-only`, { errno: 'EPERM' });
     } catch (err) {
@@ -306,6 +331,17 @@ export class PrimaryRole implements PairRole {
       }
     });
     await this.resync(data, full, ordered);
+  }
+
+  /**
+   * The secondary refused the link for a split brain: status shows link `split-brain` with the
+   * explanation, and this side's event stream says it too (event split-brain, once per reason:
+   * a retry that meets the same refusal says nothing new).
+   */
+  private refusedForSplitBrain(explanation: string, rule: number | null): void {
+    const same = this.splitBrain?.explanation === explanation;
+    this.splitBrain = { at: same ? this.splitBrain!.at : new Date().toISOString(), rule, explanation };
+    if (!same) this.publish('split-brain', { export: this.options.exportName, peer: this.uri.uri, side: 'primary', rule, resolved: false, explanation });
   }
 
   /** OR the regions the secondary marks for itself into the peer bitmap (durable before the resync starts). */

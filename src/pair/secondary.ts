@@ -20,6 +20,7 @@ import { Filter } from '../block/filter.js';
 import { OPT_BLKREP_PAIR_LINK } from '../nbd/option-takeover.js';
 import type { PairContext, PairSetup } from '../serve/daemon.js';
 import { CbwFilter } from './cbw-filter.js';
+import { ReplicaWriters } from './data-token.js';
 import { crashPoint, faultPoint } from './crash-hook.js';
 import { decide, mint, type Decision, type GenerationTuple } from './generations.js';
 import { listSalvage, salvage, salvagePath, type SalvageEntry } from './salvage.js';
@@ -116,6 +117,8 @@ export class SecondaryRole implements PairRole {
   private readonly viewGate = new WriteGate();
   private readonly cbw: CbwFilter | undefined;
   private readonly view: ViewNode | undefined;
+  /** the replica's writer export per pair link (the fencing token, data-token.ts) */
+  private readonly writers: ReplicaWriters | undefined;
   /**
    * An old primary's peer bitmap (DISK.pair.dirty, its activity log replayed): the regions this
    * disk may hold that the new primary lacks. Offered on the link (bitmapBytes, the `bitmap`
@@ -142,6 +145,7 @@ export class SecondaryRole implements PairRole {
         (err) => this.onDiskError(err),
       );
       this.view = new ViewNode(images.activeNode, this.viewGate);
+      this.writers = new ReplicaWriters(ctx.server, ctx.exportName, this.cbw, this.cbw.gate, ctx.minimumBlockSize);
     }
   }
 
@@ -326,6 +330,7 @@ export class SecondaryRole implements PairRole {
   close(): Promise<void> {
     this.closing ??= (async () => {
       if (this.ctx.extensions.get(OPT_BLKREP_PAIR_LINK)) this.ctx.extensions.delete(OPT_BLKREP_PAIR_LINK);
+      this.writers?.close('the secondary is stopping');
       this.link?.close(new BlkrepError('ERR_PAIR_LINK_DOWN', 'the secondary is stopping'));
       this.link = undefined;
       await this.queue.catch(() => {});
@@ -460,7 +465,8 @@ export class SecondaryRole implements PairRole {
       if (!ch.isOpen || this.link !== ch) return;
       this.addReplicaExport();
       // ordered: the replica export applies one connection's writes in arrival order (cbw-filter.ts)
-      ch.send({ type: 'welcome', re: m.seq, version: PAIR_LINK_VERSION, size, ordered: true, ...this.summary(), decision });
+      const dataToken = this.writers!.issue(ch.peer);
+      ch.send({ type: 'welcome', re: m.seq, version: PAIR_LINK_VERSION, size, ordered: true, ...this.summary(), decision, dataToken });
       this.ctx.publish('replication-connected', { export: this.ctx.exportName, peer: ch.peer, role: 'secondary', rule: d.rule, action: decision.action, protocol: m.protocol });
     })().catch((err: unknown) => ch.close(toBlkrepError(err)));
   }
@@ -510,6 +516,7 @@ export class SecondaryRole implements PairRole {
   private onLinkClosed(ch: PairChannel, why: Error): void {
     if (ch !== this.link) return;
     this.link = undefined;
+    this.writers?.retire(`the pair link from ${ch.peer} closed (${why.message})`);
     if (!this.o.acceptPlainPrimary && !this.promoted) this.ctx.server.removeExport(this.ctx.exportName, 'the primary\'s pair link went away');
     if (this.state.state.diskState === 'UpToDate') void this.setDiskState('Consistent').catch(() => {});
     this.ctx.publish('replication-degraded', { export: this.ctx.exportName, role: 'secondary', reason: why.message });
@@ -520,6 +527,8 @@ export class SecondaryRole implements PairRole {
     const exp = this.ctx.server.addExport({
       name: this.ctx.exportName,
       node: this.promoted ? this.ctx.exportNode : this.cbw!,
+      // a primary on the pair link writes through its token's export (data-token.ts): NAME is for readers
+      readOnly: !this.promoted && !this.o.acceptPlainPrimary,
       ...(this.ctx.minimumBlockSize === undefined ? {} : { minimumBlockSize: this.ctx.minimumBlockSize }),
     });
     this.ctx.bitmaps.attach(exp);
@@ -657,6 +666,8 @@ export class SecondaryRole implements PairRole {
     // refuse the old primary: demote on the link, close the replica and view exports' connections
     const link = this.link;
     this.link = undefined;
+    // before the gates are held: a write of the old token that waits there is refused (data-token.ts)
+    this.writers?.retire(`the secondary fails over (promoted to a primary)`);
     if (link?.isOpen) {
       link.send({ type: 'demote', reason: `the secondary fails over to ${to === 'latest' ? 'the latest write' : `checkpoint ${f.epoch}`}` });
       link.stream.end();

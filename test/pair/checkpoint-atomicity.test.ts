@@ -11,9 +11,14 @@
  * next still holds the previous round's); in the first round, blocks [0, w) hold 0 … w−1 and the
  * rest are unwritten. A view mixing two cuts, a lost or a duplicated write
  * breaks that.
+ *
+ * Async (issue 10): the same with an async primary, then kill -9 of the primary while fio writes
+ * (the secondary's disk holds forwarded writes from after the last cut) and failover --to
+ * checkpoint: the disk equals, byte for byte, the view read right after that checkpoint — the
+ * primary's state at the cut, which the oracle checked.
  */
 import { join } from 'node:path';
-import { truncate, writeFile } from 'node:fs/promises';
+import { readFile, truncate, writeFile } from 'node:fs/promises';
 import { describe, expect, it } from 'vitest';
 import { NbdClient } from '../../src/nbd/client.js';
 import type { PairStatus } from '../../src/pair/role.js';
@@ -66,7 +71,14 @@ function notAPrefix(view: Buffer): string[] {
 }
 
 describe('checkpoint atomicity under fio', () => {
-  it(`sync: ${CHECKPOINTS} checkpoints while fio writes; each view is a state of the primary`, async () => {
+  it(`sync: ${CHECKPOINTS} checkpoints while fio writes; each view is a state of the primary`, () => checkpointsUnderFio('sync'));
+
+  it(`async: ${CHECKPOINTS} checkpoints while fio writes, each view a state of the primary; kill -9 of the primary, failover --to checkpoint: the disk is exactly the last cut`, () =>
+    checkpointsUnderFio('async'));
+});
+
+async function checkpointsUnderFio(protocol: 'sync' | 'async'): Promise<void> {
+  {
     const dir = await makeTempDir();
     for (const f of ['p.img', 's.img']) {
       await writeFile(join(dir, f), Buffer.alloc(0));
@@ -75,14 +87,17 @@ describe('checkpoint atomicity under fio', () => {
     const sSock = join(dir, 's.sock');
     const pSock = join(dir, 'p.sock');
     const pControl = join(dir, 'p.ctl');
-    await serve([join(dir, 's.img'), '--secondary', '--socket', sSock, '--control', join(dir, 's.ctl'), '--view-export', 'view', '--view-read-only']);
-    await serve([join(dir, 'p.img'), '--socket', pSock, '--control', pControl, '--replicate-to', unixUri(sSock), '--protocol', 'sync']);
+    const sControl = join(dir, 's.ctl');
+    await serve([join(dir, 's.img'), '--secondary', '--socket', sSock, '--control', sControl, '--view-export', 'view', '--view-read-only']);
+    const primary = await serve([join(dir, 'p.img'), '--socket', pSock, '--control', pControl, '--replicate-to', unixUri(sSock), '--protocol', protocol]);
     await waitFor(async () => {
       const s = await request<{ exports: Array<{ pair?: PairStatus }> }>(pControl, 'status');
       const p = s.exports.find((e) => e.pair)!.pair!;
       return p.epoch === 1 && p.lastCheckpointAgeMs !== null;
     }, 'checkpoint 1 after the initial sync', { timeoutMs: 30_000 });
-    const fio = start('fio', fioArgs(pSock, ['--time_based', '--runtime=120']));
+    // async: at a rate the secondary keeps up with on a loaded machine (faster, the queue fills:
+    // the primary degrades, ERR_PAIR_QUEUE_FULL, as it should — and there is no checkpoint to check)
+    const fio = start('fio', fioArgs(pSock, ['--time_based', '--runtime=120', ...(protocol === 'async' ? ['--rate=4m'] : [])]));
     const view = await NbdClient.connect({ uri: unixUri(sSock, 'view'), reconnect: false, closeTimeoutMs: 2000 });
     const pc = await NbdClient.connect({ uri: unixUri(pSock), reconnect: false, closeTimeoutMs: 2000 });
     try {
@@ -103,10 +118,28 @@ describe('checkpoint atomicity under fio', () => {
         expect(last?.equals(b) ?? false, `checkpoint ${epoch}: the same view as the checkpoint before`).toBe(false);
         last = b;
       }
+      if (protocol === 'async') {
+        // fio goes on: forwarded writes after the cut reach the secondary's disk (hidden keeps the old data)
+        const s0 = await request<{ exports: Array<{ name: string; pair?: { secondary: { copiedClusters: number } } }> }>(sControl, 'status');
+        await waitFor(async () => {
+          const st = await request<{ exports: Array<{ name: string; pair?: { secondary: { copiedClusters: number } } }> }>(sControl, 'status');
+          return st.exports.find((e) => e.pair)!.pair!.secondary.copiedClusters > s0.exports.find((e) => e.pair)!.pair!.secondary.copiedClusters;
+        }, 'writes forwarded after the last checkpoint', { timeoutMs: 10_000 });
+        await pc.close().catch(() => {});
+        await view.close().catch(() => {});
+        primary.child.kill('SIGKILL');
+        await primary.waitExit();
+        fio.child.kill('SIGKILL');
+        const fo = await request<{ role: string; epoch: number }>(sControl, 'failover', { to: 'checkpoint' });
+        expect(fo).toMatchObject({ role: 'primary', epoch: CHECKPOINTS + 1 });
+        const disk = await readFile(join(dir, 's.img'));
+        expect(notAPrefix(disk)).toEqual([]);
+        expect(disk.equals(last!), 'the failed-over disk is the last checkpoint\'s cut').toBe(true);
+      }
     } finally {
-      await view.close();
-      await pc.close();
+      await view.close().catch(() => {});
+      await pc.close().catch(() => {});
       fio.child.kill('SIGKILL');
     }
-  });
-});
+  }
+}

@@ -11,7 +11,7 @@ import { readFile, writeFile } from 'node:fs/promises';
 import { describe, expect, it } from 'vitest';
 import { ControlClient } from '../../src/control/client.js';
 import { makeTempDir, runCli, serve, waitFor, type Served } from '../support/spawn.js';
-import { dataClient, openLink } from './scripted-primary.js';
+import { dataClient, openLink, writerClient } from './scripted-primary.js';
 
 const MiB = 1024 * 1024;
 const SIZE = 8 * MiB;
@@ -58,7 +58,7 @@ async function setUp(step: string): Promise<{ dir: string; args: string[]; s: Se
   const s = await serve(args, { env: { ...process.env, BLKREP_TEST_FAIL_AT: `failover-${step}` } });
   const link = await openLink(socket, { size: SIZE });
   expect(link.answer.type).toBe('welcome');
-  const c = await dataClient(socket);
+  const c = await writerClient(socket, link);
   await c.write(MiB, Buffer.alloc(MiB, 0x22));
   await c.flush();
   await c.close();

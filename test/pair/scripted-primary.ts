@@ -7,6 +7,7 @@ import { randomUUID } from 'node:crypto';
 import { NbdClient } from '../../src/nbd/client.js';
 import { openExtension, OPT_BLKREP_PAIR_LINK } from '../../src/nbd/option-takeover.js';
 import { freshTuple, type GenerationTuple } from '../../src/pair/generations.js';
+import { replicaWriterExport } from '../../src/pair/data-token.js';
 import { PAIR_LINK_VERSION, PairChannel, type PairMessage } from '../../src/pair/messages.js';
 import { unixUri } from '../support/spawn.js';
 
@@ -68,4 +69,11 @@ export async function openLink(socket: string, o: LinkOptions): Promise<Scripted
 
 export function dataClient(socket: string, exportName = ''): Promise<NbdClient> {
   return NbdClient.connect({ uri: unixUri(socket, exportName), reconnect: false, closeTimeoutMs: 2000 });
+}
+
+/** The data connection a welcomed primary writes through: its welcome's writer token (src/pair/data-token.ts). */
+export function writerClient(socket: string, link: ScriptedPrimary, exportName = ''): Promise<NbdClient> {
+  const token = (link.answer as { dataToken?: unknown }).dataToken;
+  if (typeof token !== 'string') throw new Error(`no dataToken in ${JSON.stringify(link.answer)}`);
+  return dataClient(socket, replicaWriterExport(exportName, token));
 }

@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import { readFile, writeFile } from 'node:fs/promises';
 import { describe, expect, it } from 'vitest';
 import { makeTempDir, run, serve } from '../support/spawn.js';
-import { dataClient, openLink } from './scripted-primary.js';
+import { openLink, writerClient } from './scripted-primary.js';
 
 const MiB = 1024 * 1024;
 const SIZE = 4 * MiB;
@@ -40,7 +40,7 @@ describe('secondary crash inside a checkpoint (kill -9 by the fault hook)', () =
     const args = [disk, '--secondary', '--socket', socket, '--view-export', 'view', '--view-read-only'];
     const p = await serve(args, { env: { ...process.env, BLKREP_TEST_CRASH_AT: step } });
     const link = await openLink(socket, { size: SIZE });
-    const c = await dataClient(socket);
+    const c = await writerClient(socket, link);
     await c.write(MiB, Buffer.alloc(MiB, 0x22));
     await c.write(3 * MiB + 1000, Buffer.alloc(100 * 1024, 0x23));
     await c.flush();
@@ -59,7 +59,7 @@ describe('secondary crash inside a checkpoint (kill -9 by the fault hook)', () =
     // the pair goes on: a write into a cluster the hidden disk kept does not overwrite its old data
     const link2 = await openLink(socket, { size: SIZE });
     expect(link2.answer.type).toBe('welcome');
-    const c2 = await dataClient(socket);
+    const c2 = await writerClient(socket, link2);
     await c2.write(MiB, Buffer.alloc(65536, 0x44));
     await c2.flush();
     const mid = await readView(dir, socket, 'mid');

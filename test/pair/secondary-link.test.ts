@@ -7,7 +7,7 @@ import { join } from 'node:path';
 import { readFile, writeFile } from 'node:fs/promises';
 import { describe, expect, it } from 'vitest';
 import { makeTempDir, run, runCli, serve, waitFor } from '../support/spawn.js';
-import { dataClient, openLink } from './scripted-primary.js';
+import { dataClient, openLink, writerClient } from './scripted-primary.js';
 import { ControlClient } from '../../src/control/client.js';
 
 const MiB = 1024 * 1024;
@@ -45,7 +45,7 @@ describe('serve-nbd --secondary: the pair link', () => {
 
     const link = await openLink(s.socket, { size: s.size });
     expect(link.answer).toMatchObject({ type: 'welcome', size: s.size, role: 'secondary', decision: { rule: 10, action: 'none' } });
-    const c = await dataClient(s.socket);
+    const c = await writerClient(s.socket, link);
     await c.write(MiB, Buffer.alloc(65536, 0x22));
     await c.flush();
     expect((await status(s.control)).exports.find((e) => e.name === '')!.pair).toMatchObject({ link: 'connected', protocol: 'sync', secondary: { copiedClusters: 1 } });
@@ -95,7 +95,7 @@ describe('serve-nbd --secondary: the pair link', () => {
   it('failover --to latest after a sync primary: the hidden disk is dropped, the active disk committed; the failback bitmap holds active ∪ hidden', async () => {
     const s = await secondary(['--view-export', 'view']);
     const link = await openLink(s.socket, { size: s.size, protocol: 'sync' });
-    const c = await dataClient(s.socket);
+    const c = await writerClient(s.socket, link);
     await c.write(MiB, Buffer.alloc(MiB, 0x22));
     await c.flush();
     await c.close();
@@ -129,7 +129,7 @@ describe('serve-nbd --secondary: the pair link', () => {
   it('an I/O error on the secondary\'s disk (failure case 4): the request fails, the disk is Failed, not promotable, no checkpoint', async () => {
     const s = await secondary(['--filter', 'error:ops=write,range=1M-2M,errno=EIO']);
     const link = await openLink(s.socket, { size: s.size });
-    const c = await dataClient(s.socket);
+    const c = await writerClient(s.socket, link);
     await c.write(0, Buffer.alloc(4096, 0x22));
     await expect(c.write(MiB, Buffer.alloc(4096, 0x22))).rejects.toMatchObject({ errno: 'EIO' });
     await c.close().catch(() => {});

@@ -7,8 +7,9 @@
 import { join } from 'node:path';
 import { readFile, writeFile } from 'node:fs/promises';
 import { describe, expect, it } from 'vitest';
-import { makeTempDir, run, runCli, serve } from '../support/spawn.js';
-import { dataClient, openLink } from './scripted-primary.js';
+import { makeTempDir, run, runCli, serve, unixUri } from '../support/spawn.js';
+import { replicaWriterExport } from '../../src/pair/data-token.js';
+import { dataClient, openLink, writerClient } from './scripted-primary.js';
 import { ControlClient } from '../../src/control/client.js';
 
 const MiB = 1024 * 1024;
@@ -54,8 +55,8 @@ describe('test-replication.c, secondary side (exact bytes)', () => {
     expect(link.answer.type).toBe('welcome');
     // read top: all 0x11
     expect(isFilled(await readExport(s.dir, s.socket, 'view'), 0x11)).toBe(true);
-    // write 0x22 local [32M, 64M) — a real NBD client on the replica export
-    const w = await run('qemu-io', ['-f', 'raw', '-c', `write -P 0x22 ${HALF} ${HALF}`, `nbd+unix:///?socket=${s.socket}`]);
+    // write 0x22 local [32M, 64M) — a real NBD client on the replica export, with the link's writer token
+    const w = await run('qemu-io', ['-f', 'raw', '-c', `write -P 0x22 ${HALF} ${HALF}`, unixUri(s.socket, replicaWriterExport('', (link.answer as { dataToken: string }).dataToken))]);
     expect(w.code, w.stderr + w.stdout).toBe(0);
     // write 0x33 top [0, 32M)
     const c = await dataClient(s.socket, 'view');
@@ -120,7 +121,7 @@ describe('test-replication.c, secondary side (exact bytes)', () => {
   it('s/do_checkpoint: local 0x22 in the second half, top reads 0x11 until the checkpoint, 0x22 after', async () => {
     const s = await secondary(['--view-read-only']);
     const link = await openLink(s.socket, { size: SIZE });
-    const c = await dataClient(s.socket);
+    const c = await writerClient(s.socket, link);
     for (let at = HALF; at < SIZE; at += 4 * MiB) await c.write(at, Buffer.alloc(4 * MiB, 0x22));
     await c.flush();
     expect(isFilled((await readExport(s.dir, s.socket, 'view')).subarray(HALF), 0x11)).toBe(true);

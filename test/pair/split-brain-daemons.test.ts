@@ -72,11 +72,15 @@ describe('split brain on two daemons: policies and salvage', () => {
 
     const aArgs = [aImg, '--secondary', '--socket', aSock, '--control', aCtl, '--node-name', 'a'];
     const replicate = () => runCli(['replicate', '--control', bCtl, unixUri(aSock), '--json']);
-    const refusedWith = async (extra: string[]): Promise<{ message: string; status: SecondaryStatus; events: Ev[]; dry: { explanation: string; splitBrain?: unknown } }> => {
+    type PrimarySide = PairStatus & { splitBrain?: { at: string; rule: number | null; explanation: string }; refused?: { code: string; message: string } };
+    const refusedWith = async (extra: string[]): Promise<{ message: string; status: SecondaryStatus; events: Ev[]; dry: { explanation: string; splitBrain?: unknown }; b: { status: PrimarySide; text: string; events: Ev[] } }> => {
       const a2 = await serve([...aArgs, ...extra]);
       const events: Ev[] = [];
       const ec = await ControlClient.connect(aCtl);
       await ec.subscribe(undefined, (e) => events.push(e as unknown as Ev));
+      const bEvents: Ev[] = [];
+      const bc = await ControlClient.connect(bCtl);
+      await bc.subscribe(undefined, (e) => bEvents.push(e as unknown as Ev));
       try {
         const r = await replicate();
         expect(r.code).toBe(1);
@@ -85,9 +89,16 @@ describe('split brain on two daemons: policies and salvage', () => {
         await waitFor(() => events.find((e) => e.event === 'split-brain'), 'event split-brain', { timeoutMs: 10_000 });
         const status = await pairOf<SecondaryStatus>(aCtl);
         const dry = await request<{ explanation: string; splitBrain?: unknown }>(aCtl, 'failover', { dryRun: true });
-        return { message: err.message, status, events, dry };
+        // the side that ran replicate (B) keeps the export in the pair: link split-brain, the
+        // explanation, and the event, in status --json and in the text
+        await waitFor(() => bEvents.find((e) => e.event === 'split-brain'), 'event split-brain on B', { timeoutMs: 10_000 });
+        const bStatus = JSON.parse((await runCli(['status', '--control', bCtl, '--json'])).stdout) as { exports: Array<{ pair?: PrimarySide }> };
+        const text = await runCli(['status', '--control', bCtl]);
+        expect(text.code, text.stderr).toBe(0);
+        return { message: err.message, status, events, dry, b: { status: bStatus.exports.find((e) => e.pair)!.pair!, text: text.stdout, events: bEvents } };
       } finally {
         await ec.close();
+        await bc.close();
         expect(await a2.stop()).toBe(0);
       }
     };
@@ -101,6 +112,13 @@ describe('split brain on two daemons: policies and salvage', () => {
     expect(none.events.find((e) => e.event === 'split-brain')).toMatchObject({ rule: 90, policy: 'disconnect', keeps: null, resolved: false });
     expect(none.dry.splitBrain).toMatchObject({ rule: 90, keeps: null });
     expect(none.dry.explanation).toMatch(/split brain with b/);
+    // B (the primary that ran replicate): split-brain with the secondary's explanation, and the event
+    expect(none.b.status).toMatchObject({ role: 'primary', link: 'split-brain', peer: unixUri(aSock), splitBrain: { rule: 90, explanation: none.status.secondary.splitBrain!.explanation }, refused: { code: 'ERR_PAIR_SPLIT_BRAIN' } });
+    // what A misses: B's 3 MiB written since the failover (the failback bitmap), kept for the next replicate
+    expect(none.b.status.bytesBehind).toBe(3 * MiB);
+    expect(none.b.events.find((e) => e.event === 'split-brain')).toEqual({ event: 'split-brain', time: expect.any(String), export: '', peer: unixUri(aSock), side: 'primary', rule: 90, resolved: false, explanation: none.status.secondary.splitBrain!.explanation });
+    expect(none.b.text).toContain(`link split-brain`);
+    expect(none.b.text).toContain(`      split brain: ${none.status.secondary.splitBrain!.explanation}\n`);
     expect(await cmp(aImg, aBefore)).toBe(0);
 
     // discard-zero-changes: both changed, so it does not decide: refused
