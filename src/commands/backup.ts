@@ -1,3 +1,4 @@
+import { startSpinner } from '../cli/spinner.js';
 import { createTarget } from '../cli/create-target.js';
 import { Args, Flags } from '@oclif/core';
 import type { BlockNode } from '../api/block.js';
@@ -259,10 +260,13 @@ With --control PATH the backup runs in a serve-nbd daemon, of its export --expor
       const id = info.id;
       const showProgress = !this.jsonEnabled() && !flags['no-progress'];
       let bar: Progress | undefined;
+      // until the job reports how much it copies (and the bar takes over), a spinner says what is awaited
+      const spinner = showProgress ? startSpinner(`job ${id}: waiting until ${flags.wait === 'ready' ? 'ready' : 'done'}…`, { enabled: true }) : undefined;
       try {
         for (;;) {
           info = (await client.request('job-query', { id })) as JobInfo;
           if (showProgress && info.length > 0) {
+            spinner?.stop();
             bar ??= progressBar('backup', info.length, { enabled: true });
             bar.update(Math.min(info.offset, info.length));
           }
@@ -270,6 +274,7 @@ With --control PATH the backup runs in a serve-nbd daemon, of its export --expor
           await new Promise((resolve) => setTimeout(resolve, 200));
         }
       } finally {
+        spinner?.stop();
         bar?.stop();
       }
       if (info.error) throw new BlkrepError(info.error.code, `backup job ${id} failed: ${info.error.message}`, { errno: info.error.errno });

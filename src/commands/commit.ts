@@ -1,3 +1,4 @@
+import { startSpinner } from '../cli/spinner.js';
 import { resolve } from 'node:path';
 import { Args, Flags } from '@oclif/core';
 import { BlkrepError } from '../api/errors.js';
@@ -182,11 +183,14 @@ The commit runs as a job (the engine of blkrep mirror): --on-source-error and --
       const id = info.id;
       const showProgress = !this.jsonEnabled() && !flags['no-progress'];
       let bar: Progress | undefined;
+      // until the job reports how much it copies (and the bar takes over), a spinner says what is awaited
+      const spinner = showProgress ? startSpinner(`job ${id}: waiting until ${flags.wait === 'ready' ? 'ready' : 'done'}…`, { enabled: true }) : undefined;
       let emptied: boolean | undefined;
       try {
         for (;;) {
           info = (await client.request('job-query', { id })) as JobInfo;
           if (showProgress && info.length > 0) {
+            spinner?.stop();
             bar ??= progressBar('commit', info.length, { enabled: true });
             bar.update(Math.min(info.offset, info.length));
           }
@@ -206,6 +210,7 @@ The commit runs as a job (the engine of blkrep mirror): --on-source-error and --
           await new Promise((resolve) => setTimeout(resolve, 200));
         }
       } finally {
+        spinner?.stop();
         bar?.stop();
       }
       if (info.error) throw new BlkrepError(info.error.code, `commit job ${id} failed: ${info.error.message}`, { errno: info.error.errno });
