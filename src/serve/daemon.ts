@@ -19,6 +19,7 @@ import { DaemonJobs, type JobExport } from '../jobs/daemon-jobs.js';
 import '../jobs/daemon-job-types.js';
 import { sidecarBase } from '../bitmap/names.js';
 import { filePath, isFileSpec } from '../image/chain.js';
+import { sideFileBase } from '../util/state-dir.js';
 import type { FilterSpec } from '../block/filters/spec.js';
 import { ExportStack, type Slot } from './export-stack.js';
 import { NbdServer, type Logger, type ServerStatus } from '../nbd/server.js';
@@ -815,14 +816,15 @@ async function startPairHost(
   return host;
 }
 
-/** The term file of the first export kept in a file (term-file.ts); none for memory: or NBD images. */
+/**
+ * The term file of the first export kept in a file or a block device (term-file.ts; a block
+ * device's goes to the state directory, state-dir.ts); none for memory: or NBD images.
+ */
 async function openTerms(exports: readonly ExportSpec[]): Promise<{ path: string | undefined; terms: Terms }> {
   for (const e of exports) {
-    const base = await sidecarBase(e.image);
-    if (base.path !== undefined) {
-      const path = termFilePath(base.path);
-      return { path, terms: loadTerms(path) };
-    }
+    if (!isFileSpec(e.image)) continue;
+    const path = termFilePath(sideFileBase(filePath(e.image)));
+    return { path, terms: loadTerms(path) };
   }
   return { path: undefined, terms: { term: 0n, seen: 0n, primarySeen: 0n } };
 }

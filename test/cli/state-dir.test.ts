@@ -97,6 +97,21 @@ describe.runIf(canLoop && hasTool('qemu-io'))('pair files of a block device', ()
     expect([...(await readdir('/dev'))].filter((f) => !devBefore.has(f) && f.includes('.'))).toEqual([]);
   });
 
+  it('the heartbeat term file of a block-device export goes to the state directory too', async () => {
+    const dir = await makeTempDir();
+    const a = await loopDevice(dir, 'j.raw', 8 * MiB);
+    const state = join(dir, 'state');
+    const ctl = join(dir, 'ctl');
+    const d = await serve([a, '--socket', join(dir, 'nbd.sock'), '--control', ctl, '--state-dir', state, '--heartbeat', 'udp://127.0.0.1:9', '--node-id', 'a', '--peer-id', 'b']);
+    try {
+      const st = JSON.parse((await runCli(['status', '--control', ctl, '--json'])).stdout) as { heartbeat: { termFile: string | null } };
+      expect(st.heartbeat.termFile).toBe(join(state, `${escapePath(a)}.term.json`));
+    } finally {
+      expect(await d.stop()).toBe(0);
+    }
+    expect(existsSync(`${a}.term.json`)).toBe(false);
+  });
+
   it('a state directory that cannot be made: ERR_STATE_DIR naming the disk and the directory (exit 1)', async () => {
     const dir = await makeTempDir();
     const b = await loopDevice(dir, 'b.raw', MiB);
