@@ -57,6 +57,22 @@ export class ByteQueue {
     return k;
   }
 
+  /**
+   * Copy the bytes still queued into one buffer of their own, so the chunks they came in (a
+   * scratch buffer read into again) may change.
+   */
+  own(): void {
+    if (this.total === 0) {
+      this.chunks = [];
+      this.head = 0;
+      return;
+    }
+    const copy = Buffer.allocUnsafe(this.total);
+    this.gather(this.total, false, copy);
+    this.chunks = [copy];
+    this.head = 0;
+  }
+
   clear(): void {
     this.chunks = [];
     this.head = 0;

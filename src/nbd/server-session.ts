@@ -14,6 +14,7 @@ import type { ConnectionUpgrader } from '../api/transport.js';
 import { NBD_ERRNO, toBlkrepError, type Errno } from '../api/errors.js';
 import type { Extent } from '../api/block.js';
 import { ByteQueue } from './byte-queue.js';
+import { moveToDirectReceive, type DirectReader } from './direct-receive.js';
 import type { BudgetWaiter, BufferBudget } from './server-budget.js';
 import { sharedPool } from './buffer-pool.js';
 import { ReceiveGc } from '../util/gc.js';
@@ -95,6 +96,12 @@ const FILL_MIN = 1024 * 1024;
  * costs a quarter of the rate of 4 KiB random reads.
  */
 const SPARSE_READ_MIN = 64 * 1024;
+/**
+ * A plain socket in the transmission phase reads into this when no write payload is being
+ * received, and the session copies the bytes out at once (direct-receive.ts); so one buffer
+ * serves every connection. 256 KiB: many small requests per read call.
+ */
+const SCRATCH = Buffer.allocUnsafeSlow(256 * 1024);
 /** block status replies carry at most this many descriptors (the spec's recommendation) */
 const MAX_DESCRIPTORS = 1 << 20;
 
@@ -112,7 +119,7 @@ export interface SessionCounters {
   errors: number;
 }
 
-export class ServerSession implements BudgetWaiter {
+export class ServerSession implements BudgetWaiter, DirectReader {
   readonly id = nextSessionId++;
   readonly openedAt = new Date();
   readonly counters: SessionCounters = { requests: 0, bytesRead: 0, bytesWritten: 0, errors: 0 };
@@ -135,11 +142,13 @@ export class ServerSession implements BudgetWaiter {
   /** waiting in the budget's line, socket not read */
   private waitingBudget = false;
   /** bytes received and bytes handed to the socket, for the stall check */
-  private received = 0;
+  private bytesReceived = 0;
   private queuedOut = 0;
   private stallMark = { received: 0, sent: 0, since: 0 };
   /** a large write whose payload is being copied into its buffer as it arrives */
   private filling: { req: Request; pooled: Buffer; got: number } | undefined;
+  /** the socket reads where nextBuffer() says (direct-receive.ts) */
+  private direct = false;
   private stopping = false;
   /** the final flush and close have started */
   private finishing = false;
@@ -160,7 +169,7 @@ export class ServerSession implements BudgetWaiter {
     this.listeners = {
       data: (chunk: Buffer) => {
         receiveGc.note(chunk.length);
-        this.received += chunk.length;
+        this.bytesReceived += chunk.length;
         this.queue.push(chunk);
         this.pump();
       },
@@ -323,16 +332,24 @@ export class ServerSession implements BudgetWaiter {
           }
           if (req.type === CMD.WRITE) {
             if (this.queue.length < REQUEST_LENGTH + req.length) {
-              // Let the socket keep flowing until the payload is complete.
-              if (req.length < FILL_MIN) return;
+              // Let the socket keep flowing until the payload is complete; a direct socket
+              // reads the rest straight into the payload's buffer.
+              if (req.length < FILL_MIN && !this.direct) return;
               this.queue.skip(REQUEST_LENGTH);
               this.filling = { req, pooled: sharedPool.acquire(req.length), got: 0 };
               if (!this.fill()) return;
               break;
             }
             this.queue.skip(REQUEST_LENGTH);
-            if (!this.queue.contiguous(req.length)) pooled = sharedPool.acquire(req.length);
-            payload = this.queue.take(req.length, pooled);
+            if (this.direct) {
+              // a direct socket's bytes may be in the scratch buffer, read into again
+              pooled = sharedPool.acquire(req.length);
+              payload = pooled.subarray(0, req.length);
+              this.queue.takeCopy(req.length, payload);
+            } else {
+              if (!this.queue.contiguous(req.length)) pooled = sharedPool.acquire(req.length);
+              payload = this.queue.take(req.length, pooled);
+            }
           } else {
             this.queue.skip(REQUEST_LENGTH);
           }
@@ -475,6 +492,50 @@ export class ServerSession implements BudgetWaiter {
     exp.counters.connections++;
     exp.counters.totalConnections++;
     this.host.log('debug', `connection ${this.id} from ${this.peer}: serving export "${exp.name}"`);
+    // After the socket's read callback that got us here has returned.
+    process.nextTick(() => this.goDirect());
+  }
+
+  /** Move a plain socket to reads into the buffers the session picks (direct-receive.ts). */
+  private goDirect(): void {
+    if (this.phase !== 'transmission') return;
+    const old = this.stream;
+    this.unlisten(old);
+    const fresh = moveToDirectReceive(old, this);
+    if (!fresh) {
+      this.listen(old);
+      return;
+    }
+    this.stream = fresh;
+    this.direct = true;
+    this.listen(fresh);
+    if (!this.paused) fresh.resume();
+  }
+
+  nextBuffer(): Buffer {
+    const f = this.filling;
+    return f ? f.pooled.subarray(f.got, f.req.length) : SCRATCH;
+  }
+
+  received(n: number, buffer: Buffer): void {
+    if (this.phase === 'closed') return;
+    this.bytesReceived += n;
+    const f = this.filling;
+    if (f && buffer.buffer === f.pooled.buffer && buffer.byteOffset === f.pooled.byteOffset + f.got) {
+      // read in place: the payload's buffer
+      f.got += n;
+      if (f.got === f.req.length) {
+        this.filling = undefined;
+        this.onRequest(f.req, f.pooled.subarray(0, f.req.length), f.pooled);
+      }
+      this.pump();
+      return;
+    }
+    // The scratch buffer is read into again: what pump() leaves (a partial request) is copied.
+    // Payloads taken from it are copied too (pump), headers are decoded at once.
+    this.queue.push(buffer.subarray(0, n));
+    this.pump();
+    this.queue.own();
   }
 
   // ---------------------------------------------------------------------------------------------
@@ -508,9 +569,9 @@ export class ServerSession implements BudgetWaiter {
     const mark = this.stallMark;
     // a payload partly received, while this side reads the socket
     const partial = this.paused ? 0 : this.filling ? this.filling.got : this.reserved !== 0 ? this.queue.length : 0;
-    if (sent !== mark.sent || this.received !== mark.received || Math.max(this.unsent, partial) <= STALL_MIN_BYTES) {
+    if (sent !== mark.sent || this.bytesReceived !== mark.received || Math.max(this.unsent, partial) <= STALL_MIN_BYTES) {
       mark.sent = sent;
-      mark.received = this.received;
+      mark.received = this.bytesReceived;
       mark.since = now;
       return;
     }

@@ -7,7 +7,7 @@ import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { NbdNode } from '../../src/block/nbd.js';
 import type { JobEvent } from '../../src/jobs/job.js';
-import { MirrorJob, type MirrorOptions } from '../../src/jobs/mirror.js';
+import { DEFAULT_BUF_SIZE, DEFAULT_MAX_OPS, MirrorJob, type MirrorOptions } from '../../src/jobs/mirror.js';
 import { startNbdkit, startQemuNbd } from '../nbd-client/helpers.js';
 import { BIN, hasTool, makeTempDir, run, start, waitFor, withTimeout } from '../support/spawn.js';
 import { MiB, firstDifference, readAll, rng, randomBytes, seededSource } from './helpers.js';
@@ -234,10 +234,20 @@ describe.skipIf(!hasTool('qemu-nbd') || !hasTool('qemu-img'))('mirror with the t
     let server = await startQemuNbd(tgt, [], { socket: sock });
     // 32 MiB/s: the copy takes about 2 s, long enough to kill the server in the middle of it
     const mirror = start(process.execPath, [BIN, 'mirror', src, `nbd+unix:///?socket=${sock}`, '--json', '--no-progress', '--speed', '32M']);
-    // mid-copy: the target has data but the job has not ended
-    await waitFor(() => statSync(tgt).blocks > 0, 'the copy to start', { timeoutMs: 20_000, intervalMs: 10 });
+    // Mid-copy, with writes the client saw complete and that are not flushed. Data in the file
+    // alone does not prove that: a write the server performed but whose reply the client had not
+    // read yet is sent again after the reconnect, so nothing is lost and nothing is copied again
+    // (with 256 KiB × 64 the kill could come that early, and the job rightly copied SIZE bytes). At
+    // most DEFAULT_BUF_SIZE × DEFAULT_MAX_OPS bytes are in flight, so more than that in the file
+    // means some writes completed at the client; no flush comes before everything is copied.
+    const inFlight = DEFAULT_BUF_SIZE * DEFAULT_MAX_OPS;
+    const killAt = inFlight + 4 * MiB;
+    expect(killAt).toBeLessThan(SIZE / 2);
+    await waitFor(() => statSync(tgt).blocks * 512 >= killAt, `${killAt} bytes in the target`, { timeoutMs: 20_000, intervalMs: 10 });
     expect(mirror.child.exitCode).toBe(null);
     await server.proc.stop('SIGKILL');
+    // the kill came before the copy ended (and so before any flush)
+    expect(statSync(tgt).blocks * 512).toBeLessThan(SIZE);
     await new Promise((resolve) => setTimeout(resolve, 1000));
     expect(existsSync(sock)).toBe(true); // a stale socket: qemu-nbd binds it again
     server = await startQemuNbd(tgt, [], { socket: sock });
@@ -246,7 +256,8 @@ describe.skipIf(!hasTool('qemu-nbd') || !hasTool('qemu-img'))('mirror with the t
     const result = JSON.parse(mirror.stdout()) as { bytes: number; size: number; errors: unknown[] };
     expect(result.errors).toEqual([]);
     expect(result.size).toBe(SIZE);
-    // what was written before the kill was not flushed: it was copied again
+    // what the client saw written before the kill was not flushed: the flush after the reconnect
+    // failed with ERR_NBD_WRITES_LOST and all of it was copied again
     expect(result.bytes).toBeGreaterThan(SIZE);
     await server.proc.stop();
     const cmp = await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', src, tgt]);

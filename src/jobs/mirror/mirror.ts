@@ -78,8 +78,16 @@ export type CopyMode = (typeof COPY_MODES)[number];
 export const BITMAP_MODES = ['on-success', 'always', 'never'] as const;
 export type BitmapMode = (typeof BITMAP_MODES)[number];
 
-export const DEFAULT_BUF_SIZE = 1 << 20;
-export const DEFAULT_MAX_OPS = 16;
+/**
+ * 256 KiB × 64 operations in flight (16 MiB, as nbdcopy's defaults), not 1 MiB × 16: the same
+ * bytes in flight, but each request's buffer stays in the CPU's cache between the copies it goes
+ * through (page cache → buffer → socket here, socket → buffer → page cache at the target). With
+ * 1 MiB requests the targets' buffered writes ran at a third of the speed (bench/mirror, nbdkit's
+ * stats filter: a 1 MiB pwrite ~30 ms of plugin time under load against 0.1 ms for 256 KiB, the
+ * time in copy_folio_from_iter), and a 1 GiB mirror took 2-4× as long.
+ */
+export const DEFAULT_BUF_SIZE = 256 * 1024;
+export const DEFAULT_MAX_OPS = 64;
 export const DEFAULT_MAX_LAG_MS = 10_000;
 export const DEFAULT_FLUSH_INTERVAL_MS = 100;
 const MAX_BUF_SIZE = 64 << 20;
@@ -102,9 +110,9 @@ export interface MirrorOptions extends Omit<JobOptions, 'id'> {
   bitmapMode?: BitmapMode;
   /** bytes per bit, power of two 512 B … 64 MiB; default the bitmap's or 64 KiB */
   granularity?: number;
-  /** most bytes one copy operation moves (default 1 MiB) */
+  /** most bytes one copy operation moves (default DEFAULT_BUF_SIZE, 256 KiB) */
   bufSize?: number;
-  /** copy operations in flight (default 16) */
+  /** copy operations in flight (default DEFAULT_MAX_OPS, 64) */
   maxOps?: number;
   /** the target reads as zeros: zero ranges of the source are not copied at the start */
   targetIsZero?: boolean;
