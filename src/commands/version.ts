@@ -35,7 +35,9 @@ Exit status: 0.`;
       plugins: this.config
         .getPluginsList()
         .filter((p) => p.name !== this.config.name)
-        .map((p) => ({ name: p.name, version: p.version })),
+        .map((p) => ({ name: p.name, version: p.version }))
+        // oclif loads plugins concurrently: their list comes in no fixed order
+        .sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0)),
     };
     if (!this.jsonEnabled()) {
       this.log(`${result.name} ${result.version} (node ${result.node}, ${result.platform}-${result.arch})`);
