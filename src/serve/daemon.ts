@@ -178,6 +178,19 @@ export class Daemon {
   private termFile: string | undefined;
   /** silence after which a primary has no quorum (ms) */
   private quorumMs = Infinity;
+  /**
+   * Stall guard (fixed detector): a process stopped (SIGSTOP, a VM pause, a long GC) reads, when
+   * it runs again, the beats that queued up while it was stopped — beats its peer sent before it
+   * may have taken over. Counted as heard now they would give quorum back for the moment before
+   * the new primary's beat is read, and a write could land on the replaced primary. So after a
+   * stall longer than the quorum window (a tick came that late) there is no quorum for two beat
+   * intervals: long enough for a beat sent after the stall to arrive, demoting this node if its
+   * peer took over meanwhile.
+   */
+  private stallTick: NodeJS.Timeout | undefined;
+  private lastTickAt = 0;
+  private stallEndedAt = -Infinity;
+  private stallGraceMs = 0;
   /** the Prometheus metrics (--metrics), set once listening */
   metrics: Metrics | undefined;
   private resolveStopped: () => void = () => {};
@@ -552,6 +565,7 @@ export class Daemon {
       clearInterval(this.tlsTimer);
       this.control?.publish('shutdown', { pid: process.pid });
       // the peer hears this node stop beating first: a stopping daemon no longer answers for its data
+      if (this.stallTick) clearInterval(this.stallTick);
       await this.heartbeat?.stop().catch(() => {});
       await this.metrics?.close().catch(() => {});
       await Promise.all(this.listeners.map((l) => l.close().catch(() => {})));
@@ -585,6 +599,19 @@ export class Daemon {
     const d = service.detector;
     // a primary stops writing one interval before its peer may declare it dead (fixed); phi: at its dead threshold
     this.quorumMs = d.kind === 'fixed' ? d.intervalMs * Math.max(1, d.misses - 1) : Infinity;
+    if (Number.isFinite(this.quorumMs) && !this.stallTick) {
+      this.stallGraceMs = 2 * d.intervalMs;
+      this.lastTickAt = performance.now();
+      this.stallTick = setInterval(() => {
+        const now = performance.now();
+        if (now - this.lastTickAt > this.quorumMs) {
+          this.stallEndedAt = now;
+          log('warn', `this process did not run for ${Math.round(now - this.lastTickAt)} ms, beyond the quorum window of ${this.quorumMs} ms: no quorum until beats sent after the stall arrive (${this.stallGraceMs} ms)`);
+        }
+        this.lastTickAt = now;
+      }, Math.max(10, Math.min(d.intervalMs / 2, 250)));
+      this.stallTick.unref();
+    }
     const epoch = service.epoch ?? (() => this.currentTerm());
     const generation = service.generation ?? (() => this.firstRole()?.status().gi.current ?? '0000000000000000');
     if (leaseSpec) {
@@ -704,7 +731,11 @@ export class Daemon {
     if (!hb) return false;
     const silence = hb.silenceMs();
     if (silence === null) return false;
-    return Number.isFinite(this.quorumMs) ? silence < this.quorumMs : hb.peerState !== 'dead';
+    if (!Number.isFinite(this.quorumMs)) return hb.peerState !== 'dead';
+    // the stall guard: just after a stall (or during one whose tick has not run yet), beats read now may be stale
+    const now = performance.now();
+    if (now - this.stallEndedAt < this.stallGraceMs || now - this.lastTickAt > this.quorumMs) return false;
+    return silence < this.quorumMs;
   }
 
   private onPeerBeat(beat: Beat, peer: string): void {
@@ -716,7 +747,8 @@ export class Daemon {
       fence.demote(`peer "${peer}" announces itself primary with term ${beat.epoch}, this node's is ${this.term}`);
       return;
     }
-    fence.quorumBack();
+    // a beat read just after a stall may have been sent before it: it gives no quorum back (stall guard)
+    if (!Number.isFinite(this.quorumMs) || this.quorate()) fence.quorumBack();
   }
 
   /** --fencing on a primary whose peer is dead: resource-and-stonith freezes writes until the hook confirms or resume-io. */

@@ -253,6 +253,32 @@ describe('automatic failover with the pair (two daemons, udp heartbeat)', () => 
   });
 });
 
+describe('the stall guard: beats that queued up while the primary was stopped give no quorum back', () => {
+  it('kill -STOP the primary past the bound, the secondary does not take over (hook exit 5): right after -CONT a write gets EIO; once a beat sent after the stall arrives, writes go again', async () => {
+    // interval 0.25 s: quorum window 1 s, dead after 1.25 s, no quorum for 0.5 s after the stall
+    const pair = await startPair({ fenceExit: 5, interval: '0.25', p: ['--on-no-quorum', 'io-error'] });
+    const w = await watch(pair.sCtl);
+    try {
+      const uri = unixUri(pair.pSock);
+      const mark = w.events.length;
+      pair.p.child.kill('SIGSTOP');
+      await waitFor(() => w.events.slice(mark).find((e) => e.event === 'fence'), 'the secondary\'s fence hook', { timeoutMs: 20_000 });
+      pair.p.child.kill('SIGCONT');
+      // the secondary's beats sent during the stop are read at once: without the guard they gave quorum back
+      const late = await run('qemu-io', ['-f', 'raw', uri, '-c', 'write -P 0x66 0 64k']);
+      expect(late.stdout + late.stderr).toContain('Input/output error');
+      await waitFor(async () => {
+        const r = await run('qemu-io', ['-f', 'raw', uri, '-c', 'write -P 0x67 0 64k']);
+        return (r.stdout + r.stderr).includes('wrote 65536/65536 bytes') ? true : undefined;
+      }, 'a write once quorum is back', { timeoutMs: 10_000, intervalMs: 100 });
+      expect(names(w, mark).filter((n) => n !== 'peer-suspect')).toEqual(['peer-dead', 'fence', 'auto-failover']);
+      expect((await status(pair.pCtl)).heartbeat.io).toMatchObject({ state: 'open' });
+    } finally {
+      await w.client.close();
+    }
+  });
+});
+
 describe('fencing on the primary (--fencing, --on-no-quorum, resume-io) seen by qemu-io', () => {
   async function peerKilled(pair: Pair): Promise<void> {
     pair.s.child.kill('SIGKILL');
