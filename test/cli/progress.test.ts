@@ -2,21 +2,9 @@
  * The copy progress bar (src/cli/progress.ts): nothing off a terminal or when disabled; on a
  * terminal with TERM=dumb, plain lines at each tenth instead of a redrawn bar.
  */
-import { Writable } from 'node:stream';
 import { afterEach, describe, expect, it } from 'vitest';
 import { progressBar } from '../../src/cli/progress.js';
-
-function fakeStream(isTTY: boolean): NodeJS.WriteStream & { text(): string } {
-  let out = '';
-  const w = new Writable({
-    write(chunk, _enc, cb) {
-      out += String(chunk);
-      cb();
-    },
-  }) as unknown as NodeJS.WriteStream & { text(): string };
-  Object.assign(w, { isTTY, columns: 80, rows: 24, cursorTo: () => true, clearLine: () => true, moveCursor: () => true, text: () => out });
-  return w;
-}
+import { fakeStream } from '../support/fake-terminal.js';
 
 const term = process.env.TERM;
 afterEach(() => {

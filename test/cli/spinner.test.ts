@@ -2,23 +2,10 @@
  * The wait spinner (src/cli/spinner.ts, ora): drawn only on a terminal, never with --json or
  * TERM=dumb; cleared and the cursor shown again when the wait ends, by success or by failure.
  */
-import { Writable } from 'node:stream';
 import { afterEach, describe, expect, it } from 'vitest';
 import { spinnerShown, startSpinner, withSpinner } from '../../src/cli/spinner.js';
 import { followJob } from '../../src/cli/job-command.js';
-
-/** A fake stderr: a terminal or not, keeping what was written. */
-function fakeStream(isTTY: boolean): NodeJS.WriteStream & { text(): string } {
-  let out = '';
-  const w = new Writable({
-    write(chunk, _enc, cb) {
-      out += String(chunk);
-      cb();
-    },
-  }) as unknown as NodeJS.WriteStream & { text(): string };
-  Object.assign(w, { isTTY, columns: 80, rows: 24, cursorTo: () => true, clearLine: () => true, moveCursor: () => true, text: () => out });
-  return w;
-}
+import { fakeStream } from '../support/fake-terminal.js';
 
 const term = process.env.TERM;
 afterEach(() => {
