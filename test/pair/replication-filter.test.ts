@@ -41,6 +41,17 @@ async function settle(): Promise<void> {
   for (let i = 0; i < 20; i++) await new Promise<void>((r) => setImmediate(r));
 }
 
+
+/** Until the async queue is empty (5 s at most). */
+async function drained(filter: { queueBytes: number }): Promise<void> {
+  await withTimeout(
+    (async () => {
+      while (filter.queueBytes > 0) await settle();
+    })(),
+    5000,
+    'the queue to drain',
+  );
+}
 describe('replication filter, sync', () => {
   it('completes a write only once the secondary replied; both disks hold the bytes', async () => {
     const gate = new Gate();
@@ -129,13 +140,7 @@ describe('replication filter, async', () => {
     expect(target.log.filter((r) => r.op === 'write')).toHaveLength(1);
     expect(filter.queueBytes).toBe(8192);
     gate.open();
-    await withTimeout(
-      (async () => {
-        while (filter.queueBytes > 0) await settle();
-      })(),
-      5000,
-      'the queue to drain',
-    );
+    await drained(filter);
     expect(target.log.filter((r) => r.op === 'write')).toHaveLength(2);
     expect((await remote.read(0, 4096)).equals(fill(0xa2, 4096))).toBe(true);
     await peer.close();
@@ -182,13 +187,7 @@ describe('replication filter, async', () => {
     await settle();
     expect(target.log.map((r) => r.op)).toEqual(['write', 'flush']);
     filter.release();
-    await withTimeout(
-      (async () => {
-        while (filter.queueBytes > 0) await settle();
-      })(),
-      5000,
-      'the queue to drain',
-    );
+    await drained(filter);
     expect(target.log.map((r) => [r.op, r.offset])).toEqual([
       ['write', 0],
       ['flush', 0],
@@ -247,13 +246,7 @@ describe('replication filter, async', () => {
     await settle();
     expect(target.log.map((r) => r.op)).toEqual(before);
     filter.release();
-    await withTimeout(
-      (async () => {
-        while (filter.queueBytes > 0) await settle();
-      })(),
-      5000,
-      'the queue to drain',
-    );
+    await drained(filter);
     expect(target.log.map((r) => [r.op, r.offset])).toEqual([
       ['write', 0],
       ['flush', 0],
