@@ -66,6 +66,7 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
     { description: 'Only let in the replica whose client certificate has this DN', command: "<%= config.bin %> <%= command.id %> disk.img --bind 0.0.0.0 --tls-certificates /etc/pki/blkrep --tls-authz 'C=GB,O=blkrep,CN=replica-a'" },
     { description: "TLS with a pre-shared key (psktool -u alice -p keys.psk); nbdinfo 'nbds://alice@host?tls-psk-file=keys.psk'", command: '<%= config.bin %> <%= command.id %> disk.img --bind 0.0.0.0 --tls-psk /etc/blkrep/keys.psk' },
     { description: 'Be the primary of a replication pair: every write also goes to the secondary, a checkpoint every 20 s', command: '<%= config.bin %> <%= command.id %> disk.img --socket /run/blkrep/nbd.sock --control /run/blkrep/ctl.sock --replicate-to nbd://backup-host:10809/disk --checkpoint-interval 20s' },
+    { description: 'Be a secondary whose hidden disk is on tmpfs and never synced (a host crash then needs a full resync)', command: '<%= config.bin %> <%= command.id %> disk.img --secondary --control /run/blkrep/ctl.sock --port 10809 --hidden /dev/shm/disk.hidden.qcow2 --hidden-durability volatile' },
     { description: 'Be a secondary that, after a split brain, keeps the data of the side that changed more (its own diverged clusters are salvaged first)', command: '<%= config.bin %> <%= command.id %> disk.img --secondary --control /run/blkrep/ctl.sock --port 10809 --node-name east --after-split-brain discard-least-changes' },
     { description: 'Replicate asynchronously to a plain qemu-nbd (no checkpoints), with a 256 MiB queue', command: '<%= config.bin %> <%= command.id %> disk.img --control /run/blkrep/ctl.sock --replicate-to nbd+unix:///?socket=/run/qemu-nbd.sock --protocol async --queue 256M' },
     { description: 'Prometheus metrics on port 9101 and JSON log lines (for journald, Loki, jq)', command: '<%= config.bin %> <%= command.id %> disk.img --control disk --metrics 127.0.0.1:9101 --log-format json' },
@@ -128,6 +129,13 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
     active: Flags.string({ description: 'the secondary\'s active disk, a qcow2 overlay of the hidden disk created if absent [default: IMAGE.active.qcow2]', helpValue: 'FILE', dependsOn: ['secondary'] }),
     'view-export': Flags.string({ description: "serve the secondary's view (active over hidden over disk) under NAME", helpValue: 'NAME', dependsOn: ['secondary'] }),
     'view-read-only': Flags.boolean({ description: 'serve the view export read-only', dependsOn: ['view-export'] }),
+    'hidden-durability': Flags.string({
+      description:
+        "with --secondary: strict (default, the safe one: each copy into the hidden disk is on stable storage before the disk is written) or volatile (never fdatasynced, as QEMU advises for a hidden disk on tmpfs: a process crash loses nothing, a host crash makes the secondary Inconsistent, not promotable, until a full resync from the primary)",
+      options: ['strict', 'volatile'],
+      helpValue: 'strict|volatile',
+      dependsOn: ['secondary'],
+    }),
     // operations (ops): metrics and the log's format
     metrics: Flags.string({ description: 'serve Prometheus metrics on GET /metrics at this address: HOST:PORT, [IPV6]:PORT, :PORT (127.0.0.1) or unix:PATH (mode as --socket-mode, 0600 by default)', helpValue: 'ADDR:PORT|unix:PATH' }),
     'log-format': Flags.string({ description: 'stderr log lines: text ("TIME LEVEL blkrep serve-nbd: MESSAGE", TIME in ISO 8601 UTC; under the journal "<P>blkrep serve-nbd: MESSAGE", journald stamps the time) or json (one object per line: time, level, pid, message)', options: ['text', 'json'], default: 'text', helpValue: 'text|json' }),
@@ -195,6 +203,11 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
     } catch (err) {
       this.usageError(`--after-split-brain: ${(err as Error).message}`);
     }
+    // oclif's dependsOn counts --secondary's default (false) as given
+    if (!flags.secondary) {
+      const only = (['hidden', 'active', 'view-export', 'hidden-durability', 'after-split-brain', 'accept-plain-primary'] as const).filter((f) => flags[f] !== undefined && flags[f] !== false);
+      if (only.length > 0) this.usageError(`${only.map((f) => `--${f}`).join(', ')} ${only.length === 1 ? 'needs' : 'need'} --secondary`);
+    }
     if (flags['node-name'] !== undefined && flags['node-name'].trim() === '') this.usageError('--node-name is empty');
     if (flags['state-dir'] !== undefined && flags['state-dir'].trim() === '') this.usageError('--state-dir is empty');
     setStateDir(flags['state-dir'] === undefined ? undefined : resolvePath(flags['state-dir']));
@@ -208,6 +221,7 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
             acceptPlainPrimary: flags['accept-plain-primary'] === true,
             ...(afterSplitBrain === undefined ? {} : { afterSplitBrain }),
             ...(flags['node-name'] === undefined ? {} : { nodeName: flags['node-name'] }),
+            ...(flags['hidden-durability'] === undefined ? {} : { hiddenDurability: flags['hidden-durability'] as 'strict' | 'volatile' }),
           }),
         ]
       : undefined;

@@ -10,6 +10,10 @@
  * The bits are reset at each checkpoint (step 6), when the hidden disk is emptied; at start they
  * are the clusters the hidden disk holds, so a restart never overwrites a kept old cluster.
  *
+ * While the secondary has no checkpoint to roll back to (`bypass`: the initial full sync before
+ * the first committed epoch, or a resync after a host crash lost a volatile hidden disk) there
+ * is nothing to keep: writes go straight to the disk, in the same order, without a copy.
+ *
  * Order: the disk writes are issued in the order the requests arrived (the NBD server calls
  * write() in the order of its connection; the primary uses one connection). Copies into the
  * hidden disk start at once and run concurrently (their fsyncs are shared by the qcow2 writeback
@@ -38,6 +42,8 @@ export class CbwFilter extends Filter {
   private readonly copied: Uint8Array;
   private readonly copying = new Map<number, Promise<void>>();
   readonly gate = new WriteGate();
+  /** no restore point: no copy-before-write (set by the secondary while the gate is held or no writer is connected) */
+  bypass = false;
   /** the last request's disk write: true once issued, false when the request failed before it (the order chain) */
   private tail: Promise<boolean> = Promise.resolve(true);
   /** disk writes issued and not yet completed */
@@ -102,7 +108,7 @@ export class CbwFilter extends Filter {
     this.tail = new Promise<boolean>((r) => (issued = r));
     this.queued++;
     return gated(this.gate, async () => {
-      await this.copyOld(offset, length);
+      if (!this.bypass) await this.copyOld(offset, length);
       if (!(await before)) {
         throw new BlkrepError('ERR_PAIR_ORDER', `a replica write before this one (${length} bytes at offset ${offset}) failed: later writes are not applied, so the disk stays a state the primary's was in`, {
           errno: 'EIO',

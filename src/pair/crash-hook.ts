@@ -3,8 +3,9 @@
  * BLKREP_TEST_CRASH_AT=checkpoint-step-4|5|6|7, the daemon kills itself with SIGKILL at the end of
  * that step of a checkpoint on the secondary (replication.md §2), as a power cut there would.
  * Without the variable this does nothing. It is a test hook, not a feature: never set it in
- * production.
+ * production. BLKREP_TEST_BOOT_ID_FILE (readBootId, below) fakes a reboot.
  */
+import { readFile } from 'node:fs/promises';
 import { BlkrepError } from '../api/errors.js';
 
 export type CrashPoint = 'checkpoint-step-4' | 'checkpoint-step-5' | 'checkpoint-step-6' | 'checkpoint-step-7';
@@ -27,4 +28,21 @@ export function faultPoint(point: string): void {
   if (process.env.BLKREP_TEST_FAIL_AT !== point || fired.has(point)) return;
   fired.add(point);
   throw new BlkrepError('ERR_TEST_FAULT', `injected fault at ${point} (BLKREP_TEST_FAIL_AT)`, { errno: 'EIO' });
+}
+
+/**
+ * The boot id a volatile hidden disk is recorded under (state.ts `volatileHidden`): the kernel's
+ * /proc/sys/kernel/random/boot_id, new at every boot. Test hook: BLKREP_TEST_BOOT_ID_FILE names
+ * another file to read it from, so a test can fake "the host rebooted" (a host crash) without
+ * one; never set it in production. Null when it cannot be read.
+ */
+export const BOOT_ID_FILE = '/proc/sys/kernel/random/boot_id';
+export async function readBootId(): Promise<{ id: string | null; file: string; error?: string }> {
+  const file = process.env.BLKREP_TEST_BOOT_ID_FILE || BOOT_ID_FILE;
+  try {
+    const id = (await readFile(file, 'utf8')).trim();
+    return id === '' ? { id: null, file, error: 'empty' } : { id, file };
+  } catch (err) {
+    return { id: null, file, error: (err as Error).message };
+  }
 }

@@ -14,6 +14,8 @@ export interface SecondaryFailoverFacts {
   gi: GenerationTuple;
   diskState: DiskState;
   committing: number | null;
+  /** why there is no checkpoint to roll back to (state.ts noRestorePoint), or null */
+  noRestorePoint: string | null;
   linkUp: boolean;
   protocol: 'sync' | 'async' | null;
   hiddenRuns: Array<{ offset: number; length: number }>;
@@ -31,7 +33,7 @@ export interface SecondaryFailoverExplanation {
   bytes: number;
   ms: number;
   explanation: string;
-  /** which rule decided: failover-to-checkpoint, failover-to-latest, refused-outdated, refused-latest, refused-failed */
+  /** which rule decided: failover-to-checkpoint, failover-to-latest, refused-outdated, refused-latest, refused-failed, refused-inconsistent */
   rule: string;
   direction: string;
   hiddenBytes: number;
@@ -64,6 +66,14 @@ export function explainSecondaryFailover(f: SecondaryFailoverFacts, dryRun = tru
     explanation: `refused: ${message}`,
   });
   if (f.diskState === 'Failed') return refused('refused-failed', 'ERR_PAIR_STATE', 'the secondary\'s disk has Failed (an I/O error): it is not promotable');
+  // DRBD never promotes Inconsistent data, forced or not: there is no state of the primary to promote
+  if (f.noRestorePoint !== null && f.committing === null) {
+    return refused(
+      'refused-inconsistent',
+      'ERR_PAIR_INCONSISTENT',
+      `the secondary is Inconsistent with no checkpoint to roll back to (${f.noRestorePoint}): it is not promotable, with or without --force; let the primary resync it and take a checkpoint first`,
+    );
+  }
   if (f.diskState === 'Outdated' && !f.force) {
     return refused('refused-outdated', 'ERR_PAIR_OUTDATED', `the secondary is Outdated (the primary degraded after checkpoint ${f.epoch}): failing over loses the primary's writes since; add --force to fail over anyway`);
   }

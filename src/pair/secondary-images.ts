@@ -4,14 +4,21 @@
  * DISK.active.qcow2). The disk is opened once, by the daemon: the hidden disk is opened over
  * that node (never a second open of the file, which the image locks forbid read-write).
  * All three have the same length, or start fails with ERR_PAIR_SIZE naming the three.
+ *
+ * Hidden durability (--hidden-durability): `strict` syncs the hidden disk as any qcow2 image
+ * (a copy written FUA is on stable storage before the disk write is issued); `volatile` writes
+ * the same data and metadata in the same order but never fdatasyncs it (QEMU's advice: hidden
+ * on tmpfs; `cache=unsafe`): a kill -9 loses nothing (the page cache holds every completed
+ * write), a host crash loses the hidden disk, which the boot id in the pair state detects.
  */
-import { access } from 'node:fs/promises';
+import { access, rm } from 'node:fs/promises';
 import { dirname, relative, resolve } from 'node:path';
 import type { BlockNode, CompleteBlockNode } from '../api/block.js';
 import { BlkrepError, toBlkrepError } from '../api/errors.js';
 import { Filter } from '../block/filter.js';
 import { completeNode } from '../block/node.js';
 import { createQcow2 } from '../block/qcow2/create.js';
+import { HostFile, type Qcow2Container } from '../block/qcow2/file.js';
 import { Qcow2Node } from '../block/qcow2/node.js';
 import { sideFileBase } from '../util/state-dir.js';
 
@@ -25,10 +32,63 @@ export class Borrowed extends Filter {
   }
 }
 
+export type HiddenDurability = 'strict' | 'volatile';
+
+/**
+ * The hidden disk's file: `volatile` makes sync() do nothing (the qcow2 driver still writes data,
+ * then refcounts, L2 and L1 in its order, each completed before the next: the page cache keeps
+ * that order for a kill -9); syncNow() is the real fdatasync (a clean stop, a switch to strict).
+ */
+export class HiddenFile implements Qcow2Container {
+  /** fdatasyncs skipped (volatile) */
+  skippedSyncs = 0;
+  constructor(
+    private readonly file: HostFile,
+    readonly durability: HiddenDurability,
+  ) {}
+  get path(): string {
+    return this.file.path;
+  }
+  get readOnly(): boolean {
+    return this.file.readOnly;
+  }
+  get length(): number {
+    return this.file.length;
+  }
+  get imageLock(): HostFile['imageLock'] {
+    return this.file.imageLock;
+  }
+  read(offset: number, target: Buffer): Promise<void> {
+    return this.file.read(offset, target);
+  }
+  write(offset: number, data: Buffer): Promise<void> {
+    return this.file.write(offset, data);
+  }
+  sync(): Promise<void> {
+    if (this.durability === 'strict') return this.file.sync();
+    this.skippedSyncs++;
+    return Promise.resolve();
+  }
+  syncNow(): Promise<void> {
+    return this.file.sync();
+  }
+  truncate(length: number): Promise<void> {
+    return this.file.truncate(length);
+  }
+  punch(offset: number, length: number): Promise<void> {
+    return this.file.punch(offset, length);
+  }
+  close(): Promise<void> {
+    return this.file.close();
+  }
+}
+
 export interface SecondaryImages {
   hiddenPath: string;
   activePath: string;
   hidden: Qcow2Node;
+  /** the hidden disk's file (its durability; syncNow) */
+  hiddenFile: HiddenFile;
   active: Qcow2Node;
   /** the same nodes, complete (for filters and reads) */
   hiddenNode: CompleteBlockNode;
@@ -65,8 +125,9 @@ async function create(what: 'hidden' | 'active', path: string, backing: string, 
   }
 }
 
-async function open(what: 'hidden' | 'active', path: string, backing: BlockNode): Promise<Qcow2Node> {
+async function open(what: 'hidden' | 'active', path: string, backing: BlockNode, wrap?: (f: HostFile) => Qcow2Container): Promise<Qcow2Node> {
   try {
+    if (wrap) return await Qcow2Node.openContainer(wrap(await HostFile.open(path)), { backing });
     return await Qcow2Node.open(path, { backing });
   } catch (err) {
     const e = toBlkrepError(err);
@@ -78,7 +139,11 @@ async function open(what: 'hidden' | 'active', path: string, backing: BlockNode)
  * Open (creating what is absent) the hidden and active disks over `disk`, the daemon's node of
  * the image at `diskPath`.
  */
-export async function openSecondaryImages(diskPath: string, disk: BlockNode, o: { hidden?: string; active?: string } = {}): Promise<SecondaryImages> {
+export async function openSecondaryImages(
+  diskPath: string,
+  disk: BlockNode,
+  o: { hidden?: string; active?: string; hiddenDurability?: HiddenDurability; discardHidden?: boolean } = {},
+): Promise<SecondaryImages> {
   const defaults = defaultOverlayPaths(diskPath);
   const hiddenPath = o.hidden ?? defaults.hidden;
   const activePath = o.active ?? defaults.active;
@@ -87,6 +152,8 @@ export async function openSecondaryImages(diskPath: string, disk: BlockNode, o: 
   }
   const created = { hidden: false, active: false };
   const diskFormat = disk.driver === 'qcow2' ? 'qcow2' : 'raw';
+  // a volatile hidden disk after a host crash: garbage (maybe not even a readable qcow2), made anew
+  if (o.discardHidden) await rm(hiddenPath, { force: true });
   if (!(await exists(hiddenPath))) {
     await create('hidden', hiddenPath, diskPath, diskFormat, disk.size);
     created.hidden = true;
@@ -95,7 +162,8 @@ export async function openSecondaryImages(diskPath: string, disk: BlockNode, o: 
     await create('active', activePath, hiddenPath, 'qcow2', disk.size);
     created.active = true;
   }
-  const hidden = await open('hidden', hiddenPath, new Borrowed(disk));
+  let hiddenFile: HiddenFile | undefined;
+  const hidden = await open('hidden', hiddenPath, new Borrowed(disk), (f) => (hiddenFile = new HiddenFile(f, o.hiddenDurability ?? 'strict')));
   let active: Qcow2Node;
   try {
     active = await open('active', activePath, new Borrowed(hidden));
@@ -112,7 +180,7 @@ export async function openSecondaryImages(diskPath: string, disk: BlockNode, o: 
       { errno: 'EINVAL', details: { disk: disk.size, hidden: hidden.size, active: active.size } },
     );
   }
-  return { hiddenPath, activePath, hidden, active, hiddenNode: completeNode(hidden), activeNode: completeNode(active), created };
+  return { hiddenPath, activePath, hidden, hiddenFile: hiddenFile!, active, hiddenNode: completeNode(hidden), activeNode: completeNode(active), created };
 }
 
 /** Allocated runs of one layer (depth 1 in its extents): what it holds itself. */

@@ -21,16 +21,16 @@ import { OPT_BLKREP_PAIR_LINK } from '../nbd/option-takeover.js';
 import type { PairContext, PairSetup } from '../serve/daemon.js';
 import { CbwFilter } from './cbw-filter.js';
 import { ReplicaWriters } from './data-token.js';
-import { crashPoint, faultPoint } from './crash-hook.js';
+import { crashPoint, faultPoint, readBootId } from './crash-hook.js';
 import { decide, mint, type Decision, type GenerationTuple } from './generations.js';
 import { listSalvage, salvage, salvagePath, type SalvageEntry } from './salvage.js';
 import { resolveSplitBrain, type AfterSb0Policy, type SplitBrainResolution, type SplitBrainSide } from './split-brain.js';
 import { fetchRuns, PAIR_LINK_VERSION, PairChannel, runsPage, type DiskState, type LinkDecision, type NodeSummary, type PairMessage } from './messages.js';
 import { peerBitmapPath } from './primary.js';
 import type { FailoverOptions, FailoverResult, HandOff, PairRole, PairStatus } from './role.js';
-import { allocatedRuns, openSecondaryImages, OVERLAY_CLUSTER, type SecondaryImages } from './secondary-images.js';
+import { allocatedRuns, openSecondaryImages, OVERLAY_CLUSTER, type HiddenDurability, type SecondaryImages } from './secondary-images.js';
 import { explainSecondaryFailover, type SecondaryFailoverFacts } from './secondary-explain.js';
-import { initialState, pairStatePath, PairStateFile } from './state.js';
+import { initialState, noRestorePoint, pairStatePath, PairStateFile, volatileHiddenLost } from './state.js';
 import { gated, WriteGate } from './write-gate.js';
 
 export interface SecondaryOptions {
@@ -47,6 +47,8 @@ export interface SecondaryOptions {
   afterSplitBrain?: AfterSb0Policy;
   /** --node-name: this node's name for discard-node=NAME (kept in the pair state; default the host name) */
   nodeName?: string;
+  /** --hidden-durability: strict (default: the copies are fdatasynced) or volatile (never synced; a host crash makes the secondary Inconsistent) */
+  hiddenDurability?: HiddenDurability;
 }
 
 /** how long the primary's bitmap may take to arrive for a salvage */
@@ -157,13 +159,21 @@ export class SecondaryRole implements PairRole {
       if (state.state.role === 'primary') ctx.log('warn', `${diskPath} was a primary${state.state.cleanShutdown ? '' : ' and did not stop cleanly'}; it starts as a secondary (--secondary)`);
       await state.update((s) => ({ ...s, role: 'secondary' }));
     }
-    const images = await openSecondaryImages(diskPath, ctx.imageNode, o);
+    const volatile = o.hiddenDurability === 'volatile';
+    // a host crash is told from a process crash by the boot id (the page cache survives kill -9 only)
+    const boot = volatile || state.state.volatileHidden ? await readBootId() : undefined;
+    if (volatile && boot!.id === null) {
+      throw new BlkrepError('ERR_PAIR_BOOT_ID', `--hidden-durability volatile needs the boot id to tell a host crash from a process crash: cannot read ${boot!.file}: ${boot!.error}`, { errno: 'EINVAL', details: { file: boot!.file } });
+    }
+    const lost = volatileHiddenLost(state.state, boot?.id ?? null);
+    const images = await openSecondaryImages(diskPath, ctx.imageNode, { ...o, discardHidden: lost });
     const role = new SecondaryRole(ctx, o, state, images);
     try {
       await role.openOwnDirty(diskPath);
       role.salvaged = await listSalvage(diskPath);
       if (o.nodeName !== undefined && o.nodeName !== state.state.name) await state.update((s) => ({ ...s, name: o.nodeName! }));
-      await role.recover();
+      await role.recover(lost ? `a host crash (boot id ${state.state.volatileHidden!.bootId} at the last start, ${boot?.id ?? `unreadable: ${boot?.error}`} now) lost the volatile hidden disk` : null);
+      await role.recordVolatile(boot?.id ?? null);
       const fo = state.state.failingOver;
       if (fo) {
         role.failoverFailed = { step: 'restart', code: 'ERR_PAIR_FAILOVER_FAILED', message: `the daemon stopped during a failover to ${fo.to === 'latest' ? 'the latest write' : `checkpoint ${fo.epoch}`}` };
@@ -263,6 +273,8 @@ export class SecondaryRole implements PairRole {
         active: this.images?.activePath ?? null,
         viewExport: this.promoted ? null : (this.o.viewExport ?? null),
         copiedClusters: this.cbw?.copiedClusters ?? 0,
+        hiddenDurability: this.images?.hiddenFile.durability ?? null,
+        noRestorePoint: noRestorePoint(s),
         committing: s.committing,
         checkpointing: this.checkpointing,
         failoverFailed: this.failoverFailed,
@@ -334,6 +346,8 @@ export class SecondaryRole implements PairRole {
       this.link?.close(new BlkrepError('ERR_PAIR_LINK_DOWN', 'the secondary is stopping'));
       this.link = undefined;
       await this.queue.catch(() => {});
+      // a clean stop: the volatile hidden disk's copies are made durable, so a reboot now loses nothing
+      if (this.images && !this.promoted && this.state.state.volatileHidden) await this.syncVolatileHidden().catch((err: unknown) => this.ctx.log('warn', `hidden disk: ${(err as Error).message}`));
       if (this.images) {
         await this.images.active.close().catch((err: unknown) => this.ctx.log('warn', `active disk: ${(err as Error).message}`));
         await this.images.hidden.close().catch((err: unknown) => this.ctx.log('warn', `hidden disk: ${(err as Error).message}`));
@@ -437,6 +451,10 @@ export class SecondaryRole implements PairRole {
     const s = this.state.state;
     const d = decide({ gi: s.gi, crashedPrimary: false }, { gi: m.gi, crashedPrimary: m.crashedPrimary });
     let decision = linkDecision(d);
+    if (s.restorePointLost && (decision.action === 'none' || decision.action === 'resync-bitmap')) {
+      // the Inconsistent side is the forced target; the primary keeps no record of its writes since the checkpoint
+      decision = { rule: d.rule, action: 'resync-full', explanation: `${s.restorePointLost}: this secondary is Inconsistent, the forced target of a full resync (rule ${d.rule} alone said ${decision.action})` };
+    }
     let salvageFirst = false;
     if (d.result === 'split-brain' || d.result === 'split-brain-manual') {
       const r = this.resolveSplitBrain(d, m);
@@ -550,6 +568,7 @@ export class SecondaryRole implements PairRole {
 
   private async setDiskState(d: DiskState): Promise<void> {
     if (this.state.state.diskState !== d) await this.state.update((s) => ({ ...s, diskState: d }));
+    this.refreshBypass();
   }
 
   // ------------------------------------------------------------------------------ checkpoints
@@ -561,21 +580,63 @@ export class SecondaryRole implements PairRole {
     return run;
   }
 
-  /** Crash rule: a restart between steps 5 and 7 redoes step 6 and commits (the disk is CP_N already). */
-  private async recover(): Promise<void> {
+  /**
+   * Crash rules at start: a restart between steps 5 and 7 redoes step 6 and commits (the disk is
+   * CP_N already, flushed at step 4: true after a host crash too). Else, when a host crash lost
+   * the volatile hidden disk (`lostHidden`: why), the disk may hold writes of the unfinished
+   * epoch whose old data is gone: Inconsistent, no restore point, until a full resync and the
+   * checkpoint after it.
+   */
+  private async recover(lostHidden: string | null): Promise<void> {
     const n = this.state.state.committing;
-    if (n === null) return;
-    this.ctx.log('warn', `checkpoint ${n} was committing when the secondary stopped: emptying the hidden and active disks again and committing epoch ${n}`);
-    await this.emptyOverlays();
-    await this.state.update((s) => ({ ...s, epoch: n, committing: null }));
+    if (n !== null) {
+      this.ctx.log('warn', `checkpoint ${n} was committing when the secondary stopped: emptying the hidden and active disks again and committing epoch ${n}`);
+      await this.emptyOverlays();
+      await this.state.update((s) => ({ ...s, epoch: n, committing: null }));
+    } else if (lostHidden !== null) {
+      const reason = `${lostHidden}: the disk may hold writes made after checkpoint ${this.state.state.epoch} whose old data is gone`;
+      this.ctx.log('warn', `${reason}; the secondary is Inconsistent (not promotable) until a full resync from the primary`);
+      await this.state.update((s) => ({ ...s, diskState: 'Inconsistent', restorePointLost: reason }));
+      this.ctx.publish('restore-point-lost', { export: this.ctx.exportName, reason });
+    }
+    this.refreshBypass();
+  }
+
+  /**
+   * Record the boot whose page cache holds a volatile hidden disk's copies, durably, before the
+   * replica export takes a write; with a strict hidden disk, make a volatile run's copies durable
+   * (a real fdatasync) before its record goes.
+   */
+  private async recordVolatile(bootId: string | null): Promise<void> {
+    const images = this.images!;
+    if (images.hiddenFile.durability === 'volatile') {
+      if (this.state.state.volatileHidden?.bootId !== bootId) await this.state.update((s) => ({ ...s, volatileHidden: { bootId: bootId! } }));
+    } else if (this.state.state.volatileHidden) {
+      await this.syncVolatileHidden();
+    }
+  }
+
+  /** A volatile hidden disk made durable (its metadata written, then fdatasync): its boot id record goes. */
+  private async syncVolatileHidden(): Promise<void> {
+    const images = this.images!;
+    await images.hidden.flush();
+    await images.hiddenFile.syncNow();
+    await this.state.update((s) => ({ ...s, volatileHidden: null }));
+  }
+
+  /** No checkpoint to roll back to: the replica export writes the disk without copy-before-write. */
+  private refreshBypass(): void {
+    if (this.cbw) this.cbw.bypass = noRestorePoint(this.state.state) !== null;
   }
 
   private async emptyOverlays(): Promise<void> {
     this.cbw!.reset();
-    // QEMU's order: active, then hidden. An active disk the view never wrote (no secondary
-    // workload, the usual case) is left alone: two fsyncs less while writes are held.
+    // QEMU's order: active, then hidden. An overlay that maps nothing (active without a secondary
+    // workload, the usual case; hidden after an epoch without writes or without copy-before-write)
+    // is left alone: its emptying would change nothing a reader sees, and costs fsyncs while
+    // writes are held.
     if (!this.images!.active.mapsNothing) await this.images!.active.makeEmpty();
-    await this.images!.hidden.makeEmpty();
+    if (!this.images!.hidden.mapsNothing) await this.images!.hidden.makeEmpty();
   }
 
   /** Steps 4–7 of checkpoint n (replication.md §2). Resolves with the committed epoch. */
@@ -590,22 +651,43 @@ export class SecondaryRole implements PairRole {
     }
     const t0 = Date.now();
     const cbw = this.cbw!;
+    const images = this.images!;
     this.checkpointing = n;
+    /** ms per step (4 hold, 4 flush, 5, 6, 7) for the event */
+    const steps: Record<string, number> = {};
+    let at = t0;
+    const lap = (name: string): void => {
+      const now = performance.now();
+      steps[name] = Math.round((now - at) * 10) / 10;
+      at = now;
+    };
+    at = performance.now();
     // step 4: stop taking replica writes, hold the view's writes, flush the disk
     await cbw.gate.hold();
     await this.viewGate.hold();
+    lap('hold');
     try {
       await this.ctx.exportNode.flush();
+      lap('flush');
       crashPoint('checkpoint-step-4');
-      // step 5: durably "checkpoint n committing"
-      await this.state.update((s) => ({ ...s, committing: n }));
+      // step 5: durably "checkpoint n committing". Not needed when both overlays map nothing:
+      // step 6 then changes nothing on disk, so a crash before step 7's write leaves CP_{n-1}
+      // = CP_n (the same bytes: no write since the last checkpoint reached the disk through
+      // copy-before-write) and the crash rules hold with the one write of step 7.
+      const emptyAlready = images.hidden.mapsNothing && images.active.mapsNothing;
+      if (!emptyAlready) await this.state.update((s) => ({ ...s, committing: n }));
+      lap('committing');
       crashPoint('checkpoint-step-5');
       // step 6: reset the CBW bits, empty active, then hidden
       await this.emptyOverlays();
+      lap('empty');
       crashPoint('checkpoint-step-6');
       // step 7: durably "epoch n committed"; a resync ended with this checkpoint: adopt the primary's generations
+      // (after a lost restore point the hello forced that resync to be full: the disk is CP_n, a restore point again)
       const gi = this.peerHello?.gi;
-      await this.state.update((s) => ({ ...s, epoch: n, committing: null, ...(gi && this.link ? { gi, diskState: 'UpToDate' as const } : {}) }));
+      await this.state.update((s) => ({ ...s, epoch: n, committing: null, ...(gi && this.link ? { gi, diskState: 'UpToDate' as const, restorePointLost: null } : {}) }));
+      this.refreshBypass();
+      lap('committed');
       crashPoint('checkpoint-step-7');
       // the resync before this checkpoint copied what the old peer bitmap marked (the primary took it on hello)
       if (gi && this.link && this.ownDirty) await this.dropOwnDirty();
@@ -615,7 +697,7 @@ export class SecondaryRole implements PairRole {
       cbw.gate.release();
     }
     this.lastCheckpointAt = Date.now();
-    this.ctx.publish('checkpoint', { export: this.ctx.exportName, role: 'secondary', epoch: n, ms: this.lastCheckpointAt - t0 });
+    this.ctx.publish('checkpoint', { export: this.ctx.exportName, role: 'secondary', epoch: n, ms: this.lastCheckpointAt - t0, steps });
     return n;
   }
 
@@ -634,6 +716,7 @@ export class SecondaryRole implements PairRole {
       gi: s.gi,
       diskState: s.diskState,
       committing: s.committing,
+      noRestorePoint: noRestorePoint(s),
       linkUp: this.link !== undefined,
       protocol: this.peerHello?.protocol ?? null,
       hiddenRuns,
@@ -704,8 +787,21 @@ export class SecondaryRole implements PairRole {
       }
       at('empty-overlays');
       await this.emptyOverlays();
+      // a volatile hidden disk's emptying is made durable: a host crash must not bring its old clusters back
+      if (images.hiddenFile.durability === 'volatile') await images.hiddenFile.syncNow();
       at('record-generation');
-      await this.state.update((s) => ({ ...s, role: 'primary', gi: mint(s.gi), committing: null, diskState: 'UpToDate', cleanShutdown: false, failingOver: null, primarySince: Date.now() }));
+      await this.state.update((s) => ({
+        ...s,
+        role: 'primary',
+        gi: mint(s.gi),
+        committing: null,
+        diskState: 'UpToDate',
+        cleanShutdown: false,
+        failingOver: null,
+        primarySince: Date.now(),
+        volatileHidden: null,
+        restorePointLost: null,
+      }));
       this.promoted = true;
     } catch (err) {
       // failure case 7: reads of the view still show the checkpoint; its writes go to the active disk (committed by the retry)

@@ -40,6 +40,20 @@ export interface PairState {
   failingOver?: { to: 'checkpoint' | 'latest'; epoch: number; committed: boolean } | null;
   /** the node's name for discard-node=NAME (serve-nbd --node-name); absent = the host name */
   name?: string;
+  /**
+   * a secondary serves with a volatile hidden disk (--hidden-durability volatile): the boot id
+   * (/proc/sys/kernel/random/boot_id) of the boot whose page cache holds its unsynced copies.
+   * Set before the replica export takes a write, cleared by a clean stop (after a real sync of
+   * the hidden disk) and by promotion. A start under another boot id: the hidden disk was lost.
+   * Absent or null = none.
+   */
+  volatileHidden?: { bootId: string } | null;
+  /**
+   * why this secondary has no checkpoint to roll back to (a host crash lost its volatile hidden
+   * disk): Inconsistent, the forced target of a full resync, never promotable, until the
+   * checkpoint after that resync. Absent or null = it has one.
+   */
+  restorePointLost?: string | null;
 }
 
 const ROLES = ['primary', 'secondary', 'none'];
@@ -66,6 +80,9 @@ export function validateState(v: unknown, path: string): PairState {
     throw bad(`has failingOver ${JSON.stringify(fo)}, not {to: "checkpoint"|"latest", epoch, committed}`);
   }
   if (s.name !== undefined && (typeof s.name !== 'string' || s.name === '')) throw bad(`has name ${JSON.stringify(s.name)}, not a non-empty string`);
+  const vh = s.volatileHidden;
+  if (vh !== undefined && vh !== null && (typeof vh !== 'object' || typeof vh.bootId !== 'string' || vh.bootId === '')) throw bad(`has volatileHidden ${JSON.stringify(vh)}, not {bootId: "…"}`);
+  if (s.restorePointLost !== undefined && s.restorePointLost !== null && typeof s.restorePointLost !== 'string') throw bad(`has restorePointLost ${JSON.stringify(s.restorePointLost)}, not a string`);
   checkTuple(s.gi, `the pair state ${path}`, 'ERR_PAIR_STATE');
   return s as PairState;
 }
@@ -125,6 +142,27 @@ export function restartPlan(state: PairState, facts: RestartFacts = {}, path = '
     why.push('the node crashed as primary: its persisted windows and activity-log extents are resynced to the peer');
   }
   return { actions, next, restorePoint: next.epoch, explanation: why.join('; ') };
+}
+
+/**
+ * A secondary's start: did a host crash lose its volatile hidden disk? True when the state
+ * records a volatile hidden disk of another boot than `bootId` (null: the boot id cannot be
+ * read, so nothing says the page cache survived).
+ */
+export function volatileHiddenLost(s: Readonly<PairState>, bootId: string | null): boolean {
+  return s.volatileHidden != null && s.volatileHidden.bootId !== bootId;
+}
+
+/**
+ * Why the secondary has no checkpoint to roll back to, or null when it has one: a host crash
+ * lost its volatile hidden disk, or it never committed a checkpoint and a resync makes its disk
+ * Inconsistent (the initial full sync). Then the replica export writes the disk without
+ * copy-before-write (there is nothing to keep) and failover refuses (ERR_PAIR_INCONSISTENT).
+ */
+export function noRestorePoint(s: Readonly<PairState>): string | null {
+  if (s.restorePointLost) return s.restorePointLost;
+  if (s.epoch === 0 && s.diskState === 'Inconsistent') return 'it never committed a checkpoint and its first resync has not ended (the disk holds part of the primary\'s data)';
+  return null;
 }
 
 /** The node becomes primary (promotion, failover) at `now` (ms since the epoch). */

@@ -2,7 +2,8 @@
  * Crash of the secondary inside a checkpoint (replication.md §2 crash rules, §7 B.3): the fault
  * hook BLKREP_TEST_CRASH_AT=checkpoint-step-K kills serve-nbd --secondary with SIGKILL at the end
  * of step K; after a restart the view is exactly CP_{N-1} (step 4) or CP_N (steps 5–7), never a
- * mix, and the pair state says which.
+ * mix, and the pair state says which. With a strict and with a volatile hidden disk (kill -9 is a
+ * process crash: the page cache keeps the volatile hidden disk's unsynced copies).
  */
 import { join } from 'node:path';
 import { readFile, writeFile } from 'node:fs/promises';
@@ -20,7 +21,7 @@ async function readView(dir: string, socket: string, tag: string): Promise<Buffe
   return readFile(out);
 }
 
-describe('secondary crash inside a checkpoint (kill -9 by the fault hook)', () => {
+describe.each(['strict', 'volatile'] as const)('secondary crash inside a checkpoint (kill -9 by the fault hook), hidden %s', (durability) => {
   const cp0 = Buffer.alloc(SIZE, 0x11);
   const cp1 = Buffer.from(cp0);
   cp1.fill(0x22, MiB, 2 * MiB);
@@ -37,7 +38,7 @@ describe('secondary crash inside a checkpoint (kill -9 by the fault hook)', () =
     const disk = join(dir, 'disk.img');
     await writeFile(disk, cp0);
     const socket = join(dir, 'nbd.sock');
-    const args = [disk, '--secondary', '--socket', socket, '--view-export', 'view', '--view-read-only'];
+    const args = [disk, '--secondary', '--socket', socket, '--view-export', 'view', '--view-read-only', '--hidden-durability', durability];
     const p = await serve(args, { env: { ...process.env, BLKREP_TEST_CRASH_AT: step } });
     const link = await openLink(socket, { size: SIZE });
     const c = await writerClient(socket, link);
@@ -52,7 +53,7 @@ describe('secondary crash inside a checkpoint (kill -9 by the fault hook)', () =
     const view = await readView(dir, socket, 'after');
     const expected = epoch === 0 ? cp0 : cp1;
     expect(view.equals(expected)).toBe(true);
-    expect(JSON.parse(await readFile(`${disk}.pair.json`, 'utf8'))).toMatchObject({ epoch, committing: null });
+    expect(JSON.parse(await readFile(`${disk}.pair.json`, 'utf8'))).toMatchObject({ epoch, committing: null, diskState: 'UpToDate', ...(durability === 'volatile' ? { volatileHidden: { bootId: expect.any(String) } } : {}) });
     // the disk holds the primary's writes in every case
     expect((await readFile(disk)).equals(cp1)).toBe(true);
 

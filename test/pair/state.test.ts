@@ -13,9 +13,11 @@ import {
   markPromoted,
   markRunning,
   markStopped,
+  noRestorePoint,
   pairStatePath,
   restartPlan,
   validateState,
+  volatileHiddenLost,
   type PairState,
 } from '../../src/pair/state.js';
 import { makeTempDir } from '../support/spawn.js';
@@ -51,6 +53,8 @@ describe('the pair state file', () => {
       [{ ...base(), cleanShutdown: 'yes' }, 'has cleanShutdown "yes", not true or false'],
       [{ ...base(), primarySince: 'noon' }, 'has primarySince "noon"'],
       [{ ...base(), gi: { current: 'zz', bitmap: EMPTY, history: [] } }, 'the generation tuple has current "zz", not 16 lowercase hex digits'],
+      [{ ...base(), volatileHidden: { bootId: '' } }, 'has volatileHidden {"bootId":""}, not {bootId: "…"}'],
+      [{ ...base(), restorePointLost: 5 }, 'has restorePointLost 5, not a string'],
     ];
     for (const [content, message] of cases) {
       await writeFile(path, typeof content === 'string' ? content : JSON.stringify(content));
@@ -110,5 +114,23 @@ describe('crash rules after a restart', () => {
     expect(markRunning(s).cleanShutdown).toBe(false);
     expect(markStopped(markRunning(s)).cleanShutdown).toBe(true);
     expect(validateState(markRunning(s), 'x')).toEqual(markRunning(s));
+  });
+});
+
+describe('volatile hidden disk and restore points', () => {
+  it('a host crash is another boot id than the one recorded (or none readable); no record, no loss', () => {
+    expect(volatileHiddenLost(base({ volatileHidden: { bootId: 'a' } }), 'a')).toBe(false);
+    expect(volatileHiddenLost(base({ volatileHidden: { bootId: 'a' } }), 'b')).toBe(true);
+    expect(volatileHiddenLost(base({ volatileHidden: { bootId: 'a' } }), null)).toBe(true);
+    expect(volatileHiddenLost(base({ volatileHidden: null }), 'b')).toBe(false);
+    expect(volatileHiddenLost(base(), 'b')).toBe(false);
+  });
+
+  it('no restore point: a lost one, or epoch 0 and Inconsistent (the first resync); else there is one', () => {
+    expect(noRestorePoint(base({ restorePointLost: 'a host crash' }))).toBe('a host crash');
+    expect(noRestorePoint(base({ epoch: 0, diskState: 'Inconsistent' }))).toContain('never committed a checkpoint');
+    expect(noRestorePoint(base({ epoch: 0, diskState: 'UpToDate' }))).toBe(null);
+    // a resync after a checkpoint: hidden still holds CP_N (replication.md §2)
+    expect(noRestorePoint(base({ epoch: 3, diskState: 'Inconsistent' }))).toBe(null);
   });
 });
