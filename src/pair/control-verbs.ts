@@ -22,7 +22,7 @@ export const PAIR_VERB_SPECS = {
     }),
     result: 'FailoverResult {role, dryRun, to, epoch, gi, bytes, ms, explanation, …}',
     events: ['failover-started', 'failover-done', 'failover-failed'],
-    errors: ['ERR_PAIR_ROLE', 'ERR_PAIR_OUTDATED', 'ERR_PAIR_STATE', 'ERR_PAIR_FAILOVER_FAILED', 'ERR_NO_EXPORT'],
+    errors: ['ERR_PAIR_ROLE', 'ERR_PAIR_OUTDATED', 'ERR_PAIR_INCONSISTENT', 'ERR_PAIR_STATE', 'ERR_PAIR_FAILOVER_FAILED', 'ERR_NO_EXPORT'],
   },
 } as const satisfies Record<string, VerbSpec>;
 

@@ -73,4 +73,23 @@ describe.each(['strict', 'volatile'] as const)('secondary crash inside a checkpo
     link2.close();
     await again.stop();
   });
+
+  it('an epoch without writes: step 5 writes no "committing" (step 6 changes nothing), so a kill there leaves epoch 0 with the same bytes', async () => {
+    const dir = await makeTempDir();
+    const disk = join(dir, 'disk.img');
+    await writeFile(disk, cp0);
+    const socket = join(dir, 'nbd.sock');
+    const args = [disk, '--secondary', '--socket', socket, '--view-export', 'view', '--view-read-only', '--hidden-durability', durability];
+    const p = await serve(args, { env: { ...process.env, BLKREP_TEST_CRASH_AT: 'checkpoint-step-5' } });
+    const link = await openLink(socket, { size: SIZE });
+    await expect(link.checkpoint(1)).rejects.toMatchObject({ code: 'ERR_PAIR_LINK_DOWN' });
+    expect((await p.waitExit(10_000)).signal).toBe('SIGKILL');
+    expect(JSON.parse(await readFile(`${disk}.pair.json`, 'utf8'))).toMatchObject({ epoch: 0, committing: null });
+    const again = await serve(args);
+    expect((await readView(dir, socket, 'after')).equals(cp0)).toBe(true);
+    const link2 = await openLink(socket, { size: SIZE });
+    expect(await link2.checkpoint(1)).toMatchObject({ type: 'done', n: 1, epoch: 1 });
+    link2.close();
+    await again.stop();
+  });
 });
