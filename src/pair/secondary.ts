@@ -274,7 +274,7 @@ export class SecondaryRole implements PairRole {
         viewExport: this.promoted ? null : (this.o.viewExport ?? null),
         copiedClusters: this.cbw?.copiedClusters ?? 0,
         hiddenDurability: this.images?.hiddenFile.durability ?? null,
-        noRestorePoint: noRestorePoint(s),
+        noRestorePoint: this.noRestorePoint(),
         committing: s.committing,
         checkpointing: this.checkpointing,
         failoverFailed: this.failoverFailed,
@@ -626,7 +626,17 @@ export class SecondaryRole implements PairRole {
 
   /** No checkpoint to roll back to: the replica export writes the disk without copy-before-write. */
   private refreshBypass(): void {
-    if (this.cbw) this.cbw.bypass = noRestorePoint(this.state.state) !== null;
+    if (this.cbw) this.cbw.bypass = this.noRestorePoint() !== null;
+  }
+
+  /**
+   * Why there is no checkpoint to roll back to (state.ts), or null. With --accept-plain-primary
+   * the disk at start is checkpoint 0, as QEMU's replication_start takes one: a plain primary
+   * says nothing of a sync, so only a lost volatile hidden disk leaves no restore point.
+   */
+  private noRestorePoint(): string | null {
+    const s = this.state.state;
+    return this.o.acceptPlainPrimary ? (s.restorePointLost ?? null) : noRestorePoint(s);
   }
 
   private async emptyOverlays(): Promise<void> {
@@ -655,13 +665,12 @@ export class SecondaryRole implements PairRole {
     this.checkpointing = n;
     /** ms per step (4 hold, 4 flush, 5, 6, 7) for the event */
     const steps: Record<string, number> = {};
-    let at = t0;
+    let at = performance.now();
     const lap = (name: string): void => {
       const now = performance.now();
       steps[name] = Math.round((now - at) * 10) / 10;
       at = now;
     };
-    at = performance.now();
     // step 4: stop taking replica writes, hold the view's writes, flush the disk
     await cbw.gate.hold();
     await this.viewGate.hold();
@@ -670,10 +679,9 @@ export class SecondaryRole implements PairRole {
       await this.ctx.exportNode.flush();
       lap('flush');
       crashPoint('checkpoint-step-4');
-      // step 5: durably "checkpoint n committing". Not needed when both overlays map nothing:
-      // step 6 then changes nothing on disk, so a crash before step 7's write leaves CP_{n-1}
-      // = CP_n (the same bytes: no write since the last checkpoint reached the disk through
-      // copy-before-write) and the crash rules hold with the one write of step 7.
+      // step 5: durably "checkpoint n committing". Not when both overlays map nothing: step 6
+      // then changes nothing, so a crash before step 7 leaves epoch n-1 over the same bytes (with
+      // copy-before-write on, no write came this epoch; without it there is no restore point)
       const emptyAlready = images.hidden.mapsNothing && images.active.mapsNothing;
       if (!emptyAlready) await this.state.update((s) => ({ ...s, committing: n }));
       lap('committing');
@@ -716,7 +724,7 @@ export class SecondaryRole implements PairRole {
       gi: s.gi,
       diskState: s.diskState,
       committing: s.committing,
-      noRestorePoint: noRestorePoint(s),
+      noRestorePoint: this.noRestorePoint(),
       linkUp: this.link !== undefined,
       protocol: this.peerHello?.protocol ?? null,
       hiddenRuns,
