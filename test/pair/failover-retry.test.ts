@@ -48,13 +48,13 @@ async function readAll(socket: string, name: string): Promise<Buffer> {
 }
 
 /** A secondary at checkpoint 0 (the disk all 0x11) whose primary wrote 0x22 over [1, 2) MiB and whose view wrote 0x33 over [3, 3.0625) MiB. */
-async function setUp(step: string): Promise<{ dir: string; args: string[]; s: Served; socket: string; control: string; expected: Buffer }> {
+async function setUp(step: string, durability: 'strict' | 'volatile' = 'strict'): Promise<{ dir: string; args: string[]; s: Served; socket: string; control: string; expected: Buffer }> {
   const dir = await makeTempDir();
   const disk = join(dir, 'disk.img');
   await writeFile(disk, Buffer.alloc(SIZE, 0x11));
   const socket = join(dir, 'nbd.sock');
   const control = join(dir, 'ctl.sock');
-  const args = [disk, '--secondary', '--socket', socket, '--control', control, '--view-export', 'view'];
+  const args = [disk, '--secondary', '--socket', socket, '--control', control, '--view-export', 'view', '--hidden-durability', durability];
   const s = await serve(args, { env: { ...process.env, BLKREP_TEST_FAIL_AT: `failover-${step}` } });
   const link = await openLink(socket, { size: SIZE });
   expect(link.answer.type).toBe('welcome');
@@ -129,8 +129,8 @@ describe('failover that fails halfway, and failover --retry', () => {
     expect((await failover(control, '--retry')).json.error).toMatchObject({ code: 'ERR_PAIR_STATE' });
   });
 
-  it('fails at empty-overlays (commit flushed), daemon killed: after restart primaries are refused; --retry only empties; disk = view', async () => {
-    const { dir, args, s, socket, control, expected } = await setUp('empty-overlays');
+  it.each(['strict', 'volatile'] as const)('fails at empty-overlays (commit flushed), daemon killed: after restart primaries are refused; --retry only empties; disk = view (hidden %s)', async (durability) => {
+    const { dir, args, s, socket, control, expected } = await setUp('empty-overlays', durability);
     const bad = await failover(control);
     expect(bad.json.error).toMatchObject({ code: 'ERR_PAIR_FAILOVER_FAILED' });
     const state = JSON.parse(await readFile(join(dir, 'disk.img.pair.json'), 'utf8'));
@@ -149,6 +149,6 @@ describe('failover that fails halfway, and failover --retry', () => {
     expect(ok.code).toBe(0);
     expect(ok.json).toMatchObject({ role: 'primary', epoch: 0, retry: true });
     expect((await readAll(socket, '')).equals(expected)).toBe(true);
-    expect(JSON.parse(await readFile(join(dir, 'disk.img.pair.json'), 'utf8'))).toMatchObject({ role: 'primary', failingOver: null });
+    expect(JSON.parse(await readFile(join(dir, 'disk.img.pair.json'), 'utf8'))).toMatchObject({ role: 'primary', failingOver: null, ...(durability === 'volatile' ? { volatileHidden: null } : {}) });
   });
 });

@@ -9,7 +9,8 @@
  *
  * The suite runs a few seeds. BLKREP_SOAK_SEEDS ("1-200", "5,9,13") runs those instead:
  * scripts/soak-failover.mjs runs many. A seed decides everything (protocol, target, sizes, the
- * instant): seed odd → sync, else async; sync with seed % 4 = 3 → --to latest.
+ * instant): seed odd → sync, else async; sync with seed % 4 = 3 → --to latest; seed % 3 = 0 → the
+ * secondary's hidden disk is volatile (--hidden-durability), else strict.
  */
 import { join } from 'node:path';
 import { truncate, writeFile } from 'node:fs/promises';
@@ -39,12 +40,12 @@ function seedsFrom(spec: string | undefined): number[] {
   return out;
 }
 
-function variant(seed: number): { protocol: 'sync' | 'async'; to: 'checkpoint' | 'latest' } {
+function variant(seed: number): { protocol: 'sync' | 'async'; to: 'checkpoint' | 'latest'; hidden: 'strict' | 'volatile' } {
   const protocol = seed % 2 === 1 ? 'sync' : 'async';
-  return { protocol, to: protocol === 'sync' && seed % 4 === 3 ? 'latest' : 'checkpoint' };
+  return { protocol, to: protocol === 'sync' && seed % 4 === 3 ? 'latest' : 'checkpoint', hidden: seed % 3 === 0 ? 'volatile' : 'strict' };
 }
 
-async function startPair(protocol: 'sync' | 'async'): Promise<{ p: Served; sControl: string; pControl: string; sSock: string; pSock: string }> {
+async function startPair(protocol: 'sync' | 'async', hidden: 'strict' | 'volatile'): Promise<{ p: Served; sControl: string; pControl: string; sSock: string; pSock: string }> {
   const dir = await makeTempDir();
   for (const f of ['p.img', 's.img']) {
     await writeFile(join(dir, f), Buffer.alloc(0));
@@ -54,7 +55,7 @@ async function startPair(protocol: 'sync' | 'async'): Promise<{ p: Served; sCont
   const pSock = join(dir, 'p.sock');
   const sControl = join(dir, 's.ctl');
   const pControl = join(dir, 'p.ctl');
-  await serve([join(dir, 's.img'), '--secondary', '--socket', sSock, '--control', sControl]);
+  await serve([join(dir, 's.img'), '--secondary', '--socket', sSock, '--control', sControl, '--hidden-durability', hidden]);
   const p = await serve([join(dir, 'p.img'), '--socket', pSock, '--control', pControl, '--replicate-to', unixUri(sSock), '--protocol', protocol]);
   await waitFor(async () => {
     // lastCheckpointAgeMs is set once the checkpoint has ended (a request before would join it)
@@ -85,10 +86,10 @@ function versionOf(block: Buffer, offset: number): number | string {
 
 describe('two daemons: random-instant failover', () => {
   for (const seed of seedsFrom(process.env.BLKREP_SOAK_SEEDS)) {
-    const { protocol, to } = variant(seed);
-    it(`seed ${seed} (${protocol}, --to ${to}): after kill -9 of the primary and failover the secondary holds exactly the ${to === 'latest' ? 'acknowledged writes' : 'checkpoint'}`, async () => {
+    const { protocol, to, hidden } = variant(seed);
+    it(`seed ${seed} (${protocol}, --to ${to}, hidden ${hidden}): after kill -9 of the primary and failover the secondary holds exactly the ${to === 'latest' ? 'acknowledged writes' : 'checkpoint'}`, async () => {
       const random = rng(seed);
-      const pair = await startPair(protocol);
+      const pair = await startPair(protocol, hidden);
       const pc = await NbdClient.connect({ uri: unixUri(pair.pSock), reconnect: false, closeTimeoutMs: 2000 });
       /** versions[b]: the last acknowledged version of block b */
       const versions = new Uint32Array(BLOCKS);
