@@ -17,17 +17,18 @@ export function pairLine(p: PairStatus): string {
   return `${p.role} → ${p.peer ?? 'no peer'}${kind}, ${p.protocol ?? '-'}, link ${p.link}, epoch ${p.epoch}, ${age}, disk ${p.diskState}, queue ${formatSize(p.queueBytes)}, behind ${formatSize(p.bytesBehind)}, generation ${p.gi.current}`;
 }
 
-/** Lines under the pair line: a split brain that holds the link (either side), a refused replicate. */
+/** Lines under the pair line: a split brain that holds the link (either side), a refused replicate, a secondary without a restore point. */
 export function pairNotes(p: PairStatus): string[] {
   const x = p as PairStatus & {
     splitBrain?: { explanation: string };
-    secondary?: { splitBrain?: { keeps: string | null; explanation: string } | null };
+    secondary?: { splitBrain?: { keeps: string | null; explanation: string } | null; noRestorePoint?: string | null };
     refused?: { code: string; message: string };
   };
   const sb = x.splitBrain ?? (x.secondary?.splitBrain && x.secondary.splitBrain.keeps !== 'primary' ? x.secondary.splitBrain : undefined);
   const notes: string[] = [];
   if (p.link === 'split-brain' && sb) notes.push(`split brain: ${sb.explanation}`);
   if (x.refused && x.refused.code !== 'ERR_PAIR_SPLIT_BRAIN') notes.push(`replicate refused: ${x.refused.code}: ${x.refused.message}`);
+  if (p.role === 'secondary' && x.secondary?.noRestorePoint) notes.push(`no checkpoint to roll back to (not promotable): ${x.secondary.noRestorePoint}`);
   return notes;
 }
 

@@ -86,6 +86,8 @@ describe('serve-nbd --secondary --hidden-durability volatile', () => {
     expect(await state(n)).toMatchObject({ epoch: 1, committing: null, diskState: 'Inconsistent', volatileHidden: { bootId: BOOT_B }, restorePointLost: expect.stringContaining('writes made after checkpoint 1 whose old data is gone') });
     const st = await pairOf<{ diskState: string; secondary: { noRestorePoint: string | null; hiddenDurability: string } }>(n.control);
     expect(st).toMatchObject({ diskState: 'Inconsistent', secondary: { hiddenDurability: 'volatile', noRestorePoint: expect.stringContaining('lost the volatile hidden disk') } });
+    const text = await runCli(['status', '--control', n.control]);
+    expect(text.stdout).toContain(`no checkpoint to roll back to (not promotable): ${st.secondary.noRestorePoint}`);
     for (const extra of [[], ['--force'], ['--to', 'latest', '--force']]) {
       const f = await runCli(['failover', '--control', n.control, '--json', ...extra]);
       expect(f.code, f.stdout + f.stderr).toBe(1);
