@@ -169,7 +169,12 @@ export const EVENT_SCHEMAS = {
   'resync-started': ev('resync-started', { export: z.string(), peer: z.string(), bytes, full: z.boolean() }, 'the primary copies what the secondary misses'),
   'resync-done': ev('resync-done', { export: z.string(), peer: z.string(), bytes, dirtyBytes: bytes, ms: z.number() }, 'the resync finished'),
   'pair-refused': ev('pair-refused', { export: z.string(), peer: z.string(), ...errFields, decision: z.unknown().optional(), rule: z.unknown().optional() }, 'the peer refused the pair (or this node refused the peer)'),
-  checkpoint: ev('checkpoint', { export: z.string(), epoch: int, ms: z.number(), role: z.literal('secondary').optional() }, 'a checkpoint was committed'),
+  checkpoint: ev(
+    'checkpoint',
+    { export: z.string(), epoch: int, ms: z.number(), role: z.literal('secondary').optional(), steps: obj({ hold: z.number(), flush: z.number(), committing: z.number(), empty: z.number(), committed: z.number() }).optional() },
+    'a checkpoint was committed (the secondary: ms of each of its steps)',
+  ),
+  'restore-point-lost': ev('restore-point-lost', { export: z.string(), reason: z.string() }, 'a host crash lost the secondary\'s volatile hidden disk: Inconsistent until a full resync'),
   'checkpoint-failed': ev('checkpoint-failed', { export: z.string(), n: int, ...errFields }, 'a checkpoint failed'),
   'failover-started': ev('failover-started', { export: z.string(), role: z.literal('primary').optional(), to: z.string().optional(), epoch: int.optional(), retry: z.boolean().optional() }, 'a failover began'),
   'failover-done': ev('failover-done', { export: z.string(), role: z.literal('primary').optional(), to: z.string().optional(), epoch: int, bytes: bytes.optional(), ms: z.number() }, 'a failover finished'),
