@@ -636,7 +636,7 @@ export class SecondaryRole implements PairRole {
    */
   private noRestorePoint(): string | null {
     const s = this.state.state;
-    return this.o.acceptPlainPrimary ? (s.restorePointLost ?? null) : noRestorePoint(s);
+    return this.o.acceptPlainPrimary ? (s.restorePointLost ?? null) : noRestorePoint(s, this.images!.hidden.mapsNothing);
   }
 
   private async emptyOverlays(): Promise<void> {

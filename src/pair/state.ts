@@ -155,13 +155,15 @@ export function volatileHiddenLost(s: Readonly<PairState>, bootId: string | null
 
 /**
  * Why the secondary has no checkpoint to roll back to, or null when it has one: a host crash
- * lost its volatile hidden disk, or it never committed a checkpoint and a resync makes its disk
- * Inconsistent (the initial full sync). Then the replica export writes the disk without
- * copy-before-write (there is nothing to keep) and failover refuses (ERR_PAIR_INCONSISTENT).
+ * lost its volatile hidden disk, or it never committed a checkpoint, its disk is Inconsistent
+ * (a fresh disk, the initial full sync) and its hidden disk keeps nothing (`hiddenEmpty`; a
+ * hidden disk that kept the disk's first state since the start is checkpoint 0, and stays so
+ * during a resync). Then the replica export writes the disk without copy-before-write (there is
+ * nothing to keep, so hidden stays empty) and failover refuses (ERR_PAIR_INCONSISTENT).
  */
-export function noRestorePoint(s: Readonly<PairState>): string | null {
+export function noRestorePoint(s: Readonly<PairState>, hiddenEmpty: boolean): string | null {
   if (s.restorePointLost) return s.restorePointLost;
-  if (s.epoch === 0 && s.diskState === 'Inconsistent') return 'it never committed a checkpoint and its first resync has not ended (the disk holds part of the primary\'s data)';
+  if (s.epoch === 0 && s.diskState === 'Inconsistent' && hiddenEmpty) return 'it never committed a checkpoint and its first resync has not ended (the disk holds part of the primary\'s data)';
   return null;
 }
 

@@ -88,4 +88,36 @@ describe('the initial full sync: no copy-before-write', () => {
     link.close();
     await sec.stop();
   });
+
+  it('a hidden disk that kept the first state before a resync at epoch 0 is checkpoint 0: copy-before-write goes on, failover is allowed', async () => {
+    const SIZE = 4 * MiB;
+    const dir = await makeTempDir();
+    const disk = join(dir, 'disk.img');
+    await writeFile(disk, Buffer.alloc(SIZE, 0x11));
+    const socket = join(dir, 'nbd.sock');
+    const control = join(dir, 'ctl.sock');
+    const sec = await serve([disk, '--secondary', '--socket', socket, '--control', control, '--view-export', 'view', '--view-read-only']);
+    // both just created: no resync, UpToDate at epoch 0, copy-before-write on
+    const link = await openLink(socket, { size: SIZE });
+    expect(link.answer).toMatchObject({ type: 'welcome', decision: { action: 'none' } });
+    const c = await writerClient(socket, link);
+    await c.write(0, Buffer.alloc(65536, 0x22));
+    await c.flush();
+    await c.close();
+    link.close();
+    await waitFor(async () => (await pairOf(control)).link === 'none', 'the link to close');
+    // a primary with a generation: a full resync into this disk, which kept its first state in hidden
+    const link2 = await openLink(socket, { size: SIZE, gi: { current: newGeneration(), bitmap: EMPTY, history: [] } });
+    expect(link2.answer).toMatchObject({ type: 'welcome', decision: { action: 'resync-full' } });
+    const c2 = await writerClient(socket, link2);
+    await c2.write(MiB, Buffer.alloc(65536, 0x33));
+    await c2.flush();
+    expect(await hiddenDataBytes(disk)).toBe(2 * 65536);
+    expect(await pairOf(control)).toMatchObject({ epoch: 0, diskState: 'Inconsistent', secondary: { noRestorePoint: null } });
+    const dry = await runCli(['failover', '--control', control, '--dry-run', '--json']);
+    expect(JSON.parse(dry.stdout)).toMatchObject({ allowed: true, rule: 'failover-to-checkpoint', epoch: 0, hiddenBytes: 2 * 65536 });
+    await c2.close();
+    link2.close();
+    await sec.stop();
+  });
 });

@@ -126,11 +126,13 @@ describe('volatile hidden disk and restore points', () => {
     expect(volatileHiddenLost(base(), 'b')).toBe(false);
   });
 
-  it('no restore point: a lost one, or epoch 0 and Inconsistent (the first resync); else there is one', () => {
-    expect(noRestorePoint(base({ restorePointLost: 'a host crash' }))).toBe('a host crash');
-    expect(noRestorePoint(base({ epoch: 0, diskState: 'Inconsistent' }))).toContain('never committed a checkpoint');
-    expect(noRestorePoint(base({ epoch: 0, diskState: 'UpToDate' }))).toBe(null);
+  it('no restore point: a lost one, or epoch 0, Inconsistent and nothing kept in hidden (the first resync); else there is one', () => {
+    expect(noRestorePoint(base({ restorePointLost: 'a host crash' }), false)).toBe('a host crash');
+    expect(noRestorePoint(base({ epoch: 0, diskState: 'Inconsistent' }), true)).toContain('never committed a checkpoint');
+    // hidden keeps the disk's first state (copy-before-write ran before the resync): checkpoint 0
+    expect(noRestorePoint(base({ epoch: 0, diskState: 'Inconsistent' }), false)).toBe(null);
+    expect(noRestorePoint(base({ epoch: 0, diskState: 'UpToDate' }), true)).toBe(null);
     // a resync after a checkpoint: hidden still holds CP_N (replication.md §2)
-    expect(noRestorePoint(base({ epoch: 3, diskState: 'Inconsistent' }))).toBe(null);
+    expect(noRestorePoint(base({ epoch: 3, diskState: 'Inconsistent' }), true)).toBe(null);
   });
 });
