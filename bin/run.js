@@ -136,25 +136,25 @@ const args = argv.length === 2 && argv.includes('--version') && argv.includes('-
 // oclif finds a command through the root plugin's manifest; for the command it is about to load,
 // its entry is pointed at the bundle when the bundle is at least as new as every dist/src file
 // it was built from (a tree rebuilt by tsc alone runs its new modules, not an old bundle).
-function useCommandBundles(Plugin) {
-  const dir = join(vendorDir, 'commands');
-  let index;
+function readIndex() {
   try {
-    index = JSON.parse(readFileSync(join(dir, 'index.json'), 'utf8')).commands;
+    return JSON.parse(readFileSync(join(vendorDir, 'commands', 'index.json'), 'utf8'));
   } catch {
-    return; // no bundles: the modules in dist/src
+    return undefined; // no bundles: the modules in dist/src
   }
-  const fresh = ({ file, inputs }) => {
-    const built = mtime(join(dir, file));
-    if (built === undefined) return false;
-    if (compiled !== undefined && compiled <= built) return true;
-    return inputs.every((input) => (mtime(join(root, input)) ?? Infinity) <= built);
-  };
+}
+function bundleFresh({ file, inputs }) {
+  const built = mtime(join(vendorDir, 'commands', file));
+  if (built === undefined) return false;
+  if (compiled !== undefined && compiled <= built) return true;
+  return inputs.every((input) => (mtime(join(root, input)) ?? Infinity) <= built);
+}
+function useCommandBundles(Plugin, index) {
   const findCommand = Plugin.prototype.findCommand;
   Plugin.prototype.findCommand = function (id, options) {
     const entry = this.isRoot && !this.options.ignoreManifest ? this.manifest?.commands?.[id] : undefined;
-    const bundle = Object.hasOwn(index, id) ? index[id] : undefined;
-    if (entry && bundle && entry.isESM !== false && fresh(bundle)) {
+    const bundle = Object.hasOwn(index.commands, id) ? index.commands[id] : undefined;
+    if (entry && bundle && entry.isESM !== false && bundleFresh(bundle)) {
       entry.relativePath = ['dist', 'vendor', 'commands', bundle.file];
       entry.isESM = false;
     }
@@ -162,9 +162,69 @@ function useCommandBundles(Plugin) {
   };
 }
 
+// A bundled command runs without oclif loading the plugins first (finding each of the 11 in
+// node_modules, reading its package.json and manifest: ~25 ms of CPU) nor parsing the whole
+// oclif.manifest.json (~200 KB): the root plugin gets the one command's manifest entry
+// (dist/vendor/commands/ID.manifest.json), and the plugins are loaded, as oclif loads them, at
+// the first hook that is not one of oclif's own around every command (the `blkrep:register` of
+// serve-nbd, command_not_found …). Not for a command that reads the plugins or other commands
+// itself (index: loadsAllPlugins), nor help, nor when a plugin has a hook on those every-command
+// events (index: lifecycleHooks, none today) or user plugins are installed (DATA_DIR/package.json):
+// then every plugin is loaded first, as before. Everything else — parsing, --json, errors, exit
+// codes — is oclif's own path (execute with these load options).
+const LIFECYCLE = new Set(['init', 'preparse', 'prerun', 'postrun', 'finally']);
+const HELP_FLAGS = ['--help', '-h']; // package.json oclif.additionalHelpFlags
+function fastLoadOptions(oclif, index) {
+  if (index.lifecycleHooks?.length !== 0) return undefined;
+  const dash = argv.indexOf('--');
+  if (argv.slice(0, dash === -1 ? undefined : dash).some((a) => HELP_FLAGS.includes(a))) return undefined;
+  const words = [];
+  for (const arg of argv) {
+    if (arg.startsWith('-')) break;
+    words.push(arg);
+  }
+  let id;
+  for (let n = words.length; n > 0 && !id; n--) {
+    const candidate = words.slice(0, n).join(':');
+    if (Object.hasOwn(index.commands, candidate)) id = candidate;
+  }
+  const bundle = id && index.commands[id];
+  if (!bundle || bundle.loadsAllPlugins || !bundleFresh(bundle)) return undefined;
+  let entry, pjson;
+  try {
+    entry = JSON.parse(readFileSync(join(vendorDir, 'commands', bundle.file.replace(/\.cjs$/, '.manifest.json')), 'utf8'));
+    pjson = JSON.parse(readFileSync(join(root, 'package.json'), 'utf8'));
+  } catch {
+    return undefined;
+  }
+  const plugin = new oclif.Plugin({ root, isRoot: true, pjson });
+  plugin._manifest = async () => ({ version: pjson.version, commands: { [id]: entry } });
+  return { root, pjson, plugins: new Map([[pjson.name, plugin]]), blkrepRootPlugin: plugin };
+}
+function loadPluginsAtFirstHook(Config) {
+  const runHook = Config.prototype.runHook;
+  Config.prototype.runHook = async function (event, ...rest) {
+    if (this.options.blkrepRootPlugin && !this.blkrepPlugins) {
+      this.blkrepUserPlugins ??= existsSync(join(this.dataDir, 'package.json'));
+      if (this.blkrepUserPlugins || !LIFECYCLE.has(event)) this.blkrepPlugins = this.loadPluginsAndCommands({ force: true });
+    }
+    await this.blkrepPlugins;
+    return runHook.call(this, event, ...rest);
+  };
+}
+
 // require, not import(): @oclif/core is CommonJS, and import() of it parses its source for its
 // export names (~10 ms for the bundle) where require returns the loaded module.
 const oclif = require('@oclif/core');
-if (bundled) useCommandBundles(oclif.Plugin);
+let loadOptions;
+const index = bundled ? readIndex() : undefined;
+if (index) {
+  useCommandBundles(oclif.Plugin, index);
+  loadOptions = args ? undefined : fastLoadOptions(oclif, index);
+  if (loadOptions) {
+    await loadOptions.blkrepRootPlugin.load();
+    loadPluginsAtFirstHook(oclif.Config);
+  }
+}
 const { execute } = oclif;
-await execute({ dir: import.meta.url, ...(args ? { args } : {}) });
+await execute({ dir: import.meta.url, ...(args ? { args } : {}), ...(loadOptions ? { loadOptions } : {}) });

@@ -154,7 +154,20 @@ const built = await esbuild.build({
   metafile: true,
   logLevel: 'error',
 });
-const index = { commands: {} };
+// What bin/run.js needs to run a bundled command without loading the plugins first (the
+// plugins are loaded at the first hook that is not one of oclif's own around every command):
+// - per command, its manifest entry (ID.manifest.json: the root plugin then has that one command
+//   instead of parsing the whole manifest), and whether it reads the plugin list or other
+//   commands itself (`static loadsAllPlugins = true`: version, config check, serve-nbd);
+// - the plugins' hooks on those every-command events (LIFECYCLE_HOOKS, none today): while a plugin
+//   has one, every command loads all the plugins first, as oclif does.
+const LIFECYCLE = ['init', 'preparse', 'prerun', 'postrun', 'finally'];
+const { Config } = require('@oclif/core');
+const config = await Config.load({ root, userPlugins: false, devPlugins: false });
+const lifecycleHooks = config
+  .getPluginsList()
+  .flatMap((p) => Object.keys(p.hooks ?? {}).filter((event) => LIFECYCLE.includes(event)).map((event) => `${p.name}:${event}`));
+const index = { lifecycleHooks, commands: {} };
 for (const [out, meta] of Object.entries(built.metafile.outputs)) {
   if (!meta.entryPoint) continue;
   const file = path.basename(out);
@@ -162,7 +175,9 @@ for (const [out, meta] of Object.entries(built.metafile.outputs)) {
   if (!id) throw new Error(`${out}: not the bundle of a command in oclif.manifest.json`);
   // the files of dist/src (not node_modules', not the lazy builtins' made-up modules)
   const inputs = Object.keys(meta.inputs).filter((i) => !i.includes('node_modules') && !i.includes(':')).map((i) => path.relative(root, path.resolve(i)));
-  index.commands[id] = { file, inputs };
+  const entry = manifest.commands[id];
+  index.commands[id] = { file, inputs, ...(entry.loadsAllPlugins ? { loadsAllPlugins: true } : {}) };
+  writeFileSync(path.join(commandsDir, file.replace(/\.cjs$/, '.manifest.json')), JSON.stringify(entry));
   rewriteImports(path.join(commandsDir, file));
 }
 writeFileSync(path.join(commandsDir, 'index.json'), JSON.stringify(index) + '\n');
