@@ -129,6 +129,31 @@ console.log(`wrote ${path.relative(process.cwd(), outfile)}`);
 // BLKREP_OCLIF_BUNDLE=0. Outside stay: @oclif/core (the one copy above, which the oclif plugins
 // share), the plugins (@blkrep/*, loaded by their hooks and by name), the native addon.
 // index.json lists, per command id, its file and the files it was built from.
+// zod (the control verbs' and config's schemas, ~450 KB of the bundles that have it) is one file of
+// its own, dist/vendor/zod-VERSION.cjs, that the command bundles require() where they use it: a
+// command that reaches zod only through a module it imports at first use (bitmap dump of a file:
+// the live store's control verbs) does not read, compile or run it at all.
+const zodVersion = require('zod/package.json').version;
+const zodFile = `zod-${zodVersion}.cjs`;
+for (const old of readdirSync(path.dirname(outfile))) {
+  if (old.startsWith('zod-')) rmSync(path.join(path.dirname(outfile), old));
+}
+await esbuild.build({
+  entryPoints: [require.resolve('zod')],
+  outfile: path.join(path.dirname(outfile), zodFile),
+  bundle: true,
+  platform: 'node',
+  format: 'cjs',
+  target: 'node20',
+  minify: true,
+  logLevel: 'error',
+});
+const zodOutside = {
+  name: 'blkrep-zod',
+  setup(build) {
+    build.onResolve({ filter: /^zod$/ }, () => ({ path: `../${zodFile}`, external: true }));
+  },
+};
 const commandsDir = path.join(root, 'dist', 'vendor', 'commands');
 rmSync(commandsDir, { recursive: true, force: true });
 const manifest = JSON.parse(readFileSync(path.join(root, 'oclif.manifest.json'), 'utf8'));
@@ -137,7 +162,7 @@ const entryPoints = Object.fromEntries(
   Object.entries(manifest.commands).map(([id, c]) => [id.replaceAll(':', '.'), path.join(root, ...c.relativePath)]),
 );
 const built = await esbuild.build({
-  plugins: [startupPlugin(LAZY_BUILTINS_COMMANDS)],
+  plugins: [startupPlugin(LAZY_BUILTINS_COMMANDS), zodOutside],
   entryPoints,
   outdir: commandsDir,
   outExtension: { '.js': '.cjs' },

@@ -96,6 +96,26 @@ describe('command bundles', () => {
     expect(readFileSync(cache).equals(Buffer.alloc(4096, 0x5a))).toBe(false);
   });
 
+  it('zod is a file of its own: not loaded by bitmap dump of a file, loaded by config check', async () => {
+    const dir = await makeTempDir();
+    const img = join(dir, 'disk.qcow2');
+    await run('qemu-img', ['create', '-q', '-f', 'qcow2', img, '1M']);
+    await run('qemu-img', ['bitmap', '--add', img, 'b0']);
+    const dump = await runCli(['bitmap', 'dump', img, '-n', 'b0', '--json'], { env: debugEnv() });
+    expect(dump.code, dump.stderr).toBe(0);
+    expect(JSON.parse(dump.stdout)).toEqual([expect.objectContaining({ offset: 0, length: 1 << 20 })]);
+    expect(loaded(dump.stderr, join(VENDOR, 'commands', 'bitmap.dump.cjs'))).toBe(true);
+    expect(dump.stderr).not.toMatch(/zod/);
+
+    const zod = readdirSync(VENDOR).filter((f) => /^zod-[\d.]+\.cjs$/.test(f));
+    expect(zod).toHaveLength(1);
+    const config = join(dir, 'disk.yaml');
+    writeFileSync(config, `image: ${img}\nsocket: ${join(dir, 's.sock')}\n`);
+    const check = await runCli(['config', 'check', config, '--json'], { env: debugEnv() });
+    expect(check.code, check.stdout + check.stderr).toBe(0);
+    expect(loaded(check.stderr, join(VENDOR, zod[0]!))).toBe(true);
+  });
+
   it('bin/run.js runs as a program (its shebang), bundled', async () => {
     const r = await run(BIN, ['version', '--json'], { env: debugEnv() });
     expect(r.code).toBe(0);
