@@ -1,11 +1,38 @@
-#!/usr/bin/env -S node --max-semi-space-size=2
-// --max-semi-space-size=2: a small young generation. serve-nbd allocates at a high rate and
-// V8's default lets each semispace grow to 16 MiB, which is most of its memory under load
-// (bench/serve-nbd: peak RSS 115 -> 96 MiB). It only takes effect as a command-line flag.
-//
+#!/usr/bin/env node
 // Enough libuv threads for many requests in flight against files (default is 4);
 // must be set before the thread pool is first used, so before anything else loads.
 if (!process.env.UV_THREADPOOL_SIZE) process.env.UV_THREADPOOL_SIZE = '16';
+
+// --max-semi-space-size=2: a small young generation for the commands that move data or stay
+// running. serve-nbd allocates at a high rate and V8's default lets each semispace grow to 16 MiB,
+// which is most of its memory under load (bench/serve-nbd: peak RSS 115 -> 96 MiB). V8 reads it
+// only from the command line (v8.setFlagsFromString later leaves the young generation as it is:
+// 32 MiB of new space against 4 MiB with the flag, for the same allocations). In the shebang it
+// cost every command ~20 ms of CPU (any V8 flag makes node refuse its built-in modules' code
+// cache), so these commands run node again with it, in the same process (the native addon's
+// execv: the same PID for pid files, systemd and the tests that watch it) at ~50 ms more start-up,
+// and the short commands do not pay it. Without the addon (or with BLKREP_NO_NATIVE=1) they run
+// without the flag; the flag on node's command line or in NODE_OPTIONS is kept as given.
+const SMALL_YOUNG_GENERATION = '--max-semi-space-size=2';
+const DATA_COMMANDS = new Set(['serve-nbd', 'mirror', 'backup', 'commit', 'compare', 'check', 'make-empty', 'demo']);
+function smallYoungGeneration() {
+  const noNative = process.env.BLKREP_NO_NATIVE;
+  if (!DATA_COMMANDS.has(process.argv[2]) || (noNative !== undefined && noNative !== '' && noNative !== '0')) return;
+  if ([...process.execArgv, process.env.NODE_OPTIONS ?? ''].some((a) => a.includes('--max-semi-space-size'))) return;
+  const addon = { exports: {} };
+  try {
+    process.dlopen(addon, fileURLToPath(new URL('../native/build/Release/blkrep_native.node', import.meta.url)));
+  } catch {
+    return; // no addon: run without the flag
+  }
+  if (typeof addon.exports.execv !== 'function') return; // an addon built before execv
+  try {
+    addon.exports.execv(process.execPath, [process.argv0, ...process.execArgv, SMALL_YOUNG_GENERATION, ...process.argv.slice(1)]);
+  } catch {
+    // execv failed (the program is gone?): this process goes on without the flag
+  }
+}
+smallYoungGeneration();
 
 // oclif.manifest.json (written by `npm run build`) lets oclif import only the command that runs
 // instead of every command (about 50 ms of CPU at each start). A manifest older than a compiled

@@ -130,7 +130,9 @@ describe('command bundles', () => {
  * around every command. DEBUG=oclif:config makes oclif say when it loads them.
  */
 describe('a bundled command before the plugins load', () => {
-  const oclifDebug = (extra: NodeJS.ProcessEnv = {}): NodeJS.ProcessEnv => ({ ...process.env, DEBUG: 'oclif:config', ...extra });
+  const oclifDebug = (extra: NodeJS.ProcessEnv = {}): NodeJS.ProcessEnv => ({ ...process.env, DEBUG: 'oclif:config,oclif:main', ...extra });
+  // oclif:main prints node's flags: --max-semi-space-size=2 only for the commands that move data
+  const execArgv = (stderr: string): string => /process\.execArgv: (.*)/.exec(stderr)?.[1] ?? 'no execArgv line';
   const LOADS_PLUGINS = 'loading plugins [';
 
   it('info runs without loading them (and loads them with BLKREP_OCLIF_BUNDLE=0)', async () => {
@@ -142,6 +144,7 @@ describe('a bundled command before the plugins load', () => {
     expect(JSON.parse(fast.stdout)).toMatchObject({ 'virtual-size': 5 * (1 << 20), format: 'qcow2' });
     expect(fast.stderr).toContain('start init hook');
     expect(fast.stderr).not.toContain(LOADS_PLUGINS);
+    expect(execArgv(fast.stderr)).toBe('');
 
     const full = await runCli(['info', img, '--json'], { env: oclifDebug({ BLKREP_OCLIF_BUNDLE: '0' }) });
     expect(full.code).toBe(0);
@@ -165,9 +168,24 @@ describe('a bundled command before the plugins load', () => {
     expect(at(LOADS_PLUGINS)).toBeGreaterThan(at('preparse hook done'));
     expect(at('start blkrep:register hook')).toBeGreaterThan(at(LOADS_PLUGINS));
     expect(served.uris).toEqual([unixUri(sock)]);
+    // node run again with the small young generation, as the same process (execv): the pid the
+    // listening line gives is the one the test started, stdout and stderr still reach the test
+    expect(execArgv(stderr)).toBe('--max-semi-space-size=2');
+    expect(JSON.parse(served.listeningLine)).toMatchObject({ pid: served.child.pid });
+    expect(readFileSync(`/proc/${served.child.pid}/cmdline`, 'utf8').split('\0')).toContain('--max-semi-space-size=2');
     const read = await run('qemu-io', ['-f', 'raw', '-r', '-c', 'read -P 0x3c 64k 4k', `nbd+unix:///?socket=${sock}`]);
     expect(read.code, read.stdout + read.stderr).toBe(0);
     expect(read.stdout).not.toContain('Pattern verification failed');
+    served.child.kill('SIGTERM');
+    expect((await served.exited).code).toBe(0);
+  });
+
+  it('without the native addon (BLKREP_NO_NATIVE=1) serve-nbd runs without the flag', async () => {
+    const dir = await makeTempDir();
+    const img = join(dir, 'disk.raw');
+    await run('qemu-img', ['create', '-q', '-f', 'raw', img, '1M']);
+    const served = await serve([img, '--socket', join(dir, 's.sock')], { env: oclifDebug({ BLKREP_NO_NATIVE: '1' }) });
+    expect(execArgv(served.stderr())).toBe('');
     served.child.kill('SIGTERM');
     expect((await served.exited).code).toBe(0);
   });
