@@ -231,7 +231,8 @@ function fastLoadOptions(oclif, index) {
 function loadPluginsAtFirstHook(Config) {
   const runHook = Config.prototype.runHook;
   Config.prototype.runHook = async function (event, ...rest) {
-    if (this.options.blkrepRootPlugin && !this.blkrepPlugins) {
+    // (a Config that command.run() rebuilds from one whose plugins were loaded has them all)
+    if (this.options.blkrepRootPlugin && !this.blkrepPlugins && this.plugins.size === 1) {
       this.blkrepUserPlugins ??= existsSync(join(this.dataDir, 'package.json'));
       if (this.blkrepUserPlugins || !LIFECYCLE.has(event)) this.blkrepPlugins = this.loadPluginsAndCommands({ force: true });
     }
