@@ -1,11 +1,38 @@
-#!/usr/bin/env -S node --max-semi-space-size=2
-// --max-semi-space-size=2: a small young generation. serve-nbd allocates at a high rate and
-// V8's default lets each semispace grow to 16 MiB, which is most of its memory under load
-// (bench/serve-nbd: peak RSS 115 -> 96 MiB). It only takes effect as a command-line flag.
-//
+#!/usr/bin/env node
 // Enough libuv threads for many requests in flight against files (default is 4);
 // must be set before the thread pool is first used, so before anything else loads.
 if (!process.env.UV_THREADPOOL_SIZE) process.env.UV_THREADPOOL_SIZE = '16';
+
+// --max-semi-space-size=2: a small young generation for the commands that move data or stay
+// running. serve-nbd allocates at a high rate and V8's default lets each semispace grow to 16 MiB,
+// which is most of its memory under load (bench/serve-nbd: peak RSS 115 -> 96 MiB). V8 reads it
+// only from the command line (v8.setFlagsFromString later leaves the young generation as it is:
+// 32 MiB of new space against 4 MiB with the flag, for the same allocations). In the shebang it
+// cost every command ~20 ms of CPU (any V8 flag makes node refuse its built-in modules' code
+// cache), so these commands run node again with it, in the same process (the native addon's
+// execv: the same PID for pid files, systemd and the tests that watch it) at ~50 ms more start-up,
+// and the short commands do not pay it. Without the addon (or with BLKREP_NO_NATIVE=1) they run
+// without the flag; the flag on node's command line or in NODE_OPTIONS is kept as given.
+const SMALL_YOUNG_GENERATION = '--max-semi-space-size=2';
+const DATA_COMMANDS = new Set(['serve-nbd', 'mirror', 'backup', 'commit', 'compare', 'check', 'make-empty', 'demo']);
+function smallYoungGeneration() {
+  const noNative = process.env.BLKREP_NO_NATIVE;
+  if (!DATA_COMMANDS.has(process.argv[2]) || (noNative !== undefined && noNative !== '' && noNative !== '0')) return;
+  if ([...process.execArgv, process.env.NODE_OPTIONS ?? ''].some((a) => a.includes('--max-semi-space-size'))) return;
+  const addon = { exports: {} };
+  try {
+    process.dlopen(addon, fileURLToPath(new URL('../native/build/Release/blkrep_native.node', import.meta.url)));
+  } catch {
+    return; // no addon: run without the flag
+  }
+  if (typeof addon.exports.execv !== 'function') return; // an addon built before execv
+  try {
+    addon.exports.execv(process.execPath, [process.argv0, ...process.execArgv, SMALL_YOUNG_GENERATION, ...process.argv.slice(1)]);
+  } catch {
+    // execv failed (the program is gone?): this process goes on without the flag
+  }
+}
+smallYoungGeneration();
 
 // oclif.manifest.json (written by `npm run build`) lets oclif import only the command that runs
 // instead of every command (about 50 ms of CPU at each start). A manifest older than a compiled
@@ -136,25 +163,25 @@ const args = argv.length === 2 && argv.includes('--version') && argv.includes('-
 // oclif finds a command through the root plugin's manifest; for the command it is about to load,
 // its entry is pointed at the bundle when the bundle is at least as new as every dist/src file
 // it was built from (a tree rebuilt by tsc alone runs its new modules, not an old bundle).
-function useCommandBundles(Plugin) {
-  const dir = join(vendorDir, 'commands');
-  let index;
+function readIndex() {
   try {
-    index = JSON.parse(readFileSync(join(dir, 'index.json'), 'utf8')).commands;
+    return JSON.parse(readFileSync(join(vendorDir, 'commands', 'index.json'), 'utf8'));
   } catch {
-    return; // no bundles: the modules in dist/src
+    return undefined; // no bundles: the modules in dist/src
   }
-  const fresh = ({ file, inputs }) => {
-    const built = mtime(join(dir, file));
-    if (built === undefined) return false;
-    if (compiled !== undefined && compiled <= built) return true;
-    return inputs.every((input) => (mtime(join(root, input)) ?? Infinity) <= built);
-  };
+}
+function bundleFresh({ file, inputs }) {
+  const built = mtime(join(vendorDir, 'commands', file));
+  if (built === undefined) return false;
+  if (compiled !== undefined && compiled <= built) return true;
+  return inputs.every((input) => (mtime(join(root, input)) ?? Infinity) <= built);
+}
+function useCommandBundles(Plugin, index) {
   const findCommand = Plugin.prototype.findCommand;
   Plugin.prototype.findCommand = function (id, options) {
     const entry = this.isRoot && !this.options.ignoreManifest ? this.manifest?.commands?.[id] : undefined;
-    const bundle = Object.hasOwn(index, id) ? index[id] : undefined;
-    if (entry && bundle && entry.isESM !== false && fresh(bundle)) {
+    const bundle = Object.hasOwn(index.commands, id) ? index.commands[id] : undefined;
+    if (entry && bundle && entry.isESM !== false && bundleFresh(bundle)) {
       entry.relativePath = ['dist', 'vendor', 'commands', bundle.file];
       entry.isESM = false;
     }
@@ -162,9 +189,70 @@ function useCommandBundles(Plugin) {
   };
 }
 
+// A bundled command runs without oclif loading the plugins first (finding each of the 11 in
+// node_modules, reading its package.json and manifest: ~25 ms of CPU) nor parsing the whole
+// oclif.manifest.json (~200 KB): the root plugin gets the one command's manifest entry
+// (dist/vendor/commands/ID.manifest.json), and the plugins are loaded, as oclif loads them, at
+// the first hook that is not one of oclif's own around every command (the `blkrep:register` of
+// serve-nbd, command_not_found …). Not for a command that reads the plugins or other commands
+// itself (index: loadsAllPlugins), nor help, nor when a plugin has a hook on those every-command
+// events (index: lifecycleHooks, none today) or user plugins are installed (DATA_DIR/package.json):
+// then every plugin is loaded first, as before. Everything else — parsing, --json, errors, exit
+// codes — is oclif's own path (execute with these load options).
+const LIFECYCLE = new Set(['init', 'preparse', 'prerun', 'postrun', 'finally']);
+const HELP_FLAGS = ['--help', '-h']; // package.json oclif.additionalHelpFlags
+function fastLoadOptions(oclif, index) {
+  if (index.lifecycleHooks?.length !== 0) return undefined;
+  const dash = argv.indexOf('--');
+  if (argv.slice(0, dash === -1 ? undefined : dash).some((a) => HELP_FLAGS.includes(a))) return undefined;
+  const words = [];
+  for (const arg of argv) {
+    if (arg.startsWith('-')) break;
+    words.push(arg);
+  }
+  let id;
+  for (let n = words.length; n > 0 && !id; n--) {
+    const candidate = words.slice(0, n).join(':');
+    if (Object.hasOwn(index.commands, candidate)) id = candidate;
+  }
+  const bundle = id && index.commands[id];
+  if (!bundle || bundle.loadsAllPlugins || !bundleFresh(bundle)) return undefined;
+  let entry, pjson;
+  try {
+    entry = JSON.parse(readFileSync(join(vendorDir, 'commands', bundle.file.replace(/\.cjs$/, '.manifest.json')), 'utf8'));
+    pjson = JSON.parse(readFileSync(join(root, 'package.json'), 'utf8'));
+  } catch {
+    return undefined;
+  }
+  const plugin = new oclif.Plugin({ root, isRoot: true, pjson });
+  plugin._manifest = async () => ({ version: pjson.version, commands: { [id]: entry } });
+  return { root, pjson, plugins: new Map([[pjson.name, plugin]]), blkrepRootPlugin: plugin };
+}
+function loadPluginsAtFirstHook(Config) {
+  const runHook = Config.prototype.runHook;
+  Config.prototype.runHook = async function (event, ...rest) {
+    // (a Config that command.run() rebuilds from one whose plugins were loaded has them all)
+    if (this.options.blkrepRootPlugin && !this.blkrepPlugins && this.plugins.size === 1) {
+      this.blkrepUserPlugins ??= existsSync(join(this.dataDir, 'package.json'));
+      if (this.blkrepUserPlugins || !LIFECYCLE.has(event)) this.blkrepPlugins = this.loadPluginsAndCommands({ force: true });
+    }
+    await this.blkrepPlugins;
+    return runHook.call(this, event, ...rest);
+  };
+}
+
 // require, not import(): @oclif/core is CommonJS, and import() of it parses its source for its
 // export names (~10 ms for the bundle) where require returns the loaded module.
 const oclif = require('@oclif/core');
-if (bundled) useCommandBundles(oclif.Plugin);
+let loadOptions;
+const index = bundled ? readIndex() : undefined;
+if (index) {
+  useCommandBundles(oclif.Plugin, index);
+  loadOptions = args ? undefined : fastLoadOptions(oclif, index);
+  if (loadOptions) {
+    await loadOptions.blkrepRootPlugin.load();
+    loadPluginsAtFirstHook(oclif.Config);
+  }
+}
 const { execute } = oclif;
-await execute({ dir: import.meta.url, ...(args ? { args } : {}) });
+await execute({ dir: import.meta.url, ...(args ? { args } : {}), ...(loadOptions ? { loadOptions } : {}) });

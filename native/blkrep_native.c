@@ -31,6 +31,14 @@
  *                                                 throw. Never blocks: the raw driver tries it on
  *                                                 the event loop and goes to the thread pool on
  *                                                 -1, and stops trying on -2.
+ *   execv(path, argv)                             execv with the process's environment: replaces
+ *                                                 the program, keeping the PID, stdio (fds 0-2,
+ *                                                 which node marks close-on-exec at start) and
+ *                                                 every other fd not close-on-exec; returns only
+ *                                                 on failure (throws).
+ *                                                 bin/run.js re-runs node with V8 flags that only
+ *                                                 a command line can set (Node 20 has no
+ *                                                 process.execve).
  *
  * The image locks (src/block/image-lock.ts) are open-file-description locks as QEMU takes them:
  * they belong to the fd's open file description, so they conflict with locks taken through any
@@ -496,6 +504,56 @@ static napi_value get_lock(napi_env env, napi_callback_info info) {
 }
 
 /* ------------------------------------------------------------------------------------------ */
+/* execv (synchronous; returns only when it failed) */
+
+/* A JS string as a malloc'ed C string, or NULL (with a TypeError thrown). */
+static char *get_string(napi_env env, napi_value v, const char *fn, const char *what) {
+  size_t len;
+  char *s;
+  if (napi_get_value_string_utf8(env, v, NULL, 0, &len) != napi_ok || (s = malloc(len + 1)) == NULL) {
+    char message[128];
+    snprintf(message, sizeof message, "%s: %s must be a string", fn, what);
+    napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", message);
+    return NULL;
+  }
+  napi_get_value_string_utf8(env, v, s, len + 1, &len);
+  return s;
+}
+
+static napi_value exec_v(napi_env env, napi_callback_info info) {
+  napi_value argv[2], item;
+  uint32_t n = 0, i, got = 0;
+  char *path, **args = NULL;
+  int err = ENOMEM;
+  if (!get_args(env, info, 2, argv, "execv")) return NULL;
+  if ((path = get_string(env, argv[0], "execv", "path")) == NULL) return NULL;
+  if (napi_get_array_length(env, argv[1], &n) != napi_ok || n == 0) {
+    free(path);
+    napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "execv: argv must be a non-empty array of strings");
+    return NULL;
+  }
+  if ((args = calloc((size_t)n + 1, sizeof *args)) != NULL) {
+    for (got = 0; got < n; got++) {
+      if (napi_get_element(env, argv[1], got, &item) != napi_ok || (args[got] = get_string(env, item, "execv", "argv[i]")) == NULL) break;
+    }
+    if (got == n) {
+      for (int fd = 0; fd <= 2; fd++) {
+        int flags = fcntl(fd, F_GETFD);
+        if (flags >= 0 && (flags & FD_CLOEXEC)) fcntl(fd, F_SETFD, flags & ~FD_CLOEXEC);
+      }
+      execv(path, args);
+      err = errno;
+    }
+  }
+  for (i = 0; args && i < got; i++) free(args[i]);
+  free(args);
+  free(path);
+  if (args && got < n) return NULL; /* a TypeError is pending */
+  napi_throw(env, make_error(env, err, "execv"));
+  return NULL;
+}
+
+/* ------------------------------------------------------------------------------------------ */
 
 NAPI_MODULE_INIT() {
   napi_value has_fallocate;
@@ -514,6 +572,7 @@ NAPI_MODULE_INIT() {
     {"getLock", NULL, get_lock, NULL, NULL, NULL, napi_enumerable, NULL},
     {"preadNowait", NULL, pread_nowait, NULL, NULL, NULL, napi_enumerable, NULL},
     {"pwriteNowait", NULL, pwrite_nowait, NULL, NULL, NULL, napi_enumerable, NULL},
+    {"execv", NULL, exec_v, NULL, NULL, NULL, napi_enumerable, NULL},
     {"hasFallocate", NULL, NULL, NULL, NULL, has_fallocate, napi_enumerable, NULL},
   };
   if (napi_define_properties(env, exports, sizeof props / sizeof props[0], props) != napi_ok) return NULL;

@@ -129,6 +129,31 @@ console.log(`wrote ${path.relative(process.cwd(), outfile)}`);
 // BLKREP_OCLIF_BUNDLE=0. Outside stay: @oclif/core (the one copy above, which the oclif plugins
 // share), the plugins (@blkrep/*, loaded by their hooks and by name), the native addon.
 // index.json lists, per command id, its file and the files it was built from.
+// zod (the control verbs' and config's schemas, ~450 KB of the bundles that have it) is one file of
+// its own, dist/vendor/zod-VERSION.cjs, that the command bundles require() where they use it: a
+// command that reaches zod only through a module it imports at first use (bitmap dump of a file:
+// the live store's control verbs) does not read, compile or run it at all.
+const zodVersion = require('zod/package.json').version;
+const zodFile = `zod-${zodVersion}.cjs`;
+for (const old of readdirSync(path.dirname(outfile))) {
+  if (old.startsWith('zod-')) rmSync(path.join(path.dirname(outfile), old));
+}
+await esbuild.build({
+  entryPoints: [require.resolve('zod')],
+  outfile: path.join(path.dirname(outfile), zodFile),
+  bundle: true,
+  platform: 'node',
+  format: 'cjs',
+  target: 'node20',
+  minify: true,
+  logLevel: 'error',
+});
+const zodOutside = {
+  name: 'blkrep-zod',
+  setup(build) {
+    build.onResolve({ filter: /^zod$/ }, () => ({ path: `../${zodFile}`, external: true }));
+  },
+};
 const commandsDir = path.join(root, 'dist', 'vendor', 'commands');
 rmSync(commandsDir, { recursive: true, force: true });
 const manifest = JSON.parse(readFileSync(path.join(root, 'oclif.manifest.json'), 'utf8'));
@@ -137,7 +162,7 @@ const entryPoints = Object.fromEntries(
   Object.entries(manifest.commands).map(([id, c]) => [id.replaceAll(':', '.'), path.join(root, ...c.relativePath)]),
 );
 const built = await esbuild.build({
-  plugins: [startupPlugin(LAZY_BUILTINS_COMMANDS)],
+  plugins: [startupPlugin(LAZY_BUILTINS_COMMANDS), zodOutside],
   entryPoints,
   outdir: commandsDir,
   outExtension: { '.js': '.cjs' },
@@ -154,7 +179,20 @@ const built = await esbuild.build({
   metafile: true,
   logLevel: 'error',
 });
-const index = { commands: {} };
+// What bin/run.js needs to run a bundled command without loading the plugins first (the
+// plugins are loaded at the first hook that is not one of oclif's own around every command):
+// - per command, its manifest entry (ID.manifest.json: the root plugin then has that one command
+//   instead of parsing the whole manifest), and whether it reads the plugin list or other
+//   commands itself (`static loadsAllPlugins = true`: version, config check, serve-nbd);
+// - the plugins' hooks on those every-command events (LIFECYCLE_HOOKS, none today): while a plugin
+//   has one, every command loads all the plugins first, as oclif does.
+const LIFECYCLE = ['init', 'preparse', 'prerun', 'postrun', 'finally'];
+const { Config } = require('@oclif/core');
+const config = await Config.load({ root, userPlugins: false, devPlugins: false });
+const lifecycleHooks = config
+  .getPluginsList()
+  .flatMap((p) => Object.keys(p.hooks ?? {}).filter((event) => LIFECYCLE.includes(event)).map((event) => `${p.name}:${event}`));
+const index = { lifecycleHooks, commands: {} };
 for (const [out, meta] of Object.entries(built.metafile.outputs)) {
   if (!meta.entryPoint) continue;
   const file = path.basename(out);
@@ -162,7 +200,9 @@ for (const [out, meta] of Object.entries(built.metafile.outputs)) {
   if (!id) throw new Error(`${out}: not the bundle of a command in oclif.manifest.json`);
   // the files of dist/src (not node_modules', not the lazy builtins' made-up modules)
   const inputs = Object.keys(meta.inputs).filter((i) => !i.includes('node_modules') && !i.includes(':')).map((i) => path.relative(root, path.resolve(i)));
-  index.commands[id] = { file, inputs };
+  const entry = manifest.commands[id];
+  index.commands[id] = { file, inputs, ...(entry.loadsAllPlugins ? { loadsAllPlugins: true } : {}) };
+  writeFileSync(path.join(commandsDir, file.replace(/\.cjs$/, '.manifest.json')), JSON.stringify(entry));
   rewriteImports(path.join(commandsDir, file));
 }
 writeFileSync(path.join(commandsDir, 'index.json'), JSON.stringify(index) + '\n');

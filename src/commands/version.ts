@@ -13,6 +13,9 @@ interface VersionResult {
 }
 
 export default class Version extends BlkrepCommand {
+  /** bin/run.js loads every plugin and command before running it: it lists the plugins (this.config.plugins) */
+  static loadsAllPlugins = true;
+
   static override summary = 'Show the version of blkrep, of Node, and whether the native addon is loaded.';
 
   static override description = `Prints blkrep's version, the Node.js version and platform, whether the native addon (sparse I/O, image locks) is loaded and, if not, why, and the installed plugins (transports, heartbeat backends). blkrep --version prints the one-line form; blkrep --version --json is this command's JSON.

@@ -1,4 +1,6 @@
 import { closeSync, fstatSync, mkdtempSync, openSync, readFileSync, rmSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { createRequire } from 'node:module';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -205,5 +207,26 @@ describe.runIf(loadNative() !== null)('preadNowait / pwriteNowait (RWF_NOWAIT on
     const closed = openSync(join(dir, 'closed'), 'w');
     closeSync(closed);
     expect(() => n.preadNowait!(closed, b, 0, 1, 0)).toThrow(expect.objectContaining({ code: 'EBADF', syscall: 'preadv2(RWF_NOWAIT)' }));
+  });
+});
+
+/** execv (bin/run.js runs node again with --max-semi-space-size=2 for the commands that move data) */
+describe.skipIf(ops === null)('execv', () => {
+  const addonPath = join(repo, 'native', 'build', 'Release', 'blkrep_native.node');
+  const execv = (createRequire(import.meta.url)(addonPath) as { execv: (path: string, argv: unknown[]) => never }).execv;
+
+  it('fails with the errno of execv and type errors for bad arguments, leaving this process as it was', () => {
+    expect(() => execv(join(dir, 'no-such-program'), ['x'])).toThrow(expect.objectContaining({ code: 'ENOENT', errno: -2, syscall: 'execv' }));
+    expect(() => execv('/bin/true', [])).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARG_TYPE' }));
+    expect(() => execv('/bin/true', ['true', 3])).toThrow(/execv: argv\[i\] must be a string/);
+  });
+
+  it('replaces the program in the same process, with stdout and stderr still open (node marks them close-on-exec)', () => {
+    const script = `require(${JSON.stringify(addonPath)}).execv('/bin/sh', ['sh', '-c', 'echo "$$ out"; echo "$$ err" >&2'])`;
+    const r = spawnSync(process.execPath, ['-e', `process.stdout.write(process.pid + " node\\n"); ${script}`], { encoding: 'utf8' });
+    expect(r.status).toBe(0);
+    const [pid] = r.stdout.split(' ');
+    expect(r.stdout).toBe(`${pid} node\n${pid} out\n`);
+    expect(r.stderr).toBe(`${pid} err\n`);
   });
 });

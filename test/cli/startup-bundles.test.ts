@@ -6,10 +6,10 @@
  * NODE_DEBUG=module makes node name each CommonJS file it loads on stderr, which is how these
  * tests see which copy of a command ran.
  */
-import { cpSync, existsSync, readFileSync, readdirSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs';
+import { cpSync, existsSync, mkdirSync, readFileSync, readdirSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { BIN, REPO_ROOT, makeTempDir, run, runCli, start, unixUri, waitFor } from '../support/spawn.js';
+import { BIN, REPO_ROOT, makeTempDir, run, runCli, serve, start, unixUri, waitFor } from '../support/spawn.js';
 
 const VENDOR = join(REPO_ROOT, 'dist', 'vendor');
 const loaded = (stderr: string, file: string): boolean => stderr.includes(`load "${file}"`);
@@ -96,11 +96,126 @@ describe('command bundles', () => {
     expect(readFileSync(cache).equals(Buffer.alloc(4096, 0x5a))).toBe(false);
   });
 
+  it('zod is a file of its own: not loaded by bitmap dump of a file, loaded by config check', async () => {
+    const dir = await makeTempDir();
+    const img = join(dir, 'disk.qcow2');
+    await run('qemu-img', ['create', '-q', '-f', 'qcow2', img, '1M']);
+    await run('qemu-img', ['bitmap', '--add', img, 'b0']);
+    const dump = await runCli(['bitmap', 'dump', img, '-n', 'b0', '--json'], { env: debugEnv() });
+    expect(dump.code, dump.stderr).toBe(0);
+    expect(JSON.parse(dump.stdout)).toEqual([expect.objectContaining({ offset: 0, length: 1 << 20 })]);
+    expect(loaded(dump.stderr, join(VENDOR, 'commands', 'bitmap.dump.cjs'))).toBe(true);
+    expect(dump.stderr).not.toMatch(/zod/);
+
+    const zod = readdirSync(VENDOR).filter((f) => /^zod-[\d.]+\.cjs$/.test(f));
+    expect(zod).toHaveLength(1);
+    const config = join(dir, 'disk.yaml');
+    writeFileSync(config, `image: ${img}\nsocket: ${join(dir, 's.sock')}\n`);
+    const check = await runCli(['config', 'check', config, '--json'], { env: debugEnv() });
+    expect(check.code, check.stdout + check.stderr).toBe(0);
+    expect(loaded(check.stderr, join(VENDOR, zod[0]!))).toBe(true);
+  });
+
   it('bin/run.js runs as a program (its shebang), bundled', async () => {
     const r = await run(BIN, ['version', '--json'], { env: debugEnv() });
     expect(r.code).toBe(0);
     expect(JSON.parse(r.stdout)).toMatchObject({ name: 'blkrep', native: { loaded: true } });
     expect(loaded(r.stderr, join(VENDOR, 'commands', 'version.cjs'))).toBe(true);
+  });
+});
+
+/**
+ * A bundled command runs before oclif loads the plugins (bin/run.js: the root plugin with the one
+ * command's manifest entry); the plugins load at the first hook that is not one of oclif's own
+ * around every command. DEBUG=oclif:config makes oclif say when it loads them.
+ */
+describe('a bundled command before the plugins load', () => {
+  const oclifDebug = (extra: NodeJS.ProcessEnv = {}): NodeJS.ProcessEnv => ({ ...process.env, DEBUG: 'oclif:config,oclif:main', ...extra });
+  // oclif:main prints node's flags: --max-semi-space-size=2 only for the commands that move data
+  const execArgv = (stderr: string): string => /process\.execArgv: (.*)/.exec(stderr)?.[1] ?? 'no execArgv line';
+  const LOADS_PLUGINS = 'loading plugins [';
+
+  it('info runs without loading them (and loads them with BLKREP_OCLIF_BUNDLE=0)', async () => {
+    const dir = await makeTempDir();
+    const img = join(dir, 'disk.qcow2');
+    await run('qemu-img', ['create', '-q', '-f', 'qcow2', img, '5M']);
+    const fast = await runCli(['info', img, '--json'], { env: oclifDebug() });
+    expect(fast.code).toBe(0);
+    expect(JSON.parse(fast.stdout)).toMatchObject({ 'virtual-size': 5 * (1 << 20), format: 'qcow2' });
+    expect(fast.stderr).toContain('start init hook');
+    expect(fast.stderr).not.toContain(LOADS_PLUGINS);
+    expect(execArgv(fast.stderr)).toBe('');
+
+    const full = await runCli(['info', img, '--json'], { env: oclifDebug({ BLKREP_OCLIF_BUNDLE: '0' }) });
+    expect(full.code).toBe(0);
+    expect(full.stderr).toContain(LOADS_PLUGINS);
+    expect(full.stdout).toBe(fast.stdout);
+  });
+
+  it('serve-nbd loads them at its blkrep:register hook: it listens through the unix transport plugin', async () => {
+    const dir = await makeTempDir();
+    const img = join(dir, 'disk.raw');
+    await run('qemu-img', ['create', '-q', '-f', 'raw', img, '2M']);
+    expect((await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x3c 64k 4k', img])).code).toBe(0);
+    const sock = join(dir, 's.sock');
+    const served = await serve([img, '--socket', sock], { env: oclifDebug() });
+    const stderr = served.stderr();
+    // oclif's own hooks ran without them; they were loaded for the command's first other hook
+    const at = (text: string): number => {
+      expect(stderr).toContain(text);
+      return stderr.indexOf(text);
+    };
+    expect(at(LOADS_PLUGINS)).toBeGreaterThan(at('preparse hook done'));
+    expect(at('start blkrep:register hook')).toBeGreaterThan(at(LOADS_PLUGINS));
+    expect(served.uris).toEqual([unixUri(sock)]);
+    // node run again with the small young generation, as the same process (execv): the pid the
+    // listening line gives is the one the test started, stdout and stderr still reach the test
+    expect(execArgv(stderr)).toBe('--max-semi-space-size=2');
+    expect(JSON.parse(served.listeningLine)).toMatchObject({ pid: served.child.pid });
+    expect(readFileSync(`/proc/${served.child.pid}/cmdline`, 'utf8').split('\0')).toContain('--max-semi-space-size=2');
+    const read = await run('qemu-io', ['-f', 'raw', '-r', '-c', 'read -P 0x3c 64k 4k', `nbd+unix:///?socket=${sock}`]);
+    expect(read.code, read.stdout + read.stderr).toBe(0);
+    expect(read.stdout).not.toContain('Pattern verification failed');
+    served.child.kill('SIGTERM');
+    expect((await served.exited).code).toBe(0);
+  });
+
+  it('without the native addon (BLKREP_NO_NATIVE=1) serve-nbd runs without the flag', async () => {
+    const dir = await makeTempDir();
+    const img = join(dir, 'disk.raw');
+    await run('qemu-img', ['create', '-q', '-f', 'raw', img, '1M']);
+    const served = await serve([img, '--socket', join(dir, 's.sock')], { env: oclifDebug({ BLKREP_NO_NATIVE: '1' }) });
+    expect(execArgv(served.stderr())).toBe('');
+    served.child.kill('SIGTERM');
+    expect((await served.exited).code).toBe(0);
+  });
+
+  it('a user plugin (DATA_DIR/package.json) is loaded first: its init and prerun hooks run', async () => {
+    const dataDir = await makeTempDir();
+    const pluginDir = join(dataDir, 'hook-plugin');
+    mkdirSync(pluginDir);
+    writeFileSync(
+      join(pluginDir, 'package.json'),
+      JSON.stringify({ name: 'blkrep-test-hooks', version: '1.0.0', oclif: { hooks: { init: './hook.cjs', prerun: './hook.cjs' } } }),
+    );
+    writeFileSync(join(pluginDir, 'hook.cjs'), 'module.exports = async function (opts) { process.stderr.write(`test hook ${opts.id ?? opts.Command.id}\\n`); };\n');
+    writeFileSync(join(dataDir, 'package.json'), JSON.stringify({ oclif: { plugins: [{ name: 'blkrep-test-hooks', type: 'link', root: pluginDir }] } }));
+    const img = join(dataDir, 'disk.qcow2');
+    await run('qemu-img', ['create', '-q', '-f', 'qcow2', img, '1M']);
+    const r = await runCli(['info', img, '--json'], { env: { ...process.env, BLKREP_DATA_DIR: dataDir } });
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.stderr.match(/^test hook info$/gm)).toHaveLength(2);
+    expect(JSON.parse(r.stdout)).toMatchObject({ 'virtual-size': 1 << 20 });
+  });
+
+  it('version (loadsAllPlugins) lists the plugins; -h after the flags shows help', async () => {
+    const version = await runCli(['version', '--json']);
+    expect(version.code).toBe(0);
+    const names = (JSON.parse(version.stdout) as { plugins: Array<{ name: string }> }).plugins.map((p) => p.name);
+    expect(names).toEqual(expect.arrayContaining(['@blkrep/transport-unix', '@blkrep/heartbeat-udp', '@oclif/plugin-help']));
+    const help = await runCli(['info', '--json', '-h']);
+    expect(help.code).toBe(0);
+    expect(help.stdout).toContain('$ blkrep info IMAGE');
   });
 });
 

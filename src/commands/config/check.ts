@@ -12,6 +12,9 @@ interface ConfigCheckResult {
 }
 
 export default class ConfigCheck extends BlkrepCommand {
+  /** bin/run.js loads every plugin and command before running it: it loads serve-nbd's command (this.config.findCommand) */
+  static loadsAllPlugins = true;
+
   static override summary = 'Check a serve-nbd config file without starting anything.';
 
   static override description = `Reads FILE (YAML, or JSON when its name ends in .json) as blkrep serve-nbd --config FILE would, and checks every key: each is a long flag of serve-nbd (or "image"), each value is of the flag's kind (true/false for a switch, one of its choices, a size such as 64M, a duration such as 20s, a number in the flag's range, a list for a repeatable flag), and flags that need each other or exclude each other are checked as on the command line. Every problem is reported at once, each with the file, line and column, the key and what was expected.
