@@ -509,7 +509,7 @@ export class ServerSession implements BudgetWaiter, DirectReader {
   private goDirect(): void {
     if (this.phase !== 'transmission') return;
     // from here on the stream is the one transmission keeps (a move needs no queued replies)
-    this.batching = true;
+    this.batching = !replyBatchingDisabled();
     const old = this.stream;
     this.unlisten(old);
     const fresh = moveToDirectReceive(old, this);
@@ -840,6 +840,7 @@ export class ServerSession implements BudgetWaiter, DirectReader {
    * per reply cost a trip through the kernel's socket send path each (on TCP, loopback's
    * whole transmit and receive path: ~14 µs a call, against ~5 µs on a Unix socket), one writev
    * for all of them costs that once. A reply waits at most for the rest of this turn.
+   * BLKREP_NO_REPLY_BATCHING=1 turns it off.
    */
   private batch(): void {
     if (!this.batching || this.corked) return;
@@ -921,3 +922,8 @@ function clipDescriptors(descriptors: Descriptor[], length: number, max: number)
   return out;
 }
 
+/** BLKREP_NO_REPLY_BATCHING=1: one socket write per reply, as before batching (bench/serve-nbd compares the two). */
+function replyBatchingDisabled(): boolean {
+  const v = process.env.BLKREP_NO_REPLY_BATCHING;
+  return v !== undefined && v !== '' && v !== '0';
+}

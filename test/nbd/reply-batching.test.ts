@@ -61,6 +61,7 @@ beforeAll(async () => {
 });
 
 afterEach(() => {
+  delete process.env.BLKREP_NO_REPLY_BATCHING;
   for (const c of clients.splice(0)) c.destroy();
   clientSockets.clear();
 });
@@ -120,6 +121,25 @@ describe.each(['unix', 'tcp'] as const)('reply batching over %s', (transport) =>
     for (let i = 0; i < BURST; i++) expect(replyError(await c.readReply(BigInt(200 + i)))).toBe(0);
     expect(serverWrites).toBe(1);
     for (let i = 0; i < BURST; i++) expect((await c.read(4 * MiB + i * 8 * KiB, 512)).equals(datas[i]!)).toBe(true);
+  });
+
+  it(`BLKREP_NO_REPLY_BATCHING=1: one socket write per reply (${BURST} for ${BURST} reads), byte-exact`, async () => {
+    process.env.BLKREP_NO_REPLY_BATCHING = '1';
+    const c = await open(transport);
+    const data = pattern(64 * KiB, 9);
+    await c.ok(CMD.WRITE, { offset: 0, data });
+    const frames: Buffer[] = [];
+    for (let i = 0; i < BURST; i++) {
+      c.track(BigInt(300 + i), CMD.READ, 4 * KiB);
+      frames.push(encodeRequest(0, CMD.READ, BigInt(300 + i), i * 4 * KiB, 4 * KiB));
+    }
+    serverWrites = 0;
+    c.sendRaw(Buffer.concat(frames));
+    for (let i = 0; i < BURST; i++) {
+      const r = await c.readReply(BigInt(300 + i));
+      expect(readReplyData(r, i * 4 * KiB, 4 * KiB).equals(data.subarray(i * 4 * KiB, (i + 1) * 4 * KiB))).toBe(true);
+    }
+    expect(serverWrites).toBe(BURST);
   });
 
   it('a lone request is answered without waiting for another', async () => {
