@@ -1,0 +1,105 @@
+/**
+ * The failure cases of replication.md §4 injected on two real daemons (separate processes), each
+ * checked against the table's expected outcome: the errno the NBD client sees (qemu-io's message),
+ * the events, the `status` fields, and the bytes of both disks after repair + resync.
+ *
+ * Faults below the pair's filters come from `--filter error:…,at=disk` (the disk itself fails, as
+ * a failing disk would, under the primary's replication filter).
+ */
+import { join } from 'node:path';
+import { readFile, truncate, writeFile } from 'node:fs/promises';
+import { describe, expect, it } from 'vitest';
+import { ControlClient } from '../../src/control/client.js';
+import { makeTempDir, run, serve, unixUri, waitFor } from '../support/spawn.js';
+import { pairOf } from '../support/control.js';
+
+const MiB = 1 << 20;
+const KiB = 1024;
+const SIZE = 8 * MiB;
+
+interface Ev {
+  event: string;
+  [k: string]: unknown;
+}
+
+async function blank(path: string): Promise<void> {
+  await writeFile(path, Buffer.alloc(0));
+  await truncate(path, SIZE);
+}
+
+/** Events of a daemon, and a wait for the next one of a name. */
+async function eventsOf(control: string) {
+  const events: Ev[] = [];
+  const client = await ControlClient.connect(control);
+  await client.subscribe(undefined, (e) => events.push(e as unknown as Ev));
+  const next = (name: string, from = 0) => waitFor(() => events.slice(from).find((e) => e.event === name), `event ${name}`, { timeoutMs: 30_000 });
+  return { events, next, close: () => client.close() };
+}
+
+async function firstCheckpoint(control: string): Promise<void> {
+  await waitFor(async () => {
+    const st = await pairOf(control);
+    return st.epoch === 1 && st.lastCheckpointAgeMs !== null;
+  }, 'checkpoint 1 after the initial sync', { timeoutMs: 30_000 });
+}
+
+function qemuIo(socket: string, command: string) {
+  return run('qemu-io', ['-f', 'raw', unixUri(socket), '-c', command]);
+}
+
+describe('failure cases of replication.md §4 on two daemons', () => {
+  it('case 1, an I/O error on the primary\'s disk: the client gets EIO, event primary-io-error, the region stays in the peer bitmap; after repair the resync copies it; disks equal', async () => {
+    const dir = await makeTempDir();
+    const pImg = join(dir, 'p.img');
+    const sImg = join(dir, 's.img');
+    await blank(pImg);
+    await blank(sImg);
+    const sSock = join(dir, 's.sock');
+    const pSock = join(dir, 'p.sock');
+    const sControl = join(dir, 's.ctl');
+    const pControl = join(dir, 'p.ctl');
+    const sArgs = [sImg, '--secondary', '--socket', sSock, '--control', sControl];
+    const s1 = await serve(sArgs);
+    const pArgs = [pImg, '--socket', pSock, '--control', pControl, '--replicate-to', unixUri(sSock), '--protocol', 'sync'];
+    const p1 = await serve([...pArgs, '--filter', 'error:ops=write,range=1M-2M,errno=EIO,at=disk']);
+    const ev = await eventsOf(pControl);
+    await firstCheckpoint(pControl);
+    expect(await pairOf(pControl)).toMatchObject({ link: 'connected', bytesBehind: 0 });
+
+    const bad = await qemuIo(pSock, 'write -P 0x22 1M 64k');
+    expect(bad.stderr + bad.stdout).toContain('write failed: Input/output error');
+    const failed = await ev.next('primary-io-error');
+    expect(failed).toMatchObject({ event: 'primary-io-error', export: '', op: 'write', offset: MiB, length: 64 * KiB, errno: 'EIO', code: 'ERR_INJECTED' });
+    // the rest of the disk works; the forwarded FLUSH leaves the failed region in the peer bitmap
+    const good = await qemuIo(pSock, 'write -P 0x33 4M 64k');
+    expect(good.code).toBe(0);
+    expect((await qemuIo(pSock, 'flush')).code).toBe(0);
+    const st = await pairOf(pControl);
+    expect(st).toMatchObject({ link: 'connected', epoch: 1, diskState: 'UpToDate' });
+    expect(st.bytesBehind).toBe(64 * KiB);
+    expect(ev.events.some((e) => e.event === 'replication-degraded')).toBe(false);
+    // the secondary may hold the write the primary's disk refused (sync forwards concurrently)
+    const p = await readFile(pImg);
+    expect(p.subarray(MiB, MiB + 64 * KiB).equals(Buffer.alloc(64 * KiB))).toBe(true);
+    expect(p.subarray(4 * MiB, 4 * MiB + 64 * KiB).equals(Buffer.alloc(64 * KiB, 0x33))).toBe(true);
+    await ev.close();
+
+    // repair: the primary restarts on a good disk (the secondary after it, so that the events
+    // are watched from the link's start); the resync copies the region, not the disk
+    expect(await p1.stop()).toBe(0);
+    expect(await s1.stop()).toBe(0);
+    const p2 = await serve(pArgs);
+    const ev2 = await eventsOf(pControl);
+    const s2 = await serve(sArgs);
+    const started = await ev2.next('resync-started');
+    const done = await ev2.next('resync-done');
+    expect(started).toMatchObject({ full: false, bytes: 64 * KiB });
+    expect(done.bytes as number).toBeLessThanOrEqual(1.1 * 64 * KiB);
+    await waitFor(async () => (await pairOf(pControl)).link === 'connected' && (await pairOf(pControl)).bytesBehind === 0, 'connected, nothing behind', { timeoutMs: 30_000 });
+    await ev2.close();
+    expect(await p2.stop()).toBe(0);
+    expect(await s2.stop()).toBe(0);
+    const cmp = await run('qemu-img', ['compare', '-U', '-f', 'raw', '-F', 'raw', pImg, sImg]);
+    expect(cmp.stdout).toContain('Images are identical.');
+  });
+});
