@@ -22,6 +22,7 @@ import type { PairContext, PairSetup } from '../serve/daemon.js';
 import { CbwFilter } from './cbw-filter.js';
 import { ReplicaWriters } from './data-token.js';
 import { crashPoint, faultPoint } from './crash-hook.js';
+import { stackFilters, type FilterSpec } from '../block/filters/spec.js';
 import { decide, mint, type Decision, type GenerationTuple } from './generations.js';
 import { listSalvage, salvage, salvagePath, type SalvageEntry } from './salvage.js';
 import { resolveSplitBrain, type AfterSb0Policy, type SplitBrainResolution, type SplitBrainSide } from './split-brain.js';
@@ -47,6 +48,8 @@ export interface SecondaryOptions {
   afterSplitBrain?: AfterSb0Policy;
   /** --node-name: this node's name for discard-node=NAME (kept in the pair state; default the host name) */
   nodeName?: string;
+  /** --filter …,at=active: filters on the active disk, under the view (fault injection) */
+  activeFilters?: readonly FilterSpec[];
 }
 
 /** how long the primary's bitmap may take to arrive for a salvage */
@@ -144,7 +147,8 @@ export class SecondaryRole implements PairRole {
         (err) => this.onCopyError(err),
         (err) => this.onDiskError(err),
       );
-      this.view = new ViewNode(images.activeNode, this.viewGate);
+      const active = o.activeFilters?.length ? stackFilters(images.activeNode, o.activeFilters) : images.activeNode;
+      this.view = new ViewNode(active, this.viewGate);
       this.writers = new ReplicaWriters(ctx.server, ctx.exportName, this.cbw, this.cbw.gate, ctx.minimumBlockSize);
     }
   }

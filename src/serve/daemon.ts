@@ -253,7 +253,7 @@ export class Daemon {
         const filters = options.filters ?? [];
         const onDisk = filters.filter((f) => f.at === 'disk');
         const disk = onDisk.length === 0 ? nodes[i]! : completeNode(stackFilters(nodes[i]!, onDisk));
-        const stack = new ExportStack(disk, { name: e.name, filters: filters.filter((f) => f.at !== 'disk') });
+        const stack = new ExportStack(disk, { name: e.name, filters: filters.filter((f) => f.at === undefined || f.at === 'export') });
         let filter: Promise<ReplicationFilter> | undefined;
         replication.push(() => {
           filter ??= stack.insert('replication', (below) => new ReplicationFilter(below, { protocol: 'sync' })).then(() => stack.opened('replication') as ReplicationFilter);

@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { readFile, truncate, writeFile } from 'node:fs/promises';
 import { describe, expect, it } from 'vitest';
 import { ControlClient } from '../../src/control/client.js';
-import { makeTempDir, run, serve, unixUri, waitFor } from '../support/spawn.js';
+import { makeTempDir, run, runCli, serve, unixUri, waitFor } from '../support/spawn.js';
 import { pairOf } from '../support/control.js';
 
 const MiB = 1 << 20;
@@ -99,6 +99,48 @@ describe('failure cases of replication.md §4 on two daemons', () => {
     await ev2.close();
     expect(await p2.stop()).toBe(0);
     expect(await s2.stop()).toBe(0);
+    const cmp = await run('qemu-img', ['compare', '-U', '-f', 'raw', '-F', 'raw', pImg, sImg]);
+    expect(cmp.stdout).toContain('Images are identical.');
+  });
+
+  it('case 5, an I/O error on the active disk: the secondary\'s own client gets EIO; replication, checkpoints and the disks are unaffected', async () => {
+    const dir = await makeTempDir();
+    const pImg = join(dir, 'p.img');
+    const sImg = join(dir, 's.img');
+    await blank(pImg);
+    await blank(sImg);
+    const sSock = join(dir, 's.sock');
+    const pSock = join(dir, 'p.sock');
+    const sControl = join(dir, 's.ctl');
+    const pControl = join(dir, 'p.ctl');
+    const s = await serve([sImg, '--secondary', '--socket', sSock, '--control', sControl, '--view-export', 'view', '--filter', 'error:ops=write,range=1M-2M,errno=EIO,at=active']);
+    const sEv = await eventsOf(sControl);
+    const p = await serve([pImg, '--socket', pSock, '--control', pControl, '--replicate-to', unixUri(sSock), '--protocol', 'sync']);
+    const pEv = await eventsOf(pControl);
+    await firstCheckpoint(pControl);
+
+    const bad = await run('qemu-io', ['-f', 'raw', unixUri(sSock, 'view'), '-c', 'write -P 0x55 1M 64k']);
+    expect(bad.code).not.toBe(0);
+    expect(bad.stderr + bad.stdout).toContain('write failed: Input/output error');
+    // the view's other writes work and read back
+    expect((await run('qemu-io', ['-f', 'raw', unixUri(sSock, 'view'), '-c', 'write -P 0x66 3M 64k'])).code).toBe(0);
+    // the primary's writes go on, a checkpoint commits (and drops the view's own writes, COLO)
+    expect((await qemuIo(pSock, 'write -P 0x22 1M 128k')).code).toBe(0);
+    expect((await qemuIo(pSock, 'flush')).code).toBe(0);
+    const cp = await runCli(['checkpoint', '--control', pControl, '--json']);
+    expect(cp.code).toBe(0);
+    expect(JSON.parse(cp.stdout)).toMatchObject({ epoch: 2 });
+    expect(await pairOf(pControl)).toMatchObject({ link: 'connected', epoch: 2, bytesBehind: 0 });
+    expect(await pairOf(sControl)).toMatchObject({ link: 'connected', epoch: 2, diskState: 'UpToDate' });
+    expect(pEv.events.filter((e) => e.event === 'replication-degraded')).toEqual([]);
+    expect(sEv.events.filter((e) => e.event === 'secondary-failed' || e.event === 'replication-degraded')).toEqual([]);
+    const view = await run('qemu-io', ['-f', 'raw', unixUri(sSock, 'view'), '-c', 'read -P 0x22 1M 128k', '-c', 'read -P 0 3M 64k']);
+    expect(view.stdout).not.toContain('Pattern verification failed');
+    expect(view.code).toBe(0);
+    await pEv.close();
+    await sEv.close();
+    expect(await p.stop()).toBe(0);
+    expect(await s.stop()).toBe(0);
     const cmp = await run('qemu-img', ['compare', '-U', '-f', 'raw', '-F', 'raw', pImg, sImg]);
     expect(cmp.stdout).toContain('Images are identical.');
   });

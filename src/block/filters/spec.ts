@@ -22,9 +22,10 @@ import { ErrorFilter, FAULT_OPS, type ErrorFilterOptions, type FaultOp } from '.
  * Where serve-nbd puts a filter (key at=): `export` (the default) between the clients and the
  * export, above everything the daemon stacks; `disk` directly on the export's disk, below the
  * replication pair's filters (a primary's replication, a secondary's copy-before-write), so it
- * fails or delays the disk's own I/O as a failing disk would (replication.md §4 failure cases).
+ * fails or delays the disk's own I/O as a failing disk would (replication.md §4 failure cases);
+ * `active` on a secondary's active disk, under its view (the secondary's own workload).
  */
-export const FILTER_PLACES = ['export', 'disk'] as const;
+export const FILTER_PLACES = ['export', 'disk', 'active'] as const;
 export type FilterPlace = (typeof FILTER_PLACES)[number];
 
 export type FilterSpec = ({ name: 'error'; spec: string; options: ErrorFilterOptions } | { name: 'delay'; spec: string; options: DelayFilterOptions }) & { at?: FilterPlace };
@@ -65,7 +66,7 @@ export function parseFilterSpec(spec: string): FilterSpec {
   }
   const p = new KeyReader(spec, name, values);
   const at = values.get('at');
-  if (at !== undefined && !(FILTER_PLACES as readonly string[]).includes(at)) p.fail('at', `where the filter goes: ${FILTER_PLACES.join(' or ')}`);
+  if (at !== undefined && !(FILTER_PLACES as readonly string[]).includes(at)) p.fail('at', 'where the filter goes: export (the default), disk or active');
   const place = at === undefined ? {} : { at: at as FilterPlace };
   if (name === 'error') return { name, spec, options: errorOptions(p), ...place };
   return { name: 'delay', spec, options: delayOptions(p), ...place };
