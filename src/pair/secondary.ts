@@ -579,6 +579,7 @@ export class SecondaryRole implements PairRole {
     // QEMU's order: active, then hidden. An active disk the view never wrote (no secondary
     // workload, the usual case) is left alone: two fsyncs less while writes are held.
     if (!this.images!.active.mapsNothing) await this.images!.active.makeEmpty();
+    faultPoint('checkpoint-step-6');
     await this.images!.hidden.makeEmpty();
   }
 
