@@ -185,4 +185,55 @@ describe('failure cases of replication.md §4 on two daemons', () => {
     const cmp = await run('qemu-img', ['compare', '-U', '-f', 'raw', '-F', 'raw', pImg, sImg]);
     expect(cmp.stdout).toContain('Images are identical.');
   });
+
+  it('cases 2 and 4, an I/O error on the secondary\'s disk: the primary\'s client succeeds, the primary degrades (peer bitmap); the secondary is Failed, not promotable; after repair the resync copies what was dirty; disks equal', async () => {
+    const dir = await makeTempDir();
+    const pImg = join(dir, 'p.img');
+    const sImg = join(dir, 's.img');
+    await blank(pImg);
+    await blank(sImg);
+    const sSock = join(dir, 's.sock');
+    const pSock = join(dir, 'p.sock');
+    const sControl = join(dir, 's.ctl');
+    const pControl = join(dir, 'p.ctl');
+    const sArgs = [sImg, '--secondary', '--socket', sSock, '--control', sControl];
+    const s1 = await serve([...sArgs, '--filter', 'error:ops=write,range=1M-2M,errno=EIO,at=disk']);
+    const sEv = await eventsOf(sControl);
+    const p = await serve([pImg, '--socket', pSock, '--control', pControl, '--replicate-to', unixUri(sSock), '--protocol', 'sync']);
+    const pEv = await eventsOf(pControl);
+    await firstCheckpoint(pControl);
+    // case 2 for the primary's client: the forward fails, the write does not
+    const w = await qemuIo(pSock, 'write -P 0x22 1M 64k');
+    expect(w.code).toBe(0);
+    // case 2 on the primary: degraded, the region in the peer bitmap, a new generation
+    const degraded = await pEv.next('replication-degraded');
+    expect(degraded).toMatchObject({ code: 'ERR_NBD_SERVER_ERROR' });
+    expect(degraded.reason as string).toMatch(/^forward-failed: ERR_NBD_SERVER_ERROR: NBD write of 65536 bytes at offset 1048576 failed on the server: EIO/);
+    expect(await pairOf(pControl)).toMatchObject({ link: 'degraded', epoch: 1, bytesBehind: 64 * KiB, diskState: 'UpToDate' });
+    // case 4 on the secondary: Failed, why, not promotable; its disk does not have the write
+    expect(await sEv.next('replication-degraded')).toMatchObject({ code: 'ERR_INJECTED', diskState: 'Failed' });
+    const sSt = await pairOf<{ diskState: string; epoch: number; secondary: { failedReason: string } }>(sControl);
+    expect(sSt).toMatchObject({ diskState: 'Failed', epoch: 1 });
+    expect(sSt.secondary.failedReason).toMatch(/^a write to the disk failed: injected EIO: write of 65536 bytes at offset 1048576/);
+    const f = await runCli(['failover', '--control', sControl, '--json']);
+    expect(f.code).toBe(1);
+    expect(JSON.parse(f.stdout).error).toEqual({ code: 'ERR_PAIR_STATE', message: "the secondary's disk has Failed (an I/O error): it is not promotable" });
+    expect((await readFile(sImg)).subarray(MiB, MiB + 64 * KiB).equals(Buffer.alloc(64 * KiB))).toBe(true);
+    // the primary's clients see nothing of it
+    expect((await qemuIo(pSock, 'write -P 0x33 4M 64k')).code).toBe(0);
+    await sEv.close();
+    expect(await s1.stop()).toBe(0);
+    const mark = pEv.events.length;
+    const s2 = await serve(sArgs);
+    const started = await pEv.next('resync-started', mark);
+    const done = await pEv.next('resync-done', mark);
+    expect(started).toMatchObject({ full: false, bytes: 128 * KiB });
+    expect(done.bytes as number).toBeLessThanOrEqual(1.1 * 128 * KiB);
+    await pEv.next('checkpoint', mark);
+    await pEv.close();
+    expect(await p.stop()).toBe(0);
+    expect(await s2.stop()).toBe(0);
+    const cmp = await run('qemu-img', ['compare', '-U', '-f', 'raw', '-F', 'raw', pImg, sImg]);
+    expect(cmp.stdout).toContain('Images are identical.');
+  });
 });
