@@ -23,6 +23,7 @@ import { CbwFilter } from './cbw-filter.js';
 import { ReplicaWriters } from './data-token.js';
 import { crashPoint, faultPoint } from './crash-hook.js';
 import { stackFilters, type FilterSpec } from '../block/filters/spec.js';
+import { completeNode } from '../block/node.js';
 import { decide, mint, type Decision, type GenerationTuple } from './generations.js';
 import { listSalvage, salvage, salvagePath, type SalvageEntry } from './salvage.js';
 import { resolveSplitBrain, type AfterSb0Policy, type SplitBrainResolution, type SplitBrainSide } from './split-brain.js';
@@ -50,6 +51,8 @@ export interface SecondaryOptions {
   nodeName?: string;
   /** --filter …,at=active: filters on the active disk, under the view (fault injection) */
   activeFilters?: readonly FilterSpec[];
+  /** --filter …,at=hidden: filters on the hidden disk, under the copy-before-write filter (fault injection) */
+  hiddenFilters?: readonly FilterSpec[];
 }
 
 /** how long the primary's bitmap may take to arrive for a salvage */
@@ -142,7 +145,7 @@ export class SecondaryRole implements PairRole {
     if (images) {
       this.cbw = new CbwFilter(
         ctx.exportNode,
-        images.hiddenNode,
+        o.hiddenFilters?.length ? completeNode(stackFilters(images.hiddenNode, o.hiddenFilters)) : images.hiddenNode,
         OVERLAY_CLUSTER,
         (err) => this.onCopyError(err),
         (err) => this.onDiskError(err),

@@ -233,7 +233,7 @@ describe('--filter specs', () => {
   it.each([
     ['nope:x=1', 'unknown filter "nope": expected one of error, delay, as NAME[:KEY=VALUE,…]'],
     ['error:colour=red', 'error: unknown key "colour": expected one of ops, errno, rate, every, seed, range, at'],
-    ['error:at=below', 'error: at=below: expected where the filter goes: export (the default), disk or active'],
+    ['error:at=below', 'error: at=below: expected where the filter goes: export (the default), disk, active or hidden'],
     ['delay:ms=5,at=', 'delay: key "at" has no value: expected at=VALUE'],
     ['error:rate', 'error: key "rate" has no value: expected rate=VALUE'],
     ['error:rate=0.1,rate=0.2', 'error: key "rate" is given twice'],

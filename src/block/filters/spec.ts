@@ -23,9 +23,10 @@ import { ErrorFilter, FAULT_OPS, type ErrorFilterOptions, type FaultOp } from '.
  * export, above everything the daemon stacks; `disk` directly on the export's disk, below the
  * replication pair's filters (a primary's replication, a secondary's copy-before-write), so it
  * fails or delays the disk's own I/O as a failing disk would (replication.md §4 failure cases);
- * `active` on a secondary's active disk, under its view (the secondary's own workload).
+ * `active` on a secondary's active disk, under its view (the secondary's own workload); `hidden`
+ * on a secondary's hidden disk as its copy-before-write filter writes it (failure case 3).
  */
-export const FILTER_PLACES = ['export', 'disk', 'active'] as const;
+export const FILTER_PLACES = ['export', 'disk', 'active', 'hidden'] as const;
 export type FilterPlace = (typeof FILTER_PLACES)[number];
 
 export type FilterSpec = ({ name: 'error'; spec: string; options: ErrorFilterOptions } | { name: 'delay'; spec: string; options: DelayFilterOptions }) & { at?: FilterPlace };
@@ -66,7 +67,7 @@ export function parseFilterSpec(spec: string): FilterSpec {
   }
   const p = new KeyReader(spec, name, values);
   const at = values.get('at');
-  if (at !== undefined && !(FILTER_PLACES as readonly string[]).includes(at)) p.fail('at', 'where the filter goes: export (the default), disk or active');
+  if (at !== undefined && !(FILTER_PLACES as readonly string[]).includes(at)) p.fail('at', 'where the filter goes: export (the default), disk, active or hidden');
   const place = at === undefined ? {} : { at: at as FilterPlace };
   if (name === 'error') return { name, spec, options: errorOptions(p), ...place };
   return { name: 'delay', spec, options: delayOptions(p), ...place };
