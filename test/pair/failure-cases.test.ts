@@ -3,8 +3,10 @@
  * checked against the table's expected outcome: the errno the NBD client sees (qemu-io's message),
  * the events, the `status` fields, and the bytes of both disks after repair + resync.
  *
- * Faults below the pair's filters come from `--filter error:…,at=disk` (the disk itself fails, as
- * a failing disk would, under the primary's replication filter).
+ * Faults below the pair's filters come from `--filter error:…,at=disk|active|hidden` (the disk,
+ * a secondary's active or hidden disk fails, as a failing disk would, under the replication and
+ * copy-before-write filters; blkrep-filters(7)); case 6 from the test hook
+ * BLKREP_TEST_FAIL_AT=checkpoint-step-6 (crash-hook.ts).
  */
 import { join } from 'node:path';
 import { readFile, truncate, writeFile } from 'node:fs/promises';
@@ -284,6 +286,50 @@ describe('failure cases of replication.md §4 on two daemons', () => {
     await pEv.close();
     expect(await p.stop()).toBe(0);
     expect(await s2.stop()).toBe(0);
+    const cmp = await run('qemu-img', ['compare', '-U', '-f', 'raw', '-F', 'raw', pImg, sImg]);
+    expect(cmp.stdout).toContain('Images are identical.');
+  });
+
+  it('forwarding failing again and again (every 40th replica write fails, the secondary\'s disk delayed): the client sees no error; degraded, resynced, connected at the end; disks equal', async () => {
+    const dir = await makeTempDir();
+    const pImg = join(dir, 'p.img');
+    const sImg = join(dir, 's.img');
+    await blank(pImg);
+    await blank(sImg);
+    const sSock = join(dir, 's.sock');
+    const pSock = join(dir, 'p.sock');
+    const sControl = join(dir, 's.ctl');
+    const pControl = join(dir, 'p.ctl');
+    await serve([sImg, '--secondary', '--socket', sSock, '--control', sControl, '--filter', 'error:ops=write,every=40,errno=EIO', '--filter', 'delay:write=2,at=disk']);
+    const p = await serve([pImg, '--socket', pSock, '--control', pControl, '--replicate-to', unixUri(sSock), '--protocol', 'async']);
+    const pEv = await eventsOf(pControl);
+    await firstCheckpoint(pControl);
+    const mark = pEv.events.length;
+    // 256 writes of 16 KiB spread over the disk, in one client session: none may fail
+    const cmds: string[] = [];
+    for (let i = 0; i < 256; i++) cmds.push('-c', `write -P ${(i % 250) + 1} ${((i * 7919) % 512) * 16 * KiB} 16k`);
+    const w = await run('qemu-io', ['-f', 'raw', unixUri(pSock), ...cmds, '-c', 'flush']);
+    expect(w.code).toBe(0);
+    expect(w.stdout + w.stderr).not.toContain('failed');
+    await waitFor(async () => {
+      const st = await pairOf(pControl);
+      return st.link === 'connected' && st.bytesBehind === 0 && st.queueBytes === 0;
+    }, 'the primary connected, nothing behind', { timeoutMs: 60_000 });
+    const evs = pEv.events.slice(mark);
+    const degraded = evs.filter((e) => e.event === 'replication-degraded');
+    const starts = evs.filter((e) => e.event === 'resync-started');
+    const dones = evs.filter((e) => e.event === 'resync-done');
+    expect(degraded.length).toBeGreaterThan(0);
+    expect(starts.length).toBeGreaterThan(0);
+    expect(dones.length).toBeGreaterThan(0);
+    expect(degraded.every((e) => e.code === 'ERR_NBD_SERVER_ERROR')).toBe(true);
+    // (a resync the fault interrupts leaves the secondary Inconsistent: the next one is a full copy
+    // today, where DRBD resumes by the bitmap: the byte bound is checked in cases 1, 2 and 4)
+    // a checkpoint flushes both and makes sure the secondary applied everything forwarded
+    const cp = await runCli(['checkpoint', '--control', pControl, '--json']);
+    expect(cp.code).toBe(0);
+    await pEv.close();
+    expect(await p.stop()).toBe(0);
     const cmp = await run('qemu-img', ['compare', '-U', '-f', 'raw', '-F', 'raw', pImg, sImg]);
     expect(cmp.stdout).toContain('Images are identical.');
   });
