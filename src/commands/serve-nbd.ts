@@ -154,6 +154,8 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
     const { argv } = await applyConfig(this.argv, ServeNbd as unknown as CommandShape);
     const { args, flags } = await this.parse(ServeNbd, argv);
     const filters = parseFilters(flags.filter);
+    const onOverlay = filters.find((f) => f.at === 'active' || f.at === 'hidden');
+    if (onOverlay && !flags.secondary) this.usageError(`--filter ${onOverlay.spec}: at=${onOverlay.at} is the ${onOverlay.at} disk of a secondary: it needs --secondary`);
     const exports = this.exportSpecs(args.image, flags.name, flags.export ?? [], flags.description);
     this.bitmapSpecs(exports, flags.bitmap ?? []);
     const bg = flags['bitmap-granularity'];
@@ -222,6 +224,8 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
             ...(afterSplitBrain === undefined ? {} : { afterSplitBrain }),
             ...(flags['node-name'] === undefined ? {} : { nodeName: flags['node-name'] }),
             ...(flags['hidden-durability'] === undefined ? {} : { hiddenDurability: flags['hidden-durability'] as 'strict' | 'volatile' }),
+            ...(filters.some((f) => f.at === 'active') ? { activeFilters: filters.filter((f) => f.at === 'active') } : {}),
+            ...(filters.some((f) => f.at === 'hidden') ? { hiddenFilters: filters.filter((f) => f.at === 'hidden') } : {}),
           }),
         ]
       : undefined;

@@ -18,8 +18,9 @@ export function crashPoint(point: CrashPoint): void {
 }
 
 /**
- * The failover's fault hook (replication.md §4 failure case 7): with BLKREP_TEST_FAIL_AT set to a
- * step of the failover (`failover-<step>`, FailoverStep), that step fails with an I/O error the
+ * The fault hook of failure cases 6 and 7 (replication.md §4): with BLKREP_TEST_FAIL_AT set to a
+ * step of the failover (`failover-<step>`, FailoverStep) or `checkpoint-step-6` (emptying the
+ * hidden disk in a checkpoint, after the active disk), that step fails with an I/O error the
  * first time it runs in the process, as a disk failing once would (so a retry can succeed).
  * Without the variable this does nothing; a test hook, not a feature.
  */

@@ -67,6 +67,7 @@ export const PRIMARY_VERB_SPECS = {
 export const PAIR_EVENTS: ReadonlyArray<{ name: string; fields: string }> = [
   { name: 'replication-connected', fields: 'forwarding started: export, peer, protocol, peerKind' },
   { name: 'replication-degraded', fields: 'forwarding stopped, writes are tracked: export, peer, reason, code' },
+  { name: 'primary-io-error', fields: "a write failed on this disk (the client got the disk's errno; the region stays in the peer bitmap): export, op, offset, length, code, errno" },
   { name: 'replication-plain', fields: 'the secondary is a plain NBD server (no checkpoints): export, peer' },
   { name: 'resync-started', fields: 'export, peer, bytes (dirty), full' },
   { name: 'resync-done', fields: 'export, peer, bytes (copied), dirtyBytes, ms' },

@@ -182,6 +182,9 @@ export class PrimaryRole implements PairRole {
       ...(options.queueBytes === undefined ? {} : { queueBytes: options.queueBytes }),
       peerBitmap: bitmap,
       onDegraded: (reason, error) => role.onDegraded(reason, error),
+      // failure case 1 (replication.md §4): the client gets the disk's errno; the event says where
+      onLocalError: (op, offset, length, error) =>
+        role.publish('primary-io-error', { export: options.exportName, op, offset, length, code: error.code, ...(error.errno ? { errno: error.errno } : {}), message: error.message }),
     });
     // until the first link is up, writes are tracked only
     options.filter.resync(options.filter.next);

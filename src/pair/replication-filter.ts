@@ -85,6 +85,12 @@ export interface ReplicationFilterOptions {
   peerBitmap?: PersistentBitmap;
   /** forwarding stopped: why (queue-full, forward-failed: …, detached) */
   onDegraded?: (reason: string, error: BlkrepError | undefined) => void;
+  /**
+   * A write, write-zeroes or trim failed on the local disk (failure case 1, replication.md §4): the
+   * client gets the disk's error; the secondary may hold the write, so its region stays in the peer
+   * bitmap (a forwarded FLUSH does not clear it) until a resync copies it.
+   */
+  onLocalError?: (op: Op, offset: number, length: number, error: BlkrepError) => void;
 }
 
 export class ReplicationFilter extends Filter {
@@ -96,6 +102,9 @@ export class ReplicationFilter extends Filter {
   private resyncFront: CompleteBlockNode | undefined;
   private current: ReplicationMode = 'detached';
   private onDegraded: ReplicationFilterOptions['onDegraded'];
+  private onLocalError: ReplicationFilterOptions['onLocalError'];
+  /** granules whose local write failed since the last resync: never cleared by a forwarded FLUSH */
+  private localFailed: DirtyBitmap | undefined;
   /** bumped at every mode change: a request compares it to learn it raced one */
   private era = 0;
 
@@ -129,6 +138,7 @@ export class ReplicationFilter extends Filter {
     this.protocol = options.protocol;
     this.queueLimit = options.queueBytes ?? DEFAULT_QUEUE_BYTES;
     this.onDegraded = options.onDegraded;
+    this.onLocalError = options.onLocalError;
     this.open = this.newGroup();
     if (options.peerBitmap) this.setPeerBitmap(options.peerBitmap);
   }
@@ -152,6 +162,7 @@ export class ReplicationFilter extends Filter {
     this.protocol = options.protocol;
     this.queueLimit = options.queueBytes ?? DEFAULT_QUEUE_BYTES;
     this.onDegraded = options.onDegraded;
+    this.onLocalError = options.onLocalError;
     if (options.peerBitmap) this.setPeerBitmap(options.peerBitmap);
   }
 
@@ -177,6 +188,7 @@ export class ReplicationFilter extends Filter {
     this.resyncFront = undefined;
     this.setMode('forwarding');
     this.replied?.clearAll();
+    this.localFailed = undefined;
   }
 
   /** Writes go through `front` (a resync mirror's front end) and set peer bits until attach(). */
@@ -248,9 +260,16 @@ export class ReplicationFilter extends Filter {
   }
 
   private local(node: CompleteBlockNode, op: Op, offset: number, length: number, data: Buffer | undefined, o: ZeroOptions | undefined): Promise<void> {
-    if (op === 'write') return node.write(offset, data!, o);
-    if (op === 'write-zeroes') return node.writeZeroes(offset, length, o);
-    return node.trim(offset, length, o);
+    const p = op === 'write' ? node.write(offset, data!, o) : op === 'write-zeroes' ? node.writeZeroes(offset, length, o) : node.trim(offset, length, o);
+    return p.catch((err: unknown) => {
+      this.localFailure(op, offset, length, err);
+      throw err;
+    });
+  }
+
+  private localFailure(op: Op, offset: number, length: number, err: unknown): void {
+    if (this.peer) (this.localFailed ??= new DirtyBitmap(this.size, { granularity: this.peer.bitmap.granularity })).set(offset, length);
+    this.onLocalError?.(op, offset, length, toBlkrepError(err));
   }
 
   private async modify(op: Op, offset: number, length: number, data: Buffer | undefined, o: ZeroOptions | undefined): Promise<void> {
@@ -360,6 +379,8 @@ export class ReplicationFilter extends Filter {
     const peer = this.peer;
     if (!snapshot || !peer || this.target !== target) return;
     const replied = this.replied!;
+    // a region whose local write failed stays: the secondary may hold what this disk does not
+    if (this.localFailed) replied.merge(this.localFailed);
     for (const run of [...snapshot.dirtyRuns()]) {
       // granules replied again since the flush was sent stay set, for the next one
       let s = run.offset;

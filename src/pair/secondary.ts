@@ -22,6 +22,8 @@ import type { PairContext, PairSetup } from '../serve/daemon.js';
 import { CbwFilter } from './cbw-filter.js';
 import { ReplicaWriters } from './data-token.js';
 import { crashPoint, faultPoint, readBootId } from './crash-hook.js';
+import { stackFilters, type FilterSpec } from '../block/filters/spec.js';
+import { completeNode } from '../block/node.js';
 import { decide, mint, type Decision, type GenerationTuple } from './generations.js';
 import { listSalvage, salvage, salvagePath, type SalvageEntry } from './salvage.js';
 import { resolveSplitBrain, type AfterSb0Policy, type SplitBrainResolution, type SplitBrainSide } from './split-brain.js';
@@ -49,6 +51,10 @@ export interface SecondaryOptions {
   nodeName?: string;
   /** --hidden-durability: strict (default: the copies are fdatasynced) or volatile (never synced; a host crash makes the secondary Inconsistent) */
   hiddenDurability?: HiddenDurability;
+  /** --filter …,at=active: filters on the active disk, under the view (fault injection) */
+  activeFilters?: readonly FilterSpec[];
+  /** --filter …,at=hidden: filters on the hidden disk, under the copy-before-write filter (fault injection) */
+  hiddenFilters?: readonly FilterSpec[];
 }
 
 /** how long the primary's bitmap may take to arrive for a salvage */
@@ -141,12 +147,13 @@ export class SecondaryRole implements PairRole {
     if (images) {
       this.cbw = new CbwFilter(
         ctx.exportNode,
-        images.hiddenNode,
+        o.hiddenFilters?.length ? completeNode(stackFilters(images.hiddenNode, o.hiddenFilters)) : images.hiddenNode,
         OVERLAY_CLUSTER,
         (err) => this.onCopyError(err),
         (err) => this.onDiskError(err),
       );
-      this.view = new ViewNode(images.activeNode, this.viewGate);
+      const active = o.activeFilters?.length ? stackFilters(images.activeNode, o.activeFilters) : images.activeNode;
+      this.view = new ViewNode(active, this.viewGate);
       this.writers = new ReplicaWriters(ctx.server, ctx.exportName, this.cbw, this.cbw.gate, ctx.minimumBlockSize);
     }
   }
@@ -646,6 +653,7 @@ export class SecondaryRole implements PairRole {
     // is left alone: its emptying would change nothing a reader sees, and costs fsyncs while
     // writes are held.
     if (!this.images!.active.mapsNothing) await this.images!.active.makeEmpty();
+    faultPoint('checkpoint-step-6');
     if (!this.images!.hidden.mapsNothing) await this.images!.hidden.makeEmpty();
   }
 

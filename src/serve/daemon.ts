@@ -20,7 +20,7 @@ import '../jobs/daemon-job-types.js';
 import { sidecarBase } from '../bitmap/names.js';
 import { filePath, isFileSpec } from '../image/chain.js';
 import { sideFileBase } from '../util/state-dir.js';
-import type { FilterSpec } from '../block/filters/spec.js';
+import { stackFilters, type FilterSpec } from '../block/filters/spec.js';
 import { ExportStack, type Slot } from './export-stack.js';
 import { NbdServer, type Logger, type ServerStatus } from '../nbd/server.js';
 import { checkExportName } from '../util/names.js';
@@ -249,7 +249,11 @@ export class Daemon {
       const tracking: DirtyTrackingNode[] = [];
       const replication: Array<() => Promise<ReplicationFilter>> = [];
       for (const [i, e] of options.exports.entries()) {
-        const stack = new ExportStack(nodes[i]!, { name: e.name, filters: options.filters ?? [] });
+        // --filter …,at=disk goes on the disk itself, under the pair's filters; the rest over the stack
+        const filters = options.filters ?? [];
+        const onDisk = filters.filter((f) => f.at === 'disk');
+        const disk = onDisk.length === 0 ? nodes[i]! : completeNode(stackFilters(nodes[i]!, onDisk));
+        const stack = new ExportStack(disk, { name: e.name, filters: filters.filter((f) => f.at === undefined || f.at === 'export') });
         let filter: Promise<ReplicationFilter> | undefined;
         replication.push(() => {
           filter ??= stack.insert('replication', (below) => new ReplicationFilter(below, { protocol: 'sync' })).then(() => stack.opened('replication') as ReplicationFilter);

@@ -225,12 +225,16 @@ describe('--filter specs', () => {
     expect(parseFilterSpec('error').options).toEqual({});
     expect(parseFilterSpec('error:ops=all').options).toEqual({ ops: ['read', 'write', 'zero', 'trim', 'flush', 'block-status'] });
     expect(parseFilterSpec('delay:ops=write+flush,ms=20').options).toEqual({ write: 20, flush: 20 });
+    expect(parseFilterSpec('error:ops=write,at=disk')).toEqual({ name: 'error', spec: 'error:ops=write,at=disk', options: { ops: ['write'] }, at: 'disk' });
+    expect(parseFilterSpec('delay:ms=5,at=export')).toMatchObject({ name: 'delay', at: 'export' });
     expect(parseFilterSpec('delay:ms=5,write=50').options).toEqual({ read: 5, write: 50, zero: 5, trim: 5, flush: 5, 'block-status': 5 });
   });
 
   it.each([
     ['nope:x=1', 'unknown filter "nope": expected one of error, delay, as NAME[:KEY=VALUE,…]'],
-    ['error:colour=red', 'error: unknown key "colour": expected one of ops, errno, rate, every, seed, range'],
+    ['error:colour=red', 'error: unknown key "colour": expected one of ops, errno, rate, every, seed, range, at'],
+    ['error:at=below', 'error: at=below: expected where the filter goes: export (the default), disk, active or hidden'],
+    ['delay:ms=5,at=', 'delay: key "at" has no value: expected at=VALUE'],
     ['error:rate', 'error: key "rate" has no value: expected rate=VALUE'],
     ['error:rate=0.1,rate=0.2', 'error: key "rate" is given twice'],
     ['error:rate=2', 'error: rate=2: expected a probability from 0 to 1 (e.g. 0.1)'],

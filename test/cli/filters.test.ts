@@ -89,6 +89,9 @@ describe.skipIf(!hasTool('qemu-io') || !hasTool('qemu-img'))('--filter', () => {
     const backupBad = await runCli(['backup', image, image, '--target-filter', 'error:every=0', '--json']);
     expect(backupBad.code).toBe(2);
     expect(JSON.parse(backupBad.stdout).error.message).toContain('every=0: expected a whole number of requests from 1');
+    const active = await runCli(['serve-nbd', image, '--socket', join(dir, 's'), '--filter', 'error:ops=write,at=active', '--json']);
+    expect(active.code).toBe(2);
+    expect(JSON.parse(active.stdout).error).toMatchObject({ code: 'ERR_USAGE', message: '--filter error:ops=write,at=active: at=active is the active disk of a secondary: it needs --secondary' });
     const live = await runCli(['mirror', '--control', join(dir, 'ctl'), image, '--filter', 'error', '--json']);
     expect(live.code).toBe(2);
     expect(JSON.parse(live.stdout).error.message).toContain('--filter is for an offline mirror');

@@ -5,6 +5,7 @@
  *   error:ops=write,rate=0.1,errno=EIO,seed=7
  *   error:ops=read+block-status,every=3,range=0-1M+4M-5M
  *   delay:ops=write+flush,ms=20     delay:read=5,write=50
+ *   error:ops=write,range=1M-2M,at=disk   (serve-nbd: on the disk, under the pair's filters)
  *
  * Lists inside a value are joined by "+". parseFilterSpec() checks every key and value and says
  * which one is wrong and what was expected (ERR_BAD_FILTER); stackFilters() puts parsed specs on
@@ -17,12 +18,23 @@ import type { Filter } from '../filter.js';
 import { DelayFilter, type DelayFilterOptions } from './delay.js';
 import { ErrorFilter, FAULT_OPS, type ErrorFilterOptions, type FaultOp } from './error.js';
 
-export type FilterSpec = { name: 'error'; spec: string; options: ErrorFilterOptions } | { name: 'delay'; spec: string; options: DelayFilterOptions };
+/**
+ * Where serve-nbd puts a filter (key at=): `export` (the default) between the clients and the
+ * export, above everything the daemon stacks; `disk` directly on the export's disk, below the
+ * replication pair's filters (a primary's replication, a secondary's copy-before-write), so it
+ * fails or delays the disk's own I/O as a failing disk would (replication.md §4 failure cases);
+ * `active` on a secondary's active disk, under its view (the secondary's own workload); `hidden`
+ * on a secondary's hidden disk as its copy-before-write filter writes it (failure case 3).
+ */
+export const FILTER_PLACES = ['export', 'disk', 'active', 'hidden'] as const;
+export type FilterPlace = (typeof FILTER_PLACES)[number];
+
+export type FilterSpec = ({ name: 'error'; spec: string; options: ErrorFilterOptions } | { name: 'delay'; spec: string; options: DelayFilterOptions }) & { at?: FilterPlace };
 
 /** the filters --filter knows, and the keys each takes */
 export const FILTER_KEYS = {
-  error: ['ops', 'errno', 'rate', 'every', 'seed', 'range'],
-  delay: ['ops', 'ms', ...FAULT_OPS],
+  error: ['ops', 'errno', 'rate', 'every', 'seed', 'range', 'at'],
+  delay: ['ops', 'ms', ...FAULT_OPS, 'at'],
 } as const;
 
 export type FilterName = keyof typeof FILTER_KEYS;
@@ -54,8 +66,11 @@ export function parseFilterSpec(spec: string): FilterSpec {
     values.set(key, value);
   }
   const p = new KeyReader(spec, name, values);
-  if (name === 'error') return { name, spec, options: errorOptions(p) };
-  return { name: 'delay', spec, options: delayOptions(p) };
+  const at = values.get('at');
+  if (at !== undefined && !(FILTER_PLACES as readonly string[]).includes(at)) p.fail('at', 'where the filter goes: export (the default), disk, active or hidden');
+  const place = at === undefined ? {} : { at: at as FilterPlace };
+  if (name === 'error') return { name, spec, options: errorOptions(p), ...place };
+  return { name: 'delay', spec, options: delayOptions(p), ...place };
 }
 
 class KeyReader {
