@@ -653,8 +653,10 @@ export class SecondaryRole implements PairRole {
     // is left alone: its emptying would change nothing a reader sees, and costs fsyncs while
     // writes are held.
     if (!this.images!.active.mapsNothing) await this.images!.active.makeEmpty();
-    faultPoint('checkpoint-step-6');
-    if (!this.images!.hidden.mapsNothing) await this.images!.hidden.makeEmpty();
+    if (!this.images!.hidden.mapsNothing) {
+      faultPoint('checkpoint-step-6');
+      await this.images!.hidden.makeEmpty();
+    }
   }
 
   /** Steps 4–7 of checkpoint n (replication.md §2). Resolves with the committed epoch. */
@@ -702,6 +704,7 @@ export class SecondaryRole implements PairRole {
       // (after a lost restore point the hello forced that resync to be full: the disk is CP_n, a restore point again)
       const gi = this.peerHello?.gi;
       await this.state.update((s) => ({ ...s, epoch: n, committing: null, ...(gi && this.link ? { gi, diskState: 'UpToDate' as const, restorePointLost: null } : {}) }));
+      if (gi && this.link) this.failedReason = null;
       this.refreshBypass();
       lap('committed');
       crashPoint('checkpoint-step-7');
@@ -730,7 +733,9 @@ export class SecondaryRole implements PairRole {
       force: o.force,
       epoch: s.epoch,
       gi: s.gi,
-      diskState: s.diskState,
+      // failure case 4: a disk that failed a write in this run stays unpromotable through the resync that
+      // follows a reconnect, until the checkpoint that ends it
+      diskState: this.failedReason !== null ? 'Failed' : s.diskState,
       committing: s.committing,
       noRestorePoint: this.noRestorePoint(),
       linkUp: this.link !== undefined,

@@ -147,7 +147,7 @@ describe('failure cases of replication.md §4 on two daemons', () => {
     expect(cmp.stdout).toContain('Images are identical.');
   });
 
-  it('case 6, emptying the hidden disk fails in a checkpoint: not committed (epoch stays 0, step 5 durable: committing 1), event checkpoint-failed on both; the retry commits 1; view and disks equal', async () => {
+  it('case 6, emptying the hidden disk fails in a checkpoint: not committed (epoch stays 1, step 5 durable: committing 2), event checkpoint-failed on both; the retry commits 2; view and disks equal', async () => {
     const dir = await makeTempDir();
     const pImg = join(dir, 'p.img');
     const sImg = join(dir, 's.img');
@@ -157,27 +157,33 @@ describe('failure cases of replication.md §4 on two daemons', () => {
     const pSock = join(dir, 'p.sock');
     const sControl = join(dir, 's.ctl');
     const pControl = join(dir, 'p.ctl');
-    // the primary first, so that its events are watched from the link's start; the hook fails
-    // the secondary's first emptying of its hidden disk: in checkpoint 1, after the initial sync
+    // the primary first, so that its events are watched from the link's start. The initial sync
+    // copies without copy-before-write, so checkpoint 1 has an empty hidden disk and nothing to
+    // empty; the hook fails the first emptying of a hidden disk that holds clusters: checkpoint 2
     const p = await serve([pImg, '--socket', pSock, '--control', pControl, '--replicate-to', unixUri(sSock), '--protocol', 'sync']);
     const pEv = await eventsOf(pControl);
     const s = await serve([sImg, '--secondary', '--socket', sSock, '--control', sControl, '--view-export', 'view'], { env: { ...process.env, BLKREP_TEST_FAIL_AT: 'checkpoint-step-6' } });
     const sEv = await eventsOf(sControl);
-    const failed = await pEv.next('checkpoint-failed');
-    expect(failed).toMatchObject({ n: 1, code: 'ERR_TEST_FAULT', message: 'the secondary failed checkpoint 1: injected fault at checkpoint-step-6 (BLKREP_TEST_FAIL_AT)' });
-    expect(await sEv.next('checkpoint-failed')).toMatchObject({ n: 1, code: 'ERR_TEST_FAULT' });
-    expect(await pairOf(pControl)).toMatchObject({ link: 'connected', epoch: 0, lastCheckpointAgeMs: null });
-    const sSt = await pairOf<{ epoch: number; link: string; secondary: { committing: number | null } }>(sControl);
-    expect(sSt).toMatchObject({ epoch: 0, secondary: { committing: 1 } });
-    // writes go on; the retry commits checkpoint 1 (step 6 redone)
+    expect(await pEv.next('checkpoint')).toMatchObject({ epoch: 1 });
+    // copied into hidden (old 0x11) before the disk takes 0x22
     expect((await qemuIo(pSock, 'write -P 0x22 1M 128k')).code).toBe(0);
+    const bad = await runCli(['checkpoint', '--control', pControl, '--json']);
+    expect(bad.code).not.toBe(0);
+    const failed = await pEv.next('checkpoint-failed');
+    expect(failed).toMatchObject({ n: 2, code: 'ERR_TEST_FAULT', message: 'the secondary failed checkpoint 2: injected fault at checkpoint-step-6 (BLKREP_TEST_FAIL_AT)' });
+    expect(await sEv.next('checkpoint-failed')).toMatchObject({ n: 2, code: 'ERR_TEST_FAULT' });
+    expect(await pairOf(pControl)).toMatchObject({ link: 'connected', epoch: 1 });
+    const sSt = await pairOf<{ epoch: number; link: string; secondary: { committing: number | null } }>(sControl);
+    expect(sSt).toMatchObject({ epoch: 1, secondary: { committing: 2 } });
+    // writes go on; the retry commits checkpoint 2 (step 6 redone)
+    expect((await qemuIo(pSock, 'write -P 0x33 4M 64k')).code).toBe(0);
     const cp = await runCli(['checkpoint', '--control', pControl, '--json']);
     expect(cp.code).toBe(0);
-    expect(JSON.parse(cp.stdout)).toMatchObject({ epoch: 1 });
-    expect(await pairOf(pControl)).toMatchObject({ link: 'connected', epoch: 1, bytesBehind: 0 });
-    expect(await pairOf(sControl)).toMatchObject({ link: 'connected', epoch: 1, diskState: 'UpToDate', secondary: { committing: null } });
+    expect(JSON.parse(cp.stdout)).toMatchObject({ epoch: 2 });
+    expect(await pairOf(pControl)).toMatchObject({ link: 'connected', epoch: 2, bytesBehind: 0 });
+    expect(await pairOf(sControl)).toMatchObject({ link: 'connected', epoch: 2, diskState: 'UpToDate', secondary: { committing: null } });
     expect(pEv.events.filter((e) => e.event === 'replication-degraded')).toEqual([]);
-    const view = await run('qemu-io', ['-f', 'raw', unixUri(sSock, 'view'), '-c', 'read -P 0x22 1M 128k', '-c', 'read -P 0x11 0 1M', '-c', 'read -P 0x11 2M 6M']);
+    const view = await run('qemu-io', ['-f', 'raw', unixUri(sSock, 'view'), '-c', 'read -P 0x22 1M 128k', '-c', 'read -P 0x11 0 1M', '-c', 'read -P 0x33 4M 64k', '-c', 'read -P 0x11 2M 2M']);
     expect(view.stdout).not.toContain('Pattern verification failed');
     expect(view.code).toBe(0);
     await pEv.close();
