@@ -142,6 +142,27 @@ export class ReplicationFilter extends Filter {
     return this.queued;
   }
 
+  /**
+   * The memory the async queue really holds for payloads: the sizes of the distinct ArrayBuffers
+   * behind the queued items' data (a slice of a pooled buffer counts the whole pool slab). The
+   * queue's copies are exact-size allocations and are released once replied or dropped, so this
+   * stays ≤ queueBytes — a test checks it.
+   */
+  get retainedBytes(): number {
+    const seen = new Set<ArrayBufferLike>();
+    let total = 0;
+    const count = (it: Item): void => {
+      const b = it.data?.buffer;
+      if (b && !seen.has(b)) {
+        seen.add(b);
+        total += b.byteLength;
+      }
+    };
+    for (const g of this.groups) for (const it of g.items) count(it);
+    for (const it of this.sendQueue) count(it);
+    return total;
+  }
+
   get peerBitmap(): PersistentBitmap | undefined {
     return this.peer;
   }
@@ -215,6 +236,7 @@ export class ReplicationFilter extends Filter {
       g.dropped = true;
       for (const it of g.items) {
         it.queuedBytes = 0; // a forward still in flight no longer counts when it completes
+        delete it.data; // a forward in flight holds its own reference until it completes
         this.settleItem(it);
       }
     }
@@ -303,7 +325,7 @@ export class ReplicationFilter extends Filter {
         // not forwarded: the bits say the secondary may miss it
         this.settleItem(item);
       } else {
-        if (data) item.data = Buffer.from(data);
+        if (data) item.data = ownCopy(data);
         const bytes = op === 'write' ? length : 0;
         if (this.queued + bytes > this.queueLimit) {
           this.settleItem(item);
@@ -407,10 +429,16 @@ export class ReplicationFilter extends Filter {
       () => {
         this.queued -= item.queuedBytes ?? 0;
         item.queuedBytes = 0;
+        // replied: the payload is no longer needed (the item itself may stay in its group until
+        // the group is replied, and in the arrays until they are compacted)
+        delete item.data;
         this.settleItem(item);
         if (this.target === target) this.pump();
       },
-      () => this.settleItem(item),
+      () => {
+        delete item.data;
+        this.settleItem(item);
+      },
     );
   }
 
@@ -526,4 +554,16 @@ export class ReplicationFilter extends Filter {
   async idle(): Promise<void> {
     if (this.inFlight > 0) await new Promise<void>((r) => this.idleWaiters.push(r));
   }
+}
+
+/**
+ * The async queue's copy of a payload: an exact-size allocation of its own. Buffer.from() takes
+ * payloads under 4 KiB from Node's shared 8 KiB pool, so a queued 512-byte write would keep a
+ * whole slab (and everything else cut from it) alive; the copy also frees the caller's buffer
+ * (often a slice of a large receive buffer) at once.
+ */
+function ownCopy(data: Buffer): Buffer {
+  const copy = Buffer.allocUnsafeSlow(data.length);
+  data.copy(copy);
+  return copy;
 }

@@ -236,6 +236,37 @@ describe('replication filter, async', () => {
     await peer.close();
   });
 
+  it('the queue retains at most its bound in payload memory, releases each payload once replied, and all of it on degrade', async () => {
+    const gate = new Gate();
+    const limit = 256 << 10;
+    const { filter, peer, degraded } = await setup('async', { gate, gateOps: ['write'] }, limit);
+    gate.close();
+    // 512-byte writes: a pooled copy would keep a whole 8 KiB slab per write (16× its size)
+    for (let i = 0; i < 256; i++) await filter.write(i * 4096, fill(0x20 + (i % 16), 512));
+    expect(filter.queueBytes).toBe(256 * 512);
+    expect(filter.retainedBytes).toBe(256 * 512);
+    gate.open();
+    await drained(filter);
+    // replied: nothing is held for them, though the items wait in the arrays until compaction
+    expect(filter.retainedBytes).toBe(0);
+    gate.close();
+    // past the bound: 4 KiB writes until the queue degrades, never holding more than the bound
+    let maxRetained = 0;
+    for (let i = 0; filter.mode === 'forwarding'; i++) {
+      await filter.write((i % 1024) * 4096, fill(0x40, 4096));
+      maxRetained = Math.max(maxRetained, filter.retainedBytes);
+      expect(i).toBeLessThan(1024);
+    }
+    expect(degraded.map((d) => d.code)).toEqual(['ERR_PAIR_QUEUE_FULL']);
+    expect(maxRetained).toBe(limit);
+    expect(filter.queueBytes).toBe(0);
+    expect(filter.retainedBytes).toBe(0);
+    gate.open();
+    await settle();
+    expect(filter.retainedBytes).toBe(0);
+    await peer.close();
+  });
+
   it("a checkpoint's cut sends nothing written after it until release, and flushes both", async () => {
     const { target, filter, peer } = await setup('async');
     await filter.write(0, fill(1, 4096));
