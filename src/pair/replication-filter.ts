@@ -514,9 +514,17 @@ export class ReplicationFilter extends Filter {
    * Checkpoint steps 1–2 (replication.md §2): cut — sync: hold new writes; async: close the open
    * group and send nothing after it — then wait until every forwarded write before the cut was
    * replied, flush locally and forward a FLUSH. Rejects ERR_PAIR_LINK_DOWN when forwarding stops
-   * meanwhile. release() ends the cut (whatever happened).
+   * meanwhile. release() ends the cut (whatever happened). Resolves with how long the drain
+   * (in-flight writes done / forwarded writes replied) and the two flushes took.
+   *
+   * The peer bitmap is not flushed here (it was, in parallel): the cut's FLUSH clears replied
+   * granules only in memory, once it succeeds, so a bitmap flush racing it did not make those
+   * clears durable anyway, and a bitmap on disk with more bits set than needed only costs resync
+   * time (every write's bit is durable before the write — the activity log — independently of
+   * this flush). flushPeer() after the release makes the clears durable.
    */
-  async cut(): Promise<void> {
+  async cut(): Promise<{ drainMs: number; flushMs: number }> {
+    const started = performance.now();
     if (this.current !== 'forwarding' || !this.target) throw new BlkrepError('ERR_PAIR_LINK_DOWN', `the filter is ${this.current}, not forwarding: no checkpoint`);
     if (this.protocol === 'sync') {
       let release!: () => void;
@@ -534,7 +542,14 @@ export class ReplicationFilter extends Filter {
     }
     const target = this.target;
     if (this.current !== 'forwarding' || !target) throw new BlkrepError('ERR_PAIR_LINK_DOWN', 'forwarding stopped during the checkpoint');
-    await Promise.all([this.next.flush(), this.forwardOne({ op: 'flush', offset: 0, length: 0, sent: false, done: false }), this.peer?.flush()]);
+    const drained = performance.now();
+    await Promise.all([this.next.flush(), this.forwardOne({ op: 'flush', offset: 0, length: 0, sent: false, done: false })]);
+    return { drainMs: drained - started, flushMs: performance.now() - drained };
+  }
+
+  /** Make the peer bitmap durable (after a checkpoint's release: its clears). */
+  async flushPeer(): Promise<void> {
+    await this.peer?.flush();
   }
 
   /** End the cut: held writes go on, queued ones are sent. */
