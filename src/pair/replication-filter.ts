@@ -46,6 +46,12 @@ export type ReplicationMode = 'detached' | 'forwarding' | 'degraded' | 'resyncin
 export const DEFAULT_QUEUE_BYTES = 64 * 1024 * 1024;
 /** DRBD's max-epoch-size: a barrier group closes at this many writes */
 export const MAX_GROUP_WRITES = 2048;
+/**
+ * An ordered target: at most this many forwards in flight. The rest wait in the queue as plain
+ * items instead of all being handed to the NBD client at once (each there costs its request
+ * state and promise chain, kept in the client's own waiting list: it puts at most 64 on the wire).
+ */
+export const MAX_SENDING = 256;
 
 type Op = 'write' | 'write-zeroes' | 'trim' | 'flush';
 
@@ -106,6 +112,10 @@ export class ReplicationFilter extends Filter {
   private ordered = false;
   private sendQueue: Item[] = [];
   private sendHead = 0;
+  /** forwards of the ordered queue in flight */
+  private sending = 0;
+  /** bumped when the queue is dropped: a forward of an older queue no longer counts in `sending` */
+  private queueGeneration = 0;
   private open: Group;
   private nextGroupId = 1;
   private queued = 0;
@@ -244,6 +254,8 @@ export class ReplicationFilter extends Filter {
     this.groupsHead = 0;
     this.sendQueue = [];
     this.sendHead = 0;
+    this.sending = 0;
+    this.queueGeneration++;
     this.open = this.newGroup();
     this.queued = 0;
     this.pauseAfter = undefined;
@@ -422,11 +434,17 @@ export class ReplicationFilter extends Filter {
   }
 
   /** Send one queued item; on its reply, pump again. */
-  private send(item: Item): void {
+  private send(item: Item, counted = false): void {
     item.sent = true;
     const target = this.target;
+    const generation = this.queueGeneration;
+    if (counted) this.sending++;
+    const done = (): void => {
+      if (counted && this.queueGeneration === generation) this.sending--;
+    };
     this.forwardOne(item).then(
       () => {
+        done();
         this.queued -= item.queuedBytes ?? 0;
         item.queuedBytes = 0;
         // replied: the payload is no longer needed (the item itself may stay in its group until
@@ -436,6 +454,7 @@ export class ReplicationFilter extends Filter {
         if (this.target === target) this.pump();
       },
       () => {
+        done();
         delete item.data;
         this.settleItem(item);
       },
@@ -452,7 +471,8 @@ export class ReplicationFilter extends Filter {
       const item = this.sendQueue[this.sendHead]!;
       if (!item.sent && item.op !== 'flush') {
         if (this.pauseAfter !== undefined && (item.group ?? 0) > this.pauseAfter) break;
-        this.send(item);
+        if (this.sending >= MAX_SENDING) break;
+        this.send(item, true);
       }
       this.sendHead++;
     }

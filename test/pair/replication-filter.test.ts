@@ -8,7 +8,7 @@ import { describe, expect, it } from 'vitest';
 import { BlkrepError } from '../../src/api/errors.js';
 import { PersistentBitmap } from '../../src/bitmap/persistent.js';
 import { MemoryNode } from '../../src/block/memory.js';
-import { ReplicationFilter, type ReplicationProtocol } from '../../src/pair/replication-filter.js';
+import { MAX_SENDING, ReplicationFilter, type ReplicationProtocol } from '../../src/pair/replication-filter.js';
 import { Gate, hookNode, type HookOptions } from '../support/fault-node.js';
 import { makeTempDir, withTimeout } from '../support/spawn.js';
 
@@ -173,6 +173,23 @@ describe('replication filter, async', () => {
     expect((await remote.read(G, 4096)).equals(fill(0xa2, 4096))).toBe(true);
     // the flush made them stable on the secondary: the peer bitmap is clean
     expect([...peer.bitmap.dirtyRuns()]).toEqual([]);
+    await peer.close();
+  });
+
+  it('to an ordered target at most MAX_SENDING forwards are in flight; the rest follow in order as replies come', async () => {
+    const gate = new Gate();
+    const { remote, target, filter, peer } = await setup('async', { gate, gateOps: ['write'] });
+    filter.attach(target, { ordered: true });
+    gate.close();
+    const n = MAX_SENDING + 100;
+    // every write lands on the same 4 KiB: the last one sent must be the last one written
+    for (let i = 0; i < n; i++) await filter.write(0, fill(i & 0xff, 4096));
+    await settle();
+    expect(gate.entered).toBe(MAX_SENDING);
+    gate.open();
+    await drained(filter);
+    expect(target.log.filter((r) => r.op === 'write').length).toBe(n);
+    expect((await remote.read(0, 4096)).equals(fill((n - 1) & 0xff, 4096))).toBe(true);
     await peer.close();
   });
 
