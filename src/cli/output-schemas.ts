@@ -134,6 +134,8 @@ const failoverResult = obj({ role: z.enum(['primary', 'secondary']), dryRun: z.b
  * pair link (from the secondary) carries `from: "secondary"`.
  */
 const time = z.string().describe('ISO 8601, UTC');
+/** the primary's checkpoint steps, ms: drain, both flushes, the secondary's CHECKPOINT→DONE, writes held, the epoch write after the release */
+const primaryCheckpointSteps = obj({ drainMs: z.number(), flushMs: z.number(), secondaryMs: z.number(), heldMs: z.number(), stateMs: z.number() });
 const ev = <N extends string, T extends z.ZodRawShape>(name: N, shape: T, description: string) =>
   obj({ event: z.literal(name), time, now: z.literal(true).optional(), ...shape }).describe(description);
 const jobBase = { id: z.string(), type: z.string(), export: z.string().nullable() };
@@ -169,7 +171,7 @@ export const EVENT_SCHEMAS = {
   'resync-started': ev('resync-started', { export: z.string(), peer: z.string(), bytes, full: z.boolean() }, 'the primary copies what the secondary misses'),
   'resync-done': ev('resync-done', { export: z.string(), peer: z.string(), bytes, dirtyBytes: bytes, ms: z.number() }, 'the resync finished'),
   'pair-refused': ev('pair-refused', { export: z.string(), peer: z.string(), ...errFields, decision: z.unknown().optional(), rule: z.unknown().optional() }, 'the peer refused the pair (or this node refused the peer)'),
-  checkpoint: ev('checkpoint', { export: z.string(), epoch: int, ms: z.number(), role: z.literal('secondary').optional() }, 'a checkpoint was committed'),
+  checkpoint: ev('checkpoint', { export: z.string(), epoch: int, ms: z.number(), role: z.literal('secondary').optional(), steps: primaryCheckpointSteps.optional() }, 'a checkpoint was committed (the primary\'s: with its step times)'),
   'checkpoint-failed': ev('checkpoint-failed', { export: z.string(), n: int, ...errFields }, 'a checkpoint failed'),
   'failover-started': ev('failover-started', { export: z.string(), role: z.literal('primary').optional(), to: z.string().optional(), epoch: int.optional(), retry: z.boolean().optional() }, 'a failover began'),
   'failover-done': ev('failover-done', { export: z.string(), role: z.literal('primary').optional(), to: z.string().optional(), epoch: int, bytes: bytes.optional(), ms: z.number() }, 'a failover finished'),
