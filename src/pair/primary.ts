@@ -484,8 +484,11 @@ export class PrimaryRole implements PairRole {
     }
     const n = this.state.state.epoch + 1;
     const started = Date.now();
+    const t0 = performance.now();
+    let steps: { drainMs: number; flushMs: number; secondaryMs: number; heldMs: number; stateMs: number } | undefined;
     try {
-      await filter.cut();
+      const cut = await filter.cut();
+      const t1 = performance.now();
       const answer = await channel.request<PairMessage>(asRequest({ type: 'checkpoint', n }), CHECKPOINT_TIMEOUT_MS).catch(async (err: unknown) => {
         const e = toBlkrepError(err);
         if (e.code === 'ERR_PAIR_TIMEOUT' && channel.isOpen) await channel.request(asRequest({ type: 'abort', n }), CHECKPOINT_TIMEOUT_MS).catch(() => {});
@@ -496,7 +499,15 @@ export class PrimaryRole implements PairRole {
       // the secondary holds CP_N: held writes go on now, not after our own state write (a crash
       // before that write leaves epoch N-1 here whether or not writes went on meanwhile)
       filter.release();
-      await this.state.update((s) => ({ ...s, epoch: n, diskState: 'UpToDate' }));
+      const t2 = performance.now();
+      // the peer bitmap's clears (the cut's FLUSH) become durable after the release: a failure
+      // there costs resync time only, not the checkpoint (the secondary already committed it)
+      await Promise.all([
+        this.state.update((s) => ({ ...s, epoch: n, diskState: 'UpToDate' })),
+        filter.flushPeer().catch((err: unknown) => this.log('warn', `checkpoint ${n}: the peer bitmap flush: ${(err as Error).message}`)),
+      ]);
+      const round = (x: number): number => Math.round(x * 10) / 10;
+      steps = { drainMs: round(cut.drainMs), flushMs: round(cut.flushMs), secondaryMs: round(t2 - t1), heldMs: round(t2 - t0), stateMs: round(performance.now() - t2) };
     } catch (err) {
       const e = toBlkrepError(err);
       this.publish('checkpoint-failed', { export: this.options.exportName, n, code: e.code, message: e.message });
@@ -506,7 +517,7 @@ export class PrimaryRole implements PairRole {
     }
     const ms = Date.now() - started;
     this.lastCheckpointAt = Date.now();
-    this.publish('checkpoint', { export: this.options.exportName, epoch: n, ms });
+    this.publish('checkpoint', { export: this.options.exportName, epoch: n, ms, ...(steps ? { steps } : {}) });
     return { epoch: n };
   }
 

@@ -46,6 +46,12 @@ export type ReplicationMode = 'detached' | 'forwarding' | 'degraded' | 'resyncin
 export const DEFAULT_QUEUE_BYTES = 64 * 1024 * 1024;
 /** DRBD's max-epoch-size: a barrier group closes at this many writes */
 export const MAX_GROUP_WRITES = 2048;
+/**
+ * An ordered target: at most this many forwards in flight. The rest wait in the queue as plain
+ * items instead of all being handed to the NBD client at once (each there costs its request
+ * state and promise chain, kept in the client's own waiting list: it puts at most 64 on the wire).
+ */
+export const MAX_SENDING = 256;
 
 type Op = 'write' | 'write-zeroes' | 'trim' | 'flush';
 
@@ -115,6 +121,10 @@ export class ReplicationFilter extends Filter {
   private ordered = false;
   private sendQueue: Item[] = [];
   private sendHead = 0;
+  /** forwards of the ordered queue in flight */
+  private sending = 0;
+  /** bumped when the queue is dropped: a forward of an older queue no longer counts in `sending` */
+  private queueGeneration = 0;
   private open: Group;
   private nextGroupId = 1;
   private queued = 0;
@@ -150,6 +160,27 @@ export class ReplicationFilter extends Filter {
   /** bytes waiting in the async queue (sent or not, not yet replied) */
   get queueBytes(): number {
     return this.queued;
+  }
+
+  /**
+   * The memory the async queue really holds for payloads: the sizes of the distinct ArrayBuffers
+   * behind the queued items' data (a slice of a pooled buffer counts the whole pool slab). The
+   * queue's copies are exact-size allocations and are released once replied or dropped, so this
+   * stays ≤ queueBytes — a test checks it.
+   */
+  get retainedBytes(): number {
+    const seen = new Set<ArrayBufferLike>();
+    let total = 0;
+    const count = (it: Item): void => {
+      const b = it.data?.buffer;
+      if (b && !seen.has(b)) {
+        seen.add(b);
+        total += b.byteLength;
+      }
+    };
+    for (const g of this.groups) for (const it of g.items) count(it);
+    for (const it of this.sendQueue) count(it);
+    return total;
   }
 
   get peerBitmap(): PersistentBitmap | undefined {
@@ -227,6 +258,7 @@ export class ReplicationFilter extends Filter {
       g.dropped = true;
       for (const it of g.items) {
         it.queuedBytes = 0; // a forward still in flight no longer counts when it completes
+        delete it.data; // a forward in flight holds its own reference until it completes
         this.settleItem(it);
       }
     }
@@ -234,6 +266,8 @@ export class ReplicationFilter extends Filter {
     this.groupsHead = 0;
     this.sendQueue = [];
     this.sendHead = 0;
+    this.sending = 0;
+    this.queueGeneration++;
     this.open = this.newGroup();
     this.queued = 0;
     this.pauseAfter = undefined;
@@ -322,7 +356,7 @@ export class ReplicationFilter extends Filter {
         // not forwarded: the bits say the secondary may miss it
         this.settleItem(item);
       } else {
-        if (data) item.data = Buffer.from(data);
+        if (data) item.data = ownCopy(data);
         const bytes = op === 'write' ? length : 0;
         if (this.queued + bytes > this.queueLimit) {
           this.settleItem(item);
@@ -421,17 +455,30 @@ export class ReplicationFilter extends Filter {
   }
 
   /** Send one queued item; on its reply, pump again. */
-  private send(item: Item): void {
+  private send(item: Item, counted = false): void {
     item.sent = true;
     const target = this.target;
+    const generation = this.queueGeneration;
+    if (counted) this.sending++;
+    const done = (): void => {
+      if (counted && this.queueGeneration === generation) this.sending--;
+    };
     this.forwardOne(item).then(
       () => {
+        done();
         this.queued -= item.queuedBytes ?? 0;
         item.queuedBytes = 0;
+        // replied: the payload is no longer needed (the item itself may stay in its group until
+        // the group is replied, and in the arrays until they are compacted)
+        delete item.data;
         this.settleItem(item);
         if (this.target === target) this.pump();
       },
-      () => this.settleItem(item),
+      () => {
+        done();
+        delete item.data;
+        this.settleItem(item);
+      },
     );
   }
 
@@ -445,7 +492,8 @@ export class ReplicationFilter extends Filter {
       const item = this.sendQueue[this.sendHead]!;
       if (!item.sent && item.op !== 'flush') {
         if (this.pauseAfter !== undefined && (item.group ?? 0) > this.pauseAfter) break;
-        this.send(item);
+        if (this.sending >= MAX_SENDING) break;
+        this.send(item, true);
       }
       this.sendHead++;
     }
@@ -507,9 +555,17 @@ export class ReplicationFilter extends Filter {
    * Checkpoint steps 1–2 (replication.md §2): cut — sync: hold new writes; async: close the open
    * group and send nothing after it — then wait until every forwarded write before the cut was
    * replied, flush locally and forward a FLUSH. Rejects ERR_PAIR_LINK_DOWN when forwarding stops
-   * meanwhile. release() ends the cut (whatever happened).
+   * meanwhile. release() ends the cut (whatever happened). Resolves with how long the drain
+   * (in-flight writes done / forwarded writes replied) and the two flushes took.
+   *
+   * The peer bitmap is not flushed here (it was, in parallel): the cut's FLUSH clears replied
+   * granules only in memory, once it succeeds, so a bitmap flush racing it did not make those
+   * clears durable anyway, and a bitmap on disk with more bits set than needed only costs resync
+   * time (every write's bit is durable before the write — the activity log — independently of
+   * this flush). flushPeer() after the release makes the clears durable.
    */
-  async cut(): Promise<void> {
+  async cut(): Promise<{ drainMs: number; flushMs: number }> {
+    const started = performance.now();
     if (this.current !== 'forwarding' || !this.target) throw new BlkrepError('ERR_PAIR_LINK_DOWN', `the filter is ${this.current}, not forwarding: no checkpoint`);
     if (this.protocol === 'sync') {
       let release!: () => void;
@@ -527,7 +583,14 @@ export class ReplicationFilter extends Filter {
     }
     const target = this.target;
     if (this.current !== 'forwarding' || !target) throw new BlkrepError('ERR_PAIR_LINK_DOWN', 'forwarding stopped during the checkpoint');
-    await Promise.all([this.next.flush(), this.forwardOne({ op: 'flush', offset: 0, length: 0, sent: false, done: false }), this.peer?.flush()]);
+    const drained = performance.now();
+    await Promise.all([this.next.flush(), this.forwardOne({ op: 'flush', offset: 0, length: 0, sent: false, done: false })]);
+    return { drainMs: drained - started, flushMs: performance.now() - drained };
+  }
+
+  /** Make the peer bitmap durable (after a checkpoint's release: its clears). */
+  async flushPeer(): Promise<void> {
+    await this.peer?.flush();
   }
 
   /** End the cut: held writes go on, queued ones are sent. */
@@ -547,4 +610,16 @@ export class ReplicationFilter extends Filter {
   async idle(): Promise<void> {
     if (this.inFlight > 0) await new Promise<void>((r) => this.idleWaiters.push(r));
   }
+}
+
+/**
+ * The async queue's copy of a payload: an exact-size allocation of its own. Buffer.from() takes
+ * payloads under 4 KiB from Node's shared 8 KiB pool, so a queued 512-byte write would keep a
+ * whole slab (and everything else cut from it) alive; the copy also frees the caller's buffer
+ * (often a slice of a large receive buffer) at once.
+ */
+function ownCopy(data: Buffer): Buffer {
+  const copy = Buffer.allocUnsafeSlow(data.length);
+  data.copy(copy);
+  return copy;
 }

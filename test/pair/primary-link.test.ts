@@ -89,6 +89,11 @@ describe('the primary on a scripted secondary', () => {
       await waitFor(() => events.some((e) => e.event === 'checkpoint'), 'checkpoint 1 (its event: the checkpoint has ended)');
       expect(events.map((e) => e.event)).toEqual(['resync-started', 'resync-done', 'replication-connected', 'checkpoint']);
       expect(events[0]).toMatchObject({ full: true, bytes: SIZE });
+      // the primary's steps, timed: the hold (steps 1–2 and the secondary's 3–7) and the state write after it
+      const steps = (events[3] as unknown as { steps: Record<string, number> }).steps;
+      expect(Object.keys(steps).sort()).toEqual(['drainMs', 'flushMs', 'heldMs', 'secondaryMs', 'stateMs']);
+      for (const v of Object.values(steps)) expect(v).toBeGreaterThanOrEqual(0);
+      expect(steps.heldMs).toBeGreaterThanOrEqual(steps.secondaryMs!);
       expect(await p.checkpoint()).toEqual({ epoch: 2 });
       expect(p.status()).toMatchObject({ role: 'primary', link: 'connected', epoch: 2, peerKind: 'blkrep' });
     } finally {

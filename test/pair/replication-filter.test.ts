@@ -8,7 +8,7 @@ import { describe, expect, it } from 'vitest';
 import { BlkrepError } from '../../src/api/errors.js';
 import { PersistentBitmap } from '../../src/bitmap/persistent.js';
 import { MemoryNode } from '../../src/block/memory.js';
-import { ReplicationFilter, type ReplicationProtocol } from '../../src/pair/replication-filter.js';
+import { MAX_SENDING, ReplicationFilter, type ReplicationProtocol } from '../../src/pair/replication-filter.js';
 import { Gate, hookNode, type HookOptions } from '../support/fault-node.js';
 import { makeTempDir, withTimeout } from '../support/spawn.js';
 
@@ -176,6 +176,23 @@ describe('replication filter, async', () => {
     await peer.close();
   });
 
+  it('to an ordered target at most MAX_SENDING forwards are in flight; the rest follow in order as replies come', async () => {
+    const gate = new Gate();
+    const { remote, target, filter, peer } = await setup('async', { gate, gateOps: ['write'] });
+    filter.attach(target, { ordered: true });
+    gate.close();
+    const n = MAX_SENDING + 100;
+    // every write lands on the same 4 KiB: the last one sent must be the last one written
+    for (let i = 0; i < n; i++) await filter.write(0, fill(i & 0xff, 4096));
+    await settle();
+    expect(gate.entered).toBe(MAX_SENDING);
+    gate.open();
+    await drained(filter);
+    expect(target.log.filter((r) => r.op === 'write').length).toBe(n);
+    expect((await remote.read(0, 4096)).equals(fill((n - 1) & 0xff, 4096))).toBe(true);
+    await peer.close();
+  });
+
   it("to an ordered target a checkpoint's cut still sends nothing written after it until release", async () => {
     const { target, filter, peer } = await setup('async');
     filter.attach(target, { ordered: true });
@@ -233,6 +250,37 @@ describe('replication filter, async', () => {
     gate.open();
     await settle();
     expect(filter.queueBytes).toBe(0);
+    await peer.close();
+  });
+
+  it('the queue retains at most its bound in payload memory, releases each payload once replied, and all of it on degrade', async () => {
+    const gate = new Gate();
+    const limit = 256 << 10;
+    const { filter, peer, degraded } = await setup('async', { gate, gateOps: ['write'] }, limit);
+    gate.close();
+    // 512-byte writes: a pooled copy would keep a whole 8 KiB slab per write (16× its size)
+    for (let i = 0; i < 256; i++) await filter.write(i * 4096, fill(0x20 + (i % 16), 512));
+    expect(filter.queueBytes).toBe(256 * 512);
+    expect(filter.retainedBytes).toBe(256 * 512);
+    gate.open();
+    await drained(filter);
+    // replied: nothing is held for them, though the items wait in the arrays until compaction
+    expect(filter.retainedBytes).toBe(0);
+    gate.close();
+    // past the bound: 4 KiB writes until the queue degrades, never holding more than the bound
+    let maxRetained = 0;
+    for (let i = 0; filter.mode === 'forwarding'; i++) {
+      await filter.write((i % 1024) * 4096, fill(0x40, 4096));
+      maxRetained = Math.max(maxRetained, filter.retainedBytes);
+      expect(i).toBeLessThan(1024);
+    }
+    expect(degraded.map((d) => d.code)).toEqual(['ERR_PAIR_QUEUE_FULL']);
+    expect(maxRetained).toBe(limit);
+    expect(filter.queueBytes).toBe(0);
+    expect(filter.retainedBytes).toBe(0);
+    gate.open();
+    await settle();
+    expect(filter.retainedBytes).toBe(0);
     await peer.close();
   });
 
