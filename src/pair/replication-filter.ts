@@ -197,6 +197,26 @@ export class ReplicationFilter extends Filter {
     this.setMode('resyncing');
   }
 
+  /**
+   * Before a resync's mirror copies the peer bitmap: new writes wait and the ones in flight
+   * finish, so every write issued so far has set its bits. (A write issued to the disk while
+   * degraded sets its bits only when it completes: completing after the mirror's copy, it would
+   * be neither copied nor forwarded, and the consistent instant's clearAll would drop it.)
+   * Call the returned function once the writes go through the resync's front end (resync()).
+   */
+  async quiesce(): Promise<() => void> {
+    while (this.holding) await this.holding.promise;
+    let release!: () => void;
+    const promise = new Promise<void>((r) => (release = r));
+    const hold = { promise, release };
+    this.holding = hold;
+    await this.idle();
+    return () => {
+      if (this.holding === hold) this.holding = undefined;
+      hold.release();
+    };
+  }
+
   /** Back to resyncing's predecessor after a failed resync: writes set bits only. */
   degrade(reason: string, error?: BlkrepError): void {
     if (this.current === 'degraded' || this.current === 'detached') return;
