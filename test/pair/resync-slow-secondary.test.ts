@@ -5,14 +5,12 @@
  * resyncs copy no more than 1.1x what was written (never the whole disk), and the disks must be
  * equal after a checkpoint.
  *
- * RED (found 2026-12-06, helper fi): in about half the runs one 64 KiB cluster written during
- * the degrade/resync is missing on the secondary after resync-done, replication-connected, a
- * checkpoint and bytesBehind 0 (secondary zeros, primary the data; still so 1 s later): a lost
- * write in the primary's resync → forwarding hand-over (primary.ts resync/onConsistent,
- * replication-filter.ts era path) or in the secondary's replica writers across the two data
- * connections. Not yet diagnosed. It is not the at=disk placement: with the delay over the
- * replica export (plain --filter delay:write=200, the placement that existed before) it
- * happens too.
+ * Found 2026-12-06 (helper fi), red in about half the runs: one 64 KiB cluster missing on the
+ * secondary after resync-done, replication-connected, a checkpoint and bytesBehind 0. Cause: a
+ * client write issued to the disk while degraded sets its peer bits when it completes; it
+ * completed after the resync's mirror had copied the peer bitmap, so the mirror did not copy it,
+ * nothing forwarded it (still resyncing), and the consistent instant's clearAll dropped its bits.
+ * Fixed by ReplicationFilter.quiesce() before the mirror is created (primary.ts resync).
  */
 import { join } from 'node:path';
 import { truncate, writeFile } from 'node:fs/promises';
