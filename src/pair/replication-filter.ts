@@ -28,7 +28,8 @@
  * A forwarding failure (a forward rejected, the queue full) never fails the client's request:
  * the filter degrades — forwarding stops, what was queued is dropped (its bits are set), later
  * writes only set bits — and calls `onDegraded(reason)`. The primary (primary.ts) reconnects and
- * resyncs by the peer bitmap with a mirror job: while it runs, writes go through the job's front
+ * resyncs by the peer bitmap with a mirror job: quiesce() first (the writes in flight set their
+ * bits before the mirror copies the bitmap), then, while it runs, writes go through the job's front
  * end (resync()), and in the job's consistent instant attach() makes the filter forward again.
  *
  * Modes: detached (no peer: a pass-through with no cost), forwarding, degraded, resyncing.
