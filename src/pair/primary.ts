@@ -356,27 +356,33 @@ export class PrimaryRole implements PairRole {
   /** Resync by the peer bitmap with a mirror job; at its consistent instant, forward. */
   private async resync(target: NbdNode, full: boolean, ordered = false): Promise<void> {
     const filter = this.options.filter;
+    // every write issued while degraded has set its bits before the mirror copies the bitmap
+    const releaseWrites = await filter.quiesce();
     if (full) this.peerBitmap.setAll();
     const bytes = this.peerBitmap.bitmap.dirtyBytes;
     this.link = 'resyncing';
     this.publish('resync-started', { export: this.options.exportName, peer: this.uri.uri, bytes, full });
     const started = Date.now();
-    const job = new MirrorJob({
-      id: `resync-${this.options.exportName || 'default'}`,
-      source: filter.next,
-      target,
-      sync: 'bitmap',
-      bitmap: this.peerBitmap,
-      bitmapMode: 'never',
-      onConsistent: async () => {
-        // the secondary equals the disk and writes wait: forward from here on
-        await target.flush();
-        this.peerBitmap.clearAll();
-        filter.attach(target, { ordered });
-      },
-    });
-    this.resyncJob = job;
-    filter.resync(job.node);
+    let job: MirrorJob;
+    try {
+      job = this.resyncJob = new MirrorJob({
+        id: `resync-${this.options.exportName || 'default'}`,
+        source: filter.next,
+        target,
+        sync: 'bitmap',
+        bitmap: this.peerBitmap,
+        bitmapMode: 'never',
+        onConsistent: async () => {
+          // the secondary equals the disk and writes wait: forward from here on
+          await target.flush();
+          this.peerBitmap.clearAll();
+          filter.attach(target, { ordered });
+        },
+      });
+      filter.resync(job.node);
+    } finally {
+      releaseWrites();
+    }
     try {
       await runResync(job);
     } catch (err) {

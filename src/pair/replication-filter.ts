@@ -28,7 +28,8 @@
  * A forwarding failure (a forward rejected, the queue full) never fails the client's request:
  * the filter degrades — forwarding stops, what was queued is dropped (its bits are set), later
  * writes only set bits — and calls `onDegraded(reason)`. The primary (primary.ts) reconnects and
- * resyncs by the peer bitmap with a mirror job: while it runs, writes go through the job's front
+ * resyncs by the peer bitmap with a mirror job: quiesce() first (the writes in flight set their
+ * bits before the mirror copies the bitmap), then, while it runs, writes go through the job's front
  * end (resync()), and in the job's consistent instant attach() makes the filter forward again.
  *
  * Modes: detached (no peer: a pass-through with no cost), forwarding, degraded, resyncing.
@@ -226,6 +227,26 @@ export class ReplicationFilter extends Filter {
   resync(front: BlockNode): void {
     this.resyncFront = completeNode(front);
     this.setMode('resyncing');
+  }
+
+  /**
+   * Before a resync's mirror copies the peer bitmap: new writes wait and the ones in flight
+   * finish, so every write issued so far has set its bits. (A write issued to the disk while
+   * degraded sets its bits only when it completes: completing after the mirror's copy, it would
+   * be neither copied nor forwarded, and the consistent instant's clearAll would drop it.)
+   * Call the returned function once the writes go through the resync's front end (resync()).
+   */
+  async quiesce(): Promise<() => void> {
+    while (this.holding) await this.holding.promise;
+    let release!: () => void;
+    const promise = new Promise<void>((r) => (release = r));
+    const hold = { promise, release };
+    this.holding = hold;
+    await this.idle();
+    return () => {
+      if (this.holding === hold) this.holding = undefined;
+      hold.release();
+    };
   }
 
   /** Back to resyncing's predecessor after a failed resync: writes set bits only. */

@@ -304,6 +304,41 @@ describe('replication filter, async', () => {
   });
 });
 
+describe('replication filter, before a resync', () => {
+  it("quiesce: a degraded write still on its way to the disk has set its bits before the resync's mirror may copy the bitmap; new writes wait until release", async () => {
+    const dir = await makeTempDir();
+    const gate = new Gate();
+    const local = new MemoryNode(SIZE);
+    const peer = await PersistentBitmap.create(join(dir, 'peer.bitmap'), { size: SIZE, granularity: G });
+    const filter = new ReplicationFilter(hookNode(local, { gate, gateOps: ['write'] }), { protocol: 'async', peerBitmap: peer });
+    filter.attach(new MemoryNode(SIZE));
+    filter.degrade('queue-full');
+    gate.close();
+    const w1 = filter.write(3 * G, fill(0x31, G));
+    await gate.waitEntered(1);
+    // the bits are set when the write completes, not before
+    expect(peer.bitmap.isDirty(3 * G, G)).toBe(false);
+    let quiet = false;
+    const q = filter.quiesce().then((release) => ((quiet = true), release));
+    let w2done = false;
+    const w2 = filter.write(5 * G, fill(0x52, G)).then(() => (w2done = true));
+    await settle();
+    expect(quiet).toBe(false);
+    expect(gate.entered).toBe(1); // the new write waits before the disk
+    gate.open();
+    await w1;
+    const release = await q;
+    expect(peer.bitmap.isDirty(3 * G, G)).toBe(true);
+    await settle();
+    expect(w2done).toBe(false);
+    release();
+    await w2;
+    expect(peer.bitmap.isDirty(5 * G, G)).toBe(true);
+    expect((await local.read(5 * G, G)).equals(fill(0x52, G))).toBe(true);
+    await peer.close();
+  });
+});
+
 describe('replication filter, sync cut', () => {
   it('holds new writes during the cut, lets them go at release', async () => {
     const { target, filter, peer } = await setup('sync');
