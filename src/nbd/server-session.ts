@@ -874,7 +874,10 @@ export class ServerSession implements BudgetWaiter, DirectReader {
    */
   private sendData(header: Buffer, data: Buffer, sent: () => void): boolean {
     if (this.phase === 'closed' || this.stream.destroyed || this.stream.writableEnded) return false;
-    this.batch();
+    // a large payload goes out at once: its syscall cost is spread over its bytes already, and held
+    // back it waits for the turn's other large replies (1 MiB reads QD8 on a Unix socket: 0.68× the
+    // throughput and 3× the p99 when batched)
+    if (data.length <= BATCH_MAX_PAYLOAD) this.batch();
     this.stream.cork();
     this.stream.write(header);
     this.stream.write(data, () => sent());
@@ -921,6 +924,9 @@ function clipDescriptors(descriptors: Descriptor[], length: number, max: number)
   }
   return out;
 }
+
+/** read replies up to this payload are gathered with the turn's other replies (batch()) */
+const BATCH_MAX_PAYLOAD = 64 * 1024;
 
 /** BLKREP_NO_REPLY_BATCHING=1: one socket write per reply, as before batching (bench/serve-nbd compares the two). */
 function replyBatchingDisabled(): boolean {
