@@ -135,7 +135,7 @@ const failoverResult = obj({ role: z.enum(['primary', 'secondary']), dryRun: z.b
  */
 const time = z.string().describe('ISO 8601, UTC');
 /** the primary's checkpoint steps, ms: drain, both flushes, the secondary's CHECKPOINT→DONE, writes held, the epoch write after the release */
-const primaryCheckpointSteps = obj({ drainMs: z.number(), flushMs: z.number(), secondaryMs: z.number(), heldMs: z.number(), stateMs: z.number() });
+const primaryCheckpointSteps = obj({ preflushMs: z.number(), drainMs: z.number(), flushMs: z.number(), secondaryMs: z.number(), heldMs: z.number(), stateMs: z.number() });
 const ev = <N extends string, T extends z.ZodRawShape>(name: N, shape: T, description: string) =>
   obj({ event: z.literal(name), time, now: z.literal(true).optional(), ...shape }).describe(description);
 const jobBase = { id: z.string(), type: z.string(), export: z.string().nullable() };
@@ -181,7 +181,7 @@ export const EVENT_SCHEMAS = {
       role: z.literal('secondary').optional(),
       steps: z.union([obj({ hold: z.number(), flush: z.number(), committing: z.number(), empty: z.number(), committed: z.number() }), primaryCheckpointSteps]).optional(),
     },
-    'a checkpoint was committed, with the step times of the node that publishes it (the primary: drainMs, flushMs, secondaryMs, heldMs, stateMs; the secondary: hold, flush, committing, empty, committed)',
+    'a checkpoint was committed, with the step times of the node that publishes it (the primary: preflushMs, drainMs, flushMs, secondaryMs, heldMs, stateMs; the secondary: hold, flush, committing, empty, committed)',
   ),
   'restore-point-lost': ev('restore-point-lost', { export: z.string(), reason: z.string() }, 'a host crash lost the secondary\'s volatile hidden disk: Inconsistent until a full resync'),
   'checkpoint-failed': ev('checkpoint-failed', { export: z.string(), n: int, ...errFields }, 'a checkpoint failed'),

@@ -491,7 +491,7 @@ export class PrimaryRole implements PairRole {
     const n = this.state.state.epoch + 1;
     const started = Date.now();
     const t0 = performance.now();
-    let steps: { drainMs: number; flushMs: number; secondaryMs: number; heldMs: number; stateMs: number } | undefined;
+    let steps: { preflushMs: number; drainMs: number; flushMs: number; secondaryMs: number; heldMs: number; stateMs: number } | undefined;
     try {
       const cut = await filter.cut();
       const t1 = performance.now();
@@ -513,7 +513,7 @@ export class PrimaryRole implements PairRole {
         filter.flushPeer().catch((err: unknown) => this.log('warn', `checkpoint ${n}: the peer bitmap flush: ${(err as Error).message}`)),
       ]);
       const round = (x: number): number => Math.round(x * 10) / 10;
-      steps = { drainMs: round(cut.drainMs), flushMs: round(cut.flushMs), secondaryMs: round(t2 - t1), heldMs: round(t2 - t0), stateMs: round(performance.now() - t2) };
+      steps = { preflushMs: round(cut.preflushMs), drainMs: round(cut.drainMs), flushMs: round(cut.flushMs), secondaryMs: round(t2 - t1), heldMs: round(t2 - t0 - cut.preflushMs), stateMs: round(performance.now() - t2) };
     } catch (err) {
       const e = toBlkrepError(err);
       this.publish('checkpoint-failed', { export: this.options.exportName, n, code: e.code, message: e.message });

@@ -585,9 +585,18 @@ export class ReplicationFilter extends Filter {
    * time (every write's bit is durable before the write — the activity log — independently of
    * this flush). flushPeer() after the release makes the clears durable.
    */
-  async cut(): Promise<{ drainMs: number; flushMs: number }> {
-    const started = performance.now();
+  async cut(): Promise<{ preflushMs: number; drainMs: number; flushMs: number }> {
+    const t0 = performance.now();
     if (this.current !== 'forwarding' || !this.target) throw new BlkrepError('ERR_PAIR_LINK_DOWN', `the filter is ${this.current}, not forwarding: no checkpoint`);
+    if (this.protocol === 'sync') {
+      // pre-flush, before the hold: write back what both disks hold dirty now while writes still
+      // go, so that the flushes inside the hold have only this short window's writes to write.
+      // The hold is mostly flush time (bench/pair: 70–100 ms of a 120 ms hold after 500 ms of
+      // 4 KiB random writes). An extra flush changes nothing the crash rules rely on.
+      await Promise.all([this.next.flush(), this.forwardOne({ op: 'flush', offset: 0, length: 0, sent: false, done: false })]);
+      if (this.current !== 'forwarding' || !this.target) throw new BlkrepError('ERR_PAIR_LINK_DOWN', 'forwarding stopped during the checkpoint');
+    }
+    const started = performance.now();
     if (this.protocol === 'sync') {
       let release!: () => void;
       const promise = new Promise<void>((r) => (release = r));
@@ -606,7 +615,7 @@ export class ReplicationFilter extends Filter {
     if (this.current !== 'forwarding' || !target) throw new BlkrepError('ERR_PAIR_LINK_DOWN', 'forwarding stopped during the checkpoint');
     const drained = performance.now();
     await Promise.all([this.next.flush(), this.forwardOne({ op: 'flush', offset: 0, length: 0, sent: false, done: false })]);
-    return { drainMs: drained - started, flushMs: performance.now() - drained };
+    return { preflushMs: started - t0, drainMs: drained - started, flushMs: performance.now() - drained };
   }
 
   /** Make the peer bitmap durable (after a checkpoint's release: its clears). */

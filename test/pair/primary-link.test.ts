@@ -91,7 +91,7 @@ describe('the primary on a scripted secondary', () => {
       expect(events[0]).toMatchObject({ full: true, bytes: SIZE });
       // the primary's steps, timed: the hold (steps 1–2 and the secondary's 3–7) and the state write after it
       const steps = (events[3] as unknown as { steps: Record<string, number> }).steps;
-      expect(Object.keys(steps).sort()).toEqual(['drainMs', 'flushMs', 'heldMs', 'secondaryMs', 'stateMs']);
+      expect(Object.keys(steps).sort()).toEqual(['drainMs', 'flushMs', 'heldMs', 'preflushMs', 'secondaryMs', 'stateMs']);
       for (const v of Object.values(steps)) expect(v).toBeGreaterThanOrEqual(0);
       expect(steps.heldMs).toBeGreaterThanOrEqual(steps.secondaryMs!);
       expect(await p.checkpoint()).toEqual({ epoch: 2 });
