@@ -206,10 +206,10 @@ describe.skipIf(!hasTool('qemu-nbd') || !hasTool('qemu-img'))('blkrep backup', (
   });
 });
 
-describe.skipIf(!hasTool('nbdkit') || !hasTool('qemu-img'))('blkrep backup onto a faulty target (nbdkit error filter, 10% EIO)', () => {
+describe.skipIf(!hasTool('nbdkit') || !hasTool('qemu-img'))('blkrep backup onto a faulty target (nbdkit error filter, 30% EIO)', () => {
   async function faultyTarget(dir: string, file: string): Promise<string> {
     const sock = join(dir, `${Math.random().toString(36).slice(2, 8)}.sock`);
-    start('nbdkit', ['-f', '-U', sock, '--filter=error', 'file', file, 'error=EIO', 'error-rate=10%']);
+    start('nbdkit', ['-f', '-U', sock, '--filter=error', 'file', file, 'error=EIO', 'error-rate=30%']);
     await waitFor(() => existsSync(sock), 'nbdkit socket');
     return unixUri(sock, '');
   }
