@@ -15,40 +15,17 @@
 import { join } from 'node:path';
 import { truncate, writeFile } from 'node:fs/promises';
 import { describe, expect, it } from 'vitest';
-import { ControlClient } from '../../src/control/client.js';
 import { makeTempDir, run, runCli, serve, unixUri, waitFor } from '../support/spawn.js';
-import { pairOf } from '../support/control.js';
+import { eventsOf, firstCheckpoint, pairOf } from '../support/control.js';
 
 const MiB = 1 << 20;
 const KiB = 1024;
 const SIZE = 8 * MiB;
 
-interface Ev {
-  event: string;
-  [k: string]: unknown;
-}
-
 async function blank(path: string): Promise<void> {
   await writeFile(path, Buffer.alloc(0));
   await truncate(path, SIZE);
 }
-
-/** Events of a daemon, and a wait for the next one of a name. */
-async function eventsOf(control: string) {
-  const events: Ev[] = [];
-  const client = await ControlClient.connect(control);
-  await client.subscribe(undefined, (e) => events.push(e as unknown as Ev));
-  const next = (name: string, from = 0) => waitFor(() => events.slice(from).find((e) => e.event === name), `event ${name}`, { timeoutMs: 30_000 });
-  return { events, next, close: () => client.close() };
-}
-
-async function firstCheckpoint(control: string): Promise<void> {
-  await waitFor(async () => {
-    const st = await pairOf(control);
-    return st.epoch === 1 && st.lastCheckpointAgeMs !== null;
-  }, 'checkpoint 1 after the initial sync', { timeoutMs: 30_000 });
-}
-
 
 describe('resync through a slow secondary', () => {
   it('degrade and resync through a real secondary with a slow disk (async, a 1 MiB queue overflows): the client sees no error, the resyncs copy <= 1.1x what was written, never the whole disk; disks equal', async () => {

@@ -4,6 +4,7 @@
  */
 import { ControlClient } from '../../src/control/client.js';
 import type { PairStatus } from '../../src/pair/role.js';
+import { waitFor } from './spawn.js';
 
 export async function controlRequest<T>(control: string, cmd: string, args: Record<string, unknown> = {}, timeoutMs = 60_000): Promise<T> {
   const c = await ControlClient.connect(control);
@@ -18,4 +19,27 @@ export async function controlRequest<T>(control: string, cmd: string, args: Reco
 export async function pairOf<T = PairStatus>(control: string): Promise<T> {
   const s = await controlRequest<{ exports: Array<{ pair?: PairStatus }> }>(control, 'status');
   return s.exports.find((e) => e.pair)!.pair! as T;
+}
+
+/** An event as the control socket sends it. */
+export interface DaemonEvent {
+  event: string;
+  [k: string]: unknown;
+}
+
+/** The events of a daemon from now on, and a wait for the next one of a name (from index `from`). */
+export async function eventsOf(control: string, timeoutMs = 30_000) {
+  const events: DaemonEvent[] = [];
+  const client = await ControlClient.connect(control);
+  await client.subscribe(undefined, (e) => events.push(e as unknown as DaemonEvent));
+  const next = (name: string, from = 0) => waitFor(() => events.slice(from).find((e) => e.event === name), `event ${name}`, { timeoutMs });
+  return { events, next, close: () => client.close() };
+}
+
+/** Wait for checkpoint 1, the one after a pair's initial sync. */
+export async function firstCheckpoint(control: string, timeoutMs = 30_000): Promise<void> {
+  await waitFor(async () => {
+    const st = await pairOf(control);
+    return st.epoch === 1 && st.lastCheckpointAgeMs !== null;
+  }, 'checkpoint 1 after the initial sync', { timeoutMs });
 }
