@@ -203,6 +203,9 @@ describe('two daemons with --lease', () => {
       expect(roleEvents(wp)).toEqual(['lease-lost', 'lease-acquired']);
       expect(wp.events.find((e) => e.event === 'lease-acquired')).toMatchObject({ revision: back.term });
       expect(roleEvents(ws)).toEqual([]);
+      // the new term reaches the secondary with the primary's next beat, which may follow the
+      // paths' recovery: wait for it rather than read it once
+      await waitFor(async () => (await status(pair.sCtl)).heartbeat.peerAnnounced?.epoch === back.term, 'the secondary to hear the new term');
       expect((await status(pair.sCtl)).heartbeat.peerAnnounced).toMatchObject({ epoch: back.term, primary: true });
     } finally {
       sampling = false;
