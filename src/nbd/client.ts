@@ -88,6 +88,11 @@ export interface NbdClientOptions {
   closeTimeoutMs?: number;
   /** after DISC the server must close the connection within this (default 5000 ms) */
   discTimeoutMs?: number;
+  /**
+   * gather the requests sent in one turn of the event loop into one socket write (default false;
+   * the pair's forwarding connection: client-session.ts `batchSends`)
+   */
+  batchSends?: boolean;
   /** for jitter; tests inject it */
   random?: () => number;
 }
@@ -252,6 +257,7 @@ export class NbdClient extends EventEmitter<NbdClientEvents> {
       connectTimeoutMs: options.connectTimeoutMs ?? DEFAULTS.connectTimeoutMs,
       closeTimeoutMs: options.closeTimeoutMs ?? DEFAULTS.closeTimeoutMs,
       discTimeoutMs: options.discTimeoutMs ?? DEFAULTS.discTimeoutMs,
+      batchSends: options.batchSends ?? false,
       random: options.random ?? Math.random,
       backoff: { ...DEFAULTS.backoff, ...options.backoff },
     };
@@ -499,7 +505,7 @@ export class NbdClient extends EventEmitter<NbdClientEvents> {
       }).catch((err: unknown) => {
         throw greeted ? tlsRejection(this.uri.uri, err) : err;
       });
-      return new ClientSession(stream, leftover, info, this.sessionOwner, { maxInFlight: this.opts.maxInFlight, label: this.label(slot), discTimeoutMs: this.opts.discTimeoutMs });
+      return new ClientSession(stream, leftover, info, this.sessionOwner, { maxInFlight: this.opts.maxInFlight, label: this.label(slot), discTimeoutMs: this.opts.discTimeoutMs, batchSends: this.opts.batchSends });
     } catch (err) {
       if (timeout.aborted && !ac.signal.aborted && !outer?.aborted) {
         throw new BlkrepError('ERR_NBD_CONNECT', `cannot connect to ${this.uri.uri}: no answer within ${this.opts.connectTimeoutMs} ms`, {

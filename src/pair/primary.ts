@@ -312,7 +312,7 @@ export class PrimaryRole implements PairRole {
     let data: NbdNode | undefined;
     try {
       const target = dataToken === undefined ? this.uri : { ...this.uri, exportName: replicaWriterExport(this.uri.exportName, dataToken) };
-      data = await NbdNode.open(target, { ...(this.options.transports ? { transports: this.options.transports } : {}), reconnect: false, holdMs: 0, connectTimeoutMs: LINK_TIMEOUT_MS });
+      data = await NbdNode.open(target, { ...(this.options.transports ? { transports: this.options.transports } : {}), reconnect: false, holdMs: 0, connectTimeoutMs: LINK_TIMEOUT_MS, batchSends: true });
       if (data.size !== filter.size) throw sizeError(this.uri.uri, filter.size, data.size);
       if (!data.caps.canWrite) throw new BlkrepError('ERR_READ_ONLY', `the secondary ${this.uri.uri} is read-only`, { errno: 'EPERM' });
     } catch (err) {
