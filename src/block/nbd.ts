@@ -167,9 +167,23 @@ export class NbdNode implements BlockNode {
     await settleAll(pieces);
   }
 
-  async write(offset: number, data: Buffer, options: WriteOptions = {}): Promise<void> {
-    this.checkWritable('write');
-    checkRange(this, offset, data.length, 'write');
+  write(offset: number, data: Buffer, options: WriteOptions = {}): Promise<void> {
+    try {
+      this.checkWritable('write');
+      checkRange(this, offset, data.length, 'write');
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    // the common case (a pair's forwarded write): whole blocks, one request, FUA as the server
+    // offers it — straight to the client, no promise of its own
+    const n = data.length;
+    if (n > 0 && n <= this.limits.maximum && this.aligned(offset) && this.aligned(offset + n) && (!options.fua || this.has(TF.SEND_FUA))) {
+      return this.client.write(offset, data, options);
+    }
+    return this.writeSplit(offset, data, options);
+  }
+
+  private async writeSplit(offset: number, data: Buffer, options: WriteOptions): Promise<void> {
     const { signal } = options;
     const fua = Boolean(options.fua) && this.has(TF.SEND_FUA);
     if (data.length) {

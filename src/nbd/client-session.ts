@@ -56,7 +56,9 @@ export interface ClientOp {
   readonly spec: CommandSpec;
   /** the caller gave up: its read buffer must not be touched any more */
   abandoned: boolean;
-  /** set by the session that sends a WRITE: resolves once the socket no longer holds the payload */
+  /** the caller may give up on it (an AbortSignal): a WRITE then needs `payloadSent` */
+  readonly abortable?: boolean;
+  /** set by the session that sends an abortable WRITE: resolves once the socket no longer holds the payload */
   payloadSent?: Promise<void>;
   succeed(reply: CommandReply): void;
   fail(err: BlkrepError): void;
@@ -219,15 +221,19 @@ export class ClientSession {
       const data = s.data;
       this.stream.cork();
       this.stream.write(header);
-      let written = false;
-      op.payloadSent = new Promise<void>((resolve) => {
-        e.payloadDone = () => {
-          if (written) return;
-          written = true;
-          resolve();
-        };
-      });
-      ok = this.stream.write(data, () => e.payloadDone?.());
+      if (op.abortable) {
+        let written = false;
+        op.payloadSent = new Promise<void>((resolve) => {
+          e.payloadDone = () => {
+            if (written) return;
+            written = true;
+            resolve();
+          };
+        });
+        ok = this.stream.write(data, () => e.payloadDone?.());
+      } else {
+        ok = this.stream.write(data);
+      }
       this.stream.uncork();
     } else {
       ok = this.stream.write(header);

@@ -193,6 +193,10 @@ class Request implements ClientOp {
     private readonly reject: (err: BlkrepError) => void,
   ) {}
 
+  get abortable(): boolean {
+    return this.cleanup !== undefined;
+  }
+
   watch(signal: AbortSignal | undefined, onAbort: () => void): void {
     if (!signal) return;
     signal.addEventListener('abort', onAbort, { once: true });
@@ -324,8 +328,9 @@ export class NbdClient extends EventEmitter<NbdClientEvents> {
     await this.command({ cmd: CMD.READ, flags: options.df ? CMD_FLAG.DF : 0, offset, length: target.length, target }, options.signal);
   }
 
-  async write(offset: number, data: Buffer, options: IoOptions & { fua?: boolean } = {}): Promise<void> {
-    await this.command({ cmd: CMD.WRITE, flags: options.fua ? CMD_FLAG.FUA : 0, offset, length: data.length, data }, options.signal);
+  write(offset: number, data: Buffer, options: IoOptions & { fua?: boolean } = {}): Promise<void> {
+    // not async: the reply's promise itself (every forwarded write of a pair passes here)
+    return this.command({ cmd: CMD.WRITE, flags: options.fua ? CMD_FLAG.FUA : 0, offset, length: data.length, data }, options.signal) as Promise<unknown> as Promise<void>;
   }
 
   async writeZeroes(offset: number, length: number, options: IoOptions & { fua?: boolean; noHole?: boolean; fast?: boolean } = {}): Promise<void> {
@@ -370,13 +375,14 @@ export class NbdClient extends EventEmitter<NbdClientEvents> {
   /** Send one command (already split and aligned by the caller) and wait for its reply. */
   command(spec: CommandSpec, signal?: AbortSignal): Promise<CommandReply> {
     return new Promise<CommandReply>((resolve, reject) => {
-      const what = `NBD ${describeCommand(spec)}`;
-      if (signal?.aborted) return reject(abortError(what, signal.reason));
-      if (this.machine.is('CLOSING', 'CLOSED')) return reject(this.closedError(what));
+      // described only for an error: nothing is built for a request that goes out
+      const what = (): string => `NBD ${describeCommand(spec)}`;
+      if (signal?.aborted) return reject(abortError(what(), signal.reason));
+      if (this.machine.is('CLOSING', 'CLOSED')) return reject(this.closedError(what()));
       if (this.fatal) return reject(this.fatal);
       const invalid = checkCommand(this.info, spec);
       if (invalid) return reject(invalid);
-      if (this.current === 'DISCONNECTED' && this.holdExpired) return reject(this.disconnectedError(what));
+      if (this.current === 'DISCONNECTED' && this.holdExpired) return reject(this.disconnectedError(what()));
       const writes = (spec.cmd === CMD.WRITE || spec.cmd === CMD.WRITE_ZEROES || spec.cmd === CMD.TRIM) && !(spec.flags & CMD_FLAG.FUA);
       const op: Request = new Request(
         spec,
@@ -386,7 +392,7 @@ export class NbdClient extends EventEmitter<NbdClientEvents> {
         },
         reject,
       );
-      op.watch(signal, () => this.abandon(op, abortError(what, signal?.reason)));
+      if (signal) op.watch(signal, () => this.abandon(op, abortError(what(), signal.reason)));
       this.queue.push(op);
       this.pump();
     });
