@@ -70,6 +70,8 @@ interface Item {
   done: boolean;
   /** bytes this item counts in the queue (0 once sent and replied, or dropped with the queue) */
   queuedBytes?: number;
+  /** counted in the queue's entries (QUEUE_ENTRY_BYTES each) until replied or dropped */
+  entry?: boolean;
   /** the async queue's slab its payload copy is cut from (released once replied or dropped) */
   slab?: Slab | undefined;
   /** where in the slab: `data` is made a view of it only when sent (a view is 95 bytes of heap) */
@@ -98,6 +100,13 @@ const NO_ITEMS: Item[] = [];
  * one ArrayBuffer (215 bytes of heap and a malloc'd backing store) each.
  */
 export const SLAB_BYTES = 256 * 1024;
+/**
+ * What one queued write counts against the queue's limit beside its payload: its bookkeeping (a
+ * barrier group, an item, the peer bitmap's ticket: 244–271 bytes of heap measured, a test bounds
+ * it at 384) and the heap's slack around it. So `--queue` bounds the memory of a queue of 512-byte
+ * writes too (half of it bookkeeping), not only its payloads.
+ */
+export const QUEUE_ENTRY_BYTES = 512;
 
 /** A slab of payload copies: bump-allocated, reset for reuse once every copy in it was released. */
 interface Slab {
@@ -159,6 +168,8 @@ export class ReplicationFilter extends Filter {
   private slab: Slab | undefined;
   /** bytes of the slabs alive: the queue's payload memory, bounded by queueLimit */
   private slabBytes = 0;
+  /** queued writes not yet replied: with slabBytes, entries × QUEUE_ENTRY_BYTES ≤ queueLimit */
+  private entries = 0;
 
   // sync holding (a checkpoint's cut) and requests in flight
   private holding: { promise: Promise<void>; release: () => void } | undefined;
@@ -307,6 +318,7 @@ export class ReplicationFilter extends Filter {
       g.dropped = true;
       for (const it of g.items) {
         it.queuedBytes = 0; // a forward still in flight no longer counts when it completes
+        it.entry = false;
         it.data = undefined; // a forward in flight holds its own reference until it completes
         it.slab = undefined; // its slab is dropped: never reused under a forward still in flight
         this.settleItem(it);
@@ -322,6 +334,7 @@ export class ReplicationFilter extends Filter {
     this.queued = 0;
     this.slab = undefined;
     this.slabBytes = 0;
+    this.entries = 0;
     this.pauseAfter = undefined;
     const err = new BlkrepError('ERR_PAIR_LINK_DOWN', 'forwarding to the secondary stopped');
     for (const w of this.drainWaiters.splice(0)) w.reject(err);
@@ -404,18 +417,27 @@ export class ReplicationFilter extends Filter {
     } finally {
       g.pendingLocal--;
       // one shape for every queued item (no optional fields added later, none deleted)
-      const item: Item = { op, group: g.id, offset, length, data: undefined, fua: o?.fua === true, noHole: o?.noHole === true, ticket, sent: false, done: false, queuedBytes: 0, slab: undefined, at: 0 };
+      const item: Item = { op, group: g.id, offset, length, data: undefined, fua: o?.fua === true, noHole: o?.noHole === true, ticket, sent: false, done: false, queuedBytes: 0, entry: false, slab: undefined, at: 0 };
       if (!ok || this.current !== 'forwarding' || g.dropped) {
         // not forwarded: the bits say the secondary may miss it
         this.settleItem(item);
       } else {
         const bytes = op === 'write' ? length : 0;
-        if (this.queued + bytes > this.queueLimit || (data !== undefined && !this.copyPayload(item, data))) {
+        // the room for payloads: the limit less every queued write's bookkeeping, this one's too
+        const room = this.queueLimit - (this.entries + 1) * QUEUE_ENTRY_BYTES;
+        if (this.queued + bytes > room || (data !== undefined && !this.copyPayload(item, data, room))) {
           this.settleItem(item);
-          this.degrade('queue-full', new BlkrepError('ERR_PAIR_QUEUE_FULL', `the forwarding queue is full (${this.queued} + ${bytes} bytes over the limit of ${this.queueLimit})`, { details: { queueBytes: this.queued, limit: this.queueLimit } }));
+          this.degrade(
+            'queue-full',
+            new BlkrepError('ERR_PAIR_QUEUE_FULL', `the forwarding queue is full: ${this.entries} writes waiting, ${this.queued} bytes of payload in ${this.slabBytes} bytes of buffers and ${QUEUE_ENTRY_BYTES} bytes of bookkeeping each; ${bytes} more bytes are over the limit of ${this.queueLimit}`, {
+              details: { queueBytes: this.queued, entries: this.entries, bufferBytes: this.slabBytes, limit: this.queueLimit },
+            }),
+          );
         } else {
           this.queued += bytes;
           item.queuedBytes = bytes;
+          item.entry = true;
+          this.entries++;
           this.addItem(g, item);
           if (this.ordered) this.sendQueue.push(item);
           // a write completing to the client closes the open group: later writes may depend on it
@@ -505,18 +527,18 @@ export class ReplicationFilter extends Filter {
    * The queue's copy of a payload, cut from the current slab (a new one when it has no room, a
    * slab of its own for a payload over a quarter of SLAB_BYTES). The copy frees the caller's
    * buffer at once (often a slice of a large receive buffer). False when the slabs would hold
-   * more than the queue's limit: the queue is full.
+   * more than `room` (the limit less the queued writes' bookkeeping): the queue is full.
    */
-  private copyPayload(item: Item, data: Buffer): boolean {
+  private copyPayload(item: Item, data: Buffer, room: number): boolean {
     const n = data.length;
     // a slab is at most a quarter of the limit: copies waiting for their replies in older slabs
     // (replies out of order) keep little memory from the new ones
     const size = Math.min(SLAB_BYTES, Math.max(n, Math.floor(this.queueLimit / 4)));
     let slab = this.slab;
     const fits = slab !== undefined && slab.buf.length - slab.used >= n;
-    if (n > SLAB_BYTES / 4 || (!fits && this.slabBytes + size > this.queueLimit)) {
+    if (n > SLAB_BYTES / 4 || (!fits && this.slabBytes + size > room)) {
       // a slab of its own (a large payload, or no room for a whole slab): freed with its one copy
-      if (this.slabBytes + n > this.queueLimit) return false;
+      if (this.slabBytes + n > room) return false;
       const own: Slab = { buf: Buffer.allocUnsafeSlow(n), used: n, live: 1 };
       this.slabBytes += n;
       data.copy(own.buf);
@@ -574,6 +596,10 @@ export class ReplicationFilter extends Filter {
         done();
         this.queued -= item.queuedBytes ?? 0;
         item.queuedBytes = 0;
+        if (item.entry) {
+          item.entry = false;
+          this.entries--;
+        }
         // replied: the payload is no longer needed (the item itself may stay in its group until
         // the group is replied, and in the arrays until they are compacted)
         this.releasePayload(item);
@@ -645,7 +671,7 @@ export class ReplicationFilter extends Filter {
       // async: the FLUSH is a group of its own, sent once everything before it was replied
       this.closeOpenGroup();
       const g = this.open;
-      const item: Item = { op: 'flush', group: g.id, offset: 0, length: 0, data: undefined, fua: false, noHole: false, ticket: undefined, sent: false, done: false, queuedBytes: 0, slab: undefined, at: 0 };
+      const item: Item = { op: 'flush', group: g.id, offset: 0, length: 0, data: undefined, fua: false, noHole: false, ticket: undefined, sent: false, done: false, queuedBytes: 0, entry: false, slab: undefined, at: 0 };
       this.addItem(g, item);
       if (this.ordered) this.sendQueue.push(item);
       this.closeOpenGroup();

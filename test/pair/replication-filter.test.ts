@@ -10,7 +10,7 @@ import { describe, expect, it } from 'vitest';
 import { BlkrepError } from '../../src/api/errors.js';
 import { PersistentBitmap } from '../../src/bitmap/persistent.js';
 import { MemoryNode } from '../../src/block/memory.js';
-import { MAX_SENDING, ReplicationFilter, SLAB_BYTES, type ReplicationProtocol } from '../../src/pair/replication-filter.js';
+import { MAX_SENDING, QUEUE_ENTRY_BYTES, ReplicationFilter, SLAB_BYTES, type ReplicationProtocol } from '../../src/pair/replication-filter.js';
 import { Gate, hookNode, type HookOptions } from '../support/fault-node.js';
 import { makeTempDir, withTimeout } from '../support/spawn.js';
 
@@ -277,20 +277,48 @@ describe('replication filter, async', () => {
     // the reused slab's copies reached the secondary intact
     expect((await remote.read(0, 1 << 20)).equals(await local.read(0, 1 << 20))).toBe(true);
     gate.close();
-    // past the bound: 4 KiB writes until the queue degrades, never holding more than the bound
+    // past the bound: 4 KiB writes until the queue degrades; its buffers and the bookkeeping of
+    // its writes (QUEUE_ENTRY_BYTES each) never hold more than the bound, and fill it but for one write
     let maxRetained = 0;
+    let queuedWrites = 0;
     for (let i = 0; filter.mode === 'forwarding'; i++) {
       await filter.write((i % 1024) * 4096, fill(0x40, 4096));
+      if (filter.mode === 'forwarding') queuedWrites++;
       maxRetained = Math.max(maxRetained, filter.retainedBytes);
       expect(i).toBeLessThan(1024);
     }
     expect(degraded.map((d) => d.code)).toEqual(['ERR_PAIR_QUEUE_FULL']);
-    expect(maxRetained).toBe(limit);
+    const held = maxRetained + queuedWrites * QUEUE_ENTRY_BYTES;
+    expect(held).toBeLessThanOrEqual(limit);
+    expect(held).toBeGreaterThan(limit - 4096 - QUEUE_ENTRY_BYTES);
+    // whole slabs while they fit, then copies of their own
+    expect(maxRetained).toBe(3 * SLAB_BYTES + (queuedWrites - 3 * (SLAB_BYTES / 4096)) * 4096);
     expect(filter.queueBytes).toBe(0);
     expect(filter.retainedBytes).toBe(0);
     gate.open();
     await settle();
     expect(filter.retainedBytes).toBe(0);
+    await peer.close();
+  });
+
+  it('a queue of small writes is bounded by their bookkeeping too: each counts its payload and QUEUE_ENTRY_BYTES', async () => {
+    const gate = new Gate();
+    const limit = 1 << 20;
+    const { filter, peer, degraded } = await setup('async', { gate, gateOps: ['write'] }, limit);
+    gate.close();
+    // 512-byte payloads: 1 MiB / (512 + 512) = 1024 writes fit, not the 2048 the payloads alone would allow
+    let queuedWrites = 0;
+    for (let i = 0; filter.mode === 'forwarding'; i++) {
+      await filter.write(i * 512, fill(0x60, 512));
+      if (filter.mode === 'forwarding') queuedWrites++;
+      expect(i).toBeLessThan(2048);
+    }
+    expect(queuedWrites).toBe(limit / (512 + QUEUE_ENTRY_BYTES));
+    expect(degraded.map((d) => d.code)).toEqual(['ERR_PAIR_QUEUE_FULL']);
+    // every write, queued or not, is in the peer bitmap: 1025 × 512 bytes, in 64 KiB granules
+    expect([...peer.bitmap.dirtyRuns()]).toEqual([{ offset: 0, length: 9 * G }]);
+    gate.open();
+    await settle();
     await peer.close();
   });
 
