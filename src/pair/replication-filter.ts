@@ -44,7 +44,15 @@ import { completeNode } from '../block/node.js';
 export type ReplicationProtocol = 'sync' | 'async';
 export type ReplicationMode = 'detached' | 'forwarding' | 'degraded' | 'resyncing';
 
-export const DEFAULT_QUEUE_BYTES = 64 * 1024 * 1024;
+/**
+ * The async queue's default bound. A primary's RSS is about its base (~100 MiB after the first
+ * connection's full copy; ~75–80 MiB for a daemon that does not replicate) plus 1.1 × the queue
+ * (payloads in slabs, QUEUE_ENTRY_BYTES of bookkeeping per write counted in it, allocator slack)
+ * plus 20–30 MiB of V8 young generation under the forward's allocation rate: 64 MiB made the
+ * issue's 150 MiB impossible (bench/pair, loaded: 158–181 MiB peak), 16 MiB keeps it with a margin.
+ * DRBD's own buffer (max-buffers 2048 pages) is 8 MiB.
+ */
+export const DEFAULT_QUEUE_BYTES = 16 * 1024 * 1024;
 /** DRBD's max-epoch-size: a barrier group closes at this many writes */
 export const MAX_GROUP_WRITES = 2048;
 /**
@@ -118,7 +126,7 @@ interface Slab {
 
 export interface ReplicationFilterOptions {
   protocol: ReplicationProtocol;
-  /** the async queue's bound in bytes (default 64 MiB) */
+  /** the async queue's bound in bytes: payloads and QUEUE_ENTRY_BYTES per write (default 16 MiB) */
   queueBytes?: number;
   /** the peer bitmap; the filter takes a ticket for every modifying request */
   peerBitmap?: PersistentBitmap;
