@@ -100,7 +100,7 @@ interface Group {
 }
 
 /** a group's items before its first: shared, never pushed to (addItem replaces it) */
-const NO_ITEMS: Item[] = [];
+const NO_ITEMS = Object.freeze([]) as unknown as Item[];
 
 /**
  * The async queue's payload copies are cut from slabs of this size (a payload over a quarter of
@@ -431,8 +431,10 @@ export class ReplicationFilter extends Filter {
         this.settleItem(item);
       } else {
         const bytes = op === 'write' ? length : 0;
-        // the room for payloads: the limit less every queued write's bookkeeping, this one's too
-        const room = this.queueLimit - (this.entries + 1) * QUEUE_ENTRY_BYTES;
+        // the room for payloads: the limit less every queued write's bookkeeping, this one's too.
+        // A write alone in the queue always fits (a 32 MiB NBD write into a 16 MiB queue): the
+        // queue then holds one write more than its limit, never more than one.
+        const room = this.entries === 0 ? Number.POSITIVE_INFINITY : this.queueLimit - (this.entries + 1) * QUEUE_ENTRY_BYTES;
         if (this.queued + bytes > room || (data !== undefined && !this.copyPayload(item, data, room))) {
           this.settleItem(item);
           this.degrade(

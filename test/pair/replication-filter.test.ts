@@ -322,6 +322,29 @@ describe('replication filter, async', () => {
     await peer.close();
   });
 
+  it('a write larger than the whole queue fits when it is alone in it; a second one overflows', async () => {
+    const gate = new Gate();
+    const limit = 1 << 20;
+    const { filter, peer, degraded, local, remote } = await setup('async', { gate, gateOps: ['write'] }, limit);
+    gate.close();
+    await filter.write(0, fill(0x71, 2 << 20));
+    expect(filter.mode).toBe('forwarding');
+    expect(filter.queueBytes).toBe(2 << 20);
+    expect(filter.retainedBytes).toBe(2 << 20);
+    gate.open();
+    await drained(filter);
+    expect((await remote.read(0, 2 << 20)).equals(await local.read(0, 2 << 20))).toBe(true);
+    expect(filter.retainedBytes).toBe(0);
+    gate.close();
+    await filter.write(0, fill(0x72, 2 << 20));
+    await filter.write(4 << 20, fill(0x73, 4096));
+    expect(degraded.map((d) => d.code)).toEqual(['ERR_PAIR_QUEUE_FULL']);
+    expect(filter.retainedBytes).toBe(0);
+    gate.open();
+    await settle();
+    await peer.close();
+  });
+
   it('a slab stays alive while one copy in it waits for its reply; a payload over a quarter slab gets a slab of its own, freed on its reply', async () => {
     const gate = new Gate();
     const { filter, peer, local, remote, target } = await setup('async', { gate, gateOps: ['write'] });
