@@ -48,8 +48,9 @@ export type ReplicationMode = 'detached' | 'forwarding' | 'degraded' | 'resyncin
  * The async queue's default bound. A primary's RSS is about its base (~100 MiB after the first
  * connection's full copy; ~75–80 MiB for a daemon that does not replicate) plus 1.1 × the queue
  * (payloads in slabs, QUEUE_ENTRY_BYTES of bookkeeping per write counted in it, allocator slack)
- * plus 20–30 MiB of V8 young generation under the forward's allocation rate: 64 MiB made the
- * issue's 150 MiB impossible (bench/pair, loaded: 158–181 MiB peak), 16 MiB keeps it with a margin.
+ * plus what a degrade's resync holds (its mirror's buffers): 64 MiB made the issue's 150 MiB
+ * impossible (bench/pair, loaded: 158–181 MiB peak). With 16 MiB: 119 MiB peak in a run watched
+ * by --metrics, 160 in a bench/pair run that ended resyncing (src/pair/README.md "RSS rule").
  * DRBD's own buffer (max-buffers 2048 pages) is 8 MiB.
  */
 export const DEFAULT_QUEUE_BYTES = 16 * 1024 * 1024;
