@@ -56,7 +56,7 @@ export const PRIMARY_VERB_SPECS = {
       export: exportArg,
       uri: arg.name().describe("the secondary's replica export, an NBD URI"),
       protocol: arg.oneOf(['sync', 'async']).nullish().describe('sync (default): a write completes when both have it; async: after the local write'),
-      queue: arg.uint().nullish().describe('async: bytes the forwarding queue holds (default 64 MiB)'),
+      queue: arg.uint().nullish().describe('async: bytes the forwarding queue holds, payloads and 512 bytes per write (default 16 MiB)'),
     }),
     result: 'PairStatus: {role, peer, protocol, link, epoch, gi, diskState, queueBytes, bytesBehind, lastCheckpointAgeMs, peerKind}',
     events: ['replication-connected', 'replication-degraded', 'resync-started', 'resync-done', 'pair-refused', 'split-brain'],

@@ -44,7 +44,16 @@ import { completeNode } from '../block/node.js';
 export type ReplicationProtocol = 'sync' | 'async';
 export type ReplicationMode = 'detached' | 'forwarding' | 'degraded' | 'resyncing';
 
-export const DEFAULT_QUEUE_BYTES = 64 * 1024 * 1024;
+/**
+ * The async queue's default bound. A primary's RSS is about its base (~100 MiB after the first
+ * connection's full copy; ~75–80 MiB for a daemon that does not replicate) plus 1.1 × the queue
+ * (payloads in slabs, QUEUE_ENTRY_BYTES of bookkeeping per write counted in it, allocator slack)
+ * plus what a degrade's resync holds (its mirror's buffers): 64 MiB made the issue's 150 MiB
+ * impossible (bench/pair, loaded: 158–181 MiB peak). With 16 MiB: 119 MiB peak in a run watched
+ * by --metrics, 160 in a bench/pair run that ended resyncing (src/pair/README.md "RSS rule").
+ * DRBD's own buffer (max-buffers 2048 pages) is 8 MiB.
+ */
+export const DEFAULT_QUEUE_BYTES = 16 * 1024 * 1024;
 /** DRBD's max-epoch-size: a barrier group closes at this many writes */
 export const MAX_GROUP_WRITES = 2048;
 /**
@@ -62,14 +71,20 @@ interface Item {
   group?: number;
   offset: number;
   length: number;
-  data?: Buffer;
+  data?: Buffer | undefined;
   fua?: boolean;
   noHole?: boolean;
-  ticket?: WriteTicket;
+  ticket?: WriteTicket | undefined;
   sent: boolean;
   done: boolean;
   /** bytes this item counts in the queue (0 once sent and replied, or dropped with the queue) */
   queuedBytes?: number;
+  /** counted in the queue's entries (QUEUE_ENTRY_BYTES each) until replied or dropped */
+  entry?: boolean;
+  /** the async queue's slab its payload copy is cut from (released once replied or dropped) */
+  slab?: Slab | undefined;
+  /** where in the slab: `data` is made a view of it only when sent (a view is 95 bytes of heap) */
+  at?: number;
 }
 
 interface Group {
@@ -78,15 +93,41 @@ interface Group {
   pendingLocal: number;
   /** writes of the group (for the 2048 limit) */
   members: number;
+  /** NO_ITEMS until the first (most groups hold one write: a literal [item] of one slot) */
   items: Item[];
   closed: boolean;
   /** dropped with the queue (forwarding stopped) */
-  dropped?: boolean;
+  dropped: boolean;
+}
+
+/** a group's items before its first: shared, never pushed to (addItem replaces it) */
+const NO_ITEMS = Object.freeze([]) as unknown as Item[];
+
+/**
+ * The async queue's payload copies are cut from slabs of this size (a payload over a quarter of
+ * it gets an exact-size slab of its own): one allocation per 64 queued 4 KiB writes instead of
+ * one ArrayBuffer (215 bytes of heap and a malloc'd backing store) each.
+ */
+export const SLAB_BYTES = 256 * 1024;
+/**
+ * What one queued write counts against the queue's limit beside its payload: its bookkeeping (a
+ * barrier group, an item, the peer bitmap's ticket: 244–271 bytes of heap measured, a test bounds
+ * it at 384) and the heap's slack around it. So `--queue` bounds the memory of a queue of 512-byte
+ * writes too (half of it bookkeeping), not only its payloads.
+ */
+export const QUEUE_ENTRY_BYTES = 512;
+
+/** A slab of payload copies: bump-allocated, reset for reuse once every copy in it was released. */
+interface Slab {
+  buf: Buffer;
+  used: number;
+  /** copies cut from it not yet released */
+  live: number;
 }
 
 export interface ReplicationFilterOptions {
   protocol: ReplicationProtocol;
-  /** the async queue's bound in bytes (default 64 MiB) */
+  /** the async queue's bound in bytes: payloads and QUEUE_ENTRY_BYTES per write (default 16 MiB) */
   queueBytes?: number;
   /** the peer bitmap; the filter takes a ticket for every modifying request */
   peerBitmap?: PersistentBitmap;
@@ -132,6 +173,12 @@ export class ReplicationFilter extends Filter {
   /** sending stops after this group (a checkpoint's cut) */
   private pauseAfter: number | undefined;
   private drainWaiters: Array<{ group: number; resolve: () => void; reject: (e: Error) => void }> = [];
+  /** the slab payload copies are cut from now (the others are alive while a copy in them is) */
+  private slab: Slab | undefined;
+  /** bytes of the slabs alive: the queue's payload memory, bounded by queueLimit */
+  private slabBytes = 0;
+  /** queued writes not yet replied: with slabBytes, entries × QUEUE_ENTRY_BYTES ≤ queueLimit */
+  private entries = 0;
 
   // sync holding (a checkpoint's cut) and requests in flight
   private holding: { promise: Promise<void>; release: () => void } | undefined;
@@ -165,15 +212,14 @@ export class ReplicationFilter extends Filter {
 
   /**
    * The memory the async queue really holds for payloads: the sizes of the distinct ArrayBuffers
-   * behind the queued items' data (a slice of a pooled buffer counts the whole pool slab). The
-   * queue's copies are exact-size allocations and are released once replied or dropped, so this
-   * stays ≤ queueBytes — a test checks it.
+   * behind the queued items' data (a slab counts whole), plus the current slab kept for reuse.
+   * Slabs are counted against the queue's limit, so this stays ≤ queueLimit — a test checks it.
    */
   get retainedBytes(): number {
     const seen = new Set<ArrayBufferLike>();
     let total = 0;
     const count = (it: Item): void => {
-      const b = it.data?.buffer;
+      const b = it.slab?.buf.buffer ?? it.data?.buffer;
       if (b && !seen.has(b)) {
         seen.add(b);
         total += b.byteLength;
@@ -181,6 +227,8 @@ export class ReplicationFilter extends Filter {
     };
     for (const g of this.groups) for (const it of g.items) count(it);
     for (const it of this.sendQueue) count(it);
+    const cur = this.slab?.buf.buffer;
+    if (cur && !seen.has(cur)) total += cur.byteLength;
     return total;
   }
 
@@ -279,7 +327,9 @@ export class ReplicationFilter extends Filter {
       g.dropped = true;
       for (const it of g.items) {
         it.queuedBytes = 0; // a forward still in flight no longer counts when it completes
-        delete it.data; // a forward in flight holds its own reference until it completes
+        it.entry = false;
+        it.data = undefined; // a forward in flight holds its own reference until it completes
+        it.slab = undefined; // its slab is dropped: never reused under a forward still in flight
         this.settleItem(it);
       }
     }
@@ -291,6 +341,9 @@ export class ReplicationFilter extends Filter {
     this.queueGeneration++;
     this.open = this.newGroup();
     this.queued = 0;
+    this.slab = undefined;
+    this.slabBytes = 0;
+    this.entries = 0;
     this.pauseAfter = undefined;
     const err = new BlkrepError('ERR_PAIR_LINK_DOWN', 'forwarding to the secondary stopped');
     for (const w of this.drainWaiters.splice(0)) w.reject(err);
@@ -398,21 +451,31 @@ export class ReplicationFilter extends Filter {
       ok = true;
     } finally {
       g.pendingLocal--;
-      const item: Item = { op, offset, length, ...(o?.fua ? { fua: true } : {}), ...(o?.noHole ? { noHole: true } : {}), ...(ticket ? { ticket } : {}), sent: false, done: false };
+      // one shape for every queued item (no optional fields added later, none deleted)
+      const item: Item = { op, group: g.id, offset, length, data: undefined, fua: o?.fua === true, noHole: o?.noHole === true, ticket, sent: false, done: false, queuedBytes: 0, entry: false, slab: undefined, at: 0 };
       if (!ok || this.current !== 'forwarding' || g.dropped) {
         // not forwarded: the bits say the secondary may miss it
         this.settleItem(item);
       } else {
-        if (data) item.data = ownCopy(data);
         const bytes = op === 'write' ? length : 0;
-        if (this.queued + bytes > this.queueLimit) {
+        // the room for payloads: the limit less every queued write's bookkeeping, this one's too.
+        // A write alone in the queue always fits (a 32 MiB NBD write into a 16 MiB queue): the
+        // queue then holds one write more than its limit, never more than one.
+        const room = this.entries === 0 ? Number.POSITIVE_INFINITY : this.queueLimit - (this.entries + 1) * QUEUE_ENTRY_BYTES;
+        if (this.queued + bytes > room || (data !== undefined && !this.copyPayload(item, data, room))) {
           this.settleItem(item);
-          this.degrade('queue-full', new BlkrepError('ERR_PAIR_QUEUE_FULL', `the forwarding queue is full (${this.queued} + ${bytes} bytes over the limit of ${this.queueLimit})`, { details: { queueBytes: this.queued, limit: this.queueLimit } }));
+          this.degrade(
+            'queue-full',
+            new BlkrepError('ERR_PAIR_QUEUE_FULL', `the forwarding queue is full: ${this.entries} writes waiting, ${this.queued} bytes of payload in ${this.slabBytes} bytes of buffers and ${QUEUE_ENTRY_BYTES} bytes of bookkeeping each; ${bytes} more bytes are over the limit of ${this.queueLimit}`, {
+              details: { queueBytes: this.queued, entries: this.entries, bufferBytes: this.slabBytes, limit: this.queueLimit },
+            }),
+          );
         } else {
           this.queued += bytes;
           item.queuedBytes = bytes;
-          item.group = g.id;
-          g.items.push(item);
+          item.entry = true;
+          this.entries++;
+          this.addItem(g, item);
           if (this.ordered) this.sendQueue.push(item);
           // a write completing to the client closes the open group: later writes may depend on it
           if (this.open.members > 0) this.closeOpenGroup();
@@ -506,9 +569,62 @@ export class ReplicationFilter extends Filter {
   // --------------------------------------------------------------------------- the async queue
 
   private newGroup(): Group {
-    const g: Group = { id: this.nextGroupId++, pendingLocal: 0, members: 0, items: [], closed: false };
+    const g: Group = { id: this.nextGroupId++, pendingLocal: 0, members: 0, items: NO_ITEMS, closed: false, dropped: false };
     this.groups.push(g);
     return g;
+  }
+
+  private addItem(g: Group, item: Item): void {
+    if (g.items === NO_ITEMS) g.items = [item];
+    else g.items.push(item);
+  }
+
+  /**
+   * The queue's copy of a payload, cut from the current slab (a new one when it has no room, a
+   * slab of its own for a payload over a quarter of SLAB_BYTES). The copy frees the caller's
+   * buffer at once (often a slice of a large receive buffer). False when the slabs would hold
+   * more than `room` (the limit less the queued writes' bookkeeping): the queue is full.
+   */
+  private copyPayload(item: Item, data: Buffer, room: number): boolean {
+    const n = data.length;
+    // a slab is at most a quarter of the limit: copies waiting for their replies in older slabs
+    // (replies out of order) keep little memory from the new ones
+    const size = Math.min(SLAB_BYTES, Math.max(n, Math.floor(this.queueLimit / 4)));
+    let slab = this.slab;
+    const fits = slab !== undefined && slab.buf.length - slab.used >= n;
+    if (n > SLAB_BYTES / 4 || (!fits && this.slabBytes + size > room)) {
+      // a slab of its own (a large payload, or no room for a whole slab): freed with its one copy
+      if (this.slabBytes + n > room) return false;
+      const own: Slab = { buf: Buffer.allocUnsafeSlow(n), used: n, live: 1 };
+      this.slabBytes += n;
+      data.copy(own.buf);
+      item.data = own.buf;
+      item.slab = own;
+      return true;
+    }
+    if (!slab || !fits) {
+      // the old current slab lives on while a copy in it does (freed by releasePayload)
+      if (slab && slab.live === 0) this.slabBytes -= slab.buf.length;
+      slab = { buf: Buffer.allocUnsafeSlow(size), used: 0, live: 0 };
+      this.slabBytes += size;
+      this.slab = slab;
+    }
+    data.copy(slab.buf, slab.used);
+    item.at = slab.used;
+    item.slab = slab;
+    slab.used += n;
+    slab.live++;
+    return true;
+  }
+
+  /** A payload copy replied or dropped: its slab is reused (current) or freed once it holds no copy. */
+  private releasePayload(item: Item): void {
+    const slab = item.slab;
+    item.data = undefined;
+    item.slab = undefined;
+    if (!slab || --slab.live > 0) return;
+    if (slab === this.slab) slab.used = 0;
+    else this.slabBytes -= slab.buf.length;
   }
 
   private closeOpenGroup(): void {
@@ -523,6 +639,8 @@ export class ReplicationFilter extends Filter {
   /** Send one queued item; on its reply, pump again. */
   private send(item: Item, counted = false): void {
     item.sent = true;
+    const slab = item.slab;
+    if (slab && item.data === undefined) item.data = slab.buf.subarray(item.at, item.at! + item.length);
     const target = this.target;
     const generation = this.queueGeneration;
     if (counted) this.sending++;
@@ -534,15 +652,19 @@ export class ReplicationFilter extends Filter {
         done();
         this.queued -= item.queuedBytes ?? 0;
         item.queuedBytes = 0;
+        if (item.entry) {
+          item.entry = false;
+          this.entries--;
+        }
         // replied: the payload is no longer needed (the item itself may stay in its group until
         // the group is replied, and in the arrays until they are compacted)
-        delete item.data;
+        this.releasePayload(item);
         this.settleItem(item);
         if (this.target === target) this.pump();
       },
       () => {
         done();
-        delete item.data;
+        this.releasePayload(item);
         this.settleItem(item);
       },
     );
@@ -605,8 +727,8 @@ export class ReplicationFilter extends Filter {
       // async: the FLUSH is a group of its own, sent once everything before it was replied
       this.closeOpenGroup();
       const g = this.open;
-      const item: Item = { op: 'flush', offset: 0, length: 0, group: g.id, sent: false, done: false };
-      g.items.push(item);
+      const item: Item = { op: 'flush', group: g.id, offset: 0, length: 0, data: undefined, fua: false, noHole: false, ticket: undefined, sent: false, done: false, queuedBytes: 0, entry: false, slab: undefined, at: 0 };
+      this.addItem(g, item);
       if (this.ordered) this.sendQueue.push(item);
       this.closeOpenGroup();
       this.pump();
@@ -692,15 +814,3 @@ const FUA: WriteOptions = Object.freeze({ fua: true });
 const NO_FLAGS: WriteOptions = Object.freeze({});
 
 function ignore(): void {}
-
-/**
- * The async queue's copy of a payload: an exact-size allocation of its own. Buffer.from() takes
- * payloads under 4 KiB from Node's shared 8 KiB pool, so a queued 512-byte write would keep a
- * whole slab (and everything else cut from it) alive; the copy also frees the caller's buffer
- * (often a slice of a large receive buffer) at once.
- */
-function ownCopy(data: Buffer): Buffer {
-  const copy = Buffer.allocUnsafeSlow(data.length);
-  data.copy(copy);
-  return copy;
-}
