@@ -5,6 +5,7 @@
  * Without the variable this does nothing. It is a test hook, not a feature: never set it in
  * production. BLKREP_TEST_BOOT_ID_FILE (readBootId, below) fakes a reboot.
  */
+import { existsSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { BlkrepError } from '../api/errors.js';
 
@@ -21,12 +22,16 @@ export function crashPoint(point: CrashPoint): void {
  * The fault hook of failure cases 6 and 7 (replication.md §4): with BLKREP_TEST_FAIL_AT set to a
  * step of the failover (`failover-<step>`, FailoverStep) or `checkpoint-step-6` (emptying the
  * hidden disk in a checkpoint, after the active disk), that step fails with an I/O error the
- * first time it runs in the process, as a disk failing once would (so a retry can succeed).
+ * first time it runs in the process, as a disk failing once would (so a retry can succeed); with
+ * BLKREP_TEST_FAIL_UNTIL=FILE as well, every time until FILE exists.
  * Without the variable this does nothing; a test hook, not a feature.
  */
 const fired = new Set<string>();
 export function faultPoint(point: string): void {
-  if (process.env.BLKREP_TEST_FAIL_AT !== point || fired.has(point)) return;
+  if (process.env.BLKREP_TEST_FAIL_AT !== point) return;
+  // BLKREP_TEST_FAIL_UNTIL=FILE: the step fails every time it runs until FILE exists (a disk failing for a while)
+  const until = process.env.BLKREP_TEST_FAIL_UNTIL;
+  if (until ? existsSync(until) : fired.has(point)) return;
   fired.add(point);
   throw new BlkrepError('ERR_TEST_FAULT', `injected fault at ${point} (BLKREP_TEST_FAIL_AT)`, { errno: 'EIO' });
 }

@@ -6,7 +6,8 @@
  *
  *   sync    the request completes when both replied; a FLUSH is a local flush plus a forwarded
  *           FLUSH; FUA is forwarded as FUA. A trim is forwarded as write-zeroes (a target may
- *           ignore a trim, and both disks must read the same).
+ *           ignore a trim, and both disks must read the same), and written so on the local disk
+ *           too (a qcow2 disk keeps the data of a trim's partial clusters).
  *   async   the request completes after the local write; a copy goes into a bounded queue
  *           (`queueBytes`), forwarded in order with write-order fidelity: barrier groups as DRBD's
  *           epochs — a group closes when any of its writes completes to the client, on a FLUSH,
@@ -153,6 +154,8 @@ export class ReplicationFilter extends Filter {
   private onLocalError: ReplicationFilterOptions['onLocalError'];
   /** granules whose local write failed since the last resync: never cleared by a forwarded FLUSH */
   private localFailed: DirtyBitmap | undefined;
+  /** writes in modify() (local write and forward), for the order of overlapping ones */
+  private readonly modifying = new Set<Modifying>();
   /** bumped at every mode change: a request compares it to learn it raced one */
   private era = 0;
 
@@ -368,7 +371,10 @@ export class ReplicationFilter extends Filter {
   }
 
   private local(node: CompleteBlockNode, op: Op, offset: number, length: number, data: Buffer | undefined, o: ZeroOptions | undefined): Promise<void> {
-    const p = op === 'write' ? node.write(offset, data!, o) : op === 'write-zeroes' ? node.writeZeroes(offset, length, o) : node.trim(offset, length, o);
+    // a trim is written as write-zeroes (may punch) here too, as it is forwarded: a trim's content
+    // is the disk's choice (a qcow2 disk ignores the part of a cluster a trim covers, keeping its
+    // data), and the two disks must read the same after it
+    const p = op === 'write' ? node.write(offset, data!, o) : node.writeZeroes(offset, length, op === 'trim' ? (o?.fua ? { fua: true } : {}) : o);
     return p.catch((err: unknown) => {
       this.localFailure(op, offset, length, err);
       throw err;
@@ -383,28 +389,45 @@ export class ReplicationFilter extends Filter {
   private modify(op: Op, offset: number, length: number, data: Buffer | undefined, o: ZeroOptions | undefined): Promise<void> {
     // a sync pair's common case, without an async frame of its own: nothing held, the peer
     // bitmap's extents hot (modifySlow() does the same in this case)
-    if (!this.holding && this.current === 'forwarding' && this.protocol === 'sync') {
+    if (!this.holding && this.current === 'forwarding' && this.protocol === 'sync' && !this.overlapsInFlight(offset, offset + length)) {
       const peer = this.peer;
       const ticket = peer?.beforeWriteSync(offset, length);
       if (!peer || ticket) {
         this.inFlight++;
-        return this.syncWrite(op, offset, length, data, o, ticket).finally(this.leave);
+        const mine: Modifying = { offset, end: offset + length, waiters: undefined };
+        this.modifying.add(mine);
+        return this.syncWrite(op, offset, length, data, o, ticket).finally(() => this.leave(mine));
       }
     }
     return this.modifySlow(op, offset, length, data, o);
   }
 
-  /** a request in flight is done (the cut waits for none in flight) */
-  private readonly leave = (): void => {
+  private overlapsInFlight(offset: number, end: number): boolean {
+    if (this.modifying.size > 0) for (const m of this.modifying) if (m.offset < end && offset < m.end) return true;
+    return false;
+  }
+
+  /** a request in flight is done: later writes that overlap it go on; the cut waits for none in flight */
+  private leave(mine: Modifying): void {
+    this.modifying.delete(mine);
+    if (mine.waiters) for (const w of mine.waiters) w();
     this.inFlight--;
     if (this.inFlight === 0) for (const w of this.idleWaiters.splice(0)) w();
-  };
+  }
 
   private async modifySlow(op: Op, offset: number, length: number, data: Buffer | undefined, o: ZeroOptions | undefined): Promise<void> {
     while (this.holding) await this.holding.promise;
     // counted before the ticket, so a checkpoint's cut waits for a write waiting on the log too
     this.inFlight++;
+    // NBD leaves the order of overlapping writes in flight open; both disks must pick the same:
+    // a write waits for the earlier ones it overlaps (their local write and their forward)
+    const end = offset + length;
+    const earlier: Array<Promise<void>> = [];
+    if (this.modifying.size > 0) for (const m of this.modifying) if (m.offset < end && offset < m.end) earlier.push(new Promise<void>((r) => (m.waiters ??= []).push(r)));
+    const mine: Modifying = { offset, end, waiters: undefined };
+    this.modifying.add(mine);
     try {
+      if (earlier.length > 0) await Promise.all(earlier);
       const peer = this.peer;
       const ticket = peer ? (peer.beforeWriteSync(offset, length) ?? (await peer.beforeWrite(offset, length))) : undefined;
       if (this.current === 'forwarding' && this.protocol === 'sync') return await this.syncWrite(op, offset, length, data, o, ticket);
@@ -422,7 +445,7 @@ export class ReplicationFilter extends Filter {
         await this.forwardOne({ op, offset, length, ...(data ? { data } : {}), ...(o?.fua ? { fua: true } : {}), ...(o?.noHole ? { noHole: true } : {}), sent: false, done: false }).catch(() => {});
       }
     } finally {
-      this.leave();
+      this.leave(mine);
     }
   }
 
@@ -807,6 +830,13 @@ export class ReplicationFilter extends Filter {
   async idle(): Promise<void> {
     if (this.inFlight > 0) await new Promise<void>((r) => this.idleWaiters.push(r));
   }
+}
+
+/** a modifying request in flight: a later one that overlaps it waits for it (waiters, made on demand) */
+interface Modifying {
+  offset: number;
+  end: number;
+  waiters: Array<() => void> | undefined;
 }
 
 /** a forward's options (shared: the target only reads them) */

@@ -77,7 +77,7 @@ export function explainSecondaryFailover(f: SecondaryFailoverFacts, dryRun = tru
   if (f.diskState === 'Outdated' && !f.force) {
     return refused('refused-outdated', 'ERR_PAIR_OUTDATED', `the secondary is Outdated (the primary degraded after checkpoint ${f.epoch}): failing over loses the primary's writes since; add --force to fail over anyway`);
   }
-  if (f.to === 'latest') {
+  if (f.to === 'latest' && f.committing === null) {
     if (f.protocol !== 'sync') return refused('refused-latest', 'ERR_PAIR_STATE', `--to latest needs a primary that replicated with --protocol sync (it was ${f.protocol ?? 'unknown: no primary connected since the start'}): only then is the disk a state the primary acknowledged; fail over --to checkpoint`);
     if (f.diskState === 'Inconsistent') return refused('refused-latest', 'ERR_PAIR_STATE', 'the disk is Inconsistent (a resync was running): --to latest is not a state the primary was in; fail over --to checkpoint');
     return {
@@ -87,6 +87,18 @@ export function explainSecondaryFailover(f: SecondaryFailoverFacts, dryRun = tru
       droppedBytes: 0,
       allowed: true,
       explanation: `fail over to the latest write: the hidden disk (${f.hiddenBytes} bytes of checkpoint ${f.epoch}'s old data) is dropped, the active disk (${f.activeBytes} bytes of the secondary's own writes) is committed into the disk; a new generation; the disk is served read-write as "${f.exportName}"`,
+    };
+  }
+  if (f.committing !== null) {
+    // step 5 of that checkpoint was durable, its step 6 failed: replica writes are held since, so the disk is that checkpoint
+    return {
+      ...base,
+      epoch: f.committing,
+      rule: 'failover-to-checkpoint',
+      bytes: 0,
+      droppedBytes: 0,
+      allowed: true,
+      explanation: `fail over to checkpoint ${f.committing}, whose emptying of the overlays did not finish: the disk already is checkpoint ${f.committing}; both overlays (${f.hiddenBytes} + ${f.activeBytes} bytes) are discarded; a new generation; the disk is served read-write as "${f.exportName}"${f.linkUp ? '; the connected primary is demoted' : ''}`,
     };
   }
   return {

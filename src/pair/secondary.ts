@@ -13,7 +13,7 @@ import { access } from 'node:fs/promises';
 import { hostname } from 'node:os';
 import { basename } from 'node:path';
 import type { Duplex } from 'node:stream';
-import type { BlockNode, CompleteBlockNode, WriteOptions, ZeroOptions } from '../api/block.js';
+import type { BlockNode, CompleteBlockNode, Extent, IoOptions, WriteOptions, ZeroOptions } from '../api/block.js';
 import { BlkrepError, toBlkrepError } from '../api/errors.js';
 import { PersistentBitmap } from '../bitmap/persistent.js';
 import { Filter } from '../block/filter.js';
@@ -30,7 +30,7 @@ import { resolveSplitBrain, type AfterSb0Policy, type SplitBrainResolution, type
 import { fetchRuns, PAIR_LINK_VERSION, PairChannel, runsPage, type DiskState, type LinkDecision, type NodeSummary, type PairMessage } from './messages.js';
 import { peerBitmapPath } from './primary.js';
 import type { FailoverOptions, FailoverResult, HandOff, PairRole, PairStatus } from './role.js';
-import { allocatedRuns, openSecondaryImages, OVERLAY_CLUSTER, type HiddenDurability, type SecondaryImages } from './secondary-images.js';
+import { allocatedRuns, Borrowed, openSecondaryImages, OVERLAY_CLUSTER, type HiddenDurability, type SecondaryImages } from './secondary-images.js';
 import { explainSecondaryFailover, type SecondaryFailoverFacts } from './secondary-explain.js';
 import { initialState, noRestorePoint, pairStatePath, PairStateFile, volatileHiddenLost } from './state.js';
 import { gated, WriteGate } from './write-gate.js';
@@ -72,14 +72,34 @@ type Run = { offset: number; length: number };
 /** The steps of a secondary's failover, in order (failover-failed names the one that failed). */
 export type FailoverStep = 'record-intent' | 'seed-failback-bitmap' | 'commit-hidden' | 'commit-active' | 'flush' | 'empty-overlays' | 'record-generation';
 
-/** The view export's node: writes wait while a checkpoint holds them. */
+/**
+ * The view export's node: writes wait while a checkpoint holds them. While a checkpoint is
+ * committing (step 5 durable, step 6 unfinished: its emptying failed) the overlays are garbage,
+ * never read (replication.md §2 crash rules): reads go to the disk, which is that checkpoint.
+ */
 class ViewNode extends Filter {
   readonly driver = 'secondary-view';
+  private readonly disk: CompleteBlockNode;
   constructor(
     next: BlockNode,
     private readonly gate: WriteGate,
+    disk: BlockNode,
+    private readonly overlaysIgnored: () => boolean,
   ) {
     super(next);
+    this.disk = completeNode(disk);
+  }
+  private get from(): CompleteBlockNode {
+    return this.overlaysIgnored() ? this.disk : this.next;
+  }
+  override read(offset: number, length: number, o?: IoOptions): Promise<Buffer> {
+    return this.from.read(offset, length, o);
+  }
+  override readInto(offset: number, target: Buffer, o?: IoOptions): Promise<void> {
+    return this.from.readInto(offset, target, o);
+  }
+  override extents(offset: number, length: number, o?: IoOptions): Promise<Extent[]> {
+    return this.from.extents(offset, length, o);
   }
   override write(offset: number, data: Buffer, o?: WriteOptions): Promise<void> {
     return gated(this.gate, () => this.next.write(offset, data, o));
@@ -123,6 +143,9 @@ export class SecondaryRole implements PairRole {
   private promoting = false;
   private closing: Promise<void> | undefined;
   private readonly viewGate = new WriteGate();
+  /** step 6 of a checkpoint failed after step 5: its redo (redoStep6) */
+  private redoTimer: NodeJS.Timeout | undefined;
+  private redoDelay = 0;
   private readonly cbw: CbwFilter | undefined;
   private readonly view: ViewNode | undefined;
   /** the replica's writer export per pair link (the fencing token, data-token.ts) */
@@ -153,7 +176,7 @@ export class SecondaryRole implements PairRole {
         (err) => this.onDiskError(err),
       );
       const active = o.activeFilters?.length ? stackFilters(images.activeNode, o.activeFilters) : images.activeNode;
-      this.view = new ViewNode(active, this.viewGate);
+      this.view = new ViewNode(active, this.viewGate, new Borrowed(ctx.imageNode), () => this.state.state.committing !== null);
       this.writers = new ReplicaWriters(ctx.server, ctx.exportName, this.cbw, this.cbw.gate, ctx.minimumBlockSize);
     }
   }
@@ -349,6 +372,7 @@ export class SecondaryRole implements PairRole {
   close(): Promise<void> {
     this.closing ??= (async () => {
       if (this.ctx.extensions.get(OPT_BLKREP_PAIR_LINK)) this.ctx.extensions.delete(OPT_BLKREP_PAIR_LINK);
+      clearTimeout(this.redoTimer);
       this.writers?.close('the secondary is stopping');
       this.link?.close(new BlkrepError('ERR_PAIR_LINK_DOWN', 'the secondary is stopping'));
       this.link = undefined;
@@ -659,6 +683,27 @@ export class SecondaryRole implements PairRole {
     }
   }
 
+  /**
+   * Step 6 of checkpoint n failed after step 5: redo steps 4–7 (the gates stay held) with
+   * backoff 100 ms × 2^k ≤ 5 s until they succeed, the primary's retry commits n first, a
+   * failover (or failover --retry) finishes it, or the daemon stops.
+   */
+  private redoStep6(n: number): void {
+    clearTimeout(this.redoTimer);
+    this.redoDelay = Math.min(Math.max(100, this.redoDelay * 2), 5000);
+    this.redoTimer = setTimeout(() => {
+      this.redoTimer = undefined;
+      // a failover under way (or failed halfway) finishes the checkpoint itself: its emptying discards the overlays
+      const moot = (): boolean => this.closing !== undefined || this.promoted || this.promoting || this.failoverFailed !== null || this.state.state.committing !== n;
+      if (moot()) return;
+      void this.serial(async () => {
+        if (moot()) return;
+        await this.applyCheckpoint(n);
+      }).catch((err: unknown) => this.ctx.log('warn', `checkpoint ${n}: step 6 (emptying the overlays) failed again: ${(err as Error).message}; replica writes stay held, retrying`));
+    }, this.redoDelay);
+    this.redoTimer.unref?.();
+  }
+
   /** Steps 4–7 of checkpoint n (replication.md §2). Resolves with the committed epoch. */
   private async applyCheckpoint(n: number): Promise<number> {
     if (this.promoted) throw this.roleError('take a checkpoint as a secondary');
@@ -681,7 +726,9 @@ export class SecondaryRole implements PairRole {
       steps[name] = Math.round((now - at) * 10) / 10;
       at = now;
     };
-    // step 4: stop taking replica writes, hold the view's writes, flush the disk
+    let unfinished = false;
+    // step 4: stop taking replica writes, hold the view's writes, flush the disk (held already
+    // when an earlier attempt left step 6 unfinished)
     await cbw.gate.hold();
     await this.viewGate.hold();
     lap('hold');
@@ -697,7 +744,16 @@ export class SecondaryRole implements PairRole {
       lap('committing');
       crashPoint('checkpoint-step-5');
       // step 6: reset the CBW bits, empty active, then hidden
-      await this.emptyOverlays();
+      try {
+        await this.emptyOverlays();
+      } catch (err) {
+        // failure case 6 after step 5: the disk is CP_n, the overlays garbage (maybe half emptied,
+        // the bits reset). A write now would leave no restore point at all (a restart redoes step 6
+        // over a disk that is no checkpoint): writes stay held, the view reads the disk, until
+        // step 6 is redone (the primary's retry, or redoStep6 below)
+        if (this.state.state.committing === n) unfinished = true;
+        throw err;
+      }
       lap('empty');
       crashPoint('checkpoint-step-6');
       // step 7: durably "epoch n committed"; a resync ended with this checkpoint: adopt the primary's generations
@@ -712,9 +768,14 @@ export class SecondaryRole implements PairRole {
       if (gi && this.link && this.ownDirty) await this.dropOwnDirty();
     } finally {
       this.checkpointing = null;
-      this.viewGate.release();
-      cbw.gate.release();
+      if (unfinished) {
+        this.redoStep6(n);
+      } else {
+        this.viewGate.release();
+        cbw.gate.release();
+      }
     }
+    this.redoDelay = 0;
     this.lastCheckpointAt = Date.now();
     this.ctx.publish('checkpoint', { export: this.ctx.exportName, role: 'secondary', epoch: n, ms: this.lastCheckpointAt - t0, steps });
     return n;
@@ -796,7 +857,8 @@ export class SecondaryRole implements PairRole {
       });
       const seed = [...f.hiddenRuns, ...f.activeRuns];
       if (seed.length) await bitmaps.fill(FAILBACK_BITMAP, { ranges: seed });
-      if (!committed) {
+      // checkpoint f.committing's step 6 is unfinished: the disk is that checkpoint, the overlays garbage (crash rules): discarded
+      if (!committed && f.committing === null) {
         // commit the view: hidden's clusters (the checkpoint's old data) where active has none, then active's on top
         at('commit-hidden');
         if (to === 'checkpoint') await copyRuns(images.hiddenNode, exportNode, subtractRuns(f.hiddenRuns, f.activeRuns));
@@ -830,11 +892,12 @@ export class SecondaryRole implements PairRole {
       const e = toBlkrepError(err);
       throw new BlkrepError(
         'ERR_PAIR_FAILOVER_FAILED',
-        `failover of "${exportName}" failed at step ${step}: ${e.message}; primaries are refused${this.o.viewExport !== undefined ? ` and the view "${this.o.viewExport}" shows ${to === 'latest' ? 'the latest state' : `checkpoint ${f.epoch}`}` : ''}; fix the cause and run blkrep failover --retry`,
+        `failover of "${exportName}" failed at step ${step}: ${e.message}; primaries are refused${this.o.viewExport !== undefined ? ` and the view "${this.o.viewExport}" shows ${f.committing !== null ? `checkpoint ${f.committing}` : to === 'latest' ? 'the latest state' : `checkpoint ${f.epoch}`}` : ''}; fix the cause and run blkrep failover --retry`,
         { errno: e.errno ?? 'EIO', cause: err, details: { step, code: e.code, to, epoch: f.epoch } },
       );
     } finally {
-      this.viewGate.release();
+      // a checkpoint's unfinished step 6 (committing): the disk stays that checkpoint until the retry (the view reads it)
+      if (this.state.state.committing === null) this.viewGate.release();
       this.cbw!.gate.release();
     }
     // whatever holds the name now, the promoted disk is served (connections of the old one close)

@@ -125,7 +125,7 @@ describe('failure cases of replication.md §4 on two daemons', () => {
     expect(cmp.stdout).toContain('Images are identical.');
   });
 
-  it('case 6, emptying the hidden disk fails in a checkpoint: not committed (epoch stays 1, step 5 durable: committing 2), event checkpoint-failed on both; the retry commits 2; view and disks equal', async () => {
+  it('case 6, emptying the hidden disk fails in a checkpoint: not committed (epoch stays 1, step 5 durable: committing 2), event checkpoint-failed on both; the secondary redoes step 6 and commits 2, the primary\'s retry finds it; view and disks equal', async () => {
     const dir = await makeTempDir();
     const pImg = join(dir, 'p.img');
     const sImg = join(dir, 's.img');
@@ -151,9 +151,10 @@ describe('failure cases of replication.md §4 on two daemons', () => {
     expect(failed).toMatchObject({ n: 2, code: 'ERR_TEST_FAULT', message: 'the secondary failed checkpoint 2: injected fault at checkpoint-step-6 (BLKREP_TEST_FAIL_AT)' });
     expect(await sEv.next('checkpoint-failed')).toMatchObject({ n: 2, code: 'ERR_TEST_FAULT' });
     expect(await pairOf(pControl)).toMatchObject({ link: 'connected', epoch: 1 });
-    const sSt = await pairOf<{ epoch: number; link: string; secondary: { committing: number | null } }>(sControl);
-    expect(sSt).toMatchObject({ epoch: 1, secondary: { committing: 2 } });
-    // writes go on; the retry commits checkpoint 2 (step 6 redone)
+    // the secondary redoes step 6 itself (replica writes held meanwhile: checkpoint-failed-window.test.ts) and commits 2
+    expect(await sEv.next('checkpoint', sEv.events.findIndex((e) => e.event === 'checkpoint-failed'))).toMatchObject({ epoch: 2 });
+    expect(await pairOf(sControl)).toMatchObject({ epoch: 2, secondary: { committing: null } });
+    // writes go on; the primary's retry finds checkpoint 2 committed
     expect((await qemuIo(pSock, 'write -P 0x33 4M 64k')).code).toBe(0);
     const cp = await runCli(['checkpoint', '--control', pControl, '--json']);
     expect(cp.code).toBe(0);
@@ -161,7 +162,8 @@ describe('failure cases of replication.md §4 on two daemons', () => {
     expect(await pairOf(pControl)).toMatchObject({ link: 'connected', epoch: 2, bytesBehind: 0 });
     expect(await pairOf(sControl)).toMatchObject({ link: 'connected', epoch: 2, diskState: 'UpToDate', secondary: { committing: null } });
     expect(pEv.events.filter((e) => e.event === 'replication-degraded')).toEqual([]);
-    const view = await run('qemu-io', ['-f', 'raw', unixUri(sSock, 'view'), '-c', 'read -P 0x22 1M 128k', '-c', 'read -P 0x11 0 1M', '-c', 'read -P 0x33 4M 64k', '-c', 'read -P 0x11 2M 2M']);
+    // the view is the secondary's checkpoint 2, committed before the 0x33 write (its old 0x11 in hidden)
+    const view = await run('qemu-io', ['-f', 'raw', unixUri(sSock, 'view'), '-c', 'read -P 0x22 1M 128k', '-c', 'read -P 0x11 0 1M', '-c', 'read -P 0x11 4M 64k', '-c', 'read -P 0x11 2M 2M']);
     expect(view.stdout).not.toContain('Pattern verification failed');
     expect(view.code).toBe(0);
     await pEv.close();
