@@ -366,11 +366,7 @@ export class PrimaryRole implements PairRole {
       releaseWrites();
       throw new BlkrepError('ERR_PAIR_LINK_DOWN', `the resync to ${this.uri.uri} did not start: replication is stopping`, { errno: 'EIO' });
     }
-    if (full) {
-      this.peerBitmap.setAll();
-      // durable now: a resync interrupted from here on resumes by this bitmap (a restart too)
-      await this.peerBitmap.flush().catch((err: unknown) => this.log('warn', `the peer bitmap before a full resync: ${(err as Error).message}`));
-    }
+    if (full) this.peerBitmap.setAll();
     const bytes = this.peerBitmap.bitmap.dirtyBytes;
     this.link = 'resyncing';
     this.publish('resync-started', { export: this.options.exportName, peer: this.uri.uri, bytes, full });
@@ -384,10 +380,11 @@ export class PrimaryRole implements PairRole {
         sync: 'bitmap',
         bitmap: this.peerBitmap,
         bitmapMode: 'never',
-        // an interrupted resync resumes by bitmap: what the secondary holds stably leaves the peer
-        // bitmap as the copy goes, durably, not only at the consistent instant
-        stableIntervalMs: RESYNC_STABLE_INTERVAL_MS,
-        onStable: (granules) => this.resyncProgress(granules),
+        // an interrupted bitmap resync resumes by bitmap: what the secondary holds stably leaves the
+        // peer bitmap as the copy goes, durably, not only at the consistent instant. Not for a full
+        // one: the secondary that needed it says full again on the next hello (no generation, or
+        // no restore point), so its extra flushes would buy nothing
+        ...(full ? {} : { stableIntervalMs: RESYNC_STABLE_INTERVAL_MS, onStable: (granules: DirtyBitmap) => this.resyncProgress(granules) }),
         onConsistent: async () => {
           // the secondary equals the disk and writes wait: forward from here on
           await target.flush();
