@@ -1,7 +1,7 @@
 /**
  * An interrupted resync resumes by the peer bitmap (DRBD resumes a resync where it stopped): the
  * resync clears from the peer bitmap what the secondary holds stably as it goes (the mirror's
- * onStable, a target flush at least every second) and makes the clears durable, so the next
+ * onStable, a target flush every 2 s) and makes the clears durable, so the next
  * resync — after the link dropped or the primary restarted — copies what is still dirty, not
  * the whole outage again. (A primary killed with -9 also resyncs the activity log's hot extents,
  * as DRBD does: writes there may have reached its disk without their bits; that bound is the
