@@ -4,9 +4,14 @@
  * the request and leaves the disk unchanged (failure case 3); concurrent writers to one cluster
  * copy once; reset() starts a new epoch; the gate holds writes; disk writes are issued in arrival
  * order (overlapping ones completed in it), and a failure fails the requests queued behind it.
+ * Concurrent copies into a real qcow2 hidden disk share its syncs (group commit).
  */
+import { join } from 'node:path';
+import { truncate, writeFile } from 'node:fs/promises';
 import { describe, expect, it } from 'vitest';
 import { MemoryNode } from '../../src/block/memory.js';
+import { openSecondaryImages } from '../../src/pair/secondary-images.js';
+import { makeTempDir } from '../support/spawn.js';
 import { completeNode } from '../../src/block/node.js';
 import { CbwFilter } from '../../src/pair/cbw-filter.js';
 import { Gate, hookNode } from '../support/fault-node.js';
@@ -159,5 +164,34 @@ describe('copy-before-write filter', () => {
     expect(disk.log.filter((r) => r.op === 'write').map((r) => r.offset)).toEqual([C, 3 * C, C + 5]);
     expect((await diskMem.read(C, 15)).equals(Buffer.concat([Buffer.alloc(5, 0x22), Buffer.alloc(10, 0x44)]))).toBe(true);
   });
-});
 
+  it('concurrent first-touch copies into a qcow2 hidden disk share its syncs (group commit), and hidden keeps every old cluster', async () => {
+    const dir = await makeTempDir();
+    const diskPath = join(dir, 'disk.img');
+    const n = 32;
+    await writeFile(diskPath, Buffer.alloc(0));
+    await truncate(diskPath, 2 * n * C);
+    const disk = new MemoryNode(2 * n * C);
+    for (let c = 0; c < 2 * n; c++) await disk.write(c * C, Buffer.alloc(C, c + 1));
+    // volatile: the hidden file counts the syncs the qcow2 driver asks for (the same calls strict makes)
+    const images = await openSecondaryImages(diskPath, disk, { hiddenDurability: 'volatile' });
+    try {
+      const cbw = new CbwFilter(disk, images.hiddenNode, C);
+      const before = images.hiddenFile.skippedSyncs;
+      // a resync's burst: n writes to n distinct clusters (every other one), all in flight at once
+      await Promise.all(Array.from({ length: n }, (_, i) => cbw.write(2 * i * C, Buffer.alloc(C, 0xee))));
+      const syncs = images.hiddenFile.skippedSyncs - before;
+      expect(cbw.copiedClusters).toBe(n);
+      // one writeback cycle for new clusters is 2–4 syncs (data and refcounts, L2, L1); one per copy would be >= n
+      expect(syncs).toBeGreaterThan(0);
+      expect(syncs).toBeLessThanOrEqual(8);
+      for (let i = 0; i < n; i++) {
+        expect((await images.hiddenNode.read(2 * i * C, C)).equals(Buffer.alloc(C, 2 * i + 1))).toBe(true);
+        expect((await disk.read(2 * i * C, C)).equals(Buffer.alloc(C, 0xee))).toBe(true);
+      }
+    } finally {
+      await images.active.close();
+      await images.hidden.close();
+    }
+  });
+});

@@ -223,6 +223,8 @@ export class MirrorJob extends Job {
   private modeWaiters: Array<() => void> = [];
   private lockWaiters: Array<{ first: number; end: number; grant: () => void }> = [];
   private lastFlushIssue = -Infinity;
+  /** stableIntervalMs: when a copy first waited to be made stable */
+  private stableFrom: number | undefined;
   private changed = true;
   private cursor = 0;
   private bytesDone = 0;
@@ -560,7 +562,10 @@ export class MirrorJob extends Job {
   /** stableIntervalMs: a flush that is not a consistency point, while granules are still dirty. */
   private maybeStableFlush(): void {
     if (this.consistency.flushing || !this.phase.is('copying') || this.consistency.pendingGranules === 0 || this.dirty.dirtyGranules === 0) return;
-    const wait = this.lastFlushIssue + this.stableIntervalMs - this.clock.now();
+    // the first one an interval after the first copy completed, not at once: a copy shorter than
+    // the interval pays no extra flush (a pair's resync of a short outage: bench/pair outage)
+    this.stableFrom ??= this.clock.now();
+    const wait = Math.max(this.lastFlushIssue, this.stableFrom) + this.stableIntervalMs - this.clock.now();
     if (wait > 0) this.sched.wakeIn(wait);
     else this.startFlush(false, false);
   }
