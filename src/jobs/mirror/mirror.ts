@@ -90,6 +90,17 @@ export const DEFAULT_BUF_SIZE = 256 * 1024;
 export const DEFAULT_MAX_OPS = 64;
 export const DEFAULT_MAX_LAG_MS = 10_000;
 export const DEFAULT_FLUSH_INTERVAL_MS = 100;
+/**
+ * While copying, the target is flushed once this much data was written to it since the last
+ * flush was issued. A target with a write-back cache (nbdkit's file plugin, qemu-nbd
+ * --cache=writeback: the page cache) otherwise holds the whole copy dirty until the mirror's
+ * last flush, which then writes all of it to the disk while nothing else happens: ~1 s of a
+ * 1 GiB copy onto nbdkit on the bench machine (its fdatasync, traced). Flushed along the way,
+ * the target writes its cache back while the copy goes on, and the last flush finds little left
+ * (0.00-0.04 s). Such a flush is not a consistency point; it costs the target nothing it would
+ * not do at the end anyway.
+ */
+export const DEFAULT_WRITEBACK_BYTES = 128 << 20;
 const MAX_BUF_SIZE = 64 << 20;
 
 /** A target whose lost connection can be tried again at once (an NBD node: NbdNode.retryNow). */
@@ -139,6 +150,12 @@ export interface MirrorOptions extends Omit<JobOptions, 'id'> {
    * long copy across a crash).
    */
   stableIntervalMs?: number;
+  /**
+   * While copying, flush the target once this many bytes of data were written since the last
+   * flush was issued (default DEFAULT_WRITEBACK_BYTES, 128 MiB; 0: never): the target writes its
+   * cache back during the copy instead of all at the last flush. Not a consistency point.
+   */
+  writebackBytes?: number;
 }
 
 interface CopyOp {
@@ -208,6 +225,9 @@ export class MirrorJob extends Job {
   private readonly pivotHook: MirrorOptions['pivot'];
   private readonly consistentHook: MirrorOptions['onConsistent'];
   private readonly stableIntervalMs: number;
+  private readonly writebackBytes: number;
+  /** the data bytes written to the target (io.counters.dataBytes) when the last flush was issued */
+  private dataBytesAtFlush = 0;
   private readonly phase: Phase<MirrorPhase>;
   private readonly timers: TimerClock;
   /** the copy loop: operations in flight, speed, backoff, wake-ups */
@@ -279,6 +299,8 @@ export class MirrorJob extends Job {
     this.pivotHook = options.pivot;
     this.consistentHook = options.onConsistent;
     this.stableIntervalMs = options.stableIntervalMs ?? 0;
+    this.writebackBytes = options.writebackBytes ?? DEFAULT_WRITEBACK_BYTES;
+    if (!Number.isSafeInteger(this.writebackBytes) || this.writebackBytes < 0) throw badOption(`write-back flush every ${this.writebackBytes} bytes: expected a whole number of bytes, 0 for never`);
 
     this.source = source;
     this.target = completeNode(target);
@@ -470,6 +492,7 @@ export class MirrorJob extends Job {
     if (!this.phase.is('ending') && !this.pauseRequested && !this.reconnecting) {
       this.sched.fill();
       if (this.stableIntervalMs > 0) this.maybeStableFlush();
+      if (this.writebackBytes > 0) this.maybeWritebackFlush();
     }
     this.checkIdle();
   }
@@ -565,6 +588,13 @@ export class MirrorJob extends Job {
     else this.startFlush(false, false);
   }
 
+  /** writebackBytes: a flush that is not a consistency point, once that much data was written since the last one was issued. */
+  private maybeWritebackFlush(): void {
+    if (this.consistency.flushing || !this.phase.is('copying') || this.consistency.pendingGranules === 0 || this.dirty.dirtyGranules === 0) return;
+    if (this.io.counters.dataBytes - this.dataBytesAtFlush < this.writebackBytes) return;
+    this.startFlush(false, false);
+  }
+
   /**
    * `point`: issued with nothing dirty and no copy in flight (a consistency point once it
    * completes); `final`: the drain's last flush (the job finishes at that point).
@@ -573,6 +603,7 @@ export class MirrorJob extends Job {
     // a flush issued while granules are dirty proves nothing about `changed`
     if (point) this.changed = false;
     this.lastFlushIssue = this.clock.now();
+    this.dataBytesAtFlush = this.io.counters.dataBytes;
     const issuedAt = this.lastFlushIssue;
     this.io.counters.targetRequests++;
     this.consistency.flush(
