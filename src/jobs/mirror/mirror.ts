@@ -66,7 +66,7 @@ import type { PersistentBitmap } from '../../bitmap/persistent.js';
 import { Job, type JobOptions, type JobSide } from '../job.js';
 import { nextRun, scanExtents, ZeroHints } from '../segments.js';
 import { unrefTimer, withTimers, type TimerClock, type TimerHandle } from '../copy/clock.js';
-import { Consistency } from '../copy/consistency.js';
+import { Consistency, DEFAULT_WRITEBACK_BYTES } from '../copy/consistency.js';
 import { asCopyError, copyOperation, newCounters, type CopyIo } from '../copy/operations.js';
 import { Phase } from '../copy/phase.js';
 import { BufferPool, CopyScheduler } from '../copy/scheduler.js';
@@ -90,17 +90,7 @@ export const DEFAULT_BUF_SIZE = 256 * 1024;
 export const DEFAULT_MAX_OPS = 64;
 export const DEFAULT_MAX_LAG_MS = 10_000;
 export const DEFAULT_FLUSH_INTERVAL_MS = 100;
-/**
- * While copying, the target is flushed once this much data was written to it since the last
- * flush was issued. A target with a write-back cache (nbdkit's file plugin, qemu-nbd
- * --cache=writeback: the page cache) otherwise holds the whole copy dirty until the mirror's
- * last flush, which then writes all of it to the disk while nothing else happens: ~1 s of a
- * 1 GiB copy onto nbdkit on the bench machine (its fdatasync, traced). Flushed along the way,
- * the target writes its cache back while the copy goes on, and the last flush finds little left
- * (0.00-0.04 s). Such a flush is not a consistency point; it costs the target nothing it would
- * not do at the end anyway.
- */
-export const DEFAULT_WRITEBACK_BYTES = 128 << 20;
+export { DEFAULT_WRITEBACK_BYTES };
 const MAX_BUF_SIZE = 64 << 20;
 
 /** A target whose lost connection can be tried again at once (an NBD node: NbdNode.retryNow). */
