@@ -301,6 +301,35 @@ describe('backup: sync modes, zeros, the end', () => {
     expect(firstDifference(await readAll(fresh.disk), original)).toBe(-1);
   });
 
+  it('write-back flushes: the target is flushed after each writebackBytes of data while copying; 0 turns them off', async () => {
+    const source = await seededSource(16 * MiB, 21);
+    const original = await readAll(source);
+    for (const writebackBytes of [MiB, 0]) {
+      const target = new TestDisk(16 * MiB, 65536, { cache: true });
+      const job = new BackupJob({ source, target, maxOps: 4, writebackBytes });
+      // the data bytes the target had been sent when each of its flushes took effect
+      const atFlush: number[] = [];
+      let flushes = 0;
+      target.onChange = () => {
+        if (target.counts.flush === flushes) return;
+        flushes = target.counts.flush;
+        atFlush.push(target.counts.writeBytes);
+      };
+      job.start();
+      await within(job.whenConcluded(), 20_000, 'backup');
+      const total = target.counts.writeBytes;
+      expect(total).toBeGreaterThan(4 * MiB); // the seeded source holds several MiB of data
+      const during = atFlush.filter((n) => n < total);
+      if (writebackBytes > 0) expect(during.length).toBeGreaterThanOrEqual(Math.floor(total / MiB / 2));
+      else expect(during).toEqual([]);
+      expect(job.query()).toMatchObject({ status: 'concluded', todoBytes: 0 });
+      // the end's flush still came after the last write
+      expect(atFlush[atFlush.length - 1]).toBe(total);
+      await target.crash();
+      expect(firstDifference(await readAll(target.disk), original)).toBe(-1);
+    }
+  });
+
   it('top: only what the top layer holds (allocation depth 1) is copied; the view errors for other written granules', async () => {
     const mem = await seededSource(8 * MiB, 12);
     const source: BlockNode = {
@@ -363,6 +392,7 @@ describe('backup: sync modes, zeros, the end', () => {
     expect(() => new BackupJob({ source: a, target: new MemoryNode(MiB), onCbwError: 'shrug' as never })).toThrow(expect.objectContaining({ code: 'ERR_JOB_INVALID' }));
     expect(() => new BackupJob({ source: a, target: new MemoryNode(MiB), sync: 'incremental', bitmap: new DirtyBitmap(MiB, { granularity: 4096 }), granularity: 65536 })).toThrow(expect.objectContaining({ code: 'ERR_JOB_INVALID' }));
     expect(() => new BackupJob({ source: a, target: new MemoryNode(MiB), maxOps: 0 })).toThrow(expect.objectContaining({ code: 'ERR_JOB_INVALID' }));
+    expect(() => new BackupJob({ source: a, target: new MemoryNode(MiB), writebackBytes: 1.5 })).toThrow(expect.objectContaining({ code: 'ERR_JOB_INVALID', message: expect.stringMatching(/write-back flush every 1.5 bytes/) }));
   });
 
   it('writes and view reads between start() and copy-before-write in place (the start scan) wait, then see the start', async () => {

@@ -379,6 +379,7 @@ describe('mirror', () => {
     expect(() => new MirrorJob({ source: s, target: new MemoryNode(MiB), sync: 'bitmap' })).toThrow(/needs a bitmap/);
     expect(() => new MirrorJob({ source: s, target: new MemoryNode(MiB), maxOps: 0 })).toThrow(/copy operations/);
     expect(() => new MirrorJob({ source: s, target: new MemoryNode(MiB), copyMode: 'x' as never })).toThrow(/copy mode/);
+    expect(() => new MirrorJob({ source: s, target: new MemoryNode(MiB), writebackBytes: -1 })).toThrow(expect.objectContaining({ code: 'ERR_JOB_INVALID', message: expect.stringMatching(/write-back flush every -1 bytes/) }));
   });
 
   it('speed limits the copy rate', async () => {
@@ -565,6 +566,43 @@ describe('the model\'s findings, checked on the implementation', () => {
     expect(violations).toEqual([]);
     await target.crash();
     expect(firstDifference(await readAll(target.disk), src)).toBe(-1);
+  });
+
+  it('write-back flushes: the target is flushed after each writebackBytes of data while copying, not as a consistency point; 0 turns them off', async () => {
+    const source = await seededSource(16 * MiB, 21);
+    const src = await readAll(source);
+    for (const writebackBytes of [MiB, 0]) {
+      const target = new TestDisk(16 * MiB, 65536, { cache: true });
+      const job = new MirrorJob({ source, target, maxOps: 4, writebackBytes });
+      // the data bytes the target had been sent when each of its flushes took effect, and when the job became ready
+      const atFlush: number[] = [];
+      let atReady = -1;
+      let flushes = 0;
+      target.onChange = () => {
+        if (target.counts.flush === flushes) return;
+        flushes = target.counts.flush;
+        atFlush.push(target.counts.writeBytes);
+      };
+      job.on('event', (e: JobEvent) => {
+        if (e.event === 'ready') atReady = target.counts.writeBytes;
+      });
+      job.start();
+      await whenReady(job);
+      await job.complete();
+      const total = target.counts.writeBytes;
+      expect(total).toBeGreaterThan(4 * MiB); // the seeded source holds several MiB of data
+      const during = atFlush.filter((n) => n < total);
+      if (writebackBytes > 0) {
+        // one flush per MiB of data or so (one at a time: a flush still running defers the next)
+        expect(during.length).toBeGreaterThanOrEqual(Math.floor(total / MiB / 2));
+      } else {
+        expect(during).toEqual([]);
+      }
+      // not a consistency point: ready came once everything was copied
+      expect(atReady).toBe(total);
+      await target.crash();
+      expect(firstDifference(await readAll(target.disk), src)).toBe(-1);
+    }
   });
 
   it('finding 2: never two copies of one granule in flight, even when a granule is rewritten during its copy', async () => {

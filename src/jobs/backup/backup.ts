@@ -65,7 +65,7 @@ import type { ModifyOp } from '../../block/filters/tracking.js';
 import { Job, type JobOptions, type JobSide } from '../job.js';
 import { nextRun, scanExtents, ZeroHints } from '../segments.js';
 import { withTimers } from '../copy/clock.js';
-import { Consistency } from '../copy/consistency.js';
+import { Consistency, DEFAULT_WRITEBACK_BYTES } from '../copy/consistency.js';
 import { asCopyError, copyOperation, CopyError, type CopyIo } from '../copy/operations.js';
 import { Phase } from '../copy/phase.js';
 import { BufferPool, CopyScheduler } from '../copy/scheduler.js';
@@ -103,6 +103,12 @@ export interface BackupOptions extends Omit<JobOptions, 'id'> {
   maxOps?: number;
   /** the target reads as zeros: zero ranges of the source are not written */
   targetIsZero?: boolean;
+  /**
+   * While copying, flush the target once this many bytes of data were written since the last
+   * flush was issued (default DEFAULT_WRITEBACK_BYTES, 128 MiB; 0: never): the target writes its
+   * cache back during the copy instead of all at the last flush.
+   */
+  writebackBytes?: number;
   /** what a failed copy-before-write does (default break-guest-write) */
   onCbwError?: CbwErrorPolicy;
   /**
@@ -198,6 +204,9 @@ export class BackupJob extends Job {
   private finishFns: { resolve: () => void; reject: (e: unknown) => void } | undefined;
   /** the target flush at the end (no unstable bits: nothing is persisted against it) */
   private readonly consistency: Consistency;
+  private readonly writebackBytes: number;
+  /** the data bytes written to the target (stats.dataBytes) when the last write-back flush was issued */
+  private dataBytesAtFlush = 0;
   /** the background copy: operations in flight, speed, backoff, wake-ups */
   private readonly sched: CopyScheduler<[number, number]>;
   private readonly io: CopyIo;
@@ -240,6 +249,8 @@ export class BackupJob extends Job {
     this.maxOps = options.maxOps ?? DEFAULT_BACKUP_MAX_OPS;
     if (!Number.isSafeInteger(this.maxOps) || this.maxOps < 1 || this.maxOps > 1024) throw badOption(`${this.maxOps} copy operations in flight: expected 1 to 1024`);
     this.targetIsZero = options.targetIsZero ?? false;
+    this.writebackBytes = options.writebackBytes ?? DEFAULT_WRITEBACK_BYTES;
+    if (!Number.isSafeInteger(this.writebackBytes) || this.writebackBytes < 0) throw badOption(`write-back flush every ${this.writebackBytes} bytes: expected a whole number of bytes, 0 for never`);
 
     this.source = completeNode(source);
     this.target = completeNode(target);
@@ -410,7 +421,10 @@ export class BackupJob extends Job {
   /** Start background copies as allowed; then see whether the job is idle. */
   private pump(): void {
     if (!this.copyRunning) return;
-    if (!this.phase.is('ending') && !this.pauseRequested && this.sync !== 'none') this.sched.fill();
+    if (!this.phase.is('ending') && !this.pauseRequested && this.sync !== 'none') {
+      this.sched.fill();
+      if (this.writebackBytes > 0) this.maybeWritebackFlush();
+    }
     this.checkIdle();
   }
 
@@ -474,6 +488,22 @@ export class BackupJob extends Job {
   private copy(op: CopyOp): Promise<void> {
     // the speed counts data only: a background copy settles what the scheduler reserved against the data found
     return copyOperation(this.io, op.offset, op.length, op.kind === 'background' ? (data) => this.limiter.take(data - op.reserved) : undefined);
+  }
+
+  /** writebackBytes: a target flush while copying, once that much data was written since the last one was issued (the end's flush is checkIdle's). */
+  private maybeWritebackFlush(): void {
+    if (this.consistency.flushing || !this.phase.is('copying') || this.todo.dirtyGranules === 0) return;
+    if (this.stats.dataBytes - this.dataBytesAtFlush < this.writebackBytes) return;
+    this.dataBytesAtFlush = this.stats.dataBytes;
+    this.stats.targetRequests++;
+    this.consistency.flush(
+      () => this.target.flush({ signal: this.signal }),
+      () => this.pump(),
+      (err: unknown) => {
+        this.ioError('target', 'flush', 0, 0, err);
+        this.pump();
+      },
+    );
   }
 
   /** Nothing in flight: pause, end, or flush the target and finish, as due. */

@@ -14,6 +14,18 @@
  */
 import { DirtyBitmap } from '../../bitmap/dirty-bitmap.js';
 
+/**
+ * While copying, the target is flushed once this much data was written to it since the last
+ * flush was issued. A target with a write-back cache (nbdkit's file plugin, qemu-nbd
+ * --cache=writeback: the page cache) otherwise holds the whole copy dirty until the job's last
+ * flush, which then writes all of it to the disk while nothing else happens: ~1 s of a
+ * 1 GiB mirror onto nbdkit on the bench machine (its fdatasync, traced). Flushed along the way,
+ * the target writes its cache back while the copy goes on, and the last flush finds little left
+ * (0.09-0.10 s, 8 flushes in all). Such a flush is not a consistency point; it costs the target nothing it would
+ * not do at the end anyway.
+ */
+export const DEFAULT_WRITEBACK_BYTES = 128 << 20;
+
 export interface ConsistencyOptions {
   /** granules that may differ from the target (failed flushes put theirs back) */
   dirty: DirtyBitmap;

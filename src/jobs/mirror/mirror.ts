@@ -66,7 +66,7 @@ import type { PersistentBitmap } from '../../bitmap/persistent.js';
 import { Job, type JobOptions, type JobSide } from '../job.js';
 import { nextRun, scanExtents, ZeroHints } from '../segments.js';
 import { unrefTimer, withTimers, type TimerClock, type TimerHandle } from '../copy/clock.js';
-import { Consistency } from '../copy/consistency.js';
+import { Consistency, DEFAULT_WRITEBACK_BYTES } from '../copy/consistency.js';
 import { asCopyError, copyOperation, newCounters, type CopyIo } from '../copy/operations.js';
 import { Phase } from '../copy/phase.js';
 import { BufferPool, CopyScheduler } from '../copy/scheduler.js';
@@ -90,6 +90,7 @@ export const DEFAULT_BUF_SIZE = 256 * 1024;
 export const DEFAULT_MAX_OPS = 64;
 export const DEFAULT_MAX_LAG_MS = 10_000;
 export const DEFAULT_FLUSH_INTERVAL_MS = 100;
+export { DEFAULT_WRITEBACK_BYTES };
 const MAX_BUF_SIZE = 64 << 20;
 
 /** A target whose lost connection can be tried again at once (an NBD node: NbdNode.retryNow). */
@@ -139,6 +140,12 @@ export interface MirrorOptions extends Omit<JobOptions, 'id'> {
    * long copy across a crash).
    */
   stableIntervalMs?: number;
+  /**
+   * While copying, flush the target once this many bytes of data were written since the last
+   * flush was issued (default DEFAULT_WRITEBACK_BYTES, 128 MiB; 0: never): the target writes its
+   * cache back during the copy instead of all at the last flush. Not a consistency point.
+   */
+  writebackBytes?: number;
 }
 
 interface CopyOp {
@@ -208,6 +215,9 @@ export class MirrorJob extends Job {
   private readonly pivotHook: MirrorOptions['pivot'];
   private readonly consistentHook: MirrorOptions['onConsistent'];
   private readonly stableIntervalMs: number;
+  private readonly writebackBytes: number;
+  /** the data bytes written to the target (io.counters.dataBytes) when the last flush was issued */
+  private dataBytesAtFlush = 0;
   private readonly phase: Phase<MirrorPhase>;
   private readonly timers: TimerClock;
   /** the copy loop: operations in flight, speed, backoff, wake-ups */
@@ -281,6 +291,8 @@ export class MirrorJob extends Job {
     this.pivotHook = options.pivot;
     this.consistentHook = options.onConsistent;
     this.stableIntervalMs = options.stableIntervalMs ?? 0;
+    this.writebackBytes = options.writebackBytes ?? DEFAULT_WRITEBACK_BYTES;
+    if (!Number.isSafeInteger(this.writebackBytes) || this.writebackBytes < 0) throw badOption(`write-back flush every ${this.writebackBytes} bytes: expected a whole number of bytes, 0 for never`);
 
     this.source = source;
     this.target = completeNode(target);
@@ -472,6 +484,7 @@ export class MirrorJob extends Job {
     if (!this.phase.is('ending') && !this.pauseRequested && !this.reconnecting) {
       this.sched.fill();
       if (this.stableIntervalMs > 0) this.maybeStableFlush();
+      if (this.writebackBytes > 0) this.maybeWritebackFlush();
     }
     this.checkIdle();
   }
@@ -570,6 +583,13 @@ export class MirrorJob extends Job {
     else this.startFlush(false, false);
   }
 
+  /** writebackBytes: a flush that is not a consistency point, once that much data was written since the last one was issued. */
+  private maybeWritebackFlush(): void {
+    if (this.consistency.flushing || !this.phase.is('copying') || this.consistency.pendingGranules === 0 || this.dirty.dirtyGranules === 0) return;
+    if (this.io.counters.dataBytes - this.dataBytesAtFlush < this.writebackBytes) return;
+    this.startFlush(false, false);
+  }
+
   /**
    * `point`: issued with nothing dirty and no copy in flight (a consistency point once it
    * completes); `final`: the drain's last flush (the job finishes at that point).
@@ -578,6 +598,7 @@ export class MirrorJob extends Job {
     // a flush issued while granules are dirty proves nothing about `changed`
     if (point) this.changed = false;
     this.lastFlushIssue = this.clock.now();
+    this.dataBytesAtFlush = this.io.counters.dataBytes;
     const issuedAt = this.lastFlushIssue;
     this.io.counters.targetRequests++;
     this.consistency.flush(
