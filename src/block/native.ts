@@ -50,6 +50,12 @@ export interface SparseOps {
   preadNowait?(fd: number, buffer: Buffer, bufOffset: number, length: number, position: number): number;
   /** pwritev2(RWF_NOWAIT), as preadNowait (ext4's buffered writes answer -2). */
   pwriteNowait?(fd: number, buffer: Buffer, bufOffset: number, length: number, position: number): number;
+  /**
+   * pwrite of every buffer at its position (1 to 1024 of them), all on one thread-pool job: per
+   * buffer the bytes written (short only when the kernel wrote nothing more) or its Error.
+   * Absent in an addon built before it.
+   */
+  pwriteBatch?(fd: number, buffers: Buffer[], positions: number[]): Promise<Array<number | Error>>;
 }
 
 /** A lock another open file description holds, as F_OFD_GETLK reports it. */
