@@ -50,6 +50,16 @@ export interface SparseOps {
   preadNowait?(fd: number, buffer: Buffer, bufOffset: number, length: number, position: number): number;
   /** pwritev2(RWF_NOWAIT), as preadNowait (ext4's buffered writes answer -2). */
   pwriteNowait?(fd: number, buffer: Buffer, bufOffset: number, length: number, position: number): number;
+  /**
+   * pwrite of every buffer at its position (1 to 1024 of them), all on one thread-pool job: per
+   * buffer the bytes written (short only when the kernel wrote nothing more) or its Error.
+   * Absent in an addon built before it.
+   */
+  /** setsockopt(SO_SNDBUF): the send buffer the kernel set (it doubles what is asked, up to wmem_max × 2). Absent in an addon built before it. */
+  setSendBuffer?(fd: number, bytes: number): number;
+  /** getsockopt(SO_SNDBUF). Absent in an addon built before it. */
+  getSendBuffer?(fd: number): number;
+  pwriteBatch?(fd: number, buffers: Buffer[], positions: number[]): Promise<Array<number | Error>>;
 }
 
 /** A lock another open file description holds, as F_OFD_GETLK reports it. */

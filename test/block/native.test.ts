@@ -210,6 +210,41 @@ describe.runIf(loadNative() !== null)('preadNowait / pwriteNowait (RWF_NOWAIT on
   });
 });
 
+describe.runIf(loadNative() !== null)('pwriteBatch (several writes on one thread-pool job)', () => {
+  it('writes every buffer at its position and answers the bytes written of each', async () => {
+    const n = loadNative()!;
+    const { fd, path } = sparseFd(64 * KiB);
+    const bufs = [Buffer.alloc(4096, 1), Buffer.alloc(100, 2), Buffer.alloc(8192, 3)];
+    await expect(n.pwriteBatch!(fd, bufs, [0, 60 * KiB, 8192])).resolves.toEqual([4096, 100, 8192]);
+    const after = readFileSync(path);
+    expect(after.subarray(0, 4096).equals(bufs[0]!)).toBe(true);
+    expect(after.subarray(4096, 8192).equals(Buffer.alloc(4096))).toBe(true);
+    expect(after.subarray(8192, 16384).equals(bufs[2]!)).toBe(true);
+    expect(after.subarray(60 * KiB, 60 * KiB + 100).equals(bufs[1]!)).toBe(true);
+  });
+
+  it('a failing write is an Error with the errno name as code in its place', async () => {
+    const n = loadNative()!;
+    const ro = openSync(sparseFd(4096).path, 'r');
+    fds.push(ro);
+    const [r] = await n.pwriteBatch!(ro, [Buffer.alloc(16)], [0]);
+    expect(r).toBeInstanceOf(Error);
+    expect(r).toMatchObject({ code: 'EBADF', syscall: 'pwrite' });
+  });
+
+  it('bad arguments are TypeErrors or RangeErrors with codes', () => {
+    const n = loadNative()!;
+    const { fd } = sparseFd(4096);
+    const b = Buffer.alloc(16);
+    expect(() => n.pwriteBatch!(fd, [b, b], [0])).toThrow(expect.objectContaining({ code: 'ERR_OUT_OF_RANGE' }));
+    expect(() => n.pwriteBatch!(fd, [], [])).toThrow(expect.objectContaining({ code: 'ERR_OUT_OF_RANGE' }));
+    expect(() => n.pwriteBatch!(fd, [b], 0 as unknown as number[])).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARG_TYPE' }));
+    expect(() => n.pwriteBatch!(fd, ['nope' as unknown as Buffer], [0])).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARG_TYPE' }));
+    expect(() => n.pwriteBatch!(fd, [b], [-1])).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARG_TYPE' }));
+    expect(() => n.pwriteBatch!(-1, [b], [0])).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARG_TYPE' }));
+  });
+});
+
 /** execv (bin/run.js runs node again with --max-semi-space-size=2 for the commands that move data) */
 describe.skipIf(ops === null)('execv', () => {
   const addonPath = join(repo, 'native', 'build', 'Release', 'blkrep_native.node');
@@ -228,5 +263,16 @@ describe.skipIf(ops === null)('execv', () => {
     const [pid] = r.stdout.split(' ');
     expect(r.stdout).toBe(`${pid} node\n${pid} out\n`);
     expect(r.stderr).toBe(`${pid} err\n`);
+  });
+});
+
+describe.runIf(loadNative()?.setSendBuffer !== undefined)('setSendBuffer / getSendBuffer (SO_SNDBUF)', () => {
+  it('a file is not a socket: ENOTSOCK naming the call; bad arguments are TypeErrors', () => {
+    const n = loadNative()!;
+    const { fd } = sparseFd(4096);
+    expect(() => n.setSendBuffer!(fd, MiB)).toThrow(expect.objectContaining({ code: 'ENOTSOCK', syscall: 'setsockopt(SO_SNDBUF)' }));
+    expect(() => n.getSendBuffer!(fd)).toThrow(expect.objectContaining({ code: 'ENOTSOCK', syscall: 'getsockopt(SO_SNDBUF)' }));
+    expect(() => n.setSendBuffer!(fd, -1)).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARG_TYPE' }));
+    expect(() => n.getSendBuffer!(-1)).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARG_TYPE' }));
   });
 });

@@ -1,4 +1,4 @@
-import { mkdtempSync, rmSync, statSync, truncateSync, writeFileSync, mkdirSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, statSync, truncateSync, writeFileSync, mkdirSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
@@ -557,6 +557,81 @@ describe.runIf(native !== null)('RawNode: reads and writes ≤ 64 KiB tried with
     });
     const node = await RawNode.open(path, { native: ops });
     await expect(node.read(0, 4096)).rejects.toMatchObject({ code: 'ERR_SYSTEM_EIO', errno: 'EIO', message: expect.stringContaining(path) });
+    await node.close();
+  });
+});
+
+describe.runIf(native !== null)('RawNode: writes ≤ 64 KiB off the loop are gathered per turn into one pwriteBatch job', () => {
+  /** the real addon without RWF_NOWAIT writes (as on ext4), its pwriteBatch calls recorded */
+  function spy(batch: (real: NonNullable<SparseOps['pwriteBatch']>, ...a: Parameters<NonNullable<SparseOps['pwriteBatch']>>) => Promise<Array<number | Error>> = (real, ...a) => real(...a)) {
+    const jobs: number[][] = [];
+    const ops: SparseOps = {
+      ...native!,
+      pwriteNowait: () => -2,
+      pwriteBatch: (fd, buffers, positions) => (jobs.push(buffers.map((b) => b.length)), batch(native!.pwriteBatch!, fd, buffers, positions)),
+    };
+    return { ops, jobs };
+  }
+
+  it('32 writes started together are one job with 32 writes; 100 are two (64 + 36); the bytes land', async () => {
+    const path = makeFile(MiB);
+    const { ops, jobs } = spy();
+    const node = await RawNode.open(path, { native: ops });
+    await Promise.all(Array.from({ length: 32 }, (_, i) => node.write(512 * KiB + i * 8192, Buffer.alloc(4096, i + 1))));
+    expect(jobs).toEqual([Array(32).fill(4096)]);
+    await Promise.all(Array.from({ length: 100 }, (_, i) => node.write(i * 4096, Buffer.alloc(4096, 200))));
+    expect(jobs.slice(1).map((j) => j.length)).toEqual([64, 36]);
+    const data = readFileSync(path);
+    expect(data.subarray(0, 100 * 4096).equals(Buffer.alloc(100 * 4096, 200))).toBe(true);
+    expect(data.subarray(100 * 4096, 512 * KiB).equals(Buffer.alloc(512 * KiB - 100 * 4096))).toBe(true);
+    for (let i = 0; i < 32; i++) {
+      const at = 512 * KiB + i * 8192;
+      expect(data.subarray(at, at + 8192).equals(Buffer.concat([Buffer.alloc(4096, i + 1), Buffer.alloc(4096)]))).toBe(true);
+    }
+    await node.close();
+  });
+
+  it('a 1 MiB write is not gathered (its own thread-pool job)', async () => {
+    const path = makeFile(2 * MiB);
+    const { ops, jobs } = spy();
+    const node = await RawNode.open(path, { native: ops });
+    await node.write(0, Buffer.alloc(MiB, 9));
+    expect(jobs).toEqual([]);
+    expect(readFileSync(path).subarray(0, MiB).equals(Buffer.alloc(MiB, 9))).toBe(true);
+    await node.close();
+  });
+
+  it('one failing write of a job fails alone (ERR_SYSTEM_EIO, errno EIO, naming the file); a short one is finished', async () => {
+    const path = makeFile(64 * KiB);
+    const eio = Object.assign(new Error('EIO: i/o error, pwrite'), { code: 'EIO', errno: -5, syscall: 'pwrite' });
+    // in the first job: write 0 fails, write 1 is short (1000 bytes), write 2 is done
+    const { ops, jobs } = spy(async (real, fd, buffers, positions) => {
+      if (jobs.length > 1) return real(fd, buffers, positions);
+      await real(fd, [buffers[1]!.subarray(0, 1000), buffers[2]!], [positions[1]!, positions[2]!]);
+      return [eio, 1000, buffers[2]!.length];
+    });
+    const node = await RawNode.open(path, { native: ops });
+    const results = await Promise.allSettled([0, 1, 2].map((i) => node.write(i * 4096, Buffer.alloc(4096, i + 1))));
+    expect(results[0]).toMatchObject({ status: 'rejected', reason: { code: 'ERR_SYSTEM_EIO', errno: 'EIO', message: expect.stringContaining(path) } });
+    expect(results.slice(1).map((r) => r.status)).toEqual(['fulfilled', 'fulfilled']);
+    expect(jobs).toEqual([[4096, 4096, 4096], [3096]]);
+    expect(readFileSync(path).subarray(4096, 3 * 4096).equals(Buffer.concat([Buffer.alloc(4096, 2), Buffer.alloc(4096, 3)]))).toBe(true);
+    await node.close();
+  });
+
+  it('BLKREP_NO_WRITE_BATCHING=1: one pool job per write, no pwriteBatch', async () => {
+    const path = makeFile(64 * KiB);
+    const { ops, jobs } = spy();
+    process.env.BLKREP_NO_WRITE_BATCHING = '1';
+    let node: RawNode;
+    try {
+      node = await RawNode.open(path, { native: ops });
+    } finally {
+      delete process.env.BLKREP_NO_WRITE_BATCHING;
+    }
+    await Promise.all([node.write(0, Buffer.alloc(4096, 1)), node.write(4096, Buffer.alloc(4096, 2))]);
+    expect(jobs).toEqual([]);
+    expect(readFileSync(path).subarray(0, 8192).equals(Buffer.concat([Buffer.alloc(4096, 1), Buffer.alloc(4096, 2)]))).toBe(true);
     await node.close();
   });
 });
