@@ -113,7 +113,6 @@ static const char *errno_name(int e) {
     case EDQUOT: return "EDQUOT";
     case ESHUTDOWN: return "ESHUTDOWN";
     case ETIMEDOUT: return "ETIMEDOUT";
-    case ENOTSOCK: return "ENOTSOCK";
     case ENOLCK: return "ENOLCK";
 #ifdef ENOMEDIUM
     case ENOMEDIUM: return "ENOMEDIUM";
@@ -555,44 +554,6 @@ static napi_value exec_v(napi_env env, napi_callback_info info) {
 }
 
 /* ------------------------------------------------------------------------------------------ */
-/* setSendBuffer: SO_SNDBUF of a socket (Node offers it for UDP only) */
-
-#include <sys/socket.h>
-
-static napi_value set_send_buffer(napi_env env, napi_callback_info info) {
-  const char *fn = "setSendBuffer";
-  napi_value argv[2], result;
-  int fd, got;
-  int64_t bytes;
-  socklen_t len = sizeof got;
-  if (!get_args(env, info, 2, argv, fn)) return NULL;
-  if (!get_fd(env, argv[0], &fd, fn)) return NULL;
-  if (!get_uint(env, argv[1], 1073741824.0, &bytes, fn, "bytes")) return NULL;
-  int want = (int)bytes;
-  if (setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &want, sizeof want) != 0 ||
-      getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &got, &len) != 0) {
-    napi_throw(env, make_error(env, errno, "setsockopt(SO_SNDBUF)"));
-    return NULL;
-  }
-  napi_create_int32(env, got, &result);
-  return result;
-}
-
-static napi_value get_send_buffer(napi_env env, napi_callback_info info) {
-  napi_value argv[1], result;
-  int fd, got;
-  socklen_t len = sizeof got;
-  if (!get_args(env, info, 1, argv, "getSendBuffer")) return NULL;
-  if (!get_fd(env, argv[0], &fd, "getSendBuffer")) return NULL;
-  if (getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &got, &len) != 0) {
-    napi_throw(env, make_error(env, errno, "getsockopt(SO_SNDBUF)"));
-    return NULL;
-  }
-  napi_create_int32(env, got, &result);
-  return result;
-}
-
-/* ------------------------------------------------------------------------------------------ */
 /* pwriteBatch: several positional writes on one thread-pool job */
 
 /*
@@ -747,8 +708,6 @@ NAPI_MODULE_INIT() {
     {"getLock", NULL, get_lock, NULL, NULL, NULL, napi_enumerable, NULL},
     {"preadNowait", NULL, pread_nowait, NULL, NULL, NULL, napi_enumerable, NULL},
     {"pwriteNowait", NULL, pwrite_nowait, NULL, NULL, NULL, napi_enumerable, NULL},
-    {"setSendBuffer", NULL, set_send_buffer, NULL, NULL, NULL, napi_enumerable, NULL},
-    {"getSendBuffer", NULL, get_send_buffer, NULL, NULL, NULL, napi_enumerable, NULL},
     {"pwriteBatch", NULL, pwrite_batch, NULL, NULL, NULL, napi_enumerable, NULL},
     {"execv", NULL, exec_v, NULL, NULL, NULL, napi_enumerable, NULL},
     {"hasFallocate", NULL, NULL, NULL, NULL, has_fallocate, napi_enumerable, NULL},

@@ -55,10 +55,6 @@ export interface SparseOps {
    * buffer the bytes written (short only when the kernel wrote nothing more) or its Error.
    * Absent in an addon built before it.
    */
-  /** setsockopt(SO_SNDBUF): the send buffer the kernel set (it doubles what is asked, up to wmem_max × 2). Absent in an addon built before it. */
-  setSendBuffer?(fd: number, bytes: number): number;
-  /** getsockopt(SO_SNDBUF). Absent in an addon built before it. */
-  getSendBuffer?(fd: number): number;
   pwriteBatch?(fd: number, buffers: Buffer[], positions: number[]): Promise<Array<number | Error>>;
 }
 

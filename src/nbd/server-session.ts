@@ -9,7 +9,6 @@
  * while too many requests or bytes are in flight or while the socket's send buffer is full, and
  * the socket is paused so the kernel pushes back on the client.
  */
-import net from 'node:net';
 import type { Duplex } from 'node:stream';
 import type { ConnectionUpgrader } from '../api/transport.js';
 import { NBD_ERRNO, toBlkrepError, type Errno } from '../api/errors.js';
@@ -19,7 +18,6 @@ import { moveToDirectReceive, type DirectReader } from './direct-receive.js';
 import type { BudgetWaiter, BufferBudget } from './server-budget.js';
 import { sharedPool } from './buffer-pool.js';
 import { ReceiveGc } from '../util/gc.js';
-import { loadNative } from '../block/native.js';
 import {
   CMD, CMD_FLAG, CMD_NAMES, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, MAX_OPTION_LENGTH, MAX_PAYLOAD, REQUEST_MAGIC, TF,
 } from './constants.js';
@@ -513,7 +511,6 @@ export class ServerSession implements BudgetWaiter, DirectReader {
     // from here on the stream is the one transmission keeps (a move needs no queued replies)
     this.batching = !replyBatchingDisabled();
     const old = this.stream;
-    widenUnixSendBuffer(old);
     this.unlisten(old);
     const fresh = moveToDirectReceive(old, this);
     if (!fresh) {
@@ -926,37 +923,6 @@ function clipDescriptors(descriptors: Descriptor[], length: number, max: number)
     total += n;
   }
   return out;
-}
-
-/**
- * A Unix socket's send buffer, asked for once the handshake is done. Linux's default (wmem_default,
- * 208 KiB) takes a fifth of a 1 MiB read reply per writev: the rest waits for the client to read,
- * a trip through epoll and a wake-up each (1 MiB reads QD8: ~4 writev and ~9 epoll_pwait per
- * reply; with 2 MiB asked, < 1 and ~1.3, and 10–25 % less CPU per request). The kernel doubles it
- * and caps it at net.core.wmem_max × 2. TCP is left to its autotuning (tcp_wmem), which already
- * sends such a reply in about one call. BLKREP_NO_SEND_BUFFER=1 leaves the default.
- */
-const UNIX_SEND_BUFFER = 2 * 1024 * 1024;
-
-/** the parts of a Node socket (not in its types) widenUnixSendBuffer needs */
-interface SocketHandle {
-  _handle?: { fd?: number; constructor?: { name?: string } } | null;
-}
-
-function widenUnixSendBuffer(stream: Duplex): void {
-  const v = process.env.BLKREP_NO_SEND_BUFFER;
-  if (v !== undefined && v !== '' && v !== '0') return;
-  // exactly net.Socket over a Pipe handle: TLS and test streams keep what they have
-  if (!(stream instanceof net.Socket) || stream.constructor !== net.Socket) return;
-  const handle = (stream as SocketHandle)._handle;
-  if (!handle || handle.constructor?.name !== 'Pipe' || typeof handle.fd !== 'number' || handle.fd < 0) return;
-  const native = loadNative();
-  if (!native?.setSendBuffer) return;
-  try {
-    native.setSendBuffer(handle.fd, UNIX_SEND_BUFFER);
-  } catch {
-    // a socket that refuses keeps its default: only slower
-  }
 }
 
 /** read replies up to this payload are gathered with the turn's other replies (batch()) */

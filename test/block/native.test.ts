@@ -265,14 +265,3 @@ describe.skipIf(ops === null)('execv', () => {
     expect(r.stderr).toBe(`${pid} err\n`);
   });
 });
-
-describe.runIf(loadNative()?.setSendBuffer !== undefined)('setSendBuffer / getSendBuffer (SO_SNDBUF)', () => {
-  it('a file is not a socket: ENOTSOCK naming the call; bad arguments are TypeErrors', () => {
-    const n = loadNative()!;
-    const { fd } = sparseFd(4096);
-    expect(() => n.setSendBuffer!(fd, MiB)).toThrow(expect.objectContaining({ code: 'ENOTSOCK', syscall: 'setsockopt(SO_SNDBUF)' }));
-    expect(() => n.getSendBuffer!(fd)).toThrow(expect.objectContaining({ code: 'ENOTSOCK', syscall: 'getsockopt(SO_SNDBUF)' }));
-    expect(() => n.setSendBuffer!(fd, -1)).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARG_TYPE' }));
-    expect(() => n.getSendBuffer!(-1)).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARG_TYPE' }));
-  });
-});
