@@ -9,6 +9,8 @@
 //   OPENING | READY <state> <epoch>
 //   S <id> <offset> <length>   a write is requested (the filter's beforeWrite starts now)
 //   I <offset> <length>         the filter issues a write to the raw file now (after beforeWrite)
+//   D <offset> <length>         that write to the raw file settled (printed before the filter's
+//                               afterWrite: the bitmap may treat the write as done from here)
 //   A <id>                      the write was acknowledged
 //   C <offset> <length>         bitmap.clear() is called now (synchronously)
 //   K0 <n>                      checkpoint n is requested now
@@ -40,8 +42,19 @@ const raw = await RawNode.open(image);
 const { bitmap, loadState } = await PersistentBitmap.open(bitmapPath, { size: raw.size });
 // Between the filter and the raw file: announce each write as it reaches the image.
 const issued = (op) => (offset, x, o) => {
-  say(`I ${offset} ${typeof x === 'number' ? x : x.length}`);
-  return raw[op](offset, x, o);
+  const length = typeof x === 'number' ? x : x.length;
+  say(`I ${offset} ${length}`);
+  const settled = () => say(`D ${offset} ${length}`);
+  return raw[op](offset, x, o).then(
+    (r) => {
+      settled();
+      return r;
+    },
+    (err) => {
+      settled();
+      throw err;
+    },
+  );
 };
 const probe = {
   driver: 'probe',

@@ -141,6 +141,16 @@ function runChild(image: string, bitmap: string, seed: number, killAfter: number
       } else if (kind === 'I') {
         model.write(Number(a), Number(b), n);
         writes++;
+      } else if (kind === 'D') {
+        // the raw write settled: the filter's afterWrite follows at once, and with it the write
+        // is over for bitmap.clear(); its A may come later still (a flush waiting for the writes
+        // in flight resumes in between and may clear), so the write leaves the model's flight here
+        for (const [id, [o, l]] of inflight) {
+          if (o === Number(a) && l === Number(b)) {
+            inflight.delete(id);
+            break;
+          }
+        }
       } else if (kind === 'A') {
         inflight.delete(Number(a));
       } else if (kind === 'C') {
