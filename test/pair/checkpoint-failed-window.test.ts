@@ -13,7 +13,7 @@ import { join } from 'node:path';
 import { readFile, truncate, writeFile } from 'node:fs/promises';
 import { describe, expect, it } from 'vitest';
 import { makeTempDir, run, runCli, serve, unixUri } from '../support/spawn.js';
-import { eventsOf, pairOf } from '../support/control.js';
+import { eventsOf, pairOf, pairPaths } from '../support/control.js';
 
 const MiB = 1 << 20;
 const KiB = 1024;
@@ -32,16 +32,11 @@ function cp2(): Buffer {
 
 async function pairWithFailedCheckpoint() {
   const dir = await makeTempDir();
-  const pImg = join(dir, 'p.img');
-  const sImg = join(dir, 's.img');
+  const { pImg, sImg, pSock, sSock, pControl, sControl } = pairPaths(dir);
   const heal = join(dir, 'heal');
   await writeFile(pImg, Buffer.alloc(SIZE, 0x11));
   await writeFile(sImg, Buffer.alloc(0));
   await truncate(sImg, SIZE);
-  const sSock = join(dir, 's.sock');
-  const pSock = join(dir, 'p.sock');
-  const sControl = join(dir, 's.ctl');
-  const pControl = join(dir, 'p.ctl');
   const p = await serve([pImg, '--socket', pSock, '--control', pControl, '--replicate-to', unixUri(sSock), '--protocol', 'sync']);
   const pEv = await eventsOf(pControl);
   const s = await serve([sImg, '--secondary', '--socket', sSock, '--control', sControl, '--view-export', 'view'], {

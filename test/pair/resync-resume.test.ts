@@ -13,11 +13,10 @@
  * primary's bytesBehind shows it at most 3/4 done. Found 2026-12-06 (helper fi): the next resync
  * copied all of the outage again (the mirror kept the peer bitmap until its consistent instant).
  */
-import { join } from 'node:path';
 import { truncate, writeFile } from 'node:fs/promises';
 import { describe, expect, it } from 'vitest';
 import { makeTempDir, run, runCli, serve, unixUri, waitFor, type Served } from '../support/spawn.js';
-import { eventsOf, firstCheckpoint, pairOf } from '../support/control.js';
+import { eventsOf, firstCheckpoint, pairOf, pairPaths } from '../support/control.js';
 import type { PairStatus } from '../../src/pair/role.js';
 
 const MiB = 1 << 20;
@@ -46,14 +45,9 @@ interface Pair {
 /** A pair in step, the secondary stopped, the outage written, the secondary back with a slow disk: the resync is under way and at most 3/4 done. */
 async function outageResyncUnderWay(): Promise<Pair & { firstDirty: number; behind: number }> {
   const dir = await makeTempDir();
-  const pImg = join(dir, 'p.img');
-  const sImg = join(dir, 's.img');
+  const { pImg, sImg, pSock, sSock, pControl, sControl } = pairPaths(dir);
   await blank(pImg);
   await blank(sImg);
-  const sSock = join(dir, 's.sock');
-  const pSock = join(dir, 'p.sock');
-  const sControl = join(dir, 's.ctl');
-  const pControl = join(dir, 'p.ctl');
   const sArgs = [sImg, '--secondary', '--socket', sSock, '--control', sControl];
   const pArgs = [pImg, '--socket', pSock, '--control', pControl, '--replicate-to', unixUri(sSock)];
   let s = await serve(sArgs);

@@ -12,11 +12,10 @@
  * nothing forwarded it (still resyncing), and the consistent instant's clearAll dropped its bits.
  * Fixed by ReplicationFilter.quiesce() before the mirror is created (primary.ts resync).
  */
-import { join } from 'node:path';
 import { truncate, writeFile } from 'node:fs/promises';
 import { describe, expect, it } from 'vitest';
 import { makeTempDir, run, runCli, serve, unixUri, waitFor } from '../support/spawn.js';
-import { eventsOf, firstCheckpoint, pairOf } from '../support/control.js';
+import { eventsOf, firstCheckpoint, pairOf, pairPaths } from '../support/control.js';
 
 const MiB = 1 << 20;
 const KiB = 1024;
@@ -30,14 +29,9 @@ async function blank(path: string): Promise<void> {
 describe('resync through a slow secondary', () => {
   it('degrade and resync through a real secondary with a slow disk (async, a 1 MiB queue overflows): the client sees no error, the resyncs copy <= 1.1x what was written, never the whole disk; disks equal', async () => {
     const dir = await makeTempDir();
-    const pImg = join(dir, 'p.img');
-    const sImg = join(dir, 's.img');
+    const { pImg, sImg, pSock, sSock, pControl, sControl } = pairPaths(dir);
     await blank(pImg);
     await blank(sImg);
-    const sSock = join(dir, 's.sock');
-    const pSock = join(dir, 'p.sock');
-    const sControl = join(dir, 's.ctl');
-    const pControl = join(dir, 'p.ctl');
     await serve([sImg, '--secondary', '--socket', sSock, '--control', sControl, '--filter', 'delay:write=200,at=disk']);
     const p = await serve([pImg, '--socket', pSock, '--control', pControl, '--replicate-to', unixUri(sSock), '--protocol', 'async', '--queue', '1M']);
     const pEv = await eventsOf(pControl);

@@ -2,6 +2,7 @@
  * One control-socket request from a test (connect, request, close), and the pair status of a
  * daemon's export in a pair: what the two-daemon tests of the pair and heartbeat ask again and again.
  */
+import { join } from 'node:path';
 import { ControlClient } from '../../src/control/client.js';
 import type { PairStatus } from '../../src/pair/role.js';
 import { waitFor } from './spawn.js';
@@ -42,4 +43,10 @@ export async function firstCheckpoint(control: string, timeoutMs = 30_000): Prom
     const st = await pairOf(control);
     return st.epoch === 1 && st.lastCheckpointAgeMs !== null;
   }, 'checkpoint 1 after the initial sync', { timeoutMs });
+}
+
+/** The files of a two-daemon pair in `dir`: disks, sockets and control sockets of the primary (p) and the secondary (s). */
+export function pairPaths(dir: string) {
+  const at = (name: string) => join(dir, name);
+  return { pImg: at('p.img'), sImg: at('s.img'), pSock: at('p.sock'), sSock: at('s.sock'), pControl: at('p.ctl'), sControl: at('s.ctl') };
 }
