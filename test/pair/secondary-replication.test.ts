@@ -116,7 +116,7 @@ describe('test-replication.c, secondary side (exact bytes)', () => {
     expect(JSON.parse(f2.stdout).error.code).toBe('ERR_PAIR_ROLE');
     const disk2 = await readFile(s.disk);
     expect(disk2.equals(disk)).toBe(true);
-  });
+  }, 120_000); // four CLI runs, three nbdcopy and two qemu-io of 64 MiB: 21 s on a loaded 2-core machine, near 60 s at worst
 
   it('s/do_checkpoint: local 0x22 in the second half, top reads 0x11 until the checkpoint, 0x22 after', async () => {
     const s = await secondary(['--view-read-only']);
