@@ -205,7 +205,11 @@ export class ImageLock {
   }
 
   private async lockedError(c: Conflict, want: LockPerms): Promise<BlkrepError> {
-    const holders = c.pid > 0 ? [await describe(c.pid)] : c.byte >= 0 ? await findHolders(this.fd, c.byte) : [];
+    const found = c.pid > 0 ? [await describe(c.pid)] : c.byte >= 0 ? await findHolders(this.fd, c.byte) : [];
+    // /proc lists this process too when it holds the byte itself (an update of a lock it holds):
+    // the conflict is with the others
+    const others = found.filter((h) => h.pid !== process.pid);
+    const holders = others.length > 0 ? others : found;
     const who =
       holders.length === 0
         ? 'another process (not one this user can see in /proc)'

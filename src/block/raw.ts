@@ -12,7 +12,7 @@ import { close, fdatasync, fstat, open, read, write, type Stats } from 'node:fs'
 import type { BlockNode, Capabilities, Extent, IoOptions, WriteOptions, ZeroOptions } from '../api/block.js';
 import { BlkrepError, toBlkrepError } from '../api/errors.js';
 import { MAX_PAYLOAD } from './memory.js';
-import { ImageLock, lockPerms, type LockPerms } from './image-lock.js';
+import { ImageLock, lockPerms, PERM_WRITE, type LockPerms } from './image-lock.js';
 import { loadNative, type SparseOps } from './native.js';
 import { checkRange, coalesceExtents } from './node.js';
 
@@ -353,6 +353,21 @@ export class RawNode implements BlockNode {
   }
 
   /** Waits for requests in flight, syncs (when writable) and closes. Later calls: ESHUTDOWN. */
+  /**
+   * From now on no other process may write this file: a replication pair's disk (the daemon calls
+   * it when the export joins a pair, serve/daemon.ts). A raw image otherwise shares writes, as
+   * QEMU's raw driver does; a pair member's disk must not, since a write that reaches it around the
+   * pair (qemu-io, qemu-nbd, a second serve-nbd) never reaches the peer. Fails ERR_IMAGE_LOCKED,
+   * naming the holder, while another process has the file open for writing; then nothing changes.
+   * Nothing to do without a lock (no addon) or read-only.
+   */
+  async unshareWrites(): Promise<void> {
+    if (this.imageLock === undefined || this.readOnly) return;
+    const held = this.imageLock.perms;
+    if ((held.shared & PERM_WRITE) === 0) return;
+    await this.imageLock.update({ perm: held.perm, shared: held.shared & ~PERM_WRITE });
+  }
+
   close(): Promise<void> {
     this.closing ??= (async () => {
       if (this.inflight > 0) await new Promise<void>((resolve) => (this.idle = resolve));

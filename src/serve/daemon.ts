@@ -8,6 +8,7 @@ import type { BlockNode } from '../api/block.js';
 import type { ConnectionUpgrader, HeartbeatRegistry, TransportListener, TransportRegistry } from '../api/transport.js';
 import { completeNode } from '../block/node.js';
 import { openImage } from '../block/open.js';
+import { RawNode } from '../block/raw.js';
 import { registerBitmapVerbs } from '../bitmap/control-verbs.js';
 import { ExportBitmaps, type BitmapLoad, type BitmapSpec } from '../bitmap/export-bitmaps.js';
 import { DirtyTrackingNode } from '../block/filters/tracking.js';
@@ -256,7 +257,16 @@ export class Daemon {
         const stack = new ExportStack(disk, { name: e.name, filters: filters.filter((f) => f.at === undefined || f.at === 'export') });
         let filter: Promise<ReplicationFilter> | undefined;
         replication.push(() => {
-          filter ??= stack.insert('replication', (below) => new ReplicationFilter(below, { protocol: 'sync' })).then(() => stack.opened('replication') as ReplicationFilter);
+          if (filter === undefined) {
+            const f = claimPairDisk(nodes[i]!, e.name)
+              .then(() => stack.insert('replication', (below) => new ReplicationFilter(below, { protocol: 'sync' })))
+              .then(() => stack.opened('replication') as ReplicationFilter);
+            filter = f;
+            // a refused claim (another writer) may be retried by the next `blkrep replicate`
+            f.catch(() => {
+              if (filter === f) filter = undefined;
+            });
+          }
           return filter;
         });
         void stack.insert('tracking', (below) => {
@@ -370,6 +380,7 @@ export class Daemon {
       for (const p of options.pair ?? []) {
         const i = options.exports.findIndex((e) => e.name === p.export);
         if (i < 0) throw new BlkrepError('ERR_NO_EXPORT', `the pair names export "${p.export}", which the daemon does not serve`, { errno: 'EINVAL' });
+        await claimPairDisk(nodes[i]!, p.export);
         const role = await p.start({
           exportName: p.export,
           image: options.exports[i]!.image,
@@ -863,4 +874,24 @@ async function openTerms(exports: readonly ExportSpec[]): Promise<{ path: string
     return { path, terms: loadTerms(path) };
   }
   return { path: undefined, terms: { term: 0n, seen: 0n, primarySeen: 0n } };
+}
+
+/**
+ * An export joins a replication pair (a secondary, --replicate-to, blkrep replicate): its disk
+ * stops sharing writes with other processes (RawNode.unshareWrites; a qcow2 image never shares
+ * them). A process writing it around the pair would change one side only, silently. While one
+ * has it open for writing: ERR_IMAGE_LOCKED, naming it.
+ */
+async function claimPairDisk(node: BlockNode, exportName: string): Promise<void> {
+  if (!(node instanceof RawNode)) return;
+  try {
+    await node.unshareWrites();
+  } catch (err) {
+    if (!(err instanceof BlkrepError) || err.code !== 'ERR_IMAGE_LOCKED') throw err;
+    throw new BlkrepError('ERR_IMAGE_LOCKED', `export "${exportName}" cannot join a replication pair: ${err.message}; a pair member's disk is written only through the pair`, {
+      errno: err.errno ?? 'EBUSY',
+      cause: err,
+      details: err.details ?? {},
+    });
+  }
 }
