@@ -60,7 +60,7 @@ describe('attack: FLUSH ordering through an async primary', () => {
       await writeFile(f, Buffer.alloc(0));
       await truncate(f, SIZE);
     }
-    const s = await serve([sImg, '--secondary', '--socket', sSock, '--control', sControl, '--filter', 'delay:write=3,at=disk']);
+    const s = await serve([sImg, '--secondary', '--socket', sSock, '--control', sControl, '--filter', 'delay:write=20,at=disk']);
     const p = await serve([pImg, '--socket', pSock, '--control', pControl, '--replicate-to', unixUri(sSock), '--protocol', 'async']);
     await firstCheckpoint(pControl);
     const c = await NbdClient.connect({ uri: unixUri(pSock), reconnect: false, closeTimeoutMs: 2000 });
