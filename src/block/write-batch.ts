@@ -22,6 +22,8 @@ interface Batch {
 
 export class WriteBatcher {
   private pending: Batch | undefined;
+  /** jobs handed to the addon and not yet settled */
+  private readonly jobs = new Set<Promise<unknown>>();
 
   constructor(
     private readonly fd: number,
@@ -50,6 +52,15 @@ export class WriteBatcher {
     });
   }
 
+  /**
+   * Submit the writes gathered so far and wait until every job has settled: before the fd is
+   * closed (a write left for the next turn must not land on a reused descriptor).
+   */
+  async drain(): Promise<void> {
+    this.submit();
+    while (this.jobs.size > 0) await Promise.allSettled([...this.jobs]);
+  }
+
   private readonly submit = (): void => {
     const b = this.pending;
     if (!b) return;
@@ -61,7 +72,7 @@ export class WriteBatcher {
       for (const w of b.waiters) w.reject(err);
       return;
     }
-    job.then(
+    const settled = job.then(
       (results) => {
         for (let i = 0; i < results.length; i++) {
           const r = results[i]!;
@@ -73,5 +84,7 @@ export class WriteBatcher {
         for (const w of b.waiters) w.reject(err);
       },
     );
+    this.jobs.add(settled);
+    void settled.finally(() => this.jobs.delete(settled));
   };
 }

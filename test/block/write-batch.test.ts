@@ -65,6 +65,15 @@ describe.runIf(typeof loadNative()?.pwriteBatch === 'function')('WriteBatcher (s
     expect(all.map((r) => (r as PromiseRejectedResult).reason.code)).toEqual(['ERR_INVALID_ARG_TYPE', 'ERR_INVALID_ARG_TYPE']);
   });
 
+  it('close() submits the writes gathered this turn and waits for them before closing the fd', async () => {
+    const { path } = file('r+');
+    const f = await HostFile.open(path, { lock: null });
+    const written = f.write(4096, Buffer.alloc(4096, 5));
+    await f.close();
+    await expect(written).resolves.toBeUndefined();
+    expect(readFileSync(path).subarray(4096).equals(Buffer.alloc(4096, 5))).toBe(true);
+  });
+
   it('without pwriteBatch there is no batcher', () => {
     expect(WriteBatcher.for(3, null)).toBeNull();
     expect(WriteBatcher.for(3, { ...loadNative()!, pwriteBatch: undefined })).toBeNull();

@@ -144,7 +144,8 @@ export class HostFile implements Qcow2Container {
     }
   }
 
-  close(): Promise<void> {
+  async close(): Promise<void> {
+    await this.batcher?.drain();
     return new Promise((resolve, reject) => close(this.fd, (err) => (err ? reject(err) : resolve())));
   }
 }
