@@ -156,7 +156,7 @@ export class CbwFilter extends Filter {
     this.tail = new Promise<boolean>((r) => (issued = r));
     this.queued++;
     return gated(this.gate, async () => {
-      if (!this.bypass) await this.copyOld(offset, length);
+      if (!this.bypass && !this.allCopied(offset, length)) await this.copyOld(offset, length);
       if (!(await before)) {
         throw new BlkrepError('ERR_PAIR_ORDER', `a replica write before this one (${length} bytes at offset ${offset}) failed: later writes are not applied, so the disk stays a state the primary's was in`, {
           errno: 'EIO',
@@ -164,11 +164,7 @@ export class CbwFilter extends Filter {
         });
       }
       const end = offset + length;
-      for (;;) {
-        const overlap = [...this.onDisk].filter((w) => w.offset < end && offset < w.end);
-        if (overlap.length === 0) break;
-        await Promise.allSettled(overlap.map((w) => w.done));
-      }
+      for (let overlap = this.overlapping(offset, end); overlap; overlap = this.overlapping(offset, end)) await Promise.allSettled(overlap);
       const write = { offset, end, done: this.toDisk(op) };
       this.onDisk.add(write);
       issued(true);
@@ -183,6 +179,23 @@ export class CbwFilter extends Filter {
       if (this.queued === 0) this.tail = Promise.resolve(true);
       issued(false); // no effect once issued
     });
+  }
+
+  /** The completions of the disk writes in flight that overlap [offset, end), or null when none does (no allocation on the common path). */
+  private overlapping(offset: number, end: number): Array<Promise<unknown>> | null {
+    let found: Array<Promise<unknown>> | null = null;
+    for (const w of this.onDisk) {
+      if (w.offset < end && offset < w.end) (found ??= []).push(w.done);
+    }
+    return found;
+  }
+
+  /** Every cluster of [offset, offset+length) copied this epoch: the common case, checked without a promise or an array. */
+  private allCopied(offset: number, length: number): boolean {
+    if (length <= 0) return true;
+    const last = Math.floor((offset + length - 1) / this.clusterSize);
+    for (let c = Math.floor(offset / this.clusterSize); c <= last; c++) if (!this.copied[c]) return false;
+    return true;
   }
 
   private async toDisk(op: () => Promise<void>): Promise<void> {
