@@ -305,7 +305,9 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
         }
       }
       for (const uri of listening.uris) this.log(`  ${uri}`);
-      this.log(`Try: nbdinfo '${listening.uris[0]}'`);
+      // a secondary serves no export until a primary holds the pair link (and without --view-export)
+      if (listening.uris.length > 0) this.log(`Try: nbdinfo '${listening.uris[0]}'`);
+      else this.log('No export yet: the replica export appears when a primary connects');
       if (listening.metrics) this.log(`Metrics: ${listening.metrics}`);
       if (controlPath) this.log(`Control socket: ${controlPath} (blkrep status --control ${flags.control})`);
       this.log('Stop with Ctrl-C.');

@@ -83,6 +83,54 @@ export class CbwFilter extends Filter {
     for (let c = first; c <= last && c < this.copied.length; c++) this.copied[c] = 1;
   }
 
+  /**
+   * Before a bitmap resync writes `runs` (secondary.ts, before its welcome): copy the old content
+   * of each of their clusters not copied yet into the hidden disk at once — plain writes, `depth`
+   * at a time, then one hidden flush, then the bits. The resync's writes to those clusters then
+   * skip the copy and its FUA, whose sync cycles (one per few dozen scattered clusters) are most
+   * of a short resync's time. The invariant holds: the old content is durable (the flush) before
+   * any disk write of the resync. No copy starts after `deadline` (Date.now() ms): the writes copy
+   * the rest as usual. A crash before the flush leaves hidden clusters no L2 entry maps yet (the
+   * qcow2 writeback order), or mapped with the disk's content, which no write changed meanwhile.
+   * Only while no replica writer writes; through the gate (a checkpoint's reset waits).
+   */
+  precopy(runs: ReadonlyArray<{ offset: number; length: number }>, o: { deadline: number; depth?: number }): Promise<{ clusters: number; bytes: number }> {
+    return gated(this.gate, async () => {
+      const todo = this.uncopiedClusters(runs);
+      const done: number[] = [];
+      let bytes = 0;
+      let failed = false;
+      const worker = async (): Promise<void> => {
+        const buf = Buffer.allocUnsafe(this.clusterSize);
+        for (let it = todo.next(); !it.done && !failed && Date.now() < o.deadline; it = todo.next()) {
+          const at = it.value * this.clusterSize;
+          const old = buf.subarray(0, Math.min(this.clusterSize, this.next.size - at));
+          await this.next.readInto(at, old);
+          await this.hidden.write(at, old);
+          done.push(it.value);
+          bytes += old.length;
+        }
+      };
+      // on a failure the other copies stop and settle before the gate is left; no bit is set
+      const settled = await Promise.allSettled(Array.from({ length: Math.max(1, o.depth ?? 32) }, () => worker().catch((err: unknown) => ((failed = true), Promise.reject(err)))));
+      const error = settled.find((p) => p.status === 'rejected');
+      if (error) throw error.reason;
+      if (done.length > 0) await this.hidden.flush();
+      for (const c of done) this.copied[c] = 1;
+      return { clusters: done.length, bytes };
+    });
+  }
+
+  /** The clusters `runs` touch (in any order, overlapping) not copied this epoch, ascending, each once. */
+  private *uncopiedClusters(runs: ReadonlyArray<{ offset: number; length: number }>): Generator<number> {
+    let c = 0;
+    for (const r of [...runs].sort((a, b) => a.offset - b.offset)) {
+      if (r.length <= 0) continue;
+      const last = Math.min(Math.floor((r.offset + r.length - 1) / this.clusterSize), this.copied.length - 1);
+      for (c = Math.max(c, Math.floor(r.offset / this.clusterSize)); c <= last; c++) if (!this.copied[c] && !this.copying.has(c)) yield c;
+    }
+  }
+
   /** A new epoch: nothing copied. Only while the gate is held (checkpoint step 6). */
   reset(): void {
     this.copied.fill(0);
@@ -108,7 +156,7 @@ export class CbwFilter extends Filter {
     this.tail = new Promise<boolean>((r) => (issued = r));
     this.queued++;
     return gated(this.gate, async () => {
-      if (!this.bypass) await this.copyOld(offset, length);
+      if (!this.bypass && !this.allCopied(offset, length)) await this.copyOld(offset, length);
       if (!(await before)) {
         throw new BlkrepError('ERR_PAIR_ORDER', `a replica write before this one (${length} bytes at offset ${offset}) failed: later writes are not applied, so the disk stays a state the primary's was in`, {
           errno: 'EIO',
@@ -116,11 +164,7 @@ export class CbwFilter extends Filter {
         });
       }
       const end = offset + length;
-      for (;;) {
-        const overlap = [...this.onDisk].filter((w) => w.offset < end && offset < w.end);
-        if (overlap.length === 0) break;
-        await Promise.allSettled(overlap.map((w) => w.done));
-      }
+      for (let overlap = this.overlapping(offset, end); overlap; overlap = this.overlapping(offset, end)) await Promise.allSettled(overlap);
       const write = { offset, end, done: this.toDisk(op) };
       this.onDisk.add(write);
       issued(true);
@@ -135,6 +179,23 @@ export class CbwFilter extends Filter {
       if (this.queued === 0) this.tail = Promise.resolve(true);
       issued(false); // no effect once issued
     });
+  }
+
+  /** The completions of the disk writes in flight that overlap [offset, end), or null when none does (no allocation on the common path). */
+  private overlapping(offset: number, end: number): Array<Promise<unknown>> | null {
+    let found: Array<Promise<unknown>> | null = null;
+    for (const w of this.onDisk) {
+      if (w.offset < end && offset < w.end) (found ??= []).push(w.done);
+    }
+    return found;
+  }
+
+  /** Every cluster of [offset, offset+length) copied this epoch: the common case, checked without a promise or an array. */
+  private allCopied(offset: number, length: number): boolean {
+    if (length <= 0) return true;
+    const last = Math.floor((offset + length - 1) / this.clusterSize);
+    for (let c = Math.floor(offset / this.clusterSize); c <= last; c++) if (!this.copied[c]) return false;
+    return true;
   }
 
   private async toDisk(op: () => Promise<void>): Promise<void> {

@@ -253,6 +253,8 @@ export class PrimaryRole implements PairRole {
     let channel: PairChannel | undefined;
     /** the welcome's writer token: the data connection's export (data-token.ts) */
     let dataToken: string | undefined;
+    /** the resync's time counts from the hello: a bitmap resync's secondary prepares it before its welcome (precopyBeforeResync) */
+    let helloAt = Date.now();
     try {
       const conn = await transports.get(this.uri.transport).connect(this.uri.address, { timeoutMs: LINK_TIMEOUT_MS });
       // nbds://: STARTTLS first, so the link's option and messages never travel in clear
@@ -263,6 +265,7 @@ export class PrimaryRole implements PairRole {
       });
       channel = new PairChannel(opened.connection.stream, this.uri.uri, (m, ch) => this.onMessage(m, ch), opened.rest);
       const s = this.state.state;
+      helloAt = Date.now();
       const answer = await channel.request<PairMessage>(
         asRequest({
           type: 'hello',
@@ -340,7 +343,7 @@ export class PrimaryRole implements PairRole {
         filter.degrade('link-down', toBlkrepError(why));
       }
     });
-    await this.resync(data, full, ordered);
+    await this.resync(data, full, ordered, helloAt);
   }
 
   /**
@@ -360,8 +363,8 @@ export class PrimaryRole implements PairRole {
     await this.peerBitmap.flush();
   }
 
-  /** Resync by the peer bitmap with a mirror job; at its consistent instant, forward. */
-  private async resync(target: NbdNode, full: boolean, ordered = false): Promise<void> {
+  /** Resync by the peer bitmap with a mirror job; at its consistent instant, forward. Its `ms` count from `since` (the hello). */
+  private async resync(target: NbdNode, full: boolean, ordered: boolean, since: number): Promise<void> {
     const filter = this.options.filter;
     // every write issued while degraded has set its bits before the mirror copies the bitmap
     const releaseWrites = await filter.quiesce();
@@ -374,7 +377,7 @@ export class PrimaryRole implements PairRole {
     const bytes = this.peerBitmap.bitmap.dirtyBytes;
     this.link = 'resyncing';
     this.publish('resync-started', { export: this.options.exportName, peer: this.uri.uri, bytes, full });
-    const started = Date.now();
+    const started = since;
     let job: MirrorJob;
     try {
       job = this.resyncJob = new MirrorJob({

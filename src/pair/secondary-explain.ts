@@ -77,6 +77,14 @@ export function explainSecondaryFailover(f: SecondaryFailoverFacts, dryRun = tru
   if (f.diskState === 'Outdated' && !f.force) {
     return refused('refused-outdated', 'ERR_PAIR_OUTDATED', `the secondary is Outdated (the primary degraded after checkpoint ${f.epoch}): failing over loses the primary's writes since; add --force to fail over anyway`);
   }
+  // a resync copies into the disk: the primary wrote after the checkpoint, as for an Outdated secondary; the hidden disk keeps the checkpoint
+  if (f.diskState === 'Inconsistent' && f.committing === null && !f.force) {
+    return refused(
+      'refused-outdated',
+      'ERR_PAIR_OUTDATED',
+      `the secondary is Inconsistent: a resync from the primary was copying into it (the primary wrote after checkpoint ${f.epoch}); failing over loses the primary's writes since; --force fails over to checkpoint ${f.epoch} exactly (the hidden disk kept it), with none of the resync's writes`,
+    );
+  }
   if (f.to === 'latest' && f.committing === null) {
     if (f.protocol !== 'sync') return refused('refused-latest', 'ERR_PAIR_STATE', `--to latest needs a primary that replicated with --protocol sync (it was ${f.protocol ?? 'unknown: no primary connected since the start'}): only then is the disk a state the primary acknowledged; fail over --to checkpoint`);
     if (f.diskState === 'Inconsistent') return refused('refused-latest', 'ERR_PAIR_STATE', 'the disk is Inconsistent (a resync was running): --to latest is not a state the primary was in; fail over --to checkpoint');
@@ -107,6 +115,6 @@ export function explainSecondaryFailover(f: SecondaryFailoverFacts, dryRun = tru
     bytes: f.hiddenBytes + f.activeBytes,
     droppedBytes: f.hiddenBytes,
     allowed: true,
-    explanation: `fail over to checkpoint ${f.epoch}: the hidden disk (${f.hiddenBytes} bytes) and then the active disk (${f.activeBytes} bytes) are committed into the disk, dropping up to ${f.hiddenBytes} bytes the primary wrote after checkpoint ${f.epoch}; a new generation; the disk is served read-write as "${f.exportName}"${f.linkUp ? '; the connected primary is demoted' : ''}`,
+    explanation: `fail over to checkpoint ${f.epoch}${f.diskState === 'Inconsistent' ? ` exactly, though a resync was copying into the disk (its writes are rolled back with the primary's others)` : ''}: the hidden disk (${f.hiddenBytes} bytes) and then the active disk (${f.activeBytes} bytes) are committed into the disk, dropping up to ${f.hiddenBytes} bytes the primary wrote after checkpoint ${f.epoch}; a new generation; the disk is served read-write as "${f.exportName}"${f.linkUp ? '; the connected primary is demoted' : ''}`,
   };
 }

@@ -59,6 +59,12 @@ export interface SecondaryOptions {
 
 /** how long the primary's bitmap may take to arrive for a salvage */
 const SALVAGE_TIMEOUT_MS = 30_000;
+/**
+ * Before the welcome of a bitmap resync: at most this long copying the clusters it will write
+ * into the hidden disk at once (precopyBeforeResync); well inside the primary's hello timeout
+ * (LINK_TIMEOUT_MS, 10 s). The writes copy the rest as usual.
+ */
+export const PRECOPY_BUDGET_MS = 3000;
 
 /** The failback bitmap a promoted secondary starts (blkrep replicate resyncs the old primary by it). */
 export const FAILBACK_BITMAP = 'failback';
@@ -156,6 +162,8 @@ export class SecondaryRole implements PairRole {
    * request) and cleared at the checkpoint that ends the resync.
    */
   private ownDirty: PersistentBitmap | undefined;
+  /** the last bitmap resync's copy of the clusters it writes into the hidden disk, before its welcome */
+  private lastPrecopy: { clusters: number; bytes: number; ms: number } | undefined;
   /** the last split brain met on hello, for status and `failover --dry-run` */
   private splitBrain: { at: string; rule: number; policy: string; keeps: 'primary' | 'secondary' | null; changedBytes: { secondary: number; primary: number }; explanation: string } | undefined;
   /** salvage overlays beside the disk */
@@ -303,6 +311,7 @@ export class SecondaryRole implements PairRole {
         active: this.images?.activePath ?? null,
         viewExport: this.promoted ? null : (this.o.viewExport ?? null),
         copiedClusters: this.cbw?.copiedClusters ?? 0,
+        lastPrecopy: this.lastPrecopy ?? null,
         hiddenDurability: this.images?.hiddenFile.durability ?? null,
         noRestorePoint: this.noRestorePoint(),
         committing: s.committing,
@@ -512,6 +521,8 @@ export class SecondaryRole implements PairRole {
       const next: DiskState = decision.action === 'none' ? (s.diskState === 'Outdated' || s.diskState === 'Failed' ? s.diskState : 'UpToDate') : 'Inconsistent';
       await this.setDiskState(next);
       if (!ch.isOpen || this.link !== ch) return;
+      if (decision.action === 'resync-bitmap') await this.precopyBeforeResync(ch);
+      if (!ch.isOpen || this.link !== ch) return;
       this.addReplicaExport();
       // ordered: the replica export applies one connection's writes in arrival order (cbw-filter.ts)
       const dataToken = this.writers!.issue(ch.peer);
@@ -560,6 +571,29 @@ export class SecondaryRole implements PairRole {
     this.salvaged = await listSalvage(diskPath);
     this.ctx.publish('salvage', { export: this.ctx.exportName, path: done.path, bytes: done.bytes });
     this.ctx.log('warn', `split brain: ${done.bytes} bytes of this disk that the resync overwrites are kept in ${done.path}`);
+  }
+
+  /**
+   * Before a bitmap resync (no writer yet): the clusters it will write (the primary's bitmap,
+   * asked on the link, ∪ this side's own marks) are copied into the hidden disk in one batch
+   * (CbwFilter.precopy), so the resync's writes skip one FUA copy each. Only with a restore point
+   * to keep (without one the writes copy nothing); at most PRECOPY_BUDGET_MS. A failure costs
+   * only the speed: the writes copy what is left, with their own errors and events.
+   */
+  private async precopyBeforeResync(ch: PairChannel): Promise<void> {
+    if (!this.cbw || this.noRestorePoint() !== null) return;
+    const started = Date.now();
+    const deadline = started + PRECOPY_BUDGET_MS;
+    try {
+      const size = this.ctx.exportNode.size;
+      const runs = await fetchRuns(ch, size, PRECOPY_BUDGET_MS);
+      if (this.ownDirty) for (const r of this.ownDirty.bitmap.dirtyRuns()) runs.push({ offset: r.offset, length: r.length });
+      const r = await this.cbw.precopy(runs, { deadline });
+      this.lastPrecopy = { ...r, ms: Date.now() - started };
+      this.ctx.log('info', `before the resync: ${r.clusters} clusters (${r.bytes} bytes) kept in the hidden disk in ${Date.now() - started} ms`);
+    } catch (err) {
+      this.ctx.log('warn', `before the resync, copying the clusters it writes into the hidden disk failed (the resync's writes copy them): ${toBlkrepError(err).message}`);
+    }
   }
 
   private onLinkClosed(ch: PairChannel, why: Error): void {

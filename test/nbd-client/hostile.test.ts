@@ -52,6 +52,25 @@ describe('hostile server: hard disconnect, never a crash', () => {
     await expectViolation((conn) => conn.send(reply.none(0xffffffffffffffffn)), /chunk for unknown cookie 18446744073709551615/);
   });
 
+  it('a NONE chunk with DONE for an unknown cookie under 2^32 (the write reply fast path falls back)', async () => {
+    await expectViolation((conn, req) => conn.send(reply.none(req.cookie + 1000n)), /NONE chunk for unknown cookie 100\d/);
+  });
+
+  it('a NONE chunk without DONE in the reply to a write', async () => {
+    const c = await connect({ onRequest: (conn, req) => conn.send(...reply.raw(req.cookie, CHUNK.NONE, 0, 0, Buffer.alloc(0))) });
+    const err = await rejection(c.write(0, Buffer.alloc(512)));
+    expect(err.code).toBe('ERR_NBD_PROTOCOL');
+    expect(err.message).toMatch(/NONE chunk without the DONE flag in the reply to write of 512 bytes at offset 0/);
+  });
+
+  it('an error chunk, then NONE with DONE, in the reply to a write: the write fails with the error', async () => {
+    const c = await connect({ onRequest: (conn, req) => conn.send(Buffer.concat([encodeErrorNotDone(reply.error(req.cookie, 28, 'no space')), reply.none(req.cookie)])) });
+    const err = await rejection(c.write(0, Buffer.alloc(512)));
+    expect(err).toMatchObject({ code: 'ERR_NBD_SERVER_ERROR', errno: 'ENOSPC' });
+    expect(err.message).toMatch(/write of 512 bytes at offset 0 failed on the server: ENOSPC \(28\): no space/);
+    expect(c.state).toBe('READY');
+  });
+
   it('a data chunk outside the request', async () => {
     await expectViolation((conn, req) => conn.send(...reply.data(req.cookie, 8192, Buffer.alloc(4096), true)), /data chunk for 4096 bytes at offset 8192 lies outside read of 4096 bytes at offset 0/);
   });
@@ -366,3 +385,9 @@ describe('hostile server: legal but unusual replies', () => {
     expect(server!.connections[0]!.requests).toEqual([]);
   });
 });
+
+/** an error chunk with its DONE flag cleared (bytes 4–5: the flags), so a NONE chunk ends the reply */
+function encodeErrorNotDone(chunk: Buffer): Buffer {
+  chunk.writeUInt16BE(chunk.readUInt16BE(4) & ~REPLY_FLAG_DONE, 4);
+  return chunk;
+}

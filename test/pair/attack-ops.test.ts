@@ -17,7 +17,7 @@ import { describe, expect, it } from 'vitest';
 import { NbdClient } from '../../src/nbd/client.js';
 import { seededRandom as rng } from '../../src/block/filters/error.js';
 import { makeTempDir, run, serve, unixUri } from '../support/spawn.js';
-import { controlRequest, firstCheckpoint, pairOf } from '../support/control.js';
+import { controlRequest, firstCheckpoint, pairOf, pairPaths } from '../support/control.js';
 
 const MiB = 1 << 20;
 const KiB = 1024;
@@ -59,16 +59,11 @@ describe('attack: every request kind through the pair', () => {
   for (const protocol of ['sync', 'async'] as const) {
     it(`${protocol}: zeroes (NO_HOLE and not), trim, unaligned, large, FUA and concurrent overlapping writes: the view keeps checkpoint 1 exactly until checkpoint 2, then both disks and the view are equal`, async () => {
       const dir = await makeTempDir();
-      const pImg = join(dir, 'p.img');
-      const sImg = join(dir, 's.img');
+      const { pImg, sImg, pSock, sSock, pControl, sControl } = pairPaths(dir);
       const cp1 = pattern(7, SIZE);
       await writeFile(pImg, cp1);
       await writeFile(sImg, Buffer.alloc(0));
       await truncate(sImg, SIZE);
-      const sSock = join(dir, 's.sock');
-      const pSock = join(dir, 'p.sock');
-      const sControl = join(dir, 's.ctl');
-      const pControl = join(dir, 'p.ctl');
       const s = await serve([sImg, '--secondary', '--socket', sSock, '--control', sControl, '--view-export', 'view', '--view-read-only']);
       const p = await serve([pImg, '--socket', pSock, '--control', pControl, '--replicate-to', unixUri(sSock), '--protocol', protocol]);
       await firstCheckpoint(pControl);
@@ -111,16 +106,14 @@ describe('attack: every request kind through the pair', () => {
 
   it('a qcow2 primary: trims of partial clusters (which qcow2 may ignore) read as zeroes on both sides, as do zeroes; both disks equal after checkpoint 2', async () => {
     const dir = await makeTempDir();
+    const { sImg, pSock, sSock, pControl, sControl } = pairPaths(dir);
     const pImg = join(dir, 'p.qcow2');
-    const sImg = join(dir, 's.img');
     expect((await run('qemu-img', ['create', '-q', '-f', 'qcow2', pImg, String(8 * MiB)])).code).toBe(0);
     await writeFile(sImg, Buffer.alloc(0));
     await truncate(sImg, 8 * MiB);
-    const sSock = join(dir, 's.sock');
-    const pSock = join(dir, 'p.sock');
-    const s = await serve([sImg, '--secondary', '--socket', sSock, '--control', join(dir, 's.ctl')]);
-    const p = await serve([pImg, '--socket', pSock, '--control', join(dir, 'p.ctl'), '--replicate-to', unixUri(sSock), '--protocol', 'sync']);
-    await firstCheckpoint(join(dir, 'p.ctl'));
+    const s = await serve([sImg, '--secondary', '--socket', sSock, '--control', sControl]);
+    const p = await serve([pImg, '--socket', pSock, '--control', pControl, '--replicate-to', unixUri(sSock), '--protocol', 'sync']);
+    await firstCheckpoint(pControl);
     const c = await NbdClient.connect({ uri: unixUri(pSock), reconnect: false, closeTimeoutMs: 2000 });
     await c.write(0, Buffer.alloc(2 * MiB, 0x22));
     await c.trim(4096, 8192);
@@ -133,7 +126,7 @@ describe('attack: every request kind through the pair', () => {
     const expected = Buffer.alloc(2 * MiB, 0x22);
     for (const [at, n] of [[4096, 8192], [MiB, CLUSTER], [300_000, 100_000], [1_500_000, 5000]] as const) expected.fill(0, at, at + n);
     expect(sha(primary)).toBe(sha(expected));
-    expect((await controlRequest<{ epoch: number }>(join(dir, 'p.ctl'), 'checkpoint')).epoch).toBe(2);
+    expect((await controlRequest<{ epoch: number }>(pControl, 'checkpoint')).epoch).toBe(2);
     await c.close();
     expect(await p.stop()).toBe(0);
     expect(await s.stop()).toBe(0);

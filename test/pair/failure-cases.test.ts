@@ -8,11 +8,10 @@
  * copy-before-write filters; blkrep-filters(7)); case 6 from the test hook
  * BLKREP_TEST_FAIL_AT=checkpoint-step-6 (crash-hook.ts).
  */
-import { join } from 'node:path';
 import { readFile, truncate, writeFile } from 'node:fs/promises';
 import { describe, expect, it } from 'vitest';
 import { makeTempDir, run, runCli, serve, unixUri, waitFor } from '../support/spawn.js';
-import { eventsOf, firstCheckpoint, pairOf } from '../support/control.js';
+import { eventsOf, firstCheckpoint, pairOf, pairPaths } from '../support/control.js';
 
 const MiB = 1 << 20;
 const KiB = 1024;
@@ -30,14 +29,9 @@ function qemuIo(socket: string, command: string) {
 describe('failure cases of replication.md §4 on two daemons', () => {
   it('case 1, an I/O error on the primary\'s disk: the client gets EIO, event primary-io-error, the region stays in the peer bitmap; after repair the resync copies it; disks equal', async () => {
     const dir = await makeTempDir();
-    const pImg = join(dir, 'p.img');
-    const sImg = join(dir, 's.img');
+    const { pImg, sImg, pSock, sSock, pControl, sControl } = pairPaths(dir);
     await blank(pImg);
     await blank(sImg);
-    const sSock = join(dir, 's.sock');
-    const pSock = join(dir, 'p.sock');
-    const sControl = join(dir, 's.ctl');
-    const pControl = join(dir, 'p.ctl');
     const sArgs = [sImg, '--secondary', '--socket', sSock, '--control', sControl];
     const s1 = await serve(sArgs);
     const pArgs = [pImg, '--socket', pSock, '--control', pControl, '--replicate-to', unixUri(sSock), '--protocol', 'sync'];
@@ -85,14 +79,9 @@ describe('failure cases of replication.md §4 on two daemons', () => {
 
   it('case 5, an I/O error on the active disk: the secondary\'s own client gets EIO; replication, checkpoints and the disks are unaffected', async () => {
     const dir = await makeTempDir();
-    const pImg = join(dir, 'p.img');
-    const sImg = join(dir, 's.img');
+    const { pImg, sImg, pSock, sSock, pControl, sControl } = pairPaths(dir);
     await blank(pImg);
     await blank(sImg);
-    const sSock = join(dir, 's.sock');
-    const pSock = join(dir, 'p.sock');
-    const sControl = join(dir, 's.ctl');
-    const pControl = join(dir, 'p.ctl');
     const s = await serve([sImg, '--secondary', '--socket', sSock, '--control', sControl, '--view-export', 'view', '--filter', 'error:ops=write,range=1M-2M,errno=EIO,at=active']);
     const sEv = await eventsOf(sControl);
     const p = await serve([pImg, '--socket', pSock, '--control', pControl, '--replicate-to', unixUri(sSock), '--protocol', 'sync']);
@@ -127,14 +116,9 @@ describe('failure cases of replication.md §4 on two daemons', () => {
 
   it('case 6, emptying the hidden disk fails in a checkpoint: not committed (epoch stays 1, step 5 durable: committing 2), event checkpoint-failed on both; the secondary redoes step 6 and commits 2, the primary\'s retry finds it; view and disks equal', async () => {
     const dir = await makeTempDir();
-    const pImg = join(dir, 'p.img');
-    const sImg = join(dir, 's.img');
+    const { pImg, sImg, pSock, sSock, pControl, sControl } = pairPaths(dir);
     await writeFile(pImg, Buffer.alloc(SIZE, 0x11));
     await blank(sImg);
-    const sSock = join(dir, 's.sock');
-    const pSock = join(dir, 'p.sock');
-    const sControl = join(dir, 's.ctl');
-    const pControl = join(dir, 'p.ctl');
     // the primary first, so that its events are watched from the link's start. The initial sync
     // copies without copy-before-write, so checkpoint 1 has an empty hidden disk and nothing to
     // empty; the hook fails the first emptying of a hidden disk that holds clusters: checkpoint 2
@@ -176,14 +160,9 @@ describe('failure cases of replication.md §4 on two daemons', () => {
 
   it('cases 2 and 4, an I/O error on the secondary\'s disk: the primary\'s client succeeds, the primary degrades (peer bitmap); the secondary is Failed, not promotable; after repair the resync copies what was dirty; disks equal', async () => {
     const dir = await makeTempDir();
-    const pImg = join(dir, 'p.img');
-    const sImg = join(dir, 's.img');
+    const { pImg, sImg, pSock, sSock, pControl, sControl } = pairPaths(dir);
     await blank(pImg);
     await blank(sImg);
-    const sSock = join(dir, 's.sock');
-    const pSock = join(dir, 'p.sock');
-    const sControl = join(dir, 's.ctl');
-    const pControl = join(dir, 'p.ctl');
     const sArgs = [sImg, '--secondary', '--socket', sSock, '--control', sControl];
     const s1 = await serve([...sArgs, '--filter', 'error:ops=write,range=1M-2M,errno=EIO,at=disk']);
     const sEv = await eventsOf(sControl);
@@ -227,14 +206,9 @@ describe('failure cases of replication.md §4 on two daemons', () => {
 
   it('case 3, the copy-before-write copy fails on the secondary: its disk keeps the old data, checkpoint 1 intact; the primary treats it as case 2 (client succeeds, degraded); after repair a resync; disks equal', async () => {
     const dir = await makeTempDir();
-    const pImg = join(dir, 'p.img');
-    const sImg = join(dir, 's.img');
+    const { pImg, sImg, pSock, sSock, pControl, sControl } = pairPaths(dir);
     await blank(pImg);
     await blank(sImg);
-    const sSock = join(dir, 's.sock');
-    const pSock = join(dir, 'p.sock');
-    const sControl = join(dir, 's.ctl');
-    const pControl = join(dir, 'p.ctl');
     const sArgs = [sImg, '--secondary', '--socket', sSock, '--control', sControl];
     // the initial sync copies before writing too: the fault goes in once checkpoint 1 is taken
     const s0 = await serve(sArgs);
@@ -278,14 +252,9 @@ describe('failure cases of replication.md §4 on two daemons', () => {
 
   it('forwarding failing again and again (every 40th replica write fails, the secondary\'s disk delayed): the client sees no error; degraded, resynced, connected at the end; disks equal', async () => {
     const dir = await makeTempDir();
-    const pImg = join(dir, 'p.img');
-    const sImg = join(dir, 's.img');
+    const { pImg, sImg, pSock, sSock, pControl, sControl } = pairPaths(dir);
     await blank(pImg);
     await blank(sImg);
-    const sSock = join(dir, 's.sock');
-    const pSock = join(dir, 'p.sock');
-    const sControl = join(dir, 's.ctl');
-    const pControl = join(dir, 'p.ctl');
     await serve([sImg, '--secondary', '--socket', sSock, '--control', sControl, '--filter', 'error:ops=write,every=40,errno=EIO', '--filter', 'delay:write=2,at=disk']);
     const p = await serve([pImg, '--socket', pSock, '--control', pControl, '--replicate-to', unixUri(sSock), '--protocol', 'async']);
     const pEv = await eventsOf(pControl);

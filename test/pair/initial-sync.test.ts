@@ -89,7 +89,7 @@ describe('the initial full sync: no copy-before-write', () => {
     await sec.stop();
   });
 
-  it('a hidden disk that kept the first state before a resync at epoch 0 is checkpoint 0: copy-before-write goes on, failover is allowed', async () => {
+  it('a hidden disk that kept the first state before a resync at epoch 0 is checkpoint 0: copy-before-write goes on, failover is allowed with --force', async () => {
     const SIZE = 4 * MiB;
     const dir = await makeTempDir();
     const disk = join(dir, 'disk.img');
@@ -114,7 +114,10 @@ describe('the initial full sync: no copy-before-write', () => {
     await c2.flush();
     expect(await hiddenDataBytes(disk)).toBe(2 * 65536);
     expect(await pairOf(control)).toMatchObject({ epoch: 0, diskState: 'Inconsistent', secondary: { noRestorePoint: null } });
-    const dry = await runCli(['failover', '--control', control, '--dry-run', '--json']);
+    // the resync copies what the primary wrote after checkpoint 0: promotable to it with --force (attack-failover-resync.test.ts)
+    const refused = await runCli(['failover', '--control', control, '--dry-run', '--json']);
+    expect(JSON.parse(refused.stdout)).toMatchObject({ allowed: false, rule: 'refused-outdated', refusal: { code: 'ERR_PAIR_OUTDATED' } });
+    const dry = await runCli(['failover', '--control', control, '--dry-run', '--force', '--json']);
     expect(JSON.parse(dry.stdout)).toMatchObject({ allowed: true, rule: 'failover-to-checkpoint', epoch: 0, hiddenBytes: 2 * 65536 });
     await c2.close();
     link2.close();

@@ -6,7 +6,7 @@
 import { join } from 'node:path';
 import { writeFile } from 'node:fs/promises';
 import { describe, expect, it } from 'vitest';
-import { makeTempDir, run, runCli, serve } from '../support/spawn.js';
+import { BIN, makeTempDir, run, runCli, serve, start, waitFor } from '../support/spawn.js';
 
 const MiB = 1024 * 1024;
 
@@ -17,6 +17,17 @@ async function startError(args: string[]): Promise<{ code: number | null; error:
 }
 
 describe('serve-nbd --secondary: start', () => {
+  it('without --json, a secondary with no export yet says so (not "Try: nbdinfo \'undefined\'")', async () => {
+    const dir = await makeTempDir();
+    const disk = join(dir, 'disk.img');
+    await writeFile(disk, Buffer.alloc(2 * MiB));
+    const d = start(process.execPath, [BIN, 'serve-nbd', disk, '--secondary', '--socket', join(dir, 'nbd.sock')]);
+    await waitFor(() => d.stdout().includes('Stop with Ctrl-C.'), 'the daemon to start', { timeoutMs: 20_000 });
+    expect(d.stdout()).toContain('No export yet: the replica export appears when a primary connects');
+    expect(d.stdout()).not.toContain('undefined');
+    expect(await d.stop()).toBe(0);
+  });
+
   it('creates hidden and active beside the disk: a qcow2 chain active → hidden → disk, 64 KiB clusters', async () => {
     const dir = await makeTempDir();
     const disk = join(dir, 'disk.img');

@@ -3,6 +3,13 @@
  * are allocated past its end), so the driver does not use RawNode, whose size is fixed when it is
  * opened; it uses the same native addon (src/block/native.ts) for hole punching.
  *
+ * Writes up to 64 KiB (a cluster of data, an L2 table, a refcount block) go to the thread pool
+ * gathered per turn of the event loop (src/block/write-batch.ts, the addon's pwriteBatch), as the
+ * raw driver's do: a secondary's copy-before-write costs a data write and table writes per
+ * cluster, and a libuv job each was most of its CPU. A write still resolves only once its pwrite
+ * returned, so the driver's order (data before the L2 entry that points at it, fsync between the
+ * writeback cycle's steps) is unchanged.
+ *
  * Reads past the end of the file return zeros: QEMU leaves the last metadata cluster short (it
  * writes only the used part of a new L1 table), and a crash may leave allocated clusters that
  * were never written.
@@ -11,6 +18,7 @@ import { close, fdatasync, fstat, ftruncate, open, read, write } from 'node:fs';
 import { BlkrepError, toBlkrepError } from '../../api/errors.js';
 import { ImageLock, lockPerms, type LockPerms } from '../image-lock.js';
 import { loadNative, type SparseOps } from '../native.js';
+import { WRITE_BATCH_MAX, WriteBatcher } from '../write-batch.js';
 
 /** What the qcow2 driver needs from the file it lives in (a test can supply another one). */
 export interface Qcow2Container {
@@ -47,7 +55,12 @@ export class HostFile implements Qcow2Container {
     private readonly native: SparseOps | null,
     /** the image lock held on the file (undefined without the addon, or when asked for none) */
     readonly imageLock?: ImageLock,
-  ) {}
+  ) {
+    this.batcher = readOnly ? null : WriteBatcher.for(fd, native);
+  }
+
+  /** small writes, batched per turn of the loop (null without the addon: fs.write) */
+  private readonly batcher: WriteBatcher | null;
 
   /**
    * Open the file, taking `lock` (src/block/image-lock.ts; default: a qcow2 image's, read-only or
@@ -102,7 +115,11 @@ export class HostFile implements Qcow2Container {
   async write(offset: number, data: Buffer): Promise<void> {
     let done = 0;
     while (done < data.length) {
-      const n = await writeAt(this.fd, data, done, data.length - done, offset + done);
+      const length = data.length - done;
+      const n =
+        this.batcher && length <= WRITE_BATCH_MAX
+          ? await this.batcher.write(done === 0 ? data : data.subarray(done), offset + done)
+          : await writeAt(this.fd, data, done, length, offset + done);
       if (n <= 0) throw new BlkrepError('ERR_SHORT_WRITE', `write to ${this.path} at offset ${offset + done} made no progress`, { errno: 'EIO' });
       done += n;
     }
@@ -127,7 +144,8 @@ export class HostFile implements Qcow2Container {
     }
   }
 
-  close(): Promise<void> {
+  async close(): Promise<void> {
+    await this.batcher?.drain();
     return new Promise((resolve, reject) => close(this.fd, (err) => (err ? reject(err) : resolve())));
   }
 }
