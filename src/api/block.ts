@@ -44,6 +44,12 @@ export interface Capabilities {
 
 export interface IoOptions {
   signal?: AbortSignal;
+  /**
+   * A read of a bulk copy (the copy engine's reads): a raw file tries it on the calling thread
+   * first when the pages are cached (RWF_NOWAIT, up to 1 MiB), where a read that size otherwise
+   * goes through the thread pool. A hint; other drivers ignore it.
+   */
+  bulk?: boolean;
 }
 
 export interface WriteOptions extends IoOptions {

@@ -510,6 +510,41 @@ describe.runIf(native !== null)('RawNode: reads and writes ≤ 64 KiB tried with
     await node.close();
   });
 
+  it('a bulk read (the copy engine\'s) is tried on the loop up to 1 MiB: the bytes, one call each; 2 MiB goes to the pool', async () => {
+    const data = randomBytes(3 * MiB);
+    const path = makeFile(3 * MiB, data);
+    const { ops, calls } = spy((real, ...a) => real(...a));
+    const node = await RawNode.open(path, { readOnly: true, native: ops });
+    const quarter = Buffer.alloc(256 * KiB);
+    await node.readInto(4096, quarter, { bulk: true });
+    expect(quarter.equals(data.subarray(4096, 4096 + 256 * KiB))).toBe(true);
+    expect(calls.read).toBe(1);
+    const one = Buffer.alloc(MiB);
+    await node.readInto(MiB, one, { bulk: true });
+    expect(one.equals(data.subarray(MiB, 2 * MiB))).toBe(true);
+    expect(calls.read).toBe(2);
+    const two = Buffer.alloc(2 * MiB);
+    await node.readInto(MiB, two, { bulk: true });
+    expect(two.equals(data.subarray(MiB, 3 * MiB))).toBe(true);
+    expect(calls.read).toBe(2);
+    // without the hint a 256 KiB read stays on the pool
+    await node.readInto(0, quarter);
+    expect(calls.read).toBe(2);
+    await node.close();
+  });
+
+  it('a bulk read that would block (-1) goes on through the thread pool, with the same bytes', async () => {
+    const data = randomBytes(512 * KiB);
+    const path = makeFile(512 * KiB, data);
+    const { ops, calls } = spy(() => -1);
+    const node = await RawNode.open(path, { readOnly: true, native: ops });
+    const buf = Buffer.alloc(256 * KiB);
+    await node.readInto(100, buf, { bulk: true });
+    expect(buf.equals(data.subarray(100, 100 + 256 * KiB))).toBe(true);
+    expect(calls.read).toBe(1);
+    await node.close();
+  });
+
   it('EAGAIN (-1) and a short read go on through the thread pool, with the same bytes', async () => {
     const data = randomBytes(64 * KiB);
     const path = makeFile(64 * KiB, data);

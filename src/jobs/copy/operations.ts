@@ -90,7 +90,7 @@ export async function copyPlanned(io: CopyIo, segs: readonly Segment[], detectZe
       const buf = buffer;
       await settle(
         w.pieces.map((x) =>
-          io.source.readInto(x.offset, buf.subarray(x.offset - w.offset, x.offset - w.offset + x.length), { signal: io.signal }).catch((e: unknown) => {
+          io.source.readInto(x.offset, buf.subarray(x.offset - w.offset, x.offset - w.offset + x.length), { signal: io.signal, bulk: true }).catch((e: unknown) => {
             throw new CopyError('source', 'read', e);
           }),
         ),

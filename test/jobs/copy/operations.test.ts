@@ -71,6 +71,18 @@ describe('copyOperation', () => {
     expect((await dst.read(0, 4 * G)).equals(await src.read(0, 4 * G))).toBe(true);
   });
 
+  it('asks its source reads as bulk reads (a raw file tries them on the loop)', async () => {
+    const { src, dst } = await pair(4 * G);
+    await src.write(0, Buffer.alloc(4 * G, 5));
+    const hints: Array<boolean | undefined> = [];
+    const spied = completeNode(src);
+    const readInto = spied.readInto.bind(spied);
+    spied.readInto = (offset, target, o) => (hints.push(o?.bulk), readInto(offset, target, o));
+    await copyOperation({ ...io(src, dst), source: spied }, 0, 4 * G);
+    expect(hints).toEqual([true, true]);
+    expect((await dst.read(0, 4 * G)).equals(await src.read(0, 4 * G))).toBe(true);
+  });
+
   it('tags a failed read as source read and a failed write as target write', async () => {
     const { src, dst } = await pair(4 * G);
     await src.write(0, Buffer.alloc(4 * G, 3));
