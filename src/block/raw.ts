@@ -12,6 +12,7 @@ import { close, fdatasync, fstat, open, read, write, type Stats } from 'node:fs'
 import type { BlockNode, Capabilities, Extent, IoOptions, WriteOptions, ZeroOptions } from '../api/block.js';
 import { BlkrepError, toBlkrepError } from '../api/errors.js';
 import { MAX_PAYLOAD } from './memory.js';
+import { WriteBatcher, WRITE_BATCH_MAX } from './write-batch.js';
 import { ImageLock, lockPerms, PERM_WRITE, type LockPerms } from './image-lock.js';
 import { loadNative, type SparseOps } from './native.js';
 import { checkRange, coalesceExtents } from './node.js';
@@ -45,28 +46,11 @@ const NOWAIT_MAX = 64 * 1024;
 const BULK_NOWAIT_MAX = 1024 * 1024;
 
 /**
- * Writes up to this size that cannot be done on the loop (ext4 offers no RWF_NOWAIT for buffered
- * writes; a write that would wait) are gathered per turn of the event loop and handed to the thread
- * pool as one job (the addon's pwriteBatch): one wake-up of a worker and one of the loop for all of
- * them, where a job per write cost ~6 futex calls and an eventfd wake-up each (4 KiB random writes
- * QD32 on serve-nbd). A job holds at most WRITE_BATCH_ITEMS writes; more go to the next job, on
- * another worker.
+ * Writes up to WRITE_BATCH_MAX that cannot be done on the loop (ext4 offers no RWF_NOWAIT for
+ * buffered writes; a write that would wait) are gathered per turn of the event loop and handed to
+ * the thread pool as one job (src/block/write-batch.ts): a job per write cost ~6 futex calls and an
+ * eventfd wake-up each (4 KiB random writes QD32 on serve-nbd).
  */
-const WRITE_BATCH_MAX = 64 * 1024;
-const WRITE_BATCH_ITEMS = 64;
-
-/** BLKREP_NO_WRITE_BATCHING=1: one thread-pool job per write, as before pwriteBatch (bench/serve-nbd compares the two). */
-function writeBatchingDisabled(): boolean {
-  const v = process.env.BLKREP_NO_WRITE_BATCHING;
-  return v !== undefined && v !== '' && v !== '0';
-}
-
-/** the writes gathered for the next pwriteBatch job */
-interface WriteBatch {
-  buffers: Buffer[];
-  positions: number[];
-  waiters: Array<{ resolve: (n: number) => void; reject: (err: unknown) => void }>;
-}
 
 /** BLKREP_NO_NOWAIT=1: every read and write through the thread pool (bench/serve-nbd compares the two). */
 function nowaitDisabled(): boolean {
@@ -161,9 +145,8 @@ export class RawNode implements BlockNode {
   /** try reads / writes with RWF_NOWAIT first (NOWAIT_MAX); off when the kernel answers -2 for this file */
   private nowaitReads: boolean;
   private nowaitWrites: boolean;
-  /** gather small writes for pwriteBatch (WRITE_BATCH_MAX) */
-  private readonly batchWrites: boolean;
-  private pendingBatch: WriteBatch | undefined;
+  /** gathers small writes for pwriteBatch (WRITE_BATCH_MAX); null: one thread-pool job per write */
+  private readonly batcher: WriteBatcher | null;
 
   private constructor(
     readonly path: string,
@@ -179,7 +162,7 @@ export class RawNode implements BlockNode {
     const nowait = !nowaitDisabled();
     this.nowaitReads = nowait && typeof native?.preadNowait === 'function';
     this.nowaitWrites = nowait && !readOnly && typeof native?.pwriteNowait === 'function';
-    this.batchWrites = !readOnly && !writeBatchingDisabled() && typeof native?.pwriteBatch === 'function';
+    this.batcher = readOnly ? null : WriteBatcher.for(fd, native);
     const rw = !readOnly;
     this.caps = {
       canWrite: rw, canFlush: true, canFua: true, canTrim: rw, canZero: rw, canFastZero: rw && native !== null,
@@ -459,49 +442,14 @@ export class RawNode implements BlockNode {
       const length = data.length - done;
       let n = this.writeNowait(data, done, length, offset + done);
       if (n < 0) {
-        n = this.batchWrites && length <= WRITE_BATCH_MAX
-          ? await this.batchedWrite(done === 0 ? data : data.subarray(done), offset + done)
+        n = this.batcher !== null && length <= WRITE_BATCH_MAX
+          ? await this.batcher.write(done === 0 ? data : data.subarray(done), offset + done)
           : await writeAt(this.fd, data, done, length, offset + done);
       }
       if (n <= 0) throw new BlkrepError('ERR_SHORT_WRITE', `write to ${this.path} at offset ${offset + done} made no progress`, { errno: 'EIO' });
       done += n;
     }
   }
-
-  /** pwrite `data` at `position` in the next pwriteBatch job: the bytes written */
-  private batchedWrite(data: Buffer, position: number): Promise<number> {
-    return new Promise((resolve, reject) => {
-      let b = this.pendingBatch;
-      if (!b) {
-        b = this.pendingBatch = { buffers: [], positions: [], waiters: [] };
-        // after the poll phase that read the requests and the microtasks that started them
-        setImmediate(this.submitBatch);
-      }
-      b.buffers.push(data);
-      b.positions.push(position);
-      b.waiters.push({ resolve, reject });
-      if (b.buffers.length >= WRITE_BATCH_ITEMS) this.submitBatch();
-    });
-  }
-
-  private readonly submitBatch = (): void => {
-    const b = this.pendingBatch;
-    if (!b) return;
-    this.pendingBatch = undefined;
-    let job: Promise<Array<number | Error>>;
-    try {
-      job = this.native!.pwriteBatch!(this.fd, b.buffers, b.positions);
-    } catch (err) {
-      for (const w of b.waiters) w.reject(err);
-      return;
-    }
-    job.then(
-      (results) => results.forEach((r, i) => (typeof r === 'number' ? b.waiters[i]!.resolve(r) : b.waiters[i]!.reject(r))),
-      (err: unknown) => {
-        for (const w of b.waiters) w.reject(err);
-      },
-    );
-  };
 
   private async writeZeroBytes(offset: number, length: number, signal?: AbortSignal): Promise<void> {
     for (let done = 0; done < length; ) {

@@ -14,6 +14,12 @@ import type { SparseOps } from './native.js';
 export const WRITE_BATCH_MAX = 64 * 1024;
 const BATCH_ITEMS = 64;
 
+/** BLKREP_NO_WRITE_BATCHING=1: one thread-pool job per write, as before pwriteBatch (bench/serve-nbd compares the two). */
+export function writeBatchingDisabled(): boolean {
+  const v = process.env.BLKREP_NO_WRITE_BATCHING;
+  return v !== undefined && v !== '' && v !== '0';
+}
+
 interface Batch {
   buffers: Buffer[];
   positions: number[];
@@ -30,10 +36,10 @@ export class WriteBatcher {
     private readonly pwriteBatch: NonNullable<SparseOps['pwriteBatch']>,
   ) {}
 
-  /** The batcher for `fd`, or null when the addon has no pwriteBatch (then use `fs.write`). */
+  /** The batcher for `fd`, or null when the addon has no pwriteBatch or BLKREP_NO_WRITE_BATCHING is set (then one job per write). */
   static for(fd: number, native: SparseOps | null): WriteBatcher | null {
     const f = native?.pwriteBatch;
-    return typeof f === 'function' ? new WriteBatcher(fd, f.bind(native)) : null;
+    return typeof f === 'function' && !writeBatchingDisabled() ? new WriteBatcher(fd, f.bind(native)) : null;
   }
 
   /** pwrite all of `data` (at most WRITE_BATCH_MAX bytes) at `position`: the bytes written (short only when the kernel wrote nothing more) */
