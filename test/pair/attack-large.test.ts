@@ -6,12 +6,11 @@
  * changed), then both disks are equal; after a degrade (the secondary stopped) the peer bitmap
  * marks exactly the 64 KiB granules those requests touched, and the resync makes the disks equal.
  */
-import { createHash } from 'node:crypto';
 import { readFile, truncate, writeFile } from 'node:fs/promises';
 import { describe, expect, it } from 'vitest';
-import { NbdClient } from '../../src/nbd/client.js';
-import { seededRandom as rng } from '../../src/block/filters/error.js';
 import { makeTempDir, serve, unixUri, waitFor } from '../support/spawn.js';
+import { NbdClient } from '../../src/nbd/client.js';
+import { pattern, readExport, sha } from '../support/pair-bytes.js';
 import { controlRequest, eventsOf, firstCheckpoint, pairOf, pairPaths } from '../support/control.js';
 
 const MiB = 1 << 20;
@@ -19,27 +18,7 @@ const KiB = 1024;
 const SIZE = 64 * MiB;
 const GRANULE = 64 * KiB;
 
-function sha(b: Buffer): string {
-  return createHash('sha256').update(b).digest('hex');
-}
-
-function pattern(seed: number, length: number): Buffer {
-  const r = rng(seed);
-  const b = Buffer.alloc(Math.ceil(length / 4) * 4);
-  for (let i = 0; i < b.length; i += 4) b.writeUInt32LE(Math.floor(r() * 0x100000000) >>> 0, i);
-  return b.subarray(0, length);
-}
-
-async function readAll(uri: string): Promise<Buffer> {
-  const c = await NbdClient.connect({ uri, reconnect: false, closeTimeoutMs: 2000 });
-  try {
-    const b = Buffer.alloc(SIZE);
-    for (let at = 0; at < SIZE; at += 32 * MiB) await c.read(at, b.subarray(at, at + 32 * MiB));
-    return b;
-  } finally {
-    await c.close();
-  }
-}
+const readAll = (uri: string): Promise<Buffer> => readExport(uri, SIZE, 32 * MiB);
 
 /** bytes of the 64 KiB granules that [offset, offset+length) touches */
 function granules(offset: number, length: number): number {

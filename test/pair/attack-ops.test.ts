@@ -10,30 +10,19 @@
  * - a trim on a qcow2 primary, which keeps a partial cluster's data (the primary writes a trim as
  *   write-zeroes, as it forwards it: before, the secondary read zeroes there, the primary not).
  */
-import { createHash } from 'node:crypto';
 import { join } from 'node:path';
 import { readFile, truncate, writeFile } from 'node:fs/promises';
 import { describe, expect, it } from 'vitest';
+import { makeTempDir, run, serve, unixUri } from '../support/spawn.js';
 import { NbdClient } from '../../src/nbd/client.js';
 import { seededRandom as rng } from '../../src/block/filters/error.js';
-import { makeTempDir, run, serve, unixUri } from '../support/spawn.js';
+import { pattern, readExport, sha } from '../support/pair-bytes.js';
 import { controlRequest, firstCheckpoint, pairOf, pairPaths } from '../support/control.js';
 
 const MiB = 1 << 20;
 const KiB = 1024;
 const SIZE = 32 * MiB;
 const CLUSTER = 64 * KiB;
-
-function sha(b: Buffer): string {
-  return createHash('sha256').update(b).digest('hex');
-}
-
-function pattern(seed: number, length: number): Buffer {
-  const r = rng(seed);
-  const b = Buffer.alloc(Math.ceil(length / 4) * 4);
-  for (let i = 0; i < b.length; i += 4) b.writeUInt32LE(Math.floor(r() * 0x100000000) >>> 0, i);
-  return b.subarray(0, length);
-}
 
 /** the 4 KiB blocks where a and b differ, as ranges */
 function differences(a: Buffer, b: Buffer): string[] {
@@ -44,16 +33,7 @@ function differences(a: Buffer, b: Buffer): string[] {
   return out.slice(0, 20);
 }
 
-async function readAll(uri: string): Promise<Buffer> {
-  const c = await NbdClient.connect({ uri, reconnect: false, closeTimeoutMs: 2000 });
-  try {
-    const b = Buffer.alloc(SIZE);
-    for (let at = 0; at < SIZE; at += 4 * MiB) await c.read(at, b.subarray(at, at + 4 * MiB));
-    return b;
-  } finally {
-    await c.close();
-  }
-}
+const readAll = (uri: string): Promise<Buffer> => readExport(uri, SIZE, 4 * MiB);
 
 describe('attack: every request kind through the pair', () => {
   for (const protocol of ['sync', 'async'] as const) {
