@@ -12,7 +12,7 @@ export default class Replicate extends JobCommand {
 
 The daemon first copies what the secondary misses (the regions in the peer bitmap IMAGE.pair.dirty, or the whole disk the first time) while the export keeps serving, then forwards every write (--protocol sync: a write completes when both disks have it; async: after the local write, in order through a --queue of that many bytes). Returns once replication is set up (the copy may still run: follow blkrep events for resync-done and replication-connected); prints the pair's status (--json: the PairStatus object, as blkrep status --json shows under exports[i].pair).
 
-Exit status: 0 replicating (or connecting: an unreachable secondary is retried with backoff); 1 failure (ERR_BAD_URI, ERR_PAIR_SIZE: the disks differ in size, ERR_PAIR_STATE: the export is in a pair already, ERR_PAIR_ROLE: the disk is a secondary's, the secondary's refusal code such as ERR_PAIR_BUSY or ERR_PAIR_SPLIT_BRAIN, ERR_NO_EXPORT, ERR_CONTROL_UNREACHABLE), 2 usage error.`;
+Exit status: 0 replicating (or connecting: an unreachable secondary is retried with backoff); 1 failure (ERR_BAD_URI, ERR_PAIR_SIZE: the disks differ in size, ERR_PAIR_STATE: the export is in a pair already, ERR_PAIR_ROLE: the disk is a secondary's, ERR_IMAGE_LOCKED: another process has the raw disk open for writing (a pair's disk is written only through the pair: see IMAGE LOCKS in blkrep(1)), the secondary's refusal code such as ERR_PAIR_BUSY or ERR_PAIR_SPLIT_BRAIN, ERR_NO_EXPORT, ERR_CONTROL_UNREACHABLE), 2 usage error.`;
 
   static override examples = [
     { description: 'After a failover, protect the new primary with the repaired old one', command: '<%= config.bin %> <%= command.id %> --control /run/blkrep/ctl.sock nbd://old-primary:10809/disk' },
