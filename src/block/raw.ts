@@ -45,13 +45,6 @@ const NOWAIT_MAX = 64 * 1024;
  */
 const BULK_NOWAIT_MAX = 1024 * 1024;
 
-/**
- * Writes up to WRITE_BATCH_MAX that cannot be done on the loop (ext4 offers no RWF_NOWAIT for
- * buffered writes; a write that would wait) are gathered per turn of the event loop and handed to
- * the thread pool as one job (src/block/write-batch.ts): a job per write cost ~6 futex calls and an
- * eventfd wake-up each (4 KiB random writes QD32 on serve-nbd).
- */
-
 /** BLKREP_NO_NOWAIT=1: every read and write through the thread pool (bench/serve-nbd compares the two). */
 function nowaitDisabled(): boolean {
   const v = process.env.BLKREP_NO_NOWAIT;
@@ -145,7 +138,12 @@ export class RawNode implements BlockNode {
   /** try reads / writes with RWF_NOWAIT first (NOWAIT_MAX); off when the kernel answers -2 for this file */
   private nowaitReads: boolean;
   private nowaitWrites: boolean;
-  /** gathers small writes for pwriteBatch (WRITE_BATCH_MAX); null: one thread-pool job per write */
+  /**
+   * Writes up to WRITE_BATCH_MAX that cannot be done on the loop (ext4 offers no RWF_NOWAIT for
+   * buffered writes; a write that would wait) are gathered per turn of the event loop and handed
+   * to the thread pool as one job (src/block/write-batch.ts): a job per write cost ~6 futex calls
+   * and an eventfd wake-up each (4 KiB random writes QD32 on serve-nbd). null: one job per write.
+   */
   private readonly batcher: WriteBatcher | null;
 
   private constructor(
