@@ -530,6 +530,11 @@ describe.runIf(native !== null)('RawNode: reads and writes ≤ 64 KiB tried with
     // without the hint a 256 KiB read stays on the pool
     await node.readInto(0, quarter);
     expect(calls.read).toBe(2);
+    // read() (a buffer of its own) takes the hint as readInto() does
+    expect((await node.read(2 * MiB, MiB, { bulk: true })).equals(data.subarray(2 * MiB, 3 * MiB))).toBe(true);
+    expect(calls.read).toBe(3);
+    expect((await node.read(0, 256 * KiB)).equals(data.subarray(0, 256 * KiB))).toBe(true);
+    expect(calls.read).toBe(3);
     await node.close();
   });
 
