@@ -10,11 +10,18 @@ import type { HeartbeatStatus } from '../heartbeat/service.js';
 import { formatSize } from '../util/size.js';
 import type { PairStatus } from '../pair/role.js';
 
+/** an async primary: its on-congestion policy, and for block how long writes waited */
+function congestionText(p: PairStatus): string {
+  if (!p.onCongestion) return '';
+  const c = p.congestion;
+  return p.onCongestion === 'block' && c ? ` (on congestion block: ${c.waits} writes waited ${c.waitedMs} ms, ${c.waiting} waiting)` : ` (on congestion ${p.onCongestion})`;
+}
+
 /** One line of an export's pair state. */
 export function pairLine(p: PairStatus): string {
   const age = p.lastCheckpointAgeMs === null ? 'no checkpoint yet' : `last checkpoint ${(p.lastCheckpointAgeMs / 1000).toFixed(1)} s ago`;
   const kind = p.peerKind === 'plain' ? ' (plain NBD: no checkpoints)' : '';
-  return `${p.role} → ${p.peer ?? 'no peer'}${kind}, ${p.protocol ?? '-'}, link ${p.link}, epoch ${p.epoch}, ${age}, disk ${p.diskState}, queue ${formatSize(p.queueBytes)}, behind ${formatSize(p.bytesBehind)}, generation ${p.gi.current}`;
+  return `${p.role} → ${p.peer ?? 'no peer'}${kind}, ${p.protocol ?? '-'}, link ${p.link}, epoch ${p.epoch}, ${age}, disk ${p.diskState}, queue ${formatSize(p.queueBytes)}${congestionText(p)}, behind ${formatSize(p.bytesBehind)}, generation ${p.gi.current}`;
 }
 
 /** Lines under the pair line: a split brain that holds the link (either side), a refused replicate, a secondary without a restore point. */

@@ -5,7 +5,7 @@
  * `roles` (shared with the secondary's side), and the pair verbs are registered here:
  *
  *   checkpoint {export?}                          → {export, epoch}    (the role's checkpoint())
- *   replicate  {export?, uri, protocol?, queue?}  → PairStatus          (starts a PrimaryRole)
+ *   replicate  {export?, uri, protocol?, queue?, onCongestion?, congestionTimeout?}  → PairStatus  (starts a PrimaryRole)
  * (`failover` is control-verbs.ts's: it calls PrimaryRole.failover() on a primary.)
  */
 import { z } from 'zod';
@@ -14,7 +14,7 @@ import type { ControlVerbRegistry } from '../api/control.js';
 import type { TransportRegistry } from '../api/transport.js';
 import { arg, verb, type VerbSpec } from '../control/verb.js';
 import { PrimaryRole, type PrimaryOptions } from './primary.js';
-import type { ReplicationFilter, ReplicationProtocol } from './replication-filter.js';
+import type { CongestionPolicy, ReplicationFilter, ReplicationProtocol } from './replication-filter.js';
 import type { FailoverOptions, FailoverResult, HandOff, PairRole, PairStatus } from './role.js';
 
 export interface ReplicationSpec {
@@ -23,6 +23,10 @@ export interface ReplicationSpec {
   uri: string;
   protocol?: ReplicationProtocol;
   queueBytes?: number;
+  /** async only (ERR_BAD_REQUEST with sync) */
+  onCongestion?: CongestionPolicy;
+  /** async only: ms */
+  congestionTimeoutMs?: number;
   checkpointIntervalMs?: number;
   /** this node's name (serve-nbd --node-name) */
   nodeName?: string;
@@ -57,16 +61,20 @@ export const PRIMARY_VERB_SPECS = {
       uri: arg.name().describe("the secondary's replica export, an NBD URI"),
       protocol: arg.oneOf(['sync', 'async']).nullish().describe('sync (default): a write completes when both have it; async: after the local write'),
       queue: arg.uint().nullish().describe('async: bytes the forwarding queue holds, payloads and 512 bytes per write (default 16 MiB)'),
+      onCongestion: arg.oneOf(['block', 'pull-ahead']).nullish().describe('async: a write that does not fit in the queue waits for room (block, the default) or replication degrades and resyncs later (pull-ahead)'),
+      congestionTimeout: arg.uint().nullish().describe('async, block: ms a waiting write lets the secondary reply to nothing before replication degrades (default 10000)'),
     }),
-    result: 'PairStatus: {role, peer, protocol, link, epoch, gi, diskState, queueBytes, bytesBehind, lastCheckpointAgeMs, peerKind}',
-    events: ['replication-connected', 'replication-degraded', 'resync-started', 'resync-done', 'pair-refused', 'split-brain'],
-    errors: ['ERR_NO_EXPORT', 'ERR_BAD_URI', 'ERR_PAIR_STATE', 'ERR_PAIR_SIZE', 'ERR_PAIR_ROLE', 'ERR_PAIR_SPLIT_BRAIN', 'ERR_PAIR_UNRELATED', 'ERR_READ_ONLY'],
+    result: 'PairStatus: {role, peer, protocol, link, epoch, gi, diskState, queueBytes, onCongestion, congestion, bytesBehind, lastCheckpointAgeMs, peerKind}',
+    events: ['replication-connected', 'replication-degraded', 'replication-congested', 'replication-uncongested', 'resync-started', 'resync-done', 'pair-refused', 'split-brain'],
+    errors: ['ERR_NO_EXPORT', 'ERR_BAD_REQUEST', 'ERR_BAD_URI', 'ERR_PAIR_STATE', 'ERR_PAIR_SIZE', 'ERR_PAIR_ROLE', 'ERR_PAIR_SPLIT_BRAIN', 'ERR_PAIR_UNRELATED', 'ERR_READ_ONLY'],
   },
 } as const satisfies Record<string, VerbSpec>;
 
 export const PAIR_EVENTS: ReadonlyArray<{ name: string; fields: string }> = [
   { name: 'replication-connected', fields: 'forwarding started: export, peer, protocol, peerKind' },
-  { name: 'replication-degraded', fields: 'forwarding stopped, writes are tracked: export, peer, reason, code' },
+  { name: 'replication-degraded', fields: 'forwarding stopped, writes are tracked: export, peer, reason (queue-full: pull-ahead; congestion-timeout: block, the secondary stopped replying), code' },
+  { name: 'replication-congested', fields: 'async, on-congestion block: the queue is full and writes wait for room: export, peer, queueBytes, limit' },
+  { name: 'replication-uncongested', fields: 'no write waits and the queue is at most half full again: export, peer, queueBytes, limit, waits (writes that waited), waitedMs (their waits added up), ms (since congested)' },
   { name: 'primary-io-error', fields: "a write failed on this disk (the client got the disk's errno; the region stays in the peer bitmap): export, op, offset, length, code, errno" },
   { name: 'replication-plain', fields: 'the secondary is a plain NBD server (no checkpoints): export, peer' },
   { name: 'resync-started', fields: 'export, peer, bytes (dirty), full' },
@@ -97,6 +105,10 @@ export class PrimaryHost {
       const st = existing.status();
       throw new BlkrepError('ERR_PAIR_STATE', `export "${name}" is already in a pair (${st.role}, peer ${st.peer ?? 'none'}, link ${st.link})`, { errno: 'EINVAL', details: { export: name } });
     }
+    if ((spec.protocol ?? 'sync') === 'sync' && (spec.onCongestion !== undefined || spec.congestionTimeoutMs !== undefined)) {
+      const what = spec.onCongestion !== undefined ? `onCongestion ${spec.onCongestion}` : `congestionTimeout ${spec.congestionTimeoutMs}`;
+      throw new BlkrepError('ERR_BAD_REQUEST', `${what} is for protocol async: a sync primary has no queue (every write waits for the secondary)`, { errno: 'EINVAL', details: { export: name } });
+    }
     if (ex.imagePath === undefined) {
       throw new BlkrepError('ERR_PAIR_STATE', `export "${name}" cannot be replicated: ${ex.why ?? 'its image is no regular file'} (the peer bitmap and the pair state live beside the disk)`, { errno: 'EINVAL' });
     }
@@ -111,6 +123,8 @@ export class PrimaryHost {
       uri: spec.uri,
       ...(spec.protocol ? { protocol: spec.protocol } : {}),
       ...(spec.queueBytes === undefined ? {} : { queueBytes: spec.queueBytes }),
+      ...(spec.onCongestion === undefined ? {} : { onCongestion: spec.onCongestion }),
+      ...(spec.congestionTimeoutMs === undefined ? {} : { congestionTimeoutMs: spec.congestionTimeoutMs }),
       ...(spec.checkpointIntervalMs === undefined ? {} : { checkpointIntervalMs: spec.checkpointIntervalMs }),
       ...(spec.nodeName === undefined ? {} : { nodeName: spec.nodeName }),
       ...(this.o.transports ? { transports: this.o.transports } : {}),
@@ -163,6 +177,8 @@ export class PrimaryHost {
           uri: a.uri,
           ...(a.protocol ? { protocol: a.protocol } : {}),
           ...(a.queue === undefined || a.queue === null ? {} : { queueBytes: a.queue }),
+          ...(a.onCongestion === undefined || a.onCongestion === null ? {} : { onCongestion: a.onCongestion }),
+          ...(a.congestionTimeout === undefined || a.congestionTimeout === null ? {} : { congestionTimeoutMs: a.congestionTimeout }),
         });
         return role.status();
       }),

@@ -41,7 +41,7 @@ import { EMPTY, JUST_CREATED, mint, newGeneration, type GenerationTuple } from '
 import { fetchRuns, PAIR_LINK_VERSION, PairChannel, runsPage, type PairMessage } from './messages.js';
 import type { FailoverOptions, FailoverResult, HandOff, PairLinkState, PairRole, PairStatus } from './role.js';
 import { PairStateFile, initialState, pairStatePath } from './state.js';
-import { ReplicationFilter, type ReplicationProtocol } from './replication-filter.js';
+import { ReplicationFilter, type CongestionPolicy, type ReplicationProtocol } from './replication-filter.js';
 import { sideFileBase } from '../util/state-dir.js';
 import { replicaWriterExport } from './data-token.js';
 
@@ -74,6 +74,10 @@ export interface PrimaryOptions {
   uri: string;
   protocol?: ReplicationProtocol;
   queueBytes?: number;
+  /** async: a write that does not fit in the queue waits (block, the default) or degrades (pull-ahead) */
+  onCongestion?: CongestionPolicy;
+  /** block: a wait with no reply from the secondary for this long degrades (ms) */
+  congestionTimeoutMs?: number;
   checkpointIntervalMs?: number;
   transports?: TransportRegistry;
   publish?: (event: string, fields: Record<string, unknown>) => void;
@@ -187,6 +191,14 @@ export class PrimaryRole implements PairRole {
     options.filter.configure({
       protocol: role.protocol,
       ...(options.queueBytes === undefined ? {} : { queueBytes: options.queueBytes }),
+      ...(options.onCongestion === undefined ? {} : { onCongestion: options.onCongestion }),
+      ...(options.congestionTimeoutMs === undefined ? {} : { congestionTimeoutMs: options.congestionTimeoutMs }),
+      // block: the queue was full and a write waited (started); none waits and the queue is at most half full (ended)
+      onCongestionChange: (state, info) => {
+        const at = { export: options.exportName, peer: role.uri.uri, queueBytes: info.queueBytes, limit: info.limit };
+        if (state === 'started') role.publish('replication-congested', at);
+        else role.publish('replication-uncongested', { ...at, waits: info.waits, waitedMs: info.waitedMs, ms: info.ms });
+      },
       peerBitmap: bitmap,
       onDegraded: (reason, error) => role.onDegraded(reason, error),
       // failure case 1 (replication.md §4): the client gets the disk's errno; the event says where
@@ -226,6 +238,7 @@ export class PrimaryRole implements PairRole {
       gi: s.gi,
       diskState: s.diskState,
       queueBytes: this.options.filter.queueBytes,
+      ...(this.protocol === 'async' ? { onCongestion: this.options.filter.onCongestion, congestion: this.options.filter.congestion } : {}),
       bytesBehind: this.peerBitmap.bitmap.dirtyBytes,
       lastCheckpointAgeMs: this.lastCheckpointAt === null ? null : Date.now() - this.lastCheckpointAt,
       ...(this.peerKind ? { peerKind: this.peerKind } : {}),

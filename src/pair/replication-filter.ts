@@ -26,7 +26,13 @@
  * succeeds clears the granules replied before it was sent and not written since (the mirror's
  * "unstable" rule: a cleared bit is stored only once the secondary holds the data stably).
  *
- * A forwarding failure (a forward rejected, the queue full) never fails the client's request:
+ * A full async queue (DRBD's congestion) is met by the `onCongestion` policy: `block` (the
+ * default, DRBD's): the write that does not fit waits, with every write after it, for room that
+ * the secondary's replies make, so the secondary stays UpToDate; a wait with no reply for
+ * `congestionTimeoutMs` degrades (a secondary that stops answering never holds a client's write
+ * longer than that). `pull-ahead`: the filter degrades at once (queue-full) and resyncs later.
+ *
+ * A forwarding failure (a forward rejected, the queue full under pull-ahead) never fails the client's request:
  * the filter degrades — forwarding stops, what was queued is dropped (its bits are set), later
  * writes only set bits — and calls `onDegraded(reason)`. The primary (primary.ts) reconnects and
  * resyncs by the peer bitmap with a mirror job: quiesce() first (the writes in flight set their
@@ -44,6 +50,36 @@ import { completeNode } from '../block/node.js';
 
 export type ReplicationProtocol = 'sync' | 'async';
 export type ReplicationMode = 'detached' | 'forwarding' | 'degraded' | 'resyncing';
+/** what an async primary does when a write does not fit in the queue (DRBD's on-congestion) */
+export type CongestionPolicy = 'block' | 'pull-ahead';
+export const CONGESTION_POLICIES: readonly CongestionPolicy[] = ['block', 'pull-ahead'];
+/**
+ * DRBD's default: a write waits for room in the buffer and the peer stays UpToDate (pull-ahead
+ * gives up the secondary's currency, and a resync, for the writer's latency)
+ */
+export const DEFAULT_ON_CONGESTION: CongestionPolicy = 'block';
+/**
+ * block: a write that waits for room while the secondary replies to nothing for this long
+ * degrades the filter (reason congestion-timeout): the bound on a client's wait when the
+ * secondary stops answering without closing its connection (DRBD: timeout × ko-count, 6 s × 7)
+ */
+export const DEFAULT_CONGESTION_TIMEOUT_MS = 10_000;
+
+/** block: how long writes waited for room in the queue */
+export interface CongestionStats {
+  /** writes that waited */
+  waits: number;
+  /** their waits added up, ms */
+  waitedMs: number;
+  /** the longest wait, ms */
+  maxWaitMs: number;
+  /** writes waiting now */
+  waiting: number;
+  /** congestion episodes (started: a first write waited; ended: no write waits and the queue is at most half full) */
+  episodes: number;
+  /** writes let in over the limit because the queue cannot drain without them (a checkpoint's cut, a barrier group's head) */
+  overLimit: number;
+}
 
 /**
  * The async queue's default bound. A primary's RSS is about its base (~100 MiB after the first
@@ -130,6 +166,12 @@ export interface ReplicationFilterOptions {
   protocol: ReplicationProtocol;
   /** the async queue's bound in bytes: payloads and QUEUE_ENTRY_BYTES per write (default 16 MiB) */
   queueBytes?: number;
+  /** async: a write that does not fit in the queue waits (block, the default) or degrades (pull-ahead) */
+  onCongestion?: CongestionPolicy;
+  /** block: a wait with no reply from the secondary for this long degrades (default 10 s) */
+  congestionTimeoutMs?: number;
+  /** block: a first write waited (started), or none waits and the queue is at most half full again (ended) */
+  onCongestionChange?: (state: 'started' | 'ended', info: { queueBytes: number; limit: number; waits: number; waitedMs: number; ms: number }) => void;
   /** the peer bitmap; the filter takes a ticket for every modifying request */
   peerBitmap?: PersistentBitmap;
   /** forwarding stopped: why (queue-full, forward-failed: …, detached) */
@@ -146,6 +188,17 @@ export class ReplicationFilter extends Filter {
   readonly driver = 'replication';
   protocol: ReplicationProtocol;
   queueLimit: number;
+  onCongestion: CongestionPolicy;
+  congestionTimeoutMs: number;
+  private onCongestionChange: ReplicationFilterOptions['onCongestionChange'];
+  /** block: writes waiting for room, oldest first */
+  private waiters: Waiter[] = [];
+  /** block: the congestion episode under way (since when, and its counters at its start) */
+  private episode: { since: number; waits: number; waitedMs: number } | undefined;
+  /** block: the last reply of a forward (the congestion timeout counts from it) */
+  private lastReplyAt = 0;
+  private congestionTimer: NodeJS.Timeout | undefined;
+  private readonly cong: CongestionStats = { waits: 0, waitedMs: 0, maxWaitMs: 0, waiting: 0, episodes: 0, overLimit: 0 };
   private peer: PersistentBitmap | undefined;
   private target: CompleteBlockNode | undefined;
   private resyncFront: CompleteBlockNode | undefined;
@@ -198,6 +251,9 @@ export class ReplicationFilter extends Filter {
     super(next);
     this.protocol = options.protocol;
     this.queueLimit = options.queueBytes ?? DEFAULT_QUEUE_BYTES;
+    this.onCongestion = options.onCongestion ?? DEFAULT_ON_CONGESTION;
+    this.congestionTimeoutMs = options.congestionTimeoutMs ?? DEFAULT_CONGESTION_TIMEOUT_MS;
+    this.onCongestionChange = options.onCongestionChange;
     this.onDegraded = options.onDegraded;
     this.onLocalError = options.onLocalError;
     this.open = this.newGroup();
@@ -244,6 +300,9 @@ export class ReplicationFilter extends Filter {
     if (this.current !== 'detached') throw new BlkrepError('ERR_PAIR_STATE', `the replication filter is ${this.current}: detach it first`);
     this.protocol = options.protocol;
     this.queueLimit = options.queueBytes ?? DEFAULT_QUEUE_BYTES;
+    this.onCongestion = options.onCongestion ?? DEFAULT_ON_CONGESTION;
+    this.congestionTimeoutMs = options.congestionTimeoutMs ?? DEFAULT_CONGESTION_TIMEOUT_MS;
+    this.onCongestionChange = options.onCongestionChange;
     this.onDegraded = options.onDegraded;
     this.onLocalError = options.onLocalError;
     if (options.peerBitmap) this.setPeerBitmap(options.peerBitmap);
@@ -350,6 +409,13 @@ export class ReplicationFilter extends Filter {
     this.pauseAfter = undefined;
     const err = new BlkrepError('ERR_PAIR_LINK_DOWN', 'forwarding to the secondary stopped');
     for (const w of this.drainWaiters.splice(0)) w.reject(err);
+    // writes waiting for room complete now, not forwarded: their tickets set the bits
+    for (const w of this.waiters.splice(0)) {
+      this.waited(w);
+      this.settleItem(w.item);
+      w.resolve();
+    }
+    this.endCongestion();
     this.releaseHold();
   }
 
@@ -477,44 +543,167 @@ export class ReplicationFilter extends Filter {
     g.pendingLocal++;
     g.members++;
     if (g.members >= MAX_GROUP_WRITES) this.closeOpenGroup();
-    let ok = false;
+    // one shape for every queued item (no optional fields added later, none deleted)
+    const item: Item = { op, group: g.id, offset, length, data: undefined, fua: o?.fua === true, noHole: o?.noHole === true, ticket, sent: false, done: false, queuedBytes: 0, entry: false, slab: undefined, at: 0 };
     try {
       await this.local(this.next, op, offset, length, data, o);
-      ok = true;
-    } finally {
+    } catch (err) {
       g.pendingLocal--;
-      // one shape for every queued item (no optional fields added later, none deleted)
-      const item: Item = { op, group: g.id, offset, length, data: undefined, fua: o?.fua === true, noHole: o?.noHole === true, ticket, sent: false, done: false, queuedBytes: 0, entry: false, slab: undefined, at: 0 };
-      if (!ok || this.current !== 'forwarding' || g.dropped) {
-        // not forwarded: the bits say the secondary may miss it
-        this.settleItem(item);
-      } else {
-        const bytes = op === 'write' ? length : 0;
-        // the room for payloads: the limit less every queued write's bookkeeping, this one's too.
-        // A write alone in the queue always fits (a 32 MiB NBD write into a 16 MiB queue): the
-        // queue then holds one write more than its limit, never more than one.
-        const room = this.entries === 0 ? Number.POSITIVE_INFINITY : this.queueLimit - (this.entries + 1) * QUEUE_ENTRY_BYTES;
-        if (this.queued + bytes > room || (data !== undefined && !this.copyPayload(item, data, room))) {
-          this.settleItem(item);
-          this.degrade(
-            'queue-full',
-            new BlkrepError('ERR_PAIR_QUEUE_FULL', `the forwarding queue is full: ${this.entries} writes waiting, ${this.queued} bytes of payload in ${this.slabBytes} bytes of buffers and ${QUEUE_ENTRY_BYTES} bytes of bookkeeping each; ${bytes} more bytes are over the limit of ${this.queueLimit}`, {
-              details: { queueBytes: this.queued, entries: this.entries, bufferBytes: this.slabBytes, limit: this.queueLimit },
-            }),
-          );
-        } else {
-          this.queued += bytes;
-          item.queuedBytes = bytes;
-          item.entry = true;
-          this.entries++;
-          this.addItem(g, item);
-          if (this.ordered) this.sendQueue.push(item);
-          // a write completing to the client closes the open group: later writes may depend on it
-          if (this.open.members > 0) this.closeOpenGroup();
-        }
-      }
+      // not forwarded: the bits say the secondary may miss it
+      this.settleItem(item);
       this.pump();
+      throw err;
     }
+    if (this.current !== 'forwarding' || g.dropped) {
+      g.pendingLocal--;
+      this.settleItem(item);
+      this.pump();
+      return;
+    }
+    // writes that waited for room before this one go first (first come, first queued)
+    if (this.waiters.length === 0 && this.tryQueue(item, g, data, false)) {
+      g.pendingLocal--;
+      this.pump();
+      return;
+    }
+    if (this.onCongestion === 'pull-ahead') {
+      g.pendingLocal--;
+      this.settleItem(item);
+      this.degrade('queue-full', this.queueFullError(item.op === 'write' ? length : 0));
+      this.pump();
+      return;
+    }
+    // block: the write completes once it is in the queue (its group stays pending meanwhile)
+    await new Promise<void>((resolve) => this.waitForRoom({ item, group: g, data, since: performance.now(), resolve }));
+  }
+
+  private queueFullError(bytes: number): BlkrepError {
+    return new BlkrepError('ERR_PAIR_QUEUE_FULL', `the forwarding queue is full: ${this.entries} writes waiting, ${this.queued} bytes of payload in ${this.slabBytes} bytes of buffers and ${QUEUE_ENTRY_BYTES} bytes of bookkeeping each; ${bytes} more bytes are over the limit of ${this.queueLimit}`, {
+      details: { queueBytes: this.queued, entries: this.entries, bufferBytes: this.slabBytes, limit: this.queueLimit },
+    });
+  }
+
+  /**
+   * Put a write whose local write completed into the queue, if it fits (or `force`: over the
+   * limit). The room for payloads: the limit less every queued write's bookkeeping, this one's
+   * too. A write alone in the queue always fits (a 32 MiB NBD write into a 16 MiB queue): the
+   * queue then holds one write more than its limit, never more than one.
+   */
+  private tryQueue(item: Item, g: Group, data: Buffer | undefined, force: boolean): boolean {
+    const bytes = item.op === 'write' ? item.length : 0;
+    const room = force || this.entries === 0 ? Number.POSITIVE_INFINITY : this.queueLimit - (this.entries + 1) * QUEUE_ENTRY_BYTES;
+    if (this.queued + bytes > room || (data !== undefined && !this.copyPayload(item, data, room))) return false;
+    this.queued += bytes;
+    item.queuedBytes = bytes;
+    item.entry = true;
+    this.entries++;
+    this.addItem(g, item);
+    if (this.ordered) this.sendQueue.push(item);
+    // a write completing to the client closes the open group: later writes may depend on it
+    if (this.open.members > 0) this.closeOpenGroup();
+    return true;
+  }
+
+  // ------------------------------------------------------------------ congestion (block)
+
+  /** block: a write waits for room; the first one starts a congestion episode and its timeout. */
+  private waitForRoom(w: Waiter): void {
+    this.waiters.push(w);
+    this.cong.waits++;
+    if (!this.episode) {
+      this.episode = { since: w.since, waits: this.cong.waits - 1, waitedMs: this.cong.waitedMs };
+      this.cong.episodes++;
+      this.onCongestionChange?.('started', { queueBytes: this.queued, limit: this.queueLimit, waits: 0, waitedMs: 0, ms: 0 });
+    }
+    this.armCongestionTimer();
+    // a reply may have made room meanwhile (or the write is the head group's, which the queue needs)
+    this.pump();
+  }
+
+  /**
+   * Let waiting writes into the queue: in order while they fit; out of order and over the limit
+   * a write the queue cannot drain without (its barrier group is the head group and nothing of
+   * that group is in flight, so no reply will make room while later groups wait for it; or it is
+   * before a checkpoint's cut, whose drain waits for it while nothing after the cut is sent), so
+   * a full queue never deadlocks. Such writes are bounded by the writes in flight at the time.
+   */
+  private admitWaiters(): void {
+    if (this.waiters.length === 0 || this.current !== 'forwarding') return;
+    const head = this.groups[this.groupsHead];
+    // the head group has nothing in flight: no reply will make room, and later groups wait for it
+    const headIdle = head !== undefined && !head.items.some((i) => !i.done);
+    let blocked = false;
+    for (let i = 0; i < this.waiters.length; ) {
+      const w = this.waiters[i]!;
+      const needed = (headIdle && w.group === head) || (this.pauseAfter !== undefined && w.group.id <= this.pauseAfter);
+      let queued = !blocked && this.tryQueue(w.item, w.group, w.data, false);
+      if (!queued && needed) {
+        queued = this.tryQueue(w.item, w.group, w.data, true);
+        if (queued) this.cong.overLimit++;
+      }
+      if (!queued) {
+        blocked = true;
+        i++;
+        continue;
+      }
+      this.waiters.splice(i, 1);
+      w.group.pendingLocal--;
+      this.waited(w);
+      w.resolve();
+    }
+  }
+
+  private waited(w: Waiter): void {
+    const ms = performance.now() - w.since;
+    this.cong.waitedMs += ms;
+    if (ms > this.cong.maxWaitMs) this.cong.maxWaitMs = ms;
+  }
+
+  /** the episode ends when no write waits and the queue is at most half full (no event per reply) */
+  private maybeEndCongestion(): void {
+    if (this.episode && this.waiters.length === 0 && this.queued + this.entries * QUEUE_ENTRY_BYTES <= this.queueLimit / 2) this.endCongestion();
+  }
+
+  private endCongestion(): void {
+    clearTimeout(this.congestionTimer);
+    this.congestionTimer = undefined;
+    const ep = this.episode;
+    if (!ep) return;
+    this.episode = undefined;
+    const round = (x: number): number => Math.round(x * 10) / 10;
+    this.onCongestionChange?.('ended', { queueBytes: this.queued, limit: this.queueLimit, waits: this.cong.waits - ep.waits, waitedMs: round(this.cong.waitedMs - ep.waitedMs), ms: round(performance.now() - ep.since) });
+  }
+
+  /**
+   * A write waits and the secondary replied to nothing for congestionTimeoutMs (since the last
+   * reply, or since the oldest wait began if later): degrade (congestion-timeout), which lets
+   * every waiting write complete with its bits set.
+   */
+  private armCongestionTimer(): void {
+    if (this.congestionTimer || this.waiters.length === 0) return;
+    const from = Math.max(this.lastReplyAt, this.waiters[0]!.since);
+    const delay = Math.max(0, from + this.congestionTimeoutMs - performance.now());
+    this.congestionTimer = setTimeout(() => {
+      this.congestionTimer = undefined;
+      if (this.waiters.length === 0 || this.current !== 'forwarding') return;
+      const stalled = performance.now() - Math.max(this.lastReplyAt, this.waiters[0]!.since);
+      if (stalled + 1 >= this.congestionTimeoutMs) {
+        this.degrade(
+          'congestion-timeout',
+          new BlkrepError('ERR_PAIR_TIMEOUT', `${this.waiters.length} writes waited for room in the forwarding queue (${this.queued} bytes of ${this.queueLimit}) and the secondary replied to nothing for ${Math.round(stalled)} ms (the congestion timeout is ${this.congestionTimeoutMs} ms)`, {
+            details: { waiting: this.waiters.length, queueBytes: this.queued, limit: this.queueLimit, stalledMs: Math.round(stalled) },
+          }),
+        );
+      } else {
+        this.armCongestionTimer();
+      }
+    }, delay);
+    this.congestionTimer.unref?.();
+  }
+
+  /** block: how long writes waited for room (status) */
+  get congestion(): CongestionStats {
+    return { ...this.cong, waitedMs: Math.round(this.cong.waitedMs), maxWaitMs: Math.round(this.cong.maxWaitMs), waiting: this.waiters.length };
   }
 
   /**
@@ -682,6 +871,7 @@ export class ReplicationFilter extends Filter {
     this.forwardOne(item).then(
       () => {
         done();
+        this.lastReplyAt = performance.now();
         this.queued -= item.queuedBytes ?? 0;
         item.queuedBytes = 0;
         if (item.entry) {
@@ -725,6 +915,7 @@ export class ReplicationFilter extends Filter {
 
   /** Send what the head group holds; move on once it is closed, complete and replied. */
   private pump(): void {
+    if (this.waiters.length > 0) this.admitWaiters();
     if (this.ordered) this.sendInOrder();
     while (this.groupsHead < this.groups.length && this.target) {
       const head = this.groups[this.groupsHead]!;
@@ -743,6 +934,14 @@ export class ReplicationFilter extends Filter {
       this.groups = this.groups.slice(this.groupsHead);
       this.groupsHead = 0;
     }
+    if (this.waiters.length > 0) {
+      // the head moved (a waiting write may be the new head's) or a reply made room
+      const before = this.waiters.length;
+      this.admitWaiters();
+      if (this.waiters.length < before) this.pump();
+      else this.armCongestionTimer();
+    }
+    if (this.episode) this.maybeEndCongestion();
   }
 
   // ------------------------------------------------------------------------------------ flush
@@ -839,6 +1038,17 @@ export class ReplicationFilter extends Filter {
   async idle(): Promise<void> {
     if (this.inFlight > 0) await new Promise<void>((r) => this.idleWaiters.push(r));
   }
+}
+
+/** block: a write whose local write completed, waiting for room in the async queue */
+interface Waiter {
+  item: Item;
+  group: Group;
+  /** the client's payload (copied into the queue when let in) */
+  data: Buffer | undefined;
+  /** performance.now() when it began to wait */
+  since: number;
+  resolve: () => void;
 }
 
 /** a modifying request in flight: a later one that overlaps it waits for it (waiters, made on demand) */

@@ -22,6 +22,10 @@ export interface PairStatus {
   diskState: DiskState;
   /** bytes waiting in the forwarding queue (primary; 0 on a secondary) */
   queueBytes: number;
+  /** an async primary: what a write that does not fit in the queue does (serve-nbd --on-congestion) */
+  onCongestion?: 'block' | 'pull-ahead';
+  /** an async primary: how long writes waited for room in the queue (block) */
+  congestion?: { waits: number; waitedMs: number; maxWaitMs: number; waiting: number; episodes: number; overLimit: number };
   /** bytes the peer misses (the peer bitmap's weight; 0 on a secondary) */
   bytesBehind: number;
   /** milliseconds since the last committed checkpoint, null before the first */

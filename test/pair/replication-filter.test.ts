@@ -8,13 +8,16 @@ import v8 from 'node:v8';
 import { runInNewContext } from 'node:vm';
 import { describe, expect, it } from 'vitest';
 import { BlkrepError } from '../../src/api/errors.js';
+import type { WriteOptions } from '../../src/api/block.js';
 import { PersistentBitmap } from '../../src/bitmap/persistent.js';
 import { MemoryNode } from '../../src/block/memory.js';
-import { MAX_SENDING, QUEUE_ENTRY_BYTES, ReplicationFilter, SLAB_BYTES, type ReplicationProtocol } from '../../src/pair/replication-filter.js';
+import { MAX_SENDING, QUEUE_ENTRY_BYTES, ReplicationFilter, SLAB_BYTES, type ReplicationFilterOptions, type ReplicationProtocol } from '../../src/pair/replication-filter.js';
 import { Gate, hookNode, type HookOptions } from '../support/fault-node.js';
 import { makeTempDir, withTimeout } from '../support/spawn.js';
 
 const SIZE = 16 << 20;
+/** the queue-full tests: degrade at once (the default, block, waits for room) */
+const PULL_AHEAD = { onCongestion: 'pull-ahead' } as const;
 const G = 64 << 10;
 /** the async queue's bookkeeping per queued write, bytes of heap (measured 271 to an ordered target) */
 const MAX_HEAP_PER_QUEUED = 384;
@@ -23,7 +26,7 @@ function fill(byte: number, length: number): Buffer {
   return Buffer.alloc(length, byte);
 }
 
-async function setup(protocol: ReplicationProtocol, hooks: HookOptions = {}, queueBytes?: number) {
+async function setup(protocol: ReplicationProtocol, hooks: HookOptions = {}, queueBytes?: number, extra: Partial<ReplicationFilterOptions> = {}) {
   const dir = await makeTempDir();
   const local = new MemoryNode(SIZE);
   const remote = new MemoryNode(SIZE);
@@ -35,6 +38,7 @@ async function setup(protocol: ReplicationProtocol, hooks: HookOptions = {}, que
     peerBitmap: peer,
     ...(queueBytes === undefined ? {} : { queueBytes }),
     onDegraded: (reason, error) => degraded.push({ reason, code: error?.code }),
+    ...extra,
   });
   filter.attach(target);
   return { local, remote, target, peer, filter, degraded };
@@ -45,6 +49,17 @@ async function settle(): Promise<void> {
   for (let i = 0; i < 20; i++) await new Promise<void>((r) => setImmediate(r));
 }
 
+
+/** Until cond() holds (5 s at most): the peer bitmap's activity log writes to its file before a write goes on. */
+async function until(cond: () => boolean, what: string): Promise<void> {
+  await withTimeout(
+    (async () => {
+      while (!cond()) await settle();
+    })(),
+    5000,
+    what,
+  );
+}
 
 /** Until the async queue is empty (5 s at most). */
 async function drained(filter: { queueBytes: number }): Promise<void> {
@@ -242,7 +257,7 @@ describe('replication filter, async', () => {
 
   it('a full queue degrades replication; every write still succeeds and is in the peer bitmap', async () => {
     const gate = new Gate();
-    const { filter, peer, degraded, local } = await setup('async', { gate, gateOps: ['write'] }, 1 << 20);
+    const { filter, peer, degraded, local } = await setup('async', { gate, gateOps: ['write'] }, 1 << 20, PULL_AHEAD);
     gate.close();
     for (let i = 0; i < 4; i++) await expect(filter.write(i * (512 << 10), fill(0x10 + i, 512 << 10))).resolves.toBeUndefined();
     expect(filter.mode).toBe('degraded');
@@ -260,7 +275,7 @@ describe('replication filter, async', () => {
   it('the queue retains at most its bound in payload memory (whole slabs counted), reuses a slab once every copy in it was replied, and frees all of it on degrade', async () => {
     const gate = new Gate();
     const limit = 4 * SLAB_BYTES;
-    const { filter, peer, degraded, local, remote } = await setup('async', { gate, gateOps: ['write'] }, limit);
+    const { filter, peer, degraded, local, remote } = await setup('async', { gate, gateOps: ['write'] }, limit, PULL_AHEAD);
     gate.close();
     // 512-byte writes share one slab: a copy each would be an ArrayBuffer each (a pooled one would
     // keep a whole 8 KiB pool slab per write, 16× its size)
@@ -304,7 +319,7 @@ describe('replication filter, async', () => {
   it('a queue of small writes is bounded by their bookkeeping too: each counts its payload and QUEUE_ENTRY_BYTES', async () => {
     const gate = new Gate();
     const limit = 1 << 20;
-    const { filter, peer, degraded } = await setup('async', { gate, gateOps: ['write'] }, limit);
+    const { filter, peer, degraded } = await setup('async', { gate, gateOps: ['write'] }, limit, PULL_AHEAD);
     gate.close();
     // 512-byte payloads: 1 MiB / (512 + 512) = 1024 writes fit, not the 2048 the payloads alone would allow
     let queuedWrites = 0;
@@ -325,7 +340,7 @@ describe('replication filter, async', () => {
   it('a write larger than the whole queue fits when it is alone in it; a second one overflows', async () => {
     const gate = new Gate();
     const limit = 1 << 20;
-    const { filter, peer, degraded, local, remote } = await setup('async', { gate, gateOps: ['write'] }, limit);
+    const { filter, peer, degraded, local, remote } = await setup('async', { gate, gateOps: ['write'] }, limit, PULL_AHEAD);
     gate.close();
     await filter.write(0, fill(0x71, 2 << 20));
     expect(filter.mode).toBe('forwarding');
@@ -412,6 +427,95 @@ describe('replication filter, async', () => {
       ['flush', 0],
       ['write', G],
     ]);
+    await peer.close();
+  });
+});
+
+describe('replication filter, async, on congestion block (the default)', () => {
+  it('a write that does not fit waits for room instead of degrading; every write completes once replies come, the secondary gets them all, the episode is reported', async () => {
+    const gate = new Gate();
+    const changes: Array<{ state: string; waits: number }> = [];
+    const { remote, local, target, filter, peer, degraded } = await setup('async', { gate, gateOps: ['write'] }, 1 << 20, {
+      onCongestionChange: (state, info) => changes.push({ state, waits: info.waits }),
+    });
+    filter.attach(target, { ordered: true });
+    gate.close();
+    const done: boolean[] = [];
+    const writes = Array.from({ length: 8 }, (_, i) => filter.write(i * (256 << 10), fill(0x50 + i, 256 << 10)).then(() => (done[i] = true)));
+    await until(() => filter.congestion.waiting === 5, 'five writes waiting');
+    await settle();
+    // 3 × 256 KiB and their bookkeeping fit in 1 MiB; the 4th would not: it and the ones after it wait
+    expect(done.filter(Boolean)).toHaveLength(3);
+    expect(filter.mode).toBe('forwarding');
+    expect(filter.congestion).toMatchObject({ waits: 5, waiting: 5, episodes: 1, overLimit: 0 });
+    expect(changes).toEqual([{ state: 'started', waits: 0 }]);
+    gate.open();
+    await withTimeout(Promise.all(writes), 5000, 'the waiting writes');
+    await drained(filter);
+    expect(degraded).toEqual([]);
+    expect(filter.congestion).toMatchObject({ waits: 5, waiting: 0, episodes: 1 });
+    expect(changes).toEqual([
+      { state: 'started', waits: 0 },
+      { state: 'ended', waits: 5 },
+    ]);
+    expect((await remote.read(0, 2 << 20)).equals(await local.read(0, 2 << 20))).toBe(true);
+    await filter.flush();
+    expect(peer.bitmap.dirtyBytes).toBe(0);
+    await peer.close();
+  });
+
+  it('a secondary that replies to nothing for congestionTimeoutMs while a write waits degrades (congestion-timeout, ERR_PAIR_TIMEOUT): the waiting writes complete, their regions are in the peer bitmap', async () => {
+    const gate = new Gate();
+    const { filter, peer, degraded, local } = await setup('async', { gate, gateOps: ['write'] }, 1 << 20, { congestionTimeoutMs: 200 });
+    gate.close();
+    const writes = Array.from({ length: 6 }, (_, i) => filter.write(i * (256 << 10), fill(0x60 + i, 256 << 10)));
+    await withTimeout(Promise.all(writes), 5000, 'the writes, released by the congestion timeout');
+    expect(filter.mode).toBe('degraded');
+    expect(degraded.map((d) => [d.reason, d.code])).toEqual([['congestion-timeout', 'ERR_PAIR_TIMEOUT']]);
+    expect(filter.congestion).toMatchObject({ waits: 3, waiting: 0 });
+    expect([...peer.bitmap.dirtyRuns()]).toEqual([{ offset: 0, length: 6 * (256 << 10) }]);
+    for (let i = 0; i < 6; i++) expect((await local.read(i * (256 << 10), 256 << 10)).equals(fill(0x60 + i, 256 << 10))).toBe(true);
+    gate.open();
+    await settle();
+    await peer.close();
+  });
+
+  it("a write from before a checkpoint's cut that finds the queue full of writes after the cut is let in over the limit (the cut's drain waits for it, nothing after the cut is sent): no deadlock", async () => {
+    const dir = await makeTempDir();
+    const local = new MemoryNode(SIZE);
+    const HELD = 15 << 20;
+    let letGo!: () => void;
+    const held = new Promise<void>((r) => (letGo = r));
+    let holding = false;
+    const write = local.write.bind(local);
+    local.write = async (offset: number, data: Buffer, o?: WriteOptions) => {
+      if (offset === HELD) {
+        holding = true;
+        await held;
+      }
+      return write(offset, data, o);
+    };
+    const remote = new MemoryNode(SIZE);
+    const peer = await PersistentBitmap.create(join(dir, 'peer.bitmap'), { size: SIZE, granularity: G });
+    const degraded: string[] = [];
+    const filter = new ReplicationFilter(local, { protocol: 'async', peerBitmap: peer, queueBytes: 1 << 20, congestionTimeoutMs: 60_000, onDegraded: (reason) => degraded.push(reason) });
+    filter.attach(remote, { ordered: true });
+    const before = filter.write(HELD, fill(0x71, 4096));
+    await until(() => holding, 'the write before the cut in its local write');
+    const cut = filter.cut();
+    // after the cut: 3 × 340 KiB fill the queue (queued, not sent)
+    for (let i = 0; i < 3; i++) await filter.write(i * (1 << 20), fill(0x72 + i, 340 << 10));
+    expect(filter.queueBytes).toBe(3 * (340 << 10));
+    letGo();
+    await withTimeout(Promise.all([before, cut]), 5000, "the cut's drain");
+    expect(filter.congestion).toMatchObject({ waits: 1, overLimit: 1, waiting: 0 });
+    expect((await remote.read(HELD, 4096)).equals(fill(0x71, 4096))).toBe(true);
+    // nothing after the cut reached the secondary before the release
+    expect((await remote.read(0, 4096)).equals(Buffer.alloc(4096))).toBe(true);
+    filter.release();
+    await drained(filter);
+    expect((await remote.read(0, 3 << 20)).equals(await local.read(0, 3 << 20))).toBe(true);
+    expect(degraded).toEqual([]);
     await peer.close();
   });
 });

@@ -1,6 +1,6 @@
 /**
  * Degrade and resync through a real blkrep secondary with a slow disk in its path (async primary,
- * --queue 1M, the secondary's disk delayed 200 ms per write: the queue overflows, degraded
+ * --queue 1M --on-congestion pull-ahead, the secondary's disk delayed 200 ms per write: the queue overflows, degraded
  * queue-full, bitmap resync while the client keeps writing). The client must see no error, the
  * resyncs copy no more than 1.1x what was written (never the whole disk), and the disks must be
  * equal after a checkpoint.
@@ -33,7 +33,7 @@ describe('resync through a slow secondary', () => {
     await blank(pImg);
     await blank(sImg);
     await serve([sImg, '--secondary', '--socket', sSock, '--control', sControl, '--filter', 'delay:write=200,at=disk']);
-    const p = await serve([pImg, '--socket', pSock, '--control', pControl, '--replicate-to', unixUri(sSock), '--protocol', 'async', '--queue', '1M']);
+    const p = await serve([pImg, '--socket', pSock, '--control', pControl, '--replicate-to', unixUri(sSock), '--protocol', 'async', '--queue', '1M', '--on-congestion', 'pull-ahead']);
     const pEv = await eventsOf(pControl);
     await firstCheckpoint(pControl);
     const mark = pEv.events.length;
