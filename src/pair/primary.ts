@@ -37,7 +37,7 @@ import { MirrorJob } from '../jobs/mirror.js';
 import { upgraderOf } from '../nbd/client-connect.js';
 import { openExtension, OPT_BLKREP_PAIR_LINK, startTlsPrepare } from '../nbd/option-takeover.js';
 import { parseNbdUri, type NbdUri } from '../nbd/uri.js';
-import { EMPTY, JUST_CREATED, mint, newGeneration, type GenerationTuple } from './generations.js';
+import { EMPTY, finishResyncAsSource, JUST_CREATED, mint, newGeneration, type GenerationTuple } from './generations.js';
 import { fetchRuns, PAIR_LINK_VERSION, PairChannel, runsPage, type PairMessage } from './messages.js';
 import type { FailoverOptions, FailoverResult, HandOff, PairLinkState, PairRole, PairStatus } from './role.js';
 import { PairStateFile, initialState, pairStatePath } from './state.js';
@@ -116,6 +116,12 @@ export class PrimaryRole implements PairRole {
   private checkpointing: Promise<{ epoch: number }> | undefined;
   private lastCheckpointAt: number | null = null;
   private freshBitmap = false;
+  /**
+   * A resync ended and the checkpoint after it (where the secondary adopts this node's hello
+   * generations) has not succeeded yet: that checkpoint moves the bitmap GI into history
+   * (finishResyncAsSource), so the next peer loss mints with this current as the bitmap GI.
+   */
+  private resyncEnded = false;
   /** the last run of this primary did not stop cleanly (said in hello until a resync is done) */
   private crashed = false;
   private lastError: string | null = null;
@@ -426,6 +432,7 @@ export class PrimaryRole implements PairRole {
     this.resyncJob = undefined;
     await this.peerBitmap.flush().catch(() => {});
     this.freshBitmap = false;
+    this.resyncEnded = true;
     this.crashed = false;
     this.attempt = 0;
     this.lastError = null;
@@ -559,8 +566,13 @@ export class PrimaryRole implements PairRole {
       const t2 = performance.now();
       // the peer bitmap's clears (the cut's FLUSH) become durable after the release: a failure
       // there costs resync time only, not the checkpoint (the secondary already committed it)
+      // the checkpoint that ends a resync: the secondary took this node's generations; the bitmap
+      // GI goes into history (kept, mint() would keep the old bitmap GI at the next peer loss and
+      // the secondary's current would be in history only: rule 60, a full resync)
+      const ended = this.resyncEnded;
+      this.resyncEnded = false;
       await Promise.all([
-        this.state.update((s) => ({ ...s, epoch: n, diskState: 'UpToDate' })),
+        this.state.update((s) => ({ ...s, epoch: n, diskState: 'UpToDate', ...(ended && s.gi.bitmap !== EMPTY ? { gi: finishResyncAsSource(s.gi) } : {}) })),
         filter.flushPeer().catch((err: unknown) => this.log('warn', `checkpoint ${n}: the peer bitmap flush: ${(err as Error).message}`)),
       ]);
       const round = (x: number): number => Math.round(x * 10) / 10;

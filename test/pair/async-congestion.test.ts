@@ -11,7 +11,12 @@
  *   timeout degrades (congestion-timeout, ERR_PAIR_TIMEOUT) and the writes complete; resumed, it
  *   is resynced by bitmap and the disks are equal.
  * - the flags are refused with --protocol sync (no queue).
- * pull-ahead's exact event (queue-full, ERR_PAIR_QUEUE_FULL) and its resync: resync-slow-secondary.test.ts.
+ * - pull-ahead: the exact event (queue-full, ERR_PAIR_QUEUE_FULL), twice, each resync by bitmap.
+ *   Found 2026-12-06 (helper oc): the second degrade (after the checkpoint that ended the first
+ *   resync) resynced in full, every time: the primary never moved its bitmap GI into history
+ *   after a resync, so the next mint kept the old bitmap GI and the secondary's current (the
+ *   adopted one) was only in the primary's history: rule 60. Fixed in PrimaryRole.checkpointNow
+ *   (finishResyncAsSource at the checkpoint that ends a resync).
  */
 import { truncate, writeFile } from 'node:fs/promises';
 import { describe, expect, it } from 'vitest';
@@ -30,9 +35,9 @@ async function blank(path: string): Promise<void> {
   await truncate(path, SIZE);
 }
 
-function burst(pSock: string) {
+function burst(pSock: string, seed = 0) {
   const cmds: string[] = [];
-  for (let i = 0; i < WRITES; i++) cmds.push('-c', `write -P ${i + 1} ${((i * 79) % 128) * 64 * KiB} 64k`);
+  for (let i = 0; i < WRITES; i++) cmds.push('-c', `write -P ${((i + seed) % 250) + 1} ${((i * 79) % 128) * 64 * KiB} 64k`);
   return run('qemu-io', ['-f', 'raw', unixUri(pSock), ...cmds, '-c', 'flush']);
 }
 
@@ -120,6 +125,30 @@ describe('async primary, on congestion', () => {
     }, 'the primary connected again, nothing behind', { timeoutMs: 60_000 });
     const cp = await runCli(['checkpoint', '--control', pControl, '--json']);
     expect(cp.code).toBe(0);
+    await pEv.close();
+    expect(await p.stop()).toBe(0);
+    await identical(pImg, sImg);
+  });
+
+  it('pull-ahead: a full queue degrades at once (queue-full, ERR_PAIR_QUEUE_FULL) and resyncs by bitmap; a second degrade after the checkpoint that ended the first resync resyncs by bitmap too; disks equal', async () => {
+    const { pImg, sImg, pSock, pControl, p, pEv } = await slowPair(['--on-congestion', 'pull-ahead']);
+    for (let round = 1; round <= 2; round++) {
+      const mark = pEv.events.length;
+      const w = await burst(pSock, round);
+      expect(w.code).toBe(0);
+      expect(w.stdout + w.stderr).not.toContain('failed');
+      expect(await pEv.next('replication-degraded', mark)).toMatchObject({ reason: 'queue-full', code: 'ERR_PAIR_QUEUE_FULL' });
+      await waitFor(async () => {
+        const st = await pairOf(pControl);
+        return st.link === 'connected' && st.bytesBehind === 0 && st.queueBytes === 0;
+      }, `round ${round}: connected again, nothing behind`, { timeoutMs: 60_000 });
+      // the checkpoint after the resync (the secondary adopts the generations)
+      await pEv.next('checkpoint', mark);
+      const starts = pEv.events.slice(mark).filter((e) => e.event === 'resync-started');
+      expect(starts.length).toBeGreaterThan(0);
+      expect(starts.map((e) => e.full)).toEqual(starts.map(() => false));
+      expect((await pairOf(pControl)).onCongestion).toBe('pull-ahead');
+    }
     await pEv.close();
     expect(await p.stop()).toBe(0);
     await identical(pImg, sImg);
