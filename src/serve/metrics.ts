@@ -80,6 +80,8 @@ export class Metrics {
     const pairLink = new Gauge({ name: 'blkrep_pair_link', help: '1 for the state the pair link of an export is in', labelNames: ['export', 'role', 'state'], registers: [r] });
     const pairQueue = new Gauge({ name: 'blkrep_pair_queue_bytes', help: 'bytes waiting in the forwarding queue (primary)', labelNames: ['export'], registers: [r] });
     const pairBehind = new Gauge({ name: 'blkrep_pair_behind_bytes', help: 'bytes the peer misses (the peer bitmap)', labelNames: ['export'], registers: [r] });
+    const pairWaits = new Counter({ name: 'blkrep_pair_congestion_waits_total', help: 'writes that waited for room in the forwarding queue (async primary, on-congestion block)', labelNames: ['export'], registers: [r] });
+    const pairWaited = new Counter({ name: 'blkrep_pair_congestion_wait_seconds_total', help: 'seconds writes waited for room in the forwarding queue, added up (async primary, on-congestion block)', labelNames: ['export'], registers: [r] });
     const pairEpoch = new Gauge({ name: 'blkrep_pair_epoch', help: 'last committed checkpoint epoch', labelNames: ['export'], registers: [r] });
     const pairAge = new Gauge({ name: 'blkrep_pair_checkpoint_age_seconds', help: 'seconds since the last committed checkpoint (absent before the first)', labelNames: ['export'], registers: [r] });
     const hbState = new Gauge({ name: 'blkrep_heartbeat_peer', help: '1 for the state the peer is in', labelNames: ['peer', 'state'], registers: [r] });
@@ -90,7 +92,7 @@ export class Metrics {
     // Everything but the histogram is the daemon's status at scrape time, set afresh each time.
     this.refresh = () => {
       const s = this.source.status();
-      for (const m of [requests, read, written, errors, connectionsTotal, connections, exportSize, dirty, jobOffset, jobLength, jobRate, jobStatus, pairLink, pairQueue, pairBehind, pairEpoch, pairAge, hbState, hbPhi, hbAge, hbRejected]) m.reset();
+      for (const m of [requests, read, written, errors, connectionsTotal, connections, exportSize, dirty, jobOffset, jobLength, jobRate, jobStatus, pairLink, pairQueue, pairWaits, pairWaited, pairBehind, pairEpoch, pairAge, hbState, hbPhi, hbAge, hbRejected]) m.reset();
       buffer.set(s.buffers.used);
       bufferLimit.set(s.buffers.limit);
       for (const e of s.exports) {
@@ -109,6 +111,10 @@ export class Metrics {
           for (const state of LINK_STATES) pairLink.set({ ...l, role: p.role, state }, p.link === state ? 1 : 0);
           pairQueue.set(l, p.queueBytes);
           pairBehind.set(l, p.bytesBehind);
+          if (p.congestion) {
+            pairWaits.inc(l, p.congestion.waits);
+            pairWaited.inc(l, p.congestion.waitedMs / 1000);
+          }
           pairEpoch.set(l, p.epoch);
           if (p.lastCheckpointAgeMs !== null) pairAge.set(l, p.lastCheckpointAgeMs / 1000);
         }

@@ -61,7 +61,7 @@ async function identical(a: string, b: string): Promise<void> {
 
 describe('async primary, on congestion', () => {
   it('block (the default): a full queue makes writes wait; no degrade, no resync, every write acknowledged, the waits in status and events; disks equal after a checkpoint', async () => {
-    const { pImg, sImg, pSock, pControl, p, pEv, mark } = await slowPair([]);
+    const { pImg, sImg, pSock, pControl, p, pEv, mark } = await slowPair(['--metrics', '127.0.0.1:0']);
     const w = await burst(pSock);
     expect(w.code).toBe(0);
     expect(w.stdout + w.stderr).not.toContain('failed');
@@ -81,6 +81,9 @@ describe('async primary, on congestion', () => {
     expect(congested[0]).toMatchObject({ limit: MiB });
     const ended = evs.filter((e) => e.event === 'replication-uncongested');
     expect(ended.reduce((n, e) => n + (e.waits as number), 0)).toBe(st.congestion!.waits);
+    const metrics = await (await fetch(new URL('/metrics', JSON.parse(p.listeningLine).metrics as string))).text();
+    expect(metrics).toContain(`blkrep_pair_congestion_waits_total{export=""} ${st.congestion!.waits}\n`);
+    expect(metrics).toMatch(/blkrep_pair_congestion_wait_seconds_total\{export=""\} [0-9.]+\n/);
     const text = await runCli(['status', '--control', pControl]);
     expect(text.stdout).toMatch(/on congestion block: \d+ writes waited \d+ ms, 0 waiting/);
     await pEv.close();
