@@ -24,7 +24,7 @@ import { ReplicaWriters } from './data-token.js';
 import { crashPoint, faultPoint, readBootId } from './crash-hook.js';
 import { stackFilters, type FilterSpec } from '../block/filters/spec.js';
 import { completeNode } from '../block/node.js';
-import { decide, mint, type Decision, type GenerationTuple } from './generations.js';
+import { decide, finishResyncAsTarget, mint, type Decision, type GenerationTuple } from './generations.js';
 import { listSalvage, salvage, salvagePath, type SalvageEntry } from './salvage.js';
 import { resolveSplitBrain, type AfterSb0Policy, type SplitBrainResolution, type SplitBrainSide } from './split-brain.js';
 import { fetchRuns, PAIR_LINK_VERSION, PairChannel, runsPage, type DiskState, type LinkDecision, type NodeSummary, type PairMessage } from './messages.js';
@@ -792,7 +792,8 @@ export class SecondaryRole implements PairRole {
       crashPoint('checkpoint-step-6');
       // step 7: durably "epoch n committed"; a resync ended with this checkpoint: adopt the primary's generations
       // (after a lost restore point the hello forced that resync to be full: the disk is CP_n, a restore point again)
-      const gi = this.peerHello?.gi;
+      // as the primary has them after this checkpoint: its bitmap GI moved into history (finishResyncAsTarget)
+      const gi = this.peerHello?.gi ? finishResyncAsTarget(this.peerHello.gi) : undefined;
       await this.state.update((s) => ({ ...s, epoch: n, committing: null, ...(gi && this.link ? { gi, diskState: 'UpToDate' as const, restorePointLost: null } : {}) }));
       if (gi && this.link) this.failedReason = null;
       this.refreshBypass();
