@@ -159,8 +159,34 @@ export class HeartbeatService {
     service.beat();
     service.sendTimer = setInterval(() => service.beat(), options.intervalMs);
     // re-evaluated ten times per interval: a death is declared within a tenth of an interval of its bound
-    service.checkTimer = setInterval(() => service.monitor.check(service.clock()), Math.max(10, Math.floor(options.intervalMs / 10)));
+    const every = Math.max(10, Math.floor(options.intervalMs / 10));
+    service.lastCheckAt = service.clock();
+    service.checkTimer = setInterval(() => service.check(every), every);
     return service;
+  }
+
+  private lastCheckAt = 0;
+
+  /**
+   * The timer's re-evaluation. A check that comes late (by more than two periods) means this
+   * process did not run meanwhile (descheduled on a loaded host, a long task, a pause): the
+   * beats the peer sent during that stall wait in the paths' sockets, and the event loop runs
+   * its timers before it reads them, so checking now would judge a silence that is this
+   * node's own (a false peer-suspect, or after a long stall a false peer-dead that fences a
+   * live primary). Then the check waits for the loop's I/O phase (setImmediate) and judges
+   * after the queued beats are counted.
+   */
+  private check(every: number): void {
+    const now = this.clock();
+    const late = now - this.lastCheckAt > 2 * every;
+    this.lastCheckAt = now;
+    if (!late) {
+      this.monitor.check(now);
+      return;
+    }
+    setImmediate(() => {
+      if (!this.stopped) this.monitor.check(this.clock());
+    });
   }
 
   private beat(): void {

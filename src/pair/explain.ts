@@ -13,6 +13,7 @@ import { BlkrepError } from '../api/errors.js';
 import { formatSize } from '../util/size.js';
 import { decide, newGeneration, onLineageEvent, type Decision, type DecisionResult, type GenerationTuple } from './generations.js';
 import type { DiskState, LinkDecision, NodeSummary } from './messages.js';
+import { failoverRefusal, type SecondaryFailoverRule } from './secondary-explain.js';
 import { resolveSplitBrain, type SplitBrainPolicies, type SplitBrainResolution } from './split-brain.js';
 
 /** One node as the connect decision sees it. */
@@ -189,10 +190,11 @@ export interface FailoverInput {
   protocol: 'sync' | 'async' | null;
   /** the pair link to the peer is up: a secondary's primary is alive and is told to demote (a planned switchover) */
   linkUp: boolean;
-  /** async: a resync ran since the last checkpoint, so the disk is not an ordered prefix (--to latest unsafe) */
-  resyncSinceCheckpoint: boolean;
-  /** the hidden overlay was lost (restartPlan said mark-inconsistent): CP_epoch cannot be restored */
-  hiddenLost?: boolean;
+  /**
+   * why the secondary has no checkpoint to roll back to (state.ts noRestorePoint: before its first
+   * checkpoint, the initial full sync, a lost volatile hidden disk), or null/absent: it has one
+   */
+  noRestorePoint?: string | null;
   /** bytes allocated in the hidden and active overlays (secondary) */
   hiddenBytes: number;
   activeBytes: number;
@@ -211,6 +213,12 @@ export interface FailoverInput {
 export interface FailoverExplanation {
   allowed: boolean;
   refused?: { code: string; message: string };
+  /**
+   * secondary: the rule that decides the failover itself, as the daemon's failover --dry-run
+   * --json names it in its `rule` (failover-to-checkpoint, refused-outdated, …; the same rules:
+   * secondary-explain.ts failoverRefusal). `rule` below is the generation table's, for the reconnect.
+   */
+  failoverRule?: SecondaryFailoverRule;
   role: 'primary' | 'secondary';
   to: 'checkpoint' | 'latest';
   /** the epoch the promoted disk stands at (secondary) */
@@ -234,22 +242,10 @@ export interface FailoverExplanation {
   text: string;
 }
 
-function refusal(input: FailoverInput): { code: string; message: string } | undefined {
+/** The daemon's refusal rules (secondary-explain.ts), on this input. */
+function refusal(input: FailoverInput): ReturnType<typeof failoverRefusal> {
   if (input.role === 'primary') return undefined;
-  if (input.diskState === 'Failed') return { code: 'ERR_PAIR_STATE', message: 'the disk has Failed: this secondary cannot be promoted' };
-  if (input.hiddenLost) return { code: 'ERR_PAIR_STATE', message: `the hidden disk was lost: checkpoint ${input.epoch} cannot be restored; resync from the primary first` };
-  if (input.diskState === 'Outdated' && !input.force) return { code: 'ERR_PAIR_OUTDATED', message: `this secondary is Outdated (forwarding stopped after checkpoint ${input.epoch}): its data misses acknowledged writes; --force to promote it anyway` };
-  if (input.to === 'latest') {
-    if (input.committing !== null) return { code: 'ERR_PAIR_STATE', message: `checkpoint ${input.committing} is being committed: only --to checkpoint is possible` };
-    if (input.diskState === 'Inconsistent') return { code: 'ERR_PAIR_STATE', message: 'the disk is Inconsistent (a resync is running): only --to checkpoint is possible' };
-    if (input.protocol !== 'sync' && (input.protocol !== 'async' || input.resyncSinceCheckpoint)) {
-      return {
-        code: 'ERR_PAIR_STATE',
-        message: input.protocol === 'async' ? 'a resync ran since the last checkpoint, so the disk is not an ordered copy: only --to checkpoint is safe' : 'the replication protocol is not known: only --to checkpoint is safe',
-      };
-    }
-  }
-  return undefined;
+  return failoverRefusal({ to: input.to, force: input.force, epoch: input.epoch, diskState: input.diskState, committing: input.committing, noRestorePoint: input.noRestorePoint ?? null, protocol: input.protocol });
 }
 
 /** What `failover` with these options would do, without doing it. */
@@ -261,7 +257,10 @@ export function explainFailover(input: FailoverInput): FailoverExplanation {
   return input.role === 'primary' ? primaryFailover(input, g, peerGi) : secondaryFailover(input, g, peerGi, refused);
 }
 
-function secondaryFailover(input: FailoverInput, g: string, peerGi: GenerationTuple, refused: FailoverExplanation['refused']): FailoverExplanation {
+function secondaryFailover(input: FailoverInput, g: string, peerGi: GenerationTuple, refusal: ReturnType<typeof failoverRefusal>): FailoverExplanation {
+  const refused = refusal ? { code: refusal.code, message: refusal.message } : undefined;
+  // --to latest during a commit is that checkpoint (the disk already is it)
+  const failoverRule: SecondaryFailoverRule = refusal?.rule ?? (input.to === 'latest' && input.committing === null ? 'failover-to-latest' : 'failover-to-checkpoint');
   const after = onLineageEvent(input.gi, { kind: 'failover' }, g);
   const committing = input.committing !== null;
   const epoch = committing ? input.committing! : input.epoch;
@@ -272,7 +271,7 @@ function secondaryFailover(input: FailoverInput, g: string, peerGi: GenerationTu
   const alive = decide({ gi: after, crashedPrimary: false, role: 'primary' }, { gi: onLineageEvent(peerGi, { kind: 'peer-lost', role: 'primary' }, newGeneration()), crashedPrimary: false, role: 'secondary' });
   let rpoWrites: number | null;
   let rpoExact: boolean;
-  if (input.to === 'latest') {
+  if (input.to === 'latest' && !committing) {
     rpoWrites = input.protocol === 'sync' ? 0 : null;
     rpoExact = input.protocol === 'sync';
   } else {
@@ -298,6 +297,7 @@ function secondaryFailover(input: FailoverInput, g: string, peerGi: GenerationTu
   return {
     allowed: refused === undefined,
     ...(refused ? { refused } : {}),
+    failoverRule,
     role: 'secondary',
     to: input.to,
     epoch,

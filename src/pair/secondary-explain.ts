@@ -1,7 +1,8 @@
 /**
  * What a secondary's failover would do, as data and as a sentence (failover --dry-run). Pure.
- * gen writes the pair-wide explanation (src/pair/explain.ts, explainFailover); this is the
- * secondary's own minimal one: the rule that decides, the direction, the bytes committed.
+ * The rules that refuse a failover are written once, here (failoverRefusal): the daemon's
+ * failover and its dry run, and the pair-wide explanation (src/pair/explain.ts, explainFailover,
+ * which adds the RPO and what reconnecting the old primary later gives) all ask it.
  */
 import type { GenerationTuple } from './generations.js';
 import type { DiskState } from './messages.js';
@@ -24,6 +25,57 @@ export interface SecondaryFailoverFacts {
   activeBytes: number;
 }
 
+/** The rule that decides a secondary's failover: failover --dry-run --json's `rule` (blkrep-failover(1), JSON). */
+export type SecondaryFailoverRule = 'failover-to-checkpoint' | 'failover-to-latest' | 'refused-outdated' | 'refused-latest' | 'refused-failed' | 'refused-inconsistent';
+
+export interface FailoverRefusal {
+  rule: Exclude<SecondaryFailoverRule, 'failover-to-checkpoint' | 'failover-to-latest'>;
+  code: string;
+  message: string;
+}
+
+export type FailoverRefusalFacts = Pick<SecondaryFailoverFacts, 'to' | 'force' | 'epoch' | 'diskState' | 'committing' | 'noRestorePoint' | 'protocol'>;
+
+/**
+ * Why this failover is refused, or undefined: the rules in the order they apply (blkrep-failover(1),
+ * WHICH STATE). A checkpoint whose step 5 was durable (`committing`) makes the disk that
+ * checkpoint, with replica writes held since: the Inconsistent rules and --to latest's do not
+ * apply to it (--to latest is that checkpoint too).
+ */
+export function failoverRefusal(f: FailoverRefusalFacts): FailoverRefusal | undefined {
+  if (f.diskState === 'Failed') return { rule: 'refused-failed', code: 'ERR_PAIR_STATE', message: "the secondary's disk has Failed (an I/O error): it is not promotable" };
+  // DRBD never promotes Inconsistent data, forced or not: there is no state of the primary to promote
+  if (f.noRestorePoint !== null && f.committing === null) {
+    return {
+      rule: 'refused-inconsistent',
+      code: 'ERR_PAIR_INCONSISTENT',
+      message: `the secondary is Inconsistent with no checkpoint to roll back to (${f.noRestorePoint}): it is not promotable, with or without --force; let the primary resync it and take a checkpoint first`,
+    };
+  }
+  if (f.diskState === 'Outdated' && !f.force) {
+    return { rule: 'refused-outdated', code: 'ERR_PAIR_OUTDATED', message: `the secondary is Outdated (the primary degraded after checkpoint ${f.epoch}): failing over loses the primary's writes since; add --force to fail over anyway` };
+  }
+  // a resync copies into the disk: the primary wrote after the checkpoint, as for an Outdated secondary; the hidden disk keeps the checkpoint
+  if (f.diskState === 'Inconsistent' && f.committing === null && !f.force) {
+    return {
+      rule: 'refused-outdated',
+      code: 'ERR_PAIR_OUTDATED',
+      message: `the secondary is Inconsistent: a resync from the primary was copying into it (the primary wrote after checkpoint ${f.epoch}); failing over loses the primary's writes since; --force fails over to checkpoint ${f.epoch} exactly (the hidden disk kept it), with none of the resync's writes`,
+    };
+  }
+  if (f.to === 'latest' && f.committing === null) {
+    if (f.protocol !== 'sync') {
+      return {
+        rule: 'refused-latest',
+        code: 'ERR_PAIR_STATE',
+        message: `--to latest needs a primary that replicated with --protocol sync (it was ${f.protocol ?? 'unknown: no primary connected since the start'}): only then is the disk a state the primary acknowledged; fail over --to checkpoint`,
+      };
+    }
+    if (f.diskState === 'Inconsistent') return { rule: 'refused-latest', code: 'ERR_PAIR_STATE', message: 'the disk is Inconsistent (a resync was running): --to latest is not a state the primary was in; fail over --to checkpoint' };
+  }
+  return undefined;
+}
+
 export interface SecondaryFailoverExplanation {
   role: 'primary';
   dryRun: boolean;
@@ -33,8 +85,8 @@ export interface SecondaryFailoverExplanation {
   bytes: number;
   ms: number;
   explanation: string;
-  /** which rule decided: failover-to-checkpoint, failover-to-latest, refused-outdated, refused-latest, refused-failed, refused-inconsistent */
-  rule: string;
+  /** which rule decided */
+  rule: SecondaryFailoverRule;
   direction: string;
   hiddenBytes: number;
   activeBytes: number;
@@ -56,7 +108,7 @@ export function explainSecondaryFailover(f: SecondaryFailoverFacts, dryRun = tru
     activeBytes: f.activeBytes,
     direction: `this node (secondary of "${f.exportName}") becomes the primary; the old primary must resync from it (failback bitmap "failback")`,
   };
-  const refused = (rule: string, code: string, message: string): SecondaryFailoverExplanation => ({
+  const refused = (rule: SecondaryFailoverRule, code: string, message: string): SecondaryFailoverExplanation => ({
     ...base,
     rule,
     bytes: 0,
@@ -65,29 +117,9 @@ export function explainSecondaryFailover(f: SecondaryFailoverFacts, dryRun = tru
     refusal: { code, message },
     explanation: `refused: ${message}`,
   });
-  if (f.diskState === 'Failed') return refused('refused-failed', 'ERR_PAIR_STATE', 'the secondary\'s disk has Failed (an I/O error): it is not promotable');
-  // DRBD never promotes Inconsistent data, forced or not: there is no state of the primary to promote
-  if (f.noRestorePoint !== null && f.committing === null) {
-    return refused(
-      'refused-inconsistent',
-      'ERR_PAIR_INCONSISTENT',
-      `the secondary is Inconsistent with no checkpoint to roll back to (${f.noRestorePoint}): it is not promotable, with or without --force; let the primary resync it and take a checkpoint first`,
-    );
-  }
-  if (f.diskState === 'Outdated' && !f.force) {
-    return refused('refused-outdated', 'ERR_PAIR_OUTDATED', `the secondary is Outdated (the primary degraded after checkpoint ${f.epoch}): failing over loses the primary's writes since; add --force to fail over anyway`);
-  }
-  // a resync copies into the disk: the primary wrote after the checkpoint, as for an Outdated secondary; the hidden disk keeps the checkpoint
-  if (f.diskState === 'Inconsistent' && f.committing === null && !f.force) {
-    return refused(
-      'refused-outdated',
-      'ERR_PAIR_OUTDATED',
-      `the secondary is Inconsistent: a resync from the primary was copying into it (the primary wrote after checkpoint ${f.epoch}); failing over loses the primary's writes since; --force fails over to checkpoint ${f.epoch} exactly (the hidden disk kept it), with none of the resync's writes`,
-    );
-  }
+  const refusal = failoverRefusal(f);
+  if (refusal) return refused(refusal.rule, refusal.code, refusal.message);
   if (f.to === 'latest' && f.committing === null) {
-    if (f.protocol !== 'sync') return refused('refused-latest', 'ERR_PAIR_STATE', `--to latest needs a primary that replicated with --protocol sync (it was ${f.protocol ?? 'unknown: no primary connected since the start'}): only then is the disk a state the primary acknowledged; fail over --to checkpoint`);
-    if (f.diskState === 'Inconsistent') return refused('refused-latest', 'ERR_PAIR_STATE', 'the disk is Inconsistent (a resync was running): --to latest is not a state the primary was in; fail over --to checkpoint');
     return {
       ...base,
       rule: 'failover-to-latest',

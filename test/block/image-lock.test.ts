@@ -4,7 +4,7 @@
  * ERR_IMAGE_LOCKED naming the file, the lock and the holder, a failed permission update keeps the
  * old locks, and closing releases them.
  */
-import { existsSync, statSync } from 'node:fs';
+import { statSync } from 'node:fs';
 import { readFile, readdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
@@ -13,7 +13,8 @@ import { BlkrepError } from '../../src/api/errors.js';
 import { holdsByte, lockOf, lockPerms, PERM_ALL, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE } from '../../src/block/image-lock.js';
 import { loadNative } from '../../src/block/native.js';
 import { openImage } from '../../src/block/open.js';
-import { hasTool, makeTempDir, start, waitFor, type Started } from '../support/spawn.js';
+import { hasTool, makeTempDir } from '../support/spawn.js';
+import { startQemuNbd } from '../support/qemu-nbd.js';
 import { tool } from '../qcow2/helpers.js';
 
 const native = loadNative();
@@ -33,14 +34,6 @@ async function lockBytes(pid: number | 'self', path: string): Promise<number[]> 
     }
   }
   return [...bytes].sort((a, b) => a - b);
-}
-
-async function qemuNbd(dir: string, args: string[]): Promise<Started> {
-  const sock = join(dir, `q${Math.random().toString(36).slice(2, 8)}.sock`);
-  const q = start('qemu-nbd', ['-k', sock, ...args]);
-  await waitFor(() => existsSync(sock) || q.child.exitCode !== null, 'qemu-nbd to listen', { timeoutMs: 15_000 });
-  expect(q.child.exitCode).toBeNull();
-  return q;
 }
 
 async function images(dir: string): Promise<{ qcow2: string; raw: string; overlay: string }> {
@@ -91,12 +84,9 @@ describe.skipIf(native === null || !hasTool('qemu-nbd'))('image locks against qe
       const ours = await lockBytes('self', checked);
       await node.close();
       expect(await lockBytes('self', checked)).toEqual([]);
-      const q = await qemuNbd(dir, c.qemu);
-      // qemu-nbd may listen before it has opened the whole chain
-      const theirs = await waitFor(async () => {
-        const b = await lockBytes(q.pid, checked);
-        return b.length > 0 ? b : undefined;
-      }, `qemu-nbd to lock ${checked}`, { timeoutMs: 15_000 });
+      // started: its whole chain open and locked (qemu-nbd locks one byte at a time, after it listens)
+      const q = await startQemuNbd(dir, c.qemu);
+      const theirs = await lockBytes(q.pid, checked);
       await q.stop();
       expect({ what: c.what, bytes: ours }).toEqual({ what: c.what, bytes: theirs });
       expect(ours.length).toBeGreaterThan(0);
@@ -111,13 +101,11 @@ describe.skipIf(native === null || !hasTool('qemu-nbd'))('image locks against qe
   it('a writer refuses a second writer and any reader; the error names the file, the lock and the holder', async () => {
     const dir = await makeTempDir();
     const { qcow2 } = await images(dir);
-    const q = await qemuNbd(dir, ['-f', 'qcow2', qcow2]);
+    const q = await startQemuNbd(dir, ['-f', 'qcow2', qcow2], { name: 'q1' });
     const rw = await openImage(qcow2).catch((e: unknown) => e);
     expect(rw).toBeInstanceOf(BlkrepError);
     expect((rw as BlkrepError).code).toBe('ERR_IMAGE_LOCKED');
-    const holder = `pid ${q.pid} (qemu-nbd -k ${join(dir, '')}`;
-    expect((rw as BlkrepError).message.startsWith(`image "${qcow2}" is in use: failed to get "write" lock: ${holder}`)).toBe(true);
-    expect((rw as BlkrepError).message.endsWith(`-f qcow2 ${qcow2}) has it open and does not share "write"`)).toBe(true);
+    expect((rw as BlkrepError).message).toBe(`image "${qcow2}" is in use: failed to get "write" lock: pid ${q.pid} (qemu-nbd -k ${join(dir, 'q1.sock')} --pid-file q1.pid -f qcow2 ${qcow2}) has it open and does not share "write"`);
     expect((rw as BlkrepError).details).toMatchObject({ path: qcow2, lock: 'write', kind: 'use', byte: 201, holders: [{ pid: q.pid }] });
     const ro = await openImage(qcow2, { readOnly: true }).catch((e: unknown) => e);
     expect((ro as BlkrepError).code).toBe('ERR_IMAGE_LOCKED');

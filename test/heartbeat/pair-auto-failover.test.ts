@@ -168,7 +168,7 @@ describe('automatic failover with the pair (two daemons, udp heartbeat)', () => 
     }
   });
 
-  it('30 % loss on one of two paths (seeded relay): the lossy path loses beats, the peer is never suspect, no failover', async () => {
+  it('30 % loss on one of two paths (seeded relay): the lossy path loses beats, the peer is never suspect while the clean path is heard, no failover', async () => {
     const pair = await startPair({ lossy: 0.3, interval: '0.05' });
     const w = await watch(pair.sCtl);
     try {
@@ -183,7 +183,16 @@ describe('automatic failover with the pair (two daemons, udp heartbeat)', () => 
       // about 70 % of the beats came through the relay
       expect(lossy / clean).toBeGreaterThan(0.55);
       expect(lossy / clean).toBeLessThan(0.85);
-      expect(names(w, mark)).toEqual([]);
+      // no death, no fence, no failover
+      expect(names(w, mark, ['peer-alive', 'checkpoint', 'peer-suspect'])).toEqual([]);
+      // the lossy path alone is often silent for two intervals (two drops in a row: 9 % of beats);
+      // the peer is suspect only when the clean path is silent too: a node that did not run for
+      // 100 ms on a loaded host (the sender's stall, which no detector can tell from a death; the
+      // receiver's own stall is not one since service.ts checks after reading), never the loss
+      for (const e of w.events.slice(mark).filter((x) => x.event === 'peer-suspect')) {
+        const clean = (e.paths as Array<{ state: string; lastBeatAgoMs: number }>)[0]!;
+        expect({ clean, silentMs: e.silentMs }).toMatchObject({ clean: { state: 'suspect', lastBeatAgoMs: expect.toSatisfy((ms: number) => ms >= 100) }, silentMs: expect.toSatisfy((ms: number) => ms >= 100) });
+      }
       expect(await pairOf(pair.sCtl)).toMatchObject({ role: 'secondary' });
     } finally {
       await w.client.close();

@@ -4,6 +4,8 @@
 import { describe, expect, it } from 'vitest';
 import { EMPTY, mint, type GenerationTuple } from '../../src/pair/generations.js';
 import { connectSideOf, explainConnect, explainFailover, linkDecision, type ConnectSide, type FailoverInput } from '../../src/pair/explain.js';
+import { explainSecondaryFailover } from '../../src/pair/secondary-explain.js';
+import type { DiskState } from '../../src/pair/messages.js';
 
 const MiB = 1024 * 1024;
 const C = 'a000000000000001';
@@ -102,7 +104,6 @@ const secondary = (o: Partial<FailoverInput> = {}): FailoverInput => ({
   diskState: 'Consistent',
   protocol: 'sync',
   linkUp: false,
-  resyncSinceCheckpoint: false,
   hiddenBytes: 4 * MiB,
   activeBytes: MiB,
   writesSinceCheckpoint: 120,
@@ -137,17 +138,30 @@ describe('explainFailover on a secondary', () => {
     expect(explainFailover(secondary({ to: 'latest' }))).toMatchObject({ allowed: true, commitBytes: MiB, rpoWrites: 0, rpoExact: true });
   });
 
-  it('async: --to checkpoint gives a lower bound; --to latest after a resync is refused', () => {
-    expect(explainFailover(secondary({ protocol: 'async' }))).toMatchObject({ allowed: true, rpoWrites: 120, rpoExact: false });
-    expect(explainFailover(secondary({ protocol: 'async', to: 'latest' }))).toMatchObject({ allowed: true, rpoWrites: null, rpoExact: false });
-    expect(explainFailover(secondary({ protocol: 'async', to: 'latest', resyncSinceCheckpoint: true }))).toMatchObject({ allowed: false, refused: { code: 'ERR_PAIR_STATE', message: expect.stringContaining('not an ordered copy') } });
+  it('async: --to checkpoint gives a lower bound; --to latest is refused (refused-latest), as the daemon refuses it', () => {
+    expect(explainFailover(secondary({ protocol: 'async' }))).toMatchObject({ allowed: true, failoverRule: 'failover-to-checkpoint', rpoWrites: 120, rpoExact: false });
+    expect(explainFailover(secondary({ protocol: 'async', to: 'latest' }))).toMatchObject({
+      allowed: false,
+      failoverRule: 'refused-latest',
+      refused: { code: 'ERR_PAIR_STATE', message: '--to latest needs a primary that replicated with --protocol sync (it was async): only then is the disk a state the primary acknowledged; fail over --to checkpoint' },
+    });
+    expect(explainFailover(secondary({ protocol: null, to: 'latest' })).refused?.message).toContain('(it was unknown: no primary connected since the start)');
   });
 
-  it('an Outdated secondary needs --force (ERR_PAIR_OUTDATED)', () => {
+  it('an Outdated secondary needs --force (ERR_PAIR_OUTDATED, refused-outdated)', () => {
     const e = explainFailover(secondary({ diskState: 'Outdated' }));
-    expect(e).toMatchObject({ allowed: false, refused: { code: 'ERR_PAIR_OUTDATED' } });
-    expect(e.text.split('\n')[0]).toBe('failover refused (ERR_PAIR_OUTDATED): this secondary is Outdated (forwarding stopped after checkpoint 7): its data misses acknowledged writes; --force to promote it anyway');
-    expect(explainFailover(secondary({ diskState: 'Outdated', force: true })).allowed).toBe(true);
+    expect(e).toMatchObject({ allowed: false, failoverRule: 'refused-outdated', refused: { code: 'ERR_PAIR_OUTDATED' } });
+    expect(e.text.split('\n')[0]).toBe("failover refused (ERR_PAIR_OUTDATED): the secondary is Outdated (the primary degraded after checkpoint 7): failing over loses the primary's writes since; add --force to fail over anyway");
+    expect(explainFailover(secondary({ diskState: 'Outdated', force: true }))).toMatchObject({ allowed: true, failoverRule: 'failover-to-checkpoint' });
+  });
+
+  it('an Inconsistent secondary that still has its restore point (a resync was copying into it) needs --force too, to the checkpoint; --to latest never', () => {
+    const e = explainFailover(secondary({ diskState: 'Inconsistent' }));
+    expect(e).toMatchObject({ allowed: false, failoverRule: 'refused-outdated', refused: { code: 'ERR_PAIR_OUTDATED' } });
+    expect(e.refused!.message).toBe("the secondary is Inconsistent: a resync from the primary was copying into it (the primary wrote after checkpoint 7); failing over loses the primary's writes since; --force fails over to checkpoint 7 exactly (the hidden disk kept it), with none of the resync's writes");
+    expect(explainFailover(secondary({ diskState: 'Inconsistent', force: true }))).toMatchObject({ allowed: true, failoverRule: 'failover-to-checkpoint', epoch: 7 });
+    expect(explainFailover(secondary({ diskState: 'Inconsistent', to: 'latest' }))).toMatchObject({ allowed: false, failoverRule: 'refused-outdated' });
+    expect(explainFailover(secondary({ diskState: 'Inconsistent', to: 'latest', force: true }))).toMatchObject({ allowed: false, failoverRule: 'refused-latest', refused: { code: 'ERR_PAIR_STATE' } });
   });
 
   it('a connected primary is told to demote (planned switchover): failback by rule 70; if it goes on writing, rule 90', () => {
@@ -156,16 +170,51 @@ describe('explainFailover on a secondary', () => {
     expect(e.steps[0]).toBe('tell the connected primary to demote (stop forwarding), close the pair link and the replica export');
   });
 
-  it('during a checkpoint commit: the disk is CP_N+1, nothing to commit, nothing lost; --to latest refused', () => {
-    expect(explainFailover(secondary({ committing: 8 }))).toMatchObject({ allowed: true, epoch: 8, commitBytes: 0, rpoWrites: 0 });
-    expect(explainFailover(secondary({ committing: 8, to: 'latest' }))).toMatchObject({ allowed: false, refused: { code: 'ERR_PAIR_STATE' } });
+  it('during a checkpoint commit: the disk is CP_N+1, nothing to commit, nothing lost; --to latest is the same state (allowed, as the daemon does)', () => {
+    expect(explainFailover(secondary({ committing: 8 }))).toMatchObject({ allowed: true, failoverRule: 'failover-to-checkpoint', epoch: 8, commitBytes: 0, rpoWrites: 0 });
+    expect(explainFailover(secondary({ committing: 8, to: 'latest' }))).toMatchObject({ allowed: true, failoverRule: 'failover-to-checkpoint', epoch: 8, commitBytes: 0, rpoWrites: 0 });
+    // a commit in progress is promotable even Inconsistent or without a restore point: the disk is that checkpoint
+    expect(explainFailover(secondary({ committing: 8, diskState: 'Inconsistent', noRestorePoint: 'the hidden disk was lost' })).allowed).toBe(true);
   });
 
-  it('a Failed disk, a lost hidden disk, or latest while Inconsistent are refused with ERR_PAIR_STATE', () => {
-    expect(explainFailover(secondary({ diskState: 'Failed' })).refused?.code).toBe('ERR_PAIR_STATE');
-    expect(explainFailover(secondary({ hiddenLost: true })).refused?.message).toBe('the hidden disk was lost: checkpoint 7 cannot be restored; resync from the primary first');
-    expect(explainFailover(secondary({ diskState: 'Inconsistent', to: 'latest' })).refused?.code).toBe('ERR_PAIR_STATE');
-    expect(explainFailover(secondary({ diskState: 'Inconsistent' })).allowed).toBe(true); // the hidden disk keeps CP_N during a resync
+  it('a Failed disk is refused (ERR_PAIR_STATE, refused-failed), even with --force or during a commit', () => {
+    for (const o of [{}, { force: true }, { committing: 8 }]) {
+      expect(explainFailover(secondary({ diskState: 'Failed', ...o }))).toMatchObject({ allowed: false, failoverRule: 'refused-failed', refused: { code: 'ERR_PAIR_STATE', message: "the secondary's disk has Failed (an I/O error): it is not promotable" } });
+    }
+  });
+
+  it('no checkpoint to roll back to: ERR_PAIR_INCONSISTENT (refused-inconsistent), --force or not', () => {
+    for (const force of [false, true]) {
+      const e = explainFailover(secondary({ noRestorePoint: 'a host crash lost the volatile hidden disk', diskState: 'Inconsistent', force }));
+      expect(e).toMatchObject({ allowed: false, failoverRule: 'refused-inconsistent', refused: { code: 'ERR_PAIR_INCONSISTENT' } });
+      expect(e.refused!.message).toBe('the secondary is Inconsistent with no checkpoint to roll back to (a host crash lost the volatile hidden disk): it is not promotable, with or without --force; let the primary resync it and take a checkpoint first');
+    }
+  });
+});
+
+describe('explainFailover and the daemon\'s failover --dry-run decide alike', () => {
+  it('every disk state × --to × --force × commit in progress × restore point × protocol: the same rule, code and message', () => {
+    let cases = 0;
+    for (const diskState of ['UpToDate', 'Consistent', 'Outdated', 'Inconsistent', 'Failed'] as DiskState[]) {
+      for (const to of ['checkpoint', 'latest'] as const) {
+        for (const force of [false, true]) {
+          for (const committing of [null, 8]) {
+            for (const noRestorePoint of [null, 'before its first checkpoint']) {
+              for (const protocol of ['sync', 'async', null] as const) {
+                const input = secondary({ diskState, to, force, committing, noRestorePoint, protocol });
+                const daemon = explainSecondaryFailover({ ...input, exportName: 'disk', noRestorePoint, hiddenRuns: [], activeRuns: [] });
+                const pair = explainFailover(input);
+                const what = JSON.stringify({ diskState, to, force, committing, noRestorePoint, protocol });
+                // epoch: the checkpoint failed over to (a refused one fails over to none)
+                expect({ what, rule: pair.failoverRule, allowed: pair.allowed, refusal: pair.refused, epoch: pair.allowed ? pair.epoch : null }).toEqual({ what, rule: daemon.rule, allowed: daemon.allowed, refusal: daemon.refusal, epoch: daemon.allowed ? daemon.epoch : null });
+                cases++;
+              }
+            }
+          }
+        }
+      }
+    }
+    expect(cases).toBe(5 * 2 * 2 * 2 * 2 * 3);
   });
 });
 

@@ -11,6 +11,7 @@ import { readFile, rm, truncate, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { hasTool, makeTempDir, run, runCli, serve, start, unixUri, waitFor } from '../support/spawn.js';
+import { startQemuNbd } from '../support/qemu-nbd.js';
 
 const MiB = 1 << 20;
 const SIZE = 8 * MiB;
@@ -68,8 +69,8 @@ describe.skipIf(!hasTool('qemu-io') || !hasTool('qemu-nbd'))('a pair member\'s d
     const target = start('qemu-nbd', ['-f', 'raw', '-k', tsock, '--persistent', t]);
     await waitFor(() => existsSync(tsock), 'qemu-nbd (target) listening');
     // a stray writer: qemu-nbd serving the primary's own disk read-write (raw shares writes)
-    const stray = start('qemu-nbd', ['-f', 'raw', '-k', join(dir, 'stray.sock'), '--persistent', p]);
-    await waitFor(() => existsSync(join(dir, 'stray.sock')), 'qemu-nbd (stray) listening');
+    // open and locked (qemu-nbd listens before it opens its image: test/support/qemu-nbd.ts)
+    const stray = await startQemuNbd(dir, ['-f', 'raw', '--persistent', p], { name: 'stray' });
     const refused = await runCli(['replicate', '--control', control, unixUri(tsock), '--json']);
     expect(refused.code).toBe(1);
     const err = JSON.parse(refused.stdout).error as { code: string; message: string };

@@ -4,12 +4,12 @@
  * writes and qemu-img (without -U) out, on the image and on its backing file; -U / --force-share
  * reads anyway; readers coexist; the lock goes with serve-nbd.
  */
-import { existsSync } from 'node:fs';
 import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { loadNative } from '../../src/block/native.js';
-import { hasTool, makeTempDir, run, runCli, serve, start, waitFor, type Started } from '../support/spawn.js';
+import { hasTool, makeTempDir, run, runCli, serve, start, waitFor } from '../support/spawn.js';
+import { startQemuNbd, type QemuNbd } from '../support/qemu-nbd.js';
 
 const hasPeers = loadNative() !== null && hasTool('qemu-nbd') && hasTool('qemu-io') && hasTool('qemu-img');
 // every test runs a dozen CLI commands and peers: bounded, but not by the 60 s default on a loaded machine
@@ -19,13 +19,8 @@ async function qemuImg(args: string[]): Promise<void> {
   if (r.code !== 0) throw new Error(`qemu-img ${args.join(' ')}: ${r.stderr}`);
 }
 
-async function qemuNbd(dir: string, args: string[]): Promise<Started> {
-  const sock = join(dir, 'q.sock');
-  const q = start('qemu-nbd', ['-k', sock, ...args]);
-  await waitFor(() => existsSync(sock) || q.child.exitCode !== null, 'qemu-nbd to listen', { timeoutMs: 15_000 });
-  expect(q.child.exitCode).toBeNull();
-  return q;
-}
+/** qemu-nbd with its image open and locked (it listens before it opens: test/support/qemu-nbd.ts) */
+const qemuNbd = (dir: string, args: string[]): Promise<QemuNbd> => startQemuNbd(dir, args, { name: 'q' });
 
 /** blkrep ARGS --json fails with exit code `exit` (compare: 2, as qemu-img compare): the error object */
 async function refused(args: string[], exit = 1): Promise<{ code: string; message: string }> {
