@@ -10,6 +10,7 @@ import { open, readFile, readdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { makeTempDir, run, runCli, serve, start, unixUri, waitFor } from '../support/spawn.js';
+import { startNbdkit } from '../nbd-client/helpers.js';
 import { control, emptyImage, MiB } from './live-helpers.js';
 
 const SIZE = 8 * MiB;
@@ -89,6 +90,29 @@ describe('blkrep mirror onto a target with data', () => {
     expect(ok.code, ok.stderr).toBe(0);
     await q.stop();
     expect((await run('qemu-img', ['compare', '-q', '-f', 'raw', '-F', 'raw', src, dst])).code).toBe(0);
+  });
+
+  it('NBD target (nbdkit, log filter): the emptiness check asks on one connection of its own, the copy runs on --connections 4; bytes exact', async () => {
+    const dir = await makeTempDir();
+    const { src, srcBytes } = await images(dir);
+    const blank = join(dir, 'blank.raw');
+    await emptyImage(blank, SIZE);
+    const log = join(dir, 'log.txt');
+    const k = await startNbdkit(['--filter=log', 'file', blank, `logfile=${log}`]);
+    const r = await runCli(['mirror', src, k.uri, '--connections', '4', '--json', '--no-progress']);
+    expect(r.code, r.stdout + r.stderr).toBe(0);
+    await k.proc.stop();
+    expect((await readFile(blank)).equals(srcBytes)).toBe(true);
+    const text = await readFile(log, 'utf8');
+    // connection ids in the order nbdkit logged their Connect, and the requests each one carried
+    const ids = [...text.matchAll(/connection=(\d+) Connect /g)].map((m) => m[1]!);
+    const requests = (id: string): string[] => [...text.matchAll(new RegExp(`connection=${id} (\\w+) id=`, 'g'))].map((m) => m[1]!);
+    expect(ids).toHaveLength(5);
+    expect(new Set(requests(ids[0]!))).toEqual(new Set(['Extents']));
+    expect(text).toMatch(new RegExp(`connection=${ids[0]} Disconnect`));
+    // the probe was gone before the copy's connections came
+    expect(text.indexOf(`connection=${ids[0]} Disconnect`)).toBeLessThan(text.indexOf(`connection=${ids[1]} Connect`));
+    for (const id of ids.slice(1)) expect(requests(id)).toContain('Write');
   });
 
   it('live: job-start refuses it (no job, no job files), the CLI too (exit 1); "existing": true / --existing mirrors onto it', async () => {
