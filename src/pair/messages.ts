@@ -11,6 +11,9 @@
  *                       order, so an async P may pipeline them; absent from older secondaries)
  *                       (welcome.dataToken: the data connection's export is NAME@pair-token=TOKEN,
  *                       data-token.ts; every role change retires it)
+ *                       (welcome.resumeFull with action resync-full: S's disk is a partial full
+ *                       copy from this very primary at its current generation (state.ts
+ *                       fullSyncFrom): a primary whose peer bitmap tracks that copy resumes it)
  *   P → S  checkpoint   checkpoint N (replication.md §2 steps 3–7); S answers done or failed
  *   P → S  abort        give up checkpoint N (timeout on P); S answers done (epoch unchanged)
  *   S → P  event        something the HA side must know (case 3/4 of the failure table)
@@ -55,7 +58,7 @@ export interface NodeSummary {
 
 export type PairMessage =
   | ({ type: 'hello'; seq: number; version: number; exportName: string; size: number; protocol: 'sync' | 'async' } & NodeSummary)
-  | ({ type: 'welcome'; re: number; version: number; size: number; ordered?: boolean } & NodeSummary & { decision: LinkDecision; dataToken?: string })
+  | ({ type: 'welcome'; re: number; version: number; size: number; ordered?: boolean } & NodeSummary & { decision: LinkDecision; dataToken?: string; resumeFull?: boolean })
   | { type: 'refuse'; re: number; code: string; message: string; decision?: LinkDecision }
   | { type: 'checkpoint'; seq: number; n: number }
   | { type: 'abort'; seq: number; n: number }

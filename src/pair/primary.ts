@@ -127,7 +127,7 @@ export class PrimaryRole implements PairRole {
   private lastError: string | null = null;
   private lastTlsRefusal: string | undefined;
   /** the last resync that ended (status: a resync at start ends before anything can subscribe to events) */
-  private lastResync: { bytes: number; dirtyBytes: number; full: boolean; ms: number } | null = null;
+  private lastResync: { bytes: number; dirtyBytes: number; full: boolean; resumed?: boolean; ms: number } | null = null;
   /** the secondary refused the link for a split brain (until a link is welcomed) */
   private splitBrain: RefusedSplitBrain | undefined;
   private readonly publish: NonNullable<PrimaryOptions['publish']>;
@@ -274,6 +274,10 @@ export class PrimaryRole implements PairRole {
     let dataToken: string | undefined;
     /** the resync's time counts from the hello: a bitmap resync's secondary prepares it before its welcome (precopyBeforeResync) */
     let helloAt = Date.now();
+    /** a full resync that goes on from where an interrupted one stopped (its peer bitmap) */
+    let resume = false;
+    /** the secondary's node id (a full resync records it: fullSyncTo) */
+    let peerNodeId: string | undefined;
     try {
       const conn = await transports.get(this.uri.transport).connect(this.uri.address, { timeoutMs: LINK_TIMEOUT_MS });
       // nbds://: STARTTLS first, so the link's option and messages never travel in clear
@@ -317,7 +321,13 @@ export class PrimaryRole implements PairRole {
       dataToken = answer.dataToken;
       if (answer.decision.action === 'refuse') throw new BlkrepError('ERR_PAIR_SPLIT_BRAIN', `the secondary refuses: ${answer.decision.explanation} (rule ${answer.decision.rule})`, { errno: 'EPERM' });
       this.splitBrain = undefined;
-      if (answer.decision.action === 'resync-full') full = true;
+      if (answer.decision.action === 'resync-full') {
+        full = true;
+        // the secondary's disk is a partial full copy from this node at this generation, and the peer
+        // bitmap tracks that copy (set whole before it began, cleared as the secondary held data): resume
+        resume = answer.resumeFull === true && !this.freshBitmap && this.state.state.fullSyncTo === answer.nodeId;
+        peerNodeId = answer.nodeId;
+      }
       // the peer's own marks (an old primary's peer bitmap and activity log): the resync copies the union
       else if (!full && answer.bitmapBytes > 0) await this.takePeerRuns(channel);
       this.peerKind = 'blkrep';
@@ -362,7 +372,7 @@ export class PrimaryRole implements PairRole {
         filter.degrade('link-down', toBlkrepError(why));
       }
     });
-    await this.resync(data, full, ordered, helloAt);
+    await this.resync(data, full, ordered, helloAt, resume, peerNodeId);
   }
 
   /**
@@ -383,7 +393,7 @@ export class PrimaryRole implements PairRole {
   }
 
   /** Resync by the peer bitmap with a mirror job; at its consistent instant, forward. Its `ms` count from `since` (the hello). */
-  private async resync(target: NbdNode, full: boolean, ordered: boolean, since: number): Promise<void> {
+  private async resync(target: NbdNode, full: boolean, ordered: boolean, since: number, resume = false, peerNodeId?: string): Promise<void> {
     const filter = this.options.filter;
     // every write issued while degraded has set its bits before the mirror copies the bitmap
     const releaseWrites = await filter.quiesce();
@@ -392,10 +402,16 @@ export class PrimaryRole implements PairRole {
       releaseWrites();
       throw new BlkrepError('ERR_PAIR_LINK_DOWN', `the resync to ${this.uri.uri} did not start: replication is stopping`, { errno: 'EIO' });
     }
-    if (full) this.peerBitmap.setAll();
+    try {
+      if (full && !resume) await this.startFullSync(peerNodeId);
+    } catch (err) {
+      releaseWrites();
+      throw err;
+    }
     const bytes = this.peerBitmap.bitmap.dirtyBytes;
     this.link = 'resyncing';
-    this.publish('resync-started', { export: this.options.exportName, peer: this.uri.uri, bytes, full });
+    this.publish('resync-started', { export: this.options.exportName, peer: this.uri.uri, bytes, full, ...(resume ? { resumed: true } : {}) });
+    if (resume) this.log('info', `replicating export "${this.options.exportName}": the full resync to ${this.uri.uri} resumes: ${bytes} bytes left`);
     const started = since;
     let job: MirrorJob;
     try {
@@ -406,14 +422,17 @@ export class PrimaryRole implements PairRole {
         sync: 'bitmap',
         bitmap: this.peerBitmap,
         bitmapMode: 'never',
-        // an interrupted bitmap resync resumes by bitmap: what the secondary holds stably leaves the
-        // peer bitmap as the copy goes, durably, not only at the consistent instant. Not for a full
-        // one: the secondary that needed it says full again on the next hello (no generation, or
-        // no restore point), so its extra flushes would buy nothing
-        ...(full ? {} : { stableIntervalMs: RESYNC_STABLE_INTERVAL_MS, onStable: (granules: DirtyBitmap) => this.resyncProgress(granules) }),
+        // an interrupted resync resumes by bitmap: what the secondary holds stably leaves the peer
+        // bitmap as the copy goes, durably, not only at the consistent instant. A full one too: the
+        // secondary says full again on the next hello (no generation yet), with resumeFull when its
+        // disk is this copy (state.ts fullSyncFrom), and the copy goes on from the peer bitmap
+        stableIntervalMs: RESYNC_STABLE_INTERVAL_MS,
+        onStable: (granules: DirtyBitmap) => this.resyncProgress(granules),
         onConsistent: async () => {
-          // the secondary equals the disk and writes wait: forward from here on
-          await target.flush();
+          // the secondary equals the disk and writes wait: forward from here on. No flush here: the
+          // drain ends only after a flush issued with nothing dirty or in flight, and nothing written
+          // since, completed (mirror.ts checkIdle/finish): the secondary holds this stably already
+          // (the second flush cost 2–55 ms of every resync on the loaded machine, bench/pair outage)
           this.peerBitmap.clearAll();
           filter.attach(target, { ordered });
         },
@@ -439,11 +458,28 @@ export class PrimaryRole implements PairRole {
     this.lastTlsRefusal = undefined;
     this.link = 'connected';
     const copied = job.query().offset;
-    this.lastResync = { bytes: copied, dirtyBytes: bytes, full, ms: Date.now() - started };
-    this.publish('resync-done', { export: this.options.exportName, peer: this.uri.uri, bytes: copied, dirtyBytes: bytes, ms: Date.now() - started });
+    this.lastResync = { bytes: copied, dirtyBytes: bytes, full, ...(resume ? { resumed: true } : {}), ms: Date.now() - started };
+    this.publish('resync-done', { export: this.options.exportName, peer: this.uri.uri, bytes: copied, dirtyBytes: bytes, full, ...(resume ? { resumed: true } : {}), ms: Date.now() - started });
     this.publish('replication-connected', { export: this.options.exportName, peer: this.uri.uri, protocol: this.protocol, peerKind: this.peerKind });
     // then a checkpoint (replication.md §3): the secondary's restore point is the synced disk, and it adopts the generations
     if (this.peerKind === 'blkrep') this.checkpoint().catch((err: unknown) => this.log('warn', `checkpoint after the resync: ${(err as Error).message}`));
+  }
+
+  /**
+   * A full resync from the first byte: the peer bitmap is set whole and made durable, then the
+   * pair state names the secondary it tracks (fullSyncTo). A crash before that record leaves no
+   * claim (the next full resync starts again from zero); after it, the bitmap only ever holds
+   * more than the secondary misses (resyncProgress), so a later full resync to that secondary may
+   * resume from it when the secondary says its disk is this copy (welcome resumeFull).
+   */
+  private async startFullSync(peerNodeId: string | undefined): Promise<void> {
+    if (this.state.state.fullSyncTo) await this.state.update((s) => ({ ...s, fullSyncTo: null }));
+    this.peerBitmap.setAll();
+    if (peerNodeId === undefined) return;
+    await this.peerBitmap.flush();
+    await this.state.update((s) => ({ ...s, fullSyncTo: peerNodeId }));
+    // the bitmap marks the whole disk now: whatever the next link decides, it copies no less than needed
+    this.freshBitmap = false;
   }
 
   /**

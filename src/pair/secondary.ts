@@ -506,6 +506,8 @@ export class SecondaryRole implements PairRole {
       const code = d.result === 'unrelated' ? 'ERR_PAIR_UNRELATED' : 'ERR_PAIR_ROLE';
       return refuse(code, `rule ${d.rule}: ${d.explanation}`, decision);
     }
+    // the disk is a partial full copy from this primary at this generation: the copy may resume
+    const sameFullSync = decision.action === 'resync-full' && !salvageFirst && s.fullSyncFrom?.nodeId === m.nodeId && s.fullSyncFrom.gen === m.gi.current;
     this.link = ch;
     this.peerHello = { gi: m.gi, protocol: m.protocol, nodeId: m.nodeId };
     void (async () => {
@@ -519,6 +521,10 @@ export class SecondaryRole implements PairRole {
         }
       }
       const next: DiskState = decision.action === 'none' ? (s.diskState === 'Outdated' || s.diskState === 'Failed' ? s.diskState : 'UpToDate') : 'Inconsistent';
+      // a full resync (not a split brain's: that one salvages first) records whose data the disk
+      // takes, durably before its first write: a later hello from the same primary at the same
+      // generation may resume it (state.ts fullSyncFrom)
+      if (decision.action === 'resync-full' && !salvageFirst && !sameFullSync) await this.state.update((x) => ({ ...x, fullSyncFrom: { nodeId: m.nodeId, gen: m.gi.current } }));
       await this.setDiskState(next);
       if (!ch.isOpen || this.link !== ch) return;
       if (decision.action === 'resync-bitmap') await this.precopyBeforeResync(ch);
@@ -526,7 +532,7 @@ export class SecondaryRole implements PairRole {
       this.addReplicaExport();
       // ordered: the replica export applies one connection's writes in arrival order (cbw-filter.ts)
       const dataToken = this.writers!.issue(ch.peer);
-      ch.send({ type: 'welcome', re: m.seq, version: PAIR_LINK_VERSION, size, ordered: true, ...this.summary(), decision, dataToken });
+      ch.send({ type: 'welcome', re: m.seq, version: PAIR_LINK_VERSION, size, ordered: true, ...this.summary(), decision, dataToken, ...(sameFullSync ? { resumeFull: true } : {}) });
       this.ctx.publish('replication-connected', { export: this.ctx.exportName, peer: ch.peer, role: 'secondary', rule: d.rule, action: decision.action, protocol: m.protocol });
     })().catch((err: unknown) => ch.close(toBlkrepError(err)));
   }
@@ -794,7 +800,7 @@ export class SecondaryRole implements PairRole {
       // (after a lost restore point the hello forced that resync to be full: the disk is CP_n, a restore point again)
       // as the primary has them after this checkpoint: its bitmap GI moved into history (finishResyncAsTarget)
       const gi = this.peerHello?.gi ? finishResyncAsTarget(this.peerHello.gi) : undefined;
-      await this.state.update((s) => ({ ...s, epoch: n, committing: null, ...(gi && this.link ? { gi, diskState: 'UpToDate' as const, restorePointLost: null } : {}) }));
+      await this.state.update((s) => ({ ...s, epoch: n, committing: null, ...(gi && this.link ? { gi, diskState: 'UpToDate' as const, restorePointLost: null, fullSyncFrom: null } : {}) }));
       if (gi && this.link) this.failedReason = null;
       this.refreshBypass();
       lap('committed');
@@ -919,6 +925,7 @@ export class SecondaryRole implements PairRole {
         primarySince: Date.now(),
         volatileHidden: null,
         restorePointLost: null,
+        fullSyncFrom: null,
       }));
       this.promoted = true;
     } catch (err) {

@@ -54,6 +54,20 @@ export interface PairState {
    * checkpoint after that resync. Absent or null = it has one.
    */
   restorePointLost?: string | null;
+  /**
+   * a secondary took a full resync from this primary (node id) at that generation (its current):
+   * the disk holds the primary's data wherever the primary's peer bitmap is clear, so a full
+   * resync from the same primary at the same generation resumes by that bitmap (welcome
+   * `resumeFull`). Durable before the resync's first write; cleared when the checkpoint after a
+   * resync adopts the generations, and by a promotion. Absent or null = none.
+   */
+  fullSyncFrom?: { nodeId: string; gen: string } | null;
+  /**
+   * a primary's peer bitmap tracks a full resync to this secondary (node id): it was set whole and
+   * durable before the copy began, and the copy clears it as the secondary holds data stably.
+   * Absent or null = none.
+   */
+  fullSyncTo?: string | null;
 }
 
 const ROLES = ['primary', 'secondary', 'none'];
@@ -83,6 +97,11 @@ export function validateState(v: unknown, path: string): PairState {
   const vh = s.volatileHidden;
   if (vh !== undefined && vh !== null && (typeof vh !== 'object' || typeof vh.bootId !== 'string' || vh.bootId === '')) throw bad(`has volatileHidden ${JSON.stringify(vh)}, not {bootId: "…"}`);
   if (s.restorePointLost !== undefined && s.restorePointLost !== null && typeof s.restorePointLost !== 'string') throw bad(`has restorePointLost ${JSON.stringify(s.restorePointLost)}, not a string`);
+  const fsf = s.fullSyncFrom;
+  if (fsf !== undefined && fsf !== null && (typeof fsf !== 'object' || typeof fsf.nodeId !== 'string' || fsf.nodeId === '' || typeof fsf.gen !== 'string' || fsf.gen === '')) {
+    throw bad(`has fullSyncFrom ${JSON.stringify(fsf)}, not {nodeId: "…", gen: "…"}`);
+  }
+  if (s.fullSyncTo !== undefined && s.fullSyncTo !== null && (typeof s.fullSyncTo !== 'string' || s.fullSyncTo === '')) throw bad(`has fullSyncTo ${JSON.stringify(s.fullSyncTo)}, not a node id`);
   checkTuple(s.gi, `the pair state ${path}`, 'ERR_PAIR_STATE');
   return s as PairState;
 }

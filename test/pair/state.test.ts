@@ -55,6 +55,8 @@ describe('the pair state file', () => {
       [{ ...base(), gi: { current: 'zz', bitmap: EMPTY, history: [] } }, 'the generation tuple has current "zz", not 16 lowercase hex digits'],
       [{ ...base(), volatileHidden: { bootId: '' } }, 'has volatileHidden {"bootId":""}, not {bootId: "…"}'],
       [{ ...base(), restorePointLost: 5 }, 'has restorePointLost 5, not a string'],
+      [{ ...base(), fullSyncFrom: { nodeId: 'n1' } }, 'has fullSyncFrom {"nodeId":"n1"}, not {nodeId: "…", gen: "…"}'],
+      [{ ...base(), fullSyncTo: '' }, 'has fullSyncTo "", not a node id'],
     ];
     for (const [content, message] of cases) {
       await writeFile(path, typeof content === 'string' ? content : JSON.stringify(content));
