@@ -93,7 +93,6 @@ export class Qcow2Image {
   private marking: Promise<void> | undefined;
   private cycleRunning: Promise<CycleResult> | undefined;
   private cycleQueued: Promise<CycleResult> | undefined;
-  private queuedRequest: { pipelined: boolean } | undefined;
   /** the L2 tables (and frees) of the last flush() cycle, written by the next cycle (pipelined flush) */
   private deferred: Deferred | undefined;
 
@@ -367,39 +366,29 @@ export class Qcow2Image {
   /** Make every completed write durable, with the metadata it needs. Concurrent calls share cycles. */
   flush(): Promise<void> {
     if (this.readOnly) return Promise.resolve();
-    return this.schedule(true).then((r) => r.done);
+    return this.schedule().then((r) => r.done);
   }
 
-  /**
-   * The next cycle that captures what is written now (the queued one, or a new one). It is
-   * pipelined when a flush() asked for it; one that only writes the last cycle's L2 tables (or
-   * relieves the caches) is not, so the chain of cycles ends when the flushes stop.
-   */
-  private schedule(byFlush: boolean): Promise<CycleResult> {
-    if (this.cycleQueued) {
-      if (byFlush) this.queuedRequest!.pipelined = true;
-      return this.cycleQueued;
-    }
-    const request = { pipelined: byFlush };
-    if (!this.cycleRunning) return this.startCycle(request);
-    this.queuedRequest = request;
+  /** The next cycle that captures what is written now (the queued one, or a new one). */
+  private schedule(): Promise<CycleResult> {
+    if (this.cycleQueued) return this.cycleQueued;
+    if (!this.cycleRunning) return this.startCycle();
     this.cycleQueued = this.cycleRunning
       .catch(() => {})
       .then(() => {
         this.cycleQueued = undefined;
-        this.queuedRequest = undefined;
-        return this.startCycle(request);
+        return this.startCycle();
       });
     return this.cycleQueued;
   }
 
-  private startCycle(request: { pipelined: boolean }): Promise<CycleResult> {
-    const p = this.cycleLock.run(() => this.writeback(request.pipelined));
+  private startCycle(): Promise<CycleResult> {
+    const p = this.cycleLock.run(() => this.writeback(true));
     this.cycleRunning = p;
     // a cycle that left its L2 tables to the next one: that next cycle runs even if no one else asks
     p.then(
       (r) => {
-        if (r.done) this.schedule(false).catch(() => {});
+        if (r.done) this.schedule().catch(() => {});
       },
       () => {},
     );
@@ -414,7 +403,7 @@ export class Qcow2Image {
     if (this.readOnly || this.cycleRunning || this.cycleQueued) return;
     const rc = this.rc;
     if (this.map.l2.overBudget || rc.blocks.overBudget || this.pendingFrees.length >= FREES_BEFORE_WRITEBACK) {
-      this.schedule(false).catch(() => {
+      this.flush().catch(() => {
         // the tables stay dirty; the next flush() reports the error
       });
     }
@@ -436,7 +425,7 @@ export class Qcow2Image {
    * written before k captured it, all durable after k's fsync, and it is written after that fsync
    * completed; its frees are applied only after the fsync that makes the pointer removal durable.
    * The cycle's `done` settles at that fsync (flush() waits for it); startCycle() runs the next
-   * cycle when no one else asks for one (pipelined only if a flush() joins it). A cycle that is not pipelined (close, make-empty,
+   * cycle when no one else asks for one. A cycle that is not pipelined (close, make-empty,
    * resize) writes the previous cycle's tables first and everything of its own.
    */
   async writeback(pipelined = false): Promise<CycleResult> {
@@ -491,8 +480,7 @@ export class Qcow2Image {
         }
       }
     } catch (err) {
-      // after prev's fsync only its done stays as it was: its tables are written again, its frees wait for a later cycle
-      undoPrev(err);
+      undoPrev(err); // no effect once resolved
       for (const c of blocks) c.table.markDirty();
       rc.restoreReftable(reftable);
       for (const c of l2) c.table.markDirty();
@@ -508,9 +496,6 @@ export class Qcow2Image {
       const done = new Promise<void>((res, rej) => ((resolve = res), (reject = rej)));
       done.catch(() => {}); // observed by flush() callers
       this.deferred = { l2, frees, epoch, resolve, reject };
-      // clean tables are evicted as after any cycle (the deferred ones are dirty: they stay)
-      this.map.l2.trim();
-      rc.blocks.trim();
       return { done };
     }
     if (frees.length > 0) await this.applyFrees(frees, epoch);
