@@ -12,10 +12,9 @@
  *   5. applies the refcount decrements of clusters whose last pointer it just removed (in memory;
  *      the next cycle writes them), after the requests that might still use them have finished.
  * Without changes a cycle costs nothing; overwrites of allocated clusters cost one fsync, new
- * allocations two — or one under load: flush()'s cycles are pipelined (writeback(true)).
+ * allocations two.
  */
 import { BlkrepError } from '../../api/errors.js';
-import type { Captured } from './cache.js';
 import type { Qcow2Container } from './file.js';
 import {
   AUTOCLEAR_BITMAPS,
@@ -91,10 +90,8 @@ export class Qcow2Image {
    */
   corruption: BlkrepError | undefined;
   private marking: Promise<void> | undefined;
-  private cycleRunning: Promise<CycleResult> | undefined;
-  private cycleQueued: Promise<CycleResult> | undefined;
-  /** the L2 tables (and frees) of the last flush() cycle, written by the next cycle (pipelined flush) */
-  private deferred: Deferred | undefined;
+  private cycleRunning: Promise<void> | undefined;
+  private cycleQueued: Promise<void> | undefined;
 
   private constructor(
     readonly file: Qcow2Container,
@@ -366,11 +363,6 @@ export class Qcow2Image {
   /** Make every completed write durable, with the metadata it needs. Concurrent calls share cycles. */
   flush(): Promise<void> {
     if (this.readOnly) return Promise.resolve();
-    return this.schedule().then((r) => r.done);
-  }
-
-  /** The next cycle that captures what is written now (the queued one, or a new one). */
-  private schedule(): Promise<CycleResult> {
     if (this.cycleQueued) return this.cycleQueued;
     if (!this.cycleRunning) return this.startCycle();
     this.cycleQueued = this.cycleRunning
@@ -382,16 +374,9 @@ export class Qcow2Image {
     return this.cycleQueued;
   }
 
-  private startCycle(): Promise<CycleResult> {
-    const p = this.cycleLock.run(() => this.writeback(true));
+  private startCycle(): Promise<void> {
+    const p = this.cycleLock.run(() => this.writeback());
     this.cycleRunning = p;
-    // a cycle that left its L2 tables to the next one: that next cycle runs even if no one else asks
-    p.then(
-      (r) => {
-        if (r.done) this.schedule().catch(() => {});
-      },
-      () => {},
-    );
     p.catch(() => {}).finally(() => {
       if (this.cycleRunning === p) this.cycleRunning = undefined;
     });
@@ -412,42 +397,12 @@ export class Qcow2Image {
   get dirty(): boolean {
     const rc = this.refcounts;
     if (!rc) return false;
-    return this.unsynced || this.deferred !== undefined || this.pendingFrees.length > 0 || this.map.dirtyL1.size > 0 || rc.dirtyReftable.size > 0 || this.map.l2.dirtyCount() > 0 || rc.blocks.dirtyCount() > 0;
+    return this.unsynced || this.pendingFrees.length > 0 || this.map.dirtyL1.size > 0 || rc.dirtyReftable.size > 0 || this.map.l2.dirtyCount() > 0 || rc.blocks.dirtyCount() > 0;
   }
 
-  /**
-   * One writeback cycle; the caller holds cycleLock. `pipelined` (flush()): a cycle whose only
-   * metadata after the refcount blocks is L2 tables (no new refcount table entries, no new L1
-   * entries: the usual allocation) does not write and sync them itself. The next cycle writes
-   * them before its first fsync, which then makes them durable together with that cycle's data
-   * and refcount blocks: one fsync per cycle under load instead of two, every rule of B.5 kept —
-   * an L2 table captured by cycle k points only at clusters counted in k's refcount blocks and
-   * written before k captured it, all durable after k's fsync, and it is written after that fsync
-   * completed; its frees are applied only after the fsync that makes the pointer removal durable.
-   * The cycle's `done` settles at that fsync (flush() waits for it); startCycle() runs the next
-   * cycle when no one else asks for one. A cycle that is not pipelined (close, make-empty,
-   * resize) writes the previous cycle's tables first and everything of its own.
-   */
-  async writeback(pipelined = false): Promise<CycleResult> {
-    const prev = this.deferred;
-    this.deferred = undefined;
-    const undoPrev = (err: unknown): void => {
-      if (!prev) return;
-      for (const c of prev.l2) c.table.markDirty();
-      this.pendingFrees.push(...prev.frees);
-      prev.reject(err);
-    };
-    if (this.corruption) {
-      undoPrev(this.corruption);
-      throw this.corruption;
-    }
-    try {
-      // before the capture: a table written here is clean for it (writtenGen), so it is not captured again unchanged
-      if (prev) await Promise.all(prev.l2.map((c) => c.table.write(this.file, c)));
-    } catch (err) {
-      undoPrev(err);
-      throw err;
-    }
+  /** One writeback cycle; the caller holds cycleLock. */
+  async writeback(): Promise<void> {
+    if (this.corruption) throw this.corruption;
     const rc = this.rc;
     const blocks = rc.captureBlocks();
     const reftable = rc.captureReftable();
@@ -458,29 +413,24 @@ export class Qcow2Image {
     const data = this.unsynced;
     this.unsynced = false;
     const epoch = this.gate.advance();
-    const defer = pipelined && l2.length > 0 && reftable.entries.length === 0 && l1.length === 0;
     try {
       for (const c of blocks) this.guardTable(c.table.offset, 'refblock');
       for (const c of l2) this.guardTable(c.table.offset, 'l2');
       if (blocks.length > 0) await Promise.all(blocks.map((c) => c.table.write(this.file, c)));
-      if (blocks.length > 0 || data || prev) await this.file.sync();
-      if (prev) prev.resolve();
-      if (!defer) {
-        if (reftable.entries.length > 0) {
-          await this.metaLock.run(() => rc.writeReftable(reftable));
-          await this.file.sync();
-        }
-        if (l2.length > 0) {
-          await Promise.all(l2.map((c) => c.table.write(this.file, c)));
-          await this.file.sync();
-        }
-        if (l1.length > 0) {
-          await this.map.writeL1(l1);
-          await this.file.sync();
-        }
+      if (blocks.length > 0 || data) await this.file.sync();
+      if (reftable.entries.length > 0) {
+        await this.metaLock.run(() => rc.writeReftable(reftable));
+        await this.file.sync();
+      }
+      if (l2.length > 0) {
+        await Promise.all(l2.map((c) => c.table.write(this.file, c)));
+        await this.file.sync();
+      }
+      if (l1.length > 0) {
+        await this.map.writeL1(l1);
+        await this.file.sync();
       }
     } catch (err) {
-      undoPrev(err); // no effect once resolved
       for (const c of blocks) c.table.markDirty();
       rc.restoreReftable(reftable);
       for (const c of l2) c.table.markDirty();
@@ -489,19 +439,9 @@ export class Qcow2Image {
       this.unsynced = true;
       throw err;
     }
-    if (prev && prev.frees.length > 0) await this.applyFrees(prev.frees, prev.epoch);
-    if (defer) {
-      let resolve!: () => void;
-      let reject!: (err: unknown) => void;
-      const done = new Promise<void>((res, rej) => ((resolve = res), (reject = rej)));
-      done.catch(() => {}); // observed by flush() callers
-      this.deferred = { l2, frees, epoch, resolve, reject };
-      return { done };
-    }
     if (frees.length > 0) await this.applyFrees(frees, epoch);
     this.map.l2.trim();
     rc.blocks.trim();
-    return {};
   }
 
   /** Decrement the refcounts of freed ranges (their pointers are gone on disk). */
@@ -554,8 +494,6 @@ export class Qcow2Image {
     await this.bitmapsGuard();
     await this.gate.exclusive(() =>
       this.cycleLock.run(async () => {
-        // the last flush cycle's L2 tables are written (and synced) before anything is emptied
-        if (this.deferred) await this.writeback();
         if (this.header.hasBitmapsExtension) await this.emptySlow();
         else await this.emptyFast();
       }),
@@ -726,17 +664,4 @@ class GuardedGate extends RequestGate {
     if (g) await g;
     return super.begin();
   }
-}
-
-interface CycleResult {
-  /** the cycle left its L2 tables to the next one: settles when they are durable */
-  done?: Promise<void>;
-}
-
-interface Deferred {
-  l2: Captured[];
-  frees: Array<[number, number]>;
-  epoch: number;
-  resolve: () => void;
-  reject: (err: unknown) => void;
 }
