@@ -12,7 +12,7 @@
 import type { Duplex } from 'node:stream';
 import type { ConnectionUpgrader } from '../api/transport.js';
 import { NBD_ERRNO, toBlkrepError, type Errno } from '../api/errors.js';
-import type { Extent } from '../api/block.js';
+import type { Extent, FileRange } from '../api/block.js';
 import { ByteQueue } from './byte-queue.js';
 import { moveToDirectReceive, type DirectReader } from './direct-receive.js';
 import type { BudgetWaiter, BufferBudget } from './server-budget.js';
@@ -102,6 +102,16 @@ const SPARSE_READ_MIN = 64 * 1024;
  * serves every connection. 256 KiB: many small requests per read call.
  */
 const SCRATCH = Buffer.allocUnsafeSlow(256 * 1024);
+/**
+ * Plain read replies from SPLICE_MIN to SPLICE_MAX bytes of a node with a file range (a raw
+ * file) go from the file to the socket without a copy through user space (spliceRead()).
+ * SPLICE_MAX: the pool worker's pipe (1 MiB, the kernel's default pipe-max-size). SPLICE_MIN:
+ * smaller reads are served from the loop (RWF_NOWAIT) and batched, which a pool job per reply
+ * would undo; not tuned.
+ */
+const SPLICE_MIN = 256 * 1024;
+const SPLICE_MAX = 1024 * 1024;
+const EMPTY = Buffer.alloc(0);
 /** block status replies carry at most this many descriptors (the spec's recommendation) */
 const MAX_DESCRIPTORS = 1 << 20;
 
@@ -153,6 +163,14 @@ export class ServerSession implements BudgetWaiter, DirectReader {
   private batching = false;
   /** the stream is corked until the scheduled flush */
   private corked = false;
+  /** the socket's fd for splice replies (spliceRead()): set by goDirect() unless BLKREP_NO_SPLICE; -1: none */
+  private sockFd = -1;
+  /** set to 1 at close: a splice reply waiting for socket space gives up (an aligned Int32) */
+  private readonly spliceCancel = Buffer.from(new Int32Array(1).buffer);
+  /** splice replies go one at a time: the last one queued */
+  private spliceTail: Promise<unknown> = Promise.resolve();
+  /** the bytes of the splice reply being sent (held, for the stall check) */
+  private spliceBytes = 0;
   private readonly flushBatch = (): void => {
     this.corked = false;
     if (this.stream.writableCorked > 0) this.stream.uncork();
@@ -258,6 +276,7 @@ export class ServerSession implements BudgetWaiter, DirectReader {
     if (this.phase === 'closed') return;
     const wasTransmission = this.phase === 'transmission' || this.phase === 'closing';
     this.machine.goto('closed');
+    this.spliceCancel.writeInt32LE(1, 0);
     this.handshake.closed();
     this.upgradeAbort?.abort();
     this.upgradeAbort = undefined;
@@ -519,6 +538,7 @@ export class ServerSession implements BudgetWaiter, DirectReader {
     }
     this.stream = fresh;
     this.direct = true;
+    if (!spliceDisabled()) this.sockFd = socketFd(fresh);
     this.listen(fresh);
     if (!this.paused) fresh.resume();
   }
@@ -580,15 +600,16 @@ export class ServerSession implements BudgetWaiter, DirectReader {
     const mark = this.stallMark;
     // a payload partly received, while this side reads the socket
     const partial = this.paused ? 0 : this.filling ? this.filling.got : this.reserved !== 0 ? this.queue.length : 0;
-    if (sent !== mark.sent || this.bytesReceived !== mark.received || Math.max(this.unsent, partial) <= STALL_MIN_BYTES) {
+    const held = this.unsent + this.spliceBytes;
+    if (sent !== mark.sent || this.bytesReceived !== mark.received || Math.max(held, partial) <= STALL_MIN_BYTES) {
       mark.sent = sent;
       mark.received = this.bytesReceived;
       mark.since = now;
       return;
     }
     if (now - mark.since < timeoutMs) return;
-    const why = this.unsent > STALL_MIN_BYTES
-      ? `stall timeout: the client read none of ${this.unsent} bytes of replies for ${timeoutMs / 1000} s`
+    const why = held > STALL_MIN_BYTES
+      ? `stall timeout: the client read none of ${held} bytes of replies for ${timeoutMs / 1000} s`
       : `stall timeout: the client sent none of the rest of a ${this.reserved}-byte write payload for ${timeoutMs / 1000} s (${partial} bytes received)`;
     this.host.log('warn', `connection ${this.id} from ${this.peer}: ${why}; disconnecting`);
     this.close(why);
@@ -775,6 +796,8 @@ export class ServerSession implements BudgetWaiter, DirectReader {
     let runs: Extent[] | undefined;
     if (this.structured && !df && length >= SPARSE_READ_MIN && node.caps.canExtents && node.caps.cheapExtents) runs = clipExtents(await node.extents(offset, length), length);
     if (!runs || runs.length === 0 || (runs.length === 1 && !runs[0]!.zero)) {
+      const header = this.structured ? encodeDataChunkHeader(cookie, offset, length, true) : encodeSimpleReply(0, cookie);
+      if (await this.spliceRead(offset, length, header)) return;
       // One piece of data: read into a pooled buffer, returned once the socket has sent it.
       const pooled = sharedPool.acquire(length);
       const data = pooled.subarray(0, length);
@@ -784,7 +807,6 @@ export class ServerSession implements BudgetWaiter, DirectReader {
         sharedPool.release(pooled);
         throw err;
       }
-      const header = this.structured ? encodeDataChunkHeader(cookie, offset, length, true) : encodeSimpleReply(0, cookie);
       if (!this.sendData(header, data, () => sharedPool.release(pooled))) sharedPool.release(pooled);
       return;
     }
@@ -804,6 +826,64 @@ export class ServerSession implements BudgetWaiter, DirectReader {
       else out.push(encodeHoleChunk(cookie, p.at, p.len, last));
     });
     this.send(...out);
+  }
+
+  /**
+   * A read reply straight from the file to the socket (FileRange.sendTo: splice on a pool
+   * thread, no copy through a buffer here): true when it was sent, or when the connection is gone;
+   * false to read the usual way (not a plain socket, BLKREP_NO_SPLICE, a size out of range, a
+   * node without a file range, or the file shorter now). A read error has sent nothing and
+   * throws (the error reply); a socket error midway tore the stream and closes the connection.
+   * Only plain sockets (goDirect()): TLS streams encrypt in user space.
+   */
+  private async spliceRead(offset: number, length: number, header: Buffer): Promise<boolean> {
+    if (this.sockFd < 0 || length < SPLICE_MIN || length > SPLICE_MAX) return false;
+    const range = this.exp!.node.fileRange?.(offset, length);
+    if (!range) return false;
+    const turn = this.spliceTail.then(() => this.spliceTurn(range, header, length));
+    this.spliceTail = turn.catch(() => {});
+    try {
+      return await turn;
+    } finally {
+      range.release();
+    }
+  }
+
+  /**
+   * One splice reply, its turn come: once everything queued on the stream is with the kernel,
+   * the stream is corked so the replies made meanwhile wait (nothing may come between the
+   * header and the data), and uncorked when the worker is done.
+   */
+  private async spliceTurn(range: FileRange, header: Buffer, length: number): Promise<boolean> {
+    await this.streamFlushed();
+    if (this.phase === 'closed' || this.stream.destroyed || this.stream.writableEnded) return true;
+    this.stream.cork();
+    this.spliceBytes = header.length + length;
+    try {
+      if ((await range.sendTo(this.sockFd, header, this.spliceCancel)) === 'fallback') return false;
+      this.queuedOut += header.length + length;
+      return true;
+    } catch (err) {
+      if ((err as { stage?: unknown }).stage !== 'send') throw err;
+      if ((this.phase as Phase) !== 'closed') {
+        const why = `read reply of ${length} bytes failed midway: ${toBlkrepError(err).message}`;
+        this.host.log('warn', `connection ${this.id} from ${this.peer}: ${why}; disconnecting`);
+        this.close(why);
+      }
+      return true;
+    } finally {
+      this.spliceBytes = 0;
+      if (this.stream.writableCorked > 0) this.stream.uncork();
+      this.noteUnsent();
+    }
+  }
+
+  /** Resolves once the stream holds no reply bytes (all given to the kernel), or is gone. */
+  private async streamFlushed(): Promise<void> {
+    while (this.phase !== 'closed' && !this.stream.destroyed && !this.stream.writableEnded && this.stream.writableLength > 0) {
+      // callbacks run in order: this one once what was queued before it is written
+      await new Promise<void>((resolve) => this.stream.write(EMPTY, () => resolve()));
+    }
   }
 
   private async blockStatus(req: Request, exp: Export): Promise<void> {
@@ -932,4 +1012,16 @@ const BATCH_MAX_PAYLOAD = 64 * 1024;
 function replyBatchingDisabled(): boolean {
   const v = process.env.BLKREP_NO_REPLY_BATCHING;
   return v !== undefined && v !== '' && v !== '0';
+}
+
+/** BLKREP_NO_SPLICE=1: read replies are copied through a buffer, never spliced from the file (bench/serve-nbd's blkrep-copy row). */
+function spliceDisabled(): boolean {
+  const v = process.env.BLKREP_NO_SPLICE;
+  return v !== undefined && v !== '' && v !== '0';
+}
+
+/** A plain socket's file descriptor (its libuv handle's), or -1. */
+function socketFd(stream: Duplex): number {
+  const fd = (stream as { _handle?: { fd?: unknown } | null })._handle?.fd;
+  return typeof fd === 'number' && fd >= 0 ? fd : -1;
 }
