@@ -129,10 +129,11 @@ export interface FileRange {
    * nothing else writes to meanwhile), on a pool thread. 'fallback': nothing was sent (the file
    * is shorter than the range now, or the range is too large), read the usual way. Rejects with
    * `.stage` 'read' when reading failed (nothing sent), 'send' when the socket failed midway (the
-   * stream is torn). A non-zero `cancel[0]` (an aligned Int32 in a Buffer) stops a send waiting
-   * for socket space.
+   * stream is torn). `lane`: the connection's Buffer of 3 aligned Int32, zeroed at first; the
+   * sends of one lane reach the socket in the order sendTo() was called; a non-zero lane[0]
+   * (set at close) stops them.
    */
-  sendTo(sockFd: number, header: Buffer, cancel: Buffer): Promise<'sent' | 'fallback'>;
+  sendTo(sockFd: number, header: Buffer, lane: Buffer): Promise<'sent' | 'fallback'>;
   /** the caller is done with the range (once, after sendTo settled or instead of it) */
   release(): void;
 }

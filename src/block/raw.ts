@@ -393,9 +393,9 @@ export class RawNode implements BlockNode {
     this.begin();
     let released = false;
     return {
-      sendTo: async (sockFd, header, cancel) => {
+      sendTo: async (sockFd, header, lane) => {
         try {
-          return (await splice.call(this.native, sockFd, this.fd, offset, length, header, cancel)) === 0 ? 'sent' : 'fallback';
+          return (await splice.call(this.native, sockFd, this.fd, offset, length, header, lane)) === 0 ? 'sent' : 'fallback';
         } catch (err) {
           const e = toBlkrepError(err, `read of ${length} bytes at offset ${offset} from ${this.path}`);
           (e as { stage?: unknown }).stage = (err as { stage?: unknown }).stage;

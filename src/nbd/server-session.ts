@@ -12,7 +12,7 @@
 import type { Duplex } from 'node:stream';
 import type { ConnectionUpgrader } from '../api/transport.js';
 import { NBD_ERRNO, toBlkrepError, type Errno } from '../api/errors.js';
-import type { Extent, FileRange } from '../api/block.js';
+import type { Extent } from '../api/block.js';
 import { ByteQueue } from './byte-queue.js';
 import { moveToDirectReceive, type DirectReader } from './direct-receive.js';
 import type { BudgetWaiter, BufferBudget } from './server-budget.js';
@@ -111,7 +111,6 @@ const SCRATCH = Buffer.allocUnsafeSlow(256 * 1024);
  */
 const SPLICE_MIN = 256 * 1024;
 const SPLICE_MAX = 1024 * 1024;
-const EMPTY = Buffer.alloc(0);
 /** block status replies carry at most this many descriptors (the spec's recommendation) */
 const MAX_DESCRIPTORS = 1 << 20;
 
@@ -165,11 +164,11 @@ export class ServerSession implements BudgetWaiter, DirectReader {
   private corked = false;
   /** the socket's fd for splice replies (spliceRead()): set by goDirect() unless BLKREP_NO_SPLICE; -1: none */
   private sockFd = -1;
-  /** set to 1 at close: a splice reply waiting for socket space gives up (an aligned Int32) */
-  private readonly spliceCancel = Buffer.from(new Int32Array(1).buffer);
-  /** splice replies go one at a time: the last one queued */
-  private spliceTail: Promise<unknown> = Promise.resolve();
-  /** the bytes of the splice reply being sent (held, for the stall check) */
+  /** the splice replies' lane (FileRange.sendTo): they reach the socket in the order started; [0] set to 1 at close */
+  private readonly spliceLane = Buffer.from(new Int32Array(3).buffer);
+  /** splice replies started and not settled */
+  private spliceActive = 0;
+  /** their bytes (held, for the stall check) */
   private spliceBytes = 0;
   private readonly flushBatch = (): void => {
     this.corked = false;
@@ -276,7 +275,7 @@ export class ServerSession implements BudgetWaiter, DirectReader {
     if (this.phase === 'closed') return;
     const wasTransmission = this.phase === 'transmission' || this.phase === 'closing';
     this.machine.goto('closed');
-    this.spliceCancel.writeInt32LE(1, 0);
+    this.spliceLane.writeInt32LE(1, 0);
     this.handshake.closed();
     this.upgradeAbort?.abort();
     this.upgradeAbort = undefined;
@@ -832,36 +831,27 @@ export class ServerSession implements BudgetWaiter, DirectReader {
    * A read reply straight from the file to the socket (FileRange.sendTo: splice on a pool
    * thread, no copy through a buffer here): true when it was sent, or when the connection is gone;
    * false to read the usual way (not a plain socket, BLKREP_NO_SPLICE, a size out of range, a
-   * node without a file range, or the file shorter now). A read error has sent nothing and
-   * throws (the error reply); a socket error midway tore the stream and closes the connection.
-   * Only plain sockets (goDirect()): TLS streams encrypt in user space.
+   * node without a file range, replies waiting in the stream, or the file shorter now). A read
+   * error has sent nothing and throws (the error reply); a socket error midway tore the stream
+   * and closes the connection. Only plain sockets (goDirect()): TLS encrypts in user space.
+   *
+   * Splice replies start only when the stream holds nothing (every reply before them is with the
+   * kernel); several run at once, reaching the socket in the order started (their lane), and the
+   * stream is corked while any runs, so the replies made meanwhile wait and nothing comes
+   * between a header and its data. Replies waiting in the stream send the next large reads the
+   * usual way, so those replies are not held for long.
    */
   private async spliceRead(offset: number, length: number, header: Buffer): Promise<boolean> {
-    if (this.sockFd < 0 || length < SPLICE_MIN || length > SPLICE_MAX) return false;
+    if (this.sockFd < 0 || length < SPLICE_MIN || length > SPLICE_MAX || this.stream.writableLength !== 0) return false;
+    if (this.phase === 'closed' || this.stream.destroyed || this.stream.writableEnded) return false;
     const range = this.exp!.node.fileRange?.(offset, length);
     if (!range) return false;
-    const turn = this.spliceTail.then(() => this.spliceTurn(range, header, length));
-    this.spliceTail = turn.catch(() => {});
+    if (this.spliceActive++ === 0) this.stream.cork();
+    const bytes = header.length + length;
+    this.spliceBytes += bytes;
     try {
-      return await turn;
-    } finally {
-      range.release();
-    }
-  }
-
-  /**
-   * One splice reply, its turn come: once everything queued on the stream is with the kernel,
-   * the stream is corked so the replies made meanwhile wait (nothing may come between the
-   * header and the data), and uncorked when the worker is done.
-   */
-  private async spliceTurn(range: FileRange, header: Buffer, length: number): Promise<boolean> {
-    await this.streamFlushed();
-    if (this.phase === 'closed' || this.stream.destroyed || this.stream.writableEnded) return true;
-    this.stream.cork();
-    this.spliceBytes = header.length + length;
-    try {
-      if ((await range.sendTo(this.sockFd, header, this.spliceCancel)) === 'fallback') return false;
-      this.queuedOut += header.length + length;
+      if ((await range.sendTo(this.sockFd, header, this.spliceLane)) === 'fallback') return false;
+      this.queuedOut += bytes;
       return true;
     } catch (err) {
       if ((err as { stage?: unknown }).stage !== 'send') throw err;
@@ -872,17 +862,10 @@ export class ServerSession implements BudgetWaiter, DirectReader {
       }
       return true;
     } finally {
-      this.spliceBytes = 0;
-      if (this.stream.writableCorked > 0) this.stream.uncork();
+      range.release();
+      this.spliceBytes -= bytes;
+      if (--this.spliceActive === 0 && this.stream.writableCorked > 0) this.stream.uncork();
       this.noteUnsent();
-    }
-  }
-
-  /** Resolves once the stream holds no reply bytes (all given to the kernel), or is gone. */
-  private async streamFlushed(): Promise<void> {
-    while (this.phase !== 'closed' && !this.stream.destroyed && !this.stream.writableEnded && this.stream.writableLength > 0) {
-      // callbacks run in order: this one once what was queued before it is written
-      await new Promise<void>((resolve) => this.stream.write(EMPTY, () => resolve()));
     }
   }
 

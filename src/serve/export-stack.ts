@@ -138,7 +138,7 @@ class StackEntry extends PinnedFilter {
     e.n++;
     let released = false;
     return {
-      sendTo: (sockFd, header, cancel) => range.sendTo(sockFd, header, cancel),
+      sendTo: (sockFd, header, lane) => range.sendTo(sockFd, header, lane),
       release: () => {
         if (released) return;
         released = true;
