@@ -31,6 +31,12 @@
  *                                                 throw. Never blocks: the raw driver tries it on
  *                                                 the event loop and goes to the thread pool on
  *                                                 -1, and stops trying on -2.
+ *   spliceSend(sockFd, fileFd, position, length, header, lane)
+ *                                                 a serve-nbd read reply without a copy through
+ *                                                 user space, on the pool: file -> the worker's
+ *                                                 pipe (read errors here, nothing sent), then
+ *                                                 header and pipe -> socket, in the lane's order
+ *                                                 (see the function)
  *   execv(path, argv)                             execv with the process's environment: replaces
  *                                                 the program, keeping the PID, stdio (fds 0-2,
  *                                                 which node marks close-on-exec at start) and
