@@ -111,6 +111,23 @@ const SCRATCH = Buffer.allocUnsafeSlow(256 * 1024);
  */
 const SPLICE_MIN = 256 * 1024;
 const SPLICE_MAX = 1024 * 1024;
+/**
+ * A connection's splice replies in flight: each holds a pool thread (filling its pipe, waiting
+ * for its turn or for socket space); more wait for a place. 4: QD8 1 MiB reads keep the socket
+ * busy with 4 (not tuned on a quiet machine).
+ */
+const SPLICE_PER_CONNECTION = 4;
+/** splice replies in flight in the process (pool threads held) */
+let splicesRunning = 0;
+let spliceMax: number | undefined;
+/** at most half of libuv's thread pool (UV_THREADPOOL_SIZE, 4 when unset; bin/run.js sets 16) for splice replies: beyond, the usual read */
+function spliceMaxRunning(): number {
+  if (spliceMax === undefined) {
+    const n = Number(process.env.UV_THREADPOOL_SIZE);
+    spliceMax = Math.max(1, Math.floor((Number.isInteger(n) && n > 0 ? n : 4) / 2));
+  }
+  return spliceMax;
+}
 /** block status replies carry at most this many descriptors (the spec's recommendation) */
 const MAX_DESCRIPTORS = 1 << 20;
 
@@ -166,8 +183,10 @@ export class ServerSession implements BudgetWaiter, DirectReader {
   private sockFd = -1;
   /** the splice replies' lane (FileRange.sendTo): they reach the socket in the order started; [0] set to 1 at close */
   private readonly spliceLane = Buffer.from(new Int32Array(3).buffer);
-  /** splice replies started and not settled */
+  /** splice replies started and not settled (at most SPLICE_PER_CONNECTION) */
   private spliceActive = 0;
+  /** splice replies waiting for a place (spliceDone() hands one over) */
+  private spliceWaiters: Array<() => void> = [];
   /** their bytes (held, for the stall check) */
   private spliceBytes = 0;
   private readonly flushBatch = (): void => {
@@ -276,6 +295,9 @@ export class ServerSession implements BudgetWaiter, DirectReader {
     const wasTransmission = this.phase === 'transmission' || this.phase === 'closing';
     this.machine.goto('closed');
     this.spliceLane.writeInt32LE(1, 0);
+    // the waiting replies get their places (and find the connection gone)
+    this.spliceActive += this.spliceWaiters.length;
+    for (const w of this.spliceWaiters.splice(0)) w();
     this.handshake.closed();
     this.upgradeAbort?.abort();
     this.upgradeAbort = undefined;
@@ -842,13 +864,25 @@ export class ServerSession implements BudgetWaiter, DirectReader {
    * usual way, so those replies are not held for long.
    */
   private async spliceRead(offset: number, length: number, header: Buffer): Promise<boolean> {
-    if (this.sockFd < 0 || length < SPLICE_MIN || length > SPLICE_MAX || this.stream.writableLength !== 0) return false;
-    if (this.phase === 'closed' || this.stream.destroyed || this.stream.writableEnded) return false;
+    if (!this.spliceable(length)) return false;
+    if (this.spliceActive < SPLICE_PER_CONNECTION) {
+      if (this.spliceActive++ === 0) this.stream.cork();
+    } else {
+      // a finishing reply hands its place over (spliceActive unchanged, the stream stays corked)
+      await new Promise<void>((resolve) => this.spliceWaiters.push(resolve));
+      if (!this.spliceable(length)) {
+        this.spliceDone();
+        return false;
+      }
+    }
     const range = this.exp!.node.fileRange?.(offset, length);
-    if (!range) return false;
-    if (this.spliceActive++ === 0) this.stream.cork();
+    if (!range) {
+      this.spliceDone();
+      return false;
+    }
     const bytes = header.length + length;
     this.spliceBytes += bytes;
+    splicesRunning++;
     try {
       if ((await range.sendTo(this.sockFd, header, this.spliceLane)) === 'fallback') return false;
       this.queuedOut += bytes;
@@ -863,10 +897,29 @@ export class ServerSession implements BudgetWaiter, DirectReader {
       return true;
     } finally {
       range.release();
+      splicesRunning--;
       this.spliceBytes -= bytes;
-      if (--this.spliceActive === 0 && this.stream.writableCorked > 0) this.stream.uncork();
+      this.spliceDone();
       this.noteUnsent();
     }
+  }
+
+  /**
+   * Whether a read reply of `length` may be spliced now: a plain socket, the size in range,
+   * nothing waiting in the stream (so it is not held behind splice replies for long), and a
+   * pool thread to spare (splicesRunning: a client that stops reading holds the threads of its
+   * replies waiting for socket space; at most half the pool, the rest for every other I/O).
+   */
+  private spliceable(length: number): boolean {
+    return this.sockFd >= 0 && length >= SPLICE_MIN && length <= SPLICE_MAX && this.stream.writableLength === 0 &&
+      this.phase !== 'closed' && !this.stream.destroyed && !this.stream.writableEnded && splicesRunning < spliceMaxRunning();
+  }
+
+  /** A splice reply's place is free: to the next waiting, else the stream is uncorked with the last. */
+  private spliceDone(): void {
+    const next = this.spliceWaiters.shift();
+    if (next) return next();
+    if (--this.spliceActive === 0 && this.stream.writableCorked > 0) this.stream.uncork();
   }
 
   private async blockStatus(req: Request, exp: Export): Promise<void> {

@@ -28,6 +28,10 @@ import { hasTool, run } from '../support/spawn.js';
 import { withTimeout } from './helpers.js';
 
 vi.setConfig({ testTimeout: 60_000, hookTimeout: 30_000 });
+// As bin/run.js sets it: splice replies in flight may then be 8 in the process (half the pool),
+// more than a connection's 4, so replies wait for a place on their connection (read by the
+// session on its first splice reply; libuv's pool, started already or not, only runs them).
+process.env.UV_THREADPOOL_SIZE = '16';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
