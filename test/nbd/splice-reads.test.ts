@@ -22,10 +22,10 @@ import { completeNode } from '../../src/block/node.js';
 import { RawNode } from '../../src/block/raw.js';
 import { CMD } from '../../src/nbd/constants.js';
 import { encodeRequest } from '../../src/nbd/codec.js';
-import { NbdServer } from '../../src/nbd/server.js';
+import { NbdServer, type NbdServerOptions } from '../../src/nbd/server.js';
 import { RawClient, readReplyData, replyError } from '../support/raw-client.js';
 import { hasTool, run } from '../support/spawn.js';
-import { withTimeout } from './helpers.js';
+import { waitIdle, withTimeout } from './helpers.js';
 
 vi.setConfig({ testTimeout: 60_000, hookTimeout: 30_000 });
 // As bin/run.js sets it: splice replies in flight may then be 8 in the process (half the pool),
@@ -104,7 +104,7 @@ function countingNode(raw: RawNode, counts: Counts, failAt: Set<number>, badFd: 
   };
 }
 
-async function setup(data: Buffer = randomBytes(SIZE)): Promise<Fixture> {
+async function setup(data: Buffer = randomBytes(SIZE), options: Pick<NbdServerOptions, 'stallTimeoutMs' | 'log'> = {}): Promise<Fixture> {
   usual.n = 0;
   const dir = await mkdtemp(path.join(os.tmpdir(), 'blkrep-splice-'));
   const image = path.join(dir, 'disk.raw');
@@ -114,7 +114,7 @@ async function setup(data: Buffer = randomBytes(SIZE)): Promise<Fixture> {
   const failAt = new Set<number>();
   const badFd = openSync(path.join(dir, 'write-only'), 'w');
   const started = { n: 0 };
-  const srv = new NbdServer({ exports: [{ name: '', node: countingNode(raw, counts, failAt, badFd, started) }] });
+  const srv = new NbdServer({ ...options, exports: [{ name: '', node: countingNode(raw, counts, failAt, badFd, started) }] });
   const unixPath = path.join(dir, 'nbd.sock');
   const unix = net.createServer({ allowHalfOpen: true }, (sock) => srv.attach({ stream: sock, peer: 'unix' }));
   await new Promise<void>((resolve) => unix.listen(unixPath, resolve));
@@ -291,6 +291,41 @@ describe.each(['unix', 'tcp'] as const)('splice read replies over %s', (transpor
     const f = fx;
     fx = undefined;
     await withTimeout(f.close(), 10_000, 'close with a stalled splice reply');
+  });
+
+  it('a client that stops reading is disconnected by the stall timeout, the spliced replies counted as held', async () => {
+    const logs: string[] = [];
+    fx = await setup(undefined, { stallTimeoutMs: 1000, log: (_level, message) => logs.push(message) });
+    const c = await client(fx, transport, true);
+    c.socket.pause();
+    const frames: Buffer[] = [];
+    for (let i = 0; i < 16; i++) {
+      c.track(BigInt(i + 1), CMD.READ, MiB);
+      frames.push(encodeRequest(0, CMD.READ, BigInt(i + 1), i * MiB, MiB));
+    }
+    c.sendRaw(Buffer.concat(frames));
+    await waitIdle(fx.srv, 15_000);
+    expect(logs.some((m) => /stall timeout: the client read none of \d+ bytes of replies for 1 s/.test(m))).toBe(true);
+    expect(fx.started).toBeGreaterThan(0);
+    await settled(fx);
+  });
+
+  it('a client that hangs up halfway through a spliced reply: the connection closes, the others go on', async () => {
+    fx = await setup();
+    const other = await client(fx, transport, false);
+    const c = await client(fx, transport, false);
+    const frames: Buffer[] = [];
+    for (let i = 0; i < 8; i++) {
+      c.track(BigInt(i + 1), CMD.READ, MiB);
+      frames.push(encodeRequest(0, CMD.READ, BigInt(i + 1), i * MiB, MiB));
+    }
+    c.sendRaw(Buffer.concat(frames));
+    await c.readExact(512 * 1024);
+    c.destroy();
+    await vi.waitFor(() => expect(fx!.srv.status().connections.length).toBe(1), { timeout: 10_000 });
+    await settled(fx);
+    expect((await other.read(5 * MiB, MiB)).equals(fx.data.subarray(5 * MiB, 6 * MiB))).toBe(true);
+    other.destroy();
   });
 
   it('BLKREP_NO_SPLICE=1: the replies are read and written the usual way, byte-exact', async () => {
