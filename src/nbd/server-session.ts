@@ -111,6 +111,8 @@ const SCRATCH = Buffer.allocUnsafeSlow(256 * 1024);
  */
 const SPLICE_MIN = 256 * 1024;
 const SPLICE_MAX = 1024 * 1024;
+/** the page size the pipe's room is counted in (the addon checks the real one: a larger page falls back there) */
+const PAGE = 4096;
 /**
  * A connection's splice replies in flight: each holds a pool thread (filling its pipe, waiting
  * for its turn or for socket space); more wait for a place. 4: QD8 1 MiB reads keep the socket
@@ -864,13 +866,13 @@ export class ServerSession implements BudgetWaiter, DirectReader {
    * usual way, so those replies are not held for long.
    */
   private async spliceRead(offset: number, length: number, header: Buffer): Promise<boolean> {
-    if (!this.spliceable(length)) return false;
+    if (!this.spliceable(offset, length)) return false;
     if (this.spliceActive < SPLICE_PER_CONNECTION) {
       if (this.spliceActive++ === 0) this.stream.cork();
     } else {
       // a finishing reply hands its place over (spliceActive unchanged, the stream stays corked)
       await new Promise<void>((resolve) => this.spliceWaiters.push(resolve));
-      if (!this.spliceable(length)) {
+      if (!this.spliceable(offset, length)) {
         this.spliceDone();
         return false;
       }
@@ -905,13 +907,14 @@ export class ServerSession implements BudgetWaiter, DirectReader {
   }
 
   /**
-   * Whether a read reply of `length` may be spliced now: a plain socket, the size in range,
+   * Whether a read reply of `length` at `offset` may be spliced now: a plain socket, the size in range,
    * nothing waiting in the stream (so it is not held behind splice replies for long), and a
    * pool thread to spare (splicesRunning: a client that stops reading holds the threads of its
    * replies waiting for socket space; at most half the pool, the rest for every other I/O).
    */
-  private spliceable(length: number): boolean {
-    return this.sockFd >= 0 && length >= SPLICE_MIN && length <= SPLICE_MAX && this.stream.writableLength === 0 &&
+  private spliceable(offset: number, length: number): boolean {
+    // the pipe holds whole pages: an unaligned 1 MiB touches one more than it has room for
+    return this.sockFd >= 0 && length >= SPLICE_MIN && (offset % PAGE) + length <= SPLICE_MAX && this.stream.writableLength === 0 &&
       this.phase !== 'closed' && !this.stream.destroyed && !this.stream.writableEnded && splicesRunning < spliceMaxRunning();
   }
 

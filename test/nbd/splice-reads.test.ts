@@ -239,6 +239,17 @@ describe.each(['unix', 'tcp'] as const)('splice read replies over %s', (transpor
     c.destroy();
   });
 
+  it('an unaligned read of 1 MiB (one page more than the pipe holds) goes the usual way; an unaligned 512 KiB is spliced; both byte-exact', async () => {
+    fx = await setup();
+    const c = await client(fx, transport, true);
+    expect((await c.read(MiB + 512, MiB)).equals(fx.data.subarray(MiB + 512, 2 * MiB + 512))).toBe(true);
+    expect(await settled(fx)).toEqual({ sent: 0, fallback: 0, failed: 0 });
+    expect(usual.n).toBe(1);
+    expect((await c.read(5 * MiB + 1000, 512 * KiB)).equals(fx.data.subarray(5 * MiB + 1000, 5 * MiB + 1000 + 512 * KiB))).toBe(true);
+    expect(await settled(fx)).toEqual({ sent: 1, fallback: 0, failed: 0 });
+    c.destroy();
+  });
+
   it('4 connections, each with 1 MiB, 256 KiB and 4 KiB reads in flight at once (over a write of its own): every reply byte-exact', async () => {
     fx = await setup();
     const f = fx;
