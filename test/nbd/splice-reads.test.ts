@@ -6,7 +6,8 @@
  * wrapper around the raw file's FileRange), a file shorter than the export falls back to the usual
  * read (zeros past EOF), a read error before anything is sent becomes the NBD error reply while
  * the replies around it arrive whole, many connections interleave, and a client that stops
- * reading is disconnected without leaving the raw file held. BLKREP_NO_SPLICE=1 turns it off.
+ * reading is disconnected without leaving the raw file held. BLKREP_NO_SPLICE=1 turns it off;
+ * TCP connections splice only with BLKREP_SPLICE_TCP=1.
  */
 import net from 'node:net';
 import os from 'node:os';
@@ -32,6 +33,8 @@ vi.setConfig({ testTimeout: 60_000, hookTimeout: 30_000 });
 // more than a connection's 4, so replies wait for a place on their connection (read by the
 // session on its first splice reply; libuv's pool, started already or not, only runs them).
 process.env.UV_THREADPOOL_SIZE = '16';
+// TCP connections splice only with BLKREP_SPLICE_TCP=1 (off by default); the tests run both
+process.env.BLKREP_SPLICE_TCP = '1';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -348,4 +351,22 @@ describe.each(['unix', 'tcp'] as const)('splice read replies over %s', (transpor
     expect(usual.n).toBe(4);
     c.destroy();
   });
+});
+
+it('without BLKREP_SPLICE_TCP=1 a TCP connection is not spliced (the default); a Unix one is', async () => {
+  delete process.env.BLKREP_SPLICE_TCP;
+  try {
+    fx = await setup();
+    const c = await client(fx, 'tcp', false);
+    for (let i = 0; i < 2; i++) expect((await c.read(i * MiB, MiB)).equals(fx.data.subarray(i * MiB, (i + 1) * MiB))).toBe(true);
+    expect(await settled(fx)).toEqual({ sent: 0, fallback: 0, failed: 0 });
+    expect(usual.n).toBe(2);
+    c.destroy();
+    const u = await client(fx, 'unix', false);
+    expect((await u.read(2 * MiB, MiB)).equals(fx.data.subarray(2 * MiB, 3 * MiB))).toBe(true);
+    expect(await settled(fx)).toEqual({ sent: 1, fallback: 0, failed: 0 });
+    u.destroy();
+  } finally {
+    process.env.BLKREP_SPLICE_TCP = '1';
+  }
 });
