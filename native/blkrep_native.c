@@ -31,6 +31,12 @@
  *                                                 throw. Never blocks: the raw driver tries it on
  *                                                 the event loop and goes to the thread pool on
  *                                                 -1, and stops trying on -2.
+ *   spliceSend(sockFd, fileFd, position, length, header, lane)
+ *                                                 a serve-nbd read reply without a copy through
+ *                                                 user space, on the pool: file -> the worker's
+ *                                                 pipe (read errors here, nothing sent), then
+ *                                                 header and pipe -> socket, in the lane's order
+ *                                                 (see the function)
  *   execv(path, argv)                             execv with the process's environment: replaces
  *                                                 the program, keeping the PID, stdio (fds 0-2,
  *                                                 which node marks close-on-exec at start) and
@@ -113,6 +119,9 @@ static const char *errno_name(int e) {
     case EDQUOT: return "EDQUOT";
     case ESHUTDOWN: return "ESHUTDOWN";
     case ETIMEDOUT: return "ETIMEDOUT";
+    case ECANCELED: return "ECANCELED";
+    case EPIPE: return "EPIPE";
+    case ECONNRESET: return "ECONNRESET";
     case ENOLCK: return "ENOLCK";
 #ifdef ENOMEDIUM
     case ENOMEDIUM: return "ENOMEDIUM";
@@ -690,6 +699,260 @@ static napi_value pwrite_batch(napi_env env, napi_callback_info info) {
 }
 
 /* ------------------------------------------------------------------------------------------ */
+/* spliceSend: a read reply straight from a file to a socket (serve-nbd, src/nbd/splice-send.ts) */
+
+/*
+ * spliceSend(sockFd, fileFd, position, length, header, lane) → Promise<0 | 1>, on a pool thread:
+ *   1. splice the whole range from the file into this thread's pipe (page references, no copy);
+ *      a read error here has sent nothing: the promise rejects with `.stage` = 'read';
+ *      a short range (EOF: the file shrank) or one that does not fit the pipe resolves 1, nothing sent;
+ *   2. wait for its turn on the socket: the calls on one lane send in the order they were made, so
+ *      several replies of a connection fill their pipes at once and go out back to back, without a
+ *      trip through the event loop between them;
+ *   3. send the header, then splice the pipe into the socket, waiting with poll() while the socket is
+ *      full; an error rejects with `.stage` = 'send' (the connection's stream is then torn: the
+ *      caller closes it). 0: all sent.
+ * `lane`: a connection's Buffer of 3 aligned Int32 (zeroed at first): [0] cancel (the caller sets
+ * it non-zero at close: waits end within 100 ms, nothing more is sent), [1] the next call's turn
+ * (taken at the call), [2] the turn being served (workers advance it, futex wake-ups).
+ * The socket fd is dup()ed at the call, so the connection closing meanwhile never lets the worker
+ * write into a reused descriptor; the caller keeps fileFd open until the promise settles.
+ */
+#include <linux/futex.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <time.h>
+
+typedef struct {
+  napi_async_work work;
+  napi_deferred deferred;
+  napi_ref lane_ref;
+  int32_t *lane;
+  int32_t turn;
+  int sock;
+  int fd;
+  int64_t position;
+  size_t length;
+  char header[64];
+  size_t header_length;
+  int result; /* 0 sent, 1 fallback */
+  int err;
+  const char *stage;
+} splice_job_t;
+
+static void splice_send_pipe(splice_job_t *j);
+
+static __thread int splice_pipe[2] = {-1, -1};
+static __thread size_t splice_pipe_size = 0;
+
+static void splice_pipe_drop(void) {
+  if (splice_pipe[0] >= 0) close(splice_pipe[0]);
+  if (splice_pipe[1] >= 0) close(splice_pipe[1]);
+  splice_pipe[0] = splice_pipe[1] = -1;
+  splice_pipe_size = 0;
+}
+
+static int splice_pipe_get(void) {
+  if (splice_pipe[0] >= 0) return 1;
+  if (pipe2(splice_pipe, O_CLOEXEC | O_NONBLOCK) < 0) return 0;
+  int size = fcntl(splice_pipe[1], F_SETPIPE_SZ, 1 << 20);
+  if (size < 0) size = fcntl(splice_pipe[1], F_GETPIPE_SZ);
+  if (size <= 0) {
+    splice_pipe_drop();
+    return 0;
+  }
+  splice_pipe_size = (size_t)size;
+  return 1;
+}
+
+/* wait until the socket takes more; 0 when cancelled or on a poll error (err set) */
+static int splice_wait_writable(splice_job_t *j) {
+  for (;;) {
+    if (__atomic_load_n(&j->lane[0], __ATOMIC_RELAXED) != 0) {
+      j->err = ECANCELED;
+      return 0;
+    }
+    struct pollfd p = {.fd = j->sock, .events = POLLOUT};
+    int r = poll(&p, 1, 100);
+    if (r < 0 && errno != EINTR) {
+      j->err = errno;
+      return 0;
+    }
+    if (r > 0) return 1;
+  }
+}
+
+/* wait until lane[2] is this job's turn; 0 when cancelled */
+static int splice_wait_turn(splice_job_t *j) {
+  for (;;) {
+    if (__atomic_load_n(&j->lane[0], __ATOMIC_RELAXED) != 0) return 0;
+    int32_t serving = __atomic_load_n(&j->lane[2], __ATOMIC_ACQUIRE);
+    if (serving == j->turn) return 1;
+    struct timespec t = {.tv_sec = 0, .tv_nsec = 100 * 1000 * 1000};
+    syscall(SYS_futex, &j->lane[2], FUTEX_WAIT_PRIVATE, serving, &t, NULL, 0);
+  }
+}
+
+static void splice_next_turn(splice_job_t *j) {
+  __atomic_add_fetch(&j->lane[2], 1, __ATOMIC_RELEASE);
+  syscall(SYS_futex, &j->lane[2], FUTEX_WAKE_PRIVATE, INT32_MAX, NULL, NULL, 0);
+}
+
+/* stage 1: the range into this thread's pipe; 0 sent nothing (result 1, or err with stage 'read') */
+static int splice_fill(splice_job_t *j) {
+  j->result = 1;
+  if (!splice_pipe_get()) return 0;
+  long page = sysconf(_SC_PAGESIZE);
+  if (page <= 0) page = 4096;
+  /* one pipe slot per page touched: a range that would fill the pipe falls back (the write end would wait) */
+  size_t pages = (size_t)(((j->position % page) + (int64_t)j->length + page - 1) / page);
+  if (pages * (size_t)page > splice_pipe_size) return 0;
+  loff_t off = (loff_t)j->position;
+  size_t in = 0;
+  while (in < j->length) {
+    ssize_t r = splice(j->fd, &off, splice_pipe[1], NULL, j->length - in, SPLICE_F_MOVE);
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) {
+      if (r < 0) {
+        j->err = errno;
+        j->stage = "read";
+      }
+      splice_pipe_drop(); /* what it holds is not wanted */
+      return 0;
+    }
+    in += (size_t)r;
+  }
+  j->result = 0;
+  return 1;
+}
+
+static void splice_execute(napi_env env, void *data) {
+  splice_job_t *j = data;
+  int filled = splice_fill(j);
+  if (!splice_wait_turn(j)) {
+    /* the connection is closing: nothing more goes out */
+    if (filled) splice_pipe_drop();
+    j->err = ECANCELED;
+    j->stage = "send";
+    return;
+  }
+  if (filled) splice_send_pipe(j);
+  splice_next_turn(j);
+}
+
+/* stage 3: header, then the pipe, into the socket */
+static void splice_send_pipe(splice_job_t *j) {
+  j->stage = "send";
+  size_t sent = 0;
+  while (sent < j->header_length) {
+    ssize_t r = send(j->sock, j->header + sent, j->header_length - sent, MSG_MORE | MSG_NOSIGNAL);
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      if (!splice_wait_writable(j)) break;
+      continue;
+    }
+    if (r < 0) {
+      j->err = errno;
+      break;
+    }
+    sent += (size_t)r;
+  }
+  size_t out = 0;
+  while (j->err == 0 && out < j->length) {
+    ssize_t r = splice(splice_pipe[0], NULL, j->sock, NULL, j->length - out, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      if (!splice_wait_writable(j)) break;
+      continue;
+    }
+    if (r <= 0) {
+      j->err = r < 0 ? errno : EPIPE;
+      break;
+    }
+    out += (size_t)r;
+  }
+  if (j->err != 0) splice_pipe_drop();
+}
+
+static void splice_complete(napi_env env, napi_status status, void *data) {
+  splice_job_t *j = data;
+  napi_value value;
+  close(j->sock);
+  if (status != napi_ok || j->err != 0) {
+    value = make_error(env, status != napi_ok ? ECANCELED : j->err, "splice");
+    napi_value stage;
+    napi_create_string_utf8(env, j->stage, NAPI_AUTO_LENGTH, &stage);
+    napi_set_named_property(env, value, "stage", stage);
+    napi_reject_deferred(env, j->deferred, value);
+  } else {
+    napi_create_int32(env, j->result, &value);
+    napi_resolve_deferred(env, j->deferred, value);
+  }
+  napi_delete_reference(env, j->lane_ref);
+  napi_delete_async_work(env, j->work);
+  free(j);
+}
+
+static napi_value splice_send(napi_env env, napi_callback_info info) {
+  const char *fn = "spliceSend";
+  napi_value argv[6], promise, name;
+  int sock, fd;
+  int64_t position, length;
+  void *header, *lane;
+  size_t header_length, lane_length;
+  if (!get_args(env, info, 6, argv, fn)) return NULL;
+  if (!get_fd(env, argv[0], &sock, fn) || !get_fd(env, argv[1], &fd, fn)) return NULL;
+  if (!get_uint(env, argv[2], MAX_SAFE_INTEGER, &position, fn, "position")) return NULL;
+  if (!get_uint(env, argv[3], (double)(1 << 30), &length, fn, "length")) return NULL;
+  if (napi_get_buffer_info(env, argv[4], &header, &header_length) != napi_ok || header_length > 64 ||
+      napi_get_buffer_info(env, argv[5], &lane, &lane_length) != napi_ok || lane_length < 12 || ((uintptr_t)lane & 3) != 0) {
+    napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "spliceSend: header must be a Buffer of at most 64 bytes, lane an aligned Buffer of at least 12");
+    return NULL;
+  }
+  splice_job_t *j = calloc(1, sizeof *j);
+  if (j == NULL) {
+    napi_throw_error(env, "ENOMEM", "blkrep_native: out of memory");
+    return NULL;
+  }
+  j->sock = fcntl(sock, F_DUPFD_CLOEXEC, 0);
+  if (j->sock < 0) {
+    int err = errno;
+    free(j);
+    napi_throw(env, make_error(env, err, "fcntl(F_DUPFD_CLOEXEC)"));
+    return NULL;
+  }
+  j->fd = fd;
+  j->position = position;
+  j->length = (size_t)length;
+  memcpy(j->header, header, header_length);
+  j->header_length = header_length;
+  j->lane = (int32_t *)lane;
+  j->stage = "read";
+  napi_create_string_utf8(env, fn, NAPI_AUTO_LENGTH, &name);
+  if (napi_create_reference(env, argv[5], 1, &j->lane_ref) != napi_ok) {
+    close(j->sock);
+    free(j);
+    napi_throw_error(env, NULL, "blkrep_native: cannot reference the lane");
+    return NULL;
+  }
+  /* the lane's next turn (only this thread takes turns; jobs are queued, and so start, in turn order) */
+  j->turn = j->lane[1];
+  j->lane[1] = j->turn + 1;
+  if (napi_create_promise(env, &j->deferred, &promise) != napi_ok ||
+      napi_create_async_work(env, NULL, name, splice_execute, splice_complete, j, &j->work) != napi_ok ||
+      napi_queue_async_work(env, j->work) != napi_ok) {
+    j->lane[1] = j->turn; /* no job took it */
+    napi_delete_reference(env, j->lane_ref);
+    close(j->sock);
+    free(j);
+    napi_throw_error(env, NULL, "blkrep_native: cannot queue async work");
+    return NULL;
+  }
+  return promise;
+}
+
+/* ------------------------------------------------------------------------------------------ */
 
 NAPI_MODULE_INIT() {
   napi_value has_fallocate;
@@ -709,6 +972,7 @@ NAPI_MODULE_INIT() {
     {"preadNowait", NULL, pread_nowait, NULL, NULL, NULL, napi_enumerable, NULL},
     {"pwriteNowait", NULL, pwrite_nowait, NULL, NULL, NULL, napi_enumerable, NULL},
     {"pwriteBatch", NULL, pwrite_batch, NULL, NULL, NULL, napi_enumerable, NULL},
+    {"spliceSend", NULL, splice_send, NULL, NULL, NULL, napi_enumerable, NULL},
     {"execv", NULL, exec_v, NULL, NULL, NULL, napi_enumerable, NULL},
     {"hasFallocate", NULL, NULL, NULL, NULL, has_fallocate, napi_enumerable, NULL},
   };

@@ -112,7 +112,30 @@ export interface BlockNode {
    * make-empty). Waits for requests in flight; durable when it resolves.
    */
   makeEmpty?(options?: IoOptions): Promise<void>;
+  /**
+   * [offset, offset+length) as a range of an open file whose bytes are exactly what read() would
+   * return, for a server to send without copying them through a buffer (serve-nbd's splice path,
+   * src/nbd/server-session.ts); undefined when the node cannot (not a raw file, a filter that
+   * changes or checks reads, no addon). The node stays open until release().
+   */
+  fileRange?(offset: number, length: number): FileRange | undefined;
   close(): Promise<void>;
+}
+
+/** What BlockNode.fileRange() gives: a file's bytes that can go straight to a socket. */
+export interface FileRange {
+  /**
+   * Send `header`, then the range's bytes, to the socket `sockFd` (a non-blocking stream socket
+   * nothing else writes to meanwhile), on a pool thread. 'fallback': nothing was sent (the file
+   * is shorter than the range now, or the range is too large), read the usual way. Rejects with
+   * `.stage` 'read' when reading failed (nothing sent), 'send' when the socket failed midway (the
+   * stream is torn). `lane`: the connection's Buffer of 3 aligned Int32, zeroed at first; the
+   * sends of one lane reach the socket in the order sendTo() was called; a non-zero lane[0]
+   * (set at close) stops them.
+   */
+  sendTo(sockFd: number, header: Buffer, lane: Buffer): Promise<'sent' | 'fallback'>;
+  /** the caller is done with the range (once, after sendTo settled or instead of it) */
+  release(): void;
 }
 
 /** A node whose optional operations have all been filled in. */

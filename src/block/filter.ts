@@ -21,7 +21,7 @@
  * issued finish on the node they were issued to. close() closes `next`; a filter over a node it
  * does not own overrides it.
  */
-import type { BlockLimits, BlockNode, Capabilities, CompleteBlockNode, Extent, IoOptions, WriteOptions, ZeroOptions } from '../api/block.js';
+import type { BlockLimits, BlockNode, Capabilities, CompleteBlockNode, Extent, FileRange, IoOptions, WriteOptions, ZeroOptions } from '../api/block.js';
 import { completeNode } from './node.js';
 
 export abstract class Filter implements CompleteBlockNode {
@@ -84,6 +84,18 @@ export abstract class Filter implements CompleteBlockNode {
   }
   cache(offset: number, length: number, o?: IoOptions): Promise<void> {
     return this.next.cache(offset, length, o);
+  }
+  /**
+   * None by default: a filter may change, check or count reads, which a range sent straight from
+   * the file would bypass. A filter whose reads are `next`'s, unchanged, overrides this with
+   * passFileRange().
+   */
+  fileRange(_offset: number, _length: number): FileRange | undefined {
+    return undefined;
+  }
+  /** `next`'s file range, for a filter that passes reads through unchanged */
+  protected passFileRange(offset: number, length: number): FileRange | undefined {
+    return this.next.fileRange?.(offset, length);
   }
   close(): Promise<void> {
     return this.next.close();

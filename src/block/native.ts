@@ -56,6 +56,15 @@ export interface SparseOps {
    * Absent in an addon built before it.
    */
   pwriteBatch?(fd: number, buffers: Buffer[], positions: number[]): Promise<Array<number | Error>>;
+  /**
+   * A read reply from `fileFd` to the socket `sockFd` without a copy through user space, on one
+   * thread-pool job (see FileRange.sendTo in src/api/block.ts): splice the range into the
+   * worker's pipe (a read error rejects with `.stage` 'read', nothing sent; EOF or a range over
+   * the pipe's 1 MiB resolves 1, nothing sent), then send `header` and splice the pipe into the
+   * socket in the lane's order (FileRange.sendTo), polling while it is full (`.stage` 'send' on
+   * failure; lane[0] ≠ 0 stops the wait). 0: all sent. Absent in an addon built before it.
+   */
+  spliceSend?(sockFd: number, fileFd: number, position: number, length: number, header: Buffer, lane: Buffer): Promise<0 | 1>;
 }
 
 /** A lock another open file description holds, as F_OFD_GETLK reports it. */

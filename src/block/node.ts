@@ -77,6 +77,7 @@ export function completeNode(node: BlockNode): CompleteBlockNode {
     extents,
     cache,
     close: node.close.bind(node),
+    ...(node.fileRange ? { fileRange: node.fileRange.bind(node) } : {}),
   };
   // complete already: completed again (a filter over it, the export stack's slots) it stays one hop
   Object.defineProperty(complete, COMPLETE, { value: true });

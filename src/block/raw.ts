@@ -9,7 +9,7 @@
  * canMultiConn. close() waits for the requests in flight before closing the fd.
  */
 import { close, fdatasync, fstat, open, read, write, type Stats } from 'node:fs';
-import type { BlockNode, Capabilities, Extent, IoOptions, WriteOptions, ZeroOptions } from '../api/block.js';
+import type { BlockNode, Capabilities, Extent, FileRange, IoOptions, WriteOptions, ZeroOptions } from '../api/block.js';
 import { BlkrepError, toBlkrepError } from '../api/errors.js';
 import { MAX_PAYLOAD } from './memory.js';
 import { WriteBatcher, WRITE_BATCH_MAX } from './write-batch.js';
@@ -379,6 +379,35 @@ export class RawNode implements BlockNode {
       }
     })();
     return this.closing;
+  }
+
+  /**
+   * The range as this file's, for serve-nbd to splice to a socket (BlockNode.fileRange): a read
+   * error there is the read's error, a file shorter than the range now is 'fallback' (the usual
+   * read fills the rest with zeros). Undefined without the addon's spliceSend, or once closing.
+   */
+  fileRange(offset: number, length: number): FileRange | undefined {
+    const splice = this.native?.spliceSend;
+    if (typeof splice !== 'function' || this.closing || length === 0) return undefined;
+    checkRange(this, offset, length, 'read');
+    this.begin();
+    let released = false;
+    return {
+      sendTo: async (sockFd, header, lane) => {
+        try {
+          return (await splice.call(this.native, sockFd, this.fd, offset, length, header, lane)) === 0 ? 'sent' : 'fallback';
+        } catch (err) {
+          const e = toBlkrepError(err, `read of ${length} bytes at offset ${offset} from ${this.path}`);
+          (e as { stage?: unknown }).stage = (err as { stage?: unknown }).stage;
+          throw e;
+        }
+      },
+      release: () => {
+        if (released) return;
+        released = true;
+        this.end();
+      },
+    };
   }
 
   // ---------------------------------------------------------------------------------------------

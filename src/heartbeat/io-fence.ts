@@ -20,7 +20,7 @@
  *
  * Reads always pass: a demoted or frozen primary may still be read.
  */
-import type { BlockNode, WriteOptions, ZeroOptions, IoOptions } from '../api/block.js';
+import type { BlockNode, FileRange, WriteOptions, ZeroOptions, IoOptions } from '../api/block.js';
 import { BlkrepError } from '../api/errors.js';
 import { Filter } from '../block/filter.js';
 
@@ -175,6 +175,11 @@ export class IoFenceFilter extends Filter {
   override flush(o?: IoOptions): Promise<void> {
     const wait = this.fence.admit();
     return wait === undefined ? this.next.flush(o) : wait.then(() => this.next.flush(o));
+  }
+
+  /** reads always pass: so does a range sent from the file */
+  override fileRange(offset: number, length: number): FileRange | undefined {
+    return this.passFileRange(offset, length);
   }
 
   /** the export's stack is not this filter's to close */

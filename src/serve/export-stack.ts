@@ -33,7 +33,7 @@
  * rest of the stack). The entry's close() does nothing, so the NBD server's close at shutdown
  * closes the user filters only.
  */
-import type { BlockNode, CompleteBlockNode, Extent, IoOptions, WriteOptions, ZeroOptions } from '../api/block.js';
+import type { BlockNode, CompleteBlockNode, Extent, FileRange, IoOptions, WriteOptions, ZeroOptions } from '../api/block.js';
 import { BlkrepError } from '../api/errors.js';
 import { Filter } from '../block/filter.js';
 import { PinnedFilter } from '../block/filters/pinned.js';
@@ -129,6 +129,23 @@ class StackEntry extends PinnedFilter {
   }
   override cache(offset: number, length: number, o?: IoOptions): Promise<void> {
     return this.count(this.epoch, this.next.cache(offset, length, o));
+  }
+  /** counted in its epoch, as a read, until released */
+  override fileRange(offset: number, length: number): FileRange | undefined {
+    const range = this.passFileRange(offset, length);
+    if (!range) return undefined;
+    const e = this.epoch;
+    e.n++;
+    let released = false;
+    return {
+      sendTo: (sockFd, header, lane) => range.sendTo(sockFd, header, lane),
+      release: () => {
+        if (released) return;
+        released = true;
+        range.release();
+        e.release();
+      },
+    };
   }
 }
 

@@ -13,7 +13,7 @@
  * flush() flushes `next` and every tracker together and resolves when all are durable, so the
  * bitmap is on stable storage before the FLUSH is acknowledged.
  */
-import type { BlockNode, CompleteBlockNode, IoOptions, WriteOptions, ZeroOptions } from '../../api/block.js';
+import type { BlockNode, CompleteBlockNode, FileRange, IoOptions, WriteOptions, ZeroOptions } from '../../api/block.js';
 import { checkRange } from '../node.js';
 import { Filter } from '../filter.js';
 import type { DirtyBitmap, Run } from '../../bitmap/dirty-bitmap.js';
@@ -63,6 +63,11 @@ export class DirtyTrackingNode extends Filter {
     super(next);
     this.trackers = [...trackers];
   }
+  /** reads pass straight through: so does a range sent from the file */
+  override fileRange(offset: number, length: number): FileRange | undefined {
+    return this.passFileRange(offset, length);
+  }
+
 
   /** Start recording into `tracker` (writes already in flight are not recorded by it). */
   addTracker(tracker: WriteTracker): void {
