@@ -33,11 +33,8 @@ import { BlkrepError } from '../api/errors.js';
 import { Filter } from '../block/filter.js';
 import { gated, WriteGate } from './write-gate.js';
 
-/** buffers kept for copies of up to SPARE_BYTES (64 × 64 KiB = 4 MiB) */
+/** cluster buffers kept for copies (64 × 64 KiB = 4 MiB) */
 const SPARE_BUFFERS = 64;
-const SPARE_BYTES = 65536;
-/** clusters copied by one read and one write at most (a 32 MiB NBD write is split into copies of ≤ 1 MiB) */
-const MAX_RUN_CLUSTERS = 64;
 
 export class CbwFilter extends Filter {
   readonly driver = 'copy-before-write';
@@ -220,53 +217,37 @@ export class CbwFilter extends Filter {
     const first = Math.floor(offset / this.clusterSize);
     const last = Math.floor((offset + length - 1) / this.clusterSize);
     const waits: Promise<void>[] = [];
-    for (let c = first; c <= last; ) {
-      if (this.copied[c]) {
-        c++;
-        continue;
+    for (let c = first; c <= last; c++) {
+      if (this.copied[c]) continue;
+      let p = this.copying.get(c);
+      if (!p) {
+        p = this.copyCluster(c).finally(() => this.copying.delete(c));
+        this.copying.set(c, p);
       }
-      const p = this.copying.get(c);
-      if (p) {
-        waits.push(p);
-        c++;
-        continue;
-      }
-      // a run of clusters nobody copies yet: one read and one write (a 1 MiB write is 64 16 KiB clusters)
-      const from = c;
-      let end = c + 1;
-      while (end <= last && end - from < MAX_RUN_CLUSTERS && !this.copied[end] && !this.copying.has(end)) end++;
-      const settled = this.copyRun(from, end - from).finally(() => {
-        for (let i = from; i < end; i++) this.copying.delete(i);
-      });
-      for (let i = from; i < end; i++) this.copying.set(i, settled);
-      waits.push(settled);
-      c = end;
+      waits.push(p);
     }
     if (waits.length) await Promise.all(waits);
   }
 
-  /** Copy clusters [c, c+n) into the hidden disk (FUA), then set their bits. */
-  private async copyRun(c: number, n: number): Promise<void> {
+  private async copyCluster(c: number): Promise<void> {
     const at = c * this.clusterSize;
-    const length = Math.min(n * this.clusterSize, this.next.size - at);
-    const pooled = length <= SPARE_BYTES;
-    const buf = (pooled ? this.spare.pop() : undefined) ?? Buffer.allocUnsafe(pooled ? SPARE_BYTES : length);
+    const length = Math.min(this.clusterSize, this.next.size - at);
+    const buf = this.spare.pop() ?? Buffer.allocUnsafe(this.clusterSize);
     try {
       const old = buf.subarray(0, length);
       await this.next.readInto(at, old);
       await this.hidden.write(at, old, { fua: true });
       // only after a success: a failed write may still hold the buffer
-      if (pooled && this.spare.length < SPARE_BUFFERS) this.spare.push(buf);
+      if (this.spare.length < SPARE_BUFFERS) this.spare.push(buf);
     } catch (err) {
-      const what = n === 1 ? `cluster ${c}` : `clusters ${c}–${c + n - 1}`;
-      const e = new BlkrepError('ERR_PAIR_CBW', `copy-before-write of ${what} (bytes ${at}–${at + length}) into the hidden disk failed: ${(err as Error).message}; the disk was not written`, {
+      const e = new BlkrepError('ERR_PAIR_CBW', `copy-before-write of cluster ${c} (bytes ${at}–${at + length}) into the hidden disk failed: ${(err as Error).message}; the disk was not written`, {
         errno: (err as { errno?: string }).errno === 'ENOSPC' ? 'ENOSPC' : 'EIO',
         cause: err,
-        details: { cluster: c, clusters: n, offset: at, length },
+        details: { cluster: c, offset: at, length },
       });
       this.onCopyError(e);
       throw e;
     }
-    this.copied.fill(1, c, c + n);
+    this.copied[c] = 1;
   }
 }

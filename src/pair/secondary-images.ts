@@ -22,15 +22,7 @@ import { HostFile, type Qcow2Container } from '../block/qcow2/file.js';
 import { Qcow2Node } from '../block/qcow2/node.js';
 import { sideFileBase } from '../util/state-dir.js';
 
-/** the active disk's cluster size (the secondary's own writes: qemu-img's default) */
 export const OVERLAY_CLUSTER = 65536;
-/**
- * A new hidden disk's cluster size, which is also the copy-before-write granularity (the
- * secondary takes it from the hidden disk it opens: one made with 64 KiB clusters before keeps
- * them). Each first write to a cluster in an epoch copies the whole cluster and makes it durable
- * before the disk write; with 64 KiB clusters a 4 KiB random write wrote and synced 16× its size.
- */
-export const HIDDEN_CLUSTER = 16384;
 
 /** A node someone else owns: closing it here does nothing. */
 export class Borrowed extends Filter {
@@ -50,8 +42,6 @@ export type HiddenDurability = 'strict' | 'volatile';
 export class HiddenFile implements Qcow2Container {
   /** fdatasyncs skipped (volatile) */
   skippedSyncs = 0;
-  /** fdatasyncs done (strict; syncNow) */
-  syncs = 0;
   constructor(
     private readonly file: HostFile,
     readonly durability: HiddenDurability,
@@ -75,12 +65,11 @@ export class HiddenFile implements Qcow2Container {
     return this.file.write(offset, data);
   }
   sync(): Promise<void> {
-    if (this.durability === 'strict') return this.syncNow();
+    if (this.durability === 'strict') return this.file.sync();
     this.skippedSyncs++;
     return Promise.resolve();
   }
   syncNow(): Promise<void> {
-    this.syncs++;
     return this.file.sync();
   }
   truncate(length: number): Promise<void> {
@@ -127,9 +116,9 @@ function backingName(overlay: string, backing: string): string {
   return rel.startsWith('..') ? resolve(backing) : rel;
 }
 
-async function create(what: 'hidden' | 'active', path: string, backing: string, backingFormat: string, size: number, clusterSize: number): Promise<void> {
+async function create(what: 'hidden' | 'active', path: string, backing: string, backingFormat: string, size: number): Promise<void> {
   try {
-    await createQcow2(path, { size, clusterSize, backing: backingName(path, backing), backingFormat });
+    await createQcow2(path, { size, clusterSize: OVERLAY_CLUSTER, backing: backingName(path, backing), backingFormat });
   } catch (err) {
     const e = toBlkrepError(err);
     throw new BlkrepError('ERR_PAIR_OVERLAY', `cannot create the ${what} disk ${path}: ${e.message}`, { errno: e.errno, cause: err, details: { [what]: path } });
@@ -153,7 +142,7 @@ async function open(what: 'hidden' | 'active', path: string, backing: BlockNode,
 export async function openSecondaryImages(
   diskPath: string,
   disk: BlockNode,
-  o: { hidden?: string; active?: string; hiddenDurability?: HiddenDurability; discardHidden?: boolean; hiddenCluster?: number } = {},
+  o: { hidden?: string; active?: string; hiddenDurability?: HiddenDurability; discardHidden?: boolean } = {},
 ): Promise<SecondaryImages> {
   const defaults = defaultOverlayPaths(diskPath);
   const hiddenPath = o.hidden ?? defaults.hidden;
@@ -166,11 +155,11 @@ export async function openSecondaryImages(
   // a volatile hidden disk after a host crash: garbage (maybe not even a readable qcow2), made anew
   if (o.discardHidden) await rm(hiddenPath, { force: true });
   if (!(await exists(hiddenPath))) {
-    await create('hidden', hiddenPath, diskPath, diskFormat, disk.size, o.hiddenCluster ?? HIDDEN_CLUSTER);
+    await create('hidden', hiddenPath, diskPath, diskFormat, disk.size);
     created.hidden = true;
   }
   if (!(await exists(activePath))) {
-    await create('active', activePath, hiddenPath, 'qcow2', disk.size, OVERLAY_CLUSTER);
+    await create('active', activePath, hiddenPath, 'qcow2', disk.size);
     created.active = true;
   }
   let hiddenFile: HiddenFile | undefined;

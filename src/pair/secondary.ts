@@ -30,7 +30,7 @@ import { resolveSplitBrain, type AfterSb0Policy, type SplitBrainResolution, type
 import { fetchRuns, PAIR_LINK_VERSION, PairChannel, runsPage, type DiskState, type LinkDecision, type NodeSummary, type PairMessage } from './messages.js';
 import { peerBitmapPath } from './primary.js';
 import type { FailoverOptions, FailoverResult, HandOff, PairRole, PairStatus } from './role.js';
-import { allocatedRuns, Borrowed, openSecondaryImages, type HiddenDurability, type SecondaryImages } from './secondary-images.js';
+import { allocatedRuns, Borrowed, openSecondaryImages, OVERLAY_CLUSTER, type HiddenDurability, type SecondaryImages } from './secondary-images.js';
 import { explainSecondaryFailover, type SecondaryFailoverFacts } from './secondary-explain.js';
 import { initialState, noRestorePoint, pairStatePath, PairStateFile, volatileHiddenLost } from './state.js';
 import { gated, WriteGate } from './write-gate.js';
@@ -179,7 +179,7 @@ export class SecondaryRole implements PairRole {
       this.cbw = new CbwFilter(
         ctx.exportNode,
         o.hiddenFilters?.length ? completeNode(stackFilters(images.hiddenNode, o.hiddenFilters)) : images.hiddenNode,
-        images.hidden.image.clusterSize,
+        OVERLAY_CLUSTER,
         (err) => this.onCopyError(err),
         (err) => this.onDiskError(err),
       );
