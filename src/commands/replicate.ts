@@ -1,6 +1,6 @@
 import { Args, Flags } from '@oclif/core';
 import { JobCommand, jobFlags } from '../cli/job-command.js';
-import { durationFlag, sizeFlag } from '../cli/flags.js';
+import { secondsFlag, sizeFlag } from '../cli/flags.js';
 import { parseNbdUri } from '../nbd/uri.js';
 import type { PairStatus } from '../pair/role.js';
 import { pairLine } from './status.js';
@@ -29,7 +29,7 @@ Exit status: 0 replicating (or connecting: an unreachable secondary is retried w
     protocol: Flags.string({ description: 'sync: a write completes when both disks have it; async: after the local write', options: ['sync', 'async'], default: 'sync', helpValue: 'sync|async' }),
     queue: sizeFlag({ description: 'with --protocol async: memory of the writes waiting to be forwarded (payloads and 512 bytes each) [default: 16M]', helpValue: 'SIZE' }),
     'on-congestion': Flags.string({ description: "with --protocol async, a write that does not fit in the queue: block (default, DRBD's: it waits for room) or pull-ahead (replication degrades, a resync follows)", options: ['block', 'pull-ahead'], helpValue: 'block|pull-ahead' }),
-    'congestion-timeout': durationFlag({ description: 'with --on-congestion block: a waiting write lets the secondary reply to nothing this long before replication degrades [default: 10s]', helpValue: 'DURATION' }),
+    'congestion-timeout': secondsFlag({ description: 'with --on-congestion block: a waiting write lets the secondary reply to nothing for this many seconds before replication degrades [default: 10]', helpValue: 'SECONDS' }),
   };
 
   async run(): Promise<PairStatus> {
@@ -38,13 +38,13 @@ Exit status: 0 replicating (or connecting: an unreachable secondary is retried w
     const congestionFlag = flags['on-congestion'] !== undefined ? `--on-congestion ${flags['on-congestion']}` : flags['congestion-timeout'] !== undefined ? '--congestion-timeout' : undefined;
     if (congestionFlag && flags.protocol === 'sync') this.usageError(`${congestionFlag} needs --protocol async: a sync primary has no queue (every write waits for the secondary)`);
     if (flags['congestion-timeout'] !== undefined && flags['on-congestion'] === 'pull-ahead') this.usageError('--congestion-timeout is for --on-congestion block: pull-ahead never waits');
-    if (flags['congestion-timeout'] !== undefined && flags['congestion-timeout'] < 100) this.usageError(`--congestion-timeout ${flags['congestion-timeout']} ms is below 100 ms`);
+    if (flags['congestion-timeout'] !== undefined && flags['congestion-timeout'] < 0.1) this.usageError(`--congestion-timeout ${flags['congestion-timeout']} is below 0.1 seconds`);
     const status = await this.request<PairStatus>(
       flags.control,
       'replicate',
       { uri: args.uri, protocol: flags.protocol, ...(flags.export === undefined ? {} : { export: flags.export }), ...(flags.queue === undefined ? {} : { queue: flags.queue }),
         ...(flags['on-congestion'] === undefined ? {} : { onCongestion: flags['on-congestion'] }),
-        ...(flags['congestion-timeout'] === undefined ? {} : { congestionTimeout: flags['congestion-timeout'] }),
+        ...(flags['congestion-timeout'] === undefined ? {} : { congestionTimeout: Math.round(flags['congestion-timeout'] * 1000) }),
       },
       flags.timeout,
     );

@@ -131,7 +131,7 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
       helpValue: 'block|pull-ahead',
       dependsOn: ['replicate-to'],
     }),
-    'congestion-timeout': durationFlag({ description: 'with --on-congestion block: a write waiting for room while the secondary replies to nothing for this long degrades replication (reason congestion-timeout) [default: 10s]', helpValue: 'DURATION', dependsOn: ['replicate-to'] }),
+    'congestion-timeout': secondsFlag({ description: 'with --on-congestion block: a write waiting for room while the secondary replies to nothing for this many seconds degrades replication (reason congestion-timeout) [default: 10]', helpValue: 'SECONDS', dependsOn: ['replicate-to'] }),
     'checkpoint-interval': durationFlag({ description: 'with --replicate-to: take a checkpoint this often (e.g. 20s; default: only by blkrep checkpoint)', helpValue: 'DURATION', dependsOn: ['replicate-to'] }),
     secondary: Flags.boolean({ description: "serve IMAGE as a replication pair's secondary: the replica export (copy-before-write into the hidden disk) for the primary that holds the pair link", default: false, exclusive: ['export', 'read-only'] }),
     hidden: Flags.string({ description: 'the secondary\'s hidden disk, a qcow2 overlay of IMAGE created if absent [default: IMAGE.hidden.qcow2]', helpValue: 'FILE', dependsOn: ['secondary'] }),
@@ -201,7 +201,7 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
     const congestionFlag = flags['on-congestion'] !== undefined ? `--on-congestion ${flags['on-congestion']}` : flags['congestion-timeout'] !== undefined ? '--congestion-timeout' : undefined;
     if (congestionFlag && (flags.protocol ?? 'sync') === 'sync') this.usageError(`${congestionFlag} needs --protocol async: a sync primary has no queue (every write waits for the secondary)`);
     if (flags['congestion-timeout'] !== undefined && flags['on-congestion'] === 'pull-ahead') this.usageError('--congestion-timeout is for --on-congestion block: pull-ahead never waits');
-    if (flags['congestion-timeout'] !== undefined && flags['congestion-timeout'] < 100) this.usageError(`--congestion-timeout ${flags['congestion-timeout']} ms is below 100 ms`);
+    if (flags['congestion-timeout'] !== undefined && flags['congestion-timeout'] < 0.1) this.usageError(`--congestion-timeout ${flags['congestion-timeout']} is below 0.1 seconds`);
     const json = this.jsonEnabled();
     const log = daemonLogger(flags['log-format'] as LogFormat, flags.verbose);
     const metrics = flags.metrics === undefined ? undefined : parseMetricsAddress(flags.metrics);
@@ -271,7 +271,7 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
               protocol: (flags.protocol ?? 'sync') as 'sync' | 'async',
               ...(flags.queue === undefined ? {} : { queueBytes: flags.queue }),
               ...(flags['on-congestion'] === undefined ? {} : { onCongestion: flags['on-congestion'] as 'block' | 'pull-ahead' }),
-              ...(flags['congestion-timeout'] === undefined ? {} : { congestionTimeoutMs: flags['congestion-timeout'] }),
+              ...(flags['congestion-timeout'] === undefined ? {} : { congestionTimeoutMs: Math.round(flags['congestion-timeout'] * 1000) }),
               ...(flags['checkpoint-interval'] === undefined ? {} : { checkpointIntervalMs: flags['checkpoint-interval'] }),
               ...(flags['node-name'] === undefined ? {} : { nodeName: flags['node-name'] }),
             },

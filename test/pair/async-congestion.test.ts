@@ -106,7 +106,7 @@ describe('async primary, on congestion', () => {
   });
 
   it('block: a secondary that stops answering (SIGSTOP) is given up after --congestion-timeout (congestion-timeout, ERR_PAIR_TIMEOUT), the writes complete; resumed, it is resynced by bitmap and the disks are equal', async () => {
-    const { pImg, sImg, pSock, pControl, s, p, pEv, mark } = await slowPair(['--congestion-timeout', '1s']);
+    const { pImg, sImg, pSock, pControl, s, p, pEv, mark } = await slowPair(['--congestion-timeout', '1']);
     const w = burst(pSock);
     await pEv.next('replication-congested', mark);
     process.kill(s.pid, 'SIGSTOP');
@@ -164,7 +164,7 @@ describe('async primary, on congestion', () => {
     const a = await runCli(['serve-nbd', pImg, '--socket', pSock, '--replicate-to', 'nbd://127.0.0.1:1/x', '--on-congestion', 'block']);
     expect(a.code).toBe(2);
     expect(a.stderr).toContain('--on-congestion block needs --protocol async: a sync primary has no queue');
-    const b = await runCli(['serve-nbd', pImg, '--socket', pSock, '--replicate-to', 'nbd://127.0.0.1:1/x', '--protocol', 'async', '--on-congestion', 'pull-ahead', '--congestion-timeout', '5s']);
+    const b = await runCli(['serve-nbd', pImg, '--socket', pSock, '--replicate-to', 'nbd://127.0.0.1:1/x', '--protocol', 'async', '--on-congestion', 'pull-ahead', '--congestion-timeout', '5']);
     expect(b.code).toBe(2);
     expect(b.stderr).toContain('--congestion-timeout is for --on-congestion block: pull-ahead never waits');
     const c = await runCli(['replicate', '--control', pControl, '--on-congestion', 'pull-ahead', 'nbd://127.0.0.1:1/x']);
