@@ -290,9 +290,8 @@ describe.each(['unix', 'tcp'] as const)('splice read replies over %s', (transpor
     for (const c of clients) c.destroy();
   });
 
-  it('a client that stops reading with 16 MiB of replies owed is disconnected at shutdown; the raw file is not left held', async () => {
-    fx = await setup();
-    const c = await client(fx, transport, false);
+  /** The client stops reading, then asks for 16 × 1 MiB: the socket's buffers fill and a spliced reply waits for space. */
+  function stopReadingWith16MiBOwed(c: Awaited<ReturnType<typeof client>>): void {
     c.socket.pause();
     const frames: Buffer[] = [];
     for (let i = 0; i < 16; i++) {
@@ -300,7 +299,12 @@ describe.each(['unix', 'tcp'] as const)('splice read replies over %s', (transpor
       frames.push(encodeRequest(0, CMD.READ, BigInt(i + 1), i * MiB, MiB));
     }
     c.sendRaw(Buffer.concat(frames));
-    // the socket's buffers fill: a spliced reply waits for space
+  }
+
+  it('a client that stops reading with 16 MiB of replies owed is disconnected at shutdown; the raw file is not left held', async () => {
+    fx = await setup();
+    const c = await client(fx, transport, false);
+    stopReadingWith16MiBOwed(c);
     await vi.waitFor(() => expect(fx!.started).toBeGreaterThan(0), { timeout: 5000 });
     const f = fx;
     fx = undefined;
@@ -311,13 +315,7 @@ describe.each(['unix', 'tcp'] as const)('splice read replies over %s', (transpor
     const logs: string[] = [];
     fx = await setup(undefined, { stallTimeoutMs: 1000, log: (_level, message) => logs.push(message) });
     const c = await client(fx, transport, true);
-    c.socket.pause();
-    const frames: Buffer[] = [];
-    for (let i = 0; i < 16; i++) {
-      c.track(BigInt(i + 1), CMD.READ, MiB);
-      frames.push(encodeRequest(0, CMD.READ, BigInt(i + 1), i * MiB, MiB));
-    }
-    c.sendRaw(Buffer.concat(frames));
+    stopReadingWith16MiBOwed(c);
     await waitIdle(fx.srv, 15_000);
     expect(logs.some((m) => /stall timeout: the client read none of \d+ bytes of replies for 1 s/.test(m))).toBe(true);
     expect(fx.started).toBeGreaterThan(0);
