@@ -44,6 +44,8 @@ interface Scenario {
   tinyCache: boolean;
   /** the workload is big enough to move the refcount table */
   growth?: boolean;
+  /** keepSpaceOnEmpty (the pair's hidden disk): make-empty at batches 4 and 8, later writes reuse the file */
+  keepSpace?: boolean;
   seed: number;
 }
 
@@ -66,6 +68,7 @@ async function runScenario(dir: string, s: Scenario): Promise<boolean> {
   const node = await Qcow2Node.openContainer(container, {
     backing: await openBase(),
     ...(s.tinyCache ? { l2CacheBytes: 1, refcountCacheBytes: 1 } : {}),
+    ...(s.keepSpace ? { keepSpaceOnEmpty: true } : {}),
   });
   const model = await node.read(0, s.size);
   let stable = Buffer.from(model);
@@ -105,7 +108,7 @@ async function runScenario(dir: string, s: Scenario): Promise<boolean> {
       }
     }
     await Promise.all(ops);
-    if (batch === 8) {
+    if (batch === 8 || (s.keepSpace && batch === 4)) {
       // make-empty: everything falls back to the backing file (zeros without one)
       touched.fill(1);
       await node.makeEmpty();
@@ -147,9 +150,13 @@ describe('qcow2 crash consistency under a volatile write cache', () => {
     // 512-byte clusters, 64-bit refcounts: refcount blocks and table growth all the time
     { clusterSize: 512, size: 3 * MiB, refcountBits: 64, backing: false, tinyCache: true, growth: true },
     { clusterSize: 512, size: 1 * MiB, refcountBits: 16, backing: true, tinyCache: false },
+    // make-empty keeps the file and later allocations reuse its clusters (old L2 tables among them)
+    { clusterSize: 64 * KiB, size: 4 * MiB, refcountBits: 16, backing: true, tinyCache: false, keepSpace: true },
+    { clusterSize: 4 * KiB, size: 2 * MiB, refcountBits: 16, backing: true, tinyCache: true, keepSpace: true },
+    { clusterSize: 512, size: 3 * MiB, refcountBits: 64, backing: false, tinyCache: true, growth: true, keepSpace: true },
   ];
   for (const [n, sc] of scenarios.entries()) {
-    it(`scenario ${n}: ${sc.clusterSize}-byte clusters, ${sc.refcountBits}-bit refcounts${sc.backing ? ', backing file' : ''}${sc.tinyCache ? ', tiny caches' : ''}`, async () => {
+    it(`scenario ${n}: ${sc.clusterSize}-byte clusters, ${sc.refcountBits}-bit refcounts${sc.backing ? ', backing file' : ''}${sc.tinyCache ? ', tiny caches' : ''}${sc.keepSpace ? ', make-empty keeps the space' : ''}`, async () => {
       const dir = await makeTempDir();
       let grew = 0;
       for (let seed = 1; seed <= SEEDS; seed++) if (await runScenario(dir, { ...sc, seed: seed * 7919 + n })) grew++;

@@ -11,7 +11,7 @@ import { describe, expect, it } from 'vitest';
 import { loadNative } from '../../src/block/native.js';
 import { Qcow2Node } from '../../src/block/qcow2/index.js';
 import { makeTempDir } from '../support/spawn.js';
-import { expectClean, expectSame, pattern, qemuInfo, qemuMap, tool, KiB, MiB } from './helpers.js';
+import { expectClean, expectSame, pattern, qemuCheck, qemuInfo, qemuMap, tool, KiB, MiB } from './helpers.js';
 
 async function overlayWithData(dir: string, clusterSize: number, size: number): Promise<{ top: string; base: Buffer }> {
   const base = pattern(size, 3);
@@ -119,6 +119,68 @@ describe('qcow2 make-empty', () => {
     const check = await Qcow2Node.open(top, { readOnly: true });
     expectSame(await check.read(0, check.size), expected, 'contents');
     await check.close();
+  });
+
+  it('keepSpaceOnEmpty (the hidden disk): the file keeps its length, new clusters land inside it from the start, qemu-img check clean; cut back after an epoch that used under a quarter', async () => {
+    const dir = await makeTempDir();
+    const base = pattern(8 * MiB, 3);
+    await writeFile(join(dir, 'base.raw'), base);
+    const top = join(dir, 'top.qcow2');
+    await Qcow2Node.create(top, { clusterSize: 64 * KiB, backing: 'base.raw', backingFormat: 'raw' });
+    let node = await Qcow2Node.open(top, { keepSpaceOnEmpty: true });
+    // epoch 1: 64 clusters (4 MiB), as copies land in hidden
+    for (let c = 0; c < 64; c++) await node.write(c * 2 * 64 * KiB, pattern(64 * KiB, 100 + c));
+    await node.flush();
+    const length1 = (await stat(top)).size;
+    const allocated1 = (await stat(top)).blocks * 512;
+    expect(length1).toBeGreaterThan(4 * MiB);
+    await node.makeEmpty();
+    expect((await stat(top)).size, 'the file keeps its length').toBe(length1);
+    if (loadNative()) expect((await stat(top)).blocks * 512, 'nor is anything punched').toBe(allocated1);
+    expect(node.mapsNothing).toBe(true);
+    await node.close();
+    await expectEmpty(top, base);
+
+    // epoch 2 (reopened, as after a restart): 20 clusters reuse the freed ones, the file does not grow
+    node = await Qcow2Node.open(top, { keepSpaceOnEmpty: true });
+    const expected = Buffer.from(base);
+    for (let c = 0; c < 20; c++) {
+      const data = pattern(64 * KiB, 200 + c);
+      await node.write((c * 3 + 1) * 64 * KiB, data);
+      data.copy(expected, (c * 3 + 1) * 64 * KiB);
+    }
+    await node.flush();
+    expect((await stat(top)).size, 'new clusters land inside the old length').toBe(length1);
+    const hosts = (await qemuMap(top)).filter((m) => m.depth === 0 && m.data).map((m) => m.offset!);
+    expect(hosts.length).toBeGreaterThan(0);
+    // the first free clusters: right after the metadata that stayed (header, refcount table and block, L1)
+    expect(Math.max(...hosts), 'reused from the start of the data area').toBeLessThan(32 * 64 * KiB);
+    expectSame(await node.read(0, node.size), expected, 'epoch 2 contents');
+    await node.close();
+    await expectClean(top);
+    node = await Qcow2Node.open(top, { keepSpaceOnEmpty: true });
+
+    // emptied right after an open: the whole file counts as reached (init), so nothing is cut
+    await node.makeEmpty();
+    expect((await stat(top)).size).toBe(length1);
+    // an epoch of 8 clusters since that make-empty (reached: 4 of metadata, an L2 table and 8, under a
+    // quarter of the file's 69): cut back to them
+    for (let c = 0; c < 8; c++) await node.write(c * 64 * KiB, pattern(64 * KiB, 300 + c));
+    await node.makeEmpty();
+    const length3 = (await stat(top)).size;
+    expect(length1).toBe(69 * 64 * KiB);
+    expect(length3).toBe(13 * 64 * KiB);
+    const data = pattern(300 * KiB, 9);
+    await node.write(MiB + 7, data);
+    await node.close();
+    await expectClean(top);
+    const final = Buffer.from(base);
+    data.copy(final, MiB + 7);
+    const check = await Qcow2Node.open(top, { readOnly: true });
+    expectSame(await check.read(0, check.size), final, 'after the cut back');
+    await check.close();
+    const c = await qemuCheck(top);
+    expect({ leaks: c.leaks, corruptions: c.corruptions }).toEqual({ leaks: 0, corruptions: 0 });
   });
 
   it('mapsNothing: true for a new overlay and after make-empty, false once a cluster is mapped (a zero cluster too)', async () => {

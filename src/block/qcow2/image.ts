@@ -54,6 +54,8 @@ export interface ImageOptions {
   keepBitmaps?: boolean;
   /** where warnings go (a read-only open of an image with an unsound layout); default stderr */
   onWarning?: (message: string) => void;
+  /** make-empty keeps the file's length for reuse (Qcow2Image.keepSpaceOnEmpty) */
+  keepSpaceOnEmpty?: boolean;
 }
 
 function warnStderr(message: string): void {
@@ -90,6 +92,16 @@ export class Qcow2Image {
    */
   corruption: BlkrepError | undefined;
   private marking: Promise<void> | undefined;
+  /**
+   * make-empty (without bitmaps) keeps the file's length: the clusters it frees are reused by
+   * the next allocations (from the first free one on) instead of being truncated away and
+   * allocated again past the end of the file, so a file emptied over and over (the pair's hidden
+   * disk, at each checkpoint) writes into blocks the filesystem has already allocated and
+   * written, and an fdatasync is a data flush without the block allocation's metadata. The file
+   * is cut back to what the last round of allocations reached (never below the metadata that
+   * stays) only when that was under a quarter of it.
+   */
+  keepSpaceOnEmpty = false;
   private cycleRunning: Promise<void> | undefined;
   private cycleQueued: Promise<void> | undefined;
 
@@ -164,6 +176,7 @@ export class Qcow2Image {
       await refcounts.init();
     }
     const image = new Qcow2Image(file, path, header, readOnly, l1, refcounts, snapshots, bitmaps, options.l2CacheBytes ?? DEFAULT_L2_CACHE);
+    image.keepSpaceOnEmpty = options.keepSpaceOnEmpty ?? false;
     if (!readOnly && !options.keepBitmaps) await image.clearAutoclear();
     return image;
   }
@@ -556,10 +569,22 @@ export class Qcow2Image {
     await this.file.sync();
 
     const end = Math.max(...live) + 1;
-    if (this.file.length > end * cs) await this.file.truncate(end * cs);
-    const sorted = [...live].sort((a, b) => a - b);
-    for (let i = 0; i + 1 < sorted.length; i++) {
-      if (sorted[i + 1]! > sorted[i]! + 1) await this.file.punch((sorted[i]! + 1) * cs, (sorted[i + 1]! - sorted[i]! - 1) * cs);
+    // From here on nothing but the live metadata is referenced (L1 zeroed, refcounts rebuilt,
+    // both synced): every other cluster of the file may be reused or given back.
+    let keep = end;
+    if (this.keepSpaceOnEmpty) {
+      const fileClusters = Math.ceil(this.file.length / cs);
+      // rc.imageEnd: how far allocations reached since the last make-empty (since the open: the
+      // whole file, as init() counts it)
+      const reached = Math.max(end, rc.imageEnd);
+      keep = reached * 4 < fileClusters ? reached : Math.max(end, fileClusters);
+    }
+    if (this.file.length > keep * cs) await this.file.truncate(keep * cs);
+    if (!this.keepSpaceOnEmpty) {
+      const sorted = [...live].sort((a, b) => a - b);
+      for (let i = 0; i + 1 < sorted.length; i++) {
+        if (sorted[i + 1]! > sorted[i]! + 1) await this.file.punch((sorted[i]! + 1) * cs, (sorted[i + 1]! - sorted[i]! - 1) * cs);
+      }
     }
 
     this.map.l1.fill(0);
@@ -568,7 +593,9 @@ export class Qcow2Image {
     this.map.l2.clear();
     this.pendingFrees = [];
     this.unsynced = false;
-    rc.reset({ reftableOffset: rc.reftableOffset, reftableClusters: rc.reftableClusters, reftable, imageEnd: end, freshFrom: end });
+    // imageEnd: every cluster from `end` on is free, so allocations fill the kept space from its
+    // start; freshFrom: the kept clusters hold old bytes (not zeros)
+    rc.reset({ reftableOffset: rc.reftableOffset, reftableClusters: rc.reftableClusters, reftable, imageEnd: end, freshFrom: keep });
     for (const [offset, buf] of blocks) {
       const t = rc.blocks.add(offset, buf);
       t.writtenGen = t.gen;

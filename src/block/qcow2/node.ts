@@ -42,6 +42,11 @@ export interface Qcow2OpenOptions {
   refcountCacheBytes?: number;
   /** where warnings go (a read-only open of an image whose layout is unsound); default stderr */
   onWarning?: (message: string) => void;
+  /**
+   * make-empty keeps the file's length and later allocations reuse it (Qcow2Image.keepSpaceOnEmpty;
+   * the pair's hidden disk); default: the file is cut back to its metadata, as QEMU leaves it
+   */
+  keepSpaceOnEmpty?: boolean;
 }
 
 /** extents() stops after this many clusters (it may describe less than asked) */
@@ -108,6 +113,7 @@ export class Qcow2Node implements BlockNode {
         ...(options.l2CacheBytes === undefined ? {} : { l2CacheBytes: options.l2CacheBytes }),
         ...(options.refcountCacheBytes === undefined ? {} : { refcountCacheBytes: options.refcountCacheBytes }),
         ...(options.onWarning === undefined ? {} : { onWarning: options.onWarning }),
+        ...(options.keepSpaceOnEmpty === undefined ? {} : { keepSpaceOnEmpty: options.keepSpaceOnEmpty }),
       });
     } catch (err) {
       await file.close().catch(() => {});
