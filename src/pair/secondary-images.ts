@@ -10,6 +10,11 @@
  * the same data and metadata in the same order but never fdatasyncs it (QEMU's advice: hidden
  * on tmpfs; `cache=unsafe`): a kill -9 loses nothing (the page cache holds every completed
  * write), a host crash loses the hidden disk, which the boot id in the pair state detects.
+ *
+ * Emptying hidden (each checkpoint) keeps its file's length (`keepSpaceOnEmpty`): the next
+ * epoch's copies land in blocks the filesystem allocated and wrote before, so a strict hidden
+ * disk's fdatasync flushes data without allocating blocks. The file is cut back only when an
+ * epoch's copies reached less than a quarter of it.
  */
 import { access, rm } from 'node:fs/promises';
 import { dirname, relative, resolve } from 'node:path';
@@ -127,7 +132,9 @@ async function create(what: 'hidden' | 'active', path: string, backing: string, 
 
 async function open(what: 'hidden' | 'active', path: string, backing: BlockNode, wrap?: (f: HostFile) => Qcow2Container): Promise<Qcow2Node> {
   try {
-    if (wrap) return await Qcow2Node.openContainer(wrap(await HostFile.open(path)), { backing });
+    // hidden keeps its file's length when emptied (each checkpoint): the next epoch's copies reuse
+    // blocks the filesystem has allocated already (Qcow2Image.keepSpaceOnEmpty)
+    if (wrap) return await Qcow2Node.openContainer(wrap(await HostFile.open(path)), { backing, keepSpaceOnEmpty: true });
     return await Qcow2Node.open(path, { backing });
   } catch (err) {
     const e = toBlkrepError(err);

@@ -5,12 +5,15 @@
  * mix, and the pair state says which. With a strict and with a volatile hidden disk (kill -9 is a
  * process crash: the page cache keeps the volatile hidden disk's unsynced copies). Also a kill -9
  * with 32 writes in flight between checkpoints: the view is the last checkpoint exactly (a copy
- * written without its qcow2 metadata would fail it: checked by dropping the copy's FUA).
+ * written without its qcow2 metadata would fail it: checked by dropping the copy's FUA). And the
+ * same kill after the hidden disk was emptied and reused (it keeps its file's length: the next
+ * epoch's copies land in clusters that held the last epoch's copies and L2 tables).
  */
 import { join } from 'node:path';
-import { readFile, writeFile } from 'node:fs/promises';
+import { readFile, stat, writeFile } from 'node:fs/promises';
 import { describe, expect, it } from 'vitest';
 import { makeTempDir, run, serve } from '../support/spawn.js';
+import { qemuCheck } from '../qcow2/helpers.js';
 import { openLink, writerClient } from './scripted-primary.js';
 
 const MiB = 1024 * 1024;
@@ -136,6 +139,71 @@ describe.each(['strict', 'volatile'] as const)('secondary crash inside a checkpo
     expect((await readView(dir, socket, 'after')).equals(cp1)).toBe(true);
     // the disk itself holds at least the 200 replied writes (it is not the checkpoint)
     expect((await readFile(disk)).equals(cp1)).toBe(false);
+    await again.stop();
+  });
+  it('after reuse: copies of epoch 2 land inside the file epoch 1 grew, qemu-img check clean; kill -9 mid-epoch 3 → the view is CP_2 exactly', async () => {
+    const dir = await makeTempDir();
+    const disk = join(dir, 'disk.img');
+    const hidden = `${disk}.hidden.qcow2`;
+    await writeFile(disk, cp0);
+    const socket = join(dir, 'nbd.sock');
+    const args = [disk, '--secondary', '--socket', socket, '--view-export', 'view', '--view-read-only', '--hidden-durability', durability];
+    const p = await serve(args);
+    const link = await openLink(socket, { size: SIZE });
+    const c = await writerClient(socket, link);
+    const clusters = SIZE / 65536;
+    const expected = Buffer.from(cp0);
+    const epoch = async (n: number, byte: number): Promise<void> => {
+      // one 4 KiB write in every 64 KiB cluster: every cluster copied into hidden
+      await Promise.all(
+        Array.from({ length: clusters }, (_, k) => {
+          const at = k * 65536 + ((k * 5 + n) % 16) * 4096;
+          expected.fill(byte, at, at + 4096);
+          return c.write(at, Buffer.alloc(4096, byte));
+        }),
+      );
+      await c.flush();
+      expect(await link.checkpoint(n)).toMatchObject({ type: 'done', epoch: n });
+    };
+    await epoch(1, 0x31);
+    const grown = (await stat(hidden)).size;
+    expect(grown).toBeGreaterThan(SIZE); // 64 copies and the metadata
+    expect((await readView(dir, socket, 'cp1')).equals(expected)).toBe(true);
+    await epoch(2, 0x32);
+    expect((await stat(hidden)).size, 'epoch 2 reused the space epoch 1 left').toBe(grown);
+    const cp2 = Buffer.from(expected);
+    expect((await readView(dir, socket, 'cp2')).equals(cp2)).toBe(true);
+    // epoch 3: 4 KiB writes all over the disk, 32 at a time; killed after the 200th reply
+    let next = 0;
+    let replied = 0;
+    let killed = false;
+    const blocks = SIZE / 4096;
+    const writer = async (): Promise<void> => {
+      while (next < 1000) {
+        const b = (next++ * 409) % blocks;
+        try {
+          await c.write(b * 4096, Buffer.alloc(4096, 0x60 + (b % 32)));
+        } catch {
+          return;
+        }
+        if (++replied === 200 && !killed) {
+          killed = true;
+          p.child.kill('SIGKILL');
+        }
+      }
+    };
+    await Promise.all(Array.from({ length: 32 }, writer));
+    expect(killed).toBe(true);
+    await p.waitExit();
+    await c.close().catch(() => {});
+    link.close();
+    expect((await stat(hidden)).size, 'epoch 3 reused it too').toBe(grown);
+    // leaks are allowed after a kill (a writeback cycle cut short), corruption is not
+    const check = await qemuCheck(hidden);
+    expect({ corruptions: check.corruptions, checkErrors: check.checkErrors }, check.raw).toEqual({ corruptions: 0, checkErrors: 0 });
+    const again = await serve(args);
+    expect((await readView(dir, socket, 'after')).equals(cp2)).toBe(true);
+    expect((await readFile(disk)).equals(cp2)).toBe(false);
     await again.stop();
   });
 });
