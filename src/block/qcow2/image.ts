@@ -97,7 +97,7 @@ export class Qcow2Image {
    * the next allocations (from the first free one on) instead of being truncated away and
    * allocated again past the end of the file, so a file emptied over and over (the pair's hidden
    * disk, at each checkpoint) writes into blocks the filesystem has already allocated and
-   * written, and an fdatasync is a data flush without the block allocation's metadata. The file
+   * written (no block allocation at writeback, no truncate and its discards). The file
    * is cut back to what the last round of allocations reached (never below the metadata that
    * stays) only when that was under a quarter of it.
    */
