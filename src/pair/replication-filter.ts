@@ -82,15 +82,16 @@ export interface CongestionStats {
 }
 
 /**
- * The async queue's default bound. A primary's RSS is about its base (~100 MiB after the first
- * connection's full copy; ~75–80 MiB for a daemon that does not replicate) plus 1.1 × the queue
- * (payloads in slabs, QUEUE_ENTRY_BYTES of bookkeeping per write counted in it, allocator slack)
- * plus what a degrade's resync holds (its mirror's buffers): 64 MiB made the issue's 150 MiB
- * impossible (bench/pair, loaded: 158–181 MiB peak). With 16 MiB: 119 MiB peak in a run watched
- * by --metrics, 160 in a bench/pair run that ended resyncing (src/pair/README.md "RSS rule").
- * DRBD's own buffer (max-buffers 2048 pages) is 8 MiB.
+ * The async queue's default bound: DRBD's own buffer (max-buffers 2048 pages), 8 MiB. A primary's
+ * RSS is about its base (~100 MiB after the first connection's full copy; ~75–80 MiB for a daemon
+ * that does not replicate) plus 1.1 × the queue (payloads in slabs, QUEUE_ENTRY_BYTES of
+ * bookkeeping per write counted in it, allocator slack) plus what a degrade's resync holds (its
+ * mirror's buffers): 64 MiB made the issue's 150 MiB impossible (bench/pair, loaded: 158–181 MiB
+ * peak). A full queue under block (a strict secondary that applies fewer writes than the primary
+ * takes), loaded machine, VmHWM of the async primary: 16 MiB 125–150 MiB (median 140), 8 MiB
+ * 126–133 (median 129); the secondary stayed connected in every run (src/pair/README.md "RSS rule").
  */
-export const DEFAULT_QUEUE_BYTES = 16 * 1024 * 1024;
+export const DEFAULT_QUEUE_BYTES = 8 * 1024 * 1024;
 /** DRBD's max-epoch-size: a barrier group closes at this many writes */
 export const MAX_GROUP_WRITES = 2048;
 /**
@@ -170,7 +171,7 @@ interface Slab {
 
 export interface ReplicationFilterOptions {
   protocol: ReplicationProtocol;
-  /** the async queue's bound in bytes: payloads and QUEUE_ENTRY_BYTES per write (default 16 MiB) */
+  /** the async queue's bound in bytes: payloads and QUEUE_ENTRY_BYTES per write (default 8 MiB) */
   queueBytes?: number;
   /** async: a write that does not fit in the queue waits (block, the default) or degrades (pull-ahead) */
   onCongestion?: CongestionPolicy;
@@ -634,7 +635,7 @@ export class ReplicationFilter extends Filter {
   /**
    * Put a write whose local write completed into the queue, if it fits (or `force`: over the
    * limit). The room for payloads: the limit less every queued write's bookkeeping, this one's
-   * too. A write alone in the queue always fits (a 32 MiB NBD write into a 16 MiB queue): the
+   * too. A write alone in the queue always fits (a 32 MiB NBD write into an 8 MiB queue): the
    * queue then holds one write more than its limit, never more than one.
    */
   private tryQueue(item: Item, g: Group, data: Buffer | undefined, force: boolean): boolean {
