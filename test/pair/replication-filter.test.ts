@@ -386,7 +386,8 @@ describe('replication filter, async', () => {
     const gc = runInNewContext('gc') as () => void;
     const gate = new Gate();
     const n = 16384;
-    const { filter, peer, local, target } = await setup('async', { gate, gateOps: ['write'] });
+    // 16384 writes of 512 bytes and their bookkeeping: 16 MiB (the default queue, 8 MiB, holds half)
+    const { filter, peer, local, target } = await setup('async', { gate, gateOps: ['write'] }, 16 << 20);
     filter.attach(target, { ordered: true });
     // the local disk's pages exist before: only the queue's growth is measured
     for (let i = 0; i < n; i++) await local.write(i * 512, fill(1, 512));
