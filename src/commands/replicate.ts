@@ -27,7 +27,7 @@ Exit status: 0 replicating (or connecting: an unreachable secondary is retried w
     ...jobFlags,
     export: Flags.string({ char: 'e', description: 'the export (may be left out when the daemon serves one)', helpValue: 'NAME' }),
     protocol: Flags.string({ description: 'sync: a write completes when both disks have it; async: after the local write', options: ['sync', 'async'], default: 'sync', helpValue: 'sync|async' }),
-    queue: sizeFlag({ description: 'with --protocol async: memory of the writes waiting to be forwarded (payloads and 512 bytes each) [default: 16M]', helpValue: 'SIZE' }),
+    queue: sizeFlag({ description: 'with --protocol async: memory of the writes waiting to be forwarded (payloads and 512 bytes each) [default: 8M]', helpValue: 'SIZE' }),
     'on-congestion': Flags.string({ description: "with --protocol async, a write that does not fit in the queue: block (default, DRBD's: it waits for room) or pull-ahead (replication degrades, a resync follows)", options: ['block', 'pull-ahead'], helpValue: 'block|pull-ahead' }),
     'congestion-timeout': secondsFlag({ description: 'with --on-congestion block: a waiting write lets the secondary reply to nothing for this many seconds before replication degrades [default: 10]', helpValue: 'SECONDS' }),
   };

@@ -123,7 +123,7 @@ SIGTERM or SIGINT stops accepting connections, finishes the requests in flight, 
     }),
     'replicate-to': Flags.string({ exclusive: ['secondary'], description: "be the primary of a replication pair: forward every write to this NBD URI, the secondary's replica export (blkrep serve-nbd --secondary, or a plain NBD server: then without checkpoints)", helpValue: 'URI' }),
     protocol: Flags.string({ description: 'with --replicate-to: sync (default: a write completes when both disks have it) or async (after the local write; forwarded in order through the queue)', options: ['sync', 'async'], helpValue: 'sync|async', dependsOn: ['replicate-to'] }),
-    queue: sizeFlag({ description: 'with --protocol async: memory of the writes waiting to be forwarded (payloads and 512 bytes each); a write that does not fit waits or degrades, as --on-congestion says [default: 16M]', helpValue: 'SIZE', dependsOn: ['replicate-to'] }),
+    queue: sizeFlag({ description: 'with --protocol async: memory of the writes waiting to be forwarded (payloads and 512 bytes each); a write that does not fit waits or degrades, as --on-congestion says [default: 8M]', helpValue: 'SIZE', dependsOn: ['replicate-to'] }),
     'on-congestion': Flags.string({
       description:
         "with --protocol async, a write that does not fit in the --queue: block (default, DRBD's: it waits for room, the secondary stays UpToDate) or pull-ahead (replication degrades at once, the write completes, a resync by the peer bitmap follows)",

@@ -191,6 +191,8 @@ class Request implements ClientOp {
     readonly spec: CommandSpec,
     private readonly resolve: (reply: CommandReply) => void,
     private readonly reject: (err: BlkrepError) => void,
+    /** a write without FUA: counted on success (the client's flush() durability rule) */
+    private readonly counted?: () => void,
   ) {}
 
   get abortable(): boolean {
@@ -207,6 +209,7 @@ class Request implements ClientOp {
     if (this.settled) return;
     this.settled = true;
     this.cleanup?.();
+    this.counted?.();
     this.resolve(reply);
   }
 
@@ -236,6 +239,10 @@ export class NbdClient extends EventEmitter<NbdClientEvents> {
   private fatal: BlkrepError | undefined;
   // durability across reconnects (see the header)
   private writesDone = 0;
+  /** a Request's `counted`: one function for the client, not a closure per request */
+  private readonly countWriteDone = (): void => {
+    this.writesDone++;
+  };
   private flushedUpTo = 0;
   private lossCount = 0;
   private pendingLoss = false;
@@ -375,24 +382,17 @@ export class NbdClient extends EventEmitter<NbdClientEvents> {
   /** Send one command (already split and aligned by the caller) and wait for its reply. */
   command(spec: CommandSpec, signal?: AbortSignal): Promise<CommandReply> {
     return new Promise<CommandReply>((resolve, reject) => {
-      // described only for an error: nothing is built for a request that goes out
-      const what = (): string => `NBD ${describeCommand(spec)}`;
-      if (signal?.aborted) return reject(abortError(what(), signal.reason));
-      if (this.machine.is('CLOSING', 'CLOSED')) return reject(this.closedError(what()));
+      // described only for an error: nothing is built for a request that goes out (every
+      // forwarded write of a pair passes here: no closure but the promise's own executor)
+      if (signal?.aborted) return reject(abortError(`NBD ${describeCommand(spec)}`, signal.reason));
+      if (this.machine.is('CLOSING', 'CLOSED')) return reject(this.closedError(`NBD ${describeCommand(spec)}`));
       if (this.fatal) return reject(this.fatal);
       const invalid = checkCommand(this.info, spec);
       if (invalid) return reject(invalid);
-      if (this.current === 'DISCONNECTED' && this.holdExpired) return reject(this.disconnectedError(what()));
+      if (this.current === 'DISCONNECTED' && this.holdExpired) return reject(this.disconnectedError(`NBD ${describeCommand(spec)}`));
       const writes = (spec.cmd === CMD.WRITE || spec.cmd === CMD.WRITE_ZEROES || spec.cmd === CMD.TRIM) && !(spec.flags & CMD_FLAG.FUA);
-      const op: Request = new Request(
-        spec,
-        (reply) => {
-          if (writes) this.writesDone++;
-          resolve(reply);
-        },
-        reject,
-      );
-      if (signal) op.watch(signal, () => this.abandon(op, abortError(what(), signal.reason)));
+      const op: Request = new Request(spec, resolve, reject, writes ? this.countWriteDone : undefined);
+      if (signal) op.watch(signal, () => this.abandon(op, abortError(`NBD ${describeCommand(spec)}`, signal.reason)));
       this.queue.push(op);
       this.pump();
     });
@@ -449,7 +449,9 @@ export class NbdClient extends EventEmitter<NbdClientEvents> {
       session.submit(op);
     }
     if (this.head === this.queue.length) {
-      this.queue = [];
+      // emptied: reuse the array (a new one at every request was a new backing store each)
+      if (this.head > 1024) this.queue = [];
+      else this.queue.length = 0;
       this.head = 0;
     } else if (this.head > 1024 && this.head * 2 > this.queue.length) {
       this.queue = this.queue.slice(this.head);

@@ -60,7 +60,7 @@ export const PRIMARY_VERB_SPECS = {
       export: exportArg,
       uri: arg.name().describe("the secondary's replica export, an NBD URI"),
       protocol: arg.oneOf(['sync', 'async']).nullish().describe('sync (default): a write completes when both have it; async: after the local write'),
-      queue: arg.uint().nullish().describe('async: bytes the forwarding queue holds, payloads and 512 bytes per write (default 16 MiB)'),
+      queue: arg.uint().nullish().describe('async: bytes the forwarding queue holds, payloads and 512 bytes per write (default 8 MiB)'),
       onCongestion: arg.oneOf(['block', 'pull-ahead']).nullish().describe('async: a write that does not fit in the queue waits for room (block, the default) or replication degrades and resyncs later (pull-ahead)'),
       congestionTimeout: arg.uint().nullish().describe('async, block: ms a waiting write lets the secondary reply to nothing before replication degrades (default 10000)'),
     }),

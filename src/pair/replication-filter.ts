@@ -82,15 +82,16 @@ export interface CongestionStats {
 }
 
 /**
- * The async queue's default bound. A primary's RSS is about its base (~100 MiB after the first
- * connection's full copy; ~75–80 MiB for a daemon that does not replicate) plus 1.1 × the queue
- * (payloads in slabs, QUEUE_ENTRY_BYTES of bookkeeping per write counted in it, allocator slack)
- * plus what a degrade's resync holds (its mirror's buffers): 64 MiB made the issue's 150 MiB
- * impossible (bench/pair, loaded: 158–181 MiB peak). With 16 MiB: 119 MiB peak in a run watched
- * by --metrics, 160 in a bench/pair run that ended resyncing (src/pair/README.md "RSS rule").
- * DRBD's own buffer (max-buffers 2048 pages) is 8 MiB.
+ * The async queue's default bound: DRBD's own buffer (max-buffers 2048 pages), 8 MiB. A primary's
+ * RSS is about its base (~100 MiB after the first connection's full copy; ~75–80 MiB for a daemon
+ * that does not replicate) plus 1.1 × the queue (payloads in slabs, QUEUE_ENTRY_BYTES of
+ * bookkeeping per write counted in it, allocator slack) plus what a degrade's resync holds (its
+ * mirror's buffers): 64 MiB made the issue's 150 MiB impossible (bench/pair, loaded: 158–181 MiB
+ * peak). A full queue under block (a strict secondary that applies fewer writes than the primary
+ * takes), loaded machine, VmHWM of the async primary: 16 MiB 125–150 MiB (median 140), 8 MiB
+ * 126–133 (median 129); the secondary stayed connected in every run (src/pair/README.md "RSS rule").
  */
-export const DEFAULT_QUEUE_BYTES = 16 * 1024 * 1024;
+export const DEFAULT_QUEUE_BYTES = 8 * 1024 * 1024;
 /** DRBD's max-epoch-size: a barrier group closes at this many writes */
 export const MAX_GROUP_WRITES = 2048;
 /**
@@ -122,6 +123,8 @@ interface Item {
   slab?: Slab | undefined;
   /** where in the slab: `data` is made a view of it only when sent (a view is 95 bytes of heap) */
   at?: number;
+  /** the barrier group it was added to (async): its `undone` counts this item until settled */
+  owner?: Group | undefined;
 }
 
 interface Group {
@@ -132,6 +135,10 @@ interface Group {
   members: number;
   /** NO_ITEMS until the first (most groups hold one write: a literal [item] of one slot) */
   items: Item[];
+  /** items added and not yet settled (replied or dropped): the group is replied at 0 */
+  undone: number;
+  /** items[0…sentUpTo) were all sent (the head loop sends from here, not from 0 at every reply) */
+  sentUpTo: number;
   closed: boolean;
   /** dropped with the queue (forwarding stopped) */
   dropped: boolean;
@@ -164,7 +171,7 @@ interface Slab {
 
 export interface ReplicationFilterOptions {
   protocol: ReplicationProtocol;
-  /** the async queue's bound in bytes: payloads and QUEUE_ENTRY_BYTES per write (default 16 MiB) */
+  /** the async queue's bound in bytes: payloads and QUEUE_ENTRY_BYTES per write (default 8 MiB) */
   queueBytes?: number;
   /** async: a write that does not fit in the queue waits (block, the default) or degrades (pull-ahead) */
   onCongestion?: CongestionPolicy;
@@ -453,26 +460,31 @@ export class ReplicationFilter extends Filter {
   }
 
   private modify(op: Op, offset: number, length: number, data: Buffer | undefined, o: ZeroOptions | undefined): Promise<void> {
-    // a sync pair's common case, without an async frame of its own: nothing held, the peer
-    // bitmap's extents hot (modifySlow() does the same in this case)
-    if (!this.holding && this.current === 'forwarding' && this.protocol === 'sync' && !this.overlapsInFlight(offset, offset + length)) {
+    // the common case of a pair that forwards, sync or async, without an async frame of its own:
+    // nothing held, no overlapping write in flight, the peer bitmap's extents hot (modifySlow()
+    // does the same in this case); the request leaves `modifying` in syncWrite's or asyncWrite's
+    // own completion, not in a promise of its own
+    if (!this.holding && this.current === 'forwarding' && !this.overlapsInFlight(offset, offset + length)) {
       const peer = this.peer;
       const ticket = peer?.beforeWriteSync(offset, length);
       if (!peer || ticket) {
         this.inFlight++;
         const mine: Modifying = { offset, end: offset + length, waiters: undefined };
         this.modifying.add(mine);
-        // then(), not finally(): finally() costs two promises more per write
-        return this.syncWrite(op, offset, length, data, o, ticket).then(
-          () => this.leave(mine),
-          (err: unknown) => {
-            this.leave(mine);
-            throw err;
-          },
-        );
+        return this.protocol === 'sync' ? this.syncWrite(op, offset, length, data, o, ticket, mine) : this.asyncWrite(op, offset, length, data, o, ticket, mine);
       }
     }
     return this.modifySlow(op, offset, length, data, o);
+  }
+
+  /** the local write of a forwarded request (a trim written as write-zeroes: local()); a synchronous throw becomes a rejection */
+  private issueLocal(op: Op, offset: number, length: number, data: Buffer | undefined, o: ZeroOptions | undefined): Promise<void> {
+    try {
+      const node = this.next;
+      return op === 'write' ? node.write(offset, data!, o) : node.writeZeroes(offset, length, op === 'trim' ? (o?.fua ? FUA : NO_FLAGS) : o);
+    } catch (err) {
+      return Promise.reject(err);
+    }
   }
 
   private overlapsInFlight(offset: number, end: number): boolean {
@@ -522,59 +534,96 @@ export class ReplicationFilter extends Filter {
     }
   }
 
-  private syncWrite(op: Op, offset: number, length: number, data: Buffer | undefined, o: ZeroOptions | undefined, ticket: WriteTicket | undefined): Promise<void> {
-    // one object and a few promises per write (every sync write passes here: no spread copies,
-    // no Promise.allSettled arrays, no async frame and its awaits)
+  /**
+   * A sync write: the forward and the local write issued together, the request done when both
+   * settled. Every sync write passes here: one promise for the caller, one reaction on each of the
+   * two (no spread copies, no Promise.allSettled arrays, no async frame, no promise chained on
+   * another). `mine`: leave `modifying` on completion (modify()'s fast path).
+   */
+  private syncWrite(op: Op, offset: number, length: number, data: Buffer | undefined, o: ZeroOptions | undefined, ticket: WriteTicket | undefined, mine?: Modifying): Promise<void> {
     const item: Item = { op, offset, length, data, fua: o?.fua === true, noHole: o?.noHole === true, ticket, sent: false, done: false };
-    const forwarded = this.forwardOne(item).then(undefined, ignore);
-    // the forward is settled (replied or dropped) before the bits are given back, success or not
-    return this.local(this.next, op, offset, length, data, o).then(
-      () => forwarded.then(() => this.settleItem(item)),
-      (err: unknown) =>
-        forwarded.then(() => {
-          this.settleItem(item);
-          throw err;
-        }),
-    );
+    return new Promise<void>((resolve, reject) => {
+      let left = 2;
+      let failed = false;
+      let error: unknown;
+      const done = (): void => {
+        if (--left > 0) return;
+        // the forward is settled (replied or dropped) before the bits are given back, success or not
+        this.settleItem(item);
+        if (mine) this.leave(mine);
+        if (failed) reject(error);
+        else resolve();
+      };
+      this.forwardThen(item, done);
+      this.issueLocal(op, offset, length, data, o).then(done, (err: unknown) => {
+        this.localFailure(op, offset, length, err);
+        failed = true;
+        error = err;
+        done();
+      });
+    });
   }
 
-  private async asyncWrite(op: Op, offset: number, length: number, data: Buffer | undefined, o: ZeroOptions | undefined, ticket: WriteTicket | undefined): Promise<void> {
+  /**
+   * An async write: the local write, then the queue (or a wait for room, block). A promise chain,
+   * not an async function (every async write passes here). `mine`: leave `modifying` on
+   * completion (modify()'s fast path).
+   */
+  private asyncWrite(op: Op, offset: number, length: number, data: Buffer | undefined, o: ZeroOptions | undefined, ticket: WriteTicket | undefined, mine?: Modifying): Promise<void> {
     const g = this.open;
     g.pendingLocal++;
     g.members++;
     if (g.members >= MAX_GROUP_WRITES) this.closeOpenGroup();
     // one shape for every queued item (no optional fields added later, none deleted)
-    const item: Item = { op, group: g.id, offset, length, data: undefined, fua: o?.fua === true, noHole: o?.noHole === true, ticket, sent: false, done: false, queuedBytes: 0, entry: false, slab: undefined, at: 0 };
-    try {
-      await this.local(this.next, op, offset, length, data, o);
-    } catch (err) {
-      g.pendingLocal--;
-      // not forwarded: the bits say the secondary may miss it
-      this.settleItem(item);
-      this.pump();
-      throw err;
-    }
+    const item: Item = { op, group: g.id, offset, length, data: undefined, fua: o?.fua === true, noHole: o?.noHole === true, ticket, sent: false, done: false, queuedBytes: 0, entry: false, slab: undefined, at: 0, owner: undefined };
+    return this.issueLocal(op, offset, length, data, o).then(
+      () => {
+        let wait: Promise<void> | undefined;
+        try {
+          wait = this.queueWritten(item, g, data, length);
+        } catch (err) {
+          if (mine) this.leave(mine);
+          throw err;
+        }
+        if (!mine) return wait;
+        if (!wait) return this.leave(mine);
+        return wait.then(() => this.leave(mine));
+      },
+      (err: unknown) => {
+        this.localFailure(op, offset, length, err);
+        g.pendingLocal--;
+        // not forwarded: the bits say the secondary may miss it
+        this.settleItem(item);
+        if (mine) this.leave(mine);
+        this.pump();
+        throw err;
+      },
+    );
+  }
+
+  /** An async write's local write completed: queue it; undefined when done, or the wait for room (block). */
+  private queueWritten(item: Item, g: Group, data: Buffer | undefined, length: number): Promise<void> | undefined {
     if (this.current !== 'forwarding' || g.dropped) {
       g.pendingLocal--;
       this.settleItem(item);
       this.pump();
-      return;
+      return undefined;
     }
     // writes that waited for room before this one go first (first come, first queued)
     if (this.waiters.length === 0 && this.tryQueue(item, g, data, false)) {
       g.pendingLocal--;
       this.pump();
-      return;
+      return undefined;
     }
     if (this.onCongestion === 'pull-ahead') {
       g.pendingLocal--;
       this.settleItem(item);
       this.degrade('queue-full', this.queueFullError(item.op === 'write' ? length : 0));
       this.pump();
-      return;
+      return undefined;
     }
     // block: the write completes once it is in the queue (its group stays pending meanwhile)
-    await new Promise<void>((resolve) => this.waitForRoom({ item, group: g, data, since: performance.now(), resolve }));
+    return new Promise<void>((resolve) => this.waitForRoom({ item, group: g, data, since: performance.now(), resolve }));
   }
 
   private queueFullError(bytes: number): BlkrepError {
@@ -586,7 +635,7 @@ export class ReplicationFilter extends Filter {
   /**
    * Put a write whose local write completed into the queue, if it fits (or `force`: over the
    * limit). The room for payloads: the limit less every queued write's bookkeeping, this one's
-   * too. A write alone in the queue always fits (a 32 MiB NBD write into a 16 MiB queue): the
+   * too. A write alone in the queue always fits (a 32 MiB NBD write into an 8 MiB queue): the
    * queue then holds one write more than its limit, never more than one.
    */
   private tryQueue(item: Item, g: Group, data: Buffer | undefined, force: boolean): boolean {
@@ -631,9 +680,11 @@ export class ReplicationFilter extends Filter {
     if (this.waiters.length === 0 || this.current !== 'forwarding') return;
     const head = this.groups[this.groupsHead];
     // the head group has nothing in flight: no reply will make room, and later groups wait for it
-    const headIdle = head !== undefined && !head.items.some((i) => !i.done);
+    const headIdle = head !== undefined && head.undone === 0;
     let blocked = false;
     for (let i = 0; i < this.waiters.length; ) {
+      // once one did not fit, only a write the queue needs may still go in (out of order)
+      if (blocked && !headIdle && this.pauseAfter === undefined) break;
       const w = this.waiters[i]!;
       const needed = (headIdle && w.group === head) || (this.pauseAfter !== undefined && w.group.id <= this.pauseAfter);
       let queued = !blocked && this.tryQueue(w.item, w.group, w.data, false);
@@ -744,9 +795,41 @@ export class ReplicationFilter extends Filter {
   }
 
   private forwardFailed(target: CompleteBlockNode, item: Item, err: unknown): never {
+    throw this.forwardError(target, item, err);
+  }
+
+  /** a forward failed: degrade (if it was to the current target); the error */
+  private forwardError(target: CompleteBlockNode, item: Item, err: unknown): BlkrepError {
     const e = toBlkrepError(err, `forwarding a ${item.op} of ${item.length} bytes at offset ${item.offset} to ${target.description}`);
     if (this.target === target) this.degrade(`forward-failed: ${e.code}: ${e.message}`, e);
-    throw e;
+    return e;
+  }
+
+  /**
+   * forwardOne() for the sync write path: `then` runs once the forward is settled, replied or
+   * failed (a failure degrades; the client's request does not fail for it), without a promise of
+   * its own.
+   */
+  private forwardThen(item: Item, then: () => void): void {
+    const target = this.target;
+    if (!target) return then();
+    item.sent = true;
+    let sent: Promise<void>;
+    try {
+      sent = this.request(target, item);
+    } catch (err) {
+      sent = Promise.reject(err);
+    }
+    sent.then(
+      () => {
+        this.forwarded(target, item);
+        then();
+      },
+      (err: unknown) => {
+        this.forwardError(target, item, err);
+        then();
+      },
+    );
   }
 
   /** A FLUSH to the target; on success, clear the granules replied before it was sent and not written since. */
@@ -784,13 +867,14 @@ export class ReplicationFilter extends Filter {
   private settleItem(item: Item): void {
     if (item.done) return;
     item.done = true;
+    if (item.owner) item.owner.undone--;
     if (item.ticket) this.peer?.afterWrite(item.ticket);
   }
 
   // --------------------------------------------------------------------------- the async queue
 
   private newGroup(): Group {
-    const g: Group = { id: this.nextGroupId++, pendingLocal: 0, members: 0, items: NO_ITEMS, closed: false, dropped: false };
+    const g: Group = { id: this.nextGroupId++, pendingLocal: 0, members: 0, items: NO_ITEMS, undone: 0, sentUpTo: 0, closed: false, dropped: false };
     this.groups.push(g);
     return g;
   }
@@ -798,6 +882,8 @@ export class ReplicationFilter extends Filter {
   private addItem(g: Group, item: Item): void {
     if (g.items === NO_ITEMS) g.items = [item];
     else g.items.push(item);
+    item.owner = g;
+    if (!item.done) g.undone++;
   }
 
   /**
@@ -920,8 +1006,10 @@ export class ReplicationFilter extends Filter {
     while (this.groupsHead < this.groups.length && this.target) {
       const head = this.groups[this.groupsHead]!;
       if (this.pauseAfter !== undefined && head.id > this.pauseAfter) break;
-      for (const item of head.items) if (!item.sent) this.send(item);
-      if (!head.closed || head.pendingLocal > 0 || head.items.some((i) => !i.done)) break;
+      const items = head.items;
+      for (let i = head.sentUpTo; i < items.length; i++) if (!items[i]!.sent) this.send(items[i]!);
+      head.sentUpTo = items.length;
+      if (!head.closed || head.pendingLocal > 0 || head.undone > 0) break;
       this.groupsHead++;
       if (this.drainWaiters.length > 0) {
         for (const w of this.drainWaiters.filter((w) => w.group <= head.id)) {
@@ -958,7 +1046,7 @@ export class ReplicationFilter extends Filter {
       // async: the FLUSH is a group of its own, sent once everything before it was replied
       this.closeOpenGroup();
       const g = this.open;
-      const item: Item = { op: 'flush', group: g.id, offset: 0, length: 0, data: undefined, fua: false, noHole: false, ticket: undefined, sent: false, done: false, queuedBytes: 0, entry: false, slab: undefined, at: 0 };
+      const item: Item = { op: 'flush', group: g.id, offset: 0, length: 0, data: undefined, fua: false, noHole: false, ticket: undefined, sent: false, done: false, queuedBytes: 0, entry: false, slab: undefined, at: 0, owner: undefined };
       this.addItem(g, item);
       if (this.ordered) this.sendQueue.push(item);
       this.closeOpenGroup();
@@ -1062,4 +1150,3 @@ interface Modifying {
 const FUA: WriteOptions = Object.freeze({ fua: true });
 const NO_FLAGS: WriteOptions = Object.freeze({});
 
-function ignore(): void {}

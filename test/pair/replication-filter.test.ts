@@ -11,7 +11,7 @@ import { BlkrepError } from '../../src/api/errors.js';
 import type { WriteOptions } from '../../src/api/block.js';
 import { PersistentBitmap } from '../../src/bitmap/persistent.js';
 import { MemoryNode } from '../../src/block/memory.js';
-import { MAX_SENDING, QUEUE_ENTRY_BYTES, ReplicationFilter, SLAB_BYTES, type ReplicationFilterOptions, type ReplicationProtocol } from '../../src/pair/replication-filter.js';
+import { DEFAULT_QUEUE_BYTES, MAX_SENDING, QUEUE_ENTRY_BYTES, ReplicationFilter, SLAB_BYTES, type ReplicationFilterOptions, type ReplicationProtocol } from '../../src/pair/replication-filter.js';
 import { Gate, hookNode, type HookOptions } from '../support/fault-node.js';
 import { makeTempDir, withTimeout } from '../support/spawn.js';
 
@@ -386,7 +386,8 @@ describe('replication filter, async', () => {
     const gc = runInNewContext('gc') as () => void;
     const gate = new Gate();
     const n = 16384;
-    const { filter, peer, local, target } = await setup('async', { gate, gateOps: ['write'] });
+    // 16384 writes of 512 bytes and their bookkeeping: 16 MiB (the default queue, 8 MiB, holds half)
+    const { filter, peer, local, target } = await setup('async', { gate, gateOps: ['write'] }, 16 << 20);
     filter.attach(target, { ordered: true });
     // the local disk's pages exist before: only the queue's growth is measured
     for (let i = 0; i < n; i++) await local.write(i * 512, fill(1, 512));
@@ -461,6 +462,30 @@ describe('replication filter, async, on congestion block (the default)', () => {
     expect((await remote.read(0, 2 << 20)).equals(await local.read(0, 2 << 20))).toBe(true);
     await filter.flush();
     expect(peer.bitmap.dirtyBytes).toBe(0);
+    await peer.close();
+  });
+
+  it('the default queue is 8 MiB (DRBD\'s max-buffers): 1820 writes of 4 KiB fit with their bookkeeping, the 1821st waits', async () => {
+    const gate = new Gate();
+    const { remote, local, target, filter, peer, degraded } = await setup('async', { gate, gateOps: ['write'] });
+    filter.attach(target, { ordered: true });
+    gate.close();
+    expect(DEFAULT_QUEUE_BYTES).toBe(8 << 20);
+    expect(filter.queueLimit).toBe(8 << 20);
+    let done = 0;
+    const writes = Array.from({ length: 1830 }, (_, i) => filter.write(i * 4096, fill(0x60 + (i % 32), 4096)).then(() => void done++));
+    await until(() => done + filter.congestion.waiting === 1830, 'every write queued or waiting');
+    await settle();
+    // 28 whole slabs of 64 writes (7 MiB), then exact copies while 4096 + 512 bytes still fit:
+    // 7 MiB + 4096 × (j + 1) + 512 × (1793 + j) ≤ 8 MiB for j ≤ 27, so 1792 + 28 writes
+    expect(done).toBe(1820);
+    expect(filter.congestion.waiting).toBe(10);
+    expect(filter.queueBytes).toBe(1820 * 4096);
+    gate.open();
+    await withTimeout(Promise.all(writes), 5000, 'the waiting writes');
+    await drained(filter);
+    expect(degraded).toEqual([]);
+    expect((await remote.read(0, 1830 * 4096)).equals(await local.read(0, 1830 * 4096))).toBe(true);
     await peer.close();
   });
 
