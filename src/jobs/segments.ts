@@ -26,7 +26,7 @@ export interface SegmentOptions {
 }
 
 /** [offset, offset+length) of `node` as segments; one data segment when it has no extents. */
-export async function copySegments(node: CompleteBlockNode, offset: number, length: number, o: SegmentOptions): Promise<Segment[]> {
+export async function copySegments(node: Pick<CompleteBlockNode, 'caps' | 'extents'>, offset: number, length: number, o: SegmentOptions): Promise<Segment[]> {
   if (!node.caps.canExtents) return [{ offset, length, zero: false, hole: false }];
   const end = offset + length;
   const runs: Array<{ start: number; end: number; zero: boolean; hole: boolean }> = [];

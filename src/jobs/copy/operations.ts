@@ -12,6 +12,7 @@
 import type { CompleteBlockNode } from '../../api/block.js';
 import type { JobSide } from '../job.js';
 import { copySegments, isZero, type Segment } from '../segments.js';
+import type { ExtentsNode } from './extents-ahead.js';
 import type { BufferPool } from './scheduler.js';
 
 /** An error of one copy step, tagged with its side and operation. */
@@ -45,6 +46,8 @@ export function newCounters(): CopyCounters {
 export interface CopyIo {
   /** what is read: the source as the job sees it (a mirror: through its tracking filter) */
   source: CompleteBlockNode;
+  /** where the source's extents are asked (default `source`; a mirror: its ExtentsAhead) */
+  extents?: ExtentsNode;
   target: CompleteBlockNode;
   /** bytes per granule (power of two) */
   granularity: number;
@@ -67,7 +70,7 @@ export interface CopyIo {
 export async function copyOperation(io: CopyIo, offset: number, length: number, charge?: (dataBytes: number) => void): Promise<void> {
   let segs: Segment[];
   try {
-    segs = await copySegments(io.source, offset, length, { granularity: io.granularity, size: io.size, signal: io.signal });
+    segs = await copySegments(io.extents ?? io.source, offset, length, { granularity: io.granularity, size: io.size, signal: io.signal });
   } catch (err) {
     throw new CopyError('source', 'extents', err);
   }

@@ -20,7 +20,8 @@
  *
  * A copy operation: pick a run of granules dirty and not locked (from a cursor that sweeps the
  * disk, at most `bufSize` bytes), set locked and inflight, THEN ask the source's extents (so a
- * write landing meanwhile clears inflight and keeps the granule dirty), read the data parts,
+ * write landing meanwhile clears inflight and keeps the granule dirty; they are asked 64 MiB
+ * ahead and a window is used until a write overlaps it: copy/extents-ahead.ts), read the data parts,
  * write them to the target — granules wholly zero go as write-zeroes (holes may be punched),
  * never as data, and so does a data part that reads as zeros. Its completion runs in one
  * callback (no await): for each granule whose inflight bit is still set, clear dirty and set
@@ -67,6 +68,7 @@ import { Job, type JobOptions, type JobSide } from '../job.js';
 import { nextRun, scanExtents, ZeroHints } from '../segments.js';
 import { unrefTimer, withTimers, type TimerClock, type TimerHandle } from '../copy/clock.js';
 import { Consistency, DEFAULT_WRITEBACK_BYTES } from '../copy/consistency.js';
+import { ExtentsAhead } from '../copy/extents-ahead.js';
 import { asCopyError, copyOperation, newCounters, type CopyIo } from '../copy/operations.js';
 import { Phase } from '../copy/phase.js';
 import { BufferPool, CopyScheduler } from '../copy/scheduler.js';
@@ -310,9 +312,21 @@ export class MirrorJob extends Job {
     this.bits = this.dirty.bits;
     if (bitmapBits) this.syncBitmapStart = bitmapBits.clone();
     const g = this.granularity;
+    this.tracking = source instanceof DirtyTrackingNode ? source : new DirtyTrackingNode(source);
+    // the source's extents asked ahead of the copy operations; every write through the tracker
+    // forgets what it overlaps, when issued and when completed (copy/extents-ahead.ts)
+    const extents = new ExtentsAhead(this.tracking, this.size);
     this.tracker = {
-      beforeWrite: (offset, length, tag) => Promise.resolve({ offset, length, blocking: tag === BLOCKING }),
+      beforeWrite: (offset, length, tag) => {
+        extents.invalidate(offset, length);
+        return Promise.resolve({ offset, length, blocking: tag === BLOCKING });
+      },
+      beforeWriteSync: (offset, length, tag) => {
+        extents.invalidate(offset, length);
+        return { offset, length, blocking: tag === BLOCKING };
+      },
       afterWrite: ({ offset, length, blocking }) => {
+        extents.invalidate(offset, length);
         if (length === 0 || this.backend !== 'tracked') return;
         const first = Math.floor(offset / g);
         const end = Math.ceil((offset + length) / g);
@@ -324,7 +338,6 @@ export class MirrorJob extends Job {
       },
       flush: () => Promise.resolve(),
     };
-    this.tracking = source instanceof DirtyTrackingNode ? source : new DirtyTrackingNode(source);
     this.tracking.addTracker(this.tracker);
     this.node = new FrontEnd('mirror', this.tracking, this);
     this.lastConsistentAt = this.clock.now();
@@ -340,6 +353,7 @@ export class MirrorJob extends Job {
     );
     this.io = {
       source: this.tracking,
+      extents,
       target: this.target,
       granularity: this.granularity,
       size: this.size,
