@@ -3,11 +3,15 @@
  * running the commands by hand met, one test each.
  */
 import { readFileSync } from 'node:fs';
+import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { EVENT_NAMES } from '../../src/cli/event-names.js';
 import { EVENT_SCHEMAS } from '../../src/cli/output-schemas.js';
-import { REPO_ROOT, makeTempDir, runCli } from '../support/spawn.js';
+import { REPO_ROOT, makeTempDir, run, runCli, serve, unixUri, waitFor } from '../support/spawn.js';
+
+const MiB = 1 << 20;
+const json = <T = Record<string, unknown>>(stdout: string): T => JSON.parse(stdout) as T;
 
 describe('blkrep events: --event and --until names', () => {
   it('EVENT_NAMES is the list of EVENT_SCHEMAS (every name the daemon publishes)', () => {
@@ -33,6 +37,36 @@ describe('blkrep events: --event and --until names', () => {
     expect(known.code).toBe(1);
     expect((JSON.parse(known.stdout) as { error: { code: string } }).error.code).toBe('ERR_CONTROL_UNREACHABLE');
   });
+});
+
+describe('checkpoint on the secondary of a blkrep primary', () => {
+  it('is refused (ERR_PAIR_ROLE, exit 1): it used to take epoch n+1 there, so the primary\'s checkpoint n+1 was "committed already" and left the hidden disk full', async () => {
+    const dir = await makeTempDir();
+    const p = (f: string): string => join(dir, f);
+    await writeFile(p('p.img'), Buffer.alloc(4 * MiB));
+    await writeFile(p('s.img'), Buffer.alloc(4 * MiB));
+    await serve([p('s.img'), '--secondary', '--socket', p('s.sock'), '--control', p('sctl')]);
+    await serve([p('p.img'), '--socket', p('p.sock'), '--control', p('pctl'), '--replicate-to', unixUri(p('s.sock'))]);
+    await waitFor(async () => json<{ exports: Array<{ pair?: { link: string } }> }>((await runCli(['status', '--control', p('pctl'), '--json'])).stdout).exports[0]?.pair?.link === 'connected', 'the pair link');
+    const first = await runCli(['checkpoint', '--control', p('pctl'), '--json']);
+    expect(first.code).toBe(0);
+    const epoch = json<{ epoch: number }>(first.stdout).epoch;
+
+    const onSecondary = await runCli(['checkpoint', '--control', p('sctl'), '--json']);
+    expect(onSecondary.code).toBe(1);
+    const err = json<{ error: { code: string; message: string } }>(onSecondary.stdout).error;
+    expect(err.code).toBe('ERR_PAIR_ROLE');
+    expect(err.message).toMatch(/^checkpoint: export "" is a secondary: the primary .* holds the pair link; checkpoints are driven from the primary/);
+
+    // 1 MiB written, then the primary's next checkpoint empties the hidden disk: nothing to drop
+    expect((await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5a 0 1M', unixUri(p('p.sock'))])).code).toBe(0);
+    const before = json<{ hiddenBytes: number }>((await runCli(['failover', '--control', p('sctl'), '--dry-run', '--json'])).stdout);
+    expect(before.hiddenBytes).toBe(MiB);
+    const next = await runCli(['checkpoint', '--control', p('pctl'), '--json']);
+    expect(json<{ epoch: number }>(next.stdout).epoch).toBe(epoch + 1);
+    const after = json<{ epoch: number; hiddenBytes: number; droppedBytes: number }>((await runCli(['failover', '--control', p('sctl'), '--dry-run', '--json'])).stdout);
+    expect(after).toMatchObject({ epoch: epoch + 1, hiddenBytes: 0, droppedBytes: 0 });
+  }, 120_000);
 });
 
 describe('README.md', () => {
