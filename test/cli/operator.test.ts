@@ -2,7 +2,7 @@
  * The operator's pass over the pair commands (session 11, task op): what a script or a person
  * running the commands by hand met, one test each.
  */
-import { readFileSync } from 'node:fs';
+import { readdirSync, readFileSync } from 'node:fs';
 import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
@@ -67,6 +67,19 @@ describe('checkpoint on the secondary of a blkrep primary', () => {
     const after = json<{ epoch: number; hiddenBytes: number; droppedBytes: number }>((await runCli(['failover', '--control', p('sctl'), '--dry-run', '--json'])).stdout);
     expect(after).toMatchObject({ epoch: epoch + 1, hiddenBytes: 0, droppedBytes: 0 });
   }, 120_000);
+});
+
+describe('demo --size larger than the temporary directory can hold', () => {
+  it('is refused at once with the bytes needed and free (exit 2), not "the a daemon did not listen within 30 s"', async () => {
+    const dir = await makeTempDir();
+    const r = await runCli(['demo', '--size', '1P', '--json'], { env: { ...process.env, TMPDIR: dir } });
+    expect(r.code).toBe(2);
+    const err = json<{ error: { code: string; message: string } }>(r.stdout).error;
+    expect(err.code).toBe('ERR_USAGE');
+    const P = 2 ** 50;
+    expect(err.message).toMatch(new RegExp(`^--size ${P} bytes: the demo writes both disks whole and half of one again \\(the hidden disk\\), ${2.5 * P} bytes, but ${dir} has \\d+ bytes free`));
+    expect(readdirSync(dir)).toEqual([]);
+  });
 });
 
 describe('README.md', () => {
