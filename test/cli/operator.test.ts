@@ -3,10 +3,11 @@
  * running the commands by hand met, one test each.
  */
 import { readdirSync, readFileSync } from 'node:fs';
-import { writeFile } from 'node:fs/promises';
+import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { EVENT_NAMES } from '../../src/cli/event-names.js';
+import { absolutePathsUri } from '../../src/cli/socket-uri.js';
 import { EVENT_SCHEMAS } from '../../src/cli/output-schemas.js';
 import { REPO_ROOT, makeTempDir, run, runCli, serve, unixUri, waitFor } from '../support/spawn.js';
 
@@ -80,6 +81,30 @@ describe('demo --size larger than the temporary directory can hold', () => {
     expect(err.message).toMatch(new RegExp(`^--size ${P} bytes: the demo writes both disks whole and half of one again \\(the hidden disk\\), ${2.5 * P} bytes, but ${dir} has \\d+ bytes free`));
     expect(readdirSync(dir)).toEqual([]);
   });
+});
+
+describe('replicate URI with relative paths', () => {
+  it('absolutePathsUri: socket=, tls-certificates=, tls-psk-file= made absolute against the directory; the rest as it was', () => {
+    expect(absolutePathsUri('nbd+unix:///?socket=../b.sock', '/srv/x')).toBe('nbd+unix:///?socket=/srv/b.sock');
+    expect(absolutePathsUri('nbds+unix:///disk?socket=s%20p.sock&tls-certificates=certs&tls-verify-peer=false', '/srv')).toBe('nbds+unix:///disk?socket=/srv/s%20p.sock&tls-certificates=/srv/certs&tls-verify-peer=false');
+    expect(absolutePathsUri('nbds://host:10809/disk?tls-psk-file=keys.psk&tls-username=a', '/etc/b')).toBe('nbds://host:10809/disk?tls-psk-file=/etc/b/keys.psk&tls-username=a');
+    for (const same of ['nbd+unix:///?socket=/run/b.sock', 'nbd+unix:///?socket=%00abstract', 'nbd://host/disk', 'nbd://host:10809']) expect(absolutePathsUri(same, '/x')).toBe(same);
+    expect(() => absolutePathsUri('garbage://x', '/x')).toThrow(/scheme "garbage" is not supported/);
+  });
+
+  it('blkrep replicate from another directory than the daemon\'s connects to the socket the path names from here', async () => {
+    const dir = await makeTempDir();
+    const p = (f: string): string => join(dir, f);
+    await mkdir(p('sub'));
+    await writeFile(p('p.img'), Buffer.alloc(4 * MiB));
+    await writeFile(p('s.img'), Buffer.alloc(4 * MiB));
+    await serve([p('s.img'), '--secondary', '--socket', p('s.sock'), '--control', p('sctl')]);
+    await serve([p('p.img'), '--socket', p('p.sock'), '--control', p('pctl')]);
+    const r = await runCli(['replicate', '--control', p('pctl'), 'nbd+unix:///?socket=../s.sock', '--json'], { cwd: p('sub') });
+    expect(r.code).toBe(0);
+    expect(json<{ peer: string }>(r.stdout).peer).toBe(`nbd+unix:///?socket=${p('s.sock')}`);
+    await waitFor(async () => json<{ exports: Array<{ pair?: { link: string } }> }>((await runCli(['status', '--control', p('pctl'), '--json'])).stdout).exports[0]?.pair?.link === 'connected', 'the pair link');
+  }, 120_000);
 });
 
 describe('README.md', () => {
