@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { EVENT_NAMES } from '../../src/cli/event-names.js';
 import { absolutePathsUri } from '../../src/cli/socket-uri.js';
-import { EVENT_SCHEMAS } from '../../src/cli/output-schemas.js';
+import { EVENT_SCHEMAS, OUTPUT_SCHEMAS } from '../../src/cli/output-schemas.js';
 import { REPO_ROOT, makeTempDir, run, runCli, serve, unixUri, waitFor } from '../support/spawn.js';
 
 const MiB = 1 << 20;
@@ -105,6 +105,18 @@ describe('replicate URI with relative paths', () => {
     expect(json<{ peer: string }>(r.stdout).peer).toBe(`nbd+unix:///?socket=${p('s.sock')}`);
     await waitFor(async () => json<{ exports: Array<{ pair?: { link: string } }> }>((await runCli(['status', '--control', p('pctl'), '--json'])).stdout).exports[0]?.pair?.link === 'connected', 'the pair link');
   }, 120_000);
+});
+
+describe('serve-nbd --secondary --json', () => {
+  it('its listening line (uris empty: no export until a primary connects) is valid by the serve-nbd schema', async () => {
+    const dir = await makeTempDir();
+    await writeFile(join(dir, 's.img'), Buffer.alloc(4 * MiB));
+    const s = await serve([join(dir, 's.img'), '--secondary', '--socket', join(dir, 's.sock'), '--control', join(dir, 'sctl'), '--json']);
+    const line = JSON.parse(s.listeningLine) as { event: string; uris: string[] };
+    expect(line).toMatchObject({ event: 'listening', uris: [] });
+    expect(OUTPUT_SCHEMAS['serve-nbd'].safeParse(line).success).toBe(true);
+    expect(await s.stop()).toBe(0);
+  }, 60_000);
 });
 
 describe('README.md', () => {
