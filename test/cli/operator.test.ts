@@ -119,6 +119,28 @@ describe('serve-nbd --secondary --json', () => {
   }, 60_000);
 });
 
+describe('failover with the primary still connected, no --heartbeat (as blkrep-failover(1) says)', () => {
+  it('the old primary stops forwarding (link degraded) and keeps taking its clients\' writes', async () => {
+    const dir = await makeTempDir();
+    const p = (f: string): string => join(dir, f);
+    await writeFile(p('p.img'), Buffer.alloc(4 * MiB));
+    await writeFile(p('s.img'), Buffer.alloc(4 * MiB));
+    await serve([p('s.img'), '--secondary', '--socket', p('s.sock'), '--control', p('sctl')]);
+    await serve([p('p.img'), '--socket', p('p.sock'), '--control', p('pctl'), '--replicate-to', unixUri(p('s.sock'))]);
+    const link = async (): Promise<string | undefined> => json<{ exports: Array<{ pair?: { link: string } }> }>((await runCli(['status', '--control', p('pctl'), '--json'])).stdout).exports[0]?.pair?.link;
+    await waitFor(async () => (await link()) === 'connected', 'the pair link');
+    const dry = json<{ explanation: string }>((await runCli(['failover', '--control', p('sctl'), '--dry-run', '--json'])).stdout);
+    expect(dry.explanation).toMatch(/; the connected primary is demoted$/);
+    const fo = await runCli(['failover', '--control', p('sctl'), '--json']);
+    expect(fo.code).toBe(0);
+    expect(json<{ role: string }>(fo.stdout).role).toBe('primary');
+    await waitFor(async () => (await link()) === 'degraded', 'the old primary degraded');
+    expect((await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x33 0 64k', unixUri(p('p.sock'))])).code).toBe(0);
+    const man = (await run('man', ['-l', join(REPO_ROOT, 'man', 'blkrep-failover.1')], { env: { ...process.env, MANWIDTH: '1000', MAN_KEEP_FORMATTING: '0' } })).stdout.replace(/\s+/g, ' ');
+    expect(man).toContain('without --heartbeat it keeps serving its clients read-write');
+  }, 120_000);
+});
+
 describe('README.md', () => {
   it('does not call split-brain policies and failback by bitmaps missing (both exist: --after-split-brain, src/pair/README.md)', () => {
     const readme = readFileSync(join(REPO_ROOT, 'README.md'), 'utf8');
