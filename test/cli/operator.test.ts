@@ -2,14 +2,15 @@
  * The operator's pass over the pair commands (session 11, task op): what a script or a person
  * running the commands by hand met, one test each.
  */
-import { readdirSync, readFileSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { EVENT_NAMES } from '../../src/cli/event-names.js';
 import { absolutePathsUri } from '../../src/cli/socket-uri.js';
 import { EVENT_SCHEMAS, OUTPUT_SCHEMAS } from '../../src/cli/output-schemas.js';
-import { REPO_ROOT, makeTempDir, run, runCli, serve, unixUri, waitFor } from '../support/spawn.js';
+import { BIN, REPO_ROOT, hasTool, makeTempDir, run, runCli, serve, unixUri, waitFor } from '../support/spawn.js';
 
 const MiB = 1 << 20;
 const json = <T = Record<string, unknown>>(stdout: string): T => JSON.parse(stdout) as T;
@@ -138,6 +139,82 @@ describe('failover with the primary still connected, no --heartbeat (as blkrep-f
     expect((await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x33 0 64k', unixUri(p('p.sock'))])).code).toBe(0);
     const man = (await run('man', ['-l', join(REPO_ROOT, 'man', 'blkrep-failover.1')], { env: { ...process.env, MANWIDTH: '1000', MAN_KEEP_FORMATTING: '0' } })).stdout.replace(/\s+/g, ' ');
     expect(man).toContain('without --heartbeat it keeps serving its clients read-write');
+  }, 120_000);
+});
+
+describe('setup: the peer address and the ids', () => {
+  it('--peer or --listen that is no host name or IP address: usage error at once, nothing written', async () => {
+    const dir = await makeTempDir();
+    await writeFile(join(dir, 'd.img'), Buffer.alloc(MiB));
+    for (const [flag, value] of [['--peer', 'bad host!'], ['--listen', '10.0.0.2:10809']] as const) {
+      const args = ['setup', '--yes', '--role', 'secondary', '--disk', join(dir, 'd.img'), '--root', join(dir, 'root'), '--no-check', '--json', ...(flag === '--peer' ? [] : ['--peer', '127.0.0.1']), flag, value];
+      const r = await runCli(args);
+      expect(r.code).toBe(2);
+      expect(json<{ error: { code: string; message: string } }>(r.stdout).error).toEqual({
+        code: 'ERR_USAGE',
+        message: `${flag}: "${value}" is not a host name or an IP address (letters, digits, "." and "-"; or an IPv4 or IPv6 address)`,
+      });
+    }
+    expect(existsSync(join(dir, 'root'))).toBe(false);
+    const v6 = await runCli(['setup', '--yes', '--role', 'secondary', '--disk', join(dir, 'd.img'), '--peer', 'fd00::2', '--peer-id', 'nodeA', '--root', join(dir, 'root'), '--no-check', '--json']);
+    expect(v6.code).toBe(0);
+  });
+
+  const tmux = (sock: string, ...args: string[]): string => {
+    const r = spawnSync('tmux', ['-S', sock, ...args], { encoding: 'utf8' });
+    if (r.status !== 0) throw new Error(`tmux ${args.join(' ')}: ${r.stderr}`);
+    return r.stdout;
+  };
+
+  it.runIf(hasTool('tmux'))('on a terminal, a bad peer address and a bad peer id are asked again on the spot (they failed at the end, exit 2, every answer lost)', async () => {
+    const dir = await makeTempDir();
+    const img = join(dir, 'd.img');
+    await writeFile(img, Buffer.alloc(MiB));
+    const sock = join(dir, 'tmux.sock');
+    const screen = (): string => tmux(sock, 'capture-pane', '-p', '-t', 't', '-S', '-200');
+    const until = (text: string): Promise<string> => waitFor(() => (screen().includes(text) ? screen() : undefined), `"${text}" on the screen`, { timeoutMs: 30_000, intervalMs: 150 });
+    const type = (text: string): void => void tmux(sock, 'send-keys', '-t', 't', '-l', text);
+    const key = (...keys: string[]): void => void tmux(sock, 'send-keys', '-t', 't', ...keys);
+    tmux(sock, 'new-session', '-d', '-x', '160', '-y', '50', '-s', 't', `NO_COLOR=1 ${process.execPath} ${BIN} setup --root ${join(dir, 'root')} --name p3 --port 20993 --heartbeat none --tls none --no-check; echo EXIT=$?; sleep 60`);
+    try {
+      await until("This node's role");
+      key('Down', 'Enter');
+      await until('Disk to replicate');
+      type(img);
+      key('Enter');
+      await until("Peer's address");
+      type('bad host!');
+      key('Enter');
+      await until('"bad host!" is not a host name or an IP address');
+      key('C-u');
+      type('127.0.0.1');
+      key('Enter');
+      await until('Address to listen on');
+      key('Enter');
+      await until("This node's id");
+      key('C-u');
+      type('nodeB');
+      key('Enter');
+      await until("The peer's id");
+      key('C-u');
+      type('node A');
+      key('Enter');
+      await until('"node A" is not a node id');
+      key('C-u');
+      type('nodeA');
+      key('Enter');
+      await until("Size of the peer's disk");
+      type('lots');
+      key('Enter');
+      await until('invalid size "lots"');
+      key('C-u');
+      key('Enter');
+      const end = await until('EXIT=');
+      expect(end).toContain('EXIT=0');
+    } finally {
+      spawnSync('tmux', ['-S', sock, 'kill-server']);
+    }
+    expect(readFileSync(join(dir, 'root', 'etc', 'blkrep', 'p3.yaml'), 'utf8')).toContain('the secondary of pair "p3" (peer nodeA at 127.0.0.1)');
   }, 120_000);
 });
 
