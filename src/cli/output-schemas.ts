@@ -106,7 +106,8 @@ const liveJob = obj({ live: z.literal(true), export: z.string().nullable(), job:
 
 const listening = obj({
   event: z.literal('listening'),
-  uris: z.array(z.string()).min(1),
+  // empty for a secondary until its primary connects (the replica export appears then); status lists its listen addresses
+  uris: z.array(z.string()).describe('an NBD URI per listen address and export; empty for a secondary (serve-nbd --secondary) until a primary connects'),
   pid: int,
   bitmaps: z.array(obj({ export: z.string(), name: z.string(), file: z.string().nullable(), state: z.string() })).optional(),
   jobs: z.array(obj({ id: z.string(), type: z.string(), export: z.string().nullable(), status: z.string() })).optional(),

@@ -10,7 +10,7 @@ export default class Demo extends BlkrepCommand {
 
   static override description = `Starts two serve-nbd daemons (separate processes, on Unix sockets in a temporary directory): a secondary (host B) and a primary (host A) replicating to it. Writes 0x11 over the disk through the primary, takes a checkpoint, writes 0x22 over the second half, kills the primary with SIGKILL, fails over to the secondary at the checkpoint and checks byte for byte that it holds the checkpoint (all 0x11). Then fails back: A restarts as the secondary of B, is resynced, and the two disks are compared.
 
-On a terminal each step is shown as a task list on stderr; otherwise (and with --json) only the result is printed. The daemons are stopped and the directory removed at the end, unless --keep.
+On a terminal each step is shown as a task list on stderr; otherwise (and with --json) only the result is printed. The daemons are stopped and the directory removed at the end, unless --keep. The temporary directory (TMPDIR, else /tmp) needs 2.5 times --size free: a --size it cannot hold is a usage error.
 
 Exit status: 0 when every step passed, 1 when one failed (the failed step and why are printed), 2 on a usage error.`;
 

@@ -6,6 +6,7 @@ import type { ControlEvent } from '../control/protocol.js';
 import { controlFlag } from '../cli/job-command.js';
 import { findControl } from '../cli/control-path.js';
 import type { JobInfo } from '../jobs/job.js';
+import { unknownEventName } from '../cli/event-names.js';
 
 /** What is true now, as the events that made it so, each marked "now": true. */
 export function currentStateEvents(jobs: readonly JobInfo[]): ControlEvent[] {
@@ -24,7 +25,7 @@ export default class Events extends BlkrepCommand {
 
   static override description = `Subscribes to the events of the daemon behind --control and prints each on stdout as one JSON object per line (NDJSON), as the daemon sends it: {"event": NAME, ...fields, "time": ISO-8601}.
 Job events are job-status-change (status, previous), job-ready (synced true: caught up; false: fell out of step), job-copy-mode (from, to, reason), job-error (side, operation, errno, action, offset, length, message), job-completed (length, offset, speed, error?), and job-cancelled (consistent); each carries the job's id, type and export. The daemon also sends connection, disconnect, refused, bitmap-... and shutdown events.
---job-id ID keeps only the events of that job; --event NAME (repeatable) only those events. --until NAME stops after the first such event (of the job, with --job-id) and exits 0, so a script can wait for a mirror to be ready; --count N stops after N events. --timeout gives up (exit 1) after that many seconds.
+--job-id ID keeps only the events of that job; --event NAME (repeatable) only those events (a name no event has is a usage error, exit 2, that lists the names). --until NAME stops after the first such event (of the job, with --job-id) and exits 0, so a script can wait for a mirror to be ready; --count N stops after N events. --timeout gives up (exit 1) after that many seconds.
 --now first prints the current state as events, each with "now": true (as drbdsetup events2 --now): a job-status-change (previous null) for every job, and a job-ready for each job that is ready; then the events as they come. --until looks at the current state first whether or not --now is given, so waiting for job-ready of a job that is already ready returns at once.
 Exit status: 0 when the --until event (or the --count-th event) arrived, or on SIGINT/SIGTERM; 1 on timeout, when the daemon goes away, or when it cannot be reached; 2 usage error.`;
 
@@ -47,6 +48,12 @@ Exit status: 0 when the --until event (or the --count-th event) arrived, or on S
 
   async run(): Promise<undefined> {
     const { flags } = await this.parse(Events);
+    for (const [flag, names] of [['event', flags.event ?? []], ['until', flags.until === undefined ? [] : [flags.until]]] as const) {
+      for (const name of names) {
+        const bad = unknownEventName(flag, name);
+        if (bad) this.usageError(bad);
+      }
+    }
     const control = await findControl(flags.control);
     const client = await ControlClient.connect(control, { timeoutMs: 10_000 });
     let n = 0;

@@ -1,14 +1,14 @@
 import { Args, Flags } from '@oclif/core';
 import { JobCommand, jobFlags } from '../cli/job-command.js';
 import { secondsFlag, sizeFlag } from '../cli/flags.js';
-import { parseNbdUri } from '../nbd/uri.js';
+import { absolutePathsUri } from '../cli/socket-uri.js';
 import type { PairStatus } from '../pair/role.js';
 import { pairLine } from './status.js';
 
 export default class Replicate extends JobCommand {
   static override summary = "Start replicating a running export to a secondary.";
 
-  static override description = `Makes the export of the serve-nbd daemon behind --control the primary of a replication pair, as serve-nbd --replicate-to does at start: used after a failover to protect the new primary, for failback, or to replicate an export that was served alone. URI is the secondary's replica export (blkrep serve-nbd --secondary), or a plain NBD server (qemu-nbd, nbdkit: replicated without checkpoints).
+  static override description = `Makes the export of the serve-nbd daemon behind --control the primary of a replication pair, as serve-nbd --replicate-to does at start: used after a failover to protect the new primary, for failback, or to replicate an export that was served alone. URI is the secondary's replica export (blkrep serve-nbd --secondary), or a plain NBD server (qemu-nbd, nbdkit: replicated without checkpoints); relative paths in it (socket=, tls-certificates=, tls-psk-file=) are taken from the current directory (the daemon is sent absolute ones).
 
 The daemon first copies what the secondary misses (the regions in the peer bitmap IMAGE.pair.dirty, or the whole disk the first time) while the export keeps serving, then forwards every write (--protocol sync: a write completes when both disks have it; async: after the local write, in order through a --queue of that many bytes; a write that does not fit waits for room with --on-congestion block, the default, as DRBD's, or replication degrades and resyncs later with pull-ahead; both flags are refused with --protocol sync). Returns once replication is set up (the copy may still run: follow blkrep events for resync-done and replication-connected); prints the pair's status (--json: the PairStatus object, as blkrep status --json shows under exports[i].pair).
 
@@ -34,7 +34,7 @@ Exit status: 0 replicating (or connecting: an unreachable secondary is retried w
 
   async run(): Promise<PairStatus> {
     const { args, flags } = await this.parse(Replicate);
-    parseNbdUri(args.uri);
+    const uri = absolutePathsUri(args.uri);
     const congestionFlag = flags['on-congestion'] !== undefined ? `--on-congestion ${flags['on-congestion']}` : flags['congestion-timeout'] !== undefined ? '--congestion-timeout' : undefined;
     if (congestionFlag && flags.protocol === 'sync') this.usageError(`${congestionFlag} needs --protocol async: a sync primary has no queue (every write waits for the secondary)`);
     if (flags['congestion-timeout'] !== undefined && flags['on-congestion'] === 'pull-ahead') this.usageError('--congestion-timeout is for --on-congestion block: pull-ahead never waits');
@@ -42,7 +42,7 @@ Exit status: 0 replicating (or connecting: an unreachable secondary is retried w
     const status = await this.request<PairStatus>(
       flags.control,
       'replicate',
-      { uri: args.uri, protocol: flags.protocol, ...(flags.export === undefined ? {} : { export: flags.export }), ...(flags.queue === undefined ? {} : { queue: flags.queue }),
+      { uri, protocol: flags.protocol, ...(flags.export === undefined ? {} : { export: flags.export }), ...(flags.queue === undefined ? {} : { queue: flags.queue }),
         ...(flags['on-congestion'] === undefined ? {} : { onCongestion: flags['on-congestion'] }),
         ...(flags['congestion-timeout'] === undefined ? {} : { congestionTimeout: Math.round(flags['congestion-timeout'] * 1000) }),
       },

@@ -1,5 +1,5 @@
 import { execFile } from 'node:child_process';
-import { createConnection, createServer } from 'node:net';
+import { createConnection, createServer, isIP } from 'node:net';
 import { readFile, mkdir, realpath, stat, writeFile, rename, chmod } from 'node:fs/promises';
 import { basename, dirname, isAbsolute, join, resolve } from 'node:path';
 import os from 'node:os';
@@ -33,6 +33,31 @@ interface ClockState {
 
 const HOST_NAME_RE = /^[A-Za-z0-9](?:[A-Za-z0-9.-]{0,62}[A-Za-z0-9])?$/;
 const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/;
+
+/** Why ADDR is not a host name or an IP address (what --peer and --listen take), or undefined. */
+export function addressProblem(addr: string): string | undefined {
+  if (addr.trim() === '') return 'an address is needed';
+  if (isIP(addr) !== 0 || HOST_NAME_RE.test(addr)) return undefined;
+  return `"${addr}" is not a host name or an IP address (letters, digits, "." and "-"; or an IPv4 or IPv6 address)`;
+}
+
+/** Why ID is not a node id (with --tls x509 it is also a certificate's host name), or undefined. */
+export function nodeIdProblem(id: string, tls: string): string | undefined {
+  if (!/^[^\s\u0000-\u001f\u007f,=/]{1,64}$/.test(id)) return `"${id}" is not a node id (1 to 64 characters, no spaces, control characters, ",", "=" or "/")`;
+  if (tls === 'x509' && !HOST_NAME_RE.test(id)) return `"${id}": with --tls x509 a node id is also the name in its certificate, so it must be a host name (letters, digits, "." and "-", not starting or ending with "." or "-")`;
+  return undefined;
+}
+
+/** Why TEXT is not a size (the peer's disk size question), or undefined; empty is "not known". */
+function sizeProblem(text: string): string | undefined {
+  if (text.trim() === '') return undefined;
+  try {
+    parseSize(text, 'size');
+    return undefined;
+  } catch (err) {
+    return (err as Error).message;
+  }
+}
 
 function setupError(code: string, message: string, details: Record<string, unknown> = {}): BlkrepError {
   return new BlkrepError(code, message, { errno: 'EINVAL', details });
@@ -87,14 +112,18 @@ Exit status: 0 done; 1 a check refused (ERR_SETUP_DISK: no such disk; ERR_SETUP_
     const role = (flags.role ?? (ask ? await ask.select({ message: "This node's role", choices: [{ value: 'primary', description: 'serves the disk and replicates every write to the secondary' }, { value: 'secondary', description: 'keeps a replica; takes over with blkrep failover' }] }, io) : need('role'))) as Role;
     const disk = resolve(flags.disk ?? (ask ? await ask.input({ message: 'Disk to replicate (block device or raw image)', validate: diskAnswer }, io) : need('disk')));
     const size = await diskSize(disk);
-    const peer = flags.peer ?? (ask ? await ask.input({ message: "Peer's address (host name or IP)", validate: (v) => v.trim() !== '' || 'an address is needed' }, io) : need('peer'));
+    const peer = flags.peer ?? (ask ? await ask.input({ message: "Peer's address (host name or IP)", validate: (v) => addressProblem(v) ?? true }, io) : need('peer'));
+    for (const [flag, addr] of [['peer', peer], ['listen', flags.listen]] as const) {
+      const bad = addr === undefined ? undefined : addressProblem(addr);
+      if (bad) this.usageError(`--${flag}: ${bad}`);
+    }
     const port = flags.port ?? (ask && role === 'secondary' ? await ask.number({ message: 'NBD port this secondary listens on', default: 10809, min: 1, max: 65535, required: true }, io) : ask ? await ask.number({ message: "The secondary's NBD port", default: 10809, min: 1, max: 65535, required: true }, io) : 10809);
-    const listen = flags.listen ?? (ask && role === 'secondary' ? await ask.input({ message: 'Address to listen on', default: '0.0.0.0' }, io) : '0.0.0.0');
+    const listen = flags.listen ?? (ask && role === 'secondary' ? await ask.input({ message: 'Address to listen on', default: '0.0.0.0', validate: (v) => addressProblem(v) ?? true }, io) : '0.0.0.0');
     const tls = (flags.tls ?? (ask ? await ask.select({ message: 'TLS on the pair link', choices: [{ value: 'x509', description: 'a CA and a certificate per node (made here, copied to the peer)' }, { value: 'psk', description: 'one pre-shared key (made here, copied to the peer)' }, { value: 'none', description: 'clear text: only on a private network' }], default: 'x509' }, io) : 'x509')) as TlsKind;
     const heartbeat = (flags.heartbeat ?? (ask ? await ask.select({ message: 'Heartbeat (how each node watches the other)', choices: [{ value: 'udp' }, { value: 'tcp' }, { value: 'none' }], default: 'udp' }, io) : 'udp')) as HeartbeatKind;
     const heartbeatPort = flags['heartbeat-port'] ?? (ask && heartbeat !== 'none' ? await ask.number({ message: 'Heartbeat port (the same on both nodes)', default: 7000, min: 1, max: 65535, required: true }, io) : 7000);
-    const nodeId = flags['node-id'] ?? (ask ? await ask.input({ message: "This node's id", default: os.hostname() }, io) : os.hostname());
-    const peerId = flags['peer-id'] ?? (ask ? await ask.input({ message: "The peer's id", default: peer }, io) : peer);
+    const nodeId = flags['node-id'] ?? (ask ? await ask.input({ message: "This node's id", default: os.hostname(), validate: (v) => nodeIdProblem(v, tls) ?? true }, io) : os.hostname());
+    const peerId = flags['peer-id'] ?? (ask ? await ask.input({ message: "The peer's id", default: peer, validate: (v) => nodeIdProblem(v, tls) ?? (v === nodeId ? `"${v}" is this node's id too: each node needs its own` : true) }, io) : peer);
     let checkpointInterval = '';
     let protocol: 'sync' | 'async' = 'sync';
     if (role === 'primary') {
@@ -108,17 +137,13 @@ Exit status: 0 done; 1 a check refused (ERR_SETUP_DISK: no such disk; ERR_SETUP_
     } else if (flags['checkpoint-interval'] !== undefined || flags.protocol !== undefined) {
       this.usageError('--checkpoint-interval and --protocol are the primary\'s (the secondary takes what its primary says)');
     }
-    const peerSizeText = flags['peer-disk-size'] ?? (ask ? await ask.input({ message: "Size of the peer's disk, if known (setup printed it there; empty: not known)", default: '' }, io) : undefined);
+    const peerSizeText = flags['peer-disk-size'] ?? (ask ? await ask.input({ message: "Size of the peer's disk, if known (setup printed it there; empty: not known)", default: '', validate: (v) => sizeProblem(v) ?? true }, io) : undefined);
 
     const name = flags.name ?? 'pair0';
     if (!NAME_RE.test(name)) this.usageError(`--name "${name}" is not a pair name (letters, digits, "_", "." and "-", at most 64, not starting with "." or "-")`);
     for (const [flag, id] of [['node-id', nodeId], ['peer-id', peerId]] as const) {
-      if (!/^[^\s\u0000-\u001f\u007f,=/]{1,64}$/.test(id)) this.usageError(`--${flag} "${id}" is not a node id (1 to 64 characters, no spaces, control characters, ",", "=" or "/")`);
-    }
-    if (tls === 'x509') {
-      for (const [flag, id] of [['node-id', nodeId], ['peer-id', peerId]] as const) {
-        if (!HOST_NAME_RE.test(id)) this.usageError(`--${flag} "${id}": with --tls x509 a node id is also the name in its certificate, so it must be a host name (letters, digits, "." and "-", not starting or ending with "." or "-")`);
-      }
+      const bad = nodeIdProblem(id, tls);
+      if (bad) this.usageError(`--${flag} ${bad}`);
     }
     if (nodeId === peerId) this.usageError(`--node-id and --peer-id are both "${nodeId}": each node needs its own id`);
 

@@ -8,7 +8,7 @@
  * with the flags a user gives (printed in each step's detail), the verbs are the control verbs.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdtemp, open, rm } from 'node:fs/promises';
+import { mkdtemp, open, rm, statfs } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { BlkrepError } from '../api/errors.js';
@@ -306,7 +306,14 @@ export async function createContext(options: DemoOptions): Promise<DemoContext> 
   if (options.size < 2 * MIB || options.size % MIB !== 0) {
     throw new BlkrepError('ERR_USAGE', `--size ${options.size} bytes: the demo needs a multiple of 1 MiB, at least 2 MiB`, { errno: 'EINVAL' });
   }
-  const dir = await mkdtemp(path.join(options.parentDir ?? os.tmpdir(), 'blkrep-demo-'));
+  // both disks written whole, and the second half again in the secondary's hidden disk
+  const parent = options.parentDir ?? os.tmpdir();
+  const needed = options.size * 2 + options.size / 2;
+  const fs = await statfs(parent).catch(() => undefined);
+  if (fs && fs.bavail * fs.bsize < needed) {
+    throw new BlkrepError('ERR_USAGE', `--size ${options.size} bytes: the demo writes both disks whole and half of one again (the hidden disk), ${needed} bytes, but ${parent} has ${fs.bavail * fs.bsize} bytes free (TMPDIR picks another directory)`, { errno: 'ENOSPC' });
+  }
+  const dir = await mkdtemp(path.join(parent, 'blkrep-demo-'));
   return { options, dir, a: path.join(dir, 'a.img'), b: path.join(dir, 'b.img'), daemons: new Map(), epoch: 0, failoverVerified: false, failbackVerified: false };
 }
 

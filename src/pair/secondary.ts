@@ -328,6 +328,12 @@ export class SecondaryRole implements PairRole {
   /** A checkpoint taken on the secondary itself (a plain primary, --accept-plain-primary). */
   checkpoint(): Promise<{ epoch: number }> {
     if (this.promoted) return Promise.reject(this.roleError('take a checkpoint as a secondary'));
+    // A blkrep primary numbers the epochs: one taken here would make its next CHECKPOINT n look
+    // committed already (n <= epoch, the lost-DONE retry) and leave the hidden disk unemptied.
+    if (!this.o.acceptPlainPrimary || this.link?.isOpen) {
+      const where = this.link?.isOpen ? 'a blkrep primary holds the pair link; ' : '';
+      return Promise.reject(new BlkrepError('ERR_PAIR_ROLE', `checkpoint: export "${this.ctx.exportName}" is a secondary: ${where}checkpoints are driven from the primary (blkrep checkpoint --control PRIMARY); a secondary takes its own only for a plain primary (serve-nbd --accept-plain-primary)`, { errno: 'EINVAL' }));
+    }
     return this.serial(async () => ({ epoch: await this.applyCheckpoint(this.state.state.epoch + 1) }));
   }
 
