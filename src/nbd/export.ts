@@ -33,6 +33,11 @@ export interface ExportOptions {
    * NBD_REP_ERR_POLICY with that message (EXPORT_NAME: the connection is closed)
    */
   admit?: () => string | undefined;
+  /**
+   * The name logs, status, metrics and error messages show, when the name itself is a secret
+   * (the pair's writer export carries its fencing token: data-token.ts); default the name
+   */
+  shownName?: string;
 }
 
 export interface ExportCounters {
@@ -50,6 +55,8 @@ export class Export {
   readonly node: CompleteBlockNode;
   readonly readOnly: boolean;
   readonly hidden: boolean;
+  /** what logs, status, metrics and error messages call it (ExportOptions.shownName) */
+  readonly shownName: string;
   readonly admit: (() => string | undefined) | undefined;
   readonly minimum: number;
   readonly preferred: number;
@@ -63,6 +70,7 @@ export class Export {
     this.node = options.node;
     this.readOnly = Boolean(options.readOnly) || !options.node.caps.canWrite;
     this.hidden = options.hidden ?? false;
+    this.shownName = options.shownName ?? options.name;
     this.admit = options.admit;
     const limits = options.node.limits;
     this.minimum = Math.max(limits.minimum, options.minimumBlockSize ?? 1);

@@ -542,7 +542,7 @@ export class ServerSession implements BudgetWaiter, DirectReader {
     this.handshakeTimer = undefined;
     exp.counters.connections++;
     exp.counters.totalConnections++;
-    this.host.log('debug', `connection ${this.id} from ${this.peer}: serving export "${exp.name}"`);
+    this.host.log('debug', `connection ${this.id} from ${this.peer}: serving export "${exp.shownName}"`);
     // After the socket's read callback that got us here has returned.
     process.nextTick(() => this.goDirect());
   }
@@ -683,7 +683,7 @@ export class ServerSession implements BudgetWaiter, DirectReader {
     const observe = this.host.requestObserver;
     const started = observe ? performance.now() : 0;
     void this.run(req, payload).finally(() => {
-      if (observe) observe(exp.name, name ?? 'unknown', (performance.now() - started) / 1000);
+      if (observe) observe(exp.shownName, name ?? 'unknown', (performance.now() - started) / 1000);
       if (pooled) sharedPool.release(pooled);
       this.inflight--;
       this.inflightBytes -= bytes;
@@ -713,7 +713,7 @@ export class ServerSession implements BudgetWaiter, DirectReader {
       this.finishing = true;
       const exp = this.exp;
       const flushed = exp && !exp.readOnly ? exp.node.flush().catch((err) => {
-        this.host.log('warn', `flush of export "${exp.name}" at disconnect failed: ${toBlkrepError(err).message}`);
+        this.host.log('warn', `flush of export "${exp.shownName}" at disconnect failed: ${toBlkrepError(err).message}`);
       }) : Promise.resolve();
       void flushed.then(() => {
         if (this.phase === 'closed') return;
@@ -787,13 +787,13 @@ export class ServerSession implements BudgetWaiter, DirectReader {
       return ['EINVAL', req.type !== CMD.WRITE_ZEROES ? `FAST_ZERO flag is only valid on write-zeroes, not ${name}` : 'FAST_ZERO is not offered by this export'];
     }
     const writing = req.type === CMD.WRITE || req.type === CMD.TRIM || req.type === CMD.WRITE_ZEROES;
-    if (writing && exp.readOnly) return ['EPERM', `${name} on read-only export "${exp.name}"`];
+    if (writing && exp.readOnly) return ['EPERM', `${name} on read-only export "${exp.shownName}"`];
     if (req.type === CMD.TRIM && !(f & TF.SEND_TRIM)) return ['EINVAL', 'trim is not offered by this export'];
     if (req.type === CMD.FLUSH) return null;
     const end = req.rawOffset + BigInt(req.length);
     if (end > BigInt(exp.size)) {
       const errno: Errno = req.type === CMD.WRITE || req.type === CMD.WRITE_ZEROES ? 'ENOSPC' : 'EINVAL';
-      return [errno, `${name} of ${req.length} bytes at offset ${req.rawOffset} is beyond the end of export "${exp.name}" (size ${exp.size})`];
+      return [errno, `${name} of ${req.length} bytes at offset ${req.rawOffset} is beyond the end of export "${exp.shownName}" (size ${exp.size})`];
     }
     if (exp.minimum > 1 && (req.offset % exp.minimum !== 0 || req.length % exp.minimum !== 0)) {
       return ['EINVAL', `${name} of ${req.length} bytes at offset ${req.offset} is not aligned to the minimum block size ${exp.minimum}`];

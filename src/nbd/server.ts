@@ -165,7 +165,7 @@ export class NbdServer extends EventEmitter implements SessionHost {
     }
     const exp = new Export(options);
     this.exportsByName.set(exp.name, exp);
-    this.log('info', `export "${exp.name}" added`);
+    this.log('info', `export "${exp.shownName}" added`);
     return exp;
   }
 
@@ -174,12 +174,13 @@ export class NbdServer extends EventEmitter implements SessionHost {
    * to it are disconnected at once (as destroyAll does), with `reason`. Its node is not flushed
    * nor closed: it is the caller's. Returns false when there was no such export.
    */
-  removeExport(name: string, reason = `export "${name}" removed`): boolean {
+  removeExport(name: string, reason?: string): boolean {
     const exp = this.exportsByName.get(name);
     if (!exp) return false;
+    reason ??= `export "${exp.shownName}" removed`;
     this.exportsByName.delete(name);
     for (const s of [...this.sessions]) if (s.attachedExport === exp) s.close(reason);
-    this.log('info', `export "${name}" removed (${reason})`);
+    this.log('info', `export "${exp.shownName}" removed (${reason})`);
     return true;
   }
 
@@ -256,7 +257,7 @@ export class NbdServer extends EventEmitter implements SessionHost {
       clearInterval(this.stallTimer);
       this.stallTimer = undefined;
     }
-    this.emit('disconnect', { id: session.id, peer: session.peer, export: session.exportName ?? null, reason });
+    this.emit('disconnect', { id: session.id, peer: session.peer, export: session.attachedExport?.shownName ?? null, reason });
   }
 
   private checkStalls(): void {
@@ -274,7 +275,7 @@ export class NbdServer extends EventEmitter implements SessionHost {
       connections: [...this.sessions].map((s) => ({
         id: s.id,
         peer: s.peer,
-        export: s.exportName ?? null,
+        export: s.attachedExport?.shownName ?? null,
         state: s.state,
         openedAt: s.openedAt.toISOString(),
         inFlight: s.requestsInFlight,

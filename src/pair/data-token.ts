@@ -106,6 +106,8 @@ export class ReplicaWriters {
       name,
       node: new FencedNode(this.node, () => (this.current === token ? undefined : this.staleWhy(token)), this.gate),
       hidden: true,
+      // the token is the writer's credential: logs, status and metrics show it redacted
+      shownName: `${this.exportName}${TOKEN_INFIX}…`,
       admit: () => (this.current === token ? undefined : this.staleWhy(token)),
       description: `replica writer of "${this.exportName}" for the primary on the pair link from ${peer}`,
       ...(this.minimumBlockSize === undefined ? {} : { minimumBlockSize: this.minimumBlockSize }),

@@ -13,21 +13,21 @@ import { readFile, truncate, writeFile } from 'node:fs/promises';
 import { describe, expect, it } from 'vitest';
 import { NbdClient } from '../../src/nbd/client.js';
 import { replicaWriterExport } from '../../src/pair/data-token.js';
-import { makeTempDir, run, serve, unixUri, waitFor } from '../support/spawn.js';
+import { makeTempDir, run, serve, unixUri, waitFor, type Served } from '../support/spawn.js';
 import { controlRequest as request, pairOf } from '../support/control.js';
 import { openLink, writerClient } from './scripted-primary.js';
 
 const MiB = 1 << 20;
 const SIZE = 8 * MiB;
 
-async function setUp(): Promise<{ dir: string; sDisk: string; sSock: string; sControl: string }> {
+async function setUp(): Promise<{ dir: string; sDisk: string; sSock: string; sControl: string; served: Served }> {
   const dir = await makeTempDir();
   const sDisk = join(dir, 's.img');
   await writeFile(sDisk, Buffer.alloc(SIZE, 0x11));
   const sSock = join(dir, 's.sock');
   const sControl = join(dir, 's.ctl');
-  await serve([sDisk, '--secondary', '--socket', sSock, '--control', sControl]);
-  return { dir, sDisk, sSock, sControl };
+  const served = await serve([sDisk, '--secondary', '--socket', sSock, '--control', sControl]);
+  return { dir, sDisk, sSock, sControl, served };
 }
 
 function client(socket: string, name = ''): Promise<NbdClient> {
@@ -64,6 +64,22 @@ describe('the replica export\'s writer token (a stale primary never writes)', ()
     expect(b.subarray(0, 65536).equals(Buffer.alloc(65536, 0x11))).toBe(true);
     expect(b.subarray(65536).equals(Buffer.alloc(65536, 0x22))).toBe(true);
     link.close();
+  });
+
+  it('the token is the writer\'s credential: the daemon\'s log and status show the writer export redacted', async () => {
+    const { sSock, sControl, served } = await setUp();
+    const link = await openLink(sSock, { size: SIZE });
+    const token = (link.answer as { dataToken: string }).dataToken;
+    const writer = await writerClient(sSock, link);
+    await writer.write(0, Buffer.alloc(4096, 0x44));
+    const status = await request<{ connections: Array<{ export: string | null }> }>(sControl, 'status');
+    expect(status.connections.map((c) => c.export)).toContain('@pair-token=…');
+    expect(JSON.stringify(status)).not.toContain(token);
+    await writer.close();
+    link.close();
+    await waitFor(async () => (await pairOf(sControl)).link === 'none', 'the link to close', { timeoutMs: 5000 });
+    expect(served.stderr()).toContain('export "@pair-token=…" added');
+    expect(served.stderr() + served.stdout()).not.toContain(token);
   });
 
   it('the old primary keeps its data connection across a new link and a failover: each write gets EPERM, nothing written; reconnecting with its token is refused', async () => {
