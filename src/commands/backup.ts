@@ -7,6 +7,7 @@ import { PersistentBitmap } from '../bitmap/persistent.js';
 import { BlkrepCommand } from '../cli/base.js';
 import { ControlClient } from '../control/client.js';
 import { controlPathFor } from '../cli/control-path.js';
+import { absoluteImageSpec, absolutePath } from '../cli/socket-uri.js';
 import { resolveBackupBitmap } from '../cli/backup-bitmap.js';
 import { sizeFlag, waitFlag, withBareWait } from '../cli/flags.js';
 import { progressBar, type Progress } from '../cli/progress.js';
@@ -61,7 +62,7 @@ With --bitmap and --bitmap-mode on-success (the default), the regions copied are
 Ranges that read as zeros are sent as write-zeroes, never as data; with --target-is-zero they are not sent at all. --speed limits the data rate.
 Errors follow --on-source-error and --on-target-error: report (the default), ignore (retry the region later), stop or enospc (offline nobody can resume the job: the command ends with an error). --on-cbw-error says what a failed copy-before-write does on a live export.
 A progress bar with the rate and the time left is shown on a terminal. With --json the result is printed as JSON.
-With --control PATH the backup runs in a serve-nbd daemon, of its export --export NAME, while clients keep writing it: the only argument is TARGET (opened by the daemon), and --bitmap names a bitmap of the export. The export's writes go through a copy-before-write filter, so TARGET receives the export as it was when the job started. --fleecing-export NAME serves that point-in-time view read-only while the job runs, as export NAME of the daemon itself: on every listener it has (TCP, Unix socket), beside its other exports (nbdinfo --list shows it; it is removed, its clients disconnected, when the job concludes). With --fleecing-socket PATH it is served instead on a Unix socket of its own. Without --wait the command starts the job and prints it (blkrep job pause, resume, cancel work on it; a --sync none job runs until cancelled); with --wait it follows the job with a progress bar and exits when it has concluded.`;
+With --control PATH the backup runs in a serve-nbd daemon, of its export --export NAME, while clients keep writing it: the only argument is TARGET (opened by the daemon; a relative path, also in an NBD URI's socket=, is taken from the current directory), and --bitmap names a bitmap of the export. The export's writes go through a copy-before-write filter, so TARGET receives the export as it was when the job started. --fleecing-export NAME serves that point-in-time view read-only while the job runs, as export NAME of the daemon itself: on every listener it has (TCP, Unix socket), beside its other exports (nbdinfo --list shows it; it is removed, its clients disconnected, when the job concludes). With --fleecing-socket PATH it is served instead on a Unix socket of its own. Without --wait the command starts the job and prints it (blkrep job pause, resume, cancel work on it; a --sync none job runs until cancelled); with --wait it follows the job with a progress bar and exits when it has concluded.`;
 
   static override examples = [
     { description: 'A full backup of a disk image onto an NBD server', command: '<%= config.bin %> <%= command.id %> disk.img nbd+unix:///backup?socket=/run/backup.sock' },
@@ -229,7 +230,8 @@ With --control PATH the backup runs in a serve-nbd daemon, of its export --expor
         type: 'backup',
         ...opt('export', flags.export),
         ...opt('id', flags['job-id']),
-        target,
+        // the daemon opens these in its own directory: a relative path is the caller's
+        target: absoluteImageSpec(target),
         ...opt('targetFormat', flags['target-format']),
         sync: flags.sync,
         ...opt('bitmap', flags.bitmap),
@@ -244,7 +246,7 @@ With --control PATH the backup runs in a serve-nbd daemon, of its export --expor
         onCbwError: flags['on-cbw-error'],
         connections: flags.connections,
         ...opt('fleecingExport', flags['fleecing-export']),
-        ...opt('fleecingSocket', flags['fleecing-socket']),
+        ...opt('fleecingSocket', flags['fleecing-socket'] === undefined ? undefined : absolutePath(flags['fleecing-socket'])),
       })) as JobInfo;
       const exportName = (info['export'] as string | null | undefined) ?? flags.export ?? null;
       const fleecing = info['fleecing'] as { uri?: string; uris?: string[] } | undefined;

@@ -15,6 +15,7 @@ import { formatSize } from '../util/size.js';
 import type { ControlEvent } from '../control/protocol.js';
 import type { JobQuery } from '../cli/job-command.js';
 import { controlPathFor } from '../cli/control-path.js';
+import { absoluteImageSpec } from '../cli/socket-uri.js';
 // the control client, the job follower and the progress bar load only when used (--control; a
 // terminal): an offline mirror starts without compiling them
 
@@ -47,7 +48,7 @@ Up to --max-ops copy operations of up to --buf-size bytes are in flight at once.
 Errors follow --on-source-error and --on-target-error: report (the default: stop with an error), ignore (retry the region later), stop or enospc (offline there is nobody to resume the job, so a stop ends it with an error too).
 A progress bar with the rate and the time left is shown on a terminal. With --json the result is printed as JSON.
 
-Live: with --control PATH [--export NAME] TARGET, the serve-nbd daemon behind PATH mirrors the export while its clients keep writing it. The job copies (copy phase), then is ready (the target is in step), and from then on every new write follows. It runs until blkrep job complete (pivot: the export serves TARGET from then on; --no-pivot: a consistent copy is left) or blkrep job cancel. The command starts it and prints its id (--json: the job's query object); --wait ready or --wait done follows it (a progress bar on a terminal) and exits once it is ready or has concluded. --sync bitmap:NAME names a bitmap of the export; with --bitmap-mode on-success (the default) it is cleared once the target is a consistent copy (at complete, or at the cancel of a ready job), never leaves it alone, always is refused. When the export's image is a file, the job's state and dirty bitmap are kept beside it (IMAGE.job-ID.json, IMAGE.job-ID.dirty): after a crash or a restart the daemon loads the job paused, and blkrep job resume copies only what is still dirty.
+Live: with --control PATH [--export NAME] TARGET, the serve-nbd daemon behind PATH mirrors the export (a relative path in TARGET, also in an NBD URI's socket=, is taken from the current directory) while its clients keep writing it. The job copies (copy phase), then is ready (the target is in step), and from then on every new write follows. It runs until blkrep job complete (pivot: the export serves TARGET from then on; --no-pivot: a consistent copy is left) or blkrep job cancel. The command starts it and prints its id (--json: the job's query object); --wait ready or --wait done follows it (a progress bar on a terminal) and exits once it is ready or has concluded. --sync bitmap:NAME names a bitmap of the export; with --bitmap-mode on-success (the default) it is cleared once the target is a consistent copy (at complete, or at the cancel of a ready job), never leaves it alone, always is refused. When the export's image is a file, the job's state and dirty bitmap are kept beside it (IMAGE.job-ID.json, IMAGE.job-ID.dirty): after a crash or a restart the daemon loads the job paused, and blkrep job resume copies only what is still dirty.
 Exit status: 0 done (live: started, or ready/done with --wait); 1 failure (ERR_TARGET_NOT_EMPTY; live: the job failed or was cancelled while waited for, ERR_JOB_EXISTS, ERR_JOB_ID, ERR_EXPORT_BUSY, the daemon not reachable); 2 usage error.`;
 
   static override examples = [
@@ -203,7 +204,8 @@ Exit status: 0 done (live: started, or ready/done with --wait); 1 failure (ERR_T
     const target = args.source;
     if (target === undefined) this.usageError('TARGET is required: the image or NBD URI to mirror the export onto');
     if (flags.format !== undefined) this.usageError('--format is the source image\'s: with --control the source is the export');
-    const start: Record<string, unknown> = { type: 'mirror', target };
+    // the daemon opens TARGET in its own directory: a relative path is the caller's
+    const start: Record<string, unknown> = { type: 'mirror', target: absoluteImageSpec(target) };
     if (flags.sync.startsWith('bitmap:')) {
       start.sync = 'bitmap';
       start.bitmap = flags.sync.slice('bitmap:'.length);

@@ -8,7 +8,7 @@ import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { EVENT_NAMES } from '../../src/cli/event-names.js';
-import { absolutePathsUri } from '../../src/cli/socket-uri.js';
+import { absoluteImageSpec, absolutePathsUri } from '../../src/cli/socket-uri.js';
 import { EVENT_SCHEMAS, OUTPUT_SCHEMAS } from '../../src/cli/output-schemas.js';
 import { BIN, REPO_ROOT, hasTool, makeTempDir, run, runCli, serve, unixUri, waitFor } from '../support/spawn.js';
 
@@ -105,6 +105,30 @@ describe('replicate URI with relative paths', () => {
     expect(r.code).toBe(0);
     expect(json<{ peer: string }>(r.stdout).peer).toBe(`nbd+unix:///?socket=${p('s.sock')}`);
     await waitFor(async () => json<{ exports: Array<{ pair?: { link: string } }> }>((await runCli(['status', '--control', p('pctl'), '--json'])).stdout).exports[0]?.pair?.link === 'connected', 'the pair link');
+  }, 120_000);
+});
+
+describe('live job targets with relative paths (the daemon opens them in its own directory)', () => {
+  it('absoluteImageSpec: a file path (raw: too) and an NBD URI\'s file paths made absolute; memory: and absolute paths as they were', () => {
+    expect(absoluteImageSpec('new.img', '/srv/x')).toBe('/srv/x/new.img');
+    expect(absoluteImageSpec('../new.img', '/srv/x')).toBe('/srv/new.img');
+    expect(absoluteImageSpec('raw:b/new.img', '/srv')).toBe('raw:/srv/b/new.img');
+    expect(absoluteImageSpec('nbd+unix:///d?socket=t.sock', '/srv')).toBe('nbd+unix:///d?socket=/srv/t.sock');
+    for (const same of ['/var/lib/new.img', 'raw:/var/new.img', 'memory:64M', 'nbd://host/disk']) expect(absoluteImageSpec(same, '/x')).toBe(same);
+  });
+
+  it('blkrep backup --control from another directory writes the TARGET the relative path names from there', async () => {
+    const dir = await makeTempDir();
+    const p = (f: string): string => join(dir, f);
+    await mkdir(p('sub'));
+    const data = Buffer.alloc(4 * MiB);
+    for (let i = 0; i < data.length; i += 4096) data[i] = (i >> 12) & 0xff;
+    await writeFile(p('p.img'), data);
+    await writeFile(p('t.img'), Buffer.alloc(4 * MiB));
+    await serve([p('p.img'), '--socket', p('p.sock'), '--control', p('pctl')]);
+    const r = await runCli(['backup', '--control', p('pctl'), '../t.img', '--wait', '--json'], { cwd: p('sub') });
+    expect(r.code, r.stderr).toBe(0);
+    expect(readFileSync(p('t.img')).equals(data)).toBe(true);
   }, 120_000);
 });
 
