@@ -12,7 +12,8 @@
 import { join } from 'node:path';
 import { readFile, stat, writeFile } from 'node:fs/promises';
 import { describe, expect, it } from 'vitest';
-import { makeTempDir, run, serve } from '../support/spawn.js';
+import { makeTempDir, run, serve, type Started } from '../support/spawn.js';
+import type { NbdClient } from '../../src/nbd/client.js';
 import { qemuCheck } from '../qcow2/helpers.js';
 import { openLink, writerClient } from './scripted-primary.js';
 
@@ -24,6 +25,33 @@ async function readView(dir: string, socket: string, tag: string): Promise<Buffe
   const r = await run('nbdcopy', [`nbd+unix:///view?socket=${socket}`, out]);
   expect(r.code, r.stderr).toBe(0);
   return readFile(out);
+}
+
+/**
+ * 4 KiB writes all over the disk, 32 at a time, and kill -9 of the secondary after the 200th
+ * reply; the writers stop at their first error. True when the kill was sent.
+ */
+async function writeUntilKilled(c: NbdClient, p: Started): Promise<boolean> {
+  let next = 0;
+  let replied = 0;
+  let killed = false;
+  const blocks = SIZE / 4096;
+  const writer = async (): Promise<void> => {
+    while (next < 1000) {
+      const b = (next++ * 409) % blocks;
+      try {
+        await c.write(b * 4096, Buffer.alloc(4096, 0x60 + (b % 32)));
+      } catch {
+        return;
+      }
+      if (++replied === 200 && !killed) {
+        killed = true;
+        p.child.kill('SIGKILL');
+      }
+    }
+  };
+  await Promise.all(Array.from({ length: 32 }, writer));
+  return killed;
 }
 
 describe.each(['strict', 'volatile'] as const)('secondary crash inside a checkpoint (kill -9 by the fault hook), hidden %s', (durability) => {
@@ -112,26 +140,7 @@ describe.each(['strict', 'volatile'] as const)('secondary crash inside a checkpo
     await c.flush();
     expect(await link.checkpoint(1)).toMatchObject({ type: 'done', epoch: 1 });
     // 4 KiB writes all over the disk, 32 at a time; the secondary is killed after the 200th reply
-    let next = 0;
-    let replied = 0;
-    let killed = false;
-    const blocks = SIZE / 4096;
-    const writer = async (): Promise<void> => {
-      while (next < 1000) {
-        const b = (next++ * 409) % blocks;
-        try {
-          await c.write(b * 4096, Buffer.alloc(4096, 0x60 + (b % 32)));
-        } catch {
-          return;
-        }
-        if (++replied === 200 && !killed) {
-          killed = true;
-          p.child.kill('SIGKILL');
-        }
-      }
-    };
-    await Promise.all(Array.from({ length: 32 }, writer));
-    expect(killed).toBe(true);
+    expect(await writeUntilKilled(c, p)).toBe(true);
     await p.waitExit();
     await c.close().catch(() => {});
     link.close();
@@ -174,26 +183,7 @@ describe.each(['strict', 'volatile'] as const)('secondary crash inside a checkpo
     const cp2 = Buffer.from(expected);
     expect((await readView(dir, socket, 'cp2')).equals(cp2)).toBe(true);
     // epoch 3: 4 KiB writes all over the disk, 32 at a time; killed after the 200th reply
-    let next = 0;
-    let replied = 0;
-    let killed = false;
-    const blocks = SIZE / 4096;
-    const writer = async (): Promise<void> => {
-      while (next < 1000) {
-        const b = (next++ * 409) % blocks;
-        try {
-          await c.write(b * 4096, Buffer.alloc(4096, 0x60 + (b % 32)));
-        } catch {
-          return;
-        }
-        if (++replied === 200 && !killed) {
-          killed = true;
-          p.child.kill('SIGKILL');
-        }
-      }
-    };
-    await Promise.all(Array.from({ length: 32 }, writer));
-    expect(killed).toBe(true);
+    expect(await writeUntilKilled(c, p)).toBe(true);
     await p.waitExit();
     await c.close().catch(() => {});
     link.close();
