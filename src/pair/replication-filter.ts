@@ -764,17 +764,21 @@ export class ReplicationFilter extends Filter {
   private forwardOne(item: Item): Promise<void> {
     const target = this.target;
     if (!target) return Promise.resolve();
-    item.sent = true;
-    let sent: Promise<void>;
-    try {
-      sent = this.request(target, item);
-    } catch (err) {
-      sent = Promise.reject(err);
-    }
+    const sent = this.call(target, item);
     return sent.then(
       () => this.forwarded(target, item),
       (err: unknown) => this.forwardFailed(target, item, err),
     );
+  }
+
+  /** mark the item sent and make the target's call (a throw becomes a rejection) */
+  private call(target: CompleteBlockNode, item: Item): Promise<void> {
+    item.sent = true;
+    try {
+      return this.request(target, item);
+    } catch (err) {
+      return Promise.reject(err);
+    }
   }
 
   /** the target's call for a forward */
@@ -813,13 +817,7 @@ export class ReplicationFilter extends Filter {
   private forwardThen(item: Item, then: () => void): void {
     const target = this.target;
     if (!target) return then();
-    item.sent = true;
-    let sent: Promise<void>;
-    try {
-      sent = this.request(target, item);
-    } catch (err) {
-      sent = Promise.reject(err);
-    }
+    const sent = this.call(target, item);
     sent.then(
       () => {
         this.forwarded(target, item);
