@@ -328,6 +328,9 @@ export class SecondaryRole implements PairRole {
   /** A checkpoint taken on the secondary itself (a plain primary, --accept-plain-primary). */
   checkpoint(): Promise<{ epoch: number }> {
     if (this.promoted) return Promise.reject(this.roleError('take a checkpoint as a secondary'));
+    if (this.failoverFailed) {
+      return Promise.reject(new BlkrepError('ERR_PAIR_STATE', `checkpoint refused: a failover of this secondary failed halfway (step ${this.failoverFailed.step}); finish it with blkrep failover --retry`));
+    }
     // A blkrep primary numbers the epochs: one taken here would make its next CHECKPOINT n look
     // committed already (n <= epoch, the lost-DONE retry) and leave the hidden disk unemptied.
     if (!this.o.acceptPlainPrimary || this.link?.isOpen) {

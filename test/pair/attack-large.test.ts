@@ -88,8 +88,10 @@ describe('attack: the largest requests through the pair', () => {
       s = await serve(sArgs);
       expect(await ev.next('resync-started')).toMatchObject({ full: false, bytes: SIZE });
       await ev.next('resync-done');
+      // the primary's checkpoint after a resync (replication.md §3), then one asked for
+      expect(await ev.next('checkpoint')).toMatchObject({ epoch: 3 });
       await ev.close();
-      expect((await controlRequest<{ epoch: number }>(pControl, 'checkpoint')).epoch).toBe(3);
+      expect((await controlRequest<{ epoch: number }>(pControl, 'checkpoint')).epoch).toBe(4);
       expect(sha(await readAll(unixUri(sSock, 'view')))).toBe(sha(expected));
       await c.close();
       expect(await p.stop()).toBe(0);
