@@ -191,7 +191,11 @@ export class SecondaryRole implements PairRole {
 
   static async start(ctx: PairContext, o: SecondaryOptions): Promise<SecondaryRole> {
     const diskPath = diskPathOf(ctx.image);
-    const state = await PairStateFile.open(pairStatePath(diskPath), () => initialState('secondary'));
+    const statePath = pairStatePath(diskPath);
+    const stateExisted = await access(statePath).then(() => true, () => false);
+    const state = await PairStateFile.open(statePath, () => initialState('secondary'));
+    /** the last run was this disk's secondary: its hidden disk may hold the restore point */
+    const wasSecondary = stateExisted && state.state.role === 'secondary';
     if (state.state.role !== 'secondary') {
       // the command line decides: an old primary comes back as a secondary for failback
       if (state.state.role === 'primary') ctx.log('warn', `${diskPath} was a primary${state.state.cleanShutdown ? '' : ' and did not stop cleanly'}; it starts as a secondary (--secondary)`);
@@ -210,7 +214,18 @@ export class SecondaryRole implements PairRole {
       await role.openOwnDirty(diskPath);
       role.salvaged = await listSalvage(diskPath);
       if (o.nodeName !== undefined && o.nodeName !== state.state.name) await state.update((s) => ({ ...s, name: o.nodeName! }));
-      await role.recover(lost ? `a host crash (boot id ${state.state.volatileHidden!.bootId} at the last start, ${boot?.id ?? `unreadable: ${boot?.error}`} now) lost the volatile hidden disk` : null);
+      // a hidden disk absent at start (deleted, a tmpfs that did not survive a reboot, --hidden
+      // naming another file than the last run's) was created empty: the disk may hold writes made
+      // after the last checkpoint whose old data was in the missing one. Not with a plain primary:
+      // there the disk at start is checkpoint 0 (no resync would ever clear the loss)
+      const hiddenGone = !lost && images.created.hidden && wasSecondary && !o.acceptPlainPrimary && noRestorePoint(state.state, true) === null;
+      await role.recover(
+        lost
+          ? `a host crash (boot id ${state.state.volatileHidden!.bootId} at the last start, ${boot?.id ?? `unreadable: ${boot?.error}`} now) lost the volatile hidden disk`
+          : hiddenGone
+            ? `the hidden disk ${images.hiddenPath} was absent at start (deleted, on a tmpfs that did not survive a reboot, or --hidden names another file than the last run's), so a new empty one was created`
+            : null,
+      );
       await role.recordVolatile(boot?.id ?? null);
       const fo = state.state.failingOver;
       if (fo) {

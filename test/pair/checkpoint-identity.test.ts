@@ -11,7 +11,7 @@
  * after the resync, and a forced failover went back to the secondary's data before the resync.
  */
 import { join } from 'node:path';
-import { readFile, writeFile } from 'node:fs/promises';
+import { readFile, rm, writeFile } from 'node:fs/promises';
 import { describe, expect, it } from 'vitest';
 import { NbdClient } from '../../src/nbd/client.js';
 import type { PairStatus } from '../../src/pair/role.js';
@@ -114,4 +114,48 @@ describe('checkpoint identity: the secondary\'s answer to a number it committed 
     // the status line names the epoch; the secondary took no checkpoint for the refused requests
     expect((await controlRequest<{ exports: Array<{ pair?: { epoch: number } }> }>(control, 'status')).exports[0]!.pair!.epoch).toBe(2);
   }, 60_000);
+});
+
+describe('a secondary restarted without its hidden disk', () => {
+  it('is Inconsistent with no restore point (failover refused) and takes a full resync: the missing hidden disk held CP_1\'s old data', async () => {
+    const dir = await makeTempDir();
+    const p = (f: string): string => join(dir, f);
+    const SIZE = 4 * MiB;
+    const pData = Buffer.alloc(SIZE, 0x42);
+    await writeFile(p('p.img'), pData);
+    await writeFile(p('s.img'), Buffer.alloc(SIZE));
+    const sArgs = [p('s.img'), '--secondary', '--socket', p('s.sock'), '--control', p('sctl')];
+    const pArgs = [p('p.img'), '--socket', p('p.sock'), '--control', p('pctl'), '--replicate-to', unixUri(p('s.sock'))];
+    let s = await serve(sArgs);
+    let primary = await serve(pArgs);
+    await waitFor(async () => ((await pairOf(p('pctl'))).epoch === 1 ? true : undefined), 'checkpoint 1 after the initial sync', { timeoutMs: 60_000 });
+    const c = await NbdClient.connect({ uri: unixUri(p('p.sock')), reconnect: false, closeTimeoutMs: 2000 });
+    await c.write(MiB, Buffer.alloc(MiB, 0x5a));
+    await c.flush();
+    await c.close();
+    pData.fill(0x5a, MiB, 2 * MiB);
+    expect(json<{ hiddenBytes: number }>((await runCli(['failover', '--control', p('sctl'), '--dry-run', '--json'])).stdout).hiddenBytes).toBe(MiB);
+    expect(await primary.stop()).toBe(0);
+    expect(await s.stop()).toBe(0);
+    await rm(p('s.img.hidden.qcow2'));
+
+    s = await serve(sArgs);
+    expect(s.stderr()).toContain(`the hidden disk ${p('s.img.hidden.qcow2')} was absent at start`);
+    const sec = await pairOf<PairStatus & { secondary: { noRestorePoint: string | null } }>(p('sctl'));
+    expect(sec).toMatchObject({ epoch: 1, diskState: 'Inconsistent' });
+    expect(sec.secondary.noRestorePoint).toMatch(/^the hidden disk .* was absent at start .*: the disk may hold writes made after checkpoint 1 whose old data is gone$/);
+    const dry = json<{ allowed: boolean; refusal: { code: string } }>((await runCli(['failover', '--control', p('sctl'), '--dry-run', '--json'])).stdout);
+    expect(dry).toMatchObject({ allowed: false, refusal: { code: 'ERR_PAIR_INCONSISTENT' } });
+
+    primary = await serve(pArgs);
+    const after = await waitFor(async () => {
+      const st = await pairOf(p('pctl'));
+      return st.epoch === 2 ? st : undefined;
+    }, 'checkpoint 2 after the resync', { timeoutMs: 60_000 });
+    expect((after as unknown as { lastResync: { full: boolean; bytes: number } }).lastResync).toMatchObject({ full: true, bytes: SIZE });
+    expect(await pairOf(p('sctl'))).toMatchObject({ epoch: 2, diskState: 'UpToDate' });
+    expect(await primary.stop()).toBe(0);
+    expect(await s.stop()).toBe(0);
+    expect((await readFile(p('s.img'))).equals(pData)).toBe(true);
+  }, 120_000);
 });
