@@ -51,7 +51,7 @@ export const PRIMARY_VERB_SPECS = {
     args: z.object({ export: exportArg }),
     result: '{export, epoch}',
     events: ['checkpoint', 'checkpoint-failed'],
-    errors: ['ERR_NO_EXPORT', 'ERR_PAIR_ROLE', 'ERR_PAIR_NO_CHECKPOINT', 'ERR_PAIR_LINK_DOWN', 'ERR_PAIR_TIMEOUT'],
+    errors: ['ERR_NO_EXPORT', 'ERR_PAIR_ROLE', 'ERR_PAIR_NO_CHECKPOINT', 'ERR_PAIR_LINK_DOWN', 'ERR_PAIR_TIMEOUT', 'ERR_PAIR_STATE'],
   },
   replicate: {
     name: 'replicate',
