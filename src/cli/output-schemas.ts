@@ -189,7 +189,7 @@ export const EVENT_SCHEMAS = {
     'a checkpoint was committed, with the step times of the node that publishes it (the primary: preflushMs, drainMs, flushMs, secondaryMs, heldMs, stateMs; the secondary: hold, flush, committing, empty, committed)',
   ),
   'restore-point-lost': ev('restore-point-lost', { export: z.string(), reason: z.string() }, 'a host crash lost the secondary\'s volatile hidden disk: Inconsistent until a full resync'),
-  'checkpoint-failed': ev('checkpoint-failed', { export: z.string(), n: int, ...errFields }, 'a checkpoint failed'),
+  'checkpoint-failed': ev('checkpoint-failed', { export: z.string(), n: int, ...errFields, epoch: int.optional() }, 'a checkpoint failed (on the secondary: `epoch`, the epoch it holds)'),
   'failover-started': ev('failover-started', { export: z.string(), role: z.literal('primary').optional(), to: z.string().optional(), epoch: int.optional(), retry: z.boolean().optional() }, 'a failover began'),
   'failover-done': ev('failover-done', { export: z.string(), role: z.literal('primary').optional(), to: z.string().optional(), epoch: int, bytes: bytes.optional(), ms: z.number() }, 'a failover finished'),
   'failover-failed': ev('failover-failed', { export: z.string(), to: z.string(), epoch: int, step: z.string(), ...errFields }, 'a failover failed at a step'),

@@ -14,7 +14,7 @@ export default class Checkpoint extends JobCommand {
 
 A primary replicating to a plain NBD server (qemu-nbd, nbdkit) has no checkpoints: ERR_PAIR_NO_CHECKPOINT. With the link down (degraded, resyncing): ERR_PAIR_LINK_DOWN. No answer from the secondary within 5 s: the checkpoint is aborted (epoch unchanged), ERR_PAIR_TIMEOUT.
 
-Exit status: 0 the checkpoint is committed on both; 1 failure (ERR_PAIR_NO_CHECKPOINT, ERR_PAIR_LINK_DOWN, ERR_PAIR_TIMEOUT, ERR_PAIR_ROLE: the export is in no pair or is a secondary (only a secondary started with --accept-plain-primary, with no blkrep primary on its pair link, takes its own), ERR_NO_EXPORT, ERR_CONTROL_UNREACHABLE), 2 usage error.`;
+Exit status: 0 the checkpoint is committed on both; 1 failure (ERR_PAIR_NO_CHECKPOINT, ERR_PAIR_LINK_DOWN, ERR_PAIR_TIMEOUT, ERR_PAIR_STATE: the secondary refused it (its disk Failed, a failover of it half done, or it holds this number from another request: the next checkpoint is numbered after its epoch), ERR_PAIR_ROLE: the export is in no pair or is a secondary (only a secondary started with --accept-plain-primary, with no blkrep primary on its pair link, takes its own), ERR_NO_EXPORT, ERR_CONTROL_UNREACHABLE), 2 usage error.`;
 
   static override examples = [
     { description: 'Take a checkpoint of the only export of the primary', command: '<%= config.bin %> <%= command.id %> --control /run/blkrep/ctl.sock' },

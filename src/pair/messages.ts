@@ -15,6 +15,10 @@
  *                       copy from this very primary at its current generation (state.ts
  *                       fullSyncFrom): a primary whose peer bitmap tracks that copy resumes it)
  *   P → S  checkpoint   checkpoint N (replication.md §2 steps 3–7); S answers done or failed
+ *                       (`id`: a nonce per request, `nodeId`: the primary's; S records both with
+ *                       the epoch, and answers "committed already" for N <= its epoch only to the
+ *                       same request, else failed ERR_PAIR_STATE with its `epoch`. Absent from
+ *                       older primaries: S then judges by the link's hello node id, see secondary.ts)
  *   P → S  abort        give up checkpoint N (timeout on P); S answers done (epoch unchanged)
  *   S → P  event        something the HA side must know (case 3/4 of the failure table)
  *   both   ping / pong  liveness on the link (heartbeat backend "link")
@@ -60,10 +64,10 @@ export type PairMessage =
   | ({ type: 'hello'; seq: number; version: number; exportName: string; size: number; protocol: 'sync' | 'async' } & NodeSummary)
   | ({ type: 'welcome'; re: number; version: number; size: number; ordered?: boolean } & NodeSummary & { decision: LinkDecision; dataToken?: string; resumeFull?: boolean })
   | { type: 'refuse'; re: number; code: string; message: string; decision?: LinkDecision }
-  | { type: 'checkpoint'; seq: number; n: number }
+  | { type: 'checkpoint'; seq: number; n: number; id?: string; nodeId?: string }
   | { type: 'abort'; seq: number; n: number }
   | { type: 'done'; re: number; n: number; epoch: number }
-  | { type: 'failed'; re: number; n: number; code: string; message: string }
+  | { type: 'failed'; re: number; n: number; code: string; message: string; epoch?: number }
   | { type: 'event'; name: string; fields: Record<string, unknown> }
   | { type: 'ping'; t: number }
   | { type: 'pong'; t: number }

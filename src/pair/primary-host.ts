@@ -51,7 +51,7 @@ export const PRIMARY_VERB_SPECS = {
     args: z.object({ export: exportArg }),
     result: '{export, epoch}',
     events: ['checkpoint', 'checkpoint-failed'],
-    errors: ['ERR_NO_EXPORT', 'ERR_PAIR_ROLE', 'ERR_PAIR_NO_CHECKPOINT', 'ERR_PAIR_LINK_DOWN', 'ERR_PAIR_TIMEOUT'],
+    errors: ['ERR_NO_EXPORT', 'ERR_PAIR_ROLE', 'ERR_PAIR_NO_CHECKPOINT', 'ERR_PAIR_LINK_DOWN', 'ERR_PAIR_TIMEOUT', 'ERR_PAIR_STATE'],
   },
   replicate: {
     name: 'replicate',
@@ -92,11 +92,31 @@ export interface PrimaryHostOptions {
 }
 
 export class PrimaryHost {
+  /** exports whose replicate is under way (export name → the URI), one at a time */
+  private readonly starting = new Map<string, string>();
+
   constructor(private readonly o: PrimaryHostOptions) {}
 
-  /** Start replicating an export (serve-nbd --replicate-to, the replicate verb). */
+  /**
+   * Start replicating an export (serve-nbd --replicate-to, the replicate verb). One at a time per
+   * export: a second one while the first starts would hand off the old role twice and attach a
+   * second replication filter (it failed with "the replication filter is degraded: detach it first").
+   */
   async replicate(spec: ReplicationSpec): Promise<PrimaryRole> {
     const name = this.exportName(spec.exportName);
+    const busy = this.starting.get(name);
+    if (busy !== undefined) {
+      throw new BlkrepError('ERR_PAIR_STATE', `export "${name}" is being put in a pair already (a replicate to ${busy} is under way): one at a time`, { errno: 'EINVAL', details: { export: name } });
+    }
+    this.starting.set(name, spec.uri);
+    try {
+      return await this.replicateNow(name, spec);
+    } finally {
+      this.starting.delete(name);
+    }
+  }
+
+  private async replicateNow(name: string, spec: ReplicationSpec): Promise<PrimaryRole> {
     const ex = this.o.exports.get(name)!;
     const existing = this.o.roles.get(name);
     // a role that is a primary no longer replicating (a stopped primary, a promoted secondary:

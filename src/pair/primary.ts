@@ -26,6 +26,7 @@
  * Failover on the primary: the secondary is gone — stop forwarding, keep serving, track (peer
  * bitmap), a new generation; `replicate` starts again.
  */
+import { randomBytes } from 'node:crypto';
 import { access, rm } from 'node:fs/promises';
 import { BlkrepError, toBlkrepError } from '../api/errors.js';
 import type { TransportRegistry } from '../api/transport.js';
@@ -114,6 +115,12 @@ export class PrimaryRole implements PairRole {
   private intervalTimer: NodeJS.Timeout | undefined;
   private connecting: Promise<void> | undefined;
   private checkpointing: Promise<{ epoch: number }> | undefined;
+  /**
+   * the epoch the secondary holds, as it last said (welcome, a checkpoint's answer, an abort's):
+   * checkpoint N is numbered after it and this node's epoch, so a secondary never meets a number
+   * it committed already (its epoch moved by other means, or a DONE was lost)
+   */
+  private peerEpoch = 0;
   private lastCheckpointAt: number | null = null;
   private freshBitmap = false;
   /**
@@ -331,6 +338,7 @@ export class PrimaryRole implements PairRole {
       // the peer's own marks (an old primary's peer bitmap and activity log): the resync copies the union
       else if (!full && answer.bitmapBytes > 0) await this.takePeerRuns(channel);
       this.peerKind = 'blkrep';
+      this.peerEpoch = Number.isSafeInteger(answer.epoch) && answer.epoch >= 0 ? answer.epoch : 0;
       ordered = answer.ordered === true;
     } catch (err) {
       const e = toBlkrepError(err);
@@ -582,20 +590,39 @@ export class PrimaryRole implements PairRole {
     if (this.link !== 'connected' || !channel) {
       throw new BlkrepError('ERR_PAIR_LINK_DOWN', `no checkpoint: the link to ${this.uri.uri} is ${this.link}`, { errno: 'EIO', details: { link: this.link } });
     }
-    const n = this.state.state.epoch + 1;
+    const n = Math.max(this.state.state.epoch, this.peerEpoch) + 1;
+    /** this request's id: the secondary answers "committed already" only to it (messages.ts) */
+    const id = randomBytes(8).toString('hex');
+    const heldBy = (e: unknown): void => {
+      if (typeof e === 'number' && Number.isSafeInteger(e) && e > this.peerEpoch) this.peerEpoch = e;
+    };
     const started = Date.now();
     const t0 = performance.now();
     let steps: { preflushMs: number; drainMs: number; flushMs: number; secondaryMs: number; heldMs: number; stateMs: number } | undefined;
     try {
       const cut = await filter.cut();
       const t1 = performance.now();
-      const answer = await channel.request<PairMessage>(asRequest({ type: 'checkpoint', n }), CHECKPOINT_TIMEOUT_MS).catch(async (err: unknown) => {
+      const answer = await channel.request<PairMessage>(asRequest({ type: 'checkpoint', n, id, nodeId: this.state.state.nodeId }), CHECKPOINT_TIMEOUT_MS).catch(async (err: unknown) => {
         const e = toBlkrepError(err);
-        if (e.code === 'ERR_PAIR_TIMEOUT' && channel.isOpen) await channel.request(asRequest({ type: 'abort', n }), CHECKPOINT_TIMEOUT_MS).catch(() => {});
+        // the abort's answer says the epoch the secondary holds (n when checkpoint n went through there after all)
+        if (e.code === 'ERR_PAIR_TIMEOUT' && channel.isOpen) {
+          const held = await channel.request<PairMessage>(asRequest({ type: 'abort', n }), CHECKPOINT_TIMEOUT_MS).catch(() => undefined);
+          if (held?.type === 'done') heldBy(held.epoch);
+        }
         throw e;
       });
-      if (answer.type === 'failed') throw new BlkrepError(answer.code, `the secondary failed checkpoint ${n}: ${answer.message}`, { details: { n } });
+      if (answer.type === 'failed') {
+        heldBy(answer.epoch);
+        throw new BlkrepError(answer.code, `the secondary failed checkpoint ${n}: ${answer.message}`, { details: { n } });
+      }
       if (answer.type !== 'done' || answer.n !== n) throw new BlkrepError('ERR_PAIR_PROTOCOL', `the secondary answered checkpoint ${n} with ${JSON.stringify(answer).slice(0, 120)}`);
+      // an older secondary answers a number it holds already with DONE and its epoch, without
+      // emptying its overlays: that is no checkpoint of this cut
+      if (answer.epoch !== n) {
+        heldBy(answer.epoch);
+        throw new BlkrepError('ERR_PAIR_STATE', `the secondary answered checkpoint ${n} with "committed already" at epoch ${answer.epoch}: it took no checkpoint of this cut (the next is numbered after ${answer.epoch})`, { details: { n, epoch: answer.epoch } });
+      }
+      this.peerEpoch = n;
       // the secondary holds CP_N: held writes go on now, not after our own state write (a crash
       // before that write leaves epoch N-1 here whether or not writes went on meanwhile)
       filter.release();

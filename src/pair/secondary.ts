@@ -191,7 +191,11 @@ export class SecondaryRole implements PairRole {
 
   static async start(ctx: PairContext, o: SecondaryOptions): Promise<SecondaryRole> {
     const diskPath = diskPathOf(ctx.image);
-    const state = await PairStateFile.open(pairStatePath(diskPath), () => initialState('secondary'));
+    const statePath = pairStatePath(diskPath);
+    const stateExisted = await access(statePath).then(() => true, () => false);
+    const state = await PairStateFile.open(statePath, () => initialState('secondary'));
+    /** the last run was this disk's secondary: its hidden disk may hold the restore point */
+    const wasSecondary = stateExisted && state.state.role === 'secondary';
     if (state.state.role !== 'secondary') {
       // the command line decides: an old primary comes back as a secondary for failback
       if (state.state.role === 'primary') ctx.log('warn', `${diskPath} was a primary${state.state.cleanShutdown ? '' : ' and did not stop cleanly'}; it starts as a secondary (--secondary)`);
@@ -210,7 +214,18 @@ export class SecondaryRole implements PairRole {
       await role.openOwnDirty(diskPath);
       role.salvaged = await listSalvage(diskPath);
       if (o.nodeName !== undefined && o.nodeName !== state.state.name) await state.update((s) => ({ ...s, name: o.nodeName! }));
-      await role.recover(lost ? `a host crash (boot id ${state.state.volatileHidden!.bootId} at the last start, ${boot?.id ?? `unreadable: ${boot?.error}`} now) lost the volatile hidden disk` : null);
+      // a hidden disk absent at start (deleted, a tmpfs that did not survive a reboot, --hidden
+      // naming another file than the last run's) was created empty: the disk may hold writes made
+      // after the last checkpoint whose old data was in the missing one. Not with a plain primary:
+      // there the disk at start is checkpoint 0 (no resync would ever clear the loss)
+      const hiddenGone = !lost && images.created.hidden && wasSecondary && !o.acceptPlainPrimary && noRestorePoint(state.state, true) === null;
+      await role.recover(
+        lost
+          ? `a host crash (boot id ${state.state.volatileHidden!.bootId} at the last start, ${boot?.id ?? `unreadable: ${boot?.error}`} now) lost the volatile hidden disk`
+          : hiddenGone
+            ? `the hidden disk ${images.hiddenPath} was absent at start (deleted, on a tmpfs that did not survive a reboot, or --hidden names another file than the last run's), so a new empty one was created`
+            : null,
+      );
       await role.recordVolatile(boot?.id ?? null);
       const fo = state.state.failingOver;
       if (fo) {
@@ -337,7 +352,7 @@ export class SecondaryRole implements PairRole {
       const where = this.link?.isOpen ? 'a blkrep primary holds the pair link; ' : '';
       return Promise.reject(new BlkrepError('ERR_PAIR_ROLE', `checkpoint: export "${this.ctx.exportName}" is a secondary: ${where}checkpoints are driven from the primary (blkrep checkpoint --control PRIMARY); a secondary takes its own only for a plain primary (serve-nbd --accept-plain-primary)`, { errno: 'EINVAL' }));
     }
-    return this.serial(async () => ({ epoch: await this.applyCheckpoint(this.state.state.epoch + 1) }));
+    return this.serial(async () => ({ epoch: await this.applyCheckpoint(this.state.state.epoch + 1, null) }));
   }
 
   async failover(o: FailoverOptions): Promise<FailoverResult> {
@@ -444,7 +459,11 @@ export class SecondaryRole implements PairRole {
         return this.onHello(m, ch);
       case 'checkpoint':
         if (ch !== this.link) return this.answerFailed(ch, m.seq, m.n, new BlkrepError('ERR_PAIR_PROTOCOL', 'checkpoint before a welcomed hello'));
-        void this.serial(() => this.applyCheckpoint(m.n)).then(
+        if (m.id !== undefined && (typeof m.id !== 'string' || m.id === '' || m.id.length > 64)) return this.answerFailed(ch, m.seq, m.n, new BlkrepError('ERR_PAIR_PROTOCOL', `checkpoint ${m.n}: bad id ${JSON.stringify(m.id).slice(0, 80)}`));
+        if (m.nodeId !== undefined && m.nodeId !== this.peerHello?.nodeId) {
+          return this.answerFailed(ch, m.seq, m.n, new BlkrepError('ERR_PAIR_PROTOCOL', `checkpoint ${m.n} names node ${JSON.stringify(m.nodeId).slice(0, 80)}, but the link's hello came from ${this.peerHello?.nodeId}`));
+        }
+        void this.serial(() => this.applyCheckpoint(m.n, { nodeId: this.peerHello!.nodeId, id: m.id ?? null })).then(
           (epoch) => ch.isOpen && ch.send({ type: 'done', re: m.seq, n: m.n, epoch }),
           (err: unknown) => this.answerFailed(ch, m.seq, m.n, toBlkrepError(err)),
         );
@@ -468,9 +487,11 @@ export class SecondaryRole implements PairRole {
     }
   }
 
+  /** `epoch`: the epoch this secondary holds, so a primary numbers its next checkpoint after it */
   private answerFailed(ch: PairChannel, re: number, n: number, e: BlkrepError): void {
-    this.ctx.publish('checkpoint-failed', { export: this.ctx.exportName, n, code: e.code, message: e.message });
-    if (ch.isOpen) ch.send({ type: 'failed', re, n, code: e.code, message: e.message });
+    const epoch = this.state.state.epoch;
+    this.ctx.publish('checkpoint-failed', { export: this.ctx.exportName, n, code: e.code, message: e.message, epoch });
+    if (ch.isOpen) ch.send({ type: 'failed', re, n, code: e.code, message: e.message, epoch });
   }
 
   private summary(): NodeSummary {
@@ -747,18 +768,33 @@ export class SecondaryRole implements PairRole {
       if (moot()) return;
       void this.serial(async () => {
         if (moot()) return;
-        await this.applyCheckpoint(n);
+        await this.applyCheckpoint(n, this.state.state.checkpointBy ?? null);
       }).catch((err: unknown) => this.ctx.log('warn', `checkpoint ${n}: step 6 (emptying the overlays) failed again: ${(err as Error).message}; replica writes stay held, retrying`));
     }, this.redoDelay);
     this.redoTimer.unref?.();
   }
 
-  /** Steps 4–7 of checkpoint n (replication.md §2). Resolves with the committed epoch. */
-  private async applyCheckpoint(n: number): Promise<number> {
+  /**
+   * Steps 4–7 of checkpoint n (replication.md §2). Resolves with the committed epoch. `by`: the
+   * primary's request (its node id from the link's hello, the request's id; null: taken here).
+   */
+  private async applyCheckpoint(n: number, by: { nodeId: string; id: string | null } | null): Promise<number> {
     if (this.promoted) throw this.roleError('take a checkpoint as a secondary');
     const epoch = this.state.state.epoch;
     if (!Number.isSafeInteger(n) || n < 1) throw new BlkrepError('ERR_PAIR_PROTOCOL', `checkpoint number ${n} is not a positive integer`);
-    if (n <= epoch) return epoch; // committed already: a retry whose DONE was lost
+    if (n <= epoch) {
+      // committed already — only for the request that committed it (a retry whose DONE was lost).
+      // Any other: the overlays hold CP_epoch and the writes since, and answering DONE without
+      // emptying them would make the primary count a checkpoint no failover can give back.
+      const rec = this.state.state.checkpointBy ?? null;
+      if (by && n === epoch && rec && rec.nodeId === by.nodeId && rec.id === by.id) return epoch;
+      const whose = rec ? `by ${rec.id !== null ? `checkpoint request ${rec.id} of` : 'a checkpoint request (without id) of'} node ${rec.nodeId}` : 'by no request of a blkrep primary (checkpoints taken here for a plain primary, or a pair state from before requests were recorded)';
+      throw new BlkrepError(
+        'ERR_PAIR_STATE',
+        `checkpoint ${n} refused: this secondary holds epoch ${epoch}, committed ${whose}, not by this request (${by ? `node ${by.nodeId}, ${by.id !== null ? `id ${by.id}` : 'no id'}` : 'taken here'}); answering "committed already" would leave its overlays holding CP_${epoch} while the primary counts checkpoint ${n} as taken now. A primary numbers its next checkpoint after epoch ${epoch} (an older blkrep primary does not: upgrade it)`,
+        { details: { n, epoch } },
+      );
+    }
     if (this.failoverFailed) throw new BlkrepError('ERR_PAIR_STATE', `checkpoint ${n} refused: a failover of this secondary failed halfway (step ${this.failoverFailed.step}); finish it with blkrep failover --retry`);
     if (this.state.state.diskState === 'Failed') {
       throw new BlkrepError('ERR_PAIR_STATE', `checkpoint ${n} refused: the secondary's disk has Failed (${this.failedReason ?? 'a write failed'}); epoch stays ${epoch}`);
@@ -789,7 +825,7 @@ export class SecondaryRole implements PairRole {
       // then changes nothing, so a crash before step 7 leaves epoch n-1 over the same bytes (with
       // copy-before-write on, no write came this epoch; without it there is no restore point)
       const emptyAlready = images.hidden.mapsNothing && images.active.mapsNothing;
-      if (!emptyAlready) await this.state.update((s) => ({ ...s, committing: n }));
+      if (!emptyAlready) await this.state.update((s) => ({ ...s, committing: n, checkpointBy: by }));
       lap('committing');
       crashPoint('checkpoint-step-5');
       // step 6: reset the CBW bits, empty active, then hidden
@@ -809,7 +845,7 @@ export class SecondaryRole implements PairRole {
       // (after a lost restore point the hello forced that resync to be full: the disk is CP_n, a restore point again)
       // as the primary has them after this checkpoint: its bitmap GI moved into history (finishResyncAsTarget)
       const gi = this.peerHello?.gi ? finishResyncAsTarget(this.peerHello.gi) : undefined;
-      await this.state.update((s) => ({ ...s, epoch: n, committing: null, ...(gi && this.link ? { gi, diskState: 'UpToDate' as const, restorePointLost: null, fullSyncFrom: null } : {}) }));
+      await this.state.update((s) => ({ ...s, epoch: n, committing: null, checkpointBy: by, ...(gi && this.link ? { gi, diskState: 'UpToDate' as const, restorePointLost: null, fullSyncFrom: null } : {}) }));
       if (gi && this.link) this.failedReason = null;
       this.refreshBypass();
       lap('committed');

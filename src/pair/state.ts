@@ -68,6 +68,14 @@ export interface PairState {
    * Absent or null = none.
    */
   fullSyncTo?: string | null;
+  /**
+   * a secondary: the primary's checkpoint request that made `committing` (when set) or `epoch`:
+   * the primary's node id and the request's id (null: an older primary's request, which carries
+   * none). Its "committed already" answer (checkpoint N <= epoch) is given only to that request
+   * again. Absent or null: no primary's request (a checkpoint taken here for a plain primary, or
+   * a state from before this field): no request matches.
+   */
+  checkpointBy?: { nodeId: string; id: string | null } | null;
 }
 
 const ROLES = ['primary', 'secondary', 'none'];
@@ -102,6 +110,10 @@ export function validateState(v: unknown, path: string): PairState {
     throw bad(`has fullSyncFrom ${JSON.stringify(fsf)}, not {nodeId: "…", gen: "…"}`);
   }
   if (s.fullSyncTo !== undefined && s.fullSyncTo !== null && (typeof s.fullSyncTo !== 'string' || s.fullSyncTo === '')) throw bad(`has fullSyncTo ${JSON.stringify(s.fullSyncTo)}, not a node id`);
+  const cb = s.checkpointBy;
+  if (cb !== undefined && cb !== null && (typeof cb !== 'object' || typeof cb.nodeId !== 'string' || cb.nodeId === '' || (cb.id !== null && (typeof cb.id !== 'string' || cb.id === '')))) {
+    throw bad(`has checkpointBy ${JSON.stringify(cb)}, not {nodeId: "…", id: "…" or null}`);
+  }
   checkTuple(s.gi, `the pair state ${path}`, 'ERR_PAIR_STATE');
   return s as PairState;
 }

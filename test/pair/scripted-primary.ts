@@ -24,6 +24,8 @@ export interface LinkOptions {
   gi?: GenerationTuple;
   protocol?: 'sync' | 'async';
   role?: 'primary' | 'secondary';
+  /** the primary's node id (default: a new one per link) */
+  nodeId?: string;
 }
 
 export interface ScriptedPrimary {
@@ -31,7 +33,10 @@ export interface ScriptedPrimary {
   answer: PairMessage;
   /** one-way messages the secondary sent (event, demote, …) */
   received: PairMessage[];
-  checkpoint(n: number, timeoutMs?: number): Promise<PairMessage>;
+  /** the hello's node id */
+  nodeId: string;
+  /** CHECKPOINT n; `id`/`nodeId`: the request's identity as a primary of this version sends it (absent: an older primary's) */
+  checkpoint(n: number, timeoutMs?: number, who?: { id?: string; nodeId?: string }): Promise<PairMessage>;
   close(): void;
 }
 
@@ -40,6 +45,7 @@ export async function openLink(socket: string, o: LinkOptions): Promise<Scripted
   const exportName = o.exportName ?? '';
   const opened = await openExtension(await connectUnix(socket), OPT_BLKREP_PAIR_LINK, Buffer.from(JSON.stringify({ exportName })));
   const received: PairMessage[] = [];
+  const nodeId = o.nodeId ?? randomUUID();
   const channel = new PairChannel(opened.connection.stream, socket, (m) => received.push(m), opened.rest);
   const answer = await channel.request<PairMessage>(
     {
@@ -48,7 +54,7 @@ export async function openLink(socket: string, o: LinkOptions): Promise<Scripted
       exportName,
       size: o.size,
       protocol: o.protocol ?? 'sync',
-      nodeId: randomUUID(),
+      nodeId,
       role: o.role ?? 'primary',
       gi: o.gi ?? freshTuple(),
       epoch: 0,
@@ -62,7 +68,8 @@ export async function openLink(socket: string, o: LinkOptions): Promise<Scripted
     channel,
     answer,
     received,
-    checkpoint: (n, timeoutMs = 10_000) => channel.request<PairMessage>({ type: 'checkpoint', n }, timeoutMs),
+    nodeId,
+    checkpoint: (n, timeoutMs = 10_000, who = {}) => channel.request<PairMessage>({ type: 'checkpoint', n, ...who }, timeoutMs),
     close: () => channel.close(),
   };
 }

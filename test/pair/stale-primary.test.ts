@@ -120,7 +120,7 @@ describe('the replica export\'s writer token (a stale primary never writes)', ()
     );
     expect(refused).toMatchObject({ code: 'ERR_NBD_HANDSHAKE' });
     expect(refused!.message).toBe(
-      `the NBD server refused export "@pair-token=${token}" with ERR_POLICY: stale pair token for export "": the pair link from unix closed (pair link to unix closed by the peer); a primary writes the replica only with the token of its current pair link`,
+      `the NBD server refused export "@pair-token=${token}" with ERR_POLICY: stale pair token for export "": the pair link from unix:${sSock} closed (pair link to unix:${sSock} closed by the peer); a primary writes the replica only with the token of its current pair link`,
     );
     expect((await readFile(sDisk)).equals(expected)).toBe(true);
 

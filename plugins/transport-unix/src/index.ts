@@ -240,7 +240,8 @@ class UnixTransport implements Transport {
     const path = checkPath(address);
     const absolute = resolvePath(path);
     const onSocket = (socket: net.Socket): void => {
-      options.onConnection({ stream: socket, peer: 'unix' });
+      // the listening socket's path: a Unix client has no address of its own (status: the secondary's peer)
+      options.onConnection({ stream: socket, peer: `unix:${absolute}` });
     };
     let server: net.Server;
     try {
