@@ -8,7 +8,7 @@ import type { ImageFormat } from '../block/open.js';
 import { filterFlag, openImageWithFilters, parseFilters } from '../cli/image.js';
 import type { Progress } from '../cli/progress.js';
 import { ERROR_POLICIES, type ErrorPolicy, type JobEvent } from '../jobs/job.js';
-import { BITMAP_MODES, COPY_MODES, DEFAULT_BUF_SIZE, DEFAULT_MAX_OPS, MirrorJob, type BitmapMode, type CopyMode, type MirrorSync } from '../jobs/mirror.js';
+import { BITMAP_MODES, COPY_MODES, DEFAULT_BUF_SIZE, DEFAULT_MAX_OPS, MirrorJob, type BitmapMode, type CopyMode, type MirrorMark, type MirrorSync } from '../jobs/mirror.js';
 import { checkTargetEmpty } from '../jobs/target-check.js';
 import { createTarget } from '../cli/create-target.js';
 import { formatSize } from '../util/size.js';
@@ -36,6 +36,30 @@ export interface MirrorResult {
   errors: Array<{ side: string; operation: string; errno: string; action: string; offset: number; length: number; message: string }>;
   /** sync=bitmap: how the bitmap file loaded */
   bitmapLoad?: string;
+}
+
+function mark(): MirrorMark {
+  const c = process.cpuUsage();
+  return { at: performance.now(), cpuUs: c.user + c.system };
+}
+
+/**
+ * BLKREP_BENCH_PHASES=1 (bench/mirror): an offline mirror writes one line to stderr,
+ * `blkrep-phases {...}`: for each moment, the ms since the process started (performance.now())
+ * and the CPU ms the process used so far — run (the command starts: node and the modules
+ * loaded), job (the images open: the job starts), copying (the scan done), flush (the first
+ * consistency point's flush issued: everything copied), ready (that flush done), concluded,
+ * closed (the images closed). Not part of the command's output.
+ */
+function benchPhases(): boolean {
+  const v = process.env.BLKREP_BENCH_PHASES;
+  return v !== undefined && v !== '' && v !== '0';
+}
+
+/** BLKREP_NO_SEND_BATCHING=1: the target's requests one socket write each (bench/mirror compares the two). */
+function sendBatchingDisabled(): boolean {
+  const v = process.env.BLKREP_NO_SEND_BATCHING;
+  return v !== undefined && v !== '' && v !== '0';
 }
 
 export default class Mirror extends BlkrepCommand {
@@ -104,7 +128,11 @@ Exit status: 0 done (live: started, or ready/done with --wait); 1 failure (ERR_T
     timeout: Flags.integer({ description: 'live: give up on the daemon (or the --wait) after this many seconds', min: 1, helpValue: 'SECONDS' }),
   };
 
+  /** the moments of the phase split (BLKREP_BENCH_PHASES) */
+  private readonly marks: Record<string, MirrorMark | undefined> = {};
+
   async run(): Promise<MirrorResult | JobQuery> {
+    this.marks.run = mark();
     const { args, flags } = await this.parse(Mirror, withBareWait(this.argv));
     if (flags.control !== undefined) {
       for (const f of ['filter', 'target-filter'] as const) if (flags[f] !== undefined) this.usageError(`--${f} is for an offline mirror: a live mirror's source is the export (give serve-nbd --filter)`);
@@ -158,7 +186,13 @@ Exit status: 0 done (live: started, or ready/done with --wait); 1 failure (ERR_T
       ...(flags.format ? { format: flags.format as ImageFormat } : {}),
       nbd: { connections: flags.connections },
     }, flags.filter);
-    const targetOpening = open(targetSpec, false, flags['target-format'], flags['target-filter']);
+    // the target's requests of one turn of the event loop go out in one socket write
+    // (NbdClientOptions.batchSends; BLKREP_NO_SEND_BATCHING=1: one write per request)
+    const targetOpening = openImageWithFilters(targetSpec, {
+      readOnly: false,
+      ...(flags['target-format'] ? { format: flags['target-format'] as ImageFormat } : {}),
+      nbd: { connections: flags.connections, batchSends: !sendBatchingDisabled() },
+    }, flags['target-filter']);
     const bitmapOpening =
       bitmapPath === undefined ? Promise.resolve(undefined) : sourceOpening.then((s) => PersistentBitmap.open(bitmapPath, { size: s.size, readOnly: bitmapMode === 'never' }));
     const [sourceR, targetR, bitmapR] = await Promise.allSettled([sourceOpening, targetOpening, bitmapOpening]);
@@ -188,6 +222,13 @@ Exit status: 0 done (live: started, or ready/done with --wait); 1 failure (ERR_T
       if (bitmap && !bitmap.readOnly) await bitmap.flush();
     } finally {
       await closeAll();
+    }
+    this.marks.closed = mark();
+    if (benchPhases()) {
+      const out: Record<string, { ms: number; cpuMs: number }> = {};
+      const ms = Object.entries(this.marks).filter((e): e is [string, MirrorMark] => e[1] !== undefined).sort((a, b) => a[1].at - b[1].at);
+      for (const [k, m] of ms) out[k] = { ms: Math.round(m.at), cpuMs: Math.round(m.cpuUs / 1000) };
+      process.stderr.write(`blkrep-phases ${JSON.stringify(out)}\n`);
     }
     if (!this.jsonEnabled()) {
       this.log(`Mirrored ${formatSize(result.bytes)} of ${formatSize(result.size)} in ${result.seconds.toFixed(1)} s (${formatSize(Math.round(result.rate))}/s).`);
@@ -336,10 +377,17 @@ Exit status: 0 done (live: started, or ready/done with --wait); 1 failure (ERR_T
     try {
       // offline nothing writes the source: complete (no pivot) as soon as the target has caught up
       job.on('status-change', (e: Extract<JobEvent, { event: 'status-change' }>) => {
-        if (e.status === 'ready') setImmediate(() => void job.complete({ pivot: false }).catch(() => {}));
+        if (e.status === 'ready') {
+          this.marks.ready ??= mark();
+          setImmediate(() => void job.complete({ pivot: false }).catch(() => {}));
+        }
       });
+      this.marks.job = mark();
       job.start();
       await job.whenConcluded();
+      this.marks.concluded = mark();
+      this.marks.copying = job.marks.copying;
+      this.marks.flush = job.marks.pointIssued;
     } finally {
       clearInterval(ticker);
       bar?.stop();
