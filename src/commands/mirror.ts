@@ -1,4 +1,5 @@
 import { Args, Flags } from '@oclif/core';
+import { setFlagsFromString } from 'node:v8';
 import type { BlockNode } from '../api/block.js';
 import { BlkrepError } from '../api/errors.js';
 import { PersistentBitmap } from '../bitmap/persistent.js';
@@ -56,10 +57,24 @@ function benchPhases(): boolean {
   return v !== undefined && v !== '' && v !== '0';
 }
 
-/** BLKREP_NO_SEND_BATCHING=1: the target's requests one socket write each (bench/mirror compares the two). */
-function sendBatchingDisabled(): boolean {
-  const v = process.env.BLKREP_NO_SEND_BATCHING;
-  return v !== undefined && v !== '' && v !== '0';
+/**
+ * An offline mirror runs without V8's optimizing compiler (TurboFan): its CPU goes to the
+ * kernel's copies (the source's reads, the socket's writes), and the JavaScript per copy
+ * operation runs as well in the baseline tiers, while TurboFan compiled ~100 functions during a
+ * 1 GiB copy, on threads whose CPU the process pays (perf: ~18 % of the CLI's samples in
+ * v8::internal::compiler). Measured (loaded machine, 1 GiB dense raw → nbdkit, A/B pairs): the
+ * CLI's CPU 2179/1930/1710/1609 → 1990/1670/1510/1520 ms; in process (bench/copy-ops dense, 4
+ * rounds) the first round 1387 → 1023 ms and the later rounds within the spread (1084-1225 against
+ * 1044-1266). Set when the command runs (V8 reads the flag at each tiering decision), so only this
+ * process; BLKREP_TURBOFAN=1 keeps the compiler (bench/mirror's `blkrep turbofan` row). The
+ * returned function sets it back once the images are closed: V8's code caches carry a hash of
+ * the flags, and the ones bin/run.js writes at exit must match the flags the next start has.
+ */
+function withoutTurbofan(): () => void {
+  const v = process.env.BLKREP_TURBOFAN;
+  if (v !== undefined && v !== '' && v !== '0') return () => {};
+  setFlagsFromString('--no-opt');
+  return () => setFlagsFromString('--opt');
 }
 
 export default class Mirror extends BlkrepCommand {
@@ -186,13 +201,7 @@ Exit status: 0 done (live: started, or ready/done with --wait); 1 failure (ERR_T
       ...(flags.format ? { format: flags.format as ImageFormat } : {}),
       nbd: { connections: flags.connections },
     }, flags.filter);
-    // the target's requests of one turn of the event loop go out in one socket write
-    // (NbdClientOptions.batchSends; BLKREP_NO_SEND_BATCHING=1: one write per request)
-    const targetOpening = openImageWithFilters(targetSpec, {
-      readOnly: false,
-      ...(flags['target-format'] ? { format: flags['target-format'] as ImageFormat } : {}),
-      nbd: { connections: flags.connections, batchSends: !sendBatchingDisabled() },
-    }, flags['target-filter']);
+    const targetOpening = open(targetSpec, false, flags['target-format'], flags['target-filter']);
     const bitmapOpening =
       bitmapPath === undefined ? Promise.resolve(undefined) : sourceOpening.then((s) => PersistentBitmap.open(bitmapPath, { size: s.size, readOnly: bitmapMode === 'never' }));
     const [sourceR, targetR, bitmapR] = await Promise.allSettled([sourceOpening, targetOpening, bitmapOpening]);
@@ -203,6 +212,7 @@ Exit status: 0 done (live: started, or ready/done with --wait); 1 failure (ERR_T
     const closeAll = async (): Promise<void> => {
       for (const c of closers.reverse()) await c().catch(() => {});
     };
+    const restoreTurbofan = withoutTurbofan();
     let result: MirrorResult;
     try {
       // the first failure in the order they were opened before: source, target, bitmap
@@ -222,6 +232,7 @@ Exit status: 0 done (live: started, or ready/done with --wait); 1 failure (ERR_T
       if (bitmap && !bitmap.readOnly) await bitmap.flush();
     } finally {
       await closeAll();
+      restoreTurbofan();
     }
     this.marks.closed = mark();
     if (benchPhases()) {
