@@ -9,7 +9,7 @@ import type { ImageFormat } from '../block/open.js';
 import { filterFlag, openImageWithFilters, parseFilters } from '../cli/image.js';
 import type { Progress } from '../cli/progress.js';
 import { ERROR_POLICIES, type ErrorPolicy, type JobEvent } from '../jobs/job.js';
-import { BITMAP_MODES, COPY_MODES, DEFAULT_BUF_SIZE, DEFAULT_MAX_OPS, MirrorJob, type BitmapMode, type CopyMode, type MirrorMark, type MirrorSync } from '../jobs/mirror.js';
+import { BITMAP_MODES, COPY_MODES, DEFAULT_BUF_SIZE, DEFAULT_MAX_OPS, MirrorJob, mirrorMark as mark, type BitmapMode, type CopyMode, type MirrorMark, type MirrorSync } from '../jobs/mirror.js';
 import { checkTargetEmpty } from '../jobs/target-check.js';
 import { createTarget } from '../cli/create-target.js';
 import { formatSize } from '../util/size.js';
@@ -37,11 +37,6 @@ export interface MirrorResult {
   errors: Array<{ side: string; operation: string; errno: string; action: string; offset: number; length: number; message: string }>;
   /** sync=bitmap: how the bitmap file loaded */
   bitmapLoad?: string;
-}
-
-function mark(): MirrorMark {
-  const c = process.cpuUsage();
-  return { at: performance.now(), cpuUs: c.user + c.system };
 }
 
 /**

@@ -171,7 +171,7 @@ export interface MirrorMark {
   cpuUs: number;
 }
 
-function mark(): MirrorMark {
+export function mirrorMark(): MirrorMark {
   const c = process.cpuUsage();
   return { at: performance.now(), cpuUs: c.user + c.system };
 }
@@ -450,7 +450,7 @@ export class MirrorJob extends Job {
     this.phase.to('scanning');
     await this.initDirty();
     if (this.phase.is('scanning')) this.phase.to('copying');
-    this.marks.copying = mark();
+    this.marks.copying = mirrorMark();
     this.updateProgress();
     const done = new Promise<void>((resolve, reject) => (this.finishFns = { resolve, reject }));
     this.armLag();
@@ -633,7 +633,7 @@ export class MirrorJob extends Job {
   private startFlush(final: boolean, point = true): void {
     // a flush issued while granules are dirty proves nothing about `changed`
     if (point) this.changed = false;
-    if (point && !this.marks.pointIssued) this.marks.pointIssued = mark();
+    if (point && !this.marks.pointIssued) this.marks.pointIssued = mirrorMark();
     this.lastFlushIssue = this.clock.now();
     this.dataBytesAtFlush = this.io.counters.dataBytes;
     const issuedAt = this.lastFlushIssue;
