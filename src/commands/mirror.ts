@@ -1,4 +1,5 @@
 import { Args, Flags } from '@oclif/core';
+import { setFlagsFromString } from 'node:v8';
 import type { BlockNode } from '../api/block.js';
 import { BlkrepError } from '../api/errors.js';
 import { PersistentBitmap } from '../bitmap/persistent.js';
@@ -8,7 +9,7 @@ import type { ImageFormat } from '../block/open.js';
 import { filterFlag, openImageWithFilters, parseFilters } from '../cli/image.js';
 import type { Progress } from '../cli/progress.js';
 import { ERROR_POLICIES, type ErrorPolicy, type JobEvent } from '../jobs/job.js';
-import { BITMAP_MODES, COPY_MODES, DEFAULT_BUF_SIZE, DEFAULT_MAX_OPS, MirrorJob, type BitmapMode, type CopyMode, type MirrorSync } from '../jobs/mirror.js';
+import { BITMAP_MODES, COPY_MODES, DEFAULT_BUF_SIZE, DEFAULT_MAX_OPS, MirrorJob, mirrorMark as mark, type BitmapMode, type CopyMode, type MirrorMark, type MirrorSync } from '../jobs/mirror.js';
 import { checkTargetEmpty } from '../jobs/target-check.js';
 import { createTarget } from '../cli/create-target.js';
 import { formatSize } from '../util/size.js';
@@ -36,6 +37,39 @@ export interface MirrorResult {
   errors: Array<{ side: string; operation: string; errno: string; action: string; offset: number; length: number; message: string }>;
   /** sync=bitmap: how the bitmap file loaded */
   bitmapLoad?: string;
+}
+
+/**
+ * BLKREP_BENCH_PHASES=1 (bench/mirror): an offline mirror writes one line to stderr,
+ * `blkrep-phases {...}`: for each moment, the ms since the process started (performance.now())
+ * and the CPU ms the process used so far — run (the command starts: node and the modules
+ * loaded), job (the images open: the job starts), copying (the scan done), flush (the first
+ * consistency point's flush issued: everything copied), ready (that flush done), concluded,
+ * closed (the images closed). Not part of the command's output.
+ */
+function benchPhases(): boolean {
+  const v = process.env.BLKREP_BENCH_PHASES;
+  return v !== undefined && v !== '' && v !== '0';
+}
+
+/**
+ * An offline mirror runs without V8's optimizing compiler (TurboFan): its CPU goes to the
+ * kernel's copies (the source's reads, the socket's writes), and the JavaScript per copy
+ * operation runs as well in the baseline tiers, while TurboFan compiled ~100 functions during a
+ * 1 GiB copy, on threads whose CPU the process pays (perf: ~18 % of the CLI's samples in
+ * v8::internal::compiler). Measured (loaded machine, 1 GiB dense raw → nbdkit, A/B pairs): the
+ * CLI's CPU 2179/1930/1710/1609 → 1990/1670/1510/1520 ms; in process (bench/copy-ops dense, 4
+ * rounds) the first round 1387 → 1023 ms and the later rounds within the spread (1084-1225 against
+ * 1044-1266). Set when the command runs (V8 reads the flag at each tiering decision), so only this
+ * process; BLKREP_TURBOFAN=1 keeps the compiler (bench/mirror's `blkrep turbofan` row). The
+ * returned function sets it back once the images are closed: V8's code caches carry a hash of
+ * the flags, and the ones bin/run.js writes at exit must match the flags the next start has.
+ */
+function withoutTurbofan(): () => void {
+  const v = process.env.BLKREP_TURBOFAN;
+  if (v !== undefined && v !== '' && v !== '0') return () => {};
+  setFlagsFromString('--no-opt');
+  return () => setFlagsFromString('--opt');
 }
 
 export default class Mirror extends BlkrepCommand {
@@ -104,7 +138,11 @@ Exit status: 0 done (live: started, or ready/done with --wait); 1 failure (ERR_T
     timeout: Flags.integer({ description: 'live: give up on the daemon (or the --wait) after this many seconds', min: 1, helpValue: 'SECONDS' }),
   };
 
+  /** the moments of the phase split (BLKREP_BENCH_PHASES) */
+  private readonly marks: Record<string, MirrorMark | undefined> = {};
+
   async run(): Promise<MirrorResult | JobQuery> {
+    this.marks.run = mark();
     const { args, flags } = await this.parse(Mirror, withBareWait(this.argv));
     if (flags.control !== undefined) {
       for (const f of ['filter', 'target-filter'] as const) if (flags[f] !== undefined) this.usageError(`--${f} is for an offline mirror: a live mirror's source is the export (give serve-nbd --filter)`);
@@ -169,6 +207,7 @@ Exit status: 0 done (live: started, or ready/done with --wait); 1 failure (ERR_T
     const closeAll = async (): Promise<void> => {
       for (const c of closers.reverse()) await c().catch(() => {});
     };
+    const restoreTurbofan = withoutTurbofan();
     let result: MirrorResult;
     try {
       // the first failure in the order they were opened before: source, target, bitmap
@@ -188,6 +227,14 @@ Exit status: 0 done (live: started, or ready/done with --wait); 1 failure (ERR_T
       if (bitmap && !bitmap.readOnly) await bitmap.flush();
     } finally {
       await closeAll();
+      restoreTurbofan();
+    }
+    this.marks.closed = mark();
+    if (benchPhases()) {
+      const out: Record<string, { ms: number; cpuMs: number }> = {};
+      const ms = Object.entries(this.marks).filter((e): e is [string, MirrorMark] => e[1] !== undefined).sort((a, b) => a[1].at - b[1].at);
+      for (const [k, m] of ms) out[k] = { ms: Math.round(m.at), cpuMs: Math.round(m.cpuUs / 1000) };
+      process.stderr.write(`blkrep-phases ${JSON.stringify(out)}\n`);
     }
     if (!this.jsonEnabled()) {
       this.log(`Mirrored ${formatSize(result.bytes)} of ${formatSize(result.size)} in ${result.seconds.toFixed(1)} s (${formatSize(Math.round(result.rate))}/s).`);
@@ -336,10 +383,17 @@ Exit status: 0 done (live: started, or ready/done with --wait); 1 failure (ERR_T
     try {
       // offline nothing writes the source: complete (no pivot) as soon as the target has caught up
       job.on('status-change', (e: Extract<JobEvent, { event: 'status-change' }>) => {
-        if (e.status === 'ready') setImmediate(() => void job.complete({ pivot: false }).catch(() => {}));
+        if (e.status === 'ready') {
+          this.marks.ready ??= mark();
+          setImmediate(() => void job.complete({ pivot: false }).catch(() => {}));
+        }
       });
+      this.marks.job = mark();
       job.start();
       await job.whenConcluded();
+      this.marks.concluded = mark();
+      this.marks.copying = job.marks.copying;
+      this.marks.flush = job.marks.pointIssued;
     } finally {
       clearInterval(ticker);
       bar?.stop();

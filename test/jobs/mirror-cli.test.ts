@@ -84,6 +84,30 @@ describe.skipIf(!hasTool('qemu-nbd') || !hasTool('qemu-img'))('blkrep mirror ont
     expect(cmp.code, cmp.stdout).toBe(0);
   });
 
+  it('BLKREP_BENCH_PHASES=1: one blkrep-phases line on stderr, its moments in order; the target the same with and without TurboFan', async () => {
+    const dir = await makeTempDir();
+    const src = await sparseFile(dir, 'src.raw', 16 * MiB, 5);
+    for (const turbofan of ['0', '1']) {
+      const dst = await blankRaw(dir, `dst-${turbofan}.raw`, 16 * MiB);
+      const { uri } = await qemuNbd(dir, dst, `disk${turbofan}`);
+      const env = { ...process.env, BLKREP_BENCH_PHASES: '1', BLKREP_TURBOFAN: turbofan };
+      const r = await runCli(['mirror', src, uri, '--json', '--buf-size', '64K', '--max-ops', '16'], { timeoutMs: 60_000, env });
+      expect(r.code, r.stdout + r.stderr).toBe(0);
+      expect(JSON.parse(r.stdout)).toMatchObject({ bytes: 16 * MiB, size: 16 * MiB, errors: [] });
+      const lines = r.stderr.split('\n').filter((l) => l !== '');
+      expect(lines).toHaveLength(1);
+      expect(lines[0]).toMatch(/^blkrep-phases \{/);
+      const marks = JSON.parse(lines[0]!.slice('blkrep-phases '.length)) as Record<string, { ms: number; cpuMs: number }>;
+      expect(Object.keys(marks)).toEqual(['run', 'job', 'copying', 'flush', 'ready', 'concluded', 'closed']);
+      const at = Object.values(marks).map((m) => m.ms);
+      expect(at).toEqual([...at].sort((a, b) => a - b));
+      const cpu = Object.values(marks).map((m) => m.cpuMs);
+      expect(cpu).toEqual([...cpu].sort((a, b) => a - b));
+      const cmp = await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', src, dst]);
+      expect(cmp.code, cmp.stdout).toBe(0);
+    }
+  });
+
   it('--sync bitmap:PATH copies the dirty regions only and clears the bitmap', async () => {
     const dir = await makeTempDir();
     const src = await sparseFile(dir, 'src.raw', 8 * MiB, 3);

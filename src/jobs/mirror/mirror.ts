@@ -165,6 +165,17 @@ interface CopyOp {
 
 type FrontKind = ModifyOp;
 
+/** a moment of the job for the phase split (bench/mirror): performance.now() and the process's CPU so far (µs, user + system) */
+export interface MirrorMark {
+  at: number;
+  cpuUs: number;
+}
+
+export function mirrorMark(): MirrorMark {
+  const c = process.cpuUsage();
+  return { at: performance.now(), cpuUs: c.user + c.system };
+}
+
 /**
  * The phase of a mirror: scanning (the dirty bitmap at the start, by sync mode; writes are
  * tracked already), copying (ready or not), draining (complete or soft cancel: writes wait,
@@ -258,6 +269,12 @@ export class MirrorJob extends Job {
   private finishFns: { resolve: () => void; reject: (e: unknown) => void } | undefined;
   /** [start, end) pairs, sorted: regions the source reported as zeros when the job started */
   private readonly zeroHints = new ZeroHints();
+  /**
+   * Where the time went, for the phase split of bench/mirror (the CLI prints it with
+   * BLKREP_BENCH_PHASES=1): the scan ended and copying began; the first consistency point's
+   * flush was issued (everything copied once).
+   */
+  readonly marks: { copying?: MirrorMark; pointIssued?: MirrorMark } = {};
 
   constructor(options: MirrorOptions) {
     super({ ...options, id: options.id ?? 'mirror0' });
@@ -433,6 +450,7 @@ export class MirrorJob extends Job {
     this.phase.to('scanning');
     await this.initDirty();
     if (this.phase.is('scanning')) this.phase.to('copying');
+    this.marks.copying = mirrorMark();
     this.updateProgress();
     const done = new Promise<void>((resolve, reject) => (this.finishFns = { resolve, reject }));
     this.armLag();
@@ -615,6 +633,7 @@ export class MirrorJob extends Job {
   private startFlush(final: boolean, point = true): void {
     // a flush issued while granules are dirty proves nothing about `changed`
     if (point) this.changed = false;
+    if (point && !this.marks.pointIssued) this.marks.pointIssued = mirrorMark();
     this.lastFlushIssue = this.clock.now();
     this.dataBytesAtFlush = this.io.counters.dataBytes;
     const issuedAt = this.lastFlushIssue;
