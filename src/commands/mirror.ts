@@ -1,5 +1,4 @@
 import { Args, Flags } from '@oclif/core';
-import { setFlagsFromString } from 'node:v8';
 import type { BlockNode } from '../api/block.js';
 import { BlkrepError } from '../api/errors.js';
 import { PersistentBitmap } from '../bitmap/persistent.js';
@@ -50,26 +49,6 @@ export interface MirrorResult {
 function benchPhases(): boolean {
   const v = process.env.BLKREP_BENCH_PHASES;
   return v !== undefined && v !== '' && v !== '0';
-}
-
-/**
- * An offline mirror runs without V8's optimizing compiler (TurboFan): its CPU goes to the
- * kernel's copies (the source's reads, the socket's writes), and the JavaScript per copy
- * operation runs as well in the baseline tiers, while TurboFan compiled ~100 functions during a
- * 1 GiB copy, on threads whose CPU the process pays (perf: ~18 % of the CLI's samples in
- * v8::internal::compiler). Measured (loaded machine, 1 GiB dense raw → nbdkit, A/B pairs): the
- * CLI's CPU 2179/1930/1710/1609 → 1990/1670/1510/1520 ms; in process (bench/copy-ops dense, 4
- * rounds) the first round 1387 → 1023 ms and the later rounds within the spread (1084-1225 against
- * 1044-1266). Set when the command runs (V8 reads the flag at each tiering decision), so only this
- * process; BLKREP_TURBOFAN=1 keeps the compiler (bench/mirror's `blkrep turbofan` row). The
- * returned function sets it back once the images are closed: V8's code caches carry a hash of
- * the flags, and the ones bin/run.js writes at exit must match the flags the next start has.
- */
-function withoutTurbofan(): () => void {
-  const v = process.env.BLKREP_TURBOFAN;
-  if (v !== undefined && v !== '' && v !== '0') return () => {};
-  setFlagsFromString('--no-opt');
-  return () => setFlagsFromString('--opt');
 }
 
 export default class Mirror extends BlkrepCommand {
@@ -207,7 +186,6 @@ Exit status: 0 done (live: started, or ready/done with --wait); 1 failure (ERR_T
     const closeAll = async (): Promise<void> => {
       for (const c of closers.reverse()) await c().catch(() => {});
     };
-    const restoreTurbofan = withoutTurbofan();
     let result: MirrorResult;
     try {
       // the first failure in the order they were opened before: source, target, bitmap
@@ -227,7 +205,6 @@ Exit status: 0 done (live: started, or ready/done with --wait); 1 failure (ERR_T
       if (bitmap && !bitmap.readOnly) await bitmap.flush();
     } finally {
       await closeAll();
-      restoreTurbofan();
     }
     this.marks.closed = mark();
     if (benchPhases()) {

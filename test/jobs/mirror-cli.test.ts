@@ -84,13 +84,13 @@ describe.skipIf(!hasTool('qemu-nbd') || !hasTool('qemu-img'))('blkrep mirror ont
     expect(cmp.code, cmp.stdout).toBe(0);
   });
 
-  it('BLKREP_BENCH_PHASES=1: one blkrep-phases line on stderr, its moments in order; the target the same with and without TurboFan', async () => {
+  it('BLKREP_BENCH_PHASES=1: one blkrep-phases line on stderr, its moments in order; the target exact', async () => {
     const dir = await makeTempDir();
     const src = await sparseFile(dir, 'src.raw', 16 * MiB, 5);
-    for (const turbofan of ['0', '1']) {
-      const dst = await blankRaw(dir, `dst-${turbofan}.raw`, 16 * MiB);
-      const { uri } = await qemuNbd(dir, dst, `disk${turbofan}`);
-      const env = { ...process.env, BLKREP_BENCH_PHASES: '1', BLKREP_TURBOFAN: turbofan };
+    {
+      const dst = await blankRaw(dir, 'dst.raw', 16 * MiB);
+      const { uri } = await qemuNbd(dir, dst);
+      const env = { ...process.env, BLKREP_BENCH_PHASES: '1' };
       const r = await runCli(['mirror', src, uri, '--json', '--buf-size', '64K', '--max-ops', '16'], { timeoutMs: 60_000, env });
       expect(r.code, r.stdout + r.stderr).toBe(0);
       expect(JSON.parse(r.stdout)).toMatchObject({ bytes: 16 * MiB, size: 16 * MiB, errors: [] });
