@@ -3,8 +3,9 @@
  * export's writes go through it to the disk. For each cluster a write touches whose bit is clear
  * this epoch, the disk's old content is read and written to the hidden disk (FUA: durable before
  * the disk is written, so a kill -9 or a host crash never leaves a disk cluster changed whose old
- * content is not kept), then the bit is set; writers to a cluster being copied wait for that
- * copy. If the copy fails, the disk is not written and the request fails (QEMU's
+ * content is not kept), then the bit is set; a write's adjacent clusters to copy go as one run
+ * (one read, one hidden write), and writers to a cluster being copied wait for that copy. If the
+ * copy fails, the disk is not written and the request fails (QEMU's
  * ON_CBW_ERROR_BREAK_GUEST_WRITE). Reads go to the disk.
  *
  * The bits are reset at each checkpoint (step 6), when the hidden disk is emptied; at start they
