@@ -265,7 +265,9 @@ export class CbwFilter extends Filter {
     const buf = pool.pop() ?? Buffer.allocUnsafe(n === 1 ? this.clusterSize : Math.max(1, Math.floor(RUN_BYTES / this.clusterSize)) * this.clusterSize);
     try {
       const old = buf.subarray(0, length);
-      await this.next.readInto(at, old);
+      // bulk: a run's read (up to 1 MiB) is tried on the loop with RWF_NOWAIT, as a single
+      // cluster's 64 KiB is, not sent through the thread pool (raw.ts BULK_NOWAIT_MAX)
+      await this.next.readInto(at, old, n === 1 ? undefined : { bulk: true });
       await this.hidden.write(at, old, { fua: true });
       // only after a success: a failed write may still hold the buffer
       if (pool.length < (n === 1 ? SPARE_BUFFERS : SPARE_RUN_BUFFERS)) pool.push(buf);
