@@ -81,7 +81,7 @@ describe('copy-before-write filter', () => {
     const cbw = new CbwFilter(disk, completeNode(hidden), C, () => {});
     for (let c = 0; c < 40; c++) await disk.write(c * C, Buffer.alloc(C, c + 1));
     cbw.markCopied(4 * C, C);
-    // clusters 1–33 (a 2 MiB + 100-byte write at C + 50): 4 is copied, so runs 1–3, 5–20 (16 = 1 MiB), 21–33
+    // clusters 1–33 (33 clusters less 100 bytes, written at C + 50): 4 is copied, so runs 1–3, 5–20 (16 = 1 MiB), 21–33
     await cbw.write(C + 50, Buffer.alloc(33 * C - 100, 0xee));
     expect(hidden.log.filter((r) => r.op === 'write').map((r) => [r.offset / C, r.length / C, r.fua])).toEqual([[1, 3, true], [5, 16, true], [21, 13, true]]);
     for (const c of [1, 2, 3, 5, 20, 21, 33]) expect((await hiddenMem.read(c * C, C)).equals(Buffer.alloc(C, c + 1))).toBe(true);
