@@ -44,16 +44,17 @@ describe('copy-before-write filter', () => {
     await cbw.write(C, Buffer.alloc(C, 0x33));
     expect(hidden.log.filter((r) => r.op === 'write')).toHaveLength(1);
     expect((await hiddenMem.read(C, C)).equals(Buffer.alloc(C, 0x11))).toBe(true);
-    // a write across two clusters copies both; zeroes and trims copy too
+    // a write across two clusters copies both, as one run (one hidden write); zeroes and trims copy too
     await cbw.write(3 * C - 10, Buffer.alloc(20, 0x44));
     await cbw.writeZeroes(5 * C, 10);
     await cbw.trim(6 * C, C);
-    expect(hidden.log.filter((r) => r.op === 'write').map((r) => r.offset)).toEqual([C, 2 * C, 3 * C, 5 * C, 6 * C]);
+    expect(hidden.log.filter((r) => r.op === 'write').map((r) => [r.offset, r.length, r.fua])).toEqual([[C, C, true], [2 * C, 2 * C, true], [5 * C, C, true], [6 * C, C, true]]);
+    expect((await hiddenMem.read(2 * C, 2 * C)).equals(Buffer.alloc(2 * C, 0x11))).toBe(true);
     expect(cbw.copiedClusters).toBe(5);
     // a new epoch copies again
     cbw.reset();
     await cbw.write(C, Buffer.alloc(10, 0x55));
-    expect(hidden.log.filter((r) => r.op === 'write').map((r) => r.offset)).toEqual([C, 2 * C, 3 * C, 5 * C, 6 * C, C]);
+    expect(hidden.log.filter((r) => r.op === 'write').map((r) => r.offset)).toEqual([C, 2 * C, 5 * C, 6 * C, C]);
     expect((await hiddenMem.read(C, C)).equals(Buffer.alloc(C, 0x33))).toBe(true);
   });
 
@@ -64,10 +65,52 @@ describe('copy-before-write filter', () => {
     expect((await disk.read(2 * C, C)).equals(Buffer.alloc(C, 0x11))).toBe(true);
     expect(errors.map((e) => e.code)).toEqual(['ERR_PAIR_CBW']);
     // a write spanning a good and the bad cluster fails whole: the disk is not written at all
-    await expect(cbw.write(2 * C - 100, Buffer.alloc(200, 0x22))).rejects.toMatchObject({ code: 'ERR_PAIR_CBW' });
+    await expect(cbw.write(2 * C - 100, Buffer.alloc(200, 0x22))).rejects.toMatchObject({ code: 'ERR_PAIR_CBW', details: { cluster: 1, clusters: 2, offset: C, length: 2 * C } });
+    expect(errors[1]!.message).toMatch(/^copy-before-write of clusters 1–2 \(bytes 65536–196608\) into the hidden disk failed: .*; the disk was not written$/);
     expect((await disk.read(C, 2 * C)).equals(Buffer.alloc(2 * C, 0x11))).toBe(true);
-    // the bit stays clear: the next attempt copies again
+    // the two clusters were one run: neither bit is set, the next attempt copies both again
+    expect(cbw.copiedClusters).toBe(0);
+    await cbw.write(C, Buffer.alloc(10, 0x33));
     expect(cbw.copiedClusters).toBe(1);
+  });
+
+  it('a large write copies its fresh clusters in runs of adjacent clusters (up to 1 MiB each), skipping those copied', async () => {
+    const disk = new MemoryNode(40 * C);
+    const hiddenMem = new MemoryNode(40 * C);
+    const hidden = hookNode(hiddenMem, {});
+    const cbw = new CbwFilter(disk, completeNode(hidden), C, () => {});
+    for (let c = 0; c < 40; c++) await disk.write(c * C, Buffer.alloc(C, c + 1));
+    cbw.markCopied(4 * C, C);
+    // clusters 1–33 (33 clusters less 100 bytes, written at C + 50): 4 is copied, so runs 1–3, 5–20 (16 = 1 MiB), 21–33
+    await cbw.write(C + 50, Buffer.alloc(33 * C - 100, 0xee));
+    expect(hidden.log.filter((r) => r.op === 'write').map((r) => [r.offset / C, r.length / C, r.fua])).toEqual([[1, 3, true], [5, 16, true], [21, 13, true]]);
+    for (const c of [1, 2, 3, 5, 20, 21, 33]) expect((await hiddenMem.read(c * C, C)).equals(Buffer.alloc(C, c + 1))).toBe(true);
+    expect((await hiddenMem.read(4 * C, C)).equals(Buffer.alloc(C, 0))).toBe(true);
+    expect((await disk.read(C + 50, 33 * C - 100)).equals(Buffer.alloc(33 * C - 100, 0xee))).toBe(true);
+    expect(cbw.copiedClusters).toBe(33);
+  });
+
+  it('a writer to a cluster of a run being copied waits for that run; a run does not take a cluster another copy holds', async () => {
+    const gate = new Gate();
+    const disk = new MemoryNode(8 * C);
+    const hiddenMem = new MemoryNode(8 * C);
+    const hidden = hookNode(hiddenMem, { gate, gateOps: ['write'] });
+    const cbw = new CbwFilter(disk, completeNode(hidden), C, () => {});
+    await disk.write(0, Buffer.alloc(8 * C, 0x11));
+    gate.close();
+    const a = cbw.write(3 * C, Buffer.alloc(10, 0x22)); // cluster 3 alone
+    await gate.waitEntered(1);
+    const b = cbw.write(C, Buffer.alloc(4 * C, 0x33)); // clusters 1–4: runs 1–2 and 4, cluster 3 waits for a
+    await gate.waitEntered(3);
+    const c = cbw.write(2 * C, Buffer.alloc(10, 0x44)); // in the run 1–2: waits for it, copies nothing
+    for (let i = 0; i < 10; i++) await new Promise((r) => setImmediate(r));
+    expect((await disk.read(0, 8 * C)).equals(Buffer.alloc(8 * C, 0x11))).toBe(true);
+    gate.open();
+    await Promise.all([a, b, c]);
+    expect(hidden.log.filter((r) => r.op === 'write').map((r) => [r.offset / C, r.length / C])).toEqual([[3, 1], [1, 2], [4, 1]]);
+    expect((await hiddenMem.read(C, 4 * C)).equals(Buffer.alloc(4 * C, 0x11))).toBe(true);
+    expect((await disk.read(2 * C, 10)).equals(Buffer.alloc(10, 0x44))).toBe(true);
+    expect((await disk.read(3 * C, 10)).equals(Buffer.alloc(10, 0x33))).toBe(true);
   });
 
   it('concurrent writers to one cluster wait for one copy', async () => {
