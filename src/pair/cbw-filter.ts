@@ -31,6 +31,7 @@
 import type { BlockNode, CompleteBlockNode, WriteOptions, ZeroOptions } from '../api/block.js';
 import { BlkrepError } from '../api/errors.js';
 import { Filter } from '../block/filter.js';
+import { ReadAhead } from './read-ahead.js';
 import { gated, WriteGate } from './write-gate.js';
 
 /** cluster buffers kept for copies (64 × 64 KiB = 4 MiB) */
@@ -98,13 +99,15 @@ export class CbwFilter extends Filter {
    *
    * The disk's reads are asked ahead (`cache`: posix_fadvise WILLNEED on a raw file), up to
    * `readAhead` clusters (default PRECOPY_READ_AHEAD) before the copies, once per run of adjacent
-   * clusters, in ascending order: a disk that does not fit the page cache is read cold, and the
-   * copies alone keep only `depth` reads in flight (the thread pool's 16 at most). 0: no hints.
+   * clusters, in ascending order, HINTS_IN_FLIGHT at a time (read-ahead.ts): a disk that does not
+   * fit the page cache is read cold, and the copies alone keep only `depth` reads in flight (the
+   * thread pool's 16 at most). 0: no hints.
    */
   precopy(runs: ReadonlyArray<{ offset: number; length: number }>, o: { deadline: number; depth?: number; readAhead?: number }): Promise<{ clusters: number; bytes: number }> {
     return gated(this.gate, async () => {
       const todo = this.uncopiedClusters(runs);
       const readAhead = Math.max(0, o.readAhead ?? PRECOPY_READ_AHEAD);
+      const hints = new ReadAhead(this.next);
       /** the clusters taken from `todo` and not yet copied, from `head` on (hinted when taken) */
       let ahead: number[] = [];
       let head = 0;
@@ -121,7 +124,7 @@ export class CbwFilter extends Filter {
             }
             fresh.push(it.value);
           }
-          if (readAhead > 0) this.readAhead(fresh);
+          if (readAhead > 0) this.readAhead(hints, fresh);
           ahead = ahead.slice(head).concat(fresh);
           head = 0;
         }
@@ -152,17 +155,13 @@ export class CbwFilter extends Filter {
     });
   }
 
-  /** Ask the disk to read `clusters` (ascending) ahead, one hint per run of adjacent ones; a hint's failure costs only speed. */
-  private readAhead(clusters: readonly number[]): void {
+  /** Ask the disk to read `clusters` (ascending) ahead, one hint per run of adjacent ones (a few at a time: ReadAhead). */
+  private readAhead(hints: ReadAhead, clusters: readonly number[]): void {
     for (let i = 0; i < clusters.length; ) {
       let n = 1;
       while (i + n < clusters.length && clusters[i + n] === clusters[i]! + n) n++;
       const at = clusters[i]! * this.clusterSize;
-      try {
-        this.next.cache(at, Math.min(n * this.clusterSize, this.next.size - at)).catch(() => {});
-      } catch {
-        /* a hint */
-      }
+      hints.hint(at, Math.min(n * this.clusterSize, this.next.size - at));
       i += n;
     }
   }

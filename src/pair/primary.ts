@@ -39,6 +39,7 @@ import { openExtension, OPT_BLKREP_PAIR_LINK, startTlsPrepare } from '../nbd/opt
 import { parseNbdUri, type NbdUri } from '../nbd/uri.js';
 import { EMPTY, finishResyncAsSource, JUST_CREATED, mint, newGeneration, type GenerationTuple } from './generations.js';
 import { fetchRuns, PAIR_LINK_VERSION, PairChannel, runsPage, type PairMessage } from './messages.js';
+import { ReadAhead } from './read-ahead.js';
 import type { FailoverOptions, FailoverResult, HandOff, PairLinkState, PairRole, PairStatus } from './role.js';
 import { PairStateFile, initialState, pairStatePath } from './state.js';
 import { ReplicationFilter, type CongestionPolicy, type ReplicationProtocol } from './replication-filter.js';
@@ -144,6 +145,7 @@ export class PrimaryRole implements PairRole {
   private lastTlsRefusal: string | undefined;
   /** bytes the `bitmap` answers of this link attempt may still ask the disk to read ahead (readAheadRuns) */
   private readAheadLeft = RESYNC_READ_AHEAD_BYTES;
+  private readAhead: ReadAhead | undefined;
   /** the last resync that ended (status: a resync at start ends before anything can subscribe to events) */
   private lastResync: { bytes: number; dirtyBytes: number; full: boolean; resumed?: boolean; ms: number } | null = null;
   /** the secondary refused the link for a split brain (until a link is welcomed) */
@@ -540,18 +542,14 @@ export class PrimaryRole implements PairRole {
     }
   }
 
-  /** Ask the disk to read `runs` ahead for the resync, up to RESYNC_READ_AHEAD_BYTES per link attempt; a hint's failure costs only speed. */
+  /** Ask the disk to read `runs` ahead for the resync, up to RESYNC_READ_AHEAD_BYTES per link attempt (a few at a time: ReadAhead). */
   private readAheadRuns(runs: ReadonlyArray<[number, number]>): void {
-    const disk = this.options.filter.next;
+    this.readAhead ??= new ReadAhead({ cache: (offset, length) => this.options.filter.next.cache(offset, length) });
     for (const [offset, length] of runs) {
       if (this.readAheadLeft <= 0) return;
       const n = Math.min(length, this.readAheadLeft);
       this.readAheadLeft -= n;
-      try {
-        disk.cache(offset, n).catch(() => {});
-      } catch {
-        /* a hint */
-      }
+      this.readAhead.hint(offset, n);
     }
   }
 

@@ -10,6 +10,7 @@ import { describe, expect, it } from 'vitest';
 import { MemoryNode } from '../../src/block/memory.js';
 import { completeNode } from '../../src/block/node.js';
 import { CbwFilter } from '../../src/pair/cbw-filter.js';
+import { HINTS_IN_FLIGHT, ReadAhead } from '../../src/pair/read-ahead.js';
 import { hookNode } from '../support/fault-node.js';
 
 const C = 65536;
@@ -104,8 +105,12 @@ describe('copy-before-write precopy', () => {
       return disk.log.slice(from).map((x) => `${x.op} ${x.offset / C}${x.op === 'cache' ? `+${x.length / C}` : ''}`);
     }
 
-    it('one hint per run of adjacent clusters to copy, all before the first copy (default window)', async () => {
-      expect(await recorded()).toEqual(['cache 1+3', 'cache 5+1', 'cache 7+1', 'cache 9+1', 'cache 20+1', 'read 1', 'read 2', 'read 3', 'read 5', 'read 7', 'read 9', 'read 20']);
+    it('one hint per run of adjacent clusters to copy, asked before the first copy (default window; HINTS_IN_FLIGHT run at once)', async () => {
+      const log = await recorded();
+      expect(log.filter((x) => x.startsWith('cache'))).toEqual(['cache 1+3', 'cache 5+1', 'cache 7+1', 'cache 9+1', 'cache 20+1']);
+      expect(log.filter((x) => x.startsWith('read'))).toEqual(['read 1', 'read 2', 'read 3', 'read 5', 'read 7', 'read 9', 'read 20']);
+      expect(HINTS_IN_FLIGHT).toBe(4);
+      expect(log.slice(0, 4)).toEqual(['cache 1+3', 'cache 5+1', 'cache 7+1', 'cache 9+1']);
     });
 
     it('at most readAhead clusters ahead: the window refills as the copies take its first half', async () => {
@@ -119,5 +124,32 @@ describe('copy-before-write precopy', () => {
       const cbw = new CbwFilter(disk, completeNode(new MemoryNode(4 * C)), C);
       expect(await cbw.precopy([{ offset: 0, length: 4 * C }], { deadline: Date.now() + 60_000 })).toEqual({ clusters: 4, bytes: 4 * C });
     });
+  });
+
+  it('ReadAhead: hints in order, at most inFlight at once; a failed or throwing hint lets the next go', async () => {
+    const started: number[] = [];
+    const finish = new Map<number, (fail: boolean) => void>();
+    const ra = new ReadAhead(
+      {
+        cache: (offset: number) => {
+          if (offset === 99) throw new Error('sync throw');
+          started.push(offset);
+          return new Promise<void>((resolve, reject) => finish.set(offset, (fail) => (fail ? reject(new Error('hint failed')) : resolve())));
+        },
+      },
+      2,
+    );
+    for (const o of [1, 2, 99, 3, 4]) ra.hint(o, 10);
+    ra.hint(5, 0); // nothing to read: no hint
+    expect(started).toEqual([1, 2]);
+    expect(ra.waiting).toBe(3);
+    finish.get(1)!(true);
+    await new Promise((r) => setImmediate(r));
+    // 99 threw at once (a hint), 3 took its place
+    expect(started).toEqual([1, 2, 3]);
+    finish.get(2)!(false);
+    await new Promise((r) => setImmediate(r));
+    expect(started).toEqual([1, 2, 3, 4]);
+    expect(ra.waiting).toBe(0);
   });
 });
