@@ -31,13 +31,10 @@
 import type { BlockNode, CompleteBlockNode, WriteOptions, ZeroOptions } from '../api/block.js';
 import { BlkrepError } from '../api/errors.js';
 import { Filter } from '../block/filter.js';
-import { ReadAhead } from './read-ahead.js';
 import { gated, WriteGate } from './write-gate.js';
 
 /** cluster buffers kept for copies (64 × 64 KiB = 4 MiB) */
 const SPARE_BUFFERS = 64;
-/** clusters whose disk reads a precopy asks ahead of its copies (1024 × 64 KiB = 64 MiB) */
-export const PRECOPY_READ_AHEAD = 1024;
 
 export class CbwFilter extends Filter {
   readonly driver = 'copy-before-write';
@@ -96,52 +93,21 @@ export class CbwFilter extends Filter {
    * the rest as usual. A crash before the flush leaves hidden clusters no L2 entry maps yet (the
    * qcow2 writeback order), or mapped with the disk's content, which no write changed meanwhile.
    * Only while no replica writer writes; through the gate (a checkpoint's reset waits).
-   *
-   * The disk's reads are asked ahead (`cache`: posix_fadvise WILLNEED on a raw file), up to
-   * `readAhead` clusters (default PRECOPY_READ_AHEAD) before the copies, once per run of adjacent
-   * clusters, in ascending order, HINTS_IN_FLIGHT at a time (read-ahead.ts): a disk that does not
-   * fit the page cache is read cold, and the copies alone keep only `depth` reads in flight (the
-   * thread pool's 16 at most). 0: no hints.
    */
-  precopy(runs: ReadonlyArray<{ offset: number; length: number }>, o: { deadline: number; depth?: number; readAhead?: number }): Promise<{ clusters: number; bytes: number }> {
+  precopy(runs: ReadonlyArray<{ offset: number; length: number }>, o: { deadline: number; depth?: number }): Promise<{ clusters: number; bytes: number }> {
     return gated(this.gate, async () => {
       const todo = this.uncopiedClusters(runs);
-      const readAhead = Math.max(0, o.readAhead ?? PRECOPY_READ_AHEAD);
-      const hints = new ReadAhead(this.next);
-      /** the clusters taken from `todo` and not yet copied, from `head` on (hinted when taken) */
-      let ahead: number[] = [];
-      let head = 0;
-      let exhausted = false;
-      const take = (): number | undefined => {
-        const window = Math.max(1, readAhead);
-        if (!exhausted && ahead.length - head <= window / 2) {
-          const fresh: number[] = [];
-          for (let n = ahead.length - head; n < window; n++) {
-            const it = todo.next();
-            if (it.done) {
-              exhausted = true;
-              break;
-            }
-            fresh.push(it.value);
-          }
-          if (readAhead > 0) this.readAhead(hints, fresh);
-          ahead = ahead.slice(head).concat(fresh);
-          head = 0;
-        }
-        return head < ahead.length ? ahead[head++] : undefined;
-      };
       const done: number[] = [];
       let bytes = 0;
       let failed = false;
       const worker = async (): Promise<void> => {
         const buf = Buffer.allocUnsafe(this.clusterSize);
-        for (let c = take(); c !== undefined && !failed && Date.now() < o.deadline; c = take()) {
-          if (this.copied[c] || this.copying.has(c)) continue;
-          const at = c * this.clusterSize;
+        for (let it = todo.next(); !it.done && !failed && Date.now() < o.deadline; it = todo.next()) {
+          const at = it.value * this.clusterSize;
           const old = buf.subarray(0, Math.min(this.clusterSize, this.next.size - at));
           await this.next.readInto(at, old);
           await this.hidden.write(at, old);
-          done.push(c);
+          done.push(it.value);
           bytes += old.length;
         }
       };
@@ -153,17 +119,6 @@ export class CbwFilter extends Filter {
       for (const c of done) this.copied[c] = 1;
       return { clusters: done.length, bytes };
     });
-  }
-
-  /** Ask the disk to read `clusters` (ascending) ahead, one hint per run of adjacent ones (a few at a time: ReadAhead). */
-  private readAhead(hints: ReadAhead, clusters: readonly number[]): void {
-    for (let i = 0; i < clusters.length; ) {
-      let n = 1;
-      while (i + n < clusters.length && clusters[i + n] === clusters[i]! + n) n++;
-      const at = clusters[i]! * this.clusterSize;
-      hints.hint(at, Math.min(n * this.clusterSize, this.next.size - at));
-      i += n;
-    }
   }
 
   /** The clusters `runs` touch (in any order, overlapping) not copied this epoch, ascending, each once. */

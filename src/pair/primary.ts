@@ -39,7 +39,6 @@ import { openExtension, OPT_BLKREP_PAIR_LINK, startTlsPrepare } from '../nbd/opt
 import { parseNbdUri, type NbdUri } from '../nbd/uri.js';
 import { EMPTY, finishResyncAsSource, JUST_CREATED, mint, newGeneration, type GenerationTuple } from './generations.js';
 import { fetchRuns, PAIR_LINK_VERSION, PairChannel, runsPage, type PairMessage } from './messages.js';
-import { ReadAhead } from './read-ahead.js';
 import type { FailoverOptions, FailoverResult, HandOff, PairLinkState, PairRole, PairStatus } from './role.js';
 import { PairStateFile, initialState, pairStatePath } from './state.js';
 import { ReplicationFilter, type CongestionPolicy, type ReplicationProtocol } from './replication-filter.js';
@@ -55,13 +54,6 @@ export const BACKOFF = { initialMs: 100, maxMs: 10_000, jitter: 0.2 };
  * extra flush (each cost the resync of a 40 MiB outage about 0.5 s on the loaded machine)
  */
 export const RESYNC_STABLE_INTERVAL_MS = 2000;
-/**
- * A bitmap resync's secondary asks the peer bitmap (`bitmap`) before its welcome, to copy those
- * clusters into its hidden disk first; meanwhile this side's disk reads ahead (`cache`: WILLNEED
- * on a raw file) the first this many bytes of the runs it answers, which the resync's mirror then
- * reads (a disk that does not fit the page cache is cold). Per link attempt.
- */
-export const RESYNC_READ_AHEAD_BYTES = 256 * 2 ** 20;
 /**
  * A bitmap resync flushes the secondary along the way once this share of its dirty bytes was
  * written since the last flush (at least RESYNC_WRITEBACK_MIN_BYTES, at most the mirror's
@@ -143,9 +135,6 @@ export class PrimaryRole implements PairRole {
   private crashed = false;
   private lastError: string | null = null;
   private lastTlsRefusal: string | undefined;
-  /** bytes the `bitmap` answers of this link attempt may still ask the disk to read ahead (readAheadRuns) */
-  private readAheadLeft = RESYNC_READ_AHEAD_BYTES;
-  private readAhead: ReadAhead | undefined;
   /** the last resync that ended (status: a resync at start ends before anything can subscribe to events) */
   private lastResync: { bytes: number; dirtyBytes: number; full: boolean; resumed?: boolean; ms: number } | null = null;
   /** the secondary refused the link for a split brain (until a link is welcomed) */
@@ -309,7 +298,6 @@ export class PrimaryRole implements PairRole {
       channel = new PairChannel(opened.connection.stream, this.uri.uri, (m, ch) => this.onMessage(m, ch), opened.rest);
       const s = this.state.state;
       helloAt = Date.now();
-      this.readAheadLeft = RESYNC_READ_AHEAD_BYTES;
       const answer = await channel.request<PairMessage>(
         asRequest({
           type: 'hello',
@@ -528,28 +516,14 @@ export class PrimaryRole implements PairRole {
     } else if (m.type === 'event') {
       this.publish(m.name, { ...m.fields, export: this.options.exportName, from: 'secondary' });
     } else if (m.type === 'bitmap') {
-      // a secondary resolving a split brain salvages what this side's resync will overwrite; one
-      // about to resync by bitmap copies those clusters into its hidden disk first (precopy)
-      const page = runsPage(this.peerBitmap.bitmap, m.from);
-      if (ch.isOpen) ch.send({ type: 'runs', re: m.seq, ...page });
-      this.readAheadRuns(page.runs);
+      // a secondary resolving a split brain salvages what this side's resync will overwrite
+      if (ch.isOpen) ch.send({ type: 'runs', re: m.seq, ...runsPage(this.peerBitmap.bitmap, m.from) });
     } else if (m.type === 'ping') {
       try {
         this.channel?.send({ type: 'pong', t: m.t });
       } catch {
         /* the link is closing */
       }
-    }
-  }
-
-  /** Ask the disk to read `runs` ahead for the resync, up to RESYNC_READ_AHEAD_BYTES per link attempt (a few at a time: ReadAhead). */
-  private readAheadRuns(runs: ReadonlyArray<[number, number]>): void {
-    this.readAhead ??= new ReadAhead({ cache: (offset, length) => this.options.filter.next.cache(offset, length) });
-    for (const [offset, length] of runs) {
-      if (this.readAheadLeft <= 0) return;
-      const n = Math.min(length, this.readAheadLeft);
-      this.readAheadLeft -= n;
-      this.readAhead.hint(offset, n);
     }
   }
 

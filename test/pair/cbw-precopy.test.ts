@@ -2,15 +2,12 @@
  * CbwFilter.precopy (in-process, memory nodes): before a bitmap resync, the clusters it will
  * write are copied into hidden in one batch (plain writes, one flush, then the bits), so the
  * resync's writes skip their FUA copy; copied clusters and overlapping runs are copied once; the
- * deadline stops new copies (the writes copy the rest); a failed copy sets no bit; the disk is
- * asked to read ahead (`cache`) exactly the clusters to copy, once per run of adjacent ones, each
- * before its read, at most `readAhead` clusters before the copies.
+ * deadline stops new copies (the writes copy the rest); a failed copy sets no bit.
  */
 import { describe, expect, it } from 'vitest';
 import { MemoryNode } from '../../src/block/memory.js';
 import { completeNode } from '../../src/block/node.js';
 import { CbwFilter } from '../../src/pair/cbw-filter.js';
-import { HINTS_IN_FLIGHT, ReadAhead } from '../../src/pair/read-ahead.js';
 import { hookNode } from '../support/fault-node.js';
 
 const C = 65536;
@@ -82,74 +79,5 @@ describe('copy-before-write precopy', () => {
     expect(writes(hidden.log).at(-1)).toEqual([0, true]);
     await expect(cbw.write(2 * C, Buffer.alloc(1, 0x55))).rejects.toMatchObject({ code: 'ERR_PAIR_CBW' });
     expect((await disk.read(2 * C, C)).equals(Buffer.alloc(C, 0x12))).toBe(true);
-  });
-
-  describe('the disk\'s reads asked ahead', () => {
-    async function recorded(readAhead?: number) {
-      const mem = new MemoryNode(32 * C);
-      const disk = hookNode(mem);
-      const hidden = completeNode(new MemoryNode(32 * C));
-      const cbw = new CbwFilter(disk, hidden, C);
-      await cbw.write(8 * C + 5, Buffer.alloc(1, 1)); // cluster 8 copied already
-      const from = disk.log.length;
-      // clusters 1–3 (a partial run), 5, 7–9 (8 copied: 7 and 9 apart), 20 twice (overlapping runs)
-      const runs = [
-        { offset: 20 * C, length: 10 },
-        { offset: C + 100, length: 2 * C },
-        { offset: 5 * C, length: C },
-        { offset: 7 * C, length: 3 * C },
-        { offset: 20 * C + 5, length: 1 },
-      ];
-      const r = await cbw.precopy(runs, { deadline: Date.now() + 60_000, depth: 1, ...(readAhead === undefined ? {} : { readAhead }) });
-      expect(r).toEqual({ clusters: 7, bytes: 7 * C });
-      return disk.log.slice(from).map((x) => `${x.op} ${x.offset / C}${x.op === 'cache' ? `+${x.length / C}` : ''}`);
-    }
-
-    it('one hint per run of adjacent clusters to copy, asked before the first copy (default window; HINTS_IN_FLIGHT run at once)', async () => {
-      const log = await recorded();
-      expect(log.filter((x) => x.startsWith('cache'))).toEqual(['cache 1+3', 'cache 5+1', 'cache 7+1', 'cache 9+1', 'cache 20+1']);
-      expect(log.filter((x) => x.startsWith('read'))).toEqual(['read 1', 'read 2', 'read 3', 'read 5', 'read 7', 'read 9', 'read 20']);
-      expect(HINTS_IN_FLIGHT).toBe(4);
-      expect(log.slice(0, 4)).toEqual(['cache 1+3', 'cache 5+1', 'cache 7+1', 'cache 9+1']);
-    });
-
-    it('at most readAhead clusters ahead: the window refills as the copies take its first half', async () => {
-      expect(await recorded(2)).toEqual(['cache 1+2', 'read 1', 'cache 3+1', 'read 2', 'cache 5+1', 'read 3', 'cache 7+1', 'read 5', 'cache 9+1', 'read 7', 'cache 20+1', 'read 9', 'read 20']);
-    });
-
-    it('readAhead 0: no hint; a failing hint costs nothing', async () => {
-      expect(await recorded(0)).toEqual(['read 1', 'read 2', 'read 3', 'read 5', 'read 7', 'read 9', 'read 20']);
-      const disk = hookNode(new MemoryNode(4 * C));
-      disk.cache = () => Promise.reject(new Error('no hint'));
-      const cbw = new CbwFilter(disk, completeNode(new MemoryNode(4 * C)), C);
-      expect(await cbw.precopy([{ offset: 0, length: 4 * C }], { deadline: Date.now() + 60_000 })).toEqual({ clusters: 4, bytes: 4 * C });
-    });
-  });
-
-  it('ReadAhead: hints in order, at most inFlight at once; a failed or throwing hint lets the next go', async () => {
-    const started: number[] = [];
-    const finish = new Map<number, (fail: boolean) => void>();
-    const ra = new ReadAhead(
-      {
-        cache: (offset: number) => {
-          if (offset === 99) throw new Error('sync throw');
-          started.push(offset);
-          return new Promise<void>((resolve, reject) => finish.set(offset, (fail) => (fail ? reject(new Error('hint failed')) : resolve())));
-        },
-      },
-      2,
-    );
-    for (const o of [1, 2, 99, 3, 4]) ra.hint(o, 10);
-    ra.hint(5, 0); // nothing to read: no hint
-    expect(started).toEqual([1, 2]);
-    expect(ra.waiting).toBe(3);
-    finish.get(1)!(true);
-    await new Promise((r) => setImmediate(r));
-    // 99 threw at once (a hint), 3 took its place
-    expect(started).toEqual([1, 2, 3]);
-    finish.get(2)!(false);
-    await new Promise((r) => setImmediate(r));
-    expect(started).toEqual([1, 2, 3, 4]);
-    expect(ra.waiting).toBe(0);
   });
 });
