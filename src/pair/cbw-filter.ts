@@ -197,6 +197,40 @@ export class CbwFilter extends Filter {
     return found;
   }
 
+  /**
+   * For the view's reads (secondary.ts ViewNode): a read through active → hidden → disk looks up
+   * hidden's L2 and then, for a cluster not copied, reads the disk, in two steps; a copy of that
+   * cluster and the disk write behind it may land in between, and the disk read would return
+   * the new data. The copied bits of the read's clusters before it; null when all are copied
+   * (hidden holds them until the next epoch: nothing to check after the read).
+   */
+  copiedBefore(offset: number, length: number): Uint8Array | null {
+    if (this.allCopied(offset, length)) return null;
+    const first = Math.floor(offset / this.clusterSize);
+    return this.copied.slice(first, Math.floor((offset + length - 1) / this.clusterSize) + 1);
+  }
+
+  /**
+   * The parts of [offset, offset+length) in clusters whose copy completed since `before`
+   * (copiedBefore): a read of them may have seen the disk after the write that followed the copy,
+   * so the view reads them again (hidden holds their old content now, durable before any disk
+   * write of them was issued).
+   */
+  copiedSince(before: Uint8Array, offset: number, length: number): { offset: number; length: number }[] {
+    const out: { offset: number; length: number }[] = [];
+    const first = Math.floor(offset / this.clusterSize);
+    const end = offset + length;
+    for (let i = 0; i < before.length; i++) {
+      if (before[i] || !this.copied[first + i]) continue;
+      const from = Math.max(offset, (first + i) * this.clusterSize);
+      const to = Math.min(end, (first + i + 1) * this.clusterSize);
+      const prev = out[out.length - 1];
+      if (prev && prev.offset + prev.length === from) prev.length += to - from;
+      else out.push({ offset: from, length: to - from });
+    }
+    return out;
+  }
+
   /** Every cluster of [offset, offset+length) copied this epoch: the common case, checked without a promise or an array. */
   private allCopied(offset: number, length: number): boolean {
     if (length <= 0) return true;

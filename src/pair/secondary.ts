@@ -83,7 +83,7 @@ export type FailoverStep = 'record-intent' | 'seed-failback-bitmap' | 'commit-hi
  * committing (step 5 durable, step 6 unfinished: its emptying failed) the overlays are garbage,
  * never read (replication.md §2 crash rules): reads go to the disk, which is that checkpoint.
  */
-class ViewNode extends Filter {
+export class ViewNode extends Filter {
   readonly driver = 'secondary-view';
   private readonly disk: CompleteBlockNode;
   constructor(
@@ -91,6 +91,8 @@ class ViewNode extends Filter {
     private readonly gate: WriteGate,
     disk: BlockNode,
     private readonly overlaysIgnored: () => boolean,
+    /** the replica export's copy-before-write: a read re-reads the clusters it copied meanwhile */
+    private readonly copies?: Pick<CbwFilter, 'copiedBefore' | 'copiedSince'>,
   ) {
     super(next);
     this.disk = completeNode(disk);
@@ -98,11 +100,27 @@ class ViewNode extends Filter {
   private get from(): CompleteBlockNode {
     return this.overlaysIgnored() ? this.disk : this.next;
   }
-  override read(offset: number, length: number, o?: IoOptions): Promise<Buffer> {
-    return this.from.read(offset, length, o);
+  override async read(offset: number, length: number, o?: IoOptions): Promise<Buffer> {
+    const from = this.from;
+    const before = from === this.disk ? null : (this.copies?.copiedBefore(offset, length) ?? null);
+    const data = await from.read(offset, length, o);
+    if (before) await this.again(from, before, offset, data, o);
+    return data;
   }
-  override readInto(offset: number, target: Buffer, o?: IoOptions): Promise<void> {
-    return this.from.readInto(offset, target, o);
+  override async readInto(offset: number, target: Buffer, o?: IoOptions): Promise<void> {
+    const from = this.from;
+    const before = from === this.disk ? null : (this.copies?.copiedBefore(offset, target.length) ?? null);
+    await from.readInto(offset, target, o);
+    if (before) await this.again(from, before, offset, target, o);
+  }
+  /**
+   * A cluster copied into hidden while the read ran may have been read from the disk after the
+   * replica write behind the copy: read it again, through hidden now (CbwFilter.copiedSince).
+   */
+  private async again(from: CompleteBlockNode, before: Uint8Array, offset: number, data: Buffer, o?: IoOptions): Promise<void> {
+    for (const r of this.copies!.copiedSince(before, offset, data.length)) {
+      await from.readInto(r.offset, data.subarray(r.offset - offset, r.offset - offset + r.length), o);
+    }
   }
   override extents(offset: number, length: number, o?: IoOptions): Promise<Extent[]> {
     return this.from.extents(offset, length, o);
@@ -184,7 +202,7 @@ export class SecondaryRole implements PairRole {
         (err) => this.onDiskError(err),
       );
       const active = o.activeFilters?.length ? stackFilters(images.activeNode, o.activeFilters) : images.activeNode;
-      this.view = new ViewNode(active, this.viewGate, new Borrowed(ctx.imageNode), () => this.state.state.committing !== null);
+      this.view = new ViewNode(active, this.viewGate, new Borrowed(ctx.imageNode), () => this.state.state.committing !== null, this.cbw);
       this.writers = new ReplicaWriters(ctx.server, ctx.exportName, this.cbw, this.cbw.gate, ctx.minimumBlockSize);
     }
   }
