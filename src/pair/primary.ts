@@ -130,6 +130,8 @@ export class PrimaryRole implements PairRole {
    * it committed already (its epoch moved by other means, or a DONE was lost)
    */
   private peerEpoch = 0;
+  /** the last checkpoint request sent (its number and id): a retry of the same number keeps the id */
+  private lastCheckpointRequest: { n: number; id: string } | undefined;
   private lastCheckpointAt: number | null = null;
   private freshBitmap = false;
   /**
@@ -601,8 +603,13 @@ export class PrimaryRole implements PairRole {
       throw new BlkrepError('ERR_PAIR_LINK_DOWN', `no checkpoint: the link to ${this.uri.uri} is ${this.link}`, { errno: 'EIO', details: { link: this.link } });
     }
     const n = Math.max(this.state.state.epoch, this.peerEpoch) + 1;
-    /** this request's id: the secondary answers "committed already" only to it (messages.ts) */
-    const id = randomBytes(8).toString('hex');
+    /**
+     * this request's id: the secondary answers "committed already" only to it (messages.ts). A
+     * retry of checkpoint n keeps the id of the attempt that failed: a secondary that failed step
+     * 6 redoes it and commits n on its own (failure case 6), and this retry is that checkpoint
+     */
+    const id = this.lastCheckpointRequest?.n === n ? this.lastCheckpointRequest.id : randomBytes(8).toString('hex');
+    this.lastCheckpointRequest = { n, id };
     const heldBy = (e: unknown): void => {
       if (typeof e === 'number' && Number.isSafeInteger(e) && e > this.peerEpoch) this.peerEpoch = e;
     };
