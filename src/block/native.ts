@@ -10,6 +10,7 @@ import { existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { envFlag } from '../util/env.js';
 
 /**
  * What the addon offers. Failures are Errors with `code` = errno name (EOPNOTSUPP is reported as
@@ -103,8 +104,7 @@ export function findNativeAddon(from: string = dirname(fileURLToPath(import.meta
 
 /** True when BLKREP_NO_NATIVE asks for the portable fallback. */
 export function nativeDisabled(): boolean {
-  const v = process.env.BLKREP_NO_NATIVE;
-  return v !== undefined && v !== '' && v !== '0';
+  return envFlag('BLKREP_NO_NATIVE');
 }
 
 let loaded: SparseOps | null | undefined;

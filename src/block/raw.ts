@@ -16,6 +16,7 @@ import { WriteBatcher, WRITE_BATCH_MAX } from './write-batch.js';
 import { ImageLock, lockPerms, PERM_WRITE, type LockPerms } from './image-lock.js';
 import { loadNative, type SparseOps } from './native.js';
 import { checkRange, coalesceExtents } from './node.js';
+import { envFlag } from '../util/env.js';
 
 /** zeroing without the addon writes at most this much per write */
 const ZERO_CHUNK = 1 << 20;
@@ -53,8 +54,7 @@ function nowaitLimit(o: IoOptions | undefined): number {
 
 /** BLKREP_NO_NOWAIT=1: every read and write through the thread pool (bench/serve-nbd compares the two). */
 function nowaitDisabled(): boolean {
-  const v = process.env.BLKREP_NO_NOWAIT;
-  return v !== undefined && v !== '' && v !== '0';
+  return envFlag('BLKREP_NO_NOWAIT');
 }
 
 let zeroBuffer: Buffer | undefined;

@@ -9,6 +9,7 @@
  * overlapping writes in flight.
  */
 import type { SparseOps } from './native.js';
+import { envFlag } from '../util/env.js';
 
 /** writes up to this size are batched; larger ones are the copy's cost, one job each is fine */
 export const WRITE_BATCH_MAX = 64 * 1024;
@@ -16,8 +17,7 @@ const BATCH_ITEMS = 64;
 
 /** BLKREP_NO_WRITE_BATCHING=1: one thread-pool job per write, as before pwriteBatch (bench/serve-nbd compares the two). */
 export function writeBatchingDisabled(): boolean {
-  const v = process.env.BLKREP_NO_WRITE_BATCHING;
-  return v !== undefined && v !== '' && v !== '0';
+  return envFlag('BLKREP_NO_WRITE_BATCHING');
 }
 
 interface Batch {

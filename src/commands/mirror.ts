@@ -16,6 +16,7 @@ import type { ControlEvent } from '../control/protocol.js';
 import type { JobQuery } from '../cli/job-command.js';
 import { controlPathFor } from '../cli/control-path.js';
 import { absoluteImageSpec } from '../cli/socket-uri.js';
+import { envFlag } from '../util/env.js';
 // the control client, the job follower and the progress bar load only when used (--control; a
 // terminal): an offline mirror starts without compiling them
 
@@ -47,8 +48,7 @@ export interface MirrorResult {
  * closed (the images closed). Not part of the command's output.
  */
 function benchPhases(): boolean {
-  const v = process.env.BLKREP_BENCH_PHASES;
-  return v !== undefined && v !== '' && v !== '0';
+  return envFlag('BLKREP_BENCH_PHASES');
 }
 
 export default class Mirror extends BlkrepCommand {

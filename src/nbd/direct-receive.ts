@@ -16,6 +16,7 @@
  */
 import net from 'node:net';
 import type { Duplex } from 'node:stream';
+import { envFlag } from '../util/env.js';
 
 /** what the new socket asks for each read, and tells of each read done */
 export interface DirectReader {
@@ -31,8 +32,7 @@ interface SocketInternals {
 }
 
 export function directReceiveDisabled(): boolean {
-  const v = process.env.BLKREP_NO_DIRECT_RECEIVE;
-  return v !== undefined && v !== '' && v !== '0';
+  return envFlag('BLKREP_NO_DIRECT_RECEIVE');
 }
 
 /**

@@ -28,6 +28,7 @@ import {
 import type { Descriptor, Export } from './export.js';
 import { StateMachine, type MachineSpec } from '../util/state-machine.js';
 import { ServerHandshake, type HandshakeHost, type HandshakeStep, type TlsMode } from './server-handshake.js';
+import { envFlag } from '../util/env.js';
 
 export { parseMetaContextRequest, type OptionExtension } from './server-handshake.js';
 
@@ -1049,14 +1050,12 @@ const BATCH_MAX_PAYLOAD = 64 * 1024;
 
 /** BLKREP_NO_REPLY_BATCHING=1: one socket write per reply, as before batching (bench/serve-nbd compares the two). */
 function replyBatchingDisabled(): boolean {
-  const v = process.env.BLKREP_NO_REPLY_BATCHING;
-  return v !== undefined && v !== '' && v !== '0';
+  return envFlag('BLKREP_NO_REPLY_BATCHING');
 }
 
 /** BLKREP_NO_SPLICE=1: read replies are copied through a buffer, never spliced from the file (bench/serve-nbd's blkrep-copy row). */
 function spliceDisabled(): boolean {
-  const v = process.env.BLKREP_NO_SPLICE;
-  return v !== undefined && v !== '' && v !== '0';
+  return envFlag('BLKREP_NO_SPLICE');
 }
 
 /**
@@ -1065,8 +1064,7 @@ function spliceDisabled(): boolean {
  * request); to be measured on a quiet one (bench/serve-nbd's blkrep-splicetcp row).
  */
 function spliceTcp(): boolean {
-  const v = process.env.BLKREP_SPLICE_TCP;
-  return v !== undefined && v !== '' && v !== '0';
+  return envFlag('BLKREP_SPLICE_TCP');
 }
 
 /** A plain socket's file descriptor (its libuv handle's), or -1; a TCP one only when `tcp`. */
