@@ -60,8 +60,10 @@ export class CbwFilter extends Filter {
    * fresh 64 KiB buffers each time are garbage the GC lets pile up (the secondary's peak RSS).
    */
   private readonly spare: Buffer[] = [];
-  /** buffers of RUN_BYTES for runs of more than one cluster */
+  /** buffers of maxRun clusters for runs of more than one cluster */
   private readonly spareRuns: Buffer[] = [];
+  /** the most clusters one copy takes (RUN_BYTES worth, at least one) */
+  private readonly maxRun: number;
 
   constructor(
     next: BlockNode,
@@ -74,6 +76,7 @@ export class CbwFilter extends Filter {
   ) {
     super(next);
     this.copied = new Uint8Array(Math.ceil(this.next.size / clusterSize));
+    this.maxRun = Math.max(1, Math.floor(RUN_BYTES / clusterSize));
   }
 
   /** clusters copied this epoch */
@@ -263,7 +266,6 @@ export class CbwFilter extends Filter {
     if (length <= 0) return;
     const first = Math.floor(offset / this.clusterSize);
     const last = Math.floor((offset + length - 1) / this.clusterSize);
-    const maxRun = Math.max(1, Math.floor(RUN_BYTES / this.clusterSize));
     const waits: Promise<void>[] = [];
     let c = first;
     while (c <= last) {
@@ -278,7 +280,7 @@ export class CbwFilter extends Filter {
         continue;
       }
       let n = 1;
-      while (n < maxRun && c + n <= last && !this.copied[c + n] && !this.copying.has(c + n)) n++;
+      while (n < this.maxRun && c + n <= last && !this.copied[c + n] && !this.copying.has(c + n)) n++;
       const start = c;
       const p = this.copyRun(start, n).finally(() => {
         for (let i = start; i < start + n; i++) this.copying.delete(i);
@@ -296,7 +298,7 @@ export class CbwFilter extends Filter {
     const at = c * this.clusterSize;
     const length = Math.min(n * this.clusterSize, this.next.size - at);
     const pool = n === 1 ? this.spare : this.spareRuns;
-    const buf = pool.pop() ?? Buffer.allocUnsafe(n === 1 ? this.clusterSize : Math.max(1, Math.floor(RUN_BYTES / this.clusterSize)) * this.clusterSize);
+    const buf = pool.pop() ?? Buffer.allocUnsafe((n === 1 ? 1 : this.maxRun) * this.clusterSize);
     try {
       const old = buf.subarray(0, length);
       // bulk: a run's read (up to 1 MiB) is tried on the loop with RWF_NOWAIT, as a single
