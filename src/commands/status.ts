@@ -28,7 +28,7 @@ export function pairLine(p: PairStatus): string {
 export function pairNotes(p: PairStatus): string[] {
   const x = p as PairStatus & {
     splitBrain?: { explanation: string };
-    secondary?: { splitBrain?: { keeps: string | null; explanation: string } | null; noRestorePoint?: string | null };
+    secondary?: { splitBrain?: { keeps: string | null; explanation: string } | null; noRestorePoint?: string | null; hiddenRecreated?: string | null };
     refused?: { code: string; message: string };
   };
   const sb = x.splitBrain ?? (x.secondary?.splitBrain && x.secondary.splitBrain.keeps !== 'primary' ? x.secondary.splitBrain : undefined);
@@ -36,6 +36,7 @@ export function pairNotes(p: PairStatus): string[] {
   if (p.link === 'split-brain' && sb) notes.push(`split brain: ${sb.explanation}`);
   if (x.refused && x.refused.code !== 'ERR_PAIR_SPLIT_BRAIN') notes.push(`replicate refused: ${x.refused.code}: ${x.refused.message}`);
   if (p.role === 'secondary' && x.secondary?.noRestorePoint) notes.push(`no checkpoint to roll back to (not promotable): ${x.secondary.noRestorePoint}`);
+  if (p.role === 'secondary' && x.secondary?.hiddenRecreated) notes.push(x.secondary.hiddenRecreated);
   return notes;
 }
 

@@ -32,7 +32,7 @@ import { peerBitmapPath } from './primary.js';
 import type { FailoverOptions, FailoverResult, HandOff, PairRole, PairStatus } from './role.js';
 import { allocatedRuns, Borrowed, openSecondaryImages, OVERLAY_CLUSTER, type HiddenDurability, type SecondaryImages } from './secondary-images.js';
 import { explainSecondaryFailover, type SecondaryFailoverFacts } from './secondary-explain.js';
-import { initialState, noRestorePoint, pairStatePath, PairStateFile, volatileHiddenLost } from './state.js';
+import { hiddenEmptyAtStop, hiddenEmptyNote, initialState, markSecondaryStopped, noRestorePoint, pairStatePath, PairStateFile, volatileHiddenLost } from './state.js';
 import { gated, WriteGate } from './write-gate.js';
 
 export interface SecondaryOptions {
@@ -186,6 +186,10 @@ export class SecondaryRole implements PairRole {
   private splitBrain: { at: string; rule: number; policy: string; keeps: 'primary' | 'secondary' | null; changedBytes: { secondary: number; primary: number }; explanation: string } | undefined;
   /** salvage overlays beside the disk */
   private salvaged: SalvageEntry[] = [];
+  /** the hidden disk was absent at start and the state recorded it empty at the clean stop of this epoch (status, failover --dry-run) */
+  private hiddenRecreatedAt: number | null = null;
+  /** a copy into the hidden disk failed in this run: its stop records nothing of hidden's emptiness */
+  private copyFailed = false;
 
   private constructor(
     private readonly ctx: PairContext,
@@ -236,7 +240,20 @@ export class SecondaryRole implements PairRole {
       // naming another file than the last run's) was created empty: the disk may hold writes made
       // after the last checkpoint whose old data was in the missing one. Not with a plain primary:
       // there the disk at start is checkpoint 0 (no resync would ever clear the loss)
-      const hiddenGone = !lost && images.created.hidden && wasSecondary && !o.acceptPlainPrimary && noRestorePoint(state.state, true) === null;
+      let hiddenGone = !lost && images.created.hidden && wasSecondary && !o.acceptPlainPrimary && noRestorePoint(state.state, true) === null;
+      // ... unless the last clean stop recorded hidden empty at this epoch: the disk is that
+      // checkpoint, and the new empty hidden disk keeps it
+      const emptyAt = hiddenGone ? hiddenEmptyAtStop(state.state) : null;
+      if (emptyAt !== null) {
+        hiddenGone = false;
+        role.hiddenRecreatedAt = emptyAt;
+        ctx.log('info', `the hidden disk ${images.hiddenPath} was absent at start and was created empty: ${hiddenEmptyNote(emptyAt)}`);
+      }
+      // the active disk holds only the secondary's own writes through the view since the last
+      // checkpoint (emptied at the next one): absent, the view shows the checkpoint without them
+      if (images.created.active && wasSecondary) {
+        ctx.log('info', `the active disk ${images.activePath} was absent at start and was created empty: the view shows checkpoint ${state.state.epoch} (and the primary's writes since) without the secondary's own writes of that epoch, if any`);
+      }
       await role.recover(
         lost
           ? `a host crash (boot id ${state.state.volatileHidden!.bootId} at the last start, ${boot?.id ?? `unreadable: ${boot?.error}`} now) lost the volatile hidden disk`
@@ -347,6 +364,7 @@ export class SecondaryRole implements PairRole {
         lastPrecopy: this.lastPrecopy ?? null,
         hiddenDurability: this.images?.hiddenFile.durability ?? null,
         noRestorePoint: this.noRestorePoint(),
+        hiddenRecreated: this.hiddenRecreatedNote(),
         committing: s.committing,
         checkpointing: this.checkpointing,
         failoverFailed: this.failoverFailed,
@@ -392,11 +410,15 @@ export class SecondaryRole implements PairRole {
       if (o.dryRun) {
         // a split brain met on the link is part of what a failover here decides
         const sb = this.splitBrain;
+        // and why a hidden disk absent at start lost nothing
+        const recreated = this.hiddenRecreatedNote();
+        const explanation = [explained.explanation, ...(sb ? [sb.explanation] : []), ...(recreated !== null ? [recreated] : [])].join('\n');
         return {
           ...explained,
           ms: Date.now() - t0,
           ...(pending ? { retry: true, failoverFailed: this.failoverFailed } : {}),
-          ...(sb ? { splitBrain: sb, explanation: `${explained.explanation}\n${sb.explanation}` } : {}),
+          ...(sb ? { splitBrain: sb } : {}),
+          explanation,
         };
       }
       // a retry was allowed when its failover started (maybe with --force): only its target counts now
@@ -432,7 +454,21 @@ export class SecondaryRole implements PairRole {
       if (this.images && !this.promoted && this.state.state.volatileHidden) await this.syncVolatileHidden().catch((err: unknown) => this.ctx.log('warn', `hidden disk: ${(err as Error).message}`));
       if (this.images) {
         await this.images.active.close().catch((err: unknown) => this.ctx.log('warn', `active disk: ${(err as Error).message}`));
-        await this.images.hidden.close().catch((err: unknown) => this.ctx.log('warn', `hidden disk: ${(err as Error).message}`));
+        const hiddenClosed = await this.images.hidden.close().then(
+          () => true,
+          (err: unknown) => (this.ctx.log('warn', `hidden disk: ${(err as Error).message}`), false),
+        );
+        // a clean stop: after hidden's last write (close waits for requests in flight and writes
+        // everything back), record whether it maps nothing at this epoch, so a hidden disk absent
+        // at the next start (a tmpfs after a reboot) costs nothing when it held nothing. Only with
+        // copy-before-write on (a bypassed one leaves hidden empty and the disk changed) and no
+        // checkpoint committing, no failed copy or disk write
+        if (!this.promoted && !this.failoverFailed && !this.copyFailed && this.failedReason === null && !this.state.state.failingOver) {
+          const empty = hiddenClosed && this.images.hidden.mapsNothing && this.noRestorePoint() === null;
+          if ((this.state.state.hiddenEmptyAt ?? null) !== (empty && this.state.state.committing === null ? this.state.state.epoch : null)) {
+            await this.state.update((s) => markSecondaryStopped(s, empty)).catch((err: unknown) => this.ctx.log('warn', `pair state: ${(err as Error).message}`));
+          }
+        }
       }
       await this.ownDirty?.close().catch((err: unknown) => this.ctx.log('warn', `old peer bitmap: ${(err as Error).message}`));
       this.ownDirty = undefined;
@@ -672,6 +708,7 @@ export class SecondaryRole implements PairRole {
   }
 
   private onCopyError(err: BlkrepError): void {
+    this.copyFailed = true;
     this.ctx.publish('replication-degraded', { export: this.ctx.exportName, role: 'secondary', reason: err.message, code: err.code });
     if (this.link?.isOpen) this.link.send({ type: 'event', name: 'cbw-failed', fields: { code: err.code, message: err.message } });
   }
@@ -728,10 +765,15 @@ export class SecondaryRole implements PairRole {
    */
   private async recordVolatile(bootId: string | null): Promise<void> {
     const images = this.images!;
+    // the record of a hidden disk empty at the last clean stop goes in the same state write: from
+    // now on the replica export may write copies into hidden (a kill -9 must not find it "empty")
+    const clearEmpty = this.state.state.hiddenEmptyAt != null;
     if (images.hiddenFile.durability === 'volatile') {
-      if (this.state.state.volatileHidden?.bootId !== bootId) await this.state.update((s) => ({ ...s, volatileHidden: { bootId: bootId! } }));
+      if (this.state.state.volatileHidden?.bootId !== bootId || clearEmpty) await this.state.update((s) => ({ ...s, volatileHidden: { bootId: bootId! }, hiddenEmptyAt: null }));
     } else if (this.state.state.volatileHidden) {
       await this.syncVolatileHidden();
+    } else if (clearEmpty) {
+      await this.state.update((s) => ({ ...s, hiddenEmptyAt: null }));
     }
   }
 
@@ -740,7 +782,12 @@ export class SecondaryRole implements PairRole {
     const images = this.images!;
     await images.hidden.flush();
     await images.hiddenFile.syncNow();
-    await this.state.update((s) => ({ ...s, volatileHidden: null }));
+    await this.state.update((s) => ({ ...s, volatileHidden: null, hiddenEmptyAt: null }));
+  }
+
+  /** The hidden disk was absent at start, recorded empty at the clean stop of this epoch: why nothing was lost (until the next checkpoint). */
+  private hiddenRecreatedNote(): string | null {
+    return this.hiddenRecreatedAt !== null && this.hiddenRecreatedAt === this.state.state.epoch && this.noRestorePoint() === null ? hiddenEmptyNote(this.hiddenRecreatedAt) : null;
   }
 
   /** No checkpoint to roll back to: the replica export writes the disk without copy-before-write. */
@@ -988,6 +1035,7 @@ export class SecondaryRole implements PairRole {
         primarySince: Date.now(),
         volatileHidden: null,
         restorePointLost: null,
+        hiddenEmptyAt: null,
         fullSyncFrom: null,
       }));
       this.promoted = true;

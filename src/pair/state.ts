@@ -76,6 +76,15 @@ export interface PairState {
    * a state from before this field): no request matches.
    */
   checkpointBy?: { nodeId: string; id: string | null } | null;
+  /**
+   * a secondary's clean stop left its hidden disk mapping nothing at this epoch (no checkpoint
+   * committing, copy-before-write on): the disk is CP_epoch, so a hidden disk absent at the next
+   * start loses nothing (`hiddenEmptyAtStop`). Written after the hidden disk's last write (its
+   * close), cleared durably before the replica export takes a write after a start (with the
+   * start's other bookkeeping: one state write per start, none per epoch). Absent or null = not
+   * known empty.
+   */
+  hiddenEmptyAt?: number | null;
 }
 
 const ROLES = ['primary', 'secondary', 'none'];
@@ -114,6 +123,9 @@ export function validateState(v: unknown, path: string): PairState {
   if (cb !== undefined && cb !== null && (typeof cb !== 'object' || typeof cb.nodeId !== 'string' || cb.nodeId === '' || (cb.id !== null && (typeof cb.id !== 'string' || cb.id === '')))) {
     throw bad(`has checkpointBy ${JSON.stringify(cb)}, not {nodeId: "…", id: "…" or null}`);
   }
+  if (s.hiddenEmptyAt !== undefined && s.hiddenEmptyAt !== null && (!Number.isSafeInteger(s.hiddenEmptyAt) || s.hiddenEmptyAt < 0)) {
+    throw bad(`has hiddenEmptyAt ${JSON.stringify(s.hiddenEmptyAt)}, not an epoch (a non-negative integer) or null`);
+  }
   checkTuple(s.gi, `the pair state ${path}`, 'ERR_PAIR_STATE');
   return s as PairState;
 }
@@ -122,9 +134,9 @@ export function validateState(v: unknown, path: string): PairState {
 export type RestartAction =
   /** crashed between steps 5 and 7 of checkpoint n: the disk is CP_n; redo step 6 (reset the CBW bitmap, empty active, then hidden: they are garbage and never read), then commit epoch n (step 7) */
   | { kind: 'finish-checkpoint'; n: number }
-  /** nothing in flight was durable, or a checkpoint crashed before step 5: the view (active → hidden → disk) is CP_epoch plus the node's own writes; keep the overlays */
+  /** nothing in flight was durable, or a checkpoint crashed before step 5: the view (active → hidden → disk) is CP_epoch plus the node's own writes; keep the overlays (a lost hidden disk recorded empty at a clean stop of this epoch: created empty, nothing lost) */
   | { kind: 'keep-restore-point'; epoch: number }
-  /** the hidden disk was lost (volatile storage) after an unclean stop: the disk holds writes of an unfinished epoch without their old data: Inconsistent until resynced */
+  /** the hidden disk was lost (volatile storage, deleted) and not recorded empty at a clean stop: the disk may hold writes of an unfinished epoch without their old data: Inconsistent until resynced */
   | { kind: 'mark-inconsistent'; reason: string }
   /** the node crashed as primary: announce crashedPrimary on hello and resync the persisted windows ∪ activity-log extents to the peer */
   | { kind: 'activity-log-resync' };
@@ -158,15 +170,22 @@ export function restartPlan(state: PairState, facts: RestartFacts = {}, path = '
     next.epoch = n;
     next.committing = null;
     why.push(`checkpoint ${n} was being committed (steps 5–7): the disk is CP_${n}, so step 6 is redone and epoch ${n} committed`);
-  } else if (state.role === 'secondary' && !state.cleanShutdown && facts.hiddenLost) {
-    const reason = `the hidden disk did not survive the unclean stop, so writes of epoch ${state.epoch + 1} on the disk cannot be rolled back to CP_${state.epoch}`;
+  } else if (facts.hiddenLost && hiddenEmptyAtStop(state) !== null) {
+    actions.push({ kind: 'keep-restore-point', epoch: state.epoch });
+    why.push(hiddenEmptyNote(state.epoch));
+  } else if (state.role === 'secondary' && facts.hiddenLost) {
+    // a clean stop does not empty hidden: its copies are the old data of the disk's writes since CP_epoch
+    const reason = `the hidden disk did not survive the ${state.cleanShutdown ? '' : 'unclean '}stop and the state does not record it empty, so writes of epoch ${state.epoch + 1} on the disk cannot be rolled back to CP_${state.epoch}`;
     actions.push({ kind: 'mark-inconsistent', reason });
     next.diskState = 'Inconsistent';
+    next.restorePointLost = reason;
     why.push(`${reason}: Inconsistent until resynced from the primary`);
   } else {
     actions.push({ kind: 'keep-restore-point', epoch: state.epoch });
     why.push(state.cleanShutdown ? `clean stop at epoch ${state.epoch}` : `no checkpoint was being committed: the restore point is CP_${state.epoch} (a checkpoint cut before step 5 is not committed)`);
   }
+  // the record of an empty hidden disk holds until the node serves again (it may write from then on)
+  if (next.hiddenEmptyAt != null) next.hiddenEmptyAt = null;
   if (state.crashedPrimary === true || (state.role === 'primary' && !state.cleanShutdown)) {
     actions.push({ kind: 'activity-log-resync' });
     next.crashedPrimary = true;
@@ -196,6 +215,31 @@ export function noRestorePoint(s: Readonly<PairState>, hiddenEmpty: boolean): st
   if (s.restorePointLost) return s.restorePointLost;
   if (s.epoch === 0 && s.diskState === 'Inconsistent' && hiddenEmpty) return 'it never committed a checkpoint and its first resync has not ended (the disk holds part of the primary\'s data)';
   return null;
+}
+
+/**
+ * A secondary's start with its hidden disk absent: the epoch whose checkpoint the disk is when
+ * the state records that a clean stop at that epoch left hidden empty (and no checkpoint is
+ * committing, and no restore point was lost since), else null. Then the absent hidden disk lost
+ * nothing: a new empty one keeps the restore point.
+ */
+export function hiddenEmptyAtStop(s: Readonly<PairState>): number | null {
+  if (s.role !== 'secondary' || s.committing !== null || s.restorePointLost) return null;
+  return s.hiddenEmptyAt != null && s.hiddenEmptyAt === s.epoch ? s.epoch : null;
+}
+
+/** status and failover --dry-run: why an absent hidden disk kept the restore point. */
+export function hiddenEmptyNote(epoch: number): string {
+  return `hidden was empty at the clean stop of epoch ${epoch}: nothing lost (the disk is checkpoint ${epoch}; the hidden disk was created empty)`;
+}
+
+/**
+ * A secondary's clean stop, after the hidden disk's last write: record whether hidden maps
+ * nothing at this epoch (`hiddenEmptyAtStop`). `empty` only when copy-before-write was on (a
+ * bypassed one leaves hidden empty with the disk changed) and no checkpoint is committing.
+ */
+export function markSecondaryStopped(s: PairState, empty: boolean): PairState {
+  return { ...s, hiddenEmptyAt: empty && s.committing === null ? s.epoch : null };
 }
 
 /** The node becomes primary (promotion, failover) at `now` (ms since the epoch). */

@@ -137,6 +137,8 @@ describe('a secondary restarted without its hidden disk', () => {
     expect(json<{ hiddenBytes: number }>((await runCli(['failover', '--control', p('sctl'), '--dry-run', '--json'])).stdout).hiddenBytes).toBe(MiB);
     expect(await primary.stop()).toBe(0);
     expect(await s.stop()).toBe(0);
+    // hidden held copies at the clean stop: nothing recorded empty
+    expect((JSON.parse(await readFile(p('s.img.pair.json'), 'utf8')) as { hiddenEmptyAt?: number | null }).hiddenEmptyAt ?? null).toBe(null);
     await rm(p('s.img.hidden.qcow2'));
 
     s = await serve(sArgs);

@@ -9,9 +9,11 @@ import { EMPTY } from '../../src/pair/generations.js';
 import {
   PairStateFile,
   clearCrashedPrimary,
+  hiddenEmptyAtStop,
   initialState,
   markPromoted,
   markRunning,
+  markSecondaryStopped,
   markStopped,
   noRestorePoint,
   pairStatePath,
@@ -57,6 +59,9 @@ describe('the pair state file', () => {
       [{ ...base(), restorePointLost: 5 }, 'has restorePointLost 5, not a string'],
       [{ ...base(), fullSyncFrom: { nodeId: 'n1' } }, 'has fullSyncFrom {"nodeId":"n1"}, not {nodeId: "…", gen: "…"}'],
       [{ ...base(), fullSyncTo: '' }, 'has fullSyncTo "", not a node id'],
+      [{ ...base(), hiddenEmptyAt: 'yes' }, 'has hiddenEmptyAt "yes", not an epoch (a non-negative integer) or null'],
+      [{ ...base(), hiddenEmptyAt: -1 }, 'has hiddenEmptyAt -1, not an epoch'],
+      [{ ...base(), hiddenEmptyAt: 1.5 }, 'has hiddenEmptyAt 1.5, not an epoch'],
     ];
     for (const [content, message] of cases) {
       await writeFile(path, typeof content === 'string' ? content : JSON.stringify(content));
@@ -81,11 +86,45 @@ describe('crash rules after a restart', () => {
     expect(plan.restorePoint).toBe(4);
   });
 
-  it('a lost hidden disk after an unclean stop makes the secondary Inconsistent; after a clean stop it does not matter', () => {
+  it('a lost hidden disk makes the secondary Inconsistent, after a clean stop too (hidden keeps its copies over a stop)', () => {
     const plan = restartPlan(base({ cleanShutdown: false }), { hiddenLost: true });
     expect(plan.actions).toEqual([{ kind: 'mark-inconsistent', reason: expect.stringContaining('cannot be rolled back to CP_4') }]);
-    expect(plan.next.diskState).toBe('Inconsistent');
-    expect(restartPlan(base({ cleanShutdown: true }), { hiddenLost: true }).actions).toEqual([{ kind: 'keep-restore-point', epoch: 4 }]);
+    expect(plan.next).toMatchObject({ diskState: 'Inconsistent', restorePointLost: expect.stringContaining('did not survive the unclean stop') });
+    const clean = restartPlan(base({ cleanShutdown: true }), { hiddenLost: true });
+    expect(clean.actions).toEqual([{ kind: 'mark-inconsistent', reason: expect.stringContaining('did not survive the stop and the state does not record it empty') }]);
+    // a hidden disk that survived: nothing to do
+    expect(restartPlan(base({ cleanShutdown: true })).actions).toEqual([{ kind: 'keep-restore-point', epoch: 4 }]);
+  });
+
+  it('a lost hidden disk recorded empty at the clean stop of this epoch loses nothing; the record goes before the node serves', () => {
+    const plan = restartPlan(base({ hiddenEmptyAt: 4 }), { hiddenLost: true });
+    expect(plan.actions).toEqual([{ kind: 'keep-restore-point', epoch: 4 }]);
+    expect(plan.restorePoint).toBe(4);
+    expect(plan.explanation).toContain('hidden was empty at the clean stop of epoch 4: nothing lost');
+    expect(plan.next).toEqual(base({ hiddenEmptyAt: null }));
+    // a hidden disk that survived: the record goes too (the node writes copies from now on)
+    expect(restartPlan(base({ hiddenEmptyAt: 4 })).next.hiddenEmptyAt).toBe(null);
+    // recorded at another epoch (a checkpoint since without a clean stop): not this restore point
+    expect(restartPlan(base({ hiddenEmptyAt: 3 }), { hiddenLost: true }).actions[0]!.kind).toBe('mark-inconsistent');
+    // the restore point was lost already: the record does not bring it back
+    expect(restartPlan(base({ hiddenEmptyAt: 4, restorePointLost: 'a host crash' }), { hiddenLost: true }).actions[0]!.kind).toBe('mark-inconsistent');
+    // a primary's state: the disk took writes without a hidden disk
+    expect(restartPlan(base({ role: 'primary', hiddenEmptyAt: 4 }), { hiddenLost: true }).actions[0]).toEqual({ kind: 'keep-restore-point', epoch: 4 });
+    expect(hiddenEmptyAtStop(base({ role: 'primary', hiddenEmptyAt: 4 }))).toBe(null);
+    // committing wins: the disk is CP_5 and step 6 is redone
+    expect(restartPlan(base({ hiddenEmptyAt: 4, committing: 5 }), { hiddenLost: true }).actions).toEqual([{ kind: 'finish-checkpoint', n: 5 }]);
+  });
+
+  it('the clean-stop record: empty at the epoch held, or null (not empty, or a checkpoint committing)', () => {
+    expect(markSecondaryStopped(base(), true).hiddenEmptyAt).toBe(4);
+    expect(markSecondaryStopped(base({ hiddenEmptyAt: 4 }), false).hiddenEmptyAt).toBe(null);
+    expect(markSecondaryStopped(base({ committing: 5 }), true).hiddenEmptyAt).toBe(null);
+    expect(hiddenEmptyAtStop(markSecondaryStopped(base(), true))).toBe(4);
+    expect(hiddenEmptyAtStop(base())).toBe(null);
+    expect(hiddenEmptyAtStop(base({ hiddenEmptyAt: null }))).toBe(null);
+    // an older build's state (no field) stays valid
+    expect(validateState(base(), 'x').hiddenEmptyAt).toBe(undefined);
+    expect(validateState(base({ hiddenEmptyAt: 0 }), 'x').hiddenEmptyAt).toBe(0);
   });
 
   it('committing wins over a lost hidden disk: the disk already is CP_N', () => {
@@ -136,5 +175,8 @@ describe('volatile hidden disk and restore points', () => {
     expect(noRestorePoint(base({ epoch: 0, diskState: 'UpToDate' }), true)).toBe(null);
     // a resync after a checkpoint: hidden still holds CP_N (replication.md §2)
     expect(noRestorePoint(base({ epoch: 3, diskState: 'Inconsistent' }), true)).toBe(null);
+    // a record of hidden empty at a clean stop changes none of this (the first resync has no restore point to keep)
+    expect(noRestorePoint(base({ epoch: 0, diskState: 'Inconsistent', hiddenEmptyAt: 0 }), true)).toContain('never committed a checkpoint');
+    expect(noRestorePoint(base({ hiddenEmptyAt: 4, restorePointLost: 'a host crash' }), true)).toBe('a host crash');
   });
 });
