@@ -297,14 +297,19 @@ export class SecondaryRole implements PairRole {
   async handOff(): Promise<HandOff> {
     if (!this.promoted) throw this.roleError('be replaced by a primary role', 'is a secondary');
     const size = this.ctx.exportNode.size;
+    const failback = (): Run[] => {
+      const runs: Run[] = [];
+      for (let from: number | null = 0; from !== null; ) {
+        const page: ReturnType<PairContext['bitmaps']['dump']> = this.ctx.bitmaps.dump(FAILBACK_BITMAP, { start: from, length: size - from });
+        for (const [offset, length] of page.runs) runs.push({ offset, length });
+        from = page.next;
+      }
+      return runs;
+    };
     const dirty: Run[] = [];
     let what = `failback bitmap "${FAILBACK_BITMAP}"`;
     try {
-      for (let from: number | null = 0; from !== null; ) {
-        const page: ReturnType<PairContext['bitmaps']['dump']> = this.ctx.bitmaps.dump(FAILBACK_BITMAP, { start: from, length: size - from });
-        for (const [offset, length] of page.runs) dirty.push({ offset, length });
-        from = page.next;
-      }
+      dirty.push(...failback());
     } catch (err) {
       if ((err as { code?: string }).code !== 'ERR_BITMAP_NOT_FOUND') throw err;
       // nothing says what the old primary may hold differently: all of it
@@ -318,6 +323,15 @@ export class SecondaryRole implements PairRole {
     await this.close();
     return {
       dirty,
+      // the export stays served read-write: its writes until the next role tracks them are marked here only
+      since: () => {
+        try {
+          return failback();
+        } catch (err) {
+          if ((err as { code?: string }).code !== 'ERR_BITMAP_NOT_FOUND') throw err;
+          return [];
+        }
+      },
       what,
       taken: async () => {
         await this.ctx.bitmaps.remove(FAILBACK_BITMAP, { ifExists: true });

@@ -1,0 +1,75 @@
+/**
+ * Attack (issue 10, round 2): `replicate` on a promoted secondary (failback) while a client keeps
+ * writing the promoted disk, two daemons in separate processes. The old record (the failback
+ * bitmap) is read when the promoted role hands over, and the new role's peer bitmap tracks writes
+ * from its configuration on: a write in between must be in one of them, or the resync never copies
+ * it and the two disks differ while both say UpToDate. Checked by cmp of the two images after the
+ * resync, the checkpoint after it and a clean stop.
+ */
+import { writeFile } from 'node:fs/promises';
+import { describe, expect, it } from 'vitest';
+import { NbdClient } from '../../src/nbd/client.js';
+import { makeTempDir, run, serve, unixUri, waitFor } from '../support/spawn.js';
+import { controlRequest as request, eventsOf, firstCheckpoint, pairOf, pairPaths } from '../support/control.js';
+
+const MiB = 1 << 20;
+const SIZE = 64 * MiB;
+const BLOCK = 4096;
+
+describe('attack: failback while the promoted disk is written', () => {
+  it('clean switchover, a client writing the new primary through replicate and its resync: the disks are equal afterwards (cmp)', async () => {
+    const dir = await makeTempDir();
+    const p = pairPaths(dir);
+    const content = Buffer.alloc(SIZE);
+    for (let m = 0; m < SIZE / MiB; m++) content.fill(m + 1, m * MiB, (m + 1) * MiB);
+    await writeFile(p.pImg, content);
+    await writeFile(p.sImg, Buffer.alloc(SIZE));
+    // A (p) primary of B (s); checkpoint 1; A stopped cleanly; B promoted
+    const b = await serve([p.sImg, '--secondary', '--socket', p.sSock, '--control', p.sControl]);
+    const a = await serve([p.pImg, '--socket', p.pSock, '--control', p.pControl, '--replicate-to', unixUri(p.sSock), '--protocol', 'sync']);
+    let a2: Awaited<ReturnType<typeof serve>> | undefined;
+    try {
+      await firstCheckpoint(p.pControl, 60_000);
+      expect(await a.stop()).toBe(0);
+      expect(await request<{ role: string; bytes: number }>(p.sControl, 'failover', {})).toMatchObject({ role: 'primary', epoch: 1, bytes: 0 });
+      a2 = await serve([p.pImg, '--secondary', '--socket', p.pSock, '--control', p.pControl]);
+      // a client writes B, 4 KiB blocks in order over the disk, 8 at a time, until stopped
+      const c = await NbdClient.connect({ uri: unixUri(p.sSock), reconnect: false, closeTimeoutMs: 1000 });
+      let next = 0;
+      let stopped = false;
+      let acked = 0;
+      const one = async (): Promise<void> => {
+        while (!stopped && next < SIZE / BLOCK) {
+          const i = next++;
+          await c.write(i * BLOCK, Buffer.alloc(BLOCK, 0x80 | (i & 0x7f)));
+          acked++;
+        }
+      };
+      const writing = Promise.all(Array.from({ length: 8 }, one));
+      await waitFor(() => acked >= 16, 'writes under way', { timeoutMs: 30_000, intervalMs: 1 });
+      const ev = await eventsOf(p.sControl, 60_000);
+      const before = acked;
+      expect(await request(p.sControl, 'replicate', { uri: unixUri(p.pSock), protocol: 'sync' })).toMatchObject({ role: 'primary', peerKind: 'blkrep' });
+      const during = acked - before;
+      await ev.next('resync-done');
+      await ev.next('checkpoint');
+      await ev.close();
+      stopped = true;
+      await writing;
+      await c.close().catch(() => {});
+      console.log(`writes acknowledged: ${before} before replicate, ${during} while it ran, ${acked} in all`);
+      expect(during).toBeGreaterThan(0);
+      expect((await request<{ epoch: number }>(p.sControl, 'checkpoint')).epoch).toBeGreaterThan(1);
+      expect(await pairOf(p.sControl)).toMatchObject({ role: 'primary', link: 'connected', bytesBehind: 0 });
+      expect(await a2.stop()).toBe(0);
+      expect(await b.stop()).toBe(0);
+      const r = await run('cmp', ['-l', p.pImg, p.sImg]);
+      const lines = r.stdout.split('\n').filter(Boolean);
+      expect({ code: r.code, differingBytes: lines.length, first: lines.slice(0, 3) }).toEqual({ code: 0, differingBytes: 0, first: [] });
+    } finally {
+      await a.stop().catch(() => {});
+      await a2?.stop().catch(() => {});
+      await b.stop().catch(() => {});
+    }
+  }, 120_000);
+});
