@@ -72,4 +72,52 @@ describe('attack: failback while the promoted disk is written', () => {
       await b.stop().catch(() => {});
     }
   }, 120_000);
+  it('crash of the primary after writes past checkpoint 1, failover, writes on the new primary, kill -9 of the new primary, restarted plain, failback: the disks are equal (cmp)', async () => {
+    const dir = await makeTempDir();
+    const p = pairPaths(dir);
+    const content = Buffer.alloc(SIZE);
+    for (let m = 0; m < SIZE / MiB; m++) content.fill(m + 1, m * MiB, (m + 1) * MiB);
+    await writeFile(p.pImg, content);
+    await writeFile(p.sImg, Buffer.alloc(SIZE));
+    const bArgs = ['--socket', p.sSock, '--control', p.sControl];
+    let b = await serve([p.sImg, '--secondary', ...bArgs]);
+    const a = await serve([p.pImg, '--socket', p.pSock, '--control', p.pControl, '--replicate-to', unixUri(p.sSock), '--protocol', 'sync']);
+    let a2: Awaited<ReturnType<typeof serve>> | undefined;
+    const writeAt = async (sock: string, offset: number, byte: number): Promise<void> => {
+      const c = await NbdClient.connect({ uri: unixUri(sock), reconnect: false, closeTimeoutMs: 1000 });
+      await c.write(offset, Buffer.alloc(MiB, byte));
+      await c.flush();
+      await c.close();
+    };
+    try {
+      await firstCheckpoint(p.pControl, 60_000);
+      // A writes after checkpoint 1 (forwarded: B's disk has it, hidden the checkpoint), then dies
+      await writeAt(p.pSock, 8 * MiB, 0xa1);
+      a.child.kill('SIGKILL');
+      await a.waitExit();
+      expect(await request<{ role: string }>(p.sControl, 'failover', {})).toMatchObject({ role: 'primary', epoch: 1 });
+      // B writes as the new primary, then dies; restarted without --secondary: the promoted disk served
+      await writeAt(p.sSock, 40 * MiB, 0xb1);
+      b.child.kill('SIGKILL');
+      await b.waitExit();
+      b = await serve([p.sImg, ...bArgs]);
+      a2 = await serve([p.pImg, '--secondary', '--socket', p.pSock, '--control', p.pControl]);
+      const ev = await eventsOf(p.sControl, 60_000);
+      expect(await request(p.sControl, 'replicate', { uri: unixUri(p.pSock), protocol: 'sync' })).toMatchObject({ role: 'primary', peerKind: 'blkrep' });
+      const started = await ev.next('resync-started');
+      await ev.next('resync-done');
+      await ev.next('checkpoint');
+      await ev.close();
+      console.log(`failback after the new primary's restart: resync ${JSON.stringify(started)}`);
+      expect(await a2.stop()).toBe(0);
+      expect(await b.stop()).toBe(0);
+      const r = await run('cmp', ['-l', p.pImg, p.sImg]);
+      const lines = r.stdout.split('\n').filter(Boolean);
+      expect({ code: r.code, differingBytes: lines.length, first: lines.slice(0, 3) }).toEqual({ code: 0, differingBytes: 0, first: [] });
+    } finally {
+      await a.stop().catch(() => {});
+      await a2?.stop().catch(() => {});
+      await b.stop().catch(() => {});
+    }
+  }, 120_000);
 });
