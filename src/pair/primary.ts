@@ -232,6 +232,19 @@ export class PrimaryRole implements PairRole {
     // until the first link is up, writes are tracked only
     options.filter.resync(options.filter.next);
     options.filter.degrade('starting');
+    if (options.handOff?.since) {
+      // writes from the hand-off's read of the old record until now are marked in that record only:
+      // once the ones in flight have finished (their marks there are set when they complete, by the
+      // tracking filter above this one), read it again; later writes set the peer bitmap's bits
+      const release = await options.filter.quiesce();
+      release();
+      await new Promise<void>((r) => setImmediate(r));
+      const since = options.handOff.since();
+      if (since.length) {
+        for (const r of since) bitmap.fill(r.offset, r.length);
+        await bitmap.flush();
+      }
+    }
     try {
       await role.connect();
     } catch (err) {

@@ -69,6 +69,12 @@ export interface FailoverResult {
 export interface HandOff {
   /** regions the next peer may miss (a promoted secondary: its failback bitmap ∪ the old peer bitmap) */
   dirty: Array<{ offset: number; length: number }>;
+  /**
+   * the same record read again (a promoted secondary: its failback bitmap), once the next role
+   * tracks writes itself: a write to the export after `dirty` was read and before the next role's
+   * peer bitmap tracked it is in no other record
+   */
+  since?: () => Array<{ offset: number; length: number }>;
   /** what they are, for the log and the resync event */
   what: string;
   /** the next role holds them durably (its peer bitmap is flushed): the old record may go */

@@ -314,14 +314,19 @@ export class SecondaryRole implements PairRole {
   async handOff(): Promise<HandOff> {
     if (!this.promoted) throw this.roleError('be replaced by a primary role', 'is a secondary');
     const size = this.ctx.exportNode.size;
+    const failback = (): Run[] => {
+      const runs: Run[] = [];
+      for (let from: number | null = 0; from !== null; ) {
+        const page: ReturnType<PairContext['bitmaps']['dump']> = this.ctx.bitmaps.dump(FAILBACK_BITMAP, { start: from, length: size - from });
+        for (const [offset, length] of page.runs) runs.push({ offset, length });
+        from = page.next;
+      }
+      return runs;
+    };
     const dirty: Run[] = [];
     let what = `failback bitmap "${FAILBACK_BITMAP}"`;
     try {
-      for (let from: number | null = 0; from !== null; ) {
-        const page: ReturnType<PairContext['bitmaps']['dump']> = this.ctx.bitmaps.dump(FAILBACK_BITMAP, { start: from, length: size - from });
-        for (const [offset, length] of page.runs) dirty.push({ offset, length });
-        from = page.next;
-      }
+      dirty.push(...failback());
     } catch (err) {
       if ((err as { code?: string }).code !== 'ERR_BITMAP_NOT_FOUND') throw err;
       // nothing says what the old primary may hold differently: all of it
@@ -335,6 +340,15 @@ export class SecondaryRole implements PairRole {
     await this.close();
     return {
       dirty,
+      // the export stays served read-write: its writes until the next role tracks them are marked here only
+      since: () => {
+        try {
+          return failback();
+        } catch (err) {
+          if ((err as { code?: string }).code !== 'ERR_BITMAP_NOT_FOUND') throw err;
+          return [];
+        }
+      },
       what,
       taken: async () => {
         await this.ctx.bitmaps.remove(FAILBACK_BITMAP, { ifExists: true });
@@ -424,8 +438,9 @@ export class SecondaryRole implements PairRole {
       // a retry was allowed when its failover started (maybe with --force): only its target counts now
       if (explained.refusal && !pending) throw new BlkrepError(explained.refusal.code, explained.refusal.message, { errno: 'EPERM', details: { diskState: facts.diskState, to } });
       this.ctx.publish('failover-started', { export: name, to, epoch: facts.epoch, retry: pending !== null });
+      let done: SecondaryFailoverFacts;
       try {
-        await this.promote(to, facts, pending?.committed ?? false);
+        done = await this.promote(to, facts, pending?.committed ?? false);
       } catch (err) {
         const e = toBlkrepError(err);
         const step = (e.details as { step?: FailoverStep } | undefined)?.step ?? 'record-intent';
@@ -436,7 +451,8 @@ export class SecondaryRole implements PairRole {
       }
       this.failoverFailed = null;
       const ms = Date.now() - t0;
-      const result: FailoverResult = { ...explained, role: 'primary', gi: this.state.state.gi, ms, failbackBitmap: FAILBACK_BITMAP, ...(pending ? { retry: true } : {}) };
+      // the overlays as the failover committed them (writes in flight when the facts were read landed since)
+      const result: FailoverResult = { ...explainSecondaryFailover(done, false), role: 'primary', gi: this.state.state.gi, ms, failbackBitmap: FAILBACK_BITMAP, ...(pending ? { retry: true } : {}) };
       this.ctx.publish('failover-done', { export: name, to, epoch: facts.epoch, bytes: result.bytes, ms });
       return result;
     });
@@ -966,17 +982,18 @@ export class SecondaryRole implements PairRole {
    * after `committed` only empties them. Until it ends, primaries are refused and the view (writes
    * to the active disk) is served again.
    */
-  private async promote(to: 'checkpoint' | 'latest', f: SecondaryFailoverFacts, committed: boolean): Promise<void> {
+  private async promote(to: 'checkpoint' | 'latest', f: SecondaryFailoverFacts, committed: boolean): Promise<SecondaryFailoverFacts> {
     // no hello is welcomed from the first step on (a retrying old primary would write into the promoted disk)
     this.promoting = true;
     try {
-      await this.promoteNow(to, f, committed);
+      return await this.promoteNow(to, f, committed);
     } finally {
       this.promoting = false;
     }
   }
 
-  private async promoteNow(to: 'checkpoint' | 'latest', f: SecondaryFailoverFacts, committed: boolean): Promise<void> {
+  private async promoteNow(to: 'checkpoint' | 'latest', facts: SecondaryFailoverFacts, committed: boolean): Promise<SecondaryFailoverFacts> {
+    let f = facts;
     const { server, exportName, exportNode, bitmaps } = this.ctx;
     const images = this.images!;
     // refuse the old primary: demote on the link, close the replica and view exports' connections
@@ -999,6 +1016,13 @@ export class SecondaryRole implements PairRole {
     await this.cbw!.gate.hold();
     await this.viewGate.hold();
     try {
+      // the overlays' runs again, now that no write is in flight: the facts were read before the gates
+      // were held, and a replica write then in flight (its copy into hidden under way) or a view write
+      // (into active) landed since — committing the old runs left the primary's write in the disk and
+      // dropped the view's acknowledged write with the emptied active disk
+      const hiddenRuns = await allocatedRuns(images.hiddenNode);
+      const activeRuns = await allocatedRuns(images.activeNode);
+      f = { ...f, hiddenRuns, activeRuns, hiddenBytes: sum(hiddenRuns), activeBytes: sum(activeRuns) };
       at('record-intent');
       if (!this.state.state.failingOver) await this.state.update((s) => ({ ...s, failingOver: { to, epoch: f.epoch, committed: false } }));
       // the failback bitmap: every cluster the old primary may hold differently (active ∪ hidden)
@@ -1056,6 +1080,7 @@ export class SecondaryRole implements PairRole {
     // whatever holds the name now, the promoted disk is served (connections of the old one close)
     if (server.findExport(exportName)) server.removeExport(exportName, 'failover: the promoted disk is served');
     this.addReplicaExport();
+    return f;
   }
 
   private async dropOwnDirty(): Promise<void> {
