@@ -37,7 +37,7 @@ smallYoungGeneration();
 // oclif.manifest.json (written by `npm run build`) lets oclif import only the command that runs
 // instead of every command (about 50 ms of CPU at each start). A manifest older than a compiled
 // command is stale (dist/ rebuilt by tsc alone): write it again first, when the tree is writable.
-import { existsSync, readFileSync, readdirSync, renameSync, statSync, unlinkSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, readdirSync, realpathSync, renameSync, statSync, unlinkSync, writeFileSync } from 'node:fs';
 import Module, { createRequire } from 'node:module';
 import { dirname, join, sep } from 'node:path';
 import vm from 'node:vm';
@@ -103,18 +103,46 @@ function writeCodeCaches() {
   }
 }
 
+// The index the bundle is cached under. require('@oclif/core') from the files in dist/vendor/ (the
+// command bundles: five times for bitmap dump) returns it without resolving the package again
+// (node_modules looked up, package.json and its exports read): from there require finds the root's
+// node_modules, where the index is (installedOclifIndex). Anyone else's require resolves as usual.
+let oclifIndex;
+function vendoredOclif() {
+  const resolve = Module._resolveFilename;
+  Module._resolveFilename = function (request, parent, ...rest) {
+    if (request === '@oclif/core' && parent?.filename?.startsWith(vendorDir + sep)) return oclifIndex;
+    return resolve.call(this, request, parent, ...rest);
+  };
+}
+
+// dist/vendor/oclif-core.json (the bundle script): the index's path below the root's node_modules,
+// where require would find it from here. Without it (or the index), require resolves it.
+function installedOclifIndex() {
+  try {
+    const { index } = JSON.parse(readFileSync(join(vendorDir, 'oclif-core.json'), 'utf8'));
+    const file = join(root, ...index);
+    // the real path, as require gives it (node_modules may be a link)
+    if (index[0] === 'node_modules' && !index.includes('..')) return realpathSync(file);
+  } catch {
+    // none (a build without it): resolve
+  }
+  return require.resolve('@oclif/core');
+}
+
 if (bundled) {
   const plain = Module._extensions['.js'];
   Module._extensions['.cjs'] = (module, filename) =>
     filename.startsWith(vendorDir + sep) ? compileCached(module, filename) : plain(module, filename);
   process.once('exit', writeCodeCaches);
   try {
-    const index = require.resolve('@oclif/core');
+    const index = installedOclifIndex();
     const { version } = JSON.parse(readFileSync(join(dirname(index), '..', 'package.json'), 'utf8'));
     const bundle = join(vendorDir, `oclif-core-${version}.cjs`);
     if (!require.cache[index] && existsSync(bundle)) {
       require(bundle);
       require.cache[index] = require.cache[bundle];
+      oclifIndex = index;
     }
   } catch {
     // anything unexpected: oclif loads from node_modules as usual
@@ -243,7 +271,8 @@ function loadPluginsAtFirstHook(Config) {
 
 // require, not import(): @oclif/core is CommonJS, and import() of it parses its source for its
 // export names (~10 ms for the bundle) where require returns the loaded module.
-const oclif = require('@oclif/core');
+if (oclifIndex) vendoredOclif();
+const oclif = oclifIndex ? require.cache[oclifIndex].exports : require('@oclif/core');
 let loadOptions;
 const index = bundled ? readIndex() : undefined;
 if (index) {

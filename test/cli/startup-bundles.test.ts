@@ -6,7 +6,8 @@
  * NODE_DEBUG=module makes node name each CommonJS file it loads on stderr, which is how these
  * tests see which copy of a command ran.
  */
-import { cpSync, existsSync, mkdirSync, readFileSync, readdirSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs';
+import { cpSync, existsSync, mkdirSync, readFileSync, readdirSync, rmSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs';
+import { deflateRawSync } from 'node:zlib';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { BIN, REPO_ROOT, makeTempDir, run, runCli, serve, start, unixUri, waitFor } from '../support/spawn.js';
@@ -114,6 +115,79 @@ describe('command bundles', () => {
     const check = await runCli(['config', 'check', config, '--json'], { env: debugEnv() });
     expect(check.code, check.stdout + check.stderr).toBe(0);
     expect(loaded(check.stderr, join(VENDOR, zod[0]!))).toBe(true);
+  });
+
+  it('bitmap dump of a file neither loads child_process nor zlib, nor resolves @oclif/core or picomatch', async () => {
+    const dir = await makeTempDir();
+    const img = join(dir, 'disk.qcow2');
+    await run('qemu-img', ['create', '-q', '-f', 'qcow2', img, '1M']);
+    await run('qemu-img', ['bitmap', '--add', img, 'b0']);
+    const list = join(dir, 'modules.txt');
+    const preload = join(dir, 'modules.cjs');
+    writeFileSync(preload, `process.on('exit', () => require('node:fs').writeFileSync(${JSON.stringify(list)}, process.moduleLoadList.join('\\n')));\n`);
+    const dump = await run(process.execPath, ['-r', preload, BIN, 'bitmap', 'dump', img, '-n', 'b0', '--json'], { env: debugEnv() });
+    expect(dump.code, dump.stderr).toBe(0);
+    expect(JSON.parse(dump.stdout)).toEqual([expect.objectContaining({ offset: 0, length: 1 << 20 })]);
+    expect(loaded(dump.stderr, join(VENDOR, 'commands', 'bitmap.dump.cjs'))).toBe(true);
+    const modules = readFileSync(list, 'utf8').split('\n');
+    expect(modules).toContain('NativeModule fs');
+    expect(modules).not.toContain('NativeModule child_process');
+    expect(modules).not.toContain('NativeModule zlib');
+    // the bundle's require('@oclif/core') is the bundle of @oclif/core without a lookup
+    expect(dump.stderr).toContain('Module._load REQUEST @oclif/core parent: ' + join(VENDOR, 'commands', 'bitmap.dump.cjs'));
+    expect(dump.stderr).not.toContain('looking for "@oclif/core"');
+    expect(dump.stderr).not.toContain('looking for "picomatch"');
+  });
+
+  it('without dist/vendor/oclif-core.json @oclif/core is resolved; with it, in a tree whose node_modules is a link, plugins get the same copy', async () => {
+    const copy = await copyOfBuild(); // node_modules: a link to the repository's
+    const version1 = await run(process.execPath, [join(copy, 'bin', 'run.js'), 'version', '--json'], { env: debugEnv() });
+    expect(version1.code, version1.stderr).toBe(0);
+    expect(version1.stderr).not.toContain('looking for "@oclif/core" in ["' + join(copy, 'bin', 'node_modules'));
+    // version loads every plugin (help, not-found … require @oclif/core): none loads node_modules' index
+    const index = join(REPO_ROOT, 'node_modules', '@oclif', 'core', 'lib', 'index.js');
+    expect(version1.stderr).not.toContain(`load "${index}"`);
+    expect(loaded(version1.stderr, join(copy, 'dist', 'vendor', 'oclif-core-' + oclifVersion() + '.cjs'))).toBe(true);
+
+    rmSync(join(copy, 'dist', 'vendor', 'oclif-core.json'));
+    const version2 = await run(process.execPath, [join(copy, 'bin', 'run.js'), 'version', '--json'], { env: debugEnv() });
+    expect(version2.code, version2.stderr).toBe(0);
+    expect(version2.stderr).toContain('looking for "@oclif/core" in ["' + join(copy, 'bin', 'node_modules'));
+    expect(version2.stderr).not.toContain(`load "${index}"`);
+    expect(JSON.parse(version2.stdout)).toEqual(JSON.parse(version1.stdout));
+  });
+
+  it('a builtin loaded at first use: its functions are stubs until called, promisify included', async () => {
+    const { lazyBuiltin } = (await import(join(REPO_ROOT, 'scripts', 'lazy-builtin.mjs'))) as { lazyBuiltin: (name: string) => string };
+    const dir = await makeTempDir();
+    writeFileSync(join(dir, 'cp.cjs'), lazyBuiltin('child_process'));
+    writeFileSync(join(dir, 'zlib.cjs'), lazyBuiltin('zlib'));
+    const deflated = deflateRawSync(Buffer.from('blkrep')).toString('hex');
+    writeFileSync(
+      join(dir, 'main.cjs'),
+      `const { promisify } = require('node:util');
+const cp = require('./cp.cjs');
+const zlib = require('./zlib.cjs');
+const execFile = promisify(cp.execFile);
+const inflateRaw = promisify(zlib.inflateRaw);
+const has = (m) => process.moduleLoadList.includes('NativeModule ' + m);
+const before = { child_process: has('child_process'), zlib: has('zlib'), same: cp.execFile === cp.execFile, name: cp.execFile.name };
+(async () => {
+  const out = await execFile(process.execPath, ['-e', 'process.stdout.write("hi")']);
+  const text = (await inflateRaw(Buffer.from('${deflated}', 'hex'))).toString();
+  const after = { child_process: has('child_process'), zlib: has('zlib'), isClass: cp.ChildProcess === require('node:child_process').ChildProcess };
+  console.log(JSON.stringify({ before, out, text, after }));
+})();
+`,
+    );
+    const r = await run(process.execPath, [join(dir, 'main.cjs')]);
+    expect(r.code, r.stderr).toBe(0);
+    expect(JSON.parse(r.stdout)).toEqual({
+      before: { child_process: false, zlib: false, same: true, name: 'execFile' },
+      out: { stdout: 'hi', stderr: '' }, // execFile's own promisify: stdout and stderr
+      text: 'blkrep',
+      after: { child_process: true, zlib: true, isClass: true },
+    });
   });
 
   it('bin/run.js runs as a program (its shebang), bundled', async () => {
