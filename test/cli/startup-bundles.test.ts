@@ -209,6 +209,20 @@ describe('a bundled command before the plugins load', () => {
   const execArgv = (stderr: string): string => /process\.execArgv: (.*)/.exec(stderr)?.[1] ?? 'no execArgv line';
   const LOADS_PLUGINS = 'loading plugins [';
 
+  it('--version alone runs without loading them, and prints what it prints with them loaded', async () => {
+    const fast = await runCli(['--version'], { env: oclifDebug() });
+    expect(fast.code, fast.stderr).toBe(0);
+    expect(fast.stderr).toContain('start init hook');
+    expect(fast.stderr).not.toContain(LOADS_PLUGINS);
+    const pjson = JSON.parse(readFileSync(join(REPO_ROOT, 'package.json'), 'utf8')) as { version: string };
+    expect(fast.stdout).toBe(`blkrep/${pjson.version} ${process.platform}-${process.arch} node-${process.version}\n`);
+
+    const full = await runCli(['--version'], { env: oclifDebug({ BLKREP_OCLIF_BUNDLE: '0' }) });
+    expect(full.code).toBe(0);
+    expect(full.stderr).toContain(LOADS_PLUGINS);
+    expect(full.stdout).toBe(fast.stdout);
+  });
+
   it('info runs without loading them (and loads them with BLKREP_OCLIF_BUNDLE=0)', async () => {
     const dir = await makeTempDir();
     const img = join(dir, 'disk.qcow2');
@@ -280,6 +294,11 @@ describe('a bundled command before the plugins load', () => {
     expect(r.code, r.stderr).toBe(0);
     expect(r.stderr.match(/^test hook info$/gm)).toHaveLength(2);
     expect(JSON.parse(r.stdout)).toMatchObject({ 'virtual-size': 1 << 20 });
+    // --version alone (no command): the user plugin's init hook runs before the version is printed
+    const v = await runCli(['--version'], { env: { ...process.env, BLKREP_DATA_DIR: dataDir } });
+    expect(v.code, v.stderr).toBe(0);
+    expect(v.stderr).toMatch(/^test hook --version$/m);
+    expect(v.stdout).toMatch(/^blkrep\/[\d.]+ linux-x64 node-v[\d.]+\n$/);
   });
 
   it('version (loadsAllPlugins) lists the plugins; -h after the flags shows help', async () => {
