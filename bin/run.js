@@ -1,4 +1,9 @@
 #!/usr/bin/env node
+'use strict';
+// CommonJS (bin/package.json): an ES module as the program costs node its ESM loader and, for
+// `import … from 'node:fs'`, the ESM facade that reads every export of fs (callgrind: 529 M
+// instructions for a file importing fs, module and vm against 503 M for one requiring them; node
+// -e 0 is ~500 M).
 // Enough libuv threads for many requests in flight against files (default is 4);
 // must be set before the thread pool is first used, so before anything else loads.
 if (!process.env.UV_THREADPOOL_SIZE) process.env.UV_THREADPOOL_SIZE = '16';
@@ -21,7 +26,7 @@ function smallYoungGeneration() {
   if ([...process.execArgv, process.env.NODE_OPTIONS ?? ''].some((a) => a.includes('--max-semi-space-size'))) return;
   const addon = { exports: {} };
   try {
-    process.dlopen(addon, fileURLToPath(new URL('../native/build/Release/blkrep_native.node', import.meta.url)));
+    process.dlopen(addon, join(__dirname, '..', 'native', 'build', 'Release', 'blkrep_native.node'));
   } catch {
     return; // no addon: run without the flag
   }
@@ -32,18 +37,18 @@ function smallYoungGeneration() {
     // execv failed (the program is gone?): this process goes on without the flag
   }
 }
+const { dirname, join, sep } = require('node:path');
 smallYoungGeneration();
 
 // oclif.manifest.json (written by `npm run build`) lets oclif import only the command that runs
 // instead of every command (about 50 ms of CPU at each start). A manifest older than a compiled
 // command is stale (dist/ rebuilt by tsc alone): write it again first, when the tree is writable.
-import { existsSync, readFileSync, readdirSync, renameSync, statSync, unlinkSync, writeFileSync } from 'node:fs';
-import Module, { createRequire } from 'node:module';
-import { dirname, join, sep } from 'node:path';
-import vm from 'node:vm';
-import { fileURLToPath } from 'node:url';
+const { existsSync, readFileSync, readdirSync, realpathSync, renameSync, statSync, unlinkSync, writeFileSync } = require('node:fs');
+const Module = require('node:module');
+const { createRequire } = Module;
+const vm = require('node:vm');
 
-const root = fileURLToPath(new URL('..', import.meta.url));
+const root = dirname(__dirname) + sep;
 
 // dist/vendor/oclif-core-VERSION.cjs (scripts/bundle-oclif.mjs, written by `npm run build`): all of
 // @oclif/core in one file, about 120 ms of CPU less at each start than its ~200 modules. Placed in
@@ -59,7 +64,6 @@ const root = fileURLToPath(new URL('..', import.meta.url));
 // and then the file is simply compiled.
 const bundled = process.env.BLKREP_OCLIF_BUNDLE !== '0';
 const vendorDir = join(root, 'dist', 'vendor');
-const require = createRequire(import.meta.url);
 
 function flagsKey() {
   const text = [process.version, process.arch, ...process.execArgv, process.env.NODE_OPTIONS ?? ''].join('\0');
@@ -103,18 +107,46 @@ function writeCodeCaches() {
   }
 }
 
+// The index the bundle is cached under. require('@oclif/core') from the files in dist/vendor/ (the
+// command bundles: five times for bitmap dump) returns it without resolving the package again
+// (node_modules looked up, package.json and its exports read): from there require finds the root's
+// node_modules, where the index is (installedOclifIndex). Anyone else's require resolves as usual.
+let oclifIndex;
+function vendoredOclif() {
+  const resolve = Module._resolveFilename;
+  Module._resolveFilename = function (request, parent, ...rest) {
+    if (request === '@oclif/core' && parent?.filename?.startsWith(vendorDir + sep)) return oclifIndex;
+    return resolve.call(this, request, parent, ...rest);
+  };
+}
+
+// dist/vendor/oclif-core.json (the bundle script): the index's path below the root's node_modules,
+// where require would find it from here. Without it (or the index), require resolves it.
+function installedOclifIndex() {
+  try {
+    const { index } = JSON.parse(readFileSync(join(vendorDir, 'oclif-core.json'), 'utf8'));
+    const file = join(root, ...index);
+    // the real path, as require gives it (node_modules may be a link)
+    if (index[0] === 'node_modules' && !index.includes('..')) return realpathSync(file);
+  } catch {
+    // none (a build without it): resolve
+  }
+  return require.resolve('@oclif/core');
+}
+
 if (bundled) {
   const plain = Module._extensions['.js'];
   Module._extensions['.cjs'] = (module, filename) =>
     filename.startsWith(vendorDir + sep) ? compileCached(module, filename) : plain(module, filename);
   process.once('exit', writeCodeCaches);
   try {
-    const index = require.resolve('@oclif/core');
+    const index = installedOclifIndex();
     const { version } = JSON.parse(readFileSync(join(dirname(index), '..', 'package.json'), 'utf8'));
     const bundle = join(vendorDir, `oclif-core-${version}.cjs`);
     if (!require.cache[index] && existsSync(bundle)) {
       require(bundle);
       require.cache[index] = require.cache[bundle];
+      oclifIndex = index;
     }
   } catch {
     // anything unexpected: oclif loads from node_modules as usual
@@ -145,7 +177,8 @@ function manifestStale() {
   };
   return newer(join(root, 'dist', 'src', 'commands'));
 }
-if (manifestStale()) {
+async function rewriteStaleManifest() {
+  if (!manifestStale()) return;
   try {
     const { writeManifest } = await import('../scripts/oclif-manifest.mjs');
     await writeManifest(root);
@@ -205,8 +238,11 @@ function fastLoadOptions(oclif, index) {
   if (index.lifecycleHooks?.length !== 0) return undefined;
   const dash = argv.indexOf('--');
   if (argv.slice(0, dash === -1 ? undefined : dash).some((a) => HELP_FLAGS.includes(a))) return undefined;
+  // `--version` alone: oclif prints its user agent (name/version platform-arch node-VERSION, from
+  // the root package.json) after the init hook, before it looks for a command: no command needed
+  const versionOnly = argv.length === 1 && argv[0] === '--version';
   const words = [];
-  for (const arg of argv) {
+  for (const arg of versionOnly ? [] : argv) {
     if (arg.startsWith('-')) break;
     words.push(arg);
   }
@@ -216,16 +252,16 @@ function fastLoadOptions(oclif, index) {
     if (Object.hasOwn(index.commands, candidate)) id = candidate;
   }
   const bundle = id && index.commands[id];
-  if (!bundle || bundle.loadsAllPlugins || !bundleFresh(bundle)) return undefined;
-  let entry, pjson;
+  if (!versionOnly && (!bundle || bundle.loadsAllPlugins || !bundleFresh(bundle))) return undefined;
+  let commands, pjson;
   try {
-    entry = JSON.parse(readFileSync(join(vendorDir, 'commands', bundle.file.replace(/\.cjs$/, '.manifest.json')), 'utf8'));
+    commands = versionOnly ? {} : { [id]: JSON.parse(readFileSync(join(vendorDir, 'commands', bundle.file.replace(/\.cjs$/, '.manifest.json')), 'utf8')) };
     pjson = JSON.parse(readFileSync(join(root, 'package.json'), 'utf8'));
   } catch {
     return undefined;
   }
   const plugin = new oclif.Plugin({ root, isRoot: true, pjson });
-  plugin._manifest = async () => ({ version: pjson.version, commands: { [id]: entry } });
+  plugin._manifest = async () => ({ version: pjson.version, commands });
   return { root, pjson, plugins: new Map([[pjson.name, plugin]]), blkrepRootPlugin: plugin };
 }
 function loadPluginsAtFirstHook(Config) {
@@ -241,18 +277,24 @@ function loadPluginsAtFirstHook(Config) {
   };
 }
 
-// require, not import(): @oclif/core is CommonJS, and import() of it parses its source for its
-// export names (~10 ms for the bundle) where require returns the loaded module.
-const oclif = require('@oclif/core');
-let loadOptions;
-const index = bundled ? readIndex() : undefined;
-if (index) {
-  useCommandBundles(oclif.Plugin, index);
-  loadOptions = args ? undefined : fastLoadOptions(oclif, index);
-  if (loadOptions) {
-    await loadOptions.blkrepRootPlugin.load();
-    loadPluginsAtFirstHook(oclif.Config);
+async function main() {
+  await rewriteStaleManifest();
+  // require, not import(): @oclif/core is CommonJS, and import() of it parses its source for its
+  // export names (~10 ms for the bundle) where require returns the loaded module.
+  if (oclifIndex) vendoredOclif();
+  const oclif = oclifIndex ? require.cache[oclifIndex].exports : require('@oclif/core');
+  let loadOptions;
+  const index = bundled ? readIndex() : undefined;
+  if (index) {
+    useCommandBundles(oclif.Plugin, index);
+    loadOptions = args ? undefined : fastLoadOptions(oclif, index);
+    if (loadOptions) {
+      await loadOptions.blkrepRootPlugin.load();
+      loadPluginsAtFirstHook(oclif.Config);
+    }
   }
+  // dir: the root (oclif finds its package.json there; from bin/ it would find bin/package.json)
+  await oclif.execute({ dir: root, ...(args ? { args } : {}), ...(loadOptions ? { loadOptions } : {}) });
 }
-const { execute } = oclif;
-await execute({ dir: import.meta.url, ...(args ? { args } : {}), ...(loadOptions ? { loadOptions } : {}) });
+// a rejection is unhandled: node prints it and exits with 1, as for the ES module's top-level await
+main();

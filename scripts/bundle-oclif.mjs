@@ -15,6 +15,7 @@ import { mkdirSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'nod
 import { createRequire } from 'node:module';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { lazyBuiltin } from './lazy-builtin.mjs';
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const require = createRequire(path.join(root, 'package.json'));
@@ -52,23 +53,9 @@ for (const old of readdirSync(path.dirname(outfile))) {
 // module imports for one function a short command may never call.
 const LAZY_BUILTINS = /^(node:)?(child_process|perf_hooks|readline)$/;
 const LAZY_BUILTINS_COMMANDS = /^(node:)?(child_process|perf_hooks|readline|crypto|tls|zlib|http|https|dgram|dns|worker_threads|v8|inspector)$/;
-function lazyBuiltin(name) {
-  const names = Object.keys(require(name)).filter((k) => k !== 'default');
-  return `"use strict";
-let real;
-const load = () => (real ??= require("node:${name}"));
-const names = ${JSON.stringify(names)};
-module.exports = new Proxy({}, {
-  get: (_, key) => load()[key],
-  has: (_, key) => key in load(),
-  ownKeys: () => names,
-  getOwnPropertyDescriptor: (_, key) =>
-    names.includes(key) ? { configurable: true, enumerable: true, get: () => load()[key] } : undefined,
-});
-`;
-}
 const PLUGIN_MATCH = '(0, minimatch_1.minimatch)(p, w)';
 const NODE_CHECK = '\ncheckNodeVersion();\n';
+const PICOMATCH_CHECK = '\n\trequire.resolve("picomatch");\n';
 const startupPlugin = (lazy) => ({
   name: 'blkrep-startup',
   setup(build) {
@@ -79,6 +66,14 @@ const startupPlugin = (lazy) => ({
       const source = readFileSync(args.path, 'utf8');
       if (!source.includes(NODE_CHECK)) return undefined;
       return { contents: source.replace(NODE_CHECK, '\n'), loader: 'js' };
+    });
+    // fdir (tinyglobby's) checks that picomatch resolves before it requires it, at its start:
+    // in the bundle picomatch is bundled, so the require always succeeds and the check only reads
+    // node_modules/picomatch/package.json.
+    build.onLoad({ filter: /[\\/]fdir[\\/]dist[\\/]index\.cjs$/ }, (args) => {
+      const source = readFileSync(args.path, 'utf8');
+      if (!source.includes(PICOMATCH_CHECK)) return undefined;
+      return { contents: source.replace(PICOMATCH_CHECK, '\n'), loader: 'js' };
     });
     build.onLoad({ filter: /[\\/]@oclif[\\/]core[\\/]lib[\\/]config[\\/]plugin-loader\.js$/ }, (args) => {
       const source = readFileSync(args.path, 'utf8');
@@ -119,6 +114,14 @@ function rewriteImports(file) {
   return imports;
 }
 if (rewriteImports(outfile) === 0) throw new Error(`${outfile}: no import( found to rewrite; has @oclif/core changed how it loads commands?`);
+// oclif-core.json: where the installed index is, below node_modules, so that bin/run.js need not
+// resolve '@oclif/core' at each start (its package exports: ~4 ms of CPU) to know the path the
+// bundle goes under in require's cache. bin/run.js resolves as before when the file is absent, or
+// the index it names is not there.
+const oclifIndex = path.relative(root, require.resolve('@oclif/core'));
+const indexRecord = path.join(path.dirname(outfile), 'oclif-core.json');
+rmSync(indexRecord, { force: true });
+if (oclifIndex.split(path.sep)[0] === 'node_modules') writeFileSync(indexRecord, JSON.stringify({ index: oclifIndex.split(path.sep) }) + '\n');
 console.log(`wrote ${path.relative(process.cwd(), outfile)}`);
 
 // Each command as one file too: dist/vendor/commands/ID.cjs (ID with . for :), the command's

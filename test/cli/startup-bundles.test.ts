@@ -6,7 +6,8 @@
  * NODE_DEBUG=module makes node name each CommonJS file it loads on stderr, which is how these
  * tests see which copy of a command ran.
  */
-import { cpSync, existsSync, mkdirSync, readFileSync, readdirSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs';
+import { cpSync, existsSync, mkdirSync, readFileSync, readdirSync, rmSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs';
+import { deflateRawSync } from 'node:zlib';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { BIN, REPO_ROOT, makeTempDir, run, runCli, serve, start, unixUri, waitFor } from '../support/spawn.js';
@@ -116,6 +117,79 @@ describe('command bundles', () => {
     expect(loaded(check.stderr, join(VENDOR, zod[0]!))).toBe(true);
   });
 
+  it('bitmap dump of a file neither loads child_process nor zlib, nor resolves @oclif/core or picomatch', async () => {
+    const dir = await makeTempDir();
+    const img = join(dir, 'disk.qcow2');
+    await run('qemu-img', ['create', '-q', '-f', 'qcow2', img, '1M']);
+    await run('qemu-img', ['bitmap', '--add', img, 'b0']);
+    const list = join(dir, 'modules.txt');
+    const preload = join(dir, 'modules.cjs');
+    writeFileSync(preload, `process.on('exit', () => require('node:fs').writeFileSync(${JSON.stringify(list)}, process.moduleLoadList.join('\\n')));\n`);
+    const dump = await run(process.execPath, ['-r', preload, BIN, 'bitmap', 'dump', img, '-n', 'b0', '--json'], { env: debugEnv() });
+    expect(dump.code, dump.stderr).toBe(0);
+    expect(JSON.parse(dump.stdout)).toEqual([expect.objectContaining({ offset: 0, length: 1 << 20 })]);
+    expect(loaded(dump.stderr, join(VENDOR, 'commands', 'bitmap.dump.cjs'))).toBe(true);
+    const modules = readFileSync(list, 'utf8').split('\n');
+    expect(modules).toContain('NativeModule fs');
+    expect(modules).not.toContain('NativeModule child_process');
+    expect(modules).not.toContain('NativeModule zlib');
+    // the bundle's require('@oclif/core') is the bundle of @oclif/core without a lookup
+    expect(dump.stderr).toContain('Module._load REQUEST @oclif/core parent: ' + join(VENDOR, 'commands', 'bitmap.dump.cjs'));
+    expect(dump.stderr).not.toContain('looking for "@oclif/core"');
+    expect(dump.stderr).not.toContain('looking for "picomatch"');
+  });
+
+  it('without dist/vendor/oclif-core.json @oclif/core is resolved; with it, in a tree whose node_modules is a link, plugins get the same copy', async () => {
+    const copy = await copyOfBuild(); // node_modules: a link to the repository's
+    const version1 = await run(process.execPath, [join(copy, 'bin', 'run.js'), 'version', '--json'], { env: debugEnv() });
+    expect(version1.code, version1.stderr).toBe(0);
+    expect(version1.stderr).not.toContain('looking for "@oclif/core" in ["' + join(copy, 'bin', 'node_modules'));
+    // version loads every plugin (help, not-found … require @oclif/core): none loads node_modules' index
+    const index = join(REPO_ROOT, 'node_modules', '@oclif', 'core', 'lib', 'index.js');
+    expect(version1.stderr).not.toContain(`load "${index}"`);
+    expect(loaded(version1.stderr, join(copy, 'dist', 'vendor', 'oclif-core-' + oclifVersion() + '.cjs'))).toBe(true);
+
+    rmSync(join(copy, 'dist', 'vendor', 'oclif-core.json'));
+    const version2 = await run(process.execPath, [join(copy, 'bin', 'run.js'), 'version', '--json'], { env: debugEnv() });
+    expect(version2.code, version2.stderr).toBe(0);
+    expect(version2.stderr).toContain('looking for "@oclif/core" in ["' + join(copy, 'bin', 'node_modules'));
+    expect(version2.stderr).not.toContain(`load "${index}"`);
+    expect(JSON.parse(version2.stdout)).toEqual(JSON.parse(version1.stdout));
+  });
+
+  it('a builtin loaded at first use: its functions are stubs until called, promisify included', async () => {
+    const { lazyBuiltin } = (await import(join(REPO_ROOT, 'scripts', 'lazy-builtin.mjs'))) as { lazyBuiltin: (name: string) => string };
+    const dir = await makeTempDir();
+    writeFileSync(join(dir, 'cp.cjs'), lazyBuiltin('child_process'));
+    writeFileSync(join(dir, 'zlib.cjs'), lazyBuiltin('zlib'));
+    const deflated = deflateRawSync(Buffer.from('blkrep')).toString('hex');
+    writeFileSync(
+      join(dir, 'main.cjs'),
+      `const { promisify } = require('node:util');
+const cp = require('./cp.cjs');
+const zlib = require('./zlib.cjs');
+const execFile = promisify(cp.execFile);
+const inflateRaw = promisify(zlib.inflateRaw);
+const has = (m) => process.moduleLoadList.includes('NativeModule ' + m);
+const before = { child_process: has('child_process'), zlib: has('zlib'), same: cp.execFile === cp.execFile, name: cp.execFile.name };
+(async () => {
+  const out = await execFile(process.execPath, ['-e', 'process.stdout.write("hi")']);
+  const text = (await inflateRaw(Buffer.from('${deflated}', 'hex'))).toString();
+  const after = { child_process: has('child_process'), zlib: has('zlib'), isClass: cp.ChildProcess === require('node:child_process').ChildProcess };
+  console.log(JSON.stringify({ before, out, text, after }));
+})();
+`,
+    );
+    const r = await run(process.execPath, [join(dir, 'main.cjs')]);
+    expect(r.code, r.stderr).toBe(0);
+    expect(JSON.parse(r.stdout)).toEqual({
+      before: { child_process: false, zlib: false, same: true, name: 'execFile' },
+      out: { stdout: 'hi', stderr: '' }, // execFile's own promisify: stdout and stderr
+      text: 'blkrep',
+      after: { child_process: true, zlib: true, isClass: true },
+    });
+  });
+
   it('bin/run.js runs as a program (its shebang), bundled', async () => {
     const r = await run(BIN, ['version', '--json'], { env: debugEnv() });
     expect(r.code).toBe(0);
@@ -134,6 +208,20 @@ describe('a bundled command before the plugins load', () => {
   // oclif:main prints node's flags: --max-semi-space-size=2 only for the commands that move data
   const execArgv = (stderr: string): string => /process\.execArgv: (.*)/.exec(stderr)?.[1] ?? 'no execArgv line';
   const LOADS_PLUGINS = 'loading plugins [';
+
+  it('--version alone runs without loading them, and prints what it prints with them loaded', async () => {
+    const fast = await runCli(['--version'], { env: oclifDebug() });
+    expect(fast.code, fast.stderr).toBe(0);
+    expect(fast.stderr).toContain('start init hook');
+    expect(fast.stderr).not.toContain(LOADS_PLUGINS);
+    const pjson = JSON.parse(readFileSync(join(REPO_ROOT, 'package.json'), 'utf8')) as { version: string };
+    expect(fast.stdout).toBe(`blkrep/${pjson.version} ${process.platform}-${process.arch} node-${process.version}\n`);
+
+    const full = await runCli(['--version'], { env: oclifDebug({ BLKREP_OCLIF_BUNDLE: '0' }) });
+    expect(full.code).toBe(0);
+    expect(full.stderr).toContain(LOADS_PLUGINS);
+    expect(full.stdout).toBe(fast.stdout);
+  });
 
   it('info runs without loading them (and loads them with BLKREP_OCLIF_BUNDLE=0)', async () => {
     const dir = await makeTempDir();
@@ -206,6 +294,11 @@ describe('a bundled command before the plugins load', () => {
     expect(r.code, r.stderr).toBe(0);
     expect(r.stderr.match(/^test hook info$/gm)).toHaveLength(2);
     expect(JSON.parse(r.stdout)).toMatchObject({ 'virtual-size': 1 << 20 });
+    // --version alone (no command): the user plugin's init hook runs before the version is printed
+    const v = await runCli(['--version'], { env: { ...process.env, BLKREP_DATA_DIR: dataDir } });
+    expect(v.code, v.stderr).toBe(0);
+    expect(v.stderr).toMatch(/^test hook --version$/m);
+    expect(v.stdout).toMatch(/^blkrep\/[\d.]+ linux-x64 node-v[\d.]+\n$/);
   });
 
   it('version (loadsAllPlugins) lists the plugins; -h after the flags shows help', async () => {
