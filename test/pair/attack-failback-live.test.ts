@@ -16,14 +16,29 @@ const MiB = 1 << 20;
 const SIZE = 64 * MiB;
 const BLOCK = 4096;
 
+type Paths = ReturnType<typeof pairPaths>;
+
+/** A's disk: MiB m filled with the byte m + 1; B's disk zeros. A's content. */
+async function patternedDisks(p: Paths): Promise<Buffer> {
+  const content = Buffer.alloc(SIZE);
+  for (let m = 0; m < SIZE / MiB; m++) content.fill(m + 1, m * MiB, (m + 1) * MiB);
+  await writeFile(p.pImg, content);
+  await writeFile(p.sImg, Buffer.alloc(SIZE));
+  return content;
+}
+
+/** the two images equal byte for byte (cmp -l: the first differing bytes shown) */
+async function expectSameImages(p: Paths): Promise<void> {
+  const r = await run('cmp', ['-l', p.pImg, p.sImg]);
+  const lines = r.stdout.split('\n').filter(Boolean);
+  expect({ code: r.code, differingBytes: lines.length, first: lines.slice(0, 3) }).toEqual({ code: 0, differingBytes: 0, first: [] });
+}
+
 describe('attack: failback while the promoted disk is written', () => {
   it('clean switchover, a client writing the new primary through replicate and its resync: the disks are equal afterwards (cmp)', async () => {
     const dir = await makeTempDir();
     const p = pairPaths(dir);
-    const content = Buffer.alloc(SIZE);
-    for (let m = 0; m < SIZE / MiB; m++) content.fill(m + 1, m * MiB, (m + 1) * MiB);
-    await writeFile(p.pImg, content);
-    await writeFile(p.sImg, Buffer.alloc(SIZE));
+    await patternedDisks(p);
     // A (p) primary of B (s); checkpoint 1; A stopped cleanly; B promoted
     const b = await serve([p.sImg, '--secondary', '--socket', p.sSock, '--control', p.sControl]);
     const a = await serve([p.pImg, '--socket', p.pSock, '--control', p.pControl, '--replicate-to', unixUri(p.sSock), '--protocol', 'sync']);
@@ -63,9 +78,7 @@ describe('attack: failback while the promoted disk is written', () => {
       expect(await pairOf(p.sControl)).toMatchObject({ role: 'primary', link: 'connected', bytesBehind: 0 });
       expect(await a2.stop()).toBe(0);
       expect(await b.stop()).toBe(0);
-      const r = await run('cmp', ['-l', p.pImg, p.sImg]);
-      const lines = r.stdout.split('\n').filter(Boolean);
-      expect({ code: r.code, differingBytes: lines.length, first: lines.slice(0, 3) }).toEqual({ code: 0, differingBytes: 0, first: [] });
+      await expectSameImages(p);
     } finally {
       await a.stop().catch(() => {});
       await a2?.stop().catch(() => {});
@@ -75,10 +88,7 @@ describe('attack: failback while the promoted disk is written', () => {
   it('crash of the primary after writes past checkpoint 1, failover, writes on the new primary, kill -9 of the new primary, restarted plain, failback: the disks are equal (cmp)', async () => {
     const dir = await makeTempDir();
     const p = pairPaths(dir);
-    const content = Buffer.alloc(SIZE);
-    for (let m = 0; m < SIZE / MiB; m++) content.fill(m + 1, m * MiB, (m + 1) * MiB);
-    await writeFile(p.pImg, content);
-    await writeFile(p.sImg, Buffer.alloc(SIZE));
+    await patternedDisks(p);
     const bArgs = ['--socket', p.sSock, '--control', p.sControl];
     let b = await serve([p.sImg, '--secondary', ...bArgs]);
     const a = await serve([p.pImg, '--socket', p.pSock, '--control', p.pControl, '--replicate-to', unixUri(p.sSock), '--protocol', 'sync']);
@@ -111,9 +121,7 @@ describe('attack: failback while the promoted disk is written', () => {
       console.log(`failback after the new primary's restart: resync ${JSON.stringify(started)}`);
       expect(await a2.stop()).toBe(0);
       expect(await b.stop()).toBe(0);
-      const r = await run('cmp', ['-l', p.pImg, p.sImg]);
-      const lines = r.stdout.split('\n').filter(Boolean);
-      expect({ code: r.code, differingBytes: lines.length, first: lines.slice(0, 3) }).toEqual({ code: 0, differingBytes: 0, first: [] });
+      await expectSameImages(p);
     } finally {
       await a.stop().catch(() => {});
       await a2?.stop().catch(() => {});
@@ -123,10 +131,7 @@ describe('attack: failback while the promoted disk is written', () => {
   it('failback resync interrupted by kill -9 of both daemons, both restarted, replicate again: the disks are equal (cmp), the new primary\'s writes kept', async () => {
     const dir = await makeTempDir();
     const p = pairPaths(dir);
-    const content = Buffer.alloc(SIZE);
-    for (let m = 0; m < SIZE / MiB; m++) content.fill(m + 1, m * MiB, (m + 1) * MiB);
-    await writeFile(p.pImg, content);
-    await writeFile(p.sImg, Buffer.alloc(SIZE));
+    const content = await patternedDisks(p);
     const bArgs = ['--socket', p.sSock, '--control', p.sControl];
     const aSec = [p.pImg, '--secondary', '--socket', p.pSock, '--control', p.pControl];
     let b = await serve([p.sImg, '--secondary', ...bArgs]);
@@ -168,9 +173,7 @@ describe('attack: failback while the promoted disk is written', () => {
       console.log(`resync done before the kill: ${resyncDoneBeforeKill}; failback resync after both were killed: ${JSON.stringify(started)}`);
       expect(await a2.stop()).toBe(0);
       expect(await b.stop()).toBe(0);
-      const r = await run('cmp', ['-l', p.pImg, p.sImg]);
-      const lines = r.stdout.split('\n').filter(Boolean);
-      expect({ code: r.code, differingBytes: lines.length, first: lines.slice(0, 3) }).toEqual({ code: 0, differingBytes: 0, first: [] });
+      await expectSameImages(p);
       const disk = await readFile(p.sImg);
       const want = Buffer.from(content);
       for (let k = 0; k < SIZE / G; k++) want.fill(0x80 | (k & 0x7f), k * G, k * G + BLOCK);

@@ -21,6 +21,20 @@ const KiB = 1024;
 const SIZE = 4 * MiB;
 const json = <T = Record<string, unknown>>(stdout: string): T => JSON.parse(stdout) as T;
 
+/** A primary (disk of 0x42) replicating to a secondary (blank disk), both daemons, at checkpoint 1. */
+async function pairAtCheckpoint1() {
+  const dir = await makeTempDir();
+  const p = (f: string): string => join(dir, f);
+  const pData = Buffer.alloc(SIZE, 0x42);
+  await writeFile(p('p.img'), pData);
+  await writeFile(p('s.img'), Buffer.alloc(SIZE));
+  const sArgs = [p('s.img'), '--secondary', '--socket', p('s.sock'), '--control', p('sctl')];
+  const secondary = await serve(sArgs);
+  const primary = await serve([p('p.img'), '--socket', p('p.sock'), '--control', p('pctl'), '--replicate-to', unixUri(p('s.sock'))]);
+  await waitFor(async () => ((await pairOf(p('pctl'))).epoch === 1 ? true : undefined), 'checkpoint 1 after the initial sync', { timeoutMs: 60_000 });
+  return { p, pData, sArgs, primary, secondary };
+}
+
 interface SecondaryStatus {
   epoch: number;
   diskState: string;
@@ -43,15 +57,8 @@ async function hiddenDataBytes(path: string): Promise<number> {
 
 describe('a secondary whose hidden disk was empty at its clean stop, restarted without it', () => {
   it('keeps its restore point: not Inconsistent, epoch 2, a bitmap resync of the primary\'s writes since, disks equal', async () => {
-    const dir = await makeTempDir();
-    const p = (f: string): string => join(dir, f);
-    const pData = Buffer.alloc(SIZE, 0x42);
-    await writeFile(p('p.img'), pData);
-    await writeFile(p('s.img'), Buffer.alloc(SIZE));
-    const sArgs = [p('s.img'), '--secondary', '--socket', p('s.sock'), '--control', p('sctl')];
-    let s = await serve(sArgs);
-    const primary = await serve([p('p.img'), '--socket', p('p.sock'), '--control', p('pctl'), '--replicate-to', unixUri(p('s.sock'))]);
-    await waitFor(async () => ((await pairOf(p('pctl'))).epoch === 1 ? true : undefined), 'checkpoint 1 after the initial sync', { timeoutMs: 60_000 });
+    const { p, pData, sArgs, primary, secondary } = await pairAtCheckpoint1();
+    let s = secondary;
     await primaryWrite(p('p.sock'), MiB, Buffer.alloc(MiB, 0x5a));
     pData.fill(0x5a, MiB, 2 * MiB);
     expect(await hiddenDataBytes(p('s.img.hidden.qcow2'))).toBe(MiB);
@@ -88,15 +95,8 @@ describe('a secondary whose hidden disk was empty at its clean stop, restarted w
   }, 120_000);
 
   it('no restore point lost (state, status: nothing was lost), failover --dry-run says why, and failover --to checkpoint gives CP_2 exactly', async () => {
-    const dir = await makeTempDir();
-    const p = (f: string): string => join(dir, f);
-    const pData = Buffer.alloc(SIZE, 0x42);
-    await writeFile(p('p.img'), pData);
-    await writeFile(p('s.img'), Buffer.alloc(SIZE));
-    const sArgs = [p('s.img'), '--secondary', '--socket', p('s.sock'), '--control', p('sctl')];
-    let s = await serve(sArgs);
-    const primary = await serve([p('p.img'), '--socket', p('p.sock'), '--control', p('pctl'), '--replicate-to', unixUri(p('s.sock'))]);
-    await waitFor(async () => ((await pairOf(p('pctl'))).epoch === 1 ? true : undefined), 'checkpoint 1 after the initial sync', { timeoutMs: 60_000 });
+    const { p, pData, sArgs, primary, secondary } = await pairAtCheckpoint1();
+    let s = secondary;
     await primaryWrite(p('p.sock'), 0, Buffer.alloc(MiB, 0x5a));
     pData.fill(0x5a, 0, MiB);
     expect(json<{ epoch: number }>((await runCli(['checkpoint', '--control', p('pctl'), '--json'])).stdout).epoch).toBe(2);
