@@ -302,13 +302,24 @@ export class PairStateFile {
     return this.current;
   }
 
-  /** Change the state and make it durable before resolving. */
+  /**
+   * Change the state and make it durable before resolving. The file is replaced one write at a
+   * time, in the order of the changes: two replacements at once (a stop's record while the link's
+   * close writes the disk state, a checkpoint's commit beside either) could rename the older
+   * state last, and a crash then would find a state older than what was acknowledged.
+   */
   async update(change: (s: PairState) => PairState): Promise<void> {
     this.current = change(structuredClone(this.current));
-    await this.write();
+    const text = JSON.stringify(this.current, null, 2) + '\n';
+    const done = this.writing.then(() => this.write(text));
+    this.writing = done.catch(() => {});
+    await done;
   }
 
-  private async write(): Promise<void> {
-    await replaceFile(this.path, JSON.stringify(this.current, null, 2) + '\n', { mode: 0o600, what: 'pair state' });
+  /** the last write queued (settled: a failed one does not stop the next) */
+  private writing: Promise<void> = Promise.resolve();
+
+  private async write(text = JSON.stringify(this.current, null, 2) + '\n'): Promise<void> {
+    await replaceFile(this.path, text, { mode: 0o600, what: 'pair state' });
   }
 }
