@@ -365,7 +365,9 @@ export class SecondaryRole implements PairRole {
       link: this.link ? (s.diskState === 'Inconsistent' ? 'resyncing' : 'connected') : this.splitBrain && this.splitBrain.keeps !== 'primary' ? 'split-brain' : 'none',
       epoch: s.epoch,
       gi: s.gi,
-      diskState: s.diskState,
+      // as the failover's facts: a disk that failed a write in this run stays Failed through the
+      // resync a reconnect starts (the link says resyncing), until the checkpoint that ends it
+      diskState: this.failedReason !== null ? 'Failed' : s.diskState,
       queueBytes: 0,
       bytesBehind: 0,
       lastCheckpointAgeMs: this.lastCheckpointAt === null ? null : Date.now() - this.lastCheckpointAt,
@@ -382,7 +384,7 @@ export class SecondaryRole implements PairRole {
         committing: s.committing,
         checkpointing: this.checkpointing,
         failoverFailed: this.failoverFailed,
-        failedReason: s.diskState === 'Failed' ? (this.failedReason ?? 'a write to the disk failed in an earlier run') : null,
+        failedReason: this.failedReason ?? (s.diskState === 'Failed' ? 'a write to the disk failed in an earlier run' : null),
         replicaExport: this.ctx.server.findExport(this.ctx.exportName) !== undefined,
         splitBrain: this.splitBrain ?? null,
         salvage: this.salvaged,

@@ -9,6 +9,7 @@ import { describe, expect, it } from 'vitest';
 import { makeTempDir, run, runCli, serve, waitFor } from '../support/spawn.js';
 import { dataClient, openLink, writerClient } from './scripted-primary.js';
 import { ControlClient } from '../../src/control/client.js';
+import { freshTuple, mint } from '../../src/pair/generations.js';
 
 const MiB = 1024 * 1024;
 
@@ -144,6 +145,29 @@ describe('serve-nbd --secondary: the pair link', () => {
     const disk = await readFile(s.disk);
     expect(disk.subarray(MiB, MiB + 4096).equals(Buffer.alloc(4096, 0x11))).toBe(true);
     expect(disk.subarray(0, 4096).equals(Buffer.alloc(4096, 0x22))).toBe(true);
+  });
+
+  it('a Failed secondary (case 4) that welcomes the primary again stays Failed while the resync runs: status says what failover decides by', async () => {
+    const s = await secondary(['--filter', 'error:ops=write,range=1M-2M,errno=EIO']);
+    const gi = freshTuple();
+    const link = await openLink(s.socket, { size: s.size, gi });
+    const c = await writerClient(s.socket, link);
+    await expect(c.write(MiB, Buffer.alloc(4096, 0x22))).rejects.toMatchObject({ errno: 'EIO' });
+    await c.close().catch(() => {});
+    await expect.poll(() => link.received.some((m) => m.type === 'event' && m.name === 'secondary-failed'), { timeout: 5000 }).toBe(true);
+    await link.close();
+    // the primary reconnects (as a real one does at once, with backoff) with the generation it
+    // minted at the degrade: a bitmap resync, and no write of it yet
+    const again = await openLink(s.socket, { size: s.size, gi: mint(gi), nodeId: link.nodeId });
+    expect(again.answer).toMatchObject({ type: 'welcome' });
+    expect((again.answer as { decision: { action: string } }).decision.action).toMatch(/^resync-/);
+    const pair = (await status(s.control)).exports.find((e) => e.name === '')!.pair as { diskState: string; link: string; secondary: { failedReason: string | null } };
+    expect({ diskState: pair.diskState, link: pair.link }).toEqual({ diskState: 'Failed', link: 'resyncing' });
+    expect(pair.secondary.failedReason).toMatch(/^a write to the disk failed: injected EIO/);
+    const f = await runCli(['failover', '--control', s.control, '--json']);
+    expect(f.code).toBe(1);
+    expect(JSON.parse(f.stdout).error).toEqual({ code: 'ERR_PAIR_STATE', message: "the secondary's disk has Failed (an I/O error): it is not promotable" });
+    await again.close();
   });
 });
 
