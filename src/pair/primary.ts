@@ -234,7 +234,8 @@ export class PrimaryRole implements PairRole {
     options.filter.degrade('starting');
     if (options.handOff?.since) {
       // writes from the hand-off's read of the old record until now are marked in that record only:
-      // once the ones in flight have finished (their marks there are set when they complete, by the
+      // once the ones in flight have finished (held meanwhile, so that a steady stream of writes
+      // cannot keep the filter from going idle; their marks there are set when they complete, by the
       // tracking filter above this one), read it again; later writes set the peer bitmap's bits
       const release = await options.filter.quiesce();
       release();
