@@ -29,6 +29,8 @@ export interface AutoFailoverOptions {
   checkpointInFlight?: () => number | null;
   /** is there a `failover` verb to call? */
   hasFailover: () => boolean;
+  /** why the failover would be refused now (its dry run), or null: asked before fencing */
+  refusal?: () => Promise<{ code: string; message: string } | null>;
   /** call it (never with force) */
   failover: () => Promise<unknown>;
   publish?: (event: string, fields: Record<string, unknown>) => void;
@@ -66,6 +68,13 @@ export class AutoFailover {
     if (!o.hasFailover()) {
       // said before fencing: fencing a peer nobody takes over from would only make an outage
       return this.refuse(null, 'ERR_NO_FAILOVER', `peer "${o.peer}" is dead but this daemon has no failover verb (it is not the secondary of a replication pair): nothing fenced, nothing taken over`);
+    }
+    // a failover the secondary refuses (an Outdated disk: its primary went on alone) is said before
+    // fencing, as above: fencing a live primary nobody takes over from would only make an outage.
+    // Behind a checkpoint in flight the dry run would wait for it: the failover itself decides then.
+    if (o.refusal && (o.checkpointInFlight?.() ?? null) === null) {
+      const r = await o.refusal();
+      if (r) return this.refuse(null, r.code, `peer "${o.peer}" is dead but this node's failover is refused, so nothing is fenced: ${r.message}`);
     }
     let fence: FenceResult | null = null;
     if (o.fenceHook !== undefined) {

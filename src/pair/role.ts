@@ -90,5 +90,10 @@ export interface PairRole {
   readonly replaceable?: boolean;
   /** close this role and hand over what the replacing primary role needs (only when replaceable) */
   handOff?(): Promise<HandOff>;
+  /**
+   * A beat of the heartbeat's peer (src/heartbeat): the generation it announces and whether it is
+   * primary. A secondary whose link is down learns from it that the primary went on alone.
+   */
+  peerBeat?(b: { generation: string; primary: boolean }): void;
   close(): Promise<void>;
 }

@@ -190,6 +190,8 @@ export class SecondaryRole implements PairRole {
   private hiddenRecreatedAt: number | null = null;
   /** a copy into the hidden disk failed in this run: its stop records nothing of hidden's emptiness */
   private copyFailed = false;
+  /** the generation the heartbeat's peer last announced as primary (null: none heard) */
+  private peerPrimaryGeneration: string | null = null;
 
   private constructor(
     private readonly ctx: PairContext,
@@ -711,6 +713,34 @@ export class SecondaryRole implements PairRole {
     if (!this.o.acceptPlainPrimary && !this.promoted) this.ctx.server.removeExport(this.ctx.exportName, 'the primary\'s pair link went away');
     if (this.state.state.diskState === 'UpToDate') void this.setDiskState('Consistent').catch(() => {});
     this.ctx.publish('replication-degraded', { export: this.ctx.exportName, role: 'secondary', reason: why.message });
+    // beats heard while the link still looked up (a half-open connection) count once it is down
+    this.checkPeerGeneration();
+  }
+
+  /**
+   * The heartbeat's view of the primary (daemon.ts, every beat): a primary announcing a generation
+   * other than this disk's current one while the link is down has lost its peer and minted one
+   * (replication.md §5): it serves writes this disk never gets, and its `replication-degraded`
+   * cannot cross a cut link. The disk is then Outdated, durably, as a degrade event would make it,
+   * so a failover (an automatic one never forces) refuses to go back past those writes. Before,
+   * a data link cut while the heartbeat passed left the disk Consistent, and the automatic
+   * failover after the primary's death dropped every write it acknowledged since the cut
+   * (test/heartbeat/attack-ha-link.test.ts).
+   */
+  peerBeat(b: { generation: string; primary: boolean }): void {
+    if (!b.primary) return;
+    this.peerPrimaryGeneration = b.generation;
+    this.checkPeerGeneration();
+  }
+
+  private checkPeerGeneration(): void {
+    const g = this.peerPrimaryGeneration;
+    const s = this.state.state;
+    // connected: the link says what the primary does; a split brain met on hello is explained and settled there
+    if (g === null || this.link || this.promoted || this.promoting || this.splitBrain || g === s.gi.current) return;
+    if (s.diskState !== 'UpToDate' && s.diskState !== 'Consistent') return;
+    this.ctx.log('warn', `the primary announces generation ${g} on the heartbeat, this disk has ${s.gi.current}, and the pair link is down: the primary went on without this secondary, which is Outdated (a failover needs --force)`);
+    void this.setDiskState('Outdated').catch(() => {});
   }
 
   private addReplicaExport(): void {

@@ -650,6 +650,11 @@ export class Daemon {
           // primary's failover means "stop forwarding"), which is no takeover
           hasFailover: () => (control?.has('failover') ?? false) && [...this.pair.values()].some((r) => r.role === 'secondary'),
           checkpointInFlight: () => this.checkpointInFlight(),
+          refusal: async () => {
+            // the secondary's own rules (secondary-explain.ts failoverRefusal), asked without changing anything
+            const r = (await control!.call('failover', { dryRun: true }).catch(() => null)) as { refusal?: { code: string; message: string } | null } | null;
+            return r?.refusal ? { code: r.refusal.code, message: r.refusal.message } : null;
+          },
           // never forced: only the operator forces a takeover
           failover: () => control!.call('failover', {}),
           publish,
@@ -756,6 +761,8 @@ export class Daemon {
   private onPeerBeat(beat: Beat, peer: string): void {
     const primarySeen = beat.primary && beat.epoch > this.primarySeen ? beat.epoch : this.primarySeen;
     if (beat.epoch > this.peerTerm || primarySeen !== this.primarySeen) this.saveTerms({ seen: beat.epoch > this.peerTerm ? beat.epoch : this.peerTerm, primarySeen });
+    // the beat's generation is the peer's first export's (startHeartbeat's `generation`): compared with this node's first
+    this.firstRole()?.peerBeat?.({ generation: beat.generation, primary: beat.primary === true });
     const fence = this.ioFence;
     if (!fence) return;
     if (beat.primary && this.isPrimary() && beat.epoch > this.currentTerm()) {
