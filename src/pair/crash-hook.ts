@@ -1,7 +1,8 @@
 /**
  * The test fault hook of the checkpoint's crash rules (PAIR-SPEC): with the environment variable
  * BLKREP_TEST_CRASH_AT=checkpoint-step-4|5|6|7, the daemon kills itself with SIGKILL at the end of
- * that step of a checkpoint on the secondary (replication.md §2), as a power cut there would.
+ * that step of a checkpoint on the secondary (replication.md §2), as a power cut there would; with
+ * BLKREP_TEST_CRASH_AT=failover-<step> (FailoverStep), at the start of that step of a promotion.
  * Without the variable this does nothing. It is a test hook, not a feature: never set it in
  * production. BLKREP_TEST_BOOT_ID_FILE (readBootId, below) fakes a reboot.
  */
@@ -9,7 +10,7 @@ import { existsSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { BlkrepError } from '../api/errors.js';
 
-export type CrashPoint = 'checkpoint-step-4' | 'checkpoint-step-5' | 'checkpoint-step-6' | 'checkpoint-step-7';
+export type CrashPoint = 'checkpoint-step-4' | 'checkpoint-step-5' | 'checkpoint-step-6' | 'checkpoint-step-7' | `failover-${string}`;
 
 export function crashPoint(point: CrashPoint): void {
   if (process.env.BLKREP_TEST_CRASH_AT !== point) return;

@@ -1043,6 +1043,7 @@ export class SecondaryRole implements PairRole {
     let step: FailoverStep = 'record-intent';
     const at = (s: FailoverStep): void => {
       step = s;
+      crashPoint(`failover-${s}`);
       faultPoint(`failover-${s}`);
     };
     await this.cbw!.gate.hold();
