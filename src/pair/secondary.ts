@@ -599,6 +599,19 @@ export class SecondaryRole implements PairRole {
       // the Inconsistent side is the forced target; the primary keeps no record of its writes since the checkpoint
       decision = { rule: d.rule, action: 'resync-full', explanation: `${s.restorePointLost}: this secondary is Inconsistent, the forced target of a full resync (rule ${d.rule} alone said ${decision.action})` };
     }
+    // A disk that was a secondary all along is never behind the epoch its primary committed: the
+    // primary counts checkpoint N only after this side's step 7. Behind it, this is another disk of
+    // the lineage (a snapshot or backup restored, a copy): the primary's bitmap holds only what it
+    // wrote since the link went, not the checkpoints this disk never saw, so a bitmap resync (or
+    // none) would leave it mixed while both say UpToDate (test/pair/attack-ha-stale-disk.test.ts).
+    if (s.role === 'secondary' && m.epoch > s.epoch && (decision.action === 'none' || decision.action === 'resync-bitmap')) {
+      decision = {
+        rule: d.rule,
+        action: 'resync-full',
+        explanation: `this disk is at checkpoint ${s.epoch} but the primary committed checkpoint ${m.epoch} with this generation: it is an older copy (a restored snapshot or backup), not the disk the primary checkpointed with; a full resync (rule ${d.rule} alone said ${decision.action})`,
+      };
+      this.ctx.log('warn', `hello from ${ch.peer}: ${decision.explanation}`);
+    }
     let salvageFirst = false;
     if (d.result === 'split-brain' || d.result === 'split-brain-manual') {
       const r = this.resolveSplitBrain(d, m);
