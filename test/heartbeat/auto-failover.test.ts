@@ -75,6 +75,29 @@ describe('automatic failover', () => {
     expect(events.map((e) => e.event)).toEqual(['auto-failover']);
   });
 
+  it('a failover the secondary would refuse (its dry run) fences nothing and says the refusal\'s code', async () => {
+    const refusal = { code: 'ERR_PAIR_OUTDATED', message: 'the secondary is Outdated (the primary degraded after checkpoint 2)' };
+    const { auto, events, calls, ran } = await setup(7, { refusal: async () => refusal });
+    const outcome = await auto.onPeerEvent(dead);
+    expect(outcome).toMatchObject({ failedOver: false, code: 'ERR_PAIR_OUTDATED', fence: null });
+    expect(existsSync(ran)).toBe(false);
+    expect(calls).toEqual([]);
+    expect(events).toEqual([
+      { event: 'auto-failover', fields: { peer: 'alpha', failedOver: false, fence: null, code: 'ERR_PAIR_OUTDATED', reason: `peer "alpha" is dead but this node's failover is refused, so nothing is fenced: ${refusal.message}` } },
+    ]);
+  });
+
+  it('no refusal: fenced and failed over as before; a checkpoint in flight skips the dry run (it would wait behind it)', async () => {
+    let asked = 0;
+    const a = await setup(7, { refusal: async () => (asked++, null) });
+    expect(await a.auto.onPeerEvent(dead)).toMatchObject({ failedOver: true });
+    expect(asked).toBe(1);
+    const b = await setup(7, { refusal: async () => (asked++, { code: 'ERR_PAIR_OUTDATED', message: 'x' }), checkpointInFlight: () => 3 });
+    expect(await b.auto.onPeerEvent(dead)).toMatchObject({ failedOver: true });
+    expect(asked).toBe(1);
+    expect(b.events.map((e) => e.event)).toEqual(['fence', 'failover-deferred', 'auto-failover']);
+  });
+
   it('a failover verb that fails gives its own code', async () => {
     const { auto, events } = await setup(4, {
       failover: async () => {
