@@ -604,7 +604,10 @@ export class SecondaryRole implements PairRole {
     // the lineage (a snapshot or backup restored, a copy): the primary's bitmap holds only what it
     // wrote since the link went, not the checkpoints this disk never saw, so a bitmap resync (or
     // none) would leave it mixed while both say UpToDate (test/pair/attack-ha-stale-disk.test.ts).
-    if (s.role === 'secondary' && m.epoch > s.epoch && (decision.action === 'none' || decision.action === 'resync-bitmap')) {
+    // A disk that was ever a primary (an old primary back for failback: its role is rewritten to
+    // secondary at start) may lag by the one checkpoint whose DONE it never got before it died.
+    const lag = s.primarySince ? 1 : 0;
+    if (m.epoch > s.epoch + lag && (decision.action === 'none' || decision.action === 'resync-bitmap')) {
       decision = {
         rule: d.rule,
         action: 'resync-full',
