@@ -652,8 +652,9 @@ export class Daemon {
           checkpointInFlight: () => this.checkpointInFlight(),
           refusal: async () => {
             // the secondary's own rules (secondary-explain.ts failoverRefusal), asked without changing anything
-            const r = (await control!.call('failover', { dryRun: true }).catch(() => null)) as { refusal?: { code: string; message: string } | null } | null;
-            return r?.refusal ? { code: r.refusal.code, message: r.refusal.message } : null;
+            // (a failover half done is finished whatever its dry run says: the real call does not refuse it)
+            const r = (await control!.call('failover', { dryRun: true }).catch(() => null)) as { refusal?: { code: string; message: string } | null; retry?: boolean } | null;
+            return r?.refusal && !r.retry ? { code: r.refusal.code, message: r.refusal.message } : null;
           },
           // never forced: only the operator forces a takeover
           failover: () => control!.call('failover', {}),
