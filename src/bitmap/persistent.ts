@@ -203,11 +203,15 @@ export class PersistentBitmap {
     this.hotExtents = header.hotExtents;
     this.directLimit = Math.max(1, Math.floor(header.hotExtents / 4));
     this.syncer = new GroupCommit(() => this.syncPages());
-    this.al = new ActivityLog(header.hotExtents, {
-      commit: (extents) => this.commitTransaction(extents),
-      syncBits: () => this.syncer.request(),
-      durableEpoch: () => this.durable,
-    });
+    this.al = new ActivityLog(
+      header.hotExtents,
+      {
+        commit: (extents) => this.commitTransaction(extents),
+        syncBits: () => this.syncer.request(),
+        durableEpoch: () => this.durable,
+      },
+      { extents: Math.ceil(header.size / header.extentSize), ahead: aheadExtents(header.extentSize, header.hotExtents) },
+    );
   }
 
   // ------------------------------------------------------------------------------ lifecycle
@@ -792,6 +796,18 @@ export class PersistentBitmap {
       });
     }
   }
+}
+
+/**
+ * The activity log's look-ahead for a sequential writer (ActivityLog `ahead`): the extents of
+ * `AL_AHEAD_BYTES` after the one it enters, at most an eighth of the log. With the defaults
+ * (4 MiB × 1024) 7 extents: one transaction per 32 MiB written in order instead of one per 4 MiB,
+ * and a crash resyncs at most 28 MiB more than was written.
+ */
+export const AL_AHEAD_BYTES = 32 * 1024 * 1024;
+
+export function aheadExtents(extentSize: number, hotExtents: number): number {
+  return Math.max(0, Math.min(Math.floor(AL_AHEAD_BYTES / extentSize) - 1, Math.floor(hotExtents / 8)));
 }
 
 /** A header for a bitmap opened read-only without a usable one (all-dirty, never written). */
