@@ -21,10 +21,10 @@
  *    requests are served in order, as many per transaction as fit (the first one that does not
  *    fit holds back the rest).
  *
- * Look-ahead for a sequential writer (`ahead`): a request whose first cold extent follows an
- * extent pinned within the last `SEQUENTIAL_WINDOW` uses has the next `ahead` extents after it
- * added to the same transaction, best effort: only into free room or in place of extents rule 3
- * lets go without a bitmap sync, never holding back a request. So a sequential writer pays one
+ * Look-ahead for a sequential writer (`ahead`): a request the caller calls sequential (it starts
+ * where a recent one ended: PersistentBitmap) has the `ahead` extents after its last added to the
+ * same transaction, best effort: only into free room or in place of extents rule 3 lets go
+ * without a bitmap sync, never holding back a request. So a sequential writer pays one
  * transaction per `ahead + 1` extents instead of one per extent. Nothing of the rules changes:
  * those extents are hot like any other (a crash counts them written: at most `ahead` extents
  * more to resync, inside the same `capacity` bound).
@@ -72,9 +72,6 @@ export interface ActivityLogStats {
   /** extents added ahead of a sequential writer (counted in `added` too) */
   ahead: number;
 }
-
-/** a request is sequential when its first cold extent follows one pinned within this many uses */
-export const SEQUENTIAL_WINDOW = 64;
 
 export interface ActivityLogOptions {
   /** extents of the disk: none at or beyond it is ever added ahead (default: no look-ahead) */
@@ -128,29 +125,19 @@ export class ActivityLog {
   /**
    * Pin extents [first, last] for a write (at most `capacity` of them). Returns undefined when
    * they are all hot (pinned now: the write may go ahead), else a promise that resolves once they
-   * are all durable in the log and pinned. On rejection nothing is pinned.
+   * are all durable in the log and pinned. On rejection nothing is pinned. `sequential`: the
+   * write continues a recent one, so the extents after it are likely next (look-ahead).
    */
-  acquire(first: number, last: number): Promise<void> | undefined {
+  acquire(first: number, last: number, sequential = false): Promise<void> | undefined {
     if (last - first + 1 > this.capacity) {
       throw new RangeError(`a request spans ${last - first + 1} extents, more than the activity log's ${this.capacity}`);
     }
     if (this.tryAcquire(first, last)) return undefined;
-    const ahead = this.aheadFor(first, last);
+    const ahead = sequential ? Math.max(0, Math.min(this.ahead, this.lastExtent - last)) : 0;
     return new Promise<void>((resolve, reject) => {
       this.waiting.push({ first, last, ahead, resolve, reject });
       this.kick();
     });
-  }
-
-  /** how many extents after `last` to add with this request: some when it looks sequential */
-  private aheadFor(first: number, last: number): number {
-    if (this.ahead === 0) return 0;
-    let m = first;
-    while (m <= last && this.entries.has(m)) m++;
-    if (m > last || m === 0) return 0; // all in the set (some still committing), or the disk's first extent
-    const before = this.entries.get(m - 1);
-    if (before === undefined || this.clock - before.used > SEQUENTIAL_WINDOW) return 0;
-    return Math.max(0, Math.min(this.ahead, this.lastExtent - last));
   }
 
   /**

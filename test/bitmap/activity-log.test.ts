@@ -11,7 +11,7 @@ import { ActivityLog } from '../../src/bitmap/activity-log.js';
 const SEED = 0xa1_106;
 
 describe('activity log', () => {
-  // look-ahead 0: DRBD's log; 1–4: a writer that follows the previous request gets extents after its own
+  // look-ahead 0: DRBD's log; 1–4: a request that follows the previous one (sequential) gets extents after its own
   it.each([0, 4])('keeps every pinned and every not-yet-stored extent in the log, under any interleaving (look-ahead up to %i)', async (maxAhead) => {
     const EXTENTS = 43;
     await fc.assert(
@@ -26,7 +26,7 @@ describe('activity log', () => {
           const requests = raw.map(([first, span, follows]) => {
             const f = follows ? Math.min(40, prev + 1) : first;
             prev = f + span;
-            return [f, span] as const;
+            return [f, span, follows] as const;
           });
           const perRequest = Math.max(1, Math.floor(capacity / 4));
           let snap = 0;
@@ -54,12 +54,12 @@ describe('activity log', () => {
             },
             durableEpoch: () => durable,
           }, { extents: EXTENTS, ahead });
-          const writers = requests.map(async ([first, span], i) => {
+          const writers = requests.map(async ([first, span, sequential], i) => {
             await s.schedule(Promise.resolve(), `start ${i}`);
             const last = first + Math.min(span, perRequest - 1);
             // half the writers take the synchronous fast path first (as PersistentBitmap does)
             if (i % 2 === 0 || !log.tryAcquire(first, last)) {
-              const wait = log.acquire(first, last);
+              const wait = log.acquire(first, last, sequential);
               if (wait) await wait;
             }
             for (let e = first; e <= last; e++) {
@@ -134,7 +134,7 @@ describe('activity log', () => {
     expect(log.pinned()).toBe(1);
   });
 
-  it('look-ahead: a sequential writer pays one transaction per ahead + 1 extents; a write that follows nothing, none extra; never past the disk', async () => {
+  it('look-ahead: a sequential writer pays one transaction per ahead + 1 extents; a write not sequential, none extra; never past the disk', async () => {
     const commits: number[][] = [];
     let syncs = 0;
     const log = new ActivityLog(
@@ -153,7 +153,7 @@ describe('activity log', () => {
     // a sequential writer over the whole disk, two requests per extent, one in flight at a time
     for (let half = 0; half < 80; half++) {
       const e = half >> 1;
-      if (!log.tryAcquire(e, e)) await log.acquire(e, e);
+      if (!log.tryAcquire(e, e)) await log.acquire(e, e, e > 0);
       log.release(e, e, 1);
     }
     // extent 0 alone (the disk's first extent follows nothing), then 1–4, 5–8, … 37–39 (cut at the disk's end)
@@ -164,7 +164,7 @@ describe('activity log', () => {
     expect(log.stats).toEqual({ transactions: 11, added: 40, retired: 24, evictionSyncs: 0, ahead: 29 });
     expect(log.size).toBeLessThanOrEqual(16);
     expect(syncs).toBe(0);
-    // a write into a cold extent whose predecessor is cold: no look-ahead
+    // a write not called sequential: no look-ahead
     const before = log.stats.added;
     await log.acquire(10, 10);
     expect(log.stats.added - before).toBe(1);
@@ -190,12 +190,12 @@ describe('activity log', () => {
       { extents: 100, ahead: 3 },
     );
     await log.acquire(0, 0); // [0], pinned from here on
-    await log.acquire(1, 1); // follows 0: 2, 3, 4 ahead, as far as the room goes
+    await log.acquire(1, 1, true); // sequential: 2, 3, 4 ahead, as far as the room goes
     expect(commits).toEqual([[0], [0, 1, 2, 3]]);
     expect(log.stats.ahead).toBe(2);
     // 2 and 3 were added ahead, never written (their bits are stored: retirable without a sync)
     log.release(1, 1, 5); // 1 written, its bits not stored yet (epoch 5 > durable 0)
-    await log.acquire(4, 4); // follows 3: 2 retired for 4 (least recently used), 3 for one extent ahead (5)
+    await log.acquire(4, 4, true); // 2 retired for 4 (least recently used), 3 for one extent ahead (5)
     expect(commits.at(-1)).toEqual([0, 1, 4, 5]); // kept: 0 (pinned) and 1 (bits not stored)
     expect(log.stats).toMatchObject({ evictionSyncs: 0, ahead: 3, retired: 2 });
     expect(durable).toBe(0); // no bitmap sync was asked

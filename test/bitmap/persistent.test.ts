@@ -216,6 +216,9 @@ describe('persistent bitmap: crash safety of the write path', () => {
     expect(bitmap.bitmap.dirtyBytes).toBe(132 * MiB); // and the 3 extents ahead, never written (the crash's extra resync)
     await bitmap.close();
     inflight.forEach((t) => pb.afterWrite(t));
+    // a write that starts where no recent one ended: its own extent only
+    pb.afterWrite(await pb.beforeWrite(200 * MiB + 4096, MiB));
+    expect(pb.info().activityLog).toMatchObject({ transactions: 6, added: 34, ahead: 28 });
     await pb.close();
   });
 
