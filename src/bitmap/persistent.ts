@@ -437,7 +437,7 @@ export class PersistentBitmap {
     t.first = first;
     t.last = last;
     const sequential = this.recentEnds.includes(offset);
-    this.recentEnds[this.recentAt++ & (RECENT_ENDS - 1)] = offset + length;
+    this.noteEnd(offset + length);
     const wait = this.al.acquire(first, last, sequential);
     if (!wait) return Promise.resolve(t);
     return wait.then(
@@ -464,10 +464,15 @@ export class PersistentBitmap {
       t.mode = LOGGED;
       t.first = first;
       t.last = last;
-      this.recentEnds[this.recentAt++ & (RECENT_ENDS - 1)] = offset + length;
+      this.noteEnd(offset + length);
     }
     this.inflight.add(t);
     return t;
+  }
+
+  private noteEnd(end: number): void {
+    this.recentEnds[this.recentAt] = end;
+    this.recentAt = (this.recentAt + 1) & (RECENT_ENDS - 1);
   }
 
   /** The write of `ticket` is over (successfully or not): record its range and unpin its extents. */
@@ -810,9 +815,9 @@ const RECENT_ENDS = 16;
 /**
  * The activity log's look-ahead for a sequential writer (ActivityLog `ahead`): the extents of
  * `AL_AHEAD_BYTES` after the one it enters, at most an eighth of the log. A write request is
- * sequential when it starts where one of the last 16 ended (fio's QD8 stream: the one before it). With the defaults
- * (4 MiB × 1024) 7 extents: one transaction per 32 MiB written in order instead of one per 4 MiB,
- * and a crash resyncs at most 28 MiB more than was written.
+ * sequential when it starts where one of the last RECENT_ENDS ended (fio's QD8 stream: the one
+ * before it). With the defaults (4 MiB × 1024) 7 extents: one transaction per 32 MiB written in
+ * order instead of one per 4 MiB, and a crash resyncs at most 28 MiB more than was written.
  */
 export const AL_AHEAD_BYTES = 32 * 1024 * 1024;
 
