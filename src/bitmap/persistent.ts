@@ -183,6 +183,9 @@ export class PersistentBitmap {
   /** a request touching more extents than this pre-marks its bits instead of logging extents */
   private readonly directLimit: number;
   private readonly inflight = new Inflight();
+  /** where the last RECENT_ENDS write requests ended: a request starting at one is sequential (the log's look-ahead) */
+  private readonly recentEnds = new Float64Array(RECENT_ENDS).fill(-1);
+  private recentAt = 0;
   private idle: (() => void) | undefined;
   /** set while a checkpoint's file is being written: bitmap syncs wait (they would store the cleared bits) */
   private barrier: Promise<void> | undefined;
@@ -203,11 +206,15 @@ export class PersistentBitmap {
     this.hotExtents = header.hotExtents;
     this.directLimit = Math.max(1, Math.floor(header.hotExtents / 4));
     this.syncer = new GroupCommit(() => this.syncPages());
-    this.al = new ActivityLog(header.hotExtents, {
-      commit: (extents) => this.commitTransaction(extents),
-      syncBits: () => this.syncer.request(),
-      durableEpoch: () => this.durable,
-    });
+    this.al = new ActivityLog(
+      header.hotExtents,
+      {
+        commit: (extents) => this.commitTransaction(extents),
+        syncBits: () => this.syncer.request(),
+        durableEpoch: () => this.durable,
+      },
+      { extents: Math.ceil(header.size / header.extentSize), ahead: aheadExtents(header.extentSize, header.hotExtents) },
+    );
   }
 
   // ------------------------------------------------------------------------------ lifecycle
@@ -429,7 +436,9 @@ export class PersistentBitmap {
     t.mode = LOGGED;
     t.first = first;
     t.last = last;
-    const wait = this.al.acquire(first, last);
+    const sequential = this.recentEnds.includes(offset);
+    this.noteEnd(offset + length);
+    const wait = this.al.acquire(first, last, sequential);
     if (!wait) return Promise.resolve(t);
     return wait.then(
       () => t,
@@ -455,9 +464,15 @@ export class PersistentBitmap {
       t.mode = LOGGED;
       t.first = first;
       t.last = last;
+      this.noteEnd(offset + length);
     }
     this.inflight.add(t);
     return t;
+  }
+
+  private noteEnd(end: number): void {
+    this.recentEnds[this.recentAt] = end;
+    this.recentAt = (this.recentAt + 1) & (RECENT_ENDS - 1);
   }
 
   /** The write of `ticket` is over (successfully or not): record its range and unpin its extents. */
@@ -792,6 +807,22 @@ export class PersistentBitmap {
       });
     }
   }
+}
+
+/** write requests remembered for the look-ahead's test "starts where a recent one ended" (a power of two) */
+const RECENT_ENDS = 16;
+
+/**
+ * The activity log's look-ahead for a sequential writer (ActivityLog `ahead`): the extents of
+ * `AL_AHEAD_BYTES` after the one it enters, at most an eighth of the log. A write request is
+ * sequential when it starts where one of the last RECENT_ENDS ended (fio's QD8 stream: the one
+ * before it). With the defaults (4 MiB × 1024) 7 extents: one transaction per 32 MiB written in
+ * order instead of one per 4 MiB, and a crash resyncs at most 28 MiB more than was written.
+ */
+export const AL_AHEAD_BYTES = 32 * 1024 * 1024;
+
+export function aheadExtents(extentSize: number, hotExtents: number): number {
+  return Math.max(0, Math.min(Math.floor(AL_AHEAD_BYTES / extentSize) - 1, Math.floor(hotExtents / 8)));
 }
 
 /** A header for a bitmap opened read-only without a usable one (all-dirty, never written). */

@@ -11,13 +11,23 @@ import { ActivityLog } from '../../src/bitmap/activity-log.js';
 const SEED = 0xa1_106;
 
 describe('activity log', () => {
-  it('keeps every pinned and every not-yet-stored extent in the log, under any interleaving', async () => {
+  // look-ahead 0: DRBD's log; 1–4: a request that follows the previous one (sequential) gets extents after its own
+  it.each([0, 4])('keeps every pinned and every not-yet-stored extent in the log, under any interleaving (look-ahead up to %i)', async (maxAhead) => {
+    const EXTENTS = 43;
     await fc.assert(
       fc.asyncProperty(
         fc.scheduler(),
         fc.integer({ min: 1, max: 12 }),
-        fc.array(fc.tuple(fc.integer({ min: 0, max: 40 }), fc.integer({ min: 0, max: 2 })), { minLength: 1, maxLength: 40 }),
-        async (s, capacity, requests) => {
+        // [first extent, span − 1, follows the previous request]: the last makes sequential runs
+        fc.array(fc.tuple(fc.integer({ min: 0, max: 40 }), fc.integer({ min: 0, max: 2 }), fc.boolean()), { minLength: 1, maxLength: 40 }),
+        fc.integer({ min: 0, max: maxAhead }),
+        async (s, capacity, raw, ahead) => {
+          let prev = -1;
+          const requests = raw.map(([first, span, follows]) => {
+            const f = follows ? Math.min(40, prev + 1) : first;
+            prev = f + span;
+            return [f, span, follows] as const;
+          });
           const perRequest = Math.max(1, Math.floor(capacity / 4));
           let snap = 0;
           let durable = 0;
@@ -30,6 +40,7 @@ describe('activity log', () => {
             async commit(extents) {
               const next = new Set(extents);
               if (next.size > capacity) problems.push(`transaction of ${next.size} extents > capacity ${capacity}`);
+              for (const e of extents) if (e >= EXTENTS) problems.push(`extent ${e} beyond the disk's ${EXTENTS}`);
               for (const [e, n] of pinned) if (n > 0 && !next.has(e)) problems.push(`extent ${e} dropped while pinned`);
               for (const e of durableSet) if (!next.has(e) && (touched.get(e) ?? 0) > durable) problems.push(`extent ${e} dropped before its bits were stored`);
               await s.schedule(Promise.resolve(), `commit ${extents.join(',')}`);
@@ -42,13 +53,13 @@ describe('activity log', () => {
               durable = Math.max(durable, mine);
             },
             durableEpoch: () => durable,
-          });
-          const writers = requests.map(async ([first, span], i) => {
+          }, { extents: EXTENTS, ahead });
+          const writers = requests.map(async ([first, span, sequential], i) => {
             await s.schedule(Promise.resolve(), `start ${i}`);
             const last = first + Math.min(span, perRequest - 1);
             // half the writers take the synchronous fast path first (as PersistentBitmap does)
             if (i % 2 === 0 || !log.tryAcquire(first, last)) {
-              const wait = log.acquire(first, last);
+              const wait = log.acquire(first, last, sequential);
               if (wait) await wait;
             }
             for (let e = first; e <= last; e++) {
@@ -121,5 +132,72 @@ describe('activity log', () => {
     expect(commits.at(-1)).toEqual([0, 2]);
     expect(log.tryAcquire(1, 2)).toBe(false); // 1 was retired: nothing pinned for a partly cold range
     expect(log.pinned()).toBe(1);
+  });
+
+  it('look-ahead: a sequential writer pays one transaction per ahead + 1 extents; a write not sequential, none extra; never past the disk', async () => {
+    const commits: number[][] = [];
+    let syncs = 0;
+    const log = new ActivityLog(
+      16,
+      {
+        commit: async (extents) => {
+          commits.push(extents);
+        },
+        syncBits: async () => {
+          syncs++;
+        },
+        durableEpoch: () => 1_000, // every bit stored: any unpinned extent may be retired
+      },
+      { extents: 40, ahead: 3 },
+    );
+    // a sequential writer over the whole disk, two requests per extent, one in flight at a time
+    for (let half = 0; half < 80; half++) {
+      const e = half >> 1;
+      if (!log.tryAcquire(e, e)) await log.acquire(e, e, e > 0);
+      log.release(e, e, 1);
+    }
+    // extent 0 alone (the disk's first extent follows nothing), then 1–4, 5–8, … 37–39 (cut at the disk's end)
+    expect(commits.length).toBe(11);
+    expect(commits[0]).toEqual([0]);
+    expect(commits[1]).toEqual([0, 1, 2, 3, 4]);
+    expect(commits.at(-1)).toEqual(Array.from({ length: 16 }, (_, i) => 24 + i)); // the 16 most recently used
+    expect(log.stats).toEqual({ transactions: 11, added: 40, retired: 24, evictionSyncs: 0, ahead: 29 });
+    expect(log.size).toBeLessThanOrEqual(16);
+    expect(syncs).toBe(0);
+    // a write not called sequential: no look-ahead
+    const before = log.stats.added;
+    await log.acquire(10, 10);
+    expect(log.stats.added - before).toBe(1);
+    expect(log.hotExtents()).toContain(10);
+    expect(log.hotExtents()).not.toContain(11);
+    log.release(10, 10, 1);
+  });
+
+  it('look-ahead never waits for a bitmap sync nor retires a pinned extent: a full log of unstored or pinned extents gets none', async () => {
+    const commits: number[][] = [];
+    let durable = 0;
+    const log = new ActivityLog(
+      4,
+      {
+        commit: async (extents) => {
+          commits.push(extents);
+        },
+        syncBits: async () => {
+          durable = 5;
+        },
+        durableEpoch: () => durable,
+      },
+      { extents: 100, ahead: 3 },
+    );
+    await log.acquire(0, 0); // [0], pinned from here on
+    await log.acquire(1, 1, true); // sequential: 2, 3, 4 ahead, as far as the room goes
+    expect(commits).toEqual([[0], [0, 1, 2, 3]]);
+    expect(log.stats.ahead).toBe(2);
+    // 2 and 3 were added ahead, never written (their bits are stored: retirable without a sync)
+    log.release(1, 1, 5); // 1 written, its bits not stored yet (epoch 5 > durable 0)
+    await log.acquire(4, 4, true); // 2 retired for 4 (least recently used), 3 for one extent ahead (5)
+    expect(commits.at(-1)).toEqual([0, 1, 4, 5]); // kept: 0 (pinned) and 1 (bits not stored)
+    expect(log.stats).toMatchObject({ evictionSyncs: 0, ahead: 3, retired: 2 });
+    expect(durable).toBe(0); // no bitmap sync was asked
   });
 });

@@ -89,8 +89,12 @@ function range() {
   if (random() < 0.3) offset -= offset % 4096;
   if (random() < 0.05) offset = 0;
   if (random() < 0.05) offset = size - length;
+  // a third of the requests follow the previous one (a sequential writer: the activity log's look-ahead)
+  if (random() < 0.33 && lastEnd + length <= size) offset = lastEnd;
+  lastEnd = offset + length;
   return [offset, length];
 }
+let lastEnd = 0;
 
 async function worker() {
   for (;;) {
