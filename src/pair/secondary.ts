@@ -598,8 +598,20 @@ export class SecondaryRole implements PairRole {
       decision = { rule: d.rule, action: 'resync-full', explanation: `${s.restorePointLost}: this secondary is Inconsistent, the forced target of a full resync (rule ${d.rule} alone said ${decision.action})` };
     }
     let salvageFirst = false;
-    if (d.result === 'split-brain' || d.result === 'split-brain-manual') {
+    let splitBrainPolicy: string | undefined;
+    const resumed = s.diskState === 'Inconsistent' && s.splitBrainResync?.nodeId === m.nodeId ? s.splitBrainResync : undefined;
+    if ((d.result === 'split-brain' || d.result === 'split-brain-manual') && resumed) {
+      // a split brain's resync from this primary was interrupted (a crash, a link drop): this disk
+      // is a partial copy of the primary's, salvaged before the first write; it is the forced
+      // target again (DRBD: an Inconsistent side is the sync target before any after-sb policy).
+      // Judged by the policy now, the primary's bitmap (cleared as the copy went) could be the
+      // smaller and keep this half-copied disk (session 14, test/pair/attack-sb-resync-kill.test.ts).
+      // The union of both bitmaps still covers every difference: this side's marks stay until the
+      // checkpoint after the resync, the primary's are cleared only where this disk holds its data stably.
+      decision = this.resumeSplitBrainResync(d, m, resumed);
+    } else if (d.result === 'split-brain' || d.result === 'split-brain-manual') {
       const r = this.resolveSplitBrain(d, m);
+      splitBrainPolicy = r.policy;
       if (r.source !== 'peer') return refuse('ERR_PAIR_SPLIT_BRAIN', this.splitBrain!.explanation, { rule: d.rule, action: 'refuse', explanation: this.splitBrain!.explanation });
       // the primary's data is kept: this disk's diverged clusters go to a salvage overlay first
       decision = { rule: d.rule, action: r.mode === 'full' ? 'resync-full' : 'resync-bitmap', explanation: r.explanation };
@@ -614,13 +626,16 @@ export class SecondaryRole implements PairRole {
     this.peerHello = { gi: m.gi, protocol: m.protocol, nodeId: m.nodeId };
     void (async () => {
       if (salvageFirst) {
+        let overlay: string | null;
         try {
-          await this.salvageBeforeResync(ch, decision.action === 'resync-full');
+          overlay = await this.salvageBeforeResync(ch, decision.action === 'resync-full');
         } catch (err) {
           const e = toBlkrepError(err);
           this.link = undefined;
           return refuse('ERR_PAIR_SPLIT_BRAIN', `split brain resolved, but the salvage of this disk's diverged clusters failed, so nothing is overwritten: ${e.code}: ${e.message}`);
         }
+        // durable with (before) the Inconsistent state below: a hello after a crash mid-resync resumes it
+        await this.state.update((x) => ({ ...x, splitBrainResync: { nodeId: m.nodeId, policy: splitBrainPolicy ?? 'unknown', salvage: overlay } }));
       }
       const next: DiskState = decision.action === 'none' ? (s.diskState === 'Outdated' || s.diskState === 'Failed' ? s.diskState : 'UpToDate') : 'Inconsistent';
       // a full resync (not a split brain's: that one salvages first) records whose data the disk
@@ -668,17 +683,28 @@ export class SecondaryRole implements PairRole {
    * (this side's bitmap ∪ the primary's, asked on the link; all of it for a full copy) is copied
    * into DISK.salvage-TIME.qcow2, backed by the disk (salvage.ts).
    */
-  private async salvageBeforeResync(ch: PairChannel, full: boolean): Promise<void> {
+  private async salvageBeforeResync(ch: PairChannel, full: boolean): Promise<string | null> {
     const size = this.ctx.exportNode.size;
     const ranges: Run[] = full ? [{ offset: 0, length: size }] : await fetchRuns(ch, size, SALVAGE_TIMEOUT_MS);
     if (!full && this.ownDirty) for (const r of this.ownDirty.bitmap.dirtyRuns()) ranges.push({ offset: r.offset, length: r.length });
-    if (ranges.length === 0) return;
+    if (ranges.length === 0) return null;
     const diskPath = diskPathOf(this.ctx.image);
     const format = this.ctx.imageNode.driver === 'qcow2' ? 'qcow2' : 'raw';
     const done = await salvage(this.ctx.exportNode, ranges, salvagePath(diskPath, new Date()), { backing: { file: basename(diskPath), format } });
     this.salvaged = await listSalvage(diskPath);
     this.ctx.publish('salvage', { export: this.ctx.exportName, path: done.path, bytes: done.bytes });
     this.ctx.log('warn', `split brain: ${done.bytes} bytes of this disk that the resync overwrites are kept in ${done.path}`);
+    return done.path;
+  }
+
+  /** The hello of the primary whose split-brain resync into this (Inconsistent) disk was interrupted: resumed, recorded as a resolution for status and --dry-run. */
+  private resumeSplitBrainResync(d: Decision, m: Extract<PairMessage, { type: 'hello' }>, was: { policy: string; salvage: string | null }): LinkDecision {
+    const full = d.result === 'split-brain-manual';
+    const peer = m.name ?? m.nodeId;
+    const explanation = `split brain with ${peer} (rule ${d.rule}) was resolved by ${was.policy} and its resync into this disk interrupted: this disk is Inconsistent (a partial copy of the peer's), the forced target of the ${full ? 'full' : 'bitmap'} resync again, whatever the policy would say now; ${was.salvage ? `its diverged clusters were kept in ${was.salvage} before the first write` : 'nothing had to be salvaged'}, no new salvage`;
+    this.splitBrain = { at: new Date().toISOString(), rule: d.rule, policy: was.policy, keeps: 'primary', changedBytes: { secondary: this.ownDirty?.bitmap.dirtyBytes ?? 0, primary: m.bitmapBytes }, explanation };
+    this.ctx.publish('split-brain', { export: this.ctx.exportName, peer, rule: d.rule, policy: was.policy, keeps: 'primary', resolved: true, resumed: true, explanation });
+    return { rule: d.rule, action: full ? 'resync-full' : 'resync-bitmap', explanation };
   }
 
   /**
@@ -928,7 +954,7 @@ export class SecondaryRole implements PairRole {
       // (after a lost restore point the hello forced that resync to be full: the disk is CP_n, a restore point again)
       // as the primary has them after this checkpoint: its bitmap GI moved into history (finishResyncAsTarget)
       const gi = this.peerHello?.gi ? finishResyncAsTarget(this.peerHello.gi) : undefined;
-      await this.state.update((s) => ({ ...s, epoch: n, committing: null, checkpointBy: by, ...(gi && this.link ? { gi, diskState: 'UpToDate' as const, restorePointLost: null, fullSyncFrom: null } : {}) }));
+      await this.state.update((s) => ({ ...s, epoch: n, committing: null, checkpointBy: by, ...(gi && this.link ? { gi, diskState: 'UpToDate' as const, restorePointLost: null, fullSyncFrom: null, splitBrainResync: null } : {}) }));
       if (gi && this.link) this.failedReason = null;
       this.refreshBypass();
       lap('committed');
@@ -1063,6 +1089,7 @@ export class SecondaryRole implements PairRole {
         restorePointLost: null,
         hiddenEmptyAt: null,
         fullSyncFrom: null,
+        splitBrainResync: null,
       }));
       this.promoted = true;
     } catch (err) {

@@ -63,6 +63,15 @@ export interface PairState {
    */
   fullSyncFrom?: { nodeId: string; gen: string } | null;
   /**
+   * a secondary took a split brain's resync from this primary (node id): the policy that made this
+   * side the victim, and the salvage overlay taken before it (null: nothing was salvaged: no range
+   * to copy). Durable with the Inconsistent state, before the resync's first write; cleared when
+   * the checkpoint after a resync adopts the generations, and by a promotion. While it is set and
+   * the disk Inconsistent, a hello from that primary resumes the resync (the forced target,
+   * no new salvage, whatever the policy would say of the half-copied disk now). Absent or null = none.
+   */
+  splitBrainResync?: { nodeId: string; policy: string; salvage: string | null } | null;
+  /**
    * a primary's peer bitmap tracks a full resync to this secondary (node id): it was set whole and
    * durable before the copy began, and the copy clears it as the secondary holds data stably.
    * Absent or null = none.
@@ -117,6 +126,10 @@ export function validateState(v: unknown, path: string): PairState {
   const fsf = s.fullSyncFrom;
   if (fsf !== undefined && fsf !== null && (typeof fsf !== 'object' || typeof fsf.nodeId !== 'string' || fsf.nodeId === '' || typeof fsf.gen !== 'string' || fsf.gen === '')) {
     throw bad(`has fullSyncFrom ${JSON.stringify(fsf)}, not {nodeId: "…", gen: "…"}`);
+  }
+  const sbr = s.splitBrainResync;
+  if (sbr !== undefined && sbr !== null && (typeof sbr !== 'object' || typeof sbr.nodeId !== 'string' || sbr.nodeId === '' || typeof sbr.policy !== 'string' || (sbr.salvage !== null && typeof sbr.salvage !== 'string'))) {
+    throw bad(`has splitBrainResync ${JSON.stringify(sbr)}, not {nodeId: "…", policy: "…", salvage: "…" or null}`);
   }
   if (s.fullSyncTo !== undefined && s.fullSyncTo !== null && (typeof s.fullSyncTo !== 'string' || s.fullSyncTo === '')) throw bad(`has fullSyncTo ${JSON.stringify(s.fullSyncTo)}, not a node id`);
   const cb = s.checkpointBy;
