@@ -9,9 +9,9 @@
  * acceptPlainPrimary); every role change and the link's end close its connections, so a stale
  * primary cannot write. Checkpoints and failover run one at a time.
  */
-import { access } from 'node:fs/promises';
+import { access, stat } from 'node:fs/promises';
 import { hostname } from 'node:os';
-import { basename } from 'node:path';
+import { basename, resolve } from 'node:path';
 import type { Duplex } from 'node:stream';
 import type { BlockNode, CompleteBlockNode, Extent, IoOptions, WriteOptions, ZeroOptions } from '../api/block.js';
 import { BlkrepError, toBlkrepError } from '../api/errors.js';
@@ -30,7 +30,7 @@ import { resolveSplitBrain, type AfterSb0Policy, type SplitBrainResolution, type
 import { fetchRuns, PAIR_LINK_VERSION, PairChannel, runsPage, type DiskState, type LinkDecision, type NodeSummary, type PairMessage } from './messages.js';
 import { peerBitmapPath } from './primary.js';
 import type { FailoverOptions, FailoverResult, HandOff, PairRole, PairStatus } from './role.js';
-import { allocatedRuns, Borrowed, openSecondaryImages, OVERLAY_CLUSTER, type HiddenDurability, type SecondaryImages } from './secondary-images.js';
+import { allocatedRuns, Borrowed, defaultOverlayPaths, openSecondaryImages, OVERLAY_CLUSTER, type HiddenDurability, type SecondaryImages } from './secondary-images.js';
 import { explainSecondaryFailover, type SecondaryFailoverFacts } from './secondary-explain.js';
 import { hiddenEmptyAtStop, hiddenEmptyNote, initialState, markSecondaryStopped, noRestorePoint, pairStatePath, PairStateFile, volatileHiddenLost } from './state.js';
 import { gated, WriteGate } from './write-gate.js';
@@ -230,9 +230,17 @@ export class SecondaryRole implements PairRole {
       throw new BlkrepError('ERR_PAIR_BOOT_ID', `--hidden-durability volatile needs the boot id to tell a host crash from a process crash: cannot read ${boot!.file}: ${boot!.error}`, { errno: 'EINVAL', details: { file: boot!.file } });
     }
     const lost = volatileHiddenLost(state.state, boot?.id ?? null);
+    const hiddenPath = resolve(o.hidden ?? defaultOverlayPaths(diskPath).hidden);
+    if (wasSecondary && !lost) await checkHiddenIdentity(hiddenPath, state.state.hiddenFile ?? null);
     const images = await openSecondaryImages(diskPath, ctx.imageNode, { ...o, discardHidden: lost });
     const role = new SecondaryRole(ctx, o, state, images);
     try {
+      // the hidden disk's file, recorded when it changed (moved, created): the next start checks it
+      const id = await stat(hiddenPath).catch(() => undefined);
+      const rec = state.state.hiddenFile;
+      if (id && (!rec || rec.path !== hiddenPath || rec.dev !== id.dev || rec.ino !== id.ino)) {
+        await state.update((s) => ({ ...s, hiddenFile: { path: hiddenPath, dev: id.dev, ino: id.ino } }));
+      }
       await role.openOwnDirty(diskPath);
       role.salvaged = await listSalvage(diskPath);
       if (o.nodeName !== undefined && o.nodeName !== state.state.name) await state.update((s) => ({ ...s, name: o.nodeName! }));
@@ -1191,4 +1199,24 @@ async function copyRuns(from: CompleteBlockNode, to: CompleteBlockNode, runs: re
     }
   };
   await Promise.all(Array.from({ length: Math.min(COPY_PARALLEL, pieces.length) }, worker));
+}
+
+/**
+ * A restart as this disk's secondary: the hidden disk named (--hidden, or the default beside the
+ * disk) must be the file the last run served with, when it exists. Another file (a stale copy of
+ * the hidden disk, another secondary's) holds other clusters' old data of another epoch: the
+ * copy-before-write bits are rebuilt from its allocation and a failover commits it as the
+ * checkpoint (session 14: a committed write rolled back, a later one kept;
+ * test/pair/attack-restart-hidden.test.ts). Refused; an absent file is the rule of a lost hidden
+ * disk (restore point lost). The same inode under another path is the same disk moved.
+ */
+async function checkHiddenIdentity(path: string, rec: { path: string; dev: number; ino: number } | null): Promise<void> {
+  if (!rec) return;
+  const st = await stat(path).catch(() => undefined);
+  if (!st || (st.dev === rec.dev && st.ino === rec.ino)) return;
+  throw new BlkrepError(
+    'ERR_PAIR_OVERLAY',
+    `the hidden disk ${path} is not the file this secondary last served with (${rec.path}, device ${rec.dev} inode ${rec.ino}; ${path} is device ${st.dev} inode ${st.ino}): a copy holds another epoch's old data, and a failover would commit it as the checkpoint. Name the last run's hidden disk with --hidden, or remove ${path} to start without it (the restore point is then lost: Inconsistent until a full resync)`,
+    { errno: 'EINVAL', details: { hidden: path, recorded: rec } },
+  );
 }
