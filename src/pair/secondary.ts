@@ -1208,12 +1208,14 @@ async function copyRuns(from: CompleteBlockNode, to: CompleteBlockNode, runs: re
  * copy-before-write bits are rebuilt from its allocation and a failover commits it as the
  * checkpoint (session 14: a committed write rolled back, a later one kept;
  * test/pair/attack-restart-hidden.test.ts). Refused; an absent file is the rule of a lost hidden
- * disk (restore point lost). The same inode under another path is the same disk moved.
+ * disk (restore point lost). The same inode under another path is the same disk moved; the device
+ * number is recorded and named but does not decide (it may change across a reboot).
  */
 async function checkHiddenIdentity(path: string, rec: { path: string; dev: number; ino: number } | null): Promise<void> {
   if (!rec) return;
   const st = await stat(path).catch(() => undefined);
-  if (!st || (st.dev === rec.dev && st.ino === rec.ino)) return;
+  // the inode decides: a device number may change across a reboot (disks enumerated in another order)
+  if (!st || st.ino === rec.ino) return;
   throw new BlkrepError(
     'ERR_PAIR_OVERLAY',
     `the hidden disk ${path} is not the file this secondary last served with (${rec.path}, device ${rec.dev} inode ${rec.ino}; ${path} is device ${st.dev} inode ${st.ino}): a copy holds another epoch's old data, and a failover would commit it as the checkpoint. Name the last run's hidden disk with --hidden, or remove ${path} to start without it (the restore point is then lost: Inconsistent until a full resync)`,

@@ -74,7 +74,8 @@ export interface PairState {
   /**
    * a secondary: the hidden disk's file it serves with (resolved path, device and inode numbers),
    * recorded at start when it changes. A restart as this disk's secondary whose --hidden names an
-   * existing file of another device/inode is refused (a stale copy of the hidden disk would hold
+   * existing file of another inode number is refused (the device number is kept for the message:
+   * it may change across a reboot) (a stale copy of the hidden disk would hold
    * another epoch's old data: a failover would commit it as the checkpoint); the same inode under
    * another path (mv) is the same disk. Absent or null = no record (older builds): not checked.
    */
