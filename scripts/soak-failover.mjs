@@ -5,7 +5,10 @@
 // run, and prints the seeds run and every failing seed with its message (the message names the
 // seed's writes, checkpoint interval and kill instant; rerun one with --seeds N).
 //
-//   scripts/soak-failover.mjs [--from 1000] [--count 100] [--seeds 5,9,20-30] [--batch 10] [--minutes M] [--json]
+//   scripts/soak-failover.mjs [--from 1000] [--count 100] [--seeds 5,9,20-30] [--batch 10] [--minutes M] [--json] [--test FILE]
+//
+// --test runs another seeded test file the same way (BLKREP_SOAK_SEEDS, titles "seed N: …"):
+// test/pair/attack-restart-crash-seeds.test.ts kills the secondary at a checkpoint step under writes.
 //
 // --minutes stops starting new batches after M minutes. Exit status: 0 no failure, 1 a seed failed,
 // 2 usage error. Needs a built blkrep (npm run build). Each seed runs two daemons (~10 s).
@@ -16,14 +19,14 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
-const TEST = 'test/pair/two-daemons-random.test.ts';
 const args = process.argv.slice(2);
 const opt = (name, dflt) => {
   const i = args.indexOf(`--${name}`);
   return i >= 0 ? args[i + 1] : dflt;
 };
+const TEST = opt('test', 'test/pair/two-daemons-random.test.ts');
 const usage = (msg) => {
-  process.stderr.write(`soak-failover: ${msg}\nusage: scripts/soak-failover.mjs [--from N] [--count N] [--seeds LIST] [--batch N] [--minutes M] [--json]\n`);
+  process.stderr.write(`soak-failover: ${msg}\nusage: scripts/soak-failover.mjs [--from N] [--count N] [--seeds LIST] [--batch N] [--minutes M] [--json] [--test FILE]\n`);
   process.exit(2);
 };
 const int = (name, dflt) => {
@@ -96,7 +99,7 @@ if (JSON_OUT) {
 } else {
   // a daemon that did not start in time (a loaded machine) is not a failover finding
   const startup = failures.filter((f) => /listening line|before listening/.test(f.message)).length;
-  console.log(`random-instant failover soak: ${ran.length} seeds run (${ran.length ? `${Math.min(...ran)}–${Math.max(...ran)}` : 'none'}) in ${seconds} s, ${failures.length} failed (${startup} of them a daemon that did not start)`);
+  console.log(`${path.basename(TEST)} soak: ${ran.length} seeds run (${ran.length ? `${Math.min(...ran)}–${Math.max(...ran)}` : 'none'}) in ${seconds} s, ${failures.length} failed (${startup} of them a daemon that did not start)`);
   for (const f of failures) console.log(`\nseed ${f.seed}: ${f.title ?? ''}\n${f.message}`);
 }
 process.exit(failures.length ? 1 : 0);

@@ -2,7 +2,8 @@
  * The test fault hook of the checkpoint's crash rules (PAIR-SPEC): with the environment variable
  * BLKREP_TEST_CRASH_AT=checkpoint-step-4|5|6|7, the daemon kills itself with SIGKILL at the end of
  * that step of a checkpoint on the secondary (replication.md §2), as a power cut there would; with
- * BLKREP_TEST_CRASH_AT=failover-<step> (FailoverStep), at the start of that step of a promotion.
+ * BLKREP_TEST_CRASH_AT=failover-<step> (FailoverStep), at the start of that step of a promotion;
+ * with BLKREP_TEST_CRASH_COUNT=K at the K-th checkpoint reaching it (so after checkpoint 1, the initial sync's).
  * Without the variable this does nothing. It is a test hook, not a feature: never set it in
  * production. BLKREP_TEST_BOOT_ID_FILE (readBootId, below) fakes a reboot.
  */
@@ -12,8 +13,11 @@ import { BlkrepError } from '../api/errors.js';
 
 export type CrashPoint = 'checkpoint-step-4' | 'checkpoint-step-5' | 'checkpoint-step-6' | 'checkpoint-step-7' | `failover-${string}`;
 
+/** BLKREP_TEST_CRASH_COUNT=K: the K-th time the point is reached in the process (default the first) */
+let reached = 0;
 export function crashPoint(point: CrashPoint): void {
   if (process.env.BLKREP_TEST_CRASH_AT !== point) return;
+  if (++reached < Number(process.env.BLKREP_TEST_CRASH_COUNT || 1)) return;
   process.kill(process.pid, 'SIGKILL');
   // nothing more may happen in this process while the signal lands
   Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 10_000);

@@ -9,9 +9,9 @@
  * acceptPlainPrimary); every role change and the link's end close its connections, so a stale
  * primary cannot write. Checkpoints and failover run one at a time.
  */
-import { access } from 'node:fs/promises';
+import { access, stat } from 'node:fs/promises';
 import { hostname } from 'node:os';
-import { basename } from 'node:path';
+import { basename, resolve } from 'node:path';
 import type { Duplex } from 'node:stream';
 import type { BlockNode, CompleteBlockNode, Extent, IoOptions, WriteOptions, ZeroOptions } from '../api/block.js';
 import { BlkrepError, toBlkrepError } from '../api/errors.js';
@@ -30,7 +30,7 @@ import { resolveSplitBrain, type AfterSb0Policy, type SplitBrainResolution, type
 import { fetchRuns, PAIR_LINK_VERSION, PairChannel, runsPage, type DiskState, type LinkDecision, type NodeSummary, type PairMessage } from './messages.js';
 import { peerBitmapPath } from './primary.js';
 import type { FailoverOptions, FailoverResult, HandOff, PairRole, PairStatus } from './role.js';
-import { allocatedRuns, Borrowed, openSecondaryImages, OVERLAY_CLUSTER, type HiddenDurability, type SecondaryImages } from './secondary-images.js';
+import { allocatedRuns, Borrowed, defaultOverlayPaths, openSecondaryImages, OVERLAY_CLUSTER, type HiddenDurability, type SecondaryImages } from './secondary-images.js';
 import { explainSecondaryFailover, type SecondaryFailoverFacts } from './secondary-explain.js';
 import { hiddenEmptyAtStop, hiddenEmptyNote, initialState, markSecondaryStopped, noRestorePoint, pairStatePath, PairStateFile, volatileHiddenLost } from './state.js';
 import { gated, WriteGate } from './write-gate.js';
@@ -232,9 +232,17 @@ export class SecondaryRole implements PairRole {
       throw new BlkrepError('ERR_PAIR_BOOT_ID', `--hidden-durability volatile needs the boot id to tell a host crash from a process crash: cannot read ${boot!.file}: ${boot!.error}`, { errno: 'EINVAL', details: { file: boot!.file } });
     }
     const lost = volatileHiddenLost(state.state, boot?.id ?? null);
+    const hiddenPath = resolve(o.hidden ?? defaultOverlayPaths(diskPath).hidden);
+    if (wasSecondary && !lost) await checkHiddenIdentity(hiddenPath, state.state.hiddenFile ?? null);
     const images = await openSecondaryImages(diskPath, ctx.imageNode, { ...o, discardHidden: lost });
     const role = new SecondaryRole(ctx, o, state, images);
     try {
+      // the hidden disk's file, recorded when it changed (moved, created): the next start checks it
+      const id = await stat(hiddenPath).catch(() => undefined);
+      const rec = state.state.hiddenFile;
+      if (id && (!rec || rec.path !== hiddenPath || rec.dev !== id.dev || rec.ino !== id.ino)) {
+        await state.update((s) => ({ ...s, hiddenFile: { path: hiddenPath, dev: id.dev, ino: id.ino } }));
+      }
       await role.openOwnDirty(diskPath);
       role.salvaged = await listSalvage(diskPath);
       if (o.nodeName !== undefined && o.nodeName !== state.state.name) await state.update((s) => ({ ...s, name: o.nodeName! }));
@@ -616,8 +624,20 @@ export class SecondaryRole implements PairRole {
       this.ctx.log('warn', `hello from ${ch.peer}: ${decision.explanation}`);
     }
     let salvageFirst = false;
-    if (d.result === 'split-brain' || d.result === 'split-brain-manual') {
+    let splitBrainPolicy: string | undefined;
+    const resumed = s.diskState === 'Inconsistent' && s.splitBrainResync?.nodeId === m.nodeId ? s.splitBrainResync : undefined;
+    if ((d.result === 'split-brain' || d.result === 'split-brain-manual') && resumed) {
+      // a split brain's resync from this primary was interrupted (a crash, a link drop): this disk
+      // is a partial copy of the primary's, salvaged before the first write; it is the forced
+      // target again (DRBD: an Inconsistent side is the sync target before any after-sb policy).
+      // Judged by the policy now, the primary's bitmap (cleared as the copy went) could be the
+      // smaller and keep this half-copied disk (session 14, test/pair/attack-sb-resync-kill.test.ts).
+      // The union of both bitmaps still covers every difference: this side's marks stay until the
+      // checkpoint after the resync, the primary's are cleared only where this disk holds its data stably.
+      decision = this.resumeSplitBrainResync(d, m, resumed);
+    } else if (d.result === 'split-brain' || d.result === 'split-brain-manual') {
       const r = this.resolveSplitBrain(d, m);
+      splitBrainPolicy = r.policy;
       if (r.source !== 'peer') return refuse('ERR_PAIR_SPLIT_BRAIN', this.splitBrain!.explanation, { rule: d.rule, action: 'refuse', explanation: this.splitBrain!.explanation });
       // the primary's data is kept: this disk's diverged clusters go to a salvage overlay first
       decision = { rule: d.rule, action: r.mode === 'full' ? 'resync-full' : 'resync-bitmap', explanation: r.explanation };
@@ -632,13 +652,16 @@ export class SecondaryRole implements PairRole {
     this.peerHello = { gi: m.gi, protocol: m.protocol, nodeId: m.nodeId };
     void (async () => {
       if (salvageFirst) {
+        let overlay: string | null;
         try {
-          await this.salvageBeforeResync(ch, decision.action === 'resync-full');
+          overlay = await this.salvageBeforeResync(ch, decision.action === 'resync-full');
         } catch (err) {
           const e = toBlkrepError(err);
           this.link = undefined;
           return refuse('ERR_PAIR_SPLIT_BRAIN', `split brain resolved, but the salvage of this disk's diverged clusters failed, so nothing is overwritten: ${e.code}: ${e.message}`);
         }
+        // durable with (before) the Inconsistent state below: a hello after a crash mid-resync resumes it
+        await this.state.update((x) => ({ ...x, splitBrainResync: { nodeId: m.nodeId, policy: splitBrainPolicy ?? 'unknown', salvage: overlay } }));
       }
       const next: DiskState = decision.action === 'none' ? (s.diskState === 'Outdated' || s.diskState === 'Failed' ? s.diskState : 'UpToDate') : 'Inconsistent';
       // a full resync (not a split brain's: that one salvages first) records whose data the disk
@@ -686,17 +709,28 @@ export class SecondaryRole implements PairRole {
    * (this side's bitmap ∪ the primary's, asked on the link; all of it for a full copy) is copied
    * into DISK.salvage-TIME.qcow2, backed by the disk (salvage.ts).
    */
-  private async salvageBeforeResync(ch: PairChannel, full: boolean): Promise<void> {
+  private async salvageBeforeResync(ch: PairChannel, full: boolean): Promise<string | null> {
     const size = this.ctx.exportNode.size;
     const ranges: Run[] = full ? [{ offset: 0, length: size }] : await fetchRuns(ch, size, SALVAGE_TIMEOUT_MS);
     if (!full && this.ownDirty) for (const r of this.ownDirty.bitmap.dirtyRuns()) ranges.push({ offset: r.offset, length: r.length });
-    if (ranges.length === 0) return;
+    if (ranges.length === 0) return null;
     const diskPath = diskPathOf(this.ctx.image);
     const format = this.ctx.imageNode.driver === 'qcow2' ? 'qcow2' : 'raw';
     const done = await salvage(this.ctx.exportNode, ranges, salvagePath(diskPath, new Date()), { backing: { file: basename(diskPath), format } });
     this.salvaged = await listSalvage(diskPath);
     this.ctx.publish('salvage', { export: this.ctx.exportName, path: done.path, bytes: done.bytes });
     this.ctx.log('warn', `split brain: ${done.bytes} bytes of this disk that the resync overwrites are kept in ${done.path}`);
+    return done.path;
+  }
+
+  /** The hello of the primary whose split-brain resync into this (Inconsistent) disk was interrupted: resumed, recorded as a resolution for status and --dry-run. */
+  private resumeSplitBrainResync(d: Decision, m: Extract<PairMessage, { type: 'hello' }>, was: { policy: string; salvage: string | null }): LinkDecision {
+    const full = d.result === 'split-brain-manual';
+    const peer = m.name ?? m.nodeId;
+    const explanation = `split brain with ${peer} (rule ${d.rule}) was resolved by ${was.policy} and its resync into this disk interrupted: this disk is Inconsistent (a partial copy of the peer's), the forced target of the ${full ? 'full' : 'bitmap'} resync again, whatever the policy would say now; ${was.salvage ? `its diverged clusters were kept in ${was.salvage} before the first write` : 'nothing had to be salvaged'}, no new salvage`;
+    this.splitBrain = { at: new Date().toISOString(), rule: d.rule, policy: was.policy, keeps: 'primary', changedBytes: { secondary: this.ownDirty?.bitmap.dirtyBytes ?? 0, primary: m.bitmapBytes }, explanation };
+    this.ctx.publish('split-brain', { export: this.ctx.exportName, peer, rule: d.rule, policy: was.policy, keeps: 'primary', resolved: true, resumed: true, explanation });
+    return { rule: d.rule, action: full ? 'resync-full' : 'resync-bitmap', explanation };
   }
 
   /**
@@ -974,7 +1008,7 @@ export class SecondaryRole implements PairRole {
       // (after a lost restore point the hello forced that resync to be full: the disk is CP_n, a restore point again)
       // as the primary has them after this checkpoint: its bitmap GI moved into history (finishResyncAsTarget)
       const gi = this.peerHello?.gi ? finishResyncAsTarget(this.peerHello.gi) : undefined;
-      await this.state.update((s) => ({ ...s, epoch: n, committing: null, checkpointBy: by, ...(gi && this.link ? { gi, diskState: 'UpToDate' as const, restorePointLost: null, fullSyncFrom: null } : {}) }));
+      await this.state.update((s) => ({ ...s, epoch: n, committing: null, checkpointBy: by, ...(gi && this.link ? { gi, diskState: 'UpToDate' as const, restorePointLost: null, fullSyncFrom: null, splitBrainResync: null } : {}) }));
       if (gi && this.link) this.failedReason = null;
       this.refreshBypass();
       lap('committed');
@@ -1110,6 +1144,7 @@ export class SecondaryRole implements PairRole {
         restorePointLost: null,
         hiddenEmptyAt: null,
         fullSyncFrom: null,
+        splitBrainResync: null,
       }));
       this.promoted = true;
     } catch (err) {
@@ -1211,4 +1246,26 @@ async function copyRuns(from: CompleteBlockNode, to: CompleteBlockNode, runs: re
     }
   };
   await Promise.all(Array.from({ length: Math.min(COPY_PARALLEL, pieces.length) }, worker));
+}
+
+/**
+ * A restart as this disk's secondary: the hidden disk named (--hidden, or the default beside the
+ * disk) must be the file the last run served with, when it exists. Another file (a stale copy of
+ * the hidden disk, another secondary's) holds other clusters' old data of another epoch: the
+ * copy-before-write bits are rebuilt from its allocation and a failover commits it as the
+ * checkpoint (session 14: a committed write rolled back, a later one kept;
+ * test/pair/attack-restart-hidden.test.ts). Refused; an absent file is the rule of a lost hidden
+ * disk (restore point lost). The same inode under another path is the same disk moved; the device
+ * number is recorded and named but does not decide (it may change across a reboot).
+ */
+async function checkHiddenIdentity(path: string, rec: { path: string; dev: number; ino: number } | null): Promise<void> {
+  if (!rec) return;
+  const st = await stat(path).catch(() => undefined);
+  // the inode decides: a device number may change across a reboot (disks enumerated in another order)
+  if (!st || st.ino === rec.ino) return;
+  throw new BlkrepError(
+    'ERR_PAIR_OVERLAY',
+    `the hidden disk ${path} is not the file this secondary last served with (${rec.path}, device ${rec.dev} inode ${rec.ino}; ${path} is device ${st.dev} inode ${st.ino}): a copy holds another epoch's old data, and a failover would commit it as the checkpoint. Name the last run's hidden disk with --hidden, or remove ${path} to start without it (the restore point is then lost: Inconsistent until a full resync)`,
+    { errno: 'EINVAL', details: { hidden: path, recorded: rec } },
+  );
 }

@@ -63,6 +63,24 @@ export interface PairState {
    */
   fullSyncFrom?: { nodeId: string; gen: string } | null;
   /**
+   * a secondary took a split brain's resync from this primary (node id): the policy that made this
+   * side the victim, and the salvage overlay taken before it (null: nothing was salvaged: no range
+   * to copy). Durable with the Inconsistent state, before the resync's first write; cleared when
+   * the checkpoint after a resync adopts the generations, and by a promotion. While it is set and
+   * the disk Inconsistent, a hello from that primary resumes the resync (the forced target,
+   * no new salvage, whatever the policy would say of the half-copied disk now). Absent or null = none.
+   */
+  splitBrainResync?: { nodeId: string; policy: string; salvage: string | null } | null;
+  /**
+   * a secondary: the hidden disk's file it serves with (resolved path, device and inode numbers),
+   * recorded at start when it changes. A restart as this disk's secondary whose --hidden names an
+   * existing file of another inode number is refused (the device number is kept for the message:
+   * it may change across a reboot) (a stale copy of the hidden disk would hold
+   * another epoch's old data: a failover would commit it as the checkpoint); the same inode under
+   * another path (mv) is the same disk. Absent or null = no record (older builds): not checked.
+   */
+  hiddenFile?: { path: string; dev: number; ino: number } | null;
+  /**
    * a primary's peer bitmap tracks a full resync to this secondary (node id): it was set whole and
    * durable before the copy began, and the copy clears it as the secondary holds data stably.
    * Absent or null = none.
@@ -117,6 +135,14 @@ export function validateState(v: unknown, path: string): PairState {
   const fsf = s.fullSyncFrom;
   if (fsf !== undefined && fsf !== null && (typeof fsf !== 'object' || typeof fsf.nodeId !== 'string' || fsf.nodeId === '' || typeof fsf.gen !== 'string' || fsf.gen === '')) {
     throw bad(`has fullSyncFrom ${JSON.stringify(fsf)}, not {nodeId: "…", gen: "…"}`);
+  }
+  const hf = s.hiddenFile;
+  if (hf !== undefined && hf !== null && (typeof hf !== 'object' || typeof hf.path !== 'string' || !Number.isSafeInteger(hf.dev) || !Number.isSafeInteger(hf.ino))) {
+    throw bad(`has hiddenFile ${JSON.stringify(hf)}, not {path: "…", dev: N, ino: N}`);
+  }
+  const sbr = s.splitBrainResync;
+  if (sbr !== undefined && sbr !== null && (typeof sbr !== 'object' || typeof sbr.nodeId !== 'string' || sbr.nodeId === '' || typeof sbr.policy !== 'string' || (sbr.salvage !== null && typeof sbr.salvage !== 'string'))) {
+    throw bad(`has splitBrainResync ${JSON.stringify(sbr)}, not {nodeId: "…", policy: "…", salvage: "…" or null}`);
   }
   if (s.fullSyncTo !== undefined && s.fullSyncTo !== null && (typeof s.fullSyncTo !== 'string' || s.fullSyncTo === '')) throw bad(`has fullSyncTo ${JSON.stringify(s.fullSyncTo)}, not a node id`);
   const cb = s.checkpointBy;

@@ -1,0 +1,113 @@
+/**
+ * Attack round 3 (issue 10), restarts with changed flags: the secondary restarted with --hidden
+ * naming another file.
+ *
+ * - the hidden disk moved (mv, with its copies) and --hidden naming it: the restore point is
+ *   kept; a failover gives the checkpoint exactly.
+ * - --hidden naming a stale copy of the hidden disk (taken at an earlier epoch): its clusters are
+ *   another epoch's old data. Found on main (session 14): started, and `failover` committed it as
+ *   checkpoint 3: X (written and committed in epoch 2) rolled back to its old bytes, Y (written
+ *   after checkpoint 3) kept. Now refused at start (ERR_PAIR_OVERLAY, the recorded file and inode).
+ */
+import { copyFile, readFile, rename, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { controlRequest as request, firstCheckpoint, pairOf, pairPaths } from '../support/control.js';
+import { makeTempDir, runCli, serve, unixUri, waitFor, type Served } from '../support/spawn.js';
+
+const MiB = 1 << 20;
+const KiB = 1024;
+const SIZE = 8 * MiB;
+const X = 1 * MiB;
+const Y = 3 * MiB;
+const LEN = 64 * KiB;
+
+async function writeAt(socket: string, offset: number, byte: number): Promise<void> {
+  const { NbdClient } = await import('../../src/nbd/client.js');
+  const c = await NbdClient.connect({ uri: unixUri(socket), reconnect: false, closeTimeoutMs: 2000 });
+  try {
+    await c.write(offset, Buffer.alloc(LEN, byte));
+    await c.flush();
+  } finally {
+    await c.close().catch(() => {});
+  }
+}
+
+async function setup() {
+  const dir = await makeTempDir();
+  const p = pairPaths(dir);
+  const content = Buffer.alloc(SIZE);
+  for (let m = 0; m < SIZE / MiB; m++) content.fill(m + 1, m * MiB, (m + 1) * MiB);
+  await writeFile(p.pImg, content);
+  await writeFile(p.sImg, Buffer.alloc(SIZE));
+  const sArgs = [p.sImg, '--secondary', '--socket', p.sSock, '--control', p.sControl];
+  const pArgs = [p.pImg, '--socket', p.pSock, '--control', p.pControl, '--replicate-to', unixUri(p.sSock), '--protocol', 'sync'];
+  return { dir, p, content, sArgs, pArgs, hidden: `${p.sImg}.hidden.qcow2` };
+}
+
+describe('attack: the secondary restarted with --hidden naming another file', () => {
+  it('the hidden disk moved with its copies: the restore point is kept, failover gives the checkpoint exactly', async () => {
+    const { dir, p, content, sArgs, pArgs, hidden } = await setup();
+    const procs: Served[] = [];
+    const track = (s: Served) => (procs.push(s), s);
+    try {
+      const s = track(await serve(sArgs));
+      const pr = track(await serve(pArgs));
+      await firstCheckpoint(p.pControl, 60_000);
+      await writeAt(p.pSock, X, 0x11);
+      expect(await pr.stop()).toBe(0);
+      s.child.kill('SIGKILL');
+      await s.waitExit();
+      const moved = join(dir, 'moved-hidden.qcow2');
+      await rename(hidden, moved);
+      const s2 = track(await serve([...sArgs, '--hidden', moved]));
+      const r = await request<{ role: string; epoch: number }>(p.sControl, 'failover', {});
+      expect(r).toMatchObject({ role: 'primary', epoch: 1 });
+      expect(await s2.stop()).toBe(0);
+      expect((await readFile(p.sImg)).equals(content)).toBe(true);
+    } finally {
+      for (const x of procs) await x.stop().catch(() => {});
+    }
+  }, 120_000);
+
+  it('--hidden naming a stale copy from an earlier epoch: a failover never commits it as the checkpoint', async () => {
+    const { dir, p, content, sArgs, pArgs, hidden } = await setup();
+    const procs: Served[] = [];
+    const track = (s: Served) => (procs.push(s), s);
+    try {
+      let s = track(await serve(sArgs));
+      const pr = track(await serve(pArgs));
+      await firstCheckpoint(p.pControl, 60_000);
+      // epoch 2 runs: X written (hidden keeps CP_1's X); a copy of that hidden disk is kept aside
+      await writeAt(p.pSock, X, 0x11);
+      expect(await s.stop()).toBe(0);
+      const stale = join(dir, 'stale-hidden.qcow2');
+      await copyFile(hidden, stale);
+      s = track(await serve(sArgs));
+      await waitFor(async () => (await pairOf(p.pControl)).link === 'connected', 'the primary reconnected', { timeoutMs: 30_000 });
+      const cp = await runCli(['checkpoint', '--control', p.pControl, '--json']);
+      expect(cp.code, cp.stderr).toBe(0);
+      const epoch = (await pairOf(p.pControl)).epoch;
+      // CP_epoch: X = 0x11; then Y written in the next epoch
+      await writeAt(p.pSock, Y, 0x22);
+      expect(await pr.stop()).toBe(0);
+      s.child.kill('SIGKILL');
+      await s.waitExit();
+      // refused at start, clearly (which file, which inode), nothing written
+      const refused = await serve([...sArgs, '--hidden', stale]).catch((e: unknown) => e as Error);
+      expect(refused).toBeInstanceOf(Error);
+      expect((refused as Error).message).toContain('ERR_PAIR_OVERLAY');
+      expect((refused as Error).message).toContain(`the hidden disk ${stale} is not the file this secondary last served with (${hidden}`);
+      // with the right hidden disk: the failover gives CP_epoch exactly (X = 0x11, Y rolled back)
+      const s2 = track(await serve(sArgs));
+      const r = await request<{ role: string; epoch: number }>(p.sControl, 'failover', {});
+      expect(r).toMatchObject({ role: 'primary', epoch });
+      expect(await s2.stop()).toBe(0);
+      const want = Buffer.from(content);
+      want.fill(0x11, X, X + LEN);
+      expect((await readFile(p.sImg)).equals(want)).toBe(true);
+    } finally {
+      for (const x of procs) await x.stop().catch(() => {});
+    }
+  }, 120_000);
+});
