@@ -40,8 +40,8 @@ export interface ExportOptions {
   shownName?: string;
   /**
    * Requests one connection runs at once before the server stops reading it (default
-   * server-session.ts MAX_INFLIGHT, 64). The pair's writer export takes more (data-token.ts): its
-   * one client is the primary, whose async sends are bounded by its own window.
+   * server-session.ts MAX_INFLIGHT, 64). The pair's writer export sets its own
+   * (data-token.ts REPLICA_MAX_INFLIGHT): its one client is the primary, whose window matches.
    */
   maxInflight?: number;
 }

@@ -30,17 +30,12 @@ export const TOKEN_INFIX = '@pair-token=';
 export const FENCE_LINGER_MS = 30_000;
 /**
  * Requests the writer export runs at once on its connection, and the primary puts on the wire to
- * it (primary.ts; the NBD default is 64 both ways). An async primary's writes on a fresh epoch
- * are mostly first touches of a 64 KiB cluster, each waiting for the hidden disk's writeback
- * cycle (group-committed: every copy in flight shares it), so the secondary applies about
- * (requests in flight) ÷ (cycle latency): at 64 its event loop was idle most of the time while
- * the primary's queue stayed full (src/pair/README.md "Where the time goes"). The primary
- * sends at most MAX_SENDING (256, replication-filter.ts) at once; its queue (--queue) bounds the
- * payloads, the server's MAX_INFLIGHT_BYTES each connection's. 192 and not 256: the secondary's
- * peak RSS grows with the copies in flight (loaded machine, 10 s of 4 KiB random writes QD32 on
- * a fresh epoch: 98–110 MiB at 64, 122–140 at 192, 139–148 at 256, 166–176 at 512).
+ * it (primary.ts); the NBD default is 64 both ways, and so is this. One constant for both ends,
+ * so that a larger window is one change: tried at 192–512 (src/pair/README.md "Where the time
+ * goes", session 14): fewer fdatasyncs per write, more RSS, no measured gain on a loaded machine,
+ * and test/pair/attack-flush-order.test.ts needs recalibrating (its secondary stops lagging).
  */
-export const REPLICA_MAX_INFLIGHT = 192;
+export const REPLICA_MAX_INFLIGHT = 64;
 
 export function mintDataToken(): string {
   return randomBytes(16).toString('hex');
