@@ -38,6 +38,12 @@ export interface ExportOptions {
    * (the pair's writer export carries its fencing token: data-token.ts); default the name
    */
   shownName?: string;
+  /**
+   * Requests one connection runs at once before the server stops reading it (default
+   * server-session.ts MAX_INFLIGHT, 64). The pair's writer export sets its own
+   * (data-token.ts REPLICA_MAX_INFLIGHT): its one client is the primary, whose window matches.
+   */
+  maxInflight?: number;
 }
 
 export interface ExportCounters {
@@ -58,6 +64,8 @@ export class Export {
   /** what logs, status, metrics and error messages call it (ExportOptions.shownName) */
   readonly shownName: string;
   readonly admit: (() => string | undefined) | undefined;
+  /** ExportOptions.maxInflight (undefined: the server's default) */
+  readonly maxInflight: number | undefined;
   readonly minimum: number;
   readonly preferred: number;
   readonly maximum: number;
@@ -72,6 +80,7 @@ export class Export {
     this.hidden = options.hidden ?? false;
     this.shownName = options.shownName ?? options.name;
     this.admit = options.admit;
+    this.maxInflight = options.maxInflight;
     const limits = options.node.limits;
     this.minimum = Math.max(limits.minimum, options.minimumBlockSize ?? 1);
     this.preferred = Math.max(limits.preferred, this.minimum, 512);

@@ -598,7 +598,7 @@ export class ServerSession implements BudgetWaiter, DirectReader {
 
   private overloaded(): boolean {
     if (this.phase === 'options') return this.stream.writableLength >= MAX_HANDSHAKE_SEND_BUFFER;
-    return this.waitingBudget || this.inflight >= MAX_INFLIGHT || this.inflightBytes >= MAX_INFLIGHT_BYTES || this.stream.writableLength >= MAX_SEND_BUFFER;
+    return this.waitingBudget || this.inflight >= (this.exp?.maxInflight ?? MAX_INFLIGHT) || this.inflightBytes >= MAX_INFLIGHT_BYTES || this.stream.writableLength >= MAX_SEND_BUFFER;
   }
 
   /** The budget made the reservation this connection waited for: read on. */

@@ -28,6 +28,14 @@ import type { WriteGate } from './write-gate.js';
 export const TOKEN_INFIX = '@pair-token=';
 /** how long a retired writer export answers "stale" before it is removed with its connections */
 export const FENCE_LINGER_MS = 30_000;
+/**
+ * Requests the writer export runs at once on its connection, and the primary puts on the wire to
+ * it (primary.ts); the NBD default is 64 both ways, and so is this. One constant for both ends,
+ * so that a larger window is one change: tried at 192–512 (src/pair/README.md "Where the time
+ * goes", session 14): fewer fdatasyncs per write, more RSS, no measured gain on a loaded machine,
+ * and test/pair/attack-flush-order.test.ts needs recalibrating (its secondary stops lagging).
+ */
+export const REPLICA_MAX_INFLIGHT = 64;
 
 export function mintDataToken(): string {
   return randomBytes(16).toString('hex');
@@ -106,6 +114,7 @@ export class ReplicaWriters {
       name,
       node: new FencedNode(this.node, () => (this.current === token ? undefined : this.staleWhy(token)), this.gate),
       hidden: true,
+      maxInflight: REPLICA_MAX_INFLIGHT,
       // the token is the writer's credential: logs, status and metrics show it redacted
       shownName: `${this.exportName}${TOKEN_INFIX}…`,
       admit: () => (this.current === token ? undefined : this.staleWhy(token)),

@@ -44,7 +44,7 @@ import type { FailoverOptions, FailoverResult, HandOff, PairLinkState, PairRole,
 import { PairStateFile, initialState, pairStatePath } from './state.js';
 import { ReplicationFilter, type CongestionPolicy, type ReplicationProtocol } from './replication-filter.js';
 import { sideFileBase } from '../util/state-dir.js';
-import { replicaWriterExport } from './data-token.js';
+import { REPLICA_MAX_INFLIGHT, replicaWriterExport } from './data-token.js';
 
 export const CHECKPOINT_TIMEOUT_MS = 5000;
 export const LINK_TIMEOUT_MS = 10_000;
@@ -384,7 +384,7 @@ export class PrimaryRole implements PairRole {
     let data: NbdNode | undefined;
     try {
       const target = dataToken === undefined ? this.uri : { ...this.uri, exportName: replicaWriterExport(this.uri.exportName, dataToken) };
-      data = await NbdNode.open(target, { ...(this.options.transports ? { transports: this.options.transports } : {}), reconnect: false, holdMs: 0, connectTimeoutMs: LINK_TIMEOUT_MS, batchSends: true });
+      data = await NbdNode.open(target, { ...(this.options.transports ? { transports: this.options.transports } : {}), reconnect: false, holdMs: 0, connectTimeoutMs: LINK_TIMEOUT_MS, batchSends: true, ...(dataToken === undefined ? {} : { maxInFlight: REPLICA_MAX_INFLIGHT }) });
       if (data.size !== filter.size) throw sizeError(this.uri.uri, filter.size, data.size);
       if (!data.caps.canWrite) throw new BlkrepError('ERR_READ_ONLY', `the secondary ${this.uri.uri} is read-only`, { errno: 'EPERM' });
     } catch (err) {

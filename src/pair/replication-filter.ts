@@ -97,7 +97,8 @@ export const MAX_GROUP_WRITES = 2048;
 /**
  * An ordered target: at most this many forwards in flight. The rest wait in the queue as plain
  * items instead of all being handed to the NBD client at once (each there costs its request
- * state and promise chain, kept in the client's own waiting list: it puts at most 64 on the wire).
+ * state and promise chain, kept in the client's own waiting list: to a blkrep secondary it puts at
+ * most REPLICA_MAX_INFLIGHT (data-token.ts) on the wire, to a plain NBD target 64).
  */
 export const MAX_SENDING = 256;
 

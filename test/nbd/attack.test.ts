@@ -26,6 +26,8 @@ beforeAll(async () => {
     exports: [
       { name: '', node: completeNode(new MemoryNode(SIZE)) },
       { name: 'gated', node: completeNode(hookNode(new MemoryNode(SIZE), { gate, gateOps: ['read', 'write'] })) },
+      // the pair's writer export takes more at once (ExportOptions.maxInflight; data-token.ts)
+      { name: 'gated-wide', maxInflight: 256, node: completeNode(hookNode(new MemoryNode(SIZE), { gate, gateOps: ['read', 'write'] })) },
     ],
   });
 });
@@ -348,6 +350,33 @@ describe('timeouts, magic, dying clients, limits', () => {
         got.add(r.cookie);
       }
       expect(got.size).toBe(200);
+    } finally {
+      gate.open();
+      client.destroy();
+    }
+  });
+
+  it('pipelining many requests without reading replies: with maxInflight 256 on the export, 256 run at once (not 64), all are answered later', async () => {
+    const { client } = await RawClient.open(S.path, { exportName: 'gated-wide' });
+    gate.close();
+    try {
+      const entered = gate.entered;
+      client.pause();
+      const cookies: bigint[] = [];
+      for (let i = 0; i < 300; i++) cookies.push(client.send(CMD.READ, { offset: (i % 256) * 4096, length: 4096 }));
+      await gate.waitEntered(entered + 256);
+      const st = S.srv.status().connections.filter((x) => x.export === 'gated-wide').sort((a, b) => b.id - a.id)[0]!;
+      expect(st.inFlight).toBe(256);
+      expect(st.requests).toBe(256);
+      gate.open();
+      client.resume();
+      const got = new Set<bigint>();
+      for (let i = 0; i < 300; i++) {
+        const r = await client.readReply();
+        expect(replyError(r)).toBe(0);
+        got.add(r.cookie);
+      }
+      expect(got.size).toBe(300);
     } finally {
       gate.open();
       client.destroy();
