@@ -79,6 +79,11 @@ export class CbwFilter extends Filter {
     this.maxRun = Math.max(1, Math.floor(RUN_BYTES / clusterSize));
   }
 
+  /** the writer's writes taken and not yet finished: waiting in the order chain, copying, or on the disk */
+  get writesInFlight(): number {
+    return this.queued;
+  }
+
   /** clusters copied this epoch */
   get copiedClusters(): number {
     let n = 0;

@@ -387,6 +387,8 @@ export class SecondaryRole implements PairRole {
         active: this.images?.activePath ?? null,
         viewExport: this.promoted ? null : (this.o.viewExport ?? null),
         copiedClusters: this.cbw?.copiedClusters ?? 0,
+        // writes taken and not finished: after the link drops, the ones already received still land
+        writesInFlight: this.cbw?.writesInFlight ?? 0,
         lastPrecopy: this.lastPrecopy ?? null,
         hiddenDurability: this.images?.hiddenFile.durability ?? null,
         noRestorePoint: this.noRestorePoint(),

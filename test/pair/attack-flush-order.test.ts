@@ -6,11 +6,12 @@
  * checkpoint taken after it holds everything before it.
  *
  * A stamped writer: phases of 64 concurrent 4 KiB writes to random blocks, each block stamped
- * (block, phase), a FLUSH between phases; the secondary's disk writes are slowed so that the queue
- * lags several phases; a checkpoint after the FLUSH of phase 10; kill -9 of the primary with a
- * phase in flight. Then the secondary's disk must be the state after some phase K-1 plus a subset
- * of phase K's writes (never a later write without an earlier flushed one), and failover gives the
- * state after phase 10 exactly.
+ * (block, phase), a FLUSH between phases; the secondary's disk writes are slowed (150 ms each) so
+ * that the queue lags several phases and fills (writes wait for room: `--on-congestion block`);
+ * a checkpoint after the FLUSH of phase 10; kill -9 of the primary with a phase in flight. Then,
+ * once the writes the secondary had taken have landed, its disk must be the state after some
+ * phase K-1 plus a subset of phase K's writes (never a later write without an earlier flushed
+ * one), and failover gives the state after phase 10 exactly.
  */
 import { readFile, truncate, writeFile } from 'node:fs/promises';
 import { describe, expect, it } from 'vitest';
@@ -60,7 +61,7 @@ describe('attack: FLUSH ordering through an async primary', () => {
       await writeFile(f, Buffer.alloc(0));
       await truncate(f, SIZE);
     }
-    const s = await serve([sImg, '--secondary', '--socket', sSock, '--control', sControl, '--filter', 'delay:write=20,at=disk']);
+    const s = await serve([sImg, '--secondary', '--socket', sSock, '--control', sControl, '--filter', 'delay:write=150,at=disk']);
     const p = await serve([pImg, '--socket', pSock, '--control', pControl, '--replicate-to', unixUri(sSock), '--protocol', 'async']);
     await firstCheckpoint(pControl);
     const c = await NbdClient.connect({ uri: unixUri(pSock), reconnect: false, closeTimeoutMs: 2000 });
@@ -70,6 +71,8 @@ describe('attack: FLUSH ordering through an async primary', () => {
     let atCheckpoint: number[] = [];
     const state = new Array<number>(BLOCKS).fill(0);
     let lagged = false;
+    /** the secondary's status counted writes in flight (the wait below relies on it) */
+    let applying = false;
     for (let phase = 1; phase <= PHASES; phase++) {
       const blocks = new Set<number>();
       while (blocks.size < PER_PHASE) blocks.add(Math.floor(r() * BLOCKS));
@@ -88,12 +91,17 @@ describe('attack: FLUSH ordering through an async primary', () => {
         atCheckpoint = [...state];
       }
       if (phase > CHECKPOINT_AFTER && (await pairOf(pControl)).queueBytes > 4 * PER_PHASE * BLOCK) lagged = true;
+      if (phase > CHECKPOINT_AFTER && (await pairOf<{ secondary: { writesInFlight: number } }>(sControl)).secondary.writesInFlight > 0) applying = true;
     }
     p.child.kill('SIGKILL');
     await p.waitExit();
     // the forwarding lagged several phases behind the flushes (else this test proves little)
     expect(lagged).toBe(true);
+    expect(applying).toBe(true);
     await waitFor(async () => (await pairOf(sControl)).link === 'none', 'the secondary to see the link drop');
+    // the writes it had taken when the link dropped still land (its disk is a prefix once they did):
+    // with the link down its replica export is gone, so no more are taken
+    await waitFor(async () => (await pairOf<{ secondary: { writesInFlight: number } }>(sControl)).secondary.writesInFlight === 0, 'the secondary\'s writes in flight to land');
     const got = phasesOf(await readFile(sImg));
     const K = Math.max(...got);
     expect(K).toBeGreaterThan(CHECKPOINT_AFTER);
