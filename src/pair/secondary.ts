@@ -179,7 +179,6 @@ export class SecondaryRole implements PairRole {
    * request) and cleared at the checkpoint that ends the resync.
    */
   private ownDirty: PersistentBitmap | undefined;
-  /** the last bitmap resync's copy of the clusters it writes into the hidden disk, before its welcome */
   /** the last bitmap resync's precopy: clusters claimed and copied, flush rounds; ms from asking the runs to the last round, claimMs to the claims, welcomeMs from the hello to the claims */
   private lastPrecopy: { clusters: number; bytes: number; rounds: number; claimed: number; ms: number; claimMs: number; welcomeMs: number } | undefined;
   /** the last split brain met on hello, for status and `failover --dry-run` */
