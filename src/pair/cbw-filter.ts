@@ -40,6 +40,8 @@ const SPARE_BUFFERS = 64;
 const RUN_BYTES = 1024 * 1024;
 /** run buffers (RUN_BYTES each) kept for copies: one per request in flight of a sequential writer at QD8 */
 const SPARE_RUN_BUFFERS = 8;
+/** the most clusters one precopy claims (1 GiB at 64 KiB: a Map entry and a promise each); the resync's writes copy the rest */
+export const PRECOPY_LIMIT = 16384;
 
 export class CbwFilter extends Filter {
   readonly driver = 'copy-before-write';
@@ -99,44 +101,118 @@ export class CbwFilter extends Filter {
   }
 
   /**
-   * Before a bitmap resync writes `runs` (secondary.ts, before its welcome): copy the old content
-   * of each of their clusters not copied yet into the hidden disk at once — plain writes, `depth`
-   * at a time, then one hidden flush, then the bits. The resync's writes to those clusters then
-   * skip the copy and its FUA, whose sync cycles (one per few dozen scattered clusters) are most
-   * of a short resync's time. The invariant holds: the old content is durable (the flush) before
-   * any disk write of the resync. No copy starts after `deadline` (Date.now() ms): the writes copy
-   * the rest as usual. A crash before the flush leaves hidden clusters no L2 entry maps yet (the
-   * qcow2 writeback order), or mapped with the disk's content, which no write changed meanwhile.
-   * Only while no replica writer writes; through the gate (a checkpoint's reset waits).
+   * Before a bitmap resync writes `runs` (secondary.ts, before its welcome): claim the clusters of
+   * them not copied yet (at most `limit`, the lowest), as a run's clusters are claimed ("being
+   * copied": a writer to one waits for its copy), then copy the old content of each into the hidden
+   * disk in ascending order, `depth` at a time, with plain writes. The copies done go in rounds:
+   * one hidden flush for every copy completed before it (the qcow2 cycle; the copies go on
+   * meanwhile), then their bits are set and their writers released. So the resync's writes, also
+   * ascending, start as soon as their clusters are done and skip their own FUA copy, whose sync
+   * cycles (one per few dozen scattered clusters) were most of a short resync's time. The rule
+   * holds per cluster: its old content is durable (its round's flush) before a disk write of it is
+   * issued. The claims are taken when the returned promise resolves (the welcome may go then);
+   * `done` settles when every claim is released. A failed copy or flush, or `stop()`, ends the
+   * precopy: the claims left are released with their bits clear, and their writers copy them as
+   * usual (with FUA, failing as case 3 if that fails too); `done` then rejects with the failure.
+   * A crash before a round's flush leaves hidden clusters no L2 entry maps yet (the qcow2
+   * writeback order), or mapped with the disk's content, which no write changed meanwhile.
+   * Through the gate, as one write until `done` (a checkpoint's reset waits for it).
    */
-  precopy(runs: ReadonlyArray<{ offset: number; length: number }>, o: { deadline: number; depth?: number }): Promise<{ clusters: number; bytes: number }> {
-    return gated(this.gate, async () => {
-      const todo = this.uncopiedClusters(runs);
-      const done: number[] = [];
-      let bytes = 0;
-      let failed = false;
-      const worker = async (): Promise<void> => {
-        const buf = Buffer.allocUnsafe(this.clusterSize);
-        for (let it = todo.next(); !it.done && !failed && Date.now() < o.deadline; it = todo.next()) {
-          const at = it.value * this.clusterSize;
-          const old = buf.subarray(0, Math.min(this.clusterSize, this.next.size - at));
-          await this.next.readInto(at, old);
-          await this.hidden.write(at, old);
-          done.push(it.value);
-          bytes += old.length;
-        }
-      };
-      // on a failure the other copies stop and settle before the gate is left; no bit is set
-      const settled = await Promise.allSettled(Array.from({ length: Math.max(1, o.depth ?? 32) }, () => worker().catch((err: unknown) => ((failed = true), Promise.reject(err)))));
-      const error = settled.find((p) => p.status === 'rejected');
-      if (error) throw error.reason;
-      if (done.length > 0) await this.hidden.flush();
-      for (const c of done) this.copied[c] = 1;
-      return { clusters: done.length, bytes };
-    });
+  async precopy(
+    runs: ReadonlyArray<{ offset: number; length: number }>,
+    o: { depth?: number; limit?: number; stop?: () => boolean } = {},
+  ): Promise<{ claimed: number; done: Promise<{ clusters: number; bytes: number; rounds: number }> }> {
+    await this.gate.enter();
+    const todo: number[] = [];
+    const release: Array<(() => void) | undefined> = [];
+    const limit = o.limit ?? PRECOPY_LIMIT;
+    for (const c of this.uncopiedClusters(runs)) {
+      if (todo.length >= limit) break;
+      let r!: () => void;
+      this.copying.set(c, new Promise<void>((x) => (r = x)));
+      todo.push(c);
+      release.push(r);
+    }
+    const done = this.copyClaimed(todo, release, Math.max(1, o.depth ?? 32), o.stop).finally(() => this.gate.leave());
+    return { claimed: todo.length, done };
   }
 
-  /** The clusters `runs` touch (in any order, overlapping) not copied this epoch, ascending, each once. */
+  /** precopy's copies and rounds; every claim of `todo` is released when it settles. */
+  private async copyClaimed(todo: number[], release: Array<(() => void) | undefined>, depth: number, stop?: () => boolean): Promise<{ clusters: number; bytes: number; rounds: number }> {
+    const free = (i: number, copied: boolean): void => {
+      const r = release[i];
+      if (!r) return;
+      release[i] = undefined;
+      if (copied) this.copied[todo[i]!] = 1;
+      this.copying.delete(todo[i]!);
+      r();
+    };
+    let next = 0;
+    /** indexes of todo copied, not yet flushed */
+    let written: number[] = [];
+    let clusters = 0;
+    let bytes = 0;
+    let rounds = 0;
+    let failure: { err: unknown } | undefined;
+    let workersDone = false;
+    let wake: (() => void) | undefined;
+    const worker = async (): Promise<void> => {
+      const buf = Buffer.allocUnsafe(this.clusterSize);
+      while (!failure && next < todo.length) {
+        if (stop?.()) {
+          failure ??= { err: new BlkrepError('ERR_PAIR_LINK_DOWN', 'the precopy stopped: the resync it was for is gone', { errno: 'EIO' }) };
+          break;
+        }
+        const i = next++;
+        const at = todo[i]! * this.clusterSize;
+        const old = buf.subarray(0, Math.min(this.clusterSize, this.next.size - at));
+        try {
+          await this.next.readInto(at, old);
+          await this.hidden.write(at, old);
+        } catch (err) {
+          failure ??= { err };
+          free(i, false);
+          break;
+        }
+        written.push(i);
+        bytes += old.length;
+        wake?.();
+      }
+    };
+    const flusher = async (): Promise<void> => {
+      for (;;) {
+        if (written.length === 0) {
+          if (workersDone) return;
+          await new Promise<void>((r) => (wake = r));
+          wake = undefined;
+          continue;
+        }
+        const round = written;
+        written = [];
+        try {
+          await this.hidden.flush();
+        } catch (err) {
+          failure ??= { err };
+          for (const i of round) free(i, false);
+          continue;
+        }
+        rounds++;
+        clusters += round.length;
+        for (const i of round) free(i, true);
+      }
+    };
+    const flushing = flusher();
+    await Promise.all(Array.from({ length: Math.min(depth, Math.max(1, todo.length)) }, worker));
+    workersDone = true;
+    wake?.();
+    await flushing;
+    // claims never copied (a failure or stop): their writers copy them
+    for (let i = 0; i < todo.length; i++) free(i, false);
+    if (failure) throw failure.err;
+    return { clusters, bytes, rounds };
+  }
+
+  /** The clusters `runs` touch (in any order, overlapping) not copied this epoch and not being copied, ascending, each once. */
   private *uncopiedClusters(runs: ReadonlyArray<{ offset: number; length: number }>): Generator<number> {
     let c = 0;
     for (const r of [...runs].sort((a, b) => a.offset - b.offset)) {
@@ -269,6 +345,13 @@ export class CbwFilter extends Filter {
    */
   private async copyOld(offset: number, length: number): Promise<void> {
     if (length <= 0) return;
+    // a precopy that stopped releases its claims with their bits clear: copy those here
+    do await this.copyOnce(offset, length);
+    while (!this.allCopied(offset, length));
+  }
+
+  /** One pass of copyOld: copy the clusters no one copies, wait for those another request (or the precopy) copies. */
+  private async copyOnce(offset: number, length: number): Promise<void> {
     const first = Math.floor(offset / this.clusterSize);
     const last = Math.floor((offset + length - 1) / this.clusterSize);
     const waits: Promise<void>[] = [];

@@ -27,7 +27,7 @@
  *                       (an old primary's peer bitmap with its activity log), a page of runs from
  *                       `from`; S answers runs {runs, next} (next null: the last page)
  *   S → P  bitmap       before its welcome, the same for the primary's peer bitmap: a split brain's
- *                       salvage, and a bitmap resync's batch copy into hidden (CbwFilter.precopy)
+ *                       salvage, and a bitmap resync's copies into hidden (CbwFilter.precopy)
  */
 import type { Duplex } from 'node:stream';
 import { BlkrepError } from '../api/errors.js';

@@ -60,11 +60,10 @@ export interface SecondaryOptions {
 /** how long the primary's bitmap may take to arrive for a salvage */
 const SALVAGE_TIMEOUT_MS = 30_000;
 /**
- * Before the welcome of a bitmap resync: at most this long copying the clusters it will write
- * into the hidden disk at once (precopyBeforeResync); well inside the primary's hello timeout
- * (LINK_TIMEOUT_MS, 10 s). The writes copy the rest as usual.
+ * Before the welcome of a bitmap resync: at most this long asking the primary's bitmap for the
+ * precopy (precopyBeforeResync); well inside the primary's hello timeout (LINK_TIMEOUT_MS, 10 s).
  */
-export const PRECOPY_BUDGET_MS = 3000;
+export const PRECOPY_RUNS_TIMEOUT_MS = 3000;
 
 /** The failback bitmap a promoted secondary starts (blkrep replicate resyncs the old primary by it). */
 export const FAILBACK_BITMAP = 'failback';
@@ -180,8 +179,8 @@ export class SecondaryRole implements PairRole {
    * request) and cleared at the checkpoint that ends the resync.
    */
   private ownDirty: PersistentBitmap | undefined;
-  /** the last bitmap resync's copy of the clusters it writes into the hidden disk, before its welcome */
-  private lastPrecopy: { clusters: number; bytes: number; ms: number } | undefined;
+  /** the last bitmap resync's precopy: clusters claimed and copied, flush rounds; ms from asking the runs to the last round, claimMs to the claims, welcomeMs from the hello to the claims */
+  private lastPrecopy: { clusters: number; bytes: number; rounds: number; claimed: number; ms: number; claimMs: number; welcomeMs: number } | undefined;
   /** the last split brain met on hello, for status and `failover --dry-run` */
   private splitBrain: { at: string; rule: number; policy: string; keeps: 'primary' | 'secondary' | null; changedBytes: { secondary: number; primary: number }; explanation: string } | undefined;
   /** salvage overlays beside the disk */
@@ -649,6 +648,7 @@ export class SecondaryRole implements PairRole {
       return refuse(code, `rule ${d.rule}: ${d.explanation}`, decision);
     }
     // the disk is a partial full copy from this primary at this generation: the copy may resume
+    const helloAt = Date.now();
     const sameFullSync = decision.action === 'resync-full' && !salvageFirst && s.fullSyncFrom?.nodeId === m.nodeId && s.fullSyncFrom.gen === m.gi.current;
     this.link = ch;
     this.peerHello = { gi: m.gi, protocol: m.protocol, nodeId: m.nodeId };
@@ -672,7 +672,7 @@ export class SecondaryRole implements PairRole {
       if (decision.action === 'resync-full' && !salvageFirst && !sameFullSync) await this.state.update((x) => ({ ...x, fullSyncFrom: { nodeId: m.nodeId, gen: m.gi.current } }));
       await this.setDiskState(next);
       if (!ch.isOpen || this.link !== ch) return;
-      if (decision.action === 'resync-bitmap') await this.precopyBeforeResync(ch);
+      if (decision.action === 'resync-bitmap') await this.precopyBeforeResync(ch, helloAt);
       if (!ch.isOpen || this.link !== ch) return;
       this.addReplicaExport();
       // ordered: the replica export applies one connection's writes in arrival order (cbw-filter.ts)
@@ -737,24 +737,32 @@ export class SecondaryRole implements PairRole {
 
   /**
    * Before a bitmap resync (no writer yet): the clusters it will write (the primary's bitmap,
-   * asked on the link, ∪ this side's own marks) are copied into the hidden disk in one batch
-   * (CbwFilter.precopy), so the resync's writes skip one FUA copy each. Only with a restore point
-   * to keep (without one the writes copy nothing); at most PRECOPY_BUDGET_MS. A failure costs
-   * only the speed: the writes copy what is left, with their own errors and events.
+   * asked on the link, ∪ this side's own marks) are claimed by CbwFilter.precopy, which copies
+   * them into the hidden disk in ascending order, in flush rounds, while the resync writes the
+   * clusters already done (a write to a claimed cluster waits for its round), so the resync's
+   * writes skip one FUA copy each. The welcome goes once the claims are taken. Only with a
+   * restore point to keep (without one the writes copy nothing). A failure costs only the speed:
+   * the writes copy what is left, with their own errors and events.
    */
-  private async precopyBeforeResync(ch: PairChannel): Promise<void> {
+  private async precopyBeforeResync(ch: PairChannel, helloAt: number): Promise<void> {
     if (!this.cbw || this.noRestorePoint() !== null) return;
     const started = Date.now();
-    const deadline = started + PRECOPY_BUDGET_MS;
     try {
       const size = this.ctx.exportNode.size;
-      const runs = await fetchRuns(ch, size, PRECOPY_BUDGET_MS);
+      const runs = await fetchRuns(ch, size, PRECOPY_RUNS_TIMEOUT_MS);
       if (this.ownDirty) for (const r of this.ownDirty.bitmap.dirtyRuns()) runs.push({ offset: r.offset, length: r.length });
-      const r = await this.cbw.precopy(runs, { deadline });
-      this.lastPrecopy = { ...r, ms: Date.now() - started };
-      this.ctx.log('info', `before the resync: ${r.clusters} clusters (${r.bytes} bytes) kept in the hidden disk in ${Date.now() - started} ms`);
+      const { claimed, done } = await this.cbw.precopy(runs, { stop: () => !ch.isOpen || this.link !== ch });
+      const claimMs = Date.now() - started;
+      done.then(
+        (r) => {
+          const ms = Date.now() - started;
+          this.lastPrecopy = { ...r, claimed, ms, claimMs, welcomeMs: started - helloAt + claimMs };
+          this.ctx.log('info', `during the resync: ${r.clusters} clusters (${r.bytes} bytes) kept in the hidden disk in ${ms} ms, ${r.rounds} flushes`);
+        },
+        (err: unknown) => this.ctx.log('warn', `during the resync, copying the clusters it writes into the hidden disk failed (the resync's writes copy the rest): ${toBlkrepError(err).message}`),
+      );
     } catch (err) {
-      this.ctx.log('warn', `before the resync, copying the clusters it writes into the hidden disk failed (the resync's writes copy them): ${toBlkrepError(err).message}`);
+      this.ctx.log('warn', `before the resync, claiming the clusters it writes failed (the resync's writes copy them): ${toBlkrepError(err).message}`);
     }
   }
 

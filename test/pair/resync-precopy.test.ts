@@ -1,8 +1,8 @@
 /**
  * A bitmap resync's secondary copies the clusters the resync will write into its hidden disk
- * in one batch before its welcome (CbwFilter.precopy: plain writes, one flush), instead of one
- * FUA copy per resync write (bench/pair outage: the FUA copies were most of a short resync's
- * time). Checked on two daemons: the secondary's status reports the batch (every cluster of the
+ * (CbwFilter.precopy: claimed before its welcome, then plain writes and a flush per round beside
+ * the resync's writes, which wait for their cluster's round), instead of one FUA copy per resync
+ * write (bench/pair outage: the FUA copies were most of a short resync's time). Checked on two daemons: the secondary's status reports the batch (every cluster of the
  * outage), its view still shows the last checkpoint while the resync writes its disk (the batch
  * holds the checkpoint's data, not the outage's), and the disks end equal. A hidden disk that
  * fails the batch costs only the speed: the resync's own copies fail as case 3 (failure-cases).
@@ -46,9 +46,14 @@ describe('a bitmap resync copies the clusters it writes into the hidden disk fir
     // the resync's disk writes take 3 s each on the secondary: the view is read while they are in flight
     s = await serve([...sArgs, '--filter', 'delay:write=3000,at=disk']);
     await pEv.next('resync-started');
-    const st = await pairOf<{ link: string; secondary: { lastPrecopy: { clusters: number; bytes: number; ms: number } | null; copiedClusters: number } }>(sControl);
-    // the batch was done before the welcome, so before resync-started
-    expect(st.secondary.lastPrecopy).toMatchObject({ clusters: BLOCKS, bytes: BLOCKS * 64 * KiB });
+    // the clusters were claimed before the welcome; their copies go on beside the resync's writes
+    type Precopy = { clusters: number; bytes: number; claimed: number; rounds: number; ms: number };
+    const st = await waitFor(async () => {
+      const x = await pairOf<{ link: string; secondary: { lastPrecopy: Precopy | null; copiedClusters: number } }>(sControl);
+      return x.secondary.lastPrecopy ? x : undefined;
+    }, 'the precopy done');
+    expect(st.secondary.lastPrecopy).toMatchObject({ clusters: BLOCKS, claimed: BLOCKS, bytes: BLOCKS * 64 * KiB });
+    expect(st.secondary.lastPrecopy!.rounds).toBeGreaterThan(0);
     expect(st.secondary.copiedClusters).toBe(BLOCKS);
     const low = blocks.filter((o) => o < 4 * MiB);
     expect(low.length).toBeGreaterThan(0);
