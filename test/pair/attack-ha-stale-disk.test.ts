@@ -47,7 +47,10 @@ describe('a secondary restarted on a snapshot of its disk from an earlier checkp
       expect((await run('qemu-io', ['-f', 'raw', pUri, '-c', `write -P 0x33 ${2 * MiB} 64k`])).code).toBe(0);
 
       // the secondary comes back on the snapshot
-      for (const f of (await readdir(dir)).filter((x) => x.startsWith('s.img'))) await rm(join(dir, f));
+      // rolled back in place, as a file-system snapshot's rollback does: the same files (inodes), their
+      // old contents, the files made since gone (a restore into new files is refused while its hidden
+      // disk is not the file the last run served with: test/pair/attack-restart-hidden.test.ts)
+      for (const f of (await readdir(dir)).filter((x) => x.startsWith('s.img') && !mine.includes(x))) await rm(join(dir, f));
       for (const f of mine) await copyFile(join(snap, f), join(dir, f));
       const ev = await eventsOf(p.pControl, 60_000);
       s = await serve(sArgs);
