@@ -11,9 +11,9 @@ import { createHash } from 'node:crypto';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { controlRequest as request, pairOf } from '../support/control.js';
-import { fenceHook, freeUdpPort, pairKey, sparseImages, watch } from '../support/heartbeat.js';
-import { makeTempDir, run, serve, unixUri, waitFor } from '../support/spawn.js';
+import { controlRequest as request, firstCheckpoint, pairOf } from '../support/control.js';
+import { heartbeatPairArgs, watch } from '../support/heartbeat.js';
+import { run, serve, unixUri } from '../support/spawn.js';
 
 const SIZE = 4 << 20;
 const sha = (b: Buffer): string => createHash('sha256').update(b).digest('hex');
@@ -29,21 +29,11 @@ const STEPS = ['record-intent', 'seed-failback-bitmap', 'commit-hidden', 'commit
 
 describe('kill -9 of the secondary during its automatic promotion', () => {
   it.each(STEPS)('at failover-%s: restarted with the same flags it stays a secondary and takes nothing over; failover then gives checkpoint 2 exactly', async (step) => {
-    const dir = await makeTempDir();
-    await sparseImages(dir, SIZE);
-    const key = await pairKey(dir);
-    const hook = await fenceHook(dir, 7);
-    const [pa, pb] = [await freeUdpPort(), await freeUdpPort()];
-    const beat = ['--heartbeat-key', key, '--heartbeat-interval', '0.1', '--heartbeat-misses', '5'];
-    const [sSock, pSock, sCtl, pCtl] = ['s.sock', 'p.sock', 's.ctl', 'p.ctl'].map((f) => join(dir, f)) as [string, string, string, string];
-    const sArgs = [join(dir, 's.img'), '--secondary', '--socket', sSock, '--control', sCtl, '--node-id', 'beta', '--peer-id', 'alpha', '--heartbeat', `udp://127.0.0.1:${pa}?listen=127.0.0.1:${pb}`, ...beat, '--auto-failover', '--fence-hook', hook];
+    const { dir, sArgs, pArgs, pSock, sCtl, pCtl } = await heartbeatPairArgs({ size: SIZE, p: ['--protocol', 'sync'], autoFailover: { fenceExit: 7 } });
     let s = await serve(sArgs, { env: { ...process.env, BLKREP_TEST_CRASH_AT: `failover-${step}` } });
-    const p = await serve([join(dir, 'p.img'), '--socket', pSock, '--control', pCtl, '--replicate-to', unixUri(sSock), '--protocol', 'sync', '--node-id', 'alpha', '--peer-id', 'beta', '--heartbeat', `udp://127.0.0.1:${pb}?listen=127.0.0.1:${pa}`, ...beat]);
+    const p = await serve(pArgs);
     try {
-      await waitFor(async () => {
-        const st = await pairOf<{ epoch: number; lastCheckpointAgeMs: number | null }>(pCtl);
-        return st.epoch === 1 && st.lastCheckpointAgeMs !== null;
-      }, 'checkpoint 1 after the initial sync', { timeoutMs: 30_000 });
+      await firstCheckpoint(pCtl);
       const pUri = unixUri(pSock);
       expect((await run('qemu-io', ['-f', 'raw', pUri, '-c', 'write -P 0x11 0 256k'])).code).toBe(0);
       expect((await request<{ epoch: number }>(pCtl, 'checkpoint')).epoch).toBe(2);

@@ -15,8 +15,8 @@ import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { controlRequest as request, firstCheckpoint, pairOf } from '../support/control.js';
-import { fenceHook, freeUdpPort, pairKey, sparseImages, watch } from '../support/heartbeat.js';
-import { makeTempDir, run, serve, unixUri, waitFor, type Served } from '../support/spawn.js';
+import { heartbeatPairArgs, watch } from '../support/heartbeat.js';
+import { run, serve, unixUri, waitFor, type Served } from '../support/spawn.js';
 
 const SIZE = 4 << 20;
 const MiB = 1 << 20;
@@ -30,17 +30,8 @@ interface Pst {
   gi: { current: string };
 }
 
-async function setup(pExtra: string[] = []) {
-  const dir = await makeTempDir();
-  await sparseImages(dir, SIZE);
-  const key = await pairKey(dir);
-  const hook = await fenceHook(dir, 7);
-  const [pa, pb] = [await freeUdpPort(), await freeUdpPort()];
-  const beat = ['--heartbeat-key', key, '--heartbeat-interval', '0.1', '--heartbeat-misses', '5'];
-  const [sSock, pSock, sCtl, pCtl] = ['s.sock', 'p.sock', 's.ctl', 'p.ctl'].map((f) => join(dir, f)) as [string, string, string, string];
-  const sArgs = [join(dir, 's.img'), '--secondary', '--socket', sSock, '--control', sCtl, '--node-id', 'beta', '--peer-id', 'alpha', '--heartbeat', `udp://127.0.0.1:${pa}?listen=127.0.0.1:${pb}`, ...beat, '--auto-failover', '--fence-hook', hook];
-  const pArgs = [join(dir, 'p.img'), '--socket', pSock, '--control', pCtl, '--replicate-to', unixUri(sSock), '--protocol', 'sync', '--node-id', 'alpha', '--peer-id', 'beta', '--heartbeat', `udp://127.0.0.1:${pb}?listen=127.0.0.1:${pa}`, ...beat, ...pExtra];
-  return { dir, sArgs, pArgs, sSock, pSock, sCtl, pCtl };
+function setup(pExtra: string[] = []) {
+  return heartbeatPairArgs({ size: SIZE, p: ['--protocol', 'sync', ...pExtra], autoFailover: { fenceExit: 7 } });
 }
 
 describe('the old primary and the promoted node restarted with their own flags', () => {

@@ -11,11 +11,11 @@
  * - the primary's disk one MiB longer: refused at start (ERR_BITMAP_SIZE_MISMATCH: its peer bitmap
  *   covers N bytes, the disk has M)
  */
-import { readFile, truncate, writeFile } from 'node:fs/promises';
+import { readFile, truncate } from 'node:fs/promises';
 import { describe, expect, it } from 'vitest';
 import { NbdClient } from '../../src/nbd/client.js';
-import { controlRequest as request, firstCheckpoint, pairOf, pairPaths } from '../support/control.js';
-import { makeTempDir, run, serve, unixUri, waitFor, type Served } from '../support/spawn.js';
+import { controlRequest as request, firstCheckpoint, pairOf, stampedPair } from '../support/control.js';
+import { run, serve, unixUri, waitFor, type Served } from '../support/spawn.js';
 
 const MiB = 1 << 20;
 const SIZE = 8 * MiB;
@@ -32,12 +32,7 @@ async function writeAt(socket: string, offset: number, byte: number, length = 64
 
 describe('attack: restarts with changed flags', () => {
   it('protocol, hidden durability, view export, export name, disk lengths: refused clearly or safe', async () => {
-    const dir = await makeTempDir();
-    const p = pairPaths(dir);
-    const content = Buffer.alloc(SIZE);
-    for (let m = 0; m < SIZE / MiB; m++) content.fill(m + 1, m * MiB, (m + 1) * MiB);
-    await writeFile(p.pImg, content);
-    await writeFile(p.sImg, Buffer.alloc(SIZE));
+    const { dir, p, content } = await stampedPair(SIZE);
     const sArgs = [p.sImg, '--secondary', '--socket', p.sSock, '--control', p.sControl];
     const pArgs = (protocol: string) => [p.pImg, '--socket', p.pSock, '--control', p.pControl, '--replicate-to', unixUri(p.sSock), '--protocol', protocol];
     const procs: Served[] = [];

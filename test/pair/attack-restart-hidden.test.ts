@@ -9,11 +9,11 @@
  *   checkpoint 3: X (written and committed in epoch 2) rolled back to its old bytes, Y (written
  *   after checkpoint 3) kept. Now refused at start (ERR_PAIR_OVERLAY, the recorded file and inode).
  */
-import { copyFile, readFile, rename, writeFile } from 'node:fs/promises';
+import { copyFile, readFile, rename } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { controlRequest as request, firstCheckpoint, pairOf, pairPaths } from '../support/control.js';
-import { makeTempDir, runCli, serve, unixUri, waitFor, type Served } from '../support/spawn.js';
+import { controlRequest as request, firstCheckpoint, pairOf, stampedPair } from '../support/control.js';
+import { runCli, serve, unixUri, waitFor, type Served } from '../support/spawn.js';
 
 const MiB = 1 << 20;
 const KiB = 1024;
@@ -34,12 +34,7 @@ async function writeAt(socket: string, offset: number, byte: number): Promise<vo
 }
 
 async function setup() {
-  const dir = await makeTempDir();
-  const p = pairPaths(dir);
-  const content = Buffer.alloc(SIZE);
-  for (let m = 0; m < SIZE / MiB; m++) content.fill(m + 1, m * MiB, (m + 1) * MiB);
-  await writeFile(p.pImg, content);
-  await writeFile(p.sImg, Buffer.alloc(SIZE));
+  const { dir, p, content } = await stampedPair(SIZE);
   const sArgs = [p.sImg, '--secondary', '--socket', p.sSock, '--control', p.sControl];
   const pArgs = [p.pImg, '--socket', p.pSock, '--control', p.pControl, '--replicate-to', unixUri(p.sSock), '--protocol', 'sync'];
   return { dir, p, content, sArgs, pArgs, hidden: `${p.sImg}.hidden.qcow2` };

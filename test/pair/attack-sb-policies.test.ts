@@ -7,12 +7,12 @@
  * sides' diverged clusters (the ranges the resync writes: salvage.ts) and holds A's bytes there
  * (qemu-img map, convert, cmp); a winner A refuses the link and status / failover --dry-run say so.
  */
-import { copyFile, readFile, writeFile } from 'node:fs/promises';
+import { copyFile, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import type { PairStatus } from '../../src/pair/role.js';
-import { controlRequest as request, eventsOf, firstCheckpoint, pairOf, pairPaths } from '../support/control.js';
-import { makeTempDir, run, serve, unixUri, waitFor, type Served } from '../support/spawn.js';
+import { controlRequest as request, eventsOf, firstCheckpoint, pairOf, stampedPair } from '../support/control.js';
+import { run, serve, unixUri, waitFor, type Served } from '../support/spawn.js';
 
 const MiB = 1 << 20;
 const KiB = 1024;
@@ -50,12 +50,7 @@ interface Case {
 }
 
 async function splitBrainCase(c: Case): Promise<void> {
-  const dir = await makeTempDir();
-  const p = pairPaths(dir);
-  const content = Buffer.alloc(SIZE);
-  for (let m = 0; m < SIZE / MiB; m++) content.fill(m + 1, m * MiB, (m + 1) * MiB);
-  await writeFile(p.pImg, content);
-  await writeFile(p.sImg, Buffer.alloc(SIZE));
+  const { dir, p } = await stampedPair(SIZE);
   const aImg = p.pImg;
   const bImg = p.sImg;
   const procs: Served[] = [];

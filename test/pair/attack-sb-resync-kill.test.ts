@@ -14,12 +14,12 @@
  * B's writes not replicated), or, when B still counted more, a second salvage overlay was taken of
  * the half-copied disk (listed beside the real one as A's diverged data).
  */
-import { copyFile, readFile, stat, writeFile } from 'node:fs/promises';
+import { copyFile, readFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import type { PairStatus } from '../../src/pair/role.js';
-import { controlRequest as request, eventsOf, firstCheckpoint, pairOf, pairPaths } from '../support/control.js';
-import { makeTempDir, run, serve, unixUri, waitFor, type Served } from '../support/spawn.js';
+import { controlRequest as request, eventsOf, firstCheckpoint, pairOf, stampedPair } from '../support/control.js';
+import { run, serve, unixUri, waitFor, type Served } from '../support/spawn.js';
 
 const MiB = 1 << 20;
 const KiB = 1024;
@@ -46,12 +46,7 @@ async function qemuWrite(socket: string, blocks: number[], pattern: (i: number) 
 
 describe('attack: split brain resolved, both killed -9 mid-resync', () => {
   it('discard-least-changes, overlapping writes: after kill -9 of both mid-resync and a restart, the loser converges to the winner, the salvage is intact and exact', async () => {
-    const dir = await makeTempDir();
-    const p = pairPaths(dir);
-    const content = Buffer.alloc(SIZE);
-    for (let m = 0; m < SIZE / MiB; m++) content.fill(m + 1, m * MiB, (m + 1) * MiB);
-    await writeFile(p.pImg, content);
-    await writeFile(p.sImg, Buffer.alloc(SIZE));
+    const { dir, p } = await stampedPair(SIZE);
     const aImg = p.pImg;
     const bImg = p.sImg;
     const bArgs = ['--socket', p.sSock, '--control', p.sControl, '--node-name', 'b'];

@@ -2,10 +2,11 @@
  * One control-socket request from a test (connect, request, close), and the pair status of a
  * daemon's export in a pair: what the two-daemon tests of the pair and heartbeat ask again and again.
  */
+import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { ControlClient } from '../../src/control/client.js';
 import type { PairStatus } from '../../src/pair/role.js';
-import { waitFor } from './spawn.js';
+import { makeTempDir, waitFor } from './spawn.js';
 
 export async function controlRequest<T>(control: string, cmd: string, args: Record<string, unknown> = {}, timeoutMs = 60_000): Promise<T> {
   const c = await ControlClient.connect(control);
@@ -49,4 +50,18 @@ export async function firstCheckpoint(control: string, timeoutMs = 30_000): Prom
 export function pairPaths(dir: string) {
   const at = (name: string) => join(dir, name);
   return { pImg: at('p.img'), sImg: at('s.img'), pSock: at('p.sock'), sSock: at('s.sock'), pControl: at('p.ctl'), sControl: at('s.ctl') };
+}
+
+/**
+ * A new temp dir with a pair's files (pairPaths): the primary's disk of `size` bytes holds byte
+ * m + 1 in each MiB m (`content`), the secondary's zeroes (its initial full sync copies it all).
+ */
+export async function stampedPair(size: number) {
+  const dir = await makeTempDir();
+  const p = pairPaths(dir);
+  const content = Buffer.alloc(size);
+  for (let m = 0; m < size / 2 ** 20; m++) content.fill(m + 1, m * 2 ** 20, (m + 1) * 2 ** 20);
+  await writeFile(p.pImg, content);
+  await writeFile(p.sImg, Buffer.alloc(size));
+  return { dir, p, content };
 }

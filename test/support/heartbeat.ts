@@ -86,20 +86,28 @@ export interface HeartbeatPairOptions {
   s?: string[];
 }
 
-/**
- * A pair: "beta" (--secondary) and "alpha" (--replicate-to beta), each on DIR/{p,s}.img, one udp
- * heartbeat path on 127.0.0.1, signed with DIR/pair.key. Resolves once checkpoint 1 is taken and
- * both hear each other.
- */
-export async function startHeartbeatPair(o: HeartbeatPairOptions): Promise<HeartbeatPair> {
+/** The files and serve-nbd arguments of startHeartbeatPair's pair, nothing started (DIR made, its disks and key written). */
+export async function heartbeatPairArgs(o: HeartbeatPairOptions & { autoFailover?: { fenceExit: number } }): Promise<Omit<HeartbeatPair, 'p' | 's'>> {
   const dir = await makeTempDir();
   await sparseImages(dir, o.size);
   const key = await pairKey(dir);
   const [pa, pb] = [await freeUdpPort(), await freeUdpPort()];
   const beat = ['--heartbeat-key', key, ...(o.beat ?? ['--heartbeat-interval', '0.1', '--heartbeat-misses', '5'])];
   const [sSock, pSock, sCtl, pCtl] = ['s.sock', 'p.sock', 's.ctl', 'p.ctl'].map((f) => join(dir, f)) as [string, string, string, string];
-  const sArgs = [join(dir, 's.img'), '--secondary', '--socket', sSock, '--control', sCtl, '--node-id', 'beta', '--peer-id', 'alpha', '--heartbeat', `udp://127.0.0.1:${pa}?listen=127.0.0.1:${pb}`, ...beat, ...(o.s ?? [])];
+  // the secondary takes over by itself, fencing by DIR/fence.sh (which exits with fenceExit)
+  const auto = o.autoFailover ? ['--auto-failover', '--fence-hook', await fenceHook(dir, o.autoFailover.fenceExit)] : [];
+  const sArgs = [join(dir, 's.img'), '--secondary', '--socket', sSock, '--control', sCtl, '--node-id', 'beta', '--peer-id', 'alpha', '--heartbeat', `udp://127.0.0.1:${pa}?listen=127.0.0.1:${pb}`, ...beat, ...auto, ...(o.s ?? [])];
   const pArgs = [join(dir, 'p.img'), '--socket', pSock, '--control', pCtl, '--replicate-to', unixUri(sSock), '--node-id', 'alpha', '--peer-id', 'beta', '--heartbeat', `udp://127.0.0.1:${pb}?listen=127.0.0.1:${pa}`, ...beat, ...(o.p ?? [])];
+  return { dir, sArgs, pArgs, sSock, pSock, sCtl, pCtl };
+}
+
+/**
+ * A pair: "beta" (--secondary) and "alpha" (--replicate-to beta), each on DIR/{p,s}.img, one udp
+ * heartbeat path on 127.0.0.1, signed with DIR/pair.key. Resolves once checkpoint 1 is taken and
+ * both hear each other.
+ */
+export async function startHeartbeatPair(o: HeartbeatPairOptions): Promise<HeartbeatPair> {
+  const { dir, sArgs, pArgs, sSock, pSock, sCtl, pCtl } = await heartbeatPairArgs(o);
   const s = await serve(sArgs);
   const p = await serve(pArgs);
   await waitFor(async () => {
