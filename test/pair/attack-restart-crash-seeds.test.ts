@@ -20,6 +20,7 @@ import { describe, expect, it } from 'vitest';
 import { NbdClient } from '../../src/nbd/client.js';
 import { seededRandom as rng } from '../../src/block/filters/error.js';
 import { controlRequest as request, pairOf } from '../support/control.js';
+import { stamp } from '../support/pair-bytes.js';
 import { makeTempDir, run, serve, unixUri, waitFor, type Served } from '../support/spawn.js';
 
 const MiB = 1 << 20;
@@ -36,17 +37,6 @@ function seedsFrom(spec: string | undefined): number[] {
     for (let s = Number(m[1]); s <= Number(m[2] ?? m[1]); s++) out.push(s);
   }
   return out;
-}
-
-function stamp(offset: number, version: number): Buffer {
-  const b = Buffer.alloc(BLOCK);
-  if (version === 0) return b;
-  for (let i = 0; i < BLOCK; i += 16) {
-    b.writeBigUInt64BE(BigInt(offset), i);
-    b.writeUInt32BE(version, i + 8);
-    b.writeUInt32BE(0x5eed5eed, i + 12);
-  }
-  return b;
 }
 
 describe('secondary killed at a checkpoint step under writes, restarted: view = a prefix of the writes at a checkpoint', () => {

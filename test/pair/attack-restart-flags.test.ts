@@ -13,22 +13,12 @@
  */
 import { readFile, truncate } from 'node:fs/promises';
 import { describe, expect, it } from 'vitest';
-import { NbdClient } from '../../src/nbd/client.js';
 import { controlRequest as request, firstCheckpoint, pairOf, stampedPair } from '../support/control.js';
+import { writeFlushed } from '../support/pair-bytes.js';
 import { run, serve, unixUri, waitFor, type Served } from '../support/spawn.js';
 
 const MiB = 1 << 20;
 const SIZE = 8 * MiB;
-
-async function writeAt(socket: string, offset: number, byte: number, length = 64 * 1024): Promise<void> {
-  const c = await NbdClient.connect({ uri: unixUri(socket), reconnect: false, closeTimeoutMs: 2000 });
-  try {
-    await c.write(offset, Buffer.alloc(length, byte));
-    await c.flush();
-  } finally {
-    await c.close().catch(() => {});
-  }
-}
 
 describe('attack: restarts with changed flags', () => {
   it('protocol, hidden durability, view export, export name, disk lengths: refused clearly or safe', async () => {
@@ -45,27 +35,27 @@ describe('attack: restarts with changed flags', () => {
       await firstCheckpoint(p.pControl, 60_000);
 
       // protocol sync → async → sync (clean stops of the primary)
-      await writeAt(p.pSock, 0, 0x21);
+      await writeFlushed(p.pSock, 0, 0x21, 64 * 1024);
       expect(await pr.stop()).toBe(0);
       pr = track(await serve(pArgs('async')));
       await connected('async primary connected');
       expect((await pairOf(p.pControl)).protocol).toBe('async');
-      await writeAt(p.pSock, MiB, 0x22);
+      await writeFlushed(p.pSock, MiB, 0x22, 64 * 1024);
       await checkpoint();
       expect(await pr.stop()).toBe(0);
       pr = track(await serve(pArgs('sync')));
       await connected('sync primary connected again');
-      await writeAt(p.pSock, 2 * MiB, 0x23);
+      await writeFlushed(p.pSock, 2 * MiB, 0x23, 64 * 1024);
       await checkpoint();
 
       // hidden durability strict → volatile: kill -9 of the secondary with copies in hidden, back volatile
-      await writeAt(p.pSock, 3 * MiB, 0x24);
+      await writeFlushed(p.pSock, 3 * MiB, 0x24, 64 * 1024);
       s.child.kill('SIGKILL');
       await s.waitExit();
       s = track(await serve([...sArgs, '--hidden-durability', 'volatile']));
       await connected('the primary reconnected to the volatile secondary');
       expect(JSON.parse(await readFile(`${p.sImg}.pair.json`, 'utf8'))).toMatchObject({ volatileHidden: { bootId: expect.any(String) }, restorePointLost: null });
-      await writeAt(p.pSock, 3 * MiB + 65536, 0x25);
+      await writeFlushed(p.pSock, 3 * MiB + 65536, 0x25, 64 * 1024);
       // volatile → strict after kill -9 (same boot): its copies are synced, the record goes
       s.child.kill('SIGKILL');
       await s.waitExit();
@@ -98,7 +88,7 @@ describe('attack: restarts with changed flags', () => {
       expect(await s.stop()).toBe(0);
       s = track(await serve([...sArgs, '--name', 'other']));
       await waitFor(async () => ((await pairOf(p.pControl)).link !== 'connected' ? true : undefined), 'the primary not connected', { timeoutMs: 10_000 });
-      await writeAt(p.pSock, 4 * MiB, 0x26);
+      await writeFlushed(p.pSock, 4 * MiB, 0x26, 64 * 1024);
       // the primary says why: the secondary has no replica export of that name
       const stOther = await waitFor(async () => {
         const x = await pairOf<{ link: string; bytesBehind: number; lastError?: string }>(p.pControl);

@@ -13,6 +13,7 @@ import { copyFile, readFile, rename } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { controlRequest as request, firstCheckpoint, pairOf, stampedPair } from '../support/control.js';
+import { writeFlushed } from '../support/pair-bytes.js';
 import { runCli, serve, unixUri, waitFor, type Served } from '../support/spawn.js';
 
 const MiB = 1 << 20;
@@ -21,17 +22,6 @@ const SIZE = 8 * MiB;
 const X = 1 * MiB;
 const Y = 3 * MiB;
 const LEN = 64 * KiB;
-
-async function writeAt(socket: string, offset: number, byte: number): Promise<void> {
-  const { NbdClient } = await import('../../src/nbd/client.js');
-  const c = await NbdClient.connect({ uri: unixUri(socket), reconnect: false, closeTimeoutMs: 2000 });
-  try {
-    await c.write(offset, Buffer.alloc(LEN, byte));
-    await c.flush();
-  } finally {
-    await c.close().catch(() => {});
-  }
-}
 
 async function setup() {
   const { dir, p, content } = await stampedPair(SIZE);
@@ -49,7 +39,7 @@ describe('attack: the secondary restarted with --hidden naming another file', ()
       const s = track(await serve(sArgs));
       const pr = track(await serve(pArgs));
       await firstCheckpoint(p.pControl, 60_000);
-      await writeAt(p.pSock, X, 0x11);
+      await writeFlushed(p.pSock, X, 0x11, LEN);
       expect(await pr.stop()).toBe(0);
       s.child.kill('SIGKILL');
       await s.waitExit();
@@ -74,7 +64,7 @@ describe('attack: the secondary restarted with --hidden naming another file', ()
       const pr = track(await serve(pArgs));
       await firstCheckpoint(p.pControl, 60_000);
       // epoch 2 runs: X written (hidden keeps CP_1's X); a copy of that hidden disk is kept aside
-      await writeAt(p.pSock, X, 0x11);
+      await writeFlushed(p.pSock, X, 0x11, LEN);
       expect(await s.stop()).toBe(0);
       const stale = join(dir, 'stale-hidden.qcow2');
       await copyFile(hidden, stale);
@@ -84,7 +74,7 @@ describe('attack: the secondary restarted with --hidden naming another file', ()
       expect(cp.code, cp.stderr).toBe(0);
       const epoch = (await pairOf(p.pControl)).epoch;
       // CP_epoch: X = 0x11; then Y written in the next epoch
-      await writeAt(p.pSock, Y, 0x22);
+      await writeFlushed(p.pSock, Y, 0x22, LEN);
       expect(await pr.stop()).toBe(0);
       s.child.kill('SIGKILL');
       await s.waitExit();

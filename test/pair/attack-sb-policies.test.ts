@@ -7,11 +7,12 @@
  * sides' diverged clusters (the ranges the resync writes: salvage.ts) and holds A's bytes there
  * (qemu-img map, convert, cmp); a winner A refuses the link and status / failover --dry-run say so.
  */
-import { copyFile, readFile } from 'node:fs/promises';
+import { copyFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import type { PairStatus } from '../../src/pair/role.js';
 import { controlRequest as request, eventsOf, firstCheckpoint, pairOf, stampedPair } from '../support/control.js';
+import { cmp, expectSalvage } from '../support/pair-bytes.js';
 import { run, serve, unixUri, waitFor, type Served } from '../support/spawn.js';
 
 const MiB = 1 << 20;
@@ -36,9 +37,6 @@ async function qemuWrite(socket: string, blocks: number[], pattern: number): Pro
   expect(w.code, w.stderr).toBe(0);
 }
 
-async function cmp(x: string, y: string): Promise<number> {
-  return (await run('cmp', [x, y])).code ?? -1;
-}
 
 interface Case {
   policy: string;
@@ -108,18 +106,7 @@ async function splitBrainCase(c: Case): Promise<void> {
       return;
     }
     expect(st.secondary.salvage).toHaveLength(1);
-    const overlay = st.secondary.salvage[0]!.path;
-    const map = JSON.parse((await run('qemu-img', ['map', '--output=json', '-f', 'qcow2', overlay])).stdout) as Array<{ start: number; length: number; depth: number; data: boolean }>;
-    const mapped: number[] = [];
-    for (const e of map) if (e.depth === 0 && e.data) for (let o = e.start; o < e.start + e.length; o += B64) mapped.push(o);
-    expect(mapped).toEqual(union);
-    const raw = join(dir, 'salvaged.raw');
-    expect((await run('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', overlay, raw])).code).toBe(0);
-    expect(await cmp(raw, aBefore)).toBe(0);
-    // the overlay's own clusters are A's bytes (read without the backing file's help)
-    const ov = await readFile(raw);
-    const before = await readFile(aBefore);
-    for (const o of union) expect(ov.subarray(o, o + B64).equals(before.subarray(o, o + B64))).toBe(true);
+    await expectSalvage(st.secondary.salvage[0]!.path, union, B64, aBefore, dir);
   } finally {
     for (const s of procs) await s.stop().catch(() => {});
   }

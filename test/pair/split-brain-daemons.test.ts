@@ -11,10 +11,10 @@ import { join } from 'node:path';
 import { copyFile, readFile, writeFile } from 'node:fs/promises';
 import { describe, expect, it } from 'vitest';
 import { ControlClient } from '../../src/control/client.js';
-import { NbdClient } from '../../src/nbd/client.js';
 import type { PairStatus } from '../../src/pair/role.js';
 import { makeTempDir, run, runCli, serve, unixUri, waitFor } from '../support/spawn.js';
 import { controlRequest as request, pairOf } from '../support/control.js';
+import { writeFlushed } from '../support/pair-bytes.js';
 
 const MiB = 1 << 20;
 const SIZE = 32 * MiB;
@@ -30,16 +30,6 @@ type SecondaryStatus = PairStatus & {
     salvage: Array<{ path: string; complete: boolean; createdAt: string | null }>;
   };
 };
-
-async function writeThrough(socket: string, offset: number, byte: number, length: number): Promise<void> {
-  const c = await NbdClient.connect({ uri: unixUri(socket), reconnect: false, closeTimeoutMs: 2000 });
-  try {
-    await c.write(offset, Buffer.alloc(length, byte));
-    await c.flush();
-  } finally {
-    await c.close().catch(() => {});
-  }
-}
 
 describe('split brain on two daemons: policies and salvage', () => {
   it('refused and explained by default; each policy keeps its side; the loser is salvaged; disks equal', async () => {
@@ -64,8 +54,8 @@ describe('split brain on two daemons: policies and salvage', () => {
     // B is promoted while A lives on: A is demoted on the link and tracks its writes; both write apart
     expect(await request<{ role: string }>(bCtl, 'failover', {})).toMatchObject({ role: 'primary' });
     await waitFor(async () => (await pairOf(aCtl)).link === 'degraded', 'A degraded by the demote', { timeoutMs: 10_000 });
-    await writeThrough(aSock, 4 * MiB, 0xa5, MiB);
-    await writeThrough(bSock, 20 * MiB, 0xb5, 3 * MiB);
+    await writeFlushed(aSock, 4 * MiB, 0xa5, MiB);
+    await writeFlushed(bSock, 20 * MiB, 0xb5, 3 * MiB);
     expect(await a.stop()).toBe(0);
     const aBefore = join(dir, 'a-before.img');
     await copyFile(aImg, aBefore);

@@ -19,6 +19,7 @@ import { NbdClient } from '../../src/nbd/client.js';
 import { makeTempDir, serve, unixUri, waitFor, withTimeout, type Served } from '../support/spawn.js';
 import { seededRandom as rng } from '../../src/block/filters/error.js';
 import { controlRequest as request, pairOf } from '../support/control.js';
+import { stamp } from '../support/pair-bytes.js';
 
 const MiB = 1 << 20;
 const SIZE = 16 * MiB;
@@ -63,18 +64,6 @@ async function startPair(protocol: 'sync' | 'async', hidden: 'strict' | 'volatil
     return st.epoch === 1 && st.lastCheckpointAgeMs !== null;
   }, 'checkpoint 1 after the initial sync', { timeoutMs: 30_000 });
   return { p, sControl, pControl, sSock, pSock };
-}
-
-/** a 4 KiB block stamped with (offset, version), repeated; version 0 is the zeroed disk */
-function stamp(offset: number, version: number): Buffer {
-  const b = Buffer.alloc(BLOCK);
-  if (version === 0) return b;
-  for (let i = 0; i < BLOCK; i += 16) {
-    b.writeBigUInt64BE(BigInt(offset), i);
-    b.writeUInt32BE(version, i + 8);
-    b.writeUInt32BE(0x5eed5eed, i + 12);
-  }
-  return b;
 }
 
 /** what a block holds: its version, or a description of what is wrong with it */
