@@ -8,8 +8,8 @@
  * a size's own buffers are never dropped for one more of it). Without that, one burst of a size
  * filled the pool for good: a pair's secondary received its initial full copy in 256 KiB
  * writes (up to 64 at once), kept 16 MiB of them, and then allocated a fresh buffer for every
- * 1 MiB write that followed, which started a major GC of V8 every ~12 MiB received (session 15:
- * 48-88 mark-compacts per GiB).
+ * 1 MiB write that followed: V8 counts their backing stores as external memory and ran a major
+ * GC every 17-21 MiB received (session 15: 88 mark-compacts in 1.5 GiB, against 1).
  */
 export class BufferPool {
   private readonly free = new Map<number, Buffer[]>();
