@@ -98,8 +98,9 @@ export interface NbdClientOptions {
   /**
    * ask for this send buffer on a Unix socket's connections (SO_SNDBUF through the native addon;
    * the kernel doubles it). Default 0: the system's (208 KiB here). TCP sizes its own buffers
-   * (autotuning, which a fixed SO_SNDBUF turns off), TLS and other streams are left as they are,
-   * as is a socket when the addon is not there or the kernel refuses. The pair's data connection
+   * (autotuning, which a fixed SO_SNDBUF turns off) and streams from other transports are left
+   * as they are, as is a socket when the addon is not there or the kernel refuses; nbds+unix sets
+   * it on the Unix socket before STARTTLS (the TLS records go through it). The pair's data connection
    * (src/pair/README.md: 1 MiB writes went in ~5 pieces, each a wake-up of both sides).
    */
   sendBufferBytes?: number;
