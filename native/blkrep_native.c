@@ -954,6 +954,8 @@ static napi_value splice_send(napi_env env, napi_callback_info info) {
 
 /* ------------------------------------------------------------------------------------------ */
 
+void blkrep_register_sockbuf(napi_env env, napi_value exports); /* sockbuf.c */
+
 NAPI_MODULE_INIT() {
   napi_value has_fallocate;
   napi_get_boolean(env, BLKREP_HAVE_FALLOCATE, &has_fallocate);
@@ -977,5 +979,6 @@ NAPI_MODULE_INIT() {
     {"hasFallocate", NULL, NULL, NULL, NULL, has_fallocate, napi_enumerable, NULL},
   };
   if (napi_define_properties(env, exports, sizeof props / sizeof props[0], props) != napi_ok) return NULL;
+  blkrep_register_sockbuf(env, exports);
   return exports;
 }

@@ -66,6 +66,13 @@ export interface SparseOps {
    * failure; lane[0] ≠ 0 stops the wait). 0: all sent. Absent in an addon built before it.
    */
   spliceSend?(sockFd: number, fileFd: number, position: number, length: number, header: Buffer, lane: Buffer): Promise<0 | 1>;
+  /**
+   * setsockopt(SO_SNDBUFFORCE, else SO_SNDBUF) on a socket, synchronous: what getsockopt(SO_SNDBUF)
+   * says afterwards (the kernel doubles the value asked for). Absent in an addon built before it.
+   */
+  setSendBuffer?(fd: number, bytes: number): number;
+  /** getsockopt(SO_SNDBUF). Absent in an addon built before it. */
+  getSendBuffer?(fd: number): number;
 }
 
 /** A lock another open file description holds, as F_OFD_GETLK reports it. */

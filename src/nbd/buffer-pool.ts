@@ -2,9 +2,20 @@
  * Reusable buffers for read replies and write payloads. Without it every 1 MiB request
  * allocates a fresh Buffer and the garbage collector lets tens of MiB of them pile up before
  * it runs; with it a busy connection keeps reusing the same few.
+ *
+ * Buffers are kept by size (powers of two). When a buffer given back does not fit under the
+ * bound, free buffers of the size least recently asked for make room for it (only other sizes:
+ * a size's own buffers are never dropped for one more of it). Without that, one burst of a size
+ * filled the pool for good: a pair's secondary received its initial full copy in 256 KiB
+ * writes (up to 64 at once), kept 16 MiB of them, and then allocated a fresh buffer for every
+ * 1 MiB write that followed: V8 counts their backing stores as external memory and ran a major
+ * GC every 17-21 MiB received (session 15: 88 mark-compacts in 1.5 GiB, against 1).
  */
 export class BufferPool {
   private readonly free = new Map<number, Buffer[]>();
+  /** when each size was last asked for or given back (a counter, not a clock) */
+  private readonly used = new Map<number, number>();
+  private tick = 0;
   private pooled = 0;
 
   constructor(
@@ -17,6 +28,7 @@ export class BufferPool {
   /** A buffer of at least `size` bytes (a power of two); use subarray(0, size). */
   acquire(size: number): Buffer {
     const cap = size <= this.minSize ? this.minSize : 2 ** Math.ceil(Math.log2(size));
+    this.used.set(cap, ++this.tick);
     const list = this.free.get(cap);
     const b = list?.pop();
     if (b) {
@@ -29,15 +41,43 @@ export class BufferPool {
   /** Give back a buffer from acquire(); nothing may use it afterwards. */
   release(buffer: Buffer): void {
     const cap = buffer.length;
-    if (this.pooled + cap > this.maxPooledBytes) return;
+    if (cap > this.maxPooledBytes) return;
+    if (this.pooled + cap > this.maxPooledBytes && !this.evictFor(cap)) return;
     let list = this.free.get(cap);
     if (!list) this.free.set(cap, (list = []));
     list.push(buffer);
     this.pooled += cap;
+    this.used.set(cap, ++this.tick);
   }
 
   get pooledBytes(): number {
     return this.pooled;
+  }
+
+  /** free buffers kept of this size (tests) */
+  freeCount(size: number): number {
+    return this.free.get(size)?.length ?? 0;
+  }
+
+  /**
+   * Drop free buffers of other sizes, least recently used size first, until `cap` more bytes
+   * fit; false (nothing dropped) when they cannot.
+   */
+  private evictFor(cap: number): boolean {
+    let others = 0;
+    for (const [size, list] of this.free) if (size !== cap) others += size * list.length;
+    if (this.pooled - others + cap > this.maxPooledBytes) return false;
+    const sizes = [...this.free.keys()].filter((s) => s !== cap).sort((a, b) => (this.used.get(a) ?? 0) - (this.used.get(b) ?? 0));
+    for (const size of sizes) {
+      const list = this.free.get(size)!;
+      while (list.length > 0 && this.pooled + cap > this.maxPooledBytes) {
+        list.pop();
+        this.pooled -= size;
+      }
+      if (list.length === 0) this.free.delete(size);
+      if (this.pooled + cap <= this.maxPooledBytes) return true;
+    }
+    return true;
   }
 }
 

@@ -35,6 +35,7 @@
  *   'failed'       { error }                                the client gave up for good
  */
 import { EventEmitter } from 'node:events';
+import type { Duplex } from 'node:stream';
 import { BlkrepError, isAbortError, toBlkrepError } from '../api/errors.js';
 import type { TransportRegistry, UpgraderRegistry } from '../api/transport.js';
 import { BASE_ALLOCATION, CMD, CMD_FLAG, TF } from './constants.js';
@@ -46,6 +47,7 @@ import { ClientSession, type ClientOp, type CommandReply, type CommandSpec, type
 import { greetAndStartTls, type Greeting } from './starttls.js';
 import { parseNbdUri, type NbdUri } from './uri.js';
 import { StateMachine } from '../util/state-machine.js';
+import { loadNative } from '../block/native.js';
 
 export type { ExportInfo, BlockSizeInfo } from './client-handshake.js';
 export { registryConnector, type NbdConnector } from './client-connect.js';
@@ -93,6 +95,15 @@ export interface NbdClientOptions {
    * the pair's forwarding connection: client-session.ts `batchSends`)
    */
   batchSends?: boolean;
+  /**
+   * ask for this send buffer on a Unix socket's connections (SO_SNDBUF through the native addon;
+   * the kernel doubles it). Default 0: the system's (208 KiB here). TCP sizes its own buffers
+   * (autotuning, which a fixed SO_SNDBUF turns off) and streams from other transports are left
+   * as they are, as is a socket when the addon is not there or the kernel refuses; nbds+unix sets
+   * it on the Unix socket before STARTTLS (the TLS records go through it). The pair's data connection
+   * (src/pair/README.md: 1 MiB writes went in ~5 pieces, each a wake-up of both sides).
+   */
+  sendBufferBytes?: number;
   /** for jitter; tests inject it */
   random?: () => number;
 }
@@ -269,6 +280,7 @@ export class NbdClient extends EventEmitter<NbdClientEvents> {
       closeTimeoutMs: options.closeTimeoutMs ?? DEFAULTS.closeTimeoutMs,
       discTimeoutMs: options.discTimeoutMs ?? DEFAULTS.discTimeoutMs,
       batchSends: options.batchSends ?? false,
+      sendBufferBytes: options.sendBufferBytes ?? 0,
       random: options.random ?? Math.random,
       backoff: { ...DEFAULTS.backoff, ...options.backoff },
     };
@@ -496,6 +508,7 @@ export class NbdClient extends EventEmitter<NbdClientEvents> {
     const signal = AbortSignal.any(outer ? [ac.signal, timeout, outer] : [ac.signal, timeout]);
     try {
       let stream = await this.connector({ signal, timeoutMs: this.opts.connectTimeoutMs });
+      if (this.opts.sendBufferBytes > 0) setUnixSendBuffer(stream, this.opts.sendBufferBytes);
       let greeted: Greeting | undefined;
       if (this.uri.tls) {
         // nbds://: STARTTLS before anything else; no option ever travels in clear
@@ -790,4 +803,22 @@ function tlsRejection(uri: string, err: unknown): unknown {
     `${uri}: the server closed the connection right after the TLS handshake: it refused our credentials (a client certificate it does not trust, a DN or PSK user not in its allow-list, or none where it needs one)`,
     { errno: 'EPERM', cause: err, details: { uri } },
   );
+}
+
+/**
+ * SO_SNDBUF on a plain Unix socket (its libuv handle is a Pipe); anything else is left alone, and
+ * so is a socket the kernel refuses (the connection works with its default). Returns the size
+ * the kernel reports, or undefined when nothing was set.
+ */
+export function setUnixSendBuffer(stream: Duplex, bytes: number): number | undefined {
+  const handle = (stream as { _handle?: { fd?: unknown; constructor?: { name?: string } } | null })._handle;
+  const fd = handle?.fd;
+  if (handle?.constructor?.name !== 'Pipe' || typeof fd !== 'number' || fd < 0) return undefined;
+  const native = loadNative();
+  if (!native?.setSendBuffer) return undefined;
+  try {
+    return native.setSendBuffer(fd, bytes);
+  } catch {
+    return undefined;
+  }
 }

@@ -1,0 +1,102 @@
+/**
+ * The primary's data connection to the secondary asks for a 4 MiB send buffer on a Unix socket
+ * (src/pair/primary.ts DATA_SEND_BUFFER; the kernel reports twice it): a 1 MiB forward then goes
+ * in one write instead of ~5 pieces of the default 208 KiB. BLKREP_PAIR_SNDBUF=0 leaves the
+ * system's. Against a scripted secondary in-process (an NBD server over a memory disk whose pair
+ * link option answers hello and checkpoints).
+ */
+import net from 'node:net';
+import { join } from 'node:path';
+import type { Duplex } from 'node:stream';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { MemoryNode } from '../../src/block/memory.js';
+import { loadNative } from '../../src/block/native.js';
+import { completeNode } from '../../src/block/node.js';
+import { defaultTransports } from '../../src/engine/default-transports.js';
+import { NbdServer } from '../../src/nbd/server.js';
+import { OPT_BLKREP_PAIR_LINK } from '../../src/nbd/option-takeover.js';
+import { freshTuple } from '../../src/pair/generations.js';
+import { PAIR_LINK_VERSION, PairChannel } from '../../src/pair/messages.js';
+import { PrimaryRole } from '../../src/pair/primary.js';
+import { ReplicationFilter } from '../../src/pair/replication-filter.js';
+import { makeTempDir, unixUri, waitFor } from '../support/spawn.js';
+
+const MiB = 1 << 20;
+const SIZE = 4 * MiB;
+const native = loadNative();
+
+/** the client-side sockets that wrote with writev while recording (the data connection's WRITE: header and payload) */
+const sockets = new Set<net.Socket>();
+const origWritev = net.Socket.prototype._writev!;
+beforeAll(() => {
+  net.Socket.prototype._writev = function (this: net.Socket, ...args: Parameters<typeof origWritev>) {
+    sockets.add(this);
+    return origWritev.apply(this, args);
+  };
+});
+afterAll(() => {
+  net.Socket.prototype._writev = origWritev;
+});
+afterEach(() => {
+  delete process.env.BLKREP_PAIR_SNDBUF;
+  sockets.clear();
+});
+
+async function scriptedSecondary(dir: string, disk: MemoryNode) {
+  const server = new NbdServer({
+    exports: [{ name: '', node: completeNode(disk) }],
+    optionExtensions: new Map([
+      [
+        OPT_BLKREP_PAIR_LINK,
+        {
+          name: 'pair link',
+          accept: () => (stream: Duplex, rest: Buffer) => {
+            new PairChannel(stream, 'primary', (m, ch) => {
+              const summary = { nodeId: 'scripted', role: 'secondary' as const, gi: freshTuple(), epoch: 0, diskState: 'UpToDate' as const, crashedPrimary: false, bitmapBytes: 0 };
+              if (m.type === 'hello') ch.send({ type: 'welcome', re: m.seq, version: PAIR_LINK_VERSION, size: SIZE, ...summary, decision: { rule: 20, action: 'resync-full', explanation: 'scripted' } });
+              if (m.type === 'checkpoint') ch.send({ type: 'done', re: m.seq, n: m.n, epoch: m.n });
+              if (m.type === 'abort') ch.send({ type: 'done', re: m.seq, n: m.n, epoch: 0 });
+            }, rest);
+          },
+        },
+      ],
+    ]),
+  });
+  const socket = join(dir, 's.sock');
+  const listener = await (await defaultTransports()).get('unix').listen(socket, { onConnection: (c) => server.attach(c) });
+  return { uri: unixUri(socket), close: async () => { await listener.close(); await server.shutdown(); } };
+}
+
+/** the send buffers of the client sockets a 1 MiB sync write went through (its bytes checked on the secondary) */
+async function sendBuffersOfForward(): Promise<number[]> {
+  const dir = await makeTempDir();
+  const disk = new MemoryNode(SIZE);
+  const s = await scriptedSecondary(dir, disk);
+  const filter = new ReplicationFilter(new MemoryNode(SIZE), { protocol: 'sync' });
+  const events: string[] = [];
+  const p = await PrimaryRole.start({ exportName: '', imagePath: join(dir, 'p.img'), filter, uri: s.uri, publish: (event) => events.push(event) });
+  try {
+    await waitFor(() => events.includes('checkpoint'), 'checkpoint 1');
+    sockets.clear();
+    const data = Buffer.alloc(MiB, 0x5c);
+    await filter.write(MiB, data);
+    expect((await disk.read(MiB, MiB)).equals(data)).toBe(true);
+    return [...sockets].map((sock) => native!.getSendBuffer!((sock as unknown as { _handle: { fd: number } })._handle.fd));
+  } finally {
+    await p.close();
+    await s.close();
+  }
+}
+
+describe.skipIf(!native?.getSendBuffer)("the primary's data connection", () => {
+  it('has an 8 MiB send buffer on a Unix socket (4 MiB asked, doubled by the kernel; root here)', async () => {
+    expect(await sendBuffersOfForward()).toEqual([8 * MiB]);
+  });
+
+  it('keeps the system default with BLKREP_PAIR_SNDBUF=0', async () => {
+    process.env.BLKREP_PAIR_SNDBUF = '0';
+    const sizes = await sendBuffersOfForward();
+    expect(sizes.length).toBe(1);
+    expect(sizes[0]).toBeLessThan(8 * MiB);
+  });
+});
