@@ -66,6 +66,8 @@ export class CbwFilter extends Filter {
   private readonly spareRuns: Buffer[] = [];
   /** the most clusters one copy takes (RUN_BYTES worth, at least one) */
   private readonly maxRun: number;
+  /** the precopies running: told that a writer waits for cluster `c`, being copied (copyOnce) */
+  private readonly claimWaits = new Set<(c: number) => void>();
 
   constructor(
     next: BlockNode,
@@ -114,6 +116,8 @@ export class CbwFilter extends Filter {
    * `done` settles when every claim is released. A failed copy or flush, or `stop()`, ends the
    * precopy: the claims left are released with their bits clear, and their writers copy them as
    * usual (with FUA, failing as case 3 if that fails too); `done` then rejects with the failure.
+   * `waited`: the claimed clusters a writer waited for (the resync's writes caught up with the
+   * copies or their rounds), each counted once.
    * A crash before a round's flush leaves hidden clusters no L2 entry maps yet (the qcow2
    * writeback order), or mapped with the disk's content, which no write changed meanwhile.
    * Through the gate, as one write until `done` (a checkpoint's reset waits for it).
@@ -121,7 +125,7 @@ export class CbwFilter extends Filter {
   async precopy(
     runs: ReadonlyArray<{ offset: number; length: number }>,
     o: { depth?: number; limit?: number; stop?: () => boolean } = {},
-  ): Promise<{ claimed: number; done: Promise<{ clusters: number; bytes: number; rounds: number }> }> {
+  ): Promise<{ claimed: number; done: Promise<{ clusters: number; bytes: number; rounds: number; waited: number }> }> {
     await this.gate.enter();
     const todo: number[] = [];
     const release: Array<(() => void) | undefined> = [];
@@ -138,7 +142,7 @@ export class CbwFilter extends Filter {
   }
 
   /** precopy's copies and rounds; every claim of `todo` is released when it settles. */
-  private async copyClaimed(todo: number[], release: Array<(() => void) | undefined>, depth: number, stop?: () => boolean): Promise<{ clusters: number; bytes: number; rounds: number }> {
+  private async copyClaimed(todo: number[], release: Array<(() => void) | undefined>, depth: number, stop?: () => boolean): Promise<{ clusters: number; bytes: number; rounds: number; waited: number }> {
     const free = (i: number, copied: boolean): void => {
       const r = release[i];
       if (!r) return;
@@ -156,6 +160,19 @@ export class CbwFilter extends Filter {
     let failure: { err: unknown } | undefined;
     let workersDone = false;
     let wake: (() => void) | undefined;
+    /** claimed clusters a writer waited for (todo is ascending) */
+    const waitedFor = new Set<number>();
+    const onWait = (c: number): void => {
+      let lo = 0;
+      let hi = todo.length;
+      while (lo < hi) {
+        const mid = (lo + hi) >>> 1;
+        if (todo[mid]! < c) lo = mid + 1;
+        else hi = mid;
+      }
+      if (todo[lo] === c && release[lo]) waitedFor.add(c);
+    };
+    this.claimWaits.add(onWait);
     const worker = async (): Promise<void> => {
       const buf = Buffer.allocUnsafe(this.clusterSize);
       while (!failure && next < todo.length) {
@@ -202,14 +219,18 @@ export class CbwFilter extends Filter {
       }
     };
     const flushing = flusher();
-    await Promise.all(Array.from({ length: Math.min(depth, Math.max(1, todo.length)) }, worker));
-    workersDone = true;
-    wake?.();
-    await flushing;
+    try {
+      await Promise.all(Array.from({ length: Math.min(depth, Math.max(1, todo.length)) }, worker));
+      workersDone = true;
+      wake?.();
+      await flushing;
+    } finally {
+      this.claimWaits.delete(onWait);
+    }
     // claims never copied (a failure or stop): their writers copy them
     for (let i = 0; i < todo.length; i++) free(i, false);
     if (failure) throw failure.err;
-    return { clusters, bytes, rounds };
+    return { clusters, bytes, rounds, waited: waitedFor.size };
   }
 
   /** The clusters `runs` touch (in any order, overlapping) not copied this epoch and not being copied, ascending, each once. */
@@ -363,6 +384,7 @@ export class CbwFilter extends Filter {
       }
       const busy = this.copying.get(c);
       if (busy) {
+        for (const f of this.claimWaits) f(c);
         waits.push(busy);
         c++;
         continue;

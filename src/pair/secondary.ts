@@ -179,8 +179,8 @@ export class SecondaryRole implements PairRole {
    * request) and cleared at the checkpoint that ends the resync.
    */
   private ownDirty: PersistentBitmap | undefined;
-  /** the last bitmap resync's precopy: clusters claimed and copied, flush rounds; ms from asking the runs to the last round, claimMs to the claims, welcomeMs from the hello to the claims */
-  private lastPrecopy: { clusters: number; bytes: number; rounds: number; claimed: number; ms: number; claimMs: number; welcomeMs: number } | undefined;
+  /** the last bitmap resync's precopy: clusters claimed and copied, flush rounds, claimed clusters a resync write waited for; ms from asking the runs to the last round, claimMs to the claims, welcomeMs from the hello to the claims */
+  private lastPrecopy: { clusters: number; bytes: number; rounds: number; waited: number; claimed: number; ms: number; claimMs: number; welcomeMs: number } | undefined;
   /** the last split brain met on hello, for status and `failover --dry-run` */
   private splitBrain: { at: string; rule: number; policy: string; keeps: 'primary' | 'secondary' | null; changedBytes: { secondary: number; primary: number }; explanation: string } | undefined;
   /** salvage overlays beside the disk */
@@ -757,7 +757,7 @@ export class SecondaryRole implements PairRole {
         (r) => {
           const ms = Date.now() - started;
           this.lastPrecopy = { ...r, claimed, ms, claimMs, welcomeMs: started - helloAt + claimMs };
-          this.ctx.log('info', `during the resync: ${r.clusters} clusters (${r.bytes} bytes) kept in the hidden disk in ${ms} ms, ${r.rounds} flushes`);
+          this.ctx.log('info', `during the resync: ${r.clusters} clusters (${r.bytes} bytes) kept in the hidden disk in ${ms} ms, ${r.rounds} flushes; the resync's writes waited for ${r.waited} of them`);
         },
         (err: unknown) => this.ctx.log('warn', `during the resync, copying the clusters it writes into the hidden disk failed (the resync's writes copy the rest): ${toBlkrepError(err).message}`),
       );

@@ -52,7 +52,8 @@ describe('copy-before-write precopy', () => {
     ]);
     expect(p.claimed).toBe(4);
     const r = await p.done;
-    expect(r).toMatchObject({ clusters: 4, bytes: 4 * C });
+    // no writer came while the copies went
+    expect(r).toMatchObject({ clusters: 4, bytes: 4 * C, waited: 0 });
     expect(writes(hidden.log)).toEqual([[6, true], [1, false], [3, false], [4, false], [5, false]]);
     // a flush per round, the last after every copy
     expect(ops(hidden.log).filter((o) => o === 'flush')).toHaveLength(r.rounds);
@@ -74,8 +75,8 @@ describe('copy-before-write precopy', () => {
     await cbw.write(2 * C, Buffer.alloc(1, 1));
     const a = await cbw.precopy([{ offset: 2 * C, length: C }]);
     expect(a.claimed).toBe(0);
-    expect(await a.done).toEqual({ clusters: 0, bytes: 0, rounds: 0 });
-    expect(await (await cbw.precopy([])).done).toEqual({ clusters: 0, bytes: 0, rounds: 0 });
+    expect(await a.done).toEqual({ clusters: 0, bytes: 0, rounds: 0, waited: 0 });
+    expect(await (await cbw.precopy([])).done).toEqual({ clusters: 0, bytes: 0, rounds: 0, waited: 0 });
     expect(ops(hidden.log)).toEqual(['write']);
   });
 
@@ -94,7 +95,9 @@ describe('copy-before-write precopy', () => {
     expect(diskWrites).toEqual([]);
     expect(writes(hidden.log).filter(([c]) => c !== 7)).toEqual(writes(hidden.log).filter(([c, fua]) => c !== 7 && fua === false));
     gate.open();
-    await Promise.all([w2, w4, w7, p.done]);
+    const [, , , r] = await Promise.all([w2, w4, w7, p.done]);
+    // the writes to 2 and 4 waited for their claims (7 was not claimed: it waited for nothing of the precopy's)
+    expect(r.waited).toBe(2);
     expect(diskWrites.map((w) => w.cluster)).toEqual([2, 4, 7]);
     // each disk write was issued after its cluster's copy and a flush after it were done
     for (const w of diskWrites.slice(0, 2)) expect(durable(w.hidden, w.cluster)).toBe(true);

@@ -47,13 +47,16 @@ describe('a bitmap resync copies the clusters it writes into the hidden disk fir
     s = await serve([...sArgs, '--filter', 'delay:write=3000,at=disk']);
     await pEv.next('resync-started');
     // the clusters were claimed before the welcome; their copies go on beside the resync's writes
-    type Precopy = { clusters: number; bytes: number; claimed: number; rounds: number; ms: number };
+    type Precopy = { clusters: number; bytes: number; claimed: number; rounds: number; waited: number; ms: number };
     const st = await waitFor(async () => {
       const x = await pairOf<{ link: string; secondary: { lastPrecopy: Precopy | null; copiedClusters: number } }>(sControl);
       return x.secondary.lastPrecopy ? x : undefined;
     }, 'the precopy done');
     expect(st.secondary.lastPrecopy).toMatchObject({ clusters: BLOCKS, claimed: BLOCKS, bytes: BLOCKS * 64 * KiB });
     expect(st.secondary.lastPrecopy!.rounds).toBeGreaterThan(0);
+    // the resync's writes that waited for a claimed cluster's copy: a count of clusters, at most the claims
+    expect(st.secondary.lastPrecopy!.waited).toBeGreaterThanOrEqual(0);
+    expect(st.secondary.lastPrecopy!.waited).toBeLessThanOrEqual(BLOCKS);
     expect(st.secondary.copiedClusters).toBe(BLOCKS);
     const low = blocks.filter((o) => o < 4 * MiB);
     expect(low.length).toBeGreaterThan(0);
