@@ -53,11 +53,17 @@ import { REPLICA_MAX_INFLIGHT, replicaWriterExport } from './data-token.js';
  * BLKREP_PAIR_SNDBUF=bytes overrides it (0: the system's default; bench comparisons).
  */
 const DATA_SEND_BUFFER = 4 * 1024 * 1024;
+let warnedSendBuffer = false;
 function dataSendBuffer(): number {
   const v = process.env.BLKREP_PAIR_SNDBUF;
   if (v === undefined || v === '') return DATA_SEND_BUFFER;
   const n = Number(v);
-  return Number.isInteger(n) && n >= 0 && n <= 2 ** 30 ? n : DATA_SEND_BUFFER;
+  if (/^\d+$/.test(v.trim()) && n <= 2 ** 30) return n;
+  if (!warnedSendBuffer) {
+    warnedSendBuffer = true;
+    process.stderr.write(`blkrep: BLKREP_PAIR_SNDBUF=${JSON.stringify(v)} is not a byte count from 0 to ${2 ** 30}; the data connection asks for ${DATA_SEND_BUFFER}\n`);
+  }
+  return DATA_SEND_BUFFER;
 }
 
 export const CHECKPOINT_TIMEOUT_MS = 5000;

@@ -99,4 +99,22 @@ describe.skipIf(!native?.getSendBuffer)("the primary's data connection", () => {
     expect(sizes.length).toBe(1);
     expect(sizes[0]).toBeLessThan(8 * MiB);
   });
+
+  it('says on stderr that a BLKREP_PAIR_SNDBUF that is no byte count is ignored, and asks for the default', async () => {
+    process.env.BLKREP_PAIR_SNDBUF = '4M';
+    const written: string[] = [];
+    const orig = process.stderr.write.bind(process.stderr);
+    process.stderr.write = ((chunk: string | Uint8Array, ...rest: unknown[]) => {
+      written.push(String(chunk));
+      return (orig as (...a: unknown[]) => boolean)(chunk, ...rest);
+    }) as typeof process.stderr.write;
+    try {
+      expect(await sendBuffersOfForward()).toEqual([8 * MiB]);
+    } finally {
+      process.stderr.write = orig;
+    }
+    expect(written.filter((w) => w.includes('BLKREP_PAIR_SNDBUF'))).toEqual([
+      'blkrep: BLKREP_PAIR_SNDBUF="4M" is not a byte count from 0 to 1073741824; the data connection asks for 4194304\n',
+    ]);
+  });
 });
