@@ -6,8 +6,18 @@
  * of its contents never lands before an earlier one. Only clean, unpinned tables are evicted:
  * when the cache is full of dirty tables it grows past its budget until a writeback cycle cleans
  * them (the owner starts one when `overBudget`).
+ *
+ * A capture copies and writes only the pages (4 KiB, aligned) changed since the last capture: one
+ * allocation's L2 entry and refcount are 8 and 2 bytes of 64 KiB tables, and a writeback cycle used
+ * to copy and pwrite both tables whole for them. The rest of the table on disk is what the buffer
+ * holds (the earlier writes of this table completed before, in the chain). A table new on disk
+ * (`add`), or whose last write or fsync may have failed (`markDirty`, a failed write), is written
+ * whole at its next capture, and stays dirty until that whole write succeeds.
  */
 import type { Qcow2Container } from './file.js';
+
+/** the unit a partial capture copies and writes (a page) */
+const PAGE = 4096;
 
 export class Table {
   gen = 0;
@@ -16,11 +26,20 @@ export class Table {
   pins = 0;
   private writes = 0;
   private chain: Promise<void> = Promise.resolve();
+  /** bytes [lo, hi) changed since the last capture */
+  private lo = Infinity;
+  private hi = 0;
+  /** the next capture takes the whole table (new on disk, or a write of it may have failed) */
+  private whole: boolean;
 
   constructor(
     readonly offset: number,
     readonly buf: Buffer,
-  ) {}
+    /** the file holds these bytes already (a table loaded from disk) */
+    onDisk = false,
+  ) {
+    this.whole = !onDisk;
+  }
 
   get dirty(): boolean {
     return this.gen !== this.writtenGen;
@@ -30,18 +49,35 @@ export class Table {
     return !this.dirty && this.pins === 0 && this.writes === 0;
   }
 
-  touch(): void {
+  /** The bytes [from, to) changed (default: any of them). */
+  touch(from = 0, to = this.buf.length): void {
     this.gen++;
+    if (from < this.lo) this.lo = from;
+    if (to > this.hi) this.hi = to;
   }
 
-  /** Force the table dirty (its last write may not be durable). */
+  /** Force the table dirty (its last write may not be durable): written whole next time. */
   markDirty(): void {
     this.writtenGen = -1;
+    this.whole = true;
   }
 
-  /** A copy of the contents now, to be written later with `write()`. */
+  /** A copy of the pages changed since the last capture (all of it when `whole`), to be written later with `write()`. */
   capture(): Captured {
-    return { table: this, copy: Buffer.from(this.buf), gen: this.gen };
+    let at = 0;
+    let end = this.buf.length;
+    if (!this.whole) {
+      if (this.hi <= this.lo) {
+        at = end = 0;
+      } else {
+        at = this.lo - (this.lo % PAGE);
+        end = Math.min(this.buf.length, Math.ceil(this.hi / PAGE) * PAGE);
+      }
+    }
+    this.whole = false;
+    this.lo = Infinity;
+    this.hi = 0;
+    return { table: this, copy: Buffer.from(this.buf.subarray(at, end)), at, gen: this.gen };
   }
 
   /** Write a captured copy, after any earlier write of this table. */
@@ -49,8 +85,12 @@ export class Table {
     this.writes++;
     const done = this.chain.then(async () => {
       try {
-        await file.write(this.offset, captured.copy);
-        if (captured.gen > this.writtenGen) this.writtenGen = captured.gen;
+        if (captured.copy.length > 0) await file.write(this.offset + captured.at, captured.copy);
+        // after a failed write, only a whole one makes the table clean
+        if (captured.gen > this.writtenGen && !this.whole) this.writtenGen = captured.gen;
+      } catch (err) {
+        this.markDirty();
+        throw err;
       } finally {
         this.writes--;
       }
@@ -62,7 +102,9 @@ export class Table {
 
 export interface Captured {
   table: Table;
+  /** the bytes of the table from `at` on */
   copy: Buffer;
+  at: number;
   gen: number;
 }
 
@@ -108,7 +150,7 @@ export class TableCache {
           this.loading.delete(offset);
         }
         // a concurrent add() (a new table at this offset) wins over what the disk had
-        const table = this.tables.get(offset) ?? new Table(offset, buf);
+        const table = this.tables.get(offset) ?? new Table(offset, buf, true);
         // Pinned until the callers waiting for it have run (they resume in microtasks, before
         // any macrotask): otherwise a concurrent load could evict it first, and two loaders
         // evicting each other's tables could keep reloading forever.

@@ -178,7 +178,7 @@ export class ClusterMap {
     }
     t.buf.writeUInt32BE(hi, index * 8);
     t.buf.writeUInt32BE(lo, index * 8 + 4);
-    t.touch();
+    t.touch(index * 8, index * 8 + 8);
   }
 
   /** The host byte ranges an entry holds (what freeing it releases). */

@@ -226,6 +226,7 @@ export class Refcounts {
         continue;
       }
       const t = await this.block(offset);
+      const from = c % this.perBlock;
       for (; c < blockEnd; c++) {
         const i = c % this.perBlock;
         const v = getRefcount(t.buf, i, this.order);
@@ -243,7 +244,9 @@ export class Refcounts {
           this.imageEnd = c + 1;
         }
       }
-      t.touch();
+      // the bytes of entries [from, to): 2^order bits each
+      const bits = 2 ** this.order;
+      t.touch(Math.floor((from * bits) / 8), Math.ceil((((c - 1) % this.perBlock) + 1) * bits / 8));
     }
     return freed;
   }
