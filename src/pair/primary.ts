@@ -548,6 +548,24 @@ export class PrimaryRole implements PairRole {
       } catch {
         /* the link is closing */
       }
+    } else if (m.type === 'pong') {
+      if (ch === this.channel) this.linkHeard?.();
+    }
+  }
+
+  /** the heartbeat's callback for the pong of the link's last ping (pingLink) */
+  private linkHeard: (() => void) | undefined;
+
+  /** The heartbeat's pair-link path: a ping on the link, if it is up; its pong calls `heard`. */
+  pingLink(heard: () => void): boolean {
+    const ch = this.channel;
+    if (!ch?.isOpen) return false;
+    this.linkHeard = heard;
+    try {
+      ch.send({ type: 'ping', t: Date.now() });
+      return true;
+    } catch {
+      return false;
     }
   }
 

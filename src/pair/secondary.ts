@@ -561,6 +561,9 @@ export class SecondaryRole implements PairRole {
       case 'ping':
         if (ch.isOpen) ch.send({ type: 'pong', t: m.t });
         return;
+      case 'pong':
+        if (ch === this.link) this.linkHeard?.();
+        return;
       case 'bitmap':
         if (ch !== this.link) return;
         ch.send({ type: 'runs', re: m.seq, ...runsPage(this.ownDirty?.bitmap, m.from) });
@@ -787,6 +790,26 @@ export class SecondaryRole implements PairRole {
    * failover after the primary's death dropped every write it acknowledged since the cut
    * (test/heartbeat/attack-ha-link.test.ts).
    */
+  /** the heartbeat's callback for the pong of the link's last ping (pingLink) */
+  private linkHeard: (() => void) | undefined;
+
+  /**
+   * The heartbeat's pair-link path: a ping on the welcomed link, if there is one; its pong calls
+   * `heard`. A primary that answers on the link replicates to this node: it is alive, whatever the
+   * heartbeat paths say (test/heartbeat/attack-hb-paths-cut.test.ts).
+   */
+  pingLink(heard: () => void): boolean {
+    const ch = this.link;
+    if (!ch?.isOpen) return false;
+    this.linkHeard = heard;
+    try {
+      ch.send({ type: 'ping', t: Date.now() });
+      return true;
+    } catch {
+      return false;
+    }
+  }
+
   peerBeat(b: { generation: string; primary: boolean }): void {
     if (!b.primary) return;
     this.peerPrimaryGeneration = b.generation;
