@@ -780,16 +780,6 @@ export class SecondaryRole implements PairRole {
     this.checkPeerGeneration();
   }
 
-  /**
-   * The heartbeat's view of the primary (daemon.ts, every beat): a primary announcing a generation
-   * other than this disk's current one while the link is down has lost its peer and minted one
-   * (replication.md §5): it serves writes this disk never gets, and its `replication-degraded`
-   * cannot cross a cut link. The disk is then Outdated, durably, as a degrade event would make it,
-   * so a failover (an automatic one never forces) refuses to go back past those writes. Before,
-   * a data link cut while the heartbeat passed left the disk Consistent, and the automatic
-   * failover after the primary's death dropped every write it acknowledged since the cut
-   * (test/heartbeat/attack-ha-link.test.ts).
-   */
   /** the heartbeat's callback for the pong of the link's last ping (pingLink) */
   private linkHeard: (() => void) | undefined;
 
@@ -810,6 +800,16 @@ export class SecondaryRole implements PairRole {
     }
   }
 
+  /**
+   * The heartbeat's view of the primary (daemon.ts, every beat): a primary announcing a generation
+   * other than this disk's current one while the link is down has lost its peer and minted one
+   * (replication.md §5): it serves writes this disk never gets, and its `replication-degraded`
+   * cannot cross a cut link. The disk is then Outdated, durably, as a degrade event would make it,
+   * so a failover (an automatic one never forces) refuses to go back past those writes. Before,
+   * a data link cut while the heartbeat passed left the disk Consistent, and the automatic
+   * failover after the primary's death dropped every write it acknowledged since the cut
+   * (test/heartbeat/attack-ha-link.test.ts).
+   */
   peerBeat(b: { generation: string; primary: boolean }): void {
     if (!b.primary) return;
     this.peerPrimaryGeneration = b.generation;
