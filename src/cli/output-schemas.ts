@@ -144,7 +144,8 @@ const ev = <N extends string, T extends z.ZodRawShape>(name: N, shape: T, descri
 const jobBase = { id: z.string(), type: z.string(), export: z.string().nullable() };
 const errFields = { code: z.string(), message: z.string() };
 const pathView = obj({ path: z.string(), state: z.string(), lastBeatAgoMs: bytes.nullable(), phi: z.number().nullable() });
-const peerEvent = { peer: z.string(), from: z.string(), silentMs: bytes.nullable(), paths: z.array(pathView) };
+const linkView = obj({ state: z.string(), lastBeatAgoMs: bytes.nullable() });
+const peerEvent = { peer: z.string(), from: z.string(), silentMs: bytes.nullable(), paths: z.array(pathView), link: linkView.optional() };
 
 export const EVENT_SCHEMAS = {
   'job-status-change': ev('job-status-change', { ...jobBase, status: jobStatus, previous: jobStatus.nullable() }, 'a job changed status (--now: previous null)'),
@@ -200,6 +201,8 @@ export const EVENT_SCHEMAS = {
   'peer-alive': ev('peer-alive', peerEvent, 'heartbeat: the peer answers'),
   'peer-suspect': ev('peer-suspect', peerEvent, 'heartbeat: the peer is late'),
   'peer-dead': ev('peer-dead', peerEvent, 'heartbeat: the peer is silent past the limit'),
+  'heartbeat-paths-down': ev('heartbeat-paths-down', { peer: z.string(), paths: z.array(pathView), link: linkView }, 'heartbeat: every heartbeat path is dead but the peer answers on the pair link (not declared dead)'),
+  'heartbeat-paths-up': ev('heartbeat-paths-up', { peer: z.string(), paths: z.array(pathView), link: linkView }, 'heartbeat: a heartbeat path is heard again after heartbeat-paths-down'),
   'lease-acquired': ev('lease-acquired', { key: z.string(), revision: int, ttlS: z.number() }, 'heartbeat-etcd: this node holds the lease'),
   'lease-lost': ev('lease-lost', { key: z.string(), reason: z.string() }, 'heartbeat-etcd: the lease is gone'),
   'io-suspended': ev('io-suspended', { reason: z.string() }, 'writes are held (quorum lost)'),

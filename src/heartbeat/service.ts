@@ -12,7 +12,7 @@ import type { HeartbeatPath, HeartbeatReport } from '../api/heartbeat.js';
 import type { HeartbeatBackend, HeartbeatRegistry } from '../api/transport.js';
 import { decodeBeat, encodeBeat, ReplayGuard, type Beat, type RejectReason } from './beat.js';
 import type { PathState } from './detector.js';
-import { PeerMonitor, type DetectorSpec, type PeerEvent } from './monitor.js';
+import { PeerMonitor, type DetectorSpec, type PathView, type PeerEvent } from './monitor.js';
 
 export type HeartbeatLog = (level: 'info' | 'warn' | 'error' | 'debug', message: string) => void;
 
@@ -34,6 +34,15 @@ export interface HeartbeatServiceOptions {
   primary?: () => boolean;
   /** every accepted signed beat of the peer, after it counted (the fencing token, the role) */
   onPeerBeat?: (beat: Beat) => void;
+  /**
+   * The pair link as one more path (DRBD's ping on the replication connection): called once per
+   * interval, it pings the peer on the link when there is one (false: none) and calls `heard` when
+   * the peer's pong comes back. A pong counts for liveness as a beat does, so the peer is not
+   * declared dead while it answers on the link, whatever the heartbeat paths say.
+   */
+  pingLink?: (heard: () => void) => boolean;
+  /** after each pong counted (a primary's quorum may be back) */
+  onLinkHeard?: () => void;
   /** the monotonic clock in ms (default performance.now) */
   clock?: () => number;
   /** a control-socket event */
@@ -78,6 +87,8 @@ export interface HeartbeatStatus {
   /** what the peer last announced (null before its first signed beat) */
   peerAnnounced: { incarnation: string; epoch: string; generation: string; primary: boolean } | null;
   paths: HeartbeatPathStatus[];
+  /** the pair link's path (pings answered on it), null without a pair link to ping */
+  link: { state: PathState; lastBeatAgoMs: number | null; pings: number; pongs: number } | null;
 }
 
 interface PathSlot {
@@ -96,6 +107,16 @@ interface PathSlot {
 }
 
 const REJECT_LOG_EVERY_MS = 60_000;
+/** the pair link's name among the monitor's paths */
+export const LINK_PATH = 'pair-link';
+
+function roundView(p: PathView): PathView {
+  return { ...p, lastBeatAgoMs: p.lastBeatAgoMs === null ? null : Math.round(p.lastBeatAgoMs) };
+}
+
+function roundLink(p: PathView): { state: PathState; lastBeatAgoMs: number | null } {
+  return { state: p.state, lastBeatAgoMs: p.lastBeatAgoMs === null ? null : Math.round(p.lastBeatAgoMs) };
+}
 
 /** "udp" of "udp://…", "exec" of "exec:…" */
 export function heartbeatScheme(uri: string): string {
@@ -115,11 +136,18 @@ export class HeartbeatService {
   private checkTimer: NodeJS.Timeout | undefined;
   private peerAnnounced: HeartbeatStatus['peerAnnounced'] = null;
   private stopped = false;
+  /** the link path's index in the monitor (after the heartbeat paths), undefined without pingLink */
+  private readonly linkIndex: number | undefined;
+  private pings = 0;
+  private pongs = 0;
+  /** the heartbeat paths were said down while the link answered (heartbeat-paths-down) */
+  private pathsDown = false;
 
   private constructor(private readonly options: HeartbeatServiceOptions) {
     this.clock = options.clock ?? (() => performance.now());
     this.log = options.log ?? (() => {});
-    this.monitor = new PeerMonitor(options.peer, options.uris, options.detector, (e) => this.transition(e));
+    this.linkIndex = options.pingLink ? options.uris.length : undefined;
+    this.monitor = new PeerMonitor(options.peer, options.pingLink ? [...options.uris, LINK_PATH] : options.uris, options.detector, (e) => this.transition(e));
   }
 
   /** Open every path (a bad URI or a missing backend fails before anything starts), start them, start beating. */
@@ -182,12 +210,50 @@ export class HeartbeatService {
     this.lastCheckAt = now;
     if (!late) {
       this.monitor.check(now);
+      this.checkPaths(now);
       return;
     }
     setImmediate(() => {
-      if (!this.stopped) this.monitor.check(this.clock());
+      if (this.stopped) return;
+      const at = this.clock();
+      this.monitor.check(at);
+      this.checkPaths(at);
     });
   }
+
+  /**
+   * The heartbeat paths against the link: every heartbeat path dead while the peer answers on the
+   * pair link is said once (heartbeat-paths-down: the peer is not dead, its heartbeat is cut), and
+   * the first path heard again after that (heartbeat-paths-up).
+   */
+  private checkPaths(now: number): void {
+    const link = this.linkIndex;
+    if (link === undefined) return;
+    const views = this.monitor.view(now);
+    const paths = views.slice(0, link);
+    const linkView = views[link]!;
+    if (!this.pathsDown) {
+      if (!paths.every((p) => p.state === 'dead') || linkView.state !== 'alive') return;
+      this.pathsDown = true;
+      this.log('warn', `every heartbeat path to peer "${this.options.peer}" is dead but it answers on the pair link: it is not declared dead (paths: ${paths.map((p) => `${p.path} ${p.state}`).join(', ')})`);
+      this.options.publish?.('heartbeat-paths-down', { peer: this.options.peer, paths: paths.map(roundView), link: roundLink(linkView) });
+      return;
+    }
+    if (!paths.some((p) => p.state === 'alive')) return;
+    this.pathsDown = false;
+    this.log('info', `a heartbeat path to peer "${this.options.peer}" is heard again (paths: ${paths.map((p) => `${p.path} ${p.state}`).join(', ')})`);
+    this.options.publish?.('heartbeat-paths-up', { peer: this.options.peer, paths: paths.map(roundView), link: roundLink(linkView) });
+  }
+
+  /** the link's pong: one more beat on the link path */
+  private readonly linkHeard = (): void => {
+    if (this.stopped || this.linkIndex === undefined) return;
+    this.pongs++;
+    const now = this.clock();
+    this.monitor.beat(this.linkIndex, now);
+    this.checkPaths(now);
+    this.options.onLinkHeard?.();
+  };
 
   private beat(): void {
     if (this.stopped) return;
@@ -204,6 +270,7 @@ export class HeartbeatService {
       this.options.key,
     );
     for (const slot of this.slots) slot.path.send(frame);
+    if (this.options.pingLink?.(this.linkHeard)) this.pings++;
   }
 
   private receive(index: number, report: HeartbeatReport): void {
@@ -221,7 +288,9 @@ export class HeartbeatService {
     slot.beats++;
     slot.lastBeatWall = Date.now();
     slot.lastFrom = report.from;
-    this.monitor.beat(index, this.clock());
+    const now = this.clock();
+    this.monitor.beat(index, now);
+    this.checkPaths(now);
     if (slot.backend.caps.frames && this.peerBeat) this.options.onPeerBeat?.(this.peerBeat);
   }
 
@@ -256,7 +325,9 @@ export class HeartbeatService {
     const level = e.event === 'peer-alive' ? 'info' : 'warn';
     const silent = e.silentMs === null ? '' : ` after ${Math.round(e.silentMs)} ms of silence`;
     this.log(level, `peer "${e.peer}" is ${e.event.slice('peer-'.length)}${e.event === 'peer-alive' ? '' : silent} (paths: ${e.paths.map((p) => `${p.path} ${p.state}`).join(', ')})`);
-    this.options.publish?.(e.event, { peer: e.peer, from: e.from, silentMs: e.silentMs === null ? null : Math.round(e.silentMs), paths: e.paths.map((p) => ({ ...p, lastBeatAgoMs: p.lastBeatAgoMs === null ? null : Math.round(p.lastBeatAgoMs) })) });
+    const link = this.linkIndex === undefined ? undefined : e.paths[this.linkIndex];
+    const paths = this.linkIndex === undefined ? e.paths : e.paths.slice(0, this.linkIndex);
+    this.options.publish?.(e.event, { peer: e.peer, from: e.from, silentMs: e.silentMs === null ? null : Math.round(e.silentMs), paths: paths.map(roundView), ...(link ? { link: roundLink(link) } : {}) });
     this.options.onPeerEvent?.(e);
   }
 
@@ -277,6 +348,7 @@ export class HeartbeatService {
       incarnation: this.incarnation.toString(),
       sent: Number(this.seq),
       peerAnnounced: this.peerAnnounced,
+      link: this.linkIndex === undefined ? null : { ...roundLink(views[this.linkIndex]!), pings: this.pings, pongs: this.pongs },
       paths: this.slots.map((s, i) => {
         const v = views[i]!;
         return {

@@ -277,6 +277,21 @@ export class PrimaryRole implements PairRole {
         throw e;
       }
       role.tlsRefused(e);
+      // a disk that was in a pair and cannot reach its peer in this run serves writes alone from
+      // now on (the daemon opens its listeners after this): a new generation first, durably, as
+      // a primary losing its peer mints one (onDegraded; DRBD: a primary without its peer starts
+      // a new current UUID). Its beats announce it, so a secondary whose link is down knows it is
+      // Outdated before an automatic failover could roll back the writes acknowledged here
+      // (test/heartbeat/attack-hb-restart-alone.test.ts). Before, a primary restarted after a
+      // crash with its link cut kept the generation its secondary had.
+      if (!fresh && !role.stopped) {
+        try {
+          await state.update((s) => ({ ...s, gi: mint(s.gi) }));
+        } catch (err) {
+          await role.close();
+          throw err;
+        }
+      }
       role.scheduleRetry(e);
     }
     if (options.checkpointIntervalMs) role.startInterval(options.checkpointIntervalMs);
@@ -568,6 +583,24 @@ export class PrimaryRole implements PairRole {
       } catch {
         /* the link is closing */
       }
+    } else if (m.type === 'pong') {
+      if (ch === this.channel) this.linkHeard?.();
+    }
+  }
+
+  /** the heartbeat's callback for the pong of the link's last ping (pingLink) */
+  private linkHeard: (() => void) | undefined;
+
+  /** The heartbeat's pair-link path: a ping on the link, if it is up; its pong calls `heard`. */
+  pingLink(heard: () => void): boolean {
+    const ch = this.channel;
+    if (!ch?.isOpen) return false;
+    this.linkHeard = heard;
+    try {
+      ch.send({ type: 'ping', t: Date.now() });
+      return true;
+    } catch {
+      return false;
     }
   }
 

@@ -95,5 +95,10 @@ export interface PairRole {
    * primary. A secondary whose link is down learns from it that the primary went on alone.
    */
   peerBeat?(b: { generation: string; primary: boolean }): void;
+  /**
+   * The heartbeat's pair-link path (src/heartbeat/service.ts pingLink): ping the peer on the pair
+   * link when it is open and call `heard` when its pong comes back. False: no link to ping on.
+   */
+  pingLink?(heard: () => void): boolean;
   close(): Promise<void>;
 }

@@ -561,6 +561,9 @@ export class SecondaryRole implements PairRole {
       case 'ping':
         if (ch.isOpen) ch.send({ type: 'pong', t: m.t });
         return;
+      case 'pong':
+        if (ch === this.link) this.linkHeard?.();
+        return;
       case 'bitmap':
         if (ch !== this.link) return;
         ch.send({ type: 'runs', re: m.seq, ...runsPage(this.ownDirty?.bitmap, m.from) });
@@ -775,6 +778,26 @@ export class SecondaryRole implements PairRole {
     this.ctx.publish('replication-degraded', { export: this.ctx.exportName, role: 'secondary', reason: why.message });
     // beats heard while the link still looked up (a half-open connection) count once it is down
     this.checkPeerGeneration();
+  }
+
+  /** the heartbeat's callback for the pong of the link's last ping (pingLink) */
+  private linkHeard: (() => void) | undefined;
+
+  /**
+   * The heartbeat's pair-link path: a ping on the welcomed link, if there is one; its pong calls
+   * `heard`. A primary that answers on the link replicates to this node: it is alive, whatever the
+   * heartbeat paths say (test/heartbeat/attack-hb-paths-cut.test.ts).
+   */
+  pingLink(heard: () => void): boolean {
+    const ch = this.link;
+    if (!ch?.isOpen) return false;
+    this.linkHeard = heard;
+    try {
+      ch.send({ type: 'ping', t: Date.now() });
+      return true;
+    } catch {
+      return false;
+    }
   }
 
   /**

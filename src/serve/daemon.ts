@@ -676,6 +676,17 @@ export class Daemon {
       log,
       onPeerEvent,
       onPeerBeat: (b) => this.onPeerBeat(b, service.peer),
+      // the pair link is a path too (DRBD pings on its replication connection): a peer answering
+      // there is alive and, on a primary, gives quorum, whatever the heartbeat paths say
+      pingLink: (heard) => {
+        let pinged = false;
+        for (const r of this.pair.values()) if (r.pingLink?.(heard)) pinged = true;
+        return pinged;
+      },
+      onLinkHeard: () => {
+        const fence = this.ioFence;
+        if (fence && (!Number.isFinite(this.quorumMs) || this.quorate())) fence.quorumBack();
+      },
     });
     return this.heartbeat;
   }

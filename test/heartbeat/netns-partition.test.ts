@@ -1,16 +1,17 @@
 /**
  * Partitions with network namespaces (root; replication.md §6, tls-heartbeat-ops.md §2.3): the
  * secondary runs in a namespace of its own, joined to the primary's by two veth pairs, two NICs,
- * one udp heartbeat path on each. The pair link itself is a Unix socket (a path in the file
- * system crosses namespaces), so only the heartbeat is cut.
+ * one udp heartbeat path on each, and a third veth pair for the pair link (TCP). The pair link
+ * is a path too (its ping/pong: a peer answering on it is alive; attack-hb-paths-cut.test.ts), so
+ * a partition cuts it with the heartbeat.
  * - one NIC down: that path is dead, the peer is not, nothing happens;
- * - both down (a full partition): the secondary declares the primary dead, fences and fails over
+ * - every NIC down (a full partition): the secondary declares the primary dead, fences and fails over
  *   once; the primary (--on-no-quorum io-error) has stopped writing by then: qemu-io gets EIO and
  *   its disk is unchanged, so only one side writes;
  * - the NICs back: the old primary hears its peer announce term 2 and is demoted.
  * Asymmetric partitions, with nftables rules in the secondary's namespace (nothing touches the
  * host's own rule set; the rules go with the namespace):
- * - primary → secondary dropped, the other way passes: the secondary declares the primary dead,
+ * - primary → secondary dropped (heartbeat and pair link), the other way passes: the secondary declares the primary dead,
  *   fences it and fails over; the primary still hears it, hears term 2 announced as primary and
  *   is demoted: its writes fail (EIO) and its disk is unchanged, so only the new primary writes;
  * - secondary → primary dropped: the primary loses quorum (--on-no-quorum io-error: EIO, disk
@@ -34,6 +35,8 @@ const NICS = [
   { host: `${tag}a0`, ns: `${tag}a1`, hostIp: '10.213.71.1', nsIp: '10.213.71.2' },
   { host: `${tag}b0`, ns: `${tag}b1`, hostIp: '10.213.72.1', nsIp: '10.213.72.2' },
 ];
+/** the pair link's NIC (TCP, no heartbeat path) */
+const DATA = { host: `${tag}c0`, ns: `${tag}c1`, hostIp: '10.213.73.1', nsIp: '10.213.73.2' };
 
 const sh = (...argv: string[]): void => {
   execFileSync(argv[0]!, argv.slice(1), { stdio: 'pipe' });
@@ -42,7 +45,7 @@ const sh = (...argv: string[]): void => {
 function setupNetns(): void {
   sh('ip', 'netns', 'add', NS);
   sh('ip', 'netns', 'exec', NS, 'ip', 'link', 'set', 'lo', 'up');
-  for (const n of NICS) {
+  for (const n of [...NICS, DATA]) {
     sh('ip', 'link', 'add', n.host, 'type', 'veth', 'peer', 'name', n.ns);
     sh('ip', 'link', 'set', n.ns, 'netns', NS);
     sh('ip', 'addr', 'add', `${n.hostIp}/30`, 'dev', n.host);
@@ -53,7 +56,7 @@ function setupNetns(): void {
 }
 
 function teardownNetns(): void {
-  for (const n of NICS) {
+  for (const n of [...NICS, DATA]) {
     try {
       sh('ip', 'link', 'del', n.host);
     } catch {
@@ -67,7 +70,7 @@ function teardownNetns(): void {
   }
 }
 
-const link = (i: number, state: 'up' | 'down'): void => sh('ip', 'link', 'set', NICS[i]!.host, state);
+const link = (i: number, state: 'up' | 'down'): void => sh('ip', 'link', 'set', (NICS[i] ?? DATA).host, state);
 
 afterEach(() => teardownNetns());
 
@@ -108,8 +111,8 @@ async function startNsPair(): Promise<NsPair> {
   const port = 20000 + (process.pid % 20000);
   const beat = ['--heartbeat-key', key, '--heartbeat-interval', '0.1', '--heartbeat-misses', '5'];
   const [sSock, pSock, sCtl, pCtl] = ['s.sock', 'p.sock', 's.ctl', 'p.ctl'].map((f) => join(dir, f)) as [string, string, string, string];
-  const s = await serveInNs([join(dir, 's.img'), '--secondary', '--socket', sSock, '--control', sCtl, '--node-id', 'beta', '--peer-id', 'alpha', ...NICS.flatMap((n) => ['--heartbeat', `udp://${n.hostIp}:${port}?listen=${n.nsIp}:${port}`]), ...beat, '--auto-failover', '--fence-hook', hook]);
-  const p = await serve([join(dir, 'p.img'), '--socket', pSock, '--control', pCtl, '--replicate-to', unixUri(sSock), '--node-id', 'alpha', '--peer-id', 'beta', ...NICS.flatMap((n) => ['--heartbeat', `udp://${n.nsIp}:${port}?listen=${n.hostIp}:${port}`]), ...beat, '--on-no-quorum', 'io-error']);
+  const s = await serveInNs([join(dir, 's.img'), '--secondary', '--socket', sSock, '--bind', DATA.nsIp, '--port', String(port), '--control', sCtl, '--node-id', 'beta', '--peer-id', 'alpha', ...NICS.flatMap((n) => ['--heartbeat', `udp://${n.hostIp}:${port}?listen=${n.nsIp}:${port}`]), ...beat, '--auto-failover', '--fence-hook', hook]);
+  const p = await serve([join(dir, 'p.img'), '--socket', pSock, '--control', pCtl, '--replicate-to', `nbd://${DATA.nsIp}:${port}`, '--node-id', 'alpha', '--peer-id', 'beta', ...NICS.flatMap((n) => ['--heartbeat', `udp://${n.nsIp}:${port}?listen=${n.hostIp}:${port}`]), ...beat, '--on-no-quorum', 'io-error']);
   await waitFor(async () => {
     const st = await pairOf(pCtl);
     return st.epoch === 1 && st.lastCheckpointAgeMs !== null;
@@ -136,11 +139,14 @@ describe('partitions in network namespaces (two NICs)', () => {
       expect(events).toEqual([]);
       expect((await run('qemu-io', ['-f', 'raw', uri, '-c', 'write -P 0x22 0 64k'])).code).toBe(0);
 
-      // both down: a full partition
+      // every NIC down (the pair link's too): a full partition
       const before = sha(await readFile(join(dir, 'p.img')));
+      // from here: a late beat and pong on a loaded host may have made the peer suspect a moment before
+      const from = events.length;
       link(1, 'down');
+      link(2, 'down');
       await waitFor(() => events.find((e) => e.event === 'auto-failover'), 'auto-failover', { timeoutMs: 20_000 });
-      expect(events.map((e) => e.event)).toEqual(['peer-suspect', 'peer-dead', 'fence', 'failover-done', 'auto-failover']);
+      expect(events.slice(from).map((e) => e.event), JSON.stringify(events)).toEqual(['peer-suspect', 'peer-dead', 'fence', 'failover-done', 'auto-failover']);
       expect(await pairOf(sCtl)).toMatchObject({ role: 'primary' });
       // the primary has no quorum: qemu-io's write fails and nothing reaches its disk
       const cut = await run('qemu-io', ['-f', 'raw', uri, '-c', 'write -P 0x23 0 64k']);
@@ -150,6 +156,7 @@ describe('partitions in network namespaces (two NICs)', () => {
       // the NICs back: the old primary hears term 2 and is demoted
       link(0, 'up');
       link(1, 'up');
+      link(2, 'up');
       await waitFor(async () => (await status(pCtl)).heartbeat.io?.state === 'demoted', 'the old primary demoted', { timeoutMs: 10_000 });
       const after = await run('qemu-io', ['-f', 'raw', uri, '-c', 'write -P 0x24 0 64k']);
       expect(after.stdout + after.stderr).toContain('write failed: Input/output error');
@@ -176,6 +183,8 @@ describe('asymmetric partitions with nftables (the rules in the secondary\'s nam
       nft('add', 'table', 'inet', 'hbpart');
       nft('add', 'chain', 'inet', 'hbpart', 'in', '{ type filter hook input priority 0; }');
       nft('add', 'rule', 'inet', 'hbpart', 'in', 'udp', 'dport', String(pair.port), 'drop');
+      // the pair link's segments from the primary (to the secondary's NBD port) too
+      nft('add', 'rule', 'inet', 'hbpart', 'in', 'tcp', 'dport', String(pair.port), 'drop');
       await waitFor(() => ws.events.find((e) => e.event === 'auto-failover'), 'auto-failover on the secondary', { timeoutMs: 20_000 });
       expect(ws.events.map((e) => e.event)).toEqual(['peer-suspect', 'peer-dead', 'fence', 'failover-done', 'auto-failover']);
       expect(ws.events.find((e) => e.event === 'fence')).toMatchObject({ verdict: 'fenced', proceed: true });
@@ -207,6 +216,8 @@ describe('asymmetric partitions with nftables (the rules in the secondary\'s nam
       nft('add', 'table', 'inet', 'hbpart');
       nft('add', 'chain', 'inet', 'hbpart', 'out', '{ type filter hook output priority 0; }');
       nft('add', 'rule', 'inet', 'hbpart', 'out', 'udp', 'dport', String(pair.port), 'drop');
+      // the pair link's segments from the secondary (its NBD port) too
+      nft('add', 'rule', 'inet', 'hbpart', 'out', 'tcp', 'sport', String(pair.port), 'drop');
       await waitFor(() => wp.events.find((e) => e.event === 'peer-dead'), 'peer-dead on the primary', { timeoutMs: 20_000 });
       const before = sha(await readFile(join(pair.dir, 'p.img')));
       const cut = await run('qemu-io', ['-f', 'raw', pair.uri, '-c', 'write -P 0x72 0 64k']);

@@ -104,6 +104,52 @@ describe('heartbeat service', () => {
     expect(eventsB).toEqual(['peer-alive', 'peer-suspect', 'peer-dead']);
   });
 
+  it('the pair link is a path: its pongs keep the peer alive with every heartbeat path cut (heartbeat-paths-down/up); it dies when they stop too', async () => {
+    const registry = new Heartbeats();
+    const bus = busBackend();
+    registry.register('bus', () => bus.backend);
+    const events: string[] = [];
+    let linkUp = true;
+    let pings = 0;
+    const a = await node(registry, 'alpha', 'beta', ['bus:hb'], { key: KEY });
+    const b = await HeartbeatService.start({
+      uris: ['bus:hb'],
+      registry,
+      self: 'beta',
+      peer: 'alpha',
+      key: KEY,
+      intervalMs: 100,
+      detector: fixed,
+      publish: (event) => events.push(event),
+      // the link answers each ping at once while it is up
+      pingLink: (heard) => {
+        if (!linkUp) return false;
+        pings++;
+        heard();
+        return true;
+      },
+    });
+    services.push(b);
+    await vi.advanceTimersByTimeAsync(1_000);
+    expect(events).toEqual(['peer-alive']);
+    expect(b.status().link).toMatchObject({ state: 'alive', pings, pongs: pings });
+    // every heartbeat path cut (alpha stops beating), the link answers: said once, never suspect or dead
+    await a.stop();
+    await vi.advanceTimersByTimeAsync(3_000);
+    expect(events).toEqual(['peer-alive', 'heartbeat-paths-down']);
+    expect(b.status()).toMatchObject({ state: 'alive', paths: [{ state: 'dead' }], link: { state: 'alive' } });
+    // a heartbeat path back
+    const a2 = await node(registry, 'alpha', 'beta', ['bus:hb'], { key: KEY });
+    await vi.advanceTimersByTimeAsync(300);
+    expect(events).toEqual(['peer-alive', 'heartbeat-paths-down', 'heartbeat-paths-up']);
+    // both gone: dead within the bound
+    await a2.stop();
+    linkUp = false;
+    await vi.advanceTimersByTimeAsync(1_000);
+    expect(events).toEqual(['peer-alive', 'heartbeat-paths-down', 'heartbeat-paths-up', 'peer-suspect', 'peer-dead']);
+    expect(b.status().link!.state).toBe('dead');
+  });
+
   it('a wrong key, a missing key and a replay are refused and counted; only a correctly signed beat is heard', async () => {
     const registry = new Heartbeats();
     const tap: Array<{ from: string; frame: Buffer }> = [];

@@ -1,0 +1,114 @@
+/**
+ * Attack (session 15, hb 2): a primary killed -9 while connected, restarted while its pair link is
+ * cut (the Unix-socket proxy killed too), the udp heartbeat untouched: it never reaches its
+ * secondary in this run and serves writes alone.
+ *
+ * Its first connect fails before its listeners open, so it mints a generation then (DRBD: a
+ * primary without its peer starts a new current UUID), durably, before any write is served; its
+ * beats carry it, and the secondary whose link is down marks itself Outdated (peerBeat). When the
+ * primary dies again, the automatic failover is refused (ERR_PAIR_OUTDATED) and nothing is fenced:
+ * the writes the restarted primary acknowledged are not rolled back without the operator's word.
+ * Before: the restarted primary kept its generation, the secondary stayed Consistent, and the
+ * automatic failover went back to the checkpoint, dropping them silently.
+ */
+import { createHash } from 'node:crypto';
+import { readFile, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { controlRequest as request, pairOf } from '../support/control.js';
+import { fenceHook, freeUdpPort, pairKey, sparseImages, watch } from '../support/heartbeat.js';
+import { makeTempDir, run, serve, start, unixUri, waitFor, type Started } from '../support/spawn.js';
+
+const KiB = 1024;
+const SIZE = 4 << 20;
+const EVENTS = ['peer-dead', 'fence', 'failover-started', 'auto-failover'];
+const sha = (b: Buffer): string => createHash('sha256').update(b).digest('hex');
+
+/** A Unix-socket proxy in its own process: LISTEN → TARGET, prints "ready" once listening. */
+const PROXY = `
+const net = require('node:net');
+const [listen, target] = process.argv.slice(2);
+net.createServer((c) => {
+  const t = net.connect(target);
+  c.pipe(t); t.pipe(c);
+  c.on('error', () => t.destroy()); t.on('error', () => c.destroy());
+  c.on('close', () => t.destroy()); t.on('close', () => c.destroy());
+}).listen(listen, () => console.log('ready'));
+`;
+
+async function proxy(dir: string, listen: string, target: string): Promise<Started> {
+  const script = join(dir, 'proxy.cjs');
+  await writeFile(script, PROXY);
+  const p = start(process.execPath, [script, listen, target]);
+  await waitFor(() => p.stdout().includes('ready') || (p.child.exitCode !== null && Promise.reject(new Error(`proxy exited: ${p.stderr()}`))), 'the proxy to listen');
+  return p;
+}
+
+interface St {
+  role: string;
+  epoch: number;
+  gi: { current: string };
+  diskState: string;
+  link: string;
+}
+
+describe('a primary restarted after a crash without reaching its secondary (two daemons)', () => {
+  it('mints a generation before serving; the secondary hears it and is Outdated: the automatic failover after its next death is refused', async () => {
+    const dir = await makeTempDir();
+    await sparseImages(dir, SIZE);
+    const key = await pairKey(dir);
+    const hook = await fenceHook(dir, 7);
+    const [pa, pb] = [await freeUdpPort(), await freeUdpPort()];
+    // death after 150 × 0.1 s: the primary's restart fits inside it even on a loaded host (with
+    // 100, a restart that took over 10 s let the secondary take over and demote it: qemu-io EIO)
+    const beat = ['--heartbeat-key', key, '--heartbeat-interval', '0.1', '--heartbeat-misses', '150'];
+    const [sSock, pSock, sCtl, pCtl, xSock] = ['s.sock', 'p.sock', 's.ctl', 'p.ctl', 'x.sock'].map((f) => join(dir, f)) as [string, string, string, string, string];
+    const s = await serve([join(dir, 's.img'), '--secondary', '--socket', sSock, '--control', sCtl, '--node-id', 'beta', '--peer-id', 'alpha', '--heartbeat', `udp://127.0.0.1:${pa}?listen=127.0.0.1:${pb}`, ...beat, '--auto-failover', '--fence-hook', hook]);
+    const x = await proxy(dir, xSock, sSock);
+    const pArgs = [join(dir, 'p.img'), '--socket', pSock, '--control', pCtl, '--replicate-to', unixUri(xSock), '--protocol', 'sync', '--node-id', 'alpha', '--peer-id', 'beta', '--heartbeat', `udp://127.0.0.1:${pb}?listen=127.0.0.1:${pa}`, ...beat];
+    let p = await serve(pArgs);
+    const ws = await watch(sCtl, EVENTS);
+    try {
+      await waitFor(async () => {
+        const st = await pairOf<{ epoch: number; lastCheckpointAgeMs: number | null }>(pCtl);
+        return st.epoch === 1 && st.lastCheckpointAgeMs !== null;
+      }, 'checkpoint 1 after the initial sync', { timeoutMs: 30_000 });
+      const pUri = unixUri(pSock);
+      expect((await run('qemu-io', ['-f', 'raw', pUri, '-c', 'write -P 0x11 0 64k'])).code).toBe(0);
+      expect((await request<{ epoch: number }>(pCtl, 'checkpoint')).epoch).toBe(2);
+      const cp2 = await readFile(join(dir, 's.img'));
+      const gi2 = (await pairOf<St>(sCtl)).gi.current;
+      expect((await pairOf<St>(pCtl)).gi.current).toBe(gi2);
+
+      // the primary crashes while connected; its pair link is cut before it comes back
+      await p.stop('SIGKILL');
+      await x.stop('SIGKILL');
+      await waitFor(async () => (await pairOf<St>(sCtl)).link === 'none', 'the secondary to see its link gone');
+      expect(await pairOf<St>(sCtl)).toMatchObject({ role: 'secondary', epoch: 2, diskState: 'Consistent', gi: { current: gi2 } });
+      p = await serve(pArgs);
+      const restarted = await pairOf<St>(pCtl);
+      expect(restarted.link).toBe('degraded');
+      expect(restarted.gi.current).not.toBe(gi2);
+      // it acknowledges a write the secondary never gets
+      expect((await run('qemu-io', ['-f', 'raw', pUri, '-c', 'write -P 0x22 64k 64k'])).code).toBe(0);
+      await waitFor(async () => (await pairOf<St>(sCtl)).diskState === 'Outdated', 'the secondary to hear the new generation and be Outdated', { timeoutMs: 10_000 });
+      expect(ws.events.map((e) => e.event)).toEqual([]);
+
+      // the primary dies again: no automatic rollback past its acknowledged write, nothing fenced
+      await p.stop('SIGKILL');
+      await waitFor(() => ws.events.find((e) => e.event === 'auto-failover'), 'auto-failover on the secondary', { timeoutMs: 30_000 });
+      expect(ws.events.map((e) => e.event)).toEqual(['peer-dead', 'auto-failover']);
+      expect(ws.events[1]).toMatchObject({ peer: 'alpha', failedOver: false, fence: null, code: 'ERR_PAIR_OUTDATED' });
+      expect(await pairOf<St>(sCtl)).toMatchObject({ role: 'secondary', epoch: 2, diskState: 'Outdated' });
+      expect(sha(await readFile(join(dir, 's.img')))).toBe(sha(cp2));
+      const pDisk = await readFile(join(dir, 'p.img'));
+      expect(pDisk.subarray(0, 64 * KiB).equals(Buffer.alloc(64 * KiB, 0x11))).toBe(true);
+      expect(pDisk.subarray(64 * KiB, 128 * KiB).equals(Buffer.alloc(64 * KiB, 0x22))).toBe(true);
+    } finally {
+      await ws.client.close();
+      await p.stop('SIGKILL').catch(() => {});
+      await x.stop('SIGKILL').catch(() => {});
+      await s.stop('SIGKILL').catch(() => {});
+    }
+  });
+});
