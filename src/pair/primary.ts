@@ -38,7 +38,7 @@ import { DEFAULT_WRITEBACK_BYTES, MirrorJob } from '../jobs/mirror.js';
 import { upgraderOf } from '../nbd/client-connect.js';
 import { openExtension, OPT_BLKREP_PAIR_LINK, startTlsPrepare } from '../nbd/option-takeover.js';
 import { parseNbdUri, type NbdUri } from '../nbd/uri.js';
-import { EMPTY, finishResyncAsSource, JUST_CREATED, mint, newGeneration, type GenerationTuple } from './generations.js';
+import { EMPTY, finishResyncAsSource, JUST_CREATED, mint, newGeneration, onLineageEvent, type GenerationTuple } from './generations.js';
 import { fetchRuns, PAIR_LINK_VERSION, PairChannel, runsPage, type PairMessage } from './messages.js';
 import type { FailoverOptions, FailoverResult, HandOff, PairLinkState, PairRole, PairStatus } from './role.js';
 import { PairStateFile, initialState, pairStatePath } from './state.js';
@@ -286,7 +286,12 @@ export class PrimaryRole implements PairRole {
       // crash with its link cut kept the generation its secondary had.
       if (!fresh && !role.stopped) {
         try {
-          await state.update((s) => ({ ...s, gi: mint(s.gi) }));
+          // as onDegraded: a primary already alone (bitmap slot set) keeps its generation, which
+          // differs from its secondary's already, and its history is not filled with restarts
+          await state.update((s) => {
+            const gi = onLineageEvent(s.gi, { kind: 'peer-lost', role: 'primary' });
+            return gi === s.gi ? s : { ...s, gi };
+          });
         } catch (err) {
           await role.close();
           throw err;
