@@ -140,6 +140,17 @@ export class PairChannel {
     stream.resume();
   }
 
+  /** A `ping` (the peer answers `pong`), when the channel is open; false when it is not or the send failed. */
+  sendPing(): boolean {
+    if (!this.isOpen) return false;
+    try {
+      this.send({ type: 'ping', t: Date.now() });
+      return true;
+    } catch {
+      return false;
+    }
+  }
+
   get isOpen(): boolean {
     return this.closed === undefined;
   }

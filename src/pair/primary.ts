@@ -598,15 +598,8 @@ export class PrimaryRole implements PairRole {
 
   /** The heartbeat's pair-link path: a ping on the link, if it is up; its pong calls `heard`. */
   pingLink(heard: () => void): boolean {
-    const ch = this.channel;
-    if (!ch?.isOpen) return false;
     this.linkHeard = heard;
-    try {
-      ch.send({ type: 'ping', t: Date.now() });
-      return true;
-    } catch {
-      return false;
-    }
+    return this.channel?.sendPing() ?? false;
   }
 
   private onDegraded(reason: string, error: BlkrepError | undefined): void {

@@ -789,15 +789,8 @@ export class SecondaryRole implements PairRole {
    * heartbeat paths say (test/heartbeat/attack-hb-paths-cut.test.ts).
    */
   pingLink(heard: () => void): boolean {
-    const ch = this.link;
-    if (!ch?.isOpen) return false;
     this.linkHeard = heard;
-    try {
-      ch.send({ type: 'ping', t: Date.now() });
-      return true;
-    } catch {
-      return false;
-    }
+    return this.link?.sendPing() ?? false;
   }
 
   /**

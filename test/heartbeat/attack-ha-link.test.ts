@@ -14,37 +14,17 @@
  * dropping the primary's acknowledged writes since the cut without a word.
  */
 import { createHash } from 'node:crypto';
-import { readFile, writeFile } from 'node:fs/promises';
+import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { run, start, unixUri, waitFor, type Started } from '../support/spawn.js';
+import { run, unixUri, waitFor } from '../support/spawn.js';
 import { controlRequest as request, pairOf } from '../support/control.js';
-import { fenceHook, freeUdpPort, pairKey, sparseImages, watch } from '../support/heartbeat.js';
+import { fenceHook, freeUdpPort, pairKey, sparseImages, unixProxy, watch } from '../support/heartbeat.js';
 import { makeTempDir, serve } from '../support/spawn.js';
 
 const KiB = 1024;
 const SIZE = 4 << 20;
 const EVENTS = ['peer-suspect', 'peer-dead', 'fence', 'failover-started', 'failover-done', 'failover-failed', 'auto-failover', 'demoted'];
-
-/** A Unix-socket proxy in its own process: LISTEN → TARGET, prints "ready" once listening. */
-const PROXY = `
-const net = require('node:net');
-const [listen, target] = process.argv.slice(2);
-net.createServer((c) => {
-  const t = net.connect(target);
-  c.pipe(t); t.pipe(c);
-  c.on('error', () => t.destroy()); t.on('error', () => c.destroy());
-  c.on('close', () => t.destroy()); t.on('close', () => c.destroy());
-}).listen(listen, () => console.log('ready'));
-`;
-
-async function proxy(dir: string, listen: string, target: string): Promise<Started> {
-  const script = join(dir, 'proxy.cjs');
-  await writeFile(script, PROXY);
-  const p = start(process.execPath, [script, listen, target]);
-  await waitFor(() => p.stdout().includes('ready') || (p.child.exitCode !== null && Promise.reject(new Error(`proxy exited: ${p.stderr()}`))), 'the proxy to listen');
-  return p;
-}
 
 const sha = (b: Buffer): string => createHash('sha256').update(b).digest('hex');
 
@@ -66,7 +46,7 @@ describe('data link cut, heartbeat alive (two daemons, a proxy killed -9)', () =
     const beat = ['--heartbeat-key', key, '--heartbeat-interval', '0.1', '--heartbeat-misses', '5'];
     const [sSock, pSock, sCtl, pCtl, xSock] = ['s.sock', 'p.sock', 's.ctl', 'p.ctl', 'x.sock'].map((f) => join(dir, f)) as [string, string, string, string, string];
     const s = await serve([join(dir, 's.img'), '--secondary', '--socket', sSock, '--control', sCtl, '--node-id', 'beta', '--peer-id', 'alpha', '--heartbeat', `udp://127.0.0.1:${pa}?listen=127.0.0.1:${pb}`, ...beat, '--auto-failover', '--fence-hook', hook]);
-    const x = await proxy(dir, xSock, sSock);
+    const x = await unixProxy(dir, xSock, sSock);
     const p = await serve([join(dir, 'p.img'), '--socket', pSock, '--control', pCtl, '--replicate-to', unixUri(xSock), '--protocol', 'sync', '--node-id', 'alpha', '--peer-id', 'beta', '--heartbeat', `udp://127.0.0.1:${pb}?listen=127.0.0.1:${pa}`, ...beat]);
     const ws = await watch(sCtl, EVENTS);
     try {

@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { ControlClient } from '../../src/control/client.js';
 import type { ControlEvent } from '../../src/control/protocol.js';
 import { controlRequest, pairOf } from './control.js';
-import { makeTempDir, serve, unixUri, waitFor, type Served } from './spawn.js';
+import { makeTempDir, serve, start, unixUri, waitFor, type Served, type Started } from './spawn.js';
 
 export async function freeTcpPort(): Promise<number> {
   const s = net.createServer();
@@ -117,4 +117,28 @@ export async function startHeartbeatPair(o: HeartbeatPairOptions): Promise<Heart
   const hbState = async (ctl: string): Promise<string> => (await controlRequest<{ heartbeat: { state: string } }>(ctl, 'status')).heartbeat.state;
   await waitFor(async () => (await hbState(sCtl)) === 'alive' && (await hbState(pCtl)) === 'alive', 'both to hear each other');
   return { dir, p, s, pCtl, sCtl, pSock, sSock, pArgs, sArgs };
+}
+
+/** A Unix-socket proxy in its own process: LISTEN → TARGET, prints "ready" once listening. */
+const PROXY = `
+const net = require('node:net');
+const [listen, target] = process.argv.slice(2);
+net.createServer((c) => {
+  const t = net.connect(target);
+  c.pipe(t); t.pipe(c);
+  c.on('error', () => t.destroy()); t.on('error', () => c.destroy());
+  c.on('close', () => t.destroy()); t.on('close', () => c.destroy());
+}).listen(listen, () => console.log('ready'));
+`;
+
+/**
+ * A proxy process from the Unix socket `listen` to `target` (a pair link a test cuts with kill -9
+ * while the heartbeat goes on); its script is written in `dir`. Resolves once it listens.
+ */
+export async function unixProxy(dir: string, listen: string, target: string): Promise<Started> {
+  const script = join(dir, 'proxy.cjs');
+  await writeFile(script, PROXY);
+  const p = start(process.execPath, [script, listen, target]);
+  await waitFor(() => p.stdout().includes('ready') || (p.child.exitCode !== null && Promise.reject(new Error(`proxy exited: ${p.stderr()}`))), 'the proxy to listen');
+  return p;
 }
