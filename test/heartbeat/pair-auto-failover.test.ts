@@ -136,6 +136,7 @@ describe('automatic failover with the pair (two daemons, udp heartbeat)', () => 
       const pGi = (await pairOf(pair.pCtl)).gi.current;
       const sHb = (await status(pair.sCtl)).heartbeat;
       expect(sHb.peerAnnounced).toEqual({ incarnation: expect.any(String), epoch: '1', generation: pGi, primary: true });
+      await waitFor(async () => (await status(pair.pCtl)).heartbeat.peerAnnounced !== null, "the primary to hear the secondary's first signed beat");
       expect((await status(pair.pCtl)).heartbeat).toMatchObject({ term: '1', peerAnnounced: { epoch: '0', primary: false } });
 
       const pc = await client(pair.pSock);
