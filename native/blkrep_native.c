@@ -129,12 +129,14 @@ static const char *errno_name(int e) {
 #ifdef EREMOTEIO
     case EREMOTEIO: return "EREMOTEIO";
 #endif
+    case ENOTSOCK: return "ENOTSOCK";
+    case ENOPROTOOPT: return "ENOPROTOOPT";
     default: return "UNKNOWN";
   }
 }
 
-/* An Error like Node's fs errors: "EINVAL: invalid argument, fallocate(PUNCH_HOLE)". */
-static napi_value make_error(napi_env env, int err, const char *syscall) {
+/* An Error like Node's fs errors: "EINVAL: invalid argument, fallocate(PUNCH_HOLE)". sockbuf.c uses it too. */
+napi_value blkrep_make_error(napi_env env, int err, const char *syscall) {
   char message[256];
   const char *name = errno_name(err);
   snprintf(message, sizeof message, "%s: %s, %s", name, strerror(err), syscall);
@@ -201,13 +203,13 @@ static napi_value do_seek(napi_env env, napi_callback_info info, int data, const
       napi_create_int32(env, -1, &result);
       return result;
     }
-    napi_throw(env, make_error(env, errno, data ? "lseek(SEEK_DATA)" : "lseek(SEEK_HOLE)"));
+    napi_throw(env, blkrep_make_error(env, errno, data ? "lseek(SEEK_DATA)" : "lseek(SEEK_HOLE)"));
     return NULL;
   }
   napi_create_int64(env, (int64_t)r, &result);
   return result;
 #else
-  napi_throw(env, make_error(env, ENOTSUP, data ? "lseek(SEEK_DATA)" : "lseek(SEEK_HOLE)"));
+  napi_throw(env, blkrep_make_error(env, ENOTSUP, data ? "lseek(SEEK_DATA)" : "lseek(SEEK_HOLE)"));
   return NULL;
 #endif
 }
@@ -255,7 +257,7 @@ static napi_value do_nowait(napi_env env, napi_callback_info info, int write, co
       napi_create_int32(env, e == EAGAIN ? -1 : -2, &result);
       return result;
     }
-    napi_throw(env, make_error(env, e, write ? "pwritev2(RWF_NOWAIT)" : "preadv2(RWF_NOWAIT)"));
+    napi_throw(env, blkrep_make_error(env, e, write ? "pwritev2(RWF_NOWAIT)" : "preadv2(RWF_NOWAIT)"));
     return NULL;
   }
   napi_create_int64(env, (int64_t)r, &result);
@@ -367,7 +369,7 @@ static void complete(napi_env env, napi_status status, void *data) {
     napi_create_error(env, NULL, msg, &value);
     napi_reject_deferred(env, job->deferred, value);
   } else if (job->err != 0) {
-    napi_reject_deferred(env, job->deferred, make_error(env, job->err, job->syscall));
+    napi_reject_deferred(env, job->deferred, blkrep_make_error(env, job->err, job->syscall));
   } else {
     if (job->op == OP_DEVICE_SIZE) napi_create_double(env, (double)job->result, &value);
     else napi_get_undefined(env, &value);
@@ -467,14 +469,14 @@ static napi_value set_lock(napi_env env, napi_callback_info info) {
   while (r < 0 && errno == EINTR);
   if (r < 0) {
     /* POSIX lets a conflict be EACCES or EAGAIN: report one */
-    napi_throw(env, make_error(env, errno == EACCES ? EAGAIN : errno, "fcntl(F_OFD_SETLK)"));
+    napi_throw(env, blkrep_make_error(env, errno == EACCES ? EAGAIN : errno, "fcntl(F_OFD_SETLK)"));
     return NULL;
   }
   napi_value result;
   napi_get_undefined(env, &result);
   return result;
 #else
-  napi_throw(env, make_error(env, ENOTSUP, "fcntl(F_OFD_SETLK)"));
+  napi_throw(env, blkrep_make_error(env, ENOTSUP, "fcntl(F_OFD_SETLK)"));
   return NULL;
 #endif
 }
@@ -488,7 +490,7 @@ static napi_value get_lock(napi_env env, napi_callback_info info) {
   do r = fcntl(fd, F_OFD_GETLK, &fl);
   while (r < 0 && errno == EINTR);
   if (r < 0) {
-    napi_throw(env, make_error(env, errno, "fcntl(F_OFD_GETLK)"));
+    napi_throw(env, blkrep_make_error(env, errno, "fcntl(F_OFD_GETLK)"));
     return NULL;
   }
   napi_value result, value;
@@ -507,7 +509,7 @@ static napi_value get_lock(napi_env env, napi_callback_info info) {
   napi_set_named_property(env, result, "pid", value);
   return result;
 #else
-  napi_throw(env, make_error(env, ENOTSUP, "fcntl(F_OFD_GETLK)"));
+  napi_throw(env, blkrep_make_error(env, ENOTSUP, "fcntl(F_OFD_GETLK)"));
   return NULL;
 #endif
 }
@@ -558,7 +560,7 @@ static napi_value exec_v(napi_env env, napi_callback_info info) {
   free(args);
   free(path);
   if (args && got < n) return NULL; /* a TypeError is pending */
-  napi_throw(env, make_error(env, err, "execv"));
+  napi_throw(env, blkrep_make_error(env, err, "execv"));
   return NULL;
 }
 
@@ -617,7 +619,7 @@ static void batch_complete(napi_env env, napi_status status, void *data) {
     napi_create_array_with_length(env, b->count, &value);
     for (uint32_t i = 0; i < b->count; i++) {
       napi_value item;
-      if (b->items[i].err != 0) item = make_error(env, b->items[i].err, "pwrite");
+      if (b->items[i].err != 0) item = blkrep_make_error(env, b->items[i].err, "pwrite");
       else napi_create_double(env, (double)b->items[i].done, &item);
       napi_set_element(env, value, i, item);
     }
@@ -880,7 +882,7 @@ static void splice_complete(napi_env env, napi_status status, void *data) {
   napi_value value;
   close(j->sock);
   if (status != napi_ok || j->err != 0) {
-    value = make_error(env, status != napi_ok ? ECANCELED : j->err, "splice");
+    value = blkrep_make_error(env, status != napi_ok ? ECANCELED : j->err, "splice");
     napi_value stage;
     napi_create_string_utf8(env, j->stage, NAPI_AUTO_LENGTH, &stage);
     napi_set_named_property(env, value, "stage", stage);
@@ -919,7 +921,7 @@ static napi_value splice_send(napi_env env, napi_callback_info info) {
   if (j->sock < 0) {
     int err = errno;
     free(j);
-    napi_throw(env, make_error(env, err, "fcntl(F_DUPFD_CLOEXEC)"));
+    napi_throw(env, blkrep_make_error(env, err, "fcntl(F_DUPFD_CLOEXEC)"));
     return NULL;
   }
   j->fd = fd;

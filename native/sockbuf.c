@@ -14,27 +14,11 @@
  * buffer, so the sender's size alone decides.
  */
 #include <errno.h>
-#include <stdio.h>
-#include <string.h>
 #include <sys/socket.h>
 #include <node_api.h>
 
-static napi_value sockbuf_error(napi_env env, int err, const char *syscall) {
-  char message[200];
-  snprintf(message, sizeof message, "%s, %s", strerror(err), syscall);
-  napi_value code, msg, error, value;
-  const char *name = err == ENOTSOCK ? "ENOTSOCK" : err == EBADF ? "EBADF" : err == EINVAL ? "EINVAL" : err == ENOPROTOOPT ? "ENOPROTOOPT" : "UNKNOWN";
-  char full[260];
-  snprintf(full, sizeof full, "%s: %s", name, message);
-  napi_create_string_utf8(env, name, NAPI_AUTO_LENGTH, &code);
-  napi_create_string_utf8(env, full, NAPI_AUTO_LENGTH, &msg);
-  napi_create_error(env, code, msg, &error);
-  napi_create_int32(env, -err, &value);
-  napi_set_named_property(env, error, "errno", value);
-  napi_create_string_utf8(env, syscall, NAPI_AUTO_LENGTH, &value);
-  napi_set_named_property(env, error, "syscall", value);
-  return error;
-}
+/* blkrep_native.c: an Error like Node's fs errors, with .code, .errno and .syscall */
+napi_value blkrep_make_error(napi_env env, int err, const char *syscall);
 
 static napi_value set_send_buffer(napi_env env, napi_callback_info info) {
   size_t argc = 2;
@@ -52,14 +36,14 @@ static napi_value set_send_buffer(napi_env env, napi_callback_info info) {
     int err = errno;
     if (err != EPERM || setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &bytes, sizeof bytes) != 0) {
       if (err == EPERM) err = errno;
-      napi_throw(env, sockbuf_error(env, err, "setsockopt(SO_SNDBUF)"));
+      napi_throw(env, blkrep_make_error(env, err, "setsockopt(SO_SNDBUF)"));
       return NULL;
     }
   }
   int got = 0;
   socklen_t len = sizeof got;
   if (getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &got, &len) != 0) {
-    napi_throw(env, sockbuf_error(env, errno, "getsockopt(SO_SNDBUF)"));
+    napi_throw(env, blkrep_make_error(env, errno, "getsockopt(SO_SNDBUF)"));
     return NULL;
   }
   napi_value out;
@@ -79,7 +63,7 @@ static napi_value get_send_buffer(napi_env env, napi_callback_info info) {
   int got = 0;
   socklen_t len = sizeof got;
   if (getsockopt((int)fd_d, SOL_SOCKET, SO_SNDBUF, &got, &len) != 0) {
-    napi_throw(env, sockbuf_error(env, errno, "getsockopt(SO_SNDBUF)"));
+    napi_throw(env, blkrep_make_error(env, errno, "getsockopt(SO_SNDBUF)"));
     return NULL;
   }
   napi_value out;

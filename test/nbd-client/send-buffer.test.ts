@@ -5,10 +5,11 @@
  */
 import { closeSync, openSync } from 'node:fs';
 import net from 'node:net';
-import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { afterEach, describe, expect, it } from 'vitest';
 import { NbdNode } from '../../src/block/nbd.js';
 import { loadNative } from '../../src/block/native.js';
 import { setUnixSendBuffer } from '../../src/nbd/client.js';
+import { fdOf, recordWritevSockets } from '../support/writev-recorder.js';
 import { pattern, startNbdkit } from './helpers.js';
 
 const KiB = 1024;
@@ -16,29 +17,12 @@ const MiB = 1024 * KiB;
 const nodes: NbdNode[] = [];
 const native = loadNative();
 
-/** the sockets that wrote while recording */
-const sockets = new Set<net.Socket>();
-const origWritev = net.Socket.prototype._writev!;
-
-beforeAll(() => {
-  net.Socket.prototype._writev = function (this: net.Socket, ...args: Parameters<typeof origWritev>) {
-    sockets.add(this);
-    return origWritev.apply(this, args);
-  };
-});
-
-afterAll(() => {
-  net.Socket.prototype._writev = origWritev;
-});
+/** the sockets that wrote with writev while recording */
+const sockets = recordWritevSockets();
 
 afterEach(async () => {
-  sockets.clear();
   for (const n of nodes.splice(0)) await n.close();
 });
-
-function fdOf(sock: net.Socket): number {
-  return (sock as unknown as { _handle: { fd: number } })._handle.fd;
-}
 
 /** SO_SNDBUF of the one socket that sent a 1 MiB write through `node` (checked: it lands) */
 async function sendBufferOf(node: NbdNode, seed: number): Promise<number> {
@@ -81,7 +65,10 @@ describe.skipIf(!native?.setSendBuffer)('NBD client send buffer', () => {
     await new Promise<void>((resolve) => server.close(() => resolve()));
     const file = openSync('/dev/null', 'r');
     try {
-      expect(() => native!.setSendBuffer!(file, MiB)).toThrow(/ENOTSOCK/);
+      let caught: unknown;
+      try { native!.setSendBuffer!(file, MiB); } catch (e) { caught = e; }
+      expect(caught).toBeInstanceOf(Error);
+      expect(caught).toMatchObject({ code: 'ENOTSOCK', errno: -88, syscall: 'setsockopt(SO_SNDBUF)', message: 'ENOTSOCK: Socket operation on non-socket, setsockopt(SO_SNDBUF)' });
     } finally {
       closeSync(file);
     }

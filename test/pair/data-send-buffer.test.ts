@@ -5,10 +5,9 @@
  * system's. Against a scripted secondary in-process (an NBD server over a memory disk whose pair
  * link option answers hello and checkpoints).
  */
-import net from 'node:net';
 import { join } from 'node:path';
 import type { Duplex } from 'node:stream';
-import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { afterEach, describe, expect, it } from 'vitest';
 import { MemoryNode } from '../../src/block/memory.js';
 import { loadNative } from '../../src/block/native.js';
 import { completeNode } from '../../src/block/node.js';
@@ -20,26 +19,16 @@ import { PAIR_LINK_VERSION, PairChannel } from '../../src/pair/messages.js';
 import { PrimaryRole } from '../../src/pair/primary.js';
 import { ReplicationFilter } from '../../src/pair/replication-filter.js';
 import { makeTempDir, unixUri, waitFor } from '../support/spawn.js';
+import { fdOf, recordWritevSockets } from '../support/writev-recorder.js';
 
 const MiB = 1 << 20;
 const SIZE = 4 * MiB;
 const native = loadNative();
 
-/** the client-side sockets that wrote with writev while recording (the data connection's WRITE: header and payload) */
-const sockets = new Set<net.Socket>();
-const origWritev = net.Socket.prototype._writev!;
-beforeAll(() => {
-  net.Socket.prototype._writev = function (this: net.Socket, ...args: Parameters<typeof origWritev>) {
-    sockets.add(this);
-    return origWritev.apply(this, args);
-  };
-});
-afterAll(() => {
-  net.Socket.prototype._writev = origWritev;
-});
+/** the client-side sockets that wrote with writev (the data connection's WRITE: header and payload) */
+const sockets = recordWritevSockets();
 afterEach(() => {
   delete process.env.BLKREP_PAIR_SNDBUF;
-  sockets.clear();
 });
 
 async function scriptedSecondary(dir: string, disk: MemoryNode) {
@@ -81,7 +70,7 @@ async function sendBuffersOfForward(): Promise<number[]> {
     const data = Buffer.alloc(MiB, 0x5c);
     await filter.write(MiB, data);
     expect((await disk.read(MiB, MiB)).equals(data)).toBe(true);
-    return [...sockets].map((sock) => native!.getSendBuffer!((sock as unknown as { _handle: { fd: number } })._handle.fd));
+    return [...sockets].map((sock) => native!.getSendBuffer!(fdOf(sock)));
   } finally {
     await p.close();
     await s.close();
