@@ -17,10 +17,9 @@ import { createHash } from 'node:crypto';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { run, unixUri, waitFor } from '../support/spawn.js';
 import { controlRequest as request, pairOf } from '../support/control.js';
-import { fenceHook, freeUdpPort, pairKey, sparseImages, unixProxy, watch } from '../support/heartbeat.js';
-import { makeTempDir, serve } from '../support/spawn.js';
+import { startLinkCutPair } from '../support/heartbeat.js';
+import { run, waitFor } from '../support/spawn.js';
 
 const KiB = 1024;
 const SIZE = 4 << 20;
@@ -38,26 +37,9 @@ interface SecStatus {
 
 describe('data link cut, heartbeat alive (two daemons, a proxy killed -9)', () => {
   it('the primary writes on alone; killed -9 later, the secondary is Outdated: the automatic failover is refused, --force gives the checkpoint exactly', async () => {
-    const dir = await makeTempDir();
-    await sparseImages(dir, SIZE);
-    const key = await pairKey(dir);
-    const hook = await fenceHook(dir, 7);
-    const [pa, pb] = [await freeUdpPort(), await freeUdpPort()];
-    const beat = ['--heartbeat-key', key, '--heartbeat-interval', '0.1', '--heartbeat-misses', '5'];
-    const [sSock, pSock, sCtl, pCtl, xSock] = ['s.sock', 'p.sock', 's.ctl', 'p.ctl', 'x.sock'].map((f) => join(dir, f)) as [string, string, string, string, string];
-    const s = await serve([join(dir, 's.img'), '--secondary', '--socket', sSock, '--control', sCtl, '--node-id', 'beta', '--peer-id', 'alpha', '--heartbeat', `udp://127.0.0.1:${pa}?listen=127.0.0.1:${pb}`, ...beat, '--auto-failover', '--fence-hook', hook]);
-    const x = await unixProxy(dir, xSock, sSock);
-    const p = await serve([join(dir, 'p.img'), '--socket', pSock, '--control', pCtl, '--replicate-to', unixUri(xSock), '--protocol', 'sync', '--node-id', 'alpha', '--peer-id', 'beta', '--heartbeat', `udp://127.0.0.1:${pb}?listen=127.0.0.1:${pa}`, ...beat]);
-    const ws = await watch(sCtl, EVENTS);
+    const pair = await startLinkCutPair({ size: SIZE, events: EVENTS });
+    const { dir, p, x, ws, pCtl, sCtl, pUri, cp2 } = pair;
     try {
-      await waitFor(async () => {
-        const st = await pairOf<{ epoch: number; lastCheckpointAgeMs: number | null }>(pCtl);
-        return st.epoch === 1 && st.lastCheckpointAgeMs !== null;
-      }, 'checkpoint 1 after the initial sync', { timeoutMs: 30_000 });
-      const pUri = unixUri(pSock);
-      expect((await run('qemu-io', ['-f', 'raw', pUri, '-c', 'write -P 0x11 0 64k'])).code).toBe(0);
-      expect((await request<{ epoch: number }>(pCtl, 'checkpoint')).epoch).toBe(2);
-      const cp2 = await readFile(join(dir, 's.img'));
       expect(sha(cp2)).toBe(sha(await readFile(join(dir, 'p.img'))));
 
       // the data link cut; the heartbeat passes
@@ -89,10 +71,7 @@ describe('data link cut, heartbeat alive (two daemons, a proxy killed -9)', () =
       expect(disk.subarray(64 * KiB, 128 * KiB).equals(Buffer.alloc(64 * KiB))).toBe(true);
       expect(sha(disk)).toBe(sha(cp2));
     } finally {
-      await ws.client.close();
-      await p.stop('SIGKILL').catch(() => {});
-      await x.stop('SIGKILL').catch(() => {});
-      await s.stop('SIGKILL').catch(() => {});
+      await pair.stop();
     }
   });
 });

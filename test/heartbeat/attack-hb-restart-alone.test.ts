@@ -15,9 +15,9 @@ import { createHash } from 'node:crypto';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { controlRequest as request, pairOf } from '../support/control.js';
-import { fenceHook, freeUdpPort, pairKey, sparseImages, unixProxy, watch } from '../support/heartbeat.js';
-import { makeTempDir, run, serve, unixUri, waitFor } from '../support/spawn.js';
+import { pairOf } from '../support/control.js';
+import { startLinkCutPair } from '../support/heartbeat.js';
+import { run, serve, waitFor } from '../support/spawn.js';
 
 const KiB = 1024;
 const SIZE = 4 << 20;
@@ -34,38 +34,20 @@ interface St {
 
 describe('a primary restarted after a crash without reaching its secondary (two daemons)', () => {
   it('mints a generation before serving; the secondary hears it and is Outdated: the automatic failover after its next death is refused', async () => {
-    const dir = await makeTempDir();
-    await sparseImages(dir, SIZE);
-    const key = await pairKey(dir);
-    const hook = await fenceHook(dir, 7);
-    const [pa, pb] = [await freeUdpPort(), await freeUdpPort()];
     // death after 150 × 0.1 s: the primary's restart fits inside it even on a loaded host (with
     // 100, a restart that took over 10 s let the secondary take over and demote it: qemu-io EIO)
-    const beat = ['--heartbeat-key', key, '--heartbeat-interval', '0.1', '--heartbeat-misses', '150'];
-    const [sSock, pSock, sCtl, pCtl, xSock] = ['s.sock', 'p.sock', 's.ctl', 'p.ctl', 'x.sock'].map((f) => join(dir, f)) as [string, string, string, string, string];
-    const s = await serve([join(dir, 's.img'), '--secondary', '--socket', sSock, '--control', sCtl, '--node-id', 'beta', '--peer-id', 'alpha', '--heartbeat', `udp://127.0.0.1:${pa}?listen=127.0.0.1:${pb}`, ...beat, '--auto-failover', '--fence-hook', hook]);
-    const x = await unixProxy(dir, xSock, sSock);
-    const pArgs = [join(dir, 'p.img'), '--socket', pSock, '--control', pCtl, '--replicate-to', unixUri(xSock), '--protocol', 'sync', '--node-id', 'alpha', '--peer-id', 'beta', '--heartbeat', `udp://127.0.0.1:${pb}?listen=127.0.0.1:${pa}`, ...beat];
-    let p = await serve(pArgs);
-    const ws = await watch(sCtl, EVENTS);
+    const pair = await startLinkCutPair({ size: SIZE, beat: ['--heartbeat-interval', '0.1', '--heartbeat-misses', '150'], events: EVENTS });
+    const { dir, x, ws, pCtl, sCtl, pArgs, pUri, cp2 } = pair;
     try {
-      await waitFor(async () => {
-        const st = await pairOf<{ epoch: number; lastCheckpointAgeMs: number | null }>(pCtl);
-        return st.epoch === 1 && st.lastCheckpointAgeMs !== null;
-      }, 'checkpoint 1 after the initial sync', { timeoutMs: 30_000 });
-      const pUri = unixUri(pSock);
-      expect((await run('qemu-io', ['-f', 'raw', pUri, '-c', 'write -P 0x11 0 64k'])).code).toBe(0);
-      expect((await request<{ epoch: number }>(pCtl, 'checkpoint')).epoch).toBe(2);
-      const cp2 = await readFile(join(dir, 's.img'));
       const gi2 = (await pairOf<St>(sCtl)).gi.current;
       expect((await pairOf<St>(pCtl)).gi.current).toBe(gi2);
 
       // the primary crashes while connected; its pair link is cut before it comes back
-      await p.stop('SIGKILL');
+      await pair.p.stop('SIGKILL');
       await x.stop('SIGKILL');
       await waitFor(async () => (await pairOf<St>(sCtl)).link === 'none', 'the secondary to see its link gone');
       expect(await pairOf<St>(sCtl)).toMatchObject({ role: 'secondary', epoch: 2, diskState: 'Consistent', gi: { current: gi2 } });
-      p = await serve(pArgs);
+      pair.p = await serve(pArgs);
       const restarted = await pairOf<St>(pCtl);
       expect(restarted.link).toBe('degraded');
       expect(restarted.gi.current).not.toBe(gi2);
@@ -75,7 +57,7 @@ describe('a primary restarted after a crash without reaching its secondary (two 
       expect(ws.events.map((e) => e.event)).toEqual([]);
 
       // the primary dies again: no automatic rollback past its acknowledged write, nothing fenced
-      await p.stop('SIGKILL');
+      await pair.p.stop('SIGKILL');
       await waitFor(() => ws.events.find((e) => e.event === 'auto-failover'), 'auto-failover on the secondary', { timeoutMs: 30_000 });
       expect(ws.events.map((e) => e.event)).toEqual(['peer-dead', 'auto-failover']);
       expect(ws.events[1]).toMatchObject({ peer: 'alpha', failedOver: false, fence: null, code: 'ERR_PAIR_OUTDATED' });
@@ -85,10 +67,7 @@ describe('a primary restarted after a crash without reaching its secondary (two 
       expect(pDisk.subarray(0, 64 * KiB).equals(Buffer.alloc(64 * KiB, 0x11))).toBe(true);
       expect(pDisk.subarray(64 * KiB, 128 * KiB).equals(Buffer.alloc(64 * KiB, 0x22))).toBe(true);
     } finally {
-      await ws.client.close();
-      await p.stop('SIGKILL').catch(() => {});
-      await x.stop('SIGKILL').catch(() => {});
-      await s.stop('SIGKILL').catch(() => {});
+      await pair.stop();
     }
   });
 });

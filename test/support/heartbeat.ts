@@ -1,15 +1,16 @@
 /**
  * What the heartbeat tests with real daemons share: free ports, the pair key, sparse images, a
- * fence hook, event watching, and a primary/secondary pair beating over udp.
+ * fence hook, event watching, a primary/secondary pair beating over udp, and one whose pair link
+ * runs through a proxy a test cuts.
  */
 import dgram from 'node:dgram';
 import net from 'node:net';
-import { chmod, truncate, writeFile } from 'node:fs/promises';
+import { chmod, readFile, truncate, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { ControlClient } from '../../src/control/client.js';
 import type { ControlEvent } from '../../src/control/protocol.js';
 import { controlRequest, pairOf } from './control.js';
-import { makeTempDir, serve, start, unixUri, waitFor, type Served, type Started } from './spawn.js';
+import { makeTempDir, run, serve, start, unixUri, waitFor, type Served, type Started } from './spawn.js';
 
 export async function freeTcpPort(): Promise<number> {
   const s = net.createServer();
@@ -87,18 +88,18 @@ export interface HeartbeatPairOptions {
 }
 
 /** The files and serve-nbd arguments of startHeartbeatPair's pair, nothing started (DIR made, its disks and key written). */
-export async function heartbeatPairArgs(o: HeartbeatPairOptions & { autoFailover?: { fenceExit: number } }): Promise<Omit<HeartbeatPair, 'p' | 's'>> {
+export async function heartbeatPairArgs(o: HeartbeatPairOptions & { autoFailover?: { fenceExit: number }; viaProxy?: boolean }): Promise<Omit<HeartbeatPair, 'p' | 's'> & { xSock: string }> {
   const dir = await makeTempDir();
   await sparseImages(dir, o.size);
   const key = await pairKey(dir);
   const [pa, pb] = [await freeUdpPort(), await freeUdpPort()];
   const beat = ['--heartbeat-key', key, ...(o.beat ?? ['--heartbeat-interval', '0.1', '--heartbeat-misses', '5'])];
-  const [sSock, pSock, sCtl, pCtl] = ['s.sock', 'p.sock', 's.ctl', 'p.ctl'].map((f) => join(dir, f)) as [string, string, string, string];
+  const [sSock, pSock, sCtl, pCtl, xSock] = ['s.sock', 'p.sock', 's.ctl', 'p.ctl', 'x.sock'].map((f) => join(dir, f)) as [string, string, string, string, string];
   // the secondary takes over by itself, fencing by DIR/fence.sh (which exits with fenceExit)
   const auto = o.autoFailover ? ['--auto-failover', '--fence-hook', await fenceHook(dir, o.autoFailover.fenceExit)] : [];
   const sArgs = [join(dir, 's.img'), '--secondary', '--socket', sSock, '--control', sCtl, '--node-id', 'beta', '--peer-id', 'alpha', '--heartbeat', `udp://127.0.0.1:${pa}?listen=127.0.0.1:${pb}`, ...beat, ...auto, ...(o.s ?? [])];
-  const pArgs = [join(dir, 'p.img'), '--socket', pSock, '--control', pCtl, '--replicate-to', unixUri(sSock), '--node-id', 'alpha', '--peer-id', 'beta', '--heartbeat', `udp://127.0.0.1:${pb}?listen=127.0.0.1:${pa}`, ...beat, ...(o.p ?? [])];
-  return { dir, sArgs, pArgs, sSock, pSock, sCtl, pCtl };
+  const pArgs = [join(dir, 'p.img'), '--socket', pSock, '--control', pCtl, '--replicate-to', unixUri(o.viaProxy ? xSock : sSock), '--node-id', 'alpha', '--peer-id', 'beta', '--heartbeat', `udp://127.0.0.1:${pb}?listen=127.0.0.1:${pa}`, ...beat, ...(o.p ?? [])];
+  return { dir, sArgs, pArgs, sSock, pSock, sCtl, pCtl, xSock };
 }
 
 /**
@@ -117,6 +118,53 @@ export async function startHeartbeatPair(o: HeartbeatPairOptions): Promise<Heart
   const hbState = async (ctl: string): Promise<string> => (await controlRequest<{ heartbeat: { state: string } }>(ctl, 'status')).heartbeat.state;
   await waitFor(async () => (await hbState(sCtl)) === 'alive' && (await hbState(pCtl)) === 'alive', 'both to hear each other');
   return { dir, p, s, pCtl, sCtl, pSock, sSock, pArgs, sArgs };
+}
+
+export interface LinkCutPair extends HeartbeatPair {
+  /** the pair link's proxy (DIR/x.sock → the secondary's socket): kill it -9 to cut the link */
+  x: Started;
+  /** the secondary's events named in `events` */
+  ws: Watched;
+  pUri: string;
+  /** the secondary's disk at checkpoint 2 (0x11 in the first 64 KiB) */
+  cp2: Buffer;
+  /** stops the watcher and the three processes (this.p as it is then: a test may start it again) */
+  stop(): Promise<void>;
+}
+
+/**
+ * The pair of the link-cut attacks: a sync pair as startHeartbeatPair's, with the secondary taking
+ * over by itself (fence hook exit 7) and the pair link through a proxy process a test kills -9
+ * while the heartbeat goes on. Resolves at checkpoint 2, after 0x11 is written to the first 64 KiB.
+ */
+export async function startLinkCutPair(o: HeartbeatPairOptions & { events: string[] }): Promise<LinkCutPair> {
+  const a = await heartbeatPairArgs({ ...o, p: ['--protocol', 'sync', ...(o.p ?? [])], autoFailover: { fenceExit: 7 }, viaProxy: true });
+  const s = await serve(a.sArgs);
+  const x = await unixProxy(a.dir, a.xSock, a.sSock);
+  const p = await serve(a.pArgs);
+  const ws = await watch(a.sCtl, o.events);
+  const pair: LinkCutPair = {
+    ...a, s, x, p, ws, pUri: unixUri(a.pSock), cp2: Buffer.alloc(0),
+    async stop() {
+      await ws.client.close();
+      for (const proc of [this.p, x, s]) await proc.stop('SIGKILL').catch(() => {});
+    },
+  };
+  try {
+    await waitFor(async () => {
+      const st = await pairOf<{ epoch: number; lastCheckpointAgeMs: number | null }>(a.pCtl);
+      return st.epoch === 1 && st.lastCheckpointAgeMs !== null;
+    }, 'checkpoint 1 after the initial sync', { timeoutMs: 30_000 });
+    const w = await run('qemu-io', ['-f', 'raw', pair.pUri, '-c', 'write -P 0x11 0 64k']);
+    if (w.code !== 0) throw new Error(`qemu-io write 0x11: exit ${w.code}: ${w.stderr}`);
+    const cp = await controlRequest<{ epoch: number }>(a.pCtl, 'checkpoint');
+    if (cp.epoch !== 2) throw new Error(`checkpoint after 0x11 gave epoch ${cp.epoch}, expected 2`);
+    pair.cp2 = await readFile(join(a.dir, 's.img'));
+    return pair;
+  } catch (e) {
+    await pair.stop();
+    throw e;
+  }
 }
 
 /** A Unix-socket proxy in its own process: LISTEN → TARGET, prints "ready" once listening. */
