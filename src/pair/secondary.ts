@@ -1324,8 +1324,9 @@ async function copyRuns(from: CompleteBlockNode, to: CompleteBlockNode, runs: re
  * stamp the state records (or the start's `next`, written before a kill -9 came). Another stamp,
  * or none, is a stale copy of the hidden disk written over the same file in place (the inode
  * check cannot see it): its copies are another epoch's (or another run's) old data, and a
- * failover would commit them as the checkpoint. A copy taken while the daemon ran, within the
- * same run and epoch, carries the current stamp: not told apart (README).
+ * failover would commit them as the checkpoint. A copy taken while the daemon ran, in the same
+ * run since the last checkpoint that emptied hidden, carries the current stamp: not told apart
+ * (README).
  */
 async function checkHiddenStamp(file: HiddenFile, rec: { id: string | null; next: string | null } | null): Promise<void> {
   if (!rec || (rec.id === null && rec.next === null)) return;
