@@ -11,7 +11,7 @@ import { existsSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { BlkrepError } from '../api/errors.js';
 
-export type CrashPoint = 'checkpoint-step-4' | 'checkpoint-step-5' | 'checkpoint-step-6' | 'checkpoint-step-7' | `failover-${string}`;
+export type CrashPoint = 'hidden-stamp-written' | 'checkpoint-step-4' | 'checkpoint-step-5' | 'checkpoint-step-6' | 'checkpoint-step-7' | `failover-${string}`;
 
 /** BLKREP_TEST_CRASH_COUNT=K: the K-th time the point is reached in the process (default the first) */
 let reached = 0;

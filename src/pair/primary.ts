@@ -682,6 +682,11 @@ export class PrimaryRole implements PairRole {
     const t0 = performance.now();
     let steps: { preflushMs: number; drainMs: number; flushMs: number; secondaryMs: number; heldMs: number; stateMs: number } | undefined;
     try {
+      // before the cut (writes are not held yet): durably "checkpoint n asked". Without its DONE
+      // (a crash, a link loss) the secondary may hold n while this disk says n-1; back as that
+      // node's secondary (failback), this record allows the lag of a checkpoint it asked, and
+      // nothing else: a restored snapshot of this disk that asked nothing is another disk
+      if ((this.state.state.checkpointSent ?? 0) < n) await this.state.update((s) => ({ ...s, checkpointSent: n }));
       const cut = await filter.cut();
       const t1 = performance.now();
       const answer = await channel.request<PairMessage>(asRequest({ type: 'checkpoint', n, id, nodeId: this.state.state.nodeId }), CHECKPOINT_TIMEOUT_MS).catch(async (err: unknown) => {

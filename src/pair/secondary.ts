@@ -30,8 +30,9 @@ import { resolveSplitBrain, type AfterSb0Policy, type SplitBrainResolution, type
 import { fetchRuns, PAIR_LINK_VERSION, PairChannel, runsPage, type DiskState, type LinkDecision, type NodeSummary, type PairMessage } from './messages.js';
 import { peerBitmapPath } from './primary.js';
 import type { FailoverOptions, FailoverResult, HandOff, PairRole, PairStatus } from './role.js';
-import { allocatedRuns, Borrowed, defaultOverlayPaths, openSecondaryImages, OVERLAY_CLUSTER, type HiddenDurability, type SecondaryImages } from './secondary-images.js';
+import { allocatedRuns, Borrowed, defaultOverlayPaths, openSecondaryImages, OVERLAY_CLUSTER, type HiddenDurability, type HiddenFile, type SecondaryImages } from './secondary-images.js';
 import { explainSecondaryFailover, type SecondaryFailoverFacts } from './secondary-explain.js';
+import { newStamp, readHiddenStamp, writeHiddenStamp } from './hidden-stamp.js';
 import { hiddenEmptyAtStop, hiddenEmptyNote, initialState, markSecondaryStopped, noRestorePoint, pairStatePath, PairStateFile, volatileHiddenLost } from './state.js';
 import { gated, WriteGate } from './write-gate.js';
 
@@ -242,6 +243,10 @@ export class SecondaryRole implements PairRole {
       if (id && (!rec || rec.path !== hiddenPath || rec.dev !== id.dev || rec.ino !== id.ino)) {
         await state.update((s) => ({ ...s, hiddenFile: { path: hiddenPath, dev: id.dev, ino: id.ino } }));
       }
+      // a stale copy written over the same file in place keeps the inode: its stamp tells it
+      // (hidden-stamp.ts). Not while a checkpoint is committing (its overlays are garbage,
+      // emptied now) nor for a hidden disk just made (absent, or a lost volatile one)
+      if (wasSecondary && !lost && !images.created.hidden && state.state.committing === null) await checkHiddenStamp(images.hiddenFile, state.state.hiddenStamp ?? null);
       await role.openOwnDirty(diskPath);
       role.salvaged = await listSalvage(diskPath);
       if (o.nodeName !== undefined && o.nodeName !== state.state.name) await state.update((s) => ({ ...s, name: o.nodeName! }));
@@ -271,6 +276,7 @@ export class SecondaryRole implements PairRole {
             : null,
       );
       await role.recordVolatile(boot?.id ?? null);
+      await role.renewStamp();
       const fo = state.state.failingOver;
       if (fo) {
         role.failoverFailed = { step: 'restart', code: 'ERR_PAIR_FAILOVER_FAILED', message: `the daemon stopped during a failover to ${fo.to === 'latest' ? 'the latest write' : `checkpoint ${fo.epoch}`}` };
@@ -618,7 +624,7 @@ export class SecondaryRole implements PairRole {
     // none) would leave it mixed while both say UpToDate (test/pair/attack-ha-stale-disk.test.ts).
     // A disk that was ever a primary (an old primary back for failback: its role is rewritten to
     // secondary at start) may lag by the one checkpoint whose DONE it never got before it died.
-    const lag = s.primarySince ? 1 : 0;
+    const lag = s.primarySince && s.checkpointSent != null && s.checkpointSent > s.epoch ? s.checkpointSent - s.epoch : 0;
     if (m.epoch > s.epoch + lag && (decision.action === 'none' || decision.action === 'resync-bitmap')) {
       decision = {
         rule: d.rule,
@@ -871,8 +877,8 @@ export class SecondaryRole implements PairRole {
     const n = this.state.state.committing;
     if (n !== null) {
       this.ctx.log('warn', `checkpoint ${n} was committing when the secondary stopped: emptying the hidden and active disks again and committing epoch ${n}`);
-      await this.emptyOverlays();
-      await this.state.update((s) => ({ ...s, epoch: n, committing: null }));
+      const stamp = await this.emptyOverlays(true);
+      await this.state.update((s) => ({ ...s, epoch: n, committing: null, ...(stamp ? { hiddenStamp: { id: stamp, next: null } } : {}) }));
     } else if (lostHidden !== null) {
       const reason = `${lostHidden}: the disk may hold writes made after checkpoint ${this.state.state.epoch} whose old data is gone`;
       this.ctx.log('warn', `${reason}; the secondary is Inconsistent (not promotable) until a full resync from the primary`);
@@ -929,7 +935,27 @@ export class SecondaryRole implements PairRole {
     return this.o.acceptPlainPrimary ? (s.restorePointLost ?? null) : noRestorePoint(s, this.images!.hidden.mapsNothing);
   }
 
-  private async emptyOverlays(): Promise<void> {
+  /**
+   * A new stamp for the hidden disk at start (hidden-stamp.ts), before the replica export takes
+   * a write: recorded as `next` first, written and synced, then recorded as the stamp. A kill -9
+   * between leaves the old or the new stamp in the file, both accepted at the next start.
+   */
+  private async renewStamp(): Promise<void> {
+    const images = this.images!;
+    const next = newStamp();
+    await this.state.update((s) => ({ ...s, hiddenStamp: { id: s.hiddenStamp?.id ?? null, next } }));
+    await writeHiddenStamp(images.hiddenFile, next);
+    await images.hiddenFile.sync();
+    crashPoint('hidden-stamp-written');
+    await this.state.update((s) => ({ ...s, hiddenStamp: { id: next, next: null } }));
+  }
+
+  /**
+   * Step 6: empty the overlays. `stamp` (a checkpoint's step 6, not a failover's): the hidden
+   * disk, when emptied, gets a new stamp, written before its emptying (whose syncs make it
+   * durable) and returned for step 7 to record; null when hidden was left alone.
+   */
+  private async emptyOverlays(stamp = false): Promise<string | null> {
     this.cbw!.reset();
     // QEMU's order: active, then hidden. An overlay that maps nothing (active without a secondary
     // workload, the usual case; hidden after an epoch without writes or without copy-before-write)
@@ -938,8 +964,15 @@ export class SecondaryRole implements PairRole {
     if (!this.images!.active.mapsNothing) await this.images!.active.makeEmpty();
     if (!this.images!.hidden.mapsNothing) {
       faultPoint('checkpoint-step-6');
+      // the stamp first: a crash before step 7 leaves "committing" in the state, and a restart
+      // then checks no stamp (it empties the overlays again and renews the stamp)
+      const id = stamp ? newStamp() : null;
+      if (id) await writeHiddenStamp(this.images!.hiddenFile, id);
       await this.images!.hidden.makeEmpty();
+      if (id) await this.images!.hiddenFile.sync();
+      return id;
     }
+    return null;
   }
 
   /**
@@ -1001,6 +1034,8 @@ export class SecondaryRole implements PairRole {
       at = now;
     };
     let unfinished = false;
+    /** the hidden disk's new stamp (step 6), recorded at step 7 */
+    let stamp: string | null = null;
     // step 4: stop taking replica writes, hold the view's writes, flush the disk (held already
     // when an earlier attempt left step 6 unfinished)
     await cbw.gate.hold();
@@ -1019,7 +1054,7 @@ export class SecondaryRole implements PairRole {
       crashPoint('checkpoint-step-5');
       // step 6: reset the CBW bits, empty active, then hidden
       try {
-        await this.emptyOverlays();
+        stamp = await this.emptyOverlays(true);
       } catch (err) {
         // failure case 6 after step 5: the disk is CP_n, the overlays garbage (maybe half emptied,
         // the bits reset). A write now would leave no restore point at all (a restart redoes step 6
@@ -1034,7 +1069,7 @@ export class SecondaryRole implements PairRole {
       // (after a lost restore point the hello forced that resync to be full: the disk is CP_n, a restore point again)
       // as the primary has them after this checkpoint: its bitmap GI moved into history (finishResyncAsTarget)
       const gi = this.peerHello?.gi ? finishResyncAsTarget(this.peerHello.gi) : undefined;
-      await this.state.update((s) => ({ ...s, epoch: n, committing: null, checkpointBy: by, ...(gi && this.link ? { gi, diskState: 'UpToDate' as const, restorePointLost: null, fullSyncFrom: null, splitBrainResync: null } : {}) }));
+      await this.state.update((s) => ({ ...s, epoch: n, committing: null, checkpointBy: by, checkpointSent: null, ...(stamp ? { hiddenStamp: { id: stamp, next: null } } : {}), ...(gi && this.link ? { gi, diskState: 'UpToDate' as const, restorePointLost: null, fullSyncFrom: null, splitBrainResync: null } : {}) }));
       if (gi && this.link) this.failedReason = null;
       this.refreshBypass();
       lap('committed');
@@ -1284,6 +1319,27 @@ async function copyRuns(from: CompleteBlockNode, to: CompleteBlockNode, runs: re
  * disk (restore point lost). The same inode under another path is the same disk moved; the device
  * number is recorded and named but does not decide (it may change across a reboot).
  */
+/**
+ * A restart as this disk's secondary, no checkpoint committing: the hidden disk must carry the
+ * stamp the state records (or the start's `next`, written before a kill -9 came). Another stamp,
+ * or none, is a stale copy of the hidden disk written over the same file in place (the inode
+ * check cannot see it): its copies are another epoch's (or another run's) old data, and a
+ * failover would commit them as the checkpoint. A copy taken while the daemon ran, in the same
+ * run since the last checkpoint that emptied hidden, carries the current stamp: not told apart
+ * (README).
+ */
+async function checkHiddenStamp(file: HiddenFile, rec: { id: string | null; next: string | null } | null): Promise<void> {
+  if (!rec || (rec.id === null && rec.next === null)) return;
+  const have = await readHiddenStamp(file);
+  if (have && (have.id === rec.id || have.id === rec.next)) return;
+  const want = [rec.id, rec.next].filter((x): x is string => x !== null).join(' or ');
+  throw new BlkrepError(
+    'ERR_PAIR_OVERLAY',
+    `the hidden disk ${file.path} is not the hidden disk this secondary last served with: it carries ${have ? `stamp ${have.id}` : 'no blkrep stamp'}, the pair state records ${want} (a stale copy written over the file in place: a restored backup or snapshot, cp, dd). Its copies hold another epoch's old data, and a failover would commit them as the checkpoint. Put the last run's hidden disk back, or remove ${file.path} to start without it (the restore point is then lost: Inconsistent until a full resync)`,
+    { errno: 'EINVAL', details: { hidden: file.path, stamp: have?.id ?? null, recorded: rec } },
+  );
+}
+
 async function checkHiddenIdentity(path: string, rec: { path: string; dev: number; ino: number } | null): Promise<void> {
   if (!rec) return;
   const st = await stat(path).catch(() => undefined);

@@ -81,6 +81,22 @@ export interface PairState {
    */
   hiddenFile?: { path: string; dev: number; ino: number } | null;
   /**
+   * a secondary: the stamp its hidden disk carries (hidden-stamp.ts: a blkrep qcow2 header
+   * extension of 16 random bytes, hex), renewed at each start and each checkpoint that empties
+   * the hidden disk. `next`: a start's new stamp, recorded before it is written into the hidden
+   * disk (a kill -9 between leaves either); null once written. A restart as this disk's secondary
+   * with no checkpoint committing whose hidden disk carries neither is refused (ERR_PAIR_OVERLAY):
+   * a stale copy written over the same file in place. Absent or null = no record (older builds).
+   */
+  hiddenStamp?: { id: string | null; next: string | null } | null;
+  /**
+   * a primary: the checkpoint it asked its secondary to commit last (recorded durably before the
+   * request is sent). Above `epoch`: its DONE never came back (a crash, a link loss), so the
+   * secondary may hold that checkpoint: this disk, back as a secondary of the node that was its
+   * secondary, may lag by up to it. Absent or null = none asked (or older builds).
+   */
+  checkpointSent?: number | null;
+  /**
    * a primary's peer bitmap tracks a full resync to this secondary (node id): it was set whole and
    * durable before the copy began, and the copy clears it as the secondary holds data stably.
    * Absent or null = none.
@@ -139,6 +155,14 @@ export function validateState(v: unknown, path: string): PairState {
   const hf = s.hiddenFile;
   if (hf !== undefined && hf !== null && (typeof hf !== 'object' || typeof hf.path !== 'string' || !Number.isSafeInteger(hf.dev) || !Number.isSafeInteger(hf.ino))) {
     throw bad(`has hiddenFile ${JSON.stringify(hf)}, not {path: "…", dev: N, ino: N}`);
+  }
+  const hs = s.hiddenStamp;
+  const stampOk = (x: unknown): boolean => x === null || (typeof x === 'string' && /^[0-9a-f]{32}$/.test(x));
+  if (hs !== undefined && hs !== null && (typeof hs !== 'object' || !stampOk(hs.id) || !stampOk(hs.next))) {
+    throw bad(`has hiddenStamp ${JSON.stringify(hs)}, not {id: 32 hex digits or null, next: 32 hex digits or null}`);
+  }
+  if (s.checkpointSent !== undefined && s.checkpointSent !== null && (!Number.isSafeInteger(s.checkpointSent) || s.checkpointSent < 1)) {
+    throw bad(`has checkpointSent ${JSON.stringify(s.checkpointSent)}, not a checkpoint number (a positive integer) or null`);
   }
   const sbr = s.splitBrainResync;
   if (sbr !== undefined && sbr !== null && (typeof sbr !== 'object' || typeof sbr.nodeId !== 'string' || sbr.nodeId === '' || typeof sbr.policy !== 'string' || (sbr.salvage !== null && typeof sbr.salvage !== 'string'))) {

@@ -62,6 +62,10 @@ describe('the pair state file', () => {
       [{ ...base(), hiddenEmptyAt: 'yes' }, 'has hiddenEmptyAt "yes", not an epoch (a non-negative integer) or null'],
       [{ ...base(), hiddenEmptyAt: -1 }, 'has hiddenEmptyAt -1, not an epoch'],
       [{ ...base(), hiddenEmptyAt: 1.5 }, 'has hiddenEmptyAt 1.5, not an epoch'],
+      [{ ...base(), hiddenStamp: { id: 'abc', next: null } }, 'has hiddenStamp {"id":"abc","next":null}, not {id: 32 hex digits or null, next: 32 hex digits or null}'],
+      [{ ...base(), hiddenStamp: { id: null } }, 'has hiddenStamp {"id":null}, not {id: 32 hex digits'],
+      [{ ...base(), checkpointSent: 0 }, 'has checkpointSent 0, not a checkpoint number (a positive integer) or null'],
+      [{ ...base(), checkpointSent: '3' }, 'has checkpointSent "3", not a checkpoint number'],
     ];
     for (const [content, message] of cases) {
       await writeFile(path, typeof content === 'string' ? content : JSON.stringify(content));
