@@ -384,10 +384,9 @@ export class HeartbeatService {
     if (beat.incarnation >= this.peerV2.incarnation) {
       const v2 = beat.exports !== undefined || beat.capable === true;
       if (v2 !== this.peerV2.v2) this.log('info', `heartbeat: peer "${this.options.peer}" ${v2 ? 'decodes beat version 2: this node sends version 2 (an export list)' : 'decodes beat version 1 only: this node sends version 1'}`);
-      if (beat.incarnation > this.peerV2.incarnation) this.peerOutdated.clear();
       this.peerV2 = { incarnation: beat.incarnation, v2 };
     }
-    if (beat.exports === undefined || beat.incarnation < this.peerV2.incarnation) return;
+    if (beat.exports === undefined) return;
     for (const e of beat.exports) {
       if (!e.outdated) {
         this.peerOutdated.delete(e.name);
