@@ -9,7 +9,7 @@ export const EVENT_NAMES: readonly string[] = [
   'bitmap-merged', 'bitmap-removed', 'cbw-failed', 'checkpoint', 'checkpoint-failed', 'connection', 'demoted', 'disconnect',
   'failover-deferred', 'failover-done', 'failover-failed', 'failover-started', 'fence', 'heartbeat-paths-down', 'heartbeat-paths-up', 'io-resumed', 'io-suspended',
   'job-cancelled', 'job-completed', 'job-copy-mode', 'job-error', 'job-ready', 'job-status-change', 'lease-acquired',
-  'lease-lost', 'pair-refused', 'peer-alive', 'peer-dead', 'peer-suspect', 'primary-io-error', 'refused', 'reload',
+  'lease-lost', 'pair-refused', 'peer-alive', 'peer-dead', 'peer-outdated', 'peer-suspect', 'primary-io-error', 'refused', 'reload',
   'replication-congested', 'replication-connected', 'replication-degraded', 'replication-plain', 'replication-uncongested',
   'restore-point-lost', 'resync-done', 'resync-started', 'salvage', 'secondary-failed', 'shutdown', 'split-brain', 'tls-expiry',
 ];

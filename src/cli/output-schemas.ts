@@ -203,6 +203,7 @@ export const EVENT_SCHEMAS = {
   'peer-dead': ev('peer-dead', peerEvent, 'heartbeat: the peer is silent past the limit'),
   'heartbeat-paths-down': ev('heartbeat-paths-down', { peer: z.string(), paths: z.array(pathView), link: linkView }, 'heartbeat: every heartbeat path is dead but the peer answers on the pair link (not declared dead)'),
   'heartbeat-paths-up': ev('heartbeat-paths-up', { peer: z.string(), paths: z.array(pathView), link: linkView }, 'heartbeat: a heartbeat path is heard again after heartbeat-paths-down'),
+  'peer-outdated': ev('peer-outdated', { peer: z.string(), export: z.string(), generation: z.string(), incarnation: z.string() }, 'heartbeat: a paired export of the peer reports its disk Outdated (beat version 2)'),
   'lease-acquired': ev('lease-acquired', { key: z.string(), revision: int, ttlS: z.number() }, 'heartbeat-etcd: this node holds the lease'),
   'lease-lost': ev('lease-lost', { key: z.string(), reason: z.string() }, 'heartbeat-etcd: the lease is gone'),
   'io-suspended': ev('io-suspended', { reason: z.string() }, 'writes are held (quorum lost)'),

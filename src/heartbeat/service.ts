@@ -10,7 +10,7 @@
 import { BlkrepError, toBlkrepError } from '../api/errors.js';
 import type { HeartbeatPath, HeartbeatReport } from '../api/heartbeat.js';
 import type { HeartbeatBackend, HeartbeatRegistry } from '../api/transport.js';
-import { decodeBeat, encodeBeat, ReplayGuard, type Beat, type RejectReason } from './beat.js';
+import { decodeBeat, encodeBeat, fitExports, ReplayGuard, type Beat, type BeatExport, type RejectReason } from './beat.js';
 import type { PathState } from './detector.js';
 import { PeerMonitor, type DetectorSpec, type PathView, type PeerEvent } from './monitor.js';
 
@@ -32,6 +32,18 @@ export interface HeartbeatServiceOptions {
   generation?: () => string;
   /** is this node primary now (announced in every beat) */
   primary?: () => boolean;
+  /**
+   * This node's paired exports, each with its generation and flags (beat version 2, sent once the
+   * peer says it decodes it). Absent: an empty list.
+   */
+  exports?: () => BeatExport[];
+  /**
+   * A paired export of the peer reports Outdated (flag bit 0 of its entry in a version 2 beat):
+   * called once when it first says so, and again when it says so at another generation. On a
+   * primary: its secondary for `export` confirmed it is Outdated at `generation` (--fencing
+   * resource-and-stonith may resume writes on it).
+   */
+  onPeerOutdated?: (e: PeerOutdated) => void;
   /** every accepted signed beat of the peer, after it counted (the fencing token, the role) */
   onPeerBeat?: (beat: Beat) => void;
   /**
@@ -50,6 +62,25 @@ export interface HeartbeatServiceOptions {
   log?: HeartbeatLog;
   /** called on every peer transition, after it is published */
   onPeerEvent?: (event: PeerEvent) => void;
+}
+
+/** a paired export of the peer reports Outdated (onPeerOutdated, event peer-outdated) */
+export interface PeerOutdated {
+  peer: string;
+  /** the pair's export name (the secondary's replica export) */
+  export: string;
+  /** the peer's generation for it */
+  generation: string;
+  /** the peer's incarnation that said it */
+  incarnation: string;
+}
+
+/** a paired export of the peer, as its last version 2 beat announced it */
+export interface PeerExportStatus {
+  name: string;
+  generation: string;
+  outdated: boolean;
+  primary: boolean;
 }
 
 export interface HeartbeatPathStatus {
@@ -84,8 +115,16 @@ export interface HeartbeatStatus {
   /** this node's incarnation and beats sent */
   incarnation: string;
   sent: number;
-  /** what the peer last announced (null before its first signed beat) */
-  peerAnnounced: { incarnation: string; epoch: string; generation: string; primary: boolean } | null;
+  /**
+   * what the peer last announced (null before its first signed beat): `generation` is its first
+   * paired export's; `version` the beat's version; `exports` its paired exports (version 2; null
+   * from a version 1 beat)
+   */
+  peerAnnounced: { incarnation: string; epoch: string; generation: string; primary: boolean; version: 1 | 2; exports: PeerExportStatus[] | null } | null;
+  /** the beat version this node sends now: 1 until the peer says it decodes 2 */
+  beatVersion: 1 | 2;
+  /** this node's exports its beats leave out (a name too long, the 256-byte frame full), with why */
+  exportsLeftOut: Array<{ name: string; why: string }>;
   paths: HeartbeatPathStatus[];
   /** the pair link's path (pings answered on it), null without a pair link to ping */
   link: { state: PathState; lastBeatAgoMs: number | null; pings: number; pongs: number } | null;
@@ -142,6 +181,12 @@ export class HeartbeatService {
   private pongs = 0;
   /** the heartbeat paths were said down while the link answered (heartbeat-paths-down) */
   private pathsDown = false;
+  /** does the peer decode version 2, by its latest incarnation heard (beat.ts: versions) */
+  private peerV2: { incarnation: bigint; v2: boolean } = { incarnation: -1n, v2: false };
+  /** the peer's exports that reported Outdated, by name: the generation they said it at */
+  private readonly peerOutdated = new Map<string, string>();
+  private leftOut: Array<{ name: string; why: string }> = [];
+  private leftOutSaid = '';
 
   private constructor(private readonly options: HeartbeatServiceOptions) {
     this.clock = options.clock ?? (() => performance.now());
@@ -255,9 +300,27 @@ export class HeartbeatService {
     this.options.onLinkHeard?.();
   };
 
+  /** the version this node sends: 2 once the peer's latest incarnation said it decodes it */
+  get beatVersion(): 1 | 2 {
+    return this.peerV2.v2 ? 2 : 1;
+  }
+
+  /** this node's exports for a version 2 beat: those that fit (the others said once) */
+  private beatExports(): BeatExport[] {
+    const { fit, left } = fitExports(this.options.self, this.options.exports?.() ?? []);
+    this.leftOut = left;
+    const said = left.map((l) => l.name).join('\0');
+    if (said !== this.leftOutSaid) {
+      this.leftOutSaid = said;
+      if (left.length > 0) this.log('warn', `heartbeat: the beats leave out ${left.map((l) => `export "${l.name.slice(0, 80)}" (${l.why})`).join(', ')}: the peer hears no generation for them`);
+    }
+    return fit;
+  }
+
   private beat(): void {
     if (this.stopped) return;
     this.seq++;
+    const v2 = this.peerV2.v2;
     const frame = encodeBeat(
       {
         node: this.options.self,
@@ -266,6 +329,8 @@ export class HeartbeatService {
         epoch: this.options.epoch?.() ?? 0n,
         generation: this.options.generation?.() ?? '0000000000000000',
         ...(this.options.primary?.() ? { primary: true } : {}),
+        // version 1 says this node decodes 2 (flag bit 2); version 2 carries the export list
+        ...(v2 ? { exports: this.beatExports() } : { capable: true }),
       },
       this.options.key,
     );
@@ -307,7 +372,33 @@ export class HeartbeatService {
 
   private announce(beat: Beat): void {
     this.peerBeat = beat;
-    this.peerAnnounced = { incarnation: beat.incarnation.toString(), epoch: beat.epoch.toString(), generation: beat.generation, primary: beat.primary === true };
+    this.peerAnnounced = {
+      incarnation: beat.incarnation.toString(),
+      epoch: beat.epoch.toString(),
+      generation: beat.generation,
+      primary: beat.primary === true,
+      version: beat.exports === undefined ? 1 : 2,
+      exports: beat.exports?.map((e) => ({ name: e.name, generation: e.generation, outdated: e.outdated === true, primary: e.primary === true })) ?? null,
+    };
+    // the version to send follows the peer's latest incarnation (an older beat on a slower path says nothing)
+    if (beat.incarnation >= this.peerV2.incarnation) {
+      const v2 = beat.exports !== undefined || beat.capable === true;
+      if (v2 !== this.peerV2.v2) this.log('info', `heartbeat: peer "${this.options.peer}" ${v2 ? 'decodes beat version 2: this node sends version 2 (an export list)' : 'decodes beat version 1 only: this node sends version 1'}`);
+      this.peerV2 = { incarnation: beat.incarnation, v2 };
+    }
+    if (beat.exports === undefined) return;
+    for (const e of beat.exports) {
+      if (!e.outdated) {
+        this.peerOutdated.delete(e.name);
+        continue;
+      }
+      if (this.peerOutdated.get(e.name) === e.generation) continue;
+      this.peerOutdated.set(e.name, e.generation);
+      const fields: PeerOutdated = { peer: this.options.peer, export: e.name, generation: e.generation, incarnation: beat.incarnation.toString() };
+      this.log('info', `heartbeat: peer "${this.options.peer}" reports its disk of export "${e.name}" Outdated at generation ${e.generation}`);
+      this.options.publish?.('peer-outdated', { ...fields });
+      this.options.onPeerOutdated?.(fields);
+    }
   }
 
   private reject(slot: PathSlot, reason: RejectReason, detail: string, from: string): void {
@@ -348,6 +439,8 @@ export class HeartbeatService {
       incarnation: this.incarnation.toString(),
       sent: Number(this.seq),
       peerAnnounced: this.peerAnnounced,
+      beatVersion: this.beatVersion,
+      exportsLeftOut: this.leftOut.map((l) => ({ ...l })),
       link: this.linkIndex === undefined ? null : { ...roundLink(views[this.linkIndex]!), pings: this.pings, pongs: this.pongs },
       paths: this.slots.map((s, i) => {
         const v = views[i]!;

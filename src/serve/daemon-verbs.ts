@@ -41,6 +41,7 @@ export const DAEMON_EVENTS: ReadonlyArray<{ name: string; fields: string }> = [
   { name: 'peer-dead', fields: 'every heartbeat path and the pair link are silent past their bound: peer, from, silentMs, paths, link' },
   { name: 'heartbeat-paths-down', fields: 'every heartbeat path is dead but the peer answers pings on the pair link, so it is not declared dead: peer, paths, link {state, lastBeatAgoMs}' },
   { name: 'heartbeat-paths-up', fields: 'a heartbeat path is heard again after heartbeat-paths-down: peer, paths, link' },
+  { name: 'peer-outdated', fields: 'a paired export of the heartbeat peer reports its disk Outdated (beat version 2; once, and again at another generation): peer, export, generation, incarnation' },
   { name: 'fence', fields: 'the fence hook ran (--auto-failover): peer, verdict, exitCode, signal, proceed, durationMs' },
   { name: 'auto-failover', fields: 'automatic failover after a peer death: peer, failedOver, fence, code, reason' },
   { name: 'failover-deferred', fields: 'automatic failover waits for the checkpoint in flight to commit: peer, checkpoint' },

@@ -26,11 +26,11 @@ import { ExportStack, type Slot } from './export-stack.js';
 import { NbdServer, type Logger, type ServerStatus } from '../nbd/server.js';
 import { checkExportName } from '../util/names.js';
 import { replaceFile } from '../util/safe-file.js';
-import { HeartbeatService, type HeartbeatServiceOptions, type HeartbeatStatus } from '../heartbeat/service.js';
+import { HeartbeatService, type HeartbeatServiceOptions, type HeartbeatStatus, type PeerOutdated } from '../heartbeat/service.js';
 import { AutoFailover } from '../heartbeat/auto-failover.js';
 import { describeFence, runFenceHook } from '../heartbeat/fence.js';
 import { IoFence, IoFenceFilter, type FencingPolicy, type IoFenceStatus, type OnNoQuorum } from '../heartbeat/io-fence.js';
-import type { Beat } from '../heartbeat/beat.js';
+import type { Beat, BeatExport } from '../heartbeat/beat.js';
 import type { PeerEvent } from '../heartbeat/monitor.js';
 import { PrimaryRole } from '../pair/primary.js';
 import { EtcdLease, type EtcdTarget, type LeaseStatus } from '../heartbeat/etcd-lease.js';
@@ -671,6 +671,10 @@ export class Daemon {
       epoch,
       generation,
       primary: () => this.isPrimary(),
+      exports: () => this.beatExports(),
+      onPeerOutdated: (e) => {
+        for (const l of this.peerOutdatedListeners) l({ ...e, local: this.localExportOf(e.export) });
+      },
       registry,
       publish,
       log,
@@ -693,6 +697,40 @@ export class Daemon {
 
   private firstRole(): PairRole | undefined {
     return this.pair.values().next().value;
+  }
+
+  /**
+   * A pair's name in the beats (beat.ts, version 2): the name the pair link uses, the secondary's
+   * replica export: a primary's `replicate` URI's export name, a secondary's own export name.
+   */
+  private pairName(local: string, role: PairRole): string {
+    return role instanceof PrimaryRole ? role.uri.exportName : local;
+  }
+
+  /** this node's local export whose pair is named `name` in the beats (undefined: none) */
+  private localExportOf(name: string): string | undefined {
+    for (const [local, role] of this.pair) if (this.pairName(local, role) === name) return local;
+    return undefined;
+  }
+
+  /** this node's paired exports as a version 2 beat lists them: the pair's name, the generation, Outdated, primary */
+  private beatExports(): BeatExport[] {
+    return [...this.pair].map(([local, role]) => {
+      const st = role.status();
+      return { name: this.pairName(local, role), generation: st.gi.current, ...(st.diskState === 'Outdated' ? { outdated: true } : {}), ...(role.role === 'primary' ? { primary: true } : {}) };
+    });
+  }
+
+  private readonly peerOutdatedListeners: Array<(e: PeerOutdated & { local: string | undefined }) => void> = [];
+
+  /**
+   * Be told when a paired export of the heartbeat peer reports its disk Outdated (beat version 2,
+   * the event peer-outdated): on a primary, the secondary of the pair `e.export` (this node's
+   * export `e.local`) confirmed at generation `e.generation` that it is Outdated, so a primary
+   * frozen by --fencing resource-and-stonith may resume that export's writes.
+   */
+  whenPeerOutdated(listener: (e: PeerOutdated & { local: string | undefined }) => void): void {
+    this.peerOutdatedListeners.push(listener);
   }
 
   private isPrimary(): boolean {
@@ -773,8 +811,7 @@ export class Daemon {
   private onPeerBeat(beat: Beat, peer: string): void {
     const primarySeen = beat.primary && beat.epoch > this.primarySeen ? beat.epoch : this.primarySeen;
     if (beat.epoch > this.peerTerm || primarySeen !== this.primarySeen) this.saveTerms({ seen: beat.epoch > this.peerTerm ? beat.epoch : this.peerTerm, primarySeen });
-    // the beat's generation is the peer's first export's (startHeartbeat's `generation`): compared with this node's first
-    this.firstRole()?.peerBeat?.({ generation: beat.generation, primary: beat.primary === true });
+    this.peerBeatToRoles(beat);
     const fence = this.ioFence;
     if (!fence) return;
     if (beat.primary && this.isPrimary() && beat.epoch > this.currentTerm()) {
@@ -783,6 +820,27 @@ export class Daemon {
     }
     // a beat read just after a stall may have been sent before it: it gives no quorum back (stall guard)
     if (!Number.isFinite(this.quorumMs) || this.quorate()) fence.quorumBack();
+  }
+
+  /**
+   * A peer's beat to the pair roles it speaks for. Version 2: each role hears its own pair's entry
+   * (by the pair's name; several entries of that name: the one at this disk's generation, else
+   * none, as nothing tells them apart). Version 1 (a peer not upgraded yet): the header's
+   * generation is the peer's first export's, given to this node's first role, as before.
+   */
+  private peerBeatToRoles(beat: Beat): void {
+    const entries = beat.exports;
+    if (entries === undefined) {
+      this.firstRole()?.peerBeat?.({ generation: beat.generation, primary: beat.primary === true });
+      return;
+    }
+    for (const [local, role] of this.pair) {
+      if (!role.peerBeat) continue;
+      const name = this.pairName(local, role);
+      const named = entries.filter((e) => e.name === name);
+      const entry = named.length === 1 ? named[0] : named.find((e) => e.generation === role.status().gi.current);
+      if (entry) role.peerBeat({ generation: entry.generation, primary: entry.primary === true });
+    }
   }
 
   /** --fencing on a primary whose peer is dead: resource-and-stonith freezes writes until the hook confirms or resume-io. */

@@ -52,7 +52,7 @@ describe('beat frame', () => {
       ['empty', Buffer.alloc(0)],
       ['short', frame.subarray(0, 50)],
       ['magic', Buffer.concat([Buffer.from('XXXX'), frame.subarray(4)])],
-      ['version', Buffer.from(frame).fill(2, 4, 5)],
+      ['version', Buffer.from(frame).fill(3, 4, 5)],
       ['trailing byte', Buffer.concat([frame, Buffer.from([0])])],
       ['id length 0', Buffer.from(frame).fill(0, 6, 7)],
     ];

@@ -28,7 +28,7 @@ const EVENTS = ['peer-alive', 'peer-suspect', 'peer-dead', 'fence', 'failover-de
 
 interface Status {
   exports: Array<{ name: string; pair?: { role: string; epoch: number; gi: { current: string }; secondary?: { checkpointing: number | null } } }>;
-  heartbeat: { state: string; term: string; io: { state: string } | null; peerAnnounced: { epoch: string; generation: string; primary: boolean } | null; paths: Array<{ uri: string; beats: number; state: string }> };
+  heartbeat: { state: string; term: string; io: { state: string } | null; beatVersion?: number; peerAnnounced: { epoch: string; generation: string; primary: boolean; version?: number; exports?: unknown } | null; paths: Array<{ uri: string; beats: number; state: string }> };
 }
 
 const status = (control: string): Promise<Status> => request<Status>(control, 'status');
@@ -135,9 +135,14 @@ describe('automatic failover with the pair (two daemons, udp heartbeat)', () => 
       // the beats carry the primary's term (1) and its generation, and say it is primary
       const pGi = (await pairOf(pair.pCtl)).gi.current;
       const sHb = (await status(pair.sCtl)).heartbeat;
-      expect(sHb.peerAnnounced).toEqual({ incarnation: expect.any(String), epoch: '1', generation: pGi, primary: true });
+      // (beat version 1 or 2: each node sends 2 once it heard the other say it decodes it)
+      expect(sHb.peerAnnounced).toMatchObject({ incarnation: expect.any(String), epoch: '1', generation: pGi, primary: true });
       await waitFor(async () => (await status(pair.pCtl)).heartbeat.peerAnnounced !== null, "the primary to hear the secondary's first signed beat");
       expect((await status(pair.pCtl)).heartbeat).toMatchObject({ term: '1', peerAnnounced: { epoch: '0', primary: false } });
+      // version 2 both ways: the pair's entry, named by the replica export ("", the default), at each side's generation
+      await waitFor(async () => (await status(pair.sCtl)).heartbeat.peerAnnounced?.version === 2 && (await status(pair.pCtl)).heartbeat.peerAnnounced?.version === 2, 'beat version 2 both ways');
+      expect((await status(pair.sCtl)).heartbeat).toMatchObject({ beatVersion: 2, peerAnnounced: { epoch: '1', generation: pGi, primary: true, exports: [{ name: '', generation: pGi, outdated: false, primary: true }] } });
+      expect((await status(pair.pCtl)).heartbeat).toMatchObject({ beatVersion: 2, peerAnnounced: { exports: [{ name: '', generation: pGi, outdated: false, primary: false }] } });
 
       const pc = await client(pair.pSock);
       await pc.write(0, Buffer.alloc(SIZE, 0x11));

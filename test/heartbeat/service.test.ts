@@ -7,8 +7,9 @@
 import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
 import type { HeartbeatBackend, HeartbeatPath, HeartbeatReport } from '../../src/api/index.js';
 import { Heartbeats } from '../../src/engine/registry.js';
-import { encodeBeat } from '../../src/heartbeat/beat.js';
-import { HeartbeatService } from '../../src/heartbeat/service.js';
+import { decodeBeat, encodeBeat, type BeatExport } from '../../src/heartbeat/beat.js';
+import { HeartbeatService, type PeerOutdated } from '../../src/heartbeat/service.js';
+import * as v1 from './fixtures/beat-v1.js';
 
 /** bus:NAME paths deliver to the other paths on NAME whose node is their peer; `tap` sees every frame. */
 function busBackend(tap: Array<{ from: string; frame: Buffer }> = []): { backend: HeartbeatBackend; inject(channel: string, to: string, frame: Buffer): void } {
@@ -173,7 +174,96 @@ describe('heartbeat service', () => {
     const st = b.status();
     expect(st.paths[0]!.beats).toBe(1);
     expect(st.paths[0]!.rejected).toMatchObject({ replay: 1, 'unknown-node': 1 });
-    expect(st.peerAnnounced).toEqual({ incarnation: '1', epoch: '3', generation: '00000000000000ab', primary: false });
+    expect(st.peerAnnounced).toEqual({ incarnation: '1', epoch: '3', generation: '00000000000000ab', primary: false, version: 1, exports: null });
+  });
+
+  /** the version byte of each frame `from` sent, in order */
+  const versions = (tap: Array<{ from: string; frame: Buffer }>, from: string): number[] => tap.filter((t) => t.from === from).map((t) => t.frame[4]!);
+
+  it('beat versions: a version 2 node sends version 1 (bit 2 set) until the peer says it decodes 2; an old peer keeps it at 1, and a peer restarted old brings it back to 1', async () => {
+    const registry = new Heartbeats();
+    const tap: Array<{ from: string; frame: Buffer }> = [];
+    const bus = busBackend(tap);
+    registry.register('bus', () => bus.backend);
+    const b = await HeartbeatService.start({ uris: ['bus:v'], registry, self: 'beta', peer: 'alpha', key: KEY, intervalMs: 100, detector: fixed, exports: () => [{ name: 'x', generation: '000000000000000b' }] });
+    services.push(b);
+    // alpha is a version 1 node (session 15's encoder): beta hears it and keeps sending version 1
+    for (let seq = 1n; seq <= 10n; seq++) {
+      bus.inject('v', 'beta', v1.encodeBeat({ node: 'alpha', incarnation: 10n, seq, epoch: 1n, generation: '000000000000000a', primary: true }, KEY));
+      await vi.advanceTimersByTimeAsync(100);
+    }
+    expect(b.status()).toMatchObject({ state: 'alive', beatVersion: 1, peerAnnounced: { version: 1, exports: null, generation: '000000000000000a', primary: true } });
+    const sent = tap.filter((t) => t.from === 'beta');
+    expect(sent.length).toBeGreaterThanOrEqual(10);
+    expect(new Set(versions(tap, 'beta'))).toEqual(new Set([1]));
+    // what it sends, the old node decodes (flag bit 2 is ignored there)
+    for (const t of sent) expect(v1.decodeBeat(t.frame, KEY)).toMatchObject({ ok: true, beat: { node: 'beta' } });
+    // alpha upgraded (a later incarnation, a version 1 frame with bit 2): beta sends version 2 from its next beat
+    bus.inject('v', 'beta', encodeBeat({ node: 'alpha', incarnation: 20n, seq: 1n, epoch: 1n, generation: '000000000000000a', primary: true, capable: true }, KEY));
+    tap.length = 0;
+    await vi.advanceTimersByTimeAsync(300);
+    expect(new Set(versions(tap, 'beta'))).toEqual(new Set([2]));
+    expect(decodeBeat(tap[0]!.frame, KEY)).toMatchObject({ ok: true, beat: { exports: [{ name: 'x', generation: '000000000000000b' }] } });
+    expect(b.status().beatVersion).toBe(2);
+    // alpha rolled back (a later incarnation, the old encoder): version 1 again
+    bus.inject('v', 'beta', v1.encodeBeat({ node: 'alpha', incarnation: 30n, seq: 1n, epoch: 1n, generation: '000000000000000a' }, KEY));
+    tap.length = 0;
+    await vi.advanceTimersByTimeAsync(300);
+    expect(new Set(versions(tap, 'beta'))).toEqual(new Set([1]));
+    // a late beat of the upgraded incarnation (a slow path) does not switch it back
+    bus.inject('v', 'beta', encodeBeat({ node: 'alpha', incarnation: 20n, seq: 2n, epoch: 1n, generation: '000000000000000a', capable: true }, KEY));
+    tap.length = 0;
+    await vi.advanceTimersByTimeAsync(300);
+    expect(new Set(versions(tap, 'beta'))).toEqual(new Set([1]));
+  });
+
+  it('two version 2 nodes switch to version 2 and hear each other\'s exports; an Outdated export is said once per generation (peer-outdated)', async () => {
+    const registry = new Heartbeats();
+    const tap: Array<{ from: string; frame: Buffer }> = [];
+    const bus = busBackend(tap);
+    registry.register('bus', () => bus.backend);
+    const events: Array<[string, Record<string, unknown>]> = [];
+    const outdated: PeerOutdated[] = [];
+    let secondary: BeatExport[] = [{ name: 'b', generation: '00000000000000b1' }];
+    const primary = await HeartbeatService.start({
+      uris: ['bus:p'],
+      registry,
+      self: 'alpha',
+      peer: 'beta',
+      key: KEY,
+      intervalMs: 100,
+      detector: fixed,
+      exports: () => [{ name: 'a', generation: '00000000000000a1', primary: true }, { name: 'b', generation: '00000000000000b2', primary: true }],
+      publish: (event, fields) => events.push([event, fields]),
+      onPeerOutdated: (e) => outdated.push(e),
+    });
+    services.push(primary);
+    const sec = await HeartbeatService.start({ uris: ['bus:p'], registry, self: 'beta', peer: 'alpha', key: KEY, intervalMs: 100, detector: fixed, exports: () => secondary });
+    services.push(sec);
+    await vi.advanceTimersByTimeAsync(500);
+    // each sends version 1 until it heard the other's first beat, then version 2
+    expect(versions(tap, 'alpha')[0]).toBe(1);
+    expect(versions(tap, 'alpha').slice(-3)).toEqual([2, 2, 2]);
+    expect(versions(tap, 'beta').slice(-3)).toEqual([2, 2, 2]);
+    expect(sec.status().peerAnnounced).toMatchObject({
+      version: 2,
+      exports: [
+        { name: 'a', generation: '00000000000000a1', outdated: false, primary: true },
+        { name: 'b', generation: '00000000000000b2', outdated: false, primary: true },
+      ],
+    });
+    expect(outdated).toEqual([]);
+    // the secondary of b marks itself Outdated: the primary hears it once, not on every beat
+    secondary = [{ name: 'b', generation: '00000000000000b1', outdated: true }];
+    await vi.advanceTimersByTimeAsync(1_000);
+    const incarnation = sec.status().incarnation;
+    expect(outdated).toEqual([{ peer: 'beta', export: 'b', generation: '00000000000000b1', incarnation }]);
+    expect(events.filter(([e]) => e === 'peer-outdated')).toEqual([['peer-outdated', { peer: 'beta', export: 'b', generation: '00000000000000b1', incarnation }]]);
+    expect(primary.status().peerAnnounced!.exports).toEqual([{ name: 'b', generation: '00000000000000b1', outdated: true, primary: false }]);
+    // at another generation: said again
+    secondary = [{ name: 'b', generation: '00000000000000b3', outdated: true }];
+    await vi.advanceTimersByTimeAsync(500);
+    expect(outdated.map((e) => e.generation)).toEqual(['00000000000000b1', '00000000000000b3']);
   });
 
   it('refuses bad configuration with coded errors before anything starts', async () => {
