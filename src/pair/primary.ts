@@ -120,6 +120,17 @@ export interface PrimaryOptions {
   handOff?: HandOff;
   /** the start failed on a refusal a retry cannot fix: the role's last status, taken before it closed */
   onStartFailed?: (status: PairStatus) => void;
+  /**
+   * The data link was lost while forwarding (a forward failed, the link closed, the secondary
+   * stopped replying, the peer was promoted): called synchronously from the degrade, before any
+   * write whose forward was cut completes to its client (--fencing resource-and-stonith freezes
+   * here). Not for a degrade asked for (failover, stopping) nor async pull-ahead's queue-full
+   * (the link is up and busy), nor a loss during a resync (the secondary already heard this
+   * node's new generation in the hello).
+   */
+  onLinkLost?: (reason: string) => void;
+  /** The link is back: hello and welcome done, the resync started (the secondary knows this node's generation). */
+  onLinkBack?: () => void;
 }
 
 /** a split brain the secondary refused the link for (status `splitBrain`, link `split-brain`) */
@@ -485,6 +496,7 @@ export class PrimaryRole implements PairRole {
     this.link = 'resyncing';
     this.publish('resync-started', { export: this.options.exportName, peer: this.uri.uri, bytes, full, ...(resume ? { resumed: true } : {}) });
     if (resume) this.log('info', `replicating export "${this.options.exportName}": the full resync to ${this.uri.uri} resumes: ${bytes} bytes left`);
+    this.options.onLinkBack?.();
     const started = since;
     let job: MirrorJob;
     try {
@@ -614,6 +626,7 @@ export class PrimaryRole implements PairRole {
     this.data = undefined;
     void data?.close().catch(() => {});
     this.publish('replication-degraded', { export: this.options.exportName, peer: this.uri.uri, reason, ...(error ? { code: error.code } : {}) });
+    if (wasConnected && reason !== 'failover' && reason !== 'queue-full') this.options.onLinkLost?.(reason);
     // a primary losing its peer starts a new generation (replication.md §5)
     if (wasConnected && reason !== 'failover' && reason !== 'stopping') void this.state.update((s) => ({ ...s, gi: mint(s.gi), diskState: 'UpToDate' })).catch(() => {});
     if (!this.stopped && reason !== 'failover') this.scheduleRetry(error);
