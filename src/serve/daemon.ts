@@ -818,7 +818,7 @@ export class Daemon {
   linkLost(exportName: string, reason: string): void {
     if (!this.fenceCtx) return;
     this.linksLost.add(exportName);
-    this.fencePeer('link-lost', `the data link of export "${exportName}" to peer "${this.fenceCtx.peer}" was lost (${reason})`);
+    this.fencePeer('link-lost', `the data link${exportName ? ` of export "${exportName}"` : ''} to peer "${this.fenceCtx.peer}" was lost (${reason})`);
   }
 
   /** The link is back (hello, welcome, resync started): once every lost one is, a fencing freeze is lifted (link-back). */
