@@ -255,7 +255,7 @@ export class PrimaryRole implements PairRole {
         else role.publish('replication-uncongested', { ...at, waits: info.waits, waitedMs: info.waitedMs, ms: info.ms });
       },
       peerBitmap: bitmap,
-      onDegraded: (reason, error) => role.onDegraded(reason, error),
+      onDegraded: (reason, error, from) => role.onDegraded(reason, error, from === 'forwarding'),
       // failure case 1 (replication.md §4): the client gets the disk's errno; the event says where
       onLocalError: (op, offset, length, error) =>
         role.publish('primary-io-error', { export: options.exportName, op, offset, length, code: error.code, ...(error.errno ? { errno: error.errno } : {}), message: error.message }),
@@ -614,7 +614,7 @@ export class PrimaryRole implements PairRole {
     return this.channel?.sendPing() ?? false;
   }
 
-  private onDegraded(reason: string, error: BlkrepError | undefined): void {
+  private onDegraded(reason: string, error: BlkrepError | undefined, wasForwarding = false): void {
     if (reason === 'starting' || reason === 'stopping') return;
     const wasConnected = this.link === 'connected';
     this.link = this.stopped ? 'none' : 'degraded';
@@ -626,7 +626,8 @@ export class PrimaryRole implements PairRole {
     this.data = undefined;
     void data?.close().catch(() => {});
     this.publish('replication-degraded', { export: this.options.exportName, peer: this.uri.uri, reason, ...(error ? { code: error.code } : {}) });
-    if (wasConnected && reason !== 'failover' && reason !== 'queue-full') this.options.onLinkLost?.(reason);
+    // forwarding, not only `connected`: from the resync's consistent instant on, writes are acknowledged as the secondary's
+    if (wasForwarding && reason !== 'failover' && reason !== 'queue-full') this.options.onLinkLost?.(reason);
     // a primary losing its peer starts a new generation (replication.md §5)
     if (wasConnected && reason !== 'failover' && reason !== 'stopping') void this.state.update((s) => ({ ...s, gi: mint(s.gi), diskState: 'UpToDate' })).catch(() => {});
     if (!this.stopped && reason !== 'failover') this.scheduleRetry(error);

@@ -687,7 +687,8 @@ export class Daemon {
     if (fencing && fencing.policy !== 'dont-care') this.fenceCtx = { fencing, node: service.self, peer: service.peer, uris: service.uris, epoch, publish, log };
     const onPeerEvent = (e: PeerEvent): void => {
       void auto?.onPeerEvent(e);
-      if (e.event === 'peer-dead') this.fencePeer('peer-dead', `peer "${service.peer}" is dead`);
+      // a peer dead after its data link was lost (the same outage: the link's loss fenced already) is not fenced again
+      if (e.event === 'peer-dead' && this.linksLost.size === 0) this.fencePeer('peer-dead', `peer "${service.peer}" is dead`);
     };
     this.heartbeat = await HeartbeatService.start({
       ...service,
@@ -831,8 +832,9 @@ export class Daemon {
    * --fencing on a primary whose peer is dead or whose data link was lost: resource-and-stonith
    * freezes writes (and holds the acknowledgement of those in flight) until the hook confirms (4, 7),
    * the link is back, the peer confirms it is Outdated, or resume-io; resource-only runs the hook
-   * alone. One hook at a time: a cause that comes while it runs freezes (if not frozen) and waits
-   * for its verdict.
+   * alone. Once per loss: a peer dead after its link was lost is the same outage (not fenced again
+   * until the link came back); and one hook at a time: a cause that comes while it runs freezes
+   * (if not frozen) and waits for its verdict.
    */
   private fencePeer(cause: 'peer-dead' | 'link-lost', why: string): void {
     const c = this.fenceCtx;

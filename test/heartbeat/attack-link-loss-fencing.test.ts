@@ -24,7 +24,7 @@ import { makeTempDir, run, serve, start, unixUri, waitFor, type Started } from '
 const KiB = 1024;
 const SIZE = 4 << 20;
 const P_EVENTS = ['replication-degraded', 'replication-connected', 'io-suspended', 'io-resumed', 'fence', 'peer-dead', 'demoted'];
-const S_EVENTS = ['peer-suspect', 'peer-dead', 'fence', 'failover-started', 'failover-done', 'failover-failed', 'auto-failover', 'demoted'];
+const S_EVENTS = ['peer-alive', 'peer-suspect', 'peer-dead', 'fence', 'failover-started', 'failover-done', 'failover-failed', 'auto-failover', 'demoted'];
 const sha = (b: Buffer): string => createHash('sha256').update(b).digest('hex');
 
 /** udp datagrams to `listen` go on to `target`, until closed */
@@ -144,7 +144,12 @@ describe('a sync primary with --fencing resource-and-stonith loses its data link
 
       // the secondary (Consistent: it never heard the new generation) fences and promotes checkpoint 2
       const done = await waitFor(() => ws.events.find((e) => e.event === 'auto-failover'), 'auto-failover on the secondary', { timeoutMs: 20_000 });
-      expect(names(ws)).toEqual(['peer-suspect', 'peer-dead', 'fence', 'failover-started', 'failover-done', 'auto-failover']);
+      // (on a loaded machine the secondary may go suspect and hear the primary again, on the link,
+      // between the heartbeat's cut and the link's: suspect/alive before the last suspect, nothing else)
+      const seen = names(ws);
+      const last = seen.lastIndexOf('peer-suspect');
+      expect(seen.slice(last)).toEqual(['peer-suspect', 'peer-dead', 'fence', 'failover-started', 'failover-done', 'auto-failover']);
+      expect(seen.slice(0, last).filter((n) => n !== 'peer-suspect' && n !== 'peer-alive')).toEqual([]);
       expect(done).toMatchObject({ peer: 'alpha', failedOver: true, fence: 'fenced', code: null });
       expect(ws.events.find((e) => e.event === 'failover-done')).toMatchObject({ epoch: 2 });
       // every write acknowledged by the primary is on the disk the secondary serves: checkpoint 2 exactly
