@@ -86,6 +86,8 @@ async function pair(dir: string, o: { relays: boolean }) {
       for (const c of cut) await c();
     },
     cutLink: () => x.stop('SIGKILL'),
+    /** the link's proxy stopped (SIGSTOP): what is sent on it stays in flight */
+    stallLink: () => void x.child.kill('SIGSTOP'),
     restoreLink: async () => {
       await rm(xSock, { force: true });
       x = await unixProxy(dir, xSock, sSock);
@@ -220,6 +222,39 @@ describe('a sync primary with --fencing resource-and-stonith loses its data link
       expect(await io(t.pCtl)).toMatchObject({ state: 'open', cause: null });
       expect((await readFile(join(dir, 'fence.log'), 'utf8')).trim().split('\n')).toEqual(['alpha fenced beta', 'alpha fenced beta', 'alpha fenced beta']);
     } finally {
+      await wp.client.close().catch(() => {});
+      await t.stopAll();
+    }
+  });
+
+  it('a write in flight when the link breaks (its forward cut): on the primary disk, not acknowledged until resume-io', async () => {
+    const dir = await makeTempDir();
+    await writeFile(join(dir, 'fence.exit'), '5');
+    const t = await pair(dir, { relays: false });
+    const wp = await watch(t.pCtl, P_EVENTS);
+    let w: Started | undefined;
+    try {
+      t.stallLink();
+      w = writer(t.pUri, 0x5e, 192 * KiB);
+      const inFlight = w;
+      // the local write done, the forward held in the stopped proxy
+      await waitFor(async () => (await readFile(join(dir, 'p.img'))).subarray(192 * KiB, 256 * KiB).equals(Buffer.alloc(64 * KiB, 0x5e)), 'the local write');
+      expect(exited(inFlight)).toBe(false);
+      expect(wp.events).toEqual([]);
+      await t.cutLink();
+      await waitFor(() => wp.events.find((e) => e.event === 'replication-degraded'), 'the primary to lose its link');
+      // completed below the gate (before: acknowledged here, on this disk alone), held at it
+      await waitFor(async () => exited(inFlight) || (await io(t.pCtl)).waiting === 1, 'the write held (or acknowledged)');
+      expect(exited(inFlight) ? `acknowledged, exit ${inFlight.child.exitCode}` : 'held').toBe('held');
+      expect(await io(t.pCtl)).toMatchObject({ state: 'suspended', cause: 'link-lost' });
+      await writeFile(join(dir, 'fence.go'), '');
+      await waitFor(() => wp.events.find((e) => e.event === 'fence'), 'the hook (exit 5)');
+      expect(exited(inFlight)).toBe(false);
+      expect(await request(t.pCtl, 'resume-io')).toEqual({ resumed: true, waiting: 1 });
+      expect((await inFlight.exited).code).toBe(0);
+      expect(names(wp)).toEqual(['replication-degraded', 'io-suspended', 'fence', 'io-resumed']);
+    } finally {
+      w?.child.kill('SIGKILL');
       await wp.client.close().catch(() => {});
       await t.stopAll();
     }
