@@ -16,7 +16,9 @@
  *
  * Link down (a forward failed, the queue overflowed, the link closed): the filter degraded
  * (writes set peer bits), event replication-degraded {reason}; reconnect with jittered
- * exponential backoff 100 ms × 2^k ≤ 10 s (±20 %), then resync as above.
+ * exponential backoff 100 ms × 2^k ≤ 10 s (±20 %), then resync as above. A loss while
+ * forwarding calls onLinkLost synchronously (the daemon's --fencing freezes there, before a write
+ * whose forward was cut completes to its client); the resync's start calls onLinkBack.
  *
  * Checkpoint N = epoch+1 (steps 1–3 and 8): the filter's cut (sync: hold writes; async: stop
  * sending after the cut) and both flushed; checkpoint{N} on the link; done → the epoch is
