@@ -10,7 +10,7 @@ export interface ResumeIoResult {
 export default class ResumeIo extends JobCommand {
   static override summary = "Let a primary's suspended writes go again (as drbdadm resume-io).";
 
-  static override description = `A primary daemon holds its writes (reads go on) when serve-nbd --fencing resource-and-stonith finds its peer dead and the fence hook has not confirmed (exit 4 "outdated" or 7 "fenced"), or when --on-no-quorum suspend-io finds neither the peer nor a witness heard within the bound. Run this once you know the peer cannot write (you powered it off, revoked its storage): the waiting writes go on, and quorum is not checked again until the peer is heard. Prints whether writes were suspended and how many were waiting (--json: {"resumed", "waiting"}); event io-resumed.
+  static override description = `A primary daemon holds its writes (reads go on) when serve-nbd --fencing resource-and-stonith finds its peer dead or loses its data link to it and the fence hook has not confirmed (exit 4 "outdated" or 7 "fenced") nor the link come back, or when --on-no-quorum suspend-io finds neither the peer nor a witness heard within the bound. Run this once you know the peer cannot write (you powered it off, revoked its storage): the waiting writes go on, and quorum is not checked again until the peer is heard. Prints whether writes were suspended and how many were waiting (--json: {"resumed", "waiting"}); event io-resumed.
 
 A primary whose peer took over (a beat announced it primary with a higher term) is demoted: its writes fail with EIO for good and this command refuses (ERR_DEMOTED); restart it as a secondary.
 

@@ -14,9 +14,14 @@
  *   interval, so it stops writing before the peer can declare it dead. Without quorum, writes
  *   wait (suspend-io) until a beat comes back or `resume-io`, or fail with EIO (io-error). Like
  *   corosync's wait_for_all, a primary that never heard its peer has no quorum.
- * - **Fencing** (`--fencing resource-and-stonith`): when the peer is dead, writes are frozen and
- *   the fence hook runs; they resume when the hook says 4 or 7, else stay frozen until
- *   `resume-io`. `resource-only` runs the hook and freezes nothing; `dont-care` does nothing.
+ * - **Fencing** (`--fencing resource-and-stonith`): when the peer is dead, or when the data link
+ *   to it is lost (DRBD: a primary losing its connection freezes I/O and calls fence-peer), writes
+ *   are frozen and the fence hook runs; they resume when the hook says 4 or 7, when the link is
+ *   back (`linkBack()`), when the peer confirms it is Outdated (`peerConfirmedOutdated()`), or on
+ *   `resume-io`. A frozen fence also holds the acknowledgement of every write that completes
+ *   while it is frozen (`holdsAcks`): a write forwarded when the link broke is on this disk only,
+ *   and its client hears nothing until the freeze is lifted. `resource-only` runs the hook and
+ *   freezes nothing; `dont-care` does nothing.
  *
  * Reads always pass: a demoted or frozen primary may still be read.
  */
@@ -30,6 +35,8 @@ export const FENCING_POLICIES: readonly FencingPolicy[] = ['dont-care', 'resourc
 export const ON_NO_QUORUM: readonly OnNoQuorum[] = ['suspend-io', 'io-error'];
 
 export type IoFenceState = 'open' | 'suspended' | 'demoted';
+/** why writes are held: no quorum, the peer dead (heartbeat) or the data link lost (--fencing) */
+export type IoSuspendCause = 'no-quorum' | 'peer-dead' | 'link-lost';
 
 export interface IoFenceOptions {
   /** true while this node may write as primary (false: not primary, the gate always passes) */
@@ -40,6 +47,11 @@ export interface IoFenceOptions {
   quorum: () => boolean;
   /** --lease: does this primary hold the etcd leader key before its local deadline (false: EIO) */
   lease?: () => boolean;
+  /**
+   * --fencing resource-and-stonith: a frozen fence holds the acknowledgement of writes that
+   * complete while it is frozen (IoFenceFilter); otherwise completions pass untouched
+   */
+  holdsAcks?: boolean;
   publish?: (event: string, fields: Record<string, unknown>) => void;
   log?: (level: 'info' | 'warn' | 'error', message: string) => void;
 }
@@ -48,6 +60,8 @@ export interface IoFenceStatus {
   state: IoFenceState;
   /** why writes are held or refused (null when open) */
   reason: string | null;
+  /** suspended: no-quorum, peer-dead or link-lost (null otherwise) */
+  cause: IoSuspendCause | null;
   /** writes waiting now */
   waiting: number;
   onNoQuorum: OnNoQuorum | null;
@@ -61,6 +75,7 @@ interface Waiter {
 export class IoFence {
   private stateNow: IoFenceState = 'open';
   private reasonNow: string | null = null;
+  private causeNow: IoSuspendCause | null = null;
   /** the suspension is for quorum only: a beat lifts it (a fencing freeze needs the hook or resume-io) */
   private quorumOnly = false;
   /** resume-io lifted a quorum suspension: quorum is not checked again until the peer is heard */
@@ -73,8 +88,29 @@ export class IoFence {
     return this.stateNow;
   }
 
+  /** --fencing resource-and-stonith: completions are held while frozen (fixed at construction) */
+  get holdsAcks(): boolean {
+    return this.options.holdsAcks === true;
+  }
+
+  /** a fencing freeze (not a quorum suspension) is on: the hook, the link, the peer or resume-io lifts it */
+  get frozen(): boolean {
+    return this.stateNow === 'suspended' && !this.quorumOnly;
+  }
+
+  /**
+   * A write (zero, trim, flush) completed below the gate: may its client hear it now? undefined:
+   * yes; otherwise a promise that resolves when the freeze is lifted, or rejects with EIO (demoted).
+   * Only a fencing freeze holds acknowledgements, and only with holdsAcks.
+   */
+  release(): Promise<void> | undefined {
+    if (this.stateNow === 'demoted') return Promise.reject(this.demotedError());
+    if (!this.frozen || !this.holdsAcks) return undefined;
+    return new Promise<void>((resolve, reject) => this.waiters.push({ resolve, reject }));
+  }
+
   status(): IoFenceStatus {
-    return { state: this.stateNow, reason: this.reasonNow, waiting: this.waiters.length, onNoQuorum: this.options.onNoQuorum ?? null };
+    return { state: this.stateNow, reason: this.reasonNow, cause: this.stateNow === 'suspended' ? this.causeNow : null, waiting: this.waiters.length, onNoQuorum: this.options.onNoQuorum ?? null };
   }
 
   /**
@@ -97,14 +133,21 @@ export class IoFence {
     return new Promise<void>((resolve, reject) => this.waiters.push({ resolve, reject }));
   }
 
-  /** Hold writes until resume() (or, for quorum, until the peer is heard: quorumBack()). */
-  suspend(reason: string, quorumOnly = false): void {
-    if (this.stateNow !== 'open') return;
+  /**
+   * Hold writes until resume() (or, for quorum, until the peer is heard: quorumBack()). `cause`
+   * (event io-suspended, status): no-quorum, peer-dead (--fencing, the heartbeat), link-lost
+   * (--fencing, the data link). A fencing freeze over a quorum suspension takes it over (a beat
+   * no longer lifts it); over a freeze, nothing changes.
+   */
+  suspend(reason: string, quorumOnly = false, cause: IoSuspendCause = quorumOnly ? 'no-quorum' : 'peer-dead'): void {
+    const upgrade = this.stateNow === 'suspended' && this.quorumOnly && !quorumOnly;
+    if (this.stateNow !== 'open' && !upgrade) return;
     this.stateNow = 'suspended';
     this.reasonNow = reason;
+    this.causeNow = cause;
     this.quorumOnly = quorumOnly;
     this.options.log?.('warn', `writes suspended: ${reason}`);
-    this.options.publish?.('io-suspended', { reason });
+    this.options.publish?.('io-suspended', { reason, cause });
   }
 
   /** A beat came: a suspension for quorum alone ends. */
@@ -113,7 +156,28 @@ export class IoFence {
     if (this.stateNow === 'suspended' && this.quorumOnly) this.resume('quorum');
   }
 
-  /** Let writes go again (resume-io, a fence hook that confirmed, quorum back). Refused when demoted. */
+  /**
+   * The data link to the peer is back (hello and welcome done; a resync may run): the peer has
+   * heard this node's new generation, so it cannot take over from its stale copy. Lifts a fencing
+   * freeze (link-back); a quorum suspension is the beats' to lift.
+   */
+  linkBack(): boolean {
+    if (!this.frozen) return false;
+    return this.resume('link-back').resumed;
+  }
+
+  /**
+   * The peer confirmed it is Outdated (it knows this primary went on without it and will not
+   * take over from its copy): lifts a fencing freeze (peer-outdated), as a fence hook exiting 4
+   * does. Called by the daemon (Daemon.peerOutdated) once the secondary of every lost link
+   * reports its disk Outdated in a version 2 beat.
+   */
+  peerConfirmedOutdated(): boolean {
+    if (!this.frozen) return false;
+    return this.resume('peer-outdated').resumed;
+  }
+
+  /** Let writes go again (resume-io, a fence hook that confirmed, quorum back, link back, peer outdated). Refused when demoted. */
   resume(by: string): { resumed: boolean; waiting: number } {
     if (this.stateNow === 'demoted') throw this.demotedError();
     if (this.stateNow === 'open') return { resumed: false, waiting: 0 };
@@ -122,6 +186,7 @@ export class IoFence {
     this.stateNow = 'open';
     const reason = this.reasonNow;
     this.reasonNow = null;
+    this.causeNow = null;
     this.quorumOnly = false;
     for (const w of this.waiters.splice(0)) w.resolve();
     this.options.log?.('info', `writes resumed (${by}; they were suspended: ${reason ?? 'no reason'}); ${waiting} waiting`);
@@ -150,31 +215,40 @@ export class IoFence {
 export class IoFenceFilter extends Filter {
   readonly driver = 'io-fence';
 
+  /** holdsAcks: a completion passes release() (held while frozen); else the promise as it is */
+  private readonly ack: ((p: Promise<void>) => Promise<void>) | undefined;
+
   constructor(
     next: BlockNode,
     private readonly fence: IoFence,
   ) {
     super(next);
+    const release = (): Promise<void> | undefined => fence.release();
+    this.ack = fence.holdsAcks ? (p) => p.then(release) : undefined;
   }
 
   override write(offset: number, data: Buffer, o?: WriteOptions): Promise<void> {
     const wait = this.fence.admit();
-    return wait === undefined ? this.next.write(offset, data, o) : wait.then(() => this.next.write(offset, data, o));
+    const p = wait === undefined ? this.next.write(offset, data, o) : wait.then(() => this.next.write(offset, data, o));
+    return this.ack ? this.ack(p) : p;
   }
 
   override writeZeroes(offset: number, length: number, o?: ZeroOptions): Promise<void> {
     const wait = this.fence.admit();
-    return wait === undefined ? this.next.writeZeroes(offset, length, o) : wait.then(() => this.next.writeZeroes(offset, length, o));
+    const p = wait === undefined ? this.next.writeZeroes(offset, length, o) : wait.then(() => this.next.writeZeroes(offset, length, o));
+    return this.ack ? this.ack(p) : p;
   }
 
   override trim(offset: number, length: number, o?: WriteOptions): Promise<void> {
     const wait = this.fence.admit();
-    return wait === undefined ? this.next.trim(offset, length, o) : wait.then(() => this.next.trim(offset, length, o));
+    const p = wait === undefined ? this.next.trim(offset, length, o) : wait.then(() => this.next.trim(offset, length, o));
+    return this.ack ? this.ack(p) : p;
   }
 
   override flush(o?: IoOptions): Promise<void> {
     const wait = this.fence.admit();
-    return wait === undefined ? this.next.flush(o) : wait.then(() => this.next.flush(o));
+    const p = wait === undefined ? this.next.flush(o) : wait.then(() => this.next.flush(o));
+    return this.ack ? this.ack(p) : p;
   }
 
   /** reads always pass: so does a range sent from the file */

@@ -89,6 +89,9 @@ export interface PrimaryHostOptions {
   transports?: TransportRegistry;
   publish?: PrimaryOptions['publish'];
   log?: PrimaryOptions['log'];
+  /** every role's data link lost while forwarding / back (--fencing on the daemon: PrimaryOptions.onLinkLost) */
+  onLinkLost?: (exportName: string, reason: string) => void;
+  onLinkBack?: (exportName: string) => void;
 }
 
 export class PrimaryHost {
@@ -151,6 +154,8 @@ export class PrimaryHost {
       ...(this.o.publish ? { publish: this.o.publish } : {}),
       ...(this.o.log ? { log: this.o.log } : {}),
       ...(handOff ? { handOff } : {}),
+      ...(this.o.onLinkLost ? { onLinkLost: (reason: string) => this.o.onLinkLost!(name, reason) } : {}),
+      ...(this.o.onLinkBack ? { onLinkBack: () => this.o.onLinkBack!(name) } : {}),
     }).catch((err: unknown) => {
       // refused (a split brain, …) after the old role was closed: the export stays in the pair's
       // status, with the refusal, and a later replicate takes over what the old role handed over

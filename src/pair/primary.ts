@@ -16,7 +16,9 @@
  *
  * Link down (a forward failed, the queue overflowed, the link closed): the filter degraded
  * (writes set peer bits), event replication-degraded {reason}; reconnect with jittered
- * exponential backoff 100 ms × 2^k ≤ 10 s (±20 %), then resync as above.
+ * exponential backoff 100 ms × 2^k ≤ 10 s (±20 %), then resync as above. A loss while
+ * forwarding calls onLinkLost synchronously (the daemon's --fencing freezes there, before a write
+ * whose forward was cut completes to its client); the resync's start calls onLinkBack.
  *
  * Checkpoint N = epoch+1 (steps 1–3 and 8): the filter's cut (sync: hold writes; async: stop
  * sending after the cut) and both flushed; checkpoint{N} on the link; done → the epoch is
@@ -120,6 +122,17 @@ export interface PrimaryOptions {
   handOff?: HandOff;
   /** the start failed on a refusal a retry cannot fix: the role's last status, taken before it closed */
   onStartFailed?: (status: PairStatus) => void;
+  /**
+   * The data link was lost while forwarding (a forward failed, the link closed, the secondary
+   * stopped replying, the peer was promoted): called synchronously from the degrade, before any
+   * write whose forward was cut completes to its client (--fencing resource-and-stonith freezes
+   * here). Not for a degrade asked for (failover, stopping) nor async pull-ahead's queue-full
+   * (the link is up and busy), nor a loss during a resync (the secondary already heard this
+   * node's new generation in the hello).
+   */
+  onLinkLost?: (reason: string) => void;
+  /** The link is back: hello and welcome done, the resync started (the secondary knows this node's generation). */
+  onLinkBack?: () => void;
 }
 
 /** a split brain the secondary refused the link for (status `splitBrain`, link `split-brain`) */
@@ -244,7 +257,7 @@ export class PrimaryRole implements PairRole {
         else role.publish('replication-uncongested', { ...at, waits: info.waits, waitedMs: info.waitedMs, ms: info.ms });
       },
       peerBitmap: bitmap,
-      onDegraded: (reason, error) => role.onDegraded(reason, error),
+      onDegraded: (reason, error, from) => role.onDegraded(reason, error, from === 'forwarding'),
       // failure case 1 (replication.md §4): the client gets the disk's errno; the event says where
       onLocalError: (op, offset, length, error) =>
         role.publish('primary-io-error', { export: options.exportName, op, offset, length, code: error.code, ...(error.errno ? { errno: error.errno } : {}), message: error.message }),
@@ -485,6 +498,7 @@ export class PrimaryRole implements PairRole {
     this.link = 'resyncing';
     this.publish('resync-started', { export: this.options.exportName, peer: this.uri.uri, bytes, full, ...(resume ? { resumed: true } : {}) });
     if (resume) this.log('info', `replicating export "${this.options.exportName}": the full resync to ${this.uri.uri} resumes: ${bytes} bytes left`);
+    this.options.onLinkBack?.();
     const started = since;
     let job: MirrorJob;
     try {
@@ -602,7 +616,7 @@ export class PrimaryRole implements PairRole {
     return this.channel?.sendPing() ?? false;
   }
 
-  private onDegraded(reason: string, error: BlkrepError | undefined): void {
+  private onDegraded(reason: string, error: BlkrepError | undefined, wasForwarding = false): void {
     if (reason === 'starting' || reason === 'stopping') return;
     const wasConnected = this.link === 'connected';
     this.link = this.stopped ? 'none' : 'degraded';
@@ -614,6 +628,8 @@ export class PrimaryRole implements PairRole {
     this.data = undefined;
     void data?.close().catch(() => {});
     this.publish('replication-degraded', { export: this.options.exportName, peer: this.uri.uri, reason, ...(error ? { code: error.code } : {}) });
+    // forwarding, not only `connected`: from the resync's consistent instant on, writes are acknowledged as the secondary's
+    if (wasForwarding && reason !== 'failover' && reason !== 'queue-full') this.options.onLinkLost?.(reason);
     // a primary losing its peer starts a new generation (replication.md §5)
     if (wasConnected && reason !== 'failover' && reason !== 'stopping') void this.state.update((s) => ({ ...s, gi: mint(s.gi), diskState: 'UpToDate' })).catch(() => {});
     if (!this.stopped && reason !== 'failover') this.scheduleRetry(error);

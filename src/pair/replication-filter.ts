@@ -183,7 +183,8 @@ export interface ReplicationFilterOptions {
   /** the peer bitmap; the filter takes a ticket for every modifying request */
   peerBitmap?: PersistentBitmap;
   /** forwarding stopped: why (queue-full, forward-failed: …, detached) */
-  onDegraded?: (reason: string, error: BlkrepError | undefined) => void;
+  /** `from`: the mode degraded from (forwarding: the secondary held every completed write until now) */
+  onDegraded?: (reason: string, error: BlkrepError | undefined, from: ReplicationMode) => void;
   /**
    * A write, write-zeroes or trim failed on the local disk (failure case 1, replication.md §4): the
    * client gets the disk's error; the secondary may hold the write, so its region stays in the peer
@@ -370,11 +371,12 @@ export class ReplicationFilter extends Filter {
   /** Back to resyncing's predecessor after a failed resync: writes set bits only. */
   degrade(reason: string, error?: BlkrepError): void {
     if (this.current === 'degraded' || this.current === 'detached') return;
+    const from = this.current;
     this.stopForwarding();
     this.setMode('degraded');
     this.stats.degradations++;
     this.peer?.flush().catch(() => {});
-    this.onDegraded?.(reason, error);
+    this.onDegraded?.(reason, error, from);
   }
 
   /** Stop everything: no forwarding, no bits (the peer bitmap is the caller's to close). */

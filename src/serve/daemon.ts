@@ -36,7 +36,7 @@ import { PrimaryRole } from '../pair/primary.js';
 import { EtcdLease, type EtcdTarget, type LeaseStatus } from '../heartbeat/etcd-lease.js';
 import { loadTerms, saveTerms, termFilePath, type Terms } from '../heartbeat/term-file.js';
 import { ReplicationFilter } from '../pair/replication-filter.js';
-import { PrimaryHost, type PairExport, type ReplicationSpec } from '../pair/primary-host.js';
+import { PrimaryHost, type PairExport, type PrimaryHostOptions, type ReplicationSpec } from '../pair/primary-host.js';
 import type { PairRole } from '../pair/role.js';
 import type { CompleteBlockNode } from '../api/block.js';
 import type { OptionExtension } from '../nbd/server-session.js';
@@ -179,6 +179,24 @@ export class Daemon {
   private termFile: string | undefined;
   /** silence after which a primary has no quorum (ms) */
   private quorumMs = Infinity;
+  /** --fencing on a primary: the policy, its hook and what the hook is told (set with the heartbeat) */
+  private fenceCtx:
+    | {
+        fencing: NonNullable<DaemonHeartbeat['fencing']>;
+        node: string;
+        peer: string;
+        uris: readonly string[];
+        epoch: () => bigint;
+        publish: (event: string, fields: Record<string, unknown>) => void;
+        log: (level: 'info' | 'warn' | 'error' | 'debug', message: string) => void;
+      }
+    | undefined;
+  /** the fence hook running now (never two at once: a peer-dead during a link loss's hook waits for its verdict) */
+  private fenceRun: Promise<void> | undefined;
+  /** exports whose data link was lost while forwarding and is not back yet */
+  private readonly linksLost = new Set<string>();
+  /** of linksLost, the exports whose secondary has reported its disk Outdated since (beat version 2) */
+  private readonly outdatedSinceLoss = new Set<string>();
   /**
    * Stall guard (fixed detector): a process stopped (SIGSTOP, a VM pause, a long GC) reads, when
    * it runs again, the beats that queued up while it was stopped — beats its peer sent before it
@@ -303,6 +321,8 @@ export class Daemon {
             ...(options.heartbeat.onNoQuorum ? { onNoQuorum: options.heartbeat.onNoQuorum } : {}),
             quorum: () => fenceRef.daemon?.quorate() ?? false,
             ...(options.heartbeat.lease ? { lease: () => fenceRef.daemon?.lease?.valid() ?? false } : {}),
+            // --fencing resource-and-stonith: a write that completes while frozen is not acknowledged until the freeze is lifted
+            ...(options.heartbeat.fencing?.policy === 'resource-and-stonith' ? { holdsAcks: true } : {}),
             publish: (event, fields) => control?.publish(event, fields),
             log: (level, message) => options.log?.(level === 'error' ? 'warn' : level, message),
           })
@@ -395,7 +415,11 @@ export class Daemon {
         });
         pair.set(p.export, role);
       }
-      pairHost = await startPairHost(options, replication, pair, (event, fields) => control?.publish(event, fields));
+      pairHost = await startPairHost(options, replication, pair, (event, fields) => control?.publish(event, fields), {
+        // --fencing: the data link lost while forwarding fences as a dead peer does (DRBD); its return lifts the freeze
+        onLinkLost: (name, reason) => fenceRef.daemon?.linkLost(name, reason),
+        onLinkBack: (name) => fenceRef.daemon?.linkBack(name),
+      });
       // the fencing terms kept across restarts, read before any client can write: a primary that
       // was replaced (its peer announced itself primary with a higher term) starts demoted
       const terms = options.heartbeat ? await openTerms(options.exports) : undefined;
@@ -662,9 +686,11 @@ export class Daemon {
           log,
         })
       : undefined;
+    if (fencing && fencing.policy !== 'dont-care') this.fenceCtx = { fencing, node: service.self, peer: service.peer, uris: service.uris, epoch, publish, log };
     const onPeerEvent = (e: PeerEvent): void => {
       void auto?.onPeerEvent(e);
-      if (e.event === 'peer-dead' && fencing && fencing.policy !== 'dont-care' && this.replicatingPrimary()) void this.fencePeer(fencing, service.self, service.peer, service.uris, epoch, publish, log);
+      // a peer dead after its data link was lost (the same outage: the link's loss fenced already) is not fenced again
+      if (e.event === 'peer-dead' && this.linksLost.size === 0) this.fencePeer('peer-dead', `peer "${service.peer}" is dead`);
     };
     this.heartbeat = await HeartbeatService.start({
       ...service,
@@ -673,7 +699,9 @@ export class Daemon {
       primary: () => this.isPrimary(),
       exports: () => this.beatExports(),
       onPeerOutdated: (e) => {
-        for (const l of this.peerOutdatedListeners) l({ ...e, local: this.localExportOf(e.export) });
+        const local = this.localExportOf(e.export);
+        this.peerOutdated(local, e.generation, log);
+        for (const l of this.peerOutdatedListeners) l({ ...e, local });
       },
       registry,
       publish,
@@ -843,33 +871,79 @@ export class Daemon {
     }
   }
 
-  /** --fencing on a primary whose peer is dead: resource-and-stonith freezes writes until the hook confirms or resume-io. */
-  private async fencePeer(
-    fencing: NonNullable<DaemonHeartbeat['fencing']>,
-    node: string,
-    peer: string,
-    uris: readonly string[],
-    epoch: () => bigint,
-    publish: (event: string, fields: Record<string, unknown>) => void,
-    log: (level: 'info' | 'warn' | 'error' | 'debug', message: string) => void,
-  ): Promise<void> {
-    const freeze = fencing.policy === 'resource-and-stonith';
-    if (freeze) this.ioFence?.suspend(`--fencing resource-and-stonith: peer "${peer}" is dead, the fence hook runs`);
+
+  /**
+   * The data link of an export to its secondary was lost while forwarding (PrimaryOptions.onLinkLost,
+   * called synchronously from the degrade): with --fencing, fence as for a dead peer. DRBD: a primary
+   * that loses its connection freezes I/O and calls fence-peer. Without it, a secondary that did not
+   * hear this node's new generation (the next beat) could take over from its last checkpoint and
+   * lose every write acknowledged since the cut.
+   */
+  linkLost(exportName: string, reason: string): void {
+    if (!this.fenceCtx) return;
+    this.linksLost.add(exportName);
+    this.outdatedSinceLoss.delete(exportName);
+    this.fencePeer('link-lost', `the data link${exportName ? ` of export "${exportName}"` : ''} to peer "${this.fenceCtx.peer}" was lost (${reason})`);
+  }
+
+  /**
+   * The secondary of this node's export `local` reports its disk Outdated (beat version 2, at its
+   * generation `generation`) after that export's link was lost: it heard this node's new
+   * generation and will not take over without --force, which is what the fence hook's "4"
+   * confirms. Once every lost link's secondary has, a fencing freeze is lifted (peer-outdated).
+   * A report at this node's own generation confirms nothing (not a secondary left behind).
+   */
+  private peerOutdated(local: string | undefined, generation: string, log: (level: 'info' | 'warn' | 'error' | 'debug', message: string) => void): void {
+    if (local === undefined || !this.linksLost.has(local)) return;
+    if (this.pair.get(local)?.status().gi.current === generation) return;
+    this.outdatedSinceLoss.add(local);
+    if (![...this.linksLost].every((x) => this.outdatedSinceLoss.has(x))) return;
+    if (this.ioFence?.peerConfirmedOutdated()) log('info', `the secondary reports its disk Outdated (generation ${generation}) since the data link was lost: writes resume`);
+  }
+
+  /** The link is back (hello, welcome, resync started): once every lost one is, a fencing freeze is lifted (link-back). */
+  linkBack(exportName: string): void {
+    if (!this.linksLost.delete(exportName) || this.linksLost.size > 0) return;
+    this.ioFence?.linkBack();
+  }
+
+  /**
+   * --fencing on a primary whose peer is dead or whose data link was lost: resource-and-stonith
+   * freezes writes (and holds the acknowledgement of those in flight) until the hook confirms (4, 7),
+   * the link is back, the peer confirms it is Outdated, or resume-io; resource-only runs the hook
+   * alone. Once per loss: a peer dead after its link was lost is the same outage (not fenced again
+   * until the link came back); and one hook at a time: a cause that comes while it runs freezes
+   * (if not frozen) and waits for its verdict.
+   */
+  private fencePeer(cause: 'peer-dead' | 'link-lost', why: string): void {
+    const c = this.fenceCtx;
+    if (!c || !this.replicatingPrimary()) return;
+    const freeze = c.fencing.policy === 'resource-and-stonith';
+    if (freeze) this.ioFence?.suspend(`--fencing resource-and-stonith: ${why}; the fence hook runs`, false, cause);
+    if (this.fenceRun) {
+      c.log('info', `${why}: the fence hook already runs, its verdict counts for this too`);
+      return;
+    }
+    this.fenceRun = this.runFencing(c, cause).finally(() => (this.fenceRun = undefined));
+  }
+
+  private async runFencing(c: NonNullable<Daemon['fenceCtx']>, cause: 'peer-dead' | 'link-lost'): Promise<void> {
+    const { fencing, peer, publish, log } = c;
     const r = await runFenceHook({
       command: fencing.fenceHook!,
-      node,
+      node: c.node,
       peer,
-      peerAddresses: uris,
+      peerAddresses: c.uris,
       resource: [...this.pair.keys()].join(' '),
-      epoch: epoch(),
+      epoch: c.epoch(),
       ...(fencing.fenceTimeoutMs === undefined ? {} : { timeoutMs: fencing.fenceTimeoutMs }),
     });
     const line = describeFence(r, peer);
     log(r.proceed ? 'info' : 'warn', line);
-    publish('fence', { peer, verdict: r.verdict, exitCode: r.exitCode, signal: r.signal, proceed: r.proceed, durationMs: r.durationMs, policy: fencing.policy });
-    if (!freeze) return;
-    if (r.proceed && this.ioFence?.state === 'suspended') this.ioFence.resume('fence');
-    else if (!r.proceed) log('warn', `writes stay suspended until the peer is fenced: run "blkrep resume-io" once it cannot write`);
+    publish('fence', { peer, verdict: r.verdict, exitCode: r.exitCode, signal: r.signal, proceed: r.proceed, durationMs: r.durationMs, policy: fencing.policy, cause });
+    if (fencing.policy !== 'resource-and-stonith') return;
+    if (r.proceed && this.ioFence?.frozen) this.ioFence.resume('fence');
+    else if (!r.proceed && this.ioFence?.frozen) log('warn', `writes stay suspended until the peer is fenced: run "blkrep resume-io" once it cannot write`);
   }
 
   private wireControl(control: ControlServer): void {
@@ -924,6 +998,7 @@ async function startPairHost(
   filters: Array<() => Promise<ReplicationFilter>>,
   roles: Map<string, PairRole>,
   publish: (event: string, fields: Record<string, unknown>) => void,
+  link: Pick<PrimaryHostOptions, 'onLinkLost' | 'onLinkBack'>,
 ): Promise<PrimaryHost | undefined> {
   if (options.readOnly) {
     if (options.replication) throw new BlkrepError('ERR_USAGE', 'a read-only daemon cannot replicate: its exports take no writes', { errno: 'EINVAL' });
@@ -935,7 +1010,7 @@ async function startPairHost(
     const base = isFileSpec(e.image) ? { path: filePath(e.image) } : await sidecarBase(e.image);
     exports.set(e.name, { filter: filters[i]!, imagePath: base.path, ...(base.path === undefined ? { why: base.why } : {}) });
   }
-  const host = new PrimaryHost({ exports, roles, transports: options.transports, publish, log: (level, message) => options.log?.(level, message) });
+  const host = new PrimaryHost({ exports, roles, transports: options.transports, publish, log: (level, message) => options.log?.(level, message), ...link });
   if (options.replication) await host.replicate(options.replication);
   return host;
 }

@@ -3,10 +3,10 @@ import { describe, expect, it } from 'vitest';
 import { IoFence, IoFenceFilter } from '../../src/heartbeat/io-fence.js';
 import { MemoryNode } from '../../src/block/memory.js';
 
-function gate(o: { onNoQuorum?: 'suspend-io' | 'io-error'; active?: boolean } = {}) {
+function gate(o: { onNoQuorum?: 'suspend-io' | 'io-error'; active?: boolean; holdsAcks?: boolean } = {}) {
   let quorum = true;
   const events: Array<[string, Record<string, unknown>]> = [];
-  const fence = new IoFence({ active: () => o.active ?? true, quorum: () => quorum, publish: (e, f) => events.push([e, f]), ...(o.onNoQuorum ? { onNoQuorum: o.onNoQuorum } : {}) });
+  const fence = new IoFence({ active: () => o.active ?? true, quorum: () => quorum, publish: (e, f) => events.push([e, f]), ...(o.onNoQuorum ? { onNoQuorum: o.onNoQuorum } : {}), ...(o.holdsAcks ? { holdsAcks: true } : {}) });
   const node = new MemoryNode(1 << 20);
   const filter = new IoFenceFilter(node, fence);
   return { fence, filter, node, events, setQuorum: (q: boolean) => (quorum = q) };
@@ -32,6 +32,7 @@ describe('io fence', () => {
     fence.quorumBack();
     expect(await settled(w)).toBe('done');
     expect(events.map((e) => e[0])).toEqual(['io-suspended', 'io-resumed']);
+    expect(events[0]![1]).toMatchObject({ cause: 'no-quorum' });
     expect(events[1]![1]).toEqual({ by: 'quorum', waiting: 1 });
   });
 
@@ -80,5 +81,81 @@ describe('io fence', () => {
     const { filter, setQuorum } = gate({ onNoQuorum: 'io-error', active: false });
     setQuorum(false);
     await filter.write(0, Buffer.alloc(512));
+  });
+
+  it('holdsAcks: a write in flight when the link-loss freeze comes is not acknowledged until it is lifted; later ones wait at the gate', async () => {
+    const { fence, filter, node, events } = gate({ holdsAcks: true });
+    // the write is below the gate (its forward in flight) when the link is lost
+    let finish!: () => void;
+    const below = new Promise<void>((r) => (finish = r));
+    const write = node.write.bind(node);
+    node.write = (off, data, o) => below.then(() => write(off, data, o));
+    const inFlight = filter.write(0, Buffer.alloc(512, 7));
+    fence.suspend('--fencing resource-and-stonith: the data link was lost', false, 'link-lost');
+    finish();
+    expect(await settled(inFlight)).toBe('waiting');
+    expect((await node.read(0, 512))[0]).toBe(7); // on the disk, not acknowledged
+    const later = filter.write(512, Buffer.alloc(512, 8));
+    expect(await settled(later)).toBe('waiting');
+    expect(fence.status()).toMatchObject({ state: 'suspended', cause: 'link-lost', waiting: 2 });
+    fence.quorumBack(); // a beat does not lift a fencing freeze
+    expect(await settled(inFlight)).toBe('waiting');
+    expect(fence.linkBack()).toBe(true);
+    expect(await settled(inFlight)).toBe('done');
+    expect(await settled(later)).toBe('done');
+    expect(events).toEqual([
+      ['io-suspended', { reason: '--fencing resource-and-stonith: the data link was lost', cause: 'link-lost' }],
+      ['io-resumed', { by: 'link-back', waiting: 2 }],
+    ]);
+    expect(fence.status()).toMatchObject({ state: 'open', cause: null, reason: null });
+  });
+
+  it('without holdsAcks a completion passes a freeze (resource-only, quorum); a quorum suspension holds no completion', async () => {
+    const { fence, filter, node } = gate({ holdsAcks: true, onNoQuorum: 'suspend-io' });
+    let finish!: () => void;
+    const below = new Promise<void>((r) => (finish = r));
+    const write = node.write.bind(node);
+    node.write = (off, data, o) => below.then(() => write(off, data, o));
+    const inFlight = filter.write(0, Buffer.alloc(512));
+    fence.suspend('no-quorum', true);
+    finish();
+    expect(await settled(inFlight)).toBe('done');
+    const plain = gate();
+    plain.fence.suspend('peer dead');
+    expect(plain.fence.release()).toBeUndefined();
+    expect(await settled(plain.filter.flush())).toBe('waiting'); // admitted writes still wait at the gate
+  });
+
+  it('peerConfirmedOutdated lifts a fencing freeze (peer-outdated), not a quorum suspension; a freeze takes a quorum suspension over', async () => {
+    const { fence, filter, events, setQuorum } = gate({ holdsAcks: true, onNoQuorum: 'suspend-io' });
+    setQuorum(false);
+    const w = filter.write(0, Buffer.alloc(512));
+    expect(fence.peerConfirmedOutdated()).toBe(false);
+    expect(fence.linkBack()).toBe(false);
+    fence.suspend('link lost', false, 'link-lost');
+    setQuorum(true);
+    fence.quorumBack();
+    expect(await settled(w)).toBe('waiting');
+    expect(fence.peerConfirmedOutdated()).toBe(true);
+    expect(await settled(w)).toBe('done');
+    expect(events.map((e) => [e[0], e[1].cause ?? e[1].by])).toEqual([
+      ['io-suspended', 'no-quorum'],
+      ['io-suspended', 'link-lost'],
+      ['io-resumed', 'peer-outdated'],
+    ]);
+  });
+
+  it('demoted while a completion is held: the write fails with ERR_DEMOTED', async () => {
+    const { fence, filter, node } = gate({ holdsAcks: true });
+    let finish!: () => void;
+    const below = new Promise<void>((r) => (finish = r));
+    const write = node.write.bind(node);
+    node.write = (off, data, o) => below.then(() => write(off, data, o));
+    const inFlight = filter.write(0, Buffer.alloc(512));
+    fence.suspend('link lost', false, 'link-lost');
+    finish();
+    expect(await settled(inFlight)).toBe('waiting');
+    fence.demote('peer took over');
+    expect(await settled(inFlight)).toBe('ERR_DEMOTED');
   });
 });
