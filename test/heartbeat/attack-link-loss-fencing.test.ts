@@ -7,7 +7,8 @@
  * degraded and acknowledged every write at once, writes the secondary never got: the failover
  * dropped them without a word. Now (DRBD: a primary losing its connection freezes I/O and calls
  * fence-peer) the link loss freezes writes and runs the hook once; nothing is acknowledged until
- * the hook says 4 or 7, the link is back, or resume-io.
+ * the hook says 4 or 7, the link is back, the secondary reports its disk Outdated (beat version 2),
+ * or resume-io.
  *
  * Two daemons (heartbeat every 0.1 s, dead after 10 misses); the data link through a Unix-socket proxy killed -9; the udp heartbeat through
  * relays in this process, closed to cut it.
@@ -27,22 +28,27 @@ const P_EVENTS = ['replication-degraded', 'replication-connected', 'io-suspended
 const S_EVENTS = ['peer-alive', 'peer-suspect', 'peer-dead', 'fence', 'failover-started', 'failover-done', 'failover-failed', 'auto-failover', 'demoted'];
 const sha = (b: Buffer): string => createHash('sha256').update(b).digest('hex');
 
-/** udp datagrams to `listen` go on to `target`, until closed */
-async function relay(listen: number, target: number): Promise<() => Promise<void>> {
+/** udp datagrams to `listen` go on to `target` (dropped while `drop` is set), until closed */
+async function relay(listen: number, target: number): Promise<{ close: () => Promise<void>; drop: (on: boolean) => void }> {
   const sock = dgram.createSocket('udp4');
-  sock.on('message', (msg) => sock.send(msg, target, '127.0.0.1'));
+  let dropping = false;
+  sock.on('message', (msg) => {
+    if (!dropping) sock.send(msg, target, '127.0.0.1');
+  });
   await new Promise<void>((resolve) => sock.bind(listen, '127.0.0.1', resolve));
-  return () => new Promise((resolve) => sock.close(() => resolve()));
+  return { close: () => new Promise((resolve) => sock.close(() => resolve())), drop: (on) => (dropping = on) };
 }
 
 /**
  * The primary's fence hook: appends "NODE fenced PEER" to DIR/fence.log, waits for DIR/fence.go
- * (the test lets it finish), removes it and exits with the code in DIR/fence.exit.
+ * (the test lets it finish), removes it and exits with the code in DIR/fence.exit; every test lets
+ * it go when it ends (stopAll).
  */
 async function gatedHook(dir: string): Promise<string> {
   const hook = join(dir, 'p-fence.sh');
   const go = join(dir, 'fence.go');
-  await writeFile(hook, `#!/bin/sh\necho "$BLKREP_NODE fenced $BLKREP_PEER" >> ${join(dir, 'fence.log')}\nwhile [ ! -e ${go} ]; do sleep 0.02; done\nrm -f ${go}\nexit $(cat ${join(dir, 'fence.exit')})\n`);
+  // bounded: a hook the test never lets go (its primary killed, the test over, DIR removed) ends by itself within 60 s
+  await writeFile(hook, `#!/bin/sh\necho "$BLKREP_NODE fenced $BLKREP_PEER" >> ${join(dir, 'fence.log')}\nn=0\nwhile [ ! -e ${go} ] && [ -d ${dir} ] && [ $n -lt 3000 ]; do sleep 0.02; n=$((n+1)); done\nrm -f ${go}\nexit $(cat ${join(dir, 'fence.exit')} 2>/dev/null || echo 5)\n`);
   await chmod(hook, 0o700);
   return hook;
 }
@@ -58,7 +64,11 @@ const writer = (uri: string, byte: number, offset: number): Started => start('qe
 /** true once the process exited (a write acknowledged or failed), false while it waits */
 const exited = (w: Started): boolean => w.child.exitCode !== null || w.child.signalCode !== null;
 
-async function pair(dir: string, o: { relays: boolean }) {
+/**
+ * The pair. `relays`: the heartbeat through relays in this process (cutHeartbeat, muteSecondary);
+ * `misses`: the bound of both detectors, in 0.1 s intervals (default 10).
+ */
+async function pair(dir: string, o: { relays: boolean; misses?: number }) {
   await sparseImages(dir, SIZE);
   const key = await pairKey(dir);
   const sHook = await fenceHook(dir, 7, undefined, 's-fence.sh');
@@ -67,7 +77,7 @@ async function pair(dir: string, o: { relays: boolean }) {
   // p listens on pa, s on pb; with relays, p sends to rb (→ pb) and s to ra (→ pa)
   const cut = o.relays ? [await relay(rb, pb), await relay(ra, pa)] : [];
   const [toS, toP] = o.relays ? [rb, ra] : [pb, pa];
-  const beat = ['--heartbeat-key', key, '--heartbeat-interval', '0.1', '--heartbeat-misses', '10'];
+  const beat = ['--heartbeat-key', key, '--heartbeat-interval', '0.1', '--heartbeat-misses', String(o.misses ?? 10)];
   const [sSock, pSock, sCtl, pCtl, xSock] = ['s.sock', 'p.sock', 's.ctl', 'p.ctl', 'x.sock'].map((f) => join(dir, f)) as [string, string, string, string, string];
   const s = await serve([join(dir, 's.img'), '--secondary', '--socket', sSock, '--control', sCtl, '--node-id', 'beta', '--peer-id', 'alpha', '--heartbeat', `udp://127.0.0.1:${toP}?listen=127.0.0.1:${pb}`, ...beat, '--auto-failover', '--fence-hook', sHook]);
   let x = await unixProxy(dir, xSock, sSock);
@@ -83,8 +93,10 @@ async function pair(dir: string, o: { relays: boolean }) {
     pCtl,
     pUri: unixUri(pSock),
     cutHeartbeat: async () => {
-      for (const c of cut) await c();
+      for (const c of cut) await c.close();
     },
+    /** the secondary's beats to the primary dropped (its Outdated report never arrives); the primary's still go */
+    muteSecondary: () => cut[1]!.drop(true),
     cutLink: () => x.stop('SIGKILL'),
     /** the link's proxy stopped (SIGSTOP): what is sent on it stays in flight */
     stallLink: () => void x.child.kill('SIGSTOP'),
@@ -93,10 +105,11 @@ async function pair(dir: string, o: { relays: boolean }) {
       x = await unixProxy(dir, xSock, sSock);
     },
     stopAll: async () => {
+      await writeFile(join(dir, 'fence.go'), '').catch(() => {}); // a hook still waiting ends
       await p.stop('SIGKILL').catch(() => {});
       await x.stop('SIGKILL').catch(() => {});
       await s.stop('SIGKILL').catch(() => {});
-      for (const c of cut) await c().catch(() => {});
+      for (const c of cut) await c.close().catch(() => {});
     },
   };
 }
@@ -166,14 +179,17 @@ describe('a sync primary with --fencing resource-and-stonith loses its data link
     }
   });
 
-  it('link cut, heartbeat alive: the hook exiting 5 keeps writes frozen; resume-io lets them go; link back lifts the next freeze; a hook exiting 4 lifts the third', async () => {
+  // the next two: the primary's beats reach the secondary, the secondary's are dropped, so its
+  // Outdated report (which lifts the freeze: the last test) never arrives; dead after 30 s only
+  it('link cut, the secondary\'s beats lost: the hook exiting 5 keeps writes frozen; resume-io lets them go; link back lifts the next freeze; a hook exiting 4 lifts the third', async () => {
     const dir = await makeTempDir();
-    const t = await pair(dir, { relays: false });
+    const t = await pair(dir, { relays: true, misses: 300 });
     const wp = await watch(t.pCtl, P_EVENTS);
     const go = (): Promise<void> => writeFile(join(dir, 'fence.go'), '');
     try {
       // 1. hook exits 5: frozen; resume-io
       await writeFile(join(dir, 'fence.exit'), '5');
+      t.muteSecondary();
       await t.cutLink();
       await waitFor(() => wp.events.find((e) => e.event === 'io-suspended'), 'the primary to freeze');
       const w1 = writer(t.pUri, 0x41, 0);
@@ -230,10 +246,11 @@ describe('a sync primary with --fencing resource-and-stonith loses its data link
   it('a write in flight when the link breaks (its forward cut): on the primary disk, not acknowledged until resume-io', async () => {
     const dir = await makeTempDir();
     await writeFile(join(dir, 'fence.exit'), '5');
-    const t = await pair(dir, { relays: false });
+    const t = await pair(dir, { relays: true, misses: 300 });
     const wp = await watch(t.pCtl, P_EVENTS);
     let w: Started | undefined;
     try {
+      t.muteSecondary();
       t.stallLink();
       w = writer(t.pUri, 0x5e, 192 * KiB);
       const inFlight = w;
@@ -253,6 +270,38 @@ describe('a sync primary with --fencing resource-and-stonith loses its data link
       expect(await request(t.pCtl, 'resume-io')).toEqual({ resumed: true, waiting: 1 });
       expect((await inFlight.exited).code).toBe(0);
       expect(names(wp)).toEqual(['replication-degraded', 'io-suspended', 'fence', 'io-resumed']);
+    } finally {
+      w?.child.kill('SIGKILL');
+      await wp.client.close().catch(() => {});
+      await t.stopAll();
+    }
+  });
+
+  it('link cut, heartbeat alive both ways: the secondary hears the new generation, reports its disk Outdated (beat version 2), and that lifts the freeze while the hook still runs', async () => {
+    const dir = await makeTempDir();
+    await writeFile(join(dir, 'fence.exit'), '5');
+    const t = await pair(dir, { relays: false });
+    const wp = await watch(t.pCtl, [...P_EVENTS, 'peer-outdated']);
+    let w: Started | undefined;
+    try {
+      const gi = async (ctl: string): Promise<string> => (await pairOf<{ gi: { current: string } }>(ctl)).gi.current;
+      const before = await gi(t.sCtl);
+      await t.cutLink();
+      await waitFor(() => wp.events.find((e) => e.event === 'io-suspended'), 'the primary to freeze');
+      w = writer(t.pUri, 0x6f, 256 * KiB);
+      const held = w;
+      // the hook (gated: it never finishes in this test) runs; the secondary's word comes first
+      await waitFor(async () => (await readFile(join(dir, 'fence.log'), 'utf8').catch(() => '')) !== '', 'the fence hook to run');
+      await waitFor(() => wp.events.find((e) => e.event === 'io-resumed'), 'the Outdated report to lift the freeze', { timeoutMs: 15_000 });
+      expect((await held.exited).code).toBe(0);
+      expect(names(wp)).toEqual(['replication-degraded', 'io-suspended', 'peer-outdated', 'io-resumed']);
+      expect(wp.events[1]).toMatchObject({ cause: 'link-lost' });
+      expect(wp.events[2]).toMatchObject({ peer: 'beta', export: '', generation: before });
+      expect(wp.events[3]).toMatchObject({ by: 'peer-outdated' });
+      expect(await pairOf<{ diskState: string; gi: { current: string } }>(t.sCtl)).toMatchObject({ diskState: 'Outdated', gi: { current: before } });
+      expect(await gi(t.pCtl)).not.toBe(before);
+      expect(await io(t.pCtl)).toMatchObject({ state: 'open', cause: null });
+      expect((await readFile(join(dir, 'p.img'))).subarray(256 * KiB, 320 * KiB).equals(Buffer.alloc(64 * KiB, 0x6f))).toBe(true);
     } finally {
       w?.child.kill('SIGKILL');
       await wp.client.close().catch(() => {});
