@@ -32,10 +32,18 @@
 import type { BlockNode, CompleteBlockNode, WriteOptions, ZeroOptions } from '../api/block.js';
 import { BlkrepError } from '../api/errors.js';
 import { Filter } from '../block/filter.js';
+import { freeBufferNow } from '../util/free-buffer.js';
+import { REPLICA_MAX_INFLIGHT } from './data-token.js';
 import { gated, WriteGate } from './write-gate.js';
 
-/** cluster buffers kept for copies (64 × 64 KiB = 4 MiB) */
-const SPARE_BUFFERS = 64;
+/**
+ * Cluster buffers kept for copies: as many as the writer's requests in flight (128 × 64 KiB =
+ * 8 MiB), each of which may copy a cluster of its own at once. At 64, every burst of first
+ * touches past 64 allocated fresh buffers that, having waited on hidden's writeback, were old
+ * enough to need a major GC: 2480 of them (155 MiB) in bench/pair's 10 s async run, up to 46 MiB
+ * of the secondary's ArrayBuffers at its peak RSS.
+ */
+const SPARE_BUFFERS = REPLICA_MAX_INFLIGHT;
 /** the longest run of adjacent clusters one copy reads and writes at once (a 1 MiB write's 16 clusters of 64 KiB) */
 const RUN_BYTES = 1024 * 1024;
 /** run buffers (RUN_BYTES each) kept for copies: one per request in flight of a sequential writer at QD8 */
@@ -64,6 +72,8 @@ export class CbwFilter extends Filter {
   private readonly spare: Buffer[] = [];
   /** buffers of maxRun clusters for runs of more than one cluster */
   private readonly spareRuns: Buffer[] = [];
+  /** buffers the copies allocated (the rest were spares used again), for tests */
+  readonly copyBuffers = { allocated: 0 };
   /** the most clusters one copy takes (RUN_BYTES worth, at least one) */
   private readonly maxRun: number;
   /** the precopies running: told that a writer waits for cluster `c`, being copied (copyOnce) */
@@ -408,7 +418,11 @@ export class CbwFilter extends Filter {
     const at = c * this.clusterSize;
     const length = Math.min(n * this.clusterSize, this.next.size - at);
     const pool = n === 1 ? this.spare : this.spareRuns;
-    const buf = pool.pop() ?? Buffer.allocUnsafe((n === 1 ? 1 : this.maxRun) * this.clusterSize);
+    let buf = pool.pop();
+    if (!buf) {
+      buf = Buffer.allocUnsafe((n === 1 ? 1 : this.maxRun) * this.clusterSize);
+      this.copyBuffers.allocated++;
+    }
     try {
       const old = buf.subarray(0, length);
       // bulk: a run's read (up to 1 MiB) is tried on the loop with RWF_NOWAIT, as a single
@@ -417,6 +431,7 @@ export class CbwFilter extends Filter {
       await this.hidden.write(at, old, { fua: true });
       // only after a success: a failed write may still hold the buffer
       if (pool.length < (n === 1 ? SPARE_BUFFERS : SPARE_RUN_BUFFERS)) pool.push(buf);
+      else freeBufferNow(buf);
     } catch (err) {
       const which = n === 1 ? `cluster ${c}` : `clusters ${c}–${c + n - 1}`;
       const e = new BlkrepError('ERR_PAIR_CBW', `copy-before-write of ${which} (bytes ${at}–${at + length}) into the hidden disk failed: ${(err as Error).message}; the disk was not written`, {

@@ -4,7 +4,8 @@
  * and then allocated every 1 MiB payload afresh (a major GC every ~12 MiB received).
  */
 import { describe, expect, it } from 'vitest';
-import { BufferPool } from '../../src/nbd/buffer-pool.js';
+import { BufferPool, IDLE_CHECK_EVERY, IDLE_TICKS } from '../../src/nbd/buffer-pool.js';
+import { freeBufferNow } from '../../src/util/free-buffer.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -62,5 +63,42 @@ describe('BufferPool', () => {
     pool.release(pool.acquire(2 * MiB));
     expect(pool.freeCount(2 * MiB)).toBe(0);
     expect(pool.freeCount(512 * KiB)).toBe(1);
+  });
+
+  it(`frees the buffers of a size not asked for in ${IDLE_TICKS} acquires and releases: a full copy's 256 KiB buffers do not stay for good`, () => {
+    // bench/pair: a secondary kept 61 buffers of 256 KiB (15 MiB) from its full copy while it
+    // received nothing but 4 KiB writes
+    const pool = new BufferPool(16 * MiB);
+    const burst = Array.from({ length: 64 }, () => pool.acquire(256 * KiB));
+    for (const b of burst) pool.release(b);
+    expect(pool.pooledBytes).toBe(16 * MiB);
+    let small = 0;
+    while (pool.freeCount(256 * KiB) > 0) {
+      pool.release(pool.acquire(4 * KiB));
+      small++;
+      // an acquire and a release each: a tick each; the pool looks every IDLE_CHECK_EVERY acquires
+      expect(small).toBeLessThanOrEqual(IDLE_TICKS / 2 + IDLE_CHECK_EVERY);
+    }
+    expect(small).toBeGreaterThan(IDLE_TICKS / 2 - 64);
+    expect(pool.pooledBytes).toBe(4 * KiB);
+    // freed at once, not left to a major GC: their memory was handed on (the buffers are empty)
+    expect(burst.every((b) => b.length === 0)).toBe(true);
+    // a size in use stays
+    expect(pool.freeCount(4 * KiB)).toBe(1);
+  });
+
+  it('freeBufferNow empties a buffer that owns its memory, and leaves alone one cut from a shared slab', () => {
+    const own = Buffer.allocUnsafeSlow(64 * KiB);
+    const view = own.subarray(0, 10);
+    expect(freeBufferNow(own)).toBe(true);
+    expect(own.length).toBe(0);
+    expect(view.length).toBe(0);
+    // Node's 8 KiB pool: other buffers share its ArrayBuffer
+    const a = Buffer.from('abc');
+    const b = Buffer.from('def');
+    expect(a.buffer.byteLength).toBeGreaterThan(a.length);
+    expect(freeBufferNow(a)).toBe(false);
+    expect(a.toString() + b.toString()).toBe('abcdef');
+    expect(freeBufferNow(Buffer.allocUnsafeSlow(8 * KiB).subarray(1))).toBe(false);
   });
 });

@@ -373,9 +373,48 @@ describe('replication filter, async', () => {
     expect(filter.retainedBytes).toBe(2 * SLAB_BYTES + big);
     gate.open();
     await drained(filter);
-    // the full slab and the big one are freed; the current one is kept for reuse
-    expect(filter.retainedBytes).toBe(SLAB_BYTES);
+    // the big one is freed; the full slab is kept for the next one, the current one for reuse
+    expect(filter.retainedBytes).toBe(2 * SLAB_BYTES);
+    expect(filter.slabStats).toEqual({ allocated: 2, reused: 0, exact: 1 });
     expect((await remote.read(0, 8 << 20)).equals(await local.read(0, 8 << 20))).toBe(true);
+    await peer.close();
+  });
+
+  it('emptied slabs are used again, kept only while they fit under the bound beside the slabs in use; a degrade frees them', async () => {
+    // bench/pair async, a full queue: a primary dropped 20 slabs a second, each kept until a major GC
+    const gate = new Gate();
+    const limit = 8 * SLAB_BYTES;
+    const { filter, peer, local, remote } = await setup('async', { gate, gateOps: ['write'] }, limit, PULL_AHEAD);
+    const perSlab = SLAB_BYTES / 4096;
+    let maxRetained = 0;
+    for (let round = 0; round < 4; round++) {
+      gate.close();
+      // six slabs' worth of 4 KiB writes, held: six slabs in use (their bookkeeping fits beside them)
+      for (let i = 0; i < 6 * perSlab; i++) {
+        await filter.write(((round * 6 * perSlab + i) % 4096) * 4096, fill(0x10 + round, 4096));
+        maxRetained = Math.max(maxRetained, filter.retainedBytes);
+      }
+      expect(filter.mode).toBe('forwarding');
+      gate.open();
+      await drained(filter);
+      // replied: five kept for reuse and the current one, all under the bound
+      expect(filter.retainedBytes).toBe(6 * SLAB_BYTES);
+    }
+    expect(maxRetained).toBeLessThanOrEqual(limit);
+    // six allocated in the first round, every later slab taken from the kept ones
+    expect(filter.slabStats).toEqual({ allocated: 6, reused: 15, exact: 0 });
+    expect((await remote.read(0, 16 << 20)).equals(await local.read(0, 16 << 20))).toBe(true);
+    // a degrade frees them all
+    gate.close();
+    for (let i = 0; filter.mode === 'forwarding'; i++) {
+      await filter.write((i % 4096) * 4096, fill(0x60, 4096));
+      expect(filter.retainedBytes).toBeLessThanOrEqual(limit);
+      expect(i).toBeLessThan(4096);
+    }
+    expect(filter.retainedBytes).toBe(0);
+    gate.open();
+    await settle();
+    expect(filter.retainedBytes).toBe(0);
     await peer.close();
   });
 

@@ -543,6 +543,7 @@ export class BackupJob extends Job {
     if (!this.finishFns || !this.phase.is('flushed', 'ending')) return;
     this.phase.to(this.phase.is('flushed') ? 'succeeded' : 'finished');
     this.sched.stop();
+    this.io.buffers.close();
     this.updateProgress();
     if (this.endError) this.finishFns.reject(this.endError);
     else this.finishFns.resolve();
@@ -610,6 +611,7 @@ export class BackupJob extends Job {
     const succeeded = this.phase.is('succeeded');
     this.phase.to('closed');
     this.sched.stop();
+    this.io.buffers.close();
     this.stopSnapshot(succeeded || this.isHardCancelled ? 'ended' : 'broken');
   }
 

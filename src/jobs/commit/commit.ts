@@ -311,6 +311,7 @@ export class CommitJob extends Job {
       throw err;
     } finally {
       this.sched.stop();
+      this.io?.buffers.close();
     }
   }
 

@@ -11,6 +11,7 @@
  */
 import type { RateLimiter } from '../job.js';
 import { WakeTimer, type TimerClock } from './clock.js';
+import { freeBufferNow } from '../../util/free-buffer.js';
 
 /** What to copy next, and how (the policy's side of the loop). */
 export interface CopyFeed<Op> {
@@ -154,6 +155,7 @@ export class CopyScheduler<Op> {
  */
 export class BufferPool {
   private free: Buffer[] = [];
+  private closed = false;
 
   constructor(
     readonly size: number,
@@ -165,6 +167,22 @@ export class BufferPool {
   }
 
   give(b: Buffer): void {
-    if (b.length === this.size && this.free.length < this.keep) this.free.push(b);
+    if (!this.closed && b.length === this.size && this.free.length < this.keep) this.free.push(b);
+    else freeBufferNow(b);
+  }
+
+  /**
+   * The job is over: free the kept buffers now (up to `keep` × `size`: 16 MiB for a pair's full
+   * copy, garbage until a major GC otherwise), and each one given back from now on. take() still
+   * works (a fresh buffer).
+   */
+  close(): void {
+    this.closed = true;
+    for (const b of this.free.splice(0)) freeBufferNow(b);
+  }
+
+  /** buffers kept for reuse (tests) */
+  get kept(): number {
+    return this.free.length;
   }
 }

@@ -711,6 +711,7 @@ export class MirrorJob extends Job {
 
   private stopTimers(): void {
     this.sched.stop();
+    this.io.buffers.close();
     if (this.lagTimer !== undefined) this.timers.clearTimeout(this.lagTimer);
     this.lagTimer = undefined;
   }

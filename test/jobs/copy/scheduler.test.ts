@@ -228,7 +228,26 @@ describe('clock helpers', () => {
     pool.give(b);
     pool.give(Buffer.alloc(10));
     expect(pool.take()).toBe(a);
-    expect(pool.take()).not.toBe(b);
+    // b found the pool full: freed at once (freeBufferNow), not kept
+    expect(b.length).toBe(0);
+    expect(pool.take() === b).toBe(false);
+  });
+
+  it('BufferPool.close frees the kept buffers now and each one given back afterwards; take still works', () => {
+    // a pair's full copy kept 64 × 256 KiB, garbage until a major GC once the mirror ended
+    const pool = new BufferPool(256 << 10, 4);
+    const bufs = Array.from({ length: 5 }, () => pool.take());
+    for (const x of bufs.slice(0, 4)) pool.give(x);
+    expect(pool.kept).toBe(4);
+    pool.close();
+    expect(pool.kept).toBe(0);
+    // freed (freeBufferNow): their memory handed on, the buffers empty
+    expect(bufs.slice(0, 4).every((x) => x.length === 0)).toBe(true);
+    expect(bufs[4]!.length).toBe(256 << 10);
+    pool.give(bufs[4]!);
+    expect(bufs[4]!.length).toBe(0);
+    expect(pool.kept).toBe(0);
+    expect(pool.take().length).toBe(256 << 10);
   });
 });
 
