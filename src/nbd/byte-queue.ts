@@ -50,6 +50,17 @@ export class ByteQueue {
     if (n !== 0) this.gather(n, true, into);
   }
 
+  /**
+   * Where the queued bytes start in `buf` when they all lie in one chunk that is a view of `buf`
+   * (same memory); -1 otherwise.
+   */
+  offsetIn(buf: Buffer): number {
+    if (this.chunks.length !== 1) return -1;
+    const c = this.chunks[0]!;
+    if (c.buffer !== buf.buffer || c.byteOffset < buf.byteOffset || c.byteOffset + c.length > buf.byteOffset + buf.length) return -1;
+    return c.byteOffset - buf.byteOffset + this.head;
+  }
+
   /** Drop up to n bytes; returns how many were dropped. */
   skip(n: number): number {
     const k = Math.min(n, this.total);

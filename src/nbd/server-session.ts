@@ -102,7 +102,18 @@ const SPARSE_READ_MIN = 64 * 1024;
  * received, and the session copies the bytes out at once (direct-receive.ts); so one buffer
  * serves every connection. 256 KiB: many small requests per read call.
  */
-const SCRATCH = Buffer.allocUnsafeSlow(256 * 1024);
+const SCRATCH_LENGTH = 256 * 1024;
+const SCRATCH = Buffer.allocUnsafeSlow(SCRATCH_LENGTH);
+/**
+ * Once a connection has sent a write of ADOPT_MIN bytes or more, its reads go into a pooled
+ * buffer of its own (ADOPT_SIZE, read at most SCRATCH_LENGTH at a time) instead of the shared
+ * scratch buffer. When such a read ends in the first part of a large write's payload, that
+ * buffer becomes the payload's (the rest of the payload is read in place after it) and the
+ * connection takes a fresh one: the part that came with the header is not copied (up to 256 KiB
+ * of every 1 MiB write otherwise). Only the pages a read touches are ever backed by memory.
+ */
+const ADOPT_MIN = 128 * 1024;
+const ADOPT_SIZE = 2 * 1024 * 1024;
 /**
  * Plain read replies from SPLICE_MIN to SPLICE_MAX bytes of a node with a file range (a raw
  * file) go from the file to the socket without a copy through user space (spliceRead()).
@@ -175,7 +186,18 @@ export class ServerSession implements BudgetWaiter, DirectReader {
   private queuedOut = 0;
   private stallMark = { received: 0, sent: 0, since: 0 };
   /** a large write whose payload is being copied into its buffer as it arrives */
-  private filling: { req: Request; pooled: Buffer; got: number } | undefined;
+  private filling: { req: Request; pooled: Buffer; base: number; got: number } | undefined;
+  /** large writes' first parts are received in this connection's own buffer (adopt()); off: BLKREP_NO_RECV_ADOPT=1 */
+  private adopting = false;
+  /**
+   * this connection's own read buffer (ADOPT_SIZE): taken for the reads after a large write
+   * (wantRecvBuf), given back after a read that ends on a request boundary with no large write
+   * begun, so a connection not receiving large writes holds none
+   */
+  private recvBuf: Buffer | undefined;
+  private wantRecvBuf = false;
+  /** the buffer the read being handled went into (received() → pump()) */
+  private lastRead: Buffer | undefined;
   /** the socket reads where nextBuffer() says (direct-receive.ts) */
   private direct = false;
   /** replies are gathered per turn of the event loop (see batch()); set once goDirect() has run */
@@ -308,6 +330,8 @@ export class ServerSession implements BudgetWaiter, DirectReader {
     this.queue.clear();
     if (this.filling) sharedPool.release(this.filling.pooled);
     this.filling = undefined;
+    if (this.recvBuf) sharedPool.release(this.recvBuf);
+    this.recvBuf = undefined;
     this.stream.destroy();
     // What in-flight requests hold is given back as each one finishes.
     if (this.waitingBudget) this.host.budget.forget(this);
@@ -387,8 +411,12 @@ export class ServerSession implements BudgetWaiter, DirectReader {
               // Let the socket keep flowing until the payload is complete; a direct socket
               // reads the rest straight into the payload's buffer.
               if (req.length < FILL_MIN && !this.direct) return;
+              if (this.adopting && req.length >= ADOPT_MIN) {
+                if (this.adopt(req)) return;
+                this.wantRecvBuf = true;
+              }
               this.queue.skip(REQUEST_LENGTH);
-              this.filling = { req, pooled: sharedPool.acquire(req.length), got: 0 };
+              this.filling = { req, pooled: sharedPool.acquire(req.length), base: 0, got: 0 };
               if (!this.fill()) return;
               break;
             }
@@ -414,15 +442,34 @@ export class ServerSession implements BudgetWaiter, DirectReader {
     }
   }
 
+  /**
+   * The rest of the queue (a large write's header and the first part of its payload, not all of
+   * it) lies in this connection's own read buffer, just read into, with room after it for the
+   * whole payload: make that buffer the payload's (ADOPT_MIN). True when it did.
+   */
+  private adopt(req: Request): boolean {
+    const buf = this.recvBuf;
+    if (buf === undefined || this.lastRead !== buf) return false;
+    const at = this.queue.offsetIn(buf);
+    if (at < 0 || at + REQUEST_LENGTH + req.length > buf.length) return false;
+    const got = this.queue.length - REQUEST_LENGTH;
+    this.queue.clear();
+    this.filling = { req, pooled: buf, base: at + REQUEST_LENGTH, got };
+    this.recvBuf = undefined;
+    this.wantRecvBuf = true;
+    this.lastRead = undefined;
+    return true;
+  }
+
   /** Copy what arrived of a large write's payload; true once it is complete and started. */
   private fill(): boolean {
     const f = this.filling!;
     const n = Math.min(this.queue.length, f.req.length - f.got);
-    this.queue.takeCopy(n, f.pooled.subarray(f.got));
+    this.queue.takeCopy(n, f.pooled.subarray(f.base + f.got));
     f.got += n;
     if (f.got < f.req.length) return false;
     this.filling = undefined;
-    this.onRequest(f.req, f.pooled.subarray(0, f.req.length), f.pooled);
+    this.onRequest(f.req, f.pooled.subarray(f.base, f.base + f.req.length), f.pooled);
     return true;
   }
 
@@ -562,6 +609,7 @@ export class ServerSession implements BudgetWaiter, DirectReader {
     }
     this.stream = fresh;
     this.direct = true;
+    this.adopting = !adoptDisabled();
     if (!spliceDisabled()) this.sockFd = socketFd(fresh, spliceTcp());
     this.listen(fresh);
     if (!this.paused) fresh.resume();
@@ -569,19 +617,21 @@ export class ServerSession implements BudgetWaiter, DirectReader {
 
   nextBuffer(): Buffer {
     const f = this.filling;
-    return f ? f.pooled.subarray(f.got, f.req.length) : SCRATCH;
+    if (f) return f.pooled.subarray(f.base + f.got, f.base + f.req.length);
+    if (this.wantRecvBuf && this.phase !== 'closed') this.recvBuf ??= sharedPool.acquire(ADOPT_SIZE);
+    return this.recvBuf ? this.recvBuf.subarray(0, SCRATCH_LENGTH) : SCRATCH;
   }
 
   received(n: number, buffer: Buffer): void {
     if (this.phase === 'closed') return;
     this.bytesReceived += n;
     const f = this.filling;
-    if (f && buffer.buffer === f.pooled.buffer && buffer.byteOffset === f.pooled.byteOffset + f.got) {
+    if (f && buffer.buffer === f.pooled.buffer && buffer.byteOffset === f.pooled.byteOffset + f.base + f.got) {
       // read in place: the payload's buffer
       f.got += n;
       if (f.got === f.req.length) {
         this.filling = undefined;
-        this.onRequest(f.req, f.pooled.subarray(0, f.req.length), f.pooled);
+        this.onRequest(f.req, f.pooled.subarray(f.base, f.base + f.req.length), f.pooled);
       }
       this.pump();
       return;
@@ -589,7 +639,16 @@ export class ServerSession implements BudgetWaiter, DirectReader {
     // The scratch buffer is read into again: what pump() leaves (a partial request) is copied.
     // Payloads taken from it are copied too (pump), headers are decoded at once.
     this.queue.push(buffer.subarray(0, n));
+    // this connection's own buffer (recvBuf) may become a large write's payload (adopt())
+    this.lastRead = this.recvBuf !== undefined && buffer.buffer === this.recvBuf.buffer && buffer.byteOffset === this.recvBuf.byteOffset ? this.recvBuf : undefined;
     this.pump();
+    if (this.lastRead !== undefined && this.filling === undefined && this.queue.length === 0 && this.recvBuf !== undefined) {
+      // a request boundary and no large write under way: back to the shared scratch buffer
+      sharedPool.release(this.recvBuf);
+      this.recvBuf = undefined;
+      this.wantRecvBuf = false;
+    }
+    this.lastRead = undefined;
     this.queue.own();
   }
 
@@ -1051,6 +1110,11 @@ const BATCH_MAX_PAYLOAD = 64 * 1024;
 /** BLKREP_NO_REPLY_BATCHING=1: one socket write per reply, as before batching (bench/serve-nbd compares the two). */
 function replyBatchingDisabled(): boolean {
   return envFlag('BLKREP_NO_REPLY_BATCHING');
+}
+
+/** BLKREP_NO_RECV_ADOPT=1: a large write's first part is copied out of the scratch buffer, as before adopt() (bench/serve-nbd's blkrep-noadopt row). */
+function adoptDisabled(): boolean {
+  return envFlag('BLKREP_NO_RECV_ADOPT');
 }
 
 /** BLKREP_NO_SPLICE=1: read replies are copied through a buffer, never spliced from the file (bench/serve-nbd's blkrep-copy row). */

@@ -15,6 +15,7 @@ import { CMD } from '../../src/nbd/constants.js';
 import { encodeRequest } from '../../src/nbd/codec.js';
 import { NbdServer } from '../../src/nbd/server.js';
 import { moveToDirectReceive } from '../../src/nbd/direct-receive.js';
+import { sharedPool } from '../../src/nbd/buffer-pool.js';
 import { RawClient, replyError } from '../support/raw-client.js';
 import { pattern, waitIdle, withTimeout } from './helpers.js';
 
@@ -44,6 +45,7 @@ beforeAll(async () => {
 });
 
 afterEach(() => {
+  vi.restoreAllMocks();
   delete process.env.BLKREP_NO_DIRECT_RECEIVE;
   for (const c of clients.splice(0)) c.destroy();
 });
@@ -142,6 +144,74 @@ describe('direct receive', () => {
     await waitIdle(srv);
     const check = await open();
     expect((await check.read(28 * MiB, d.length)).equals(d)).toBe(true);
+  });
+
+  it('after a large write, the read buffer that holds a large write\'s header becomes its payload: odd offsets and cuts, byte-exact', async () => {
+    const acquire = vi.spyOn(sharedPool, 'acquire');
+    const release = vi.spyOn(sharedPool, 'release');
+    const c = await open();
+    await c.ok(CMD.FLUSH);
+    // the first large write gives the connection a read buffer of its own (2 MiB)
+    const first = pattern(MiB, 51);
+    await c.ok(CMD.WRITE, { offset: 0, data: first });
+    const ownBuffers = () => acquire.mock.calls.filter(([n]) => n === 2 * MiB).length;
+    expect(ownBuffers()).toBe(1);
+    // Each piece: small requests, then a large write's header and the first part of its payload
+    // (the header at a different offset in the read each time), then the rest of that payload
+    // cut once more. The last large write does not fit after its header (2 MiB - 4 at offset
+    // > 0): copied as before.
+    const cases: Array<{ smalls: number; big: number; cut: number }> = [
+      { smalls: 0, big: MiB, cut: 1 },
+      { smalls: 1, big: MiB, cut: 100 * KiB },
+      { smalls: 3, big: MiB + 7, cut: 200 * KiB },
+      { smalls: 2, big: 256 * KiB, cut: 3 },
+      { smalls: 1, big: 2 * MiB - 4, cut: 64 * KiB },
+    ];
+    let cookie = 100n;
+    let at = 2 * MiB;
+    const expected: Array<[number, Buffer]> = [];
+    for (const [i, k] of cases.entries()) {
+      const frames: Buffer[] = [];
+      for (let j = 0; j < k.smalls; j++) {
+        const d = pattern(4 * KiB + j, 60 + i * 10 + j);
+        c.track(++cookie, CMD.WRITE, d.length);
+        frames.push(writeFrame(cookie, at, d));
+        expected.push([at, d]);
+        at += d.length;
+      }
+      const big = pattern(k.big, 90 + i);
+      c.track(++cookie, CMD.WRITE, big.length);
+      const bigFrame = writeFrame(cookie, at, big);
+      expected.push([at, big]);
+      at += big.length;
+      const head = Buffer.concat(frames).length;
+      // header and `cut` payload bytes in one piece with the small requests; the rest in two
+      await sendCut(c, Buffer.concat([...frames, bigFrame]), [head + 28 + k.cut, head + 28 + k.cut + Math.floor((k.big - k.cut) / 2)]);
+      for (let j = 0; j <= k.smalls; j++) expect(replyError(await c.readReply(cookie - BigInt(k.smalls - j)))).toBe(0);
+    }
+    for (const [off, d] of expected) expect((await c.read(off, d.length)).equals(d)).toBe(true);
+    expect((await c.read(0, MiB)).equals(first)).toBe(true);
+    // the four writes that fit were received in the connection's read buffer (each took a new one)
+    expect(ownBuffers()).toBe(5);
+    // every one went back to the pool: the payloads once written, the last read buffer after a
+    // read that ended on a request boundary (the connection holds none while it reads no large write)
+    const taken = acquire.mock.calls.filter(([n]) => n > MiB && n <= 2 * MiB).length; // also the 2 MiB - 4 payload and read reply
+    expect(release.mock.calls.filter(([b]) => b.length === 2 * MiB).length).toBe(taken);
+  });
+
+  it('a client that closes in the middle of a payload received in its read buffer leaves the server serving others', async () => {
+    const c = await open();
+    await c.ok(CMD.FLUSH);
+    await c.ok(CMD.WRITE, { offset: 0, data: pattern(MiB, 71) });
+    const before = pattern(MiB, 72);
+    await c.ok(CMD.WRITE, { offset: 4 * MiB, data: before });
+    await sendCut(c, writeFrame(5n, 4 * MiB, pattern(MiB, 73)).subarray(0, 28 + MiB / 2), [28 + 1000]);
+    c.destroy();
+    const w = await open();
+    expect((await w.read(4 * MiB, MiB)).equals(before)).toBe(true);
+    const again = pattern(MiB, 74);
+    await w.ok(CMD.WRITE, { offset: 4 * MiB, data: again });
+    expect((await w.read(4 * MiB, MiB)).equals(again)).toBe(true);
   });
 
   it('BLKREP_NO_DIRECT_RECEIVE=1 keeps the accepted socket, and writes still land', async () => {
