@@ -298,17 +298,19 @@ describe('the stall guard: beats that queued up while the primary was stopped gi
 });
 
 describe('fencing on the primary (--fencing, --on-no-quorum, resume-io) seen by qemu-io', () => {
-  async function peerKilled(pair: Pair): Promise<void> {
+  /** the secondary killed -9; resolves once the primary says its peer is dead (and, with `w`, once w has the peer-dead event: it may come after the status) */
+  async function peerKilled(pair: Pair, w?: { events: Array<{ event: string }> }): Promise<void> {
     pair.s.child.kill('SIGKILL');
     await pair.s.waitExit();
     await waitFor(async () => (await status(pair.pCtl)).heartbeat.state === 'dead', 'the primary to declare its peer dead', { timeoutMs: 10_000 });
+    if (w) await waitFor(() => w.events.find((e) => e.event === 'peer-dead'), 'the peer-dead event', { timeoutMs: 10_000 });
   }
 
   it('resource-and-stonith, hook exit 5 (unreachable): writes freeze; qemu-io waits until blkrep resume-io, then its write lands', async () => {
     const pair = await startPair({ pFencing: { policy: 'resource-and-stonith', exit: 5 } });
     const pw = await watch(pair.pCtl);
     try {
-      await peerKilled(pair);
+      await peerKilled(pair, pw);
       await waitFor(() => pw.events.find((e) => e.event === 'fence'), 'the primary\'s fence hook');
       // the secondary killed -9 drops the data link first: the primary freezes and fences then
       // (session 16); its peer declared dead later is the same outage, not fenced again
@@ -340,7 +342,7 @@ describe('fencing on the primary (--fencing, --on-no-quorum, resume-io) seen by 
     const pair = await startPair({ pFencing: { policy: 'resource-and-stonith', exit: 7 } });
     const pw = await watch(pair.pCtl);
     try {
-      await peerKilled(pair);
+      await peerKilled(pair, pw);
       await waitFor(() => pw.events.find((e) => e.event === 'io-resumed'), 'writes resumed after the hook');
       expect(fencing(pw)).toEqual(['io-suspended', 'fence', 'io-resumed']);
       expect(heartbeat(pw)).toEqual(['peer-suspect', 'peer-dead']);
@@ -357,7 +359,7 @@ describe('fencing on the primary (--fencing, --on-no-quorum, resume-io) seen by 
     const pair = await startPair({ pFencing: { policy: 'resource-only', exit: 5 } });
     const pw = await watch(pair.pCtl);
     try {
-      await peerKilled(pair);
+      await peerKilled(pair, pw);
       await waitFor(() => pw.events.find((e) => e.event === 'fence'), 'the fence hook');
       expect(fencing(pw)).toEqual(['fence']);
       expect(heartbeat(pw)).toEqual(['peer-suspect', 'peer-dead']);

@@ -27,6 +27,24 @@ import { makeTempDir, run, serve, unixUri, waitFor, type Served } from '../suppo
 
 const MiB = 1 << 20;
 
+/** A snapshot: DIR's files named PREFIX… copied into SNAP while the daemon `pid` is stopped (SIGSTOP … SIGCONT). Returns their names. */
+async function snapshot(dir: string, prefix: string, pid: number, snap: string): Promise<string[]> {
+  const mine = (await readdir(dir)).filter((f) => f.startsWith(prefix));
+  process.kill(pid, 'SIGSTOP');
+  try {
+    for (const f of mine) await copyFile(join(dir, f), join(snap, f));
+  } finally {
+    process.kill(pid, 'SIGCONT');
+  }
+  return mine;
+}
+
+/** The snapshot rolled back in place, as a file-system snapshot's rollback does: the same files (inodes) get their old contents, PREFIX… files made since are removed. */
+async function rollBack(dir: string, prefix: string, mine: string[], snap: string): Promise<void> {
+  for (const f of (await readdir(dir)).filter((x) => x.startsWith(prefix) && !mine.includes(x))) await rm(join(dir, f));
+  for (const f of mine) await copyFile(join(snap, f), join(dir, f));
+}
+
 describe('a secondary restarted on a snapshot of its disk from an earlier checkpoint', () => {
   it('epoch behind the primary\'s: a full resync, the disks equal (cmp)', async () => {
     const dir = await makeTempDir();
@@ -43,10 +61,7 @@ describe('a secondary restarted on a snapshot of its disk from an earlier checkp
       expect((await run('qemu-io', ['-f', 'raw', pUri, '-c', 'write -P 0x11 0 64k'])).code).toBe(0);
       expect((await request<{ epoch: number }>(p.pControl, 'checkpoint')).epoch).toBe(2);
       // the snapshot: the secondary stopped for the copy, its link untouched
-      const mine = (await readdir(dir)).filter((f) => f.startsWith('s.img'));
-      process.kill(s.pid, 'SIGSTOP');
-      for (const f of mine) await copyFile(join(dir, f), join(snap, f));
-      process.kill(s.pid, 'SIGCONT');
+      const mine = await snapshot(dir, 's.img', s.pid, snap);
       expect((await run('qemu-io', ['-f', 'raw', pUri, '-c', `write -P 0x22 ${MiB} 64k`])).code).toBe(0);
       expect((await request<{ epoch: number }>(p.pControl, 'checkpoint')).epoch).toBe(3);
       await s.stop('SIGKILL');
@@ -58,8 +73,7 @@ describe('a secondary restarted on a snapshot of its disk from an earlier checkp
       // rolled back in place, as a file-system snapshot's rollback does: the same files (inodes), their
       // old contents, the files made since gone (a restore into new files is refused while its hidden
       // disk is not the file the last run served with: test/pair/attack-restart-hidden.test.ts)
-      for (const f of (await readdir(dir)).filter((x) => x.startsWith('s.img') && !mine.includes(x))) await rm(join(dir, f));
-      for (const f of mine) await copyFile(join(snap, f), join(dir, f));
+      await rollBack(dir, 's.img', mine, snap);
       const ev = await eventsOf(p.pControl, 60_000);
       s = await serve(sArgs);
       await ev.next('replication-connected');
@@ -96,10 +110,7 @@ describe('a secondary restarted on a snapshot of its disk from an earlier checkp
       expect((await run('qemu-io', ['-f', 'raw', pUri, '-c', 'write -P 0x11 0 64k'])).code).toBe(0);
       expect((await request<{ epoch: number }>(p.pControl, 'checkpoint')).epoch).toBe(2);
       // the snapshot of the primary at checkpoint 2 (nothing asked beyond it)
-      const mine = (await readdir(dir)).filter((f) => f.startsWith('p.img'));
-      process.kill(a.pid, 'SIGSTOP');
-      for (const f of mine) await copyFile(join(dir, f), join(snap, f));
-      process.kill(a.pid, 'SIGCONT');
+      const mine = await snapshot(dir, 'p.img', a.pid, snap);
       // checkpoint 3 holds a write the snapshot lacks, in another activity-log extent (8 MiB)
       expect((await run('qemu-io', ['-f', 'raw', pUri, '-c', `write -P 0x22 ${8 * MiB} 64k`])).code).toBe(0);
       expect((await request<{ epoch: number }>(p.pControl, 'checkpoint')).epoch).toBe(3);
@@ -111,8 +122,7 @@ describe('a secondary restarted on a snapshot of its disk from an earlier checkp
       expect((await run('qemu-io', ['-f', 'raw', unixUri(p.sSock), '-c', `write -P 0x33 ${12 * MiB} 64k`])).code).toBe(0);
 
       // the old primary comes back on its snapshot, rolled back in place, as its secondary
-      for (const f of (await readdir(dir)).filter((x) => x.startsWith('p.img') && !mine.includes(x))) await rm(join(dir, f));
-      for (const f of mine) await copyFile(join(snap, f), join(dir, f));
+      await rollBack(dir, 'p.img', mine, snap);
       a = await serve([p.pImg, '--secondary', '--socket', p.pSock, '--control', p.pControl]);
       const ev = await eventsOf(p.sControl, 60_000);
       try {

@@ -37,6 +37,47 @@ async function setup() {
   return { dir, p, content, sArgs, pArgs, hidden: `${p.sImg}.hidden.qcow2` };
 }
 
+/**
+ * The stale-copy scenario's first half: the pair up to checkpoint 1; in epoch 2 X written (0x11;
+ * hidden keeps CP_1's X) and a copy of that hidden disk kept aside as DIR/stale-hidden.qcow2 (the
+ * secondary stopped for it, then back); checkpoint `epoch` taken (X = 0x11); Y written (0x22) in
+ * the next epoch; the primary stopped and the secondary killed -9.
+ */
+async function staleHiddenAside(
+  { dir, p, sArgs, pArgs, hidden }: Pick<Awaited<ReturnType<typeof setup>>, 'dir' | 'p' | 'sArgs' | 'pArgs' | 'hidden'>,
+  track: (s: Served) => Served,
+): Promise<{ stale: string; epoch: number }> {
+  let s = track(await serve(sArgs));
+  const pr = track(await serve(pArgs));
+  await firstCheckpoint(p.pControl, 60_000);
+  // epoch 2 runs: X written (hidden keeps CP_1's X); a copy of that hidden disk is kept aside
+  await writeFlushed(p.pSock, X, 0x11, LEN);
+  expect(await s.stop()).toBe(0);
+  const stale = join(dir, 'stale-hidden.qcow2');
+  await copyFile(hidden, stale);
+  s = track(await serve(sArgs));
+  await waitFor(async () => (await pairOf(p.pControl)).link === 'connected', 'the primary reconnected', { timeoutMs: 30_000 });
+  const cp = await runCli(['checkpoint', '--control', p.pControl, '--json']);
+  expect(cp.code, cp.stderr).toBe(0);
+  const epoch = (await pairOf(p.pControl)).epoch;
+  await writeFlushed(p.pSock, Y, 0x22, LEN);
+  expect(await pr.stop()).toBe(0);
+  s.child.kill('SIGKILL');
+  await s.waitExit();
+  return { stale, epoch };
+}
+
+/** The secondary started again: its failover gives checkpoint `epoch` exactly (X = 0x11, Y rolled back). */
+async function expectFailoverToCheckpoint({ p, content, sArgs }: Pick<Awaited<ReturnType<typeof setup>>, 'p' | 'content' | 'sArgs'>, epoch: number, track: (s: Served) => Served): Promise<void> {
+  const s2 = track(await serve(sArgs));
+  const r = await request<{ role: string; epoch: number }>(p.sControl, 'failover', {});
+  expect(r).toMatchObject({ role: 'primary', epoch });
+  expect(await s2.stop()).toBe(0);
+  const want = Buffer.from(content);
+  want.fill(0x11, X, X + LEN);
+  expect((await readFile(p.sImg)).equals(want)).toBe(true);
+}
+
 describe('attack: the secondary restarted with --hidden naming another file', () => {
   it('the hidden disk moved with its copies: the restore point is kept, failover gives the checkpoint exactly', async () => {
     const { dir, p, content, sArgs, pArgs, hidden } = await setup();
@@ -67,37 +108,14 @@ describe('attack: the secondary restarted with --hidden naming another file', ()
     const procs: Served[] = [];
     const track = (s: Served) => (procs.push(s), s);
     try {
-      let s = track(await serve(sArgs));
-      const pr = track(await serve(pArgs));
-      await firstCheckpoint(p.pControl, 60_000);
-      // epoch 2 runs: X written (hidden keeps CP_1's X); a copy of that hidden disk is kept aside
-      await writeFlushed(p.pSock, X, 0x11, LEN);
-      expect(await s.stop()).toBe(0);
-      const stale = join(dir, 'stale-hidden.qcow2');
-      await copyFile(hidden, stale);
-      s = track(await serve(sArgs));
-      await waitFor(async () => (await pairOf(p.pControl)).link === 'connected', 'the primary reconnected', { timeoutMs: 30_000 });
-      const cp = await runCli(['checkpoint', '--control', p.pControl, '--json']);
-      expect(cp.code, cp.stderr).toBe(0);
-      const epoch = (await pairOf(p.pControl)).epoch;
-      // CP_epoch: X = 0x11; then Y written in the next epoch
-      await writeFlushed(p.pSock, Y, 0x22, LEN);
-      expect(await pr.stop()).toBe(0);
-      s.child.kill('SIGKILL');
-      await s.waitExit();
+      const { stale, epoch } = await staleHiddenAside({ dir, p, sArgs, pArgs, hidden }, track);
       // refused at start, clearly (which file, which inode), nothing written
       const refused = await serve([...sArgs, '--hidden', stale]).catch((e: unknown) => e as Error);
       expect(refused).toBeInstanceOf(Error);
       expect((refused as Error).message).toContain('ERR_PAIR_OVERLAY');
       expect((refused as Error).message).toContain(`the hidden disk ${stale} is not the file this secondary last served with (${hidden}`);
       // with the right hidden disk: the failover gives CP_epoch exactly (X = 0x11, Y rolled back)
-      const s2 = track(await serve(sArgs));
-      const r = await request<{ role: string; epoch: number }>(p.sControl, 'failover', {});
-      expect(r).toMatchObject({ role: 'primary', epoch });
-      expect(await s2.stop()).toBe(0);
-      const want = Buffer.from(content);
-      want.fill(0x11, X, X + LEN);
-      expect((await readFile(p.sImg)).equals(want)).toBe(true);
+      await expectFailoverToCheckpoint({ p, content, sArgs }, epoch, track);
     } finally {
       for (const x of procs) await x.stop().catch(() => {});
     }
@@ -108,23 +126,7 @@ describe('attack: the secondary restarted with --hidden naming another file', ()
     const procs: Served[] = [];
     const track = (s: Served) => (procs.push(s), s);
     try {
-      let s = track(await serve(sArgs));
-      const pr = track(await serve(pArgs));
-      await firstCheckpoint(p.pControl, 60_000);
-      // epoch 2 runs: X written (hidden keeps CP_1's X); a copy of that hidden disk is kept aside
-      await writeFlushed(p.pSock, X, 0x11, LEN);
-      expect(await s.stop()).toBe(0);
-      const stale = join(dir, 'stale-hidden.qcow2');
-      await copyFile(hidden, stale);
-      s = track(await serve(sArgs));
-      await waitFor(async () => (await pairOf(p.pControl)).link === 'connected', 'the primary reconnected', { timeoutMs: 30_000 });
-      const cp = await runCli(['checkpoint', '--control', p.pControl, '--json']);
-      expect(cp.code, cp.stderr).toBe(0);
-      const epoch = (await pairOf(p.pControl)).epoch;
-      await writeFlushed(p.pSock, Y, 0x22, LEN);
-      expect(await pr.stop()).toBe(0);
-      s.child.kill('SIGKILL');
-      await s.waitExit();
+      const { stale, epoch } = await staleHiddenAside({ dir, p, sArgs, pArgs, hidden }, track);
       // the stale copy written over the hidden disk in place, the right one kept aside
       const right = join(dir, 'right-hidden.qcow2');
       await copyFile(hidden, right);
@@ -142,13 +144,7 @@ describe('attack: the secondary restarted with --hidden naming another file', ()
       // the right hidden disk back in place: the failover gives CP_epoch exactly (X = 0x11, Y rolled back)
       await copyFile(right, hidden);
       expect((await stat(hidden)).ino).toBe(ino);
-      const s2 = track(await serve(sArgs));
-      const r = await request<{ role: string; epoch: number }>(p.sControl, 'failover', {});
-      expect(r).toMatchObject({ role: 'primary', epoch });
-      expect(await s2.stop()).toBe(0);
-      const want = Buffer.from(content);
-      want.fill(0x11, X, X + LEN);
-      expect((await readFile(p.sImg)).equals(want)).toBe(true);
+      await expectFailoverToCheckpoint({ p, content, sArgs }, epoch, track);
       // the hidden disk with blkrep's stamp extension is a clean qcow2 for QEMU
       const chk = await run('qemu-img', ['check', '-f', 'qcow2', hidden]);
       expect(chk.code, chk.stdout + chk.stderr).toBe(0);
