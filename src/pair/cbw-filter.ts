@@ -28,6 +28,11 @@
  * itself may leave non-overlapping writes of the moment applied in any order (the page cache
  * never promised more): that disk is resynced by the primary's peer bitmap, and the hidden disk
  * still holds the checkpoint.
+ * A sync primary (`ordered` false, from its hello) needs none of that: it has no write in flight
+ * that depends on another in flight, so a request's disk write waits only for the earlier
+ * requests it overlaps (their disk writes completed, or they failed), not for every earlier
+ * request's copy — a first touch's copy (one to two qcow2 writeback cycles) no longer holds up the
+ * writes behind it — and a failure fails only its own request.
  */
 import type { BlockNode, CompleteBlockNode, WriteOptions, ZeroOptions } from '../api/block.js';
 import { BlkrepError } from '../api/errors.js';
