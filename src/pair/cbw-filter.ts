@@ -28,6 +28,11 @@
  * itself may leave non-overlapping writes of the moment applied in any order (the page cache
  * never promised more): that disk is resynced by the primary's peer bitmap, and the hidden disk
  * still holds the checkpoint.
+ * A sync primary (`ordered` false, from its hello) needs none of that: it has no write in flight
+ * that depends on another in flight, so a request's disk write waits only for the earlier
+ * requests it overlaps (their disk writes completed, or they failed), not for every earlier
+ * request's copy — a first touch's copy (one to two qcow2 writeback cycles) no longer holds up the
+ * writes behind it — and a failure fails only its own request.
  */
 import type { BlockNode, CompleteBlockNode, WriteOptions, ZeroOptions } from '../api/block.js';
 import { BlkrepError } from '../api/errors.js';
@@ -35,6 +40,45 @@ import { Filter } from '../block/filter.js';
 import { freeBufferNow } from '../util/free-buffer.js';
 import { REPLICA_MAX_INFLIGHT } from './data-token.js';
 import { gated, WriteGate } from './write-gate.js';
+import { writeFileSync } from 'node:fs';
+import { cycleStats } from '../block/qcow2/image.js';
+import { syncStats } from '../block/qcow2/file.js';
+
+/**
+ * BLKREP_CBW_STATS=<dir>: the filter writes its write-path figures to <dir>/cbw-<pid>.json each
+ * second (bench/pair-style investigations of issue 10's first-touch cost; off by default, no cost then).
+ */
+const STATS_DIR = process.env['BLKREP_CBW_STATS'];
+const hist = (): number[] => new Array<number>(16).fill(0);
+/** log2 buckets of ms: <0.125, <0.25, … */
+const bucket = (ms: number): number => Math.max(0, Math.min(15, Math.floor(Math.log2(Math.max(ms, 1e-3) * 8)) + 1));
+class CbwStats {
+  requests = 0;
+  firstTouch = 0;
+  copies = 0;
+  copyMs = 0;
+  copyReadMs = 0;
+  copyWriteMs = 0;
+  /** from apply() to the disk write's issue, first touches / the rest */
+  issueFT = hist();
+  issueRest = hist();
+  issueFTms = 0;
+  issueRestMs = 0;
+  /** the rest that waited ≥ 0.5 ms for their issue (behind an earlier request) */
+  restBlocked = 0;
+  copyHist = hist();
+  diskMs = 0;
+  constructor() {
+    const t = setInterval(() => {
+      try {
+        writeFileSync(`${STATS_DIR}/cbw-${process.pid}.json`, JSON.stringify({ ...this, cycles: cycleStats, syncs: syncStats }));
+      } catch {
+        /* best effort */
+      }
+    }, 1000);
+    t.unref();
+  }
+}
 
 /**
  * Cluster buffers kept for copies: as many as the writer's requests in flight (128 × 64 KiB =
@@ -61,8 +105,17 @@ export class CbwFilter extends Filter {
   bypass = false;
   /** the last request's disk write: true once issued, false when the request failed before it (the order chain) */
   private tail: Promise<boolean> = Promise.resolve(true);
-  /** disk writes issued and not yet completed */
-  private readonly onDisk = new Set<{ offset: number; end: number; done: Promise<unknown> }>();
+  /** requests taken and not yet finished (their disk write completed, or they failed before it), in arrival order */
+  private readonly arrived = new Set<{ offset: number; end: number; done: Promise<void> }>();
+  /**
+   * Issue the disk writes in arrival order (the order chain): what an async primary's pipelined
+   * forwards need (replication-filter.ts `ordered`). False while the connected primary replicates
+   * sync (its hello's `protocol`): it never has a write in flight that depends on another in
+   * flight (a write that started after another completed was sent after that one's reply), so a
+   * request's disk write waits only for the earlier requests it overlaps, not for every earlier
+   * one's copy-before-write. Taken per request on arrival; true by default.
+   */
+  ordered = true;
   /** requests in the order chain */
   private queued = 0;
   /**
@@ -78,6 +131,7 @@ export class CbwFilter extends Filter {
   private readonly maxRun: number;
   /** the precopies running: told that a writer waits for cluster `c`, being copied (copyOnce) */
   private readonly claimWaits = new Set<(c: number) => void>();
+  private readonly stats = STATS_DIR ? new CbwStats() : undefined;
 
   constructor(
     next: BlockNode,
@@ -270,32 +324,54 @@ export class CbwFilter extends Filter {
     return this.apply(offset, length, () => this.next.trim(offset, length, o));
   }
 
-  /** Copy the old clusters, then write the disk once the request before this one was issued. */
+  /**
+   * Copy the old clusters, then write the disk once every earlier request it overlaps has
+   * finished and (ordered) the request before this one was issued.
+   */
   private apply(offset: number, length: number, op: () => Promise<void>): Promise<void> {
     // the place in the chain is taken now, in the caller's order (before any await)
     const before = this.tail;
+    const ordered = this.ordered;
     let issued!: (ok: boolean) => void;
     this.tail = new Promise<boolean>((r) => (issued = r));
     this.queued++;
+    const end = offset + length;
+    // the earlier requests this one overlaps, as they arrived: its disk write goes after theirs
+    const overlap = this.overlapping(offset, end);
+    let finished!: () => void;
+    const mine = { offset, end, done: new Promise<void>((r) => (finished = r)) };
+    this.arrived.add(mine);
+    const st = this.stats;
+    const t0 = st ? performance.now() : 0;
     return gated(this.gate, async () => {
-      if (!this.bypass && !this.allCopied(offset, length)) await this.copyOld(offset, length);
-      if (!(await before)) {
+      const ft = !this.bypass && !this.allCopied(offset, length);
+      if (ft) await this.copyOld(offset, length);
+      if (ordered && !(await before)) {
         throw new BlkrepError('ERR_PAIR_ORDER', `a replica write before this one (${length} bytes at offset ${offset}) failed: later writes are not applied, so the disk stays a state the primary's was in`, {
           errno: 'EIO',
           details: { offset, length },
         });
       }
-      const end = offset + length;
-      for (let overlap = this.overlapping(offset, end); overlap; overlap = this.overlapping(offset, end)) await Promise.allSettled(overlap);
-      const write = { offset, end, done: this.toDisk(op) };
-      this.onDisk.add(write);
-      issued(true);
-      try {
-        await write.done;
-      } finally {
-        this.onDisk.delete(write);
+      if (overlap) await Promise.all(overlap);
+      if (st) {
+        const ms = performance.now() - t0;
+        st.requests++;
+        if (ft) {
+          st.firstTouch++;
+          st.issueFT[bucket(ms)]!++;
+          st.issueFTms += ms;
+        } else {
+          st.issueRest[bucket(ms)]!++;
+          st.issueRestMs += ms;
+          if (ms >= 0.5) st.restBlocked++;
+        }
       }
+      const done = this.toDisk(op);
+      issued(true);
+      await done;
     }).finally(() => {
+      this.arrived.delete(mine);
+      finished();
       this.queued--;
       // the chain is empty: the next request starts a new one (a failure poisons only its followers)
       if (this.queued === 0) this.tail = Promise.resolve(true);
@@ -303,10 +379,10 @@ export class CbwFilter extends Filter {
     });
   }
 
-  /** The completions of the disk writes in flight that overlap [offset, end), or null when none does (no allocation on the common path). */
-  private overlapping(offset: number, end: number): Array<Promise<unknown>> | null {
-    let found: Array<Promise<unknown>> | null = null;
-    for (const w of this.onDisk) {
+  /** The completions of the requests taken and not finished that overlap [offset, end), or null when none does (no allocation on the common path). */
+  private overlapping(offset: number, end: number): Array<Promise<void>> | null {
+    let found: Array<Promise<void>> | null = null;
+    for (const w of this.arrived) {
       if (w.offset < end && offset < w.end) (found ??= []).push(w.done);
     }
     return found;
@@ -425,10 +501,25 @@ export class CbwFilter extends Filter {
     }
     try {
       const old = buf.subarray(0, length);
+      const st = this.stats;
+      const t0 = st ? performance.now() : 0;
       // bulk: a run's read (up to 1 MiB) is tried on the loop with RWF_NOWAIT, as a single
       // cluster's 64 KiB is, not sent through the thread pool (raw.ts BULK_NOWAIT_MAX)
       await this.next.readInto(at, old, n === 1 ? undefined : { bulk: true });
-      await this.hidden.write(at, old, { fua: true });
+      const t1 = st ? performance.now() : 0;
+      if (st) {
+        // the same as FUA (qcow2 node.ts: write, then the image's flush), timed apart
+        await this.hidden.write(at, old);
+        st.copyWriteMs += performance.now() - t1;
+        await this.hidden.flush();
+      } else await this.hidden.write(at, old, { fua: true });
+      if (st) {
+        const t2 = performance.now();
+        st.copies++;
+        st.copyReadMs += t1 - t0;
+        st.copyMs += t2 - t0;
+        st.copyHist[bucket(t2 - t0)]!++;
+      }
       // only after a success: a failed write may still hold the buffer
       if (pool.length < (n === 1 ? SPARE_BUFFERS : SPARE_RUN_BUFFERS)) pool.push(buf);
       else freeBufferNow(buf);

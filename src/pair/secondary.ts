@@ -661,6 +661,9 @@ export class SecondaryRole implements PairRole {
     const sameFullSync = decision.action === 'resync-full' && !salvageFirst && s.fullSyncFrom?.nodeId === m.nodeId && s.fullSyncFrom.gen === m.gi.current;
     this.link = ch;
     this.peerHello = { gi: m.gi, protocol: m.protocol, nodeId: m.nodeId };
+    // a sync primary has no write in flight that depends on another in flight: the replica export
+    // need not issue its disk writes in arrival order (cbw-filter.ts `ordered`), only overlaps
+    if (this.cbw) this.cbw.ordered = m.protocol !== 'sync';
     void (async () => {
       if (salvageFirst) {
         let overlay: string | null;

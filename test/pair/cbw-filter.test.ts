@@ -3,7 +3,8 @@
  * cluster copies its old content to hidden (FUA) before the disk is written; a failed copy fails
  * the request and leaves the disk unchanged (failure case 3); concurrent writers to one cluster
  * copy once; reset() starts a new epoch; the gate holds writes; disk writes are issued in arrival
- * order (overlapping ones completed in it), and a failure fails the requests queued behind it.
+ * order (overlapping ones completed in it), and a failure fails the requests queued behind it;
+ * unordered (a sync primary), a request waits only for the earlier ones it overlaps.
  * Concurrent copies into a real qcow2 hidden disk share its syncs (group commit).
  */
 import { join } from 'node:path';
@@ -228,6 +229,51 @@ describe('copy-before-write filter', () => {
     await Promise.all([a, b, c]);
     expect(disk.log.filter((r) => r.op === 'write').map((r) => r.offset)).toEqual([C, 3 * C, C + 5]);
     expect((await diskMem.read(C, 15)).equals(Buffer.concat([Buffer.alloc(5, 0x22), Buffer.alloc(10, 0x44)]))).toBe(true);
+  });
+
+  it('unordered (a sync primary): a request needing no copy is written while an earlier one copies; one overlapping that earlier request waits for its disk write', async () => {
+    const gate = new Gate();
+    const { disk, cbw } = setup({ gate, gateOps: ['write'] });
+    await fill(disk, 0x11);
+    cbw.markCopied(2 * C, C);
+    cbw.ordered = false;
+    gate.close();
+    const a = cbw.write(C, Buffer.alloc(10, 0x22)); // its copy into hidden is held
+    const b = cbw.write(2 * C, Buffer.alloc(10, 0x33)); // nothing to copy, no overlap: not held by a
+    const c = cbw.write(C + 5, Buffer.alloc(10, 0x44)); // overlaps a (same cluster): after a's disk write
+    await gate.waitEntered(1);
+    await b;
+    expect((await disk.read(2 * C, 10)).equals(Buffer.alloc(10, 0x33))).toBe(true);
+    for (let i = 0; i < 10; i++) await new Promise((r) => setImmediate(r));
+    expect((await disk.read(C, 15)).equals(Buffer.alloc(15, 0x11))).toBe(true);
+    expect(cbw.writesInFlight).toBe(2);
+    gate.open();
+    await Promise.all([a, c]);
+    expect((await disk.read(C, 15)).equals(Buffer.concat([Buffer.alloc(5, 0x22), Buffer.alloc(10, 0x44)]))).toBe(true);
+    expect(cbw.writesInFlight).toBe(0);
+  });
+
+  it('unordered: a failed copy fails only its own request (no ERR_PAIR_ORDER); an overlapping later one copies and is applied', async () => {
+    let failing = true;
+    const diskMem = new MemoryNode(8 * C);
+    await fill(diskMem, 0x11);
+    const hiddenMem = new MemoryNode(8 * C);
+    const hidden = completeNode(hiddenMem);
+    const errors: BlkrepError[] = [];
+    const failOnce = { ...hidden, write: (o: number, d: Buffer, w?: Parameters<MemoryNode['write']>[2]) => (failing ? Promise.reject(Object.assign(new Error('EIO'), { errno: 'EIO' })) : hidden.write(o, d, w)) };
+    const cbw = new CbwFilter(diskMem, failOnce, C, (e) => errors.push(e));
+    cbw.markCopied(2 * C, C);
+    cbw.ordered = false;
+    const a = cbw.write(C, Buffer.alloc(10, 0x22));
+    const b = cbw.write(2 * C, Buffer.alloc(10, 0x33));
+    await expect(a).rejects.toMatchObject({ code: 'ERR_PAIR_CBW' });
+    await b;
+    failing = false;
+    await cbw.write(C + 5, Buffer.alloc(10, 0x44));
+    expect((await diskMem.read(C, 15)).equals(Buffer.concat([Buffer.alloc(5, 0x11), Buffer.alloc(10, 0x44)]))).toBe(true);
+    expect((await diskMem.read(2 * C, 10)).equals(Buffer.alloc(10, 0x33))).toBe(true);
+    expect((await hiddenMem.read(C, C)).equals(Buffer.alloc(C, 0x11))).toBe(true);
+    expect(errors.map((e) => e.code)).toEqual(['ERR_PAIR_CBW']);
   });
 
   it('concurrent first-touch copies into a qcow2 hidden disk share its syncs (group commit), and hidden keeps every old cluster', async () => {

@@ -64,6 +64,8 @@ function warnStderr(message: string): void {
 
 export const DEFAULT_L2_CACHE = 16 * 1024 * 1024;
 export const DEFAULT_REFCOUNT_CACHE = 4 * 1024 * 1024;
+/** writeback cycles of every image of this process (count, time): for BLKREP_CBW_STATS (cbw-filter.ts) */
+export const cycleStats = { cycles: 0, ms: 0 };
 /** a writeback cycle starts on its own once this many frees wait */
 const FREES_BEFORE_WRITEBACK = 4096;
 
@@ -415,6 +417,16 @@ export class Qcow2Image {
 
   /** One writeback cycle; the caller holds cycleLock. */
   async writeback(): Promise<void> {
+    const t0 = performance.now();
+    try {
+      await this.writebackOnce();
+    } finally {
+      cycleStats.cycles++;
+      cycleStats.ms += performance.now() - t0;
+    }
+  }
+
+  private async writebackOnce(): Promise<void> {
     if (this.corruption) throw this.corruption;
     const rc = this.rc;
     const blocks = rc.captureBlocks();
