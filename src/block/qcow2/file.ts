@@ -20,10 +20,10 @@ import { ImageLock, lockPerms, type LockPerms } from '../image-lock.js';
 import { loadNative, type SparseOps } from '../native.js';
 import { WRITE_BATCH_MAX, WriteBatcher } from '../write-batch.js';
 
-/** What the qcow2 driver needs from the file it lives in (a test can supply another one). */
 /** fdatasyncs of qcow2 files in this process (count, time from the call to its callback): for BLKREP_CBW_STATS */
 export const syncStats = { syncs: 0, ms: 0 };
 
+/** What the qcow2 driver needs from the file it lives in (a test can supply another one). */
 export interface Qcow2Container {
   readonly path: string;
   readonly readOnly: boolean;
