@@ -56,6 +56,7 @@ const LAZY_BUILTINS_COMMANDS = /^(node:)?(child_process|perf_hooks|readline|cryp
 const PLUGIN_MATCH = '(0, minimatch_1.minimatch)(p, w)';
 const NODE_CHECK = '\ncheckNodeVersion();\n';
 const PICOMATCH_CHECK = '\n\trequire.resolve("picomatch");\n';
+const CONFIG_RELOAD = '        if (isConfig(opts)) {\n';
 const startupPlugin = (lazy) => ({
   name: 'blkrep-startup',
   setup(build) {
@@ -74,6 +75,20 @@ const startupPlugin = (lazy) => ({
       const source = readFileSync(args.path, 'utf8');
       if (!source.includes(PICOMATCH_CHECK)) return undefined;
       return { contents: source.replace(PICOMATCH_CHECK, '\n'), loader: 'js' };
+    });
+    // Command.run() loads the Config it is given again (a new Config with the same plugins: root
+    // plugin, platform, shell, dirs, theme.json read, plugins' commands and topics indexed anew),
+    // so that a command built against another @oclif/core gets a Config of its own version's class.
+    // A Config of this very class (one @oclif/core for blkrep and the plugins: bin/run.js) is
+    // returned as it is: the same values, loaded once. A Config of another copy is loaded again as
+    // before.
+    build.onLoad({ filter: /[\\/]@oclif[\\/]core[\\/]lib[\\/]config[\\/]config\.js$/ }, (args) => {
+      const source = readFileSync(args.path, 'utf8');
+      if (!source.includes(CONFIG_RELOAD)) {
+        console.log(`${args.path}: no ${JSON.stringify(CONFIG_RELOAD)} (a newer @oclif/core?): Command.run() loads its Config again as before`);
+        return undefined;
+      }
+      return { contents: source.replace(CONFIG_RELOAD, `        if (opts instanceof Config && opts.rootPlugin)\n            return opts;\n${CONFIG_RELOAD}`), loader: 'js' };
     });
     build.onLoad({ filter: /[\\/]@oclif[\\/]core[\\/]lib[\\/]config[\\/]plugin-loader\.js$/ }, (args) => {
       const source = readFileSync(args.path, 'utf8');

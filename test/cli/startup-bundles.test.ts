@@ -240,6 +240,21 @@ describe('a bundled command before the plugins load', () => {
     expect(full.stdout).toBe(fast.stdout);
   });
 
+  it('a command runs on the Config oclif loaded, not on a second load of it (node_modules oclif loads it twice)', async () => {
+    const dir = await makeTempDir();
+    const img = join(dir, 'disk.qcow2');
+    await run('qemu-img', ['create', '-q', '-f', 'qcow2', img, '5M']);
+    const once = await runCli(['info', img, '--json'], { env: oclifDebug() });
+    expect(once.code, once.stderr).toBe(0);
+    expect(once.stderr.match(/oclif:config config done$/gm)).toHaveLength(1);
+    expect(once.stderr).not.toContain('reloading config');
+    const twice = await runCli(['info', img, '--json'], { env: oclifDebug({ BLKREP_OCLIF_BUNDLE: '0' }) });
+    expect(twice.code, twice.stderr).toBe(0);
+    expect(twice.stderr).toContain('reloading config');
+    expect(twice.stderr.match(/oclif:config config done$/gm)).toHaveLength(2);
+    expect(twice.stdout).toBe(once.stdout);
+  });
+
   it('serve-nbd loads them at its blkrep:register hook: it listens through the unix transport plugin', async () => {
     const dir = await makeTempDir();
     const img = join(dir, 'disk.raw');
