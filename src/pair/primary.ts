@@ -514,7 +514,8 @@ export class PrimaryRole implements PairRole {
         // secondary says full again on the next hello (no generation yet), with resumeFull when its
         // disk is this copy (state.ts fullSyncFrom), and the copy goes on from the peer bitmap
         stableIntervalMs: RESYNC_STABLE_INTERVAL_MS,
-        ...(full ? {} : { writebackBytes: resyncWritebackBytes(bytes) }),
+        // the last interval's flush skipped: the consistency flush waited for it (24–41 ms at 4 GiB)
+        ...(full ? {} : { writebackBytes: resyncWritebackBytes(bytes), writebackSkipTail: true }),
         onStable: (granules: DirtyBitmap) => this.resyncProgress(granules),
         onConsistent: async () => {
           // the secondary equals the disk and writes wait: forward from here on. No flush here: the

@@ -605,6 +605,33 @@ describe('the model\'s findings, checked on the implementation', () => {
     }
   });
 
+  it('writebackSkipTail: no write-back flush once less than writebackBytes is left to copy (the consistency flush follows)', async () => {
+    // 8 MiB of data copied 1 MiB at a time, one operation in flight, a write-back flush every 5 MiB:
+    // the flush due after 5 MiB finds 3 MiB left (2 dirty, 1 in flight)
+    const source = new MemoryNode(8 * MiB);
+    await source.write(0, Buffer.alloc(8 * MiB, 0x6b));
+    const src = await readAll(source);
+    for (const writebackSkipTail of [false, true]) {
+      const target = new TestDisk(8 * MiB, 65536, { cache: true });
+      const job = new MirrorJob({ source, target, maxOps: 1, bufSize: MiB, writebackBytes: 5 * MiB, writebackSkipTail });
+      const atFlush: number[] = [];
+      let flushes = 0;
+      target.onChange = () => {
+        if (target.counts.flush === flushes) return;
+        flushes = target.counts.flush;
+        atFlush.push(target.counts.writeBytes);
+      };
+      job.start();
+      await whenReady(job);
+      await job.complete();
+      expect(target.counts.writeBytes).toBe(8 * MiB);
+      // the flushes that took effect before the copy ended: the one issued at 5 MiB without the option, none with it
+      expect(atFlush.filter((n) => n < 8 * MiB)).toHaveLength(writebackSkipTail ? 0 : 1);
+      await target.crash();
+      expect(firstDifference(await readAll(target.disk), src)).toBe(-1);
+    }
+  });
+
   it('finding 2: never two copies of one granule in flight, even when a granule is rewritten during its copy', async () => {
     const source = await seededSource(4 * MiB, 16);
     const target = new TestDisk(4 * MiB);

@@ -79,7 +79,7 @@ async function scripted(size: number) {
   const disk = hookNode(completeNode(new MemoryNode(size)));
   const filter = new ReplicationFilter(disk, { protocol: 'sync' });
   const events: Array<{ event: string; [k: string]: unknown }> = [];
-  const p = await PrimaryRole.start({ exportName: '', imagePath: join(dir, 'p.img'), filter, uri: unixUri(socket), publish: (event, fields) => events.push({ event, ...fields }) });
+  const p = await PrimaryRole.start({ exportName: '', imagePath: join(dir, 'p.img'), filter, uri: unixUri(socket), publish: (event, fields) => events.push({ event, ...fields, logAt: sDisk.log.length }) });
   await waitFor(() => events.some((e) => e.event === 'checkpoint'), 'checkpoint 1');
   return {
     disk,
@@ -120,6 +120,28 @@ describe('a bitmap resync on the primary', () => {
       expect(flushesAmid).toBeGreaterThanOrEqual(1);
       expect(log.filter((r) => r.op === 'write').reduce((n, r) => n + r.length, 0)).toBe(24 * MiB);
       expect((await t.sDisk.read(0, 32 * MiB)).equals(await t.disk.read(0, 32 * MiB))).toBe(true);
+    } finally {
+      await t.close();
+    }
+  }, 60_000);
+
+  it('issues no write-back flush once less than an interval is left to copy (the consistency flush follows)', async () => {
+    const t = await scripted(48 * MiB);
+    try {
+      await t.relink();
+      // 19 MiB dirty in scattered 64 KiB blocks (operations of 64 KiB, 4 MiB in flight), a flush once 8 MiB
+      // more were sent: the one at 8 MiB (~15 MiB not written yet), none at 16 (~7 MiB, 3 of them not
+      // sent): the drain's flush writes those
+      for (let i = 0; i < 304; i++) await t.filter.write(i * 128 * K, Buffer.alloc(64 * K, 0x40 + (i % 64)));
+      const from = t.sDisk.log.length;
+      t.release();
+      await t.resynced();
+      // the secondary's log up to the resync's end: the write-back flush at 8 MiB and the consistency flush
+      const done = t.events.find((e) => e.event === 'resync-done' && e.full === false)!;
+      const log = t.sDisk.log.slice(from, done.logAt as number);
+      expect(log.filter((r) => r.op === 'flush')).toHaveLength(2);
+      expect(log.filter((r) => r.op === 'write').reduce((n, r) => n + r.length, 0)).toBe(19 * MiB);
+      expect((await t.sDisk.read(0, 48 * MiB)).equals(await t.disk.read(0, 48 * MiB))).toBe(true);
     } finally {
       await t.close();
     }

@@ -152,6 +152,14 @@ export interface MirrorOptions extends Omit<JobOptions, 'id'> {
    * cache back during the copy instead of all at the last flush. Not a consistency point.
    */
   writebackBytes?: number;
+  /**
+   * With writebackBytes: no write-back flush once less than writebackBytes is left to copy (the
+   * granules dirty and the operations in flight): the consistency flush
+   * follows soon and writes the rest, and a write-back flush still running when the last copy
+   * completes holds that flush back (one flush at a time). Default false (a plain mirror's last
+   * flush should not write back up to twice writebackBytes); a pair's bitmap resync sets it.
+   */
+  writebackSkipTail?: boolean;
 }
 
 interface CopyOp {
@@ -233,6 +241,9 @@ export class MirrorJob extends Job {
   private readonly consistentHook: MirrorOptions['onConsistent'];
   private readonly stableIntervalMs: number;
   private readonly writebackBytes: number;
+  private readonly writebackSkipTail: boolean;
+  /** bytes of the copy operations in flight */
+  private opBytes = 0;
   /** the data bytes written to the target (io.counters.dataBytes) when the last flush was issued */
   private dataBytesAtFlush = 0;
   private readonly phase: Phase<MirrorPhase>;
@@ -316,6 +327,7 @@ export class MirrorJob extends Job {
     this.stableIntervalMs = options.stableIntervalMs ?? 0;
     this.writebackBytes = options.writebackBytes ?? DEFAULT_WRITEBACK_BYTES;
     if (!Number.isSafeInteger(this.writebackBytes) || this.writebackBytes < 0) throw badOption(`write-back flush every ${this.writebackBytes} bytes: expected a whole number of bytes, 0 for never`);
+    this.writebackSkipTail = options.writebackSkipTail ?? false;
 
     this.source = source;
     this.target = completeNode(target);
@@ -536,6 +548,7 @@ export class MirrorJob extends Job {
     this.inflight.setBits(first, end);
     const offset = first * this.granularity;
     const length = Math.min(end * this.granularity, this.size) - offset;
+    this.opBytes += length;
     return { first, end, offset, length, reserved: Math.min(length, this.bufSize) };
   }
 
@@ -553,6 +566,7 @@ export class MirrorJob extends Job {
       this.inflight.clearBits(op.first, op.end);
       this.locked.clearBits(op.first, op.end);
     } finally {
+      this.opBytes -= op.length;
       this.sched.done();
     }
     if (failed !== undefined) {
@@ -623,6 +637,8 @@ export class MirrorJob extends Job {
   private maybeWritebackFlush(): void {
     if (this.consistency.flushing || !this.phase.is('copying') || this.consistency.pendingGranules === 0 || this.dirty.dirtyGranules === 0) return;
     if (this.io.counters.dataBytes - this.dataBytesAtFlush < this.writebackBytes) return;
+    // the tail: the consistency flush writes the rest back soon, and would wait for this one
+    if (this.writebackSkipTail && this.dirty.dirtyBytes + this.opBytes < this.writebackBytes) return;
     this.startFlush(false, false);
   }
 
