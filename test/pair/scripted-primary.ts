@@ -26,6 +26,8 @@ export interface LinkOptions {
   role?: 'primary' | 'secondary';
   /** the primary's node id (default: a new one per link) */
   nodeId?: string;
+  /** answer the secondary's pings as a live primary does (default: silent, as a dead one) */
+  answerPings?: boolean;
 }
 
 export interface ScriptedPrimary {
@@ -46,7 +48,15 @@ export async function openLink(socket: string, o: LinkOptions): Promise<Scripted
   const opened = await openExtension(await connectUnix(socket), OPT_BLKREP_PAIR_LINK, Buffer.from(JSON.stringify({ exportName })));
   const received: PairMessage[] = [];
   const nodeId = o.nodeId ?? randomUUID();
-  const channel = new PairChannel(opened.connection.stream, socket, (m) => received.push(m), opened.rest);
+  const channel = new PairChannel(
+    opened.connection.stream,
+    socket,
+    (m, ch) => {
+      received.push(m);
+      if (o.answerPings && m.type === 'ping' && ch.isOpen) ch.send({ type: 'pong', t: m.t });
+    },
+    opened.rest,
+  );
   const answer = await channel.request<PairMessage>(
     {
       type: 'hello',
