@@ -133,8 +133,12 @@ export function validateState(v: unknown, path: string): PairState {
   if (s.nodeId === '') throw bad('has an empty nodeId');
   if (!ROLES.includes(s.role as string)) throw bad(`has role ${JSON.stringify(s.role)} (one of ${ROLES.join(', ')})`);
   if (!Number.isSafeInteger(s.epoch) || s.epoch < 0) throw bad(`has epoch ${s.epoch}, not a non-negative integer`);
-  if (s.committing !== null && s.committing !== s.epoch + 1) {
-    throw bad(`has checkpoint ${JSON.stringify(s.committing)} committing with epoch ${s.epoch}: a checkpoint being committed is always epoch + 1 (${s.epoch + 1})`);
+  // a checkpoint being committed is past the epoch, not always epoch + 1: a primary numbers its
+  // next checkpoint after its own epoch when that is ahead of this disk's (a restored or replaced
+  // secondary, a failback's lag); a crash in steps 5–7 of it must restart, not be refused
+  // (test/pair/attack-checkpoint-number-gap.test.ts)
+  if (s.committing !== null && (typeof s.committing !== 'number' || !Number.isSafeInteger(s.committing) || s.committing <= s.epoch)) {
+    throw bad(`has checkpoint ${JSON.stringify(s.committing)} committing with epoch ${s.epoch}: a checkpoint being committed is past the epoch (at least ${s.epoch + 1})`);
   }
   if (!DISK_STATES.includes(s.diskState as string)) throw bad(`has disk state ${JSON.stringify(s.diskState)} (one of ${DISK_STATES.join(', ')})`);
   if (typeof s.cleanShutdown !== 'boolean') throw bad(`has cleanShutdown ${JSON.stringify(s.cleanShutdown)}, not true or false`);
