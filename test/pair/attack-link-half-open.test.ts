@@ -10,7 +10,8 @@
  * one is closed after LINK_PROBE_MS (its writer token retired with it) and the hello is taken.
  *
  * The dead primary is this test process (its link and data connection as a blkrep primary opens
- * them) that stops answering: it never answers a ping, and its sockets stay open.
+ * them) that stops mid-message (half a checkpoint line) and answers nothing more: not the ping,
+ * and its sockets stay open.
  */
 import { createHash } from 'node:crypto';
 import { join } from 'node:path';
@@ -46,6 +47,8 @@ describe('attack: a dead primary\'s half-open pair link', () => {
     await stale.write(MiB, Buffer.alloc(64 * 1024, 0x99));
     await stale.flush();
     expect(await pairOf(sCtl)).toMatchObject({ link: 'connected' });
+    // it stalls mid-message: half a checkpoint line, then nothing
+    dead.channel.stream.write('{"type":"checkpoint","seq":9,"n":');
 
     // the primary restarted: its start says hello while the dead link is still held
     const t0 = Date.now();
