@@ -24,7 +24,7 @@ import { ReplicaWriters } from './data-token.js';
 import { crashPoint, faultPoint, readBootId } from './crash-hook.js';
 import { stackFilters, type FilterSpec } from '../block/filters/spec.js';
 import { completeNode } from '../block/node.js';
-import { decide, finishResyncAsTarget, mint, type Decision, type GenerationTuple } from './generations.js';
+import { decide, finishResyncAsTarget, HISTORY_SLOTS, mint, type Decision, type GenerationTuple } from './generations.js';
 import { listSalvage, salvage, salvagePath, type SalvageEntry } from './salvage.js';
 import { resolveSplitBrain, type AfterSb0Policy, type SplitBrainResolution, type SplitBrainSide } from './split-brain.js';
 import { fetchRuns, PAIR_LINK_VERSION, PairChannel, runsPage, type DiskState, type LinkDecision, type NodeSummary, type PairMessage } from './messages.js';
@@ -1308,6 +1308,13 @@ function checkHello(m: Extract<PairMessage, { type: 'hello' }>): void {
   if (typeof gi !== 'object' || gi === null || typeof gi.current !== 'string' || !GI.test(gi.current) || typeof gi.bitmap !== 'string' || !GI.test(gi.bitmap) || !Array.isArray(gi.history) || !gi.history.every((h) => typeof h === 'string' && GI.test(h))) {
     bad('gi', '{current, bitmap, history[]} of 16 hex digits each');
   }
+  // the slot count too: decide() refused more than HISTORY_SLOTS by throwing, and the link was
+  // closed without a refusal (the primary saw "closed by the peer" and retried for ever)
+  if (gi!.history!.length > HISTORY_SLOTS) bad('gi', `{current, bitmap, history[]} with at most ${HISTORY_SLOTS} history slots (it has ${gi!.history!.length})`);
+  // the fields the decision reads: a number compared as a string, a truthy "false", were taken
+  if (!Number.isSafeInteger(m.epoch) || m.epoch < 0) bad('epoch', `a checkpoint number (a non-negative integer), not ${JSON.stringify(m.epoch)?.slice(0, 40)}`);
+  if (typeof m.crashedPrimary !== 'boolean') bad('crashedPrimary', `true or false, not ${JSON.stringify(m.crashedPrimary)?.slice(0, 40)}`);
+  if (!Number.isSafeInteger(m.bitmapBytes) || m.bitmapBytes < 0) bad('bitmapBytes', `a byte count, not ${JSON.stringify(m.bitmapBytes)?.slice(0, 40)}`);
 }
 
 function linkDecision(d: Decision): LinkDecision {

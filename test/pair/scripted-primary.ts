@@ -8,7 +8,7 @@ import { NbdClient } from '../../src/nbd/client.js';
 import { openExtension, OPT_BLKREP_PAIR_LINK } from '../../src/nbd/option-takeover.js';
 import { freshTuple, type GenerationTuple } from '../../src/pair/generations.js';
 import { replicaWriterExport } from '../../src/pair/data-token.js';
-import { PAIR_LINK_VERSION, PairChannel, type PairMessage } from '../../src/pair/messages.js';
+import { PAIR_LINK_VERSION, PairChannel, type PairMessage, type RequestWithoutSeq } from '../../src/pair/messages.js';
 import { unixUri } from '../support/spawn.js';
 
 export function connectUnix(socket: string): Promise<{ stream: net.Socket; peer: string }> {
@@ -28,6 +28,8 @@ export interface LinkOptions {
   nodeId?: string;
   /** answer the secondary's pings as a live primary does (default: silent, as a dead one) */
   answerPings?: boolean;
+  /** hello fields set as given, over the ones above (a hostile or broken primary's) */
+  helloFields?: Record<string, unknown>;
 }
 
 export interface ScriptedPrimary {
@@ -71,7 +73,8 @@ export async function openLink(socket: string, o: LinkOptions): Promise<Scripted
       diskState: 'UpToDate',
       crashedPrimary: false,
       bitmapBytes: 0,
-    },
+      ...(o.helloFields as object),
+    } as RequestWithoutSeq,
     5000,
   );
   return {
