@@ -620,16 +620,19 @@ export class SecondaryRole implements PairRole {
       // and this hello is taken. Before, the secondary refused every primary with ERR_PAIR_BUSY
       // until it was restarted (test/pair/attack-link-half-open.test.ts).
       const held = this.link;
-      void this.probeLink(held).then((alive) => {
-        if (!ch.isOpen) return;
-        if (alive || (this.link?.isOpen && this.link !== held)) return refuse('ERR_PAIR_BUSY', `a primary holds the pair link already (${this.link?.peer ?? held.peer}) and answers on it; one at a time`);
-        if (held.isOpen) {
-          const why = `pair link from ${held.peer}: no answer to a ping within ${LINK_PROBE_MS} ms while ${ch.peer} says hello: the peer is gone (a half-open connection), the link is closed`;
-          this.ctx.log('warn', why);
-          held.close(new BlkrepError('ERR_PAIR_LINK_DOWN', why));
-        }
-        this.onHello(m, ch);
-      });
+      void this.probeLink(held)
+        .then((alive) => {
+          if (!ch.isOpen) return;
+          if (alive || (this.link?.isOpen && this.link !== held)) return refuse('ERR_PAIR_BUSY', `a primary holds the pair link already (${this.link?.peer ?? held.peer}) and answers on it; one at a time`);
+          if (held.isOpen) {
+            const why = `pair link from ${held.peer}: no answer to a ping within ${LINK_PROBE_MS} ms while ${ch.peer} says hello: the peer is gone (a half-open connection), the link is closed`;
+            this.ctx.log('warn', why);
+            held.close(new BlkrepError('ERR_PAIR_LINK_DOWN', why));
+          }
+          // a second hello on the held link itself: it went with it
+          if (ch.isOpen) this.onHello(m, ch);
+        })
+        .catch((err: unknown) => ch.close(toBlkrepError(err)));
       return;
     }
     if (m.role !== 'primary') return refuse('ERR_PAIR_ROLE', `the peer says it is a ${m.role}: only a primary replicates to a secondary`);

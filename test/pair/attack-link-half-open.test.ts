@@ -18,7 +18,7 @@ import { join } from 'node:path';
 import { readFile, truncate, writeFile } from 'node:fs/promises';
 import { describe, expect, it } from 'vitest';
 import { LINK_PROBE_MS } from '../../src/pair/secondary.js';
-import { makeTempDir, run, serve, unixUri } from '../support/spawn.js';
+import { makeTempDir, run, serve, unixUri, waitFor } from '../support/spawn.js';
 import { controlRequest, eventsOf, firstCheckpoint, pairOf } from '../support/control.js';
 import { openLink, writerClient } from './scripted-primary.js';
 
@@ -82,4 +82,22 @@ describe('attack: a dead primary\'s half-open pair link', () => {
     expect(pBytes.subarray(3 * MiB, 4 * MiB).equals(Buffer.alloc(MiB, 0x44))).toBe(true);
     expect(sha(await readFile(sImg))).toBe(sha(pBytes));
   }, 90_000);
+
+  it('a second hello on the held link itself, its pings unanswered: that link is closed, the daemon keeps serving, the next link is welcomed', async () => {
+    const dir = await makeTempDir();
+    const sImg = join(dir, 's.img');
+    await writeFile(sImg, Buffer.alloc(SIZE, 0x11));
+    const sSock = join(dir, 's.sock');
+    const sCtl = join(dir, 's.ctl');
+    const s = await serve([sImg, '--secondary', '--socket', sSock, '--control', sCtl]);
+    const link = await openLink(sSock, { size: SIZE });
+    expect(link.answer).toMatchObject({ type: 'welcome' });
+    const again = link.channel.request({ type: 'hello', version: 1, exportName: '', size: SIZE, protocol: 'sync', nodeId: link.nodeId, role: 'primary', gi: { current: 'abcdef0123456789', bitmap: '0000000000000000', history: [] }, epoch: 0, diskState: 'UpToDate', crashedPrimary: false, bitmapBytes: 0 } as never, 3 * LINK_PROBE_MS);
+    await expect(again).rejects.toMatchObject({ code: 'ERR_PAIR_LINK_DOWN' });
+    await waitFor(async () => (await pairOf(sCtl)).link === 'none', 'the link to go', { timeoutMs: 5000 });
+    const next = await openLink(sSock, { size: SIZE });
+    expect(next.answer.type).toBe('welcome');
+    next.close();
+    expect(await s.stop()).toBe(0);
+  }, 60_000);
 });
