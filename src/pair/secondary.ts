@@ -24,7 +24,7 @@ import { ReplicaWriters } from './data-token.js';
 import { crashPoint, faultPoint, readBootId } from './crash-hook.js';
 import { stackFilters, type FilterSpec } from '../block/filters/spec.js';
 import { completeNode } from '../block/node.js';
-import { decide, finishResyncAsTarget, mint, type Decision, type GenerationTuple } from './generations.js';
+import { decide, finishResyncAsTarget, HISTORY_SLOTS, mint, type Decision, type GenerationTuple } from './generations.js';
 import { listSalvage, salvage, salvagePath, type SalvageEntry } from './salvage.js';
 import { resolveSplitBrain, type AfterSb0Policy, type SplitBrainResolution, type SplitBrainSide } from './split-brain.js';
 import { fetchRuns, PAIR_LINK_VERSION, PairChannel, runsPage, type DiskState, type LinkDecision, type NodeSummary, type PairMessage } from './messages.js';
@@ -65,6 +65,12 @@ const SALVAGE_TIMEOUT_MS = 30_000;
  * precopy (precopyBeforeResync); well inside the primary's hello timeout (LINK_TIMEOUT_MS, 10 s).
  */
 export const PRECOPY_RUNS_TIMEOUT_MS = 3000;
+/**
+ * A hello while a link is held: the held link must answer a ping within this long, or it is a
+ * dead peer's half-open connection (a host that crashed or was cut off without a FIN) and goes,
+ * so the new hello is taken. With the precopy's wait, well inside the primary's hello timeout.
+ */
+export const LINK_PROBE_MS = 3000;
 
 /** The failback bitmap a promoted secondary starts (blkrep replicate resyncs the old primary by it). */
 export const FAILBACK_BITMAP = 'failback';
@@ -543,6 +549,7 @@ export class SecondaryRole implements PairRole {
   }
 
   private onMessage(m: PairMessage, ch: PairChannel): void {
+    if (ch === this.link) this.linkAnswered?.();
     switch (m.type) {
       case 'hello':
         return this.onHello(m, ch);
@@ -606,7 +613,28 @@ export class SecondaryRole implements PairRole {
     if (m.version !== PAIR_LINK_VERSION) return refuse('ERR_PAIR_PROTOCOL', `pair link version ${m.version} is not ${PAIR_LINK_VERSION}`);
     if (this.promoted || this.promoting) return refuse('ERR_PAIR_ROLE', `this node ${this.promoted ? 'was promoted' : 'is being promoted'} (failover): it is a primary now and takes no primary's writes`);
     if (this.failoverFailed) return refuse('ERR_PAIR_STATE', `a failover of this secondary failed halfway (step ${this.failoverFailed.step}): it takes no primary's writes; finish it with blkrep failover --retry`);
-    if (this.link?.isOpen) return refuse('ERR_PAIR_BUSY', `a primary holds the pair link already (${this.link.peer}); one at a time`);
+    if (this.link?.isOpen) {
+      // The held link may be a dead primary's half-open connection (its host crashed or was cut
+      // off: no FIN ever comes, and nothing else would ever close it): ask it. Alive, it answers
+      // within LINK_PROBE_MS and this hello is refused; silent, it goes (its writer token with it)
+      // and this hello is taken. Before, the secondary refused every primary with ERR_PAIR_BUSY
+      // until it was restarted (test/pair/attack-link-half-open.test.ts).
+      const held = this.link;
+      void this.probeLink(held)
+        .then((alive) => {
+          if (!ch.isOpen) return;
+          if (alive || (this.link?.isOpen && this.link !== held)) return refuse('ERR_PAIR_BUSY', `a primary holds the pair link already (${this.link?.peer ?? held.peer}) and answers on it; one at a time`);
+          if (held.isOpen) {
+            const why = `pair link from ${held.peer}: no answer to a ping within ${LINK_PROBE_MS} ms while ${ch.peer} says hello: the peer is gone (a half-open connection), the link is closed`;
+            this.ctx.log('warn', why);
+            held.close(new BlkrepError('ERR_PAIR_LINK_DOWN', why));
+          }
+          // a second hello on the held link itself: it went with it
+          if (ch.isOpen) this.onHello(m, ch);
+        })
+        .catch((err: unknown) => ch.close(toBlkrepError(err)));
+      return;
+    }
     if (m.role !== 'primary') return refuse('ERR_PAIR_ROLE', `the peer says it is a ${m.role}: only a primary replicates to a secondary`);
     const size = this.ctx.exportNode.size;
     if (m.size !== size) return refuse('ERR_PAIR_SIZE', `the primary's disk is ${m.size} bytes, this secondary's ${size}: they must be the same length`);
@@ -791,6 +819,34 @@ export class SecondaryRole implements PairRole {
 
   /** the heartbeat's callback for the pong of the link's last ping (pingLink) */
   private linkHeard: (() => void) | undefined;
+
+  /** a probe of the held link in flight (probeLink): called by any message on it */
+  private linkAnswered: (() => void) | undefined;
+  private linkProbe: Promise<boolean> | undefined;
+
+  /** Whether the held link says anything (a ping's pong, or any message) within LINK_PROBE_MS; one probe at a time. */
+  private probeLink(link: PairChannel): Promise<boolean> {
+    if (this.linkProbe) return this.linkProbe;
+    const probe = new Promise<boolean>((resolve) => {
+      let timer: NodeJS.Timeout | undefined;
+      const done = (alive: boolean): void => {
+        if (timer === undefined) return;
+        clearTimeout(timer);
+        timer = undefined;
+        this.linkAnswered = undefined;
+        resolve(alive);
+      };
+      timer = setTimeout(() => done(false), LINK_PROBE_MS);
+      this.linkAnswered = () => done(true);
+      link.onClose(() => done(false));
+      if (!link.sendPing()) done(false);
+    });
+    this.linkProbe = probe;
+    void probe.then(() => {
+      if (this.linkProbe === probe) this.linkProbe = undefined;
+    });
+    return probe;
+  }
 
   /**
    * The heartbeat's pair-link path: a ping on the welcomed link, if there is one; its pong calls
@@ -1258,6 +1314,13 @@ function checkHello(m: Extract<PairMessage, { type: 'hello' }>): void {
   if (typeof gi !== 'object' || gi === null || typeof gi.current !== 'string' || !GI.test(gi.current) || typeof gi.bitmap !== 'string' || !GI.test(gi.bitmap) || !Array.isArray(gi.history) || !gi.history.every((h) => typeof h === 'string' && GI.test(h))) {
     bad('gi', '{current, bitmap, history[]} of 16 hex digits each');
   }
+  // the slot count too: decide() refused more than HISTORY_SLOTS by throwing, and the link was
+  // closed without a refusal (the primary saw "closed by the peer" and retried for ever)
+  if (gi!.history!.length > HISTORY_SLOTS) bad('gi', `{current, bitmap, history[]} with at most ${HISTORY_SLOTS} history slots (it has ${gi!.history!.length})`);
+  // the fields the decision reads: a number compared as a string, a truthy "false", were taken
+  if (!Number.isSafeInteger(m.epoch) || m.epoch < 0) bad('epoch', `a checkpoint number (a non-negative integer), not ${JSON.stringify(m.epoch)?.slice(0, 40)}`);
+  if (typeof m.crashedPrimary !== 'boolean') bad('crashedPrimary', `true or false, not ${JSON.stringify(m.crashedPrimary)?.slice(0, 40)}`);
+  if (!Number.isSafeInteger(m.bitmapBytes) || m.bitmapBytes < 0) bad('bitmapBytes', `a byte count, not ${JSON.stringify(m.bitmapBytes)?.slice(0, 40)}`);
 }
 
 function linkDecision(d: Decision): LinkDecision {

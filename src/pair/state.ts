@@ -9,7 +9,8 @@
  * activity-log resync it calls for is done (`clearCrashedPrimary`), even across more restarts.
  */
 import { randomUUID } from 'node:crypto';
-import { readFile } from 'node:fs/promises';
+import { constants } from 'node:fs';
+import { open } from 'node:fs/promises';
 import { BlkrepError } from '../api/errors.js';
 import { replaceFile } from '../util/safe-file.js';
 import { checkTuple, freshTuple, type GenerationTuple } from './generations.js';
@@ -133,8 +134,12 @@ export function validateState(v: unknown, path: string): PairState {
   if (s.nodeId === '') throw bad('has an empty nodeId');
   if (!ROLES.includes(s.role as string)) throw bad(`has role ${JSON.stringify(s.role)} (one of ${ROLES.join(', ')})`);
   if (!Number.isSafeInteger(s.epoch) || s.epoch < 0) throw bad(`has epoch ${s.epoch}, not a non-negative integer`);
-  if (s.committing !== null && s.committing !== s.epoch + 1) {
-    throw bad(`has checkpoint ${JSON.stringify(s.committing)} committing with epoch ${s.epoch}: a checkpoint being committed is always epoch + 1 (${s.epoch + 1})`);
+  // a checkpoint being committed is past the epoch, not always epoch + 1: a primary numbers its
+  // next checkpoint after its own epoch when that is ahead of this disk's (a restored or replaced
+  // secondary, a failback's lag); a crash in steps 5–7 of it must restart, not be refused
+  // (test/pair/attack-checkpoint-number-gap.test.ts)
+  if (s.committing !== null && (typeof s.committing !== 'number' || !Number.isSafeInteger(s.committing) || s.committing <= s.epoch)) {
+    throw bad(`has checkpoint ${JSON.stringify(s.committing)} committing with epoch ${s.epoch}: a checkpoint being committed is past the epoch (at least ${s.epoch + 1})`);
   }
   if (!DISK_STATES.includes(s.diskState as string)) throw bad(`has disk state ${JSON.stringify(s.diskState)} (one of ${DISK_STATES.join(', ')})`);
   if (typeof s.cleanShutdown !== 'boolean') throw bad(`has cleanShutdown ${JSON.stringify(s.cleanShutdown)}, not true or false`);
@@ -330,8 +335,9 @@ export class PairStateFile {
   static async open(path: string, init: () => PairState): Promise<PairStateFile> {
     let text: string | undefined;
     try {
-      text = await readFile(path, 'utf8');
+      text = await readOwnFile(path);
     } catch (err) {
+      if (err instanceof BlkrepError) throw err;
       if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw new BlkrepError('ERR_PAIR_STATE', `cannot read the pair state ${path}: ${(err as Error).message}`, { cause: err });
     }
     if (text === undefined) {
@@ -371,5 +377,34 @@ export class PairStateFile {
 
   private async write(text = JSON.stringify(this.current, null, 2) + '\n'): Promise<void> {
     await replaceFile(this.path, text, { mode: 0o600, what: 'pair state' });
+  }
+}
+
+/**
+ * The pair state's text, read as safe-file.ts creates files: never through a symlink (O_NOFOLLOW),
+ * and only from a file this user (or root) owns. A disk's directory may be shared: a name planted
+ * there (a symlink to another pair's state, or a file of another user) would otherwise be taken
+ * for this node's identity, generations and epoch (test/pair/attack-state-planted.test.ts).
+ */
+async function readOwnFile(path: string): Promise<string> {
+  let handle;
+  try {
+    handle = await open(path, constants.O_RDONLY | constants.O_NOFOLLOW);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ELOOP') {
+      throw new BlkrepError('ERR_PAIR_STATE', `the pair state ${path} is a symlink: refusing to follow it (someone may have planted it; a pair state is always a plain file blkrep wrote)`, { errno: 'EINVAL', details: { path } });
+    }
+    throw err;
+  }
+  try {
+    const st = await handle.stat();
+    const uid = process.getuid?.();
+    if (!st.isFile()) throw new BlkrepError('ERR_PAIR_STATE', `the pair state ${path} is not a plain file`, { errno: 'EINVAL', details: { path } });
+    if (uid !== undefined && st.uid !== uid && st.uid !== 0) {
+      throw new BlkrepError('ERR_PAIR_STATE', `the pair state ${path} is owned by uid ${st.uid}, not by this user (uid ${uid}) or root: refusing to take it for this node's (someone may have planted it)`, { errno: 'EPERM', details: { path, uid: st.uid } });
+    }
+    return await handle.readFile('utf8');
+  } finally {
+    await handle.close();
   }
 }

@@ -8,7 +8,7 @@ import { NbdClient } from '../../src/nbd/client.js';
 import { openExtension, OPT_BLKREP_PAIR_LINK } from '../../src/nbd/option-takeover.js';
 import { freshTuple, type GenerationTuple } from '../../src/pair/generations.js';
 import { replicaWriterExport } from '../../src/pair/data-token.js';
-import { PAIR_LINK_VERSION, PairChannel, type PairMessage } from '../../src/pair/messages.js';
+import { PAIR_LINK_VERSION, PairChannel, type PairMessage, type RequestWithoutSeq } from '../../src/pair/messages.js';
 import { unixUri } from '../support/spawn.js';
 
 export function connectUnix(socket: string): Promise<{ stream: net.Socket; peer: string }> {
@@ -26,6 +26,10 @@ export interface LinkOptions {
   role?: 'primary' | 'secondary';
   /** the primary's node id (default: a new one per link) */
   nodeId?: string;
+  /** answer the secondary's pings as a live primary does (default: silent, as a dead one) */
+  answerPings?: boolean;
+  /** hello fields set as given, over the ones above (a hostile or broken primary's) */
+  helloFields?: Record<string, unknown>;
 }
 
 export interface ScriptedPrimary {
@@ -46,7 +50,15 @@ export async function openLink(socket: string, o: LinkOptions): Promise<Scripted
   const opened = await openExtension(await connectUnix(socket), OPT_BLKREP_PAIR_LINK, Buffer.from(JSON.stringify({ exportName })));
   const received: PairMessage[] = [];
   const nodeId = o.nodeId ?? randomUUID();
-  const channel = new PairChannel(opened.connection.stream, socket, (m) => received.push(m), opened.rest);
+  const channel = new PairChannel(
+    opened.connection.stream,
+    socket,
+    (m, ch) => {
+      received.push(m);
+      if (o.answerPings && m.type === 'ping' && ch.isOpen) ch.send({ type: 'pong', t: m.t });
+    },
+    opened.rest,
+  );
   const answer = await channel.request<PairMessage>(
     {
       type: 'hello',
@@ -61,7 +73,8 @@ export async function openLink(socket: string, o: LinkOptions): Promise<Scripted
       diskState: 'UpToDate',
       crashedPrimary: false,
       bitmapBytes: 0,
-    },
+      ...(o.helloFields as object),
+    } as RequestWithoutSeq,
     5000,
   );
   return {

@@ -67,10 +67,13 @@ describe('serve-nbd --secondary: the pair link', () => {
 
   it('refuses a second link while one is up (ERR_PAIR_BUSY), a wrong size (ERR_PAIR_SIZE), a peer that is not a primary (ERR_PAIR_ROLE)', async () => {
     const s = await secondary();
-    const first = await openLink(s.socket, { size: s.size });
+    // the first answers the ping a second hello makes the secondary send it: it is alive, the second is refused
+    const first = await openLink(s.socket, { size: s.size, answerPings: true });
     expect(first.answer.type).toBe('welcome');
     const second = await openLink(s.socket, { size: s.size });
     expect(second.answer).toMatchObject({ type: 'refuse', code: 'ERR_PAIR_BUSY' });
+    expect(first.received.filter((m) => m.type === 'ping')).toHaveLength(1);
+    expect(first.channel.isOpen).toBe(true);
     first.close();
     await waitFor(async () => (await status(s.control)).exports.find((e) => e.name === '')?.pair?.link === 'none', 'the link to go', { timeoutMs: 5000 });
     const wrongSize = await openLink(s.socket, { size: s.size * 2 });

@@ -50,7 +50,9 @@ describe('the pair state file', () => {
       [{ ...base(), version: 2 }, 'is not a version 1 blkrep pair state'],
       [{ ...base(), role: 'leader' }, 'has role "leader" (one of primary, secondary, none)'],
       [{ ...base(), epoch: -1 }, 'has epoch -1, not a non-negative integer'],
-      [{ ...base(), committing: 7 }, 'has checkpoint 7 committing with epoch 4: a checkpoint being committed is always epoch + 1 (5)'],
+      [{ ...base(), committing: 4 }, 'has checkpoint 4 committing with epoch 4: a checkpoint being committed is past the epoch (at least 5)'],
+      [{ ...base(), committing: 2 }, 'has checkpoint 2 committing with epoch 4: a checkpoint being committed is past the epoch (at least 5)'],
+      [{ ...base(), committing: 5.5 }, 'has checkpoint 5.5 committing with epoch 4: a checkpoint being committed is past the epoch (at least 5)'],
       [{ ...base(), diskState: 'Fine' }, 'has disk state "Fine"'],
       [{ ...base(), cleanShutdown: 'yes' }, 'has cleanShutdown "yes", not true or false'],
       [{ ...base(), primarySince: 'noon' }, 'has primarySince "noon"'],
@@ -81,6 +83,10 @@ describe('crash rules after a restart', () => {
     expect(plan.next).toMatchObject({ epoch: 5, committing: null });
     expect(plan.restorePoint).toBe(5);
     expect(plan.explanation).toContain('the disk is CP_5');
+    // numbered past epoch + 1 by a primary ahead of this disk: the same rule
+    const gap = restartPlan(base({ committing: 9, cleanShutdown: false }));
+    expect(gap.actions).toEqual([{ kind: 'finish-checkpoint', n: 9 }]);
+    expect(gap.next).toMatchObject({ epoch: 9, committing: null });
   });
 
   it('secondary crashed before step 5 (nothing committing): restore point is the committed epoch, overlays kept', () => {
@@ -150,7 +156,7 @@ describe('crash rules after a restart', () => {
   });
 
   it('a state no crash can leave is refused, not guessed at', () => {
-    expect(() => restartPlan(base({ committing: 9 }), {}, 'd.pair.json')).toThrow(expect.objectContaining({ code: 'ERR_PAIR_STATE', message: expect.stringContaining('the pair state d.pair.json has checkpoint 9 committing with epoch 4') }));
+    expect(() => restartPlan(base({ committing: 3 }), {}, 'd.pair.json')).toThrow(expect.objectContaining({ code: 'ERR_PAIR_STATE', message: expect.stringContaining('the pair state d.pair.json has checkpoint 3 committing with epoch 4') }));
   });
 
   it('the markers: running / stopped / promoted', () => {
