@@ -389,7 +389,8 @@ export class PairStateFile {
 async function readOwnFile(path: string): Promise<string> {
   let handle;
   try {
-    handle = await open(path, constants.O_RDONLY | constants.O_NOFOLLOW);
+    // O_NONBLOCK: a FIFO planted in its place must not hang the start (it is refused below)
+    handle = await open(path, constants.O_RDONLY | constants.O_NOFOLLOW | constants.O_NONBLOCK);
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code === 'ELOOP') {
       throw new BlkrepError('ERR_PAIR_STATE', `the pair state ${path} is a symlink: refusing to follow it (someone may have planted it; a pair state is always a plain file blkrep wrote)`, { errno: 'EINVAL', details: { path } });

@@ -1,7 +1,7 @@
 /**
  * Attack: a disk's directory is shared (an image directory, /tmp), and someone plants the pair
  * state's name before the node starts: DISK.pair.json as a symlink to another pair's state, or a
- * crafted file of another user. The pair state is the node's identity (nodeId), generations,
+ * crafted file of another user, or a FIFO (whose open would wait for a writer). The pair state is the node's identity (nodeId), generations,
  * epoch and disk state: taken, the node would be the other pair's node (two nodes with one id,
  * its generations and epoch claimed over this disk's data).
  *
@@ -9,6 +9,7 @@
  * with a copy) or from the other user's file, and served. Now the start is refused,
  * ERR_PAIR_STATE naming the file and why; the planted target is left as it was.
  */
+import { execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { join } from 'node:path';
 import { chown, readFile, symlink, truncate, writeFile, copyFile } from 'node:fs/promises';
@@ -41,6 +42,16 @@ describe('attack: a planted pair state', () => {
       message: `the pair state ${bState} is a symlink: refusing to follow it (someone may have planted it; a pair state is always a plain file blkrep wrote)`,
     });
     expect(sha(await readFile(aState))).toBe(before);
+
+    // d's state name planted as a FIFO: refused at once, not waited on (an open for reading blocks
+    // until a writer comes)
+    const dState = join(dir, 'd.img.pair.json');
+    await writeFile(join(dir, 'd.img'), Buffer.alloc(0));
+    await truncate(join(dir, 'd.img'), SIZE);
+    execFileSync('mkfifo', [dState]);
+    const d = await runCli(['serve-nbd', join(dir, 'd.img'), '--secondary', '--socket', join(dir, 'd.sock'), '--json']);
+    expect(d.code).toBe(1);
+    expect(JSON.parse(d.stdout).error).toEqual({ code: 'ERR_PAIR_STATE', message: `the pair state ${dState} is not a plain file` });
 
     // c's state name planted as a copy owned by another user (root only can give a file away)
     if (process.getuid?.() !== 0) return;
