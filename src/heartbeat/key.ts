@@ -1,8 +1,10 @@
 /**
  * The pair key (--heartbeat-key FILE): the bytes of a file both nodes hold, at least 16 of them
  * (e.g. `head -c 32 /dev/urandom > /etc/blkrep/pair.key`). Like ssh with a private key, a file
- * that other users may read is refused: anyone who can read it can forge beats.
+ * that other users may read is refused: anyone who can read it can forge beats. So is anything
+ * but a regular file (a FIFO, a device, a directory), checked before a byte is read.
  */
+import { constants } from 'node:fs';
 import { open } from 'node:fs/promises';
 import { BlkrepError } from '../api/errors.js';
 
@@ -12,7 +14,9 @@ export const MAX_KEY_BYTES = 4096;
 export async function readHeartbeatKey(path: string): Promise<Buffer> {
   let handle;
   try {
-    handle = await open(path, 'r');
+    // O_NONBLOCK: a FIFO in the key's place is refused below (not a regular file) instead of
+    // blocking start-up until some writer opens it
+    handle = await open(path, constants.O_RDONLY | constants.O_NONBLOCK);
   } catch (err) {
     const code = (err as { code?: string }).code ?? 'EIO';
     throw new BlkrepError('ERR_HEARTBEAT_KEY', `cannot read the heartbeat key ${path}: ${code}`, { errno: 'EINVAL', cause: err, details: { path, code } });
