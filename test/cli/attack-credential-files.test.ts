@@ -4,10 +4,11 @@
  * (--tls-authz) at start-up; a FIFO planted in their place (or a symlink to /dev/zero) must be
  * refused at once with the credential's error code, naming the file and what it is — not block
  * start-up until a writer opens the FIFO (as it did: open/readFileSync of a FIFO waits forever),
- * nor read an endless device into memory.
+ * nor read an endless device into memory. And a heartbeat key owned by another user (not root)
+ * is refused as ssh refuses such a private key: its owner chose the key, and could forge beats.
  */
 import { execFileSync } from 'node:child_process';
-import { copyFile, mkdir, symlink, writeFile } from 'node:fs/promises';
+import { chown, copyFile, mkdir, symlink, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { makeTempDir, runCli } from '../support/spawn.js';
@@ -36,6 +37,21 @@ describe('serve-nbd: a credential file that is a FIFO or a device is refused at 
     const r = await refused(['--heartbeat', 'udp://127.0.0.1:7000', '--peer-id', 'x', '--heartbeat-key', key]);
     expect(r.code).toBe(1);
     expect(r.error).toEqual({ code: 'ERR_HEARTBEAT_KEY', message: `the heartbeat key ${key} is not a regular file` });
+  });
+
+  // root can give the key away to make the case; another user cannot
+  it.skipIf(process.getuid?.() !== 0)('--heartbeat-key owned by another user (mode 0600, reached through a symlink too) → refused, naming the owner', async () => {
+    const dir = await makeTempDir();
+    const key = join(dir, 'planted.key');
+    await writeFile(key, 'a key somebody else chose, 32 b.', { mode: 0o600 });
+    await chown(key, 65534, 65534);
+    const link = join(dir, 'pair.key');
+    await symlink(key, link);
+    for (const path of [key, link]) {
+      const r = await refused(['--heartbeat', 'udp://127.0.0.1:7000', '--peer-id', 'x', '--heartbeat-key', path]);
+      expect(r.code).toBe(1);
+      expect(r.error).toEqual({ code: 'ERR_HEARTBEAT_KEY', message: `the heartbeat key ${path} is owned by uid 65534, not by this user (uid 0) or root: another user could have written it; chown it` });
+    }
   });
 
   it('--tls-psk FIFO → exit 1 ERR_TLS_CREDENTIALS "not a regular file (the PSK file is a FIFO)"', async () => {
