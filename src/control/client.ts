@@ -2,6 +2,7 @@
  * A client of the daemon's control socket: what `blkrep status`, `job …`, `events` and the other
  * live commands use when given `--control PATH`.
  */
+import { statSync } from 'node:fs';
 import net from 'node:net';
 import { BlkrepError } from '../api/errors.js';
 import { type ControlEvent, isJsonObject, LineSplitter, MAX_REQUEST_LINE_BYTES, toJsonLine } from './protocol.js';
@@ -39,6 +40,17 @@ function aborted(what: string, reason: unknown): BlkrepError {
   return new BlkrepError('ABORT_ERR', `${what} aborted`, { cause: reason });
 }
 
+/** what `path` is when it is there but not a socket ('a regular file' …); undefined for a socket or when stat fails */
+function notASocket(path: string): string | undefined {
+  try {
+    const st = statSync(path);
+    if (st.isSocket()) return undefined;
+    return st.isFile() ? 'a regular file' : st.isFIFO() ? 'a FIFO' : st.isDirectory() ? 'a directory' : 'a device';
+  } catch {
+    return undefined;
+  }
+}
+
 function connectError(path: string, err: unknown): BlkrepError {
   const sys = systemCode(err);
   const hint = `start a daemon with \`blkrep serve-nbd --control ${path}\``;
@@ -49,12 +61,21 @@ function connectError(path: string, err: unknown): BlkrepError {
         cause: err,
         details,
       });
-    case 'ECONNREFUSED':
+    case 'ECONNREFUSED': {
+      // connect(2) says ECONNREFUSED for a regular file, a FIFO or a directory too: say what it is
+      const kind = notASocket(path);
+      if (kind !== undefined) {
+        return new BlkrepError('ERR_CONTROL_UNREACHABLE', `cannot reach the blkrep daemon: ${path} is ${kind}, not a control socket; give the --control path a daemon listens on`, {
+          cause: err,
+          details: { ...details, kind },
+        });
+      }
       return new BlkrepError(
         'ERR_CONTROL_UNREACHABLE',
         `cannot reach the blkrep daemon: nothing answers on control socket ${path} (left behind by a daemon that stopped?); ${hint}`,
         { cause: err, details },
       );
+    }
     case 'EACCES':
     case 'EPERM':
       return new BlkrepError(

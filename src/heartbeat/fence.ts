@@ -155,6 +155,9 @@ export function describeFence(r: FenceResult, peer: string): string {
     failed: 'not a fence-peer exit code (3-7): not fenced',
     timeout: 'not fenced',
   };
+  // sh's own codes: the hook never ran (a path without the x bit, a name not on PATH)
+  if (r.verdict === 'failed' && r.exitCode === 126) meaning.failed = 'the shell could not run it: not executable (chmod +x) — not fenced';
+  if (r.verdict === 'failed' && r.exitCode === 127) meaning.failed = 'the shell could not find it: no such command — not fenced';
   const next = r.proceed ? (r.forced ? 'proceeding because forced' : 'proceeding') : 'not proceeding (only 4 "outdated" and 7 "fenced" confirm the peer cannot write)';
   return `fence hook for peer "${peer}" ${how} (${meaning[r.verdict]}); ${next}`;
 }

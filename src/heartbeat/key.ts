@@ -1,8 +1,11 @@
 /**
  * The pair key (--heartbeat-key FILE): the bytes of a file both nodes hold, at least 16 of them
  * (e.g. `head -c 32 /dev/urandom > /etc/blkrep/pair.key`). Like ssh with a private key, a file
- * that other users may read is refused: anyone who can read it can forge beats.
+ * that other users may read is refused: anyone who can read it can forge beats. So is a file
+ * owned by another user than this one or root (whoever owns it chose the key), and anything but a
+ * regular file (a FIFO, a device, a directory), checked before a byte is read.
  */
+import { constants } from 'node:fs';
 import { open } from 'node:fs/promises';
 import { BlkrepError } from '../api/errors.js';
 
@@ -12,7 +15,9 @@ export const MAX_KEY_BYTES = 4096;
 export async function readHeartbeatKey(path: string): Promise<Buffer> {
   let handle;
   try {
-    handle = await open(path, 'r');
+    // O_NONBLOCK: a FIFO in the key's place is refused below (not a regular file) instead of
+    // blocking start-up until some writer opens it
+    handle = await open(path, constants.O_RDONLY | constants.O_NONBLOCK);
   } catch (err) {
     const code = (err as { code?: string }).code ?? 'EIO';
     throw new BlkrepError('ERR_HEARTBEAT_KEY', `cannot read the heartbeat key ${path}: ${code}`, { errno: 'EINVAL', cause: err, details: { path, code } });
@@ -23,6 +28,12 @@ export async function readHeartbeatKey(path: string): Promise<Buffer> {
     if ((st.mode & 0o077) !== 0) {
       const mode = (st.mode & 0o777).toString(8).padStart(4, '0');
       throw keyError(path, `has mode ${mode}: other users may read it; chmod 0600 it`, { mode });
+    }
+    // as ssh with a private key: a key owned by another user (not root) may be theirs, planted
+    // (at a name in /tmp, say) to make this node accept the beats they forge
+    const uid = process.getuid?.();
+    if (uid !== undefined && st.uid !== uid && st.uid !== 0) {
+      throw keyError(path, `is owned by uid ${st.uid}, not by this user (uid ${uid}) or root: another user could have written it; chown it`, { owner: st.uid, uid });
     }
     if (st.size > MAX_KEY_BYTES) throw keyError(path, `is ${st.size} bytes, more than ${MAX_KEY_BYTES}: not a key file`, { bytes: st.size });
     const key = await handle.readFile();

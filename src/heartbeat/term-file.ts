@@ -16,7 +16,7 @@
  * carries a new term leaves only once the file holds it.
  */
 import { randomBytes } from 'node:crypto';
-import { closeSync, fchmodSync, fsyncSync, openSync, readFileSync, renameSync, unlinkSync, writeSync } from 'node:fs';
+import { closeSync, constants, fchmodSync, fstatSync, fsyncSync, openSync, readFileSync, renameSync, unlinkSync, writeSync } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
 import { BlkrepError } from '../api/errors.js';
 import { CREATE_NEW_FLAGS, fileCreateError } from '../util/safe-file.js';
@@ -50,15 +50,35 @@ function field(path: string, json: Record<string, unknown>, name: keyof Terms): 
   return BigInt(v);
 }
 
-/** The terms in `path`; none (all 0) when the file does not exist. */
+/**
+ * The terms in `path`; none (all 0) when the file does not exist. Only a file this node could have
+ * written is read (the image's directory may be shared): opened O_NOFOLLOW|O_NONBLOCK, it must be
+ * a regular file owned by this user or root that no other user may write — a symlink or a FIFO
+ * planted at the name is refused at once, never followed or waited on.
+ */
 export function loadTerms(path: string): Terms {
   let text: string;
+  let fd: number;
   try {
-    text = readFileSync(path, 'utf8');
+    fd = openSync(path, constants.O_RDONLY | constants.O_NOFOLLOW | constants.O_NONBLOCK);
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code;
     if (code === 'ENOENT') return { ...NO_TERMS };
+    if (code === 'ELOOP') throw bad(path, 'it is a symlink, not a file this node wrote', err);
     throw bad(path, `cannot read it (${code ?? (err as Error).message})`, err);
+  }
+  try {
+    const st = fstatSync(fd);
+    if (!st.isFile()) throw bad(path, 'not a regular file, not one this node wrote');
+    const uid = process.getuid?.();
+    if (uid !== undefined && st.uid !== uid && st.uid !== 0) throw bad(path, `owned by uid ${st.uid}, not by this daemon's user (uid ${uid}): not one this node wrote`);
+    if ((st.mode & 0o022) !== 0) throw bad(path, `mode ${(st.mode & 0o777).toString(8).padStart(4, '0')}: other users may write it`);
+    text = readFileSync(fd, 'utf8');
+  } catch (err) {
+    if (err instanceof BlkrepError) throw err;
+    throw bad(path, `cannot read it (${(err as NodeJS.ErrnoException).code ?? (err as Error).message})`, err);
+  } finally {
+    closeSync(fd);
   }
   let json: unknown;
   try {

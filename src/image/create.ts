@@ -85,8 +85,13 @@ async function plan(path: string, o: CreateOptions): Promise<{ size: number; bac
   }
 }
 
+/** the largest size: the largest multiple of 512 below 2^53 */
+export const MAX_IMAGE_SIZE = 2 ** 53 - 512;
+
 function roundSize(size: number): number {
-  if (!Number.isSafeInteger(size) || size < 0) throw usage(`invalid size ${size}`, { size });
+  if (!Number.isSafeInteger(size) || size < 0) throw usage(`invalid size ${size}: a whole number of bytes from 0 to ${MAX_IMAGE_SIZE}`, { size });
+  // rounded up to a multiple of 512: 2^53 - 1 would become 2^53, past what a size can be
+  if (size > MAX_IMAGE_SIZE) throw usage(`size ${size} is more than ${MAX_IMAGE_SIZE} bytes (2^53 - 512), the largest a size rounded up to a multiple of 512 can be`, { size, max: MAX_IMAGE_SIZE });
   return Math.ceil(size / 512) * 512;
 }
 

@@ -40,7 +40,8 @@
  * job-cancelled. Jobs loaded from their state files at start are loaded before the control
  * socket answers (nobody could see an event): the daemon's listening line lists them.
  */
-import { readdir, readFile, rename, rm } from 'node:fs/promises';
+import { constants } from 'node:fs';
+import { open, readdir, rename, rm } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { z } from 'zod';
 import { checkExportName, checkJobId } from '../util/names.js';
@@ -204,17 +205,43 @@ export async function findJobStates(imagePath: string): Promise<string[]> {
     .map((e) => join(dirname(imagePath), e));
 }
 
+/**
+ * Read a job state file, trusting only one this daemon's user could have written: the image's
+ * directory may be shared (/tmp, a group's directory), and a planted file would start a job the
+ * operator never asked for. Opened O_NOFOLLOW|O_NONBLOCK (a symlink or a FIFO is refused, never
+ * followed or waited on), then it must be a regular file owned by this user (or root) that no
+ * other user may write.
+ */
 export async function readJobState(path: string): Promise<SavedJobState> {
   let state: SavedJobState;
+  let handle;
   try {
-    state = JSON.parse(await readFile(path, 'utf8')) as SavedJobState;
+    handle = await open(path, constants.O_RDONLY | constants.O_NOFOLLOW | constants.O_NONBLOCK);
   } catch (err) {
+    if ((err as { code?: string }).code === 'ELOOP') throw untrusted(path, 'is a symlink');
     throw toBlkrepError(err, `cannot read job state file "${path}"`);
+  }
+  try {
+    const st = await handle.stat();
+    if (!st.isFile()) throw untrusted(path, 'is not a regular file');
+    const uid = process.getuid?.();
+    if (uid !== undefined && st.uid !== uid && st.uid !== 0) throw untrusted(path, `is owned by uid ${st.uid}, not by this daemon's user (uid ${uid})`);
+    if ((st.mode & 0o022) !== 0) throw untrusted(path, `has mode ${(st.mode & 0o777).toString(8).padStart(4, '0')}: other users may write it`);
+    state = JSON.parse(await handle.readFile('utf8')) as SavedJobState;
+  } catch (err) {
+    if (err instanceof BlkrepError) throw err;
+    throw toBlkrepError(err, `cannot read job state file "${path}"`);
+  } finally {
+    await handle.close();
   }
   if (state?.version !== 1 || typeof state.id !== 'string' || typeof state.type !== 'string' || typeof state.options !== 'object') {
     throw new BlkrepError('ERR_JOB_INVALID', `job state file "${path}" is not a blkrep job state (version 1)`, { errno: 'EINVAL', details: { path } });
   }
   return state;
+}
+
+function untrusted(path: string, why: string): BlkrepError {
+  return new BlkrepError('ERR_JOB_INVALID', `job state file "${path}" ${why}: not one this daemon wrote (it writes them mode 0600), not trusted`, { errno: 'EINVAL', details: { path } });
 }
 
 export async function removeJobFiles(stateBase: string, suffixes: string[]): Promise<void> {

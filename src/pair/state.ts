@@ -325,6 +325,31 @@ export function initialState(role: PairState['role']): PairState {
   return { version: 1, nodeId: randomUUID(), role, gi: freshTuple(), epoch: 0, committing: null, diskState: 'Inconsistent', cleanShutdown: true };
 }
 
+/**
+ * A side file only this daemon could have written (the disk's directory may be shared): opened
+ * O_NOFOLLOW|O_NONBLOCK, it must be a regular file owned by this user or root, not writable by
+ * others; a symlink or a FIFO planted at the name is refused at once, never followed or waited on.
+ */
+async function readOwnFile(path: string): Promise<string> {
+  let handle;
+  try {
+    handle = await open(path, constants.O_RDONLY | constants.O_NOFOLLOW | constants.O_NONBLOCK);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ELOOP') throw new Error('it is a symlink, not a file this daemon wrote');
+    throw err;
+  }
+  try {
+    const st = await handle.stat();
+    if (!st.isFile()) throw new Error('not a regular file, not one this daemon wrote');
+    const uid = process.getuid?.();
+    if (uid !== undefined && st.uid !== uid && st.uid !== 0) throw new Error(`owned by uid ${st.uid}, not by this daemon's user (uid ${uid}): not one this daemon wrote`);
+    if ((st.mode & 0o022) !== 0) throw new Error(`mode ${(st.mode & 0o777).toString(8).padStart(4, '0')}: other users may write it`);
+    return await handle.readFile('utf8');
+  } finally {
+    await handle.close();
+  }
+}
+
 export class PairStateFile {
   private constructor(
     readonly path: string,
@@ -377,35 +402,5 @@ export class PairStateFile {
 
   private async write(text = JSON.stringify(this.current, null, 2) + '\n'): Promise<void> {
     await replaceFile(this.path, text, { mode: 0o600, what: 'pair state' });
-  }
-}
-
-/**
- * The pair state's text, read as safe-file.ts creates files: never through a symlink (O_NOFOLLOW),
- * and only from a file this user (or root) owns. A disk's directory may be shared: a name planted
- * there (a symlink to another pair's state, or a file of another user) would otherwise be taken
- * for this node's identity, generations and epoch (test/pair/attack-state-planted.test.ts).
- */
-async function readOwnFile(path: string): Promise<string> {
-  let handle;
-  try {
-    // O_NONBLOCK: a FIFO planted in its place must not hang the start (it is refused below)
-    handle = await open(path, constants.O_RDONLY | constants.O_NOFOLLOW | constants.O_NONBLOCK);
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ELOOP') {
-      throw new BlkrepError('ERR_PAIR_STATE', `the pair state ${path} is a symlink: refusing to follow it (someone may have planted it; a pair state is always a plain file blkrep wrote)`, { errno: 'EINVAL', details: { path } });
-    }
-    throw err;
-  }
-  try {
-    const st = await handle.stat();
-    const uid = process.getuid?.();
-    if (!st.isFile()) throw new BlkrepError('ERR_PAIR_STATE', `the pair state ${path} is not a plain file`, { errno: 'EINVAL', details: { path } });
-    if (uid !== undefined && st.uid !== uid && st.uid !== 0) {
-      throw new BlkrepError('ERR_PAIR_STATE', `the pair state ${path} is owned by uid ${st.uid}, not by this user (uid ${uid}) or root: refusing to take it for this node's (someone may have planted it)`, { errno: 'EPERM', details: { path, uid: st.uid } });
-    }
-    return await handle.readFile('utf8');
-  } finally {
-    await handle.close();
   }
 }

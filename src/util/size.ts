@@ -17,8 +17,12 @@ export function parseSize(text: string, what = 'size'): number {
     throw new BlkrepError('ERR_BAD_SIZE', `invalid ${what} "${text}": expected a number with an optional suffix K, M, G, T or P (e.g. 64K, 1G)`, { errno: 'EINVAL' });
   }
   const value = Number(m[1]) * unit;
+  if (value > Number.MAX_SAFE_INTEGER) {
+    // said without the number: a double this large is no longer the one written
+    throw new BlkrepError('ERR_BAD_SIZE', `invalid ${what} "${text}": 2^53 bytes or more (at most ${Number.MAX_SAFE_INTEGER}, 8P - 1)`, { errno: 'EINVAL' });
+  }
   if (!Number.isSafeInteger(value)) {
-    throw new BlkrepError('ERR_BAD_SIZE', `invalid ${what} "${text}": ${value} is not a whole number of bytes below 2^53`, { errno: 'EINVAL' });
+    throw new BlkrepError('ERR_BAD_SIZE', `invalid ${what} "${text}": ${value} bytes is not a whole number of bytes`, { errno: 'EINVAL' });
   }
   return value;
 }

@@ -83,6 +83,30 @@ describe('fence hook', () => {
     expect(r.durationMs).toBeLessThan(2000);
   });
 
+  it('a hook without the x bit fails (sh exits 126) and the log line says it never ran', async () => {
+    const dir = await makeTempDir();
+    const hook = await script(dir, 'fence.sh', 'exit 7');
+    await chmod(hook, 0o644);
+    const r = await runFenceHook({ command: hook, node: 'b', peer: 'a' });
+    expect(r).toMatchObject({ verdict: 'failed', exitCode: 126, proceed: false, stderr: expect.stringContaining('Permission denied') });
+    expect(describeFence(r, 'a')).toBe('fence hook for peer "a" exited 126 (the shell could not run it: not executable (chmod +x) — not fenced); not proceeding (only 4 "outdated" and 7 "fenced" confirm the peer cannot write)');
+    const missing = await runFenceHook({ command: join(dir, 'nope.sh'), node: 'b', peer: 'a' });
+    expect(describeFence(missing, 'a')).toContain('exited 127 (the shell could not find it: no such command — not fenced)');
+  });
+
+  it('a hook killed by a signal fails, never proceeds, and the log says which signal', async () => {
+    const r = await runFenceHook({ command: 'kill -9 $$', node: 'b', peer: 'a' });
+    expect(r).toMatchObject({ verdict: 'failed', exitCode: null, signal: 'SIGKILL', proceed: false });
+    expect(describeFence(r, 'a')).toMatch(/^fence hook for peer "a" was killed by SIGKILL \(not a fence-peer exit code/);
+  });
+
+  it('a hook that writes 20 MB to stderr and stdout: its verdict counts, only the last 4 KiB of stderr is kept', async () => {
+    const r = await runFenceHook({ command: 'head -c 10000000 /dev/zero; head -c 10000000 /dev/zero | tr "\\0" x >&2; echo END >&2; exit 7', node: 'b', peer: 'a', timeoutMs: 30_000 });
+    expect(r).toMatchObject({ verdict: 'fenced', exitCode: 7, proceed: true });
+    expect(r.stderr.length).toBe(4096);
+    expect(r.stderr.endsWith('xEND\n')).toBe(true);
+  });
+
   it('describes the outcome for the log', () => {
     const base = { exitCode: 5, signal: null, proceed: false, forced: false, durationMs: 1, stderr: '' };
     expect(describeFence({ ...base, verdict: 'unreachable' }, 'alpha')).toBe(

@@ -11,7 +11,7 @@
  * Errors never carry key material: they name the file, the line and what is wrong with it.
  */
 import { X509Certificate, createPrivateKey } from 'node:crypto';
-import { readFileSync, statSync } from 'node:fs';
+import { closeSync, constants, fstatSync, openSync, readFileSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { TlsError } from './errors.js';
 
@@ -75,14 +75,38 @@ function fileError(path: string, why: string, cause?: unknown): TlsError {
   return new TlsError('ERR_TLS_CREDENTIALS', `TLS credentials: ${path}: ${why}`, { errno: 'EINVAL', cause, details: { path } });
 }
 
+/** a credential file is small: a PEM bundle of a long chain, a PSK file of many users, an allow-list */
+export const MAX_CREDENTIAL_BYTES = 1024 * 1024;
+
+/**
+ * Read a credential file: a regular file of at most MAX_CREDENTIAL_BYTES. It is opened
+ * O_NONBLOCK and checked with fstat before a byte is read, so a FIFO, a device (/dev/zero) or a
+ * directory in its place is refused at once instead of blocking the daemon or filling its memory.
+ */
 function readCredential(path: string, what: string): Buffer {
+  let fd: number;
   try {
-    return readFileSync(path);
+    fd = openSync(path, constants.O_RDONLY | constants.O_NONBLOCK);
   } catch (err) {
     const code = (err as { code?: string }).code;
     const why = code === 'ENOENT' ? `no such file (the ${what})` : code === 'EACCES' ? `permission denied (the ${what})` : `cannot read the ${what}: ${(err as Error).message}`;
     throw fileError(path, why, err);
   }
+  try {
+    const st = fstatSync(fd);
+    if (!st.isFile()) throw fileError(path, `not a regular file (the ${what} is ${fileKind(st)})`);
+    if (st.size > MAX_CREDENTIAL_BYTES) throw fileError(path, `${st.size} bytes, more than ${MAX_CREDENTIAL_BYTES}: not a credential file (the ${what})`);
+    return readFileSync(fd);
+  } catch (err) {
+    if (err instanceof TlsError) throw err;
+    throw fileError(path, `cannot read the ${what}: ${(err as Error).message}`, err);
+  } finally {
+    closeSync(fd);
+  }
+}
+
+function fileKind(st: import('node:fs').Stats): string {
+  return st.isFIFO() ? 'a FIFO' : st.isDirectory() ? 'a directory' : st.isCharacterDevice() || st.isBlockDevice() ? 'a device' : st.isSocket() ? 'a socket' : 'not a file';
 }
 
 function exists(path: string): boolean {
