@@ -16,10 +16,10 @@
  * carries a new term leaves only once the file holds it.
  */
 import { randomBytes } from 'node:crypto';
-import { closeSync, constants, fchmodSync, fstatSync, fsyncSync, openSync, readFileSync, renameSync, unlinkSync, writeSync } from 'node:fs';
+import { closeSync, fchmodSync, fsyncSync, openSync, renameSync, unlinkSync, writeSync } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
 import { BlkrepError } from '../api/errors.js';
-import { CREATE_NEW_FLAGS, fileCreateError } from '../util/safe-file.js';
+import { CREATE_NEW_FLAGS, fileCreateError, readOwnFileSync, UntrustedFileError } from '../util/safe-file.js';
 
 export interface Terms {
   term: bigint;
@@ -58,27 +58,13 @@ function field(path: string, json: Record<string, unknown>, name: keyof Terms): 
  */
 export function loadTerms(path: string): Terms {
   let text: string;
-  let fd: number;
   try {
-    fd = openSync(path, constants.O_RDONLY | constants.O_NOFOLLOW | constants.O_NONBLOCK);
+    text = readOwnFileSync(path);
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code;
     if (code === 'ENOENT') return { ...NO_TERMS };
-    if (code === 'ELOOP') throw bad(path, 'it is a symlink, not a file this node wrote', err);
+    if (err instanceof UntrustedFileError) throw bad(path, `it ${err.why}: not one this node wrote, not trusted`);
     throw bad(path, `cannot read it (${code ?? (err as Error).message})`, err);
-  }
-  try {
-    const st = fstatSync(fd);
-    if (!st.isFile()) throw bad(path, 'not a regular file, not one this node wrote');
-    const uid = process.getuid?.();
-    if (uid !== undefined && st.uid !== uid && st.uid !== 0) throw bad(path, `owned by uid ${st.uid}, not by this daemon's user (uid ${uid}): not one this node wrote`);
-    if ((st.mode & 0o022) !== 0) throw bad(path, `mode ${(st.mode & 0o777).toString(8).padStart(4, '0')}: other users may write it`);
-    text = readFileSync(fd, 'utf8');
-  } catch (err) {
-    if (err instanceof BlkrepError) throw err;
-    throw bad(path, `cannot read it (${(err as NodeJS.ErrnoException).code ?? (err as Error).message})`, err);
-  } finally {
-    closeSync(fd);
   }
   let json: unknown;
   try {

@@ -40,12 +40,11 @@
  * job-cancelled. Jobs loaded from their state files at start are loaded before the control
  * socket answers (nobody could see an event): the daemon's listening line lists them.
  */
-import { constants } from 'node:fs';
-import { open, readdir, rename, rm } from 'node:fs/promises';
+import { readdir, rename, rm } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { z } from 'zod';
 import { checkExportName, checkJobId } from '../util/names.js';
-import { replaceFile } from '../util/safe-file.js';
+import { readOwnFile, replaceFile, UntrustedFileError } from '../util/safe-file.js';
 import { BlkrepError, toBlkrepError } from '../api/errors.js';
 import type { BlockNode } from '../api/block.js';
 import type { ExportBitmaps } from '../bitmap/export-bitmaps.js';
@@ -214,25 +213,11 @@ export async function findJobStates(imagePath: string): Promise<string[]> {
  */
 export async function readJobState(path: string): Promise<SavedJobState> {
   let state: SavedJobState;
-  let handle;
   try {
-    handle = await open(path, constants.O_RDONLY | constants.O_NOFOLLOW | constants.O_NONBLOCK);
+    state = JSON.parse(await readOwnFile(path)) as SavedJobState;
   } catch (err) {
-    if ((err as { code?: string }).code === 'ELOOP') throw untrusted(path, 'is a symlink');
+    if (err instanceof UntrustedFileError) throw untrusted(path, err.why);
     throw toBlkrepError(err, `cannot read job state file "${path}"`);
-  }
-  try {
-    const st = await handle.stat();
-    if (!st.isFile()) throw untrusted(path, 'is not a regular file');
-    const uid = process.getuid?.();
-    if (uid !== undefined && st.uid !== uid && st.uid !== 0) throw untrusted(path, `is owned by uid ${st.uid}, not by this daemon's user (uid ${uid})`);
-    if ((st.mode & 0o022) !== 0) throw untrusted(path, `has mode ${(st.mode & 0o777).toString(8).padStart(4, '0')}: other users may write it`);
-    state = JSON.parse(await handle.readFile('utf8')) as SavedJobState;
-  } catch (err) {
-    if (err instanceof BlkrepError) throw err;
-    throw toBlkrepError(err, `cannot read job state file "${path}"`);
-  } finally {
-    await handle.close();
   }
   if (state?.version !== 1 || typeof state.id !== 'string' || typeof state.type !== 'string' || typeof state.options !== 'object') {
     throw new BlkrepError('ERR_JOB_INVALID', `job state file "${path}" is not a blkrep job state (version 1)`, { errno: 'EINVAL', details: { path } });

@@ -9,10 +9,8 @@
  * activity-log resync it calls for is done (`clearCrashedPrimary`), even across more restarts.
  */
 import { randomUUID } from 'node:crypto';
-import { constants } from 'node:fs';
-import { open } from 'node:fs/promises';
 import { BlkrepError } from '../api/errors.js';
-import { replaceFile } from '../util/safe-file.js';
+import { readOwnFile, replaceFile, UntrustedFileError } from '../util/safe-file.js';
 import { checkTuple, freshTuple, type GenerationTuple } from './generations.js';
 import type { DiskState } from './messages.js';
 import { sideFileBase } from '../util/state-dir.js';
@@ -325,31 +323,6 @@ export function initialState(role: PairState['role']): PairState {
   return { version: 1, nodeId: randomUUID(), role, gi: freshTuple(), epoch: 0, committing: null, diskState: 'Inconsistent', cleanShutdown: true };
 }
 
-/**
- * A side file only this daemon could have written (the disk's directory may be shared): opened
- * O_NOFOLLOW|O_NONBLOCK, it must be a regular file owned by this user or root, not writable by
- * others; a symlink or a FIFO planted at the name is refused at once, never followed or waited on.
- */
-async function readOwnFile(path: string): Promise<string> {
-  let handle;
-  try {
-    handle = await open(path, constants.O_RDONLY | constants.O_NOFOLLOW | constants.O_NONBLOCK);
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ELOOP') throw new Error('it is a symlink, not a file this daemon wrote');
-    throw err;
-  }
-  try {
-    const st = await handle.stat();
-    if (!st.isFile()) throw new Error('not a regular file, not one this daemon wrote');
-    const uid = process.getuid?.();
-    if (uid !== undefined && st.uid !== uid && st.uid !== 0) throw new Error(`owned by uid ${st.uid}, not by this daemon's user (uid ${uid}): not one this daemon wrote`);
-    if ((st.mode & 0o022) !== 0) throw new Error(`mode ${(st.mode & 0o777).toString(8).padStart(4, '0')}: other users may write it`);
-    return await handle.readFile('utf8');
-  } finally {
-    await handle.close();
-  }
-}
-
 export class PairStateFile {
   private constructor(
     readonly path: string,
@@ -360,9 +333,11 @@ export class PairStateFile {
   static async open(path: string, init: () => PairState): Promise<PairStateFile> {
     let text: string | undefined;
     try {
+      // never through a symlink, never waiting on a FIFO, only a file this user could have written
+      // (the disk's directory may be shared: test/pair/pair-state-untrusted.test.ts)
       text = await readOwnFile(path);
     } catch (err) {
-      if (err instanceof BlkrepError) throw err;
+      if (err instanceof UntrustedFileError) throw new BlkrepError('ERR_PAIR_STATE', `the pair state ${path} ${err.why}: not one this daemon wrote, not trusted`, { errno: 'EINVAL', details: { path } });
       if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw new BlkrepError('ERR_PAIR_STATE', `cannot read the pair state ${path}: ${(err as Error).message}`, { cause: err });
     }
     if (text === undefined) {

@@ -11,7 +11,7 @@
  *   file or the new one.
  */
 import { randomBytes } from 'node:crypto';
-import { constants, writeSync } from 'node:fs';
+import { closeSync, constants, fstatSync, openSync, readFileSync, writeSync, type Stats } from 'node:fs';
 import { open, rename, unlink, type FileHandle } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { BlkrepError, type Errno } from '../api/errors.js';
@@ -118,5 +118,69 @@ export async function replaceFile(path: string, data: string | Uint8Array, optio
     });
   } catch (err) {
     throw fileCreateError(path, options.what, err);
+  }
+}
+
+/**
+ * A file found at a name where blkrep keeps a file of its own (a pair state, a job state, a term
+ * file), and why it is not one blkrep could have written: `why` reads after the name ("is a
+ * symlink", "is not a regular file", "is owned by uid 1000, not by this daemon's user (uid 0)",
+ * "has mode 0666: other users may write it").
+ */
+export class UntrustedFileError extends Error {
+  constructor(readonly why: string) {
+    super(why);
+  }
+}
+
+/** O_RDONLY|O_NOFOLLOW|O_NONBLOCK: never through a symlink, never waiting on a FIFO planted at the name. */
+const OWN_FILE_FLAGS = constants.O_RDONLY | constants.O_NOFOLLOW | constants.O_NONBLOCK;
+
+function checkOwnFile(st: Stats): void {
+  if (!st.isFile()) throw new UntrustedFileError('is not a regular file');
+  const uid = process.getuid?.();
+  if (uid !== undefined && st.uid !== uid && st.uid !== 0) throw new UntrustedFileError(`is owned by uid ${st.uid}, not by this daemon's user (uid ${uid})`);
+  if ((st.mode & 0o022) !== 0) throw new UntrustedFileError(`has mode ${(st.mode & 0o777).toString(8).padStart(4, '0')}: other users may write it`);
+}
+
+function openError(err: unknown): unknown {
+  return (err as NodeJS.ErrnoException).code === 'ELOOP' ? new UntrustedFileError('is a symlink') : err;
+}
+
+/**
+ * The text of a file only this daemon's user could have written, as this module creates them: the
+ * directory may be shared, so it is opened O_NOFOLLOW|O_NONBLOCK (a symlink or a FIFO planted at
+ * the name is refused at once, never followed or waited on) and must be a regular file owned by
+ * this user or root that no other user may write. Throws UntrustedFileError saying why not; an
+ * error of the open itself (ENOENT, EACCES) as it is.
+ */
+export async function readOwnFile(path: string): Promise<string> {
+  let handle: FileHandle;
+  try {
+    handle = await open(path, OWN_FILE_FLAGS);
+  } catch (err) {
+    throw openError(err);
+  }
+  try {
+    checkOwnFile(await handle.stat());
+    return await handle.readFile('utf8');
+  } finally {
+    await handle.close();
+  }
+}
+
+/** readOwnFile, synchronously (a caller at start-up that reads before any I/O runs). */
+export function readOwnFileSync(path: string): string {
+  let fd: number;
+  try {
+    fd = openSync(path, OWN_FILE_FLAGS);
+  } catch (err) {
+    throw openError(err);
+  }
+  try {
+    checkOwnFile(fstatSync(fd));
+    return readFileSync(fd, 'utf8');
+  } finally {
+    closeSync(fd);
   }
 }

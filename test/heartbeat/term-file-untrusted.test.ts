@@ -31,7 +31,7 @@ describe('serve-nbd --heartbeat: a term file it did not write is refused at once
   it('a FIFO', async () => {
     const r = await startWith(async (p) => void execFileSync('mkfifo', [p]));
     expect(r.code).toBe(1);
-    expect(r.message).toContain(`term file "${r.termFile}": not a regular file, not one this node wrote;`);
+    expect(r.message).toContain(`term file "${r.termFile}": it is not a regular file: not one this node wrote, not trusted;`);
   });
 
   it('a symlink to a valid term file: not followed', async () => {
@@ -40,7 +40,7 @@ describe('serve-nbd --heartbeat: a term file it did not write is refused at once
       await symlink(join(dir, 'elsewhere.json'), p);
     });
     expect(r.code).toBe(1);
-    expect(r.message).toContain(`term file "${r.termFile}": it is a symlink, not a file this node wrote;`);
+    expect(r.message).toContain(`term file "${r.termFile}": it is a symlink: not one this node wrote, not trusted;`);
   });
 
   it('a valid term file others may write (0666)', async () => {
@@ -49,7 +49,7 @@ describe('serve-nbd --heartbeat: a term file it did not write is refused at once
       await chmod(p, 0o666);
     });
     expect(r.code).toBe(1);
-    expect(r.message).toContain(`term file "${r.termFile}": mode 0666: other users may write it;`);
+    expect(r.message).toContain(`term file "${r.termFile}": it has mode 0666: other users may write it: not one this node wrote, not trusted;`);
   });
 
   it.skipIf(process.getuid?.() !== 0)('a valid term file owned by another user (0600)', async () => {
@@ -58,6 +58,6 @@ describe('serve-nbd --heartbeat: a term file it did not write is refused at once
       await chown(p, 65534, 65534);
     });
     expect(r.code).toBe(1);
-    expect(r.message).toContain(`term file "${r.termFile}": owned by uid 65534, not by this daemon's user (uid 0): not one this node wrote;`);
+    expect(r.message).toContain(`term file "${r.termFile}": it is owned by uid 65534, not by this daemon's user (uid 0): not one this node wrote, not trusted;`);
   });
 });

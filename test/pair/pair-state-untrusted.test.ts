@@ -29,7 +29,7 @@ describe('serve-nbd --secondary: a pair state file it did not write is refused a
   it('a FIFO', async () => {
     const r = await secondaryWith(async (p) => void execFileSync('mkfifo', [p]));
     expect(r.code).toBe(1);
-    expect(r.message).toBe(`cannot read the pair state ${r.stateFile}: not a regular file, not one this daemon wrote`);
+    expect(r.message).toBe(`the pair state ${r.stateFile} is not a regular file: not one this daemon wrote, not trusted`);
   });
 
   it('a symlink to another pair\'s state: not followed, its target untouched', async () => {
@@ -47,7 +47,7 @@ describe('serve-nbd --secondary: a pair state file it did not write is refused a
       await symlink(target, p);
     });
     expect(r.code).toBe(1);
-    expect(r.message).toBe(`cannot read the pair state ${r.stateFile}: it is a symlink, not a file this daemon wrote`);
+    expect(r.message).toBe(`the pair state ${r.stateFile} is a symlink: not one this daemon wrote, not trusted`);
     expect(sha(await readFile(target))).toBe(before);
   });
 
@@ -57,7 +57,7 @@ describe('serve-nbd --secondary: a pair state file it did not write is refused a
       await chown(p, 65534, 65534);
     });
     expect(r.code).toBe(1);
-    expect(r.message).toBe(`cannot read the pair state ${r.stateFile}: owned by uid 65534, not by this daemon's user (uid 0): not one this daemon wrote`);
+    expect(r.message).toBe(`the pair state ${r.stateFile} is owned by uid 65534, not by this daemon's user (uid 0): not one this daemon wrote, not trusted`);
   });
 
   it('a file others may write (0666)', async () => {
@@ -66,6 +66,6 @@ describe('serve-nbd --secondary: a pair state file it did not write is refused a
       await chmod(p, 0o666);
     });
     expect(r.code).toBe(1);
-    expect(r.message).toBe(`cannot read the pair state ${r.stateFile}: mode 0666: other users may write it`);
+    expect(r.message).toBe(`the pair state ${r.stateFile} has mode 0666: other users may write it: not one this daemon wrote, not trusted`);
   });
 });
