@@ -27,6 +27,13 @@ export interface HeartbeatServiceOptions {
   key?: Buffer;
   intervalMs: number;
   detector: DetectorSpec;
+  /**
+   * This start's incarnation (the beats' restart order, ReplayGuard): default the wall clock in ms.
+   * A daemon with a term file passes one above every incarnation it used before (daemon.ts), so a
+   * wall clock set back since (an NTP step, a VM restore, a wrong RTC at boot) cannot make its
+   * beats look like replays to a peer that heard its last start.
+   */
+  incarnation?: bigint;
   /** the fencing epoch and generation this node announces (the pair's; 0 and EMPTY without one) */
   epoch?: () => bigint;
   generation?: () => string;
@@ -169,7 +176,7 @@ export class HeartbeatService {
   private readonly monitor: PeerMonitor;
   private readonly clock: () => number;
   private readonly log: HeartbeatLog;
-  private readonly incarnation = BigInt(Date.now());
+  private readonly incarnation: bigint;
   private seq = 0n;
   private sendTimer: NodeJS.Timeout | undefined;
   private checkTimer: NodeJS.Timeout | undefined;
@@ -190,6 +197,7 @@ export class HeartbeatService {
 
   private constructor(private readonly options: HeartbeatServiceOptions) {
     this.clock = options.clock ?? (() => performance.now());
+    this.incarnation = options.incarnation ?? BigInt(Date.now());
     this.log = options.log ?? (() => {});
     this.linkIndex = options.pingLink ? options.uris.length : undefined;
     this.monitor = new PeerMonitor(options.peer, options.pingLink ? [...options.uris, LINK_PATH] : options.uris, options.detector, (e) => this.transition(e));

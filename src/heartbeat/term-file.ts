@@ -25,6 +25,12 @@ export interface Terms {
   term: bigint;
   seen: bigint;
   primarySeen: bigint;
+  /**
+   * The heartbeat incarnation of this node's last start (service.ts `incarnation`), when one was
+   * kept: the next start's is above it whatever the wall clock says. Absent in files written
+   * before it was kept (an older blkrep ignores it).
+   */
+  incarnation?: bigint;
 }
 
 export const NO_TERMS: Terms = { term: 0n, seen: 0n, primarySeen: 0n };
@@ -75,12 +81,14 @@ export function loadTerms(path: string): Terms {
   if (typeof json !== 'object' || json === null || Array.isArray(json)) throw bad(path, 'not a JSON object');
   const o = json as Record<string, unknown>;
   if (o.version !== 1) throw bad(path, `version ${JSON.stringify(o.version)}, this blkrep reads version 1`);
-  return { term: field(path, o, 'term'), seen: field(path, o, 'seen'), primarySeen: field(path, o, 'primarySeen') };
+  const terms: Terms = { term: field(path, o, 'term'), seen: field(path, o, 'seen'), primarySeen: field(path, o, 'primarySeen') };
+  if (o.incarnation !== undefined) terms.incarnation = field(path, o, 'incarnation');
+  return terms;
 }
 
 /** Write `terms` to `path` atomically and durably (mode 0600). Throws ERR_FILE_CREATE naming the file. */
 export function saveTerms(path: string, terms: Terms): void {
-  const data = Buffer.from(`${JSON.stringify({ version: 1, term: terms.term.toString(), seen: terms.seen.toString(), primarySeen: terms.primarySeen.toString(), savedAt: new Date().toISOString() })}\n`);
+  const data = Buffer.from(`${JSON.stringify({ version: 1, term: terms.term.toString(), seen: terms.seen.toString(), primarySeen: terms.primarySeen.toString(), ...(terms.incarnation === undefined ? {} : { incarnation: terms.incarnation.toString() }), savedAt: new Date().toISOString() })}\n`);
   const tmp = join(dirname(path), `.${basename(path)}.tmp-${process.pid}-${randomBytes(8).toString('hex')}`);
   try {
     const fd = openSync(tmp, CREATE_NEW_FLAGS, 0o600);

@@ -177,6 +177,8 @@ export class Daemon {
   private primarySeen = 0n;
   /** where the terms are kept across restarts (undefined: an image with no directory, memory:) */
   private termFile: string | undefined;
+  /** the heartbeat incarnation of this start, or of the last one the term file kept (initTerms) */
+  private incarnation: bigint | undefined;
   /** silence after which a primary has no quorum (ms) */
   private quorumMs = Infinity;
   /** --fencing on a primary: the policy, its hook and what the hook is told (set with the heartbeat) */
@@ -692,8 +694,17 @@ export class Daemon {
       // a peer dead after its data link was lost (the same outage: the link's loss fenced already) is not fenced again
       if (e.event === 'peer-dead' && this.linksLost.size === 0) this.fencePeer('peer-dead', `peer "${service.peer}" is dead`);
     };
+    // this start's incarnation: above the last one kept, whatever the wall clock says now (set
+    // back since: a peer would refuse every beat as a replay of the last start's and call this node
+    // dead), kept durably before the first beat goes out
+    const now = BigInt(Date.now());
+    const incarnation = this.incarnation !== undefined && this.incarnation >= now ? this.incarnation + 1n : now;
+    if (this.incarnation !== undefined && incarnation !== now) this.log('warn', `the wall clock (${now} ms) is not past this node's last heartbeat incarnation (${this.incarnation}): it was set back; this start's incarnation is ${incarnation}`);
+    this.incarnation = incarnation;
+    if (this.termFile) this.saveTerms({ incarnation });
     this.heartbeat = await HeartbeatService.start({
       ...service,
+      incarnation,
       epoch,
       generation,
       primary: () => this.isPrimary(),
@@ -785,13 +796,15 @@ export class Daemon {
     this.term = terms.term;
     this.peerTerm = terms.seen;
     this.primarySeen = terms.primarySeen;
+    this.incarnation = terms.incarnation;
     this.termPrimary = startsPrimary;
     if (startsPrimary && this.term === 0n) this.saveTerms({ term: 1n });
   }
 
   /** Change terms, durably first (a sync save: terms change only at a takeover or a higher peer term). */
   private saveTerms(change: Partial<Terms>): void {
-    const next: Terms = { term: change.term ?? this.term, seen: change.seen ?? this.peerTerm, primarySeen: change.primarySeen ?? this.primarySeen };
+    const incarnation = change.incarnation ?? this.incarnation;
+    const next: Terms = { term: change.term ?? this.term, seen: change.seen ?? this.peerTerm, primarySeen: change.primarySeen ?? this.primarySeen, ...(incarnation === undefined ? {} : { incarnation }) };
     if (this.termFile) {
       try {
         saveTerms(this.termFile, next);
