@@ -155,9 +155,17 @@ export class PairChannel {
     return this.closed === undefined;
   }
 
-  onClose(fn: (why: Error) => void): void {
-    if (this.closed) fn(this.closed);
-    else this.closeHandlers.push(fn);
+  /** Call `fn` once the channel closes (at once if it is closed); the function returned takes it back. */
+  onClose(fn: (why: Error) => void): () => void {
+    if (this.closed) {
+      fn(this.closed);
+      return () => {};
+    }
+    this.closeHandlers.push(fn);
+    return () => {
+      const i = this.closeHandlers.indexOf(fn);
+      if (i >= 0) this.closeHandlers.splice(i, 1);
+    };
   }
 
   /** one-way message or an answer (with `re`) */

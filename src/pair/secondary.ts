@@ -829,16 +829,20 @@ export class SecondaryRole implements PairRole {
     if (this.linkProbe) return this.linkProbe;
     const probe = new Promise<boolean>((resolve) => {
       let timer: NodeJS.Timeout | undefined;
+      let off: (() => void) | undefined;
       const done = (alive: boolean): void => {
         if (timer === undefined) return;
         clearTimeout(timer);
         timer = undefined;
         this.linkAnswered = undefined;
+        // a live link answers every probe: its close handler goes with the probe (one per hello otherwise)
+        off?.();
         resolve(alive);
       };
       timer = setTimeout(() => done(false), LINK_PROBE_MS);
       this.linkAnswered = () => done(true);
-      link.onClose(() => done(false));
+      off = link.onClose(() => done(false));
+      if (timer === undefined) off();
       if (!link.sendPing()) done(false);
     });
     this.linkProbe = probe;
