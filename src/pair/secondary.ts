@@ -715,7 +715,8 @@ export class SecondaryRole implements PairRole {
       if (decision.action === 'resync-bitmap') await this.precopyBeforeResync(ch, helloAt);
       if (!ch.isOpen || this.link !== ch) return;
       this.addReplicaExport();
-      // ordered: the replica export applies one connection's writes in arrival order (cbw-filter.ts)
+      // ordered: the replica export applies an async primary's writes in arrival order (cbw-filter.ts
+      // `ordered`; a sync primary's are ordered only where they overlap, which is all it needs)
       const dataToken = this.writers!.issue(ch.peer);
       ch.send({ type: 'welcome', re: m.seq, version: PAIR_LINK_VERSION, size, ordered: true, ...this.summary(), decision, dataToken, ...(sameFullSync ? { resumeFull: true } : {}) });
       this.ctx.publish('replication-connected', { export: this.ctx.exportName, peer: ch.peer, role: 'secondary', rule: d.rule, action: decision.action, protocol: m.protocol });
