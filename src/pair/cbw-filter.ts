@@ -36,6 +36,7 @@
  */
 import type { BlockNode, CompleteBlockNode, WriteOptions, ZeroOptions } from '../api/block.js';
 import { BlkrepError } from '../api/errors.js';
+import { faultPoint } from './crash-hook.js';
 import { Filter } from '../block/filter.js';
 import { freeBufferNow } from '../util/free-buffer.js';
 import { REPLICA_MAX_INFLIGHT } from './data-token.js';
@@ -513,6 +514,8 @@ export class CbwFilter extends Filter {
         st.copyWriteMs += performance.now() - t1;
         await this.hidden.flush();
       } else await this.hidden.write(at, old, { fua: true });
+      // test hook (crash-hook.ts): BLKREP_TEST_FAIL_AT=cbw-copy fails the first copy with EIO after its I/O
+      faultPoint('cbw-copy');
       if (st) {
         const t2 = performance.now();
         st.copies++;

@@ -26,7 +26,8 @@ export function crashPoint(point: CrashPoint): void {
 /**
  * The fault hook of failure cases 6 and 7 (replication.md §4): with BLKREP_TEST_FAIL_AT set to a
  * step of the failover (`failover-<step>`, FailoverStep) or `checkpoint-step-6` (emptying the
- * hidden disk in a checkpoint, after the active disk), that step fails with an I/O error the
+ * hidden disk in a checkpoint, after the active disk) or `cbw-copy` (a copy-before-write of the
+ * secondary, after its read and hidden write: the replica write fails ERR_PAIR_CBW), that step fails with an I/O error the
  * first time it runs in the process, as a disk failing once would (so a retry can succeed); with
  * BLKREP_TEST_FAIL_UNTIL=FILE as well, every time until FILE exists.
  * Without the variable this does nothing; a test hook, not a feature.

@@ -1,0 +1,80 @@
+/**
+ * The secondary's copy-before-write order chain follows the primary's protocol (hello
+ * `protocol`, secondary.ts: `cbw.ordered = m.protocol !== 'sync'`), checked on two real daemons
+ * as separate processes. The secondary's fault hook BLKREP_TEST_FAIL_AT=cbw-copy (crash-hook.ts)
+ * fails the first copy-before-write with EIO. A client sends writes to fresh, non-overlapping
+ * clusters at once, so they are in flight on the replica link together. Async: the requests that
+ * arrived behind the failed one are refused ERR_PAIR_ORDER (the order chain), not applied.
+ * Sync: only the failed one is refused; the others are applied. Seen in the secondary's disk
+ * bytes, read after the primary is killed (before it could reconnect and resync) and the
+ * secondary stopped.
+ */
+import { join } from 'node:path';
+import { open, truncate, writeFile } from 'node:fs/promises';
+import { describe, expect, it } from 'vitest';
+import { NbdClient } from '../../src/nbd/client.js';
+import { makeTempDir, serve, unixUri, waitFor } from '../support/spawn.js';
+import { eventsOf, pairOf } from '../support/control.js';
+
+const MiB = 1 << 20;
+const SIZE = 16 * MiB;
+
+describe.each(['sync', 'async'] as const)('two daemons, --protocol %s: a failed copy-before-write on the secondary', (protocol) => {
+  it(protocol === 'sync' ? 'fails only its own request (unordered)' : 'fails the requests behind it ERR_PAIR_ORDER (ordered)', async () => {
+    const dir = await makeTempDir();
+    for (const f of ['p.img', 's.img']) {
+      await writeFile(join(dir, f), Buffer.alloc(0));
+      await truncate(join(dir, f), SIZE);
+    }
+    const sSock = join(dir, 's.sock');
+    const pSock = join(dir, 'p.sock');
+    const sControl = join(dir, 's.ctl');
+    const pControl = join(dir, 'p.ctl');
+    const sec = await serve([join(dir, 's.img'), '--secondary', '--socket', sSock, '--control', sControl], { env: { ...process.env, BLKREP_TEST_FAIL_AT: 'cbw-copy' } });
+    const p = await serve([join(dir, 'p.img'), '--socket', pSock, '--control', pControl, '--replicate-to', unixUri(sSock), '--protocol', protocol]);
+    await waitFor(async () => {
+      const st = await pairOf(pControl);
+      return st.epoch === 1 && st.lastCheckpointAgeMs !== null;
+    }, 'checkpoint 1 after the initial sync', { timeoutMs: 30_000 });
+    const sEv = await eventsOf(sControl);
+    const pEv = await eventsOf(pControl);
+    const pc = await NbdClient.connect({ uri: unixUri(pSock), reconnect: false, closeTimeoutMs: 2000 });
+    try {
+      // four writes to fresh clusters 1 MiB apart, sent together: on the link together
+      await Promise.all([0, 1, 2, 3].map((i) => pc.write(4 * MiB + i * MiB, Buffer.alloc(64 * 1024, 0x41 + i))));
+      const degraded = await pEv.next('replication-degraded');
+      // the primary goes before it can reconnect and resync; the secondary stops (its requests in
+      // flight finish): its disk is what the link applied
+      p.child.kill('SIGKILL');
+      await p.waitExit();
+      await sec.stop();
+      // the byte each written 64 KiB holds (-1: mixed)
+      const bytesOf = async (img: string) => {
+        const fd = await open(join(dir, img), 'r');
+        const got: number[] = [];
+        for (let i = 0; i < 4; i++) {
+          const b = Buffer.alloc(64 * 1024);
+          await fd.read(b, 0, b.length, 4 * MiB + i * MiB);
+          got.push(b.every((x) => x === b[0]) ? b[0]! : -1);
+        }
+        await fd.close();
+        return got;
+      };
+      const got = await bytesOf('s.img');
+      // the client's writes all succeeded on the primary
+      expect(await bytesOf('p.img')).toEqual([0x41, 0x42, 0x43, 0x44]);
+      // the primary degrades for the failed copy (the first write's cluster 64)
+      expect(degraded).toMatchObject({ code: 'ERR_NBD_SERVER_ERROR' });
+      expect(degraded.reason).toContain('copy-before-write of cluster 64 (bytes 4194304–4259840) into the hidden disk failed: injected fault at cbw-copy');
+      expect(sEv.events.find((e) => e.event === 'replication-degraded')).toMatchObject({ code: 'ERR_PAIR_CBW', role: 'secondary' });
+      expect(sEv.events.filter((e) => e.event === 'resync-started')).toEqual([]);
+      // the failed write is not on the disk in either; the three behind it: applied (sync, no order
+      // chain) or refused ERR_PAIR_ORDER (async)
+      expect(got).toEqual(protocol === 'sync' ? [0, 0x42, 0x43, 0x44] : [0, 0, 0, 0]);
+    } finally {
+      await pc.close().catch(() => {});
+      await sEv.close();
+      await pEv.close();
+    }
+  });
+});
