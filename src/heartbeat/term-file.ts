@@ -3,17 +3,19 @@
  * (`IMAGE.term.json`, mode 0600), so that a restarted old primary cannot come back with an old
  * term and win.
  *
- *   {"version":1,"term":"3","seen":"5","primarySeen":"5","savedAt":"…"}
+ *   {"version":1,"term":"3","seen":"5","primarySeen":"5","incarnation":"1765152000000","savedAt":"…"}
  *
  * - `term`: the term this node announced last (it took it when it became primary);
  * - `seen`: the highest term its peer announced;
  * - `primarySeen`: the highest term its peer announced *as primary*. When it is above `term`, this
  *   node was replaced: started again as a primary it is demoted at once, before any client can
  *   write, whether or not it hears its peer.
+ * - `incarnation`: the heartbeat incarnation of this node's last start; the next start's is above
+ *   it whatever the wall clock says (daemon.ts startHeartbeat). Absent in older files.
  *
  * Saves are synchronous and durable (a new file beside it, fsync, rename, fsync of the directory):
- * a save happens only when a term grows (a takeover, a peer's higher term), and the beat that
- * carries a new term leaves only once the file holds it.
+ * a save happens at each heartbeat start (its incarnation) and when a term grows (a takeover, a
+ * peer's higher term), and the beat that carries a new term leaves only once the file holds it.
  */
 import { randomBytes } from 'node:crypto';
 import { closeSync, fchmodSync, fsyncSync, openSync, renameSync, unlinkSync, writeSync } from 'node:fs';
