@@ -70,16 +70,21 @@ class CbwStats {
   copyHist = hist();
   diskMs = 0;
   constructor() {
-    const t = setInterval(() => {
+    // one timer per process (the file is per process): it writes the newest filter's figures
+    latestStats = this;
+    if (statsTimer) return;
+    statsTimer = setInterval(() => {
       try {
-        writeFileSync(`${STATS_DIR}/cbw-${process.pid}.json`, JSON.stringify({ ...this, cycles: cycleStats, syncs: syncStats }));
+        writeFileSync(`${STATS_DIR}/cbw-${process.pid}.json`, JSON.stringify({ ...latestStats, cycles: cycleStats, syncs: syncStats }));
       } catch {
         /* best effort */
       }
     }, 1000);
-    t.unref();
+    statsTimer.unref();
   }
 }
+let latestStats: CbwStats | undefined;
+let statsTimer: NodeJS.Timeout | undefined;
 
 /**
  * Cluster buffers kept for copies: as many as the writer's requests in flight (128 × 64 KiB =
