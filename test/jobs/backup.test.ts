@@ -11,7 +11,7 @@ import { DirtyTrackingNode, volatileTracker } from '../../src/block/filters/trac
 import type { JobEvent } from '../../src/jobs/job.js';
 import { BackupJob, type BackupOptions } from '../../src/jobs/backup.js';
 import { Gate, hookNode } from '../support/fault-node.js';
-import { MiB, RandomWriter, TestDisk, firstDifference, randomBytes, readAll, rng, seededSource } from './helpers.js';
+import { MiB, RandomWriter, TestDisk, firstDifference, randomBytes, readAll, recordFlushes, rng, seededSource } from './helpers.js';
 
 function events(job: BackupJob): JobEvent[] {
   const out: JobEvent[] = [];
@@ -308,13 +308,7 @@ describe('backup: sync modes, zeros, the end', () => {
       const target = new TestDisk(16 * MiB, 65536, { cache: true });
       const job = new BackupJob({ source, target, maxOps: 4, writebackBytes });
       // the data bytes the target had been sent when each of its flushes took effect
-      const atFlush: number[] = [];
-      let flushes = 0;
-      target.onChange = () => {
-        if (target.counts.flush === flushes) return;
-        flushes = target.counts.flush;
-        atFlush.push(target.counts.writeBytes);
-      };
+      const atFlush = recordFlushes(target);
       job.start();
       await within(job.whenConcluded(), 20_000, 'backup');
       const total = target.counts.writeBytes;

@@ -281,3 +281,15 @@ export class TestDisk implements BlockNode {
 
   async close(): Promise<void> {}
 }
+
+/** The data bytes `target` had been sent when each of its flushes took effect (set as its onChange). */
+export function recordFlushes(target: TestDisk): number[] {
+  const at: number[] = [];
+  let flushes = 0;
+  target.onChange = () => {
+    if (target.counts.flush === flushes) return;
+    flushes = target.counts.flush;
+    at.push(target.counts.writeBytes);
+  };
+  return at;
+}

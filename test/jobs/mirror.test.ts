@@ -6,7 +6,7 @@ import { MemoryNode } from '../../src/block/memory.js';
 import { DirtyBitmap } from '../../src/bitmap/dirty-bitmap.js';
 import type { JobEvent } from '../../src/jobs/job.js';
 import { MirrorJob, type MirrorOptions } from '../../src/jobs/mirror.js';
-import { MiB, RandomWriter, TestDisk, countDifferent, firstDifference, readAll, rng, seededSource } from './helpers.js';
+import { MiB, RandomWriter, TestDisk, countDifferent, firstDifference, readAll, recordFlushes, rng, seededSource } from './helpers.js';
 
 const SIZE = 64 * MiB;
 // seeded runs per copy mode: 50 × 2 = the issue's 100 runs of a 64 MiB export under a random
@@ -575,14 +575,8 @@ describe('the model\'s findings, checked on the implementation', () => {
       const target = new TestDisk(16 * MiB, 65536, { cache: true });
       const job = new MirrorJob({ source, target, maxOps: 4, writebackBytes });
       // the data bytes the target had been sent when each of its flushes took effect, and when the job became ready
-      const atFlush: number[] = [];
+      const atFlush = recordFlushes(target);
       let atReady = -1;
-      let flushes = 0;
-      target.onChange = () => {
-        if (target.counts.flush === flushes) return;
-        flushes = target.counts.flush;
-        atFlush.push(target.counts.writeBytes);
-      };
       job.on('event', (e: JobEvent) => {
         if (e.event === 'ready') atReady = target.counts.writeBytes;
       });
@@ -614,13 +608,7 @@ describe('the model\'s findings, checked on the implementation', () => {
     for (const writebackSkipTail of [false, true]) {
       const target = new TestDisk(8 * MiB, 65536, { cache: true });
       const job = new MirrorJob({ source, target, maxOps: 1, bufSize: MiB, writebackBytes: 5 * MiB, writebackSkipTail });
-      const atFlush: number[] = [];
-      let flushes = 0;
-      target.onChange = () => {
-        if (target.counts.flush === flushes) return;
-        flushes = target.counts.flush;
-        atFlush.push(target.counts.writeBytes);
-      };
+      const atFlush = recordFlushes(target);
       job.start();
       await whenReady(job);
       await job.complete();

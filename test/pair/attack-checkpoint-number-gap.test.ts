@@ -19,18 +19,13 @@
 import { join } from 'node:path';
 import { readFile, writeFile } from 'node:fs/promises';
 import { describe, expect, it } from 'vitest';
-import { makeTempDir, run, serve } from '../support/spawn.js';
+import { makeTempDir, serve } from '../support/spawn.js';
+import { readView } from '../support/pair-bytes.js';
 import { openLink, writerClient } from './scripted-primary.js';
 
 const MiB = 1024 * 1024;
 const SIZE = 4 * MiB;
 
-async function readView(dir: string, socket: string, tag: string): Promise<Buffer> {
-  const out = join(dir, `view-${tag}.raw`);
-  const r = await run('nbdcopy', [`nbd+unix:///view?socket=${socket}`, out]);
-  expect(r.code, r.stderr).toBe(0);
-  return readFile(out);
-}
 
 describe('attack: a checkpoint numbered past epoch + 1, the secondary killed -9 inside it', () => {
   it.each(['checkpoint-step-5', 'checkpoint-step-6'] as const)('%s of checkpoint 4 at epoch 0: the restart commits checkpoint 4 (the view is CP_4 exactly), the pair goes on', async (step) => {

@@ -12,20 +12,15 @@
 import { join } from 'node:path';
 import { readFile, stat, writeFile } from 'node:fs/promises';
 import { describe, expect, it } from 'vitest';
-import { makeTempDir, run, serve, type Started } from '../support/spawn.js';
+import { makeTempDir, serve, type Started } from '../support/spawn.js';
 import type { NbdClient } from '../../src/nbd/client.js';
 import { qemuCheck } from '../qcow2/helpers.js';
+import { readView } from '../support/pair-bytes.js';
 import { openLink, writerClient } from './scripted-primary.js';
 
 const MiB = 1024 * 1024;
 const SIZE = 4 * MiB;
 
-async function readView(dir: string, socket: string, tag: string): Promise<Buffer> {
-  const out = join(dir, `view-${tag}.raw`);
-  const r = await run('nbdcopy', [`nbd+unix:///view?socket=${socket}`, out]);
-  expect(r.code, r.stderr).toBe(0);
-  return readFile(out);
-}
 
 /**
  * 4 KiB writes all over the disk, 32 at a time, and kill -9 of the secondary after the 200th

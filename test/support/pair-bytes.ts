@@ -83,3 +83,11 @@ export async function expectSalvage(overlay: string, union: number[], cluster: n
   const old = await readFile(before);
   for (const o of union) expect(ov.subarray(o, o + cluster).equals(old.subarray(o, o + cluster))).toBe(true);
 }
+
+/** The secondary's view export (`view` on its Unix socket), read whole with nbdcopy into DIR/view-TAG.raw. */
+export async function readView(dir: string, socket: string, tag: string): Promise<Buffer> {
+  const out = join(dir, `view-${tag}.raw`);
+  const r = await run('nbdcopy', [`nbd+unix:///view?socket=${socket}`, out]);
+  expect(r.code, r.stderr).toBe(0);
+  return readFile(out);
+}
