@@ -17,7 +17,7 @@ import dgram from 'node:dgram';
 import { access, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { controlRequest as request, pairOf } from '../support/control.js';
+import { controlRequest as request, pairOf, firstCheckpoint } from '../support/control.js';
 import { fenceHook, freeUdpPort, pairKey, sparseImages, watch } from '../support/heartbeat.js';
 import { makeTempDir, run, serve, unixUri, waitFor } from '../support/spawn.js';
 
@@ -53,10 +53,7 @@ describe('every heartbeat path cut, the pair link up (two daemons)', () => {
     const p = await serve([join(dir, 'p.img'), '--socket', pSock, '--control', pCtl, '--replicate-to', unixUri(sSock), '--protocol', 'sync', '--node-id', 'alpha', '--peer-id', 'beta', '--heartbeat', `udp://127.0.0.1:${ra}?listen=127.0.0.1:${la}`, ...beat, '--on-no-quorum', 'io-error']);
     const hb = async (ctl: string): Promise<Hb['heartbeat']> => (await request<Hb>(ctl, 'status')).heartbeat;
     try {
-      await waitFor(async () => {
-        const st = await pairOf<{ epoch: number; lastCheckpointAgeMs: number | null }>(pCtl);
-        return st.epoch === 1 && st.lastCheckpointAgeMs !== null;
-      }, 'checkpoint 1 after the initial sync', { timeoutMs: 30_000 });
+      await firstCheckpoint(pCtl);
       await waitFor(async () => (await hb(sCtl)).state === 'alive' && (await hb(pCtl)).state === 'alive' && (await hb(sCtl)).link?.state === 'alive' && (await hb(pCtl)).link?.state === 'alive', 'both to hear each other on the heartbeat and the link');
       const ws = await watch(sCtl, EVENTS);
       const wp = await watch(pCtl, EVENTS);

@@ -18,7 +18,7 @@ import dgram from 'node:dgram';
 import { chmod, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { controlRequest as request, pairOf } from '../support/control.js';
+import { controlRequest as request, pairOf, firstCheckpoint } from '../support/control.js';
 import { freeUdpPort, fenceHook, pairKey, sparseImages, unixProxy, watch } from '../support/heartbeat.js';
 import { makeTempDir, run, serve, start, unixUri, waitFor, type Started } from '../support/spawn.js';
 
@@ -82,10 +82,7 @@ async function pair(dir: string, o: { relays: boolean; misses?: number }) {
   const s = await serve([join(dir, 's.img'), '--secondary', '--socket', sSock, '--control', sCtl, '--node-id', 'beta', '--peer-id', 'alpha', '--heartbeat', `udp://127.0.0.1:${toP}?listen=127.0.0.1:${pb}`, ...beat, '--auto-failover', '--fence-hook', sHook]);
   let x = await unixProxy(dir, xSock, sSock);
   const p = await serve([join(dir, 'p.img'), '--socket', pSock, '--control', pCtl, '--replicate-to', unixUri(xSock), '--protocol', 'sync', '--node-id', 'alpha', '--peer-id', 'beta', '--heartbeat', `udp://127.0.0.1:${toS}?listen=127.0.0.1:${pa}`, ...beat, '--fencing', 'resource-and-stonith', '--fence-hook', pHook]);
-  await waitFor(async () => {
-    const st = await pairOf<{ epoch: number; lastCheckpointAgeMs: number | null }>(pCtl);
-    return st.epoch === 1 && st.lastCheckpointAgeMs !== null;
-  }, 'checkpoint 1 after the initial sync', { timeoutMs: 30_000 });
+  await firstCheckpoint(pCtl);
   return {
     s,
     p,

@@ -18,7 +18,7 @@ import { describe, expect, it } from 'vitest';
 import { NbdClient } from '../../src/nbd/client.js';
 import { seededRandom } from '../../src/block/filters/error.js';
 import { makeTempDir, run, runCli, serve, start, unixUri, waitFor } from '../support/spawn.js';
-import { controlRequest as request } from '../support/control.js';
+import { controlRequest as request, firstCheckpoint } from '../support/control.js';
 import { fenceHook, freeUdpPort, pairKey, sparseImages, watch as watchEvents, type HeartbeatPair, type Watched } from '../support/heartbeat.js';
 
 const MiB = 1 << 20;
@@ -100,10 +100,7 @@ async function startPair(o: PairOptions = {}): Promise<Pair> {
   const pCtl = join(dir, 'p.ctl');
   const s = await serve([join(dir, 's.img'), '--secondary', '--socket', sSock, '--control', sCtl, '--node-id', 'beta', '--peer-id', 'alpha', ...sPaths, ...beat, '--auto-failover', '--fence-hook', hook, ...(o.s ?? [])]);
   const p = await serve([join(dir, 'p.img'), '--socket', pSock, '--control', pCtl, '--replicate-to', unixUri(sSock), '--protocol', 'sync', '--node-id', 'alpha', '--peer-id', 'beta', ...pPaths, ...beat, ...pFence, ...(o.p ?? [])]);
-  await waitFor(async () => {
-    const st = await pairOf(pCtl);
-    return st.epoch === 1 && (st as { lastCheckpointAgeMs?: number | null }).lastCheckpointAgeMs !== null;
-  }, 'checkpoint 1 after the initial sync', { timeoutMs: 30_000 });
+  await firstCheckpoint(pCtl);
   await waitFor(async () => (await status(sCtl)).heartbeat.state === 'alive' && (await status(pCtl)).heartbeat.state === 'alive', 'both to hear each other');
   return { dir, p, s, pCtl, sCtl, pSock, sSock, fenced, relays };
 }

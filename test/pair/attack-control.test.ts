@@ -9,8 +9,8 @@ import { readFile, writeFile } from 'node:fs/promises';
 import { randomBytes } from 'node:crypto';
 import { describe, expect, it } from 'vitest';
 import { ControlClient } from '../../src/control/client.js';
-import { makeTempDir, serve, unixUri, waitFor } from '../support/spawn.js';
-import { controlRequest, pairOf } from '../support/control.js';
+import { makeTempDir, serve, unixUri } from '../support/spawn.js';
+import { controlRequest, pairOf, firstCheckpoint } from '../support/control.js';
 
 const MiB = 1 << 20;
 
@@ -32,7 +32,7 @@ describe('two replicate commands at once', () => {
     const refused = both.find((r) => r.status === 'rejected') as PromiseRejectedResult;
     expect((refused.reason as { code: string }).code).toBe('ERR_PAIR_STATE');
     expect((refused.reason as Error).message).toBe(`export "" is being put in a pair already (a replicate to ${uri} is under way): one at a time`);
-    await waitFor(async () => ((await pairOf(p('pctl'))).epoch === 1 ? true : undefined), 'checkpoint 1 after the initial sync', { timeoutMs: 60_000 });
+    await firstCheckpoint(p('pctl'), 60_000);
     expect(await controlRequest<{ epoch: number }>(p('pctl'), 'checkpoint')).toMatchObject({ epoch: 2 });
     expect(await pairOf(p('pctl'))).toMatchObject({ link: 'connected', epoch: 2 });
     expect(await primary.stop()).toBe(0);

@@ -18,12 +18,11 @@
  * primary's state at the cut, which the oracle checked.
  */
 import { join } from 'node:path';
-import { readFile, truncate, writeFile } from 'node:fs/promises';
+import { readFile } from 'node:fs/promises';
 import { describe, expect, it } from 'vitest';
 import { NbdClient } from '../../src/nbd/client.js';
-import type { PairStatus } from '../../src/pair/role.js';
-import { makeTempDir, serve, start, unixUri, waitFor } from '../support/spawn.js';
-import { controlRequest as request } from '../support/control.js';
+import { serve, start, unixUri, waitFor } from '../support/spawn.js';
+import { controlRequest as request, blankPair, firstCheckpoint } from '../support/control.js';
 
 const MiB = 1 << 20;
 const SIZE = 16 * MiB;
@@ -79,22 +78,10 @@ describe('checkpoint atomicity under fio', () => {
 
 async function checkpointsUnderFio(protocol: 'sync' | 'async'): Promise<void> {
   {
-    const dir = await makeTempDir();
-    for (const f of ['p.img', 's.img']) {
-      await writeFile(join(dir, f), Buffer.alloc(0));
-      await truncate(join(dir, f), SIZE);
-    }
-    const sSock = join(dir, 's.sock');
-    const pSock = join(dir, 'p.sock');
-    const pControl = join(dir, 'p.ctl');
-    const sControl = join(dir, 's.ctl');
+    const { dir, sSock, pSock, sControl, pControl } = await blankPair(SIZE);
     await serve([join(dir, 's.img'), '--secondary', '--socket', sSock, '--control', sControl, '--view-export', 'view', '--view-read-only']);
     const primary = await serve([join(dir, 'p.img'), '--socket', pSock, '--control', pControl, '--replicate-to', unixUri(sSock), '--protocol', protocol]);
-    await waitFor(async () => {
-      const s = await request<{ exports: Array<{ pair?: PairStatus }> }>(pControl, 'status');
-      const p = s.exports.find((e) => e.pair)!.pair!;
-      return p.epoch === 1 && p.lastCheckpointAgeMs !== null;
-    }, 'checkpoint 1 after the initial sync', { timeoutMs: 30_000 });
+    await firstCheckpoint(pControl);
     // async: at a rate the secondary keeps up with on a loaded machine (faster, the queue fills:
     // the primary degrades, ERR_PAIR_QUEUE_FULL, as it should — and there is no checkpoint to check)
     const fio = start('fio', fioArgs(pSock, ['--time_based', '--runtime=120', ...(protocol === 'async' ? ['--rate=4m'] : [])]));

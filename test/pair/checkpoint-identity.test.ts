@@ -16,7 +16,7 @@ import { describe, expect, it } from 'vitest';
 import { NbdClient } from '../../src/nbd/client.js';
 import type { PairStatus } from '../../src/pair/role.js';
 import { makeTempDir, runCli, serve, unixUri, waitFor } from '../support/spawn.js';
-import { controlRequest, eventsOf, pairOf } from '../support/control.js';
+import { controlRequest, eventsOf, pairOf, firstCheckpoint } from '../support/control.js';
 import { openLink } from './scripted-primary.js';
 
 const MiB = 1 << 20;
@@ -128,7 +128,7 @@ describe('a secondary restarted without its hidden disk', () => {
     const pArgs = [p('p.img'), '--socket', p('p.sock'), '--control', p('pctl'), '--replicate-to', unixUri(p('s.sock'))];
     let s = await serve(sArgs);
     let primary = await serve(pArgs);
-    await waitFor(async () => ((await pairOf(p('pctl'))).epoch === 1 ? true : undefined), 'checkpoint 1 after the initial sync', { timeoutMs: 60_000 });
+    await firstCheckpoint(p('pctl'), 60_000);
     const c = await NbdClient.connect({ uri: unixUri(p('p.sock')), reconnect: false, closeTimeoutMs: 2000 });
     await c.write(MiB, Buffer.alloc(MiB, 0x5a));
     await c.flush();

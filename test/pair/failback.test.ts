@@ -14,7 +14,7 @@ import { ControlClient } from '../../src/control/client.js';
 import { NbdClient } from '../../src/nbd/client.js';
 import type { PairStatus } from '../../src/pair/role.js';
 import { makeTempDir, run, serve, unixUri, waitFor, type Served } from '../support/spawn.js';
-import { controlRequest as request, pairOf } from '../support/control.js';
+import { controlRequest as request, pairOf, firstCheckpoint } from '../support/control.js';
 import { pairLink, requiresTls, type LinkKind, type PairLink } from './tls-links.js';
 
 const MiB = 1 << 20;
@@ -75,10 +75,7 @@ async function startPair(protocol: 'sync' | 'async' = 'sync', kind: LinkKind = '
   const b = await serve([bImg, '--secondary', '--socket', p.bSock, '--control', p.bCtl, ...link.serverArgs]);
   expect(requiresTls(b.listeningLine, link)).toBe(true);
   const a = await serve([aImg, '--socket', p.aSock, '--control', p.aCtl, '--replicate-to', link.uri(p.bSock), '--protocol', protocol]);
-  await waitFor(async () => {
-    const st = await pairOf(p.aCtl);
-    return st.epoch === 1 && st.lastCheckpointAgeMs !== null;
-  }, 'checkpoint 1 after the initial sync', { timeoutMs: 60_000 });
+  await firstCheckpoint(p.aCtl, 60_000);
   return { ...p, a, b };
 }
 

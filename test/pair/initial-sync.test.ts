@@ -11,7 +11,7 @@ import { describe, expect, it } from 'vitest';
 import { NbdClient } from '../../src/nbd/client.js';
 import { newGeneration, EMPTY } from '../../src/pair/generations.js';
 import { makeTempDir, run, runCli, serve, unixUri, waitFor } from '../support/spawn.js';
-import { pairOf } from '../support/control.js';
+import { pairOf, firstCheckpoint } from '../support/control.js';
 import { openLink, writerClient } from './scripted-primary.js';
 
 const MiB = 1 << 20;
@@ -40,10 +40,7 @@ describe('the initial full sync: no copy-before-write', () => {
     const pControl = join(dir, 'p.ctl');
     const sec = await serve([s, '--secondary', '--socket', sSock, '--control', sControl]);
     const pri = await serve([p, '--socket', pSock, '--control', pControl, '--replicate-to', unixUri(sSock)]);
-    await waitFor(async () => {
-      const st = await pairOf(pControl);
-      return st.epoch === 1 && st.lastCheckpointAgeMs !== null;
-    }, 'checkpoint 1 after the initial sync', { timeoutMs: 30_000 });
+    await firstCheckpoint(pControl);
     expect((await readFile(s)).equals(data)).toBe(true);
     expect(await hiddenDataBytes(s)).toBe(0);
     expect(await pairOf(sControl)).toMatchObject({ epoch: 1, diskState: 'UpToDate', secondary: { copiedClusters: 0, noRestorePoint: null } });

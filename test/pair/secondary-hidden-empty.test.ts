@@ -13,7 +13,7 @@ import { readFile, rm, writeFile } from 'node:fs/promises';
 import { describe, expect, it } from 'vitest';
 import { NbdClient } from '../../src/nbd/client.js';
 import { makeTempDir, run, runCli, serve, unixUri, waitFor } from '../support/spawn.js';
-import { eventsOf, pairOf } from '../support/control.js';
+import { eventsOf, pairOf, firstCheckpoint } from '../support/control.js';
 import { openLink, writerClient } from './scripted-primary.js';
 
 const MiB = 1 << 20;
@@ -31,7 +31,7 @@ async function pairAtCheckpoint1() {
   const sArgs = [p('s.img'), '--secondary', '--socket', p('s.sock'), '--control', p('sctl')];
   const secondary = await serve(sArgs);
   const primary = await serve([p('p.img'), '--socket', p('p.sock'), '--control', p('pctl'), '--replicate-to', unixUri(p('s.sock'))]);
-  await waitFor(async () => ((await pairOf(p('pctl'))).epoch === 1 ? true : undefined), 'checkpoint 1 after the initial sync', { timeoutMs: 60_000 });
+  await firstCheckpoint(p('pctl'), 60_000);
   return { p, pData, sArgs, primary, secondary };
 }
 

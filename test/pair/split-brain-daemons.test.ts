@@ -13,7 +13,7 @@ import { describe, expect, it } from 'vitest';
 import { ControlClient } from '../../src/control/client.js';
 import type { PairStatus } from '../../src/pair/role.js';
 import { makeTempDir, run, runCli, serve, unixUri, waitFor } from '../support/spawn.js';
-import { controlRequest as request, pairOf } from '../support/control.js';
+import { controlRequest as request, pairOf, firstCheckpoint } from '../support/control.js';
 import { writeFlushed } from '../support/pair-bytes.js';
 
 const MiB = 1 << 20;
@@ -46,10 +46,7 @@ describe('split brain on two daemons: policies and salvage', () => {
     const bCtl = join(dir, 'b.ctl');
     const b = await serve([bImg, '--secondary', '--socket', bSock, '--control', bCtl, '--node-name', 'b']);
     const a = await serve([aImg, '--socket', aSock, '--control', aCtl, '--replicate-to', unixUri(bSock), '--node-name', 'a']);
-    await waitFor(async () => {
-      const st = await pairOf(aCtl);
-      return st.epoch === 1 && st.lastCheckpointAgeMs !== null;
-    }, 'checkpoint 1 after the initial sync', { timeoutMs: 60_000 });
+    await firstCheckpoint(aCtl, 60_000);
 
     // B is promoted while A lives on: A is demoted on the link and tracks its writes; both write apart
     expect(await request<{ role: string }>(bCtl, 'failover', {})).toMatchObject({ role: 'primary' });

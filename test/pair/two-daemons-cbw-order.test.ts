@@ -10,32 +10,21 @@
  * secondary stopped.
  */
 import { join } from 'node:path';
-import { open, truncate, writeFile } from 'node:fs/promises';
+import { open } from 'node:fs/promises';
 import { describe, expect, it } from 'vitest';
 import { NbdClient } from '../../src/nbd/client.js';
-import { makeTempDir, serve, unixUri, waitFor } from '../support/spawn.js';
-import { eventsOf, pairOf } from '../support/control.js';
+import { serve, unixUri } from '../support/spawn.js';
+import { eventsOf, blankPair, firstCheckpoint } from '../support/control.js';
 
 const MiB = 1 << 20;
 const SIZE = 16 * MiB;
 
 describe.each(['sync', 'async'] as const)('two daemons, --protocol %s: a failed copy-before-write on the secondary', (protocol) => {
   it(protocol === 'sync' ? 'fails only its own request (unordered)' : 'fails the requests behind it ERR_PAIR_ORDER (ordered)', async () => {
-    const dir = await makeTempDir();
-    for (const f of ['p.img', 's.img']) {
-      await writeFile(join(dir, f), Buffer.alloc(0));
-      await truncate(join(dir, f), SIZE);
-    }
-    const sSock = join(dir, 's.sock');
-    const pSock = join(dir, 'p.sock');
-    const sControl = join(dir, 's.ctl');
-    const pControl = join(dir, 'p.ctl');
+    const { dir, sSock, pSock, sControl, pControl } = await blankPair(SIZE);
     const sec = await serve([join(dir, 's.img'), '--secondary', '--socket', sSock, '--control', sControl], { env: { ...process.env, BLKREP_TEST_FAIL_AT: 'cbw-copy' } });
     const p = await serve([join(dir, 'p.img'), '--socket', pSock, '--control', pControl, '--replicate-to', unixUri(sSock), '--protocol', protocol]);
-    await waitFor(async () => {
-      const st = await pairOf(pControl);
-      return st.epoch === 1 && st.lastCheckpointAgeMs !== null;
-    }, 'checkpoint 1 after the initial sync', { timeoutMs: 30_000 });
+    await firstCheckpoint(pControl);
     const sEv = await eventsOf(sControl);
     const pEv = await eventsOf(pControl);
     const pc = await NbdClient.connect({ uri: unixUri(pSock), reconnect: false, closeTimeoutMs: 2000 });

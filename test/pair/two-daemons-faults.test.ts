@@ -7,12 +7,11 @@
  * of the secondary is a new TLS handshake on the link.
  */
 import { join } from 'node:path';
-import { truncate, writeFile } from 'node:fs/promises';
 import { describe, expect, it } from 'vitest';
 import { ControlClient } from '../../src/control/client.js';
 import { NbdClient } from '../../src/nbd/client.js';
-import { makeTempDir, run, runCli, serve, unixUri, waitFor } from '../support/spawn.js';
-import { pairOf } from '../support/control.js';
+import { run, runCli, serve, unixUri, waitFor } from '../support/spawn.js';
+import { pairOf, blankPair, firstCheckpoint } from '../support/control.js';
 import { pairLink, requiresTls, type LinkKind } from './tls-links.js';
 
 const MiB = 1 << 20;
@@ -26,15 +25,7 @@ interface Ev {
 describe.each<LinkKind>(['clear', 'psk'])('two daemons (link %s): the secondary dies inside a checkpoint', (kind) => {
   it('checkpoint fails ERR_PAIR_LINK_DOWN, writes go on, the secondary is resynced when back; disks equal', async () => {
     const link = await pairLink(kind);
-    const dir = await makeTempDir();
-    for (const f of ['p.img', 's.img']) {
-      await writeFile(join(dir, f), Buffer.alloc(0));
-      await truncate(join(dir, f), SIZE);
-    }
-    const sSock = join(dir, 's.sock');
-    const pSock = join(dir, 'p.sock');
-    const sControl = join(dir, 's.ctl');
-    const pControl = join(dir, 'p.ctl');
+    const { dir, sSock, pSock, sControl, pControl } = await blankPair(SIZE);
     const sArgs = [join(dir, 's.img'), '--secondary', '--socket', sSock, '--control', sControl, ...link.serverArgs];
     const s1 = await serve(sArgs);
     expect(requiresTls(s1.listeningLine, link)).toBe(true);
@@ -44,11 +35,7 @@ describe.each<LinkKind>(['clear', 'psk'])('two daemons (link %s): the secondary 
     await ec.subscribe(undefined, (e) => events.push(e as unknown as Ev));
     const next = (name: string, from: number) => waitFor(() => events.slice(from).find((e) => e.event === name), `event ${name}`, { timeoutMs: 30_000 });
     // the initial full sync is followed by checkpoint 1
-    await waitFor(async () => {
-      // lastCheckpointAgeMs is set once the checkpoint has ended (a request before would join it)
-      const st = await pairOf(pControl);
-      return st.epoch === 1 && st.lastCheckpointAgeMs !== null;
-    }, 'checkpoint 1 after the initial sync', { timeoutMs: 30_000 });
+    await firstCheckpoint(pControl);
     const pc = await NbdClient.connect({ uri: unixUri(pSock), reconnect: false, closeTimeoutMs: 2000 });
     try {
       // the secondary dies between checkpoints: the client never sees it; a checkpoint is refused

@@ -13,12 +13,11 @@
  * secondary's hidden disk is volatile (--hidden-durability), else strict.
  */
 import { join } from 'node:path';
-import { truncate, writeFile } from 'node:fs/promises';
 import { describe, expect, it } from 'vitest';
 import { NbdClient } from '../../src/nbd/client.js';
-import { makeTempDir, serve, unixUri, waitFor, withTimeout, type Served } from '../support/spawn.js';
+import { serve, unixUri, withTimeout, type Served } from '../support/spawn.js';
 import { seededRandom as rng } from '../../src/block/filters/error.js';
-import { controlRequest as request, pairOf } from '../support/control.js';
+import { controlRequest as request, blankPair, firstCheckpoint } from '../support/control.js';
 import { stamp } from '../support/pair-bytes.js';
 
 const MiB = 1 << 20;
@@ -47,22 +46,10 @@ function variant(seed: number): { protocol: 'sync' | 'async'; to: 'checkpoint' |
 }
 
 async function startPair(protocol: 'sync' | 'async', hidden: 'strict' | 'volatile'): Promise<{ p: Served; sControl: string; pControl: string; sSock: string; pSock: string }> {
-  const dir = await makeTempDir();
-  for (const f of ['p.img', 's.img']) {
-    await writeFile(join(dir, f), Buffer.alloc(0));
-    await truncate(join(dir, f), SIZE);
-  }
-  const sSock = join(dir, 's.sock');
-  const pSock = join(dir, 'p.sock');
-  const sControl = join(dir, 's.ctl');
-  const pControl = join(dir, 'p.ctl');
+  const { dir, sSock, pSock, sControl, pControl } = await blankPair(SIZE);
   await serve([join(dir, 's.img'), '--secondary', '--socket', sSock, '--control', sControl, '--hidden-durability', hidden]);
   const p = await serve([join(dir, 'p.img'), '--socket', pSock, '--control', pControl, '--replicate-to', unixUri(sSock), '--protocol', protocol]);
-  await waitFor(async () => {
-    // lastCheckpointAgeMs is set once the checkpoint has ended (a request before would join it)
-    const st = await pairOf(pControl);
-    return st.epoch === 1 && st.lastCheckpointAgeMs !== null;
-  }, 'checkpoint 1 after the initial sync', { timeoutMs: 30_000 });
+  await firstCheckpoint(pControl);
   return { p, sControl, pControl, sSock, pSock };
 }
 

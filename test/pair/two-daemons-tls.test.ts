@@ -16,7 +16,7 @@ import { IHAVEOPT, OPT } from '../../src/nbd/constants.js';
 import type { PairStatus } from '../../src/pair/role.js';
 import { makeTempDir, serve, waitFor, withTimeout, type Served } from '../support/spawn.js';
 import { CLIENT_DN, makePki, type Pki } from '../support/tls-pki.js';
-import { controlRequest as request, pairOf } from '../support/control.js';
+import { controlRequest as request, pairOf, blankPair, firstCheckpoint } from '../support/control.js';
 
 const MiB = 1 << 20;
 const SIZE = 8 * MiB;
@@ -87,23 +87,12 @@ interface TlsPair {
  * query `query`. `connected`: wait for checkpoint 1 (else return at once).
  */
 async function startPair(secondaryTls: string[], query: string, connected: boolean): Promise<TlsPair> {
-  const dir = await makeTempDir();
-  for (const f of ['p.img', 's.img']) {
-    await writeFile(join(dir, f), Buffer.alloc(0));
-    await truncate(join(dir, f), SIZE);
-  }
-  const sSock = join(dir, 's.sock');
-  const pSock = join(dir, 'p.sock');
-  const sControl = join(dir, 's.ctl');
-  const pControl = join(dir, 'p.ctl');
+  const { dir, sSock, pSock, sControl, pControl } = await blankPair(SIZE);
   const s = await serve([join(dir, 's.img'), '--secondary', '--socket', sSock, '--control', sControl, '--view-export', 'view', ...secondaryTls]);
   const rec = await recorder(join(dir, 'proxy.sock'), sSock);
   const p = await serve([join(dir, 'p.img'), '--socket', pSock, '--control', pControl, '--replicate-to', `nbds+unix:///?socket=${rec.path}&${query}`]);
   if (connected) {
-    await waitFor(async () => {
-      const st = await pairOf<PairStatus & { lastError?: string }>(pControl);
-      return st.epoch === 1 && st.lastCheckpointAgeMs !== null;
-    }, 'checkpoint 1 after the initial sync over TLS', { timeoutMs: 30_000 });
+    await firstCheckpoint(pControl);
   }
   return { dir, s, p, sControl, pControl, pSock, sSock, rec };
 }

@@ -9,12 +9,11 @@
  * Both scenarios run in clear and over nbds:// with x509 client certificates (tls-links.ts).
  */
 import { join } from 'node:path';
-import { truncate, writeFile } from 'node:fs/promises';
 import { describe, expect, it } from 'vitest';
 import { NbdClient } from '../../src/nbd/client.js';
-import { makeTempDir, serve, unixUri, waitFor, type Served } from '../support/spawn.js';
+import { serve, unixUri, type Served } from '../support/spawn.js';
 import { pairLink, requiresTls, type LinkKind, type PairLink } from './tls-links.js';
-import { controlRequest as request, pairOf } from '../support/control.js';
+import { controlRequest as request, pairOf, blankPair, firstCheckpoint } from '../support/control.js';
 
 const MiB = 1 << 20;
 const SIZE = 16 * MiB;
@@ -33,25 +32,13 @@ interface Pair {
 
 async function startPair(protocol: 'sync' | 'async', kind: LinkKind): Promise<Pair> {
   const link = await pairLink(kind);
-  const dir = await makeTempDir();
-  for (const f of ['p.img', 's.img']) {
-    await writeFile(join(dir, f), Buffer.alloc(0));
-    await truncate(join(dir, f), SIZE);
-  }
-  const sSock = join(dir, 's.sock');
-  const pSock = join(dir, 'p.sock');
-  const sControl = join(dir, 's.ctl');
-  const pControl = join(dir, 'p.ctl');
+  const { dir, sSock, pSock, sControl, pControl } = await blankPair(SIZE);
   // secondary first (replication.md §2 "Start")
   const s = await serve([join(dir, 's.img'), '--secondary', '--socket', sSock, '--control', sControl, '--view-export', 'view', ...link.serverArgs]);
   expect(requiresTls(s.listeningLine, link)).toBe(true);
   const p = await serve([join(dir, 'p.img'), '--socket', pSock, '--control', pControl, '--replicate-to', link.uri(sSock), '--protocol', protocol]);
   // connected, and checkpoint 1 — the one after the initial sync — committed
-  await waitFor(async () => {
-      // lastCheckpointAgeMs is set once the checkpoint has ended (a request before would join it)
-      const st = await pairOf(pControl);
-      return st.epoch === 1 && st.lastCheckpointAgeMs !== null;
-    }, 'checkpoint 1 after the initial sync', { timeoutMs: 30_000 });
+  await firstCheckpoint(pControl);
   return { dir, s, p, sControl, pControl, sSock, pSock, link };
 }
 

@@ -2,7 +2,7 @@
  * One control-socket request from a test (connect, request, close), and the pair status of a
  * daemon's export in a pair: what the two-daemon tests of the pair and heartbeat ask again and again.
  */
-import { writeFile } from 'node:fs/promises';
+import { truncate, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { ControlClient } from '../../src/control/client.js';
 import type { PairStatus } from '../../src/pair/role.js';
@@ -38,7 +38,7 @@ export async function eventsOf(control: string, timeoutMs = 30_000) {
   return { events, next, close: () => client.close() };
 }
 
-/** Wait for checkpoint 1, the one after a pair's initial sync. */
+/** Wait for checkpoint 1, the one after a pair's initial sync, to have ended (lastCheckpointAgeMs is set then: a request before would join it). */
 export async function firstCheckpoint(control: string, timeoutMs = 30_000): Promise<void> {
   await waitFor(async () => {
     const st = await pairOf(control);
@@ -50,6 +50,17 @@ export async function firstCheckpoint(control: string, timeoutMs = 30_000): Prom
 export function pairPaths(dir: string) {
   const at = (name: string) => join(dir, name);
   return { pImg: at('p.img'), sImg: at('s.img'), pSock: at('p.sock'), sSock: at('s.sock'), pControl: at('p.ctl'), sControl: at('s.ctl') };
+}
+
+/** A new temp dir with a pair's files (pairPaths), both disks `size` bytes of zeroes (sparse files). */
+export async function blankPair(size: number) {
+  const dir = await makeTempDir();
+  const p = pairPaths(dir);
+  for (const f of [p.pImg, p.sImg]) {
+    await writeFile(f, Buffer.alloc(0));
+    await truncate(f, size);
+  }
+  return { dir, ...p };
 }
 
 /**

@@ -9,7 +9,7 @@ import { chmod, readFile, truncate, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { ControlClient } from '../../src/control/client.js';
 import type { ControlEvent } from '../../src/control/protocol.js';
-import { controlRequest, pairOf } from './control.js';
+import { controlRequest, firstCheckpoint } from './control.js';
 import { makeTempDir, run, serve, start, unixUri, waitFor, type Served, type Started } from './spawn.js';
 
 export async function freeTcpPort(): Promise<number> {
@@ -111,10 +111,7 @@ export async function startHeartbeatPair(o: HeartbeatPairOptions): Promise<Heart
   const { dir, sArgs, pArgs, sSock, pSock, sCtl, pCtl } = await heartbeatPairArgs(o);
   const s = await serve(sArgs);
   const p = await serve(pArgs);
-  await waitFor(async () => {
-    const st = await pairOf<{ epoch: number; lastCheckpointAgeMs: number | null }>(pCtl);
-    return st.epoch === 1 && st.lastCheckpointAgeMs !== null;
-  }, 'checkpoint 1 after the initial sync', { timeoutMs: 30_000 });
+  await firstCheckpoint(pCtl);
   const hbState = async (ctl: string): Promise<string> => (await controlRequest<{ heartbeat: { state: string } }>(ctl, 'status')).heartbeat.state;
   await waitFor(async () => (await hbState(sCtl)) === 'alive' && (await hbState(pCtl)) === 'alive', 'both to hear each other');
   return { dir, p, s, pCtl, sCtl, pSock, sSock, pArgs, sArgs };
@@ -151,10 +148,7 @@ export async function startLinkCutPair(o: HeartbeatPairOptions & { events: strin
     },
   };
   try {
-    await waitFor(async () => {
-      const st = await pairOf<{ epoch: number; lastCheckpointAgeMs: number | null }>(a.pCtl);
-      return st.epoch === 1 && st.lastCheckpointAgeMs !== null;
-    }, 'checkpoint 1 after the initial sync', { timeoutMs: 30_000 });
+    await firstCheckpoint(a.pCtl);
     const w = await run('qemu-io', ['-f', 'raw', pair.pUri, '-c', 'write -P 0x11 0 64k']);
     if (w.code !== 0) throw new Error(`qemu-io write 0x11: exit ${w.code}: ${w.stderr}`);
     const cp = await controlRequest<{ epoch: number }>(a.pCtl, 'checkpoint');
