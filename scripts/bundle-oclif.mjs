@@ -51,11 +51,12 @@ for (const old of readdirSync(path.dirname(outfile))) {
 // called (nor semver loaded for it). blkrep's own engines (node >= 20) are npm's to check.
 // The commands' bundles (below) load these at first use too: node:crypto, node:tls … that a
 // module imports for one function a short command may never call.
-const LAZY_BUILTINS = /^(node:)?(child_process|perf_hooks|readline|tty)$/;
+const LAZY_BUILTINS = /^(node:)?(child_process|perf_hooks|readline|tty|fs\/promises)$/;
 const LAZY_BUILTINS_COMMANDS = /^(node:)?(child_process|perf_hooks|readline|tty|crypto|tls|zlib|http|https|dgram|dns|worker_threads|v8|inspector)$/;
 const PLUGIN_MATCH = '(0, minimatch_1.minimatch)(p, w)';
 const NODE_CHECK = '\ncheckNodeVersion();\n';
 const PICOMATCH_CHECK = '\n\trequire.resolve("picomatch");\n';
+const SAFE_READ_JSON = 'async function safeReadJson(path, useCache = true) {\n';
 const CONFIG_RELOAD = '        if (isConfig(opts)) {\n';
 // Output without node's process.stdout/process.stderr streams (bin/run.js's blkrep.stdio: the
 // stream and the modules behind it, net, tty and the streams, are built at the first read of
@@ -65,6 +66,11 @@ const CONFIG_RELOAD = '        if (isConfig(opts)) {\n';
 // line saying so.
 const STDIO = 'globalThis[Symbol.for("blkrep.stdio")]';
 const STDIO_PATCHES = [
+  // lilconfig took fs.promises.readFile at its start (node:fs/promises' internals, ~6 M
+  // instructions; see safeReadJson below): now at its first read of a file
+  [/[\\/]lilconfig[\\/]src[\\/]index\.js$/, [
+    ['const fsReadFileAsync = fs.promises.readFile;', 'const fsReadFileAsync = (...args) => fs.promises.readFile(...args);'],
+  ]],
   // the width of the terminal, at the start: 80 without a stream for what is no terminal
   [/[\\/]@oclif[\\/]core[\\/]lib[\\/]screen\.js$/, [
     ['termwidth(process.stdout);', `(${STDIO}?.isatty(1) === false ? 80 : termwidth(process.stdout));`],
@@ -132,6 +138,17 @@ const startupPlugin = (lazy) => ({
     // fdir (tinyglobby's) checks that picomatch resolves before it requires it, at its start:
     // in the bundle picomatch is bundled, so the require always succeeds and the check only reads
     // node_modules/picomatch/package.json.
+    // safeReadJson (the user's theme.json at every start, absent): a file that is not there is
+    // undefined without node:fs/promises (with readline's interface and fs watchers behind it,
+    // ~6 M instructions) loaded for a failing readFile
+    build.onLoad({ filter: /[\\/]@oclif[\\/]core[\\/]lib[\\/]util[\\/]fs\.js$/ }, (args) => {
+      const source = readFileSync(args.path, 'utf8');
+      if (!source.includes(SAFE_READ_JSON)) {
+        console.log(`${args.path}: no ${JSON.stringify(SAFE_READ_JSON)} (a newer @oclif/core?): bundled as it is`);
+        return undefined;
+      }
+      return { contents: source.replace(SAFE_READ_JSON, `${SAFE_READ_JSON}    if (!(0, node_fs_1.existsSync)(path))\n        return undefined;\n`), loader: 'js' };
+    });
     build.onLoad({ filter: /[\\/]fdir[\\/]dist[\\/]index\.cjs$/ }, (args) => {
       const source = readFileSync(args.path, 'utf8');
       if (!source.includes(PICOMATCH_CHECK)) return undefined;
