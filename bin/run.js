@@ -43,12 +43,99 @@ smallYoungGeneration();
 // oclif.manifest.json (written by `npm run build`) lets oclif import only the command that runs
 // instead of every command (about 50 ms of CPU at each start). A manifest older than a compiled
 // command is stale (dist/ rebuilt by tsc alone): write it again first, when the tree is writable.
-const { existsSync, readFileSync, readdirSync, realpathSync, renameSync, statSync, unlinkSync, writeFileSync } = require('node:fs');
+const { existsSync, fstatSync, readFileSync, readdirSync, realpathSync, renameSync, statSync, unlinkSync, writeFileSync, writeSync } = require('node:fs');
 const Module = require('node:module');
 const { createRequire } = Module;
 const vm = require('node:vm');
 
 const root = dirname(__dirname) + sep;
+
+// Output without process.stdout (blkrep.stdio below): the first read of process.stdout or
+// process.stderr builds node's stream for that descriptor (a net.Socket for a pipe, a
+// tty.WriteStream, a SyncWriteStream for a file or /dev/null) and loads the modules behind it
+// (net, tty, the streams: ~24 M instructions of callgrind's ~90 M for node -e 0, for one
+// console.log). oclif read both at its start (the terminal width, colour support, its EPIPE
+// handler) and printed through console.log; scripts/bundle-oclif.mjs points those places at
+// globalThis[Symbol.for('blkrep.stdio')], and blkrep's own output (src/cli/stdio.ts) uses it too:
+// - write(fd, text): fs.writeSync to 1 or 2 until all of it is written, as the stream's write does
+//   for a file, a terminal or a blocking pipe. The stream takes over for the rest, and for every
+//   write after it, on any error: EAGAIN (a non-blocking pipe to a slow reader: libuv waits for
+//   it, and node's exit waits for the queue), EPIPE (the reader went away: the stream's error
+//   goes to the handlers below, as before) … Once a stream exists, whoever built it, everything
+//   goes through it, so the order of the bytes is the order of the calls.
+// - isatty(fd): false without the stream for what fstat says is no terminal (a pipe, a file, a
+//   socket, /dev/null); anything else asks the stream.
+// - isOpen(fd): whether the stream exists (oclif's flush at the end waits for it only then).
+// - whenOpen(fd): the stream if it exists, else something whose .on(event, fn) is applied when it
+//   is built (oclif's EPIPE handler, bitmap dump's): an error can only come from a stream.
+const stdio = (() => {
+  const names = { 1: 'stdout', 2: 'stderr' };
+  const open = { 1: false, 2: false };
+  const pending = { 1: [], 2: [] };
+  for (const fd of [1, 2]) {
+    const name = names[fd];
+    const node = Object.getOwnPropertyDescriptor(process, name);
+    if (!node?.get || !node.configurable) {
+      open[fd] = true;
+      continue;
+    }
+    Object.defineProperty(process, name, {
+      configurable: true,
+      enumerable: node.enumerable,
+      get() {
+        Object.defineProperty(process, name, node); // node's own getter from now on
+        open[fd] = true;
+        const stream = process[name];
+        for (const [event, fn] of pending[fd].splice(0)) stream.on(event, fn);
+        return stream;
+      },
+    });
+  }
+  const DEV_NULL = 0x103; // makedev(1, 3)
+  const noop = () => {};
+  return {
+    isOpen: (fd) => open[fd],
+    isatty(fd) {
+      if (!open[fd]) {
+        try {
+          const st = fstatSync(fd);
+          if (!st.isCharacterDevice() || st.rdev === DEV_NULL) return false;
+        } catch {
+          // a closed descriptor: node's stream decides, as before
+        }
+      }
+      return process[names[fd]].isTTY === true;
+    },
+    write(fd, text) {
+      if (!open[fd]) {
+        const buf = typeof text === 'string' ? Buffer.from(text) : text;
+        let off = 0;
+        try {
+          while (off < buf.length) off += writeSync(fd, buf, off, buf.length - off);
+          return;
+        } catch {
+          text = buf.subarray(off);
+        }
+      }
+      const stream = process[names[fd]];
+      // as console.log: an error of the write is not the program's (EPIPE after `| head`)
+      if (stream.listenerCount('error') === 0) stream.once('error', noop);
+      stream.write(text, noop);
+    },
+    whenOpen(fd) {
+      if (open[fd]) return process[names[fd]];
+      const later = {
+        on(event, fn) {
+          if (open[fd]) process[names[fd]].on(event, fn);
+          else pending[fd].push([event, fn]);
+          return later;
+        },
+      };
+      return later;
+    },
+  };
+})();
+globalThis[Symbol.for('blkrep.stdio')] = stdio;
 
 // dist/vendor/oclif-core-VERSION.cjs (scripts/bundle-oclif.mjs, written by `npm run build`): all of
 // @oclif/core in one file, about 120 ms of CPU less at each start than its ~200 modules. Placed in

@@ -51,15 +51,82 @@ for (const old of readdirSync(path.dirname(outfile))) {
 // called (nor semver loaded for it). blkrep's own engines (node >= 20) are npm's to check.
 // The commands' bundles (below) load these at first use too: node:crypto, node:tls … that a
 // module imports for one function a short command may never call.
-const LAZY_BUILTINS = /^(node:)?(child_process|perf_hooks|readline)$/;
-const LAZY_BUILTINS_COMMANDS = /^(node:)?(child_process|perf_hooks|readline|crypto|tls|zlib|http|https|dgram|dns|worker_threads|v8|inspector)$/;
+const LAZY_BUILTINS = /^(node:)?(child_process|perf_hooks|readline|tty|fs\/promises)$/;
+const LAZY_BUILTINS_COMMANDS = /^(node:)?(child_process|perf_hooks|readline|tty|crypto|tls|zlib|http|https|dgram|dns|worker_threads|v8|inspector)$/;
 const PLUGIN_MATCH = '(0, minimatch_1.minimatch)(p, w)';
 const NODE_CHECK = '\ncheckNodeVersion();\n';
 const PICOMATCH_CHECK = '\n\trequire.resolve("picomatch");\n';
+const SAFE_READ_JSON = 'async function safeReadJson(path, useCache = true) {\n';
 const CONFIG_RELOAD = '        if (isConfig(opts)) {\n';
+// Output without node's process.stdout/process.stderr streams (bin/run.js's blkrep.stdio: the
+// stream and the modules behind it, net, tty and the streams, are built at the first read of
+// process.stdout, ~24 M instructions): oclif read both at its start and printed through
+// console.log. Each place asks blkrep.stdio when bin/run.js installed it, and does as before when
+// it did not. A file where the text is not found (a newer version) is bundled as it is, with a
+// line saying so.
+const STDIO = 'globalThis[Symbol.for("blkrep.stdio")]';
+const STDIO_PATCHES = [
+  // lilconfig took fs.promises.readFile at its start (node:fs/promises' internals, ~6 M
+  // instructions; see safeReadJson below): now at its first read of a file
+  [/[\\/]lilconfig[\\/]src[\\/]index\.js$/, [
+    ['const fsReadFileAsync = fs.promises.readFile;', 'const fsReadFileAsync = (...args) => fs.promises.readFile(...args);'],
+  ]],
+  // the width of the terminal, at the start: 80 without a stream for what is no terminal
+  [/[\\/]@oclif[\\/]core[\\/]lib[\\/]screen\.js$/, [
+    ['termwidth(process.stdout);', `(${STDIO}?.isatty(1) === false ? 80 : termwidth(process.stdout));`],
+    ['termwidth(process.stderr);', `(${STDIO}?.isatty(2) === false ? 80 : termwidth(process.stderr));`],
+  ]],
+  // ux.stdout / ux.stderr (this.log, this.logJson, this.logToStderr): console.log's text and newline
+  [/[\\/]@oclif[\\/]core[\\/]lib[\\/]ux[\\/]write\.js$/, [
+    ['const stdout = (str, ...args) => {', `const blkrepStdio = ${STDIO};\nconst blkrepLog = (fd, ...text) => blkrepStdio ? blkrepStdio.write(fd, \`\${text.length > 0 ? text[0] : ''}\\n\`) : fd === 1 ? console.log(...text) : console.error(...text);\nconst stdout = (str, ...args) => {`],
+    [/console\.log\(/g, 'blkrepLog(1, '],
+    [/console\.error\(/g, 'blkrepLog(2, '],
+  ]],
+  // EPIPE on stdout is ignored: the handler goes on the stream when there is one
+  [/[\\/]@oclif[\\/]core[\\/]lib[\\/]command\.js$/, [
+    ["process.stdout.on('error', ", `(${STDIO}?.whenOpen(1) ?? process.stdout).on('error', `],
+  ]],
+  // at the end of every command: nothing to wait for without a stream
+  [/[\\/]@oclif[\\/]core[\\/]lib[\\/]flush\.js$/, [
+    ['async function _flush() {\n', `async function _flush() {\n    if (${STDIO}?.isOpen(1) === false)\n        return;\n`],
+  ]],
+  // the action (spinner) kept the streams' write functions from its construction, at the start:
+  // now from the first time it needs them (it replaces them while it spins)
+  [/[\\/]@oclif[\\/]core[\\/]lib[\\/]ux[\\/]action[\\/]base\.js$/, [
+    ['    stdmockOrigs = {\n        stderr: process.stderr.write,\n        stdout: process.stdout.write,\n    };\n',
+      '    blkrepStdmockOrigs;\n    get stdmockOrigs() {\n        return (this.blkrepStdmockOrigs ??= { stderr: process.stderr.write, stdout: process.stdout.write });\n    }\n    set stdmockOrigs(origs) {\n        this.blkrepStdmockOrigs = origs;\n    }\n'],
+  ]],
+  // the spinner is for a terminal on stderr
+  [/[\\/]@oclif[\\/]core[\\/]lib[\\/]ux[\\/]index\.js$/, [
+    ['Boolean(process.stderr.isTTY)', `Boolean(${STDIO} ? ${STDIO}.isatty(2) : process.stderr.isTTY)`],
+  ]],
+  // colours (theme, --json's colours) for a terminal
+  [/[\\/]ansis[\\/]index\.js$/, [['!!s.stdout?.isTTY', `!!(${STDIO} ? ${STDIO}.isatty(1) : s.stdout?.isTTY)`]]],
+  [/[\\/]supports-color[\\/]index\.js$/, [
+    ['tty.isatty(1)', `(${STDIO} ? ${STDIO}.isatty(1) : tty.isatty(1))`],
+    ['tty.isatty(2)', `(${STDIO} ? ${STDIO}.isatty(2) : tty.isatty(2))`],
+  ]],
+  [/[\\/]debug[\\/]src[\\/]node\.js$/, [
+    ['tty.isatty(process.stderr.fd)', `(${STDIO} ? ${STDIO}.isatty(2) : tty.isatty(process.stderr.fd))`],
+  ]],
+];
 const startupPlugin = (lazy) => ({
   name: 'blkrep-startup',
   setup(build) {
+    for (const [filter, edits] of STDIO_PATCHES) {
+      build.onLoad({ filter }, (args) => {
+        let source = readFileSync(args.path, 'utf8');
+        for (const [from, to] of edits) {
+          const found = typeof from === 'string' ? source.includes(from) : from.test(source);
+          if (!found) {
+            console.log(`${args.path}: no ${from} (a newer version?): bundled as it is`);
+            return undefined;
+          }
+          source = typeof from === 'string' ? source.replace(from, to) : source.replace(from, to);
+        }
+        return { contents: source, loader: 'js' };
+      });
+    }
     build.onResolve({ filter: lazy }, (args) =>
       args.namespace === 'lazy-builtin' ? undefined : { path: args.path.replace(/^node:/, ''), namespace: 'lazy-builtin' });
     build.onLoad({ filter: /.*/, namespace: 'lazy-builtin' }, (args) => ({ contents: lazyBuiltin(args.path), loader: 'js' }));
@@ -71,6 +138,17 @@ const startupPlugin = (lazy) => ({
     // fdir (tinyglobby's) checks that picomatch resolves before it requires it, at its start:
     // in the bundle picomatch is bundled, so the require always succeeds and the check only reads
     // node_modules/picomatch/package.json.
+    // safeReadJson (the user's theme.json at every start, absent): a file that is not there is
+    // undefined without node:fs/promises (with readline's interface and fs watchers behind it,
+    // ~6 M instructions) loaded for a failing readFile
+    build.onLoad({ filter: /[\\/]@oclif[\\/]core[\\/]lib[\\/]util[\\/]fs\.js$/ }, (args) => {
+      const source = readFileSync(args.path, 'utf8');
+      if (!source.includes(SAFE_READ_JSON)) {
+        console.log(`${args.path}: no ${JSON.stringify(SAFE_READ_JSON)} (a newer @oclif/core?): bundled as it is`);
+        return undefined;
+      }
+      return { contents: source.replace(SAFE_READ_JSON, `${SAFE_READ_JSON}    if (!(0, node_fs_1.existsSync)(path))\n        return undefined;\n`), loader: 'js' };
+    });
     build.onLoad({ filter: /[\\/]fdir[\\/]dist[\\/]index\.cjs$/ }, (args) => {
       const source = readFileSync(args.path, 'utf8');
       if (!source.includes(PICOMATCH_CHECK)) return undefined;

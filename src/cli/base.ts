@@ -6,6 +6,7 @@ import { Command, Errors } from '@oclif/core';
 import { BlkrepError } from '../api/errors.js';
 import type { RegisterHookOptions } from '../api/transport.js';
 import { Heartbeats, Transports, Upgraders } from '../engine/registry.js';
+import { writeStdout } from './stdio.js';
 
 export const EXIT_SUCCESS = 0;
 export const EXIT_FAILURE = 1;
@@ -46,7 +47,7 @@ export abstract class BlkrepCommand extends Command {
 
   /** Print a single compact JSON line on stdout (for events while a command runs). */
   protected jsonLine(value: unknown): void {
-    process.stdout.write(`${JSON.stringify(value)}\n`);
+    writeStdout(`${JSON.stringify(value)}\n`);
   }
 
   protected override async catch(err: Error & { exitCode?: number; oclif?: { exit?: number } }): Promise<unknown> {

@@ -1,6 +1,7 @@
 import { Args, Flags } from '@oclif/core';
 import { BlkrepCommand } from '../cli/base.js';
 import { forceShareFlag, formatFlag } from '../cli/image.js';
+import { writeStderr } from '../cli/stdio.js';
 import { imageInfo, type ImageInfo } from '../image/info.js';
 import { formatSize } from '../util/size.js';
 
@@ -35,7 +36,7 @@ An NBD export (nbd://, nbd+unix://) is shown as qemu-img shows one: format raw, 
       forceShare: flags['force-share'],
       ...(flags.format === undefined ? {} : { format: flags.format }),
       // on stderr even with --json (oclif silences logToStderr then)
-      onWarning: (m) => process.stderr.write(`blkrep: warning: ${m}\n`),
+      onWarning: (m) => writeStderr(`blkrep: warning: ${m}\n`),
     });
     if (!this.jsonEnabled()) {
       const layers = Array.isArray(result) ? result : [result];

@@ -1,4 +1,5 @@
 import { forceShareFlag } from '../../cli/image.js';
+import { onStdoutError, writeStdout } from '../../cli/stdio.js';
 import { Flags } from '@oclif/core';
 import { BitmapCommand, nameFlag, storeFlags, targetArg } from '../../cli/bitmap-command.js';
 import type { DirtyBitmap } from '../../bitmap/dirty-bitmap.js';
@@ -149,8 +150,8 @@ With --json, the runs are printed exactly as nbdinfo --map=qemu:dirty-bitmap:NAM
 
 /** Write big output in a few chunks; a reader that goes away (| head) ends the command quietly. */
 function writeOut(chunks: Iterable<Buffer>): void {
-  process.stdout.on('error', (err: NodeJS.ErrnoException) => {
+  onStdoutError((err) => {
     if (err.code === 'EPIPE') process.exit(0);
   });
-  for (const c of chunks) process.stdout.write(c);
+  for (const c of chunks) writeStdout(c);
 }
