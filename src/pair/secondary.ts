@@ -215,7 +215,8 @@ export class SecondaryRole implements PairRole {
       );
       const active = o.activeFilters?.length ? stackFilters(images.activeNode, o.activeFilters) : images.activeNode;
       this.view = new ViewNode(active, this.viewGate, new Borrowed(ctx.imageNode), () => this.state.state.committing !== null, this.cbw);
-      this.writers = new ReplicaWriters(ctx.server, ctx.exportName, this.cbw, this.cbw.gate, ctx.minimumBlockSize);
+      const cbw = this.cbw;
+      this.writers = new ReplicaWriters(ctx.server, ctx.exportName, (ordered) => cbw.writer(ordered), cbw.gate, ctx.minimumBlockSize);
     }
   }
 
@@ -689,9 +690,6 @@ export class SecondaryRole implements PairRole {
     const sameFullSync = decision.action === 'resync-full' && !salvageFirst && s.fullSyncFrom?.nodeId === m.nodeId && s.fullSyncFrom.gen === m.gi.current;
     this.link = ch;
     this.peerHello = { gi: m.gi, protocol: m.protocol, nodeId: m.nodeId };
-    // a sync primary has no write in flight that depends on another in flight: the replica export
-    // need not issue its disk writes in arrival order (cbw-filter.ts `ordered`), only overlaps
-    if (this.cbw) this.cbw.ordered = m.protocol !== 'sync';
     void (async () => {
       if (salvageFirst) {
         let overlay: string | null;
@@ -716,8 +714,10 @@ export class SecondaryRole implements PairRole {
       if (!ch.isOpen || this.link !== ch) return;
       this.addReplicaExport();
       // ordered: the replica export applies an async primary's writes in arrival order (cbw-filter.ts
-      // `ordered`; a sync primary's are ordered only where they overlap, which is all it needs)
-      const dataToken = this.writers!.issue(ch.peer);
+      // `ordered`). A sync primary has no write in flight that depends on another in flight: its
+      // writes are ordered only where they overlap, which is all it needs. The writer's order chain
+      // is its own (CbwFilter.writer): a retired writer's failed request fails none of this one's.
+      const dataToken = this.writers!.issue(ch.peer, m.protocol !== 'sync');
       ch.send({ type: 'welcome', re: m.seq, version: PAIR_LINK_VERSION, size, ordered: true, ...this.summary(), decision, dataToken, ...(sameFullSync ? { resumeFull: true } : {}) });
       this.ctx.publish('replication-connected', { export: this.ctx.exportName, peer: ch.peer, role: 'secondary', rule: d.rule, action: decision.action, protocol: m.protocol });
     })().catch((err: unknown) => ch.close(toBlkrepError(err)));
