@@ -111,7 +111,7 @@ export class ReplicaWriters {
    * A new link was welcomed: retire the old token, serve a new one. `ordered`: the replica applies
    * this writer's writes in arrival order (an async primary); its order chain is its own.
    */
-  issue(peer: string, ordered: boolean): string {
+  issue(peer: string, ordered: boolean, onAdmit?: () => void): string {
     this.retire(`a new pair link (from ${peer}) took the replica export`);
     const token = mintDataToken();
     this.current = token;
@@ -123,7 +123,11 @@ export class ReplicaWriters {
       maxInflight: REPLICA_MAX_INFLIGHT,
       // the token is the writer's credential: logs, status and metrics show it redacted
       shownName: `${this.exportName}${TOKEN_INFIX}…`,
-      admit: () => (this.current === token ? undefined : this.staleWhy(token)),
+      admit: () => {
+        if (this.current !== token) return this.staleWhy(token);
+        onAdmit?.();
+        return undefined;
+      },
       description: `replica writer of "${this.exportName}" for the primary on the pair link from ${peer}`,
       ...(this.minimumBlockSize === undefined ? {} : { minimumBlockSize: this.minimumBlockSize }),
     });
