@@ -736,10 +736,11 @@ export class PrimaryRole implements PairRole {
       }
       if (answer.type !== 'done') throw new BlkrepError('ERR_PAIR_PROTOCOL', `the secondary answered checkpoint ${n} with ${JSON.stringify(answer).slice(0, 120)}`);
       peerEpochField(`DONE for checkpoint ${n}`, 'n', answer.n, n, n, `the N of CHECKPOINT{${n}}`);
-      // DONE{N} commits N: its epoch is N. Nothing else moves the secondary's epoch while this link
-      // holds it (it takes no checkpoint of its own then), and N is past what it said it held
-      // (welcome, FAILED, an abort's answer): a DONE with another epoch cannot come from a
-      // secondary that applied this link's checkpoints (before: taken as "committed already" and
+      // DONE{N} commits N: its epoch is N. While this link holds it the secondary takes no
+      // checkpoint of its own, and its redo of a failed step 6 (failure case 6) commits a number
+      // this primary asked, at most N; N is past what it said it held (welcome, FAILED, an
+      // abort's answer): a DONE with another epoch cannot come from a secondary that applied
+      // this primary's checkpoints (before: taken as "committed already" and
       // numbered after, so a DONE saying 2^53 − 1 stopped the checkpoints for good)
       peerEpochField(`DONE for checkpoint ${n}`, 'epoch', answer.epoch, n, n, `${n}: DONE{N} commits N (the secondary's epoch moves only by this link's checkpoints)`);
       this.peerEpoch = n;
