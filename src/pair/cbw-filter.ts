@@ -28,6 +28,9 @@
  * itself may leave non-overlapping writes of the moment applied in any order (the page cache
  * never promised more): that disk is resynced by the primary's peer bitmap, and the hidden disk
  * still holds the checkpoint.
+ * The order chain is the writer's (`writer()`: one per writer token, so per pair link): a retired
+ * link's failing request fails only the requests queued behind it on that link, and the new
+ * link's writes are issued only after every request of the links before it finished.
  * A sync primary (`ordered` false, from its hello) needs none of that: it has no write in flight
  * that depends on another in flight, so a request's disk write waits only for the earlier
  * requests it overlaps (their disk writes completed, or they failed), not for every earlier
@@ -36,7 +39,7 @@
  */
 import type { BlockNode, CompleteBlockNode, WriteOptions, ZeroOptions } from '../api/block.js';
 import { BlkrepError } from '../api/errors.js';
-import { faultPoint } from './crash-hook.js';
+import { heldFaultPoint } from './crash-hook.js';
 import { Filter } from '../block/filter.js';
 import { freeBufferNow } from '../util/free-buffer.js';
 import { REPLICA_MAX_INFLIGHT } from './data-token.js';
@@ -101,6 +104,47 @@ const SPARE_RUN_BUFFERS = 8;
 /** the most clusters one precopy claims (1 GiB at 64 KiB: a Map entry and a promise each); the resync's writes copy the rest */
 export const PRECOPY_LIMIT = 16384;
 
+/** An order chain: the requests of one writer (a pair link's data connection), in arrival order. */
+interface Chain {
+  /** the last request's disk write: true once issued, false when the request failed before it */
+  tail: Promise<boolean>;
+  /** its requests taken and not finished */
+  queued: number;
+  /** arrival order kept (an async primary); undefined: the filter's `ordered` */
+  ordered: boolean | undefined;
+  /** the requests of the chains before this one (a retired writer's) finished; null once they have */
+  after: Promise<void> | null;
+  /** told when `queued` drops to 0 */
+  idle: Array<() => void>;
+}
+
+/** A writer's view of the filter (CbwFilter.writer): its writes go in its own order chain; reads and the rest as the filter's. */
+class CbwWriter extends Filter {
+  readonly driver = 'copy-before-write-writer';
+  constructor(
+    cbw: CbwFilter,
+    private readonly apply: (offset: number, length: number, op: () => Promise<void>) => Promise<void>,
+  ) {
+    super(cbw);
+  }
+  private get disk(): CompleteBlockNode {
+    return (this.next as CbwFilter).next;
+  }
+  override write(offset: number, data: Buffer, o?: WriteOptions): Promise<void> {
+    return this.apply(offset, data.length, () => this.disk.write(offset, data, o));
+  }
+  override writeZeroes(offset: number, length: number, o?: ZeroOptions): Promise<void> {
+    return this.apply(offset, length, () => this.disk.writeZeroes(offset, length, o));
+  }
+  override trim(offset: number, length: number, o?: WriteOptions): Promise<void> {
+    return this.apply(offset, length, () => this.disk.trim(offset, length, o));
+  }
+  /** the disk belongs to the daemon */
+  override close(): Promise<void> {
+    return Promise.resolve();
+  }
+}
+
 export class CbwFilter extends Filter {
   readonly driver = 'copy-before-write';
   /** one byte per cluster: copied to hidden this epoch */
@@ -109,20 +153,23 @@ export class CbwFilter extends Filter {
   readonly gate = new WriteGate();
   /** no restore point: no copy-before-write (set by the secondary while the gate is held or no writer is connected) */
   bypass = false;
-  /** the last request's disk write: true once issued, false when the request failed before it (the order chain) */
-  private tail: Promise<boolean> = Promise.resolve(true);
+  /** the chain of writes made on the filter itself (tests, a plain primary's export); a pair writer has its own (`writer()`) */
+  private readonly own: Chain = { tail: Promise.resolve(true), queued: 0, ordered: undefined, after: null, idle: [] };
+  /** the chains with requests in flight: a new writer's writes go after theirs (`writer()`) */
+  private readonly busy = new Set<Chain>();
   /** requests taken and not yet finished (their disk write completed, or they failed before it), in arrival order */
   private readonly arrived = new Set<{ offset: number; end: number; done: Promise<void> }>();
   /**
    * Issue the disk writes in arrival order (the order chain): what an async primary's pipelined
-   * forwards need (replication-filter.ts `ordered`). False while the connected primary replicates
-   * sync (its hello's `protocol`): it never has a write in flight that depends on another in
-   * flight (a write that started after another completed was sent after that one's reply), so a
-   * request's disk write waits only for the earlier requests it overlaps, not for every earlier
-   * one's copy-before-write. Taken per request on arrival; true by default.
+   * forwards need (replication-filter.ts `ordered`). A pair writer's chain (`writer()`) takes its
+   * own, from its primary's hello's `protocol`: false for sync, which never has a write in flight
+   * that depends on another in flight (a write that started after another completed was sent
+   * after that one's reply), so a request's disk write waits only for the earlier requests it
+   * overlaps, not for every earlier one's copy-before-write. This one is for the writes made on
+   * the filter itself (a plain primary's export, tests); taken per request on arrival; true by default.
    */
   ordered = true;
-  /** requests in the order chain */
+  /** requests taken and not finished, every chain */
   private queued = 0;
   /**
    * Cluster buffers for the copies, used again: a resync copies every cluster it writes, and
@@ -319,27 +366,47 @@ export class CbwFilter extends Filter {
   }
 
   override write(offset: number, data: Buffer, o?: WriteOptions): Promise<void> {
-    return this.apply(offset, data.length, () => this.next.write(offset, data, o));
+    return this.apply(this.own, offset, data.length, () => this.next.write(offset, data, o));
   }
 
   override writeZeroes(offset: number, length: number, o?: ZeroOptions): Promise<void> {
-    return this.apply(offset, length, () => this.next.writeZeroes(offset, length, o));
+    return this.apply(this.own, offset, length, () => this.next.writeZeroes(offset, length, o));
   }
 
   override trim(offset: number, length: number, o?: WriteOptions): Promise<void> {
-    return this.apply(offset, length, () => this.next.trim(offset, length, o));
+    return this.apply(this.own, offset, length, () => this.next.trim(offset, length, o));
+  }
+
+  /**
+   * A pair writer's node (data-token.ts: one per writer token, so per pair link): its writes go
+   * through this filter in an order chain of their own, `ordered` as its primary's protocol says.
+   * The chain belongs to the writer: a request of a retired writer that fails (its copy failed)
+   * fails the ones queued behind it on that writer's connection only, never the new writer's
+   * (before, one chain spanned links: an old sync link's request failing while still queued could
+   * fail the new async link's first write with ERR_PAIR_ORDER, a spurious degrade and resync).
+   * And a retired writer's writes never land after the new writer's: each write of the new chain
+   * waits, before its disk write is issued, until every request taken on the chains before it
+   * has finished (its disk write completed, or it failed) — ordered or not, overlapping or not.
+   */
+  writer(ordered: boolean): CompleteBlockNode {
+    const earlier = [...this.busy].map((c) => new Promise<void>((r) => c.idle.push(r)));
+    const chain: Chain = { tail: Promise.resolve(true), queued: 0, ordered, after: earlier.length ? Promise.all(earlier).then(() => undefined) : null, idle: [] };
+    if (chain.after) void chain.after.then(() => (chain.after = null));
+    return new CbwWriter(this, (offset, length, op) => this.apply(chain, offset, length, op));
   }
 
   /**
    * Copy the old clusters, then write the disk once every earlier request it overlaps has
-   * finished and (ordered) the request before this one was issued.
+   * finished and (ordered) the request before this one in its chain was issued.
    */
-  private apply(offset: number, length: number, op: () => Promise<void>): Promise<void> {
+  private apply(chain: Chain, offset: number, length: number, op: () => Promise<void>): Promise<void> {
     // the place in the chain is taken now, in the caller's order (before any await)
-    const before = this.tail;
-    const ordered = this.ordered;
+    const before = chain.tail;
+    const ordered = chain.ordered ?? this.ordered;
     let issued!: (ok: boolean) => void;
-    this.tail = new Promise<boolean>((r) => (issued = r));
+    chain.tail = new Promise<boolean>((r) => (issued = r));
+    chain.queued++;
+    this.busy.add(chain);
     this.queued++;
     const end = offset + length;
     // the earlier requests this one overlaps, as they arrived: its disk write goes after theirs
@@ -352,6 +419,8 @@ export class CbwFilter extends Filter {
     return gated(this.gate, async () => {
       const ft = !this.bypass && !this.allCopied(offset, length);
       if (ft) await this.copyOld(offset, length);
+      // a new writer's requests go after every request of the writers before it
+      if (chain.after) await chain.after;
       if (ordered && !(await before)) {
         throw new BlkrepError('ERR_PAIR_ORDER', `a replica write before this one (${length} bytes at offset ${offset}) failed: later writes are not applied, so the disk stays a state the primary's was in`, {
           errno: 'EIO',
@@ -380,7 +449,11 @@ export class CbwFilter extends Filter {
       finished();
       this.queued--;
       // the chain is empty: the next request starts a new one (a failure poisons only its followers)
-      if (this.queued === 0) this.tail = Promise.resolve(true);
+      if (--chain.queued === 0) {
+        chain.tail = Promise.resolve(true);
+        this.busy.delete(chain);
+        for (const r of chain.idle.splice(0)) r();
+      }
       issued(false); // no effect once issued
     });
   }
@@ -519,8 +592,10 @@ export class CbwFilter extends Filter {
         st.copyWriteMs += performance.now() - t1;
         await this.hidden.flush();
       } else await this.hidden.write(at, old, { fua: true });
-      // test hook (crash-hook.ts): BLKREP_TEST_FAIL_AT=cbw-copy fails the first copy with EIO after its I/O
-      faultPoint('cbw-copy');
+      // test hook (crash-hook.ts): BLKREP_TEST_FAIL_AT=cbw-copy fails the first copy with EIO after
+      // its I/O (BLKREP_TEST_FAIL_COUNT: the K-th; BLKREP_TEST_HOLD_UNTIL: held in flight until a file exists)
+      const fault = heldFaultPoint('cbw-copy');
+      if (fault) await fault;
       if (st) {
         const t2 = performance.now();
         st.copies++;

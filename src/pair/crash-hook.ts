@@ -33,13 +33,43 @@ export function crashPoint(point: CrashPoint): void {
  * Without the variable this does nothing; a test hook, not a feature.
  */
 const fired = new Set<string>();
+/** times each fault point was reached (BLKREP_TEST_FAIL_COUNT) */
+const reachedFault = new Map<string, number>();
 export function faultPoint(point: string): void {
-  if (process.env.BLKREP_TEST_FAIL_AT !== point) return;
+  if (!fires(point)) return;
+  throw faultError(point);
+}
+
+/**
+ * faultPoint for an async step, with two more knobs: BLKREP_TEST_FAIL_COUNT=K fails the K-th time
+ * the point is reached (not the first), and BLKREP_TEST_HOLD_UNTIL=FILE holds the failing step
+ * until FILE exists, then fails it (a request kept in flight while the test does something else,
+ * without a timing guess). Undefined (nothing to await) when the point does not fire.
+ */
+export function heldFaultPoint(point: string): Promise<never> | undefined {
+  if (!fires(point)) return undefined;
+  const hold = process.env.BLKREP_TEST_HOLD_UNTIL;
+  if (!hold) return Promise.reject(faultError(point));
+  return (async () => {
+    while (!existsSync(hold)) await new Promise((r) => setTimeout(r, 10));
+    throw faultError(point);
+  })();
+}
+
+function fires(point: string): boolean {
+  if (process.env.BLKREP_TEST_FAIL_AT !== point) return false;
   // BLKREP_TEST_FAIL_UNTIL=FILE: the step fails every time it runs until FILE exists (a disk failing for a while)
   const until = process.env.BLKREP_TEST_FAIL_UNTIL;
-  if (until ? existsSync(until) : fired.has(point)) return;
+  if (until ? existsSync(until) : fired.has(point)) return false;
+  const n = (reachedFault.get(point) ?? 0) + 1;
+  reachedFault.set(point, n);
+  if (n < Number(process.env.BLKREP_TEST_FAIL_COUNT || 1)) return false;
   fired.add(point);
-  throw new BlkrepError('ERR_TEST_FAULT', `injected fault at ${point} (BLKREP_TEST_FAIL_AT)`, { errno: 'EIO' });
+  return true;
+}
+
+function faultError(point: string): BlkrepError {
+  return new BlkrepError('ERR_TEST_FAULT', `injected fault at ${point} (BLKREP_TEST_FAIL_AT)`, { errno: 'EIO' });
 }
 
 /**

@@ -97,7 +97,8 @@ export class ReplicaWriters {
   constructor(
     private readonly server: NbdServer,
     private readonly exportName: string,
-    private readonly node: BlockNode,
+    /** the node a new writer writes through: its own order chain, `ordered` as its primary's protocol says (CbwFilter.writer) */
+    private readonly writerNode: (ordered: boolean) => BlockNode,
     private readonly gate: WriteGate | undefined,
     private readonly minimumBlockSize: number | undefined,
   ) {}
@@ -106,20 +107,27 @@ export class ReplicaWriters {
     return this.current;
   }
 
-  /** a new link was welcomed: retire the old token, serve a new one */
-  issue(peer: string): string {
+  /**
+   * A new link was welcomed: retire the old token, serve a new one. `ordered`: the replica applies
+   * this writer's writes in arrival order (an async primary); its order chain is its own.
+   */
+  issue(peer: string, ordered: boolean, onAdmit?: () => void): string {
     this.retire(`a new pair link (from ${peer}) took the replica export`);
     const token = mintDataToken();
     this.current = token;
     const name = replicaWriterExport(this.exportName, token);
     this.server.addExport({
       name,
-      node: new FencedNode(this.node, () => (this.current === token ? undefined : this.staleWhy(token)), this.gate),
+      node: new FencedNode(this.writerNode(ordered), () => (this.current === token ? undefined : this.staleWhy(token)), this.gate),
       hidden: true,
       maxInflight: REPLICA_MAX_INFLIGHT,
       // the token is the writer's credential: logs, status and metrics show it redacted
       shownName: `${this.exportName}${TOKEN_INFIX}…`,
-      admit: () => (this.current === token ? undefined : this.staleWhy(token)),
+      admit: () => {
+        if (this.current !== token) return this.staleWhy(token);
+        onAdmit?.();
+        return undefined;
+      },
       description: `replica writer of "${this.exportName}" for the primary on the pair link from ${peer}`,
       ...(this.minimumBlockSize === undefined ? {} : { minimumBlockSize: this.minimumBlockSize }),
     });

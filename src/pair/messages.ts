@@ -75,6 +75,15 @@ export type PairMessage =
   | { type: 'bitmap'; seq: number; from: number }
   | { type: 'runs'; re: number; runs: Array<[number, number]>; next: number | null };
 
+/**
+ * The largest epoch a peer may say (hello, welcome, DONE, FAILED, an abort's answer): 2^48, a
+ * checkpoint a millisecond for 8,900 years. Below it, the next checkpoint number (epoch + 1) and
+ * every one after stay safe integers for as long; a peer saying an epoch near 2^53 (hostile,
+ * broken, a damaged state restored) stopped the primary's checkpoints for good: N = epoch + 1 was
+ * past what a JSON number holds exactly.
+ */
+export const MAX_EPOCH = 2 ** 48;
+
 /** runs per `runs` page: [offset, length] pairs of up to 2×16 digits fit MAX_LINE */
 export const RUNS_PER_PAGE = 1500;
 

@@ -41,7 +41,7 @@ import { upgraderOf } from '../nbd/client-connect.js';
 import { openExtension, OPT_BLKREP_PAIR_LINK, startTlsPrepare } from '../nbd/option-takeover.js';
 import { parseNbdUri, type NbdUri } from '../nbd/uri.js';
 import { EMPTY, finishResyncAsSource, JUST_CREATED, mint, newGeneration, onLineageEvent, type GenerationTuple } from './generations.js';
-import { fetchRuns, PAIR_LINK_VERSION, PairChannel, runsPage, type PairMessage } from './messages.js';
+import { fetchRuns, MAX_EPOCH, PAIR_LINK_VERSION, PairChannel, runsPage, type PairMessage } from './messages.js';
 import type { FailoverOptions, FailoverResult, HandOff, PairLinkState, PairRole, PairStatus } from './role.js';
 import { PairStateFile, initialState, pairStatePath } from './state.js';
 import { ReplicationFilter, type CongestionPolicy, type ReplicationProtocol } from './replication-filter.js';
@@ -163,6 +163,13 @@ export class PrimaryRole implements PairRole {
    * it committed already (its epoch moved by other means, or a DONE was lost)
    */
   private peerEpoch = 0;
+  /**
+   * answers of the secondary refused since the last checkpoint that went through (an epoch it
+   * cannot hold: peerEpochField): each raises the reconnect's backoff, which a resync that goes
+   * through does not reset (a secondary answering every checkpoint badly is retried at most every
+   * BACKOFF.maxMs, not after each resync)
+   */
+  private badAnswers = 0;
   /** the last checkpoint request sent (its number and id): a retry of the same number keeps the id */
   private lastCheckpointRequest: { n: number; id: string } | undefined;
   private lastCheckpointAt: number | null = null;
@@ -416,11 +423,16 @@ export class PrimaryRole implements PairRole {
       // the peer's own marks (an old primary's peer bitmap and activity log): the resync copies the union
       else if (!full && answer.bitmapBytes > 0) await this.takePeerRuns(channel);
       this.peerKind = 'blkrep';
-      this.peerEpoch = Number.isSafeInteger(answer.epoch) && answer.epoch >= 0 ? answer.epoch : 0;
+      this.peerEpoch = peerEpochField('welcome', 'epoch', answer.epoch, 0, MAX_EPOCH, `a checkpoint number from 0 to ${MAX_EPOCH} (2^48)`);
       ordered = answer.ordered === true;
     } catch (err) {
       const e = toBlkrepError(err);
       channel?.close();
+      if (e.code === 'ERR_PAIR_PROTOCOL' && e.details?.['field'] !== undefined) {
+        // this node refuses the secondary's answer: an event, and the retries back off whatever a resync did
+        this.badAnswers++;
+        this.publish('pair-refused', { export: this.options.exportName, peer: this.uri.uri, code: e.code, message: e.message });
+      }
       if (e.code !== 'ERR_NBD_UNSUPPORTED') throw e;
       // a blkrep secondary that stops offering the pair link was promoted (or replaced): never
       // fall back to writing into it as a plain server — that would be a stale primary writing
@@ -654,7 +666,8 @@ export class PrimaryRole implements PairRole {
     if (this.stopped || this.retryTimer || this.connecting) return;
     this.link = 'degraded';
     if (error) this.lastError = `${error.code}: ${error.message}`;
-    const delay = backoffDelay(this.attempt++, this.options.random);
+    // a secondary whose answers were refused: at least 1.6 s, then the longest delay, however often a resync went through
+    const delay = backoffDelay(Math.max(this.attempt++, this.badAnswers > 0 ? 4 * this.badAnswers : 0), this.options.random);
     this.retryTimer = setTimeout(() => {
       this.retryTimer = undefined;
       if (this.stopped) return;
@@ -692,9 +705,11 @@ export class PrimaryRole implements PairRole {
      */
     const id = this.lastCheckpointRequest?.n === n ? this.lastCheckpointRequest.id : randomBytes(8).toString('hex');
     this.lastCheckpointRequest = { n, id };
-    const heldBy = (e: unknown): void => {
-      if (typeof e === 'number' && Number.isSafeInteger(e) && e > this.peerEpoch) this.peerEpoch = e;
+    const heldBy = (e: number): void => {
+      if (e > this.peerEpoch) this.peerEpoch = e;
     };
+    /** an epoch the secondary holds when it fails or aborts N: at most N (N committed after all) */
+    const heldMax = `at most ${n}: the secondary holds at most the checkpoint asked (its epoch moves only by this link's checkpoints)`;
     const started = Date.now();
     const t0 = performance.now();
     let steps: { preflushMs: number; drainMs: number; flushMs: number; secondaryMs: number; heldMs: number; stateMs: number } | undefined;
@@ -711,21 +726,23 @@ export class PrimaryRole implements PairRole {
         // the abort's answer says the epoch the secondary holds (n when checkpoint n went through there after all)
         if (e.code === 'ERR_PAIR_TIMEOUT' && channel.isOpen) {
           const held = await channel.request<PairMessage>(asRequest({ type: 'abort', n }), CHECKPOINT_TIMEOUT_MS).catch(() => undefined);
-          if (held?.type === 'done') heldBy(held.epoch);
+          if (held?.type === 'done') heldBy(peerEpochField(`answer to ABORT{${n}}`, 'epoch', held.epoch, 0, n, heldMax));
         }
         throw e;
       });
       if (answer.type === 'failed') {
-        heldBy(answer.epoch);
+        if (answer.epoch !== undefined) heldBy(peerEpochField(`FAILED{${n}}`, 'epoch', answer.epoch, 0, n, heldMax));
         throw new BlkrepError(answer.code, `the secondary failed checkpoint ${n}: ${answer.message}`, { details: { n } });
       }
-      if (answer.type !== 'done' || answer.n !== n) throw new BlkrepError('ERR_PAIR_PROTOCOL', `the secondary answered checkpoint ${n} with ${JSON.stringify(answer).slice(0, 120)}`);
-      // an older secondary answers a number it holds already with DONE and its epoch, without
-      // emptying its overlays: that is no checkpoint of this cut
-      if (answer.epoch !== n) {
-        heldBy(answer.epoch);
-        throw new BlkrepError('ERR_PAIR_STATE', `the secondary answered checkpoint ${n} with "committed already" at epoch ${answer.epoch}: it took no checkpoint of this cut (the next is numbered after ${answer.epoch})`, { details: { n, epoch: answer.epoch } });
-      }
+      if (answer.type !== 'done') throw new BlkrepError('ERR_PAIR_PROTOCOL', `the secondary answered checkpoint ${n} with ${JSON.stringify(answer).slice(0, 120)}`);
+      peerEpochField(`DONE for checkpoint ${n}`, 'n', answer.n, n, n, `the N of CHECKPOINT{${n}}`);
+      // DONE{N} commits N: its epoch is N. While this link holds it the secondary takes no
+      // checkpoint of its own, and its redo of a failed step 6 (failure case 6) commits a number
+      // this primary asked, at most N; N is past what it said it held (welcome, FAILED, an
+      // abort's answer): a DONE with another epoch cannot come from a secondary that applied
+      // this primary's checkpoints (before: taken as "committed already" and
+      // numbered after, so a DONE saying 2^53 − 1 stopped the checkpoints for good)
+      peerEpochField(`DONE for checkpoint ${n}`, 'epoch', answer.epoch, n, n, `${n}: DONE{N} commits N (the secondary's epoch moves only by this link's checkpoints)`);
       this.peerEpoch = n;
       // the secondary holds CP_N: held writes go on now, not after our own state write (a crash
       // before that write leaves epoch N-1 here whether or not writes went on meanwhile)
@@ -747,11 +764,19 @@ export class PrimaryRole implements PairRole {
     } catch (err) {
       const e = toBlkrepError(err);
       this.publish('checkpoint-failed', { export: this.options.exportName, n, code: e.code, message: e.message });
+      if (e.code === 'ERR_PAIR_PROTOCOL' && e.details?.['field'] !== undefined && this.channel === channel) {
+        // an answer no secondary that applied this link's checkpoints gives: what it holds is
+        // unknown, so the link goes (the peer bitmap keeps what it misses), and the reconnect backs off
+        this.badAnswers++;
+        filter.release();
+        filter.degrade(`bad-answer: ${e.message}`, e);
+      }
       throw e;
     } finally {
       filter.release();
     }
     const ms = Date.now() - started;
+    this.badAnswers = 0;
     this.lastCheckpointAt = Date.now();
     this.publish('checkpoint', { export: this.options.exportName, epoch: n, ms, ...(steps ? { steps } : {}) });
     return { epoch: n };
@@ -839,6 +864,16 @@ function sizeError(uri: string, size: number, peerSize: number): BlkrepError {
     errno: 'EINVAL',
     details: { size, peerSize },
   });
+}
+
+/**
+ * A number the secondary says (an epoch, a checkpoint number), checked against what it can be:
+ * ERR_PAIR_PROTOCOL naming the message, the field, the number and the range (as the secondary's
+ * checkHello does for the primary's hello); details.field for the caller.
+ */
+function peerEpochField(message: string, field: string, v: unknown, min: number, max: number, expected: string): number {
+  if (typeof v === 'number' && Number.isSafeInteger(v) && v >= min && v <= max) return v;
+  throw new BlkrepError('ERR_PAIR_PROTOCOL', `the secondary's ${message}: "${field}" must be ${expected}, not ${JSON.stringify(v)?.slice(0, 40) ?? 'absent'}`, { details: { field, value: typeof v === 'number' ? v : String(v), min, max } });
 }
 
 /** errors a retry cannot fix: the start fails on them */

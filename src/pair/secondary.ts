@@ -186,8 +186,8 @@ export class SecondaryRole implements PairRole {
    * request) and cleared at the checkpoint that ends the resync.
    */
   private ownDirty: PersistentBitmap | undefined;
-  /** the last bitmap resync's precopy: clusters claimed and copied, flush rounds, claimed clusters a resync write waited for; ms from asking the runs to the last round, claimMs to the claims, welcomeMs from the hello to the claims */
-  private lastPrecopy: { clusters: number; bytes: number; rounds: number; waited: number; claimed: number; ms: number; claimMs: number; welcomeMs: number } | undefined;
+  /** the last bitmap resync's precopy: clusters claimed and copied, flush rounds, claimed clusters a resync write waited for; ms from asking the runs to the last round, claimMs to the claims, welcomeMs from the hello to the claims, writerMs from the hello to the writer's data connection admitted */
+  private lastPrecopy: { clusters: number; bytes: number; rounds: number; waited: number; claimed: number; ms: number; claimMs: number; welcomeMs: number; writerMs?: number } | undefined;
   /** the last split brain met on hello, for status and `failover --dry-run` */
   private splitBrain: { at: string; rule: number; policy: string; keeps: 'primary' | 'secondary' | null; changedBytes: { secondary: number; primary: number }; explanation: string } | undefined;
   /** salvage overlays beside the disk */
@@ -215,7 +215,8 @@ export class SecondaryRole implements PairRole {
       );
       const active = o.activeFilters?.length ? stackFilters(images.activeNode, o.activeFilters) : images.activeNode;
       this.view = new ViewNode(active, this.viewGate, new Borrowed(ctx.imageNode), () => this.state.state.committing !== null, this.cbw);
-      this.writers = new ReplicaWriters(ctx.server, ctx.exportName, this.cbw, this.cbw.gate, ctx.minimumBlockSize);
+      const cbw = this.cbw;
+      this.writers = new ReplicaWriters(ctx.server, ctx.exportName, (ordered) => cbw.writer(ordered), cbw.gate, ctx.minimumBlockSize);
     }
   }
 
@@ -689,9 +690,6 @@ export class SecondaryRole implements PairRole {
     const sameFullSync = decision.action === 'resync-full' && !salvageFirst && s.fullSyncFrom?.nodeId === m.nodeId && s.fullSyncFrom.gen === m.gi.current;
     this.link = ch;
     this.peerHello = { gi: m.gi, protocol: m.protocol, nodeId: m.nodeId };
-    // a sync primary has no write in flight that depends on another in flight: the replica export
-    // need not issue its disk writes in arrival order (cbw-filter.ts `ordered`), only overlaps
-    if (this.cbw) this.cbw.ordered = m.protocol !== 'sync';
     void (async () => {
       if (salvageFirst) {
         let overlay: string | null;
@@ -712,12 +710,17 @@ export class SecondaryRole implements PairRole {
       if (decision.action === 'resync-full' && !salvageFirst && !sameFullSync) await this.state.update((x) => ({ ...x, fullSyncFrom: { nodeId: m.nodeId, gen: m.gi.current } }));
       await this.setDiskState(next);
       if (!ch.isOpen || this.link !== ch) return;
-      if (decision.action === 'resync-bitmap') await this.precopyBeforeResync(ch, helloAt);
+      /** when the writer's data connection is admitted (its NBD_OPT_GO): status secondary.lastPrecopy.writerMs */
+      let writerIn!: () => void;
+      const writerAdmitted = new Promise<number>((r) => (writerIn = () => r(Date.now())));
+      if (decision.action === 'resync-bitmap') await this.precopyBeforeResync(ch, helloAt, writerAdmitted);
       if (!ch.isOpen || this.link !== ch) return;
       this.addReplicaExport();
       // ordered: the replica export applies an async primary's writes in arrival order (cbw-filter.ts
-      // `ordered`; a sync primary's are ordered only where they overlap, which is all it needs)
-      const dataToken = this.writers!.issue(ch.peer);
+      // `ordered`). A sync primary has no write in flight that depends on another in flight: its
+      // writes are ordered only where they overlap, which is all it needs. The writer's order chain
+      // is its own (CbwFilter.writer): a retired writer's failed request fails none of this one's.
+      const dataToken = this.writers!.issue(ch.peer, m.protocol !== 'sync', writerIn);
       ch.send({ type: 'welcome', re: m.seq, version: PAIR_LINK_VERSION, size, ordered: true, ...this.summary(), decision, dataToken, ...(sameFullSync ? { resumeFull: true } : {}) });
       this.ctx.publish('replication-connected', { export: this.ctx.exportName, peer: ch.peer, role: 'secondary', rule: d.rule, action: decision.action, protocol: m.protocol });
     })().catch((err: unknown) => ch.close(toBlkrepError(err)));
@@ -785,19 +788,21 @@ export class SecondaryRole implements PairRole {
    * restore point to keep (without one the writes copy nothing). A failure costs only the speed:
    * the writes copy what is left, with their own errors and events.
    */
-  private async precopyBeforeResync(ch: PairChannel, helloAt: number): Promise<void> {
+  private async precopyBeforeResync(ch: PairChannel, helloAt: number, writerAdmitted: Promise<number>): Promise<void> {
     if (!this.cbw || this.noRestorePoint() !== null) return;
     const started = Date.now();
     try {
       const size = this.ctx.exportNode.size;
       const runs = await fetchRuns(ch, size, PRECOPY_RUNS_TIMEOUT_MS);
       if (this.ownDirty) for (const r of this.ownDirty.bitmap.dirtyRuns()) runs.push({ offset: r.offset, length: r.length });
+      let writerMs: number | undefined;
+      void writerAdmitted.then((at) => (writerMs = at - helloAt));
       const { claimed, done } = await this.cbw.precopy(runs, { stop: () => !ch.isOpen || this.link !== ch });
       const claimMs = Date.now() - started;
       done.then(
         (r) => {
           const ms = Date.now() - started;
-          this.lastPrecopy = { ...r, claimed, ms, claimMs, welcomeMs: started - helloAt + claimMs };
+          this.lastPrecopy = { ...r, claimed, ms, claimMs, welcomeMs: started - helloAt + claimMs, ...(writerMs === undefined ? {} : { writerMs }) };
           this.ctx.log('info', `during the resync: ${r.clusters} clusters (${r.bytes} bytes) kept in the hidden disk in ${ms} ms, ${r.rounds} flushes; the resync's writes waited for ${r.waited} of them`);
         },
         (err: unknown) => this.ctx.log('warn', `during the resync, copying the clusters it writes into the hidden disk failed (the resync's writes copy the rest): ${toBlkrepError(err).message}`),

@@ -276,6 +276,52 @@ describe('copy-before-write filter', () => {
     expect(errors.map((e) => e.code)).toEqual(['ERR_PAIR_CBW']);
   });
 
+  it('a writer has its own order chain: a retired writer\'s failed request fails none of the new writer\'s writes, which are issued only after the retired writer\'s requests finished', async () => {
+    const gate = new Gate();
+    // hidden's writes are held at the gate; copies of cluster 1 fail once let through
+    const { disk, cbw, errors } = setup({ gate, gateOps: ['write'], failWrites: [[C, 2 * C]] });
+    await fill(disk, 0x11);
+    cbw.markCopied(2 * C, 6 * C);
+    // an old sync link's writer (unordered): its first touch of cluster 1 is held, then fails
+    const sync = cbw.writer(false);
+    gate.close();
+    const a = sync.write(C, Buffer.alloc(10, 0x22));
+    await sync.write(2 * C, Buffer.alloc(10, 0x33)); // no copy, no overlap: applied meanwhile
+    await gate.waitEntered(1);
+    // the link drops with a still queued; the primary reconnects async: a new writer
+    const async1 = cbw.writer(true);
+    const b = async1.write(3 * C, Buffer.alloc(10, 0x44)); // nothing to copy
+    const c = async1.writeZeroes(4 * C, 10);
+    for (let i = 0; i < 10; i++) await new Promise((r) => setImmediate(r));
+    // not issued while the retired writer's request is unfinished
+    expect((await disk.read(3 * C, 2 * C)).equals(Buffer.alloc(2 * C, 0x11))).toBe(true);
+    expect(cbw.writesInFlight).toBe(3);
+    gate.open();
+    await expect(a).rejects.toMatchObject({ code: 'ERR_PAIR_CBW' });
+    // before, the chain spanned links: b failed with ERR_PAIR_ORDER for a's failure (and c behind it)
+    await b;
+    await c;
+    expect((await disk.read(3 * C, 10)).equals(Buffer.alloc(10, 0x44))).toBe(true);
+    expect((await disk.read(4 * C, 10)).equals(Buffer.alloc(10, 0))).toBe(true);
+    expect((await disk.read(C, 10)).equals(Buffer.alloc(10, 0x11))).toBe(true);
+    expect(errors.map((e) => e.code)).toEqual(['ERR_PAIR_CBW']);
+
+    // within an async writer the chain holds: a failure fails its followers on that writer; the next writer's are applied
+    gate.close();
+    const d = async1.write(C + 1, Buffer.alloc(10, 0x55)); // copy held, fails
+    const e = async1.write(5 * C, Buffer.alloc(10, 0x66)); // queued behind d
+    await gate.waitEntered(2);
+    const async2 = cbw.writer(true);
+    const f = async2.write(6 * C, Buffer.alloc(10, 0x77));
+    gate.open();
+    await expect(d).rejects.toMatchObject({ code: 'ERR_PAIR_CBW' });
+    await expect(e).rejects.toMatchObject({ code: 'ERR_PAIR_ORDER', details: { offset: 5 * C, length: 10 } });
+    await f;
+    expect((await disk.read(5 * C, 10)).equals(Buffer.alloc(10, 0x11))).toBe(true);
+    expect((await disk.read(6 * C, 10)).equals(Buffer.alloc(10, 0x77))).toBe(true);
+    expect(cbw.writesInFlight).toBe(0);
+  });
+
   it('concurrent first-touch copies into a qcow2 hidden disk share its syncs (group commit), and hidden keeps every old cluster', async () => {
     const dir = await makeTempDir();
     const diskPath = join(dir, 'disk.img');

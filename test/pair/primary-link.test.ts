@@ -6,52 +6,19 @@
  */
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import type { Duplex } from 'node:stream';
 import { MemoryNode } from '../../src/block/memory.js';
-import { completeNode } from '../../src/block/node.js';
-import { defaultTransports } from '../../src/engine/default-transports.js';
-import { NbdServer } from '../../src/nbd/server.js';
-import { OPT_BLKREP_PAIR_LINK } from '../../src/nbd/option-takeover.js';
 import { freshTuple } from '../../src/pair/generations.js';
 import { PAIR_LINK_VERSION, PairChannel, type PairMessage } from '../../src/pair/messages.js';
 import { PrimaryRole } from '../../src/pair/primary.js';
 import { ReplicationFilter } from '../../src/pair/replication-filter.js';
-import { makeTempDir, unixUri, waitFor } from '../support/spawn.js';
+import { makeTempDir, waitFor } from '../support/spawn.js';
+import { scriptedSecondary as scriptedSecondaryAt, type SecondaryScript } from '../support/scripted-secondary.js';
 
 const SIZE = 4 << 20;
 
-type Script = (m: PairMessage, ch: PairChannel) => void;
+type Script = SecondaryScript;
 
-async function scriptedSecondary(dir: string, script: Script) {
-  const received: PairMessage[] = [];
-  const server = new NbdServer({
-    exports: [{ name: '', node: completeNode(new MemoryNode(SIZE)) }],
-    optionExtensions: new Map([
-      [
-        OPT_BLKREP_PAIR_LINK,
-        {
-          name: 'pair link',
-          accept: () => (stream: Duplex, rest: Buffer) => {
-            new PairChannel(stream, 'primary', (m, ch) => {
-              received.push(m);
-              script(m, ch);
-            }, rest);
-          },
-        },
-      ],
-    ]),
-  });
-  const socket = join(dir, 's.sock');
-  const listener = await (await defaultTransports()).get('unix').listen(socket, { onConnection: (c) => server.attach(c) });
-  return {
-    uri: unixUri(socket),
-    received,
-    close: async () => {
-      await listener.close();
-      await server.shutdown();
-    },
-  };
-}
+const scriptedSecondary = (dir: string, script: Script) => scriptedSecondaryAt(dir, SIZE, script);
 
 const summary = { nodeId: 'scripted', role: 'secondary' as const, gi: freshTuple(), epoch: 0, diskState: 'UpToDate' as const, crashedPrimary: false, bitmapBytes: 0 };
 

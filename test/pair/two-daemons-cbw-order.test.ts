@@ -1,6 +1,6 @@
 /**
  * The secondary's copy-before-write order chain follows the primary's protocol (hello
- * `protocol`, secondary.ts: `cbw.ordered = m.protocol !== 'sync'`), checked on two real daemons
+ * `protocol`, secondary.ts: the writer's chain, `writers.issue(peer, m.protocol !== 'sync')`), checked on two real daemons
  * as separate processes. The secondary's fault hook BLKREP_TEST_FAIL_AT=cbw-copy (crash-hook.ts)
  * fails the first copy-before-write with EIO. A client sends writes to fresh, non-overlapping
  * clusters at once, so they are in flight on the replica link together. Async: the requests that
