@@ -51,19 +51,32 @@ describe('qcow2 metadata table writeback', () => {
     await writeback(loaded, file);
     expect(file.writes).toEqual([[1 * MiB + 3 * 4096, 4096]]);
     expect(loaded.dirty).toBe(false);
-    // two entries 5 pages apart: one write from the first page to the end of the last
+    // two entries 5 pages apart: a page each, not the span between them
     loaded.touch(4096 + 8, 4096 + 16);
     loaded.touch(6 * 4096, 6 * 4096 + 2);
     await writeback(loaded, file);
-    expect(file.writes[1]).toEqual([1 * MiB + 4096, 6 * 4096]);
+    expect(file.writes.slice(1)).toEqual([
+      [1 * MiB + 4096, 4096],
+      [1 * MiB + 6 * 4096, 4096],
+    ]);
+    // adjacent changed pages are one run (an entry across a page boundary marks both pages)
+    file.writes.length = 0;
+    loaded.touch(8 * 4096 - 4, 8 * 4096 + 4);
+    loaded.touch(9 * 4096, 9 * 4096 + 8);
+    loaded.touch(15 * 4096 + 4088, 16 * 4096);
+    await writeback(loaded, file);
+    expect(file.writes).toEqual([
+      [1 * MiB + 7 * 4096, 3 * 4096],
+      [1 * MiB + 15 * 4096, 4096],
+    ]);
     // the copy is the table's bytes at that moment
     loaded.buf.writeUInt32BE(0xdeadbeef, 10 * 4096);
     loaded.touch(10 * 4096, 10 * 4096 + 4);
     const cap = loaded.capture();
     loaded.buf.writeUInt32BE(0, 10 * 4096);
     loaded.touch(10 * 4096, 10 * 4096 + 4);
-    expect(cap.at).toBe(10 * 4096);
-    expect(cap.copy.readUInt32BE(0)).toBe(0xdeadbeef);
+    expect(cap.runs.map((r) => r.at)).toEqual([10 * 4096]);
+    expect(cap.runs[0]!.copy.readUInt32BE(0)).toBe(0xdeadbeef);
     await loaded.write(file, cap);
     expect(loaded.dirty).toBe(true); // changed again after the capture
     await writeback(loaded, file);
@@ -107,6 +120,18 @@ describe('qcow2 metadata table writeback', () => {
       [1 * MiB, 64 * KiB],
     ]);
 
+    // a failed write of two runs: the other run's write still settles, then the whole table next
+    file.writes.length = 0;
+    loaded.touch(0, 8);
+    loaded.touch(5 * 4096, 5 * 4096 + 8);
+    file.failNext = true;
+    await expect(writeback(loaded, file)).rejects.toThrow(/injected/);
+    expect(file.writes).toEqual([[1 * MiB + 5 * 4096, 4096]]);
+    expect(loaded.dirty).toBe(true);
+    await writeback(loaded, file);
+    expect(file.writes[1]).toEqual([1 * MiB, 64 * KiB]);
+    expect(loaded.dirty).toBe(false);
+
     // a table new on disk is written whole the first time, in pages after
     file.writes.length = 0;
     const fresh = new Table(2 * MiB, Buffer.alloc(64 * KiB));
@@ -149,12 +174,22 @@ describe('qcow2 metadata table writeback', () => {
       }
       // per cluster: its 64 KiB, one page of L2 and one of refcounts (the first cycle writes the new L2 table whole)
       expect(bytes).toBeLessThanOrEqual(clusters.length * (64 * KiB + 2 * 4096) + 64 * KiB);
+      // four allocations in one cycle, scattered over the L2 table (a page of it maps 512
+      // clusters): a page of L2 each, not the span of 7 pages between the first and the last;
+      // their refcounts are adjacent (one page)
+      bytes = 0;
+      const scattered = [100, 1100, 2100, 3100];
+      await Promise.all(scattered.map((c, i) => node.write(c * 64 * KiB, Buffer.alloc(64 * KiB, 0x40 + i))));
+      await node.flush();
+      expect(bytes).toBe(scattered.length * 64 * KiB + (scattered.length + 1) * 4096);
+      clusters.push(...scattered);
       await node.close();
       const check = await qemuCheck(img);
       expect(check.corruptions).toBe(0);
       expect(check.leaks).toBe(0);
       for (const [i, c] of clusters.entries()) {
-        const out = await tool('qemu-io', ['-f', 'qcow2', '-r', '-c', `read -P ${i + 1} ${c * 64 * KiB} 64k`, img]);
+        const pattern = i < 8 ? i + 1 : 0x40 + i - 8;
+        const out = await tool('qemu-io', ['-f', 'qcow2', '-r', '-c', `read -P ${pattern} ${c * 64 * KiB} 64k`, img]);
         expect(out).not.toMatch(/Pattern verification failed/);
       }
     });

@@ -7,12 +7,15 @@
  * when the cache is full of dirty tables it grows past its budget until a writeback cycle cleans
  * them (the owner starts one when `overBudget`).
  *
- * A capture copies and writes only the pages (4 KiB, aligned) changed since the last capture: one
+ * A capture copies and writes only the pages (4 KiB, aligned) changed since the last capture,
+ * adjacent changed pages as one run (one pwrite each; the container batches a turn's writes): one
  * allocation's L2 entry and refcount are 8 and 2 bytes of 64 KiB tables, and a writeback cycle used
- * to copy and pwrite both tables whole for them. The rest of the table on disk is what the buffer
- * holds (the earlier writes of this table completed before, in the chain). A table new on disk
- * (`add`), or whose last write or fsync may have failed (`markDirty`, a failed write), is written
- * whole at its next capture, and stays dirty until that whole write succeeds.
+ * to copy and pwrite both tables whole for them, then the span between the first and last changed
+ * byte (most of a table when a cycle's allocations are scattered over it). The rest of the table on
+ * disk is what the buffer holds (the earlier writes of this table completed before, in the chain).
+ * A table new on disk (`add`), or whose last write or fsync may have failed (`markDirty`, a failed
+ * write), is written whole at its next capture, and stays dirty until that whole write succeeds.
+ * The copies are taken at the capture instant (never a view of the live buffer).
  */
 import type { Qcow2Container } from './file.js';
 
@@ -26,9 +29,10 @@ export class Table {
   pins = 0;
   private writes = 0;
   private chain: Promise<void> = Promise.resolve();
-  /** bytes [lo, hi) changed since the last capture */
-  private lo = Infinity;
-  private hi = 0;
+  /** per page (4 KiB; a table smaller than a page is one): 1 when changed since the last capture */
+  private readonly changed: Uint8Array;
+  /** how many of `changed` are set */
+  private changedCount = 0;
   /** the next capture takes the whole table (new on disk, or a write of it may have failed) */
   private whole: boolean;
 
@@ -39,6 +43,7 @@ export class Table {
     onDisk = false,
   ) {
     this.whole = !onDisk;
+    this.changed = new Uint8Array(Math.max(1, Math.ceil(buf.length / PAGE)));
   }
 
   get dirty(): boolean {
@@ -52,8 +57,14 @@ export class Table {
   /** The bytes [from, to) changed (default: any of them). */
   touch(from = 0, to = this.buf.length): void {
     this.gen++;
-    if (from < this.lo) this.lo = from;
-    if (to > this.hi) this.hi = to;
+    if (to <= from) return;
+    const last = Math.min(this.changed.length, Math.ceil(to / PAGE));
+    for (let p = Math.floor(from / PAGE); p < last; p++) {
+      if (this.changed[p] === 0) {
+        this.changed[p] = 1;
+        this.changedCount++;
+      }
+    }
   }
 
   /** Force the table dirty (its last write may not be durable): written whole next time. */
@@ -62,22 +73,35 @@ export class Table {
     this.whole = true;
   }
 
-  /** A copy of the pages changed since the last capture (all of it when `whole`), to be written later with `write()`. */
+  /**
+   * A copy of the pages changed since the last capture (all of the table when `whole`), as runs of
+   * adjacent pages, to be written later with `write()`.
+   */
   capture(): Captured {
-    let at = 0;
-    let end = this.buf.length;
-    if (!this.whole) {
-      if (this.hi <= this.lo) {
-        at = end = 0;
-      } else {
-        at = this.lo - (this.lo % PAGE);
-        end = Math.min(this.buf.length, Math.ceil(this.hi / PAGE) * PAGE);
+    const runs: CapturedRun[] = [];
+    const len = this.buf.length;
+    const changed = this.changed;
+    if (this.whole) {
+      runs.push(this.copyRun(0, len));
+    } else if (this.changedCount > 0) {
+      for (let p = 0; p < changed.length; p++) {
+        if (changed[p] === 0) continue;
+        let q = p + 1;
+        while (q < changed.length && changed[q] !== 0) q++;
+        runs.push(this.copyRun(p * PAGE, Math.min(len, q * PAGE)));
+        p = q;
       }
     }
     this.whole = false;
-    this.lo = Infinity;
-    this.hi = 0;
-    return { table: this, copy: Buffer.from(this.buf.subarray(at, end)), at, gen: this.gen };
+    if (this.changedCount > 0) {
+      changed.fill(0);
+      this.changedCount = 0;
+    }
+    return { table: this, runs, gen: this.gen };
+  }
+
+  private copyRun(at: number, end: number): CapturedRun {
+    return { at, copy: Buffer.from(this.buf.subarray(at, end)) };
   }
 
   /** Write a captured copy, after any earlier write of this table. */
@@ -85,7 +109,14 @@ export class Table {
     this.writes++;
     const done = this.chain.then(async () => {
       try {
-        if (captured.copy.length > 0) await file.write(this.offset + captured.at, captured.copy);
+        const { runs } = captured;
+        if (runs.length === 1) {
+          await file.write(this.offset + runs[0].at, runs[0].copy);
+        } else if (runs.length > 1) {
+          // every run settled before the table counts as written or not; the first failure is the error
+          const results = await Promise.allSettled(runs.map((r) => file.write(this.offset + r.at, r.copy)));
+          for (const r of results) if (r.status === 'rejected') throw r.reason;
+        }
         // after a failed write, only a whole one makes the table clean
         if (captured.gen > this.writtenGen && !this.whole) this.writtenGen = captured.gen;
       } catch (err) {
@@ -100,11 +131,16 @@ export class Table {
   }
 }
 
-export interface Captured {
-  table: Table;
-  /** the bytes of the table from `at` on */
+export interface CapturedRun {
+  /** the table's bytes [at, at + copy.length) at the capture instant */
   copy: Buffer;
   at: number;
+}
+
+export interface Captured {
+  table: Table;
+  /** adjacent changed pages, in order; empty when nothing changed */
+  runs: CapturedRun[];
   gen: number;
 }
 
