@@ -6,19 +6,13 @@
  * link option answers hello and checkpoints).
  */
 import { join } from 'node:path';
-import type { Duplex } from 'node:stream';
 import { afterEach, describe, expect, it } from 'vitest';
 import { MemoryNode } from '../../src/block/memory.js';
 import { loadNative } from '../../src/block/native.js';
-import { completeNode } from '../../src/block/node.js';
-import { defaultTransports } from '../../src/engine/default-transports.js';
-import { NbdServer } from '../../src/nbd/server.js';
-import { OPT_BLKREP_PAIR_LINK } from '../../src/nbd/option-takeover.js';
-import { freshTuple } from '../../src/pair/generations.js';
-import { PAIR_LINK_VERSION, PairChannel } from '../../src/pair/messages.js';
 import { PrimaryRole } from '../../src/pair/primary.js';
 import { ReplicationFilter } from '../../src/pair/replication-filter.js';
-import { makeTempDir, unixUri, waitFor } from '../support/spawn.js';
+import { makeTempDir, waitFor } from '../support/spawn.js';
+import { scriptedSecondary, secondarySummary, welcome } from '../support/scripted-secondary.js';
 import { fdOf, recordWritevSockets } from '../support/writev-recorder.js';
 
 const MiB = 1 << 20;
@@ -31,36 +25,15 @@ afterEach(() => {
   delete process.env.BLKREP_PAIR_SNDBUF;
 });
 
-async function scriptedSecondary(dir: string, disk: MemoryNode) {
-  const server = new NbdServer({
-    exports: [{ name: '', node: completeNode(disk) }],
-    optionExtensions: new Map([
-      [
-        OPT_BLKREP_PAIR_LINK,
-        {
-          name: 'pair link',
-          accept: () => (stream: Duplex, rest: Buffer) => {
-            new PairChannel(stream, 'primary', (m, ch) => {
-              const summary = { nodeId: 'scripted', role: 'secondary' as const, gi: freshTuple(), epoch: 0, diskState: 'UpToDate' as const, crashedPrimary: false, bitmapBytes: 0 };
-              if (m.type === 'hello') ch.send({ type: 'welcome', re: m.seq, version: PAIR_LINK_VERSION, size: SIZE, ...summary, decision: { rule: 20, action: 'resync-full', explanation: 'scripted' } });
-              if (m.type === 'checkpoint') ch.send({ type: 'done', re: m.seq, n: m.n, epoch: m.n });
-              if (m.type === 'abort') ch.send({ type: 'done', re: m.seq, n: m.n, epoch: 0 });
-            }, rest);
-          },
-        },
-      ],
-    ]),
-  });
-  const socket = join(dir, 's.sock');
-  const listener = await (await defaultTransports()).get('unix').listen(socket, { onConnection: (c) => server.attach(c) });
-  return { uri: unixUri(socket), close: async () => { await listener.close(); await server.shutdown(); } };
-}
-
 /** the send buffers of the client sockets a 1 MiB sync write went through (its bytes checked on the secondary) */
 async function sendBuffersOfForward(): Promise<number[]> {
   const dir = await makeTempDir();
-  const disk = new MemoryNode(SIZE);
-  const s = await scriptedSecondary(dir, disk);
+  const s = await scriptedSecondary(dir, SIZE, (m, ch) => {
+    if (m.type === 'hello') ch.send(welcome(m, SIZE, secondarySummary()));
+    if (m.type === 'checkpoint') ch.send({ type: 'done', re: m.seq, n: m.n, epoch: m.n });
+    if (m.type === 'abort') ch.send({ type: 'done', re: m.seq, n: m.n, epoch: 0 });
+  });
+  const disk = s.disk;
   const filter = new ReplicationFilter(new MemoryNode(SIZE), { protocol: 'sync' });
   const events: string[] = [];
   const p = await PrimaryRole.start({ exportName: '', imagePath: join(dir, 'p.img'), filter, uri: s.uri, publish: (event) => events.push(event) });
