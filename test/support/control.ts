@@ -55,12 +55,16 @@ export function pairPaths(dir: string) {
 /** A new temp dir with a pair's files (pairPaths), both disks `size` bytes of zeroes (sparse files). */
 export async function blankPair(size: number) {
   const dir = await makeTempDir();
-  const p = pairPaths(dir);
-  for (const f of [p.pImg, p.sImg]) {
-    await writeFile(f, Buffer.alloc(0));
-    await truncate(f, size);
+  await sparseImages(dir, size);
+  return { dir, ...pairPaths(dir) };
+}
+
+/** Sparse raw images DIR/NAME of `size` bytes. */
+export async function sparseImages(dir: string, size: number, names: string[] = ['p.img', 's.img']): Promise<void> {
+  for (const f of names) {
+    await writeFile(join(dir, f), Buffer.alloc(0));
+    await truncate(join(dir, f), size);
   }
-  return { dir, ...p };
 }
 
 /**

@@ -5,11 +5,13 @@
  */
 import dgram from 'node:dgram';
 import net from 'node:net';
-import { chmod, readFile, truncate, writeFile } from 'node:fs/promises';
+import { chmod, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { ControlClient } from '../../src/control/client.js';
 import type { ControlEvent } from '../../src/control/protocol.js';
-import { controlRequest, firstCheckpoint } from './control.js';
+import { controlRequest, firstCheckpoint, sparseImages } from './control.js';
+/** sparse raw images (test/support/control.ts), for the heartbeat tests that import them from here */
+export { sparseImages };
 import { makeTempDir, run, serve, start, unixUri, waitFor, type Served, type Started } from './spawn.js';
 
 export async function freeTcpPort(): Promise<number> {
@@ -34,14 +36,6 @@ export async function pairKey(dir: string, name = 'pair.key', text = 'a pair key
   await writeFile(key, text);
   await chmod(key, 0o600);
   return key;
-}
-
-/** Sparse raw images DIR/NAME of `size` bytes. */
-export async function sparseImages(dir: string, size: number, names: string[] = ['p.img', 's.img']): Promise<void> {
-  for (const f of names) {
-    await writeFile(join(dir, f), Buffer.alloc(0));
-    await truncate(join(dir, f), size);
-  }
 }
 
 /** A fence hook exiting `exit` (DRBD's codes), appending "NODE fenced PEER" to `log` when given. */
